@@ -1,0 +1,1 @@
+"""comfyfleet: a job gateway in front of a fleet of ComfyUI servers."""

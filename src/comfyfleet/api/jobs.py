@@ -1,0 +1,64 @@
+"""Job routes: submit and read (DESIGN §4)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import AnyHttpUrl, BaseModel, Field
+
+from comfyfleet.api.errors import ApiError
+from comfyfleet.jobs.models import Job
+from comfyfleet.services import ServicesDep
+from comfyfleet.workflows.params import ParamError
+
+router = APIRouter(tags=["jobs"])
+
+
+class JobRequest(BaseModel):
+    workflow: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+    callback_url: AnyHttpUrl | None = None
+    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
+@router.post("/jobs", status_code=202, summary="Submit a job")
+async def submit_job(
+    request: JobRequest, response: Response, svc: ServicesDep
+) -> dict[str, Any]:
+    workflow = svc.catalog.get(request.workflow)
+    if workflow is None:
+        known = ", ".join(sorted(svc.catalog.workflows)) or "none"
+        raise ApiError(422, "unknown_workflow",
+                       f"no workflow named {request.workflow!r} (known: {known})",
+                       field="workflow")
+    try:
+        values, prompt = workflow.build(request.params)
+    except ParamError as exc:
+        raise ApiError(422, "invalid_params", f"invalid parameters: {exc}",
+                       params=exc.problems) from exc
+    job, created = await svc.repository.insert(
+        Job(
+            workflow=workflow.name,
+            params=values,
+            prompt=prompt,
+            callback_url=str(request.callback_url) if request.callback_url else None,
+            client_task_id=request.client_task_id,
+            priority=request.priority,
+        )
+    )
+    if created:
+        svc.fleet.job_available()
+    else:
+        response.status_code = 200
+    return await svc.render(job)
+
+
+@router.get("/jobs/{job_id}", summary="One job")
+async def get_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
+    job = await svc.repository.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    return await svc.render(job)

@@ -1,0 +1,122 @@
+"""The service: FastAPI app whose lifespan opens the database, storage, catalog and fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from comfyfleet import db
+from comfyfleet.api import health, jobs
+from comfyfleet.api.errors import install_error_handlers
+from comfyfleet.fleet.backends import parse_endpoints
+from comfyfleet.fleet.manager import Fleet
+from comfyfleet.jobs.render import job_json
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.services import Services
+from comfyfleet.settings import Settings
+from comfyfleet.storage import open_storage
+from comfyfleet.webhooks.delivery import WebhookSender
+from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.workflows.catalog import load_catalog
+
+log = logging.getLogger(__name__)
+
+
+def webhook_secret(settings: Settings) -> str:
+    """WEBHOOK_SECRET, or one generated once and kept in the data directory (mode 0600)."""
+    if settings.webhook_secret:
+        return settings.webhook_secret
+    path: Path = settings.data_dir / "webhook_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(new_secret())
+        log.warning("WEBHOOK_SECRET is not set: generated one in %s", path)
+    return path.read_text().strip()
+
+
+@asynccontextmanager
+async def running_services(settings: Settings) -> AsyncIterator[Services]:
+    """Everything the service needs, started in order and stopped in reverse."""
+    backends = parse_endpoints(settings.comfyui_endpoints)
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(db.open_database(settings))
+        repository = JobRepository(engine)
+        storage = await open_storage(settings)
+        stack.push_async_callback(storage.close)
+        catalog = await asyncio.to_thread(load_catalog, settings.workflows_dir)
+        secret = await asyncio.to_thread(webhook_secret, settings)
+        webhooks = WebhookSender(secret, lambda job: job_json(job, storage.url))
+        stack.push_async_callback(webhooks.close)
+        fleet = Fleet(
+            backends,
+            repository,
+            storage,
+            key_prefix=settings.s3_prefix,
+            max_inflight=settings.max_inflight_per_backend,
+            max_attempts=settings.max_attempts,
+            on_terminal=webhooks.job_finished,
+        )
+        stack.push_async_callback(fleet.close)
+        services = Services(settings, engine, repository, storage, catalog, fleet)
+        fleet.start()
+        log.info("comfyfleet ready: %d backends, %d workflows", len(backends),
+                 len(catalog.workflows))
+        yield services
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running_services(settings) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router, prefix=settings.route_prefix)
+    return app
+
+
+@asynccontextmanager
+async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[str]:
+    """Run the service with uvicorn on this loop; yields its base URL (port 0: any free port)."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.service_host,
+        port=settings.service_port if port is None else port,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # startup failed: raise its error
+                raise RuntimeError("the service stopped during startup")
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()
+        yield f"http://{settings.service_host}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def until_terminated() -> None:
+    """Wait for SIGTERM or SIGINT, so `finally` blocks (and the embedded database) stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

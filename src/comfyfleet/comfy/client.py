@@ -1,0 +1,170 @@
+"""A client for one ComfyUI server's HTTP and websocket protocol (comfyui-protocol.md).
+
+Tolerant by design: unknown keys are ignored, and nothing assumes a message arrives.
+One aiohttp session per backend, reused for every request and the websocket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+# ComfyUI's garbage-collection stalls can hold a response for ~0.5 s; never time out tightly.
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+
+
+class ComfyError(Exception):
+    """The backend could not be reached or answered something unexpected."""
+
+
+@dataclass
+class PromptRejected(ComfyError):
+    """POST /prompt answered 400: the prompt itself is invalid (retrying elsewhere won't help)."""
+
+    status: int
+    body: dict[str, Any]
+
+    def __str__(self) -> str:
+        error = self.body.get("error")
+        if isinstance(error, dict):
+            return f"{error.get('type')}: {error.get('message')}"
+        return f"prompt rejected with HTTP {self.status}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One websocket text frame: `{"type": ..., "data": {...}}`."""
+
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def prompt_id(self) -> str | None:
+        value = self.data.get("prompt_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def queue_remaining(self) -> int | None:
+        status = self.data.get("status")
+        if not isinstance(status, dict):
+            return None
+        remaining = status.get("exec_info", {}).get("queue_remaining")
+        return remaining if isinstance(remaining, int) else None
+
+
+def parse_message(raw: str) -> Message | None:
+    """A text frame as a Message, or None when it is not one we can read."""
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
+        return None
+    data = decoded.get("data")
+    return Message(decoded["type"], data if isinstance(data, dict) else {})
+
+
+class ComfyClient:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    async def _get_json(self, path: str, **params: str) -> Any:
+        try:
+            async with self.session.get(
+                self._url(path), params=params, timeout=DEFAULT_TIMEOUT
+            ) as response:
+                if response.status != 200:
+                    raise ComfyError(f"GET {path}: HTTP {response.status}")
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ComfyError(f"GET {path}: {exc!r}") from exc
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        try:
+            async with self.session.post(
+                self._url(path), json=body, timeout=DEFAULT_TIMEOUT
+            ) as response:
+                if response.status != 200:
+                    raise ComfyError(f"POST {path}: HTTP {response.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ComfyError(f"POST {path}: {exc!r}") from exc
+
+    async def queue_prompt(
+        self, prompt: dict[str, Any], *, prompt_id: str, client_id: str
+    ) -> dict[str, Any]:
+        body = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        try:
+            async with self.session.post(
+                self._url("/prompt"), json=body, timeout=DEFAULT_TIMEOUT
+            ) as response:
+                payload = await response.json(content_type=None)
+                if response.status == 400 and isinstance(payload, dict):
+                    raise PromptRejected(response.status, payload)
+                if response.status != 200 or not isinstance(payload, dict):
+                    raise ComfyError(f"POST /prompt: HTTP {response.status}")
+                return payload
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ComfyError(f"POST /prompt: {exc!r}") from exc
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The prompt's history entry, or None while it is unknown (queued, running or lost)."""
+        entries = await self._get_json(f"/history/{prompt_id}")
+        entry = entries.get(prompt_id) if isinstance(entries, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def queue(self) -> dict[str, Any]:
+        result = await self._get_json("/queue")
+        return result if isinstance(result, dict) else {}
+
+    async def system_stats(self) -> dict[str, Any]:
+        result = await self._get_json("/system_stats")
+        return result if isinstance(result, dict) else {}
+
+    async def object_info(self) -> dict[str, Any]:
+        result = await self._get_json("/object_info")
+        return result if isinstance(result, dict) else {}
+
+    async def interrupt(self, prompt_id: str) -> None:
+        await self._post("/interrupt", {"prompt_id": prompt_id})
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        await self._post("/queue", {"delete": prompt_ids})
+
+    @asynccontextmanager
+    async def view(
+        self, filename: str, subfolder: str, folder_type: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The open `/view` response; anything but 200 is an error, never an empty file."""
+        params = {"filename": filename, "subfolder": subfolder, "type": folder_type}
+        # No total timeout: a large video may take long; a stalled read still fails.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        try:
+            response = await self.session.get(self._url("/view"), params=params, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ComfyError(f"GET /view {subfolder}/{filename}: {exc!r}") from exc
+        try:
+            if response.status != 200:
+                raise ComfyError(f"GET /view {subfolder}/{filename}: HTTP {response.status}")
+            yield response
+        finally:
+            response.release()
+
+    async def connect_websocket(self, client_id: str) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self.session.ws_connect(
+                self._url("/ws"),
+                params={"clientId": client_id},
+                heartbeat=20,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ComfyError(f"websocket: {exc!r}") from exc

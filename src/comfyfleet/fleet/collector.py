@@ -1,0 +1,111 @@
+"""Collecting a finished prompt's outputs: history -> /view -> storage -> job succeeded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.comfy.prompts import output_items
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+# ComfyUI records history just before it announces the end; allow a short lag.
+HISTORY_ATTEMPTS = 10
+HISTORY_DELAY = 0.2
+STORAGE_RETRY_MAX_DELAY = 60.0
+
+
+class Collector:
+    def __init__(
+        self,
+        repository: JobRepository,
+        storage: Storage,
+        key_prefix: str,
+        on_terminal: Callable[[Job], None],
+    ) -> None:
+        self._repository = repository
+        self._storage = storage
+        self._key_prefix = key_prefix
+        self._on_terminal = on_terminal
+
+    async def collect(self, client: ComfyClient, job: Job) -> None:
+        """Store the outputs of `job`'s finished prompt and mark it succeeded (or failed)."""
+        uploading = await self._repository.transition(
+            job, ON_BACKEND_STATES, status=JobStatus.UPLOADING, progress=1.0
+        )
+        if uploading is None:
+            return  # another actor (cancel, a newer attempt) already moved this job on
+        try:
+            entry = await self._history(client, uploading)
+            outputs = await self._store_outputs(client, uploading, entry.get("outputs"))
+        except (ComfyError, aiohttp.ClientError) as exc:
+            # The file is gone or unreadable on the backend: never store an empty stand-in.
+            await self._finish(
+                uploading, JobStatus.FAILED, error=job_error("output_unavailable", str(exc))
+            )
+            return
+        await self._finish(uploading, JobStatus.SUCCEEDED, outputs=outputs)
+
+    async def _history(self, client: ComfyClient, job: Job) -> dict[str, Any]:
+        assert job.prompt_id is not None
+        for _ in range(HISTORY_ATTEMPTS):
+            entry = await client.history(job.prompt_id)
+            if entry is not None:
+                return entry
+            await asyncio.sleep(HISTORY_DELAY)
+        raise ComfyError(f"prompt {job.prompt_id} finished but has no history entry")
+
+    async def _store_outputs(
+        self, client: ComfyClient, job: Job, outputs: Any
+    ) -> list[dict[str, Any]]:
+        files, texts = output_items(outputs)
+        stored: list[dict[str, Any]] = []
+        per_node: dict[str, int] = {}
+        for item in files:
+            index = per_node.get(item.node_id, 0)
+            per_node[item.node_id] = index + 1
+            key = output_key(self._key_prefix, str(job.id), item.node_id, index, item.filename)
+            content_type = content_type_for(item.filename)
+            size = await self._store_with_retry(client, item.filename, item.subfolder,
+                                                item.type, key, content_type)
+            stored.append(
+                {
+                    "node_id": item.node_id,
+                    "filename": item.filename,
+                    "content_type": content_type,
+                    "size": size,
+                    "key": key,
+                }
+            )
+        stored.extend({"node_id": text.node_id, "text": text.text} for text in texts)
+        return stored
+
+    async def _store_with_retry(
+        self, client: ComfyClient, filename: str, subfolder: str, folder_type: str, key: str,
+        content_type: str,
+    ) -> int:
+        """Stream one file from the backend into storage; storage outages are waited out."""
+        delay = 1.0
+        while True:
+            try:
+                async with client.view(filename, subfolder, folder_type) as response:
+                    chunks = response.content.iter_chunked(CHUNK_BYTES)
+                    return await self._storage.put_stream(key, chunks, content_type)
+            except StorageError as exc:
+                log.warning("storing %s failed, retrying in %.0f s: %s", key, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORAGE_RETRY_MAX_DELAY)
+
+    async def _finish(self, job: Job, status: JobStatus, **values: Any) -> None:
+        finished = await self._repository.finish(job, status, {JobStatus.UPLOADING}, **values)
+        if finished is not None:
+            self._on_terminal(finished)

@@ -1,0 +1,114 @@
+"""Late-binding dispatch: the backlog stays in Postgres until a backend has a free slot.
+
+Each backend holds at most `max_inflight` of our prompts; among healthy backends with a free
+slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts
+other clients' prompts), ties broken by fewer prompts in flight. Dispatch wakes on events (a
+job arriving, a slot freeing); the periodic pass is only a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+
+from comfyfleet.comfy.client import ComfyError, PromptRejected
+from comfyfleet.comfy.prompts import isolate_outputs
+from comfyfleet.fleet.session import BackendSession
+from comfyfleet.fleet.tracker import ExecutionTracker
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
+from comfyfleet.jobs.repository import JobRepository
+
+log = logging.getLogger(__name__)
+
+SAFETY_PASS_SECONDS = 2.0
+SUBMIT_FAILURE_PAUSE = 1.0
+
+
+def pick_backend(sessions: Sequence[BackendSession], max_inflight: int) -> BackendSession | None:
+    free = [s for s in sessions if s.connected and len(s.inflight) < max_inflight]
+    if not free:
+        return None
+    # queue_remaining lags behind prompts we just sent; our own count is a lower bound for it.
+    return min(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        repository: JobRepository,
+        sessions: Sequence[BackendSession],
+        tracker: ExecutionTracker,
+        *,
+        max_inflight: int,
+        on_terminal: Callable[[Job], None],
+    ) -> None:
+        self._repository = repository
+        self._sessions = sessions
+        self._tracker = tracker
+        self._max_inflight = max_inflight
+        self._on_terminal = on_terminal
+        self._wake = asyncio.Event()
+        self._submissions: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._dispatch_while_possible()
+            except Exception:  # the database may be away for a while; keep the loop alive
+                log.exception("dispatch pass failed")
+            try:
+                async with asyncio.timeout(SAFETY_PASS_SECONDS):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _dispatch_while_possible(self) -> None:
+        while (session := pick_backend(self._sessions, self._max_inflight)) is not None:
+            prompt_id = str(uuid.uuid4())
+            # Job, backend and prompt id are on record before the POST, so a crash at any
+            # point can be reconciled.
+            job = await self._repository.claim_next(session.name, prompt_id)
+            if job is None:
+                return
+            self._tracker.track(session, job, submitting=True)
+            task = asyncio.create_task(self._submit(session, job))
+            self._submissions.add(task)
+            task.add_done_callback(self._submissions.discard)
+
+    async def _submit(self, session: BackendSession, job: Job) -> None:
+        assert job.prompt_id is not None
+        prompt = isolate_outputs(job.prompt, job.prompt_id)
+        try:
+            await session.client.queue_prompt(
+                prompt, prompt_id=job.prompt_id, client_id=session.client_id
+            )
+        except PromptRejected as exc:
+            self._tracker.forget(job.prompt_id)
+            failed = await self._repository.finish(
+                job, JobStatus.FAILED, ON_BACKEND_STATES,
+                error=job_error("prompt_rejected", str(exc), details=exc.body.get("node_errors")),
+            )
+            if failed is not None:
+                self._on_terminal(failed)
+            return
+        except ComfyError as exc:
+            log.warning("backend %s did not take job %s: %s", session.name, job.id, exc)
+            # Hold the slot a moment so a backend that fails every POST is not hammered.
+            await asyncio.sleep(SUBMIT_FAILURE_PAUSE)
+            self._tracker.forget(job.prompt_id)
+            await self._repository.release(job)
+            return
+        finally:
+            self._tracker.submitted(job.prompt_id)
+        log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id)
+
+    async def close(self) -> None:
+        for task in self._submissions:
+            task.cancel()
+        await asyncio.gather(*self._submissions, return_exceptions=True)

@@ -1,0 +1,107 @@
+"""One persistent websocket (and one HTTP session) per backend, reconnecting with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from comfyfleet.comfy.client import ComfyClient, ComfyError, Message, parse_message
+from comfyfleet.fleet.backends import Backend
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[["BackendSession", Message], Awaitable[None]]
+SessionHandler = Callable[["BackendSession"], Awaitable[None]]
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class BackendSession:
+    """Tracks one backend: whether it is up, its queue length, and our prompts on it.
+
+    Messages are handed to `on_message` in arrival order; `on_connect` runs after every
+    (re)connect, before any message of that connection, so missed events can be reconciled.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        on_message: MessageHandler,
+        on_connect: SessionHandler,
+        on_disconnect: SessionHandler,
+    ) -> None:
+        self.backend = backend
+        # One id for the life of this process: events for prompts queued before a reconnect
+        # still reach the new socket (which is opened only after the old one is closed).
+        self.client_id = f"comfyfleet-{uuid.uuid4().hex}"
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._http = aiohttp.ClientSession()
+        self.client = ComfyClient(backend.url, self._http)
+        self.connected = False
+        self.queue_remaining = 0
+        # Prompts we queued here that have not finished executing: the dispatch slots in use.
+        self.inflight: set[str] = set()
+        self.last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    async def run(self) -> None:
+        """Stay connected until cancelled."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._connection()
+                delay = BACKOFF_FIRST  # it was up: reconnect quickly
+            except ComfyError as exc:
+                self.last_error = str(exc)
+                log.warning("backend %s unreachable: %s", self.name, exc)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.last_error = repr(exc)
+                log.warning("backend %s connection lost: %r", self.name, exc)
+            # Full jitter keeps a fleet of gateways from reconnecting in lockstep.
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _connection(self) -> None:
+        websocket = await self.client.connect_websocket(self.client_id)
+        try:
+            await self.client.system_stats()
+            self.connected = True
+            self.last_error = None
+            log.info("backend %s connected (%s)", self.name, self.backend.url)
+            await self._on_connect(self)
+            async for frame in websocket:
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    message = parse_message(frame.data)
+                    if message is not None:
+                        await self._handle(message)
+                elif frame.type == aiohttp.WSMsgType.ERROR:
+                    raise ComfyError(f"websocket error: {websocket.exception()!r}")
+                # Binary frames are previews; this path has no use for them yet.
+            self.last_error = "websocket closed by the backend"
+        finally:
+            was_connected = self.connected
+            self.connected = False
+            await websocket.close()
+            if was_connected:
+                log.warning("backend %s disconnected", self.name)
+                await self._on_disconnect(self)
+
+    async def _handle(self, message: Message) -> None:
+        if message.type == "status" and message.queue_remaining is not None:
+            self.queue_remaining = message.queue_remaining
+        await self._on_message(self, message)
+
+    async def close(self) -> None:
+        await self._http.close()

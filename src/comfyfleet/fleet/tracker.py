@@ -1,0 +1,245 @@
+"""Following our prompts on the backends: websocket events -> job transitions.
+
+Events can be missed (a socket drops, the gateway restarts), so after every connect the jobs
+recorded on a backend are reconciled through `/history/{prompt_id}` and `/queue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyfleet.comfy.client import Message
+from comfyfleet.fleet.collector import Collector
+from comfyfleet.fleet.session import BackendSession
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
+from comfyfleet.jobs.repository import JobRepository
+
+log = logging.getLogger(__name__)
+
+PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes for one job
+
+
+@dataclass
+class PromptRun:
+    session: BackendSession
+    job: Job
+    nodes_done: int = 0  # cached or finished nodes
+    node_running: bool = False
+    last_write: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_id(self) -> str:
+        assert self.job.prompt_id is not None
+        return self.job.prompt_id
+
+    def progress(self, fraction_of_node: float) -> float:
+        total = max(len(self.job.prompt), 1)
+        return min(max((self.nodes_done + fraction_of_node) / total, 0.0), 0.99)
+
+
+class ExecutionTracker:
+    def __init__(
+        self,
+        repository: JobRepository,
+        collector: Collector,
+        *,
+        max_attempts: int,
+        on_terminal: Callable[[Job], None],
+        on_slot_freed: Callable[[], None],
+    ) -> None:
+        self._repository = repository
+        self._collector = collector
+        self._max_attempts = max_attempts
+        self._on_terminal = on_terminal
+        self._on_slot_freed = on_slot_freed
+        self._runs: dict[str, PromptRun] = {}
+        self._submitting: set[str] = set()
+        self._collecting: dict[str, asyncio.Task[None]] = {}
+
+    # The dispatcher's side: a prompt about to be POSTed, and whether the POST took.
+
+    def track(self, session: BackendSession, job: Job, *, submitting: bool = False) -> None:
+        run = PromptRun(session, job)
+        self._runs[run.prompt_id] = run
+        session.inflight.add(run.prompt_id)
+        if submitting:
+            self._submitting.add(run.prompt_id)
+
+    def submitted(self, prompt_id: str) -> None:
+        self._submitting.discard(prompt_id)
+
+    def forget(self, prompt_id: str) -> None:
+        self._submitting.discard(prompt_id)
+        run = self._runs.pop(prompt_id, None)
+        if run is not None:
+            run.session.inflight.discard(prompt_id)
+            self._on_slot_freed()
+
+    # Websocket events.
+
+    async def on_message(self, session: BackendSession, message: Message) -> None:
+        prompt_id = message.prompt_id
+        run = self._runs.get(prompt_id) if prompt_id is not None else None
+        if run is None or run.session is not session:
+            return  # not ours: another client's prompt, or one already finished
+        if message.type == "execution_start":
+            await self._update(run, {JobStatus.DISPATCHED}, status=JobStatus.RUNNING,
+                               started_at=utcnow())
+        elif message.type == "execution_cached":
+            nodes = message.data.get("nodes")
+            run.nodes_done += len(nodes) if isinstance(nodes, list) else 0
+        elif message.type == "executing":
+            if message.data.get("node") is None:
+                self._finished_executing(run)
+            else:
+                run.nodes_done += run.node_running  # a new node starting ends the previous one
+                run.node_running = True
+                await self._report_progress(run, 0.0)
+        elif message.type == "progress":
+            value, maximum = message.data.get("value"), message.data.get("max")
+            if isinstance(value, int | float) and isinstance(maximum, int | float) and maximum:
+                await self._report_progress(run, value / maximum)
+        elif message.type == "execution_error":
+            await self._fail(run, _execution_error(message.data))
+        elif message.type == "execution_interrupted":
+            await self._fail(run, job_error("interrupted", "the prompt was interrupted on "
+                                            "the backend", node_id=message.data.get("node_id"),
+                                            node_type=message.data.get("node_type")))
+
+    async def _update(self, run: PromptRun, states: set[JobStatus], **values: Any) -> None:
+        updated = await self._repository.transition(run.job, states, **values)
+        if updated is not None:
+            run.job = updated
+
+    async def _report_progress(self, run: PromptRun, fraction_of_node: float) -> None:
+        now = time.monotonic()
+        if now - run.last_write < PROGRESS_WRITE_INTERVAL:
+            return
+        run.last_write = now
+        await self._update(run, {JobStatus.RUNNING}, progress=run.progress(fraction_of_node))
+
+    def _finished_executing(self, run: PromptRun) -> None:
+        self.forget(run.prompt_id)
+        self._start_collecting(run.session, run.job)
+
+    def _start_collecting(self, session: BackendSession, job: Job) -> None:
+        assert job.prompt_id is not None
+        prompt_id = job.prompt_id
+        if prompt_id in self._collecting:
+            return
+        task = asyncio.create_task(self._collector.collect(session.client, job))
+        self._collecting[prompt_id] = task
+        task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
+
+    async def _fail(self, run: PromptRun, error: dict[str, Any]) -> None:
+        self.forget(run.prompt_id)
+        failed = await self._repository.finish(run.job, JobStatus.FAILED, ON_BACKEND_STATES,
+                                               error=error)
+        if failed is not None:
+            self._on_terminal(failed)
+
+    # Reconciliation.
+
+    async def on_connect(self, session: BackendSession) -> None:
+        """Settle every job recorded on this backend: missed events are not replayed."""
+        queued_ids: set[str] | None = None
+        for job in await self._repository.on_backend(session.name):
+            prompt_id = job.prompt_id
+            if prompt_id is None or prompt_id in self._submitting or prompt_id in self._collecting:
+                continue
+            entry = await session.client.history(prompt_id)
+            if entry is not None:
+                await self._settle_from_history(session, job, entry)
+                continue
+            if queued_ids is None:
+                queued_ids = _queued_prompt_ids(await session.client.queue())
+            if prompt_id in queued_ids:
+                if prompt_id not in self._runs:
+                    self.track(session, job)
+            else:
+                await self._lost(job)
+
+    async def on_disconnect(self, session: BackendSession) -> None:
+        # Prompts there may still run; the next connect reconciles them.
+        log.info("backend %s: %d prompts to reconcile on reconnect", session.name,
+                 len(session.inflight))
+
+    async def _settle_from_history(
+        self, session: BackendSession, job: Job, entry: dict[str, Any]
+    ) -> None:
+        assert job.prompt_id is not None
+        run = self._runs.get(job.prompt_id) or PromptRun(session, job)
+        status = entry.get("status")
+        status = status if isinstance(status, dict) else {}
+        if status.get("status_str") == "success":
+            self._finished_executing(run)
+            return
+        self._runs[run.prompt_id] = run
+        error = next(
+            (_execution_error(data) for kind, data in _status_messages(status)
+             if kind == "execution_error"),
+            job_error("execution_failed", "the prompt did not complete on the backend"),
+        )
+        await self._fail(run, error)
+
+    async def _lost(self, job: Job) -> None:
+        """The prompt is neither queued nor in history: the backend lost it (e.g. restarted)."""
+        assert job.prompt_id is not None
+        self.forget(job.prompt_id)
+        message = f"backend {job.backend} lost the prompt (attempt {job.attempts})"
+        if job.attempts >= self._max_attempts:
+            failed = await self._repository.finish(
+                job, JobStatus.FAILED, ON_BACKEND_STATES,
+                error=job_error("backend_lost", message + "; no attempts left"),
+            )
+            if failed is not None:
+                self._on_terminal(failed)
+            return
+        log.warning("%s: job %s requeued", message, job.id)
+        if await self._repository.requeue(job) is not None:
+            self._on_slot_freed()  # the dispatcher has work again
+
+    async def close(self) -> None:
+        tasks = list(self._collecting.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _execution_error(data: dict[str, Any]) -> dict[str, Any]:
+    return job_error(
+        "execution_error",
+        str(data.get("exception_message", "")).strip() or "execution failed",
+        node_id=data.get("node_id"),
+        node_type=data.get("node_type"),
+        details={
+            "exception_type": data.get("exception_type"),
+            "traceback": data.get("traceback"),
+            "current_inputs": data.get("current_inputs"),
+        },
+    )
+
+
+def _status_messages(status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    messages = status.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [
+        (item[0], item[1])
+        for item in messages
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)
+    ]
+
+
+def _queued_prompt_ids(queue: dict[str, Any]) -> set[str]:
+    ids: set[str] = set()
+    for key in ("queue_running", "queue_pending"):
+        for item in queue.get(key) or []:
+            if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
+                ids.add(item[1])
+    return ids

@@ -1,0 +1,86 @@
+"""The job row (DESIGN §2) and its states."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Column, DateTime, String
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    UPLOADING = "uploading"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# States in which a prompt may exist on a backend, i.e. what a backend loss or restart affects.
+ON_BACKEND_STATES = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING, JobStatus.UPLOADING})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _timestamp(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    client_task_id: str | None = Field(default=None, unique=True)
+    workflow: str
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    # The filled API-format prompt, fixed at submit so a retry runs exactly what was accepted.
+    prompt: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    # Plain text in the database (a CHECK constraint guards the values); compare with JobStatus.
+    status: str = Field(default=JobStatus.QUEUED, sa_column=Column(String(16), nullable=False))
+    progress: float = 0.0
+    priority: int = 0
+    callback_url: str | None = None
+    backend: str | None = None
+    prompt_id: str | None = None
+    attempts: int = 0
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    dispatched_at: datetime | None = _timestamp()
+    started_at: datetime | None = _timestamp()
+    finished_at: datetime | None = _timestamp()
+    outputs: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False)
+    )
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+
+
+def job_error(
+    type_: str,
+    message: str,
+    *,
+    node_id: str | None = None,
+    node_type: str | None = None,
+    details: Any = None,
+) -> dict[str, Any]:
+    """The `error` object of DESIGN §2."""
+    return {
+        "type": type_,
+        "message": message,
+        "node_id": node_id,
+        "node_type": node_type,
+        "details": details,
+    }

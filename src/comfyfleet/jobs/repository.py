@@ -1,0 +1,137 @@
+"""All SQL for jobs. Every state change is fenced on (id, attempts, current states), so a stale
+actor (an old attempt, another process) can never overwrite what a newer one decided."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
+
+_table = Job.__table__  # type: ignore[attr-defined]
+
+
+class JobRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+    async def insert(self, job: Job) -> tuple[Job, bool]:
+        """Store a new job; with a `client_task_id` already taken, the existing job instead.
+
+        Returns the job and whether it was created.
+        """
+        values = job.model_dump()
+        async with self._sessions.begin() as session:
+            statement = insert(_table).values(**values)
+            if job.client_task_id is not None:
+                statement = statement.on_conflict_do_nothing(index_elements=["client_task_id"])
+            created = (await session.exec(statement.returning(_table.c.id))).first()
+            if created is not None:
+                return job, True
+            existing = await session.exec(
+                select(Job).where(col(Job.client_task_id) == job.client_task_id)
+            )
+            return existing.one(), False
+
+    async def get(self, job_id: uuid.UUID) -> Job | None:
+        async with self._sessions() as session:
+            return await session.get(Job, job_id)
+
+    async def claim_next(self, backend: str, prompt_id: str) -> Job | None:
+        """Take the next queued job for `backend`: highest priority, then oldest.
+
+        SKIP LOCKED lets several processes claim side by side without ever sharing a job.
+        """
+        async with self._sessions.begin() as session:
+            next_job = (
+                sa_select(col(Job.id))
+                .where(col(Job.status) == JobStatus.QUEUED)
+                .order_by(col(Job.priority).desc(), col(Job.created_at))
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            result = await session.exec(
+                update(Job)
+                .where(col(Job.id) == next_job.scalar_subquery())
+                .values(
+                    status=JobStatus.DISPATCHED,
+                    backend=backend,
+                    prompt_id=prompt_id,
+                    attempts=Job.attempts + 1,
+                    dispatched_at=func.now(),
+                    started_at=None,
+                    progress=0.0,
+                )
+                .returning(Job)
+            )
+            return result.scalars().first()
+
+    async def transition(
+        self, job: Job, states: Iterable[JobStatus], **values: Any
+    ) -> Job | None:
+        """Apply `values` if the job is still at the same attempt in one of `states`.
+
+        Returns the updated job, or None when the fence did not hold (nothing was written).
+        """
+        async with self._sessions.begin() as session:
+            result = await session.exec(
+                update(Job)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.attempts) == job.attempts,
+                    col(Job.status).in_([str(state) for state in states]),
+                )
+                .values(**values)
+                .returning(Job)
+            )
+            return result.scalars().first()
+
+    async def finish(
+        self, job: Job, status: JobStatus, states: Iterable[JobStatus], **values: Any
+    ) -> Job | None:
+        return await self.transition(
+            job, states, status=status, finished_at=utcnow(), **values
+        )
+
+    async def requeue(self, job: Job, error: dict[str, Any] | None = None) -> Job | None:
+        """Put a job whose prompt was lost back in the backlog; it keeps its attempt count."""
+        return await self.transition(
+            job,
+            ON_BACKEND_STATES,
+            status=JobStatus.QUEUED,
+            backend=None,
+            prompt_id=None,
+            progress=0.0,
+            error=error,
+        )
+
+    async def release(self, job: Job) -> Job | None:
+        """Undo a claim whose prompt never reached the backend: queued again, attempt not spent."""
+        return await self.transition(
+            job,
+            {JobStatus.DISPATCHED},
+            status=JobStatus.QUEUED,
+            backend=None,
+            prompt_id=None,
+            attempts=job.attempts - 1,
+            dispatched_at=None,
+        )
+
+    async def on_backend(self, backend: str) -> list[Job]:
+        async with self._sessions() as session:
+            result = await session.exec(
+                select(Job).where(
+                    col(Job.backend) == backend,
+                    col(Job.status).in_([str(state) for state in ON_BACKEND_STATES]),
+                )
+            )
+            return list(result.all())

@@ -1,0 +1,40 @@
+"""What the API handlers work with, built once at startup (see app.lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.fleet.manager import Fleet
+from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.render import job_json
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.settings import Settings
+from comfyfleet.storage import Storage
+from comfyfleet.workflows.catalog import Catalog
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    repository: JobRepository
+    storage: Storage
+    catalog: Catalog
+    fleet: Fleet
+
+    async def render(self, job: Job) -> dict[str, Any]:
+        return await job_json(job, self.storage.url)
+
+
+def services(request: Request) -> Services:
+    """FastAPI dependency: the running service's parts."""
+    found = request.app.state.services
+    assert isinstance(found, Services)
+    return found
+
+
+ServicesDep = Annotated[Services, Depends(services)]

@@ -1,0 +1,108 @@
+"""Configuration from the environment and `.env` (DESIGN §9).
+
+Names are compatible with ComfyUI-server's `.env` (`COMFYUI_ENDPOINTS`, `RDB_*`, `S3_*`, `AWS_*`),
+so its users can point comfyfleet at the same file.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    comfyui_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    database_url: str | None = None
+    rdb_username: str = "postgres"
+    rdb_password: str = ""
+    rdb_host: str | None = None
+    rdb_port: int = 5432
+    rdb_name: str = "comfyfleet"
+    data_dir: Path = Path(".data")
+
+    storage: Literal["s3", "local"] | None = None
+    s3_bucket: str | None = None
+    s3_region_name: str = "us-east-1"
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = ""
+    s3_url_ttl: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_endpoint_url: str | None = None
+
+    service_port: int = 8000
+    service_host: str = "127.0.0.1"
+    route_prefix: str = "/api/v1"
+    workflows_dir: Path = Path("workflows")
+
+    webhook_secret: str | None = None
+    webhook_max_age: int = 24 * 3600
+    allow_private_callbacks: bool = False
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    max_inflight_per_backend: int = Field(default=2, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 100 * 1024 * 1024
+
+    @field_validator("comfyui_endpoints", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        return value if not value or value.startswith("/") else "/" + value
+
+    @cached_property
+    def storage_kind(self) -> Literal["s3", "local"]:
+        if self.storage:
+            return self.storage
+        return "s3" if self.s3_bucket else "local"
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        return self.s3_endpoint_url or self.aws_endpoint_url
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None and self.rdb_host is None
+
+    def configured_database_url(self) -> str | None:
+        """The external database as a SQLAlchemy asyncpg URL, or None for the embedded one."""
+        if self.database_url:
+            return to_asyncpg_url(self.database_url)
+        if self.rdb_host:
+            user = quote(self.rdb_username, safe="")
+            password = quote(self.rdb_password, safe="")
+            return (
+                f"postgresql+asyncpg://{user}:{password}@{self.rdb_host}:{self.rdb_port}"
+                f"/{self.rdb_name}"
+            )
+        return None
+
+
+def to_asyncpg_url(url: str) -> str:
+    """Accept the ordinary `postgresql://` (or `postgres://`) form and pick the asyncpg driver."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return f"postgresql+asyncpg://{rest}"
+    raise ValueError(f"unsupported database scheme {scheme!r}: use postgresql://")

@@ -1,0 +1,47 @@
+"""Where job outputs go: the interface every storage backend keeps."""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
+
+
+class StorageError(Exception):
+    """The store could not take or serve a file (it may be down for a while: retry later)."""
+
+
+class Storage(Protocol):
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
+        """Store the stream under `key`, replacing any earlier object; returns its size."""
+        ...
+
+    async def url(self, key: str) -> str | None:
+        """A URL a client can fetch the object from, or None when the API must serve it."""
+        ...
+
+    async def check(self) -> None:
+        """Raise StorageError when the store is not reachable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def output_key(prefix: str, job_id: str, node_id: str, index: int, filename: str) -> str:
+    """`{prefix}{job_id}/{node_id}_{index}{ext}`: deterministic, so a retry overwrites.
+
+    Names from backends are not trusted: only a short lowercase extension survives.
+    """
+    extension = "." + filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    if not _SAFE_EXTENSION.match(extension):
+        extension = ""
+    return f"{prefix}{job_id}/{_UNSAFE.sub('_', node_id)}_{index}{extension}"
+
+
+def content_type_for(filename: str) -> str:
+    guessed, _ = mimetypes.guess_type(filename)
+    return guessed or "application/octet-stream"

@@ -1,0 +1,147 @@
+"""Workflow parameters: their declared types, validation, and substitution into a template.
+
+Placeholders follow string.Template (`$name`, `${name}`, `$$` for a dollar sign) and are
+substituted in the parsed JSON values, never in the raw text, so no input can add nodes or
+break the JSON. A value that is exactly one placeholder is replaced by the typed value itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from string import Template
+from typing import Any, Literal
+
+ParamType = Literal["any", "string", "int", "float", "bool", "enum"]
+PARAM_TYPES: tuple[ParamType, ...] = ("any", "string", "int", "float", "bool", "enum")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: ParamType = "any"
+    default: Any = None
+    required: bool = True
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] = ()
+    description: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "required": self.required,
+            "min": self.minimum,
+            "max": self.maximum,
+            "choices": list(self.choices) or None,
+            "description": self.description,
+        }
+
+
+@dataclass
+class ParamError(Exception):
+    """One or more parameters are wrong; `problems` maps each parameter name to what is wrong."""
+
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{name}: {problem}" for name, problem in self.problems.items())
+
+
+def _coerce(spec: ParamSpec, value: Any) -> Any:
+    """The value converted to the parameter's type; ValueError says what is wrong."""
+    if spec.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected an integer, got {value!r}")
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        value = int(number)
+    elif spec.type == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+    elif spec.type == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+    elif spec.type == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+    elif spec.type == "any" and not isinstance(value, str | int | float | bool):
+        raise ValueError(f"expected a string, number or boolean, got {value!r}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ValueError(f"must be at least {spec.minimum}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ValueError(f"must be at most {spec.maximum}")
+    if spec.choices and value not in spec.choices:
+        raise ValueError(f"must be one of {list(spec.choices)}")
+    return value
+
+
+def validate_params(specs: Mapping[str, ParamSpec], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed values for every declared parameter, or ParamError naming each bad one."""
+    problems: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for name in given:
+        if name not in specs:
+            problems[name] = "unknown parameter"
+    for name, spec in specs.items():
+        if name not in given or given[name] is None:
+            if spec.required and spec.default is None:
+                problems[name] = "required parameter is missing"
+            else:
+                values[name] = spec.default
+            continue
+        try:
+            values[name] = _coerce(spec, given[name])
+        except (ValueError, TypeError) as exc:
+            problems[name] = str(exc)
+    if problems:
+        raise ParamError(problems)
+    return values
+
+
+def placeholders(template: Any) -> Iterator[str]:
+    """Every placeholder name used in the string values of a parsed JSON document."""
+    if isinstance(template, str):
+        yield from Template(template).get_identifiers()
+    elif isinstance(template, dict):
+        for value in template.values():
+            yield from placeholders(value)
+    elif isinstance(template, list):
+        for value in template:
+            yield from placeholders(value)
+
+
+def _whole_placeholder(value: str) -> str | None:
+    identifiers = Template(value).get_identifiers()
+    if len(identifiers) == 1 and value in (f"${identifiers[0]}", f"${{{identifiers[0]}}}"):
+        return identifiers[0]
+    return None
+
+
+def substitute(template: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of `template` with every placeholder replaced; the input is left untouched."""
+    if isinstance(template, str):
+        whole = _whole_placeholder(template)
+        if whole is not None:
+            return values[whole]
+        if "$" not in template:
+            return template
+        return Template(template).substitute({k: _as_text(v) for k, v in values.items()})
+    if isinstance(template, dict):
+        return {key: substitute(value, values) for key, value in template.items()}
+    if isinstance(template, list):
+        return [substitute(value, values) for value in template]
+    return template
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,0 +1,70 @@
+"""Real services for the tests: embedded PostgreSQL, a moto S3 server, simulated ComfyUI."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiobotocore.session import get_session
+
+from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.settings import Settings
+from comfyfleet.webhooks.signing import new_secret
+from tests.support import LOOPBACK, free_ports, python_process
+
+REPO = Path(__file__).resolve().parent.parent
+S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield start_embedded_postgres(tmp_path_factory.mktemp("pg"))
+
+
+@pytest.fixture
+async def database_url(postgres: Any) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield embedded_url(postgres).replace("/postgres?", f"/{name}?")
+
+
+@pytest.fixture(scope="session")
+async def s3_endpoint() -> AsyncIterator[str]:
+    port = free_ports(1)
+    url = f"http://{LOOPBACK}:{port}"
+    async with python_process("moto.server", "-H", LOOPBACK, "-p", str(port), ready_url=url):
+        yield url
+
+
+@pytest.fixture
+async def s3_bucket(s3_endpoint: str) -> str:
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        await client.create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Settings for an in-process service on this test's database; no backends, local storage."""
+    return Settings(
+        _env_file=None,
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        workflows_dir=REPO / "workflows",
+        storage="local",
+        webhook_secret=new_secret(),
+        allow_private_callbacks=True,
+        service_port=0,
+    )

@@ -1,0 +1,116 @@
+"""Bad input on the job path gets a clear 4xx JSON error, never a 500."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[str]:
+    async with serving(settings) as base:
+        yield base + settings.route_prefix
+
+
+async def post(api: str, body: object) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.post(f"{api}/jobs", json=body) as response:
+        return response.status, await response.json()
+
+
+def error_of(body: dict[str, object]) -> dict[str, object]:
+    error = body["error"]
+    assert isinstance(error, dict)
+    return error
+
+
+async def test_unknown_workflow_is_422_naming_the_known_ones(api: str) -> None:
+    status, body = await post(api, {"workflow": "nope", "params": {}})
+    assert status == 422
+    assert error_of(body)["type"] == "unknown_workflow"
+    assert "invert" in str(error_of(body)["message"])
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"width": "wide"}, "width"),
+        ({"height": 0}, "height"),
+        ({"color": 2**24}, "color"),
+        ({"width": 1.5}, "width"),
+        ({"shade": 1}, "shade"),
+    ],
+)
+async def test_bad_parameter_is_422_naming_it(
+    api: str, params: dict[str, object], named: str
+) -> None:
+    status, body = await post(api, {"workflow": "invert", "params": params})
+    assert status == 422
+    error = error_of(body)
+    assert error["type"] == "invalid_params"
+    assert set(error["params"]) == {named}  # type: ignore[arg-type]
+    assert named in str(error["message"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"workflow": "invert", "params": []},
+        {"workflow": "invert", "callback_url": "not a url"},
+        {"workflow": "invert", "priority": "high"},
+        [1, 2],
+        "just a string",
+    ],
+)
+async def test_malformed_request_is_422(api: str, body: object) -> None:
+    status, answer = await post(api, body)
+    assert status == 422
+    assert error_of(answer)["type"] == "invalid_request"
+
+
+async def test_body_that_is_not_json_is_422(api: str) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{api}/jobs", data=b"{nope", headers={"content-type": "application/json"}
+    ) as response:
+        assert response.status == 422
+        assert error_of(await response.json())["type"] == "invalid_request"
+
+
+async def test_unknown_and_malformed_job_ids(api: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api}/jobs/{uuid.uuid4()}") as response:
+            assert response.status == 404
+            assert error_of(await response.json())["type"] == "job_not_found"
+        async with http.get(f"{api}/jobs/not-a-uuid") as response:
+            assert response.status == 422
+
+
+async def test_queued_job_is_recorded_and_idempotent_by_client_task_id(api: str) -> None:
+    request = {"workflow": "invert", "params": {"width": 32}, "client_task_id": "order-17"}
+    status, first = await post(api, request)
+    assert status == 202
+    assert first["status"] == "queued"
+    assert first["params"] == {"width": 32, "height": 512, "color": 0}
+    status, again = await post(api, request)
+    assert status == 200
+    assert again["id"] == first["id"]
+    async with aiohttp.ClientSession() as http, http.get(f"{api}/jobs/{first['id']}") as got:
+        assert got.status == 200
+        assert (await got.json())["client_task_id"] == "order-17"
+
+
+async def test_health_and_readiness(settings: Settings) -> None:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{base}/readyz") as response:
+            body = await response.json()
+            assert response.status == 200
+            assert body["database"] is True
+            assert body["storage"] is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,9 +22,23 @@ REPO = Path(__file__).resolve().parent.parent
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
+def postgres_friendly_dir() -> Iterator[Path]:
+    """A temp dir outside pytest's 0700 temp root: as root, embedded PostgreSQL runs as
+    another user, which must be able to reach its data directory."""
+    root = Path(tempfile.mkdtemp(prefix="comfyfleet-test-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+data_root = pytest.fixture(postgres_friendly_dir)
+
+
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    yield start_embedded_postgres(tmp_path_factory.mktemp("pg"))
+def postgres() -> Iterator[Any]:
+    for root in postgres_friendly_dir():
+        server = start_embedded_postgres(root / "pg")
+        yield server
+        server.cleanup()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,16 +49,19 @@ async def wait_until_answering(url: str, seconds: float = 30.0) -> None:
 
 
 @asynccontextmanager
-async def python_process(*args: str, ready_url: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def python_process(*args: str, ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run `python -m ...args` until the block ends; ready once `ready_url` answers."""
-    process = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *args, stdout=asyncio.subprocess.DEVNULL
+    )
     try:
         await wait_until_answering(ready_url)
         yield process
     finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(asyncio.to_thread(process.wait), 10)
-        except TimeoutError:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

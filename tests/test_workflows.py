@@ -39,7 +39,8 @@ def test_bad_parameters_are_named_each() -> None:
 
 def test_substitution_happens_in_values_never_in_raw_text(tmp_path: Path) -> None:
     write(tmp_path, "caption.json", {
-        "1": {"class_type": "PrimitiveString", "inputs": {"value": "a photo of $subject, ${style}"}},
+        "1": {"class_type": "PrimitiveString",
+              "inputs": {"value": "a photo of $subject, ${style}"}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0], "note": "cost: $$5"}},
     })
     workflow = load_catalog(tmp_path).workflows["caption"]

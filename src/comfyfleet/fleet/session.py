@@ -90,11 +90,13 @@ class BackendSession:
                     raise ComfyError(f"websocket error: {websocket.exception()!r}")
                 # Binary frames are previews; this path has no use for them yet.
             self.last_error = "websocket closed by the backend"
+        except asyncio.CancelledError:
+            self.connected = False  # we are shutting down: not a lost backend
+            raise
         finally:
-            was_connected = self.connected
-            self.connected = False
             await websocket.close()
-            if was_connected:
+            if self.connected:
+                self.connected = False
                 log.warning("backend %s disconnected", self.name)
                 await self._on_disconnect(self)
 

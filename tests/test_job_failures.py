@@ -1,0 +1,119 @@
+"""Jobs that cannot succeed end `failed`, with the backend's reason and a signed webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.comfy.client import ComfyClient
+from comfyfleet.comfy.prompts import isolate_outputs
+from comfyfleet.db import make_engine, migrate
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.fleet.collector import Collector
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.storage import LocalStorage
+from comfyfleet.workflows.catalog import load_catalog
+from tests.conftest import REPO
+
+INVERT_PROMPT = load_catalog(REPO / "workflows").workflows["invert"].build({"width": 16})[1]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedComfyUI]:
+    server = SimulatedComfyUI()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
+    assert settings.webhook_secret is not None
+    hooks = WebhookReceiver(settings.webhook_secret)
+    await hooks.start()
+    yield hooks
+    await hooks.stop()
+
+
+async def run_one(settings: Settings, receiver: WebhookReceiver, request: dict[str, object]
+                  ) -> dict[str, object]:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async with http.post(f"{base}{settings.route_prefix}/jobs",
+                             json={**request, "callback_url": receiver.url}) as response:
+            assert response.status == 202
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+    return receiver.verified[0]
+
+
+async def test_prompt_rejected_by_comfyui_fails_the_job_with_its_node_errors(
+    settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    # Untyped parameter, so the bad value reaches ComfyUI's own validation.
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "sized.json").write_text(json.dumps({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": "$width", "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }))
+    settings.workflows_dir = workflows
+    settings.comfyui_endpoints = [sim.url]
+    event = await run_one(settings, receiver, {"workflow": "sized", "params": {"width": 0}})
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "prompt_rejected"
+    assert job["error"]["details"]["1"]["errors"][0]["type"] == "value_smaller_than_min"
+    assert job["outputs"] == []
+
+
+async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    sim = SimulatedComfyUI(data_dir=tmp_path / "sim")
+    await sim.start()
+    engine = make_engine(database_url)
+    await migrate(engine)
+    repository = JobRepository(engine)
+    storage = LocalStorage(tmp_path / "outputs")
+    finished: list[Job] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = ComfyClient(sim.url, http)
+            prompt = isolate_outputs(INVERT_PROMPT, "missing")
+            prompt_id = str(uuid.uuid4())
+            await client.queue_prompt(prompt, prompt_id=prompt_id, client_id="test")
+            async with asyncio.timeout(10):
+                # Polling a remote server: there is no local event to wait on.
+                while (entry := await client.history(prompt_id)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            (image,) = entry["outputs"]["3"]["images"]
+            # Gone before we collect it, as after a cleanup or a wiped temp directory.
+            (tmp_path / "sim" / "output" / image["subfolder"] / image["filename"]).unlink()
+            job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
+            claimed = await repository.claim_next("sim", prompt_id)
+            assert claimed is not None and claimed.id == job.id
+            collector = Collector(repository, storage, "", finished.append)
+            await collector.collect(client, claimed)
+    finally:
+        await sim.stop()
+        await engine.dispose()
+    (failed,) = finished
+    assert failed.status == JobStatus.FAILED
+    assert failed.error is not None
+    assert failed.error["type"] == "output_unavailable"
+    assert "404" in failed.error["message"]
+    assert failed.outputs == []
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.png"))

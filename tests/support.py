@@ -49,10 +49,12 @@ async def wait_until_answering(url: str, seconds: float = 30.0) -> None:
 
 
 @asynccontextmanager
-async def python_process(*args: str, ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def python_process(
+    *args: str, ready_url: str, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run `python -m ...args` until the block ends; ready once `ready_url` answers."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", *args, stdout=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", *args, stdout=asyncio.subprocess.DEVNULL, env=env
     )
     try:
         await wait_until_answering(ready_url)

@@ -28,6 +28,9 @@ PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes for one job
 class PromptRun:
     session: BackendSession
     job: Job
+    # Queued by an earlier process or socket: its events go to a client id that is gone, so
+    # only /history tells when it ends.
+    adopted: bool = False
     nodes_done: int = 0  # cached or finished nodes
     node_running: bool = False
     last_write: float = field(default_factory=time.monotonic)
@@ -63,8 +66,11 @@ class ExecutionTracker:
 
     # The dispatcher's side: a prompt about to be POSTed, and whether the POST took.
 
-    def track(self, session: BackendSession, job: Job, *, submitting: bool = False) -> None:
-        run = PromptRun(session, job)
+    def track(
+        self, session: BackendSession, job: Job, *, submitting: bool = False,
+        adopted: bool = False,
+    ) -> None:
+        run = PromptRun(session, job, adopted=adopted)
         self._runs[run.prompt_id] = run
         session.inflight.add(run.prompt_id)
         if submitting:
@@ -83,6 +89,9 @@ class ExecutionTracker:
     # Websocket events.
 
     async def on_message(self, session: BackendSession, message: Message) -> None:
+        if message.type == "status":
+            await self._poll_adopted(session)
+            return
         prompt_id = message.prompt_id
         run = self._runs.get(prompt_id) if prompt_id is not None else None
         if run is None or run.session is not session:
@@ -110,6 +119,13 @@ class ExecutionTracker:
             await self._fail(run, job_error("interrupted", "the prompt was interrupted on "
                                             "the backend", node_id=message.data.get("node_id"),
                                             node_type=message.data.get("node_type")))
+
+    async def _poll_adopted(self, session: BackendSession) -> None:
+        """The queue changed (`status` is broadcast): see whether adopted prompts ended."""
+        for run in [r for r in self._runs.values() if r.adopted and r.session is session]:
+            entry = await session.client.history(run.prompt_id)
+            if entry is not None:
+                await self._settle_from_history(session, run.job, entry)
 
     async def _update(self, run: PromptRun, states: set[JobStatus], **values: Any) -> None:
         updated = await self._repository.transition(run.job, states, **values)
@@ -160,7 +176,7 @@ class ExecutionTracker:
                 queued_ids = _queued_prompt_ids(await session.client.queue())
             if prompt_id in queued_ids:
                 if prompt_id not in self._runs:
-                    self.track(session, job)
+                    self.track(session, job, adopted=True)
             else:
                 await self._lost(job)
 

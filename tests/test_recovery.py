@@ -1,0 +1,130 @@
+"""Nothing is lost when the gateway is SIGKILLed or a backend restarts mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from tests.conftest import REPO
+from tests.support import LOOPBACK, free_ports, python_process
+
+PROMPT_SECONDS = 1.5
+
+
+@pytest.fixture
+async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
+    assert settings.webhook_secret is not None
+    hooks = WebhookReceiver(settings.webhook_secret)
+    await hooks.start()
+    yield hooks
+    await hooks.stop()
+
+
+def sim_process(port: int) -> Any:
+    return python_process(
+        "comfyfleet", "sim", "--port", str(port), "--duration", str(PROMPT_SECONDS),
+        ready_url=f"http://{LOOPBACK}:{port}/prompt",
+    )
+
+
+async def job_status(http: aiohttp.ClientSession, api: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{api}/jobs/{job_id}") as response:
+        assert response.status == 200
+        job: dict[str, Any] = await response.json()
+        return job
+
+
+async def wait_for_status(
+    http: aiohttp.ClientSession, api: str, job_id: str, status: str
+) -> None:
+    async with asyncio.timeout(30):
+        while (await job_status(http, api, job_id))["status"] != status:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polling the API: there is no local event to wait on
+
+
+async def submit(http: aiohttp.ClientSession, api: str, callback: str, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        body = {"workflow": "invert", "params": {"width": 16 + i}, "callback_url": callback}
+        async with http.post(f"{api}/jobs", json=body) as response:
+            assert response.status == 202
+            ids.append((await response.json())["id"])
+    return ids
+
+
+async def test_gateway_killed_mid_job_resumes_without_losing_or_rerunning_anything(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    sim_port, service_port = free_ports(1), free_ports(1)
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "COMFYUI_ENDPOINTS": f"{LOOPBACK}:{sim_port}#gpu",
+        "STORAGE": "local",
+        "DATA_DIR": str(data_root),
+        "WORKFLOWS_DIR": str(REPO / "workflows"),
+        "WEBHOOK_SECRET": settings.webhook_secret or "",
+        "ALLOW_PRIVATE_CALLBACKS": "true",
+        "SERVICE_PORT": str(service_port),
+    }
+    base = f"http://{LOOPBACK}:{service_port}"
+    api = base + settings.route_prefix
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(sim_process(sim_port))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz")
+        )
+        # Two jobs fill the backend's slots (one running, one pending there); one waits here.
+        ids = await submit(http, api, receiver.url, 3)
+        await wait_for_status(http, api, ids[0], "running")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        await asyncio.sleep(PROMPT_SECONDS)  # the running prompt finishes while we are down
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz")
+        )
+        async with asyncio.timeout(30):
+            await receiver.wait_for(3)
+        jobs = [await job_status(http, api, job_id) for job_id in ids]
+    assert receiver.rejected == 0
+    assert sorted(event["data"]["id"] for event in receiver.verified) == sorted(ids)
+    for job in jobs:
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 1, job  # re-attached, not run again
+        (output,) = job["outputs"]
+        assert (data_root / "outputs" / output["key"]).stat().st_size == output["size"]
+
+
+async def test_backend_restart_loses_its_queue_and_the_job_runs_again(
+    settings: Settings, receiver: WebhookReceiver
+) -> None:
+    port = free_ports(1)
+    settings.comfyui_endpoints = [f"{LOOPBACK}:{port}#gpu"]
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(sim_process(port))
+        api = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        (job_id,) = await submit(http, api, receiver.url, 1)
+        await wait_for_status(http, api, job_id, "running")
+        backend.send_signal(signal.SIGKILL)
+        await backend.wait()
+        # Restarted ComfyUI: empty queue and history, so the prompt is lost, not late.
+        await stack.enter_async_context(sim_process(port))
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+        job = await job_status(http, api, job_id)
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2
+    assert len(job["outputs"]) == 1

@@ -14,6 +14,7 @@ import pytest
 from aiobotocore.session import get_session
 
 from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from tests.support import LOOPBACK, free_ports, python_process
@@ -84,3 +85,13 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         allow_private_callbacks=True,
         service_port=0,
     )
+
+
+@pytest.fixture
+async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
+    """A webhook endpoint on loopback that verifies against the settings' secret."""
+    assert settings.webhook_secret is not None
+    hooks = WebhookReceiver(settings.webhook_secret)
+    await hooks.start()
+    yield hooks
+    await hooks.stop()

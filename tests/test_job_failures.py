@@ -36,15 +36,6 @@ async def sim() -> AsyncIterator[SimulatedComfyUI]:
     await server.stop()
 
 
-@pytest.fixture
-async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
-    assert settings.webhook_secret is not None
-    hooks = WebhookReceiver(settings.webhook_secret)
-    await hooks.start()
-    yield hooks
-    await hooks.stop()
-
-
 async def run_one(settings: Settings, receiver: WebhookReceiver, request: dict[str, object]
                   ) -> dict[str, object]:
     async with serving(settings) as base, aiohttp.ClientSession() as http:

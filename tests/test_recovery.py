@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.demo import WebhookReceiver
@@ -20,15 +18,6 @@ from tests.conftest import REPO
 from tests.support import LOOPBACK, free_ports, python_process
 
 PROMPT_SECONDS = 1.5
-
-
-@pytest.fixture
-async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
-    assert settings.webhook_secret is not None
-    hooks = WebhookReceiver(settings.webhook_secret)
-    await hooks.start()
-    yield hooks
-    await hooks.stop()
 
 
 def sim_process(port: int) -> Any:

@@ -1,0 +1,421 @@
+"""The worker: runs queued prompts one at a time and reports them like ComfyUI's execution.py.
+
+Message order per prompt (protocol doc 5.3): execution_start, execution_cached, then for each
+node progress_state(running), executing, [progress_state + progress]*, executed (UI nodes
+only), progress_state(finished); then execution_success / execution_error /
+execution_interrupted, the `status` broadcast and finally `executing {node: null}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from comfyfleet.sim.files import Folders, file_sha256
+from comfyfleet.sim.hub import Hub
+from comfyfleet.sim.nodes import (
+    IMAGE_FILE_NODES,
+    NEVER_CACHED_NODES,
+    UI,
+    NodeContext,
+    Outputs,
+    declared_inputs,
+    run_node,
+)
+from comfyfleet.sim.prompt_queue import PromptQueue, QueueItem
+from comfyfleet.sim.validation import full_type_name
+
+logger = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Interrupted(Exception):
+    """POST /interrupt reached the running prompt."""
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node_id: str, error: Exception, current_inputs: dict[str, Any]) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+        self.error = error
+        self.current_inputs = current_inputs
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    outputs: Outputs
+    ui: UI
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        specs: dict[str, Any],
+        folders: Folders,
+        hub: Hub,
+        queue: PromptQueue,
+        speed: float,
+        duration: float,
+    ) -> None:
+        self.specs = specs
+        self.folders = folders
+        self.hub = hub
+        self.queue = queue
+        self.speed = speed
+        self.duration = duration
+        # ComfyUI's "classic" cache: node outputs keyed by input signature, pruned at the start
+        # of every prompt to the signatures of that prompt.
+        self.cache: dict[str, _CacheEntry] = {}
+        self.interrupted = asyncio.Event()
+        self.free_requested = False
+        self._current: _PromptRun | None = None
+
+    def executing_node(self, client_id: str) -> str | None:
+        """The node the running prompt of this client is executing, for a reconnecting socket."""
+        run = self._current
+        return run.last_node if run is not None and run.client_id == client_id else None
+
+    async def run(self) -> None:
+        """The worker loop; runs until cancelled."""
+        while True:
+            item = await self.queue.take()
+            run = self._current = _PromptRun(self, item)
+            try:
+                entry = await run.execute()
+            except Exception:
+                # A simulator bug must not kill the worker and leave every later prompt queued.
+                logger.exception("prompt %s crashed the simulator", item.prompt_id)
+                entry = run.history_entry(success=False)
+            finally:
+                self._current = None
+            self.queue.done(item, entry)
+            if item.client_id is not None:
+                executing = {"node": None, "prompt_id": item.prompt_id}
+                self.hub.send_to(item.client_id, "executing", executing)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, waking early on an interrupt (the caller then notices it at its next check)."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.interrupted.wait()
+
+    def check_interrupt(self) -> None:
+        if self.interrupted.is_set():
+            raise Interrupted
+
+    async def signatures(self, prompt: dict[str, Any]) -> dict[str, str]:
+        """Cache key of every node: class, IS_CHANGED value, inputs (recursively via links)."""
+        fingerprints: dict[str, str] = {}
+        if any(node["class_type"] in IMAGE_FILE_NODES for node in prompt.values()):
+            fingerprints = await asyncio.to_thread(self._image_fingerprints, prompt)
+        for node_id, node in prompt.items():
+            if node["class_type"] in NEVER_CACHED_NODES:
+                fingerprints[node_id] = uuid.uuid4().hex
+        memo: dict[str, str] = {}
+
+        def signature(node_id: str, path: frozenset[str]) -> str:
+            if node_id not in memo:
+                node = prompt[node_id]
+                inputs = _inputs_of(node)
+                parts: list[Any] = [node["class_type"], fingerprints.get(node_id)]
+                if "UNIQUE_ID" in _hidden_kinds(self.specs[node["class_type"]]).values():
+                    parts.append(node_id)  # nodes that see their own id are never shared
+                for name in sorted(inputs):
+                    value = inputs[name]
+                    linked = _is_link(value) and isinstance(value[0], str) and value[0] in prompt
+                    if linked and value[0] not in path:
+                        parts.append([name, signature(value[0], path | {node_id}), value[1]])
+                    else:
+                        parts.append([name, value])
+                text = json.dumps(parts, sort_keys=True, default=repr)
+                memo[node_id] = hashlib.sha256(text.encode()).hexdigest()
+            return memo[node_id]
+
+        return {node_id: signature(node_id, frozenset()) for node_id in prompt}
+
+    def _image_fingerprints(self, prompt: dict[str, Any]) -> dict[str, str]:
+        """LoadImage's IS_CHANGED: the file's hash, so a changed file re-runs the node."""
+        found = {}
+        for node_id, node in prompt.items():
+            if node["class_type"] in IMAGE_FILE_NODES:
+                path = self.folders.image_input_path(str(_inputs_of(node).get("image")))
+                try:
+                    found[node_id] = file_sha256(path) if path else uuid.uuid4().hex
+                except OSError:
+                    # ComfyUI stores NaN when IS_CHANGED fails: it never equals itself.
+                    found[node_id] = uuid.uuid4().hex
+        return found
+
+
+class _PromptRun:
+    """One execution of one queue item."""
+
+    def __init__(self, executor: Executor, item: QueueItem) -> None:
+        self.ex = executor
+        self.item = item
+        self.prompt = item.prompt
+        self.prompt_id = item.prompt_id
+        self.client_id = item.client_id
+        self.messages: list[list[Any]] = []  # the execution_* messages, for history
+        self.signatures: dict[str, str] = {}
+        self.results: dict[str, Outputs] = {}
+        self.executed: list[str] = []
+        self.progress: dict[str, dict[str, Any]] = {}
+        self.last_node: str | None = None
+
+    async def execute(self) -> dict[str, Any]:
+        ex = self.ex
+        ex.interrupted.clear()  # an interrupt only ever stops the prompt it arrived during
+        if ex.free_requested:
+            ex.cache.clear()
+            ex.free_requested = False
+        self.message("execution_start", {"prompt_id": self.prompt_id}, broadcast=False)
+        self.signatures = await ex.signatures(self.prompt)
+        live = set(self.signatures.values())
+        ex.cache = {key: entry for key, entry in ex.cache.items() if key in live}
+        cached = [n for n in self.prompt if self.signatures[n] in ex.cache]
+        for node_id in cached:
+            self.results[node_id] = ex.cache[self.signatures[node_id]].outputs
+        cached_data = {"nodes": cached, "prompt_id": self.prompt_id}
+        self.message("execution_cached", cached_data, broadcast=False)
+
+        order = self._plan(lambda n: self.signatures[n] in ex.cache)
+        wait_before = self._duration_node(order, cached)
+        node_id = ""
+        try:
+            for node_id in order:
+                if node_id == wait_before:
+                    await ex.sleep(ex.duration / ex.speed)
+                await self._run_node(node_id)
+        except Interrupted:
+            self.message("execution_interrupted", self._failure(node_id), broadcast=True)
+            return self.history_entry(success=False)
+        except _NodeFailed as failed:
+            self.message("execution_error", self._error(failed), broadcast=False)
+            return self.history_entry(success=False)
+        self.message("execution_success", {"prompt_id": self.prompt_id}, broadcast=False)
+        return self.history_entry(success=True)
+
+    def _duration_node(self, order: list[str], cached: list[str]) -> str | None:
+        """Where the server's `duration` is spent: before the first output node that really
+        runs. Prompts with SimulatedWork take that node's time instead; cached ones take none."""
+        if self.ex.duration <= 0:
+            return None
+        if any(node["class_type"] == "SimulatedWork" for node in self.prompt.values()):
+            return None
+        return next((n for n in order if n in self.item.outputs and n not in cached), None)
+
+    def _plan(self, is_cached: Callable[[str], bool]) -> list[str]:
+        """Nodes to run, dependencies first: the outputs and what they need that is not cached."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(node_id: str) -> None:
+            if node_id in seen:
+                return
+            seen.add(node_id)
+            node = self.prompt[node_id]
+            declared = {name for name, _, _ in declared_inputs(self.ex.specs[node["class_type"]])}
+            for name, value in node["inputs"].items():
+                if name in declared and _is_link(value) and not is_cached(value[0]):
+                    visit(value[0])
+            order.append(node_id)
+
+        for output in self.item.outputs:
+            visit(output)
+        return order
+
+    async def _run_node(self, node_id: str) -> None:
+        ex = self.ex
+        node = self.prompt[node_id]
+        class_type = node["class_type"]
+        spec = ex.specs[class_type]
+        cached = ex.cache.get(self.signatures[node_id])
+        if cached is not None:
+            # Cached (possibly by an identical node earlier in this prompt): re-report its UI,
+            # with the old filenames, and write nothing.
+            executed = {"node": node_id, "display_node": node_id, "output": cached.ui}
+            self.to_client("executed", {**executed, "prompt_id": self.prompt_id})
+            self.results[node_id] = cached.outputs
+            self._finish_progress(node_id)
+            return
+
+        self._set_progress(node_id, 0.0, 1.0, "running")
+        if self.client_id is not None:
+            self.last_node = node_id
+            executing = {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id}
+            self.to_client("executing", executing)
+        inputs = self._inputs(node, spec)
+        ctx = NodeContext(
+            folders=ex.folders,
+            prompt=self.prompt,
+            extra_pnginfo=self.item.extra_data.get("extra_pnginfo"),
+            speed=ex.speed,
+            sleep=ex.sleep,
+            progress=lambda value, total: self._report_progress(node_id, value, total),
+        )
+        try:
+            ex.check_interrupt()
+            outputs, ui = await run_node(class_type, spec, ctx, inputs)
+        except Interrupted:
+            raise
+        except Exception as error:
+            current_inputs = self._current_inputs(node_id, spec, inputs)
+            raise _NodeFailed(node_id, error, current_inputs) from error
+
+        ui = ui or None
+        if ui is not None:
+            executed = {"node": node_id, "display_node": node_id, "output": ui}
+            self.to_client("executed", {**executed, "prompt_id": self.prompt_id})
+        ex.cache[self.signatures[node_id]] = _CacheEntry(outputs, ui)
+        self.results[node_id] = outputs
+        self.executed.append(node_id)
+        self._finish_progress(node_id)
+
+    def _inputs(self, node: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        """Declared inputs with links replaced by the linked outputs (unknown keys dropped)."""
+        declared = {name for name, _, _ in declared_inputs(spec)}
+        return {
+            name: self.results[value[0]][value[1]] if _is_link(value) else value
+            for name, value in node["inputs"].items()
+            if name in declared
+        }
+
+    def _current_inputs(
+        self, node_id: str, spec: dict[str, Any], inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """execution_error's current_inputs: each input (hidden ones too) as a 1-element list."""
+        hidden_values = {
+            "PROMPT": self.prompt,
+            "EXTRA_PNGINFO": self.item.extra_data.get("extra_pnginfo"),
+            "UNIQUE_ID": node_id,
+        }
+        values = dict(inputs)
+        for name, kind in _hidden_kinds(spec).items():
+            if kind in hidden_values:
+                values[name] = hidden_values[kind]
+        return {name: [_format_value(value)] for name, value in values.items()}
+
+    # --- progress ----------------------------------------------------------------------------
+
+    async def _report_progress(self, node_id: str, value: int, total: int) -> None:
+        # As in ComfyUI's progress hook, the interrupt check comes first.
+        self.ex.check_interrupt()
+        self._set_progress(node_id, value, total, "running")
+        progress = {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
+        self._send("progress", progress, broadcast=True)
+
+    def _finish_progress(self, node_id: str) -> None:
+        # A node that never started (a cached one) finishes at 1 of 1, in ints as in ComfyUI.
+        state = self.progress.get(node_id, {"max": 1})
+        self._set_progress(node_id, state["max"], state["max"], "finished")
+
+    def _set_progress(self, node_id: str, value: float, total: float, state: str) -> None:
+        self.progress[node_id] = {
+            "value": value,
+            "max": total,
+            "state": state,
+            "node_id": node_id,
+            "prompt_id": self.prompt_id,
+            "display_node_id": node_id,
+            "parent_node_id": None,
+            "real_node_id": node_id,
+        }
+        snapshot = {"prompt_id": self.prompt_id, "nodes": self.progress}
+        self._send("progress_state", snapshot, broadcast=True)
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def _send(self, event: str, data: dict[str, Any], *, broadcast: bool) -> None:
+        """To the prompt's client; without one, broadcast if `broadcast`, else drop."""
+        if self.client_id is not None:
+            self.ex.hub.send_to(self.client_id, event, data)
+        elif broadcast:
+            self.ex.hub.broadcast(event, data)
+
+    def to_client(self, event: str, data: dict[str, Any]) -> None:
+        self._send(event, data, broadcast=False)
+
+    def message(self, event: str, data: dict[str, Any], *, broadcast: bool) -> None:
+        """An execution_* message: timestamped, sent, and kept for the history entry."""
+        data = {**data, "timestamp": now_ms()}
+        self.messages.append([event, data])
+        self._send(event, data, broadcast=broadcast)
+
+    def _failure(self, node_id: str) -> dict[str, Any]:
+        return {
+            "prompt_id": self.prompt_id,
+            "node_id": node_id,
+            "node_type": self.prompt[node_id]["class_type"],
+            "executed": list(self.executed),
+        }
+
+    def _error(self, failed: _NodeFailed) -> dict[str, Any]:
+        error = failed.error
+        return {
+            **self._failure(failed.node_id),
+            "exception_message": f"{error}\n",
+            "exception_type": full_type_name(type(error)),
+            "traceback": traceback.format_tb(error.__traceback__),
+            "current_inputs": failed.current_inputs,
+            "current_outputs": list(self.prompt),
+        }
+
+    def history_entry(self, *, success: bool) -> dict[str, Any]:
+        """The /history entry: UI of every node of this prompt found in the cache."""
+        outputs: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
+        for node_id, signature in self.signatures.items():
+            entry = self.ex.cache.get(signature)
+            if entry is not None and entry.ui is not None:
+                outputs[node_id] = entry.ui
+                meta[node_id] = {
+                    "node_id": node_id,
+                    "display_node": node_id,
+                    "parent_node": None,
+                    "real_node_id": node_id,
+                }
+        status = {
+            "status_str": "success" if success else "error",
+            "completed": success,
+            "messages": self.messages,
+        }
+        return {"prompt": self.item.as_json(), "outputs": outputs, "status": status, "meta": meta}
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2
+
+
+def _inputs_of(node: dict[str, Any]) -> dict[str, Any]:
+    """A node's inputs; nodes no output needs were never validated and may be malformed."""
+    inputs = node.get("inputs")
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def _hidden_kinds(spec: dict[str, Any]) -> dict[str, Any]:
+    """Hidden inputs by name -> kind ("PROMPT", ...); some specs wrap the kind in a list."""
+    hidden = spec["input"].get("hidden", {})
+    return {name: kind[0] if isinstance(kind, list) else kind for name, kind in hidden.items()}
+
+
+def _format_value(value: Any) -> Any:
+    """ComfyUI's format_value: JSON scalars as they are, anything else as str()."""
+    if value is None or isinstance(value, int | float | bool | str):
+        return value
+    return str(value)

@@ -1,0 +1,279 @@
+"""Node specs (as /object_info reports them) and the simulator's node implementations.
+
+Images travel between nodes as lists of RGB Pillow images (a batch); masks as lists of "L"
+images. Pillow work always runs in a thread so the event loop never stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps, ImageSequence
+from PIL.PngImagePlugin import PngInfo
+
+from comfyfleet.sim.files import Folders, save_target
+
+SPEC_FILE = "object_info_modelfree_subset.json"
+
+# The simulator's own node: a pass-through that takes `seconds / speed` and reports `steps`
+# progress updates, standing in for a sampler on a GPU.
+SIMULATED_WORK_SPEC: dict[str, Any] = {
+    "input": {
+        "required": {
+            "image": ["IMAGE"],
+            "seconds": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0, "step": 0.01}],
+            "steps": ["INT", {"default": 10, "min": 1, "max": 10000}],
+        }
+    },
+    "input_order": {"required": ["image", "seconds", "steps"]},
+    "output": ["IMAGE"],
+    "output_is_list": [False],
+    "output_name": ["IMAGE"],
+    "name": "SimulatedWork",
+    "display_name": "Simulated Work",
+    "description": "Passes the image through after `seconds` (divided by the backend's speed), "
+    "reporting `steps` progress updates.",
+    "python_module": "custom_nodes.comfyfleet_sim",
+    "category": "comfyfleet/sim",
+    "output_node": False,
+}
+
+# Nodes whose `image` input names a file: ComfyUI validates it with VALIDATE_INPUTS (instead of
+# the combo list) and re-runs the node whenever the file's hash changes (IS_CHANGED).
+IMAGE_FILE_NODES = frozenset({"LoadImage", "LoadImageMask", "LoadImageOutput"})
+
+# Nodes whose IS_CHANGED differs on every call (SaveImageWebsocket returns the time): the cache
+# never matches them.
+NEVER_CACHED_NODES = frozenset({"SaveImageWebsocket"})
+
+# PreviewImage's random infix alphabet, sic ("p" twice, no "w"), as in ComfyUI's nodes.py.
+_PREVIEW_LETTERS = "abcdefghijklmnopqrstupvxyz"
+
+_RESAMPLE = {
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+_SCALAR_DEFAULTS: dict[str, Any] = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}
+
+
+def load_specs() -> dict[str, Any]:
+    """All node specs by class name: the shipped ComfyUI subset plus SimulatedWork."""
+    text = resources.files("comfyfleet.sim").joinpath(SPEC_FILE).read_text(encoding="utf-8")
+    specs: dict[str, Any] = json.loads(text)
+    specs["SimulatedWork"] = SIMULATED_WORK_SPEC
+    return specs
+
+
+def declared_inputs(spec: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
+    """(name, "required"/"optional", [type, options...]) in the spec's declared order."""
+    found = []
+    for category in ("required", "optional"):
+        for name, config in spec["input"].get(category, {}).items():
+            found.append((name, category, config))
+    return found
+
+
+@dataclass
+class NodeContext:
+    """What a node may use besides its inputs."""
+
+    folders: Folders
+    prompt: dict[str, Any]  # hidden input PROMPT, written into saved PNGs
+    extra_pnginfo: Any  # hidden input EXTRA_PNGINFO
+    speed: float
+    sleep: Callable[[float], Awaitable[None]]  # returns early when interrupted
+    progress: Callable[[int, int], Awaitable[None]]  # raises when interrupted
+
+
+Outputs = tuple[Any, ...]
+UI = dict[str, Any] | None
+NodeFunction = Callable[[NodeContext, dict[str, Any]], Awaitable[tuple[Outputs, UI]]]
+
+
+async def run_node(
+    class_type: str, spec: dict[str, Any], ctx: NodeContext, inputs: dict[str, Any]
+) -> tuple[Outputs, UI]:
+    impl = _IMPLEMENTATIONS.get(class_type)
+    if impl is None:
+        return _passthrough(spec, inputs), None
+    return await impl(ctx, inputs)
+
+
+def _passthrough(spec: dict[str, Any], inputs: dict[str, Any]) -> Outputs:
+    """Stand-in for nodes without a simulation: the first IMAGE input (or a tiny image)."""
+    image_inputs = [
+        inputs[name]
+        for name, _, config in declared_inputs(spec)
+        if config[0] == "IMAGE" and name in inputs
+    ]
+    outputs: list[Any] = []
+    for output_type in spec["output"]:
+        if output_type == "IMAGE":
+            outputs.append(image_inputs[0] if image_inputs else [Image.new("RGB", (64, 64))])
+        elif output_type == "MASK":
+            outputs.append([Image.new("L", (64, 64))])
+        else:
+            outputs.append(_SCALAR_DEFAULTS.get(output_type))
+    return tuple(outputs)
+
+
+def _each(images: list[Image.Image], fn: Callable[[Image.Image], Image.Image]) -> list[Any]:
+    return [fn(image) for image in images]
+
+
+async def _empty_image(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    color = i["color"]
+    rgb = ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF)
+    image = await asyncio.to_thread(Image.new, "RGB", (i["width"], i["height"]), rgb)
+    # The batch shares one image: nodes never modify an image in place.
+    return ([image] * i["batch_size"],), None
+
+
+async def _image_invert(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    return (await asyncio.to_thread(_each, i["image"], ImageOps.invert),), None
+
+
+def _scale(image: Image.Image, method: str, width: int, height: int, crop: str) -> Image.Image:
+    old_w, old_h = image.size
+    if width == 0 and height == 0:
+        return image
+    if width == 0:
+        width = max(1, round(old_w * height / old_h))
+    elif height == 0:
+        height = max(1, round(old_h * width / old_w))
+    if crop == "center":
+        # comfy.utils.common_upscale: cut the excess of the longer side equally on both ends.
+        old_aspect, new_aspect = old_w / old_h, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        image = image.crop((x, y, old_w - x, old_h - y))
+    return image.resize((width, height), _RESAMPLE[method])
+
+
+async def _image_scale(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    def scale(image: Image.Image) -> Image.Image:
+        return _scale(image, i["upscale_method"], i["width"], i["height"], i["crop"])
+
+    return (await asyncio.to_thread(_each, i["image"], scale),), None
+
+
+async def _image_scale_by(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    def scale(image: Image.Image) -> Image.Image:
+        width, height = round(image.width * i["scale_by"]), round(image.height * i["scale_by"])
+        return _scale(image, i["upscale_method"], width, height, "disabled")
+
+    return (await asyncio.to_thread(_each, i["image"], scale),), None
+
+
+async def _image_blur(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    # ComfyUI convolves with a (2 * blur_radius + 1) gaussian kernel of `sigma`; Pillow's
+    # gaussian blur with that sigma is close enough for a simulator.
+    blur = ImageFilter.GaussianBlur(i["sigma"])
+    return (await asyncio.to_thread(_each, i["image"], lambda im: im.filter(blur)),), None
+
+
+def _load_image(path: str) -> tuple[list[Image.Image], list[Image.Image]]:
+    images: list[Image.Image] = []
+    masks: list[Image.Image] = []
+    with Image.open(path) as img:  # a corrupt file raises PIL.UnidentifiedImageError here
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            rgb = frame.convert("RGB")
+            if images and rgb.size != images[0].size:
+                continue  # ComfyUI skips frames whose size differs from the first one
+            images.append(rgb)
+            if "A" in frame.getbands():
+                masks.append(ImageOps.invert(frame.getchannel("A")))
+            else:
+                masks.append(Image.new("L", (64, 64)))
+    return images, masks
+
+
+async def _load_image_node(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    path = ctx.folders.image_input_path(i["image"])
+    if path is None:
+        raise FileNotFoundError(i["image"])
+    images, masks = await asyncio.to_thread(_load_image, path)
+    return (images, masks), None
+
+
+def _save_images(
+    images: list[Image.Image],
+    prefix: str,
+    directory: str,
+    dir_type: str,
+    compress_level: int,
+    ctx: NodeContext,
+) -> list[dict[str, str]]:
+    first = images[0]
+    target = save_target(prefix, directory, first.width, first.height)
+    counter = target.counter
+    results = []
+    for batch_number, image in enumerate(images):
+        info = PngInfo()
+        info.add_text("prompt", json.dumps(ctx.prompt))
+        if ctx.extra_pnginfo is not None:
+            for key in ctx.extra_pnginfo:
+                info.add_text(key, json.dumps(ctx.extra_pnginfo[key]))
+        name = target.base.replace("%batch_num%", str(batch_number))
+        filename = f"{name}_{counter:05}_.png"
+        image.save(
+            os.path.join(target.folder, filename), pnginfo=info, compress_level=compress_level
+        )
+        results.append({"filename": filename, "subfolder": target.subfolder, "type": dir_type})
+        counter += 1
+    return results
+
+
+async def _save_image(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    images = await asyncio.to_thread(
+        _save_images, i["images"], i["filename_prefix"], ctx.folders.output, "output", 4, ctx
+    )
+    return (), {"images": images}
+
+
+async def _preview_image(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    prefix = "ComfyUI_temp_" + "".join(random.choice(_PREVIEW_LETTERS) for _ in range(5))
+    images = await asyncio.to_thread(
+        _save_images, i["images"], prefix, ctx.folders.temp, "temp", 1, ctx
+    )
+    return (), {"images": images}
+
+
+async def _simulated_work(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    loop = asyncio.get_running_loop()
+    total, steps = i["seconds"] / ctx.speed, i["steps"]
+    start = loop.time()
+    for step in range(1, steps + 1):
+        # Deadlines from the start, so the sleeps' overshoot does not add up over many steps.
+        await ctx.sleep(start + total * step / steps - loop.time())
+        await ctx.progress(step, steps)
+    return (i["image"],), None
+
+
+_IMPLEMENTATIONS: dict[str, NodeFunction] = {
+    "EmptyImage": _empty_image,
+    "ImageInvert": _image_invert,
+    "ImageScale": _image_scale,
+    "ImageScaleBy": _image_scale_by,
+    "ImageBlur": _image_blur,
+    "LoadImage": _load_image_node,
+    "LoadImageOutput": _load_image_node,
+    "SaveImage": _save_image,
+    "PreviewImage": _preview_image,
+    "SimulatedWork": _simulated_work,
+}

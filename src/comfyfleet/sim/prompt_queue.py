@@ -1,0 +1,104 @@
+"""The prompt queue and the history, both in memory only (as in ComfyUI's PromptQueue)."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from comfyfleet.sim.hub import Hub
+
+MAX_HISTORY = 10000
+
+
+@dataclass
+class QueueItem:
+    number: int | float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    @property
+    def client_id(self) -> Any:
+        """The websocket client that gets this prompt's events (None: nobody, or broadcast)."""
+        return self.extra_data.get("client_id")
+
+    def as_json(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+class PromptQueue:
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        # (number, prompt_id, arrival, item): ComfyUI's heap order, with the arrival count as a
+        # final tie-break where ComfyUI would compare the prompt dicts (and crash).
+        self._heap: list[tuple[int | float, str, int, QueueItem]] = []
+        self._arrivals = itertools.count()
+        self._wakeup = asyncio.Event()
+        self.running: QueueItem | None = None
+        self.history: dict[str, dict[str, Any]] = {}
+
+    def exec_info(self) -> dict[str, Any]:
+        remaining = len(self._heap) + (self.running is not None)
+        return {"exec_info": {"queue_remaining": remaining}}
+
+    def _changed(self) -> None:
+        self._hub.broadcast("status", {"status": self.exec_info()})
+
+    def put(self, item: QueueItem) -> None:
+        heapq.heappush(self._heap, (item.number, item.prompt_id, next(self._arrivals), item))
+        self._wakeup.set()
+        self._changed()
+
+    async def take(self) -> QueueItem:
+        """Wait for the first pending prompt and make it the running one."""
+        while not self._heap:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        self.running = heapq.heappop(self._heap)[3]
+        self._changed()
+        return self.running
+
+    def done(self, item: QueueItem, entry: dict[str, Any]) -> None:
+        """Record the finished prompt's history entry and stop counting it as running."""
+        self.running = None
+        self.history[item.prompt_id] = entry
+        if len(self.history) > MAX_HISTORY:
+            del self.history[next(iter(self.history))]
+        self._changed()
+
+    def pending_json(self) -> list[list[Any]]:
+        """Pending items in the heap's array order, which is not execution order (as in 0.3.64)."""
+        return [entry[3].as_json() for entry in self._heap]
+
+    def running_json(self) -> list[list[Any]]:
+        return [] if self.running is None else [self.running.as_json()]
+
+    def clear(self) -> None:
+        if self._heap:
+            self._heap.clear()
+            self._changed()
+
+    def delete(self, prompt_id: Any) -> None:
+        """Remove the first pending item with this id, like ComfyUI's delete_queue_item."""
+        for index, entry in enumerate(self._heap):
+            if entry[1] == prompt_id:
+                self._heap.pop(index)
+                heapq.heapify(self._heap)
+                self._changed()
+                return
+
+    def get_history(self, max_items: int | None, offset: int) -> dict[str, Any]:
+        """GET /history paging, ported as is (max_items alone means "the last N")."""
+        if offset < 0 and max_items is not None:
+            offset = len(self.history) - max_items
+        out: dict[str, Any] = {}
+        for i, (prompt_id, entry) in enumerate(self.history.items()):
+            if i >= offset:
+                out[prompt_id] = entry
+                if max_items is not None and len(out) >= max_items:
+                    break
+        return out

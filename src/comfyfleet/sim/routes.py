@@ -1,0 +1,366 @@
+"""HTTP and websocket handlers, mirroring ComfyUI's server.py route by route."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import sys
+import uuid
+from typing import Any
+
+from aiohttp import BodyPartReader, WSMsgType, web
+
+from comfyfleet.sim.executor import Executor
+from comfyfleet.sim.files import (
+    Folders,
+    ViewTarget,
+    needs_rendering,
+    render_view,
+    resolve_view,
+    store_upload,
+)
+from comfyfleet.sim.hub import Hub
+from comfyfleet.sim.prompt_queue import PromptQueue, QueueItem
+from comfyfleet.sim.validation import validate_prompt
+
+COMFYUI_VERSION = "0.3.64"
+MAX_UPLOAD_SIZE = 100 * 1024 * 1024  # ComfyUI's default --max-upload-size, for every request
+SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
+
+# extra_data keys ComfyUI keeps out of the queue and history.
+_SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+class _BadBody(Exception):
+    """The request body is not the JSON object the handler needs."""
+
+
+def _server_error() -> web.Response:
+    # The exact response aiohttp gives when a handler raises, which is how ComfyUI answers
+    # a body it cannot parse.
+    text = "500 Internal Server Error\n\nServer got itself in trouble"
+    return web.Response(status=500, text=text)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as error:
+        raise _BadBody from error
+    if not isinstance(body, dict):
+        raise _BadBody
+    return body
+
+
+class Routes:
+    def __init__(
+        self,
+        *,
+        specs: dict[str, Any],
+        folders: Folders,
+        hub: Hub,
+        queue: PromptQueue,
+        executor: Executor,
+    ) -> None:
+        self.specs = specs
+        self.folders = folders
+        self.hub = hub
+        self.queue = queue
+        self.executor = executor
+        self.counter = 0  # the `number` given to prompts submitted without one
+
+    def table(self) -> list[web.RouteDef]:
+        """Every route twice, under `/api` too, as ComfyUI registers them."""
+        routes = [
+            web.get("/ws", self.websocket),
+            web.get("/prompt", self.get_prompt),
+            web.post("/prompt", self.post_prompt),
+            web.get("/queue", self.get_queue),
+            web.post("/queue", self.post_queue),
+            web.post("/interrupt", self.post_interrupt),
+            web.post("/free", self.post_free),
+            web.get("/history", self.get_history),
+            web.get("/history/{prompt_id}", self.get_history_item),
+            web.post("/history", self.post_history),
+            web.get("/view", self.view),
+            web.post("/upload/image", self.upload_image),
+            web.get("/system_stats", self.system_stats),
+            web.get("/object_info", self.object_info),
+            web.get("/object_info/{node_class}", self.object_info_item),
+            web.get("/features", self.features),
+        ]
+        api = [web.RouteDef(r.method, "/api" + r.path, r.handler, r.kwargs) for r in routes]
+        return api + routes
+
+    # --- prompts and queue -------------------------------------------------------------------
+
+    async def post_prompt(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except _BadBody:
+            return _server_error()
+        number: int | float
+        if "number" in body:
+            try:
+                number = float(body["number"])
+            except (TypeError, ValueError):
+                return _server_error()
+        else:
+            # Counted even if the prompt is then rejected (a real server does the same).
+            number = -self.counter if body.get("front") else self.counter
+            self.counter += 1
+        if "prompt" not in body:
+            error = {
+                "type": "no_prompt",
+                "message": "No prompt provided",
+                "details": "No prompt provided",
+                "extra_info": {},
+            }
+            return web.json_response({"error": error, "node_errors": {}}, status=400)
+        prompt, extra_data = body["prompt"], body.get("extra_data", {})
+        if not isinstance(prompt, dict) or not isinstance(extra_data, dict):
+            return _server_error()
+        # 0.3.64 takes any prompt_id as is (str() of it) and does not check uniqueness.
+        prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
+        result = await validate_prompt(
+            prompt, self.specs, self.folders, body.get("partial_execution_targets")
+        )
+        if "client_id" in body:
+            extra_data["client_id"] = body["client_id"]
+        if not result.ok:
+            rejected = {"error": result.error, "node_errors": result.node_errors}
+            return web.json_response(rejected, status=400)
+        for key in _SENSITIVE_EXTRA_DATA:
+            extra_data.pop(key, None)
+        self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, result.outputs))
+        accepted = {"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors}
+        return web.json_response(accepted)
+
+    async def get_prompt(self, request: web.Request) -> web.Response:
+        return web.json_response(self.queue.exec_info())
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        running, pending = self.queue.running_json(), self.queue.pending_json()
+        return web.json_response({"queue_running": running, "queue_pending": pending})
+
+    async def post_queue(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except _BadBody:
+            return _server_error()
+        if body.get("clear"):
+            self.queue.clear()
+        for prompt_id in body.get("delete", []):
+            self.queue.delete(prompt_id)
+        return web.Response()
+
+    async def post_interrupt(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except _BadBody:
+            body = {}  # the body is optional here
+        prompt_id = body.get("prompt_id")
+        running = self.queue.running
+        # A prompt_id only interrupts if it is the running prompt; a pending one is untouched.
+        if not prompt_id or (running is not None and running.prompt_id == prompt_id):
+            self.executor.interrupted.set()
+        return web.Response()
+
+    async def post_free(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except _BadBody:
+            return _server_error()
+        if body.get("free_memory"):
+            # Applied before the next prompt, so that one really runs again.
+            self.executor.free_requested = True
+        return web.Response()
+
+    async def get_history(self, request: web.Request) -> web.Response:
+        max_items = request.query.get("max_items")
+        offset = request.query.get("offset")
+        history = self.queue.get_history(
+            int(max_items) if max_items is not None else None,
+            int(offset) if offset is not None else -1,
+        )
+        return web.json_response(history)
+
+    async def get_history_item(self, request: web.Request) -> web.Response:
+        prompt_id = request.match_info["prompt_id"]
+        entry = self.queue.history.get(prompt_id)
+        return web.json_response({} if entry is None else {prompt_id: entry})
+
+    async def post_history(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except _BadBody:
+            return _server_error()
+        if body.get("clear"):
+            self.queue.history.clear()
+        for prompt_id in body.get("delete", []):
+            self.queue.history.pop(prompt_id, None)
+        return web.Response()
+
+    # --- files -------------------------------------------------------------------------------
+
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        target = await asyncio.to_thread(resolve_view, self.folders, request.query)
+        if not isinstance(target, ViewTarget):
+            return web.Response(status=target)
+        disposition = {"Content-Disposition": f'filename="{target.filename}"'}
+        preview = request.query.get("preview")
+        channel = request.query.get("channel", "")  # "" and "rgba" both mean "as is"
+        if needs_rendering(preview, channel):
+            body, content_type = await asyncio.to_thread(render_view, target.path, preview, channel)
+            return web.Response(body=body, content_type=content_type, headers=disposition)
+        headers = {**disposition, "Content-Type": target.content_type}
+        return web.FileResponse(target.path, headers=headers)
+
+    async def upload_image(self, request: web.Request) -> web.Response:
+        fields, upload = await _read_form(request)
+        dir_type = fields.get("type", "input")
+        directory = self.folders.by_type(dir_type)
+        if directory is None:
+            return _server_error()  # ComfyUI crashes on an unknown type
+        if upload is None or not upload[0]:
+            return web.Response(status=400)
+        filename, data = upload
+        subfolder = fields.get("subfolder", "")
+        overwrite = fields.get("overwrite") in ("true", "1")
+        name = await asyncio.to_thread(
+            store_upload, directory, filename, subfolder, data, overwrite
+        )
+        if name is None:
+            return web.Response(status=400)
+        return web.json_response({"name": name, "subfolder": subfolder, "type": dir_type})
+
+    # --- server information ------------------------------------------------------------------
+
+    async def system_stats(self, request: web.Request) -> web.Response:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        host, port = sockname[:2] if sockname else ("", 0)
+        # argv tells instances apart, as a real server's command line does.
+        argv = ["main.py", "--cpu", "--listen", host, "--port", str(port)]
+        argv += ["--output-directory", self.folders.output, "--input-directory", self.folders.input]
+        argv += ["--temp-directory", self.folders.root]
+        ram_total, ram_free = _memory()
+        system = {
+            "os": os.name,
+            "ram_total": ram_total,
+            "ram_free": ram_free,
+            "comfyui_version": COMFYUI_VERSION,
+            "required_frontend_version": "1.27.10",
+            # Plausible values only: a simulator has no templates package and no torch.
+            "installed_templates_version": "0.1.95",
+            "required_templates_version": "0.1.95",
+            "python_version": sys.version,
+            "pytorch_version": "2.8.0+cpu",
+            "embedded_python": False,
+            "argv": argv,
+        }
+        device = {
+            "name": "cpu",
+            "type": "cpu",
+            "index": None,
+            "vram_total": ram_total,
+            "vram_free": ram_free,
+            "torch_vram_total": ram_total,
+            "torch_vram_free": ram_free,
+        }
+        return web.json_response({"system": system, "devices": [device]})
+
+    async def _object_info(self) -> dict[str, Any]:
+        """The specs, with LoadImage's combos listing the input directory as it is now."""
+        images = await asyncio.to_thread(self.folders.input_images)
+        info = dict(self.specs)
+        for class_type in ("LoadImage", "LoadImageMask"):
+            spec = info[class_type] = copy.deepcopy(info[class_type])
+            spec["input"]["required"]["image"][0] = images
+        return info
+
+    async def object_info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._object_info())
+
+    async def object_info_item(self, request: web.Request) -> web.Response:
+        node_class = request.match_info["node_class"]
+        info = await self._object_info()
+        return web.json_response({node_class: info[node_class]} if node_class in info else {})
+
+    async def features(self, request: web.Request) -> web.Response:
+        return web.json_response(SERVER_FEATURES)
+
+    # --- websocket ---------------------------------------------------------------------------
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(timeout=2.0)  # `timeout` bounds the close handshake only
+        await ws.prepare(request)
+        sid = request.query.get("clientId", "")
+        if sid:
+            self.hub.sockets.pop(sid, None)
+        else:
+            sid = uuid.uuid4().hex
+        self.hub.sockets[sid] = ws
+        try:
+            await self.hub.send_now(sid, "status", {"status": self.queue.exec_info(), "sid": sid})
+            node = self.executor.executing_node(sid)
+            if node is not None:
+                # The only replay on reconnect: which node runs, without prompt_id.
+                await self.hub.send_now(sid, "executing", {"node": node})
+            first_message = True
+            async for message in ws:
+                if message.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(message.data)
+                except ValueError:
+                    data = None
+                if not isinstance(data, dict):
+                    continue  # ignored, and (as in ComfyUI) the next message still counts as first
+                if first_message and data.get("type") == "feature_flags":
+                    await self.hub.send_now(sid, "feature_flags", SERVER_FEATURES)
+                first_message = False
+        finally:
+            # By id, not by socket: this is what unregisters a newer socket with the same id.
+            self.hub.sockets.pop(sid, None)
+        return ws
+
+
+async def _read_form(request: web.Request) -> tuple[dict[str, str], tuple[str, bytes] | None]:
+    """Multipart text fields and the `image` file part (first occurrences), in memory.
+
+    The size limit is enforced here because the multipart reader, unlike request.post(),
+    does not apply client_max_size.
+    """
+    fields: dict[str, str] = {}
+    upload: tuple[str, bytes] | None = None
+    if not request.content_type.startswith("multipart/"):
+        return fields, upload
+    size = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            continue
+        chunks = []
+        while chunk := await part.read_chunk():
+            size += len(chunk)
+            if size > MAX_UPLOAD_SIZE:
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLOAD_SIZE, actual_size=size)
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if part.name == "image" and part.filename is not None:
+            if upload is None:
+                upload = (part.filename, data)
+        elif part.name not in fields:
+            fields[part.name] = data.decode(part.get_charset("utf-8"), errors="replace")
+    return fields, upload
+
+
+def _memory() -> tuple[int, int]:
+    """Total and available RAM in bytes (0 where sysconf does not know)."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 0, 0

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from comfyfleet import db
-from comfyfleet.api import health, jobs
+from comfyfleet.api import backends, health, jobs
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
@@ -47,7 +47,7 @@ def webhook_secret(settings: Settings) -> str:
 @asynccontextmanager
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Everything the service needs, started in order and stopped in reverse."""
-    backends = parse_endpoints(settings.comfyui_endpoints)
+    endpoints = parse_endpoints(settings.comfyui_endpoints)
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(db.open_database(settings))
         repository = JobRepository(engine)
@@ -58,18 +58,20 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         webhooks = WebhookSender(secret, lambda job: job_json(job, storage.url))
         stack.push_async_callback(webhooks.close)
         fleet = Fleet(
-            backends,
+            endpoints,
             repository,
             storage,
             key_prefix=settings.s3_prefix,
             max_inflight=settings.max_inflight_per_backend,
             max_attempts=settings.max_attempts,
+            grace_seconds=settings.backend_grace_seconds,
+            quiet_seconds=settings.quiet_prompt_seconds,
             on_terminal=webhooks.job_finished,
         )
         stack.push_async_callback(fleet.close)
         services = Services(settings, engine, repository, storage, catalog, fleet)
         fleet.start()
-        log.info("comfyfleet ready: %d backends, %d workflows", len(backends),
+        log.info("comfyfleet ready: %d backends, %d workflows", len(endpoints),
                  len(catalog.workflows))
         yield services
 
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router, prefix=settings.route_prefix)
+    app.include_router(backends.router, prefix=settings.route_prefix)
     return app
 
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     max_inflight_per_backend: int = Field(default=2, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    # A backend unreachable this long loses its prompts: they are requeued to run elsewhere.
+    backend_grace_seconds: float = Field(default=30.0, ge=0)
+    # A prompt nothing was heard of for this long has its history checked (a silent socket).
+    quiet_prompt_seconds: float = Field(default=10.0, gt=0)
     max_request_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Response
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
-from comfyfleet.jobs.models import Job
-from comfyfleet.services import ServicesDep
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.services import Services, ServicesDep
 from comfyfleet.workflows.params import ParamError
 
 router = APIRouter(tags=["jobs"])
@@ -62,3 +62,25 @@ async def get_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id}")
     return await svc.render(job)
+
+
+async def _cancel(job_id: uuid.UUID, svc: Services) -> dict[str, Any]:
+    job = await svc.fleet.cancel(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    if job.status != JobStatus.CANCELLED:
+        raise ApiError(409, "job_finished", f"job {job_id} already ended {job.status}",
+                       job_status=job.status)
+    return await svc.render(job)
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+async def cancel_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
+    """Queued: cancelled at once. On a backend: removed from its queue, or interrupted if
+    running. The job ends `cancelled` and its webhook says so."""
+    return await _cancel(job_id, svc)
+
+
+@router.delete("/jobs/{job_id}", summary="Cancel a job (same as POST .../cancel)")
+async def delete_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
+    return await _cancel(job_id, svc)

@@ -27,7 +27,7 @@ SUBMIT_FAILURE_PAUSE = 1.0
 
 
 def pick_backend(sessions: Sequence[BackendSession], max_inflight: int) -> BackendSession | None:
-    free = [s for s in sessions if s.connected and len(s.inflight) < max_inflight]
+    free = [s for s in sessions if s.accepts_work and len(s.inflight) < max_inflight]
     if not free:
         return None
     # queue_remaining lags behind prompts we just sent; our own count is a lower bound for it.
@@ -106,6 +106,10 @@ class Dispatcher:
             return
         finally:
             self._tracker.submitted(job.prompt_id)
+        if not self._tracker.is_tracked(job.prompt_id):
+            # Cancelled while the POST was on its way: take it back off the backend.
+            await session.withdraw(job.prompt_id)
+            return
         log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id)
 
     async def close(self) -> None:

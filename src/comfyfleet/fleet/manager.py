@@ -1,18 +1,31 @@
-"""The fleet: one session per backend, the tracker, the collector and the dispatcher, wired."""
+"""The fleet: one session per backend, the tracker, the collector and the dispatcher, wired,
+plus what the API asks of them (cancel, add/drain/remove a backend)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.dispatcher import Dispatcher
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
-from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# A job can move between our read and our fenced write (claimed, started); try again then.
+CANCEL_TRIES = 5
+
+
+class BackendBusy(Exception):
+    """The backend still has work or takes new work: drain it first."""
 
 
 class Fleet:
@@ -25,8 +38,12 @@ class Fleet:
         key_prefix: str,
         max_inflight: int,
         max_attempts: int,
+        grace_seconds: float,
+        quiet_seconds: float,
         on_terminal: Callable[[Job], None],
     ) -> None:
+        self._repository = repository
+        self._on_terminal = on_terminal
         collector = Collector(repository, storage, key_prefix, on_terminal)
         self.tracker = ExecutionTracker(
             repository,
@@ -34,16 +51,11 @@ class Fleet:
             max_attempts=max_attempts,
             on_terminal=on_terminal,
             on_slot_freed=self.job_available,
+            grace_seconds=grace_seconds,
+            quiet_seconds=quiet_seconds,
         )
-        self.sessions = [
-            BackendSession(
-                backend,
-                on_message=self.tracker.on_message,
-                on_connect=self._connected,
-                on_disconnect=self.tracker.on_disconnect,
-            )
-            for backend in backends
-        ]
+        # One list shared with the dispatcher and the tracker's watch: backends come and go.
+        self.sessions: list[BackendSession] = []
         self.dispatcher = Dispatcher(
             repository,
             self.sessions,
@@ -51,7 +63,20 @@ class Fleet:
             max_inflight=max_inflight,
             on_terminal=on_terminal,
         )
+        self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        for backend in backends:
+            self._add_session(backend)
+
+    def _add_session(self, backend: Backend) -> BackendSession:
+        session = BackendSession(
+            backend,
+            on_message=self.tracker.on_message,
+            on_connect=self._connected,
+            on_disconnect=self.tracker.on_disconnect,
+        )
+        self.sessions.append(session)
+        return session
 
     async def _connected(self, session: BackendSession) -> None:
         await self.tracker.on_connect(session)
@@ -62,13 +87,76 @@ class Fleet:
         self.dispatcher.wake()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(session.run()) for session in self.sessions]
-        self._tasks.append(asyncio.create_task(self.dispatcher.run()))
+        for session in self.sessions:
+            self._session_tasks[session.name] = asyncio.create_task(session.run())
+        self._tasks = [
+            asyncio.create_task(self.dispatcher.run()),
+            asyncio.create_task(self.tracker.watch(self.sessions)),
+        ]
+
+    def session(self, name: str) -> BackendSession | None:
+        return next((s for s in self.sessions if s.name == name), None)
+
+    def add_backend(self, backend: Backend) -> BackendSession:
+        if self.session(backend.name) is not None:
+            raise ValueError(f"a backend named {backend.name!r} exists already")
+        session = self._add_session(backend)
+        self._session_tasks[session.name] = asyncio.create_task(session.run())
+        return session
+
+    async def remove_backend(self, name: str) -> None:
+        session = self.session(name)
+        if session is None:
+            raise KeyError(name)
+        if not session.draining or session.inflight:
+            raise BackendBusy(f"backend {name} must be drained and idle before removal "
+                              f"({len(session.inflight)} prompts in flight)")
+        self.sessions.remove(session)
+        task = self._session_tasks.pop(name)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await session.close()
+
+    async def cancel(self, job_id: uuid.UUID) -> Job | None:
+        """Cancel a job wherever it is; None if there is no such job. A finished job is
+        returned unchanged."""
+        for _ in range(CANCEL_TRIES):
+            job = await self._repository.get(job_id)
+            if job is None or JobStatus(job.status).terminal:
+                return job
+            states = {JobStatus.QUEUED} if job.status == JobStatus.QUEUED else ON_BACKEND_STATES
+            cancelled = await self._repository.finish(
+                job, JobStatus.CANCELLED, states,
+                error=job_error("cancelled", "cancelled at the client's request"),
+            )
+            if cancelled is None:
+                continue
+            if job.prompt_id is not None and job.status != JobStatus.QUEUED:
+                self.tracker.forget(job.prompt_id)
+                session = self.session(job.backend) if job.backend else None
+                if session is not None:
+                    await session.withdraw(job.prompt_id)
+            self._on_terminal(cancelled)
+            return cancelled
+        raise RuntimeError(f"job {job_id} kept changing while it was being cancelled")
+
+    def describe(self, session: BackendSession) -> dict[str, Any]:
+        return {
+            "name": session.name,
+            "url": session.backend.url,
+            "healthy": session.connected,
+            "draining": session.draining,
+            "queue_remaining": session.queue_remaining,
+            "inflight": len(session.inflight),
+            "unreachable_seconds": round(session.unreachable_for(), 1),
+            "last_error": session.last_error,
+        }
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._session_tasks.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.dispatcher.close()
         await self.tracker.close()
         for session in self.sessions:

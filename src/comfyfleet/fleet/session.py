@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -47,6 +48,9 @@ class BackendSession:
         self._http = aiohttp.ClientSession()
         self.client = ComfyClient(backend.url, self._http)
         self.connected = False
+        self.draining = False  # takes no new work; finishes what it has
+        # When the backend was last seen going away (or this session began): the grace clock.
+        self._unreachable_since: float | None = time.monotonic()
         self.queue_remaining = 0
         # Prompts we queued here that have not finished executing: the dispatch slots in use.
         self.inflight: set[str] = set()
@@ -78,6 +82,7 @@ class BackendSession:
         try:
             await self.client.system_stats()
             self.connected = True
+            self._unreachable_since = None
             self.last_error = None
             log.info("backend %s connected (%s)", self.name, self.backend.url)
             await self._on_connect(self)
@@ -97,13 +102,33 @@ class BackendSession:
             await websocket.close()
             if self.connected:
                 self.connected = False
+                self._unreachable_since = time.monotonic()
                 log.warning("backend %s disconnected", self.name)
                 await self._on_disconnect(self)
+
+    def unreachable_for(self) -> float:
+        """Seconds since the backend went away; 0 while it is connected."""
+        if self._unreachable_since is None:
+            return 0.0
+        return time.monotonic() - self._unreachable_since
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.connected and not self.draining
 
     async def _handle(self, message: Message) -> None:
         if message.type == "status" and message.queue_remaining is not None:
             self.queue_remaining = message.queue_remaining
         await self._on_message(self, message)
+
+    async def withdraw(self, prompt_id: str) -> None:
+        """Take a prompt off this backend: out of the queue if pending, interrupted if running."""
+        try:
+            await self.client.delete_queued([prompt_id])
+            await self.client.interrupt(prompt_id)
+        except ComfyError as exc:
+            # Unreachable now; if it runs later, nobody tracks it and its result is dropped.
+            log.warning("could not withdraw prompt %s from %s: %s", prompt_id, self.name, exc)
 
     async def close(self) -> None:
         await self._http.close()

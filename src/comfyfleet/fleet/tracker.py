@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfyfleet.comfy.client import Message
+from comfyfleet.comfy.client import ComfyError, Message
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -22,6 +22,7 @@ from comfyfleet.jobs.repository import JobRepository
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes for one job
+WATCH_INTERVAL = 1.0  # seconds between passes of the safety net
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PromptRun:
     nodes_done: int = 0  # cached or finished nodes
     node_running: bool = False
     last_write: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
 
     @property
     def prompt_id(self) -> str:
@@ -54,8 +56,13 @@ class ExecutionTracker:
         max_attempts: int,
         on_terminal: Callable[[Job], None],
         on_slot_freed: Callable[[], None],
+        quiet_seconds: float,
+        grace_seconds: float,
     ) -> None:
         self._repository = repository
+        self._quiet_seconds = quiet_seconds
+        self._grace_seconds = grace_seconds
+        self._abandoned: set[str] = set()  # backends whose prompts were given up after the grace
         self._collector = collector
         self._max_attempts = max_attempts
         self._on_terminal = on_terminal
@@ -75,6 +82,9 @@ class ExecutionTracker:
         session.inflight.add(run.prompt_id)
         if submitting:
             self._submitting.add(run.prompt_id)
+
+    def is_tracked(self, prompt_id: str) -> bool:
+        return prompt_id in self._runs
 
     def submitted(self, prompt_id: str) -> None:
         self._submitting.discard(prompt_id)
@@ -96,6 +106,7 @@ class ExecutionTracker:
         run = self._runs.get(prompt_id) if prompt_id is not None else None
         if run is None or run.session is not session:
             return  # not ours: another client's prompt, or one already finished
+        run.last_heard = time.monotonic()
         if message.type == "execution_start":
             await self._update(run, {JobStatus.DISPATCHED}, status=JobStatus.RUNNING,
                                started_at=utcnow())
@@ -163,6 +174,7 @@ class ExecutionTracker:
 
     async def on_connect(self, session: BackendSession) -> None:
         """Settle every job recorded on this backend: missed events are not replayed."""
+        self._abandoned.discard(session.name)
         queued_ids: set[str] | None = None
         for job in await self._repository.on_backend(session.name):
             prompt_id = job.prompt_id
@@ -178,7 +190,7 @@ class ExecutionTracker:
                 if prompt_id not in self._runs:
                     self.track(session, job, adopted=True)
             else:
-                await self._lost(job)
+                await self._lost(job, f"backend {job.backend} lost the prompt")
 
     async def on_disconnect(self, session: BackendSession) -> None:
         # Prompts there may still run; the next connect reconciles them.
@@ -203,11 +215,11 @@ class ExecutionTracker:
         )
         await self._fail(run, error)
 
-    async def _lost(self, job: Job) -> None:
-        """The prompt is neither queued nor in history: the backend lost it (e.g. restarted)."""
+    async def _lost(self, job: Job, reason: str) -> None:
+        """Requeue a job whose prompt is gone (a restarted or unreachable backend)."""
         assert job.prompt_id is not None
         self.forget(job.prompt_id)
-        message = f"backend {job.backend} lost the prompt (attempt {job.attempts})"
+        message = f"{reason} (attempt {job.attempts})"
         if job.attempts >= self._max_attempts:
             failed = await self._repository.finish(
                 job, JobStatus.FAILED, ON_BACKEND_STATES,
@@ -219,6 +231,46 @@ class ExecutionTracker:
         log.warning("%s: job %s requeued", message, job.id)
         if await self._repository.requeue(job) is not None:
             self._on_slot_freed()  # the dispatcher has work again
+
+    # The safety net: quiet prompts and backends that stay away.
+
+    async def watch(self, sessions: Sequence[BackendSession]) -> None:
+        """Until cancelled: poll the history of prompts nothing was heard of for a while (a
+        socket can go silent without closing), and requeue the prompts of backends that stay
+        unreachable past the grace period."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for session in list(sessions):
+                try:
+                    if session.connected:
+                        await self._poll_quiet(session)
+                    elif session.unreachable_for() > self._grace_seconds:
+                        await self._abandon(session)
+                except ComfyError as exc:
+                    log.warning("backend %s: history check failed: %s", session.name, exc)
+                except Exception:  # the database may be away; the next pass tries again
+                    log.exception("watch pass for backend %s failed", session.name)
+
+    async def _poll_quiet(self, session: BackendSession) -> None:
+        now = time.monotonic()
+        for run in [r for r in self._runs.values() if r.session is session]:
+            if run.prompt_id in self._submitting or now - run.last_heard < self._quiet_seconds:
+                continue
+            run.last_heard = now
+            entry = await session.client.history(run.prompt_id)
+            if entry is not None:
+                log.info("prompt %s on %s ended without a word on the socket", run.prompt_id,
+                         session.name)
+                await self._settle_from_history(session, run.job, entry)
+
+    async def _abandon(self, session: BackendSession) -> None:
+        if session.name in self._abandoned:
+            return
+        self._abandoned.add(session.name)
+        reason = f"backend {session.name} unreachable for over {self._grace_seconds:g} s"
+        for job in await self._repository.on_backend(session.name):
+            if job.prompt_id not in self._collecting and job.prompt_id not in self._submitting:
+                await self._lost(job, reason)
 
     async def close(self) -> None:
         tasks = list(self._collecting.values())

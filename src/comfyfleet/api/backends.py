@@ -1,0 +1,73 @@
+"""Fleet routes: see the backends, add one at run time, drain or enable it, remove it.
+
+Backends added here live as long as the process; list them in COMFYUI_ENDPOINTS to keep them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+
+from comfyfleet.api.errors import ApiError
+from comfyfleet.fleet.backends import parse_endpoint
+from comfyfleet.fleet.manager import BackendBusy
+from comfyfleet.fleet.session import BackendSession
+from comfyfleet.services import Services, ServicesDep
+
+router = APIRouter(tags=["backends"])
+
+
+class NewBackend(BaseModel):
+    url: str = Field(min_length=1, max_length=500, description="host:port or http(s)://host:port")
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+
+
+class BackendChange(BaseModel):
+    drain: bool = Field(description="true: take no new work and finish what it has; false: enable")
+
+
+def _session(svc: Services, name: str) -> BackendSession:
+    session = svc.fleet.session(name)
+    if session is None:
+        raise ApiError(404, "backend_not_found", f"no backend named {name!r}")
+    return session
+
+
+@router.get("/backends", summary="Every backend with its health, queue and work in flight")
+async def list_backends(svc: ServicesDep) -> list[dict[str, Any]]:
+    return [svc.fleet.describe(session) for session in svc.fleet.sessions]
+
+
+@router.post("/backends", status_code=201, summary="Add a backend at run time")
+async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
+    text = request.url + (f"#{request.name}" if request.name else "")
+    try:
+        backend = parse_endpoint(text)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_backend", str(exc), field="url") from exc
+    try:
+        session = svc.fleet.add_backend(backend)
+    except ValueError as exc:
+        raise ApiError(409, "backend_exists", str(exc)) from exc
+    return svc.fleet.describe(session)
+
+
+@router.patch("/backends/{name}", summary="Drain a backend, or enable it again")
+async def change_backend(name: str, change: BackendChange, svc: ServicesDep) -> dict[str, Any]:
+    session = _session(svc, name)
+    session.draining = change.drain
+    if not change.drain:
+        svc.fleet.job_available()
+    return svc.fleet.describe(session)
+
+
+@router.delete("/backends/{name}", status_code=204, summary="Remove a drained, idle backend")
+async def remove_backend(name: str, svc: ServicesDep) -> Response:
+    _session(svc, name)
+    try:
+        await svc.fleet.remove_backend(name)
+    except BackendBusy as exc:
+        raise ApiError(409, "backend_busy", str(exc)) from exc
+    return Response(status_code=204)

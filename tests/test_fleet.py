@@ -1,0 +1,193 @@
+"""The fleet as the API sees it: cancel in each state, drain, add and remove backends, and
+jobs moving elsewhere when a backend stays away."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.support import LOOPBACK, free_ports, python_process
+
+SLOW = 20.0  # seconds a prompt takes where a test must catch it queued or running
+
+
+class Api:
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http = http
+        self.base = base
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.http.request(method, self.base + path, json=body) as response:
+            payload = await response.json() if response.status != 204 else None
+            return response.status, payload
+
+    async def submit(self, callback: str | None = None, width: int = 16) -> str:
+        status, job = await self.call("POST", "/jobs", {
+            "workflow": "invert", "params": {"width": width}, "callback_url": callback})
+        assert status == 202, job
+        return str(job["id"])
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        status, job = await self.call("GET", f"/jobs/{job_id}")
+        assert status == 200
+        return dict(job)
+
+    async def wait_for_status(self, job_id: str, *statuses: str) -> dict[str, Any]:
+        async with asyncio.timeout(30):
+            while (job := await self.job(job_id))["status"] not in statuses:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        return job
+
+
+@pytest.fixture
+async def slow_sim() -> AsyncIterator[SimulatedComfyUI]:
+    async with SimulatedComfyUI(duration=SLOW) as sim:
+        yield sim
+
+
+async def sim_queue(sim: SimulatedComfyUI) -> dict[str, list[Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{sim.url}/queue") as response:
+        queue: dict[str, list[Any]] = await response.json()
+        return queue
+
+
+async def wait_until_idle(sim: SimulatedComfyUI) -> None:
+    async with asyncio.timeout(10):
+        while any((await sim_queue(sim)).values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polling the backend: no local event to wait on
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        yield Api(http, base + settings.route_prefix)
+
+
+async def test_cancel_a_queued_job(api: Api, receiver: WebhookReceiver) -> None:
+    job_id = await api.submit(receiver.url)  # no backends: it stays queued
+    status, job = await api.call("POST", f"/jobs/{job_id}/cancel")
+    assert status == 200
+    assert job["status"] == "cancelled"
+    assert job["error"]["type"] == "cancelled"
+    async with asyncio.timeout(10):
+        await receiver.wait_for(1)
+    assert receiver.verified[0]["type"] == "job.cancelled"
+    status, again = await api.call("DELETE", f"/jobs/{job_id}")  # idempotent: same answer
+    assert (status, again["status"]) == (200, "cancelled")
+    await asyncio.sleep(0.2)
+    assert len(receiver.verified) == 1  # and no second event
+
+
+async def test_cancel_unknown_job_is_404(api: Api) -> None:
+    status, body = await api.call("POST", "/jobs/6f1c0b7a-9e31-4b2f-8e1c-62a34c559d2e/cancel")
+    assert status == 404
+    assert body["error"]["type"] == "job_not_found"
+
+
+async def test_cancel_running_interrupts_and_cancel_dispatched_dequeues(
+    settings: Settings, slow_sim: SimulatedComfyUI, receiver: WebhookReceiver
+) -> None:
+    settings.comfyui_endpoints = [slow_sim.url + "#slow"]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        api = Api(http, base + settings.route_prefix)
+        running = await api.submit(receiver.url)
+        await api.wait_for_status(running, "running")
+        pending = await api.submit(receiver.url)  # the backend's second slot: queued there
+        await api.wait_for_status(pending, "dispatched")
+        assert len((await sim_queue(slow_sim))["queue_pending"]) == 1
+
+        status, job = await api.call("DELETE", f"/jobs/{pending}")
+        assert (status, job["status"]) == (200, "cancelled")
+        status, job = await api.call("POST", f"/jobs/{running}/cancel")
+        assert (status, job["status"]) == (200, "cancelled")
+        await wait_until_idle(slow_sim)  # interrupted long before its 20 s were up
+
+        async with asyncio.timeout(10):
+            await receiver.wait_for(2)
+        for job_id in (running, pending):
+            assert (await api.job(job_id))["status"] == "cancelled"
+    assert sorted(e["type"] for e in receiver.verified) == ["job.cancelled", "job.cancelled"]
+
+
+async def test_drain_enable_add_and_remove_backends(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(SimulatedComfyUI())
+        second = await stack.enter_async_context(SimulatedComfyUI())
+        settings.comfyui_endpoints = [first.url + "#first"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+
+        status, added = await api.call("POST", "/backends", {"url": second.url, "name": "second"})
+        assert (status, added["name"]) == (201, "second")
+        status, body = await api.call("POST", "/backends", {"url": second.url, "name": "second"})
+        assert (status, body["error"]["type"]) == (409, "backend_exists")
+        status, body = await api.call("POST", "/backends", {"url": "ftp://nope"})
+        assert (status, body["error"]["type"]) == (422, "invalid_backend")
+
+        status, drained = await api.call("PATCH", "/backends/first", {"drain": True})
+        assert (status, drained["draining"]) == (200, True)
+        status, body = await api.call("DELETE", "/backends/second")
+        assert (status, body["error"]["type"]) == (409, "backend_busy")  # not drained
+
+        ran_on = [(await api.wait_for_status(await api.submit(), "succeeded"))["backend"]
+                  for _ in range(3)]
+        assert ran_on == ["second"] * 3  # nothing goes to a draining backend
+        finished = await api.wait_for_status(await api.submit(), "succeeded")
+        status, body = await api.call("POST", f"/jobs/{finished['id']}/cancel")
+        assert (status, body["error"]["type"]) == (409, "job_finished")
+
+        await api.call("PATCH", "/backends/second", {"drain": True})
+        waiting = await api.submit()
+        await asyncio.sleep(0.5)
+        assert (await api.job(waiting))["status"] == "queued"  # every backend drains
+        await api.call("PATCH", "/backends/first", {"drain": False})
+        assert (await api.wait_for_status(waiting, "succeeded"))["backend"] == "first"
+
+        assert await api.call("DELETE", "/backends/second") == (204, None)
+        status, listed = await api.call("GET", "/backends")
+        assert status == 200
+        assert [b["name"] for b in listed] == ["first"]
+        assert listed[0]["healthy"] is True
+        status, body = await api.call("DELETE", "/backends/second")
+        assert (status, body["error"]["type"]) == (404, "backend_not_found")
+
+
+@pytest.mark.parametrize(("max_attempts", "outcome"), [(3, "succeeded"), (1, "failed")])
+async def test_backend_gone_for_good_hands_its_job_to_another(
+    settings: Settings, max_attempts: int, outcome: str
+) -> None:
+    port = free_ports(1)
+    async with AsyncExitStack() as stack:
+        doomed = await stack.enter_async_context(python_process(
+            "comfyfleet", "sim", "--port", str(port), "--duration", str(SLOW),
+            ready_url=f"http://{LOOPBACK}:{port}/prompt"))
+        settings.comfyui_endpoints = [f"{LOOPBACK}:{port}#doomed"]
+        settings.backend_grace_seconds = 1.0
+        settings.max_attempts = max_attempts
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        job_id = await api.submit()
+        await api.wait_for_status(job_id, "running")
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+        healthy = await stack.enter_async_context(SimulatedComfyUI())
+        await api.call("POST", "/backends", {"url": healthy.url, "name": "healthy"})
+        job = await api.wait_for_status(job_id, "succeeded", "failed")
+    assert job["status"] == outcome
+    if outcome == "succeeded":
+        assert (job["backend"], job["attempts"]) == ("healthy", 2)
+    else:
+        assert job["error"]["type"] == "backend_lost"
+        assert "doomed unreachable" in job["error"]["message"]

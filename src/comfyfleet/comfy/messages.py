@@ -1,0 +1,212 @@
+"""ComfyUI websocket messages as types: the one place that reads frames.
+
+Tolerant by design (comfyui-protocol.md §12): unknown message types become `Other`, unknown
+keys are ignored, and a field of an unexpected type reads as missing instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+PREVIEW_IMAGE = 1
+TEXT = 3
+PREVIEW_IMAGE_WITH_METADATA = 4
+_IMAGE_FORMATS = {1: "image/jpeg", 2: "image/png"}
+
+
+@dataclass(frozen=True)
+class Status:
+    """Broadcast on every queue change; `sid` only on the copy sent at connect."""
+
+    queue_remaining: int | None
+    sid: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionStart:
+    prompt_id: str
+
+
+@dataclass(frozen=True)
+class ExecutionCached:
+    prompt_id: str
+    nodes: list[str]
+
+
+@dataclass(frozen=True)
+class Executing:
+    """A node starts; `node` None means the prompt is finished (the last per-prompt message).
+
+    The copy replayed to a reconnecting socket has no prompt_id."""
+
+    prompt_id: str | None
+    node: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    prompt_id: str
+    node: str | None
+    value: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Executed:
+    prompt_id: str
+    node: str | None
+    output: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ExecutionSuccess:
+    prompt_id: str
+
+
+@dataclass(frozen=True)
+class ExecutionError:
+    prompt_id: str
+    node_id: str | None
+    node_type: str | None
+    exception_type: str | None
+    exception_message: str
+    traceback: list[str] = field(default_factory=list)
+    current_inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecutionInterrupted:
+    prompt_id: str
+    node_id: str | None
+    node_type: str | None
+
+
+@dataclass(frozen=True)
+class Other:
+    """Any other text message (progress_state, feature_flags, types from newer versions)."""
+
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A binary preview image (frame type 1, or 4 with metadata naming its node and prompt)."""
+
+    image_type: str
+    image: bytes
+    prompt_id: str | None = None
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Text:
+    """A binary text frame (type 3) a node pushes; broadcast to every socket."""
+
+    node_id: str
+    text: str
+
+
+Message = (
+    Status | ExecutionStart | ExecutionCached | Executing | Progress | Executed
+    | ExecutionSuccess | ExecutionError | ExecutionInterrupted | Other
+)
+Binary = Preview | Text
+
+
+def _str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _number(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _typed(kind: str, data: dict[str, Any]) -> Message:
+    prompt_id = _str(data, "prompt_id")
+    if kind == "status":
+        status = data.get("status")
+        info = status.get("exec_info") if isinstance(status, dict) else None
+        remaining = info.get("queue_remaining") if isinstance(info, dict) else None
+        return Status(remaining if isinstance(remaining, int) else None, _str(data, "sid"))
+    if kind == "executing":
+        return Executing(prompt_id, _str(data, "node"))
+    if prompt_id is None:
+        return Other(kind, data)  # every message below is about one prompt
+    if kind == "execution_start":
+        return ExecutionStart(prompt_id)
+    if kind == "execution_cached":
+        nodes = data.get("nodes")
+        return ExecutionCached(prompt_id, [str(n) for n in nodes] if isinstance(nodes, list)
+                               else [])
+    if kind == "progress":
+        value, maximum = _number(data, "value"), _number(data, "max")
+        if value is None or maximum is None:
+            return Other(kind, data)
+        return Progress(prompt_id, _str(data, "node"), value, maximum)
+    if kind == "executed":
+        output = data.get("output")
+        return Executed(prompt_id, _str(data, "node"), output if isinstance(output, dict)
+                        else None)
+    if kind == "execution_success":
+        return ExecutionSuccess(prompt_id)
+    if kind == "execution_error":
+        traceback = data.get("traceback")
+        inputs = data.get("current_inputs")
+        return ExecutionError(
+            prompt_id, _str(data, "node_id"), _str(data, "node_type"),
+            _str(data, "exception_type"), str(data.get("exception_message") or ""),
+            [str(line) for line in traceback] if isinstance(traceback, list) else [],
+            inputs if isinstance(inputs, dict) else {},
+        )
+    if kind == "execution_interrupted":
+        return ExecutionInterrupted(prompt_id, _str(data, "node_id"), _str(data, "node_type"))
+    return Other(kind, data)
+
+
+def parse_text(raw: str) -> Message | None:
+    """A text frame as a typed message, or None when it is not JSON of the expected shape."""
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
+        return None
+    data = decoded.get("data")
+    return _typed(decoded["type"], data if isinstance(data, dict) else {})
+
+
+def parse_binary(frame: bytes) -> Binary | None:
+    """A binary frame (§5.4: 4-byte big-endian event type, then its payload), or None."""
+    if len(frame) < 8:
+        return None
+    (event,) = struct.unpack_from(">I", frame)
+    if event == PREVIEW_IMAGE:
+        (image_format,) = struct.unpack_from(">I", frame, 4)
+        return Preview(_IMAGE_FORMATS.get(image_format, "application/octet-stream"), frame[8:])
+    if event == PREVIEW_IMAGE_WITH_METADATA:
+        (length,) = struct.unpack_from(">I", frame, 4)
+        try:
+            metadata = json.loads(frame[8 : 8 + length])
+        except ValueError:
+            return None
+        if not isinstance(metadata, dict):
+            return None
+        return Preview(
+            str(metadata.get("image_type") or "application/octet-stream"),
+            frame[8 + length :],
+            _str(metadata, "prompt_id"),
+            _str(metadata, "node_id"),
+        )
+    if event == TEXT:
+        (length,) = struct.unpack_from(">I", frame, 4)
+        node_id = frame[8 : 8 + length].decode("utf-8", errors="replace")
+        return Text(node_id, frame[8 + length :].decode("utf-8", errors="replace"))
+    return None

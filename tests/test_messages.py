@@ -1,0 +1,100 @@
+"""The message parser reads every frame real ComfyUI 0.3.64 sent, and tolerates newer ones."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfyfleet.comfy.messages import (
+    Executed,
+    Executing,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    Other,
+    Preview,
+    Progress,
+    Status,
+    Text,
+    parse_binary,
+    parse_text,
+)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
+TYPED = {
+    "status": Status, "execution_start": ExecutionStart, "execution_cached": ExecutionCached,
+    "executing": Executing, "progress": Progress, "executed": Executed,
+    "execution_success": ExecutionSuccess, "execution_error": ExecutionError,
+    "execution_interrupted": ExecutionInterrupted,
+}
+
+
+def frames(kind: str) -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(FIXTURES.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            frame = json.loads(line)
+            if frame["kind"] == kind:
+                found.append(frame)
+    return found
+
+
+@pytest.mark.parametrize("frame", frames("text"), ids=lambda f: str(f["seq"]))
+def test_every_recorded_text_frame_parses_to_its_type(frame: dict[str, Any]) -> None:
+    raw = json.loads(frame["raw"])
+    message = parse_text(frame["raw"])
+    expected = TYPED.get(raw["type"], Other)
+    if expected is not Executing and expected is not Status and "prompt_id" not in raw["data"]:
+        expected = Other
+    assert type(message) is expected
+    if isinstance(message, Status):
+        assert message.queue_remaining == raw["data"]["status"]["exec_info"]["queue_remaining"]
+    if isinstance(message, ExecutionError):
+        assert message.exception_message == raw["data"]["exception_message"]
+        assert message.traceback and message.node_type == raw["data"]["node_type"]
+
+
+@pytest.mark.parametrize("frame", frames("binary"), ids=lambda f: str(f["seq"]))
+def test_every_recorded_binary_frame_parses(frame: dict[str, Any]) -> None:
+    # Large frames were recorded by their first 16 bytes only.
+    recorded = base64.b64decode(frame["b64"]) if "b64" in frame \
+        else bytes.fromhex(frame["header_hex"])
+    message = parse_binary(recorded)
+    if frame["event_type"] == 3:
+        assert isinstance(message, Text)
+        assert message.text
+    else:
+        assert isinstance(message, Preview)
+        assert message.image[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0")
+        assert message.image_type in ("image/png", "image/jpeg")
+        if frame["event_type"] == 4:
+            assert message.prompt_id and message.node_id
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "brand_new_event", "data": {"anything": 1}}',
+        '{"type": "progress", "data": {"prompt_id": "p", "value": "lots", "max": 3}}',
+        '{"type": "execution_start", "data": {"prompt_id": "p", "workflow_id": "w", "x": []}}',
+        '{"type": "status", "data": {"status": null}}',
+        '{"type": "executed", "data": {"prompt_id": "p", "node": "9", "output": null}}',
+    ],
+)
+def test_newer_or_odd_messages_never_raise(raw: str) -> None:
+    assert parse_text(raw) is not None
+
+
+def test_garbage_is_not_a_message() -> None:
+    assert parse_text("not json") is None
+    assert parse_text('["a", "list"]') is None
+    assert parse_binary(b"\x00\x00") is None
+    assert parse_binary(struct.pack(">II", 99, 0)) is None
+    assert parse_binary(struct.pack(">II", 4, 50) + b"{broken") is None

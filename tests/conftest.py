@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from tests.support import LOOPBACK, free_ports, python_process
+from tests.webhook_support import Answer, ScriptedReceiver
 
 REPO = Path(__file__).resolve().parent.parent
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -95,3 +96,23 @@ async def receiver(settings: Settings) -> AsyncIterator[WebhookReceiver]:
     await hooks.start()
     yield hooks
     await hooks.stop()
+
+
+StartReceiver = Callable[..., Awaitable[ScriptedReceiver]]
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[StartReceiver]:
+    """Starts scripted webhook receivers on loopback: `await receivers(Answer(500), Answer(),
+    port=...)`; all stop when the test ends."""
+    started: list[ScriptedReceiver] = []
+
+    async def start(*answers: Answer, port: int = 0) -> ScriptedReceiver:
+        receiver = ScriptedReceiver(*answers)
+        await receiver.start(port)
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        await receiver.stop()

@@ -77,6 +77,10 @@ async def test_jobs_run_on_both_backends_land_in_s3_and_webhooks_verify(
             async with http.get(first["outputs"][0]["url"]) as response:
                 assert response.status == 200
                 presigned_bytes = await response.read()
+            async with http.get(f"{api}/jobs/{first['id']}/outputs/0",
+                                allow_redirects=False) as response:
+                assert response.status == 307
+                assert first["outputs"][0]["key"] in response.headers["Location"]
     finally:
         await receiver.stop()
 

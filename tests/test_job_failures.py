@@ -94,10 +94,16 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             # Gone before we collect it, as after a cleanup or a wiped temp directory.
             (tmp_path / "sim" / "output" / image["subfolder"] / image["filename"]).unlink()
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
-            claimed = await repository.claim_next("sim", prompt_id)
+            claimed = await repository.claim_next(
+                "sim", prompt_id, max_inflight=1, can_run=lambda _: True
+            )
             assert claimed is not None and claimed.id == job.id
+            uploading = await repository.transition(
+                claimed, {JobStatus.DISPATCHED}, status=JobStatus.UPLOADING
+            )
+            assert uploading is not None
             collector = Collector(repository, storage, "", finished.append)
-            await collector.collect(client, claimed)
+            await collector.collect(client, uploading)
     finally:
         await sim.stop()
         await engine.dispose()

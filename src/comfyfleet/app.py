@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -14,26 +16,27 @@ import uvicorn
 from fastapi import FastAPI
 
 from comfyfleet import db
-from comfyfleet.api import backends, health, jobs
+from comfyfleet.api import backends, deliveries, health, jobs, outputs, workflows
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
-from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.services import Services
 from comfyfleet.settings import Settings
 from comfyfleet.storage import open_storage
-from comfyfleet.webhooks.delivery import WebhookSender
 from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.webhooks.worker import WebhookWorker
 from comfyfleet.workflows.catalog import load_catalog
+from comfyfleet.workflows.watcher import watch_directory
 
 log = logging.getLogger(__name__)
 
 
 def webhook_secret(settings: Settings) -> str:
-    """WEBHOOK_SECRET, or one generated once and kept in the data directory (mode 0600)."""
-    if settings.webhook_secret:
-        return settings.webhook_secret
+    """The signing secret: WEBHOOK_SECRET's first, or one generated once and kept in the data
+    directory (mode 0600)."""
+    if settings.webhook_secrets:
+        return settings.webhook_secrets[0]
     path: Path = settings.data_dir / "webhook_secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +47,17 @@ def webhook_secret(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def url_signing_key(secret: str) -> bytes:
+    """The key of local-storage file URLs, derived from the webhook secret (no second secret
+    to keep); rotating the webhook secret invalidates outstanding file URLs."""
+    return hmac.new(secret.encode(), b"comfyfleet local file urls", hashlib.sha256).digest()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 @asynccontextmanager
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Everything the service needs, started in order and stopped in reverse."""
@@ -51,11 +65,11 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(db.open_database(settings))
         repository = JobRepository(engine)
-        storage = await open_storage(settings)
+        secret = await asyncio.to_thread(webhook_secret, settings)
+        storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)
         catalog = await asyncio.to_thread(load_catalog, settings.workflows_dir)
-        secret = await asyncio.to_thread(webhook_secret, settings)
-        webhooks = WebhookSender(secret, lambda job: job_json(job, storage.url))
+        webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url)
         stack.push_async_callback(webhooks.close)
         fleet = Fleet(
             endpoints,
@@ -71,6 +85,10 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(fleet.close)
         services = Services(settings, engine, repository, storage, catalog, fleet)
         fleet.start()
+        webhooks.start()
+        watcher = asyncio.create_task(
+            watch_directory(settings.workflows_dir, services.reload_catalog))
+        stack.push_async_callback(_cancel, watcher)
         log.info("comfyfleet ready: %d backends, %d workflows", len(endpoints),
                  len(catalog.workflows))
         yield services
@@ -86,7 +104,11 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(outputs.files_router)
     app.include_router(jobs.router, prefix=settings.route_prefix)
+    app.include_router(outputs.router, prefix=settings.route_prefix)
+    app.include_router(workflows.router, prefix=settings.route_prefix)
+    app.include_router(deliveries.router, prefix=settings.route_prefix)
     app.include_router(backends.router, prefix=settings.route_prefix)
     return app
 
@@ -110,7 +132,10 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
                 raise RuntimeError("the service stopped during startup")
             await asyncio.sleep(0.05)
         bound = server.servers[0].sockets[0].getsockname()
-        yield f"http://{settings.service_host}:{bound[1]}"
+        url = f"http://{settings.service_host}:{bound[1]}"
+        if settings.public_url is None and config.port == 0:
+            settings.public_url = url  # the port was only known now
+        yield url
     finally:
         server.should_exit = True
         await task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
-from comfyfleet.workflows.catalog import Catalog
+from comfyfleet.workflows.catalog import Catalog, load_catalog
 
 
 @dataclass
@@ -25,6 +26,9 @@ class Services:
     storage: Storage
     catalog: Catalog
     fleet: Fleet
+
+    async def reload_catalog(self) -> None:
+        self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)
 
     async def render(self, job: Job) -> dict[str, Any]:
         return await job_json(job, self.storage.url)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveFloat, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -45,12 +45,22 @@ class Settings(BaseSettings):
     aws_endpoint_url: str | None = None
 
     service_port: int = 8000
+    # How clients reach this service (for local output URLs); default http://SERVICE_HOST:PORT.
+    public_url: str | None = None
     service_host: str = "127.0.0.1"
     route_prefix: str = "/api/v1"
     workflows_dir: Path = Path("workflows")
 
+    # One or more whsec_ secrets, separated by commas or spaces; the first signs.
     webhook_secret: str | None = None
-    webhook_max_age: int = 24 * 3600
+    webhook_timeout: float = Field(default=15.0, gt=0)
+    webhook_max_age: int = Field(default=24 * 3600, ge=0)
+    # Seconds between attempts; the last one repeats until WEBHOOK_MAX_AGE.
+    webhook_retry_delays: Annotated[list[PositiveFloat], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], min_length=1
+    )
+    webhook_concurrency: int = Field(default=100, ge=1)
+    webhook_concurrency_per_host: int = Field(default=20, ge=1)
     allow_private_callbacks: bool = False
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -63,7 +73,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
 
-    @field_validator("comfyui_endpoints", "api_keys", mode="before")
+    @field_validator("comfyui_endpoints", "api_keys", "webhook_retry_delays", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -83,6 +93,14 @@ class Settings(BaseSettings):
     @property
     def s3_endpoint(self) -> str | None:
         return self.s3_endpoint_url or self.aws_endpoint_url
+
+    @property
+    def webhook_secrets(self) -> list[str]:
+        return self.webhook_secret.replace(",", " ").split() if self.webhook_secret else []
+
+    @property
+    def public_base_url(self) -> str:
+        return (self.public_url or f"http://{self.service_host}:{self.service_port}").rstrip("/")
 
     @property
     def uses_embedded_database(self) -> bool:

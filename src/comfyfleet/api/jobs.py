@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from pydantic import AnyHttpUrl, BaseModel, Field
@@ -11,6 +11,7 @@ from pydantic import AnyHttpUrl, BaseModel, Field
 from comfyfleet.api.errors import ApiError
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.services import Services, ServicesDep
+from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url
 from comfyfleet.workflows.params import ParamError
 
 router = APIRouter(tags=["jobs"])
@@ -22,6 +23,9 @@ class JobRequest(BaseModel):
     callback_url: AnyHttpUrl | None = None
     client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
     priority: int = Field(default=0, ge=-1000, le=1000)
+    webhook_events: list[Literal["job.started", "job.progress"]] | None = Field(
+        default=None, description="Webhooks besides the terminal one (always sent)"
+    )
 
 
 @router.post("/jobs", status_code=202, summary="Submit a job")
@@ -39,6 +43,19 @@ async def submit_job(
     except ParamError as exc:
         raise ApiError(422, "invalid_params", f"invalid parameters: {exc}",
                        params=exc.problems) from exc
+    lacking = svc.fleet.missing_everywhere(prompt)
+    if lacking is not None:
+        everything = sorted({piece for pieces in lacking.values() for piece in pieces})
+        raise ApiError(422, "no_capable_backend",
+                       f"no backend can run this job; missing: {', '.join(everything)}",
+                       missing=lacking)
+    if request.callback_url is not None:
+        try:
+            await check_url(str(request.callback_url),
+                            allow_private=svc.settings.allow_private_callbacks)
+        except UrlNotAllowed as exc:
+            raise ApiError(422, "callback_url_not_allowed", str(exc),
+                           field="callback_url") from exc
     job, created = await svc.repository.insert(
         Job(
             workflow=workflow.name,
@@ -47,6 +64,7 @@ async def submit_job(
             callback_url=str(request.callback_url) if request.callback_url else None,
             client_task_id=request.client_task_id,
             priority=request.priority,
+            webhook_events=sorted(set(request.webhook_events or ())) or None,
         )
     )
     if created:

@@ -11,7 +11,7 @@ import aiohttp
 
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import output_items
-from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
+from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
 
@@ -37,13 +37,8 @@ class Collector:
         self._key_prefix = key_prefix
         self._on_terminal = on_terminal
 
-    async def collect(self, client: ComfyClient, job: Job) -> None:
-        """Store the outputs of `job`'s finished prompt and mark it succeeded (or failed)."""
-        uploading = await self._repository.transition(
-            job, ON_BACKEND_STATES, status=JobStatus.UPLOADING, progress=1.0
-        )
-        if uploading is None:
-            return  # another actor (cancel, a newer attempt) already moved this job on
+    async def collect(self, client: ComfyClient, uploading: Job) -> None:
+        """Store the outputs of a job in `uploading` and mark it succeeded (or failed)."""
         try:
             entry = await self._history(client, uploading)
             outputs = await self._store_outputs(client, uploading, entry.get("outputs"))

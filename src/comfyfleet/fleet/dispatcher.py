@@ -26,12 +26,11 @@ SAFETY_PASS_SECONDS = 2.0
 SUBMIT_FAILURE_PAUSE = 1.0
 
 
-def pick_backend(sessions: Sequence[BackendSession], max_inflight: int) -> BackendSession | None:
+def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
+    """Backends with a free slot, the one that can start soonest first."""
     free = [s for s in sessions if s.accepts_work and len(s.inflight) < max_inflight]
-    if not free:
-        return None
     # queue_remaining lags behind prompts we just sent; our own count is a lower bound for it.
-    return min(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
+    return sorted(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
 
 
 class Dispatcher:
@@ -69,17 +68,30 @@ class Dispatcher:
                 pass
 
     async def _dispatch_while_possible(self) -> None:
-        while (session := pick_backend(self._sessions, self._max_inflight)) is not None:
+        while await self._dispatch_one():
+            pass
+
+    async def _dispatch_one(self) -> bool:
+        """Send one job to the best backend that has a free slot and can run it."""
+        for session in by_preference(self._sessions, self._max_inflight):
+            capabilities = session.capabilities
+            if capabilities is None:
+                continue
             prompt_id = str(uuid.uuid4())
             # Job, backend and prompt id are on record before the POST, so a crash at any
             # point can be reconciled.
-            job = await self._repository.claim_next(session.name, prompt_id)
+            job = await self._repository.claim_next(
+                session.name, prompt_id, max_inflight=self._max_inflight,
+                can_run=capabilities.can_run,
+            )
             if job is None:
-                return
+                continue
             self._tracker.track(session, job, submitting=True)
             task = asyncio.create_task(self._submit(session, job))
             self._submissions.add(task)
             task.add_done_callback(self._submissions.discard)
+            return True
+        return False
 
     async def _submit(self, session: BackendSession, job: Job) -> None:
         assert job.prompt_id is not None

@@ -140,6 +140,19 @@ class Fleet:
             return cancelled
         raise RuntimeError(f"job {job_id} kept changing while it was being cancelled")
 
+    def missing_everywhere(self, prompt: dict[str, Any]) -> dict[str, list[str]] | None:
+        """What each backend lacks for `prompt` when none can run it; None when one can, or
+        when some backend's capabilities are not known yet (it may be able to)."""
+        lacking: dict[str, list[str]] = {}
+        for session in self.sessions:
+            if session.capabilities is None:
+                return None
+            missing = session.capabilities.missing(prompt)
+            if not missing:
+                return None
+            lacking[session.name] = missing
+        return lacking or None
+
     def describe(self, session: BackendSession) -> dict[str, Any]:
         return {
             "name": session.name,
@@ -150,6 +163,7 @@ class Fleet:
             "inflight": len(session.inflight),
             "unreachable_seconds": round(session.unreachable_for(), 1),
             "last_error": session.last_error,
+            "capabilities": session.capabilities.summary() if session.capabilities else None,
         }
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ import aiohttp
 
 from comfyfleet.comfy.client import ComfyClient, ComfyError, Message, parse_message
 from comfyfleet.fleet.backends import Backend
+from comfyfleet.fleet.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class BackendSession:
         # Prompts we queued here that have not finished executing: the dispatch slots in use.
         self.inflight: set[str] = set()
         self.last_error: str | None = None
+        self.capabilities: Capabilities | None = None  # known once it has connected
 
     @property
     def name(self) -> str:
@@ -81,6 +83,8 @@ class BackendSession:
         websocket = await self.client.connect_websocket(self.client_id)
         try:
             await self.client.system_stats()
+            # Refreshed on every connect: a restarted backend may have new nodes or models.
+            self.capabilities = Capabilities.from_object_info(await self.client.object_info())
             self.connected = True
             self._unreachable_since = None
             self.last_error = None

@@ -108,14 +108,14 @@ class ExecutionTracker:
             return  # not ours: another client's prompt, or one already finished
         run.last_heard = time.monotonic()
         if message.type == "execution_start":
-            await self._update(run, {JobStatus.DISPATCHED}, status=JobStatus.RUNNING,
-                               started_at=utcnow())
+            await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
+                               status=JobStatus.RUNNING, started_at=utcnow())
         elif message.type == "execution_cached":
             nodes = message.data.get("nodes")
             run.nodes_done += len(nodes) if isinstance(nodes, list) else 0
         elif message.type == "executing":
             if message.data.get("node") is None:
-                self._finished_executing(run)
+                await self._finished_executing(run)
             else:
                 run.nodes_done += run.node_running  # a new node starting ends the previous one
                 run.node_running = True
@@ -148,11 +148,19 @@ class ExecutionTracker:
         if now - run.last_write < PROGRESS_WRITE_INTERVAL:
             return
         run.last_write = now
-        await self._update(run, {JobStatus.RUNNING}, progress=run.progress(fraction_of_node))
+        await self._update(run, {JobStatus.RUNNING}, event="job.progress",
+                           progress=run.progress(fraction_of_node))
 
-    def _finished_executing(self, run: PromptRun) -> None:
+    async def _finished_executing(self, run: PromptRun) -> None:
+        # Uploading is recorded before the slot is released, so a claim that counts the
+        # backend's slots in the database sees it free as soon as we do.
+        uploading = await self._repository.transition(
+            run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
+            progress=1.0,
+        )
         self.forget(run.prompt_id)
-        self._start_collecting(run.session, run.job)
+        if uploading is not None:  # else cancelled, or a newer attempt owns the job
+            self._start_collecting(run.session, uploading)
 
     def _start_collecting(self, session: BackendSession, job: Job) -> None:
         assert job.prompt_id is not None
@@ -180,6 +188,11 @@ class ExecutionTracker:
             prompt_id = job.prompt_id
             if prompt_id is None or prompt_id in self._submitting or prompt_id in self._collecting:
                 continue
+            if job.status == JobStatus.UPLOADING:
+                # Its collector died with an earlier process; the keys are deterministic, so
+                # collecting again overwrites whatever part was stored.
+                self._start_collecting(session, job)
+                continue
             entry = await session.client.history(prompt_id)
             if entry is not None:
                 await self._settle_from_history(session, job, entry)
@@ -205,7 +218,7 @@ class ExecutionTracker:
         status = entry.get("status")
         status = status if isinstance(status, dict) else {}
         if status.get("status_str") == "success":
-            self._finished_executing(run)
+            await self._finished_executing(run)
             return
         self._runs[run.prompt_id] = run
         error = next(

@@ -66,6 +66,10 @@ class Job(SQLModel, table=True):
         default_factory=list, sa_column=Column(JSONB, nullable=False)
     )
     error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    # Non-terminal webhook events the client asked for ("job.started", "job.progress").
+    webhook_events: list[str] | None = Field(
+        default=None, sa_column=Column(JSONB, nullable=True)
+    )
 
 
 def job_error(

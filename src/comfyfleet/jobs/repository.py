@@ -4,19 +4,21 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import func, update
-from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.jobs import outbox
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 
 _table = Job.__table__  # type: ignore[attr-defined]
+# Queued jobs a claim looks at to find one the backend can run (capability routing).
+CLAIM_BATCH = 50
 
 
 class JobRepository:
@@ -46,22 +48,45 @@ class JobRepository:
         async with self._sessions() as session:
             return await session.get(Job, job_id)
 
-    async def claim_next(self, backend: str, prompt_id: str) -> Job | None:
-        """Take the next queued job for `backend`: highest priority, then oldest.
+    async def claim_next(
+        self,
+        backend: str,
+        prompt_id: str,
+        *,
+        max_inflight: int,
+        can_run: Callable[[dict[str, Any]], bool],
+    ) -> Job | None:
+        """Take the next queued job `backend` can run: highest priority, then oldest.
 
-        SKIP LOCKED lets several processes claim side by side without ever sharing a job.
+        The backend's slots hold across processes: claims for one backend are serialised by
+        an advisory lock and count what every process has on it. SKIP LOCKED lets processes
+        claim side by side without ever sharing a job.
         """
         async with self._sessions.begin() as session:
-            next_job = (
-                sa_select(col(Job.id))
+            await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
+            busy = await session.exec(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    col(Job.backend) == backend,
+                    col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
+                )
+            )
+            if busy.one() >= max_inflight:
+                return None
+            candidates = await session.exec(
+                select(col(Job.id), col(Job.prompt))
                 .where(col(Job.status) == JobStatus.QUEUED)
                 .order_by(col(Job.priority).desc(), col(Job.created_at))
-                .limit(1)
+                .limit(CLAIM_BATCH)
                 .with_for_update(skip_locked=True)
             )
+            job_id = next((id_ for id_, prompt in candidates if can_run(prompt)), None)
+            if job_id is None:
+                return None
             result = await session.exec(
                 update(Job)
-                .where(col(Job.id) == next_job.scalar_subquery())
+                .where(col(Job.id) == job_id)
                 .values(
                     status=JobStatus.DISPATCHED,
                     backend=backend,
@@ -76,11 +101,14 @@ class JobRepository:
             return result.scalars().first()
 
     async def transition(
-        self, job: Job, states: Iterable[JobStatus], **values: Any
+        self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
+        **values: Any,
     ) -> Job | None:
         """Apply `values` if the job is still at the same attempt in one of `states`.
 
-        Returns the updated job, or None when the fence did not hold (nothing was written).
+        `event` (e.g. "job.started") goes into the webhook outbox in the same transaction when
+        the job's client subscribed to it. Returns the updated job, or None when the fence did
+        not hold (nothing was written).
         """
         async with self._sessions.begin() as session:
             result = await session.exec(
@@ -93,13 +121,17 @@ class JobRepository:
                 .values(**values)
                 .returning(Job)
             )
-            return result.scalars().first()
+            updated = result.scalars().first()
+            if updated is not None and event is not None:
+                await outbox.enqueue(session, updated, event)
+            return updated
 
     async def finish(
         self, job: Job, status: JobStatus, states: Iterable[JobStatus], **values: Any
     ) -> Job | None:
+        """A terminal transition; its webhook is in the outbox when this returns a job."""
         return await self.transition(
-            job, states, status=status, finished_at=utcnow(), **values
+            job, states, event=f"job.{status}", status=status, finished_at=utcnow(), **values
         )
 
     async def requeue(self, job: Job, error: dict[str, Any] | None = None) -> Job | None:

@@ -9,7 +9,12 @@ __all__ = ["LocalStorage", "S3Storage", "Storage", "StorageError", "content_type
            "open_storage", "output_key"]
 
 
-async def open_storage(settings: Settings) -> Storage:
+async def open_storage(settings: Settings, url_signing_key: bytes) -> Storage:
     if settings.storage_kind == "s3":
         return await S3Storage.open(settings)
-    return LocalStorage(settings.data_dir / "outputs")
+    return LocalStorage(
+        settings.data_dir / "outputs",
+        signing_key=url_signing_key,
+        base_url=lambda: settings.public_base_url,
+        url_ttl=settings.s3_url_ttl,
+    )

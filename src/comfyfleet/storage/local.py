@@ -1,20 +1,47 @@
-"""Outputs in a local directory (the default without S3): written to a temp file, then renamed."""
+"""Outputs in a local directory (the default without S3): written to a temp file, then renamed,
+and handed out through URLs that carry an expiry and an HMAC signature (like presigned S3 URLs),
+served by the service's `/files/` route."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from comfyfleet.storage.base import StorageError
 
 
 class LocalStorage:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        signing_key: bytes | None = None,
+        base_url: Callable[[], str] | None = None,
+        url_ttl: int = 3600,
+    ) -> None:
         self.root = root.resolve()
+        self._signing_key = signing_key
+        self._base_url = base_url
+        self._url_ttl = url_ttl
+
+    def _signature(self, key: str, expires: int) -> str:
+        assert self._signing_key is not None
+        message = f"{key}\n{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, signature: str) -> bool:
+        """Whether a `/files/` request carries a valid, unexpired signature for `key`."""
+        if self._signing_key is None or expires < time.time():
+            return False
+        return hmac.compare_digest(self._signature(key, expires), signature)
 
     def path_of(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -39,7 +66,11 @@ class LocalStorage:
         return size
 
     async def url(self, key: str) -> str | None:
-        return None
+        if self._signing_key is None or self._base_url is None:
+            return None
+        expires = int(time.time()) + self._url_ttl
+        query = urlencode({"expires": expires, "signature": self._signature(key, expires)})
+        return f"{self._base_url()}/files/{quote(key)}?{query}"
 
     async def check(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ memory stays flat whatever the size and no half-written object is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -22,6 +23,7 @@ from comfyfleet.storage.base import StorageError
 log = logging.getLogger(__name__)
 
 PART_SIZE = 8 * 1024 * 1024  # S3's minimum part size is 5 MiB
+PART_CONCURRENCY = 4
 
 
 class S3Storage:
@@ -55,36 +57,44 @@ class S3Storage:
             raise StorageError(f"S3 upload of {key}: {exc}") from exc
 
     async def _upload(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
-        buffer = bytearray()
+        parts = _parts(chunks)
+        first = await anext(parts, b"")
+        second = await anext(parts, None) if len(first) == PART_SIZE else None
+        if second is None:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=first, ContentType=content_type
+            )
+            return len(first)
+        created = await self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=content_type
+        )
+        upload_id: str = created["UploadId"]
+        etags: dict[int, str] = {}
         size = 0
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
+        # Each part in flight holds PART_SIZE bytes: this bounds memory per upload.
+        slots = asyncio.Semaphore(PART_CONCURRENCY)
+        uploads: list[asyncio.Task[None]] = []
         try:
-            async for chunk in chunks:
-                buffer += chunk
-                size += len(chunk)
-                while len(buffer) >= PART_SIZE:
-                    if upload_id is None:
-                        created = await self._client.create_multipart_upload(
-                            Bucket=self.bucket, Key=key, ContentType=content_type
-                        )
-                        upload_id = created["UploadId"]
-                    parts.append(await self._put_part(key, upload_id, len(parts) + 1, buffer))
-                    del buffer[:PART_SIZE]
-            if upload_id is None:
-                await self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
-                )
-                return size
-            if buffer:
-                parts.append(await self._put_part(key, upload_id, len(parts) + 1, buffer))
+            async for number, body in _numbered(first, second, parts):
+                await slots.acquire()
+                failed = next((t for t in uploads if t.done() and t.exception()), None)
+                if failed is not None:
+                    await failed  # raises its error: stop reading the source early
+                size += len(body)
+                uploads.append(asyncio.create_task(
+                    self._put_part(key, upload_id, number, body, etags, slots)))
+            await asyncio.gather(*uploads)
             await self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
+                                           for n in sorted(etags)]},
             )
             return size
         except BaseException:
-            if upload_id is not None:
-                await self._abort(key, upload_id)
+            for task in uploads:
+                task.cancel()
+            await asyncio.gather(*uploads, return_exceptions=True)
+            await self._abort(key, upload_id)
             raise
 
     async def _abort(self, key: str, upload_id: str) -> None:
@@ -97,13 +107,16 @@ class S3Storage:
             log.warning("could not abort multipart upload of %s: %s", key, exc)
 
     async def _put_part(
-        self, key: str, upload_id: str, number: int, buffer: bytearray
-    ) -> dict[str, Any]:
-        body = bytes(buffer[:PART_SIZE])
-        result = await self._client.upload_part(
-            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-        )
-        return {"PartNumber": number, "ETag": result["ETag"]}
+        self, key: str, upload_id: str, number: int, body: bytes, etags: dict[int, str],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            result = await self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )
+            etags[number] = result["ETag"]
+        finally:
+            slots.release()
 
     async def url(self, key: str) -> str | None:
         url: str = await self._client.generate_presigned_url(
@@ -119,3 +132,26 @@ class S3Storage:
 
     async def close(self) -> None:
         await self._exit_stack.aclose()
+
+
+async def _parts(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream cut into PART_SIZE pieces (the last one shorter)."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= PART_SIZE:
+            yield bytes(buffer[:PART_SIZE])
+            del buffer[:PART_SIZE]
+    if buffer:
+        yield bytes(buffer)
+
+
+async def _numbered(
+    first: bytes, second: bytes, rest: AsyncIterator[bytes]
+) -> AsyncIterator[tuple[int, bytes]]:
+    yield 1, first
+    yield 2, second
+    number = 2
+    async for body in rest:
+        number += 1
+        yield number, body

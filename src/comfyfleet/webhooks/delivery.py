@@ -1,74 +1,109 @@
-"""Webhook delivery of a job's terminal state, in the Standard Webhooks format (DESIGN §5).
-
-This is one attempt per event, off the job's own path so a slow receiver delays nothing else.
-"""
+"""One webhook attempt over HTTP: signed per Standard Webhooks, through the SSRF guard, no
+redirects, a time limit, and only a snippet of the answer read."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 
-from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.render import UrlFor
 from comfyfleet.webhooks.signing import signed_headers
+from comfyfleet.webhooks.ssrf import guarded_connector
 
 log = logging.getLogger(__name__)
 
-_EVENT_IDS = uuid.UUID("4b2f8e1c-62a3-4c55-9d2e-6f1c0b7a9e31")
-RESPONSE_SNIPPET_BYTES = 1024
+SNIPPET_BYTES = 1024
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-def event_id(job: Job, event_type: str) -> str:
-    """Stable for a job's event, so a receiver can deduplicate retries by `webhook-id`."""
-    return "msg_" + uuid.uuid5(_EVENT_IDS, f"{job.id}:{event_type}").hex
+@dataclass(frozen=True)
+class AttemptResult:
+    status_code: int | None  # None: no HTTP answer (refused, timed out, ...)
+    latency_ms: int
+    error: str | None = None
+    snippet: str | None = None
+    retry_after: float | None = None  # seconds, from a 429/503's Retry-After
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """`Retry-After` as seconds from now: either delay-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max((moment - now).total_seconds(), 0.0)
+
+
+async def event_body(payload: dict[str, Any], url_for: UrlFor) -> str:
+    """The stored event as JSON, with output URLs presigned now: the stored ones (if any)
+    may have expired while the delivery waited."""
+    data = payload["data"]
+    outputs = [
+        {**output, "url": await url_for(output["key"])}
+        if isinstance(output.get("key"), str) else output
+        for output in data.get("outputs", [])
+    ]
+    return json.dumps({**payload, "data": {**data, "outputs": outputs}}, separators=(",", ":"))
 
 
 class WebhookSender:
     def __init__(
-        self,
-        secret: str,
-        render: Callable[[Job], Awaitable[dict[str, Any]]],
-        timeout: float = 15.0,
+        self, secret: str, *, timeout: float, allow_private: bool, concurrency: int
     ) -> None:
         self._secret = secret
-        self._render = render
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._http = aiohttp.ClientSession()
-        self._pending: set[asyncio.Task[None]] = set()
+        self._timeout = timeout
+        self._http = aiohttp.ClientSession(
+            connector=guarded_connector(allow_private=allow_private, limit=concurrency),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
 
-    def job_finished(self, job: Job) -> None:
-        if job.callback_url:
-            task = asyncio.create_task(self._send(job, job.callback_url))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+    async def send(self, url: str, message_id: str, body: str) -> AttemptResult:
+        headers = signed_headers(self._secret, message_id, body)
+        started = time.monotonic()
 
-    async def _send(self, job: Job, url: str) -> None:
-        event_type = f"job.{job.status}"
-        event = {
-            "type": event_type,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "data": await self._render(job),
-        }
-        body = json.dumps(event, separators=(",", ":"))
-        headers = signed_headers(self._secret, event_id(job, event_type), body)
+        def elapsed_ms() -> int:
+            return round((time.monotonic() - started) * 1000)
+
         try:
             async with self._http.post(
-                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                snippet = await response.content.read(RESPONSE_SNIPPET_BYTES)
-                level = logging.INFO if 200 <= response.status < 300 else logging.WARNING
-                log.log(level, "webhook %s for job %s: HTTP %s %r", event_type, job.id,
-                        response.status, snippet[:200])
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("webhook %s for job %s failed: %r", event_type, job.id, exc)
+                snippet = (await response.content.read(SNIPPET_BYTES)).decode(errors="replace")
+                status = response.status
+                retry_after = None
+                if status in RETRY_AFTER_STATUSES:
+                    retry_after = retry_after_seconds(
+                        response.headers.get("Retry-After"), datetime.now(UTC)
+                    )
+                location = response.headers.get("Location")
+        except TimeoutError:
+            return AttemptResult(None, elapsed_ms(), f"timed out after {self._timeout:g} s")
+        except aiohttp.ClientError as exc:
+            return AttemptResult(None, elapsed_ms(), f"{type(exc).__name__}: {exc}")
+        error = None
+        if not 200 <= status < 300:
+            error = f"HTTP {status}"
+            if 300 <= status < 400:
+                error += f": redirects are not followed (Location: {location})"
+        return AttemptResult(status, elapsed_ms(), error, snippet, retry_after)
 
     async def close(self) -> None:
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=self._timeout.total)
         await self._http.close()

@@ -1,8 +1,9 @@
 """The workflow catalog: API-format exports dropped into `WORKFLOWS_DIR`.
 
-Each `<name>.json` is a workflow; an optional `<name>.params.json` sidecar declares its
-parameters (type, default, range, choices). Parameters that only appear as placeholders are
-required and untyped. A broken file is reported in `errors` and never takes the others down.
+Each `<name>.json` is a workflow; an optional sidecar `<name>.params.json` (or `.params.yaml`)
+declares its parameters (type, default, range, choices). Parameters that only appear as
+placeholders are required and untyped. A broken file is reported in `errors` and never takes
+the others down.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+import yaml
 
 from comfyfleet.workflows.params import (
     PARAM_TYPES,
@@ -24,7 +27,7 @@ from comfyfleet.workflows.params import (
 
 log = logging.getLogger(__name__)
 
-SIDECAR_SUFFIX = ".params.json"
+SIDECAR_SUFFIXES = (".params.json", ".params.yaml", ".params.yml")
 UI_FORMAT_HINT = (
     "this is a UI-format export (it has 'nodes' and 'links'); in ComfyUI enable "
     "Settings > Comfy > Dev mode, then use Workflow > Export (API) and save that file instead"
@@ -45,6 +48,12 @@ class Workflow:
         """The validated parameter values and the filled prompt; ParamError on bad input."""
         values = validate_params(self.params, given)
         return values, substitute(self.template, values)
+
+    def preview(self) -> dict[str, Any]:
+        """The prompt with defaults filled in, and null where a value must come from the
+        request: what can be checked against a backend before any job exists."""
+        return cast(dict[str, Any], substitute(
+            self.template, {name: spec.default for name, spec in self.params.items()}))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +109,15 @@ def _param_spec(name: str, raw: Any) -> ParamSpec:
     )
 
 
+def _read_sidecar(path: Path) -> Any:
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise WorkflowError(f"{path.name}: cannot be read: {exc}") from exc
+
+
 def load_workflow(path: Path) -> Workflow:
     name = path.name.removesuffix(".json")
     try:
@@ -107,12 +125,10 @@ def load_workflow(path: Path) -> Workflow:
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"not valid JSON: {exc}") from exc
     params = {key: ParamSpec(name=key) for key in placeholders(template)}
-    sidecar = path.with_name(name + SIDECAR_SUFFIX)
-    if sidecar.exists():
-        try:
-            declared = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as exc:
-            raise WorkflowError(f"{sidecar.name}: not valid JSON: {exc}") from exc
+    sidecar = next((path.with_name(name + suffix) for suffix in SIDECAR_SUFFIXES
+                    if path.with_name(name + suffix).exists()), None)
+    if sidecar is not None:
+        declared = _read_sidecar(sidecar)
         if not isinstance(declared, dict):
             raise WorkflowError(f"{sidecar.name}: expected an object of parameters")
         for key, raw in declared.items():
@@ -129,7 +145,7 @@ def load_catalog(directory: Path) -> Catalog:
         log.warning("workflows directory %s does not exist", directory)
         return catalog
     for path in sorted(directory.glob("*.json")):
-        if path.name.endswith(SIDECAR_SUFFIX):
+        if path.name.endswith(SIDECAR_SUFFIXES):
             continue
         name = path.name.removesuffix(".json")
         try:

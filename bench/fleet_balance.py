@@ -1,0 +1,204 @@
+"""Load-balancing quality: late binding (comfyfleet) against early binding, in one run.
+
+8 simulated backends of mixed speeds run N SimulatedWork jobs with log-normal durations.
+Early binding pushes every job at once to the shortest queue (what a naive gateway does);
+comfyfleet keeps the backlog and hands a backend work only when it has a free slot. Each is
+reported as makespan / lower bound, the bound being the larger of total work / total speed
+and the longest job on the fastest backend. Also the dispatch gap: a backend's queue
+shrinking (a prompt done) -> growing again (our next prompt accepted), while work waits.
+
+Run from the repository root:  .venv/bin/python -m bench.fleet_balance [--jobs 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from comfyfleet.app import serving
+from comfyfleet.comfy.client import ComfyClient, parse_message
+from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.workflows.catalog import load_catalog
+from tests.support import LOOPBACK, free_ports, python_process
+
+REPO = Path(__file__).resolve().parent.parent
+SPEEDS = [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+@asynccontextmanager
+async def simulated_fleet() -> AsyncIterator[list[str]]:
+    """Fresh simulators in their own process (nothing cached from an earlier run)."""
+    port = free_ports(len(SPEEDS))
+    urls = [f"http://{LOOPBACK}:{port + i}" for i in range(len(SPEEDS))]
+    speeds = ",".join(str(speed) for speed in SPEEDS)
+    async with python_process(
+        "comfyfleet", "sim", "--backends", str(len(SPEEDS)), "--port", str(port),
+        "--speeds", speeds, ready_url=urls[-1] + "/prompt",
+    ):
+        yield urls
+
+
+class QueueObserver:
+    """Watches each backend's broadcast `status` to time the gaps between a prompt ending
+    and the next one arriving."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def watch(self, http: aiohttp.ClientSession, url: str) -> None:
+        self._tasks.append(asyncio.create_task(self._follow(http, url)))
+
+    async def _follow(self, http: aiohttp.ClientSession, url: str) -> None:
+        freed_at: float | None = None
+        last = 0
+        async with http.ws_connect(f"{url}/ws", params={"clientId": uuid.uuid4().hex}) as ws:
+            async for frame in ws:
+                message = parse_message(frame.data) if frame.type == aiohttp.WSMsgType.TEXT \
+                    else None
+                remaining = message.queue_remaining if message else None
+                if remaining is None:
+                    continue
+                now = time.perf_counter()
+                if remaining < last:
+                    freed_at = now
+                elif remaining > last and freed_at is not None:
+                    self.gaps.append(now - freed_at)
+                    freed_at = None
+                last = remaining
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def work_prompt(seconds: float, tag: str) -> dict[str, Any]:
+    workflow = load_catalog(REPO / "workflows").workflows["simulated_work"]
+    _, prompt = workflow.build({"seconds": seconds, "steps": 5})
+    prompt["3"]["inputs"]["filename_prefix"] = f"bench/{tag}"
+    return prompt
+
+
+async def early_binding(durations: list[float]) -> float:
+    """Every job POSTed at once, each to the backend with the fewest assigned so far."""
+    async with simulated_fleet() as urls, aiohttp.ClientSession() as http:
+        client_id = uuid.uuid4().hex
+        sockets = [await http.ws_connect(f"{url}/ws", params={"clientId": client_id})
+                   for url in urls]
+        clients = [ComfyClient(url, http) for url in urls]
+        assigned = [0] * len(urls)
+        started = time.perf_counter()
+        for seconds in durations:
+            target = min(range(len(urls)), key=lambda i: assigned[i])
+            assigned[target] += 1
+            await clients[target].queue_prompt(work_prompt(seconds, uuid.uuid4().hex),
+                                               prompt_id=str(uuid.uuid4()), client_id=client_id)
+        await asyncio.gather(*(wait_finished(ws, n) for ws, n in zip(sockets, assigned,
+                                                                       strict=True)))
+        makespan = time.perf_counter() - started
+        for ws in sockets:
+            await ws.close()
+        return makespan
+
+
+async def wait_finished(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
+    done = 0
+    while done < count:
+        message = parse_message((await ws.receive()).data)
+        if message and message.type == "executing" and message.data.get("node") is None:
+            done += 1
+
+
+async def late_binding(durations: list[float]) -> tuple[float, list[float]]:
+    """The same jobs through comfyfleet; returns the makespan and the dispatch gaps."""
+    async with AsyncExitStack() as stack:
+        root = Path(tempfile.mkdtemp(prefix="comfyfleet-bench-"))
+        pg = await asyncio.to_thread(start_embedded_postgres, root / "pg")
+        stack.callback(pg.cleanup)
+        urls = await stack.enter_async_context(simulated_fleet())
+        secret = new_secret()
+        receiver = WebhookReceiver(secret)
+        await receiver.start()
+        stack.push_async_callback(receiver.stop)
+        settings = Settings(
+            _env_file=None, database_url=embedded_url(pg), data_dir=root, storage="local",
+            workflows_dir=REPO / "workflows", webhook_secret=secret,
+            allow_private_callbacks=True, comfyui_endpoints=urls,
+        )
+        base = await stack.enter_async_context(serving(settings, port=0))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        observer = QueueObserver()
+        for url in urls:
+            observer.watch(http, url)
+        stack.push_async_callback(observer.stop)
+        await asyncio.sleep(1.0)  # every backend connected and its capabilities known
+        started = time.perf_counter()
+        for seconds in durations:
+            body = {"workflow": "simulated_work", "params": {"seconds": seconds, "steps": 5},
+                    "callback_url": receiver.url}
+            async with http.post(f"{base}/api/v1/jobs", json=body) as response:
+                assert response.status == 202, await response.text()
+        await receiver.wait_for(len(durations))
+        makespan = time.perf_counter() - started
+        failed = [e for e in receiver.verified if e["type"] != "job.succeeded"]
+        assert not failed, failed[0]
+        return makespan, observer.gaps
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--median", type=float, default=0.5, help="median job seconds")
+    parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    durations = [round(rng.lognormvariate(math.log(args.median), args.sigma), 3)
+                 for _ in range(args.jobs)]
+    bound = max(sum(durations) / sum(SPEEDS), max(durations) / max(SPEEDS))
+    early = await early_binding(durations)
+    late, gaps = await late_binding(durations)
+    result = {
+        "jobs": args.jobs, "speeds": SPEEDS, "total_work_s": round(sum(durations), 1),
+        "longest_job_s": max(durations), "lower_bound_s": round(bound, 2),
+        "early_binding": {"makespan_s": round(early, 2), "ratio": round(early / bound, 3)},
+        "comfyfleet": {"makespan_s": round(late, 2), "ratio": round(late / bound, 3)},
+        "dispatch_gap_ms": {
+            "samples": len(gaps),
+            "p50": round(statistics.median(gaps) * 1000, 1),
+            "p99": round(percentile(gaps, 0.99) * 1000, 1),
+        },
+    }
+    print(f"{'':16}{'makespan s':>12}{'÷ bound':>10}")
+    print(f"{'lower bound':16}{bound:12.2f}{1:10.3f}")
+    print(f"{'early binding':16}{early:12.2f}{early / bound:10.3f}")
+    print(f"{'comfyfleet':16}{late:12.2f}{late / bound:10.3f}")
+    print(f"dispatch gap: p50 {result['dispatch_gap_ms']['p50']} ms, "
+          f"p99 {result['dispatch_gap_ms']['p99']} ms over {len(gaps)} gaps")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,118 @@
+"""The SSRF guard (DESIGN §5, §8): comfyfleet connects on a client's behalf only to public
+addresses, so a callback or input URL cannot reach the gateway's own network.
+
+Two checks, for two moments:
+- `check_url` at submit, so a bad URL is refused with a clear answer (422);
+- `guarded_connector` at connect time, because DNS can answer differently later (rebinding):
+  its resolver drops non-public answers and its socket factory refuses any other address
+  (IP-literal URLs never reach a resolver), so the connection itself only goes to an allowed
+  address. Redirects must not be followed with it (each hop would need the same checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohappyeyeballs import AddrInfoType
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+RESOLVE_TIMEOUT = 5.0
+_NAT64 = ip_network("64:ff9b::/96")
+
+
+class UrlNotAllowed(ValueError):
+    """The URL may not be fetched or called; the message says why."""
+
+
+def _embedded_ipv4(address: IPv6Address) -> IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for, where packets end up (mapped, 6to4, NAT64)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def address_allowed(address: str | IPv4Address | IPv6Address) -> bool:
+    """Whether `address` is a public unicast address (not loopback, private, link-local and
+    so cloud metadata, CGNAT, multicast, reserved or unspecified)."""
+    ip = ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
+    if isinstance(ip, IPv6Address) and (embedded := _embedded_ipv4(ip)) is not None:
+        ip = embedded
+    # is_global alone lets multicast through, and its ranges differ between Python versions.
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+        or ip.is_reserved or ip.is_unspecified
+    )
+
+
+async def check_url(url: str, *, allow_private: bool) -> None:
+    """Refuse (UrlNotAllowed) a URL that is not http(s) or whose host resolves to any
+    address that is not public. With `allow_private`, only the scheme and host are checked."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UrlNotAllowed(f"{url!r} is not an http(s) URL with a host")
+    if allow_private:
+        return
+    host = parts.hostname
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, parts.port or 0, type=socket.SOCK_STREAM
+            )
+    except (OSError, TimeoutError) as exc:
+        raise UrlNotAllowed(f"host {host!r} does not resolve: {exc}") from exc
+    # Any private answer refuses the URL: which one is used later is not ours to choose.
+    refused = sorted({str(info[4][0]) for info in infos if not address_allowed(str(info[4][0]))})
+    if refused:
+        raise UrlNotAllowed(
+            f"host {host!r} resolves to a non-public address ({', '.join(refused)})"
+        )
+
+
+def _refused(reason: str) -> OSError:
+    # With an errno, aiohttp's connection errors show `reason` (as the OS error's text).
+    return OSError(errno.EACCES, reason)
+
+
+class PublicResolver(AbstractResolver):
+    """The default resolver, keeping only public answers."""
+
+    def __init__(self) -> None:
+        self._inner: AbstractResolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        allowed = [answer for answer in answers if address_allowed(answer["host"])]
+        if not allowed:
+            raise _refused(f"{host} resolves only to non-public addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _public_socket(addr_info: AddrInfoType) -> socket.socket:
+    family, type_, proto, _, address = addr_info
+    if not address_allowed(str(address[0])):
+        raise _refused(f"connection to non-public address {address[0]} refused")
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
+def guarded_connector(*, allow_private: bool, limit: int = 100) -> aiohttp.TCPConnector:
+    """A connector that only connects to public addresses (anything, with `allow_private`)."""
+    if allow_private:
+        return aiohttp.TCPConnector(limit=limit)
+    return aiohttp.TCPConnector(
+        limit=limit, resolver=PublicResolver(), socket_factory=_public_socket
+    )

@@ -1,0 +1,211 @@
+"""The webhook delivery worker: takes due deliveries from the outbox and runs them side by side.
+
+- Concurrency is bounded overall and per receiver (host:port), and the bounds are applied when
+  claiming: a delivery is only leased when there is room to send it at once, so a slow or
+  dead receiver holds its own slots and never delays anyone else's deliveries.
+- Claims use `FOR UPDATE SKIP LOCKED` and a lease, so several processes can share the outbox
+  and a delivery whose process died mid-attempt is taken up again when its lease runs out.
+- It wakes when a delivery is committed (Postgres NOTIFY, from any process) and when the next
+  retry falls due; the periodic pass is only a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.jobs.models import Job, utcnow
+from comfyfleet.jobs.outbox import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, Outbox
+from comfyfleet.jobs.render import UrlFor
+from comfyfleet.settings import Settings
+from comfyfleet.webhooks.delivery import WebhookSender, event_body
+from comfyfleet.webhooks.schedule import RetrySchedule
+
+log = logging.getLogger(__name__)
+
+SAFETY_PASS_SECONDS = 5.0
+# A due delivery that could not be claimed is being claimed by another process right now.
+MIN_WAIT_SECONDS = 0.05
+# A lease covers one attempt (at most the timeout) plus rendering and recording it.
+LEASE_MARGIN_SECONDS = 30.0
+LISTEN_RETRY_SECONDS = 2.0
+
+
+class WebhookWorker:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sender: WebhookSender,
+        url_for: UrlFor,
+        *,
+        schedule: RetrySchedule,
+        timeout: float,
+        concurrency: int,
+        per_host: int,
+    ) -> None:
+        self._engine = engine
+        self._outbox = Outbox(engine)
+        self._sender = sender
+        self._url_for = url_for
+        self._schedule = schedule
+        self._timeout = timeout
+        self._lease = timedelta(seconds=timeout + LEASE_MARGIN_SECONDS)
+        self._concurrency = concurrency
+        self._per_host = per_host
+        self._wake = asyncio.Event()
+        self._busy: Counter[str] = Counter()  # deliveries in flight per receiver host
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, engine: AsyncEngine, secret: str, url_for: UrlFor
+    ) -> WebhookWorker:
+        sender = WebhookSender(
+            secret,
+            timeout=settings.webhook_timeout,
+            allow_private=settings.allow_private_callbacks,
+            concurrency=settings.webhook_concurrency,
+        )
+        schedule = RetrySchedule(
+            delays=tuple(settings.webhook_retry_delays),
+            max_age=timedelta(seconds=settings.webhook_max_age),
+        )
+        return cls(
+            engine, sender, url_for, schedule=schedule, timeout=settings.webhook_timeout,
+            concurrency=settings.webhook_concurrency,
+            per_host=settings.webhook_concurrency_per_host,
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def job_finished(self, _: Job) -> None:
+        """The fleet's `on_terminal`: the job's delivery (if any) is committed; go now."""
+        self.wake()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen())]
+
+    async def close(self) -> None:
+        """Stop claiming; give attempts in flight their time limit to finish. One cut short
+        keeps its lease and is retried when that runs out, by whichever process is there."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self._timeout + 1)
+        for task in self._inflight:
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._sender.close()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                wait = await self._start_due()
+            except Exception:  # the database may be away for a while; keep the loop alive
+                log.exception("webhook claim pass failed")
+                wait = SAFETY_PASS_SECONDS
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _start_due(self) -> float:
+        """Start every due delivery there is room for; returns the seconds until the next
+        one falls due (a finished delivery wakes the loop earlier)."""
+        while (room := self._concurrency - len(self._inflight)) > 0:
+            claimed = await self._outbox.claim(
+                limit=room, per_host=self._per_host, busy=self._busy, lease=self._lease
+            )
+            if not claimed:
+                break
+            for delivery in claimed:
+                self._start(delivery)
+        if len(self._inflight) >= self._concurrency:
+            return SAFETY_PASS_SECONDS
+        full = [host for host, count in self._busy.items() if count >= self._per_host]
+        due = await self._outbox.next_due(skip_hosts=full)
+        if due is None:
+            return SAFETY_PASS_SECONDS
+        wait = (due - utcnow()).total_seconds()
+        return min(max(wait, MIN_WAIT_SECONDS), SAFETY_PASS_SECONDS)
+
+    def _start(self, delivery: Delivery) -> None:
+        host = delivery.host
+        self._busy[host] += 1
+        task = asyncio.create_task(self._deliver(delivery))
+        self._inflight.add(task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._inflight.discard(task)
+            self._busy[host] -= 1
+            if self._busy[host] <= 0:
+                del self._busy[host]
+            self.wake()  # room for another delivery
+
+        task.add_done_callback(done)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            attempted_at = utcnow()
+            body = await event_body(delivery.payload, self._url_for)
+            result = await self._sender.send(delivery.url, delivery.message_id, body)
+            attempts = delivery.attempts + 1
+            outcome = self._schedule.after(
+                result, attempts=attempts, pending_since=delivery.pending_since, now=utcnow()
+            )
+            attempt = DeliveryAttempt(
+                delivery_id=delivery.id, attempted_at=attempted_at,
+                status_code=result.status_code, latency_ms=result.latency_ms,
+                error=result.error, response_snippet=result.snippet,
+            )
+            kept = await self._outbox.record(delivery, attempt, outcome)
+        except Exception:  # its lease runs out and the delivery is tried again
+            log.exception("webhook %s for job %s: attempt not recorded",
+                          delivery.message_id, delivery.job_id)
+            return
+        level = logging.INFO if result.delivered else logging.WARNING
+        log.log(level, "webhook %s %s for job %s, attempt %d: %s in %d ms -> %s%s",
+                delivery.event_type, delivery.message_id, delivery.job_id, attempts,
+                result.error or f"HTTP {result.status_code}", result.latency_ms,
+                outcome.status, "" if kept else " (lease lost: another worker has it)")
+
+    async def _listen(self) -> None:
+        """Wake on NOTIFY from any process committing a delivery; reconnect when cut off."""
+        while True:
+            try:
+                await self._listen_once()
+            except Exception as exc:  # the database is away; the safety pass covers the gap
+                log.warning("webhook listener: %s; reconnecting", exc)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _listen_once(self) -> None:
+        """Listen on one connection until it is lost."""
+        lost = asyncio.Event()
+
+        def notified(*_: Any) -> None:
+            self.wake()
+
+        def terminated(_: Any) -> None:
+            lost.set()
+
+        async with self._engine.connect() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None
+            driver.add_termination_listener(terminated)
+            await driver.add_listener(NOTIFY_CHANNEL, notified)
+            try:
+                self.wake()  # deliveries committed while nobody listened
+                await lost.wait()
+            finally:  # the connection goes back to the pool: leave it as it was
+                driver.remove_termination_listener(terminated)
+                with contextlib.suppress(Exception):
+                    await driver.remove_listener(NOTIFY_CHANNEL, notified)

@@ -1,0 +1,74 @@
+"""Capability-aware routing: a job goes only where every node class and model it uses is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from comfyfleet.app import serving
+from comfyfleet.fleet.capabilities import Capabilities
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+# A copy of ../shared/fixtures, so a clone of this repository is complete on its own.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
+
+TXT2IMG: dict[str, dict[str, Any]] = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+    "3": {"class_type": "KSampler", "inputs": {
+        "model": ["4", 0], "sampler_name": "euler", "scheduler": "normal", "seed": 1}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "t"}},
+}
+
+
+def real_comfyui(**models: list[str]) -> Capabilities:
+    """A real ComfyUI 0.3.64's /object_info, with these files in its model folders."""
+    info: dict[str, Any] = json.loads((FIXTURES / "object_info_full.json").read_text())
+    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = models.get(
+        "checkpoints", [])
+    return Capabilities.from_object_info(info)
+
+
+def test_missing_model_file_and_unknown_value_are_named() -> None:
+    bare = real_comfyui()
+    assert bare.missing(TXT2IMG) == ["CheckpointLoaderSimple.ckpt_name = sd15.safetensors"]
+    stocked = real_comfyui(checkpoints=["sd15.safetensors"])
+    assert stocked.can_run(TXT2IMG)
+    odd_sampler = {**TXT2IMG, "3": {**TXT2IMG["3"], "inputs": {
+        **TXT2IMG["3"]["inputs"], "sampler_name": "warp_drive"}}}
+    assert stocked.missing(odd_sampler) == ["KSampler.sampler_name = warp_drive"]
+
+
+def test_unknown_node_class_is_named_and_uploaded_images_are_not_checked() -> None:
+    caps = real_comfyui()
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "job-123/input.png"}},
+        "2": {"class_type": "TotallyCustomNode", "inputs": {"image": ["1", 0]}},
+    }
+    assert caps.missing(prompt) == ["node class TotallyCustomNode"]
+
+
+async def test_job_no_backend_can_run_is_422_naming_what_is_missing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "txt2img.json").write_text(json.dumps(TXT2IMG))
+    settings.workflows_dir = workflows
+    async with SimulatedComfyUI() as sim:  # knows only the model-free core nodes
+        settings.comfyui_endpoints = [sim.url + "#cpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = base + settings.route_prefix
+            async with http.get(f"{api}/backends") as response:
+                (backend,) = await response.json()
+            assert backend["healthy"] is True
+            assert backend["capabilities"]["node_classes"] > 10
+            async with http.post(f"{api}/jobs", json={"workflow": "txt2img"}) as response:
+                body = await response.json()
+    assert response.status == 422
+    assert body["error"]["type"] == "no_capable_backend"
+    assert body["error"]["missing"] == {
+        "cpu": ["node class CheckpointLoaderSimple", "node class KSampler"]}

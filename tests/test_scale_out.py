@@ -1,0 +1,90 @@
+"""Two comfyfleet processes on one database share the work: every job runs exactly once, and a
+backend never holds more than MAX_INFLIGHT_PER_BACKEND prompts from both together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+
+from comfyfleet.comfy.client import parse_message
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from tests.conftest import REPO
+from tests.support import LOOPBACK, free_ports, python_process
+
+JOBS = 24
+
+
+async def watch_queue(http: aiohttp.ClientSession, url: str, peaks: dict[str, int]) -> None:
+    """Record the longest queue the backend reports (its broadcast `status`)."""
+    async with http.ws_connect(f"{url}/ws", params={"clientId": uuid.uuid4().hex}) as ws:
+        async for frame in ws:
+            message = parse_message(frame.data) if frame.type == aiohttp.WSMsgType.TEXT else None
+            if message is not None and message.queue_remaining is not None:
+                peaks[url] = max(peaks.get(url, 0), message.queue_remaining)
+
+
+async def test_two_processes_share_one_database_and_the_backend_slots(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    sim_port = free_ports(2)
+    sims = [f"http://{LOOPBACK}:{sim_port + i}" for i in range(2)]
+    ports = [free_ports(1), free_ports(1)]
+    bases = [f"http://{LOOPBACK}:{port}" for port in ports]
+    peaks: dict[str, int] = {}
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(python_process(
+            "comfyfleet", "sim", "--backends", "2", "--port", str(sim_port), "--duration", "0.2",
+            ready_url=sims[1] + "/prompt"))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        watchers = [asyncio.create_task(watch_queue(http, url, peaks)) for url in sims]
+        for i, (port, base) in enumerate(zip(ports, bases, strict=True)):
+            env = {
+                **os.environ,
+                "DATABASE_URL": settings.database_url or "",
+                "COMFYUI_ENDPOINTS": ",".join(f"{url}#gpu{n}" for n, url in enumerate(sims)),
+                "STORAGE": "local",
+                "DATA_DIR": str(data_root / f"process{i}"),
+                "WORKFLOWS_DIR": str(REPO / "workflows"),
+                "WEBHOOK_SECRET": settings.webhook_secret or "",
+                "ALLOW_PRIVATE_CALLBACKS": "true",
+                "SERVICE_PORT": str(port),
+            }
+            await stack.enter_async_context(
+                python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        for base in bases:  # both have their backends before any work arrives
+            async with asyncio.timeout(15):
+                while True:
+                    async with http.get(f"{base}/api/v1/backends") as response:
+                        if all(b["healthy"] for b in await response.json()):
+                            break
+                    await asyncio.sleep(0.1)
+        ids = []
+        for n in range(JOBS):
+            body = {"workflow": "invert", "params": {"width": 8 + n},
+                    "callback_url": receiver.url}
+            async with http.post(f"{bases[n % 2]}/api/v1/jobs", json=body) as response:
+                assert response.status == 202
+                ids.append((await response.json())["id"])
+        async with asyncio.timeout(60):
+            await receiver.wait_for(JOBS)
+        ran = 0
+        for url in sims:
+            async with http.get(f"{url}/history") as response:
+                ran += len(await response.json())
+        jobs = []
+        for job_id in ids:
+            async with http.get(f"{bases[0]}/api/v1/jobs/{job_id}") as response:
+                jobs.append(await response.json())
+        for watcher in watchers:
+            watcher.cancel()
+    assert sorted(event["data"]["id"] for event in receiver.verified) == sorted(ids)
+    assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in jobs)
+    assert ran == JOBS  # each prompt ran once, on one backend
+    assert {job["backend"] for job in jobs} == {"gpu0", "gpu1"}
+    assert peaks and max(peaks.values()) <= settings.max_inflight_per_backend

@@ -1,0 +1,105 @@
+"""Storage backends against real stores: moto's S3 server and a local directory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiobotocore.session import get_session
+
+from comfyfleet.settings import Settings
+from comfyfleet.storage import LocalStorage, S3Storage, StorageError
+from comfyfleet.storage.s3 import PART_SIZE
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK, free_ports
+
+CHUNK = 64 * 1024
+
+
+async def pattern(size: int, fail_after: int | None = None) -> AsyncIterator[bytes]:
+    """`size` bytes in small chunks, like a /view response; optionally breaking midway."""
+    sent = 0
+    while sent < size:
+        if fail_after is not None and sent >= fail_after:
+            raise ConnectionResetError("the backend went away mid-file")
+        chunk = bytes((sent // CHUNK + i) % 251 for i in range(min(CHUNK, size - sent)))
+        sent += len(chunk)
+        yield chunk
+
+
+async def digest(chunks: AsyncIterator[bytes]) -> str:
+    hasher = hashlib.sha256()
+    async for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def s3_settings(endpoint: str, bucket: str) -> Settings:
+    return Settings(_env_file=None, s3_bucket=bucket, s3_endpoint_url=endpoint,
+                    aws_access_key_id=S3_CREDENTIALS["aws_access_key_id"],
+                    aws_secret_access_key=S3_CREDENTIALS["aws_secret_access_key"])
+
+
+@pytest.fixture
+async def s3(s3_endpoint: str, s3_bucket: str) -> AsyncIterator[S3Storage]:
+    storage = await S3Storage.open(s3_settings(s3_endpoint, s3_bucket))
+    yield storage
+    await storage.close()
+
+
+@pytest.mark.parametrize("size", [0, 1000, PART_SIZE, 2 * PART_SIZE + 12345])
+async def test_s3_stores_the_exact_bytes_single_put_or_multipart(
+    s3: S3Storage, s3_endpoint: str, s3_bucket: str, size: int
+) -> None:
+    stored = await s3.put_stream("job/9_0.bin", pattern(size), "application/octet-stream")
+    assert stored == size
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        obj = await client.get_object(Bucket=s3_bucket, Key="job/9_0.bin")
+        assert obj["ContentLength"] == size
+        assert await digest(obj["Body"].iter_chunks()) == await digest(pattern(size))
+        # A multipart object's ETag names its part count.
+        multipart = size > PART_SIZE
+        assert ("-" in obj["ETag"]) is multipart
+
+
+async def test_s3_upload_broken_midway_leaves_no_object_and_no_open_upload(
+    s3: S3Storage, s3_endpoint: str, s3_bucket: str
+) -> None:
+    with pytest.raises(ConnectionResetError):
+        await s3.put_stream("job/broken.bin", pattern(3 * PART_SIZE, fail_after=2 * PART_SIZE),
+                            "application/octet-stream")
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        listed = await client.list_objects_v2(Bucket=s3_bucket)
+        assert listed.get("Contents", []) == []
+        uploads = await client.list_multipart_uploads(Bucket=s3_bucket)
+        assert uploads.get("Uploads", []) == []
+
+
+async def test_s3_unreachable_is_a_storage_error(s3_bucket: str) -> None:
+    storage = await S3Storage.open(s3_settings(f"http://{LOOPBACK}:{free_ports(1)}", s3_bucket))
+    try:
+        with pytest.raises(StorageError):
+            await storage.check()
+        with pytest.raises(StorageError):
+            await storage.put_stream("k", pattern(10), "text/plain")
+    finally:
+        await storage.close()
+
+
+async def test_local_storage_renames_into_place_and_leaves_nothing_on_failure(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path / "out")
+    assert await storage.put_stream("job/3_0.png", pattern(300_000), "image/png") == 300_000
+    assert (tmp_path / "out" / "job" / "3_0.png").stat().st_size == 300_000
+    with pytest.raises(ConnectionResetError):
+        await storage.put_stream("job/3_1.png", pattern(300_000, fail_after=100_000), "image/png")
+    assert sorted(p.name for p in (tmp_path / "out" / "job").iterdir()) == ["3_0.png"]
+    with pytest.raises(StorageError):
+        await storage.put_stream("../escape.png", pattern(1), "image/png")

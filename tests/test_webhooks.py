@@ -1,0 +1,381 @@
+"""Webhook delivery (DESIGN §5) against real receivers on loopback: retries, time limits, 410,
+Retry-After, receivers that are down or slow, the log and replay API, and a SIGKILLed gateway.
+
+Jobs reach their terminal state through the API (submit, then cancel: no backend needed), so
+each delivery goes the whole way: fenced transition + outbox row, NOTIFY, worker, receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from comfyfleet.db import make_engine, migrate
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.outbox import Outbox
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.webhooks.signing import new_secret
+from tests.conftest import REPO, S3_CREDENTIALS, StartReceiver
+from tests.support import LOOPBACK, free_ports, python_process
+from tests.webhook_support import Answer, Gateway, gateway, verified
+
+TERMINAL = ("delivered", "failed", "dead")
+
+
+@pytest.fixture
+def fast_retries(settings: Settings) -> Settings:
+    settings.webhook_retry_delays = [0.2]
+    return settings
+
+
+async def test_500_then_200_is_retried_signed_and_logged_under_one_webhook_id(
+    fast_retries: Settings, receivers: StartReceiver
+) -> None:
+    big_error_page = b"<html>" + b"x" * 100_000
+    receiver = await receivers(Answer(500, body=big_error_page), Answer(204))
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=2)
+    events = verified(fast_retries, receiver)
+    assert len(events) == 2
+    assert receiver.webhook_ids == [delivery["webhook_id"]] * 2
+    assert receiver.arrivals[1].at - receiver.arrivals[0].at >= 0.2 * 0.8  # schedule - jitter
+    for event, arrival in zip(events, receiver.arrivals, strict=True):
+        assert event["type"] == "job.cancelled"
+        assert event["data"]["id"] == job_id
+        assert event["data"]["status"] == "cancelled"
+        assert abs(int(arrival.headers["webhook-timestamp"]) - time.time()) < 30
+        assert arrival.headers["webhook-signature"].startswith("v1,")
+    assert events[0] == events[1]  # the event is rendered once, when it happens
+    failed, ok = delivery["attempts"]
+    assert (failed["status_code"], failed["error"]) == (500, "HTTP 500")
+    assert failed["response_snippet"] == (big_error_page[:1024]).decode()  # capped read
+    assert (ok["status_code"], ok["error"]) == (204, None)
+    assert all(attempt["latency_ms"] >= 0 for attempt in delivery["attempts"])
+    assert delivery["event_type"] == "job.cancelled"
+    assert delivery["next_attempt_at"] is None
+
+
+async def test_signed_with_the_first_of_several_secrets(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    new, old = new_secret(), new_secret()
+    settings.webhook_secret = f"{new}, {old}"
+    receiver = await receivers()
+    async with gateway(settings) as gw:
+        await gw.finished_job(receiver.url)
+        await receiver.wait_for(1)
+    arrival = receiver.arrivals[0]
+    assert Webhook(new).verify(arrival.body, arrival.headers)["type"] == "job.cancelled"
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(arrival.body, arrival.headers)
+
+
+async def test_an_attempt_that_times_out_is_a_failure(
+    fast_retries: Settings, receivers: StartReceiver
+) -> None:
+    fast_retries.webhook_timeout = 0.5
+    receiver = await receivers(Answer(200, delay=3), Answer(200))
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=2)
+    timed_out, ok = delivery["attempts"]
+    assert timed_out["status_code"] is None
+    assert timed_out["error"] == "timed out after 0.5 s"
+    assert 450 <= timed_out["latency_ms"] < 2500
+    assert ok["status_code"] == 200
+    assert len(set(receiver.webhook_ids)) == 1
+
+
+async def test_410_stops_retries(fast_retries: Settings, receivers: StartReceiver) -> None:
+    receiver = await receivers(Answer(410))
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "failed")
+        await asyncio.sleep(1.0)  # five retry delays: none may come
+        assert await gw.delivery(job_id) == delivery
+    assert len(receiver.arrivals) == 1
+    assert delivery["attempts"][0]["status_code"] == 410
+    assert delivery["next_attempt_at"] is None
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_honoured(
+    settings: Settings, receivers: StartReceiver, status: int
+) -> None:
+    settings.webhook_retry_delays = [0.05]
+    receiver = await receivers(Answer(status, headers={"Retry-After": "1"}), Answer(200))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=2)
+    assert receiver.arrivals[1].at - receiver.arrivals[0].at >= 1.0  # not the 0.05 s schedule
+    assert [a["status_code"] for a in delivery["attempts"]] == [status, 200]
+
+
+async def test_a_receiver_that_is_down_gets_the_webhook_when_it_comes_back(
+    fast_retries: Settings, receivers: StartReceiver
+) -> None:
+    port = free_ports(1)
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(f"http://{LOOPBACK}:{port}/hooks")
+        down = await gw.wait_for(job_id, "pending", attempts=2)
+        receiver = await receivers(port=port)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=3)
+    assert all("Connect" in attempt["error"] for attempt in down["attempts"])
+    assert receiver.webhook_ids == [delivery["webhook_id"]]
+    assert len(verified(fast_retries, receiver)) == 1
+
+
+async def test_a_slow_receiver_does_not_delay_the_others(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    settings.webhook_concurrency = 10
+    settings.webhook_concurrency_per_host = 2
+    slow = await receivers(Answer(200, delay=4))
+    fast = await receivers(Answer(200))
+    async with gateway(settings) as gw:
+        for _ in range(5):
+            await gw.finished_job(slow.url)
+        await slow.wait_for(2)
+        started = time.monotonic()
+        for _ in range(3):
+            await gw.finished_job(fast.url)
+        await fast.wait_for(3, seconds=2)
+        fast_seconds = time.monotonic() - started
+        assert len(slow.arrivals) == 2  # its other three wait for its own slots only
+    assert fast_seconds < 2  # submit + cancel + deliver three, while the slow one sleeps 4 s
+    assert slow.max_active == 2
+
+
+async def test_retried_until_max_age_then_dead(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    settings.webhook_retry_delays = [0.1, 0.3]
+    settings.webhook_max_age = 1
+    receiver = await receivers(Answer(500))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "dead", seconds=10)
+        await asyncio.sleep(0.5)
+        assert len(receiver.arrivals) == len(delivery["attempts"])
+    assert 3 <= len(delivery["attempts"]) <= 6  # 0.1 s, then every 0.3 s, within 1 s
+    # None is scheduled past the 1 s age (the slack is for a busy test machine).
+    assert receiver.arrivals[-1].at - receiver.arrivals[0].at <= 1.3
+
+
+async def test_redeliver_sends_again_with_the_same_webhook_id(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    receiver = await receivers()
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        first = await gw.wait_for(job_id, "delivered")
+        async with gw.http.post(f"{gw.api}/deliveries/{first['id']}/redeliver") as response:
+            assert response.status == 202
+            assert (await response.json())["status"] == "pending"
+        again = await gw.wait_for(job_id, "delivered", attempts=2)
+        async with gw.http.post(f"{gw.api}/deliveries/{uuid.uuid4()}/redeliver") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "delivery_not_found"
+        async with gw.http.get(f"{gw.api}/jobs/{uuid.uuid4()}/deliveries") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "job_not_found"
+    assert receiver.webhook_ids == [first["webhook_id"]] * 2
+    assert again["id"] == first["id"]
+    assert [a["status_code"] for a in again["attempts"]] == [200, 200]
+
+
+async def test_started_and_progress_webhooks_only_when_asked_for(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    receiver = await receivers()
+    engine = make_engine(settings.database_url or "")
+    try:
+        await migrate(engine)
+        repository, outbox = JobRepository(engine), Outbox(engine)
+
+        async def queued(**fields: Any) -> Job:
+            job, _ = await repository.insert(Job(workflow="invert", **fields))
+            return job
+
+        asked = await queued(callback_url=receiver.url, webhook_events=["job.started"])
+        for event in ("job.started", "job.progress"):
+            assert await repository.transition(asked, {JobStatus.QUEUED}, event=event,
+                                               progress=0.0)
+        plain = await queued(callback_url=receiver.url)
+        assert await repository.transition(plain, {JobStatus.QUEUED}, event="job.started",
+                                           progress=0.0)
+        # A stale actor's terminal transition (fence fails): no webhook either.
+        assert await repository.finish(plain, JobStatus.SUCCEEDED, {JobStatus.RUNNING}) is None
+        silent = await queued()
+        assert await repository.finish(silent, JobStatus.CANCELLED, {JobStatus.QUEUED})
+
+        assert [d.event_type for d, _ in await outbox.for_job(asked.id)] == ["job.started"]
+        assert await outbox.for_job(plain.id) == []
+        assert await outbox.for_job(silent.id) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_started_and_progress_webhooks_from_a_running_job(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    receiver = await receivers()
+    async with SimulatedComfyUI(name="gpu", duration=1.5) as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with gateway(settings) as gw:
+            jobs = []
+            for extra in ({"webhook_events": ["job.started", "job.progress"]}, {}):
+                body = {"workflow": "invert", "callback_url": receiver.url, **extra}
+                async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
+                    assert response.status == 202
+                    jobs.append((await response.json())["id"])
+            for job_id in jobs:
+                async with asyncio.timeout(20):
+                    while True:
+                        deliveries = await gw.deliveries(job_id)
+                        if deliveries and deliveries[-1]["event_type"] == "job.succeeded" and all(
+                            d["status"] == "delivered" for d in deliveries
+                        ):
+                            break
+                        await asyncio.sleep(0.05)
+    events = sorted(verified(settings, receiver), key=lambda event: event["timestamp"])
+    asked, plain = ([e["type"] for e in events if e["data"]["id"] == job_id] for job_id in jobs)
+    assert asked[0] == "job.started" and asked[-1] == "job.succeeded"
+    assert set(asked[1:-1]) <= {"job.progress"}
+    assert plain == ["job.succeeded"]
+
+
+async def test_webhook_events_are_validated_at_submit(settings: Settings) -> None:
+    async with gateway(settings) as gw:
+        body = {"workflow": "invert", "callback_url": "http://127.0.0.1:9/hooks",
+                "webhook_events": ["job.started", "job.exploded"]}
+        async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["type"] == "invalid_request"
+
+
+async def test_output_urls_are_presigned_at_each_attempt(
+    settings: Settings, receivers: StartReceiver, s3_endpoint: str, s3_bucket: str
+) -> None:
+    settings.storage = "s3"
+    settings.s3_bucket, settings.s3_endpoint_url = s3_bucket, s3_endpoint
+    settings.aws_access_key_id = S3_CREDENTIALS["aws_access_key_id"]
+    settings.aws_secret_access_key = S3_CREDENTIALS["aws_secret_access_key"]
+    settings.webhook_retry_delays = [1.2]  # presigned URLs carry the second they were signed
+    receiver = await receivers(Answer(500), Answer(200))
+    async with gateway(settings) as gw:
+        engine = make_engine(settings.database_url or "")
+        try:
+            repository = JobRepository(engine)
+            job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
+            output = {"node_id": "3", "filename": "a.png", "content_type": "image/png",
+                      "size": 1, "key": f"{job.id}/3_0.png"}
+            await repository.finish(job, JobStatus.SUCCEEDED, {JobStatus.QUEUED},
+                                    outputs=[output])
+        finally:
+            await engine.dispose()
+        await gw.wait_for(str(job.id), "delivered", attempts=2)
+    urls = [event["data"]["outputs"][0]["url"] for event in verified(settings, receiver)]
+    assert all(urlsplit(url).path.endswith(f"/{job.id}/3_0.png") for url in urls)
+    assert signed_when(urls[0]) < signed_when(urls[1])
+
+
+def signed_when(url: str) -> str:
+    """When a presigned URL was signed, as comparable text: SigV4 URLs say it (X-Amz-Date),
+    SigV2 ones give their expiry, which is the signing time plus the TTL."""
+    query = parse_qs(urlsplit(url).query)
+    return (query.get("X-Amz-Date") or query["Expires"])[0]
+
+
+async def test_a_delivery_whose_process_died_mid_attempt_is_taken_up_after_its_lease(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    receiver = await receivers()
+    engine = make_engine(settings.database_url or "")
+    try:
+        await migrate(engine)
+        repository = JobRepository(engine)
+        job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
+        await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
+        # Another process claims it and dies before it records anything.
+        (claimed,) = await Outbox(engine).claim(
+            limit=10, per_host=10, busy={}, lease=timedelta(seconds=1.5)
+        )
+        assert claimed.locked_until is not None
+        async with gateway(settings) as gw:
+            delivery = await gw.wait_for(str(job.id), "delivered")
+    finally:
+        await engine.dispose()
+    assert receiver.webhook_ids == [delivery["webhook_id"]]
+    attempted_at = datetime.fromisoformat(delivery["attempts"][0]["attempted_at"])
+    # Not before the lease ran out, and promptly then (not at some later periodic pass).
+    assert timedelta(0) <= attempted_at - claimed.locked_until < timedelta(seconds=1)
+
+
+async def test_deliveries_pending_when_the_gateway_is_killed_go_out_after_restart(
+    settings: Settings, receivers: StartReceiver, data_root: Path
+) -> None:
+    port, receiver_port = free_ports(1), free_ports(1)
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "STORAGE": "local",
+        "DATA_DIR": str(data_root),
+        "WORKFLOWS_DIR": str(REPO / "workflows"),
+        "WEBHOOK_SECRET": settings.webhook_secret or "",
+        "WEBHOOK_RETRY_DELAYS": "0.5",
+        "ALLOW_PRIVATE_CALLBACKS": "true",
+        "SERVICE_PORT": str(port),
+        "COMFYUI_ENDPOINTS": "",
+    }
+    base = f"http://{LOOPBACK}:{port}"
+    callback = f"http://{LOOPBACK}:{receiver_port}/hooks"  # nothing listens there yet
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gw = Gateway(http, base + settings.route_prefix)
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz")
+        )
+        job_ids = [await gw.finished_job(callback) for _ in range(2)]
+        before = [await gw.wait_for(job_id, "pending", attempts=1) for job_id in job_ids]
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        receiver = await receivers(port=receiver_port)
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz")
+        )
+        after = [await gw.wait_for(job_id, "delivered") for job_id in job_ids]
+    assert sorted(receiver.webhook_ids) == sorted(d["webhook_id"] for d in before)
+    assert [d["webhook_id"] for d in after] == [d["webhook_id"] for d in before]
+    assert {event["data"]["id"] for event in verified(settings, receiver)} == set(job_ids)
+    for delivery in after:  # the attempts made before the kill are still in the log
+        assert delivery["attempts"][0]["status_code"] is None
+        assert delivery["attempts"][-1]["status_code"] == 200
+
+
+async def test_two_gateways_on_one_database_deliver_each_webhook_once(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    receiver = await receivers(Answer(200, delay=0.2))
+    async with gateway(settings) as one, gateway(settings) as other:
+        job_ids = [await gw.finished_job(receiver.url) for gw in (one, other) * 10]
+        await receiver.wait_for(20)
+        await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
+        deliveries = [await one.delivery(job_id) for job_id in job_ids]
+    assert sorted(receiver.webhook_ids) == sorted(d["webhook_id"] for d in deliveries)
+    assert all(d["status"] == "delivered" and len(d["attempts"]) == 1 for d in deliveries)

@@ -1,0 +1,147 @@
+"""The catalog as operators and clients see it: listing, hot reload, the check command, and
+job outputs served back through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def workflows(tmp_path: Path, settings: Settings) -> Path:
+    directory = tmp_path / "workflows"
+    shutil.copytree(REPO / "workflows", directory)
+    (directory / "ui-export.json").write_text(json.dumps({"nodes": [], "links": []}))
+    settings.workflows_dir = directory
+    return directory
+
+
+@pytest.fixture
+async def api(settings: Settings, workflows: Path) -> AsyncIterator[tuple[aiohttp.ClientSession,
+                                                                          str]]:
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url + "#sim"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            yield http, base + settings.route_prefix
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, prefix = api
+    status, catalog = await get(http, f"{prefix}/workflows")
+    assert status == 200
+    names = [w["name"] for w in catalog["workflows"]]
+    assert names == ["invert", "simulated_work"]
+    assert "Export (API)" in catalog["errors"]["ui-export"]
+    invert = catalog["workflows"][0]
+    assert [p["name"] for p in invert["params"]] == ["width", "height", "color"]
+    assert invert["params"][0] == {"name": "width", "type": "int", "default": 512,
+                                   "required": False, "min": 1, "max": 16384, "choices": None,
+                                   "description": "Image width in pixels"}
+    status, one = await get(http, f"{prefix}/workflows/simulated_work")
+    assert (status, one["backends"]) == (200, ["sim"])
+    status, body = await get(http, f"{prefix}/workflows/ui-export")
+    assert (status, body["error"]["type"]) == (404, "workflow_broken")
+    status, body = await get(http, f"{prefix}/workflows/nope")
+    assert (status, body["error"]["type"]) == (404, "workflow_not_found")
+
+
+async def test_dropped_in_file_is_picked_up_without_a_restart(
+    api: tuple[aiohttp.ClientSession, str], workflows: Path
+) -> None:
+    http, prefix = api
+    shutil.copy(workflows / "invert.json", workflows / "negative.json")
+    async with asyncio.timeout(10):
+        while (await get(http, f"{prefix}/workflows/negative"))[0] != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # the watcher debounces; nothing local to wait on
+    async with http.post(f"{prefix}/jobs", json={"workflow": "negative",
+                                                 "params": {"width": 1, "height": 1,
+                                                            "color": 0}}) as response:
+        assert response.status == 202
+    (workflows / "negative.json").unlink()
+    async with http.post(f"{prefix}/workflows/reload") as response:
+        reloaded = await response.json()
+    assert "negative" not in [w["name"] for w in reloaded["workflows"]]
+
+
+async def test_outputs_are_served_by_index_and_through_signed_links(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, prefix = api
+    async with http.post(f"{prefix}/jobs", json={"workflow": "invert", "params": {
+            "width": 20, "height": 10}}) as response:
+        job_id = (await response.json())["id"]
+    async with asyncio.timeout(20):
+        while (job := (await get(http, f"{prefix}/jobs/{job_id}"))[1])["status"] != "succeeded":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
+    async with http.get(f"{prefix}/jobs/{job_id}/outputs/0") as response:
+        assert response.status == 200
+        assert response.content_type == "image/png"
+        png = await response.read()
+    assert png.startswith(b"\x89PNG") and len(png) == job["outputs"][0]["size"]
+
+    url = job["outputs"][0]["url"]
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == png
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    forged = {**query, "signature": "0" * 64}
+    expired = {**query, "expires": "1000"}
+    for params in (forged, expired):
+        async with http.get(f"{parts.scheme}://{parts.netloc}{parts.path}?"
+                            f"{urlencode(params)}") as response:
+            assert response.status == 403
+    status, body = await get(http, f"{prefix}/jobs/{job_id}/outputs/1")
+    assert (status, body["error"]["type"]) == (404, "output_not_found")
+
+
+async def run_check(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfyfleet", "workflows", "check", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_check_command_against_a_live_backend(tmp_path: Path) -> None:
+    shutil.copy(REPO / "workflows" / "invert.json", tmp_path / "invert.json")
+    (tmp_path / "huge.json").write_text(json.dumps({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 99999, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}))
+    (tmp_path / "sdxl.json").write_text(json.dumps({
+        "1": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "sdxl.safetensors"}}}))
+    async with SimulatedComfyUI() as sim:
+        code, report = await run_check(str(tmp_path), "--backend", f"{sim.url}#cpu")
+    assert code == 1
+    lines = report.splitlines()
+    assert "ok   invert (width, height, color); runs on cpu" in lines
+    assert "FAIL huge (no parameters); runs on cpu" in lines
+    assert "     cpu: EmptyImage.width = 99999 (max 16384)" in lines
+    assert "FAIL sdxl (no parameters); runs on no backend" in lines
+    assert "     cpu: node class CheckpointLoaderSimple" in lines
+    code, report = await run_check(str(REPO / "workflows"))
+    assert code == 0, report

@@ -29,7 +29,8 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.app import serving
-from comfyfleet.comfy.client import ComfyClient, parse_message
+from comfyfleet.comfy.client import ComfyClient
+from comfyfleet.comfy.messages import Executing, Status, parse_text
 from comfyfleet.db import embedded_url, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
@@ -70,9 +71,9 @@ class QueueObserver:
         last = 0
         async with http.ws_connect(f"{url}/ws", params={"clientId": uuid.uuid4().hex}) as ws:
             async for frame in ws:
-                message = parse_message(frame.data) if frame.type == aiohttp.WSMsgType.TEXT \
+                message = parse_text(frame.data) if frame.type == aiohttp.WSMsgType.TEXT \
                     else None
-                remaining = message.queue_remaining if message else None
+                remaining = message.queue_remaining if isinstance(message, Status) else None
                 if remaining is None:
                     continue
                 now = time.perf_counter()
@@ -121,8 +122,8 @@ async def early_binding(durations: list[float]) -> float:
 async def wait_finished(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
     done = 0
     while done < count:
-        message = parse_message((await ws.receive()).data)
-        if message and message.type == "executing" and message.data.get("node") is None:
+        message = parse_text((await ws.receive()).data)
+        if isinstance(message, Executing) and message.node is None:
             done += 1
 
 

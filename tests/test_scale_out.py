@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from comfyfleet.comfy.client import parse_message
+from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from tests.conftest import REPO
@@ -24,8 +24,8 @@ async def watch_queue(http: aiohttp.ClientSession, url: str, peaks: dict[str, in
     """Record the longest queue the backend reports (its broadcast `status`)."""
     async with http.ws_connect(f"{url}/ws", params={"clientId": uuid.uuid4().hex}) as ws:
         async for frame in ws:
-            message = parse_message(frame.data) if frame.type == aiohttp.WSMsgType.TEXT else None
-            if message is not None and message.queue_remaining is not None:
+            message = parse_text(frame.data) if frame.type == aiohttp.WSMsgType.TEXT else None
+            if isinstance(message, Status) and message.queue_remaining is not None:
                 peaks[url] = max(peaks.get(url, 0), message.queue_remaining)
 
 

@@ -6,7 +6,6 @@ One aiohttp session per backend, reused for every request and the websocket.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,39 +33,6 @@ class PromptRejected(ComfyError):
         if isinstance(error, dict):
             return f"{error.get('type')}: {error.get('message')}"
         return f"prompt rejected with HTTP {self.status}"
-
-
-@dataclass(frozen=True)
-class Message:
-    """One websocket text frame: `{"type": ..., "data": {...}}`."""
-
-    type: str
-    data: dict[str, Any]
-
-    @property
-    def prompt_id(self) -> str | None:
-        value = self.data.get("prompt_id")
-        return value if isinstance(value, str) else None
-
-    @property
-    def queue_remaining(self) -> int | None:
-        status = self.data.get("status")
-        if not isinstance(status, dict):
-            return None
-        remaining = status.get("exec_info", {}).get("queue_remaining")
-        return remaining if isinstance(remaining, int) else None
-
-
-def parse_message(raw: str) -> Message | None:
-    """A text frame as a Message, or None when it is not one we can read."""
-    try:
-        decoded = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
-        return None
-    data = decoded.get("data")
-    return Message(decoded["type"], data if isinstance(data, dict) else {})
 
 
 class ComfyClient:

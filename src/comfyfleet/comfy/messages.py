@@ -129,7 +129,8 @@ def _number(data: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _typed(kind: str, data: dict[str, Any]) -> Message:
+def parse_event(kind: str, data: dict[str, Any]) -> Message:
+    """A message from its type and data (as in frames, and in history `status.messages`)."""
     prompt_id = _str(data, "prompt_id")
     if kind == "status":
         status = data.get("status")
@@ -180,7 +181,7 @@ def parse_text(raw: str) -> Message | None:
     if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
         return None
     data = decoded.get("data")
-    return _typed(decoded["type"], data if isinstance(data, dict) else {})
+    return parse_event(decoded["type"], data if isinstance(data, dict) else {})
 
 
 def parse_binary(frame: bytes) -> Binary | None:

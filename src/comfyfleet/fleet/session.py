@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from comfyfleet.comfy.client import ComfyClient, ComfyError, Message, parse_message
+from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.comfy.messages import Message, Status, parse_text
 from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.capabilities import Capabilities
 
@@ -92,7 +93,7 @@ class BackendSession:
             await self._on_connect(self)
             async for frame in websocket:
                 if frame.type == aiohttp.WSMsgType.TEXT:
-                    message = parse_message(frame.data)
+                    message = parse_text(frame.data)
                     if message is not None:
                         await self._handle(message)
                 elif frame.type == aiohttp.WSMsgType.ERROR:
@@ -121,7 +122,7 @@ class BackendSession:
         return self.connected and not self.draining
 
     async def _handle(self, message: Message) -> None:
-        if message.type == "status" and message.queue_remaining is not None:
+        if isinstance(message, Status) and message.queue_remaining is not None:
             self.queue_remaining = message.queue_remaining
         await self._on_message(self, message)
 

@@ -13,7 +13,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfyfleet.comfy.client import ComfyError, Message
+from comfyfleet.comfy.client import ComfyError
+from comfyfleet.comfy.messages import (
+    Executing,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    Message,
+    Progress,
+    Status,
+    parse_event,
+)
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -99,37 +110,34 @@ class ExecutionTracker:
     # Websocket events.
 
     async def on_message(self, session: BackendSession, message: Message) -> None:
-        if message.type == "status":
+        if isinstance(message, Status):
             await self._poll_adopted(session)
             return
-        prompt_id = message.prompt_id
+        prompt_id = getattr(message, "prompt_id", None)
         run = self._runs.get(prompt_id) if prompt_id is not None else None
         if run is None or run.session is not session:
             return  # not ours: another client's prompt, or one already finished
         run.last_heard = time.monotonic()
-        if message.type == "execution_start":
-            await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
-                               status=JobStatus.RUNNING, started_at=utcnow())
-        elif message.type == "execution_cached":
-            nodes = message.data.get("nodes")
-            run.nodes_done += len(nodes) if isinstance(nodes, list) else 0
-        elif message.type == "executing":
-            if message.data.get("node") is None:
+        match message:
+            case ExecutionStart():
+                await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
+                                   status=JobStatus.RUNNING, started_at=utcnow())
+            case ExecutionCached(nodes=nodes):
+                run.nodes_done += len(nodes)
+            case Executing(node=None):
                 await self._finished_executing(run)
-            else:
+            case Executing():
                 run.nodes_done += run.node_running  # a new node starting ends the previous one
                 run.node_running = True
                 await self._report_progress(run, 0.0)
-        elif message.type == "progress":
-            value, maximum = message.data.get("value"), message.data.get("max")
-            if isinstance(value, int | float) and isinstance(maximum, int | float) and maximum:
+            case Progress(value=value, max=maximum) if maximum > 0:
                 await self._report_progress(run, value / maximum)
-        elif message.type == "execution_error":
-            await self._fail(run, _execution_error(message.data))
-        elif message.type == "execution_interrupted":
-            await self._fail(run, job_error("interrupted", "the prompt was interrupted on "
-                                            "the backend", node_id=message.data.get("node_id"),
-                                            node_type=message.data.get("node_type")))
+            case ExecutionError():
+                await self._fail(run, _execution_error(message))
+            case ExecutionInterrupted(node_id=node_id, node_type=node_type):
+                await self._fail(run, job_error(
+                    "interrupted", "the prompt was interrupted on the backend",
+                    node_id=node_id, node_type=node_type))
 
     async def _poll_adopted(self, session: BackendSession) -> None:
         """The queue changed (`status` is broadcast): see whether adopted prompts ended."""
@@ -221,9 +229,9 @@ class ExecutionTracker:
             await self._finished_executing(run)
             return
         self._runs[run.prompt_id] = run
+        errors = [parse_event(kind, data) for kind, data in _status_messages(status)]
         error = next(
-            (_execution_error(data) for kind, data in _status_messages(status)
-             if kind == "execution_error"),
+            (_execution_error(e) for e in errors if isinstance(e, ExecutionError)),
             job_error("execution_failed", "the prompt did not complete on the backend"),
         )
         await self._fail(run, error)
@@ -292,16 +300,16 @@ class ExecutionTracker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _execution_error(data: dict[str, Any]) -> dict[str, Any]:
+def _execution_error(error: ExecutionError) -> dict[str, Any]:
     return job_error(
         "execution_error",
-        str(data.get("exception_message", "")).strip() or "execution failed",
-        node_id=data.get("node_id"),
-        node_type=data.get("node_type"),
+        error.exception_message.strip() or "execution failed",
+        node_id=error.node_id,
+        node_type=error.node_type,
         details={
-            "exception_type": data.get("exception_type"),
-            "traceback": data.get("traceback"),
-            "current_inputs": data.get("current_inputs"),
+            "exception_type": error.exception_type,
+            "traceback": error.traceback,
+            "current_inputs": error.current_inputs,
         },
     )
 

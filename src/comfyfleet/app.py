@@ -20,7 +20,9 @@ from comfyfleet.api import backends, deliveries, health, jobs, outputs, workflow
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
+from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.services import Services
 from comfyfleet.settings import Settings
 from comfyfleet.storage import open_storage
@@ -70,6 +72,12 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(storage.close)
         catalog = await asyncio.to_thread(load_catalog, settings.workflows_dir)
         webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url)
+        waiters = JobWaiters()
+
+        def on_terminal(job: Job) -> None:
+            webhooks.job_finished(job)
+            waiters.finished(job)
+
         stack.push_async_callback(webhooks.close)
         fleet = Fleet(
             endpoints,
@@ -80,10 +88,10 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             max_attempts=settings.max_attempts,
             grace_seconds=settings.backend_grace_seconds,
             quiet_seconds=settings.quiet_prompt_seconds,
-            on_terminal=webhooks.job_finished,
+            on_terminal=on_terminal,
         )
         stack.push_async_callback(fleet.close)
-        services = Services(settings, engine, repository, storage, catalog, fleet)
+        services = Services(settings, engine, repository, storage, catalog, fleet, waiters)
         fleet.start()
         webhooks.start()
         watcher = asyncio.create_task(

@@ -13,6 +13,7 @@ from comfyfleet.fleet.manager import Fleet
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
 from comfyfleet.workflows.catalog import Catalog, load_catalog
@@ -26,6 +27,7 @@ class Services:
     storage: Storage
     catalog: Catalog
     fleet: Fleet
+    waiters: JobWaiters
 
     async def reload_catalog(self) -> None:
         self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)

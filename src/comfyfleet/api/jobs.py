@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
-from typing import Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
@@ -15,6 +17,8 @@ from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url
 from comfyfleet.workflows.params import ParamError
 
 router = APIRouter(tags=["jobs"])
+
+MAX_WAIT_SECONDS = 300.0
 
 
 class JobRequest(BaseModel):
@@ -28,10 +32,65 @@ class JobRequest(BaseModel):
     )
 
 
+WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
+    "Seconds to wait for the job to end; the job is returned as it is then"))]
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200,
+    description="A repeat with the same key returns the same job (200)")]
+
+
 @router.post("/jobs", status_code=202, summary="Submit a job")
 async def submit_job(
-    request: JobRequest, response: Response, svc: ServicesDep
+    request: JobRequest, response: Response, svc: ServicesDep,
+    wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
+    return await _submit(svc, request, response, wait, idempotency_key)
+
+
+class ComfyServerRequest(BaseModel):
+    """The request body of ComfyUI-server, so its users can switch by changing a URL."""
+
+    service_type: str = Field(min_length=1, max_length=200, description="The workflow name")
+    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    client_callback_url: AnyHttpUrl | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("", status_code=202, summary="Submit a job, ComfyUI-server style")
+async def submit_comfy_server_job(
+    request: ComfyServerRequest, response: Response, svc: ServicesDep, wait: WaitQuery = 0,
+) -> dict[str, Any]:
+    job_request = JobRequest(
+        workflow=request.service_type, params=request.params,
+        callback_url=request.client_callback_url, client_task_id=request.client_task_id,
+    )
+    return await _submit(svc, job_request, response, wait, None)
+
+
+async def _submit(
+    svc: Services, request: JobRequest, response: Response, wait: float,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    job, created = await _accept(svc, request, idempotency_key)
+    if created:
+        svc.fleet.job_available()
+    else:
+        response.status_code = 200
+    if wait > 0 and not JobStatus(job.status).terminal:
+        job = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id)) or job
+    return await svc.render(job)
+
+
+async def _accept(
+    svc: Services, request: JobRequest, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Validate and store the job (or find the earlier one with the same key)."""
+    key = request.client_task_id
+    if idempotency_key is not None:
+        if key is not None and key != idempotency_key:
+            raise ApiError(422, "idempotency_conflict",
+                           "Idempotency-Key and client_task_id differ; send one of them")
+        key = idempotency_key
     workflow = svc.catalog.get(request.workflow)
     if workflow is None:
         known = ", ".join(sorted(svc.catalog.workflows)) or "none"
@@ -49,10 +108,10 @@ async def submit_job(
         raise ApiError(422, "no_capable_backend",
                        f"no backend can run this job; missing: {', '.join(everything)}",
                        missing=lacking)
-    if request.callback_url is not None:
+    callback_url = str(request.callback_url) if request.callback_url else None
+    if callback_url is not None:
         try:
-            await check_url(str(request.callback_url),
-                            allow_private=svc.settings.allow_private_callbacks)
+            await check_url(callback_url, allow_private=svc.settings.allow_private_callbacks)
         except UrlNotAllowed as exc:
             raise ApiError(422, "callback_url_not_allowed", str(exc),
                            field="callback_url") from exc
@@ -61,17 +120,50 @@ async def submit_job(
             workflow=workflow.name,
             params=values,
             prompt=prompt,
-            callback_url=str(request.callback_url) if request.callback_url else None,
-            client_task_id=request.client_task_id,
+            callback_url=callback_url,
+            client_task_id=key,
             priority=request.priority,
             webhook_events=sorted(set(request.webhook_events or ())) or None,
         )
     )
-    if created:
-        svc.fleet.job_available()
-    else:
-        response.status_code = 200
-    return await svc.render(job)
+    same_request = (job.workflow, job.params, job.callback_url, job.priority) == (
+        workflow.name, values, callback_url, request.priority)
+    if not created and not same_request:
+        raise ApiError(422, "idempotency_conflict",
+                       f"key {key!r} was used for a different request (job {job.id})",
+                       job_id=str(job.id))
+    return job, created
+
+
+@router.get("/jobs", summary="A page of jobs, newest first")
+async def list_jobs(
+    svc: ServicesDep,
+    status: JobStatus | None = None,
+    workflow: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    after = _decode_cursor(cursor) if cursor else None
+    jobs = await svc.repository.page(limit=limit, status=status, workflow=workflow,
+                                     after=after)
+    last = jobs[-1] if len(jobs) == limit else None
+    return {
+        "jobs": [await svc.render(job) for job in jobs],
+        "next_cursor": _encode_cursor(last.created_at, last.id) if last else None,
+    }
+
+
+def _encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_cursor", "cursor is not one this API gave out",
+                       field="cursor") from exc
 
 
 @router.get("/jobs/{job_id}", summary="One job")

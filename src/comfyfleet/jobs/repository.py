@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import func, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
@@ -157,6 +158,25 @@ class JobRepository:
             attempts=job.attempts - 1,
             dispatched_at=None,
         )
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        status: str | None = None,
+        workflow: str | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[Job]:
+        """Newest first; `after` is the (created_at, id) of the last job of the page before."""
+        query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
+        if status is not None:
+            query = query.where(col(Job.status) == status)
+        if workflow is not None:
+            query = query.where(col(Job.workflow) == workflow)
+        if after is not None:
+            query = query.where(tuple_(col(Job.created_at), col(Job.id)) < tuple_(*after))
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
 
     async def on_backend(self, backend: str) -> list[Job]:
         async with self._sessions() as session:

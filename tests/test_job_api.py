@@ -1,0 +1,105 @@
+"""The job API around submit: listing with cursors, waiting, idempotency keys, and the
+ComfyUI-server request shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+
+class Client:
+    def __init__(self, http: aiohttp.ClientSession, prefix: str) -> None:
+        self.http, self.prefix = http, prefix
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.http.request(method, self.prefix + path, json=body,
+                                     headers=headers) as response:
+            return response.status, await response.json()
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Client]:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        yield Client(http, base + settings.route_prefix)
+
+
+async def test_pages_of_jobs_newest_first_with_filters(api: Client) -> None:
+    ids = [(await api.call("POST", "/jobs", {"workflow": "invert", "params": {"width": w}}))[1]
+           ["id"] for w in range(1, 6)]
+    seen, cursor = [], None
+    while True:
+        status, page = await api.call("GET", "/jobs?limit=2" + (f"&cursor={cursor}"
+                                                               if cursor else ""))
+        assert status == 200
+        assert len(page["jobs"]) <= 2
+        seen += [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    status, queued = await api.call("GET", "/jobs?status=queued&workflow=invert&limit=10")
+    assert (status, len(queued["jobs"]), queued["next_cursor"]) == (200, 5, None)
+    status, none = await api.call("GET", "/jobs?status=succeeded")
+    assert (status, none["jobs"]) == (200, [])
+    for bad in ("/jobs?cursor=bm9wZQ", "/jobs?status=sleeping", "/jobs?limit=0"):
+        status, body = await api.call("GET", bad)
+        assert status == 422, bad
+        assert body["error"]["type"] in ("invalid_cursor", "invalid_request")
+
+
+async def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(
+    api: Client,
+) -> None:
+    request = {"workflow": "invert", "params": {"width": 7}}
+    key = {"Idempotency-Key": "order-42"}
+    status, first = await api.call("POST", "/jobs", request, key)
+    assert status == 202
+    status, again = await api.call("POST", "/jobs", request, key)
+    assert (status, again["id"]) == (200, first["id"])
+    status, body = await api.call("POST", "/jobs", {**request, "params": {"width": 8}}, key)
+    assert (status, body["error"]["type"]) == (422, "idempotency_conflict")
+    status, body = await api.call("POST", "/jobs", {**request, "client_task_id": "other"}, key)
+    assert (status, body["error"]["type"]) == (422, "idempotency_conflict")
+
+
+async def test_comfyui_server_request_shape(api: Client) -> None:
+    status, job = await api.call("POST", "", {
+        "service_type": "invert", "client_task_id": "cs-1",
+        "client_callback_url": "http://127.0.0.1:9/hook", "params": {"width": 3}})
+    assert status == 202
+    assert (job["workflow"], job["client_task_id"], job["params"]["width"]) == ("invert",
+                                                                                "cs-1", 3)
+    assert job["callback_url"] == "http://127.0.0.1:9/hook"
+    status, body = await api.call("POST", "", {"service_type": "nope"})
+    assert (status, body["error"]["type"]) == (422, "unknown_workflow")
+
+
+@pytest.mark.parametrize(("duration", "wait", "status"), [(0.2, 20, "succeeded"),
+                                                          (30, 0.5, "running")])
+async def test_wait_returns_the_ended_job_or_the_job_as_it_is(
+    settings: Settings, duration: float, wait: float, status: str
+) -> None:
+    async with SimulatedComfyUI(duration=duration) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            started = time.monotonic()
+            async with http.post(f"{base}{settings.route_prefix}/jobs?wait={wait}",
+                                 json={"workflow": "invert"}) as response:
+                job = await response.json()
+            elapsed = time.monotonic() - started
+    assert response.status == 202
+    assert job["status"] == status
+    if status == "succeeded":
+        assert job["outputs"] and elapsed < wait
+    else:
+        assert elapsed >= wait
+

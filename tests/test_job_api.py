@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openapi_spec_validator import validate
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
@@ -103,3 +104,27 @@ async def test_wait_returns_the_ended_job_or_the_job_as_it_is(
     else:
         assert elapsed >= wait
 
+
+
+async def test_each_workflow_has_a_typed_endpoint_in_the_openapi_schema(
+    api: Client, settings: Settings
+) -> None:
+    base = api.prefix.removesuffix(settings.route_prefix)
+    async with api.http.get(f"{base}/openapi.json") as response:
+        schema = await response.json()
+    validate(schema)  # a valid OpenAPI document, workflow paths included
+    operation = schema["paths"]["/api/v1/workflows/invert/jobs"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    width = body["properties"]["params"]["properties"]["width"]
+    assert width == {"description": "Image width in pixels", "type": "integer",
+                     "minimum": 1, "maximum": 16384, "default": 512}
+    assert "/api/v1/workflows/simulated_work/jobs" in schema["paths"]
+    async with api.http.get(f"{base}/docs") as response:
+        assert response.status == 200
+
+    status, job = await api.call("POST", "/workflows/invert/jobs", {"params": {"width": 9}})
+    assert (status, job["workflow"], job["params"]["width"]) == (202, "invert", 9)
+    status, body = await api.call("POST", "/workflows/invert/jobs", {"params": {"width": -1}})
+    assert (status, body["error"]["type"]) == (422, "invalid_params")
+    status, body = await api.call("POST", "/workflows/nope/jobs", {"params": {}})
+    assert (status, body["error"]["type"]) == (404, "workflow_not_found")

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from comfyfleet import db
 from comfyfleet.api import backends, deliveries, health, jobs, outputs, workflows
 from comfyfleet.api.errors import install_error_handlers
+from comfyfleet.api.openapi import install_openapi
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
 from comfyfleet.jobs.models import Job
@@ -118,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(workflows.router, prefix=settings.route_prefix)
     app.include_router(deliveries.router, prefix=settings.route_prefix)
     app.include_router(backends.router, prefix=settings.route_prefix)
+    install_openapi(app, settings.route_prefix)
     return app
 
 

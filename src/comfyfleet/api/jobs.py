@@ -47,6 +47,28 @@ async def submit_job(
     return await _submit(svc, request, response, wait, idempotency_key)
 
 
+class WorkflowJobRequest(BaseModel):
+    """A job for the workflow named in the path; each workflow's own parameter schema is in
+    /openapi.json under its path."""
+
+    params: dict[str, Any] = Field(default_factory=dict)
+    callback_url: AnyHttpUrl | None = None
+    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    webhook_events: list[Literal["job.started", "job.progress"]] | None = None
+
+
+@router.post("/workflows/{name}/jobs", status_code=202, include_in_schema=False)
+async def submit_workflow_job(
+    name: str, request: WorkflowJobRequest, response: Response, svc: ServicesDep,
+    wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    if svc.catalog.get(name) is None:
+        raise ApiError(404, "workflow_not_found", f"no workflow named {name!r}")
+    job_request = JobRequest(workflow=name, **request.model_dump())
+    return await _submit(svc, job_request, response, wait, idempotency_key)
+
+
 class ComfyServerRequest(BaseModel):
     """The request body of ComfyUI-server, so its users can switch by changing a URL."""
 

@@ -16,11 +16,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from comfyfleet import db
-from comfyfleet.api import backends, deliveries, health, jobs, outputs, workflows
+from comfyfleet.api import backends, deliveries, events, health, jobs, outputs, workflows
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
+from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -67,7 +68,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     endpoints = parse_endpoints(settings.comfyui_endpoints)
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(db.open_database(settings))
-        repository = JobRepository(engine)
+        events = JobEvents()
+        repository = JobRepository(engine, on_change=events.changed)
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)
@@ -90,9 +92,11 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             grace_seconds=settings.backend_grace_seconds,
             quiet_seconds=settings.quiet_prompt_seconds,
             on_terminal=on_terminal,
+            events=events,
         )
         stack.push_async_callback(fleet.close)
-        services = Services(settings, engine, repository, storage, catalog, fleet, waiters)
+        services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
+                            events)
         fleet.start()
         webhooks.start()
         watcher = asyncio.create_task(
@@ -116,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(outputs.files_router)
     app.include_router(jobs.router, prefix=settings.route_prefix)
     app.include_router(outputs.router, prefix=settings.route_prefix)
+    app.include_router(events.router, prefix=settings.route_prefix)
     app.include_router(workflows.router, prefix=settings.route_prefix)
     app.include_router(deliveries.router, prefix=settings.route_prefix)
     app.include_router(backends.router, prefix=settings.route_prefix)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.fleet.manager import Fleet
+from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
@@ -28,6 +29,7 @@ class Services:
     catalog: Catalog
     fleet: Fleet
     waiters: JobWaiters
+    events: JobEvents
 
     async def reload_catalog(self) -> None:
         self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)

@@ -14,6 +14,7 @@ from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.dispatcher import Dispatcher
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
+from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage
@@ -41,6 +42,7 @@ class Fleet:
         grace_seconds: float,
         quiet_seconds: float,
         on_terminal: Callable[[Job], None],
+        events: JobEvents,
     ) -> None:
         self._repository = repository
         self._on_terminal = on_terminal
@@ -53,6 +55,7 @@ class Fleet:
             on_slot_freed=self.job_available,
             grace_seconds=grace_seconds,
             quiet_seconds=quiet_seconds,
+            events=events,
         )
         # One list shared with the dispatcher and the tracker's watch: backends come and go.
         self.sessions: list[BackendSession] = []

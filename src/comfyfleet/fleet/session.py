@@ -12,15 +12,16 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from comfyfleet.comfy.client import ComfyClient, ComfyError
-from comfyfleet.comfy.messages import Message, Status, parse_text
+from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
 from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[["BackendSession", Message], Awaitable[None]]
+MessageHandler = Callable[["BackendSession", Message | Binary], Awaitable[None]]
 SessionHandler = Callable[["BackendSession"], Awaitable[None]]
 
+FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -83,6 +84,8 @@ class BackendSession:
     async def _connection(self) -> None:
         websocket = await self.client.connect_websocket(self.client_id)
         try:
+            # Must be the first message: previews then name their prompt (frame type 4).
+            await websocket.send_json(FEATURE_FLAGS)
             await self.client.system_stats()
             # Refreshed on every connect: a restarted backend may have new nodes or models.
             self.capabilities = Capabilities.from_object_info(await self.client.object_info())
@@ -96,9 +99,12 @@ class BackendSession:
                     message = parse_text(frame.data)
                     if message is not None:
                         await self._handle(message)
+                elif frame.type == aiohttp.WSMsgType.BINARY:
+                    binary = parse_binary(frame.data)
+                    if binary is not None:
+                        await self._on_message(self, binary)
                 elif frame.type == aiohttp.WSMsgType.ERROR:
                     raise ComfyError(f"websocket error: {websocket.exception()!r}")
-                # Binary frames are previews; this path has no use for them yet.
             self.last_error = "websocket closed by the backend"
         except asyncio.CancelledError:
             self.connected = False  # we are shutting down: not a lost backend

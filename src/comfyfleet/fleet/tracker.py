@@ -15,18 +15,21 @@ from typing import Any
 
 from comfyfleet.comfy.client import ComfyError
 from comfyfleet.comfy.messages import (
+    Binary,
     Executing,
     ExecutionCached,
     ExecutionError,
     ExecutionInterrupted,
     ExecutionStart,
     Message,
+    Preview,
     Progress,
     Status,
     parse_event,
 )
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.session import BackendSession
+from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.repository import JobRepository
 
@@ -69,7 +72,9 @@ class ExecutionTracker:
         on_slot_freed: Callable[[], None],
         quiet_seconds: float,
         grace_seconds: float,
+        events: JobEvents,
     ) -> None:
+        self._events = events
         self._repository = repository
         self._quiet_seconds = quiet_seconds
         self._grace_seconds = grace_seconds
@@ -109,7 +114,10 @@ class ExecutionTracker:
 
     # Websocket events.
 
-    async def on_message(self, session: BackendSession, message: Message) -> None:
+    async def on_message(self, session: BackendSession, message: Message | Binary) -> None:
+        if isinstance(message, Preview):
+            self._preview(message)
+            return
         if isinstance(message, Status):
             await self._poll_adopted(session)
             return
@@ -138,6 +146,12 @@ class ExecutionTracker:
                 await self._fail(run, job_error(
                     "interrupted", "the prompt was interrupted on the backend",
                     node_id=node_id, node_type=node_type))
+
+    def _preview(self, preview: Preview) -> None:
+        run = self._runs.get(preview.prompt_id) if preview.prompt_id else None
+        if run is not None:
+            self._events.preview(run.job.id, PreviewImage(preview.node_id, preview.image_type,
+                                                          preview.image))
 
     async def _poll_adopted(self, session: BackendSession) -> None:
         """The queue changed (`status` is broadcast): see whether adopted prompts ended."""

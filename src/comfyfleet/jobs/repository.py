@@ -23,9 +23,13 @@ CLAIM_BATCH = 50
 
 
 class JobRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None
+    ) -> None:
+        """`on_change` hears of every job this process changes, once it is committed."""
         self.engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._on_change = on_change or (lambda _: None)
 
     async def insert(self, job: Job) -> tuple[Job, bool]:
         """Store a new job; with a `client_task_id` already taken, the existing job instead.
@@ -99,7 +103,10 @@ class JobRepository:
                 )
                 .returning(Job)
             )
-            return result.scalars().first()
+            claimed = result.scalars().first()
+        if claimed is not None:
+            self._on_change(claimed.id)
+        return claimed
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
@@ -125,7 +132,9 @@ class JobRepository:
             updated = result.scalars().first()
             if updated is not None and event is not None:
                 await outbox.enqueue(session, updated, event)
-            return updated
+        if updated is not None:
+            self._on_change(updated.id)
+        return updated
 
     async def finish(
         self, job: Job, status: JobStatus, states: Iterable[JobStatus], **values: Any
@@ -177,6 +186,31 @@ class JobRepository:
             query = query.where(tuple_(col(Job.created_at), col(Job.id)) < tuple_(*after))
         async with self._sessions() as session:
             return list((await session.exec(query)).all())
+
+    async def queue_position(self, job: Job) -> int:
+        """1 for the job the next free slot takes (ignoring capability routing)."""
+        ahead = select(func.count()).select_from(Job).where(
+            col(Job.status) == JobStatus.QUEUED,
+            (col(Job.priority) > job.priority)
+            | ((col(Job.priority) == job.priority) & (col(Job.created_at) < job.created_at)),
+        )
+        async with self._sessions() as session:
+            return (await session.exec(ahead)).one() + 1
+
+    async def typical_run_seconds(self, workflow: str, sample: int = 20) -> float | None:
+        """Mean start-to-finish time of the workflow's latest successful jobs, if any."""
+        recent = (
+            select((func.extract("epoch", col(Job.finished_at))
+                    - func.extract("epoch", col(Job.started_at))).label("seconds"))
+            .where(col(Job.workflow) == workflow, col(Job.status) == JobStatus.SUCCEEDED,
+                   col(Job.started_at).is_not(None))
+            .order_by(col(Job.finished_at).desc())
+            .limit(sample)
+            .subquery()
+        )
+        async with self._sessions() as session:
+            mean = (await session.exec(select(func.avg(recent.c.seconds)))).one()
+        return float(mean) if mean is not None else None
 
     async def on_backend(self, backend: str) -> list[Job]:
         async with self._sessions() as session:

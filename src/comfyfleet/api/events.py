@@ -1,0 +1,107 @@
+"""GET /jobs/{id}/events: Server-Sent Events of one job, until it ends (DESIGN §4).
+
+Each `state` event carries the status, progress (0..1 over all nodes), queue position and an
+ETA from the workflow's recent run times; `preview` events (with `?previews=true`) carry the
+backend's live preview images; the last event is named after the terminal status and
+carries the whole job. Event ids name the state, so a client reconnecting with
+Last-Event-ID gets the next change, not a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from comfyfleet.api.errors import ApiError
+from comfyfleet.jobs.events import PreviewImage
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.services import Services, ServicesDep
+
+router = APIRouter(tags=["jobs"])
+
+# Changes made by another process reach no notice here; read the job this often regardless.
+REREAD_SECONDS = 1.0
+PING_SECONDS = 15
+
+
+@router.get("/jobs/{job_id}/events", summary="A job's progress as Server-Sent Events",
+            response_class=EventSourceResponse)
+async def job_events(
+    job_id: uuid.UUID,
+    svc: ServicesDep,
+    previews: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    if await svc.repository.get(job_id) is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    return EventSourceResponse(_stream(svc, job_id, previews, last_event_id), ping=PING_SECONDS)
+
+
+async def _stream(
+    svc: Services, job_id: uuid.UUID, previews: bool, last_id: str | None
+) -> AsyncIterator[ServerSentEvent]:
+    notices = svc.events.listen(job_id)
+    try:
+        while True:
+            job = await svc.repository.get(job_id)
+            if job is None:
+                return
+            event_id = f"{job.status}:{job.attempts}:{job.progress:.3f}"
+            terminal = JobStatus(job.status).terminal
+            if event_id != last_id:
+                last_id = event_id
+                if terminal:
+                    yield ServerSentEvent(json.dumps(await svc.render(job)), event=job.status,
+                                          id=event_id)
+                    return
+                yield ServerSentEvent(json.dumps(await _state(svc, job)), event="state",
+                                      id=event_id)
+            elif terminal:
+                return  # resumed after the end: nothing more to tell
+            try:
+                async with asyncio.timeout(REREAD_SECONDS):
+                    while (notice := await notices.get()) is not None:
+                        if previews:
+                            yield _preview_event(notice)
+            except TimeoutError:
+                pass
+    finally:
+        svc.events.stop(job_id, notices)
+
+
+async def _state(svc: Services, job: Job) -> dict[str, Any]:
+    typical = await svc.repository.typical_run_seconds(job.workflow)
+    position = await svc.repository.queue_position(job) if job.status == JobStatus.QUEUED \
+        else None
+    eta: float | None = None
+    if typical is not None:
+        if position is not None:
+            # Every free backend slot takes one job from the head of the queue at a time.
+            slots = max(1, sum(s.accepts_work for s in svc.fleet.sessions)
+                        * svc.settings.max_inflight_per_backend)
+            eta = typical * (1 + (position - 1) // slots)
+        else:
+            eta = typical * (1 - job.progress)
+    return {
+        "status": job.status,
+        "progress": job.progress,
+        "backend": job.backend,
+        "queue_position": position,
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+    }
+
+
+def _preview_event(preview: PreviewImage) -> ServerSentEvent:
+    data = base64.b64encode(preview.image).decode()
+    return ServerSentEvent(
+        json.dumps({"node_id": preview.node_id,
+                    "image": f"data:{preview.image_type};base64,{data}"}),
+        event="preview",
+    )

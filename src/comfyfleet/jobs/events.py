@@ -1,0 +1,54 @@
+"""In-process notices that a job changed, or that its backend sent a preview image.
+
+The database stays the source of truth (a listener re-reads the job); notices only save the
+listeners from polling, and previews exist nowhere else. Another process's changes are seen
+by the listeners' periodic re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+QUEUE_SIZE = 64  # a slow listener loses previews, never the state (it re-reads the job)
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    node_id: str | None
+    image_type: str
+    image: bytes
+
+
+Notice = PreviewImage | None  # None: "the job changed; read it again"
+
+
+class JobEvents:
+    def __init__(self) -> None:
+        self._listeners: dict[uuid.UUID, set[asyncio.Queue[Notice]]] = defaultdict(set)
+
+    def changed(self, job_id: uuid.UUID) -> None:
+        self._publish(job_id, None)
+
+    def preview(self, job_id: uuid.UUID, preview: PreviewImage) -> None:
+        self._publish(job_id, preview)
+
+    def _publish(self, job_id: uuid.UUID, notice: Notice) -> None:
+        for queue in self._listeners.get(job_id, ()):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(notice)
+
+    def listen(self, job_id: uuid.UUID) -> asyncio.Queue[Notice]:
+        queue: asyncio.Queue[Notice] = asyncio.Queue(QUEUE_SIZE)
+        self._listeners[job_id].add(queue)
+        return queue
+
+    def stop(self, job_id: uuid.UUID, queue: asyncio.Queue[Notice]) -> None:
+        listeners = self._listeners.get(job_id)
+        if listeners is not None:
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[job_id]

@@ -1,0 +1,91 @@
+"""Server-Sent Events of a job: states in order, live previews, the terminal event, resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+
+async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The events of a text/event-stream response, as {event, id, data}."""
+    event: dict[str, Any] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(": ")
+            event[field] = json.loads(value) if field == "data" else value
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            yield http, base + settings.route_prefix
+
+
+async def test_events_follow_the_job_to_its_end_with_previews(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, prefix = api
+    async with http.post(f"{prefix}/jobs", json={
+            "workflow": "simulated_work", "params": {"seconds": 1.5, "steps": 6}}) as response:
+        job_id = (await response.json())["id"]
+    events = []
+    async with http.get(f"{prefix}/jobs/{job_id}/events?previews=true") as response:
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        async for event in read_events(response):
+            events.append(event)
+    names = [e["event"] for e in events]
+    assert names[-1] == "succeeded"
+    assert events[-1]["data"]["id"] == job_id and events[-1]["data"]["outputs"]
+    states = [e["data"] for e in events if e["event"] == "state"]
+    assert states[-1]["status"] in ("running", "uploading")
+    progress = [s["progress"] for s in states]
+    assert progress == sorted(progress) and max(progress) > 0.3
+    previews = [e["data"] for e in events if e["event"] == "preview"]
+    assert previews and previews[0]["image"].startswith("data:image/")
+    assert len({e["id"] for e in events if "id" in e}) == len([e for e in events if "id" in e])
+
+    # Reconnecting after the end, as an EventSource does: nothing more to tell.
+    async with http.get(f"{prefix}/jobs/{job_id}/events",
+                        headers={"Last-Event-ID": events[-1]["id"]}) as response:
+        assert [e async for e in read_events(response)] == []
+    # Reconnecting from an older event: the current state, which is the end.
+    async with http.get(f"{prefix}/jobs/{job_id}/events",
+                        headers={"Last-Event-ID": events[0]["id"]}) as response:
+        resumed = [e async for e in read_events(response)]
+    assert [e["event"] for e in resumed] == ["succeeded"]
+
+
+async def test_events_of_unknown_job_is_404(api: tuple[aiohttp.ClientSession, str]) -> None:
+    http, prefix = api
+    async with http.get(f"{prefix}/jobs/00000000-0000-4000-8000-000000000000/events") as got:
+        assert got.status == 404
+
+
+async def test_queued_job_reports_its_place_in_the_queue(settings: Settings) -> None:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        prefix = base + settings.route_prefix
+        ids = []
+        for _ in range(3):
+            async with http.post(f"{prefix}/jobs", json={"workflow": "invert"}) as response:
+                ids.append((await response.json())["id"])
+        async with http.get(f"{prefix}/jobs/{ids[2]}/events") as response:
+            first = await anext(read_events(response))
+    assert first["event"] == "state"
+    assert first["data"]["status"] == "queued"
+    assert first["data"]["queue_position"] == 3

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import random
 import re
 import socket
-import time
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import WSMsgType
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from comfyfleet.sim import SimulatedComfyUI, run_sim
 
@@ -92,11 +95,49 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
         return await response.json()
 
 
+def decode_binary(frame: bytes) -> JSON:
+    """A binary frame's fields (protocol doc 5.4)."""
+    (event,) = struct.unpack(">I", frame[:4])
+    (number,) = struct.unpack(">I", frame[4:8])
+    if event == 1:
+        return {"event": event, "image_format": number, "image": frame[8:]}
+    header, rest = frame[8 : 8 + number], frame[8 + number :]
+    if event == 4:
+        return {"event": event, "metadata": json.loads(header), "image": rest}
+    assert event == 3
+    return {"event": event, "node_id": header.decode(), "text": rest.decode()}
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse) -> JSON:
+    """The next frame: a text frame's JSON, or `{"type": "binary", "data": <its fields>}`."""
+    message = await ws.receive(timeout=TIMEOUT)
+    if message.type == WSMsgType.TEXT:
+        text: JSON = json.loads(message.data)
+        return text
+    assert message.type == WSMsgType.BINARY, message
+    return {"type": "binary", "data": decode_binary(message.data)}
+
+
+async def last_words(ws: aiohttp.ClientWebSocketResponse) -> list[JSON]:
+    """Close from our side and return what the server still sent before its close frame.
+
+    The server handles a socket's incoming frames in order and answers our close frame only
+    after everything before it, so this shows without waiting that nothing else came.
+    """
+    await ws.send_frame(struct.pack(">H", 1000), WSMsgType.CLOSE)
+    messages = []
+    while (message := await ws.receive(timeout=TIMEOUT)).type in (WSMsgType.TEXT, WSMsgType.BINARY):
+        text = message.type == WSMsgType.TEXT
+        messages.append(json.loads(message.data) if text else message.data)
+    assert message.type == WSMsgType.CLOSE, message
+    return messages
+
+
 async def until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[JSON]:
     """Messages up to and including `executing {node: null}` for this prompt."""
     messages = []
     while True:
-        message: JSON = await ws.receive_json(timeout=TIMEOUT)
+        message = await receive(ws)
         messages.append(message)
         data = message["data"]
         if message["type"] == "executing" and data == {"node": None, "prompt_id": prompt_id}:
@@ -105,7 +146,7 @@ async def until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> lis
 
 async def until_type(ws: aiohttp.ClientWebSocketResponse, event: str) -> JSON:
     while True:
-        message: JSON = await ws.receive_json(timeout=TIMEOUT)
+        message = await receive(ws)
         if message["type"] == event:
             return message
 
@@ -130,6 +171,8 @@ def summary(messages: list[JSON]) -> list[tuple[str, Any]]:
             steps.append((kind, {n: s["state"] for n, s in data["nodes"].items()}))
         elif kind == "progress":
             steps.append((kind, (data["value"], data["max"])))
+        elif kind == "binary":
+            steps.append((kind, data["event"]))
         else:
             steps.append((kind, None))
     return steps
@@ -139,6 +182,17 @@ def run_ok(messages: list[JSON]) -> None:
     assert [m["type"] for m in messages if m["type"].startswith("execution_")][-1] == (
         "execution_success"
     )
+
+
+async def until_clients(
+    http: aiohttp.ClientSession, sim: SimulatedComfyUI, done: Callable[[list[str]], bool]
+) -> None:
+    """Poll the control API until the registered clientIds satisfy `done`."""
+    for _ in range(500):
+        if done((await get_json(http, f"{sim.url}/_sim"))["clients"]):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the websocket clients never got there")
 
 
 async def wait_history(http: aiohttp.ClientSession, sim: SimulatedComfyUI, prompt_id: str) -> JSON:
@@ -624,25 +678,33 @@ async def test_queue_priorities_delete_and_interrupt(
 async def test_simulated_work_progress_and_speed(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with SimulatedComfyUI(data_dir=tmp_path, speed=4.0, duration=0.4) as sim:
+    # An hour at speed 36000 is 0.1 s: without the speed factor these prompts would never end
+    # within the receive timeout. `duration` does not apply to prompts with SimulatedWork.
+    async with SimulatedComfyUI(data_dir=tmp_path, speed=36000.0, duration=3600) as sim:
         ws = await connect(http, sim, "client-w")
-        started = time.monotonic()
-        accepted = await submit(http, sim, {"prompt": work_prompt(0.4, 4), "client_id": "client-w"})
+        body = {"prompt": work_prompt(3600, 4), "client_id": "client-w"}
+        accepted = await submit(http, sim, body)
         messages = await until_done(ws, accepted["prompt_id"])
-        elapsed = time.monotonic() - started
-        # 0.4 s at speed 4; `duration` does not apply to prompts with SimulatedWork.
-        assert 0.09 <= elapsed < 0.35
-        steps = [s for s in summary(messages) if s[0] in ("progress", "executing")]
+        steps = [s for s in summary(messages) if s[0] in ("progress", "executing", "binary")]
+        # Each step has a preview, after its `progress` for a client without preview metadata.
         assert steps == [
             ("executing", "1"),
             ("executing", "2"),
             ("progress", (1, 4)),
+            ("binary", 1),
             ("progress", (2, 4)),
+            ("binary", 1),
             ("progress", (3, 4)),
+            ("binary", 1),
             ("progress", (4, 4)),
+            ("binary", 1),
             ("executing", "3"),
             ("executing", None),
         ]
+        preview = next(m["data"] for m in messages if m["type"] == "binary")
+        assert preview["image_format"] == 2  # PNG
+        with Image.open(io.BytesIO(preview["image"])) as image:
+            assert image.size == (8, 6)  # the 64x48 input, a few dozen pixels
         progress = [m for m in messages if m["type"] == "progress"]
         assert progress[0]["data"] == {
             "value": 1,
@@ -665,10 +727,15 @@ async def test_simulated_work_progress_and_speed(
         ]
 
         # Without SimulatedWork, a prompt takes `duration / speed`.
-        started = time.monotonic()
         accepted = await submit(http, sim, {"prompt": invert_prompt(), "client_id": "client-w"})
         run_ok(await until_done(ws, accepted["prompt_id"]))
-        assert 0.09 <= time.monotonic() - started < 0.35
+
+        # preview: false leaves out the previews.
+        prompt = work_prompt(0, 2)
+        prompt["2"]["inputs"]["preview"] = False
+        accepted = await submit(http, sim, {"prompt": prompt, "client_id": "client-w"})
+        messages = await until_done(ws, accepted["prompt_id"])
+        assert "binary" not in {m["type"] for m in messages}
         await ws.close()
 
 
@@ -679,10 +746,11 @@ async def test_prompt_without_client_id_and_observers(
     accepted = await submit(http, sim, {"prompt": work_prompt(0, 2)})
     seen: list[tuple[str, Any]] = []
     while not seen or seen[-1] != ("status", 0):
-        seen.append(summary([await observer.receive_json(timeout=TIMEOUT)])[0])
+        seen.append(summary([await receive(observer)])[0])
     kinds = {kind for kind, _ in seen}
-    # Progress is broadcast; the per-client events are not sent to anyone.
-    assert kinds == {"status", "progress_state", "progress"}
+    # Progress and legacy previews are broadcast; the per-client events are not sent to anyone.
+    assert kinds == {"status", "progress_state", "progress", "binary"}
+    assert ("binary", 1) in seen
     assert ("progress", (2, 2)) in seen
     entry = await wait_history(http, sim, accepted["prompt_id"])
     assert entry["status"]["status_str"] == "success"
@@ -696,13 +764,12 @@ async def test_same_client_id_hazard_and_reconnect(
     old = await connect(http, sim, "dup")
     new = await connect(http, sim, "dup")
     await old.close()
-    await asyncio.sleep(0.05)  # let the server finish closing the old socket
+    # Closing the old socket unregistered the id, and with it the new socket.
+    await until_clients(http, sim, lambda clients: "dup" not in clients)
     other = await connect(http, sim, "other")
     await submit(http, sim, {"prompt": invert_prompt(prefix="dup")})
-    # The other socket sees the broadcast; the new "dup" socket was unregistered by the close.
-    assert (await other.receive_json(timeout=TIMEOUT))["type"] == "status"
-    with pytest.raises(asyncio.TimeoutError):
-        await new.receive_json(timeout=0.2)
+    await until_status(other, 0)  # the other socket sees the broadcasts...
+    assert await last_words(new) == []  # ...the new "dup" socket none of them
 
     # A socket (re)connecting with the id of a running prompt learns which node executes.
     ws = await connect(http, sim, "runner")
@@ -728,9 +795,35 @@ async def test_feature_flags_negotiation(
         await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
         assert await ws.receive_json(timeout=TIMEOUT) == {"type": "feature_flags", "data": flags}
         await ws.send_json({"type": "feature_flags", "data": {}})  # only the first one counts
-        with pytest.raises(asyncio.TimeoutError):
-            await ws.receive_json(timeout=0.1)
+        assert await last_words(ws) == []
     assert await get_json(http, f"{sim.url}/features") == flags
+
+
+async def test_previews_follow_each_clients_feature_flags(
+    sim: SimulatedComfyUI, http: aiohttp.ClientSession
+) -> None:
+    # A client that negotiated preview metadata gets type 4 previews, before each `progress`.
+    ws = await http.ws_connect(f"{sim.url}/ws?clientId=modern")
+    await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+    assert [(await receive(ws))["type"] for _ in range(2)] == ["status", "feature_flags"]
+    legacy = await connect(http, sim, "legacy")
+    accepted = await submit(http, sim, {"prompt": work_prompt(0, 2), "client_id": "modern"})
+    messages = await until_done(ws, accepted["prompt_id"])
+    steps = [s for s in summary(messages) if s[0] in ("progress", "binary")]
+    assert steps == [("binary", 4), ("progress", (1, 2)), ("binary", 4), ("progress", (2, 2))]
+    preview = next(m["data"] for m in messages if m["type"] == "binary")
+    assert preview["metadata"] == {
+        "node_id": "2",
+        "prompt_id": accepted["prompt_id"],
+        "display_node_id": "2",
+        "parent_node_id": None,
+        "real_node_id": "2",
+        "image_type": "image/png",
+    }
+    assert preview["image"].startswith(b"\x89PNG")
+    # Previews of another client's prompt go to that client only.
+    assert {m["type"] for m in await last_words(legacy)} == {"status"}
+    await ws.close()
 
 
 # --- runtime errors ------------------------------------------------------------------------
@@ -806,6 +899,7 @@ async def upload(
     data: bytes,
     filename: str = "up.png",
     field: str = "image",
+    route: str = "/upload/image",
     **fields: str,
 ) -> tuple[int, Any]:
     with aiohttp.MultipartWriter("form-data") as form:
@@ -814,7 +908,7 @@ async def upload(
         part.set_content_disposition("form-data", quote_fields=False, name=field, filename=filename)
         for key, value in fields.items():
             form.append(value).set_content_disposition("form-data", name=key)
-    async with http.post(f"{sim.url}/upload/image", data=form) as response:
+    async with http.post(f"{sim.url}{route}", data=form) as response:
         body = await response.json() if response.status == 200 else await response.text()
         return response.status, body
 
@@ -870,6 +964,57 @@ async def test_upload_rename_rule_and_load_image(
             assert image.size == (16, 12)  # 8x6 scaled to width 16, keeping the aspect ratio
             assert image.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
     await ws.close()
+
+
+async def test_upload_mask(sim: SimulatedComfyUI, http: aiohttp.ClientSession) -> None:
+    original = io.BytesIO()
+    info = PngInfo()
+    info.add_text("prompt", "{}")
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(original, format="PNG", pnginfo=info)
+    (sim.data_dir / "output" / "lab").mkdir()
+    (sim.data_dir / "output" / "lab" / "orig.png").write_bytes(original.getvalue())
+    mask = io.BytesIO()
+    Image.new("RGBA", (4, 3), (0, 0, 0, 77)).save(mask, format="PNG")
+
+    async def upload_mask(name: str, ref: Any, **fields: str) -> tuple[int, Any]:
+        if ref is not None:
+            fields["original_ref"] = json.dumps(ref)
+        return await upload(
+            http, sim, mask.getvalue(), name, route="/upload/mask", subfolder="clipspace", **fields
+        )
+
+    ref = {"filename": "orig.png", "subfolder": "lab", "type": "output"}
+    stored = {"name": "m.png", "subfolder": "clipspace", "type": "input"}
+    assert await upload_mask("m.png", ref) == (200, stored)
+    with Image.open(sim.data_dir / "input" / "clipspace" / "m.png") as masked:
+        assert masked.getpixel((1, 1)) == (10, 20, 30, 77)
+        assert masked.info["prompt"] == "{}"  # the original's text chunks are kept
+
+    # As in ComfyUI: a reference that names no file, or a path outside its directory, is
+    # still a 200 with nothing written; no reference at all is a server error.
+    for name, bad in [
+        ("gone.png", {"filename": "nope.png", "type": "output"}),
+        ("out.png", {"filename": "orig.png", "subfolder": "../..", "type": "output"}),
+        ("up.png", {"filename": "../orig.png"}),
+    ]:
+        assert await upload_mask(name, bad) == (200, stored | {"name": name})
+        assert not (sim.data_dir / "input" / "clipspace" / name).exists()
+    assert (await upload_mask("x.png", None))[0] == 500
+
+
+async def test_request_size_limit(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with SimulatedComfyUI(data_dir=tmp_path, max_upload_size=2000) as sim:
+        flags = await get_json(http, f"{sim.url}/features")
+        assert flags == {"supports_preview_metadata": True, "max_upload_size": 2000}
+        status, body = await upload(http, sim, _png((1, 2, 3), size=(300, 300)) + bytes(2000))
+        assert status == 413
+        assert body.startswith("Maximum request body size 2000 exceeded")
+        assert not (tmp_path / "input" / "up.png").exists()
+        assert (await upload(http, sim, _png((1, 2, 3))))[0] == 200
+        # The limit applies to every request, as aiohttp's client_max_size in ComfyUI.
+        big = {"prompt": invert_prompt(prefix="x" * 3000)}
+        async with http.post(f"{sim.url}/prompt", json=big) as response:
+            assert response.status == 413
 
 
 @pytest.mark.parametrize(
@@ -953,7 +1098,7 @@ async def test_run_sim_serves_consecutive_ports(
     http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
     port = free_port_pair()
-    task = asyncio.create_task(run_sim(2, port, speeds=[0.5]))
+    task = asyncio.create_task(run_sim(2, port, speeds=[0.5], fail_rate=0.25, fail_seed=7))
     try:
         lines: list[str] = []
         for _ in range(500):
@@ -968,6 +1113,8 @@ async def test_run_sim_serves_consecutive_ports(
         for i in range(2):
             stats = await get_json(http, f"http://127.0.0.1:{port + i}/system_stats")
             assert str(port + i) in stats["system"]["argv"]
+            faults = await get_json(http, f"http://127.0.0.1:{port + i}/_sim/faults")
+            assert (faults["fail_rate"], faults["seed"]) == (0.25, 7 + i)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,11 +1,16 @@
-"""Simulated ComfyUI servers for tests, benchmarks and demos (`comfyfleet sim`)."""
+"""Simulated ComfyUI servers for tests, benchmarks and demos (`comfyfleet sim`).
+
+Failure injection and its run-time control API: faults.py and control.py; custom node
+packages: custom_nodes.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
-from comfyfleet.sim.server import SimulatedComfyUI
+from comfyfleet.sim.server import MAX_UPLOAD_SIZE, SimulatedComfyUI
 
 __all__ = ["SimulatedComfyUI", "run_sim"]
 
@@ -17,12 +22,22 @@ async def run_sim(
     duration: float = 0.0,
     speeds: list[float] | None = None,
     data_dir: Path | None = None,
+    *,
+    fail_rate: float = 0.0,
+    fail_seed: int | None = None,
+    hang: bool = False,
+    view_bytes_per_second: int | None = None,
+    output_size: int | None = None,
+    max_upload_size: int = MAX_UPLOAD_SIZE,
+    custom_nodes: Sequence[Path] = (),
 ) -> None:
     """Serve `backends` simulators on ports `port`, `port + 1`, ... until cancelled.
 
     `speeds` gives each backend its speed factor in order; backends beyond the list run at
     1.0. With `data_dir`, backend i keeps its files in `data_dir/sim<i>` (separate servers
-    have separate directories); without it, each uses a temporary directory.
+    have separate directories); without it, each uses a temporary directory. The other
+    options are SimulatedComfyUI's, the same for every backend, except that backend i draws
+    its failures from `fail_seed + i`.
     """
     speeds = list(speeds or [])
     servers = [
@@ -33,6 +48,13 @@ async def run_sim(
             speed=speeds[i] if i < len(speeds) else 1.0,
             data_dir=data_dir / f"sim{i}" if data_dir is not None else None,
             name=f"sim{i}",
+            fail_rate=fail_rate,
+            fail_seed=fail_seed + i if fail_seed is not None else None,
+            hang=hang,
+            view_bytes_per_second=view_bytes_per_second,
+            output_size=output_size,
+            max_upload_size=max_upload_size,
+            custom_nodes=custom_nodes,
         )
         for i in range(backends)
     ]

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from comfyfleet.sim.faults import Faults
 from comfyfleet.sim.files import Folders, file_sha256
+from comfyfleet.sim.frames import preview_frame, preview_with_metadata_frame, progress_text_frame
 from comfyfleet.sim.hub import Hub
 from comfyfleet.sim.nodes import (
     IMAGE_FILE_NODES,
@@ -45,6 +47,25 @@ class Interrupted(Exception):
     """POST /interrupt reached the running prompt."""
 
 
+class OutOfMemoryError(RuntimeError):
+    """The injected failure (Faults.fail_rate): what a GPU server reports most often."""
+
+    # Named as torch names its error, so execution_error carries "torch.OutOfMemoryError".
+    __module__ = "torch"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "23.55 GiB of which 1.12 GiB is free. Of the allocated memory 21.73 GiB is "
+            "allocated by PyTorch, and 311.52 MiB is reserved by PyTorch but unallocated."
+        )
+        # ComfyUI appends these tips to the message of an out-of-memory error.
+        self.tips = (
+            "This error means you ran out of memory on your GPU.\n\nTIPS: If the workflow "
+            "worked before you might have accidentally set the batch_size to a large number."
+        )
+
+
 class _NodeFailed(Exception):
     def __init__(self, node_id: str, error: Exception, current_inputs: dict[str, Any]) -> None:
         super().__init__(node_id)
@@ -67,6 +88,7 @@ class Executor:
         folders: Folders,
         hub: Hub,
         queue: PromptQueue,
+        faults: Faults,
         speed: float,
         duration: float,
     ) -> None:
@@ -74,6 +96,7 @@ class Executor:
         self.folders = folders
         self.hub = hub
         self.queue = queue
+        self.faults = faults
         self.speed = speed
         self.duration = duration
         # ComfyUI's "classic" cache: node outputs keyed by input signature, pruned at the start
@@ -177,6 +200,7 @@ class _PromptRun:
         self.executed: list[str] = []
         self.progress: dict[str, dict[str, Any]] = {}
         self.last_node: str | None = None
+        self.fail_at: str | None = None  # the node where an injected failure strikes
 
     async def execute(self) -> dict[str, Any]:
         ex = self.ex
@@ -196,6 +220,8 @@ class _PromptRun:
 
         order = self._plan(lambda n: self.signatures[n] in ex.cache)
         wait_before = self._duration_node(order, cached)
+        if ex.faults.draw_failure():
+            self.fail_at = self._failing_node(order)
         node_id = ""
         try:
             for node_id in order:
@@ -219,6 +245,15 @@ class _PromptRun:
         if any(node["class_type"] == "SimulatedWork" for node in self.prompt.values()):
             return None
         return next((n for n in order if n in self.item.outputs and n not in cached), None)
+
+    def _failing_node(self, order: list[str]) -> str | None:
+        """Where an injected failure strikes: SimulatedWork (the "sampler"), else the last node
+        that computes something, else the first node that runs. None if everything is cached."""
+        running = [n for n in order if self.signatures[n] not in self.ex.cache]
+        kinds = {n: self.prompt[n]["class_type"] for n in running}
+        work = [n for n in running if kinds[n] == "SimulatedWork"]
+        computing = [n for n in running if n not in self.item.outputs]
+        return next(iter(work or computing[-1:] or running), None)
 
     def _plan(self, is_cached: Callable[[str], bool]) -> list[str]:
         """Nodes to run, dependencies first: the outputs and what they need that is not cached."""
@@ -262,15 +297,22 @@ class _PromptRun:
             self.to_client("executing", executing)
         inputs = self._inputs(node, spec)
         ctx = NodeContext(
+            node_id=node_id,
             folders=ex.folders,
             prompt=self.prompt,
             extra_pnginfo=self.item.extra_data.get("extra_pnginfo"),
             speed=ex.speed,
+            output_size=ex.faults.output_size,
             sleep=ex.sleep,
-            progress=lambda value, total: self._report_progress(node_id, value, total),
+            progress=lambda value, total, preview: self._report_progress(
+                node_id, value, total, preview
+            ),
+            show_text=lambda text: ex.hub.send_frame(progress_text_frame(node_id, text), None),
         )
         try:
             ex.check_interrupt()
+            if node_id == self.fail_at:
+                raise OutOfMemoryError
             outputs, ui = await run_node(class_type, spec, ctx, inputs)
         except Interrupted:
             raise
@@ -313,12 +355,28 @@ class _PromptRun:
 
     # --- progress ----------------------------------------------------------------------------
 
-    async def _report_progress(self, node_id: str, value: int, total: int) -> None:
-        # As in ComfyUI's progress hook, the interrupt check comes first.
+    async def _report_progress(
+        self, node_id: str, value: int, total: int, preview: bytes | None
+    ) -> None:
+        # As in ComfyUI's progress hook: the interrupt check comes first; a client that
+        # negotiated preview metadata gets a type 4 preview before `progress`, anyone else a
+        # type 1 preview after it (broadcast when the prompt has no client).
         self.ex.check_interrupt()
         self._set_progress(node_id, value, total, "running")
+        with_metadata = self.ex.hub.supports_preview_metadata(self.client_id)
+        if preview is not None and with_metadata:
+            metadata = {
+                "node_id": node_id,
+                "prompt_id": self.prompt_id,
+                "display_node_id": node_id,
+                "parent_node_id": None,
+                "real_node_id": node_id,
+            }
+            self.ex.hub.send_frame(preview_with_metadata_frame(preview, metadata), self.client_id)
         progress = {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
         self._send("progress", progress, broadcast=True)
+        if preview is not None and not with_metadata:
+            self.ex.hub.send_frame(preview_frame(preview), self.client_id)
 
     def _finish_progress(self, node_id: str) -> None:
         # A node that never started (a cached one) finishes at 1 of 1, in ints as in ComfyUI.
@@ -367,9 +425,10 @@ class _PromptRun:
 
     def _error(self, failed: _NodeFailed) -> dict[str, Any]:
         error = failed.error
+        tips = getattr(error, "tips", "")
         return {
             **self._failure(failed.node_id),
-            "exception_message": f"{error}\n",
+            "exception_message": f"{error}\n{tips}",
             "exception_type": full_type_name(type(error)),
             "traceback": traceback.format_tb(error.__traceback__),
             "current_inputs": failed.current_inputs,

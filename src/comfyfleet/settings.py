@@ -62,7 +62,22 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=100, ge=1)
     webhook_concurrency_per_host: int = Field(default=20, ge=1)
     allow_private_callbacks: bool = False
+
+    # Bearer keys for the API (comma-separated); any key set here or in ADMIN_API_KEYS turns
+    # authentication on. A key sees only the jobs it created; an admin key sees every job.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A bearer token for /metrics; unset, /metrics is open.
+    metrics_token: str | None = None
+    # Requests per minute per API key (per client address without keys); unset: no limit.
+    rate_limit: int | None = Field(default=None, ge=1)
+    # Unfinished jobs one key may have at once; unset: no limit.
+    max_queued_per_key: int | None = Field(default=None, ge=1)
+    # Origins allowed to call the API from a browser (comma-separated, or *); unset: CORS off.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_format: Literal["text", "json"] = "text"
+    # Seconds that stopping waits for uploads, webhook attempts and HTTP requests in flight.
+    shutdown_timeout: float = Field(default=30.0, ge=0)
 
     max_inflight_per_backend: int = Field(default=2, ge=1)
     max_attempts: int = Field(default=3, ge=1)
@@ -70,10 +85,14 @@ class Settings(BaseSettings):
     backend_grace_seconds: float = Field(default=30.0, ge=0)
     # A prompt nothing was heard of for this long has its history checked (a silent socket).
     quiet_prompt_seconds: float = Field(default=10.0, gt=0)
+    # Shared with the comfyui_nodes package on each backend: with it, comfyfleet deletes a
+    # job's files there once they are stored. Unset: the files stay.
+    comfyfleet_node_token: str | None = None
     max_request_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
 
-    @field_validator("comfyui_endpoints", "api_keys", "webhook_retry_delays", mode="before")
+    @field_validator("comfyui_endpoints", "api_keys", "admin_api_keys", "cors_origins",
+                     "webhook_retry_delays", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

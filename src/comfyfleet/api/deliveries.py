@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.jobs.outbox import Delivery, DeliveryAttempt, Outbox
 from comfyfleet.services import ServicesDep
 
@@ -53,10 +54,9 @@ def delivery_json(delivery: Delivery, attempts: list[DeliveryAttempt]) -> dict[s
 
 @router.get("/jobs/{job_id}/deliveries", summary="A job's webhook deliveries and attempts")
 async def job_deliveries(
-    job_id: uuid.UUID, svc: ServicesDep, outbox: OutboxDep
+    job_id: uuid.UUID, svc: ServicesDep, outbox: OutboxDep, caller: CallerDep
 ) -> dict[str, Any]:
-    if await svc.repository.get(job_id) is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    await visible_job(svc, caller, job_id)
     found = await outbox.for_job(job_id)
     return {"deliveries": [delivery_json(delivery, attempts) for delivery, attempts in found]}
 
@@ -64,10 +64,14 @@ async def job_deliveries(
 @router.post(
     "/deliveries/{delivery_id}/redeliver", status_code=202, summary="Send a webhook again"
 )
-async def redeliver(delivery_id: uuid.UUID, outbox: OutboxDep) -> dict[str, Any]:
+async def redeliver(
+    delivery_id: uuid.UUID, outbox: OutboxDep, svc: ServicesDep, caller: CallerDep
+) -> dict[str, Any]:
     """A new attempt now, with the same `webhook-id`, whatever the delivery's status; if it
     fails, it is retried on the usual schedule."""
-    if not await outbox.redeliver(delivery_id):
+    found = await outbox.get(delivery_id)
+    job = await svc.repository.get(found[0].job_id) if found is not None else None
+    if job is None or not caller.sees(job) or not await outbox.redeliver(delivery_id):
         raise ApiError(404, "delivery_not_found", f"no delivery {delivery_id}")
     found = await outbox.get(delivery_id)
     assert found is not None  # deliveries are only deleted with their job

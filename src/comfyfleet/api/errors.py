@@ -15,20 +15,28 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, type_: str, message: str, *,
+        headers: dict[str, str] | None = None, **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.body = {"type": type_, "message": message, **extra}
 
 
-def error_response(status: int, type_: str, message: str, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, type_: str, message: str, *, headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     body = {"error": {"type": type_, "message": message, **extra}}
-    return JSONResponse(jsonable_encoder(body), status_code=status)
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(jsonable_encoder({"error": exc.body}), status_code=exc.status)
+    return JSONResponse(jsonable_encoder({"error": exc.body}), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.jobs.events import PreviewImage
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.services import Services, ServicesDep
@@ -36,11 +36,11 @@ PING_SECONDS = 15
 async def job_events(
     job_id: uuid.UUID,
     svc: ServicesDep,
+    caller: CallerDep,
     previews: bool = False,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
-    if await svc.repository.get(job_id) is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    await visible_job(svc, caller, job_id)
     return EventSourceResponse(_stream(svc, job_id, previews, last_event_id), ping=PING_SECONDS)
 
 

@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and storage are reachable")
+@router.get("/readyz", summary="The database, storage and a backend (if any) are reachable")
 async def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, Any] = {"database": await db.ping(svc.engine)}
     try:
@@ -29,5 +29,7 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
         checks["storage"] = False
         checks["storage_error"] = str(exc)
     checks["backends"] = {s.name: s.connected for s in svc.fleet.sessions}
-    ready = checks["database"] and checks["storage"]
+    # With backends configured, a process that reaches none of them can run no job.
+    backend_ready = not checks["backends"] or any(checks["backends"].values())
+    ready = checks["database"] and checks["storage"] and backend_ready
     return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)

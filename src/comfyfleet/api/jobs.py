@@ -7,13 +7,21 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
-from pydantic import AnyHttpUrl, BaseModel, Field
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import AnyHttpUrl, BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
+from comfyfleet import inputs
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.repository import QueueFull
 from comfyfleet.services import Services, ServicesDep
+from comfyfleet.storage import StorageError
 from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url
+from comfyfleet.workflows.catalog import Workflow
 from comfyfleet.workflows.params import ParamError
 
 router = APIRouter(tags=["jobs"])
@@ -41,10 +49,10 @@ IdempotencyKey = Annotated[str | None, Header(
 
 @router.post("/jobs", status_code=202, summary="Submit a job")
 async def submit_job(
-    request: JobRequest, response: Response, svc: ServicesDep,
+    request: JobRequest, response: Response, svc: ServicesDep, caller: CallerDep,
     wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    return await _submit(svc, request, response, wait, idempotency_key)
+    return await _submit(svc, request, response, wait, idempotency_key, caller=caller)
 
 
 class WorkflowJobRequest(BaseModel):
@@ -60,13 +68,39 @@ class WorkflowJobRequest(BaseModel):
 
 @router.post("/workflows/{name}/jobs", status_code=202, include_in_schema=False)
 async def submit_workflow_job(
-    name: str, request: WorkflowJobRequest, response: Response, svc: ServicesDep,
+    name: str, http_request: Request, response: Response, svc: ServicesDep, caller: CallerDep,
     wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
+    """JSON ({"params": {...}, ...}) or multipart/form-data (one field per parameter, files
+    for image parameters, plus callback_url / client_task_id / priority fields)."""
     if svc.catalog.get(name) is None:
         raise ApiError(404, "workflow_not_found", f"no workflow named {name!r}")
+    try:
+        if http_request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request = await _from_form(http_request, svc.settings.max_upload_bytes)
+        else:
+            request = WorkflowJobRequest.model_validate_json(await http_request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
     job_request = JobRequest(workflow=name, **request.model_dump())
-    return await _submit(svc, job_request, response, wait, idempotency_key)
+    return await _submit(svc, job_request, response, wait, idempotency_key, caller=caller)
+
+
+async def _from_form(http_request: Request, max_bytes: int) -> WorkflowJobRequest:
+    try:
+        form = await http_request.form(max_part_size=max_bytes)
+    except MultiPartException as exc:
+        raise ApiError(422, "invalid_request", f"multipart body: {exc.message}") from exc
+    params: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            params[key] = await value.read()
+        elif key in WorkflowJobRequest.model_fields and key != "params":
+            fields[key] = value
+        else:
+            params[key] = value
+    return WorkflowJobRequest.model_validate({**fields, "params": params})
 
 
 class ComfyServerRequest(BaseModel):
@@ -80,20 +114,21 @@ class ComfyServerRequest(BaseModel):
 
 @router.post("", status_code=202, summary="Submit a job, ComfyUI-server style")
 async def submit_comfy_server_job(
-    request: ComfyServerRequest, response: Response, svc: ServicesDep, wait: WaitQuery = 0,
+    request: ComfyServerRequest, response: Response, svc: ServicesDep, caller: CallerDep,
+    wait: WaitQuery = 0,
 ) -> dict[str, Any]:
     job_request = JobRequest(
         workflow=request.service_type, params=request.params,
         callback_url=request.client_callback_url, client_task_id=request.client_task_id,
     )
-    return await _submit(svc, job_request, response, wait, None)
+    return await _submit(svc, job_request, response, wait, None, caller=caller)
 
 
 async def _submit(
     svc: Services, request: JobRequest, response: Response, wait: float,
-    idempotency_key: str | None,
+    idempotency_key: str | None, *, caller: Caller,
 ) -> dict[str, Any]:
-    job, created = await _accept(svc, request, idempotency_key)
+    job, created = await _accept(svc, request, idempotency_key, caller)
     if created:
         svc.fleet.job_available()
     else:
@@ -104,7 +139,7 @@ async def _submit(
 
 
 async def _accept(
-    svc: Services, request: JobRequest, idempotency_key: str | None
+    svc: Services, request: JobRequest, idempotency_key: str | None, caller: Caller
 ) -> tuple[Job, bool]:
     """Validate and store the job (or find the earlier one with the same key)."""
     key = request.client_task_id
@@ -137,19 +172,34 @@ async def _accept(
         except UrlNotAllowed as exc:
             raise ApiError(422, "callback_url_not_allowed", str(exc),
                            field="callback_url") from exc
-    job, created = await svc.repository.insert(
-        Job(
-            workflow=workflow.name,
-            params=values,
-            prompt=prompt,
-            callback_url=callback_url,
-            client_task_id=key,
-            priority=request.priority,
-            webhook_events=sorted(set(request.webhook_events or ())) or None,
+    job_id = uuid.uuid4()
+    if workflow.image_params:
+        values, prompt = await _take_images(svc, workflow, values, job_id)
+    try:
+        job, created = await svc.repository.insert(
+            Job(
+                id=job_id,
+                workflow=workflow.name,
+                params=values,
+                prompt=prompt,
+                callback_url=callback_url,
+                client_task_id=key,
+                priority=request.priority,
+                webhook_events=sorted(set(request.webhook_events or ())) or None,
+                api_key_hash=caller.key_hash,
+            ),
+            max_unfinished=svc.settings.max_queued_per_key,
         )
-    )
-    same_request = (job.workflow, job.params, job.callback_url, job.priority) == (
-        workflow.name, values, callback_url, request.priority)
+    except QueueFull as exc:
+        raise ApiError(429, "too_many_jobs",
+                       f"{exc.unfinished} jobs of this API key are unfinished, the most it may "
+                       f"have (MAX_QUEUED_PER_KEY); submit more when some have ended",
+                       unfinished=exc.unfinished) from exc
+    if not created and job.api_key_hash != caller.key_hash:
+        # Taken by another key: say so without showing that key's job.
+        raise ApiError(422, "idempotency_conflict", f"key {key!r} is used by another API key")
+    same_request = (job.workflow, _comparable(job.params), job.callback_url, job.priority) == (
+        workflow.name, _comparable(values), callback_url, request.priority)
     if not created and not same_request:
         raise ApiError(422, "idempotency_conflict",
                        f"key {key!r} was used for a different request (job {job.id})",
@@ -157,9 +207,43 @@ async def _accept(
     return job, created
 
 
+async def _take_images(
+    svc: Services, workflow: Workflow, values: dict[str, Any], job_id: uuid.UUID
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fetch or decode each image parameter and keep it in storage; the job records where,
+    and its prompt names the file the dispatcher will upload to the backend."""
+    recorded, in_prompt = dict(values), dict(values)
+    for name in workflow.image_params:
+        value = values.get(name)
+        if not isinstance(value, str | bytes):
+            continue
+        try:
+            picture = inputs.image(value) if isinstance(value, bytes) else await inputs.resolve(
+                value, max_bytes=svc.settings.max_upload_bytes,
+                allow_private=svc.settings.allow_private_callbacks)
+        except inputs.InputError as exc:
+            raise ApiError(422, "invalid_params", f"invalid parameters: {name}: {exc}",
+                           params={name: str(exc)}) from exc
+        try:
+            record = await inputs.store(svc.storage, svc.settings.s3_prefix, str(job_id), name,
+                                        picture)
+        except StorageError as exc:
+            raise ApiError(503, "storage_unavailable", f"cannot keep {name} now: {exc}") from exc
+        recorded[name] = record
+        in_prompt[name] = f"{record['subfolder']}/{record['name']}"
+    return recorded, workflow.fill(in_prompt)
+
+
+def _comparable(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as a repeat of the request would give them: images by content."""
+    return {name: value["sha256"] if isinstance(value, dict) and "sha256" in value else value
+            for name, value in params.items()}
+
+
 @router.get("/jobs", summary="A page of jobs, newest first")
 async def list_jobs(
     svc: ServicesDep,
+    caller: CallerDep,
     status: JobStatus | None = None,
     workflow: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -167,7 +251,7 @@ async def list_jobs(
 ) -> dict[str, Any]:
     after = _decode_cursor(cursor) if cursor else None
     jobs = await svc.repository.page(limit=limit, status=status, workflow=workflow,
-                                     after=after)
+                                     after=after, api_key_hash=caller.owner_filter)
     last = jobs[-1] if len(jobs) == limit else None
     return {
         "jobs": [await svc.render(job) for job in jobs],
@@ -189,14 +273,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 @router.get("/jobs/{job_id}", summary="One job")
-async def get_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
-    job = await svc.repository.get(job_id)
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id}")
-    return await svc.render(job)
+async def get_job(job_id: uuid.UUID, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    return await svc.render(await visible_job(svc, caller, job_id))
 
 
-async def _cancel(job_id: uuid.UUID, svc: Services) -> dict[str, Any]:
+async def _cancel(job_id: uuid.UUID, svc: Services, caller: Caller) -> dict[str, Any]:
+    await visible_job(svc, caller, job_id)
     job = await svc.fleet.cancel(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id}")
@@ -207,12 +289,12 @@ async def _cancel(job_id: uuid.UUID, svc: Services) -> dict[str, Any]:
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
-async def cancel_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
+async def cancel_job(job_id: uuid.UUID, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Queued: cancelled at once. On a backend: removed from its queue, or interrupted if
     running. The job ends `cancelled` and its webhook says so."""
-    return await _cancel(job_id, svc)
+    return await _cancel(job_id, svc, caller)
 
 
 @router.delete("/jobs/{job_id}", summary="Cancel a job (same as POST .../cancel)")
-async def delete_job(job_id: uuid.UUID, svc: ServicesDep) -> dict[str, Any]:
-    return await _cancel(job_id, svc)
+async def delete_job(job_id: uuid.UUID, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    return await _cancel(job_id, svc, caller)

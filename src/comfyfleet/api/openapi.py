@@ -55,6 +55,7 @@ def workflow_operation(workflow: Workflow) -> dict[str, Any]:
         "tags": ["workflows"],
         "summary": f"Submit a {workflow.name} job",
         "operationId": f"submit_{workflow.name}_job",
+        "security": [{"HTTPBearer": []}],  # as every route under the prefix (api/security.py)
         "parameters": [
             {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 300, "default": 0}},

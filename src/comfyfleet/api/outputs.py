@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.services import ServicesDep
 from comfyfleet.storage import LocalStorage, StorageError
 
@@ -18,12 +19,12 @@ files_router = APIRouter(tags=["files"])
 
 @router.get("/jobs/{job_id}/outputs/{index}", summary="One output of a job",
             response_class=Response)
-async def get_output(job_id: uuid.UUID, index: int, svc: ServicesDep) -> Response:
+async def get_output(
+    job_id: uuid.UUID, index: int, svc: ServicesDep, caller: CallerDep
+) -> Response:
     """S3: a redirect to a fresh presigned URL. Local storage: the file itself. A text output
     (e.g. from PreviewAny): the text."""
-    job = await svc.repository.get(job_id)
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    job = await visible_job(svc, caller, job_id)
     if not 0 <= index < len(job.outputs):
         raise ApiError(404, "output_not_found",
                        f"job {job_id} has {len(job.outputs)} outputs (status {job.status})")

@@ -99,11 +99,73 @@ class ComfyClient:
         result = await self._get_json("/object_info")
         return result if isinstance(result, dict) else {}
 
+    async def upload_image(
+        self, data: bytes, name: str, subfolder: str, content_type: str
+    ) -> None:
+        """Put an input file into the backend's input folder under exactly `name`."""
+        form = aiohttp.FormData(quote_fields=False)  # ComfyUI keeps names as sent
+        form.add_field("image", data, filename=name, content_type=content_type)
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true")
+        try:
+            async with self.session.post(
+                self._url("/upload/image"), data=form, timeout=DEFAULT_TIMEOUT
+            ) as response:
+                stored = await response.json(content_type=None) if response.status == 200 \
+                    else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ComfyError(f"POST /upload/image: {exc!r}") from exc
+        if not isinstance(stored, dict) or stored.get("name") != name:
+            raise ComfyError(f"POST /upload/image {name}: answered {stored!r}")
+
     async def interrupt(self, prompt_id: str) -> None:
         await self._post("/interrupt", {"prompt_id": prompt_id})
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         await self._post("/queue", {"delete": prompt_ids})
+
+    async def cleanup_version(self) -> str | None:
+        """The version of the comfyfleet-cleanup package (comfyui_nodes/) on this backend;
+        None when it is not installed (404)."""
+        try:
+            async with self.session.get(
+                self._url("/comfyfleet/ping"), timeout=DEFAULT_TIMEOUT
+            ) as response:
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise ComfyError(f"GET /comfyfleet/ping: HTTP {response.status}")
+                answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ComfyError(f"GET /comfyfleet/ping: {exc!r}") from exc
+        version = answer.get("version") if isinstance(answer, dict) else None
+        # A str version means `answer` is a dict.
+        if not isinstance(version, str) or answer.get("package") != "comfyfleet-cleanup":
+            raise ComfyError(f"GET /comfyfleet/ping: not comfyfleet-cleanup: {answer!r:.200}")
+        return version
+
+    async def delete_file(
+        self, filename: str, subfolder: str, folder_type: str, token: str
+    ) -> bool:
+        """Delete a file on the backend through comfyfleet-cleanup: True when it was deleted,
+        False when it was not there (any other refusal is a ComfyError)."""
+        body = {"filename": filename, "subfolder": subfolder, "type": folder_type}
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            async with self.session.post(
+                self._url("/comfyfleet/delete"), json=body, headers=headers,
+                timeout=DEFAULT_TIMEOUT,
+            ) as response:
+                if response.status == 200:
+                    return True
+                if response.status == 404:
+                    return False
+                # The package says why (a wrong token, a path outside, ...); read a bounded part.
+                reason = (await response.content.read(300)).decode(errors="replace")
+                raise ComfyError(f"deleting {subfolder}/{filename}: HTTP {response.status} "
+                                 f"{reason}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ComfyError(f"deleting {subfolder}/{filename}: {exc!r}") from exc
 
     @asynccontextmanager
     async def view(

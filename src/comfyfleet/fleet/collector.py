@@ -1,4 +1,5 @@
-"""Collecting a finished prompt's outputs: history -> /view -> storage -> job succeeded."""
+"""Collecting a finished prompt's outputs: history -> /view -> storage -> job succeeded ->
+the files deleted from the backend (when it has comfyui_nodes/)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import aiohttp
 
+from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyClient, ComfyError
-from comfyfleet.comfy.prompts import output_items
+from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
+from comfyfleet.fleet.cleanup import BackendCleanup, BackendFile
 from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
@@ -37,18 +40,26 @@ class Collector:
         self._key_prefix = key_prefix
         self._on_terminal = on_terminal
 
-    async def collect(self, client: ComfyClient, uploading: Job) -> None:
-        """Store the outputs of a job in `uploading` and mark it succeeded (or failed)."""
+    async def collect(
+        self, client: ComfyClient, uploading: Job, cleanup: BackendCleanup | None = None
+    ) -> None:
+        """Store the outputs of a job in `uploading` and mark it succeeded (or failed); then
+        delete the stored files from the backend through `cleanup`."""
         try:
             entry = await self._history(client, uploading)
-            outputs = await self._store_outputs(client, uploading, entry.get("outputs"))
+            files, texts = output_items(entry.get("outputs"))
+            outputs = await self._store_outputs(client, uploading, files, texts)
         except (ComfyError, aiohttp.ClientError) as exc:
             # The file is gone or unreadable on the backend: never store an empty stand-in.
             await self._finish(
                 uploading, JobStatus.FAILED, error=job_error("output_unavailable", str(exc))
             )
             return
-        await self._finish(uploading, JobStatus.SUCCEEDED, outputs=outputs)
+        succeeded = await self._finish(uploading, JobStatus.SUCCEEDED, outputs=outputs)
+        # Only once the success is recorded: a crash before this leaves a file on the backend,
+        # never a job without its output. Not when a cancel or another attempt won the job.
+        if succeeded and cleanup is not None:
+            await cleanup.delete(BackendFile(f.filename, f.subfolder, f.type) for f in files)
 
     async def _history(self, client: ComfyClient, job: Job) -> dict[str, Any]:
         assert job.prompt_id is not None
@@ -60,9 +71,8 @@ class Collector:
         raise ComfyError(f"prompt {job.prompt_id} finished but has no history entry")
 
     async def _store_outputs(
-        self, client: ComfyClient, job: Job, outputs: Any
+        self, client: ComfyClient, job: Job, files: list[OutputFile], texts: list[OutputText]
     ) -> list[dict[str, Any]]:
-        files, texts = output_items(outputs)
         stored: list[dict[str, Any]] = []
         per_node: dict[str, int] = {}
         for item in files:
@@ -96,11 +106,15 @@ class Collector:
                     chunks = response.content.iter_chunked(CHUNK_BYTES)
                     return await self._storage.put_stream(key, chunks, content_type)
             except StorageError as exc:
+                metrics.storage_error()
                 log.warning("storing %s failed, retrying in %.0f s: %s", key, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, STORAGE_RETRY_MAX_DELAY)
 
-    async def _finish(self, job: Job, status: JobStatus, **values: Any) -> None:
+    async def _finish(self, job: Job, status: JobStatus, **values: Any) -> bool:
+        """Record the end; False when the job had moved on (cancelled, or another attempt's)."""
         finished = await self._repository.finish(job, status, {JobStatus.UPLOADING}, **values)
-        if finished is not None:
-            self._on_terminal(finished)
+        if finished is None:
+            return False
+        self._on_terminal(finished)
+        return True

@@ -13,12 +13,15 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 
+from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.logs import job_fields
+from comfyfleet.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class Dispatcher:
         repository: JobRepository,
         sessions: Sequence[BackendSession],
         tracker: ExecutionTracker,
+        storage: Storage,
         *,
         max_inflight: int,
         on_terminal: Callable[[Job], None],
@@ -46,6 +50,7 @@ class Dispatcher:
         self._repository = repository
         self._sessions = sessions
         self._tracker = tracker
+        self._storage = storage
         self._max_inflight = max_inflight
         self._on_terminal = on_terminal
         self._wake = asyncio.Event()
@@ -86,6 +91,7 @@ class Dispatcher:
             )
             if job is None:
                 continue
+            metrics.job_dispatched(job)
             self._tracker.track(session, job, submitting=True)
             task = asyncio.create_task(self._submit(session, job))
             self._submissions.add(task)
@@ -97,6 +103,7 @@ class Dispatcher:
         assert job.prompt_id is not None
         prompt = isolate_outputs(job.prompt, job.prompt_id)
         try:
+            await self._upload_inputs(session, job)
             await session.client.queue_prompt(
                 prompt, prompt_id=job.prompt_id, client_id=session.client_id
             )
@@ -109,8 +116,9 @@ class Dispatcher:
             if failed is not None:
                 self._on_terminal(failed)
             return
-        except ComfyError as exc:
-            log.warning("backend %s did not take job %s: %s", session.name, job.id, exc)
+        except (ComfyError, StorageError) as exc:
+            log.warning("backend %s did not take job %s: %s", session.name, job.id, exc,
+                        extra=job_fields(job))
             # Hold the slot a moment so a backend that fails every POST is not hammered.
             await asyncio.sleep(SUBMIT_FAILURE_PAUSE)
             self._tracker.forget(job.prompt_id)
@@ -122,7 +130,16 @@ class Dispatcher:
             # Cancelled while the POST was on its way: take it back off the backend.
             await session.withdraw(job.prompt_id)
             return
-        log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id)
+        log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id,
+                 extra=job_fields(job))
+
+    async def _upload_inputs(self, session: BackendSession, job: Job) -> None:
+        """Right before queueing: the job's input images into this backend's input folder."""
+        for value in job.params.values():
+            if isinstance(value, dict) and "input" in value:
+                data = await self._storage.read(value["input"])
+                await session.client.upload_image(data, value["name"], value["subfolder"],
+                                                  value["content_type"])
 
     async def close(self) -> None:
         for task in self._submissions:

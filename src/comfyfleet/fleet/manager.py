@@ -43,8 +43,10 @@ class Fleet:
         quiet_seconds: float,
         on_terminal: Callable[[Job], None],
         events: JobEvents,
+        node_token: str | None = None,
     ) -> None:
         self._repository = repository
+        self._node_token = node_token
         self._on_terminal = on_terminal
         collector = Collector(repository, storage, key_prefix, on_terminal)
         self.tracker = ExecutionTracker(
@@ -63,11 +65,13 @@ class Fleet:
             repository,
             self.sessions,
             self.tracker,
+            storage,
             max_inflight=max_inflight,
             on_terminal=on_terminal,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._dispatching: asyncio.Task[None] | None = None
         for backend in backends:
             self._add_session(backend)
 
@@ -77,6 +81,7 @@ class Fleet:
             on_message=self.tracker.on_message,
             on_connect=self._connected,
             on_disconnect=self.tracker.on_disconnect,
+            node_token=self._node_token,
         )
         self.sessions.append(session)
         return session
@@ -92,10 +97,15 @@ class Fleet:
     def start(self) -> None:
         for session in self.sessions:
             self._session_tasks[session.name] = asyncio.create_task(session.run())
-        self._tasks = [
-            asyncio.create_task(self.dispatcher.run()),
-            asyncio.create_task(self.tracker.watch(self.sessions)),
-        ]
+        self._dispatching = asyncio.create_task(self.dispatcher.run())
+        self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions))]
+
+    async def stop_dispatching(self) -> None:
+        """Claim no more jobs: the first step of a shutdown, so that nothing new is started
+        that this process would then leave behind. What is in flight goes on."""
+        if self._dispatching is not None:
+            self._dispatching.cancel()
+            await asyncio.gather(self._dispatching, return_exceptions=True)
 
     def session(self, name: str) -> BackendSession | None:
         return next((s for s in self.sessions if s.name == name), None)
@@ -167,14 +177,18 @@ class Fleet:
             "unreachable_seconds": round(session.unreachable_for(), 1),
             "last_error": session.last_error,
             "capabilities": session.capabilities.summary() if session.capabilities else None,
+            # The comfyui_nodes package's version there; null: its files are not deleted.
+            "cleanup": session.cleanup.version,
         }
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop; uploads in progress get up to `grace` seconds to finish. Prompts still on
+        the backends are left there: the next process to connect reconciles them."""
         tasks = [*self._tasks, *self._session_tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.dispatcher.close()
-        await self.tracker.close()
+        await self.tracker.close(grace)
         for session in self.sessions:
             await session.close()

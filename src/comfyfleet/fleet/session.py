@@ -15,6 +15,7 @@ from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
 from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.capabilities import Capabilities
+from comfyfleet.fleet.cleanup import BackendCleanup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class BackendSession:
         on_message: MessageHandler,
         on_connect: SessionHandler,
         on_disconnect: SessionHandler,
+        node_token: str | None = None,
     ) -> None:
         self.backend = backend
         # One id for the life of this process: events for prompts queued before a reconnect
@@ -59,6 +61,8 @@ class BackendSession:
         self.inflight: set[str] = set()
         self.last_error: str | None = None
         self.capabilities: Capabilities | None = None  # known once it has connected
+        # Deletes our files there when it has comfyui_nodes/ and a token is configured.
+        self.cleanup = BackendCleanup(self.client, backend.name, node_token)
 
     @property
     def name(self) -> str:
@@ -89,6 +93,7 @@ class BackendSession:
             await self.client.system_stats()
             # Refreshed on every connect: a restarted backend may have new nodes or models.
             self.capabilities = Capabilities.from_object_info(await self.client.object_info())
+            await self.cleanup.refresh()
             self.connected = True
             self._unreachable_since = None
             self.last_error = None

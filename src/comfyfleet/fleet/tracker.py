@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError
 from comfyfleet.comfy.messages import (
     Binary,
@@ -32,6 +33,7 @@ from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.logs import job_fields
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class ExecutionTracker:
             case ExecutionStart():
                 await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
                                    status=JobStatus.RUNNING, started_at=utcnow())
+                metrics.job_started(run.job)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
             case Executing(node=None):
@@ -182,6 +185,7 @@ class ExecutionTracker:
         )
         self.forget(run.prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job
+            metrics.job_executed(uploading)
             self._start_collecting(run.session, uploading)
 
     def _start_collecting(self, session: BackendSession, job: Job) -> None:
@@ -189,7 +193,8 @@ class ExecutionTracker:
         prompt_id = job.prompt_id
         if prompt_id in self._collecting:
             return
-        task = asyncio.create_task(self._collector.collect(session.client, job))
+        task = asyncio.create_task(metrics.timed_upload(
+            job, self._collector.collect(session.client, job, cleanup=session.cleanup)))
         self._collecting[prompt_id] = task
         task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
 
@@ -263,7 +268,7 @@ class ExecutionTracker:
             if failed is not None:
                 self._on_terminal(failed)
             return
-        log.warning("%s: job %s requeued", message, job.id)
+        log.warning("%s: job %s requeued", message, job.id, extra=job_fields(job))
         if await self._repository.requeue(job) is not None:
             self._on_slot_freed()  # the dispatcher has work again
 
@@ -307,8 +312,13 @@ class ExecutionTracker:
             if job.prompt_id not in self._collecting and job.prompt_id not in self._submitting:
                 await self._lost(job, reason)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Give the uploads in progress up to `grace` seconds, then cut them short: a job
+        left `uploading` is collected again by the next process (its keys are deterministic)."""
         tasks = list(self._collecting.values())
+        if tasks and grace > 0:
+            log.info("waiting up to %g s for %d uploads in progress", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -70,6 +70,8 @@ class Job(SQLModel, table=True):
     webhook_events: list[str] | None = Field(
         default=None, sa_column=Column(JSONB, nullable=True)
     )
+    # SHA-256 (hex) of the API key that submitted the job, never the key; null without keys.
+    api_key_hash: str | None = None
 
 
 def job_error(

@@ -18,8 +18,17 @@ from comfyfleet.jobs import outbox
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 
 _table = Job.__table__  # type: ignore[attr-defined]
+UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # Queued jobs a claim looks at to find one the backend can run (capability routing).
 CLAIM_BATCH = 50
+
+
+class QueueFull(Exception):
+    """The submitting key has as many unfinished jobs as it may have."""
+
+    def __init__(self, unfinished: int) -> None:
+        super().__init__(f"{unfinished} unfinished jobs")
+        self.unfinished = unfinished
 
 
 class JobRepository:
@@ -31,13 +40,17 @@ class JobRepository:
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._on_change = on_change or (lambda _: None)
 
-    async def insert(self, job: Job) -> tuple[Job, bool]:
+    async def insert(self, job: Job, *, max_unfinished: int | None = None) -> tuple[Job, bool]:
         """Store a new job; with a `client_task_id` already taken, the existing job instead.
 
-        Returns the job and whether it was created.
+        Returns the job and whether it was created. With `max_unfinished`, raises QueueFull
+        when the job's API key already has that many unfinished jobs (a repeat of an
+        existing job is still answered with it).
         """
         values = job.model_dump()
         async with self._sessions.begin() as session:
+            if max_unfinished is not None:
+                await self._check_quota(session, job, max_unfinished)
             statement = insert(_table).values(**values)
             if job.client_task_id is not None:
                 statement = statement.on_conflict_do_nothing(index_elements=["client_task_id"])
@@ -48,6 +61,25 @@ class JobRepository:
                 select(Job).where(col(Job.client_task_id) == job.client_task_id)
             )
             return existing.one(), False
+
+    async def _check_quota(self, session: AsyncSession, job: Job, limit: int) -> None:
+        # Serialised per key, so concurrent submits cannot all pass the count together.
+        await session.exec(select(func.pg_advisory_xact_lock(
+            func.hashtext(f"quota:{job.api_key_hash}"))))
+        unfinished = (await session.exec(
+            select(func.count()).select_from(Job).where(
+                col(Job.api_key_hash).is_not_distinct_from(job.api_key_hash),
+                col(Job.status).in_([str(state) for state in UNFINISHED_STATES]),
+            )
+        )).one()
+        if unfinished < limit:
+            return
+        if job.client_task_id is not None:
+            repeat = await session.exec(
+                select(col(Job.id)).where(col(Job.client_task_id) == job.client_task_id))
+            if repeat.first() is not None:
+                return  # the insert finds the existing job
+        raise QueueFull(unfinished)
 
     async def get(self, job_id: uuid.UUID) -> Job | None:
         async with self._sessions() as session:
@@ -175,9 +207,13 @@ class JobRepository:
         status: str | None = None,
         workflow: str | None = None,
         after: tuple[datetime, uuid.UUID] | None = None,
+        api_key_hash: str | None = None,
     ) -> list[Job]:
-        """Newest first; `after` is the (created_at, id) of the last job of the page before."""
+        """Newest first; `after` is the (created_at, id) of the last job of the page before.
+        With `api_key_hash`, only the jobs that key submitted."""
         query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
+        if api_key_hash is not None:
+            query = query.where(col(Job.api_key_hash) == api_key_hash)
         if status is not None:
             query = query.where(col(Job.status) == status)
         if workflow is not None:
@@ -211,6 +247,16 @@ class JobRepository:
         async with self._sessions() as session:
             mean = (await session.exec(select(func.avg(recent.c.seconds)))).one()
         return float(mean) if mean is not None else None
+
+    async def unfinished_counts(self) -> list[tuple[str, str, int]]:
+        """(status, workflow, count) of the jobs not finished yet, in every process."""
+        async with self._sessions() as session:
+            result = await session.exec(
+                select(col(Job.status), col(Job.workflow), func.count())
+                .where(col(Job.status).in_([str(state) for state in UNFINISHED_STATES]))
+                .group_by(col(Job.status), col(Job.workflow))
+            )
+            return [(status, workflow, count) for status, workflow, count in result.all()]
 
     async def on_backend(self, backend: str) -> list[Job]:
         async with self._sessions() as session:

@@ -20,6 +20,10 @@ class Storage(Protocol):
         """Store the stream under `key`, replacing any earlier object; returns its size."""
         ...
 
+    async def read(self, key: str) -> bytes:
+        """The whole object (for inputs, which are bounded by MAX_UPLOAD_BYTES)."""
+        ...
+
     async def url(self, key: str) -> str | None:
         """A URL a client can fetch the object from, or None when the API must serve it."""
         ...

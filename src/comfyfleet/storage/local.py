@@ -65,6 +65,12 @@ class LocalStorage:
             raise
         return size
 
+    async def read(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self.path_of(key).read_bytes)
+        except OSError as exc:
+            raise StorageError(f"reading {key}: {exc}") from exc
+
     async def url(self, key: str) -> str | None:
         if self._signing_key is None or self._base_url is None:
             return None

@@ -1,13 +1,16 @@
 """Outputs in S3 (or MinIO, R2, ...) through aiobotocore.
 
 A stream is cut into parts of PART_SIZE: a short one becomes one PUT, a longer one a
-multipart upload that holds one part in memory at a time and is aborted on failure, so
-memory stays flat whatever the size and no half-written object is left behind.
+multipart upload that holds at most PART_CONCURRENCY parts in memory (about 32 MiB) and is
+aborted on failure, so memory stays flat whatever the size and no half-written object is left
+behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -58,31 +61,41 @@ class S3Storage:
 
     async def _upload(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         parts = _parts(chunks)
-        first = await anext(parts, b"")
-        second = await anext(parts, None) if len(first) == PART_SIZE else None
+        first = await anext(parts, None)
+        if first is None:  # an empty stream: an empty object
+            first = io.BytesIO()
+        second = await anext(parts, None) if _size(first) == PART_SIZE else None
         if second is None:
+            size = _size(first)
             await self._client.put_object(
                 Bucket=self.bucket, Key=key, Body=first, ContentType=content_type
             )
-            return len(first)
+            return size
         created = await self._client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType=content_type
         )
         upload_id: str = created["UploadId"]
         etags: dict[int, str] = {}
         size = 0
-        # Each part in flight holds PART_SIZE bytes: this bounds memory per upload.
+        # Memory per upload is bounded by the parts that exist at once: a slot is taken
+        # before the next part is read, and only the part's own task keeps it.
         slots = asyncio.Semaphore(PART_CONCURRENCY)
         uploads: list[asyncio.Task[None]] = []
+        read_ahead = [first, second]
+        del first, second
         try:
-            async for number, body in _numbered(first, second, parts):
+            for number in itertools.count(1):
                 await slots.acquire()
                 failed = next((t for t in uploads if t.done() and t.exception()), None)
                 if failed is not None:
                     await failed  # raises its error: stop reading the source early
-                size += len(body)
+                body = read_ahead.pop(0) if read_ahead else await anext(parts, None)
+                if body is None:
+                    break
+                size += _size(body)
                 uploads.append(asyncio.create_task(
                     self._put_part(key, upload_id, number, body, etags, slots)))
+                del body
             await asyncio.gather(*uploads)
             await self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -107,7 +120,7 @@ class S3Storage:
             log.warning("could not abort multipart upload of %s: %s", key, exc)
 
     async def _put_part(
-        self, key: str, upload_id: str, number: int, body: bytes, etags: dict[int, str],
+        self, key: str, upload_id: str, number: int, body: io.BytesIO, etags: dict[int, str],
         slots: asyncio.Semaphore,
     ) -> None:
         try:
@@ -117,6 +130,15 @@ class S3Storage:
             etags[number] = result["ETag"]
         finally:
             slots.release()
+
+    async def read(self, key: str) -> bytes:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+                return data
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 read of {key}: {exc}") from exc
 
     async def url(self, key: str) -> str | None:
         url: str = await self._client.generate_presigned_url(
@@ -134,24 +156,26 @@ class S3Storage:
         await self._exit_stack.aclose()
 
 
-async def _parts(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The stream cut into PART_SIZE pieces (the last one shorter)."""
-    buffer = bytearray()
+async def _parts(chunks: AsyncIterator[bytes]) -> AsyncIterator[io.BytesIO]:
+    """The stream cut into PART_SIZE pieces (the last one shorter), each written straight into
+    the BytesIO that is sent: botocore would wrap bytes in a BytesIO, whose buffer aiohttp's
+    payload then copies (getbuffer() unshares it), doubling every part in flight."""
+    part = io.BytesIO()
     async for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= PART_SIZE:
-            yield bytes(buffer[:PART_SIZE])
-            del buffer[:PART_SIZE]
-    if buffer:
-        yield bytes(buffer)
+        view = memoryview(chunk)
+        while view:
+            room = PART_SIZE - part.tell()
+            part.write(view[:room])
+            view = view[room:]
+            if part.tell() == PART_SIZE:
+                part.seek(0)
+                yield part
+                part = io.BytesIO()
+    if part.tell():
+        part.seek(0)
+        yield part
 
 
-async def _numbered(
-    first: bytes, second: bytes, rest: AsyncIterator[bytes]
-) -> AsyncIterator[tuple[int, bytes]]:
-    yield 1, first
-    yield 2, second
-    number = 2
-    async for body in rest:
-        number += 1
-        yield number, body
+def _size(part: io.BytesIO) -> int:
+    with part.getbuffer() as view:  # a view, not a copy, and released at once
+        return view.nbytes

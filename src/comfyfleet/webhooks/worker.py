@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet import metrics
 from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.jobs.outbox import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, Outbox
 from comfyfleet.jobs.render import UrlFor
@@ -158,6 +159,7 @@ class WebhookWorker:
             attempted_at = utcnow()
             body = await event_body(delivery.payload, self._url_for)
             result = await self._sender.send(delivery.url, delivery.message_id, body)
+            metrics.webhook_attempt(delivery, result.delivered, result.status_code)
             attempts = delivery.attempts + 1
             outcome = self._schedule.after(
                 result, attempts=attempts, pending_since=delivery.pending_since, now=utcnow()
@@ -176,7 +178,8 @@ class WebhookWorker:
         log.log(level, "webhook %s %s for job %s, attempt %d: %s in %d ms -> %s%s",
                 delivery.event_type, delivery.message_id, delivery.job_id, attempts,
                 result.error or f"HTTP {result.status_code}", result.latency_ms,
-                outcome.status, "" if kept else " (lease lost: another worker has it)")
+                outcome.status, "" if kept else " (lease lost: another worker has it)",
+                extra={"job_id": str(delivery.job_id)})
 
     async def _listen(self) -> None:
         """Wake on NOTIFY from any process committing a delivery; reconnect when cut off."""

@@ -47,7 +47,15 @@ class Workflow:
     def build(self, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The validated parameter values and the filled prompt; ParamError on bad input."""
         values = validate_params(self.params, given)
-        return values, substitute(self.template, values)
+        return values, self.fill(values)
+
+    def fill(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The prompt with these (already validated) values substituted."""
+        return cast(dict[str, Any], substitute(self.template, values))
+
+    @property
+    def image_params(self) -> list[str]:
+        return [name for name, spec in self.params.items() if spec.type == "image"]
 
     def preview(self) -> dict[str, Any]:
         """The prompt with defaults filled in, and null where a value must come from the

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Literal
 
-ParamType = Literal["any", "string", "int", "float", "bool", "enum"]
-PARAM_TYPES: tuple[ParamType, ...] = ("any", "string", "int", "float", "bool", "enum")
+ParamType = Literal["any", "string", "int", "float", "bool", "enum", "image"]
+PARAM_TYPES: tuple[ParamType, ...] = ("any", "string", "int", "float", "bool", "enum", "image")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class ParamError(Exception):
         return "; ".join(f"{name}: {problem}" for name, problem in self.problems.items())
 
 
+_FORM_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+
+
 def _coerce(spec: ParamSpec, value: Any) -> Any:
     """The value converted to the parameter's type; ValueError says what is wrong."""
     if spec.type == "int":
@@ -67,11 +70,19 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         if not math.isfinite(value):
             raise ValueError("expected a finite number")
     elif spec.type == "bool":
+        if isinstance(value, str) and value.lower() in _FORM_BOOLEANS:
+            value = _FORM_BOOLEANS[value.lower()]  # a form field is always text
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
     elif spec.type == "string":
         if not isinstance(value, str):
             raise ValueError(f"expected a string, got {value!r}")
+    elif spec.type == "image":
+        # Fetched or decoded by the API before the job is stored (comfyfleet.inputs); bytes
+        # come from a multipart upload.
+        if not isinstance(value, str | bytes) or not value:
+            raise ValueError("expected an http(s) URL, base64 or a data: URI")
+        return value
     elif spec.type == "any" and not isinstance(value, str | int | float | bool):
         raise ValueError(f"expected a string, number or boolean, got {value!r}")
     if spec.minimum is not None and value < spec.minimum:

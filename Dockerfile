@@ -1,0 +1,39 @@
+# comfyfleet: `docker build -t comfyfleet .`, then run it with the settings of .env.example in
+# its environment (docker-compose.yml shows a whole deployment). Migrations run at startup.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when requirements.txt changes.
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-deps .
+
+# Sample workflows; mount your own over /app/workflows.
+COPY workflows ./workflows
+
+RUN useradd --system --uid 10001 --home-dir /app comfyfleet \
+    && mkdir -p /app/.data && chown comfyfleet /app/.data
+USER comfyfleet
+
+ENV SERVICE_HOST=0.0.0.0 \
+    SERVICE_PORT=8000 \
+    WORKFLOWS_DIR=/app/workflows \
+    DATA_DIR=/app/.data \
+    LOG_FORMAT=json
+EXPOSE 8000
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '8000')}/healthz\", timeout=2)"]
+
+# SIGTERM (docker stop) drains: no new claims, uploads and requests get SHUTDOWN_TIMEOUT.
+# Give `docker stop -t` / stop_grace_period more than that.
+CMD ["comfyfleet", "serve"]

@@ -1,0 +1,153 @@
+"""API keys, per-key job visibility and rate limits (DESIGN §8).
+
+With API_KEYS or ADMIN_API_KEYS set, or a live key made with `comfyfleet keys create`, every
+route under the prefix needs `Authorization: Bearer <key>`. Keys are kept and compared only as
+SHA-256 digests: a job records the digest of the key that submitted it, and only that key (or
+an admin key) sees it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from sqlalchemy.exc import SQLAlchemyError
+
+from comfyfleet.api.body_limit import BodyLimitMiddleware
+from comfyfleet.api.errors import ApiError
+from comfyfleet.api_keys import KeyStore, key_hash
+from comfyfleet.jobs.models import Job
+from comfyfleet.services import Services
+from comfyfleet.settings import Settings
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the digest of their key (None when keys are off) and what they see."""
+
+    key_hash: str | None
+    sees_all: bool
+    address: str
+
+    def sees(self, job: Job) -> bool:
+        return self.sees_all or job.api_key_hash == self.key_hash
+
+    @property
+    def owner_filter(self) -> str | None:
+        """The key whose jobs a listing shows; None: every job."""
+        return None if self.sees_all else self.key_hash
+
+
+class Guard:
+    """The keys (configured, and kept in the database) and the rate limit of one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        # The database's keys, once the app's lifespan has opened the database.
+        self.store: KeyStore | None = None
+        # digest -> admin; a key listed in both is an admin key.
+        self._keys = {key_hash(key): False for key in settings.api_keys}
+        self._keys.update({key_hash(key): True for key in settings.admin_api_keys})
+        self._rate: RateLimitItem | None = (
+            RateLimitItemPerMinute(settings.rate_limit) if settings.rate_limit else None)
+        # Per process: several processes behind a load balancer each allow the full rate.
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def identify(self, key: str | None, address: str) -> Caller:
+        try:
+            return await self._identify(key, address)
+        except (SQLAlchemyError, OSError) as exc:  # not knowing the keys, let nobody in
+            raise ApiError(503, "keys_unavailable",
+                           "API keys cannot be checked now: the database does not answer"
+                           ) from exc
+
+    async def _identify(self, key: str | None, address: str) -> Caller:
+        if not self._keys and (self.store is None or not await self.store.any_live()):
+            return Caller(key_hash=None, sees_all=True, address=address)
+        if key is None:
+            raise _unauthorized("missing_api_key",
+                                "this API needs an `Authorization: Bearer <key>` header")
+        digest = key_hash(key)
+        admin: bool | None = None
+        # Every configured digest is compared, so the time taken says nothing about which
+        # matched. The database finds its keys by digest: a digest's timing reveals nothing
+        # usable about the key.
+        for known, is_admin in self._keys.items():
+            if hmac.compare_digest(known, digest):
+                admin = is_admin
+        if admin is None and self.store is not None:
+            admin = await self.store.lookup(digest)
+        if admin is None:
+            raise _unauthorized("invalid_api_key", "the API key is not valid",
+                                challenge='Bearer error="invalid_token"')
+        return Caller(key_hash=digest, sees_all=admin, address=address)
+
+    async def throttle(self, caller: Caller) -> None:
+        """429 with Retry-After when the caller is over RATE_LIMIT requests per minute."""
+        if self._rate is None:
+            return
+        identity = caller.key_hash or f"address:{caller.address}"
+        if await self._limiter.hit(self._rate, identity):
+            return
+        stats = await self._limiter.get_window_stats(self._rate, identity)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise ApiError(429, "rate_limited",
+                       f"over {self._rate.amount} requests per minute; retry in {retry_after} s",
+                       retry_after=retry_after, headers={"Retry-After": str(retry_after)})
+
+
+def _unauthorized(type_: str, message: str, challenge: str = "Bearer") -> ApiError:
+    return ApiError(401, type_, message, headers={"WWW-Authenticate": challenge})
+
+
+# auto_error=False: a missing or malformed header gets our JSON 401, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS")
+
+
+async def authenticate(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """Router dependency of every route under the prefix: who is calling, within their rate."""
+    guard = request.app.state.guard
+    assert isinstance(guard, Guard)
+    address = request.client.host if request.client else "unknown"
+    caller = await guard.identify(credentials.credentials if credentials else None, address)
+    await guard.throttle(caller)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+def install_security(app: FastAPI, settings: Settings) -> None:
+    """The keys and rate limit (used by `authenticate`), the body size limits, and CORS when
+    CORS_ORIGINS allows browsers in."""
+    app.state.guard = Guard(settings)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        # Added last, so it is outermost: error answers (401, 413, 429) carry its headers too.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
+                           "Last-Event-ID"],
+            expose_headers=["Retry-After", "Location"],
+        )
+
+
+async def visible_job(svc: Services, caller: Caller, job_id: uuid.UUID) -> Job:
+    """The job, if the caller may see it; another key's job is as absent as a missing one."""
+    job = await svc.repository.get(job_id)
+    if job is None or not caller.sees(job):
+        raise ApiError(404, "job_not_found", f"no job {job_id}")
+    return job

@@ -1,0 +1,119 @@
+"""Image parameters: what a client sends (an http(s) URL, base64, a data URI, or an upload)
+turned into checked bytes, kept in storage until the dispatcher uploads them to the backend
+that runs the job (DESIGN §3).
+
+URLs are fetched with a size and time limit, through the SSRF guard of the webhooks, and no
+redirects are followed; whatever the source, the bytes must be an image format ComfyUI reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from comfyfleet.storage import Storage
+from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url, guarded_connector
+
+FETCH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+BACKEND_SUBFOLDER = "comfyfleet"  # in the backend's input directory
+# Magic numbers of the formats ComfyUI's LoadImage opens, and the extension we store them with.
+_FORMATS = [
+    (b"\x89PNG\r\n\x1a\n", "image/png", ".png"),
+    (b"\xff\xd8\xff", "image/jpeg", ".jpg"),
+    (b"GIF87a", "image/gif", ".gif"),
+    (b"GIF89a", "image/gif", ".gif"),
+    (b"BM", "image/bmp", ".bmp"),
+]
+_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(?P<data>.*)$",
+                       re.DOTALL)
+
+
+class InputError(ValueError):
+    """An image parameter that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    content_type: str
+    extension: str
+
+
+def sniff(data: bytes) -> tuple[str, str]:
+    """Content type and extension of an image, by its first bytes; InputError otherwise."""
+    for magic, content_type, extension in _FORMATS:
+        if data.startswith(magic):
+            return content_type, extension
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp", ".webp"
+    raise InputError("not an image ComfyUI can read (PNG, JPEG, WEBP, GIF or BMP)")
+
+
+def image(data: bytes) -> ImageInput:
+    content_type, extension = sniff(data)
+    return ImageInput(data, content_type, extension)
+
+
+async def resolve(value: str, *, max_bytes: int, allow_private: bool) -> ImageInput:
+    """The image a parameter value names: fetched (URL) or decoded (base64 / data URI)."""
+    if value.startswith(("http://", "https://")):
+        return image(await _fetch(value, max_bytes=max_bytes, allow_private=allow_private))
+    match = _DATA_URI.match(value)
+    encoded = match.group("data") if match else value
+    if len(encoded) > max_bytes * 4 // 3 + 4:
+        raise InputError(f"larger than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError("expected an http(s) URL, base64 or a data: URI") from exc
+    return image(data)
+
+
+async def _fetch(url: str, *, max_bytes: int, allow_private: bool) -> bytes:
+    try:
+        await check_url(url, allow_private=allow_private)
+    except UrlNotAllowed as exc:
+        raise InputError(str(exc)) from exc
+    try:
+        async with aiohttp.ClientSession(
+            connector=guarded_connector(allow_private=allow_private), timeout=FETCH_TIMEOUT
+        ) as http, http.get(url, allow_redirects=False) as response:
+            if response.status != 200:
+                raise InputError(f"fetching {url} answered HTTP {response.status}")
+            declared = response.content_length
+            if declared is not None and declared > max_bytes:
+                raise InputError(f"{url} is larger than {max_bytes} bytes")
+            data = await response.content.read(max_bytes + 1)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise InputError(f"could not fetch {url}: {exc!r}") from exc
+    if len(data) > max_bytes:
+        raise InputError(f"{url} is larger than {max_bytes} bytes")
+    return data
+
+
+def backend_name(job_id: str, param: str, extension: str) -> str:
+    """The file's name in the backend's input folder: unique per job, so uploads never clash
+    and ComfyUI's rename-on-conflict never changes it."""
+    return f"{job_id}_{param}{extension}"
+
+
+async def store(
+    storage: Storage, key_prefix: str, job_id: str, param: str, picture: ImageInput
+) -> dict[str, Any]:
+    """Keep the bytes until dispatch; returns what the job records for this parameter."""
+    key = f"{key_prefix}{job_id}/inputs/{param}{picture.extension}"
+
+    async def chunks() -> Any:
+        yield picture.data
+
+    await storage.put_stream(key, chunks(), picture.content_type)
+    name = backend_name(job_id, param, picture.extension)
+    return {"input": key, "name": name, "subfolder": BACKEND_SUBFOLDER,
+            "content_type": picture.content_type, "size": len(picture.data),
+            "sha256": hashlib.sha256(picture.data).hexdigest()}

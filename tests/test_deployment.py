@@ -1,0 +1,123 @@
+"""The deployment files agree with the code: docker-compose.yml and the Dockerfile, every
+setting in .env.example and in the README's configuration table, and nothing else there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comfyfleet.settings import Settings
+from tests.conftest import REPO
+
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+
+
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def with_defaults(text: str) -> str:
+    """Compose's `${NAME:-default}` as it is with NAME unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def test_compose_services_ports_and_settings() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "minio", "minio-bucket", "comfyui-0", "comfyui-1",
+                             "comfyfleet"}
+    app = services["comfyfleet"]
+    assert app["build"] == "."
+    environment = app["environment"]
+    unknown = set(environment) - SETTING_NAMES
+    assert not unknown, f"not settings of comfyfleet: {sorted(unknown)}"
+    assert app["ports"] == [f"{environment['SERVICE_PORT']}:{environment['SERVICE_PORT']}"]
+    assert environment["SERVICE_HOST"] == "0.0.0.0"
+    assert environment["DATABASE_URL"].startswith("postgresql://")
+    assert "@postgres:5432/" in environment["DATABASE_URL"]
+    assert environment["S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert app["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert app["depends_on"]["minio-bucket"] == {"condition": "service_completed_successfully"}
+    # The grace period covers the shutdown drain.
+    assert int(app["stop_grace_period"].rstrip("s")) > float(environment["SHUTDOWN_TIMEOUT"])
+    assert "comfyfleet-outputs" in services["minio-bucket"]["entrypoint"]
+    assert environment["S3_BUCKET"] == "comfyfleet-outputs"
+
+    endpoints = environment["COMFYUI_ENDPOINTS"].split(",")
+    for index, endpoint in enumerate(endpoints):
+        name = f"comfyui-{index}"
+        assert endpoint.startswith(f"{name}:8188#")
+        comfyui = services[name]
+        mounts = [with_defaults(volume).split(":") for volume in comfyui["volumes"]]
+        assert ["./comfyui_nodes/comfyfleet_cleanup",
+                "/opt/ComfyUI/custom_nodes/comfyfleet_cleanup", "ro"] in mounts
+        assert (REPO / "comfyui_nodes" / "comfyfleet_cleanup" / "__init__.py").is_file()
+        devices = comfyui["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        assert devices[0]["device_ids"] == [str(index)]
+        # Both sides of the cleanup routes get the same token.
+        assert comfyui["environment"]["COMFYFLEET_NODE_TOKEN"] == (
+            environment["COMFYFLEET_NODE_TOKEN"])
+
+
+def test_dockerfile_installs_the_pinned_requirements_and_serves() -> None:
+    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+    assert "FROM python:3.11-slim" in lines
+    assert "RUN pip install -r requirements.txt" in lines
+    assert "RUN pip install --no-deps ." in lines
+    assert lines.index("COPY requirements.txt .") < lines.index("COPY src ./src")
+    assert 'CMD ["comfyfleet", "serve"]' in lines
+    assert "EXPOSE 8000" in lines
+    assert "USER comfyfleet" in lines
+    for setting in re.findall(r"^\s*(\w+)=", "\n".join(lines), re.MULTILINE):
+        if not setting.startswith(("PYTHON", "PIP_")):
+            assert setting in SETTING_NAMES, setting
+
+
+def example_names(path: Path) -> list[str]:
+    """Every NAME= line of an env file, commented out or not."""
+    return re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", path.read_text(), re.MULTILINE)
+
+
+def test_env_example_lists_every_setting_once_and_nothing_else() -> None:
+    names = example_names(REPO / ".env.example")
+    assert len(names) == len(set(names)), "listed twice"
+    assert set(names) - SETTING_NAMES == set(), "not a setting"
+    assert SETTING_NAMES - set(names) == set(), "missing from .env.example"
+
+
+def test_env_example_values_are_valid() -> None:
+    settings = Settings(_env_file=REPO / ".env.example")
+    assert settings.log_format == "text"
+    assert settings.max_inflight_per_backend == 2
+
+
+def shown(default: object) -> str:
+    """A default as the README's table writes it."""
+    if default is None:
+        return "unset"
+    if default == "" or default == []:
+        return "empty"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, list):
+        return "`" + ",".join(shown(item).strip("`") for item in default) + "`"
+    if isinstance(default, float) and default.is_integer():
+        return f"`{int(default)}`"
+    return f"`{default}`"
+
+
+def test_readme_configuration_table_matches_the_settings() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", section, re.MULTILINE)
+    documented = dict(rows)
+    assert len(rows) == len(documented), "a setting documented twice"
+    assert set(documented) == SETTING_NAMES
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        assert documented[name.upper()].strip() == shown(default), name

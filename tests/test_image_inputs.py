@@ -1,0 +1,150 @@
+"""Image parameters from a URL, base64, a data URI or a multipart upload reach the backend
+that runs the job, and bad ones are refused at submit naming the parameter."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+COLOR = (10, 200, 30)
+
+
+def png(width: int = 32, height: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), COLOR).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+async def image_server() -> AsyncIterator[str]:
+    """Serves /picture.png and /not-found on loopback."""
+    app = web.Application()
+
+    async def picture(_: web.Request) -> web.Response:
+        return web.Response(body=png(), content_type="image/png")
+
+    app.router.add_get("/picture.png", picture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedComfyUI]:
+    async with SimulatedComfyUI() as server:
+        yield server
+
+
+@pytest.fixture
+async def api(settings: Settings, sim: SimulatedComfyUI
+              ) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    settings.comfyui_endpoints = [sim.url]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        yield http, base + settings.route_prefix
+
+
+async def finished(http: aiohttp.ClientSession, prefix: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{prefix}/jobs/{job_id}?") as response:
+        job: dict[str, Any] = await response.json()
+    async with asyncio.timeout(20):
+        while job["status"] not in ("succeeded", "failed"):
+            await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
+            async with http.get(f"{prefix}/jobs/{job_id}") as response:
+                job = await response.json()
+    return job
+
+
+async def output_image(http: aiohttp.ClientSession, prefix: str, job: dict[str, Any]
+                       ) -> Image.Image:
+    async with http.get(f"{prefix}/jobs/{job['id']}/outputs/0") as response:
+        return Image.open(io.BytesIO(await response.read())).convert("RGB")
+
+
+async def test_each_way_of_sending_an_image_runs_the_job(
+    api: tuple[aiohttp.ClientSession, str], image_server: str, sim: SimulatedComfyUI
+) -> None:
+    http, prefix = api
+    encoded = base64.b64encode(png()).decode()
+    sources = [encoded, f"data:image/png;base64,{encoded}", f"{image_server}/picture.png"]
+    for source in sources:
+        async with http.post(f"{prefix}/jobs", json={"workflow": "blur_image", "params": {
+                "image": source, "width": 64}}) as response:
+            assert response.status == 202, await response.text()
+            submitted = await response.json()
+        record = submitted["params"]["image"]
+        assert record["content_type"] == "image/png" and record["size"] == len(png())
+        job = await finished(http, prefix, submitted["id"])
+        assert job["status"] == "succeeded", job
+        picture = await output_image(http, prefix, job)
+        assert picture.size == (64, 32)  # height 0 keeps the aspect ratio
+        assert picture.getpixel((32, 16)) == COLOR
+        uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
+        assert uploaded.read_bytes() == png()
+
+
+async def test_multipart_upload_on_the_typed_endpoint(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, prefix = api
+    form = aiohttp.FormData()
+    form.add_field("image", png(20, 20), filename="me.png", content_type="image/png")
+    form.add_field("width", "40")
+    form.add_field("client_task_id", "upload-1")
+    async with http.post(f"{prefix}/workflows/blur_image/jobs", data=form) as response:
+        assert response.status == 202, await response.text()
+        submitted = await response.json()
+    assert submitted["client_task_id"] == "upload-1"
+    job = await finished(http, prefix, submitted["id"])
+    assert (await output_image(http, prefix, job)).size == (40, 40)
+
+
+@pytest.mark.parametrize(
+    ("image", "says"),
+    [
+        ("bm90IGFuIGltYWdl", "not an image"),  # base64 of "not an image"
+        ("%%%not base64%%%", "expected an http(s) URL"),
+        ("{server}/not-found", "HTTP 404"),
+        ("http://169.254.169.254/latest/meta-data", "non-public address"),
+    ],
+)
+async def test_bad_image_is_422_naming_the_parameter(
+    settings: Settings, image_server: str, image: str, says: str
+) -> None:
+    settings.allow_private_callbacks = "169.254" not in image  # the guard itself is on trial
+    request = {"workflow": "blur_image", "params": {"image": image.format(server=image_server)}}
+    async with serving(settings) as base, aiohttp.ClientSession() as http, http.post(
+            f"{base}{settings.route_prefix}/jobs", json=request) as response:
+        body = await response.json()
+    assert response.status == 422
+    assert body["error"]["type"] == "invalid_params"
+    assert set(body["error"]["params"]) == {"image"}
+    assert says in body["error"]["params"]["image"]
+
+
+async def test_image_over_the_upload_limit_is_refused(settings: Settings) -> None:
+    settings.max_upload_bytes = 1000
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(noise, format="PNG")
+    request = {"workflow": "blur_image",
+               "params": {"image": base64.b64encode(noise.getvalue()).decode()}}
+    async with serving(settings) as base, aiohttp.ClientSession() as http, http.post(
+            f"{base}{settings.route_prefix}/jobs", json=request) as response:
+        body = await response.json()
+    assert response.status == 422
+    assert "larger than 1000 bytes" in body["error"]["params"]["image"]

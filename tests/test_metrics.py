@@ -1,0 +1,112 @@
+"""/metrics: the phases of a job run on a simulated ComfyUI, webhooks, stored bytes, backend
+gauges and the unfinished jobs in the database, per app."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from comfyfleet.app import serving
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.support import LOOPBACK, free_ports
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+PHASES = ("queue_wait", "dispatch", "run", "upload", "webhook")
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def phase_count(samples: Samples, phase: str) -> float:
+    return value(samples, "comfyfleet_job_phase_seconds_count", phase=phase, workflow="invert")
+
+
+async def test_metrics_move_when_a_job_runs(
+    settings: Settings, receiver: WebhookReceiver
+) -> None:
+    async with SimulatedComfyUI(duration=0.2) as sim:
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            before = await scrape(http, base)
+            body = {"workflow": "invert", "params": {"width": 32}, "callback_url": receiver.url}
+            async with http.post(f"{base}{settings.route_prefix}/jobs?wait=30",
+                                 json=body) as response:
+                job: dict[str, Any] = await response.json()
+            assert job["status"] == "succeeded", job
+            async with asyncio.timeout(10):
+                await receiver.wait_for(1)
+                # The attempt is counted once the sender has the receiver's answer.
+                while phase_count(after := await scrape(http, base), "webhook") == (  # noqa: ASYNC110
+                        phase_count(before, "webhook")):
+                    await asyncio.sleep(0.05)  # polling /metrics: no local event to wait on
+
+    for phase in PHASES:
+        assert phase_count(after, phase) == phase_count(before, phase) + 1, phase
+    assert value(after, "comfyfleet_job_phase_seconds_sum", phase="run",
+                 workflow="invert") > value(before, "comfyfleet_job_phase_seconds_sum",
+                                            phase="run", workflow="invert")
+    finished = {"workflow": "invert", "status": "succeeded"}
+    assert value(after, "comfyfleet_jobs_finished_total", **finished) == value(
+        before, "comfyfleet_jobs_finished_total", **finished) + 1
+    assert value(after, "comfyfleet_job_seconds_count", **finished) == value(
+        before, "comfyfleet_job_seconds_count", **finished) + 1
+    assert value(after, "comfyfleet_webhook_attempts_total", outcome="delivered") == value(
+        before, "comfyfleet_webhook_attempts_total", outcome="delivered") + 1
+    stored = sum(output["size"] for output in job["outputs"])
+    assert stored > 0
+    assert value(after, "comfyfleet_output_bytes_total") == value(
+        before, "comfyfleet_output_bytes_total") + stored
+    assert ("comfyfleet_storage_errors_total", frozenset()) in after
+    assert value(after, "comfyfleet_backend_up", backend="gpu") == 1
+    assert value(after, "comfyfleet_backend_inflight", backend="gpu") == 0
+    assert ("comfyfleet_backend_queue_remaining", frozenset({("backend", "gpu")})) in after
+    assert ("process_resident_memory_bytes", frozenset()) in after
+
+
+async def test_unfinished_jobs_are_counted_from_the_database(settings: Settings) -> None:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        api = base + settings.route_prefix
+        ids = []
+        for _ in range(2):  # no backends: they stay queued
+            body = {"workflow": "invert", "params": {"width": 16}}
+            async with http.post(f"{api}/jobs", json=body) as response:
+                ids.append((await response.json())["id"])
+        queued = {"status": "queued", "workflow": "invert"}
+        assert value(await scrape(http, base), "comfyfleet_jobs", **queued) == 2
+        async with http.post(f"{api}/jobs/{ids[0]}/cancel") as response:
+            assert response.status == 200
+        assert value(await scrape(http, base), "comfyfleet_jobs", **queued) == 1
+
+
+async def test_apps_in_one_process_report_their_own_backends(settings: Settings) -> None:
+    first = free_ports(2)
+    other = settings.model_copy(update={"comfyui_endpoints": [f"{LOOPBACK}:{first + 1}#b"]})
+    settings.comfyui_endpoints = [f"{LOOPBACK}:{first}#a"]  # nothing listens on either
+    async with serving(settings) as base_a, serving(other) as base_b, \
+            aiohttp.ClientSession() as http:
+        for base, mine, theirs in ((base_a, "a", "b"), (base_b, "b", "a")):
+            samples = await scrape(http, base)
+            assert ("comfyfleet_backend_up", frozenset({("backend", mine)})) in samples
+            assert ("comfyfleet_backend_up", frozenset({("backend", theirs)})) not in samples
+            assert value(samples, "comfyfleet_backend_up", backend=mine) == 0
+        async with http.get(f"{base_a}/readyz") as response:
+            assert response.status == 503  # a backend is configured and none is reachable
+            assert (await response.json())["backends"] == {"a": False}

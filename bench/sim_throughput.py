@@ -7,7 +7,8 @@ baseline, measured in the same run with the same client, is a bare aiohttp serve
 its own process) answering each POST with its JSON body: an HTTP round trip with no work.
 Each figure is the median of `--runs` runs, after a warm-up run.
 
-    .venv/bin/python bench/sim_throughput.py [--prompts 4000] [--window 32] [--runs 3]
+Run from the repository root:
+    .venv/bin/python -m bench.sim_throughput [--prompts 4000] [--window 32] [--runs 3]
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ import asyncio
 import functools
 import json
 import os
-import socket
 import statistics
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-LOOPBACK = "127.0.0.1"
+from tests.support import LOOPBACK, free_ports, python_process
+
 FINISHED = '"executing", "data": {"node": null'  # the only frames the client parses
 
 
@@ -78,33 +77,6 @@ WORKLOADS: dict[str, Callable[[int], dict[str, Any]]] = {
     "EmptyImage -> SaveImage, unique prefix": save_prompt,
     "EmptyImage -> SimulatedWork -> SaveImageWebsocket": work_prompt,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
-@asynccontextmanager
-async def process(*args: str, url: str) -> AsyncIterator[None]:
-    """A Python subprocess, ready once `url` answers."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, *args, stdout=asyncio.subprocess.DEVNULL
-    )
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(30):
-            while True:
-                try:
-                    async with http.get(url) as response:
-                        await response.read()
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-        yield
-    finally:
-        child.terminate()
-        await child.wait()
 
 
 async def run_prompts(
@@ -182,17 +154,18 @@ async def median_rate(run: Callable[[int], Awaitable[float]], count: int, runs: 
 
 async def bench(count: int, window: int, runs: int) -> None:
     rates: dict[str, float] = {}
-    echo_port = free_port()
+    echo_port = free_ports(1)
     echo_url = f"http://{LOOPBACK}:{echo_port}"
-    async with process(__file__, "--echo-server", str(echo_port), url=f"{echo_url}/ready"):
+    async with python_process("bench.sim_throughput", "--echo-server", str(echo_port),
+                              ready_url=f"{echo_url}/ready"):
         echoes = functools.partial(run_echoes, echo_url, window=window)
         rates["baseline: aiohttp echo round trip"] = await median_rate(echoes, count, runs)
 
     with tempfile.TemporaryDirectory(prefix="comfyfleet-bench-") as data_dir:
-        port = free_port()
+        port = free_ports(1)
         url = f"http://{LOOPBACK}:{port}"
-        sim = ["-m", "comfyfleet", "sim", "--port", str(port), "--data-dir", data_dir]
-        async with process(*sim, url=f"{url}/prompt"):
+        async with python_process("comfyfleet", "sim", "--port", str(port), "--data-dir",
+                                  data_dir, ready_url=f"{url}/prompt"):
             for name, make in WORKLOADS.items():
                 prompts = functools.partial(run_prompts, url, make, window=window)
                 rates[name] = await median_rate(prompts, count, runs)

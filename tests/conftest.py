@@ -17,10 +17,9 @@ from comfyfleet.db import embedded_url, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.support import LOOPBACK, REPO, free_ports, python_process
 from tests.webhook_support import Answer, ScriptedReceiver
 
-REPO = Path(__file__).resolve().parent.parent
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 
+from comfyfleet.settings import Settings
+
 LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_ports(count: int) -> int:
@@ -67,3 +72,20 @@ async def python_process(
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def serve_env(settings: Settings, data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
+    """The environment of a `comfyfleet serve` subprocess on the test's database: local
+    storage under `data_dir`, the repository's workflows, the test's webhook secret, private
+    callbacks allowed; `overrides` add or replace variables (e.g. COMFYUI_ENDPOINTS)."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "STORAGE": "local",
+        "DATA_DIR": str(data_dir),
+        "WORKFLOWS_DIR": str(REPO / "workflows"),
+        "WEBHOOK_SECRET": settings.webhook_secret or "",
+        "ALLOW_PRIVATE_CALLBACKS": "true",
+        "SERVICE_PORT": str(port),
+        **overrides,
+    }

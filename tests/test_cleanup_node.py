@@ -18,7 +18,7 @@ from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.fleet.cleanup import BackendCleanup
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.conftest import REPO
+from tests.support import REPO
 
 PACKAGE = REPO / "comfyui_nodes" / "comfyfleet_cleanup"
 VERSION = "0.1.0"

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 async def test_demo_runs_jobs_through_both_backends_and_exits_zero(data_root: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from comfyfleet.settings import Settings
-from tests.conftest import REPO
+from tests.support import REPO
 
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 

@@ -20,8 +20,8 @@ from comfyfleet.app import serving
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
-from tests.conftest import REPO, S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK, REPO, free_ports, python_process
 
 JOBS = 6
 

@@ -18,6 +18,7 @@ from PIL import Image
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from tests.support import REPO
 
 COLOR = (10, 200, 30)
 
@@ -148,3 +149,25 @@ async def test_image_over_the_upload_limit_is_refused(settings: Settings) -> Non
         body = await response.json()
     assert response.status == 422
     assert "larger than 1000 bytes" in body["error"]["params"]["image"]
+
+
+async def test_uploaded_input_is_deleted_from_the_backend_when_the_job_ends(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMFYFLEET_NODE_TOKEN", "shared-token")  # the ComfyUI side's env
+    settings.comfyfleet_node_token = "shared-token"
+    package = REPO / "comfyui_nodes" / "comfyfleet_cleanup"
+    async with SimulatedComfyUI(custom_nodes=[package]) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            async with http.post(f"{prefix}/jobs", json={"workflow": "blur_image", "params": {
+                    "image": base64.b64encode(png()).decode(), "width": 8}}) as response:
+                submitted = await response.json()
+            job = await finished(http, prefix, submitted["id"])
+            record = job["params"]["image"]
+            uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
+            async with asyncio.timeout(10):
+                while uploaded.exists():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # deleted by a task after the job ended
+    assert job["status"] == "succeeded"

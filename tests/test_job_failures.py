@@ -23,7 +23,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage import LocalStorage
 from comfyfleet.workflows.catalog import load_catalog
-from tests.conftest import REPO
+from tests.support import REPO
 
 INVERT_PROMPT = load_catalog(REPO / "workflows").workflows["invert"].build({"width": 16})[1]
 

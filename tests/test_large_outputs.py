@@ -14,8 +14,8 @@ import aiohttp
 from aiobotocore.session import get_session
 
 from comfyfleet.sim import SimulatedComfyUI
-from tests.conftest import REPO, S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK, REPO, free_ports, python_process
 
 MIB = 1024 * 1024
 OUTPUT_SIZE = 300 * MIB

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -14,8 +13,7 @@ import aiohttp
 from comfyfleet.app import serving
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
-from tests.conftest import REPO
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.support import LOOPBACK, free_ports, python_process, serve_env
 
 PROMPT_SECONDS = 1.5
 
@@ -56,17 +54,8 @@ async def test_gateway_killed_mid_job_resumes_without_losing_or_rerunning_anythi
     settings: Settings, receiver: WebhookReceiver, data_root: Path
 ) -> None:
     sim_port, service_port = free_ports(1), free_ports(1)
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url or "",
-        "COMFYUI_ENDPOINTS": f"{LOOPBACK}:{sim_port}#gpu",
-        "STORAGE": "local",
-        "DATA_DIR": str(data_root),
-        "WORKFLOWS_DIR": str(REPO / "workflows"),
-        "WEBHOOK_SECRET": settings.webhook_secret or "",
-        "ALLOW_PRIVATE_CALLBACKS": "true",
-        "SERVICE_PORT": str(service_port),
-    }
+    env = serve_env(settings, data_root, service_port,
+                    COMFYUI_ENDPOINTS=f"{LOOPBACK}:{sim_port}#gpu")
     base = f"http://{LOOPBACK}:{service_port}"
     api = base + settings.route_prefix
     async with AsyncExitStack() as stack:

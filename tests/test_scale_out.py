@@ -4,7 +4,6 @@ backend never holds more than MAX_INFLIGHT_PER_BACKEND prompts from both togethe
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -14,8 +13,7 @@ import aiohttp
 from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
-from tests.conftest import REPO
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.support import LOOPBACK, free_ports, python_process, serve_env
 
 JOBS = 24
 
@@ -44,17 +42,9 @@ async def test_two_processes_share_one_database_and_the_backend_slots(
         http = await stack.enter_async_context(aiohttp.ClientSession())
         watchers = [asyncio.create_task(watch_queue(http, url, peaks)) for url in sims]
         for i, (port, base) in enumerate(zip(ports, bases, strict=True)):
-            env = {
-                **os.environ,
-                "DATABASE_URL": settings.database_url or "",
-                "COMFYUI_ENDPOINTS": ",".join(f"{url}#gpu{n}" for n, url in enumerate(sims)),
-                "STORAGE": "local",
-                "DATA_DIR": str(data_root / f"process{i}"),
-                "WORKFLOWS_DIR": str(REPO / "workflows"),
-                "WEBHOOK_SECRET": settings.webhook_secret or "",
-                "ALLOW_PRIVATE_CALLBACKS": "true",
-                "SERVICE_PORT": str(port),
-            }
+            env = serve_env(
+                settings, data_root / f"process{i}", port,
+                COMFYUI_ENDPOINTS=",".join(f"{url}#gpu{n}" for n, url in enumerate(sims)))
             await stack.enter_async_context(
                 python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         for base in bases:  # both have their backends before any work arrives

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,8 +18,7 @@ import asyncpg
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.conftest import REPO
-from tests.support import LOOPBACK, free_ports, wait_until_answering
+from tests.support import LOOPBACK, free_ports, serve_env, wait_until_answering
 
 PROMPT_SECONDS = 1.0
 OUTPUT_BYTES = 3 * 1024 * 1024
@@ -78,20 +76,8 @@ async def test_sigterm_mid_job_drains_and_the_next_process_finishes(
     log = data_root / "serve.log"
     async with SimulatedComfyUI(duration=PROMPT_SECONDS, output_size=OUTPUT_BYTES,
                                 view_bytes_per_second=VIEW_BYTES_PER_SECOND) as sim:
-        env = {
-            **os.environ,
-            "DATABASE_URL": settings.database_url or "",
-            "COMFYUI_ENDPOINTS": f"{sim.url}#gpu",
-            "MAX_INFLIGHT_PER_BACKEND": "1",
-            "STORAGE": "local",
-            "DATA_DIR": str(data_root),
-            "WORKFLOWS_DIR": str(REPO / "workflows"),
-            "WEBHOOK_SECRET": settings.webhook_secret or "",
-            "ALLOW_PRIVATE_CALLBACKS": "true",
-            "SERVICE_PORT": str(port),
-            "LOG_FORMAT": "json",
-            "SHUTDOWN_TIMEOUT": "20",
-        }
+        env = serve_env(settings, data_root, port, COMFYUI_ENDPOINTS=f"{sim.url}#gpu",
+                        MAX_INFLIGHT_PER_BACKEND="1", LOG_FORMAT="json", SHUTDOWN_TIMEOUT="20")
         async with aiohttp.ClientSession() as http:
             async with serve(env, log) as first:
                 ids = []

@@ -8,7 +8,6 @@ each delivery goes the whole way: fenced transition + outbox row, NOTIFY, worker
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import uuid
@@ -29,8 +28,8 @@ from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.webhooks.signing import new_secret
-from tests.conftest import REPO, S3_CREDENTIALS, StartReceiver
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.conftest import S3_CREDENTIALS, StartReceiver
+from tests.support import LOOPBACK, free_ports, python_process, serve_env
 from tests.webhook_support import Answer, Gateway, gateway, verified
 
 TERMINAL = ("delivered", "failed", "dead")
@@ -331,18 +330,7 @@ async def test_deliveries_pending_when_the_gateway_is_killed_go_out_after_restar
     settings: Settings, receivers: StartReceiver, data_root: Path
 ) -> None:
     port, receiver_port = free_ports(1), free_ports(1)
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url or "",
-        "STORAGE": "local",
-        "DATA_DIR": str(data_root),
-        "WORKFLOWS_DIR": str(REPO / "workflows"),
-        "WEBHOOK_SECRET": settings.webhook_secret or "",
-        "WEBHOOK_RETRY_DELAYS": "0.5",
-        "ALLOW_PRIVATE_CALLBACKS": "true",
-        "SERVICE_PORT": str(port),
-        "COMFYUI_ENDPOINTS": "",
-    }
+    env = serve_env(settings, data_root, port, WEBHOOK_RETRY_DELAYS="0.5", COMFYUI_ENDPOINTS="")
     base = f"http://{LOOPBACK}:{port}"
     callback = f"http://{LOOPBACK}:{receiver_port}/hooks"  # nothing listens there yet
     async with AsyncExitStack() as stack:

@@ -18,7 +18,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 @pytest.fixture

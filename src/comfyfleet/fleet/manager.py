@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from comfyfleet.fleet.backends import Backend
+from comfyfleet.fleet.cleanup import BackendFile
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.dispatcher import Dispatcher
 from comfyfleet.fleet.session import BackendSession
@@ -48,12 +49,13 @@ class Fleet:
         self._repository = repository
         self._node_token = node_token
         self._on_terminal = on_terminal
-        collector = Collector(repository, storage, key_prefix, on_terminal)
+        self._input_cleanups: set[asyncio.Task[None]] = set()
+        collector = Collector(repository, storage, key_prefix, self._ended)
         self.tracker = ExecutionTracker(
             repository,
             collector,
             max_attempts=max_attempts,
-            on_terminal=on_terminal,
+            on_terminal=self._ended,
             on_slot_freed=self.job_available,
             grace_seconds=grace_seconds,
             quiet_seconds=quiet_seconds,
@@ -67,7 +69,7 @@ class Fleet:
             self.tracker,
             storage,
             max_inflight=max_inflight,
-            on_terminal=on_terminal,
+            on_terminal=self._ended,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,6 +87,18 @@ class Fleet:
         )
         self.sessions.append(session)
         return session
+
+    def _ended(self, job: Job) -> None:
+        """Every terminal state passes here: the input files uploaded for the job are deleted
+        from its backend whatever the outcome, then the outside hears of it."""
+        inputs = [BackendFile(value["name"], value["subfolder"], "input")
+                  for value in job.params.values() if isinstance(value, dict) and "input" in value]
+        session = self.session(job.backend) if job.backend else None
+        if inputs and session is not None:
+            task = asyncio.create_task(session.cleanup.delete(inputs))
+            self._input_cleanups.add(task)
+            task.add_done_callback(self._input_cleanups.discard)
+        self._on_terminal(job)
 
     async def _connected(self, session: BackendSession) -> None:
         await self.tracker.on_connect(session)
@@ -149,7 +163,7 @@ class Fleet:
                 session = self.session(job.backend) if job.backend else None
                 if session is not None:
                     await session.withdraw(job.prompt_id)
-            self._on_terminal(cancelled)
+            self._ended(cancelled)
             return cancelled
         raise RuntimeError(f"job {job_id} kept changing while it was being cancelled")
 
@@ -190,5 +204,6 @@ class Fleet:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.dispatcher.close()
         await self.tracker.close(grace)
+        await asyncio.gather(*self._input_cleanups, return_exceptions=True)
         for session in self.sessions:
             await session.close()

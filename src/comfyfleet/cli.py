@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from comfyfleet import keys_command
 from comfyfleet.logs import configure_logging
 from comfyfleet.settings import Settings
@@ -96,6 +98,19 @@ def _parser() -> argparse.ArgumentParser:
 
     keys_command.add_parser(commands)
 
+    submit = commands.add_parser("submit", help="submit jobs to a running comfyfleet, follow "
+                                 "them and download their outputs")
+    submit.add_argument("workflow")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a parameter (repeat); JSON values keep their type: width=512")
+    submit.add_argument("--input-dir", type=Path,
+                        help="one job per image in this folder, for the workflow's image "
+                             "parameter")
+    submit.add_argument("--out", type=Path, default=Path("outputs"),
+                        help="where outputs are saved, one folder per job (default outputs/)")
+    submit.add_argument("--server", help="default: http://127.0.0.1:SERVICE_PORT/api/v1")
+    submit.add_argument("--api-key", help="default: the first of API_KEYS, if any")
+
     demo = commands.add_parser("demo", help="the whole flow on this machine, no GPU needed")
     demo.add_argument("--jobs", type=int, help="submit N jobs, wait for their webhooks, exit")
     demo.add_argument("--port", type=int, help="API port (default SERVICE_PORT; 0 = any)")
@@ -118,6 +133,23 @@ async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
                                       backends or settings.comfyui_endpoints)
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from comfyfleet.submit import SubmitError, Target, parse_params, run_submit
+
+    settings = Settings()
+    server = args.server or f"{settings.public_base_url}{settings.route_prefix}"
+    api_key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    console = Console()
+    try:
+        return await run_submit(Target(server.rstrip("/"), api_key), args.workflow,
+                                parse_params(args.param), args.input_dir, args.out, console)
+    except (SubmitError, aiohttp.ClientError, OSError) as exc:
+        console.print(f"comfyfleet submit: {exc}")
+        return 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                                 custom_nodes=args.custom_nodes))
         elif args.command == "workflows":
             sys.exit(asyncio.run(_check_workflows(args.directory, args.backend)))
+        elif args.command == "submit":
+            sys.exit(asyncio.run(_submit(args)))
         elif args.command == "keys":
             sys.exit(asyncio.run(keys_command.run(args)))
         elif args.command == "demo":

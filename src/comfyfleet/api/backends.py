@@ -11,6 +11,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import AdminDep
 from comfyfleet.fleet.backends import parse_endpoint
 from comfyfleet.fleet.manager import BackendBusy
 from comfyfleet.fleet.session import BackendSession
@@ -40,7 +41,8 @@ async def list_backends(svc: ServicesDep) -> list[dict[str, Any]]:
     return [svc.fleet.describe(session) for session in svc.fleet.sessions]
 
 
-@router.post("/backends", status_code=201, summary="Add a backend at run time")
+@router.post("/backends", status_code=201, summary="Add a backend at run time",
+             dependencies=[AdminDep])
 async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
     text = request.url + (f"#{request.name}" if request.name else "")
     try:
@@ -54,7 +56,8 @@ async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
     return svc.fleet.describe(session)
 
 
-@router.patch("/backends/{name}", summary="Drain a backend, or enable it again")
+@router.patch("/backends/{name}", summary="Drain a backend, or enable it again",
+              dependencies=[AdminDep])
 async def change_backend(name: str, change: BackendChange, svc: ServicesDep) -> dict[str, Any]:
     session = _session(svc, name)
     session.draining = change.drain
@@ -63,7 +66,8 @@ async def change_backend(name: str, change: BackendChange, svc: ServicesDep) -> 
     return svc.fleet.describe(session)
 
 
-@router.delete("/backends/{name}", status_code=204, summary="Remove a drained, idle backend")
+@router.delete("/backends/{name}", status_code=204, summary="Remove a drained, idle backend",
+               dependencies=[AdminDep])
 async def remove_backend(name: str, svc: ServicesDep) -> Response:
     _session(svc, name)
     try:

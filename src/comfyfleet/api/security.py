@@ -129,6 +129,17 @@ async def authenticate(
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
+async def require_admin(caller: CallerDep) -> Caller:
+    """Changing the fleet or the catalog (adding a backend makes the gateway connect to any
+    URL) is for admin keys; with keys off, everyone is."""
+    if not caller.sees_all:
+        raise ApiError(403, "admin_only", "this needs an admin API key (ADMIN_API_KEYS)")
+    return caller
+
+
+AdminDep = Depends(require_admin)
+
+
 def install_security(app: FastAPI, settings: Settings) -> None:
     """The keys and rate limit (used by `authenticate`), the body size limits, and CORS when
     CORS_ORIGINS allows browsers in."""

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import AdminDep
 from comfyfleet.services import Services, ServicesDep
 from comfyfleet.workflows.catalog import Workflow
 
@@ -44,7 +45,8 @@ async def get_workflow(name: str, svc: ServicesDep) -> dict[str, Any]:
     return _describe(svc, workflow)
 
 
-@router.post("/workflows/reload", summary="Read the workflows directory again now")
+@router.post("/workflows/reload", summary="Read the workflows directory again now",
+             dependencies=[AdminDep])
 async def reload_workflows(svc: ServicesDep) -> dict[str, Any]:
     await svc.reload_catalog()
     return _catalog(svc)

@@ -1,0 +1,72 @@
+"""S3 away while a job's outputs are stored: the job waits in `uploading`, nothing claims
+success early, and it finishes once S3 is back."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import aiohttp
+from aiobotocore.session import get_session
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK, free_ports, python_process
+
+BUCKET = "outage"
+
+
+async def create_bucket(endpoint: str) -> None:
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=endpoint, **S3_CREDENTIALS
+    ) as client:
+        await client.create_bucket(Bucket=BUCKET)
+
+
+async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
+    port = free_ports(1)
+    endpoint = f"http://{LOOPBACK}:{port}"
+    moto = ("moto.server", "-H", LOOPBACK, "-p", str(port))
+    settings.storage = "s3"
+    settings.s3_bucket = BUCKET
+    settings.s3_endpoint_url = endpoint
+    settings.aws_access_key_id = S3_CREDENTIALS["aws_access_key_id"]
+    settings.aws_secret_access_key = S3_CREDENTIALS["aws_secret_access_key"]
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        settings.comfyui_endpoints = [sim.url]
+        first = await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
+        await create_bucket(endpoint)
+        base = await stack.enter_async_context(serving(settings))
+        api = base + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first.kill()  # S3 goes away before the job's outputs are stored
+        await first.wait()
+
+        async with http.post(f"{api}/jobs", json={"workflow": "invert"}) as response:
+            job_id = (await response.json())["id"]
+        async with asyncio.timeout(20):
+            while (await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] != \
+                    "uploading":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
+        await asyncio.sleep(3)  # several failed attempts later...
+        async with http.get(f"{api}/jobs/{job_id}") as response:
+            assert (await response.json())["status"] == "uploading"  # ...still waiting
+        async with http.get(f"{base}/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["storage"] is False
+
+        await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
+        await create_bucket(endpoint)  # the new S3 starts empty
+        async with asyncio.timeout(60):
+            while (job := await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] \
+                    == "uploading":  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        async with get_session().create_client(
+            "s3", region_name="us-east-1", endpoint_url=endpoint, **S3_CREDENTIALS
+        ) as client:
+            stored = await client.head_object(Bucket=BUCKET, Key=job["outputs"][0]["key"])
+    assert job["status"] == "succeeded"
+    assert stored["ContentLength"] == job["outputs"][0]["size"] > 0

@@ -46,6 +46,19 @@ def output_key(prefix: str, job_id: str, node_id: str, index: int, filename: str
     return f"{prefix}{job_id}/{_UNSAFE.sub('_', node_id)}_{index}{extension}"
 
 
+# What ComfyUI's output nodes write, fixed here: the system's mime table varies by machine.
+_MEDIA_TYPES = {
+    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+    ".gif": "image/gif", ".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
+    ".flac": "audio/flac", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+    ".opus": "audio/opus", ".glb": "model/gltf-binary", ".gltf": "model/gltf+json",
+    ".obj": "model/obj", ".latent": "application/octet-stream",
+}
+
+
 def content_type_for(filename: str) -> str:
+    extension = "." + filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    if extension in _MEDIA_TYPES:
+        return _MEDIA_TYPES[extension]
     guessed, _ = mimetypes.guess_type(filename)
     return guessed or "application/octet-stream"

@@ -56,7 +56,9 @@ class S3Storage:
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         try:
             return await self._upload(key, chunks, content_type)
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, ValueError) as exc:
+            # ValueError: a retried part whose body the HTTP layer already closed; the
+            # collector's own retry starts the whole upload again.
             raise StorageError(f"S3 upload of {key}: {exc}") from exc
 
     async def _upload(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:

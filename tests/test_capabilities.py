@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.fleet.capabilities import Capabilities
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.workflows.catalog import load_catalog
+from tests.support import REPO
 
 # A copy of ../shared/fixtures, so a clone of this repository is complete on its own.
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
@@ -72,3 +75,18 @@ async def test_job_no_backend_can_run_is_422_naming_what_is_missing(
     assert body["error"]["type"] == "no_capable_backend"
     assert body["error"]["missing"] == {
         "cpu": ["node class CheckpointLoaderSimple", "node class KSampler"]}
+
+
+@pytest.mark.parametrize(("name", "checkpoint"), [
+    ("sd15_txt2img", "v1-5-pruned-emaonly-fp16.safetensors"),
+    ("sdxl_txt2img", "sd_xl_base_1.0.safetensors"),
+    ("sd15_img2img", "v1-5-pruned-emaonly-fp16.safetensors"),
+])
+def test_gpu_samples_fit_a_real_comfyui_that_has_their_model(name: str, checkpoint: str) -> None:
+    workflow = load_catalog(REPO / "workflows").workflows[name]
+    prompt = workflow.fill({**{n: s.default for n, s in workflow.params.items()},
+                            "prompt": "a lighthouse at dawn", "image": "comfyfleet/x.png"})
+    with_model = real_comfyui(checkpoints=[checkpoint])
+    assert with_model.missing(prompt) == []
+    assert with_model.out_of_range(prompt) == []
+    assert real_comfyui().missing(prompt) == [f"CheckpointLoaderSimple.ckpt_name = {checkpoint}"]

@@ -51,7 +51,8 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     status, catalog = await get(http, f"{prefix}/workflows")
     assert status == 200
     names = [w["name"] for w in catalog["workflows"]]
-    assert names == ["blur_image", "invert", "simulated_work"]
+    assert names == ["blur_image", "invert", "sd15_img2img", "sd15_txt2img", "sdxl_txt2img",
+                     "simulated_work"]
     assert "Export (API)" in catalog["errors"]["ui-export"]
     invert = catalog["workflows"][1]
     assert [p["name"] for p in invert["params"]] == ["width", "height", "color"]

@@ -41,7 +41,8 @@ class LocalStorage:
         """Whether a `/files/` request carries a valid, unexpired signature for `key`."""
         if self._signing_key is None or expires < time.time():
             return False
-        return hmac.compare_digest(self._signature(key, expires), signature)
+        # As bytes: compare_digest refuses str with non-ASCII characters, which anyone can send.
+        return hmac.compare_digest(self._signature(key, expires).encode(), signature.encode())
 
     def path_of(self, key: str) -> Path:
         path = (self.root / key).resolve()

@@ -13,6 +13,7 @@ import aiohttp
 from comfyfleet.app import serving
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, python_process, serve_env
 
 PROMPT_SECONDS = 1.5
@@ -106,3 +107,38 @@ async def test_backend_restart_loses_its_queue_and_the_job_runs_again(
     assert job["status"] == "succeeded"
     assert job["attempts"] == 2
     assert len(job["outputs"]) == 1
+
+
+async def test_gateway_killed_while_uploading_stores_the_output_once_after_restart(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    """The collector dies with its process halfway through a slow /view; the next process
+    finds the job in `uploading` and collects it again under the same key."""
+    port = free_ports(1)
+    base = f"http://{LOOPBACK}:{port}"
+    api = base + settings.route_prefix
+    output_bytes = 3 * 1024 * 1024
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(
+            output_size=output_bytes, view_bytes_per_second=1024 * 1024))
+        env = serve_env(settings, data_root, port, COMFYUI_ENDPOINTS=f"{sim.url}#gpu")
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        (job_id,) = await submit(http, api, receiver.url, 1)
+        await wait_for_status(http, api, job_id, "uploading")
+        await asyncio.sleep(1)  # a part of the file is through
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+        job = await job_status(http, api, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    (output,) = job["outputs"]
+    assert output["size"] == output_bytes
+    stored = [path for path in (data_root / "outputs").rglob("*") if path.is_file()]
+    assert [p.relative_to(data_root / "outputs").as_posix() for p in stored] == [output["key"]]
+    assert stored[0].stat().st_size == output_bytes  # whole, once, no leftover part files
+    assert [event["type"] for event in receiver.verified] == ["job.succeeded"]

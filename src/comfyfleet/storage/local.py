@@ -17,6 +17,8 @@ from urllib.parse import quote, urlencode
 
 from comfyfleet.storage.base import StorageError
 
+PART_PREFIX = ".part-"  # then the writing process's pid, so a dead one's leftovers are known
+
 
 class LocalStorage:
     def __init__(
@@ -52,8 +54,9 @@ class LocalStorage:
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         path = self.path_of(key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        fd, temp_name = await asyncio.to_thread(tempfile.mkstemp, dir=path.parent, prefix=".part-")
+        await asyncio.to_thread(_prepare_directory, path.parent)
+        fd, temp_name = await asyncio.to_thread(
+            tempfile.mkstemp, dir=path.parent, prefix=f"{PART_PREFIX}{os.getpid()}-")
         size = 0
         try:
             with os.fdopen(fd, "wb") as temp:
@@ -86,6 +89,26 @@ class LocalStorage:
 
     async def close(self) -> None:
         return None
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create it, and remove the part files of processes that died writing into it (a
+    SIGKILLed collector cannot clean up; its job is collected again under the same key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for part in directory.glob(f"{PART_PREFIX}*"):
+        pid = part.name.removeprefix(PART_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove_quietly(str(part))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def _remove_quietly(name: str) -> None:

@@ -29,8 +29,10 @@ router = APIRouter(tags=["jobs"])
 MAX_WAIT_SECONDS = 300.0
 
 
-class JobRequest(BaseModel):
-    workflow: str = Field(min_length=1, max_length=200)
+class WorkflowJobRequest(BaseModel):
+    """A job for the workflow named in the path; each workflow's own parameter schema is in
+    /openapi.json under its path."""
+
     params: dict[str, Any] = Field(default_factory=dict)
     callback_url: AnyHttpUrl | None = None
     client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
@@ -38,6 +40,10 @@ class JobRequest(BaseModel):
     webhook_events: list[Literal["job.started", "job.progress"]] | None = Field(
         default=None, description="Webhooks besides the terminal one (always sent)"
     )
+
+
+class JobRequest(WorkflowJobRequest):
+    workflow: str = Field(min_length=1, max_length=200)
 
 
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
@@ -53,17 +59,6 @@ async def submit_job(
     wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     return await _submit(svc, request, response, wait, idempotency_key, caller=caller)
-
-
-class WorkflowJobRequest(BaseModel):
-    """A job for the workflow named in the path; each workflow's own parameter schema is in
-    /openapi.json under its path."""
-
-    params: dict[str, Any] = Field(default_factory=dict)
-    callback_url: AnyHttpUrl | None = None
-    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    webhook_events: list[Literal["job.started", "job.progress"]] | None = None
 
 
 @router.post("/workflows/{name}/jobs", status_code=202, include_in_schema=False)

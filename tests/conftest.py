@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 from aiobotocore.session import get_session
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.db import embedded_url, make_engine, migrate, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
@@ -52,6 +53,15 @@ async def database_url(postgres: Any) -> AsyncIterator[str]:
     finally:
         await admin.close()
     yield embedded_url(postgres).replace("/postgres?", f"/{name}?")
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """The test's database, migrated, for tests that work below the API."""
+    migrated = make_engine(database_url)
+    await migrate(migrated)
+    yield migrated
+    await migrated.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.db import make_engine, migrate
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.jobs.models import Job, JobStatus
@@ -71,12 +71,10 @@ async def test_prompt_rejected_by_comfyui_fails_the_job_with_its_node_errors(
 
 
 async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
-    database_url: str, tmp_path: Path
+    engine: AsyncEngine, tmp_path: Path
 ) -> None:
     sim = SimulatedComfyUI(data_dir=tmp_path / "sim")
     await sim.start()
-    engine = make_engine(database_url)
-    await migrate(engine)
     repository = JobRepository(engine)
     storage = LocalStorage(tmp_path / "outputs")
     finished: list[Job] = []
@@ -106,7 +104,6 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             await collector.collect(client, uploading)
     finally:
         await sim.stop()
-        await engine.dispose()
     (failed,) = finished
     assert failed.status == JobStatus.FAILED
     assert failed.error is not None

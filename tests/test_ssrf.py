@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.db import make_engine
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
@@ -105,7 +105,7 @@ async def test_guarded_connector_never_connects_to_a_private_address(
 
 
 async def test_delivery_refuses_urls_that_turned_private_after_submit(
-    settings: Settings, receivers: StartReceiver
+    settings: Settings, receivers: StartReceiver, engine: AsyncEngine
 ) -> None:
     """What DNS rebinding leads to: the URL passed at submit, but by delivery time its name
     (or, here, its address) is private. The worker must not connect."""
@@ -115,16 +115,12 @@ async def test_delivery_refuses_urls_that_turned_private_after_submit(
     port = receiver.url.split(":")[2].split("/")[0]
     urls = [receiver.url, f"http://localhost:{port}/hooks", f"http://[::ffff:127.0.0.1]:{port}/"]
     async with gateway(settings) as gw:
-        engine = make_engine(settings.database_url or "")
-        try:
-            repository = JobRepository(engine)
-            job_ids = []
-            for url in urls:  # straight into the database: the API would refuse them
-                job, _ = await repository.insert(Job(workflow="invert", callback_url=url))
-                await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
-                job_ids.append(str(job.id))
-        finally:
-            await engine.dispose()
+        repository = JobRepository(engine)
+        job_ids = []
+        for url in urls:  # straight into the database: the API would refuse them
+            job, _ = await repository.insert(Job(workflow="invert", callback_url=url))
+            await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
+            job_ids.append(str(job.id))
         deliveries = [await gw.wait_for(job_id, "pending", attempts=2) for job_id in job_ids]
     assert receiver.arrivals == []
     for delivery in deliveries:

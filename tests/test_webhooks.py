@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from comfyfleet.db import make_engine, migrate
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.outbox import Outbox
 from comfyfleet.jobs.repository import JobRepository
@@ -199,35 +199,30 @@ async def test_redeliver_sends_again_with_the_same_webhook_id(
 
 
 async def test_started_and_progress_webhooks_only_when_asked_for(
-    settings: Settings, receivers: StartReceiver
+    settings: Settings, receivers: StartReceiver, engine: AsyncEngine
 ) -> None:
     receiver = await receivers()
-    engine = make_engine(settings.database_url or "")
-    try:
-        await migrate(engine)
-        repository, outbox = JobRepository(engine), Outbox(engine)
+    repository, outbox = JobRepository(engine), Outbox(engine)
 
-        async def queued(**fields: Any) -> Job:
-            job, _ = await repository.insert(Job(workflow="invert", **fields))
-            return job
+    async def queued(**fields: Any) -> Job:
+        job, _ = await repository.insert(Job(workflow="invert", **fields))
+        return job
 
-        asked = await queued(callback_url=receiver.url, webhook_events=["job.started"])
-        for event in ("job.started", "job.progress"):
-            assert await repository.transition(asked, {JobStatus.QUEUED}, event=event,
-                                               progress=0.0)
-        plain = await queued(callback_url=receiver.url)
-        assert await repository.transition(plain, {JobStatus.QUEUED}, event="job.started",
+    asked = await queued(callback_url=receiver.url, webhook_events=["job.started"])
+    for event in ("job.started", "job.progress"):
+        assert await repository.transition(asked, {JobStatus.QUEUED}, event=event,
                                            progress=0.0)
-        # A stale actor's terminal transition (fence fails): no webhook either.
-        assert await repository.finish(plain, JobStatus.SUCCEEDED, {JobStatus.RUNNING}) is None
-        silent = await queued()
-        assert await repository.finish(silent, JobStatus.CANCELLED, {JobStatus.QUEUED})
+    plain = await queued(callback_url=receiver.url)
+    assert await repository.transition(plain, {JobStatus.QUEUED}, event="job.started",
+                                       progress=0.0)
+    # A stale actor's terminal transition (fence fails): no webhook either.
+    assert await repository.finish(plain, JobStatus.SUCCEEDED, {JobStatus.RUNNING}) is None
+    silent = await queued()
+    assert await repository.finish(silent, JobStatus.CANCELLED, {JobStatus.QUEUED})
 
-        assert [d.event_type for d, _ in await outbox.for_job(asked.id)] == ["job.started"]
-        assert await outbox.for_job(plain.id) == []
-        assert await outbox.for_job(silent.id) == []
-    finally:
-        await engine.dispose()
+    assert [d.event_type for d, _ in await outbox.for_job(asked.id)] == ["job.started"]
+    assert await outbox.for_job(plain.id) == []
+    assert await outbox.for_job(silent.id) == []
 
 
 async def test_started_and_progress_webhooks_from_a_running_job(
@@ -269,7 +264,8 @@ async def test_webhook_events_are_validated_at_submit(settings: Settings) -> Non
 
 
 async def test_output_urls_are_presigned_at_each_attempt(
-    settings: Settings, receivers: StartReceiver, s3_endpoint: str, s3_bucket: str
+    settings: Settings, receivers: StartReceiver, s3_endpoint: str, s3_bucket: str,
+    engine: AsyncEngine,
 ) -> None:
     settings.storage = "s3"
     settings.s3_bucket, settings.s3_endpoint_url = s3_bucket, s3_endpoint
@@ -278,16 +274,12 @@ async def test_output_urls_are_presigned_at_each_attempt(
     settings.webhook_retry_delays = [1.2]  # presigned URLs carry the second they were signed
     receiver = await receivers(Answer(500), Answer(200))
     async with gateway(settings) as gw:
-        engine = make_engine(settings.database_url or "")
-        try:
-            repository = JobRepository(engine)
-            job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
-            output = {"node_id": "3", "filename": "a.png", "content_type": "image/png",
-                      "size": 1, "key": f"{job.id}/3_0.png"}
-            await repository.finish(job, JobStatus.SUCCEEDED, {JobStatus.QUEUED},
-                                    outputs=[output])
-        finally:
-            await engine.dispose()
+        repository = JobRepository(engine)
+        job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
+        output = {"node_id": "3", "filename": "a.png", "content_type": "image/png",
+                  "size": 1, "key": f"{job.id}/3_0.png"}
+        await repository.finish(job, JobStatus.SUCCEEDED, {JobStatus.QUEUED},
+                                outputs=[output])
         await gw.wait_for(str(job.id), "delivered", attempts=2)
     urls = [event["data"]["outputs"][0]["url"] for event in verified(settings, receiver)]
     assert all(urlsplit(url).path.endswith(f"/{job.id}/3_0.png") for url in urls)
@@ -302,24 +294,19 @@ def signed_when(url: str) -> str:
 
 
 async def test_a_delivery_whose_process_died_mid_attempt_is_taken_up_after_its_lease(
-    settings: Settings, receivers: StartReceiver
+    settings: Settings, receivers: StartReceiver, engine: AsyncEngine
 ) -> None:
     receiver = await receivers()
-    engine = make_engine(settings.database_url or "")
-    try:
-        await migrate(engine)
-        repository = JobRepository(engine)
-        job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
-        await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
-        # Another process claims it and dies before it records anything.
-        (claimed,) = await Outbox(engine).claim(
-            limit=10, per_host=10, busy={}, lease=timedelta(seconds=1.5)
-        )
-        assert claimed.locked_until is not None
-        async with gateway(settings) as gw:
-            delivery = await gw.wait_for(str(job.id), "delivered")
-    finally:
-        await engine.dispose()
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
+    await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
+    # Another process claims it and dies before it records anything.
+    (claimed,) = await Outbox(engine).claim(
+        limit=10, per_host=10, busy={}, lease=timedelta(seconds=1.5)
+    )
+    assert claimed.locked_until is not None
+    async with gateway(settings) as gw:
+        delivery = await gw.wait_for(str(job.id), "delivered")
     assert receiver.webhook_ids == [delivery["webhook_id"]]
     attempted_at = datetime.fromisoformat(delivery["attempts"][0]["attempted_at"])
     # Not before the lease ran out, and promptly then (not at some later periodic pass).

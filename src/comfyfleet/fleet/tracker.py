@@ -210,8 +210,12 @@ class ExecutionTracker:
     async def on_connect(self, session: BackendSession) -> None:
         """Settle every job recorded on this backend: missed events are not replayed."""
         self._abandoned.discard(session.name)
-        queued_ids: set[str] | None = None
-        for job in await self._repository.on_backend(session.name):
+        jobs = await self._repository.on_backend(session.name)
+        # The queue before the histories: a prompt only ever moves from the queue into the
+        # history, so one missing from this snapshot is finished or lost for good. (History
+        # first would race a prompt finishing between the two reads and call it lost.)
+        queued_ids = _queued_prompt_ids(await session.client.queue()) if jobs else set()
+        for job in jobs:
             prompt_id = job.prompt_id
             if prompt_id is None or prompt_id in self._submitting or prompt_id in self._collecting:
                 continue
@@ -220,15 +224,13 @@ class ExecutionTracker:
                 # collecting again overwrites whatever part was stored.
                 self._start_collecting(session, job)
                 continue
-            entry = await session.client.history(prompt_id)
-            if entry is not None:
-                await self._settle_from_history(session, job, entry)
-                continue
-            if queued_ids is None:
-                queued_ids = _queued_prompt_ids(await session.client.queue())
             if prompt_id in queued_ids:
                 if prompt_id not in self._runs:
                     self.track(session, job, adopted=True)
+                continue
+            entry = await session.client.history(prompt_id)
+            if entry is not None:
+                await self._settle_from_history(session, job, entry)
             else:
                 await self._lost(job, f"backend {job.backend} lost the prompt")
 

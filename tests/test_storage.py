@@ -103,3 +103,32 @@ async def test_local_storage_renames_into_place_and_leaves_nothing_on_failure(
     assert sorted(p.name for p in (tmp_path / "out" / "job").iterdir()) == ["3_0.png"]
     with pytest.raises(StorageError):
         await storage.put_stream("../escape.png", pattern(1), "image/png")
+
+
+async def test_s3_delete_removes_the_object_and_a_missing_one_is_no_error(
+    s3: S3Storage, s3_endpoint: str, s3_bucket: str
+) -> None:
+    for key in ("job/inputs/image.png", "job/3_0.png"):
+        await s3.put_stream(key, pattern(10), "image/png")
+    await s3.delete("job/inputs/image.png")
+    await s3.delete("job/inputs/image.png")
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        listed = await client.list_objects_v2(Bucket=s3_bucket)
+    assert [item["Key"] for item in listed["Contents"]] == ["job/3_0.png"]
+
+
+async def test_local_delete_removes_the_file_and_the_directories_it_empties(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "out"
+    storage = LocalStorage(root)
+    for key in ("a/inputs/image.png", "b/inputs/image.png", "b/3_0.png"):
+        await storage.put_stream(key, pattern(10), "image/png")
+    await storage.delete("a/inputs/image.png")
+    await storage.delete("b/inputs/image.png")
+    await storage.delete("b/inputs/image.png")  # gone already: no error
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["b", "b/3_0.png"]
+    with pytest.raises(StorageError):
+        await storage.delete("../escape.png")

@@ -24,6 +24,10 @@ class Storage(Protocol):
         """The whole object (for inputs, which are bounded by MAX_UPLOAD_BYTES)."""
         ...
 
+    async def delete(self, key: str) -> None:
+        """Remove the object; one that is not there is no error."""
+        ...
+
     async def url(self, key: str) -> str | None:
         """A URL a client can fetch the object from, or None when the API must serve it."""
         ...

@@ -75,6 +75,12 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"reading {key}: {exc}") from exc
 
+    async def delete(self, key: str) -> None:
+        try:
+            await asyncio.to_thread(_remove_with_empty_parents, self.path_of(key), self.root)
+        except OSError as exc:
+            raise StorageError(f"deleting {key}: {exc}") from exc
+
     async def url(self, key: str) -> str | None:
         if self._signing_key is None or self._base_url is None:
             return None
@@ -109,6 +115,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process: alive
     return True
+
+
+def _remove_with_empty_parents(path: Path, root: Path) -> None:
+    """Remove the file, then the directories it leaves empty (a job's `inputs/`, the job's
+    own), up to `root`: nothing of a deleted key stays behind."""
+    _remove_quietly(str(path))
+    for directory in path.parents:
+        if directory == root or not directory.is_relative_to(root):
+            return
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or gone): what is above it is not empty either
+            return
 
 
 def _remove_quietly(name: str) -> None:

@@ -142,6 +142,12 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 read of {key}: {exc}") from exc
 
+    async def delete(self, key: str) -> None:
+        try:
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 delete of {key}: {exc}") from exc
+
     async def url(self, key: str) -> str | None:
         url: str = await self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
+from comfyfleet.jobs.models import Job, JobStatus, utcnow
+from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 
@@ -89,3 +93,40 @@ async def test_queued_job_reports_its_place_in_the_queue(settings: Settings) -> 
     assert first["event"] == "state"
     assert first["data"]["status"] == "queued"
     assert first["data"]["queue_position"] == 3
+
+
+async def ran(repository: JobRepository, workflow: str, backend: str, seconds: float) -> None:
+    """A finished job in the history the ETA is taken from."""
+    finished = utcnow()
+    await repository.insert(Job(workflow=workflow, status=JobStatus.SUCCEEDED, backend=backend,
+                                started_at=finished - timedelta(seconds=seconds),
+                                finished_at=finished))
+
+
+async def test_eta_comes_from_the_runs_on_the_backend_the_job_is_on(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    repository = JobRepository(engine)
+    for backend, seconds in (("slow", 30.0), ("slow", 40.0), ("fast", 2.0)):
+        await ran(repository, "simulated_work", backend, seconds)
+    assert await repository.typical_run_seconds("simulated_work") == 24.0
+    assert await repository.typical_run_seconds("simulated_work", "slow") == 35.0
+    # A backend that has not run the workflow yet: the workflow's own history.
+    assert await repository.typical_run_seconds("simulated_work", "new") == 24.0
+    assert await repository.typical_run_seconds("invert", "slow") is None
+
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#slow"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            async with http.post(f"{prefix}/jobs", json={
+                    "workflow": "simulated_work", "params": {"seconds": 1, "steps": 4}}
+                                 ) as response:
+                job_id = (await response.json())["id"]
+            async with http.get(f"{prefix}/jobs/{job_id}/events") as response:
+                states = [event["data"] async for event in read_events(response)
+                          if event["event"] == "state"]
+    on_backend = [state for state in states if state["backend"] == "slow"]
+    assert on_backend
+    for state in on_backend:
+        assert state["eta_seconds"] == round(35.0 * (1 - state["progress"]), 1)

@@ -1,7 +1,8 @@
 """GET /jobs/{id}/events: Server-Sent Events of one job, until it ends (DESIGN §4).
 
 Each `state` event carries the status, progress (0..1 over all nodes), queue position and an
-ETA from the workflow's recent run times; `preview` events (with `?previews=true`) carry the
+ETA from the workflow's recent run times (on the job's backend, once it has one and has run
+the workflow before); `preview` events (with `?previews=true`) carry the
 backend's live preview images; the last event is named after the terminal status and
 carries the whole job. Event ids name the state, so a client reconnecting with
 Last-Event-ID gets the next change, not a repeat.
@@ -77,7 +78,8 @@ async def _stream(
 
 
 async def _state(svc: Services, job: Job) -> dict[str, Any]:
-    typical = await svc.repository.typical_run_seconds(job.workflow)
+    # Once dispatched, how long this workflow takes on that backend (GPUs differ).
+    typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
     position = await svc.repository.queue_position(job) if job.status == JobStatus.QUEUED \
         else None
     eta: float | None = None

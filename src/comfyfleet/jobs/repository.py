@@ -233,20 +233,18 @@ class JobRepository:
         async with self._sessions() as session:
             return (await session.exec(ahead)).one() + 1
 
-    async def typical_run_seconds(self, workflow: str, sample: int = 20) -> float | None:
-        """Mean start-to-finish time of the workflow's latest successful jobs, if any."""
-        recent = (
-            select((func.extract("epoch", col(Job.finished_at))
-                    - func.extract("epoch", col(Job.started_at))).label("seconds"))
-            .where(col(Job.workflow) == workflow, col(Job.status) == JobStatus.SUCCEEDED,
-                   col(Job.started_at).is_not(None))
-            .order_by(col(Job.finished_at).desc())
-            .limit(sample)
-            .subquery()
-        )
+    async def typical_run_seconds(
+        self, workflow: str, backend: str | None = None, sample: int = 20
+    ) -> float | None:
+        """Mean start-to-finish time of the workflow's latest successful jobs on `backend`;
+        on any backend when `backend` is None or has run none yet. None without any."""
         async with self._sessions() as session:
-            mean = (await session.exec(select(func.avg(recent.c.seconds)))).one()
-        return float(mean) if mean is not None else None
+            mean = None
+            if backend is not None:
+                mean = await _mean_run_seconds(session, workflow, backend, sample)
+            if mean is None:
+                mean = await _mean_run_seconds(session, workflow, None, sample)
+        return mean
 
     async def unfinished_counts(self) -> list[tuple[str, str, int]]:
         """(status, workflow, count) of the jobs not finished yet, in every process."""
@@ -267,3 +265,22 @@ class JobRepository:
                 )
             )
             return list(result.all())
+
+
+async def _mean_run_seconds(
+    session: AsyncSession, workflow: str, backend: str | None, sample: int
+) -> float | None:
+    runs = [col(Job.workflow) == workflow, col(Job.status) == JobStatus.SUCCEEDED,
+            col(Job.started_at).is_not(None)]
+    if backend is not None:
+        runs.append(col(Job.backend) == backend)
+    recent = (
+        select((func.extract("epoch", col(Job.finished_at))
+                - func.extract("epoch", col(Job.started_at))).label("seconds"))
+        .where(*runs)
+        .order_by(col(Job.finished_at).desc())
+        .limit(sample)
+        .subquery()
+    )
+    mean = (await session.exec(select(func.avg(recent.c.seconds)))).one()
+    return float(mean) if mean is not None else None

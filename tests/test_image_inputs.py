@@ -171,3 +171,35 @@ async def test_uploaded_input_is_deleted_from_the_backend_when_the_job_ends(
                 while uploaded.exists():  # noqa: ASYNC110
                     await asyncio.sleep(0.05)  # deleted by a task after the job ended
     assert job["status"] == "succeeded"
+
+
+async def test_a_submit_that_makes_no_job_leaves_no_input_in_storage(settings: Settings) -> None:
+    settings.max_queued_per_key = 1  # no backends: the first job stays queued
+    stored = settings.data_dir / "outputs"
+
+    def files() -> list[str]:
+        return sorted(str(path.relative_to(stored)) for path in stored.rglob("*"))
+
+    def blur(picture: bytes, **fields: Any) -> dict[str, Any]:
+        encoded = base64.b64encode(picture).decode()
+        return {"workflow": "blur_image", "params": {"image": encoded}, **fields}
+
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async def submit(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            async with http.post(f"{base}{settings.route_prefix}/jobs", json=body) as response:
+                return response.status, await response.json()
+
+        status, job = await submit(blur(png(), client_task_id="photo-1"))
+        assert status == 202
+        kept = files()
+        assert kept == [job["id"], f"{job['id']}/inputs", f"{job['id']}/inputs/image.png"]
+        refusals = [
+            (blur(png(), client_task_id="photo-1"), 200, None),  # a repeat: the same job
+            (blur(png(8), client_task_id="photo-1"), 422, "idempotency_conflict"),
+            (blur(png(8)), 429, "too_many_jobs"),
+        ]
+        for body, expected, error in refusals:
+            status, answer = await submit(body)
+            assert status == expected
+            assert (answer["error"] or {}).get("type") == error  # a job's error is null
+            assert files() == kept

@@ -51,10 +51,12 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     status, catalog = await get(http, f"{prefix}/workflows")
     assert status == 200
     names = [w["name"] for w in catalog["workflows"]]
-    assert names == ["blur_image", "invert", "sd15_img2img", "sd15_txt2img", "sdxl_txt2img",
-                     "simulated_work"]
+    assert names == ["blur_image", "invert", "invert_times", "sd15_img2img", "sd15_txt2img",
+                     "sdxl_txt2img", "simulated_work"]
     assert "Export (API)" in catalog["errors"]["ui-export"]
     invert = catalog["workflows"][1]
+    assert (invert["service_function"], invert["reuse_outputs"]) == (None, False)
+    assert catalog["workflows"][2]["service_function"] == "invert_times.py"
     assert [p["name"] for p in invert["params"]] == ["width", "height", "color"]
     assert invert["params"][0] == {"name": "width", "type": "int", "default": 512,
                                    "required": False, "min": 1, "max": 16384, "choices": None,
@@ -146,3 +148,25 @@ async def test_check_command_against_a_live_backend(tmp_path: Path) -> None:
     assert "     cpu: node class CheckpointLoaderSimple" in lines
     code, report = await run_check(str(REPO / "workflows"))
     assert code == 0, report
+
+
+async def test_check_command_runs_service_functions_with_the_defaults(tmp_path: Path) -> None:
+    for suffix in (".json", ".params.json", ".py"):
+        shutil.copy(REPO / "workflows" / f"invert_times{suffix}", tmp_path / f"big{suffix}")
+    (tmp_path / "big.py").write_text((tmp_path / "big.py").read_text().replace(
+        '["size"] * across', '["size"] * 100 * across'))
+    for suffix in (".json", ".params.json"):  # every parameter has a default: it is run
+        shutil.copy(REPO / "workflows" / f"invert{suffix}", tmp_path / f"raises{suffix}")
+    (tmp_path / "raises.py").write_text("def build(params, template):\n    return 1 / 0\n")
+    (tmp_path / "broken.json").write_text((REPO / "workflows" / "invert.json").read_text())
+    (tmp_path / "broken.py").write_text("import no_such_module\n")
+    async with SimulatedComfyUI() as sim:
+        code, report = await run_check(str(tmp_path), "--backend", f"{sim.url}#cpu")
+    assert code == 1
+    lines = report.splitlines()
+    assert ("FAIL broken: broken.py cannot be loaded: ModuleNotFoundError: No module named "
+            "'no_such_module' (broken.py line 1)") in lines
+    assert ("FAIL raises: with the default parameters, build() in raises.py failed: "
+            "ZeroDivisionError: division by zero (raises.py line 2)") in lines
+    assert "FAIL big (color, size, shape, times); runs on cpu" in lines
+    assert "     cpu: EmptyImage.width = 51200 (max 16384)" in lines

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyfleet.workflows.catalog import UI_FORMAT_HINT, load_catalog
+from comfyfleet.workflows.api_format import UI_FORMAT_HINT
+from comfyfleet.workflows.catalog import load_catalog
 from comfyfleet.workflows.params import ParamError
 
 REPO = Path(__file__).resolve().parent.parent

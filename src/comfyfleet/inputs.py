@@ -11,14 +11,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from comfyfleet.storage import Storage
+from comfyfleet.storage import Storage, StorageError
 from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url, guarded_connector
+
+log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 BACKEND_SUBFOLDER = "comfyfleet"  # in the backend's input directory
@@ -103,17 +107,45 @@ def backend_name(job_id: str, param: str, extension: str) -> str:
     return f"{job_id}_{param}{extension}"
 
 
+def describe(job_id: str, param: str, picture: ImageInput) -> dict[str, Any]:
+    """What a job records for this image parameter: its file on the backend and its content
+    (by digest: a repeat of the request, or a reuse of the outputs, compares the bytes)."""
+    return {"name": backend_name(job_id, param, picture.extension),
+            "subfolder": BACKEND_SUBFOLDER, "content_type": picture.content_type,
+            "size": len(picture.data), "sha256": hashlib.sha256(picture.data).hexdigest()}
+
+
+def in_prompt(record: dict[str, Any]) -> str:
+    """The value LoadImage gets: the file's path in the backend's input folder."""
+    return f"{record['subfolder']}/{record['name']}"
+
+
+def by_content(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters with each image record replaced by the digest of its bytes."""
+    return {name: value["sha256"] if isinstance(value, dict) and "sha256" in value else value
+            for name, value in params.items()}
+
+
 async def store(
     storage: Storage, key_prefix: str, job_id: str, param: str, picture: ImageInput
 ) -> dict[str, Any]:
-    """Keep the bytes until dispatch; returns what the job records for this parameter."""
+    """Keep the bytes until dispatch; returns the parameter's record with where they are."""
     key = f"{key_prefix}{job_id}/inputs/{param}{picture.extension}"
 
     async def chunks() -> Any:
         yield picture.data
 
     await storage.put_stream(key, chunks(), picture.content_type)
-    name = backend_name(job_id, param, picture.extension)
-    return {"input": key, "name": name, "subfolder": BACKEND_SUBFOLDER,
-            "content_type": picture.content_type, "size": len(picture.data),
-            "sha256": hashlib.sha256(picture.data).hexdigest()}
+    return {"input": key, **describe(job_id, param, picture)}
+
+
+async def discard(storage: Storage, records: Iterable[dict[str, Any]]) -> None:
+    """Delete the stored ones among these inputs, which no job will use (the submit made no
+    job); best effort: a failure is logged, and the submit's own answer stands."""
+    for record in records:
+        if "input" not in record:
+            continue
+        try:
+            await storage.delete(record["input"])
+        except StorageError as exc:
+            log.warning("could not delete the unused input %s: %s", record["input"], exc)

@@ -1,4 +1,5 @@
-"""`comfyfleet workflows check`: every workflow file, and what live backends would say of it."""
+"""`comfyfleet workflows check`: every workflow file (service functions included: one whose
+parameters all have defaults is run with them), and what live backends would say of it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.fleet.backends import parse_endpoint
 from comfyfleet.fleet.capabilities import Capabilities
 from comfyfleet.workflows.catalog import load_catalog
+from comfyfleet.workflows.service_functions import BuildError
 
 
 async def check_workflows(directory: Path, endpoints: list[str]) -> tuple[list[str], bool]:
@@ -32,7 +34,12 @@ async def check_workflows(directory: Path, endpoints: list[str]) -> tuple[list[s
                 continue
             backends[backend.name] = Capabilities.from_object_info(info)
     for name, workflow in sorted(catalog.workflows.items()):
-        prompt = workflow.preview()
+        try:
+            prompt = await workflow.sample_prompt()
+        except BuildError as exc:
+            lines.append(f"FAIL {name}: with the default parameters, {exc}")
+            ok = False
+            continue
         runs_on, notes, failed = [], [], False
         for backend_name, capabilities in backends.items():
             missing = capabilities.missing(prompt)

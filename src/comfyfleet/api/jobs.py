@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,37 +13,15 @@ from pydantic import AnyHttpUrl, BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from comfyfleet import inputs
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.intake import REUSE_DESCRIPTION, JobRequest, WorkflowJobRequest, accept
 from comfyfleet.api.security import Caller, CallerDep, visible_job
-from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.repository import QueueFull
+from comfyfleet.jobs.models import JobStatus
 from comfyfleet.services import Services, ServicesDep
-from comfyfleet.storage import StorageError
-from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url
-from comfyfleet.workflows.catalog import Workflow
-from comfyfleet.workflows.params import ParamError
 
 router = APIRouter(tags=["jobs"])
 
 MAX_WAIT_SECONDS = 300.0
-
-
-class WorkflowJobRequest(BaseModel):
-    """A job for the workflow named in the path; each workflow's own parameter schema is in
-    /openapi.json under its path."""
-
-    params: dict[str, Any] = Field(default_factory=dict)
-    callback_url: AnyHttpUrl | None = None
-    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    webhook_events: list[Literal["job.started", "job.progress"]] | None = Field(
-        default=None, description="Webhooks besides the terminal one (always sent)"
-    )
-
-
-class JobRequest(WorkflowJobRequest):
-    workflow: str = Field(min_length=1, max_length=200)
 
 
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
@@ -67,7 +45,8 @@ async def submit_workflow_job(
     wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     """JSON ({"params": {...}, ...}) or multipart/form-data (one field per parameter, files
-    for image parameters, plus callback_url / client_task_id / priority fields)."""
+    for image parameters, plus callback_url / client_task_id / priority / reuse_outputs
+    fields)."""
     if svc.catalog.get(name) is None:
         raise ApiError(404, "workflow_not_found", f"no workflow named {name!r}")
     try:
@@ -105,6 +84,7 @@ class ComfyServerRequest(BaseModel):
     client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
     client_callback_url: AnyHttpUrl | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    reuse_outputs: bool | None = Field(default=None, description=REUSE_DESCRIPTION)
 
 
 @router.post("", status_code=202, summary="Submit a job, ComfyUI-server style")
@@ -115,6 +95,7 @@ async def submit_comfy_server_job(
     job_request = JobRequest(
         workflow=request.service_type, params=request.params,
         callback_url=request.client_callback_url, client_task_id=request.client_task_id,
+        reuse_outputs=request.reuse_outputs,
     )
     return await _submit(svc, job_request, response, wait, None, caller=caller)
 
@@ -123,116 +104,14 @@ async def _submit(
     svc: Services, request: JobRequest, response: Response, wait: float,
     idempotency_key: str | None, *, caller: Caller,
 ) -> dict[str, Any]:
-    job, created = await _accept(svc, request, idempotency_key, caller)
-    if created:
-        svc.fleet.job_available()
-    else:
+    job, created = await accept(svc, request, idempotency_key, caller)
+    if not created:
         response.status_code = 200
+    elif job.status == JobStatus.QUEUED:
+        svc.fleet.job_available()
     if wait > 0 and not JobStatus(job.status).terminal:
         job = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id)) or job
     return await svc.render(job)
-
-
-async def _accept(
-    svc: Services, request: JobRequest, idempotency_key: str | None, caller: Caller
-) -> tuple[Job, bool]:
-    """Validate and store the job (or find the earlier one with the same key)."""
-    key = request.client_task_id
-    if idempotency_key is not None:
-        if key is not None and key != idempotency_key:
-            raise ApiError(422, "idempotency_conflict",
-                           "Idempotency-Key and client_task_id differ; send one of them")
-        key = idempotency_key
-    workflow = svc.catalog.get(request.workflow)
-    if workflow is None:
-        known = ", ".join(sorted(svc.catalog.workflows)) or "none"
-        raise ApiError(422, "unknown_workflow",
-                       f"no workflow named {request.workflow!r} (known: {known})",
-                       field="workflow")
-    try:
-        values, prompt = workflow.build(request.params)
-    except ParamError as exc:
-        raise ApiError(422, "invalid_params", f"invalid parameters: {exc}",
-                       params=exc.problems) from exc
-    lacking = svc.fleet.missing_everywhere(prompt)
-    if lacking is not None:
-        everything = sorted({piece for pieces in lacking.values() for piece in pieces})
-        raise ApiError(422, "no_capable_backend",
-                       f"no backend can run this job; missing: {', '.join(everything)}",
-                       missing=lacking)
-    callback_url = str(request.callback_url) if request.callback_url else None
-    if callback_url is not None:
-        try:
-            await check_url(callback_url, allow_private=svc.settings.allow_private_callbacks)
-        except UrlNotAllowed as exc:
-            raise ApiError(422, "callback_url_not_allowed", str(exc),
-                           field="callback_url") from exc
-    job_id = uuid.uuid4()
-    if workflow.image_params:
-        values, prompt = await _take_images(svc, workflow, values, job_id)
-    try:
-        job, created = await svc.repository.insert(
-            Job(
-                id=job_id,
-                workflow=workflow.name,
-                params=values,
-                prompt=prompt,
-                callback_url=callback_url,
-                client_task_id=key,
-                priority=request.priority,
-                webhook_events=sorted(set(request.webhook_events or ())) or None,
-                api_key_hash=caller.key_hash,
-            ),
-            max_unfinished=svc.settings.max_queued_per_key,
-        )
-    except QueueFull as exc:
-        raise ApiError(429, "too_many_jobs",
-                       f"{exc.unfinished} jobs of this API key are unfinished, the most it may "
-                       f"have (MAX_QUEUED_PER_KEY); submit more when some have ended",
-                       unfinished=exc.unfinished) from exc
-    if not created and job.api_key_hash != caller.key_hash:
-        # Taken by another key: say so without showing that key's job.
-        raise ApiError(422, "idempotency_conflict", f"key {key!r} is used by another API key")
-    same_request = (job.workflow, _comparable(job.params), job.callback_url, job.priority) == (
-        workflow.name, _comparable(values), callback_url, request.priority)
-    if not created and not same_request:
-        raise ApiError(422, "idempotency_conflict",
-                       f"key {key!r} was used for a different request (job {job.id})",
-                       job_id=str(job.id))
-    return job, created
-
-
-async def _take_images(
-    svc: Services, workflow: Workflow, values: dict[str, Any], job_id: uuid.UUID
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fetch or decode each image parameter and keep it in storage; the job records where,
-    and its prompt names the file the dispatcher will upload to the backend."""
-    recorded, in_prompt = dict(values), dict(values)
-    for name in workflow.image_params:
-        value = values.get(name)
-        if not isinstance(value, str | bytes):
-            continue
-        try:
-            picture = inputs.image(value) if isinstance(value, bytes) else await inputs.resolve(
-                value, max_bytes=svc.settings.max_upload_bytes,
-                allow_private=svc.settings.allow_private_callbacks)
-        except inputs.InputError as exc:
-            raise ApiError(422, "invalid_params", f"invalid parameters: {name}: {exc}",
-                           params={name: str(exc)}) from exc
-        try:
-            record = await inputs.store(svc.storage, svc.settings.s3_prefix, str(job_id), name,
-                                        picture)
-        except StorageError as exc:
-            raise ApiError(503, "storage_unavailable", f"cannot keep {name} now: {exc}") from exc
-        recorded[name] = record
-        in_prompt[name] = f"{record['subfolder']}/{record['name']}"
-    return recorded, workflow.fill(in_prompt)
-
-
-def _comparable(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as a repeat of the request would give them: images by content."""
-    return {name: value["sha256"] if isinstance(value, dict) and "sha256" in value else value
-            for name, value in params.items()}
 
 
 @router.get("/jobs", summary="A page of jobs, newest first")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from comfyfleet.api.intake import REUSE_DESCRIPTION
 from comfyfleet.workflows.catalog import Workflow
 from comfyfleet.workflows.params import ParamSpec
 
@@ -47,6 +48,8 @@ def workflow_operation(workflow: Workflow) -> dict[str, Any]:
             "priority": {"type": "integer", "minimum": -1000, "maximum": 1000, "default": 0},
             "webhook_events": {"type": "array",
                                "items": {"enum": ["job.started", "job.progress"]}},
+            "reuse_outputs": {"type": "boolean", "description": REUSE_DESCRIPTION,
+                              "default": workflow.reuse_outputs},
         },
         "required": ["params"] if params["required"] else [],
     }

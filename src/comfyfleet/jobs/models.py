@@ -72,6 +72,17 @@ class Job(SQLModel, table=True):
     )
     # SHA-256 (hex) of the API key that submitted the job, never the key; null without keys.
     api_key_hash: str | None = None
+    # SHA-256 (hex) of the work asked for (Workflow.fingerprint): the key of result reuse.
+    fingerprint: str | None = None
+    # The job whose outputs this one reused instead of running (DESIGN §3).
+    reused_from: uuid.UUID | None = None
+
+
+def reused_outputs(source: Job) -> dict[str, Any]:
+    """The fields of a new job that ends as it is stored, with the outputs `source` made
+    (result reuse): succeeded, never on a backend."""
+    return {"status": JobStatus.SUCCEEDED, "progress": 1.0, "outputs": source.outputs,
+            "reused_from": source.id, "finished_at": utcnow()}
 
 
 def job_error(

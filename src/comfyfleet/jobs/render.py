@@ -39,4 +39,5 @@ async def job_json(job: Job, url_for: UrlFor) -> dict[str, Any]:
         "finished_at": _iso(job.finished_at),
         "outputs": outputs,
         "error": job.error,
+        "reused_from": str(job.reused_from) if job.reused_from is not None else None,
     }

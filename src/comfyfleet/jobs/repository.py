@@ -45,7 +45,8 @@ class JobRepository:
 
         Returns the job and whether it was created. With `max_unfinished`, raises QueueFull
         when the job's API key already has that many unfinished jobs (a repeat of an
-        existing job is still answered with it).
+        existing job is still answered with it). A job stored already ended (reused outputs)
+        has its webhook in the outbox in the same transaction.
         """
         values = job.model_dump()
         async with self._sessions.begin() as session:
@@ -56,6 +57,8 @@ class JobRepository:
                 statement = statement.on_conflict_do_nothing(index_elements=["client_task_id"])
             created = (await session.exec(statement.returning(_table.c.id))).first()
             if created is not None:
+                if JobStatus(job.status).terminal:
+                    await outbox.enqueue(session, job, f"job.{job.status}")
                 return job, True
             existing = await session.exec(
                 select(Job).where(col(Job.client_task_id) == job.client_task_id)
@@ -80,6 +83,22 @@ class JobRepository:
             if repeat.first() is not None:
                 return  # the insert finds the existing job
         raise QueueFull(unfinished)
+
+    async def reusable(self, fingerprint: str, api_key_hash: str | None) -> Job | None:
+        """The latest job that ran the work `fingerprint` names and succeeded, among those the
+        same API key submitted: another key's outputs are not this caller's to see, nor is
+        whether they exist."""
+        owner = (col(Job.api_key_hash).is_(None) if api_key_hash is None
+                 else col(Job.api_key_hash) == api_key_hash)
+        query = (
+            select(Job)
+            .where(col(Job.fingerprint) == fingerprint, owner,
+                   col(Job.status) == JobStatus.SUCCEEDED, col(Job.reused_from).is_(None))
+            .order_by(col(Job.finished_at).desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            return (await session.exec(query)).first()
 
     async def get(self, job_id: uuid.UUID) -> Job | None:
         async with self._sessions() as session:

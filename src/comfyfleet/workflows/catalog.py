@@ -1,13 +1,15 @@
 """The workflow catalog: API-format exports dropped into `WORKFLOWS_DIR`.
 
 Each `<name>.json` is a workflow; an optional sidecar `<name>.params.json` (or `.params.yaml`)
-declares its parameters (type, default, range, choices). Parameters that only appear as
-placeholders are required and untyped. A broken file is reported in `errors` and never takes
-the others down.
+declares its parameters (type, default, range, choices) and whether its outputs may be reused;
+an optional `<name>.py` is its service function. Parameters that only appear as placeholders
+are required and untyped. A broken file is reported in `errors` and never takes the others
+down.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, cast
 
 import yaml
 
+from comfyfleet.workflows.api_format import WorkflowError, check_api_format
 from comfyfleet.workflows.params import (
     PARAM_TYPES,
     ParamSpec,
@@ -24,18 +27,13 @@ from comfyfleet.workflows.params import (
     substitute,
     validate_params,
 )
+from comfyfleet.workflows.service_functions import ServiceFunction, load_service_function
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIXES = (".params.json", ".params.yaml", ".params.yml")
-UI_FORMAT_HINT = (
-    "this is a UI-format export (it has 'nodes' and 'links'); in ComfyUI enable "
-    "Settings > Comfy > Dev mode, then use Workflow > Export (API) and save that file instead"
-)
-
-
-class WorkflowError(ValueError):
-    """A workflow file that cannot be used, with a message an operator can act on."""
+# A sidecar's one key that is not a parameter: true lets every request reuse earlier outputs.
+REUSE_KEY = "reuse_outputs"
 
 
 @dataclass(frozen=True)
@@ -43,23 +41,57 @@ class Workflow:
     name: str
     template: dict[str, Any]
     params: dict[str, ParamSpec]
+    # SHA-256 of the files that define the workflow: an edit makes its earlier outputs
+    # different work, never reused for the new definition.
+    digest: str
+    reuse_outputs: bool = False
+    service_function: ServiceFunction | None = None
+
+    def validate(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Typed values of every parameter, defaults included; ParamError on bad input."""
+        return validate_params(self.params, given)
 
     def build(self, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The validated parameter values and the filled prompt; ParamError on bad input."""
-        values = validate_params(self.params, given)
+        """The validated values and the filled template (the template alone: a service
+        function runs in `make_prompt`)."""
+        values = self.validate(given)
         return values, self.fill(values)
 
     def fill(self, values: dict[str, Any]) -> dict[str, Any]:
         """The prompt with these (already validated) values substituted."""
         return cast(dict[str, Any], substitute(self.template, values))
 
+    async def make_prompt(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The prompt to run for validated values: the filled template, passed through the
+        service function when there is one (BuildError when that fails)."""
+        filled = self.fill(values)
+        if self.service_function is None:
+            return filled
+        return await self.service_function(dict(values), filled)
+
+    async def sample_prompt(self) -> dict[str, Any]:
+        """What can be checked against a backend before any job exists: the prompt built
+        from the defaults when every parameter has one, else the template with the defaults
+        it has and null for the rest."""
+        if all(spec.default is not None for spec in self.params.values()):
+            return await self.make_prompt(self.validate({}))
+        return self.preview()
+
+    def fingerprint(self, params_by_content: dict[str, Any]) -> str:
+        """SHA-256 of the work a job asks for: this workflow as it is defined now and the
+        typed parameters, images by the digest of their bytes (see inputs.by_content)."""
+        canonical = json.dumps(
+            {"workflow": self.name, "definition": self.digest, "params": params_by_content},
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     @property
     def image_params(self) -> list[str]:
         return [name for name, spec in self.params.items() if spec.type == "image"]
 
     def preview(self) -> dict[str, Any]:
-        """The prompt with defaults filled in, and null where a value must come from the
-        request: what can be checked against a backend before any job exists."""
+        """The template with defaults filled in, and null where a value must come from the
+        request."""
         return cast(dict[str, Any], substitute(
             self.template, {name: spec.default for name, spec in self.params.items()}))
 
@@ -68,6 +100,9 @@ class Workflow:
             "name": self.name,
             "params": [spec.to_json() for spec in self.params.values()],
             "nodes": len(self.template),
+            "service_function": (self.service_function.path.name
+                                 if self.service_function is not None else None),
+            "reuse_outputs": self.reuse_outputs,
         }
 
 
@@ -78,21 +113,6 @@ class Catalog:
 
     def get(self, name: str) -> Workflow | None:
         return self.workflows.get(name)
-
-
-def check_api_format(document: Any) -> dict[str, Any]:
-    if not isinstance(document, dict):
-        raise WorkflowError("expected a JSON object mapping node ids to nodes")
-    if "nodes" in document and "links" in document:
-        raise WorkflowError(UI_FORMAT_HINT)
-    if not document:
-        raise WorkflowError("the workflow has no nodes")
-    for node_id, node in document.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            raise WorkflowError(f"node {node_id!r} has no class_type; is this an API export?")
-        if not isinstance(node.get("inputs", {}), dict):
-            raise WorkflowError(f"node {node_id!r}: inputs must be an object")
-    return cast(dict[str, Any], document)
 
 
 def _param_spec(name: str, raw: Any) -> ParamSpec:
@@ -117,33 +137,48 @@ def _param_spec(name: str, raw: Any) -> ParamSpec:
     )
 
 
-def _read_sidecar(path: Path) -> Any:
+def _read_sidecar(path: Path, text: str) -> dict[str, Any]:
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return yaml.safe_load(path.read_text())
+        declared = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise WorkflowError(f"{path.name}: cannot be read: {exc}") from exc
+    if not isinstance(declared, dict):
+        raise WorkflowError(f"{path.name}: expected an object of parameters")
+    return declared
 
 
 def load_workflow(path: Path) -> Workflow:
     name = path.name.removesuffix(".json")
+    source = path.read_bytes()
+    digest = hashlib.sha256(b"template\0" + source)
     try:
-        template = check_api_format(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
+        template = check_api_format(json.loads(source))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WorkflowError(f"not valid JSON: {exc}") from exc
+    code = path.with_suffix(".py")
+    service_function = None
+    if code.exists():
+        code_source = code.read_bytes()
+        digest.update(b"\0service function\0" + code_source)
+        service_function = load_service_function(code, code_source)
     params = {key: ParamSpec(name=key) for key in placeholders(template)}
+    reuse_outputs = False
     sidecar = next((path.with_name(name + suffix) for suffix in SIDECAR_SUFFIXES
                     if path.with_name(name + suffix).exists()), None)
     if sidecar is not None:
-        declared = _read_sidecar(sidecar)
-        if not isinstance(declared, dict):
-            raise WorkflowError(f"{sidecar.name}: expected an object of parameters")
+        text = sidecar.read_text()
+        digest.update(b"\0sidecar\0" + text.encode())
+        declared = _read_sidecar(sidecar, text)
+        reuse_outputs = declared.pop(REUSE_KEY, False)
+        if not isinstance(reuse_outputs, bool):
+            raise WorkflowError(f"{sidecar.name}: {REUSE_KEY} must be true or false")
         for key, raw in declared.items():
-            if key not in params:
+            # A service function may take parameters the template does not name.
+            if key not in params and service_function is None:
                 raise WorkflowError(f"{sidecar.name}: parameter {key!r} is not used in {path.name}")
             params[key] = _param_spec(key, raw)
-    return Workflow(name=name, template=template, params=params)
+    return Workflow(name=name, template=template, params=params, digest=digest.hexdigest(),
+                    reuse_outputs=reuse_outputs, service_function=service_function)
 
 
 def load_catalog(directory: Path) -> Catalog:
@@ -161,4 +196,9 @@ def load_catalog(directory: Path) -> Catalog:
         except (WorkflowError, OSError) as exc:
             catalog.errors[name] = str(exc)
             log.error("workflow %s not loaded: %s", path, exc)
+    for code in sorted(directory.glob("*.py")):
+        if not code.with_suffix(".json").exists():
+            catalog.errors[code.stem] = (f"{code.name} has no template {code.stem}.json: a "
+                                         "service function builds on its workflow's template")
+            log.error("workflow %s not loaded: %s", code, catalog.errors[code.stem])
     return catalog

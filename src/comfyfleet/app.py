@@ -160,6 +160,9 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         log_level="warning",
         log_config=None,  # uvicorn's records go through our handler (LOG_FORMAT)
         lifespan="on",
+        # Longer than client pools keep idle connections (aiohttp: 15 s, load balancers: 60 s),
+        # so a client never reuses a connection we are closing at that moment.
+        timeout_keep_alive=75,
         # Requests still open when stopping (?wait=, event streams) get this long.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )

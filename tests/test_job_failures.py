@@ -93,7 +93,7 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             (tmp_path / "sim" / "output" / image["subfolder"] / image["filename"]).unlink()
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
             claimed = await repository.claim_next(
-                "sim", prompt_id, max_inflight=1, can_run=lambda _: True
+                "sim", prompt_id, max_inflight=1, pick=lambda queued: queued[0].id
             )
             assert claimed is not None and claimed.id == job.id
             uploading = await repository.transition(

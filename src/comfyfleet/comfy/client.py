@@ -87,9 +87,16 @@ class ComfyClient:
         entry = entries.get(prompt_id) if isinstance(entries, dict) else None
         return entry if isinstance(entry, dict) else None
 
-    async def queue(self) -> dict[str, Any]:
-        result = await self._get_json("/queue")
-        return result if isinstance(result, dict) else {}
+    async def queued_prompt_ids(self) -> set[str]:
+        """The ids of the prompts running or pending there (`GET /queue`)."""
+        queue = await self._get_json("/queue")
+        ids: set[str] = set()
+        for key in ("queue_running", "queue_pending"):
+            items = queue.get(key) if isinstance(queue, dict) else None
+            for item in items or []:
+                if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
+                    ids.add(item[1])
+        return ids
 
     async def system_stats(self) -> dict[str, Any]:
         result = await self._get_json("/system_stats")

@@ -2,24 +2,31 @@
 
 Each backend holds at most `max_inflight` of our prompts; among healthy backends with a free
 slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts
-other clients' prompts), ties broken by fewer prompts in flight. Dispatch wakes on events (a
-job arriving, a slot freeing); the periodic pass is only a safety net.
+other clients' prompts), ties broken by fewer prompts in flight. Once run times have been
+seen, placement (placement.py) keeps a slow backend from taking a job a faster one would
+finish sooner, and an idle backend takes over a prompt still waiting in a busy backend's
+queue when it would finish it sooner. Dispatch wakes on events (a job arriving, a slot
+freeing); the periodic pass is only a safety net.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
+from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
 from comfyfleet.fleet.session import BackendSession
-from comfyfleet.fleet.tracker import ExecutionTracker
+from comfyfleet.fleet.tracker import ExecutionTracker, PromptRun
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import CLAIM_BATCH, JobRepository, QueuedJob
 from comfyfleet.logs import job_fields
 from comfyfleet.storage import Storage, StorageError
 
@@ -27,6 +34,9 @@ log = logging.getLogger(__name__)
 
 SAFETY_PASS_SECONDS = 2.0
 SUBMIT_FAILURE_PAUSE = 1.0
+# Moving a waiting prompt costs a few round trips and a little risk; only worth it for a
+# clear gain, in seconds of expected completion.
+MOVE_MIN_GAIN = 1.0
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
@@ -46,8 +56,10 @@ class Dispatcher:
         *,
         max_inflight: int,
         on_terminal: Callable[[Job], None],
+        run_times: RunTimes,
     ) -> None:
         self._repository = repository
+        self._run_times = run_times
         self._sessions = sessions
         self._tracker = tracker
         self._storage = storage
@@ -75,29 +87,134 @@ class Dispatcher:
     async def _dispatch_while_possible(self) -> None:
         while await self._dispatch_one():
             pass
+        await self._move_waiting_prompts()
 
     async def _dispatch_one(self) -> bool:
-        """Send one job to the best backend that has a free slot and can run it."""
+        """Send one job to the best backend that has a free slot and should run it."""
         for session in by_preference(self._sessions, self._max_inflight):
-            capabilities = session.capabilities
-            if capabilities is None:
+            if session.capabilities is None:
                 continue
             prompt_id = str(uuid.uuid4())
             # Job, backend and prompt id are on record before the POST, so a crash at any
             # point can be reconciled.
             job = await self._repository.claim_next(
                 session.name, prompt_id, max_inflight=self._max_inflight,
-                can_run=capabilities.can_run,
+                pick=functools.partial(self._pick, session),
             )
-            if job is None:
-                continue
-            metrics.job_dispatched(job)
-            self._tracker.track(session, job, submitting=True)
-            task = asyncio.create_task(self._submit(session, job))
-            self._submissions.add(task)
-            task.add_done_callback(self._submissions.discard)
-            return True
+            if job is not None:
+                self._start(session, job)
+                return True
         return False
+
+    def _start(self, session: BackendSession, job: Job) -> None:
+        metrics.job_dispatched(job)
+        self._tracker.track(session, job, submitting=True)
+        task = asyncio.create_task(self._submit(session, job))
+        self._submissions.add(task)
+        task.add_done_callback(self._submissions.discard)
+
+    def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> uuid.UUID | None:
+        """The first job `session` can run, unless faster backends would get through the
+        backlog before it finished that job."""
+        assert session.capabilities is not None
+        if not session.accepts_work:
+            return None  # drained (or gone) since this pass ranked the backends
+        runnable = [job for job in queued if session.capabilities.can_run(job.prompt)]
+        if not runnable:
+            return None
+        head = runnable[0]
+        # A full batch: the backlog goes on beyond what we read, deep enough for everyone.
+        backlog = math.inf if len(queued) == CLAIM_BATCH else len(runnable)
+        candidate = self._load(session, head.workflow)
+        if candidate is None or backlog == math.inf:
+            return head.id
+        return head.id if should_take(candidate, self._rivals(session, head), int(backlog)) \
+            else None
+
+    def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
+        for other in self._sessions:
+            if other is session or not other.accepts_work or other.capabilities is None:
+                continue
+            load = self._load(other, job.workflow)
+            if load is not None and other.capabilities.can_run(job.prompt):
+                yield load
+
+    def _load(self, session: BackendSession, workflow: str) -> BackendLoad | None:
+        """What `session` has ahead of a new prompt of `workflow`, in expected seconds."""
+        per_job = self._run_times.expected(session.name, workflow)
+        if per_job is None:
+            return None
+        runs = self._tracker.runs_on(session)
+        busy = sum(self._seconds_left(run, per_job) for run in runs)
+        # Other clients' prompts there count as much as one of ours.
+        busy += max(0, session.queue_remaining - len(runs)) * per_job
+        return BackendLoad(session.name, per_job, busy)
+
+    def _seconds_left(self, run: PromptRun, default: float) -> float:
+        expected = self._run_times.expected(run.session.name, run.job.workflow) or default
+        if run.started is None:
+            return expected
+        return remaining(expected, time.monotonic() - run.started)
+
+    async def _move_waiting_prompts(self) -> None:
+        """Give an idle backend the prompt that would gain the most by leaving another
+        backend's queue, when it would finish there clearly sooner (the end of a batch: a
+        slow GPU's prefetched job, or one stuck behind a long prompt)."""
+        waiting = self._tracker.waiting_runs()
+        if not waiting:
+            return
+        for idle in self._sessions:
+            if not idle.accepts_work or idle.inflight or idle.queue_remaining \
+                    or idle.capabilities is None:
+                continue
+            best: tuple[float, PromptRun] | None = None
+            for run in waiting:
+                gain = self._gain_of_moving(run, idle)
+                if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
+                        and idle.capabilities.can_run(run.job.prompt):
+                    best = (gain, run)
+            if best is not None:
+                await self._move(best[1], idle)
+                return  # the next pass sees the fleet as the move left it
+
+    def _gain_of_moving(self, run: PromptRun, idle: BackendSession) -> float:
+        """Expected seconds sooner `run` would finish if `idle` started it now."""
+        workflow = run.job.workflow
+        there = self._run_times.expected(run.session.name, workflow)
+        here = self._run_times.expected(idle.name, workflow)
+        if there is None or here is None:
+            return 0.0
+        ahead = 0.0
+        for earlier in self._tracker.runs_on(run.session):
+            if earlier is run:
+                break
+            ahead += self._seconds_left(earlier, there)
+        return ahead + there - here
+
+    async def _move(self, run: PromptRun, target: BackendSession) -> None:
+        job, source = run.job, run.session
+        assert job.prompt_id is not None
+        try:
+            await source.client.delete_queued([job.prompt_id])
+            # The queue before the history: a prompt only moves from one to the other, so
+            # missing from both means the delete took it and it will never run there.
+            if job.prompt_id in await source.client.queued_prompt_ids() or \
+                    await source.client.history(job.prompt_id) is not None:
+                return  # it started after all; it finishes where it is
+        except ComfyError as exc:
+            log.info("could not take prompt %s off %s: %s", job.prompt_id, source.name, exc)
+            return
+        prompt_id = str(uuid.uuid4())
+        moved = await self._repository.move(job, target.name, prompt_id,
+                                            max_inflight=self._max_inflight)
+        self._tracker.forget(job.prompt_id)
+        if moved is None:
+            # Cancelled meanwhile, or the target got busy: the job goes back to the backlog.
+            await self._repository.release(job)
+            return
+        log.info("job %s moved from %s to idle %s", job.id, source.name, target.name,
+                 extra=job_fields(moved))
+        self._start(target, moved)
 
     async def _submit(self, session: BackendSession, job: Job) -> None:
         assert job.prompt_id is not None

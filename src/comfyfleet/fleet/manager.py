@@ -13,6 +13,7 @@ from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.cleanup import BackendFile
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.dispatcher import Dispatcher
+from comfyfleet.fleet.placement import RunTimes
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
 from comfyfleet.jobs.events import JobEvents
@@ -51,6 +52,7 @@ class Fleet:
         self._on_terminal = on_terminal
         self._input_cleanups: set[asyncio.Task[None]] = set()
         collector = Collector(repository, storage, key_prefix, self._ended)
+        run_times = RunTimes()  # learned by the tracker, used for placement
         self.tracker = ExecutionTracker(
             repository,
             collector,
@@ -60,6 +62,7 @@ class Fleet:
             grace_seconds=grace_seconds,
             quiet_seconds=quiet_seconds,
             events=events,
+            run_times=run_times,
         )
         # One list shared with the dispatcher and the tracker's watch: backends come and go.
         self.sessions: list[BackendSession] = []
@@ -70,6 +73,7 @@ class Fleet:
             storage,
             max_inflight=max_inflight,
             on_terminal=self._ended,
+            run_times=run_times,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []

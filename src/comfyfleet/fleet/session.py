@@ -58,7 +58,8 @@ class BackendSession:
         self._unreachable_since: float | None = time.monotonic()
         self.queue_remaining = 0
         # Prompts we queued here that have not finished executing: the dispatch slots in use.
-        self.inflight: set[str] = set()
+        # A dict as an insertion-ordered set: the oldest is the one running.
+        self.inflight: dict[str, None] = {}
         self.last_error: str | None = None
         self.capabilities: Capabilities | None = None  # known once it has connected
         # Deletes our files there when it has comfyui_nodes/ and a token is configured.

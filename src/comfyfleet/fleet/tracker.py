@@ -29,6 +29,7 @@ from comfyfleet.comfy.messages import (
     parse_event,
 )
 from comfyfleet.fleet.collector import Collector
+from comfyfleet.fleet.placement import RunTimes
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -52,6 +53,7 @@ class PromptRun:
     node_running: bool = False
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
+    started: float | None = None  # monotonic time of its execution_start
 
     @property
     def prompt_id(self) -> str:
@@ -75,8 +77,10 @@ class ExecutionTracker:
         quiet_seconds: float,
         grace_seconds: float,
         events: JobEvents,
+        run_times: RunTimes,
     ) -> None:
         self._events = events
+        self._run_times = run_times
         self._repository = repository
         self._quiet_seconds = quiet_seconds
         self._grace_seconds = grace_seconds
@@ -97,12 +101,22 @@ class ExecutionTracker:
     ) -> None:
         run = PromptRun(session, job, adopted=adopted)
         self._runs[run.prompt_id] = run
-        session.inflight.add(run.prompt_id)
+        session.inflight[run.prompt_id] = None
         if submitting:
             self._submitting.add(run.prompt_id)
 
     def is_tracked(self, prompt_id: str) -> bool:
         return prompt_id in self._runs
+
+    def runs_on(self, session: BackendSession) -> list[PromptRun]:
+        """Our prompts on `session` that have not finished executing, oldest first."""
+        return [self._runs[prompt_id] for prompt_id in session.inflight
+                if prompt_id in self._runs]
+
+    def waiting_runs(self) -> list[PromptRun]:
+        """Our prompts sitting in a backend's queue, known not to have started."""
+        return [run for prompt_id, run in self._runs.items()
+                if run.started is None and not run.adopted and prompt_id not in self._submitting]
 
     def submitted(self, prompt_id: str) -> None:
         self._submitting.discard(prompt_id)
@@ -111,7 +125,7 @@ class ExecutionTracker:
         self._submitting.discard(prompt_id)
         run = self._runs.pop(prompt_id, None)
         if run is not None:
-            run.session.inflight.discard(prompt_id)
+            run.session.inflight.pop(prompt_id, None)
             self._on_slot_freed()
 
     # Websocket events.
@@ -130,12 +144,16 @@ class ExecutionTracker:
         run.last_heard = time.monotonic()
         match message:
             case ExecutionStart():
+                run.started = time.monotonic()
                 await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
                                    status=JobStatus.RUNNING, started_at=utcnow())
                 metrics.job_started(run.job)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
             case Executing(node=None):
+                if run.started is not None:
+                    self._run_times.record(session.name, run.job.workflow,
+                                           time.monotonic() - run.started)
                 await self._finished_executing(run)
             case Executing():
                 run.nodes_done += run.node_running  # a new node starting ends the previous one
@@ -214,7 +232,7 @@ class ExecutionTracker:
         # The queue before the histories: a prompt only ever moves from the queue into the
         # history, so one missing from this snapshot is finished or lost for good. (History
         # first would race a prompt finishing between the two reads and call it lost.)
-        queued_ids = _queued_prompt_ids(await session.client.queue()) if jobs else set()
+        queued_ids = await session.client.queued_prompt_ids() if jobs else set()
         for job in jobs:
             prompt_id = job.prompt_id
             if prompt_id is None or prompt_id in self._submitting or prompt_id in self._collecting:
@@ -350,11 +368,3 @@ def _status_messages(status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
         if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)
     ]
 
-
-def _queued_prompt_ids(queue: dict[str, Any]) -> set[str]:
-    ids: set[str] = set()
-    for key in ("queue_running", "queue_pending"):
-        for item in queue.get(key) or []:
-            if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
-                ids.add(item[1])
-    return ids

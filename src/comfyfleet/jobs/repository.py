@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
@@ -21,6 +21,14 @@ _table = Job.__table__  # type: ignore[attr-defined]
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # Queued jobs a claim looks at to find one the backend can run (capability routing).
 CLAIM_BATCH = 50
+
+
+class QueuedJob(NamedTuple):
+    """What a claim looks at to choose a job."""
+
+    id: uuid.UUID
+    workflow: str
+    prompt: dict[str, Any]
 
 
 class QueueFull(Exception):
@@ -110,34 +118,26 @@ class JobRepository:
         prompt_id: str,
         *,
         max_inflight: int,
-        can_run: Callable[[dict[str, Any]], bool],
+        pick: Callable[[list[QueuedJob]], uuid.UUID | None],
     ) -> Job | None:
-        """Take the next queued job `backend` can run: highest priority, then oldest.
+        """Take the queued job `pick` chooses among the first CLAIM_BATCH (highest priority,
+        then oldest) for `backend`; None when it has no free slot or `pick` takes none.
 
         The backend's slots hold across processes: claims for one backend are serialised by
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
         async with self._sessions.begin() as session:
-            await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
-            busy = await session.exec(
-                select(func.count())
-                .select_from(Job)
-                .where(
-                    col(Job.backend) == backend,
-                    col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
-                )
-            )
-            if busy.one() >= max_inflight:
+            if not await self._lock_free_slot(session, backend, max_inflight):
                 return None
             candidates = await session.exec(
-                select(col(Job.id), col(Job.prompt))
+                select(col(Job.id), col(Job.workflow), col(Job.prompt))
                 .where(col(Job.status) == JobStatus.QUEUED)
                 .order_by(col(Job.priority).desc(), col(Job.created_at))
                 .limit(CLAIM_BATCH)
                 .with_for_update(skip_locked=True)
             )
-            job_id = next((id_ for id_, prompt in candidates if can_run(prompt)), None)
+            job_id = pick([QueuedJob(*row) for row in candidates])
             if job_id is None:
                 return None
             result = await session.exec(
@@ -158,6 +158,46 @@ class JobRepository:
         if claimed is not None:
             self._on_change(claimed.id)
         return claimed
+
+    async def move(
+        self, job: Job, backend: str, prompt_id: str, *, max_inflight: int
+    ) -> Job | None:
+        """Give a dispatched job whose prompt never started, and is off its backend now, to
+        `backend` under a new prompt id; no attempt is spent. None when `backend` has no
+        free slot or the job is no longer where it was."""
+        async with self._sessions.begin() as session:
+            if not await self._lock_free_slot(session, backend, max_inflight):
+                return None
+            result = await session.exec(
+                update(Job)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.attempts) == job.attempts,
+                    col(Job.status) == JobStatus.DISPATCHED,
+                    col(Job.prompt_id) == job.prompt_id,
+                )
+                .values(backend=backend, prompt_id=prompt_id, dispatched_at=func.now())
+                .returning(Job)
+            )
+            moved = result.scalars().first()
+        if moved is not None:
+            self._on_change(moved.id)
+        return moved
+
+    @staticmethod
+    async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
+        """Whether `backend` has a free slot, counting every process's prompts there; holds
+        the backend's lock until the transaction ends, so the slot stays free for it."""
+        await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
+        busy = await session.exec(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                col(Job.backend) == backend,
+                col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
+            )
+        )
+        return busy.one() < max_inflight
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,

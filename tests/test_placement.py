@@ -1,0 +1,144 @@
+"""Speed-aware placement: the rule on its own, then through `serve` with simulated GPUs of
+different speeds (learned from the run times it observes, never configured)."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+
+from comfyfleet.app import serving
+from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+
+def test_idle_fast_backend_beats_slow_one_for_the_last_job() -> None:
+    slow = BackendLoad("slow", seconds_per_job=4.0, busy_for=0.0)
+    fast = BackendLoad("fast", seconds_per_job=1.0, busy_for=0.0)
+    assert not should_take(slow, [fast], backlog=1)
+    assert should_take(fast, [slow], backlog=1)
+    # The fast one gets through 3 jobs before the slow one could finish its first.
+    assert not should_take(slow, [fast], backlog=3)
+    assert should_take(slow, [fast], backlog=4)
+
+
+def test_equal_backends_never_all_refuse() -> None:
+    first, second = BackendLoad("a", 2.0, 1.0), BackendLoad("b", 2.0, 1.0)
+    assert should_take(first, [second], backlog=1)
+    assert should_take(second, [first], backlog=1)
+
+
+def test_a_busy_fast_backend_counts_only_after_its_queue() -> None:
+    slow = BackendLoad("slow", seconds_per_job=2.0, busy_for=0.0)
+    busy_fast = BackendLoad("fast", seconds_per_job=1.0, busy_for=1.5)
+    assert should_take(slow, [busy_fast], backlog=1)  # 2.0 beats 1.5 + 1.0
+
+
+def test_run_times_per_backend_fall_back_to_the_fleet() -> None:
+    times = RunTimes()
+    assert times.expected("a", "w") is None
+    for seconds in (1.0, 2.0, 3.0):
+        times.record("a", "w", seconds)
+    times.record("b", "w", 8.0)
+    assert times.expected("a", "w") == 2.0
+    # b has too few samples of its own: the fleet's mean stands in.
+    assert times.expected("b", "w") == 3.5
+    assert times.expected("c", "w") == 3.5
+    assert times.expected("a", "other") is None
+
+
+def test_an_overrunning_prompt_is_expected_to_need_longer() -> None:
+    assert remaining(expected=2.0, elapsed=0.5) == 1.5
+    assert remaining(expected=2.0, elapsed=8.0) == 2.0  # a quarter of its elapsed time
+    assert remaining(expected=2.0, elapsed=40.0) == 10.0
+
+
+class Api:
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http, self.base = http, base
+        self.submitted = 0
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.http.request(method, self.base + path, json=body) as response:
+            assert response.status < 300, await response.text()
+            return await response.json()
+
+    async def submit(self, seconds: float) -> str:
+        self.submitted += 1
+        # No two prompts alike: ComfyUI would answer a repeat from its cache, in no time.
+        job = await self.call("POST", "/jobs", {
+            "workflow": "simulated_work",
+            "params": {"seconds": seconds + self.submitted / 10_000, "steps": 1}})
+        return str(job["id"])
+
+    async def finished(self, job_id: str) -> dict[str, Any]:
+        async with asyncio.timeout(30):
+            while (job := await self.call("GET", f"/jobs/{job_id}"))["status"] not in (  # noqa: ASYNC110
+                    "succeeded", "failed"):
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        assert job["status"] == "succeeded", job
+        return dict(job)
+
+    async def run_on(self, backend: str, *durations: float) -> None:
+        """Let `backend` alone take work, so placement learns its speed."""
+        others = [b["name"] for b in await self.call("GET", "/backends") if b["name"] != backend]
+        for other in others:
+            await self.call("PATCH", f"/backends/{other}", {"drain": True})
+        for job_id in [await self.submit(seconds) for seconds in durations]:
+            assert (await self.finished(job_id))["backend"] == backend
+        for other in others:
+            await self.call("PATCH", f"/backends/{other}", {"drain": False})
+
+
+async def test_slow_backend_leaves_the_last_job_to_an_idle_fast_one(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
+        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
+        # Listed first, so without placement the slow one would be asked first.
+        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        await api.run_on("slow", 0.2, 0.2, 0.2)
+        await api.run_on("fast", 0.2, 0.2, 0.2)
+
+        for _ in range(3):
+            assert (await api.finished(await api.submit(0.2)))["backend"] == "fast"
+        # A backlog the fast one cannot clear alone in time: both work.
+        backlog = [await api.submit(0.2) for _ in range(12)]
+        ran_on = {(await api.finished(job_id))["backend"] for job_id in backlog}
+        assert ran_on == {"slow", "fast"}
+
+
+async def test_idle_backend_takes_over_a_prompt_waiting_behind_a_long_one(
+    settings: Settings,
+) -> None:
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(SimulatedComfyUI())
+        second = await stack.enter_async_context(SimulatedComfyUI())
+        settings.comfyui_endpoints = [first.url + "#first", second.url + "#second"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        await api.run_on("first", 0.2)  # now the workflow is expected to take 0.2 s
+        await api.call("PATCH", "/backends/second", {"drain": True})
+        long_job = await api.submit(8.0)
+        waiting = await api.submit(0.2)
+        async with asyncio.timeout(10):  # both on `first`: one running, one in its queue
+            while (await api.call("GET", "/backends"))[0]["queue_remaining"] < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        # Long past its expected 0.2 s, the running prompt looks long: moving pays.
+        await asyncio.sleep(5.0)
+        await api.call("PATCH", "/backends/second", {"drain": False})
+
+        moved = await api.finished(waiting)
+        assert (moved["backend"], moved["attempts"]) == ("second", 1)
+        assert (await api.call("GET", f"/jobs/{long_job}"))["status"] == "running"
+        async with aiohttp.ClientSession() as direct, \
+                direct.get(f"{first.url}/history") as response:
+            ran_on_first = set(await response.json())
+        assert moved["prompt_id"] not in ran_on_first
+        assert (await api.finished(long_job))["backend"] == "first"

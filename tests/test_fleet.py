@@ -163,6 +163,35 @@ async def test_drain_enable_add_and_remove_backends(settings: Settings) -> None:
         assert (status, body["error"]["type"]) == (404, "backend_not_found")
 
 
+async def test_a_queued_job_says_why_it_waits(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        nothing_there = free_ports(1)
+        settings.comfyui_endpoints = [sim.url + "#up", f"http://{LOOPBACK}:{nothing_there}#down"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        await wait_until_connected(api, "up")
+        await api.call("PATCH", "/backends/up", {"drain": True})
+
+        job = await api.job(await api.submit())
+        assert job["status"] == "queued"
+        assert job["waiting"].startswith("every backend that can run it is out of service")
+        assert "up is draining" in job["waiting"]
+        assert "down has not connected yet" in job["waiting"]
+
+        await api.call("PATCH", "/backends/up", {"drain": False})
+        done = await api.wait_for_status(job["id"], "succeeded")
+        assert done["waiting"] is None
+
+
+async def wait_until_connected(api: Api, name: str) -> None:
+    async with asyncio.timeout(10):
+        while not any(b["name"] == name and b["capabilities"]  # noqa: ASYNC110
+                      for b in (await api.call("GET", "/backends"))[1]):
+            await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+
+
 @pytest.mark.parametrize(("max_attempts", "outcome"), [(3, "succeeded"), (1, "failed")])
 async def test_backend_gone_for_good_hands_its_job_to_another(
     settings: Settings, max_attempts: int, outcome: str

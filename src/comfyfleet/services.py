@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.fleet.manager import Fleet
 from comfyfleet.jobs.events import JobEvents
-from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -35,7 +35,11 @@ class Services:
         self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)
 
     async def render(self, job: Job) -> dict[str, Any]:
-        return await job_json(job, self.storage.url)
+        """The job for API answers: what the webhooks say, plus why a queued job waits."""
+        rendered = await job_json(job, self.storage.url)
+        rendered["waiting"] = (self.fleet.why_waiting(job.prompt)
+                               if job.status == JobStatus.QUEUED else None)
+        return rendered
 
 
 def services(request: Request) -> Services:

@@ -96,6 +96,7 @@ async def _state(svc: Services, job: Job) -> dict[str, Any]:
         "progress": job.progress,
         "backend": job.backend,
         "queue_position": position,
+        "waiting": svc.fleet.why_waiting(job.prompt) if position is not None else None,
         "eta_seconds": round(eta, 1) if eta is not None else None,
     }
 

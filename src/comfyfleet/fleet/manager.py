@@ -184,6 +184,18 @@ class Fleet:
             lacking[session.name] = missing
         return lacking or None
 
+    def why_waiting(self, prompt: dict[str, Any]) -> str | None:
+        """Why a queued job with this prompt cannot start soon: every backend that could run
+        it is out of service. None while one of them takes work."""
+        capable = [s for s in self.sessions
+                   if s.capabilities is None or s.capabilities.can_run(prompt)]
+        if any(s.accepts_work for s in capable):
+            return None
+        if not capable:
+            return "no backend of the fleet can run it"
+        return "every backend that can run it is out of service: " + "; ".join(
+            f"{s.name} {_out_of_service(s)}" for s in capable)
+
     def describe(self, session: BackendSession) -> dict[str, Any]:
         return {
             "name": session.name,
@@ -211,3 +223,13 @@ class Fleet:
         await asyncio.gather(*self._input_cleanups, return_exceptions=True)
         for session in self.sessions:
             await session.close()
+
+
+def _out_of_service(session: BackendSession) -> str:
+    if session.connected:
+        return "is draining"
+    if session.capabilities is None:
+        state = "has not connected yet"
+    else:
+        state = f"unreachable for {session.unreachable_for():.0f} s"
+    return state + (f" ({session.last_error})" if session.last_error else "")

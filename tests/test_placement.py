@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.app import serving
+from comfyfleet.demo import WebhookReceiver
 from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -66,12 +67,12 @@ class Api:
             assert response.status < 300, await response.text()
             return await response.json()
 
-    async def submit(self, seconds: float) -> str:
+    async def submit(self, seconds: float, steps: int = 1, callback: str | None = None) -> str:
         self.submitted += 1
         # No two prompts alike: ComfyUI would answer a repeat from its cache, in no time.
         job = await self.call("POST", "/jobs", {
-            "workflow": "simulated_work",
-            "params": {"seconds": seconds + self.submitted / 10_000, "steps": 1}})
+            "workflow": "simulated_work", "callback_url": callback,
+            "params": {"seconds": seconds + self.submitted / 10_000, "steps": steps}})
         return str(job["id"])
 
     async def finished(self, job_id: str) -> dict[str, Any]:
@@ -142,3 +143,38 @@ async def test_idle_backend_takes_over_a_prompt_waiting_behind_a_long_one(
             ran_on_first = set(await response.json())
         assert moved["prompt_id"] not in ran_on_first
         assert (await api.finished(long_job))["backend"] == "first"
+
+
+async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(
+    settings: Settings, receiver: WebhookReceiver,
+) -> None:
+    async with AsyncExitStack() as stack:
+        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
+        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
+        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        await api.run_on("slow", 0.2, 0.2, 0.2)
+        await api.run_on("fast", 0.2, 0.2, 0.2)
+        await api.call("PATCH", "/backends/fast", {"drain": True})
+        # 12 s on the slow GPU, 3 s on the fast one; its steps show how far it has got.
+        long_job = await api.submit(3.0, steps=20, callback=receiver.url)
+        async with asyncio.timeout(10):
+            while (await api.call("GET", f"/jobs/{long_job}"))["progress"] < 0.4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        first_prompt = (await api.call("GET", f"/jobs/{long_job}"))["prompt_id"]
+        enabled = asyncio.get_running_loop().time()
+        await api.call("PATCH", "/backends/fast", {"drain": False})
+
+        done = await api.finished(long_job)
+        took = asyncio.get_running_loop().time() - enabled
+        assert (done["backend"], done["attempts"]) == ("fast", 1)
+        assert took < 8.0  # afresh on the fast GPU, rather than ~10 s more on the slow one
+        async with http.get(f"{slow.url}/history/{first_prompt}") as response:
+            interrupted = (await response.json())[first_prompt]["status"]
+        assert interrupted["status_str"] == "error"
+        assert [m[0] for m in interrupted["messages"]][-1] == "execution_interrupted"
+        await receiver.wait_for(1)
+        await asyncio.sleep(0.5)  # room for a wrong second webhook to arrive
+        assert [event["type"] for event in receiver.verified] == ["job.succeeded"]

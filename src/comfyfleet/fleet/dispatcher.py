@@ -37,6 +37,11 @@ SUBMIT_FAILURE_PAUSE = 1.0
 # Moving a waiting prompt costs a few round trips and a little risk; only worth it for a
 # clear gain, in seconds of expected completion.
 MOVE_MIN_GAIN = 1.0
+# Restart a running prompt elsewhere only once its progress says enough about its length,
+# and only when it would finish this many times sooner afresh than by going on.
+MIN_PROGRESS_TO_JUDGE = 0.1
+RESTART_MARGIN = 1.5
+INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
@@ -87,7 +92,7 @@ class Dispatcher:
     async def _dispatch_while_possible(self) -> None:
         while await self._dispatch_one():
             pass
-        await self._move_waiting_prompts()
+        await self._rebalance()
 
     async def _dispatch_one(self) -> bool:
         """Send one job to the best backend that has a free slot and should run it."""
@@ -156,19 +161,20 @@ class Dispatcher:
             return expected
         return remaining(expected, time.monotonic() - run.started)
 
-    async def _move_waiting_prompts(self) -> None:
-        """Give an idle backend the prompt that would gain the most by leaving another
-        backend's queue, when it would finish there clearly sooner (the end of a batch: a
-        slow GPU's prefetched job, or one stuck behind a long prompt)."""
-        waiting = self._tracker.waiting_runs()
-        if not waiting:
+    async def _rebalance(self) -> None:
+        """Give an idle backend the prompt that would finish soonest by moving there: one
+        waiting in a busy backend's queue (a slow GPU's prefetched job, one stuck behind a
+        long prompt), or a long one running on a much slower GPU, started afresh. Only at
+        the end of a batch is a backend idle while prompts wait or run elsewhere."""
+        runs = self._tracker.movable_runs()
+        if not runs:
             return
         for idle in self._sessions:
             if not idle.accepts_work or idle.inflight or idle.queue_remaining \
                     or idle.capabilities is None:
                 continue
             best: tuple[float, PromptRun] | None = None
-            for run in waiting:
+            for run in runs:
                 gain = self._gain_of_moving(run, idle)
                 if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
                         and idle.capabilities.can_run(run.job.prompt):
@@ -184,6 +190,8 @@ class Dispatcher:
         here = self._run_times.expected(idle.name, workflow)
         if there is None or here is None:
             return 0.0
+        if run.started is not None:
+            return self._gain_of_restarting(run, there, here)
         ahead = 0.0
         for earlier in self._tracker.runs_on(run.session):
             if earlier is run:
@@ -191,30 +199,78 @@ class Dispatcher:
             ahead += self._seconds_left(earlier, there)
         return ahead + there - here
 
+    @staticmethod
+    def _gain_of_restarting(run: PromptRun, there: float, here: float) -> float:
+        """For a running prompt, judged by its own progress rather than by averages: this
+        prompt's length there, scaled by how much faster `here` runs the workflow."""
+        assert run.started is not None
+        if run.step_fraction < MIN_PROGRESS_TO_JUDGE:
+            return 0.0
+        elapsed = time.monotonic() - run.started
+        length_there = elapsed / run.step_fraction
+        left_there = length_there - elapsed
+        afresh_here = length_there * here / there
+        # The work done there is thrown away: restart only for a clear win.
+        if afresh_here * RESTART_MARGIN >= left_there:
+            return 0.0
+        return left_there - afresh_here
+
     async def _move(self, run: PromptRun, target: BackendSession) -> None:
         job, source = run.job, run.session
         assert job.prompt_id is not None
         try:
-            await source.client.delete_queued([job.prompt_id])
-            # The queue before the history: a prompt only moves from one to the other, so
-            # missing from both means the delete took it and it will never run there.
-            if job.prompt_id in await source.client.queued_prompt_ids() or \
-                    await source.client.history(job.prompt_id) is not None:
-                return  # it started after all; it finishes where it is
+            if run.started is None:
+                gone = await self._withdraw_waiting(source, job.prompt_id)
+            else:
+                gone = await self._interrupt_running(run)
         except ComfyError as exc:
+            run.moving = False
             log.info("could not take prompt %s off %s: %s", job.prompt_id, source.name, exc)
+            return
+        if not gone:
             return
         prompt_id = str(uuid.uuid4())
         moved = await self._repository.move(job, target.name, prompt_id,
                                             max_inflight=self._max_inflight)
         self._tracker.forget(job.prompt_id)
         if moved is None:
-            # Cancelled meanwhile, or the target got busy: the job goes back to the backlog.
-            await self._repository.release(job)
+            # Cancelled meanwhile, or the target got busy: the job goes back to the backlog
+            # (a prompt that had started has spent its attempt).
+            await (self._repository.release(job) if run.started is None
+                   else self._repository.requeue(job))
             return
         log.info("job %s moved from %s to idle %s", job.id, source.name, target.name,
                  extra=job_fields(moved))
         self._start(target, moved)
+
+    @staticmethod
+    async def _withdraw_waiting(source: BackendSession, prompt_id: str) -> bool:
+        """Delete a waiting prompt; whether it is gone for good (else it started first)."""
+        await source.client.delete_queued([prompt_id])
+        # The queue before the history: a prompt only moves from one to the other, so
+        # missing from both means the delete took it and it will never run there.
+        if prompt_id in await source.client.queued_prompt_ids():
+            return False
+        return await source.client.history(prompt_id) is None
+
+    async def _interrupt_running(self, run: PromptRun) -> bool:
+        """Interrupt a running prompt; whether it ended unfinished. One that finished first is
+        settled as usual; one not stopped in time goes on where it is."""
+        run.moving = True  # its events are ours to read now, from /history
+        client = run.session.client
+        await client.interrupt(run.prompt_id)
+        try:
+            async with asyncio.timeout(INTERRUPT_WAIT):
+                # Polling a remote server: this prompt's events are no longer read.
+                while (entry := await client.history(run.prompt_id)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            run.moving = False
+            return False
+        if entry.get("status", {}).get("status_str") == "success":
+            await self._tracker.settle(run, entry)
+            return False
+        return True
 
     async def _submit(self, session: BackendSession, job: Job) -> None:
         assert job.prompt_id is not None

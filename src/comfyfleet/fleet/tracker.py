@@ -54,6 +54,9 @@ class PromptRun:
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
+    step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
+    # Being taken off its backend by the dispatcher, which reads its outcome from /history.
+    moving: bool = False
 
     @property
     def prompt_id(self) -> str:
@@ -113,10 +116,10 @@ class ExecutionTracker:
         return [self._runs[prompt_id] for prompt_id in session.inflight
                 if prompt_id in self._runs]
 
-    def waiting_runs(self) -> list[PromptRun]:
-        """Our prompts sitting in a backend's queue, known not to have started."""
+    def movable_runs(self) -> list[PromptRun]:
+        """Our prompts on backends whose events we follow (so we know whether they started)."""
         return [run for prompt_id, run in self._runs.items()
-                if run.started is None and not run.adopted and prompt_id not in self._submitting]
+                if not run.adopted and not run.moving and prompt_id not in self._submitting]
 
     def submitted(self, prompt_id: str) -> None:
         self._submitting.discard(prompt_id)
@@ -139,8 +142,8 @@ class ExecutionTracker:
             return
         prompt_id = getattr(message, "prompt_id", None)
         run = self._runs.get(prompt_id) if prompt_id is not None else None
-        if run is None or run.session is not session:
-            return  # not ours: another client's prompt, or one already finished
+        if run is None or run.session is not session or run.moving:
+            return  # not ours (another client's prompt, one already finished, one moving)
         run.last_heard = time.monotonic()
         match message:
             case ExecutionStart():
@@ -160,6 +163,7 @@ class ExecutionTracker:
                 run.node_running = True
                 await self._report_progress(run, 0.0)
             case Progress(value=value, max=maximum) if maximum > 0:
+                run.step_fraction = value / maximum
                 await self._report_progress(run, value / maximum)
             case ExecutionError():
                 await self._fail(run, _execution_error(message))
@@ -256,6 +260,11 @@ class ExecutionTracker:
         # Prompts there may still run; the next connect reconciles them.
         log.info("backend %s: %d prompts to reconcile on reconnect", session.name,
                  len(session.inflight))
+
+    async def settle(self, run: PromptRun, entry: dict[str, Any]) -> None:
+        """End a prompt from its `/history` entry, its events having gone unread."""
+        run.moving = False
+        await self._settle_from_history(run.session, run.job, entry)
 
     async def _settle_from_history(
         self, session: BackendSession, job: Job, entry: dict[str, Any]

@@ -162,9 +162,9 @@ class JobRepository:
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int
     ) -> Job | None:
-        """Give a dispatched job whose prompt never started, and is off its backend now, to
-        `backend` under a new prompt id; no attempt is spent. None when `backend` has no
-        free slot or the job is no longer where it was."""
+        """Give a job whose prompt is off its backend now (never started, or interrupted to
+        run afresh elsewhere) to `backend` under a new prompt id; no attempt is spent. None
+        when `backend` has no free slot or the job is no longer where it was."""
         async with self._sessions.begin() as session:
             if not await self._lock_free_slot(session, backend, max_inflight):
                 return None
@@ -173,10 +173,11 @@ class JobRepository:
                 .where(
                     col(Job.id) == job.id,
                     col(Job.attempts) == job.attempts,
-                    col(Job.status) == JobStatus.DISPATCHED,
+                    col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
                     col(Job.prompt_id) == job.prompt_id,
                 )
-                .values(backend=backend, prompt_id=prompt_id, dispatched_at=func.now())
+                .values(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
+                        dispatched_at=func.now(), started_at=None, progress=0.0)
                 .returning(Job)
             )
             moved = result.scalars().first()

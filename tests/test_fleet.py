@@ -185,6 +185,30 @@ async def test_a_queued_job_says_why_it_waits(settings: Settings) -> None:
         assert done["waiting"] is None
 
 
+async def test_a_prompt_cleared_from_the_backend_queue_runs_again(
+    settings: Settings, receiver: WebhookReceiver
+) -> None:
+    settings.quiet_prompt_seconds = 1.0
+    async with SimulatedComfyUI(duration=2.0) as sim:
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Api(http, base + settings.route_prefix)
+            running = await api.submit(receiver.url)
+            await api.wait_for_status(running, "running")
+            pending = await api.submit(receiver.url, width=24)
+            await api.wait_for_status(pending, "dispatched")
+            # Another client of that ComfyUI clears its queue: no event tells us.
+            async with http.post(f"{sim.url}/queue", json={"clear": True}) as response:
+                assert response.status == 200
+            assert (await sim_queue(sim))["queue_pending"] == []
+
+            again = await api.wait_for_status(pending, "succeeded")
+            assert again["attempts"] == 2
+            assert (await api.wait_for_status(running, "succeeded"))["attempts"] == 1
+            await receiver.wait_for(2)
+    assert sorted(e["type"] for e in receiver.verified) == ["job.succeeded"] * 2
+
+
 async def wait_until_connected(api: Api, name: str) -> None:
     async with asyncio.timeout(10):
         while not any(b["name"] == name and b["capabilities"]  # noqa: ASYNC110

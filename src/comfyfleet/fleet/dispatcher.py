@@ -294,6 +294,14 @@ class Dispatcher:
                         extra=job_fields(job))
             # Hold the slot a moment so a backend that fails every POST is not hammered.
             await asyncio.sleep(SUBMIT_FAILURE_PAUSE)
+            # A POST that failed late (a timeout) may have been taken: released only once
+            # the prompt is surely not there, else reconciliation settles it as a prompt
+            # whose events were missed.
+            try:
+                if not await self._withdraw_waiting(session, job.prompt_id):
+                    return
+            except ComfyError:
+                return
             self._tracker.forget(job.prompt_id)
             await self._repository.release(job)
             return

@@ -322,15 +322,21 @@ class ExecutionTracker:
 
     async def _poll_quiet(self, session: BackendSession) -> None:
         now = time.monotonic()
-        for run in [r for r in self._runs.values() if r.session is session]:
-            if run.prompt_id in self._submitting or now - run.last_heard < self._quiet_seconds:
-                continue
+        quiet = [run for run in self.runs_on(session) if run.prompt_id not in self._submitting
+                 and not run.moving and now - run.last_heard >= self._quiet_seconds]
+        # The queue before the histories, as in on_connect.
+        queued_ids = await session.client.queued_prompt_ids() if quiet else set()
+        for run in quiet:
             run.last_heard = now
             entry = await session.client.history(run.prompt_id)
             if entry is not None:
                 log.info("prompt %s on %s ended without a word on the socket", run.prompt_id,
                          session.name)
                 await self._settle_from_history(session, run.job, entry)
+            elif run.prompt_id not in queued_ids:
+                # Neither queued nor ended: the queue was cleared there, or a POST that
+                # failed late never took.
+                await self._lost(run.job, f"backend {session.name} does not have the prompt")
 
     async def _abandon(self, session: BackendSession) -> None:
         if session.name in self._abandoned:

@@ -35,6 +35,7 @@ from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
 from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.owners import ProcessLease
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.services import Services
@@ -95,6 +96,9 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             waiters.finished(job)
 
         stack.push_async_callback(webhooks.close)
+        lease = ProcessLease(engine)
+        await lease.start()
+        stack.push_async_callback(lease.close)
         fleet = Fleet(
             endpoints,
             repository,
@@ -106,6 +110,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             quiet_seconds=settings.quiet_prompt_seconds,
             on_terminal=on_terminal,
             events=events,
+            lease=lease,
             node_token=settings.comfyfleet_node_token,
         )
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)

@@ -62,8 +62,10 @@ class Dispatcher:
         max_inflight: int,
         on_terminal: Callable[[Job], None],
         run_times: RunTimes,
+        owner: int,
     ) -> None:
         self._repository = repository
+        self._owner = owner  # this process's ProcessLease id, recorded on what it claims
         self._run_times = run_times
         self._sessions = sessions
         self._tracker = tracker
@@ -104,7 +106,7 @@ class Dispatcher:
             # point can be reconciled.
             job = await self._repository.claim_next(
                 session.name, prompt_id, max_inflight=self._max_inflight,
-                pick=functools.partial(self._pick, session),
+                pick=functools.partial(self._pick, session), owner=self._owner,
             )
             if job is not None:
                 self._start(session, job)
@@ -231,7 +233,7 @@ class Dispatcher:
             return
         prompt_id = str(uuid.uuid4())
         moved = await self._repository.move(job, target.name, prompt_id,
-                                            max_inflight=self._max_inflight)
+                                            max_inflight=self._max_inflight, owner=self._owner)
         self._tracker.forget(job.prompt_id)
         if moved is None:
             # Cancelled meanwhile, or the target got busy: the job goes back to the backlog

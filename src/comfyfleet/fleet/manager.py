@@ -18,6 +18,7 @@ from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
 from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
+from comfyfleet.jobs.owners import ProcessLease
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage
 
@@ -45,6 +46,7 @@ class Fleet:
         quiet_seconds: float,
         on_terminal: Callable[[Job], None],
         events: JobEvents,
+        lease: ProcessLease,
         node_token: str | None = None,
     ) -> None:
         self._repository = repository
@@ -63,6 +65,7 @@ class Fleet:
             quiet_seconds=quiet_seconds,
             events=events,
             run_times=run_times,
+            lease=lease,
         )
         # One list shared with the dispatcher and the tracker's watch: backends come and go.
         self.sessions: list[BackendSession] = []
@@ -74,6 +77,7 @@ class Fleet:
             max_inflight=max_inflight,
             on_terminal=self._ended,
             run_times=run_times,
+            owner=lease.id,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []

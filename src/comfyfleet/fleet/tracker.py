@@ -33,6 +33,7 @@ from comfyfleet.fleet.placement import RunTimes
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
+from comfyfleet.jobs.owners import ProcessLease
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.logs import job_fields
 
@@ -81,8 +82,10 @@ class ExecutionTracker:
         grace_seconds: float,
         events: JobEvents,
         run_times: RunTimes,
+        lease: ProcessLease,
     ) -> None:
         self._events = events
+        self._lease = lease
         self._run_times = run_times
         self._repository = repository
         self._quiet_seconds = quiet_seconds
@@ -230,9 +233,31 @@ class ExecutionTracker:
     # Reconciliation.
 
     async def on_connect(self, session: BackendSession) -> None:
-        """Settle every job recorded on this backend: missed events are not replayed."""
+        """Settle every job of ours (or of a dead process) recorded on this backend: missed
+        events are not replayed."""
         self._abandoned.discard(session.name)
-        jobs = await self._repository.on_backend(session.name)
+        await self._reconcile(session, await self._ours(
+            await self._repository.on_backend(session.name)))
+
+    async def _ours(self, jobs: list[Job], *, orphans_only: bool = False) -> list[Job]:
+        """Of `jobs`, those this process follows: its own, and those of dead processes, taken
+        over. A live process's jobs are its own to follow (it may be sending the prompt
+        right now, which would look lost from here)."""
+        live = await self._lease.live() if jobs else set()
+        ours = []
+        for job in jobs:
+            if job.dispatched_by == self._lease.id:
+                if not orphans_only:
+                    ours.append(job)
+            elif job.dispatched_by not in live:
+                taken = await self._repository.take_over(job, self._lease.id)
+                if taken is not None:
+                    log.info("job %s taken over from a stopped process", job.id,
+                             extra=job_fields(job))
+                    ours.append(taken)
+        return ours
+
+    async def _reconcile(self, session: BackendSession, jobs: list[Job]) -> None:
         # The queue before the histories: a prompt only ever moves from the queue into the
         # history, so one missing from this snapshot is finished or lost for good. (History
         # first would race a prompt finishing between the two reads and call it lost.)
@@ -309,6 +334,10 @@ class ExecutionTracker:
         unreachable past the grace period."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self._take_over_orphans(sessions)
+            except Exception:  # the database may be away; the next pass tries again
+                log.exception("looking for the jobs of stopped processes failed")
             for session in list(sessions):
                 try:
                     if session.connected:
@@ -338,12 +367,25 @@ class ExecutionTracker:
                 # failed late never took.
                 await self._lost(run.job, f"backend {session.name} does not have the prompt")
 
+    async def _take_over_orphans(self, sessions: Sequence[BackendSession]) -> None:
+        """Follow the jobs a stopped gateway process left on backends that stay connected
+        (a reconnect would otherwise be the only moment they are looked at)."""
+        connected = {session.name: session for session in sessions if session.connected}
+        # Only where we can look: a backend the stopped process alone knew is not ours.
+        reachable = [job for job in await self._repository.on_backend()
+                     if job.backend in connected]
+        orphans = await self._ours(reachable, orphans_only=True)
+        for name, session in connected.items():
+            here = [job for job in orphans if job.backend == name]
+            if here:
+                await self._reconcile(session, here)
+
     async def _abandon(self, session: BackendSession) -> None:
         if session.name in self._abandoned:
             return
         self._abandoned.add(session.name)
         reason = f"backend {session.name} unreachable for over {self._grace_seconds:g} s"
-        for job in await self._repository.on_backend(session.name):
+        for job in await self._ours(await self._repository.on_backend(session.name)):
             if job.prompt_id not in self._collecting and job.prompt_id not in self._submitting:
                 await self._lost(job, reason)
 

@@ -60,6 +60,8 @@ class Job(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )
     dispatched_at: datetime | None = _timestamp()
+    # The gateway process following the job on its backend (jobs.owners.ProcessLease.id).
+    dispatched_by: int | None = None
     started_at: datetime | None = _timestamp()
     finished_at: datetime | None = _timestamp()
     outputs: list[dict[str, Any]] = Field(

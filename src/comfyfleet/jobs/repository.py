@@ -119,6 +119,7 @@ class JobRepository:
         *,
         max_inflight: int,
         pick: Callable[[list[QueuedJob]], uuid.UUID | None],
+        owner: int | None = None,
     ) -> Job | None:
         """Take the queued job `pick` chooses among the first CLAIM_BATCH (highest priority,
         then oldest) for `backend`; None when it has no free slot or `pick` takes none.
@@ -147,6 +148,7 @@ class JobRepository:
                     status=JobStatus.DISPATCHED,
                     backend=backend,
                     prompt_id=prompt_id,
+                    dispatched_by=owner,
                     attempts=Job.attempts + 1,
                     dispatched_at=func.now(),
                     started_at=None,
@@ -160,7 +162,8 @@ class JobRepository:
         return claimed
 
     async def move(
-        self, job: Job, backend: str, prompt_id: str, *, max_inflight: int
+        self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,
+        owner: int | None = None,
     ) -> Job | None:
         """Give a job whose prompt is off its backend now (never started, or interrupted to
         run afresh elsewhere) to `backend` under a new prompt id; no attempt is spent. None
@@ -177,7 +180,8 @@ class JobRepository:
                     col(Job.prompt_id) == job.prompt_id,
                 )
                 .values(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
-                        dispatched_at=func.now(), started_at=None, progress=0.0)
+                        dispatched_by=owner, dispatched_at=func.now(), started_at=None,
+                        progress=0.0)
                 .returning(Job)
             )
             moved = result.scalars().first()
@@ -316,15 +320,29 @@ class JobRepository:
             )
             return [(status, workflow, count) for status, workflow, count in result.all()]
 
-    async def on_backend(self, backend: str) -> list[Job]:
-        async with self._sessions() as session:
+    async def take_over(self, job: Job, owner: int) -> Job | None:
+        """Make `owner` the process following `job`, if no other process took it first."""
+        async with self._sessions.begin() as session:
             result = await session.exec(
-                select(Job).where(
-                    col(Job.backend) == backend,
+                update(Job)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.attempts) == job.attempts,
+                    col(Job.dispatched_by).is_not_distinct_from(job.dispatched_by),
                     col(Job.status).in_([str(state) for state in ON_BACKEND_STATES]),
                 )
+                .values(dispatched_by=owner)
+                .returning(Job)
             )
-            return list(result.all())
+            return result.scalars().first()
+
+    async def on_backend(self, backend: str | None = None) -> list[Job]:
+        """The jobs on `backend` (on any backend when None): dispatched, running or uploading."""
+        query = select(Job).where(col(Job.status).in_([str(s) for s in ON_BACKEND_STATES]))
+        if backend is not None:
+            query = query.where(col(Job.backend) == backend)
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
 
 
 async def _mean_run_seconds(

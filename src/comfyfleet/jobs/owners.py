@@ -1,0 +1,67 @@
+"""Which gateway process owns a job on a backend, and whether that process is alive.
+
+Each process holds a session-level advisory lock named by its random id for as long as it
+lives; Postgres releases it when the process's connection drops, SIGKILL included. So any
+process can tell, in one query, whose jobs have nobody left to follow them, and take them
+over; and can leave alone a job another live process is sending right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+# First key of the two-key advisory locks that mark live processes ("comf").
+LOCK_SPACE = 0x636F6D66
+HEARTBEAT_SECONDS = 5.0  # how often the held connection is checked (and, if lost, renewed)
+
+
+class ProcessLease:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.id = secrets.randbelow(2**31 - 1) + 1  # the second key: a positive int4
+        self._held = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Hold the lock from now on (renewed if the database comes back after an outage)."""
+        self._task = asyncio.create_task(self._hold())
+        await self._held.wait()
+
+    async def _hold(self) -> None:
+        while True:
+            try:
+                async with self._engine.connect() as connection:
+                    await connection.execute(text("SELECT pg_advisory_lock(:space, :id)"),
+                                             {"space": LOCK_SPACE, "id": self.id})
+                    await connection.commit()  # the lock outlives the transaction
+                    self._held.set()
+                    while True:
+                        await asyncio.sleep(HEARTBEAT_SECONDS)
+                        await connection.execute(text("SELECT 1"))
+                        await connection.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database went away: others will think us dead
+                log.warning("lost the process lease %d: %r; renewing", self.id, exc)
+                self._held.clear()
+                await asyncio.sleep(1.0)
+
+    async def live(self) -> set[int]:
+        """The ids of the processes alive now, this one included."""
+        async with self._engine.connect() as connection:
+            rows = await connection.execute(text(
+                "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid = :space AND objsubid = 2 AND granted"), {"space": LOCK_SPACE})
+            return {int(row[0]) for row in rows}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -73,6 +73,7 @@ class Dispatcher:
         self._max_inflight = max_inflight
         self._on_terminal = on_terminal
         self._wake = asyncio.Event()
+        self._backlog_empty = False  # what the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
@@ -101,6 +102,7 @@ class Dispatcher:
         for session in by_preference(self._sessions, self._max_inflight):
             if session.capabilities is None:
                 continue
+            self._backlog_empty = False
             prompt_id = str(uuid.uuid4())
             # Job, backend and prompt id are on record before the POST, so a crash at any
             # point can be reconciled.
@@ -111,6 +113,8 @@ class Dispatcher:
             if job is not None:
                 self._start(session, job)
                 return True
+            if self._backlog_empty:
+                return False  # nothing queued at all: no other backend would find anything
         return False
 
     def _start(self, session: BackendSession, job: Job) -> None:
@@ -124,6 +128,7 @@ class Dispatcher:
         """The first job `session` can run, unless faster backends would get through the
         backlog before it finished that job."""
         assert session.capabilities is not None
+        self._backlog_empty = not queued
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
         runnable = [job for job in queued if session.capabilities.can_run(job.prompt)]

@@ -122,15 +122,18 @@ class WebhookWorker:
     async def _start_due(self) -> float:
         """Start every due delivery there is room for; returns the seconds until the next
         one falls due (a finished delivery wakes the loop earlier)."""
+        started = 0
         while (room := self._concurrency - len(self._inflight)) > 0:
             claimed = await self._outbox.claim(
                 limit=room, per_host=self._per_host, busy=self._busy, lease=self._lease
             )
-            if not claimed:
-                break
             for delivery in claimed:
                 self._start(delivery)
-        if len(self._inflight) >= self._concurrency:
+            started += len(claimed)
+            if len(claimed) < room:
+                break  # that was everything due now
+        # With deliveries started, the first to finish wakes the loop to look again.
+        if started or len(self._inflight) >= self._concurrency:
             return SAFETY_PASS_SECONDS
         full = [host for host, count in self._busy.items() if count >= self._per_host]
         due = await self._outbox.next_due(skip_hosts=full)

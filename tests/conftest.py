@@ -44,15 +44,25 @@ def postgres() -> Iterator[Any]:
 
 
 @pytest.fixture
-async def database_url(postgres: Any) -> AsyncIterator[str]:
+async def database_url(postgres: Any) -> str:
     """A fresh, empty database for one test."""
+    return await _new_database(postgres)
+
+
+@pytest.fixture
+async def other_database_url(postgres: Any) -> str:
+    """A second one, for a service that must not share the first one's state."""
+    return await _new_database(postgres)
+
+
+async def _new_database(postgres: Any) -> str:
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres.get_uri())
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield embedded_url(postgres).replace("/postgres?", f"/{name}?")
+    return embedded_url(postgres).replace("/postgres?", f"/{name}?")
 
 
 @pytest.fixture

@@ -270,3 +270,39 @@ async def test_dropped_websocket_mid_job_reconnects_and_the_job_finishes(
             sim.drop_websockets()
             job = await api.wait_for_status(job_id, "succeeded", "failed")
     assert (job["status"], job["attempts"]) == ("succeeded", 1)  # followed, not rerun
+
+
+async def test_every_process_shares_the_fleet_and_it_outlives_them(settings: Settings) -> None:
+    async def names(api: Api) -> dict[str, bool]:
+        status, listed = await api.call("GET", "/backends")
+        assert status == 200
+        return {backend["name"]: backend["draining"] for backend in listed}
+
+    async def until(api: Api, expected: dict[str, bool]) -> None:
+        async with asyncio.timeout(10):  # each process re-reads the fleet every 2 s
+            while await names(api) != expected:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # polling the API: no local event to wait on
+
+    async with AsyncExitStack() as stack:
+        one = await stack.enter_async_context(SimulatedComfyUI())
+        two = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        configured = settings.model_copy(update={"comfyui_endpoints": [one.url + "#one"]})
+        async with serving(configured) as base_a:
+            first = Api(http, base_a + settings.route_prefix)
+            async with serving(settings) as base_b:  # configured with no backend at all
+                second = Api(http, base_b + settings.route_prefix)
+                assert await names(second) == {"one": False}
+                status, _ = await first.call("POST", "/backends", {"url": two.url, "name": "two"})
+                assert status == 201
+                await until(second, {"one": False, "two": False})
+                await second.call("PATCH", "/backends/one", {"drain": True})
+                await until(first, {"one": True, "two": False})
+                ran_on = (await first.wait_for_status(await first.submit(), "succeeded"))
+                assert ran_on["backend"] == "two"
+        async with serving(configured) as base_a:  # restarted: the fleet is as it was left
+            first = Api(http, base_a + settings.route_prefix)
+            assert await names(first) == {"one": True, "two": False}
+            await first.call("PATCH", "/backends/two", {"drain": True})
+            assert (await first.call("DELETE", "/backends/two"))[0] == 204
+            assert await names(first) == {"one": True}

@@ -96,9 +96,13 @@ async def test_unfinished_jobs_are_counted_from_the_database(settings: Settings)
         assert value(await scrape(http, base), "comfyfleet_jobs", **queued) == 1
 
 
-async def test_apps_in_one_process_report_their_own_backends(settings: Settings) -> None:
+async def test_apps_in_one_process_report_their_own_backends(
+    settings: Settings, other_database_url: str
+) -> None:
     first = free_ports(2)
-    other = settings.model_copy(update={"comfyui_endpoints": [f"{LOOPBACK}:{first + 1}#b"]})
+    # Its own database too: apps on one database share their fleet.
+    other = settings.model_copy(update={"comfyui_endpoints": [f"{LOOPBACK}:{first + 1}#b"],
+                                        "database_url": other_database_url})
     settings.comfyui_endpoints = [f"{LOOPBACK}:{first}#a"]  # nothing listens on either
     async with serving(settings) as base_a, serving(other) as base_b, \
             aiohttp.ClientSession() as http:

@@ -33,6 +33,7 @@ from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api_keys import KeyStore
 from comfyfleet.fleet.backends import parse_endpoints
 from comfyfleet.fleet.manager import Fleet
+from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.owners import ProcessLease
@@ -111,12 +112,13 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             on_terminal=on_terminal,
             events=events,
             lease=lease,
+            registry=BackendRegistry(engine),
             node_token=settings.comfyfleet_node_token,
         )
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)
-        fleet.start()
+        await fleet.start()
         webhooks.start()
         watcher = asyncio.create_task(
             watch_directory(settings.workflows_dir, services.reload_catalog))

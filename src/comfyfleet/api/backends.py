@@ -1,6 +1,6 @@
 """Fleet routes: see the backends, add one at run time, drain or enable it, remove it.
 
-Backends added here live as long as the process; list them in COMFYUI_ENDPOINTS to keep them.
+Changes are kept in the database: every process takes them up (fleet/registry.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
     except ValueError as exc:
         raise ApiError(422, "invalid_backend", str(exc), field="url") from exc
     try:
-        session = svc.fleet.add_backend(backend)
+        session = await svc.fleet.add_backend(backend)
     except ValueError as exc:
         raise ApiError(409, "backend_exists", str(exc)) from exc
     return svc.fleet.describe(session)
@@ -59,11 +59,8 @@ async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
 @router.patch("/backends/{name}", summary="Drain a backend, or enable it again",
               dependencies=[AdminDep])
 async def change_backend(name: str, change: BackendChange, svc: ServicesDep) -> dict[str, Any]:
-    session = _session(svc, name)
-    session.draining = change.drain
-    if not change.drain:
-        svc.fleet.job_available()
-    return svc.fleet.describe(session)
+    _session(svc, name)
+    return svc.fleet.describe(await svc.fleet.set_draining(name, change.drain))
 
 
 @router.delete("/backends/{name}", status_code=204, summary="Remove a drained, idle backend",

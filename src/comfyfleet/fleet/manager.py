@@ -14,6 +14,7 @@ from comfyfleet.fleet.cleanup import BackendFile
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.fleet.dispatcher import Dispatcher
 from comfyfleet.fleet.placement import RunTimes
+from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendRegistry
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker
 from comfyfleet.jobs.events import JobEvents
@@ -47,8 +48,11 @@ class Fleet:
         on_terminal: Callable[[Job], None],
         events: JobEvents,
         lease: ProcessLease,
+        registry: BackendRegistry,
         node_token: str | None = None,
     ) -> None:
+        """`backends` are the configured ones; the registry may hold more."""
+        self._registry = registry
         self._repository = repository
         self._node_token = node_token
         self._on_terminal = on_terminal
@@ -82,6 +86,7 @@ class Fleet:
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatching: asyncio.Task[None] | None = None
+        self._started = False
         for backend in backends:
             self._add_session(backend)
 
@@ -116,11 +121,41 @@ class Fleet:
         """A job was queued or a slot freed: let the dispatcher look now."""
         self.dispatcher.wake()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Connect to the registered backends (the configured ones first) and dispatch."""
+        await self._registry.seed([session.backend for session in self.sessions])
+        self._started = True
+        await self.follow_registry()
         for session in self.sessions:
-            self._session_tasks[session.name] = asyncio.create_task(session.run())
+            self._connect(session)
         self._dispatching = asyncio.create_task(self.dispatcher.run())
-        self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions))]
+        self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions)),
+                       asyncio.create_task(self._follow_registry_forever())]
+
+    async def follow_registry(self) -> None:
+        """Take up what other processes (or an earlier run) changed in the shared fleet."""
+        registered = {entry.backend.name: entry for entry in await self._registry.all()}
+        for entry in registered.values():
+            session = self.session(entry.backend.name) or self._add_session(entry.backend)
+            if self._started:
+                self._connect(session)
+            if session.draining != entry.draining:
+                session.draining = entry.draining
+                if not entry.draining:
+                    self.job_available()
+        for session in list(self.sessions):
+            if session.name not in registered:
+                session.draining = True  # removed elsewhere: finish what it has here
+                if not session.inflight:
+                    await self._stop_session(session)
+
+    async def _follow_registry_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_SYNC_SECONDS)
+            try:
+                await self.follow_registry()
+            except Exception:  # the database may be away; the next pass tries again
+                log.exception("reading the fleet from the database failed")
 
     async def stop_dispatching(self) -> None:
         """Claim no more jobs: the first step of a shutdown, so that nothing new is started
@@ -132,11 +167,25 @@ class Fleet:
     def session(self, name: str) -> BackendSession | None:
         return next((s for s in self.sessions if s.name == name), None)
 
-    def add_backend(self, backend: Backend) -> BackendSession:
-        if self.session(backend.name) is not None:
+    async def add_backend(self, backend: Backend) -> BackendSession:
+        if self.session(backend.name) is not None or not await self._registry.add(backend):
             raise ValueError(f"a backend named {backend.name!r} exists already")
-        session = self._add_session(backend)
-        self._session_tasks[session.name] = asyncio.create_task(session.run())
+        session = self.session(backend.name) or self._add_session(backend)
+        self._connect(session)
+        return session
+
+    def _connect(self, session: BackendSession) -> None:
+        if session.name not in self._session_tasks:
+            self._session_tasks[session.name] = asyncio.create_task(session.run())
+
+    async def set_draining(self, name: str, draining: bool) -> BackendSession:
+        session = self.session(name)
+        if session is None:
+            raise KeyError(name)
+        await self._registry.set_draining(name, draining)
+        session.draining = draining
+        if not draining:
+            self.job_available()
         return session
 
     async def remove_backend(self, name: str) -> None:
@@ -146,10 +195,15 @@ class Fleet:
         if not session.draining or session.inflight:
             raise BackendBusy(f"backend {name} must be drained and idle before removal "
                               f"({len(session.inflight)} prompts in flight)")
+        await self._registry.remove(name)
+        await self._stop_session(session)
+
+    async def _stop_session(self, session: BackendSession) -> None:
         self.sessions.remove(session)
-        task = self._session_tasks.pop(name)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        task = self._session_tasks.pop(session.name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await session.close()
 
     async def cancel(self, job_id: uuid.UUID) -> Job | None:

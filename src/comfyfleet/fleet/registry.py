@@ -1,0 +1,74 @@
+"""The fleet as every process shares it: backends and their drain state, in PostgreSQL.
+
+COMFYUI_ENDPOINTS seeds it at each start (a listed backend comes back if it was removed);
+`POST`/`PATCH`/`DELETE /backends` change it; each process follows it within
+REGISTRY_SYNC_SECONDS, so a backend drained through one process is drained in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Column, String, delete, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import Field, SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from comfyfleet.fleet.backends import Backend
+
+REGISTRY_SYNC_SECONDS = 2.0
+
+
+class BackendRow(SQLModel, table=True):
+    __tablename__ = "backends"
+
+    name: str = Field(primary_key=True, max_length=100)
+    url: str = Field(sa_column=Column(String(500), nullable=False))
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class Registered:
+    backend: Backend
+    draining: bool
+
+
+class BackendRegistry:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+    async def seed(self, configured: Sequence[Backend]) -> None:
+        """Make sure the configured backends are there, with their configured URLs; their
+        drain state is kept."""
+        if not configured:
+            return
+        statement = insert(BackendRow).values(
+            [{"name": b.name, "url": b.url, "draining": False} for b in configured])
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"], set_={"url": statement.excluded.url})
+        async with self._sessions.begin() as session:
+            await session.exec(statement)
+
+    async def all(self) -> list[Registered]:
+        async with self._sessions() as session:
+            rows = (await session.exec(select(BackendRow).order_by(col(BackendRow.name)))).all()
+        return [Registered(Backend(row.name, row.url), row.draining) for row in rows]
+
+    async def add(self, backend: Backend) -> bool:
+        """False when a backend of that name exists already."""
+        statement = insert(BackendRow).values(name=backend.name, url=backend.url)
+        async with self._sessions.begin() as session:
+            added = await session.exec(
+                statement.on_conflict_do_nothing().returning(col(BackendRow.name)))
+            return added.first() is not None
+
+    async def set_draining(self, name: str, draining: bool) -> None:
+        async with self._sessions.begin() as session:
+            await session.exec(update(BackendRow).where(col(BackendRow.name) == name)
+                               .values(draining=draining))
+
+    async def remove(self, name: str) -> None:
+        async with self._sessions.begin() as session:
+            await session.exec(delete(BackendRow).where(col(BackendRow.name) == name))

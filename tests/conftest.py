@@ -12,13 +12,14 @@ from typing import Any
 import asyncpg
 import pytest
 from aiobotocore.session import get_session
+from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import embedded_url, make_engine, migrate, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
-from tests.support import LOOPBACK, REPO, free_ports, python_process
+from tests.support import LOOPBACK, REPO, free_ports, png, python_process
 from tests.webhook_support import Answer, ScriptedReceiver
 
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -135,3 +136,28 @@ async def receivers() -> AsyncIterator[StartReceiver]:
     yield start
     for receiver in started:
         await receiver.stop()
+
+
+@pytest.fixture
+def workflows(tmp_path: Path, settings: Settings) -> Path:
+    """A copy of the repository's workflows the test may change, served from."""
+    directory = tmp_path / "workflows"
+    shutil.copytree(REPO / "workflows", directory)
+    settings.workflows_dir = directory
+    return directory
+
+
+@pytest.fixture
+async def image_server() -> AsyncIterator[str]:
+    """Serves a PNG (`support.png()`) at /picture.png, and 404 elsewhere, on loopback."""
+    app = web.Application()
+
+    async def picture(_: web.Request) -> web.Response:
+        return web.Response(body=png(), content_type="image/png")
+
+    app.router.add_get("/picture.png", picture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, 0).start()
+    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    await runner.cleanup()

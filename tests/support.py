@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import sys
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+from PIL import Image
 
 from comfyfleet.settings import Settings
 
@@ -89,3 +91,13 @@ def serve_env(settings: Settings, data_dir: Path, port: int, **overrides: str) -
         "SERVICE_PORT": str(port),
         **overrides,
     }
+
+
+# The colour of `png()`'s pixels, to check what the backend received.
+COLOR = (10, 200, 30)
+
+
+def png(width: int = 32, height: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), COLOR).save(buffer, format="PNG")
+    return buffer.getvalue()

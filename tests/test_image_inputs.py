@@ -12,38 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import REPO
-
-COLOR = (10, 200, 30)
-
-
-def png(width: int = 32, height: int = 16) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), COLOR).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture
-async def image_server() -> AsyncIterator[str]:
-    """Serves /picture.png and /not-found on loopback."""
-    app = web.Application()
-
-    async def picture(_: web.Request) -> web.Response:
-        return web.Response(body=png(), content_type="image/png")
-
-    app.router.add_get("/picture.png", picture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+from tests.support import COLOR, REPO, png
 
 
 @pytest.fixture

@@ -94,18 +94,26 @@ class Api:
             await self.call("PATCH", f"/backends/{other}", {"drain": False})
 
 
+async def slow_and_fast(
+    stack: AsyncExitStack, settings: Settings
+) -> tuple[Api, SimulatedComfyUI]:
+    """A 0.25x and a 1x backend behind the service, each seen running the workflow; returns
+    the API and the slow backend."""
+    slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
+    fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
+    # The slow one listed first, so without placement it would be asked first.
+    settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
+    base = await stack.enter_async_context(serving(settings))
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    api = Api(http, base + settings.route_prefix)
+    await api.run_on("slow", 0.2, 0.2, 0.2)
+    await api.run_on("fast", 0.2, 0.2, 0.2)
+    return api, slow
+
+
 async def test_slow_backend_leaves_the_last_job_to_an_idle_fast_one(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
-        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
-        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
-        # Listed first, so without placement the slow one would be asked first.
-        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = Api(http, base + settings.route_prefix)
-        await api.run_on("slow", 0.2, 0.2, 0.2)
-        await api.run_on("fast", 0.2, 0.2, 0.2)
-
+        api, _ = await slow_and_fast(stack, settings)
         for _ in range(3):
             assert (await api.finished(await api.submit(0.2)))["backend"] == "fast"
         # A backlog the fast one cannot clear alone in time: both work.
@@ -149,14 +157,7 @@ async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(
     settings: Settings, receiver: WebhookReceiver,
 ) -> None:
     async with AsyncExitStack() as stack:
-        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
-        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
-        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = Api(http, base + settings.route_prefix)
-        await api.run_on("slow", 0.2, 0.2, 0.2)
-        await api.run_on("fast", 0.2, 0.2, 0.2)
+        api, slow = await slow_and_fast(stack, settings)
         await api.call("PATCH", "/backends/fast", {"drain": True})
         # 12 s on the slow GPU, 3 s on the fast one; its steps show how far it has got.
         long_job = await api.submit(3.0, steps=20, callback=receiver.url)
@@ -171,7 +172,7 @@ async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(
         took = asyncio.get_running_loop().time() - enabled
         assert (done["backend"], done["attempts"]) == ("fast", 1)
         assert took < 8.0  # afresh on the fast GPU, rather than ~10 s more on the slow one
-        async with http.get(f"{slow.url}/history/{first_prompt}") as response:
+        async with api.http.get(f"{slow.url}/history/{first_prompt}") as response:
             interrupted = (await response.json())[first_prompt]["status"]
         assert interrupted["status_str"] == "error"
         assert [m[0] for m in interrupted["messages"]][-1] == "execution_interrupted"

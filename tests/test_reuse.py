@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from comfyfleet.app import serving
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import REPO
-from tests.test_image_inputs import png
+from tests.support import png
 
 PARAMS = {"width": 24, "height": 16, "color": 0x336699}
 INVERT: dict[str, Any] = {"workflow": "invert", "params": PARAMS}
@@ -46,14 +43,6 @@ class Api:
         """How many prompts the backend was given."""
         async with self.http.get(f"{self.sim.url}/history") as response:
             return len(await response.json())
-
-
-@pytest.fixture
-async def workflows(tmp_path: Path, settings: Settings) -> Path:
-    directory = tmp_path / "workflows"
-    shutil.copytree(REPO / "workflows", directory)
-    settings.workflows_dir = directory
-    return directory
 
 
 @pytest.fixture
@@ -165,29 +154,15 @@ async def test_a_workflow_opts_in_and_an_edited_one_runs_again(api: Api, workflo
     assert await api.prompts_run() == 3
 
 
-@pytest.fixture
-async def picture_url() -> AsyncIterator[str]:
-    app = web.Application()
-
-    async def picture(_: web.Request) -> web.Response:
-        return web.Response(body=png(), content_type="image/png")
-
-    app.router.add_get("/picture.png", picture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/picture.png"
-    await runner.cleanup()
-
-
 async def test_images_are_matched_by_their_bytes_and_a_reuse_stores_none(
-    api: Api, settings: Settings, picture_url: str
+    api: Api, settings: Settings, image_server: str
 ) -> None:
     encoded = base64.b64encode(png()).decode()
     blur: dict[str, Any] = {"workflow": "blur_image", "params": {"image": encoded, "width": 32}}
     original = await api.run(blur)
     status, by_url = await api.call("POST", "/jobs", {
-        **blur, "params": {**blur["params"], "image": picture_url}, "reuse_outputs": True})
+        **blur, "params": {**blur["params"], "image": image_server + "/picture.png"},
+        "reuse_outputs": True})
     assert (status, by_url["reused_from"]) == (202, original["id"])
     assert by_url["params"]["image"]["sha256"] == original["params"]["image"]["sha256"]
     form = aiohttp.FormData({"width": "32", "reuse_outputs": "true"})

@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import textwrap
 import threading
 from collections.abc import AsyncIterator
@@ -151,14 +150,6 @@ async def test_a_reload_runs_the_file_as_it_is_now(tmp_path: Path) -> None:
     assert set(await first.make_prompt({"width": 1})) == {"1", "2"}
     assert set(await second.make_prompt({"width": 1})) == {"1"}
     assert second.digest != first.digest  # so earlier outputs are not reused for it
-
-
-@pytest.fixture
-async def workflows(tmp_path: Path, settings: Settings) -> Path:
-    directory = tmp_path / "workflows"
-    shutil.copytree(REPO / "workflows", directory)
-    settings.workflows_dir = directory
-    return directory
 
 
 @pytest.fixture

@@ -22,12 +22,10 @@ from tests.support import REPO
 
 
 @pytest.fixture
-def workflows(tmp_path: Path, settings: Settings) -> Path:
-    directory = tmp_path / "workflows"
-    shutil.copytree(REPO / "workflows", directory)
-    (directory / "ui-export.json").write_text(json.dumps({"nodes": [], "links": []}))
-    settings.workflows_dir = directory
-    return directory
+def workflows(workflows: Path) -> Path:
+    """The repository's workflows and a UI-format export beside them."""
+    (workflows / "ui-export.json").write_text(json.dumps({"nodes": [], "links": []}))
+    return workflows
 
 
 @pytest.fixture

@@ -17,12 +17,13 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid, func, or_, update
+from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid, func, insert, or_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.db import single_statements
 from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
 from comfyfleet.jobs.render import job_json
 
@@ -75,6 +76,9 @@ class Delivery(SQLModel, table=True):
     )
 
 
+_deliveries = Delivery.__table__  # type: ignore[attr-defined]
+
+
 class DeliveryAttempt(SQLModel, table=True):
     __tablename__ = "webhook_attempts"
 
@@ -87,6 +91,12 @@ class DeliveryAttempt(SQLModel, table=True):
     latency_ms: int
     error: str | None = None
     response_snippet: str | None = None
+
+
+_attempt_log = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+# Built once, the values given at execution. The notification rides on the insert (one round
+# trip, not two); PostgreSQL sends it when the transaction commits.
+_ENQUEUE = insert(_deliveries).returning(func.pg_notify(NOTIFY_CHANNEL, ""))
 
 
 @dataclass(frozen=True)
@@ -127,14 +137,13 @@ async def enqueue(session: AsyncSession, job: Job, event_type: str) -> None:
         host=receiver_host(job.callback_url), payload=event, pending_since=now,
         next_attempt_at=now, created_at=now,
     )
-    session.add(delivery)
-    await session.flush()
-    await session.exec(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+    await session.exec(_ENQUEUE, params=delivery.model_dump())
 
 
 class Outbox:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._statements = single_statements(engine)
 
     async def claim(
         self, *, limit: int, per_host: int, busy: Mapping[str, int], lease: timedelta
@@ -165,17 +174,18 @@ class Outbox:
                     chosen.append(delivery_id)
             if not chosen:
                 return []
+            # Core, not an ORM bulk update: no session to synchronise, rows built directly.
             result = await session.exec(
-                update(Delivery)
-                .where(col(Delivery.id).in_(chosen))
+                update(_deliveries)
+                .where(_deliveries.c.id.in_(chosen))
                 .values(locked_until=now + lease, lease_token=uuid.uuid4())
-                .returning(Delivery)
+                .returning(*_deliveries.c)
             )
-            return list(result.scalars().all())
+            return [Delivery(**row._mapping) for row in result]
 
     async def next_due(self, *, skip_hosts: list[str]) -> datetime | None:
         """When the earliest pending delivery (not for `skip_hosts`) can next be claimed."""
-        async with self._sessions() as session:
+        async with self._statements() as session:
             result = await session.exec(
                 select(func.min(func.greatest(col(Delivery.next_attempt_at),
                                               col(Delivery.locked_until))))
@@ -188,24 +198,27 @@ class Outbox:
     async def record(self, delivery: Delivery, attempt: DeliveryAttempt, outcome: Outcome) -> bool:
         """Log `attempt` and move the delivery on, unless its lease was lost meanwhile (then
         only the log entry is written: another worker owns the delivery now)."""
-        async with self._sessions.begin() as session:
-            session.add(attempt)
-            result = await session.exec(
-                update(Delivery)
-                .where(col(Delivery.id) == delivery.id,
-                       col(Delivery.lease_token) == delivery.lease_token)
-                .values(
-                    status=outcome.status,
-                    next_attempt_at=outcome.next_attempt_at,
-                    attempts=Delivery.attempts + 1,
-                    locked_until=None,
-                    lease_token=None,
-                    last_status_code=attempt.status_code,
-                    last_error=attempt.error,
-                )
-                .returning(col(Delivery.id))
+        # One statement (so no transaction around it): the log entry is a data-modifying
+        # CTE, written whether or not the UPDATE finds the lease.
+        logged = insert(_attempt_log).values(**attempt.model_dump(exclude={"id"})).cte("logged")
+        statement = (
+            update(_deliveries)
+            .add_cte(logged)
+            .where(_deliveries.c.id == delivery.id,
+                   _deliveries.c.lease_token == delivery.lease_token)
+            .values(
+                status=outcome.status,
+                next_attempt_at=outcome.next_attempt_at,
+                attempts=_deliveries.c.attempts + 1,
+                locked_until=None,
+                lease_token=None,
+                last_status_code=attempt.status_code,
+                last_error=attempt.error,
             )
-            return result.first() is not None
+            .returning(_deliveries.c.id)
+        )
+        async with self._statements() as session:
+            return (await session.exec(statement)).first() is not None
 
     async def for_job(self, job_id: uuid.UUID) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         async with self._sessions() as session:

@@ -3,22 +3,40 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, tuple_, update
+import sqlalchemy
+from sqlalchemy import ColumnElement, ScalarSelect, Text, cast, func, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.db import single_statements
 from comfyfleet.jobs import outbox
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 
 _table = Job.__table__  # type: ignore[attr-defined]
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
+# The columns a job's transitions may change; the others are fixed when it is stored, so an
+# UPDATE returns only these and the rest is taken from the job the caller holds (sparing the
+# decoding of its JSONB prompt and params at every step).
+_CHANGING = tuple(_table.c[name] for name in (
+    "status", "progress", "backend", "prompt_id", "attempts", "dispatched_at", "dispatched_by",
+    "started_at", "finished_at", "outputs", "error"))
+_FIXED = frozenset(_table.c.keys()) - {column.name for column in _CHANGING}
+# Built once, the values given at execution: a statement made per job with the values in it
+# costs more to build (and to find in the compiled cache) than to run.
+_INSERT = insert(_table).returning(_table.c.id)
+_INSERT_UNLESS_TAKEN = (
+    insert(_table).on_conflict_do_nothing(index_elements=["client_task_id"])
+    .returning(_table.c.id)
+)
 # Queued jobs a claim looks at to find one the backend can run (capability routing).
 CLAIM_BATCH = 50
 
@@ -29,6 +47,14 @@ class QueuedJob(NamedTuple):
     id: uuid.UUID
     workflow: str
     prompt: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4 * CLAIM_BATCH)
+def _candidate_prompt(text: str) -> dict[str, Any]:
+    """A candidate's prompt, decoded once while it stays near the head of the backlog: each
+    claim reads the same CLAIM_BATCH rows but one. Shared between claims, so only read."""
+    prompt: dict[str, Any] = json.loads(text)
+    return prompt
 
 
 class QueueFull(Exception):
@@ -46,6 +72,7 @@ class JobRepository:
         """`on_change` hears of every job this process changes, once it is committed."""
         self.engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._statements = single_statements(engine)
         self._on_change = on_change or (lambda _: None)
 
     async def insert(self, job: Job, *, max_unfinished: int | None = None) -> tuple[Job, bool]:
@@ -57,13 +84,12 @@ class JobRepository:
         has its webhook in the outbox in the same transaction.
         """
         values = job.model_dump()
-        async with self._sessions.begin() as session:
+        together = max_unfinished is not None or JobStatus(job.status).terminal
+        async with (self._sessions if together else self._statements).begin() as session:
             if max_unfinished is not None:
                 await self._check_quota(session, job, max_unfinished)
-            statement = insert(_table).values(**values)
-            if job.client_task_id is not None:
-                statement = statement.on_conflict_do_nothing(index_elements=["client_task_id"])
-            created = (await session.exec(statement.returning(_table.c.id))).first()
+            statement = _INSERT if job.client_task_id is None else _INSERT_UNLESS_TAKEN
+            created = (await session.exec(statement, params=values)).first()
             if created is not None:
                 if JobStatus(job.status).terminal:
                     await outbox.enqueue(session, job, f"job.{job.status}")
@@ -105,11 +131,11 @@ class JobRepository:
             .order_by(col(Job.finished_at).desc())
             .limit(1)
         )
-        async with self._sessions() as session:
+        async with self._statements() as session:
             return (await session.exec(query)).first()
 
     async def get(self, job_id: uuid.UUID) -> Job | None:
-        async with self._sessions() as session:
+        async with self._statements() as session:
             return await session.get(Job, job_id)
 
     async def claim_next(
@@ -128,35 +154,49 @@ class JobRepository:
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
+        # The slot count and the candidates in one statement (both after the lock, so both
+        # see every claim committed before it); the candidates are read only with a slot free.
+        slots = select(_busy(backend).label("busy")).subquery("slots")
+        queued = (
+            sqlalchemy.select(_table.c.id, _table.c.workflow,
+                              cast(_table.c.prompt, Text).label("prompt"),
+                              _table.c.priority, _table.c.created_at)
+            .where(_table.c.status == JobStatus.QUEUED, slots.c.busy < max_inflight)
+            .order_by(_table.c.priority.desc(), _table.c.created_at)
+            .limit(CLAIM_BATCH)
+            .with_for_update(skip_locked=True)
+            .lateral("queued")
+        )
+        candidates = (
+            select(slots.c.busy, queued.c.id, queued.c.workflow, queued.c.prompt)
+            .select_from(slots.outerjoin(queued, true()))
+            .order_by(queued.c.priority.desc(), queued.c.created_at)
+        )
         async with self._sessions.begin() as session:
-            if not await self._lock_free_slot(session, backend, max_inflight):
+            await _lock_backend(session, backend)
+            rows = (await session.exec(candidates)).all()
+            if rows[0][0] >= max_inflight:
                 return None
-            candidates = await session.exec(
-                select(col(Job.id), col(Job.workflow), col(Job.prompt))
-                .where(col(Job.status) == JobStatus.QUEUED)
-                .order_by(col(Job.priority).desc(), col(Job.created_at))
-                .limit(CLAIM_BATCH)
-                .with_for_update(skip_locked=True)
-            )
-            job_id = pick([QueuedJob(*row) for row in candidates])
+            job_id = pick([QueuedJob(id_, workflow, _candidate_prompt(prompt))
+                           for _, id_, workflow, prompt in rows if id_ is not None])
             if job_id is None:
                 return None
-            result = await session.exec(
-                update(Job)
-                .where(col(Job.id) == job_id)
+            row = (await session.exec(
+                update(_table)
+                .where(_table.c.id == job_id)
                 .values(
                     status=JobStatus.DISPATCHED,
                     backend=backend,
                     prompt_id=prompt_id,
                     dispatched_by=owner,
-                    attempts=Job.attempts + 1,
+                    attempts=_table.c.attempts + 1,
                     dispatched_at=func.now(),
                     started_at=None,
                     progress=0.0,
                 )
-                .returning(Job)
-            )
-            claimed = result.scalars().first()
+                .returning(*_table.c)
+            )).first()
+            claimed = Job(**row._mapping) if row is not None else None
         if claimed is not None:
             self._on_change(claimed.id)
         return claimed
@@ -171,20 +211,14 @@ class JobRepository:
         async with self._sessions.begin() as session:
             if not await self._lock_free_slot(session, backend, max_inflight):
                 return None
-            result = await session.exec(
-                update(Job)
-                .where(
-                    col(Job.id) == job.id,
-                    col(Job.attempts) == job.attempts,
-                    col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
-                    col(Job.prompt_id) == job.prompt_id,
-                )
-                .values(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
-                        dispatched_by=owner, dispatched_at=func.now(), started_at=None,
-                        progress=0.0)
-                .returning(Job)
+            moved = await _update(
+                session, job,
+                _table.c.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
+                _table.c.prompt_id == job.prompt_id,
+                values=dict(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
+                            dispatched_by=owner, dispatched_at=func.now(), started_at=None,
+                            progress=0.0),
             )
-            moved = result.scalars().first()
         if moved is not None:
             self._on_change(moved.id)
         return moved
@@ -193,16 +227,9 @@ class JobRepository:
     async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
         """Whether `backend` has a free slot, counting every process's prompts there; holds
         the backend's lock until the transaction ends, so the slot stays free for it."""
-        await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
-        busy = await session.exec(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                col(Job.backend) == backend,
-                col(Job.status).in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
-            )
-        )
-        return busy.one() < max_inflight
+        await _lock_backend(session, backend)
+        busy: int = (await session.exec(select(_busy(backend)))).one()
+        return busy < max_inflight
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
@@ -214,20 +241,14 @@ class JobRepository:
         the job's client subscribed to it. Returns the updated job, or None when the fence did
         not hold (nothing was written).
         """
-        async with self._sessions.begin() as session:
-            result = await session.exec(
-                update(Job)
-                .where(
-                    col(Job.id) == job.id,
-                    col(Job.attempts) == job.attempts,
-                    col(Job.status).in_([str(state) for state in states]),
-                )
-                .values(**values)
-                .returning(Job)
+        notify = event if event is not None and outbox.subscribed(job, event) else None
+        async with (self._statements if notify is None else self._sessions).begin() as session:
+            updated = await _update(
+                session, job, _table.c.status.in_([str(state) for state in states]),
+                values=values,
             )
-            updated = result.scalars().first()
-            if updated is not None and event is not None:
-                await outbox.enqueue(session, updated, event)
+            if updated is not None and notify is not None:
+                await outbox.enqueue(session, updated, notify)
         if updated is not None:
             self._on_change(updated.id)
         return updated
@@ -284,7 +305,7 @@ class JobRepository:
             query = query.where(col(Job.workflow) == workflow)
         if after is not None:
             query = query.where(tuple_(col(Job.created_at), col(Job.id)) < tuple_(*after))
-        async with self._sessions() as session:
+        async with self._statements() as session:
             return list((await session.exec(query)).all())
 
     async def queue_position(self, job: Job) -> int:
@@ -294,7 +315,7 @@ class JobRepository:
             (col(Job.priority) > job.priority)
             | ((col(Job.priority) == job.priority) & (col(Job.created_at) < job.created_at)),
         )
-        async with self._sessions() as session:
+        async with self._statements() as session:
             return (await session.exec(ahead)).one() + 1
 
     async def typical_run_seconds(
@@ -302,7 +323,7 @@ class JobRepository:
     ) -> float | None:
         """Mean start-to-finish time of the workflow's latest successful jobs on `backend`;
         on any backend when `backend` is None or has run none yet. None without any."""
-        async with self._sessions() as session:
+        async with self._statements() as session:
             mean = None
             if backend is not None:
                 mean = await _mean_run_seconds(session, workflow, backend, sample)
@@ -312,7 +333,7 @@ class JobRepository:
 
     async def unfinished_counts(self) -> list[tuple[str, str, int]]:
         """(status, workflow, count) of the jobs not finished yet, in every process."""
-        async with self._sessions() as session:
+        async with self._statements() as session:
             result = await session.exec(
                 select(col(Job.status), col(Job.workflow), func.count())
                 .where(col(Job.status).in_([str(state) for state in UNFINISHED_STATES]))
@@ -322,27 +343,55 @@ class JobRepository:
 
     async def take_over(self, job: Job, owner: int) -> Job | None:
         """Make `owner` the process following `job`, if no other process took it first."""
-        async with self._sessions.begin() as session:
-            result = await session.exec(
-                update(Job)
-                .where(
-                    col(Job.id) == job.id,
-                    col(Job.attempts) == job.attempts,
-                    col(Job.dispatched_by).is_not_distinct_from(job.dispatched_by),
-                    col(Job.status).in_([str(state) for state in ON_BACKEND_STATES]),
-                )
-                .values(dispatched_by=owner)
-                .returning(Job)
+        async with self._statements() as session:
+            return await _update(
+                session, job,
+                _table.c.dispatched_by.is_not_distinct_from(job.dispatched_by),
+                _table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
+                values={"dispatched_by": owner},
             )
-            return result.scalars().first()
 
     async def on_backend(self, backend: str | None = None) -> list[Job]:
         """The jobs on `backend` (on any backend when None): dispatched, running or uploading."""
         query = select(Job).where(col(Job.status).in_([str(s) for s in ON_BACKEND_STATES]))
         if backend is not None:
             query = query.where(col(Job.backend) == backend)
-        async with self._sessions() as session:
+        async with self._statements() as session:
             return list((await session.exec(query)).all())
+
+
+async def _lock_backend(session: AsyncSession, backend: str) -> None:
+    """Serialise the claims for `backend` (in every process) until the transaction ends; a
+    statement after this one sees every claim committed before it."""
+    await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
+
+
+def _busy(backend: str) -> ScalarSelect[int]:
+    """How many prompts every process has on `backend` (its slots taken)."""
+    return (
+        select(func.count())
+        .select_from(_table)
+        .where(_table.c.backend == backend,
+               _table.c.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]))
+        .scalar_subquery()
+    )
+
+
+async def _update(
+    session: AsyncSession, job: Job, *fence: ColumnElement[bool], values: dict[str, Any]
+) -> Job | None:
+    """Apply `values` to `job` if it is still at the same attempt and `fence` holds; the job
+    as it is now, or None when nothing was written."""
+    assert not values.keys() & _FIXED, "only the _CHANGING columns come back from the UPDATE"
+    row = (await session.exec(
+        update(_table)
+        .where(_table.c.id == job.id, _table.c.attempts == job.attempts, *fence)
+        .values(**values)
+        .returning(*_CHANGING)
+    )).first()
+    if row is None:
+        return None
+    return Job(**{name: getattr(job, name) for name in _FIXED}, **row._mapping)
 
 
 async def _mean_run_seconds(

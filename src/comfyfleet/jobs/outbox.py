@@ -17,7 +17,18 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid, func, insert, or_, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    String,
+    Uuid,
+    func,
+    insert,
+    or_,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
@@ -219,6 +230,20 @@ class Outbox:
         )
         async with self._statements() as session:
             return (await session.exec(statement)).first() is not None
+
+    async def release(self, deliveries: list[Delivery]) -> None:
+        """Give up the leases of attempts cut short (a shutdown), so another process sends
+        them at once instead of when the leases would have run out."""
+        if not deliveries:
+            return
+        statement = (
+            update(_deliveries)
+            .where(tuple_(_deliveries.c.id, _deliveries.c.lease_token).in_(
+                [(delivery.id, delivery.lease_token) for delivery in deliveries]))
+            .values(locked_until=None, lease_token=None)
+        )
+        async with self._statements() as session:
+            await session.exec(statement)
 
     async def for_job(self, job_id: uuid.UUID) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         async with self._sessions() as session:

@@ -61,7 +61,7 @@ class WebhookWorker:
         self._per_host = per_host
         self._wake = asyncio.Event()
         self._busy: Counter[str] = Counter()  # deliveries in flight per receiver host
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], Delivery] = {}  # each attempt and its delivery
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -95,16 +95,21 @@ class WebhookWorker:
         self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen())]
 
     async def close(self) -> None:
-        """Stop claiming; give attempts in flight their time limit to finish. One cut short
-        keeps its lease and is retried when that runs out, by whichever process is there."""
+        """Stop claiming; give attempts in flight their time limit to finish. Those cut short
+        give their leases back, for whichever process is there to send them at once."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self._timeout + 1)
+        cut_short = list(self._inflight.values())
         for task in self._inflight:
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
+        try:
+            await self._outbox.release(cut_short)
+        except Exception:  # the database is away: the leases run out by themselves
+            log.exception("could not give back the leases of %d webhooks", len(cut_short))
         await self._sender.close()
 
     async def _run(self) -> None:
@@ -146,10 +151,10 @@ class WebhookWorker:
         host = delivery.host
         self._busy[host] += 1
         task = asyncio.create_task(self._deliver(delivery))
-        self._inflight.add(task)
+        self._inflight[task] = delivery
 
         def done(_: asyncio.Task[None]) -> None:
-            self._inflight.discard(task)
+            self._inflight.pop(task, None)
             self._busy[host] -= 1
             if self._busy[host] <= 0:
                 del self._busy[host]

@@ -25,6 +25,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from comfyfleet.sim import SimulatedComfyUI, run_sim
+from comfyfleet.workflows.catalog import load_catalog
+from tests.model_sim import model_nodes
+from tests.support import REPO
 
 JSON = dict[str, Any]
 TIMEOUT = 5.0
@@ -1122,3 +1125,31 @@ async def test_run_sim_serves_consecutive_ports(
     # Cancelling stopped both servers.
     with pytest.raises(aiohttp.ClientConnectionError):
         await http.get(f"http://127.0.0.1:{port}/prompt")
+
+
+async def test_node_specs_give_a_server_model_nodes_that_run_as_pass_throughs(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    workflow = load_catalog(REPO / "workflows").workflows["sd15_txt2img"]
+    defaults = {name: spec.default for name, spec in workflow.params.items()}
+    prompt = workflow.fill({**defaults, "prompt": "a lighthouse at dawn"})
+    checkpoint = prompt["4"]["inputs"]["ckpt_name"]
+    has = SimulatedComfyUI(data_dir=tmp_path / "has", node_specs=model_nodes([checkpoint]))
+    lacks = SimulatedComfyUI(data_dir=tmp_path / "lacks", node_specs=model_nodes(["x.ckpt"]))
+    async with has, lacks:
+        info = await get_json(http, f"{has.url}/object_info/CheckpointLoaderSimple")
+        assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [checkpoint]
+        assert "SaveImage" in await get_json(http, f"{has.url}/object_info")  # still there
+        ws = await connect(http, has, "m")
+        accepted = await submit(http, has, {"prompt": prompt, "client_id": "m"})
+        messages = await until_done(ws, accepted["prompt_id"])
+        run_ok(messages)
+        (saved,) = [m["data"]["output"]["images"] for m in messages if m["type"] == "executed"]
+        assert saved[0]["filename"].startswith("txt2img")
+        await ws.close()
+        async with http.post(f"{lacks.url}/prompt", json={"prompt": prompt}) as response:
+            rejected = await response.json()
+        assert response.status == 400
+        (error,) = rejected["node_errors"]["4"]["errors"]
+        assert (error["type"], error["extra_info"]["input_name"]) == ("value_not_in_list",
+                                                                      "ckpt_name")

@@ -177,6 +177,7 @@ async def test_cli_options(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "hang": False,
             "view_bytes_per_second": 64 * 1024,
             "output_size": 2 * 1024**3,
+            "prompt_delay": None,
         }
         features = await get_json(http, f"{url}/features")
         assert features["max_upload_size"] == 512 * 1024

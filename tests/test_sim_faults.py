@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -101,6 +102,7 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "hang": False,
             "view_bytes_per_second": None,
             "output_size": 100,
+            "prompt_delay": None,
         }
         assert await get_json(http, f"{sim.url}/_sim/faults") == defaults
         changed = defaults | {"fail_rate": 0.25, "seed": 3, "view_bytes_per_second": 5000}
@@ -113,6 +115,8 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             {"output_size": -1},
             {"view_bytes_per_second": 0},
             {"seed": 1.5},
+            {"prompt_delay": -1},
+            {"prompt_delay": "1"},
             {"fail_rate": 0.5, "colour": "red"},
             ["fail_rate"],
         ]:
@@ -280,3 +284,30 @@ async def test_faults_survive_a_restart(tmp_path: Path, http: aiohttp.ClientSess
         messages: list[JSON] = await until_done(ws, accepted["prompt_id"])
         assert messages[-3]["type"] == "execution_error"
         await ws.close()
+
+
+async def test_prompt_delay_holds_posts_and_drops_those_whose_client_left(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with SimulatedComfyUI(data_dir=tmp_path) as sim:
+        assert (await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": 0.5}))[0] == 200
+        started = time.monotonic()
+        await submit(http, sim, {"prompt": invert_prompt(prefix="d/kept"), "prompt_id": "kept"})
+        assert time.monotonic() - started >= 0.5  # held, then queued as usual
+        await wait_history(http, sim, "kept")
+
+        # A client that dies while its POST is held: the prompt is never queued.
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": 1.0})
+        body = {"prompt": invert_prompt(prefix="d/gone"), "prompt_id": "gone"}
+        posting = asyncio.create_task(http.post(f"{sim.url}/prompt", json=body))
+        await asyncio.sleep(0.2)
+        posting.cancel()  # closes its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": None})
+        await asyncio.sleep(1.0)  # past the moment the held request would have gone on
+        await submit(http, sim, {"prompt": invert_prompt(prefix="d/after"), "prompt_id": "after"})
+        await wait_history(http, sim, "after")
+        assert sorted(await get_json(http, f"{sim.url}/history")) == ["after", "kept"]
+        empty: JSON = {"queue_running": [], "queue_pending": []}
+        assert await get_json(http, f"{sim.url}/queue") == empty

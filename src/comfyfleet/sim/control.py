@@ -11,8 +11,9 @@ no `/api` copy. Bodies and answers are JSON.
 `GET /_sim/faults`, `POST /_sim/faults`
     Read or change the failure injection settings. POST takes any subset of
     `{"fail_rate": 0.0-1.0, "seed": int|null, "hang": bool, "view_bytes_per_second": int|null,
-    "output_size": int|null}` and answers the full settings; a bad value is a 400
-    `{"error": message}` and changes nothing. Setting `seed` restarts the failure sequence.
+    "output_size": int|null, "prompt_delay": seconds|null}` and answers the full settings; a
+    bad value is a 400 `{"error": message}` and changes nothing. Setting `seed` restarts the
+    failure sequence.
     - `fail_rate`: each prompt fails with this probability, with an `execution_error`
       (`torch.OutOfMemoryError`) at its SimulatedWork node, else its last non-output node.
     - `hang`: websockets stay open but receive nothing (not even later); prompts still run and
@@ -20,6 +21,10 @@ no `/api` copy. Bodies and answers are JSON.
     - `view_bytes_per_second`: /view trickles its body at this rate.
     - `output_size`: SaveImage and PreviewImage files are padded to this many bytes (zeros
       after the PNG's end, a sparse file), so multi-GB outputs cost neither time nor disk.
+    - `prompt_delay`: POST /prompt holds each request this long (the value when it arrived)
+      before it is read; if the client disconnects meanwhile the prompt is dropped, never
+      queued. A client can thus be killed between deciding to queue a prompt and the server
+      having it.
 
 `POST /_sim/drop_websockets`
     Cut every websocket connection now, with no close frame: `{"dropped": n}`.

@@ -24,6 +24,9 @@ class Faults:
     - `view_bytes_per_second`: /view sends its body at this rate (None: as fast as it can).
     - `output_size`: every image file SaveImage or PreviewImage writes is padded to this many
       bytes (None: the plain PNG).
+    - `prompt_delay`: POST /prompt holds each request this many seconds before it looks at it
+      (None: at once). A request whose client disconnects meanwhile is dropped unread: its
+      prompt is never queued, as if the client had died before sending it.
     """
 
     fail_rate: float = 0.0
@@ -31,6 +34,7 @@ class Faults:
     hang: bool = False
     view_bytes_per_second: int | None = None
     output_size: int | None = None
+    prompt_delay: float | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +53,7 @@ class Faults:
             "hang": self.hang,
             "view_bytes_per_second": self.view_bytes_per_second,
             "output_size": self.output_size,
+            "prompt_delay": self.prompt_delay,
         }
 
     def update(self, changes: Mapping[str, Any]) -> None:
@@ -97,10 +102,19 @@ def _size(name: str, value: Any) -> int | None:
     return value  # type: ignore[no-any-return]
 
 
+def _seconds(name: str, value: Any) -> float | None:
+    if value is not None and not (
+        (_is_int(value) or isinstance(value, float)) and 0 <= value < float("inf")
+    ):
+        raise ValueError(f"{name} must be a non-negative number of seconds or null")
+    return float(value) if value is not None else None
+
+
 _CHECKS = {
     "fail_rate": _rate,
     "seed": _seed,
     "hang": _flag,
     "view_bytes_per_second": _positive,
     "output_size": _size,
+    "prompt_delay": _seconds,
 }

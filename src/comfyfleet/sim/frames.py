@@ -20,9 +20,14 @@ JPEG = 1
 PNG = 2
 
 
+# json.dumps's output (default separators: clients see exactly the bytes Python's json.dumps
+# gives ComfyUI), without the check for circular references, which the simulator's messages
+# never have: a fifth faster, a dozen messages per prompt.
+_encode = json.JSONEncoder(check_circular=False).encode
+
+
 def text_frame(event: str, data: dict[str, Any]) -> str:
-    # Default separators: clients see exactly the bytes Python's json.dumps gives ComfyUI.
-    return json.dumps({"type": event, "data": data})
+    return _encode({"type": event, "data": data})
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,7 +13,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.executor import Executor
+from comfyfleet.sim.faults import Faults
 from comfyfleet.sim.file_routes import server_error
 from comfyfleet.sim.files import Folders
 from comfyfleet.sim.hub import Hub
@@ -53,6 +55,27 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+async def _held(request: web.Request, seconds: float | None) -> bool:
+    """Hold a request for `seconds` (the `prompt_delay` fault); False if its client went away
+    meanwhile."""
+    if not seconds:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    # aiohttp does not cancel a handler whose client left: look every few ticks.
+    while not _client_gone(request):
+        left = deadline - loop.time()
+        if left <= 0:
+            return True
+        await asyncio.sleep(min(left, 0.05))
+    return False
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 class Routes:
     """The core routes except files. They work on the server state that attach() gave them,
     which a simulated restart replaces."""
@@ -61,9 +84,19 @@ class Routes:
     queue: PromptQueue
     executor: Executor
 
-    def __init__(self, *, specs: dict[str, Any], folders: Folders, max_upload_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        specs: dict[str, Any],
+        folders: Folders,
+        disk: Disk,
+        max_upload_size: int,
+        faults: Faults | None = None,
+    ) -> None:
         self.specs = specs
         self.folders = folders
+        self.disk = disk
+        self.faults = faults if faults is not None else Faults()
         self.server_features = {
             "supports_preview_metadata": True,
             "max_upload_size": max_upload_size,
@@ -96,6 +129,8 @@ class Routes:
     # --- prompts and queue -------------------------------------------------------------------
 
     async def post_prompt(self, request: web.Request) -> web.Response:
+        if not await _held(request, self.faults.prompt_delay):
+            return web.Response(status=503)  # nobody is left to read it
         try:
             body = await _json_object(request)
         except _BadBody:
@@ -124,7 +159,7 @@ class Routes:
         # 0.3.64 takes any prompt_id as is (str() of it) and does not check uniqueness.
         prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
         result = await validate_prompt(
-            prompt, self.specs, self.folders, body.get("partial_execution_targets")
+            prompt, self.specs, self.folders, self.disk, body.get("partial_execution_targets")
         )
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
@@ -180,16 +215,15 @@ class Routes:
     async def get_history(self, request: web.Request) -> web.Response:
         max_items = request.query.get("max_items")
         offset = request.query.get("offset")
-        history = self.queue.get_history(
+        history = self.queue.history_json(
             int(max_items) if max_items is not None else None,
             int(offset) if offset is not None else -1,
         )
-        return web.json_response(history)
+        return web.Response(text=history, content_type="application/json")
 
     async def get_history_item(self, request: web.Request) -> web.Response:
-        prompt_id = request.match_info["prompt_id"]
-        entry = self.queue.history.get(prompt_id)
-        return web.json_response({} if entry is None else {prompt_id: entry})
+        entry = self.queue.history_item_json(request.match_info["prompt_id"])
+        return web.Response(text=entry, content_type="application/json")
 
     async def post_history(self, request: web.Request) -> web.Response:
         try:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.control import ControlRoutes
 from comfyfleet.sim.custom_nodes import CustomNodes, load_custom_nodes
 from comfyfleet.sim.executor import Executor
@@ -54,7 +55,9 @@ class SimulatedComfyUI:
     API in control.py): `fail_rate` with `fail_seed`, `hang`, `view_bytes_per_second` and
     `output_size`. `max_upload_size` is ComfyUI's `--max-upload-size` (bigger bodies get 413).
     `custom_nodes` are package paths or custom_nodes folders, loaded as ComfyUI does
-    (custom_nodes.py).
+    (custom_nodes.py). `node_specs` adds (or replaces) node classes, given as /object_info
+    describes them (e.g. a real server's loaders, listing the model files it has): they are
+    listed and validated like the others, and run as pass-throughs unless simulated.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SimulatedComfyUI:
         output_size: int | None = None,
         max_upload_size: int = MAX_UPLOAD_SIZE,
         custom_nodes: Sequence[Path] = (),
+        node_specs: Mapping[str, Any] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, not {speed}")
@@ -91,6 +95,7 @@ class SimulatedComfyUI:
         self.max_upload_size = max_upload_size
         self.restarts = 0
         self._custom_node_paths = list(custom_nodes)
+        self._node_specs = dict(node_specs or {})
         self._data_dir = data_dir
         self._owns_data_dir = data_dir is None
         self._runner: web.AppRunner | None = None
@@ -101,6 +106,7 @@ class SimulatedComfyUI:
         self._custom_nodes: CustomNodes | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart_lock = asyncio.Lock()
+        self._disk = Disk()  # what it learns about the disk outlives a simulated restart
 
     @property
     def url(self) -> str:
@@ -121,10 +127,12 @@ class SimulatedComfyUI:
         if self._data_dir is None:
             prefix = f"comfyfleet-{self.name}-"
             self._data_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix))
-        folders, self._specs = await asyncio.to_thread(_prepare, self._data_dir)
+        folders, specs = await asyncio.to_thread(_prepare, self._data_dir)
+        self._specs = {**specs, **self._node_specs}
         self._folders = folders
         routes = self._routes = Routes(
-            specs=self._specs, folders=folders, max_upload_size=self.max_upload_size
+            specs=self._specs, folders=folders, disk=self._disk,
+            max_upload_size=self.max_upload_size, faults=self.faults,
         )
         files = FileRoutes(
             folders=folders, faults=self.faults, max_upload_size=self.max_upload_size
@@ -165,6 +173,7 @@ class SimulatedComfyUI:
         executor = Executor(
             specs=self._specs,
             folders=self._folders,
+            disk=self._disk,
             hub=hub,
             queue=queue,
             faults=self.faults,

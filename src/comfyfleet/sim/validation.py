@@ -8,11 +8,11 @@ node_errors collects every failing node seen so far for each failed output.
 
 from __future__ import annotations
 
-import asyncio
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.files import Folders
 from comfyfleet.sim.nodes import IMAGE_FILE_NODES, declared_inputs
 
@@ -71,6 +71,7 @@ async def validate_prompt(
     prompt: dict[str, Any],
     specs: dict[str, Any],
     folders: Folders,
+    disk: Disk,
     partial_targets: Any = None,
 ) -> ValidationResult:
     outputs = []
@@ -92,7 +93,7 @@ async def validate_prompt(
     if not outputs:
         return ValidationResult(False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [])
 
-    validator = _Validator(prompt, specs, folders)
+    validator = _Validator(prompt, specs, folders, disk)
     good_outputs: list[str] = []
     output_errors: list[dict[str, Any]] = []
     node_errors: dict[str, Any] = {}
@@ -138,10 +139,13 @@ async def validate_prompt(
 
 
 class _Validator:
-    def __init__(self, prompt: dict[str, Any], specs: dict[str, Any], folders: Folders) -> None:
+    def __init__(
+        self, prompt: dict[str, Any], specs: dict[str, Any], folders: Folders, disk: Disk
+    ) -> None:
         self.prompt = prompt
         self.specs = specs
         self.folders = folders
+        self.disk = disk
         self.validated: dict[str, Verdict] = {}
         self._active: set[str] = set()  # on the current path: a link back to one is a cycle
 
@@ -191,7 +195,7 @@ class _Validator:
 
         if custom_validated and "image" in inputs and not isinstance(inputs["image"], list):
             image = inputs["image"]
-            if not await asyncio.to_thread(self.folders.image_input_exists, str(image)):
+            if not await self.disk.run(0, self.folders.image_input_exists, str(image)):
                 errors.append(
                     _node_error(
                         "custom_validation_failed",

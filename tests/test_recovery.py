@@ -142,3 +142,82 @@ async def test_gateway_killed_while_uploading_stores_the_output_once_after_resta
     assert [p.relative_to(data_root / "outputs").as_posix() for p in stored] == [output["key"]]
     assert stored[0].stat().st_size == output_bytes  # whole, once, no leftover part files
     assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def statuses(http: aiohttp.ClientSession, api: str, ids: list[str]) -> list[dict[str, Any]]:
+    return [await job_status(http, api, job_id) for job_id in ids]
+
+
+async def test_gateway_killed_before_its_post_reaches_the_backend_runs_each_job_once(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    """Killed after claiming jobs (dispatched, prompt ids on record) but before the backend
+    had their prompts: the backend holds each POST /prompt (the `prompt_delay` fault) and
+    drops it when its client dies. The next process finds those prompts in neither /queue nor
+    /history and requeues the jobs, which then run once each, under new prompt ids."""
+    port = free_ports(1)
+    base = f"http://{LOOPBACK}:{port}"
+    api = base + settings.route_prefix
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        env = serve_env(settings, data_root, port, COMFYUI_ENDPOINTS=f"{sim.url}#gpu")
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
+        # Far longer than this test takes: a held POST ends only by its client going away.
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 600}) as response:
+            assert response.status == 200
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        ids = await submit(http, api, receiver.url, 3)
+        # Both slots of the backend claimed, their POSTs held there; one job still waits here.
+        claimed = ["dispatched", "dispatched", "queued"]
+        async with asyncio.timeout(30):
+            while sorted(j["status"] for j in await statuses(http, api, ids)) != claimed:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: there is no local event to wait on
+        claims = {j["id"]: j["prompt_id"] for j in await statuses(http, api, ids)
+                  if j["status"] == "dispatched"}
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        assert all(claims.values()), claims  # on record before the POST
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}):
+            pass
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        try:
+            async with asyncio.timeout(30):
+                await receiver.wait_for(3)
+        except TimeoutError:
+            raise AssertionError(f"jobs left behind: {await statuses(http, api, ids)}") from None
+        jobs = await statuses(http, api, ids)
+        deliveries = []
+        for job_id in ids:
+            async with http.get(f"{api}/jobs/{job_id}/deliveries") as response:
+                deliveries.append((await response.json())["deliveries"])
+        async with http.get(f"{sim.url}/history") as response:
+            history = await response.json()
+        async with http.get(f"{sim.url}/queue") as response:
+            queue = await response.json()
+
+    for job in jobs:
+        assert job["status"] == "succeeded", job
+        # A claim spends an attempt; after a crash the claim's fate is unknown (never sent, or
+        # lost by the backend: the same to /queue and /history), so the requeue keeps it.
+        assert job["attempts"] == (2 if job["id"] in claims else 1), job
+        assert job["prompt_id"] != claims.get(job["id"]), job  # run under a new prompt id
+        (output,) = job["outputs"]
+        assert (data_root / "outputs" / output["key"]).stat().st_size == output["size"]
+    # Each job ran on the backend once: the held prompts never reached its queue.
+    assert sorted(history) == sorted(job["prompt_id"] for job in jobs)
+    assert queue == {"queue_running": [], "queue_pending": []}
+    stored = sorted(p.relative_to(data_root / "outputs").as_posix()
+                    for p in (data_root / "outputs").rglob("*") if p.is_file())
+    assert stored == sorted(job["outputs"][0]["key"] for job in jobs)
+    # One webhook per job, and its delivery (one, with one webhook-id) is the one we got.
+    assert receiver.rejected == 0
+    assert sorted(event["data"]["id"] for event in receiver.verified) == sorted(ids)
+    assert {event["type"] for event in receiver.verified} == {"job.succeeded"}
+    received = {event["data"]["id"]: event["webhook_id"] for event in receiver.verified}
+    for job_id, found in zip(ids, deliveries, strict=True):
+        (delivery,) = found
+        assert (delivery["event_type"], delivery["webhook_id"]) == ("job.succeeded",
+                                                                   received[job_id])

@@ -4,15 +4,18 @@ backend never holds more than MAX_INFLIGHT_PER_BACKEND prompts from both togethe
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, python_process, serve_env
 
 JOBS = 24
@@ -78,3 +81,98 @@ async def test_two_processes_share_one_database_and_the_backend_slots(
     assert ran == JOBS  # each prompt ran once, on one backend
     assert {job["backend"] for job in jobs} == {"gpu0", "gpu1"}
     assert peaks and max(peaks.values()) <= settings.max_inflight_per_backend
+
+
+class Gateways:
+    """`comfyfleet serve` processes on the test's database, all in front of one backend."""
+
+    def __init__(self, stack: AsyncExitStack, settings: Settings, data_root: Path,
+                 backend: str) -> None:
+        self.stack, self.settings, self.data_root, self.backend = (
+            stack, settings, data_root, backend)
+        self.started = 0
+
+    async def start(self, http: aiohttp.ClientSession) -> tuple[str, asyncio.subprocess.Process]:
+        port = free_ports(1)
+        base = f"http://{LOOPBACK}:{port}"
+        env = serve_env(self.settings, self.data_root / f"process{self.started}", port,
+                        COMFYUI_ENDPOINTS=self.backend + "#gpu")
+        self.started += 1
+        process = await self.stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        async with asyncio.timeout(15):  # connected, its reconciliation done
+            while True:
+                async with http.get(f"{base}/api/v1/backends") as response:
+                    if (await response.json())[0]["healthy"]:
+                        return base, process
+                await asyncio.sleep(0.1)
+
+
+async def job_when(
+    http: aiohttp.ClientSession, base: str, job_id: str, *statuses: str
+) -> dict[str, Any]:
+    async with asyncio.timeout(30):
+        while True:
+            async with http.get(f"{base}/api/v1/jobs/{job_id}") as response:
+                job: dict[str, Any] = await response.json()
+            if job["status"] in statuses:
+                return job
+            await asyncio.sleep(0.05)
+
+
+async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=3.0))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        first, first_process = await gateways.start(http)
+        second, _ = await gateways.start(http)
+        # The second takes no work of its own: the job is surely the first process's.
+        async with http.patch(f"{second}/api/v1/backends/gpu", json={"drain": True}):
+            pass
+        body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
+        async with http.post(f"{first}/api/v1/jobs", json=body) as response:
+            job_id = (await response.json())["id"]
+        await job_when(http, first, job_id, "running")
+        first_process.send_signal(signal.SIGKILL)
+        await first_process.wait()
+
+        # The backend never drops the second process's socket: only noticing that the first
+        # process died can get this job collected.
+        done = await job_when(http, second, job_id, "succeeded", "failed")
+        await receiver.wait_for(1)
+        async with http.get(f"{sim.url}/history") as response:
+            ran = len(await response.json())
+    assert (done["status"], done["attempts"], ran) == ("succeeded", 1, 1)
+    assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        first, _ = await gateways.start(http)
+        # The first process's POST /prompt hangs at the backend for a while.
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 6}) as response:
+            assert response.status == 200
+        body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
+        async with http.post(f"{first}/api/v1/jobs", json=body) as response:
+            job_id = (await response.json())["id"]
+        await job_when(http, first, job_id, "dispatched")
+        # Its prompt is in neither /queue nor /history yet: from here it looks lost.
+        second, _ = await gateways.start(http)
+        async with http.get(f"{second}/api/v1/jobs/{job_id}") as response:
+            assert (await response.json())["status"] == "dispatched"  # not requeued
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}):
+            pass
+
+        done = await job_when(http, first, job_id, "succeeded", "failed")
+        await receiver.wait_for(1)
+        async with http.get(f"{sim.url}/history") as response:
+            ran = len(await response.json())
+    assert (done["status"], done["attempts"], ran) == ("succeeded", 1, 1)

@@ -25,20 +25,16 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiobotocore.session import get_session
 
+from bench.harness import bench_root, embedded_postgres, moto_s3, s3_client
 from comfyfleet import db
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage.s3 import PART_CONCURRENCY, PART_SIZE
-from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports, python_process
 from tests.test_large_outputs import peak_rss, reset_peak_rss, run_job, s3_service
 
 MIB = 1024 * 1024
@@ -80,45 +76,35 @@ async def direct_upload(s3: Any, bucket: str, key: str, path: Path) -> float:
 
 
 async def run(size: int, runs: int, root: Path) -> dict[str, Any]:
-    pg = await asyncio.to_thread(db.start_embedded_postgres, root / "pg")
-    moto_port = free_ports(1)
-    moto = f"http://{LOOPBACK}:{moto_port}"
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    try:
-        async with (
-            python_process("moto.server", "-H", LOOPBACK, "-p", str(moto_port), ready_url=moto),
-            get_session().create_client("s3", region_name="us-east-1", endpoint_url=moto,
-                                        **S3_CREDENTIALS) as s3,
-            SimulatedComfyUI(data_dir=root / "sim", output_size=WARM_UP_SIZE) as sim,
-        ):
-            await s3.create_bucket(Bucket=bucket)
-            async with (
-                s3_service(db.embedded_url(pg), moto, bucket, sim.url, root / "data")
-                as (service, api),
-                aiohttp.ClientSession() as http,
-            ):
-                await run_job(http, api, JOB_WAIT_SECONDS)
-                sim.faults.update({"output_size": size})
-                service_seconds, direct_seconds, growths = [], [], []
-                for _ in range(runs):
-                    baseline = reset_peak_rss(service.pid)
-                    started = time.perf_counter()
-                    job = await run_job(http, api, JOB_WAIT_SECONDS)
-                    service_seconds.append(time.perf_counter() - started)
-                    growths.append(peak_rss(service.pid) - baseline)
-                    (output,) = job["outputs"]
-                    head = await s3.head_object(Bucket=bucket, Key=output["key"])
-                    assert head["ContentLength"] == size, head
-                    # The object is not needed again; moto keeps objects in memory.
-                    await s3.delete_object(Bucket=bucket, Key=output["key"])
-                    # Every prompt writes into a folder named after it (isolate_outputs).
-                    (path,) = (root / "sim" / "output").rglob(
-                        f"{job['prompt_id']}/{output['filename']}")
-                    direct_seconds.append(await direct_upload(s3, bucket, "direct.bin", path))
-                    await s3.delete_object(Bucket=bucket, Key="direct.bin")
-                    path.unlink()
-    finally:
-        await asyncio.to_thread(pg.cleanup)
+    async with (
+        embedded_postgres(root) as pg,
+        moto_s3() as moto,
+        s3_client(moto.endpoint) as s3,
+        SimulatedComfyUI(data_dir=root / "sim", output_size=WARM_UP_SIZE) as sim,
+        s3_service(db.embedded_url(pg), moto.endpoint, moto.bucket, sim.url, root / "data")
+        as (service, api),
+        aiohttp.ClientSession() as http,
+    ):
+        await run_job(http, api, JOB_WAIT_SECONDS)
+        sim.faults.update({"output_size": size})
+        service_seconds, direct_seconds, growths = [], [], []
+        for _ in range(runs):
+            baseline = reset_peak_rss(service.pid)
+            started = time.perf_counter()
+            job = await run_job(http, api, JOB_WAIT_SECONDS)
+            service_seconds.append(time.perf_counter() - started)
+            growths.append(peak_rss(service.pid) - baseline)
+            (output,) = job["outputs"]
+            head = await s3.head_object(Bucket=moto.bucket, Key=output["key"])
+            assert head["ContentLength"] == size, head
+            # The object is not needed again; moto keeps objects in memory.
+            await s3.delete_object(Bucket=moto.bucket, Key=output["key"])
+            # Every prompt writes into a folder named after it (isolate_outputs).
+            (path,) = (root / "sim" / "output").rglob(
+                f"{job['prompt_id']}/{output['filename']}")
+            direct_seconds.append(await direct_upload(s3, moto.bucket, "direct.bin", path))
+            await s3.delete_object(Bucket=moto.bucket, Key="direct.bin")
+            path.unlink()
     service_median = statistics.median(service_seconds)
     direct_median = statistics.median(direct_seconds)
     return {
@@ -138,9 +124,8 @@ async def run(size: int, runs: int, root: Path) -> dict[str, Any]:
 async def main(size: int, runs: int) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count()}), flush=True)
-    with tempfile.TemporaryDirectory(prefix="comfyfleet-bench-") as root:
-        os.chmod(root, 0o755)  # as root, embedded PostgreSQL runs as another user
-        print(json.dumps(await run(size, runs, Path(root))), flush=True)
+    with bench_root() as root:
+        print(json.dumps(await run(size, runs, root)), flush=True)
 
 
 def parse_size(text: str) -> int:

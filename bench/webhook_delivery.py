@@ -18,17 +18,16 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
-import uuid
 from pathlib import Path
+from typing import Any
 
-import asyncpg
 from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook
 
+from bench.harness import bench_root, embedded_postgres, fresh_database
 from comfyfleet import db
 from comfyfleet.app import running_services
 from comfyfleet.jobs.models import Job, JobStatus
@@ -82,16 +81,6 @@ class SlowReceiver:
             self.open -= 1
 
 
-async def fresh_database(server_uri: str, base_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_uri)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return base_url.replace("/postgres?", f"/{name}?")
-
-
 async def fill_outbox(settings: Settings, callback_url: str, count: int) -> None:
     """`count` jobs, each ended (cancelled while queued) with its delivery in the outbox."""
     async with db.open_database(settings) as engine:
@@ -117,14 +106,14 @@ async def delivered(engine: AsyncEngine) -> int:
 
 
 async def run_level(
-    server_uri: str, base_url: str, data_dir: Path, count: int, delay: float, concurrency: int
+    server: Any, data_dir: Path, count: int, delay: float, concurrency: int
 ) -> dict[str, object]:
     secret = new_secret()
     receiver = SlowReceiver(secret, delay)
     await receiver.start()
     settings = Settings(
         _env_file=None,
-        database_url=await fresh_database(server_uri, base_url),
+        database_url=await fresh_database(server),
         data_dir=data_dir,
         workflows_dir=REPO / "workflows",
         storage="local",
@@ -162,16 +151,11 @@ async def run_level(
 async def main(count: int, delay: float, levels: list[int]) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count()}), flush=True)
-    with tempfile.TemporaryDirectory(prefix="comfyfleet-bench-") as root:
-        os.chmod(root, 0o755)  # as root, embedded PostgreSQL runs as another user
-        server = await asyncio.to_thread(db.start_embedded_postgres, Path(root) / "pg")
-        try:
+    with bench_root() as root:
+        async with embedded_postgres(root) as server:
             for concurrency in levels:
-                figures = await run_level(server.get_uri(), db.embedded_url(server),
-                                          Path(root) / "data", count, delay, concurrency)
+                figures = await run_level(server, root / "data", count, delay, concurrency)
                 print(json.dumps(figures), flush=True)
-        finally:
-            await asyncio.to_thread(server.cleanup)
 
 
 if __name__ == "__main__":

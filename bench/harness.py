@@ -1,0 +1,532 @@
+"""What the benchmarks share: services on loopback, open-loop load, timing and accounting.
+
+Everything listens on 127.0.0.1 and stops with the benchmark: embedded PostgreSQL, a moto S3
+server, simulated ComfyUI processes (`comfyfleet sim`, or `bench.timed_sim` where a benchmark
+needs to know when a backend accepted or finished a prompt) and `comfyfleet serve` in a
+process of its own, so that its CPU time and its profile are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiobotocore.session import get_session
+from aiohttp import web
+
+from comfyfleet import db
+from comfyfleet.demo import WebhookReceiver
+from comfyfleet.settings import Settings
+from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.workflows.catalog import load_catalog
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK, REPO, free_ports, python_process, serve_env
+
+READY_SECONDS = 120.0  # for every backend of a large fleet to be connected
+# The job the benchmarks submit: a 64x64 invert, its output a PNG of a few hundred bytes.
+WORKFLOW = "invert"
+PARAMS = {"width": 64, "height": 64}
+STATS_FLUSH_SECONDS = 2.5  # for PostgreSQL's backends to add their last transactions
+
+
+def workflow_job() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's validated parameters and filled prompt, as POST /jobs builds them."""
+    return load_catalog(REPO / "workflows").workflows[WORKFLOW].build(PARAMS)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile: the smallest value with `fraction` of them at or below."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(math.ceil(fraction * len(ordered)) - 1, 0))]
+
+
+def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """Sample count and p50/p95/p99 in milliseconds."""
+    if not seconds:
+        return {"samples": 0}
+    return {"samples": len(seconds),
+            **{f"p{p}": round(percentile(seconds, p / 100) * 1000, 2) for p in (50, 95, 99)}}
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A Markdown table, first column left-aligned and the others right-aligned."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                                 for i, cell in enumerate(row)) + " |"
+
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    for row in cells[1:]:
+        print(line(row))
+
+
+@contextmanager
+def bench_root() -> Iterator[Path]:
+    """A scratch directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="comfyfleet-bench-") as root:
+        os.chmod(root, 0o755)  # as root, embedded PostgreSQL runs as another user
+        yield Path(root)
+
+
+@asynccontextmanager
+async def embedded_postgres(root: Path) -> AsyncIterator[Any]:
+    server = await asyncio.to_thread(db.start_embedded_postgres, root / "pg")
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.cleanup)
+
+
+async def fresh_database(server: Any) -> str:
+    """A new, empty database on the embedded server; its SQLAlchemy URL."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return db.embedded_url(server).replace("/postgres?", f"/{name}?")
+
+
+async def transactions(database_url: str) -> int:
+    """Transactions committed or rolled back in this database so far, from PostgreSQL's
+    statistics (each backend adds its own at most once a second)."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return int(await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"))
+    finally:
+        await conn.close()
+
+
+def s3_client(endpoint: str) -> Any:
+    """An aiobotocore S3 client for the moto server (an async context manager)."""
+    return get_session().create_client("s3", region_name="us-east-1", endpoint_url=endpoint,
+                                       **S3_CREDENTIALS)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    process: asyncio.subprocess.Process
+
+
+@asynccontextmanager
+async def moto_s3() -> AsyncIterator[S3Server]:
+    """A moto S3 server in its own process, with one bucket."""
+    port = free_ports(1)
+    endpoint = f"http://{LOOPBACK}:{port}"
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    async with python_process("bench.quiet_moto", "-H", LOOPBACK, "-p", str(port),
+                              ready_url=endpoint) as process:
+        async with s3_client(endpoint) as s3:
+            await s3.create_bucket(Bucket=bucket)
+        yield S3Server(endpoint, bucket, process)
+
+
+@dataclass
+class SimFleet:
+    urls: list[str]
+    processes: list[asyncio.subprocess.Process]
+    stamps_urls: list[str]  # one per process, with timed simulators
+
+    async def stamps(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
+        """Every timed simulator's stamps: {"accepted": {prompt_id: t}, "succeeded": {...}}."""
+        merged: dict[str, dict[str, float]] = {"accepted": {}, "succeeded": {}}
+        for url in self.stamps_urls:
+            async with http.get(f"{url}/stamps") as response:
+                for kind, stamps in (await response.json()).items():
+                    merged[kind].update(stamps)
+        return merged
+
+    async def accepted(self, http: aiohttp.ClientSession) -> int:
+        total = 0
+        for url in self.stamps_urls:
+            async with http.get(f"{url}/accepted") as response:
+                total += int(await response.json())
+        return total
+
+
+@asynccontextmanager
+async def sim_fleet(
+    backends: int, *, processes: int = 1, data_dir: Path | None = None, timed: bool = False,
+    options: Sequence[str] = (),
+) -> AsyncIterator[SimFleet]:
+    """`backends` simulators spread over `processes` processes, started one after the other
+    (each takes its ports once the one before has bound its own). `timed`: through
+    bench.timed_sim, which notes when each prompt was accepted and succeeded."""
+    fleet = SimFleet([], [], [])
+    shares = [backends // processes + (i < backends % processes) for i in range(processes)]
+    async with AsyncExitStack() as stack:
+        for index, count in enumerate(shares):
+            port = free_ports(count + timed)  # the stamps' port after the simulators'
+            urls = [f"http://{LOOPBACK}:{port + i}" for i in range(count)]
+            args = ["--backends", str(count), "--port", str(port), *options]
+            if data_dir is not None:
+                args += ["--data-dir", str(data_dir / f"process{index}")]
+            if timed:
+                fleet.stamps_urls.append(f"http://{LOOPBACK}:{port + count}")
+                command = ["bench.timed_sim", "--stamps-port", str(port + count), *args]
+            else:
+                command = ["comfyfleet", "sim", *args]
+            fleet.processes.append(await stack.enter_async_context(
+                python_process(*command, ready_url=urls[-1] + "/prompt")))
+            fleet.urls += urls
+        yield fleet
+
+
+@dataclass
+class Serve:
+    process: asyncio.subprocess.Process
+    base: str
+
+    @property
+    def api(self) -> str:
+        return self.base + "/api/v1"
+
+
+@asynccontextmanager
+async def comfyfleet_serve(
+    database_url: str, data_dir: Path, backends: Sequence[str], *, secret: str,
+    s3: S3Server | None = None,
+) -> AsyncIterator[Serve]:
+    """`comfyfleet serve` in its own process (log level WARNING, so that the benchmark's output
+    stays readable), ready once every backend is connected. Storage is S3 on `s3`, else a
+    local directory."""
+    port = free_ports(1)
+    settings = Settings(_env_file=None, database_url=database_url, webhook_secret=secret)
+    storage = {} if s3 is None else {
+        "STORAGE": "s3", "S3_BUCKET": s3.bucket, "S3_ENDPOINT_URL": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+    }
+    env = serve_env(settings, data_dir, port, COMFYUI_ENDPOINTS=",".join(backends), **storage)
+    base = f"http://{LOOPBACK}:{port}"
+    async with python_process("comfyfleet", "--log-level", "WARNING", "serve", env=env,
+                              ready_url=base + "/healthz") as process:
+        serve = Serve(process, base)
+        async with aiohttp.ClientSession() as http, asyncio.timeout(READY_SECONDS):
+            while True:
+                async with http.get(f"{serve.api}/backends") as response:
+                    healthy = sum(backend["healthy"] for backend in await response.json())
+                if healthy == len(backends):
+                    break
+                await asyncio.sleep(0.2)  # polling the service: no local event to wait on
+        yield serve
+
+
+@dataclass
+class TimedReceiver(WebhookReceiver):
+    """comfyfleet.demo's verifying receiver that also notes when each webhook had verified."""
+
+    verified_at: dict[str, float] = field(default_factory=dict)  # webhook-id -> monotonic
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        response = await super()._receive(request)
+        if response.status == 204:
+            self.verified_at[request.headers["webhook-id"]] = time.monotonic()
+        return response
+
+    async def wait_until(self, count: int, seconds: float) -> None:
+        """Until `count` webhooks in all have verified; TimeoutError after `seconds`."""
+        async with asyncio.timeout(seconds):
+            await self.wait_for(count)
+
+
+@dataclass
+class Deployment:
+    """`comfyfleet serve` in front of simulators, storing in S3 on moto, with embedded
+    PostgreSQL and a verifying webhook receiver in this process."""
+
+    postgres: Any
+    s3: S3Server
+    sims: SimFleet
+    receiver: TimedReceiver
+    database_url: str
+    serve: Serve
+    http: aiohttp.ClientSession
+    meter: CpuMeter  # every process of it, and this one
+
+
+async def deploy(
+    stack: AsyncExitStack, root: Path, backends: int, *, processes: int = 1, timed: bool = False,
+) -> Deployment:
+    """Start it all; `stack` stops it. The simulators are zero-duration, `timed` as in
+    sim_fleet."""
+    postgres = await stack.enter_async_context(embedded_postgres(root))
+    s3 = await stack.enter_async_context(moto_s3())
+    sims = await stack.enter_async_context(
+        sim_fleet(backends, processes=processes, data_dir=root / "sims", timed=timed))
+    receiver = TimedReceiver(new_secret())
+    await receiver.start()
+    stack.push_async_callback(receiver.stop)
+    database_url = await fresh_database(postgres)
+    serve = await stack.enter_async_context(comfyfleet_serve(
+        database_url, root / "data", sims.urls, secret=receiver.secret, s3=s3))
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    meter = CpuMeter(standard_components(serve, sims, postgres, s3))
+    return Deployment(postgres, s3, sims, receiver, database_url, serve, http, meter)
+
+
+async def open_loop(
+    rate: float, count: int, fire: Callable[[int], Coroutine[Any, Any, None]], *,
+    seed: int = 1,
+) -> float:
+    """Call `fire(0..count-1)` at Poisson arrivals of `rate` per second, each in its own task
+    whatever the earlier ones are doing (open loop); returns once all have finished (when
+    cancelled, those still running are cancelled too). The result is the largest lag behind
+    the schedule, in seconds: the load generator's own delay, which should stay far below the
+    latencies it measures."""
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    lag = 0.0
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for index in range(count):
+            due += rng.expovariate(rate)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag = max(lag, loop.time() - due)
+            tasks.append(asyncio.create_task(fire(index)))
+        await asyncio.gather(*tasks)
+    finally:  # cancelled, or one failed: none is left running
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return lag
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Component:
+    name: str
+    pids: list[int]
+    with_children: bool = False  # e.g. a PostgreSQL server and its backends
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat from the state field on (the command name may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+    return children
+
+
+def _cpu_ticks(pid: int, *, reaped_children: bool) -> int:
+    """User + system time of `pid`, with `reaped_children` also its children's that ended."""
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return 0  # gone: what it used is in its parent's reaped-children time
+    return sum(int(value) for value in fields[11:15 if reaped_children else 13])
+
+
+def _component_seconds(component: Component, children: dict[int, list[int]]) -> float:
+    ticks = 0
+    for pid in component.pids:
+        ticks += _cpu_ticks(pid, reaped_children=component.with_children)
+        if component.with_children:
+            ticks += sum(_cpu_ticks(child, reaped_children=True)
+                         for child in children.get(pid, []))
+    return ticks / CLOCK_TICKS
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time spent by every process on the machine (the "cpu" line of /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds each component used between start() and stop(), and the machine's busy
+    time in the same interval (other users' processes included)."""
+
+    def __init__(self, components: Sequence[Component]) -> None:
+        self.components = list(components)
+        self._started: dict[str, float] = {}
+        self._wall = 0.0
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def _snapshot(self) -> dict[str, float]:
+        children = _children()
+        snapshot = {c.name: _component_seconds(c, children) for c in self.components}
+        snapshot["machine (all processes)"] = _machine_busy_seconds()
+        return snapshot
+
+    def start(self) -> None:
+        self._started = self._snapshot()
+        self._wall = time.monotonic()
+
+    def stop(self) -> None:
+        ended = self._snapshot()
+        self.seconds = time.monotonic() - self._wall
+        self.used = {name: ended[name] - self._started[name] for name in ended}
+        ours = sum(seconds for name, seconds in self.used.items() if not name.startswith("mach"))
+        self.used["not ours (other users, kernel threads)"] = (
+            self.used["machine (all processes)"] - ours)
+
+    def as_json(self) -> dict[str, float]:
+        """Cores each component kept busy on average (CPU seconds / wall seconds)."""
+        return {name: round(used / self.seconds, 2) for name, used in self.used.items()}
+
+    def print(self) -> None:
+        print_table(["component", "CPU s", "cores busy"],
+                    [(name, f"{used:.1f}", f"{used / self.seconds:.2f}")
+                     for name, used in self.used.items()])
+
+
+def standard_components(
+    serve: Serve | None, sims: SimFleet, postgres: Any, moto: S3Server | None = None,
+) -> list[Component]:
+    components = [
+        Component("benchmark client", [os.getpid()]),
+        Component("simulators", [p.pid for p in sims.processes]),
+        Component("postgres", [postgres.get_pid()], with_children=True),
+    ]
+    if serve is not None:
+        components.insert(0, Component("comfyfleet serve", [serve.process.pid]))
+    if moto is not None:
+        components.append(Component("moto (S3)", [moto.process.pid]))
+    return components
+
+
+# --- profiling ----------------------------------------------------------------------------------
+
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
+@asynccontextmanager
+async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
+    """Sample `pid`'s Python stacks 100 times a second while the block runs, without pausing
+    it, and only while it holds the GIL: time spent waiting (for the CPU too, on a busy
+    machine) is left out. Collapsed stacks ("frame;frame;... count" lines) go to `output`."""
+    if PY_SPY is None:
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    process = await asyncio.create_subprocess_exec(
+        PY_SPY, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--gil",
+        "--format", "raw", "--output", str(output), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+        await process.wait()
+
+
+# What a stack is doing: its outermost frame in one of comfyfleet's parts; failing that, what
+# the library it is in does. SQLAlchemy's async layer runs each statement in a greenlet, whose
+# stack does not show the comfyfleet call that made it.
+ACTIVITIES = [
+    ("comfyfleet/api/", "API requests (validate, store, render)"),
+    ("comfyfleet/fleet/dispatcher.py", "dispatch (claim, POST /prompt)"),
+    ("comfyfleet/fleet/collector.py", "collect (history, /view, storage, finish)"),
+    ("comfyfleet/fleet/", "backend events (websocket -> job transitions)"),
+    ("comfyfleet/webhooks/", "webhook delivery (claim, sign, POST, record)"),
+]
+LIBRARY_ACTIVITIES = [
+    ("sqlalchemy/", "SQL statements (in a greenlet: caller not visible)"),
+    ("sqlmodel/", "SQL statements (in a greenlet: caller not visible)"),
+    ("asyncpg/", "SQL statements (in a greenlet: caller not visible)"),
+    ("uvicorn/", "API requests (validate, store, render)"),
+    ("starlette/", "API requests (validate, store, render)"),
+    ("fastapi/", "API requests (validate, store, render)"),
+    ("aiohttp/", "aiohttp callbacks (websocket and HTTP client reads)"),
+]
+# The library of a sample's innermost frame: where the CPU time itself goes.
+LIBRARIES = [
+    ("comfyfleet/", "comfyfleet"), ("sqlalchemy/", "SQLAlchemy"), ("sqlmodel/", "SQLAlchemy"),
+    ("asyncpg/", "asyncpg"), ("botocore/", "botocore (S3 client)"),
+    ("aiohttp/", "aiohttp"), ("yarl/", "aiohttp"), ("multidict/", "aiohttp"),
+    ("pydantic", "pydantic"), ("fastapi/", "FastAPI/Starlette"),
+    ("starlette/", "FastAPI/Starlette"), ("uvicorn/", "uvicorn"), ("h11/", "uvicorn"),
+    ("json/", "json"), ("logging/", "logging"), ("asyncio/", "asyncio"),
+    ("selectors.py", "asyncio"), ("standardwebhooks/", "signing"), ("hmac.py", "signing"),
+    ("uuid.py", "uuid"), ("datetime", "datetime"), ("copy.py", "copy"),
+]
+# Costs worth naming, counted wherever one of their frames is on the stack (so they overlap).
+NAMED_COSTS = [
+    (("sqlalchemy/", "sqlmodel/", "asyncpg/"), "SQLAlchemy + asyncpg, all of it"),
+    (("_async_ping",), "pool_pre_ping: BEGIN; ';'; ROLLBACK before each transaction"),
+    (("_jsonb_decoder",), "decoding JSONB columns (json.loads)"),
+    (("botocore/",), "S3 client (botocore: signing, serialising, parsing)"),
+    (("h11/",), "h11, the pure-Python HTTP/1.1 parser uvicorn runs on here"),
+]
+
+
+def _frame_file(frame: str) -> str:
+    """`func (path/file.py:12)` -> `path/file.py`."""
+    return frame.rsplit(" (", 1)[-1].rsplit(":", 1)[0]
+
+
+def _first_match(frame_files: Sequence[str], table: Sequence[tuple[str, str]]) -> str | None:
+    for path in frame_files:
+        for fragment, name in table:
+            if fragment in path:
+                return name
+    return None
+
+
+def profile_breakdown(raw: Path) -> dict[str, Any]:
+    """Shares (%) of the profiled process's samples: by activity, by the library of the
+    innermost frame, and the named costs."""
+    activities: Counter[str] = Counter()
+    libraries: Counter[str] = Counter()
+    named: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue  # a frame's text may hold a newline: the rest of it is on this line
+        count = int(count_text)
+        frames = stack.split(";")
+        files = [_frame_file(frame) for frame in frames]
+        total += count
+        activity = _first_match(files, ACTIVITIES) or _first_match(files, LIBRARY_ACTIVITIES)
+        activities[activity or "event loop and the rest"] += count
+        libraries[_first_match(files[-1:], LIBRARIES) or "other"] += count
+        for fragments, name in NAMED_COSTS:
+            if any(fragment in frame for frame in frames for fragment in fragments):
+                named[name] += count
+
+    def shares(counter: Counter[str]) -> dict[str, float]:
+        return {name: round(100 * n / total, 1) for name, n in counter.most_common()}
+
+    return {"samples": total, "by_activity": shares(activities),
+            "by_library": shares(libraries), "named_costs": shares(named)}

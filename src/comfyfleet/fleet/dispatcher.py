@@ -18,6 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
@@ -49,6 +50,27 @@ def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list
     free = [s for s in sessions if s.accepts_work and len(s.inflight) < max_inflight]
     # queue_remaining lags behind prompts we just sent; our own count is a lower bound for it.
     return sorted(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
+
+
+@dataclass(frozen=True)
+class Prospect:
+    """A prompt that might finish sooner elsewhere."""
+
+    run: PromptRun
+    expected_there: float  # the workflow's usual run time where it is
+    left: float  # expected seconds until it finishes where it is
+    length: float  # its whole run time there, as far as known
+
+    def gain_on(self, expected_here: float | None) -> float:
+        """Seconds sooner it would finish started now on a backend that usually runs the
+        workflow in `expected_here`; 0 when not worth it."""
+        if expected_here is None:
+            return 0.0
+        afresh = self.length * expected_here / self.expected_there
+        # Work done there is thrown away when a running prompt restarts: only a clear win.
+        if self.run.started is not None and afresh * RESTART_MARGIN >= self.left:
+            return 0.0
+        return self.left - afresh
 
 
 class Dispatcher:
@@ -173,54 +195,45 @@ class Dispatcher:
         waiting in a busy backend's queue (a slow GPU's prefetched job, one stuck behind a
         long prompt), or a long one running on a much slower GPU, started afresh. Only at
         the end of a batch is a backend idle while prompts wait or run elsewhere."""
-        runs = self._tracker.movable_runs()
-        if not runs:
+        idle = [s for s in self._sessions if s.accepts_work and not s.inflight
+                and not s.queue_remaining and s.capabilities is not None]
+        if not idle:
             return
-        for idle in self._sessions:
-            if not idle.accepts_work or idle.inflight or idle.queue_remaining \
-                    or idle.capabilities is None:
-                continue
-            best: tuple[float, PromptRun] | None = None
-            for run in runs:
-                gain = self._gain_of_moving(run, idle)
+        # Most prompts could not gain enough even on an infinitely fast backend: this pass
+        # costs one look at each prompt, not one per prompt and idle backend.
+        prospects = [prospect for run in self._tracker.movable_runs()
+                     if (prospect := self._prospect(run)) is not None
+                     and prospect.left > MOVE_MIN_GAIN]
+        best: tuple[float, Prospect, BackendSession] | None = None
+        for target in idle:
+            assert target.capabilities is not None
+            for prospect in prospects:
+                gain = prospect.gain_on(self._run_times.expected(
+                    target.name, prospect.run.job.workflow))
                 if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
-                        and idle.capabilities.can_run(run.job.prompt):
-                    best = (gain, run)
-            if best is not None:
-                await self._move(best[1], idle)
-                return  # the next pass sees the fleet as the move left it
+                        and target.capabilities.can_run(prospect.run.job.prompt):
+                    best = (gain, prospect, target)
+        if best is not None:
+            await self._move(best[1].run, best[2])
 
-    def _gain_of_moving(self, run: PromptRun, idle: BackendSession) -> float:
-        """Expected seconds sooner `run` would finish if `idle` started it now."""
-        workflow = run.job.workflow
-        there = self._run_times.expected(run.session.name, workflow)
-        here = self._run_times.expected(idle.name, workflow)
-        if there is None or here is None:
-            return 0.0
-        if run.started is not None:
-            return self._gain_of_restarting(run, there, here)
-        ahead = 0.0
-        for earlier in self._tracker.runs_on(run.session):
-            if earlier is run:
-                break
-            ahead += self._seconds_left(earlier, there)
-        return ahead + there - here
-
-    @staticmethod
-    def _gain_of_restarting(run: PromptRun, there: float, here: float) -> float:
-        """For a running prompt, judged by its own progress rather than by averages: this
-        prompt's length there, scaled by how much faster `here` runs the workflow."""
-        assert run.started is not None
+    def _prospect(self, run: PromptRun) -> Prospect | None:
+        """How long `run` has left where it is, and how long it takes there in all; judged
+        for a running prompt by its own step progress rather than by averages."""
+        there = self._run_times.expected(run.session.name, run.job.workflow)
+        if there is None:
+            return None
+        if run.started is None:
+            ahead = 0.0
+            for earlier in self._tracker.runs_on(run.session):
+                if earlier is run:
+                    break
+                ahead += self._seconds_left(earlier, there)
+            return Prospect(run, there, left=ahead + there, length=there)
         if run.step_fraction < MIN_PROGRESS_TO_JUDGE:
-            return 0.0
+            return None
         elapsed = time.monotonic() - run.started
-        length_there = elapsed / run.step_fraction
-        left_there = length_there - elapsed
-        afresh_here = length_there * here / there
-        # The work done there is thrown away: restart only for a clear win.
-        if afresh_here * RESTART_MARGIN >= left_there:
-            return 0.0
-        return left_there - afresh_here
+        length = elapsed / run.step_fraction
+        return Prospect(run, there, left=length - elapsed, length=length)
 
     async def _move(self, run: PromptRun, target: BackendSession) -> None:
         job, source = run.job, run.session

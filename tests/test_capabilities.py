@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,13 @@ async def test_job_no_backend_can_run_is_422_naming_what_is_missing(
         settings.comfyui_endpoints = [sim.url + "#cpu"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             api = base + settings.route_prefix
-            async with http.get(f"{api}/backends") as response:
-                (backend,) = await response.json()
-            assert backend["healthy"] is True
+            async with asyncio.timeout(10):  # the backend connects in the background
+                while True:
+                    async with http.get(f"{api}/backends") as response:
+                        (backend,) = await response.json()
+                    if backend["healthy"]:
+                        break
+                    await asyncio.sleep(0.05)
             assert backend["capabilities"]["node_classes"] > 10
             async with http.post(f"{api}/jobs", json={"workflow": "txt2img"}) as response:
                 body = await response.json()

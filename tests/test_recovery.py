@@ -68,6 +68,12 @@ async def test_gateway_killed_mid_job_resumes_without_losing_or_rerunning_anythi
         # Two jobs fill the backend's slots (one running, one pending there); one waits here.
         ids = await submit(http, api, receiver.url, 3)
         await wait_for_status(http, api, ids[0], "running")
+        async with asyncio.timeout(10):  # the second prompt is in the backend's queue
+            while True:
+                async with http.get(f"http://{LOOPBACK}:{sim_port}/queue") as response:
+                    if len((await response.json())["queue_pending"]) == 1:
+                        break
+                await asyncio.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         await first.wait()
         await asyncio.sleep(PROMPT_SECONDS)  # the running prompt finishes while we are down

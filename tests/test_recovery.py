@@ -185,8 +185,8 @@ async def test_gateway_killed_before_its_post_reaches_the_backend_runs_each_job_
         first.send_signal(signal.SIGKILL)
         await first.wait()
         assert all(claims.values()), claims  # on record before the POST
-        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}):
-            pass
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}) as response:
+            assert response.status == 200
         await stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         try:

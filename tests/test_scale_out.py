@@ -130,8 +130,8 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
         first, first_process = await gateways.start(http)
         second, _ = await gateways.start(http)
         # The second takes no work of its own: the job is surely the first process's.
-        async with http.patch(f"{second}/api/v1/backends/gpu", json={"drain": True}):
-            pass
+        async with http.patch(f"{second}/api/v1/backends/gpu", json={"drain": True}) as response:
+            assert (await response.json())["draining"] is True
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{first}/api/v1/jobs", json=body) as response:
             job_id = (await response.json())["id"]
@@ -168,8 +168,8 @@ async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
         second, _ = await gateways.start(http)
         async with http.get(f"{second}/api/v1/jobs/{job_id}") as response:
             assert (await response.json())["status"] == "dispatched"  # not requeued
-        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}):
-            pass
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}) as response:
+            assert response.status == 200
 
         done = await job_when(http, first, job_id, "succeeded", "failed")
         await receiver.wait_for(1)

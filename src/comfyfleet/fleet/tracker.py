@@ -371,9 +371,11 @@ class ExecutionTracker:
         """Follow the jobs a stopped gateway process left on backends that stay connected
         (a reconnect would otherwise be the only moment they are looked at)."""
         connected = {session.name: session for session in sessions if session.connected}
-        # Only where we can look: a backend the stopped process alone knew is not ours.
-        reachable = [job for job in await self._repository.on_backend()
-                     if job.backend in connected]
+        # Read only what no live process follows (nearly always nothing), and only where we
+        # can look: a backend the stopped process alone knew is not ours.
+        unfollowed = await self._repository.on_backend(
+            unless_followed_by=await self._lease.live())
+        reachable = [job for job in unfollowed if job.backend in connected]
         orphans = await self._ours(reachable, orphans_only=True)
         for name, session in connected.items():
             here = [job for job in orphans if job.backend == name]

@@ -351,11 +351,18 @@ class JobRepository:
                 values={"dispatched_by": owner},
             )
 
-    async def on_backend(self, backend: str | None = None) -> list[Job]:
-        """The jobs on `backend` (on any backend when None): dispatched, running or uploading."""
+    async def on_backend(
+        self, backend: str | None = None, *, unless_followed_by: Iterable[int] = ()
+    ) -> list[Job]:
+        """The jobs on `backend` (on any backend when None): dispatched, running or uploading;
+        without those the processes `unless_followed_by` dispatched."""
         query = select(Job).where(col(Job.status).in_([str(s) for s in ON_BACKEND_STATES]))
         if backend is not None:
             query = query.where(col(Job.backend) == backend)
+        followers = list(unless_followed_by)
+        if followers:
+            query = query.where(col(Job.dispatched_by).is_(None)
+                                | col(Job.dispatched_by).not_in(followers))
         async with self._statements() as session:
             return list((await session.exec(query)).all())
 

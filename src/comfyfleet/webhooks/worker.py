@@ -63,6 +63,7 @@ class WebhookWorker:
         self._busy: Counter[str] = Counter()  # deliveries in flight per receiver host
         self._inflight: dict[asyncio.Task[None], Delivery] = {}  # each attempt and its delivery
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     @classmethod
     def from_settings(
@@ -97,9 +98,17 @@ class WebhookWorker:
     async def close(self) -> None:
         """Stop claiming; give attempts in flight their time limit to finish. Those cut short
         give their leases back, for whichever process is there to send them at once."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # The claim loop stops between passes, not inside one: a claim cancelled while its
+        # commit is on the way leases deliveries no attempt of ours will make, and every
+        # other process then waits a whole lease before sending them.
+        self._closing = True
+        self._wake.set()
+        if self._tasks:
+            runner, listener = self._tasks
+            listener.cancel()
+            await asyncio.wait([runner], timeout=self._timeout)
+            runner.cancel()  # a claim stuck on a database that is away
+            await asyncio.gather(runner, listener, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self._timeout + 1)
         cut_short = list(self._inflight.values())
@@ -113,7 +122,7 @@ class WebhookWorker:
         await self._sender.close()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             self._wake.clear()
             try:
                 wait = await self._start_due()

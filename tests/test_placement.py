@@ -179,3 +179,35 @@ async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(
         await receiver.wait_for(1)
         await asyncio.sleep(0.5)  # room for a wrong second webhook to arrive
         assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def test_a_prompt_restarts_as_soon_as_its_progress_shows_it_long(
+    settings: Settings,
+) -> None:
+    """No polling delay: the progress report that reveals a long prompt triggers the restart."""
+    async with AsyncExitStack() as stack:
+        api, slow = await slow_and_fast(stack, settings)
+        fast = settings.comfyui_endpoints[1].split("#")[0]
+        await api.call("PATCH", "/backends/fast", {"drain": True})
+        # 12 s on the slow GPU in 4 steps: its first report, 3 s in, shows how long it is.
+        long_job = await api.submit(3.0, steps=4)
+        async with asyncio.timeout(10):
+            while (await api.call("GET", f"/jobs/{long_job}"))["status"] != "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        first_prompt = (await api.call("GET", f"/jobs/{long_job}"))["prompt_id"]
+        # Nothing to judge yet; the dispatcher's next pass of its own is 2 s away, then 4 s.
+        await api.call("PATCH", "/backends/fast", {"drain": False})
+
+        done = await api.finished(long_job)
+        assert (done["backend"], done["attempts"]) == ("fast", 1)
+        slow_start = await started_ms(api.http, slow.url, first_prompt)
+        fast_start = await started_ms(api.http, fast, done["prompt_id"])
+        # Its first report was due 3 s after it started (the simulator keeps to its steps).
+        assert 3_000 <= fast_start - slow_start < 3_600
+
+
+async def started_ms(http: aiohttp.ClientSession, url: str, prompt_id: str) -> int:
+    """When a prompt started on a backend, by its history (ComfyUI's wall-clock ms)."""
+    async with http.get(f"{url}/history/{prompt_id}") as response:
+        messages = (await response.json())[prompt_id]["status"]["messages"]
+    return next(int(data["timestamp"]) for kind, data in messages if kind == "execution_start")

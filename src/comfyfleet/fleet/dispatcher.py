@@ -4,9 +4,10 @@ Each backend holds at most `max_inflight` of our prompts; among healthy backends
 slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts
 other clients' prompts), ties broken by fewer prompts in flight. Once run times have been
 seen, placement (placement.py) keeps a slow backend from taking a job a faster one would
-finish sooner, and an idle backend takes over a prompt still waiting in a busy backend's
-queue when it would finish it sooner. Dispatch wakes on events (a job arriving, a slot
-freeing); the periodic pass is only a safety net.
+finish sooner, and once the backlog is empty a backend with room takes over a prompt that
+would finish sooner there (one waiting in another's queue, or a long one running on a much
+slower GPU). Dispatch wakes on events (a job arriving, a slot freeing, a running prompt's
+progress showing its length); the periodic pass is only a safety net.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from dataclasses import dataclass
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
+from comfyfleet.fleet.placement import (
+    MIN_PROGRESS_TO_JUDGE,
+    BackendLoad,
+    RunTimes,
+    remaining,
+    should_take,
+)
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.fleet.tracker import ExecutionTracker, PromptRun
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
@@ -38,9 +45,8 @@ SUBMIT_FAILURE_PAUSE = 1.0
 # Moving a waiting prompt costs a few round trips and a little risk; only worth it for a
 # clear gain, in seconds of expected completion.
 MOVE_MIN_GAIN = 1.0
-# Restart a running prompt elsewhere only once its progress says enough about its length,
-# and only when it would finish this many times sooner afresh than by going on.
-MIN_PROGRESS_TO_JUDGE = 0.1
+# Restart a running prompt elsewhere only when it would finish this many times sooner afresh
+# than by going on.
 RESTART_MARGIN = 1.5
 INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
 
@@ -61,12 +67,9 @@ class Prospect:
     left: float  # expected seconds until it finishes where it is
     length: float  # its whole run time there, as far as known
 
-    def gain_on(self, expected_here: float | None) -> float:
-        """Seconds sooner it would finish started now on a backend that usually runs the
-        workflow in `expected_here`; 0 when not worth it."""
-        if expected_here is None:
-            return 0.0
-        afresh = self.length * expected_here / self.expected_there
+    def gain_on(self, target: BackendLoad) -> float:
+        """Seconds sooner it would finish given now to `target`; 0 when not worth it."""
+        afresh = target.busy_for + self.length * target.seconds_per_job / self.expected_there
         # Work done there is thrown away when a running prompt restarts: only a clear win.
         if self.run.started is not None and afresh * RESTART_MARGIN >= self.left:
             return 0.0
@@ -95,29 +98,36 @@ class Dispatcher:
         self._max_inflight = max_inflight
         self._on_terminal = on_terminal
         self._wake = asyncio.Event()
+        self._claim_due = True  # else the wake-up is for a rebalance only
         self._backlog_empty = False  # what the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
+        """A job arrived or a slot freed: claim what can start, then rebalance."""
+        self._claim_due = True
+        self._wake.set()
+
+    def reconsider(self) -> None:
+        """A running prompt's length became clearer: rebalance, with no claim (no database
+        round trip; the backlog has not changed)."""
         self._wake.set()
 
     async def run(self) -> None:
         while True:
             self._wake.clear()
+            claim, self._claim_due = self._claim_due, False
             try:
-                await self._dispatch_while_possible()
+                if claim:
+                    while await self._dispatch_one():
+                        pass
+                await self._rebalance()
             except Exception:  # the database may be away for a while; keep the loop alive
                 log.exception("dispatch pass failed")
             try:
                 async with asyncio.timeout(SAFETY_PASS_SECONDS):
                     await self._wake.wait()
             except TimeoutError:
-                pass
-
-    async def _dispatch_while_possible(self) -> None:
-        while await self._dispatch_one():
-            pass
-        await self._rebalance()
+                self._claim_due = True
 
     async def _dispatch_one(self) -> bool:
         """Send one job to the best backend that has a free slot and should run it."""
@@ -191,25 +201,31 @@ class Dispatcher:
         return remaining(expected, time.monotonic() - run.started)
 
     async def _rebalance(self) -> None:
-        """Give an idle backend the prompt that would finish soonest by moving there: one
-        waiting in a busy backend's queue (a slow GPU's prefetched job, one stuck behind a
-        long prompt), or a long one running on a much slower GPU, started afresh. Only at
-        the end of a batch is a backend idle while prompts wait or run elsewhere."""
-        idle = [s for s in self._sessions if s.accepts_work and not s.inflight
-                and not s.queue_remaining and s.capabilities is not None]
-        if not idle:
+        """Give a backend that has room and nothing to take from the backlog the prompt that
+        would finish soonest by moving there: one waiting in a busy backend's queue (a slow
+        GPU's prefetched job, one stuck behind a long prompt), or a long one running on a
+        much slower GPU, started afresh. That happens only near the end of a batch."""
+        targets = [s for s in self._sessions if s.accepts_work and s.capabilities is not None
+                   and len(s.inflight) < self._max_inflight
+                   # With a backlog left, only backends placement keeps idle.
+                   and (self._backlog_empty or not (s.inflight or s.queue_remaining))]
+        if not targets:
             return
         # Most prompts could not gain enough even on an infinitely fast backend: this pass
-        # costs one look at each prompt, not one per prompt and idle backend.
+        # costs one look at each prompt, not one per prompt and target.
         prospects = [prospect for run in self._tracker.movable_runs()
                      if (prospect := self._prospect(run)) is not None
                      and prospect.left > MOVE_MIN_GAIN]
         best: tuple[float, Prospect, BackendSession] | None = None
-        for target in idle:
+        for target in targets:
             assert target.capabilities is not None
+            loads = {workflow: self._load(target, workflow)
+                     for workflow in {prospect.run.job.workflow for prospect in prospects}}
             for prospect in prospects:
-                gain = prospect.gain_on(self._run_times.expected(
-                    target.name, prospect.run.job.workflow))
+                if prospect.run.session is target:
+                    continue
+                load = loads[prospect.run.job.workflow]
+                gain = prospect.gain_on(load) if load is not None else 0.0
                 if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
                         and target.capabilities.can_run(prospect.run.job.prompt):
                     best = (gain, prospect, target)
@@ -231,9 +247,11 @@ class Dispatcher:
             return Prospect(run, there, left=ahead + there, length=there)
         if run.step_fraction < MIN_PROGRESS_TO_JUDGE:
             return None
-        elapsed = time.monotonic() - run.started
-        length = elapsed / run.step_fraction
-        return Prospect(run, there, left=length - elapsed, length=length)
+        # Timed at its last report: the time since then is part of the next step, and
+        # counting it would make the prompt look longer than it is.
+        length = (run.stepped_at - run.started) / run.step_fraction
+        left = max(length - (time.monotonic() - run.started), 0.0)
+        return Prospect(run, there, left=left, length=length)
 
     async def _move(self, run: PromptRun, target: BackendSession) -> None:
         job, source = run.job, run.session
@@ -259,7 +277,7 @@ class Dispatcher:
             await (self._repository.release(job) if run.started is None
                    else self._repository.requeue(job))
             return
-        log.info("job %s moved from %s to idle %s", job.id, source.name, target.name,
+        log.info("job %s moved from %s to %s", job.id, source.name, target.name,
                  extra=job_fields(moved))
         self._start(target, moved)
 

@@ -65,6 +65,7 @@ class Fleet:
             max_attempts=max_attempts,
             on_terminal=self._ended,
             on_slot_freed=self.job_available,
+            on_length_known=lambda: self.dispatcher.reconsider(),  # made just below
             grace_seconds=grace_seconds,
             quiet_seconds=quiet_seconds,
             events=events,

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 RUN_TIME_WINDOW = 20
 # Fewer samples of a workflow on one backend than this: its fleet-wide mean stands in.
 MIN_SAMPLES = 3
+# The fraction of its steps after which a running prompt's own progress tells its length
+# better than the workflow's usual run time.
+MIN_PROGRESS_TO_JUDGE = 0.1
 # A prompt that has run past its expected time is probably a long one (run times are
 # heavy-tailed): assume it needs this fraction of its elapsed time again.
 OVERRUN_FACTOR = 0.25

@@ -29,7 +29,7 @@ from comfyfleet.comfy.messages import (
     parse_event,
 )
 from comfyfleet.fleet.collector import Collector
-from comfyfleet.fleet.placement import RunTimes
+from comfyfleet.fleet.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.fleet.session import BackendSession
 from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -56,6 +56,7 @@ class PromptRun:
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
+    stepped_at: float = 0.0  # monotonic time of the report of step_fraction
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
 
@@ -78,6 +79,7 @@ class ExecutionTracker:
         max_attempts: int,
         on_terminal: Callable[[Job], None],
         on_slot_freed: Callable[[], None],
+        on_length_known: Callable[[], None],
         quiet_seconds: float,
         grace_seconds: float,
         events: JobEvents,
@@ -95,6 +97,7 @@ class ExecutionTracker:
         self._max_attempts = max_attempts
         self._on_terminal = on_terminal
         self._on_slot_freed = on_slot_freed
+        self._on_length_known = on_length_known
         self._runs: dict[str, PromptRun] = {}
         self._submitting: set[str] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
@@ -166,7 +169,10 @@ class ExecutionTracker:
                 run.node_running = True
                 await self._report_progress(run, 0.0)
             case Progress(value=value, max=maximum) if maximum > 0:
-                run.step_fraction = value / maximum
+                told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
+                run.step_fraction, run.stepped_at = value / maximum, time.monotonic()
+                if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
+                    self._on_length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
             case ExecutionError():
                 await self._fail(run, _execution_error(message))

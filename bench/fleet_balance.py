@@ -11,7 +11,10 @@ knowing every duration in advance (computed, not run). Also the dispatch gap: a 
 shrinking (a prompt done) -> growing again (our next prompt accepted), while the backlog is
 deep.
 
-Run from the repository root:  .venv/bin/python -m bench.fleet_balance [--jobs 400]
+With sigma 1 a run's figure depends on where its few long jobs fall (and on the timing of
+the run), so several runs are made, each with its own durations, and their mean reported.
+
+Run from the repository root:  .venv/bin/python -m bench.fleet_balance [--sigma 1] [--runs 3]
 """
 
 from __future__ import annotations
@@ -22,24 +25,29 @@ import json
 import math
 import random
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.harness import percentile, sim_fleet
-from comfyfleet.app import serving
+from bench.harness import (
+    bench_root,
+    comfyfleet_serve,
+    embedded_postgres,
+    fresh_database,
+    percentile,
+    print_table,
+    sim_fleet,
+)
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.messages import Executing, Status, parse_text
-from comfyfleet.db import embedded_url, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.jobs.repository import CLAIM_BATCH
-from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.workflows.catalog import load_catalog
 
@@ -133,33 +141,27 @@ async def wait_finished(ws: aiohttp.ClientWebSocketResponse, count: int) -> None
 
 
 async def late_binding(durations: list[float]) -> tuple[float, list[float]]:
-    """The same jobs through comfyfleet; returns the makespan and the dispatch gaps."""
+    """The same jobs through `comfyfleet serve` (its own process, as deployed); returns the
+    makespan and the dispatch gaps."""
     async with AsyncExitStack() as stack:
-        root = Path(tempfile.mkdtemp(prefix="comfyfleet-bench-"))
-        pg = await asyncio.to_thread(start_embedded_postgres, root / "pg")
-        stack.callback(pg.cleanup)
+        root = stack.enter_context(bench_root())
+        postgres = await stack.enter_async_context(embedded_postgres(root))
         urls = await stack.enter_async_context(simulated_fleet())
-        secret = new_secret()
-        receiver = WebhookReceiver(secret)
+        receiver = WebhookReceiver(new_secret())
         await receiver.start()
         stack.push_async_callback(receiver.stop)
-        settings = Settings(
-            _env_file=None, database_url=embedded_url(pg), data_dir=root, storage="local",
-            workflows_dir=REPO / "workflows", webhook_secret=secret,
-            allow_private_callbacks=True, comfyui_endpoints=urls,
-        )
-        base = await stack.enter_async_context(serving(settings, port=0))
+        serve = await stack.enter_async_context(comfyfleet_serve(
+            await fresh_database(postgres), root / "data", urls, secret=receiver.secret))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         observer = QueueObserver(deep_until=len(durations) - CLAIM_BATCH)
         for url in urls:
             observer.watch(http, url)
         stack.push_async_callback(observer.stop)
-        await asyncio.sleep(1.0)  # every backend connected and its capabilities known
         started = time.perf_counter()
         for seconds in durations:
             body = {"workflow": "simulated_work", "params": {"seconds": seconds, "steps": 5},
                     "callback_url": receiver.url}
-            async with http.post(f"{base}/api/v1/jobs", json=body) as response:
+            async with http.post(f"{serve.api}/jobs", json=body) as response:
                 assert response.status == 202, await response.text()
         await receiver.wait_for(len(durations))
         makespan = time.perf_counter() - started
@@ -178,41 +180,61 @@ def in_order_with_hindsight(durations: list[float]) -> float:
     return max(free_at)
 
 
+@dataclass
+class Run:
+    seed: int
+    bound: float
+    hindsight: float  # each a makespan in seconds
+    early: float
+    late: float
+    gaps: list[float]
+
+    def ratios(self) -> dict[str, float]:
+        return {name: round(getattr(self, name) / self.bound, 3)
+                for name in ("hindsight", "early", "late")}
+
+
+async def one_run(seed: int, args: argparse.Namespace) -> Run:
+    rng = random.Random(seed)
+    durations = [round(rng.lognormvariate(math.log(args.median), args.sigma), 3)
+                 for _ in range(args.jobs)]
+    bound = max(sum(durations) / sum(SPEEDS), max(durations) / max(SPEEDS))
+    early = await early_binding(durations)
+    late, gaps = await late_binding(durations)
+    return Run(seed, bound, in_order_with_hindsight(durations), early, late, gaps)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--median", type=float, default=0.5, help="median job seconds")
     parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="of the first run")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="each with its own durations (seeds seed, seed+1, ...)")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    durations = [round(rng.lognormvariate(math.log(args.median), args.sigma), 3)
-                 for _ in range(args.jobs)]
-    bound = max(sum(durations) / sum(SPEEDS), max(durations) / max(SPEEDS))
-    hindsight = in_order_with_hindsight(durations)
-    early = await early_binding(durations)
-    late, gaps = await late_binding(durations)
-    result = {
-        "jobs": args.jobs, "speeds": SPEEDS, "total_work_s": round(sum(durations), 1),
-        "longest_job_s": max(durations), "lower_bound_s": round(bound, 2),
-        "in_order_with_hindsight": {"makespan_s": round(hindsight, 2),
-                                    "ratio": round(hindsight / bound, 3)},
-        "early_binding": {"makespan_s": round(early, 2), "ratio": round(early / bound, 3)},
-        "comfyfleet": {"makespan_s": round(late, 2), "ratio": round(late / bound, 3)},
-        "dispatch_gap_ms": {
-            "samples": len(gaps),
-            "p50": round(statistics.median(gaps) * 1000, 1),
-            "p99": round(percentile(gaps, 0.99) * 1000, 1),
-        },
-    }
-    print(f"{'':16}{'makespan s':>12}{'÷ bound':>10}")
-    print(f"{'lower bound':16}{bound:12.2f}{1:10.3f}")
-    print(f"{'hindsight':16}{hindsight:12.2f}{hindsight / bound:10.3f}  (in order, computed)")
-    print(f"{'early binding':16}{early:12.2f}{early / bound:10.3f}")
-    print(f"{'comfyfleet':16}{late:12.2f}{late / bound:10.3f}")
-    print(f"dispatch gap: p50 {result['dispatch_gap_ms']['p50']} ms, "
-          f"p99 {result['dispatch_gap_ms']['p99']} ms over {len(gaps)} gaps")
-    print(json.dumps(result))
+    runs = []
+    for seed in range(args.seed, args.seed + args.runs):
+        runs.append(await one_run(seed, args))
+        print(f"seed {seed}: {runs[-1].ratios()}", flush=True)
+    gaps = [gap for run in runs for gap in run.gaps]
+    mean = {name: round(statistics.mean(run.ratios()[name] for run in runs), 3)
+            for name in ("hindsight", "early", "late")}
+    print_table(
+        ["seed", "lower bound s", "hindsight ÷ bound", "early binding ÷ bound",
+         "comfyfleet ÷ bound"],
+        [[run.seed, f"{run.bound:.2f}", *run.ratios().values()] for run in runs]
+        + [["mean", "", *(f"{value:.3f}" for value in mean.values())]])
+    print(f"dispatch gap over all runs: p50 {statistics.median(gaps) * 1000:.1f} ms, "
+          f"p99 {percentile(gaps, 0.99) * 1000:.1f} ms, {len(gaps)} gaps")
+    print(json.dumps({
+        "jobs": args.jobs, "sigma": args.sigma, "speeds": SPEEDS,
+        "runs": [{"seed": run.seed, "lower_bound_s": round(run.bound, 2), **run.ratios()}
+                 for run in runs],
+        "mean": mean,
+        "dispatch_gap_ms": {"samples": len(gaps), "p50": round(statistics.median(gaps) * 1000, 1),
+                            "p99": round(percentile(gaps, 0.99) * 1000, 1)},
+    }))
 
 
 if __name__ == "__main__":

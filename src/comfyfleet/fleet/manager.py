@@ -246,10 +246,13 @@ class Fleet:
     def why_waiting(self, prompt: dict[str, Any]) -> str | None:
         """Why a queued job with this prompt cannot start soon: every backend that could run
         it is out of service. None while one of them takes work."""
-        capable = [s for s in self.sessions
-                   if s.capabilities is None or s.capabilities.can_run(prompt)]
-        if any(s.accepts_work for s in capable):
+        def can_run(session: BackendSession) -> bool:
+            return session.capabilities is None or session.capabilities.can_run(prompt)
+
+        # Asked for every queued job rendered: nearly always the first few backends answer.
+        if any(s.accepts_work and can_run(s) for s in self.sessions):
             return None
+        capable = [s for s in self.sessions if can_run(s)]
         if not capable:
             return "no backend of the fleet can run it"
         return "every backend that can run it is out of service: " + "; ".join(

@@ -49,6 +49,9 @@ from comfyfleet.workflows.watcher import watch_directory
 
 log = logging.getLogger(__name__)
 
+# Connections of the API's own for its reads, beside the main pool's (db.make_engine).
+READ_POOL_SIZE = 4
+
 
 def webhook_secret(settings: Settings) -> str:
     """The signing secret: WEBHOOK_SECRET's first, or one generated once and kept in the data
@@ -82,8 +85,10 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
     endpoints = parse_endpoints(settings.comfyui_endpoints)
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(db.open_database(settings))
+        reads = db.make_engine(engine.url, pool_size=READ_POOL_SIZE)
+        stack.push_async_callback(reads.dispose)
         events = JobEvents()
-        repository = JobRepository(engine, on_change=events.changed)
+        repository = JobRepository(engine, on_change=events.changed, reads=reads)
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)

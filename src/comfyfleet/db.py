@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import URL, Connection, event, text
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -48,8 +48,8 @@ def embedded_url(server: Any) -> str:
     return "postgresql+asyncpg://" + uri.split("://", 1)[1]
 
 
-def make_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=10, max_overflow=10)
+def make_engine(url: str | URL, pool_size: int = 10) -> AsyncEngine:
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
     # Instead of pool_pre_ping (three round trips at every checkout): a connection the server
     # closed (a restart) is noticed by the event loop, so checking its state costs nothing.
     # A statement that still meets a dead connection makes SQLAlchemy discard the whole pool.

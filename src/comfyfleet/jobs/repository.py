@@ -67,12 +67,17 @@ class QueueFull(Exception):
 
 class JobRepository:
     def __init__(
-        self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None
+        self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None,
+        *, reads: AsyncEngine | None = None,
     ) -> None:
-        """`on_change` hears of every job this process changes, once it is committed."""
+        """`on_change` hears of every job this process changes, once it is committed. The
+        API's reads (a job, a page, a queue position, run times) go through `reads` when given: with
+        hundreds of prompts in flight the fleet's writes queue for `engine`'s connections,
+        and a status request would wait behind them."""
         self.engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
+        self._reads = single_statements(reads or engine)
         self._on_change = on_change or (lambda _: None)
 
     async def insert(self, job: Job, *, max_unfinished: int | None = None) -> tuple[Job, bool]:
@@ -135,7 +140,7 @@ class JobRepository:
             return (await session.exec(query)).first()
 
     async def get(self, job_id: uuid.UUID) -> Job | None:
-        async with self._statements() as session:
+        async with self._reads() as session:
             return await session.get(Job, job_id)
 
     async def claim_next(
@@ -305,7 +310,7 @@ class JobRepository:
             query = query.where(col(Job.workflow) == workflow)
         if after is not None:
             query = query.where(tuple_(col(Job.created_at), col(Job.id)) < tuple_(*after))
-        async with self._statements() as session:
+        async with self._reads() as session:
             return list((await session.exec(query)).all())
 
     async def queue_position(self, job: Job) -> int:
@@ -315,7 +320,7 @@ class JobRepository:
             (col(Job.priority) > job.priority)
             | ((col(Job.priority) == job.priority) & (col(Job.created_at) < job.created_at)),
         )
-        async with self._statements() as session:
+        async with self._reads() as session:
             return (await session.exec(ahead)).one() + 1
 
     async def typical_run_seconds(
@@ -323,7 +328,7 @@ class JobRepository:
     ) -> float | None:
         """Mean start-to-finish time of the workflow's latest successful jobs on `backend`;
         on any backend when `backend` is None or has run none yet. None without any."""
-        async with self._statements() as session:
+        async with self._reads() as session:
             mean = None
             if backend is not None:
                 mean = await _mean_run_seconds(session, workflow, backend, sample)

@@ -136,8 +136,9 @@ class Fleet:
     async def follow_registry(self) -> None:
         """Take up what other processes (or an earlier run) changed in the shared fleet."""
         registered = {entry.backend.name: entry for entry in await self._registry.all()}
+        known = {session.name: session for session in self.sessions}
         for entry in registered.values():
-            session = self.session(entry.backend.name) or self._add_session(entry.backend)
+            session = known.get(entry.backend.name) or self._add_session(entry.backend)
             if self._started:
                 self._connect(session)
             if session.draining != entry.draining:

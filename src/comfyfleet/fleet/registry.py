@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.db import single_statements
 from comfyfleet.fleet.backends import Backend
 
 REGISTRY_SYNC_SECONDS = 2.0
@@ -38,6 +39,7 @@ class Registered:
 class BackendRegistry:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._statements = single_statements(engine)
 
     async def seed(self, configured: Sequence[Backend]) -> None:
         """Make sure the configured backends are there, with their configured URLs; their
@@ -52,9 +54,11 @@ class BackendRegistry:
             await session.exec(statement)
 
     async def all(self) -> list[Registered]:
-        async with self._sessions() as session:
-            rows = (await session.exec(select(BackendRow).order_by(col(BackendRow.name)))).all()
-        return [Registered(Backend(row.name, row.url), row.draining) for row in rows]
+        # Read every 2 s by every process: plain rows in one round trip, no ORM objects.
+        columns = select(col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining))
+        async with self._statements() as session:
+            rows = (await session.exec(columns.order_by(col(BackendRow.name)))).all()
+        return [Registered(Backend(name, url), draining) for name, url, draining in rows]
 
     async def add(self, backend: Backend) -> bool:
         """False when a backend of that name exists already."""

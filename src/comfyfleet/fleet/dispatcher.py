@@ -216,11 +216,13 @@ class Dispatcher:
         prospects = [prospect for run in self._tracker.movable_runs()
                      if (prospect := self._prospect(run)) is not None
                      and prospect.left > MOVE_MIN_GAIN]
+        if not prospects:
+            return
+        workflows = {prospect.run.job.workflow for prospect in prospects}
         best: tuple[float, Prospect, BackendSession] | None = None
         for target in targets:
             assert target.capabilities is not None
-            loads = {workflow: self._load(target, workflow)
-                     for workflow in {prospect.run.job.workflow for prospect in prospects}}
+            loads = {workflow: self._load(target, workflow) for workflow in workflows}
             for prospect in prospects:
                 if prospect.run.session is target:
                     continue

@@ -71,9 +71,9 @@ class JobRepository:
         *, reads: AsyncEngine | None = None,
     ) -> None:
         """`on_change` hears of every job this process changes, once it is committed. The
-        API's reads (a job, a page, a queue position, run times) go through `reads` when given: with
-        hundreds of prompts in flight the fleet's writes queue for `engine`'s connections,
-        and a status request would wait behind them."""
+        API's reads (a job, a page, a queue position, run times) go through `reads` when
+        given: with hundreds of prompts in flight the fleet's writes queue for `engine`'s
+        connections, and a status request would wait behind them."""
         self.engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)

@@ -36,7 +36,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.workflows.catalog import load_catalog
 from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, REPO, free_ports, python_process, serve_env
+from tests.support import LOOPBACK, REPO, free_ports, new_database, python_process, serve_env
 
 READY_SECONDS = 120.0  # for every backend of a large fleet to be connected
 # The job the benchmarks submit: a 64x64 invert, its output a PNG of a few hundred bytes.
@@ -98,13 +98,7 @@ async def embedded_postgres(root: Path) -> AsyncIterator[Any]:
 
 async def fresh_database(server: Any) -> str:
     """A new, empty database on the embedded server; its SQLAlchemy URL."""
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return db.embedded_url(server).replace("/postgres?", f"/{name}?")
+    return await new_database(server, prefix="bench")
 
 
 async def transactions(database_url: str) -> int:

@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from aiobotocore.session import get_session
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.db import embedded_url, make_engine, migrate, start_embedded_postgres
+from comfyfleet.db import make_engine, migrate, start_embedded_postgres
 from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
-from tests.support import LOOPBACK, REPO, free_ports, png, python_process
+from tests.support import LOOPBACK, REPO, free_ports, new_database, png, python_process
 from tests.webhook_support import Answer, ScriptedReceiver
 
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -47,23 +46,13 @@ def postgres() -> Iterator[Any]:
 @pytest.fixture
 async def database_url(postgres: Any) -> str:
     """A fresh, empty database for one test."""
-    return await _new_database(postgres)
+    return await new_database(postgres)
 
 
 @pytest.fixture
 async def other_database_url(postgres: Any) -> str:
     """A second one, for a service that must not share the first one's state."""
-    return await _new_database(postgres)
-
-
-async def _new_database(postgres: Any) -> str:
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return embedded_url(postgres).replace("/postgres?", f"/{name}?")
+    return await new_database(postgres)
 
 
 @pytest.fixture

@@ -7,13 +7,17 @@ import io
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import asyncpg
 from PIL import Image
 
+from comfyfleet.db import embedded_url
 from comfyfleet.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -101,3 +105,14 @@ def png(width: int = 32, height: int = 16) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), COLOR).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+async def new_database(server: Any, prefix: str = "test") -> str:
+    """A new, empty database on the embedded PostgreSQL `server`; its SQLAlchemy URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return embedded_url(server).replace("/postgres?", f"/{name}?")

@@ -44,9 +44,9 @@ from bench.harness import (
     print_table,
     sim_fleet,
 )
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.messages import Executing, Status, parse_text
-from comfyfleet.demo import WebhookReceiver
 from comfyfleet.jobs.repository import CLAIM_BATCH
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.workflows.catalog import load_catalog

@@ -31,7 +31,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from comfyfleet import db
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.workflows.catalog import load_catalog
@@ -232,7 +232,7 @@ async def comfyfleet_serve(
 
 @dataclass
 class TimedReceiver(WebhookReceiver):
-    """comfyfleet.demo's verifying receiver that also notes when each webhook had verified."""
+    """comfyfleet.cli.demo's verifying receiver that also notes when each webhook had verified."""
 
     verified_at: dict[str, float] = field(default_factory=dict)  # webhook-id -> monotonic
 

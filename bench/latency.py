@@ -6,7 +6,7 @@ few hundred bytes) with a callback URL. Measured per job:
 
 - dispatch: POST /api/v1/jobs sent -> the prompt accepted by a zero-duration simulated backend;
 - completion: the backend's `execution_success` -> the webhook verified at the receiver
-  (Standard Webhooks, comfyfleet.demo's receiver), outputs stored in S3 (moto).
+  (Standard Webhooks, comfyfleet.cli.demo's receiver), outputs stored in S3 (moto).
 
 Also per run: jobs completed per second (an offered load above it is an overload: latency is
 then mostly the backlog), the CPU each process used and PostgreSQL transactions per job. The

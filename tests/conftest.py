@@ -14,8 +14,8 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.db import make_engine, migrate, start_embedded_postgres
-from comfyfleet.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from tests.support import LOOPBACK, REPO, free_ports, new_database, png, python_process

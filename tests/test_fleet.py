@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from comfyfleet.app import serving
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, python_process

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.demo import WebhookReceiver
 from comfyfleet.fleet.collector import Collector
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository

@@ -10,7 +10,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfyfleet.app import serving
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.app import serving
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI

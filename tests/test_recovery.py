@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.app import serving
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, python_process, serve_env

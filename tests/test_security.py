@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 
 from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 
 KEY_A, KEY_B, ADMIN = "key-a-8c1f6e2d", "key-b-37d0b9aa", "admin-5e9a1c44"

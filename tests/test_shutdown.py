@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from comfyfleet.demo import WebhookReceiver
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, serve_env, wait_until_answering

@@ -1,3 +1,3 @@
-from comfyfleet.cli import main
+from comfyfleet.cli.main import main
 
 main()

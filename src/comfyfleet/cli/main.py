@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from comfyfleet import keys_command
+from comfyfleet.cli import keys
 from comfyfleet.logs import configure_logging
 from comfyfleet.settings import Settings
 
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
                        help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
 
-    keys_command.add_parser(commands)
+    keys.add_parser(commands)
 
     submit = commands.add_parser("submit", help="submit jobs to a running comfyfleet, follow "
                                  "them and download their outputs")
@@ -129,7 +129,7 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
-    from comfyfleet.workflow_check import check_workflows
+    from comfyfleet.cli.workflows_check import check_workflows
 
     settings = Settings()
     lines, ok = await check_workflows(directory or settings.workflows_dir,
@@ -141,7 +141,7 @@ async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
 async def _submit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from comfyfleet.submit import SubmitError, Target, parse_params, run_submit
+    from comfyfleet.cli.submit import SubmitError, Target, parse_params, run_submit
 
     settings = Settings()
     server = args.server or f"{settings.public_base_url}{settings.route_prefix}"
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "submit":
             sys.exit(asyncio.run(_submit(args)))
         elif args.command == "keys":
-            sys.exit(asyncio.run(keys_command.run(args)))
+            sys.exit(asyncio.run(keys.run(args)))
         elif args.command == "demo":
-            from comfyfleet.demo import run_demo
+            from comfyfleet.cli.demo import run_demo
 
             sys.exit(asyncio.run(run_demo(jobs=args.jobs, port=args.port)))

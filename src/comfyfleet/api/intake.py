@@ -9,14 +9,14 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field
 
-from comfyfleet import inputs
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Caller
+from comfyfleet.egress import UrlNotAllowed, check_url
+from comfyfleet.intake import inputs
 from comfyfleet.jobs.models import Job, reused_outputs
 from comfyfleet.jobs.repository import QueueFull
 from comfyfleet.services import Services
 from comfyfleet.storage import StorageError
-from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url
 from comfyfleet.workflows.catalog import Workflow
 from comfyfleet.workflows.params import ParamError
 from comfyfleet.workflows.service_functions import BuildError

@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
+from comfyfleet.egress import guarded_connector
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.webhooks.signing import signed_headers
-from comfyfleet.webhooks.ssrf import guarded_connector
 
 log = logging.getLogger(__name__)
 

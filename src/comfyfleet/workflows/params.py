@@ -78,7 +78,7 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"expected a string, got {value!r}")
     elif spec.type == "image":
-        # Fetched or decoded by the API before the job is stored (comfyfleet.inputs); bytes
+        # Fetched or decoded by the API before the job is stored (comfyfleet.intake.inputs); bytes
         # come from a multipart upload.
         if not isinstance(value, str | bytes) or not value:
             raise ValueError("expected an http(s) URL, base64 or a data: URI")

@@ -7,10 +7,10 @@ import aiohttp
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet.egress import UrlNotAllowed, address_allowed, check_url, guarded_connector
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
-from comfyfleet.webhooks.ssrf import UrlNotAllowed, address_allowed, check_url, guarded_connector
 from tests.conftest import StartReceiver
 from tests.webhook_support import Answer, gateway
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from comfyfleet.egress import UrlNotAllowed, check_url, guarded_connector
 from comfyfleet.storage import Storage, StorageError
-from comfyfleet.webhooks.ssrf import UrlNotAllowed, check_url, guarded_connector
 
 log = logging.getLogger(__name__)
 

@@ -449,8 +449,9 @@ async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
 # stack does not show the comfyfleet call that made it.
 ACTIVITIES = [
     ("comfyfleet/api/", "API requests (validate, store, render)"),
-    ("comfyfleet/fleet/dispatcher.py", "dispatch (claim, POST /prompt)"),
-    ("comfyfleet/fleet/collector.py", "collect (history, /view, storage, finish)"),
+    ("comfyfleet/dispatch/", "dispatch (claim, POST /prompt)"),
+    ("comfyfleet/execution/collector.py", "collect (history, /view, storage, finish)"),
+    ("comfyfleet/execution/", "backend events (websocket -> job transitions)"),
     ("comfyfleet/fleet/", "backend events (websocket -> job transitions)"),
     ("comfyfleet/webhooks/", "webhook delivery (claim, sign, POST, record)"),
 ]

@@ -16,7 +16,7 @@ from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.fleet.collector import Collector
+from comfyfleet.execution.collector import Collector
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings

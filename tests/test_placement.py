@@ -11,7 +11,7 @@ import aiohttp
 
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
-from comfyfleet.fleet.placement import BackendLoad, RunTimes, remaining, should_take
+from comfyfleet.dispatch.placement import BackendLoad, RunTimes, remaining, should_take
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 

@@ -24,7 +24,7 @@ from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.outbox import Delivery
 
 if TYPE_CHECKING:
-    from comfyfleet.fleet.session import BackendSession
+    from comfyfleet.execution.session import BackendSession
     from comfyfleet.jobs.repository import JobRepository
 
 log = logging.getLogger(__name__)

@@ -9,14 +9,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from comfyfleet.dispatch.dispatcher import Dispatcher
+from comfyfleet.dispatch.placement import RunTimes
+from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.cleanup import BackendFile
-from comfyfleet.fleet.collector import Collector
-from comfyfleet.fleet.dispatcher import Dispatcher
-from comfyfleet.fleet.placement import RunTimes
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendRegistry
-from comfyfleet.fleet.session import BackendSession
-from comfyfleet.fleet.tracker import ExecutionTracker
 from comfyfleet.jobs.events import JobEvents
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.owners import ProcessLease

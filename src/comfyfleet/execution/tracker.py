@@ -28,9 +28,9 @@ from comfyfleet.comfy.messages import (
     Status,
     parse_event,
 )
-from comfyfleet.fleet.collector import Collector
-from comfyfleet.fleet.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
-from comfyfleet.fleet.session import BackendSession
+from comfyfleet.dispatch.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
+from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.session import BackendSession
 from comfyfleet.jobs.events import JobEvents, PreviewImage
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.owners import ProcessLease

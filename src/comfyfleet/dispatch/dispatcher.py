@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.fleet.placement import (
+from comfyfleet.dispatch.placement import (
     MIN_PROGRESS_TO_JUDGE,
     BackendLoad,
     RunTimes,
     remaining,
     should_take,
 )
-from comfyfleet.fleet.session import BackendSession
-from comfyfleet.fleet.tracker import ExecutionTracker, PromptRun
+from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import CLAIM_BATCH, JobRepository, QueuedJob
 from comfyfleet.logs import job_fields

@@ -23,10 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.outbox import Outbox
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.webhooks.outbox import Outbox
 from comfyfleet.webhooks.signing import new_secret
 from tests.conftest import S3_CREDENTIALS, StartReceiver
 from tests.support import LOOPBACK, free_ports, python_process, serve_env

@@ -21,7 +21,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
-from comfyfleet.jobs.outbox import Delivery
+from comfyfleet.webhooks.outbox import Delivery
 
 if TYPE_CHECKING:
     from comfyfleet.execution.session import BackendSession

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends
 
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import CallerDep, visible_job
-from comfyfleet.jobs.outbox import Delivery, DeliveryAttempt, Outbox
 from comfyfleet.services import ServicesDep
+from comfyfleet.webhooks.outbox import Delivery, DeliveryAttempt, Outbox
 
 router = APIRouter(tags=["webhooks"])
 

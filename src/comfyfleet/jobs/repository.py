@@ -18,8 +18,8 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.db import single_statements
-from comfyfleet.jobs import outbox
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
+from comfyfleet.webhooks import outbox
 
 _table = Job.__table__  # type: ignore[attr-defined]
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}

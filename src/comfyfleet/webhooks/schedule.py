@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from comfyfleet.jobs.outbox import DeliveryStatus, Outcome
 from comfyfleet.webhooks.delivery import AttemptResult
+from comfyfleet.webhooks.outbox import DeliveryStatus, Outcome
 
 
 @dataclass(frozen=True)

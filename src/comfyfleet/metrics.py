@@ -20,8 +20,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from comfyfleet.jobs.deliveries import Delivery
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
-from comfyfleet.webhooks.outbox import Delivery
 
 if TYPE_CHECKING:
     from comfyfleet.execution.session import BackendSession

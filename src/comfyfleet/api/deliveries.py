@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends
 
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import CallerDep, visible_job
+from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt
 from comfyfleet.services import ServicesDep
-from comfyfleet.webhooks.outbox import Delivery, DeliveryAttempt, Outbox
+from comfyfleet.webhooks.outbox import Outbox
 
 router = APIRouter(tags=["webhooks"])
 

@@ -18,8 +18,8 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.db import single_statements
+from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
-from comfyfleet.webhooks import outbox
 
 _table = Job.__table__  # type: ignore[attr-defined]
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
@@ -97,7 +97,7 @@ class JobRepository:
             created = (await session.exec(statement, params=values)).first()
             if created is not None:
                 if JobStatus(job.status).terminal:
-                    await outbox.enqueue(session, job, f"job.{job.status}")
+                    await deliveries.enqueue(session, job, f"job.{job.status}")
                 return job, True
             existing = await session.exec(
                 select(Job).where(col(Job.client_task_id) == job.client_task_id)
@@ -246,14 +246,14 @@ class JobRepository:
         the job's client subscribed to it. Returns the updated job, or None when the fence did
         not hold (nothing was written).
         """
-        notify = event if event is not None and outbox.subscribed(job, event) else None
+        notify = event if event is not None and deliveries.subscribed(job, event) else None
         async with (self._statements if notify is None else self._sessions).begin() as session:
             updated = await _update(
                 session, job, _table.c.status.in_([str(state) for state in states]),
                 values=values,
             )
             if updated is not None and notify is not None:
-                await outbox.enqueue(session, updated, notify)
+                await deliveries.enqueue(session, updated, notify)
         if updated is not None:
             self._on_change(updated.id)
         return updated

@@ -6,8 +6,9 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from comfyfleet.jobs.deliveries import DeliveryStatus
 from comfyfleet.webhooks.delivery import AttemptResult
-from comfyfleet.webhooks.outbox import DeliveryStatus, Outcome
+from comfyfleet.webhooks.outbox import Outcome
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
+from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt
 from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.delivery import WebhookSender, event_body
-from comfyfleet.webhooks.outbox import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, Outbox
+from comfyfleet.webhooks.outbox import Outbox
 from comfyfleet.webhooks.schedule import RetrySchedule
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,126 @@
+"""Webhook deliveries as the jobs' data (DESIGN §5): the outbox's two tables and `enqueue`.
+
+A delivery row is written in the same transaction as the job change it reports (see
+`JobRepository.transition`), so an event a client was promised is never lost. Sending them is
+the webhooks stage's work (`webhooks/outbox.py` leases them, `webhooks/worker.py` sends).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid, func, insert
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
+from comfyfleet.jobs.render import job_json
+
+# Woken with pg_notify when a delivery becomes due now, in whichever process commits it.
+NOTIFY_CHANNEL = "comfyfleet_webhooks"
+OPTIONAL_EVENTS = ("job.started", "job.progress")
+TERMINAL_EVENTS = frozenset(f"job.{state}" for state in TERMINAL_STATES)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # an attempt is due at next_attempt_at
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # the receiver answered 410 Gone: never retried
+    DEAD = "dead"  # still failing when WEBHOOK_MAX_AGE ran out
+
+
+def _timestamp(nullable: bool) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "webhook_deliveries"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    job_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("jobs.id"), nullable=False))
+    event_type: str
+    # `webhook-id`: the same on every attempt, so receivers can deduplicate.
+    message_id: str = Field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
+    url: str
+    # host:port, the unit of the per-receiver concurrency limit.
+    host: str
+    # The event body as of the event; output URLs are presigned afresh at each attempt.
+    payload: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    status: str = Field(
+        default=DeliveryStatus.PENDING, sa_column=Column(String(16), nullable=False)
+    )
+    # Attempts since the delivery became pending (created, or redelivered): the position in
+    # the retry schedule. The attempts table keeps every attempt ever made.
+    attempts: int = 0
+    pending_since: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    next_attempt_at: datetime | None = _timestamp(nullable=True)
+    locked_until: datetime | None = _timestamp(nullable=True)
+    lease_token: uuid.UUID | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+
+
+DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: uuid.UUID = Field(
+        sa_column=Column(Uuid, ForeignKey("webhook_deliveries.id"), nullable=False)
+    )
+    attempted_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    status_code: int | None = None
+    latency_ms: int
+    error: str | None = None
+    response_snippet: str | None = None
+
+
+ATTEMPT_LOG = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+# Built once, the values given at execution. The notification rides on the insert (one round
+# trip, not two); PostgreSQL sends it when the transaction commits.
+_ENQUEUE = insert(DELIVERIES).returning(func.pg_notify(NOTIFY_CHANNEL, ""))
+
+
+def receiver_host(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def subscribed(job: Job, event_type: str) -> bool:
+    if not job.callback_url:
+        return False
+    return event_type in TERMINAL_EVENTS or event_type in (job.webhook_events or ())
+
+
+async def _no_url(_: str) -> None:
+    return None
+
+
+async def enqueue(session: AsyncSession, job: Job, event_type: str) -> None:
+    """Add `event_type` for `job` to the outbox inside the caller's transaction, if the job's
+    client subscribed to it; workers hear of it when that transaction commits."""
+    if not subscribed(job, event_type):
+        return
+    assert job.callback_url is not None
+    now = utcnow()
+    event = {"type": event_type, "timestamp": now.isoformat(),
+             "data": await job_json(job, _no_url)}
+    delivery = Delivery(
+        job_id=job.id, event_type=event_type, url=job.callback_url,
+        host=receiver_host(job.callback_url), payload=event, pending_since=now,
+        next_attempt_at=now, created_at=now,
+    )
+    await session.exec(_ENQUEUE, params=delivery.model_dump())

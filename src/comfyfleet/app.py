@@ -31,12 +31,12 @@ from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
 from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api_keys import KeyStore
-from comfyfleet.fleet.backends import parse_endpoints
-from comfyfleet.fleet.manager import Fleet
+from comfyfleet.fleet.endpoints import parse_endpoints
+from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.fleet.registry import BackendRegistry
-from comfyfleet.jobs.events import JobEvents
+from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import Job
-from comfyfleet.jobs.owners import ProcessLease
+from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.services import Services
@@ -87,7 +87,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         engine = await stack.enter_async_context(db.open_database(settings))
         reads = db.make_engine(engine.url, pool_size=READ_POOL_SIZE)
         stack.push_async_callback(reads.dispose)
-        events = JobEvents()
+        events = JobNotices()
         repository = JobRepository(engine, on_change=events.changed, reads=reads)
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.fleet.manager import Fleet
-from comfyfleet.jobs.events import JobEvents
+from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.render import job_json
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -29,7 +29,7 @@ class Services:
     catalog: Catalog
     fleet: Fleet
     waiters: JobWaiters
-    events: JobEvents
+    events: JobNotices
 
     async def reload_catalog(self) -> None:
         self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)

@@ -21,8 +21,8 @@ from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet.api.security import CallerDep, visible_job
-from comfyfleet.jobs.events import PreviewImage
 from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.notices import PreviewImage
 from comfyfleet.services import Services, ServicesDep
 
 router = APIRouter(tags=["jobs"])

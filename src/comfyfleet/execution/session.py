@@ -13,9 +13,9 @@ import aiohttp
 
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
-from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.capabilities import Capabilities
 from comfyfleet.fleet.cleanup import BackendCleanup
+from comfyfleet.fleet.endpoints import Backend
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from comfyfleet.comfy.messages import (
 from comfyfleet.dispatch.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.session import BackendSession
-from comfyfleet.jobs.events import JobEvents, PreviewImage
+from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
-from comfyfleet.jobs.owners import ProcessLease
+from comfyfleet.jobs.notices import JobNotices, PreviewImage
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.logs import job_fields
 
@@ -82,7 +82,7 @@ class ExecutionTracker:
         on_length_known: Callable[[], None],
         quiet_seconds: float,
         grace_seconds: float,
-        events: JobEvents,
+        events: JobNotices,
         run_times: RunTimes,
         lease: ProcessLease,
     ) -> None:

@@ -17,7 +17,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.db import single_statements
-from comfyfleet.fleet.backends import Backend
+from comfyfleet.fleet.endpoints import Backend
 
 REGISTRY_SYNC_SECONDS = 2.0
 

@@ -1,5 +1,5 @@
 """jobs remember which gateway process dispatched them, so a live process's jobs are left to
-it and a dead one's are taken over (comfyfleet.jobs.owners)
+it and a dead one's are taken over (comfyfleet.jobs.lease)
 
 Revision ID: 0005
 Revises: 0004

@@ -25,7 +25,7 @@ class PreviewImage:
 Notice = PreviewImage | None  # None: "the job changed; read it again"
 
 
-class JobEvents:
+class JobNotices:
     def __init__(self) -> None:
         self._listeners: dict[uuid.UUID, set[asyncio.Queue[Notice]]] = defaultdict(set)
 

@@ -14,12 +14,12 @@ from comfyfleet.dispatch.placement import RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
-from comfyfleet.fleet.backends import Backend
 from comfyfleet.fleet.cleanup import BackendFile
+from comfyfleet.fleet.endpoints import Backend
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendRegistry
-from comfyfleet.jobs.events import JobEvents
+from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
-from comfyfleet.jobs.owners import ProcessLease
+from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage
 
@@ -46,7 +46,7 @@ class Fleet:
         grace_seconds: float,
         quiet_seconds: float,
         on_terminal: Callable[[Job], None],
-        events: JobEvents,
+        events: JobNotices,
         lease: ProcessLease,
         registry: BackendRegistry,
         node_token: str | None = None,

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from comfyfleet.app import serving
-from comfyfleet.fleet.capabilities import Capabilities
+from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.workflows.catalog import load_catalog

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from comfyfleet.app import serving
+from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
-from comfyfleet.fleet.cleanup import BackendCleanup
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import REPO
@@ -312,7 +312,7 @@ async def test_a_refused_delete_is_logged_and_the_job_still_succeeds(
     settings: Settings, sim: SimulatedComfyUI, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings.comfyfleet_node_token = "not-the-backend-token"
-    caplog.set_level(logging.WARNING, logger="comfyfleet.fleet.cleanup")
+    caplog.set_level(logging.WARNING, logger="comfyfleet.comfy.cleanup")
 
     async def delete_refused() -> None:
         while "could not delete" not in caplog.text:  # noqa: ASYNC110

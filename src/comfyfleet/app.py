@@ -31,7 +31,7 @@ from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
 from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api_keys import KeyStore
-from comfyfleet.fleet.endpoints import parse_endpoints
+from comfyfleet.comfy.endpoints import parse_endpoints
 from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease

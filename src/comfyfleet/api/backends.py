@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
+from comfyfleet.comfy.endpoints import parse_endpoint
 from comfyfleet.execution.session import BackendSession
-from comfyfleet.fleet.endpoints import parse_endpoint
 from comfyfleet.fleet.fleet import BackendBusy
 from comfyfleet.services import Services, ServicesDep
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
+from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.client import ComfyClient, ComfyError
-from comfyfleet.fleet.capabilities import Capabilities
-from comfyfleet.fleet.endpoints import parse_endpoint
+from comfyfleet.comfy.endpoints import parse_endpoint
 from comfyfleet.workflows.catalog import load_catalog
 from comfyfleet.workflows.service_functions import BuildError
 

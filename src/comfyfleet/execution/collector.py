@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 
 from comfyfleet import metrics
+from comfyfleet.comfy.cleanup import BackendCleanup, BackendFile
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
-from comfyfleet.fleet.cleanup import BackendCleanup, BackendFile
 from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key

@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from comfyfleet.comfy.capabilities import Capabilities
+from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
-from comfyfleet.fleet.capabilities import Capabilities
-from comfyfleet.fleet.cleanup import BackendCleanup
-from comfyfleet.fleet.endpoints import Backend
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from comfyfleet.comfy.cleanup import BackendFile
+from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.dispatch.placement import RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
-from comfyfleet.fleet.cleanup import BackendFile
-from comfyfleet.fleet.endpoints import Backend
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error

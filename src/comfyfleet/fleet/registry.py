@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import single_statements
-from comfyfleet.fleet.endpoints import Backend
 
 REGISTRY_SYNC_SECONDS = 2.0
 

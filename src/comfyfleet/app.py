@@ -29,6 +29,7 @@ from comfyfleet.api import (
 )
 from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
+from comfyfleet.api.prometheus import Scrape
 from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api_keys import KeyStore
 from comfyfleet.comfy.endpoints import parse_endpoints
@@ -138,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running_services(settings) as services:
             app.state.services = services
-            app.state.scrape = metrics.Scrape(services.repository, services.fleet.sessions)
+            app.state.scrape = Scrape(services.repository, services.fleet.sessions)
             app.state.guard.store = KeyStore(services.engine)
             yield
 

@@ -3,36 +3,26 @@ a fact (a job dispatched, started, executed, uploaded, finished; a webhook attem
 
 Events are counted in a registry of this module (one per process, like the process itself).
 What describes one running app (its backends; the unfinished jobs in the database) is read
-when /metrics is scraped, by the `Scrape` of that app, so several apps in one process (tests)
-each report their own state.
+when /metrics is scraped (`api/prometheus.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
 
 from comfyfleet.jobs.deliveries import Delivery
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
-
-if TYPE_CHECKING:
-    from comfyfleet.execution.session import BackendSession
-    from comfyfleet.jobs.repository import JobRepository
 
 log = logging.getLogger(__name__)
 
 # Seconds, from a cached prompt's instant run to a long video job.
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-# A scrape never waits longer than this for the database.
-DATABASE_TIMEOUT = 2.0
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -123,66 +113,3 @@ def webhook_attempt(delivery: Delivery, delivered: bool, status_code: int | None
         _observe("webhook", str(workflow), _seconds(delivery.pending_since, utcnow()))
     else:
         WEBHOOK_ATTEMPTS.labels("http_error" if status_code is not None else "error").inc()
-
-
-class _Shared(Collector):
-    """The process-wide event metrics, inside an app's registry."""
-
-    def collect(self) -> Iterable[Metric]:
-        return REGISTRY.collect()
-
-
-class _Fleet(Collector):
-    """One app's backends and unfinished jobs, as of the last refresh."""
-
-    def __init__(self, sessions: list[BackendSession]) -> None:
-        self._sessions = sessions
-        self.unfinished: list[tuple[str, str, int]] | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("comfyfleet_backend_up",
-                               "1 when the backend's websocket is connected", labels=["backend"])
-        draining = GaugeMetricFamily("comfyfleet_backend_draining",
-                                     "1 when the backend takes no new work", labels=["backend"])
-        queue = GaugeMetricFamily(
-            "comfyfleet_backend_queue_remaining",
-            "Prompts in the backend's queue, other clients' included", labels=["backend"])
-        inflight = GaugeMetricFamily(
-            "comfyfleet_backend_inflight", "Prompts this process has on the backend",
-            labels=["backend"])
-        for session in list(self._sessions):
-            up.add_metric([session.name], int(session.connected))
-            draining.add_metric([session.name], int(session.draining))
-            queue.add_metric([session.name], session.queue_remaining)
-            inflight.add_metric([session.name], len(session.inflight))
-        yield from (up, draining, queue, inflight)
-        if self.unfinished is not None:
-            jobs = GaugeMetricFamily(
-                "comfyfleet_jobs",
-                "Unfinished jobs in the database (all processes) by status and workflow",
-                labels=["status", "workflow"])
-            for status, workflow, count in self.unfinished:
-                jobs.add_metric([status, workflow], count)
-            yield jobs
-
-
-class Scrape:
-    """What GET /metrics answers for one app."""
-
-    def __init__(self, repository: JobRepository, sessions: list[BackendSession]) -> None:
-        self._repository = repository
-        self._fleet = _Fleet(sessions)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Shared())
-        self.registry.register(self._fleet)
-
-    async def render(self) -> bytes:
-        """The exposition text, with job counts read from the database now (left out when
-        the database does not answer in time, rather than shown stale)."""
-        try:
-            async with asyncio.timeout(DATABASE_TIMEOUT):
-                self._fleet.unfinished = await self._repository.unfinished_counts()
-        except Exception as exc:  # the database is away: the rest of the metrics still count
-            log.warning("metrics: job counts unavailable: %s", exc)
-            self._fleet.unfinished = None
-        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""The house keeps its shape (DESIGN §11): every import inside the package points down the flow.
+
+A stage may use what lies below it, never what lies above: the HTTP layer calls intake, intake
+never knows HTTP; the dispatcher calls into execution, execution never reaches back into the
+dispatcher. Imports made only for type checking count too: they are how cycles hide.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import comfyfleet
+
+PACKAGE = Path(comfyfleet.__file__).parent
+
+# Top to bottom. A unit is a subpackage or a top-level module of comfyfleet.
+LAYERS: list[set[str]] = [
+    {"__main__"},  # python -m comfyfleet
+    {"cli"},  # commands
+    {"app"},  # wiring, lifespan
+    {"api"},  # HTTP in, domain errors out as HTTP
+    {"services"},  # what the routes share
+    {"intake"},  # a request becomes a job
+    {"fleet"},  # the fleet: its table, and dispatch + execution wired per backend
+    {"dispatch"},  # claim -> submit, placement, rebalance
+    {"execution"},  # backend sessions, tracker, collector
+    {"webhooks"},  # outbox leases, worker, delivery, signing
+    {"api_keys"},  # tenants
+    {"metrics", "logs"},  # what every stage records into
+    {"jobs"},  # model, repository, lease, the outbox's rows
+    {"egress", "storage", "comfy", "workflows", "sim"},  # leaves
+    {"db"},
+    {"settings"},
+]
+# Imports known to point up, each with the issue that removes it. Empty is the goal.
+KNOWN_UPWARD: set[tuple[str, str]] = {
+    # The tracker records run times into placement's model; they move into execution/ once
+    # cache-aware placement (issue #15) has reshaped that model.
+    ("execution", "dispatch"),
+}
+
+
+def _layer(unit: str) -> int:
+    for depth, units in enumerate(LAYERS):
+        if unit in units:
+            return depth
+    raise AssertionError(f"comfyfleet.{unit} has no layer: add it to LAYERS in {__file__}")
+
+
+def _imports() -> set[tuple[str, str, str]]:
+    """(importing unit, imported unit, file) for every import of comfyfleet inside comfyfleet."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).with_suffix("")
+        if relative.parts[0] == "migrations":  # frozen history, run by alembic only
+            continue
+        unit = relative.parts[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.module == "comfyfleet":
+                targets = [alias.name for alias in node.names]
+            elif node.module.startswith("comfyfleet."):
+                targets = [node.module.split(".")[1]]
+            else:
+                continue
+            found.update((unit, target, str(relative)) for target in targets if target != unit)
+    return found
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    for unit in units - {"migrations"}:
+        _layer(unit)
+
+
+def test_imports_point_down() -> None:
+    upward = sorted(
+        f"{where} imports comfyfleet.{target}"
+        for unit, target, where in _imports()
+        if _layer(target) <= _layer(unit) and (unit, target) not in KNOWN_UPWARD
+    )
+    assert upward == []
+
+
+def test_known_upward_imports_still_exist() -> None:
+    """An exception that no longer happens is removed from KNOWN_UPWARD, so it cannot return."""
+    seen = {(unit, target) for unit, target, _ in _imports()}
+    assert KNOWN_UPWARD <= seen

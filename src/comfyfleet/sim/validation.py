@@ -74,22 +74,9 @@ async def validate_prompt(
     disk: Disk,
     partial_targets: Any = None,
 ) -> ValidationResult:
-    outputs = []
-    for node_id, node in prompt.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            message = "Cannot execute because a node is missing the class_type property."
-            return ValidationResult(
-                False, _error("invalid_prompt", message, f"Node ID '#{node_id}'"), []
-            )
-        class_type = node["class_type"]
-        spec = specs.get(class_type) if isinstance(class_type, str) else None
-        if spec is None:
-            message = f"Cannot execute because node {class_type} does not exist."
-            return ValidationResult(
-                False, _error("invalid_prompt", message, f"Node ID '#{node_id}'"), []
-            )
-        if is_output_node(spec) and (partial_targets is None or node_id in partial_targets):
-            outputs.append(node_id)
+    outputs = _output_nodes(prompt, specs, partial_targets)
+    if isinstance(outputs, ValidationResult):
+        return outputs
     if not outputs:
         return ValidationResult(False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [])
 
@@ -98,19 +85,7 @@ async def validate_prompt(
     output_errors: list[dict[str, Any]] = []
     node_errors: dict[str, Any] = {}
     for output in outputs:
-        try:
-            valid, reasons = await validator.node(output)
-        except Exception as ex:
-            valid = False
-            reasons = [
-                {
-                    "type": "exception_during_validation",
-                    "message": "Exception when validating node",
-                    "details": str(ex),
-                    "extra_info": _exception_info(ex),
-                }
-            ]
-            validator.validated[output] = (False, reasons)
+        valid, reasons = await _validate_output(validator, output)
         if valid:
             good_outputs.append(output)
             continue
@@ -136,6 +111,45 @@ async def validate_prompt(
         error = _error("prompt_outputs_failed_validation", message, details)
         return ValidationResult(False, error, [], node_errors)
     return ValidationResult(True, None, good_outputs, node_errors)
+
+
+def _output_nodes(
+    prompt: dict[str, Any], specs: dict[str, Any], partial_targets: Any
+) -> list[str] | ValidationResult:
+    """The output nodes to run, or the failure of the first node ComfyUI cannot even read."""
+    outputs = []
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            message = "Cannot execute because a node is missing the class_type property."
+            return ValidationResult(
+                False, _error("invalid_prompt", message, f"Node ID '#{node_id}'"), []
+            )
+        class_type = node["class_type"]
+        spec = specs.get(class_type) if isinstance(class_type, str) else None
+        if spec is None:
+            message = f"Cannot execute because node {class_type} does not exist."
+            return ValidationResult(
+                False, _error("invalid_prompt", message, f"Node ID '#{node_id}'"), []
+            )
+        if is_output_node(spec) and (partial_targets is None or node_id in partial_targets):
+            outputs.append(node_id)
+    return outputs
+
+
+async def _validate_output(validator: _Validator, output: str) -> tuple[bool, list[Any]]:
+    try:
+        return await validator.node(output)
+    except Exception as ex:  # ComfyUI reports it as this output's failure, and goes on
+        reasons = [
+            {
+                "type": "exception_during_validation",
+                "message": "Exception when validating node",
+                "details": str(ex),
+                "extra_info": _exception_info(ex),
+            }
+        ]
+        validator.validated[output] = (False, reasons)
+        return False, reasons
 
 
 class _Validator:
@@ -296,39 +310,53 @@ class _Validator:
             )
         if custom_validated:
             return None
-        if "min" in options and value < options["min"]:
-            return _node_error(
-                "value_smaller_than_min",
-                f"Value {value} smaller than min of {options['min']}",
-                name,
-                input_name=name,
-                input_config=info,
-                received_value=value,
-            )
-        if "max" in options and value > options["max"]:
-            return _node_error(
-                "value_bigger_than_max",
-                f"Value {value} bigger than max of {options['max']}",
-                name,
-                input_name=name,
-                input_config=info,
-                received_value=value,
-            )
-        if isinstance(input_type, list) or input_type == "COMBO":
-            choices = input_type if isinstance(input_type, list) else options.get("options", [])
-            if value not in choices:
-                # Long lists (think scanned model files) are not echoed back.
-                long_list = len(choices) > 20
-                list_info = f"(list of length {len(choices)})" if long_list else str(choices)
-                return _node_error(
-                    "value_not_in_list",
-                    "Value not in list",
-                    f"{name}: '{value}' not in {list_info}",
-                    input_name=name,
-                    input_config=None if long_list else info,
-                    received_value=value,
-                )
+        return _out_of_range(name, value, options, info) or _not_a_choice(
+            name, value, input_type, options, info)
+
+
+def _out_of_range(
+    name: str, value: Any, options: dict[str, Any], info: list[Any]
+) -> dict[str, Any] | None:
+    if "min" in options and value < options["min"]:
+        return _node_error(
+            "value_smaller_than_min",
+            f"Value {value} smaller than min of {options['min']}",
+            name,
+            input_name=name,
+            input_config=info,
+            received_value=value,
+        )
+    if "max" in options and value > options["max"]:
+        return _node_error(
+            "value_bigger_than_max",
+            f"Value {value} bigger than max of {options['max']}",
+            name,
+            input_name=name,
+            input_config=info,
+            received_value=value,
+        )
+    return None
+
+
+def _not_a_choice(
+    name: str, value: Any, input_type: Any, options: dict[str, Any], info: list[Any]
+) -> dict[str, Any] | None:
+    if not (isinstance(input_type, list) or input_type == "COMBO"):
         return None
+    choices = input_type if isinstance(input_type, list) else options.get("options", [])
+    if value in choices:
+        return None
+    # Long lists (think scanned model files) are not echoed back.
+    long_list = len(choices) > 20
+    list_info = f"(list of length {len(choices)})" if long_list else str(choices)
+    return _node_error(
+        "value_not_in_list",
+        "Value not in list",
+        f"{name}: '{value}' not in {list_info}",
+        input_name=name,
+        input_config=None if long_list else info,
+        received_value=value,
+    )
 
 
 _CONVERTERS: dict[str, Any] = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}

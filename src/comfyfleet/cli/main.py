@@ -65,6 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (settings from env and .env)")
     serve.add_argument("--port", type=int, help="override SERVICE_PORT")
 
+    _add_sim(commands)
+
+    workflows = commands.add_parser("workflows", help="workflow files")
+    workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
+    check = workflow_commands.add_parser(
+        "check", help="validate workflow files, and against live backends' /object_info")
+    check.add_argument("directory", nargs="?", type=Path,
+                       help="default: WORKFLOWS_DIR (workflows/)")
+    check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
+                       help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
+
+    keys.add_parser(commands)
+    _add_submit(commands)
+
+    demo = commands.add_parser("demo", help="the whole flow on this machine, no GPU needed")
+    demo.add_argument("--jobs", type=int, help="submit N jobs, wait for their webhooks, exit")
+    demo.add_argument("--port", type=int, help="API port (default SERVICE_PORT; 0 = any)")
+    return parser
+
+
+def _add_sim(commands: Any) -> None:
     sim = commands.add_parser("sim", help="simulated ComfyUI servers for tests and demos")
     sim.add_argument("--backends", type=int, default=1, help="how many servers (default 1)")
     sim.add_argument("--port", type=int, default=8188, help="first port (default 8188)")
@@ -90,17 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument("--output-size", type=_size, metavar="SIZE",
                         help="pad every saved image file to this size, e.g. 2G")
 
-    workflows = commands.add_parser("workflows", help="workflow files")
-    workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
-    check = workflow_commands.add_parser(
-        "check", help="validate workflow files, and against live backends' /object_info")
-    check.add_argument("directory", nargs="?", type=Path,
-                       help="default: WORKFLOWS_DIR (workflows/)")
-    check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
-                       help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
 
-    keys.add_parser(commands)
-
+def _add_submit(commands: Any) -> None:
     submit = commands.add_parser("submit", help="submit jobs to a running comfyfleet, follow "
                                  "them and download their outputs")
     submit.add_argument("workflow")
@@ -113,11 +125,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="where outputs are saved, one folder per job (default outputs/)")
     submit.add_argument("--server", help="default: http://127.0.0.1:SERVICE_PORT/api/v1")
     submit.add_argument("--api-key", help="default: the first of API_KEYS, if any")
-
-    demo = commands.add_parser("demo", help="the whole flow on this machine, no GPU needed")
-    demo.add_argument("--jobs", type=int, help="submit N jobs, wait for their webhooks, exit")
-    demo.add_argument("--port", type=int, help="API port (default SERVICE_PORT; 0 = any)")
-    return parser
 
 
 async def _serve(settings: Settings) -> None:

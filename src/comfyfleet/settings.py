@@ -121,10 +121,6 @@ class Settings(BaseSettings):
     def public_base_url(self) -> str:
         return (self.public_url or f"http://{self.service_host}:{self.service_port}").rstrip("/")
 
-    @property
-    def uses_embedded_database(self) -> bool:
-        return self.database_url is None and self.rdb_host is None
-
     def configured_database_url(self) -> str | None:
         """The external database as a SQLAlchemy asyncpg URL, or None for the embedded one."""
         if self.database_url:

@@ -33,6 +33,7 @@ from comfyfleet.api.prometheus import Scrape
 from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api_keys import KeyStore
 from comfyfleet.comfy.endpoints import parse_endpoints
+from comfyfleet.fleet.discovery import DnsDiscovery, DnsTarget, make_resolver
 from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
@@ -84,6 +85,8 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Everything the service needs, started in order and stopped in reverse."""
     endpoints = parse_endpoints(settings.comfyui_endpoints)
+    # A mistake in either is told before anything starts.
+    discovered = DnsTarget.parse(settings.comfyui_discovery) if settings.comfyui_discovery else None
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(db.open_database(settings))
         reads = db.make_engine(engine.url, pool_size=READ_POOL_SIZE)
@@ -106,6 +109,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         lease = ProcessLease(engine)
         await lease.start()
         stack.push_async_callback(lease.close)
+        registry = BackendRegistry(engine)
         fleet = Fleet(
             endpoints,
             repository,
@@ -118,13 +122,18 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             on_terminal=on_terminal,
             events=events,
             lease=lease,
-            registry=BackendRegistry(engine),
+            registry=registry,
             node_token=settings.comfyfleet_node_token,
         )
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)
         await fleet.start()
+        if discovered is not None:
+            resolver = make_resolver(settings.discovery_nameserver, settings.discovery_interval)
+            discovery = DnsDiscovery(discovered, resolver, fleet, registry,
+                                     settings.discovery_interval)
+            stack.push_async_callback(_cancel, asyncio.create_task(discovery.run()))
         webhooks.start()
         watcher = asyncio.create_task(
             watch_directory(settings.workflows_dir, services.reload_catalog))

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     comfyui_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # dns:<name>:<port>: every address of <name> is a backend (a headless Service, a scaled
+    # Compose service), resolved again every DISCOVERY_INTERVAL seconds.
+    comfyui_discovery: str | None = None
+    discovery_interval: float = Field(default=10.0, gt=0)
+    # host:port of the DNS server to ask; default: the system's (/etc/resolv.conf).
+    discovery_nameserver: str | None = None
 
     database_url: str | None = None
     rdb_username: str = "postgres"

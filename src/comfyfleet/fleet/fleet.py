@@ -169,8 +169,10 @@ class Fleet:
     def session(self, name: str) -> BackendSession | None:
         return next((s for s in self.sessions if s.name == name), None)
 
-    async def add_backend(self, backend: Backend) -> BackendSession:
-        if self.session(backend.name) is not None or not await self._registry.add(backend):
+    async def add_backend(self, backend: Backend, discovered_by: str | None = None
+                          ) -> BackendSession:
+        if (self.session(backend.name) is not None
+                or not await self._registry.add(backend, discovered_by)):
             raise ValueError(f"a backend named {backend.name!r} exists already")
         session = self.session(backend.name) or self._add_session(backend)
         self._connect(session)

@@ -28,12 +28,16 @@ class BackendRow(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=100)
     url: str = Field(sa_column=Column(String(500), nullable=False))
     draining: bool = False
+    # The COMFYUI_DISCOVERY that added it (e.g. "dns:comfyui:8188"), which alone may remove
+    # it; null for backends configured or added through the API.
+    discovered_by: str | None = Field(default=None, max_length=300)
 
 
 @dataclass(frozen=True)
 class Registered:
     backend: Backend
     draining: bool
+    discovered_by: str | None = None
 
 
 class BackendRegistry:
@@ -55,14 +59,17 @@ class BackendRegistry:
 
     async def all(self) -> list[Registered]:
         # Read every 2 s by every process: plain rows in one round trip, no ORM objects.
-        columns = select(col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining))
+        columns = select(col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining),
+                         col(BackendRow.discovered_by))
         async with self._statements() as session:
             rows = (await session.exec(columns.order_by(col(BackendRow.name)))).all()
-        return [Registered(Backend(name, url), draining) for name, url, draining in rows]
+        return [Registered(Backend(name, url), draining, discovered_by)
+                for name, url, draining, discovered_by in rows]
 
-    async def add(self, backend: Backend) -> bool:
+    async def add(self, backend: Backend, discovered_by: str | None = None) -> bool:
         """False when a backend of that name exists already."""
-        statement = insert(BackendRow).values(name=backend.name, url=backend.url)
+        statement = insert(BackendRow).values(name=backend.name, url=backend.url,
+                                              discovered_by=discovered_by)
         async with self._sessions.begin() as session:
             added = await session.exec(
                 statement.on_conflict_do_nothing().returning(col(BackendRow.name)))

@@ -1,0 +1,159 @@
+"""Backends found in DNS (DESIGN §7): `COMFYUI_DISCOVERY=dns:<name>:<port>`.
+
+The name is resolved every DISCOVERY_INTERVAL seconds (A and AAAA records): a headless
+Kubernetes Service answers one address per ready ComfyUI pod, a Compose service scaled to N
+one per container. Each address is a backend, named after its pod (the first label of the
+address's PTR name) when DNS has one, else after the address. A new address joins the fleet
+and takes work once its websocket is up. One that vanished is drained: a prompt it had in
+flight is requeued after the grace period, as a dead backend's is, and the backend leaves the
+fleet once nothing runs there. One that comes back is enabled again.
+
+Only backends this discovery added are ever drained or removed by it (the registry records
+who added a backend); those of COMFYUI_ENDPOINTS and the API are left alone. A DNS failure
+(timeout, SERVFAIL) changes nothing: only an answer, empty or not, says what exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.fleet.fleet import BackendBusy, Fleet
+from comfyfleet.fleet.registry import BackendRegistry
+
+log = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"dns:(?P<name>[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+RESOLVE_TIMEOUT = 5.0
+
+
+class DnsUnavailable(Exception):
+    """DNS gave no answer (timeout, SERVFAIL): nothing can be concluded from it."""
+
+
+@dataclass(frozen=True)
+class DnsTarget:
+    """What COMFYUI_DISCOVERY names: a DNS name whose addresses are ComfyUI servers on `port`."""
+
+    name: str
+    port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> DnsTarget:
+        found = _SPEC.fullmatch(spec.strip())
+        if found is None or not 0 < int(found["port"]) < 65536:
+            raise ValueError(f"COMFYUI_DISCOVERY={spec!r}: expected dns:<name>:<port>, "
+                             "e.g. dns:comfyui-headless.default.svc.cluster.local:8188")
+        return cls(found["name"], int(found["port"]))
+
+    def __str__(self) -> str:
+        return f"dns:{self.name}:{self.port}"
+
+    def url(self, address: str) -> str:
+        host = f"[{address}]" if ":" in address else address
+        return f"http://{host}:{self.port}"
+
+
+def make_resolver(nameserver: str | None, interval: float) -> dns.asyncresolver.Resolver:
+    """The system's resolver (/etc/resolv.conf: the cluster's DNS in a pod), or `host:port`;
+    a pass never outlasts the interval between passes."""
+    if nameserver is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        host, _, port = nameserver.rpartition(":")
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [host.strip("[]")]
+        resolver.port = int(port)
+    resolver.timeout = resolver.lifetime = min(RESOLVE_TIMEOUT, interval)
+    return resolver
+
+
+class DnsDiscovery:
+    def __init__(self, target: DnsTarget, resolver: dns.asyncresolver.Resolver, fleet: Fleet,
+                 registry: BackendRegistry, interval: float) -> None:
+        self.target = target
+        self._resolver = resolver
+        self._fleet = fleet
+        self._registry = registry
+        self._interval = interval
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except DnsUnavailable as exc:
+                log.warning("discovery: %s did not resolve (%s); the fleet is unchanged",
+                            self.target.name, exc)
+            except Exception:  # the database may be away: the next pass tries again
+                log.exception("discovery: a pass failed")
+            await asyncio.sleep(self._interval)
+
+    async def sync(self) -> None:
+        """One pass: resolve, add what is new, drain what vanished, remove what is drained
+        and idle, enable what came back."""
+        addresses = await self._addresses()
+        await self._fleet.follow_registry()  # another process may have added some already
+        registered = await self._registry.all()
+        mine = {r.backend.url: r for r in registered if r.discovered_by == str(self.target)}
+        taken_urls = {r.backend.url for r in registered}
+        taken_names = {r.backend.name for r in registered}
+        for address in addresses:
+            url = self.target.url(address)
+            entry = mine.get(url)
+            if entry is not None:
+                if entry.draining:
+                    log.info("discovery: %s is back; enabling %s", address, entry.backend.name)
+                    await self._fleet.set_draining(entry.backend.name, False)
+            elif url not in taken_urls:
+                name = await self._name(address, taken_names)
+                taken_names.add(name)
+                log.info("discovery: %s appeared; adding backend %s", address, name)
+                await self._fleet.add_backend(Backend(name, url),
+                                              discovered_by=str(self.target))
+        for url, entry in mine.items():
+            if url not in {self.target.url(a) for a in addresses}:
+                await self._retire(entry.backend.name, entry.draining)
+
+    async def _retire(self, name: str, draining: bool) -> None:
+        if self._fleet.session(name) is None:
+            return
+        if not draining:
+            log.info("discovery: %s vanished from DNS; draining it", name)
+            await self._fleet.set_draining(name, True)
+        try:
+            await self._fleet.remove_backend(name)
+            log.info("discovery: %s removed", name)
+        except BackendBusy:
+            pass  # prompts still in flight there: a later pass removes it
+
+    async def _addresses(self) -> list[str]:
+        found: list[str] = []
+        for record in ("A", "AAAA"):
+            try:
+                answer = await self._resolver.resolve(self.target.name, record, search=True)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue  # no such name, or none of this family: no backends there
+            except dns.exception.DNSException as exc:
+                raise DnsUnavailable(str(exc) or type(exc).__name__) from exc
+            found.extend(rdata.address for rdata in answer)
+        return sorted(set(found))
+
+    async def _name(self, address: str, taken: set[str]) -> str:
+        """The pod's name when the address has a PTR record (`comfyui-0.comfyui.ns.svc...`),
+        else the address; never a name the fleet already has."""
+        fallback = re.sub(r"[^0-9a-z]+", "-", str(ipaddress.ip_address(address)).lower())
+        try:
+            answer = await self._resolver.resolve_address(address)
+            label = str(answer[0].target).split(".")[0].lower()
+        except dns.exception.DNSException:
+            return fallback
+        return label if _LABEL.fullmatch(label) and label not in taken else fallback

@@ -1,0 +1,210 @@
+"""Backends found in DNS (COMFYUI_DISCOVERY): a real DNS server on loopback whose answers the
+test changes, in front of simulated ComfyUI servers on loopback addresses of their own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any, cast
+
+import aiohttp
+import pytest
+from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSRecord
+
+from comfyfleet.app import serving
+from comfyfleet.fleet.discovery import DnsTarget
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.support import LOOPBACK, free_ports
+
+NAME = "comfyui.fleet.test."
+PASS = 0.2  # DISCOVERY_INTERVAL in these tests
+
+
+class LoopbackDns(asyncio.DatagramProtocol):
+    """A DNS server: `addresses` answer A/AAAA queries for NAME, `pods` PTR queries; a name it
+    does not know is NXDOMAIN; `silent` drops every query, as a DNS server that is down."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.pods: dict[str, str] = {}
+        self.silent = False
+        self.queries = 0
+        self.asked = asyncio.Condition()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        asyncio.get_running_loop().create_task(self._counted())
+        if self.silent or self.transport is None:
+            return
+        request = DNSRecord.parse(data)
+        qname, qtype = str(request.q.qname), QTYPE[request.q.qtype]
+        reply = request.reply()
+        if qname == NAME and self.addresses:
+            for address in self.addresses:
+                if qtype == "A" and ":" not in address:
+                    reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=0))
+                if qtype == "AAAA" and ":" in address:
+                    reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(address), ttl=0))
+        elif qtype == "PTR" and qname in self.pods:
+            reply.add_answer(RR(qname, QTYPE.PTR, rdata=PTR(self.pods[qname]), ttl=0))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+        self.transport.sendto(reply.pack(), addr)
+
+    async def _counted(self) -> None:
+        async with self.asked:
+            self.queries += 1
+            self.asked.notify_all()
+
+    async def passes(self, count: int) -> None:
+        """Until `count` more discovery passes asked (each asks A and AAAA at least)."""
+        async with self.asked:
+            target = self.queries + 2 * count
+            await asyncio.wait_for(self.asked.wait_for(lambda: self.queries >= target), 30)
+
+    def name_pod(self, address: str, pod: str) -> None:
+        reversed_name = ".".join(reversed(address.split("."))) + ".in-addr.arpa."
+        self.pods[reversed_name] = f"{pod}.comfyui.fleet.test."
+
+
+@pytest.fixture
+async def dns() -> AsyncIterator[tuple[LoopbackDns, str]]:
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(
+        LoopbackDns, local_addr=(LOOPBACK, 0))
+    port = transport.get_extra_info("sockname")[1]
+    yield server, f"{LOOPBACK}:{port}"
+    transport.close()
+
+
+class Fleet:
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http, self.base = http, base
+
+    async def backends(self) -> dict[str, dict[str, Any]]:
+        async with self.http.get(f"{self.base}/backends") as response:
+            assert response.status == 200
+            return {b["name"]: b for b in await response.json()}
+
+    async def until(self, check: Any) -> dict[str, dict[str, Any]]:
+        """The fleet once `check(fleet)` holds; it changes on discovery passes, a few a second."""
+        async with asyncio.timeout(30):
+            while not check(backends := await self.backends()):  # noqa: ASYNC110
+                await asyncio.sleep(PASS / 2)  # polling the API: no local event to wait on
+        return backends
+
+    async def run_job(self) -> dict[str, Any]:
+        async with self.http.post(f"{self.base}/jobs?wait=30", json={
+                "workflow": "invert", "params": {"width": 16}}) as response:
+            job: dict[str, Any] = await response.json()
+        assert job["status"] == "succeeded", job
+        return job
+
+
+async def test_addresses_join_leave_and_come_back(
+    settings: Settings, dns: tuple[LoopbackDns, str]
+) -> None:
+    server, nameserver = dns
+    port = free_ports(1)
+    async with AsyncExitStack() as stack:
+        sims = {address: await stack.enter_async_context(
+                    SimulatedComfyUI(host=address, port=port))
+                for address in ("127.0.0.2", "127.0.0.3")}
+        static = await stack.enter_async_context(SimulatedComfyUI())
+        server.addresses = ["127.0.0.2"]
+        server.name_pod("127.0.0.2", "comfyui-0")
+        settings.comfyui_endpoints = [static.url + "#static"]
+        settings.comfyui_discovery = f"dns:{NAME.rstrip('.')}:{port}"
+        settings.discovery_interval = PASS
+        settings.discovery_nameserver = nameserver
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        fleet = Fleet(http, base + settings.route_prefix)
+
+        # Named after its pod (PTR); healthy once its websocket is up; then it takes work.
+        backends = await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
+        assert backends["comfyui-0"]["url"] == f"http://127.0.0.2:{port}"
+        await http.patch(f"{fleet.base}/backends/static", json={"drain": True})
+        assert (await fleet.run_job())["backend"] == "comfyui-0"
+
+        # A second address, with no PTR record: named after the address.
+        server.addresses = ["127.0.0.2", "127.0.0.3"]
+        await fleet.until(lambda f: f.get("127-0-0-3", {}).get("healthy"))
+
+        # The first vanishes: drained, then removed, as it has nothing in flight; the static
+        # backend (drained by hand above) is never touched by discovery.
+        server.addresses = ["127.0.0.3"]
+        backends = await fleet.until(lambda f: "comfyui-0" not in f)
+        assert set(backends) == {"127-0-0-3", "static"}
+        assert backends["static"]["draining"] is True
+        assert (await fleet.run_job())["backend"] == "127-0-0-3"
+
+        # DNS down: nothing is concluded from silence.
+        server.silent = True
+        await server.passes(2)
+        assert set(await fleet.backends()) == {"127-0-0-3", "static"}
+        server.silent = False
+
+        # The name gone (NXDOMAIN): every discovered backend leaves; the static one stays.
+        server.addresses = []
+        await fleet.until(lambda f: set(f) == {"static"})
+
+        # An address that returns joins again.
+        server.addresses = ["127.0.0.2"]
+        await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
+        assert sims["127.0.0.2"].url.endswith(f":{port}")
+
+
+async def test_a_vanished_backend_hands_its_prompt_on_after_the_grace_period(
+    settings: Settings, dns: tuple[LoopbackDns, str]
+) -> None:
+    server, nameserver = dns
+    port = free_ports(1)
+    async with AsyncExitStack() as stack:
+        doomed = await stack.enter_async_context(
+            SimulatedComfyUI(host="127.0.0.4", port=port, duration=30))
+        await stack.enter_async_context(SimulatedComfyUI(host="127.0.0.5", port=port))
+        server.addresses = ["127.0.0.4"]
+        settings.comfyui_discovery = f"dns:{NAME}:{port}"
+        settings.discovery_interval = PASS
+        settings.discovery_nameserver = nameserver
+        settings.backend_grace_seconds = 1.0
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        fleet = Fleet(http, base + settings.route_prefix)
+        await fleet.until(lambda f: f.get("127-0-0-4", {}).get("healthy"))
+
+        async with http.post(f"{fleet.base}/jobs", json={
+                "workflow": "invert", "params": {"width": 16}}) as response:
+            job_id = (await response.json())["id"]
+        await fleet.until(lambda f: f["127-0-0-4"]["inflight"] == 1)
+
+        # The pod goes away with the prompt running, and its address leaves DNS.
+        await doomed.stop()
+        server.addresses = ["127.0.0.5"]
+        async with http.get(f"{fleet.base}/jobs/{job_id}") as response:
+            assert (await response.json())["backend"] == "127-0-0-4"
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(f"{fleet.base}/jobs/{job_id}") as response:
+                    job = await response.json()
+                if job["status"] == "succeeded":
+                    break
+                await asyncio.sleep(PASS)  # polling the API: no local event to wait on
+        assert (job["backend"], job["attempts"]) == ("127-0-0-5", 2)
+        await fleet.until(lambda f: set(f) == {"127-0-0-5"})
+
+
+def test_the_setting_is_checked() -> None:
+    assert DnsTarget.parse("dns:comfyui.default.svc:8188") == DnsTarget(
+        "comfyui.default.svc", 8188)
+    assert DnsTarget("comfyui", 8188).url("fd00::5") == "http://[fd00::5]:8188"
+    for wrong in ("comfyui:8188", "dns:comfyui", "dns:comfyui:0", "dns:com fy:8188",
+                  "srv:comfyui:8188", "dns:comfyui:99999"):
+        with pytest.raises(ValueError, match="dns:<name>:<port>"):
+            DnsTarget.parse(wrong)

@@ -19,6 +19,9 @@ RUN pip install --no-deps .
 
 # Sample workflows; mount your own over /app/workflows.
 COPY workflows ./workflows
+# The custom node package for the ComfyUI servers (Kubernetes copies it from this image into
+# each ComfyUI pod, so the two sides are always the same version).
+COPY comfyui_nodes ./comfyui_nodes
 
 RUN useradd --system --uid 10001 --home-dir /app comfyfleet \
     && mkdir -p /app/.data && chown comfyfleet /app/.data

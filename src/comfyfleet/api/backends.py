@@ -25,6 +25,11 @@ class NewBackend(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=100)
 
 
+class DrainRequest(BaseModel):
+    wait: float = Field(default=0.0, ge=0, le=3600,
+                        description="seconds to wait until no job is on the backend")
+
+
 class BackendChange(BaseModel):
     drain: bool = Field(description="true: take no new work and finish what it has; false: enable")
 
@@ -61,6 +66,22 @@ async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
 async def change_backend(name: str, change: BackendChange, svc: ServicesDep) -> dict[str, Any]:
     _session(svc, name)
     return svc.fleet.describe(await svc.fleet.set_draining(name, change.drain))
+
+
+@router.post("/backends/{name}/drain", summary="Drain a backend and wait until it is idle",
+             dependencies=[AdminDep],
+             responses={202: {"description": "Drained, but jobs were still on it at the end"}})
+async def drain_backend(name: str, request: DrainRequest, svc: ServicesDep,
+                        response: Response) -> dict[str, Any]:
+    """For a GPU server about to stop (a Kubernetes preStop hook): no new work goes to it,
+    and the answer comes once every job on it has ended, in every comfyfleet process (200),
+    or when `wait` runs out (202), with `jobs_left` saying how many were still there."""
+    _session(svc, name)
+    left = await svc.fleet.drain_and_wait(name, request.wait)
+    if left:
+        response.status_code = 202
+    session = svc.fleet.session(name)  # discovery may have removed it meanwhile
+    return {**(svc.fleet.describe(session) if session else {"name": name}), "jobs_left": left}
 
 
 @router.delete("/backends/{name}", status_code=204, summary="Remove a drained, idle backend",

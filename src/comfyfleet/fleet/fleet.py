@@ -4,6 +4,7 @@ plus what the API asks of them (cancel, add/drain/remove a backend)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from comfyfleet.storage import Storage
 
 log = logging.getLogger(__name__)
 
+# How often a drain waiting for a backend to go idle reads what other processes have there.
+DRAIN_RECHECK_SECONDS = 2.0
 # A job can move between our read and our fenced write (claimed, started); try again then.
 CANCEL_TRIES = 5
 
@@ -57,6 +60,8 @@ class Fleet:
         self._node_token = node_token
         self._on_terminal = on_terminal
         self._input_cleanups: set[asyncio.Task[None]] = set()
+        # Set (and replaced) whenever a slot frees here: wakes drain_and_wait at once.
+        self._slots_changed = asyncio.Event()
         collector = Collector(repository, storage, key_prefix, self._ended)
         run_times = RunTimes()  # learned by the tracker, used for placement
         self.tracker = ExecutionTracker(
@@ -121,6 +126,8 @@ class Fleet:
     def job_available(self) -> None:
         """A job was queued or a slot freed: let the dispatcher look now."""
         self.dispatcher.wake()
+        self._slots_changed.set()
+        self._slots_changed = asyncio.Event()
 
     async def start(self) -> None:
         """Connect to the registered backends (the configured ones first) and dispatch."""
@@ -191,6 +198,21 @@ class Fleet:
         if not draining:
             self.job_available()
         return session
+
+    async def drain_and_wait(self, name: str, seconds: float) -> int:
+        """Drain `name` and wait up to `seconds` until no job is on it, in any process; the
+        number of jobs still there. A slot freed here wakes it at once; what other processes
+        finish is seen on a re-read every DRAIN_RECHECK_SECONDS."""
+        await self.set_draining(name, True)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while left := len(await self._repository.on_backend(name)):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return left
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slots_changed.wait(),
+                                       min(remaining, DRAIN_RECHECK_SECONDS))
+        return 0
 
     async def remove_backend(self, name: str) -> None:
         session = self.session(name)

@@ -38,6 +38,19 @@ def test_bad_parameters_are_named_each() -> None:
     assert caught.value.problems["colour"] == "unknown parameter"
 
 
+def test_integers_keep_their_exact_value_and_bad_numbers_say_what_is_expected() -> None:
+    txt2img = load_catalog(REPO / "workflows").workflows["sd15_txt2img"]
+    for seed in (2**64 - 1, 12345678901234567, "12345678901234567"):
+        _, prompt = txt2img.build({"prompt": "a cat", "seed": seed})
+        assert prompt["3"]["inputs"]["seed"] == int(seed)  # a float would round it
+    assert txt2img.validate({"prompt": "a cat", "seed": "1e3", "cfg": "7"})["seed"] == 1000
+    with pytest.raises(ParamError) as caught:
+        txt2img.build({"prompt": "a cat", "seed": "abc", "steps": 2.5, "cfg": "high"})
+    assert caught.value.problems == {"seed": "expected an integer, got 'abc'",
+                                     "steps": "expected an integer, got 2.5",
+                                     "cfg": "expected a number, got 'high'"}
+
+
 def test_substitution_happens_in_values_never_in_raw_text(tmp_path: Path) -> None:
     write(tmp_path, "caption.json", {
         "1": {"class_type": "PrimitiveString",

@@ -7,6 +7,7 @@ break the JSON. A value that is exactly one placeholder is replaced by the typed
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,19 +55,34 @@ class ParamError(Exception):
 _FORM_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
+def _number(value: Any, expected: str) -> float:
+    """A JSON number, or a numeric string (a form field is always text), as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # as given: through a float, seeds above 2**53 would change
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    number = _number(value, "an integer")  # "1e3", 64.0
+    if not number.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(number)
+
+
 def _coerce(spec: ParamSpec, value: Any) -> Any:
     """The value converted to the parameter's type; ValueError says what is wrong."""
     if spec.type == "int":
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError(f"expected an integer, got {value!r}")
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
-        value = int(number)
+        value = _integer(value)
     elif spec.type == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError(f"expected a number, got {value!r}")
-        value = float(value)
+        value = _number(value, "a number")
         if not math.isfinite(value):
             raise ValueError("expected a finite number")
     elif spec.type == "bool":

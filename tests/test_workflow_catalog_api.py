@@ -67,6 +67,28 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     assert (status, body["error"]["type"]) == (404, "workflow_not_found")
 
 
+async def test_a_request_for_a_workflow_that_failed_to_load_names_the_error(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, prefix = api
+    async with http.post(f"{prefix}/jobs", json={"workflow": "ui-export"}) as response:
+        answer = await response.json()
+    assert (response.status, answer["error"]["type"], answer["error"]["field"]) == (
+        422, "workflow_broken", "workflow")
+    message = answer["error"]["message"]
+    assert message.startswith("workflow 'ui-export' could not be loaded: this is a UI-format")
+    assert "Workflow > Export (API)" in message
+    for method, path in [("POST", "/workflows/ui-export/jobs"), ("GET", "/workflows/ui-export")]:
+        async with http.request(method, prefix + path, json={"params": {}}) as response:
+            answer = await response.json()
+        assert (response.status, answer["error"]["type"]) == (404, "workflow_broken")
+        assert answer["error"]["message"] == message
+    async with http.post(f"{prefix}/workflows/nope/jobs", json={}) as response:
+        answer = await response.json()
+    assert (response.status, answer["error"]["type"]) == (404, "workflow_not_found")
+    assert answer["error"]["message"].startswith("no workflow named 'nope' (known: blur_image, ")
+
+
 async def test_dropped_in_file_is_picked_up_without_a_restart(
     api: tuple[aiohttp.ClientSession, str], workflows: Path
 ) -> None:

@@ -17,7 +17,7 @@ from comfyfleet.jobs.models import Job, reused_outputs
 from comfyfleet.jobs.repository import QueueFull
 from comfyfleet.services import Services
 from comfyfleet.storage import StorageError
-from comfyfleet.workflows.catalog import Workflow
+from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow, Workflow
 from comfyfleet.workflows.params import ParamError
 from comfyfleet.workflows.service_functions import BuildError
 
@@ -108,12 +108,12 @@ def _idempotency_key(request: JobRequest, header: str | None) -> str | None:
 
 
 def _workflow(svc: Services, name: str) -> Workflow:
-    workflow = svc.catalog.get(name)
-    if workflow is None:
-        known = ", ".join(sorted(svc.catalog.workflows)) or "none"
-        raise ApiError(422, "unknown_workflow", f"no workflow named {name!r} (known: {known})",
-                       field="workflow")
-    return workflow
+    try:
+        return svc.catalog.find(name)
+    except BrokenWorkflow as exc:
+        raise ApiError(422, "workflow_broken", str(exc), field="workflow") from exc
+    except UnknownWorkflow as exc:
+        raise ApiError(422, "unknown_workflow", str(exc), field="workflow") from exc
 
 
 async def _callback_url(svc: Services, request: JobRequest) -> str | None:

@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.intake import REUSE_DESCRIPTION, JobRequest, WorkflowJobRequest, accept
 from comfyfleet.api.security import Caller, CallerDep, visible_job
+from comfyfleet.api.workflows import workflow_at
 from comfyfleet.jobs.models import JobStatus
 from comfyfleet.services import Services, ServicesDep
 
@@ -47,8 +48,7 @@ async def submit_workflow_job(
     """JSON ({"params": {...}, ...}) or multipart/form-data (one field per parameter, files
     for image parameters, plus callback_url / client_task_id / priority / reuse_outputs
     fields)."""
-    if svc.catalog.get(name) is None:
-        raise ApiError(404, "workflow_not_found", f"no workflow named {name!r}")
+    workflow_at(svc, name)  # before reading a body meant for it
     try:
         if http_request.headers.get("content-type", "").startswith("multipart/form-data"):
             request = await _from_form(http_request, svc.settings.max_upload_bytes)

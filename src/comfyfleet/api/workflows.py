@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
 from comfyfleet.services import Services, ServicesDep
-from comfyfleet.workflows.catalog import Workflow
+from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow, Workflow
 
 router = APIRouter(tags=["workflows"])
 
@@ -35,14 +35,19 @@ async def list_workflows(svc: ServicesDep) -> dict[str, Any]:
     return _catalog(svc)
 
 
+def workflow_at(svc: Services, name: str) -> Workflow:
+    """The workflow a path names; 404 saying why there is none (its file's load error)."""
+    try:
+        return svc.catalog.find(name)
+    except BrokenWorkflow as exc:
+        raise ApiError(404, "workflow_broken", str(exc)) from exc
+    except UnknownWorkflow as exc:
+        raise ApiError(404, "workflow_not_found", str(exc)) from exc
+
+
 @router.get("/workflows/{name}", summary="One workflow's parameters and where it can run")
 async def get_workflow(name: str, svc: ServicesDep) -> dict[str, Any]:
-    workflow = svc.catalog.get(name)
-    if workflow is None:
-        if name in svc.catalog.errors:
-            raise ApiError(404, "workflow_broken", svc.catalog.errors[name])
-        raise ApiError(404, "workflow_not_found", f"no workflow named {name!r}")
-    return _describe(svc, workflow)
+    return _describe(svc, workflow_at(svc, name))
 
 
 @router.post("/workflows/reload", summary="Read the workflows directory again now",

@@ -3,8 +3,8 @@
 Each `<name>.json` is a workflow; an optional sidecar `<name>.params.json` (or `.params.yaml`)
 declares its parameters (type, default, range, choices) and whether its outputs may be reused;
 an optional `<name>.py` is its service function. Parameters that only appear as placeholders
-are required and untyped. A broken file is reported in `errors` and never takes the others
-down.
+are required and untyped. A broken file is reported in `errors`, and to a request for it;
+it never takes the others down.
 """
 
 from __future__ import annotations
@@ -106,6 +106,18 @@ class Workflow:
         }
 
 
+class UnknownWorkflow(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"no workflow named {name!r} (known: {', '.join(known) or 'none'})")
+
+
+class BrokenWorkflow(LookupError):
+    """The workflow's files are there but could not be loaded."""
+
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__(f"workflow {name!r} could not be loaded: {error}")
+
+
 @dataclass
 class Catalog:
     workflows: dict[str, Workflow] = field(default_factory=dict)
@@ -113,6 +125,15 @@ class Catalog:
 
     def get(self, name: str) -> Workflow | None:
         return self.workflows.get(name)
+
+    def find(self, name: str) -> Workflow:
+        """The workflow; BrokenWorkflow naming its load error, or UnknownWorkflow."""
+        workflow = self.workflows.get(name)
+        if workflow is not None:
+            return workflow
+        if name in self.errors:
+            raise BrokenWorkflow(name, self.errors[name])
+        raise UnknownWorkflow(name, sorted(self.workflows))
 
 
 def _param_spec(name: str, raw: Any) -> ParamSpec:

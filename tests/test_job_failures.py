@@ -50,7 +50,6 @@ async def run_one(settings: Settings, receiver: WebhookReceiver, request: dict[s
 async def test_prompt_rejected_by_comfyui_fails_the_job_with_its_node_errors(
     settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
-    # Untyped parameter, so the bad value reaches ComfyUI's own validation.
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     (workflows / "sized.json").write_text(json.dumps({
@@ -58,6 +57,9 @@ async def test_prompt_rejected_by_comfyui_fails_the_job_with_its_node_errors(
               "inputs": {"width": "$width", "height": 8, "batch_size": 1, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
     }))
+    # Declared untyped (else it would be typed from EmptyImage.width, 1..16384, and refused
+    # at submit), so the bad value reaches ComfyUI's own validation.
+    (workflows / "sized.params.json").write_text(json.dumps({"width": {"type": "any"}}))
     settings.workflows_dir = workflows
     settings.comfyui_endpoints = [sim.url]
     event = await run_one(settings, receiver, {"workflow": "sized", "params": {"width": 0}})

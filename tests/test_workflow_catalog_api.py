@@ -56,9 +56,10 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     assert (invert["service_function"], invert["reuse_outputs"]) == (None, False)
     assert catalog["workflows"][2]["service_function"] == "invert_times.py"
     assert [p["name"] for p in invert["params"]] == ["width", "height", "color"]
-    assert invert["params"][0] == {"name": "width", "type": "int", "default": 512,
-                                   "required": False, "min": 1, "max": 16384, "choices": None,
-                                   "description": "Image width in pixels"}
+    declared = {"name": "width", "type": "int", "default": 512, "required": False, "min": 1,
+                "max": 16384, "choices": None, "description": "Image width in pixels",
+                "type_source": "sidecar"}
+    assert {key: invert["params"][0][key] for key in declared} == declared
     status, one = await get(http, f"{prefix}/workflows/simulated_work")
     assert (status, one["backends"]) == (200, ["sim"])
     status, body = await get(http, f"{prefix}/workflows/ui-export")

@@ -59,7 +59,7 @@ def test_substitution_happens_in_values_never_in_raw_text(tmp_path: Path) -> Non
     })
     workflow = load_catalog(tmp_path).workflows["caption"]
     hostile = 'x", "3": {"class_type": "Evil"}, "y": "'
-    _, prompt = workflow.build({"subject": hostile, "style": 7})
+    _, prompt = workflow.build({"subject": hostile, "style": "7"})
     assert set(prompt) == {"1", "2"}
     assert prompt["1"]["inputs"]["value"] == f"a photo of {hostile}, 7"
     assert prompt["2"]["inputs"]["note"] == "cost: $5"

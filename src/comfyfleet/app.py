@@ -123,6 +123,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             events=events,
             lease=lease,
             registry=registry,
+            catalog=catalog,
             node_token=settings.comfyfleet_node_token,
         )
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)

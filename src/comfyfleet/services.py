@@ -32,7 +32,10 @@ class Services:
     events: JobNotices
 
     async def reload_catalog(self) -> None:
-        self.catalog = await asyncio.to_thread(load_catalog, self.settings.workflows_dir)
+        # The same catalog, with new files: it keeps what the backends reported (the fleet
+        # tells it when they do).
+        self.catalog.take_files(
+            await asyncio.to_thread(load_catalog, self.settings.workflows_dir))
 
     async def render(self, job: Job) -> dict[str, Any]:
         """The job for API answers: what the webhooks say, plus why a queued job waits."""

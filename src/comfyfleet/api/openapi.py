@@ -17,7 +17,9 @@ _JSON_TYPES = {"string": "string", "int": "integer", "float": "number", "bool": 
 
 
 def param_schema(spec: ParamSpec) -> dict[str, Any]:
-    schema: dict[str, Any] = {"description": spec.description} if spec.description else {}
+    untyped = f"Type not known ({spec.note})" if spec.source is None and spec.note else ""
+    description = " ".join(part for part in (spec.description, untyped) if part)
+    schema: dict[str, Any] = {"description": description} if description else {}
     if spec.type in _JSON_TYPES:
         schema["type"] = _JSON_TYPES[spec.type]
     if spec.choices:

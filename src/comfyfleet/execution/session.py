@@ -16,6 +16,7 @@ from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
+from comfyfleet.workflows.inference import NodeInputs
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class BackendSession:
         self.inflight: dict[str, None] = {}
         self.last_error: str | None = None
         self.capabilities: Capabilities | None = None  # known once it has connected
+        self.node_inputs: NodeInputs | None = None  # the same: what workflows are typed from
         # Deletes our files there when it has comfyui_nodes/ and a token is configured.
         self.cleanup = BackendCleanup(self.client, backend.name, node_token)
 
@@ -93,7 +95,9 @@ class BackendSession:
             await websocket.send_json(FEATURE_FLAGS)
             await self.client.system_stats()
             # Refreshed on every connect: a restarted backend may have new nodes or models.
-            self.capabilities = Capabilities.from_object_info(await self.client.object_info())
+            object_info = await self.client.object_info()
+            self.capabilities = Capabilities.from_object_info(object_info)
+            self.node_inputs = NodeInputs.from_object_info(object_info)
             await self.cleanup.refresh()
             self.connected = True
             self._unreachable_since = None

@@ -23,6 +23,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage
+from comfyfleet.workflows.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,13 @@ class Fleet:
         events: JobNotices,
         lease: ProcessLease,
         registry: BackendRegistry,
+        catalog: Catalog,
         node_token: str | None = None,
     ) -> None:
-        """`backends` are the configured ones; the registry may hold more."""
+        """`backends` are the configured ones; the registry may hold more. The `catalog` is
+        told what each backend reports of its nodes, to type workflow parameters."""
         self._registry = registry
+        self._catalog = catalog
         self._repository = repository
         self._node_token = node_token
         self._on_terminal = on_terminal
@@ -120,6 +124,10 @@ class Fleet:
         self._on_terminal(job)
 
     async def _connected(self, session: BackendSession) -> None:
+        # Before anything awaits: once a backend shows as connected, the catalog is typed
+        # from what it reported.
+        assert session.node_inputs is not None
+        self._catalog.backend_reported(session.name, session.node_inputs)
         await self.tracker.on_connect(session)
         self.job_available()
 
@@ -226,6 +234,7 @@ class Fleet:
 
     async def _stop_session(self, session: BackendSession) -> None:
         self.sessions.remove(session)
+        self._catalog.backend_removed(session.name)
         task = self._session_tasks.pop(session.name, None)
         if task is not None:
             task.cancel()

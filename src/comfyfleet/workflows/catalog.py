@@ -2,9 +2,10 @@
 
 Each `<name>.json` is a workflow; an optional sidecar `<name>.params.json` (or `.params.yaml`)
 declares its parameters (type, default, range, choices) and whether its outputs may be reused;
-an optional `<name>.py` is its service function. Parameters that only appear as placeholders
-are required and untyped. A broken file is reported in `errors`, and to a request for it;
-it never takes the others down.
+an optional `<name>.py` is its service function. What a sidecar leaves unsaid about a
+parameter comes from the node inputs it fills (inference.py), as the backends report them:
+the catalog is typed again whenever a backend's `/object_info` arrives. A broken file is
+reported in `errors`, and to a request for it; it never takes the others down.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
 
 from comfyfleet.workflows.api_format import WorkflowError, check_api_format
+from comfyfleet.workflows.inference import (
+    FleetNodes,
+    NodeInputs,
+    Use,
+    inferred_spec,
+    placeholder_uses,
+)
 from comfyfleet.workflows.params import (
     PARAM_TYPES,
     ParamSpec,
     ParamType,
-    placeholders,
     substitute,
     validate_params,
 )
@@ -46,6 +54,22 @@ class Workflow:
     digest: str
     reuse_outputs: bool = False
     service_function: ServiceFunction | None = None
+    # Where each placeholder is used, and what the sidecar says of each parameter: what the
+    # parameters are typed from again when the fleet's nodes change.
+    uses: Mapping[str, tuple[Use, ...]] = field(default_factory=dict)
+    declared: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def typed(self, nodes: FleetNodes) -> Workflow:
+        """This workflow with its parameters typed from the sidecar, then from `nodes`."""
+        names = [*self.uses, *(name for name in self.declared if name not in self.uses)]
+        params = {name: _declared_over(inferred_spec(name, self.uses.get(name, ()), nodes),
+                                       self.declared.get(name))
+                  for name in names}
+        return replace(self, params=params)
+
+    @property
+    def types_known(self) -> bool:
+        return all(spec.source is not None for spec in self.params.values())
 
     def validate(self, given: dict[str, Any]) -> dict[str, Any]:
         """Typed values of every parameter, defaults included; ParamError on bad input."""
@@ -103,6 +127,9 @@ class Workflow:
             "service_function": (self.service_function.path.name
                                  if self.service_function is not None else None),
             "reuse_outputs": self.reuse_outputs,
+            # false: some parameter is untyped (see its type_note), e.g. until a backend
+            # has reported the nodes it fills
+            "types_known": self.types_known,
         }
 
 
@@ -122,6 +149,7 @@ class BrokenWorkflow(LookupError):
 class Catalog:
     workflows: dict[str, Workflow] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    nodes: FleetNodes = field(default_factory=FleetNodes)
 
     def get(self, name: str) -> Workflow | None:
         return self.workflows.get(name)
@@ -135,26 +163,61 @@ class Catalog:
             raise BrokenWorkflow(name, self.errors[name])
         raise UnknownWorkflow(name, sorted(self.workflows))
 
+    def take_files(self, loaded: Catalog) -> None:
+        """The workflows as read again from the directory, typed from what the fleet says."""
+        self.errors = loaded.errors
+        self.workflows = {name: w.typed(self.nodes) for name, w in loaded.workflows.items()}
 
-def _param_spec(name: str, raw: Any) -> ParamSpec:
+    def backend_reported(self, backend: str, inputs: NodeInputs) -> None:
+        """A backend's /object_info arrived (on every connect): type the workflows again."""
+        self.nodes.report(backend, inputs)
+        self._retype()
+
+    def backend_removed(self, backend: str) -> None:
+        self.nodes.forget(backend)
+        self._retype()
+
+    def _retype(self) -> None:
+        self.workflows = {name: w.typed(self.nodes) for name, w in self.workflows.items()}
+
+
+# What a sidecar entry may say; what it leaves out comes from the node inputs.
+DECLARABLE = ("type", "default", "required", "min", "max", "step", "choices", "description")
+
+
+def _check_declared(name: str, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise WorkflowError(f"parameter {name!r}: expected an object")
-    kind = raw.get("type", "any")
-    if kind not in PARAM_TYPES:
+    kind = raw.get("type")
+    if kind is not None and kind not in PARAM_TYPES:
         raise WorkflowError(f"parameter {name!r}: type must be one of {', '.join(PARAM_TYPES)}")
-    choices = tuple(raw.get("choices") or ())
-    if kind == "enum" and not choices:
+    if kind == "enum" and not raw.get("choices"):
         raise WorkflowError(f"parameter {name!r}: an enum needs choices")
-    default = raw.get("default")
-    return ParamSpec(
-        name=name,
-        type=cast(ParamType, kind),
+    return {key: raw[key] for key in DECLARABLE if key in raw}
+
+
+def _declared_over(inferred: ParamSpec, declared: Mapping[str, Any] | None) -> ParamSpec:
+    """The sidecar's word wins; it leaves the rest to what was inferred, unless it declares
+    another type (then the inferred range and choices would not fit)."""
+    if declared is None:
+        return inferred
+    kind = declared.get("type")
+    if kind is None:
+        base = inferred
+    elif kind == inferred.type:
+        base = replace(inferred, source="sidecar")
+    else:
+        base = ParamSpec(inferred.name, type=cast(ParamType, kind), source="sidecar")
+    default = declared.get("default", base.default)
+    return replace(
+        base,
         default=default,
-        required=bool(raw.get("required", default is None)),
-        minimum=raw.get("min"),
-        maximum=raw.get("max"),
-        choices=choices,
-        description=str(raw.get("description", "")),
+        required=bool(declared.get("required", default is None)),
+        minimum=declared.get("min", base.minimum),
+        maximum=declared.get("max", base.maximum),
+        step=declared.get("step", base.step),
+        choices=tuple(declared["choices"]) if declared.get("choices") else base.choices,
+        description=str(declared.get("description", base.description)),
     )
 
 
@@ -182,24 +245,26 @@ def load_workflow(path: Path) -> Workflow:
         code_source = code.read_bytes()
         digest.update(b"\0service function\0" + code_source)
         service_function = load_service_function(code, code_source)
-    params = {key: ParamSpec(name=key) for key in placeholders(template)}
+    uses = placeholder_uses(template)
+    declared: dict[str, dict[str, Any]] = {}
     reuse_outputs = False
     sidecar = next((path.with_name(name + suffix) for suffix in SIDECAR_SUFFIXES
                     if path.with_name(name + suffix).exists()), None)
     if sidecar is not None:
         text = sidecar.read_text()
         digest.update(b"\0sidecar\0" + text.encode())
-        declared = _read_sidecar(sidecar, text)
-        reuse_outputs = declared.pop(REUSE_KEY, False)
+        entries = _read_sidecar(sidecar, text)
+        reuse_outputs = entries.pop(REUSE_KEY, False)
         if not isinstance(reuse_outputs, bool):
             raise WorkflowError(f"{sidecar.name}: {REUSE_KEY} must be true or false")
-        for key, raw in declared.items():
+        for key, raw in entries.items():
             # A service function may take parameters the template does not name.
-            if key not in params and service_function is None:
+            if key not in uses and service_function is None:
                 raise WorkflowError(f"{sidecar.name}: parameter {key!r} is not used in {path.name}")
-            params[key] = _param_spec(key, raw)
-    return Workflow(name=name, template=template, params=params, digest=digest.hexdigest(),
-                    reuse_outputs=reuse_outputs, service_function=service_function)
+            declared[key] = _check_declared(key, raw)
+    return Workflow(name=name, template=template, params={}, digest=digest.hexdigest(),
+                    reuse_outputs=reuse_outputs, service_function=service_function,
+                    uses=uses, declared=declared).typed(FleetNodes())
 
 
 def load_catalog(directory: Path) -> Catalog:

@@ -16,6 +16,12 @@ from typing import Any, Literal
 
 ParamType = Literal["any", "string", "int", "float", "bool", "enum", "image"]
 PARAM_TYPES: tuple[ParamType, ...] = ("any", "string", "int", "float", "bool", "enum", "image")
+# Where a parameter's type comes from: its sidecar entry, the /object_info of the node input it
+# fills, or the template (a placeholder inside a longer string is a string).
+TypeSource = Literal["sidecar", "object_info", "template"]
+
+# An error message lists at most this many choices (a loader may offer thousands of files).
+CHOICES_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,12 @@ class ParamSpec:
     required: bool = True
     minimum: float | None = None
     maximum: float | None = None
+    step: float | None = None  # the node's UI increment; shown, not enforced (as ComfyUI)
     choices: tuple[Any, ...] = ()
     description: str = ""
+    # None: the type is not known ("any"), and `note` says why.
+    source: TypeSource | None = None
+    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -37,8 +47,11 @@ class ParamSpec:
             "required": self.required,
             "min": self.minimum,
             "max": self.maximum,
+            "step": self.step,
             "choices": list(self.choices) or None,
             "description": self.description,
+            "type_source": self.source,
+            "type_note": self.note or None,
         }
 
 
@@ -77,6 +90,12 @@ def _integer(value: Any) -> int:
     return int(number)
 
 
+def _choices_text(choices: tuple[Any, ...]) -> str:
+    shown = list(choices[:CHOICES_SHOWN])
+    more = len(choices) - len(shown)
+    return f"{shown}" + (f" and {more} more" if more else "")
+
+
 def _coerce(spec: ParamSpec, value: Any) -> Any:
     """The value converted to the parameter's type; ValueError says what is wrong."""
     if spec.type == "int":
@@ -106,7 +125,7 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
     if spec.maximum is not None and value > spec.maximum:
         raise ValueError(f"must be at most {spec.maximum}")
     if spec.choices and value not in spec.choices:
-        raise ValueError(f"must be one of {list(spec.choices)}")
+        raise ValueError(f"must be one of {_choices_text(spec.choices)}")
     return value
 
 
@@ -145,7 +164,8 @@ def placeholders(template: Any) -> Iterator[str]:
             yield from placeholders(value)
 
 
-def _whole_placeholder(value: str) -> str | None:
+def whole_placeholder(value: str) -> str | None:
+    """The name of the placeholder that is all of `value` (`"$seed"`, `"${seed}"`), or None."""
     identifiers = Template(value).get_identifiers()
     if len(identifiers) == 1 and value in (f"${identifiers[0]}", f"${{{identifiers[0]}}}"):
         return identifiers[0]
@@ -155,7 +175,7 @@ def _whole_placeholder(value: str) -> str | None:
 def substitute(template: Any, values: Mapping[str, Any]) -> Any:
     """A copy of `template` with every placeholder replaced; the input is left untouched."""
     if isinstance(template, str):
-        whole = _whole_placeholder(template)
+        whole = whole_placeholder(template)
         if whole is not None:
             return values[whole]
         if "$" not in template:

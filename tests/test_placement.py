@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
@@ -211,3 +212,15 @@ async def started_ms(http: aiohttp.ClientSession, url: str, prompt_id: str) -> i
     async with http.get(f"{url}/history/{prompt_id}") as response:
         messages = (await response.json())[prompt_id]["status"]["messages"]
     return next(int(data["timestamp"]) for kind, data in messages if kind == "execution_start")
+
+
+def test_speed_compares_a_backend_with_the_fleet_on_the_workflows_it_ran() -> None:
+    times = RunTimes()
+    for _ in range(3):
+        times.record("fast", "a", 1.0)
+        times.record("slow", "a", 3.0)
+    times.record("new", "a", 2.0)  # too few runs to tell
+    assert times.speed("fast") == pytest.approx(2.0)  # the fleet's mean of "a" is 2.0
+    assert times.speed("slow") == pytest.approx(2 / 3)
+    assert times.speed("new") is None
+    assert times.speed("unknown") is None

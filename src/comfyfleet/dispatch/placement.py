@@ -34,9 +34,11 @@ class RunTimes:
             lambda: deque(maxlen=RUN_TIME_WINDOW))
         self._fleet: dict[str, deque[float]] = defaultdict(
             lambda: deque(maxlen=RUN_TIME_WINDOW))
+        self._workflows_of: dict[str, set[str]] = defaultdict(set)
 
     def record(self, backend: str, workflow: str, seconds: float) -> None:
         self._samples[(backend, workflow)].append(seconds)
+        self._workflows_of[backend].add(workflow)
         self._fleet[workflow].append(seconds)
 
     def expected(self, backend: str, workflow: str) -> float | None:
@@ -47,6 +49,20 @@ class RunTimes:
         if not samples:
             return None
         return max(sum(samples) / len(samples), 1e-3)
+
+    def speed(self, backend: str) -> float | None:
+        """How fast the backend runs the workflows it has run, against the fleet's mean for
+        each (2.0: twice as fast); None until it has run one often enough to tell."""
+        ratios = [
+            _mean(self._fleet[workflow]) / max(_mean(samples), 1e-3)
+            for workflow in self._workflows_of.get(backend, ())
+            if len(samples := self._samples[(backend, workflow)]) >= MIN_SAMPLES
+        ]
+        return sum(ratios) / len(ratios) if ratios else None
+
+
+def _mean(samples: deque[float]) -> float:
+    return sum(samples) / len(samples)
 
 
 def remaining(expected: float, elapsed: float) -> float:

@@ -16,6 +16,7 @@ from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
+from comfyfleet.pulse import Pulse
 from comfyfleet.workflows.inference import NodeInputs
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ class BackendSession:
         on_connect: SessionHandler,
         on_disconnect: SessionHandler,
         node_token: str | None = None,
+        changes: Pulse | None = None,
     ) -> None:
+        """`changes` beats whenever what `Fleet.describe` shows of this backend changes."""
         self.backend = backend
         # One id for the life of this process: events for prompts queued before a reconnect
         # still reach the new socket (which is opened only after the old one is closed).
@@ -51,6 +54,7 @@ class BackendSession:
         self._on_message = on_message
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._changes = changes or Pulse()
         self._http = aiohttp.ClientSession()
         self.client = ComfyClient(backend.url, self._http)
         self.connected = False
@@ -84,6 +88,7 @@ class BackendSession:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.last_error = repr(exc)
                 log.warning("backend %s connection lost: %r", self.name, exc)
+            self._changes.beat()
             # Full jitter keeps a fleet of gateways from reconnecting in lockstep.
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, BACKOFF_MAX)
@@ -103,6 +108,7 @@ class BackendSession:
             self._unreachable_since = None
             self.last_error = None
             log.info("backend %s connected (%s)", self.name, self.backend.url)
+            self._changes.beat()
             await self._on_connect(self)
             async for frame in websocket:
                 if frame.type == aiohttp.WSMsgType.TEXT:
@@ -125,6 +131,7 @@ class BackendSession:
                 self.connected = False
                 self._unreachable_since = time.monotonic()
                 log.warning("backend %s disconnected", self.name)
+                self._changes.beat()
                 await self._on_disconnect(self)
 
     def unreachable_for(self) -> float:
@@ -138,9 +145,21 @@ class BackendSession:
         return self.connected and not self.draining
 
     async def _handle(self, message: Message) -> None:
-        if isinstance(message, Status) and message.queue_remaining is not None:
+        if (isinstance(message, Status) and message.queue_remaining is not None
+                and message.queue_remaining != self.queue_remaining):
             self.queue_remaining = message.queue_remaining
+            self._changes.beat()
         await self._on_message(self, message)
+
+    def hold(self, prompt_id: str) -> None:
+        """One of our prompts is going to this backend: it takes a slot."""
+        self.inflight[prompt_id] = None
+        self._changes.beat()
+
+    def release(self, prompt_id: str) -> None:
+        """The prompt finished executing here (or never will): its slot is free."""
+        if self.inflight.pop(prompt_id, 0) is None:
+            self._changes.beat()
 
     async def withdraw(self, prompt_id: str) -> None:
         """Take a prompt off this backend: out of the queue if pending, interrupted if running."""

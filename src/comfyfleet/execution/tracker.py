@@ -110,7 +110,7 @@ class ExecutionTracker:
     ) -> None:
         run = PromptRun(session, job, adopted=adopted)
         self._runs[run.prompt_id] = run
-        session.inflight[run.prompt_id] = None
+        session.hold(run.prompt_id)
         if submitting:
             self._submitting.add(run.prompt_id)
 
@@ -134,7 +134,7 @@ class ExecutionTracker:
         self._submitting.discard(prompt_id)
         run = self._runs.pop(prompt_id, None)
         if run is not None:
-            run.session.inflight.pop(prompt_id, None)
+            run.session.release(prompt_id)
             self._on_slot_freed()
 
     # Websocket events.

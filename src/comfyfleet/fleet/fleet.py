@@ -22,6 +22,7 @@ from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.pulse import Pulse
 from comfyfleet.storage import Storage
 from comfyfleet.workflows.catalog import Catalog
 
@@ -66,8 +67,11 @@ class Fleet:
         self._input_cleanups: set[asyncio.Task[None]] = set()
         # Set (and replaced) whenever a slot frees here: wakes drain_and_wait at once.
         self._slots_changed = asyncio.Event()
+        # Beats whenever what `describe` shows of any backend changes (the dashboard).
+        self.changes = Pulse()
         collector = Collector(repository, storage, key_prefix, self._ended)
         run_times = RunTimes()  # learned by the tracker, used for placement
+        self._run_times = run_times
         self.tracker = ExecutionTracker(
             repository,
             collector,
@@ -107,8 +111,10 @@ class Fleet:
             on_connect=self._connected,
             on_disconnect=self.tracker.on_disconnect,
             node_token=self._node_token,
+            changes=self.changes,
         )
         self.sessions.append(session)
+        self.changes.beat()
         return session
 
     def _ended(self, job: Job) -> None:
@@ -158,11 +164,14 @@ class Fleet:
                 self._connect(session)
             if session.draining != entry.draining:
                 session.draining = entry.draining
+                self.changes.beat()
                 if not entry.draining:
                     self.job_available()
         for session in list(self.sessions):
             if session.name not in registered:
-                session.draining = True  # removed elsewhere: finish what it has here
+                if not session.draining:  # removed elsewhere: finish what it has here
+                    session.draining = True
+                    self.changes.beat()
                 if not session.inflight:
                     await self._stop_session(session)
 
@@ -203,6 +212,7 @@ class Fleet:
             raise KeyError(name)
         await self._registry.set_draining(name, draining)
         session.draining = draining
+        self.changes.beat()
         if not draining:
             self.job_available()
         return session
@@ -235,6 +245,7 @@ class Fleet:
     async def _stop_session(self, session: BackendSession) -> None:
         self.sessions.remove(session)
         self._catalog.backend_removed(session.name)
+        self.changes.beat()
         task = self._session_tasks.pop(session.name, None)
         if task is not None:
             task.cancel()
@@ -300,6 +311,8 @@ class Fleet:
             "draining": session.draining,
             "queue_remaining": session.queue_remaining,
             "inflight": len(session.inflight),
+            # Run times against the fleet's mean (2.0: twice as fast); null until known.
+            "speed": _rounded(self._run_times.speed(session.name)),
             "unreachable_seconds": round(session.unreachable_for(), 1),
             "last_error": session.last_error,
             "capabilities": session.capabilities.summary() if session.capabilities else None,
@@ -319,6 +332,10 @@ class Fleet:
         await asyncio.gather(*self._input_cleanups, return_exceptions=True)
         for session in self.sessions:
             await session.close()
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 2) if value is not None else None
 
 
 def _out_of_service(session: BackendSession) -> str:

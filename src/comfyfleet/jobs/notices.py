@@ -12,6 +12,8 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
+from comfyfleet.pulse import Pulse
+
 QUEUE_SIZE = 64  # a slow listener loses previews, never the state (it re-reads the job)
 
 
@@ -28,9 +30,12 @@ Notice = PreviewImage | None  # None: "the job changed; read it again"
 class JobNotices:
     def __init__(self) -> None:
         self._listeners: dict[uuid.UUID, set[asyncio.Queue[Notice]]] = defaultdict(set)
+        # Beats on every job this process changes (the dashboard's lists follow it).
+        self.any_job = Pulse()
 
     def changed(self, job_id: uuid.UUID) -> None:
         self._publish(job_id, None)
+        self.any_job.beat()
 
     def preview(self, job_id: uuid.UUID, preview: PreviewImage) -> None:
         self._publish(job_id, preview)

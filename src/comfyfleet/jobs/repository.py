@@ -95,14 +95,15 @@ class JobRepository:
                 await self._check_quota(session, job, max_unfinished)
             statement = _INSERT if job.client_task_id is None else _INSERT_UNLESS_TAKEN
             created = (await session.exec(statement, params=values)).first()
-            if created is not None:
-                if JobStatus(job.status).terminal:
-                    await deliveries.enqueue(session, job, f"job.{job.status}")
-                return job, True
-            existing = await session.exec(
-                select(Job).where(col(Job.client_task_id) == job.client_task_id)
-            )
-            return existing.one(), False
+            if created is None:
+                existing = await session.exec(
+                    select(Job).where(col(Job.client_task_id) == job.client_task_id)
+                )
+                return existing.one(), False
+            if JobStatus(job.status).terminal:
+                await deliveries.enqueue(session, job, f"job.{job.status}")
+        self._on_change(job.id)  # committed: a new job is a change the job lists show
+        return job, True
 
     async def _check_quota(self, session: AsyncSession, job: Job, limit: int) -> None:
         # Serialised per key, so concurrent submits cannot all pass the count together.

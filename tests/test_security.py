@@ -27,7 +27,8 @@ from comfyfleet.settings import Settings
 KEY_A, KEY_B, ADMIN = "key-a-8c1f6e2d", "key-b-37d0b9aa", "admin-5e9a1c44"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 # Routes outside the prefix, open by design (/files/ URLs carry their own signature).
-UNPREFIXED = {*OPEN_PATHS, "/redoc", "/docs/oauth2-redirect", "/files/{key:path}"}
+UNPREFIXED = {*OPEN_PATHS, "/redoc", "/docs/oauth2-redirect", "/files/{key:path}",
+              "/dashboard"}  # the dashboard's page and assets hold no data
 # Stand-ins for path parameters: enough for the request to reach the route.
 SAMPLE_VALUES = {"job_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4()), "index": "0",
                  "name": "invert"}
@@ -48,6 +49,8 @@ class Client:
         headers = bearer(key) if key else {}
         async with self.http.request(method, self.api + path, json=body, headers=headers,
                                      **kwargs) as response:
+            if response.content_type == "text/event-stream":  # endless: the status is enough
+                return response.status, None, response.headers
             text = await response.text()
             payload = await response.json() if text and response.content_type.endswith(
                 "json") else text

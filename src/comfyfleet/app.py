@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI
 from comfyfleet import db, metrics
 from comfyfleet.api import (
     backends,
+    dashboard,
     deliveries,
     events,
     health,
@@ -168,6 +169,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(workflows.router, prefix=prefix, dependencies=secured)
     app.include_router(deliveries.router, prefix=prefix, dependencies=secured)
     app.include_router(backends.router, prefix=prefix, dependencies=secured)
+    app.include_router(dashboard.router, prefix=prefix, dependencies=secured)
+    dashboard.install_dashboard(app, prefix)
     install_openapi(app, settings.route_prefix)
     return app
 

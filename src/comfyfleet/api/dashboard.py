@@ -1,0 +1,125 @@
+"""The operator's dashboard (DESIGN §4 `GET /dashboard`): static pages shipped in the package,
+and the few reads they need beyond the API's own.
+
+The pages call the API with the key the operator typed in (an admin key sees every job and may
+act; a tenant key sees its own jobs), so the HTML and its assets carry no data and are open.
+One Server-Sent Events stream per open dashboard tells it when the fleet or the jobs change:
+it is woken by the fleet's and the jobs' pulses, never by a timer, and coalesces bursts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from comfyfleet.api.deliveries import delivery_json
+from comfyfleet.api.security import CallerDep
+from comfyfleet.jobs.overview import Overview
+from comfyfleet.services import Services, ServicesDep
+
+STATIC = Path(__file__).resolve().parent.parent / "dashboard"
+# At most this many events a second per open dashboard, however busy the fleet is.
+MIN_EVENT_INTERVAL = 0.5
+PING_SECONDS = 15
+# The pages hold no secrets beyond the key in the tab's storage; nothing from elsewhere runs.
+# Output images may come from the storage's own host (S3 presigned URLs).
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob: http: https:; "
+                           "media-src 'self' blob: http: https:; frame-ancestors 'none'")
+
+router = APIRouter(tags=["dashboard"])
+
+
+def _overview(svc: ServicesDep) -> Overview:
+    return Overview(svc.engine)
+
+
+OverviewDep = Annotated[Overview, Depends(_overview)]
+
+
+@router.get("/dashboard/me", summary="Who the dashboard's key is")
+async def whoami(caller: CallerDep) -> dict[str, Any]:
+    """`admin`: sees every job and may change the fleet; `keys`: the API needs a key."""
+    return {"admin": caller.sees_all, "keys": caller.key_hash is not None}
+
+
+@router.get("/dashboard/backlog", summary="The unfinished jobs by workflow")
+async def backlog(caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
+    entries = await overview.backlog(caller.owner_filter)
+    queued = [entry.oldest_queued_at for entry in entries if entry.oldest_queued_at]
+    return {
+        "queued": sum(entry.counts.get("queued", 0) for entry in entries),
+        "oldest_queued_at": min(queued).isoformat() if queued else None,
+        "workflows": [
+            {"workflow": entry.workflow, "counts": entry.counts,
+             "oldest_queued_at": entry.oldest_queued_at.isoformat()
+             if entry.oldest_queued_at else None}
+            for entry in entries
+        ],
+    }
+
+
+@router.get("/dashboard/deliveries", summary="Webhook deliveries failing or dead")
+async def troubled_deliveries(
+    caller: CallerDep, overview: OverviewDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    found = await overview.troubled_deliveries(limit, caller.owner_filter)
+    return {"deliveries": [delivery_json(delivery, []) for delivery in found]}
+
+
+@router.get("/dashboard/events", summary="The dashboard's live stream",
+            response_class=EventSourceResponse)
+async def dashboard_events(svc: ServicesDep, _: CallerDep) -> EventSourceResponse:
+    """`fleet` events carry every backend as GET /backends shows it, whenever that changes;
+    `jobs` events say that jobs changed, so that the page re-reads what it lists."""
+    return EventSourceResponse(_stream(svc), ping=PING_SECONDS)
+
+
+async def _stream(svc: Services) -> AsyncIterator[ServerSentEvent]:
+    jobs_changed = svc.events.any_job.next()
+    shown: list[dict[str, Any]] | None = None
+    while True:
+        fleet_changed = svc.fleet.changes.next()
+        fleet = [svc.fleet.describe(session) for session in svc.fleet.sessions]
+        if fleet != shown:
+            shown = fleet
+            yield ServerSentEvent(json.dumps(fleet), event="fleet")
+        if jobs_changed.is_set():
+            jobs_changed = svc.events.any_job.next()
+            yield ServerSentEvent("{}", event="jobs")
+        await asyncio.sleep(MIN_EVENT_INTERVAL)  # a burst of changes becomes one event
+        await _first(fleet_changed, jobs_changed)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    if any(event.is_set() for event in events):
+        return
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def install_dashboard(app: FastAPI, route_prefix: str) -> None:
+    """The page at /dashboard and its assets at /dashboard/static/, open like /docs: they
+    hold no data. The page is told where the API is."""
+    page = (STATIC / "index.html").read_text().replace(
+        "{{API_PREFIX}}", html.escape(route_prefix, quote=True))
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                           "Cache-Control": "no-cache"})
+
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")

@@ -1,0 +1,538 @@
+// comfyfleet's operator dashboard: plain JS, no build step. It calls the API with the key typed
+// in (kept in this tab's sessionStorage) and follows the service's Server-Sent Events, read
+// with fetch() so that they carry the key too. Every value from the API is put in the page
+// as text (textContent, attributes), never as HTML.
+
+const API = document.querySelector('meta[name="comfyfleet-api"]').content;
+const KEY_STORAGE = "comfyfleet.key";
+const STATES = ["queued", "dispatched", "running", "uploading", "succeeded", "failed", "cancelled"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const PAGE_SIZE = 50;
+
+const state = {
+  key: sessionStorage.getItem(KEY_STORAGE),
+  admin: false,
+  fleet: null, // the latest `fleet` event: every backend as GET /backends shows it
+  fleetAt: 0, // when it arrived (unreachable_seconds count from then)
+  view: null, // the page shown: {name, render(), onJobs?(), close?()}
+  live: null, // AbortController of the dashboard's stream
+};
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function headers(extra = {}) {
+  return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const response = await fetch(API + path, init);
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (response.status === 401) showLogin(data?.error?.message);
+  if (!response.ok) throw new ApiError(response.status, data?.error?.message ?? response.statusText);
+  return data;
+}
+
+// Server-Sent Events over fetch (EventSource cannot send an Authorization header). Resolves
+// when the stream ends; `onEvent(name, data)` gets each event's parsed JSON.
+async function stream(path, onEvent, signal) {
+  const response = await fetch(API + path, { headers: headers({ Accept: "text/event-stream" }), signal });
+  if (response.status === 401) showLogin();
+  if (!response.ok) throw new ApiError(response.status, response.statusText);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let name = "message";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    const lines = buffer.split(/\r\n|\r|\n/);
+    buffer = lines.pop();
+    for (const line of lines) {
+      if (line === "") {
+        if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+        name = "message";
+        data = [];
+      } else if (line.startsWith("event:")) {
+        name = line.slice(6).trim();
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(5).replace(/^ /, ""));
+      }
+    }
+  }
+}
+
+// Follow a stream, reconnecting with backoff until `signal` aborts or `follow` returns false.
+async function follow(path, onEvent, signal, onState = () => {}) {
+  let delay = 500;
+  while (!signal.aborted) {
+    try {
+      onState(true);
+      await stream(path, onEvent, signal);
+      delay = 500;
+    } catch (error) {
+      if (signal.aborted || (error instanceof ApiError && error.status < 500)) return;
+    }
+    onState(false);
+    if (signal.aborted) return;
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, 10000);
+  }
+}
+
+// --- DOM helpers ------------------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else if (name in element && typeof value !== "string") element[name] = value;
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    element.append(child instanceof Node ? child : String(child));
+  }
+  return element;
+}
+
+const main = () => document.getElementById("main");
+
+function badge(text, kind = text) {
+  return h("span", { class: `badge ${kind}` }, text);
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+}
+
+function since(iso) {
+  return iso ? (Date.now() - new Date(iso).getTime()) / 1000 : null;
+}
+
+function problem(error) {
+  return h("p", { class: "error", role: "alert" }, error.message || String(error));
+}
+
+// A button that runs `action`, disabled meanwhile; errors are shown beside it.
+function actionButton(label, action, attrs = {}) {
+  const button = h("button", { type: "button", ...attrs }, label);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    button.parentElement?.querySelector(".error")?.remove();
+    try {
+      await action();
+    } catch (error) {
+      button.after(h("span", { class: "error" }, ` ${error.message}`));
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return button;
+}
+
+// --- Fleet ------------------------------------------------------------------------------------
+
+function fleetView() {
+  return {
+    name: "fleet",
+    render() {
+      const root = main();
+      root.replaceChildren(h("h2", {}, "Fleet"));
+      if (state.fleet === null) {
+        root.append(h("p", { class: "muted" }, "Waiting for the fleet…"));
+        return;
+      }
+      const backends = state.fleet;
+      const up = backends.filter((b) => b.healthy).length;
+      const inflight = backends.reduce((sum, b) => sum + b.inflight, 0);
+      root.append(
+        h("div", { class: "cards" },
+          card(`${up} / ${backends.length}`, "backends up"),
+          card(backends.filter((b) => b.draining).length, "draining"),
+          card(inflight, "prompts in flight")),
+        h("table", { id: "fleet" },
+          h("thead", {}, h("tr", {},
+            h("th", {}, "Backend"), h("th", {}, "Health"), h("th", {}, "Websocket"),
+            h("th", { class: "num" }, "Queue"), h("th", { class: "num" }, "In flight"),
+            h("th", { class: "num" }, "Speed"), h("th", {}, "Cleanup"),
+            h("th", {}, "Capabilities"), h("th", {}, "Last error"),
+            state.admin ? h("th", {}, "Actions") : null)),
+          h("tbody", {}, backends.map(backendRow))),
+      );
+      if (!backends.length) root.append(h("p", { class: "muted" }, "No backends configured."));
+    },
+  };
+}
+
+function card(value, label) {
+  return h("div", { class: "card" }, h("div", { class: "value" }, value), h("div", { class: "label" }, label));
+}
+
+function backendRow(backend) {
+  const health = !backend.healthy ? badge("down") : backend.draining ? badge("draining") : badge("up", "ok");
+  const downFor = backend.unreachable_seconds + (Date.now() - state.fleetAt) / 1000;
+  const caps = backend.capabilities;
+  return h("tr", { "data-backend": backend.name, "data-draining": String(backend.draining) },
+    h("td", {}, h("strong", {}, backend.name), h("div", { class: "muted" }, backend.url)),
+    h("td", { class: "health" }, health),
+    h("td", {}, backend.healthy ? "connected" : `reconnecting (down ${duration(downFor)})`),
+    h("td", { class: "num" }, backend.queue_remaining),
+    h("td", { class: "num inflight" }, backend.inflight),
+    h("td", { class: "num" }, backend.speed === null || backend.speed === undefined ? "—" : `${backend.speed}×`),
+    h("td", {}, backend.cleanup ? badge(`on (${backend.cleanup})`, "ok") : badge("off")),
+    h("td", { class: "muted" }, caps ? capabilitySummary(caps) : "—"),
+    h("td", { class: "error-text" }, backend.last_error ?? ""),
+    state.admin ? h("td", {}, h("div", { class: "actions" }, backendActions(backend))) : null,
+  );
+}
+
+function capabilitySummary(caps) {
+  if (typeof caps !== "object") return String(caps);
+  return Object.entries(caps)
+    .map(([name, value]) => `${name}: ${Array.isArray(value) ? value.length : typeof value === "object" && value ? Object.keys(value).length : value}`)
+    .join(", ");
+}
+
+function backendActions(backend) {
+  // The table shows what the live stream last said; the stream tells of the change made here
+  // too, so the page never holds a state the stream does not know it has.
+  const path = `/backends/${encodeURIComponent(backend.name)}`;
+  return [
+    backend.draining
+      ? actionButton("Enable", () => api("PATCH", path, { drain: false }), { class: "enable" })
+      : actionButton("Drain", () => api("PATCH", path, { drain: true }), { class: "drain" }),
+    actionButton("Remove", async () => {
+      if (confirm(`Remove backend ${backend.name}?`)) await api("DELETE", path);
+    }, { class: "remove danger", disabled: !backend.draining || backend.inflight > 0 }),
+  ];
+}
+
+// --- Jobs -------------------------------------------------------------------------------------
+
+function jobsView(query) {
+  const filters = { status: query.get("status") || "", workflow: query.get("workflow") || "" };
+  let cursors = [null]; // the cursor of each page seen, to go back
+  let shown = null;
+  async function load() {
+    const params = new URLSearchParams({ limit: PAGE_SIZE });
+    if (filters.status) params.set("status", filters.status);
+    if (filters.workflow) params.set("workflow", filters.workflow);
+    const cursor = cursors[cursors.length - 1];
+    if (cursor) params.set("cursor", cursor);
+    shown = await api("GET", `/jobs?${params}`);
+    draw();
+  }
+  function draw() {
+    const tbody = document.querySelector("#jobs tbody");
+    if (!tbody) return;
+    tbody.replaceChildren(...shown.jobs.map(jobRow));
+    document.getElementById("jobs-empty").hidden = shown.jobs.length > 0;
+    document.getElementById("jobs-next").disabled = !shown.next_cursor;
+    document.getElementById("jobs-prev").disabled = cursors.length < 2;
+  }
+  return {
+    name: "jobs",
+    async render() {
+      const form = h("form", { class: "filters" },
+        h("label", {}, "Status ", h("select", { name: "status" },
+          h("option", { value: "" }, "any"),
+          STATES.map((s) => h("option", { value: s, selected: s === filters.status }, s)))),
+        h("label", {}, "Workflow ", h("input", { name: "workflow", value: filters.workflow, placeholder: "any" })),
+        h("button", { type: "submit" }, "Filter"));
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        const data = new FormData(form);
+        const params = new URLSearchParams();
+        for (const name of ["status", "workflow"]) if (data.get(name)) params.set(name, data.get(name));
+        location.hash = `#/jobs${params.size ? `?${params}` : ""}`;
+      });
+      main().replaceChildren(
+        h("h2", {}, "Jobs"), form,
+        h("table", { id: "jobs" }, h("thead", {}, h("tr", {},
+          h("th", {}, "Job"), h("th", {}, "Workflow"), h("th", {}, "Status"), h("th", {}, "Progress"),
+          h("th", {}, "Backend"), h("th", {}, "Created"), h("th", {}, "Finished"))), h("tbody")),
+        h("p", { id: "jobs-empty", class: "muted", hidden: true }, "No jobs."),
+        h("div", { class: "actions" },
+          h("button", { id: "jobs-prev", type: "button", onclick: () => { cursors.pop(); load(); } }, "← Newer"),
+          h("button", { id: "jobs-next", type: "button", onclick: () => { cursors.push(shown.next_cursor); load(); } }, "Older →")));
+      await load();
+    },
+    onJobs() {
+      if (cursors.length === 1) load(); // the newest page follows the jobs; older pages stay put
+    },
+  };
+}
+
+function jobRow(job) {
+  return h("tr", { "data-job": job.id, "data-status": job.status },
+    h("td", {}, h("a", { href: `#/jobs/${job.id}` }, h("code", {}, job.id.slice(0, 8)))),
+    h("td", {}, job.workflow),
+    h("td", {}, badge(job.status)),
+    h("td", {}, h("progress", { max: 1, value: job.progress })),
+    h("td", {}, job.backend ?? "—"),
+    h("td", {}, when(job.created_at)),
+    h("td", {}, when(job.finished_at)));
+}
+
+function jobView(jobId) {
+  const controller = new AbortController();
+  let job = null;
+  async function reload() {
+    job = await api("GET", `/jobs/${jobId}`);
+    draw();
+    await loadDeliveries();
+  }
+  function draw() {
+    const cancellable = !TERMINAL.has(job.status);
+    main().replaceChildren(
+      h("h2", {}, "Job ", h("code", {}, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
+      h("div", { class: "actions" },
+        cancellable ? actionButton("Cancel", async () => { job = await api("POST", `/jobs/${jobId}/cancel`); draw(); },
+          { id: "job-cancel", class: "danger" }) : null),
+      timeline(job),
+      h("p", {}, h("progress", { id: "job-progress", max: 1, value: job.progress }), " ",
+        h("span", { id: "job-progress-text" }, `${Math.round(job.progress * 100)} %`), " ",
+        h("span", { id: "job-eta", class: "muted" })),
+      h("p", { id: "job-waiting", class: "muted" }, job.waiting ?? ""),
+      h("img", { id: "job-preview", class: "preview", alt: "live preview", hidden: true }),
+      h("dl", { class: "facts" },
+        h("dt", {}, "Workflow"), h("dd", {}, job.workflow),
+        h("dt", {}, "Backend"), h("dd", { id: "job-backend" }, job.backend ?? "—"),
+        h("dt", {}, "Attempts"), h("dd", {}, job.attempts),
+        h("dt", {}, "Client task id"), h("dd", {}, job.client_task_id ?? "—"),
+        h("dt", {}, "Callback"), h("dd", {}, job.callback_url ?? "—"),
+        h("dt", {}, "Parameters"), h("dd", {}, h("code", {}, JSON.stringify(job.params)))),
+      job.error ? jobError(job.error) : null,
+      job.outputs.length ? h("h3", {}, "Outputs") : null,
+      job.outputs.length ? h("div", { class: "outputs", id: "job-outputs" }, job.outputs.map(output)) : null,
+      h("h3", {}, "Webhook deliveries"),
+      h("div", { id: "job-deliveries" }, h("p", { class: "muted" }, "…")),
+    );
+  }
+  async function loadDeliveries() {
+    const found = await api("GET", `/jobs/${jobId}/deliveries`);
+    const target = document.getElementById("job-deliveries");
+    if (!target) return;
+    if (!found.deliveries.length) {
+      target.replaceChildren(h("p", { class: "muted" }, job.callback_url ? "None yet." : "No callback URL."));
+      return;
+    }
+    target.replaceChildren(deliveriesTable(found.deliveries, loadDeliveries, false));
+  }
+  function onEvent(name, data) {
+    if (name === "state") {
+      const progress = document.getElementById("job-progress");
+      if (!progress) return;
+      if (data.status !== job.status) {
+        job = { ...job, status: data.status, backend: data.backend, progress: data.progress };
+        return reload(); // timestamps moved too
+      }
+      progress.value = data.progress;
+      document.getElementById("job-progress-text").textContent = `${Math.round(data.progress * 100)} %`;
+      document.getElementById("job-eta").textContent = data.eta_seconds === null ? "" : `about ${duration(data.eta_seconds)} left`;
+      document.getElementById("job-waiting").textContent = [
+        data.queue_position ? `position ${data.queue_position} in the queue` : "", data.waiting ?? ""].filter(Boolean).join(" — ");
+    } else if (name === "preview") {
+      const preview = document.getElementById("job-preview");
+      if (preview) { preview.src = data.image; preview.hidden = false; }
+    } else if (TERMINAL.has(name)) {
+      job = data;
+      draw();
+      loadDeliveries();
+    }
+  }
+  return {
+    name: "job",
+    async render() {
+      await reload();
+      if (!TERMINAL.has(job.status)) follow(`/jobs/${jobId}/events?previews=true`, onEvent, controller.signal);
+    },
+    onJobs() {
+      if (TERMINAL.has(job?.status)) loadDeliveries(); // a redelivery may have been answered
+    },
+    close() {
+      controller.abort();
+    },
+  };
+}
+
+function timeline(job) {
+  const steps = [["queued", job.created_at], ["dispatched", job.dispatched_at], ["running", job.started_at],
+    [TERMINAL.has(job.status) ? job.status : "done", job.finished_at]];
+  return h("ol", { class: "timeline", id: "job-timeline" }, steps.map(([label, at]) =>
+    h("li", { class: at ? "done" : "", "data-step": label }, label, h("span", { class: "when" }, at ? when(at) : "—"))));
+}
+
+function jobError(error) {
+  const node = error.node_id ? `node ${error.node_id}${error.node_type ? ` (${error.node_type})` : ""}` : null;
+  const traceback = error.details?.traceback;
+  return h("div", { class: "job-error", id: "job-error" },
+    h("h3", {}, "Error: ", h("code", {}, error.type)),
+    node ? h("p", { id: "job-error-node" }, node) : null,
+    h("p", { id: "job-error-message" }, error.message),
+    error.details?.exception_type ? h("p", { class: "muted" }, error.details.exception_type) : null,
+    traceback ? h("pre", { id: "job-traceback" }, Array.isArray(traceback) ? traceback.join("") : String(traceback)) : null,
+    error.details && !traceback ? h("pre", {}, JSON.stringify(error.details, null, 2)) : null);
+}
+
+function output(item, index) {
+  const type = item.content_type || "";
+  const caption = h("figcaption", {}, `${item.node_id} · ${item.filename ?? ""} · ${item.size ?? "?"} bytes`);
+  const href = item.url;
+  let body;
+  if (href && type.startsWith("image/")) body = h("a", { href, target: "_blank", rel: "noopener" }, h("img", { src: href, alt: item.filename ?? `output ${index}`, loading: "lazy" }));
+  else if (href && type.startsWith("video/")) body = h("video", { src: href, controls: true, preload: "metadata" });
+  else if (href && type.startsWith("audio/")) body = h("audio", { src: href, controls: true, preload: "metadata" });
+  else if (href) body = h("a", { href, target: "_blank", rel: "noopener" }, item.filename ?? "download");
+  else body = h("pre", {}, JSON.stringify(item.value ?? item, null, 2));
+  return h("figure", { "data-output": index }, body, caption);
+}
+
+function deliveriesTable(deliveries, afterRedeliver, withJob) {
+  return h("table", { class: "deliveries" },
+    h("thead", {}, h("tr", {},
+      withJob ? h("th", {}, "Job") : null, h("th", {}, "Event"), h("th", {}, "Receiver"), h("th", {}, "Status"),
+      h("th", {}, "Attempts"), h("th", {}, "Last error"), h("th", {}, "Next attempt"), h("th", {}))),
+    h("tbody", {}, deliveries.map((d) => h("tr", { "data-delivery": d.id, "data-attempts": d.attempts.length },
+      withJob ? h("td", {}, h("a", { href: `#/jobs/${d.job_id}` }, h("code", {}, d.job_id.slice(0, 8)))) : null,
+      h("td", {}, d.event_type),
+      h("td", {}, h("code", {}, d.url)),
+      h("td", {}, badge(d.status)),
+      h("td", { class: "attempts" }, d.attempts.length
+        ? d.attempts.map((a) => h("div", {}, `${a.status_code ?? "no answer"} · ${a.latency_ms} ms · ${when(a.attempted_at)}`))
+        : d.last_status_code ?? "—"),
+      h("td", { class: "error-text" }, d.last_error ?? ""),
+      h("td", {}, d.status === "pending" ? when(d.next_attempt_at) : "—"),
+      h("td", {}, actionButton("Redeliver", async () => {
+        await api("POST", `/deliveries/${d.id}/redeliver`);
+        await afterRedeliver();
+      }, { class: "redeliver" }))))));
+}
+
+// --- Backlog and webhooks ---------------------------------------------------------------------
+
+function backlogView() {
+  async function load() {
+    const backlog = await api("GET", "/dashboard/backlog");
+    const columns = ["queued", "dispatched", "running", "uploading"];
+    main().replaceChildren(
+      h("h2", {}, "Backlog"),
+      h("div", { class: "cards" },
+        h("div", { class: "card", id: "backlog-queued" }, h("div", { class: "value" }, backlog.queued), h("div", { class: "label" }, "queued")),
+        h("div", { class: "card", id: "backlog-oldest" }, h("div", { class: "value" }, duration(since(backlog.oldest_queued_at))), h("div", { class: "label" }, "oldest wait"))),
+      h("table", { id: "backlog" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Workflow"), columns.map((c) => h("th", { class: "num" }, c)), h("th", {}, "Oldest wait"))),
+        h("tbody", {}, backlog.workflows.map((w) => h("tr", { "data-workflow": w.workflow },
+          h("td", {}, h("a", { href: `#/jobs?workflow=${encodeURIComponent(w.workflow)}&status=queued` }, w.workflow)),
+          columns.map((c) => h("td", { class: "num", "data-count": c }, w.counts[c] ?? 0)),
+          h("td", {}, duration(since(w.oldest_queued_at))))))),
+      backlog.workflows.length ? null : h("p", { class: "muted" }, "Nothing waiting."));
+  }
+  return { name: "backlog", render: load, onJobs: load };
+}
+
+function webhooksView() {
+  async function load() {
+    const found = await api("GET", "/dashboard/deliveries");
+    main().replaceChildren(
+      h("h2", {}, "Webhooks in trouble"),
+      h("p", { class: "muted" }, "Deliveries that failed for good, ran out of time (dead), or are being retried after a failure."),
+      found.deliveries.length ? deliveriesTable(found.deliveries, load, true) : h("p", { class: "muted", id: "webhooks-none" }, "Every webhook is delivered."));
+  }
+  return { name: "webhooks", render: load, onJobs: load };
+}
+
+// --- Routing, login, the live stream ----------------------------------------------------------
+
+function route() {
+  const [path, search] = (location.hash.slice(1) || "/fleet").split("?");
+  const query = new URLSearchParams(search);
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "jobs" && parts[1]) return jobView(parts[1]);
+  if (parts[0] === "jobs") return jobsView(query);
+  if (parts[0] === "backlog") return backlogView();
+  if (parts[0] === "webhooks") return webhooksView();
+  return fleetView();
+}
+
+async function show() {
+  state.view?.close?.();
+  state.view = route();
+  for (const link of document.querySelectorAll("header nav a")) {
+    link.classList.toggle("active", link.dataset.nav === (state.view.name === "job" ? "jobs" : state.view.name));
+  }
+  try {
+    await state.view.render();
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) main().replaceChildren(problem(error));
+  }
+}
+
+function showLogin(message) {
+  state.live?.abort();
+  state.live = null;
+  document.getElementById("main").replaceChildren();
+  document.getElementById("login").hidden = false;
+  document.getElementById("login-error").textContent = message && state.key ? message : "";
+  document.getElementById("logout").hidden = true;
+}
+
+async function start() {
+  let me;
+  try {
+    me = await api("GET", "/dashboard/me");
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) main().replaceChildren(problem(error));
+    return;
+  }
+  state.admin = me.admin;
+  document.getElementById("login").hidden = true;
+  document.getElementById("who").textContent = !me.keys ? "open (no API keys)" : me.admin ? "admin key" : "tenant key";
+  document.getElementById("logout").hidden = !me.keys;
+  state.live = new AbortController();
+  const live = document.getElementById("live");
+  follow("/dashboard/events", (name, data) => {
+    if (name === "fleet") {
+      state.fleet = data;
+      state.fleetAt = Date.now();
+      if (state.view?.name === "fleet") state.view.render();
+    } else if (name === "jobs") {
+      state.view?.onJobs?.();
+    }
+  }, state.live.signal, (on) => {
+    live.classList.toggle("on", on);
+    live.textContent = on ? "live" : "offline";
+  });
+  await show();
+}
+
+document.getElementById("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = document.getElementById("login-key").value.trim();
+  sessionStorage.setItem(KEY_STORAGE, state.key);
+  start();
+});
+document.getElementById("logout").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  showLogin();
+});
+window.addEventListener("hashchange", () => { if (state.live) show(); });
+start();

@@ -1,0 +1,299 @@
+"""The operator's dashboard in a real headless Chromium (Debian's, driven by Playwright): the
+fleet, jobs, backlog and webhook pages against the service with simulated backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import BrowserContext, Page, async_playwright, expect
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.conftest import StartReceiver
+from tests.webhook_support import Answer, Gateway
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Required here (root, no GPU, no network beyond loopback).
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+# Set to a directory (e.g. docs) to keep a copy of each page's screenshot there.
+SCREENSHOTS_ENV = "COMFYFLEET_SCREENSHOTS"
+WAIT_MS = 20_000
+KEY_A, KEY_B, ADMIN = "tenant-a-1c9f0e7d", "tenant-b-6b2a84c1", "admin-93e0d55a"
+
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[BrowserContext]:
+    """One headless Chromium for the session, on a new empty profile."""
+    profile = tempfile.mkdtemp(prefix="comfyfleet-chromium-")
+    try:
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+                viewport={"width": 1280, "height": 800})
+            yield context
+            await context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+async def page(browser: BrowserContext) -> AsyncIterator[Page]:
+    """A new tab: its own sessionStorage, so no key carries over from another test."""
+    tab = await browser.new_page()
+    yield tab
+    await tab.close()
+
+
+async def screenshot(page: Page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / "screenshots" / f"dashboard-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get(SCREENSHOTS_ENV)
+    if keep:
+        shutil.copy(path, Path(keep) / path.name)
+
+
+async def api(http: aiohttp.ClientSession, method: str, url: str, key: str | None = None,
+              body: Any = None, status: int = 200) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with http.request(method, url, json=body, headers=headers) as response:
+        assert response.status == status, await response.text()
+        return await response.json()
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[list[SimulatedComfyUI]]:
+    async with SimulatedComfyUI(name="a") as first, SimulatedComfyUI(name="b") as second:
+        yield [first, second]
+
+
+async def test_fleet_shows_each_backend_and_drains_one_from_the_page(
+    settings: Settings, sims: list[SimulatedComfyUI], page: Page, tmp_path: Path
+) -> None:
+    settings.comfyui_endpoints = [f"{sims[0].url}#gpu-a", f"{sims[1].url}#gpu-b"]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix
+        await page.goto(f"{base}/dashboard#/fleet")
+        rows = page.locator("#fleet tbody tr")
+        await expect(rows).to_have_count(2)
+        for name in ("gpu-a", "gpu-b"):
+            await expect(page.locator(f'tr[data-backend="{name}"] .health')).to_have_text("up")
+        await expect(page.locator("#live")).to_have_text("live")
+        await screenshot(page, tmp_path, "fleet")
+
+        await page.locator('tr[data-backend="gpu-a"] button.drain').click()
+        await expect(page.locator('tr[data-backend="gpu-a"] .health')).to_have_text("draining")
+        backends = {b["name"]: b for b in await api(http, "GET", f"{prefix}/backends")}
+        assert backends["gpu-a"]["draining"] is True
+        assert backends["gpu-b"]["draining"] is False
+
+        # Changed elsewhere (the API): the open page follows without a reload.
+        await page.evaluate("() => { window.notReloaded = true; }")
+        await api(http, "PATCH", f"{prefix}/backends/gpu-a", body={"drain": False})
+        await expect(page.locator('tr[data-backend="gpu-a"] .health')).to_have_text("up")
+        assert await page.evaluate("() => window.notReloaded === true")
+
+
+async def test_running_job_progress_moves_and_reaches_done_without_reload(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            job = await api(http, "POST", f"{prefix}/jobs", status=202, body={
+                "workflow": "simulated_work", "params": {"seconds": 4, "steps": 8}})
+            await page.goto(f"{base}/dashboard#/jobs/{job['id']}")
+            await expect(page.locator("#job-progress")).to_be_visible()
+            await page.evaluate("() => { window.notReloaded = true; }")
+            progress = "document.getElementById('job-progress')?.value"
+            # Functions, not expressions: the page's policy forbids eval.
+            await page.wait_for_function(f"() => ({progress} ?? 0) > 0 && {progress} < 1",
+                                         timeout=WAIT_MS)
+            first = await page.evaluate(f"() => {progress}")
+            await page.wait_for_function(f"() => ({progress} ?? 0) > {first}",
+                                         timeout=WAIT_MS)
+            await screenshot(page, tmp_path, "job-running")
+            await expect(page.locator("#job-status")).to_have_text("succeeded")
+            assert await page.evaluate("() => window.notReloaded === true")
+            assert await page.evaluate(f"() => {progress}") == 1
+            await expect(page.locator('#job-timeline li[data-step="succeeded"]')).to_have_class(
+                "done")
+            thumbnail = page.locator("#job-outputs img").first
+            await expect(thumbnail).to_be_visible()
+            await page.wait_for_function(
+                "() => document.querySelector('#job-outputs img')?.naturalWidth > 0",
+                timeout=WAIT_MS)
+            await screenshot(page, tmp_path, "job")
+
+
+async def test_failed_job_shows_its_node_and_error(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    async with SimulatedComfyUI(fail_rate=1.0, fail_seed=7) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            job = await api(http, "POST", f"{prefix}/jobs?wait=30", status=202, body={
+                "workflow": "simulated_work", "params": {"seconds": 0.2, "steps": 2}})
+            assert job["status"] == "failed", job
+            error = job["error"]
+            await page.goto(f"{base}/dashboard#/jobs/{job['id']}")
+            await expect(page.locator("#job-status")).to_have_text("failed")
+            await expect(page.locator("#job-error-node")).to_contain_text(
+                f"node {error['node_id']} ({error['node_type']})")
+            await expect(page.locator("#job-error-message")).to_have_text(error["message"])
+            await expect(page.locator("#job-traceback")).to_contain_text(
+                error["details"]["traceback"][-1].strip())
+            await screenshot(page, tmp_path, "job-failed")
+
+
+async def test_redeliver_from_the_pages_makes_a_new_attempt(
+    settings: Settings, receivers: StartReceiver, page: Page, tmp_path: Path
+) -> None:
+    settings.webhook_retry_delays = [3600.0]  # no retry of its own during the test
+    receiver = await receivers(Answer(500))
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        gateway = Gateway(http, base + settings.route_prefix)
+        job_id = await gateway.finished_job(receiver.url)
+        delivery = await gateway.wait_for(job_id, "pending", attempts=1)
+
+        await page.goto(f"{base}/dashboard#/webhooks")
+        row = page.locator(f'tr[data-delivery="{delivery["id"]}"]')
+        await expect(row).to_contain_text("500")
+        await screenshot(page, tmp_path, "webhooks")
+        await row.locator("button.redeliver").click()
+        await receiver.wait_for(2)
+        await gateway.wait_for(job_id, "pending", attempts=2)
+
+        await page.goto(f"{base}/dashboard#/jobs/{job_id}")
+        row = page.locator(f'#job-deliveries tr[data-delivery="{delivery["id"]}"]')
+        await expect(row).to_have_attribute("data-attempts", "2")
+        await row.locator("button.redeliver").click()
+        await receiver.wait_for(3)
+        await gateway.wait_for(job_id, "pending", attempts=3)
+
+
+async def login(page: Page, base: str, key: str) -> None:
+    await page.goto(f"{base}/dashboard#/jobs")
+    await page.locator("#login-key").fill(key)
+    await page.locator("#login button[type=submit]").click()
+    await expect(page.locator("#login")).to_be_hidden()
+
+
+async def test_a_tenant_key_sees_only_its_own_jobs(
+    settings: Settings, page: Page, browser: BrowserContext, tmp_path: Path
+) -> None:
+    settings.api_keys = [KEY_A, KEY_B]
+    settings.admin_api_keys = [ADMIN]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        prefix = base + settings.route_prefix
+        jobs = {key: await api(http, "POST", f"{prefix}/jobs", key, status=202,
+                               body={"workflow": "invert", "params": {"width": 16}})
+                for key in (KEY_A, KEY_B)}
+
+        await page.goto(f"{base}/dashboard")
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(page.locator("#main")).to_be_empty()
+        await login(page, base, KEY_A)
+        await expect(page.locator("#who")).to_have_text("tenant key")
+        await expect(page.locator("#jobs tbody tr")).to_have_count(1)
+        await expect(page.locator(f'tr[data-job="{jobs[KEY_A]["id"]}"]')).to_be_visible()
+        await page.goto(f"{base}/dashboard#/jobs/{jobs[KEY_B]['id']}")
+        await expect(page.locator("#main")).to_contain_text("no job")
+        await page.goto(f"{base}/dashboard#/backlog")
+        await expect(page.locator("#backlog-queued .value")).to_have_text("1")
+        await page.goto(f"{base}/dashboard#/fleet")
+        await expect(page.locator("#fleet th", has_text="Actions")).to_have_count(0)
+
+        admin = await browser.new_page()
+        try:
+            await login(admin, base, ADMIN)
+            await expect(admin.locator("#who")).to_have_text("admin key")
+            await expect(admin.locator("#jobs tbody tr")).to_have_count(2)
+            await admin.goto(f"{base}/dashboard#/backlog")
+            await expect(admin.locator("#backlog-queued .value")).to_have_text("2")
+            await expect(admin.locator('tr[data-workflow="invert"] [data-count="queued"]')
+                         ).to_have_text("2")
+            await screenshot(admin, tmp_path, "backlog")
+        finally:
+            await admin.close()
+
+
+async def test_job_list_follows_new_jobs_and_pages_with_the_cursor(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        prefix = base + settings.route_prefix
+        await page.goto(f"{base}/dashboard#/jobs?status=queued")
+        await expect(page.locator("#jobs-empty")).to_be_visible()
+        await expect(page.locator("#live")).to_have_text("live")
+        submitted = [await api(http, "POST", f"{prefix}/jobs", status=202,
+                               body={"workflow": "invert", "params": {"width": 16}})
+                     for _ in range(52)]
+        # Submitted after the page was shown: the first page fills without a reload.
+        await expect(page.locator("#jobs tbody tr")).to_have_count(50)
+        await expect(page.locator("#jobs tbody tr").first).to_have_attribute(
+            "data-job", submitted[-1]["id"])
+        await screenshot(page, tmp_path, "jobs")
+        await page.locator("#jobs-next").click()
+        await expect(page.locator("#jobs tbody tr")).to_have_count(2)
+        await expect(page.locator("#jobs tbody tr").last).to_have_attribute(
+            "data-job", submitted[0]["id"])
+
+
+async def test_dashboard_page_is_served_with_its_assets_and_a_strict_policy(
+    settings: Settings,
+) -> None:
+    settings.route_prefix = "/gateway"
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/dashboard") as response:
+            assert response.status == 200
+            assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+            page = await response.text()
+        assert '<meta name="comfyfleet-api" content="/gateway">' in page
+        for asset in ("app.js", "app.css"):
+            async with http.get(f"{base}/dashboard/static/{asset}") as response:
+                assert response.status == 200, asset
+        async with http.get(f"{base}/dashboard/static/../../settings.py") as response:
+            assert response.status == 404
+
+
+async def test_dashboard_stream_tells_of_a_drain_at_once(settings: Settings) -> None:
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#only"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            async with http.get(f"{prefix}/dashboard/events") as response:
+                events = read_fleet_events(response)
+                async with asyncio.timeout(20):
+                    async for fleet in events:
+                        if fleet[0]["healthy"]:
+                            break
+                    await api(http, "PATCH", f"{prefix}/backends/only", body={"drain": True})
+                    async for fleet in events:
+                        if fleet[0]["draining"]:
+                            break
+
+
+async def read_fleet_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    name = None
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: ") and name == "fleet":
+            yield json.loads(line[len("data: "):])

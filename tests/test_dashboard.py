@@ -137,6 +137,7 @@ async def test_running_job_progress_moves_and_reaches_done_without_reload(
             await page.wait_for_function(
                 "() => document.querySelector('#job-outputs img')?.naturalWidth > 0",
                 timeout=WAIT_MS)
+            assert "null" not in await page.locator("#main").inner_text()
             await screenshot(page, tmp_path, "job")
 
 

@@ -301,7 +301,7 @@ function jobView(jobId) {
   }
   function draw() {
     const cancellable = !TERMINAL.has(job.status);
-    main().replaceChildren(
+    main().replaceChildren(...[
       h("h2", {}, "Job ", h("code", {}, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
       h("div", { class: "actions" },
         cancellable ? actionButton("Cancel", async () => { job = await api("POST", `/jobs/${jobId}/cancel`); draw(); },
@@ -324,7 +324,7 @@ function jobView(jobId) {
       job.outputs.length ? h("div", { class: "outputs", id: "job-outputs" }, job.outputs.map(output)) : null,
       h("h3", {}, "Webhook deliveries"),
       h("div", { id: "job-deliveries" }, h("p", { class: "muted" }, "…")),
-    );
+    ].filter(Boolean));
   }
   async function loadDeliveries() {
     const found = await api("GET", `/jobs/${jobId}/deliveries`);
@@ -443,7 +443,7 @@ function backlogView() {
           h("td", {}, h("a", { href: `#/jobs?workflow=${encodeURIComponent(w.workflow)}&status=queued` }, w.workflow)),
           columns.map((c) => h("td", { class: "num", "data-count": c }, w.counts[c] ?? 0)),
           h("td", {}, duration(since(w.oldest_queued_at))))))),
-      backlog.workflows.length ? null : h("p", { class: "muted" }, "Nothing waiting."));
+      backlog.workflows.length ? "" : h("p", { class: "muted" }, "Nothing waiting."));
   }
   return { name: "backlog", render: load, onJobs: load };
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,3 +30,5 @@ async def test_demo_runs_jobs_through_both_backends_and_exits_zero(data_root: Pa
     assert summary["backends_used"] == ["sim0", "sim1"]
     assert text.count("webhook verified: job.succeeded") == 4
     assert len(list((data_root / "outputs").rglob("3_0.png"))) == 4
+    # The dashboard's address is printed (the page itself: test_dashboard).
+    assert re.search(r"^dashboard http://127\.0\.0\.1:\d+/dashboard$", text, re.MULTILINE), text

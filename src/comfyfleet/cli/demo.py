@@ -114,6 +114,7 @@ async def run_demo(jobs: int | None, port: int | None) -> int:
         base = await stack.enter_async_context(serving(settings, port))
         api = base + settings.route_prefix
         print(f"comfyfleet API {api} (docs: {base}/docs); webhooks -> {receiver.url}", flush=True)
+        print(f"dashboard {base}/dashboard", flush=True)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         count = 2 if jobs is None else jobs
         ids = [await _submit(http, api, index, receiver.url) for index in range(count)]

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"api_keys"},  # tenants
     {"metrics", "logs"},  # what every stage records into
     {"jobs"},  # model, repository, lease, the outbox's rows
-    {"egress", "storage", "comfy", "workflows", "sim"},  # leaves
+    {"egress", "storage", "comfy", "workflows", "sim", "pulse"},  # leaves
     {"db"},
     {"settings"},
 ]

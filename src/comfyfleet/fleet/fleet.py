@@ -65,8 +65,8 @@ class Fleet:
         self._node_token = node_token
         self._on_terminal = on_terminal
         self._input_cleanups: set[asyncio.Task[None]] = set()
-        # Set (and replaced) whenever a slot frees here: wakes drain_and_wait at once.
-        self._slots_changed = asyncio.Event()
+        # Beats whenever a slot frees here: wakes drain_and_wait at once.
+        self._slot_freed = Pulse()
         # Beats whenever what `describe` shows of any backend changes (the dashboard).
         self.changes = Pulse()
         collector = Collector(repository, storage, key_prefix, self._ended)
@@ -140,8 +140,7 @@ class Fleet:
     def job_available(self) -> None:
         """A job was queued or a slot freed: let the dispatcher look now."""
         self.dispatcher.wake()
-        self._slots_changed.set()
-        self._slots_changed = asyncio.Event()
+        self._slot_freed.beat()
 
     async def start(self) -> None:
         """Connect to the registered backends (the configured ones first) and dispatch."""
@@ -223,14 +222,16 @@ class Fleet:
         finish is seen on a re-read every DRAIN_RECHECK_SECONDS."""
         await self.set_draining(name, True)
         deadline = asyncio.get_running_loop().time() + seconds
-        while left := len(await self._repository.on_backend(name)):
+        while True:
+            freed = self._slot_freed.next()  # taken before the read: nothing slips between
+            left = len(await self._repository.on_backend(name))
+            if not left:
+                return 0
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return left
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slots_changed.wait(),
-                                       min(remaining, DRAIN_RECHECK_SECONDS))
-        return 0
+                await asyncio.wait_for(freed.wait(), min(remaining, DRAIN_RECHECK_SECONDS))
 
     async def remove_backend(self, name: str) -> None:
         session = self.session(name)

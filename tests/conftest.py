@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -33,6 +34,30 @@ def postgres_friendly_dir() -> Iterator[Path]:
 
 
 data_root = pytest.fixture(postgres_friendly_dir)
+
+# Every variable the service reads: its settings (matched without regard to case, as
+# pydantic-settings does) and those of the clients beneath it (botocore, libpq and asyncpg).
+SETTING_VARIABLES = {Settings.model_config.get("env_prefix", "").lower() + name
+                     for name in Settings.model_fields}
+CLIENT_PREFIXES = ("AWS_", "PG")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_from_the_caller() -> Iterator[None]:
+    """No test depends on the developer's shell or working directory: the variables the
+    service reads are removed from this process's environment (processes the tests start get
+    `support.child_env()`, nothing more), no AWS config file is read, and the tests run in an
+    empty directory, so no `.env` is read and no relative path lands in the repository."""
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory(
+        prefix="comfyfleet-cwd-", ignore_cleanup_errors=True
+    ) as empty:
+        for name in list(os.environ):
+            if name.lower() in SETTING_VARIABLES or name.startswith(CLIENT_PREFIXES):
+                patch.delenv(name)
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        patch.chdir(empty)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import io
 import os
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,23 @@ from comfyfleet.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
+
+# What a child Python process needs from the caller's environment; nothing else is passed on.
+PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH")
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """The whole environment of a process a test starts: what Python needs, the repository on
+    PYTHONPATH (for `python -m tests...` and `bench...`), no AWS config files, and `variables`.
+    An exported API_KEYS or AWS_PROFILE of the developer's shell never reaches it."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {
+        **{name: os.environ[name] for name in PASSED_ON if name in os.environ},
+        "PYTHONPATH": python_path,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        **variables,
+    }
 
 
 def free_ports(count: int) -> int:
@@ -63,29 +81,32 @@ async def wait_until_answering(url: str, seconds: float = 30.0) -> None:
 async def python_process(
     *args: str, ready_url: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run `python -m ...args` until the block ends; ready once `ready_url` answers."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", *args, stdout=asyncio.subprocess.DEVNULL, env=env
-    )
-    try:
-        await wait_until_answering(ready_url)
-        yield process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    """Run `python -m ...args` until the block ends; ready once `ready_url` answers. It runs in
+    an empty directory of its own (so no `.env` is read and no relative path lands in the
+    repository) with `env`, default `child_env()`."""
+    with tempfile.TemporaryDirectory(prefix="comfyfleet-cwd-", ignore_cleanup_errors=True) as cwd:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", *args, stdout=asyncio.subprocess.DEVNULL, cwd=cwd,
+            env=child_env() if env is None else env,
+        )
+        try:
+            await wait_until_answering(ready_url)
+            yield process
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
 
 
 def serve_env(settings: Settings, data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     """The environment of a `comfyfleet serve` subprocess on the test's database: local
     storage under `data_dir`, the repository's workflows, the test's webhook secret, private
     callbacks allowed; `overrides` add or replace variables (e.g. COMFYUI_ENDPOINTS)."""
-    return {
-        **os.environ,
+    return child_env(**{
         "DATABASE_URL": settings.database_url or "",
         "STORAGE": "local",
         "DATA_DIR": str(data_dir),
@@ -94,7 +115,7 @@ def serve_env(settings: Settings, data_dir: Path, port: int, **overrides: str) -
         "ALLOW_PRIVATE_CALLBACKS": "true",
         "SERVICE_PORT": str(port),
         **overrides,
-    }
+    })
 
 
 # The colour of `png()`'s pixels, to check what the backend received.

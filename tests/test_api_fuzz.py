@@ -49,7 +49,7 @@ def api_schema(postgres: Any) -> Iterator[Any]:
     with tempfile.TemporaryDirectory(prefix="comfyfleet-fuzz-") as data_dir:
         process = subprocess.Popen(
             [sys.executable, "-m", "comfyfleet", "serve"],
-            env=serve_env(settings, Path(data_dir), port), stdout=subprocess.DEVNULL)
+            cwd=data_dir, env=serve_env(settings, Path(data_dir), port), stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while True:

@@ -5,7 +5,6 @@ can run is refused at submit."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 from collections.abc import Iterable
@@ -32,8 +31,6 @@ def model_sim(port: int, data_dir: Path, checkpoint: str) -> AbstractAsyncContex
         "tests.model_sim", "--port", str(port), "--data-dir", str(data_dir),
         "--duration", str(PROMPT_SECONDS), "--checkpoint", checkpoint,
         ready_url=f"http://{LOOPBACK}:{port}/prompt",
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
 
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
-from tests.support import REPO
+from tests.support import REPO, child_env
 
 
 async def test_demo_runs_jobs_through_both_backends_and_exits_zero(data_root: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfyfleet", "demo", "--jobs", "4", "--port", "0",
-        cwd=REPO,
-        env={**os.environ, "DATA_DIR": str(data_root)},
+        cwd=data_root,
+        env=child_env(DATA_DIR=str(data_root), WORKFLOWS_DIR=str(REPO / "workflows")),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -4,7 +4,6 @@ runs as a process of its own, so its peak RSS can be read from /proc."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from aiobotocore.session import get_session
 
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, REPO, free_ports, python_process
+from tests.support import LOOPBACK, REPO, child_env, free_ports, python_process
 
 MIB = 1024 * 1024
 OUTPUT_SIZE = 300 * MIB
@@ -48,8 +47,7 @@ async def s3_service(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`comfyfleet serve` storing in S3, its one backend connected: (process, API base)."""
     port = free_ports(1)
-    env = {
-        **os.environ,
+    env = child_env(**{
         "DATABASE_URL": database_url,
         "COMFYUI_ENDPOINTS": f"{backend_url}#gpu",
         "S3_BUCKET": bucket,
@@ -59,7 +57,7 @@ async def s3_service(
         "DATA_DIR": str(data_dir),
         "WORKFLOWS_DIR": str(REPO / "workflows"),
         "SERVICE_PORT": str(port),
-    }
+    })
     base = f"http://{LOOPBACK}:{port}"
     api = base + "/api/v1"
     async with python_process(

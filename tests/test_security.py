@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
 import sys
 import uuid
@@ -23,6 +22,7 @@ from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
+from tests.support import child_env
 
 KEY_A, KEY_B, ADMIN = "key-a-8c1f6e2d", "key-b-37d0b9aa", "admin-5e9a1c44"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
@@ -329,9 +329,9 @@ async def test_cors_is_off_unless_origins_are_allowed(settings: Settings) -> Non
 
 async def keys_command(settings: Settings, *args: str) -> tuple[int, str]:
     """`comfyfleet keys ...` on the test's database: exit code and standard output."""
-    env = {**os.environ, "DATABASE_URL": settings.database_url or ""}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyfleet", "keys", *args, env=env,
+        sys.executable, "-m", "comfyfleet", "keys", *args,
+        env=child_env(DATABASE_URL=settings.database_url or ""),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await process.communicate()
     assert process.returncode is not None

@@ -30,7 +30,7 @@ async def serve(env: dict[str, str], log: Path) -> AsyncIterator[asyncio.subproc
     """`comfyfleet serve` with its stderr in `log`; killed if the test leaves it running."""
     with log.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "comfyfleet", "serve", env=env,
+            sys.executable, "-m", "comfyfleet", "serve", cwd=log.parent, env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
     try:
         await wait_until_answering(f"http://{LOOPBACK}:{env['SERVICE_PORT']}/healthz")

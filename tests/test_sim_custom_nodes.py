@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import free_ports, wait_until_answering
+from tests.support import child_env, free_ports, wait_until_answering
 from tests.test_sim import TIMEOUT, connect, get_json, receive
 
 # A package that shows what it sees: folder_paths at import time and at request time, and
@@ -165,6 +165,7 @@ async def test_cli_options(tmp_path: Path, http: aiohttp.ClientSession) -> None:
         "--data-dir", str(tmp_path / "data"), "--custom-nodes", str(package),
         "--fail-rate", "0.5", "--fail-seed", "9", "--view-bytes-per-second", "64K",
         "--output-size", "2G", "--max-upload-size", "0.5",
+        cwd=tmp_path, env=child_env(),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

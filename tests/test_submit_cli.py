@@ -14,6 +14,7 @@ from PIL import Image
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from tests.support import child_env
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def pngs(directory: Path) -> list[Path]:
 
 async def submit(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyfleet", "submit", *args,
+        sys.executable, "-m", "comfyfleet", "submit", *args, env=child_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None

@@ -18,7 +18,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import REPO
+from tests.support import REPO, child_env
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ async def test_outputs_are_served_by_index_and_through_signed_links(
 
 async def run_check(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyfleet", "workflows", "check", *args,
+        sys.executable, "-m", "comfyfleet", "workflows", "check", *args, env=child_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None

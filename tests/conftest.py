@@ -19,10 +19,9 @@ from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.db import make_engine, migrate, start_embedded_postgres
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
+from tests.s3_server import S3_CREDENTIALS as S3_CREDENTIALS  # the tests import it from here
 from tests.support import LOOPBACK, REPO, free_ports, new_database, png, python_process
 from tests.webhook_support import Answer, ScriptedReceiver
-
-S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 def postgres_friendly_dir() -> Iterator[Path]:
@@ -91,9 +90,10 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture(scope="session")
 async def s3_endpoint() -> AsyncIterator[str]:
+    """moto's S3, which checks presigned URLs as AWS does (tests/s3_server.py)."""
     port = free_ports(1)
     url = f"http://{LOOPBACK}:{port}"
-    async with python_process("moto.server", "-H", LOOPBACK, "-p", str(port), ready_url=url):
+    async with python_process("tests.s3_server", "-H", LOOPBACK, "-p", str(port), ready_url=url):
         yield url
 
 

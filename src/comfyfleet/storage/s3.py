@@ -30,8 +30,10 @@ PART_CONCURRENCY = 4
 
 
 class S3Storage:
-    def __init__(self, client: Any, bucket: str, url_ttl: int, exit_stack: AsyncExitStack):
+    def __init__(self, client: Any, signer: Any, bucket: str, url_ttl: int,
+                 exit_stack: AsyncExitStack):
         self._client = client
+        self._signer = signer
         self.bucket = bucket
         self.url_ttl = url_ttl
         self._exit_stack = exit_stack
@@ -41,17 +43,26 @@ class S3Storage:
         if not settings.s3_bucket:
             raise StorageError("S3_BUCKET is not set")
         stack = AsyncExitStack()
-        client = await stack.enter_async_context(
-            get_session().create_client(
-                "s3",
-                region_name=settings.s3_region_name,
-                endpoint_url=settings.s3_endpoint,
-                aws_access_key_id=settings.aws_access_key_id,
-                aws_secret_access_key=settings.aws_secret_access_key,
-                config=Config(retries={"max_attempts": 3, "mode": "standard"}),
-            )
-        )
-        return cls(client, settings.s3_bucket, settings.s3_url_ttl, stack)
+        session = get_session()
+        credentials = {"region_name": settings.s3_region_name,
+                       "aws_access_key_id": settings.aws_access_key_id,
+                       "aws_secret_access_key": settings.aws_secret_access_key}
+        client = await stack.enter_async_context(session.create_client(
+            "s3", endpoint_url=settings.s3_endpoint, **credentials,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}),
+        ))
+        # Presigned URLs are signed by a client of their own, which never connects: with
+        # Signature Version 4 (AWS refuses version 2 for buckets made since 2020) under the
+        # bucket's region. On AWS itself, the bucket's regional host (a new bucket's global
+        # name redirects, which breaks the signature), unless its name has dots, which no
+        # certificate of a virtual host covers.
+        endpoint = settings.s3_endpoint
+        addressing = "path" if endpoint or "." in settings.s3_bucket else "virtual"
+        signer = await stack.enter_async_context(session.create_client(
+            "s3", endpoint_url=endpoint, **credentials,
+            config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
+        ))
+        return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack)
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         try:
@@ -149,7 +160,7 @@ class S3Storage:
             raise StorageError(f"S3 delete of {key}: {exc}") from exc
 
     async def url(self, key: str) -> str | None:
-        url: str = await self._client.generate_presigned_url(
+        url: str = await self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl
         )
         return url

@@ -1,0 +1,121 @@
+"""Presigned output URLs (DESIGN §6) as AWS accepts them: Signature Version 4 under the
+bucket's region, lasting S3_URL_TTL, naming S3_PUBLIC_URL when clients reach the store under
+another name. The S3 server checks them as AWS does (tests/s3_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from calendar import timegm
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from aiobotocore.session import get_session
+from botocore.config import Config
+
+from comfyfleet.settings import Settings
+from comfyfleet.storage import S3Storage
+from tests.conftest import S3_CREDENTIALS
+from tests.support import LOOPBACK
+
+KEY = "job/3_0.png"
+BODY = b"\x89PNG not really"
+
+
+async def one_chunk() -> AsyncIterator[bytes]:
+    yield BODY
+
+
+async def fetch(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.read()
+
+
+def query(url: str) -> dict[str, str]:
+    return {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
+
+
+async def stored_url(s3_endpoint: str, bucket: str, **settings: Any) -> str:
+    """The URL comfyfleet's storage gives for an object it has just stored."""
+    fields: dict[str, Any] = {**S3_CREDENTIALS, **settings}
+    storage = await S3Storage.open(
+        Settings(_env_file=None, s3_bucket=bucket, s3_endpoint_url=s3_endpoint, **fields))
+    try:
+        await storage.put_stream(KEY, one_chunk(), "image/png")
+        url = await storage.url(KEY)
+    finally:
+        await storage.close()
+    assert url is not None
+    return url
+
+
+@pytest.fixture
+async def europe_bucket(s3_endpoint: str) -> str:
+    bucket = f"test-eu-{uuid.uuid4().hex[:12]}"
+    async with get_session().create_client(
+        "s3", region_name="eu-west-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        await client.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    return bucket
+
+
+async def test_the_test_s3_server_refuses_what_aws_refuses(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """Without this, a test that fetches a presigned URL proves nothing."""
+    async def presigned(signature_version: str, region: str = "us-east-1") -> str:
+        async with get_session().create_client(
+            "s3", region_name=region, endpoint_url=s3_endpoint, **S3_CREDENTIALS,
+            config=Config(signature_version=signature_version),
+        ) as client:
+            url: str = await client.generate_presigned_url(
+                "get_object", Params={"Bucket": s3_bucket, "Key": KEY}, ExpiresIn=60)
+            await client.put_object(Bucket=s3_bucket, Key=KEY, Body=BODY)
+            return url
+
+    good = await presigned("s3v4")
+    assert await fetch(good) == (200, BODY)
+    status, body = await fetch(good.replace(LOOPBACK, "localhost"))
+    assert (status, b"SignatureDoesNotMatch" in body) == (403, True)
+    tampered = good[:-1] + ("0" if good[-1] != "0" else "1")
+    status, body = await fetch(tampered)
+    assert (status, b"SignatureDoesNotMatch" in body) == (403, True)
+    status, body = await fetch(await presigned("s3"))  # Signature Version 2
+    assert (status, b"Please use AWS4-HMAC-SHA256" in body) == (400, True)
+    status, body = await fetch(await presigned("s3v4", region="eu-west-1"))
+    assert (status, b"expecting 'us-east-1'" in body) == (400, True)
+
+
+async def test_urls_are_signature_version_4_in_the_buckets_region_for_s3_url_ttl(
+    s3_endpoint: str, europe_bucket: str
+) -> None:
+    url = await stored_url(s3_endpoint, europe_bucket, s3_region_name="eu-west-1",
+                           s3_url_ttl=900)
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == f"{s3_endpoint}/{europe_bucket}/{KEY}"
+    params = query(url)
+    assert params["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    access_key, _date, *scope = params["X-Amz-Credential"].split("/")
+    assert access_key == S3_CREDENTIALS["aws_access_key_id"]
+    assert scope == ["eu-west-1", "s3", "aws4_request"]
+    assert params["X-Amz-Expires"] == "900"
+    assert params["X-Amz-SignedHeaders"] == "host"
+    assert not {"AWSAccessKeyId", "Signature", "Expires"} & set(params)
+    assert await fetch(url) == (200, BODY)
+
+
+async def test_a_url_is_refused_once_s3_url_ttl_has_passed(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    ttl = 3
+    url = await stored_url(s3_endpoint, s3_bucket, s3_url_ttl=ttl)
+    assert await fetch(url) == (200, BODY)
+    signed_at = timegm(time.strptime(query(url)["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+    await asyncio.sleep(signed_at + ttl + 1 - time.time())  # waiting for the TTL itself
+    status, body = await fetch(url)
+    assert (status, b"Request has expired" in body) == (403, True)

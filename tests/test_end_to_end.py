@@ -42,6 +42,7 @@ async def test_jobs_run_on_both_backends_land_in_s3_and_webhooks_verify(
     database_url: str, s3_endpoint: str, s3_bucket: str, sim_urls: list[str], tmp_path: Path
 ) -> None:
     secret = new_secret()
+    public = s3_endpoint.replace(LOOPBACK, "localhost")  # where clients reach the store
     receiver = WebhookReceiver(secret)
     await receiver.start()
     settings = Settings(
@@ -52,6 +53,7 @@ async def test_jobs_run_on_both_backends_land_in_s3_and_webhooks_verify(
         comfyui_endpoints=[f"{url}#gpu{i}" for i, url in enumerate(sim_urls)],
         s3_bucket=s3_bucket,
         s3_endpoint_url=s3_endpoint,
+        s3_public_url=public,
         s3_prefix="outputs/",
         webhook_secret=secret,
         allow_private_callbacks=True,
@@ -74,13 +76,17 @@ async def test_jobs_run_on_both_backends_land_in_s3_and_webhooks_verify(
                 await receiver.wait_for(JOBS)
             async with http.get(f"{api}/jobs/{submitted[0]['id']}") as response:
                 first = await response.json()
+            assert first["outputs"][0]["url"].startswith(f"{public}/{s3_bucket}/")
             async with http.get(first["outputs"][0]["url"]) as response:
                 assert response.status == 200
                 presigned_bytes = await response.read()
             async with http.get(f"{api}/jobs/{first['id']}/outputs/0",
                                 allow_redirects=False) as response:
                 assert response.status == 307
-                assert first["outputs"][0]["key"] in response.headers["Location"]
+                location = response.headers["Location"]
+                assert location.startswith(f"{public}/{s3_bucket}/{first['outputs'][0]['key']}?")
+            async with http.get(location) as response:
+                assert (response.status, await response.read()) == (200, presigned_bytes)
     finally:
         await receiver.stop()
 

@@ -119,3 +119,16 @@ async def test_a_url_is_refused_once_s3_url_ttl_has_passed(
     await asyncio.sleep(signed_at + ttl + 1 - time.time())  # waiting for the TTL itself
     status, body = await fetch(url)
     assert (status, b"Request has expired" in body) == (403, True)
+
+
+async def test_urls_name_the_public_endpoint_and_verify_there(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """The service reaches the store at 127.0.0.1, its clients at localhost: the URL names
+    localhost, signed for that host."""
+    public = s3_endpoint.replace(LOOPBACK, "localhost")
+    url = await stored_url(s3_endpoint, s3_bucket, s3_public_url=public)
+    assert url.startswith(f"{public}/{s3_bucket}/{KEY}?")
+    assert await fetch(url) == (200, BODY)
+    status, _ = await fetch(url.replace("localhost", LOOPBACK))
+    assert status == 403

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     s3_bucket: str | None = None
     s3_region_name: str = "us-east-1"
     s3_endpoint_url: str | None = None
+    # The endpoint presigned URLs name, when clients reach the store under another name than
+    # this service does (MinIO as http://minio:9000 inside Compose, http://localhost:9000 out).
+    s3_public_url: str | None = None
     s3_prefix: str = ""
     s3_url_ttl: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     aws_access_key_id: str | None = None

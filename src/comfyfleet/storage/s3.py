@@ -51,15 +51,15 @@ class S3Storage:
             "s3", endpoint_url=settings.s3_endpoint, **credentials,
             config=Config(retries={"max_attempts": 3, "mode": "standard"}),
         ))
-        # Presigned URLs are signed by a client of their own, which never connects: with
-        # Signature Version 4 (AWS refuses version 2 for buckets made since 2020) under the
-        # bucket's region. On AWS itself, the bucket's regional host (a new bucket's global
-        # name redirects, which breaks the signature), unless its name has dots, which no
-        # certificate of a virtual host covers.
-        endpoint = settings.s3_endpoint
-        addressing = "path" if endpoint or "." in settings.s3_bucket else "virtual"
+        # Presigned URLs are signed by a client of their own, which never connects: for the
+        # endpoint clients reach, with Signature Version 4 (AWS refuses version 2 for buckets
+        # made since 2020) under the bucket's region. On AWS itself, the bucket's regional
+        # host (a new bucket's global name redirects, which breaks the signature), unless its
+        # name has dots, which no certificate of a virtual host covers.
+        public = settings.s3_public_url or settings.s3_endpoint
+        addressing = "path" if public or "." in settings.s3_bucket else "virtual"
         signer = await stack.enter_async_context(session.create_client(
-            "s3", endpoint_url=endpoint, **credentials,
+            "s3", endpoint_url=public, **credentials,
             config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
         ))
         return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack)

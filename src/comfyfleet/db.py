@@ -26,6 +26,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same in every comfyfleet process sharing a database.
 _MIGRATION_LOCK_ID = 0x636F6D6679
 PING_TIMEOUT = 2.0
+# A database not up yet (a container started before it) is tried again after half a second,
+# then after twice as long each time, up to this.
+STARTUP_RETRY_MAX_SECONDS = 10.0
 
 
 def start_embedded_postgres(data_dir: Path) -> Any:
@@ -89,6 +92,31 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(upgrade)
 
 
+def _not_up_yet(exc: Exception) -> bool:
+    """The database is unreachable, starting or restarting: waiting cures that. A refusal (a
+    wrong password, no such database) is not waited on."""
+    if isinstance(exc, OSError | TimeoutError):  # refused, no route, a name not resolved yet
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("57P")  # cannot connect now
+
+
+async def migrate_when_up(engine: AsyncEngine) -> None:
+    """`migrate`, waiting with backoff for as long as the database is not up yet."""
+    delay = 0.5
+    while True:
+        try:
+            await migrate(engine)
+            return
+        except Exception as exc:
+            if not _not_up_yet(exc):
+                raise
+            log.warning("database %s not reachable yet (%s); trying again in %.1f s",
+                        engine.url.render_as_string(hide_password=True), exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, STARTUP_RETRY_MAX_SECONDS)
+
+
 async def ping(engine: AsyncEngine) -> bool:
     try:
         async with asyncio.timeout(PING_TIMEOUT), engine.connect() as conn:
@@ -101,7 +129,8 @@ async def ping(engine: AsyncEngine) -> bool:
 
 @asynccontextmanager
 async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The migrated engine for the configured database, starting the embedded one if needed."""
+    """The migrated engine for the configured database (waiting for it to come up), starting the
+    embedded one if needed."""
     url = settings.configured_database_url()
     if url is None:
         server = await asyncio.to_thread(start_embedded_postgres, settings.data_dir / "pg")
@@ -109,7 +138,7 @@ async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
         log.info("using embedded PostgreSQL under %s", settings.data_dir / "pg")
     engine = make_engine(url)
     try:
-        await migrate(engine)
+        await migrate_when_up(engine)
         yield engine
     finally:
         await engine.dispose()

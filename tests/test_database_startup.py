@@ -91,3 +91,18 @@ async def test_serve_started_before_its_database_waits_then_gets_ready(
             await process.wait()
         await asyncio.to_thread(cluster.stop)
 
+
+async def test_a_service_waiting_for_its_database_stops_at_once_on_sigterm(
+    tmp_path: Path
+) -> None:
+    """`docker stop` while the database is still down: no wait for the kill."""
+    process = await serve(tmp_path, free_ports(1), free_ports(1))
+    try:
+        await retries_logged(tmp_path / "serve.log", 1, process)
+        process.terminate()
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

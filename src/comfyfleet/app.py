@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 READ_POOL_SIZE = 4
 
 
+class StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT arrived before the service was ready (e.g. waiting for its database)."""
+
+
 def webhook_secret(settings: Settings) -> str:
     """The signing secret: WEBHOOK_SECRET's first, or one generated once and kept in the data
     directory (mode 0600)."""
@@ -199,6 +203,8 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
             if task.done():
                 task.result()  # startup failed: raise its error
                 raise RuntimeError("the service stopped during startup")
+            if server.should_exit:  # a signal: uvicorn would act on it only once started
+                raise StoppedWhileStarting
             await asyncio.sleep(0.05)
         bound = server.servers[0].sockets[0].getsockname()
         url = f"http://{settings.service_host}:{bound[1]}"
@@ -210,7 +216,10 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         if services is not None:
             await services.fleet.stop_dispatching()  # first: start nothing we would leave
         server.should_exit = True
-        await task
+        if server.started:
+            await task
+        else:  # stopped or failed while starting (waiting for the database, say)
+            await _cancel(task)
 
 
 async def until_terminated() -> None:

@@ -128,11 +128,15 @@ def _add_submit(commands: Any) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from comfyfleet.app import serving, until_terminated
+    from comfyfleet.app import StoppedWhileStarting, serving, until_terminated
 
-    async with serving(settings) as url:
-        logging.getLogger("comfyfleet").info("serving on %s", url)
-        await until_terminated()
+    log = logging.getLogger("comfyfleet")
+    try:
+        async with serving(settings) as url:
+            log.info("serving on %s", url)
+            await until_terminated()
+    except StoppedWhileStarting:
+        log.info("stopped before it was ready")
 
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:

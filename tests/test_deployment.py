@@ -28,8 +28,7 @@ def with_defaults(text: str) -> str:
 
 def test_compose_services_ports_and_settings() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "minio", "minio-bucket", "comfyui-0", "comfyui-1",
-                             "comfyfleet"}
+    assert set(services) == {"postgres", "minio", "minio-bucket", "comfyui", "comfyfleet"}
     app = services["comfyfleet"]
     assert app["build"] == "."
     environment = app["environment"]
@@ -40,28 +39,42 @@ def test_compose_services_ports_and_settings() -> None:
     assert environment["DATABASE_URL"].startswith("postgresql://")
     assert "@postgres:5432/" in environment["DATABASE_URL"]
     assert environment["S3_ENDPOINT_URL"] == "http://minio:9000"
+    # Output URLs name MinIO as the host reaches it, on a published port.
+    assert with_defaults(environment["S3_PUBLIC_URL"]) == "http://localhost:9000"
+    assert "9000:9000" in services["minio"]["ports"]
     assert app["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    # Ready means accepting TCP connections, not the first start's Unix-socket-only server.
+    healthcheck = services["postgres"]["healthcheck"]["test"]
+    assert healthcheck[:2] == ["CMD", "pg_isready"] and "-h" in healthcheck
+    assert healthcheck[healthcheck.index("-h") + 1] == "localhost"
+    for name in ("postgres", "minio", "comfyui", "comfyfleet"):
+        assert services[name]["restart"] == "unless-stopped", name
     assert app["depends_on"]["minio-bucket"] == {"condition": "service_completed_successfully"}
     # The grace period covers the shutdown drain.
     assert int(app["stop_grace_period"].rstrip("s")) > float(environment["SHUTDOWN_TIMEOUT"])
     assert "comfyfleet-outputs" in services["minio-bucket"]["entrypoint"]
     assert environment["S3_BUCKET"] == "comfyfleet-outputs"
 
-    endpoints = environment["COMFYUI_ENDPOINTS"].split(",")
-    for index, endpoint in enumerate(endpoints):
-        name = f"comfyui-{index}"
-        assert endpoint.startswith(f"{name}:8188#")
-        comfyui = services[name]
-        mounts = [with_defaults(volume).split(":") for volume in comfyui["volumes"]]
-        assert ["./comfyui_nodes/comfyfleet_cleanup",
-                "/opt/ComfyUI/custom_nodes/comfyfleet_cleanup", "ro"] in mounts
-        assert (REPO / "comfyui_nodes" / "comfyfleet_cleanup" / "__init__.py").is_file()
-        devices = comfyui["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["capabilities"] == ["gpu"]
-        assert devices[0]["device_ids"] == [str(index)]
-        # Both sides of the cleanup routes get the same token.
-        assert comfyui["environment"]["COMFYFLEET_NODE_TOKEN"] == (
-            environment["COMFYFLEET_NODE_TOKEN"])
+    # One ComfyUI service on one GPU, whichever the machine has; no fixed device ids.
+    assert environment["COMFYUI_ENDPOINTS"] == "comfyui:8188#gpu0"
+    comfyui = services["comfyui"]
+    (device,) = comfyui["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    # Stock ComfyUI listens on 127.0.0.1 only, out of comfyfleet's reach.
+    command = with_defaults(comfyui["command"]).split()
+    assert command[:2] == ["python", "main.py"]
+    assert command[command.index("--listen") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "8188"
+    assert with_defaults(comfyui["working_dir"]) == "/opt/ComfyUI"
+    mounts = [with_defaults(volume).split(":") for volume in comfyui["volumes"]]
+    assert ["comfyui-models", "/opt/ComfyUI/models"] in mounts
+    assert "comfyui-models" in compose()["volumes"]
+    assert ["./comfyui_nodes/comfyfleet_cleanup",
+            "/opt/ComfyUI/custom_nodes/comfyfleet_cleanup", "ro"] in mounts
+    assert (REPO / "comfyui_nodes" / "comfyfleet_cleanup" / "__init__.py").is_file()
+    # Both sides of the cleanup routes get the same token.
+    assert comfyui["environment"]["COMFYFLEET_NODE_TOKEN"] == (
+        environment["COMFYFLEET_NODE_TOKEN"])
 
 
 def test_dockerfile_installs_the_pinned_requirements_and_serves() -> None:

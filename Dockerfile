@@ -1,5 +1,7 @@
 # comfyfleet: `docker build -t comfyfleet .`, then run it with the settings of .env.example in
-# its environment (docker-compose.yml shows a whole deployment). Migrations run at startup.
+# its environment, e.g. `docker run --env-file .env -p 8000:8000 comfyfleet` with a .env made
+# from it (docker-compose.yml shows a whole deployment). Migrations run at startup, once the
+# database answers.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -34,8 +36,10 @@ ENV SERVICE_HOST=0.0.0.0 \
     LOG_FORMAT=json
 EXPOSE 8000
 
+# Through the container's own address, not 127.0.0.1: a service listening on loopback only
+# (SERVICE_HOST=127.0.0.1) is out of everyone's reach and must not look healthy.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('SERVICE_PORT', '8000')}/healthz\", timeout=2)"]
+    CMD ["python", "-c", "import os, socket, urllib.request; urllib.request.urlopen(f\"http://{socket.gethostname()}:{os.environ.get('SERVICE_PORT', '8000')}/healthz\", timeout=2)"]
 
 # SIGTERM (docker stop) drains: no new claims, uploads and requests get SHUTDOWN_TIMEOUT.
 # Give `docker stop -t` / stop_grace_period more than that.

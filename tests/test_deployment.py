@@ -4,10 +4,11 @@ setting in .env.example and in the README's configuration table, and nothing els
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from dotenv import dotenv_values
 
 from comfyfleet.settings import Settings
 from tests.support import REPO
@@ -89,6 +90,28 @@ def test_dockerfile_installs_the_pinned_requirements_and_serves() -> None:
     for setting in re.findall(r"^\s*(\w+)=", "\n".join(lines), re.MULTILINE):
         if not setting.startswith(("PYTHON", "PIP_")):
             assert setting in SETTING_NAMES, setting
+    # Healthy means reachable from outside the container, not just from its own loopback.
+    (healthcheck,) = [line for line in lines if "/healthz" in line]
+    assert "socket.gethostname()" in healthcheck
+    assert "127.0.0.1" not in healthcheck and "localhost" not in healthcheck
+
+
+def dockerfile_env() -> dict[str, str]:
+    """What the Dockerfile's ENV instructions set."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return {name: value for line in text.splitlines() if line.startswith("ENV ")
+            for name, value in re.findall(r"(\w+)=(\S+)", line)}
+
+
+def test_env_example_as_the_images_env_file_undoes_none_of_its_settings() -> None:
+    """`docker run --env-file .env`, the .env made from .env.example, overrides the image's ENV:
+    a SERVICE_HOST=127.0.0.1 there left the container answering only itself."""
+    image = dockerfile_env()
+    assert image["SERVICE_HOST"] == "0.0.0.0"
+    workdir = re.findall(r"^WORKDIR (\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    for name, value in dotenv_values(REPO / ".env.example").items():
+        if name in image and value is not None:  # a relative path is taken from WORKDIR
+            assert image[name] in (value, str(PurePosixPath(*workdir, value))), name
 
 
 def example_names(path: Path) -> list[str]:

@@ -56,8 +56,10 @@ def test_compose_services_ports_and_settings() -> None:
     assert "comfyfleet-outputs" in services["minio-bucket"]["entrypoint"]
     assert environment["S3_BUCKET"] == "comfyfleet-outputs"
 
-    # One ComfyUI service on one GPU, whichever the machine has; no fixed device ids.
-    assert environment["COMFYUI_ENDPOINTS"] == "comfyui:8188#gpu0"
+    # One ComfyUI service on one GPU, whichever the machine has; no fixed device ids. Its
+    # replicas (--scale) are found by DNS.
+    assert environment["COMFYUI_DISCOVERY"] == "dns:comfyui:8188"
+    assert "COMFYUI_ENDPOINTS" not in environment
     comfyui = services["comfyui"]
     (device,) = comfyui["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}

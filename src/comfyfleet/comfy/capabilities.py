@@ -40,6 +40,34 @@ def _numeric_range(spec: Any) -> tuple[float | None, float | None] | None:
 
 
 @dataclass(frozen=True)
+class NodeSpec:
+    """What a node class takes and gives: the checks ComfyUI makes of a prompt before it
+    queues it (required inputs present, links to an output the source node has)."""
+
+    # input name -> declared type ("IMAGE", "INT", ...; "COMBO" for a list of choices)
+    input_types: dict[str, str]
+    required: frozenset[str]
+    output_types: tuple[str, ...]
+    output_node: bool
+
+    @classmethod
+    def from_object_info(cls, node: dict[str, Any]) -> NodeSpec:
+        inputs = node.get("input") or {}
+        types: dict[str, str] = {}
+        for section in ("required", "optional"):
+            for name, spec in (inputs.get(section) or {}).items():
+                declared = spec[0] if isinstance(spec, list) and spec else None
+                types[name] = declared if isinstance(declared, str) else "COMBO"
+        outputs = node.get("output") or []
+        return cls(
+            input_types=types,
+            required=frozenset(inputs.get("required") or {}),
+            output_types=tuple(str(output) for output in outputs),
+            output_node=node.get("output_node") is True,
+        )
+
+
+@dataclass(frozen=True)
 class Capabilities:
     node_classes: frozenset[str] = frozenset()
     # (class, input name) -> accepted values, for combo inputs
@@ -47,9 +75,12 @@ class Capabilities:
     # (class, input name) -> (min, max), for INT and FLOAT inputs
     ranges: dict[tuple[str, str], tuple[float | None, float | None]] = field(
         default_factory=dict)
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
 
     @classmethod
     def from_object_info(cls, info: dict[str, Any]) -> Capabilities:
+        nodes = {class_name: NodeSpec.from_object_info(node)
+                 for class_name, node in info.items() if isinstance(node, dict)}
         combos: dict[tuple[str, str], frozenset[str]] = {}
         ranges: dict[tuple[str, str], tuple[float | None, float | None]] = {}
         for class_name, node in info.items():
@@ -62,7 +93,7 @@ class Capabilities:
                     bounds = _numeric_range(spec)
                     if bounds is not None:
                         ranges[(class_name, input_name)] = bounds
-        return cls(frozenset(info), combos, ranges)
+        return cls(frozenset(info), combos, ranges, nodes)
 
     def missing(self, prompt: dict[str, Any]) -> list[str]:
         """What this backend lacks to run `prompt`, in words an operator can act on."""

@@ -32,6 +32,7 @@ from comfyfleet.api.errors import install_error_handlers
 from comfyfleet.api.openapi import install_openapi
 from comfyfleet.api.prometheus import Scrape
 from comfyfleet.api.security import authenticate, install_security
+from comfyfleet.api.v2 import mount_v2
 from comfyfleet.api_keys import KeyStore
 from comfyfleet.comfy.endpoints import parse_endpoints
 from comfyfleet.fleet.discovery import DnsDiscovery, DnsTarget, make_resolver
@@ -175,6 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(backends.router, prefix=prefix, dependencies=secured)
     app.include_router(dashboard.router, prefix=prefix, dependencies=secured)
     dashboard.install_dashboard(app, prefix)
+    mount_v2(app)
     install_openapi(app, settings.route_prefix)
     return app
 

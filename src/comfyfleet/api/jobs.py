@@ -123,21 +123,21 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     jobs = await svc.repository.page(limit=limit, status=status, workflow=workflow,
                                      after=after, api_key_hash=caller.owner_filter)
     last = jobs[-1] if len(jobs) == limit else None
     return {
         "jobs": [await svc.render(job) for job in jobs],
-        "next_cursor": _encode_cursor(last.created_at, last.id) if last else None,
+        "next_cursor": encode_cursor(last.created_at, last.id) if last else None,
     }
 
 
-def _encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         return datetime.fromisoformat(created_at), uuid.UUID(job_id)

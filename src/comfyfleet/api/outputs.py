@@ -33,7 +33,8 @@ async def get_output(
     if not isinstance(key, str):
         return PlainTextResponse(str(output.get("text", "")))
     if isinstance(svc.storage, LocalStorage):
-        return await _file(svc.storage, key, output.get("content_type"), output.get("filename"))
+        return await stored_file(svc.storage, key, output.get("content_type"),
+                                 output.get("filename"))
     url = await svc.storage.url(key)
     assert url is not None
     return RedirectResponse(url, status_code=307)
@@ -47,12 +48,13 @@ async def get_file(
     storage = svc.storage
     if not isinstance(storage, LocalStorage) or not storage.verify(key, expires, signature):
         raise ApiError(403, "bad_signature", "this URL is not valid or has expired")
-    return await _file(storage, key, None, None)
+    return await stored_file(storage, key, None, None)
 
 
-async def _file(
+async def stored_file(
     storage: LocalStorage, key: str, content_type: object, filename: object
 ) -> Response:
+    """A file of local storage, with Range requests answered (206)."""
     try:
         path = storage.path_of(key)
     except StorageError as exc:

@@ -26,6 +26,13 @@ class JobStatus(StrEnum):
         return self in TERMINAL_STATES
 
 
+class JobSource(StrEnum):
+    """Where a job's prompt came from."""
+
+    CATALOG = "catalog"  # a catalog workflow filled with the request's parameters
+    GRAPH = "graph"  # the client's own API-format graph, run as sent (Comfy API v2)
+
+
 TERMINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 # States in which a prompt may exist on a backend, i.e. what a backend loss or restart affects.
 ON_BACKEND_STATES = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING, JobStatus.UPLOADING})
@@ -78,6 +85,10 @@ class Job(SQLModel, table=True):
     fingerprint: str | None = None
     # The job whose outputs this one reused instead of running (DESIGN §3).
     reused_from: uuid.UUID | None = None
+    # Plain text in the database (a CHECK constraint guards the values); compare with JobSource.
+    source: str = Field(default=JobSource.CATALOG, sa_column=Column(String(16), nullable=False))
+    # String labels the client gave the job (Comfy API v2 `metadata`); null: none.
+    labels: dict[str, str] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
 
 
 def reused_outputs(source: Job) -> dict[str, Any]:

@@ -295,18 +295,24 @@ class JobRepository:
         self,
         *,
         limit: int,
-        status: str | None = None,
+        status: str | Iterable[str] | None = None,
         workflow: str | None = None,
         after: tuple[datetime, uuid.UUID] | None = None,
         api_key_hash: str | None = None,
+        labels: dict[str, str] | None = None,
     ) -> list[Job]:
         """Newest first; `after` is the (created_at, id) of the last job of the page before.
-        With `api_key_hash`, only the jobs that key submitted."""
+        With `api_key_hash`, only the jobs that key submitted; with `labels`, only those
+        having all of these labels."""
         query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
         if api_key_hash is not None:
             query = query.where(col(Job.api_key_hash) == api_key_hash)
-        if status is not None:
+        if isinstance(status, str):
             query = query.where(col(Job.status) == status)
+        elif status is not None:
+            query = query.where(col(Job.status).in_([str(state) for state in status]))
+        if labels:
+            query = query.where(col(Job.labels).contains(labels))
         if workflow is not None:
             query = query.where(col(Job.workflow) == workflow)
         if after is not None:

@@ -1,0 +1,262 @@
+"""Comfy API v2 jobs: submit a verbatim API-format graph, read, list, cancel, follow (SSE).
+Thin: a v2 job is a comfyfleet job, run by the same dispatcher, tracker and collector."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from comfyfleet import db
+from comfyfleet.api.jobs import decode_cursor, encode_cursor
+from comfyfleet.api.security import Caller, CallerDep, visible_job
+from comfyfleet.api.v2 import render
+from comfyfleet.api.v2.errors import V2Error
+from comfyfleet.intake.graph_jobs import (
+    GraphRequest,
+    IdempotencyKeyReuse,
+    MissingAsset,
+    accept_graph,
+)
+from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
+from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.notices import Notice, PreviewImage
+from comfyfleet.jobs.repository import QueueFull
+from comfyfleet.services import Services, ServicesDep
+
+router = APIRouter(tags=["jobs"])
+public = APIRouter(tags=["health"])
+
+# Another process's changes reach no notice here; an event stream reads its job this often.
+REREAD_SECONDS = 1.0
+PING_SECONDS = 15
+QUEUE_FULL_RETRY_SECONDS = 5
+# The label rules of the v2 contract (as comfy-sdk documents them).
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+_LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
+MAX_LABELS = 16
+# The statuses of the v2 contract and the job states each stands for.
+V2_STATUSES = {v2: [ours for ours, mapped in render.STATUSES.items() if mapped == v2]
+               for v2 in set(render.STATUSES.values())}
+
+
+class JobRequest(BaseModel):
+    workflow: Any
+    metadata: dict[str, Any] | None = None
+    extra_data: dict[str, Any] | None = None
+    # Reserved by the contract for later, and refused until then.
+    webhook_url: Any = None
+    inputs: Any = None
+
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=255)]
+
+
+@router.post("/jobs", status_code=201, summary="Submit an API-format workflow graph")
+async def submit_job(
+    body: JobRequest, request: Request, response: Response, svc: ServicesDep,
+    caller: CallerDep, idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    for reserved in ("webhook_url", "inputs"):
+        if reserved in body.model_fields_set:
+            raise V2Error(422, "invalid_request",
+                          f"{reserved} is reserved for a later version of the API and refused "
+                          f"until then", details={"field": reserved})
+    if body.extra_data is not None:
+        raise V2Error(422, "invalid_request",
+                      "extra_data (partner node keys) is not supported by this gateway",
+                      details={"field": "extra_data"})
+    labels = _labels(body.metadata)
+    fleet = [s.capabilities for s in svc.fleet.sessions if s.capabilities is not None]
+    try:
+        job, created = await accept_graph(
+            svc.repository, fleet,
+            GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash),
+            max_unfinished=svc.settings.max_queued_per_key)
+    except UiFormatGraph as exc:
+        raise V2Error(422, "workflow_format_ui", str(exc)) from exc
+    except InvalidGraph as exc:
+        details = {"node_errors": {node: [p.as_dict() for p in problems]
+                                   for node, problems in exc.node_errors.items()},
+                   **exc.details}
+        raise V2Error(422, "invalid_workflow", str(exc), details=details) from exc
+    except MissingAsset as exc:
+        raise V2Error(422, "missing_asset", str(exc),
+                      details={"node_id": exc.node_id, "field": exc.field}) from exc
+    except IdempotencyKeyReuse as exc:
+        raise V2Error(422, "idempotency_key_reuse", str(exc)) from exc
+    except QueueFull as exc:
+        raise V2Error(429, "queue_full",
+                      f"{exc.unfinished} jobs of this API key are unfinished, the most it may "
+                      f"have; retry when some have ended", details={"unfinished": exc.unfinished},
+                      headers={"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)}) from exc
+    if created:
+        svc.fleet.job_available()
+    else:
+        response.headers["Idempotency-Replayed"] = "true"
+    return await render.job_object(svc, job, render.origin(request))
+
+
+def _labels(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if not metadata:
+        return None
+    if len(metadata) > MAX_LABELS:
+        raise V2Error(422, "metadata_invalid",
+                      f"metadata has {len(metadata)} labels; at most {MAX_LABELS} are allowed")
+    for key, value in metadata.items():
+        if not _LABEL_KEY.match(key):
+            raise V2Error(422, "metadata_invalid",
+                          f"metadata key {key!r} must be 1 to 40 of A-Z a-z 0-9 _ - .",
+                          details={"key": key})
+        if (not isinstance(value, str) or len(value.encode()) > 256
+                or _LABEL_VALUE_BAD.search(value)):
+            raise V2Error(422, "metadata_invalid",
+                          f"metadata {key!r} must be a string of at most 256 bytes without "
+                          f"control characters", details={"key": key})
+    return dict(metadata)
+
+
+async def _job(svc: Services, caller: Caller, job_id: str) -> Job:
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        raise V2Error(404, "not_found", f"no job {job_id}") from None
+    return await visible_job(svc, caller, parsed)
+
+
+@router.get("/jobs/{job_id}", summary="One job")
+async def get_job(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
+                  ) -> dict[str, Any]:
+    return await render.job_object(svc, await _job(svc, caller, job_id), render.origin(request))
+
+
+@router.get("/jobs/{job_id}/workflow", summary="The graph a job runs")
+async def get_job_workflow(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    job = await _job(svc, caller, job_id)
+    return {"workflow": job.prompt, "format": "api"}
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+async def cancel_job(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
+                     ) -> dict[str, Any]:
+    """Queued: canceled at once; on a backend: removed from its queue, or interrupted.
+    A job that already ended is returned as it ended."""
+    job = await _job(svc, caller, job_id)
+    cancelled = await svc.fleet.cancel(job.id)
+    if cancelled is None:
+        raise V2Error(404, "not_found", f"no job {job_id}")
+    return await render.job_object(svc, cancelled, render.origin(request))
+
+
+@router.get("/jobs", summary="A page of jobs, newest first")
+async def list_jobs(
+    request: Request, svc: ServicesDep, caller: CallerDep,
+    status: Annotated[str | None, Query(description="a v2 job status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """`metadata[<key>]=<value>` query parameters keep the jobs having all those labels."""
+    states = None
+    if status is not None:
+        if status not in V2_STATUSES:
+            raise V2Error(422, "invalid_request", f"status must be one of "
+                          f"{', '.join(sorted(V2_STATUSES))}", details={"field": "status"})
+        states = V2_STATUSES[status]
+    labels = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
+              if key.startswith("metadata[") and key.endswith("]")}
+    jobs = await svc.repository.page(
+        limit=limit, status=states, after=decode_cursor(cursor) if cursor else None,
+        api_key_hash=caller.owner_filter, labels=labels or None)
+    last = jobs[-1] if len(jobs) == limit else None
+    page: dict[str, Any] = {"jobs": [_summary(job) for job in jobs]}
+    if last is not None:
+        page["next_cursor"] = encode_cursor(last.created_at, last.id)
+    return page
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    changed = job.finished_at or job.started_at or job.dispatched_at or job.created_at
+    url = f"{render.PREFIX}/jobs/{job.id}"
+    return {"id": str(job.id), "status": render.status_of(job),
+            "create_time": job.created_at.isoformat(), "update_time": changed.isoformat(),
+            "metadata": job.labels or {},
+            "urls": {"self": url, "events": f"{url}/events", "cancel": f"{url}/cancel"}}
+
+
+@router.get("/jobs/{job_id}/events", summary="A job's live state as Server-Sent Events",
+            response_class=EventSourceResponse)
+async def job_events(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
+                     ) -> EventSourceResponse:
+    """On connect the current `status` and `progress`; then every change, each output as it
+    is committed (`output`), live `preview` images; the stream ends after the terminal
+    `status`. Not a replayable log: the job itself (GET) is the authority."""
+    job = await _job(svc, caller, job_id)
+    return EventSourceResponse(_stream(svc, job.id, render.origin(request)), ping=PING_SECONDS)
+
+
+async def _stream(svc: Services, job_id: uuid.UUID, origin: str
+                  ) -> AsyncIterator[ServerSentEvent]:
+    notices = svc.events.listen(job_id)
+    told_status: tuple[str, int | None] | None = None
+    told_progress: float | None = None
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            job = await svc.repository.get(job_id)
+            if job is None:
+                return
+            status = render.status_of(job)
+            if status in render.TERMINAL:
+                for output in await render.outputs(svc, job, origin):
+                    yield _event("output", output)
+                yield _event("status", {"status": status, "queue_position": None})
+                return
+            position = await render.queue_position(svc, job)
+            if (status, position) != told_status:
+                told_status = (status, position)
+                yield _event("status", {"status": status, "queue_position": position})
+            if job.progress != told_progress:
+                told_progress = job.progress
+                yield _event("progress", render.progress(job))
+            # Previews as they come, until the job changes or it is time to read it anyway.
+            reread_at = loop.time() + REREAD_SECONDS
+            while (preview := await _next_preview(notices, reread_at)) is not None:
+                yield _event("preview", {
+                    "node_id": preview.node_id or "", "content_type": preview.image_type,
+                    "data_base64": base64.b64encode(preview.image).decode()})
+    finally:
+        svc.events.stop(job_id, notices)
+
+
+async def _next_preview(notices: asyncio.Queue[Notice], deadline: float) -> PreviewImage | None:
+    """The next preview image; None once the job changed or at `deadline`. (The stream
+    yields outside the timeout: a deadline passing while the client is being written to
+    must not cancel that write.)"""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await notices.get()
+    except TimeoutError:
+        return None
+
+
+def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps(data), event=name)
+
+
+@public.get("/health", summary="The gateway and its fleet")
+async def health(svc: ServicesDep) -> JSONResponse:
+    database = await db.ping(svc.engine)
+    backends = {s.name: s.connected for s in svc.fleet.sessions}
+    healthy = database and (not backends or any(backends.values()))
+    return JSONResponse({"status": "healthy" if healthy else "unhealthy", "database": database,
+                         "backends": backends}, status_code=200 if healthy else 503)

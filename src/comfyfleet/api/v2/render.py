@@ -1,0 +1,136 @@
+"""A comfyfleet job as the Comfy API v2 Job object: states mapped, a progress snapshot, each
+output as an asset with its URL, the error, follow-up links, timestamps and metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import Request
+
+from comfyfleet.jobs.models import Job, JobStatus, utcnow
+from comfyfleet.services import Services
+
+PREFIX = "/api/v2"  # where api.v2 is mounted
+
+# Dispatched is still waiting to start (on its backend now, first in line); uploading is the
+# end of the run (outputs going to storage).
+STATUSES = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.DISPATCHED: "queued",
+    JobStatus.RUNNING: "running",
+    JobStatus.UPLOADING: "running",
+    JobStatus.SUCCEEDED: "succeeded",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "canceled",
+}
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+# Jobs are kept until an operator removes them: no retention deadline.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def origin(request: Request) -> str:
+    """Scheme and host the client reached us at: where the absolute URLs point."""
+    return f"{request.url.scheme}://{request.url.netloc}"
+
+
+def status_of(job: Job) -> str:
+    return STATUSES[JobStatus(job.status)]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _ms(start: datetime | None, end: datetime | None) -> int | None:
+    return round((end - start).total_seconds() * 1000) if start and end else None
+
+
+def output_id(job: Job, index: int) -> str:
+    """An output's asset id: its job and its place among the job's outputs."""
+    return f"{job.id}.{index}"
+
+
+def progress(job: Job) -> dict[str, Any]:
+    """Nodes done out of all, from the fraction the tracker records ((nodes finished + the
+    running node's step fraction) / nodes)."""
+    total = max(len(job.prompt), 1)
+    value = 1.0 if job.status == JobStatus.SUCCEEDED else job.progress
+    done = min(int(value * total + 1e-9), total)
+    return {"value": value, "nodes_done": done, "nodes_total": total, "current_node": None,
+            "current_node_class": None, "step": None, "steps": None,
+            "message": f"{done}/{total} nodes"}
+
+
+def _kind(content_type: str) -> str:
+    major = content_type.split("/", 1)[0]
+    return major if major in ("image", "video", "audio", "text") else "file"
+
+
+async def outputs(svc: Services, job: Job, base_url: str) -> list[dict[str, Any]]:
+    expires = _iso(utcnow() + timedelta(seconds=svc.settings.s3_url_ttl))
+    rendered = []
+    for index, output in enumerate(job.outputs):
+        asset_id = output_id(job, index)
+        key = output.get("key")
+        if isinstance(key, str):
+            content_type = str(output.get("content_type") or "application/octet-stream")
+            name = str(output.get("filename") or key.rsplit("/", 1)[-1])
+            size = int(output.get("size") or 0)
+            kind = "latent" if name.endswith(".latent") else _kind(content_type)
+            url = await svc.storage.url(key)
+        else:
+            content_type, kind, url = "text/plain; charset=utf-8", "text", None
+            name = f"{output.get('node_id')}_{index}.txt"
+            size = len(str(output.get("text", "")).encode())
+        rendered.append({
+            "node_id": str(output.get("node_id")), "name": name, "type": kind,
+            "content_type": content_type, "size_bytes": size, "id": asset_id, "hash": None,
+            "url": url or f"{base_url}{PREFIX}/assets/{asset_id}/content",
+            "url_expires_at": expires, "job_id": str(job.id),
+        })
+    return rendered
+
+
+def error(job: Job) -> dict[str, Any] | None:
+    if job.error is None:
+        return None
+    details = job.error.get("details")
+    traceback = details.get("traceback") if isinstance(details, dict) else None
+    if isinstance(traceback, list):
+        traceback = "".join(str(line) for line in traceback)
+    code = job.error.get("type")
+    return {
+        "code": "canceled" if code == "cancelled" else code,
+        "message": job.error.get("message"),
+        "node_id": job.error.get("node_id"),
+        "class_type": job.error.get("node_type"),
+        "traceback": traceback if isinstance(traceback, str) else None,
+    }
+
+
+async def queue_position(svc: Services, job: Job) -> int | None:
+    """1 for the job the next free slot takes; 0 once it is on its backend, waiting there."""
+    if job.status == JobStatus.QUEUED:
+        return await svc.repository.queue_position(job)
+    return 0 if job.status == JobStatus.DISPATCHED else None
+
+
+async def job_object(svc: Services, job: Job, base_url: str) -> dict[str, Any]:
+    url = f"{PREFIX}/jobs/{job.id}"
+    return {
+        "id": str(job.id),
+        "status": status_of(job),
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.finished_at),
+        "expires_at": _iso(NEVER),
+        "queue_position": await queue_position(svc, job),
+        "progress": progress(job),
+        "outputs": await outputs(svc, job, base_url),
+        "error": error(job),
+        "metrics": {"queue_ms": _ms(job.created_at, job.dispatched_at or job.finished_at),
+                    "execution_ms": _ms(job.started_at, job.finished_at)},
+        "urls": {"self": url, "events": f"{url}/events", "cancel": f"{url}/cancel"},
+        "metadata": job.labels or {},
+    }

@@ -1,0 +1,242 @@
+"""The Comfy API v2, driven by Comfy's official SDK (comfy-sdk from PyPI) over real sockets:
+the service in-process on its own database and local storage, two `comfyfleet sim` backends
+in their own process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from comfy_low.errors import ApiError
+from comfy_low.transport import AsyncComfyLow
+from comfy_sdk import AsyncComfy, ComfyError, Progress, StatusChange
+from comfy_sdk.exceptions import Unauthorized
+from PIL import Image
+
+from comfyfleet.app import serving
+from comfyfleet.settings import Settings
+from tests.support import LOOPBACK, free_ports, python_process
+
+SIM_BACKENDS = 2
+
+
+def invert(width: int, color: int) -> dict[str, Any]:
+    """An API-format graph as ComfyUI's "Export (API)" writes it."""
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": width, "height": 24, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "ComfyUI"}},
+    }
+
+
+def work(seconds: float, steps: int) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SimulatedWork",
+              "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "work"}},
+    }
+
+
+@pytest.fixture
+async def sim_urls() -> AsyncIterator[list[str]]:
+    port = free_ports(SIM_BACKENDS)
+    urls = [f"http://{LOOPBACK}:{port + i}" for i in range(SIM_BACKENDS)]
+    async with python_process(
+        "comfyfleet", "sim", "--backends", str(SIM_BACKENDS), "--port", str(port),
+        "--duration", "0.2", ready_url=urls[-1] + "/system_stats",
+    ):
+        yield urls
+
+
+@asynccontextmanager
+async def fleet_service(settings: Settings, sim_urls: list[str]) -> AsyncIterator[str]:
+    """The service on the sims; yields its base URL once every backend is connected (their
+    /object_info known, so graphs are checked against it)."""
+    settings.comfyui_endpoints = [f"{url}#gpu{i}" for i, url in enumerate(sim_urls)]
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(f"{base}/api/v2/health") as response:
+                    health = await response.json()
+                if response.status == 200 and all(health["backends"].values()):
+                    break
+                await asyncio.sleep(0.05)
+        yield base
+
+
+@pytest.fixture
+async def v2(settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+             ) -> AsyncIterator[str]:
+    """The service's base URL, and COMFY_BASE_URL pointing the SDK at it."""
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        yield base
+
+
+async def backend_of(base: str, job_id: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/jobs/{job_id}") as r:
+        backend: str = (await r.json())["backend"]
+        return backend
+
+
+async def test_sdk_runs_graphs_on_both_backends_and_downloads_outputs(v2: str) -> None:
+    colors = [0x102030 * (i + 1) for i in range(4)]
+    async with AsyncComfy() as client:
+        jobs = await asyncio.gather(*(
+            client.submit(client.workflows.from_json(invert(30 + i, color)))
+            for i, color in enumerate(colors)))
+        assert {job.status for job in jobs} <= {"queued", "running"}
+        for i, job in enumerate(jobs):
+            await job.result()
+            (output,) = job.get_outputs("3")
+            assert (output.type, output.content_type) == ("image", "image/png")
+            data = await output.to_bytes()
+            assert len(data) == output.size_bytes
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            assert image.size == (30 + i, 24)
+            inverted = 0xFFFFFF - colors[i]
+            assert image.getpixel((0, 0)) == (inverted >> 16, inverted >> 8 & 0xFF,
+                                              inverted & 0xFF)
+            assert output.job_id == job.id
+    assert {await backend_of(v2, job.id) for job in jobs} == {"gpu0", "gpu1"}
+
+
+async def test_events_show_rising_progress_and_end_succeeded(v2: str) -> None:
+    async with AsyncComfy() as client:
+        job = await client.submit(client.workflows.from_json(work(seconds=2.0, steps=8)))
+        values: list[float] = []
+        statuses: list[str] = []
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, Progress):
+                    values.append(event.value)
+                elif isinstance(event, StatusChange):
+                    statuses.append(event.status)
+        assert statuses[-1] == "succeeded"
+        assert "running" in statuses
+        assert values == sorted(values)
+        assert len({value for value in values if 0 < value < 1}) >= 2, values
+        await job.refresh()
+        assert job.status == "succeeded"
+        assert job._model.progress is not None and job._model.progress.value == 1.0
+
+
+async def test_cancel_a_running_job(v2: str) -> None:
+    async with AsyncComfy() as client:
+        job = await client.submit(client.workflows.from_json(work(seconds=60.0, steps=60)))
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, StatusChange) and event.status == "running":
+                    break
+        await job.cancel()
+        assert job.status == "canceled"
+        await job.wait(timeout=10)
+        assert job.status == "canceled"
+        assert job.error is not None and job.error.code == "canceled"
+
+
+async def test_invalid_and_ui_format_graphs_are_422_with_node_details(v2: str) -> None:
+    broken = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}},
+        "2": {"class_type": "NoSuchNode", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["9", 0],
+                                                    "filename_prefix": "x"}},
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["1", 5]}},
+    }
+    ui_export = {"last_node_id": 3, "last_link_id": 2, "nodes": [{"id": 1}], "links": []}
+    async with AsyncComfyLow(v2, None) as low:
+        with pytest.raises(ApiError) as invalid:
+            await low.post_jobs(broken)
+        with pytest.raises(ApiError) as ui:
+            await low.post_jobs(ui_export)
+        with pytest.raises(ApiError) as no_output:
+            await low.post_jobs({"1": invert(8, 0)["1"]})
+    assert (invalid.value.http_status, invalid.value.code) == (422, "invalid_workflow")
+    assert invalid.value.details is not None and no_output.value.details is not None
+    node_errors = invalid.value.details["node_errors"]
+    assert {(node, p["field"], p["reason"]) for node, problems in node_errors.items()
+            for p in problems} == {
+        ("1", "color", "missing_input"),
+        ("2", "class_type", "unknown_class"),
+        ("3", "images", "bad_link"),
+        ("4", "image", "bad_link"),
+    }
+    assert (ui.value.http_status, ui.value.code) == (422, "workflow_format_ui")
+    assert "Export (API)" in ui.value.message
+    assert no_output.value.code == "invalid_workflow"
+    assert no_output.value.details["reason"] == "prompt_no_outputs"
+
+
+async def test_idempotent_submit_replays_and_refuses_another_body(v2: str) -> None:
+    key = str(uuid.uuid4())
+    async with AsyncComfy() as client:
+        first = await client.submit(client.workflows.from_json(invert(20, 1)),
+                                    idempotency_key=key, metadata={"batch": "b1"})
+        again = await client.submit(client.workflows.from_json(invert(20, 1)),
+                                    idempotency_key=key, metadata={"batch": "b1"})
+        assert again.id == first.id
+        with pytest.raises(ComfyError) as reuse:
+            await client.submit(client.workflows.from_json(invert(21, 1)),
+                                idempotency_key=key, metadata={"batch": "b1"})
+        assert (reuse.value.http_status, reuse.value.code) == (422, "idempotency_key_reuse")
+        await again.result()
+        assert again.metadata == {"batch": "b1"}
+        workflow = await again.get_workflow()
+        assert (workflow.format, workflow.graph) == ("api", invert(20, 1))
+        other = await client.submit(client.workflows.from_json(invert(22, 1)))
+        listed = [summary.id async for summary in client.list_jobs(metadata={"batch": "b1"})]
+        assert listed == [first.id]
+        await other.result()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{v2}/api/v2/jobs", json={"workflow": invert(20, 1)},
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 422  # the same key without the labels: another body
+        async with http.post(f"{v2}/api/v2/jobs",
+                             json={"workflow": invert(20, 1), "metadata": {"batch": "b1"}},
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 201
+            assert response.headers["Idempotency-Replayed"] == "true"
+            assert (await response.json())["id"] == first.id
+
+
+async def test_api_keys_are_bearer_tokens_and_errors_use_the_envelope(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.api_keys = ["v2-key"]
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        async with AsyncComfy(api_key="v2-key") as client:
+            job = await client.run(client.workflows.from_json(invert(10, 2)))
+            assert job.status == "succeeded"
+            # Another key's job is as absent as a missing one.
+        async with AsyncComfy(api_key="wrong") as stranger:
+            with pytest.raises(Unauthorized):
+                await stranger.jobs.get(job.id)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/api/v2/jobs/{job.id}") as response:
+                assert response.status == 401
+                error = (await response.json())["error"]
+                assert error["code"] == "unauthorized"
+            headers = {"Authorization": "Bearer v2-key"}
+            async with http.get(f"{base}/api/v2/jobs/{uuid.uuid4()}",
+                                headers=headers) as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["code"] == "not_found"
+            async with http.post(f"{base}/api/v2/jobs", json={"workflow": invert(8, 0),
+                                                              "webhook_url": "http://x"},
+                                 headers=headers) as response:
+                assert response.status == 422
+                assert (await response.json())["error"]["code"] == "invalid_request"
+            async with http.get(f"{base}/api/v2/health") as response:
+                assert response.status == 200  # open, like /healthz

@@ -21,7 +21,7 @@ from PIL import Image
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.support import COLOR, LOOPBACK, free_ports, png, python_process
 
 SIM_BACKENDS = 2
 
@@ -240,3 +240,89 @@ async def test_api_keys_are_bearer_tokens_and_errors_use_the_envelope(
                 assert (await response.json())["error"]["code"] == "invalid_request"
             async with http.get(f"{base}/api/v2/health") as response:
                 assert response.status == 200  # open, like /healthz
+
+
+def load_and_invert(image: Any) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "loaded"}},
+    }
+
+
+async def test_an_uploaded_asset_feeds_load_image_and_is_deduplicated(v2: str) -> None:
+    picture = png(32, 16)
+    async with AsyncComfy() as client:
+        asset = client.assets.from_bytes(picture, filename="photo.png")
+        workflow = client.workflows.from_json(load_and_invert("placeholder.png"))
+        workflow.set_input("1", "image", asset)
+        job = await client.run(workflow)
+        assert asset.created_new is True
+        (output,) = job.get_outputs("3")
+        image = Image.open(io.BytesIO(await output.to_bytes())).convert("RGB")
+        assert image.size == (32, 16)
+        assert image.getpixel((0, 0)) == tuple(255 - channel for channel in COLOR)
+        # The same bytes again: the SDK finds them by hash, and no bytes move. The same
+        # reference is the same asset; under another name a new record over the same blob.
+        again = client.assets.from_bytes(picture, filename="photo.png")
+        await again.commit()
+        assert again.id == asset.id
+        renamed = client.assets.from_bytes(picture, filename="copy.png")
+        await renamed.commit()
+        assert renamed.hash == asset.hash and renamed.id != asset.id
+        fetched = await client.assets.get(str(asset.id))
+        assert (fetched.hash, fetched.file_path) == (asset.hash, "photo.png")
+        # An earlier job's output is an asset too, usable as an input.
+        chained = client.workflows.from_json(load_and_invert({
+            "__type": "core/ASSET", "info": {"id": output.id}}))
+        twice = await client.run(chained)
+        (back,) = twice.get_outputs("3")
+        image = Image.open(io.BytesIO(await back.to_bytes())).convert("RGB")
+        assert image.getpixel((0, 0)) == COLOR
+
+
+async def test_multipart_uploads_keep_one_blob_and_check_the_declared_hash(
+    v2: str, settings: Settings
+) -> None:
+    picture = png(7, 5)
+
+    def form(expected_hash: str | None = None) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("content_type", "image/png")
+        data.add_field("file_path", "small.png")
+        if expected_hash is not None:
+            data.add_field("expected_hash", expected_hash)
+        data.add_field("file", picture, filename="small.png", content_type="image/png")
+        return data
+
+    async with aiohttp.ClientSession() as http:
+        answers = []
+        for _ in range(2):
+            async with http.post(f"{v2}/api/v2/assets", data=form()) as response:
+                answers.append((response.status, await response.json()))
+        async with http.post(f"{v2}/api/v2/assets",
+                             data=form("blake3:" + "0" * 64)) as response:
+            assert response.status == 409
+            assert (await response.json())["error"]["code"] == "hash_mismatch"
+        (first_status, first), (second_status, second) = answers
+        assert (first_status, first["created_new"]) == (201, True)
+        assert (second_status, second["created_new"]) == (200, False)
+        assert first["hash"] == second["hash"] and first["id"] != second["id"]
+        async with http.get(f"{v2}/api/v2/assets/{second['id']}/content",
+                            headers={"Range": "bytes=0-7"}) as response:
+            assert response.status == 206
+            assert await response.read() == picture[:8]
+        async with http.head(f"{v2}/api/v2/assets/by-hash/{first['hash']}") as response:
+            assert response.status == 200
+        async with http.head(f"{v2}/api/v2/assets/by-hash/blake3:{'1' * 64}") as response:
+            assert response.status == 404
+        missing = {"workflow": load_and_invert(
+            {"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}})}
+        async with http.post(f"{v2}/api/v2/jobs", json=missing) as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["code"] == "missing_asset"
+    digest = first["hash"].removeprefix("blake3:")
+    blobs = await asyncio.to_thread(lambda: [path for path in settings.data_dir.rglob(digest)
+                                             if path.is_file()])
+    assert len(blobs) == 1

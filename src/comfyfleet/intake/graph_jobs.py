@@ -4,19 +4,27 @@ the same dispatcher, tracker and collector as every other job."""
 
 from __future__ import annotations
 
+import mimetypes
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.intake.graphs import check_graph, is_asset_reference, shape_label
+from comfyfleet.intake import inputs
+from comfyfleet.intake.assets import AssetStore, output_ref
+from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.models import Job, JobSource
 from comfyfleet.jobs.repository import JobRepository
 
+_SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
 
 class MissingAsset(ValueError):
-    """The graph names an asset that cannot be used."""
+    """The graph names an asset that does not exist or is not the caller's."""
 
     def __init__(self, message: str, node_id: str, field: str) -> None:
         super().__init__(message)
@@ -37,20 +45,23 @@ class GraphRequest:
 
 
 async def accept_graph(
-    repository: JobRepository, fleet: Sequence[Capabilities], request: GraphRequest, *,
-    max_unfinished: int | None,
+    repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
+    request: GraphRequest, *, max_unfinished: int | None,
 ) -> tuple[Job, bool]:
-    """Check the graph against `fleet` (the capabilities of the backends known so far) and
-    store the job, or find the earlier one with the same key; returns it and whether it was
-    created. Raises the checks' errors (UiFormatGraph, InvalidGraph, MissingAsset),
-    IdempotencyKeyReuse, and the repository's QueueFull (`max_unfinished` jobs of this key
-    are unfinished)."""
-    prompt = check_graph(request.graph, fleet)
-    _refuse_assets(prompt)
+    """Check the graph against `fleet` (the capabilities of the backends known so far),
+    resolve its asset references, and store the job, or find the earlier one with the same
+    key; returns it and whether it was created. Raises the checks' errors (UiFormatGraph,
+    InvalidGraph, MissingAsset), IdempotencyKeyReuse, and the repository's QueueFull
+    (`max_unfinished` jobs of this key are unfinished)."""
+    graph = check_graph(request.graph, fleet)
+    job_id = uuid.uuid4()
+    prompt, files = await _resolve_assets(repository, assets, graph, job_id,
+                                          request.api_key_hash)
     job = Job(
-        id=uuid.uuid4(),
+        id=job_id,
         source=JobSource.GRAPH,
-        workflow=shape_label(prompt),
+        workflow=shape_label(graph),
+        params=files,
         prompt=prompt,
         labels=request.labels or None,
         client_task_id=request.idempotency_key,
@@ -64,15 +75,77 @@ async def accept_graph(
 
 
 def _same_request(stored: Job, asked: Job) -> bool:
-    """A repeat: the same caller sent the same graph and labels (another key's job under the
-    same idempotency key is reported as reuse, without showing it)."""
+    """A repeat: the same caller sent the same graph (the same assets) and labels; another
+    key's job under the same idempotency key is reported as reuse, without showing it."""
     return (stored.api_key_hash == asked.api_key_hash and stored.source == asked.source
-            and stored.prompt == asked.prompt and stored.labels == asked.labels)
+            and _as_asked(stored) == _as_asked(asked) and stored.labels == asked.labels)
 
 
-def _refuse_assets(prompt: dict[str, Any]) -> None:
-    for node_id, node in prompt.items():
+def _as_asked(job: Job) -> dict[str, Any]:
+    """The job's graph with each input that an asset fills naming that asset again (the
+    file name it has on a backend differs from job to job)."""
+    graph = dict(job.prompt)
+    for record in job.params.values():
+        if isinstance(record, dict) and "asset" in record:
+            node = graph[record["node_id"]]
+            graph[record["node_id"]] = {**node, "inputs": {
+                **node["inputs"], record["field"]: {"__type": ASSET_TYPE,
+                                                    "info": {"id": record["asset"]}}}}
+    return graph
+
+
+async def _resolve_assets(
+    repository: JobRepository, assets: AssetStore, graph: dict[str, Any], job_id: uuid.UUID,
+    api_key_hash: str | None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The prompt with each asset reference replaced by the file the dispatcher uploads to
+    the backend before it queues the prompt (as image parameters are), and those files."""
+    prompt = dict(graph)
+    files: dict[str, dict[str, Any]] = {}
+    for node_id, node in graph.items():
         for name, value in node.get("inputs", {}).items():
-            if is_asset_reference(value):
-                raise MissingAsset(f"node {node_id} input {name!r} names an asset, and this "
-                                   f"gateway stores no assets yet", str(node_id), name)
+            if not is_asset_reference(value):
+                continue
+            record = await _asset_file(repository, assets, value, str(node_id), name, job_id,
+                                       api_key_hash)
+            files[f"{node_id}.{name}"] = record
+            prompt[node_id] = {**prompt[node_id], "inputs": {
+                **prompt[node_id]["inputs"], name: inputs.in_prompt(record)}}
+    return prompt, files
+
+
+async def _asset_file(
+    repository: JobRepository, assets: AssetStore, reference: dict[str, Any], node_id: str,
+    name: str, job_id: uuid.UUID, api_key_hash: str | None,
+) -> dict[str, Any]:
+    info = reference.get("info")
+    asset_id = info.get("id") if isinstance(info, dict) else None
+    if not isinstance(asset_id, str):
+        raise MissingAsset(f"node {node_id} input {name!r}: an asset reference needs info.id",
+                           node_id, name)
+    missing = MissingAsset(f"node {node_id} input {name!r}: no asset {asset_id}", node_id, name)
+    ref = output_ref(asset_id)
+    if ref is not None:  # an output of an earlier job
+        source = await repository.get(ref[0])
+        if source is None or source.api_key_hash != api_key_hash or ref[1] >= len(
+                source.outputs) or not isinstance(source.outputs[ref[1]].get("key"), str):
+            raise missing
+        output = source.outputs[ref[1]]
+        key, content_type, size = output["key"], output["content_type"], output["size"]
+        file_name = str(output.get("filename") or "")
+    else:
+        try:
+            asset = await assets.get(uuid.UUID(asset_id))
+        except ValueError:
+            asset = None
+        if asset is None or asset.api_key_hash != api_key_hash:
+            raise missing
+        key, content_type, size = assets.key(asset), asset.content_type, asset.size_bytes
+        file_name = asset.file_path or ""
+    extension = PurePosixPath(file_name).suffix.lower()
+    if not _SAFE_EXTENSION.match(extension):
+        extension = mimetypes.guess_extension(content_type.split(";")[0]) or ""
+    return {"input": key, "asset": asset_id, "node_id": node_id, "field": name,
+            "name": inputs.backend_name(str(job_id), _UNSAFE.sub("_", f"{node_id}_{name}"),
+                                        extension),
+            "subfolder": inputs.BACKEND_SUBFOLDER, "content_type": content_type, "size": size}

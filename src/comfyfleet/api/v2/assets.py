@@ -1,42 +1,144 @@
-"""Comfy API v2 assets. Every job output is an asset, named by its job and its place among the
-job's outputs: its record, and its bytes (local storage: served, with Range; S3: a redirect
-to a fresh presigned URL)."""
+"""Comfy API v2 assets: uploads (blake3 computed here, deduplicated), mints over bytes already
+kept, existence by hash, records with fresh URLs and the bytes (local storage: served, with
+Range; S3: a redirect to a fresh presigned URL). Job outputs are assets too."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from comfyfleet.api.outputs import stored_file
 from comfyfleet.api.security import Caller, CallerDep
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.errors import V2Error
-from comfyfleet.jobs.models import Job
+from comfyfleet.intake.assets import Asset, AssetStore, HashMismatch, output_ref, parse_hash
+from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.services import Services, ServicesDep
-from comfyfleet.storage import LocalStorage
+from comfyfleet.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["assets"])
 
 
-async def _output(svc: Services, caller: Caller, asset_id: str) -> tuple[Job, int]:
-    """The job and output index an output's asset id names; 404 for anything else."""
-    job_part, _, index_part = asset_id.partition(".")
+def asset_store(svc: Services) -> AssetStore:
+    return AssetStore(svc.engine, svc.storage, svc.settings.s3_prefix)
+
+
+async def _asset_json(svc: Services, asset: Asset, origin: str,
+                      created_new: bool | None = None) -> dict[str, Any]:
+    url = await svc.storage.url(asset_store(svc).key(asset))
+    expires = utcnow() + timedelta(seconds=svc.settings.s3_url_ttl)
+    rendered = {
+        "id": str(asset.id), "hash": asset.tagged_hash, "size_bytes": asset.size_bytes,
+        "content_type": asset.content_type, "file_path": asset.file_path,
+        "created_at": asset.created_at.isoformat(),
+        "url": url or f"{origin}{render.PREFIX}/assets/{asset.id}/content",
+        "url_expires_at": expires.isoformat(), "expires_at": None, "job_id": None,
+    }
+    if created_new is not None:
+        rendered["created_new"] = created_new
+    return rendered
+
+
+@router.post("/assets", summary="Upload an asset (multipart)", status_code=201)
+async def post_asset(request: Request, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+    """Fields: `file`, `content_type`, `file_path`, optional `expected_hash` and `tags`.
+    201: new bytes stored; 200: the bytes were kept already (deduplicated)."""
     try:
-        job_id, index = uuid.UUID(job_part), int(index_part)
-    except ValueError:
-        raise V2Error(404, "not_found", f"no asset {asset_id}") from None
-    job = await svc.repository.get(job_id)
-    if job is None or not caller.sees(job) or not 0 <= index < len(job.outputs):
+        form = await request.form(max_part_size=svc.settings.max_upload_bytes)
+    except MultiPartException as exc:
+        raise V2Error(422, "invalid_request", f"expected a multipart/form-data body: {exc}"
+                      ) from exc
+    file = form.get("file")
+    content_type, file_path = form.get("content_type"), form.get("file_path")
+    expected_hash = form.get("expected_hash")
+    if not isinstance(file, UploadFile):
+        raise V2Error(422, "invalid_request", "the file part is missing",
+                      details={"field": "file"})
+    for name, value in (("content_type", content_type), ("file_path", file_path)):
+        if not isinstance(value, str) or not value:
+            raise V2Error(422, "invalid_request", f"the {name} field is missing",
+                          details={"field": name})
+    assert isinstance(content_type, str) and isinstance(file_path, str)
+    tags = [tag for tag in form.getlist("tags") if isinstance(tag, str)]
+    try:
+        asset, new = await asset_store(svc).add(
+            file, content_type=content_type, file_path=file_path, tags=tags,
+            expected_hash=expected_hash if isinstance(expected_hash, str) else None,
+            api_key_hash=caller.key_hash)
+    except HashMismatch as exc:
+        raise V2Error(409, "hash_mismatch", str(exc)) from exc
+    except StorageError as exc:
+        raise V2Error(503, "storage_unavailable", f"cannot keep the bytes now: {exc}") from exc
+    finally:
+        await form.close()
+    return JSONResponse(await _asset_json(svc, asset, render.origin(request), new),
+                        status_code=201 if new else 200)
+
+
+class FromHash(BaseModel):
+    hash: str
+    file_path: str | None = Field(default=None, max_length=1000)
+    tags: list[str] | None = None
+
+
+@router.post("/assets/from-hash", summary="Mint an asset over bytes already kept")
+async def asset_from_hash(body: FromHash, request: Request, svc: ServicesDep,
+                          caller: CallerDep) -> JSONResponse:
+    digest = parse_hash(body.hash)
+    minted = None if digest is None else await asset_store(svc).mint(
+        digest, file_path=body.file_path, tags=body.tags, api_key_hash=caller.key_hash)
+    if minted is None:
+        raise V2Error(404, "blob_not_found", f"no blob {body.hash} this caller may use")
+    asset, new = minted
+    return JSONResponse(await _asset_json(svc, asset, render.origin(request)),
+                        status_code=201 if new else 200)
+
+
+@router.head("/assets/by-hash/{tagged_hash}", summary="Whether the caller may mint from a blob")
+async def head_asset_by_hash(tagged_hash: str, svc: ServicesDep, caller: CallerDep
+                             ) -> Response:
+    digest = parse_hash(tagged_hash)
+    found = digest is not None and await asset_store(svc).has(digest, caller.key_hash)
+    return Response(status_code=200 if found else 404)
+
+
+async def _uploaded(svc: Services, caller: Caller, asset_id: uuid.UUID) -> Asset:
+    asset = await asset_store(svc).get(asset_id)
+    if asset is None or not (caller.sees_all or asset.api_key_hash == caller.key_hash):
         raise V2Error(404, "not_found", f"no asset {asset_id}")
-    return job, index
+    return asset
+
+
+async def _output(svc: Services, caller: Caller, asset_id: str) -> tuple[Job, int]:
+    """The job and output index an output's asset id names."""
+    ref = output_ref(asset_id)
+    job = await svc.repository.get(ref[0]) if ref is not None else None
+    if ref is None or job is None or not caller.sees(job) or ref[1] >= len(job.outputs):
+        raise V2Error(404, "not_found", f"no asset {asset_id}")
+    return job, ref[1]
+
+
+def _uuid(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
 
 
 @router.get("/assets/{asset_id}", summary="An asset's record, with a fresh URL")
 async def get_asset(asset_id: str, request: Request, svc: ServicesDep, caller: CallerDep
                     ) -> dict[str, Any]:
+    uploaded = _uuid(asset_id)
+    if uploaded is not None:
+        return await _asset_json(svc, await _uploaded(svc, caller, uploaded),
+                                 render.origin(request))
     job, index = await _output(svc, caller, asset_id)
     output = (await render.outputs(svc, job, render.origin(request)))[index]
     return {"id": asset_id, "hash": output["hash"], "size_bytes": output["size_bytes"],
@@ -49,14 +151,23 @@ async def get_asset(asset_id: str, request: Request, svc: ServicesDep, caller: C
 @router.get("/assets/{asset_id}/content", summary="An asset's bytes",
             response_class=Response)
 async def get_asset_content(asset_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
-    job, index = await _output(svc, caller, asset_id)
-    output = job.outputs[index]
-    key = output.get("key")
-    if not isinstance(key, str):
-        return PlainTextResponse(str(output.get("text", "")))
+    uploaded = _uuid(asset_id)
+    if uploaded is not None:
+        asset = await _uploaded(svc, caller, uploaded)
+        key: object = asset_store(svc).key(asset)
+        content_type: object = asset.content_type
+        name: object = asset.file_path
+    else:
+        job, index = await _output(svc, caller, asset_id)
+        output = job.outputs[index]
+        key, content_type, name = output.get("key"), output.get("content_type"), \
+            output.get("filename")
+        if not isinstance(key, str):
+            return PlainTextResponse(str(output.get("text", "")))
+    assert isinstance(key, str)
     if isinstance(svc.storage, LocalStorage):
-        return await stored_file(svc.storage, key, output.get("content_type"),
-                                 output.get("filename"))
+        return await stored_file(svc.storage, key, content_type,
+                                 name.rsplit("/", 1)[-1] if isinstance(name, str) else None)
     url = await svc.storage.url(key)
     assert url is not None
     return RedirectResponse(url, status_code=302)

@@ -20,6 +20,7 @@ from comfyfleet import db
 from comfyfleet.api.jobs import decode_cursor, encode_cursor
 from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.v2 import render
+from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
 from comfyfleet.intake.graph_jobs import (
     GraphRequest,
@@ -80,7 +81,7 @@ async def submit_job(
     fleet = [s.capabilities for s in svc.fleet.sessions if s.capabilities is not None]
     try:
         job, created = await accept_graph(
-            svc.repository, fleet,
+            svc.repository, asset_store(svc), fleet,
             GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash),
             max_unfinished=svc.settings.max_queued_per_key)
     except UiFormatGraph as exc:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
-from comfy_sdk import AsyncComfy, ComfyError, Progress, StatusChange
+from comfy_sdk import AsyncComfy, Comfy, ComfyError, Progress, StatusChange
 from comfy_sdk.exceptions import Unauthorized
 from PIL import Image
 
@@ -110,6 +112,21 @@ async def test_sdk_runs_graphs_on_both_backends_and_downloads_outputs(v2: str) -
                                               inverted & 0xFF)
             assert output.job_id == job.id
     assert {await backend_of(v2, job.id) for job in jobs} == {"gpu0", "gpu1"}
+
+
+async def test_the_readme_lines_run_a_workflow_file(v2: str, tmp_path: Path) -> None:
+    """README, "Using Comfy's SDK with comfyfleet": the synchronous client, as written."""
+    (tmp_path / "workflow_api.json").write_text(json.dumps(invert(12, 0)))
+
+    def readme() -> None:
+        client = Comfy()
+        client.run(client.workflows.from_file(tmp_path / "workflow_api.json")
+                   ).get_outputs("3")[0].to_file(tmp_path / "out.png")
+        client.close()
+
+    await asyncio.to_thread(readme)
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (12, 24)
 
 
 async def test_events_show_rising_progress_and_end_succeeded(v2: str) -> None:

@@ -1,0 +1,128 @@
+"""What the Comfy API v2 costs through comfyfleet, against Comfy's own comfy-api-proxy.
+
+One zero-duration simulated ComfyUI (`comfyfleet sim --duration 0`); in front of it, in
+processes of their own, `comfyfleet serve` (embedded PostgreSQL, outputs into S3 on moto) and
+the official `comfy-api-proxy` (PyPI). Jobs go one at a time, taking turns: through
+comfyfleet, through the proxy, and straight to the simulator (POST /prompt, then
+/history/{prompt_id}), the floor both stand on. Each job is a 64x64 invert graph whose color
+changes every time (so ComfyUI's cache never answers it). Measured per job: the POST sent ->
+the job seen finished, by polling every `--poll-ms` (both v2 surfaces: GET /api/v2/jobs/{id}
+until `succeeded`, the contract's "poll-first" path; direct: GET /history/{id}). The same
+polling for all three: what it adds is in every column. comfyfleet does more on the way:
+every step recorded in PostgreSQL, the output streamed into S3 before it says succeeded.
+
+Run from the repository root:  .venv/bin/python -m bench.v2_overhead [--jobs 200] [--poll-ms 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+
+from bench.harness import Component, bench_root, deploy, latency_ms, print_table
+from tests.support import LOOPBACK, free_ports, python_process
+
+Submit = Callable[[aiohttp.ClientSession, dict[str, Any]], Awaitable[float]]
+
+
+def graph(color: int) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "bench"}},
+    }
+
+
+def through_v2(base: str, poll: float) -> Submit:
+    async def submit(http: aiohttp.ClientSession, workflow: dict[str, Any]) -> float:
+        started = time.monotonic()
+        async with http.post(f"{base}/api/v2/jobs", json={"workflow": workflow}) as response:
+            assert response.status == 201, await response.text()
+            job = await response.json()
+        while job["status"] not in ("succeeded", "failed", "canceled"):
+            await asyncio.sleep(poll)
+            async with http.get(f"{base}/api/v2/jobs/{job['id']}") as response:
+                job = await response.json()
+        assert job["status"] == "succeeded", job
+        return time.monotonic() - started
+    return submit
+
+
+def direct(sim: str, poll: float) -> Submit:
+    async def submit(http: aiohttp.ClientSession, workflow: dict[str, Any]) -> float:
+        started = time.monotonic()
+        prompt_id = str(uuid.uuid4())
+        async with http.post(f"{sim}/prompt", json={"prompt": workflow,
+                                                    "prompt_id": prompt_id}) as response:
+            assert response.status == 200, await response.text()
+        while True:
+            async with http.get(f"{sim}/history/{prompt_id}") as response:
+                if prompt_id in await response.json():
+                    return time.monotonic() - started
+            await asyncio.sleep(poll)
+    return submit
+
+
+async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
+    poll = poll_ms / 1000
+    async with AsyncExitStack() as stack:
+        root = stack.enter_context(bench_root())
+        deployment = await deploy(stack, root, 1)
+        sim = deployment.sims.urls[0]
+        port = free_ports(1)
+        proxy = f"http://{LOOPBACK}:{port}"
+        proxy_process = await stack.enter_async_context(python_process(
+            "comfy_api_proxy.cli", "--comfyui", sim, "--port", str(port),
+            ready_url=proxy + "/api/v2/health"))
+        meter = deployment.meter
+        meter.components.append(Component("comfy-api-proxy", [proxy_process.pid]))
+        ways: dict[str, Submit] = {
+            "comfyfleet /api/v2": through_v2(deployment.serve.base, poll),
+            "comfy-api-proxy": through_v2(proxy, poll),
+            "direct to ComfyUI": direct(sim, poll),
+        }
+        http = deployment.http
+        for submit in ways.values():  # warm up: connections, first-use costs
+            for color in range(3):
+                await submit(http, graph(color))
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
+        meter.start()
+        for index in range(jobs):
+            for name, submit in ways.items():
+                seconds[name].append(await submit(http, graph(1000 + index)))
+        meter.stop()
+    results = {name: latency_ms(values) for name, values in seconds.items()}
+    print_table(["submit -> seen finished", "jobs", "p50 ms", "p95 ms", "p99 ms"],
+                [(name, r["samples"], r["p50"], r["p95"], r["p99"])
+                 for name, r in results.items()])
+    floor = results["direct to ComfyUI"]["p50"]
+    print_table(["added over direct", "p50 ms"],
+                [(name, round(r["p50"] - floor, 2)) for name, r in results.items()
+                 if name != "direct to ComfyUI"])
+    meter.print()
+    return {"jobs": jobs, "poll_ms": poll_ms, "latency_ms": results, "cpu": meter.as_json(),
+            "machine": platform.machine(), "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200, help="jobs through each way")
+    parser.add_argument("--poll-ms", type=float, default=2.0,
+                        help="how often each client asks whether its job finished")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.jobs, args.poll_ms))))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
 from comfy_sdk import AsyncComfy, Comfy, ComfyError, Progress, StatusChange
-from comfy_sdk.exceptions import Unauthorized
+from comfy_sdk.exceptions import JobFailed, Unauthorized
 from PIL import Image
 
 from comfyfleet.app import serving
@@ -343,3 +343,28 @@ async def test_multipart_uploads_keep_one_blob_and_check_the_declared_hash(
     blobs = await asyncio.to_thread(lambda: [path for path in settings.data_dir.rglob(digest)
                                              if path.is_file()])
     assert len(blobs) == 1
+
+
+async def test_a_failed_job_says_why_and_a_full_queue_is_429(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.max_queued_per_key = 1
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        async with AsyncComfy() as client:
+            # The backend refuses a file it does not have (LoadImage checks it when queued).
+            with pytest.raises(JobFailed) as failed:
+                await client.run(client.workflows.from_json(load_and_invert("nowhere.png")))
+            assert failed.value.error is not None
+            assert failed.value.error.code == "prompt_rejected"
+            assert (failed.value.error.node_id, failed.value.error.class_type) == ("1",
+                                                                                   "LoadImage")
+            assert "nowhere.png" in failed.value.error.message
+            long = await client.submit(client.workflows.from_json(work(seconds=60, steps=6)))
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"{base}/api/v2/jobs", json={"workflow": invert(9, 9)}) as response:
+                assert response.status == 429
+                assert response.headers["Retry-After"].isdigit()
+                assert (await response.json())["error"]["code"] == "queue_full"
+            await long.cancel()
+            assert long.status == "canceled"

@@ -95,16 +95,25 @@ async def outputs(svc: Services, job: Job, base_url: str) -> list[dict[str, Any]
 def error(job: Job) -> dict[str, Any] | None:
     if job.error is None:
         return None
+    code, message = job.error.get("type"), job.error.get("message")
+    node_id, class_type = job.error.get("node_id"), job.error.get("node_type")
     details = job.error.get("details")
     traceback = details.get("traceback") if isinstance(details, dict) else None
     if isinstance(traceback, list):
         traceback = "".join(str(line) for line in traceback)
-    code = job.error.get("type")
+    if code == "prompt_rejected" and isinstance(details, dict) and details:
+        # The backend's node_errors: the first node it names, and what it said of it.
+        node_id, node = next(iter(details.items()))
+        if isinstance(node, dict):
+            class_type = node.get("class_type")
+            said = [f"{e.get('message')}: {e.get('details')}" for e in node.get("errors", [])
+                    if isinstance(e, dict)]
+            message = "; ".join([str(message), *said])
     return {
         "code": "canceled" if code == "cancelled" else code,
-        "message": job.error.get("message"),
-        "node_id": job.error.get("node_id"),
-        "class_type": job.error.get("node_type"),
+        "message": message,
+        "node_id": node_id,
+        "class_type": class_type,
         "traceback": traceback if isinstance(traceback, str) else None,
     }
 

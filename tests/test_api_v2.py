@@ -368,3 +368,29 @@ async def test_a_failed_job_says_why_and_a_full_queue_is_429(
                 assert (await response.json())["error"]["code"] == "queue_full"
             await long.cancel()
             assert long.status == "canceled"
+
+
+async def test_with_a_backend_not_heard_from_yet_only_the_structure_is_checked(
+    settings: Settings, sim_urls: list[str]
+) -> None:
+    """That backend may have the node class no other one has, as for catalog jobs (with every
+    backend known, the same graph is 422 unknown_class: see the test of invalid graphs)."""
+    silent = f"http://{LOOPBACK}:{free_ports(1)}#silent"
+    custom = {**invert(8, 0), "2": {"class_type": "OnlyOnSilent", "inputs": {"x": ["1", 0]}}}
+    settings.comfyui_endpoints = [f"{sim_urls[0]}#gpu0", silent]
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(f"{base}/api/v2/health") as response:
+                    if (await response.json())["backends"].get("gpu0"):
+                        break
+                await asyncio.sleep(0.05)
+        async with http.post(f"{base}/api/v2/jobs", json={"workflow": custom}) as response:
+            assert response.status == 201
+            job = await response.json()
+            assert job["status"] == "queued"
+        async with http.post(f"{base}/api/v2/jobs",
+                             json={"workflow": {"1": {"inputs": {}}}}) as response:
+            assert response.status == 422
+        async with http.post(f"{base}{job['urls']['cancel']}") as response:
+            assert (await response.json())["status"] == "canceled"

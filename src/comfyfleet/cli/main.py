@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="default: WORKFLOWS_DIR (workflows/)")
     check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
                        help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
+    seed = workflow_commands.add_parser(
+        "import-seed", help="convert a ComfyUI-server checkout's src/workflows (and the service "
+                            "functions that only substitute) into workflow files")
+    seed.add_argument("path", type=Path,
+                      help="the ComfyUI-server checkout, its src/ or its src/workflows/")
+    seed.add_argument("--out", type=Path, help="default: WORKFLOWS_DIR (workflows/)")
+    seed.add_argument("--force", action="store_true", help="replace files already there")
 
     keys.add_parser(commands)
     _add_submit(commands)
@@ -149,6 +156,14 @@ async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
     return 0 if ok else 1
 
 
+def _import_seed(args: argparse.Namespace) -> int:
+    from comfyfleet.cli.import_seed import import_seed
+
+    lines, ok = import_seed(args.path, args.out or Settings().workflows_dir, force=args.force)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 async def _submit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -198,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                                 output_size=args.output_size,
                                 max_upload_size=round(args.max_upload_size * 1024 * 1024),
                                 custom_nodes=args.custom_nodes))
+        elif args.command == "workflows" and args.workflows_command == "import-seed":
+            sys.exit(_import_seed(args))
         elif args.command == "workflows":
             sys.exit(asyncio.run(_check_workflows(args.directory, args.backend)))
         elif args.command == "submit":

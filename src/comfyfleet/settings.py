@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     service_host: str = "127.0.0.1"
     route_prefix: str = "/api/v1"
+    # Jobs submitted to POST ROUTE_PREFIX in ComfyUI-server's request shape behave as there:
+    # parameters the workflow does not take are ignored (a warning in the job), and the
+    # callback body is ComfyUI-server's record (still signed). false: as POST /jobs.
+    comfyui_server_compat: bool = True
     workflows_dir: Path = Path("workflows")
 
     # One or more whsec_ secrets, separated by commas or spaces; the first signs.

@@ -46,10 +46,11 @@ class JobRequest(WorkflowJobRequest):
 
 
 async def accept(
-    svc: Services, request: JobRequest, idempotency_key: str | None, caller: Caller
+    svc: Services, request: JobRequest, idempotency_key: str | None, caller: Caller, *,
+    warnings: list[dict[str, Any]] | None = None, webhook_format: str | None = None,
 ) -> tuple[Job, bool]:
     """Validate and store the job (or find the earlier one with the same key); returns it and
-    whether it was created."""
+    whether it was created. `warnings` and `webhook_format` are stored with a new job."""
     key = _idempotency_key(request, idempotency_key)
     workflow = _workflow(svc, request.workflow)
     try:
@@ -80,6 +81,8 @@ async def accept(
         webhook_events=sorted(set(request.webhook_events or ())) or None,
         api_key_hash=caller.key_hash,
         fingerprint=fingerprint,
+        warnings=warnings or None,
+        webhook_format=webhook_format,
         **(reused_outputs(source) if source is not None else {}),
     )
     # The inputs are deleted only when no job was made for sure: after an error whose outcome

@@ -13,10 +13,12 @@ from pydantic import AnyHttpUrl, BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.intake import REUSE_DESCRIPTION, JobRequest, WorkflowJobRequest, accept
 from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.workflows import workflow_at
+from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.models import JobStatus
 from comfyfleet.services import Services, ServicesDep
 
@@ -92,19 +94,31 @@ async def submit_comfy_server_job(
     request: ComfyServerRequest, response: Response, svc: ServicesDep, caller: CallerDep,
     wait: WaitQuery = 0,
 ) -> dict[str, Any]:
+    """With COMFYUI_SERVER_COMPAT (default true), as ComfyUI-server: parameters the workflow
+    does not take are ignored (a warning each in the job's `warnings`), and the answer and the
+    callback are the job with ComfyUI-server's record fields (`comfyui_task_id`, `s3_key`,
+    `comfyui_filepath`, `error_code`, ...), the callback signed as every webhook."""
+    compat = svc.settings.comfyui_server_compat
+    params, warnings = (known_params(svc.catalog, request.service_type, request.params)
+                        if compat else (request.params, []))
     job_request = JobRequest(
-        workflow=request.service_type, params=request.params,
+        workflow=request.service_type, params=params,
         callback_url=request.client_callback_url, client_task_id=request.client_task_id,
         reuse_outputs=request.reuse_outputs,
     )
-    return await _submit(svc, job_request, response, wait, None, caller=caller)
+    job = await _submit(svc, job_request, response, wait, None, caller=caller,
+                        warnings=warnings,
+                        webhook_format=COMFYUI_SERVER_FORMAT if compat else None)
+    return comfyui_server_record(job) if compat else job
 
 
 async def _submit(
     svc: Services, request: JobRequest, response: Response, wait: float,
     idempotency_key: str | None, *, caller: Caller,
+    warnings: list[dict[str, Any]] | None = None, webhook_format: str | None = None,
 ) -> dict[str, Any]:
-    job, created = await accept(svc, request, idempotency_key, caller)
+    job, created = await accept(svc, request, idempotency_key, caller,
+                                warnings=warnings, webhook_format=webhook_format)
     if not created:
         response.status_code = 200
     elif job.status == JobStatus.QUEUED:

@@ -89,6 +89,13 @@ class Job(SQLModel, table=True):
     source: str = Field(default=JobSource.CATALOG, sa_column=Column(String(16), nullable=False))
     # String labels the client gave the job (Comfy API v2 `metadata`); null: none.
     labels: dict[str, str] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    # What was accepted with a caveat, e.g. a parameter ignored: [{type, message, ...}].
+    warnings: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSONB, nullable=True)
+    )
+    # The webhook body: null, Standard Webhooks' event; "comfyui-server", ComfyUI-server's
+    # record (jobs/comfyui_server.py).
+    webhook_format: str | None = None
 
 
 def reused_outputs(source: Job) -> dict[str, Any]:

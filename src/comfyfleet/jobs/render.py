@@ -9,6 +9,8 @@ from typing import Any
 from comfyfleet.jobs.models import Job
 
 UrlFor = Callable[[str], Awaitable[str | None]]
+# The webhook body of most jobs: {"type", "timestamp", "data": <job>} (DESIGN §5).
+STANDARD_WEBHOOKS = "standard"
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -40,4 +42,6 @@ async def job_json(job: Job, url_for: UrlFor) -> dict[str, Any]:
         "outputs": outputs,
         "error": job.error,
         "reused_from": str(job.reused_from) if job.reused_from is not None else None,
+        "warnings": job.warnings or [],
+        "webhook_format": job.webhook_format or STANDARD_WEBHOOKS,
     }

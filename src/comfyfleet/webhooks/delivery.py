@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.egress import guarded_connector
+from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.webhooks.signing import signed_headers
 
@@ -54,14 +55,18 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 async def event_body(payload: dict[str, Any], url_for: UrlFor) -> str:
     """The stored event as JSON, with output URLs presigned now: the stored ones (if any)
-    may have expired while the delivery waited."""
+    may have expired while the delivery waited. A job submitted in ComfyUI-server's shape
+    (its `webhook_format`) gets ComfyUI-server's record instead, signed the same way."""
     data = payload["data"]
     outputs = [
         {**output, "url": await url_for(output["key"])}
         if isinstance(output.get("key"), str) else output
         for output in data.get("outputs", [])
     ]
-    return json.dumps({**payload, "data": {**data, "outputs": outputs}}, separators=(",", ":"))
+    job = {**data, "outputs": outputs}
+    if data.get("webhook_format") == COMFYUI_SERVER_FORMAT:
+        return json.dumps(comfyui_server_record(job), separators=(",", ":"))
+    return json.dumps({**payload, "data": job}, separators=(",", ":"))
 
 
 class WebhookSender:

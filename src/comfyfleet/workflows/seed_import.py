@@ -437,10 +437,7 @@ def convert(name: str, template: SeedTemplate, service: ServiceReading | None) -
         f", Service.{service.name} (service.py line {service.line})" if service else "")
     conversion = Conversion(name, origin)
     if service is not None and service.beyond:
-        conversion.problem = (f"Service.{service.name} does more than substitute values: "
-                              f"{'; '.join(service.beyond)}. Write that logic as "
-                              f"workflows/{name}.py (build(params, template)), see README "
-                              "'Service functions'")
+        conversion.problem = _beyond(service)
         return conversion
     fills = service.fills if service is not None else {}
     declared = set(Template(template.text).get_identifiers())
@@ -496,6 +493,16 @@ def convert(name: str, template: SeedTemplate, service: ServiceReading | None) -
     return conversion
 
 
+FILE_CLEANER_SKIPPED = ("ComfyUI-server's own file-cleaner prompt: comfyfleet deletes files on "
+                        "the backends itself (comfyui_nodes/)")
+
+
+def _beyond(service: ServiceReading) -> str:
+    return (f"Service.{service.name} does more than substitute values: "
+            f"{'; '.join(service.beyond)}. Write that logic as workflows/{service.name}.py "
+            "(build(params, template)), see README 'Service functions'")
+
+
 def _is_file_cleaner(template: SeedTemplate) -> bool:
     return f'"{FILE_CLEANER_CLASS}"' in template.text
 
@@ -535,10 +542,7 @@ def convert_seed(layout: SeedLayout) -> list[Conversion]:
         elif service.template is None or service.beyond:
             conversions.append(Conversion(
                 service.name, f"Service.{service.name} (service.py line {service.line})",
-                problem=f"Service.{service.name} does more than substitute values: "
-                        f"{'; '.join(service.beyond)}. Write that logic as "
-                        f"workflows/{service.name}.py (build(params, template)), see README "
-                        "'Service functions'"))
+                problem=_beyond(service)))
         else:
             conversions.append(Conversion(
                 service.name, f"Service.{service.name} (service.py line {service.line})",
@@ -550,10 +554,9 @@ def convert_seed(layout: SeedLayout) -> list[Conversion]:
             conversions.append(Conversion(
                 template.module.removesuffix(".py"), f"{template.module} {template.variable}",
                 not_needed=True,
-                problem="ComfyUI-server's own file-cleaner prompt: comfyfleet deletes files on "
-                        "the backends itself (comfyui_nodes/)" if _is_file_cleaner(template)
-                        else "no service function in service.py substitutes it, so no "
-                             "service_type reaches it"))
+                problem=FILE_CLEANER_SKIPPED if _is_file_cleaner(template) else
+                "no service function in service.py substitutes it, so no service_type "
+                "reaches it"))
     return conversions + unreadable
 
 
@@ -563,8 +566,7 @@ def _unserved(template: SeedTemplate, several: bool) -> Conversion:
         name = f"{name}_{template.variable.lower()}"
     if _is_file_cleaner(template):
         return Conversion(name, f"{template.module} {template.variable}", not_needed=True,
-                          problem="ComfyUI-server's own file-cleaner prompt: comfyfleet deletes "
-                                  "files on the backends itself (comfyui_nodes/)")
+                          problem=FILE_CLEANER_SKIPPED)
     conversion = convert(name, template, None)
     conversion.notes.append("no api/service.py found: named after its module, each "
                             "placeholder a parameter of its own name")

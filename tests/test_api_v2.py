@@ -349,6 +349,7 @@ async def test_a_failed_job_says_why_and_a_full_queue_is_429(
     settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.max_queued_per_key = 1
+    settings.max_concurrent_per_key = 1  # a second job waits in the backlog
     async with fleet_service(settings, sim_urls) as base:
         monkeypatch.setenv("COMFY_BASE_URL", base)
         async with AsyncComfy() as client:
@@ -361,13 +362,15 @@ async def test_a_failed_job_says_why_and_a_full_queue_is_429(
                                                                                    "LoadImage")
             assert "nowhere.png" in failed.value.error.message
             long = await client.submit(client.workflows.from_json(work(seconds=60, steps=6)))
+            waiting = await client.submit(client.workflows.from_json(work(seconds=60, steps=6)))
             async with aiohttp.ClientSession() as http, http.post(
                     f"{base}/api/v2/jobs", json={"workflow": invert(9, 9)}) as response:
                 assert response.status == 429
                 assert response.headers["Retry-After"].isdigit()
                 assert (await response.json())["error"]["code"] == "queue_full"
-            await long.cancel()
-            assert long.status == "canceled"
+            for job in (waiting, long):
+                await job.cancel()
+                assert job.status == "canceled"
 
 
 async def test_with_a_backend_not_heard_from_yet_only_the_structure_is_checked(

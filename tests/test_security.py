@@ -252,9 +252,11 @@ async def test_max_queued_per_key(settings: Settings) -> None:
         first = await client.submit(KEY_A, client_task_id="a-1")
         await client.submit(KEY_A)  # no backends: both stay queued
         body = {"workflow": "invert", "params": {"width": 16}}
-        status, refused, _ = await client.call("POST", "/jobs", KEY_A, body)
-        assert (status, refused["error"]["type"]) == (429, "too_many_jobs")
-        assert refused["error"]["unfinished"] == 2
+        status, refused, headers = await client.call("POST", "/jobs", KEY_A, body)
+        assert (status, refused["error"]["type"]) == (429, "queue_full")
+        assert (refused["error"]["scope"], refused["error"]["queued"]) == ("key", 2)
+        # Nothing runs, so nothing tells when room comes: a guess, said the same both ways.
+        assert headers["Retry-After"] == str(refused["error"]["retry_after"]) == "10"
         status, _, _ = await client.call("POST", "", KEY_A, {"service_type": "invert",
                                                               "params": {"width": 16}})
         assert status == 429  # every submit path counts

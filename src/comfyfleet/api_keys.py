@@ -1,4 +1,5 @@
-"""API keys kept in PostgreSQL (`comfyfleet keys create|list|revoke`), as SHA-256 digests.
+"""API keys kept in PostgreSQL (`comfyfleet keys create|update|list|revoke`), as SHA-256
+digests, each with its tenant's weight and limits.
 
 Every process reads them, with a short cache: a key created or revoked anywhere counts
 everywhere within KEY_CACHE_SECONDS.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Column, DateTime, String, func, update
+from sqlalchemy import Column, DateTime, Integer, String, func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
@@ -34,6 +37,33 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """A tenant's share and limits. None: no limit of its own (where it comes from the
+    database: the environment's default, see `or_defaults`)."""
+
+    weight: int = 1  # its share of the GPUs against other keys with queued work
+    max_concurrent: int | None = None  # its jobs dispatched, running or uploading at once
+    max_queued: int | None = None  # its jobs waiting in the backlog
+
+    def or_defaults(self, defaults: KeyLimits) -> KeyLimits:
+        """These limits, with `defaults`' where these have none."""
+        return replace(
+            self,
+            max_concurrent=defaults.max_concurrent if self.max_concurrent is None
+            else self.max_concurrent,
+            max_queued=defaults.max_queued if self.max_queued is None else self.max_queued,
+        )
+
+
+@dataclass(frozen=True)
+class LiveKey:
+    """What a live key in the database grants."""
+
+    admin: bool
+    limits: KeyLimits
+
+
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
 
@@ -44,10 +74,22 @@ class ApiKey(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     revoked_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    weight: int = Field(default=1, sa_column=Column(Integer, nullable=False))
+    # NULL: the environment's default (MAX_CONCURRENT_PER_KEY, MAX_QUEUED_PER_KEY).
+    max_concurrent: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    max_queued: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+
+    @property
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.weight, self.max_concurrent, self.max_queued)
 
 
 class KeyExists(Exception):
     """A key with this name exists already (revoked or not)."""
+
+
+# What `KeyStore.update` may change; a change to None puts the environment's default back.
+LIMIT_FIELDS = ("weight", "max_concurrent", "max_queued")
 
 
 _table = ApiKey.__table__  # type: ignore[attr-defined]
@@ -56,17 +98,19 @@ _table = ApiKey.__table__  # type: ignore[attr-defined]
 class KeyStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-        # digest -> (good until, admin flag; None: not a live key)
-        self._cache: dict[str, tuple[float, bool | None]] = {}
+        # digest -> (good until, what it grants; None: not a live key)
+        self._cache: dict[str, tuple[float, LiveKey | None]] = {}
         self._any: tuple[float, bool] | None = None
 
-    async def create(self, name: str, *, admin: bool) -> str:
+    async def create(self, name: str, *, admin: bool, limits: KeyLimits = KeyLimits()) -> str:
         """A new key under `name`; the key itself is returned once and kept nowhere."""
         key = new_key()
         async with self._sessions.begin() as session:
             created = await session.exec(
                 insert(_table)
-                .values(name=name, key_hash=key_hash(key), admin=admin, created_at=utcnow())
+                .values(name=name, key_hash=key_hash(key), admin=admin, created_at=utcnow(),
+                        weight=limits.weight, max_concurrent=limits.max_concurrent,
+                        max_queued=limits.max_queued)
                 .on_conflict_do_nothing(index_elements=["name"])
                 .returning(_table.c.name)
             )
@@ -77,6 +121,21 @@ class KeyStore:
     async def all(self) -> list[ApiKey]:
         async with self._sessions() as session:
             return list((await session.exec(select(ApiKey).order_by(col(ApiKey.name)))).all())
+
+    async def update(self, name: str, changes: dict[str, Any]) -> ApiKey | None:
+        """Change the weight or limits (LIMIT_FIELDS) of the live key `name`; the key as it is
+        now, or None when there is no live key of that name. Every process sees the change
+        within KEY_CACHE_SECONDS."""
+        assert changes and changes.keys() <= set(LIMIT_FIELDS), changes
+        async with self._sessions.begin() as session:
+            result = await session.exec(
+                update(ApiKey)
+                .where(col(ApiKey.name) == name, col(ApiKey.revoked_at).is_(None))
+                .values(**changes)
+                .returning(*_table.c)
+            )
+            row = result.first()
+        return ApiKey(**row._mapping) if row is not None else None
 
     async def revoke(self, name: str) -> bool:
         """False when there is no live key of that name."""
@@ -89,20 +148,20 @@ class KeyStore:
             )
             return result.first() is not None
 
-    async def lookup(self, digest: str) -> bool | None:
-        """Whether the live key with this digest is an admin key; None: no such live key."""
+    async def lookup(self, digest: str) -> LiveKey | None:
+        """What the live key with this digest grants; None: no such live key."""
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
         async with self._sessions() as session:
-            found = await session.exec(select(col(ApiKey.admin)).where(
-                col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))
-            admin = found.first()
+            found = (await session.exec(select(ApiKey).where(
+                col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))).first()
+        live = LiveKey(found.admin, found.limits) if found is not None else None
         if len(self._cache) >= KEY_CACHE_SIZE:
             self._cache.clear()
-        self._cache[digest] = (now + KEY_CACHE_SECONDS, admin)
-        return admin
+        self._cache[digest] = (now + KEY_CACHE_SECONDS, live)
+        return live
 
     async def any_live(self) -> bool:
         """Whether any key is live, so the API needs keys even without API_KEYS."""

@@ -50,6 +50,10 @@ WEBHOOK_ATTEMPTS = Counter(
 )
 OUTPUT_BYTES = Counter(
     "comfyfleet_output_bytes", "Bytes of job outputs stored", registry=REGISTRY)
+QUEUE_FULL = Counter(
+    "comfyfleet_queue_full",
+    "Submits refused with 429 queue_full, by the backlog that was full: key (the key's "
+    "max_queued) or service (MAX_QUEUED)", ["scope"], registry=REGISTRY)
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",
     registry=REGISTRY)
@@ -97,6 +101,10 @@ def job_finished(job: Job) -> None:
     if job.status == JobStatus.SUCCEEDED:
         stored = sum(o["size"] for o in job.outputs if isinstance(o.get("size"), int))
         OUTPUT_BYTES.inc(stored)
+
+
+def queue_full(scope: str) -> None:
+    QUEUE_FULL.labels(scope).inc()
 
 
 def storage_error() -> None:

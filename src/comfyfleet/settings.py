@@ -84,8 +84,14 @@ class Settings(BaseSettings):
     metrics_token: str | None = None
     # Requests per minute per API key (per client address without keys); unset: no limit.
     rate_limit: int | None = Field(default=None, ge=1)
-    # Unfinished jobs one key may have at once; unset: no limit.
+    # Each key's limits unless `comfyfleet keys update` gives it its own (keys of API_KEYS
+    # always have these); without keys they are the one tenant's. Unset: no limit.
+    # Jobs of one key waiting in the backlog; past it a submit gets 429 queue_full.
     max_queued_per_key: int | None = Field(default=None, ge=1)
+    # Jobs of one key dispatched, running or uploading at once; the dispatcher skips the rest.
+    max_concurrent_per_key: int | None = Field(default=None, ge=1)
+    # Jobs waiting in the whole backlog; past it a submit gets 429 queue_full. Unset: no limit.
+    max_queued: int | None = Field(default=None, ge=1)
     # Origins allowed to call the API from a browser (comma-separated, or *); unset: CORS off.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_format: Literal["text", "json"] = "text"

@@ -13,8 +13,9 @@ from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Caller
 from comfyfleet.egress import UrlNotAllowed, check_url
 from comfyfleet.intake import inputs
+from comfyfleet.intake.admission import backlog_limits, refusal, retry_after
 from comfyfleet.jobs.models import Job, reused_outputs
-from comfyfleet.jobs.repository import QueueFull
+from comfyfleet.jobs.repository import QueueFull, Tenant
 from comfyfleet.services import Services
 from comfyfleet.storage import StorageError
 from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow, Workflow
@@ -85,22 +86,27 @@ async def accept(
         webhook_format=webhook_format,
         **(reused_outputs(source) if source is not None else {}),
     )
+    # A job that ends as it is stored never joins the backlog.
+    backlog = backlog_limits(caller.limits.max_queued, svc.settings.max_queued) \
+        if source is None else None
     # The inputs are deleted only when no job was made for sure: after an error whose outcome
     # is unknown (the database gone mid-commit) a leftover file beats a job without its input.
     try:
-        # A job that ends as it is stored never counts against the queue.
-        stored, created = await svc.repository.insert(
-            job, max_unfinished=svc.settings.max_queued_per_key if source is None else None)
+        stored, created = await svc.repository.insert(job, backlog=backlog)
     except QueueFull as exc:
         await inputs.discard(svc.storage, records.values())
-        raise ApiError(429, "too_many_jobs",
-                       f"{exc.unfinished} jobs of this API key are unfinished, the most it may "
-                       f"have (MAX_QUEUED_PER_KEY); submit more when some have ended",
-                       unfinished=exc.unfinished) from exc
+        raise await _queue_full(svc, exc, caller) from exc
     if not created:
         await inputs.discard(svc.storage, records.values())
         _check_repeat(stored, job, key, caller)
     return stored, created
+
+
+async def _queue_full(svc: Services, full: QueueFull, caller: Caller) -> ApiError:
+    seconds = await retry_after(svc.repository, full, Tenant(caller.key_hash))
+    return ApiError(429, "queue_full", refusal(full, seconds),
+                    scope=full.scope, queued=full.queued, limit=full.limit,
+                    retry_after=seconds, headers={"Retry-After": str(seconds)})
 
 
 def _idempotency_key(request: JobRequest, header: str | None) -> str | None:

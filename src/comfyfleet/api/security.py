@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from comfyfleet.api.body_limit import BodyLimitMiddleware
 from comfyfleet.api.errors import ApiError
-from comfyfleet.api_keys import KeyStore, key_hash
+from comfyfleet.api_keys import KeyLimits, KeyStore, LiveKey, key_hash
 from comfyfleet.jobs.models import Job
 from comfyfleet.services import Services
 from comfyfleet.settings import Settings
@@ -33,11 +33,13 @@ from comfyfleet.settings import Settings
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: the digest of their key (None when keys are off) and what they see."""
+    """Who is calling: the digest of their key (None when keys are off), what they see, and
+    their tenant's limits."""
 
     key_hash: str | None
     sees_all: bool
     address: str
+    limits: KeyLimits
 
     def sees(self, job: Job) -> bool:
         return self.sees_all or job.api_key_hash == self.key_hash
@@ -57,6 +59,9 @@ class Guard:
         # digest -> admin; a key listed in both is an admin key.
         self._keys = {key_hash(key): False for key in settings.api_keys}
         self._keys.update({key_hash(key): True for key in settings.admin_api_keys})
+        # The limits of configured keys, of database keys without their own, and without keys.
+        self.defaults = KeyLimits(max_concurrent=settings.max_concurrent_per_key,
+                                  max_queued=settings.max_queued_per_key)
         self._rate: RateLimitItem | None = (
             RateLimitItemPerMinute(settings.rate_limit) if settings.rate_limit else None)
         # Per process: several processes behind a load balancer each allow the full rate.
@@ -72,24 +77,25 @@ class Guard:
 
     async def _identify(self, key: str | None, address: str) -> Caller:
         if not self._keys and (self.store is None or not await self.store.any_live()):
-            return Caller(key_hash=None, sees_all=True, address=address)
+            return Caller(key_hash=None, sees_all=True, address=address, limits=self.defaults)
         if key is None:
             raise _unauthorized("missing_api_key",
                                 "this API needs an `Authorization: Bearer <key>` header")
         digest = key_hash(key)
-        admin: bool | None = None
+        live: LiveKey | None = None
         # Every configured digest is compared, so the time taken says nothing about which
         # matched. The database finds its keys by digest: a digest's timing reveals nothing
         # usable about the key.
         for known, is_admin in self._keys.items():
             if hmac.compare_digest(known, digest):
-                admin = is_admin
-        if admin is None and self.store is not None:
-            admin = await self.store.lookup(digest)
-        if admin is None:
+                live = LiveKey(is_admin, self.defaults)
+        if live is None and self.store is not None:
+            live = await self.store.lookup(digest)
+        if live is None:
             raise _unauthorized("invalid_api_key", "the API key is not valid",
                                 challenge='Bearer error="invalid_token"')
-        return Caller(key_hash=digest, sees_all=admin, address=address)
+        return Caller(key_hash=digest, sees_all=live.admin, address=address,
+                      limits=live.limits.or_defaults(self.defaults))
 
     async def throttle(self, caller: Caller) -> None:
         """429 with Retry-After when the caller is over RATE_LIMIT requests per minute."""

@@ -17,7 +17,7 @@ from comfyfleet.intake import inputs
 from comfyfleet.intake.assets import AssetStore, output_ref
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.models import Job, JobSource
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import BacklogLimits, JobRepository
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -46,13 +46,13 @@ class GraphRequest:
 
 async def accept_graph(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
-    request: GraphRequest, *, max_unfinished: int | None,
+    request: GraphRequest, *, backlog: BacklogLimits | None,
 ) -> tuple[Job, bool]:
     """Check the graph against `fleet` (the capabilities of the backends known so far),
     resolve its asset references, and store the job, or find the earlier one with the same
     key; returns it and whether it was created. Raises the checks' errors (UiFormatGraph,
     InvalidGraph, MissingAsset), IdempotencyKeyReuse, and the repository's QueueFull
-    (`max_unfinished` jobs of this key are unfinished)."""
+    (the `backlog` of the key or of the service is full)."""
     graph = check_graph(request.graph, fleet)
     job_id = uuid.uuid4()
     prompt, files = await _resolve_assets(repository, assets, graph, job_id,
@@ -67,7 +67,7 @@ async def accept_graph(
         client_task_id=request.idempotency_key,
         api_key_hash=request.api_key_hash,
     )
-    stored, created = await repository.insert(job, max_unfinished=max_unfinished)
+    stored, created = await repository.insert(job, backlog=backlog)
     if not created and not _same_request(stored, job):
         raise IdempotencyKeyReuse(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")

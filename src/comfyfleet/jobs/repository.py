@@ -7,8 +7,9 @@ import functools
 import json
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import sqlalchemy
 from sqlalchemy import ColumnElement, ScalarSelect, Text, cast, func, true, tuple_, update
@@ -39,6 +40,19 @@ _INSERT_UNLESS_TAKEN = (
 )
 # Queued jobs a claim looks at to find one the backend can run (capability routing).
 CLAIM_BATCH = 50
+# A workflow's latest successful runs averaged into its learned run time.
+RUN_TIME_SAMPLE = 20
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The jobs of one API key (by its digest); None: those submitted without keys."""
+
+    api_key_hash: str | None
+
+    @property
+    def owns(self) -> ColumnElement[bool]:
+        return col(Job.api_key_hash).is_not_distinct_from(self.api_key_hash)
 
 
 class QueuedJob(NamedTuple):
@@ -57,12 +71,23 @@ def _candidate_prompt(text: str) -> dict[str, Any]:
     return prompt
 
 
-class QueueFull(Exception):
-    """The submitting key has as many unfinished jobs as it may have."""
+class BacklogLimits(NamedTuple):
+    """How many queued jobs a submit may find before its own: of its key, of the service.
+    None: no limit."""
 
-    def __init__(self, unfinished: int) -> None:
-        super().__init__(f"{unfinished} unfinished jobs")
-        self.unfinished = unfinished
+    per_key: int | None
+    total: int | None
+
+
+class QueueFull(Exception):
+    """The backlog is as long as it may be: the submitting key's (`scope` "key") or the whole
+    service's ("service")."""
+
+    def __init__(self, scope: Literal["key", "service"], queued: int, limit: int) -> None:
+        super().__init__(f"{queued} jobs queued ({scope} limit {limit})")
+        self.scope = scope
+        self.queued = queued
+        self.limit = limit
 
 
 class JobRepository:
@@ -80,19 +105,21 @@ class JobRepository:
         self._reads = single_statements(reads or engine)
         self._on_change = on_change or (lambda _: None)
 
-    async def insert(self, job: Job, *, max_unfinished: int | None = None) -> tuple[Job, bool]:
+    async def insert(
+        self, job: Job, *, backlog: BacklogLimits | None = None
+    ) -> tuple[Job, bool]:
         """Store a new job; with a `client_task_id` already taken, the existing job instead.
 
-        Returns the job and whether it was created. With `max_unfinished`, raises QueueFull
-        when the job's API key already has that many unfinished jobs (a repeat of an
+        Returns the job and whether it was created. With `backlog`, raises QueueFull when the
+        job's API key, or the service, already has that many jobs queued (a repeat of an
         existing job is still answered with it). A job stored already ended (reused outputs)
         has its webhook in the outbox in the same transaction.
         """
         values = job.model_dump()
-        together = max_unfinished is not None or JobStatus(job.status).terminal
+        together = backlog is not None or JobStatus(job.status).terminal
         async with (self._sessions if together else self._statements).begin() as session:
-            if max_unfinished is not None:
-                await self._check_quota(session, job, max_unfinished)
+            if backlog is not None:
+                await self._check_backlog(session, job, backlog)
             statement = _INSERT if job.client_task_id is None else _INSERT_UNLESS_TAKEN
             created = (await session.exec(statement, params=values)).first()
             if created is None:
@@ -105,24 +132,33 @@ class JobRepository:
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return job, True
 
-    async def _check_quota(self, session: AsyncSession, job: Job, limit: int) -> None:
-        # Serialised per key, so concurrent submits cannot all pass the count together.
-        await session.exec(select(func.pg_advisory_xact_lock(
-            func.hashtext(f"quota:{job.api_key_hash}"))))
-        unfinished = (await session.exec(
-            select(func.count()).select_from(Job).where(
-                col(Job.api_key_hash).is_not_distinct_from(job.api_key_hash),
-                col(Job.status).in_([str(state) for state in UNFINISHED_STATES]),
-            )
-        )).one()
-        if unfinished < limit:
-            return
-        if job.client_task_id is not None:
-            repeat = await session.exec(
-                select(col(Job.id)).where(col(Job.client_task_id) == job.client_task_id))
-            if repeat.first() is not None:
-                return  # the insert finds the existing job
-        raise QueueFull(unfinished)
+    async def _check_backlog(
+        self, session: AsyncSession, job: Job, backlog: BacklogLimits
+    ) -> None:
+        # Serialised (the whole service's submits first, then the key's, always in that
+        # order), so concurrent submits cannot all pass the count together.
+        queued = col(Job.status) == JobStatus.QUEUED
+        counts: list[tuple[Literal["key", "service"], int, ColumnElement[bool]]] = []
+        if backlog.total is not None:
+            await session.exec(select(func.pg_advisory_xact_lock(func.hashtext("backlog"))))
+            counts.append(("service", backlog.total, queued))
+        if backlog.per_key is not None:
+            await session.exec(select(func.pg_advisory_xact_lock(
+                func.hashtext(f"quota:{job.api_key_hash}"))))
+            # The key's own limit is told first: the caller can do something about it.
+            counts.insert(0, ("key", backlog.per_key,
+                              queued & Tenant(job.api_key_hash).owns))
+        for scope, limit, where in counts:
+            found = (await session.exec(
+                select(func.count()).select_from(_table).where(where))).one()
+            if found < limit:
+                continue
+            if job.client_task_id is not None:
+                repeat = await session.exec(
+                    select(col(Job.id)).where(col(Job.client_task_id) == job.client_task_id))
+                if repeat.first() is not None:
+                    return  # the insert finds the existing job
+            raise QueueFull(scope, found, limit)
 
     async def reusable(self, fingerprint: str, api_key_hash: str | None) -> Job | None:
         """The latest job that ran the work `fingerprint` names and succeeded, among those the
@@ -342,6 +378,38 @@ class JobRepository:
             if mean is None:
                 mean = await _mean_run_seconds(session, workflow, None, sample)
         return mean
+
+    async def next_finish_seconds(self, tenant: Tenant | None = None) -> float | None:
+        """Expected seconds until the next job on a backend ends (of `tenant`, or of anyone),
+        freeing a slot for the head of the backlog: each job's workflow's learned run time
+        (the mean of its latest successful runs, fleet-wide) less what it has run already.
+        None when no such job is on a backend, or none of their workflows has run yet."""
+        active = (
+            sqlalchemy.select(_table.c.id, _table.c.workflow, _table.c.started_at)
+            .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
+                   *([tenant.owns] if tenant is not None else []))
+            .subquery("active")
+        )
+        runs = (
+            sqlalchemy.select((func.extract("epoch", _table.c.finished_at)
+                               - func.extract("epoch", _table.c.started_at)).label("seconds"))
+            .where(_table.c.workflow == active.c.workflow,
+                   _table.c.status == JobStatus.SUCCEEDED, _table.c.started_at.is_not(None))
+            .order_by(_table.c.finished_at.desc())
+            .limit(RUN_TIME_SAMPLE)
+            .lateral("runs")
+        )
+        learned = (
+            sqlalchemy.select(active.c.started_at, func.avg(runs.c.seconds).label("seconds"))
+            .select_from(active.join(runs, true()))
+            .group_by(active.c.id, active.c.started_at)
+            .subquery("learned")
+        )
+        ran = func.extract("epoch", func.now() - func.coalesce(learned.c.started_at, func.now()))
+        soonest = select(func.min(func.greatest(learned.c.seconds - ran, 0)))
+        async with self._reads() as session:
+            found = (await session.exec(soonest)).one()
+        return float(found) if found is not None else None
 
     async def unfinished_counts(self) -> list[tuple[str, str, int]]:
         """(status, workflow, count) of the jobs not finished yet, in every process."""

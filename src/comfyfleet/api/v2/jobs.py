@@ -22,6 +22,7 @@ from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
+from comfyfleet.intake.admission import backlog_limits, refusal, retry_after
 from comfyfleet.intake.graph_jobs import (
     GraphRequest,
     IdempotencyKeyReuse,
@@ -31,7 +32,7 @@ from comfyfleet.intake.graph_jobs import (
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.notices import Notice, PreviewImage
-from comfyfleet.jobs.repository import QueueFull
+from comfyfleet.jobs.repository import QueueFull, Tenant
 from comfyfleet.services import Services, ServicesDep
 
 router = APIRouter(tags=["jobs"])
@@ -40,7 +41,6 @@ public = APIRouter(tags=["health"])
 # Another process's changes reach no notice here; an event stream reads its job this often.
 REREAD_SECONDS = 1.0
 PING_SECONDS = 15
-QUEUE_FULL_RETRY_SECONDS = 5
 # The label rules of the v2 contract (as comfy-sdk documents them).
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
@@ -86,7 +86,7 @@ async def submit_job(
         job, created = await accept_graph(
             svc.repository, asset_store(svc), fleet,
             GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash),
-            max_unfinished=svc.settings.max_queued_per_key)
+            backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued))
     except UiFormatGraph as exc:
         raise V2Error(422, "workflow_format_ui", str(exc)) from exc
     except InvalidGraph as exc:
@@ -100,10 +100,10 @@ async def submit_job(
     except IdempotencyKeyReuse as exc:
         raise V2Error(422, "idempotency_key_reuse", str(exc)) from exc
     except QueueFull as exc:
-        raise V2Error(429, "queue_full",
-                      f"{exc.unfinished} jobs of this API key are unfinished, the most it may "
-                      f"have; retry when some have ended", details={"unfinished": exc.unfinished},
-                      headers={"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)}) from exc
+        seconds = await retry_after(svc.repository, exc, Tenant(caller.key_hash))
+        raise V2Error(429, "queue_full", refusal(exc, seconds),
+                      details={"scope": exc.scope, "queued": exc.queued, "limit": exc.limit},
+                      headers={"Retry-After": str(seconds)}) from exc
     if created:
         svc.fleet.job_available()
     else:

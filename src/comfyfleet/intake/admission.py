@@ -1,0 +1,47 @@
+"""Honest backpressure (DESIGN §4): a submit past a full backlog (its key's `max_queued`, or
+MAX_QUEUED for the whole service) is refused, with when to try again.
+
+The backlog gains room when its head starts, which is when a job on a backend ends (for a key,
+one of its own when it has any there: with `max_concurrent` that is the only way its head
+starts). That moment is estimated from the learned run times of the jobs on backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+from comfyfleet import metrics
+from comfyfleet.jobs.repository import BacklogLimits, JobRepository, QueueFull, Tenant
+
+# When no job is on a backend, or none of their workflows has run yet: nothing to go by.
+UNKNOWN_RETRY_AFTER = 10
+MAX_RETRY_AFTER = 3600
+
+
+def backlog_limits(max_queued_of_key: int | None, max_queued: int | None) -> BacklogLimits | None:
+    """What a submit's insert checks: the key's max_queued and the service's MAX_QUEUED; None
+    when neither is set (nothing to count)."""
+    if max_queued_of_key is None and max_queued is None:
+        return None
+    return BacklogLimits(max_queued_of_key, max_queued)
+
+
+def refusal(full: QueueFull, seconds: int) -> str:
+    """What a queue_full answer says."""
+    whose = ("this API key's backlog is full (its max_queued)" if full.scope == "key"
+             else "the service's backlog is full (MAX_QUEUED)")
+    return f"{whose}: {full.queued} jobs queued; retry in {seconds} s"
+
+
+async def retry_after(repository: JobRepository, full: QueueFull, tenant: Tenant) -> int:
+    """Whole seconds after which the refused submit may well be taken (counted as a refusal
+    in the metrics)."""
+    metrics.queue_full(full.scope)
+    seconds = None
+    if full.scope == "key":
+        seconds = await repository.next_finish_seconds(tenant)
+    if seconds is None:  # the service's backlog, or a key with nothing running
+        seconds = await repository.next_finish_seconds()
+    if seconds is None:
+        return UNKNOWN_RETRY_AFTER
+    return min(max(1, math.ceil(seconds)), MAX_RETRY_AFTER)

@@ -1,0 +1,152 @@
+"""Tenants (API keys) on one fleet: each key's limits kept in the keys table, the backlog's
+bounds (the key's `max_queued`, the service's MAX_QUEUED) answered with 429 queue_full and a
+Retry-After from the learned run times, against a real service on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.api_keys import KEY_CACHE_SECONDS
+from comfyfleet.app import serving
+from comfyfleet.jobs.models import Job, JobStatus, utcnow
+from comfyfleet.jobs.repository import JobRepository, Tenant
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.test_security import KEY_A, KEY_B, Client, keys_command
+
+LONG = {"workflow": "simulated_work", "params": {"seconds": 3600, "steps": 2}}
+QUICK = {"workflow": "invert", "params": {"width": 16}}
+
+
+async def ran(repository: JobRepository, workflow: str, seconds: float) -> None:
+    """A finished job in the history the run times are learned from."""
+    finished = utcnow()
+    await repository.insert(Job(workflow=workflow, status=JobStatus.SUCCEEDED, backend="gpu",
+                                started_at=finished - timedelta(seconds=seconds),
+                                finished_at=finished))
+
+
+async def on_backend(repository: JobRepository, workflow: str, key: str | None,
+                     ran_for: float | None) -> None:
+    """A job on a backend: running for `ran_for` seconds, or not started (None)."""
+    now = utcnow()
+    started = None if ran_for is None else now - timedelta(seconds=ran_for)
+    status = JobStatus.DISPATCHED if ran_for is None else JobStatus.RUNNING
+    await repository.insert(Job(workflow=workflow, status=status, backend="gpu",
+                                api_key_hash=key, dispatched_at=now, started_at=started))
+
+
+async def test_the_next_finish_comes_from_learned_run_times(engine: AsyncEngine) -> None:
+    repository = JobRepository(engine)
+    assert await repository.next_finish_seconds() is None  # nothing on a backend
+    await on_backend(repository, "short", "key-a", ran_for=10.0)
+    assert await repository.next_finish_seconds() is None  # nothing learned yet
+    for seconds in (20.0, 40.0):
+        await ran(repository, "short", seconds)
+    await ran(repository, "long", 100.0)
+    await on_backend(repository, "long", "key-b", ran_for=10.0)
+    await on_backend(repository, "short", "key-b", ran_for=None)
+    soonest = await repository.next_finish_seconds()
+    assert soonest is not None and 19.0 < soonest <= 20.0  # a 30 s mean, 10 s run
+    of_b = await repository.next_finish_seconds(Tenant("key-b"))
+    assert of_b is not None and 29.0 < of_b <= 30.0  # not started: its whole run
+    assert await repository.next_finish_seconds(Tenant(None)) is None
+
+
+async def wait_for_status(client: Client, key: str, job_id: str, status: str) -> None:
+    async with asyncio.timeout(15):
+        while (await client.call("GET", f"/jobs/{job_id}", key))[1]["status"] != status:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polling the service over HTTP, as a client does
+
+
+async def metric(http: aiohttp.ClientSession, base: str, line: str) -> float:
+    async with http.get(f"{base}/metrics") as response:
+        text = await response.text()
+    found = re.search(rf"^{re.escape(line)} (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+async def test_full_backlogs_answer_429_with_retry_after_from_run_times(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    repository = JobRepository(engine)
+    for seconds in (30.0, 30.0):
+        await ran(repository, "simulated_work", seconds)  # learned: 30 s a run
+    settings.api_keys = [KEY_A, KEY_B]
+    settings.max_inflight_per_backend = 1
+    settings.max_queued_per_key = 2
+    settings.max_queued = 3
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            client = Client(http, base, settings.route_prefix)
+            refused_before = {scope: await metric(
+                http, base, f'comfyfleet_queue_full_total{{scope="{scope}"}}')
+                for scope in ("key", "service")}
+            running = await client.submit(KEY_A, **LONG)
+            await wait_for_status(client, KEY_A, running["id"], "running")
+            for _ in range(2):
+                await client.submit(KEY_A, **LONG)  # the key's backlog: 2, its max
+            status, refused, headers = await client.call("POST", "/jobs", KEY_A, LONG)
+            assert (status, refused["error"]["type"]) == (429, "queue_full")
+            error = refused["error"]
+            assert (error["scope"], error["queued"], error["limit"]) == ("key", 2, 2)
+            # When the key's running job should end: 30 s learned, a moment run already.
+            assert 25 <= int(headers["Retry-After"]) <= 30
+            assert error["retry_after"] == int(headers["Retry-After"])
+
+            await client.submit(KEY_B, **QUICK)  # another key: the service's backlog is 3
+            status, refused, headers = await client.call("POST", "/jobs", KEY_B, QUICK)
+            assert (status, refused["error"]["type"]) == (429, "queue_full")
+            error = refused["error"]
+            assert (error["scope"], error["queued"], error["limit"]) == ("service", 3, 3)
+            # The head of the backlog starts when the running job ends.
+            assert 25 <= int(headers["Retry-After"]) <= 30
+            async with http.get(f"{base}/readyz") as response:
+                assert response.status == 200  # refusing work is not being unwell
+            for scope in ("key", "service"):
+                refused_now = await metric(
+                    http, base, f'comfyfleet_queue_full_total{{scope="{scope}"}}')
+                assert refused_now == refused_before[scope] + 1
+
+
+async def test_keys_carry_their_own_limits(settings: Settings) -> None:
+    settings.max_queued_per_key = 3  # the default of keys without their own
+    code, out = await keys_command(settings, "create", "shop", "--max-queued", "1",
+                                   "--weight", "3")
+    assert code == 0
+    shop = out.strip()
+    code, out = await keys_command(settings, "create", "lab")
+    lab = out.strip()
+    assert (await keys_command(settings, "create", "bad", "--max-queued", "0"))[0] == 2
+    assert (await keys_command(settings, "update", "nobody", "--weight", "2"))[0] == 1
+    assert (await keys_command(settings, "update", "shop"))[0] == 2  # nothing to change
+
+    async def queued_until_refused(client: Client, key: str) -> tuple[int, dict[str, Any]]:
+        for accepted in range(10):
+            status, body, _ = await client.call("POST", "/jobs", key, QUICK)
+            if status == 429:
+                return accepted, body["error"]
+            assert status == 202
+        raise AssertionError("never refused")
+
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        client = Client(http, base, settings.route_prefix)
+        accepted, error = await queued_until_refused(client, shop)
+        assert (accepted, error["limit"]) == (1, 1)
+        assert (await queued_until_refused(client, lab))[0] == 3  # the environment's default
+        assert (await keys_command(settings, "update", "shop", "--max-queued", "2"))[0] == 0
+        async with asyncio.timeout(KEY_CACHE_SECONDS + 5):
+            while (await client.call("POST", "/jobs", shop, QUICK))[0] != 202:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # every process follows within KEY_CACHE_SECONDS
+        assert (await keys_command(settings, "update", "shop", "--max-queued", "default"))[0] == 0
+        code, listing = await keys_command(settings, "list")
+    rows = {line.split("\t")[0]: line.split("\t")[4:] for line in listing.splitlines()}
+    assert rows == {"shop": ["weight 3", "max_concurrent default", "max_queued default"],
+                    "lab": ["weight 1", "max_concurrent default", "max_queued default"]}

@@ -120,9 +120,10 @@ async def test_every_route_under_the_prefix_needs_a_key(
             assert body["error"]["type"] in ("missing_api_key", "invalid_api_key")
             assert headers["WWW-Authenticate"].startswith("Bearer")
             assert "wrong-secret-value" not in str(body)
-        # Changing the fleet or the catalog takes an admin key; everything else any key.
-        admin_only = (method != "GET" and route.startswith("/backends")) or route == (
-            "/workflows/reload")
+        # Changing the fleet or the catalog, and seeing every tenant, takes an admin key;
+        # everything else any key.
+        admin_only = (method != "GET" and route.startswith("/backends")) or route in (
+            "/workflows/reload", "/tenants")
         status, body, _ = await keyed.call(method, route, KEY_A, body={})
         if admin_only:
             assert (status, body["error"]["type"]) == (403, "admin_only"), (method, path)

@@ -10,15 +10,16 @@ from datetime import timedelta
 from typing import Any
 
 import aiohttp
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.api_keys import KEY_CACHE_SECONDS
+from comfyfleet.api_keys import KEY_CACHE_SECONDS, KeyLimits, KeyStore, key_hash
 from comfyfleet.app import serving
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository, Tenant
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.test_security import KEY_A, KEY_B, Client, keys_command
+from tests.test_security import ADMIN, KEY_A, KEY_B, Client, keys_command
 
 LONG = {"workflow": "simulated_work", "params": {"seconds": 3600, "steps": 2}}
 QUICK = {"workflow": "invert", "params": {"width": 16}}
@@ -150,3 +151,55 @@ async def test_keys_carry_their_own_limits(settings: Settings) -> None:
     rows = {line.split("\t")[0]: line.split("\t")[4:] for line in listing.splitlines()}
     assert rows == {"shop": ["weight 3", "max_concurrent default", "max_queued default"],
                     "lab": ["weight 1", "max_concurrent default", "max_queued default"]}
+
+
+async def test_tenants_lists_each_keys_limits_backlog_and_gpu_share(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    settings.api_keys = [KEY_A]
+    settings.admin_api_keys = [ADMIN]
+    settings.max_queued_per_key = 5
+    shop = await KeyStore(engine).create("shop", admin=False,
+                                         limits=KeyLimits(weight=3, max_concurrent=2))
+    a, of_shop = key_hash(KEY_A), key_hash(shop)
+    repository = JobRepository(engine)
+    now = utcnow()
+
+    async def ran(key: str, started_ago: float, ended_ago: float) -> None:
+        await repository.insert(Job(
+            workflow="invert", status=JobStatus.SUCCEEDED, api_key_hash=key, backend="gpu",
+            started_at=now - timedelta(minutes=started_ago),
+            finished_at=now - timedelta(minutes=ended_ago)))
+
+    await ran(a, started_ago=90, ended_ago=30)  # half of it in the last hour: 1800 s
+    await ran(a, started_ago=150, ended_ago=120)  # before the last hour: not counted
+    await ran(of_shop, started_ago=15, ended_ago=5)  # 600 s
+    await on_backend(repository, "invert", of_shop, ran_for=None)  # dispatched, not started
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        client = Client(http, base, settings.route_prefix)
+        for key in (KEY_A, KEY_A, shop):
+            await client.submit(key)
+        status, refused, _ = await client.call("GET", "/tenants", KEY_A)
+        assert (status, refused["error"]["type"]) == (403, "admin_only")
+        status, body, _ = await client.call("GET", "/tenants", ADMIN)
+        assert status == 200
+        assert body["window_seconds"] == 3600
+        tenants = {tenant.pop("name"): tenant for tenant in body["tenants"]}
+        assert list(tenants) == ["ADMIN_API_KEYS#1", "API_KEYS#1", "shop"]
+        seconds = {name: tenants[name].pop("gpu_seconds") for name in tenants}
+        assert seconds["ADMIN_API_KEYS#1"] == 0
+        assert 1790 < seconds["API_KEYS#1"] <= 1800 and seconds["shop"] == 600
+        shares = {name: tenants[name].pop("gpu_share") for name in tenants}
+        assert shares == {"ADMIN_API_KEYS#1": 0.0, "API_KEYS#1": pytest.approx(0.75, abs=1e-3),
+                          "shop": pytest.approx(0.25, abs=1e-3)}
+        assert tenants == {
+            "ADMIN_API_KEYS#1": {"admin": True, "revoked": False, "weight": 1,
+                                 "max_concurrent": None, "max_queued": 5,
+                                 "queued": 0, "running": 0},
+            "API_KEYS#1": {"admin": False, "revoked": False, "weight": 1,
+                           "max_concurrent": None, "max_queued": 5, "queued": 2, "running": 0},
+            "shop": {"admin": False, "revoked": False, "weight": 3, "max_concurrent": 2,
+                     "max_queued": 5, "queued": 1, "running": 1},
+        }
+        assert await metric(http, base, 'comfyfleet_tenant_queued{tenant="API_KEYS#1"}') == 2
+        assert await metric(http, base, 'comfyfleet_tenant_running{tenant="shop"}') == 1

@@ -26,6 +26,7 @@ from comfyfleet.api import (
     jobs,
     outputs,
     prometheus,
+    tenants,
     workflows,
 )
 from comfyfleet.api.errors import install_error_handlers
@@ -155,8 +156,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running_services(settings) as services:
             app.state.services = services
-            app.state.scrape = Scrape(services.repository, services.fleet.sessions)
             app.state.guard.store = KeyStore(services.engine)
+            app.state.scrape = Scrape(services.repository, services.fleet.sessions,
+                                      app.state.guard)
             yield
 
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan)
@@ -174,6 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(workflows.router, prefix=prefix, dependencies=secured)
     app.include_router(deliveries.router, prefix=prefix, dependencies=secured)
     app.include_router(backends.router, prefix=prefix, dependencies=secured)
+    app.include_router(tenants.router, prefix=prefix, dependencies=secured)
     app.include_router(dashboard.router, prefix=prefix, dependencies=secured)
     dashboard.install_dashboard(app, prefix)
     mount_v2(app)

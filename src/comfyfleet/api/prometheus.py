@@ -1,7 +1,8 @@
 """GET /metrics in the Prometheus text format; open unless METRICS_TOKEN is set.
 
 Events are counted process-wide (`comfyfleet.metrics`); what describes one running app (its
-backends; the unfinished jobs in the database) is read when it is scraped, by that app's
+backends; the unfinished jobs in the database, by status and by API key) is read when it is
+scraped, by that app's
 `Scrape`, so several apps in one process (tests) each report their own state.
 """
 
@@ -18,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.security import Guard
+from comfyfleet.api.tenants import TenantState, tenant_states
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.metrics import REGISTRY
@@ -58,6 +61,7 @@ class _Fleet(Collector):
     def __init__(self, sessions: list[BackendSession]) -> None:
         self._sessions = sessions
         self.unfinished: list[tuple[str, str, int]] | None = None
+        self.tenants: list[TenantState] | None = None
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("comfyfleet_backend_up",
@@ -84,13 +88,28 @@ class _Fleet(Collector):
             for status, workflow, count in self.unfinished:
                 jobs.add_metric([status, workflow], count)
             yield jobs
+        if self.tenants is not None:
+            queued = GaugeMetricFamily(
+                "comfyfleet_tenant_queued", "Jobs of each API key waiting in the backlog",
+                labels=["tenant"])
+            running = GaugeMetricFamily(
+                "comfyfleet_tenant_running",
+                "Jobs of each API key on backends (dispatched, running or uploading)",
+                labels=["tenant"])
+            for tenant in self.tenants:
+                queued.add_metric([tenant.name], tenant.queued)
+                running.add_metric([tenant.name], tenant.running)
+            yield from (queued, running)
 
 
 class Scrape:
     """What GET /metrics answers for one app."""
 
-    def __init__(self, repository: JobRepository, sessions: list[BackendSession]) -> None:
+    def __init__(
+        self, repository: JobRepository, sessions: list[BackendSession], guard: Guard
+    ) -> None:
         self._repository = repository
+        self._guard = guard
         self._fleet = _Fleet(sessions)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Shared())
@@ -102,7 +121,8 @@ class Scrape:
         try:
             async with asyncio.timeout(DATABASE_TIMEOUT):
                 self._fleet.unfinished = await self._repository.unfinished_counts()
+                self._fleet.tenants = await tenant_states(self._guard, self._repository)
         except Exception as exc:  # the database is away: the rest of the metrics still count
             log.warning("metrics: job counts unavailable: %s", exc)
-            self._fleet.unfinished = None
+            self._fleet.unfinished = self._fleet.tenants = None
         return generate_latest(self.registry)

@@ -59,6 +59,12 @@ class Guard:
         # digest -> admin; a key listed in both is an admin key.
         self._keys = {key_hash(key): False for key in settings.api_keys}
         self._keys.update({key_hash(key): True for key in settings.admin_api_keys})
+        # How listings (GET /tenants, metrics) name the configured keys: by where they are
+        # set, never by the key.
+        self.names = {key_hash(key): f"API_KEYS#{n}"
+                      for n, key in enumerate(settings.api_keys, 1)}
+        self.names.update({key_hash(key): f"ADMIN_API_KEYS#{n}"
+                           for n, key in enumerate(settings.admin_api_keys, 1)})
         # The limits of configured keys, of database keys without their own, and without keys.
         self.defaults = KeyLimits(max_concurrent=settings.max_concurrent_per_key,
                                   max_queued=settings.max_queued_per_key)
@@ -96,6 +102,10 @@ class Guard:
                                 challenge='Bearer error="invalid_token"')
         return Caller(key_hash=digest, sees_all=live.admin, address=address,
                       limits=live.limits.or_defaults(self.defaults))
+
+    def admin(self, digest: str) -> bool:
+        """Whether the configured key with this digest is an admin key."""
+        return self._keys[digest]
 
     async def throttle(self, caller: Caller) -> None:
         """429 with Retry-After when the caller is over RATE_LIMIT requests per minute."""

@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy
@@ -69,6 +69,15 @@ def _candidate_prompt(text: str) -> dict[str, Any]:
     claim reads the same CLAIM_BATCH rows but one. Shared between claims, so only read."""
     prompt: dict[str, Any] = json.loads(text)
     return prompt
+
+
+class TenantActivity(NamedTuple):
+    """One API key's jobs now, and the GPU time they took in a recent window."""
+
+    api_key_hash: str | None
+    queued: int
+    on_backend: int  # dispatched, running or uploading: what max_concurrent counts
+    gpu_seconds: float  # from start to end (or now), within the window
 
 
 class BacklogLimits(NamedTuple):
@@ -410,6 +419,32 @@ class JobRepository:
         async with self._reads() as session:
             found = (await session.exec(soonest)).one()
         return float(found) if found is not None else None
+
+    async def tenant_activity(self, window: timedelta) -> list[TenantActivity]:
+        """Each key with jobs unfinished, or run within `window` until now: its jobs queued and
+        on backends, and the seconds its jobs ran (start to end) within the window."""
+        since = func.now() - window
+        ran = func.greatest(
+            func.extract("epoch", func.coalesce(_table.c.finished_at, func.now())
+                         - func.greatest(_table.c.started_at, since)), 0)
+        on_backend = _table.c.status.in_([str(state) for state in ON_BACKEND_STATES])
+        query = (
+            select(
+                _table.c.api_key_hash,
+                func.count().filter(_table.c.status == JobStatus.QUEUED),
+                func.count().filter(on_backend),
+                # A queued job's start is that of an attempt given back: not running now.
+                func.coalesce(func.sum(ran).filter(_table.c.started_at.is_not(None),
+                                                   _table.c.status != JobStatus.QUEUED), 0.0),
+            )
+            .where(_table.c.status.in_([str(state) for state in UNFINISHED_STATES])
+                   | (_table.c.started_at.is_not(None) & (_table.c.finished_at > since)))
+            .group_by(_table.c.api_key_hash)
+        )
+        async with self._reads() as session:
+            rows = (await session.exec(query)).all()
+        return [TenantActivity(key, queued, running, float(seconds or 0.0))
+                for key, queued, running, seconds in rows]
 
     async def unfinished_counts(self) -> list[tuple[str, str, int]]:
         """(status, workflow, count) of the jobs not finished yet, in every process."""

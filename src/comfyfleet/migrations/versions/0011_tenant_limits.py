@@ -31,9 +31,13 @@ def upgrade() -> None:
     op.create_index("jobs_unfinished_by_key_status", "jobs", ["api_key_hash", "status"],
                     postgresql_where=sa.text(UNFINISHED))
     op.drop_index("jobs_unfinished_by_key", table_name="jobs")
+    # GET /tenants sums the GPU time of the jobs that ran in the last hour (or run now).
+    op.create_index("jobs_gpu_time", "jobs", ["finished_at"],
+                    postgresql_where=sa.text("started_at IS NOT NULL"))
 
 
 def downgrade() -> None:
+    op.drop_index("jobs_gpu_time", table_name="jobs")
     op.create_index("jobs_unfinished_by_key", "jobs", ["api_key_hash"],
                     postgresql_where=sa.text(UNFINISHED))
     op.drop_index("jobs_unfinished_by_key_status", table_name="jobs")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from contextlib import AsyncExitStack
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.api_keys import KEY_CACHE_SECONDS, KeyLimits, KeyStore, key_hash
 from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository, Tenant
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from tests.support import LOOPBACK, free_ports, python_process, serve_env
 from tests.test_security import ADMIN, KEY_A, KEY_B, Client, keys_command
 
 LONG = {"workflow": "simulated_work", "params": {"seconds": 3600, "steps": 2}}
@@ -203,3 +207,82 @@ async def test_tenants_lists_each_keys_limits_backlog_and_gpu_share(
         }
         assert await metric(http, base, 'comfyfleet_tenant_queued{tenant="API_KEYS#1"}') == 2
         assert await metric(http, base, 'comfyfleet_tenant_running{tenant="shop"}') == 1
+
+
+async def test_a_key_at_its_max_concurrent_is_skipped_by_the_claim(settings: Settings) -> None:
+    settings.api_keys = [KEY_A, KEY_B]
+    settings.max_concurrent_per_key = 1
+    settings.max_inflight_per_backend = 2  # room for two on the one backend
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            client = Client(http, base, settings.route_prefix)
+            first = await client.submit(KEY_A, **LONG)
+            await wait_for_status(client, KEY_A, first["id"], "running")
+            second = await client.submit(KEY_A, **LONG)
+            other = await client.submit(KEY_B, **LONG)  # after A's, yet it goes first
+            await wait_for_status(client, KEY_B, other["id"], "dispatched")
+            assert (await client.call("GET", f"/jobs/{second['id']}", KEY_A))[1][
+                "status"] == "queued"
+            status, _, _ = await client.call("POST", f"/jobs/{first['id']}/cancel", KEY_A)
+            assert status == 200
+            await wait_for_status(client, KEY_A, second["id"], "dispatched")  # A's turn again
+
+
+def most_at_once(histories: list[dict[str, Any]]) -> int:
+    """The most prompts executing at one time on all the backends together, from the
+    execution_start and execution_success times in their histories."""
+    edges = []
+    for history in histories:
+        for entry in history.values():
+            times = {name: data["timestamp"] for name, data in entry["status"]["messages"]}
+            edges += [(times["execution_start"], 1), (times["execution_success"], -1)]
+    most = now = 0
+    for _, step in sorted(edges):  # at one instant an end counts before a start
+        now += step
+        most = max(most, now)
+    return most
+
+
+async def test_max_concurrent_holds_across_two_processes(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    backends, jobs = 4, 16
+    sim_port = free_ports(backends)
+    sims = [f"http://{LOOPBACK}:{sim_port + i}" for i in range(backends)]
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(python_process(
+            "comfyfleet", "sim", "--backends", str(backends), "--port", str(sim_port),
+            ready_url=sims[-1] + "/prompt"))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        bases = []
+        for i in range(2):
+            port = free_ports(1)
+            bases.append(f"http://{LOOPBACK}:{port}")
+            env = serve_env(
+                settings, data_root / f"process{i}", port, MAX_INFLIGHT_PER_BACKEND="1",
+                MAX_CONCURRENT_PER_KEY="2",  # the one tenant there is without keys
+                COMFYUI_ENDPOINTS=",".join(f"{url}#gpu{n}" for n, url in enumerate(sims)))
+            await stack.enter_async_context(
+                python_process("comfyfleet", "serve", env=env, ready_url=bases[-1] + "/healthz"))
+        for base in bases:  # both have their backends before any work arrives
+            async with asyncio.timeout(15):
+                while True:
+                    async with http.get(f"{base}/api/v1/backends") as response:
+                        if all(b["healthy"] for b in await response.json()):
+                            break
+                    await asyncio.sleep(0.1)
+        for n in range(jobs):
+            body = {"workflow": "simulated_work", "params": {"seconds": 0.3, "steps": 1},
+                    "callback_url": receiver.url}
+            async with http.post(f"{bases[n % 2]}/api/v1/jobs", json=body) as response:
+                assert response.status == 202
+        async with asyncio.timeout(60):
+            await receiver.wait_for(jobs)
+        histories = []
+        for url in sims:
+            async with http.get(f"{url}/history") as response:
+                histories.append(await response.json())
+    assert sum(len(history) for history in histories) == jobs
+    assert all(event["type"] == "job.succeeded" for event in receiver.verified)
+    assert most_at_once(histories) == 2  # four backends free, two of them used at a time

@@ -12,7 +12,18 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy
-from sqlalchemy import ColumnElement, ScalarSelect, Text, cast, func, true, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    ScalarSelect,
+    String,
+    Text,
+    cast,
+    func,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
@@ -102,13 +113,16 @@ class QueueFull(Exception):
 class JobRepository:
     def __init__(
         self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None,
-        *, reads: AsyncEngine | None = None,
+        *, reads: AsyncEngine | None = None, max_concurrent_per_key: int | None = None,
     ) -> None:
         """`on_change` hears of every job this process changes, once it is committed. The
         API's reads (a job, a page, a queue position, run times) go through `reads` when
         given: with hundreds of prompts in flight the fleet's writes queue for `engine`'s
-        connections, and a status request would wait behind them."""
+        connections, and a status request would wait behind them. A claim skips the jobs of
+        keys with as many jobs on backends as their `max_concurrent` (in the keys table), or
+        `max_concurrent_per_key` for keys without their own."""
         self.engine = engine
+        self._max_concurrent = max_concurrent_per_key
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
         self._reads = single_statements(reads or engine)
@@ -212,7 +226,8 @@ class JobRepository:
             sqlalchemy.select(_table.c.id, _table.c.workflow,
                               cast(_table.c.prompt, Text).label("prompt"),
                               _table.c.priority, _table.c.created_at)
-            .where(_table.c.status == JobStatus.QUEUED, slots.c.busy < max_inflight)
+            .where(_table.c.status == JobStatus.QUEUED, slots.c.busy < max_inflight,
+                   _owner_key(_table.c.api_key_hash).not_in(self._keys_at_limit()))
             .order_by(_table.c.priority.desc(), _table.c.created_at)
             .limit(CLAIM_BATCH)
             .with_for_update(skip_locked=True)
@@ -230,7 +245,7 @@ class JobRepository:
                 return None
             job_id = pick([QueuedJob(id_, workflow, _candidate_prompt(prompt))
                            for _, id_, workflow, prompt in rows if id_ is not None])
-            if job_id is None:
+            if job_id is None or not await self._lock_key_room(session, job_id):
                 return None
             row = (await session.exec(
                 update(_table)
@@ -273,6 +288,42 @@ class JobRepository:
         if moved is not None:
             self._on_change(moved.id)
         return moved
+
+    def _concurrency_limit(self, api_key_hash: ColumnElement[str | None]) -> ColumnElement[int]:
+        """The most jobs of that key on backends at once; NULL: no limit."""
+        own = (sqlalchemy.select(_keys.c.max_concurrent)
+               .where(_keys.c.key_hash == api_key_hash).scalar_subquery())
+        return func.coalesce(own, sqlalchemy.literal(self._max_concurrent, Integer))
+
+    def _keys_at_limit(self) -> sqlalchemy.Select[Any]:
+        """The keys (as `_owner_key`) with as many jobs on backends as they may have."""
+        return (
+            sqlalchemy.select(_owner_key(_table.c.api_key_hash))
+            .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]))
+            .group_by(_table.c.api_key_hash)
+            .having(func.count() >= self._concurrency_limit(_table.c.api_key_hash))
+        )
+
+    async def _lock_key_room(self, session: AsyncSession, job_id: uuid.UUID) -> bool:
+        """Whether the key of the queued job `job_id` still has room for one more job on a
+        backend, counting what every process committed since the candidates were read (a
+        claim for another backend may have taken the key's last slot). A limited key's lock
+        is held until the transaction ends, so such claims wait for each other."""
+        chosen = (
+            sqlalchemy.select(_table.c.api_key_hash.label("key"),
+                              self._concurrency_limit(_table.c.api_key_hash).label("limit"))
+            .where(_table.c.id == job_id)
+            .subquery()
+        )
+        lock = func.pg_advisory_xact_lock(func.hashtext("concurrent:" + _owner_key(chosen.c.key)))
+        locked = (await session.exec(
+            select(chosen.c.key, lock).where(chosen.c.limit.is_not(None)))).first()
+        if locked is None:
+            return True  # no limit: nothing to wait for
+        at_limit = (await session.exec(select(func.count()).select_from(
+            self._keys_at_limit()
+            .where(_table.c.api_key_hash.is_not_distinct_from(locked[0])).subquery()))).one()
+        return at_limit == 0
 
     @staticmethod
     async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
@@ -480,6 +531,16 @@ class JobRepository:
                                 | col(Job.dispatched_by).not_in(followers))
         async with self._statements() as session:
             return list((await session.exec(query)).all())
+
+
+# The keys table, read by the claim for each key's max_concurrent (api_keys.py owns it).
+_keys = sqlalchemy.table("api_keys", sqlalchemy.column("key_hash", String),
+                         sqlalchemy.column("max_concurrent", Integer))
+
+
+def _owner_key(api_key_hash: ColumnElement[str | None]) -> ColumnElement[str]:
+    """A key's digest, '' for the jobs of no key: comparable with = and NOT IN."""
+    return func.coalesce(api_key_hash, "")
 
 
 async def _lock_backend(session: AsyncSession, backend: str) -> None:

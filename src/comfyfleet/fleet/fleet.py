@@ -17,7 +17,7 @@ from comfyfleet.dispatch.placement import RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
-from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendRegistry
+from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
@@ -194,9 +194,10 @@ class Fleet:
 
     async def add_backend(self, backend: Backend, discovered_by: str | None = None
                           ) -> BackendSession:
-        if (self.session(backend.name) is not None
-                or not await self._registry.add(backend, discovered_by)):
-            raise ValueError(f"a backend named {backend.name!r} exists already")
+        """BackendExists when its name or its URL is taken."""
+        if self.session(backend.name) is not None:
+            raise BackendExists("name", f"a backend named {backend.name!r} exists already")
+        await self._registry.add(backend, discovered_by)
         session = self.session(backend.name) or self._add_session(backend)
         self._connect(session)
         return session

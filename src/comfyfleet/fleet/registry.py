@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Column, String, delete, update
+from sqlalchemy import Column, String, delete, or_, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
@@ -33,6 +33,14 @@ class BackendRow(SQLModel, table=True):
     discovered_by: str | None = Field(default=None, max_length=300)
 
 
+class BackendExists(Exception):
+    """A backend of that name, or at that URL, is in the fleet already; `field` says which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Registered:
     backend: Backend
@@ -47,14 +55,25 @@ class BackendRegistry:
 
     async def seed(self, configured: Sequence[Backend]) -> None:
         """Make sure the configured backends are there, with their configured URLs; their
-        drain state is kept."""
+        drain state is kept. BackendExists when another name has one of those URLs (two
+        names for one server would double its slots)."""
         if not configured:
             return
+        names = {b.url: b.name for b in configured}
         statement = insert(BackendRow).values(
             [{"name": b.name, "url": b.url, "draining": False} for b in configured])
         statement = statement.on_conflict_do_update(
             index_elements=["name"], set_={"url": statement.excluded.url})
         async with self._sessions.begin() as session:
+            await _lock_fleet(session)
+            for name, url in (await session.exec(
+                    select(col(BackendRow.name), col(BackendRow.url))
+                    .where(col(BackendRow.url).in_(names)))).all():
+                if names[url] != name:
+                    raise BackendExists("url", (
+                        f"COMFYUI_ENDPOINTS names {url} {names[url]!r}, but the fleet has it "
+                        f"as {name!r} (configured so by another process, or added through the "
+                        f"API): give one server one name, or remove {name!r} from the fleet"))
             await session.exec(statement)
 
     async def all(self) -> list[Registered]:
@@ -66,14 +85,19 @@ class BackendRegistry:
         return [Registered(Backend(name, url), draining, discovered_by)
                 for name, url, draining, discovered_by in rows]
 
-    async def add(self, backend: Backend, discovered_by: str | None = None) -> bool:
-        """False when a backend of that name exists already."""
-        statement = insert(BackendRow).values(name=backend.name, url=backend.url,
-                                              discovered_by=discovered_by)
+    async def add(self, backend: Backend, discovered_by: str | None = None) -> None:
+        """BackendExists when a backend of that name, or at that URL, is there already."""
         async with self._sessions.begin() as session:
-            added = await session.exec(
-                statement.on_conflict_do_nothing().returning(col(BackendRow.name)))
-            return added.first() is not None
+            await _lock_fleet(session)
+            for name, url in (await session.exec(
+                    select(col(BackendRow.name), col(BackendRow.url))
+                    .where(or_(col(BackendRow.name) == backend.name,
+                               col(BackendRow.url) == backend.url)))).all():
+                if name == backend.name:
+                    raise BackendExists("name", f"a backend named {name!r} exists already")
+                raise BackendExists("url", f"{url} is in the fleet already, as {name!r}")
+            session.add(BackendRow(name=backend.name, url=backend.url,
+                                   discovered_by=discovered_by))
 
     async def set_draining(self, name: str, draining: bool) -> None:
         async with self._sessions.begin() as session:
@@ -83,3 +107,10 @@ class BackendRegistry:
     async def remove(self, name: str) -> None:
         async with self._sessions.begin() as session:
             await session.exec(delete(BackendRow).where(col(BackendRow.name) == name))
+
+
+async def _lock_fleet(session: AsyncSession) -> None:
+    """Serialise the changes that check names and URLs (in every process) until the
+    transaction ends; readers go on."""
+    connection = await session.connection()
+    await connection.execute(text("LOCK TABLE backends IN SHARE ROW EXCLUSIVE MODE"))

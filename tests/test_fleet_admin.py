@@ -1,9 +1,12 @@
-"""Changing the fleet at run time: what a backend may be called and where it may point."""
+"""Changing the fleet at run time: what a backend may be called and where it may point, and
+removing one while another process has a job on it."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.endpoints import Backend
-from comfyfleet.fleet.registry import BackendExists, BackendRegistry
+from comfyfleet.fleet.registry import BackendBusy, BackendExists, BackendRegistry
+from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, serve_env
+from tests.test_scale_out import Gateways, job_when
 
 
 async def call(
@@ -103,3 +109,67 @@ async def test_configured_endpoints_follow_the_same_rules(
     with pytest.raises(BackendExists, match="fleet has it as 'gpu'"):
         await registry.seed([Backend("127.0.0.1:1", "http://127.0.0.1:1")])
     await registry.seed([Backend("gpu", "http://127.0.0.1:1")])  # the same name is fine
+
+
+async def test_no_claim_on_a_drained_or_removed_backend_and_no_removal_with_work_on_it(
+    engine: AsyncEngine,
+) -> None:
+    """What keeps a backend from being removed under a job another process sent, or is about
+    to send, before that process has even heard of the drain."""
+    registry, repository = BackendRegistry(engine), JobRepository(engine)
+    await registry.seed([Backend("gpu", "http://127.0.0.1:1")])
+    job, _ = await repository.insert(Job(workflow="w", prompt={}))
+
+    async def claim() -> Job | None:
+        return await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=2,
+                                           pick=lambda queued: queued[0].id)
+
+    await registry.set_draining("gpu", True)
+    assert await claim() is None
+    await registry.set_draining("gpu", False)
+    claimed = await claim()
+    assert claimed is not None and claimed.id == job.id
+    await registry.set_draining("gpu", True)
+    with pytest.raises(BackendBusy, match="1 jobs on it"):
+        await registry.remove("gpu")
+    assert await repository.requeue(claimed) is not None
+    await registry.remove("gpu")
+    assert await claim() is None  # gone from the fleet: nothing is sent there any more
+    assert await registry.all() == []
+
+
+async def test_a_backend_is_not_removed_under_a_job_another_process_sent(
+    settings: Settings, data_root: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        spare = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        sender, sender_process = await gateways.start(http)
+        # The sender's POST /prompt is on its way for a long while: it "has just sent" it.
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 60}) as response:
+            assert response.status == 200
+        body = {"workflow": "invert", "params": {"width": 8}}
+        status, job = await call(http, "POST", f"{sender}/api/v1/jobs", body)
+        assert status == 202
+        await job_when(http, sender, job["id"], "dispatched")
+
+        admin, _ = await gateways.start(http)
+        status, _ = await call(http, "PATCH", f"{admin}/api/v1/backends/gpu", {"drain": True})
+        assert status == 200
+        status, answer = await call(http, "DELETE", f"{admin}/api/v1/backends/gpu")
+        assert status == 409, "removed under the job the other process sent"
+        assert answer["error"]["type"] == "backend_busy"
+        assert "1 jobs on it" in answer["error"]["message"]
+
+        sender_process.send_signal(signal.SIGKILL)  # its prompt never reaches the backend
+        await sender_process.wait()
+        status, _ = await call(http, "POST", f"{admin}/api/v1/backends",
+                               {"url": spare.url, "name": "spare"})
+        assert status == 201
+        done = await job_when(http, admin, job["id"], "succeeded", "failed")
+        assert (done["status"], done["backend"], done["attempts"]) == ("succeeded", "spare", 2)
+        assert (await call(http, "DELETE", f"{admin}/api/v1/backends/gpu"))[0] == 204
+        status, listed = await call(http, "GET", f"{admin}/api/v1/backends")
+        assert [backend["name"] for backend in listed] == ["spare"]

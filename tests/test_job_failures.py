@@ -15,8 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.client import ComfyClient
+from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
+from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
@@ -94,6 +96,7 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             # Gone before we collect it, as after a cleanup or a wiped temp directory.
             (tmp_path / "sim" / "output" / image["subfolder"] / image["filename"]).unlink()
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
+            await BackendRegistry(engine).add(Backend("sim", sim.url))  # a claim needs it
             claimed = await repository.claim_next(
                 "sim", prompt_id, max_inflight=1, pick=lambda queued: queued[0].id
             )

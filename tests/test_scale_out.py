@@ -124,18 +124,19 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
     settings: Settings, receiver: WebhookReceiver, data_root: Path
 ) -> None:
     async with AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(SimulatedComfyUI(duration=3.0))
+        # Long enough for the second process to start while the job runs.
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=10.0))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
         first, first_process = await gateways.start(http)
-        second, _ = await gateways.start(http)
-        # The second takes no work of its own: the job is surely the first process's.
-        async with http.patch(f"{second}/api/v1/backends/gpu", json={"drain": True}) as response:
-            assert (await response.json())["draining"] is True
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{first}/api/v1/jobs", json=body) as response:
             job_id = (await response.json())["id"]
         await job_when(http, first, job_id, "running")
+        # Started only now, the second takes no part in it: the job is surely the first's.
+        second, _ = await gateways.start(http)
+        async with http.get(f"{second}/api/v1/jobs/{job_id}") as response:
+            assert (await response.json())["status"] == "running"
         first_process.send_signal(signal.SIGKILL)
         await first_process.wait()
 

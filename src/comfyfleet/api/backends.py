@@ -14,8 +14,7 @@ from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
 from comfyfleet.comfy.endpoints import NAME_PATTERN, InvalidBackend, make_backend
 from comfyfleet.execution.session import BackendSession
-from comfyfleet.fleet.fleet import BackendBusy
-from comfyfleet.fleet.registry import BackendExists
+from comfyfleet.fleet.registry import BackendBusy, BackendExists
 from comfyfleet.services import Services, ServicesDep
 
 router = APIRouter(tags=["backends"])

@@ -26,8 +26,8 @@ import dns.exception
 import dns.resolver
 
 from comfyfleet.comfy.endpoints import Backend
-from comfyfleet.fleet.fleet import BackendBusy, Fleet
-from comfyfleet.fleet.registry import BackendRegistry
+from comfyfleet.fleet.fleet import Fleet
+from comfyfleet.fleet.registry import BackendBusy, BackendRegistry
 
 log = logging.getLogger(__name__)
 

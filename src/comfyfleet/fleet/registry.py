@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Column, String, delete, or_, text, update
+from sqlalchemy import Column, String, delete, func, or_, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
@@ -18,6 +18,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import single_statements
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job
+from comfyfleet.jobs.repository import lock_backend
 
 REGISTRY_SYNC_SECONDS = 2.0
 
@@ -39,6 +41,10 @@ class BackendExists(Exception):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class BackendBusy(Exception):
+    """The backend still has work or takes new work: drain it first."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,20 @@ class BackendRegistry:
                                .values(draining=draining))
 
     async def remove(self, name: str) -> None:
+        """Take a drained backend out of the fleet once no job is on it, whichever process
+        sent the job; BackendBusy otherwise. Claims for the backend wait for this (they take
+        its lock) and find it gone: nothing is sent to it afterwards."""
         async with self._sessions.begin() as session:
+            await lock_backend(session, name)
+            draining = (await session.exec(
+                select(col(BackendRow.draining)).where(col(BackendRow.name) == name))).first()
+            on_it = (await session.exec(
+                select(func.count()).select_from(Job)
+                .where(col(Job.backend) == name,
+                       col(Job.status).in_([str(s) for s in ON_BACKEND_STATES])))).one()
+            if not draining or on_it:
+                raise BackendBusy(f"backend {name} must be drained and idle before removal "
+                                  f"({on_it} jobs on it, in all comfyfleet processes)")
             await session.exec(delete(BackendRow).where(col(BackendRow.name) == name))
 
 

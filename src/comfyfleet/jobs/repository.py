@@ -13,12 +13,15 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy
 from sqlalchemy import (
+    Case,
     ColumnElement,
     Integer,
     ScalarSelect,
     String,
     Text,
+    case,
     cast,
+    exists,
     func,
     true,
     tuple_,
@@ -49,6 +52,8 @@ _INSERT_UNLESS_TAKEN = (
     insert(_table).on_conflict_do_nothing(index_elements=["client_task_id"])
     .returning(_table.c.id)
 )
+# The fleet's table, as far as a claim reads it: whether the backend still takes work.
+_BACKENDS = sqlalchemy.table("backends", sqlalchemy.column("name"), sqlalchemy.column("draining"))
 # Queued jobs a claim looks at to find one the backend can run (capability routing).
 CLAIM_BATCH = 50
 # A workflow's latest successful runs averaged into its learned run time.
@@ -219,14 +224,16 @@ class JobRepository:
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
-        # The slot count and the candidates in one statement (both after the lock, so both
+        # The free slots and the candidates in one statement (both after the lock, so both
         # see every claim committed before it); the candidates are read only with a slot free.
-        slots = select(_busy(backend).label("busy")).subquery("slots")
+        # A backend drained or removed (by any process: it may not have reached this one yet)
+        # has none.
+        slots = select(_free_slots(backend, max_inflight).label("free")).subquery("slots")
         queued = (
             sqlalchemy.select(_table.c.id, _table.c.workflow,
                               cast(_table.c.prompt, Text).label("prompt"),
                               _table.c.priority, _table.c.created_at)
-            .where(_table.c.status == JobStatus.QUEUED, slots.c.busy < max_inflight,
+            .where(_table.c.status == JobStatus.QUEUED, slots.c.free > 0,
                    _owner_key(_table.c.api_key_hash).not_in(self._keys_at_limit()))
             .order_by(_table.c.priority.desc(), _table.c.created_at)
             .limit(CLAIM_BATCH)
@@ -234,14 +241,14 @@ class JobRepository:
             .lateral("queued")
         )
         candidates = (
-            select(slots.c.busy, queued.c.id, queued.c.workflow, queued.c.prompt)
+            select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt)
             .select_from(slots.outerjoin(queued, true()))
             .order_by(queued.c.priority.desc(), queued.c.created_at)
         )
         async with self._sessions.begin() as session:
-            await _lock_backend(session, backend)
+            await lock_backend(session, backend)
             rows = (await session.exec(candidates)).all()
-            if rows[0][0] >= max_inflight:
+            if rows[0][0] <= 0:
                 return None
             job_id = pick([QueuedJob(id_, workflow, _candidate_prompt(prompt))
                            for _, id_, workflow, prompt in rows if id_ is not None])
@@ -327,11 +334,12 @@ class JobRepository:
 
     @staticmethod
     async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
-        """Whether `backend` has a free slot, counting every process's prompts there; holds
-        the backend's lock until the transaction ends, so the slot stays free for it."""
-        await _lock_backend(session, backend)
-        busy: int = (await session.exec(select(_busy(backend)))).one()
-        return busy < max_inflight
+        """Whether `backend` takes work and has a free slot, counting every process's prompts
+        there; holds the backend's lock until the transaction ends, so the slot stays free
+        for it."""
+        await lock_backend(session, backend)
+        free: int = (await session.exec(select(_free_slots(backend, max_inflight)))).one()
+        return free > 0
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
@@ -543,9 +551,10 @@ def _owner_key(api_key_hash: ColumnElement[str | None]) -> ColumnElement[str]:
     return func.coalesce(api_key_hash, "")
 
 
-async def _lock_backend(session: AsyncSession, backend: str) -> None:
-    """Serialise the claims for `backend` (in every process) until the transaction ends; a
-    statement after this one sees every claim committed before it."""
+async def lock_backend(session: AsyncSession, backend: str) -> None:
+    """Serialise the claims for `backend` (and its removal from the fleet), in every process,
+    until the transaction ends; a statement after this one sees every claim committed before
+    it."""
     await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
 
 
@@ -558,6 +567,13 @@ def _busy(backend: str) -> ScalarSelect[int]:
                _table.c.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]))
         .scalar_subquery()
     )
+
+
+def _free_slots(backend: str, max_inflight: int) -> Case[int]:
+    """How many more prompts `backend` may take, counting every process's; none when it is
+    draining or no longer in the fleet (fleet/registry.py keeps the table)."""
+    takes_work = exists().where(_BACKENDS.c.name == backend, _BACKENDS.c.draining.is_(False))
+    return case((takes_work, max_inflight - _busy(backend)), else_=0)
 
 
 async def _update(

@@ -15,12 +15,13 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
+# The sample workflows: served from /app/workflows (mount your own over it), and packaged
+# (src/comfyfleet/sample_workflows links to them), so they are here before the install.
+COPY workflows ./workflows
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-deps .
 
-# Sample workflows; mount your own over /app/workflows.
-COPY workflows ./workflows
 # The custom node package for the ComfyUI servers (Kubernetes copies it from this image into
 # each ComfyUI pod, so the two sides are always the same version).
 COPY comfyui_nodes ./comfyui_nodes

@@ -1,4 +1,6 @@
-"""`comfyfleet demo --jobs N`, run as a newcomer would (in its own process)."""
+"""`comfyfleet demo --jobs N`, run as a newcomer would: in its own process, from an empty
+directory (as after `pip install`) and with no WORKFLOWS_DIR: the samples come from the
+package."""
 
 from __future__ import annotations
 
@@ -8,14 +10,14 @@ import re
 import sys
 from pathlib import Path
 
-from tests.support import REPO, child_env
+from tests.support import child_env
 
 
 async def test_demo_runs_jobs_through_both_backends_and_exits_zero(data_root: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfyfleet", "demo", "--jobs", "4", "--port", "0",
         cwd=data_root,
-        env=child_env(DATA_DIR=str(data_root), WORKFLOWS_DIR=str(REPO / "workflows")),
+        env=child_env(DATA_DIR=str(data_root)),  # no WORKFLOWS_DIR: the packaged samples
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

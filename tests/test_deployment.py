@@ -4,6 +4,8 @@ setting in .env.example and in the README's configuration table, and nothing els
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -11,6 +13,7 @@ import yaml
 from dotenv import dotenv_values
 
 from comfyfleet.settings import Settings
+from comfyfleet.workflows.catalog import load_catalog
 from tests.support import REPO
 
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
@@ -80,12 +83,29 @@ def test_compose_services_ports_and_settings() -> None:
         environment["COMFYFLEET_NODE_TOKEN"])
 
 
+def test_the_package_ships_the_sample_workflows(tmp_path: Path) -> None:
+    """What `pip install` puts in site-packages: the repository's workflows/, every file."""
+    build = subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "-q",
+         "egg_info", "--egg-base", str(tmp_path), "build_py", "--build-lib", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert build.returncode == 0, build.stderr
+    shipped = tmp_path / "comfyfleet" / "sample_workflows"
+    samples = sorted(path.name for path in (REPO / "workflows").iterdir() if path.is_file())
+    assert "invert.json" in samples
+    assert sorted(path.name for path in shipped.iterdir()) == samples
+    catalog = load_catalog(shipped)
+    assert "invert" in catalog.workflows and not catalog.errors
+
+
 def test_dockerfile_installs_the_pinned_requirements_and_serves() -> None:
     lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
     assert "FROM python:3.11-slim" in lines
     assert "RUN pip install -r requirements.txt" in lines
     assert "RUN pip install --no-deps ." in lines
     assert lines.index("COPY requirements.txt .") < lines.index("COPY src ./src")
+    # The package links to the sample workflows: they must be there when it is installed.
+    assert lines.index("COPY workflows ./workflows") < lines.index("RUN pip install --no-deps .")
     assert 'CMD ["comfyfleet", "serve"]' in lines
     assert "EXPOSE 8000" in lines
     assert "USER comfyfleet" in lines

@@ -49,7 +49,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.storage import open_storage
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.webhooks.worker import WebhookWorker
-from comfyfleet.workflows.catalog import load_catalog
+from comfyfleet.workflows.catalog import load_served_catalog
 from comfyfleet.workflows.watcher import watch_directory
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)
-        catalog = await asyncio.to_thread(load_catalog, settings.workflows_dir)
+        catalog = await asyncio.to_thread(load_served_catalog, settings.workflows_dir)
         webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url)
         waiters = JobWaiters()
 

@@ -17,7 +17,7 @@ from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
-from comfyfleet.workflows.catalog import Catalog, load_catalog
+from comfyfleet.workflows.catalog import Catalog, load_served_catalog
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Services:
         # The same catalog, with new files: it keeps what the backends reported (the fleet
         # tells it when they do).
         self.catalog.take_files(
-            await asyncio.to_thread(load_catalog, self.settings.workflows_dir))
+            await asyncio.to_thread(load_served_catalog, self.settings.workflows_dir))
 
     async def render(self, job: Job) -> dict[str, Any]:
         """The job for API answers: what the webhooks say, plus why a queued job waits."""

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     check = workflow_commands.add_parser(
         "check", help="validate workflow files, and against live backends' /object_info")
     check.add_argument("directory", nargs="?", type=Path,
-                       help="default: WORKFLOWS_DIR (workflows/)")
+                       help="default: WORKFLOWS_DIR (workflows/), else the samples")
     check.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
                        help="a ComfyUI to check against (repeat; default: COMFYUI_ENDPOINTS)")
     seed = workflow_commands.add_parser(
@@ -149,9 +149,10 @@ async def _serve(settings: Settings) -> None:
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
     from comfyfleet.cli.workflows_check import check_workflows
+    from comfyfleet.workflows.catalog import served_directory
 
     settings = Settings()
-    lines, ok = await check_workflows(directory or settings.workflows_dir,
+    lines, ok = await check_workflows(directory or served_directory(settings.workflows_dir),
                                       backends or settings.comfyui_endpoints)
     print("\n".join(lines))
     return 0 if ok else 1

@@ -39,6 +39,8 @@ from comfyfleet.workflows.service_functions import ServiceFunction, load_service
 
 log = logging.getLogger(__name__)
 
+# The sample workflows, shipped inside the package (in the repository: workflows/).
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "sample_workflows"
 SIDECAR_SUFFIXES = (".params.json", ".params.yaml", ".params.yml")
 # A sidecar's one key that is not a parameter: true lets every request reuse earlier outputs.
 REUSE_KEY = "reuse_outputs"
@@ -288,3 +290,18 @@ def load_catalog(directory: Path) -> Catalog:
                                          "service function builds on its workflow's template")
             log.error("workflow %s not loaded: %s", code, catalog.errors[code.stem])
     return catalog
+
+
+def served_directory(configured: Path) -> Path:
+    """Where the service reads its workflows: WORKFLOWS_DIR, or the samples when it does not
+    exist (a fresh install, run from any directory, serves the demo's workflows)."""
+    if configured.is_dir():
+        return configured
+    log.warning("WORKFLOWS_DIR %s does not exist: serving the sample workflows (%s)",
+                configured, SAMPLES_DIR)
+    return SAMPLES_DIR
+
+
+def load_served_catalog(configured: Path) -> Catalog:
+    """The service's catalog, from WORKFLOWS_DIR or the samples (blocking: through a thread)."""
+    return load_catalog(served_directory(configured))

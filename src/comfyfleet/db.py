@@ -10,10 +10,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import URL, Connection, event, text
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -29,6 +32,30 @@ PING_TIMEOUT = 2.0
 # A database not up yet (a container started before it) is tried again after half a second,
 # then after twice as long each time, up to this.
 STARTUP_RETRY_MAX_SECONDS = 10.0
+
+
+class DatabaseUnreachable(Exception):
+    """No connection to the database could be made: refused, no route, a name not resolved,
+    no socket (down, or not up yet)."""
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether `error` means that the database cannot be used right now, which waiting cures:
+    it is unreachable, starting, stopping or restarting (SQLSTATE 57P..), a connection broke,
+    or every connection is busy. A refusal (a wrong password, no such database) or a wrong
+    statement is not."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (DatabaseUnreachable, DisconnectionError, PoolTimeout,
+                              asyncpg.PostgresConnectionError)):
+            return True
+        if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+            return True
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("57P"):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def start_embedded_postgres(data_dir: Path) -> Any:
@@ -57,7 +84,18 @@ def make_engine(url: str | URL, pool_size: int = 10) -> AsyncEngine:
     # closed (a restart) is noticed by the event loop, so checking its state costs nothing.
     # A statement that still meets a dead connection makes SQLAlchemy discard the whole pool.
     event.listen(engine.sync_engine, "checkout", _refuse_closed)
+    event.listen(engine.sync_engine, "do_connect", _connect)
     return engine
+
+
+def _connect(dialect: Dialect, _: Any, cargs: Any, cparams: Any) -> Any:
+    """Connect as SQLAlchemy would, saying so when the server cannot be reached: the driver
+    raises whatever the socket did (a missing Unix socket is a FileNotFoundError), which says
+    nothing of a database. What the server answers (a refusal, "starting up") goes as it is."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as exc:
+        raise DatabaseUnreachable(f"cannot connect to the database: {exc}") from exc
 
 
 def _refuse_closed(_: Any, record: ConnectionPoolEntry, __: Any) -> None:
@@ -92,15 +130,6 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(upgrade)
 
 
-def _not_up_yet(exc: Exception) -> bool:
-    """The database is unreachable, starting or restarting: waiting cures that. A refusal (a
-    wrong password, no such database) is not waited on."""
-    if isinstance(exc, OSError | TimeoutError):  # refused, no route, a name not resolved yet
-        return True
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate.startswith("57P")  # cannot connect now
-
-
 async def migrate_when_up(engine: AsyncEngine) -> None:
     """`migrate`, waiting with backoff for as long as the database is not up yet."""
     delay = 0.5
@@ -109,7 +138,7 @@ async def migrate_when_up(engine: AsyncEngine) -> None:
             await migrate(engine)
             return
         except Exception as exc:
-            if not _not_up_yet(exc):
+            if not unavailable(exc):
                 raise
             log.warning("database %s not reachable yet (%s); trying again in %.1f s",
                         engine.url.render_as_string(hide_password=True), exc, delay)

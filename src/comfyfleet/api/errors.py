@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
+from comfyfleet.db import DatabaseUnreachable, unavailable
+
 log = logging.getLogger(__name__)
+
+# What a request the database could not serve tells the client to wait.
+DATABASE_RETRY_SECONDS = 5
 
 
 class ApiError(Exception):
@@ -62,8 +69,27 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error; see the service log")
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every request that needs the database while it is away (down, restarting, every
+    connection busy) gets a 503 to retry, whichever route it is; any other database error
+    is a bug."""
+    if not unavailable(exc):
+        return await _unexpected(request, exc)
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path,
+                str(exc).partition("\n")[0])  # not the statement and its parameters
+    return error_response(
+        503, "database_unavailable",
+        f"the database is not available right now; retry in {DATABASE_RETRY_SECONDS} s",
+        retry_after=DATABASE_RETRY_SECONDS,
+        headers={"Retry-After": str(DATABASE_RETRY_SECONDS)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    # By class, so they are answered inside the app: the catch-all's 500 is sent by the
+    # outermost middleware, which re-raises, and the server then closes the connection.
+    for database_error in (SQLAlchemyError, DatabaseUnreachable, asyncpg.PostgresError):
+        app.add_exception_handler(database_error, _database_error)
     app.add_exception_handler(Exception, _unexpected)

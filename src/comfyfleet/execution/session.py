@@ -88,6 +88,11 @@ class BackendSession:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.last_error = repr(exc)
                 log.warning("backend %s connection lost: %r", self.name, exc)
+            except Exception as exc:
+                # Reconciling or following the events failed (the database away): the events
+                # not handled are not replayed, so reconnect, and reconcile on connect again.
+                self.last_error = "events not handled: " + str(exc).partition("\n")[0]
+                log.warning("backend %s: %s; reconnecting", self.name, self.last_error)
             self._changes.beat()
             # Full jitter keeps a fleet of gateways from reconnecting in lockstep.
             await asyncio.sleep(random.uniform(delay / 2, delay))

@@ -1,0 +1,123 @@
+"""PostgreSQL stopped at once and started again while clients submit: what needs the database
+answers 503 with Retry-After (never 500), /healthz stays up, and every job accepted before,
+during or after the outage finishes, once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
+from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+
+ACCEPTED_EACH_PHASE = 5
+OUTAGE_ANSWERS = 60  # 503s seen before the database is started again
+
+
+@pytest.fixture
+async def own_postgres(data_root: Path) -> AsyncIterator[Any]:
+    """A PostgreSQL of this test's own, which it stops and starts (the shared one serves every
+    other test)."""
+    server = await asyncio.to_thread(start_embedded_postgres, data_root / "pg")
+    yield server
+    await asyncio.to_thread(server.cleanup)
+
+
+async def stop_immediately(server: Any) -> None:
+    """`pg_ctl stop -m immediate`: every connection cut, no checkpoint."""
+    postmaster = server.get_postmaster_info().process
+    postmaster.send_signal(signal.SIGQUIT)
+    await asyncio.to_thread(postmaster.wait, 30)
+
+
+@dataclass
+class Client:
+    """Submits jobs and reads them back, one request after another, keeping every answer."""
+
+    http: aiohttp.ClientSession
+    api: str
+    callback: str
+    accepted: list[str] = field(default_factory=list)
+    answers: list[tuple[str, int, str | None, Any]] = field(default_factory=list)
+
+    async def request(self, method: str, path: str, body: Any = None) -> int:
+        async with self.http.request(method, self.api + path, json=body) as response:
+            payload = await response.json()
+            self.answers.append((f"{method} {path.split('/')[1]}", response.status,
+                                 response.headers.get("Retry-After"), payload))
+            if response.status == 202:
+                self.accepted.append(payload["id"])
+            return response.status
+
+    async def round(self) -> None:
+        """A submission, and the reads a client makes after it."""
+        await self.request("POST", "/jobs", {
+            "workflow": "invert", "params": {"width": 8}, "callback_url": self.callback,
+            "client_task_id": str(uuid.uuid4())})
+        if self.accepted:
+            await self.request("GET", f"/jobs/{self.accepted[-1]}")
+        await self.request("GET", "/jobs?limit=5")
+
+    def count(self, status: int) -> int:
+        return sum(1 for _, answered, _, _ in self.answers if answered == status)
+
+
+async def test_requests_get_503_while_the_database_is_down_and_no_job_is_lost(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    settings.database_url = embedded_url(own_postgres)
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=0.2))
+        settings.comfyui_endpoints = [sim.url]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        client = Client(http, base + settings.route_prefix, receiver.url)
+        async with asyncio.timeout(60):
+            while len(client.accepted) < ACCEPTED_EACH_PHASE:
+                await client.round()
+
+            await stop_immediately(own_postgres)
+            while client.count(503) < OUTAGE_ANSWERS:
+                await client.round()
+            async with http.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"{base}/readyz") as response:
+                assert response.status == 503
+
+            # Still submitting while it starts up (and refuses connections meanwhile).
+            restart = asyncio.create_task(asyncio.to_thread(own_postgres.ensure_postgres_running))
+            while not restart.done():
+                await client.round()
+            await restart
+            before = len(client.accepted)
+            while len(client.accepted) < before + ACCEPTED_EACH_PHASE:
+                await client.round()
+            await receiver.wait_for(len(client.accepted))
+        jobs = [await (await http.get(f"{client.api}/jobs/{job_id}")).json()
+                for job_id in client.accepted]
+
+    statuses = Counter(status for _, status, _, _ in client.answers)
+    assert set(statuses) <= {200, 202, 503}, statuses
+    unavailable = [(request, retry_after, body) for request, status, retry_after, body
+                   in client.answers if status == 503]
+    assert {request for request, _, _ in unavailable} >= {"POST jobs", "GET jobs"}
+    for request, retry_after, body in unavailable:
+        assert retry_after is not None and int(retry_after) > 0, request
+        assert body["error"]["type"] == "database_unavailable", body
+    assert all(job["status"] == "succeeded" for job in jobs)
+    delivered = Counter(event["data"]["id"] for event in receiver.verified)
+    assert all(delivered[job_id] == 1 for job_id in client.accepted)
+

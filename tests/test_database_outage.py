@@ -121,3 +121,34 @@ async def test_requests_get_503_while_the_database_is_down_and_no_job_is_lost(
     delivered = Counter(event["data"]["id"] for event in receiver.verified)
     assert all(delivered[job_id] == 1 for job_id in client.accepted)
 
+
+async def test_outputs_stored_while_the_database_is_down_are_recorded_when_it_is_back(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    settings.database_url = embedded_url(own_postgres)
+    async with AsyncExitStack() as stack:
+        # An output that takes a second to download: the job waits in `uploading` meanwhile.
+        sim = await stack.enter_async_context(SimulatedComfyUI(
+            output_size=256 * 1024, view_bytes_per_second=256 * 1024))
+        settings.comfyui_endpoints = [sim.url]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = base + settings.route_prefix
+        body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
+        async with http.post(f"{api}/jobs", json=body) as response:
+            job_id = (await response.json())["id"]
+        async with asyncio.timeout(30):
+            while (await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] != \
+                    "uploading":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # polling the API: nothing local to wait on
+            await stop_immediately(own_postgres)
+            stored = settings.data_dir / "outputs" / job_id / "3_0.png"
+            while not await asyncio.to_thread(stored.exists):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # the file lands, then its record cannot be written
+            await asyncio.to_thread(own_postgres.ensure_postgres_running)
+            await receiver.wait_for(1)
+        async with http.get(f"{api}/jobs/{job_id}") as response:
+            job = await response.json()
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    assert job["outputs"][0]["size"] == stored.stat().st_size
+    assert [event["type"] for event in receiver.verified] == ["job.succeeded"]

@@ -14,6 +14,7 @@ from comfyfleet import metrics
 from comfyfleet.comfy.cleanup import BackendCleanup, BackendFile
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
+from comfyfleet.db import unavailable
 from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
@@ -24,7 +25,8 @@ CHUNK_BYTES = 1024 * 1024
 # ComfyUI records history just before it announces the end; allow a short lag.
 HISTORY_ATTEMPTS = 10
 HISTORY_DELAY = 0.2
-STORAGE_RETRY_MAX_DELAY = 60.0
+# The longest wait between attempts while storage or the database is away.
+RETRY_MAX_DELAY = 60.0
 
 
 class Collector:
@@ -109,11 +111,24 @@ class Collector:
                 metrics.storage_error()
                 log.warning("storing %s failed, retrying in %.0f s: %s", key, delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, STORAGE_RETRY_MAX_DELAY)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
 
     async def _finish(self, job: Job, status: JobStatus, **values: Any) -> bool:
-        """Record the end; False when the job had moved on (cancelled, or another attempt's)."""
-        finished = await self._repository.finish(job, status, {JobStatus.UPLOADING}, **values)
+        """Record the end; False when the job had moved on (cancelled, or another attempt's).
+        A database outage is waited out: the outputs are stored, only this write is missing."""
+        delay = 1.0
+        while True:
+            try:
+                finished = await self._repository.finish(job, status, {JobStatus.UPLOADING},
+                                                         **values)
+                break
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                log.warning("recording job %s %s failed, retrying in %.0f s: %s", job.id,
+                            status, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
         if finished is None:
             return False
         self._on_terminal(finished)

@@ -16,6 +16,7 @@ from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
+from comfyfleet.db import unavailable
 from comfyfleet.pulse import Pulse
 from comfyfleet.workflows.inference import NodeInputs
 
@@ -92,7 +93,8 @@ class BackendSession:
                 # Reconciling or following the events failed (the database away): the events
                 # not handled are not replayed, so reconnect, and reconcile on connect again.
                 self.last_error = "events not handled: " + str(exc).partition("\n")[0]
-                log.warning("backend %s: %s; reconnecting", self.name, self.last_error)
+                log.warning("backend %s: %s; reconnecting", self.name, self.last_error,
+                            exc_info=not unavailable(exc))  # a traceback unless an outage
             self._changes.beat()
             # Full jitter keeps a fleet of gateways from reconnecting in lockstep.
             await asyncio.sleep(random.uniform(delay / 2, delay))

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # What a request the database could not serve tells the client to wait.
 DATABASE_RETRY_SECONDS = 5
+# What the database layer raises; `database_unavailable` says which of them are an outage.
+DATABASE_ERRORS = (SQLAlchemyError, DatabaseUnreachable, asyncpg.PostgresError)
 
 
 class ApiError(Exception):
@@ -69,19 +71,24 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error; see the service log")
 
 
-async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    """Every request that needs the database while it is away (down, restarting, every
-    connection busy) gets a 503 to retry, whichever route it is; any other database error
-    is a bug."""
+def database_unavailable(request: Request, exc: Exception) -> ApiError | None:
+    """The answer to a request that needed the database while it is away (down, restarting,
+    every connection busy), whichever route and API surface it is: a 503 to retry. None when
+    `exc` is another database error, a bug."""
     if not unavailable(exc):
-        return await _unexpected(request, exc)
+        return None
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path,
                 str(exc).partition("\n")[0])  # not the statement and its parameters
-    return error_response(
+    return ApiError(
         503, "database_unavailable",
         f"the database is not available right now; retry in {DATABASE_RETRY_SECONDS} s",
         retry_after=DATABASE_RETRY_SECONDS,
         headers={"Retry-After": str(DATABASE_RETRY_SECONDS)})
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    error = database_unavailable(request, exc)
+    return await (_unexpected(request, exc) if error is None else _api_error(request, error))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,6 +97,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     # By class, so they are answered inside the app: the catch-all's 500 is sent by the
     # outermost middleware, which re-raises, and the server then closes the connection.
-    for database_error in (SQLAlchemyError, DatabaseUnreachable, asyncpg.PostgresError):
+    for database_error in DATABASE_ERRORS:
         app.add_exception_handler(database_error, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from comfyfleet.api.errors import ApiError
+from comfyfleet.api.errors import DATABASE_ERRORS, ApiError, database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,16 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return envelope(500, "internal_error", "internal error; see the service log")
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    error = database_unavailable(request, exc)
+    return await (_unexpected(request, exc) if error is None else _api_error(request, error))
+
+
 def install_v2_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(V2Error, _v2_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    for database_error in DATABASE_ERRORS:  # a 503 in this envelope while it is away
+        app.add_exception_handler(database_error, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,150 @@
+"""ComfyUI's cache keys ("node signatures") for the nodes of an API-format prompt.
+
+ComfyUI 0.3.64 (comfy_execution/caching.py, CacheKeySetInputSignature) serves a node from its
+cache when a cached result has the same key. The key of a node is the list of the *immediate*
+signatures of the node and of all its ancestors, the ancestors in a fixed order: depth first
+through the inputs sorted by name, each ancestor listed once, where it is first reached.
+An immediate signature is
+  [class_type, IS_CHANGED value, (node id, for some classes), (input name, value)...]
+with the inputs sorted by name, and a linked input written as ("ANCESTOR", position of the
+linked node in that ancestor list, output index) - so node ids do not matter, only the shape.
+- The IS_CHANGED value is False for a class without IS_CHANGED (or `fingerprint_inputs`);
+  otherwise the list of what it returned for the node's literal inputs (a file hash for
+  LoadImage), or NaN when it raised. NaN never equals anything: such a node, and every node
+  downstream of it, is never served from the cache. SaveImageWebsocket returns the time.
+- The node id is part of the key for classes with a hidden UNIQUE_ID input or NOT_IDEMPOTENT.
+- A link to a node missing from the prompt makes the key NaN as well.
+- Keys are compared with Python equality after ComfyUI's `to_hashable`: lists and tuples alike,
+  dicts by their sorted items, and numbers by value (1 == 1.0 == True).
+- Every input in the node's `inputs` counts, declared or not. ComfyUI compares the prompt as
+  validation left it: literal values of declared inputs converted to the declared type.
+
+Here a key is a SHA-256 over a canonical encoding of that structure, so equal keys mean what
+ComfyUI's equality means; None stands for a key that matches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# A node's IS_CHANGED value as the caller determines it: False when the class has none, any
+# JSON-like value otherwise, or NEVER_EQUAL when it differs on every run (NaN, the time).
+NEVER_EQUAL = object()
+
+IsChanged = Callable[[str, Mapping[str, Any]], object]
+KeyedById = Callable[[str], bool]
+
+
+def is_link(value: Any) -> bool:
+    """ComfyUI's is_link: [node id (str), output index (int or float)]."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int | float) and not isinstance(value[1], bool))
+
+
+def node_signatures(
+    prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById
+) -> dict[str, str | None]:
+    """The cache key of every node of `prompt` (None: it can never be served from cache).
+
+    `is_changed(node_id, node)` gives the node's IS_CHANGED value (False if its class has
+    none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
+    """
+    changed: dict[str, object] = {}
+
+    def immediate_of(node_id: str, order: dict[str, int]) -> list[Any] | None:
+        node = prompt.get(node_id)
+        if not isinstance(node, Mapping):
+            return None  # a link to a missing node: NaN in ComfyUI
+        if node_id not in changed:
+            changed[node_id] = is_changed(node_id, node)
+        if changed[node_id] is NEVER_EQUAL:
+            return None
+        class_type = node.get("class_type")
+        parts: list[Any] = [class_type, changed[node_id]]
+        if isinstance(class_type, str) and keyed_by_id(class_type):
+            parts.append(node_id)
+        for name, value in sorted(_inputs(node).items()):
+            if is_link(value):
+                parts.append([name, ["ANCESTOR", order[value[0]], value[1]]])
+            else:
+                parts.append([name, value])
+        return parts
+
+    signatures: dict[str, str | None] = {}
+    for node_id in prompt:
+        ancestors = _ordered_ancestry(prompt, node_id)
+        # Links are written as positions in this node's own ancestor list, so the immediate
+        # signatures of the ancestors are computed anew for every node.
+        order = {ancestor: index for index, ancestor in enumerate(ancestors)}
+        parts = [immediate_of(member, order) for member in [node_id, *ancestors]]
+        signatures[node_id] = None if None in parts else _digest(parts)
+    return signatures
+
+
+def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:
+    """Signatures as keys of a NodeCache: a node whose key matches nothing still takes a
+    place in ComfyUI's cache, under a key of its own."""
+    return {node_id: signature if signature is not None else f"unequal-{uuid.uuid4().hex}"
+            for node_id, signature in signatures.items()}
+
+
+def _ordered_ancestry(prompt: Mapping[str, Any], node_id: str) -> list[str]:
+    """Ancestors depth first through inputs sorted by name, each once (as ComfyUI orders them)."""
+    ancestors: list[str] = []
+    seen: set[str] = set()
+
+    def visit(current: str) -> None:
+        node = prompt.get(current)
+        if not isinstance(node, Mapping):
+            return
+        for _, value in sorted(_inputs(node).items()):
+            if is_link(value) and value[0] not in seen:
+                seen.add(value[0])
+                ancestors.append(value[0])
+                visit(value[0])
+
+    visit(node_id)
+    return ancestors
+
+
+def _inputs(node: Mapping[str, Any]) -> dict[str, Any]:
+    inputs = node.get("inputs")
+    return dict(inputs) if isinstance(inputs, Mapping) else {}
+
+
+class _Unequal(Exception):
+    """A value that equals nothing (NaN): the whole key matches nothing."""
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON value whose text is equal exactly when ComfyUI's to_hashable values are equal."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        if isinstance(value, float):
+            if math.isnan(value):
+                raise _Unequal
+            if math.isinf(value):
+                return ["inf", value > 0]
+            if value.is_integer():
+                return ["n", str(int(value))]
+            return ["n", repr(value)]
+        return ["n", str(int(value))]
+    if isinstance(value, Mapping):
+        return ["d", [[_canonical(k), _canonical(v)] for k, v in sorted(value.items())]]
+    if isinstance(value, list | tuple):
+        return ["l", [_canonical(item) for item in value]]
+    raise _Unequal  # anything else is Unhashable in ComfyUI: a NaN
+
+
+def _digest(parts: list[Any]) -> str | None:
+    try:
+        text = json.dumps(_canonical(parts), separators=(",", ":"), ensure_ascii=False)
+    except _Unequal:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()

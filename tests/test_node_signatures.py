@@ -1,0 +1,160 @@
+"""ComfyUI 0.3.64's cache keys and cache policies (comfy/signatures.py, comfy/cache.py).
+
+The facts come from ComfyUI's comfy_execution/caching.py, execution.py and main.py at v0.3.64;
+test_sim_cache.py and the replay tests check them against a real server's transcripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from comfyfleet.comfy.cache import CachePolicy, NodeCache
+from comfyfleet.comfy.signatures import NEVER_EQUAL, node_signatures
+
+JSON = dict[str, Any]
+
+
+def plain(prompt: JSON, *, volatile: frozenset[str] = frozenset(),
+          by_id: frozenset[str] = frozenset()) -> dict[str, str | None]:
+    def is_changed(node_id: str, node: Mapping[str, Any]) -> object:
+        return NEVER_EQUAL if node["class_type"] in volatile else False
+
+    return node_signatures(prompt, is_changed=is_changed, keyed_by_id=lambda c: c in by_id)
+
+
+def chain(model: str = "model-a.safetensors", seconds: float = 1.0, prefix: str = "out",
+          ids: tuple[str, str, str] = ("1", "2", "3")) -> JSON:
+    loader, work, save = ids
+    return {
+        loader: {"class_type": "SimulatedLoader", "inputs": {"ckpt_name": model}},
+        work: {"class_type": "SimulatedWork",
+               "inputs": {"image": [loader, 0], "seconds": seconds, "steps": 2}},
+        save: {"class_type": "SaveImage",
+               "inputs": {"images": [work, 0], "filename_prefix": prefix}},
+    }
+
+
+def test_same_shape_and_values_same_key_whatever_the_node_ids() -> None:
+    first = plain(chain())
+    renumbered = plain(chain(ids=("30", "10", "20")))
+    assert [first[n] for n in ("1", "2", "3")] == [renumbered[n] for n in ("30", "10", "20")]
+    assert len(set(first.values())) == 3
+
+
+def test_a_changed_input_changes_its_node_and_everything_downstream_only() -> None:
+    base = plain(chain())
+    slower = plain(chain(seconds=2.0))
+    assert slower["1"] == base["1"]  # the loader is shared: the partial-graph hit
+    assert slower["2"] != base["2"] and slower["3"] != base["3"]
+    other_model = plain(chain(model="model-b.safetensors"))
+    assert all(other_model[n] != base[n] for n in base)
+
+
+def test_numbers_compare_by_value_as_python_does() -> None:
+    assert plain(chain(seconds=1))["3"] == plain(chain(seconds=1.0))["3"]
+    as_bool = chain()
+    as_bool["2"]["inputs"]["steps"] = True
+    as_int = chain()
+    as_int["2"]["inputs"]["steps"] = 1
+    assert plain(as_bool)["2"] == plain(as_int)["2"]
+    assert plain(chain(seconds=1.5))["2"] != plain(chain(seconds=1.25))["2"]
+    assert plain(chain(prefix="1"))["3"] != plain(chain(prefix=1))["3"]  # type: ignore[arg-type]
+
+
+def test_links_are_positions_in_the_ancestry_not_a_hash_of_the_parents() -> None:
+    """Two identical parents are two ancestors; one parent linked twice is one: ComfyUI's keys
+    differ, though a hash of each parent's key would make them equal."""
+    def batch(second_parent: str) -> JSON:
+        return {
+            "1": {"class_type": "EmptyImage",
+                  "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "EmptyImage",
+                  "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "3": {"class_type": "ImageBatch",
+                  "inputs": {"image1": ["1", 0], "image2": [second_parent, 0]}},
+        }
+
+    two_parents, one_parent = plain(batch("2")), plain(batch("1"))
+    assert two_parents["1"] == two_parents["2"] == one_parent["1"]
+    assert two_parents["3"] != one_parent["3"]
+
+
+def test_every_input_counts_declared_or_not_and_the_output_index() -> None:
+    extra = chain()
+    extra["1"]["inputs"]["note"] = "not declared"
+    assert plain(extra)["1"] != plain(chain())["1"]
+    second_output = chain()
+    second_output["2"]["inputs"]["image"] = ["1", 1]
+    assert plain(second_output)["2"] != plain(chain())["2"]
+
+
+def test_a_never_equal_is_changed_poisons_the_node_and_its_descendants() -> None:
+    keys = plain(chain(), volatile=frozenset({"SimulatedWork"}))
+    assert keys["1"] is not None
+    assert keys["2"] is None and keys["3"] is None
+
+
+def test_classes_keyed_by_node_id() -> None:
+    """UNIQUE_ID hidden input or NOT_IDEMPOTENT: the node id is part of the key."""
+    by_id = frozenset({"SimulatedWork"})
+    assert plain(chain(), by_id=by_id)["1"] == plain(chain(ids=("1", "9", "3")), by_id=by_id)["1"]
+    assert plain(chain(), by_id=by_id)["2"] != plain(chain(ids=("1", "9", "3")), by_id=by_id)["9"]
+    assert plain(chain(), by_id=by_id)["2"] == plain(chain(), by_id=by_id)["2"]
+
+
+def test_a_link_to_a_missing_node_matches_nothing() -> None:
+    prompt = chain()
+    prompt["2"]["inputs"]["image"] = ["404", 0]
+    keys = plain(prompt)
+    assert keys["2"] is None and keys["3"] is None and keys["1"] is not None
+
+
+def test_policy_from_argv_as_main_py_reads_it() -> None:
+    base = ["main.py", "--listen", "127.0.0.1"]
+    assert CachePolicy.from_argv(base) == CachePolicy("classic")
+    assert CachePolicy.from_argv([*base, "--cache-lru", "12"]) == CachePolicy("lru", 12)
+    assert CachePolicy.from_argv([*base, "--cache-lru=3"]) == CachePolicy("lru", 3)
+    assert CachePolicy.from_argv([*base, "--cache-lru", "0"]) == CachePolicy("classic")
+    assert CachePolicy.from_argv([*base, "--cache-none"]) == CachePolicy("none")
+    for policy in (CachePolicy("lru", 5), CachePolicy("none"), CachePolicy()):
+        assert CachePolicy.from_argv([*base, *policy.argv()]) == policy
+
+
+def run(cache: NodeCache[str], keys: list[str]) -> list[str]:
+    """One prompt: what it finds cached, then every key it has is held."""
+    cache.start_prompt(keys)
+    found = [key for key in keys if key in cache]
+    for key in keys:
+        cache.set(key, key)
+    return found
+
+
+def test_classic_keeps_only_the_previous_prompts_results() -> None:
+    cache: NodeCache[str] = NodeCache(CachePolicy())
+    assert run(cache, ["a", "w1", "s1"]) == []
+    assert run(cache, ["a", "w2", "s2"]) == ["a"]
+    assert run(cache, ["b", "w3", "s3"]) == []
+    assert run(cache, ["a", "w1", "s1"]) == []
+
+
+def test_lru_drops_whole_generations_oldest_first_past_its_size() -> None:
+    cache: NodeCache[str] = NodeCache(CachePolicy("lru", 4))
+    assert run(cache, ["a", "x1"]) == []
+    assert run(cache, ["b", "x2"]) == []
+    assert run(cache, ["a", "x3"]) == ["a"]  # 4 held at its start: nothing dropped
+    # 5 held: the start of the next prompt drops generation 1 (x1; "a" was used again in 3).
+    assert run(cache, ["c", "x4"]) == []
+    assert sorted(key for key, _ in cache.items()) == ["a", "b", "c", "x2", "x3", "x4"]
+    # 6 held: generation 2 goes (x2; b is used again now), then 3 (a, x3): 3 left.
+    assert run(cache, ["b"]) == ["b"]
+    assert sorted(key for key, _ in cache.items()) == ["b", "c", "x4"]
+
+
+def test_none_keeps_nothing_and_free_drops_everything() -> None:
+    none: NodeCache[str] = NodeCache(CachePolicy("none"))
+    assert run(none, ["a"]) == [] and run(none, ["a"]) == []
+    lru: NodeCache[str] = NodeCache(CachePolicy("lru", 10))
+    run(lru, ["a"])
+    lru.clear()
+    assert run(lru, ["a"]) == []

@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
     {"api_keys"},  # tenants
     {"metrics", "logs"},  # what every stage records into
     {"jobs"},  # model, repository, lease, the outbox's rows
-    {"egress", "storage", "comfy", "workflows", "sim", "pulse"},  # leaves
+    {"sim"},  # the simulated ComfyUI: keeps its cache by comfy/'s rules
+    {"egress", "storage", "comfy", "workflows", "pulse"},  # leaves
     {"db"},
     {"settings"},
 ]

@@ -28,6 +28,7 @@ import io
 import json
 import re
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ import pytest
 from aiohttp import WSMsgType
 from PIL import Image
 
+from comfyfleet.comfy.cache import CachePolicy
 from comfyfleet.sim import SimulatedComfyUI
+from tests.cache_probes import run_step as run_probe
 from tests.test_sim import decode_binary
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
@@ -911,6 +914,41 @@ async def progress_text(tmp_path: Path, http: aiohttp.ClientSession) -> None:
         same_frames(await other.close(), other_name, replay.root)
 
 
+def work_done(step: JSON) -> Counter[str]:
+    """The classes of the nodes that ran. (Which of two identical nodes runs, and in which
+    order ready nodes run, is ComfyUI's scheduling, not its cache.)"""
+    return Counter(step["prompt"][node]["class_type"] for node in step["ran"])
+
+
+@scenario("cache_probes.json")
+async def cache_between_prompts(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Per cache option (classic, `--cache-lru 4`, `--cache-none`), a series recorded on a
+    real server started with it: the simulator started with the same option serves the same
+    nodes from its cache (`execution_cached`, partial graphs included) and runs the same work.
+    Recorded by tests/cache_probes.py with the simulator's nodes loaded into ComfyUI."""
+    for kind, series in fixture("cache_probes.json").items():
+        policy = CachePolicy.from_argv(series["argv"])
+        assert policy.kind == kind
+        sim = SimulatedComfyUI(data_dir=tmp_path / kind, cache=policy)
+        await sim.start()
+        try:
+            async with http.get(f"{sim.url}/system_stats") as response:
+                argv = (await response.json())["system"]["argv"]
+            assert CachePolicy.from_argv(argv) == policy
+            async with http.ws_connect(f"{sim.url}/ws?clientId=replay") as ws:
+                for index, recorded in enumerate(series["steps"]):
+                    step = {key: recorded[key] for key in ("prompt", "upload", "color", "free")
+                            if key in recorded}
+                    seen = await run_probe(http, sim.url, ws, "replay", step)
+                    if "prompt" in step:
+                        where = f"{kind} step {index}"
+                        assert seen["outcome"] == recorded["outcome"], where
+                        assert seen["cached"] == recorded["cached"], where
+                        assert work_done(seen) == work_done(recorded), where
+        finally:
+            await sim.stop()
+
+
 @scenario("object_info_modelfree_subset.json", "object_info_full.json")
 async def object_info(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Every node the simulator offers is specified as ComfyUI 0.3.64 specifies it."""
@@ -922,12 +960,13 @@ async def object_info(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     ):
         info = await response.json()
     lab_nodes = {name for name, spec in subset.items() if spec["category"] == "lab"}
-    assert set(info) == (set(subset) - lab_nodes) | {"PreviewAny", "SimulatedWork"}
+    simulated = {"SimulatedWork", "SimulatedLoader"}  # the simulator's own nodes
+    assert set(info) == (set(subset) - lab_nodes) | {"PreviewAny"} | simulated
     for name, spec in info.items():
         if name in ("LoadImage", "LoadImageMask"):
             # The combo lists the input directory: the lab's files there, none here.
             spec["input"]["required"]["image"][0] = full[name]["input"]["required"]["image"][0]
-        if name != "SimulatedWork":
+        if name not in simulated:
             assert spec == full[name], name
 
 

@@ -15,6 +15,7 @@ import aiohttp
 import uvloop
 
 from comfyfleet.cli import keys
+from comfyfleet.comfy.cache import CachePolicy
 from comfyfleet.comfy.endpoints import parse_endpoints
 from comfyfleet.logs import configure_logging
 from comfyfleet.settings import Settings
@@ -56,6 +57,13 @@ def _rate(text: str) -> float:
     if not 0 <= rate <= 1:
         raise argparse.ArgumentTypeError("a rate is from 0 to 1")
     return rate
+
+
+def _cache_policy(args: argparse.Namespace) -> CachePolicy:
+    """As ComfyUI's main.py reads its options: a positive --cache-lru wins."""
+    if args.cache_lru > 0:
+        return CachePolicy("lru", args.cache_lru)
+    return CachePolicy("none") if args.cache_none else CachePolicy()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +114,15 @@ def _add_sim(commands: Any) -> None:
                      help="a custom node package, or a folder of them, to load (repeatable)")
     sim.add_argument("--max-upload-size", type=float, default=100, metavar="MB",
                      help="largest request body in MB, as ComfyUI's option (default 100)")
+    sim.add_argument("--load-seconds", type=float, default=0.0, metavar="S",
+                     help="seconds SimulatedLoader takes when the cache does not hold it")
+    caching = sim.add_mutually_exclusive_group()
+    caching.add_argument("--cache-classic", action="store_true",
+                         help="keep the previous prompt's node results (ComfyUI's default)")
+    caching.add_argument("--cache-lru", type=int, default=0, metavar="N",
+                         help="keep up to N node results of recent prompts, as ComfyUI's option")
+    caching.add_argument("--cache-none", action="store_true",
+                         help="keep no node results between prompts, as ComfyUI's option")
     faults = sim.add_argument_group(
         "failure injection", "also changeable at run time: POST /_sim/faults (see README)")
     faults.add_argument("--fail-rate", type=_rate, default=0.0, metavar="R",
@@ -218,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                                 view_bytes_per_second=args.view_bytes_per_second,
                                 output_size=args.output_size,
                                 max_upload_size=round(args.max_upload_size * 1024 * 1024),
-                                custom_nodes=args.custom_nodes))
+                                custom_nodes=args.custom_nodes,
+                                cache=_cache_policy(args), load_seconds=args.load_seconds))
         elif args.command == "workflows" and args.workflows_command == "import-seed":
             sys.exit(_import_seed(args))
         elif args.command == "workflows":

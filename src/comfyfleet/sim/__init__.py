@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+from comfyfleet.comfy.cache import CLASSIC, CachePolicy
 from comfyfleet.sim.server import MAX_UPLOAD_SIZE, SimulatedComfyUI
 
 __all__ = ["SimulatedComfyUI", "run_sim"]
@@ -30,6 +31,8 @@ async def run_sim(
     output_size: int | None = None,
     max_upload_size: int = MAX_UPLOAD_SIZE,
     custom_nodes: Sequence[Path] = (),
+    cache: CachePolicy = CLASSIC,
+    load_seconds: float = 0.0,
 ) -> None:
     """Serve `backends` simulators on ports `port`, `port + 1`, ... until cancelled.
 
@@ -55,6 +58,8 @@ async def run_sim(
             output_size=output_size,
             max_upload_size=max_upload_size,
             custom_nodes=custom_nodes,
+            cache=cache,
+            load_seconds=load_seconds,
         )
         for i in range(backends)
     ]

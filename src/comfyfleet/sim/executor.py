@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
 import traceback
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from comfyfleet.comfy.cache import CachePolicy, NodeCache
+from comfyfleet.comfy.signatures import NEVER_EQUAL, cache_keys, node_signatures
 from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.faults import Faults
 from comfyfleet.sim.files import Folders, file_sha256
@@ -97,6 +96,8 @@ class Executor:
         faults: Faults,
         speed: float,
         duration: float,
+        cache: CachePolicy,
+        load_seconds: float,
     ) -> None:
         self.specs = specs
         self.folders = folders
@@ -106,9 +107,9 @@ class Executor:
         self.faults = faults
         self.speed = speed
         self.duration = duration
-        # ComfyUI's "classic" cache: node outputs keyed by input signature, pruned at the start
-        # of every prompt to the signatures of that prompt.
-        self.cache: dict[str, _CacheEntry] = {}
+        self.load_seconds = load_seconds
+        # Node outputs by cache key, kept as the server's --cache-* options say.
+        self.cache: NodeCache[_CacheEntry] = NodeCache(cache)
         self.interrupted = asyncio.Event()
         self.free_requested = False
         self._current: _PromptRun | None = None
@@ -160,48 +161,35 @@ class Executor:
             raise Interrupted
 
     async def signatures(self, prompt: dict[str, Any]) -> dict[str, str]:
-        """Cache key of every node: class, IS_CHANGED value, inputs (recursively via links)."""
-        fingerprints = {
-            node_id: await self._image_fingerprint(node)
-            for node_id, node in prompt.items()
-            if node["class_type"] in IMAGE_FILE_NODES
-        }
+        """The cache key of every node (comfy/signatures.py), with the IS_CHANGED values of
+        the nodes that have one: a file's hash, or the time (never equal)."""
+        changed: dict[str, object] = {}
         for node_id, node in prompt.items():
-            if node["class_type"] in NEVER_CACHED_NODES:
-                fingerprints[node_id] = uuid.uuid4().hex
-        memo: dict[str, str] = {}
+            if node["class_type"] in IMAGE_FILE_NODES:
+                changed[node_id] = await self._image_fingerprint(node)
+            elif node["class_type"] in NEVER_CACHED_NODES:
+                changed[node_id] = NEVER_EQUAL
 
-        def signature(node_id: str, path: frozenset[str]) -> str:
-            if node_id not in memo:
-                node = prompt[node_id]
-                inputs = _inputs_of(node)
-                parts: list[Any] = [node["class_type"], fingerprints.get(node_id)]
-                if "UNIQUE_ID" in _hidden_kinds(self.specs[node["class_type"]]).values():
-                    parts.append(node_id)  # nodes that see their own id are never shared
-                for name in sorted(inputs):
-                    value = inputs[name]
-                    linked = _is_link(value) and isinstance(value[0], str) and value[0] in prompt
-                    if linked and value[0] not in path:
-                        parts.append([name, signature(value[0], path | {node_id}), value[1]])
-                    else:
-                        parts.append([name, value])
-                text = json.dumps(parts, sort_keys=True, default=repr)
-                memo[node_id] = hashlib.sha256(text.encode()).hexdigest()
-            return memo[node_id]
+        def is_changed(node_id: str, node: Mapping[str, Any]) -> object:
+            return changed.get(node_id, False)
 
-        return {node_id: signature(node_id, frozenset()) for node_id in prompt}
+        def keyed_by_id(class_type: str) -> bool:
+            # Nodes that see their own id are never shared.
+            return "UNIQUE_ID" in _hidden_kinds(self.specs[class_type]).values()
 
-    async def _image_fingerprint(self, node: dict[str, Any]) -> str:
+        return cache_keys(node_signatures(prompt, is_changed=is_changed, keyed_by_id=keyed_by_id))
+
+    async def _image_fingerprint(self, node: dict[str, Any]) -> object:
         """LoadImage's IS_CHANGED: the file's hash, so a changed file re-runs the node."""
         path = self.folders.image_input_path(str(_inputs_of(node).get("image")))
         try:
             if path is not None:
                 size = await self.disk.run(0, os.path.getsize, path)
-                return await self.disk.run(size, file_sha256, path)
+                return [await self.disk.run(size, file_sha256, path)]
         except OSError:
             pass
         # ComfyUI stores NaN when IS_CHANGED fails: it never equals itself.
-        return uuid.uuid4().hex
+        return NEVER_EQUAL
 
 
 class _PromptRun:
@@ -229,11 +217,10 @@ class _PromptRun:
             ex.free_requested = False
         self.message("execution_start", {"prompt_id": self.prompt_id}, broadcast=False)
         self.signatures = await ex.signatures(self.prompt)
-        live = set(self.signatures.values())
-        ex.cache = {key: entry for key, entry in ex.cache.items() if key in live}
+        ex.cache.start_prompt(self.signatures.values())
         cached = [n for n in self.prompt if self.signatures[n] in ex.cache]
         for node_id in cached:
-            self.results[node_id] = ex.cache[self.signatures[node_id]].outputs
+            self.results[node_id] = self._cached(node_id).outputs
         cached_data = {"nodes": cached, "prompt_id": self.prompt_id}
         self.message("execution_cached", cached_data, broadcast=False)
 
@@ -255,6 +242,11 @@ class _PromptRun:
             return self.history_entry(success=False)
         self.message("execution_success", {"prompt_id": self.prompt_id}, broadcast=False)
         return self.history_entry(success=True)
+
+    def _cached(self, node_id: str) -> _CacheEntry:
+        entry = self.ex.cache.get(self.signatures[node_id])
+        assert entry is not None
+        return entry
 
     def _duration_node(self, order: list[str], cached: list[str]) -> str | None:
         """Where the server's `duration` is spent: before the first output node that really
@@ -322,6 +314,7 @@ class _PromptRun:
             prompt=self.prompt,
             extra_pnginfo=self.item.extra_data.get("extra_pnginfo"),
             speed=ex.speed,
+            load_seconds=ex.load_seconds,
             output_size=ex.faults.output_size,
             sleep=ex.sleep,
             progress=lambda value, total, preview: self._report_progress(
@@ -344,7 +337,7 @@ class _PromptRun:
         if ui is not None:
             executed = {"node": node_id, "display_node": node_id, "output": ui}
             self.to_client("executed", {**executed, "prompt_id": self.prompt_id})
-        ex.cache[self.signatures[node_id]] = _CacheEntry(outputs, ui)
+        ex.cache.set(self.signatures[node_id], _CacheEntry(outputs, ui))
         self.results[node_id] = outputs
         self.executed.append(node_id)
         self._finish_progress(node_id)

@@ -48,6 +48,26 @@ SIMULATED_WORK_SPEC: dict[str, Any] = {
     "output_node": False,
 }
 
+# The model files SimulatedLoader offers (its combo), as a loader lists what the server has.
+SIMULATED_MODELS = [f"model-{letter}.safetensors" for letter in "abcdefgh"]
+
+# The simulator's stand-in for a checkpoint loader: it takes the server's `load_seconds`
+# (divided by its speed) whenever the cache does not hold it, as loading weights does.
+SIMULATED_LOADER_SPEC: dict[str, Any] = {
+    "input": {"required": {"ckpt_name": [SIMULATED_MODELS, {}]}},
+    "input_order": {"required": ["ckpt_name"]},
+    "output": ["IMAGE"],
+    "output_is_list": [False],
+    "output_name": ["IMAGE"],
+    "name": "SimulatedLoader",
+    "display_name": "Simulated Loader",
+    "description": "Loads a model: takes the server's load time when it is not cached, and "
+    "outputs a small image standing for the model.",
+    "python_module": "custom_nodes.comfyfleet_sim",
+    "category": "comfyfleet/sim",
+    "output_node": False,
+}
+
 # A core node missing from the shipped subset, copied from the same server's full /object_info.
 PREVIEW_ANY_SPEC: dict[str, Any] = {
     "input": {"required": {"source": ["*", {}]}},
@@ -93,12 +113,14 @@ _SCALAR_DEFAULTS: dict[str, Any] = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLE
 
 
 def load_specs() -> dict[str, Any]:
-    """All node specs by class name: the shipped ComfyUI subset, PreviewAny and SimulatedWork."""
+    """All node specs by class name: the shipped ComfyUI subset, PreviewAny, SimulatedWork and
+    SimulatedLoader."""
     text = resources.files("comfyfleet.sim").joinpath(SPEC_FILE).read_text(encoding="utf-8")
     recorded: dict[str, Any] = json.loads(text)
     specs = {name: spec for name, spec in recorded.items() if spec["python_module"] != _LAB_MODULE}
     specs["PreviewAny"] = PREVIEW_ANY_SPEC
     specs["SimulatedWork"] = SIMULATED_WORK_SPEC
+    specs["SimulatedLoader"] = SIMULATED_LOADER_SPEC
     return specs
 
 
@@ -121,6 +143,7 @@ class NodeContext:
     prompt: dict[str, Any]  # hidden input PROMPT, written into saved PNGs
     extra_pnginfo: Any  # hidden input EXTRA_PNGINFO
     speed: float
+    load_seconds: float  # what SimulatedLoader takes at speed 1
     output_size: int | None  # pad every saved image file to this many bytes
     sleep: Callable[[float], Awaitable[None]]  # returns early when interrupted
     # (value, max, PNG preview or None); raises when interrupted.
@@ -326,6 +349,11 @@ async def _simulated_work(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs,
     return (i["image"],), None
 
 
+async def _simulated_loader(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    await ctx.sleep(ctx.load_seconds / ctx.speed)
+    return ([Image.new("RGB", (_PREVIEW_SIZE, _PREVIEW_SIZE))],), None
+
+
 async def _save_image_websocket(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
     """Each image as a preview frame with its progress update; no file, no UI."""
     images = i["images"]
@@ -385,4 +413,5 @@ _IMPLEMENTATIONS: dict[str, NodeFunction] = {
     "GetImageSize": _get_image_size,
     "PreviewAny": _preview_any,
     "SimulatedWork": _simulated_work,
+    "SimulatedLoader": _simulated_loader,
 }

@@ -244,7 +244,7 @@ class Routes:
         # argv tells instances apart, as a real server's command line does.
         argv = ["main.py", "--cpu", "--listen", host, "--port", str(port)]
         argv += ["--output-directory", self.folders.output, "--input-directory", self.folders.input]
-        argv += ["--temp-directory", self.folders.root]
+        argv += ["--temp-directory", self.folders.root, *self.executor.cache.policy.argv()]
         ram_total, ram_free = _memory()
         system = {
             "os": os.name,

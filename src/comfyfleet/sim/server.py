@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from comfyfleet.comfy.cache import CLASSIC, CachePolicy
 from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.control import ControlRoutes
 from comfyfleet.sim.custom_nodes import CustomNodes, load_custom_nodes
@@ -58,6 +59,9 @@ class SimulatedComfyUI:
     (custom_nodes.py). `node_specs` adds (or replaces) node classes, given as /object_info
     describes them (e.g. a real server's loaders, listing the model files it has): they are
     listed and validated like the others, and run as pass-throughs unless simulated.
+    `cache` is ComfyUI's cache option (classic, `--cache-lru N`, `--cache-none`), shown in
+    system_stats argv; `load_seconds` is what SimulatedLoader takes (divided by `speed`) when
+    the cache does not hold it.
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class SimulatedComfyUI:
         max_upload_size: int = MAX_UPLOAD_SIZE,
         custom_nodes: Sequence[Path] = (),
         node_specs: Mapping[str, Any] | None = None,
+        cache: CachePolicy = CLASSIC,
+        load_seconds: float = 0.0,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, not {speed}")
@@ -84,6 +90,8 @@ class SimulatedComfyUI:
         self.port = port
         self.duration = duration
         self.speed = speed
+        self.cache = cache
+        self.load_seconds = load_seconds
         self.name = name
         self.faults = Faults(
             fail_rate=fail_rate,
@@ -179,6 +187,8 @@ class SimulatedComfyUI:
             faults=self.faults,
             speed=self.speed,
             duration=self.duration,
+            cache=self.cache,
+            load_seconds=self.load_seconds,
         )
         self._routes.attach(hub, queue, executor)
         tasks = [

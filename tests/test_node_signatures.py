@@ -6,11 +6,16 @@ test_sim_cache.py and the replay tests check them against a real server's transc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from comfyfleet.comfy.cache import CachePolicy, NodeCache
-from comfyfleet.comfy.signatures import NEVER_EQUAL, node_signatures
+from comfyfleet.comfy.capabilities import Capabilities
+from comfyfleet.comfy.signatures import NEVER_EQUAL, node_signatures, predicted_signatures
+
+FIXTURES = Path(__file__).parent / "fixtures" / "comfyui-0.3.64"
 
 JSON = dict[str, Any]
 
@@ -158,3 +163,19 @@ def test_none_keeps_nothing_and_free_drops_everything() -> None:
     run(lru, ["a"])
     lru.clear()
     assert run(lru, ["a"]) == []
+
+
+def test_prediction_knows_the_core_classes_that_change_every_run_and_use_their_id() -> None:
+    info = json.loads((FIXTURES / "object_info_modelfree_subset.json").read_text("utf-8"))
+    keyed_by_id = Capabilities.from_object_info(info).keyed_by_id
+    assert "GetImageSize" in keyed_by_id and "ImageInvert" not in keyed_by_id
+    prompt = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}},
+    }
+    keys = predicted_signatures(prompt, keyed_by_id)
+    assert keys["1"] is not None and keys["2"] is None
+    moved = {"1": prompt["1"], "9": prompt["3"]}
+    assert predicted_signatures(moved, keyed_by_id)["9"] != keys["3"]

@@ -39,6 +39,13 @@ def _numeric_range(spec: Any) -> tuple[float | None, float | None] | None:
             high if isinstance(high, int | float) else None)
 
 
+def _has_unique_id(hidden: Any) -> bool:
+    """Whether a spec's hidden inputs include UNIQUE_ID (some specs wrap kinds in a list)."""
+    if not isinstance(hidden, dict):
+        return False
+    return any(kind == "UNIQUE_ID" or kind == ["UNIQUE_ID"] for kind in hidden.values())
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """What a node class takes and gives: the checks ComfyUI makes of a prompt before it
@@ -76,6 +83,8 @@ class Capabilities:
     ranges: dict[tuple[str, str], tuple[float | None, float | None]] = field(
         default_factory=dict)
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
+    # Classes with a hidden UNIQUE_ID input: ComfyUI puts the node id into their cache key.
+    keyed_by_id: frozenset[str] = frozenset()
 
     @classmethod
     def from_object_info(cls, info: dict[str, Any]) -> Capabilities:
@@ -83,8 +92,11 @@ class Capabilities:
                  for class_name, node in info.items() if isinstance(node, dict)}
         combos: dict[tuple[str, str], frozenset[str]] = {}
         ranges: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+        keyed_by_id: set[str] = set()
         for class_name, node in info.items():
             inputs = node.get("input", {}) if isinstance(node, dict) else {}
+            if _has_unique_id(inputs.get("hidden")):
+                keyed_by_id.add(class_name)
             for section in ("required", "optional"):
                 for input_name, spec in (inputs.get(section) or {}).items():
                     options = _combo_options(spec)
@@ -93,7 +105,7 @@ class Capabilities:
                     bounds = _numeric_range(spec)
                     if bounds is not None:
                         ranges[(class_name, input_name)] = bounds
-        return cls(frozenset(info), combos, ranges, nodes)
+        return cls(frozenset(info), combos, ranges, nodes, frozenset(keyed_by_id))
 
     def missing(self, prompt: dict[str, Any]) -> list[str]:
         """What this backend lacks to run `prompt`, in words an operator can act on."""

@@ -36,6 +36,9 @@ from typing import Any
 # JSON-like value otherwise, or NEVER_EQUAL when it differs on every run (NaN, the time).
 NEVER_EQUAL = object()
 
+# Core classes whose IS_CHANGED differs on every run (SaveImageWebsocket returns the time).
+CHANGED_EVERY_RUN = frozenset({"SaveImageWebsocket"})
+
 IsChanged = Callable[[str, Mapping[str, Any]], object]
 KeyedById = Callable[[str], bool]
 
@@ -84,6 +87,20 @@ def node_signatures(
         parts = [immediate_of(member, order) for member in [node_id, *ancestors]]
         signatures[node_id] = None if None in parts else _digest(parts)
     return signatures
+
+
+def predicted_signatures(
+    prompt: Mapping[str, Any], keyed_by_id: frozenset[str]
+) -> dict[str, str | None]:
+    """The keys a server will give `prompt`'s nodes, as far as a client can tell: the
+    IS_CHANGED of a file loader (the file's hash) is taken to follow its file name, and
+    other IS_CHANGED methods of custom nodes are unknown (what the server then reports
+    corrects the prediction)."""
+    def is_changed(node_id: str, node: Mapping[str, Any]) -> object:
+        return NEVER_EQUAL if node.get("class_type") in CHANGED_EVERY_RUN else False
+
+    return node_signatures(prompt, is_changed=is_changed,
+                           keyed_by_id=keyed_by_id.__contains__)
 
 
 def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from comfyfleet.comfy.cache import CachePolicy, NodeCache
-from comfyfleet.comfy.signatures import NEVER_EQUAL, cache_keys, node_signatures
+from comfyfleet.comfy.signatures import (
+    CHANGED_EVERY_RUN,
+    NEVER_EQUAL,
+    cache_keys,
+    node_signatures,
+)
 from comfyfleet.sim.blocking import Disk
 from comfyfleet.sim.faults import Faults
 from comfyfleet.sim.files import Folders, file_sha256
@@ -27,7 +32,6 @@ from comfyfleet.sim.frames import preview_frame, preview_with_metadata_frame, pr
 from comfyfleet.sim.hub import Hub
 from comfyfleet.sim.nodes import (
     IMAGE_FILE_NODES,
-    NEVER_CACHED_NODES,
     UI,
     NodeContext,
     Outputs,
@@ -167,7 +171,7 @@ class Executor:
         for node_id, node in prompt.items():
             if node["class_type"] in IMAGE_FILE_NODES:
                 changed[node_id] = await self._image_fingerprint(node)
-            elif node["class_type"] in NEVER_CACHED_NODES:
+            elif node["class_type"] in CHANGED_EVERY_RUN:
                 changed[node_id] = NEVER_EQUAL
 
         def is_changed(node_id: str, node: Mapping[str, Any]) -> object:

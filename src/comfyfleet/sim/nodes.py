@@ -94,10 +94,6 @@ _PREVIEW_SIZE = 8
 # the combo list) and re-runs the node whenever the file's hash changes (IS_CHANGED).
 IMAGE_FILE_NODES = frozenset({"LoadImage", "LoadImageMask", "LoadImageOutput"})
 
-# Nodes whose IS_CHANGED differs on every call (SaveImageWebsocket returns the time): the cache
-# never matches them.
-NEVER_CACHED_NODES = frozenset({"SaveImageWebsocket"})
-
 # PreviewImage's random infix alphabet, sic ("p" twice, no "w"), as in ComfyUI's nodes.py.
 _PREVIEW_LETTERS = "abcdefghijklmnopqrstupvxyz"
 

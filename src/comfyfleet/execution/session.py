@@ -11,12 +11,14 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from comfyfleet.comfy.cache import CachePolicy
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
 from comfyfleet.db import unavailable
+from comfyfleet.execution.warm import WarmCache
 from comfyfleet.pulse import Pulse
 from comfyfleet.workflows.inference import NodeInputs
 
@@ -69,6 +71,7 @@ class BackendSession:
         self.last_error: str | None = None
         self.capabilities: Capabilities | None = None  # known once it has connected
         self.node_inputs: NodeInputs | None = None  # the same: what workflows are typed from
+        self.warm = WarmCache()  # what its node cache holds, as far as we can tell
         # Deletes our files there when it has comfyui_nodes/ and a token is configured.
         self.cleanup = BackendCleanup(self.client, backend.name, node_token)
 
@@ -105,7 +108,11 @@ class BackendSession:
         try:
             # Must be the first message: previews then name their prompt (frame type 4).
             await websocket.send_json(FEATURE_FLAGS)
-            await self.client.system_stats()
+            stats = await self.client.system_stats()
+            system = stats.get("system")
+            argv = system.get("argv") if isinstance(system, dict) else None
+            # Reset on every connect: a restarted server holds nothing.
+            self.warm.reset(CachePolicy.from_argv(argv if isinstance(argv, list) else []))
             # Refreshed on every connect: a restarted backend may have new nodes or models.
             object_info = await self.client.object_info()
             self.capabilities = Capabilities.from_object_info(object_info)

@@ -28,9 +28,11 @@ from comfyfleet.comfy.messages import (
     Status,
     parse_event,
 )
+from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.dispatch.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.notices import JobNotices, PreviewImage
@@ -51,7 +53,8 @@ class PromptRun:
     # only /history tells when it ends.
     adopted: bool = False
     nodes_done: int = 0  # cached or finished nodes
-    node_running: bool = False
+    node_running: str | None = None
+    keys: PromptKeys | None = None  # the cache keys of the prompt as sent
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
@@ -109,6 +112,8 @@ class ExecutionTracker:
         adopted: bool = False,
     ) -> None:
         run = PromptRun(session, job, adopted=adopted)
+        keyed_by_id = session.capabilities.keyed_by_id if session.capabilities else frozenset()
+        run.keys = PromptKeys(isolate_outputs(job.prompt, run.prompt_id), keyed_by_id)
         self._runs[run.prompt_id] = run
         session.hold(run.prompt_id)
         if submitting:
@@ -159,14 +164,16 @@ class ExecutionTracker:
                 metrics.job_started(run.job)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
+                self._check_cache(run, nodes)
             case Executing(node=None):
+                self._node_ran(run)
                 if run.started is not None:
                     self._run_times.record(session.name, run.job.workflow,
                                            time.monotonic() - run.started)
                 await self._finished_executing(run)
-            case Executing():
-                run.nodes_done += run.node_running  # a new node starting ends the previous one
-                run.node_running = True
+            case Executing(node=node):
+                self._node_ran(run)  # a new node starting ends the previous one
+                run.node_running = node
                 await self._report_progress(run, 0.0)
             case Progress(value=value, max=maximum) if maximum > 0:
                 told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
@@ -180,6 +187,20 @@ class ExecutionTracker:
                 await self._fail(run, job_error(
                     "interrupted", "the prompt was interrupted on the backend",
                     node_id=node_id, node_type=node_type))
+
+    def _check_cache(self, run: PromptRun, served: list[str]) -> None:
+        if run.keys is not None and not run.session.warm.started(run.keys, served):
+            log.info("backend %s served %d nodes of prompt %s from its cache, not as predicted;"
+                     " its cache model is corrected", run.session.name, len(served),
+                     run.prompt_id)
+
+    def _node_ran(self, run: PromptRun) -> None:
+        """The node running (if any) finished: the backend holds its result now."""
+        if run.node_running is not None:
+            run.nodes_done += 1
+            if run.keys is not None:
+                run.session.warm.ran(run.keys, run.node_running)
+            run.node_running = None
 
     def _preview(self, preview: Preview) -> None:
         run = self._runs.get(preview.prompt_id) if preview.prompt_id else None

@@ -314,6 +314,7 @@ class Fleet:
             "capabilities": session.capabilities.summary() if session.capabilities else None,
             # The comfyui_nodes package's version there; null: its files are not deleted.
             "cleanup": session.cleanup.version,
+            "cache": session.warm.describe(),
         }
 
     async def close(self, grace: float = 0.0) -> None:

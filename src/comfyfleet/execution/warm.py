@@ -1,0 +1,105 @@
+"""What each backend holds in its node cache, as far as we can tell, and how sure we are.
+
+After a prompt runs, a ComfyUI server holds the results of the nodes it ran or served from
+cache (comfy/cache.py says which it keeps, by its `--cache-*` options from system_stats argv).
+We follow our own prompts: at `execution_cached` the server names the nodes it served from
+its cache, which both checks the prediction and corrects it (another client, another gateway
+process or a `/free` may have changed the cache); every node that then runs is held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
+from comfyfleet.comfy.signatures import cache_keys, predicted_signatures
+
+# Extensions of the weight files ComfyUI's loaders list (folder_paths.supported_pt_extensions,
+# and .gguf): literal inputs naming one tell an operator which models a backend holds.
+MODEL_FILE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft",
+                         ".gguf")
+
+
+@dataclass(frozen=True)
+class HeldNode:
+    """A held result, readably: the node's class and the model files its inputs name."""
+
+    class_type: str
+    model_files: tuple[tuple[str, str], ...]  # (input name, file)
+
+
+def held_node(node: Mapping[str, Any]) -> HeldNode:
+    inputs = node.get("inputs")
+    files = tuple(
+        (name, value) for name, value in sorted((inputs or {}).items())
+        if isinstance(value, str) and value.lower().endswith(MODEL_FILE_EXTENSIONS)
+    ) if isinstance(inputs, Mapping) else ()
+    return HeldNode(str(node.get("class_type")), files)
+
+
+class PromptKeys:
+    """The cache keys of one prompt's nodes, computed once (a key that matches nothing must
+    stay the same key while that prompt is followed)."""
+
+    def __init__(self, prompt: Mapping[str, Any], keyed_by_id: frozenset[str]) -> None:
+        self.prompt = prompt
+        self.keys = cache_keys(predicted_signatures(prompt, keyed_by_id))
+
+
+class WarmCache:
+    """One backend's node cache as we believe it to be."""
+
+    def __init__(self, policy: CachePolicy = CLASSIC) -> None:
+        self._held: NodeCache[HeldNode] = NodeCache(policy)
+        self.predictions = 0  # prompts whose execution_cached we checked
+        self.mispredictions = 0  # of those, how many the server contradicted
+
+    @property
+    def policy(self) -> CachePolicy:
+        return self._held.policy
+
+    def reset(self, policy: CachePolicy) -> None:
+        """A (re)connected server: it may have restarted, and then holds nothing."""
+        self._held = NodeCache(policy)
+
+    def cached_nodes(self, prompt: PromptKeys) -> set[str]:
+        """The nodes of `prompt` the server would serve from its cache if it started it now."""
+        return {node_id for node_id, key in prompt.keys.items() if key in self._held}
+
+    def started(self, prompt: PromptKeys, reported: list[str]) -> bool:
+        """The server started `prompt` and reported serving `reported` from its cache.
+        Returns whether that was the prediction; either way, the server is believed."""
+        predicted = self.cached_nodes(prompt)
+        self._held.start_prompt(prompt.keys.values())
+        served = set(reported)
+        for node_id, key in prompt.keys.items():
+            if node_id in served:
+                self._held.set(key, held_node(prompt.prompt[node_id]))
+            else:
+                self._held.discard(key)
+        self.predictions += 1
+        right = predicted == served
+        self.mispredictions += not right
+        return right
+
+    def ran(self, prompt: PromptKeys, node_id: str) -> None:
+        """A node of `prompt` finished running: the server holds its result."""
+        key = prompt.keys.get(node_id)
+        if key is not None:
+            self._held.set(key, held_node(prompt.prompt[node_id]))
+
+    def describe(self) -> dict[str, Any]:
+        """For GET /backends: the policy, how many results, the model files held."""
+        models = sorted({
+            f"{node.class_type}.{name}={file}"
+            for _, node in self._held.items() for name, file in node.model_files
+        })
+        return {
+            "policy": self.policy.describe(),
+            "held_nodes": len(self._held),
+            "models": models,
+            "predictions": self.predictions,
+            "mispredictions": self.mispredictions,
+        }

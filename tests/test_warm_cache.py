@@ -8,9 +8,7 @@ against a real server's in test_replay.py), a prompt sent behind the gateway's b
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,31 +19,41 @@ from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.cache_probes import chain
 
-# SimulatedLoader -> SimulatedWork -> SaveImage, the model a parameter.
-MODEL_WORKFLOW = {
-    "1": {"class_type": "SimulatedLoader", "inputs": {"ckpt_name": "$model"}},
-    "2": {"class_type": "SimulatedWork",
-          "inputs": {"image": ["1", 0], "seconds": 0.0, "steps": 1, "preview": False}},
-    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "m"}},
-}
-MODEL_PARAMS = {"model": {"type": "string", "required": True}}
-
-
-def add_model_workflow(workflows: Path) -> None:
-    (workflows / "model.json").write_text(json.dumps(MODEL_WORKFLOW), encoding="utf-8")
-    (workflows / "model.params.json").write_text(json.dumps(MODEL_PARAMS), encoding="utf-8")
-
 
 class Gateway:
     def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
         self.http = http
         self.base = base
 
-    async def run(self, model: str) -> None:
-        body = {"workflow": "model", "params": {"model": model}}
-        async with self.http.post(f"{self.base}/jobs?wait=20", json=body) as response:
+    async def submit(self, model: str, seconds: float = 0.0, priority: int = 0) -> str:
+        body = {"workflow": "simulated_model", "params": {"model": model, "seconds": seconds},
+                "priority": priority}
+        async with self.http.post(f"{self.base}/jobs", json=body) as response:
             job = await response.json()
+        assert response.status == 202, job
+        return str(job["id"])
+
+    async def reached(self, job_id: str, *statuses: str) -> dict[str, Any]:
+        async with asyncio.timeout(30):
+            while True:
+                async with self.http.get(f"{self.base}/jobs/{job_id}") as response:
+                    job: dict[str, Any] = await response.json()
+                if job["status"] in statuses:
+                    return job
+                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+
+    async def finished(self, job_id: str) -> dict[str, Any]:
+        job = await self.reached(job_id, "succeeded", "failed", "cancelled")
         assert job["status"] == "succeeded", job
+        return job
+
+    async def run(self, model: str, seconds: float = 0.0) -> dict[str, Any]:
+        return await self.finished(await self.submit(model, seconds))
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.http.request(method, self.base + path, json=body) as response:
+            assert response.status < 300, await response.text()
+            return await response.json()
 
     async def cache(self) -> dict[str, Any]:
         async with self.http.get(f"{self.base}/backends") as response:
@@ -74,9 +82,8 @@ async def behind_our_back(sim: SimulatedComfyUI, model: str) -> None:
 
 
 async def test_the_model_follows_the_backend_and_is_corrected_by_execution_cached(
-    settings: Settings, workflows: Path
+    settings: Settings
 ) -> None:
-    add_model_workflow(workflows)
     async with SimulatedComfyUI() as sim:
         settings.comfyui_endpoints = [sim.url + "#gpu"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
@@ -111,8 +118,7 @@ async def test_the_model_follows_the_backend_and_is_corrected_by_execution_cache
             assert (cache["predictions"], cache["mispredictions"]) == (6, 2)
 
 
-async def test_an_lru_backend_holds_several_models(settings: Settings, workflows: Path) -> None:
-    add_model_workflow(workflows)
+async def test_an_lru_backend_holds_several_models(settings: Settings) -> None:
     async with SimulatedComfyUI(cache=CachePolicy("lru", 20)) as sim:
         settings.comfyui_endpoints = [sim.url + "#gpu"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:

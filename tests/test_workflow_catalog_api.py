@@ -50,7 +50,7 @@ async def test_catalog_lists_workflows_where_they_run_and_what_is_broken(
     assert status == 200
     names = [w["name"] for w in catalog["workflows"]]
     assert names == ["blur_image", "invert", "invert_times", "sd15_img2img", "sd15_txt2img",
-                     "sdxl_txt2img", "simulated_work"]
+                     "sdxl_txt2img", "simulated_model", "simulated_work"]
     assert "Export (API)" in catalog["errors"]["ui-export"]
     invert = catalog["workflows"][1]
     assert (invert["service_function"], invert["reuse_outputs"]) == (None, False)

@@ -19,7 +19,7 @@ from comfyfleet.app import serving
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.registry import BackendBusy, BackendExists, BackendRegistry
 from comfyfleet.jobs.models import Job
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, serve_env
@@ -122,7 +122,7 @@ async def test_no_claim_on_a_drained_or_removed_backend_and_no_removal_with_work
 
     async def claim() -> Job | None:
         return await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=2,
-                                           pick=lambda queued: queued[0].id)
+                                           pick=lambda queued: Choice(queued[0].id))
 
     await registry.set_draining("gpu", True)
     assert await claim() is None

@@ -20,7 +20,7 @@ from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage import LocalStorage
@@ -98,7 +98,7 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
             await BackendRegistry(engine).add(Backend("sim", sim.url))  # a claim needs it
             claimed = await repository.claim_next(
-                "sim", prompt_id, max_inflight=1, pick=lambda queued: queued[0].id
+                "sim", prompt_id, max_inflight=1, pick=lambda queued: Choice(queued[0].id)
             )
             assert claimed is not None and claimed.id == job.id
             uploading = await repository.transition(

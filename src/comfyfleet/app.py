@@ -124,6 +124,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             storage,
             key_prefix=settings.s3_prefix,
             max_inflight=settings.max_inflight_per_backend,
+            affinity_window=settings.affinity_window,
             max_attempts=settings.max_attempts,
             grace_seconds=settings.backend_grace_seconds,
             quiet_seconds=settings.quiet_prompt_seconds,

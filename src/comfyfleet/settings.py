@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=30.0, ge=0)
 
     max_inflight_per_backend: int = Field(default=2, ge=1)
+    # Cache-aware placement: a queued job may be passed by at most this many later jobs that
+    # a backend runs sooner from what its cache holds; 0 is strict FIFO (within a priority).
+    affinity_window: int = Field(default=4, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     # A backend unreachable this long loses its prompts: they are requeued to run elsewhere.
     backend_grace_seconds: float = Field(default=30.0, ge=0)

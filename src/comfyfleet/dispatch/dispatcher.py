@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,10 +32,12 @@ from comfyfleet.dispatch.placement import (
     remaining,
     should_take,
 )
+from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
+from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
-from comfyfleet.jobs.repository import CLAIM_BATCH, JobRepository, QueuedJob
+from comfyfleet.jobs.repository import CLAIM_BATCH, Choice, JobRepository, QueuedJob
 from comfyfleet.logs import job_fields
 from comfyfleet.storage import Storage, StorageError
 
@@ -49,6 +52,9 @@ MOVE_MIN_GAIN = 1.0
 # than by going on.
 RESTART_MARGIN = 1.5
 INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
+# Take a job out of order only to save this many seconds at least: learned costs jitter.
+AFFINITY_MIN_GAIN = 0.25
+KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
@@ -87,11 +93,17 @@ class Dispatcher:
         max_inflight: int,
         on_terminal: Callable[[Job], None],
         run_times: RunTimes,
+        node_costs: NodeCosts,
+        affinity_window: int,
         owner: int,
     ) -> None:
         self._repository = repository
         self._owner = owner  # this process's ProcessLease id, recorded on what it claims
         self._run_times = run_times
+        self._node_costs = node_costs
+        self._affinity_window = affinity_window
+        # The predicted cache keys of the jobs near the head of the backlog, by job id.
+        self._keys: OrderedDict[uuid.UUID, PromptKeys] = OrderedDict()
         self._sessions = sessions
         self._tracker = tracker
         self._storage = storage
@@ -156,9 +168,10 @@ class Dispatcher:
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)
 
-    def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> uuid.UUID | None:
-        """The first job `session` can run, unless faster backends would get through the
-        backlog before it finished that job."""
+    def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
+        """The first job `session` can run (or one it runs sooner from its cache, within the
+        affinity window), unless faster backends would get through the backlog before it
+        finished that job."""
         assert session.capabilities is not None
         self._backlog_empty = not queued
         if not session.accepts_work:
@@ -166,14 +179,44 @@ class Dispatcher:
         runnable = [job for job in queued if session.capabilities.can_run(job.prompt)]
         if not runnable:
             return None
-        head = runnable[0]
+        head = self._affine(session, runnable)
+        choice = Choice(head.id, tuple(job.id for job in runnable[:runnable.index(head)]))
         # A full batch: the backlog goes on beyond what we read, deep enough for everyone.
         backlog = math.inf if len(queued) == CLAIM_BATCH else len(runnable)
         candidate = self._load(session, head.workflow)
         if candidate is None or backlog == math.inf:
-            return head.id
-        return head.id if should_take(candidate, self._rivals(session, head), int(backlog)) \
+            return choice
+        return choice if should_take(candidate, self._rivals(session, head), int(backlog)) \
             else None
+
+    def _affine(self, session: BackendSession, runnable: list[QueuedJob]) -> QueuedJob:
+        """The job `session` should take: the first, unless a later one of the same priority
+        would cost it less for what its cache holds (its model loaded). Only jobs within the
+        affinity window are looked at, and none past a job that has been overtaken as often
+        as the window allows: no job waits behind more than AFFINITY_WINDOW later ones."""
+        first = runnable[0]
+        candidates: list[QueuedJob] = []
+        for job in runnable[:self._affinity_window + 1]:
+            if job.priority != first.priority:
+                break
+            candidates.append(job)
+            if job.overtaken >= self._affinity_window:
+                break
+        if len(candidates) < 2:
+            return first
+        cost = {job.id: self._uncached_seconds(session, job) for job in candidates}
+        best = min(candidates, key=lambda job: cost[job.id])  # the earliest among equals
+        return best if cost[best.id] + AFFINITY_MIN_GAIN < cost[first.id] else first
+
+    def _uncached_seconds(self, session: BackendSession, job: QueuedJob) -> float:
+        keys = self._keys.get(job.id)
+        if keys is None:
+            assert session.capabilities is not None
+            keys = self._keys[job.id] = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
+            while len(self._keys) > KEYS_KEPT:
+                self._keys.popitem(last=False)
+        return self._node_costs.uncached_seconds(session.name, job.prompt, keys.keys,
+                                                 session.warm.cached_nodes(keys))
 
     def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
         for other in self._sessions:

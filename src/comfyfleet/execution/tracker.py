@@ -31,6 +31,7 @@ from comfyfleet.comfy.messages import (
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.dispatch.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease
@@ -54,6 +55,7 @@ class PromptRun:
     adopted: bool = False
     nodes_done: int = 0  # cached or finished nodes
     node_running: str | None = None
+    node_started: float = 0.0  # monotonic time of node_running's `executing`
     keys: PromptKeys | None = None  # the cache keys of the prompt as sent
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
@@ -87,11 +89,13 @@ class ExecutionTracker:
         grace_seconds: float,
         events: JobNotices,
         run_times: RunTimes,
+        node_costs: NodeCosts,
         lease: ProcessLease,
     ) -> None:
         self._events = events
         self._lease = lease
         self._run_times = run_times
+        self._node_costs = node_costs
         self._repository = repository
         self._quiet_seconds = quiet_seconds
         self._grace_seconds = grace_seconds
@@ -173,7 +177,7 @@ class ExecutionTracker:
                 await self._finished_executing(run)
             case Executing(node=node):
                 self._node_ran(run)  # a new node starting ends the previous one
-                run.node_running = node
+                run.node_running, run.node_started = node, time.monotonic()
                 await self._report_progress(run, 0.0)
             case Progress(value=value, max=maximum) if maximum > 0:
                 told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
@@ -196,11 +200,16 @@ class ExecutionTracker:
 
     def _node_ran(self, run: PromptRun) -> None:
         """The node running (if any) finished: the backend holds its result now."""
-        if run.node_running is not None:
-            run.nodes_done += 1
-            if run.keys is not None:
-                run.session.warm.ran(run.keys, run.node_running)
-            run.node_running = None
+        node_id = run.node_running
+        if node_id is None:
+            return
+        run.nodes_done += 1
+        run.node_running = None
+        if run.keys is not None and node_id in run.keys.keys:
+            run.session.warm.ran(run.keys, node_id)
+            class_type = str(run.keys.prompt[node_id].get("class_type"))
+            self._node_costs.record(run.session.name, run.keys.keys[node_id], class_type,
+                                    time.monotonic() - run.node_started)
 
     def _preview(self, preview: Preview) -> None:
         run = self._runs.get(preview.prompt_id) if preview.prompt_id else None

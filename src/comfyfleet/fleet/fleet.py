@@ -15,6 +15,7 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.dispatch.placement import RunTimes
 from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry
@@ -43,6 +44,7 @@ class Fleet:
         *,
         key_prefix: str,
         max_inflight: int,
+        affinity_window: int,
         max_attempts: int,
         grace_seconds: float,
         quiet_seconds: float,
@@ -68,6 +70,7 @@ class Fleet:
         collector = Collector(repository, storage, key_prefix, self._ended)
         run_times = RunTimes()  # learned by the tracker, used for placement
         self._run_times = run_times
+        node_costs = NodeCosts()  # the same
         self.tracker = ExecutionTracker(
             repository,
             collector,
@@ -79,6 +82,7 @@ class Fleet:
             quiet_seconds=quiet_seconds,
             events=events,
             run_times=run_times,
+            node_costs=node_costs,
             lease=lease,
         )
         # One list shared with the dispatcher and the tracker's watch: backends come and go.
@@ -91,6 +95,8 @@ class Fleet:
             max_inflight=max_inflight,
             on_terminal=self._ended,
             run_times=run_times,
+            node_costs=node_costs,
+            affinity_window=affinity_window,
             owner=lease.id,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}

@@ -96,6 +96,9 @@ class Job(SQLModel, table=True):
     # The webhook body: null, Standard Webhooks' event; "comfyui-server", ComfyUI-server's
     # record (jobs/comfyui_server.py).
     webhook_format: str | None = None
+    # How many jobs queued after it were dispatched first (cache-aware placement), at most
+    # AFFINITY_WINDOW.
+    overtaken: int = 0
 
 
 def reused_outputs(source: Job) -> dict[str, Any]:

@@ -77,6 +77,15 @@ class QueuedJob(NamedTuple):
     id: uuid.UUID
     workflow: str
     prompt: dict[str, Any]
+    priority: int = 0
+    overtaken: int = 0  # later jobs dispatched before it
+
+
+class Choice(NamedTuple):
+    """The job a claim takes, and the queued jobs it passes (each overtaken once more)."""
+
+    job_id: uuid.UUID
+    passed: tuple[uuid.UUID, ...] = ()
 
 
 @functools.lru_cache(maxsize=4 * CLAIM_BATCH)
@@ -214,11 +223,12 @@ class JobRepository:
         prompt_id: str,
         *,
         max_inflight: int,
-        pick: Callable[[list[QueuedJob]], uuid.UUID | None],
+        pick: Callable[[list[QueuedJob]], Choice | None],
         owner: int | None = None,
     ) -> Job | None:
         """Take the queued job `pick` chooses among the first CLAIM_BATCH (highest priority,
-        then oldest) for `backend`; None when it has no free slot or `pick` takes none.
+        then oldest) for `backend`; None when it has no free slot or `pick` takes none. The
+        jobs the choice passes are counted as overtaken in the same transaction.
 
         The backend's slots hold across processes: claims for one backend are serialised by
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
@@ -232,7 +242,7 @@ class JobRepository:
         queued = (
             sqlalchemy.select(_table.c.id, _table.c.workflow,
                               cast(_table.c.prompt, Text).label("prompt"),
-                              _table.c.priority, _table.c.created_at)
+                              _table.c.priority, _table.c.overtaken, _table.c.created_at)
             .where(_table.c.status == JobStatus.QUEUED, slots.c.free > 0,
                    _owner_key(_table.c.api_key_hash).not_in(self._keys_at_limit()))
             .order_by(_table.c.priority.desc(), _table.c.created_at)
@@ -241,22 +251,29 @@ class JobRepository:
             .lateral("queued")
         )
         candidates = (
-            select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt)
+            sqlalchemy.select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt,
+                              queued.c.priority, queued.c.overtaken)
             .select_from(slots.outerjoin(queued, true()))
             .order_by(queued.c.priority.desc(), queued.c.created_at)
         )
         async with self._sessions.begin() as session:
             await lock_backend(session, backend)
-            rows = (await session.exec(candidates)).all()
+            # sqlmodel types selects of up to four columns; this plain one runs the same way.
+            rows = (await session.exec(candidates)).all()  # type: ignore[call-overload]
             if rows[0][0] <= 0:
                 return None
-            job_id = pick([QueuedJob(id_, workflow, _candidate_prompt(prompt))
-                           for _, id_, workflow, prompt in rows if id_ is not None])
-            if job_id is None or not await self._lock_key_room(session, job_id):
+            choice = pick([
+                QueuedJob(id_, workflow, _candidate_prompt(prompt), priority, overtaken)
+                for _, id_, workflow, prompt, priority, overtaken in rows if id_ is not None])
+            if choice is None or not await self._lock_key_room(session, choice.job_id):
                 return None
+            if choice.passed:  # locked by this statement's FOR UPDATE, like the one taken
+                await session.exec(
+                    update(_table).where(_table.c.id.in_(choice.passed))
+                    .values(overtaken=_table.c.overtaken + 1))
             row = (await session.exec(
                 update(_table)
-                .where(_table.c.id == job_id)
+                .where(_table.c.id == choice.job_id)
                 .values(
                     status=JobStatus.DISPATCHED,
                     backend=backend,

@@ -15,6 +15,7 @@ import aiohttp
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.cache import CachePolicy
+from comfyfleet.execution.warm import PromptKeys, WarmCache
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.cache_probes import chain
@@ -129,3 +130,24 @@ async def test_an_lru_backend_holds_several_models(settings: Settings) -> None:
     assert cache["policy"] == "lru 20"
     assert cache["models"] == models("a", "b")
     assert (cache["predictions"], cache["mispredictions"]) == (3, 0)
+
+
+def test_a_prompt_queued_now_finds_what_the_prompts_ahead_of_it_leave() -> None:
+    """With one prompt running and one ready (MAX_INFLIGHT_PER_BACKEND=2), the next prompt
+    there finds the cache as the prompts ahead of it leave it, not as it is now."""
+    def keys(model: str, prefix: str) -> PromptKeys:
+        return PromptKeys(chain(model, 1.0, prefix), frozenset())
+
+    now_a, then_b = keys("model-a.safetensors", "x"), keys("model-b.safetensors", "y")
+    classic = WarmCache(CachePolicy())
+    classic.started(now_a, [])
+    for node_id in now_a.keys:
+        classic.ran(now_a, node_id)
+    assert classic.held_after([]) == frozenset(now_a.keys.values())
+    assert classic.held_after([now_a, then_b]) == frozenset(then_b.keys.values())
+    lru = WarmCache(CachePolicy("lru", 100))
+    lru.started(now_a, [])
+    for node_id in now_a.keys:
+        lru.ran(now_a, node_id)
+    assert lru.held_after([then_b]) == frozenset([*now_a.keys.values(), *then_b.keys.values()])
+    assert WarmCache(CachePolicy("none")).held_after([now_a]) == frozenset()

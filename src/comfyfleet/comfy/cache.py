@@ -115,6 +115,12 @@ class NodeCache(Generic[V]):
         self._used.clear()
         self._generation = self._oldest = 0
 
+    def copy(self) -> NodeCache[V]:
+        twin: NodeCache[V] = NodeCache(self.policy)
+        twin._results, twin._used = dict(self._results), dict(self._used)
+        twin._generation, twin._oldest = self._generation, self._oldest
+        return twin
+
     def items(self) -> Iterator[tuple[str, V]]:
         return iter(list(self._results.items()))
 

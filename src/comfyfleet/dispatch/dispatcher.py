@@ -204,19 +204,22 @@ class Dispatcher:
                 break
         if len(candidates) < 2:
             return first
-        cost = {job.id: self._uncached_seconds(session, job) for job in candidates}
+        # What the backend will hold once the prompts it has now have run.
+        held = session.warm.held_after(
+            [run.keys for run in self._tracker.runs_on(session) if run.keys is not None])
+        cost = {job.id: self._uncached_seconds(session, job, held) for job in candidates}
         best = min(candidates, key=lambda job: cost[job.id])  # the earliest among equals
         return best if cost[best.id] + AFFINITY_MIN_GAIN < cost[first.id] else first
 
-    def _uncached_seconds(self, session: BackendSession, job: QueuedJob) -> float:
+    def _uncached_seconds(self, session: BackendSession, job: QueuedJob,
+                          held: frozenset[str]) -> float:
         keys = self._keys.get(job.id)
         if keys is None:
             assert session.capabilities is not None
             keys = self._keys[job.id] = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
             while len(self._keys) > KEYS_KEPT:
                 self._keys.popitem(last=False)
-        return self._node_costs.uncached_seconds(session.name, job.prompt, keys.keys,
-                                                 session.warm.cached_nodes(keys))
+        return self._node_costs.uncached_seconds(session.name, job.prompt, keys.keys, held)
 
     def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
         for other in self._sessions:

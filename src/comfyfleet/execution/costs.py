@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 # Samples kept per (backend, key) and per class: recent enough to follow a change.
@@ -34,7 +34,7 @@ class NodeCosts:
         return statistics.median(samples) if samples else 0.0
 
     def uncached_seconds(self, backend: str, prompt: Mapping[str, Any],
-                         keys: Mapping[str, str], cached: set[str]) -> float:
-        """What running `prompt` there costs beyond what its cache serves."""
+                         keys: Mapping[str, str], held: Set[str]) -> float:
+        """What running `prompt` there costs beyond what its cache (holding `held`) serves."""
         return sum(self.cost(backend, key, str(prompt[node_id].get("class_type")))
-                   for node_id, key in keys.items() if node_id not in cached)
+                   for node_id, key in keys.items() if key not in held)

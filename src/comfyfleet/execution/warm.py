@@ -9,7 +9,7 @@ process or a `/free` may have changed the cache); every node that then runs is h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,22 @@ class WarmCache:
     def cached_nodes(self, prompt: PromptKeys) -> set[str]:
         """The nodes of `prompt` the server would serve from its cache if it started it now."""
         return {node_id for node_id, key in prompt.keys.items() if key in self._held}
+
+    def held_after(self, ahead: Sequence[PromptKeys]) -> frozenset[str]:
+        """The keys it will hold once the prompts `ahead` (queued or running there, in order)
+        have run: what a prompt queued now will find."""
+        if self.policy.kind == "none":
+            return frozenset()  # dropped as every prompt starts
+        if not ahead:
+            return frozenset(key for key, _ in self._held.items())
+        if self.policy.kind == "classic":
+            return frozenset(ahead[-1].keys.values())
+        projected = self._held.copy()
+        for prompt in ahead:
+            projected.start_prompt(prompt.keys.values())
+            for node_id, key in prompt.keys.items():
+                projected.set(key, held_node(prompt.prompt[node_id]))
+        return frozenset(key for key, _ in projected.items())
 
     def started(self, prompt: PromptKeys, reported: list[str]) -> bool:
         """The server started `prompt` and reported serving `reported` from its cache.

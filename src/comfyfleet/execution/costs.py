@@ -15,6 +15,9 @@ from typing import Any
 
 # Samples kept per (backend, key) and per class: recent enough to follow a change.
 COST_SAMPLES = 9
+# A node of a class never seen running: until its first run, a fresh fleet still prefers
+# the job with fewer nodes to run (its model's loader cached) to one with more.
+UNSEEN_NODE_SECONDS = 1.0
 
 
 class NodeCosts:
@@ -29,9 +32,9 @@ class NodeCosts:
         self._by_class[class_type].append(seconds)
 
     def cost(self, backend: str, key: str, class_type: str) -> float:
-        """Expected seconds of one node there; 0 for a class never seen running."""
+        """Expected seconds of one node there."""
         samples = self._by_key.get((backend, key)) or self._by_class.get(class_type)
-        return statistics.median(samples) if samples else 0.0
+        return statistics.median(samples) if samples else UNSEEN_NODE_SECONDS
 
     def uncached_seconds(self, backend: str, prompt: Mapping[str, Any],
                          keys: Mapping[str, str], held: Set[str]) -> float:

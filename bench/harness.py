@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,11 +203,11 @@ class Serve:
 @asynccontextmanager
 async def comfyfleet_serve(
     database_url: str, data_dir: Path, backends: Sequence[str], *, secret: str,
-    s3: S3Server | None = None,
+    s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Serve]:
     """`comfyfleet serve` in its own process (log level WARNING, so that the benchmark's output
     stays readable), ready once every backend is connected. Storage is S3 on `s3`, else a
-    local directory."""
+    local directory; `env_overrides` are more settings (e.g. AFFINITY_WINDOW)."""
     port = free_ports(1)
     settings = Settings(_env_file=None, database_url=database_url, webhook_secret=secret)
     storage = {} if s3 is None else {
@@ -215,7 +215,8 @@ async def comfyfleet_serve(
         "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
         "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
     }
-    env = serve_env(settings, data_dir, port, COMFYUI_ENDPOINTS=",".join(backends), **storage)
+    env = serve_env(settings, data_dir, port, COMFYUI_ENDPOINTS=",".join(backends), **storage,
+                    **(env_overrides or {}))
     base = f"http://{LOOPBACK}:{port}"
     async with python_process("comfyfleet", "--log-level", "WARNING", "serve", env=env,
                               ready_url=base + "/healthz") as process:

@@ -34,12 +34,6 @@ LAYERS: list[set[str]] = [
     {"db"},
     {"settings"},
 ]
-# Imports known to point up, each with the issue that removes it. Empty is the goal.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # The tracker records run times into placement's model; they move into execution/ once
-    # cache-aware placement (issue #15) has reshaped that model.
-    ("execution", "dispatch"),
-}
 
 
 def _layer(unit: str) -> int:
@@ -81,12 +75,6 @@ def test_imports_point_down() -> None:
     upward = sorted(
         f"{where} imports comfyfleet.{target}"
         for unit, target, where in _imports()
-        if _layer(target) <= _layer(unit) and (unit, target) not in KNOWN_UPWARD
+        if _layer(target) <= _layer(unit)
     )
     assert upward == []
-
-
-def test_known_upward_imports_still_exist() -> None:
-    """An exception that no longer happens is removed from KNOWN_UPWARD, so it cannot return."""
-    seen = {(unit, target) for unit, target, _ in _imports()}
-    assert seen >= KNOWN_UPWARD

@@ -12,7 +12,8 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
-from comfyfleet.dispatch.placement import BackendLoad, RunTimes, remaining, should_take
+from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
+from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 

@@ -25,14 +25,9 @@ from dataclasses import dataclass
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.dispatch.placement import (
-    MIN_PROGRESS_TO_JUDGE,
-    BackendLoad,
-    RunTimes,
-    remaining,
-    should_take,
-)
+from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
 from comfyfleet.execution.warm import PromptKeys

@@ -29,9 +29,9 @@ from comfyfleet.comfy.messages import (
     parse_event,
 )
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.dispatch.placement import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease

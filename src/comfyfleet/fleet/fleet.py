@@ -13,9 +13,9 @@ from typing import Any
 from comfyfleet.comfy.cleanup import BackendFile
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
-from comfyfleet.dispatch.placement import RunTimes
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry

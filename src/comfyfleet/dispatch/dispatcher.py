@@ -29,6 +29,7 @@ from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
 from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
@@ -85,6 +86,7 @@ class Dispatcher:
         tracker: ExecutionTracker,
         storage: Storage,
         *,
+        signals: DispatchSignals,
         max_inflight: int,
         on_terminal: Callable[[Job], None],
         run_times: RunTimes,
@@ -104,25 +106,13 @@ class Dispatcher:
         self._storage = storage
         self._max_inflight = max_inflight
         self._on_terminal = on_terminal
-        self._wake = asyncio.Event()
-        self._claim_due = True  # else the wake-up is for a rebalance only
+        self._signals = signals
         self._backlog_empty = False  # what the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
 
-    def wake(self) -> None:
-        """A job arrived or a slot freed: claim what can start, then rebalance."""
-        self._claim_due = True
-        self._wake.set()
-
-    def reconsider(self) -> None:
-        """A running prompt's length became clearer: rebalance, with no claim (no database
-        round trip; the backlog has not changed)."""
-        self._wake.set()
-
     async def run(self) -> None:
         while True:
-            self._wake.clear()
-            claim, self._claim_due = self._claim_due, False
+            claim = self._signals.take()
             try:
                 if claim:
                     while await self._dispatch_one():
@@ -132,9 +122,9 @@ class Dispatcher:
                 log.exception("dispatch pass failed")
             try:
                 async with asyncio.timeout(SAFETY_PASS_SECONDS):
-                    await self._wake.wait()
+                    await self._signals.changed.wait()
             except TimeoutError:
-                self._claim_due = True
+                self._signals.claim_due = True
 
     async def _dispatch_one(self) -> bool:
         """Send one job to the best backend that has a free slot and should run it."""

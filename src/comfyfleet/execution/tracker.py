@@ -33,6 +33,7 @@ from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -83,8 +84,7 @@ class ExecutionTracker:
         *,
         max_attempts: int,
         on_terminal: Callable[[Job], None],
-        on_slot_freed: Callable[[], None],
-        on_length_known: Callable[[], None],
+        signals: DispatchSignals,
         quiet_seconds: float,
         grace_seconds: float,
         events: JobNotices,
@@ -103,8 +103,7 @@ class ExecutionTracker:
         self._collector = collector
         self._max_attempts = max_attempts
         self._on_terminal = on_terminal
-        self._on_slot_freed = on_slot_freed
-        self._on_length_known = on_length_known
+        self._signals = signals
         self._runs: dict[str, PromptRun] = {}
         self._submitting: set[str] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
@@ -144,7 +143,7 @@ class ExecutionTracker:
         run = self._runs.pop(prompt_id, None)
         if run is not None:
             run.session.release(prompt_id)
-            self._on_slot_freed()
+            self._signals.slot_freed()
 
     # Websocket events.
 
@@ -183,7 +182,7 @@ class ExecutionTracker:
                 told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
                 run.step_fraction, run.stepped_at = value / maximum, time.monotonic()
                 if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
-                    self._on_length_known()  # it may be worth moving now
+                    self._signals.length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
             case ExecutionError():
                 await self._fail(run, _execution_error(message))
@@ -360,7 +359,7 @@ class ExecutionTracker:
             return
         log.warning("%s: job %s requeued", message, job.id, extra=job_fields(job))
         if await self._repository.requeue(job) is not None:
-            self._on_slot_freed()  # the dispatcher has work again
+            self._signals.slot_freed()  # the dispatcher has work again
 
     # The safety net: quiet prompts and backends that stay away.
 

@@ -17,6 +17,7 @@ from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.execution.session import BackendSession
+from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
@@ -63,8 +64,8 @@ class Fleet:
         self._node_token = node_token
         self._on_terminal = on_terminal
         self._input_cleanups: set[asyncio.Task[None]] = set()
-        # Beats whenever a slot frees here: wakes drain_and_wait at once.
-        self._slot_freed = Pulse()
+        # What the tracker tells the dispatcher (and a drain waiting for a backend to idle).
+        self._signals = DispatchSignals()
         # Beats whenever what `describe` shows of any backend changes (the dashboard).
         self.changes = Pulse()
         collector = Collector(repository, storage, key_prefix, self._ended)
@@ -76,8 +77,7 @@ class Fleet:
             collector,
             max_attempts=max_attempts,
             on_terminal=self._ended,
-            on_slot_freed=self.job_available,
-            on_length_known=lambda: self.dispatcher.reconsider(),  # made just below
+            signals=self._signals,
             grace_seconds=grace_seconds,
             quiet_seconds=quiet_seconds,
             events=events,
@@ -92,6 +92,7 @@ class Fleet:
             self.sessions,
             self.tracker,
             storage,
+            signals=self._signals,
             max_inflight=max_inflight,
             on_terminal=self._ended,
             run_times=run_times,
@@ -140,9 +141,8 @@ class Fleet:
         self.job_available()
 
     def job_available(self) -> None:
-        """A job was queued or a slot freed: let the dispatcher look now."""
-        self.dispatcher.wake()
-        self._slot_freed.beat()
+        """A job was queued, or a backend began taking work: let the dispatcher look now."""
+        self._signals.job_queued()
 
     async def start(self) -> None:
         """Connect to the registered backends (the configured ones first) and dispatch."""
@@ -226,7 +226,7 @@ class Fleet:
         await self.set_draining(name, True)
         deadline = asyncio.get_running_loop().time() + seconds
         while True:
-            freed = self._slot_freed.next()  # taken before the read: nothing slips between
+            freed = self._signals.freed.next()  # taken before the read: nothing slips between
             left = len(await self._repository.on_backend(name))
             if not left:
                 return 0

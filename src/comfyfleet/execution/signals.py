@@ -1,0 +1,41 @@
+"""What execution tells the dispatcher, as named signals instead of callbacks.
+
+The dispatcher sleeps until `changed` is set. A queued job or a freed slot makes a claim worth
+its database round trip (`claim_due`); a running prompt whose length became clearer only
+calls for a rebalance. A freed slot also beats `freed`, which a drain waiting for its backend
+to go idle listens to. The fleet makes one and hands it to the tracker, which sends, and to the
+dispatcher, which waits: both sit above this module, neither knows the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from comfyfleet.pulse import Pulse
+
+
+class DispatchSignals:
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.claim_due = True  # else the wake-up is for a rebalance only
+        self.freed = Pulse()
+
+    def job_queued(self) -> None:
+        """A job joined the backlog, or a backend began taking work: claim what can start."""
+        self.claim_due = True
+        self.changed.set()
+
+    def slot_freed(self) -> None:
+        """A prompt left a backend (ended, withdrawn, given up): its slot can take a job."""
+        self.job_queued()
+        self.freed.beat()
+
+    def length_known(self) -> None:
+        """A running prompt's length became clearer: it may be worth moving; no claim."""
+        self.changed.set()
+
+    def take(self) -> bool:
+        """Start a pass: clear the wake-up; whether it must claim."""
+        self.changed.clear()
+        claim, self.claim_due = self.claim_due, False
+        return claim

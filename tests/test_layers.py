@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"jobs"},  # model, repository, lease, the outbox's rows
     {"sim"},  # the simulated ComfyUI: keeps its cache by comfy/'s rules
     {"egress", "storage", "comfy", "workflows", "pulse"},  # leaves
-    {"db"},
+    {"db", "sql"},
     {"settings"},
 ]
 

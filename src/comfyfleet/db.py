@@ -112,6 +112,20 @@ def single_statements(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
                               class_=AsyncSession, expire_on_commit=False)
 
 
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """One of `engine`'s pooled connections as the asyncpg connection it is, for the fixed SQL
+    of the hot path (`comfyfleet.sql`): no statement to build, compile or cache-key, and
+    asyncpg prepares each query once per connection. Outside a transaction each statement
+    commits on its own. JSON and JSONB columns arrive decoded and are sent as JSON text
+    (the codecs SQLAlchemy sets on its connections)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert isinstance(driver, asyncpg.Connection)
+        yield driver
+
+
 def _alembic_config(connection: Connection) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

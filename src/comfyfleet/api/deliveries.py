@@ -72,8 +72,8 @@ async def redeliver(
     fails, it is retried on the usual schedule."""
     found = await outbox.get(delivery_id)
     job = await svc.repository.get(found[0].job_id) if found is not None else None
-    if job is None or not caller.sees(job) or not await outbox.redeliver(delivery_id):
+    redelivered = await outbox.redeliver(delivery_id) if job and caller.sees(job) else None
+    if found is None or redelivered is None:
         raise ApiError(404, "delivery_not_found", f"no delivery {delivery_id}")
-    found = await outbox.get(delivery_id)
-    assert found is not None  # deliveries are only deleted with their job
-    return delivery_json(*found)
+    # As the redelivery left it: read again, it may already show the new attempt's outcome.
+    return delivery_json(redelivered, found[1])

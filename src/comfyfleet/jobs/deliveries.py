@@ -87,7 +87,6 @@ class DeliveryAttempt(SQLModel, table=True):
     response_snippet: str | None = None
 
 
-ATTEMPT_LOG = DeliveryAttempt.__table__  # type: ignore[attr-defined]
 # Built once, the values given at execution. The notification rides on the insert (one round
 # trip, not two); PostgreSQL sends it when the transaction commits.
 _ENQUEUE = insert(DELIVERIES).returning(func.pg_notify(NOTIFY_CHANNEL, ""))

@@ -1,24 +1,26 @@
 """The webhook outbox's lease SQL (DESIGN §5): delivery workers in any process claim due rows
 under a lease; a row whose lease ran out (its process died mid-attempt) is due again. The rows
 themselves are written with the job change they report (`jobs/deliveries.py`).
+
+What runs for every delivery (claim, record, next due) is fixed SQL in `sql/outbox.sql` on
+asyncpg; the operator's reads and the redelivery stay on SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, or_, tuple_, update
+from sqlalchemy import func, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet.db import single_statements
+from comfyfleet import sql
+from comfyfleet.db import driver_connection, single_statements
 from comfyfleet.jobs.deliveries import (
-    ATTEMPT_LOG,
     DELIVERIES,
     NOTIFY_CHANNEL,
     Delivery,
@@ -26,6 +28,8 @@ from comfyfleet.jobs.deliveries import (
     DeliveryStatus,
 )
 from comfyfleet.jobs.models import utcnow
+
+_SQL = sql.queries("outbox")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Outcome:
 
 class Outbox:
     def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
 
@@ -48,73 +53,27 @@ class Outbox:
         counting the `busy` ones this process already has there."""
         now = utcnow()
         full = [host for host, count in busy.items() if count >= per_host]
-        async with self._sessions.begin() as session:
-            candidates = await session.exec(
-                select(col(Delivery.id), col(Delivery.host))
-                .where(
-                    col(Delivery.status) == DeliveryStatus.PENDING,
-                    col(Delivery.next_attempt_at) <= now,
-                    # A lease that ran out: its process died (or stalled) mid-attempt.
-                    or_(col(Delivery.locked_until).is_(None), col(Delivery.locked_until) <= now),
-                    col(Delivery.host).not_in(full),
-                )
-                .order_by(col(Delivery.next_attempt_at))
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            taken: Counter[str] = Counter(busy)
-            chosen = []
-            for delivery_id, host in candidates:
-                if taken[host] < per_host:
-                    taken[host] += 1
-                    chosen.append(delivery_id)
-            if not chosen:
-                return []
-            # Core, not an ORM bulk update: no session to synchronise, rows built directly.
-            result = await session.exec(
-                update(DELIVERIES)
-                .where(DELIVERIES.c.id.in_(chosen))
-                .values(locked_until=now + lease, lease_token=uuid.uuid4())
-                .returning(*DELIVERIES.c)
-            )
-            return [Delivery(**row._mapping) for row in result]
+        async with driver_connection(self._engine) as connection:
+            rows = await connection.fetch(
+                _SQL["claim"], now, limit, full, list(busy), list(busy.values()), per_host,
+                now + lease, uuid.uuid4())
+        return [Delivery(**row) for row in rows]
 
     async def next_due(self, *, skip_hosts: list[str]) -> datetime | None:
         """When the earliest pending delivery (not for `skip_hosts`) can next be claimed."""
-        async with self._statements() as session:
-            result = await session.exec(
-                select(func.min(func.greatest(col(Delivery.next_attempt_at),
-                                              col(Delivery.locked_until))))
-                .where(col(Delivery.status) == DeliveryStatus.PENDING,
-                       col(Delivery.host).not_in(skip_hosts))
-            )
-            due: datetime | None = result.one()
-            return due
+        async with driver_connection(self._engine) as connection:
+            due: datetime | None = await connection.fetchval(_SQL["next_due"], skip_hosts)
+        return due
 
     async def record(self, delivery: Delivery, attempt: DeliveryAttempt, outcome: Outcome) -> bool:
         """Log `attempt` and move the delivery on, unless its lease was lost meanwhile (then
         only the log entry is written: another worker owns the delivery now)."""
-        # One statement (so no transaction around it): the log entry is a data-modifying
-        # CTE, written whether or not the UPDATE finds the lease.
-        logged = insert(ATTEMPT_LOG).values(**attempt.model_dump(exclude={"id"})).cte("logged")
-        statement = (
-            update(DELIVERIES)
-            .add_cte(logged)
-            .where(DELIVERIES.c.id == delivery.id,
-                   DELIVERIES.c.lease_token == delivery.lease_token)
-            .values(
-                status=outcome.status,
-                next_attempt_at=outcome.next_attempt_at,
-                attempts=DELIVERIES.c.attempts + 1,
-                locked_until=None,
-                lease_token=None,
-                last_status_code=attempt.status_code,
-                last_error=attempt.error,
-            )
-            .returning(DELIVERIES.c.id)
-        )
-        async with self._statements() as session:
-            return (await session.exec(statement)).first() is not None
+        async with driver_connection(self._engine) as connection:
+            kept = await connection.fetchval(
+                _SQL["record"], delivery.id, delivery.lease_token, attempt.attempted_at,
+                attempt.status_code, attempt.latency_ms, attempt.error,
+                attempt.response_snippet, outcome.status, outcome.next_attempt_at)
+        return kept is not None
 
     async def release(self, deliveries: list[Delivery]) -> None:
         """Give up the leases of attempts cut short (a shutdown), so another process sends
@@ -145,22 +104,25 @@ class Outbox:
                 return None
             return delivery, await _attempts(session, delivery.id)
 
-    async def redeliver(self, delivery_id: uuid.UUID) -> bool:
+    async def redeliver(self, delivery_id: uuid.UUID) -> Delivery | None:
         """Make a delivery due now with a fresh retry schedule, whatever its status; it keeps
-        its `webhook-id`. An attempt in flight keeps its lease and finishes first."""
+        its `webhook-id`. An attempt in flight keeps its lease and finishes first. Returns
+        the delivery as this left it (a worker may send it the moment this commits), or
+        None when there is no such delivery."""
         now = utcnow()
         async with self._sessions.begin() as session:
             result = await session.exec(
-                update(Delivery)
-                .where(col(Delivery.id) == delivery_id)
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id == delivery_id)
                 .values(status=DeliveryStatus.PENDING, attempts=0, pending_since=now,
                         next_attempt_at=now)
-                .returning(col(Delivery.id))
+                .returning(*DELIVERIES.c)
             )
-            if result.first() is None:
-                return False
+            row = result.first()
+            if row is None:
+                return None
             await session.exec(select(func.pg_notify(NOTIFY_CHANNEL, "")))
-            return True
+            return Delivery(**row._mapping)
 
 
 async def _attempts(session: AsyncSession, delivery_id: uuid.UUID) -> list[DeliveryAttempt]:

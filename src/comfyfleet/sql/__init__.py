@@ -1,0 +1,26 @@
+"""The named queries of the hot path: fixed SQL kept in the `.sql` files beside this module,
+run on asyncpg, which prepares each statement once per connection and reuses it.
+
+A file holds queries each under a `-- name: <name>` line; the comment lines that follow it
+say what the query does and what its `$n` parameters are.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries(file: str) -> dict[str, str]:
+    """The queries of `<file>.sql`, by name."""
+    text = (_HERE / f"{file}.sql").read_text(encoding="utf-8")
+    parts = _NAME.split(text)[1:]  # name, body, name, body, ...
+    named = {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
+    if not named or any(not body for body in named.values()):
+        raise ValueError(f"{file}.sql: every query needs a `-- name:` line and a body")
+    return named

@@ -1,0 +1,131 @@
+"""CPU per call of the service's per-job database work, each step on its own.
+
+The throughput benchmark's CPU per job moves with the rate it reaches (a slower run makes
+more empty claims per job), and on a shared machine that rate is other users' to decide; this
+one is not. One process, embedded PostgreSQL, no backends: `--jobs` jobs go through the
+steps a job's life takes in the service (stored as POST /jobs stores it, started, finished
+with its webhook in the outbox, the delivery leased, its attempt recorded, the next due
+delivery looked up), all of one step before the next, and the CPU time this process spends
+on each (`time.process_time`, so waiting for PostgreSQL or for the CPU is not counted) is
+divided by the calls. `--concurrency` calls run at once, as requests and events do in the
+service. The claim step is left out: other work is changing it. Run it on two commits to
+compare them (the figures of one run are comparable with each other).
+
+Run from the repository root:  .venv/bin/python -m bench.hot_path [--jobs 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from bench.harness import bench_root, embedded_postgres, fresh_database, print_table, workflow_job
+from comfyfleet import db
+from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt, DeliveryStatus
+from comfyfleet.jobs.models import Job, JobStatus, utcnow
+from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.webhooks.outbox import Outbox, Outcome
+
+CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only leased and recorded
+LEASE = timedelta(seconds=60)
+CLAIM_LIMIT = 32  # deliveries leased per claim, as the worker's room allows at saturation
+T = TypeVar("T")
+
+
+async def timed(
+    items: Sequence[T], step: Callable[[T], Awaitable[Any]], concurrency: int,
+) -> tuple[float, list[Any]]:
+    """(CPU milliseconds per item, results) of `step` over `items`, `concurrency` at once."""
+    results: list[Any] = [None] * len(items)
+    numbers = iter(range(len(items)))
+
+    async def worker() -> None:
+        for index in numbers:
+            results[index] = await step(items[index])
+
+    started = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return (time.process_time() - started) * 1000 / len(items), results
+
+
+async def run(jobs: int, concurrency: int) -> dict[str, float]:
+    params, prompt = workflow_job()
+    figures: dict[str, float] = {}
+    with bench_root() as root:
+        async with embedded_postgres(root) as server:
+            engine = db.make_engine(await fresh_database(server))
+            try:
+                await db.migrate(engine)
+                repository, outbox = JobRepository(engine), Outbox(engine)
+
+                async def store(_: int) -> Job:
+                    job, _created = await repository.insert(Job(
+                        workflow="invert", params=params, prompt=prompt,
+                        callback_url=CALLBACK))
+                    return job
+
+                async def start(job: Job) -> Job | None:
+                    return await repository.transition(
+                        job, {JobStatus.QUEUED}, event="job.started",
+                        status=JobStatus.RUNNING, started_at=utcnow())
+
+                async def finish(job: Job) -> Job | None:
+                    output = {"node_id": "3", "filename": "a.png", "content_type": "image/png",
+                              "size": 590, "key": f"{job.id}/3_0.png"}
+                    return await repository.finish(job, JobStatus.SUCCEEDED,
+                                                   {JobStatus.RUNNING}, outputs=[output])
+
+                figures["store a job (POST /jobs' insert)"], stored = await timed(
+                    range(jobs), store, concurrency)
+                figures["start (running)"], started = await timed(stored, start, concurrency)
+                figures["finish, webhook into the outbox"], _ = await timed(
+                    started, finish, concurrency)
+
+                claimed: list[Delivery] = []
+
+                async def claim(_: int) -> None:
+                    claimed.extend(await outbox.claim(limit=CLAIM_LIMIT, per_host=jobs,
+                                                      busy={}, lease=LEASE))
+
+                claims = -(-jobs // CLAIM_LIMIT)
+                per_claim, _ = await timed(range(claims), claim, 1)
+                assert len(claimed) == jobs, len(claimed)
+                figures[f"lease deliveries, per delivery ({CLAIM_LIMIT} a claim)"] = (
+                    per_claim * claims / jobs)
+
+                async def record(delivery: Delivery) -> bool:
+                    attempt = DeliveryAttempt(delivery_id=delivery.id, attempted_at=utcnow(),
+                                              status_code=204, latency_ms=1, response_snippet="")
+                    return await outbox.record(delivery, attempt,
+                                               Outcome(DeliveryStatus.DELIVERED))
+
+                figures["record an attempt"], kept = await timed(claimed, record, concurrency)
+                assert all(kept)
+                figures["next due delivery"], _ = await timed(
+                    range(jobs), lambda _: outbox.next_due(skip_hosts=[]), concurrency)
+            finally:
+                await engine.dispose()
+    return {name: round(ms, 3) for name, ms in figures.items()}
+
+
+async def main(jobs: int, concurrency: int) -> None:
+    print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
+                      "cpus": os.cpu_count(), "load_average": os.getloadavg()}), flush=True)
+    figures = await run(jobs, concurrency)
+    print_table(["step", "CPU ms per call"], list(figures.items()))
+    print(json.dumps({"jobs": jobs, "concurrency": concurrency, "cpu_ms": figures}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    asyncio.run(main(args.jobs, args.concurrency))

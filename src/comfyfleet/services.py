@@ -45,8 +45,9 @@ class Services:
         return rendered
 
 
-def services(request: Request) -> Services:
-    """FastAPI dependency: the running service's parts."""
+async def services(request: Request) -> Services:
+    """FastAPI dependency: the running service's parts. A coroutine, though it never waits:
+    FastAPI runs a plain function dependency in a worker thread, a thread hop per request."""
     found = request.app.state.services
     assert isinstance(found, Services)
     return found

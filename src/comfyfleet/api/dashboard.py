@@ -38,7 +38,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob: http:
 router = APIRouter(tags=["dashboard"])
 
 
-def _overview(svc: ServicesDep) -> Overview:
+async def _overview(svc: ServicesDep) -> Overview:
     return Overview(svc.engine)
 
 

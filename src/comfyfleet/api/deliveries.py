@@ -17,7 +17,7 @@ from comfyfleet.webhooks.outbox import Outbox
 router = APIRouter(tags=["webhooks"])
 
 
-def _outbox(svc: ServicesDep) -> Outbox:
+async def _outbox(svc: ServicesDep) -> Outbox:
     return Outbox(svc.engine)
 
 

@@ -110,7 +110,6 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
 
         def on_terminal(job: Job) -> None:
             metrics.job_finished(job)
-            webhooks.job_finished(job)
             waiters.finished(job)
 
         stack.push_async_callback(webhooks.close)

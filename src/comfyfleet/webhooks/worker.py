@@ -5,7 +5,8 @@
   dead receiver holds its own slots and never delays anyone else's deliveries.
 - Claims use `FOR UPDATE SKIP LOCKED` and a lease, so several processes can share the outbox
   and a delivery whose process died mid-attempt is taken up again when its lease runs out.
-- It wakes when a delivery is committed (Postgres NOTIFY, from any process) and when the next
+- It wakes when a delivery is committed (Postgres NOTIFY, from any process, this one included:
+  a wake of its own as well would only add a claim that finds nothing) and when the next
   retry falls due; the periodic pass is only a safety net.
 """
 
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt
-from comfyfleet.jobs.models import Job, utcnow
+from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.delivery import WebhookSender, event_body
@@ -88,10 +89,6 @@ class WebhookWorker:
 
     def wake(self) -> None:
         self._wake.set()
-
-    def job_finished(self, _: Job) -> None:
-        """The fleet's `on_terminal`: the job's delivery (if any) is committed; go now."""
-        self.wake()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen())]

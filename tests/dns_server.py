@@ -1,27 +1,44 @@
 """A DNS server on loopback whose answers a test or a benchmark changes (dnslib for the wire
-format), in front of simulated ComfyUI servers found through COMFYUI_DISCOVERY."""
+format), in front of simulated ComfyUI servers found through COMFYUI_DISCOVERY.
+
+It runs in the caller's event loop, so a change to `addresses` is what the next query sees,
+at a moment the caller knows. dnslib is a development requirement only: tests and bench/ use
+this server, the package never does.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import cast
 
 from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSRecord
+
+from tests.support import LOOPBACK
 
 NAME = "comfyui.fleet.test."
 
 
 class LoopbackDns(asyncio.DatagramProtocol):
-    """A DNS server: `addresses` answer A/AAAA queries for NAME, `pods` PTR queries; a name it
-    does not know is NXDOMAIN; `silent` drops every query, as a DNS server that is down."""
+    """A DNS server: `addresses` answer A/AAAA queries for `name`, `pods` PTR queries; a name
+    it does not know is NXDOMAIN; `silent` drops every query, as a DNS server that is down."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = NAME) -> None:
+        self.name = name if name.endswith(".") else name + "."
         self.addresses: list[str] = []
         self.pods: dict[str, str] = {}
         self.silent = False
         self.queries = 0
         self.asked = asyncio.Condition()
         self.transport: asyncio.DatagramTransport | None = None
+
+    @property
+    def nameserver(self) -> str:
+        """Where it listens, as DISCOVERY_NAMESERVER takes it: `host:port`."""
+        assert self.transport is not None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return f"{host}:{port}"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -33,7 +50,7 @@ class LoopbackDns(asyncio.DatagramProtocol):
         request = DNSRecord.parse(data)
         qname, qtype = str(request.q.qname), QTYPE[request.q.qtype]
         reply = request.reply()
-        if qname == NAME and self.addresses:
+        if qname == self.name and self.addresses:
             for address in self.addresses:
                 if qtype == "A" and ":" not in address:
                     reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=0))
@@ -57,5 +74,17 @@ class LoopbackDns(asyncio.DatagramProtocol):
             await asyncio.wait_for(self.asked.wait_for(lambda: self.queries >= target), 30)
 
     def name_pod(self, address: str, pod: str) -> None:
+        """A PTR record for an IPv4 `address`: the pod `pod` of the headless service."""
         reversed_name = ".".join(reversed(address.split("."))) + ".in-addr.arpa."
-        self.pods[reversed_name] = f"{pod}.comfyui.fleet.test."
+        self.pods[reversed_name] = f"{pod}.{self.name}"
+
+
+@asynccontextmanager
+async def loopback_dns(name: str = NAME) -> AsyncIterator[LoopbackDns]:
+    """A LoopbackDns for `name` listening on a free UDP port of loopback, until the block ends."""
+    transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: LoopbackDns(name), local_addr=(LOOPBACK, 0))
+    try:
+        yield server
+    finally:
+        transport.close()

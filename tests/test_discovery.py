@@ -15,20 +15,16 @@ from comfyfleet.app import serving
 from comfyfleet.fleet.discovery import DnsTarget
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.dns_server import NAME, LoopbackDns
-from tests.support import LOOPBACK, free_ports
+from tests.dns_server import NAME, LoopbackDns, loopback_dns
+from tests.support import free_ports
 
 PASS = 0.2  # DISCOVERY_INTERVAL in these tests
 
 
 @pytest.fixture
 async def dns() -> AsyncIterator[tuple[LoopbackDns, str]]:
-    loop = asyncio.get_running_loop()
-    transport, server = await loop.create_datagram_endpoint(
-        LoopbackDns, local_addr=(LOOPBACK, 0))
-    port = transport.get_extra_info("sockname")[1]
-    yield server, f"{LOOPBACK}:{port}"
-    transport.close()
+    async with loopback_dns() as server:
+        yield server, server.nameserver
 
 
 class Fleet:

@@ -225,7 +225,7 @@ async def comfyfleet_serve(
             while True:
                 async with http.get(f"{serve.api}/backends") as response:
                     healthy = sum(backend["healthy"] for backend in await response.json())
-                if healthy == len(backends):
+                if healthy >= len(backends):  # discovery may add more
                     break
                 await asyncio.sleep(0.2)  # polling the service: no local event to wait on
         yield serve

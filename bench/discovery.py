@@ -18,11 +18,17 @@ at a time from the moment its address appeared, could have run every job.
 Scale-down: --drain-jobs more jobs; once every backend has work, comfyui-7..2 go one after
 another, as a StatefulSet scaled down removes its pods: the preStop hook
 (comfyui_nodes/comfyfleet_cleanup/drain.py --wait, with the pod's HOSTNAME), then the address
-leaves DNS, then the simulator stops. Reported: how long each drain waited and what it
-answered, jobs lost (not succeeded in the end) and jobs run twice: executions in the
-simulators' histories (read before each stops) beyond one per job, matched through the prompt
-id of each job's last attempt. Prompts still queued or running on a simulator when it stops
-are counted too.
+leaves DNS, then the simulator stops. (With --dns-first the address leaves as the drain
+starts: in Kubernetes a pod's endpoint goes when the pod starts terminating, while preStop
+runs, and DNS caches make that a few seconds later.) Reported: how long each drain waited
+and what it answered, jobs lost (not succeeded in the end), jobs run twice (executions in
+the simulators' histories, read before each stops, beyond one per job, matched through the
+prompt id of each job's last attempt), jobs retried (more than one attempt), and prompts
+still queued or running on a simulator when it stopped.
+
+The DNS server and the receiver share the benchmark's event loop; everything else has a
+process of its own. Jobs are `simulated_work` with 2 progress steps, MAX_INFLIGHT_PER_BACKEND
+at its default of 2.
 
 Run from the repository root:  .venv/bin/python -m bench.discovery [--runs 2] [--interval 2]
 """
@@ -243,6 +249,9 @@ class Deployment:
         self.dns.addresses = [*self.dns.addresses, pod.address]
         return time.monotonic()
 
+    def leave(self, pod: Pod) -> None:
+        self.dns.addresses = [a for a in self.dns.addresses if a != pod.address]
+
 
 async def scale_up(
     deployment: Deployment, args: argparse.Namespace,
@@ -297,8 +306,10 @@ async def scale_down(deployment: Deployment, args: argparse.Namespace) -> list[D
     print(f"  scale-down: {args.drain_jobs} jobs POSTed, every backend busy", flush=True)
     drains = []
     for pod in reversed(deployment.pods[KEPT:]):
+        if args.dns_first:
+            deployment.leave(pod)
         code, waited = await run_drain(deployment.api, pod, args.drain_wait)
-        deployment.dns.addresses = [a for a in deployment.dns.addresses if a != pod.address]
+        deployment.leave(pod)
         left_before = deployment.left_running
         await deployment.record(pod)
         await pod.stop()
@@ -385,6 +396,8 @@ async def main() -> None:
                         help="seconds between two new addresses")
     parser.add_argument("--drain-jobs", type=int, default=160, help="scale-down jobs")
     parser.add_argument("--drain-wait", type=float, default=60.0, help="drain.py --wait")
+    parser.add_argument("--dns-first", action="store_true",
+                        help="take each address out of DNS as its drain starts, not after")
     args = parser.parse_args()
     runs = []
     for index in range(1, args.runs + 1):
@@ -400,7 +413,8 @@ async def main() -> None:
           f"{max(d.seconds for d in run.drains):.2f}", run.lost, run.twice]
          for i, run in enumerate(runs, 1)])
     print(json.dumps({
-        "discovery_interval_s": args.interval, "jobs": args.jobs, "seconds": args.seconds,
+        "discovery_interval_s": args.interval, "dns_first": args.dns_first, "jobs": args.jobs,
+        "seconds": args.seconds,
         "drain_jobs": args.drain_jobs, "pods": PODS, "kept": KEPT,
         "first_job_s": [None if d is None else round(d, 3) for d in joins],
         "first_job_target_s": args.interval + 1,

@@ -8,8 +8,9 @@ the benchmark changes its answers and knows when), a verifying webhook receiver,
 pods of a StatefulSet share theirs. PTR records name them comfyui-0..comfyui-7.
 
 Scale-up: with comfyui-0 and comfyui-1 in DNS, --jobs jobs of --seconds seconds
-(`simulated_work`) are POSTed; --before seconds after the first POST, comfyui-2..7 appear in
-DNS, one every --stagger seconds. For each new backend: the time from its address appearing
+(`simulated_work`) are POSTed; --before seconds after the last one was answered, comfyui-2..7
+appear in DNS, one every --stagger seconds (so each finds the discovery pass at another
+phase). For each new backend: the time from its address appearing
 to its first prompt accepted (its queue growing, seen on the simulator's websocket), against
 DISCOVERY_INTERVAL + 1 s; and the makespan (first POST -> last webhook verified) against the
 bound for the changing fleet: the earliest time by which the backends, each running one job
@@ -263,11 +264,11 @@ async def scale_up(
     try:
         started = time.monotonic()
         await deployment.submit(args.jobs, args.seconds)
-        print(f"  scale-up: {args.jobs} jobs POSTed in {time.monotonic() - started:.1f} s",
-              flush=True)
+        queued = time.monotonic()
+        print(f"  scale-up: {args.jobs} jobs POSTed in {queued - started:.1f} s", flush=True)
         appeared: dict[str, float] = {}
         for index, pod in enumerate(deployment.pods[KEPT:]):
-            await asyncio.sleep(max(0.0, started + args.before + index * args.stagger
+            await asyncio.sleep(max(0.0, queued + args.before + index * args.stagger
                                     - time.monotonic()))
             appeared[pod.name] = deployment.appear(pod)
         await deployment.finished(3 * args.jobs * args.seconds / KEPT + 60)
@@ -390,8 +391,8 @@ async def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="DISCOVERY_INTERVAL")
     parser.add_argument("--jobs", type=int, default=400, help="scale-up jobs")
     parser.add_argument("--seconds", type=float, default=0.5, help="each job's work")
-    parser.add_argument("--before", type=float, default=5.0,
-                        help="seconds from the first POST to the first new address in DNS")
+    parser.add_argument("--before", type=float, default=3.0,
+                        help="seconds from the last POST to the first new address in DNS")
     parser.add_argument("--stagger", type=float, default=0.5,
                         help="seconds between two new addresses")
     parser.add_argument("--drain-jobs", type=int, default=160, help="scale-down jobs")

@@ -351,8 +351,9 @@ async def one_run(args: argparse.Namespace) -> Run:
         stack.push_async_callback(receiver.stop)
         serve = await stack.enter_async_context(comfyfleet_serve(
             await fresh_database(postgres), root / "data", [], secret=receiver.secret,
-            COMFYUI_DISCOVERY=f"dns:{NAME.rstrip('.')}:{port}",
-            DISCOVERY_INTERVAL=str(args.interval), DISCOVERY_NAMESERVER=dns.nameserver))
+            env_overrides={"COMFYUI_DISCOVERY": f"dns:{NAME.rstrip('.')}:{port}",
+                           "DISCOVERY_INTERVAL": str(args.interval),
+                           "DISCOVERY_NAMESERVER": dns.nameserver}))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         deployment = Deployment(dns, fleet, receiver, serve.api, http)
         await deployment.until(lambda backends: sum(

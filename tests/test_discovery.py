@@ -145,9 +145,6 @@ async def test_a_vanished_backend_hands_its_prompt_on_after_the_grace_period(
         await fleet.until(lambda f: set(f) == {"127-0-0-5"})
 
 
-@pytest.mark.xfail(strict=True, reason="discovery enables again a backend drained by hand "
-                   "or by a pod's preStop hook while its address is still in DNS "
-                   "(found by bench.discovery)")
 async def test_a_backend_drained_while_still_in_dns_stays_drained(
     settings: Settings, dns: tuple[LoopbackDns, str]
 ) -> None:
@@ -172,6 +169,10 @@ async def test_a_backend_drained_while_still_in_dns_stays_drained(
             assert (await response.json())["draining"] is True
         await server.passes(3)
         assert (await fleet.backends())["comfyui-0"]["draining"] is True
+
+        # Then its address leaves DNS: discovery takes it from there and removes it, idle.
+        server.addresses = []
+        await fleet.until(lambda f: "comfyui-0" not in f)
 
 
 def test_the_setting_is_checked() -> None:

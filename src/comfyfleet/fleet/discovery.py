@@ -27,7 +27,7 @@ import dns.resolver
 
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.fleet import Fleet
-from comfyfleet.fleet.registry import BackendBusy, BackendRegistry
+from comfyfleet.fleet.registry import BackendBusy, BackendRegistry, Registered
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DnsDiscovery:
             url = self.target.url(address)
             entry = mine.get(url)
             if entry is not None:
-                if entry.draining:
+                if entry.draining and entry.vanished:  # a drain of its own, not preStop's
                     log.info("discovery: %s is back; enabling %s", address, entry.backend.name)
                     await self._fleet.set_draining(entry.backend.name, False)
             elif url not in taken_urls:
@@ -121,14 +121,15 @@ class DnsDiscovery:
                                               discovered_by=str(self.target))
         for url, entry in mine.items():
             if url not in {self.target.url(a) for a in addresses}:
-                await self._retire(entry.backend.name, entry.draining)
+                await self._retire(entry)
 
-    async def _retire(self, name: str, draining: bool) -> None:
+    async def _retire(self, entry: Registered) -> None:
+        name = entry.backend.name
         if self._fleet.session(name) is None:
             return
-        if not draining:
+        if not entry.vanished:  # drained here, or marked: only its return undoes this
             log.info("discovery: %s vanished from DNS; draining it", name)
-            await self._fleet.set_draining(name, True)
+            await self._fleet.set_draining(name, True, vanished=True)
         try:
             await self._fleet.remove_backend(name)
             log.info("discovery: %s removed", name)

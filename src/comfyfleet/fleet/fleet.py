@@ -208,11 +208,12 @@ class Fleet:
         if session.name not in self._session_tasks:
             self._session_tasks[session.name] = asyncio.create_task(session.run())
 
-    async def set_draining(self, name: str, draining: bool) -> BackendSession:
+    async def set_draining(self, name: str, draining: bool, *, vanished: bool = False
+                           ) -> BackendSession:
         session = self.session(name)
         if session is None:
             raise KeyError(name)
-        await self._registry.set_draining(name, draining)
+        await self._registry.set_draining(name, draining, vanished=vanished)
         session.draining = draining
         self.changes.beat()
         if not draining:
@@ -245,6 +246,8 @@ class Fleet:
         await self._stop_session(session)
 
     async def _stop_session(self, session: BackendSession) -> None:
+        if session not in self.sessions:  # the registry's re-read stopped it meanwhile
+            return
         self.sessions.remove(session)
         self._catalog.backend_removed(session.name)
         self.changes.beat()

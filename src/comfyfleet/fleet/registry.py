@@ -33,6 +33,10 @@ class BackendRow(SQLModel, table=True):
     # The COMFYUI_DISCOVERY that added it (e.g. "dns:comfyui:8188"), which alone may remove
     # it; null for backends configured or added through the API.
     discovered_by: str | None = Field(default=None, max_length=300)
+    # Its address left DNS: discovery drained it (or found it drained), and only discovery
+    # enables it again should the address return. A drain by hand or by a pod's preStop hook
+    # while the address is still listed leaves this false, so discovery never undoes it.
+    vanished: bool = False
 
 
 class BackendExists(Exception):
@@ -52,6 +56,7 @@ class Registered:
     backend: Backend
     draining: bool
     discovered_by: str | None = None
+    vanished: bool = False
 
 
 class BackendRegistry:
@@ -84,12 +89,14 @@ class BackendRegistry:
 
     async def all(self) -> list[Registered]:
         # Read every 2 s by every process: plain rows in one round trip, no ORM objects.
-        columns = select(col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining),
-                         col(BackendRow.discovered_by))
+        # sqlmodel's select is typed for up to four columns; these five are plain values.
+        columns = select(  # type: ignore[call-overload]
+            col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining),
+            col(BackendRow.discovered_by), col(BackendRow.vanished))
         async with self._statements() as session:
             rows = (await session.exec(columns.order_by(col(BackendRow.name)))).all()
-        return [Registered(Backend(name, url), draining, discovered_by)
-                for name, url, draining, discovered_by in rows]
+        return [Registered(Backend(name, url), draining, discovered_by, vanished)
+                for name, url, draining, discovered_by, vanished in rows]
 
     async def add(self, backend: Backend, discovered_by: str | None = None) -> None:
         """BackendExists when a backend of that name, or at that URL, is there already."""
@@ -105,10 +112,11 @@ class BackendRegistry:
             session.add(BackendRow(name=backend.name, url=backend.url,
                                    discovered_by=discovered_by))
 
-    async def set_draining(self, name: str, draining: bool) -> None:
+    async def set_draining(self, name: str, draining: bool, *, vanished: bool = False) -> None:
+        """`vanished`: drained because its address left DNS (see BackendRow.vanished)."""
         async with self._sessions.begin() as session:
             await session.exec(update(BackendRow).where(col(BackendRow.name) == name)
-                               .values(draining=draining))
+                               .values(draining=draining, vanished=draining and vanished))
 
     async def remove(self, name: str) -> None:
         """Take a drained backend out of the fleet once no job is on it, whichever process

@@ -115,7 +115,7 @@ async def test_sdk_runs_graphs_on_both_backends_and_downloads_outputs(v2: str) -
 
 
 async def test_the_readme_lines_run_a_workflow_file(v2: str, tmp_path: Path) -> None:
-    """README, "Using Comfy's SDK with comfyfleet": the synchronous client, as written."""
+    """docs/api.md, "Using Comfy's SDK with comfyfleet": the synchronous client, as written."""
     (tmp_path / "workflow_api.json").write_text(json.dumps(invert(12, 0)))
 
     def readme() -> None:

@@ -1,5 +1,6 @@
 """The deployment files agree with the code: docker-compose.yml and the Dockerfile, every
-setting in .env.example and in the README's configuration table, and nothing else there."""
+setting in .env.example and in the configuration table (docs/configuration.md), and nothing
+else there."""
 
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def test_env_example_values_are_valid() -> None:
 
 
 def shown(default: object) -> str:
-    """A default as the README's table writes it."""
+    """A default as the configuration table writes it."""
     if default is None:
         return "unset"
     if default == "" or default == []:
@@ -189,9 +190,8 @@ def shown(default: object) -> str:
     return f"`{default}`"
 
 
-def test_readme_configuration_table_matches_the_settings() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+def test_configuration_table_matches_the_settings() -> None:
+    section = (REPO / "docs" / "configuration.md").read_text()
     rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", section, re.MULTILINE)
     documented = dict(rows)
     assert len(rows) == len(documented), "a setting documented twice"

@@ -22,7 +22,7 @@ serve: $(VENV)/.runtime
 	$(BIN)/comfyfleet serve
 
 sim: $(VENV)/.runtime
-	$(BIN)/comfyfleet sim --backends 2 --port 8188
+	$(BIN)/comfyfleet sim --backends 2 --port 8288
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench

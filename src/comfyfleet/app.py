@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 # Connections of the API's own for its reads, beside the main pool's (db.make_engine).
 READ_POOL_SIZE = 4
+
+
+class PortUnavailable(Exception):
+    """The service's address cannot be listened on (in use, or not this machine's)."""
 
 
 class StoppedWhileStarting(Exception):
@@ -203,7 +208,17 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    # Bound here rather than by uvicorn, which logs a bind failure and exits the process:
+    # a port in use is a plain error for the caller to report.
+    try:
+        listening = socket.create_server(
+            (config.host, config.port),
+            family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    except OSError as exc:
+        raise PortUnavailable(
+            f"cannot listen on {config.host}:{config.port}: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
+    task = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:
             if task.done():

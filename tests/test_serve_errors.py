@@ -1,0 +1,40 @@
+"""`comfyfleet serve` says what is wrong in one plain line, not a traceback: a port in use, a
+setting that is not valid."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+from tests.support import LOOPBACK, child_env
+
+
+async def serve(cwd: Path, **settings: str) -> tuple[int, list[str]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfyfleet", "serve", cwd=cwd, env=child_env(**settings),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, err.decode().splitlines()
+
+
+async def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.create_server((LOOPBACK, 0)) as taken:
+        port = taken.getsockname()[1]
+        code, lines = await serve(tmp_path, SERVICE_HOST=LOOPBACK, SERVICE_PORT=str(port),
+                                  DATA_DIR=str(tmp_path / "data"))
+    assert code == 1
+    assert lines[-1] == (f"comfyfleet: cannot listen on {LOOPBACK}:{port}: Address already in "
+                         "use (set SERVICE_PORT or --port, SERVICE_HOST)")
+    assert not any("Traceback" in line for line in lines)
+    assert not (tmp_path / "data").exists()  # refused before it started anything
+
+
+async def test_a_bad_setting_is_one_line(tmp_path: Path) -> None:
+    code, lines = await serve(tmp_path, SERVICE_PORT="eighty", MAX_ATTEMPTS="0")
+    assert code == 1
+    assert lines == ["comfyfleet: bad settings: SERVICE_PORT: Input should be a valid integer, "
+                     "unable to parse string as an integer; MAX_ATTEMPTS: Input should be "
+                     "greater than or equal to 1"]

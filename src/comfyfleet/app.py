@@ -199,6 +199,7 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         host=settings.service_host,
         port=settings.service_port if port is None else port,
         log_level="warning",
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,  # uvicorn's records go through our handler (LOG_FORMAT)
         lifespan="on",
         # Longer than client pools keep idle connections (aiohttp: 15 s, load balancers: 60 s),

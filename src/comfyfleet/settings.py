@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # How clients reach this service (for local output URLs); default http://SERVICE_HOST:PORT.
     public_url: str | None = None
     service_host: str = "127.0.0.1"
+    # Proxies whose X-Forwarded-For / -Proto are believed (uvicorn's option, comma-separated
+    # addresses or "*"); from .env too, not only from the environment as uvicorn reads it.
+    forwarded_allow_ips: str = "127.0.0.1"
     route_prefix: str = "/api/v1"
     # Jobs submitted to POST ROUTE_PREFIX in ComfyUI-server's request shape behave as there:
     # parameters the workflow does not take are ignored (a warning in the job), and the

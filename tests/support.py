@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import sys
@@ -137,3 +138,74 @@ async def new_database(server: Any, prefix: str = "test") -> str:
     finally:
         await admin.close()
     return embedded_url(server).replace("/postgres?", f"/{name}?")
+
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+async def server_sent_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The events of a text/event-stream response, as {event, id, data} (data decoded)."""
+    event: dict[str, Any] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(": ")
+            event[field] = json.loads(value) if field == "data" else value
+
+
+async def wait_for_job(
+    http: aiohttp.ClientSession, api: str, job_id: str, *statuses: str,
+    seconds: float = 30.0, headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The job once its status is one of `statuses` (default: any terminal one), followed
+    through its event stream (`GET {api}/jobs/{id}/events`), not by polling.
+
+    An end the caller did not wait for fails at once, saying how the job ended. For a
+    terminal status the job is the one the terminal event carries; for another one it is read
+    just after the event (so it may have moved on since). A stream cut off (the service
+    killed or restarting) is taken up again with Last-Event-ID.
+    """
+    wanted = set(statuses) or TERMINAL_STATUSES
+    last_id: str | None = None
+    seen: dict[str, Any] | None = None
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                resume = {"Last-Event-ID": last_id} if last_id is not None else {}
+                try:
+                    async with http.get(
+                        f"{api}/jobs/{job_id}/events", headers={**(headers or {}), **resume},
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                    ) as response:
+                        assert response.status == 200, await response.text()
+                        async for event in server_sent_events(response):
+                            if event["event"] == "preview":
+                                continue
+                            last_id, seen = event.get("id", last_id), event["data"]
+                            status = seen["status"]
+                            terminal = event["event"] in TERMINAL_STATUSES
+                            if status in wanted:
+                                return seen if terminal else await _job(http, api, job_id,
+                                                                        headers)
+                            if terminal:
+                                raise AssertionError(
+                                    f"job {job_id} ended {status}, not {sorted(wanted)}: {seen}")
+                except aiohttp.ClientError:
+                    pass  # the service is away; it is started again by the test
+                await asyncio.sleep(0.1)  # reconnecting: no event to wait on while it is away
+    except TimeoutError:
+        raise AssertionError(f"job {job_id} not {sorted(wanted)} within {seconds:g} s; "
+                             f"last seen: {seen}") from None
+
+
+async def _job(
+    http: aiohttp.ClientSession, api: str, job_id: str, headers: dict[str, str] | None
+) -> dict[str, Any]:
+    async with http.get(f"{api}/jobs/{job_id}", headers=headers) as response:
+        assert response.status == 200, await response.text()
+        job: dict[str, Any] = await response.json()
+        return job

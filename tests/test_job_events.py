@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import aiohttp
 import pytest
@@ -16,20 +14,7 @@ from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-
-
-async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """The events of a text/event-stream response, as {event, id, data}."""
-    event: dict[str, Any] = {}
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if "data" in event:
-                yield event
-            event = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(": ")
-            event[field] = json.loads(value) if field == "data" else value
+from tests.support import server_sent_events
 
 
 @pytest.fixture
@@ -51,7 +36,7 @@ async def test_events_follow_the_job_to_its_end_with_previews(
     async with http.get(f"{prefix}/jobs/{job_id}/events?previews=true") as response:
         assert response.status == 200
         assert response.content_type == "text/event-stream"
-        async for event in read_events(response):
+        async for event in server_sent_events(response):
             events.append(event)
     names = [e["event"] for e in events]
     assert names[-1] == "succeeded"
@@ -67,11 +52,11 @@ async def test_events_follow_the_job_to_its_end_with_previews(
     # Reconnecting after the end, as an EventSource does: nothing more to tell.
     async with http.get(f"{prefix}/jobs/{job_id}/events",
                         headers={"Last-Event-ID": events[-1]["id"]}) as response:
-        assert [e async for e in read_events(response)] == []
+        assert [e async for e in server_sent_events(response)] == []
     # Reconnecting from an older event: the current state, which is the end.
     async with http.get(f"{prefix}/jobs/{job_id}/events",
                         headers={"Last-Event-ID": events[0]["id"]}) as response:
-        resumed = [e async for e in read_events(response)]
+        resumed = [e async for e in server_sent_events(response)]
     assert [e["event"] for e in resumed] == ["succeeded"]
 
 
@@ -89,7 +74,7 @@ async def test_queued_job_reports_its_place_in_the_queue(settings: Settings) -> 
             async with http.post(f"{prefix}/jobs", json={"workflow": "invert"}) as response:
                 ids.append((await response.json())["id"])
         async with http.get(f"{prefix}/jobs/{ids[2]}/events") as response:
-            first = await anext(read_events(response))
+            first = await anext(server_sent_events(response))
     assert first["event"] == "state"
     assert first["data"]["status"] == "queued"
     assert first["data"]["queue_position"] == 3
@@ -124,7 +109,7 @@ async def test_eta_comes_from_the_runs_on_the_backend_the_job_is_on(
                                  ) as response:
                 job_id = (await response.json())["id"]
             async with http.get(f"{prefix}/jobs/{job_id}/events") as response:
-                states = [event["data"] async for event in read_events(response)
+                states = [event["data"] async for event in server_sent_events(response)
                           if event["event"] == "state"]
     on_backend = [state for state in states if state["backend"] == "slow"]
     assert on_backend

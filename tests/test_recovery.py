@@ -14,7 +14,8 @@ from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, python_process, serve_env
+from comfyfleet.storage.local import PART_PREFIX
+from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
 
 PROMPT_SECONDS = 1.5
 
@@ -33,12 +34,11 @@ async def job_status(http: aiohttp.ClientSession, api: str, job_id: str) -> dict
         return job
 
 
-async def wait_for_status(
-    http: aiohttp.ClientSession, api: str, job_id: str, status: str
-) -> None:
-    async with asyncio.timeout(30):
-        while (await job_status(http, api, job_id))["status"] != status:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polling the API: there is no local event to wait on
+async def backend_history(http: aiohttp.ClientSession, port: int, prompt_id: str
+                          ) -> dict[str, Any]:
+    async with http.get(f"http://{LOOPBACK}:{port}/history/{prompt_id}") as response:
+        entry: dict[str, Any] = await response.json()
+        return entry
 
 
 async def submit(http: aiohttp.ClientSession, api: str, callback: str, n: int) -> list[str]:
@@ -67,16 +67,20 @@ async def test_gateway_killed_mid_job_resumes_without_losing_or_rerunning_anythi
         )
         # Two jobs fill the backend's slots (one running, one pending there); one waits here.
         ids = await submit(http, api, receiver.url, 3)
-        await wait_for_status(http, api, ids[0], "running")
+        await wait_for_job(http, api, ids[0], "running")
         async with asyncio.timeout(10):  # the second prompt is in the backend's queue
             while True:
                 async with http.get(f"http://{LOOPBACK}:{sim_port}/queue") as response:
                     if len((await response.json())["queue_pending"]) == 1:
                         break
                 await asyncio.sleep(0.05)
+        running = (await job_status(http, api, ids[0]))["prompt_id"]
         first.send_signal(signal.SIGKILL)
         await first.wait()
-        await asyncio.sleep(PROMPT_SECONDS)  # the running prompt finishes while we are down
+        # The running prompt finishes while we are down.
+        async with asyncio.timeout(10):
+            while not await backend_history(http, sim_port, running):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the backend: no local event to wait on
         await stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz")
         )
@@ -102,7 +106,7 @@ async def test_backend_restart_loses_its_queue_and_the_job_runs_again(
         api = await stack.enter_async_context(serving(settings)) + settings.route_prefix
         http = await stack.enter_async_context(aiohttp.ClientSession())
         (job_id,) = await submit(http, api, receiver.url, 1)
-        await wait_for_status(http, api, job_id, "running")
+        await wait_for_job(http, api, job_id, "running")
         backend.send_signal(signal.SIGKILL)
         await backend.wait()
         # Restarted ComfyUI: empty queue and history, so the prompt is lost, not late.
@@ -132,8 +136,11 @@ async def test_gateway_killed_while_uploading_stores_the_output_once_after_resta
         first = await stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         (job_id,) = await submit(http, api, receiver.url, 1)
-        await wait_for_status(http, api, job_id, "uploading")
-        await asyncio.sleep(1)  # a part of the file is through
+        await wait_for_job(http, api, job_id, "uploading")
+        async with asyncio.timeout(10):  # a part of the file is through
+            while not any(part.stat().st_size for part in (data_root / "outputs").rglob(  # noqa: ASYNC110
+                    f"{PART_PREFIX}*")):
+                await asyncio.sleep(0.05)  # the storage directory: no event to wait on
         first.send_signal(signal.SIGKILL)
         await first.wait()
         await stack.enter_async_context(
@@ -175,11 +182,12 @@ async def test_gateway_killed_before_its_post_reaches_the_backend_runs_each_job_
         first = await stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         ids = await submit(http, api, receiver.url, 3)
-        # Both slots of the backend claimed, their POSTs held there; one job still waits here.
+        # Both slots of the backend claimed (the oldest jobs first), their POSTs held there;
+        # one job still waits here.
+        for job_id in ids[:2]:
+            await wait_for_job(http, api, job_id, "dispatched")
         claimed = ["dispatched", "dispatched", "queued"]
-        async with asyncio.timeout(30):
-            while sorted(j["status"] for j in await statuses(http, api, ids)) != claimed:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # polling the API: there is no local event to wait on
+        assert [j["status"] for j in await statuses(http, api, ids)] == claimed
         claims = {j["id"]: j["prompt_id"] for j in await statuses(http, api, ids)
                   if j["status"] == "dispatched"}
         first.send_signal(signal.SIGKILL)

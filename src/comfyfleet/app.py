@@ -132,6 +132,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
             max_attempts=settings.max_attempts,
             grace_seconds=settings.backend_grace_seconds,
             quiet_seconds=settings.quiet_prompt_seconds,
+            dispatch_interval=settings.dispatch_interval,
             on_terminal=on_terminal,
             events=events,
             lease=lease,

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     backend_grace_seconds: float = Field(default=30.0, ge=0)
     # A prompt nothing was heard of for this long has its history checked (a silent socket).
     quiet_prompt_seconds: float = Field(default=10.0, gt=0)
+    # Seconds between the dispatcher's passes of its own: a job arriving, a slot freeing or a
+    # prompt's progress wakes it at once; this catches what another process changed.
+    dispatch_interval: float = Field(default=2.0, gt=0)
     # Shared with the comfyui_nodes package on each backend: with it, comfyfleet deletes a
     # job's files there once they are stored. Unset: the files stay.
     comfyfleet_node_token: str | None = None

@@ -39,7 +39,6 @@ from comfyfleet.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-SAFETY_PASS_SECONDS = 2.0
 SUBMIT_FAILURE_PAUSE = 1.0
 # Moving a waiting prompt costs a few round trips and a little risk; only worth it for a
 # clear gain, in seconds of expected completion.
@@ -93,8 +92,12 @@ class Dispatcher:
         node_costs: NodeCosts,
         affinity_window: int,
         owner: int,
+        safety_pass_seconds: float,
     ) -> None:
         self._repository = repository
+        # Events wake the loop; this pass of its own catches what no event here announces
+        # (jobs submitted to another process, slots freed there).
+        self._safety_pass_seconds = safety_pass_seconds
         self._owner = owner  # this process's ProcessLease id, recorded on what it claims
         self._run_times = run_times
         self._node_costs = node_costs
@@ -121,7 +124,7 @@ class Dispatcher:
             except Exception:  # the database may be away for a while; keep the loop alive
                 log.exception("dispatch pass failed")
             try:
-                async with asyncio.timeout(SAFETY_PASS_SECONDS):
+                async with asyncio.timeout(self._safety_pass_seconds):
                     await self._signals.changed.wait()
             except TimeoutError:
                 self._signals.claim_due = True

@@ -49,6 +49,7 @@ class Fleet:
         max_attempts: int,
         grace_seconds: float,
         quiet_seconds: float,
+        dispatch_interval: float,
         on_terminal: Callable[[Job], None],
         events: JobNotices,
         lease: ProcessLease,
@@ -99,6 +100,7 @@ class Fleet:
             node_costs=node_costs,
             affinity_window=affinity_window,
             owner=lease.id,
+            safety_pass_seconds=dispatch_interval,
         )
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -159,10 +159,11 @@ async def server_sent_events(response: aiohttp.ClientResponse) -> AsyncIterator[
 
 async def wait_for_job(
     http: aiohttp.ClientSession, api: str, job_id: str, *statuses: str,
-    seconds: float = 30.0, headers: dict[str, str] | None = None,
+    progress: float = 0.0, seconds: float = 30.0, headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The job once its status is one of `statuses` (default: any terminal one), followed
-    through its event stream (`GET {api}/jobs/{id}/events`), not by polling.
+    """The job once its status is one of `statuses` (default: any terminal one) and its
+    progress at least `progress`, followed through its event stream
+    (`GET {api}/jobs/{id}/events`), not by polling.
 
     An end the caller did not wait for fails at once, saying how the job ended. For a
     terminal status the job is the one the terminal event carries; for another one it is read
@@ -188,7 +189,7 @@ async def wait_for_job(
                             last_id, seen = event.get("id", last_id), event["data"]
                             status = seen["status"]
                             terminal = event["event"] in TERMINAL_STATUSES
-                            if status in wanted:
+                            if status in wanted and seen["progress"] >= progress:
                                 return seen if terminal else await _job(http, api, job_id,
                                                                         headers)
                             if terminal:

@@ -18,7 +18,7 @@ import asyncpg
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, serve_env, wait_until_answering
+from tests.support import LOOPBACK, free_ports, serve_env, wait_for_job, wait_until_answering
 
 PROMPT_SECONDS = 1.0
 OUTPUT_BYTES = 3 * 1024 * 1024
@@ -39,22 +39,6 @@ async def serve(env: dict[str, str], log: Path) -> AsyncIterator[asyncio.subproc
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def job(http: aiohttp.ClientSession, api: str, job_id: str) -> dict[str, Any]:
-    async with http.get(f"{api}/jobs/{job_id}") as response:
-        assert response.status == 200
-        found: dict[str, Any] = await response.json()
-        return found
-
-
-async def wait_for_status(
-    http: aiohttp.ClientSession, api: str, job_id: str, *statuses: str
-) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while (found := await job(http, api, job_id))["status"] not in statuses:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # polling the API: no local event to wait on
-    return found
 
 
 async def job_rows(settings: Settings, ids: list[str]) -> list[dict[str, Any]]:
@@ -89,7 +73,7 @@ async def test_sigterm_mid_job_drains_and_the_next_process_finishes(
                         ids.append((await response.json())["id"])
                 # The first job's outputs are on their way to storage; the backend's one slot
                 # went to the second job, and the third waits in the queue.
-                await wait_for_status(http, api, ids[0], "uploading")
+                await wait_for_job(http, api, ids[0], "uploading")
                 first.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(30):
                     assert await first.wait() == 0
@@ -104,7 +88,7 @@ async def test_sigterm_mid_job_drains_and_the_next_process_finishes(
 
             async with serve(env, log):
                 for job_id in ids:
-                    done = await wait_for_status(http, api, job_id, "succeeded", "failed")
+                    done = await wait_for_job(http, api, job_id, "succeeded", "failed")
                     assert done["status"] == "succeeded", done
                 # Promptly: the first process gave back whatever it had claimed and not sent.
                 async with asyncio.timeout(20):

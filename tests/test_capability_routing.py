@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,8 @@ from typing import Any
 import aiohttp
 
 from comfyfleet.app import serving
-from comfyfleet.jobs.models import JobStatus
 from comfyfleet.settings import Settings
-from tests.support import LOOPBACK, REPO, free_ports, python_process
+from tests.support import LOOPBACK, REPO, free_ports, python_process, wait_for_job
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
 SDXL = "sd_xl_base_1.0.safetensors"  # and workflows/sdxl_txt2img.json
@@ -60,16 +58,6 @@ async def submit(http: aiohttp.ClientSession, api: str, workflow: str, seed: int
         job = await response.json()
         assert response.status == 202, job
         return str(job["id"])
-
-
-async def ended(http: aiohttp.ClientSession, api: str, ids: Iterable[str]) -> list[dict[str, Any]]:
-    """The jobs once every one of them has ended."""
-    async with asyncio.timeout(30):
-        while True:
-            jobs = [await get(http, f"{api}/jobs/{job_id}") for job_id in ids]
-            if all(JobStatus(job["status"]).terminal for job in jobs):
-                return jobs
-            await asyncio.sleep(0.05)
 
 
 async def until_health(http: aiohttp.ClientSession, api: str, **healthy: bool) -> None:
@@ -115,7 +103,7 @@ async def test_jobs_run_only_where_their_model_is_and_wait_for_it(
         # first and as idle as sdxl (and sd15 would reject it: not in its ckpt_name list).
         ids = [await submit(http, api, "sdxl_txt2img", seed) for seed in range(3)]
         ids += [await submit(http, api, "sd15_txt2img", seed) for seed in range(3)]
-        jobs = await ended(http, api, ids)
+        jobs = [await wait_for_job(http, api, job_id) for job_id in ids]
         for job in jobs:
             assert job["status"] == "succeeded", job
             assert job["backend"] == job["workflow"].split("_")[0], job
@@ -131,7 +119,7 @@ async def test_jobs_run_only_where_their_model_is_and_wait_for_it(
         await sdxl.wait()
         await until_health(http, api, sd15=True, sdxl=False)
         waiting = await submit(http, api, "sdxl_txt2img", 10)
-        (later,) = await ended(http, api, [await submit(http, api, "sd15_txt2img", 10)])
+        later = await wait_for_job(http, api, await submit(http, api, "sd15_txt2img", 10))
         assert (later["status"], later["backend"]) == ("succeeded", "sd15"), later
         job = await get(http, f"{api}/jobs/{waiting}")
         assert (job["status"], job["backend"], job["attempts"]) == ("queued", None, 0), job
@@ -139,7 +127,7 @@ async def test_jobs_run_only_where_their_model_is_and_wait_for_it(
 
         # Back (a restarted server, same port and files): the job runs there.
         await stack.enter_async_context(model_sim(b, data_root / "b", SDXL))
-        (job,) = await ended(http, api, [waiting])
+        job = await wait_for_job(http, api, waiting)
         assert (job["status"], job["backend"], job["attempts"]) == ("succeeded", "sdxl", 1), job
         assert await prompt_ids_run_on(http, b) == {job["prompt_id"]}
         assert job["prompt_id"] not in await prompt_ids_run_on(http, a)

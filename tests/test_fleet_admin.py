@@ -22,8 +22,8 @@ from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, serve_env
-from tests.test_scale_out import Gateways, job_when
+from tests.support import LOOPBACK, free_ports, serve_env, wait_for_job
+from tests.test_scale_out import Gateways
 
 
 async def call(
@@ -153,7 +153,7 @@ async def test_a_backend_is_not_removed_under_a_job_another_process_sent(
         body = {"workflow": "invert", "params": {"width": 8}}
         status, job = await call(http, "POST", f"{sender}/api/v1/jobs", body)
         assert status == 202
-        await job_when(http, sender, job["id"], "dispatched")
+        await wait_for_job(http, f"{sender}/api/v1", job["id"], "dispatched")
 
         admin, _ = await gateways.start(http)
         status, _ = await call(http, "PATCH", f"{admin}/api/v1/backends/gpu", {"drain": True})
@@ -168,7 +168,7 @@ async def test_a_backend_is_not_removed_under_a_job_another_process_sent(
         status, _ = await call(http, "POST", f"{admin}/api/v1/backends",
                                {"url": spare.url, "name": "spare"})
         assert status == 201
-        done = await job_when(http, admin, job["id"], "succeeded", "failed")
+        done = await wait_for_job(http, f"{admin}/api/v1", job["id"], "succeeded", "failed")
         assert (done["status"], done["backend"], done["attempts"]) == ("succeeded", "spare", 2)
         assert (await call(http, "DELETE", f"{admin}/api/v1/backends/gpu"))[0] == 204
         status, listed = await call(http, "GET", f"{admin}/api/v1/backends")

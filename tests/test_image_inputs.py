@@ -17,7 +17,7 @@ from PIL import Image
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import COLOR, REPO, png
+from tests.support import COLOR, REPO, png, wait_for_job
 
 
 @pytest.fixture
@@ -32,17 +32,6 @@ async def api(settings: Settings, sim: SimulatedComfyUI
     settings.comfyui_endpoints = [sim.url]
     async with serving(settings) as base, aiohttp.ClientSession() as http:
         yield http, base + settings.route_prefix
-
-
-async def finished(http: aiohttp.ClientSession, prefix: str, job_id: str) -> dict[str, Any]:
-    async with http.get(f"{prefix}/jobs/{job_id}?") as response:
-        job: dict[str, Any] = await response.json()
-    async with asyncio.timeout(20):
-        while job["status"] not in ("succeeded", "failed"):
-            await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
-            async with http.get(f"{prefix}/jobs/{job_id}") as response:
-                job = await response.json()
-    return job
 
 
 async def output_image(http: aiohttp.ClientSession, prefix: str, job: dict[str, Any]
@@ -64,7 +53,7 @@ async def test_each_way_of_sending_an_image_runs_the_job(
             submitted = await response.json()
         record = submitted["params"]["image"]
         assert record["content_type"] == "image/png" and record["size"] == len(png())
-        job = await finished(http, prefix, submitted["id"])
+        job = await wait_for_job(http, prefix, submitted["id"])
         assert job["status"] == "succeeded", job
         picture = await output_image(http, prefix, job)
         assert picture.size == (64, 32)  # height 0 keeps the aspect ratio
@@ -85,7 +74,7 @@ async def test_multipart_upload_on_the_typed_endpoint(
         assert response.status == 202, await response.text()
         submitted = await response.json()
     assert submitted["client_task_id"] == "upload-1"
-    job = await finished(http, prefix, submitted["id"])
+    job = await wait_for_job(http, prefix, submitted["id"])
     assert (await output_image(http, prefix, job)).size == (40, 40)
 
 
@@ -138,7 +127,7 @@ async def test_uploaded_input_is_deleted_from_the_backend_when_the_job_ends(
             async with http.post(f"{prefix}/jobs", json={"workflow": "blur_image", "params": {
                     "image": base64.b64encode(png()).decode(), "width": 8}}) as response:
                 submitted = await response.json()
-            job = await finished(http, prefix, submitted["id"])
+            job = await wait_for_job(http, prefix, submitted["id"])
             record = job["params"]["image"]
             uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
             async with asyncio.timeout(10):

@@ -8,7 +8,6 @@ import signal
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -16,7 +15,7 @@ from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, python_process, serve_env
+from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
 
 JOBS = 24
 
@@ -108,18 +107,6 @@ class Gateways:
                 await asyncio.sleep(0.1)
 
 
-async def job_when(
-    http: aiohttp.ClientSession, base: str, job_id: str, *statuses: str
-) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while True:
-            async with http.get(f"{base}/api/v1/jobs/{job_id}") as response:
-                job: dict[str, Any] = await response.json()
-            if job["status"] in statuses:
-                return job
-            await asyncio.sleep(0.05)
-
-
 async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
     settings: Settings, receiver: WebhookReceiver, data_root: Path
 ) -> None:
@@ -132,7 +119,7 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{first}/api/v1/jobs", json=body) as response:
             job_id = (await response.json())["id"]
-        await job_when(http, first, job_id, "running")
+        await wait_for_job(http, f"{first}/api/v1", job_id, "running")
         # Started only now, the second takes no part in it: the job is surely the first's.
         second, _ = await gateways.start(http)
         async with http.get(f"{second}/api/v1/jobs/{job_id}") as response:
@@ -142,7 +129,7 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
 
         # The backend never drops the second process's socket: only noticing that the first
         # process died can get this job collected.
-        done = await job_when(http, second, job_id, "succeeded", "failed")
+        done = await wait_for_job(http, f"{second}/api/v1", job_id, "succeeded", "failed")
         await receiver.wait_for(1)
         async with http.get(f"{sim.url}/history") as response:
             ran = len(await response.json())
@@ -164,7 +151,7 @@ async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{first}/api/v1/jobs", json=body) as response:
             job_id = (await response.json())["id"]
-        await job_when(http, first, job_id, "dispatched")
+        await wait_for_job(http, f"{first}/api/v1", job_id, "dispatched")
         # Its prompt is in neither /queue nor /history yet: from here it looks lost.
         second, _ = await gateways.start(http)
         async with http.get(f"{second}/api/v1/jobs/{job_id}") as response:
@@ -172,7 +159,7 @@ async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
         async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}) as response:
             assert response.status == 200
 
-        done = await job_when(http, first, job_id, "succeeded", "failed")
+        done = await wait_for_job(http, f"{first}/api/v1", job_id, "succeeded", "failed")
         await receiver.wait_for(1)
         async with http.get(f"{sim.url}/history") as response:
             ran = len(await response.json())

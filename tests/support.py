@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from comfyfleet.db import embedded_url
 from comfyfleet.settings import Settings
@@ -210,3 +211,23 @@ async def _job(
         assert response.status == 200, await response.text()
         job: dict[str, Any] = await response.json()
         return job
+
+
+# Each sample of a /metrics page: (name, labels) -> value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

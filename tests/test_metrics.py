@@ -7,32 +7,14 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports
+from tests.support import LOOPBACK, Samples, free_ports, scrape, value
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PHASES = ("queue_wait", "dispatch", "run", "upload", "webhook")
-
-
-async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
-    async with http.get(f"{base}/metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def phase_count(samples: Samples, phase: str) -> float:

@@ -13,9 +13,10 @@ from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports, python_process
+from tests.support import LOOPBACK, free_ports, python_process, scrape, value, wait_for_job
 
 BUCKET = "outage"
+STORAGE_ERRORS = "comfyfleet_storage_errors_total"
 
 
 async def create_bucket(endpoint: str) -> None:
@@ -45,13 +46,13 @@ async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Set
         first.kill()  # S3 goes away before the job's outputs are stored
         await first.wait()
 
+        failures = value(await scrape(http, base), STORAGE_ERRORS)
         async with http.post(f"{api}/jobs", json={"workflow": "invert"}) as response:
             job_id = (await response.json())["id"]
-        async with asyncio.timeout(20):
-            while (await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] != \
-                    "uploading":  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
-        await asyncio.sleep(3)  # several failed attempts later...
+        await wait_for_job(http, api, job_id, "uploading")
+        async with asyncio.timeout(30):  # several failed attempts later (1 s apart, then 2 s)
+            while value(await scrape(http, base), STORAGE_ERRORS) < failures + 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # polling /metrics: no local event to wait on
         async with http.get(f"{api}/jobs/{job_id}") as response:
             assert (await response.json())["status"] == "uploading"  # ...still waiting
         async with http.get(f"{base}/readyz") as response:
@@ -60,10 +61,7 @@ async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Set
 
         await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
         await create_bucket(endpoint)  # the new S3 starts empty
-        async with asyncio.timeout(60):
-            while (job := await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] \
-                    == "uploading":  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
+        job = await wait_for_job(http, api, job_id, "succeeded", seconds=60)
         async with get_session().create_client(
             "s3", region_name="us-east-1", endpoint_url=endpoint, **S3_CREDENTIALS
         ) as client:

@@ -7,7 +7,9 @@ import asyncio
 import json
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -18,7 +20,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import REPO, child_env
+from tests.support import REPO, child_env, wait_for_job
 
 
 @pytest.fixture
@@ -28,13 +30,20 @@ def workflows(workflows: Path) -> Path:
     return workflows
 
 
-@pytest.fixture
-async def api(settings: Settings, workflows: Path) -> AsyncIterator[tuple[aiohttp.ClientSession,
-                                                                          str]]:
+@asynccontextmanager
+async def service(settings: Settings) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """The service in front of one simulated backend: a client and the API's base URL."""
     async with SimulatedComfyUI() as sim:
         settings.comfyui_endpoints = [sim.url + "#sim"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             yield http, base + settings.route_prefix
+
+
+@pytest.fixture
+async def api(settings: Settings, workflows: Path) -> AsyncIterator[tuple[aiohttp.ClientSession,
+                                                                          str]]:
+    async with service(settings) as running:
+        yield running
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -108,36 +117,38 @@ async def test_dropped_in_file_is_picked_up_without_a_restart(
     assert "negative" not in [w["name"] for w in reloaded["workflows"]]
 
 
-async def test_outputs_are_served_by_index_and_through_signed_links(
-    api: tuple[aiohttp.ClientSession, str],
-) -> None:
-    http, prefix = api
-    async with http.post(f"{prefix}/jobs", json={"workflow": "invert", "params": {
-            "width": 20, "height": 10}}) as response:
-        job_id = (await response.json())["id"]
-    async with asyncio.timeout(20):
-        while (job := (await get(http, f"{prefix}/jobs/{job_id}"))[1])["status"] != "succeeded":  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polling the API: nothing local to wait on
-    async with http.get(f"{prefix}/jobs/{job_id}/outputs/0") as response:
-        assert response.status == 200
-        assert response.content_type == "image/png"
-        png = await response.read()
-    assert png.startswith(b"\x89PNG") and len(png) == job["outputs"][0]["size"]
+async def test_outputs_are_served_by_index_and_through_signed_links(settings: Settings) -> None:
+    settings.s3_url_ttl = 3  # local storage's signed links last as long as presigned ones
+    async with service(settings) as (http, prefix):
+        async with http.post(f"{prefix}/jobs", json={"workflow": "invert", "params": {
+                "width": 20, "height": 10}}) as response:
+            job_id = (await response.json())["id"]
+        await wait_for_job(http, prefix, job_id, "succeeded")
+        async with http.get(f"{prefix}/jobs/{job_id}/outputs/0") as response:
+            assert response.status == 200
+            assert response.content_type == "image/png"
+            png = await response.read()
+        status, job = await get(http, f"{prefix}/jobs/{job_id}")  # its link signed now
+        assert png.startswith(b"\x89PNG") and len(png) == job["outputs"][0]["size"]
 
-    url = job["outputs"][0]["url"]
-    async with http.get(url) as response:
-        assert response.status == 200
-        assert await response.read() == png
-    parts = urlsplit(url)
-    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    forged = {**query, "signature": "0" * 64}
-    expired = {**query, "expires": "1000"}
-    for params in (forged, expired):
-        async with http.get(f"{parts.scheme}://{parts.netloc}{parts.path}?"
-                            f"{urlencode(params)}") as response:
+        url = job["outputs"][0]["url"]
+        async with http.get(url) as response:
+            assert response.status == 200
+            assert await response.read() == png
+        parts = urlsplit(url)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        forged = {**query, "signature": "0" * 64}
+        prolonged = {**query, "expires": str(int(query["expires"]) + 3600)}
+        for params in (forged, prolonged):
+            async with http.get(f"{parts.scheme}://{parts.netloc}{parts.path}?"
+                                f"{urlencode(params)}") as response:
+                assert response.status == 403
+        # The untouched link, once its time is up.
+        await asyncio.sleep(max(0.0, int(query["expires"]) - time.time()) + 0.1)
+        async with http.get(url) as response:
             assert response.status == 403
-    status, body = await get(http, f"{prefix}/jobs/{job_id}/outputs/1")
-    assert (status, body["error"]["type"]) == (404, "output_not_found")
+        status, body = await get(http, f"{prefix}/jobs/{job_id}/outputs/1")
+        assert (status, body["error"]["type"]) == (404, "output_not_found")
 
 
 async def run_check(*args: str) -> tuple[int, str]:

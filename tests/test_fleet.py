@@ -308,3 +308,25 @@ async def test_every_process_shares_the_fleet_and_it_outlives_them(settings: Set
             await first.call("PATCH", "/backends/two", {"drain": True})
             assert (await first.call("DELETE", "/backends/two"))[0] == 204
             assert await names(first) == {"one": True}
+
+
+async def test_the_backlog_runs_highest_priority_first_then_oldest(settings: Settings) -> None:
+    settings.max_inflight_per_backend = 1  # one at a time: the order of dispatch is plain
+    priorities = [0, 5, -3, 5, 1000, 0, -1000]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        api = Api(http, base + settings.route_prefix)
+        ids = []
+        for n, priority in enumerate(priorities):  # no backend yet: every one waits
+            status, job = await api.call("POST", "/jobs", {
+                "workflow": "invert", "params": {"width": 16 + n}, "priority": priority})
+            assert (status, job["priority"]) == (202, priority), job
+            ids.append(job["id"])
+        async with SimulatedComfyUI() as sim:
+            status, _ = await api.call("POST", "/backends", {"url": sim.url, "name": "gpu"})
+            assert status == 201
+            jobs = [await wait_for_job(http, api.base, job_id, "succeeded") for job_id in ids]
+    ran = [job["id"] for job in sorted(jobs, key=lambda job: job["dispatched_at"])]
+    # Highest priority first; equal priorities in the order they came.
+    expected = sorted(range(len(ids)), key=lambda n: (-priorities[n], n))
+    assert ran == [ids[n] for n in expected]
+    assert all(job["attempts"] == 1 for job in jobs)

@@ -241,8 +241,13 @@ async def test_rate_limit_without_keys_is_per_client_address(settings: Settings)
     settings.rate_limit = 2
     async with serving(settings) as base, aiohttp.ClientSession() as http:
         client = Client(http, base, settings.route_prefix)
-        statuses = [(await client.call("GET", "/workflows"))[0] for _ in range(3)]
-        assert statuses == [200, 200, 429]
+        answers = [await client.call("GET", "/workflows") for _ in range(3)]
+        assert [status for status, _, _ in answers] == [200, 200, 429]
+        assert all("Retry-After" not in headers for _, _, headers in answers[:2])
+        _, body, headers = answers[2]
+        assert body["error"]["type"] == "rate_limited"
+        assert 1 <= int(headers["Retry-After"]) <= 60
+        assert body["error"]["retry_after"] == int(headers["Retry-After"])
 
 
 async def test_max_queued_per_key(settings: Settings) -> None:

@@ -116,3 +116,34 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
     assert "404" in failed.error["message"]
     assert failed.outputs == []
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.png"))
+
+
+@pytest.mark.parametrize("heard_from", ["websocket", "history"])
+async def test_execution_error_fails_the_job_with_its_node_and_traceback_once(
+    settings: Settings, receiver: WebhookReceiver, heard_from: str
+) -> None:
+    """A node raising on the backend (the simulator's out-of-memory error) fails the job: the
+    node, its type, the exception and its traceback are in the job and its webhook, and the
+    prompt is not run again. Read from the `execution_error` event, or from the history
+    when the socket says nothing."""
+    settings.max_attempts = 3  # attempts to spare: none may be spent on it
+    settings.quiet_prompt_seconds = 1.0
+    async with SimulatedComfyUI(fail_rate=1.0, hang=heard_from == "history") as sim:
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        event = await run_one(settings, receiver, {"workflow": "invert",
+                                                   "params": {"width": 16}})
+        async with aiohttp.ClientSession() as http, http.get(f"{sim.url}/history") as response:
+            history = await response.json()
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    assert (job["status"], job["attempts"], job["outputs"]) == ("failed", 1, [])
+    error = job["error"]
+    assert error["type"] == "execution_error"
+    assert (error["node_id"], error["node_type"]) == ("2", "ImageInvert")
+    assert error["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert error["details"]["exception_type"] == "torch.OutOfMemoryError"
+    traceback = error["details"]["traceback"]
+    assert traceback and all(isinstance(line, str) for line in traceback)
+    assert any("File " in line for line in traceback)
+    assert list(history) == [job["prompt_id"]]  # run once: not retried

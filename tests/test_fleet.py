@@ -248,6 +248,54 @@ async def test_backend_gone_for_good_hands_its_job_to_another(
         assert "doomed unreachable" in job["error"]["message"]
 
 
+@pytest.mark.parametrize(("losses", "outcome"), [(2, "succeeded"), (3, "failed")])
+async def test_max_attempts_counts_every_backend_loss(
+    settings: Settings, receiver: WebhookReceiver, losses: int, outcome: str
+) -> None:
+    """The backend restarts under the job again and again, each time losing the prompt it
+    was running: each loss spends one of MAX_ATTEMPTS, and the last one fails the job."""
+    settings.max_attempts = 3
+    async with SimulatedComfyUI(duration=2.0) as sim:
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Api(http, base + settings.route_prefix)
+            job_id = await api.submit(receiver.url)
+            lost: list[str] = []
+            for _ in range(losses):
+                lost.append(await prompt_running_anew(sim, lost))
+                await sim.crash_and_restart()  # queue and history gone: the prompt is lost
+            job = await wait_for_job(http, api.base, job_id)
+            await receiver.wait_for(1)
+            history = await sim_history(sim)
+    assert (job["status"], job["attempts"]) == (outcome, 3), job
+    assert job["prompt_id"] not in lost[:2]  # every attempt ran under a prompt id of its own
+    assert [event["type"] for event in receiver.verified] == [f"job.{outcome}"]
+    if outcome == "succeeded":
+        assert list(history) == [job["prompt_id"]]
+    else:
+        assert job["error"]["type"] == "backend_lost"
+        assert job["error"]["message"] == (
+            "backend gpu lost the prompt (attempt 3); no attempts left")
+        assert history == {}
+
+
+async def prompt_running_anew(sim: SimulatedComfyUI, seen: list[str]) -> str:
+    """The id of the prompt the backend runs once it runs one not in `seen`."""
+    async with asyncio.timeout(20):
+        while True:
+            running = [item[1] for item in (await sim_queue(sim))["queue_running"]]
+            fresh = [prompt_id for prompt_id in running if prompt_id not in seen]
+            if fresh:
+                return str(fresh[0])
+            await asyncio.sleep(0.05)  # polling the backend: no local event to wait on
+
+
+async def sim_history(sim: SimulatedComfyUI) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{sim.url}/history") as response:
+        history: dict[str, Any] = await response.json()
+        return history
+
+
 async def test_silent_socket_is_caught_by_the_history_check(settings: Settings) -> None:
     """The backend runs the prompt but its websocket says nothing (a hung socket)."""
     settings.quiet_prompt_seconds = 1.0

@@ -12,7 +12,8 @@ import signal
 import time
 import uuid
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,11 +23,14 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from comfyfleet.jobs.deliveries import DeliveryStatus
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.webhooks.delivery import AttemptResult
 from comfyfleet.webhooks.outbox import Outbox
+from comfyfleet.webhooks.schedule import RetrySchedule
 from comfyfleet.webhooks.signing import new_secret
 from tests.conftest import S3_CREDENTIALS, StartReceiver
 from tests.support import LOOPBACK, free_ports, python_process, serve_env
@@ -123,6 +127,101 @@ async def test_retry_after_is_honoured(
         delivery = await gw.wait_for(job_id, "delivered", attempts=2)
     assert receiver.arrivals[1].at - receiver.arrivals[0].at >= 1.0  # not the 0.05 s schedule
     assert [a["status_code"] for a in delivery["attempts"]] == [status, 200]
+
+
+async def test_retry_after_as_an_http_date_is_honoured(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    settings.webhook_retry_delays = [0.05]
+    # A whole second, as HTTP dates go: at least 3 s from the first attempt.
+    retry_at = datetime.fromtimestamp(int(time.time()) + 4, UTC)
+    receiver = await receivers(
+        Answer(503, headers={"Retry-After": format_datetime(retry_at, usegmt=True)}),
+        Answer(200))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        waiting = await gw.wait_for(job_id, "pending", attempts=1)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=2)
+    assert waiting["next_attempt_at"] is not None
+    assert abs(datetime.fromisoformat(waiting["next_attempt_at"]) - retry_at) < timedelta(
+        seconds=0.5)
+    assert receiver.arrivals[1].at - receiver.arrivals[0].at >= 2.0  # not the 0.05 s schedule
+    assert [a["status_code"] for a in delivery["attempts"]] == [503, 200]
+
+
+async def test_retry_after_is_never_sooner_than_the_first_delay(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    """A receiver answering "Retry-After: 0" gets the schedule's first delay, even where
+    the schedule itself would be quicker: no busy loop."""
+    settings.webhook_retry_delays = [1.0, 0.05]
+    receiver = await receivers(*[Answer(429, headers={"Retry-After": "0"})] * 2, Answer(200))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=3)
+    first, second, third = (arrival.at for arrival in receiver.arrivals)
+    assert second - first >= 1.0 and third - second >= 1.0
+    assert [a["status_code"] for a in delivery["attempts"]] == [429, 429, 200]
+
+
+async def test_a_retry_after_beyond_the_max_age_makes_the_delivery_dead(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    settings.webhook_max_age = 60
+    receiver = await receivers(Answer(503, headers={"Retry-After": "3600"}))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "dead", attempts=1)
+    assert delivery["next_attempt_at"] is None
+    assert [a["status_code"] for a in delivery["attempts"]] == [503]
+    assert len(receiver.arrivals) == 1
+
+
+async def test_the_default_first_retry_is_about_5_s(
+    settings: Settings, receivers: StartReceiver
+) -> None:
+    settings.webhook_retry_delays = default_setting("webhook_retry_delays")
+    receiver = await receivers(Answer(500))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "pending", attempts=1)
+    (attempt,) = delivery["attempts"]
+    delay = (datetime.fromisoformat(delivery["next_attempt_at"])
+             - datetime.fromisoformat(attempt["attempted_at"])).total_seconds()
+    assert 5 * 0.8 <= delay <= 5 * 1.2 + 1  # the second is for the attempt itself
+
+
+def default_setting(name: str) -> Any:
+    """A setting's default, whatever the environment of the test run says."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
+def test_the_default_schedule_jitter_and_max_age() -> None:
+    """About 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, then hourly, each ±20 %, until 24 h."""
+    schedule = RetrySchedule(
+        delays=tuple(default_setting("webhook_retry_delays")),
+        max_age=timedelta(seconds=default_setting("webhook_max_age")))
+    steps = [5, 30, 120, 600, 1800, 3600, 3600, 3600]
+    for attempts, step in enumerate(steps, start=1):
+        drawn = [schedule.delay(attempts) for _ in range(2000)]
+        assert all(step * 0.8 <= delay <= step * 1.2 for delay in drawn), attempts
+        # Spread over the whole band, not fixed: failures together do not retry together.
+        assert min(drawn) < step * 0.85 and max(drawn) > step * 1.15, attempts
+
+    failing = AttemptResult(500, latency_ms=1, error="HTTP 500")
+    since = now = datetime(2025, 1, 1, tzinfo=UTC)
+    attempts = 0
+    while True:
+        attempts += 1
+        outcome = schedule.after(failing, attempts=attempts, pending_since=since, now=now)
+        if outcome.status != DeliveryStatus.PENDING:
+            break
+        assert outcome.next_attempt_at is not None
+        now = outcome.next_attempt_at
+    assert outcome.status == DeliveryStatus.DEAD
+    assert now - since <= timedelta(hours=24)  # the last attempt within the max age
+    # 6 steps in the first ~1.7 h, then one an hour (±20 %) for the rest of the day.
+    assert 24 <= attempts <= 32
 
 
 async def test_a_receiver_that_is_down_gets_the_webhook_when_it_comes_back(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
+import os
 import re
 import sys
 import uuid
@@ -17,12 +19,13 @@ import asyncpg
 import pytest
 from fastapi.routing import iter_route_contexts
 from multidict import CIMultiDictProxy
+from PIL import Image
 
 from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
-from tests.support import child_env
+from tests.support import child_env, png
 
 KEY_A, KEY_B, ADMIN = "key-a-8c1f6e2d", "key-b-37d0b9aa", "admin-5e9a1c44"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
@@ -314,6 +317,49 @@ async def test_bodies_over_the_limit_get_413(settings: Settings) -> None:
         async with http.get(f"{api}/jobs") as response:
             assert response.status == 200
             assert len((await response.json())["jobs"]) == 1
+
+
+async def test_multipart_uploads_over_their_own_limit_get_413(settings: Settings) -> None:
+    settings.max_request_bytes = 1000  # JSON bodies: multipart uploads have their own limit
+    settings.max_upload_bytes = 20_000
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (128, 128), os.urandom(128 * 128 * 3)).save(noise, format="PNG")
+    big = noise.getvalue()
+    assert len(big) > settings.max_upload_bytes
+
+    def form(picture: bytes) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("image", picture, filename="me.png", content_type="image/png")
+        data.add_field("width", "8")
+        return data
+
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        url = f"{base}{settings.route_prefix}/workflows/blur_image/jobs"
+        async with http.post(url, data=form(png(48, 48))) as response:  # over 1000, under 20k
+            assert response.status == 202, await response.text()
+        async with http.post(url, data=form(big)) as response:  # Content-Length says so
+            assert response.status == 413
+            error = (await response.json())["error"]
+            assert (error["type"], error["limit"]) == ("request_too_large", 20_000)
+
+        boundary = "comfyfleet-test-boundary"
+        raw = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"width\"\r\n\r\n8\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+               f"filename=\"me.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+        raw += big + f"\r\n--{boundary}--\r\n".encode()
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: found while reading
+            for start in range(0, len(raw), 4096):
+                yield raw[start:start + 4096]
+
+        async with http.post(url, data=chunks(), headers={
+                "content-type": f"multipart/form-data; boundary={boundary}"}) as response:
+            assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+            assert response.status == 413
+            assert (await response.json())["error"]["type"] == "request_too_large"
+        async with http.get(f"{base}{settings.route_prefix}/jobs") as response:
+            assert response.status == 200
+            assert len((await response.json())["jobs"]) == 1  # only the one under the limit
 
 
 async def test_cors_is_off_unless_origins_are_allowed(settings: Settings) -> None:

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     comfyfleet_node_token: str | None = None
     max_request_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
+    # Seconds an image parameter's URL may take to fetch, whole (its size limit is
+    # MAX_UPLOAD_BYTES).
+    input_url_timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("comfyui_endpoints", "api_keys", "admin_api_keys", "cors_origins",
                      "webhook_retry_delays", mode="before")

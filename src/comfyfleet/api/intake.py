@@ -148,7 +148,8 @@ async def _pictures(
         try:
             pictures[name] = inputs.image(value) if isinstance(value, bytes) else (
                 await inputs.resolve(value, max_bytes=svc.settings.max_upload_bytes,
-                                     allow_private=svc.settings.allow_private_callbacks))
+                                     allow_private=svc.settings.allow_private_callbacks,
+                                     fetch_seconds=svc.settings.input_url_timeout))
         except inputs.InputError as exc:
             raise ApiError(422, "invalid_params", f"invalid parameters: {name}: {exc}",
                            params={name: str(exc)}) from exc

@@ -24,7 +24,6 @@ from comfyfleet.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 BACKEND_SUBFOLDER = "comfyfleet"  # in the backend's input directory
 # Magic numbers of the formats ComfyUI's LoadImage opens, and the extension we store them with.
 _FORMATS = [
@@ -64,10 +63,14 @@ def image(data: bytes) -> ImageInput:
     return ImageInput(data, content_type, extension)
 
 
-async def resolve(value: str, *, max_bytes: int, allow_private: bool) -> ImageInput:
-    """The image a parameter value names: fetched (URL) or decoded (base64 / data URI)."""
+async def resolve(
+    value: str, *, max_bytes: int, allow_private: bool, fetch_seconds: float
+) -> ImageInput:
+    """The image a parameter value names: fetched (URL, within `fetch_seconds`) or decoded
+    (base64 / data URI)."""
     if value.startswith(("http://", "https://")):
-        return image(await _fetch(value, max_bytes=max_bytes, allow_private=allow_private))
+        return image(await _fetch(value, max_bytes=max_bytes, allow_private=allow_private,
+                                  fetch_seconds=fetch_seconds))
     match = _DATA_URI.match(value)
     encoded = match.group("data") if match else value
     if len(encoded) > max_bytes * 4 // 3 + 4:
@@ -79,14 +82,16 @@ async def resolve(value: str, *, max_bytes: int, allow_private: bool) -> ImageIn
     return image(data)
 
 
-async def _fetch(url: str, *, max_bytes: int, allow_private: bool) -> bytes:
+async def _fetch(url: str, *, max_bytes: int, allow_private: bool, fetch_seconds: float
+                 ) -> bytes:
     try:
         await check_url(url, allow_private=allow_private)
     except UrlNotAllowed as exc:
         raise InputError(str(exc)) from exc
     try:
         async with aiohttp.ClientSession(
-            connector=guarded_connector(allow_private=allow_private), timeout=FETCH_TIMEOUT
+            connector=guarded_connector(allow_private=allow_private),
+            timeout=aiohttp.ClientTimeout(total=fetch_seconds),
         ) as http, http.get(url, allow_redirects=False) as response:
             if response.status != 200:
                 raise InputError(f"fetching {url} answered HTTP {response.status}")
@@ -94,7 +99,9 @@ async def _fetch(url: str, *, max_bytes: int, allow_private: bool) -> bytes:
             if declared is not None and declared > max_bytes:
                 raise InputError(f"{url} is larger than {max_bytes} bytes")
             data = await response.content.read(max_bytes + 1)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+    except TimeoutError as exc:
+        raise InputError(f"fetching {url} took longer than {fetch_seconds:g} s") from exc
+    except (aiohttp.ClientError, OSError) as exc:
         raise InputError(f"could not fetch {url}: {exc!r}") from exc
     if len(data) > max_bytes:
         raise InputError(f"{url} is larger than {max_bytes} bytes")

@@ -12,12 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import COLOR, REPO, png, wait_for_job
+from tests.support import COLOR, LOOPBACK, REPO, png, wait_for_job
 
 
 @pytest.fixture
@@ -166,3 +167,46 @@ async def test_a_submit_that_makes_no_job_leaves_no_input_in_storage(settings: S
             assert status == expected
             assert (answer["error"] or {}).get("type") == error  # a job's error is null
             assert files() == kept
+
+
+@pytest.fixture
+async def awkward_server() -> AsyncIterator[str]:
+    """Image URLs on loopback that misbehave: /stall answers nothing for a minute, /big
+    declares 5000 bytes."""
+    app = web.Application()
+
+    async def stall(_: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        return web.Response(body=png(), content_type="image/png")
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(body=png() + bytes(5000 - len(png())), content_type="image/png")
+
+    app.router.add_get("/stall", stall)
+    app.router.add_get("/big", big)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, 0).start()
+    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("/stall", "took longer than 1 s"),  # no answer at all
+    ("/big", "is larger than 4000 bytes"),  # declared by its Content-Length
+])
+async def test_image_urls_are_fetched_with_a_time_and_a_size_limit(
+    settings: Settings, awkward_server: str, path: str, says: str
+) -> None:
+    settings.input_url_timeout = 1.0
+    settings.max_upload_bytes = 4000
+    request = {"workflow": "blur_image", "params": {"image": awkward_server + path}}
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async with asyncio.timeout(20), http.post(  # far less than the stalling server's minute
+                f"{base}{settings.route_prefix}/jobs", json=request) as response:
+            status, body = response.status, await response.json()
+        async with http.get(f"{base}{settings.route_prefix}/jobs") as response:
+            jobs = (await response.json())["jobs"]
+    assert (status, body["error"]["type"]) == (422, "invalid_params")
+    assert says in body["error"]["params"]["image"], body
+    assert jobs == []

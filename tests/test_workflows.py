@@ -86,3 +86,71 @@ def test_ui_export_and_broken_files_are_reported_without_hiding_the_rest(tmp_pat
     assert catalog.errors["ui"] == UI_FORMAT_HINT
     assert "not valid JSON" in catalog.errors["broken"]
     assert "'nope' is not used" in catalog.errors["bad-sidecar"]
+
+
+SCALED = {
+    "1": {"class_type": "EmptyImage",
+          "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "ImageScale",
+          "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 256,
+                     "height": 256, "crop": "disabled"}},
+    "3": {"class_type": "SaveImage",
+          "inputs": {"images": ["2", 0], "filename_prefix": "$prefix"}},
+}
+
+
+def test_a_yaml_sidecar_names_parameters_by_node_and_input(tmp_path: Path) -> None:
+    """DESIGN §3: the sidecar names each parameter's node id and input name, so an export
+    needs no placeholder at all; placeholders and sidecar entries mix."""
+    write(tmp_path, "scaled.json", SCALED)
+    (tmp_path / "scaled.params.yaml").write_text(
+        "# Which inputs of the export a request sets.\n"
+        "size:\n"
+        "  node: '2'\n"
+        "  input: width\n"
+        "  type: int\n"
+        "  min: 8\n"
+        "  max: 4096\n"
+        "  description: Output width\n"
+        "method: {node: '2', input: upscale_method, type: enum,\n"
+        "         choices: [nearest-exact, bilinear, area, bicubic, lanczos]}\n"
+        "color: {node: '1', input: color, type: int, required: true}\n"
+        "prefix: {type: string, default: scaled}\n")
+    workflow = load_catalog(tmp_path).workflows["scaled"]
+    specs = {name: spec.to_json() for name, spec in workflow.params.items()}
+    assert set(specs) == {"size", "method", "color", "prefix"}
+    # Without a default of its own, an input keeps the value the export has.
+    assert specs["size"] == {
+        "name": "size", "type": "int", "default": 256, "required": False, "min": 8,
+        "max": 4096, "step": None, "choices": None, "description": "Output width",
+        "type_source": "sidecar", "type_note": None}
+    assert (specs["method"]["type"], specs["method"]["default"]) == ("enum", "bilinear")
+    assert (specs["color"]["required"], specs["color"]["default"]) == (True, None)
+
+    values, prompt = workflow.build({"size": "640", "color": 7})
+    assert values == {"size": 640, "method": "bilinear", "color": 7, "prefix": "scaled"}
+    assert prompt["2"]["inputs"] == {"image": ["1", 0], "upscale_method": "bilinear",
+                                     "width": 640, "height": 256, "crop": "disabled"}
+    assert prompt["1"]["inputs"]["color"] == 7
+    assert prompt["3"]["inputs"]["filename_prefix"] == "scaled"
+    with pytest.raises(ParamError) as caught:
+        workflow.build({"size": 4, "method": "sharpest"})
+    assert set(caught.value.problems) == {"size", "method", "color"}
+    assert caught.value.problems["color"] == "required parameter is missing"
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ("{node: '9', input: width, type: int}", "node '9'"),
+    ("{node: '2', input: sharpness, type: int}", "no input 'sharpness'"),
+    ("{node: '2', input: image, type: int}", "a link"),
+    ("{node: '2', type: int}", "both node and input"),
+])
+def test_a_sidecar_entry_naming_a_missing_input_is_reported(
+    tmp_path: Path, entry: str, says: str
+) -> None:
+    write(tmp_path, "scaled.json", SCALED)
+    (tmp_path / "scaled.params.yaml").write_text(f"prefix: {{type: string}}\nsize: {entry}\n")
+    catalog = load_catalog(tmp_path)
+    assert "scaled" not in catalog.workflows
+    assert says in catalog.errors["scaled"]
+    assert "scaled.params.yaml" in catalog.errors["scaled"]

@@ -1,7 +1,8 @@
 """The workflow catalog: API-format exports dropped into `WORKFLOWS_DIR`.
 
 Each `<name>.json` is a workflow; an optional sidecar `<name>.params.json` (or `.params.yaml`)
-declares its parameters (type, default, range, choices) and whether its outputs may be reused;
+declares its parameters (type, default, range, choices; the node and input each one sets, when
+the template has no placeholder for it) and whether its outputs may be reused;
 an optional `<name>.py` is its service function. What a sidecar leaves unsaid about a
 parameter comes from the node inputs it fills (inference.py), as the backends report them:
 the catalog is typed again whenever a backend's `/object_info` arrives. A broken file is
@@ -223,6 +224,35 @@ def _declared_over(inferred: ParamSpec, declared: Mapping[str, Any] | None) -> P
     )
 
 
+def _bind_input(
+    template: dict[str, Any], name: str, raw: dict[str, Any], sidecar: str
+) -> dict[str, Any]:
+    """A sidecar entry naming its node and input: that input of the template becomes the
+    parameter (a placeholder the export did not need to have). Without a default of its own
+    (or `required: true`) the parameter defaults to the value the export has there."""
+    node_id, input_name = raw.get("node"), raw.get("input")
+    where = f"{sidecar}: parameter {name!r}"
+    if node_id is None or input_name is None:
+        raise WorkflowError(f"{where}: give both node and input")
+    node = template.get(str(node_id))
+    if node is None:
+        raise WorkflowError(f"{where}: the template has no node {str(node_id)!r}")
+    inputs = node.get("inputs", {})
+    if input_name not in inputs:
+        raise WorkflowError(f"{where}: node {str(node_id)!r} ({node.get('class_type')}) has no "
+                            f"input {input_name!r}")
+    exported = inputs[input_name]
+    if isinstance(exported, list):
+        raise WorkflowError(f"{where}: input {input_name!r} of node {str(node_id)!r} is a link "
+                            "to another node, not a value")
+    if not name.isidentifier():
+        raise WorkflowError(f"{where}: a parameter's name must be an identifier")
+    inputs[input_name] = f"${{{name}}}"
+    if "default" in raw or raw.get("required"):
+        return raw
+    return {**raw, "default": exported}
+
+
 def _read_sidecar(path: Path, text: str) -> dict[str, Any]:
     try:
         declared = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -247,11 +277,11 @@ def load_workflow(path: Path) -> Workflow:
         code_source = code.read_bytes()
         digest.update(b"\0service function\0" + code_source)
         service_function = load_service_function(code, code_source)
-    uses = placeholder_uses(template)
     declared: dict[str, dict[str, Any]] = {}
     reuse_outputs = False
     sidecar = next((path.with_name(name + suffix) for suffix in SIDECAR_SUFFIXES
                     if path.with_name(name + suffix).exists()), None)
+    entries: dict[str, Any] = {}
     if sidecar is not None:
         text = sidecar.read_text()
         digest.update(b"\0sidecar\0" + text.encode())
@@ -260,10 +290,15 @@ def load_workflow(path: Path) -> Workflow:
         if not isinstance(reuse_outputs, bool):
             raise WorkflowError(f"{sidecar.name}: {REUSE_KEY} must be true or false")
         for key, raw in entries.items():
-            # A service function may take parameters the template does not name.
-            if key not in uses and service_function is None:
-                raise WorkflowError(f"{sidecar.name}: parameter {key!r} is not used in {path.name}")
-            declared[key] = _check_declared(key, raw)
+            if isinstance(raw, dict) and ("node" in raw or "input" in raw):
+                entries[key] = _bind_input(template, key, raw, sidecar.name)
+    uses = placeholder_uses(template)
+    for key, raw in entries.items():
+        # A service function may take parameters the template does not name.
+        if key not in uses and service_function is None:
+            assert sidecar is not None
+            raise WorkflowError(f"{sidecar.name}: parameter {key!r} is not used in {path.name}")
+        declared[key] = _check_declared(key, raw)
     return Workflow(name=name, template=template, params={}, digest=digest.hexdigest(),
                     reuse_outputs=reuse_outputs, service_function=service_function,
                     uses=uses, declared=declared).typed(FleetNodes())

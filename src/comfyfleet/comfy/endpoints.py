@@ -50,7 +50,10 @@ def make_backend(address: str, name: str | None = None) -> Backend:
                                     "characters")
     if "://" not in address:
         address = "http://" + address.strip()
-    parts = urlsplit(address.strip())
+    try:
+        parts = urlsplit(address.strip())
+    except ValueError as exc:  # an unclosed IPv6 bracket
+        raise InvalidBackend("url", f"bad host or port in backend URL {shown!r}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidBackend("url", f"not a ComfyUI endpoint: {shown!r} (expected host:port or "
                                     "http(s)://host:port)")

@@ -1,0 +1,91 @@
+"""No secrets in logs (DESIGN §8): a `comfyfleet serve` logging at DEBUG through a job whose
+outputs meet a missing S3 bucket, whose webhook fails once, and whose database is reached
+with a password, never writes the database password, the AWS secret or the webhook secret."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiobotocore.session import get_session
+
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.conftest import S3_CREDENTIALS, StartReceiver
+from tests.support import (
+    LOOPBACK,
+    free_ports,
+    scrape,
+    serve_env,
+    value,
+    wait_for_job,
+    wait_until_answering,
+)
+from tests.webhook_support import Answer
+
+DB_PASSWORD = "db-pass-6c1e0f9a77"
+AWS_SECRET = "aws-secret-2b8d4e1f5a"
+
+
+async def test_no_secret_reaches_the_logs(
+    settings: Settings, data_root: Path, s3_endpoint: str, receivers: StartReceiver
+) -> None:
+    assert settings.database_url is not None and settings.webhook_secret is not None
+    # The embedded PostgreSQL trusts local connections: any password gets in, and is sent.
+    database_url = settings.database_url.replace("postgres:@", f"postgres:{DB_PASSWORD}@")
+    assert DB_PASSWORD in database_url
+    secrets = [DB_PASSWORD, AWS_SECRET, settings.webhook_secret,
+               settings.webhook_secret.removeprefix("whsec_"),
+               base64.b64decode(settings.webhook_secret.removeprefix("whsec_")).hex()]
+    bucket = "secrets-test"  # made only once the job has failed to store its output
+    receiver = await receivers(Answer(500), Answer(200))
+    port = free_ports(1)
+    base = f"http://{LOOPBACK}:{port}"
+    log = data_root / "serve.log"
+    async with SimulatedComfyUI() as sim:
+        env = serve_env(
+            settings, data_root, port, DATABASE_URL=database_url, RDB_PASSWORD=DB_PASSWORD,
+            COMFYUI_ENDPOINTS=f"{sim.url}#gpu", STORAGE="s3", S3_BUCKET=bucket,
+            S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID=S3_CREDENTIALS["aws_access_key_id"],
+            AWS_SECRET_ACCESS_KEY=AWS_SECRET, WEBHOOK_RETRY_DELAYS="0.2")
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "comfyfleet", "--log-level", "DEBUG", "serve", env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+        try:
+            try:
+                await wait_until_answering(base + "/healthz")
+            except TimeoutError:
+                raise AssertionError(f"serve did not start:\n{log.read_text()}") from None
+            async with aiohttp.ClientSession() as http:
+                api = base + settings.route_prefix
+                body = {"workflow": "invert", "callback_url": receiver.url}
+                async with http.post(f"{api}/jobs", json=body) as response:
+                    assert response.status == 202, await response.text()
+                    job_id = (await response.json())["id"]
+                await wait_for_job(http, api, job_id, "uploading")
+                async with asyncio.timeout(20):  # a failed write is logged with its error
+                    while value(await scrape(http, base),  # noqa: ASYNC110
+                                "comfyfleet_storage_errors_total") < 1:
+                        await asyncio.sleep(0.1)  # polling /metrics: no local event to wait on
+                async with get_session().create_client(
+                    "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+                ) as client:
+                    await client.create_bucket(Bucket=bucket)
+                await wait_for_job(http, api, job_id, "succeeded")
+                await receiver.wait_for(2)
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(process.wait(), 30)
+    text = log.read_text()
+    # The log did see all of it: the database, S3 (botocore's requests), the webhook.
+    assert "comfyfleet ready" in text
+    assert "NoSuchBucket" in text
+    assert "HTTP 500" in text
+    for secret in secrets:
+        assert secret not in text

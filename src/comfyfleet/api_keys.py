@@ -2,7 +2,8 @@
 digests, each with its tenant's weight and limits.
 
 Every process reads them, with a short cache: a key created or revoked anywhere counts
-everywhere within KEY_CACHE_SECONDS.
+everywhere within KEY_CACHE_SECONDS. While the database does not answer, the last answer
+read stands (the keys cannot change meanwhile); what was never read cannot be answered.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Column, DateTime, Integer, String, func, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -154,9 +156,14 @@ class KeyStore:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self._sessions() as session:
-            found = (await session.exec(select(ApiKey).where(
-                col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))).first()
+        try:
+            async with self._sessions() as session:
+                found = (await session.exec(select(ApiKey).where(
+                    col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))).first()
+        except (SQLAlchemyError, OSError):
+            if cached is None:
+                raise
+            return cached[1]  # the database is away: as it was when last read
         live = LiveKey(found.admin, found.limits) if found is not None else None
         if len(self._cache) >= KEY_CACHE_SIZE:
             self._cache.clear()
@@ -168,9 +175,14 @@ class KeyStore:
         now = time.monotonic()
         if self._any is not None and self._any[0] > now:
             return self._any[1]
-        async with self._sessions() as session:
-            found = await session.exec(
-                select(col(ApiKey.name)).where(col(ApiKey.revoked_at).is_(None)).limit(1))
-            live = found.first() is not None
+        try:
+            async with self._sessions() as session:
+                found = await session.exec(
+                    select(col(ApiKey.name)).where(col(ApiKey.revoked_at).is_(None)).limit(1))
+                live = found.first() is not None
+        except (SQLAlchemyError, OSError):
+            if self._any is None:
+                raise
+            return self._any[1]  # the database is away: as it was when last read
         self._any = (now + KEY_CACHE_SECONDS, live)
         return live

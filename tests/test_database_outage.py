@@ -22,6 +22,7 @@ from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.db import embedded_url, start_embedded_postgres
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from tests.support import wait_for_job
 
 ACCEPTED_EACH_PHASE = 5
 OUTAGE_ANSWERS = 60  # 503s seen before the database is started again
@@ -153,3 +154,53 @@ async def test_outputs_stored_while_the_database_is_down_are_recorded_when_it_is
     assert (job["status"], job["attempts"]) == ("succeeded", 1)
     assert job["outputs"][0]["size"] == stored.stat().st_size
     assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def test_what_needs_no_database_answers_and_prompts_finished_meanwhile_are_collected(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver
+) -> None:
+    """While it is away, the reads that need no database still answer (health, the fleet,
+    the catalog: API keys read before stand); a prompt that finishes on the backend then,
+    when nothing can record it, is collected once it is back, and nothing runs twice."""
+    settings.database_url = embedded_url(own_postgres)
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=1.5))
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = base + settings.route_prefix
+        ids = []
+        for width in (16, 17, 18, 19):  # two on the backend, two waiting here
+            async with http.post(f"{api}/jobs", json={
+                    "workflow": "invert", "params": {"width": width},
+                    "callback_url": receiver.url}) as response:
+                assert response.status == 202
+                ids.append((await response.json())["id"])
+        running = await wait_for_job(http, api, ids[0], "running")
+
+        await stop_immediately(own_postgres)
+        async with asyncio.timeout(20):  # it finishes there; nothing can record it
+            while not await (await http.get(  # noqa: ASYNC110
+                    f"{sim.url}/history/{running['prompt_id']}")).json():
+                await asyncio.sleep(0.05)  # polling the backend: no local event to wait on
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{base}/readyz") as response:
+            ready = await response.json()
+            assert (response.status, ready["database"], ready["storage"]) == (503, False, True)
+        async with http.get(f"{api}/backends") as response:
+            assert response.status == 200
+            assert [backend["name"] for backend in await response.json()] == ["gpu"]
+        async with http.get(f"{api}/workflows") as response:
+            assert response.status == 200
+            assert (await response.json())["workflows"]
+        async with http.get(f"{api}/jobs/{ids[0]}") as response:
+            assert (response.status, response.headers["Retry-After"]) == (503, "5")
+
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        jobs = [await wait_for_job(http, api, job_id, seconds=60) for job_id in ids]
+        await receiver.wait_for(len(ids))
+    for job in jobs:
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job  # none run twice
+        assert len(job["outputs"]) == 1, job
+    assert sorted(event["data"]["id"] for event in receiver.verified) == sorted(ids)

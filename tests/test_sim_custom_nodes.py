@@ -179,6 +179,7 @@ async def test_cli_options(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "view_bytes_per_second": 64 * 1024,
             "output_size": 2 * 1024**3,
             "prompt_delay": None,
+            "system_stats_status": None,
         }
         features = await get_json(http, f"{url}/features")
         assert features["max_upload_size"] == 512 * 1024

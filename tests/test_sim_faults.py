@@ -103,6 +103,7 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "view_bytes_per_second": None,
             "output_size": 100,
             "prompt_delay": None,
+            "system_stats_status": None,
         }
         assert await get_json(http, f"{sim.url}/_sim/faults") == defaults
         changed = defaults | {"fail_rate": 0.25, "seed": 3, "view_bytes_per_second": 5000}
@@ -117,6 +118,8 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             {"seed": 1.5},
             {"prompt_delay": -1},
             {"prompt_delay": "1"},
+            {"system_stats_status": 200},
+            {"system_stats_status": "500"},
             {"fail_rate": 0.5, "colour": "red"},
             ["fail_rate"],
         ]:
@@ -311,3 +314,19 @@ async def test_prompt_delay_holds_posts_and_drops_those_whose_client_left(
         assert sorted(await get_json(http, f"{sim.url}/history")) == ["after", "kept"]
         empty: JSON = {"queue_running": [], "queue_pending": []}
         assert await get_json(http, f"{sim.url}/queue") == empty
+
+
+async def test_system_stats_status(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with SimulatedComfyUI(data_dir=tmp_path) as sim:
+        await post_json(http, f"{sim.url}/_sim/faults", {"system_stats_status": 503})
+        async with http.ws_connect(f"{sim.url}/ws?clientId=probe") as ws:
+            assert (await ws.receive_json())["type"] == "status"  # the socket is as usual
+            for path in ("/system_stats", "/api/system_stats"):
+                async with http.get(sim.url + path) as response:
+                    assert response.status == 503
+            async with http.get(f"{sim.url}/queue") as response:
+                assert response.status == 200
+        await post_json(http, f"{sim.url}/_sim/faults", {"system_stats_status": None})
+        async with http.get(f"{sim.url}/system_stats") as response:
+            assert response.status == 200
+            assert "system" in await response.json()

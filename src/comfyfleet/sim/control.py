@@ -11,9 +11,9 @@ no `/api` copy. Bodies and answers are JSON.
 `GET /_sim/faults`, `POST /_sim/faults`
     Read or change the failure injection settings. POST takes any subset of
     `{"fail_rate": 0.0-1.0, "seed": int|null, "hang": bool, "view_bytes_per_second": int|null,
-    "output_size": int|null, "prompt_delay": seconds|null}` and answers the full settings; a
-    bad value is a 400 `{"error": message}` and changes nothing. Setting `seed` restarts the
-    failure sequence.
+    "output_size": int|null, "prompt_delay": seconds|null, "system_stats_status": int|null}`
+    and answers the full settings; a bad value is a 400 `{"error": message}` and changes
+    nothing. Setting `seed` restarts the failure sequence.
     - `fail_rate`: each prompt fails with this probability, with an `execution_error`
       (`torch.OutOfMemoryError`) at its SimulatedWork node, else its last non-output node.
     - `hang`: websockets stay open but receive nothing (not even later); prompts still run and
@@ -25,6 +25,8 @@ no `/api` copy. Bodies and answers are JSON.
       before it is read; if the client disconnects meanwhile the prompt is dropped, never
       queued. A client can thus be killed between deciding to queue a prompt and the server
       having it.
+    - `system_stats_status`: GET /system_stats answers this HTTP error status; the websocket
+      and the other routes are not affected.
 
 `POST /_sim/drop_websockets`
     Cut every websocket connection now, with no close frame: `{"dropped": n}`.

@@ -27,6 +27,9 @@ class Faults:
     - `prompt_delay`: POST /prompt holds each request this many seconds before it looks at it
       (None: at once). A request whose client disconnects meanwhile is dropped unread: its
       prompt is never queued, as if the client had died before sending it.
+    - `system_stats_status`: GET /system_stats answers with this HTTP status (an error page)
+      instead of the stats (None: the stats), while the websocket and every other route go
+      on as usual: a server whose monitoring endpoint fails.
     """
 
     fail_rate: float = 0.0
@@ -35,6 +38,7 @@ class Faults:
     view_bytes_per_second: int | None = None
     output_size: int | None = None
     prompt_delay: float | None = None
+    system_stats_status: int | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,7 @@ class Faults:
             "view_bytes_per_second": self.view_bytes_per_second,
             "output_size": self.output_size,
             "prompt_delay": self.prompt_delay,
+            "system_stats_status": self.system_stats_status,
         }
 
     def update(self, changes: Mapping[str, Any]) -> None:
@@ -110,6 +115,12 @@ def _seconds(name: str, value: Any) -> float | None:
     return float(value) if value is not None else None
 
 
+def _error_status(name: str, value: Any) -> int | None:
+    if value is not None and not (_is_int(value) and 400 <= value <= 599):
+        raise ValueError(f"{name} must be an HTTP error status (400-599) or null")
+    return value  # type: ignore[no-any-return]
+
+
 _CHECKS = {
     "fail_rate": _rate,
     "seed": _seed,
@@ -117,4 +128,5 @@ _CHECKS = {
     "view_bytes_per_second": _positive,
     "output_size": _size,
     "prompt_delay": _seconds,
+    "system_stats_status": _error_status,
 }

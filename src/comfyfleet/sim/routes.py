@@ -239,6 +239,8 @@ class Routes:
     # --- server information ------------------------------------------------------------------
 
     async def system_stats(self, request: web.Request) -> web.Response:
+        if self.faults.system_stats_status is not None:
+            return web.Response(status=self.faults.system_stats_status, text="stats unavailable")
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         host, port = sockname[:2] if sockname else ("", 0)
         # argv tells instances apart, as a real server's command line does.

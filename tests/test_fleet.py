@@ -218,6 +218,48 @@ async def wait_until_connected(api: Api, name: str) -> None:
             await asyncio.sleep(0.05)  # polling the API: no local event to wait on
 
 
+async def test_a_backend_is_healthy_only_while_its_system_stats_answer(
+    settings: Settings,
+) -> None:
+    """DESIGN §7: healthy = its websocket up and /system_stats answering. The simulator's
+    /system_stats fails while its socket and every other route work."""
+    async with SimulatedComfyUI() as sim, aiohttp.ClientSession() as http:
+        async def stats_answer(status: int | None) -> None:
+            async with http.post(f"{sim.url}/_sim/faults",
+                                 json={"system_stats_status": status}) as response:
+                assert response.status == 200
+
+        async def until_backend(healthy: bool, error: str | None) -> dict[str, Any]:
+            async with asyncio.timeout(30):
+                while True:
+                    (backend,) = (await client.call("GET", "/backends"))[1]
+                    if (backend["healthy"], backend["last_error"]) == (healthy, error):
+                        return dict(backend)
+                    await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+
+        await stats_answer(500)  # from the start: it never becomes healthy
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        async with serving(settings) as base:
+            client = Api(http, base + settings.route_prefix)
+            await until_backend(False, "GET /system_stats: HTTP 500")
+            job = await client.job(await client.submit())
+            assert "gpu has not connected yet (GET /system_stats: HTTP 500)" in job["waiting"]
+            await stats_answer(None)
+            first = await wait_for_job(http, client.base, job["id"], "succeeded")
+            assert first["backend"] == "gpu"
+
+            await stats_answer(503)  # connected, its socket up: it stops being healthy
+            await until_backend(False, "GET /system_stats: HTTP 503")
+            waiting = await client.job(await client.submit())
+            assert waiting["status"] == "queued"
+            assert "gpu unreachable for" in waiting["waiting"]
+            assert "(GET /system_stats: HTTP 503)" in waiting["waiting"]
+            await stats_answer(None)
+            await until_backend(True, None)
+            done = await wait_for_job(http, client.base, waiting["id"], "succeeded")
+    assert (done["backend"], done["attempts"]) == ("gpu", 1)
+
+
 @pytest.mark.parametrize(("max_attempts", "outcome"), [(3, "succeeded"), (1, "failed")])
 async def test_backend_gone_for_good_hands_its_job_to_another(
     settings: Settings, max_attempts: int, outcome: str

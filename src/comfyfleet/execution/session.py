@@ -30,6 +30,10 @@ SessionHandler = Callable[["BackendSession"], Awaitable[None]]
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+# Healthy is the websocket up and /system_stats answering (DESIGN §7): a server whose HTTP
+# side hangs or fails can keep its socket open. Asked this often, given this long.
+STATS_PROBE_SECONDS = 5.0
+STATS_TIMEOUT = 10.0
 
 
 class BackendSession:
@@ -124,17 +128,14 @@ class BackendSession:
             log.info("backend %s connected (%s)", self.name, self.backend.url)
             self._changes.beat()
             await self._on_connect(self)
-            async for frame in websocket:
-                if frame.type == aiohttp.WSMsgType.TEXT:
-                    message = parse_text(frame.data)
-                    if message is not None:
-                        await self._handle(message)
-                elif frame.type == aiohttp.WSMsgType.BINARY:
-                    binary = parse_binary(frame.data)
-                    if binary is not None:
-                        await self._on_message(self, binary)
-                elif frame.type == aiohttp.WSMsgType.ERROR:
-                    raise ComfyError(f"websocket error: {websocket.exception()!r}")
+            probe = asyncio.create_task(self._probe_stats(websocket))
+            try:
+                await self._read(websocket)
+            finally:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+            if not probe.cancelled():
+                raise probe.result()  # the probe closed the socket
             self.last_error = "websocket closed by the backend"
         except asyncio.CancelledError:
             self.connected = False  # we are shutting down: not a lost backend
@@ -147,6 +148,36 @@ class BackendSession:
                 log.warning("backend %s disconnected", self.name)
                 self._changes.beat()
                 await self._on_disconnect(self)
+
+    async def _read(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
+        async for frame in websocket:
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                message = parse_text(frame.data)
+                if message is not None:
+                    await self._handle(message)
+            elif frame.type == aiohttp.WSMsgType.BINARY:
+                binary = parse_binary(frame.data)
+                if binary is not None:
+                    await self._on_message(self, binary)
+            elif frame.type == aiohttp.WSMsgType.ERROR:
+                raise ComfyError(f"websocket error: {websocket.exception()!r}")
+
+    async def _probe_stats(self, websocket: aiohttp.ClientWebSocketResponse) -> ComfyError:
+        """Ask /system_stats until it fails; then close the socket, so the backend counts as
+        away (and is connected again, through the same check, once it answers)."""
+        while True:
+            await asyncio.sleep(STATS_PROBE_SECONDS)
+            try:
+                async with asyncio.timeout(STATS_TIMEOUT):
+                    await self.client.system_stats()
+            except ComfyError as exc:
+                failure = exc
+            except TimeoutError:
+                failure = ComfyError(f"GET /system_stats: no answer in {STATS_TIMEOUT:g} s")
+            else:
+                continue
+            await websocket.close()
+            return failure
 
     def unreachable_for(self) -> float:
         """Seconds since the backend went away; 0 while it is connected."""

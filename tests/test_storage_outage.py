@@ -1,9 +1,11 @@
-"""S3 away while a job's outputs are stored: the job waits in `uploading`, nothing claims
-success early, and it finishes once S3 is back."""
+"""S3 away for a while: a job whose outputs are being stored waits in `uploading`, nothing
+claims success early, and it finishes once S3 is back; a submit whose input image cannot be
+kept is refused with 503 and makes no job, and the same submit works once S3 is back."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -13,7 +15,15 @@ from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports, python_process, scrape, value, wait_for_job
+from tests.support import (
+    LOOPBACK,
+    free_ports,
+    png,
+    python_process,
+    scrape,
+    value,
+    wait_for_job,
+)
 
 BUCKET = "outage"
 STORAGE_ERRORS = "comfyfleet_storage_errors_total"
@@ -26,15 +36,21 @@ async def create_bucket(endpoint: str) -> None:
         await client.create_bucket(Bucket=BUCKET)
 
 
-async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
+def s3_server(settings: Settings) -> tuple[tuple[str, ...], str]:
+    """The settings of an S3-storing service on a moto server yet to start: its command
+    line, and its URL."""
     port = free_ports(1)
     endpoint = f"http://{LOOPBACK}:{port}"
-    moto = ("moto.server", "-H", LOOPBACK, "-p", str(port))
     settings.storage = "s3"
     settings.s3_bucket = BUCKET
     settings.s3_endpoint_url = endpoint
     settings.aws_access_key_id = S3_CREDENTIALS["aws_access_key_id"]
     settings.aws_secret_access_key = S3_CREDENTIALS["aws_secret_access_key"]
+    return ("moto.server", "-H", LOOPBACK, "-p", str(port)), endpoint
+
+
+async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
+    moto, endpoint = s3_server(settings)
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI())
         settings.comfyui_endpoints = [sim.url]
@@ -68,3 +84,44 @@ async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Set
             stored = await client.head_object(Bucket=BUCKET, Key=job["outputs"][0]["key"])
     assert job["status"] == "succeeded"
     assert stored["ContentLength"] == job["outputs"][0]["size"] > 0
+
+
+async def test_a_submit_whose_input_cannot_be_kept_makes_no_job_until_s3_is_back(
+    settings: Settings,
+) -> None:
+    moto, endpoint = s3_server(settings)
+    request = {"workflow": "blur_image", "client_task_id": "photo-1",
+               "params": {"image": base64.b64encode(png()).decode(), "width": 16}}
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        settings.comfyui_endpoints = [sim.url]
+        first = await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
+        await create_bucket(endpoint)
+        base = await stack.enter_async_context(serving(settings))
+        api = base + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first.kill()
+        await first.wait()
+
+        async with http.post(f"{api}/jobs", json=request) as response:
+            refused = await response.json()
+            assert (response.status, refused["error"]["type"]) == (503, "storage_unavailable")
+            assert int(response.headers["Retry-After"]) > 0
+        assert "image" in refused["error"]["message"]
+        # What needs no storage now is still taken; nothing of the refused one was kept.
+        async with http.post(f"{api}/jobs", json={"workflow": "invert"}) as response:
+            assert response.status == 202
+            plain = (await response.json())["id"]
+        async with http.get(f"{api}/jobs") as response:
+            assert [job["id"] for job in (await response.json())["jobs"]] == [plain]
+
+        await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
+        await create_bucket(endpoint)
+        async with http.post(f"{api}/jobs", json=request) as response:  # the client retries
+            assert response.status == 202, await response.text()
+            submitted = await response.json()
+        job = await wait_for_job(http, api, submitted["id"], "succeeded")
+        assert (await wait_for_job(http, api, plain, "succeeded"))["outputs"]
+        record = job["params"]["image"]
+        uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
+        assert uploaded.read_bytes() == png()  # the input reached the backend whole

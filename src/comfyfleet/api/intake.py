@@ -27,6 +27,9 @@ REUSE_DESCRIPTION = (
     "bytes, answer at once with a new job holding those outputs; false: always run; unset: "
     "as the workflow says (its sidecar's reuse_outputs)")
 
+# What a submit whose input image storage cannot take now tells the client to wait.
+STORAGE_RETRY_SECONDS = 5
+
 
 class WorkflowJobRequest(BaseModel):
     """A job for the workflow named in the path; each workflow's own parameter schema is in
@@ -188,7 +191,8 @@ async def _store(
                                                str(job_id), name, picture)
         except StorageError as exc:
             await inputs.discard(svc.storage, records.values())
-            raise ApiError(503, "storage_unavailable", f"cannot keep {name} now: {exc}") from exc
+            raise ApiError(503, "storage_unavailable", f"cannot keep {name} now: {exc}",
+                           headers={"Retry-After": str(STORAGE_RETRY_SECONDS)}) from exc
     return records
 
 

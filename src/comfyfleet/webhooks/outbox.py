@@ -91,6 +91,7 @@ class Outbox:
 
     async def for_job(self, job_id: uuid.UUID) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         async with self._sessions() as session:
+            await _one_snapshot(session)
             deliveries = (await session.exec(
                 select(Delivery).where(col(Delivery.job_id) == job_id)
                 .order_by(col(Delivery.created_at), col(Delivery.id))
@@ -99,6 +100,7 @@ class Outbox:
 
     async def get(self, delivery_id: uuid.UUID) -> tuple[Delivery, list[DeliveryAttempt]] | None:
         async with self._sessions() as session:
+            await _one_snapshot(session)
             delivery = await session.get(Delivery, delivery_id)
             if delivery is None:
                 return None
@@ -131,3 +133,10 @@ async def _attempts(session: AsyncSession, delivery_id: uuid.UUID) -> list[Deliv
         .order_by(col(DeliveryAttempt.id))
     )
     return list(result.all())
+
+
+async def _one_snapshot(session: AsyncSession) -> None:
+    """Read a delivery and its attempt log as of one moment: under READ COMMITTED each
+    statement has its own, and an attempt recorded between the two would show in the log
+    while the delivery still said nothing had happened."""
+    await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})

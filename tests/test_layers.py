@@ -78,3 +78,15 @@ def test_imports_point_down() -> None:
         if _layer(target) <= _layer(unit)
     )
     assert upward == []
+
+
+def test_no_function_is_over_60_lines() -> None:
+    """Long functions hide the flow (issue #21): past 60 lines, cut by what the parts do."""
+    long = sorted(
+        f"{path.relative_to(PACKAGE)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None and node.end_lineno - node.lineno + 1 > 60
+    )
+    assert long == []

@@ -37,8 +37,8 @@ from comfyfleet.api.security import authenticate, install_security
 from comfyfleet.api.v2 import mount_v2
 from comfyfleet.api_keys import KeyStore
 from comfyfleet.comfy.endpoints import parse_endpoints
-from comfyfleet.fleet.discovery import DnsDiscovery, DnsTarget, make_resolver
-from comfyfleet.fleet.fleet import Fleet
+from comfyfleet.fleet.discovery import DnsDiscovery, DnsTarget
+from comfyfleet.fleet.fleet import Fleet, FleetTuning
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import Job
@@ -122,32 +122,15 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         await lease.start()
         stack.push_async_callback(lease.close)
         registry = BackendRegistry(engine)
-        fleet = Fleet(
-            endpoints,
-            repository,
-            storage,
-            key_prefix=settings.s3_prefix,
-            max_inflight=settings.max_inflight_per_backend,
-            affinity_window=settings.affinity_window,
-            max_attempts=settings.max_attempts,
-            grace_seconds=settings.backend_grace_seconds,
-            quiet_seconds=settings.quiet_prompt_seconds,
-            dispatch_interval=settings.dispatch_interval,
-            on_terminal=on_terminal,
-            events=events,
-            lease=lease,
-            registry=registry,
-            catalog=catalog,
-            node_token=settings.comfyfleet_node_token,
-        )
+        fleet = Fleet(endpoints, repository, storage, FleetTuning.from_settings(settings),
+                      on_terminal=on_terminal, events=events, lease=lease, registry=registry,
+                      catalog=catalog)
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)
         await fleet.start()
         if discovered is not None:
-            resolver = make_resolver(settings.discovery_nameserver, settings.discovery_interval)
-            discovery = DnsDiscovery(discovered, resolver, fleet, registry,
-                                     settings.discovery_interval)
+            discovery = DnsDiscovery.from_settings(discovered, settings, fleet, registry)
             stack.push_async_callback(_cancel, asyncio.create_task(discovery.run()))
         webhooks.start()
         watcher = asyncio.create_task(

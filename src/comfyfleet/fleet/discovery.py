@@ -28,6 +28,7 @@ import dns.resolver
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.fleet.registry import BackendBusy, BackendRegistry, Registered
+from comfyfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ class DnsDiscovery:
         self._fleet = fleet
         self._registry = registry
         self._interval = interval
+
+    @classmethod
+    def from_settings(cls, target: DnsTarget, settings: Settings, fleet: Fleet,
+                      registry: BackendRegistry) -> DnsDiscovery:
+        resolver = make_resolver(settings.discovery_nameserver, settings.discovery_interval)
+        return cls(target, resolver, fleet, registry, settings.discovery_interval)
 
     async def run(self) -> None:
         while True:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from comfyfleet.comfy.cleanup import BackendFile
@@ -25,6 +26,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.pulse import Pulse
+from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
 from comfyfleet.workflows.catalog import Catalog
 
@@ -36,72 +38,75 @@ DRAIN_RECHECK_SECONDS = 2.0
 CANCEL_TRIES = 5
 
 
+@dataclass(frozen=True)
+class FleetTuning:
+    """The settings the fleet works by (DESIGN §7, §9), gathered once."""
+
+    key_prefix: str
+    max_inflight: int
+    affinity_window: int
+    max_attempts: int
+    grace_seconds: float
+    quiet_seconds: float
+    dispatch_interval: float
+    node_token: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FleetTuning:
+        return cls(
+            key_prefix=settings.s3_prefix,
+            max_inflight=settings.max_inflight_per_backend,
+            affinity_window=settings.affinity_window,
+            max_attempts=settings.max_attempts,
+            grace_seconds=settings.backend_grace_seconds,
+            quiet_seconds=settings.quiet_prompt_seconds,
+            dispatch_interval=settings.dispatch_interval,
+            node_token=settings.comfyfleet_node_token,
+        )
+
+
 class Fleet:
     def __init__(
         self,
         backends: Sequence[Backend],
         repository: JobRepository,
         storage: Storage,
+        tuning: FleetTuning,
         *,
-        key_prefix: str,
-        max_inflight: int,
-        affinity_window: int,
-        max_attempts: int,
-        grace_seconds: float,
-        quiet_seconds: float,
-        dispatch_interval: float,
         on_terminal: Callable[[Job], None],
         events: JobNotices,
         lease: ProcessLease,
         registry: BackendRegistry,
         catalog: Catalog,
-        node_token: str | None = None,
     ) -> None:
         """`backends` are the configured ones; the registry may hold more. The `catalog` is
         told what each backend reports of its nodes, to type workflow parameters."""
         self._registry = registry
         self._catalog = catalog
         self._repository = repository
-        self._node_token = node_token
+        self._node_token = tuning.node_token
         self._on_terminal = on_terminal
         self._input_cleanups: set[asyncio.Task[None]] = set()
         # What the tracker tells the dispatcher (and a drain waiting for a backend to idle).
         self._signals = DispatchSignals()
         # Beats whenever what `describe` shows of any backend changes (the dashboard).
         self.changes = Pulse()
-        collector = Collector(repository, storage, key_prefix, self._ended)
-        run_times = RunTimes()  # learned by the tracker, used for placement
-        self._run_times = run_times
-        node_costs = NodeCosts()  # the same
+        collector = Collector(repository, storage, tuning.key_prefix, self._ended)
+        # Learned by the tracker, used for placement.
+        self._run_times, node_costs = RunTimes(), NodeCosts()
         self.tracker = ExecutionTracker(
-            repository,
-            collector,
-            max_attempts=max_attempts,
-            on_terminal=self._ended,
-            signals=self._signals,
-            grace_seconds=grace_seconds,
-            quiet_seconds=quiet_seconds,
-            events=events,
-            run_times=run_times,
-            node_costs=node_costs,
-            lease=lease,
-        )
+            repository, collector, max_attempts=tuning.max_attempts, on_terminal=self._ended,
+            signals=self._signals, grace_seconds=tuning.grace_seconds,
+            quiet_seconds=tuning.quiet_seconds, events=events, run_times=self._run_times,
+            node_costs=node_costs, lease=lease)
         # One list shared with the dispatcher and the tracker's watch: backends come and go.
         self.sessions: list[BackendSession] = []
         self.dispatcher = Dispatcher(
-            repository,
-            self.sessions,
-            self.tracker,
-            storage,
-            signals=self._signals,
-            max_inflight=max_inflight,
-            on_terminal=self._ended,
-            run_times=run_times,
-            node_costs=node_costs,
-            affinity_window=affinity_window,
-            owner=lease.id,
-            safety_pass_seconds=dispatch_interval,
-        )
+            repository, self.sessions, self.tracker, storage, signals=self._signals,
+            max_inflight=tuning.max_inflight, on_terminal=self._ended,
+            run_times=self._run_times, node_costs=node_costs,
+            affinity_window=tuning.affinity_window, owner=lease.id,
+            safety_pass_seconds=tuning.dispatch_interval)
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatching: asyncio.Task[None] | None = None

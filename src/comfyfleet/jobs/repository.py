@@ -234,28 +234,7 @@ class JobRepository:
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
-        # The free slots and the candidates in one statement (both after the lock, so both
-        # see every claim committed before it); the candidates are read only with a slot free.
-        # A backend drained or removed (by any process: it may not have reached this one yet)
-        # has none.
-        slots = select(_free_slots(backend, max_inflight).label("free")).subquery("slots")
-        queued = (
-            sqlalchemy.select(_table.c.id, _table.c.workflow,
-                              cast(_table.c.prompt, Text).label("prompt"),
-                              _table.c.priority, _table.c.overtaken, _table.c.created_at)
-            .where(_table.c.status == JobStatus.QUEUED, slots.c.free > 0,
-                   _owner_key(_table.c.api_key_hash).not_in(self._keys_at_limit()))
-            .order_by(_table.c.priority.desc(), _table.c.created_at)
-            .limit(CLAIM_BATCH)
-            .with_for_update(skip_locked=True)
-            .lateral("queued")
-        )
-        candidates = (
-            sqlalchemy.select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt,
-                              queued.c.priority, queued.c.overtaken)
-            .select_from(slots.outerjoin(queued, true()))
-            .order_by(queued.c.priority.desc(), queued.c.created_at)
-        )
+        candidates = _claim_candidates(backend, max_inflight, self._keys_at_limit())
         async with self._sessions.begin() as session:
             await lock_backend(session, backend)
             # sqlmodel types selects of up to four columns; this plain one runs the same way.
@@ -566,6 +545,34 @@ _keys = sqlalchemy.table("api_keys", sqlalchemy.column("key_hash", String),
 def _owner_key(api_key_hash: ColumnElement[str | None]) -> ColumnElement[str]:
     """A key's digest, '' for the jobs of no key: comparable with = and NOT IN."""
     return func.coalesce(api_key_hash, "")
+
+
+
+def _claim_candidates(
+    backend: str, max_inflight: int, keys_at_limit: sqlalchemy.Select[Any]
+) -> sqlalchemy.Select[Any]:
+    """The backend's free slots and the first CLAIM_BATCH queued jobs it may take, in one
+    statement (run after the backend's lock, so both see every claim committed before it); the
+    candidates are read only with a slot free. A backend drained or removed (by any process:
+    it may not have reached this one yet) has none."""
+    slots = select(_free_slots(backend, max_inflight).label("free")).subquery("slots")
+    queued = (
+        sqlalchemy.select(_table.c.id, _table.c.workflow,
+                          cast(_table.c.prompt, Text).label("prompt"),
+                          _table.c.priority, _table.c.overtaken, _table.c.created_at)
+        .where(_table.c.status == JobStatus.QUEUED, slots.c.free > 0,
+               _owner_key(_table.c.api_key_hash).not_in(keys_at_limit))
+        .order_by(_table.c.priority.desc(), _table.c.created_at)
+        .limit(CLAIM_BATCH)
+        .with_for_update(skip_locked=True)
+        .lateral("queued")
+    )
+    return (
+        sqlalchemy.select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt,
+                          queued.c.priority, queued.c.overtaken)
+        .select_from(slots.outerjoin(queued, true()))
+        .order_by(queued.c.priority.desc(), queued.c.created_at)
+    )
 
 
 async def lock_backend(session: AsyncSession, backend: str) -> None:

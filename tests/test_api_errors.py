@@ -44,6 +44,9 @@ async def test_unknown_workflow_is_422_naming_the_known_ones(api: str) -> None:
         ({"color": 2**24}, "color"),
         ({"width": 1.5}, "width"),
         ({"shade": 1}, "shade"),
+        ({"width": 10**400}, "width"),  # too large for a float
+        ({"width": "1" * 400}, "width"),  # the same as form text
+        ({"width": -(10**400)}, "width"),
     ],
 )
 async def test_bad_parameter_is_422_naming_it(
@@ -57,6 +60,36 @@ async def test_bad_parameter_is_422_naming_it(
     assert isinstance(problems, dict)
     assert set(problems) == {named}
     assert named in str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"cfg": 10**400}, "cfg"),
+        ({"cfg": "1e400"}, "cfg"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 10**400}, "seed"),
+    ],
+)
+async def test_numbers_beyond_any_range_are_422_naming_them(
+    api: str, params: dict[str, object], named: str
+) -> None:
+    status, body = await post(api, {"workflow": "sd15_txt2img",
+                                    "params": {"prompt": "a cat", **params}})
+    assert status == 422, body
+    problems = error_of(body)["params"]
+    assert isinstance(problems, dict)
+    assert set(problems) == {named}
+
+
+async def test_the_largest_seed_is_kept_exactly(api: str) -> None:
+    seed = 2**64 - 1  # a float would make it 2**64, over the maximum
+    status, job = await post(api, {"workflow": "sd15_txt2img",
+                                   "params": {"prompt": "a cat", "seed": seed}})
+    assert status == 202, job
+    params = job["params"]
+    assert isinstance(params, dict)
+    assert params["seed"] == seed
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,54 @@ async def test_health_and_readiness(settings: Settings) -> None:
             assert response.status == 200
             assert body["database"] is True
             assert body["storage"] is True
+
+
+def named_fields(body: dict[str, object]) -> set[str]:
+    problems = error_of(body)["problems"]
+    assert isinstance(problems, list)
+    return {problem["field"] for problem in problems}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"workflow": "invert", "client_task_id": "a\u0000b"}, "client_task_id"),
+        ({"workflow": "sd15_txt2img", "params": {"prompt": "a cat\u0000"}}, "params.prompt"),
+    ],
+)
+async def test_a_nul_character_is_422_naming_the_field(
+    api: str, body: dict[str, object], field: str
+) -> None:
+    """PostgreSQL stores no NUL character, in text or jsonb: the client hears which field."""
+    status, answer = await post(api, body)
+    assert status == 422, answer
+    assert error_of(answer)["type"] == "invalid_request"
+    assert named_fields(answer) == {field}
+
+
+async def test_a_nul_character_in_a_form_field_or_query_is_422_naming_it(api: str) -> None:
+    form = aiohttp.FormData({"client_task_id": "a\u0000b", "width": "16"},
+                            default_to_multipart=True)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api}/workflows/invert/jobs", data=form) as response:
+            assert response.status == 422
+            assert named_fields(await response.json()) == {"client_task_id"}
+        async with http.get(f"{api}/jobs?workflow=a%00b") as response:
+            assert response.status == 422
+            assert named_fields(await response.json()) == {"workflow"}
+
+
+@pytest.mark.parametrize(
+    ("backend", "field"),
+    [({"url": "127.0.0.1:1/a\u0000b"}, "url"),
+     ({"url": "127.0.0.1:1", "name": "gpu\u0000"}, "name")],
+)
+async def test_a_nul_character_in_a_new_backend_is_422_naming_it(
+    api: str, backend: dict[str, str], field: str
+) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{api}/backends", json=backend) as response:
+        assert response.status == 422
+        assert named_fields(await response.json()) == {field}
+        async with http.get(f"{api}/backends") as listed:
+            assert await listed.json() == []

@@ -161,6 +161,7 @@ async def test_a_submit_that_makes_no_job_leaves_no_input_in_storage(settings: S
             (blur(png(), client_task_id="photo-1"), 200, None),  # a repeat: the same job
             (blur(png(8), client_task_id="photo-1"), 422, "idempotency_conflict"),
             (blur(png(8)), 429, "queue_full"),
+            (blur(png(8), client_task_id="photo\u0000"), 422, "invalid_request"),
         ]
         for body, expected, error in refusals:
             status, answer = await submit(body)

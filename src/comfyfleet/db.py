@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,42 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         driver = raw.driver_connection
         assert isinstance(driver, asyncpg.Connection)
         yield driver
+
+
+class NotStorable(Exception):
+    """A value PostgreSQL refuses: text with a NUL character (text and jsonb alike), or a
+    number that is not finite (jsonb). `field` names where it is, as a dotted path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def check_storable(fields: Mapping[str, Any]) -> None:
+    """Raise NotStorable for the first value among `fields` (column name -> value, JSON
+    documents walked through) that PostgreSQL would refuse. Called on whatever a client sent
+    before it is written or compared, so the client hears which field is wrong instead of
+    the database failing the statement."""
+    for name, value in fields.items():
+        _check_storable(name, value)
+
+
+def _check_storable(path: str, value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise NotStorable(path, "contains a NUL character (\\u0000), which cannot be stored")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotStorable(path, f"{value} is not a number that can be stored")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                raise NotStorable(path, "has a key with a NUL character (\\u0000)")
+            _check_storable(f"{path}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_storable(f"{path}.{index}", item)
 
 
 def _alembic_config(connection: Connection) -> Config:

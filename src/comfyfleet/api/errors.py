@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
-from comfyfleet.db import DatabaseUnreachable, unavailable
+from comfyfleet.db import DatabaseUnreachable, NotStorable, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,13 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", summary, problems=problems)
 
 
+async def _not_storable(_: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (a NUL character): the client's input, named."""
+    assert isinstance(exc, NotStorable)
+    return error_response(422, "invalid_request", str(exc),
+                          problems=[{"field": exc.field, "message": exc.problem}])
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     return error_response(exc.status_code, "http_error", str(exc.detail))
@@ -94,6 +101,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(NotStorable, _not_storable)
     app.add_exception_handler(HTTPException, _http_error)
     # By class, so they are answered inside the app: the catch-all's 500 is sent by the
     # outermost middleware, which re-raises, and the server then closes the connection.

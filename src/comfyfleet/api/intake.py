@@ -11,6 +11,7 @@ from pydantic import AnyHttpUrl, BaseModel, Field
 
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Caller
+from comfyfleet.db import NotStorable
 from comfyfleet.egress import UrlNotAllowed, check_url
 from comfyfleet.intake import inputs
 from comfyfleet.intake.admission import backlog_limits, refusal, retry_after
@@ -96,6 +97,9 @@ async def accept(
     # is unknown (the database gone mid-commit) a leftover file beats a job without its input.
     try:
         stored, created = await svc.repository.insert(job, backlog=backlog)
+    except NotStorable:
+        await inputs.discard(svc.storage, records.values())
+        raise
     except QueueFull as exc:
         await inputs.discard(svc.storage, records.values())
         raise await _queue_full(svc, exc, caller) from exc

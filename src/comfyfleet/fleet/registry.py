@@ -17,7 +17,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.comfy.endpoints import Backend
-from comfyfleet.db import single_statements
+from comfyfleet.db import check_storable, single_statements
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job
 from comfyfleet.jobs.repository import lock_backend
 
@@ -99,7 +99,9 @@ class BackendRegistry:
                 for name, url, draining, discovered_by, vanished in rows]
 
     async def add(self, backend: Backend, discovered_by: str | None = None) -> None:
-        """BackendExists when a backend of that name, or at that URL, is there already."""
+        """BackendExists when a backend of that name, or at that URL, is there already;
+        NotStorable when its URL or name cannot be stored."""
+        check_storable({"url": backend.url, "name": backend.name})
         async with self._sessions.begin() as session:
             await _lock_fleet(session)
             for name, url in (await session.exec(

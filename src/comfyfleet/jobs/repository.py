@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet.db import single_statements
+from comfyfleet.db import check_storable, single_statements
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 
@@ -150,9 +150,11 @@ class JobRepository:
         Returns the job and whether it was created. With `backlog`, raises QueueFull when the
         job's API key, or the service, already has that many jobs queued (a repeat of an
         existing job is still answered with it). A job stored already ended (reused outputs)
-        has its webhook in the outbox in the same transaction.
+        has its webhook in the outbox in the same transaction. NotStorable when a value
+        cannot be stored.
         """
         values = job.model_dump()
+        check_storable(values)
         together = backlog is not None or JobStatus(job.status).terminal
         async with (self._sessions if together else self._statements).begin() as session:
             if backlog is not None:
@@ -403,7 +405,8 @@ class JobRepository:
     ) -> list[Job]:
         """Newest first; `after` is the (created_at, id) of the last job of the page before.
         With `api_key_hash`, only the jobs that key submitted; with `labels`, only those
-        having all of these labels."""
+        having all of these labels. NotStorable for a `workflow` or `labels` no job can have."""
+        check_storable({"workflow": workflow, "labels": labels})
         query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
         if api_key_hash is not None:
             query = query.where(col(Job.api_key_hash) == api_key_hash)

@@ -87,6 +87,36 @@ async def test_private_callback_url_is_refused_at_submit_unless_allowed(
     assert "127.0.0.1" in refused["error"]["message"]
 
 
+# Each is refused before any name is looked up (and would fail before a DNS query was sent:
+# the port, the brackets and the idna encoding are checked first), so no traffic leaves.
+UNUSABLE = [
+    f"http://{'a' * 64}.com/x.png",  # a label over 63 characters
+    "http://a..com/x.png",  # an empty label
+    "http://example.com:99999/x.png",  # a port out of range
+    "http://[::1/x.png",  # an unclosed IPv6 literal
+    "http://a\u0000b/x.png",  # a character no name has
+]
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_a_url_whose_host_cannot_be_used_is_422(
+    settings: Settings, allow_private: bool
+) -> None:
+    settings.allow_private_callbacks = allow_private
+    async with gateway(settings) as gw:
+        for url in UNUSABLE:
+            image = {"workflow": "blur_image", "params": {"image": url}}
+            async with gw.http.post(f"{gw.api}/jobs", json=image) as response:
+                assert response.status == 422, (url, await response.text())
+                assert set((await response.json())["error"]["params"]) == {"image"}
+            callback = {"workflow": "invert", "callback_url": url.removesuffix("x.png")}
+            async with gw.http.post(f"{gw.api}/jobs", json=callback) as response:
+                assert response.status == 422, (url, await response.text())
+                error = (await response.json())["error"]
+                assert error.get("field") == "callback_url" or [
+                    problem["field"] for problem in error["problems"]] == ["callback_url"]
+
+
 async def test_guarded_connector_never_connects_to_a_private_address(
     receivers: StartReceiver,
 ) -> None:

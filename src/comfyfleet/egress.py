@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from urllib.parse import urlsplit
@@ -23,6 +24,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 RESOLVE_TIMEOUT = 5.0
+# A DNS name: at most 253 characters, in labels of 1 to 63 letters, digits, '-' or '_'.
+_MAX_NAME = 253
+_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
 _NAT64 = ip_network("64:ff9b::/96")
 
 
@@ -54,21 +58,45 @@ def address_allowed(address: str | IPv4Address | IPv6Address) -> bool:
     )
 
 
-async def check_url(url: str, *, allow_private: bool) -> None:
-    """Refuse (UrlNotAllowed) a URL that is not http(s) or whose host resolves to any
-    address that is not public. With `allow_private`, only the scheme and host are checked."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+def _host_and_port(url: str) -> tuple[str, int | None]:
+    """The host and port of an http(s) URL that can be connected to as written; UrlNotAllowed
+    for anything else (no scheme or host, a port out of range, a broken IPv6 literal, a name
+    DNS cannot carry), before any name is looked up."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UrlNotAllowed(f"{url!r} is not a valid URL: {exc}") from exc
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
         raise UrlNotAllowed(f"{url!r} is not an http(s) URL with a host")
+    try:
+        ip_address(host.split("%", 1)[0])
+        return host, port
+    except ValueError:
+        pass  # a name, not an address
+    try:
+        encoded = host.encode("idna")  # as the resolver will send it
+    except UnicodeError:
+        encoded = b""
+    name = encoded.removesuffix(b".")  # the root's dot
+    if len(name) > _MAX_NAME or not all(_LABEL.fullmatch(label) for label in name.split(b".")):
+        raise UrlNotAllowed(f"{host!r} is not a valid host name")
+    return host, port
+
+
+async def check_url(url: str, *, allow_private: bool) -> None:
+    """Refuse (UrlNotAllowed) a URL that is not a valid http(s) URL or whose host resolves to
+    any address that is not public. With `allow_private`, the URL is only parsed."""
+    host, port = _host_and_port(url)
     if allow_private:
         return
-    host = parts.hostname
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT):
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, parts.port or 0, type=socket.SOCK_STREAM
+                host, port or 0, type=socket.SOCK_STREAM
             )
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, UnicodeError) as exc:
         raise UrlNotAllowed(f"host {host!r} does not resolve: {exc}") from exc
     # Any private answer refuses the URL: which one is used later is not ours to choose.
     refused = sorted({str(info[4][0]) for info in infos if not address_allowed(str(info[4][0]))})

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import os
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,6 +65,93 @@ async def test_each_way_of_sending_an_image_runs_the_job(
         assert uploaded.read_bytes() == png()
 
 
+# Noise does not compress: a PNG of a little over 1 MB, many times one read of a socket.
+PHOTO_SIDE = 620
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    pixels = random.Random(14).randbytes(PHOTO_SIDE * PHOTO_SIDE * 3)
+    encoded = io.BytesIO()
+    Image.frombytes("RGB", (PHOTO_SIDE, PHOTO_SIDE), pixels).save(encoded, format="PNG")
+    assert len(encoded.getvalue()) > 1024 * 1024
+    return encoded.getvalue()
+
+
+@pytest.fixture
+async def photo_server(photo: bytes) -> AsyncIterator[str]:
+    """Serves `photo` on loopback: /photo.png with a Content-Length, /chunked.png in chunks
+    of 64 KiB (no length said), /text.png: not an image."""
+
+    async def plain(_: web.Request) -> web.Response:
+        return web.Response(body=photo, content_type="image/png")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for start in range(0, len(photo), CHUNK):
+                await response.write(photo[start:start + CHUNK])
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client stopped reading: over its limit
+        return response
+
+    async def text(_: web.Request) -> web.Response:
+        return web.Response(text="not a picture " * 1000, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/photo.png", plain)
+    app.router.add_get("/chunked.png", chunked)
+    app.router.add_get("/text.png", text)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, 0).start()
+    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def test_an_image_url_arrives_whole_however_its_body_is_framed(
+    api: tuple[aiohttp.ClientSession, str], photo_server: str, photo: bytes,
+    sim: SimulatedComfyUI,
+) -> None:
+    http, prefix = api
+    for path in ("/photo.png", "/chunked.png"):
+        async with http.post(f"{prefix}/jobs", json={"workflow": "blur_image", "params": {
+                "image": photo_server + path, "width": 31}}) as response:
+            assert response.status == 202, await response.text()
+            submitted = await response.json()
+        record = submitted["params"]["image"]
+        assert record["size"] == len(photo)
+        assert record["sha256"] == hashlib.sha256(photo).hexdigest()
+        job = await wait_for_job(http, prefix, submitted["id"])
+        assert job["status"] == "succeeded", job
+        uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
+        assert uploaded.read_bytes() == photo
+
+
+async def test_an_image_url_over_the_limit_is_413_and_one_not_an_image_422(
+    settings: Settings, photo_server: str, photo: bytes
+) -> None:
+    settings.max_upload_bytes = len(photo) - 1
+    answers = {}
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        for path in ("/photo.png", "/chunked.png", "/text.png"):
+            request = {"workflow": "blur_image", "params": {"image": photo_server + path}}
+            async with http.post(f"{base}{settings.route_prefix}/jobs", json=request) as got:
+                answers[path] = got.status, (await got.json())["error"]
+    for path in ("/photo.png", "/chunked.png"):  # a length said too large, or read past it
+        status, error = answers[path]
+        assert status == 413, error
+        assert error["type"] == "input_too_large"
+        assert f"larger than {len(photo) - 1} bytes" in error["params"]["image"]
+    status, error = answers["/text.png"]
+    assert status == 422
+    assert "not an image" in error["params"]["image"]
+
+
 async def test_multipart_upload_on_the_typed_endpoint(
     api: tuple[aiohttp.ClientSession, str],
 ) -> None:
@@ -111,7 +200,7 @@ async def test_image_over_the_upload_limit_is_refused(settings: Settings) -> Non
     async with serving(settings) as base, aiohttp.ClientSession() as http, http.post(
             f"{base}{settings.route_prefix}/jobs", json=request) as response:
         body = await response.json()
-    assert response.status == 422
+    assert response.status == 413
     assert "larger than 1000 bytes" in body["error"]["params"]["image"]
 
 
@@ -192,12 +281,12 @@ async def awkward_server() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-@pytest.mark.parametrize(("path", "says"), [
-    ("/stall", "took longer than 1 s"),  # no answer at all
-    ("/big", "is larger than 4000 bytes"),  # declared by its Content-Length
+@pytest.mark.parametrize(("path", "answer", "says"), [
+    ("/stall", (422, "invalid_params"), "took longer than 1 s"),  # no answer at all
+    ("/big", (413, "input_too_large"), "is larger than 4000 bytes"),  # by its Content-Length
 ])
 async def test_image_urls_are_fetched_with_a_time_and_a_size_limit(
-    settings: Settings, awkward_server: str, path: str, says: str
+    settings: Settings, awkward_server: str, path: str, answer: tuple[int, str], says: str
 ) -> None:
     settings.input_url_timeout = 1.0
     settings.max_upload_bytes = 4000
@@ -208,6 +297,6 @@ async def test_image_urls_are_fetched_with_a_time_and_a_size_limit(
             status, body = response.status, await response.json()
         async with http.get(f"{base}{settings.route_prefix}/jobs") as response:
             jobs = (await response.json())["jobs"]
-    assert (status, body["error"]["type"]) == (422, "invalid_params")
+    assert (status, body["error"]["type"]) == answer
     assert says in body["error"]["params"]["image"], body
     assert jobs == []

@@ -157,6 +157,9 @@ async def _pictures(
                 await inputs.resolve(value, max_bytes=svc.settings.max_upload_bytes,
                                      allow_private=svc.settings.allow_private_callbacks,
                                      fetch_seconds=svc.settings.input_url_timeout))
+        except inputs.InputTooLarge as exc:
+            raise ApiError(413, "input_too_large", f"{name}: {exc} (MAX_UPLOAD_BYTES)",
+                           params={name: str(exc)}) from exc
         except inputs.InputError as exc:
             raise ApiError(422, "invalid_params", f"invalid parameters: {name}: {exc}",
                            params={name: str(exc)}) from exc

@@ -41,6 +41,10 @@ class InputError(ValueError):
     """An image parameter that cannot be used; the message says why."""
 
 
+class InputTooLarge(InputError):
+    """An image over MAX_UPLOAD_BYTES, however it came."""
+
+
 @dataclass(frozen=True)
 class ImageInput:
     data: bytes
@@ -74,7 +78,7 @@ async def resolve(
     match = _DATA_URI.match(value)
     encoded = match.group("data") if match else value
     if len(encoded) > max_bytes * 4 // 3 + 4:
-        raise InputError(f"larger than {max_bytes} bytes")
+        raise InputTooLarge(f"larger than {max_bytes} bytes")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -84,10 +88,15 @@ async def resolve(
 
 async def _fetch(url: str, *, max_bytes: int, allow_private: bool, fetch_seconds: float
                  ) -> bytes:
+    """The whole body of a 200 answer to GET `url`, however it is framed (Content-Length or
+    chunked); InputTooLarge as soon as it passes `max_bytes`, InputError when it cannot be
+    had whole within `fetch_seconds`."""
     try:
         await check_url(url, allow_private=allow_private)
     except UrlNotAllowed as exc:
         raise InputError(str(exc)) from exc
+    too_large = InputTooLarge(f"{url} is larger than {max_bytes} bytes")
+    body = bytearray()
     try:
         async with aiohttp.ClientSession(
             connector=guarded_connector(allow_private=allow_private),
@@ -97,15 +106,17 @@ async def _fetch(url: str, *, max_bytes: int, allow_private: bool, fetch_seconds
                 raise InputError(f"fetching {url} answered HTTP {response.status}")
             declared = response.content_length
             if declared is not None and declared > max_bytes:
-                raise InputError(f"{url} is larger than {max_bytes} bytes")
-            data = await response.content.read(max_bytes + 1)
+                raise too_large
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_large
     except TimeoutError as exc:
         raise InputError(f"fetching {url} took longer than {fetch_seconds:g} s") from exc
     except (aiohttp.ClientError, OSError) as exc:
+        # A body cut short (fewer bytes than declared, a broken chunk) is an error too.
         raise InputError(f"could not fetch {url}: {exc!r}") from exc
-    if len(data) > max_bytes:
-        raise InputError(f"{url} is larger than {max_bytes} bytes")
-    return data
+    return bytes(body)
 
 
 def backend_name(job_id: str, param: str, extension: str) -> str:

@@ -9,6 +9,8 @@ import hashlib
 import io
 import os
 import random
+import struct
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -202,6 +204,37 @@ async def test_image_over_the_upload_limit_is_refused(settings: Settings) -> Non
         body = await response.json()
     assert response.status == 413
     assert "larger than 1000 bytes" in body["error"]["params"]["image"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, with (almost) no pixel data: a bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+async def test_an_image_of_too_many_pixels_is_422(settings: Settings) -> None:
+    settings.max_image_pixels = 32 * 16 - 1
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix
+        answers = []
+        for picture in (png_header(30000, 30000), png(32, 16)):
+            request = {"workflow": "blur_image",
+                       "params": {"image": base64.b64encode(picture).decode()}}
+            async with http.post(f"{prefix}/jobs", json=request) as response:
+                answers.append((response.status, await response.json()))
+        form = aiohttp.FormData()
+        form.add_field("image", png(32, 16), filename="me.png", content_type="image/png")
+        async with http.post(f"{prefix}/workflows/blur_image/jobs", data=form) as response:
+            answers.append((response.status, await response.json()))
+    for status, body in answers:
+        assert status == 422, body
+        assert "pixels" in body["error"]["params"]["image"]
+    assert "32x16 is more than 511 pixels" in answers[1][1]["error"]["params"]["image"]
 
 
 async def test_uploaded_input_is_deleted_from_the_backend_when_the_job_ends(

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     # Seconds an image parameter's URL may take to fetch, whole (its size limit is
     # MAX_UPLOAD_BYTES).
     input_url_timeout: float = Field(default=30.0, gt=0)
+    # Largest image input, by its header's width x height: 8192 x 8192.
+    max_image_pixels: int = Field(default=8192 * 8192, ge=1)
 
     @field_validator("comfyui_endpoints", "api_keys", "admin_api_keys", "cors_origins",
                      "webhook_retry_delays", mode="before")

@@ -147,16 +147,19 @@ async def _pictures(
     svc: Services, workflow: Workflow, values: dict[str, Any]
 ) -> dict[str, inputs.ImageInput]:
     """Each image parameter's bytes, fetched or decoded and checked (nothing stored yet)."""
+    settings = svc.settings
     pictures = {}
     for name in workflow.image_params:
         value = values.get(name)
-        if not isinstance(value, str | bytes):
-            continue
         try:
-            pictures[name] = inputs.image(value) if isinstance(value, bytes) else (
-                await inputs.resolve(value, max_bytes=svc.settings.max_upload_bytes,
-                                     allow_private=svc.settings.allow_private_callbacks,
-                                     fetch_seconds=svc.settings.input_url_timeout))
+            if isinstance(value, bytes):  # a multipart upload
+                pictures[name] = inputs.image(value, max_pixels=settings.max_image_pixels)
+            elif isinstance(value, str):
+                pictures[name] = await inputs.resolve(
+                    value, max_bytes=settings.max_upload_bytes,
+                    max_pixels=settings.max_image_pixels,
+                    allow_private=settings.allow_private_callbacks,
+                    fetch_seconds=settings.input_url_timeout)
         except inputs.InputTooLarge as exc:
             raise ApiError(413, "input_too_large", f"{name}: {exc} (MAX_UPLOAD_BYTES)",
                            params={name: str(exc)}) from exc

@@ -3,7 +3,8 @@ turned into checked bytes, kept in storage until the dispatcher uploads them to 
 that runs the job (DESIGN §3).
 
 URLs are fetched with a size and time limit, through the SSRF guard of the webhooks, and no
-redirects are followed; whatever the source, the bytes must be an image format ComfyUI reads.
+redirects are followed; whatever the source, the bytes must be an image format ComfyUI reads,
+of at most MAX_IMAGE_PIXELS pixels by its header (a small file can unpack to gigabytes).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from PIL import Image
 
 from comfyfleet.egress import UrlNotAllowed, check_url, guarded_connector
 from comfyfleet.storage import Storage, StorageError
@@ -25,14 +29,14 @@ from comfyfleet.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 BACKEND_SUBFOLDER = "comfyfleet"  # in the backend's input directory
-# Magic numbers of the formats ComfyUI's LoadImage opens, and the extension we store them with.
-_FORMATS = [
-    (b"\x89PNG\r\n\x1a\n", "image/png", ".png"),
-    (b"\xff\xd8\xff", "image/jpeg", ".jpg"),
-    (b"GIF87a", "image/gif", ".gif"),
-    (b"GIF89a", "image/gif", ".gif"),
-    (b"BM", "image/bmp", ".bmp"),
-]
+# The formats ComfyUI's LoadImage opens (as Pillow names them), and how we store each.
+_FORMATS = {
+    "PNG": ("image/png", ".png"),
+    "JPEG": ("image/jpeg", ".jpg"),
+    "WEBP": ("image/webp", ".webp"),
+    "GIF": ("image/gif", ".gif"),
+    "BMP": ("image/bmp", ".bmp"),
+}
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(?P<data>.*)$",
                        re.DOTALL)
 
@@ -52,29 +56,36 @@ class ImageInput:
     extension: str
 
 
-def sniff(data: bytes) -> tuple[str, str]:
-    """Content type and extension of an image, by its first bytes; InputError otherwise."""
-    for magic, content_type, extension in _FORMATS:
-        if data.startswith(magic):
-            return content_type, extension
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp", ".webp"
-    raise InputError("not an image ComfyUI can read (PNG, JPEG, WEBP, GIF or BMP)")
-
-
-def image(data: bytes) -> ImageInput:
-    content_type, extension = sniff(data)
+def image(data: bytes, *, max_pixels: int) -> ImageInput:
+    """The image `data` holds, by its header as Pillow reads it (nothing is decoded):
+    InputError unless it is one of _FORMATS with at most `max_pixels` pixels."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns of large images, and refuses huge ones itself (below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=list(_FORMATS)) as picture:
+                format_, (width, height) = picture.format, picture.size
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"too many pixels: {exc}") from exc
+    except Exception as exc:  # Pillow's parsers raise many kinds on a malformed header
+        raise InputError("not an image ComfyUI can read (PNG, JPEG, WEBP, GIF or BMP)"
+                         ) from exc
+    if width * height > max_pixels:
+        raise InputError(f"{width}x{height} is more than {max_pixels} pixels "
+                         f"(MAX_IMAGE_PIXELS)")
+    content_type, extension = _FORMATS[str(format_)]
     return ImageInput(data, content_type, extension)
 
 
 async def resolve(
-    value: str, *, max_bytes: int, allow_private: bool, fetch_seconds: float
+    value: str, *, max_bytes: int, max_pixels: int, allow_private: bool, fetch_seconds: float
 ) -> ImageInput:
     """The image a parameter value names: fetched (URL, within `fetch_seconds`) or decoded
     (base64 / data URI)."""
     if value.startswith(("http://", "https://")):
-        return image(await _fetch(value, max_bytes=max_bytes, allow_private=allow_private,
-                                  fetch_seconds=fetch_seconds))
+        data = await _fetch(value, max_bytes=max_bytes, allow_private=allow_private,
+                            fetch_seconds=fetch_seconds)
+        return image(data, max_pixels=max_pixels)
     match = _DATA_URI.match(value)
     encoded = match.group("data") if match else value
     if len(encoded) > max_bytes * 4 // 3 + 4:
@@ -83,7 +94,7 @@ async def resolve(
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError("expected an http(s) URL, base64 or a data: URI") from exc
-    return image(data)
+    return image(data, max_pixels=max_pixels)
 
 
 async def _fetch(url: str, *, max_bytes: int, allow_private: bool, fetch_seconds: float

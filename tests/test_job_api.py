@@ -128,3 +128,22 @@ async def test_each_workflow_has_a_typed_endpoint_in_the_openapi_schema(
     assert (status, body["error"]["type"]) == (422, "invalid_params")
     status, body = await api.call("POST", "/workflows/nope/jobs", {"params": {}})
     assert (status, body["error"]["type"]) == (404, "workflow_not_found")
+
+
+async def test_the_typed_endpoint_takes_json_or_multipart_only(api: Client) -> None:
+    """A text/plain or urlencoded body is what a page on another site can send without a
+    CORS preflight: refused, as is a body of no stated type."""
+    body = b'{"params": {"width": 9}}'
+    answers = {}
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        async with api.http.post(f"{api.prefix}/workflows/invert/jobs", data=body,
+                                 headers=headers, skip_auto_headers=["Content-Type"]
+                                 ) as response:
+            answers[content_type] = response.status, (await response.json())["error"]["type"]
+    assert set(answers.values()) == {(415, "unsupported_media_type")}, answers
+    async with api.http.post(f"{api.prefix}/workflows/invert/jobs", data=body, headers={
+            "Content-Type": "application/json; charset=utf-8"}) as response:
+        assert response.status == 202
+    _, page = await api.call("GET", "/jobs")
+    assert len(page["jobs"]) == 1  # only the JSON body made a job

@@ -51,15 +51,27 @@ async def submit_workflow_job(
     for image parameters, plus callback_url / client_task_id / priority / reuse_outputs
     fields)."""
     workflow_at(svc, name)  # before reading a body meant for it
+    media_type = _media_type(http_request)
     try:
-        if http_request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if media_type == "multipart/form-data":
             request = await _from_form(http_request, svc.settings.max_upload_bytes)
-        else:
+        elif media_type == "application/json" or media_type.endswith("+json"):
             request = WorkflowJobRequest.model_validate_json(await http_request.body())
+        else:
+            # A text/plain body used to be read as JSON: a page on another site could send
+            # a JSON job that way without the CORS preflight a JSON content type needs.
+            raise ApiError(415, "unsupported_media_type",
+                           f"the body is {media_type or 'of no stated type'}: send "
+                           f"application/json or multipart/form-data")
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     job_request = JobRequest(workflow=name, **request.model_dump())
     return await _submit(svc, job_request, response, wait, idempotency_key, caller=caller)
+
+
+def _media_type(http_request: Request) -> str:
+    """The request's Content-Type without its parameters, lowercase; "" when there is none."""
+    return http_request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 async def _from_form(http_request: Request, max_bytes: int) -> WorkflowJobRequest:

@@ -48,8 +48,9 @@ class Client:
         self.api = base + prefix
 
     async def call(self, method: str, path: str, key: str | None = None, body: Any = None,
-                   **kwargs: Any) -> tuple[int, Any, CIMultiDictProxy[str]]:
-        headers = bearer(key) if key else {}
+                   headers: dict[str, str] | None = None, **kwargs: Any
+                   ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        headers = {**(bearer(key) if key else {}), **(headers or {})}
         async with self.http.request(method, self.api + path, json=body, headers=headers,
                                      **kwargs) as response:
             if response.content_type == "text/event-stream":  # endless: the status is enough
@@ -70,6 +71,7 @@ class Client:
 async def keyed(settings: Settings) -> AsyncIterator[Client]:
     settings.api_keys = [KEY_A, KEY_B]
     settings.admin_api_keys = [ADMIN]
+    settings.max_auth_failures = None  # tests send many wrong keys, all from one address
     async with serving(settings) as base, aiohttp.ClientSession() as http:
         yield Client(http, base, settings.route_prefix)
 
@@ -251,6 +253,27 @@ async def test_rate_limit_without_keys_is_per_client_address(settings: Settings)
         assert body["error"]["type"] == "rate_limited"
         assert 1 <= int(headers["Retry-After"]) <= 60
         assert body["error"]["retry_after"] == int(headers["Retry-After"])
+
+
+async def test_wrong_keys_from_one_address_are_throttled(settings: Settings) -> None:
+    settings.api_keys = [KEY_A]
+    settings.max_auth_failures = 3
+    # uvicorn takes the client's address from X-Forwarded-For sent by a proxy on loopback.
+    elsewhere = {"X-Forwarded-For": "203.0.113.7"}
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        client = Client(http, base, settings.route_prefix)
+        statuses = [(await client.call("GET", "/jobs", f"guess-{n}"))[0] for n in range(3)]
+        assert statuses == [401, 401, 401]
+        for key in ("guess-3", KEY_A):  # a right key too: its 200 would tell the guesser
+            status, body, headers = await client.call("GET", "/jobs", key)
+            assert (status, body["error"]["type"]) == (429, "auth_failures")
+            assert 1 <= int(headers["Retry-After"]) <= 60
+        status, _, _ = await client.call("GET", "/jobs", None)  # no key: nothing guessed
+        assert status == 401
+        status, _, _ = await client.call("GET", "/jobs", KEY_A, headers=elsewhere)
+        assert status == 200  # another client address is not held back
+        status, _, _ = await client.call("GET", "/jobs", "guess-4", headers=elsewhere)
+        assert status == 401
 
 
 async def test_max_queued_per_key(settings: Settings) -> None:

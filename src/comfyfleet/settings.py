@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     metrics_token: str | None = None
     # Requests per minute per API key (per client address without keys); unset: no limit.
     rate_limit: int | None = Field(default=None, ge=1)
+    # Wrong API keys one client address may send per minute; past them it gets 429 (whatever
+    # key it sends) until the oldest is a minute old. Unset: no limit.
+    max_auth_failures: int | None = Field(default=10, ge=1)
     # Each key's limits unless `comfyfleet keys update` gives it its own (keys of API_KEYS
     # always have these); without keys they are the one tenant's. Unset: no limit.
     # Jobs of one key waiting in the backlog; past it a submit gets 429 queue_full.

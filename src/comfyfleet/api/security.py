@@ -69,6 +69,9 @@ class Guard:
                                   max_queued=settings.max_queued_per_key)
         self._rate: RateLimitItem | None = (
             RateLimitItemPerMinute(settings.rate_limit) if settings.rate_limit else None)
+        self._auth_failures: RateLimitItem | None = (
+            RateLimitItemPerMinute(settings.max_auth_failures)
+            if settings.max_auth_failures else None)
         # Per process: several processes behind a load balancer each allow the full rate.
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
@@ -79,6 +82,7 @@ class Guard:
         if key is None:
             raise _unauthorized("missing_api_key",
                                 "this API needs an `Authorization: Bearer <key>` header")
+        await self._refuse_guessing(address)
         digest = key_hash(key)
         live: LiveKey | None = None
         # Every configured digest is compared, so the time taken says nothing about which
@@ -90,6 +94,8 @@ class Guard:
         if live is None and self.store is not None:
             live = await self.store.lookup(digest)
         if live is None:
+            if self._auth_failures is not None:
+                await self._limiter.hit(self._auth_failures, f"auth-failures:{address}")
             raise _unauthorized("invalid_api_key", "the API key is not valid",
                                 challenge='Bearer error="invalid_token"')
         return Caller(key_hash=digest, sees_all=live.admin, address=address,
@@ -99,6 +105,18 @@ class Guard:
         """Whether the configured key with this digest is an admin key."""
         return self._keys[digest]
 
+    async def _refuse_guessing(self, address: str) -> None:
+        """429 for an address that sent MAX_AUTH_FAILURES wrong keys in the last minute,
+        whatever key it sends now: were a right key let through, its answer would tell a
+        guesser that it found one."""
+        item = self._auth_failures
+        identity = f"auth-failures:{address}"
+        if item is not None and not await self._limiter.test(item, identity):
+            retry_after = await self._retry_after(item, identity)
+            raise _too_many("auth_failures",
+                            f"over {item.amount} wrong API keys a minute from this address; "
+                            f"retry in {retry_after} s", retry_after)
+
     async def throttle(self, caller: Caller) -> None:
         """429 with Retry-After when the caller is over RATE_LIMIT requests per minute."""
         if self._rate is None:
@@ -106,11 +124,19 @@ class Guard:
         identity = caller.key_hash or f"address:{caller.address}"
         if await self._limiter.hit(self._rate, identity):
             return
-        stats = await self._limiter.get_window_stats(self._rate, identity)
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        raise ApiError(429, "rate_limited",
-                       f"over {self._rate.amount} requests per minute; retry in {retry_after} s",
-                       retry_after=retry_after, headers={"Retry-After": str(retry_after)})
+        retry_after = await self._retry_after(self._rate, identity)
+        raise _too_many("rate_limited", f"over {self._rate.amount} requests per minute; "
+                                        f"retry in {retry_after} s", retry_after)
+
+    async def _retry_after(self, item: RateLimitItem, identity: str) -> int:
+        """Seconds until `identity` is under `item` again."""
+        stats = await self._limiter.get_window_stats(item, identity)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+def _too_many(type_: str, message: str, retry_after: int) -> ApiError:
+    return ApiError(429, type_, message, retry_after=retry_after,
+                    headers={"Retry-After": str(retry_after)})
 
 
 def _unauthorized(type_: str, message: str, challenge: str = "Bearer") -> ApiError:

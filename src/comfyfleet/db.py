@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import URL, Connection, event, text
+from sqlalchemy import URL, Connection, Table, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -128,8 +128,9 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
 
 
 class NotStorable(Exception):
-    """A value PostgreSQL refuses: text with a NUL character (text and jsonb alike), or a
-    number that is not finite (jsonb). `field` names where it is, as a dotted path."""
+    """A value PostgreSQL refuses: text with a NUL character (text and jsonb alike) or longer
+    than its column, a number that is not finite (jsonb). `field` names where it is, as a
+    dotted path."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
@@ -137,13 +138,17 @@ class NotStorable(Exception):
         self.problem = problem
 
 
-def check_storable(fields: Mapping[str, Any]) -> None:
+def check_storable(fields: Mapping[str, Any], table: Table | None = None) -> None:
     """Raise NotStorable for the first value among `fields` (column name -> value, JSON
-    documents walked through) that PostgreSQL would refuse. Called on whatever a client sent
-    before it is written or compared, so the client hears which field is wrong instead of
-    the database failing the statement."""
+    documents walked through) that PostgreSQL would refuse, in `table`'s columns when given.
+    Called on whatever a client sent before it is written or compared, so the client hears
+    which field is wrong instead of the database failing the statement."""
     for name, value in fields.items():
         _check_storable(name, value)
+        column = table.c.get(name) if table is not None else None
+        length = getattr(column.type, "length", None) if column is not None else None
+        if isinstance(value, str) and length is not None and len(value) > length:
+            raise NotStorable(name, f"is longer than {length} characters")
 
 
 def _check_storable(path: str, value: Any) -> None:

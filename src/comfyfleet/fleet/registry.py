@@ -101,7 +101,8 @@ class BackendRegistry:
     async def add(self, backend: Backend, discovered_by: str | None = None) -> None:
         """BackendExists when a backend of that name, or at that URL, is there already;
         NotStorable when its URL or name cannot be stored."""
-        check_storable({"url": backend.url, "name": backend.name})
+        check_storable({"url": backend.url, "name": backend.name},
+                       BackendRow.__table__)  # type: ignore[attr-defined]
         async with self._sessions.begin() as session:
             await _lock_fleet(session)
             for name, url in (await session.exec(

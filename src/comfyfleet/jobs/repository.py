@@ -154,7 +154,7 @@ class JobRepository:
         cannot be stored.
         """
         values = job.model_dump()
-        check_storable(values)
+        check_storable(values, _table)
         together = backlog is not None or JobStatus(job.status).terminal
         async with (self._sessions if together else self._statements).begin() as session:
             if backlog is not None:

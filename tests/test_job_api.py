@@ -3,6 +3,7 @@ ComfyUI-server request shape."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,7 +52,10 @@ async def test_pages_of_jobs_newest_first_with_filters(api: Client) -> None:
     assert (status, len(queued["jobs"]), queued["next_cursor"]) == (200, 5, None)
     status, none = await api.call("GET", "/jobs?status=succeeded")
     assert (status, none["jobs"]) == (200, [])
-    for bad in ("/jobs?cursor=bm9wZQ", "/jobs?status=sleeping", "/jobs?limit=0"):
+    # A time with no UTC equivalent (year 1 at +14:00), in the form cursors take.
+    no_utc = base64.urlsafe_b64encode(f"0001-01-01T00:00:00+14:00|{ids[0]}".encode()).decode()
+    for bad in ("/jobs?cursor=bm9wZQ", f"/jobs?cursor={no_utc}", "/jobs?status=sleeping",
+                "/jobs?limit=0"):
         status, body = await api.call("GET", bad)
         assert status == 422, bad
         assert body["error"]["type"] in ("invalid_cursor", "invalid_request")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -166,8 +166,9 @@ def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except ValueError as exc:
+        # In UTC, as given out: a time in year 1 or 9999 with an offset has no UTC time.
+        return datetime.fromisoformat(created_at).astimezone(UTC), uuid.UUID(job_id)
+    except (ValueError, OverflowError) as exc:
         raise ApiError(422, "invalid_cursor", "cursor is not one this API gave out",
                        field="cursor") from exc
 

@@ -200,3 +200,28 @@ async def test_a_new_backend_that_cannot_be_stored_is_422_naming_the_field(api: 
                 assert named_fields(await response.json()) == {field}
         async with http.get(f"{api}/backends") as listed:
             assert await listed.json() == []
+
+
+def invert_graph(filename_prefix: str) -> dict[str, object]:
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage",
+              "inputs": {"images": ["2", 0], "filename_prefix": filename_prefix}},
+    }
+
+
+async def test_a_nul_character_on_the_v2_surface_is_422_in_its_envelope(api: str) -> None:
+    v2 = api.removesuffix("/api/v1") + "/api/v2"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{v2}/jobs", json={"workflow": invert_graph("a\u0000b")}) as got:
+            assert got.status == 422
+            error = (await got.json())["error"]
+        assert error["code"] == "invalid_request"
+        assert [p["field"] for p in error["details"]["problems"]] == [
+            "workflow.3.inputs.filename_prefix"]
+        async with http.get(f"{v2}/jobs?metadata[shop]=a%00b") as got:
+            assert got.status == 422
+            error = (await got.json())["error"]
+        assert [p["field"] for p in error["details"]["problems"]] == ["metadata.shop"]

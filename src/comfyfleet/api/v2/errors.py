@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from comfyfleet.api.errors import DATABASE_ERRORS, ApiError, database_unavailable
+from comfyfleet.db import NotStorable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return envelope(422, "invalid_request", summary, {"problems": problems})
 
 
+# The job's columns that v2 requests name otherwise.
+_V2_FIELDS = {"prompt": "workflow", "labels": "metadata"}
+
+
+async def _not_storable(_: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (a NUL character), named as the v2 request has it."""
+    assert isinstance(exc, NotStorable)
+    column, dot, rest = exc.field.partition(".")
+    field = _V2_FIELDS.get(column, column) + dot + rest
+    return envelope(422, "invalid_request", f"{field}: {exc.problem}",
+                    {"problems": [{"field": field, "message": exc.problem}]})
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = _CODES.get(exc.status_code, "method_not_allowed" if exc.status_code == 405
@@ -80,6 +94,7 @@ def install_v2_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(V2Error, _v2_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(NotStorable, _not_storable)
     app.add_exception_handler(HTTPException, _http_error)
     for database_error in DATABASE_ERRORS:  # a 503 in this envelope while it is away
         app.add_exception_handler(database_error, _database_error)

@@ -25,6 +25,12 @@ class ApiError extends Error {
   }
 }
 
+// A view paints only while it is the page shown: an answer that arrives after the operator
+// moved on (a reload woken by the live stream, say) must not paint over the new page.
+function shownNow(view) {
+  return state.view === view;
+}
+
 function headers(extra = {}) {
   return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
 }
@@ -237,7 +243,7 @@ function jobsView(query) {
     const cursor = cursors[cursors.length - 1];
     if (cursor) params.set("cursor", cursor);
     shown = await api("GET", `/jobs?${params}`);
-    draw();
+    if (shownNow(view)) draw();
   }
   function draw() {
     const tbody = document.querySelector("#jobs tbody");
@@ -247,7 +253,7 @@ function jobsView(query) {
     document.getElementById("jobs-next").disabled = !shown.next_cursor;
     document.getElementById("jobs-prev").disabled = cursors.length < 2;
   }
-  return {
+  const view = {
     name: "jobs",
     async render() {
       const form = h("form", { class: "filters" },
@@ -278,6 +284,7 @@ function jobsView(query) {
       if (cursors.length === 1) load(); // the newest page follows the jobs; older pages stay put
     },
   };
+  return view;
 }
 
 function jobRow(job) {
@@ -296,6 +303,7 @@ function jobView(jobId) {
   let job = null;
   async function reload() {
     job = await api("GET", `/jobs/${jobId}`);
+    if (!shownNow(view)) return;
     draw();
     await loadDeliveries();
   }
@@ -329,7 +337,7 @@ function jobView(jobId) {
   async function loadDeliveries() {
     const found = await api("GET", `/jobs/${jobId}/deliveries`);
     const target = document.getElementById("job-deliveries");
-    if (!target) return;
+    if (!target || !shownNow(view)) return;
     if (!found.deliveries.length) {
       target.replaceChildren(h("p", { class: "muted" }, job.callback_url ? "None yet." : "No callback URL."));
       return;
@@ -358,7 +366,7 @@ function jobView(jobId) {
       loadDeliveries();
     }
   }
-  return {
+  const view = {
     name: "job",
     async render() {
       await reload();
@@ -371,6 +379,7 @@ function jobView(jobId) {
       controller.abort();
     },
   };
+  return view;
 }
 
 function timeline(job) {
@@ -431,6 +440,7 @@ function deliveriesTable(deliveries, afterRedeliver, withJob) {
 function backlogView() {
   async function load() {
     const backlog = await api("GET", "/dashboard/backlog");
+    if (!shownNow(view)) return;
     const columns = ["queued", "dispatched", "running", "uploading"];
     main().replaceChildren(
       h("h2", {}, "Backlog"),
@@ -445,18 +455,21 @@ function backlogView() {
           h("td", {}, duration(since(w.oldest_queued_at))))))),
       backlog.workflows.length ? "" : h("p", { class: "muted" }, "Nothing waiting."));
   }
-  return { name: "backlog", render: load, onJobs: load };
+  const view = { name: "backlog", render: load, onJobs: load };
+  return view;
 }
 
 function webhooksView() {
   async function load() {
     const found = await api("GET", "/dashboard/deliveries");
+    if (!shownNow(view)) return;
     main().replaceChildren(
       h("h2", {}, "Webhooks in trouble"),
       h("p", { class: "muted" }, "Deliveries that failed for good, ran out of time (dead), or are being retried after a failure."),
       found.deliveries.length ? deliveriesTable(found.deliveries, load, true) : h("p", { class: "muted", id: "webhooks-none" }, "Every webhook is delivered."));
   }
-  return { name: "webhooks", render: load, onJobs: load };
+  const view = { name: "webhooks", render: load, onJobs: load };
+  return view;
 }
 
 // --- Routing, login, the live stream ----------------------------------------------------------

@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import Column, DateTime, Integer, String, func, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.db import unavailable
 from comfyfleet.jobs.models import utcnow
 
 KEY_CACHE_SECONDS = 2.0
@@ -160,8 +160,8 @@ class KeyStore:
             async with self._sessions() as session:
                 found = (await session.exec(select(ApiKey).where(
                     col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))).first()
-        except (SQLAlchemyError, OSError):
-            if cached is None:
+        except Exception as exc:
+            if cached is None or not unavailable(exc):
                 raise
             return cached[1]  # the database is away: as it was when last read
         live = LiveKey(found.admin, found.limits) if found is not None else None
@@ -180,8 +180,8 @@ class KeyStore:
                 found = await session.exec(
                     select(col(ApiKey.name)).where(col(ApiKey.revoked_at).is_(None)).limit(1))
                 live = found.first() is not None
-        except (SQLAlchemyError, OSError):
-            if self._any is None:
+        except Exception as exc:
+            if self._any is None or not unavailable(exc):
                 raise
             return self._any[1]  # the database is away: as it was when last read
         self._any = (now + KEY_CACHE_SECONDS, live)

@@ -1,12 +1,14 @@
 """The Kubernetes manifests (deploy/kubernetes): every overlay renders with `kubectl kustomize`,
-every object validates against its schema (Kubernetes' own for a pinned version, the
-operators' for KEDA and CloudNativePG), and the parts that must agree with comfyfleet do."""
+every object validates against its schema (Kubernetes' own for a pinned version; for KEDA and
+CloudNativePG the openAPIV3Schema of their released CRDs, kept in deploy/kubernetes/schemas),
+and the parts that must agree with comfyfleet do."""
 
 from __future__ import annotations
 
-import json
+import copy
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,43 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
 
 
-def custom_schema(obj: dict[str, Any]) -> dict[str, Any] | None:
-    group_version = obj["apiVersion"].replace("/", "_")
-    path = SCHEMAS / f"{group_version}_{obj['kind']}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+@cache
+def custom_schema(api_version: str, kind: str) -> dict[str, Any] | None:
+    """The CRD's schema for objects of `kind`, made strict, or None for Kubernetes' own kinds."""
+    path = SCHEMAS / f"{api_version.replace('/', '_')}_{kind}.yaml"
+    if not path.exists():
+        return None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 400 kB for CloudNativePG's
+    return strict(yaml.load(path.read_text(), Loader=loader))
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (changed in place) as the API server applies it with strict field validation,
+    kubectl's default: a field an object's `properties` do not name is an error, unless the CRD
+    marks the object x-kubernetes-preserve-unknown-fields. (Its CEL rules,
+    x-kubernetes-validations, are not checked here.)"""
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if "properties" in node and "additionalProperties" not in node and not node.get(
+                "x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        pending.extend(node.get("properties", {}).values())
+        for key in ("items", "additionalProperties", "not"):
+            if isinstance(node.get(key), dict):
+                pending.append(node[key])
+        for key in ("anyOf", "allOf", "oneOf"):
+            pending.extend(node.get(key, []))
+    return schema
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Strictly, against its CRD's schema or, for Kubernetes' own kinds, Kubernetes'."""
+    schema = custom_schema(obj["apiVersion"], obj["kind"])
+    if schema is None:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    else:
+        jsonschema.Draft4Validator(schema).validate(obj)
 
 
 @needs_kubectl
@@ -54,27 +89,53 @@ def test_every_object_validates(overlay: str) -> None:
     kinds = []
     for obj in render(overlay):
         kinds.append(obj["kind"])
-        schema = custom_schema(obj)
-        if schema is not None:
-            jsonschema.validate(obj, schema)
-        else:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        validate(obj)
     assert {"Deployment", "StatefulSet", "Service", "ScaledObject"} <= set(kinds)
 
 
+def test_the_operators_schemas_are_their_released_crds() -> None:
+    """Each kept schema names where it comes from, and is the whole CRD schema, not a subset."""
+    for path in sorted(SCHEMAS.glob("*.yaml")):
+        header = "".join(line for line in path.read_text().splitlines(keepends=True)
+                         if line.startswith("#"))
+        for line in ("# Source: https://github.com/", "# Version: v", "# License: Apache-2.0"):
+            assert line in header, f"{path.name}: no {line!r}"
+        group, version, kind = path.stem.split("_")
+        schema = custom_schema(f"{group}/{version}", kind)
+        assert schema is not None and {"apiVersion", "kind", "metadata", "spec", "status"} <= set(
+            schema["properties"])
+
+
 def test_the_validation_catches_mistakes() -> None:
-    """Strict validation refuses an unknown field, in Kubernetes' objects and in ours."""
-    deployment = next(yaml.safe_load_all((KUBERNETES / "base" / "comfyfleet.yaml").read_text()))
-    deployment["spec"]["replica"] = 2
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
-    scaled = list(yaml.safe_load_all(
-        (KUBERNETES / "components" / "keda" / "scaledobject.yaml").read_text()))[1]
-    scaled["spec"]["maxReplicas"] = 8
-    schema = custom_schema(scaled)
-    assert schema is not None
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(scaled, schema)
+    """Strict validation refuses an unknown field or a wrong type, in Kubernetes' objects and in
+    the operators', at any depth; the same objects without the mistake pass."""
+    def loaded(*path: str) -> list[dict[str, Any]]:
+        return list(yaml.safe_load_all(KUBERNETES.joinpath(*path).read_text()))
+
+    deployment = loaded("base", "comfyfleet.yaml")[0]
+    authentication, scaled = loaded("components", "keda", "scaledobject.yaml")
+    cluster = loaded("overlays", "cloudnative-pg", "database.yaml")[0]
+    mistakes: list[tuple[dict[str, Any], Any, str]] = [
+        (deployment, lambda d: d["spec"].update(replica=2), "replica"),
+        (scaled, lambda s: s["spec"].update(maxReplicas=8), "maxReplicas"),
+        (scaled, lambda s: s["spec"]["scaleTargetRef"].update(namespace="gpu"), "namespace"),
+        (scaled, lambda s: s["spec"]["triggers"][0]["metadata"].update(targetQueryValue=2),
+         "targetQueryValue"),
+        (scaled, lambda s: s["spec"]["triggers"][0].update(authRef={"name": "x"}), "authRef"),
+        (authentication, lambda a: a["spec"]["secretTargetRef"][0].update(secret="x"),
+         "secret"),
+        (cluster, lambda c: c["spec"]["storage"].update(sizeLimit="1Gi"), "sizeLimit"),
+        (cluster, lambda c: c["spec"]["bootstrap"]["initdb"].update(databse="x"), "databse"),
+        (cluster, lambda c: c["spec"].update(instances="two"), "instances"),
+    ]
+    for obj, mistake, field in mistakes:
+        validate(obj)
+        wrong = copy.deepcopy(obj)
+        mistake(wrong)
+        with pytest.raises((jsonschema.ValidationError,
+                            kubernetes_validate.ValidationError)) as refused:
+            validate(wrong)
+        assert field in str(refused.value), (obj["kind"], field, str(refused.value)[:300])
 
 
 @needs_kubectl

@@ -175,10 +175,32 @@ async def test_a_backend_drained_while_still_in_dns_stays_drained(
         await fleet.until(lambda f: "comfyui-0" not in f)
 
 
+async def test_a_server_the_fleet_has_already_is_not_added_again(
+    settings: Settings, dns: tuple[LoopbackDns, str]
+) -> None:
+    """Discovered URLs are normalised as the fleet's are: a server in COMFYUI_ENDPOINTS that DNS
+    names too stays one backend (two would double its slots). Port 80, which a normalised URL
+    leaves out, shows it; nothing need listen there."""
+    server, nameserver = dns
+    server.addresses = ["127.0.0.7", "127.0.0.8"]
+    settings.comfyui_endpoints = ["127.0.0.7:80#static"]
+    settings.comfyui_discovery = f"dns:{NAME}:80"
+    settings.discovery_interval = PASS
+    settings.discovery_nameserver = nameserver
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        fleet = Fleet(http, base + settings.route_prefix)
+        await fleet.until(lambda f: "127-0-0-8" in f)
+        await server.passes(2)
+        backends = await fleet.backends()
+    assert {name: b["url"] for name, b in backends.items()} == {
+        "static": "http://127.0.0.7", "127-0-0-8": "http://127.0.0.8"}
+
+
 def test_the_setting_is_checked() -> None:
     assert DnsTarget.parse("dns:comfyui.default.svc:8188") == DnsTarget(
         "comfyui.default.svc", 8188)
     assert DnsTarget("comfyui", 8188).url("fd00::5") == "http://[fd00::5]:8188"
+    assert DnsTarget("comfyui", 80).url("10.0.0.5") == "http://10.0.0.5"
     for wrong in ("comfyui:8188", "dns:comfyui", "dns:comfyui:0", "dns:com fy:8188",
                   "srv:comfyui:8188", "dns:comfyui:99999"):
         with pytest.raises(ValueError, match="dns:<name>:<port>"):

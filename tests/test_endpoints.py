@@ -23,6 +23,7 @@ from tests.support import wait_for_job
     ("HTTPS://GPU.example.com:443", Backend("gpu.example.com", "https://gpu.example.com")),
     ("[::1]:8188", Backend("[::1]:8188", "http://[::1]:8188")),
     ("[fd00::7]:8188#v6", Backend("v6", "http://[fd00::7]:8188")),
+    ("[FD00:0:0::7]:8188#v6", Backend("v6", "http://[fd00::7]:8188")),
     ("https://[2001:db8::1]:8443#remote", Backend("remote", "https://[2001:db8::1]:8443")),
     ("  gpu2:8189 # spaced  ", Backend("spaced", "http://gpu2:8189")),
 ])

@@ -8,6 +8,7 @@ comfyfleet would not send them, and would show them in `GET /backends` and its l
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -42,8 +43,8 @@ def parse_endpoint(text: str) -> Backend:
 
 def make_backend(address: str, name: str | None = None) -> Backend:
     """The backend at `address`, named `name` or, by default, host:port. The URL is
-    normalised (scheme and host in lower case, no default port, no trailing slash), so one
-    server has one URL."""
+    normalised (scheme and host in lower case, an IPv6 address in its short form, no default
+    port, no trailing slash), so one server has one URL."""
     shown = _redacted(address)
     if _UNPRINTABLE.search(address.strip()):
         raise InvalidBackend("url", f"backend URL {shown!r} contains whitespace or control "
@@ -72,7 +73,7 @@ def make_backend(address: str, name: str | None = None) -> Backend:
         raise InvalidBackend("url", f"bad port in backend URL {shown!r}")
     if port == _DEFAULT_PORTS[parts.scheme]:
         port = None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6 literal
+    host = f"[{_short_ipv6(parts.hostname)}]" if ":" in parts.hostname else parts.hostname
     netloc = host if port is None else f"{host}:{port}"
     url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
     name = netloc if name is None else name
@@ -92,6 +93,14 @@ def parse_endpoints(items: list[str]) -> list[Backend]:
             raise InvalidBackend(attribute, f"duplicate backend {attribute}s: "
                                             f"{', '.join(twice)} ({hint})")
     return backends
+
+
+def _short_ipv6(literal: str) -> str:
+    """`fd00:0:0::7` -> `fd00::7`, as DNS discovery and `GET /backends` show it."""
+    try:
+        return ipaddress.IPv6Address(literal).compressed
+    except ValueError:  # an IPvFuture literal: kept as written
+        return literal
 
 
 def _redacted(address: str) -> str:

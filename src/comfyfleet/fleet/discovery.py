@@ -25,7 +25,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.comfy.endpoints import Backend, make_backend
 from comfyfleet.fleet.fleet import Fleet
 from comfyfleet.fleet.registry import BackendBusy, BackendRegistry, Registered
 from comfyfleet.settings import Settings
@@ -59,9 +59,15 @@ class DnsTarget:
     def __str__(self) -> str:
         return f"dns:{self.name}:{self.port}"
 
-    def url(self, address: str) -> str:
+    def backend(self, address: str, name: str | None = None) -> Backend:
+        """The backend at `address`, its URL normalised as every backend's is (port 80 left
+        out, an IPv6 address in its short form), so a server listed in COMFYUI_ENDPOINTS or
+        added through the API is recognised when DNS names it too."""
         host = f"[{address}]" if ":" in address else address
-        return f"http://{host}:{self.port}"
+        return make_backend(f"http://{host}:{self.port}", name)
+
+    def url(self, address: str) -> str:
+        return self.backend(address).url
 
 
 def make_resolver(nameserver: str | None, interval: float) -> dns.asyncresolver.Resolver:
@@ -124,7 +130,7 @@ class DnsDiscovery:
                 name = await self._name(address, taken_names)
                 taken_names.add(name)
                 log.info("discovery: %s appeared; adding backend %s", address, name)
-                await self._fleet.add_backend(Backend(name, url),
+                await self._fleet.add_backend(self.target.backend(address, name),
                                               discovered_by=str(self.target))
         for url, entry in mine.items():
             if url not in {self.target.url(a) for a in addresses}:

@@ -22,6 +22,10 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
+    """Secrets (the database URL and password, S3 keys, the webhook secret, API keys, tokens)
+    are left out of the settings' repr, so that printing or logging the settings shows none;
+    every field marked `repr=False` is one."""
+
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     comfyui_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -32,9 +36,9 @@ class Settings(BaseSettings):
     # host:port of the DNS server to ask; default: the system's (/etc/resolv.conf).
     discovery_nameserver: str | None = None
 
-    database_url: str | None = None
+    database_url: str | None = Field(default=None, repr=False)
     rdb_username: str = "postgres"
-    rdb_password: str = ""
+    rdb_password: str = Field(default="", repr=False)
     rdb_host: str | None = None
     rdb_port: int = 5432
     rdb_name: str = "comfyfleet"
@@ -49,8 +53,8 @@ class Settings(BaseSettings):
     s3_public_url: str | None = None
     s3_prefix: str = ""
     s3_url_ttl: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = None
+    aws_access_key_id: str | None = Field(default=None, repr=False)
+    aws_secret_access_key: str | None = Field(default=None, repr=False)
     aws_endpoint_url: str | None = None
 
     service_port: int = 8000
@@ -68,7 +72,7 @@ class Settings(BaseSettings):
     workflows_dir: Path = Path("workflows")
 
     # One or more whsec_ secrets, separated by commas or spaces; the first signs.
-    webhook_secret: str | None = None
+    webhook_secret: str | None = Field(default=None, repr=False)
     webhook_timeout: float = Field(default=15.0, gt=0)
     webhook_max_age: int = Field(default=24 * 3600, ge=0)
     # Seconds between attempts; the last one repeats until WEBHOOK_MAX_AGE.
@@ -81,10 +85,10 @@ class Settings(BaseSettings):
 
     # Bearer keys for the API (comma-separated); any key set here or in ADMIN_API_KEYS turns
     # authentication on. A key sees only the jobs it created; an admin key sees every job.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     # A bearer token for /metrics; unset, /metrics is open.
-    metrics_token: str | None = None
+    metrics_token: str | None = Field(default=None, repr=False)
     # Requests per minute per API key (per client address without keys); unset: no limit.
     rate_limit: int | None = Field(default=None, ge=1)
     # Wrong API keys one client address may send per minute; past them it gets 429 (whatever
@@ -118,7 +122,7 @@ class Settings(BaseSettings):
     dispatch_interval: float = Field(default=2.0, gt=0)
     # Shared with the comfyui_nodes package on each backend: with it, comfyfleet deletes a
     # job's files there once they are stored. Unset: the files stay.
-    comfyfleet_node_token: str | None = None
+    comfyfleet_node_token: str | None = Field(default=None, repr=False)
     max_request_bytes: int = 16 * 1024 * 1024
     max_upload_bytes: int = 100 * 1024 * 1024
     # Seconds an image parameter's URL may take to fetch, whole (its size limit is

@@ -145,8 +145,10 @@ async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
         first, _ = await gateways.start(http)
-        # The first process's POST /prompt hangs at the backend for a while.
-        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 6}) as response:
+        # The first process's POST /prompt hangs at the backend until the second process has
+        # started and looked at the job, however long that takes (the fault holds it until
+        # cleared; the first gives up on a POST after 30 s).
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 600}) as response:
             assert response.status == 200
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{first}/api/v1/jobs", json=body) as response:

@@ -299,6 +299,17 @@ async def test_prompt_delay_holds_posts_and_drops_those_whose_client_left(
         assert time.monotonic() - started >= 0.5  # held, then queued as usual
         await wait_history(http, sim, "kept")
 
+        # Held as long as the fault says, by its current value: clearing it lets them go on.
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": 600})
+        body = {"prompt": invert_prompt(prefix="d/released"), "prompt_id": "released"}
+        posting = asyncio.create_task(http.post(f"{sim.url}/prompt", json=body))
+        await asyncio.sleep(0.2)
+        assert not posting.done()
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": None})
+        async with await posting as response:
+            assert response.status == 200
+        await wait_history(http, sim, "released")
+
         # A client that dies while its POST is held: the prompt is never queued.
         await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": 1.0})
         body = {"prompt": invert_prompt(prefix="d/gone"), "prompt_id": "gone"}
@@ -311,7 +322,8 @@ async def test_prompt_delay_holds_posts_and_drops_those_whose_client_left(
         await asyncio.sleep(1.0)  # past the moment the held request would have gone on
         await submit(http, sim, {"prompt": invert_prompt(prefix="d/after"), "prompt_id": "after"})
         await wait_history(http, sim, "after")
-        assert sorted(await get_json(http, f"{sim.url}/history")) == ["after", "kept"]
+        assert sorted(await get_json(http, f"{sim.url}/history")) == ["after", "kept",
+                                                                      "released"]
         empty: JSON = {"queue_running": [], "queue_pending": []}
         assert await get_json(http, f"{sim.url}/queue") == empty
 

@@ -21,10 +21,10 @@ no `/api` copy. Bodies and answers are JSON.
     - `view_bytes_per_second`: /view trickles its body at this rate.
     - `output_size`: SaveImage and PreviewImage files are padded to this many bytes (zeros
       after the PNG's end, a sparse file), so multi-GB outputs cost neither time nor disk.
-    - `prompt_delay`: POST /prompt holds each request this long (the value when it arrived)
-      before it is read; if the client disconnects meanwhile the prompt is dropped, never
-      queued. A client can thus be killed between deciding to queue a prompt and the server
-      having it.
+    - `prompt_delay`: POST /prompt holds each request this long after it arrived before it
+      is read, by the current value (lowering or clearing it releases the requests held);
+      if the client disconnects meanwhile the prompt is dropped, never queued. A client can
+      thus be killed between deciding to queue a prompt and the server having it.
     - `system_stats_status`: GET /system_stats answers this HTTP error status; the websocket
       and the other routes are not affected.
 

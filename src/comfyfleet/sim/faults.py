@@ -25,8 +25,9 @@ class Faults:
     - `output_size`: every image file SaveImage or PreviewImage writes is padded to this many
       bytes (None: the plain PNG).
     - `prompt_delay`: POST /prompt holds each request this many seconds before it looks at it
-      (None: at once). A request whose client disconnects meanwhile is dropped unread: its
-      prompt is never queued, as if the client had died before sending it.
+      (None: at once), by the current value: lowering or clearing it releases those held. A
+      request whose client disconnects meanwhile is dropped unread: its prompt is never
+      queued, as if the client had died before sending it.
     - `system_stats_status`: GET /system_stats answers with this HTTP status (an error page)
       instead of the stats (None: the stats), while the websocket and every other route go
       on as usual: a server whose monitoring endpoint fails.

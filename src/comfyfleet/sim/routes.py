@@ -55,16 +55,17 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _held(request: web.Request, seconds: float | None) -> bool:
-    """Hold a request for `seconds` (the `prompt_delay` fault); False if its client went away
-    meanwhile."""
-    if not seconds:
+async def _held(request: web.Request, faults: Faults) -> bool:
+    """Hold a request while the `prompt_delay` fault says: until that many seconds have passed
+    since it arrived, by the fault's current value, so that lowering or clearing it releases
+    the requests held. False if the client went away meanwhile."""
+    if not faults.prompt_delay:
         return True
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
+    arrived = loop.time()
     # aiohttp does not cancel a handler whose client left: look every few ticks.
     while not _client_gone(request):
-        left = deadline - loop.time()
+        left = arrived + (faults.prompt_delay or 0.0) - loop.time()
         if left <= 0:
             return True
         await asyncio.sleep(min(left, 0.05))
@@ -129,7 +130,7 @@ class Routes:
     # --- prompts and queue -------------------------------------------------------------------
 
     async def post_prompt(self, request: web.Request) -> web.Response:
-        if not await _held(request, self.faults.prompt_delay):
+        if not await _held(request, self.faults):
             return web.Response(status=503)  # nobody is left to read it
         try:
             body = await _json_object(request)

@@ -6,6 +6,8 @@ and the parts that must agree with comfyfleet do."""
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 import shutil
 import subprocess
 from functools import cache
@@ -174,6 +176,46 @@ def test_the_gateway_finds_drains_and_is_probed_as_comfyfleet_expects() -> None:
         "terminationGracePeriodSeconds"]
     assert pods["serviceName"] == target.name
     assert "COPY comfyui_nodes" in (REPO / "Dockerfile").read_text()
+
+
+def deploy_commands(page: Path) -> list[list[str]]:
+    """The `kubectl` commands of the page's block that deploys (the one creating the Secret)."""
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", page.read_text(), re.DOTALL)
+                 if "kubectl create secret" in b)
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+            if line.startswith("kubectl")]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("page", ["README.md", "docs/deployment.md"])
+def test_the_documented_commands_deploy_what_the_manifests_need(page: str) -> None:
+    """The three commands README and docs/deployment.md give create the Secret with every key
+    the manifests read from it (and only settings someone reads), the workflows ConfigMap the
+    gateway mounts, and apply an overlay there is."""
+    secret, workflows, apply = deploy_commands(REPO / page)
+    assert secret[:4] == ["kubectl", "create", "secret", "generic"]
+    given = {arg.removeprefix("--from-literal=").split("=", 1)[0]
+             for arg in secret[5:] if arg.startswith("--from-literal=")}
+    assert apply[:3] == ["kubectl", "apply", "-k"]
+    objects = render(Path(apply[3]).name)
+    assert (REPO / apply[3]).resolve() == KUBERNETES / "overlays" / Path(apply[3]).name
+
+    read = set()
+    for obj in objects:
+        if obj["kind"] == "TriggerAuthentication":
+            read |= {ref["key"] for ref in obj["spec"]["secretTargetRef"]
+                     if ref["name"] == secret[4]}
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            read |= {env["valueFrom"]["secretKeyRef"]["key"] for env in container.get("env", [])
+                     if env.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == secret[4]}
+    assert read <= given, f"{page}: the Secret lacks {read - given}"
+    settings = {name.upper() for name in Settings.model_fields}
+    assert given - settings <= read, f"{page}: {given - settings - read} read by nothing"
+
+    assert workflows[:3] == ["kubectl", "create", "configmap"]
+    gateway = find(objects, "Deployment", "comfyfleet")["spec"]["template"]["spec"]
+    assert {"name": "workflows", "configMap": {"name": workflows[3]}} in gateway["volumes"]
 
 
 @needs_kubectl

@@ -38,3 +38,12 @@ async def test_a_bad_setting_is_one_line(tmp_path: Path) -> None:
     assert lines == ["comfyfleet: bad settings: SERVICE_PORT: Input should be a valid integer, "
                      "unable to parse string as an integer; MAX_ATTEMPTS: Input should be "
                      "greater than or equal to 1"]
+
+
+async def test_a_bad_database_url_is_refused_without_showing_it(tmp_path: Path) -> None:
+    """The value is not echoed: a URL missing its scheme still holds the password."""
+    for url in ("app:pw-4e7a1c@db.example/fleet", "mysql://app:pw-4e7a1c@db.example/fleet"):
+        code, lines = await serve(tmp_path, DATABASE_URL=url)
+        assert code == 1
+        assert len(lines) == 1 and lines[0].startswith("comfyfleet: bad settings: DATABASE_URL: ")
+        assert "pw-4e7a1c" not in lines[0]

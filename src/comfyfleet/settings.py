@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value:
+            to_asyncpg_url(value)  # refused at start, in one line that does not show it
+        return value
+
     @field_validator("route_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -178,8 +185,8 @@ class Settings(BaseSettings):
 def to_asyncpg_url(url: str) -> str:
     """Accept the ordinary `postgresql://` (or `postgres://`) form and pick the asyncpg driver."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"not a database URL: {url!r}")
+    if not sep:  # the URL itself is not shown: it may hold a password
+        raise ValueError("not a database URL: expected postgresql://USER:PASSWORD@HOST:PORT/NAME")
     if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
         return f"postgresql+asyncpg://{rest}"
     raise ValueError(f"unsupported database scheme {scheme!r}: use postgresql://")

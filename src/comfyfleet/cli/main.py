@@ -125,7 +125,8 @@ def _add_sim(commands: Any) -> None:
     caching.add_argument("--cache-none", action="store_true",
                          help="keep no node results between prompts, as ComfyUI's option")
     faults = sim.add_argument_group(
-        "failure injection", "also changeable at run time: POST /_sim/faults (see README)")
+        "failure injection",
+        "also changeable at run time: POST /_sim/faults (see docs/simulator.md)")
     faults.add_argument("--fail-rate", type=_rate, default=0.0, metavar="R",
                         help="probability that a prompt fails with an execution_error")
     faults.add_argument("--fail-seed", type=int, metavar="N",

@@ -500,7 +500,7 @@ FILE_CLEANER_SKIPPED = ("ComfyUI-server's own file-cleaner prompt: comfyfleet de
 def _beyond(service: ServiceReading) -> str:
     return (f"Service.{service.name} does more than substitute values: "
             f"{'; '.join(service.beyond)}. Write that logic as workflows/{service.name}.py "
-            "(build(params, template)), see README 'Service functions'")
+            "(build(params, template)), see docs/workflows.md, 'Service functions'")
 
 
 def _is_file_cleaner(template: SeedTemplate) -> bool:

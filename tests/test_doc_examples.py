@@ -18,10 +18,12 @@ How a page is read (write new examples this way):
 
 What the examples may assume, and are given: the service at localhost:8000 (unless the block
 starts one, `comfyfleet serve`; then it is on a new database), ComfyUIs at 127.0.0.1:8188 and
-8189 (simulated, the service's backends), spare simulators at 8288-8290 and at `gpu7.lan:8188`,
+8189 (simulated, the service's backends; also as gpu1.lan:8188 and gpu2.lan:8188), spare
+simulators at 8288-8290 and at gpu7.lan:8188,
 webhook receivers at https://example.com/hooks (one that verifies) and on port 9000, `$JOB` a
 job still running, `$KEY` an API key, `.venv/bin/comfyfleet` and `comfyfleet` the one under
-test, and in the working directory `.env.example`, `photos/` (two PNGs), `photo.png` and
+test, and in the working directory (a checkout's root) `.env.example`, `workflows/`, `photos/`
+(two PNGs), `photo.png` and
 `workflow_api.json` (a graph with a SaveImage node "9"). Addresses are rewritten to those on
 loopback; an example that names any other host fails here, so no traffic leaves loopback.
 """
@@ -213,6 +215,7 @@ def _workdir(root: Path) -> Path:
     root.mkdir()
     (root / ".venv").symlink_to(Path(sys.prefix))
     shutil.copy(REPO / ".env.example", root / ".env.example")
+    shutil.copytree(REPO / "workflows", root / "workflows")
     (root / "photos").mkdir()
     for n in range(2):
         (root / "photos" / f"photo{n}.png").write_bytes(png(24 + 8 * n, 16))
@@ -256,6 +259,8 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
                  8189: sims[1].port, 8288: sims[2].port, 8289: sims[3].port, 8290: sims[4].port}
         hosts = {"https://comfyfleet.example.com": base, "https://example.com/hooks": hooks.url,
                  "path/to/ComfyUI-server": str(REPO / "tests/fixtures/comfyui-server"),
+                 "gpu1.lan:8188": f"{LOOPBACK}:{sims[0].port}",
+                 "gpu2.lan:8188": f"{LOOPBACK}:{sims[1].port}",
                  "gpu7.lan:8188": f"{LOOPBACK}:{sims[5].port}", "whsec_...": secret}
         env = child_env(
             PATH=f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",

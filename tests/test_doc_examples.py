@@ -3,8 +3,8 @@ loopback and does what its page says, so the documentation stays true.
 
 How a page is read (write new examples this way):
 - A ```sh (or bash, shell) block runs in `bash -e -o pipefail`, a ```python block in a Python
-  process; other fences (output, JSON, YAML, JavaScript) are not examples. Every curl in them
-  must get a 2xx or 3xx answer: it runs with `--fail-with-body`.
+  process, a ```js block in Node.js (an ES module); other fences (output, JSON, YAML) are not
+  examples. Every curl in them must get a 2xx or 3xx answer: it runs with `--fail-with-body`.
 - Comment lines right after a command (no blank line between) are what it prints: each must
   match a line of its output, in order. `...` stands for anything; a line that is JSON
   matches a JSON line with those keys and values, where `"5c1e..."` is any string, `[...]`
@@ -57,6 +57,8 @@ from tests.support import LOOPBACK, REPO, child_env, free_ports, new_database, p
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"sh", "bash", "shell"}
 PYTHON = {"python", "py"}
+JAVASCRIPT = {"js", "javascript"}
+RUN = SHELL | PYTHON | JAVASCRIPT
 FENCE = re.compile(r"^```(\S*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*(not run|exits|webhook receiver|excerpt of)\s*:?\s*(.*?)\s*-->$")
 BLOCK_SECONDS = 30
@@ -77,7 +79,7 @@ class Example:
 
     @property
     def runnable(self) -> bool:
-        return self.directive != "not run" and self.language in SHELL | PYTHON
+        return self.directive != "not run" and self.language in RUN
 
 
 def examples(page: Path) -> list[Example]:
@@ -92,7 +94,7 @@ def examples(page: Path) -> list[Example]:
             continue
         end = next(n for n in range(index + 1, len(lines)) if lines[n].startswith("```"))
         language = opening.group(1).lower()
-        if language in SHELL | PYTHON:
+        if language in RUN:
             previous = lines[index - 1].strip() if index else ""
             directive = DIRECTIVE.match(previous)
             found.append(Example(page, index + 1, language, "\n".join(lines[index + 1:end]) + "\n",
@@ -326,10 +328,11 @@ async def start(argv: list[str], live: Live, env: dict[str, str]) -> Running:
 
 
 def command(example: Example, live: Live) -> list[str]:
-    if example.language in PYTHON:
-        source = live.workdir / f"example_{example.line}.py"
+    if example.language in PYTHON | JAVASCRIPT:
+        python = example.language in PYTHON
+        source = live.workdir / f"example_{example.line}.{'py' if python else 'mjs'}"
         source.write_text(live.rewrite(example.text))
-        return [sys.executable, source.name]
+        return [sys.executable if python else "node", source.name]
     script, _ = script_with_marks(live.rewrite(example.text))
     return ["bash", "-e", "-o", "pipefail", "-c", FAIL_ON_HTTP_ERRORS + script]
 
@@ -408,7 +411,7 @@ async def check(example: Example, live: Live) -> None:
     assert result.status == wanted, (
         f"{example.where} exited {result.status}, not {wanted}:\n{result.output}")
     if example.language in SHELL:
-        _, expected = script_with_marks(example.text)
+        _, expected = script_with_marks(live.rewrite(example.text))
         outputs = output_since_marks(result.output)
         assert len(outputs) >= len(expected), f"{example.where}: output marks missing:\n" \
                                               f"{result.output}"
@@ -454,7 +457,7 @@ def test_each_example_uses_its_own_idempotency_key() -> None:
         for example in examples(page):
             keys = re.findall(r'"client_task_id":\s*"([^"]+)"|Idempotency-Key["\']?[:,]\s*"?'
                               r"'?([\w-]+)", example.text)
-            for key in filter(None, (a or b for a, b in keys)):
+            for key in {a or b for a, b in keys} - {""}:  # once an example: a repeat is shown
                 if key in seen:
                     repeated.append(f"{key}: {seen[key]} and {example.where}")
                 seen.setdefault(key, example.where)

@@ -2,6 +2,11 @@
 
 One job, or one per image in a folder; a progress bar per job from its Server-Sent Events;
 the outputs downloaded when it succeeds. The exit code is non-zero if any job did not.
+
+In folder mode `OUT/jobs.jsonl` records which file became which job: a line as each file is
+submitted (its job id, or why it was refused), so that an interrupted run still says where
+its jobs are, and a line when the job has ended (status, saved outputs). A refused file does
+not stop the others.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import mimetypes
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,32 +150,87 @@ def _images_in(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _say(console: Console, line: str) -> None:
+    """A line as it is: not wrapped (a path stays whole for a pipe), no markup read in it."""
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+class JobLog:
+    """`OUT/jobs.jsonl`: which input file became which job, appended as it happens."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "jobs.jsonl"
+
+    async def write(self, path: Path, **fields: Any) -> None:
+        line = json.dumps({"input": str(path), **fields,
+                           "at": datetime.now(UTC).isoformat(timespec="seconds")})
+        await asyncio.to_thread(self._append, line)
+
+    def _append(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(line + "\n")
+
+
+@dataclass
+class Submitted:
+    job: dict[str, Any]
+    input: Path | None  # the file of folder mode
+
+
+async def _submit_folder(http: aiohttp.ClientSession, target: Target, workflow: str,
+                         params: dict[str, Any], input_dir: Path, log: JobLog,
+                         console: Console) -> tuple[list[Submitted], int]:
+    """A job per image, each recorded as it is accepted or refused; the refusals counted."""
+    param = await _image_param(http, target, workflow)
+    files = await asyncio.to_thread(_images_in, input_dir)
+    if not files:
+        raise SubmitError(f"no images in {input_dir}")
+    submitted, refused = [], 0
+    for path in files:
+        try:
+            job = await _submit(http, target, workflow, params, (param, path))
+        except SubmitError as exc:
+            refused += 1
+            await log.write(path, error=str(exc))
+            _say(console, f"{path.name}: refused: {exc}")
+            continue
+        await log.write(path, job_id=job["id"], status=job["status"])
+        _say(console, f"{path.name}: job {job['id']}")
+        submitted.append(Submitted(job, path))
+    return submitted, refused
+
+
 async def run_submit(
     target: Target, workflow: str, params: dict[str, Any], input_dir: Path | None, out: Path,
     console: Console,
 ) -> int:
     """Submit, follow and download; the process exit code (0: every job succeeded)."""
+    log = JobLog(out)
     async with aiohttp.ClientSession() as http:
-        images: list[tuple[str, Path] | None] = [None]
-        if input_dir is not None:
-            param = await _image_param(http, target, workflow)
-            files = await asyncio.to_thread(_images_in, input_dir)
-            if not files:
-                raise SubmitError(f"no images in {input_dir}")
-            images = [(param, path) for path in files]
-        jobs = [await _submit(http, target, workflow, params, image) for image in images]
+        if input_dir is None:
+            submitted = [Submitted(await _submit(http, target, workflow, params, None), None)]
+            failures = 0
+        else:
+            submitted, failures = await _submit_folder(http, target, workflow, params,
+                                                       input_dir, log, console)
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
-            tasks = [progress.add_task(job["id"][:8], total=1.0) for job in jobs]
-            ended = await asyncio.gather(*(_follow(http, target, job, progress, task)
-                                           for job, task in zip(jobs, tasks, strict=True)))
-        failures = 0
-        for job in ended:
+            tasks = [progress.add_task(item.job["id"][:8], total=1.0) for item in submitted]
+            ended = await asyncio.gather(*(_follow(http, target, item.job, progress, task)
+                                           for item, task in zip(submitted, tasks, strict=True)))
+        for item, job in zip(submitted, ended, strict=True):
+            name = f"{item.input.name} -> " if item.input is not None else ""
+            saved: list[Path] = []
             if job["status"] == "succeeded":
-                for path in await _download(http, target, job, out):
-                    console.print(f"{job['id']}: {path}")
+                saved = await _download(http, target, job, out)
+                for path in saved:
+                    _say(console, f"{name}{job['id']}: {path}")
             else:
                 failures += 1
                 error = job.get("error") or {}
-                console.print(f"{job['id']}: {job['status']}: {error.get('message', '')}")
+                _say(console, f"{name}{job['id']}: {job['status']}: {error.get('message', '')}")
+            if item.input is not None:
+                await log.write(item.input, job_id=job["id"], status=job["status"],
+                                outputs=[str(path) for path in saved])
     return 1 if failures else 0

@@ -14,10 +14,12 @@ How a page is read (write new examples this way):
   `<!-- exits N -->` expects that exit status instead of 0;
   `<!-- webhook receiver -->` starts it, sends it a job's webhook, expects it to print the
   event type, job id and status, and stops it;
-  `<!-- excerpt of PATH -->` checks that the block is, line for line, a part of that file.
+  `<!-- excerpt of PATH -->` checks that the block is, line for line, a part of that file;
+  `<!-- run with pytest -->` runs a Python block's tests, which must pass.
 
-What the examples may assume, and are given: the service at localhost:8000 (unless the block
-starts one, `comfyfleet serve`; then it is on a new database), ComfyUIs at 127.0.0.1:8188 and
+What the examples may assume, and are given: the service at localhost:8000 (unless a block of
+the page starts one in the background, `comfyfleet serve &`), on a database of the page's own,
+ComfyUIs at 127.0.0.1:8188 and
 8189 (simulated, the service's backends; also as gpu1.lan:8188 and gpu2.lan:8188), spare
 simulators at 8288-8290 and at gpu7.lan:8188,
 webhook receivers at https://example.com/hooks (one that verifies) and on port 9000, `$JOB` a
@@ -60,7 +62,8 @@ PYTHON = {"python", "py"}
 JAVASCRIPT = {"js", "javascript"}
 RUN = SHELL | PYTHON | JAVASCRIPT
 FENCE = re.compile(r"^```(\S*)\s*$")
-DIRECTIVE = re.compile(r"^<!--\s*(not run|exits|webhook receiver|excerpt of)\s*:?\s*(.*?)\s*-->$")
+DIRECTIVE = re.compile(
+    r"^<!--\s*(not run|exits|webhook receiver|excerpt of|run with pytest)\s*:?\s*(.*?)\s*-->$")
 BLOCK_SECONDS = 30
 
 
@@ -240,7 +243,8 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
     secret = new_secret()
     database_url = await new_database(postgres, "docs")
     runnable = [example for example in examples(page) if example.runnable]
-    starts_its_own = any("comfyfleet serve" in example.text for example in runnable)
+    starts_its_own = any(re.search(r"comfyfleet serve\b.*&$", example.text, re.MULTILINE)
+                         for example in runnable)
     async with AsyncExitStack() as stack:
         sims = [await stack.enter_async_context(SimulatedComfyUI(name=f"sim{n}"))
                 for n in range(6)]
@@ -333,6 +337,9 @@ def command(example: Example, live: Live) -> list[str]:
         python = example.language in PYTHON
         source = live.workdir / f"example_{example.line}.{'py' if python else 'mjs'}"
         source.write_text(live.rewrite(example.text))
+        if example.directive == "run with pytest":
+            return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "--rootdir", ".", source.name]
         return [sys.executable if python else "node", source.name]
     script, _ = script_with_marks(live.rewrite(example.text))
     return ["bash", "-e", "-o", "pipefail", "-c", FAIL_ON_HTTP_ERRORS + script]

@@ -108,18 +108,22 @@ def examples(page: Path) -> list[Example]:
 
 # --- what the output must look like --------------------------------------------------------
 
-ANY_STRING, ANY_LIST, MORE_KEYS = "\x00any string", "\x00any list", "\x00more keys"
+ANY_STRING, ANY_LIST, ANY_VALUE = "\x00any string", "\x00any list", "\x00any value"
+MORE_KEYS = "\x00more keys"
 
 
 def _shape(expected: str) -> Any:
     """A JSON line with the doc's `...` shorthands as markers."""
     text = re.sub(r'"[^"]*\.\.\."', lambda _: json.dumps(ANY_STRING), expected)
     text = text.replace("[...]", json.dumps(ANY_LIST))
+    text = re.sub(r"(?<=:)\s*\.\.\.(?=\s*[,}])", lambda _: json.dumps(ANY_VALUE), text)
     text = re.sub(r",\s*\.\.\.\s*}", lambda _: f', {json.dumps(MORE_KEYS)}: true}}', text)
     return json.loads(text)
 
 
 def _fits(expected: Any, actual: Any) -> bool:
+    if expected == ANY_VALUE:
+        return True
     if expected == ANY_STRING:
         return isinstance(actual, str)
     if expected == ANY_LIST:
@@ -138,11 +142,21 @@ def _fits(expected: Any, actual: Any) -> bool:
 
 
 def _line_fits(expected: str, actual: str) -> bool:
-    if expected.startswith(("{", "[")):
+    """Text before a JSON value (`data: {...}`) is text; the value is matched by shape."""
+    start = min((expected.find(c) for c in "{[" if c in expected), default=-1)
+    if start >= 0:
         try:
-            return _fits(_shape(expected), json.loads(actual))
+            shape = _shape(expected[start:])
         except ValueError:
-            return False
+            shape = None  # not JSON: all of it is text
+        if shape is not None:
+            prefix = expected[:start].strip()
+            if not actual.strip().startswith(prefix):
+                return False
+            try:
+                return _fits(shape, json.loads(actual.strip()[len(prefix):]))
+            except ValueError:
+                return False
     # An abbreviated id ("0b4f...") is any id.
     words = re.sub(r"[0-9a-f]{4,}\.\.\.", "...", expected).split()
     pattern = r"\s+".join(".*?".join(map(re.escape, word.split("..."))) for word in words)
@@ -481,3 +495,5 @@ def test_output_lines_match_by_shape() -> None:
                      "OK   text2img: workflows/text2img.json (from a.py X)") == []
     assert unmatched(["b", "a"], "a\nb") == ["a"]  # in order
     assert unmatched(["x.png: job 0b4f..."], "x.png: job 5c1e0000-aaaa") == []
+    assert unmatched(['data: {"a": ..., "b": "x", ...}'], 'data: {"c": 1, "a": [], "b": "x"}') == []
+    assert unmatched(['data: {"a": ..., "b": "x"}'], 'data: {"c": 1, "a": [], "b": "x"}') != []

@@ -42,7 +42,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +177,18 @@ def script_with_marks(text: str) -> tuple[str, list[list[str]]]:
     mark, and the expected lines of each mark."""
     script: list[str] = []
     expected: list[list[str]] = []
-    after_command = False
+    after_command = in_output = False
     for line in text.splitlines():
         comment = line.startswith("#")
-        if comment and after_command:
-            if not script[-1].startswith("printf"):
+        if comment and (after_command or in_output):
+            if not in_output:
                 expected.append([])
                 script.append(f"printf '\\n{OUTPUT_MARK} %s\\n' {len(expected) - 1}")
             expected[-1].append(line[1:].strip())
+            after_command, in_output = False, True
             continue
         script.append(line)
+        in_output = False
         after_command = bool(line.strip()) and not comment and not line.endswith("\\")
     return "\n".join(script) + "\n", expected
 
@@ -207,11 +209,8 @@ class Live:
     ports: dict[int, int]  # a port the docs name -> the one on loopback here
     hosts: dict[str, str]  # a URL or host the docs name -> the one on loopback here
     env: dict[str, str]
-    api: str = ""  # the service's /api/v1, when the test runs one
-    secret: str = ""
-    receiver_port: int = 0
-    hooks: WebhookReceiver | None = None
-    sims: list[SimulatedComfyUI] = field(default_factory=list)
+    api: str  # the service's /api/v1 (not answering when the page starts its own)
+    receiver_port: int  # port 9000 of the examples
 
     def rewrite(self, text: str) -> str:
         def port(match: re.Match[str]) -> str:
@@ -265,7 +264,8 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
         hooks = WebhookReceiver(secret)
         await hooks.start()
         stack.push_async_callback(hooks.stop)
-        service_port, receiver_port = free_ports(1), free_ports(1)
+        service_port = free_ports(2)
+        receiver_port = service_port + 1
         settings = Settings(
             _env_file=None, database_url=database_url, data_dir=root / "data",
             workflows_dir=REPO / "workflows", storage="local", webhook_secret=secret,
@@ -289,8 +289,7 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
             ALLOW_PRIVATE_CALLBACKS="true", WEBHOOK_SECRET=secret, COMFY_BASE_URL=base,
             KEY="a-key-the-service-does-not-ask-for",
         )
-        yield Live(workdir, ports, hosts, env, f"{base}{settings.route_prefix}", secret,
-                   receiver_port, hooks, sims)
+        yield Live(workdir, ports, hosts, env, f"{base}{settings.route_prefix}", receiver_port)
         assert hooks.rejected == 0
 
 
@@ -384,8 +383,9 @@ async def run(example: Example, live: Live, env: dict[str, str]) -> Run:
 
 
 async def running_job(live: Live) -> str:
-    """A job that will run for a second or so on a backend: the examples' $JOB."""
-    body = {"workflow": "simulated_work", "params": {"seconds": 1.5, "steps": 3}}
+    """A job that runs a few seconds on a backend: the examples' $JOB, still running when an
+    example cancels it, soon over for one that follows it to the end."""
+    body = {"workflow": "simulated_work", "params": {"seconds": 3, "steps": 3}}
     async with aiohttp.ClientSession() as http, http.post(f"{live.api}/jobs", json=body) as answer:
         assert answer.status == 202, await answer.text()
         return str((await answer.json())["id"])

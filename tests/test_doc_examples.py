@@ -353,7 +353,9 @@ def command(example: Example, live: Live) -> list[str]:
         if example.directive == "run with pytest":
             return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                     "--rootdir", ".", source.name]
-        return [sys.executable if python else "node", source.name]
+        node = shutil.which("node")
+        assert python or node, f"{example.where} needs Node.js: install nodejs (.ci/run does)"
+        return [sys.executable if python else str(node), source.name]
     script, _ = script_with_marks(live.rewrite(example.text))
     return ["bash", "-e", "-o", "pipefail", "-c", FAIL_ON_HTTP_ERRORS + script]
 

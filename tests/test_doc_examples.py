@@ -20,8 +20,8 @@ How a page is read (write new examples this way):
 What the examples may assume, and are given: the service at localhost:8000 (unless a block of
 the page starts one in the background, `comfyfleet serve &`), on a database of the page's own,
 ComfyUIs at 127.0.0.1:8188 and
-8189 (simulated, the service's backends; also as gpu1.lan:8188 and gpu2.lan:8188), spare
-simulators at 8288-8290 and at gpu7.lan:8188,
+8189 (simulated, the service's backends; also as gpu1.lan:8188 and gpu2.lan:8188), a spare
+one at gpu7.lan:8188, free ports 8288-8290 for the examples' own `comfyfleet sim`,
 webhook receivers at https://example.com/hooks (one that verifies) and on port 9000, `$JOB` a
 job still running, `$KEY` an API key, `.venv/bin/comfyfleet` and `comfyfleet` the one under
 test, and in the working directory (a checkout's root) `.env.example`, `workflows/`, `photos/`
@@ -42,7 +42,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,38 +165,23 @@ def _line_fits(expected: str, actual: str) -> bool:
 
 def unmatched(expected: list[str], output: str) -> list[str]:
     """The expected lines not found, in order, among the output's lines."""
-    actual = iter(output.splitlines())
+    # Answers without a newline at the end run together, as on a terminal: `{...}{...}`.
+    actual = iter(part for line in output.splitlines()
+                  for part in re.split(r"(?<=\})(?=\{)", line))
     return [line for line in expected if not any(_line_fits(line, got) for got in actual)]
 
 
-OUTPUT_MARK = "\x1eoutput"
-
-
-def script_with_marks(text: str) -> tuple[str, list[list[str]]]:
-    """The shell script with each run of output comments replaced by a line that prints a
-    mark, and the expected lines of each mark."""
-    script: list[str] = []
-    expected: list[list[str]] = []
-    after_command = in_output = False
+def shown_output(text: str) -> list[str]:
+    """The comment lines right after a command: what the doc shows it printing."""
+    shown: list[str] = []
+    after_command = False
     for line in text.splitlines():
         comment = line.startswith("#")
-        if comment and (after_command or in_output):
-            if not in_output:
-                expected.append([])
-                script.append(f"printf '\\n{OUTPUT_MARK} %s\\n' {len(expected) - 1}")
-            expected[-1].append(line[1:].strip())
-            after_command, in_output = False, True
+        if comment and after_command:
+            shown.append(line[1:].strip())
             continue
-        script.append(line)
-        in_output = False
         after_command = bool(line.strip()) and not comment and not line.endswith("\\")
-    return "\n".join(script) + "\n", expected
-
-
-def output_since_marks(output: str) -> list[str]:
-    """The output printed before each mark, since the previous one, and after the last (where
-    a command that fails, as expected, stops the script before its mark)."""
-    return re.split(f"\n{OUTPUT_MARK} \\d+\n", output)
+    return shown
 
 
 # --- the live service the examples talk to ---------------------------------------------------
@@ -211,6 +196,7 @@ class Live:
     env: dict[str, str]
     api: str  # the service's /api/v1 (not answering when the page starts its own)
     receiver_port: int  # port 9000 of the examples
+    background: list[Running] = field(default_factory=list)  # stopped when the page is done
 
     def rewrite(self, text: str) -> str:
         def port(match: re.Match[str]) -> str:
@@ -260,7 +246,7 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
                          for example in runnable)
     async with AsyncExitStack() as stack:
         sims = [await stack.enter_async_context(SimulatedComfyUI(name=f"sim{n}"))
-                for n in range(6)]
+                for n in range(3)]
         hooks = WebhookReceiver(secret)
         await hooks.start()
         stack.push_async_callback(hooks.stop)
@@ -276,20 +262,28 @@ async def live(page: Path, postgres: Any, root: Path) -> AsyncIterator[Live]:
         if runnable and not starts_its_own:
             await stack.enter_async_context(serving(settings))
         workdir = _workdir(root / "work")
+        fleet = free_ports(3)  # for the examples' own `comfyfleet sim --port 8288`
         ports = {8000: service_port, 9000: receiver_port, 8188: sims[0].port,
-                 8189: sims[1].port, 8288: sims[2].port, 8289: sims[3].port, 8290: sims[4].port}
+                 8189: sims[1].port, 8288: fleet, 8289: fleet + 1, 8290: fleet + 2}
         hosts = {"https://comfyfleet.example.com": base, "https://example.com/hooks": hooks.url,
                  "path/to/ComfyUI-server": str(REPO / "tests/fixtures/comfyui-server"),
                  "gpu1.lan:8188": f"{LOOPBACK}:{sims[0].port}",
                  "gpu2.lan:8188": f"{LOOPBACK}:{sims[1].port}",
-                 "gpu7.lan:8188": f"{LOOPBACK}:{sims[5].port}", "whsec_...": secret}
+                 "gpu7.lan:8188": f"{LOOPBACK}:{sims[2].port}", "whsec_...": secret}
         env = child_env(
             PATH=f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
             SERVICE_PORT=str(service_port), DATABASE_URL=database_url,
             ALLOW_PRIVATE_CALLBACKS="true", WEBHOOK_SECRET=secret, COMFY_BASE_URL=base,
             KEY="a-key-the-service-does-not-ask-for",
         )
-        yield Live(workdir, ports, hosts, env, f"{base}{settings.route_prefix}", receiver_port)
+        here = Live(workdir, ports, hosts, env, f"{base}{settings.route_prefix}", receiver_port)
+
+        async def stop_what_examples_left_running() -> None:
+            for running in here.background:
+                await running.stop()
+
+        stack.push_async_callback(stop_what_examples_left_running)  # first, whatever happens
+        yield here
         assert hooks.rejected == 0
 
 
@@ -356,8 +350,7 @@ def command(example: Example, live: Live) -> list[str]:
         node = shutil.which("node")
         assert python or node, f"{example.where} needs Node.js: install nodejs (.ci/run does)"
         return [sys.executable if python else str(node), source.name]
-    script, _ = script_with_marks(live.rewrite(example.text))
-    return ["bash", "-e", "-o", "pipefail", "-c", FAIL_ON_HTTP_ERRORS + script]
+    return ["bash", "-e", "-o", "pipefail", "-c", FAIL_ON_HTTP_ERRORS + live.rewrite(example.text)]
 
 
 # curl refuses --fail-with-body next to --fail (-f): a curl that has that already keeps it.
@@ -372,15 +365,16 @@ FAIL_ON_HTTP_ERRORS = """curl() {
 
 
 async def run(example: Example, live: Live, env: dict[str, str]) -> Run:
+    """Run the example to its end; what it left running in the background (`serve &`) runs on
+    until the page is done, as in a reader's shell."""
     running = await start(command(example, live), live, env)
+    live.background.append(running)
     try:
         async with asyncio.timeout(BLOCK_SECONDS):
             status = await running.process.wait()
     except TimeoutError:
         raise AssertionError(f"{example.where} still running after {BLOCK_SECONDS} s:\n"
                              f"{running.output}") from None
-    finally:
-        await running.stop()
     return Run(status, running.output)
 
 
@@ -435,14 +429,9 @@ async def check(example: Example, live: Live) -> None:
     assert result.status == wanted, (
         f"{example.where} exited {result.status}, not {wanted}:\n{result.output}")
     if example.language in SHELL:
-        _, expected = script_with_marks(live.rewrite(example.text))
-        outputs = output_since_marks(result.output)
-        assert len(outputs) >= len(expected), f"{example.where}: output marks missing:\n" \
-                                              f"{result.output}"
-        for lines, printed in zip(expected, outputs, strict=False):
-            missing = unmatched(lines, printed)
-            assert not missing, f"{example.where}: not printed: {missing}\n--- it printed:\n" \
-                                f"{printed}"
+        missing = unmatched(shown_output(live.rewrite(example.text)), result.output)
+        assert not missing, f"{example.where}: not printed: {missing}\n--- it printed:\n" \
+                            f"{result.output}"
 
 
 def _ids(page: Path) -> str:
@@ -496,6 +485,7 @@ def test_output_lines_match_by_shape() -> None:
     assert unmatched(["OK   text2img: workflows/text2img.json (from ...)"],
                      "OK   text2img: workflows/text2img.json (from a.py X)") == []
     assert unmatched(["b", "a"], "a\nb") == ["a"]  # in order
+    assert unmatched(['{"a": 1}', '{"b": 2}'], '{"a": 1}{"b": 2}') == []
     assert unmatched(["x.png: job 0b4f..."], "x.png: job 5c1e0000-aaaa") == []
     assert unmatched(['data: {"a": ..., "b": "x", ...}'], 'data: {"c": 1, "a": [], "b": "x"}') == []
     assert unmatched(['data: {"a": ..., "b": "x"}'], 'data: {"c": 1, "a": [], "b": "x"}') != []

@@ -319,11 +319,12 @@ class Running:
         group = self.process.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
+                os.killpg(group, sig)
                 async with asyncio.timeout(15):
                     while True:  # until no process of the group is left
-                        os.killpg(group, sig)
-                        await asyncio.sleep(0.1)
-            except (ProcessLookupError, PermissionError):
+                        await asyncio.sleep(0.1)  # no event says a process has gone
+                        os.killpg(group, 0)
+            except ProcessLookupError:
                 break
             except TimeoutError:
                 continue

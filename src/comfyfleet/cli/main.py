@@ -147,7 +147,7 @@ def _add_submit(commands: Any) -> None:
                         help="a parameter (repeat); JSON values keep their type: width=512")
     submit.add_argument("--input-dir", type=Path,
                         help="one job per image in this folder, for the workflow's image "
-                             "parameter")
+                             "parameter; OUT/jobs.jsonl records which file became which job")
     submit.add_argument("--out", type=Path, default=Path("outputs"),
                         help="where outputs are saved, one folder per job (default outputs/)")
     submit.add_argument("--server", help="default: http://127.0.0.1:SERVICE_PORT/api/v1")

@@ -1,14 +1,16 @@
-"""Every shell and Python example in README.md and docs/*.md runs against a live service on
-loopback and does what its page says, so the documentation stays true.
+"""Every shell, Python and Node.js example in README.md and docs/*.md runs against a live
+service on loopback and does what its page says, so the documentation stays true.
 
 How a page is read (write new examples this way):
 - A ```sh (or bash, shell) block runs in `bash -e -o pipefail`, a ```python block in a Python
   process, a ```js block in Node.js (an ES module); other fences (output, JSON, YAML) are not
   examples. Every curl in them must get a 2xx or 3xx answer: it runs with `--fail-with-body`.
+  What an example starts in the background (`... &`) runs on until the page is done.
 - Comment lines right after a command (no blank line between) are what it prints: each must
-  match a line of its output, in order. `...` stands for anything; a line that is JSON
-  matches a JSON line with those keys and values, where `"5c1e..."` is any string, `[...]`
-  any list and `, ...}` more keys. Comment lines after a blank line or at the start are prose.
+  match a line of the example's output, in order. `...` stands for anything (`0b4f...` for
+  an id); in a line with JSON (`data: {...}` too) the JSON is matched by shape: those keys
+  and values, where `"5c1e..."` is any string, `[...]` any list, `: ...` any value and
+  `, ...}` more keys. Comment lines after a blank line or at the start are prose.
 - The line before a fence may say what else to do with it:
   `<!-- not run: why -->` skips it (`test_skipped_examples_say_why` lists each one);
   `<!-- exits N -->` expects that exit status instead of 0;
@@ -18,14 +20,13 @@ How a page is read (write new examples this way):
   `<!-- run with pytest -->` runs a Python block's tests, which must pass.
 
 What the examples may assume, and are given: the service at localhost:8000 (unless a block of
-the page starts one in the background, `comfyfleet serve &`), on a database of the page's own,
-ComfyUIs at 127.0.0.1:8188 and
-8189 (simulated, the service's backends; also as gpu1.lan:8188 and gpu2.lan:8188), a spare
-one at gpu7.lan:8188, free ports 8288-8290 for the examples' own `comfyfleet sim`,
-webhook receivers at https://example.com/hooks (one that verifies) and on port 9000, `$JOB` a
-job still running, `$KEY` an API key, `.venv/bin/comfyfleet` and `comfyfleet` the one under
-test, and in the working directory (a checkout's root) `.env.example`, `workflows/`, `photos/`
-(two PNGs), `photo.png` and
+the page starts one in the background, `comfyfleet serve &`) on a database of the page's own;
+ComfyUIs at 127.0.0.1:8188 and 8189 (simulated, the service's backends; also as
+gpu1.lan:8188 and gpu2.lan:8188), a spare one at gpu7.lan:8188, free ports 8288-8290 for the
+examples' own `comfyfleet sim`; webhook receivers at https://example.com/hooks (one that
+verifies) and on port 9000; `$JOB` a job still running, `$KEY` an API key;
+`.venv/bin/comfyfleet` and `comfyfleet` the one under test; and in the working directory (a
+checkout's root) `.env.example`, `workflows/`, `photos/` (two PNGs), `photo.png` and
 `workflow_api.json` (a graph with a SaveImage node "9"). Addresses are rewritten to those on
 loopback; an example that names any other host fails here, so no traffic leaves loopback.
 """

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -22,6 +22,7 @@ from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
+from comfyfleet.api.v2.idempotency import IdempotencyKey
 from comfyfleet.intake.admission import backlog_limits, refusal, retry_after
 from comfyfleet.intake.graph_jobs import (
     GraphRequest,
@@ -57,10 +58,6 @@ class JobRequest(BaseModel):
     # Reserved by the contract for later, and refused until then.
     webhook_url: Any = None
     inputs: Any = None
-
-
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                              max_length=255)]
 
 
 @router.post("/jobs", status_code=201, summary="Submit an API-format workflow graph")

@@ -18,8 +18,10 @@ import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
 from comfy_sdk import AsyncComfy, Comfy, ComfyError, Progress, StatusChange
-from comfy_sdk.exceptions import JobFailed, Unauthorized
+from comfy_sdk.exceptions import JobFailed, NotFound, Unauthorized
 from PIL import Image
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
@@ -397,3 +399,105 @@ async def test_with_a_backend_not_heard_from_yet_only_the_structure_is_checked(
             assert response.status == 422
         async with http.post(f"{base}{job['urls']['cancel']}") as response:
             assert (await response.json())["status"] == "canceled"
+
+
+def asset_form(picture: bytes, file_path: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("content_type", "image/png")
+    form.add_field("file_path", file_path)
+    form.add_field("file", picture, filename=file_path, content_type="image/png")
+    return form
+
+
+def blobs_of(settings: Settings, tagged_hash: str) -> list[Path]:
+    digest = tagged_hash.removeprefix("blake3:")
+    return [path for path in settings.data_dir.rglob(digest) if path.is_file()]
+
+
+async def test_deleting_assets_keeps_shared_bytes_and_what_a_job_needs(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.max_concurrent_per_key = 1  # a second job waits in the backlog
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        async with AsyncComfy() as client:
+            await _delete_assets(base, client, settings)
+
+
+async def _delete_assets(base: str, client: AsyncComfy, settings: Settings) -> None:
+    picture = png(9, 9)
+    first = client.assets.from_bytes(picture, filename="one.png")
+    second = client.assets.from_bytes(picture, filename="two.png")  # the same bytes
+    await first.commit()
+    await second.commit()
+    tagged_hash, first_id, second_id = first.hash, first.id, second.id
+    # A job that has not run yet holds the asset it loads.
+    long = await client.submit(client.workflows.from_json(work(seconds=60, steps=6)))
+    loads = client.workflows.from_json(load_and_invert("placeholder.png"))
+    loads.set_input("1", "image", second)
+    waiting = await client.submit(loads)
+    assert waiting.status == "queued"
+    with pytest.raises(ComfyError) as held:
+        await second.delete()
+    assert (held.value.http_status, held.value.code) == (409, "asset_in_use")
+    for job in (waiting, long):
+        await job.cancel()
+    # One record goes; the other still has its bytes.
+    await first.delete()
+    with pytest.raises(NotFound):
+        await client.assets.get(str(first_id))
+    assert len(await asyncio.to_thread(blobs_of, settings, tagged_hash)) == 1
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/api/v2/assets/{second_id}/content") as response:
+            assert (response.status, await response.read()) == (200, picture)
+        async with http.delete(f"{base}/api/v2/assets/{first_id}") as response:
+            assert response.status == 404  # a second delete
+            assert (await response.json())["error"]["code"] == "not_found"
+    # The last record takes the bytes with it.
+    await second.delete()
+    assert await asyncio.to_thread(blobs_of, settings, tagged_hash) == []
+    # A job's output goes with its job.
+    done = await client.run(client.workflows.from_json(invert(8, 3)))
+    (output,) = done.get_outputs("3")
+    async with aiohttp.ClientSession() as http, http.delete(
+            f"{base}/api/v2/assets/{output.id}") as response:
+        assert response.status == 409
+        assert (await response.json())["error"]["code"] == "asset_in_use"
+
+
+async def test_an_upload_retried_under_its_idempotency_key_is_the_same_asset(
+    v2: str, settings: Settings, engine: AsyncEngine
+) -> None:
+    key = str(uuid.uuid4())
+    picture = png(6, 6)
+    async with aiohttp.ClientSession() as http:
+        answers = []
+        for _ in range(2):
+            async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "a.png"),
+                                 headers={"Idempotency-Key": key}) as response:
+                answers.append((response.status, response.headers.get("Idempotency-Replayed"),
+                                await response.json()))
+        (status, replayed, first), (again_status, again_replayed, again) = answers
+        assert (status, replayed, first["created_new"]) == (201, None, True)
+        assert (again_status, again_replayed, again["id"]) == (200, "true", first["id"])
+        async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "b.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["code"] == "idempotency_key_reuse"
+        async with http.post(f"{v2}/api/v2/assets",
+                             data=asset_form(png(6, 7), "a.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 422  # other bytes under the same name
+        # Keys hold for 24 hours; then the key is free for another upload.
+        async with engine.begin() as connection:
+            await connection.execute(text(
+                "UPDATE assets SET created_at = created_at - interval '25 hours'"))
+        async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "b.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 200  # a new record over the bytes kept already
+            later = await response.json()
+            assert later["id"] != first["id"] and later["file_path"] == "b.png"
+        async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "b.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert (await response.json())["id"] == later["id"]
+    assert len(await asyncio.to_thread(blobs_of, settings, first["hash"])) == 1

@@ -1,27 +1,38 @@
 """Assets (Comfy API v2): records over blobs that comfyfleet keeps in its own storage (S3 or
 local), never on a GPU server. A blob is stored once, under the blake3 hash of its bytes,
 however often it is uploaded; each upload or mint makes a record of its own, owned by the API
-key that made it. Job outputs are assets too, named `<job id>.<index>`."""
+key that made it. Job outputs are assets too, named `<job id>.<index>`. An upload may carry an
+idempotency key: a retry under it, within IDEMPOTENCY_WINDOW, is the same asset.
+
+Every change to the records over one blob takes the blob's advisory lock, so that the last
+record's deletion (which deletes the blob) and a new record over the same bytes never pass
+each other: a record always has its blob."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
+from enum import Enum
 from typing import Protocol
 
 import blake3
-from sqlalchemy import BigInteger, Column, DateTime
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import BigInteger, Column, DateTime, cast, delete, func, literal, update
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet.jobs.models import utcnow
+from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
 from comfyfleet.storage import Storage
 
 HASH_PREFIX = "blake3:"
 CHUNK = 1 << 20
+# How long an upload's idempotency key stands for its asset (the v2 contract: 24 hours).
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# A job's params name the assets it loads (intake.graph_jobs): {"<node>.<input>": {"asset"...}}.
+_LOADS_ASSET = cast(literal("$.*.asset ? (@ == $id)"), JSONPATH)
 
 
 class Asset(SQLModel, table=True):
@@ -34,12 +45,27 @@ class Asset(SQLModel, table=True):
     file_path: str | None = None
     tags: list[str] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
     api_key_hash: str | None = None
+    # The Idempotency-Key of the upload that made it; it stands for IDEMPOTENCY_WINDOW.
+    idempotency_key: str | None = None
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
 
     @property
     def tagged_hash(self) -> str:
         return HASH_PREFIX + self.hash
+
+    def same_upload(self, other: Asset) -> bool:
+        """Whether `other` records the same bytes under the same name, type and tags."""
+        return (self.hash, self.content_type, self.file_path, self.tags) == (
+            other.hash, other.content_type, other.file_path, other.tags)
+
+
+class Uploaded(Enum):
+    """What an upload did."""
+
+    STORED = "stored"  # new bytes, kept now
+    DEDUPLICATED = "deduplicated"  # a new record over bytes kept already
+    REPLAYED = "replayed"  # a retry under the idempotency key of an earlier upload
 
 
 class Upload(Protocol):
@@ -53,6 +79,14 @@ class Upload(Protocol):
 
 class HashMismatch(ValueError):
     """The bytes received do not have the hash the client declared."""
+
+
+class UploadKeyReuse(ValueError):
+    """The idempotency key was used, within its window, for a different upload."""
+
+
+class AssetInUse(ValueError):
+    """An unfinished job is to load the asset: its record stays until the job ends."""
 
 
 def output_ref(asset_id: str) -> tuple[uuid.UUID, int] | None:
@@ -88,27 +122,90 @@ class AssetStore:
     async def add(
         self, upload: Upload, *, content_type: str, file_path: str | None,
         tags: list[str] | None, expected_hash: str | None, api_key_hash: str | None,
-    ) -> tuple[Asset, bool]:
-        """A record over the uploaded bytes, and whether they were new (stored now) rather
-        than deduplicated against a blob already kept. Raises HashMismatch (nothing kept)."""
+        idempotency_key: str | None = None,
+    ) -> tuple[Asset, Uploaded]:
+        """A record over the uploaded bytes, and what the upload did. Raises HashMismatch
+        and UploadKeyReuse (nothing kept for either)."""
         hasher, size = blake3.blake3(), 0
         await upload.seek(0)
         while chunk := await upload.read(CHUNK):
             hasher.update(chunk)
             size += len(chunk)
         asset = Asset(hash=hasher.hexdigest(), size_bytes=size, content_type=content_type,
-                      file_path=file_path, tags=tags or None, api_key_hash=api_key_hash)
+                      file_path=file_path, tags=tags or None, api_key_hash=api_key_hash,
+                      idempotency_key=idempotency_key)
         if expected_hash is not None and expected_hash.lower() != asset.tagged_hash:
             raise HashMismatch(f"the bytes received hash to {asset.tagged_hash}, not "
                                f"{expected_hash}")
-        new = not await self._blob_kept(asset.hash)
-        if new:
-            # Stored before the record: a record always has its blob.
+        earlier = await self._under_key(asset)
+        if earlier is not None:
+            return self._replay(earlier, asset), Uploaded.REPLAYED
+        try:
+            if await self._record(asset, only_over_kept_blob=True):
+                return asset, Uploaded.DEDUPLICATED
             await upload.seek(0)
             await self._storage.put_stream(self.key(asset), _chunks(upload), content_type)
+            await self._record(asset, only_over_kept_blob=False)
+        except IntegrityError:
+            # The same key's upload, concurrent with this one, was recorded first.
+            earlier = await self._under_key(asset)
+            if earlier is None:
+                raise
+            return self._replay(earlier, asset), Uploaded.REPLAYED
+        return asset, Uploaded.STORED
+
+    async def _under_key(self, asked: Asset) -> Asset | None:
+        """The caller's asset recorded under the idempotency key of `asked`, within its
+        window."""
+        if asked.idempotency_key is None:
+            return None
+        async with self._sessions() as session:
+            found = await session.exec(select(Asset).where(
+                col(Asset.api_key_hash).is_not_distinct_from(asked.api_key_hash),
+                col(Asset.idempotency_key) == asked.idempotency_key,
+                col(Asset.created_at) > utcnow() - IDEMPOTENCY_WINDOW))
+            return found.first()
+
+    @staticmethod
+    def _replay(earlier: Asset, asked: Asset) -> Asset:
+        if not earlier.same_upload(asked):
+            raise UploadKeyReuse(f"Idempotency-Key {asked.idempotency_key!r} was used before "
+                                 f"for a different upload")
+        return earlier
+
+    async def _record(self, asset: Asset, *, only_over_kept_blob: bool) -> bool:
+        """Insert the record (with `only_over_kept_blob`, only if the blob is kept already);
+        whether it was inserted. A key past its window is taken from the asset it named."""
         async with self._sessions.begin() as session:
+            await _lock_blob(session, asset.hash)
+            if only_over_kept_blob and not await _blob_kept(session, asset.hash):
+                return False
+            if asset.idempotency_key is not None:
+                await session.exec(update(Asset).where(
+                    col(Asset.api_key_hash).is_not_distinct_from(asset.api_key_hash),
+                    col(Asset.idempotency_key) == asset.idempotency_key,
+                    col(Asset.created_at) <= utcnow() - IDEMPOTENCY_WINDOW,
+                ).values(idempotency_key=None))
             session.add(asset)
-        return asset, new
+        return True
+
+    async def delete(self, asset: Asset) -> None:
+        """Delete the record, and the blob with the last record over it. Raises AssetInUse
+        while an unfinished job is to load it, and the storage's StorageError (the record
+        then stays)."""
+        async with self._sessions.begin() as session:
+            loading = await session.exec(select(col(Job.id)).where(
+                col(Job.status).not_in([str(state) for state in TERMINAL_STATES]),
+                func.jsonb_path_exists(col(Job.params), _LOADS_ASSET,
+                                       func.jsonb_build_object("id", str(asset.id))),
+            ).limit(1))
+            if loading.first() is not None:
+                raise AssetInUse(f"asset {asset.id} is an input of a job that has not ended")
+            await _lock_blob(session, asset.hash)
+            await session.exec(delete(Asset).where(
+                col(Asset.id) == asset.id))
+            if not await _blob_kept(session, asset.hash):
+                await self._storage.delete(self.key(asset))
 
     async def mint(
         self, digest: str, *, file_path: str | None, tags: list[str] | None,
@@ -118,6 +215,7 @@ class AssetStore:
         identical record is returned as it is); None when the key has none (another key's
         bytes are not this caller's to use, nor is whether they exist)."""
         async with self._sessions.begin() as session:
+            await _lock_blob(session, digest)
             mine = (await session.exec(select(Asset).where(
                 col(Asset.hash) == digest,
                 col(Asset.api_key_hash).is_not_distinct_from(api_key_hash),
@@ -144,11 +242,13 @@ class AssetStore:
         async with self._sessions() as session:
             return await session.get(Asset, asset_id)
 
-    async def _blob_kept(self, digest: str) -> bool:
-        async with self._sessions() as session:
-            found = await session.exec(
-                select(col(Asset.id)).where(col(Asset.hash) == digest).limit(1))
-            return found.first() is not None
+async def _lock_blob(session: AsyncSession, digest: str) -> None:
+    await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(HASH_PREFIX + digest))))
+
+
+async def _blob_kept(session: AsyncSession, digest: str) -> bool:
+    found = await session.exec(select(col(Asset.id)).where(col(Asset.hash) == digest).limit(1))
+    return found.first() is not None
 
 
 async def _chunks(upload: Upload) -> AsyncIterator[bytes]:

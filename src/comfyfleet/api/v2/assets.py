@@ -1,6 +1,7 @@
-"""Comfy API v2 assets: uploads (blake3 computed here, deduplicated), mints over bytes already
-kept, existence by hash, records with fresh URLs and the bytes (local storage: served, with
-Range; S3: a redirect to a fresh presigned URL). Job outputs are assets too."""
+"""Comfy API v2 assets: uploads (blake3 computed here, deduplicated, idempotent under a key),
+mints over bytes already kept, existence by hash, records with fresh URLs and the bytes (local
+storage: served, with Range; S3: a redirect to a fresh presigned URL), deletion of records.
+Job outputs are assets too."""
 
 from __future__ import annotations
 
@@ -18,7 +19,17 @@ from comfyfleet.api.outputs import stored_file
 from comfyfleet.api.security import Caller, CallerDep
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.errors import V2Error
-from comfyfleet.intake.assets import Asset, AssetStore, HashMismatch, output_ref, parse_hash
+from comfyfleet.api.v2.idempotency import IdempotencyKey
+from comfyfleet.intake.assets import (
+    Asset,
+    AssetInUse,
+    AssetStore,
+    HashMismatch,
+    Uploaded,
+    UploadKeyReuse,
+    output_ref,
+    parse_hash,
+)
 from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.services import Services, ServicesDep
 from comfyfleet.storage import LocalStorage, StorageError
@@ -47,9 +58,12 @@ async def _asset_json(svc: Services, asset: Asset, origin: str,
 
 
 @router.post("/assets", summary="Upload an asset (multipart)", status_code=201)
-async def post_asset(request: Request, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+async def post_asset(request: Request, svc: ServicesDep, caller: CallerDep,
+                     idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Fields: `file`, `content_type`, `file_path`, optional `expected_hash` and `tags`.
-    201: new bytes stored; 200: the bytes were kept already (deduplicated)."""
+    201: new bytes stored; 200: the bytes were kept already (deduplicated), or a retry under
+    the `Idempotency-Key` of an earlier upload (its asset, with `Idempotency-Replayed: true`);
+    the same key for other bytes, name, type or tags within 24 hours is a 422."""
     try:
         form = await request.form(max_part_size=svc.settings.max_upload_bytes)
     except MultiPartException as exc:
@@ -68,18 +82,26 @@ async def post_asset(request: Request, svc: ServicesDep, caller: CallerDep) -> J
     assert isinstance(content_type, str) and isinstance(file_path, str)
     tags = [tag for tag in form.getlist("tags") if isinstance(tag, str)]
     try:
-        asset, new = await asset_store(svc).add(
+        asset, uploaded = await asset_store(svc).add(
             file, content_type=content_type, file_path=file_path, tags=tags,
             expected_hash=expected_hash if isinstance(expected_hash, str) else None,
-            api_key_hash=caller.key_hash)
+            api_key_hash=caller.key_hash, idempotency_key=idempotency_key)
     except HashMismatch as exc:
         raise V2Error(409, "hash_mismatch", str(exc)) from exc
+    except UploadKeyReuse as exc:
+        raise V2Error(422, "idempotency_key_reuse", str(exc)) from exc
     except StorageError as exc:
-        raise V2Error(503, "storage_unavailable", f"cannot keep the bytes now: {exc}") from exc
+        raise _storage_unavailable(exc) from exc
     finally:
         await form.close()
+    new = uploaded is Uploaded.STORED
+    headers = {"Idempotency-Replayed": "true"} if uploaded is Uploaded.REPLAYED else None
     return JSONResponse(await _asset_json(svc, asset, render.origin(request), new),
-                        status_code=201 if new else 200)
+                        status_code=201 if new else 200, headers=headers)
+
+
+def _storage_unavailable(exc: StorageError) -> V2Error:
+    return V2Error(503, "storage_unavailable", f"the asset store cannot be used now: {exc}")
 
 
 class FromHash(BaseModel):
@@ -146,6 +168,26 @@ async def get_asset(asset_id: str, request: Request, svc: ServicesDep, caller: C
             "created_at": (job.finished_at or job.created_at).isoformat(),
             "url": output["url"], "url_expires_at": output["url_expires_at"],
             "expires_at": None, "job_id": str(job.id)}
+
+
+@router.delete("/assets/{asset_id}", summary="Delete an asset record", status_code=204,
+               response_class=Response)
+async def delete_asset(asset_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
+    """The record goes; its bytes go with the last record over them. 409 `asset_in_use`
+    while a job that has not ended is to load it, and for a job's output (it goes with its
+    job). A second delete is a 404, like an id that never was or is another key's."""
+    uploaded = _uuid(asset_id)
+    if uploaded is None:
+        await _output(svc, caller, asset_id)  # a 404 unless the caller may see it
+        raise V2Error(409, "asset_in_use", f"asset {asset_id} cannot be deleted now")
+    asset = await _uploaded(svc, caller, uploaded)
+    try:
+        await asset_store(svc).delete(asset)
+    except AssetInUse as exc:
+        raise V2Error(409, "asset_in_use", f"asset {asset_id} cannot be deleted now") from exc
+    except StorageError as exc:
+        raise _storage_unavailable(exc) from exc
+    return Response(status_code=204)
 
 
 @router.get("/assets/{asset_id}/content", summary="An asset's bytes",

@@ -151,6 +151,32 @@ async def test_events_show_rising_progress_and_end_succeeded(v2: str) -> None:
         assert job._model.progress is not None and job._model.progress.value == 1.0
 
 
+async def test_progress_names_the_node_running_and_its_step(v2: str) -> None:
+    """From ComfyUI's `executing` and `progress` events, in the stream and in the job read
+    back while it runs (what any process answers, not only the one following the job)."""
+    async with AsyncComfy() as client:
+        job = await client.submit(client.workflows.from_json(work(seconds=3.0, steps=6)))
+        stepped: list[Progress] = []
+        polled = None
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, Progress) and event.steps is not None:
+                    stepped.append(event)
+                    if polled is None:
+                        await job.refresh()
+                        polled = job._model.progress
+        assert stepped, "no progress event named a step"
+        assert {(e.current_node, e.steps) for e in stepped} == {("2", 6)}
+        steps = [e.step or 0 for e in stepped]
+        assert steps == sorted(steps)
+        assert all(e.message == f"SimulatedWork {e.step}/6" for e in stepped)
+        assert polled is not None and polled.current_node_class == "SimulatedWork"
+        assert (polled.current_node, polled.steps) == ("2", 6)
+        await job.refresh()
+        assert job._model.progress is not None
+        assert (job._model.progress.current_node, job._model.progress.step) == (None, None)
+
+
 async def test_cancel_a_running_job(v2: str) -> None:
     async with AsyncComfy() as client:
         job = await client.submit(client.workflows.from_json(work(seconds=60.0, steps=60)))

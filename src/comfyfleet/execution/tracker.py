@@ -63,6 +63,7 @@ class PromptRun:
     started: float | None = None  # monotonic time of its execution_start
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
+    steps: tuple[int, int] | None = None  # the running node's step, out of how many
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
 
@@ -74,6 +75,16 @@ class PromptRun:
     def progress(self, fraction_of_node: float) -> float:
         total = max(len(self.job.prompt), 1)
         return min(max((self.nodes_done + fraction_of_node) / total, 0.0), 0.99)
+
+    def progress_detail(self) -> dict[str, Any] | None:
+        """The node running and its step out of how many (the job's `progress_detail`)."""
+        node = self.node_running
+        if node is None:
+            return None
+        class_type = self.job.prompt.get(node, {}).get("class_type")
+        step, steps = self.steps if self.steps is not None else (None, None)
+        return {"node": node, "class_type": class_type if isinstance(class_type, str) else None,
+                "step": step, "steps": steps}
 
 
 class ExecutionTracker:
@@ -177,10 +188,12 @@ class ExecutionTracker:
             case Executing(node=node):
                 self._node_ran(run)  # a new node starting ends the previous one
                 run.node_running, run.node_started = node, time.monotonic()
+                run.steps = None
                 await self._report_progress(run, 0.0)
             case Progress(value=value, max=maximum) if maximum > 0:
                 told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
                 run.step_fraction, run.stepped_at = value / maximum, time.monotonic()
+                run.steps = (int(value), int(maximum))
                 if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
                     self._signals.length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
@@ -234,14 +247,15 @@ class ExecutionTracker:
             return
         run.last_write = now
         await self._update(run, {JobStatus.RUNNING}, event="job.progress",
-                           progress=run.progress(fraction_of_node))
+                           progress=run.progress(fraction_of_node),
+                           progress_detail=run.progress_detail())
 
     async def _finished_executing(self, run: PromptRun) -> None:
         # Uploading is recorded before the slot is released, so a claim that counts the
         # backend's slots in the database sees it free as soon as we do.
         uploading = await self._repository.transition(
             run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
-            progress=1.0,
+            progress=1.0, progress_detail=None,
         )
         self.forget(run.prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job

@@ -58,6 +58,10 @@ class Job(SQLModel, table=True):
     # Plain text in the database (a CHECK constraint guards the values); compare with JobStatus.
     status: str = Field(default=JobStatus.QUEUED, sa_column=Column(String(16), nullable=False))
     progress: float = 0.0
+    # While it runs: {node, class_type, step, steps} of the node running (step and steps
+    # null until the node reports its own progress); null otherwise.
+    progress_detail: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSONB, nullable=True))
     priority: int = 0
     callback_url: str | None = None
     backend: str | None = None

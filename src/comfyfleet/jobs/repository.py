@@ -42,8 +42,8 @@ UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # UPDATE returns only these and the rest is taken from the job the caller holds (sparing the
 # decoding of its JSONB prompt and params at every step).
 _CHANGING = tuple(_table.c[name] for name in (
-    "status", "progress", "backend", "prompt_id", "attempts", "dispatched_at", "dispatched_by",
-    "started_at", "finished_at", "outputs", "error"))
+    "status", "progress", "progress_detail", "backend", "prompt_id", "attempts", "dispatched_at",
+    "dispatched_by", "started_at", "finished_at", "outputs", "error"))
 _FIXED = frozenset(_table.c.keys()) - {column.name for column in _CHANGING}
 # Built once, the values given at execution: a statement made per job with the values in it
 # costs more to build (and to find in the compiled cache) than to run.

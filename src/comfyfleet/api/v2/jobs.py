@@ -209,7 +209,7 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
                   ) -> AsyncIterator[ServerSentEvent]:
     notices = svc.events.listen(job_id)
     told_status: tuple[str, int | None] | None = None
-    told_progress: float | None = None
+    told_progress: dict[str, Any] | None = None
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -226,9 +226,10 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
             if (status, position) != told_status:
                 told_status = (status, position)
                 yield _event("status", {"status": status, "queue_position": position})
-            if job.progress != told_progress:
-                told_progress = job.progress
-                yield _event("progress", render.progress(job))
+            snapshot = render.progress(job)
+            if snapshot != told_progress:
+                told_progress = snapshot
+                yield _event("progress", snapshot)
             # Previews as they come, until the job changes or it is time to read it anyway.
             reread_at = loop.time() + REREAD_SECONDS
             while (preview := await _next_preview(notices, reread_at)) is not None:

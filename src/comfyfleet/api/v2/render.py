@@ -53,13 +53,24 @@ def output_id(job: Job, index: int) -> str:
 
 def progress(job: Job) -> dict[str, Any]:
     """Nodes done out of all, from the fraction the tracker records ((nodes finished + the
-    running node's step fraction) / nodes)."""
+    running node's step fraction) / nodes), and while it runs, the node running and its step
+    out of how many."""
     total = max(len(job.prompt), 1)
     value = 1.0 if job.status == JobStatus.SUCCEEDED else job.progress
     done = min(int(value * total + 1e-9), total)
-    return {"value": value, "nodes_done": done, "nodes_total": total, "current_node": None,
-            "current_node_class": None, "step": None, "steps": None,
-            "message": f"{done}/{total} nodes"}
+    detail = job.progress_detail if job.status == JobStatus.RUNNING else None
+    node, class_type, step, steps = (
+        (detail.get("node"), detail.get("class_type"), detail.get("step"), detail.get("steps"))
+        if detail else (None, None, None, None))
+    if class_type is not None and steps is not None:
+        message = f"{class_type} {step}/{steps}"
+    elif class_type is not None:
+        message = f"{class_type}, node {done + 1} of {total}"
+    else:
+        message = f"{done}/{total} nodes"
+    return {"value": value, "nodes_done": done, "nodes_total": total, "current_node": node,
+            "current_node_class": class_type, "step": step, "steps": steps,
+            "message": message}
 
 
 def _kind(content_type: str) -> str:

@@ -223,7 +223,9 @@ async def test_invalid_and_ui_format_graphs_are_422_with_node_details(v2: str) -
     assert no_output.value.details["reason"] == "prompt_no_outputs"
 
 
-async def test_idempotent_submit_replays_and_refuses_another_body(v2: str) -> None:
+async def test_idempotent_submit_replays_and_refuses_another_body(
+    v2: str, engine: AsyncEngine
+) -> None:
     key = str(uuid.uuid4())
     async with AsyncComfy() as client:
         first = await client.submit(client.workflows.from_json(invert(20, 1)),
@@ -253,6 +255,20 @@ async def test_idempotent_submit_replays_and_refuses_another_body(v2: str) -> No
             assert response.status == 201
             assert response.headers["Idempotency-Replayed"] == "true"
             assert (await response.json())["id"] == first.id
+        # A key holds for 24 hours; then it is free for a new job.
+        async with engine.begin() as connection:
+            await connection.execute(text(
+                "UPDATE jobs SET created_at = created_at - interval '25 hours'"))
+        async with http.post(f"{v2}/api/v2/jobs", json={"workflow": invert(23, 1)},
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 201
+            assert "Idempotency-Replayed" not in response.headers
+            renewed = (await response.json())["id"]
+            assert renewed != first.id
+        async with http.post(f"{v2}/api/v2/jobs", json={"workflow": invert(23, 1)},
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.headers["Idempotency-Replayed"] == "true"
+            assert (await response.json())["id"] == renewed
 
 
 async def test_api_keys_are_bearer_tokens_and_errors_use_the_envelope(

@@ -1,6 +1,6 @@
 """How a client's own API-format graph becomes a job (Comfy API v2): checked against the fleet,
-stored once however often the request is repeated under one idempotency key, and then run by
-the same dispatcher, tracker and collector as every other job."""
+stored once however often the request is repeated under one idempotency key (within its 24
+hours), and then run by the same dispatcher, tracker and collector as every other job."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.intake import inputs
-from comfyfleet.intake.assets import AssetStore, output_ref
+from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
-from comfyfleet.jobs.models import Job, JobSource
+from comfyfleet.jobs.models import Job, JobSource, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
@@ -68,6 +68,10 @@ async def accept_graph(
         api_key_hash=request.api_key_hash,
     )
     stored, created = await repository.insert(job, backlog=backlog)
+    if (not created and stored.source == JobSource.GRAPH
+            and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
+        await repository.release_client_task_id(stored)  # the key expired: a new request
+        stored, created = await repository.insert(job, backlog=backlog)
     if not created and not _same_request(stored, job):
         raise IdempotencyKeyReuse(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")

@@ -171,6 +171,13 @@ class JobRepository:
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return job, True
 
+    async def release_client_task_id(self, job: Job) -> None:
+        """Free `job`'s client_task_id for a new job (an idempotency key past its window)."""
+        async with self._statements.begin() as session:
+            await session.exec(update(_table).where(
+                _table.c.id == job.id, _table.c.client_task_id == job.client_task_id,
+            ).values(client_task_id=None))
+
     async def _check_backlog(
         self, session: AsyncSession, job: Job, backlog: BacklogLimits
     ) -> None:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
-from comfy_sdk import AsyncComfy, Comfy, ComfyError, Progress, StatusChange
+from comfy_sdk import AsyncComfy, Comfy, ComfyError, OutputReady, Progress, StatusChange
 from comfy_sdk.exceptions import JobFailed, NotFound, Unauthorized
 from PIL import Image
 from sqlalchemy import text
@@ -175,6 +175,42 @@ async def test_progress_names_the_node_running_and_its_step(v2: str) -> None:
         await job.refresh()
         assert job._model.progress is not None
         assert (job._model.progress.current_node, job._model.progress.step) == (None, None)
+
+
+async def test_an_output_is_on_the_job_as_soon_as_its_node_reports_it(v2: str) -> None:
+    """Node 2 saves its image before node 3 works for seconds: its output is stored, on the
+    job and in the stream while the job still runs, and keeps its id at the end."""
+    graph = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
+                                                    "filename_prefix": "early"}},
+        "3": {"class_type": "SimulatedWork",
+              "inputs": {"image": ["1", 0], "seconds": 3.0, "steps": 3}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0],
+                                                    "filename_prefix": "late"}},
+    }
+    async with AsyncComfy() as client:
+        job = await client.submit(client.workflows.from_json(graph))
+        seen: list[tuple[str, str, str]] = []  # (node, output id, job status then)
+        status = "queued"
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, StatusChange):
+                    status = event.status
+                elif isinstance(event, OutputReady):
+                    seen.append((event.output.node_id, event.output.id, status))
+                    if event.output.node_id == "2":
+                        await job.refresh()
+                        assert job.status == "running"
+                        assert [o.node_id for o in job._model.outputs] == ["2"]
+        assert [(node, then) for node, _, then in seen] == [("2", "running"), ("4", "running")]
+        await job.refresh()
+        assert [(o.node_id, o.id) for o in job._model.outputs] == [
+            (node, output_id) for node, output_id, _ in seen]
+        (early,) = job.get_outputs("2")
+        image = Image.open(io.BytesIO(await early.to_bytes())).convert("RGB")
+        assert image.size == (8, 8)
 
 
 async def test_cancel_a_running_job(v2: str) -> None:

@@ -1,11 +1,18 @@
 """Collecting a finished prompt's outputs: history -> /view -> storage -> job succeeded ->
-the files deleted from the backend (when it has comfyui_nodes/)."""
+the files deleted from the backend (when it has comfyui_nodes/).
+
+A node's files are stored as soon as the node reports them (`executed`), while the prompt
+still runs, and added to the job's outputs then (EarlyOutputs); the collection at the end
+takes those as stored and keeps them first, in the order they came, so that an output's place
+among the job's outputs (its v2 asset id) never changes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -29,6 +36,22 @@ HISTORY_DELAY = 0.2
 RETRY_MAX_DELAY = 60.0
 
 
+@dataclass
+class EarlyOutputs:
+    """The files of one run stored while it ran: the records, and the storing under way."""
+
+    stored: list[dict[str, Any]] = field(default_factory=list)
+    storing: asyncio.Task[None] | None = None
+
+    async def settled(self) -> list[dict[str, Any]]:
+        """The records, once the storing under way has ended (a failure there is the final
+        collection's to redo)."""
+        if self.storing is not None:
+            with contextlib.suppress(Exception):
+                await self.storing
+        return self.stored
+
+
 class Collector:
     def __init__(
         self,
@@ -42,15 +65,43 @@ class Collector:
         self._key_prefix = key_prefix
         self._on_terminal = on_terminal
 
-    async def collect(
-        self, client: ComfyClient, uploading: Job, cleanup: BackendCleanup | None = None
+    def store_early(
+        self, client: ComfyClient, running: Job, node_output: dict[str, Any],
+        early: EarlyOutputs,
     ) -> None:
-        """Store the outputs of a job in `uploading` and mark it succeeded (or failed); then
-        delete the stored files from the backend through `cleanup`."""
+        """Store the files of `node_output` (`{node_id: ui}`, a node's `executed`) after those
+        already under way, and add them to the job's outputs while it runs."""
+        files, _ = output_items(node_output)
+        if files:
+            early.storing = asyncio.create_task(
+                self._store_early(client, running, files, early, early.storing))
+
+    async def _store_early(
+        self, client: ComfyClient, running: Job, files: list[OutputFile], early: EarlyOutputs,
+        before: asyncio.Task[None] | None,
+    ) -> None:
+        if before is not None:
+            with contextlib.suppress(Exception):
+                await before
+        try:
+            early.stored.extend(await self._store_outputs(client, running, files, []))
+            await self._repository.transition(running, {JobStatus.RUNNING},
+                                              outputs=list(early.stored))
+        except Exception as exc:  # the collection at the end stores them
+            log.warning("storing outputs of job %s early failed: %s", running.id, exc)
+
+    async def collect(
+        self, client: ComfyClient, uploading: Job, cleanup: BackendCleanup | None = None,
+        early: EarlyOutputs | None = None,
+    ) -> None:
+        """Store the outputs of a job in `uploading` (those in `early` are stored already)
+        and mark it succeeded (or failed); then delete the stored files from the backend
+        through `cleanup`."""
         try:
             entry = await self._history(client, uploading)
             files, texts = output_items(entry.get("outputs"))
-            outputs = await self._store_outputs(client, uploading, files, texts)
+            stored_early = await early.settled() if early is not None else []
+            outputs = await self._store_outputs(client, uploading, files, texts, stored_early)
         except (ComfyError, aiohttp.ClientError) as exc:
             # The file is gone or unreadable on the backend: never store an empty stand-in.
             await self._finish(
@@ -73,14 +124,23 @@ class Collector:
         raise ComfyError(f"prompt {job.prompt_id} finished but has no history entry")
 
     async def _store_outputs(
-        self, client: ComfyClient, job: Job, files: list[OutputFile], texts: list[OutputText]
+        self, client: ComfyClient, job: Job, files: list[OutputFile], texts: list[OutputText],
+        stored_early: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
+        """The records of `files` (stored now, unless `stored_early` has them: those come
+        first, in their order) and of `texts`."""
+        early = {(record["key"], record["filename"]): place
+                 for place, record in enumerate(stored_early or [])}
         stored: list[dict[str, Any]] = []
         per_node: dict[str, int] = {}
         for item in files:
             index = per_node.get(item.node_id, 0)
             per_node[item.node_id] = index + 1
             key = output_key(self._key_prefix, str(job.id), item.node_id, index, item.filename)
+            if (key, item.filename) in early:
+                assert stored_early is not None
+                stored.append(stored_early[early[key, item.filename]])
+                continue
             content_type = content_type_for(item.filename)
             size = await self._store_with_retry(client, item.filename, item.subfolder,
                                                 item.type, key, content_type)
@@ -93,6 +153,8 @@ class Collector:
                     "key": key,
                 }
             )
+        stored.sort(key=lambda record: early.get((record["key"], record["filename"]),
+                                                  len(early)))
         stored.extend({"node_id": text.node_id, "text": text.text} for text in texts)
         return stored
 

@@ -17,6 +17,7 @@ from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError
 from comfyfleet.comfy.messages import (
     Binary,
+    Executed,
     Executing,
     ExecutionCached,
     ExecutionError,
@@ -29,7 +30,7 @@ from comfyfleet.comfy.messages import (
     parse_event,
 )
 from comfyfleet.comfy.prompts import isolate_outputs
-from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.collector import Collector, EarlyOutputs
 from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
@@ -64,6 +65,7 @@ class PromptRun:
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
     steps: tuple[int, int] | None = None  # the running node's step, out of how many
+    early: EarlyOutputs = field(default_factory=EarlyOutputs)  # files stored while it runs
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
 
@@ -197,6 +199,8 @@ class ExecutionTracker:
                 if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
                     self._signals.length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
+            case Executed(node=str(node), output=dict(output)):
+                self._collector.store_early(session.client, run.job, {node: output}, run.early)
             case ExecutionError():
                 await self._fail(run, _execution_error(message))
             case ExecutionInterrupted(node_id=node_id, node_type=node_type):
@@ -260,15 +264,17 @@ class ExecutionTracker:
         self.forget(run.prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job
             metrics.job_executed(uploading)
-            self._start_collecting(run.session, uploading)
+            self._start_collecting(run.session, uploading, run.early)
 
-    def _start_collecting(self, session: BackendSession, job: Job) -> None:
+    def _start_collecting(self, session: BackendSession, job: Job,
+                          early: EarlyOutputs | None = None) -> None:
         assert job.prompt_id is not None
         prompt_id = job.prompt_id
         if prompt_id in self._collecting:
             return
         task = asyncio.create_task(metrics.timed_upload(
-            job, self._collector.collect(session.client, job, cleanup=session.cleanup)))
+            job, self._collector.collect(session.client, job, cleanup=session.cleanup,
+                                         early=early)))
         self._collecting[prompt_id] = task
         task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
 
@@ -443,6 +449,9 @@ class ExecutionTracker:
     async def close(self, grace: float = 0.0) -> None:
         """Give the uploads in progress up to `grace` seconds, then cut them short: a job
         left `uploading` is collected again by the next process (its keys are deterministic)."""
+        for run in self._runs.values():  # still running: collected by the next process
+            if run.early.storing is not None:
+                run.early.storing.cancel()
         tasks = list(self._collecting.values())
         if tasks and grace > 0:
             log.info("waiting up to %g s for %d uploads in progress", grace, len(tasks))

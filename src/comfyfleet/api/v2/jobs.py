@@ -198,9 +198,10 @@ def _summary(job: Job) -> dict[str, Any]:
             response_class=EventSourceResponse)
 async def job_events(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
                      ) -> EventSourceResponse:
-    """On connect the current `status` and `progress`; then every change, each output as it
-    is committed (`output`), live `preview` images; the stream ends after the terminal
-    `status`. Not a replayable log: the job itself (GET) is the authority."""
+    """On connect the current `status`, `progress` and the outputs committed so far; then
+    every change, each output as it is committed (`output`, while the job runs: a node's
+    files are stored as soon as it reports them), live `preview` images; the stream ends after
+    the terminal `status`. Not a replayable log: the job itself (GET) is the authority."""
     job = await _job(svc, caller, job_id)
     return EventSourceResponse(_stream(svc, job.id, render.origin(request)), ping=PING_SECONDS)
 
@@ -210,6 +211,7 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
     notices = svc.events.listen(job_id)
     told_status: tuple[str, int | None] | None = None
     told_progress: dict[str, Any] | None = None
+    told_outputs = 0
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -218,7 +220,7 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
                 return
             status = render.status_of(job)
             if status in render.TERMINAL:
-                for output in await render.outputs(svc, job, origin):
+                for output in (await render.outputs(svc, job, origin))[told_outputs:]:
                     yield _event("output", output)
                 yield _event("status", {"status": status, "queue_position": None})
                 return
@@ -230,6 +232,12 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
             if snapshot != told_progress:
                 told_progress = snapshot
                 yield _event("progress", snapshot)
+            # Each output once, as it is committed (those stored while the job runs come
+            # first among its outputs, in the order they came).
+            if len(job.outputs) > told_outputs:
+                for output in (await render.outputs(svc, job, origin))[told_outputs:]:
+                    yield _event("output", output)
+                told_outputs = len(job.outputs)
             # Previews as they come, until the job changes or it is time to read it anyway.
             reread_at = loop.time() + REREAD_SECONDS
             while (preview := await _next_preview(notices, reread_at)) is not None:

@@ -24,8 +24,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from tests.support import COLOR, LOOPBACK, free_ports, png, python_process
+from tests.test_security import keys_command
 
 SIM_BACKENDS = 2
 
@@ -579,3 +581,27 @@ async def test_an_upload_retried_under_its_idempotency_key_is_the_same_asset(
                              headers={"Idempotency-Key": key}) as response:
             assert (await response.json())["id"] == later["id"]
     assert len(await asyncio.to_thread(blobs_of, settings, first["hash"])) == 1
+
+
+async def test_a_key_with_a_callback_url_gets_signed_webhooks_of_its_v2_jobs(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch,
+    receiver: WebhookReceiver,
+) -> None:
+    """The contract has no callback field (it refuses `webhook_url`): the key names one
+    (`comfyfleet keys create --callback-url`), checked as job callback URLs are."""
+    code, _ = await keys_command(settings, "create", "app", "--callback-url", receiver.url)
+    assert code == 2  # a loopback address, without ALLOW_PRIVATE_CALLBACKS
+    code, key = await keys_command(settings, "create", "app", "--callback-url", receiver.url,
+                                   ALLOW_PRIVATE_CALLBACKS="true")
+    assert code == 0
+    code, listed = await keys_command(settings, "list")
+    assert f"callback_url {receiver.url}" in listed
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        async with AsyncComfy(api_key=key.strip()) as client:
+            job = await client.run(client.workflows.from_json(invert(10, 4)))
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+    (event,) = receiver.verified
+    assert (event["type"], event["data"]["id"]) == ("job.succeeded", job.id)
+    assert [output["node_id"] for output in event["data"]["outputs"]] == ["3"]

@@ -404,11 +404,12 @@ async def test_cors_is_off_unless_origins_are_allowed(settings: Settings) -> Non
             assert "Access-Control-Allow-Origin" not in r.headers
 
 
-async def keys_command(settings: Settings, *args: str) -> tuple[int, str]:
-    """`comfyfleet keys ...` on the test's database: exit code and standard output."""
+async def keys_command(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
+    """`comfyfleet keys ...` on the test's database (and `env`): exit code and standard
+    output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfyfleet", "keys", *args,
-        env=child_env(DATABASE_URL=settings.database_url or ""),
+        env=child_env(DATABASE_URL=settings.database_url or "", **env),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await process.communicate()
     assert process.returncode is not None

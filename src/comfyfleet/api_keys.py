@@ -1,5 +1,6 @@
 """API keys kept in PostgreSQL (`comfyfleet keys create|update|list|revoke`), as SHA-256
-digests, each with its tenant's weight and limits.
+digests, each with its tenant's weight and limits, and optionally a default callback URL (the
+webhook of its jobs that name none: every Comfy API v2 job).
 
 Every process reads them, with a short cache: a key created or revoked anywhere counts
 everywhere within KEY_CACHE_SECONDS. While the database does not answer, the last answer
@@ -64,6 +65,7 @@ class LiveKey:
 
     admin: bool
     limits: KeyLimits
+    callback_url: str | None = None  # of its jobs that name none
 
 
 class ApiKey(SQLModel, table=True):
@@ -80,6 +82,8 @@ class ApiKey(SQLModel, table=True):
     # NULL: the environment's default (MAX_CONCURRENT_PER_KEY, MAX_QUEUED_PER_KEY).
     max_concurrent: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
     max_queued: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    # The webhook of its jobs that name none (the v2 contract has no callback field yet).
+    callback_url: str | None = Field(default=None, sa_column=Column(String(2000), nullable=True))
 
     @property
     def limits(self) -> KeyLimits:
@@ -90,8 +94,10 @@ class KeyExists(Exception):
     """A key with this name exists already (revoked or not)."""
 
 
-# What `KeyStore.update` may change; a change to None puts the environment's default back.
+# What `KeyStore.update` may change; a change to None puts the environment's default back
+# (for the callback URL: none).
 LIMIT_FIELDS = ("weight", "max_concurrent", "max_queued")
+FIELDS = (*LIMIT_FIELDS, "callback_url")
 
 
 _table = ApiKey.__table__  # type: ignore[attr-defined]
@@ -104,7 +110,8 @@ class KeyStore:
         self._cache: dict[str, tuple[float, LiveKey | None]] = {}
         self._any: tuple[float, bool] | None = None
 
-    async def create(self, name: str, *, admin: bool, limits: KeyLimits = KeyLimits()) -> str:
+    async def create(self, name: str, *, admin: bool, limits: KeyLimits = KeyLimits(),
+                     callback_url: str | None = None) -> str:
         """A new key under `name`; the key itself is returned once and kept nowhere."""
         key = new_key()
         async with self._sessions.begin() as session:
@@ -112,7 +119,7 @@ class KeyStore:
                 insert(_table)
                 .values(name=name, key_hash=key_hash(key), admin=admin, created_at=utcnow(),
                         weight=limits.weight, max_concurrent=limits.max_concurrent,
-                        max_queued=limits.max_queued)
+                        max_queued=limits.max_queued, callback_url=callback_url)
                 .on_conflict_do_nothing(index_elements=["name"])
                 .returning(_table.c.name)
             )
@@ -125,10 +132,10 @@ class KeyStore:
             return list((await session.exec(select(ApiKey).order_by(col(ApiKey.name)))).all())
 
     async def update(self, name: str, changes: dict[str, Any]) -> ApiKey | None:
-        """Change the weight or limits (LIMIT_FIELDS) of the live key `name`; the key as it is
-        now, or None when there is no live key of that name. Every process sees the change
-        within KEY_CACHE_SECONDS."""
-        assert changes and changes.keys() <= set(LIMIT_FIELDS), changes
+        """Change the weight, limits or callback URL (FIELDS) of the live key `name`; the key
+        as it is now, or None when there is no live key of that name. Every process sees the
+        change within KEY_CACHE_SECONDS."""
+        assert changes and changes.keys() <= set(FIELDS), changes
         async with self._sessions.begin() as session:
             result = await session.exec(
                 update(ApiKey)
@@ -164,7 +171,8 @@ class KeyStore:
             if cached is None or not unavailable(exc):
                 raise
             return cached[1]  # the database is away: as it was when last read
-        live = LiveKey(found.admin, found.limits) if found is not None else None
+        live = (LiveKey(found.admin, found.limits, found.callback_url) if found is not None
+                else None)
         if len(self._cache) >= KEY_CACHE_SIZE:
             self._cache.clear()
         self._cache[digest] = (now + KEY_CACHE_SECONDS, live)

@@ -32,13 +32,14 @@ from comfyfleet.settings import Settings
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: the digest of their key (None when keys are off), what they see, and
-    their tenant's limits."""
+    """Who is calling: the digest of their key (None when keys are off), what they see,
+    their tenant's limits and their key's default callback URL."""
 
     key_hash: str | None
     sees_all: bool
     address: str
     limits: KeyLimits
+    callback_url: str | None = None  # the key's default, for its jobs that name none
 
     def sees(self, job: Job) -> bool:
         return self.sees_all or job.api_key_hash == self.key_hash
@@ -99,7 +100,8 @@ class Guard:
             raise _unauthorized("invalid_api_key", "the API key is not valid",
                                 challenge='Bearer error="invalid_token"')
         return Caller(key_hash=digest, sees_all=live.admin, address=address,
-                      limits=live.limits.or_defaults(self.defaults))
+                      limits=live.limits.or_defaults(self.defaults),
+                      callback_url=live.callback_url)
 
     def admin(self, digest: str) -> bool:
         """Whether the configured key with this digest is an admin key."""

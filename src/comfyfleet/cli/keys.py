@@ -1,5 +1,5 @@
 """`comfyfleet keys create|update|list|revoke`: API keys kept in the database (see api_keys.py),
-with each tenant's weight and limits."""
+with each tenant's weight and limits, and the default callback URL of its jobs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 # `--max-queued default`: the key follows MAX_QUEUED_PER_KEY (and likewise for concurrency).
 DEFAULT = "default"
+# `--callback-url none`: the key's jobs that name no callback URL get no webhook.
+NONE = "none"
 
 
 def _limit(text: str) -> int | None:
@@ -40,6 +42,9 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued", type=_limit, default=argparse.SUPPRESS,
                         metavar="N|default", help="jobs waiting in the backlog; past it a submit "
                         "gets 429 queue_full (default: MAX_QUEUED_PER_KEY, unset: no limit)")
+    parser.add_argument("--callback-url", default=argparse.SUPPRESS, metavar=f"URL|{NONE}",
+                        help="the webhook of the key's jobs that name none: every Comfy API v2 "
+                        "job (checked as job callback URLs are: ALLOW_PRIVATE_CALLBACKS)")
 
 
 def add_parser(commands: Any) -> None:
@@ -54,19 +59,38 @@ def add_parser(commands: Any) -> None:
                                 "follows within seconds)")
     update.add_argument("name")
     _add_limits(update)
-    actions.add_parser("list", help="every key: name, admin, created, revoked, weight, limits")
+    actions.add_parser("list", help="every key: name, admin, created, revoked, weight, limits, "
+                       "callback URL")
     revoke = actions.add_parser("revoke", help="refuse a key from now on (within seconds)")
     revoke.add_argument("name")
 
 
-def _changes(args: argparse.Namespace) -> dict[str, int | None]:
-    """The limits given on the command line (a limit not given is not in it)."""
-    changes: dict[str, int | None] = {
+def _changes(args: argparse.Namespace) -> dict[str, int | str | None]:
+    """The limits and callback URL given on the command line (what is not given is not in
+    it)."""
+    changes: dict[str, int | str | None] = {
         field: getattr(args, field) for field in ("max_concurrent", "max_queued")
         if hasattr(args, field)}
     if args.weight is not None:
         changes["weight"] = args.weight
+    if hasattr(args, "callback_url"):
+        changes["callback_url"] = None if args.callback_url == NONE else args.callback_url
     return changes
+
+
+async def _callback_refused(changes: dict[str, int | str | None], allow_private: bool
+                            ) -> str | None:
+    """Why the callback URL given cannot be one (None: it can, or none was given)."""
+    from comfyfleet.egress import UrlNotAllowed, check_url
+
+    url = changes.get("callback_url")
+    if not isinstance(url, str):
+        return None
+    try:
+        await check_url(url, allow_private=allow_private)
+    except UrlNotAllowed as exc:
+        return f"--callback-url {url!r}: {exc}"
+    return None
 
 
 def _shown(limit: int | None) -> str:
@@ -78,7 +102,13 @@ async def run(args: argparse.Namespace) -> int:
     from comfyfleet.api_keys import KeyExists, KeyLimits, KeyStore
     from comfyfleet.settings import Settings
 
-    async with db.open_database(Settings()) as engine:
+    settings = Settings()
+    changes = _changes(args) if args.keys_command in ("create", "update") else {}
+    refused = await _callback_refused(changes, settings.allow_private_callbacks)
+    if refused is not None:
+        print(refused, file=sys.stderr)
+        return 2
+    async with db.open_database(settings) as engine:
         store = KeyStore(engine)
         if args.keys_command == "create":
             if not 1 <= len(args.name) <= 100:
@@ -87,7 +117,10 @@ async def run(args: argparse.Namespace) -> int:
             try:
                 limits = KeyLimits(args.weight or 1, getattr(args, "max_concurrent", None),
                                    getattr(args, "max_queued", None))
-                key = await store.create(args.name, admin=args.admin, limits=limits)
+                callback_url = changes.get("callback_url")
+                assert callback_url is None or isinstance(callback_url, str)
+                key = await store.create(args.name, admin=args.admin, limits=limits,
+                                         callback_url=callback_url)
             except KeyExists:
                 print(f"a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
@@ -97,18 +130,17 @@ async def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 0
         if args.keys_command == "update":
-            changes = _changes(args)
             if not changes:
-                print("nothing to change: give --weight, --max-concurrent or --max-queued",
-                      file=sys.stderr)
+                print("nothing to change: give --weight, --max-concurrent, --max-queued or "
+                      "--callback-url", file=sys.stderr)
                 return 2
             updated = await store.update(args.name, changes)
             if updated is None:
                 print(f"no live key named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"key {args.name!r}: weight {updated.weight}, max_concurrent "
-                  f"{_shown(updated.max_concurrent)}, max_queued {_shown(updated.max_queued)}",
-                  file=sys.stderr)
+                  f"{_shown(updated.max_concurrent)}, max_queued {_shown(updated.max_queued)}, "
+                  f"callback_url {updated.callback_url or NONE}", file=sys.stderr)
             return 0
         if args.keys_command == "list":
             for entry in await store.all():
@@ -116,7 +148,8 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"{entry.name}\t{'admin' if entry.admin else 'key'}\t"
                       f"created {entry.created_at.isoformat()}\trevoked {revoked}\t"
                       f"weight {entry.weight}\tmax_concurrent {_shown(entry.max_concurrent)}\t"
-                      f"max_queued {_shown(entry.max_queued)}")
+                      f"max_queued {_shown(entry.max_queued)}"
+                      + (f"\tcallback_url {entry.callback_url}" if entry.callback_url else ""))
             return 0
         if await store.revoke(args.name):
             print(f"key {args.name!r} revoked", file=sys.stderr)

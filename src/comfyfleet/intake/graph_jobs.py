@@ -42,6 +42,7 @@ class GraphRequest:
     labels: dict[str, str] | None
     idempotency_key: str | None
     api_key_hash: str | None  # of the caller's API key; None without keys
+    callback_url: str | None = None  # the caller's key's default: its webhook
 
 
 async def accept_graph(
@@ -66,6 +67,7 @@ async def accept_graph(
         labels=request.labels or None,
         client_task_id=request.idempotency_key,
         api_key_hash=request.api_key_hash,
+        callback_url=request.callback_url,
     )
     stored, created = await repository.insert(job, backlog=backlog)
     if (not created and stored.source == JobSource.GRAPH

@@ -82,7 +82,8 @@ async def submit_job(
     try:
         job, created = await accept_graph(
             svc.repository, asset_store(svc), fleet,
-            GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash),
+            GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash,
+                         caller.callback_url),
             backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued))
     except UiFormatGraph as exc:
         raise V2Error(422, "workflow_format_ui", str(exc)) from exc

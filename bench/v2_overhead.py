@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -44,19 +45,51 @@ def graph(color: int) -> dict[str, Any]:
     }
 
 
-def through_v2(base: str, poll: float) -> Submit:
+def through_v2(base: str, poll: float, marks: list[dict[str, Any]] | None = None) -> Submit:
+    """With `marks`, each job's id and when (wall clock) it was sent, answered and seen
+    finished, for `phases`."""
     async def submit(http: aiohttp.ClientSession, workflow: dict[str, Any]) -> float:
-        started = time.monotonic()
+        started, sent = time.monotonic(), time.time()
         async with http.post(f"{base}/api/v2/jobs", json={"workflow": workflow}) as response:
             assert response.status == 201, await response.text()
             job = await response.json()
+        answered = time.time()
         while job["status"] not in ("succeeded", "failed", "canceled"):
             await asyncio.sleep(poll)
             async with http.get(f"{base}/api/v2/jobs/{job['id']}") as response:
                 job = await response.json()
         assert job["status"] == "succeeded", job
+        if marks is not None:
+            marks.append({"id": job["id"], "sent": sent, "answered": answered,
+                          "seen": time.time()})
         return time.monotonic() - started
     return submit
+
+
+# A comfyfleet job's life in legs, by the times it records (GET /api/v1/jobs/{id}) and the
+# client's own: (leg, from, to).
+LEGS = [
+    ("POST answered", "sent", "answered"),
+    ("queued -> dispatched (claim)", "created_at", "dispatched_at"),
+    ("dispatched -> running (POST /prompt, execution_start)", "dispatched_at", "started_at"),
+    ("running -> succeeded (run, collect into S3)", "started_at", "finished_at"),
+    ("succeeded -> seen by the poller", "finished_at", "seen"),
+]
+
+
+async def phases(http: aiohttp.ClientSession, base: str, marks: list[dict[str, Any]]
+                 ) -> dict[str, dict[str, float]]:
+    """Where a comfyfleet job's time goes: the legs of LEGS, p50/p95 in ms. (The client's
+    and the service's clocks are the same machine's.)"""
+    legs: dict[str, list[float]] = {leg: [] for leg, _, _ in LEGS}
+    for mark in marks:
+        async with http.get(f"{base}/api/v1/jobs/{mark['id']}") as response:
+            job = await response.json()
+        times = {**mark, **{name: datetime.fromisoformat(job[name]).timestamp() for name in
+                            ("created_at", "dispatched_at", "started_at", "finished_at")}}
+        for leg, start, end in LEGS:
+            legs[leg].append(times[end] - times[start])
+    return {leg: latency_ms(values) for leg, values in legs.items()}
 
 
 def direct(sim: str, poll: float) -> Submit:
@@ -87,8 +120,9 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
             ready_url=proxy + "/api/v2/health"))
         meter = deployment.meter
         meter.components.append(Component("comfy-api-proxy", [proxy_process.pid]))
+        marks: list[dict[str, Any]] = []
         ways: dict[str, Submit] = {
-            "comfyfleet /api/v2": through_v2(deployment.serve.base, poll),
+            "comfyfleet /api/v2": through_v2(deployment.serve.base, poll, marks),
             "comfy-api-proxy": through_v2(proxy, poll),
             "direct to ComfyUI": direct(sim, poll),
         }
@@ -97,11 +131,13 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
             for color in range(3):
                 await submit(http, graph(color))
         seconds: dict[str, list[float]] = {name: [] for name in ways}
+        marks.clear()
         meter.start()
         for index in range(jobs):
             for name, submit in ways.items():
                 seconds[name].append(await submit(http, graph(1000 + index)))
         meter.stop()
+        legs = await phases(http, deployment.serve.base, marks)
     results = {name: latency_ms(values) for name, values in seconds.items()}
     print_table(["submit -> seen finished", "jobs", "p50 ms", "p95 ms", "p99 ms"],
                 [(name, r["samples"], r["p50"], r["p95"], r["p99"])
@@ -110,8 +146,11 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
     print_table(["added over direct", "p50 ms"],
                 [(name, round(r["p50"] - floor, 2)) for name, r in results.items()
                  if name != "direct to ComfyUI"])
+    print_table(["comfyfleet's legs", "p50 ms", "p95 ms"],
+                [(leg, r["p50"], r["p95"]) for leg, r in legs.items()])
     meter.print()
-    return {"jobs": jobs, "poll_ms": poll_ms, "latency_ms": results, "cpu": meter.as_json(),
+    return {"jobs": jobs, "poll_ms": poll_ms, "latency_ms": results, "legs_ms": legs,
+            "cpu": meter.as_json(),
             "machine": platform.machine(), "python": platform.python_version()}
 
 

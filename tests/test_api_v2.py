@@ -17,7 +17,15 @@ import aiohttp
 import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
-from comfy_sdk import AsyncComfy, Comfy, ComfyError, OutputReady, Progress, StatusChange
+from comfy_sdk import (
+    AsyncComfy,
+    Comfy,
+    ComfyError,
+    OutputReady,
+    Preview,
+    Progress,
+    StatusChange,
+)
 from comfy_sdk.exceptions import JobFailed, NotFound, Unauthorized
 from PIL import Image
 from sqlalchemy import text
@@ -213,6 +221,30 @@ async def test_an_output_is_on_the_job_as_soon_as_its_node_reports_it(v2: str) -
         (early,) = job.get_outputs("2")
         image = Image.open(io.BytesIO(await early.to_bytes())).convert("RGB")
         assert image.size == (8, 8)
+
+
+async def test_a_stream_opened_later_starts_with_the_latest_preview(v2: str) -> None:
+    """Node 2 sends the job's only preview; a stream opened while node 3 works (no previews)
+    gets it on connect, as the contract says."""
+    graph = work(seconds=0.2, steps=1)
+    graph["4"] = {"class_type": "SimulatedWork", "inputs": {
+        "image": ["2", 0], "seconds": 30.0, "steps": 30, "preview": False}}
+    graph["3"]["inputs"]["images"] = ["4", 0]
+    async with AsyncComfy() as client:
+        job = await client.submit(client.workflows.from_json(graph))
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, Preview):
+                    break
+            later: list[Any] = []
+            async for event in job.events():
+                later.append(event)
+                if isinstance(event, Preview) or (
+                        isinstance(event, Progress) and (event.step or 0) >= 2):
+                    break
+        await job.cancel()
+    assert isinstance(later[-1], Preview), later
+    assert (later[-1].node_id, later[-1].content_type) == ("2", "image/png")
 
 
 async def test_cancel_a_running_job(v2: str) -> None:

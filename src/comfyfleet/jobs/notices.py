@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 from comfyfleet.pulse import Pulse
 
 QUEUE_SIZE = 64  # a slow listener loses previews, never the state (it re-reads the job)
+# Jobs whose latest preview is kept, for a listener that comes later (the Comfy API v2 stream
+# starts with it); the oldest is forgotten first.
+LATEST_PREVIEWS = 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ Notice = PreviewImage | None  # None: "the job changed; read it again"
 class JobNotices:
     def __init__(self) -> None:
         self._listeners: dict[uuid.UUID, set[asyncio.Queue[Notice]]] = defaultdict(set)
+        self._latest: OrderedDict[uuid.UUID, PreviewImage] = OrderedDict()
         # Beats on every job this process changes (the dashboard's lists follow it).
         self.any_job = Pulse()
 
@@ -38,7 +42,15 @@ class JobNotices:
         self.any_job.beat()
 
     def preview(self, job_id: uuid.UUID, preview: PreviewImage) -> None:
+        self._latest[job_id] = preview
+        self._latest.move_to_end(job_id)
+        if len(self._latest) > LATEST_PREVIEWS:
+            self._latest.popitem(last=False)
         self._publish(job_id, preview)
+
+    def latest_preview(self, job_id: uuid.UUID) -> PreviewImage | None:
+        """The last preview image of the job that reached this process, if it is kept."""
+        return self._latest.get(job_id)
 
     def _publish(self, job_id: uuid.UUID, notice: Notice) -> None:
         for queue in self._listeners.get(job_id, ()):

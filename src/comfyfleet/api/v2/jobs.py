@@ -199,10 +199,11 @@ def _summary(job: Job) -> dict[str, Any]:
             response_class=EventSourceResponse)
 async def job_events(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
                      ) -> EventSourceResponse:
-    """On connect the current `status`, `progress` and the outputs committed so far; then
-    every change, each output as it is committed (`output`, while the job runs: a node's
-    files are stored as soon as it reports them), live `preview` images; the stream ends after
-    the terminal `status`. Not a replayable log: the job itself (GET) is the authority."""
+    """On connect the current `status`, `progress`, the outputs committed so far and the
+    latest `preview` (when it reached this process); then every change, each output as it is
+    committed (`output`, while the job runs: a node's files are stored as soon as it reports
+    them), live `preview` images; the stream ends after the terminal `status`. Not a
+    replayable log: the job itself (GET) is the authority."""
     job = await _job(svc, caller, job_id)
     return EventSourceResponse(_stream(svc, job.id, render.origin(request)), ping=PING_SECONDS)
 
@@ -213,6 +214,7 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
     told_status: tuple[str, int | None] | None = None
     told_progress: dict[str, Any] | None = None
     told_outputs = 0
+    latest = svc.events.latest_preview(job_id)  # told on connect, after the status
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -239,12 +241,13 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
                 for output in (await render.outputs(svc, job, origin))[told_outputs:]:
                     yield _event("output", output)
                 told_outputs = len(job.outputs)
+            if latest is not None:
+                yield _preview_event(latest)
+                latest = None
             # Previews as they come, until the job changes or it is time to read it anyway.
             reread_at = loop.time() + REREAD_SECONDS
             while (preview := await _next_preview(notices, reread_at)) is not None:
-                yield _event("preview", {
-                    "node_id": preview.node_id or "", "content_type": preview.image_type,
-                    "data_base64": base64.b64encode(preview.image).decode()})
+                yield _preview_event(preview)
     finally:
         svc.events.stop(job_id, notices)
 
@@ -258,6 +261,12 @@ async def _next_preview(notices: asyncio.Queue[Notice], deadline: float) -> Prev
             return await notices.get()
     except TimeoutError:
         return None
+
+
+def _preview_event(preview: PreviewImage) -> ServerSentEvent:
+    return _event("preview", {
+        "node_id": preview.node_id or "", "content_type": preview.image_type,
+        "data_base64": base64.b64encode(preview.image).decode()})
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:

@@ -147,3 +147,35 @@ async def test_execution_error_fails_the_job_with_its_node_and_traceback_once(
     assert traceback and all(isinstance(line, str) for line in traceback)
     assert any("File " in line for line in traceback)
     assert list(history) == [job["prompt_id"]]  # run once: not retried
+
+
+async def test_a_requeued_or_moved_job_sheds_what_its_last_run_stored(engine: AsyncEngine
+                                                                      ) -> None:
+    """Outputs are recorded while a prompt runs: a run that is lost (requeued) or moved to
+    another backend leaves none of them, nor its node's progress, on the job."""
+    repository = JobRepository(engine)
+    registry = BackendRegistry(engine)
+    for name, port in (("gpu0", 9), ("gpu1", 10)):  # rows only: nothing connects to them
+        await registry.add(Backend(name, f"http://127.0.0.1:{port}"))
+    job, _ = await repository.insert(Job(workflow="invert", prompt=INVERT_PROMPT))
+    early = [{"node_id": "3", "filename": "a.png", "content_type": "image/png", "size": 1,
+              "key": f"{job.id}/3_0.png"}]
+    detail = {"node": "2", "class_type": "ImageInvert", "step": 1, "steps": 2}
+
+    async def running_on_gpu0() -> Job:
+        claimed = await repository.claim_next("gpu0", str(uuid.uuid4()), max_inflight=1,
+                                              pick=lambda queued: Choice(queued[0].id))
+        assert claimed is not None
+        running = await repository.transition(claimed, {JobStatus.DISPATCHED},
+                                              status=JobStatus.RUNNING, outputs=early,
+                                              progress_detail=detail)
+        assert running is not None and running.outputs == early
+        return running
+
+    requeued = await repository.requeue(await running_on_gpu0())
+    assert requeued is not None and requeued.status == JobStatus.QUEUED
+    assert (requeued.outputs, requeued.progress_detail) == ([], None)
+    moved = await repository.move(await running_on_gpu0(), "gpu1", str(uuid.uuid4()),
+                                  max_inflight=1)
+    assert moved is not None and moved.backend == "gpu1"
+    assert (moved.outputs, moved.progress_detail) == ([], None)

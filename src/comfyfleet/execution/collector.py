@@ -42,6 +42,9 @@ class EarlyOutputs:
 
     stored: list[dict[str, Any]] = field(default_factory=list)
     storing: asyncio.Task[None] | None = None
+    # The run is over (finished, failed, lost, moved): nothing more is stored or recorded
+    # early; what is missing is the final collection's, if there is one.
+    closed: bool = False
 
     async def settled(self) -> list[dict[str, Any]]:
         """The records, once the storing under way has ended (a failure there is the final
@@ -84,7 +87,11 @@ class Collector:
             with contextlib.suppress(Exception):
                 await before
         try:
+            if early.closed:
+                return
             early.stored.extend(await self._store_outputs(client, running, files, []))
+            if early.closed:  # moved meanwhile: the outputs are not the new run's
+                return
             await self._repository.transition(running, {JobStatus.RUNNING},
                                               outputs=list(early.stored))
         except Exception as exc:  # the collection at the end stores them

@@ -155,6 +155,7 @@ class ExecutionTracker:
         self._submitting.discard(prompt_id)
         run = self._runs.pop(prompt_id, None)
         if run is not None:
+            run.early.closed = True
             run.session.release(prompt_id)
             self._signals.slot_freed()
 

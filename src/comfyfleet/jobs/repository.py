@@ -295,7 +295,7 @@ class JobRepository:
                 _table.c.prompt_id == job.prompt_id,
                 values=dict(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
                             dispatched_by=owner, dispatched_at=func.now(), started_at=None,
-                            progress=0.0),
+                            progress=0.0, progress_detail=None, outputs=[]),
             )
         if moved is not None:
             self._on_change(moved.id)
@@ -385,6 +385,8 @@ class JobRepository:
             backend=None,
             prompt_id=None,
             progress=0.0,
+            progress_detail=None,
+            outputs=[],  # stored while the lost prompt ran: the next run's come instead
             error=error,
         )
 

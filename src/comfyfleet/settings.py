@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # Cache-aware placement: a queued job may be passed by at most this many later jobs that
     # a backend runs sooner from what its cache holds; 0 is strict FIFO (within a priority).
     affinity_window: int = Field(default=4, ge=0)
+    # Free slots shared between tenants (API keys) by weight in estimated GPU-seconds; false:
+    # one backlog for everyone, highest priority then oldest first.
+    fair_share: bool = True
     max_attempts: int = Field(default=3, ge=1)
     # A backend unreachable this long loses its prompts: they are requeued to run elsewhere.
     backend_grace_seconds: float = Field(default=30.0, ge=0)

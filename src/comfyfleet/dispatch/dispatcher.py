@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
+from comfyfleet.dispatch.fair_share import fair_order, fifo_order
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
 from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
@@ -50,6 +51,9 @@ INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
+# What a job of a workflow never seen to run is charged to its tenant until it ends (its real
+# run time replaces the charge then).
+UNKNOWN_RUN_SECONDS = 1.0
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
@@ -93,6 +97,7 @@ class Dispatcher:
         affinity_window: int,
         owner: int,
         safety_pass_seconds: float,
+        fair_share: bool = True,
     ) -> None:
         self._repository = repository
         # Events wake the loop; this pass of its own catches what no event here announces
@@ -102,6 +107,7 @@ class Dispatcher:
         self._run_times = run_times
         self._node_costs = node_costs
         self._affinity_window = affinity_window
+        self._fair_share = fair_share  # between tenants; else one backlog, priority then age
         # The predicted cache keys of the jobs near the head of the backlog, by job id.
         self._keys: OrderedDict[uuid.UUID, PromptKeys] = OrderedDict()
         self._sessions = sessions
@@ -157,25 +163,32 @@ class Dispatcher:
         task.add_done_callback(self._submissions.discard)
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
-        """The first job `session` can run (or one it runs sooner from its cache, within the
-        affinity window), unless faster backends would get through the backlog before it
-        finished that job."""
+        """The first job `session` can run in fair-share order (or one it runs sooner from
+        its cache, within the affinity window), unless faster backends would get through the
+        backlog before it finished that job."""
         assert session.capabilities is not None
         self._backlog_empty = not queued
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
-        runnable = [job for job in queued if session.capabilities.can_run(job.prompt)]
+        estimate = functools.partial(self._estimate, session)
+        ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
+        runnable = [job for job in ordered if session.capabilities.can_run(job.prompt)]
         if not runnable:
             return None
         head = self._affine(session, runnable)
-        choice = Choice(head.id, tuple(job.id for job in runnable[:runnable.index(head)]))
-        # A full batch: the backlog goes on beyond what we read, deep enough for everyone.
-        backlog = math.inf if len(queued) == CLAIM_BATCH else len(runnable)
+        choice = Choice(head.id, tuple(job.id for job in runnable[:runnable.index(head)]),
+                        charge=estimate(head.workflow))
+        # The backlog goes on beyond what we read: deep enough for everyone.
+        backlog = math.inf if any(job.beyond for job in queued) else len(runnable)
         candidate = self._load(session, head.workflow)
         if candidate is None or backlog == math.inf:
             return choice
         return choice if should_take(candidate, self._rivals(session, head), int(backlog)) \
             else None
+
+    def _estimate(self, session: BackendSession, workflow: str) -> float:
+        """The GPU-seconds a job of `workflow` is expected to take on `session`."""
+        return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
     def _affine(self, session: BackendSession, runnable: list[QueuedJob]) -> QueuedJob:
         """The job `session` should take: the first, unless a later one of the same priority

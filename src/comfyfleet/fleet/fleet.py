@@ -45,6 +45,7 @@ class FleetTuning:
     key_prefix: str
     max_inflight: int
     affinity_window: int
+    fair_share: bool
     max_attempts: int
     grace_seconds: float
     quiet_seconds: float
@@ -57,6 +58,7 @@ class FleetTuning:
             key_prefix=settings.s3_prefix,
             max_inflight=settings.max_inflight_per_backend,
             affinity_window=settings.affinity_window,
+            fair_share=settings.fair_share,
             max_attempts=settings.max_attempts,
             grace_seconds=settings.backend_grace_seconds,
             quiet_seconds=settings.quiet_prompt_seconds,
@@ -106,7 +108,7 @@ class Fleet:
             max_inflight=tuning.max_inflight, on_terminal=self._ended,
             run_times=self._run_times, node_costs=node_costs,
             affinity_window=tuning.affinity_window, owner=lease.id,
-            safety_pass_seconds=tuning.dispatch_interval)
+            safety_pass_seconds=tuning.dispatch_interval, fair_share=tuning.fair_share)
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatching: asyncio.Task[None] | None = None

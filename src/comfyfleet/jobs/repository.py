@@ -6,21 +6,17 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy
 from sqlalchemy import (
     Case,
     ColumnElement,
-    Integer,
     ScalarSelect,
-    String,
-    Text,
     case,
-    cast,
     exists,
     func,
     true,
@@ -32,11 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet.db import check_storable, single_statements
+from comfyfleet import sql
+from comfyfleet.db import check_storable, driver_connection, single_statements
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 
 _table = Job.__table__  # type: ignore[attr-defined]
+_CLAIM = sql.queries("claim")
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # The columns a job's transitions may change; the others are fixed when it is stored, so an
 # UPDATE returns only these and the rest is taken from the job the caller holds (sparing the
@@ -54,8 +52,11 @@ _INSERT_UNLESS_TAKEN = (
 )
 # The fleet's table, as far as a claim reads it: whether the backend still takes work.
 _BACKENDS = sqlalchemy.table("backends", sqlalchemy.column("name"), sqlalchemy.column("draining"))
-# Queued jobs a claim looks at to find one the backend can run (capability routing).
+# Queued jobs a claim looks at to find one the backend can run (capability routing), shared
+# among the tenants first in virtual time.
 CLAIM_BATCH = 50
+# The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
+_JOB_FIELDS = tuple(Job.model_fields)
 # A workflow's latest successful runs averaged into its learned run time.
 RUN_TIME_SAMPLE = 20
 
@@ -79,13 +80,20 @@ class QueuedJob(NamedTuple):
     prompt: dict[str, Any]
     priority: int = 0
     overtaken: int = 0  # later jobs dispatched before it
+    created_at: datetime = datetime.min.replace(tzinfo=UTC)
+    tenant: str = ""  # its API key's digest; '' without a key
+    start: float = 0.0  # its tenant's place in virtual time (GPU-seconds over weight)
+    weight: int = 1  # its tenant's weight
+    beyond: bool = False  # the last read of its tenant's backlog, which goes on past it
 
 
 class Choice(NamedTuple):
-    """The job a claim takes, and the queued jobs it passes (each overtaken once more)."""
+    """The job a claim takes, the queued jobs it passes (each overtaken once more), and the
+    GPU-seconds its run is expected to take: what its tenant is charged until it ends."""
 
     job_id: uuid.UUID
     passed: tuple[uuid.UUID, ...] = ()
+    charge: float = 0.0
 
 
 @functools.lru_cache(maxsize=4 * CLAIM_BATCH)
@@ -235,48 +243,37 @@ class JobRepository:
         pick: Callable[[list[QueuedJob]], Choice | None],
         owner: int | None = None,
     ) -> Job | None:
-        """Take the queued job `pick` chooses among the first CLAIM_BATCH (highest priority,
-        then oldest) for `backend`; None when it has no free slot or `pick` takes none. The
-        jobs the choice passes are counted as overtaken in the same transaction.
+        """Take the queued job `pick` chooses for `backend` among the head of each tenant's
+        backlog (sql/claim.sql `candidates`: tenants first in virtual time first, each one's
+        jobs highest priority, then oldest, first); None when it has no free slot or `pick`
+        takes none. The jobs the choice passes are counted as overtaken, and its tenant is
+        charged the choice's estimated seconds, in the same transaction.
 
         The backend's slots hold across processes: claims for one backend are serialised by
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
-        candidates = _claim_candidates(backend, max_inflight, self._keys_at_limit())
-        async with self._sessions.begin() as session:
-            await lock_backend(session, backend)
-            # sqlmodel types selects of up to four columns; this plain one runs the same way.
-            rows = (await session.exec(candidates)).all()  # type: ignore[call-overload]
-            if rows[0][0] <= 0:
+        async with driver_connection(self.engine) as connection, connection.transaction():
+            await connection.execute(_CLAIM["lock_backend"], backend)
+            rows = await connection.fetch(_CLAIM["candidates"], backend, max_inflight,
+                                          self._max_concurrent, CLAIM_BATCH)
+            if rows[0]["free"] <= 0:
                 return None
             choice = pick([
-                QueuedJob(id_, workflow, _candidate_prompt(prompt), priority, overtaken)
-                for _, id_, workflow, prompt, priority, overtaken in rows if id_ is not None])
-            if choice is None or not await self._lock_key_room(session, choice.job_id):
+                QueuedJob(row["id"], row["workflow"], _candidate_prompt(row["prompt"]),
+                          row["priority"], row["overtaken"], row["created_at"], row["tenant"],
+                          row["start"], row["weight"], row["beyond"])
+                for row in rows if row["id"] is not None])
+            if choice is None:
                 return None
-            if choice.passed:  # locked by this statement's FOR UPDATE, like the one taken
-                await session.exec(
-                    update(_table).where(_table.c.id.in_(choice.passed))
-                    .values(overtaken=_table.c.overtaken + 1))
-            row = (await session.exec(
-                update(_table)
-                .where(_table.c.id == choice.job_id)
-                .values(
-                    status=JobStatus.DISPATCHED,
-                    backend=backend,
-                    prompt_id=prompt_id,
-                    dispatched_by=owner,
-                    attempts=_table.c.attempts + 1,
-                    dispatched_at=func.now(),
-                    started_at=None,
-                    progress=0.0,
-                )
-                .returning(*_table.c)
-            )).first()
-            claimed = Job(**row._mapping) if row is not None else None
-        if claimed is not None:
-            self._on_change(claimed.id)
+            await connection.execute(_CLAIM["lock_tenant"], choice.job_id, self._max_concurrent)
+            row = await connection.fetchrow(
+                _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
+                choice.charge, self._max_concurrent)
+        if row is None:
+            return None
+        claimed = _job(row)
+        self._on_change(claimed.id)
         return claimed
 
     async def move(
@@ -300,42 +297,6 @@ class JobRepository:
         if moved is not None:
             self._on_change(moved.id)
         return moved
-
-    def _concurrency_limit(self, api_key_hash: ColumnElement[str | None]) -> ColumnElement[int]:
-        """The most jobs of that key on backends at once; NULL: no limit."""
-        own = (sqlalchemy.select(_keys.c.max_concurrent)
-               .where(_keys.c.key_hash == api_key_hash).scalar_subquery())
-        return func.coalesce(own, sqlalchemy.literal(self._max_concurrent, Integer))
-
-    def _keys_at_limit(self) -> sqlalchemy.Select[Any]:
-        """The keys (as `_owner_key`) with as many jobs on backends as they may have."""
-        return (
-            sqlalchemy.select(_owner_key(_table.c.api_key_hash))
-            .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]))
-            .group_by(_table.c.api_key_hash)
-            .having(func.count() >= self._concurrency_limit(_table.c.api_key_hash))
-        )
-
-    async def _lock_key_room(self, session: AsyncSession, job_id: uuid.UUID) -> bool:
-        """Whether the key of the queued job `job_id` still has room for one more job on a
-        backend, counting what every process committed since the candidates were read (a
-        claim for another backend may have taken the key's last slot). A limited key's lock
-        is held until the transaction ends, so such claims wait for each other."""
-        chosen = (
-            sqlalchemy.select(_table.c.api_key_hash.label("key"),
-                              self._concurrency_limit(_table.c.api_key_hash).label("limit"))
-            .where(_table.c.id == job_id)
-            .subquery()
-        )
-        lock = func.pg_advisory_xact_lock(func.hashtext("concurrent:" + _owner_key(chosen.c.key)))
-        locked = (await session.exec(
-            select(chosen.c.key, lock).where(chosen.c.limit.is_not(None)))).first()
-        if locked is None:
-            return True  # no limit: nothing to wait for
-        at_limit = (await session.exec(select(func.count()).select_from(
-            self._keys_at_limit()
-            .where(_table.c.api_key_hash.is_not_distinct_from(locked[0])).subquery()))).one()
-        return at_limit == 0
 
     @staticmethod
     async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
@@ -549,44 +510,6 @@ class JobRepository:
             return list((await session.exec(query)).all())
 
 
-# The keys table, read by the claim for each key's max_concurrent (api_keys.py owns it).
-_keys = sqlalchemy.table("api_keys", sqlalchemy.column("key_hash", String),
-                         sqlalchemy.column("max_concurrent", Integer))
-
-
-def _owner_key(api_key_hash: ColumnElement[str | None]) -> ColumnElement[str]:
-    """A key's digest, '' for the jobs of no key: comparable with = and NOT IN."""
-    return func.coalesce(api_key_hash, "")
-
-
-
-def _claim_candidates(
-    backend: str, max_inflight: int, keys_at_limit: sqlalchemy.Select[Any]
-) -> sqlalchemy.Select[Any]:
-    """The backend's free slots and the first CLAIM_BATCH queued jobs it may take, in one
-    statement (run after the backend's lock, so both see every claim committed before it); the
-    candidates are read only with a slot free. A backend drained or removed (by any process:
-    it may not have reached this one yet) has none."""
-    slots = select(_free_slots(backend, max_inflight).label("free")).subquery("slots")
-    queued = (
-        sqlalchemy.select(_table.c.id, _table.c.workflow,
-                          cast(_table.c.prompt, Text).label("prompt"),
-                          _table.c.priority, _table.c.overtaken, _table.c.created_at)
-        .where(_table.c.status == JobStatus.QUEUED, slots.c.free > 0,
-               _owner_key(_table.c.api_key_hash).not_in(keys_at_limit))
-        .order_by(_table.c.priority.desc(), _table.c.created_at)
-        .limit(CLAIM_BATCH)
-        .with_for_update(skip_locked=True)
-        .lateral("queued")
-    )
-    return (
-        sqlalchemy.select(slots.c.free, queued.c.id, queued.c.workflow, queued.c.prompt,
-                          queued.c.priority, queued.c.overtaken)
-        .select_from(slots.outerjoin(queued, true()))
-        .order_by(queued.c.priority.desc(), queued.c.created_at)
-    )
-
-
 async def lock_backend(session: AsyncSession, backend: str) -> None:
     """Serialise the claims for `backend` (and its removal from the fleet), in every process,
     until the transaction ends; a statement after this one sees every claim committed before
@@ -610,6 +533,15 @@ def _free_slots(backend: str, max_inflight: int) -> Case[int]:
     draining or no longer in the fleet (fleet/registry.py keeps the table)."""
     takes_work = exists().where(_BACKENDS.c.name == backend, _BACKENDS.c.draining.is_(False))
     return case((takes_work, max_inflight - _busy(backend)), else_=0)
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    """A job from a row of fixed SQL (`comfyfleet.sql`), ids as plain UUIDs."""
+    values = {name: row[name] for name in _JOB_FIELDS}
+    for name in ("id", "reused_from"):
+        if values[name] is not None:
+            values[name] = uuid.UUID(bytes=values[name].bytes)
+    return Job(**values)
 
 
 async def _update(

@@ -1,0 +1,38 @@
+"""Fair share between tenants (API keys): free slots go to the tenants with queued work in
+proportion to their weights, measured in estimated GPU-seconds rather than in jobs.
+
+Start-time fair queueing in virtual time. A tenant's virtual time is the GPU-seconds its jobs
+were charged over its weight (sql/claim.sql keeps it, in every process's view alike): each
+claim charges the estimated run time of the job it takes, and the job's real run replaces the
+estimate when it leaves the backend. A tenant's next job starts at its virtual time, each
+later one where the one before it would end; a backend takes, among the jobs it can run, the
+one that starts first. Within a tenant its own order holds (priority, then age); a tenant
+that arrives, or comes back after idling, starts at the fleet's virtual clock, so it is served
+at once but banks no credit for having been away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from comfyfleet.jobs.repository import QueuedJob
+
+
+def fair_order(queued: Sequence[QueuedJob], seconds: Callable[[str], float]) -> list[QueuedJob]:
+    """`queued` (each tenant's jobs in the tenant's own order) in the order fair share serves
+    them: by each job's start in virtual time, its tenant's start plus the estimated seconds
+    (`seconds` of its workflow) of the tenant's jobs before it over the tenant's weight; at
+    the same start, the older job first."""
+    reached: dict[str, float] = {}
+    starts: dict[int, float] = {}
+    for place, job in enumerate(queued):
+        starts[place] = reached.get(job.tenant, job.start)
+        reached[job.tenant] = starts[place] + seconds(job.workflow) / job.weight
+    order = sorted(range(len(queued)), key=lambda place: (starts[place], queued[place].created_at))
+    return [queued[place] for place in order]
+
+
+def fifo_order(queued: Sequence[QueuedJob]) -> list[QueuedJob]:
+    """`queued` as one backlog regardless of tenants: highest priority, then oldest, first
+    (FAIR_SHARE=false)."""
+    return sorted(queued, key=lambda job: (-job.priority, job.created_at))

@@ -1,0 +1,120 @@
+-- The dispatcher's claim (jobs/repository.py `claim_next`): one transaction that locks the
+-- backend, reads its free slots and the head of each tenant's backlog, and takes the job the
+-- dispatcher chose, charging its tenant. Tenants are API keys by digest, '' for the jobs of
+-- no key; each has a virtual time in `tenant_shares` (GPU-seconds charged over its weight),
+-- and a tenant new or back from idling starts at the fleet's virtual clock (the latest start
+-- any claim gave), never below it: no burst for having been away. The charge made here is
+-- settled against the real run by the trigger jobs_settle_tenant_charge (migration 0017) in
+-- whatever statement takes the job off its backend.
+
+-- name: lock_backend
+-- Serialise the claims for backend $1 (and its removal from the fleet), in every process,
+-- until the transaction ends; a statement after this one sees every claim committed before.
+SELECT pg_advisory_xact_lock(hashtext($1))
+
+-- name: candidates
+-- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone) and,
+-- with a slot free, the head of each tenant's backlog: the $4 tenants with queued work that
+-- come first in virtual time, and of each its first ceil($4 / tenants) jobs (highest
+-- priority, then oldest), skipping the tenants with as many jobs on backends as their
+-- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
+-- its tenant's start in virtual time and weight, and whether the tenant's backlog goes on
+-- past the rows read; one row of nulls but `free` without any. The jobs are locked SKIP
+-- LOCKED, so processes claiming side by side never share one.
+WITH RECURSIVE slots AS (
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
+                THEN $2 - (SELECT count(*) FROM jobs
+                           WHERE backend = $1 AND status IN ('dispatched', 'running'))
+                ELSE 0 END AS free
+), backlogged (tenant) AS (
+    -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
+    (SELECT coalesce(api_key_hash, '') FROM jobs
+     WHERE status = 'queued' AND (SELECT free FROM slots) > 0
+     ORDER BY 1 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT coalesce(api_key_hash, '') FROM jobs
+            WHERE status = 'queued' AND coalesce(api_key_hash, '') > backlogged.tenant
+            ORDER BY 1 LIMIT 1)
+    FROM backlogged WHERE backlogged.tenant IS NOT NULL
+), at_limit AS (
+    SELECT coalesce(jobs.api_key_hash, '') AS tenant
+    FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
+    WHERE jobs.status IN ('dispatched', 'running', 'uploading')
+    GROUP BY jobs.api_key_hash, api_keys.max_concurrent
+    HAVING count(*) >= coalesce(api_keys.max_concurrent, $3::int)
+), clock AS (
+    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
+), eligible AS (
+    SELECT backlogged.tenant,
+           greatest(tenant_shares.virtual_seconds, clock.now) AS start,
+           coalesce(api_keys.weight, 1) AS weight
+    FROM backlogged CROSS JOIN clock
+    LEFT JOIN tenant_shares ON tenant_shares.tenant = backlogged.tenant
+    LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlogged.tenant, '')
+    WHERE backlogged.tenant IS NOT NULL
+      AND backlogged.tenant NOT IN (SELECT tenant FROM at_limit)
+    ORDER BY start, backlogged.tenant
+    LIMIT $4
+), heads AS (
+    SELECT eligible.*, ceil($4::float8 / count(*) OVER ())::int AS depth FROM eligible
+)
+SELECT slots.free, queued.id, queued.workflow, queued.prompt::text AS prompt, queued.priority,
+       queued.overtaken, queued.created_at, heads.tenant, heads.start, heads.weight,
+       queued.place = heads.depth AS beyond
+FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
+    SELECT id, workflow, prompt, priority, overtaken, created_at,
+           row_number() OVER (ORDER BY priority DESC, created_at) AS place
+    FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
+          WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
+          ORDER BY priority DESC, created_at
+          LIMIT heads.depth
+          FOR UPDATE SKIP LOCKED) AS head
+) AS queued) ON true
+ORDER BY heads.start, heads.tenant, queued.place
+
+-- name: lock_tenant
+-- Serialise the claims of the tenant of queued job $1 when it has a max_concurrent ($2 for
+-- keys without their own), in every process, until the transaction ends: so `take`'s count
+-- sees every claim of the tenant committed before. Returns a row only for such a tenant.
+SELECT pg_advisory_xact_lock(hashtext('concurrent:' || coalesce(jobs.api_key_hash, '')))
+FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
+WHERE jobs.id = $1 AND coalesce(api_keys.max_concurrent, $2::int) IS NOT NULL
+
+-- name: take
+-- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its
+-- tenant has as many jobs on backends as its max_concurrent ($7 for keys without their own)
+-- by now; count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
+-- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns the job
+-- as dispatched, or nothing.
+WITH chosen AS (
+    SELECT jobs.id, jobs.api_key_hash, coalesce(jobs.api_key_hash, '') AS tenant,
+           coalesce(api_keys.weight, 1) AS weight
+    FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
+    WHERE jobs.id = $1 AND jobs.status = 'queued'
+      AND (coalesce(api_keys.max_concurrent, $7::int) IS NULL
+           OR (SELECT count(*) FROM jobs AS mine
+               WHERE (mine.api_key_hash = jobs.api_key_hash
+                      OR (mine.api_key_hash IS NULL AND jobs.api_key_hash IS NULL))
+                 AND mine.status IN ('dispatched', 'running', 'uploading'))
+              < coalesce(api_keys.max_concurrent, $7::int))
+), passed AS (
+    UPDATE jobs SET overtaken = overtaken + 1
+    WHERE id = ANY($2::uuid[]) AND id <> $1 AND EXISTS (SELECT 1 FROM chosen)
+), clock AS (
+    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
+), charged AS (
+    INSERT INTO tenant_shares AS share (tenant, virtual_seconds, last_start)
+    SELECT chosen.tenant, clock.now + $6::float8 / chosen.weight, clock.now
+    FROM chosen CROSS JOIN clock
+    ON CONFLICT (tenant) DO UPDATE
+    SET last_start = greatest(share.virtual_seconds, excluded.last_start),
+        virtual_seconds = greatest(share.virtual_seconds, excluded.last_start)
+                          + (excluded.virtual_seconds - excluded.last_start)
+)
+UPDATE jobs
+SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
+    attempts = attempts + 1, dispatched_at = now(), started_at = NULL, progress = 0,
+    charged_seconds = $6
+FROM chosen
+WHERE jobs.id = chosen.id
+RETURNING jobs.*

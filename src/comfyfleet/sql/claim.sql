@@ -103,11 +103,12 @@ WITH chosen AS (
 ), clock AS (
     SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
 ), charged AS (
-    INSERT INTO tenant_shares AS share (tenant, virtual_seconds, last_start)
-    SELECT chosen.tenant, clock.now + $6::float8 / chosen.weight, clock.now
+    INSERT INTO tenant_shares AS share (tenant, virtual_seconds, last_start, unsettled_seconds)
+    SELECT chosen.tenant, clock.now + $6::float8 / chosen.weight, clock.now, $6::float8
     FROM chosen CROSS JOIN clock
     ON CONFLICT (tenant) DO UPDATE
-    SET last_start = greatest(share.virtual_seconds, excluded.last_start),
+    SET unsettled_seconds = share.unsettled_seconds + excluded.unsettled_seconds,
+        last_start = greatest(share.virtual_seconds, excluded.last_start),
         virtual_seconds = greatest(share.virtual_seconds, excluded.last_start)
                           + (excluded.virtual_seconds - excluded.last_start)
 )

@@ -15,18 +15,21 @@ down_revision = "0016"
 branch_labels = None
 depends_on = None
 
-ON_BACKEND = "('dispatched', 'running', 'uploading')"
+# The states that hold a backend's slot: the GPU is the job's from its claim until it leaves
+# them (its outputs are uploaded from a backend already free).
+ON_GPU = "('dispatched', 'running')"
 
-# A charge is settled in the statement that takes its job off the backend, whichever it is
-# (done, failed, cancelled, requeued, released) and whichever process runs it: so a crash
-# anywhere leaves every tenant's virtual time matching the jobs' rows. The seconds a job ran
-# (its start to its end, or to now for an attempt given back) replace what the claim charged;
-# a job that never started is refunded.
+# A charge is settled in the statement that takes its job off the GPU, whichever it is (run to
+# its end and uploading, failed, cancelled, requeued, released) and whichever process runs it:
+# so a crash anywhere leaves every tenant's virtual time matching the jobs' rows. The seconds
+# the job ran (from its start until then) replace what the claim charged; a job that never
+# started is refunded.
 SETTLE = """
 CREATE FUNCTION settle_tenant_charge() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE tenant_shares
-    SET virtual_seconds = virtual_seconds + (
+    SET unsettled_seconds = unsettled_seconds - OLD.charged_seconds,
+        virtual_seconds = virtual_seconds + (
         CASE WHEN NEW.started_at IS NULL THEN 0
              ELSE greatest(extract(epoch FROM coalesce(NEW.finished_at, now())
                                               - NEW.started_at), 0) END
@@ -40,7 +43,7 @@ $$
 SETTLE_ON_LEAVING = f"""
 CREATE TRIGGER jobs_settle_tenant_charge
 AFTER UPDATE OF status ON jobs FOR EACH ROW
-WHEN (OLD.status IN {ON_BACKEND} AND NEW.status NOT IN {ON_BACKEND}
+WHEN (OLD.status IN {ON_GPU} AND NEW.status NOT IN {ON_GPU}
       AND OLD.charged_seconds IS NOT NULL)
 EXECUTE FUNCTION settle_tenant_charge()
 """
@@ -51,11 +54,13 @@ def upgrade() -> None:
     # jobs were charged (estimated at claim, settled at the end) over its weight; last_start:
     # where its latest claimed job started in that time. The largest last_start is the
     # fleet's virtual clock: a tenant arriving (or back after idling) starts there.
+    # unsettled_seconds: the estimates charged for its jobs on GPUs now (0 when none).
     op.create_table(
         "tenant_shares",
         sa.Column("tenant", sa.String(64), primary_key=True),
         sa.Column("virtual_seconds", sa.Float(), nullable=False),
         sa.Column("last_start", sa.Float(), nullable=False),
+        sa.Column("unsettled_seconds", sa.Float(), nullable=False),
     )
     # The estimated run seconds the claim charged the job's tenant for its current attempt.
     op.add_column("jobs", sa.Column("charged_seconds", sa.Float(), nullable=True))

@@ -1,0 +1,214 @@
+"""Fair share between tenants (issue #18): free slots go to the API keys with queued work by
+weight, in GPU-seconds; a tenant arriving behind a deep backlog starts at once and is never
+starved; the accounting survives a SIGKILL. Against a real service, simulated ComfyUI
+servers and PostgreSQL, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.api_keys import KeyLimits, KeyStore, key_hash
+from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
+from comfyfleet.dispatch.fair_share import fair_order
+from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
+from tests.test_security import ADMIN, KEY_A, KEY_B, Client
+
+
+def work(seconds: float, receiver: WebhookReceiver | None = None) -> dict[str, Any]:
+    """A job of about `seconds` on a backend; never one the backend's cache would serve."""
+    seconds += random.uniform(0, 1e-3)
+    return {"workflow": "simulated_work", "params": {"seconds": seconds, "steps": 1},
+            **({"callback_url": receiver.url} if receiver is not None else {})}
+
+
+async def executions(http: aiohttp.ClientSession, sims: list[SimulatedComfyUI]
+                     ) -> dict[str, float]:
+    """The seconds each prompt executed (execution_start to execution_success), by prompt id,
+    from the backends' histories: the GPU time the fleet really gave."""
+    seconds = {}
+    for sim in sims:
+        async with http.get(f"{sim.url}/history") as response:
+            for prompt_id, entry in (await response.json()).items():
+                times = {name: data["timestamp"] for name, data in entry["status"]["messages"]}
+                seconds[prompt_id] = (times["execution_success"] - times["execution_start"]) / 1000
+    return seconds
+
+
+async def test_two_keys_flooding_the_queue_share_gpu_seconds_by_weight(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    settings.api_keys = [KEY_A]  # weight 1
+    settings.admin_api_keys = [ADMIN]
+    settings.max_inflight_per_backend = 1
+    heavy = await KeyStore(engine).create("heavy", admin=False, limits=KeyLimits(weight=3))
+    async with SimulatedComfyUI() as one, SimulatedComfyUI() as two, \
+            serving(settings) as base, aiohttp.ClientSession() as http:
+        client = Client(http, base, settings.route_prefix)
+        # In the order submitted, KEY_A would get three times heavy's GPU time (as many jobs,
+        # each three times as long): the share is by weight in GPU-seconds, not by jobs.
+        for n in range(80):
+            if n < 40:
+                await client.submit(KEY_A, **work(0.3))
+            await client.submit(heavy, **work(0.1))
+        for sim in (one, two):  # the backlog is there before any backend
+            status, _, _ = await client.call("POST", "/backends", ADMIN, {"url": sim.url})
+            assert status == 201
+        async with asyncio.timeout(60):
+            # About twelve of KEY_A's jobs' worth of GPU time on the two backends.
+            while sum((ran := await executions(http, [one, two])).values()) < 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # polling what the backends have run
+        async with engine.connect() as connection:  # both still had work queued
+            backlogged = (await connection.execute(text(
+                "SELECT count(DISTINCT api_key_hash) FROM jobs WHERE status = 'queued'"
+            ))).scalar_one()
+    assert backlogged == 2
+    async with engine.connect() as connection:
+        tenants = {prompt: key for prompt, key in await connection.execute(text(
+            "SELECT prompt_id, api_key_hash FROM jobs WHERE prompt_id = ANY(:ids)"),
+            {"ids": list(ran)})}
+    by_key = {key: sum(seconds for prompt, seconds in ran.items() if tenants[prompt] == key)
+              for key in (key_hash(KEY_A), key_hash(heavy))}
+    share = by_key[key_hash(heavy)] / sum(by_key.values())
+    assert share == pytest.approx(0.75, abs=0.08), by_key
+
+
+async def test_a_small_key_behind_a_big_backlog_starts_at_once_and_is_not_starved(
+    settings: Settings, engine: AsyncEngine, receiver: WebhookReceiver
+) -> None:
+    settings.api_keys = [KEY_A]  # the small tenant, weight 1 against the big one's 4
+    settings.admin_api_keys = [ADMIN]
+    settings.max_inflight_per_backend = 1
+    big = await KeyStore(engine).create("big", admin=False, limits=KeyLimits(weight=4))
+    async with SimulatedComfyUI() as one, SimulatedComfyUI() as two, \
+            serving(settings) as base, aiohttp.ClientSession() as http:
+        client = Client(http, base, settings.route_prefix)
+        api, as_small = base + settings.route_prefix, {"Authorization": f"Bearer {KEY_A}"}
+        backlog = [await client.submit(big, **work(0.1)) for _ in range(60)]
+        for sim in (one, two):
+            status, _, _ = await client.call("POST", "/backends", ADMIN, {"url": sim.url})
+            assert status == 201
+        await wait_for_job(http, api, backlog[3]["id"], "succeeded",
+                           headers={"Authorization": f"Bearer {big}"})
+        small = [await client.submit(KEY_A, **work(0.1)) for _ in range(3)]
+        for job in small:
+            await wait_for_job(http, api, job["id"], "succeeded", headers=as_small)
+    repository = JobRepository(engine)
+    first, *_, last = [await repository.get(uuid.UUID(job["id"])) for job in small]
+    assert first is not None and last is not None
+    async with engine.connect() as connection:
+        ahead = (await connection.execute(text(
+            "SELECT count(*) FROM jobs WHERE api_key_hash = :big "
+            "AND dispatched_at > :arrived AND dispatched_at < :started"),
+            {"big": key_hash(big), "arrived": first.created_at,
+             "started": first.dispatched_at})).scalar_one()
+        after = (await connection.execute(text(
+            "SELECT count(*) FROM jobs WHERE api_key_hash = :big "
+            "AND (status = 'queued' OR dispatched_at > :started)"),
+            {"big": key_hash(big), "started": last.dispatched_at})).scalar_one()
+    # At most a job per backend claimed meanwhile, and one tie in virtual time (FIFO: ~30).
+    assert ahead <= 3
+    # Its weight of 1 against 4: its third job runs long before the big backlog is through.
+    assert after >= 10
+
+
+async def claimed(repository: JobRepository, charge: float) -> tuple[list[QueuedJob], Job]:
+    """Claim on backend "gpu" the job fair share puts first; what the claim saw, and the job."""
+    seen: list[QueuedJob] = []
+
+    def pick(queued: list[QueuedJob]) -> Choice:
+        seen.extend(queued)
+        return Choice(fair_order(queued, lambda _: charge)[0].id, charge=charge)
+
+    job = await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=100, pick=pick)
+    assert job is not None
+    return seen, job
+
+
+async def test_a_tenant_new_or_back_from_idling_starts_at_the_virtual_clock(
+    engine: AsyncEngine,
+) -> None:
+    repository = JobRepository(engine)
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO backends (name, url) VALUES ('gpu', 'x')"))
+        # A tenant that ran long ago: far behind the clock it would get a burst.
+        await connection.execute(text(
+            "INSERT INTO tenant_shares VALUES ('idle', 5, 0, 0)"))
+    for _ in range(3):
+        await repository.insert(Job(workflow="w", api_key_hash="busy"))
+    for expected_start in (0.0, 10.0, 20.0):  # one tenant: 10 s a job, weight 1
+        seen, job = await claimed(repository, 10.0)
+        assert [queued.start for queued in seen] == [expected_start] * len(seen)
+    await repository.insert(Job(workflow="w", api_key_hash="idle"))
+    await repository.insert(Job(workflow="w", api_key_hash=None))
+    seen, job = await claimed(repository, 10.0)
+    # The clock is the latest start (20); the busy tenant's next starts at 30.
+    assert {queued.tenant: queued.start for queued in seen} == {"": 20.0, "idle": 20.0}
+    assert job.api_key_hash == "idle"  # the older of the two at the clock
+    seen, job = await claimed(repository, 10.0)
+    assert {queued.tenant: queued.start for queued in seen} == {"": 20.0}
+    async with engine.connect() as connection:
+        shares = {tenant: seconds for tenant, seconds in await connection.execute(text(
+            "SELECT tenant, virtual_seconds FROM tenant_shares"))}
+    assert shares == {"busy": 30.0, "idle": 30.0, "": 30.0}
+
+
+async def test_sigkill_mid_run_leaves_every_charge_settled_once(
+    settings: Settings, engine: AsyncEngine, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    sim_port, service_port = free_ports(1), free_ports(1)
+    env = serve_env(settings, data_root, service_port, API_KEYS=f"{KEY_A},{KEY_B}",
+                    COMFYUI_ENDPOINTS=f"{LOOPBACK}:{sim_port}#gpu")
+    base = f"http://{LOOPBACK}:{service_port}"
+    api = base + settings.route_prefix
+    ids = []
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(python_process(
+            "comfyfleet", "sim", "--port", str(sim_port),
+            ready_url=f"http://{LOOPBACK}:{sim_port}/prompt"))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        for key in (KEY_A, KEY_B, KEY_A, KEY_B):
+            async with http.post(f"{api}/jobs", json=work(1.0, receiver),
+                                 headers={"Authorization": f"Bearer {key}"}) as response:
+                assert response.status == 202
+                ids.append(((await response.json())["id"], key))
+        await wait_for_job(http, api, ids[0][0], "running",
+                           headers={"Authorization": f"Bearer {KEY_A}"})
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        async with engine.connect() as connection:  # charged for what is on the backend
+            unsettled = (await connection.execute(text(
+                "SELECT sum(unsettled_seconds) FROM tenant_shares"))).scalar_one()
+        assert unsettled > 0
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        async with asyncio.timeout(60):
+            await receiver.wait_for(len(ids))
+    assert all(event["type"] == "job.succeeded" for event in receiver.verified)
+    async with engine.connect() as connection:
+        shares = (await connection.execute(text(
+            "SELECT tenant, unsettled_seconds, virtual_seconds FROM tenant_shares"))).all()
+        charged = (await connection.execute(text(
+            "SELECT count(*) FROM jobs WHERE charged_seconds IS NOT NULL"))).scalar_one()
+    assert {tenant for tenant, _, _ in shares} == {key_hash(KEY_A), key_hash(KEY_B)}
+    assert charged == len(ids)
+    for tenant, unsettled, virtual in shares:
+        assert unsettled == pytest.approx(0.0, abs=1e-9), tenant  # nothing charged twice or left
+        assert virtual >= 2 * 1.0, tenant  # two jobs of a second's run each, at weight 1

@@ -211,4 +211,6 @@ async def test_sigkill_mid_run_leaves_every_charge_settled_once(
     assert charged == len(ids)
     for tenant, unsettled, virtual in shares:
         assert unsettled == pytest.approx(0.0, abs=1e-9), tenant  # nothing charged twice or left
-        assert virtual >= 2 * 1.0, tenant  # two jobs of a second's run each, at weight 1
+        # Two jobs of about a second each, at weight 1 (one may have run while no process
+        # heard it: its estimate stands).
+        assert virtual >= 2 * 0.9, tenant

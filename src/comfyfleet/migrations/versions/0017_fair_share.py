@@ -23,16 +23,19 @@ ON_GPU = "('dispatched', 'running')"
 # its end and uploading, failed, cancelled, requeued, released) and whichever process runs it:
 # so a crash anywhere leaves every tenant's virtual time matching the jobs' rows. The seconds
 # the job ran (from its start until then) replace what the claim charged; a job that never
-# started is refunded.
+# started is refunded, and one that ran while no process heard it keeps the estimate.
 SETTLE = """
 CREATE FUNCTION settle_tenant_charge() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE tenant_shares
     SET unsettled_seconds = unsettled_seconds - OLD.charged_seconds,
         virtual_seconds = virtual_seconds + (
-        CASE WHEN NEW.started_at IS NULL THEN 0
-             ELSE greatest(extract(epoch FROM coalesce(NEW.finished_at, now())
-                                              - NEW.started_at), 0) END
+        CASE WHEN NEW.started_at IS NOT NULL
+                 THEN greatest(extract(epoch FROM coalesce(NEW.finished_at, now())
+                                                  - NEW.started_at), 0)
+             -- It ran, unseen (its events missed, settled from the backend's history).
+             WHEN NEW.status = 'uploading' THEN OLD.charged_seconds
+             ELSE 0 END
         - OLD.charged_seconds
     ) / coalesce((SELECT weight FROM api_keys WHERE key_hash = NEW.api_key_hash), 1)
     WHERE tenant = coalesce(NEW.api_key_hash, '');

@@ -204,10 +204,12 @@ class Serve:
 async def comfyfleet_serve(
     database_url: str, data_dir: Path, backends: Sequence[str], *, secret: str,
     s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
+    api_key: str | None = None,
 ) -> AsyncIterator[Serve]:
     """`comfyfleet serve` in its own process (log level WARNING, so that the benchmark's output
     stays readable), ready once every backend is connected. Storage is S3 on `s3`, else a
-    local directory; `env_overrides` are more settings (e.g. AFFINITY_WINDOW)."""
+    local directory; `env_overrides` are more settings (e.g. AFFINITY_WINDOW); `api_key`, one
+    of its API_KEYS when it has any."""
     port = free_ports(1)
     settings = Settings(_env_file=None, database_url=database_url, webhook_secret=secret)
     storage = {} if s3 is None else {
@@ -221,9 +223,10 @@ async def comfyfleet_serve(
     async with python_process("comfyfleet", "--log-level", "WARNING", "serve", env=env,
                               ready_url=base + "/healthz") as process:
         serve = Serve(process, base)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
         async with aiohttp.ClientSession() as http, asyncio.timeout(READY_SECONDS):
             while True:
-                async with http.get(f"{serve.api}/backends") as response:
+                async with http.get(f"{serve.api}/backends", headers=headers) as response:
                     healthy = sum(backend["healthy"] for backend in await response.json())
                 if healthy >= len(backends):  # discovery may add more
                     break

@@ -214,3 +214,22 @@ async def test_sigkill_mid_run_leaves_every_charge_settled_once(
         # Two jobs of about a second each, at weight 1 (one may have run while no process
         # heard it: its estimate stands).
         assert virtual >= 2 * 0.9, tenant
+
+
+async def test_a_queued_jobs_position_counts_as_fair_share_serves(engine: AsyncEngine) -> None:
+    store, fifo = KeyStore(engine), JobRepository(engine, fair_share=False)
+    repository = JobRepository(engine)
+    big = key_hash(await store.create("big", admin=False, limits=KeyLimits(weight=3)))
+    for _ in range(10):
+        await repository.insert(Job(workflow="w", api_key_hash=big))
+    small = [(await repository.insert(Job(workflow="w", api_key_hash="small")))[0]
+             for _ in range(3)]
+    # Both at the virtual clock: small's first job goes after big's oldest (a tie, the older
+    # first); its second starts 1 s (a job of the 1 s assumed) on, when big, of weight 3, has
+    # had 4 of its jobs started; its third 2 s on, after 7 of big's.
+    assert [await repository.queue_position(job) for job in small] == [2, 6, 10]
+    assert [await fifo.queue_position(job) for job in small] == [11, 12, 13]
+    async with engine.begin() as connection:  # big has had more than its share: 6 s ahead
+        await connection.execute(text("INSERT INTO tenant_shares VALUES (:big, 10, 4, 0)"),
+                                 {"big": big})
+    assert [await repository.queue_position(job) for job in small] == [1, 2, 3]

@@ -105,7 +105,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(reads.dispose)
         events = JobNotices()
         repository = JobRepository(engine, on_change=events.changed, reads=reads,
-                                   max_concurrent_per_key=settings.max_concurrent_per_key)
+                                   max_concurrent_per_key=settings.max_concurrent_per_key,
+                                   fair_share=settings.fair_share)
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)

@@ -34,7 +34,13 @@ from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
-from comfyfleet.jobs.repository import CLAIM_BATCH, Choice, JobRepository, QueuedJob
+from comfyfleet.jobs.repository import (
+    CLAIM_BATCH,
+    UNKNOWN_RUN_SECONDS,
+    Choice,
+    JobRepository,
+    QueuedJob,
+)
 from comfyfleet.logs import job_fields
 from comfyfleet.storage import Storage, StorageError
 
@@ -51,9 +57,6 @@ INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
-# What a job of a workflow never seen to run is charged to its tenant until it ends (its real
-# run time replaces the charge then).
-UNKNOWN_RUN_SECONDS = 1.0
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
@@ -187,7 +190,8 @@ class Dispatcher:
             else None
 
     def _estimate(self, session: BackendSession, workflow: str) -> float:
-        """The GPU-seconds a job of `workflow` is expected to take on `session`."""
+        """The GPU-seconds a job of `workflow` is expected to take on `session`: what its
+        tenant is charged until it ends (its real run time replaces the charge then)."""
         return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
     def _affine(self, session: BackendSession, runnable: list[QueuedJob]) -> QueuedJob:

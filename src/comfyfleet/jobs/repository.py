@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ _BACKENDS = sqlalchemy.table("backends", sqlalchemy.column("name"), sqlalchemy.c
 CLAIM_BATCH = 50
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
+# What a job of a workflow never seen to run is taken to last, in GPU-seconds.
+UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
 RUN_TIME_SAMPLE = 20
 
@@ -136,14 +139,18 @@ class JobRepository:
     def __init__(
         self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None,
         *, reads: AsyncEngine | None = None, max_concurrent_per_key: int | None = None,
+        fair_share: bool = True,
     ) -> None:
         """`on_change` hears of every job this process changes, once it is committed. The
         API's reads (a job, a page, a queue position, run times) go through `reads` when
         given: with hundreds of prompts in flight the fleet's writes queue for `engine`'s
         connections, and a status request would wait behind them. A claim skips the jobs of
         keys with as many jobs on backends as their `max_concurrent` (in the keys table), or
-        `max_concurrent_per_key` for keys without their own."""
+        `max_concurrent_per_key` for keys without their own. `fair_share`: queue positions
+        count as the dispatcher serves tenants (FAIR_SHARE)."""
         self.engine = engine
+        self._read_engine = reads or engine
+        self._fair_share = fair_share
         self._max_concurrent = max_concurrent_per_key
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
@@ -394,14 +401,25 @@ class JobRepository:
             return list((await session.exec(query)).all())
 
     async def queue_position(self, job: Job) -> int:
-        """1 for the job the next free slot takes (ignoring capability routing)."""
-        ahead = select(func.count()).select_from(Job).where(
-            col(Job.status) == JobStatus.QUEUED,
-            (col(Job.priority) > job.priority)
-            | ((col(Job.priority) == job.priority) & (col(Job.created_at) < job.created_at)),
-        )
-        async with self._reads() as session:
-            return (await session.exec(ahead)).one() + 1
+        """1 for the queued job the next free slot takes (ignoring capability routing and
+        limits). With fair share: its own key's jobs ahead of it (priority, then age), and of
+        every other key as many as start before it in virtual time, each taken to run as long
+        as this job's workflow usually does. Without: every job of higher priority, or as high
+        and older."""
+        async with driver_connection(self._read_engine) as connection:
+            rows = await connection.fetch(_CLAIM["place"], job.id)
+        if not rows or not rows[0]["own"]:
+            return 1  # no longer queued
+        if not self._fair_share or len(rows) == 1:
+            return sum(row["ahead"] for row in rows) + 1
+        own, others = rows[0], rows[1:]
+        seconds = await self.typical_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
+        # Where the job starts in virtual time, and of each other key the jobs starting no later
+        # (a tie goes to the older job: most often theirs).
+        starts = own["start"] + own["ahead"] * seconds / own["weight"]
+        return own["ahead"] + 1 + sum(
+            min(row["queued"], math.floor((starts - row["start"]) * row["weight"] / seconds) + 1)
+            for row in others if row["start"] <= starts)
 
     async def typical_run_seconds(
         self, workflow: str, backend: str | None = None, sample: int = 20

@@ -119,3 +119,28 @@ SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
 FROM chosen
 WHERE jobs.id = chosen.id
 RETURNING jobs.*
+
+-- name: place
+-- Where queued job $1 stands in fair share: a row per tenant with queued work, its own first
+-- (`own`), each with its jobs queued, those of them ahead of job $1 by priority and age, its
+-- start in virtual time and its weight.
+WITH job AS (
+    SELECT coalesce(api_key_hash, '') AS tenant, priority, created_at FROM jobs WHERE id = $1
+), clock AS (
+    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
+), backlog AS (
+    SELECT coalesce(jobs.api_key_hash, '') AS tenant, count(*) AS queued,
+           count(*) FILTER (WHERE jobs.priority > job.priority
+                            OR (jobs.priority = job.priority
+                                AND jobs.created_at < job.created_at)) AS ahead
+    FROM jobs CROSS JOIN job
+    WHERE jobs.status = 'queued'
+    GROUP BY coalesce(jobs.api_key_hash, '')
+)
+SELECT backlog.tenant = job.tenant AS own, backlog.queued, backlog.ahead,
+       greatest(tenant_shares.virtual_seconds, clock.now) AS start,
+       coalesce(api_keys.weight, 1) AS weight
+FROM backlog CROSS JOIN job CROSS JOIN clock
+LEFT JOIN tenant_shares ON tenant_shares.tenant = backlog.tenant
+LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlog.tenant, '')
+ORDER BY own DESC

@@ -411,15 +411,16 @@ class JobRepository:
         if not rows or not rows[0]["own"]:
             return 1  # no longer queued
         if not self._fair_share or len(rows) == 1:
-            return sum(row["ahead"] for row in rows) + 1
+            return sum(int(row["ahead"]) for row in rows) + 1
         own, others = rows[0], rows[1:]
         seconds = await self.typical_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
         # Where the job starts in virtual time, and of each other key the jobs starting no later
         # (a tie goes to the older job: most often theirs).
         starts = own["start"] + own["ahead"] * seconds / own["weight"]
-        return own["ahead"] + 1 + sum(
+        sooner: int = sum(
             min(row["queued"], math.floor((starts - row["start"]) * row["weight"] / seconds) + 1)
             for row in others if row["start"] <= starts)
+        return int(own["ahead"]) + 1 + sooner
 
     async def typical_run_seconds(
         self, workflow: str, backend: str | None = None, sample: int = 20

@@ -50,13 +50,26 @@ async def executions(http: aiohttp.ClientSession, sims: list[SimulatedComfyUI]
     return seconds
 
 
+async def tenant_of_weight(settings: Settings, engine: AsyncEngine, weight: int) -> str:
+    """A key of `weight` beside KEY_A (weight 1), ADMIN to add backends; one prompt at a time
+    per backend, so that the claims' order is the order they run in."""
+    settings.api_keys = [KEY_A]
+    settings.admin_api_keys = [ADMIN]
+    settings.max_inflight_per_backend = 1
+    return await KeyStore(engine).create(f"weight-{weight}", admin=False,
+                                         limits=KeyLimits(weight=weight))
+
+
+async def add_backends(client: Client, *sims: SimulatedComfyUI) -> None:
+    for sim in sims:
+        status, _, _ = await client.call("POST", "/backends", ADMIN, {"url": sim.url})
+        assert status == 201
+
+
 async def test_two_keys_flooding_the_queue_share_gpu_seconds_by_weight(
     settings: Settings, engine: AsyncEngine
 ) -> None:
-    settings.api_keys = [KEY_A]  # weight 1
-    settings.admin_api_keys = [ADMIN]
-    settings.max_inflight_per_backend = 1
-    heavy = await KeyStore(engine).create("heavy", admin=False, limits=KeyLimits(weight=3))
+    heavy = await tenant_of_weight(settings, engine, 3)
     async with SimulatedComfyUI() as one, SimulatedComfyUI() as two, \
             serving(settings) as base, aiohttp.ClientSession() as http:
         client = Client(http, base, settings.route_prefix)
@@ -66,9 +79,7 @@ async def test_two_keys_flooding_the_queue_share_gpu_seconds_by_weight(
             if n < 40:
                 await client.submit(KEY_A, **work(0.3))
             await client.submit(heavy, **work(0.1))
-        for sim in (one, two):  # the backlog is there before any backend
-            status, _, _ = await client.call("POST", "/backends", ADMIN, {"url": sim.url})
-            assert status == 201
+        await add_backends(client, one, two)  # the backlog is there before any backend
         async with asyncio.timeout(60):
             # About twelve of KEY_A's jobs' worth of GPU time on the two backends.
             while sum((ran := await executions(http, [one, two])).values()) < 5:  # noqa: ASYNC110
@@ -89,20 +100,15 @@ async def test_two_keys_flooding_the_queue_share_gpu_seconds_by_weight(
 
 
 async def test_a_small_key_behind_a_big_backlog_starts_at_once_and_is_not_starved(
-    settings: Settings, engine: AsyncEngine, receiver: WebhookReceiver
+    settings: Settings, engine: AsyncEngine
 ) -> None:
-    settings.api_keys = [KEY_A]  # the small tenant, weight 1 against the big one's 4
-    settings.admin_api_keys = [ADMIN]
-    settings.max_inflight_per_backend = 1
-    big = await KeyStore(engine).create("big", admin=False, limits=KeyLimits(weight=4))
+    big = await tenant_of_weight(settings, engine, 4)  # KEY_A, of weight 1, the small one
     async with SimulatedComfyUI() as one, SimulatedComfyUI() as two, \
             serving(settings) as base, aiohttp.ClientSession() as http:
         client = Client(http, base, settings.route_prefix)
         api, as_small = base + settings.route_prefix, {"Authorization": f"Bearer {KEY_A}"}
         backlog = [await client.submit(big, **work(0.1)) for _ in range(60)]
-        for sim in (one, two):
-            status, _, _ = await client.call("POST", "/backends", ADMIN, {"url": sim.url})
-            assert status == 201
+        await add_backends(client, one, two)
         await wait_for_job(http, api, backlog[3]["id"], "succeeded",
                            headers={"Authorization": f"Bearer {big}"})
         small = [await client.submit(KEY_A, **work(0.1)) for _ in range(3)]

@@ -133,17 +133,47 @@ async def test_a_small_key_behind_a_big_backlog_starts_at_once_and_is_not_starve
     assert after >= 10
 
 
-async def claimed(repository: JobRepository, charge: float) -> tuple[list[QueuedJob], Job]:
-    """Claim on backend "gpu" the job fair share puts first; what the claim saw, and the job."""
+async def claimed(repository: JobRepository, charge: float | dict[str, float]
+                  ) -> tuple[list[QueuedJob], Job]:
+    """Claim on backend "gpu" the job fair share puts first, each job charged `charge`
+    seconds (or that of its workflow); what the claim saw, and the job."""
     seen: list[QueuedJob] = []
+
+    def seconds(workflow: str) -> float:
+        return charge[workflow] if isinstance(charge, dict) else charge
 
     def pick(queued: list[QueuedJob]) -> Choice:
         seen.extend(queued)
-        return Choice(fair_order(queued, lambda _: charge)[0].id, charge=charge)
+        first = fair_order(queued, seconds)[0]
+        return Choice(first.id, charge=seconds(first.workflow))
 
     job = await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=100, pick=pick)
     assert job is not None
     return seen, job
+
+
+async def test_three_keys_are_charged_gpu_seconds_in_proportion_to_their_weights(
+    engine: AsyncEngine,
+) -> None:
+    repository, store = JobRepository(engine), KeyStore(engine)
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO backends (name, url) VALUES ('gpu', 'x')"))
+    # Weights 1, 2, 3; the heaviest key's jobs are the longest: shares are in seconds.
+    lengths = {"one": 1.0, "two": 0.5, "three": 2.0}
+    keys = {name: key_hash(await store.create(name, admin=False, limits=KeyLimits(weight=w)))
+            for name, w in (("one", 1), ("two", 2), ("three", 3))}
+    for _ in range(40):
+        for name, key in keys.items():
+            await repository.insert(Job(workflow=name, api_key_hash=key))
+    for _ in range(60):
+        await claimed(repository, lengths)
+    async with engine.connect() as connection:
+        charged = {tenant: seconds for tenant, seconds in await connection.execute(text(
+            "SELECT tenant, unsettled_seconds FROM tenant_shares"))}
+    total = sum(charged.values())
+    for name, weight in (("one", 1), ("two", 2), ("three", 3)):
+        # Within a job of the longest of a fair split (start-time fair queueing's bound).
+        assert abs(charged[keys[name]] - total * weight / 6) <= 2.0, charged
 
 
 async def test_a_tenant_new_or_back_from_idling_starts_at_the_virtual_clock(

@@ -107,6 +107,30 @@ async def test_fleet_shows_each_backend_and_drains_one_from_the_page(
         assert await page.evaluate("() => window.notReloaded === true")
 
 
+async def test_fleet_shows_each_backends_warm_models_as_they_change(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    async with SimulatedComfyUI() as sim:  # ComfyUI's classic cache: the last prompt's nodes
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+
+            async def run(model: str) -> None:
+                await api(http, "POST", f"{prefix}/jobs?wait=30", status=202, body={
+                    "workflow": "simulated_model", "params": {"model": model, "seconds": 0}})
+
+            await page.goto(f"{base}/dashboard#/fleet")
+            warm = page.locator('tr[data-backend="gpu"] td.warm')
+            await expect(warm).to_contain_text("no model loaded")
+            await run("model-a.safetensors")
+            await expect(warm.locator("[data-model]")).to_have_text(["model-a.safetensors"])
+            await page.evaluate("() => { window.notReloaded = true; }")
+            await run("model-b.safetensors")
+            await expect(warm.locator("[data-model]")).to_have_text(["model-b.safetensors"])
+            assert await page.evaluate("() => window.notReloaded === true")
+            await screenshot(page, tmp_path, "fleet-warm")
+
+
 async def test_running_job_progress_moves_and_reaches_done_without_reload(
     settings: Settings, page: Page, tmp_path: Path
 ) -> None:

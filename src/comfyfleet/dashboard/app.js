@@ -177,7 +177,7 @@ function fleetView() {
           h("thead", {}, h("tr", {},
             h("th", {}, "Backend"), h("th", {}, "Health"), h("th", {}, "Websocket"),
             h("th", { class: "num" }, "Queue"), h("th", { class: "num" }, "In flight"),
-            h("th", { class: "num" }, "Speed"), h("th", {}, "Cleanup"),
+            h("th", { class: "num" }, "Speed"), h("th", {}, "Warm models"), h("th", {}, "Cleanup"),
             h("th", {}, "Capabilities"), h("th", {}, "Last error"),
             state.admin ? h("th", {}, "Actions") : null)),
           h("tbody", {}, backends.map(backendRow))),
@@ -202,11 +202,24 @@ function backendRow(backend) {
     h("td", { class: "num" }, backend.queue_remaining),
     h("td", { class: "num inflight" }, backend.inflight),
     h("td", { class: "num" }, backend.speed === null || backend.speed === undefined ? "—" : `${backend.speed}×`),
+    h("td", { class: "warm" }, warmCache(backend.cache)),
     h("td", {}, backend.cleanup ? badge(`on (${backend.cleanup})`, "ok") : badge("off")),
     h("td", { class: "muted" }, caps ? capabilitySummary(caps) : "—"),
     h("td", { class: "error-text" }, backend.last_error ?? ""),
     state.admin ? h("td", {}, h("div", { class: "actions" }, backendActions(backend))) : null,
   );
+}
+
+// What the gateway believes the backend's node cache holds (GET /backends' `cache`): the model
+// files its loaders have loaded, and how many node results it keeps under which policy.
+function warmCache(cache) {
+  if (!cache) return "—";
+  const models = cache.models.map((entry) => {
+    const [loader, file] = entry.split("=", 2);
+    return h("div", { class: "model", title: loader, "data-model": file }, file);
+  });
+  return [...(models.length ? models : [h("div", { class: "muted" }, "no model loaded")]),
+    h("div", { class: "muted" }, `${cache.held_nodes} nodes cached (${cache.policy})`)];
 }
 
 function capabilitySummary(caps) {

@@ -15,8 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
+from sqlalchemy import text
 
 from comfyfleet.app import serving
+from comfyfleet.db import make_engine
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
@@ -256,6 +258,57 @@ async def test_a_tenant_key_sees_only_its_own_jobs(
             await screenshot(admin, tmp_path, "backlog")
         finally:
             await admin.close()
+
+
+LOCAL_MINUTE = """hours => { const d = new Date(Date.now() + hours * 3600e3);
+    d.setMinutes(d.getMinutes() - d.getTimezoneOffset()); return d.toISOString().slice(0, 16); }"""
+
+
+async def test_jobs_filter_by_tenant_and_creation_time(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    settings.api_keys = [KEY_A, KEY_B]
+    settings.admin_api_keys = [ADMIN]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backends
+        prefix = base + settings.route_prefix
+        jobs = [await api(http, "POST", f"{prefix}/jobs", key, status=202,
+                          body={"workflow": "invert", "params": {"width": 16}})
+                for key in (KEY_A, KEY_A, KEY_B)]
+        engine = make_engine(settings.database_url or "")
+        try:  # the first job was made two hours ago
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE jobs SET created_at = now() - interval '2 h' "
+                                        "WHERE id = :id"), {"id": jobs[0]["id"]})
+        finally:
+            await engine.dispose()
+        await login(page, base, ADMIN)
+        rows = page.locator("#jobs tbody tr")
+        await expect(rows).to_have_count(3)
+
+        await page.locator("select[name=tenant]").select_option("API_KEYS#1")  # KEY_A
+        await page.locator("form.filters button[type=submit]").click()
+        await expect(rows).to_have_count(2)
+        await expect(rows.first).to_have_attribute("data-job", jobs[1]["id"])
+        await expect(rows.last).to_have_attribute("data-job", jobs[0]["id"])
+
+        await page.locator("input[name=from]").fill(await page.evaluate(LOCAL_MINUTE, -1))
+        await page.locator("form.filters button[type=submit]").click()
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_have_attribute("data-job", jobs[1]["id"])
+        await screenshot(page, tmp_path, "jobs-filtered")
+
+        await page.locator("input[name=from]").fill("")
+        await page.locator("select[name=tenant]").select_option("")
+        await page.locator("input[name=to]").fill(await page.evaluate(LOCAL_MINUTE, -1))
+        await page.locator("form.filters button[type=submit]").click()
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_have_attribute("data-job", jobs[0]["id"])
+
+        # The API's side: only an admin filters by tenant, by a name GET /tenants gives.
+        await api(http, "GET", f"{prefix}/jobs?tenant=API_KEYS%231", KEY_A, status=403)
+        await api(http, "GET", f"{prefix}/jobs?tenant=nobody", ADMIN, status=422)
+        await api(http, "GET", f"{prefix}/jobs?created_after=0001-01-01T00:00:00%2B05:00",
+                  ADMIN, status=422)
 
 
 async def test_job_list_follows_new_jobs_and_pages_with_the_cursor(

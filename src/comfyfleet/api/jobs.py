@@ -16,7 +16,7 @@ from starlette.formparsers import MultiPartException
 from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.intake import REUSE_DESCRIPTION, JobRequest, WorkflowJobRequest, accept
-from comfyfleet.api.security import Caller, CallerDep, visible_job
+from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.models import JobStatus
@@ -140,23 +140,60 @@ async def _submit(
     return await svc.render(job)
 
 
+TimeQuery = Annotated[datetime | None, Query(description=(
+    "ISO 8601; without an offset it is UTC"))]
+
+
 @router.get("/jobs", summary="A page of jobs, newest first")
 async def list_jobs(
+    request: Request,
     svc: ServicesDep,
     caller: CallerDep,
     status: JobStatus | None = None,
     workflow: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
+    tenant: Annotated[str | None, Query(description=(
+        "Only the jobs of the key GET /tenants names so (admin keys only)"))] = None,
+    created_after: TimeQuery = None,
+    created_before: TimeQuery = None,
 ) -> dict[str, Any]:
     after = decode_cursor(cursor) if cursor else None
+    owner = caller.owner_filter
+    if tenant is not None:
+        owner = await _tenant_digest(request, caller, tenant)
+    created = (_utc("created_after", created_after), _utc("created_before", created_before))
     jobs = await svc.repository.page(limit=limit, status=status, workflow=workflow,
-                                     after=after, api_key_hash=caller.owner_filter)
+                                     after=after, api_key_hash=owner, created=created)
     last = jobs[-1] if len(jobs) == limit else None
     return {
         "jobs": [await svc.render(job) for job in jobs],
         "next_cursor": encode_cursor(last.created_at, last.id) if last else None,
     }
+
+
+async def _tenant_digest(request: Request, caller: Caller, name: str) -> str:
+    if not caller.sees_all:
+        raise ApiError(403, "admin_only", "filtering by tenant needs an admin API key",
+                       field="tenant")
+    guard = request.app.state.guard
+    assert isinstance(guard, Guard)
+    digest = await guard.digest_of(name)
+    if digest is None:
+        raise ApiError(422, "unknown_tenant", f"no API key is named {name!r} (GET /tenants)",
+                       field="tenant")
+    return digest
+
+
+def _utc(field: str, moment: datetime | None) -> datetime | None:
+    """`moment` in UTC (UTC if it has no offset); 422 for a time UTC cannot express."""
+    if moment is None:
+        return None
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(422, "invalid_time", f"{field} has no UTC equivalent",
+                       field=field) from exc
 
 
 def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:

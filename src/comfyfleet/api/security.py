@@ -103,6 +103,17 @@ class Guard:
                       limits=live.limits.or_defaults(self.defaults),
                       callback_url=live.callback_url)
 
+    async def digest_of(self, name: str) -> str | None:
+        """The digest of the key GET /tenants names `name` (configured, or in the database,
+        revoked or not); None when no key has that name."""
+        for digest, known in self.names.items():
+            if known == name:
+                return digest
+        for key in await self.store.all() if self.store is not None else ():
+            if key.name == name:
+                return key.key_hash
+        return None
+
     def admin(self, digest: str) -> bool:
         """Whether the configured key with this digest is an admin key."""
         return self._keys[digest]

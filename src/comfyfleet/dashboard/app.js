@@ -245,14 +245,19 @@ function backendActions(backend) {
 
 // --- Jobs -------------------------------------------------------------------------------------
 
+// The jobs page's filters, as the page's address carries them. `from` and `to` are the
+// browser's local times (what a datetime-local input holds); the API gets them in UTC.
+const JOB_FILTERS = ["status", "workflow", "tenant", "from", "to"];
+
 function jobsView(query) {
-  const filters = { status: query.get("status") || "", workflow: query.get("workflow") || "" };
+  const filters = Object.fromEntries(JOB_FILTERS.map((name) => [name, query.get(name) || ""]));
   let cursors = [null]; // the cursor of each page seen, to go back
   let shown = null;
   async function load() {
     const params = new URLSearchParams({ limit: PAGE_SIZE });
-    if (filters.status) params.set("status", filters.status);
-    if (filters.workflow) params.set("workflow", filters.workflow);
+    for (const name of ["status", "workflow", "tenant"]) if (filters[name]) params.set(name, filters[name]);
+    if (filters.from) params.set("created_after", new Date(filters.from).toISOString());
+    if (filters.to) params.set("created_before", new Date(filters.to).toISOString());
     const cursor = cursors[cursors.length - 1];
     if (cursor) params.set("cursor", cursor);
     shown = await api("GET", `/jobs?${params}`);
@@ -274,12 +279,15 @@ function jobsView(query) {
           h("option", { value: "" }, "any"),
           STATES.map((s) => h("option", { value: s, selected: s === filters.status }, s)))),
         h("label", {}, "Workflow ", h("input", { name: "workflow", value: filters.workflow, placeholder: "any" })),
+        state.admin ? h("label", {}, "Tenant ", tenantChoice(filters.tenant)) : null,
+        h("label", {}, "Created from ", h("input", { name: "from", type: "datetime-local", value: filters.from })),
+        h("label", {}, "to ", h("input", { name: "to", type: "datetime-local", value: filters.to })),
         h("button", { type: "submit" }, "Filter"));
       form.addEventListener("submit", (event) => {
         event.preventDefault();
         const data = new FormData(form);
         const params = new URLSearchParams();
-        for (const name of ["status", "workflow"]) if (data.get(name)) params.set(name, data.get(name));
+        for (const name of JOB_FILTERS) if (data.get(name)) params.set(name, data.get(name));
         location.hash = `#/jobs${params.size ? `?${params}` : ""}`;
       });
       main().replaceChildren(
@@ -298,6 +306,19 @@ function jobsView(query) {
     },
   };
   return view;
+}
+
+// A choice of every tenant GET /tenants names (admin keys only); filled once it answers.
+function tenantChoice(chosen) {
+  const select = h("select", { name: "tenant" }, h("option", { value: "" }, "any"),
+    chosen ? h("option", { value: chosen, selected: true }, chosen) : null);
+  api("GET", "/tenants").then(({ tenants }) => {
+    // Jobs of no key, or of a key no longer known, cannot be asked for by name.
+    const names = tenants.map((t) => t.name)
+      .filter((name) => name !== chosen && name !== "(no key)" && !name.startsWith("unknown key "));
+    select.append(...names.map((name) => h("option", { value: name }, name)));
+  }).catch(() => {});
+  return select;
 }
 
 function jobRow(job) {

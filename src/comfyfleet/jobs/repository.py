@@ -379,10 +379,12 @@ class JobRepository:
         after: tuple[datetime, uuid.UUID] | None = None,
         api_key_hash: str | None = None,
         labels: dict[str, str] | None = None,
+        created: tuple[datetime | None, datetime | None] = (None, None),
     ) -> list[Job]:
         """Newest first; `after` is the (created_at, id) of the last job of the page before.
         With `api_key_hash`, only the jobs that key submitted; with `labels`, only those
-        having all of these labels. NotStorable for a `workflow` or `labels` no job can have."""
+        having all of these labels; `created`: only those created from its first time on and
+        before its second. NotStorable for a `workflow` or `labels` no job can have."""
         check_storable({"workflow": workflow, "labels": labels})
         query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
         if api_key_hash is not None:
@@ -397,6 +399,11 @@ class JobRepository:
             query = query.where(col(Job.workflow) == workflow)
         if after is not None:
             query = query.where(tuple_(col(Job.created_at), col(Job.id)) < tuple_(*after))
+        since, until = created
+        if since is not None:
+            query = query.where(col(Job.created_at) >= since)
+        if until is not None:
+            query = query.where(col(Job.created_at) < until)
         async with self._reads() as session:
             return list((await session.exec(query)).all())
 

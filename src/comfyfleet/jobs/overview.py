@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_
+from sqlalchemy import func, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
@@ -14,6 +14,18 @@ from comfyfleet.db import single_statements
 from comfyfleet.jobs.deliveries import Delivery, DeliveryStatus
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import UNFINISHED_STATES
+
+# Dead or failed for good, or pending after a failed attempt. Literal values, not bound ones:
+# so the planner knows that the partial index webhook_deliveries_troubled covers them.
+TROUBLED = text(
+    f"webhook_deliveries.status IN ('{DeliveryStatus.DEAD}', '{DeliveryStatus.FAILED}') OR "
+    f"(webhook_deliveries.status = '{DeliveryStatus.PENDING}' AND webhook_deliveries.attempts > 0)")
+
+
+# Literal too: with bound values the generic plan guesses that most jobs match, and reads them
+# all; with these, it counts the unfinished jobs from the partial indexes that hold only them.
+UNFINISHED = text("jobs.status IN ({})".format(
+    ", ".join(f"'{state}'" for state in sorted(UNFINISHED_STATES))))
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class Overview:
         jobs of that key."""
         query = (
             select(col(Job.workflow), col(Job.status), func.count(), func.min(Job.created_at))
-            .where(col(Job.status).in_([str(state) for state in UNFINISHED_STATES]))
+            .where(UNFINISHED)
             .group_by(col(Job.workflow), col(Job.status))
         )
         if api_key_hash is not None:
@@ -58,10 +70,7 @@ class Overview:
         newest first. With `api_key_hash`, only those of that key's jobs."""
         query = (
             select(Delivery)
-            .where(or_(
-                col(Delivery.status).in_([DeliveryStatus.DEAD, DeliveryStatus.FAILED]),
-                (col(Delivery.status) == DeliveryStatus.PENDING) & (col(Delivery.attempts) > 0),
-            ))
+            .where(TROUBLED)
             .order_by(col(Delivery.created_at).desc())
             .limit(limit)
         )

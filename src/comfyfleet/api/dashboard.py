@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -78,21 +78,52 @@ async def troubled_deliveries(
 
 @router.get("/dashboard/events", summary="The dashboard's live stream",
             response_class=EventSourceResponse)
-async def dashboard_events(svc: ServicesDep, _: CallerDep) -> EventSourceResponse:
+async def dashboard_events(
+    request: Request, svc: ServicesDep, _: CallerDep,
+) -> EventSourceResponse:
     """`fleet` events carry every backend as GET /backends shows it, whenever that changes;
     `jobs` events say that jobs changed, so that the page re-reads what it lists."""
-    return EventSourceResponse(_stream(svc), ping=PING_SECONDS)
+    return EventSourceResponse(_stream(svc, _snapshot(request, svc)), ping=PING_SECONDS)
 
 
-async def _stream(svc: Services) -> AsyncIterator[ServerSentEvent]:
+class FleetSnapshot:
+    """The fleet as GET /backends shows it, in JSON, described once for every open dashboard
+    until the fleet or a job changes (a job's end changes what its backend holds)."""
+
+    def __init__(self, svc: Services) -> None:
+        self._svc = svc
+        self._as_of: tuple[asyncio.Event, asyncio.Event] | None = None
+        self._text = ""
+
+    def text(self, *, fresh: bool = False) -> str:
+        """`fresh`: described now whatever the last description was (the times it shows, such
+        as how long a backend has been unreachable, count from when it was made)."""
+        as_of = (self._svc.fleet.changes.next(), self._svc.events.any_job.next())
+        if fresh or self._as_of is None or any(
+                a is not b for a, b in zip(as_of, self._as_of, strict=True)):
+            fleet = self._svc.fleet
+            self._text = json.dumps([fleet.describe(session) for session in fleet.sessions])
+            self._as_of = as_of
+        return self._text
+
+
+def _snapshot(request: Request, svc: Services) -> FleetSnapshot:
+    """The app's one snapshot, made by the first dashboard to open."""
+    found = getattr(request.app.state, "fleet_snapshot", None)
+    if not isinstance(found, FleetSnapshot):
+        found = request.app.state.fleet_snapshot = FleetSnapshot(svc)
+    return found
+
+
+async def _stream(svc: Services, snapshot: FleetSnapshot) -> AsyncIterator[ServerSentEvent]:
     jobs_changed = svc.events.any_job.next()
-    shown: list[dict[str, Any]] | None = None
+    shown: str | None = None
     while True:
         fleet_changed = svc.fleet.changes.next()
-        fleet = [svc.fleet.describe(session) for session in svc.fleet.sessions]
+        fleet = snapshot.text(fresh=shown is None)
         if fleet != shown:
             shown = fleet
-            yield ServerSentEvent(json.dumps(fleet), event="fleet")
+            yield ServerSentEvent(fleet, event="fleet")
         if jobs_changed.is_set():
             jobs_changed = svc.events.any_job.next()
             yield ServerSentEvent("{}", event="jobs")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -243,6 +244,7 @@ async def test_a_tenant_key_sees_only_its_own_jobs(
         await expect(page.locator("#main")).to_contain_text("no job")
         await page.goto(f"{base}/dashboard#/backlog")
         await expect(page.locator("#backlog-queued .value")).to_have_text("1")
+        await expect(page.locator("#backlog-tenants")).to_have_count(0)  # admins only
         await page.goto(f"{base}/dashboard#/fleet")
         await expect(page.locator("#fleet th", has_text="Actions")).to_have_count(0)
 
@@ -253,11 +255,47 @@ async def test_a_tenant_key_sees_only_its_own_jobs(
             await expect(admin.locator("#jobs tbody tr")).to_have_count(2)
             await admin.goto(f"{base}/dashboard#/backlog")
             await expect(admin.locator("#backlog-queued .value")).to_have_text("2")
-            await expect(admin.locator('tr[data-workflow="invert"] [data-count="queued"]')
+            await expect(admin.locator('#backlog tr[data-key="invert"] [data-count="queued"]')
                          ).to_have_text("2")
+            for name in ("API_KEYS#1", "API_KEYS#2"):  # by tenant: one queued job each
+                await expect(admin.locator(
+                    f'#backlog-tenants tr[data-key="{name}"] [data-count="queued"]')
+                ).to_have_text("1")
             await screenshot(admin, tmp_path, "backlog")
         finally:
             await admin.close()
+
+
+async def test_backlog_shows_the_last_hour_the_backends_busy_share_and_an_eta(
+    settings: Settings, page: Page, tmp_path: Path
+) -> None:
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            body = {"workflow": "simulated_work", "params": {"seconds": 0.3, "steps": 1}}
+            for _ in range(2):
+                job = await api(http, "POST", f"{prefix}/jobs?wait=30", status=202, body=body)
+                assert job["status"] == "succeeded", job
+            await api(http, "PATCH", f"{prefix}/backends/gpu", body={"drain": True})
+            for _ in range(3):
+                await api(http, "POST", f"{prefix}/jobs", status=202, body=body)
+
+            await page.goto(f"{base}/dashboard#/backlog")
+            await expect(page.locator("#backlog-queued .value")).to_have_text("3")
+            # 2 jobs done in the last minutes: 3 more take about as long again, and a half.
+            await expect(page.locator("#backlog-eta .value")).to_have_text(re.compile(r"\d"))
+            chart = page.locator("#activity polyline")
+            await expect(chart.and_(page.locator('[data-series="submitted"]'))
+                         ).to_have_attribute("data-total", "5")
+            await expect(chart.and_(page.locator('[data-series="succeeded"]'))
+                         ).to_have_attribute("data-total", "2")
+            await expect(chart.and_(page.locator('[data-series="failed"]'))
+                         ).to_have_attribute("data-total", "0")
+            busy = page.locator('#utilisation tr[data-backend="gpu"] td.busy')
+            share = float(await busy.get_attribute("data-busy") or 0)
+            assert 0 < share <= 1
+            await screenshot(page, tmp_path, "backlog-activity")
 
 
 LOCAL_MINUTE = """hours => { const d = new Date(Date.now() + hours * 3600e3);

@@ -22,8 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet.api.deliveries import delivery_json
-from comfyfleet.api.security import CallerDep
-from comfyfleet.jobs.overview import Overview
+from comfyfleet.api.security import CallerDep, Guard
+from comfyfleet.api.tenants import unnamed
+from comfyfleet.jobs.overview import ACTIVITY_WINDOW, Overview
 from comfyfleet.services import Services, ServicesDep
 
 STATIC = Path(__file__).resolve().parent.parent / "dashboard"
@@ -51,11 +52,15 @@ async def whoami(caller: CallerDep) -> dict[str, Any]:
     return {"admin": caller.sees_all, "keys": caller.key_hash is not None}
 
 
-@router.get("/dashboard/backlog", summary="The unfinished jobs by workflow")
-async def backlog(caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
+@router.get("/dashboard/backlog", summary="The unfinished jobs by workflow and by tenant")
+async def backlog(request: Request, caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
+    """`tenants` (admin keys only): each key's unfinished jobs, named as GET /tenants names
+    them."""
     entries = await overview.backlog(caller.owner_filter)
     queued = [entry.oldest_queued_at for entry in entries if entry.oldest_queued_at]
+    tenants = await _backlog_by_tenant(request, overview) if caller.sees_all else []
     return {
+        "tenants": tenants,
         "queued": sum(entry.counts.get("queued", 0) for entry in entries),
         "oldest_queued_at": min(queued).isoformat() if queued else None,
         "workflows": [
@@ -64,6 +69,30 @@ async def backlog(caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
              if entry.oldest_queued_at else None}
             for entry in entries
         ],
+    }
+
+
+async def _backlog_by_tenant(request: Request, overview: Overview) -> list[dict[str, Any]]:
+    guard = request.app.state.guard
+    assert isinstance(guard, Guard)
+    names = await guard.all_names()
+    found = [{"tenant": names.get(digest, unnamed(digest)) if digest else unnamed(None),
+              "counts": counts}
+             for digest, counts in (await overview.backlog_by_key()).items()]
+    return sorted(found, key=lambda entry: (-entry["counts"].get("queued", 0), entry["tenant"]))
+
+
+@router.get("/dashboard/activity",
+            summary="Jobs submitted and finished per minute, backends' busy share: last hour")
+async def activity(caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
+    """A tenant key sees its own jobs' minutes, and no backend's share."""
+    found = await overview.activity(caller.owner_filter)
+    return {
+        "window_seconds": int(ACTIVITY_WINDOW.total_seconds()),
+        "minutes": [{**minute, "minute": minute["minute"].isoformat()}
+                    for minute in found.minutes],
+        "utilisation": [{"backend": backend, "busy": share}
+                        for backend, share in sorted(found.utilisation.items())],
     }
 
 

@@ -103,15 +103,19 @@ class Guard:
                       limits=live.limits.or_defaults(self.defaults),
                       callback_url=live.callback_url)
 
+    async def all_names(self) -> dict[str, str]:
+        """digest -> name of every key, configured or in the database (revoked or not), as
+        GET /tenants names them."""
+        found = dict(self.names)
+        for key in await self.store.all() if self.store is not None else ():
+            found.setdefault(key.key_hash, key.name)
+        return found
+
     async def digest_of(self, name: str) -> str | None:
-        """The digest of the key GET /tenants names `name` (configured, or in the database,
-        revoked or not); None when no key has that name."""
-        for digest, known in self.names.items():
+        """The digest of the key named `name`; None when no key has that name."""
+        for digest, known in (await self.all_names()).items():
             if known == name:
                 return digest
-        for key in await self.store.all() if self.store is not None else ():
-            if key.name == name:
-                return key.key_hash
         return None
 
     def admin(self, digest: str) -> bool:

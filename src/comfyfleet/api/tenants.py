@@ -35,6 +35,11 @@ class TenantState:
     gpu_share: float  # of every key's gpu_seconds in the window (0 when none ran)
 
 
+def unnamed(digest: str | None) -> str:
+    """The name of a key no longer configured (None: jobs submitted while keys were off)."""
+    return WITHOUT_KEY if digest is None else f"unknown key {digest[:12]}"
+
+
 async def tenant_states(guard: Guard, repository: JobRepository) -> list[TenantState]:
     """Every key there is (configured, or live in the database) and every key with jobs now or
     in the last WINDOW (a revoked one, the jobs of no key), by name."""
@@ -57,7 +62,7 @@ async def tenant_states(guard: Guard, repository: JobRepository) -> list[TenantS
             add(key.key_hash, key.name, key.admin, key.revoked_at is not None,
                 key.limits.or_defaults(guard.defaults))
     for other in activity.keys() - states.keys():  # a key no longer configured, or none
-        add(other, WITHOUT_KEY if other is None else f"unknown key {other[:12]}",
+        add(other, unnamed(other),
             False, other is not None, guard.defaults)
     if not states:  # keys are off and nothing ran: the one tenant there is
         add(None, WITHOUT_KEY, False, False, guard.defaults)

@@ -471,26 +471,106 @@ function deliveriesTable(deliveries, afterRedeliver, withJob) {
 
 // --- Backlog and webhooks ---------------------------------------------------------------------
 
+// The chart counts whole minutes: it is re-read at most this often, the backlog at every change.
+const ACTIVITY_EVERY_MS = 30000;
+// The ETA assumes the backlog drains as fast as jobs finished over the last minutes.
+const DRAIN_MINUTES = 10;
+const SERIES = [["submitted", "#2f5bd3"], ["succeeded", "#1a7f37"], ["failed", "#cf222e"]];
+
 function backlogView() {
+  let activity = null;
+  let activityAt = 0;
   async function load() {
-    const backlog = await api("GET", "/dashboard/backlog");
-    if (!shownNow(view)) return;
+    const stale = Date.now() - activityAt > ACTIVITY_EVERY_MS;
+    const [backlog, fresh] = await Promise.all([
+      api("GET", "/dashboard/backlog"), stale ? api("GET", "/dashboard/activity") : null]);
+    if (fresh) {
+      activity = fresh;
+      activityAt = Date.now();
+    }
+    if (shownNow(view)) draw(backlog);
+  }
+  function draw(backlog) {
     const columns = ["queued", "dispatched", "running", "uploading"];
-    main().replaceChildren(
+    const eta = drainSeconds(backlog.queued, activity);
+    main().replaceChildren(...[
       h("h2", {}, "Backlog"),
       h("div", { class: "cards" },
         h("div", { class: "card", id: "backlog-queued" }, h("div", { class: "value" }, backlog.queued), h("div", { class: "label" }, "queued")),
-        h("div", { class: "card", id: "backlog-oldest" }, h("div", { class: "value" }, duration(since(backlog.oldest_queued_at))), h("div", { class: "label" }, "oldest wait"))),
-      h("table", { id: "backlog" },
-        h("thead", {}, h("tr", {}, h("th", {}, "Workflow"), columns.map((c) => h("th", { class: "num" }, c)), h("th", {}, "Oldest wait"))),
-        h("tbody", {}, backlog.workflows.map((w) => h("tr", { "data-workflow": w.workflow },
-          h("td", {}, h("a", { href: `#/jobs?workflow=${encodeURIComponent(w.workflow)}&status=queued` }, w.workflow)),
-          columns.map((c) => h("td", { class: "num", "data-count": c }, w.counts[c] ?? 0)),
-          h("td", {}, duration(since(w.oldest_queued_at))))))),
-      backlog.workflows.length ? "" : h("p", { class: "muted" }, "Nothing waiting."));
+        h("div", { class: "card", id: "backlog-oldest" }, h("div", { class: "value" }, duration(since(backlog.oldest_queued_at))), h("div", { class: "label" }, "oldest wait")),
+        h("div", { class: "card", id: "backlog-eta" }, h("div", { class: "value" }, backlog.queued === 0 ? "—" : eta === null ? "unknown" : duration(eta)),
+          h("div", { class: "label" }, `to drain, at the last ${DRAIN_MINUTES} minutes' pace`))),
+      h("h3", {}, "By workflow"),
+      countsTable("backlog", "Workflow", columns, backlog.workflows.map((w) => [w.workflow, w.counts,
+        h("a", { href: `#/jobs?workflow=${encodeURIComponent(w.workflow)}&status=queued` }, w.workflow),
+        duration(since(w.oldest_queued_at))]), "Oldest wait"),
+      backlog.workflows.length ? "" : h("p", { class: "muted" }, "Nothing waiting."),
+      backlog.tenants.length ? [h("h3", {}, "By tenant"),
+        countsTable("backlog-tenants", "Tenant", columns, backlog.tenants.map((t) => [t.tenant, t.counts,
+          h("a", { href: `#/jobs?tenant=${encodeURIComponent(t.tenant)}&status=queued` }, t.tenant)]))] : "",
+      activity ? activityChart(activity) : "",
+      activity?.utilisation.length ? utilisationTable(activity.utilisation) : ""].flat());
   }
   const view = { name: "backlog", render: load, onJobs: load };
   return view;
+}
+
+// rows: [key, counts, first cell, extra cell?]
+function countsTable(id, label, columns, rows, extra) {
+  return h("table", { id },
+    h("thead", {}, h("tr", {}, h("th", {}, label), columns.map((c) => h("th", { class: "num" }, c)),
+      extra ? h("th", {}, extra) : null)),
+    h("tbody", {}, rows.map(([key, counts, first, last]) => h("tr", { "data-key": key },
+      h("td", {}, first), columns.map((c) => h("td", { class: "num", "data-count": c }, counts[c] ?? 0)),
+      extra ? h("td", {}, last) : null))));
+}
+
+function drainSeconds(queued, activity) {
+  if (!activity) return null;
+  const recent = activity.minutes.slice(-DRAIN_MINUTES);
+  const done = recent.reduce((sum, m) => sum + m.succeeded + m.failed, 0);
+  const elapsed = (Date.now() - new Date(recent[0].minute).getTime()) / 1000;
+  return done && elapsed > 0 ? queued / (done / elapsed) : null;
+}
+
+// Jobs per minute over the last hour, one line a series, as plain SVG.
+function activityChart(activity) {
+  const width = 720, height = 160, pad = 24;
+  const minutes = activity.minutes;
+  const top = Math.max(1, ...minutes.flatMap((m) => SERIES.map(([name]) => m[name])));
+  const x = (i) => pad + (i * (width - 2 * pad)) / Math.max(1, minutes.length - 1);
+  const y = (v) => height - pad - (v * (height - 2 * pad)) / top;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("class", "chart");
+  const line = (attrs) => {
+    const element = document.createElementNS("http://www.w3.org/2000/svg", attrs.tag);
+    for (const [name, value] of Object.entries(attrs)) if (name !== "tag") element.setAttribute(name, value);
+    svg.append(element);
+    return element;
+  };
+  line({ tag: "line", x1: pad, y1: height - pad, x2: width - pad, y2: height - pad, stroke: "#b7bfcc" });
+  line({ tag: "text", x: 2, y: pad - 8, fill: "#6a7282", "font-size": 11 }).textContent = `${top} / min`;
+  line({ tag: "text", x: pad, y: height - 6, fill: "#6a7282", "font-size": 11 }).textContent = "an hour ago";
+  line({ tag: "text", x: width - pad - 24, y: height - 6, fill: "#6a7282", "font-size": 11 }).textContent = "now";
+  for (const [name, color] of SERIES) {
+    line({ tag: "polyline", fill: "none", stroke: color, "stroke-width": 2, "data-series": name,
+      "data-total": minutes.reduce((sum, m) => sum + m[name], 0),
+      points: minutes.map((m, i) => `${x(i).toFixed(1)},${y(m[name]).toFixed(1)}`).join(" ") });
+  }
+  return h("div", { id: "activity" }, h("h3", {}, "Jobs per minute, last hour"),
+    h("div", { class: "legend" }, SERIES.map(([name]) => h("span", { class: `series-${name}` }, `— ${name} `))),
+    svg);
+}
+
+function utilisationTable(utilisation) {
+  return [h("h3", {}, "Backend utilisation, last hour"),
+    h("table", { id: "utilisation" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Backend"), h("th", {}, "Executing jobs"))),
+      h("tbody", {}, utilisation.map((u) => h("tr", { "data-backend": u.backend },
+        h("td", {}, u.backend),
+        h("td", { class: "busy", "data-busy": u.busy },
+          h("progress", { max: 1, value: u.busy }), ` ${(u.busy * 100).toFixed(1)} %`)))))];
 }
 
 function webhooksView() {

@@ -345,6 +345,16 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, children and theirs."""
+    children = _children()
+    found, waiting = [], list(children.get(pid, []))
+    while waiting:
+        found.append(waiting.pop())
+        waiting += children.get(found[-1], [])
+    return found
+
+
 def _cpu_ticks(pid: int, *, reaped_children: bool) -> int:
     """User + system time of `pid`, with `reaped_children` also its children's that ended."""
     try:

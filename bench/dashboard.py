@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from playwright.async_api import BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -238,7 +238,7 @@ async def endpoints(serve: Serve, engine: AsyncEngine, tenant: str) -> dict[str,
 # What each page asks for when it opens, in order, after its HTML and /dashboard/me.
 PAGES = {
     "fleet": ["first fleet event of /dashboard/events"],
-    "jobs": ["GET /jobs?limit=50", "GET /tenants"],
+    "jobs": ["GET /jobs?limit=50"],
     "jobs, tenant key": ["GET /jobs?limit=50, tenant key"],
     "job": ["GET /jobs/{id}", "GET /jobs/{id}/deliveries"],
     "backlog": ["GET /dashboard/backlog", "GET /dashboard/activity"],
@@ -282,35 +282,41 @@ async def server_times(
 # --- 2. the browser's load of the fleet page ------------------------------------------------------
 
 @asynccontextmanager
-async def chromium() -> AsyncIterator[BrowserContext]:
+async def chromium() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        context = await browser.new_context(viewport={"width": 1280, "height": 800})
-        # Logged in as the admin: the key sits in the tab's storage before the page runs.
-        await context.add_init_script(
-            f"sessionStorage.setItem('comfyfleet.key', {json.dumps(ADMIN)})")
         try:
-            yield context
+            yield browser
         finally:
             await browser.close()
 
 
+async def admin_tab(browser: Browser) -> Page:
+    """A tab logged in as the admin (the key in its storage before the page runs), in a
+    browser context of its own: Chromium opens at most six connections to one host per
+    context, and every open dashboard holds one for its live stream."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    await context.add_init_script(
+        f"sessionStorage.setItem('comfyfleet.key', {json.dumps(ADMIN)})")
+    return await context.new_page()
+
+
 async def fleet_page_loads(
-    context: BrowserContext, serve: Serve, backends: int, count: int,
+    browser: Browser, serve: Serve, backends: int, count: int,
 ) -> list[float]:
     """Seconds from navigation to a row for every backend, each in a new tab."""
     rows = f"() => document.querySelectorAll('#fleet tbody tr').length === {backends}"
     seconds = []
     for _ in range(count):
-        page = await context.new_page()
+        page = await admin_tab(browser)
         try:
             started = time.perf_counter()
             await page.goto(f"{serve.base}/dashboard#/fleet")
             await page.wait_for_function(rows, timeout=30_000)
             seconds.append(time.perf_counter() - started)
         finally:
-            await page.close()
+            await page.context.close()
     return seconds
 
 
@@ -324,7 +330,7 @@ REREADS = {"/jobs?": "GET /jobs?limit=50", "/dashboard/backlog": "GET /dashboard
 
 
 async def open_pages(
-    context: BrowserContext, serve: Serve, count: int, reads: dict[str, int],
+    browser: Browser, serve: Serve, count: int, reads: dict[str, int],
 ) -> list[Page]:
     """`count` tabs, each on one of the pages in turn, following the live stream; each read
     they make is counted in `reads` by its endpoint."""
@@ -336,7 +342,7 @@ async def open_pages(
 
     pages = []
     for index in range(count):
-        page = await context.new_page()
+        page = await admin_tab(browser)
         page.on("request", note)
         pages.append(page)
         await page.goto(f"{serve.base}/dashboard#/{VIEWS[index % len(VIEWS)]}",
@@ -403,7 +409,7 @@ async def submit_load(serve: Serve, tenant: str, rate: float, stop: asyncio.Even
 
 
 async def stream_cost(
-    context: BrowserContext, serve: Serve, engine: AsyncEngine, meter: CpuMeter,
+    browser: Browser, serve: Serve, engine: AsyncEngine, meter: CpuMeter,
     args: argparse.Namespace, tenant: str,
 ) -> dict[str, Any]:
     """Rounds of a window without dashboards and one with `args.pages` open, under load."""
@@ -421,13 +427,13 @@ async def stream_cost(
         for _ in range(args.rounds):
             without, done_without = await cpu_window(meter, engine, args.window)
             reads: dict[str, int] = {}
-            pages = await open_pages(context, serve, args.pages, reads)
+            pages = await open_pages(browser, serve, args.pages, reads)
             await asyncio.sleep(SETTLE_SECONDS)
             reads.clear()
             with_pages, done_with = await cpu_window(meter, engine, args.window)
             reread = dict(reads)
             for page in pages:
-                await page.close()
+                await page.context.close()
             await asyncio.sleep(SETTLE_SECONDS)
             rounds.append({"without": without, "with": with_pages, "reads": reread,
                            "jobs_per_second": [round(done_without / args.window, 1),
@@ -500,12 +506,12 @@ async def main(args: argparse.Namespace) -> None:
             reads = await endpoints(serve, engine, tenants[0])
             result: dict[str, Any] = await server_times(http, reads, args.requests, serve)
             report_server(result, args)
-            context = await stack.enter_async_context(chromium())
+            browser = await stack.enter_async_context(chromium())
             result["fleet_page_in_the_browser"] = latency_ms(
-                await fleet_page_loads(context, serve, args.backends, args.loads))
+                await fleet_page_loads(browser, serve, args.backends, args.loads))
             report_browser(result["fleet_page_in_the_browser"], args)
             meter = CpuMeter([*standard_components(serve, sims, pg), chromium_processes()])
-            result["stream"] = await stream_cost(context, serve, engine, meter, args, tenants[1])
+            result["stream"] = await stream_cost(browser, serve, engine, meter, args, tenants[1])
             result["stream"].update(reread_cost(result, args))
             report_stream(result["stream"], args)
     print(json.dumps(result))

@@ -50,9 +50,19 @@ OverviewDep = Annotated[Overview, Depends(_overview)]
 
 
 @router.get("/dashboard/me", summary="Who the dashboard's key is")
-async def whoami(caller: CallerDep) -> dict[str, Any]:
-    """`admin`: sees every job and may change the fleet; `keys`: the API needs a key."""
-    return {"admin": caller.sees_all, "keys": caller.key_hash is not None}
+async def whoami(request: Request, caller: CallerDep) -> dict[str, Any]:
+    """`admin`: sees every job and may change the fleet; `keys`: the API needs a key;
+    `tenants` (admin keys): the name of every key, to choose whose jobs to list."""
+    tenants: list[str] = []
+    if caller.sees_all and caller.key_hash is not None:
+        tenants = sorted((await _guard(request).all_names()).values())
+    return {"admin": caller.sees_all, "keys": caller.key_hash is not None, "tenants": tenants}
+
+
+def _guard(request: Request) -> Guard:
+    guard = request.app.state.guard
+    assert isinstance(guard, Guard)
+    return guard
 
 
 @router.get("/dashboard/backlog", summary="The unfinished jobs by workflow and by tenant")
@@ -76,9 +86,7 @@ async def backlog(request: Request, caller: CallerDep, overview: OverviewDep) ->
 
 
 async def _backlog_by_tenant(request: Request, overview: Overview) -> list[dict[str, Any]]:
-    guard = request.app.state.guard
-    assert isinstance(guard, Guard)
-    names = await guard.all_names()
+    names = await _guard(request).all_names()
     found = [{"tenant": names.get(digest, unnamed(digest)) if digest else unnamed(None),
               "counts": counts}
              for digest, counts in (await overview.backlog_by_key()).items()]

@@ -12,6 +12,7 @@ const PAGE_SIZE = 50;
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE),
   admin: false,
+  tenants: [], // every key's name (admin keys only), for the jobs page's filter
   fleet: null, // the latest `fleet` event: every backend as GET /backends shows it
   fleetAt: 0, // when it arrived (unreachable_seconds count from then)
   view: null, // the page shown: {name, render(), onJobs?(), close?()}
@@ -308,17 +309,10 @@ function jobsView(query) {
   return view;
 }
 
-// A choice of every tenant GET /tenants names (admin keys only); filled once it answers.
+// A choice of every key's name, as /dashboard/me gave them (admin keys only).
 function tenantChoice(chosen) {
-  const select = h("select", { name: "tenant" }, h("option", { value: "" }, "any"),
-    chosen ? h("option", { value: chosen, selected: true }, chosen) : null);
-  api("GET", "/tenants").then(({ tenants }) => {
-    // Jobs of no key, or of a key no longer known, cannot be asked for by name.
-    const names = tenants.map((t) => t.name)
-      .filter((name) => name !== chosen && name !== "(no key)" && !name.startsWith("unknown key "));
-    select.append(...names.map((name) => h("option", { value: name }, name)));
-  }).catch(() => {});
-  return select;
+  return h("select", { name: "tenant" }, h("option", { value: "" }, "any"),
+    state.tenants.map((name) => h("option", { value: name, selected: name === chosen }, name)));
 }
 
 function jobRow(job) {
@@ -630,6 +624,7 @@ async function start() {
     return;
   }
   state.admin = me.admin;
+  state.tenants = me.tenants;
   document.getElementById("login").hidden = true;
   document.getElementById("who").textContent = !me.keys ? "open (no API keys)" : me.admin ? "admin key" : "tenant key";
   document.getElementById("logout").hidden = !me.keys;

@@ -28,11 +28,11 @@ from comfyfleet.jobs.overview import ACTIVITY_WINDOW, Overview
 from comfyfleet.services import Services, ServicesDep
 
 STATIC = Path(__file__).resolve().parent.parent / "dashboard"
-# Seconds between two events to an open dashboard, however busy the fleet is: each `jobs`
-# event makes the page re-read what it lists (a page of jobs: about 12 ms of the service's
-# CPU with 100,000 jobs), so that twice a second cost more than 1 % of a core per dashboard
-# (bench/dashboard.py).
-MIN_EVENT_INTERVAL = 1.0
+# Seconds between two events to an open dashboard while the fleet is busy (the first change
+# after a quiet spell goes out at once): each `jobs` event makes the page re-read what it
+# lists, about 11 ms of the service's CPU for a page of jobs or the backlog with 100,000 jobs,
+# so that once a second cost just over 1 % of a core per dashboard (bench/dashboard.py).
+MIN_EVENT_INTERVAL = 2.0
 PING_SECONDS = 15
 # The pages hold no secrets beyond the key in the tab's storage; nothing from elsewhere runs.
 # Output images may come from the storage's own host (S3 presigned URLs).

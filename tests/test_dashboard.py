@@ -261,7 +261,7 @@ async def test_a_tenant_key_sees_only_its_own_jobs(
                 await expect(admin.locator(
                     f'#backlog-tenants tr[data-key="{name}"] [data-count="queued"]')
                 ).to_have_text("1")
-            await screenshot(admin, tmp_path, "backlog")
+            await screenshot(admin, tmp_path, "backlog-tenants")
         finally:
             await admin.close()
 
@@ -295,7 +295,7 @@ async def test_backlog_shows_the_last_hour_the_backends_busy_share_and_an_eta(
             busy = page.locator('#utilisation tr[data-backend="gpu"] td.busy')
             share = float(await busy.get_attribute("data-busy") or 0)
             assert 0 < share <= 1
-            await screenshot(page, tmp_path, "backlog-activity")
+            await screenshot(page, tmp_path, "backlog")
 
 
 LOCAL_MINUTE = """hours => { const d = new Date(Date.now() + hours * 3600e3);

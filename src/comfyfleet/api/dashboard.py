@@ -68,10 +68,12 @@ def _guard(request: Request) -> Guard:
 @router.get("/dashboard/backlog", summary="The unfinished jobs by workflow and by tenant")
 async def backlog(request: Request, caller: CallerDep, overview: OverviewDep) -> dict[str, Any]:
     """`tenants` (admin keys only): each key's unfinished jobs, named as GET /tenants names
-    them."""
+    them; empty when keys are off."""
     entries = await overview.backlog(caller.owner_filter)
     queued = [entry.oldest_queued_at for entry in entries if entry.oldest_queued_at]
-    tenants = await _backlog_by_tenant(request, overview) if caller.sees_all else []
+    # With keys off there is one tenant: nobody to tell apart.
+    by_tenant = caller.sees_all and caller.key_hash is not None
+    tenants = await _backlog_by_tenant(request, overview) if by_tenant else []
     return {
         "tenants": tenants,
         "queued": sum(entry.counts.get("queued", 0) for entry in entries),

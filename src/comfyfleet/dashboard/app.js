@@ -501,7 +501,10 @@ function backlogView() {
       backlog.workflows.length ? "" : h("p", { class: "muted" }, "Nothing waiting."),
       backlog.tenants.length ? [h("h3", {}, "By tenant"),
         countsTable("backlog-tenants", "Tenant", columns, backlog.tenants.map((t) => [t.tenant, t.counts,
-          h("a", { href: `#/jobs?tenant=${encodeURIComponent(t.tenant)}&status=queued` }, t.tenant)]))] : "",
+          // Only a key's jobs can be listed by its name (not those of no key, or of one gone).
+          state.tenants.includes(t.tenant)
+            ? h("a", { href: `#/jobs?tenant=${encodeURIComponent(t.tenant)}&status=queued` }, t.tenant)
+            : t.tenant]))] : "",
       activity ? activityChart(activity) : "",
       activity?.utilisation.length ? utilisationTable(activity.utilisation) : ""].flat());
   }

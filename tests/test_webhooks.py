@@ -23,7 +23,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from comfyfleet.jobs.deliveries import DeliveryStatus
+from comfyfleet.db import driver_connection
+from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, DeliveryStatus
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
@@ -322,6 +323,29 @@ async def test_started_and_progress_webhooks_only_when_asked_for(
     assert [d.event_type for d, _ in await outbox.for_job(asked.id)] == ["job.started"]
     assert await outbox.for_job(plain.id) == []
     assert await outbox.for_job(silent.id) == []
+
+
+async def test_each_outbox_row_wakes_the_workers_as_it_commits(engine: AsyncEngine) -> None:
+    """The statement writing a job's end (at its finish, or as it is stored) notifies the
+    workers' channel too, so a delivery never waits for a worker's safety pass."""
+    repository = JobRepository(engine)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+
+    def notified(*args: Any) -> None:
+        heard.put_nowait(args[2])  # (connection, pid, channel, payload)
+
+    async with driver_connection(engine) as listener:
+        await listener.add_listener(NOTIFY_CHANNEL, notified)
+        job, _ = await repository.insert(Job(workflow="invert", callback_url="http://127.0.0.1:9/"))
+        assert await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
+        async with asyncio.timeout(5):
+            assert await heard.get() == NOTIFY_CHANNEL
+        await repository.insert(Job(workflow="invert", callback_url="http://127.0.0.1:9/",
+                                    status=JobStatus.SUCCEEDED))
+        async with asyncio.timeout(5):
+            assert await heard.get() == NOTIFY_CHANNEL
+        await listener.remove_listener(NOTIFY_CHANNEL, notified)
+    assert heard.empty()  # the insert of the queued job woke nobody
 
 
 async def test_started_and_progress_webhooks_from_a_running_job(

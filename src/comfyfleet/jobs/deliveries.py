@@ -1,8 +1,10 @@
-"""Webhook deliveries as the jobs' data (DESIGN §5): the outbox's two tables and `enqueue`.
+"""Webhook deliveries as the jobs' data (DESIGN §5): the outbox's two tables and the row that
+reports a job's change.
 
-A delivery row is written in the same transaction as the job change it reports (see
-`JobRepository.transition`), so an event a client was promised is never lost. Sending them is
-the webhooks stage's work (`webhooks/outbox.py` leases them, `webhooks/worker.py` sends).
+A delivery row is written by the same statement as the job change it reports
+(`sql/jobs.sql`, through `JobRepository`), so an event a client was promised is never lost.
+Sending them is the webhooks stage's work (`webhooks/outbox.py` leases them,
+`webhooks/worker.py` sends).
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid, func, insert
+from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
 from comfyfleet.jobs.render import job_json
 
-# Woken with pg_notify when a delivery becomes due now, in whichever process commits it.
+# Woken with pg_notify when a delivery becomes due now, in whichever process commits it
+# (sql/jobs.sql names it too).
 NOTIFY_CHANNEL = "comfyfleet_webhooks"
 OPTIONAL_EVENTS = ("job.started", "job.progress")
 TERMINAL_EVENTS = frozenset(f"job.{state}" for state in TERMINAL_STATES)
@@ -87,11 +89,6 @@ class DeliveryAttempt(SQLModel, table=True):
     response_snippet: str | None = None
 
 
-# Built once, the values given at execution. The notification rides on the insert (one round
-# trip, not two); PostgreSQL sends it when the transaction commits.
-_ENQUEUE = insert(DELIVERIES).returning(func.pg_notify(NOTIFY_CHANNEL, ""))
-
-
 def receiver_host(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -108,18 +105,17 @@ async def _no_url(_: str) -> None:
     return None
 
 
-async def enqueue(session: AsyncSession, job: Job, event_type: str) -> None:
-    """Add `event_type` for `job` to the outbox inside the caller's transaction, if the job's
-    client subscribed to it; workers hear of it when that transaction commits."""
+async def delivery_row(job: Job, event_type: str) -> str | None:
+    """The outbox row reporting `event_type` for `job` (as the change leaves it), as the JSON
+    object the statement writing the change takes; None when its client did not subscribe."""
     if not subscribed(job, event_type):
-        return
+        return None
     assert job.callback_url is not None
     now = utcnow()
     event = {"type": event_type, "timestamp": now.isoformat(),
              "data": await job_json(job, _no_url)}
-    delivery = Delivery(
+    return Delivery(
         job_id=job.id, event_type=event_type, url=job.callback_url,
         host=receiver_host(job.callback_url), payload=event, pending_since=now,
         next_attempt_at=now, created_at=now,
-    )
-    await session.exec(_ENQUEUE, params=delivery.model_dump())
+    ).model_dump_json()

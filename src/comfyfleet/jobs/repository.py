@@ -10,8 +10,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import EllipsisType
 from typing import Any, Literal, NamedTuple
 
+import asyncpg
 import sqlalchemy
 from sqlalchemy import (
     Case,
@@ -24,7 +26,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -44,13 +45,8 @@ _CHANGING = tuple(_table.c[name] for name in (
     "status", "progress", "progress_detail", "backend", "prompt_id", "attempts", "dispatched_at",
     "dispatched_by", "started_at", "finished_at", "outputs", "error"))
 _FIXED = frozenset(_table.c.keys()) - {column.name for column in _CHANGING}
-# Built once, the values given at execution: a statement made per job with the values in it
-# costs more to build (and to find in the compiled cache) than to run.
-_INSERT = insert(_table).returning(_table.c.id)
-_INSERT_UNLESS_TAKEN = (
-    insert(_table).on_conflict_do_nothing(index_elements=["client_task_id"])
-    .returning(_table.c.id)
-)
+# Storing a job and its transitions (not the claim): fixed SQL on asyncpg.
+_SQL = sql.queries("jobs")
 # The fleet's table, as far as a claim reads it: whether the backend still takes work.
 _BACKENDS = sqlalchemy.table("backends", sqlalchemy.column("name"), sqlalchemy.column("draining"))
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
@@ -165,24 +161,26 @@ class JobRepository:
         Returns the job and whether it was created. With `backlog`, raises QueueFull when the
         job's API key, or the service, already has that many jobs queued (a repeat of an
         existing job is still answered with it). A job stored already ended (reused outputs)
-        has its webhook in the outbox in the same transaction. NotStorable when a value
-        cannot be stored.
+        has its webhook in the outbox, written by the same statement. NotStorable when a
+        value cannot be stored.
         """
-        values = job.model_dump()
-        check_storable(values, _table)
-        together = backlog is not None or JobStatus(job.status).terminal
-        async with (self._sessions if together else self._statements).begin() as session:
-            if backlog is not None:
-                await self._check_backlog(session, job, backlog)
-            statement = _INSERT if job.client_task_id is None else _INSERT_UNLESS_TAKEN
-            created = (await session.exec(statement, params=values)).first()
+        check_storable(job.model_dump(), _table)
+        status = JobStatus(job.status)
+        delivery = await deliveries.delivery_row(job, f"job.{status}") if status.terminal \
+            else None
+        async with driver_connection(self.engine) as connection:
+            if backlog is None:
+                created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
+                                                    delivery)
+            else:
+                async with connection.transaction():
+                    await _check_backlog(connection, job, backlog)
+                    created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
+                                                        delivery)
             if created is None:
-                existing = await session.exec(
-                    select(Job).where(col(Job.client_task_id) == job.client_task_id)
-                )
-                return existing.one(), False
-            if JobStatus(job.status).terminal:
-                await deliveries.enqueue(session, job, f"job.{job.status}")
+                existing = await connection.fetchrow(_SQL["by_client_task_id"],
+                                                     job.client_task_id)
+                return Job(**dict(existing.items())), False
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return job, True
 
@@ -192,34 +190,6 @@ class JobRepository:
             await session.exec(update(_table).where(
                 _table.c.id == job.id, _table.c.client_task_id == job.client_task_id,
             ).values(client_task_id=None))
-
-    async def _check_backlog(
-        self, session: AsyncSession, job: Job, backlog: BacklogLimits
-    ) -> None:
-        # Serialised (the whole service's submits first, then the key's, always in that
-        # order), so concurrent submits cannot all pass the count together.
-        queued = col(Job.status) == JobStatus.QUEUED
-        counts: list[tuple[Literal["key", "service"], int, ColumnElement[bool]]] = []
-        if backlog.total is not None:
-            await session.exec(select(func.pg_advisory_xact_lock(func.hashtext("backlog"))))
-            counts.append(("service", backlog.total, queued))
-        if backlog.per_key is not None:
-            await session.exec(select(func.pg_advisory_xact_lock(
-                func.hashtext(f"quota:{job.api_key_hash}"))))
-            # The key's own limit is told first: the caller can do something about it.
-            counts.insert(0, ("key", backlog.per_key,
-                              queued & Tenant(job.api_key_hash).owns))
-        for scope, limit, where in counts:
-            found = (await session.exec(
-                select(func.count()).select_from(_table).where(where))).one()
-            if found < limit:
-                continue
-            if job.client_task_id is not None:
-                repeat = await session.exec(
-                    select(col(Job.id)).where(col(Job.client_task_id) == job.client_task_id))
-                if repeat.first() is not None:
-                    return  # the insert finds the existing job
-            raise QueueFull(scope, found, limit)
 
     async def reusable(self, fingerprint: str, api_key_hash: str | None) -> Job | None:
         """The latest job that ran the work `fingerprint` names and succeeded, among those the
@@ -316,59 +286,60 @@ class JobRepository:
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
-        **values: Any,
+        status: JobStatus | None = None, progress: float | None = None,
+        progress_detail: dict[str, Any] | EllipsisType | None = ...,
+        started_at: datetime | None = None, finished_at: datetime | None = None,
+        outputs: list[dict[str, Any]] | None = None, error: dict[str, Any] | None = None,
     ) -> Job | None:
-        """Apply `values` if the job is still at the same attempt in one of `states`.
+        """Write the values given (those not None; `progress_detail` whenever it is given,
+        None too) if the job is still at the same attempt and prompt, in one of `states`.
 
-        `event` (e.g. "job.started") goes into the webhook outbox in the same transaction when
-        the job's client subscribed to it. Returns the updated job, or None when the fence did
-        not hold (nothing was written).
+        `event` (e.g. "job.started") goes into the webhook outbox with the change, by the
+        same statement, when the job's client subscribed to it. Returns the updated job, or
+        None when the fence did not hold (nothing was written).
         """
-        notify = event if event is not None and deliveries.subscribed(job, event) else None
-        async with (self._statements if notify is None else self._sessions).begin() as session:
-            updated = await _update(
-                session, job, _table.c.status.in_([str(state) for state in states]),
-                values=values,
-            )
-            if updated is not None and notify is not None:
-                await deliveries.enqueue(session, updated, notify)
-        if updated is not None:
-            self._on_change(updated.id)
-        return updated
+        detail_given = not isinstance(progress_detail, EllipsisType)
+        detail = progress_detail if not isinstance(progress_detail, EllipsisType) else None
+        delivery = None
+        if event is not None:
+            changes = {"status": status, "progress": progress, "started_at": started_at,
+                       "finished_at": finished_at, "outputs": outputs, "error": error}
+            written: dict[str, Any] = {
+                name: value for name, value in changes.items() if value is not None}
+            if detail_given:
+                written["progress_detail"] = detail
+            delivery = await deliveries.delivery_row(job.model_copy(update=written), event)
+        return await self._fenced(
+            "transition", job, [str(state) for state in states], status, progress,
+            detail_given, _json(detail), started_at, finished_at, _json(outputs),
+            _json(error), delivery)
 
     async def finish(
-        self, job: Job, status: JobStatus, states: Iterable[JobStatus], **values: Any
+        self, job: Job, status: JobStatus, states: Iterable[JobStatus], *,
+        outputs: list[dict[str, Any]] | None = None, error: dict[str, Any] | None = None,
     ) -> Job | None:
         """A terminal transition; its webhook is in the outbox when this returns a job."""
-        return await self.transition(
-            job, states, event=f"job.{status}", status=status, finished_at=utcnow(), **values
-        )
+        return await self.transition(job, states, event=f"job.{status}", status=status,
+                                     finished_at=utcnow(), outputs=outputs, error=error)
 
     async def requeue(self, job: Job, error: dict[str, Any] | None = None) -> Job | None:
         """Put a job whose prompt was lost back in the backlog; it keeps its attempt count."""
-        return await self.transition(
-            job,
-            ON_BACKEND_STATES,
-            status=JobStatus.QUEUED,
-            backend=None,
-            prompt_id=None,
-            progress=0.0,
-            progress_detail=None,
-            outputs=[],  # stored while the lost prompt ran: the next run's come instead
-            error=error,
-        )
+        return await self._fenced("requeue", job, _json(error))
 
     async def release(self, job: Job) -> Job | None:
         """Undo a claim whose prompt never reached the backend: queued again, attempt not spent."""
-        return await self.transition(
-            job,
-            {JobStatus.DISPATCHED},
-            status=JobStatus.QUEUED,
-            backend=None,
-            prompt_id=None,
-            attempts=job.attempts - 1,
-            dispatched_at=None,
-        )
+        return await self._fenced("release", job)
+
+    async def _fenced(self, query: str, job: Job, *values: Any) -> Job | None:
+        """Run the fenced change `query` of sql/jobs.sql on `job`, `values` after its fence;
+        the job as it is now, or None when nothing was written."""
+        async with driver_connection(self.engine) as connection:
+            row = await connection.fetchrow(_SQL[query], job.id, job.attempts, job.prompt_id,
+                                            *values)
+        if row is None:
+            return None
+        self._on_change(job.id)
+        return Job(**{name: getattr(job, name) for name in _FIXED}, **dict(row.items()))
 
     async def page(
         self,
@@ -585,6 +556,35 @@ async def _update(
     if row is None:
         return None
     return Job(**{name: getattr(job, name) for name in _FIXED}, **row._mapping)
+
+
+async def _check_backlog(
+    connection: asyncpg.Connection, job: Job, backlog: BacklogLimits
+) -> None:
+    """Raise QueueFull when `job` would pass `backlog`, in the caller's transaction."""
+    # Serialised (the whole service's submits first, then the key's, always in that order),
+    # so concurrent submits cannot all pass the count together.
+    counts: list[tuple[Literal["key", "service"], int, bool]] = []
+    if backlog.total is not None:
+        await connection.execute(_SQL["lock"], "backlog")
+        counts.append(("service", backlog.total, False))
+    if backlog.per_key is not None:
+        await connection.execute(_SQL["lock"], f"quota:{job.api_key_hash}")
+        # The key's own limit is told first: the caller can do something about it.
+        counts.insert(0, ("key", backlog.per_key, True))
+    for scope, limit, of_key in counts:
+        found: int = await connection.fetchval(_SQL["queued"], of_key, job.api_key_hash)
+        if found < limit:
+            continue
+        if job.client_task_id is not None and await connection.fetchrow(
+                _SQL["by_client_task_id"], job.client_task_id) is not None:
+            return  # the insert finds the existing job
+        raise QueueFull(scope, found, limit)
+
+
+def _json(value: Any) -> str | None:
+    """A JSONB parameter of the named queries (sent as JSON text); None stays NULL."""
+    return json.dumps(value) if value is not None else None
 
 
 async def _mean_run_seconds(

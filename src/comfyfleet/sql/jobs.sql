@@ -1,0 +1,92 @@
+-- A job's life outside the claim (jobs/repository.py): store it, then move it along as its
+-- backend reports. Each is one statement, so one round trip with no BEGIN or COMMIT around
+-- it; where a webhook reports the change, the job and its outbox row are written by that
+-- one statement, so neither is ever written without the other (DESIGN §5). The outbox row
+-- notifies `comfyfleet_webhooks` (webhooks/worker.py listens), sent when it commits.
+--
+-- Every change is fenced on the job as the caller knows it: $1 its id, $2 its attempts, $3
+-- its prompt id, and the states it may be in. A stale actor (an older attempt, another
+-- process, the holder of a prompt moved elsewhere) changes nothing and gets no row back.
+-- What comes back are the columns a change may touch; the caller has the others.
+--
+-- Rows travel as JSON objects, a column by name (jsonb_populate_record), so a column added
+-- to the models is written without touching this file.
+
+-- name: insert
+-- Store the job $1 unless its client_task_id is taken; with $2, a webhook_deliveries row,
+-- that delivery too (a job stored already ended). Returns the job's id, no row when the
+-- client_task_id was taken (nothing is written then).
+WITH stored AS (
+    INSERT INTO jobs
+    SELECT * FROM jsonb_populate_record(NULL::jobs, $1::jsonb)
+    ON CONFLICT (client_task_id) DO NOTHING
+    RETURNING id
+), enqueued AS (
+    INSERT INTO webhook_deliveries
+    SELECT delivery.*
+    FROM stored, jsonb_populate_record(NULL::webhook_deliveries, $2::jsonb) AS delivery
+    WHERE $2::jsonb IS NOT NULL
+    RETURNING pg_notify('comfyfleet_webhooks', '')
+)
+SELECT id FROM stored
+
+-- name: transition
+-- Move the job on from one of the states $4: each of $5 status, $6 progress, $9 started_at,
+-- $10 finished_at, $11 outputs, $12 error that is not null is written, and when $7 is true
+-- the progress detail $8 (null or not). With $13, a webhook_deliveries row, the delivery is
+-- written too when the job is.
+WITH changed AS (
+    UPDATE jobs
+    SET status = coalesce($5, status), progress = coalesce($6, progress),
+        progress_detail = CASE WHEN $7::boolean THEN $8::jsonb ELSE progress_detail END,
+        started_at = coalesce($9, started_at), finished_at = coalesce($10, finished_at),
+        outputs = coalesce($11::jsonb, outputs), error = coalesce($12::jsonb, error)
+    WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
+      AND status = ANY($4::text[])
+    RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+        dispatched_by, started_at, finished_at, outputs, error
+), enqueued AS (
+    INSERT INTO webhook_deliveries
+    SELECT delivery.*
+    FROM changed, jsonb_populate_record(NULL::webhook_deliveries, $13::jsonb) AS delivery
+    WHERE $13::jsonb IS NOT NULL
+    RETURNING pg_notify('comfyfleet_webhooks', '')
+)
+SELECT * FROM changed
+
+-- name: requeue
+-- Put the job, whose prompt was lost, back in the backlog with the error $4 (or none); it
+-- keeps its attempt count, and sheds the outputs stored while the lost prompt ran (the next
+-- run's come instead).
+UPDATE jobs
+SET status = 'queued', backend = NULL, prompt_id = NULL, progress = 0, progress_detail = NULL,
+    outputs = '[]', error = $4::jsonb
+WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
+  AND status IN ('dispatched', 'running', 'uploading')
+RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+    dispatched_by, started_at, finished_at, outputs, error
+
+-- name: release
+-- Undo the claim of the job, whose prompt never reached its backend: queued again, the
+-- attempt not spent.
+UPDATE jobs
+SET status = 'queued', backend = NULL, prompt_id = NULL, attempts = attempts - 1,
+    dispatched_at = NULL
+WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
+  AND status = 'dispatched'
+RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+    dispatched_by, started_at, finished_at, outputs, error
+
+-- name: by_client_task_id
+-- The job stored under client_task_id $1, if any.
+SELECT * FROM jobs WHERE client_task_id = $1
+
+-- name: lock
+-- Hold the advisory lock named $1 until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtext($1))
+
+-- name: queued
+-- How many jobs are queued: all of them when $1 is false, else those of the API key whose
+-- digest is $2 (null: those submitted without a key).
+SELECT count(*) FROM jobs
+WHERE status = 'queued' AND (NOT $1::boolean OR api_key_hash IS NOT DISTINCT FROM $2)

@@ -12,6 +12,7 @@ import asyncio
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -29,6 +30,7 @@ import aiohttp
 import asyncpg
 from aiobotocore.session import get_session
 from aiohttp import web
+from sqlalchemy import make_url
 
 from comfyfleet import db
 from comfyfleet.cli.demo import WebhookReceiver
@@ -539,3 +541,76 @@ def profile_breakdown(raw: Path) -> dict[str, Any]:
 
     return {"samples": total, "by_activity": shares(activities),
             "by_library": shares(libraries), "named_costs": shares(named)}
+
+
+# --- Transactions by statement ----------------------------------------------------------------
+
+_STATEMENT_LOGGING = {"log_min_duration_statement": "0", "log_parameter_max_length": "0",
+                      "log_line_prefix": "'%p %v %d '"}
+# A log record's first line: pid, virtual transaction id (one per transaction, autocommit
+# statements and asyncpg's Parse-only prepares included), database, then what was run.
+_LOGGED = re.compile(r"^(\d+) (\S+) (\S+) LOG:  duration: [\d.]+ ms  "
+                     r"(?:(parse|bind|execute) [^:]*|statement): (.*)$")
+
+
+@asynccontextmanager
+async def transactions_by_statement(server: Any, database_url: str) -> AsyncIterator[Counter[str]]:
+    """Count the transactions `database_url` commits meanwhile by the statement that opens
+    each (BEGIN skipped; a transaction that only prepared a statement is "prepare: ..."),
+    from PostgreSQL's own log of every statement. Slows PostgreSQL down: count, don't time."""
+    counts: Counter[str] = Counter()
+    log = Path(server.log)
+    database = make_url(database_url).database
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def configure(reset: bool) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for name, value in _STATEMENT_LOGGING.items():
+                await conn.execute(f"ALTER SYSTEM RESET {name}" if reset
+                                   else f"ALTER SYSTEM SET {name} = {value}")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+
+    await configure(reset=False)
+    start = await asyncio.to_thread(os.path.getsize, log)
+    try:
+        yield counts
+    finally:
+        await configure(reset=True)
+        records = _log_records(await asyncio.to_thread(_read_from, log, start))
+        opened: dict[tuple[str, str], str] = {}
+        for pid, vxid, db_name, kind, sql in records:
+            if db_name != database or not vxid or vxid.endswith("/0"):
+                continue
+            statement = " ".join(sql.split())[:100]
+            first = opened.get((pid, vxid))
+            if first is None or (first.startswith("prepare: ") and kind != "parse"):
+                if kind == "parse":
+                    statement = "prepare: " + statement
+                elif statement.upper().startswith(("BEGIN", "START", "COMMIT")):
+                    continue
+                opened[pid, vxid] = statement
+        counts.update(opened.values())
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with path.open(encoding="utf-8", errors="replace") as text:
+        text.seek(offset)
+        return text.read()
+
+
+def _log_records(text: str) -> list[tuple[str, str, str, str, str]]:
+    """(pid, vxid, database, parse|bind|execute|"", statement) of each logged statement."""
+    records: list[tuple[str, str, str, str, str]] = []
+    for line in text.splitlines():
+        if line.startswith("\t") and records and records[-1][0]:
+            pid, vxid, db_name, kind, sql = records[-1]
+            if not line.strip().startswith("--"):  # the comments of the named queries
+                records[-1] = (pid, vxid, db_name, kind, f"{sql} {line.strip()}".strip())
+            continue
+        match = _LOGGED.match(line)
+        pid, vxid, db_name, kind, sql = match.groups(default="") if match else ("",) * 5
+        records.append((pid, vxid, db_name, kind, "" if sql.startswith("--") else sql))
+    return [record for record in records if record[0]]

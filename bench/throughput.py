@@ -17,7 +17,8 @@ pausing it) and the CPU time of every process is read from /proc: where the time
 what bounds the rate (on 2 cores: the one process that needs a whole core, or the machine).
 
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
-(profiling needs py-spy: .venv/bin/pip install py-spy; --no-profile runs without it)
+(profiling needs py-spy: .venv/bin/pip install py-spy; --no-profile runs without it;
+--by-statement also counts the transactions by the statement that opens each)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import platform
 import tempfile
 import time
 import uuid
+from collections import Counter
 from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from bench.harness import (
     py_spy,
     s3_client,
     transactions,
+    transactions_by_statement,
     workflow_job,
 )
 from bench.sim_throughput import run_prompts
@@ -118,7 +121,7 @@ async def through_comfyfleet(
 
 
 async def run(jobs: int, window: int, processes: int, profile: Path | None,
-              root: Path) -> dict[str, Any]:
+              root: Path, by_statement: bool = False) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         deployed = await deploy(stack, root, BACKENDS, processes=processes)
         sims, receiver, http, meter = (deployed.sims, deployed.receiver, deployed.http,
@@ -144,8 +147,10 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         cpu["moto alone (PUT + presign)"] = meter.as_json()
 
         profiling = py_spy(serve.process.pid, profile) if profile else nullcontext()
+        counting = transactions_by_statement(deployed.postgres, database_url) if by_statement \
+            else nullcontext(Counter[str]())
         committed = await transactions(database_url)
-        async with profiling:
+        async with profiling, counting as opened_by:
             meter.start()
             rates["comfyfleet, end to end"], rates["comfyfleet, submits accepted"] = (
                 await through_comfyfleet(http, serve.api, receiver, jobs, window))
@@ -160,6 +165,9 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
                 cpu["comfyfleet, end to end"]["comfyfleet serve"]
                 / rates["comfyfleet, end to end"] * 1000, 1),
             "transactions_per_job": round(committed / jobs, 1),
+            "transactions_per_job_by_statement": {
+                statement: round(count / jobs, 2) for statement, count in opened_by.most_common()
+                if count / jobs >= 0.01} if by_statement else None,
             "profile": profile_breakdown(profile) if profile else None}
 
 
@@ -168,6 +176,10 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                 [(name, f"{rate:.0f}") for name, rate in result["per_second"].items()])
     print(f"\ncomfyfleet serve: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
           f"{result['transactions_per_job']} PostgreSQL transactions per job\n")
+    if result["transactions_per_job_by_statement"] is not None:
+        print_table(["transactions per job, by the statement opening each", "per job"],
+                    list(result["transactions_per_job_by_statement"].items()))
+        print()
     cpu = result["cores_busy"]
     phases = list(cpu)
     print_table(["cores busy", *phases],
@@ -183,11 +195,12 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                         [(name, share) for name, share in profile_result[key].items()])
 
 
-async def main(jobs: int, window: int, processes: int, profile: Path | None) -> None:
+async def main(jobs: int, window: int, processes: int, profile: Path | None,
+               by_statement: bool) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count(), "load_average": os.getloadavg()}), flush=True)
     with bench_root() as root:
-        result = await run(jobs, window, processes, profile, root)
+        result = await run(jobs, window, processes, profile, root, by_statement)
     report(result, profile)
     print(json.dumps(result))
 
@@ -202,6 +215,9 @@ if __name__ == "__main__":
                         default=Path(tempfile.gettempdir()) / "comfyfleet-throughput.pyspy",
                         help="where py-spy's collapsed stacks go")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--by-statement", action="store_true",
+                        help="count the transactions by the statement opening each, from "
+                             "PostgreSQL's log of every statement (slows it: not for timing)")
     args = parser.parse_args()
     asyncio.run(main(args.jobs, args.window, args.sim_processes,
-                     None if args.no_profile else args.profile))
+                     None if args.no_profile else args.profile, args.by_statement))

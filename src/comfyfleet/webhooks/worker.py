@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
-from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt
+from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, DeliveryStatus
 from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
@@ -133,19 +133,18 @@ class WebhookWorker:
 
     async def _start_due(self) -> float:
         """Start every due delivery there is room for; returns the seconds until the next
-        one falls due (a finished delivery wakes the loop earlier)."""
-        started = 0
+        one falls due (a delivery ending where it held others back, or scheduling a retry,
+        wakes the loop earlier)."""
         while (room := self._concurrency - len(self._inflight)) > 0:
             claimed = await self._outbox.claim(
                 limit=room, per_host=self._per_host, busy=self._busy, lease=self._lease
             )
             for delivery in claimed:
                 self._start(delivery)
-            started += len(claimed)
             if len(claimed) < room:
                 break  # that was everything due now
-        # With deliveries started, the first to finish wakes the loop to look again.
-        if started or len(self._inflight) >= self._concurrency:
+        # With no room left, the first delivery to finish wakes the loop to look again.
+        if len(self._inflight) >= self._concurrency:
             return SAFETY_PASS_SECONDS
         full = [host for host, count in self._busy.items() if count >= self._per_host]
         due = await self._outbox.next_due(skip_hosts=full)
@@ -161,11 +160,16 @@ class WebhookWorker:
         self._inflight[task] = delivery
 
         def done(_: asyncio.Task[None]) -> None:
+            # Only a slot that held deliveries back frees room for them: with room to spare,
+            # a pass claims all that is due, and the rest wake the loop when they are due.
+            held_back = (len(self._inflight) >= self._concurrency
+                         or self._busy[host] >= self._per_host)
             self._inflight.pop(task, None)
             self._busy[host] -= 1
             if self._busy[host] <= 0:
                 del self._busy[host]
-            self.wake()  # room for another delivery
+            if held_back:
+                self.wake()
 
         task.add_done_callback(done)
 
@@ -185,6 +189,8 @@ class WebhookWorker:
                 error=result.error, response_snippet=result.snippet,
             )
             kept = await self._outbox.record(delivery, attempt, outcome)
+            if kept and outcome.status == DeliveryStatus.PENDING:
+                self.wake()  # a retry the loop's timer does not know of yet
         except Exception:  # its lease runs out and the delivery is tried again
             log.exception("webhook %s for job %s: attempt not recorded",
                           delivery.message_id, delivery.job_id)

@@ -26,10 +26,11 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -84,16 +85,20 @@ async def executions(http: aiohttp.ClientSession, urls: Sequence[str]) -> list[E
     return found
 
 
+def work(seconds: float, number: int) -> dict[str, Any]:
+    """Job `number` of about `seconds`: each differs by a tenth of a millisecond, as a seed
+    would make it, so none is served from a backend's cache."""
+    return {"workflow": "simulated_work",
+            "params": {"seconds": round(seconds + number / 10000, 4), "steps": 1}}
+
+
 async def submit(http: aiohttp.ClientSession, api: str, key: str, count: int, seconds: float,
                  first: int) -> list[str]:
-    """`count` jobs of about `seconds` each (each differs by a tenth of a millisecond, as a
-    seed would make it: none is served from a backend's cache); their ids."""
+    """`count` jobs of about `seconds` each, numbered from `first`; their ids."""
     gate = asyncio.Semaphore(SUBMITTERS)
 
     async def one(index: int) -> str:
-        body = {"workflow": "simulated_work",
-                "params": {"seconds": round(seconds + (first + index) / 10000, 4), "steps": 1}}
-        async with gate, http.post(f"{api}/jobs", json=body,
+        async with gate, http.post(f"{api}/jobs", json=work(seconds, first + index),
                                    headers={"Authorization": f"Bearer {key}"}) as response:
             assert response.status == 202, await response.text()
             job_id: str = (await response.json())["id"]
@@ -103,7 +108,8 @@ async def submit(http: aiohttp.ClientSession, api: str, key: str, count: int, se
 
 
 async def deployment(stack: AsyncExitStack, backends: int, weights: dict[str, int],
-                     fair: bool) -> Tenants:
+                     fair: bool, settings: Mapping[str, str] | None = None) -> Tenants:
+    """`settings`: more of the service's environment (e.g. MAX_QUEUED)."""
     root = stack.enter_context(bench_root())
     postgres = await stack.enter_async_context(embedded_postgres(root))
     fleet = await stack.enter_async_context(sim_fleet(backends))
@@ -111,7 +117,8 @@ async def deployment(stack: AsyncExitStack, backends: int, weights: dict[str, in
     serve = await stack.enter_async_context(comfyfleet_serve(
         database, root / "data", fleet.urls, secret=new_secret(),
         env_overrides={"API_KEYS": ENV_KEY, "FAIR_SHARE": str(fair).lower(),
-                       "MAX_INFLIGHT_PER_BACKEND": "2"}, api_key=ENV_KEY))
+                       "MAX_INFLIGHT_PER_BACKEND": "2", **(settings or {})},
+        api_key=ENV_KEY))
     engine = make_engine(database)
     store = KeyStore(engine)
     keys = {name: await store.create(name, admin=False, limits=KeyLimits(weight=weight))

@@ -44,16 +44,19 @@ class Answer:
     number: int  # the job's
     status: int
     at: float  # unix seconds, once answered
+    took: float  # seconds from sending to the answer
     retry_after: str | None  # the header, as sent
     job_id: str | None  # when accepted
 
 
 async def post(http: aiohttp.ClientSession, api: str, key: str, seconds: float,
                number: int) -> Answer:
+    sent = time.monotonic()
     async with http.post(f"{api}/jobs", json=work(seconds, number),
                          headers={"Authorization": f"Bearer {key}"}) as response:
         body = await response.json(content_type=None)
-        return Answer(number, response.status, time.time(), response.headers.get("Retry-After"),
+        return Answer(number, response.status, time.time(), time.monotonic() - sent,
+                      response.headers.get("Retry-After"),
                       body["id"] if response.status == 202 else None)
 
 
@@ -156,11 +159,19 @@ def compare(refusals: list[Answer], dispatched: list[float]) -> Comparison:
                       sum(r - w >= 1 for r, w in zip(given, waits, strict=True)), waits, given)
 
 
-def tally(answers: list[Answer]) -> dict[str, int]:
+def tally(answers: list[Answer]) -> dict[str, int | str]:
     counts = Counter(str(a.status) if a.status in (202, 429) else "other" for a in answers)
+
+    def answered_ms(status: int) -> str:
+        took = [a.took for a in answers if a.status == status]
+        return " / ".join(f"{percentile(took, f) * 1000:.0f}" for f in (0.5, 0.99)) if took \
+            else "-"
+
     return {"202": counts["202"], "429": counts["429"], "other": counts["other"],
             "429 without Retry-After": sum(a.status == 429 and a.retry_after is None
-                                           for a in answers)}
+                                           for a in answers),
+            "202 answered p50 / p99 ms": answered_ms(202),
+            "429 answered p50 / p99 ms": answered_ms(429)}
 
 
 async def main() -> None:
@@ -192,7 +203,7 @@ async def main() -> None:
     refusals = [a for a in first + retried if a.status == 429 and a.retry_after is not None]
     c = compare(refusals, dispatched)
     passes = {"first pass": tally(first), "retry pass": tally(retried)}
-    print_table(["pass", "202", "429", "other", "429 without Retry-After"],
+    print_table(["pass", *passes["first pass"]],
                 [[name, *counts.values()] for name, counts in passes.items()])
     print()
     print_table(["jobs", "first pass s", "accepted in first pass, succeeded", "all done s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -15,16 +15,50 @@ from starlette.formparsers import MultiPartException
 
 from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.errors import ApiError
-from comfyfleet.api.intake import REUSE_DESCRIPTION, JobRequest, WorkflowJobRequest, accept
+from comfyfleet.api.intake import Submission, accept
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
+from comfyfleet.intake.errors import (
+    BacklogFull,
+    BuildFailed,
+    CallbackNotAllowed,
+    IdempotencyConflict,
+    ImageTooLarge,
+    InvalidParams,
+    NoCapableBackend,
+    Refused,
+    StorageUnavailable,
+)
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
-from comfyfleet.jobs.models import JobStatus
+from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.services import Services, ServicesDep
+from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow
 
 router = APIRouter(tags=["jobs"])
 
 MAX_WAIT_SECONDS = 300.0
+REUSE_DESCRIPTION = (
+    "true: when this API key already ran the same workflow with the same parameters and input "
+    "bytes, answer at once with a new job holding those outputs; false: always run; unset: "
+    "as the workflow says (its sidecar's reuse_outputs)")
+
+
+class WorkflowJobRequest(BaseModel):
+    """A job for the workflow named in the path; each workflow's own parameter schema is in
+    /openapi.json under its path."""
+
+    params: dict[str, Any] = Field(default_factory=dict)
+    callback_url: AnyHttpUrl | None = None
+    client_task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    webhook_events: list[Literal["job.started", "job.progress"]] | None = Field(
+        default=None, description="Webhooks besides the terminal one (always sent)"
+    )
+    reuse_outputs: bool | None = Field(default=None, description=REUSE_DESCRIPTION)
+
+
+class JobRequest(WorkflowJobRequest):
+    workflow: str = Field(min_length=1, max_length=200)
 
 
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
@@ -129,8 +163,13 @@ async def _submit(
     idempotency_key: str | None, *, caller: Caller,
     warnings: list[dict[str, Any]] | None = None, webhook_format: str | None = None,
 ) -> dict[str, Any]:
-    job, created = await accept(svc, request, idempotency_key, caller,
-                                warnings=warnings, webhook_format=webhook_format)
+    job, created = await _accept(svc, Submission(
+        workflow=request.workflow, params=request.params, api_key_hash=caller.key_hash,
+        max_queued=caller.limits.max_queued,
+        callback_url=None if request.callback_url is None else str(request.callback_url),
+        client_task_id=request.client_task_id, idempotency_key=idempotency_key,
+        priority=request.priority, webhook_events=request.webhook_events,
+        reuse_outputs=request.reuse_outputs, warnings=warnings, webhook_format=webhook_format))
     if not created:
         response.status_code = 200
     elif job.status == JobStatus.QUEUED:
@@ -138,6 +177,47 @@ async def _submit(
     if wait > 0 and not JobStatus(job.status).terminal:
         job = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id)) or job
     return await svc.render(job)
+
+
+async def _accept(svc: Services, submission: Submission) -> tuple[Job, bool]:
+    try:
+        return await accept(svc, submission)
+    except BrokenWorkflow as exc:
+        raise ApiError(422, "workflow_broken", str(exc), field="workflow") from exc
+    except UnknownWorkflow as exc:
+        raise ApiError(422, "unknown_workflow", str(exc), field="workflow") from exc
+    except Refused as exc:
+        raise _refusal(exc) from exc
+
+
+def _refusal(refused: Refused) -> ApiError:
+    """The HTTP answer to a submission the intake refused."""
+    message = str(refused)
+    match refused:
+        case InvalidParams():
+            return ApiError(422, "invalid_params", message, params=refused.problems)
+        case ImageTooLarge():
+            return ApiError(413, "input_too_large", f"{refused.field}: {message} "
+                            f"(MAX_UPLOAD_BYTES)", params={refused.field: message})
+        case IdempotencyConflict() if refused.job_id is not None:
+            return ApiError(422, "idempotency_conflict", message, job_id=str(refused.job_id))
+        case IdempotencyConflict():
+            return ApiError(422, "idempotency_conflict", message)
+        case BuildFailed():
+            # The operator's code failed, not the request: said plainly, never a 5xx.
+            return ApiError(422, "workflow_build_failed", message, workflow=refused.workflow)
+        case NoCapableBackend():
+            return ApiError(422, "no_capable_backend", message, missing=refused.missing)
+        case StorageUnavailable():
+            return ApiError(503, "storage_unavailable", message,
+                            headers={"Retry-After": str(refused.retry_after)})
+        case BacklogFull():
+            return ApiError(429, "queue_full", message, **refused.details(),
+                            retry_after=refused.retry_after,
+                            headers={"Retry-After": str(refused.retry_after)})
+        case CallbackNotAllowed():
+            return ApiError(422, "callback_url_not_allowed", message, field=refused.field)
+    return ApiError(422, "invalid_request", message, field=refused.field)
 
 
 TimeQuery = Annotated[datetime | None, Query(description=(

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from comfyfleet.api.intake import REUSE_DESCRIPTION
+from comfyfleet.api.jobs import REUSE_DESCRIPTION
 from comfyfleet.workflows.catalog import Workflow
 from comfyfleet.workflows.params import ParamSpec
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 from comfyfleet import metrics
+from comfyfleet.intake.errors import BacklogFull
+from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository, QueueFull, Tenant
 
 # When no job is on a backend, or none of their workflows has run yet: nothing to go by.
@@ -24,6 +26,18 @@ def backlog_limits(max_queued_of_key: int | None, max_queued: int | None) -> Bac
     if max_queued_of_key is None and max_queued is None:
         return None
     return BacklogLimits(max_queued_of_key, max_queued)
+
+
+async def insert(
+    repository: JobRepository, job: Job, backlog: BacklogLimits | None
+) -> tuple[Job, bool]:
+    """Store the job, or find the earlier one under its idempotency key: the repository's
+    insert, with a full `backlog` refused as BacklogFull saying when to try again."""
+    try:
+        return await repository.insert(job, backlog=backlog)
+    except QueueFull as full:
+        seconds = await retry_after(repository, full, Tenant(job.api_key_hash))
+        raise BacklogFull(refusal(full, seconds), full, seconds) from full
 
 
 def refusal(full: QueueFull, seconds: int) -> str:

@@ -13,27 +13,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.intake import inputs
+from comfyfleet.intake import admission, inputs
 from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
+from comfyfleet.intake.errors import IdempotencyConflict, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.models import Job, JobSource, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class MissingAsset(ValueError):
-    """The graph names an asset that does not exist or is not the caller's."""
-
-    def __init__(self, message: str, node_id: str, field: str) -> None:
-        super().__init__(message)
-        self.node_id = node_id
-        self.field = field
-
-
-class IdempotencyKeyReuse(ValueError):
-    """The idempotency key was used before for a different request."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +40,8 @@ async def accept_graph(
     """Check the graph against `fleet` (the capabilities of the backends known so far),
     resolve its asset references, and store the job, or find the earlier one with the same
     key; returns it and whether it was created. Raises the checks' errors (UiFormatGraph,
-    InvalidGraph, MissingAsset), IdempotencyKeyReuse, and the repository's QueueFull
-    (the `backlog` of the key or of the service is full)."""
+    InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the `backlog` of the
+    key or of the service is full)."""
     graph = check_graph(request.graph, fleet)
     job_id = uuid.uuid4()
     prompt, files = await _resolve_assets(repository, assets, graph, job_id,
@@ -69,13 +57,13 @@ async def accept_graph(
         api_key_hash=request.api_key_hash,
         callback_url=request.callback_url,
     )
-    stored, created = await repository.insert(job, backlog=backlog)
+    stored, created = await admission.insert(repository, job, backlog)
     if (not created and stored.source == JobSource.GRAPH
             and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
         await repository.release_client_task_id(stored)  # the key expired: a new request
-        stored, created = await repository.insert(job, backlog=backlog)
+        stored, created = await admission.insert(repository, job, backlog)
     if not created and not _same_request(stored, job):
-        raise IdempotencyKeyReuse(f"Idempotency-Key {request.idempotency_key!r} was used "
+        raise IdempotencyConflict(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")
     return stored, created
 

@@ -23,17 +23,12 @@ from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
 from comfyfleet.api.v2.idempotency import IdempotencyKey
-from comfyfleet.intake.admission import backlog_limits, refusal, retry_after
-from comfyfleet.intake.graph_jobs import (
-    GraphRequest,
-    IdempotencyKeyReuse,
-    MissingAsset,
-    accept_graph,
-)
+from comfyfleet.intake.admission import backlog_limits
+from comfyfleet.intake.errors import BacklogFull, IdempotencyConflict, MissingAsset
+from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.notices import Notice, PreviewImage
-from comfyfleet.jobs.repository import QueueFull, Tenant
 from comfyfleet.services import Services, ServicesDep
 
 router = APIRouter(tags=["jobs"])
@@ -95,13 +90,11 @@ async def submit_job(
     except MissingAsset as exc:
         raise V2Error(422, "missing_asset", str(exc),
                       details={"node_id": exc.node_id, "field": exc.field}) from exc
-    except IdempotencyKeyReuse as exc:
+    except IdempotencyConflict as exc:
         raise V2Error(422, "idempotency_key_reuse", str(exc)) from exc
-    except QueueFull as exc:
-        seconds = await retry_after(svc.repository, exc, Tenant(caller.key_hash))
-        raise V2Error(429, "queue_full", refusal(exc, seconds),
-                      details={"scope": exc.scope, "queued": exc.queued, "limit": exc.limit},
-                      headers={"Retry-After": str(seconds)}) from exc
+    except BacklogFull as exc:
+        raise V2Error(429, "queue_full", str(exc), details=exc.details(),
+                      headers={"Retry-After": str(exc.retry_after)}) from exc
     if created:
         svc.fleet.job_available()
     else:

@@ -15,7 +15,6 @@ from starlette.formparsers import MultiPartException
 
 from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.errors import ApiError
-from comfyfleet.api.intake import Submission, accept
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake.errors import (
@@ -29,6 +28,7 @@ from comfyfleet.intake.errors import (
     Refused,
     StorageUnavailable,
 )
+from comfyfleet.intake.workflow_jobs import Submission, accept
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.services import Services, ServicesDep

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.fleet.fleet import Fleet
@@ -44,13 +43,3 @@ class Services:
                                if job.status == JobStatus.QUEUED else None)
         return rendered
 
-
-async def services(request: Request) -> Services:
-    """FastAPI dependency: the running service's parts. A coroutine, though it never waits:
-    FastAPI runs a plain function dependency in a worker thread, a thread hop per request."""
-    found = request.app.state.services
-    assert isinstance(found, Services)
-    return found
-
-
-ServicesDep = Annotated[Services, Depends(services)]

@@ -10,12 +10,13 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
 from comfyfleet.comfy.endpoints import NAME_PATTERN, InvalidBackend, make_backend
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.fleet.registry import BackendBusy, BackendExists
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 
 router = APIRouter(tags=["backends"])
 

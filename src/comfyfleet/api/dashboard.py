@@ -22,10 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet.api.deliveries import delivery_json
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import CallerDep, Guard
 from comfyfleet.api.tenants import unnamed
 from comfyfleet.jobs.overview import ACTIVITY_WINDOW, Overview
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 
 STATIC = Path(__file__).resolve().parent.parent / "dashboard"
 # Seconds between two events to an open dashboard while the fleet is busy (the first change

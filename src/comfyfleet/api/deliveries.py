@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt
-from comfyfleet.services import ServicesDep
 from comfyfleet.webhooks.outbox import Outbox
 
 router = APIRouter(tags=["webhooks"])

@@ -20,10 +20,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.notices import PreviewImage
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 
 router = APIRouter(tags=["jobs"])
 

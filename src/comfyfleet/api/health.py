@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from comfyfleet import db
-from comfyfleet.services import ServicesDep
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.storage import StorageError
 
 router = APIRouter(tags=["health"])

@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from comfyfleet.api.comfyui_server import known_params
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
@@ -31,7 +32,7 @@ from comfyfleet.intake.errors import (
 from comfyfleet.intake.workflow_jobs import Submission, accept
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow
 
 router = APIRouter(tags=["jobs"])

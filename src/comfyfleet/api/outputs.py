@@ -8,9 +8,9 @@ import uuid
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import CallerDep, visible_job
-from comfyfleet.services import ServicesDep
 from comfyfleet.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["jobs"])

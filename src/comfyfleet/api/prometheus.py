@@ -18,13 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Guard
 from comfyfleet.api.tenants import TenantState, tenant_states
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.metrics import REGISTRY
-from comfyfleet.services import ServicesDep
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import AdminDep, Guard
 from comfyfleet.api_keys import KeyLimits
 from comfyfleet.jobs.repository import JobRepository, TenantActivity
-from comfyfleet.services import ServicesDep
 
 WINDOW = timedelta(hours=1)
 # The tenant of the jobs submitted while keys were off.

@@ -6,9 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import AdminDep
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow, Workflow
 
 router = APIRouter(tags=["workflows"])

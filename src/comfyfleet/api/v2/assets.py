@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.outputs import stored_file
 from comfyfleet.api.security import Caller, CallerDep
 from comfyfleet.api.v2 import render
@@ -31,7 +32,7 @@ from comfyfleet.intake.assets import (
     parse_hash,
 )
 from comfyfleet.jobs.models import Job, utcnow
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 from comfyfleet.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["assets"])

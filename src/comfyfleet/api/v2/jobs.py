@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet import db
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.jobs import decode_cursor, encode_cursor
 from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.v2 import render
@@ -29,7 +30,7 @@ from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.notices import Notice, PreviewImage
-from comfyfleet.services import Services, ServicesDep
+from comfyfleet.services import Services
 
 router = APIRouter(tags=["jobs"])
 public = APIRouter(tags=["health"])

@@ -90,3 +90,30 @@ def test_no_function_is_over_60_lines() -> None:
         and node.end_lineno is not None and node.end_lineno - node.lineno + 1 > 60
     )
     assert long == []
+
+
+# The web framework's packages: only the HTTP layer and what stands above it may use them.
+HTTP_FRAMEWORKS = {"fastapi", "starlette", "sse_starlette"}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_api_knows_http() -> None:
+    """Below api/, code raises domain errors and api/ answers them (DESIGN §11): no request,
+    response or status code of the web framework reaches further down."""
+    units_below = {unit for units in LAYERS[_layer("api") + 1:] for unit in units}
+    below_api = sorted(
+        f"{path.relative_to(PACKAGE)} imports {package}"
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).with_suffix("").parts[0] in units_below
+        for package in _imported_packages(path) & HTTP_FRAMEWORKS
+    )
+    assert below_api == []

@@ -18,17 +18,7 @@ from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
-from comfyfleet.intake.errors import (
-    BacklogFull,
-    BuildFailed,
-    CallbackNotAllowed,
-    IdempotencyConflict,
-    ImageTooLarge,
-    InvalidParams,
-    NoCapableBackend,
-    Refused,
-    StorageUnavailable,
-)
+from comfyfleet.intake import errors as refusals
 from comfyfleet.intake.workflow_jobs import Submission, accept
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.models import Job, JobStatus
@@ -187,36 +177,36 @@ async def _accept(svc: Services, submission: Submission) -> tuple[Job, bool]:
         raise ApiError(422, "workflow_broken", str(exc), field="workflow") from exc
     except UnknownWorkflow as exc:
         raise ApiError(422, "unknown_workflow", str(exc), field="workflow") from exc
-    except Refused as exc:
+    except refusals.Refused as exc:
         raise _refusal(exc) from exc
 
 
-def _refusal(refused: Refused) -> ApiError:
+def _refusal(refused: refusals.Refused) -> ApiError:
     """The HTTP answer to a submission the intake refused."""
     message = str(refused)
     match refused:
-        case InvalidParams():
+        case refusals.InvalidParams():
             return ApiError(422, "invalid_params", message, params=refused.problems)
-        case ImageTooLarge():
+        case refusals.ImageTooLarge():
             return ApiError(413, "input_too_large", f"{refused.field}: {message} "
                             f"(MAX_UPLOAD_BYTES)", params={refused.field: message})
-        case IdempotencyConflict() if refused.job_id is not None:
+        case refusals.IdempotencyConflict() if refused.job_id is not None:
             return ApiError(422, "idempotency_conflict", message, job_id=str(refused.job_id))
-        case IdempotencyConflict():
+        case refusals.IdempotencyConflict():
             return ApiError(422, "idempotency_conflict", message)
-        case BuildFailed():
+        case refusals.BuildFailed():
             # The operator's code failed, not the request: said plainly, never a 5xx.
             return ApiError(422, "workflow_build_failed", message, workflow=refused.workflow)
-        case NoCapableBackend():
+        case refusals.NoCapableBackend():
             return ApiError(422, "no_capable_backend", message, missing=refused.missing)
-        case StorageUnavailable():
+        case refusals.StorageUnavailable():
             return ApiError(503, "storage_unavailable", message,
                             headers={"Retry-After": str(refused.retry_after)})
-        case BacklogFull():
+        case refusals.BacklogFull():
             return ApiError(429, "queue_full", message, **refused.details(),
                             retry_after=refused.retry_after,
                             headers={"Retry-After": str(refused.retry_after)})
-        case CallbackNotAllowed():
+        case refusals.CallbackNotAllowed():
             return ApiError(422, "callback_url_not_allowed", message, field=refused.field)
     return ApiError(422, "invalid_request", message, field=refused.field)
 

@@ -30,7 +30,8 @@ LAYERS: list[set[str]] = [
     {"metrics", "logs"},  # what every stage records into
     {"jobs"},  # model, repository, lease, the outbox's rows
     {"sim"},  # the simulated ComfyUI: keeps its cache by comfy/'s rules
-    {"egress", "storage", "comfy", "workflows", "pulse"},  # leaves
+    {"egress", "storage", "workflows", "pulse"},  # leaves
+    {"comfy"},  # what a ComfyUI server is and says (workflows read its /object_info)
     {"db", "sql"},
     {"settings"},
 ]

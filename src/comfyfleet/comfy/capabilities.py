@@ -3,46 +3,34 @@ inputs accept (model files for loader nodes, samplers, ...)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyfleet.comfy.object_info import InputSpec, hidden_inputs, node_inputs
 
-def _combo_options(spec: Any) -> frozenset[str] | None:
-    """The accepted values of a combo input spec, or None if the input is not a checked combo.
 
-    Two shapes exist: `[[options...], {...}]` and, for newer nodes, `["COMBO", {"options"}]`.
+def _combo_options(spec: InputSpec) -> frozenset[str] | None:
+    """The accepted values of a combo input, or None if the input is not a checked combo.
     Inputs filled by uploads (`image_upload`) or fetched at run time (`remote`) are not
-    checked: their options depend on files the job itself brings.
-    """
-    if not isinstance(spec, list) or not spec:
+    checked: their options depend on files the job itself brings."""
+    if spec.kind != "COMBO" or spec.config.get("image_upload") or spec.config.get("remote"):
         return None
-    config = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if config.get("image_upload") or config.get("remote"):
+    if not isinstance(spec.options, list):
         return None
-    if isinstance(spec[0], list):
-        options: Any = spec[0]
-    elif spec[0] == "COMBO":
-        options = config.get("options")
-    else:
-        return None
-    if not isinstance(options, list):
-        return None
-    return frozenset(str(option) for option in options)
+    return frozenset(str(option) for option in spec.options)
 
 
-def _numeric_range(spec: Any) -> tuple[float | None, float | None] | None:
-    if not isinstance(spec, list) or len(spec) < 2 or spec[0] not in ("INT", "FLOAT"):
+def _numeric_range(spec: InputSpec) -> tuple[float | None, float | None] | None:
+    if spec.kind not in ("INT", "FLOAT"):
         return None
-    config = spec[1] if isinstance(spec[1], dict) else {}
-    low, high = config.get("min"), config.get("max")
+    low, high = spec.config.get("min"), spec.config.get("max")
     return (low if isinstance(low, int | float) else None,
             high if isinstance(high, int | float) else None)
 
 
-def _has_unique_id(hidden: Any) -> bool:
-    """Whether a spec's hidden inputs include UNIQUE_ID (some specs wrap kinds in a list)."""
-    if not isinstance(hidden, dict):
-        return False
+def _has_unique_id(hidden: Mapping[str, Any]) -> bool:
+    """Whether a node's hidden inputs include UNIQUE_ID (some specs wrap kinds in a list)."""
     return any(kind == "UNIQUE_ID" or kind == ["UNIQUE_ID"] for kind in hidden.values())
 
 
@@ -59,16 +47,12 @@ class NodeSpec:
 
     @classmethod
     def from_object_info(cls, node: dict[str, Any]) -> NodeSpec:
-        inputs = node.get("input") or {}
-        types: dict[str, str] = {}
-        for section in ("required", "optional"):
-            for name, spec in (inputs.get(section) or {}).items():
-                declared = spec[0] if isinstance(spec, list) and spec else None
-                types[name] = declared if isinstance(declared, str) else "COMBO"
+        inputs = list(node_inputs(node))
         outputs = node.get("output") or []
         return cls(
-            input_types=types,
-            required=frozenset(inputs.get("required") or {}),
+            # An input of no declared type is taken for a combo.
+            input_types={name: spec.kind or "COMBO" for name, spec, _ in inputs},
+            required=frozenset(name for name, _, required in inputs if required),
             output_types=tuple(str(output) for output in outputs),
             output_node=node.get("output_node") is True,
         )
@@ -94,17 +78,15 @@ class Capabilities:
         ranges: dict[tuple[str, str], tuple[float | None, float | None]] = {}
         keyed_by_id: set[str] = set()
         for class_name, node in info.items():
-            inputs = node.get("input", {}) if isinstance(node, dict) else {}
-            if _has_unique_id(inputs.get("hidden")):
+            if _has_unique_id(hidden_inputs(node)):
                 keyed_by_id.add(class_name)
-            for section in ("required", "optional"):
-                for input_name, spec in (inputs.get(section) or {}).items():
-                    options = _combo_options(spec)
-                    if options is not None:
-                        combos[(class_name, input_name)] = options
-                    bounds = _numeric_range(spec)
-                    if bounds is not None:
-                        ranges[(class_name, input_name)] = bounds
+            for input_name, spec, _ in node_inputs(node):
+                options = _combo_options(spec)
+                if options is not None:
+                    combos[(class_name, input_name)] = options
+                bounds = _numeric_range(spec)
+                if bounds is not None:
+                    ranges[(class_name, input_name)] = bounds
         return cls(frozenset(info), combos, ranges, nodes, frozenset(keyed_by_id))
 
     def missing(self, prompt: dict[str, Any]) -> list[str]:

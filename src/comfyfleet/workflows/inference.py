@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from comfyfleet.comfy.object_info import InputSpec, node_inputs
 from comfyfleet.workflows.params import ParamSpec, ParamType, placeholders, whole_placeholder
 
 NOT_KNOWN_YET = ("not known yet: no backend has reported its nodes (/object_info); "
@@ -34,7 +35,8 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _combo(options: Any, config: dict[str, Any]) -> InputType | None:
+def _combo(spec: InputSpec) -> InputType | None:
+    config = spec.config
     if config.get("multiselect"):
         return None  # a list of values: nothing a placeholder's type can say
     if config.get("image_upload") and config.get("image_folder", "input") == "input":
@@ -42,26 +44,22 @@ def _combo(options: Any, config: dict[str, Any]) -> InputType | None:
         return InputType("image")
     if any(config.get(key) for key in ("image_upload", "video_upload", "file_upload", "remote")):
         return InputType("string")  # a file on the backend: its list changes with the files
-    return InputType("enum", choices=tuple(options) if isinstance(options, list) else ())
+    return InputType("enum", choices=tuple(spec.options) if isinstance(spec.options, list)
+                     else ())
 
 
-def input_type(spec: Any) -> InputType | None:
-    """The value an input spec (`[TYPE, {options}]` or `[[choices...], {options}]`) takes;
-    None for inputs fed by a link (IMAGE, MODEL, ...) or taking anything else."""
-    if not isinstance(spec, list) or not spec:
-        return None
-    declared = spec[0]
-    config = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if isinstance(declared, list):
-        return _combo(declared, config)
-    if declared == "COMBO":
-        return _combo(config.get("options"), config)
-    if declared in ("INT", "FLOAT"):
-        return InputType("int" if declared == "INT" else "float", _number(config.get("min")),
+def input_type(spec: InputSpec) -> InputType | None:
+    """The value an input takes; None for inputs fed by a link (IMAGE, MODEL, ...) or taking
+    anything else."""
+    if spec.kind == "COMBO":
+        return _combo(spec)
+    if spec.kind in ("INT", "FLOAT"):
+        config = spec.config
+        return InputType("int" if spec.kind == "INT" else "float", _number(config.get("min")),
                          _number(config.get("max")), _number(config.get("step")))
-    if declared == "STRING":
+    if spec.kind == "STRING":
         return InputType("string")
-    if declared == "BOOLEAN":
+    if spec.kind == "BOOLEAN":
         return InputType("bool")
     return None
 
@@ -74,15 +72,8 @@ class NodeInputs:
 
     @classmethod
     def from_object_info(cls, info: dict[str, Any]) -> NodeInputs:
-        classes: dict[str, dict[str, InputType | None]] = {}
-        for class_name, node in info.items():
-            sections = node.get("input") if isinstance(node, dict) else None
-            inputs = classes[class_name] = {}
-            for section in ("required", "optional"):
-                specs = sections.get(section) if isinstance(sections, dict) else None
-                for input_name, spec in (specs if isinstance(specs, dict) else {}).items():
-                    inputs[input_name] = input_type(spec)
-        return cls(classes)
+        return cls({class_name: {name: input_type(spec) for name, spec, _ in node_inputs(node)}
+                    for class_name, node in info.items()})
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
+from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import Choice, JobRepository
+from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage import LocalStorage
@@ -28,6 +30,18 @@ from comfyfleet.workflows.catalog import load_catalog
 from tests.support import REPO
 
 INVERT_PROMPT = load_catalog(REPO / "workflows").workflows["invert"].build({"width": 16})[1]
+
+
+class KeptEndings(Endings):
+    """The endings of a collector run alone, kept to be read."""
+
+    def __init__(self) -> None:
+        super().__init__([], JobWaiters())
+        self.told: list[Job] = []
+
+    def tell(self, event: JobEnded) -> None:
+        self.told.append(event.job)
+        super().tell(event)
 
 
 @pytest.fixture
@@ -81,7 +95,7 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
     await sim.start()
     repository = JobRepository(engine)
     storage = LocalStorage(tmp_path / "outputs")
-    finished: list[Job] = []
+    endings = KeptEndings()
     try:
         async with aiohttp.ClientSession() as http:
             client = ComfyClient(sim.url, http)
@@ -105,11 +119,11 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
                 claimed, {JobStatus.DISPATCHED}, status=JobStatus.UPLOADING
             )
             assert uploading is not None
-            collector = Collector(repository, storage, "", finished.append)
+            collector = Collector(repository, storage, "", endings)
             await collector.collect(client, uploading)
     finally:
         await sim.stop()
-    (failed,) = finished
+    (failed,) = endings.told
     assert failed.status == JobStatus.FAILED
     assert failed.error is not None
     assert failed.error["type"] == "output_unavailable"

@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from comfyfleet import db, metrics
+from comfyfleet import db
 from comfyfleet.api import (
     backends,
     dashboard,
@@ -41,7 +41,6 @@ from comfyfleet.fleet.discovery import DnsDiscovery, DnsTarget
 from comfyfleet.fleet.fleet import Fleet, FleetTuning
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.lease import ProcessLease
-from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -113,18 +112,13 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         catalog = await asyncio.to_thread(load_served_catalog, settings.workflows_dir)
         webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url)
         waiters = JobWaiters()
-
-        def on_terminal(job: Job) -> None:
-            metrics.job_finished(job)
-            waiters.finished(job)
-
         stack.push_async_callback(webhooks.close)
         lease = ProcessLease(engine)
         await lease.start()
         stack.push_async_callback(lease.close)
         registry = BackendRegistry(engine)
         fleet = Fleet(endpoints, repository, storage, FleetTuning.from_settings(settings),
-                      on_terminal=on_terminal, events=events, lease=lease, registry=registry,
+                      waiters=waiters, events=events, lease=lease, registry=registry,
                       catalog=catalog)
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,

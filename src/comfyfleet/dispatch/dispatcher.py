@@ -19,7 +19,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from comfyfleet import metrics
@@ -28,6 +28,7 @@ from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.dispatch.fair_share import fair_order, fifo_order
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
@@ -94,7 +95,7 @@ class Dispatcher:
         *,
         signals: DispatchSignals,
         max_inflight: int,
-        on_terminal: Callable[[Job], None],
+        endings: Endings,
         run_times: RunTimes,
         node_costs: NodeCosts,
         affinity_window: int,
@@ -117,7 +118,7 @@ class Dispatcher:
         self._tracker = tracker
         self._storage = storage
         self._max_inflight = max_inflight
-        self._on_terminal = on_terminal
+        self._endings = endings
         self._signals = signals
         self._backlog_empty = False  # what the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
@@ -378,7 +379,7 @@ class Dispatcher:
                 error=job_error("prompt_rejected", str(exc), details=exc.body.get("node_errors")),
             )
             if failed is not None:
-                self._on_terminal(failed)
+                self._endings.tell(JobEnded(failed))
             return
         except (ComfyError, StorageError) as exc:
             log.warning("backend %s did not take job %s: %s", session.name, job.id, exc,

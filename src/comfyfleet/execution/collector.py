@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from comfyfleet.comfy.cleanup import BackendCleanup, BackendFile
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
 from comfyfleet.db import unavailable
+from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
@@ -61,12 +61,12 @@ class Collector:
         repository: JobRepository,
         storage: Storage,
         key_prefix: str,
-        on_terminal: Callable[[Job], None],
+        endings: Endings,
     ) -> None:
         self._repository = repository
         self._storage = storage
         self._key_prefix = key_prefix
-        self._on_terminal = on_terminal
+        self._endings = endings
 
     def store_early(
         self, client: ComfyClient, running: Job, node_output: dict[str, Any],
@@ -200,5 +200,5 @@ class Collector:
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         if finished is None:
             return False
-        self._on_terminal(finished)
+        self._endings.tell(JobEnded(finished))
         return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from comfyfleet.comfy.messages import (
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector, EarlyOutputs
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
@@ -96,7 +97,7 @@ class ExecutionTracker:
         collector: Collector,
         *,
         max_attempts: int,
-        on_terminal: Callable[[Job], None],
+        endings: Endings,
         signals: DispatchSignals,
         quiet_seconds: float,
         grace_seconds: float,
@@ -115,7 +116,7 @@ class ExecutionTracker:
         self._abandoned: set[str] = set()  # backends whose prompts were given up after the grace
         self._collector = collector
         self._max_attempts = max_attempts
-        self._on_terminal = on_terminal
+        self._endings = endings
         self._signals = signals
         self._runs: dict[str, PromptRun] = {}
         self._submitting: set[str] = set()
@@ -284,7 +285,7 @@ class ExecutionTracker:
         failed = await self._repository.finish(run.job, JobStatus.FAILED, ON_BACKEND_STATES,
                                                error=error)
         if failed is not None:
-            self._on_terminal(failed)
+            self._endings.tell(JobEnded(failed))
 
     # Reconciliation.
 
@@ -376,7 +377,7 @@ class ExecutionTracker:
                 error=job_error("backend_lost", message + "; no attempts left"),
             )
             if failed is not None:
-                self._on_terminal(failed)
+                self._endings.tell(JobEnded(failed))
             return
         log.warning("%s: job %s requeued", message, job.id, extra=job_fields(job))
         if await self._repository.requeue(job) is not None:

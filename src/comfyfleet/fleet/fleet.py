@@ -7,15 +7,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from comfyfleet.comfy.cleanup import BackendFile
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
@@ -25,6 +25,7 @@ from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.pulse import Pulse
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
@@ -75,37 +76,39 @@ class Fleet:
         storage: Storage,
         tuning: FleetTuning,
         *,
-        on_terminal: Callable[[Job], None],
+        waiters: JobWaiters,
         events: JobNotices,
         lease: ProcessLease,
         registry: BackendRegistry,
         catalog: Catalog,
     ) -> None:
         """`backends` are the configured ones; the registry may hold more. The `catalog` is
-        told what each backend reports of its nodes, to type workflow parameters."""
+        told what each backend reports of its nodes, to type workflow parameters; `waiters`
+        hear of every job that ends here."""
         self._registry = registry
         self._catalog = catalog
         self._repository = repository
         self._node_token = tuning.node_token
-        self._on_terminal = on_terminal
-        self._input_cleanups: set[asyncio.Task[None]] = set()
         # What the tracker tells the dispatcher (and a drain waiting for a backend to idle).
         self._signals = DispatchSignals()
         # Beats whenever what `describe` shows of any backend changes (the dashboard).
         self.changes = Pulse()
-        collector = Collector(repository, storage, tuning.key_prefix, self._ended)
+        # One list shared with the dispatcher, the tracker's watch and the endings: backends
+        # come and go.
+        self.sessions: list[BackendSession] = []
+        # Told by every stage that ends a job.
+        self._endings = Endings(self.sessions, waiters)
+        collector = Collector(repository, storage, tuning.key_prefix, self._endings)
         # Learned by the tracker, used for placement.
         self._run_times, node_costs = RunTimes(), NodeCosts()
         self.tracker = ExecutionTracker(
-            repository, collector, max_attempts=tuning.max_attempts, on_terminal=self._ended,
+            repository, collector, max_attempts=tuning.max_attempts, endings=self._endings,
             signals=self._signals, grace_seconds=tuning.grace_seconds,
             quiet_seconds=tuning.quiet_seconds, events=events, run_times=self._run_times,
             node_costs=node_costs, lease=lease)
-        # One list shared with the dispatcher and the tracker's watch: backends come and go.
-        self.sessions: list[BackendSession] = []
         self.dispatcher = Dispatcher(
             repository, self.sessions, self.tracker, storage, signals=self._signals,
-            max_inflight=tuning.max_inflight, on_terminal=self._ended,
+            max_inflight=tuning.max_inflight, endings=self._endings,
             run_times=self._run_times, node_costs=node_costs,
             affinity_window=tuning.affinity_window, owner=lease.id,
             safety_pass_seconds=tuning.dispatch_interval, fair_share=tuning.fair_share)
@@ -128,18 +131,6 @@ class Fleet:
         self.sessions.append(session)
         self.changes.beat()
         return session
-
-    def _ended(self, job: Job) -> None:
-        """Every terminal state passes here: the input files uploaded for the job are deleted
-        from its backend whatever the outcome, then the outside hears of it."""
-        inputs = [BackendFile(value["name"], value["subfolder"], "input")
-                  for value in job.params.values() if isinstance(value, dict) and "input" in value]
-        session = self.session(job.backend) if job.backend else None
-        if inputs and session is not None:
-            task = asyncio.create_task(session.cleanup.delete(inputs))
-            self._input_cleanups.add(task)
-            task.add_done_callback(self._input_cleanups.discard)
-        self._on_terminal(job)
 
     async def _connected(self, session: BackendSession) -> None:
         # Before anything awaits: once a backend shows as connected, the catalog is typed
@@ -285,7 +276,7 @@ class Fleet:
                 session = self.session(job.backend) if job.backend else None
                 if session is not None:
                     await session.withdraw(job.prompt_id)
-            self._ended(cancelled)
+            self._endings.tell(JobEnded(cancelled))
             return cancelled
         raise RuntimeError(f"job {job_id} kept changing while it was being cancelled")
 
@@ -344,7 +335,7 @@ class Fleet:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.dispatcher.close()
         await self.tracker.close(grace)
-        await asyncio.gather(*self._input_cleanups, return_exceptions=True)
+        await self._endings.close()
         for session in self.sessions:
             await session.close()
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.execution.collector import Collector
@@ -279,6 +280,13 @@ class Fleet:
             self._endings.tell(JobEnded(cancelled))
             return cancelled
         raise RuntimeError(f"job {job_id} kept changing while it was being cancelled")
+
+    def reported_capabilities(self) -> list[Capabilities]:
+        """What each backend can run, once every one has reported it. Empty while any has not:
+        it may have what a job needs, so only the job's own structure can be checked, and the
+        job waits for a backend able to run it."""
+        known = [session.capabilities for session in self.sessions]
+        return [caps for caps in known if caps is not None] if None not in known else []
 
     def missing_everywhere(self, prompt: dict[str, Any]) -> dict[str, list[str]] | None:
         """What each backend lacks for `prompt` when none can run it; None when one can, or

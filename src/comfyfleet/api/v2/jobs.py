@@ -71,13 +71,9 @@ async def submit_job(
                       "extra_data (partner node keys) is not supported by this gateway",
                       details={"field": "extra_data"})
     labels = _labels(body.metadata)
-    # A backend that has not answered yet may have what the graph needs: then, as for
-    # catalog jobs, only the graph's structure is checked, and the job waits for a backend.
-    known = [s.capabilities for s in svc.fleet.sessions]
-    fleet = [caps for caps in known if caps is not None] if None not in known else []
     try:
         job, created = await accept_graph(
-            svc.repository, asset_store(svc), fleet,
+            svc.repository, asset_store(svc), svc.fleet.reported_capabilities(),
             GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash,
                          caller.callback_url),
             backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued))

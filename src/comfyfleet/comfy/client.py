@@ -44,25 +44,22 @@ class ComfyClient:
         return self.base_url + path
 
     async def _get_json(self, path: str, **params: str) -> Any:
-        try:
-            async with self.session.get(
-                self._url(path), params=params, timeout=DEFAULT_TIMEOUT
-            ) as response:
-                if response.status != 200:
-                    raise ComfyError(f"GET {path}: HTTP {response.status}")
-                return await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ComfyError(f"GET {path}: {exc!r}") from exc
+        return await self._request("GET", path, params=params)
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
+        await self._request("POST", path, json=body)
+
+    async def _request(self, method: str, path: str, **options: Any) -> Any:
+        """The JSON a GET answers (None for a POST); anything but a 200 is a ComfyError."""
         try:
-            async with self.session.post(
-                self._url(path), json=body, timeout=DEFAULT_TIMEOUT
+            async with self.session.request(
+                method, self._url(path), timeout=DEFAULT_TIMEOUT, **options
             ) as response:
                 if response.status != 200:
-                    raise ComfyError(f"POST {path}: HTTP {response.status}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ComfyError(f"POST {path}: {exc!r}") from exc
+                    raise ComfyError(f"{method} {path}: HTTP {response.status}")
+                return await response.json(content_type=None) if method == "GET" else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ComfyError(f"{method} {path}: {exc!r}") from exc
 
     async def queue_prompt(
         self, prompt: dict[str, Any], *, prompt_id: str, client_id: str

@@ -84,14 +84,13 @@ def make_resolver(nameserver: str | None, interval: float) -> dns.asyncresolver.
     return resolver
 
 
+@dataclass
 class DnsDiscovery:
-    def __init__(self, target: DnsTarget, resolver: dns.asyncresolver.Resolver, fleet: Fleet,
-                 registry: BackendRegistry, interval: float) -> None:
-        self.target = target
-        self._resolver = resolver
-        self._fleet = fleet
-        self._registry = registry
-        self._interval = interval
+    target: DnsTarget
+    resolver: dns.asyncresolver.Resolver
+    fleet: Fleet
+    registry: BackendRegistry
+    interval: float
 
     @classmethod
     def from_settings(cls, target: DnsTarget, settings: Settings, fleet: Fleet,
@@ -108,14 +107,14 @@ class DnsDiscovery:
                             self.target.name, exc)
             except Exception:  # the database may be away: the next pass tries again
                 log.exception("discovery: a pass failed")
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
 
     async def sync(self) -> None:
         """One pass: resolve, add what is new, drain what vanished, remove what is drained
         and idle, enable what came back."""
         addresses = await self._addresses()
-        await self._fleet.follow_registry()  # another process may have added some already
-        registered = await self._registry.all()
+        await self.fleet.follow_registry()  # another process may have added some already
+        registered = await self.registry.all()
         mine = {r.backend.url: r for r in registered if r.discovered_by == str(self.target)}
         taken_urls = {r.backend.url for r in registered}
         taken_names = {r.backend.name for r in registered}
@@ -125,12 +124,12 @@ class DnsDiscovery:
             if entry is not None:
                 if entry.draining and entry.vanished:  # a drain of its own, not preStop's
                     log.info("discovery: %s is back; enabling %s", address, entry.backend.name)
-                    await self._fleet.set_draining(entry.backend.name, False)
+                    await self.fleet.set_draining(entry.backend.name, False)
             elif url not in taken_urls:
                 name = await self._name(address, taken_names)
                 taken_names.add(name)
                 log.info("discovery: %s appeared; adding backend %s", address, name)
-                await self._fleet.add_backend(self.target.backend(address, name),
+                await self.fleet.add_backend(self.target.backend(address, name),
                                               discovered_by=str(self.target))
         for url, entry in mine.items():
             if url not in {self.target.url(a) for a in addresses}:
@@ -138,13 +137,13 @@ class DnsDiscovery:
 
     async def _retire(self, entry: Registered) -> None:
         name = entry.backend.name
-        if self._fleet.session(name) is None:
+        if self.fleet.session(name) is None:
             return
         if not entry.vanished:  # drained here, or marked: only its return undoes this
             log.info("discovery: %s vanished from DNS; draining it", name)
-            await self._fleet.set_draining(name, True, vanished=True)
+            await self.fleet.set_draining(name, True, vanished=True)
         try:
-            await self._fleet.remove_backend(name)
+            await self.fleet.remove_backend(name)
             log.info("discovery: %s removed", name)
         except BackendBusy:
             pass  # prompts still in flight there: a later pass removes it
@@ -153,7 +152,7 @@ class DnsDiscovery:
         found: list[str] = []
         for record in ("A", "AAAA"):
             try:
-                answer = await self._resolver.resolve(self.target.name, record, search=True)
+                answer = await self.resolver.resolve(self.target.name, record, search=True)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue  # no such name, or none of this family: no backends there
             except dns.exception.DNSException as exc:
@@ -166,7 +165,7 @@ class DnsDiscovery:
         else the address; never a name the fleet already has."""
         fallback = re.sub(r"[^0-9a-z]+", "-", str(ipaddress.ip_address(address)).lower())
         try:
-            answer = await self._resolver.resolve_address(address)
+            answer = await self.resolver.resolve_address(address)
             label = str(answer[0].target).split(".")[0].lower()
         except dns.exception.DNSException:
             return fallback

@@ -9,11 +9,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
-from comfyfleet.comfy.cache import CLASSIC, CachePolicy
-from comfyfleet.sim.server import MAX_UPLOAD_SIZE, SimulatedComfyUI
+from comfyfleet.comfy.cache import CachePolicy
+from comfyfleet.sim.server import SimulatedComfyUI
 
-__all__ = ["SimulatedComfyUI", "run_sim"]
+__all__ = ["SimOptions", "SimulatedComfyUI", "run_sim"]
+
+
+class SimOptions(TypedDict, total=False):
+    """SimulatedComfyUI's options that `run_sim` gives every backend alike."""
+
+    fail_rate: float
+    hang: bool
+    view_bytes_per_second: int | None
+    output_size: int | None
+    max_upload_size: int
+    custom_nodes: Sequence[Path]
+    cache: CachePolicy
+    load_seconds: float
 
 
 async def run_sim(
@@ -24,15 +38,8 @@ async def run_sim(
     speeds: list[float] | None = None,
     data_dir: Path | None = None,
     *,
-    fail_rate: float = 0.0,
     fail_seed: int | None = None,
-    hang: bool = False,
-    view_bytes_per_second: int | None = None,
-    output_size: int | None = None,
-    max_upload_size: int = MAX_UPLOAD_SIZE,
-    custom_nodes: Sequence[Path] = (),
-    cache: CachePolicy = CLASSIC,
-    load_seconds: float = 0.0,
+    **options: Unpack[SimOptions],
 ) -> None:
     """Serve `backends` simulators on ports `port`, `port + 1`, ... until cancelled.
 
@@ -51,15 +58,8 @@ async def run_sim(
             speed=speeds[i] if i < len(speeds) else 1.0,
             data_dir=data_dir / f"sim{i}" if data_dir is not None else None,
             name=f"sim{i}",
-            fail_rate=fail_rate,
             fail_seed=fail_seed + i if fail_seed is not None else None,
-            hang=hang,
-            view_bytes_per_second=view_bytes_per_second,
-            output_size=output_size,
-            max_upload_size=max_upload_size,
-            custom_nodes=custom_nodes,
-            cache=cache,
-            load_seconds=load_seconds,
+            **options,
         )
         for i in range(backends)
     ]

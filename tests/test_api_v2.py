@@ -293,6 +293,35 @@ async def test_invalid_and_ui_format_graphs_are_422_with_node_details(v2: str) -
     assert no_output.value.details["reason"] == "prompt_no_outputs"
 
 
+async def test_labels_outside_the_contract_are_refused_before_the_graph(v2: str) -> None:
+    """The intake's label rules (comfy-sdk's): at most 16, keys of 1 to 40 safe characters,
+    values strings of at most 256 bytes without control characters; refused as
+    metadata_invalid naming the key, even when the graph is bad too, and no job is made."""
+    refused: list[tuple[dict[str, Any], str | None]] = [
+        ({"bad key": "x"}, "bad key"), ({"": "x"}, ""), ({"k" * 41: "x"}, "k" * 41),
+        ({"n": 1}, "n"), ({"bell": "a\u0007"}, "bell"), ({"rtl": "a\u202eb"}, "rtl"),
+        ({"long": "\u00e9" * 129}, "long"), ({f"k{i}": "v" for i in range(17)}, None),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for metadata, key in refused:
+            for graph in (invert(20, 1), {"1": {"class_type": "NoSuchNode", "inputs": {}}}):
+                async with http.post(f"{v2}/api/v2/jobs",
+                                     json={"workflow": graph, "metadata": metadata}) as response:
+                    assert response.status == 422, metadata
+                    error = (await response.json())["error"]
+                assert error["code"] == "metadata_invalid", metadata
+                assert error["details"] == (None if key is None else {"key": key})
+        async with http.get(f"{v2}/api/v2/jobs") as response:
+            assert (await response.json())["jobs"] == []
+        at_the_limits = {f"k{i}": "v" for i in range(15)}
+        at_the_limits["a-Z_0.9" * 5 + "xxxxx"] = "\u00e9" * 128  # a 40-character key, 256 bytes
+        async with http.post(f"{v2}/api/v2/jobs",
+                             json={"workflow": invert(20, 1), "metadata": at_the_limits}
+                             ) as response:
+            assert response.status == 201
+            assert (await response.json())["metadata"] == at_the_limits
+
+
 async def test_idempotent_submit_replays_and_refuses_another_body(
     v2: str, engine: AsyncEngine
 ) -> None:

@@ -46,6 +46,15 @@ class InvalidParams(Refused):
         self.problems = problems
 
 
+class InvalidLabels(Refused):
+    """Metadata labels the v2 contract does not allow: `key` is the label concerned, None
+    when it is their number."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message, "metadata")
+        self.key = key
+
+
 class ImageTooLarge(Refused):
     """An image parameter over MAX_UPLOAD_BYTES; `field` names the parameter."""
 

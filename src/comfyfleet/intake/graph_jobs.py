@@ -15,19 +15,23 @@ from typing import Any
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.intake import admission, inputs
 from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
-from comfyfleet.intake.errors import IdempotencyConflict, MissingAsset
+from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.models import Job, JobSource, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# The label rules of the v2 contract (as comfy-sdk documents them).
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+_LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
+MAX_LABELS = 16
 
 
 @dataclass(frozen=True)
 class GraphRequest:
     graph: Any  # checked here
-    labels: dict[str, str] | None
+    metadata: dict[str, Any] | None  # the job's labels; checked here
     idempotency_key: str | None
     api_key_hash: str | None  # of the caller's API key; None without keys
     callback_url: str | None = None  # the caller's key's default: its webhook
@@ -39,9 +43,10 @@ async def accept_graph(
 ) -> tuple[Job, bool]:
     """Check the graph against `fleet` (the capabilities of the backends known so far),
     resolve its asset references, and store the job, or find the earlier one with the same
-    key; returns it and whether it was created. Raises the checks' errors (UiFormatGraph,
-    InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the `backlog` of the
-    key or of the service is full)."""
+    key; returns it and whether it was created. Raises the checks' errors (InvalidLabels,
+    UiFormatGraph, InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the
+    `backlog` of the key or of the service is full)."""
+    labels = checked_labels(request.metadata)
     graph = check_graph(request.graph, fleet)
     job_id = uuid.uuid4()
     prompt, files = await _resolve_assets(repository, assets, graph, job_id,
@@ -52,7 +57,7 @@ async def accept_graph(
         workflow=shape_label(graph),
         params=files,
         prompt=prompt,
-        labels=request.labels or None,
+        labels=labels,
         client_task_id=request.idempotency_key,
         api_key_hash=request.api_key_hash,
         callback_url=request.callback_url,
@@ -66,6 +71,24 @@ async def accept_graph(
         raise IdempotencyConflict(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")
     return stored, created
+
+
+def checked_labels(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    """The submission's metadata as the job's labels, or InvalidLabels."""
+    if not metadata:
+        return None
+    if len(metadata) > MAX_LABELS:
+        raise InvalidLabels(f"metadata has {len(metadata)} labels; at most {MAX_LABELS} are "
+                            f"allowed")
+    for key, value in metadata.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidLabels(f"metadata key {key!r} must be 1 to 40 of A-Z a-z 0-9 _ - .",
+                                key)
+        if (not isinstance(value, str) or len(value.encode()) > 256
+                or _LABEL_VALUE_BAD.search(value)):
+            raise InvalidLabels(f"metadata {key!r} must be a string of at most 256 bytes "
+                                f"without control characters", key)
+    return dict(metadata)
 
 
 def _same_request(stored: Job, asked: Job) -> bool:

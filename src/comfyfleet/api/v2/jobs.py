@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -25,7 +24,12 @@ from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
 from comfyfleet.api.v2.idempotency import IdempotencyKey
 from comfyfleet.intake.admission import backlog_limits
-from comfyfleet.intake.errors import BacklogFull, IdempotencyConflict, MissingAsset
+from comfyfleet.intake.errors import (
+    BacklogFull,
+    IdempotencyConflict,
+    InvalidLabels,
+    MissingAsset,
+)
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.models import Job
@@ -38,10 +42,6 @@ public = APIRouter(tags=["health"])
 # Another process's changes reach no notice here; an event stream reads its job this often.
 REREAD_SECONDS = 1.0
 PING_SECONDS = 15
-# The label rules of the v2 contract (as comfy-sdk documents them).
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-_LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
-MAX_LABELS = 16
 # The statuses of the v2 contract and the job states each stands for.
 V2_STATUSES = {v2: [ours for ours, mapped in render.STATUSES.items() if mapped == v2]
                for v2 in set(render.STATUSES.values())}
@@ -70,11 +70,10 @@ async def submit_job(
         raise V2Error(422, "invalid_request",
                       "extra_data (partner node keys) is not supported by this gateway",
                       details={"field": "extra_data"})
-    labels = _labels(body.metadata)
     try:
         job, created = await accept_graph(
             svc.repository, asset_store(svc), svc.fleet.reported_capabilities(),
-            GraphRequest(body.workflow, labels, idempotency_key, caller.key_hash,
+            GraphRequest(body.workflow, body.metadata, idempotency_key, caller.key_hash,
                          caller.callback_url),
             backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued))
     except UiFormatGraph as exc:
@@ -84,6 +83,9 @@ async def submit_job(
                                    for node, problems in exc.node_errors.items()},
                    **exc.details}
         raise V2Error(422, "invalid_workflow", str(exc), details=details) from exc
+    except InvalidLabels as exc:
+        raise V2Error(422, "metadata_invalid", str(exc),
+                      details=None if exc.key is None else {"key": exc.key}) from exc
     except MissingAsset as exc:
         raise V2Error(422, "missing_asset", str(exc),
                       details={"node_id": exc.node_id, "field": exc.field}) from exc
@@ -97,25 +99,6 @@ async def submit_job(
     else:
         response.headers["Idempotency-Replayed"] = "true"
     return await render.job_object(svc, job, render.origin(request))
-
-
-def _labels(metadata: dict[str, Any] | None) -> dict[str, str] | None:
-    if not metadata:
-        return None
-    if len(metadata) > MAX_LABELS:
-        raise V2Error(422, "metadata_invalid",
-                      f"metadata has {len(metadata)} labels; at most {MAX_LABELS} are allowed")
-    for key, value in metadata.items():
-        if not _LABEL_KEY.match(key):
-            raise V2Error(422, "metadata_invalid",
-                          f"metadata key {key!r} must be 1 to 40 of A-Z a-z 0-9 _ - .",
-                          details={"key": key})
-        if (not isinstance(value, str) or len(value.encode()) > 256
-                or _LABEL_VALUE_BAD.search(value)):
-            raise V2Error(422, "metadata_invalid",
-                          f"metadata {key!r} must be a string of at most 256 bytes without "
-                          f"control characters", details={"key": key})
-    return dict(metadata)
 
 
 async def _job(svc: Services, caller: Caller, job_id: str) -> Job:

@@ -7,7 +7,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 
@@ -24,8 +24,6 @@ from comfyfleet.workflows.inference import NodeInputs
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[["BackendSession", Message | Binary], Awaitable[None]]
-SessionHandler = Callable[["BackendSession"], Awaitable[None]]
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 BACKOFF_FIRST = 0.5
@@ -36,20 +34,29 @@ STATS_PROBE_SECONDS = 5.0
 STATS_TIMEOUT = 10.0
 
 
-class BackendSession:
-    """Tracks one backend: whether it is up, its queue length, and our prompts on it.
+class SessionListener(Protocol):
+    """Who hears a session's news (the fleet, which made it), told in this order:
+    `backend_connected` after every (re)connect, before any message of that connection (so
+    missed events can be reconciled); each `backend_message` in arrival order;
+    `backend_disconnected` when a connection that was up is lost."""
 
-    Messages are handed to `on_message` in arrival order; `on_connect` runs after every
-    (re)connect, before any message of that connection, so missed events can be reconciled.
-    """
+    async def backend_connected(self, session: BackendSession) -> None: ...
+
+    async def backend_message(self, session: BackendSession, message: Message | Binary
+                              ) -> None: ...
+
+    async def backend_disconnected(self, session: BackendSession) -> None: ...
+
+
+class BackendSession:
+    """Tracks one backend: whether it is up, its queue length, and our prompts on it; tells
+    `listener` of what happens there."""
 
     def __init__(
         self,
         backend: Backend,
+        listener: SessionListener,
         *,
-        on_message: MessageHandler,
-        on_connect: SessionHandler,
-        on_disconnect: SessionHandler,
         node_token: str | None = None,
         changes: Pulse | None = None,
     ) -> None:
@@ -58,9 +65,7 @@ class BackendSession:
         # One id for the life of this process: events for prompts queued before a reconnect
         # still reach the new socket (which is opened only after the old one is closed).
         self.client_id = f"comfyfleet-{uuid.uuid4().hex}"
-        self._on_message = on_message
-        self._on_connect = on_connect
-        self._on_disconnect = on_disconnect
+        self._listener = listener
         self._changes = changes or Pulse()
         self._http = aiohttp.ClientSession()
         self.client = ComfyClient(backend.url, self._http)
@@ -127,7 +132,7 @@ class BackendSession:
             self.last_error = None
             log.info("backend %s connected (%s)", self.name, self.backend.url)
             self._changes.beat()
-            await self._on_connect(self)
+            await self._listener.backend_connected(self)
             probe = asyncio.create_task(self._probe_stats(websocket))
             try:
                 await self._read(websocket)
@@ -147,7 +152,7 @@ class BackendSession:
                 self._unreachable_since = time.monotonic()
                 log.warning("backend %s disconnected", self.name)
                 self._changes.beat()
-                await self._on_disconnect(self)
+                await self._listener.backend_disconnected(self)
 
     async def _read(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
         async for frame in websocket:
@@ -158,7 +163,7 @@ class BackendSession:
             elif frame.type == aiohttp.WSMsgType.BINARY:
                 binary = parse_binary(frame.data)
                 if binary is not None:
-                    await self._on_message(self, binary)
+                    await self._listener.backend_message(self, binary)
             elif frame.type == aiohttp.WSMsgType.ERROR:
                 raise ComfyError(f"websocket error: {websocket.exception()!r}")
 
@@ -194,7 +199,7 @@ class BackendSession:
                 and message.queue_remaining != self.queue_remaining):
             self.queue_remaining = message.queue_remaining
             self._changes.beat()
-        await self._on_message(self, message)
+        await self._listener.backend_message(self, message)
 
     def hold(self, prompt_id: str) -> None:
         """One of our prompts is going to this backend: it takes a slot."""

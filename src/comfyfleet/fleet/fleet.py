@@ -13,6 +13,7 @@ from typing import Any
 
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.comfy.messages import Binary, Message
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.costs import NodeCosts
@@ -121,25 +122,28 @@ class Fleet:
             self._add_session(backend)
 
     def _add_session(self, backend: Backend) -> BackendSession:
-        session = BackendSession(
-            backend,
-            on_message=self.tracker.on_message,
-            on_connect=self._connected,
-            on_disconnect=self.tracker.on_disconnect,
-            node_token=self._node_token,
-            changes=self.changes,
-        )
+        session = BackendSession(backend, self, node_token=self._node_token,
+                                 changes=self.changes)
         self.sessions.append(session)
         self.changes.beat()
         return session
 
-    async def _connected(self, session: BackendSession) -> None:
+    # What the sessions tell the fleet (execution.session.SessionListener).
+
+    async def backend_connected(self, session: BackendSession) -> None:
         # Before anything awaits: once a backend shows as connected, the catalog is typed
         # from what it reported.
         assert session.node_inputs is not None
         self._catalog.backend_reported(session.name, session.node_inputs)
         await self.tracker.on_connect(session)
         self.job_available()
+
+    async def backend_message(self, session: BackendSession, message: Message | Binary
+                              ) -> None:
+        await self.tracker.on_message(session, message)
+
+    async def backend_disconnected(self, session: BackendSession) -> None:
+        await self.tracker.on_disconnect(session)
 
     def job_available(self) -> None:
         """A job was queued, or a backend began taking work: let the dispatcher look now."""

@@ -13,6 +13,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
+from comfyfleet.execution.costs import NodeCosts
 from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -222,3 +223,19 @@ def test_speed_compares_a_backend_with_the_fleet_on_the_workflows_it_ran() -> No
     assert times.speed("slow") == pytest.approx(2 / 3)
     assert times.speed("new") is None
     assert times.speed("unknown") is None
+
+
+def test_a_node_not_yet_seen_on_a_backend_costs_the_fleets_median_over_its_speed() -> None:
+    costs = NodeCosts()
+    for seconds in (1.0, 1.1, 0.9):
+        costs.record("fast", "sampler-x", "KSampler", seconds)
+        costs.record("slow", "sampler-y", "KSampler", 2 * seconds)
+        costs.record("fast", "save-x", "SaveImage", 0.001)  # too short to weigh
+        costs.record("slow", "save-y", "SaveImage", 0.01)
+    assert costs.cost("fast", "sampler-x", "KSampler") == 1.0  # its own samples
+    fleet = costs.cost("new", "sampler-z", "KSampler")  # fleet median, speed 1
+    assert costs.speed("slow") < 1.0 < costs.speed("fast")
+    assert costs.cost("slow", "sampler-z", "KSampler") == pytest.approx(
+        fleet / costs.speed("slow"))
+    assert costs.cost("slow", "sampler-z", "KSampler") > 1.4 * costs.cost(
+        "fast", "sampler-z", "KSampler")

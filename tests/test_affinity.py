@@ -23,13 +23,6 @@ LOAD = 0.5  # seconds SimulatedLoader takes when not cached
 A, B = "model-a.safetensors", "model-b.safetensors"
 
 
-async def history(sim: SimulatedComfyUI, prompt_id: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"{sim.url}/history/{prompt_id}") as response:
-        entry: dict[str, Any] = (await response.json())[prompt_id]
-        return entry
-
-
 def served_from_cache(entry: dict[str, Any]) -> list[str]:
     (nodes,) = [data["nodes"] for kind, data in entry["status"]["messages"]
                 if kind == "execution_cached"]
@@ -40,22 +33,10 @@ def served_from_cache(entry: dict[str, Any]) -> list[str]:
 async def test_a_job_goes_where_its_model_is_loaded(
     window: int, settings: Settings
 ) -> None:
-    settings.max_inflight_per_backend = 1
     settings.affinity_window = window
     async with AsyncExitStack() as stack:
-        sim_a = await stack.enter_async_context(SimulatedComfyUI(load_seconds=LOAD))
-        sim_b = await stack.enter_async_context(SimulatedComfyUI(load_seconds=LOAD))
-        settings.comfyui_endpoints = [sim_a.url + "#a", sim_b.url + "#b"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        gateway = Gateway(http, base + settings.route_prefix)
         # Backend a loads model a, backend b model b.
-        await gateway.call("PATCH", "/backends/b", {"drain": True})
-        await gateway.run(A)
-        await gateway.call("PATCH", "/backends/b", {"drain": False})
-        await gateway.call("PATCH", "/backends/a", {"drain": True})
-        await gateway.run(B)
-        await gateway.call("PATCH", "/backends/a", {"drain": False})
+        gateway = await two_warm_backends(stack, settings, load=LOAD)
         # Both busy on their own model, a for less long; then a job for b, one for a.
         busy_a = await gateway.submit(A, seconds=2.0)
         await gateway.reached(busy_a, "running")
@@ -65,19 +46,17 @@ async def test_a_job_goes_where_its_model_is_loaded(
         job_a = await gateway.submit(A)
         jobs = {name: await gateway.finished(job_id) for name, job_id in
                 [("busy_a", busy_a), ("busy_b", busy_b), ("b", job_b), ("a", job_a)]}
-        run_of_a = await history(sim_a, jobs["a"]["prompt_id"]) \
-            if jobs["a"]["backend"] == "a" else None
+        a_cached = jobs["a"]["backend"] == "a" and await loader_cached(gateway, jobs["a"])
     assert (jobs["busy_a"]["backend"], jobs["busy_b"]["backend"]) == ("a", "b")
-    loaded = served_from_cache(run_of_a) if run_of_a is not None else []
     if window == 0:
         # FIFO: backend a, free first, takes the job for b and loads model b; the job for a
         # then has to load model a again.
         assert jobs["b"]["dispatched_at"] < jobs["a"]["dispatched_at"]
-        assert "1" not in loaded
+        assert not a_cached
     else:
         # The job for a goes first, to backend a, where its model is loaded.
         assert jobs["a"]["dispatched_at"] < jobs["b"]["dispatched_at"]
-        assert jobs["a"]["backend"] == "a" and "1" in loaded
+        assert jobs["a"]["backend"] == "a" and a_cached
 
 
 @pytest.mark.parametrize(("window", "expected"), [
@@ -107,3 +86,65 @@ async def test_no_job_is_overtaken_more_than_the_window_and_priorities_hold(
         await gateway.finished(busy)
         jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
     assert sorted(jobs, key=lambda name: jobs[name]["dispatched_at"]) == expected
+
+
+async def two_warm_backends(stack: AsyncExitStack, settings: Settings,
+                            load: float) -> Gateway:
+    """Backends a and b, one prompt each at a time, a holding model a and b model b."""
+    settings.max_inflight_per_backend = 1
+    sim_a = await stack.enter_async_context(SimulatedComfyUI(load_seconds=load))
+    sim_b = await stack.enter_async_context(SimulatedComfyUI(load_seconds=load))
+    settings.comfyui_endpoints = [sim_a.url + "#a", sim_b.url + "#b"]
+    base = await stack.enter_async_context(serving(settings))
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    gateway = Gateway(http, base + settings.route_prefix)
+    for model, other in [(A, "b"), (B, "a")]:
+        await gateway.call("PATCH", f"/backends/{other}", {"drain": True})
+        await gateway.run(model)
+        await gateway.call("PATCH", f"/backends/{other}", {"drain": False})
+    return gateway
+
+
+async def loader_cached(gateway: Gateway, job: dict[str, Any]) -> bool:
+    """Whether the backend that ran `job` served its loader from its cache."""
+    backends = await gateway.call("GET", "/backends")
+    (url,) = [backend["url"] for backend in backends if backend["name"] == job["backend"]]
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{url}/history/{job['prompt_id']}") as response:
+        entry: dict[str, Any] = (await response.json())[job["prompt_id"]]
+    return "1" in served_from_cache(entry)
+
+
+@pytest.mark.parametrize(("busy_seconds", "runs_on"), [(0.3, "a"), (6.0, "b")])
+async def test_a_job_waits_for_the_backend_holding_its_model_only_when_that_is_sooner(
+    busy_seconds: float, runs_on: str, settings: Settings
+) -> None:
+    """Backend a holds the job's model but is busy; b is idle and would have to load it (2 s).
+    Shortly busy, a finishes the job sooner: the job waits for it. Busy for long (its
+    progress shows it), loading on b is sooner: b takes the job."""
+    settings.affinity_window = 4
+    async with AsyncExitStack() as stack:
+        gateway = await two_warm_backends(stack, settings, load=2.0)
+        busy = await gateway.submit(A, seconds=busy_seconds, steps=20)
+        await gateway.reached(busy, "running")
+        job = await gateway.finished(await gateway.submit(A))
+        cached = await loader_cached(gateway, job)
+    assert (job["backend"], cached) == (runs_on, runs_on == "a")
+
+
+async def test_a_job_waiting_for_its_warm_backend_is_not_overtaken(settings: Settings) -> None:
+    """Backend b, free, takes the jobs for its own model b one after another past the job for
+    model a queued before them: that job waits for backend a, which holds model a, and does
+    not count as overtaken, so a window of 1 does not force b to load model a."""
+    settings.affinity_window = 1
+    async with AsyncExitStack() as stack:
+        gateway = await two_warm_backends(stack, settings, load=2.0)
+        busy = await gateway.submit(A, seconds=1.0)
+        await gateway.reached(busy, "running")
+        queued = {"a1": await gateway.submit(A), "b1": await gateway.submit(B),
+                  "b2": await gateway.submit(B), "b3": await gateway.submit(B)}
+        jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
+        a1_cached = await loader_cached(gateway, jobs["a1"])
+    assert {name: job["backend"] for name, job in jobs.items()} == \
+        {"a1": "a", "b1": "b", "b2": "b", "b3": "b"}
+    assert a1_cached

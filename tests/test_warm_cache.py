@@ -26,8 +26,10 @@ class Gateway:
         self.http = http
         self.base = base
 
-    async def submit(self, model: str, seconds: float = 0.0, priority: int = 0) -> str:
-        body = {"workflow": "simulated_model", "params": {"model": model, "seconds": seconds},
+    async def submit(self, model: str, seconds: float = 0.0, priority: int = 0,
+                     steps: int = 1) -> str:
+        body = {"workflow": "simulated_model",
+                "params": {"model": model, "seconds": seconds, "steps": steps},
                 "priority": priority}
         async with self.http.post(f"{self.base}/jobs", json=body) as response:
             job = await response.json()

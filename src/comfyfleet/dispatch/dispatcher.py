@@ -27,7 +27,7 @@ from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.dispatch.fair_share import fair_order, fifo_order
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
-from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.costs import UNSEEN_NODE_SECONDS, NodeCosts
 from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
@@ -67,6 +67,16 @@ def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list
     return sorted(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
 
 
+def length_by_steps(run: PromptRun) -> float | None:
+    """A running prompt's whole run time as its step progress tells it; None until it has
+    made enough progress to judge."""
+    if run.started is None or run.step_fraction < MIN_PROGRESS_TO_JUDGE:
+        return None
+    # Timed at its last report: the time since then is part of the next step, and counting
+    # it would make the prompt look longer than it is.
+    return (run.stepped_at - run.started) / run.step_fraction
+
+
 @dataclass(frozen=True)
 class Prospect:
     """A prompt that might finish sooner elsewhere."""
@@ -83,6 +93,49 @@ class Prospect:
         if self.run.started is not None and afresh * RESTART_MARGIN >= self.left:
             return 0.0
         return self.left - afresh
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """One backend as cache-aware placement sees it."""
+
+    session: BackendSession
+    held: frozenset[str]  # the cache keys it will hold once its prompts have run
+    busy: float  # expected seconds until a prompt queued there now starts
+
+
+class _Elsewhere:
+    """Where the jobs a backend passes would run instead: each, in backlog order, on the
+    backend that holds more of it and finishes it soonest, after the jobs before it that
+    went there too."""
+
+    def __init__(self, dispatcher: Dispatcher, here: BackendView,
+                 others: list[BackendView]) -> None:
+        self._dispatcher, self._here = dispatcher, here
+        self._holders: dict[str, list[BackendView]] = {}
+        for view in others:
+            for key in view.held - here.held:
+                self._holders.setdefault(key, []).append(view)
+        self._ahead = {view.session.name: view.busy for view in others}
+
+    def finish(self, job: QueuedJob, cost_here: float) -> tuple[float, float] | None:
+        """When `job` would be done on the backend that holds more of it than here, and what
+        it costs there (None when no backend holds more of it), counting it in that
+        backend's work from now on."""
+        keys = self._dispatcher.keys_of(job, self._here.session).keys.values()
+        best: tuple[float, float, BackendView] | None = None
+        for view in {id(v): v for key in keys for v in self._holders.get(key, ())}.values():
+            cost = self._dispatcher.cost(view, job)
+            if cost + AFFINITY_MIN_GAIN >= cost_here:
+                continue
+            assert view.session.capabilities is not None
+            done = self._ahead[view.session.name] + cost
+            if (best is None or done < best[0]) and view.session.capabilities.can_run(job.prompt):
+                best = (done, cost, view)
+        if best is None:
+            return None
+        self._ahead[best[2].session.name] = best[0]
+        return best[0], best[1]
 
 
 class Dispatcher:
@@ -121,13 +174,17 @@ class Dispatcher:
         self._endings = endings
         self._signals = signals
         self._backlog_empty = False  # what the last claim's pick saw
+        self._waiting = False  # a pick left a free backend idle: waiting was sooner
         self._submissions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         while True:
-            claim = self._signals.take()
+            # A backend left free to wait for a warm one may be better off taking a job now
+            # that a running prompt's length is clearer.
+            claim = self._signals.take() or self._waiting
             try:
                 if claim:
+                    self._waiting = False
                     while await self._dispatch_one():
                         pass
                 await self._rebalance()
@@ -167,9 +224,8 @@ class Dispatcher:
         task.add_done_callback(self._submissions.discard)
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
-        """The first job `session` can run in fair-share order (or one it runs sooner from
-        its cache, within the affinity window), unless faster backends would get through the
-        backlog before it finished that job."""
+        """The job `session` should start now, in fair-share order (see `_affine`), unless
+        faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
         self._backlog_empty = not queued
         if not session.accepts_work:
@@ -179,11 +235,39 @@ class Dispatcher:
         runnable = [job for job in ordered if session.capabilities.can_run(job.prompt)]
         if not runnable:
             return None
-        head = self._affine(session, runnable)
-        choice = Choice(head.id, tuple(job.id for job in runnable[:runnable.index(head)]),
-                        charge=estimate(head.workflow))
         # The backlog goes on beyond what we read: deep enough for everyone.
         backlog = math.inf if any(job.beyond for job in queued) else len(runnable)
+        if not self._affinity_window:
+            return self._speed_checked(
+                session, Choice(runnable[0].id, charge=estimate(runnable[0].workflow)),
+                runnable[0], backlog)
+        here = self._view(session)
+        others = [self._view(other) for other in self._sessions if other is not session
+                  and other.accepts_work and other.capabilities is not None]
+        choice = self._affine(here, others, runnable)
+        if choice is None:
+            return None
+        head = next(job for job in runnable if job.id == choice.job_id)
+        choice = choice._replace(charge=estimate(head.workflow))
+        cost = self.cost(here, head)
+        if self.cost(here, head, cold=True) - cost < AFFINITY_MIN_GAIN:
+            return self._speed_checked(session, choice, head, backlog)
+        # Its cache serves this job: judged by the same estimate, cache and all, against
+        # the others (a blind one could leave a job to a backend that would load its model,
+        # which leaves it to this one), and left to another only for the gain for which
+        # that one would take it (see `_affine`): more than its extra cost.
+        rivals = (BackendLoad(view.session.name, rival_cost,
+                              view.busy + max(rival_cost - cost, 0.0) + AFFINITY_MIN_GAIN)
+                  for view in others if view.session.capabilities is not None
+                  and view.session.capabilities.can_run(head.prompt)
+                  for rival_cost in [self.cost(view, head)])
+        return choice if backlog == math.inf or should_take(
+            BackendLoad(session.name, cost, here.busy), rivals, int(backlog)) else None
+
+    def _speed_checked(self, session: BackendSession, choice: Choice, head: QueuedJob,
+                       backlog: float) -> Choice | None:
+        """`choice`, unless faster backends would get through the backlog before `session`
+        finished it, by the run times learned per workflow."""
         candidate = self._load(session, head.workflow)
         if candidate is None or backlog == math.inf:
             return choice
@@ -195,37 +279,97 @@ class Dispatcher:
         tenant is charged until it ends (its real run time replaces the charge then)."""
         return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
-    def _affine(self, session: BackendSession, runnable: list[QueuedJob]) -> QueuedJob:
-        """The job `session` should take: the first, unless a later one of the same priority
-        would cost it less for what its cache holds (its model loaded). Only jobs within the
-        affinity window are looked at, and none past a job that has been overtaken as often
-        as the window allows: no job waits behind more than AFFINITY_WINDOW later ones."""
-        first = runnable[0]
-        candidates: list[QueuedJob] = []
-        for job in runnable[:self._affinity_window + 1]:
-            if job.priority != first.priority:
-                break
-            candidates.append(job)
-            if job.overtaken >= self._affinity_window:
-                break
-        if len(candidates) < 2:
-            return first
-        # What the backend will hold once the prompts it has now have run.
-        held = session.warm.held_after(
-            [run.keys for run in self._tracker.runs_on(session) if run.keys is not None])
-        cost = {job.id: self._uncached_seconds(session, job, held) for job in candidates}
-        best = min(candidates, key=lambda job: cost[job.id])  # the earliest among equals
-        return best if cost[best.id] + AFFINITY_MIN_GAIN < cost[first.id] else first
+    def _affine(self, here: BackendView, others: list[BackendView],
+                runnable: list[QueuedJob]) -> Choice | None:
+        """The job of the highest waiting priority that `session` should start now, by where
+        each job finishes soonest, counting what every backend's cache holds; None when every
+        one of them finishes sooner by waiting for another backend.
 
-    def _uncached_seconds(self, session: BackendSession, job: QueuedJob,
-                          held: frozenset[str]) -> float:
+        A backend whose cache serves one of these jobs (its model loaded) keeps to it: it
+        takes the oldest job that costs it least. A job it passes that way waits for a backend
+        that holds more of it, or, if none does, counts as overtaken; no job is overtaken more
+        than AFFINITY_WINDOW times. A backend whose cache serves none of them takes the job
+        that gains most by starting there now rather than waiting for a backend that holds
+        its model, if any gains."""
+        band = [job for job in runnable if job.priority == runnable[0].priority]
+        costs = [self.cost(here, job) for job in band]
+        cheapest = min(costs)
+        index = next(i for i, cost in enumerate(costs) if cost <= cheapest + AFFINITY_MIN_GAIN)
+        elsewhere = _Elsewhere(self, here, others)
+        if self.cost(here, band[index], cold=True) - costs[index] >= AFFINITY_MIN_GAIN:
+            # Warm: keep to the cache, unless that passes a job overtaken too often.
+            passed: list[uuid.UUID] = []
+            for job, cost in zip(band[:index], costs, strict=False):
+                if elsewhere.finish(job, cost) is not None:
+                    continue  # it waits for a backend that holds more of it
+                if job.overtaken >= self._affinity_window:
+                    return Choice(job.id, tuple(passed))
+                passed.append(job.id)
+            return Choice(band[index].id, tuple(passed))
+        # Cold: which job gains most by starting here now rather than waiting for the backend
+        # that holds it? Only a gain larger than the extra GPU time it costs here (the load)
+        # is one: the fleet spends that time, and a smaller gain soon goes to the next job.
+        best: tuple[float, QueuedJob] | None = None
+        for job, cost in zip(band, costs, strict=True):
+            there = elsewhere.finish(job, cost)
+            if there is None:  # no backend holds more of it: the oldest such goes now
+                return Choice(job.id)
+            finish_there, cost_there = there
+            gain = finish_there - (here.busy + cost) - (cost - cost_there)
+            if best is None or gain > best[0]:
+                best = (gain, job)
+        # A load is decided as late as it can be, when the GPU would otherwise go idle: by
+        # then more of the backlog has arrived and more is known of what things cost.
+        if best is None or best[0] <= AFFINITY_MIN_GAIN or self._tracker.runs_on(here.session):
+            self._waiting = True
+            return None
+        return Choice(best[1].id)
+
+    def _view(self, session: BackendSession) -> BackendView:
+        """What `session` holds and has ahead of a prompt queued there now."""
+        ahead: list[PromptKeys] = []
+        busy = 0.0
+        runs = self._tracker.runs_on(session)
+        for run in runs:
+            busy += self._run_left(run, session.warm.held_after(ahead))
+            if run.keys is not None:
+                ahead.append(run.keys)
+        # Other clients' prompts there count as much as one of ours.
+        busy += max(0, session.queue_remaining - len(runs)) * UNSEEN_NODE_SECONDS
+        return BackendView(session, session.warm.held_after(ahead), busy)
+
+    def _run_left(self, run: PromptRun, held: frozenset[str]) -> float:
+        """Expected seconds left of a prompt of ours that will find `held` in its backend's
+        cache (for one running, what its cached and finished nodes left there): by its own
+        step progress once that tells (a long job shows itself long), else by what its nodes
+        not held cost."""
+        length = length_by_steps(run)
+        if length is not None and run.started is not None:
+            return max(length - (time.monotonic() - run.started), 0.0)
+        if run.keys is None:
+            return self._seconds_left(run, UNSEEN_NODE_SECONDS)
+        left = self._node_costs.uncached_seconds(run.session.name, run.keys.prompt,
+                                                 run.keys.keys, held)
+        if run.node_running is not None:
+            left -= time.monotonic() - run.node_started
+        return max(left, 0.0)
+
+    def cost(self, view: BackendView, job: QueuedJob, *, cold: bool = False) -> float:
+        """Expected seconds of `job` on that backend beyond what its cache serves (with
+        `cold`, as if it held nothing)."""
+        return self._node_costs.uncached_seconds(
+            view.session.name, job.prompt, self.keys_of(job, view.session).keys,
+            frozenset() if cold else view.held)
+
+    def keys_of(self, job: QueuedJob, session: BackendSession) -> PromptKeys:
+        """The cache keys of a queued job's prompt, kept while it is near the backlog's head."""
         keys = self._keys.get(job.id)
         if keys is None:
             assert session.capabilities is not None
             keys = self._keys[job.id] = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
             while len(self._keys) > KEYS_KEPT:
                 self._keys.popitem(last=False)
-        return self._node_costs.uncached_seconds(session.name, job.prompt, keys.keys, held)
+        return keys
 
     def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
         for other in self._sessions:
@@ -299,11 +443,9 @@ class Dispatcher:
                     break
                 ahead += self._seconds_left(earlier, there)
             return Prospect(run, there, left=ahead + there, length=there)
-        if run.step_fraction < MIN_PROGRESS_TO_JUDGE:
+        length = length_by_steps(run)
+        if length is None:
             return None
-        # Timed at its last report: the time since then is part of the next step, and
-        # counting it would make the prompt look longer than it is.
-        length = (run.stepped_at - run.started) / run.step_fraction
         left = max(length - (time.monotonic() - run.started), 0.0)
         return Prospect(run, there, left=left, length=length)
 

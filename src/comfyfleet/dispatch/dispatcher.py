@@ -2,7 +2,10 @@
 
 Each backend holds at most `max_inflight` of our prompts; among healthy backends with a free
 slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts
-other clients' prompts), ties broken by fewer prompts in flight. Once run times have been
+other clients' prompts), ties broken by fewer prompts in flight. With AFFINITY_WINDOW above 0
+placement counts each backend's cache: a backend keeps to the jobs its cache serves (its model
+loaded), and a job waits for the backend holding its model while that finishes it sooner,
+counting the load another would spend (see `_affine`). Once run times have been
 seen, placement (placement.py) keeps a slow backend from taking a job a faster one would
 finish sooner, and once the backlog is empty a backend with room takes over a prompt that
 would finish sooner there (one waiting in another's queue, or a long one running on a much
@@ -19,7 +22,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from comfyfleet import metrics
@@ -95,13 +98,18 @@ class Prospect:
         return self.left - afresh
 
 
-@dataclass(frozen=True)
 class BackendView:
-    """One backend as cache-aware placement sees it."""
+    """One backend as cache-aware placement sees it: the cache keys it will hold once its
+    prompts have run, and (worked out only when asked: most backends are looked at only for
+    what they hold) the expected seconds until a prompt queued there now starts."""
 
-    session: BackendSession
-    held: frozenset[str]  # the cache keys it will hold once its prompts have run
-    busy: float  # expected seconds until a prompt queued there now starts
+    def __init__(self, session: BackendSession, held: frozenset[str],
+                 busy: Callable[[], float]) -> None:
+        self.session, self.held, self._busy = session, held, busy
+
+    @functools.cached_property
+    def busy(self) -> float:
+        return self._busy()
 
 
 class _Elsewhere:
@@ -281,16 +289,17 @@ class Dispatcher:
 
     def _affine(self, here: BackendView, others: list[BackendView],
                 runnable: list[QueuedJob]) -> Choice | None:
-        """The job of the highest waiting priority that `session` should start now, by where
-        each job finishes soonest, counting what every backend's cache holds; None when every
-        one of them finishes sooner by waiting for another backend.
+        """The job of the highest waiting priority that the backend `here` should start now,
+        by where each job finishes soonest, counting what every backend's cache holds; None
+        when every one of them finishes sooner by waiting for another backend.
 
         A backend whose cache serves one of these jobs (its model loaded) keeps to it: it
         takes the oldest job that costs it least. A job it passes that way waits for a backend
         that holds more of it, or, if none does, counts as overtaken; no job is overtaken more
         than AFFINITY_WINDOW times. A backend whose cache serves none of them takes the job
         that gains most by starting there now rather than waiting for a backend that holds
-        its model, if any gains."""
+        its model, if it gains more than the load costs there, and only once its GPU would
+        otherwise go idle."""
         band = [job for job in runnable if job.priority == runnable[0].priority]
         costs = [self.cost(here, job) for job in band]
         cheapest = min(costs)
@@ -327,16 +336,21 @@ class Dispatcher:
 
     def _view(self, session: BackendSession) -> BackendView:
         """What `session` holds and has ahead of a prompt queued there now."""
+        runs = self._tracker.runs_on(session)
+        ahead = [run.keys for run in runs if run.keys is not None]
+        return BackendView(session, session.warm.held_after(ahead),
+                           functools.partial(self._busy_for, session, runs))
+
+    def _busy_for(self, session: BackendSession, runs: list[PromptRun]) -> float:
+        """Expected seconds until `session` has run `runs` (ours there, in order)."""
         ahead: list[PromptKeys] = []
         busy = 0.0
-        runs = self._tracker.runs_on(session)
         for run in runs:
             busy += self._run_left(run, session.warm.held_after(ahead))
             if run.keys is not None:
                 ahead.append(run.keys)
         # Other clients' prompts there count as much as one of ours.
-        busy += max(0, session.queue_remaining - len(runs)) * UNSEEN_NODE_SECONDS
-        return BackendView(session, session.warm.held_after(ahead), busy)
+        return busy + max(0, session.queue_remaining - len(runs)) * UNSEEN_NODE_SECONDS
 
     def _run_left(self, run: PromptRun, held: frozenset[str]) -> float:
         """Expected seconds left of a prompt of ours that will find `held` in its backend's

@@ -158,15 +158,11 @@ async def test_outputs_stored_while_the_database_is_down_are_recorded_when_it_is
 
 
 async def test_what_needs_no_database_answers_and_prompts_finished_meanwhile_are_collected(
-    own_postgres: Any, settings: Settings, receiver: WebhookReceiver,
-    monkeypatch: pytest.MonkeyPatch
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver
 ) -> None:
     """While it is away, the reads that need no database still answer (health, the fleet,
     the catalog: API keys read before stand); a prompt that finishes on the backend then,
     when nothing can record it, is collected once it is back, and nothing runs twice."""
-    # Every key read goes to the database, so what stands while it is away is what was last
-    # read, however long ago, not a cache entry that happens to be fresh.
-    monkeypatch.setattr(api_keys, "KEY_CACHE_SECONDS", 0.0)
     settings.database_url = embedded_url(own_postgres)
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(duration=1.5))
@@ -184,6 +180,9 @@ async def test_what_needs_no_database_answers_and_prompts_finished_meanwhile_are
         running = await wait_for_job(http, api, ids[0], "running")
 
         await stop_immediately(own_postgres)
+        # Past the keys' cache lifetime every key read goes to the database: what stands
+        # while it is away is what was last read, not a cache entry that happens to be fresh.
+        await asyncio.sleep(api_keys.KEY_CACHE_SECONDS)
         async with asyncio.timeout(20):  # it finishes there; nothing can record it
             while not await (await http.get(  # noqa: ASYNC110
                     f"{sim.url}/history/{running['prompt_id']}")).json():

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -45,15 +46,14 @@ def child_env(**variables: str) -> dict[str, str]:
 
 
 def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports that are free right now."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
+    """The first of `count` consecutive ports that are free right now, chosen below Linux's
+    ephemeral range (32768 up): a port the kernel hands out is one any outgoing connection
+    may take as its local port between this check and the child process binding it."""
+    rng = random.Random()
+    for _ in range(1000):
+        first = rng.randrange(20000, 32000 - count)
+        held = []
         try:
-            held = []
             for port in range(first, first + count):
                 sock = socket.socket()
                 held.append(sock)

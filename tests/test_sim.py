@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from comfyfleet.sim import SimulatedComfyUI, run_sim
 from comfyfleet.workflows.catalog import load_catalog
 from tests.model_sim import model_nodes
-from tests.support import REPO
+from tests.support import REPO, free_ports
 
 JSON = dict[str, Any]
 TIMEOUT = 5.0
@@ -1082,25 +1082,10 @@ async def test_server_information(sim: SimulatedComfyUI, http: aiohttp.ClientSes
         assert response.status == 403
 
 
-def free_port_pair() -> int:
-    """A port p with p + 1 also free, below Linux's ephemeral range so that no outgoing
-    connection grabs one of them meanwhile."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as first, socket.socket() as second:
-            try:
-                first.bind(("127.0.0.1", port))
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-
-
 async def test_run_sim_serves_consecutive_ports(
     http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = free_port_pair()
+    port = free_ports(2)
     task = asyncio.create_task(run_sim(2, port, speeds=[0.5], fail_rate=0.25, fail_seed=7))
     try:
         lines: list[str] = []

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import io
 import json
-import random
 import re
-import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path

@@ -103,10 +103,12 @@ async def test_dropped_in_file_is_picked_up_without_a_restart(
     api: tuple[aiohttp.ClientSession, str], workflows: Path
 ) -> None:
     http, prefix = api
-    shutil.copy(workflows / "invert.json", workflows / "negative.json")
     async with asyncio.timeout(10):
-        while (await get(http, f"{prefix}/workflows/negative"))[0] != 200:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)  # the watcher debounces; nothing local to wait on
+        while (await get(http, f"{prefix}/workflows/negative"))[0] != 200:
+            # Written again each round: the watcher may begin watching a moment after the
+            # service answers, and a write before that is not seen.
+            shutil.copy(workflows / "invert.json", workflows / "negative.json")
+            await asyncio.sleep(0.5)  # the watcher debounces for 0.3 s; nothing to wait on
     async with http.post(f"{prefix}/jobs", json={"workflow": "negative",
                                                  "params": {"width": 1, "height": 1,
                                                             "color": 0}}) as response:

@@ -20,6 +20,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from comfyfleet.workflows.watcher import watch_directory
 from tests.support import REPO, child_env, wait_for_job
 
 
@@ -117,6 +118,21 @@ async def test_dropped_in_file_is_picked_up_without_a_restart(
     async with http.post(f"{prefix}/workflows/reload") as response:
         reloaded = await response.json()
     assert "negative" not in [w["name"] for w in reloaded["workflows"]]
+
+
+async def test_a_file_written_before_the_watch_begins_is_read(tmp_path: Path) -> None:
+    changes = asyncio.Event()
+
+    async def on_change() -> None:
+        changes.set()
+
+    watcher = asyncio.create_task(watch_directory(tmp_path, on_change))
+    (tmp_path / "early.json").write_text("{}")  # the task has not run: no watch yet
+    try:
+        async with asyncio.timeout(15):  # the watch's first quiet wake comes after 5 s
+            await changes.wait()
+    finally:
+        watcher.cancel()
 
 
 async def test_outputs_are_served_by_index_and_through_signed_links(settings: Settings) -> None:

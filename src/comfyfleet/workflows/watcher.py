@@ -20,6 +20,16 @@ async def watch_directory(directory: Path, on_change: Callable[[], Awaitable[Non
     if not await asyncio.to_thread(directory.is_dir):
         log.warning("not watching %s: no such directory", directory)
         return
-    async for changes in awatch(directory, debounce=DEBOUNCE_MS, recursive=False):
-        log.info("workflows changed: %s", ", ".join(sorted(Path(p).name for _, p in changes)))
-        await on_change()
+    # The watch begins a moment after the service has read the directory and answers; a file
+    # written in between is only seen by reading again. awatch wakes every few seconds anyway
+    # to notice cancellation, so its first empty wake is when the watch is surely on.
+    caught_up = False
+    async for changes in awatch(directory, debounce=DEBOUNCE_MS, recursive=False,
+                                yield_on_timeout=True):
+        if changes:
+            log.info("workflows changed: %s", ", ".join(sorted(Path(p).name for _, p in changes)))
+            await on_change()
+            caught_up = True
+        elif not caught_up:
+            await on_change()
+            caught_up = True

@@ -229,3 +229,42 @@ async def test_a_nul_character_on_the_v2_surface_is_422_in_its_envelope(api: str
             assert got.status == 422
             error = (await got.json())["error"]
         assert [p["field"] for p in error["details"]["problems"]] == ["metadata.shop"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/jobs", '{"workflow": "sd15_txt2img", "params": {"prompt": "a cat\\ud800"}}',
+         "params.prompt"),
+        ("/api/v1/jobs", '{"workflow": "invert", "params": {"\\udfff": 1}}', "params.\\udfff"),
+        ("/api/v1/workflows/sd15_txt2img/jobs", '{"params": {"prompt": "\\ud800"}}',
+         "params.prompt"),
+        ("/api/v1/jobs", b'{"workflow": "blur_image", "params": {"image": "\xed\xa0\x80"}}',
+         "params.image"),  # the surrogate's bytes, which Python's JSON parser lets through
+        ("/api/v2/jobs", '{"workflow": {"1": {"class_type": "SaveImage", "inputs": '
+                         '{"filename_prefix": "\\ud800"}}}}', "workflow.1.inputs.filename_prefix"),
+        ("/api/v2/jobs", '{"workflow": {}, "metadata": {"\\ud800": "x"}}', "metadata.\\ud800"),
+    ],
+)
+async def test_a_lone_surrogate_is_422_naming_the_field(
+    api: str, path: str, body: str | bytes, field: str
+) -> None:
+    """JSON can spell a UTF-16 surrogate with no partner: no text a database, a hash or an
+    answer can encode, so it is the client's error wherever it is (a 500 before)."""
+    base = api.removesuffix("/api/v1")
+    data = body.encode() if isinstance(body, str) else body
+    async with aiohttp.ClientSession() as http, http.post(
+            base + path, data=data, headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 422, await response.text()
+        error = (await response.json())["error"]
+    problems = error["problems"] if "problems" in error else error["details"]["problems"]
+    assert [problem["field"] for problem in problems] == [field]
+    assert "lone surrogate" in problems[0]["message"]
+
+
+async def test_a_surrogate_pair_is_text(api: str) -> None:
+    cat = "a \U0001f408"  # sent as the pair \ud83d\udc08
+    status, job = await post(api, {"workflow": "sd15_txt2img", "params": {"prompt": cat}})
+    assert status == 202, job
+    params = job["params"]
+    assert isinstance(params, dict) and params["prompt"] == cat

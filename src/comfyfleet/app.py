@@ -31,6 +31,7 @@ from comfyfleet.api import (
     workflows,
 )
 from comfyfleet.api.errors import install_error_handlers
+from comfyfleet.api.json_text import refuse_lone_surrogates
 from comfyfleet.api.openapi import install_openapi
 from comfyfleet.api.prometheus import Scrape
 from comfyfleet.api.security import authenticate, install_security
@@ -146,7 +147,8 @@ def create_app(settings: Settings) -> FastAPI:
                                       app.state.guard)
             yield
 
-    app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(refuse_lone_surrogates)])
     install_error_handlers(app)
     install_security(app, settings)
     app.include_router(health.router)

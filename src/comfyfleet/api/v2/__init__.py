@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
+from comfyfleet.api.json_text import refuse_lone_surrogates
 from comfyfleet.api.security import authenticate
 from comfyfleet.api.v2 import assets, jobs
 from comfyfleet.api.v2.errors import install_v2_error_handlers
@@ -14,7 +15,8 @@ MOUNT = "/api/v2"
 
 
 def mount_v2(app: FastAPI) -> None:
-    v2 = FastAPI(title="comfyfleet: Comfy API v2", version="2.0.0")
+    v2 = FastAPI(title="comfyfleet: Comfy API v2", version="2.0.0",
+                 dependencies=[Depends(refuse_lone_surrogates)])
     v2.state = app.state  # the running services, the keys
     install_v2_error_handlers(v2)
     v2.include_router(jobs.public)

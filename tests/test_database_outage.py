@@ -20,7 +20,7 @@ import pytest
 from comfyfleet import api_keys
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
-from comfyfleet.db import embedded_url, start_embedded_postgres
+from comfyfleet.db import embedded_url, make_engine, start_embedded_postgres
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_job
@@ -208,3 +208,43 @@ async def test_what_needs_no_database_answers_and_prompts_finished_meanwhile_are
         assert (job["status"], job["attempts"]) == ("succeeded", 1), job  # none run twice
         assert len(job["outputs"]) == 1, job
     assert sorted(event["data"]["id"] for event in receiver.verified) == sorted(ids)
+
+
+async def test_with_keys_on_a_key_the_service_cannot_check_gets_503_not_401(
+    own_postgres: Any, settings: Settings
+) -> None:
+    """A key not read before the outage (a database key, or a wrong one) cannot be checked:
+    503 with Retry-After, like every other request that needs the database, and the answer
+    it deserves once the database is back."""
+    settings.database_url = embedded_url(own_postgres)
+    settings.api_keys = ["configured-key"]
+    async with AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serving(settings))  # migrated
+        engine = make_engine(settings.database_url)
+        late = await api_keys.KeyStore(engine).create("late", admin=False)
+        await engine.dispose()
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = base + settings.route_prefix
+
+        async def answer(key: str, path: str) -> tuple[int, str | None, str | None]:
+            async with http.get(api + path, headers={"Authorization": f"Bearer {key}"}
+                                ) as response:
+                error = (await response.json()).get("error", {}) if response.status != 200 \
+                    else {}
+                return response.status, response.headers.get("Retry-After"), error.get("type")
+
+        await stop_immediately(own_postgres)
+        outage = {key: await answer(key, "/jobs") for key in (late, "wrong-key")}
+        # The configured key needs no database; what it asks for here does.
+        outage["configured"] = await answer("configured-key", "/jobs")
+        assert outage == {key: (503, "5", "database_unavailable") for key in outage}, outage
+        assert (await answer("configured-key", "/workflows"))[0] == 200
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        async with asyncio.timeout(30):
+            while (back := await answer(late, "/jobs"))[0] == 503:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # polling the API: its pool reconnects on use
+        assert back == (200, None, None)
+        assert (await answer("wrong-key", "/jobs"))[:1] == (401,)

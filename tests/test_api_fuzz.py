@@ -59,7 +59,7 @@ def service(fuzz_database: str) -> Iterator[str]:
                 try:
                     requests.get(f"{base}/healthz", timeout=1)
                     break
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):  # refused, or starting
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)  # a sync test: the service runs in its own process

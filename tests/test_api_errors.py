@@ -10,6 +10,7 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
+from tests.support import png
 
 
 @pytest.fixture
@@ -268,3 +269,34 @@ async def test_a_surrogate_pair_is_text(api: str) -> None:
     assert status == 202, job
     params = job["params"]
     assert isinstance(params, dict) and params["prompt"] == cat
+
+
+async def test_a_nul_character_in_an_asset_is_422_naming_the_field(api: str) -> None:
+    """The v2 asset routes write what the client names its asset: a NUL character there is
+    the client's error too (a 500 before), and nothing is kept."""
+    v2 = api.removesuffix("/api/v1") + "/api/v2"
+    good = {"content_type": "image/png", "file_path": "cat.png", "tags": "pets"}
+    async with aiohttp.ClientSession() as http:
+        for field in good:
+            form = aiohttp.FormData()
+            form.add_field("file", png(), filename="cat.png", content_type="image/png")
+            for name, value in good.items():
+                form.add_field(name, value + "\u0000" if name == field else value)
+            async with http.post(f"{v2}/assets", data=form) as response:
+                assert response.status == 422, await response.text()
+                problems = (await response.json())["error"]["details"]["problems"]
+            assert [problem["field"] for problem in problems] == [
+                "tags.0" if field == "tags" else field]
+
+        form = aiohttp.FormData()
+        form.add_field("file", png(), filename="cat.png", content_type="image/png")
+        for name, value in good.items():
+            form.add_field(name, value)
+        async with http.post(f"{v2}/assets", data=form) as response:
+            assert response.status == 201  # new bytes: the refused uploads kept nothing
+            digest = (await response.json())["hash"]
+        async with http.post(f"{v2}/assets/from-hash", json={
+                "hash": digest, "file_path": "dog\u0000.png"}) as response:
+            assert response.status == 422, await response.text()
+            problems = (await response.json())["error"]["details"]["problems"]
+        assert [problem["field"] for problem in problems] == ["file_path"]

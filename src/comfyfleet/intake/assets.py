@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.db import check_storable
 from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
 from comfyfleet.storage import Storage
 
@@ -125,7 +126,9 @@ class AssetStore:
         idempotency_key: str | None = None,
     ) -> tuple[Asset, Uploaded]:
         """A record over the uploaded bytes, and what the upload did. Raises HashMismatch
-        and UploadKeyReuse (nothing kept for either)."""
+        and UploadKeyReuse (nothing kept for either), NotStorable for a field that cannot
+        be stored (before any byte is)."""
+        _check_storable(content_type=content_type, file_path=file_path, tags=tags)
         hasher, size = blake3.blake3(), 0
         await upload.seek(0)
         while chunk := await upload.read(CHUNK):
@@ -213,7 +216,9 @@ class AssetStore:
     ) -> tuple[Asset, bool] | None:
         """A record over a blob this key already has an asset of, and whether it is new (an
         identical record is returned as it is); None when the key has none (another key's
-        bytes are not this caller's to use, nor is whether they exist)."""
+        bytes are not this caller's to use, nor is whether they exist). NotStorable for a
+        field that cannot be stored."""
+        _check_storable(file_path=file_path, tags=tags)
         async with self._sessions.begin() as session:
             await _lock_blob(session, digest)
             mine = (await session.exec(select(Asset).where(
@@ -241,6 +246,11 @@ class AssetStore:
     async def get(self, asset_id: uuid.UUID) -> Asset | None:
         async with self._sessions() as session:
             return await session.get(Asset, asset_id)
+
+def _check_storable(**fields: str | list[str] | None) -> None:
+    """NotStorable, naming the field, for a client's text PostgreSQL would refuse."""
+    check_storable(fields, Asset.__table__)  # type: ignore[attr-defined]
+
 
 async def _lock_blob(session: AsyncSession, digest: str) -> None:
     await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(HASH_PREFIX + digest))))

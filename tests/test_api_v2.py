@@ -666,3 +666,78 @@ async def test_a_key_with_a_callback_url_gets_signed_webhooks_of_its_v2_jobs(
     (event,) = receiver.verified
     assert (event["type"], event["data"]["id"]) == ("job.succeeded", job.id)
     assert [output["node_id"] for output in event["data"]["outputs"]] == ["3"]
+
+
+async def locks_awaited(engine: AsyncEngine, statement: str) -> None:
+    """Returns once a session of the database waits for a lock in a statement holding
+    `statement`."""
+    async with asyncio.timeout(30):
+        while True:
+            async with engine.connect() as connection:
+                waiting = await connection.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND strpos(query, :statement) > 0"), {"statement": statement})
+            if waiting:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_a_retry_while_the_first_submit_is_in_flight_is_409(
+    v2: str, engine: AsyncEngine
+) -> None:
+    """The contract's Stripe semantics: while a submit under a key is being answered (held
+    here at its INSERT by a lock on the jobs table), a retry under the key, with the same
+    body or another, is 409 idempotency_conflict with Retry-After; once the first has its
+    answer, the retry is that answer, replayed."""
+    key = str(uuid.uuid4())
+    async with AsyncComfy() as client, engine.connect() as blocker:
+        transaction = await blocker.begin()
+        await blocker.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
+        first = asyncio.create_task(client.submit(client.workflows.from_json(invert(20, 3)),
+                                                  idempotency_key=key))
+        await locks_awaited(engine, "INSERT INTO jobs")
+        for retry in (invert(20, 3), invert(21, 3)):
+            with pytest.raises(ComfyError) as conflict:
+                async with asyncio.timeout(10):
+                    await client.submit(client.workflows.from_json(retry), idempotency_key=key)
+            assert (conflict.value.http_status, conflict.value.code) == (409,
+                                                                         "idempotency_conflict")
+            assert conflict.value.retry_after == 1
+        assert not first.done()
+        await transaction.rollback()
+        job = await first
+        again = await client.submit(client.workflows.from_json(invert(20, 3)),
+                                    idempotency_key=key)
+        assert again.id == job.id
+        await again.result()
+
+
+async def test_an_idempotency_key_is_one_callers_and_one_apis(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same key sent by two API keys, and by one API key to v1 (client_task_id) and to
+    v2 (Idempotency-Key), names four jobs; within each, a repeat is still the same job."""
+    settings.api_keys = ["tenant-a", "tenant-b"]
+    key = "order-17"
+    async with fleet_service(settings, sim_urls) as base, aiohttp.ClientSession() as http:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+
+        async def v1(tenant: str) -> str:
+            async with http.post(f"{base}/api/v1/jobs", json={
+                    "workflow": "invert", "params": {"width": 16}, "client_task_id": key},
+                    headers={"Authorization": f"Bearer {tenant}"}) as response:
+                assert response.status in (200, 202), await response.text()
+                job_id: str = (await response.json())["id"]
+                return job_id
+
+        async def v2(tenant: str) -> str:
+            async with AsyncComfy(api_key=tenant) as client:
+                job = await client.submit(client.workflows.from_json(invert(16, 5)),
+                                          idempotency_key=key)
+                return job.id
+
+        jobs = [await v1("tenant-b"), await v2("tenant-a"), await v2("tenant-b"),
+                await v1("tenant-a")]
+        assert len(set(jobs)) == 4
+        assert [await v1("tenant-b"), await v2("tenant-a"), await v2("tenant-b"),
+                await v1("tenant-a")] == jobs

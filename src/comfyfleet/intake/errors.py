@@ -28,6 +28,15 @@ class IdempotencyConflict(Refused):
         self.job_id = job_id
 
 
+class KeyInFlight(Refused):
+    """Another request under the same idempotency key is still being answered; worth trying
+    again after `retry_after` seconds, when it has its answer."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, "idempotency_key")
+        self.retry_after = retry_after
+
+
 class MissingAsset(Refused):
     """The graph names an asset that does not exist or is not the caller's: `field` is the
     input of node `node_id` that names it."""

@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.intake import admission, inputs
+from comfyfleet.intake import admission, in_flight, inputs
 from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
 from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
@@ -45,7 +45,17 @@ async def accept_graph(
     resolve its asset references, and store the job, or find the earlier one with the same
     key; returns it and whether it was created. Raises the checks' errors (InvalidLabels,
     UiFormatGraph, InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the
-    `backlog` of the key or of the service is full)."""
+    `backlog` of the key or of the service is full), and KeyInFlight while another request
+    under the same idempotency key is being answered."""
+    async with in_flight.holding(repository, JobSource.GRAPH, request.api_key_hash,
+                                 request.idempotency_key):
+        return await _accept(repository, assets, fleet, request, backlog)
+
+
+async def _accept(
+    repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
+    request: GraphRequest, backlog: BacklogLimits | None,
+) -> tuple[Job, bool]:
     labels = checked_labels(request.metadata)
     graph = check_graph(request.graph, fleet)
     job_id = uuid.uuid4()
@@ -92,10 +102,9 @@ def checked_labels(metadata: dict[str, Any] | None) -> dict[str, str] | None:
 
 
 def _same_request(stored: Job, asked: Job) -> bool:
-    """A repeat: the same caller sent the same graph (the same assets) and labels; another
-    key's job under the same idempotency key is reported as reuse, without showing it."""
-    return (stored.api_key_hash == asked.api_key_hash and stored.source == asked.source
-            and _as_asked(stored) == _as_asked(asked) and stored.labels == asked.labels)
+    """A repeat: the same graph (the same assets) and labels. (The stored job is the same
+    caller's, from the same API: that is what its key is unique among.)"""
+    return _as_asked(stored) == _as_asked(asked) and stored.labels == asked.labels
 
 
 def _as_asked(job: Job) -> dict[str, Any]:

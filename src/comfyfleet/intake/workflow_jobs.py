@@ -196,10 +196,8 @@ async def _store(
 
 def _check_repeat(existing: Job, job: Job, key: str | None) -> None:
     """A repeat of a stored request is answered with its job; anything else under the same
-    key is a conflict."""
-    if existing.api_key_hash != job.api_key_hash:
-        # Taken by another key: say so without showing that key's job.
-        raise IdempotencyConflict(f"key {key!r} is used by another API key")
+    key is a conflict. (The stored job is the same caller's, from the same API: that is what
+    its key is unique among.)"""
     asked = (job.workflow, inputs.by_content(job.params), job.callback_url, job.priority)
     if (existing.workflow, inputs.by_content(existing.params), existing.callback_url,
             existing.priority) != asked:

@@ -50,7 +50,8 @@ class Job(SQLModel, table=True):
     __tablename__ = "jobs"
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    client_task_id: str | None = Field(default=None, unique=True)
+    # The caller's idempotency key: unique per API key and source (one caller's, one API's).
+    client_task_id: str | None = None
     workflow: str
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     # The filled API-format prompt, fixed at submit so a retry runs exactly what was accepted.

@@ -156,7 +156,8 @@ class JobRepository:
     async def insert(
         self, job: Job, *, backlog: BacklogLimits | None = None
     ) -> tuple[Job, bool]:
-        """Store a new job; with a `client_task_id` already taken, the existing job instead.
+        """Store a new job; with a `client_task_id` already taken (by a job of the same API key
+        and source), the existing job instead.
 
         Returns the job and whether it was created. With `backlog`, raises QueueFull when the
         job's API key, or the service, already has that many jobs queued (a repeat of an
@@ -178,8 +179,8 @@ class JobRepository:
                     created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
                                                         delivery)
             if created is None:
-                existing = await connection.fetchrow(_SQL["by_client_task_id"],
-                                                     job.client_task_id)
+                existing = await connection.fetchrow(
+                    _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash, job.source)
                 return Job(**dict(existing.items())), False
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return job, True
@@ -190,6 +191,22 @@ class JobRepository:
             await session.exec(update(_table).where(
                 _table.c.id == job.id, _table.c.client_task_id == job.client_task_id,
             ).values(client_task_id=None))
+
+    async def claim_key(self, tenant: str | None, scope: str, key: str, seconds: float
+                        ) -> str | None:
+        """Claim the idempotency key `key` of the API key whose digest is `tenant` among the
+        keys of `scope` for `seconds` (a request in flight under it); the claim's token, or
+        None while another's claim holds."""
+        token = str(uuid.uuid4())
+        async with driver_connection(self.engine) as connection:
+            claimed = await connection.fetchval(_SQL["claim_key"], tenant or "", scope, key,
+                                                token, seconds)
+        return token if claimed else None
+
+    async def release_key(self, tenant: str | None, scope: str, key: str, token: str) -> None:
+        """Let go of the claim `token` on a key (claim_key)."""
+        async with driver_connection(self.engine) as connection:
+            await connection.execute(_SQL["release_key"], tenant or "", scope, key, token)
 
     async def reusable(self, fingerprint: str, api_key_hash: str | None) -> Job | None:
         """The latest job that ran the work `fingerprint` names and succeeded, among those the
@@ -577,7 +594,8 @@ async def _check_backlog(
         if found < limit:
             continue
         if job.client_task_id is not None and await connection.fetchrow(
-                _SQL["by_client_task_id"], job.client_task_id) is not None:
+                _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash,
+                job.source) is not None:
             return  # the insert finds the existing job
         raise QueueFull(scope, found, limit)
 

@@ -13,13 +13,15 @@
 -- to the models is written without touching this file.
 
 -- name: insert
--- Store the job $1 unless its client_task_id is taken; with $2, a webhook_deliveries row,
--- that delivery too (a job stored already ended). Returns the job's id, no row when the
+-- Store the job $1 unless its client_task_id is taken (by a job of the same API key and
+-- source: a key is one caller's and one API's); with $2, a webhook_deliveries row, that
+-- delivery too (a job stored already ended). Returns the job's id, no row when the
 -- client_task_id was taken (nothing is written then).
 WITH stored AS (
     INSERT INTO jobs
     SELECT * FROM jsonb_populate_record(NULL::jobs, $1::jsonb)
-    ON CONFLICT (client_task_id) DO NOTHING
+    ON CONFLICT ((coalesce(api_key_hash, '')), source, client_task_id)
+        WHERE client_task_id IS NOT NULL DO NOTHING
     RETURNING id
 ), enqueued AS (
     INSERT INTO webhook_deliveries
@@ -78,8 +80,25 @@ RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispa
     dispatched_by, started_at, finished_at, outputs, error
 
 -- name: by_client_task_id
--- The job stored under client_task_id $1, if any.
-SELECT * FROM jobs WHERE client_task_id = $1
+-- The job stored under client_task_id $1 by the API key whose digest is $2 (null: without
+-- a key) with source $3, if any.
+SELECT * FROM jobs
+WHERE client_task_id = $1 AND coalesce(api_key_hash, '') = coalesce($2, '') AND source = $3
+
+-- name: claim_key
+-- Claim the idempotency key $3 of the API key whose digest is $1 ('' without keys) among
+-- the keys of $2 for the holder $4, for $5 seconds, unless another's claim on it still
+-- holds; a row when claimed.
+INSERT INTO idempotency_claims (tenant, scope, key, token, held_until)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+ON CONFLICT (tenant, scope, key) DO UPDATE
+SET token = EXCLUDED.token, held_until = EXCLUDED.held_until
+WHERE idempotency_claims.held_until < now()
+RETURNING true
+
+-- name: release_key
+-- Let go of the claim on key $3 of $1 among the keys of $2, when the holder $4 still has it.
+DELETE FROM idempotency_claims WHERE tenant = $1 AND scope = $2 AND key = $3 AND token = $4
 
 -- name: lock
 -- Hold the advisory lock named $1 until the transaction ends.

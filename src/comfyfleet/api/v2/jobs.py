@@ -28,6 +28,7 @@ from comfyfleet.intake.errors import (
     BacklogFull,
     IdempotencyConflict,
     InvalidLabels,
+    KeyInFlight,
     MissingAsset,
 )
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
@@ -91,6 +92,9 @@ async def submit_job(
                       details={"node_id": exc.node_id, "field": exc.field}) from exc
     except IdempotencyConflict as exc:
         raise V2Error(422, "idempotency_key_reuse", str(exc)) from exc
+    except KeyInFlight as exc:
+        raise V2Error(409, "idempotency_conflict", str(exc),
+                      headers={"Retry-After": str(exc.retry_after)}) from exc
     except BacklogFull as exc:
         raise V2Error(429, "queue_full", str(exc), details=exc.details(),
                       headers={"Retry-After": str(exc.retry_after)}) from exc

@@ -21,6 +21,7 @@ from comfy_sdk import (
     AsyncComfy,
     Comfy,
     ComfyError,
+    Log,
     OutputReady,
     Preview,
     Progress,
@@ -741,3 +742,44 @@ async def test_an_idempotency_key_is_one_callers_and_one_apis(
         assert len(set(jobs)) == 4
         assert [await v1("tenant-b"), await v2("tenant-a"), await v2("tenant-b"),
                 await v1("tenant-a")] == jobs
+
+
+async def test_events_carry_the_log_lines_of_the_execution(v2: str, sim_urls: list[str]) -> None:
+    """`log` events, from the prompt's own messages on its backend: its start and how long
+    it took, or the exception and its traceback as ComfyUI's console prints them; all
+    before the terminal status. (Each prompt is held at the backends' door until its stream
+    is open: log lines are told only while they happen.)"""
+    async with AsyncComfy() as client, aiohttp.ClientSession() as http:
+
+        async def faults(**changes: Any) -> None:
+            for url in sim_urls:
+                async with http.post(f"{url}/_sim/faults", json=changes) as response:
+                    assert response.status == 200
+
+        logs: dict[str, list[tuple[str, str]]] = {}
+        for seconds, fail_rate in ((0.3, 0.0), (0.4, 1.0)):
+            await faults(fail_rate=fail_rate, prompt_delay=60)
+            job = await client.submit(client.workflows.from_json(work(seconds, steps=2)))
+            lines: list[tuple[str, str]] = []
+            held = True
+            async with asyncio.timeout(30):
+                async for event in job.events():
+                    if isinstance(event, Log):
+                        lines.append((event.level, event.message))
+                    elif isinstance(event, StatusChange) and event.status in ("succeeded",
+                                                                              "failed"):
+                        logs[event.status] = lines
+                    if held:  # the stream is open: let the prompt in
+                        await faults(prompt_delay=None)
+                        held = False
+    started, executed = logs["succeeded"]
+    assert started[0] == "info" and started[1].startswith("execution started on backend gpu")
+    assert executed[0] == "info" and executed[1].startswith("Prompt executed in ")
+    failed = logs["failed"]
+    assert failed[0][1].startswith("execution started on backend gpu")
+    # (where its first node was cached, a line says so)
+    assert set(failed[1:-2]) <= {("info", "served from the backend's cache: node 1")}
+    (level, exception), (trace_level, trace) = failed[-2:]
+    assert (level, trace_level) == ("error", "error")
+    assert exception.startswith("!!! Exception during processing !!! CUDA out of memory")
+    assert trace.lstrip().startswith('File "') and "OutOfMemoryError" in trace

@@ -70,7 +70,7 @@ async def _stream(
             try:
                 async with asyncio.timeout(REREAD_SECONDS):
                     while (notice := await notices.get()) is not None:
-                        if previews:
+                        if previews and isinstance(notice, PreviewImage):
                             yield _preview_event(notice)
             except TimeoutError:
                 pass

@@ -39,7 +39,7 @@ from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
-from comfyfleet.jobs.notices import JobNotices, PreviewImage
+from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.logs import job_fields
 
@@ -177,17 +177,22 @@ class ExecutionTracker:
         match message:
             case ExecutionStart():
                 run.started = time.monotonic()
+                self._log(run, "info", f"execution started on backend {session.name}")
                 await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
                                    status=JobStatus.RUNNING, started_at=utcnow())
                 metrics.job_started(run.job)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
+                if nodes:
+                    self._log(run, "info", f"served from the backend's cache: node"
+                              f"{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}")
                 self._check_cache(run, nodes)
             case Executing(node=None):
                 self._node_ran(run)
                 if run.started is not None:
-                    self._run_times.record(session.name, run.job.workflow,
-                                           time.monotonic() - run.started)
+                    seconds = time.monotonic() - run.started
+                    self._run_times.record(session.name, run.job.workflow, seconds)
+                    self._log(run, "info", f"Prompt executed in {seconds:.2f} seconds")
                 await self._finished_executing(run)
             case Executing(node=node):
                 self._node_ran(run)  # a new node starting ends the previous one
@@ -203,9 +208,14 @@ class ExecutionTracker:
                 await self._report_progress(run, value / maximum)
             case Executed(node=str(node), output=dict(output)):
                 self._collector.store_early(session.client, run.job, {node: output}, run.early)
-            case ExecutionError():
+            case ExecutionError(exception_message=exception, traceback=trace):
+                # As ComfyUI's own console says it.
+                self._log(run, "error", f"!!! Exception during processing !!! {exception}")
+                if trace:
+                    self._log(run, "error", "".join(trace))
                 await self._fail(run, _execution_error(message))
             case ExecutionInterrupted(node_id=node_id, node_type=node_type):
+                self._log(run, "info", "Processing interrupted")
                 await self._fail(run, job_error(
                     "interrupted", "the prompt was interrupted on the backend",
                     node_id=node_id, node_type=node_type))
@@ -228,6 +238,12 @@ class ExecutionTracker:
             class_type = str(run.keys.prompt[node_id].get("class_type"))
             self._node_costs.record(run.session.name, run.keys.keys[node_id], class_type,
                                     time.monotonic() - run.node_started)
+
+    def _log(self, run: PromptRun, level: str, message: str) -> None:
+        """A line of the job's execution log, for whoever follows the job now (the v2 `log`
+        event): said of the prompt's own messages, never ComfyUI's server-wide console, which
+        tells of other callers' prompts too."""
+        self._events.log(run.job.id, LogLine(level, message))
 
     def _preview(self, preview: Preview) -> None:
         run = self._runs.get(preview.prompt_id) if preview.prompt_id else None

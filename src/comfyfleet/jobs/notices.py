@@ -1,7 +1,9 @@
-"""In-process notices that a job changed, or that its backend sent a preview image.
+"""In-process notices that a job changed, that its backend sent a preview image, or a line of
+its execution's log.
 
 The database stays the source of truth (a listener re-reads the job); notices only save the
-listeners from polling, and previews exist nowhere else. Another process's changes are seen
+listeners from polling, and previews and log lines exist nowhere else (a log line is told to
+whoever listens when it happens, and kept by no one). Another process's changes are seen
 by the listeners' periodic re-read.
 """
 
@@ -27,7 +29,15 @@ class PreviewImage:
     image: bytes
 
 
-Notice = PreviewImage | None  # None: "the job changed; read it again"
+@dataclass(frozen=True)
+class LogLine:
+    """A line of the job's execution as its backend reported it (the Comfy API v2 `log`)."""
+
+    level: str  # "info", "warning" or "error"
+    message: str
+
+
+Notice = PreviewImage | LogLine | None  # None: "the job changed; read it again"
 
 
 class JobNotices:
@@ -47,6 +57,9 @@ class JobNotices:
         if len(self._latest) > LATEST_PREVIEWS:
             self._latest.popitem(last=False)
         self._publish(job_id, preview)
+
+    def log(self, job_id: uuid.UUID, line: LogLine) -> None:
+        self._publish(job_id, line)
 
     def latest_preview(self, job_id: uuid.UUID) -> PreviewImage | None:
         """The last preview image of the job that reached this process, if it is kept."""

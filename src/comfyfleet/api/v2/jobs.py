@@ -34,7 +34,7 @@ from comfyfleet.intake.errors import (
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.models import Job
-from comfyfleet.jobs.notices import Notice, PreviewImage
+from comfyfleet.jobs.notices import LogLine, Notice, PreviewImage
 from comfyfleet.services import Services
 
 router = APIRouter(tags=["jobs"])
@@ -179,7 +179,10 @@ async def job_events(job_id: str, request: Request, svc: ServicesDep, caller: Ca
     """On connect the current `status`, `progress`, the outputs committed so far and the
     latest `preview` (when it reached this process); then every change, each output as it is
     committed (`output`, while the job runs: a node's files are stored as soon as it reports
-    them), live `preview` images; the stream ends after the terminal `status`. Not a
+    them), live `preview` images, and `log` lines of the job's execution on its backend (its
+    start, the nodes its cache served, an error with its traceback, an interruption, the time
+    it took: best-effort, as the contract says, told only while they happen and only by the
+    gateway process following the job); the stream ends after the terminal `status`. Not a
     replayable log: the job itself (GET) is the authority."""
     job = await _job(svc, caller, job_id)
     return EventSourceResponse(_stream(svc, job.id, render.origin(request)), ping=PING_SECONDS)
@@ -221,18 +224,21 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
             if latest is not None:
                 yield _preview_event(latest)
                 latest = None
-            # Previews as they come, until the job changes or it is time to read it anyway.
+            # Previews and log lines as they come, until the job changes or it is time to
+            # read it anyway.
             reread_at = loop.time() + REREAD_SECONDS
-            while (preview := await _next_preview(notices, reread_at)) is not None:
-                yield _preview_event(preview)
+            while (notice := await _next_notice(notices, reread_at)) is not None:
+                yield (_preview_event(notice) if isinstance(notice, PreviewImage)
+                       else _event("log", {"level": notice.level, "message": notice.message}))
     finally:
         svc.events.stop(job_id, notices)
 
 
-async def _next_preview(notices: asyncio.Queue[Notice], deadline: float) -> PreviewImage | None:
-    """The next preview image; None once the job changed or at `deadline`. (The stream
-    yields outside the timeout: a deadline passing while the client is being written to
-    must not cancel that write.)"""
+async def _next_notice(notices: asyncio.Queue[Notice], deadline: float
+                       ) -> PreviewImage | LogLine | None:
+    """The next preview image or log line; None once the job changed or at `deadline`.
+    (The stream yields outside the timeout: a deadline passing while the client is being
+    written to must not cancel that write.)"""
     try:
         async with asyncio.timeout_at(deadline):
             return await notices.get()

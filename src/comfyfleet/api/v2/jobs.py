@@ -51,6 +51,11 @@ V2_STATUSES = {v2: [ours for ours, mapped in render.STATUSES.items() if mapped =
 class JobRequest(BaseModel):
     workflow: Any
     metadata: dict[str, Any] | None = None
+    # The partner-node key (`api_key_comfy_org`), which Comfy's side never persists. Refused:
+    # a comfyfleet job is stored before any process sends it, sent by whichever process
+    # claims it (after a restart too) and sent again after a backend is lost, so the key
+    # would have to be stored with it, or the job pinned to one process's memory and failed
+    # when that process stops (docs/api.md says what accepting it would take).
     extra_data: dict[str, Any] | None = None
     # Reserved by the contract for later, and refused until then.
     webhook_url: Any = None
@@ -69,7 +74,8 @@ async def submit_job(
                           f"until then", details={"field": reserved})
     if body.extra_data is not None:
         raise V2Error(422, "invalid_request",
-                      "extra_data (partner node keys) is not supported by this gateway",
+                      "extra_data (a partner-node key) is refused: this gateway records a "
+                      "job before a backend takes it, and such a key must never be stored",
                       details={"field": "extra_data"})
     try:
         job, created = await accept_graph(

@@ -783,3 +783,48 @@ async def test_events_carry_the_log_lines_of_the_execution(v2: str, sim_urls: li
     assert (level, trace_level) == ("error", "error")
     assert exception.startswith("!!! Exception during processing !!! CUDA out of memory")
     assert trace.lstrip().startswith('File "') and "OutOfMemoryError" in trace
+
+
+async def test_an_upload_retried_while_the_first_is_still_arriving_is_409(
+    v2: str, engine: AsyncEngine
+) -> None:
+    """An upload under a key holds it from its first byte: a retry sent while the first
+    upload's body is still arriving is 409 idempotency_conflict; once the first is stored,
+    the retry is its asset, replayed."""
+    key = str(uuid.uuid4())
+    picture = png(9, 9)
+    multipart = asset_form(picture, "slow.png")()
+    body = await multipart.as_bytes()
+    rest = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:64]
+        await rest.wait()
+        yield body[64:]
+
+    async with aiohttp.ClientSession() as http:
+        first = asyncio.create_task(http.post(
+            f"{v2}/api/v2/assets", data=slowly(),
+            headers={"Idempotency-Key": key, "Content-Type": multipart.content_type}))
+        async with asyncio.timeout(30):  # until the first upload holds its key
+            while True:
+                async with engine.connect() as connection:
+                    if await connection.scalar(text(
+                            "SELECT count(*) FROM idempotency_claims WHERE key = :key"),
+                            {"key": key}):
+                        break
+                await asyncio.sleep(0.02)
+        async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "slow.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert response.status == 409
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "idempotency_conflict"
+        rest.set()
+        async with await first as response:
+            assert response.status == 201
+            stored = await response.json()
+        async with http.post(f"{v2}/api/v2/assets", data=asset_form(picture, "slow.png"),
+                             headers={"Idempotency-Key": key}) as response:
+            assert (response.status, response.headers.get("Idempotency-Replayed")) == (200,
+                                                                                       "true")
+            assert (await response.json())["id"] == stored["id"]

@@ -21,6 +21,7 @@ from comfyfleet.api.security import Caller, CallerDep
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.errors import V2Error
 from comfyfleet.api.v2.idempotency import IdempotencyKey
+from comfyfleet.intake import in_flight
 from comfyfleet.intake.assets import (
     Asset,
     AssetInUse,
@@ -31,11 +32,14 @@ from comfyfleet.intake.assets import (
     output_ref,
     parse_hash,
 )
+from comfyfleet.intake.errors import KeyInFlight
 from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.services import Services
 from comfyfleet.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["assets"])
+# The uploads' idempotency keys, apart from the jobs'.
+UPLOADS = "uploads"
 
 
 def asset_store(svc: Services) -> AssetStore:
@@ -64,7 +68,19 @@ async def post_asset(request: Request, svc: ServicesDep, caller: CallerDep,
     """Fields: `file`, `content_type`, `file_path`, optional `expected_hash` and `tags`.
     201: new bytes stored; 200: the bytes were kept already (deduplicated), or a retry under
     the `Idempotency-Key` of an earlier upload (its asset, with `Idempotency-Replayed: true`);
-    the same key for other bytes, name, type or tags within 24 hours is a 422."""
+    the same key for other bytes, name, type or tags within 24 hours is a 422; while an
+    upload under the key is still being received or stored, another is a 409."""
+    try:
+        async with in_flight.holding(svc.repository, UPLOADS, caller.key_hash,
+                                     idempotency_key):
+            return await _upload(request, svc, caller, idempotency_key)
+    except KeyInFlight as exc:
+        raise V2Error(409, "idempotency_conflict", str(exc),
+                      headers={"Retry-After": str(exc.retry_after)}) from exc
+
+
+async def _upload(request: Request, svc: Services, caller: Caller,
+                  idempotency_key: str | None) -> JSONResponse:
     try:
         form = await request.form(max_part_size=svc.settings.max_upload_bytes)
     except MultiPartException as exc:

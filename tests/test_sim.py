@@ -1136,3 +1136,21 @@ async def test_node_specs_give_a_server_model_nodes_that_run_as_pass_throughs(
         (error,) = rejected["node_errors"]["4"]["errors"]
         assert (error["type"], error["extra_info"]["input_name"]) == ("value_not_in_list",
                                                                       "ckpt_name")
+
+
+async def test_partner_keys_show_in_the_queue_and_leave_no_trace_in_the_history(
+    sim: SimulatedComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """As ComfyUI 0.3.64: extra_data travels with the prompt as sent while it waits and runs
+    (GET /queue shows it, nodes read it), and task_done drops the partner-node keys
+    (api_key_comfy_org, auth_token_comfy_org) from the copy kept in the history."""
+    extra_data = {"api_key_comfy_org": "comfyui-partner-key", "auth_token_comfy_org": "tok",
+                  "extra_pnginfo": {"lab_note": "kept"}}
+    accepted = await submit(http, sim, {"prompt": work_prompt(1.0, 2), "client_id": "c",
+                                        "extra_data": extra_data})
+    queue = await get_json(http, f"{sim.url}/queue")
+    (item,) = queue["queue_running"] + queue["queue_pending"]
+    assert item[1] == accepted["prompt_id"]
+    assert item[3] == {**extra_data, "client_id": "c"}
+    entry = await wait_history(http, sim, accepted["prompt_id"])
+    assert entry["prompt"][3] == {"extra_pnginfo": {"lab_note": "kept"}, "client_id": "c"}

@@ -471,7 +471,8 @@ class _PromptRun:
             "completed": success,
             "messages": self.messages,
         }
-        return {"prompt": self.item.as_json(), "outputs": outputs, "status": status, "meta": meta}
+        return {"prompt": self.item.as_history_json(), "outputs": outputs, "status": status,
+                "meta": meta}
 
 
 def _is_link(value: Any) -> bool:

@@ -15,6 +15,9 @@ from comfyfleet.sim.frames import status_frame
 from comfyfleet.sim.hub import Hub
 
 MAX_HISTORY = 10000
+# The partner-node keys of extra_data, which ComfyUI 0.3.64 drops from a prompt's history
+# entry (execution.py) but not from the queue.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
 
 @dataclass
@@ -31,7 +34,16 @@ class QueueItem:
         return self.extra_data.get("client_id")
 
     def as_json(self) -> list[Any]:
+        """As `/queue` shows it: the partner-node keys of extra_data too (ComfyUI 0.3.64 keeps
+        them while the prompt waits and runs: its nodes read them)."""
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+    def as_history_json(self) -> list[Any]:
+        """As its history entry shows it: without the partner-node keys (task_done drops
+        SENSITIVE_EXTRA_DATA_KEYS)."""
+        extra_data = {key: value for key, value in self.extra_data.items()
+                      if key not in SENSITIVE_EXTRA_DATA_KEYS}
+        return [self.number, self.prompt_id, self.prompt, extra_data, self.outputs]
 
 
 class PromptQueue:

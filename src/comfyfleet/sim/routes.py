@@ -37,10 +37,6 @@ def with_api_copies(routes: Iterable[web.AbstractRouteDef]) -> list[web.Abstract
     return [*api, *routes]
 
 
-# extra_data keys ComfyUI keeps out of the queue and history.
-_SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
-
-
 class _BadBody(Exception):
     """The request body is not the JSON object the handler needs."""
 
@@ -167,8 +163,6 @@ class Routes:
         if not result.ok:
             rejected = {"error": result.error, "node_errors": result.node_errors}
             return web.json_response(rejected, status=400)
-        for key in _SENSITIVE_EXTRA_DATA:
-            extra_data.pop(key, None)
         self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, result.outputs))
         accepted = {"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors}
         return web.json_response(accepted)

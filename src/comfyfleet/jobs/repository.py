@@ -356,7 +356,8 @@ class JobRepository:
         if row is None:
             return None
         self._on_change(job.id)
-        return Job(**{name: getattr(job, name) for name in _FIXED}, **dict(row.items()))
+        # The row wins: `transition` returns the id too, for the outbox.
+        return Job(**({name: getattr(job, name) for name in _FIXED} | dict(row.items())))
 
     async def page(
         self,

@@ -1,13 +1,15 @@
 -- A job's life outside the claim (jobs/repository.py): store it, then move it along as its
 -- backend reports. Each is one statement, so one round trip with no BEGIN or COMMIT around
 -- it; where a webhook reports the change, the job and its outbox row are written by that
--- one statement, so neither is ever written without the other (DESIGN §5). The outbox row
--- notifies `comfyfleet_webhooks` (webhooks/worker.py listens), sent when it commits.
+-- one statement, so neither is ever written without the other (DESIGN §5): the statement
+-- calls enqueue_webhook (migration 0019) LATERAL on the row it wrote, which writes the outbox
+-- row, if any, and notifies `comfyfleet_webhooks` (webhooks/worker.py listens) on commit.
 --
 -- Every change is fenced on the job as the caller knows it: $1 its id, $2 its attempts, $3
 -- its prompt id, and the states it may be in. A stale actor (an older attempt, another
 -- process, the holder of a prompt moved elsewhere) changes nothing and gets no row back.
--- What comes back are the columns a change may touch; the caller has the others.
+-- What comes back are the columns a change may touch (and the id, where the outbox row is
+-- written from the row); the caller has the others.
 --
 -- Rows travel as JSON objects, a column by name (jsonb_populate_record), so a column added
 -- to the models is written without touching this file.
@@ -23,14 +25,8 @@ WITH stored AS (
     ON CONFLICT ((coalesce(api_key_hash, '')), source, client_task_id)
         WHERE client_task_id IS NOT NULL DO NOTHING
     RETURNING id
-), enqueued AS (
-    INSERT INTO webhook_deliveries
-    SELECT delivery.*
-    FROM stored, jsonb_populate_record(NULL::webhook_deliveries, $2::jsonb) AS delivery
-    WHERE $2::jsonb IS NOT NULL
-    RETURNING pg_notify('comfyfleet_webhooks', '')
 )
-SELECT id FROM stored
+SELECT stored.id FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
 
 -- name: transition
 -- Move the job on from one of the states $4: each of $5 status, $6 progress, $9 started_at,
@@ -45,16 +41,10 @@ WITH changed AS (
         outputs = coalesce($11::jsonb, outputs), error = coalesce($12::jsonb, error)
     WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
       AND status = ANY($4::text[])
-    RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
-        dispatched_by, started_at, finished_at, outputs, error
-), enqueued AS (
-    INSERT INTO webhook_deliveries
-    SELECT delivery.*
-    FROM changed, jsonb_populate_record(NULL::webhook_deliveries, $13::jsonb) AS delivery
-    WHERE $13::jsonb IS NOT NULL
-    RETURNING pg_notify('comfyfleet_webhooks', '')
+    RETURNING id, status, progress, progress_detail, backend, prompt_id, attempts,
+        dispatched_at, dispatched_by, started_at, finished_at, outputs, error
 )
-SELECT * FROM changed
+SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13::jsonb)
 
 -- name: requeue
 -- Put the job, whose prompt was lost, back in the backlog with the error $4 (or none); it

@@ -2,14 +2,17 @@
 
 The throughput benchmark's CPU per job moves with the rate it reaches (a slower run makes
 more empty claims per job), and on a shared machine that rate is other users' to decide; this
-one is not. One process, embedded PostgreSQL, no backends: `--jobs` jobs go through the
+one is not. One process, embedded PostgreSQL, no backend running: `--jobs` jobs go through the
 steps a job's life takes in the service (stored as POST /jobs stores it, started, finished
 with its webhook in the outbox, the delivery leased, its attempt recorded, the next due
-delivery looked up), all of one step before the next, and the CPU time this process spends
-on each (`time.process_time`, so waiting for PostgreSQL or for the CPU is not counted) is
-divided by the calls. `--concurrency` calls run at once, as requests and events do in the
-service. The claim step is left out: other work is changing it. Run it on two commits to
-compare them (the figures of one run are comparable with each other).
+delivery looked up), all of one step before the next; then another `--jobs` jobs, put running
+on one backend for one process, go through what recovery and rebalancing do (read back on a
+reconnect, the periodic pass finding nothing unfollowed, taken over, moved to another
+backend). The CPU time this process spends on each step (`time.process_time`, so waiting for
+PostgreSQL or for the CPU is not counted) is divided by the calls. `--concurrency` calls run
+at once, as requests and events do in the service. The claim step is left out: other work is
+changing it. Run it on two commits to compare them (the figures of one run are comparable
+with each other).
 
 Run from the repository root:  .venv/bin/python -m bench.hot_path [--jobs 2000]
 """
@@ -22,13 +25,19 @@ import json
 import os
 import platform
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from bench.harness import bench_root, embedded_postgres, fresh_database, print_table, workflow_job
 from comfyfleet import db
+from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt, DeliveryStatus
+from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.webhooks.outbox import Outbox, Outcome
@@ -36,6 +45,14 @@ from comfyfleet.webhooks.outbox import Outbox, Outcome
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only leased and recorded
 LEASE = timedelta(seconds=60)
 CLAIM_LIMIT = 32  # deliveries leased per claim, as the worker's room allows at saturation
+SOURCE, TARGET = "gpu0", "gpu1"  # backends in the table only: nothing connects to them
+FOLLOWER, HEIR = 1, 2  # the process following the running jobs, and the one taking them over
+# The `--jobs` queued jobs running on SOURCE for FOLLOWER, as a claim and the start leave them.
+RUNNING = """
+UPDATE jobs SET status = 'running', backend = $1, prompt_id = id::text, attempts = 1,
+    dispatched_by = $2, dispatched_at = now(), started_at = now()
+WHERE status = 'queued'
+"""
 T = TypeVar("T")
 
 
@@ -110,9 +127,43 @@ async def run(jobs: int, concurrency: int) -> dict[str, float]:
                 assert all(kept)
                 figures["next due delivery"], _ = await timed(
                     range(jobs), lambda _: outbox.next_due(skip_hosts=[]), concurrency)
+                figures.update(await recovery_and_moves(engine, repository, store, jobs,
+                                                        concurrency))
             finally:
                 await engine.dispose()
     return {name: round(ms, 3) for name, ms in figures.items()}
+
+
+async def recovery_and_moves(
+    engine: AsyncEngine, repository: JobRepository, store: Callable[[int], Awaitable[Job]],
+    jobs: int, concurrency: int,
+) -> dict[str, float]:
+    """CPU ms per call of what recovery and rebalancing run, on `jobs` jobs running on one
+    backend (stored with `store`, untimed)."""
+    figures: dict[str, float] = {}
+    registry = BackendRegistry(engine)
+    for port, name in enumerate((SOURCE, TARGET), start=9):
+        await registry.add(Backend(name, f"http://127.0.0.1:{port}"))
+    await asyncio.gather(*(store(number) for number in range(jobs)))
+    async with db.driver_connection(engine) as connection:
+        await connection.execute(RUNNING, SOURCE, FOLLOWER)
+    per_read, (running,) = await timed([SOURCE], repository.on_backend, 1)
+    assert len(running) == jobs, len(running)
+    figures["jobs on a backend (a reconnect), per job read"] = per_read / jobs
+    figures["live processes (the lease), per pass"], _ = await timed(
+        range(jobs), lambda _: ProcessLease(engine).live(), concurrency)
+    figures["jobs no live process follows (none), per pass"], unfollowed = await timed(
+        range(jobs), lambda _: repository.on_backend(unless_followed_by=[FOLLOWER]),
+        concurrency)
+    assert not any(unfollowed)
+    figures["take over a job"], taken = await timed(
+        running, lambda job: repository.take_over(job, HEIR), concurrency)
+    assert all(taken)
+    figures["move a job to another backend"], moved = await timed(
+        taken, lambda job: repository.move(job, TARGET, str(uuid.uuid4()),
+                                           max_inflight=jobs, owner=HEIR), concurrency)
+    assert all(moved)
+    return figures
 
 
 async def main(jobs: int, concurrency: int) -> None:

@@ -1,23 +1,85 @@
-"""The statements that write a job with its webhook (sql/jobs.sql) write the outbox row exactly
-when they write the job, and wake the workers."""
+"""The job statements that run for every job or at every periodic pass (sql/jobs.sql): each
+walks an index however many jobs there are, planned as a pooled connection plans a statement
+it has prepared once it settles on the generic plan; and the statements that write a job with
+its webhook write the outbox row exactly when they write the job, and wake the workers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet import sql
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository
+from tests.test_dashboard_queries import SCANNED, scans
 
+# The named statements of sql/jobs.sql that a job's life or a periodic pass runs and that
+# read or write jobs beyond one by its id.
+PLANNED = ("insert", "transition", "requeue", "release", "move", "take_over", "on_backend",
+           "unfollowed")
+JOBS = 6000
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only written
+
+# Copies of one stored job: most finished on one of four backends, one in fifty running there
+# for one of three processes.
+COPY_JOBS = """
+INSERT INTO jobs (id, workflow, params, prompt, status, progress, priority, attempts,
+    created_at, started_at, finished_at, outputs, backend, prompt_id, dispatched_by, source)
+SELECT gen_random_uuid(), workflow, params, prompt,
+    CASE WHEN n % 50 = 0 THEN 'running' ELSE 'succeeded' END, 0, 0, 1,
+    now() - n * interval '10 s', now() - n * interval '10 s',
+    CASE WHEN n % 50 <> 0 THEN now() - n * interval '5 s' END, '[]', 'gpu' || n % 4,
+    gen_random_uuid()::text, n % 3 + 1, source
+FROM jobs, generate_series(1, $1) AS n
+"""
+
+
+# EXPLAIN of a statement with parameters, sent as text (asyncpg would take its `$n` for its
+# own parameters).
+EXPLAIN_GENERIC = """
+CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS json LANGUAGE plpgsql AS $$
+DECLARE plan json;
+BEGIN
+    EXECUTE 'EXPLAIN (GENERIC_PLAN, FORMAT JSON) ' || statement INTO plan;
+    RETURN plan;
+END
+$$
+"""
 
 
 def driver_url(engine: AsyncEngine) -> str:
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def generic_plan(db: asyncpg.Connection, statement: str) -> dict[str, Any]:
+    """`statement`'s plan for any values of its parameters: the plan PostgreSQL keeps for a
+    prepared statement once it settles on a generic one."""
+    explained = await db.fetchval("SELECT pg_temp.generic_plan($1)", statement)
+    plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
+    return plan
+
+
+async def test_every_statement_of_a_jobs_life_walks_an_index(engine: AsyncEngine) -> None:
+    await JobRepository(engine).insert(Job(workflow="invert", prompt={"1": {}}))
+    db = await asyncpg.connect(driver_url(engine))
+    try:
+        await db.execute(COPY_JOBS, JOBS)
+        await db.execute("ANALYZE")
+        await db.execute(EXPLAIN_GENERIC)
+        statements = sql.queries("jobs")
+        full_scans = []
+        for name in PLANNED:
+            plan = await generic_plan(db, statements[name])
+            if any(kind == "Seq Scan" and table in SCANNED for kind, table in scans(plan)):
+                full_scans.append(name)
+        assert full_scans == []
+    finally:
+        await db.close()
 
 
 async def test_a_webhook_row_is_written_with_the_job_on_every_path(engine: AsyncEngine) -> None:

@@ -16,17 +16,13 @@ from typing import Any, Literal, NamedTuple
 import asyncpg
 import sqlalchemy
 from sqlalchemy import (
-    Case,
     ColumnElement,
-    ScalarSelect,
-    case,
-    exists,
     func,
     true,
     tuple_,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -41,14 +37,12 @@ UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # The columns a job's transitions may change; the others are fixed when it is stored, so an
 # UPDATE returns only these and the rest is taken from the job the caller holds (sparing the
 # decoding of its JSONB prompt and params at every step).
-_CHANGING = tuple(_table.c[name] for name in (
+_CHANGING = frozenset({
     "status", "progress", "progress_detail", "backend", "prompt_id", "attempts", "dispatched_at",
-    "dispatched_by", "started_at", "finished_at", "outputs", "error"))
-_FIXED = frozenset(_table.c.keys()) - {column.name for column in _CHANGING}
+    "dispatched_by", "started_at", "finished_at", "outputs", "error"})
+_FIXED = frozenset(_table.c.keys()) - _CHANGING
 # Storing a job and its transitions (not the claim): fixed SQL on asyncpg.
 _SQL = sql.queries("jobs")
-# The fleet's table, as far as a claim reads it: whether the backend still takes work.
-_BACKENDS = sqlalchemy.table("backends", sqlalchemy.column("name"), sqlalchemy.column("draining"))
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
 # among the tenants first in virtual time.
 CLAIM_BATCH = 50
@@ -148,7 +142,6 @@ class JobRepository:
         self._read_engine = reads or engine
         self._fair_share = fair_share
         self._max_concurrent = max_concurrent_per_key
-        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
         self._reads = single_statements(reads or engine)
         self._on_change = on_change or (lambda _: None)
@@ -276,30 +269,16 @@ class JobRepository:
     ) -> Job | None:
         """Give a job whose prompt is off its backend now (never started, or interrupted to
         run afresh elsewhere) to `backend` under a new prompt id; no attempt is spent. None
-        when `backend` has no free slot or the job is no longer where it was."""
-        async with self._sessions.begin() as session:
-            if not await self._lock_free_slot(session, backend, max_inflight):
-                return None
-            moved = await _update(
-                session, job,
-                _table.c.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]),
-                _table.c.prompt_id == job.prompt_id,
-                values=dict(status=JobStatus.DISPATCHED, backend=backend, prompt_id=prompt_id,
-                            dispatched_by=owner, dispatched_at=func.now(), started_at=None,
-                            progress=0.0, progress_detail=None, outputs=[]),
-            )
-        if moved is not None:
-            self._on_change(moved.id)
-        return moved
-
-    @staticmethod
-    async def _lock_free_slot(session: AsyncSession, backend: str, max_inflight: int) -> bool:
-        """Whether `backend` takes work and has a free slot, counting every process's prompts
-        there; holds the backend's lock until the transaction ends, so the slot stays free
-        for it."""
-        await lock_backend(session, backend)
-        free: int = (await session.exec(select(_free_slots(backend, max_inflight)))).one()
-        return free > 0
+        when `backend` has no free slot or the job is no longer where it was. The slots count
+        every process's prompts on `backend`, under its lock, as a claim does."""
+        async with driver_connection(self.engine) as connection, connection.transaction():
+            await connection.execute(_CLAIM["lock_backend"], backend)
+            row = await connection.fetchrow(_SQL["move"], job.id, job.attempts, job.prompt_id,
+                                            backend, prompt_id, owner, max_inflight)
+        if row is None:
+            return None
+        self._on_change(job.id)
+        return _changed(job, row)
 
     async def transition(
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
@@ -350,14 +329,17 @@ class JobRepository:
     async def _fenced(self, query: str, job: Job, *values: Any) -> Job | None:
         """Run the fenced change `query` of sql/jobs.sql on `job`, `values` after its fence;
         the job as it is now, or None when nothing was written."""
+        changed = await self._change(query, job, *values)
+        if changed is not None:
+            self._on_change(job.id)
+        return changed
+
+    async def _change(self, query: str, job: Job, *values: Any) -> Job | None:
+        """`_fenced`, telling nobody (for a change no reader of jobs sees)."""
         async with driver_connection(self.engine) as connection:
             row = await connection.fetchrow(_SQL[query], job.id, job.attempts, job.prompt_id,
                                             *values)
-        if row is None:
-            return None
-        self._on_change(job.id)
-        # The row wins: `transition` returns the id too, for the outbox.
-        return Job(**({name: getattr(job, name) for name in _FIXED} | dict(row.items())))
+        return _changed(job, row) if row is not None else None
 
     async def page(
         self,
@@ -501,28 +483,18 @@ class JobRepository:
 
     async def take_over(self, job: Job, owner: int) -> Job | None:
         """Make `owner` the process following `job`, if no other process took it first."""
-        async with self._statements() as session:
-            return await _update(
-                session, job,
-                _table.c.dispatched_by.is_not_distinct_from(job.dispatched_by),
-                _table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
-                values={"dispatched_by": owner},
-            )
+        return await self._change("take_over", job, owner, job.dispatched_by)
 
     async def on_backend(
         self, backend: str | None = None, *, unless_followed_by: Iterable[int] = ()
     ) -> list[Job]:
         """The jobs on `backend` (on any backend when None): dispatched, running or uploading;
         without those the processes `unless_followed_by` dispatched."""
-        query = select(Job).where(col(Job.status).in_([str(s) for s in ON_BACKEND_STATES]))
-        if backend is not None:
-            query = query.where(col(Job.backend) == backend)
-        followers = list(unless_followed_by)
-        if followers:
-            query = query.where(col(Job.dispatched_by).is_(None)
-                                | col(Job.dispatched_by).not_in(followers))
-        async with self._statements() as session:
-            return list((await session.exec(query)).all())
+        async with driver_connection(self.engine) as connection:
+            rows = await (
+                connection.fetch(_SQL["unfollowed"], list(unless_followed_by)) if backend is None
+                else connection.fetch(_SQL["on_backend"], backend))
+        return [_job(row) for row in rows]
 
 
 async def lock_backend(session: AsyncSession, backend: str) -> None:
@@ -530,24 +502,6 @@ async def lock_backend(session: AsyncSession, backend: str) -> None:
     until the transaction ends; a statement after this one sees every claim committed before
     it."""
     await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
-
-
-def _busy(backend: str) -> ScalarSelect[int]:
-    """How many prompts every process has on `backend` (its slots taken)."""
-    return (
-        select(func.count())
-        .select_from(_table)
-        .where(_table.c.backend == backend,
-               _table.c.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]))
-        .scalar_subquery()
-    )
-
-
-def _free_slots(backend: str, max_inflight: int) -> Case[int]:
-    """How many more prompts `backend` may take, counting every process's; none when it is
-    draining or no longer in the fleet (fleet/registry.py keeps the table)."""
-    takes_work = exists().where(_BACKENDS.c.name == backend, _BACKENDS.c.draining.is_(False))
-    return case((takes_work, max_inflight - _busy(backend)), else_=0)
 
 
 def _job(row: Mapping[str, Any]) -> Job:
@@ -559,21 +513,10 @@ def _job(row: Mapping[str, Any]) -> Job:
     return Job(**values)
 
 
-async def _update(
-    session: AsyncSession, job: Job, *fence: ColumnElement[bool], values: dict[str, Any]
-) -> Job | None:
-    """Apply `values` to `job` if it is still at the same attempt and `fence` holds; the job
-    as it is now, or None when nothing was written."""
-    assert not values.keys() & _FIXED, "only the _CHANGING columns come back from the UPDATE"
-    row = (await session.exec(
-        update(_table)
-        .where(_table.c.id == job.id, _table.c.attempts == job.attempts, *fence)
-        .values(**values)
-        .returning(*_CHANGING)
-    )).first()
-    if row is None:
-        return None
-    return Job(**{name: getattr(job, name) for name in _FIXED}, **row._mapping)
+def _changed(job: Job, row: Mapping[str, Any]) -> Job:
+    """`job` as a fenced change left it: the columns a change may touch from `row` (its
+    RETURNING), the others as they were (`transition` returns the id too, for the outbox)."""
+    return Job(**(dict(row.items()) | {name: getattr(job, name) for name in _FIXED}))
 
 
 async def _check_backlog(

@@ -69,6 +69,49 @@ WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
     dispatched_by, started_at, finished_at, outputs, error
 
+-- name: move
+-- Give the job, whose prompt is off its backend now (never started, or interrupted to run
+-- afresh elsewhere), to backend $4 as prompt $5 (followed by process $6), if that backend
+-- takes work and has fewer than $7 prompts on it; no attempt is spent. Run after the
+-- backend's lock (claim.sql `lock_backend`), in its transaction, so the count sees every
+-- claim and move committed before.
+UPDATE jobs
+SET status = 'dispatched', backend = $4, prompt_id = $5, dispatched_by = $6,
+    dispatched_at = now(), started_at = NULL, progress = 0, progress_detail = NULL,
+    outputs = '[]'
+WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
+  AND status IN ('dispatched', 'running')
+  AND EXISTS (SELECT 1 FROM backends WHERE name = $4 AND NOT draining)
+  AND (SELECT count(*) FROM jobs AS there
+       WHERE there.backend = $4 AND there.status IN ('dispatched', 'running')) < $7
+RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+    dispatched_by, started_at, finished_at, outputs, error
+
+-- name: take_over
+-- Make process $4 the one following the job on its backend, unless another process took it
+-- over first (it is followed by $5 no longer, null: by none).
+UPDATE jobs
+SET dispatched_by = $4
+WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
+  AND dispatched_by IS NOT DISTINCT FROM $5
+  AND status IN ('dispatched', 'running', 'uploading')
+RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+    dispatched_by, started_at, finished_at, outputs, error
+
+-- name: on_backend
+-- The jobs on backend $1: dispatched, running or uploading. (The states are written out, so
+-- that the plan PostgreSQL keeps for any $1 walks the partial index jobs_on_backend.)
+SELECT * FROM jobs
+WHERE backend = $1 AND status IN ('dispatched', 'running', 'uploading')
+
+-- name: unfollowed
+-- The jobs on any backend followed by none of the processes $1 (the live ones), nor by any
+-- process at all: what a process that stopped left behind. (As in `on_backend`, the states
+-- are written out for the partial index.)
+SELECT * FROM jobs
+WHERE status IN ('dispatched', 'running', 'uploading')
+  AND (dispatched_by IS NULL OR dispatched_by <> ALL($1::int[]))
+
 -- name: by_client_task_id
 -- The job stored under client_task_id $1 by the API key whose digest is $2 (null: without
 -- a key) with source $3, if any.

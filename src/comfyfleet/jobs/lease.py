@@ -12,14 +12,17 @@ import asyncio
 import logging
 import secrets
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet import sql
+from comfyfleet.db import driver_connection
 
 log = logging.getLogger(__name__)
 
 # First key of the two-key advisory locks that mark live processes ("comf").
 LOCK_SPACE = 0x636F6D66
 HEARTBEAT_SECONDS = 5.0  # how often the held connection is checked (and, if lost, renewed)
+_SQL = sql.queries("lease")
 
 
 class ProcessLease:
@@ -37,15 +40,12 @@ class ProcessLease:
     async def _hold(self) -> None:
         while True:
             try:
-                async with self._engine.connect() as connection:
-                    await connection.execute(text("SELECT pg_advisory_lock(:space, :id)"),
-                                             {"space": LOCK_SPACE, "id": self.id})
-                    await connection.commit()  # the lock outlives the transaction
+                async with driver_connection(self._engine) as connection:
+                    await connection.execute(_SQL["hold"], LOCK_SPACE, self.id)
                     self._held.set()
                     while True:
                         await asyncio.sleep(HEARTBEAT_SECONDS)
-                        await connection.execute(text("SELECT 1"))
-                        await connection.commit()
+                        await connection.execute(_SQL["beat"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: others will think us dead
@@ -55,11 +55,9 @@ class ProcessLease:
 
     async def live(self) -> set[int]:
         """The ids of the processes alive now, this one included."""
-        async with self._engine.connect() as connection:
-            rows = await connection.execute(text(
-                "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' "
-                "AND classid = :space AND objsubid = 2 AND granted"), {"space": LOCK_SPACE})
-            return {int(row[0]) for row in rows}
+        async with driver_connection(self._engine) as connection:
+            rows = await connection.fetch(_SQL["live"], LOCK_SPACE)
+        return {row["id"] for row in rows}
 
     async def close(self) -> None:
         if self._task is not None:

@@ -51,7 +51,9 @@ async def test_the_next_finish_comes_from_learned_run_times(engine: AsyncEngine)
     repository = JobRepository(engine)
     assert await repository.next_finish_seconds() is None  # nothing on a backend
     await on_backend(repository, "short", "key-a", ran_for=10.0)
-    assert await repository.next_finish_seconds() is None  # nothing learned yet
+    # Nothing learned yet (a cold start): as long again as it has run.
+    cold = await repository.next_finish_seconds()
+    assert cold is not None and 10.0 <= cold < 11.0
     for seconds in (20.0, 40.0):
         await ran(repository, "short", seconds)
     await ran(repository, "long", 100.0)
@@ -62,6 +64,31 @@ async def test_the_next_finish_comes_from_learned_run_times(engine: AsyncEngine)
     of_b = await repository.next_finish_seconds(Tenant("key-b"))
     assert of_b is not None and 29.0 < of_b <= 30.0  # not started: its whole run
     assert await repository.next_finish_seconds(Tenant(None)) is None
+    await on_backend(repository, "new", "key-c", ran_for=None)
+    assert await repository.next_finish_seconds(Tenant("key-c")) == 0.0  # not started: soon
+
+
+async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings) -> None:
+    """Nothing has run yet, so no run time is learned: the Retry-After comes from how long
+    the job on the backend has run so far, not a fixed guess far beyond the room's coming."""
+    settings.api_keys = [KEY_A]
+    settings.max_inflight_per_backend = 1
+    settings.max_queued_per_key = 1
+    short = {"workflow": "simulated_work", "params": {"seconds": 0.5, "steps": 2}}
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            client = Client(http, base, settings.route_prefix)
+            running = await client.submit(KEY_A, **short)
+            await wait_for_status(client, KEY_A, running["id"], "running")
+            queued = await client.submit(KEY_A, **short)  # the key's backlog: 1, its max
+            status, refused, headers = await client.call("POST", "/jobs", KEY_A, short)
+            assert (status, refused["error"]["type"]) == (429, "queue_full")
+            assert headers["Retry-After"] == str(refused["error"]["retry_after"]) == "1"
+            # Room came as soon as said: the running job ended and the queued one started.
+            await wait_for_status(client, KEY_A, queued["id"], "succeeded")
+            accepted = await client.submit(KEY_A, **short)
+            assert accepted["status"] == "queued"
 
 
 async def wait_for_status(client: Client, key: str, job_id: str, status: str) -> None:

@@ -3,7 +3,9 @@ MAX_QUEUED for the whole service) is refused, with when to try again.
 
 The backlog gains room when its head starts, which is when a job on a backend ends (for a key,
 one of its own when it has any there: with `max_concurrent` that is the only way its head
-starts). That moment is estimated from the learned run times of the jobs on backends.
+starts). That moment is estimated from the learned run times of the jobs on backends (on a
+cold start, with none learned yet, from how long they have run so far: see
+`JobRepository.next_finish_seconds`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from comfyfleet.intake.errors import BacklogFull
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository, QueueFull, Tenant
 
-# When no job is on a backend, or none of their workflows has run yet: nothing to go by.
+# When no job is on a backend (none may be for a while: no backend can run the backlog's
+# head, or none is up): nothing to go by.
 UNKNOWN_RETRY_AFTER = 10
 MAX_RETRY_AFTER = 3600
 

@@ -415,9 +415,20 @@ class JobRepository:
 
     async def next_finish_seconds(self, tenant: Tenant | None = None) -> float | None:
         """Expected seconds until the next job on a backend ends (of `tenant`, or of anyone),
-        freeing a slot for the head of the backlog: each job's workflow's learned run time
-        (the mean of its latest successful runs, fleet-wide) less what it has run already.
-        None when no such job is on a backend, or none of their workflows has run yet."""
+        freeing a slot for the head of the backlog (see `_left_on_backends`). None when no
+        such job is on a backend."""
+        soonest = select(func.min(self._left_on_backends(tenant).c.left))
+        async with self._reads() as session:
+            found = (await session.exec(soonest)).one()
+        return float(found) if found is not None else None
+
+    @staticmethod
+    def _left_on_backends(tenant: Tenant | None) -> sqlalchemy.Subquery:
+        """Per job on a backend (of `tenant`, or of anyone), the expected seconds until it
+        ends (`left`): its workflow's learned run time (the mean of its latest successful
+        runs, fleet-wide) less what it has run already; a job of a workflow never seen to end
+        (a cold start) as long again as it has run so far, a guess that grows as the wait
+        does and is made afresh at each ask."""
         active = (
             sqlalchemy.select(_table.c.id, _table.c.workflow, _table.c.started_at)
             .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
@@ -435,15 +446,14 @@ class JobRepository:
         )
         learned = (
             sqlalchemy.select(active.c.started_at, func.avg(runs.c.seconds).label("seconds"))
-            .select_from(active.join(runs, true()))
+            .select_from(active.outerjoin(runs, true()))
             .group_by(active.c.id, active.c.started_at)
             .subquery("learned")
         )
         ran = func.extract("epoch", func.now() - func.coalesce(learned.c.started_at, func.now()))
-        soonest = select(func.min(func.greatest(learned.c.seconds - ran, 0)))
-        async with self._reads() as session:
-            found = (await session.exec(soonest)).one()
-        return float(found) if found is not None else None
+        left = sqlalchemy.case((learned.c.seconds.is_(None), ran),
+                               else_=func.greatest(learned.c.seconds - ran, 0))
+        return select(left.label("left")).subquery("left_on_backends")
 
     async def tenant_activity(self, window: timedelta) -> list[TenantActivity]:
         """Each key with jobs unfinished, or run within `window` until now: its jobs queued and

@@ -2,12 +2,17 @@
 tenants of different weights both saturating the fleet.
 
 Burst: tenant A submits --jobs jobs of --seconds each to --backends simulated backends; --delay
-seconds later tenant B submits --small jobs. Reported: B's wait before each of its jobs
-started (median, max), B's share of the GPU time from its arrival until its last job ended,
-the fleet's utilisation then (GPU-seconds the backends report over backends x time) and A's
-jobs finished per second then; with fair share (the default) and, in the same run, with
-FAIR_SHARE=false (one FIFO backlog), each on fresh simulators and a fresh database. Each run
-stops once B's jobs have all ended.
+seconds later tenant B (weight --small-weight, A's 1) submits --small jobs. Reported: B's wait
+before each of its jobs started (median, max) and before it was dispatched (median: a job
+dispatched waits on its backend behind the prompt running there, --inflight of them a backend
+holds), against what an exact fair share with no dispatch latency would give; B's share of
+the GPU time from its arrival until its last job ended, the fleet's utilisation then
+(GPU-seconds the backends report over backends x time) and A's jobs finished per second
+then; with fair share (the default) and, in the same run, with FAIR_SHARE=false (one FIFO
+backlog), each on fresh simulators and a fresh database. Each run stops once B's jobs have
+all ended. Where GPU time went unused in a window: gaps of at most DRY_GAP between a
+backend's prompts (the turnaround from one to the next already queued there) and longer ones
+(its queue ran dry: dispatch came late).
 
 Weights: tenant H (weight --heavy-weight) and tenant L (weight 1) each submit more work than
 the fleet runs in --window seconds, L's jobs --length-ratio times as long as H's; reported:
@@ -16,7 +21,7 @@ split the weights ask for, and the fleet's utilisation.
 
 Run from the repository root:  .venv/bin/python -m bench.fairness [--backends 8]
     [--jobs 1000] [--small 20] [--delay 5] [--seconds 1] [--window 120] [--heavy-weight 3]
-    [--length-ratio 2]
+    [--length-ratio 2] [--small-weight 1] [--inflight 2]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -53,6 +59,7 @@ SUBMITTERS = 16  # POSTs in flight at once
 
 @dataclass
 class Execution:
+    backend: str  # the simulator's URL
     prompt_id: str
     start: float  # unix seconds, from the backend's history
     end: float
@@ -80,7 +87,7 @@ async def executions(http: aiohttp.ClientSession, urls: Sequence[str]) -> list[E
         for prompt_id, entry in history.items():
             times = {name: data["timestamp"] for name, data in entry["status"]["messages"]}
             if "execution_success" in times:
-                found.append(Execution(prompt_id, times["execution_start"] / 1000,
+                found.append(Execution(url, prompt_id, times["execution_start"] / 1000,
                                        times["execution_success"] / 1000))
     return found
 
@@ -128,29 +135,83 @@ async def deployment(stack: AsyncExitStack, backends: int, weights: dict[str, in
                    fleet.urls)
 
 
-async def job_times(dsn: str, ids: Sequence[str]) -> list[tuple[str, datetime, datetime | None]]:
-    """(prompt id, created, started) of each job."""
+async def job_times(dsn: str, ids: Sequence[str]) -> list[JobTimes]:
+    """When each job was created, dispatched and started."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT prompt_id, created_at, started_at FROM jobs "
+        rows = await conn.fetch("SELECT prompt_id, created_at, dispatched_at, started_at FROM jobs "
                                 "WHERE id = ANY($1::uuid[])", list(ids))
     finally:
         await conn.close()
-    return [(row["prompt_id"], row["created_at"], row["started_at"]) for row in rows]
+    return [JobTimes(row["prompt_id"], row["created_at"], row["dispatched_at"], row["started_at"])
+            for row in rows]
+
+
+@dataclass
+class JobTimes:
+    prompt_id: str
+    created: datetime
+    dispatched: datetime | None  # sent to a backend (the claim)
+    started: datetime | None  # the backend began executing it
+
+
+def ideal_waits(backends: int, seconds: float, count: int, share: float) -> list[float]:
+    """The waits to dispatch of `count` jobs submitted at once by a tenant entitled to `share`
+    of a fleet of `backends` saturated by jobs of `seconds`, under an exact fair share with no
+    dispatch latency: slots free one by one, every seconds / backends on average (the n-th,
+    counting from 1, at about (n - 1/2) seconds / backends), the newcomer's first job takes the
+    first, and each later one of its jobs comes 1 / share slots after the one before."""
+    return [(k / share + 0.5) * seconds / backends for k in range(count)]
+
+
+DRY_GAP = 0.1  # s between two prompts on a backend: longer, its queue ran dry
+
+
+@dataclass
+class Idle:
+    """Where a window's GPU time went unused."""
+
+    turnaround: float  # backend-seconds between prompts that followed one another at once
+    dry: float  # backend-seconds in gaps longer than DRY_GAP: nothing was queued there
+    dry_gaps: int
+    longest: float  # s, the longest gap
+
+
+def idle(ran: Sequence[Execution], urls: Sequence[str], since: float, until: float) -> Idle:
+    """The gaps within [since, until] between the prompts each backend executed (and before
+    its first and after its last, within the window)."""
+    turnaround = dry = longest = 0.0
+    dry_gaps = 0
+    for url in urls:
+        busy = sorted((max(e.start, since), min(e.end, until)) for e in ran
+                      if e.backend == url and e.end > since and e.start < until)
+        edges = [since, *(t for span in busy for t in span), until]
+        for free_from, free_until in zip(edges[::2], edges[1::2], strict=True):
+            gap = max(0.0, free_until - free_from)
+            longest = max(longest, gap)
+            if gap > DRY_GAP:
+                dry += gap
+                dry_gaps += 1
+            else:
+                turnaround += gap
+    return Idle(turnaround, dry, dry_gaps, longest)
 
 
 @dataclass
 class Burst:
     fair: bool
     waits: list[float]  # B's, seconds from submit to start
+    to_dispatch: list[float]  # B's, seconds from submit to dispatch
     share_b: float  # of the GPU time while B had work
     utilisation: float
+    idle: Idle
     a_rate: float  # A's jobs finished per second while B had work
 
 
 async def burst(args: argparse.Namespace, fair: bool) -> Burst:
     async with AsyncExitStack() as stack:
-        tenants = await deployment(stack, args.backends, {"A": 1, "B": 1}, fair)
+        tenants = await deployment(stack, args.backends, {"A": 1, "B": args.small_weight}, fair,
+                                   {"MAX_INFLIGHT_PER_BACKEND": str(args.inflight)})
         http = await stack.enter_async_context(aiohttp.ClientSession())
         a_ids = await submit(http, tenants.api, tenants.keys["A"], args.jobs, args.seconds, 0)
         await asyncio.sleep(args.delay)  # the scenario: B arrives this long after A
@@ -160,23 +221,25 @@ async def burst(args: argparse.Namespace, fair: bool) -> Burst:
         async with asyncio.timeout(args.jobs * args.seconds * 2 + 120):
             while True:  # polling what the database and the backends record
                 b_jobs = await job_times(tenants.database, b_ids)
-                if all(started is not None for _, _, started in b_jobs):
+                if all(job.started is not None for job in b_jobs):
                     ran = await executions(http, tenants.urls)
                     done = {e.prompt_id for e in ran}
-                    if all(prompt in done for prompt, _, _ in b_jobs):
+                    if all(job.prompt_id in done for job in b_jobs):
                         break
                 await asyncio.sleep(0.5)
-        a_prompts = {prompt for prompt, _, _ in await job_times(tenants.database, a_ids)}
-    b_prompts = {prompt for prompt, _, _ in b_jobs}
-    waits = [(started - created).total_seconds() for _, created, started in b_jobs
-             if started is not None]
+        a_prompts = {job.prompt_id for job in await job_times(tenants.database, a_ids)}
+    b_prompts = {job.prompt_id for job in b_jobs}
+    waits = [(job.started - job.created).total_seconds() for job in b_jobs
+             if job.started is not None]
+    to_dispatch = [(job.dispatched - job.created).total_seconds() for job in b_jobs
+                   if job.dispatched is not None]
     until = max(e.end for e in ran if e.prompt_id in b_prompts)
     during = {p: sum(e.within(arrived, until) for e in ran if e.prompt_id in prompts)
               for p, prompts in (("A", a_prompts), ("B", b_prompts))}
     a_done = sum(1 for e in ran if e.prompt_id in a_prompts and arrived <= e.end < until)
-    return Burst(fair, waits, during["B"] / sum(during.values()),
+    return Burst(fair, waits, to_dispatch, during["B"] / sum(during.values()),
                  sum(during.values()) / (args.backends * (until - arrived)),
-                 a_done / (until - arrived))
+                 idle(ran, tenants.urls, arrived, until), a_done / (until - arrived))
 
 
 @dataclass
@@ -184,6 +247,7 @@ class Weighted:
     heavy: float  # H's GPU-seconds in the window
     light: float
     utilisation: float
+    idle: Idle
 
 
 async def weighted(args: argparse.Namespace) -> Weighted:
@@ -191,7 +255,8 @@ async def weighted(args: argparse.Namespace) -> Weighted:
     capacity = args.backends * args.window  # GPU-seconds in the window
     async with AsyncExitStack() as stack:
         tenants = await deployment(stack, args.backends,
-                                   {"H": args.heavy_weight, "L": 1}, fair=True)
+                                   {"H": args.heavy_weight, "L": 1}, fair=True,
+                                   settings={"MAX_INFLIGHT_PER_BACKEND": str(args.inflight)})
         http = await stack.enter_async_context(aiohttp.ClientSession())
         # Each with more than all of the window's GPU time: both saturate it throughout.
         h_ids, l_ids = await asyncio.gather(
@@ -205,11 +270,17 @@ async def weighted(args: argparse.Namespace) -> Weighted:
         # The prompts running at the window's end count up to it: once they have ended.
         await asyncio.sleep(2 * light_seconds + 1)
         ran = await executions(http, tenants.urls)
-        h = {prompt for prompt, _, _ in await job_times(tenants.database, h_ids)}
-        light = {prompt for prompt, _, _ in await job_times(tenants.database, l_ids)}
+        h = {job.prompt_id for job in await job_times(tenants.database, h_ids)}
+        light = {job.prompt_id for job in await job_times(tenants.database, l_ids)}
     heavy_s = sum(e.within(since, until) for e in ran if e.prompt_id in h)
     light_s = sum(e.within(since, until) for e in ran if e.prompt_id in light)
-    return Weighted(heavy_s, light_s, (heavy_s + light_s) / (args.backends * (until - since)))
+    return Weighted(heavy_s, light_s, (heavy_s + light_s) / (args.backends * (until - since)),
+                    idle(ran, tenants.urls, since, until))
+
+
+def idle_json(gaps: Idle) -> dict[str, float]:
+    return {"turnaround_s": round(gaps.turnaround, 2), "dry_s": round(gaps.dry, 2),
+            "dry_gaps": gaps.dry_gaps, "longest_gap_s": round(gaps.longest, 3)}
 
 
 async def main() -> None:
@@ -223,15 +294,23 @@ async def main() -> None:
     parser.add_argument("--heavy-weight", type=int, default=3)
     parser.add_argument("--length-ratio", type=float, default=2.0,
                         help="weights: L's jobs this many times as long as H's")
+    parser.add_argument("--small-weight", type=int, default=1, help="burst: B's weight (A's 1)")
+    parser.add_argument("--inflight", type=int, default=2, help="MAX_INFLIGHT_PER_BACKEND")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     bursts = [await burst(args, fair) for fair in (True, False)]
+    ideal = statistics.median(ideal_waits(args.backends, args.seconds, args.small,
+                                          args.small_weight / (args.small_weight + 1)))
     print_table(
-        ["burst: B behind A's backlog", "B wait p50 s", "B wait max s", "B share of GPU",
-         "utilisation", "A jobs/s meanwhile"],
+        ["burst: B behind A's backlog", "B wait p50 s", "B wait max s", "B to dispatch p50 s",
+         "B share of GPU", "utilisation", "idle: turnaround / dry s (gaps)", "A jobs/s"],
         [["fair share" if b.fair else "FIFO (FAIR_SHARE=false)",
-          f"{statistics.median(b.waits):.2f}", f"{max(b.waits):.2f}", f"{b.share_b:.3f}",
-          f"{b.utilisation:.3f}", f"{b.a_rate:.2f}"]
+          f"{statistics.median(b.waits):.2f}", f"{max(b.waits):.2f}",
+          f"{statistics.median(b.to_dispatch):.2f}", f"{b.share_b:.3f}",
+          f"{b.utilisation:.3f}",
+          f"{b.idle.turnaround:.2f} / {b.idle.dry:.2f} ({b.idle.dry_gaps})", f"{b.a_rate:.2f}"]
          for b in bursts])
+    print(f"exact fair share, no dispatch latency: B to dispatch p50 {ideal:.2f} s")
     print()
     w = await weighted(args)
     asked = args.heavy_weight / (args.heavy_weight + 1)
@@ -241,15 +320,22 @@ async def main() -> None:
         [[f"{args.heavy_weight}:1 over {args.window:g} s", f"{w.heavy:.1f}", f"{w.light:.1f}",
           f"{got:.3f}", f"{asked:.3f}", f"{(got - asked) / asked:+.1%}",
           f"{w.utilisation:.3f}"]])
+    load_after = os.getloadavg()
+    print(f"load average at the start {load_before[0]:.1f}, at the end {load_after[0]:.1f}")
+    print(f"idle: turnaround {w.idle.turnaround:.1f} s, dry {w.idle.dry:.1f} s in "
+          f"{w.idle.dry_gaps} gaps, longest {w.idle.longest:.2f} s")
     print(json.dumps({
-        "args": vars(args),
+        "args": vars(args), "load": [round(load_before[0], 2), round(load_after[0], 2)],
         "burst": [{"fair": b.fair, "b_wait_p50_s": round(statistics.median(b.waits), 3),
-                   "b_wait_max_s": round(max(b.waits), 3), "b_share": round(b.share_b, 4),
-                   "utilisation": round(b.utilisation, 4),
-                   "a_jobs_per_s": round(b.a_rate, 3)} for b in bursts],
+                   "b_wait_max_s": round(max(b.waits), 3),
+                   "b_to_dispatch_p50_s": round(statistics.median(b.to_dispatch), 3),
+                   "b_share": round(b.share_b, 4), "utilisation": round(b.utilisation, 4),
+                   "idle": idle_json(b.idle), "a_jobs_per_s": round(b.a_rate, 3)}
+                  for b in bursts],
+        "ideal_b_to_dispatch_p50_s": round(ideal, 3),
         "weights": {"heavy_s": round(w.heavy, 2), "light_s": round(w.light, 2),
                     "heavy_share": round(got, 4), "asked": round(asked, 4),
-                    "utilisation": round(w.utilisation, 4)},
+                    "utilisation": round(w.utilisation, 4), "idle": idle_json(w.idle)},
     }))
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import timedelta
+from typing import Any
 
 import aiohttp
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
-from comfyfleet.jobs.models import Job, JobStatus, utcnow
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import server_sent_events
+from tests.test_security import KEY_A, KEY_B, Client, bearer
 
 
 @pytest.fixture
@@ -115,3 +121,52 @@ async def test_eta_comes_from_the_runs_on_the_backend_the_job_is_on(
     assert on_backend
     for state in on_backend:
         assert state["eta_seconds"] == round(35.0 * (1 - state["progress"]), 1)
+
+
+async def test_a_queued_jobs_eta_counts_the_work_ahead_of_it_in_fair_share(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """Two backends, jobs of a known second each: tenant B's third job, behind the four of
+    tenant A on the backends and, in fair share, two more of A's queued, ends about when its
+    ETA said: after (what the backends have left + 4 jobs queued before it) / 2 backends + its
+    own run, give or take one job's length and a quarter (dispatch and uploads take time on a
+    busy machine). Counting queue positions by backend slots instead (2 prompts each, as if a
+    backend ran both at once) says 2 s."""
+    seconds = 1.0
+    repository = JobRepository(engine)
+    for _ in range(3):
+        await ran(repository, "simulated_work", "gpu", seconds)  # the run time learned
+    settings.api_keys = [KEY_A, KEY_B]
+    settings.max_inflight_per_backend = 2
+    async with AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(SimulatedComfyUI()) for _ in range(2)]
+        settings.comfyui_endpoints = [sim.url for sim in sims]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        client = Client(http, base, settings.route_prefix)
+
+        def work(number: int) -> dict[str, Any]:  # each its own prompt: none served cached
+            return {"workflow": "simulated_work",
+                    "params": {"seconds": seconds + number / 1000, "steps": 2}}
+
+        async def on_backends(jobs: list[dict[str, Any]]) -> int:
+            found = [await repository.get(uuid.UUID(job["id"])) for job in jobs]
+            return sum(job is not None and job.status in ON_BACKEND_STATES for job in found)
+
+        a_jobs = [await client.submit(KEY_A, **work(n)) for n in range(8)]
+        async with asyncio.timeout(15):  # both backends busy, a prompt waiting on each
+            while await on_backends(a_jobs) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the database for what dispatch did
+        b_jobs = [await client.submit(KEY_B, **work(100 + n)) for n in range(3)]
+        async with http.get(f"{client.api}/jobs/{b_jobs[2]['id']}/events",
+                            headers=bearer(KEY_B)) as response:
+            events = server_sent_events(response)
+            first = await anext(events)
+            asked = time.monotonic()
+            async for event in events:
+                if event["event"] != "state":
+                    break
+            ended = time.monotonic()
+    assert (first["data"]["status"], event["event"]) == ("queued", "succeeded")
+    eta = first["data"]["eta_seconds"]
+    assert abs((ended - asked) - eta) <= seconds + 0.25 * eta, (eta, ended - asked)

@@ -1,8 +1,10 @@
 """GET /jobs/{id}/events: Server-Sent Events of one job, until it ends (DESIGN §4).
 
 Each `state` event carries the status, progress (0..1 over all nodes), queue position and an
-ETA from the workflow's recent run times (on the job's backend, once it has one and has run
-the workflow before); `preview` events (with `?previews=true`) carry the
+ETA: for a queued job, the work ahead of it (what the jobs on backends have left, and its
+queue position's jobs, each as long as its workflow's recent runs) over the backends at
+work, then its own run; once dispatched, the rest of its run (by the workflow's runs on its
+backend, once that has run it before); `preview` events (with `?previews=true`) carry the
 backend's live preview images; the last event is named after the terminal status and
 carries the whole job. Event ids name the state, so a client reconnecting with
 Last-Event-ID gets the next change, not a repeat.
@@ -22,6 +24,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import CallerDep, visible_job
+from comfyfleet.dispatch.fair_share import expected_end
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.notices import PreviewImage
 from comfyfleet.services import Services
@@ -79,18 +82,20 @@ async def _stream(
 
 
 async def _state(svc: Services, job: Job) -> dict[str, Any]:
-    # Once dispatched, how long this workflow takes on that backend (GPUs differ).
-    typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
     position = await svc.repository.queue_position(job) if job.status == JobStatus.QUEUED \
         else None
     eta: float | None = None
-    if typical is not None:
-        if position is not None:
-            # Every free backend slot takes one job from the head of the queue at a time.
-            slots = max(1, sum(s.accepts_work for s in svc.fleet.sessions)
-                        * svc.settings.max_inflight_per_backend)
-            eta = typical * (1 + (position - 1) // slots)
-        else:
+    if position is not None:
+        # Measured fleet-wide: which backend takes it is not known yet.
+        typical = await svc.repository.typical_run_seconds(job.workflow)
+        if typical is not None:
+            eta = expected_end(position - 1, typical,
+                               await svc.repository.work_on_backends_seconds(),
+                               sum(s.accepts_work for s in svc.fleet.sessions))
+    else:
+        # Once dispatched, how long this workflow takes on that backend (GPUs differ).
+        typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
+        if typical is not None:
             eta = typical * (1 - job.progress)
     return {
         "status": job.status,

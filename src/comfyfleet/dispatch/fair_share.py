@@ -36,3 +36,13 @@ def fifo_order(queued: Sequence[QueuedJob]) -> list[QueuedJob]:
     """`queued` as one backlog regardless of tenants: highest priority, then oldest, first
     (FAIR_SHARE=false)."""
     return sorted(queued, key=lambda job: (-job.priority, job.created_at))
+
+
+def expected_end(ahead: int, seconds: float, on_backends: float, gpus: int) -> float:
+    """Expected seconds until a queued job ends: first the work before it, what the jobs on
+    backends have left (`on_backends` seconds, all told) and the `ahead` jobs queued before
+    it in the order slots are filled (fair share's, with it on), each taken as long as the
+    job's own workflow runs (`seconds`, measured), shared by the `gpus` backends that run a
+    prompt each at a time; then its own run. A fluid estimate: the job starts when its
+    backend frees, up to one job's length either side of the work's share coming due."""
+    return (on_backends + ahead * seconds) / max(gpus, 1) + seconds

@@ -422,6 +422,13 @@ class JobRepository:
             found = (await session.exec(soonest)).one()
         return float(found) if found is not None else None
 
+    async def work_on_backends_seconds(self) -> float:
+        """Expected seconds the jobs on backends have left, all told (see
+        `_left_on_backends`): the work every queued job waits behind."""
+        total = select(func.coalesce(func.sum(self._left_on_backends(None).c.left), 0.0))
+        async with self._reads() as session:
+            return float((await session.exec(total)).one())
+
     @staticmethod
     def _left_on_backends(tenant: Tenant | None) -> sqlalchemy.Subquery:
         """Per job on a backend (of `tenant`, or of anyone), the expected seconds until it

@@ -81,9 +81,13 @@ async def test_queued_job_reports_its_place_in_the_queue(settings: Settings) -> 
                 ids.append((await response.json())["id"])
         async with http.get(f"{prefix}/jobs/{ids[2]}/events") as response:
             first = await anext(server_sent_events(response))
+        async with http.get(f"{prefix}/jobs/{ids[2]}") as response:
+            job = await response.json()
     assert first["event"] == "state"
     assert first["data"]["status"] == "queued"
     assert first["data"]["queue_position"] == 3
+    # GET /jobs/{id} says it too; no ETA: nothing of the workflow has run.
+    assert (job["queue_position"], job["eta_seconds"]) == (3, None)
 
 
 async def ran(repository: JobRepository, workflow: str, backend: str, seconds: float) -> None:
@@ -158,6 +162,8 @@ async def test_a_queued_jobs_eta_counts_the_work_ahead_of_it_in_fair_share(
             while await on_backends(a_jobs) < 4:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # polling the database for what dispatch did
         b_jobs = [await client.submit(KEY_B, **work(100 + n)) for n in range(3)]
+        _, got, _ = await client.call("GET", f"/jobs/{b_jobs[2]['id']}", KEY_B)
+        assert got["queue_position"] >= 1 and got["eta_seconds"] > 2 * seconds
         async with http.get(f"{client.api}/jobs/{b_jobs[2]['id']}/events",
                             headers=bearer(KEY_B)) as response:
             events = server_sent_events(response)

@@ -82,6 +82,23 @@ async def _stream(
 
 
 async def _state(svc: Services, job: Job) -> dict[str, Any]:
+    position, eta = await place_and_eta(svc, job)
+    return {
+        "status": job.status,
+        "progress": job.progress,
+        "backend": job.backend,
+        "queue_position": position,
+        "waiting": svc.fleet.why_waiting(job.prompt) if position is not None else None,
+        "eta_seconds": eta,
+    }
+
+
+async def place_and_eta(svc: Services, job: Job) -> tuple[int | None, float | None]:
+    """A queued job's position (1: the next free slot takes it) and, while it is unfinished,
+    the seconds until it is expected to end; None where they do not apply or nothing is
+    known yet (no run of its workflow seen)."""
+    if JobStatus(job.status).terminal:
+        return None, None
     position = await svc.repository.queue_position(job) if job.status == JobStatus.QUEUED \
         else None
     eta: float | None = None
@@ -97,14 +114,7 @@ async def _state(svc: Services, job: Job) -> dict[str, Any]:
         typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
         if typical is not None:
             eta = typical * (1 - job.progress)
-    return {
-        "status": job.status,
-        "progress": job.progress,
-        "backend": job.backend,
-        "queue_position": position,
-        "waiting": svc.fleet.why_waiting(job.prompt) if position is not None else None,
-        "eta_seconds": round(eta, 1) if eta is not None else None,
-    }
+    return position, round(eta, 1) if eta is not None else None
 
 
 def _preview_event(preview: PreviewImage) -> ServerSentEvent:

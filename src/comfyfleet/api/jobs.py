@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
+from comfyfleet.api.events import place_and_eta
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake import errors as refusals
@@ -283,7 +284,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 @router.get("/jobs/{job_id}", summary="One job")
 async def get_job(job_id: uuid.UUID, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    return await svc.render(await visible_job(svc, caller, job_id))
+    job = await visible_job(svc, caller, job_id)
+    position, eta = await place_and_eta(svc, job)
+    return {**await svc.render(job), "queue_position": position, "eta_seconds": eta}
 
 
 async def _cancel(job_id: uuid.UUID, svc: Services, caller: Caller) -> dict[str, Any]:

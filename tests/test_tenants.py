@@ -5,7 +5,9 @@ Retry-After from the learned run times, against a real service on loopback."""
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import time
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -74,20 +76,26 @@ async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings
     settings.api_keys = [KEY_A]
     settings.max_inflight_per_backend = 1
     settings.max_queued_per_key = 1
-    short = {"workflow": "simulated_work", "params": {"seconds": 0.5, "steps": 2}}
+    jobs = [{"workflow": "simulated_work", "params": {"seconds": 5 + n / 1000, "steps": 2}}
+            for n in range(4)]  # each its own prompt: none served from the backend's cache
     async with SimulatedComfyUI() as sim:
         settings.comfyui_endpoints = [sim.url]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             client = Client(http, base, settings.route_prefix)
-            running = await client.submit(KEY_A, **short)
+            running = await client.submit(KEY_A, **jobs[0])
             await wait_for_status(client, KEY_A, running["id"], "running")
-            queued = await client.submit(KEY_A, **short)  # the key's backlog: 1, its max
-            status, refused, headers = await client.call("POST", "/jobs", KEY_A, short)
+            seen_running = time.monotonic()
+            queued = await client.submit(KEY_A, **jobs[1])  # the key's backlog: 1, its max
+            status, refused, headers = await client.call("POST", "/jobs", KEY_A, jobs[2])
             assert (status, refused["error"]["type"]) == (429, "queue_full")
-            assert headers["Retry-After"] == str(refused["error"]["retry_after"]) == "1"
-            # Room came as soon as said: the running job ended and the queued one started.
-            await wait_for_status(client, KEY_A, queued["id"], "succeeded")
-            accepted = await client.submit(KEY_A, **short)
+            retry_after = int(headers["Retry-After"])
+            assert refused["error"]["retry_after"] == retry_after
+            # As long again as it has run: a second or so, well within its 5 s run.
+            ran_for = time.monotonic() - seen_running + 0.5  # its start is seen by polling
+            assert 1 <= retry_after <= min(5, max(1, math.ceil(ran_for))), ran_for
+            # Room comes once the running job ends and the queued one starts.
+            await wait_for_status(client, KEY_A, queued["id"], "running")
+            accepted = await client.submit(KEY_A, **jobs[3])
             assert accepted["status"] == "queued"
 
 

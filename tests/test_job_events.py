@@ -176,3 +176,44 @@ async def test_a_queued_jobs_eta_counts_the_work_ahead_of_it_in_fair_share(
     assert (first["data"]["status"], event["event"]) == ("queued", "succeeded")
     eta = first["data"]["eta_seconds"]
     assert abs((ended - asked) - eta) <= seconds + 0.25 * eta, (eta, ended - asked)
+
+
+async def test_a_dispatched_jobs_eta_counts_the_prompt_ahead_of_it_on_its_backend(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """One backend holding two prompts of a known 2 s each: the second, waiting there, ends
+    after what the first has left and its own run, as its ETA says (within half a second and
+    15%); the rest of its own run alone would say 2 s."""
+    seconds = 2.0
+    repository = JobRepository(engine)
+    for _ in range(3):
+        await ran(repository, "simulated_work", "gpu", seconds)
+    settings.max_inflight_per_backend = 2
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            ids = []
+            for n in range(2):  # each its own prompt: not served from the backend's cache
+                async with http.post(f"{prefix}/jobs", json={
+                        "workflow": "simulated_work",
+                        "params": {"seconds": seconds + n / 1000, "steps": 2}}) as response:
+                    ids.append(uuid.UUID((await response.json())["id"]))
+
+            async def statuses() -> list[str | None]:
+                return [job.status if (job := await repository.get(i)) else None for i in ids]
+
+            async with asyncio.timeout(15):
+                while await statuses() != ["running", "dispatched"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # polling the database for what dispatch did
+            async with http.get(f"{prefix}/jobs/{ids[1]}/events") as response:
+                events = server_sent_events(response)
+                first = await anext(events)
+                asked = time.monotonic()
+                async for event in events:
+                    if event["event"] != "state":
+                        break
+                ended = time.monotonic()
+    assert (first["data"]["status"], event["event"]) == ("dispatched", "succeeded")
+    eta = first["data"]["eta_seconds"]
+    assert abs((ended - asked) - eta) <= 0.5 + 0.15 * eta, (eta, ended - asked)

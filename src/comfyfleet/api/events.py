@@ -4,10 +4,10 @@ Each `state` event carries the status, progress (0..1 over all nodes), queue pos
 ETA: for a queued job, the work ahead of it (what the jobs on backends have left, and its
 queue position's jobs, each as long as its workflow's recent runs) over the backends at
 work, then its own run; once dispatched, the rest of its run (by the workflow's runs on its
-backend, once that has run it before); `preview` events (with `?previews=true`) carry the
-backend's live preview images; the last event is named after the terminal status and
-carries the whole job. Event ids name the state, so a client reconnecting with
-Last-Event-ID gets the next change, not a repeat.
+backend, once that has run it before), after the prompts sent there before it; `preview`
+events (with `?previews=true`) carry the backend's live preview images; the last event is
+named after the terminal status and carries the whole job. Event ids name the state, so a
+client reconnecting with Last-Event-ID gets the next change, not a repeat.
 """
 
 from __future__ import annotations
@@ -110,10 +110,13 @@ async def place_and_eta(svc: Services, job: Job) -> tuple[int | None, float | No
                                await svc.repository.work_on_backends_seconds(),
                                sum(s.accepts_work for s in svc.fleet.sessions))
     else:
-        # Once dispatched, how long this workflow takes on that backend (GPUs differ).
+        # Once dispatched, how long this workflow takes on that backend (GPUs differ); one not
+        # started yet waits there for the prompts sent before it.
         typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
         if typical is not None:
             eta = typical * (1 - job.progress)
+            if job.status == JobStatus.DISPATCHED and job.started_at is None:
+                eta += await svc.repository.work_on_backends_seconds(ahead_of=job)
     return position, round(eta, 1) if eta is not None else None
 
 

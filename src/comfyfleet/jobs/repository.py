@@ -422,24 +422,27 @@ class JobRepository:
             found = (await session.exec(soonest)).one()
         return float(found) if found is not None else None
 
-    async def work_on_backends_seconds(self) -> float:
+    async def work_on_backends_seconds(self, ahead_of: Job | None = None) -> float:
         """Expected seconds the jobs on backends have left, all told (see
-        `_left_on_backends`): the work every queued job waits behind."""
-        total = select(func.coalesce(func.sum(self._left_on_backends(None).c.left), 0.0))
+        `_left_on_backends`): the work every queued job waits behind; with `ahead_of` (a job
+        sent to a backend), only that of the jobs sent to its backend before it."""
+        where = [] if ahead_of is None else [
+            _table.c.backend == ahead_of.backend, _table.c.dispatched_at < ahead_of.dispatched_at]
+        total = select(func.coalesce(func.sum(self._left_on_backends(None, *where).c.left), 0.0))
         async with self._reads() as session:
             return float((await session.exec(total)).one())
 
     @staticmethod
-    def _left_on_backends(tenant: Tenant | None) -> sqlalchemy.Subquery:
-        """Per job on a backend (of `tenant`, or of anyone), the expected seconds until it
-        ends (`left`): its workflow's learned run time (the mean of its latest successful
-        runs, fleet-wide) less what it has run already; a job of a workflow never seen to end
-        (a cold start) as long again as it has run so far, a guess that grows as the wait
-        does and is made afresh at each ask."""
+    def _left_on_backends(tenant: Tenant | None, *where: Any) -> sqlalchemy.Subquery:
+        """Per job on a backend (of `tenant`, or of anyone; and matching `where`), the
+        expected seconds until it ends (`left`): its workflow's learned run time (the mean of
+        its latest successful runs, fleet-wide) less what it has run already; a job of a
+        workflow never seen to end (a cold start) as long again as it has run so far, a guess
+        that grows as the wait does and is made afresh at each ask."""
         active = (
             sqlalchemy.select(_table.c.id, _table.c.workflow, _table.c.started_at)
             .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
-                   *([tenant.owns] if tenant is not None else []))
+                   *([tenant.owns] if tenant is not None else []), *where)
             .subquery("active")
         )
         runs = (

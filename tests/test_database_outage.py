@@ -140,10 +140,8 @@ async def test_outputs_stored_while_the_database_is_down_are_recorded_when_it_is
         body = {"workflow": "invert", "params": {"width": 8}, "callback_url": receiver.url}
         async with http.post(f"{api}/jobs", json=body) as response:
             job_id = (await response.json())["id"]
+        await wait_for_job(http, api, job_id, "uploading")
         async with asyncio.timeout(30):
-            while (await (await http.get(f"{api}/jobs/{job_id}")).json())["status"] != \
-                    "uploading":  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # polling the API: nothing local to wait on
             await stop_immediately(own_postgres)
             stored = settings.data_dir / "outputs" / job_id / "3_0.png"
             while not await asyncio.to_thread(stored.exists):  # noqa: ASYNC110

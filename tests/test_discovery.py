@@ -16,7 +16,7 @@ from comfyfleet.fleet.discovery import DnsTarget
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.dns_server import NAME, LoopbackDns, loopback_dns
-from tests.support import free_ports
+from tests.support import free_ports, wait_for_job
 
 PASS = 0.2  # DISCOVERY_INTERVAL in these tests
 
@@ -134,13 +134,7 @@ async def test_a_vanished_backend_hands_its_prompt_on_after_the_grace_period(
         server.addresses = ["127.0.0.5"]
         async with http.get(f"{fleet.base}/jobs/{job_id}") as response:
             assert (await response.json())["backend"] == "127-0-0-4"
-        async with asyncio.timeout(30):
-            while True:
-                async with http.get(f"{fleet.base}/jobs/{job_id}") as response:
-                    job = await response.json()
-                if job["status"] == "succeeded":
-                    break
-                await asyncio.sleep(PASS)  # polling the API: no local event to wait on
+        job = await wait_for_job(http, fleet.base, job_id, "succeeded")
         assert (job["backend"], job["attempts"]) == ("127-0-0-5", 2)
         await fleet.until(lambda f: set(f) == {"127-0-0-5"})
 

@@ -24,8 +24,8 @@ from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository, Tenant
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, python_process, serve_env
-from tests.test_security import ADMIN, KEY_A, KEY_B, Client, keys_command
+from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
+from tests.test_security import ADMIN, KEY_A, KEY_B, Client, bearer, keys_command
 
 LONG = {"workflow": "simulated_work", "params": {"seconds": 3600, "steps": 2}}
 QUICK = {"workflow": "invert", "params": {"width": 16}}
@@ -99,12 +99,6 @@ async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings
             assert accepted["status"] == "queued"
 
 
-async def wait_for_status(client: Client, key: str, job_id: str, status: str) -> None:
-    async with asyncio.timeout(15):
-        while (await client.call("GET", f"/jobs/{job_id}", key))[1]["status"] != status:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polling the service over HTTP, as a client does
-
-
 async def metric(http: aiohttp.ClientSession, base: str, line: str) -> float:
     async with http.get(f"{base}/metrics") as response:
         text = await response.text()
@@ -130,7 +124,8 @@ async def test_full_backlogs_answer_429_with_retry_after_from_run_times(
                 http, base, f'comfyfleet_queue_full_total{{scope="{scope}"}}')
                 for scope in ("key", "service")}
             running = await client.submit(KEY_A, **LONG)
-            await wait_for_status(client, KEY_A, running["id"], "running")
+            await wait_for_job(client.http, client.api, running["id"], "running",
+                               headers=bearer(KEY_A))
             for _ in range(2):
                 await client.submit(KEY_A, **LONG)  # the key's backlog: 2, its max
             status, refused, headers = await client.call("POST", "/jobs", KEY_A, LONG)
@@ -253,15 +248,18 @@ async def test_a_key_at_its_max_concurrent_is_skipped_by_the_claim(settings: Set
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             client = Client(http, base, settings.route_prefix)
             first = await client.submit(KEY_A, **LONG)
-            await wait_for_status(client, KEY_A, first["id"], "running")
+            await wait_for_job(client.http, client.api, first["id"], "running",
+                               headers=bearer(KEY_A))
             second = await client.submit(KEY_A, **LONG)
             other = await client.submit(KEY_B, **LONG)  # after A's, yet it goes first
-            await wait_for_status(client, KEY_B, other["id"], "dispatched")
+            await wait_for_job(client.http, client.api, other["id"], "dispatched",
+                               headers=bearer(KEY_B))
             assert (await client.call("GET", f"/jobs/{second['id']}", KEY_A))[1][
                 "status"] == "queued"
             status, _, _ = await client.call("POST", f"/jobs/{first['id']}/cancel", KEY_A)
             assert status == 200
-            await wait_for_status(client, KEY_A, second["id"], "dispatched")  # A's turn again
+            await wait_for_job(client.http, client.api, second["id"], "dispatched",
+                               headers=bearer(KEY_A))  # A's turn again
 
 
 def most_at_once(histories: list[dict[str, Any]]) -> int:

@@ -19,6 +19,7 @@ from comfyfleet.execution.warm import PromptKeys, WarmCache
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.cache_probes import chain
+from tests.support import wait_for_job
 
 
 class Gateway:
@@ -36,19 +37,11 @@ class Gateway:
         assert response.status == 202, job
         return str(job["id"])
 
-    async def reached(self, job_id: str, *statuses: str) -> dict[str, Any]:
-        async with asyncio.timeout(30):
-            while True:
-                async with self.http.get(f"{self.base}/jobs/{job_id}") as response:
-                    job: dict[str, Any] = await response.json()
-                if job["status"] in statuses:
-                    return job
-                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+    async def reached(self, job_id: str, status: str) -> dict[str, Any]:
+        return await wait_for_job(self.http, self.base, job_id, status)
 
     async def finished(self, job_id: str) -> dict[str, Any]:
-        job = await self.reached(job_id, "succeeded", "failed", "cancelled")
-        assert job["status"] == "succeeded", job
-        return job
+        return await self.reached(job_id, "succeeded")
 
     async def run(self, model: str, seconds: float = 0.0) -> dict[str, Any]:
         return await self.finished(await self.submit(model, seconds))

@@ -13,7 +13,7 @@ import aiohttp
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import REPO
+from tests.support import REPO, wait_for_job
 
 DRAIN_SCRIPT = REPO / "comfyui_nodes" / "comfyfleet_cleanup" / "drain.py"
 RUN_SECONDS = 3.0
@@ -48,9 +48,7 @@ async def test_drain_waits_for_the_job_on_the_backend(settings: Settings) -> Non
                                                    "params": {"width": 16}})
         assert status == 202
         await call("PATCH", "/backends/staying", {"drain": False})
-        async with asyncio.timeout(10):
-            while (await call("GET", f"/jobs/{job['id']}"))[1]["status"] != "running":  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        await wait_for_job(http, base, job["id"], "running")
 
         # No waiting: drained at once, and the answer says the job is still there.
         status, drained = await call("POST", "/backends/leaving/drain", {"wait": 0})
@@ -80,12 +78,7 @@ async def test_the_script_reports_a_backend_still_busy_and_refusals(settings: Se
         async with http.post(f"{base}/jobs", json={"workflow": "invert",
                                                    "params": {"width": 16}}) as response:
             job = await response.json()
-        async with asyncio.timeout(10):
-            while True:
-                async with http.get(f"{base}/jobs/{job['id']}") as response:
-                    if (await response.json())["status"] == "running":
-                        break
-                await asyncio.sleep(0.05)  # polling the API: no local event to wait on
+        await wait_for_job(http, base, job["id"], "running")
 
         code, out = await run_script(base, "busy", 0.5)
         assert (code, "busy: still busy" in out) == (1, True), out

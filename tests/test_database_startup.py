@@ -15,6 +15,8 @@ import aiohttp
 from tests.support import LOOPBACK, REPO, child_env, free_ports, wait_until_answering
 
 RETRY_LINE = "not reachable yet"
+# The cluster trusts loopback connections: any password gets in, and is sent.
+PASSWORD = "db-pass-4a7c19e2d3"
 
 
 class PostgresCluster:
@@ -61,7 +63,7 @@ async def serve(tmp_path: Path, database_port: int, service_port: int
                 ) -> asyncio.subprocess.Process:
     """`comfyfleet serve` on the database at `database_port`, its log in tmp_path/serve.log."""
     env = child_env(
-        DATABASE_URL=f"postgresql://postgres@{LOOPBACK}:{database_port}/postgres",
+        DATABASE_URL=f"postgresql://postgres:{PASSWORD}@{LOOPBACK}:{database_port}/postgres",
         STORAGE="local", DATA_DIR=str(tmp_path / "data"),
         WORKFLOWS_DIR=str(REPO / "workflows"), SERVICE_PORT=str(service_port))
     with (tmp_path / "serve.log").open("ab") as stderr:
@@ -90,6 +92,9 @@ async def test_serve_started_before_its_database_waits_then_gets_ready(
             process.terminate()
             await process.wait()
         await asyncio.to_thread(cluster.stop)
+    # Each retry names the database it waits for, without its password (DESIGN §8).
+    text = log.read_text()
+    assert "://postgres:***@" in text and PASSWORD not in text
 
 
 async def test_a_service_waiting_for_its_database_stops_at_once_on_sigterm(

@@ -79,6 +79,20 @@ async def wait_until_answering(url: str, seconds: float = 30.0) -> None:
                 await asyncio.sleep(0.1)
 
 
+async def wait_for_healthy_backends(
+    http: aiohttp.ClientSession, api: str, seconds: float = 15.0
+) -> list[dict[str, Any]]:
+    """The backends `GET {api}/backends` lists, once each is healthy (connected, answering
+    /system_stats, its prompts reconciled). Polled: backends have no event stream."""
+    async with asyncio.timeout(seconds):
+        while True:
+            async with http.get(f"{api}/backends") as response:
+                backends: list[dict[str, Any]] = await response.json()
+            if backends and all(backend["healthy"] for backend in backends):
+                return backends
+            await asyncio.sleep(0.1)  # polling the API: no event to wait on
+
+
 @asynccontextmanager
 async def python_process(
     *args: str, ready_url: str, env: dict[str, str] | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.workflows.catalog import load_catalog
-from tests.support import REPO
+from tests.support import REPO, wait_for_healthy_backends
 
 # A copy of ../shared/fixtures, so a clone of this repository is complete on its own.
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
@@ -66,13 +65,8 @@ async def test_job_no_backend_can_run_is_422_naming_what_is_missing(
         settings.comfyui_endpoints = [sim.url + "#cpu"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             api = base + settings.route_prefix
-            async with asyncio.timeout(10):  # the backend connects in the background
-                while True:
-                    async with http.get(f"{api}/backends") as response:
-                        (backend,) = await response.json()
-                    if backend["healthy"]:
-                        break
-                    await asyncio.sleep(0.05)
+            # The backend connects in the background.
+            (backend,) = await wait_for_healthy_backends(http, api)
             assert backend["capabilities"]["node_classes"] > 10
             async with http.post(f"{api}/jobs", json={"workflow": "txt2img"}) as response:
                 body = await response.json()

@@ -15,7 +15,14 @@ from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
+from tests.support import (
+    LOOPBACK,
+    free_ports,
+    python_process,
+    serve_env,
+    wait_for_healthy_backends,
+    wait_for_job,
+)
 
 JOBS = 24
 
@@ -50,12 +57,7 @@ async def test_two_processes_share_one_database_and_the_backend_slots(
             await stack.enter_async_context(
                 python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         for base in bases:  # both have their backends before any work arrives
-            async with asyncio.timeout(15):
-                while True:
-                    async with http.get(f"{base}/api/v1/backends") as response:
-                        if all(b["healthy"] for b in await response.json()):
-                            break
-                    await asyncio.sleep(0.1)
+            await wait_for_healthy_backends(http, f"{base}/api/v1")
         ids = []
         for n in range(JOBS):
             body = {"workflow": "invert", "params": {"width": 8 + n},
@@ -99,12 +101,8 @@ class Gateways:
         self.started += 1
         process = await self.stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
-        async with asyncio.timeout(15):  # connected, its reconciliation done
-            while True:
-                async with http.get(f"{base}/api/v1/backends") as response:
-                    if (await response.json())[0]["healthy"]:
-                        return base, process
-                await asyncio.sleep(0.1)
+        await wait_for_healthy_backends(http, f"{base}/api/v1")  # its reconciliation done
+        return base, process
 
 
 async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(

@@ -24,7 +24,14 @@ from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository, Tenant
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
+from tests.support import (
+    LOOPBACK,
+    free_ports,
+    python_process,
+    serve_env,
+    wait_for_healthy_backends,
+    wait_for_job,
+)
 from tests.test_security import ADMIN, KEY_A, KEY_B, Client, bearer, keys_command
 
 LONG = {"workflow": "simulated_work", "params": {"seconds": 3600, "steps": 2}}
@@ -299,12 +306,7 @@ async def test_max_concurrent_holds_across_two_processes(
             await stack.enter_async_context(
                 python_process("comfyfleet", "serve", env=env, ready_url=bases[-1] + "/healthz"))
         for base in bases:  # both have their backends before any work arrives
-            async with asyncio.timeout(15):
-                while True:
-                    async with http.get(f"{base}/api/v1/backends") as response:
-                        if all(b["healthy"] for b in await response.json()):
-                            break
-                    await asyncio.sleep(0.1)
+            await wait_for_healthy_backends(http, f"{base}/api/v1")
         for n in range(jobs):
             body = {"workflow": "simulated_work", "params": {"seconds": 0.3, "steps": 1},
                     "callback_url": receiver.url}

@@ -138,8 +138,6 @@ async def test_idle_backend_takes_over_a_prompt_waiting_behind_a_long_one(
         async with asyncio.timeout(10):  # both on `first`: one running, one in its queue
             while (await api.call("GET", "/backends"))[0]["queue_remaining"] < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # polling the API: no local event to wait on
-        # Long past its expected 0.2 s, the running prompt looks long: moving pays.
-        await asyncio.sleep(5.0)
         await api.call("PATCH", "/backends/second", {"drain": False})
 
         moved = await wait_for_job(api.http, api.base, waiting, "succeeded")
@@ -149,7 +147,14 @@ async def test_idle_backend_takes_over_a_prompt_waiting_behind_a_long_one(
                 direct.get(f"{first.url}/history") as response:
             ran_on_first = set(await response.json())
         assert moved["prompt_id"] not in ran_on_first
-        assert (await wait_for_job(api.http, api.base, long_job, "succeeded"))["backend"] == "first"
+        long_run = await wait_for_job(api.http, api.base, long_job, "succeeded")
+        assert long_run["backend"] == "first"
+        # Moved once the running prompt looked long, not at once: it is expected to need a
+        # quarter of its elapsed time again, so waiting behind it costs MOVE_MIN_GAIN (1 s)
+        # more than moving only 4 s in.
+        long_start = await started_ms(api.http, first.url, long_run["prompt_id"])
+        moved_start = await started_ms(api.http, second.url, moved["prompt_id"])
+        assert moved_start - long_start > 4_000
 
 
 async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(

@@ -79,10 +79,13 @@ async def test_no_job_is_overtaken_more_than_the_window_and_priorities_hold(
         busy = await gateway.submit(A, seconds=2.0)
         await gateway.reached(busy, "running")
         # Queued behind it: one job for b, three for a, and a job for b of lower priority
-        # (cheap once b is loaded, yet never before a job of higher priority).
+        # (cheap once b is loaded, yet never before a job of higher priority). Drained
+        # meanwhile, so the order is chosen among all five however long submitting takes.
+        await gateway.call("PATCH", "/backends/gpu", {"drain": True})
         queued = {"b1": await gateway.submit(B), "a1": await gateway.submit(A),
                   "a2": await gateway.submit(A), "a3": await gateway.submit(A),
                   "low_b": await gateway.submit(B, priority=-1)}
+        await gateway.call("PATCH", "/backends/gpu", {"drain": False})
         await gateway.finished(busy)
         jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
     assert sorted(jobs, key=lambda name: jobs[name]["dispatched_at"]) == expected

@@ -90,7 +90,8 @@ async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             client = Client(http, base, settings.route_prefix)
             running = await client.submit(KEY_A, **jobs[0])
-            await wait_for_status(client, KEY_A, running["id"], "running")
+            await wait_for_job(client.http, client.api, running["id"], "running",
+                               headers=bearer(KEY_A))
             seen_running = time.monotonic()
             queued = await client.submit(KEY_A, **jobs[1])  # the key's backlog: 1, its max
             status, refused, headers = await client.call("POST", "/jobs", KEY_A, jobs[2])
@@ -101,7 +102,8 @@ async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings
             ran_for = time.monotonic() - seen_running + 0.5  # its start is seen by polling
             assert 1 <= retry_after <= min(5, max(1, math.ceil(ran_for))), ran_for
             # Room comes once the running job ends and the queued one starts.
-            await wait_for_status(client, KEY_A, queued["id"], "running")
+            await wait_for_job(client.http, client.api, queued["id"], "running",
+                               headers=bearer(KEY_A))
             accepted = await client.submit(KEY_A, **jobs[3])
             assert accepted["status"] == "queued"
 

@@ -23,6 +23,7 @@ from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry
+from comfyfleet.fleet.waiting import WaitingReasons
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
@@ -98,6 +99,8 @@ class Fleet:
         # One list shared with the dispatcher, the tracker's watch and the endings: backends
         # come and go.
         self.sessions: list[BackendSession] = []
+        # Asked of every queued job an answer shows; worked out once per change.
+        self._waiting = WaitingReasons(self.sessions, self.changes)
         # Told by every stage that ends a job.
         self._endings = Endings(self.sessions, waiters)
         collector = Collector(repository, storage, tuning.key_prefix, self._endings)
@@ -308,17 +311,7 @@ class Fleet:
     def why_waiting(self, prompt: dict[str, Any]) -> str | None:
         """Why a queued job with this prompt cannot start soon: every backend that could run
         it is out of service. None while one of them takes work."""
-        def can_run(session: BackendSession) -> bool:
-            return session.capabilities is None or session.capabilities.can_run(prompt)
-
-        # Asked for every queued job rendered: nearly always the first few backends answer.
-        if any(s.accepts_work and can_run(s) for s in self.sessions):
-            return None
-        capable = [s for s in self.sessions if can_run(s)]
-        if not capable:
-            return "no backend of the fleet can run it"
-        return "every backend that can run it is out of service: " + "; ".join(
-            f"{s.name} {_out_of_service(s)}" for s in capable)
+        return self._waiting.why(prompt)
 
     def describe(self, session: BackendSession) -> dict[str, Any]:
         return {
@@ -355,12 +348,3 @@ class Fleet:
 def _rounded(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
-
-def _out_of_service(session: BackendSession) -> str:
-    if session.connected:
-        return "is draining"
-    if session.capabilities is None:
-        state = "has not connected yet"
-    else:
-        state = f"unreachable for {session.unreachable_for():.0f} s"
-    return state + (f" ({session.last_error})" if session.last_error else "")

@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from comfyfleet.db import make_engine
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
+from tests.support import LOOPBACK, free_ports, python_process, serve_env
 from tests.webhook_support import Answer, Gateway
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -386,6 +388,45 @@ async def test_dashboard_page_is_served_with_its_assets_and_a_strict_policy(
                 assert response.status == 200, asset
         async with http.get(f"{base}/dashboard/static/../../settings.py") as response:
             assert response.status == 404
+
+
+async def test_a_dashboard_on_one_replica_follows_what_is_done_through_another(
+    settings: Settings, page: Page, data_root: Path, tmp_path: Path
+) -> None:
+    """Two `serve` processes on one database: a page open on B shows, live, a backend drained
+    and a job submitted and cancelled through A (B itself changes nothing: with its one
+    backend drained, B never claims the job)."""
+    async with SimulatedComfyUI() as sim, AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        bases = []
+        for replica in ("a", "b"):
+            port = free_ports(1)
+            base = f"http://{LOOPBACK}:{port}"
+            env = serve_env(settings, data_root / replica, port,
+                            COMFYUI_ENDPOINTS=f"{sim.url}#gpu")
+            await stack.enter_async_context(
+                python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+            bases.append(base)
+        through_a = bases[0] + settings.route_prefix
+        await page.goto(f"{bases[1]}/dashboard#/fleet")
+        health = page.locator('tr[data-backend="gpu"] .health')
+        await expect(health).to_have_text("up")
+        await expect(page.locator("#live")).to_have_text("live")
+        await page.evaluate("() => { window.notReloaded = true; }")
+
+        await api(http, "PATCH", f"{through_a}/backends/gpu", body={"drain": True})
+        await expect(health).to_have_text("draining")
+
+        await page.locator('nav a[data-nav="jobs"]').click()
+        await expect(page.locator("#jobs-empty")).to_be_visible()
+        job = await api(http, "POST", f"{through_a}/jobs", status=202,
+                        body={"workflow": "invert", "params": {"width": 16}})
+        row = page.locator(f'#jobs tr[data-job="{job["id"]}"]')
+        await expect(row).to_have_attribute("data-status", "queued")
+        await api(http, "POST", f"{through_a}/jobs/{job['id']}/cancel")
+        await expect(row).to_have_attribute("data-status", "cancelled")
+        assert await page.evaluate("() => window.notReloaded === true")
+        await screenshot(page, tmp_path, "jobs-through-another-replica")
 
 
 async def test_dashboard_stream_tells_of_a_drain_at_once(settings: Settings) -> None:

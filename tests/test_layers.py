@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"fleet"},  # the fleet: its table, and dispatch + execution wired per backend
     {"dispatch"},  # claim -> submit, placement, rebalance
     {"execution"},  # backend sessions, tracker, collector
-    {"webhooks"},  # outbox leases, worker, delivery, signing
+    {"webhooks", "peers"},  # outbox leases, worker, delivery, signing; other processes' news
     {"api_keys"},  # tenants
     {"metrics", "logs"},  # what every stage records into
     {"jobs"},  # model, repository, lease, the outbox's rows

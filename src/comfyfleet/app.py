@@ -45,6 +45,7 @@ from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
+from comfyfleet.peers import PeerChanges
 from comfyfleet.services import Services
 from comfyfleet.settings import Settings
 from comfyfleet.storage import open_storage
@@ -117,10 +118,13 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         lease = ProcessLease(engine)
         await lease.start()
         stack.push_async_callback(lease.close)
+        peers = PeerChanges(engine, events, lease.id)
+        peers.start()
+        stack.push_async_callback(peers.close)
         registry = BackendRegistry(engine)
         fleet = Fleet(endpoints, repository, storage, FleetTuning.from_settings(settings),
                       waiters=waiters, events=events, lease=lease, registry=registry,
-                      catalog=catalog)
+                      registry_changed=peers.fleet, catalog=catalog)
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,33 @@ async def open_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+# What a NOTIFY is told with: the connection, the notifying backend's pid, channel, payload.
+Notified = Callable[[Any, int, str, str], None]
+
+
+@asynccontextmanager
+async def listening(engine: AsyncEngine, channels: Sequence[str], notified: Notified
+                    ) -> AsyncIterator[asyncio.Event]:
+    """LISTEN on `channels` over one connection of `engine` for the block; yields an event
+    set when that connection is lost. Notifications sent while nobody listened are not
+    replayed: a listener re-reads what it follows once listening."""
+    lost = asyncio.Event()
+
+    def terminated(_: Any) -> None:
+        lost.set()
+
+    async with engine.connect() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        driver.add_termination_listener(terminated)
+        try:
+            for channel in channels:
+                await driver.add_listener(channel, notified)
+            yield lost
+        finally:  # the connection goes back to the pool: leave it as it was
+            driver.remove_termination_listener(terminated)
+            for channel in channels:
+                with contextlib.suppress(Exception):
+                    await driver.remove_listener(channel, notified)

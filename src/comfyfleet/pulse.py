@@ -21,3 +21,15 @@ class Pulse:
     def next(self) -> asyncio.Event:
         """The event the next beat sets."""
         return self._next
+
+
+async def first_of(*events: asyncio.Event) -> None:
+    """Return when one of `events` is set (at once if one is)."""
+    if any(event.is_set() for event in events):
+        return
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

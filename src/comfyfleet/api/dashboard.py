@@ -26,6 +26,7 @@ from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import CallerDep, Guard
 from comfyfleet.api.tenants import unnamed
 from comfyfleet.jobs.overview import ACTIVITY_WINDOW, Overview
+from comfyfleet.pulse import first_of
 from comfyfleet.services import Services
 
 STATIC = Path(__file__).resolve().parent.parent / "dashboard"
@@ -171,18 +172,7 @@ async def _stream(svc: Services, snapshot: FleetSnapshot) -> AsyncIterator[Serve
             jobs_changed = svc.events.any_job.next()
             yield ServerSentEvent("{}", event="jobs")
         await asyncio.sleep(MIN_EVENT_INTERVAL)  # a burst of changes becomes one event
-        await _first(fleet_changed, jobs_changed)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    if any(event.is_set() for event in events):
-        return
-    waits = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
+        await first_of(fleet_changed, jobs_changed)
 
 
 def install_dashboard(app: FastAPI, route_prefix: str) -> None:

@@ -22,14 +22,14 @@ from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker
-from comfyfleet.fleet.registry import REGISTRY_SYNC_SECONDS, BackendExists, BackendRegistry
+from comfyfleet.fleet.registry import BackendExists, BackendRegistry
 from comfyfleet.fleet.waiting import WaitingReasons
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
-from comfyfleet.pulse import Pulse
+from comfyfleet.pulse import Pulse, first_of
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
 from comfyfleet.workflows.catalog import Catalog
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # How often a drain waiting for a backend to go idle reads what other processes have there.
 DRAIN_RECHECK_SECONDS = 2.0
+# How soon a failed read of the fleet's table is tried again.
+REGISTRY_RETRY_SECONDS = 2.0
 # A job can move between our read and our fenced write (claimed, started); try again then.
 CANCEL_TRIES = 5
 
@@ -83,12 +85,15 @@ class Fleet:
         events: JobNotices,
         lease: ProcessLease,
         registry: BackendRegistry,
+        registry_changed: Pulse,
         catalog: Catalog,
     ) -> None:
-        """`backends` are the configured ones; the registry may hold more. The `catalog` is
-        told what each backend reports of its nodes, to type workflow parameters; `waiters`
-        hear of every job that ends here."""
+        """`backends` are the configured ones; the registry may hold more, and
+        `registry_changed` beats when any process changed it. The `catalog` is told what each
+        backend reports of its nodes, to type workflow parameters; `waiters` hear of every
+        job that ends here."""
         self._registry = registry
+        self._registry_changed = registry_changed
         self._catalog = catalog
         self._repository = repository
         self._node_token = tuning.node_token
@@ -156,15 +161,17 @@ class Fleet:
         """Connect to the registered backends (the configured ones first) and dispatch."""
         await self._registry.seed([session.backend for session in self.sessions])
         self._started = True
+        registry_changed = self._registry_changed.next()  # taken before the read
         await self.follow_registry()
         for session in self.sessions:
             self._connect(session)
         self._dispatching = asyncio.create_task(self.dispatcher.run())
         self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions)),
-                       asyncio.create_task(self._follow_registry_forever())]
+                       asyncio.create_task(self._follow_registry_forever(registry_changed))]
 
-    async def follow_registry(self) -> None:
-        """Take up what other processes (or an earlier run) changed in the shared fleet."""
+    async def follow_registry(self) -> bool:
+        """Take up what other processes (or an earlier run) changed in the shared fleet.
+        True while a backend removed elsewhere still has work of this process to finish."""
         registered = {entry.backend.name: entry for entry in await self._registry.all()}
         known = {session.name: session for session in self.sessions}
         for entry in registered.values():
@@ -176,21 +183,35 @@ class Fleet:
                 self.changes.beat()
                 if not entry.draining:
                     self.job_available()
+        finishing = False
         for session in list(self.sessions):
             if session.name not in registered:
                 if not session.draining:  # removed elsewhere: finish what it has here
                     session.draining = True
                     self.changes.beat()
-                if not session.inflight:
+                if session.inflight:
+                    finishing = True
+                else:
                     await self._stop_session(session)
+        return finishing
 
-    async def _follow_registry_forever(self) -> None:
+    async def _follow_registry_forever(self, changed: asyncio.Event) -> None:
+        """Follow the table at each change, and (a backend removed elsewhere finishing its
+        work here) each time a slot frees."""
+        freed: asyncio.Event | None = None
         while True:
-            await asyncio.sleep(REGISTRY_SYNC_SECONDS)
-            try:
-                await self.follow_registry()
-            except Exception:  # the database may be away; the next pass tries again
-                log.exception("reading the fleet from the database failed")
+            await first_of(changed, *([freed] if freed else []))
+            changed = self._registry_changed.next()  # taken before the read: nothing slips
+            freed = self._signals.freed.next()
+            while True:
+                try:
+                    finishing = await self.follow_registry()
+                    break
+                except Exception:  # the database may be away: try again
+                    log.exception("reading the fleet from the database failed")
+                    await asyncio.sleep(REGISTRY_RETRY_SECONDS)
+            if not finishing:
+                freed = None
 
     async def stop_dispatching(self) -> None:
         """Claim no more jobs: the first step of a shutdown, so that nothing new is started

@@ -1,8 +1,9 @@
 """The fleet as every process shares it: backends and their drain state, in PostgreSQL.
 
 COMFYUI_ENDPOINTS seeds it at each start (a listed backend comes back if it was removed);
-`POST`/`PATCH`/`DELETE /backends` change it; each process follows it within
-REGISTRY_SYNC_SECONDS, so a backend drained through one process is drained in all.
+`POST`/`PATCH`/`DELETE /backends` change it; each process follows it as soon as a change
+commits (a trigger notifies every process, see peers.py), so a backend drained through one
+process is drained in all.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import check_storable, single_statements
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job
 from comfyfleet.jobs.repository import lock_backend
-
-REGISTRY_SYNC_SECONDS = 2.0
 
 
 class BackendRow(SQLModel, table=True):
@@ -88,7 +87,7 @@ class BackendRegistry:
             await session.exec(statement)
 
     async def all(self) -> list[Registered]:
-        # Read every 2 s by every process: plain rows in one round trip, no ORM objects.
+        # Read by every process at every change: plain rows in one round trip, no ORM objects.
         # sqlmodel's select is typed for up to four columns; these five are plain values.
         columns = select(  # type: ignore[call-overload]
             col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining),

@@ -3,8 +3,9 @@ its execution's log.
 
 The database stays the source of truth (a listener re-reads the job); notices only save the
 listeners from polling, and previews and log lines exist nowhere else (a log line is told to
-whoever listens when it happens, and kept by no one). Another process's changes are seen
-by the listeners' periodic re-read.
+whoever listens when it happens, and kept by no one). Another process's changes to a job are
+seen by its listeners' periodic re-read; that jobs changed in another process at all is told
+by peers.py (`changed_elsewhere`), for the dashboard's lists.
 """
 
 from __future__ import annotations
@@ -44,11 +45,19 @@ class JobNotices:
     def __init__(self) -> None:
         self._listeners: dict[uuid.UUID, set[asyncio.Queue[Notice]]] = defaultdict(set)
         self._latest: OrderedDict[uuid.UUID, PreviewImage] = OrderedDict()
-        # Beats on every job this process changes (the dashboard's lists follow it).
+        # Beats on every job this process changes (told to the other processes).
+        self.here = Pulse()
+        # Beats on those, and when another process says its jobs changed (the dashboard's
+        # lists follow it).
         self.any_job = Pulse()
 
     def changed(self, job_id: uuid.UUID) -> None:
         self._publish(job_id, None)
+        self.here.beat()
+        self.any_job.beat()
+
+    def changed_elsewhere(self) -> None:
+        """Another process changed some of its jobs."""
         self.any_job.beat()
 
     def preview(self, job_id: uuid.UUID, preview: PreviewImage) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
+from comfyfleet.db import listening
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, DeliveryStatus
 from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
@@ -213,23 +214,9 @@ class WebhookWorker:
 
     async def _listen_once(self) -> None:
         """Listen on one connection until it is lost."""
-        lost = asyncio.Event()
-
         def notified(*_: Any) -> None:
             self.wake()
 
-        def terminated(_: Any) -> None:
-            lost.set()
-
-        async with self._engine.connect() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert driver is not None
-            driver.add_termination_listener(terminated)
-            await driver.add_listener(NOTIFY_CHANNEL, notified)
-            try:
-                self.wake()  # deliveries committed while nobody listened
-                await lost.wait()
-            finally:  # the connection goes back to the pool: leave it as it was
-                driver.remove_termination_listener(terminated)
-                with contextlib.suppress(Exception):
-                    await driver.remove_listener(NOTIFY_CHANNEL, notified)
+        async with listening(self._engine, [NOTIFY_CHANNEL], notified) as lost:
+            self.wake()  # deliveries committed while nobody listened
+            await lost.wait()

@@ -1,0 +1,90 @@
+"""What the other comfyfleet processes on the same database change, heard as they commit it.
+
+Several `serve` replicas may share one database (DESIGN §7); PostgreSQL's LISTEN/NOTIFY tells
+each what the others did:
+- the fleet: every write to the `backends` table notifies FLEET_CHANNEL (a trigger, migration
+  0025), so each process takes up a backend added, drained, enabled or removed through another
+  at once (`fleet` beats; Fleet follows the table);
+- the jobs: each process forwards the beats of its own JobNotices.here to JOBS_CHANNEL, at most
+  one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
+  would serialise the commits of every process), and hears the others' as
+  JobNotices.changed_elsewhere, so that a dashboard on any replica follows every replica's jobs.
+Each (re)connect of the listening connection counts as a change of both: what was said while
+nobody listened is not said again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.db import listening
+from comfyfleet.jobs.notices import JobNotices
+from comfyfleet.pulse import Pulse
+
+log = logging.getLogger(__name__)
+
+FLEET_CHANNEL = "comfyfleet_fleet"
+JOBS_CHANNEL = "comfyfleet_jobs"
+# A burst of job changes here is told to the other processes once per this long; the
+# dashboards they serve send at most one event every 2 s anyway (api/dashboard.py).
+FORWARD_SECONDS = 1.0
+RETRY_SECONDS = 2.0
+
+
+class PeerChanges:
+    def __init__(self, engine: AsyncEngine, notices: JobNotices, process: int) -> None:
+        """`process`: this process's lease id, which its own notifications carry, so that it
+        does not take them for another's."""
+        self._engine = engine
+        self._notices = notices
+        self._process = str(process)
+        # Beats when another process (or this one) changed the fleet's table.
+        self.fleet = Pulse()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._forward())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _forward(self) -> None:
+        changed = self._notices.here.next()
+        while True:
+            await changed.wait()
+            changed = self._notices.here.next()  # what changes from now on is told next time
+            try:
+                async with self._engine.begin() as connection:
+                    await connection.execute(text("SELECT pg_notify(:channel, :process)"),
+                                             {"channel": JOBS_CHANNEL, "process": self._process})
+            except Exception as exc:  # the database is away: its listeners re-read on return
+                log.warning("telling other processes that jobs changed: %s", exc)
+            await asyncio.sleep(FORWARD_SECONDS)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                await self._listen_once()
+            except Exception as exc:
+                log.warning("listening for other processes' changes: %s; reconnecting", exc)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def _listen_once(self) -> None:
+        """Listen on one connection until it is lost."""
+        def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
+            if channel == FLEET_CHANNEL:
+                self.fleet.beat()
+            elif payload != self._process:
+                self._notices.changed_elsewhere()
+
+        async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL], notified) as lost:
+            self.fleet.beat()  # changes made while nobody listened
+            self._notices.changed_elsewhere()
+            await lost.wait()

@@ -36,6 +36,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 SCREENSHOTS_ENV = "COMFYFLEET_SCREENSHOTS"
 WAIT_MS = 20_000
 KEY_A, KEY_B, ADMIN = "tenant-a-1c9f0e7d", "tenant-b-6b2a84c1", "admin-93e0d55a"
+TABS = 8  # more than the six connections Chromium opens to one host
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -110,6 +111,53 @@ async def test_fleet_shows_each_backend_and_drains_one_from_the_page(
         await api(http, "PATCH", f"{prefix}/backends/gpu-a", body={"drain": False})
         await expect(page.locator('tr[data-backend="gpu-a"] .health')).to_have_text("up")
         assert await page.evaluate("() => window.notReloaded === true")
+
+
+async def test_eight_tabs_share_one_live_stream_and_outlive_the_tab_that_opened_it(
+    settings: Settings, sims: list[SimulatedComfyUI], browser: BrowserContext, tmp_path: Path
+) -> None:
+    """Chromium opens six HTTP/1.1 connections to a host at most: with a stream per tab, the
+    seventh tab would wait for one to close. Every tab here must load and follow live, also
+    once the first tab (the one whose page started the shared stream) is closed."""
+    settings.comfyui_endpoints = [f"{sims[0].url}#gpu-a"]
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix
+        tabs: list[Page] = []
+        try:
+            for number in range(TABS):
+                tab = await browser.new_page()
+                tabs.append(tab)
+                await tab.goto(f"{base}/dashboard#/{'fleet' if number % 2 == 0 else 'jobs'}")
+                await expect(tab.locator("#live")).to_have_text("live")
+            fleet_tabs, jobs_tabs = tabs[0::2], tabs[1::2]
+            for tab in fleet_tabs:
+                await expect(tab.locator('tr[data-backend="gpu-a"] .health')).to_have_text("up")
+                await tab.evaluate("() => { window.notReloaded = true; }")
+            for tab in jobs_tabs:
+                await expect(tab.locator("#jobs-empty")).to_be_visible()
+                await tab.evaluate("() => { window.notReloaded = true; }")
+
+            async def they_follow(fleet_tabs: list[Page], jobs_tabs: list[Page],
+                                  drained: bool) -> None:
+                await api(http, "PATCH", f"{prefix}/backends/gpu-a", body={"drain": drained})
+                job = await api(http, "POST", f"{prefix}/jobs", status=202,
+                                body={"workflow": "invert", "params": {"width": 16}})
+                for tab in fleet_tabs:
+                    await expect(tab.locator('tr[data-backend="gpu-a"] .health')
+                                 ).to_have_text("draining" if drained else "up")
+                for tab in jobs_tabs:
+                    await expect(tab.locator(f'#jobs tr[data-job="{job["id"]}"]')).to_be_visible()
+
+            await they_follow(fleet_tabs, jobs_tabs, drained=True)
+            await screenshot(tabs[-1], tmp_path, "jobs-eighth-tab")
+            await tabs[0].close()  # its page started the shared stream
+            await they_follow(fleet_tabs[1:], jobs_tabs, drained=False)
+            for tab in tabs[1:]:
+                assert await tab.evaluate("() => window.notReloaded === true")
+        finally:
+            for tab in tabs:
+                if not tab.is_closed():
+                    await tab.close()
 
 
 async def test_fleet_shows_each_backends_warm_models_as_they_change(

@@ -1,7 +1,10 @@
 // comfyfleet's operator dashboard: plain JS, no build step. It calls the API with the key typed
 // in (kept in this tab's sessionStorage) and follows the service's Server-Sent Events, read
-// with fetch() so that they carry the key too. Every value from the API is put in the page
+// with fetch() so that they carry the key too (sse.js; the dashboard's own stream is shared by
+// the tabs, live.js). Every value from the API is put in the page
 // as text (textContent, attributes), never as HTML.
+
+import { follow } from "./sse.js";
 
 const API = document.querySelector('meta[name="comfyfleet-api"]').content;
 const KEY_STORAGE = "comfyfleet.key";
@@ -16,7 +19,7 @@ const state = {
   fleet: null, // the latest `fleet` event: every backend as GET /backends shows it
   fleetAt: 0, // when it arrived (unreachable_seconds count from then)
   view: null, // the page shown: {name, render(), onJobs?(), close?()}
-  live: null, // AbortController of the dashboard's stream
+  live: null, // the dashboard's stream, { close() }
 };
 
 class ApiError extends Error {
@@ -47,52 +50,44 @@ async function api(method, path, body) {
   return data;
 }
 
-// Server-Sent Events over fetch (EventSource cannot send an Authorization header). Resolves
-// when the stream ends; `onEvent(name, data)` gets each event's parsed JSON.
-async function stream(path, onEvent, signal) {
-  const response = await fetch(API + path, { headers: headers({ Accept: "text/event-stream" }), signal });
-  if (response.status === 401) showLogin();
-  if (!response.ok) throw new ApiError(response.status, response.statusText);
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  let name = "message";
-  let data = [];
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    const lines = buffer.split(/\r\n|\r|\n/);
-    buffer = lines.pop();
-    for (const line of lines) {
-      if (line === "") {
-        if (data.length) onEvent(name, JSON.parse(data.join("\n")));
-        name = "message";
-        data = [];
-      } else if (line.startsWith("event:")) {
-        name = line.slice(6).trim();
-      } else if (line.startsWith("data:")) {
-        data.push(line.slice(5).replace(/^ /, ""));
-      }
-    }
-  }
+// Follow one of the API's event streams with this tab's key, until `signal` aborts.
+function followApi(path, onEvent, signal, onState) {
+  return follow(API + path, headers(), onEvent, signal, onState, (status) => {
+    if (status === 401) showLogin();
+  });
 }
 
-// Follow a stream, reconnecting with backoff until `signal` aborts or `follow` returns false.
-async function follow(path, onEvent, signal, onState = () => {}) {
-  let delay = 500;
-  while (!signal.aborted) {
-    try {
-      onState(true);
-      await stream(path, onEvent, signal);
-      delay = 500;
-    } catch (error) {
-      if (signal.aborted || (error instanceof ApiError && error.status < 500)) return;
-    }
-    onState(false);
-    if (signal.aborted) return;
-    await new Promise((resolve) => setTimeout(resolve, delay));
-    delay = Math.min(delay * 2, 10000);
+// The dashboard's live stream: `onEvent(name, data, at)`, `at` when the event arrived. Shared
+// with the other tabs through live.js where the browser has SharedWorker (see there why); a
+// tab of its own otherwise. Returns what closes it.
+function openLive(onEvent, onState) {
+  if (typeof SharedWorker !== "function") {
+    const controller = new AbortController();
+    followApi("/dashboard/events", (name, data) => onEvent(name, data, Date.now()), controller.signal, onState);
+    return { close: () => controller.abort() };
   }
+  const { port } = new SharedWorker(new URL("./live.js", import.meta.url),
+    { type: "module", name: "comfyfleet-live" });
+  port.addEventListener("message", ({ data }) => {
+    if (data.type === "event") onEvent(data.name, data.data, data.at);
+    else if (data.type === "state") onState(data.on);
+    else if (data.type === "refused" && data.status === 401) showLogin();
+  });
+  port.start();
+  const join = () => port.postMessage({ type: "follow", api: API, key: state.key });
+  const leave = () => port.postMessage({ type: "leave" });
+  const back = (event) => { if (event.persisted) join(); }; // restored from the back/forward cache
+  window.addEventListener("pagehide", leave);
+  window.addEventListener("pageshow", back);
+  join();
+  return {
+    close() {
+      leave();
+      window.removeEventListener("pagehide", leave);
+      window.removeEventListener("pageshow", back);
+      port.close();
+    },
+  };
 }
 
 // --- DOM helpers ------------------------------------------------------------------------------
@@ -398,7 +393,7 @@ function jobView(jobId) {
     name: "job",
     async render() {
       await reload();
-      if (!TERMINAL.has(job.status)) follow(`/jobs/${jobId}/events?previews=true`, onEvent, controller.signal);
+      if (!TERMINAL.has(job.status)) followApi(`/jobs/${jobId}/events?previews=true`, onEvent, controller.signal);
     },
     onJobs() {
       if (TERMINAL.has(job?.status)) loadDeliveries(); // a redelivery may have been answered
@@ -610,7 +605,7 @@ async function show() {
 }
 
 function showLogin(message) {
-  state.live?.abort();
+  state.live?.close();
   state.live = null;
   document.getElementById("main").replaceChildren();
   document.getElementById("login").hidden = false;
@@ -631,17 +626,17 @@ async function start() {
   document.getElementById("login").hidden = true;
   document.getElementById("who").textContent = !me.keys ? "open (no API keys)" : me.admin ? "admin key" : "tenant key";
   document.getElementById("logout").hidden = !me.keys;
-  state.live = new AbortController();
   const live = document.getElementById("live");
-  follow("/dashboard/events", (name, data) => {
+  state.live?.close();
+  state.live = openLive((name, data, at) => {
     if (name === "fleet") {
       state.fleet = data;
-      state.fleetAt = Date.now();
+      state.fleetAt = at;
       if (state.view?.name === "fleet") state.view.render();
     } else if (name === "jobs") {
       state.view?.onJobs?.();
     }
-  }, state.live.signal, (on) => {
+  }, (on) => {
     live.classList.toggle("on", on);
     live.textContent = on ? "live" : "offline";
   });

@@ -15,6 +15,7 @@ from openapi_spec_validator import validate
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
+from tests.support import wait_for_healthy_backends
 
 
 class Client:
@@ -89,13 +90,15 @@ async def test_comfyui_server_request_shape(api: Client) -> None:
 
 
 @pytest.mark.parametrize(("duration", "wait", "status"), [(0.2, 20, "succeeded"),
-                                                          (30, 0.5, "running")])
+                                                          (30, 1.5, "running")])
 async def test_wait_returns_the_ended_job_or_the_job_as_it_is(
     settings: Settings, duration: float, wait: float, status: str
 ) -> None:
     async with SimulatedComfyUI(duration=duration) as sim:
         settings.comfyui_endpoints = [sim.url]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
+            # A job queued while its backend still connects would stay queued past the wait.
+            await wait_for_healthy_backends(http, base + settings.route_prefix)
             started = time.monotonic()
             async with http.post(f"{base}{settings.route_prefix}/jobs?wait={wait}",
                                  json={"workflow": "invert"}) as response:

@@ -2,16 +2,18 @@
 under a lease; a row whose lease ran out (its process died mid-attempt) is due again. The rows
 themselves are written with the job change they report (`jobs/deliveries.py`).
 
-What runs for every delivery (claim, record, next due) is fixed SQL in `sql/outbox.sql` on
-asyncpg; the operator's reads and the redelivery stay on SQLAlchemy.
+What runs for every delivery (record the attempts made, lease those due, find when the next
+falls due) is one statement of fixed SQL in `sql/outbox.sql` on asyncpg; the operator's reads
+and the redelivery stay on SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -30,6 +32,7 @@ from comfyfleet.jobs.deliveries import (
 from comfyfleet.jobs.models import utcnow
 
 _SQL = sql.queries("outbox")
+_DELIVERY_FIELDS = tuple(Delivery.model_fields)
 
 
 @dataclass(frozen=True)
@@ -40,40 +43,65 @@ class Outcome:
     next_attempt_at: datetime | None = None
 
 
+class Settled(NamedTuple):
+    """An attempt made on a leased delivery, to be recorded."""
+
+    delivery: Delivery
+    attempt: DeliveryAttempt
+    outcome: Outcome
+
+
+class Pass(NamedTuple):
+    """What one pass over the outbox did: the deliveries it leased, those of the attempts it
+    recorded whose lease held (the others belong to another worker now), and when the next
+    delivery falls due (None: none pending, or the lease took all it was allowed)."""
+
+    leased: list[Delivery]
+    kept: frozenset[uuid.UUID]
+    next_due: datetime | None
+
+
 class Outbox:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._statements = single_statements(engine)
 
+    async def settle(
+        self, attempts: Sequence[Settled], *, limit: int, per_host: int,
+        busy: Mapping[str, int], lease: timedelta,
+    ) -> Pass:
+        """Record `attempts` (each delivery moves on only where its lease held), then lease up
+        to `limit` due deliveries, at most `per_host` in flight per receiver host counting the
+        `busy` ones the caller already has there, and find when the next one falls due: all
+        in one statement (sql/outbox.sql `pass`)."""
+        now = utcnow()
+        full = [host for host, count in busy.items() if count >= per_host]
+        columns: list[list[Any]] = [[] for _ in range(9)]
+        for settled in attempts:
+            delivery, attempt, outcome = settled
+            for column, value in zip(columns, (
+                    delivery.id, delivery.lease_token, attempt.attempted_at,
+                    attempt.status_code, attempt.latency_ms, attempt.error,
+                    attempt.response_snippet, outcome.status, outcome.next_attempt_at),
+                    strict=True):
+                column.append(value)
+        async with driver_connection(self._engine) as connection:
+            rows = await connection.fetch(
+                _SQL["pass"], now, *columns, limit, full, list(busy), list(busy.values()),
+                per_host, now + lease, uuid.uuid4())
+        first = rows[0]
+        kept = frozenset(uuid.UUID(bytes=found.bytes) for found in first["kept"] or ())
+        leased = [Delivery(**{name: row[name] for name in _DELIVERY_FIELDS})
+                  for row in rows if row["id"] is not None]
+        return Pass(leased, kept, first["next_due"])
+
     async def claim(
         self, *, limit: int, per_host: int, busy: Mapping[str, int], lease: timedelta
     ) -> list[Delivery]:
-        """Lease up to `limit` due deliveries, at most `per_host` in flight per receiver host
-        counting the `busy` ones this process already has there."""
-        now = utcnow()
-        full = [host for host, count in busy.items() if count >= per_host]
-        async with driver_connection(self._engine) as connection:
-            rows = await connection.fetch(
-                _SQL["claim"], now, limit, full, list(busy), list(busy.values()), per_host,
-                now + lease, uuid.uuid4())
-        return [Delivery(**row) for row in rows]
-
-    async def next_due(self, *, skip_hosts: list[str]) -> datetime | None:
-        """When the earliest pending delivery (not for `skip_hosts`) can next be claimed."""
-        async with driver_connection(self._engine) as connection:
-            due: datetime | None = await connection.fetchval(_SQL["next_due"], skip_hosts)
-        return due
-
-    async def record(self, delivery: Delivery, attempt: DeliveryAttempt, outcome: Outcome) -> bool:
-        """Log `attempt` and move the delivery on, unless its lease was lost meanwhile (then
-        only the log entry is written: another worker owns the delivery now)."""
-        async with driver_connection(self._engine) as connection:
-            kept = await connection.fetchval(
-                _SQL["record"], delivery.id, delivery.lease_token, attempt.attempted_at,
-                attempt.status_code, attempt.latency_ms, attempt.error,
-                attempt.response_snippet, outcome.status, outcome.next_attempt_at)
-        return kept is not None
+        """Lease up to `limit` due deliveries, recording nothing (`settle`)."""
+        return (await self.settle([], limit=limit, per_host=per_host, busy=busy,
+                                  lease=lease)).leased
 
     async def release(self, deliveries: list[Delivery]) -> None:
         """Give up the leases of attempts cut short (a shutdown), so another process sends

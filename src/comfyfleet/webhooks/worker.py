@@ -8,6 +8,11 @@
 - It wakes when a delivery is committed (Postgres NOTIFY, from any process, this one included:
   a wake of its own as well would only add a claim that finds nothing) and when the next
   retry falls due; the periodic pass is only a safety net.
+- Attempts are recorded in batches by the claim loop's own passes (one statement records, leases
+  and finds the next due delivery): an attempt made waits for the next pass, at most
+  ACK_DELAY_SECONDS, so at a steady rate the record rides on the claim a NOTIFY wakes. A
+  process that dies meanwhile leaves the delivery leased; it is sent again when the lease runs
+  out (at least once, as ever: receivers deduplicate by `webhook-id`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.delivery import WebhookSender, event_body
-from comfyfleet.webhooks.outbox import Outbox
+from comfyfleet.webhooks.outbox import Outbox, Pass, Settled
 from comfyfleet.webhooks.schedule import RetrySchedule
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ MIN_WAIT_SECONDS = 0.05
 # A lease covers one attempt (at most the timeout) plus rendering and recording it.
 LEASE_MARGIN_SECONDS = 30.0
 LISTEN_RETRY_SECONDS = 2.0
+# The longest an attempt made waits for the next pass to record it.
+ACK_DELAY_SECONDS = 0.1
 
 
 class WebhookWorker:
@@ -65,6 +72,8 @@ class WebhookWorker:
         self._wake = asyncio.Event()
         self._busy: Counter[str] = Counter()  # deliveries in flight per receiver host
         self._inflight: dict[asyncio.Task[None], Delivery] = {}  # each attempt and its delivery
+        self._settled: list[Settled] = []  # attempts made, for the next pass to record
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -115,6 +124,11 @@ class WebhookWorker:
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
         try:
+            if self._settled:  # attempts made and not recorded yet
+                await self._pass(room=0)
+        except Exception:  # the database is away: their leases run out, they go out again
+            log.exception("could not record %d webhook attempts", len(self._settled))
+        try:
             await self._outbox.release(cut_short)
         except Exception:  # the database is away: the leases run out by themselves
             log.exception("could not give back the leases of %d webhooks", len(cut_short))
@@ -133,26 +147,39 @@ class WebhookWorker:
                     await self._wake.wait()
 
     async def _start_due(self) -> float:
-        """Start every due delivery there is room for; returns the seconds until the next
-        one falls due (a delivery ending where it held others back, or scheduling a retry,
-        wakes the loop earlier)."""
-        while (room := self._concurrency - len(self._inflight)) > 0:
-            claimed = await self._outbox.claim(
-                limit=room, per_host=self._per_host, busy=self._busy, lease=self._lease
-            )
-            for delivery in claimed:
-                self._start(delivery)
-            if len(claimed) < room:
+        """Record the attempts made, start every due delivery there is room for; returns the
+        seconds until the next one falls due (a delivery ending where it held others back,
+        an attempt to record, or a retry scheduled wakes the loop earlier)."""
+        done = None
+        while (room := max(self._concurrency - len(self._inflight), 0)) or self._settled:
+            done = await self._pass(room)
+            if len(done.leased) < room or not room:
                 break  # that was everything due now
         # With no room left, the first delivery to finish wakes the loop to look again.
-        if len(self._inflight) >= self._concurrency:
+        if len(self._inflight) >= self._concurrency or done is None or done.next_due is None:
             return SAFETY_PASS_SECONDS
-        full = [host for host, count in self._busy.items() if count >= self._per_host]
-        due = await self._outbox.next_due(skip_hosts=full)
-        if due is None:
-            return SAFETY_PASS_SECONDS
-        wait = (due - utcnow()).total_seconds()
+        wait = (done.next_due - utcnow()).total_seconds()
         return min(max(wait, MIN_WAIT_SECONDS), SAFETY_PASS_SECONDS)
+
+    async def _pass(self, room: int) -> Pass:
+        """One statement: record the attempts made, lease up to `room` due deliveries and
+        start them. Attempts it could not record are kept for the next pass."""
+        settled, self._settled = self._settled, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        try:
+            done = await self._outbox.settle(
+                settled, limit=room, per_host=self._per_host, busy=self._busy,
+                lease=self._lease)
+        except BaseException:
+            self._settled[:0] = settled
+            raise
+        for attempt in settled:
+            _log_attempt(attempt, attempt.delivery.id in done.kept)
+        for delivery in done.leased:
+            self._start(delivery)
+        return done
 
     def _start(self, delivery: Delivery) -> None:
         host = delivery.host
@@ -189,19 +216,16 @@ class WebhookWorker:
                 status_code=result.status_code, latency_ms=result.latency_ms,
                 error=result.error, response_snippet=result.snippet,
             )
-            kept = await self._outbox.record(delivery, attempt, outcome)
-            if kept and outcome.status == DeliveryStatus.PENDING:
-                self.wake()  # a retry the loop's timer does not know of yet
         except Exception:  # its lease runs out and the delivery is tried again
             log.exception("webhook %s for job %s: attempt not recorded",
                           delivery.message_id, delivery.job_id)
             return
-        level = logging.INFO if result.delivered else logging.WARNING
-        log.log(level, "webhook %s %s for job %s, attempt %d: %s in %d ms -> %s%s",
-                delivery.event_type, delivery.message_id, delivery.job_id, attempts,
-                result.error or f"HTTP {result.status_code}", result.latency_ms,
-                outcome.status, "" if kept else " (lease lost: another worker has it)",
-                extra={"job_id": str(delivery.job_id)})
+        self._settled.append(Settled(delivery, attempt, outcome))
+        if outcome.status == DeliveryStatus.PENDING:
+            self.wake()  # a retry the loop's timer does not know of yet
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                ACK_DELAY_SECONDS, self.wake)
 
     async def _listen(self) -> None:
         """Wake on NOTIFY from any process committing a delivery; reconnect when cut off."""
@@ -220,3 +244,14 @@ class WebhookWorker:
         async with listening(self._engine, [NOTIFY_CHANNEL], notified) as lost:
             self.wake()  # deliveries committed while nobody listened
             await lost.wait()
+
+
+def _log_attempt(settled: Settled, kept: bool) -> None:
+    delivery, attempt, outcome = settled
+    delivered = attempt.status_code is not None and 200 <= attempt.status_code < 300
+    level = logging.INFO if delivered else logging.WARNING
+    log.log(level, "webhook %s %s for job %s, attempt %d: %s in %d ms -> %s%s",
+            delivery.event_type, delivery.message_id, delivery.job_id, delivery.attempts + 1,
+            attempt.error or f"HTTP {attempt.status_code}", attempt.latency_ms,
+            outcome.status, "" if kept else " (lease lost: another worker has it)",
+            extra={"job_id": str(delivery.job_id)})

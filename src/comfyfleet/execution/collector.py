@@ -22,6 +22,7 @@ from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
 from comfyfleet.db import unavailable
 from comfyfleet.execution.endings import Endings, JobEnded
+from comfyfleet.execution.starts import UnrecordedStart
 from comfyfleet.jobs.models import Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
@@ -70,18 +71,19 @@ class Collector:
 
     def store_early(
         self, client: ComfyClient, running: Job, node_output: dict[str, Any],
-        early: EarlyOutputs,
+        early: EarlyOutputs, start: UnrecordedStart,
     ) -> None:
         """Store the files of `node_output` (`{node_id: ui}`, a node's `executed`) after those
-        already under way, and add them to the job's outputs while it runs."""
+        already under way, and add them to the job's outputs while it runs (recording its
+        `start` too when no write has yet)."""
         files, _ = output_items(node_output)
         if files:
             early.storing = asyncio.create_task(
-                self._store_early(client, running, files, early, early.storing))
+                self._store_early(client, running, files, early, start, early.storing))
 
     async def _store_early(
         self, client: ComfyClient, running: Job, files: list[OutputFile], early: EarlyOutputs,
-        before: asyncio.Task[None] | None,
+        start: UnrecordedStart, before: asyncio.Task[None] | None,
     ) -> None:
         if before is not None:
             with contextlib.suppress(Exception):
@@ -92,8 +94,17 @@ class Collector:
             early.stored.extend(await self._store_outputs(client, running, files, []))
             if early.closed:  # moved meanwhile: the outputs are not the new run's
                 return
-            await self._repository.transition(running, {JobStatus.RUNNING},
-                                              outputs=list(early.stored))
+            async with start.recording() as started_at:
+                if started_at is None:
+                    await self._repository.transition(running, {JobStatus.RUNNING},
+                                                      outputs=list(early.stored))
+                    return
+                started = await self._repository.transition(
+                    running, {JobStatus.DISPATCHED}, event="job.started",
+                    status=JobStatus.RUNNING, started_at=started_at,
+                    outputs=list(early.stored))
+            if started is not None:
+                metrics.job_started(started)
         except Exception as exc:  # the collection at the end stores them
             log.warning("storing outputs of job %s early failed: %s", running.id, exc)
 

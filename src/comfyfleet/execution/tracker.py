@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from comfyfleet import metrics
@@ -36,6 +37,7 @@ from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
+from comfyfleet.execution.starts import UnrecordedStart
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -46,6 +48,10 @@ from comfyfleet.logs import job_fields
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes for one job
+# How long a job's start waits to be recorded (`running`) on its own: a prompt that ends
+# executing sooner has its start recorded by the same statement as its end (`uploading`), and
+# a progress report sooner carries it too.
+START_WRITE_DELAY = 0.2
 WATCH_INTERVAL = 1.0  # seconds between passes of the safety net
 
 
@@ -63,6 +69,7 @@ class PromptRun:
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
+    start: UnrecordedStart = field(default_factory=UnrecordedStart)
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
     steps: tuple[int, int] | None = None  # the running node's step, out of how many
@@ -157,6 +164,8 @@ class ExecutionTracker:
         run = self._runs.pop(prompt_id, None)
         if run is not None:
             run.early.closed = True
+            if run.start.at is not None:
+                run.start.drop()  # it ended otherwise: cancelled, lost, moved
             run.session.release(prompt_id)
             self._signals.slot_freed()
 
@@ -178,9 +187,8 @@ class ExecutionTracker:
             case ExecutionStart():
                 run.started = time.monotonic()
                 self._log(run, "info", f"execution started on backend {session.name}")
-                await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
-                                   status=JobStatus.RUNNING, started_at=utcnow())
-                metrics.job_started(run.job)
+                run.start.at = utcnow()
+                run.start.timer = asyncio.create_task(self._record_start_later(run))
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
                 if nodes:
@@ -207,7 +215,8 @@ class ExecutionTracker:
                     self._signals.length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
             case Executed(node=str(node), output=dict(output)):
-                self._collector.store_early(session.client, run.job, {node: output}, run.early)
+                self._collector.store_early(session.client, run.job, {node: output}, run.early,
+                                            run.start)
             case ExecutionError(exception_message=exception, traceback=trace):
                 # As ComfyUI's own console says it.
                 self._log(run, "error", f"!!! Exception during processing !!! {exception}")
@@ -263,24 +272,53 @@ class ExecutionTracker:
         if updated is not None:
             run.job = updated
 
+    async def _record_start_later(self, run: PromptRun) -> None:
+        """Record the start of `run` on its own, unless a write sooner carries it."""
+        await asyncio.sleep(START_WRITE_DELAY)
+        try:
+            async with run.start.recording() as started_at:
+                if started_at is not None:
+                    await self._record_start(run, started_at)
+        except Exception:  # the database may be away: the next write records it
+            log.exception("recording the start of job %s failed", run.job.id,
+                          extra=job_fields(run.job))
+
+    async def _record_start(self, run: PromptRun, started_at: datetime) -> None:
+        await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
+                           status=JobStatus.RUNNING, started_at=started_at)
+        metrics.job_started(run.job)
+
     async def _report_progress(self, run: PromptRun, fraction_of_node: float) -> None:
         now = time.monotonic()
         if now - run.last_write < PROGRESS_WRITE_INTERVAL:
             return
         run.last_write = now
+        async with run.start.recording() as started_at:
+            if started_at is not None:  # the start rides on this write, with its webhook
+                await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
+                                   status=JobStatus.RUNNING, started_at=started_at,
+                                   progress=run.progress(fraction_of_node),
+                                   progress_detail=run.progress_detail())
+                metrics.job_started(run.job)
+                return
         await self._update(run, {JobStatus.RUNNING}, event="job.progress",
                            progress=run.progress(fraction_of_node),
                            progress_detail=run.progress_detail())
 
     async def _finished_executing(self, run: PromptRun) -> None:
         # Uploading is recorded before the slot is released, so a claim that counts the
-        # backend's slots in the database sees it free as soon as we do.
-        uploading = await self._repository.transition(
-            run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
-            progress=1.0, progress_detail=None,
-        )
+        # backend's slots in the database sees it free as soon as we do. A start not
+        # recorded yet (a short prompt) is recorded by the same statement.
+        async with run.start.recording() as started_at:
+            uploading = await self._repository.transition(
+                run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
+                progress=1.0, progress_detail=None, started_at=started_at,
+                event="job.started" if started_at is not None else None,
+            )
         self.forget(run.prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job
+            if started_at is not None:
+                metrics.job_started(uploading)
             metrics.job_executed(uploading)
             self._start_collecting(run.session, uploading, run.early)
 
@@ -297,6 +335,9 @@ class ExecutionTracker:
         task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
 
     async def _fail(self, run: PromptRun, error: dict[str, Any]) -> None:
+        async with run.start.recording() as started_at:
+            if started_at is not None:  # the job.started webhook before job.failed
+                await self._record_start(run, started_at)
         self.forget(run.prompt_id)
         failed = await self._repository.finish(run.job, JobStatus.FAILED, ON_BACKEND_STATES,
                                                error=error)
@@ -470,6 +511,7 @@ class ExecutionTracker:
         for run in self._runs.values():  # still running: collected by the next process
             if run.early.storing is not None:
                 run.early.storing.cancel()
+            run.start.drop()  # the next process reads the job's end from /history
         tasks = list(self._collecting.values())
         if tasks and grace > 0:
             log.info("waiting up to %g s for %d uploads in progress", grace, len(tasks))

@@ -1,0 +1,52 @@
+"""A prompt's start (ComfyUI's `execution_start`) until a write of the job records it.
+
+The job's start is not a statement of its own at once: a prompt that ends executing soon
+after it starts has its start recorded by the statement recording its end, and so does the
+first progress report or early output that comes sooner. Only a start nothing else records
+within a moment (`tracker.START_WRITE_DELAY`) is written on its own, by the `timer` task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass
+class UnrecordedStart:
+    at: datetime | None = None  # when it started, while no write has taken it
+    timer: asyncio.Task[None] | None = None  # the write of its own, waiting its moment
+    _writing: asyncio.Event | None = None  # set once the write that took it has ended
+
+    @asynccontextmanager
+    async def recording(self) -> AsyncIterator[datetime | None]:
+        """The start, for the write made inside the block to record; None when a write took
+        it already, and that write has ended (so the job is `running`, its `job.started`
+        webhook stored, before any later change). If the block fails, the next write
+        records the start."""
+        if self.at is None:
+            if self._writing is not None:
+                await self._writing.wait()
+            yield None
+            return
+        at, self.at = self.at, None
+        if self.timer is not None and self.timer is not asyncio.current_task():
+            self.timer.cancel()  # this write records it instead
+        writing = self._writing = asyncio.Event()
+        try:
+            yield at
+        except BaseException:
+            self.at = self.at or at
+            raise
+        finally:
+            writing.set()
+
+    def drop(self) -> None:
+        """The run is over otherwise (cancelled, lost, moved, shutting down): nothing
+        records its start."""
+        self.at = None
+        if self.timer is not None:
+            self.timer.cancel()

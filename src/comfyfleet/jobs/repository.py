@@ -43,6 +43,8 @@ _CHANGING = frozenset({
 _FIXED = frozenset(_table.c.keys()) - _CHANGING
 # Storing a job and its transitions (not the claim): fixed SQL on asyncpg.
 _SQL = sql.queries("jobs")
+# The API's reads of one job: fixed SQL on asyncpg too.
+_READS = sql.queries("reads")
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
 # among the tenants first in virtual time.
 CLAIM_BATCH = 50
@@ -218,8 +220,9 @@ class JobRepository:
             return (await session.exec(query)).first()
 
     async def get(self, job_id: uuid.UUID) -> Job | None:
-        async with self._reads() as session:
-            return await session.get(Job, job_id)
+        async with driver_connection(self._read_engine) as connection:
+            row = await connection.fetchrow(_READS["job"], job_id)
+        return _job(row) if row is not None else None
 
     async def claim_next(
         self,

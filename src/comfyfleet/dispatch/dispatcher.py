@@ -182,6 +182,9 @@ class Dispatcher:
         self._endings = endings
         self._signals = signals
         self._backlog_empty = False  # what the last claim's pick saw
+        # The last claim's pick saw one job queued, and nothing past it: taking it leaves
+        # nothing for another claim to find.
+        self._one_left = False
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
         self._submissions: set[asyncio.Task[None]] = set()
 
@@ -219,6 +222,9 @@ class Dispatcher:
             )
             if job is not None:
                 self._start(session, job)
+                if self._one_left:  # it took the last: spare the claim that would find none
+                    self._backlog_empty = True
+                    return False
                 return True
             if self._backlog_empty:
                 return False  # nothing queued at all: no other backend would find anything
@@ -236,6 +242,7 @@ class Dispatcher:
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
         self._backlog_empty = not queued
+        self._one_left = len(queued) == 1 and not queued[0].beyond
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)

@@ -85,13 +85,15 @@ class Prospect:
     """A prompt that might finish sooner elsewhere."""
 
     run: PromptRun
-    expected_there: float  # the workflow's usual run time where it is
     left: float  # expected seconds until it finishes where it is
-    length: float  # its whole run time there, as far as known
+    # Its length as its progress shows it over what its nodes were expected to cost there
+    # (1.0 for one waiting): a long prompt is as long afresh elsewhere.
+    overrun: float
 
-    def gain_on(self, target: BackendLoad) -> float:
-        """Seconds sooner it would finish given now to `target`; 0 when not worth it."""
-        afresh = target.busy_for + self.length * target.seconds_per_job / self.expected_there
+    def gain_on(self, target: BackendView, cost: float) -> float:
+        """Seconds sooner it would finish given now to `target`, where its nodes not held in
+        that backend's cache cost `cost`; 0 when not worth it."""
+        afresh = target.busy + cost * self.overrun
         # Work done there is thrown away when a running prompt restarts: only a clear win.
         if self.run.started is not None and afresh * RESTART_MARGIN >= self.left:
             return 0.0
@@ -350,14 +352,21 @@ class Dispatcher:
 
     def _busy_for(self, session: BackendSession, runs: list[PromptRun]) -> float:
         """Expected seconds until `session` has run `runs` (ours there, in order)."""
-        ahead: list[PromptKeys] = []
-        busy = 0.0
-        for run in runs:
-            busy += self._run_left(run, session.warm.held_after(ahead))
-            if run.keys is not None:
-                ahead.append(run.keys)
+        busy = max((done for _, done in self._finishes(session, runs)), default=0.0)
         # Other clients' prompts there count as much as one of ours.
         return busy + max(0, session.queue_remaining - len(runs)) * UNSEEN_NODE_SECONDS
+
+    def _finishes(self, session: BackendSession,
+                  runs: list[PromptRun]) -> Iterator[tuple[PromptRun, float]]:
+        """Each of `runs` (ours on `session`, in order) with the expected seconds until it is
+        done, each finding in the cache what the ones before it leave there."""
+        ahead: list[PromptKeys] = []
+        done = 0.0
+        for run in runs:
+            done += self._run_left(run, session.warm.held_after(ahead))
+            yield run, done
+            if run.keys is not None:
+                ahead.append(run.keys)
 
     def _run_left(self, run: PromptRun, held: frozenset[str]) -> float:
         """Expected seconds left of a prompt of ours that will find `held` in its backend's
@@ -371,8 +380,12 @@ class Dispatcher:
             return self._seconds_left(run, UNSEEN_NODE_SECONDS)
         left = self._node_costs.uncached_seconds(run.session.name, run.keys.prompt,
                                                  run.keys.keys, held)
-        if run.node_running is not None:
-            left -= time.monotonic() - run.node_started
+        node = run.node_running
+        if node is not None and node in run.keys.keys:
+            # A node past its expected time is probably a long one.
+            cost = self._node_costs.cost(run.session.name, run.keys.keys[node],
+                                         str(run.keys.prompt[node].get("class_type")))
+            left += remaining(cost, time.monotonic() - run.node_started) - cost
         return max(left, 0.0)
 
     def cost(self, view: BackendView, job: QueuedJob, *, cold: bool = False) -> float:
@@ -429,46 +442,49 @@ class Dispatcher:
         if not targets:
             return
         # Most prompts could not gain enough even on an infinitely fast backend: this pass
-        # costs one look at each prompt, not one per prompt and target.
+        # costs one look at each prompt, and a look at each target only for those that could.
         prospects = [prospect for run in self._tracker.movable_runs()
                      if (prospect := self._prospect(run)) is not None
                      and prospect.left > MOVE_MIN_GAIN]
         if not prospects:
             return
-        workflows = {prospect.run.job.workflow for prospect in prospects}
         best: tuple[float, Prospect, BackendSession] | None = None
         for target in targets:
             assert target.capabilities is not None
-            loads = {workflow: self._load(target, workflow) for workflow in workflows}
+            view = self._view(target)
             for prospect in prospects:
-                if prospect.run.session is target:
+                run = prospect.run
+                if run.session is target or run.keys is None:
                     continue
-                load = loads[prospect.run.job.workflow]
-                gain = prospect.gain_on(load) if load is not None else 0.0
+                # By the same estimate as placement: what its nodes not held there cost.
+                cost = self._node_costs.uncached_seconds(
+                    target.name, run.keys.prompt, run.keys.keys, view.held)
+                gain = prospect.gain_on(view, cost)
                 if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
-                        and target.capabilities.can_run(prospect.run.job.prompt):
+                        and target.capabilities.can_run(run.job.prompt):
                     best = (gain, prospect, target)
         if best is not None:
             await self._move(best[1].run, best[2])
 
     def _prospect(self, run: PromptRun) -> Prospect | None:
-        """How long `run` has left where it is, and how long it takes there in all; judged
-        for a running prompt by its own step progress rather than by averages."""
-        there = self._run_times.expected(run.session.name, run.job.workflow)
-        if there is None:
+        """How long `run` has left where it is, by what its nodes and those of the prompts
+        ahead of it cost there, counting that backend's cache; a running prompt judged by its
+        own step progress rather than by averages."""
+        if run.keys is None:
             return None
         if run.started is None:
-            ahead = 0.0
-            for earlier in self._tracker.runs_on(run.session):
+            for earlier, done in self._finishes(run.session, self._tracker.runs_on(run.session)):
                 if earlier is run:
-                    break
-                ahead += self._seconds_left(earlier, there)
-            return Prospect(run, there, left=ahead + there, length=there)
+                    return Prospect(run, left=done, overrun=1.0)
+            return None
         length = length_by_steps(run)
         if length is None:
             return None
+        expected = self._node_costs.uncached_seconds(run.session.name, run.keys.prompt,
+                                                     run.keys.keys, run.served)
         left = max(length - (time.monotonic() - run.started), 0.0)
-        return Prospect(run, there, left=left, length=length)
+        return Prospect(run, left=left,
+                        overrun=length / expected if expected > 0 else 1.0)
 
     async def _move(self, run: PromptRun, target: BackendSession) -> None:
         job, source = run.job, run.session

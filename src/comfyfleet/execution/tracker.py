@@ -66,6 +66,7 @@ class PromptRun:
     node_running: str | None = None
     node_started: float = 0.0  # monotonic time of node_running's `executing`
     keys: PromptKeys | None = None  # the cache keys of the prompt as sent
+    served: frozenset[str] = frozenset()  # the keys its backend served from cache as it started
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
@@ -230,7 +231,10 @@ class ExecutionTracker:
                     node_id=node_id, node_type=node_type))
 
     def _check_cache(self, run: PromptRun, served: list[str]) -> None:
-        if run.keys is not None and not run.session.warm.started(run.keys, served):
+        if run.keys is None:
+            return
+        run.served = frozenset(run.keys.keys[node] for node in served if node in run.keys.keys)
+        if not run.session.warm.started(run.keys, served):
             log.info("backend %s served %d nodes of prompt %s from its cache, not as predicted;"
                      " its cache model is corrected", run.session.name, len(served),
                      run.prompt_id)

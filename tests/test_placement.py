@@ -13,7 +13,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
-from comfyfleet.execution.costs import NodeCosts
+from comfyfleet.execution.costs import UNSEEN_LOAD_SECONDS, UNSEEN_NODE_SECONDS, NodeCosts
 from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -244,3 +244,18 @@ def test_a_node_not_yet_seen_on_a_backend_costs_the_fleets_median_over_its_speed
         fleet / costs.speed("slow"))
     assert costs.cost("slow", "sampler-z", "KSampler") > 1.4 * costs.cost(
         "fast", "sampler-z", "KSampler")
+
+
+def test_a_loader_not_yet_seen_running_counts_as_a_load() -> None:
+    """Before the first load has ended, a node naming a model file costs what a load does,
+    not what an unknown node does; once one has run, what it took."""
+    costs = NodeCosts()
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "sd15.safetensors"}},
+              "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 1}}}
+    keys = {"1": "loader-sd15", "2": "sampler-1"}
+    assert costs.uncached_seconds("a", prompt, keys, frozenset()) == \
+        UNSEEN_LOAD_SECONDS + UNSEEN_NODE_SECONDS
+    assert UNSEEN_LOAD_SECONDS >= 3 * UNSEEN_NODE_SECONDS
+    costs.record("b", "loader-sdxl", "CheckpointLoaderSimple", 2.0)
+    assert costs.uncached_seconds("a", prompt, keys, {"sampler-1"}) == 2.0

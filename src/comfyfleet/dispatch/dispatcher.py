@@ -383,8 +383,8 @@ class Dispatcher:
         node = run.node_running
         if node is not None and node in run.keys.keys:
             # A node past its expected time is probably a long one.
-            cost = self._node_costs.cost(run.session.name, run.keys.keys[node],
-                                         str(run.keys.prompt[node].get("class_type")))
+            cost = self._node_costs.node_cost(run.session.name, run.keys.keys[node],
+                                              run.keys.prompt[node])
             left += remaining(cost, time.monotonic() - run.node_started) - cost
         return max(left, 0.0)
 

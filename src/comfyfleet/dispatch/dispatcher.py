@@ -86,18 +86,22 @@ class Prospect:
 
     run: PromptRun
     left: float  # expected seconds until it finishes where it is
+    cost: float  # what its nodes not held in that backend's cache cost there
     # Its length as its progress shows it over what its nodes were expected to cost there
     # (1.0 for one waiting): a long prompt is as long afresh elsewhere.
     overrun: float
 
-    def gain_on(self, target: BackendView, cost: float) -> float:
+    def gain_on(self, target: BackendView, cost: float, *, backlog: bool) -> float:
         """Seconds sooner it would finish given now to `target`, where its nodes not held in
         that backend's cache cost `cost`; 0 when not worth it."""
         afresh = target.busy + cost * self.overrun
         # Work done there is thrown away when a running prompt restarts: only a clear win.
-        if self.run.started is not None and afresh * RESTART_MARGIN >= self.left:
-            return 0.0
-        return self.left - afresh
+        if self.run.started is not None:
+            return 0.0 if afresh * RESTART_MARGIN >= self.left else self.left - afresh
+        # As in placement: with jobs still queued, the GPU time a move spends beyond what the
+        # prompt costs where it is (a load) goes to them, so it must gain more than that.
+        extra = max(cost - self.cost, 0.0) if backlog else 0.0
+        return self.left - afresh - extra
 
 
 class BackendView:
@@ -459,7 +463,7 @@ class Dispatcher:
                 # By the same estimate as placement: what its nodes not held there cost.
                 cost = self._node_costs.uncached_seconds(
                     target.name, run.keys.prompt, run.keys.keys, view.held)
-                gain = prospect.gain_on(view, cost)
+                gain = prospect.gain_on(view, cost, backlog=not self._backlog_empty)
                 if gain > MOVE_MIN_GAIN and (best is None or gain > best[0]) \
                         and target.capabilities.can_run(run.job.prompt):
                     best = (gain, prospect, target)
@@ -473,9 +477,11 @@ class Dispatcher:
         if run.keys is None:
             return None
         if run.started is None:
+            before = 0.0
             for earlier, done in self._finishes(run.session, self._tracker.runs_on(run.session)):
                 if earlier is run:
-                    return Prospect(run, left=done, overrun=1.0)
+                    return Prospect(run, left=done, cost=done - before, overrun=1.0)
+                before = done
             return None
         length = length_by_steps(run)
         if length is None:
@@ -483,7 +489,7 @@ class Dispatcher:
         expected = self._node_costs.uncached_seconds(run.session.name, run.keys.prompt,
                                                      run.keys.keys, run.served)
         left = max(length - (time.monotonic() - run.started), 0.0)
-        return Prospect(run, left=left,
+        return Prospect(run, left=left, cost=expected,
                         overrun=length / expected if expected > 0 else 1.0)
 
     async def _move(self, run: PromptRun, target: BackendSession) -> None:

@@ -1,6 +1,7 @@
 """Cache-aware placement over real sockets: a backend with a free slot takes the queued job it
-runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW; no job is
-passed by more than AFFINITY_WINDOW later ones, and priorities hold.
+runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW: a job passed
+that many times goes next unless it waits for the backend holding its model, none is passed
+more than OVERTAKEN_CAP times the window, and priorities hold.
 
 Simulated ComfyUI servers with a loader that takes time unless cached (SimulatedLoader), one
 prompt per backend at a time so that the order of dispatch is the order of choice.
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 
 from comfyfleet.app import serving
+from comfyfleet.dispatch.dispatcher import OVERTAKEN_CAP
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.test_warm_cache import Gateway
@@ -136,22 +138,34 @@ async def test_a_job_waits_for_the_backend_holding_its_model_only_when_that_is_s
     assert (job["backend"], cached) == (runs_on, runs_on == "a")
 
 
-async def test_a_job_waiting_for_its_warm_backend_is_not_overtaken(settings: Settings) -> None:
-    """Backend b, free, takes the jobs for its own model b one after another past the job for
-    model a queued before them: that job waits for backend a, which holds model a, and does
-    not count as overtaken, so a window of 1 does not force b to load model a."""
+async def test_a_job_waiting_for_its_warm_backend_is_passed_at_most_the_cap(
+    settings: Settings,
+) -> None:
+    """Backend b, free, takes the jobs for its own model b past the job for model a queued
+    before them, which waits for backend a, busy, that holds model a. That may go beyond the
+    window of 1, but not beyond OVERTAKEN_CAP windows: after 8 passes b takes the job for a
+    itself (loading model a), before the rest of the jobs for b."""
     settings.affinity_window = 1
     async with AsyncExitStack() as stack:
         gateway = await two_warm_backends(stack, settings, load=2.0)
-        busy = await gateway.submit(A, seconds=1.0)
+        busy = await gateway.submit(A, seconds=10.0)
         await gateway.reached(busy, "running")
-        queued = {"a1": await gateway.submit(A), "b1": await gateway.submit(B),
-                  "b2": await gateway.submit(B), "b3": await gateway.submit(B)}
+        names = ["a1", *(f"b{i}" for i in range(1, 11))]
+        queued = await queued_while_b_is_drained(
+            gateway, {name: A if name == "a1" else B for name in names})
         jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
-        a1_cached = await loader_cached(gateway, jobs["a1"])
-    assert {name: job["backend"] for name, job in jobs.items()} == \
-        {"a1": "a", "b1": "b", "b2": "b", "b3": "b"}
-    assert a1_cached
+    assert OVERTAKEN_CAP * settings.affinity_window == 8
+    assert sorted(jobs, key=lambda name: jobs[name]["dispatched_at"]) == \
+        [*(f"b{i}" for i in range(1, 9)), "a1", "b9", "b10"]
+    assert jobs["a1"]["backend"] == "b"
+
+
+async def queued_while_b_is_drained(gateway: Gateway, models: dict[str, str]) -> dict[str, str]:
+    """Jobs for `models` (by name), all queued before backend b looks at any of them."""
+    await gateway.call("PATCH", "/backends/b", {"drain": True})
+    queued = {name: await gateway.submit(model) for name, model in models.items()}
+    await gateway.call("PATCH", "/backends/b", {"drain": False})
+    return queued
 
 
 async def test_the_rebalancer_leaves_a_prompt_queued_where_its_model_is_loaded(

@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=30.0, ge=0)
 
     max_inflight_per_backend: int = Field(default=2, ge=1)
-    # Cache-aware placement: a queued job may be passed by at most this many later jobs that
-    # a backend runs sooner from what its cache holds; 0 is strict FIFO (within a priority).
+    # Cache-aware placement: a job passed by this many later jobs goes next, unless it waits
+    # for the backend holding its model; none is passed more than OVERTAKEN_CAP (8) times
+    # this many. 0 is strict FIFO (within a priority).
     affinity_window: int = Field(default=4, ge=0)
     # Free slots shared between tenants (API keys) by weight in estimated GPU-seconds; false:
     # one backlog for everyone, highest priority then oldest first.

@@ -60,6 +60,9 @@ RESTART_MARGIN = 1.5
 INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
+# A job waiting for the backend that holds its model is passed at most this many times
+# AFFINITY_WINDOW: a bound on that wait whatever the estimates.
+OVERTAKEN_CAP = 8
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
 
 
@@ -150,6 +153,17 @@ class _Elsewhere:
             return None
         self._ahead[best[2].session.name] = best[0]
         return best[0], best[1]
+
+    def gain(self, job: QueuedJob, cost_here: float) -> float | None:
+        """How much sooner `job` would be done starting here now than on the backend that
+        holds more of it, less the GPU time it costs here beyond what it costs there (the
+        load, which the fleet loses): above AFFINITY_MIN_GAIN, it should not wait for that
+        backend. None when no backend holds more of it."""
+        there = self.finish(job, cost_here)
+        if there is None:
+            return None
+        finish_there, cost_there = there
+        return finish_there - (self._here.busy + cost_here) - (cost_here - cost_there)
 
 
 class Dispatcher:
@@ -307,45 +321,59 @@ class Dispatcher:
         when every one of them finishes sooner by waiting for another backend.
 
         A backend whose cache serves one of these jobs (its model loaded) keeps to it: it
-        takes the oldest job that costs it least. A job it passes that way waits for a backend
-        that holds more of it, or, if none does, counts as overtaken; no job is overtaken more
-        than AFFINITY_WINDOW times. A backend whose cache serves none of them takes the job
-        that gains most by starting there now rather than waiting for a backend that holds
-        its model, if it gains more than the load costs there, and only once its GPU would
-        otherwise go idle."""
+        takes the oldest job that costs it least. A backend whose cache serves none of them
+        takes the job that gains most by starting there now rather than waiting for a backend
+        that holds its model, if it gains more than the load costs there, and only once its
+        GPU would otherwise go idle. Either way every job of the band older than the one
+        taken is passed (overtaken) once more, and one passed too often goes first (`_due`)."""
         band = [job for job in runnable if job.priority == runnable[0].priority]
         costs = [self.cost(here, job) for job in band]
         cheapest = min(costs)
-        index = next(i for i, cost in enumerate(costs) if cost <= cheapest + AFFINITY_MIN_GAIN)
+        warm = next(i for i, cost in enumerate(costs) if cost <= cheapest + AFFINITY_MIN_GAIN)
         elsewhere = _Elsewhere(self, here, others)
-        if self.cost(here, band[index], cold=True) - costs[index] >= AFFINITY_MIN_GAIN:
-            # Warm: keep to the cache, unless that passes a job overtaken too often.
-            passed: list[uuid.UUID] = []
-            for job, cost in zip(band[:index], costs, strict=False):
-                if elsewhere.finish(job, cost) is not None:
-                    continue  # it waits for a backend that holds more of it
-                if job.overtaken >= self._affinity_window:
-                    return Choice(job.id, tuple(passed))
-                passed.append(job.id)
-            return Choice(band[index].id, tuple(passed))
-        # Cold: which job gains most by starting here now rather than waiting for the backend
-        # that holds it? Only a gain larger than the extra GPU time it costs here (the load)
-        # is one: the fleet spends that time, and a smaller gain soon goes to the next job.
-        best: tuple[float, QueuedJob] | None = None
-        for job, cost in zip(band, costs, strict=True):
-            there = elsewhere.finish(job, cost)
-            if there is None:  # no backend holds more of it: the oldest such goes now
-                return Choice(job.id)
-            finish_there, cost_there = there
-            gain = finish_there - (here.busy + cost) - (cost - cost_there)
+        index: int | None = warm
+        if self.cost(here, band[warm], cold=True) - costs[warm] >= AFFINITY_MIN_GAIN:
+            gains = [elsewhere.gain(job, cost)
+                     for job, cost in zip(band[:warm], costs, strict=False)]
+        else:
+            gains = [elsewhere.gain(job, cost) for job, cost in zip(band, costs, strict=True)]
+            index = self._cold_pick(here, gains)
+        if index is None:
+            return None
+        for older, (job, gain) in enumerate(zip(band[:index], gains, strict=False)):
+            if self._due(job, gain):
+                index = older
+                break
+        return Choice(band[index].id, tuple(job.id for job in band[:index]))
+
+    def _cold_pick(self, here: BackendView, gains: list[float | None]) -> int | None:
+        """For a backend whose cache serves none of the band: the job that gains most by
+        starting there now rather than waiting for the backend that holds it (`gains`, in
+        band order), or None when waiting is sooner for every one."""
+        best: tuple[float, int] | None = None
+        for index, gain in enumerate(gains):
+            if gain is None:  # no backend holds more of it: the oldest such goes now
+                return index
             if best is None or gain > best[0]:
-                best = (gain, job)
-        # A load is decided as late as it can be, when the GPU would otherwise go idle: by
-        # then more of the backlog has arrived and more is known of what things cost.
+                best = (gain, index)
+        # Only a gain larger than the extra GPU time it costs here (the load) is one: the
+        # fleet spends that time, and a smaller gain soon goes to the next job. A load is
+        # decided as late as it can be, when the GPU would otherwise go idle: by then more of
+        # the backlog has arrived and more is known of what things cost.
         if best is None or best[0] <= AFFINITY_MIN_GAIN or self._tracker.runs_on(here.session):
             self._waiting = True
             return None
-        return Choice(best[1].id)
+        return best[1]
+
+    def _due(self, job: QueuedJob, gain: float | None) -> bool:
+        """Whether `job` must go before any later one: once passed AFFINITY_WINDOW times
+        unless it waits for a backend that holds more of it (`gain` is not None), and once
+        passed OVERTAKEN_CAP times the window whatever it waits for. (Forcing a job waiting
+        for the backend holding its model onto another as soon as that backend looked late
+        made GPUs trade models back and forth: 7 loads instead of 6 in bench.affinity.)"""
+        if job.overtaken >= OVERTAKEN_CAP * self._affinity_window:
+            return True
+        return job.overtaken >= self._affinity_window and gain is None
 
     def _view(self, session: BackendSession) -> BackendView:
         """What `session` holds and has ahead of a prompt queued there now."""

@@ -7,10 +7,12 @@ submitted at once, to `comfyfleet serve` with AFFINITY_WINDOW as configured (cac
 in the same run, with AFFINITY_WINDOW=0 (strict FIFO, blind to the cache). Reported: makespan
 over the lower bound (jobs x work + distinct models x load, over backends), and how many
 prompts ran the loader (the minimum is the number of models; a blind fleet loads in about
-every prompt where consecutive jobs want different models).
+every prompt where consecutive jobs want different models), and the most later jobs any one
+job saw dispatched before it (AFFINITY_WINDOW bounds it). With --timeline, each backend's
+prompts in the order they ran (a capital letter: the model was loaded), to trace a run.
 
 Run from the repository root:  .venv/bin/python -m bench.affinity [--backends 4] [--models 3]
-    [--jobs 120] [--load 3] [--work 1] [--window 4] [--seed 7]
+    [--jobs 120] [--load 3] [--work 1] [--window 4] [--seed 7] [--timeline]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiohttp
 
@@ -44,22 +47,44 @@ class Result:
     makespan: float
     loads: int
     busy: float  # seconds of execution over all backends
+    overtaken: int  # the most later jobs dispatched before any one job
+    timelines: list[str]  # per backend, the models of its prompts in order, capital: loaded
 
 
-async def loads_run(http: aiohttp.ClientSession, urls: list[str]) -> tuple[int, float]:
+async def loads_run(http: aiohttp.ClientSession,
+                    urls: list[str]) -> tuple[int, float, list[str]]:
     """Prompts on these backends that succeeded and whose loader (node 1) was not served from
-    their cache, and the seconds the backends spent executing prompts (from the history's
-    timestamps; prompts interrupted to restart elsewhere count there only)."""
-    loads, busy_ms = 0, 0
+    their cache, the seconds the backends spent executing prompts (from the history's
+    timestamps; prompts interrupted to restart elsewhere count there only), and each
+    backend's timeline: a letter per prompt in the order they ran, the model's (capital when
+    it was loaded; x: interrupted)."""
+    loads, busy_ms, timelines = 0, 0, []
     for url in urls:
         async with http.get(f"{url}/history", params={"max_items": "10000"}) as response:
             history = await response.json()
+        ran: list[tuple[int, str]] = []
         for entry in history.values():
             messages = entry["status"]["messages"]
             cached = next(data["nodes"] for kind, data in messages if kind == "execution_cached")
-            loads += "1" not in cached and entry["status"]["status_str"] == "success"
+            succeeded = entry["status"]["status_str"] == "success"
+            loaded = "1" not in cached and succeeded
+            loads += loaded
             busy_ms += messages[-1][1]["timestamp"] - messages[0][1]["timestamp"]
-    return loads, busy_ms / 1000
+            letter = entry["prompt"][2]["1"]["inputs"]["ckpt_name"].removeprefix("model-")[0]
+            ran.append((messages[0][1]["timestamp"],
+                        (letter.upper() if loaded else letter) if succeeded else "x"))
+        timelines.append("".join(letter for _, letter in sorted(ran)))
+    return loads, busy_ms / 1000, timelines
+
+
+async def overtaken_most(http: aiohttp.ClientSession, api: str, job_ids: list[str]) -> int:
+    """The most later jobs (by submission) dispatched before any one job."""
+    dispatched: list[datetime] = []
+    for job_id in job_ids:
+        async with http.get(f"{api}/jobs/{job_id}") as response:
+            dispatched.append(datetime.fromisoformat((await response.json())["dispatched_at"]))
+    return max(sum(later < at for later in dispatched[index + 1:])
+               for index, at in enumerate(dispatched))
 
 
 async def one_run(models: list[str], args: argparse.Namespace, window: int) -> Result:
@@ -77,6 +102,7 @@ async def one_run(models: list[str], args: argparse.Namespace, window: int) -> R
             env_overrides={"AFFINITY_WINDOW": str(window)}))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         started = time.perf_counter()
+        job_ids = []
         for index, model in enumerate(models):
             # Each job's work differs by a tenth of a millisecond, as a real job's seed makes
             # it differ: only the loader can come from the cache, never the work.
@@ -85,11 +111,14 @@ async def one_run(models: list[str], args: argparse.Namespace, window: int) -> R
                     "params": {"model": model, "seconds": seconds, "steps": 1}}
             async with http.post(f"{serve.api}/jobs", json=body) as response:
                 assert response.status == 202, await response.text()
+                job_ids.append((await response.json())["id"])
         await receiver.wait_for(len(models))
         makespan = time.perf_counter() - started
         failed = [e for e in receiver.verified if e["type"] != "job.succeeded"]
         assert not failed, failed[0]
-        return Result(window, makespan, *await loads_run(http, fleet.urls))
+        loads, busy, timelines = await loads_run(http, fleet.urls)
+        return Result(window, makespan, loads, busy,
+                      await overtaken_most(http, serve.api, job_ids), timelines)
 
 
 async def main() -> None:
@@ -101,6 +130,8 @@ async def main() -> None:
     parser.add_argument("--work", type=float, default=1.0, help="seconds of work per job")
     parser.add_argument("--window", type=int, default=4, help="AFFINITY_WINDOW of the aware run")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each backend's prompts in the order they ran")
     args = parser.parse_args()
     names = SIMULATED_MODELS[:args.models]
     models = [names[i % args.models] for i in range(args.jobs)]
@@ -109,15 +140,20 @@ async def main() -> None:
     results = [await one_run(models, args, window) for window in (args.window, 0)]
     print_table(
         ["AFFINITY_WINDOW", "makespan s", "makespan ÷ bound", "prompts that loaded",
-         "loads ÷ minimum", "GPU busy s"],
+         "loads ÷ minimum", "GPU busy s", "most overtaken"],
         [[r.window, f"{r.makespan:.1f}", f"{r.makespan / bound:.3f}", r.loads,
-          f"{r.loads / args.models:.1f}", f"{r.busy:.0f}"] for r in results])
+          f"{r.loads / args.models:.1f}", f"{r.busy:.0f}", r.overtaken] for r in results])
+    if args.timeline:
+        print("order of submission:", "".join(model.removeprefix("model-")[0] for model in models))
+        for result in results:
+            for index, timeline in enumerate(result.timelines):
+                print(f"AFFINITY_WINDOW={result.window} backend {index}: {timeline}")
     print(json.dumps({
         "backends": args.backends, "models": args.models, "jobs": args.jobs, "load_s": args.load,
         "work_s": args.work, "lower_bound_s": round(bound, 2),
         "runs": [{"window": r.window, "makespan_s": round(r.makespan, 2),
                   "ratio": round(r.makespan / bound, 3), "loads": r.loads,
-                  "busy_s": round(r.busy, 1)} for r in results],
+                  "busy_s": round(r.busy, 1), "most_overtaken": r.overtaken} for r in results],
     }))
 
 

@@ -336,7 +336,11 @@ class Dispatcher:
             gains = [elsewhere.gain(job, cost)
                      for job, cost in zip(band[:warm], costs, strict=False)]
         else:
-            gains = [elsewhere.gain(job, cost) for job, cost in zip(band, costs, strict=True)]
+            gains = []
+            for job, cost in zip(band, costs, strict=True):
+                gains.append(elsewhere.gain(job, cost))
+                if gains[-1] is None:
+                    break  # no backend holds more of it: none later can go before it
             index = self._cold_pick(here, gains)
         if index is None:
             return None

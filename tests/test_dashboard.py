@@ -207,8 +207,21 @@ async def test_running_job_progress_moves_and_reaches_done_without_reload(
             await expect(page.locator("#job-status")).to_have_text("succeeded")
             assert await page.evaluate("() => window.notReloaded === true")
             assert await page.evaluate(f"() => {progress}") == 1
-            await expect(page.locator('#job-timeline li[data-step="succeeded"]')).to_have_class(
-                "done")
+            # Every step of the timeline with its time, as the API has them.
+            async with http.get(f"{prefix}/jobs/{job['id']}") as response:
+                ended = await response.json()
+            steps = page.locator("#job-timeline li")
+            await expect(steps).to_have_class(["done"] * 5)
+            fields = ["created_at", "dispatched_at", "started_at", "uploading_at", "finished_at"]
+            shown = await page.evaluate(
+                "times => times.map(at => new Date(at).toLocaleString())",
+                [ended[field] for field in fields])
+            assert await steps.evaluate_all(
+                "items => items.map(item => [item.dataset.step, "
+                "item.querySelector('.when').textContent])") == [
+                [step, at] for step, at in zip(
+                    ["queued", "dispatched", "running", "uploading", "succeeded"], shown,
+                    strict=True)]
             thumbnail = page.locator("#job-outputs img").first
             await expect(thumbnail).to_be_visible()
             await page.wait_for_function(

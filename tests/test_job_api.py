@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -154,3 +155,24 @@ async def test_the_typed_endpoint_takes_json_or_multipart_only(api: Client) -> N
         assert response.status == 202
     _, page = await api.call("GET", "/jobs")
     assert len(page["jobs"]) == 1  # only the JSON body made a job
+
+
+@pytest.mark.parametrize("duration", [0.0, 1.0])  # 0: dispatched to uploading in one write
+async def test_a_job_has_the_time_of_each_step_of_its_timeline(
+    settings: Settings, duration: float
+) -> None:
+    async with SimulatedComfyUI(duration=duration) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Client(http, base + settings.route_prefix)
+            await wait_for_healthy_backends(http, api.prefix)
+            status, job = await api.call("POST", "/jobs?wait=20", {"workflow": "invert"})
+            assert (status, job["status"]) == (202, "succeeded")
+            status, job = await api.call("GET", f"/jobs/{job['id']}")
+    assert status == 200
+    steps = ["created_at", "dispatched_at", "started_at", "uploading_at", "finished_at"]
+    times = [datetime.fromisoformat(job[step]) for step in steps]
+    assert times == sorted(times), dict(zip(steps, times, strict=True))
+    started, uploading = times[2], times[3]
+    # Uploading begins when the prompt is done on its backend, not when it starts there.
+    assert (uploading - started).total_seconds() >= duration

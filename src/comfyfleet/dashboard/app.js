@@ -407,7 +407,7 @@ function jobView(jobId) {
 
 function timeline(job) {
   const steps = [["queued", job.created_at], ["dispatched", job.dispatched_at], ["running", job.started_at],
-    [TERMINAL.has(job.status) ? job.status : "done", job.finished_at]];
+    ["uploading", job.uploading_at], [TERMINAL.has(job.status) ? job.status : "done", job.finished_at]];
   return h("ol", { class: "timeline", id: "job-timeline" }, steps.map(([label, at]) =>
     h("li", { class: at ? "done" : "", "data-step": label }, label, h("span", { class: "when" }, at ? when(at) : "—"))));
 }

@@ -317,7 +317,7 @@ class ExecutionTracker:
             uploading = await self._repository.transition(
                 run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
                 progress=1.0, progress_detail=None, started_at=started_at,
-                event="job.started" if started_at is not None else None,
+                uploading_at=utcnow(), event="job.started" if started_at is not None else None,
             )
         self.forget(run.prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job

@@ -75,6 +75,8 @@ class Job(SQLModel, table=True):
     # The gateway process following the job on its backend (jobs.owners.ProcessLease.id).
     dispatched_by: int | None = None
     started_at: datetime | None = _timestamp()
+    # When its prompt had finished on the backend and its outputs began to upload.
+    uploading_at: datetime | None = _timestamp()
     finished_at: datetime | None = _timestamp()
     outputs: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSONB, nullable=False)

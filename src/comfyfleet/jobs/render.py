@@ -38,6 +38,7 @@ async def job_json(job: Job, url_for: UrlFor) -> dict[str, Any]:
         "created_at": _iso(job.created_at),
         "dispatched_at": _iso(job.dispatched_at),
         "started_at": _iso(job.started_at),
+        "uploading_at": _iso(job.uploading_at),
         "finished_at": _iso(job.finished_at),
         "outputs": outputs,
         "error": job.error,

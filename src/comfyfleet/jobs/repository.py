@@ -39,7 +39,7 @@ UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
 # decoding of its JSONB prompt and params at every step).
 _CHANGING = frozenset({
     "status", "progress", "progress_detail", "backend", "prompt_id", "attempts", "dispatched_at",
-    "dispatched_by", "started_at", "finished_at", "outputs", "error"})
+    "dispatched_by", "started_at", "uploading_at", "finished_at", "outputs", "error"})
 _FIXED = frozenset(_table.c.keys()) - _CHANGING
 # Storing a job and its transitions (not the claim): fixed SQL on asyncpg.
 _SQL = sql.queries("jobs")
@@ -287,8 +287,9 @@ class JobRepository:
         self, job: Job, states: Iterable[JobStatus], *, event: str | None = None,
         status: JobStatus | None = None, progress: float | None = None,
         progress_detail: dict[str, Any] | EllipsisType | None = ...,
-        started_at: datetime | None = None, finished_at: datetime | None = None,
-        outputs: list[dict[str, Any]] | None = None, error: dict[str, Any] | None = None,
+        started_at: datetime | None = None, uploading_at: datetime | None = None,
+        finished_at: datetime | None = None, outputs: list[dict[str, Any]] | None = None,
+        error: dict[str, Any] | None = None,
     ) -> Job | None:
         """Write the values given (those not None; `progress_detail` whenever it is given,
         None too) if the job is still at the same attempt and prompt, in one of `states`.
@@ -302,7 +303,8 @@ class JobRepository:
         delivery = None
         if event is not None:
             changes = {"status": status, "progress": progress, "started_at": started_at,
-                       "finished_at": finished_at, "outputs": outputs, "error": error}
+                       "uploading_at": uploading_at, "finished_at": finished_at,
+                       "outputs": outputs, "error": error}
             written: dict[str, Any] = {
                 name: value for name, value in changes.items() if value is not None}
             if detail_given:
@@ -311,7 +313,7 @@ class JobRepository:
         return await self._fenced(
             "transition", job, [str(state) for state in states], status, progress,
             detail_given, _json(detail), started_at, finished_at, _json(outputs),
-            _json(error), delivery)
+            _json(error), delivery, uploading_at)
 
     async def finish(
         self, job: Job, status: JobStatus, states: Iterable[JobStatus], *,

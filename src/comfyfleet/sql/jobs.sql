@@ -30,19 +30,20 @@ SELECT stored.id FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::j
 
 -- name: transition
 -- Move the job on from one of the states $4: each of $5 status, $6 progress, $9 started_at,
--- $10 finished_at, $11 outputs, $12 error that is not null is written, and when $7 is true
+-- $14 uploading_at, $10 finished_at, $11 outputs, $12 error that is not null is written, and when $7 is true
 -- the progress detail $8 (null or not). With $13, a webhook_deliveries row, the delivery is
 -- written too when the job is.
 WITH changed AS (
     UPDATE jobs
     SET status = coalesce($5, status), progress = coalesce($6, progress),
         progress_detail = CASE WHEN $7::boolean THEN $8::jsonb ELSE progress_detail END,
-        started_at = coalesce($9, started_at), finished_at = coalesce($10, finished_at),
+        started_at = coalesce($9, started_at), uploading_at = coalesce($14, uploading_at),
+        finished_at = coalesce($10, finished_at),
         outputs = coalesce($11::jsonb, outputs), error = coalesce($12::jsonb, error)
     WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
       AND status = ANY($4::text[])
     RETURNING id, status, progress, progress_detail, backend, prompt_id, attempts,
-        dispatched_at, dispatched_by, started_at, finished_at, outputs, error
+        dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs, error
 )
 SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13::jsonb)
 
@@ -56,7 +57,7 @@ SET status = 'queued', backend = NULL, prompt_id = NULL, progress = 0, progress_
 WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND status IN ('dispatched', 'running', 'uploading')
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
-    dispatched_by, started_at, finished_at, outputs, error
+    dispatched_by, started_at, uploading_at, finished_at, outputs, error
 
 -- name: release
 -- Undo the claim of the job, whose prompt never reached its backend: queued again, the
@@ -67,7 +68,7 @@ SET status = 'queued', backend = NULL, prompt_id = NULL, attempts = attempts - 1
 WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND status = 'dispatched'
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
-    dispatched_by, started_at, finished_at, outputs, error
+    dispatched_by, started_at, uploading_at, finished_at, outputs, error
 
 -- name: move
 -- Give the job, whose prompt is off its backend now (never started, or interrupted to run
@@ -85,7 +86,7 @@ WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND (SELECT count(*) FROM jobs AS there
        WHERE there.backend = $4 AND there.status IN ('dispatched', 'running')) < $7
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
-    dispatched_by, started_at, finished_at, outputs, error
+    dispatched_by, started_at, uploading_at, finished_at, outputs, error
 
 -- name: take_over
 -- Make process $4 the one following the job on its backend, unless another process took it
@@ -96,7 +97,7 @@ WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND dispatched_by IS NOT DISTINCT FROM $5
   AND status IN ('dispatched', 'running', 'uploading')
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
-    dispatched_by, started_at, finished_at, outputs, error
+    dispatched_by, started_at, uploading_at, finished_at, outputs, error
 
 -- name: on_backend
 -- The jobs on backend $1: dispatched, running or uploading. (The states are written out, so

@@ -30,8 +30,7 @@ from tests.support import LOOPBACK, child_env, free_ports, new_database, serve_e
 SEED = int(os.environ.get("FUZZ_SEED", "14"))
 EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "50"))
 # Each schema, and the operations left out of its pass: the health checks answer 503 while a
-# backend is down, and the fuzzing adds backends that are; the dashboard's stream (which has
-# no input) never ends.
+# backend is down, and the fuzzing adds backends that are; the dashboard's stream never ends.
 SCHEMAS = {"/openapi.json": ["/readyz", "/api/v1/dashboard/events"],
            "/api/v2/openapi.json": ["/health"]}
 

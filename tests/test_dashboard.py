@@ -24,7 +24,13 @@ from comfyfleet.db import make_engine
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
-from tests.support import LOOPBACK, free_ports, python_process, serve_env
+from tests.support import (
+    LOOPBACK,
+    free_ports,
+    python_process,
+    serve_env,
+    wait_for_healthy_backends,
+)
 from tests.webhook_support import Answer, Gateway
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -158,6 +164,49 @@ async def test_eight_tabs_share_one_live_stream_and_outlive_the_tab_that_opened_
             for tab in tabs:
                 if not tab.is_closed():
                     await tab.close()
+
+
+async def test_eight_job_pages_on_running_jobs_all_follow_them_live(
+    settings: Settings, browser: BrowserContext, tmp_path: Path
+) -> None:
+    """A job page's events come over the tabs' shared stream: with a stream of its own per
+    job page, the tabs past the sixth would wait for a connection while their jobs run."""
+    async with AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(SimulatedComfyUI(name=f"gpu-{n}"))
+                for n in range(TABS)]
+        settings.comfyui_endpoints = [f"{sim.url}#gpu-{n}" for n, sim in enumerate(sims)]
+        settings.max_inflight_per_backend = 1  # every job runs at once, one per backend
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        prefix = base + settings.route_prefix
+        await wait_for_healthy_backends(http, prefix)
+        jobs = [await api(http, "POST", f"{prefix}/jobs", status=202, body={
+            "workflow": "simulated_work", "params": {"seconds": 20, "steps": 40}})
+            for _ in range(TABS)]
+        tabs: list[Page] = []
+        stack.push_async_callback(close_all, tabs)
+        for job in jobs:
+            tab = await browser.new_page()
+            tabs.append(tab)
+            await tab.goto(f"{base}/dashboard#/jobs/{job['id']}")
+            await expect(tab.locator("#job-progress")).to_be_visible()
+        progress = "document.getElementById('job-progress')?.value"
+        for tab in tabs:  # each moves while every job still runs
+            await tab.wait_for_function(f"() => ({progress} ?? 0) > 0 && {progress} < 1",
+                                        timeout=WAIT_MS)
+            first = await tab.evaluate(f"() => {progress}")
+            await tab.wait_for_function(f"() => {progress} > {first}", timeout=WAIT_MS)
+        for job in jobs:
+            now = await api(http, "GET", f"{prefix}/jobs/{job['id']}")
+            assert now["status"] == "running", now
+        await screenshot(tabs[-1], tmp_path, "job-eighth-tab")
+        for tab in tabs:
+            await expect(tab.locator("#job-status")).to_have_text("succeeded", timeout=40_000)
+
+
+async def close_all(tabs: list[Page]) -> None:
+    for tab in tabs:
+        await tab.close()
 
 
 async def test_fleet_shows_each_backends_warm_models_as_they_change(
@@ -507,11 +556,42 @@ async def test_dashboard_stream_tells_of_a_drain_at_once(settings: Settings) -> 
                             break
 
 
-async def read_fleet_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+async def test_dashboard_stream_carries_the_events_of_the_keys_own_jobs_asked_for(
+    settings: Settings,
+) -> None:
+    settings.api_keys = [KEY_A, KEY_B]
+    async with SimulatedComfyUI(duration=0.5) as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            own, other = [await api(http, "POST", f"{prefix}/jobs", key, status=202,
+                                    body={"workflow": "invert", "params": {"width": 16}})
+                          for key in (KEY_A, KEY_B)]
+            seen: list[tuple[str, str]] = []
+            async with http.get(f"{prefix}/dashboard/events",
+                                params=[("job", other["id"]), ("job", own["id"])],
+                                headers={"Authorization": f"Bearer {KEY_A}"}) as response:
+                assert response.status == 200
+                async with asyncio.timeout(20):
+                    async for event in read_events(response, "job"):
+                        seen.append((event["job"], event["event"]))
+                        if event["event"] == "succeeded":
+                            assert event["data"]["id"] == own["id"]
+                            break
+    assert {job for job, _ in seen} == {own["id"]}  # another key's job is left out
+    assert seen[0][1] == "state"
+
+
+async def read_events(response: aiohttp.ClientResponse, wanted: str) -> AsyncIterator[Any]:
     name = None
     async for raw in response.content:
         line = raw.decode().rstrip("\r\n")
         if line.startswith("event: "):
             name = line[len("event: "):]
-        elif line.startswith("data: ") and name == "fleet":
+        elif line.startswith("data: ") and name == wanted:
             yield json.loads(line[len("data: "):])
+
+
+async def read_fleet_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    async for fleet in read_events(response, "fleet"):
+        yield fleet

@@ -4,7 +4,9 @@ and the few reads they need beyond the API's own.
 The pages call the API with the key the operator typed in (an admin key sees every job and may
 act; a tenant key sees its own jobs), so the HTML and its assets carry no data and are open.
 One Server-Sent Events stream per open dashboard tells it when the fleet or the jobs change:
-it is woken by the fleet's and the jobs' pulses, never by a timer, and coalesces bursts.
+it is woken by the fleet's and the jobs' pulses, never by a timer, and coalesces bursts. It
+carries the events of the jobs whose pages are open too, so that a browser's tabs, which share
+it, need no stream of their own (a browser opens six connections to a host at most).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +26,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet.api.deliveries import delivery_json
 from comfyfleet.api.depends import ServicesDep
-from comfyfleet.api.security import CallerDep, Guard
+from comfyfleet.api.errors import ApiError
+from comfyfleet.api.events import job_stream
+from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.tenants import unnamed
 from comfyfleet.jobs.overview import ACTIVITY_WINDOW, Overview
 from comfyfleet.pulse import first_of
@@ -36,6 +41,10 @@ STATIC = Path(__file__).resolve().parent.parent / "dashboard"
 # so that once a second cost just over 1 % of a core per dashboard (bench/dashboard.py).
 MIN_EVENT_INTERVAL = 2.0
 PING_SECONDS = 15
+# Jobs one dashboard stream follows at most (a browser's tabs on job pages).
+MAX_FOLLOWED_JOBS = 100
+# Events of the followed jobs waiting for a slow reader before their streams wait too.
+MERGED_BACKLOG = 64
 # The pages hold no secrets beyond the key in the tab's storage; nothing from elsewhere runs.
 # Output images may come from the storage's own host (S3 presigned URLs).
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob: http: https:; "
@@ -123,11 +132,58 @@ async def troubled_deliveries(
 @router.get("/dashboard/events", summary="The dashboard's live stream",
             response_class=EventSourceResponse)
 async def dashboard_events(
-    request: Request, svc: ServicesDep, _: CallerDep,
+    request: Request, svc: ServicesDep, caller: CallerDep,
+    job: Annotated[list[uuid.UUID], Query(max_length=MAX_FOLLOWED_JOBS)] = [],  # noqa: B006
 ) -> EventSourceResponse:
     """`fleet` events carry every backend as GET /backends shows it, whenever that changes;
-    `jobs` events say that jobs changed, so that the page re-reads what it lists."""
-    return EventSourceResponse(_stream(svc, _snapshot(request, svc)), ping=PING_SECONDS)
+    `jobs` events say that jobs changed, so that the page re-reads what it lists. With
+    `?job=<id>` (repeated for more), `job` events carry each such job's events as
+    GET /jobs/{id}/events?previews=true has them, as `{"job": id, "event": name, "data": …}`,
+    until it ends; a job the key may not see is left out."""
+    followed = [_job_events(svc, job_id) for job_id in await _visible(svc, caller, job)]
+    return EventSourceResponse(_merged(_stream(svc, _snapshot(request, svc)), *followed),
+                               ping=PING_SECONDS)
+
+
+async def _visible(svc: Services, caller: Caller, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    visible = []
+    for job_id in dict.fromkeys(job_ids):
+        try:
+            await visible_job(svc, caller, job_id)
+        except ApiError:
+            continue
+        visible.append(job_id)
+    return visible
+
+
+async def _job_events(svc: Services, job_id: uuid.UUID) -> AsyncIterator[ServerSentEvent]:
+    async for event in job_stream(svc, job_id, previews=True, last_id=None):
+        # The event's data is JSON already (a preview's image is large): put in as it is.
+        data = f'{{"job": "{job_id}", "event": {json.dumps(event.event)}, "data": {event.data}}}'
+        yield ServerSentEvent(data, event="job")
+
+
+async def _merged(*streams: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """The events of all `streams` as they come, until the client leaves or one fails."""
+    arrived: asyncio.Queue[ServerSentEvent | Exception] = asyncio.Queue(MERGED_BACKLOG)
+
+    async def pump(stream: AsyncIterator[ServerSentEvent]) -> None:
+        try:
+            async for event in stream:
+                await arrived.put(event)
+        except Exception as error:  # raised below, where the response is written
+            await arrived.put(error)
+
+    pumps = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        while True:
+            item = await arrived.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 class FleetSnapshot:

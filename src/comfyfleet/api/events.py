@@ -46,12 +46,15 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     await visible_job(svc, caller, job_id)
-    return EventSourceResponse(_stream(svc, job_id, previews, last_event_id), ping=PING_SECONDS)
+    return EventSourceResponse(job_stream(svc, job_id, previews, last_event_id),
+                               ping=PING_SECONDS)
 
 
-async def _stream(
+async def job_stream(
     svc: Services, job_id: uuid.UUID, previews: bool, last_id: str | None
 ) -> AsyncIterator[ServerSentEvent]:
+    """The events of the job `job_id` (one the caller may see) until it ends; also carried,
+    for the jobs its tabs show, by the dashboard's shared stream (api/dashboard.py)."""
     notices = svc.events.listen(job_id)
     try:
         while True:

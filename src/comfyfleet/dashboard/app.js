@@ -59,22 +59,36 @@ function followApi(path, onEvent, signal, onState) {
 
 // The dashboard's live stream: `onEvent(name, data, at)`, `at` when the event arrived. Shared
 // with the other tabs through live.js where the browser has SharedWorker (see there why); a
-// tab of its own otherwise. Returns what closes it.
+// tab of its own otherwise. Returns what closes it, and `followJob(id, onEvent)`: the job's
+// events (`onEvent(name, data)`, as GET /jobs/{id}/events?previews=true has them), carried by
+// the shared stream, until the function it returns is called.
 function openLive(onEvent, onState) {
   if (typeof SharedWorker !== "function") {
     const controller = new AbortController();
     followApi("/dashboard/events", (name, data) => onEvent(name, data, Date.now()), controller.signal, onState);
-    return { close: () => controller.abort() };
+    return {
+      close: () => controller.abort(),
+      followJob(job, onJobEvent) {
+        const own = new AbortController();
+        followApi(`/jobs/${job}/events?previews=true`, onJobEvent, own.signal);
+        return () => own.abort();
+      },
+    };
   }
   const { port } = new SharedWorker(new URL("./live.js", import.meta.url),
     { type: "module", name: "comfyfleet-live" });
+  const jobs = new Map(); // job id -> onEvent, of the job page shown
   port.addEventListener("message", ({ data }) => {
     if (data.type === "event") onEvent(data.name, data.data, data.at);
+    else if (data.type === "job") jobs.get(data.job)?.(data.name, data.data);
     else if (data.type === "state") onState(data.on);
     else if (data.type === "refused" && data.status === 401) showLogin();
   });
   port.start();
-  const join = () => port.postMessage({ type: "follow", api: API, key: state.key });
+  const join = () => {
+    port.postMessage({ type: "follow", api: API, key: state.key });
+    for (const job of jobs.keys()) port.postMessage({ type: "job", job });
+  };
   const leave = () => port.postMessage({ type: "leave" });
   const back = (event) => { if (event.persisted) join(); }; // restored from the back/forward cache
   window.addEventListener("pagehide", leave);
@@ -86,6 +100,15 @@ function openLive(onEvent, onState) {
       window.removeEventListener("pagehide", leave);
       window.removeEventListener("pageshow", back);
       port.close();
+    },
+    followJob(job, onJobEvent) {
+      jobs.set(job, onJobEvent);
+      port.postMessage({ type: "job", job });
+      return () => {
+        if (jobs.get(job) !== onJobEvent) return;
+        jobs.delete(job);
+        port.postMessage({ type: "unjob", job });
+      };
     },
   };
 }
@@ -322,8 +345,8 @@ function jobRow(job) {
 }
 
 function jobView(jobId) {
-  const controller = new AbortController();
   let job = null;
+  let unfollow = null; // stops the job's events
   async function reload() {
     job = await api("GET", `/jobs/${jobId}`);
     if (!shownNow(view)) return;
@@ -384,23 +407,31 @@ function jobView(jobId) {
       const preview = document.getElementById("job-preview");
       if (preview) { preview.src = data.image; preview.hidden = false; }
     } else if (TERMINAL.has(name)) {
+      stopFollowing();
       job = data;
       draw();
       loadDeliveries();
     }
   }
+  function stopFollowing() {
+    unfollow?.();
+    unfollow = null;
+  }
   const view = {
     name: "job",
     async render() {
       await reload();
-      if (!TERMINAL.has(job.status)) followApi(`/jobs/${jobId}/events?previews=true`, onEvent, controller.signal);
+      // Over the dashboard's stream, which the tabs share: a stream per job page would take
+      // one of the six connections a browser opens to a host.
+      if (!TERMINAL.has(job.status) && shownNow(view) && state.live) {
+        stopFollowing();
+        unfollow = state.live.followJob(jobId, onEvent);
+      }
     },
     onJobs() {
       if (TERMINAL.has(job?.status)) loadDeliveries(); // a redelivery may have been answered
     },
-    close() {
-      controller.abort();
-    },
+    close: stopFollowing,
   };
   return view;
 }

@@ -1,5 +1,6 @@
 // Server-Sent Events read with fetch(): EventSource cannot send an Authorization header.
-// Used by the pages (a job's own stream) and by live.js (the dashboard's stream, shared).
+// Used by live.js (the dashboard's stream, shared by the tabs), and by a page where the
+// browser has no SharedWorker.
 
 export class StreamRefused extends Error {
   constructor(status, message) {

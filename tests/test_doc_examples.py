@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -382,8 +383,10 @@ async def run(example: Example, live: Live, env: dict[str, str]) -> Run:
 
 async def running_job(live: Live) -> str:
     """A job that runs a few seconds on a backend: the examples' $JOB, still running when an
-    example cancels it, soon over for one that follows it to the end."""
-    body = {"workflow": "simulated_work", "params": {"seconds": 3, "steps": 3}}
+    example cancels it, soon over for one that follows it to the end. Its length differs a
+    little each time, so that no backend serves it from the cache of an earlier one."""
+    seconds = 3 + random.uniform(0, 1e-3)
+    body = {"workflow": "simulated_work", "params": {"seconds": seconds, "steps": 3}}
     async with aiohttp.ClientSession() as http, http.post(f"{live.api}/jobs", json=body) as answer:
         assert answer.status == 202, await answer.text()
         return str((await answer.json())["id"])

@@ -120,6 +120,18 @@ async def through_comfyfleet(
     return count / (finished - started), count / (submitted - started)
 
 
+async def dispatch_claims(http: aiohttp.ClientSession, base: str) -> Counter[str]:
+    """The service's dispatcher claims so far by outcome (comfyfleet_dispatch_claims)."""
+    async with http.get(f"{base}/metrics") as response:
+        text = await response.text()
+    counts = Counter[str]()
+    for line in text.splitlines():
+        if line.startswith("comfyfleet_dispatch_claims_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('"')[1]] += round(float(value))
+    return counts
+
+
 async def run(jobs: int, window: int, processes: int, profile: Path | None,
               root: Path, by_statement: bool = False) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
@@ -150,12 +162,14 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         counting = transactions_by_statement(deployed.postgres, database_url) if by_statement \
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
+        claims = await dispatch_claims(http, serve.base)
         async with profiling, counting as opened_by:
             meter.start()
             rates["comfyfleet, end to end"], rates["comfyfleet, submits accepted"] = (
                 await through_comfyfleet(http, serve.api, receiver, jobs, window))
             meter.stop()
         cpu["comfyfleet, end to end"] = meter.as_json()
+        claims = await dispatch_claims(http, serve.base) - claims
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
     return {"jobs": jobs, "window": window, "backends": BACKENDS, "output_bytes": len(png),
@@ -165,6 +179,8 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
                 cpu["comfyfleet, end to end"]["comfyfleet serve"]
                 / rates["comfyfleet, end to end"] * 1000, 1),
             "transactions_per_job": round(committed / jobs, 1),
+            "dispatch_claims_per_job": {
+                outcome: round(count / jobs, 2) for outcome, count in claims.most_common()},
             "transactions_per_job_by_statement": {
                 statement: round(count / jobs, 2) for statement, count in opened_by.most_common()
                 if count / jobs >= 0.01} if by_statement else None,
@@ -176,6 +192,9 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                 [(name, f"{rate:.0f}") for name, rate in result["per_second"].items()])
     print(f"\ncomfyfleet serve: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
           f"{result['transactions_per_job']} PostgreSQL transactions per job\n")
+    print_table(["the dispatcher's claims per job, by outcome", "per job"],
+                list(result["dispatch_claims_per_job"].items()))
+    print()
     if result["transactions_per_job_by_statement"] is not None:
         print_table(["transactions per job, by the statement opening each", "per job"],
                     list(result["transactions_per_job_by_statement"].items()))

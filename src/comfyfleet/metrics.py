@@ -54,6 +54,14 @@ QUEUE_FULL = Counter(
     "comfyfleet_queue_full",
     "Submits refused with 429 queue_full, by the backlog that was full: key (the key's "
     "max_queued) or service (MAX_QUEUED)", ["scope"], registry=REGISTRY)
+DISPATCH_CLAIMS = Counter(
+    "comfyfleet_dispatch_claims",
+    "The dispatcher's claim transactions by outcome: took (a job), no_slot (the backend's "
+    "slots full by the database's count), empty (nothing queued), not_accepting (drained or "
+    "gone), cannot_run (no queued job it can run), waits_for_warm (every job sooner on a "
+    "backend holding its model), slower (faster backends finish the backlog first), "
+    "tenant_limit (the chosen job's key at its max_concurrent)",
+    ["outcome"], registry=REGISTRY)
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",
     registry=REGISTRY)
@@ -105,6 +113,10 @@ def job_finished(job: Job) -> None:
 
 def queue_full(scope: str) -> None:
     QUEUE_FULL.labels(scope).inc()
+
+
+def dispatch_claim(outcome: str) -> None:
+    DISPATCH_CLAIMS.labels(outcome).inc()
 
 
 def storage_error() -> None:

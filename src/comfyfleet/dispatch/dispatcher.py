@@ -206,6 +206,7 @@ class Dispatcher:
         # nothing for another claim to find.
         self._one_left = False
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
+        self._outcome = ""  # what the last claim came to (metrics.DISPATCH_CLAIMS)
         self._submissions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -234,12 +235,14 @@ class Dispatcher:
                 continue
             self._backlog_empty = False
             prompt_id = str(uuid.uuid4())
+            self._outcome = "no_slot"  # unless the pick is asked
             # Job, backend and prompt id are on record before the POST, so a crash at any
             # point can be reconciled.
             job = await self._repository.claim_next(
                 session.name, prompt_id, max_inflight=self._max_inflight,
                 pick=functools.partial(self._pick, session), owner=self._owner,
             )
+            metrics.dispatch_claim("took" if job is not None else self._outcome)
             if job is not None:
                 self._start(session, job)
                 if self._one_left:  # it took the last: spare the claim that would find none
@@ -258,18 +261,28 @@ class Dispatcher:
         task.add_done_callback(self._submissions.discard)
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
+        choice = self._choose(session, queued)
+        if choice is not None:
+            self._outcome = "tenant_limit"  # unless the claim takes it
+        return choice
+
+    def _choose(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         """The job `session` should start now, in fair-share order (see `_affine`), unless
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
         self._backlog_empty = not queued
         self._one_left = len(queued) == 1 and not queued[0].beyond
+        self._outcome = "empty" if not queued else "not_accepting"
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)
         ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
         runnable = [job for job in ordered if session.capabilities.can_run(job.prompt)]
+        self._outcome = "cannot_run" if queued else "empty"
         if not runnable:
             return None
+        self._outcome = "slower"  # unless the pick says otherwise below
+
         # The backlog goes on beyond what we read: deep enough for everyone.
         backlog = math.inf if any(job.beyond for job in queued) else len(runnable)
         if not self._affinity_window:
@@ -281,6 +294,7 @@ class Dispatcher:
                   and other.accepts_work and other.capabilities is not None]
         choice = self._affine(here, others, runnable)
         if choice is None:
+            self._outcome = "waits_for_warm"
             return None
         head = next(job for job in runnable if job.id == choice.job_id)
         choice = choice._replace(charge=estimate(head.workflow))

@@ -207,6 +207,7 @@ class Dispatcher:
         self._one_left = False
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
         self._outcome = ""  # what the last claim came to (metrics.DISPATCH_CLAIMS)
+        self._read: list[QueuedJob] | None = None  # the backlog the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -229,11 +230,23 @@ class Dispatcher:
                 self._signals.claim_due = True
 
     async def _dispatch_one(self) -> bool:
-        """Send one job to the best backend that has a free slot and should run it."""
+        """Send one job to the best backend that has a free slot and should run it.
+
+        Once a claim has read the backlog and taken nothing, the backends after it are asked
+        in memory, on the backlog that claim read: only one whose pick would take a job there
+        opens a claim of its own (which reads and picks afresh, under its lock). A claim
+        transaction for every free backend that would take nothing (one that cannot run the
+        queued jobs, a slower one the last jobs are left to faster ones for, a cold one that
+        should wait) was most of the dispatcher's work; whatever changes the backlog or the
+        fleet meanwhile (a job queued, a slot freed, a backend connected) wakes another pass."""
+        seen: list[QueuedJob] | None = None  # the backlog as the last claim here read it
         for session in by_preference(self._sessions, self._max_inflight):
             if session.capabilities is None:
                 continue
+            if seen is not None and self._pick(session, seen) is None:
+                continue  # it would take nothing: no claim
             self._backlog_empty = False
+            self._read = None
             prompt_id = str(uuid.uuid4())
             self._outcome = "no_slot"  # unless the pick is asked
             # Job, backend and prompt id are on record before the POST, so a crash at any
@@ -251,6 +264,7 @@ class Dispatcher:
                 return True
             if self._backlog_empty:
                 return False  # nothing queued at all: no other backend would find anything
+            seen = self._read
         return False
 
     def _start(self, session: BackendSession, job: Job) -> None:
@@ -270,6 +284,7 @@ class Dispatcher:
         """The job `session` should start now, in fair-share order (see `_affine`), unless
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
+        self._read = queued
         self._backlog_empty = not queued
         self._one_left = len(queued) == 1 and not queued[0].beyond
         self._outcome = "empty" if not queued else "not_accepting"

@@ -1,0 +1,66 @@
+"""The dispatcher's claim transactions: a free backend that would take nothing from the backlog
+is not asked in a transaction of its own (comfyfleet_dispatch_claims counts them by outcome)."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import aiohttp
+
+from comfyfleet.app import serving
+from comfyfleet.metrics import REGISTRY
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
+from tests.model_sim import model_nodes
+from tests.support import wait_for_job
+
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
+SDXL = "sd_xl_base_1.0.safetensors"  # and workflows/sdxl_txt2img.json
+OUTCOMES = ("took", "no_slot", "not_accepting", "cannot_run", "waits_for_warm", "slower",
+            "tenant_limit")  # all but "empty": a pass woken with nothing queued claims once
+
+
+async def until_healthy(http: aiohttp.ClientSession, base: str, count: int) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            async with http.get(f"{base}/backends") as response:
+                if sum(backend["healthy"] for backend in await response.json()) == count:
+                    return
+            await asyncio.sleep(0.05)  # polling the API: there is no local event to wait on
+
+
+def claims() -> dict[str, float]:
+    """The claims this process has made so far, by outcome."""
+    return {outcome: REGISTRY.get_sample_value(
+        "comfyfleet_dispatch_claims_total", {"outcome": outcome}) or 0.0
+        for outcome in OUTCOMES}
+
+
+async def test_backends_that_cannot_run_the_backlog_cost_one_claim_not_one_each(
+    settings: Settings,
+) -> None:
+    async with AsyncExitStack() as stack:
+        sd15 = [await stack.enter_async_context(
+            SimulatedComfyUI(name=f"sd15-{n}", node_specs=model_nodes([SD15])))
+            for n in range(3)]
+        sdxl = await stack.enter_async_context(
+            SimulatedComfyUI(name="sdxl", node_specs=model_nodes([SDXL])))
+        # The three that cannot run the job listed first: as idle as the one that can, they
+        # are asked first.
+        settings.comfyui_endpoints = [f"{sim.url}#{sim.name}" for sim in [*sd15, sdxl]]
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 4)
+        before = claims()
+        body = {"workflow": "sdxl_txt2img", "params": {"prompt": "a lighthouse", "seed": 1}}
+        async with http.post(f"{base}/jobs", json=body) as response:
+            assert response.status == 202, await response.text()
+            job_id = (await response.json())["id"]
+        job = await wait_for_job(http, base, job_id, "succeeded")
+        assert job["backend"] == "sdxl", job
+        made = {outcome: count - before[outcome] for outcome, count in claims().items()
+                if count > before[outcome]}
+        # The first claim reads the backlog and finds nothing it can run; the other two
+        # sd15 backends are asked in memory, on what it read; sdxl's claim takes the job.
+        assert made == {"cannot_run": 1, "took": 1}

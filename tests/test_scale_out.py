@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -93,11 +94,13 @@ class Gateways:
             stack, settings, data_root, backend)
         self.started = 0
 
-    async def start(self, http: aiohttp.ClientSession) -> tuple[str, asyncio.subprocess.Process]:
+    async def start(self, http: aiohttp.ClientSession, **overrides: str
+                    ) -> tuple[str, asyncio.subprocess.Process]:
+        """`overrides`: more settings of the process (see serve_env)."""
         port = free_ports(1)
         base = f"http://{LOOPBACK}:{port}"
         env = serve_env(self.settings, self.data_root / f"process{self.started}", port,
-                        COMFYUI_ENDPOINTS=self.backend + "#gpu")
+                        COMFYUI_ENDPOINTS=self.backend + "#gpu", **overrides)
         self.started += 1
         process = await self.stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
@@ -164,3 +167,31 @@ async def test_a_prompt_another_live_process_is_sending_is_left_to_it(
         async with http.get(f"{sim.url}/history") as response:
             ran = len(await response.json())
     assert (done["status"], done["attempts"], ran) == ("succeeded", 1, 1)
+
+
+async def test_a_job_queued_through_one_process_is_dispatched_by_another_at_once(
+    settings: Settings, data_root: Path
+) -> None:
+    """The process a job is submitted to has no free slot; the other one, told by the
+    database as the job commits, claims it at once, not at its next safety pass."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=30.0))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        # The safety pass comes long after the test is over: only a wake-up can dispatch.
+        full, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1", DISPATCH_INTERVAL="60")
+        free, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="2", DISPATCH_INTERVAL="60")
+        body = {"workflow": "invert", "params": {"width": 8}}
+        async with http.post(f"{free}/api/v1/jobs", json=body) as response:
+            first = (await response.json())["id"]
+        # On the backend (whichever process took it): the first process takes no second job.
+        await wait_for_job(http, f"{free}/api/v1", first, "running")
+        submitted = time.monotonic()
+        async with http.post(f"{full}/api/v1/jobs", json={**body, "params": {"width": 9}}
+                             ) as response:
+            second = (await response.json())["id"]
+        job = await wait_for_job(http, f"{free}/api/v1", second, "dispatched", "running",
+                                 seconds=10)
+        waited = time.monotonic() - submitted
+    assert job["backend"] == "gpu"
+    assert waited < 1.0  # 30 to 130 ms here; up to DISPATCH_INTERVAL before

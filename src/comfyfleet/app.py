@@ -124,7 +124,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         registry = BackendRegistry(engine)
         fleet = Fleet(endpoints, repository, storage, FleetTuning.from_settings(settings),
                       waiters=waiters, events=events, lease=lease, registry=registry,
-                      registry_changed=peers.fleet, catalog=catalog)
+                      registry_changed=peers.fleet, queued=peers.queued,
+                      catalog=catalog)
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)

@@ -5,11 +5,16 @@ each what the others did:
 - the fleet: every write to the `backends` table notifies FLEET_CHANNEL (a trigger, migration
   0025), so each process takes up a backend added, drained, enabled or removed through another
   at once (`fleet` beats; Fleet follows the table);
+- the backlog: a job stored queued or put back in the backlog notifies QUEUED_CHANNEL (a
+  trigger, migration 0027; once per transaction), so that every process's dispatcher claims
+  it at once, not at its next safety pass (`queued` beats; Fleet wakes its dispatcher, and
+  however many beat while it claims, it claims once more). A process hears its own too: the
+  wake-up coincides with the one it gave its dispatcher itself;
 - the jobs: each process forwards the beats of its own JobNotices.here to JOBS_CHANNEL, at most
   one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
   would serialise the commits of every process), and hears the others' as
   JobNotices.changed_elsewhere, so that a dashboard on any replica follows every replica's jobs.
-Each (re)connect of the listening connection counts as a change of both: what was said while
+Each (re)connect of the listening connection counts as a change of all three: what was said while
 nobody listened is not said again.
 """
 
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FLEET_CHANNEL = "comfyfleet_fleet"
 JOBS_CHANNEL = "comfyfleet_jobs"
+QUEUED_CHANNEL = "comfyfleet_queued"
 # A burst of job changes here is told to the other processes once per this long; the
 # dashboards they serve send at most one event every 2 s anyway (api/dashboard.py).
 FORWARD_SECONDS = 1.0
@@ -45,6 +51,8 @@ class PeerChanges:
         self._process = str(process)
         # Beats when another process (or this one) changed the fleet's table.
         self.fleet = Pulse()
+        # Beats when any process (this one too) queued a job.
+        self.queued = Pulse()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -81,10 +89,14 @@ class PeerChanges:
         def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
             if channel == FLEET_CHANNEL:
                 self.fleet.beat()
+            elif channel == QUEUED_CHANNEL:
+                self.queued.beat()
             elif payload != self._process:
                 self._notices.changed_elsewhere()
 
-        async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL], notified) as lost:
+        async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL, QUEUED_CHANNEL],
+                             notified) as lost:
             self.fleet.beat()  # changes made while nobody listened
+            self.queued.beat()
             self._notices.changed_elsewhere()
             await lost.wait()

@@ -86,14 +86,17 @@ class Fleet:
         lease: ProcessLease,
         registry: BackendRegistry,
         registry_changed: Pulse,
+        queued: Pulse,
         catalog: Catalog,
     ) -> None:
         """`backends` are the configured ones; the registry may hold more, and
-        `registry_changed` beats when any process changed it. The `catalog` is told what each
+        `registry_changed` beats when any process changed it; `queued` beats when any process
+        queued a job (or put one back in the backlog). The `catalog` is told what each
         backend reports of its nodes, to type workflow parameters; `waiters` hear of every
         job that ends here."""
         self._registry = registry
         self._registry_changed = registry_changed
+        self._queued = queued
         self._catalog = catalog
         self._repository = repository
         self._node_token = tuning.node_token
@@ -162,12 +165,14 @@ class Fleet:
         await self._registry.seed([session.backend for session in self.sessions])
         self._started = True
         registry_changed = self._registry_changed.next()  # taken before the read
+        queued = self._queued.next()  # the dispatcher's first pass claims what is queued now
         await self.follow_registry()
         for session in self.sessions:
             self._connect(session)
         self._dispatching = asyncio.create_task(self.dispatcher.run())
         self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions)),
-                       asyncio.create_task(self._follow_registry_forever(registry_changed))]
+                       asyncio.create_task(self._follow_registry_forever(registry_changed)),
+                       asyncio.create_task(self._follow_backlog_forever(queued))]
 
     async def follow_registry(self) -> bool:
         """Take up what other processes (or an earlier run) changed in the shared fleet.
@@ -212,6 +217,14 @@ class Fleet:
                     await asyncio.sleep(REGISTRY_RETRY_SECONDS)
             if not finishing:
                 freed = None
+
+    async def _follow_backlog_forever(self, queued: asyncio.Event) -> None:
+        """Wake the dispatcher whenever a process (another's submit, a requeue there) queued
+        a job: it would see it only at its safety pass otherwise."""
+        while True:
+            await queued.wait()
+            queued = self._queued.next()
+            self.job_available()
 
     async def stop_dispatching(self) -> None:
         """Claim no more jobs: the first step of a shutdown, so that nothing new is started

@@ -18,7 +18,7 @@ from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
 from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.models import Job, JobSource, utcnow
-from comfyfleet.jobs.repository import BacklogLimits, JobRepository
+from comfyfleet.jobs.repository import BacklogLimits, JobRepository, KeyClaim
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -48,13 +48,13 @@ async def accept_graph(
     `backlog` of the key or of the service is full), and KeyInFlight while another request
     under the same idempotency key is being answered."""
     async with in_flight.holding(repository, JobSource.GRAPH, request.api_key_hash,
-                                 request.idempotency_key):
-        return await _accept(repository, assets, fleet, request, backlog)
+                                 request.idempotency_key) as claim:
+        return await _accept(repository, assets, fleet, request, backlog, claim)
 
 
 async def _accept(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
-    request: GraphRequest, backlog: BacklogLimits | None,
+    request: GraphRequest, backlog: BacklogLimits | None, claim: KeyClaim | None,
 ) -> tuple[Job, bool]:
     labels = checked_labels(request.metadata)
     graph = check_graph(request.graph, fleet)
@@ -72,11 +72,11 @@ async def _accept(
         api_key_hash=request.api_key_hash,
         callback_url=request.callback_url,
     )
-    stored, created = await admission.insert(repository, job, backlog)
+    stored, created = await admission.insert(repository, job, backlog, claim)
     if (not created and stored.source == JobSource.GRAPH
             and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
         await repository.release_client_task_id(stored)  # the key expired: a new request
-        stored, created = await admission.insert(repository, job, backlog)
+        stored, created = await admission.insert(repository, job, backlog, claim)
     if not created and not _same_request(stored, job):
         raise IdempotencyConflict(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from comfyfleet.intake.errors import KeyInFlight
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import JobRepository, KeyClaim
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +24,24 @@ RETRY_AFTER = 1
 
 @asynccontextmanager
 async def holding(repository: JobRepository, scope: str, api_key_hash: str | None,
-                  key: str | None) -> AsyncIterator[None]:
+                  key: str | None) -> AsyncIterator[KeyClaim | None]:
     """Hold `key` (of the caller `api_key_hash`, among the keys of `scope`) while the block
-    runs; KeyInFlight when another request holds it. No key: nothing to hold."""
+    runs, unless a job the block stores under it takes the claim it yields along (see
+    JobRepository.insert); KeyInFlight when another request holds it. No key: nothing to
+    hold (None)."""
     if key is None:
-        yield
+        yield None
         return
-    token = await repository.claim_key(api_key_hash, scope, key, HOLD_SECONDS)
-    if token is None:
+    claim = await repository.claim_key(api_key_hash, scope, key, HOLD_SECONDS)
+    if claim is None:
         raise KeyInFlight(f"a request under Idempotency-Key {key!r} is still in flight; "
                           f"retry once it is answered", RETRY_AFTER)
     try:
-        yield
+        yield claim
     finally:
-        try:
-            await repository.release_key(api_key_hash, scope, key, token)
-        except Exception:  # the database went away: the hold lapses after HOLD_SECONDS
-            log.warning("could not let go of an Idempotency-Key; it is held for up to %g s",
-                        HOLD_SECONDS, exc_info=True)
+        if claim.held:
+            try:
+                await repository.release_key(claim)
+            except Exception:  # the database went away: the hold lapses after HOLD_SECONDS
+                log.warning("could not let go of an Idempotency-Key; it is held for up to "
+                            "%g s", HOLD_SECONDS, exc_info=True)

@@ -67,6 +67,18 @@ class Tenant:
         return col(Job.api_key_hash).is_not_distinct_from(self.api_key_hash)
 
 
+@dataclass
+class KeyClaim:
+    """A request's claim on an idempotency key (`claim_key`): `held` until let go of
+    (`release_key`), or until the job stored under the key took it along (`insert`)."""
+
+    tenant: str  # the API key's digest, '' without keys
+    scope: str
+    key: str
+    token: str
+    held: bool = True
+
+
 class QueuedJob(NamedTuple):
     """What a claim looks at to choose a job."""
 
@@ -149,10 +161,11 @@ class JobRepository:
         self._on_change = on_change or (lambda _: None)
 
     async def insert(
-        self, job: Job, *, backlog: BacklogLimits | None = None
+        self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
     ) -> tuple[Job, bool]:
         """Store a new job; with a `client_task_id` already taken (by a job of the same API key
-        and source), the existing job instead.
+        and source), the existing job instead. A job stored lets go of `claim`, the request's
+        on its idempotency key, in the same statement (no round trip of its own).
 
         Returns the job and whether it was created. With `backlog`, raises QueueFull when the
         job's API key, or the service, already has that many jobs queued (a repeat of an
@@ -164,15 +177,19 @@ class JobRepository:
         status = JobStatus(job.status)
         delivery = await deliveries.delivery_row(job, f"job.{status}") if status.terminal \
             else None
+        held = (claim.tenant, claim.scope, claim.key, claim.token) if claim is not None \
+            else (None, None, None, None)
         async with driver_connection(self.engine) as connection:
             if backlog is None:
                 created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                    delivery)
+                                                    delivery, *held)
             else:
                 async with connection.transaction():
                     await _check_backlog(connection, job, backlog)
                     created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                        delivery)
+                                                        delivery, *held)
+            if created is not None and claim is not None:
+                claim.held = False  # committed with the job
             if created is None:
                 existing = await connection.fetchrow(
                     _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash, job.source)
@@ -188,20 +205,22 @@ class JobRepository:
             ).values(client_task_id=None))
 
     async def claim_key(self, tenant: str | None, scope: str, key: str, seconds: float
-                        ) -> str | None:
+                        ) -> KeyClaim | None:
         """Claim the idempotency key `key` of the API key whose digest is `tenant` among the
-        keys of `scope` for `seconds` (a request in flight under it); the claim's token, or
-        None while another's claim holds."""
-        token = str(uuid.uuid4())
+        keys of `scope` for `seconds` (a request in flight under it); the claim, or None
+        while another's claim holds."""
+        claim = KeyClaim(tenant or "", scope, key, str(uuid.uuid4()))
         async with driver_connection(self.engine) as connection:
-            claimed = await connection.fetchval(_SQL["claim_key"], tenant or "", scope, key,
-                                                token, seconds)
-        return token if claimed else None
+            claimed = await connection.fetchval(_SQL["claim_key"], claim.tenant, scope, key,
+                                                claim.token, seconds)
+        return claim if claimed else None
 
-    async def release_key(self, tenant: str | None, scope: str, key: str, token: str) -> None:
-        """Let go of the claim `token` on a key (claim_key)."""
+    async def release_key(self, claim: KeyClaim) -> None:
+        """Let go of `claim` (claim_key), if the holder still has it."""
         async with driver_connection(self.engine) as connection:
-            await connection.execute(_SQL["release_key"], tenant or "", scope, key, token)
+            await connection.execute(_SQL["release_key"], claim.tenant, claim.scope, claim.key,
+                                     claim.token)
+        claim.held = False
 
     async def reusable(self, fingerprint: str, api_key_hash: str | None) -> Job | None:
         """The latest job that ran the work `fingerprint` names and succeeded, among those the

@@ -17,14 +17,20 @@
 -- name: insert
 -- Store the job $1 unless its client_task_id is taken (by a job of the same API key and
 -- source: a key is one caller's and one API's); with $2, a webhook_deliveries row, that
--- delivery too (a job stored already ended). Returns the job's id, no row when the
--- client_task_id was taken (nothing is written then).
+-- delivery too (a job stored already ended). When the job is stored, the claim of holder $6
+-- on the idempotency key $5 of $3 among the keys of $4 (`claim_key`; nulls: none) goes with
+-- the same statement: from its commit a retry finds the job. Returns the job's id, no row
+-- when the client_task_id was taken (nothing is written then, the claim is kept).
 WITH stored AS (
     INSERT INTO jobs
     SELECT * FROM jsonb_populate_record(NULL::jobs, $1::jsonb)
     ON CONFLICT ((coalesce(api_key_hash, '')), source, client_task_id)
         WHERE client_task_id IS NOT NULL DO NOTHING
     RETURNING id
+), released AS (
+    DELETE FROM idempotency_claims
+    WHERE tenant = $3::text AND scope = $4::text AND key = $5::text AND token = $6::text
+      AND EXISTS (SELECT FROM stored)
 )
 SELECT stored.id FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
 

@@ -1,12 +1,15 @@
 """The job statements that run for every job or at every periodic pass (sql/jobs.sql): each
 walks an index however many jobs there are, planned as a pooled connection plans a statement
-it has prepared once it settles on the generic plan; and the statements that write a job with
-its webhook write the outbox row exactly when they write the job, and wake the workers."""
+it has prepared once it settles on the generic plan; the statements that write a job with
+its webhook write the outbox row exactly when they write the job, and wake the workers; a job
+joining the backlog wakes every process's dispatcher; a job stored under an idempotency key
+lets go of the request's claim on it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import asyncpg
@@ -15,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from comfyfleet import sql
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
-from comfyfleet.jobs.repository import BacklogLimits, JobRepository
+from comfyfleet.jobs.repository import BacklogLimits, Choice, JobRepository
+from comfyfleet.peers import QUEUED_CHANNEL
 from tests.test_dashboard_queries import SCANNED, scans
 
 # The named statements of sql/jobs.sql that a job's life or a periodic pass runs and that
@@ -140,5 +144,94 @@ async def test_a_webhook_row_is_written_with_the_job_on_every_path(engine: Async
                                            status=JobStatus.RUNNING) is not None
         assert await outbox(unsubscribed) == []
         assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 4
+    finally:
+        await db.close()
+
+
+async def test_a_job_joining_the_backlog_notifies_once_per_transaction(
+    engine: AsyncEngine
+) -> None:
+    """Stored queued, requeued, released: each wakes the listeners; a write that queues no
+    job (a claim, progress, an end, a job stored already ended) does not; however many jobs
+    one transaction queues, it notifies once."""
+    repository = JobRepository(engine)
+    db = await asyncpg.connect(driver_url(engine))
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await db.add_listener(QUEUED_CHANNEL, lambda *notice: heard.put_nowait(notice[3]))
+
+    async def notices() -> int:
+        """How many notifications came of what was committed since the last call."""
+        await db.execute(f"NOTIFY {QUEUED_CHANNEL}, 'mark'")  # delivered after those before
+        count = 0
+        async with asyncio.timeout(10):
+            while await heard.get() != "mark":
+                count += 1
+        return count
+
+    def pick_first(queued: list[Any]) -> Choice:
+        return Choice(queued[0].id, charge=1.0)
+
+    try:
+        await db.execute("INSERT INTO backends (name, url) VALUES ('gpu', 'x')")
+        job, _ = await repository.insert(Job(workflow="invert", prompt={"1": {}}))
+        assert await notices() == 1
+        await repository.insert(Job(workflow="invert", status=JobStatus.SUCCEEDED,
+                                    finished_at=utcnow()))
+        assert await notices() == 0
+
+        claimed = await repository.claim_next("gpu", "p1", max_inflight=1, pick=pick_first)
+        assert claimed is not None and claimed.id == job.id
+        assert await notices() == 0
+        released = await repository.release(claimed)
+        assert released is not None and released.status == JobStatus.QUEUED
+        assert await notices() == 1
+
+        claimed = await repository.claim_next("gpu", "p2", max_inflight=1, pick=pick_first)
+        assert claimed is not None
+        running = await repository.transition(claimed, {JobStatus.DISPATCHED},
+                                              status=JobStatus.RUNNING, progress=0.5)
+        assert running is not None and await notices() == 0
+        assert await repository.requeue(running) is not None
+        assert await notices() == 1
+
+        await db.execute("UPDATE jobs SET status = 'running'")
+        assert await notices() == 0
+        await db.execute("UPDATE jobs SET status = 'queued'")  # two jobs, one transaction
+        assert await notices() == 1
+    finally:
+        await db.close()
+
+
+async def test_a_job_stored_under_a_key_takes_the_claim_on_it_along(
+    engine: AsyncEngine
+) -> None:
+    """The insert that stores the job lets go of the request's claim on its key (no round
+    trip of its own); one that finds the key taken keeps the claim, for its holder to let go
+    of."""
+    repository = JobRepository(engine)
+    db = await asyncpg.connect(driver_url(engine))
+
+    async def claims() -> int:
+        count: int = await db.fetchval("SELECT count(*) FROM idempotency_claims")
+        return count
+
+    try:
+        claim = await repository.claim_key("tenant", "graph", "k1", 60)
+        assert claim is not None and await claims() == 1
+        assert await repository.claim_key("tenant", "graph", "k1", 60) is None
+        job = Job(workflow="invert", client_task_id="k1", api_key_hash="tenant",
+                  source="graph")
+        stored, created = await repository.insert(job, claim=claim)
+        assert created and not claim.held and await claims() == 0
+
+        again = await repository.claim_key("tenant", "graph", "k1", 60)
+        assert again is not None
+        repeat = job.model_copy(update={"id": uuid.uuid4()})
+        found, created = await repository.insert(repeat, backlog=BacklogLimits(None, 100),
+                                                 claim=again)
+        assert (found.id, created) == (stored.id, False)
+        assert again.held and await claims() == 1
+        await repository.release_key(again)
+        assert not again.held and await claims() == 0
     finally:
         await db.close()

@@ -185,8 +185,9 @@ class Dispatcher:
         fair_share: bool = True,
     ) -> None:
         self._repository = repository
-        # Events wake the loop; this pass of its own catches what no event here announces
-        # (jobs submitted to another process, slots freed there).
+        # Events wake the loop (a job queued through any process too: the fleet hears the
+        # database's notice); this pass of its own catches what none announces (a slot freed
+        # in another process).
         self._safety_pass_seconds = safety_pass_seconds
         self._owner = owner  # this process's ProcessLease id, recorded on what it claims
         self._run_times = run_times

@@ -5,11 +5,13 @@ each what the others did:
 - the fleet: every write to the `backends` table notifies FLEET_CHANNEL (a trigger, migration
   0025), so each process takes up a backend added, drained, enabled or removed through another
   at once (`fleet` beats; Fleet follows the table);
-- the backlog: a job stored queued or put back in the backlog notifies QUEUED_CHANNEL (a
-  trigger, migration 0027; once per transaction), so that every process's dispatcher claims
-  it at once, not at its next safety pass (`queued` beats; Fleet wakes its dispatcher, and
-  however many beat while it claims, it claims once more). A process hears its own too: the
-  wake-up coincides with the one it gave its dispatcher itself;
+- the backlog: so that every process's dispatcher claims a job as it is queued, not at its
+  next safety pass, a job put back in the backlog (requeued, released) notifies
+  QUEUED_CHANNEL (a trigger, migration 0027; once per transaction), and each process tells
+  the jobs submitted to it (the beats of `queued_here`) at once, however many while one
+  notification is on its way in the next one, carrying its id: a NOTIFY in each submit's
+  transaction would serialise their commits. The others hear both as `queued` (Fleet wakes
+  its dispatcher; however many beat while it claims, it claims once more);
 - the jobs: each process forwards the beats of its own JobNotices.here to JOBS_CHANNEL, at most
   one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
   would serialise the commits of every process), and hears the others' as
@@ -24,10 +26,9 @@ import asyncio
 import logging
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.db import listening
+from comfyfleet.db import driver_connection, listening
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.pulse import Pulse
 
@@ -51,30 +52,39 @@ class PeerChanges:
         self._process = str(process)
         # Beats when another process (or this one) changed the fleet's table.
         self.fleet = Pulse()
-        # Beats when any process (this one too) queued a job.
+        # Beats when another process queued a job (or any put one back).
         self.queued = Pulse()
+        # Beaten by this process when it queued a job: the others are told.
+        self.queued_here = Pulse()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._forward())]
+        self._tasks = [
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._forward(self._notices.here, JOBS_CHANNEL,
+                                              FORWARD_SECONDS)),
+            asyncio.create_task(self._forward(self.queued_here, QUEUED_CHANNEL, 0.0)),
+        ]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _forward(self) -> None:
-        changed = self._notices.here.next()
+    async def _forward(self, here: Pulse, channel: str, pause: float) -> None:
+        """Tell the other processes of the beats of `here` on `channel`, at most once every
+        `pause` seconds, and never more than one notification at a time."""
+        changed = here.next()
         while True:
             await changed.wait()
-            changed = self._notices.here.next()  # what changes from now on is told next time
+            changed = here.next()  # what changes from now on is told next time
             try:
-                async with self._engine.begin() as connection:
-                    await connection.execute(text("SELECT pg_notify(:channel, :process)"),
-                                             {"channel": JOBS_CHANNEL, "process": self._process})
+                async with driver_connection(self._engine) as connection:
+                    await connection.execute("SELECT pg_notify($1, $2)", channel,
+                                             self._process)
             except Exception as exc:  # the database is away: its listeners re-read on return
-                log.warning("telling other processes that jobs changed: %s", exc)
-            await asyncio.sleep(FORWARD_SECONDS)
+                log.warning("telling other processes on %s: %s", channel, exc)
+            await asyncio.sleep(pause)
 
     async def _listen(self) -> None:
         while True:
@@ -89,9 +99,11 @@ class PeerChanges:
         def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
             if channel == FLEET_CHANNEL:
                 self.fleet.beat()
+            elif payload == self._process:
+                pass  # its own: this process knows
             elif channel == QUEUED_CHANNEL:
                 self.queued.beat()
-            elif payload != self._process:
+            else:
                 self._notices.changed_elsewhere()
 
         async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL, QUEUED_CHANNEL],

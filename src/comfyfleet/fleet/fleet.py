@@ -87,16 +87,19 @@ class Fleet:
         registry: BackendRegistry,
         registry_changed: Pulse,
         queued: Pulse,
+        queued_here: Pulse,
         catalog: Catalog,
     ) -> None:
         """`backends` are the configured ones; the registry may hold more, and
-        `registry_changed` beats when any process changed it; `queued` beats when any process
-        queued a job (or put one back in the backlog). The `catalog` is told what each
+        `registry_changed` beats when any process changed it; `queued` beats when another process
+        queued a job (or any put one back in the backlog), and this one beats `queued_here`
+        when a job was submitted here (`job_submitted`). The `catalog` is told what each
         backend reports of its nodes, to type workflow parameters; `waiters` hear of every
         job that ends here."""
         self._registry = registry
         self._registry_changed = registry_changed
         self._queued = queued
+        self._queued_here = queued_here
         self._catalog = catalog
         self._repository = repository
         self._node_token = tuning.node_token
@@ -155,6 +158,11 @@ class Fleet:
 
     async def backend_disconnected(self, session: BackendSession) -> None:
         await self.tracker.on_disconnect(session)
+
+    def job_submitted(self) -> None:
+        """A job was submitted here: let this process's dispatcher and the others' look now."""
+        self.job_available()
+        self._queued_here.beat()
 
     def job_available(self) -> None:
         """A job was queued, or a backend began taking work: let the dispatcher look now."""
@@ -219,8 +227,8 @@ class Fleet:
                 freed = None
 
     async def _follow_backlog_forever(self, queued: asyncio.Event) -> None:
-        """Wake the dispatcher whenever a process (another's submit, a requeue there) queued
-        a job: it would see it only at its safety pass otherwise."""
+        """Wake the dispatcher whenever another process queued a job (a submit, a requeue
+        there): it would see it only at its safety pass otherwise."""
         while True:
             await queued.wait()
             queued = self._queued.next()

@@ -105,7 +105,7 @@ async def submit_job(
         raise V2Error(429, "queue_full", str(exc), details=exc.details(),
                       headers={"Retry-After": str(exc.retry_after)}) from exc
     if created:
-        svc.fleet.job_available()
+        svc.fleet.job_submitted()
     else:
         response.headers["Idempotency-Replayed"] = "true"
     return await render.job_object(svc, job, render.origin(request))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from typing import Any
 
@@ -21,6 +22,22 @@ from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, Choice, JobRepository
 from comfyfleet.peers import QUEUED_CHANNEL
 from tests.test_dashboard_queries import SCANNED, scans
+
+# A process reading a job back before any other work (a restart recovering the jobs on its
+# backends): the status of the job with id argv[2] in the database argv[1].
+READ_BACK = """
+import asyncio, sys, uuid
+from comfyfleet.db import make_engine
+from comfyfleet.jobs.repository import JobRepository
+
+async def main() -> None:
+    engine = make_engine(sys.argv[1])
+    job = await JobRepository(engine).get(uuid.UUID(sys.argv[2]))
+    await engine.dispose()
+    print(job.status if job is not None else None)
+
+asyncio.run(main())
+"""
 
 # The named statements of sql/jobs.sql that a job's life or a periodic pass runs and that
 # read or write jobs beyond one by its id.
@@ -234,3 +251,15 @@ async def test_a_job_stored_under_a_key_takes_the_claim_on_it_along(
         assert not again.held and await claims() == 0
     finally:
         await db.close()
+
+
+async def test_a_fresh_process_reads_a_job_back_before_any_orm_work(engine: AsyncEngine) -> None:
+    """The jobs the hot path returns are built past the ORM's constructor; their fields read
+    in a process that has not configured the ORM's mappers by any other work."""
+    stored, _ = await JobRepository(engine).insert(Job(workflow="invert"))
+    url = engine.url.render_as_string(hide_password=False)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", READ_BACK, url, str(stored.id),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert out.decode() == "queued\n", err.decode()[-2000:]

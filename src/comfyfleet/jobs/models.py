@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Column, DateTime, String
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
 
@@ -106,6 +107,13 @@ class Job(SQLModel, table=True):
     # How many jobs queued after it were dispatched first (cache-aware placement), at most
     # AFFINITY_WINDOW.
     overtaken: int = 0
+
+
+# The hot path builds jobs with Job.model_construct (jobs/repository.py, intake), past the ORM's
+# constructor, which is what configures the mappers on a first use; and a job's fields cannot
+# be read before they are. A process may build one before any ORM work (a restart reading back
+# the jobs on its backends), so they are configured once here.
+configure_mappers()
 
 
 def reused_outputs(source: Job) -> dict[str, Any]:

@@ -193,7 +193,7 @@ class JobRepository:
             if created is None:
                 existing = await connection.fetchrow(
                     _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash, job.source)
-                return Job(**dict(existing.items())), False
+                return _job(existing), False
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return job, True
 
@@ -549,18 +549,26 @@ async def lock_backend(session: AsyncSession, backend: str) -> None:
 
 
 def _job(row: Mapping[str, Any]) -> Job:
-    """A job from a row of fixed SQL (`comfyfleet.sql`), ids as plain UUIDs."""
+    """A job from a row of fixed SQL (`comfyfleet.sql`), ids as plain UUIDs.
+
+    Built without `Job(...)`: a table model's constructor sets each field through SQLAlchemy's
+    instrumentation (a tenth of a millisecond a job), and the row is our own database's, in
+    the shapes the model holds (JSONB decoded by the connection's codec, timestamps aware,
+    status as text). So the job is a plain model, not an ORM instance: nothing adds it to a
+    session (the ORM's reads load their own)."""
     values = {name: row[name] for name in _JOB_FIELDS}
     for name in ("id", "reused_from"):
         if values[name] is not None:
             values[name] = uuid.UUID(bytes=values[name].bytes)
-    return Job(**values)
+    return Job.model_construct(**values)
 
 
 def _changed(job: Job, row: Mapping[str, Any]) -> Job:
     """`job` as a fenced change left it: the columns a change may touch from `row` (its
-    RETURNING), the others as they were (`transition` returns the id too, for the outbox)."""
-    return Job(**(dict(row.items()) | {name: getattr(job, name) for name in _FIXED}))
+    RETURNING), the others as they were (`transition` returns the id too, for the outbox).
+    Built as `_job` builds a job, for the same reasons."""
+    return Job.model_construct(**(dict(row.items()) | {name: getattr(job, name)
+                                                      for name in _FIXED}))
 
 
 async def _check_backlog(

@@ -61,8 +61,11 @@ async def _accept(
     job_id = uuid.uuid4()
     prompt, files = await _resolve_assets(repository, assets, graph, job_id,
                                           request.api_key_hash)
-    job = Job(
+    # Built as the repository builds jobs from its rows (jobs/repository.py `_job`): the
+    # values are the intake's own, and Job(...) would only set them more slowly.
+    job = Job.model_construct(
         id=job_id,
+        created_at=utcnow(),
         source=JobSource.GRAPH,
         workflow=shape_label(graph),
         params=files,

@@ -24,7 +24,7 @@ from comfyfleet.intake.errors import (
     NoCapableBackend,
     StorageUnavailable,
 )
-from comfyfleet.jobs.models import Job, reused_outputs
+from comfyfleet.jobs.models import Job, reused_outputs, utcnow
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage, StorageError
@@ -88,8 +88,11 @@ async def accept(parts: Parts, submission: Submission) -> tuple[Job, bool]:
     if source is None:
         _check_capable(parts, prompt)
         records = await _store(parts, job_id, pictures)
-    job = Job(
+    # Built as the repository builds jobs from its rows (jobs/repository.py `_job`): the
+    # values are the intake's own, and Job(...) would only set them more slowly.
+    job = Job.model_construct(
         id=job_id,
+        created_at=utcnow(),
         workflow=workflow.name,
         params={**values, **records},
         prompt=prompt,

@@ -84,9 +84,9 @@ async def run(jobs: int, concurrency: int) -> dict[str, float]:
                 repository, outbox = JobRepository(engine), Outbox(engine)
 
                 async def store(_: int) -> Job:
-                    job, _created = await repository.insert(Job(
-                        workflow="invert", params=params, prompt=prompt,
-                        callback_url=CALLBACK))
+                    job, _created = await repository.insert(Job.model_construct(
+                        id=uuid.uuid4(), created_at=utcnow(), workflow="invert",
+                        params=params, prompt=prompt, callback_url=CALLBACK))
                     return job
 
                 async def start(job: Job) -> Job | None:

@@ -23,18 +23,23 @@ from comfyfleet.jobs.repository import BacklogLimits, Choice, JobRepository
 from comfyfleet.peers import QUEUED_CHANNEL
 from tests.test_dashboard_queries import SCANNED, scans
 
-# A process reading a job back before any other work (a restart recovering the jobs on its
-# backends): the status of the job with id argv[2] in the database argv[1].
+# A process reading a job back and leasing its webhook before any other work (a restart
+# recovering the jobs on its backends, its webhook worker starting): the status of the job
+# with id argv[2] in the database argv[1], and the events of the deliveries it leases.
 READ_BACK = """
 import asyncio, sys, uuid
+from datetime import timedelta
 from comfyfleet.db import make_engine
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.webhooks.outbox import Outbox
 
 async def main() -> None:
     engine = make_engine(sys.argv[1])
     job = await JobRepository(engine).get(uuid.UUID(sys.argv[2]))
+    leased = await Outbox(engine).claim(limit=10, per_host=10, busy={},
+                                        lease=timedelta(seconds=60))
     await engine.dispose()
-    print(job.status if job is not None else None)
+    print(job.status if job is not None else None, [delivery.event_type for delivery in leased])
 
 asyncio.run(main())
 """
@@ -254,12 +259,14 @@ async def test_a_job_stored_under_a_key_takes_the_claim_on_it_along(
 
 
 async def test_a_fresh_process_reads_a_job_back_before_any_orm_work(engine: AsyncEngine) -> None:
-    """The jobs the hot path returns are built past the ORM's constructor; their fields read
-    in a process that has not configured the ORM's mappers by any other work."""
-    stored, _ = await JobRepository(engine).insert(Job(workflow="invert"))
+    """The jobs and deliveries the hot path returns are built past the ORM's constructor;
+    their fields read in a process that has not configured the ORM's mappers by other work."""
+    repository = JobRepository(engine)
+    stored, _ = await repository.insert(Job(workflow="invert", callback_url=CALLBACK))
+    assert await repository.finish(stored, JobStatus.CANCELLED, {JobStatus.QUEUED}) is not None
     url = engine.url.render_as_string(hide_password=False)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", READ_BACK, url, str(stored.id),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert out.decode() == "queued\n", err.decode()[-2000:]
+    assert out.decode() == "cancelled ['job.cancelled']\n", err.decode()[-2000:]

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
 from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
@@ -40,6 +41,11 @@ def _timestamp(nullable: bool) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
 
 
+def new_message_id() -> str:
+    """A delivery's `webhook-id`."""
+    return "msg_" + uuid.uuid4().hex
+
+
 class Delivery(SQLModel, table=True):
     __tablename__ = "webhook_deliveries"
 
@@ -47,7 +53,7 @@ class Delivery(SQLModel, table=True):
     job_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("jobs.id"), nullable=False))
     event_type: str
     # `webhook-id`: the same on every attempt, so receivers can deduplicate.
-    message_id: str = Field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
+    message_id: str = Field(default_factory=new_message_id)
     url: str
     # host:port, the unit of the per-receiver concurrency limit.
     host: str
@@ -89,6 +95,11 @@ class DeliveryAttempt(SQLModel, table=True):
     response_snippet: str | None = None
 
 
+# Deliveries are built with Delivery.model_construct on the hot path, as jobs are (see
+# jobs/models.py): their mappers are configured here, for the same reason.
+configure_mappers()
+
+
 def receiver_host(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -114,8 +125,11 @@ async def delivery_row(job: Job, event_type: str) -> str | None:
     now = utcnow()
     event = {"type": event_type, "timestamp": now.isoformat(),
              "data": await job_json(job, _no_url)}
-    return Delivery(
-        job_id=job.id, event_type=event_type, url=job.callback_url,
+    # Built past the ORM's constructor, every factory's value given: see jobs/repository.py
+    # `_job`.
+    return Delivery.model_construct(
+        id=uuid.uuid4(), message_id=new_message_id(), job_id=job.id, event_type=event_type,
+        url=job.callback_url,
         host=receiver_host(job.callback_url), payload=event, pending_since=now,
         next_attempt_at=now, created_at=now,
     ).model_dump_json()

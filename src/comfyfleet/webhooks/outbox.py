@@ -92,7 +92,8 @@ class Outbox:
                 per_host, now + lease, uuid.uuid4())
         first = rows[0]
         kept = frozenset(uuid.UUID(bytes=found.bytes) for found in first["kept"] or ())
-        leased = [Delivery(**{name: row[name] for name in _DELIVERY_FIELDS})
+        # Built as jobs are from their rows (jobs/repository.py `_job`).
+        leased = [Delivery.model_construct(**{name: row[name] for name in _DELIVERY_FIELDS})
                   for row in rows if row["id"] is not None]
         return Pass(leased, kept, first["next_due"])
 

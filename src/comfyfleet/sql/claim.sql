@@ -114,7 +114,10 @@ WITH chosen AS (
 )
 UPDATE jobs
 SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
-    attempts = attempts + 1, dispatched_at = now(), started_at = NULL, uploading_at = NULL,
+    -- The statement's time, not the transaction's: the claim may have begun before the job
+    -- it takes was submitted.
+    attempts = attempts + 1, dispatched_at = statement_timestamp(), started_at = NULL,
+    uploading_at = NULL,
     progress = 0, charged_seconds = $6
 FROM chosen
 WHERE jobs.id = chosen.id

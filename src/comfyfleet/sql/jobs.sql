@@ -84,7 +84,7 @@ RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispa
 -- claim and move committed before.
 UPDATE jobs
 SET status = 'dispatched', backend = $4, prompt_id = $5, dispatched_by = $6,
-    dispatched_at = now(), started_at = NULL, progress = 0, progress_detail = NULL,
+    dispatched_at = statement_timestamp(), started_at = NULL, progress = 0, progress_detail = NULL,
     outputs = '[]'
 WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND status IN ('dispatched', 'running')

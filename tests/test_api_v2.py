@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -260,6 +261,70 @@ async def test_cancel_a_running_job(v2: str) -> None:
         await job.wait(timeout=10)
         assert job.status == "canceled"
         assert job.error is not None and job.error.code == "canceled"
+
+
+async def rows_holding(engine: AsyncEngine, secret: str) -> list[str]:
+    """The tables of the test's database with a row whose text holds `secret`."""
+    found = []
+    async with engine.connect() as connection:
+        tables = (await connection.execute(text(
+            "SELECT schemaname, tablename FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"))).all()
+        for schema, table in tables:
+            count = (await connection.execute(text(
+                f'SELECT count(*) FROM "{schema}"."{table}" AS row WHERE row::text LIKE :like'),
+                {"like": f"%{secret}%"})).scalar_one()
+            if count:
+                found.append(f"{schema}.{table}")
+    assert tables
+    return found
+
+
+async def test_the_partner_key_reaches_the_backend_with_the_prompt_and_is_stored_nowhere(
+    v2: str, sim_urls: list[str], engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK's `api_key` (extra_data.api_key_comfy_org) is in the prompt ComfyUI runs, and
+    in no row, answer or log line of the gateway's."""
+    caplog.set_level(logging.INFO)
+    partner_key = f"partner-{uuid.uuid4().hex}"
+    async with AsyncComfy() as client, aiohttp.ClientSession() as http:
+        job = await client.submit(client.workflows.from_json(work(seconds=60.0, steps=60)),
+                                  api_key=partner_key)
+        async with asyncio.timeout(30):
+            async for event in job.events():
+                if isinstance(event, StatusChange) and event.status == "running":
+                    break
+        async with http.get(f"{v2}/api/v1/jobs/{job.id}") as response:
+            ours = await response.json()
+        sim = sim_urls[int(ours["backend"].removeprefix("gpu"))]
+        async with http.get(f"{sim}/queue") as response:
+            (running,) = (await response.json())["queue_running"]
+        answers = [json.dumps(ours)]
+        for path in ("", "/workflow"):
+            async with http.get(f"{v2}/api/v2/jobs/{job.id}{path}") as response:
+                answers.append(await response.text())
+        await job.cancel()
+        await job.wait(timeout=10)
+    assert running[1] == ours["prompt_id"]
+    assert running[3]["api_key_comfy_org"] == partner_key
+    assert not [answer for answer in answers if partner_key in answer]
+    assert await rows_holding(engine, partner_key) == []
+    assert job.id in caplog.text  # the gateway's log lines about the job were read
+    assert partner_key not in caplog.text
+
+
+async def test_extra_data_is_the_contracts_closed_object(v2: str) -> None:
+    """Only `api_key_comfy_org`, a string; nothing the contract does not name is forwarded."""
+    graph = invert(8, 0)
+    async with aiohttp.ClientSession() as http:
+        for extra_data in ({}, {"api_key_comfy_org": 7}, {"api_key_comfy_org": None},
+                           {"api_key_comfy_org": "k", "extra_pnginfo": {}}, "k"):
+            async with http.post(f"{v2}/api/v2/jobs",
+                                 json={"workflow": graph, "extra_data": extra_data}) as response:
+                body = await response.json()
+            assert response.status == 422, (extra_data, body)
+            assert body["error"]["code"] == "invalid_request"
+            assert "extra_data" in body["error"]["message"]
 
 
 async def test_invalid_and_ui_format_graphs_are_422_with_node_details(v2: str) -> None:

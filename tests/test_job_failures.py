@@ -20,6 +20,7 @@ from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.fleet.registry import BackendRegistry
+from comfyfleet.jobs.extra_data import HeldExtraData
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -36,7 +37,7 @@ class KeptEndings(Endings):
     """The endings of a collector run alone, kept to be read."""
 
     def __init__(self) -> None:
-        super().__init__([], JobWaiters())
+        super().__init__([], JobWaiters(), HeldExtraData(1))
         self.told: list[Job] = []
 
     def tell(self, event: JobEnded) -> None:

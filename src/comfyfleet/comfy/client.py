@@ -62,9 +62,14 @@ class ComfyClient:
             raise ComfyError(f"{method} {path}: {exc!r}") from exc
 
     async def queue_prompt(
-        self, prompt: dict[str, Any], *, prompt_id: str, client_id: str
+        self, prompt: dict[str, Any], *, prompt_id: str, client_id: str,
+        extra_data: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        body = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        """`extra_data`: what ComfyUI passes to the nodes with the prompt (a partner-node
+        key); it adds `client_id` there itself."""
+        body: dict[str, Any] = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
         try:
             async with self.session.post(
                 self._url("/prompt"), json=body, timeout=DEFAULT_TIMEOUT

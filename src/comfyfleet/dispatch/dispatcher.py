@@ -37,6 +37,7 @@ from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker, PromptRun
 from comfyfleet.execution.warm import PromptKeys
+from comfyfleet.jobs.extra_data import EXTRA_DATA_LOST, ExtraData, HeldExtraData
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import (
     CLAIM_BATCH,
@@ -181,10 +182,12 @@ class Dispatcher:
         node_costs: NodeCosts,
         affinity_window: int,
         owner: int,
+        extra_data: HeldExtraData,
         safety_pass_seconds: float,
         fair_share: bool = True,
     ) -> None:
         self._repository = repository
+        self._extra_data = extra_data  # of the jobs accepted here: sent with their prompts
         # Events wake the loop (a job queued through any process too: the fleet hears the
         # database's notice); this pass of its own catches what none announces (a slot freed
         # in another process).
@@ -510,7 +513,7 @@ class Dispatcher:
         # Most prompts could not gain enough even on an infinitely fast backend: this pass
         # costs one look at each prompt, and a look at each target only for those that could.
         prospects = [prospect for run in self._tracker.movable_runs()
-                     if (prospect := self._prospect(run)) is not None
+                     if self._sendable(run.job) and (prospect := self._prospect(run)) is not None
                      and prospect.left > MOVE_MIN_GAIN]
         if not prospects:
             return
@@ -531,6 +534,11 @@ class Dispatcher:
                     best = (gain, prospect, target)
         if best is not None:
             await self._move(best[1].run, best[2])
+
+    def _sendable(self, job: Job) -> bool:
+        """Whether this process can send `job`'s prompt: not one whose extra_data another
+        process held (this one follows it after taking it over)."""
+        return job.extra_data_holder is None or self._extra_data.get(job.id) is not None
 
     def _prospect(self, run: PromptRun) -> Prospect | None:
         """How long `run` has left where it is, by what its nodes and those of the prompts
@@ -614,10 +622,17 @@ class Dispatcher:
     async def _submit(self, session: BackendSession, job: Job) -> None:
         assert job.prompt_id is not None
         prompt = isolate_outputs(job.prompt, job.prompt_id)
+        extra_data: ExtraData | None = None
+        if job.extra_data_holder is not None:
+            extra_data = self._extra_data.get(job.id)
+            if extra_data is None:  # never sent without it (the claim is the holder's only)
+                await self._fail_unsendable(job)
+                return
         try:
             await self._upload_inputs(session, job)
             await session.client.queue_prompt(
-                prompt, prompt_id=job.prompt_id, client_id=session.client_id
+                prompt, prompt_id=job.prompt_id, client_id=session.client_id,
+                extra_data=extra_data.values if extra_data is not None else None,
             )
         except PromptRejected as exc:
             self._tracker.forget(job.prompt_id)
@@ -652,6 +667,16 @@ class Dispatcher:
             return
         log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id,
                  extra=job_fields(job))
+
+    async def _fail_unsendable(self, job: Job) -> None:
+        assert job.prompt_id is not None
+        self._tracker.forget(job.prompt_id)
+        failed = await self._repository.finish(
+            job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
+                EXTRA_DATA_LOST, "this gateway process does not hold the job's extra_data "
+                "(never stored) and cannot send the job without it; submit it again"))
+        if failed is not None:
+            self._endings.tell(JobEnded(failed))
 
     async def _upload_inputs(self, session: BackendSession, job: Job) -> None:
         """Right before queueing: the job's input images into this backend's input folder."""

@@ -4,8 +4,9 @@ Whichever stage ends a job (the collector with its outputs, the tracker failing 
 dispatcher when a backend rejects the prompt, the fleet cancelling) tells `Endings` of it once,
 with a `JobEnded`. The fleet makes the one `Endings` of the process and hands it down to those
 stages; what an ending sets off lies below them all: the job's input files deleted from its
-backend, the metrics, and the requests waiting for the job (jobs/waiters.py). Webhooks need no
-telling: their row is written in the transaction that ends the job.
+backend, the metrics, the requests waiting for the job (jobs/waiters.py), and the extra_data
+held for it here forgotten (jobs/extra_data.py). Webhooks need no telling: their row is
+written in the transaction that ends the job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from comfyfleet import metrics
 from comfyfleet.comfy.cleanup import BackendFile
 from comfyfleet.execution.session import BackendSession
+from comfyfleet.jobs.extra_data import HeldExtraData
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.waiters import JobWaiters
 
@@ -29,10 +31,12 @@ class JobEnded:
 
 
 class Endings:
-    def __init__(self, sessions: Sequence[BackendSession], waiters: JobWaiters) -> None:
+    def __init__(self, sessions: Sequence[BackendSession], waiters: JobWaiters,
+                 extra_data: HeldExtraData) -> None:
         """`sessions` is the fleet's list of backends (they come and go)."""
         self._sessions = sessions
         self._waiters = waiters
+        self._extra_data = extra_data
         self._cleanups: set[asyncio.Task[None]] = set()
 
     def tell(self, event: JobEnded) -> None:
@@ -47,6 +51,7 @@ class Endings:
             task = asyncio.create_task(session.cleanup.delete(inputs))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
+        self._extra_data.forget(job.id)
         metrics.job_finished(job)
         self._waiters.finished(job)
 

@@ -39,6 +39,7 @@ from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.starts import UnrecordedStart
 from comfyfleet.execution.warm import PromptKeys
+from comfyfleet.jobs.extra_data import EXTRA_DATA_LOST, HeldExtraData
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
@@ -113,9 +114,11 @@ class ExecutionTracker:
         run_times: RunTimes,
         node_costs: NodeCosts,
         lease: ProcessLease,
+        extra_data: HeldExtraData,
     ) -> None:
         self._events = events
         self._lease = lease
+        self._extra_data = extra_data
         self._run_times = run_times
         self._node_costs = node_costs
         self._repository = repository
@@ -453,7 +456,10 @@ class ExecutionTracker:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                await self._take_over_orphans(sessions)
+                live = await self._lease.live()
+                await self._take_over_orphans(sessions, live)
+                await self._fail_extra_data_lost(live)
+                await self._forget_ended_elsewhere()
             except Exception:  # the database may be away; the next pass tries again
                 log.exception("looking for the jobs of stopped processes failed")
             for session in list(sessions):
@@ -485,20 +491,43 @@ class ExecutionTracker:
                 # failed late never took.
                 await self._lost(run.job, f"backend {session.name} does not have the prompt")
 
-    async def _take_over_orphans(self, sessions: Sequence[BackendSession]) -> None:
+    async def _take_over_orphans(self, sessions: Sequence[BackendSession], live: set[int]
+                                 ) -> None:
         """Follow the jobs a stopped gateway process left on backends that stay connected
-        (a reconnect would otherwise be the only moment they are looked at)."""
+        (a reconnect would otherwise be the only moment they are looked at); `live`: the
+        processes alive now."""
         connected = {session.name: session for session in sessions if session.connected}
         # Read only what no live process follows (nearly always nothing), and only where we
         # can look: a backend the stopped process alone knew is not ours.
-        unfollowed = await self._repository.on_backend(
-            unless_followed_by=await self._lease.live())
+        unfollowed = await self._repository.on_backend(unless_followed_by=live)
         reachable = [job for job in unfollowed if job.backend in connected]
         orphans = await self._ours(reachable, orphans_only=True)
         for name, session in connected.items():
             here = [job for job in orphans if job.backend == name]
             if here:
                 await self._reconcile(session, here)
+
+    async def _fail_extra_data_lost(self, live: set[int]) -> None:
+        """Fail the queued jobs whose extra_data went with a stopped process (any process
+        may: the fence lets one do it): they must not run without it, and nobody has it."""
+        for job in await self._repository.extra_data_lost(live):
+            failed = await self._repository.finish(
+                job, JobStatus.FAILED, {JobStatus.QUEUED}, error=job_error(
+                    EXTRA_DATA_LOST, "the gateway process that accepted the job, the only "
+                    "one holding its extra_data, stopped before the job could be sent to a "
+                    "backend (extra_data is never stored); submit it again"))
+            if failed is not None:
+                log.warning("job %s failed: its extra_data went with process %s", job.id,
+                            job.extra_data_holder, extra=job_fields(job))
+                self._endings.tell(JobEnded(failed))
+
+    async def _forget_ended_elsewhere(self) -> None:
+        """Forget the extra_data held here for jobs that another process ended (cancelled,
+        or followed to its end after taking it over)."""
+        held = self._extra_data.job_ids()
+        if held:
+            for job_id in await self._repository.ended_among(held):
+                self._extra_data.forget(job_id)
 
     async def _abandon(self, session: BackendSession) -> None:
         if session.name in self._abandoned:

@@ -24,6 +24,7 @@ from comfyfleet.execution.signals import DispatchSignals
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.fleet.registry import BackendExists, BackendRegistry
 from comfyfleet.fleet.waiting import WaitingReasons
+from comfyfleet.jobs.extra_data import HeldExtraData
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
@@ -112,8 +113,10 @@ class Fleet:
         self.sessions: list[BackendSession] = []
         # Asked of every queued job an answer shows; worked out once per change.
         self._waiting = WaitingReasons(self.sessions, self.changes)
+        # The v2 extra_data of the jobs accepted here, which only this process can send.
+        self.extra_data = HeldExtraData(lease.id)
         # Told by every stage that ends a job.
-        self._endings = Endings(self.sessions, waiters)
+        self._endings = Endings(self.sessions, waiters, self.extra_data)
         collector = Collector(repository, storage, tuning.key_prefix, self._endings)
         # Learned by the tracker, used for placement.
         self._run_times, node_costs = RunTimes(), NodeCosts()
@@ -121,12 +124,12 @@ class Fleet:
             repository, collector, max_attempts=tuning.max_attempts, endings=self._endings,
             signals=self._signals, grace_seconds=tuning.grace_seconds,
             quiet_seconds=tuning.quiet_seconds, events=events, run_times=self._run_times,
-            node_costs=node_costs, lease=lease)
+            node_costs=node_costs, lease=lease, extra_data=self.extra_data)
         self.dispatcher = Dispatcher(
             repository, self.sessions, self.tracker, storage, signals=self._signals,
             max_inflight=tuning.max_inflight, endings=self._endings,
             run_times=self._run_times, node_costs=node_costs,
-            affinity_window=tuning.affinity_window, owner=lease.id,
+            affinity_window=tuning.affinity_window, owner=lease.id, extra_data=self.extra_data,
             safety_pass_seconds=tuning.dispatch_interval, fair_share=tuning.fair_share)
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -17,6 +17,7 @@ from comfyfleet.intake import admission, in_flight, inputs
 from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
 from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
+from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
 from comfyfleet.jobs.models import Job, JobSource, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, JobRepository, KeyClaim
 
@@ -35,26 +36,30 @@ class GraphRequest:
     idempotency_key: str | None
     api_key_hash: str | None  # of the caller's API key; None without keys
     callback_url: str | None = None  # the caller's key's default: its webhook
+    extra_data: ExtraData | None = None  # held in memory, never stored (jobs/extra_data.py)
 
 
 async def accept_graph(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
-    request: GraphRequest, *, backlog: BacklogLimits | None,
+    request: GraphRequest, *, backlog: BacklogLimits | None, held: HeldExtraData,
 ) -> tuple[Job, bool]:
     """Check the graph against `fleet` (the capabilities of the backends known so far),
     resolve its asset references, and store the job, or find the earlier one with the same
-    key; returns it and whether it was created. Raises the checks' errors (InvalidLabels,
+    key; returns it and whether it was created. The request's extra_data is `held` for the
+    job it created, from before the job can be claimed (nothing for a repeat: the job it
+    finds runs, or ran, with the first request's). Raises the checks' errors (InvalidLabels,
     UiFormatGraph, InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the
     `backlog` of the key or of the service is full), and KeyInFlight while another request
     under the same idempotency key is being answered."""
     async with in_flight.holding(repository, JobSource.GRAPH, request.api_key_hash,
                                  request.idempotency_key) as claim:
-        return await _accept(repository, assets, fleet, request, backlog, claim)
+        return await _accept(repository, assets, fleet, request, backlog, claim, held)
 
 
 async def _accept(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
     request: GraphRequest, backlog: BacklogLimits | None, claim: KeyClaim | None,
+    held: HeldExtraData,
 ) -> tuple[Job, bool]:
     labels = checked_labels(request.metadata)
     graph = check_graph(request.graph, fleet)
@@ -74,12 +79,20 @@ async def _accept(
         client_task_id=request.idempotency_key,
         api_key_hash=request.api_key_hash,
         callback_url=request.callback_url,
+        extra_data_holder=held.holder if request.extra_data is not None else None,
     )
-    stored, created = await admission.insert(repository, job, backlog, claim)
-    if (not created and stored.source == JobSource.GRAPH
-            and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
-        await repository.release_client_task_id(stored)  # the key expired: a new request
+    if request.extra_data is not None:
+        held.hold(job_id, request.extra_data)  # the job may be claimed as its insert commits
+    created = False
+    try:
         stored, created = await admission.insert(repository, job, backlog, claim)
+        if (not created and stored.source == JobSource.GRAPH
+                and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
+            await repository.release_client_task_id(stored)  # the key expired: a new request
+            stored, created = await admission.insert(repository, job, backlog, claim)
+    finally:
+        if not created:
+            held.forget(job_id)
     if not created and not _same_request(stored, job):
         raise IdempotencyConflict(f"Idempotency-Key {request.idempotency_key!r} was used "
                                   f"before for a different request")

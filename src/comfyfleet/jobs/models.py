@@ -107,6 +107,9 @@ class Job(SQLModel, table=True):
     # How many jobs queued after it were dispatched first (cache-aware placement), at most
     # AFFINITY_WINDOW.
     overtaken: int = 0
+    # The gateway process holding the job's v2 extra_data in its memory (its ProcessLease
+    # id), the only one that may send it; null: none (jobs/extra_data.py).
+    extra_data_holder: int | None = None
 
 
 # The hot path builds jobs with Job.model_construct (jobs/repository.py, intake), past the ORM's

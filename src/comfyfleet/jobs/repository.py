@@ -265,7 +265,7 @@ class JobRepository:
         async with driver_connection(self.engine) as connection, connection.transaction():
             await connection.execute(_CLAIM["lock_backend"], backend)
             rows = await connection.fetch(_CLAIM["candidates"], backend, max_inflight,
-                                          self._max_concurrent, CLAIM_BATCH)
+                                          self._max_concurrent, CLAIM_BATCH, owner)
             if rows[0]["free"] <= 0:
                 return None
             choice = pick([
@@ -539,6 +539,19 @@ class JobRepository:
                 connection.fetch(_SQL["unfollowed"], list(unless_followed_by)) if backend is None
                 else connection.fetch(_SQL["on_backend"], backend))
         return [_job(row) for row in rows]
+
+    async def extra_data_lost(self, live: Iterable[int]) -> list[Job]:
+        """The queued jobs whose extra_data a process not among `live` held, which nobody can
+        send now (jobs/extra_data.py)."""
+        async with driver_connection(self.engine) as connection:
+            rows = await connection.fetch(_SQL["extra_data_lost"], list(live))
+        return [_job(row) for row in rows]
+
+    async def ended_among(self, job_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of `job_ids` that have ended."""
+        async with driver_connection(self.engine) as connection:
+            rows = await connection.fetch(_SQL["ended_among"], list(job_ids))
+        return {row["id"] for row in rows}
 
 
 async def lock_backend(session: AsyncSession, backend: str) -> None:

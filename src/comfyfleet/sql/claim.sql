@@ -20,7 +20,9 @@ SELECT pg_advisory_xact_lock(hashtext($1))
 -- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
 -- its tenant's start in virtual time and weight, and whether the tenant's backlog goes on
 -- past the rows read; one row of nulls but `free` without any. The jobs are locked SKIP
--- LOCKED, so processes claiming side by side never share one.
+-- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
+-- process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
+-- only its own and those of none.
 WITH RECURSIVE slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
@@ -66,6 +68,7 @@ FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
            row_number() OVER (ORDER BY priority DESC, created_at) AS place
     FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
           WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
+            AND (extra_data_holder IS NULL OR extra_data_holder = $5)
           ORDER BY priority DESC, created_at
           LIMIT heads.depth
           FOR UPDATE SKIP LOCKED) AS head

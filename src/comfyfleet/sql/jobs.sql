@@ -119,6 +119,19 @@ SELECT * FROM jobs
 WHERE status IN ('dispatched', 'running', 'uploading')
   AND (dispatched_by IS NULL OR dispatched_by <> ALL($1::int[]))
 
+-- name: extra_data_lost
+-- The queued jobs whose extra_data a process not among $1 (the live ones) held: nobody can
+-- send them now (jobs/extra_data.py). (The condition is written out for the partial index
+-- jobs_queued_extra_data.)
+SELECT * FROM jobs
+WHERE status = 'queued' AND extra_data_holder IS NOT NULL
+  AND extra_data_holder <> ALL($1::int[])
+
+-- name: ended_among
+-- Of the jobs $1, those that have ended.
+SELECT id FROM jobs
+WHERE id = ANY($1::uuid[]) AND status IN ('succeeded', 'failed', 'cancelled')
+
 -- name: by_client_task_id
 -- The job stored under client_task_id $1 by the API key whose digest is $2 (null: without
 -- a key) with source $3, if any.

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, SecretStr
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet import db
@@ -33,6 +33,7 @@ from comfyfleet.intake.errors import (
 )
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
+from comfyfleet.jobs.extra_data import ExtraData
 from comfyfleet.jobs.models import Job
 from comfyfleet.jobs.notices import LogLine, Notice, PreviewImage
 from comfyfleet.services import Services
@@ -48,15 +49,20 @@ V2_STATUSES = {v2: [ours for ours, mapped in render.STATUSES.items() if mapped =
                for v2 in set(render.STATUSES.values())}
 
 
+class ExtraDataRequest(BaseModel):
+    """The contract's closed extra_data: the Comfy API key partner (API) nodes authenticate
+    with, which the SDK's `submit(..., api_key=...)` sends. A secret: no repr shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_key_comfy_org: SecretStr
+
+
 class JobRequest(BaseModel):
     workflow: Any
     metadata: dict[str, Any] | None = None
-    # The partner-node key (`api_key_comfy_org`), which Comfy's side never persists. Refused:
-    # a comfyfleet job is stored before any process sends it, sent by whichever process
-    # claims it (after a restart too) and sent again after a backend is lost, so the key
-    # would have to be stored with it, or the job pinned to one process's memory and failed
-    # when that process stops (docs/api.md says what accepting it would take).
-    extra_data: dict[str, Any] | None = None
+    # Passed to ComfyUI with the prompt and never stored: held in this process's memory,
+    # which alone sends the job (jobs/extra_data.py).
+    extra_data: ExtraDataRequest | None = None
     # Reserved by the contract for later, and refused until then.
     webhook_url: Any = None
     inputs: Any = None
@@ -72,17 +78,15 @@ async def submit_job(
             raise V2Error(422, "invalid_request",
                           f"{reserved} is reserved for a later version of the API and refused "
                           f"until then", details={"field": reserved})
-    if body.extra_data is not None:
-        raise V2Error(422, "invalid_request",
-                      "extra_data (a partner-node key) is refused: this gateway records a "
-                      "job before a backend takes it, and such a key must never be stored",
-                      details={"field": "extra_data"})
+    extra_data = None if body.extra_data is None else ExtraData(
+        {"api_key_comfy_org": body.extra_data.api_key_comfy_org.get_secret_value()})
     try:
         job, created = await accept_graph(
             svc.repository, asset_store(svc), svc.fleet.reported_capabilities(),
             GraphRequest(body.workflow, body.metadata, idempotency_key, caller.key_hash,
-                         caller.callback_url),
-            backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued))
+                         caller.callback_url, extra_data),
+            backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued),
+            held=svc.fleet.extra_data)
     except UiFormatGraph as exc:
         raise V2Error(422, "workflow_format_ui", str(exc)) from exc
     except InvalidGraph as exc:

@@ -325,6 +325,9 @@ async def test_extra_data_is_the_contracts_closed_object(v2: str) -> None:
             assert response.status == 422, (extra_data, body)
             assert body["error"]["code"] == "invalid_request"
             assert "extra_data" in body["error"]["message"]
+        async with http.post(f"{v2}/api/v2/jobs", json={
+                "workflow": graph, "extra_data": {"api_key_comfy_org": "k"}}) as response:
+            assert response.status == 201, await response.text()
 
 
 async def test_invalid_and_ui_format_graphs_are_422_with_node_details(v2: str) -> None:

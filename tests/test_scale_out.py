@@ -9,8 +9,11 @@ import time
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
@@ -24,6 +27,7 @@ from tests.support import (
     wait_for_healthy_backends,
     wait_for_job,
 )
+from tests.test_api_v2 import rows_holding, work
 
 JOBS = 24
 
@@ -195,3 +199,89 @@ async def test_a_job_queued_through_one_process_is_dispatched_by_another_at_once
         waited = time.monotonic() - submitted
     assert job["backend"] == "gpu"
     assert waited < 1.0  # 30 to 130 ms here; up to DISPATCH_INTERVAL before
+
+
+async def submit_v2(http: aiohttp.ClientSession, base: str, graph: dict[str, Any],
+                    **fields: Any) -> str:
+    async with http.post(f"{base}/api/v2/jobs", json={"workflow": graph, **fields}
+                         ) as response:
+        assert response.status == 201, await response.text()
+        job_id: str = (await response.json())["id"]
+        return job_id
+
+
+async def v2_job(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{base}/api/v2/jobs/{job_id}") as response:
+        job: dict[str, Any] = await response.json()
+        return job
+
+
+async def test_a_job_with_extra_data_is_dispatched_only_by_the_process_that_holds_it(
+    settings: Settings, data_root: Path, engine: AsyncEngine
+) -> None:
+    """Its partner key lives in the memory of the process it was submitted to: another
+    process with a free slot leaves it queued (and takes the job after it), and the holder
+    sends it, key and all, once it has a slot."""
+    partner_key = f"partner-{uuid.uuid4().hex}"
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        # No safety pass within the test: only wake-ups dispatch.
+        holder, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1",
+                                         DISPATCH_INTERVAL="60")
+        other, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="3",
+                                        DISPATCH_INTERVAL="60")
+        blocker = await submit_v2(http, holder, work(seconds=60.0, steps=60))
+        await wait_for_job(http, f"{holder}/api/v1", blocker, "running")
+        # The holder has no slot now; the other process hears of each job as it commits.
+        held = await submit_v2(http, holder, work(seconds=0.5, steps=2),
+                               extra_data={"api_key_comfy_org": partner_key})
+        after = await submit_v2(http, holder, work(seconds=60.0, steps=60))
+        await wait_for_job(http, f"{other}/api/v1", after, "dispatched", "running")
+        assert (await v2_job(http, other, held))["status"] == "queued"  # passed over
+
+        # The holder's slot frees: it sends the job.
+        for job_id in (after, blocker):
+            async with http.post(f"{holder}/api/v2/jobs/{job_id}/cancel") as response:
+                assert response.status == 200
+        await wait_for_job(http, f"{holder}/api/v1", held, "running")
+        async with http.get(f"{sim.url}/queue") as response:
+            (running,) = (await response.json())["queue_running"]
+        done = await wait_for_job(http, f"{other}/api/v1", held)
+        async with engine.connect() as connection:
+            holder_id, dispatched_by = (await connection.execute(text(
+                "SELECT extra_data_holder, dispatched_by FROM jobs WHERE id = :id"),
+                {"id": held})).one()
+    assert running[1] == done["prompt_id"]
+    assert running[3]["api_key_comfy_org"] == partner_key
+    assert done["status"] == "succeeded"
+    assert holder_id is not None and dispatched_by == holder_id
+    assert await rows_holding(engine, partner_key) == []
+
+
+async def test_a_job_whose_extra_data_holder_is_killed_before_dispatch_fails(
+    settings: Settings, data_root: Path
+) -> None:
+    """SIGKILL of the process holding a queued job's partner key: the key is gone with it,
+    so another process fails the job (`extra_data_lost`) as soon as its lease is gone,
+    rather than leave it queued for ever or run it without the key."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        holder, holder_process = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1")
+        other, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1")
+        blocker = await submit_v2(http, other, work(seconds=60.0, steps=60))
+        await wait_for_job(http, f"{other}/api/v1", blocker, "running")
+        held = await submit_v2(http, holder, work(seconds=0.5, steps=2),
+                               extra_data={"api_key_comfy_org": "partner-key"})
+        assert (await v2_job(http, other, held))["status"] == "queued"  # no slot anywhere
+        holder_process.send_signal(signal.SIGKILL)
+        await holder_process.wait()
+
+        failed = await wait_for_job(http, f"{other}/api/v1", held, "failed", seconds=15)
+        job = await v2_job(http, other, held)
+    assert failed["error"]["type"] == "extra_data_lost"
+    assert (job["status"], job["error"]["code"]) == ("failed", "extra_data_lost")
+    assert failed["attempts"] == 0  # never sent

@@ -285,3 +285,31 @@ async def test_a_job_whose_extra_data_holder_is_killed_before_dispatch_fails(
     assert failed["error"]["type"] == "extra_data_lost"
     assert (job["status"], job["error"]["code"]) == ("failed", "extra_data_lost")
     assert failed["attempts"] == 0  # never sent
+
+
+async def test_a_job_sent_again_after_its_holder_is_gone_fails_instead(
+    settings: Settings, data_root: Path
+) -> None:
+    """The holder is killed while the job runs (another process follows it), then the backend
+    restarts and loses the prompt: sending it again needs the key, which is gone, so the job
+    fails `extra_data_lost`, never run again without it."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        holder, holder_process = await gateways.start(http)
+        other, _ = await gateways.start(http)
+        held = await submit_v2(http, holder, work(seconds=60.0, steps=60),
+                               extra_data={"api_key_comfy_org": "partner-key"})
+        await wait_for_job(http, f"{holder}/api/v1", held, "running")
+        holder_process.send_signal(signal.SIGKILL)
+        await holder_process.wait()
+        async with http.post(f"{sim.url}/_sim/restart") as response:
+            assert response.status == 200
+
+        failed = await wait_for_job(http, f"{other}/api/v1", held, "failed", seconds=20)
+        async with http.get(f"{sim.url}/queue") as response:
+            queue = await response.json()
+    assert failed["error"]["type"] == "extra_data_lost"
+    assert failed["attempts"] == 1  # sent once, by the holder
+    assert queue == {"queue_running": [], "queue_pending": []}

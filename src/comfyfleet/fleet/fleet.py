@@ -99,8 +99,7 @@ class Fleet:
         job that ends here."""
         self._registry = registry
         self._registry_changed = registry_changed
-        self._queued = queued
-        self._queued_here = queued_here
+        self._queued, self._queued_here = queued, queued_here
         self._catalog = catalog
         self._repository = repository
         self._node_token = tuning.node_token
@@ -113,8 +112,7 @@ class Fleet:
         self.sessions: list[BackendSession] = []
         # Asked of every queued job an answer shows; worked out once per change.
         self._waiting = WaitingReasons(self.sessions, self.changes)
-        # The v2 extra_data of the jobs accepted here, which only this process can send.
-        self.extra_data = HeldExtraData(lease.id)
+        self.extra_data = HeldExtraData(lease.id)  # of the v2 jobs accepted here: we send them
         # Told by every stage that ends a job.
         self._endings = Endings(self.sessions, waiters, self.extra_data)
         collector = Collector(repository, storage, tuning.key_prefix, self._endings)

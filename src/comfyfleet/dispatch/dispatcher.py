@@ -513,7 +513,7 @@ class Dispatcher:
         # Most prompts could not gain enough even on an infinitely fast backend: this pass
         # costs one look at each prompt, and a look at each target only for those that could.
         prospects = [prospect for run in self._tracker.movable_runs()
-                     if self._sendable(run.job) and (prospect := self._prospect(run)) is not None
+                     if (prospect := self._prospect(run)) is not None
                      and prospect.left > MOVE_MIN_GAIN]
         if not prospects:
             return
@@ -534,11 +534,6 @@ class Dispatcher:
                     best = (gain, prospect, target)
         if best is not None:
             await self._move(best[1].run, best[2])
-
-    def _sendable(self, job: Job) -> bool:
-        """Whether this process can send `job`'s prompt: not one whose extra_data another
-        process held (this one follows it after taking it over)."""
-        return job.extra_data_holder is None or self._extra_data.get(job.id) is not None
 
     def _prospect(self, run: PromptRun) -> Prospect | None:
         """How long `run` has left where it is, by what its nodes and those of the prompts

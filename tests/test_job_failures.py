@@ -20,7 +20,7 @@ from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.fleet.registry import BackendRegistry
-from comfyfleet.jobs.extra_data import HeldExtraData
+from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
@@ -194,3 +194,16 @@ async def test_a_requeued_or_moved_job_sheds_what_its_last_run_stored(engine: As
                                   max_inflight=1)
     assert moved is not None and moved.backend == "gpu1"
     assert (moved.outputs, moved.progress_detail) == ([], None)
+
+
+def test_a_jobs_end_forgets_the_extra_data_held_for_it() -> None:
+    """Whichever stage ends a job, the partner key held for it here goes (jobs/extra_data.py)."""
+    held = HeldExtraData(7)
+    job, other = (Job(workflow="graph", status=JobStatus.FAILED, extra_data_holder=7)
+                  for _ in range(2))
+    for each in (job, other):
+        held.hold(each.id, ExtraData({"api_key_comfy_org": "partner-key"}))
+    Endings([], JobWaiters(), held).tell(JobEnded(job))
+    assert held.get(job.id) is None
+    assert held.get(other.id) == ExtraData({"api_key_comfy_org": "partner-key"})
+    assert "partner-key" not in repr(held.get(other.id))

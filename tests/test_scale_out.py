@@ -15,8 +15,12 @@ import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet.api.v2.assets import asset_store
+from comfyfleet.app import running_services
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
+from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
+from comfyfleet.jobs.extra_data import ExtraData
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import (
@@ -313,3 +317,28 @@ async def test_a_job_sent_again_after_its_holder_is_gone_fails_instead(
     assert failed["error"]["type"] == "extra_data_lost"
     assert failed["attempts"] == 1  # sent once, by the holder
     assert queue == {"queue_running": [], "queue_pending": []}
+
+
+async def test_a_held_key_is_forgotten_when_another_process_ends_its_job(
+    settings: Settings,
+) -> None:
+    """A job held here but cancelled through another process: this one hears of no ending,
+    and forgets the key at its next watch pass all the same."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        holder = await stack.enter_async_context(running_services(settings))
+        other = await stack.enter_async_context(running_services(settings))
+        await holder.fleet.set_draining("gpu", True)  # the job stays queued
+        held = holder.fleet.extra_data
+        job, created = await accept_graph(
+            holder.repository, asset_store(holder), [],
+            GraphRequest(work(seconds=0.5, steps=2), None, None, None,
+                         extra_data=ExtraData({"api_key_comfy_org": "partner-key"})),
+            backlog=None, held=held)
+        assert created and held.get(job.id) is not None
+        cancelled = await other.fleet.cancel(job.id)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        async with asyncio.timeout(5):
+            while held.get(job.id) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # the watch's pass: no event to wait on

@@ -9,6 +9,7 @@ prompt per backend at a time so that the order of dispatch is the order of choic
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -19,7 +20,8 @@ from comfyfleet.app import serving
 from comfyfleet.dispatch.dispatcher import OVERTAKEN_CAP
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.test_warm_cache import Gateway
+from tests.support import wait_for_healthy_backends
+from tests.test_warm_cache import Gateway, behind_our_back
 
 LOAD = 0.5  # seconds SimulatedLoader takes when not cached
 A, B = "model-a.safetensors", "model-b.safetensors"
@@ -91,6 +93,35 @@ async def test_no_job_is_overtaken_more_than_the_window_and_priorities_hold(
         await gateway.finished(busy)
         jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
     assert sorted(jobs, key=lambda name: jobs[name]["dispatched_at"]) == expected
+
+
+async def test_backends_whose_cache_is_unknown_take_a_burst_of_one_workflow(
+    settings: Settings,
+) -> None:
+    """Four backends already hold model a (another client ran it): this process's model of
+    their caches says they hold nothing, and the loader's cost is a guess that no run
+    measures, for every backend serves it from its cache. Short jobs for a: a backend that
+    waited for the one seen to hold a would wait for ever (its guessed 5 s load never looked
+    worth it); each in turn tries one, finds a loaded, and all four share the burst."""
+    settings.max_inflight_per_backend = 2
+    settings.affinity_window = 4
+    async with AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(SimulatedComfyUI(load_seconds=2.0))
+                for _ in range(4)]
+        for sim in sims:
+            await behind_our_back(sim, A)
+        settings.comfyui_endpoints = [f"{sim.url}#gpu{index}" for index, sim in enumerate(sims)]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateway = Gateway(http, base + settings.route_prefix)
+        await wait_for_healthy_backends(http, gateway.base)
+        # A little work each, none the same (the same would be served from the cache).
+        queued = await asyncio.gather(*(gateway.submit(A, seconds=0.3 + index / 1000)
+                                        for index in range(16)))
+        jobs = [await gateway.finished(job_id) for job_id in queued]
+        cached = [await loader_cached(gateway, job) for job in jobs]
+    assert {job["backend"] for job in jobs} == {f"gpu{index}" for index in range(4)}
+    assert all(cached)  # no backend loaded it
 
 
 async def two_warm_backends(stack: AsyncExitStack, settings: Settings,

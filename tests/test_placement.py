@@ -259,3 +259,25 @@ def test_a_loader_not_yet_seen_running_counts_as_a_load() -> None:
     assert UNSEEN_LOAD_SECONDS >= 3 * UNSEEN_NODE_SECONDS
     costs.record("b", "loader-sdxl", "CheckpointLoaderSimple", 2.0)
     assert costs.uncached_seconds("a", prompt, keys, {"sampler-1"}) == 2.0
+
+
+def test_a_guess_served_from_a_cache_is_what_a_try_would_find_out() -> None:
+    """A loader no backend has run but one served from its cache: its guessed load stands,
+    except for a backend tried on it (`tried`); once one has run, what it took."""
+    costs = NodeCosts()
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}}
+    assert costs.node_cost("a", "loader-sd15", loader, tried=True) == UNSEEN_LOAD_SECONDS
+    costs.served("CheckpointLoaderSimple")
+    assert costs.node_cost("a", "loader-sd15", loader) == UNSEEN_LOAD_SECONDS
+    assert costs.node_cost("a", "loader-sd15", loader, tried=True) == 0.0
+    costs.record("b", "loader-sd15", "CheckpointLoaderSimple", 2.0)
+    assert costs.node_cost("a", "loader-sd15", loader, tried=True) == 2.0
+
+
+def test_a_backends_overhead_per_prompt_is_a_median_of_its_own_else_the_fleets() -> None:
+    costs = NodeCosts()
+    assert costs.overhead("a") == 0.0  # nothing known: as before overheads were counted
+    for seconds in (0.02, 0.03, 5.0):  # one prompt held up by another client's
+        costs.record_overhead("a", seconds)
+    assert costs.overhead("a") == 0.03
+    assert costs.overhead("new") == costs.overhead() == 0.03

@@ -98,24 +98,25 @@ class Prospect:
     def gain_on(self, target: BackendView, cost: float, *, backlog: bool) -> float:
         """Seconds sooner it would finish given now to `target`, where its nodes not held in
         that backend's cache cost `cost`; 0 when not worth it."""
-        afresh = target.busy + cost * self.overrun
+        afresh = target.busy + target.overhead + cost * self.overrun
         # Work done there is thrown away when a running prompt restarts: only a clear win.
         if self.run.started is not None:
             return 0.0 if afresh * RESTART_MARGIN >= self.left else self.left - afresh
         # As in placement: with jobs still queued, the GPU time a move spends beyond what the
         # prompt costs where it is (a load) goes to them, so it must gain more than that.
-        extra = max(cost - self.cost, 0.0) if backlog else 0.0
+        extra = max(cost + target.overhead - self.cost, 0.0) if backlog else 0.0
         return self.left - afresh - extra
 
 
 class BackendView:
     """One backend as cache-aware placement sees it: the cache keys it will hold once its
-    prompts have run, and (worked out only when asked: most backends are looked at only for
-    what they hold) the expected seconds until a prompt queued there now starts."""
+    prompts have run, what a prompt costs it beyond its nodes (`overhead`, the round trip),
+    and (worked out only when asked: most backends are looked at only for what they hold)
+    the expected seconds until a prompt queued there now starts."""
 
-    def __init__(self, session: BackendSession, held: frozenset[str],
+    def __init__(self, session: BackendSession, held: frozenset[str], overhead: float,
                  busy: Callable[[], float]) -> None:
-        self.session, self.held, self._busy = session, held, busy
+        self.session, self.held, self.overhead, self._busy = session, held, overhead, busy
 
     @functools.cached_property
     def busy(self) -> float:
@@ -128,8 +129,8 @@ class _Elsewhere:
     went there too."""
 
     def __init__(self, dispatcher: Dispatcher, here: BackendView,
-                 others: list[BackendView]) -> None:
-        self._dispatcher, self._here = dispatcher, here
+                 others: list[BackendView], *, tried: bool = False) -> None:
+        self._dispatcher, self._here, self._tried = dispatcher, here, tried
         self._holders: dict[str, list[BackendView]] = {}
         for view in others:
             for key in view.held - here.held:
@@ -143,11 +144,11 @@ class _Elsewhere:
         keys = self._dispatcher.keys_of(job, self._here.session).keys.values()
         best: tuple[float, float, BackendView] | None = None
         for view in {id(v): v for key in keys for v in self._holders.get(key, ())}.values():
-            cost = self._dispatcher.cost(view, job)
+            cost = self._dispatcher.cost(view, job, tried=self._tried)
             if cost + AFFINITY_MIN_GAIN >= cost_here:
                 continue
             assert view.session.capabilities is not None
-            done = self._ahead[view.session.name] + cost
+            done = self._ahead[view.session.name] + view.overhead + cost
             if (best is None or done < best[0]) and view.session.capabilities.can_run(job.prompt):
                 best = (done, cost, view)
         if best is None:
@@ -164,7 +165,8 @@ class _Elsewhere:
         if there is None:
             return None
         finish_there, cost_there = there
-        return finish_there - (self._here.busy + cost_here) - (cost_here - cost_there)
+        finish_here = self._here.busy + self._here.overhead + cost_here
+        return finish_there - finish_here - (cost_here - cost_there)
 
 
 class Dispatcher:
@@ -210,6 +212,8 @@ class Dispatcher:
         # nothing for another claim to find.
         self._one_left = False
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
+        self._trying = False  # the last pick tries a backend on a guess (see `_affine`)
+        self._trial: str | None = None  # the prompt id of the last such try
         self._outcome = ""  # what the last claim came to (metrics.DISPATCH_CLAIMS)
         self._read: list[QueuedJob] | None = None  # the backlog the last claim's pick saw
         self._submissions: set[asyncio.Task[None]] = set()
@@ -261,6 +265,8 @@ class Dispatcher:
             )
             metrics.dispatch_claim("took" if job is not None else self._outcome)
             if job is not None:
+                if self._trying:
+                    self._trial = job.prompt_id
                 self._start(session, job)
                 if self._one_left:  # it took the last: spare the claim that would find none
                     self._backlog_empty = True
@@ -289,6 +295,7 @@ class Dispatcher:
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
         self._read = queued
+        self._trying = False
         self._backlog_empty = not queued
         self._one_left = len(queued) == 1 and not queued[0].beyond
         self._outcome = "empty" if not queued else "not_accepting"
@@ -324,13 +331,14 @@ class Dispatcher:
         # the others (a blind one could leave a job to a backend that would load its model,
         # which leaves it to this one), and left to another only for the gain for which
         # that one would take it (see `_affine`): more than its extra cost.
-        rivals = (BackendLoad(view.session.name, rival_cost,
+        rivals = (BackendLoad(view.session.name, view.overhead + rival_cost,
                               view.busy + max(rival_cost - cost, 0.0) + AFFINITY_MIN_GAIN)
                   for view in others if view.session.capabilities is not None
                   and view.session.capabilities.can_run(head.prompt)
                   for rival_cost in [self.cost(view, head)])
         return choice if backlog == math.inf or should_take(
-            BackendLoad(session.name, cost, here.busy), rivals, int(backlog)) else None
+            BackendLoad(session.name, here.overhead + cost, here.busy), rivals,
+            int(backlog)) else None
 
     def _speed_checked(self, session: BackendSession, choice: Choice, head: QueuedJob,
                        backlog: float) -> Choice | None:
@@ -369,12 +377,13 @@ class Dispatcher:
             gains = [elsewhere.gain(job, cost)
                      for job, cost in zip(band[:warm], costs, strict=False)]
         else:
-            gains = []
-            for job, cost in zip(band, costs, strict=True):
-                gains.append(elsewhere.gain(job, cost))
-                if gains[-1] is None:
-                    break  # no backend holds more of it: none later can go before it
+            gains = self._gains(elsewhere, band, costs)
             index = self._cold_pick(here, gains)
+            if index is None and self._may_try(here):
+                gains = self._gains(_Elsewhere(self, here, others, tried=True), band,
+                                    [self.cost(here, job, tried=True) for job in band])
+                index = self._cold_pick(here, gains)
+                self._trying = index is not None
         if index is None:
             return None
         for older, (job, gain) in enumerate(zip(band[:index], gains, strict=False)):
@@ -382,6 +391,28 @@ class Dispatcher:
                 index = older
                 break
         return Choice(band[index].id, tuple(job.id for job in band[:index]))
+
+    @staticmethod
+    def _gains(elsewhere: _Elsewhere, band: list[QueuedJob],
+               costs: list[float]) -> list[float | None]:
+        """What each job of `band` (its cost here in `costs`) gains by starting here now
+        rather than on the backend that holds more of it, up to the first that no backend
+        holds more of (none later can go before it)."""
+        gains: list[float | None] = []
+        for job, cost in zip(band, costs, strict=True):
+            gains.append(elsewhere.gain(job, cost))
+            if gains[-1] is None:
+                break
+        return gains
+
+    def _may_try(self, here: BackendView) -> bool:
+        """Whether `here`, idle, may try a job it waits on only for a guess: the cost of
+        nodes never seen running though some backend's cache served them (NodeCosts). Left
+        idle, such a backend waits for ever, for no run measures the guess; tried, its
+        cache is known once the prompt starts (`execution_cached`) and the nodes' cost once
+        they run. One try at a time, so that a guess that was right costs one load."""
+        return not self._tracker.runs_on(here.session) and (
+            self._trial is None or not self._tracker.is_tracked(self._trial))
 
     def _cold_pick(self, here: BackendView, gains: list[float | None]) -> int | None:
         """For a backend whose cache serves none of the band: the job that gains most by
@@ -417,6 +448,7 @@ class Dispatcher:
         runs = self._tracker.runs_on(session)
         ahead = [run.keys for run in runs if run.keys is not None]
         return BackendView(session, session.warm.held_after(ahead),
+                           self._node_costs.overhead(session.name),
                            functools.partial(self._busy_for, session, runs))
 
     def _busy_for(self, session: BackendSession, runs: list[PromptRun]) -> float:
@@ -428,11 +460,15 @@ class Dispatcher:
     def _finishes(self, session: BackendSession,
                   runs: list[PromptRun]) -> Iterator[tuple[PromptRun, float]]:
         """Each of `runs` (ours on `session`, in order) with the expected seconds until it is
-        done, each finding in the cache what the ones before it leave there."""
+        done, each finding in the cache what the ones before it leave there, and each not
+        started yet costing the backend's overhead too."""
         ahead: list[PromptKeys] = []
+        overhead = self._node_costs.overhead(session.name)
         done = 0.0
         for run in runs:
             done += self._run_left(run, session.warm.held_after(ahead))
+            if run.started is None:
+                done += overhead
             yield run, done
             if run.keys is not None:
                 ahead.append(run.keys)
@@ -457,12 +493,13 @@ class Dispatcher:
             left += remaining(cost, time.monotonic() - run.node_started) - cost
         return max(left, 0.0)
 
-    def cost(self, view: BackendView, job: QueuedJob, *, cold: bool = False) -> float:
+    def cost(self, view: BackendView, job: QueuedJob, *, cold: bool = False,
+             tried: bool = False) -> float:
         """Expected seconds of `job` on that backend beyond what its cache serves (with
-        `cold`, as if it held nothing)."""
+        `cold`, as if it held nothing; `tried`: see `NodeCosts.node_cost`)."""
         return self._node_costs.uncached_seconds(
             view.session.name, job.prompt, self.keys_of(job, view.session).keys,
-            frozenset() if cold else view.held)
+            frozenset() if cold else view.held, tried=tried)
 
     def keys_of(self, job: QueuedJob, session: BackendSession) -> PromptKeys:
         """The cache keys of a queued job's prompt, kept while it is near the backlog's head."""
@@ -483,12 +520,18 @@ class Dispatcher:
                 yield load
 
     def _load(self, session: BackendSession, workflow: str) -> BackendLoad | None:
-        """What `session` has ahead of a new prompt of `workflow`, in expected seconds."""
-        per_job = self._run_times.expected(session.name, workflow)
-        if per_job is None:
+        """What `session` has ahead of a new prompt of `workflow`, in expected seconds, each
+        prompt not started yet costing the backend's overhead too. The new prompt's own
+        overhead is the fleet's: backends alike but for a few milliseconds of round trip are
+        alike (by `should_take`, one a hair slower leaves the last job to the other)."""
+        run_time = self._run_times.expected(session.name, workflow)
+        if run_time is None:
             return None
+        overhead = self._node_costs.overhead(session.name)
+        per_job = run_time + self._node_costs.overhead()
         runs = self._tracker.runs_on(session)
-        busy = sum(self._seconds_left(run, per_job) for run in runs)
+        busy = sum(self._seconds_left(run, run_time) + (overhead if run.started is None else 0.0)
+                   for run in runs)
         # Other clients' prompts there count as much as one of ours.
         busy += max(0, session.queue_remaining - len(runs)) * per_job
         return BackendLoad(session.name, per_job, busy)

@@ -8,6 +8,17 @@ backend's speed is the sum, over the classes it has run, of each class's median 
 fleet over the sum of its medians there (2.0: twice as fast): medians, so one odd run does not
 move it, summed, so the nodes that take time weigh and the millisecond ones do not. Until a
 class has run anywhere, a node that names a model file (a loader) counts as a load.
+
+Around its nodes every prompt costs a round trip through this service and the backend (the
+POST, the websocket's events, the handover from the prompt before it): tens of milliseconds
+that no node's time shows, and nearly all of a zero-duration prompt's time. A backend's
+overhead per prompt is the median, over its recent prompts, of the time each held it (from its
+dispatch, or the end of the prompt before it there, to its end) less what its nodes took.
+
+A guess is measured only where the node runs. A class that some backend served from its cache
+but that never ran anywhere (its results were there before this process began following that
+backend: another client's prompts, a restart of ours) keeps its guess for as long as no backend
+thought not to hold it runs one: placement may try one (`tried`) to find out.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ UNSEEN_NODE_SECONDS = 1.0
 # takes seconds. Counted as cheap as any node, a load looked worth it in a fleet's first
 # seconds, before the first load had ended, and GPUs took on models they then reloaded.
 UNSEEN_LOAD_SECONDS = 5.0
+# Overheads kept per backend, and across the fleet (for a backend with none yet).
+OVERHEAD_SAMPLES = 15
 # A backend whose nodes took less than this in all has not run enough to tell its speed.
 MIN_NODE_SECONDS = 1e-3
 
@@ -41,12 +54,32 @@ class NodeCosts:
         self._by_backend_class: dict[str, dict[str, deque[float]]] = defaultdict(
             lambda: defaultdict(lambda: deque(maxlen=COST_SAMPLES)))
         self._speeds: dict[str, float] = {}  # worked out again after each new sample
+        self._served: set[str] = set()  # classes a backend's cache served, run or not
+        self._overheads: dict[str, deque[float]] = defaultdict(
+            lambda: deque(maxlen=OVERHEAD_SAMPLES))
+        self._fleet_overheads: deque[float] = deque(maxlen=OVERHEAD_SAMPLES)
 
     def record(self, backend: str, key: str, class_type: str, seconds: float) -> None:
         self._by_key[(backend, key)].append(seconds)
         self._by_class[class_type].append(seconds)
         self._by_backend_class[backend][class_type].append(seconds)
         self._speeds.clear()
+
+    def served(self, class_type: str) -> None:
+        """A backend served a node of `class_type` from its cache."""
+        self._served.add(class_type)
+
+    def record_overhead(self, backend: str, seconds: float) -> None:
+        """A prompt held `backend` for `seconds` beyond what its nodes took."""
+        self._overheads[backend].append(seconds)
+        self._fleet_overheads.append(seconds)
+
+    def overhead(self, backend: str | None = None) -> float:
+        """Expected seconds a prompt holds the backend beyond its nodes (0 until one ran);
+        without a backend, the fleet's."""
+        samples = self._overheads.get(backend) if backend is not None else None
+        samples = samples or self._fleet_overheads
+        return statistics.median(samples) if samples else 0.0
 
     def cost(self, backend: str, key: str, class_type: str) -> float:
         """Expected seconds of one node there."""
@@ -57,11 +90,16 @@ class NodeCosts:
         return statistics.median(samples) / self.speed(backend) if samples \
             else UNSEEN_NODE_SECONDS
 
-    def node_cost(self, backend: str, key: str, node: Mapping[str, Any]) -> float:
-        """Expected seconds of the prompt's node `node` there, under cache key `key`."""
+    def node_cost(self, backend: str, key: str, node: Mapping[str, Any], *,
+                  tried: bool = False) -> float:
+        """Expected seconds of the prompt's node `node` there, under cache key `key`; with
+        `tried`, nothing for a node of a class served from a cache but never seen running
+        (what trying a backend thought not to hold it would find out)."""
         class_type = str(node.get("class_type"))
         if (backend, key) in self._by_key or class_type in self._by_class:
             return self.cost(backend, key, class_type)
+        if tried and class_type in self._served:
+            return 0.0
         return UNSEEN_LOAD_SECONDS if held_node(node).model_files else UNSEEN_NODE_SECONDS
 
     def speed(self, backend: str) -> float:
@@ -75,7 +113,9 @@ class NodeCosts:
         return speed
 
     def uncached_seconds(self, backend: str, prompt: Mapping[str, Any],
-                         keys: Mapping[str, str], held: Set[str]) -> float:
-        """What running `prompt` there costs beyond what its cache (holding `held`) serves."""
-        return sum(self.node_cost(backend, key, prompt[node_id])
+                         keys: Mapping[str, str], held: Set[str], *,
+                         tried: bool = False) -> float:
+        """What running `prompt` there costs beyond what its cache (holding `held`) serves
+        (`tried`: see `node_cost`)."""
+        return sum(self.node_cost(backend, key, prompt[node_id], tried=tried)
                    for node_id, key in keys.items() if key not in held)

@@ -66,6 +66,8 @@ class PromptRun:
     nodes_done: int = 0  # cached or finished nodes
     node_running: str | None = None
     node_started: float = 0.0  # monotonic time of node_running's `executing`
+    node_seconds: float = 0.0  # what its nodes that ran took, in all
+    dispatched: float = field(default_factory=time.monotonic)  # when it was given its backend
     keys: PromptKeys | None = None  # the cache keys of the prompt as sent
     served: frozenset[str] = frozenset()  # the keys its backend served from cache as it started
     last_write: float = field(default_factory=time.monotonic)
@@ -130,6 +132,7 @@ class ExecutionTracker:
         self._endings = endings
         self._signals = signals
         self._runs: dict[str, PromptRun] = {}
+        self._last_end: dict[str, float] = {}  # by backend: when our last prompt there ended
         self._submitting: set[str] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
 
@@ -201,6 +204,7 @@ class ExecutionTracker:
                 self._check_cache(run, nodes)
             case Executing(node=None):
                 self._node_ran(run)
+                self._held_for(run)
                 if run.started is not None:
                     seconds = time.monotonic() - run.started
                     self._run_times.record(session.name, run.job.workflow, seconds)
@@ -237,6 +241,9 @@ class ExecutionTracker:
         if run.keys is None:
             return
         run.served = frozenset(run.keys.keys[node] for node in served if node in run.keys.keys)
+        for node in served:
+            if node in run.keys.prompt:
+                self._node_costs.served(str(run.keys.prompt[node].get("class_type")))
         if not run.session.warm.started(run.keys, served):
             log.info("backend %s served %d nodes of prompt %s from its cache, not as predicted;"
                      " its cache model is corrected", run.session.name, len(served),
@@ -252,8 +259,19 @@ class ExecutionTracker:
         if run.keys is not None and node_id in run.keys.keys:
             run.session.warm.ran(run.keys, node_id)
             class_type = str(run.keys.prompt[node_id].get("class_type"))
+            seconds = time.monotonic() - run.node_started
+            run.node_seconds += seconds
             self._node_costs.record(run.session.name, run.keys.keys[node_id], class_type,
-                                    time.monotonic() - run.node_started)
+                                    seconds)
+
+    def _held_for(self, run: PromptRun) -> None:
+        """`run` ended executing: what it held its backend for beyond its nodes' time, from
+        its dispatch or, if later, the end of our prompt before it there (prompts run one
+        at a time: a prompt queued behind another waits for it, which is that one's time)."""
+        now, name = time.monotonic(), run.session.name
+        held_since = max(run.dispatched, self._last_end.get(name, 0.0))
+        self._node_costs.record_overhead(name, max(now - held_since - run.node_seconds, 0.0))
+        self._last_end[name] = now
 
     def _log(self, run: PromptRun, level: str, message: str) -> None:
         """A line of the job's execution log, for whoever follows the job now (the v2 `log`

@@ -1,16 +1,16 @@
 """Late-binding dispatch: the backlog stays in Postgres until a backend has a free slot.
 
 Each backend holds at most `max_inflight` of our prompts; among healthy backends with a free
-slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts
-other clients' prompts), ties broken by fewer prompts in flight. With AFFINITY_WINDOW above 0
+slot the one with the shortest queue wins (ComfyUI's `queue_remaining`, which also counts other
+clients' prompts), ties broken by fewer prompts in flight. With AFFINITY_WINDOW above 0
 placement counts each backend's cache: a backend keeps to the jobs its cache serves (its model
 loaded), and a job waits for the backend holding its model while that finishes it sooner,
-counting the load another would spend (see `_affine`). Once run times have been
-seen, placement (placement.py) keeps a slow backend from taking a job a faster one would
-finish sooner, and once the backlog is empty a backend with room takes over a prompt that
-would finish sooner there (one waiting in another's queue, or a long one running on a much
-slower GPU). Dispatch wakes on events (a job arriving, a slot freeing, a running prompt's
-progress showing its length); the periodic pass is only a safety net.
+counting the load another would spend and the round trip of each prompt ahead (see `_affine`).
+Once run times have been seen, placement (placement.py) keeps a slow backend from taking a job
+a faster one would finish sooner, and once the backlog is empty a backend with room takes over
+a prompt that would finish sooner there (one waiting in another's queue, or a long one running
+on a much slower GPU). Dispatch wakes on events (a job arriving, a slot freeing, a running
+prompt's progress showing its length); the periodic pass is only a safety net.
 """
 
 from __future__ import annotations
@@ -365,8 +365,10 @@ class Dispatcher:
         takes the oldest job that costs it least. A backend whose cache serves none of them
         takes the job that gains most by starting there now rather than waiting for a backend
         that holds its model, if it gains more than the load costs there, and only once its
-        GPU would otherwise go idle. Either way every job of the band older than the one
-        taken is passed (overtaken) once more, and one passed too often goes first (`_due`)."""
+        GPU would otherwise go idle; if it waits only for a guessed cost that no run will
+        measure, it tries the job (`_may_try`). Either way every job of the band older than
+        the one taken is passed (overtaken) once more, and one passed too often goes first
+        (`_due`)."""
         band = [job for job in runnable if job.priority == runnable[0].priority]
         costs = [self.cost(here, job) for job in band]
         cheapest = min(costs)

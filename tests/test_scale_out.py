@@ -12,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.api.v2.assets import asset_store
-from comfyfleet.app import running_services
+from comfyfleet.app import running_services, serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.jobs.extra_data import ExtraData
+from comfyfleet.jobs.lease import LOCK_SPACE
+from comfyfleet.peers import QUEUED_CHANNEL
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import (
@@ -342,3 +346,45 @@ async def test_a_held_key_is_forgotten_when_another_process_ends_its_job(
         async with asyncio.timeout(5):
             while held.get(job.id) is not None:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # the watch's pass: no event to wait on
+
+
+async def test_a_process_alone_tells_nobody_of_its_jobs_until_another_joins(
+    settings: Settings,
+) -> None:
+    """One `serve` alone on its database sends no notification for the jobs submitted to it
+    (nobody would hear it); once another process holds its lease and says so, it tells of
+    the jobs submitted after. The test's own connection plays the other process."""
+    other = "12345"
+    async with AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serving(settings))
+        assert settings.database_url is not None
+        db = await asyncpg.connect(make_url(settings.database_url).set(
+            drivername="postgresql").render_as_string(hide_password=False))
+        stack.push_async_callback(db.close)
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        await db.add_listener(QUEUED_CHANNEL, lambda *notice: heard.put_nowait(notice[3]))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def submit() -> None:
+            body = {"workflow": "invert", "params": {"width": 8}}
+            async with http.post(f"{base}/api/v1/jobs", json=body) as response:
+                assert response.status == 202, await response.text()
+
+        await asyncio.gather(*(submit() for _ in range(5)))
+        await db.execute("SELECT pg_advisory_lock($1, $2)", LOCK_SPACE, int(other))
+        await db.execute(f"NOTIFY {QUEUED_CHANNEL}, '{other}'")  # as a joining process does
+        before: list[str] = []
+        async with asyncio.timeout(10):
+            while (payload := await heard.get()) != other:
+                before.append(payload)
+            # The service hears that in its own time: each job submitted after is told.
+            while True:
+                await submit()
+                try:
+                    async with asyncio.timeout(0.5):
+                        told = await heard.get()
+                    break
+                except TimeoutError:
+                    continue
+    assert before == []  # the service told nobody of the five
+    assert told.isdigit() and told != other

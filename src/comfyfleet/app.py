@@ -118,7 +118,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         lease = ProcessLease(engine)
         await lease.start()
         stack.push_async_callback(lease.close)
-        peers = PeerChanges(engine, events, lease.id)
+        peers = PeerChanges(engine, events, lease)
         peers.start()
         stack.push_async_callback(peers.close)
         registry = BackendRegistry(engine)

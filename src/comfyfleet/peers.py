@@ -18,6 +18,13 @@ each what the others did:
   JobNotices.changed_elsewhere, so that a dashboard on any replica follows every replica's jobs.
 Each (re)connect of the listening connection counts as a change of all three: what was said while
 nobody listened is not said again.
+
+Nothing is told while no other process is alive to hear it (the lease table shows none, and
+none has been heard from since: ProcessLease.alone), as when one `serve` runs alone: a NOTIFY
+per burst of submits is a transaction of its own. A process that joins is told nothing of the
+jobs queued before it: it reads the backlog in its first dispatch pass (its listener's connect
+wakes it), and once listening it says so (a `queued` notification), so that the others tell it
+from then on.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import driver_connection, listening
+from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.pulse import Pulse
 
@@ -44,12 +52,13 @@ RETRY_SECONDS = 2.0
 
 
 class PeerChanges:
-    def __init__(self, engine: AsyncEngine, notices: JobNotices, process: int) -> None:
-        """`process`: this process's lease id, which its own notifications carry, so that it
-        does not take them for another's."""
+    def __init__(self, engine: AsyncEngine, notices: JobNotices, lease: ProcessLease) -> None:
+        """`lease`: this process's, whose id its own notifications carry, so that it does not
+        take them for another's, and which knows whether any other is alive."""
         self._engine = engine
         self._notices = notices
-        self._process = str(process)
+        self._lease = lease
+        self._process = str(lease.id)
         # Beats when another process (or this one) changed the fleet's table.
         self.fleet = Pulse()
         # Beats when another process queued a job (or any put one back).
@@ -78,6 +87,8 @@ class PeerChanges:
         while True:
             await changed.wait()
             changed = here.next()  # what changes from now on is told next time
+            if self._lease.alone:
+                continue  # nobody to tell
             try:
                 async with driver_connection(self._engine) as connection:
                     await connection.execute("SELECT pg_notify($1, $2)", channel,
@@ -99,9 +110,12 @@ class PeerChanges:
         def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
             if channel == FLEET_CHANNEL:
                 self.fleet.beat()
-            elif payload == self._process:
-                pass  # its own: this process knows
-            elif channel == QUEUED_CHANNEL:
+                return
+            if payload == self._process:
+                return  # its own: this process knows
+            if payload.isdigit():  # another process's id (a trigger's notification has none)
+                self._lease.heard_from(int(payload))
+            if channel == QUEUED_CHANNEL:
                 self.queued.beat()
             else:
                 self._notices.changed_elsewhere()
@@ -111,4 +125,5 @@ class PeerChanges:
             self.fleet.beat()  # changes made while nobody listened
             self.queued.beat()
             self._notices.changed_elsewhere()
+            self.queued_here.beat()  # this process listens: the others are to tell it now
             await lost.wait()

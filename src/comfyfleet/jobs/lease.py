@@ -3,7 +3,8 @@
 Each process holds a session-level advisory lock named by its random id for as long as it
 lives; Postgres releases it when the process's connection drops, SIGKILL included. So any
 process can tell, in one query, whose jobs have nobody left to follow them, and take them
-over; and can leave alone a job another live process is sending right now.
+over; and can leave alone a job another live process is sending right now. It also tells
+whether any other process is alive to be told of anything (`alone`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import secrets
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import sql
@@ -30,6 +32,9 @@ class ProcessLease:
         self._engine = engine
         self.id = secrets.randbelow(2**31 - 1) + 1  # the second key: a positive int4
         self._held = asyncio.Event()
+        # The other live processes: as the lock table showed them at the last heartbeat,
+        # and any heard from since (peers.py).
+        self.others: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -42,16 +47,31 @@ class ProcessLease:
             try:
                 async with driver_connection(self._engine) as connection:
                     await connection.execute(_SQL["hold"], LOCK_SPACE, self.id)
+                    await self._look(connection)
                     self._held.set()
                     while True:
                         await asyncio.sleep(HEARTBEAT_SECONDS)
-                        await connection.execute(_SQL["beat"])
+                        await self._look(connection)  # and the connection still answers
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: others will think us dead
                 log.warning("lost the process lease %d: %r; renewing", self.id, exc)
                 self._held.clear()
                 await asyncio.sleep(1.0)
+
+    async def _look(self, connection: asyncpg.Connection) -> None:
+        rows = await connection.fetch(_SQL["live"], LOCK_SPACE)
+        self.others = {row["id"] for row in rows} - {self.id}
+
+    @property
+    def alone(self) -> bool:
+        """Whether no other process was alive at the last heartbeat nor heard from since."""
+        return not self.others
+
+    def heard_from(self, process: int) -> None:
+        """Process `process` said something (peers.py): it is alive."""
+        if process != self.id:
+            self.others.add(process)
 
     async def live(self) -> set[int]:
         """The ids of the processes alive now, this one included."""

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import secrets
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import sql
@@ -32,26 +31,27 @@ class ProcessLease:
         self._engine = engine
         self.id = secrets.randbelow(2**31 - 1) + 1  # the second key: a positive int4
         self._held = asyncio.Event()
-        # The other live processes: as the lock table showed them at the last heartbeat,
-        # and any heard from since (peers.py).
+        # The other live processes: as the lock table showed them when last read (`live`,
+        # which the tracker's watch calls every second), and any heard from since (peers.py).
         self.others: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Hold the lock from now on (renewed if the database comes back after an outage)."""
+        """Hold the lock from now on (renewed if the database comes back after an outage),
+        and see which other processes are alive."""
         self._task = asyncio.create_task(self._hold())
         await self._held.wait()
+        await self.live()
 
     async def _hold(self) -> None:
         while True:
             try:
                 async with driver_connection(self._engine) as connection:
                     await connection.execute(_SQL["hold"], LOCK_SPACE, self.id)
-                    await self._look(connection)
                     self._held.set()
                     while True:
                         await asyncio.sleep(HEARTBEAT_SECONDS)
-                        await self._look(connection)  # and the connection still answers
+                        await connection.execute(_SQL["beat"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: others will think us dead
@@ -59,13 +59,9 @@ class ProcessLease:
                 self._held.clear()
                 await asyncio.sleep(1.0)
 
-    async def _look(self, connection: asyncpg.Connection) -> None:
-        rows = await connection.fetch(_SQL["live"], LOCK_SPACE)
-        self.others = {row["id"] for row in rows} - {self.id}
-
     @property
     def alone(self) -> bool:
-        """Whether no other process was alive at the last heartbeat nor heard from since."""
+        """Whether no other process was alive when last read nor heard from since."""
         return not self.others
 
     def heard_from(self, process: int) -> None:
@@ -77,7 +73,9 @@ class ProcessLease:
         """The ids of the processes alive now, this one included."""
         async with driver_connection(self._engine) as connection:
             rows = await connection.fetch(_SQL["live"], LOCK_SPACE)
-        return {row["id"] for row in rows}
+        ids = {row["id"] for row in rows}
+        self.others = ids - {self.id}
+        return ids
 
     async def close(self) -> None:
         if self._task is not None:

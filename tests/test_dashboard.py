@@ -539,6 +539,42 @@ async def test_a_dashboard_on_one_replica_follows_what_is_done_through_another(
         await screenshot(page, tmp_path, "jobs-through-another-replica")
 
 
+async def test_a_job_page_on_one_replica_follows_its_job_changed_through_another_at_once(
+    settings: Settings, data_root: Path
+) -> None:
+    """A job page's events (the shared stream's `?job=`) on replica B, for a job cancelled
+    through replica A: B is told by A's notice on `comfyfleet_jobs`, not by a re-read of the
+    job once a second (it took 0.9-1 s then: the cancel came just after B read the job)."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        bases = []
+        for replica in ("a", "b"):  # no backend: the job stays queued until cancelled
+            port = free_ports(1)
+            base = f"http://{LOOPBACK}:{port}"
+            await stack.enter_async_context(python_process(
+                "comfyfleet", "serve", env=serve_env(settings, data_root / replica, port),
+                ready_url=base + "/healthz"))
+            bases.append(base + settings.route_prefix)
+        through_a, through_b = bases
+        # Submitted through B: A changes no job before the cancel, so its notice goes at once
+        # (it tells at most one a second).
+        job = await api(http, "POST", f"{through_b}/jobs", status=202,
+                        body={"workflow": "invert", "params": {"width": 16}})
+        async with http.get(f"{through_b}/dashboard/events",
+                            params={"job": job["id"]}) as response:
+            assert response.status == 200
+            events = read_events(response, "job")
+            async with asyncio.timeout(20):
+                first = await anext(events)
+                assert (first["event"], first["data"]["status"]) == ("state", "queued")
+                cancelled = asyncio.get_running_loop().time()
+                await api(http, "POST", f"{through_a}/jobs/{job['id']}/cancel")
+                told = await anext(events)
+                waited = asyncio.get_running_loop().time() - cancelled
+    assert told["event"] == "cancelled"
+    assert waited < 0.5, waited
+
+
 async def test_dashboard_stream_tells_of_a_drain_at_once(settings: Settings) -> None:
     async with SimulatedComfyUI() as sim:
         settings.comfyui_endpoints = [f"{sim.url}#only"]

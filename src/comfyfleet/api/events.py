@@ -12,7 +12,6 @@ client reconnecting with Last-Event-ID gets the next change, not a repeat.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import uuid
@@ -31,8 +30,6 @@ from comfyfleet.services import Services
 
 router = APIRouter(tags=["jobs"])
 
-# Changes made by another process reach no notice here; read the job this often regardless.
-REREAD_SECONDS = 1.0
 PING_SECONDS = 15
 
 
@@ -73,13 +70,11 @@ async def job_stream(
                                       id=event_id)
             elif terminal:
                 return  # resumed after the end: nothing more to tell
-            try:
-                async with asyncio.timeout(REREAD_SECONDS):
-                    while (notice := await notices.get()) is not None:
-                        if previews and isinstance(notice, PreviewImage):
-                            yield _preview_event(notice)
-            except TimeoutError:
-                pass
+            # Until the job changes here or another process says that its jobs changed
+            # (peers.py): previews as they come.
+            while (notice := await notices.get()) is not None:
+                if previews and isinstance(notice, PreviewImage):
+                    yield _preview_event(notice)
     finally:
         svc.events.stop(job_id, notices)
 

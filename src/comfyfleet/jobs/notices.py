@@ -3,9 +3,9 @@ its execution's log.
 
 The database stays the source of truth (a listener re-reads the job); notices only save the
 listeners from polling, and previews and log lines exist nowhere else (a log line is told to
-whoever listens when it happens, and kept by no one). Another process's changes to a job are
-seen by its listeners' periodic re-read; that jobs changed in another process at all is told
-by peers.py (`changed_elsewhere`), for the dashboard's lists.
+whoever listens when it happens, and kept by no one). That jobs changed in another process is
+told by peers.py (`changed_elsewhere`, without saying which): every listener re-reads its job
+then, and the dashboard's lists theirs.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ class JobNotices:
         self.any_job.beat()
 
     def changed_elsewhere(self) -> None:
-        """Another process changed some of its jobs."""
+        """Another process changed some of its jobs: any listener's may be among them (told
+        at most once a second by each process, however busy: peers.py)."""
+        for job_id in list(self._listeners):
+            self._publish(job_id, None)
         self.any_job.beat()
 
     def preview(self, job_id: uuid.UUID, preview: PreviewImage) -> None:

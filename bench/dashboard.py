@@ -18,19 +18,23 @@ away, to `hooks.invalid`, which never resolves), then ANALYZE.
    from the start of the navigation to a table row for every backend, by the page's own clock
    (checked at every frame), `--loads` times, each in a new tab. Target: <= 1 s.
 3. The live stream's CPU cost: the queued history is cancelled, every backend enabled and
-   `invert` jobs submitted open loop at `--rate` per second throughout; rounds alternate
-   `--window` seconds without any dashboard open and with `--pages` Chromium tabs open (fleet,
-   jobs, backlog and webhooks pages in turn, following the stream and re-reading what they
-   show when it says so). The service's CPU per open dashboard is (with - without, scaled by
-   the jobs each window completed) / pages. Target: < 1 % of a core at 50 jobs/s. One service
-   process completes fewer than 50 jobs/s on this machine (bench/RESULTS.md, throughput), so
-   the default rate is 10: the stream sends a page at most two events a second however busy
-   the fleet is, each jobs event makes the page re-read one page of jobs, and each fleet event
-   carries every backend, so above a few jobs/s a page's cost no longer grows with the rate.
+   `invert` jobs submitted open loop at `--rate` per second throughout; each round measures
+   three `--window` second windows: nothing open; `--pages` Chromium tabs in one browser
+   context, as an operator's browser has them (fleet, jobs, backlog and webhooks pages in
+   turn: the tabs share one live stream through live.js's SharedWorker, and each re-reads
+   what it shows when the stream says so); `--streams` live streams read by this process
+   with no page behind them (what the stream alone costs, and how many events it tells per
+   second). The service's CPU per open dashboard is (with - without, scaled by the jobs each
+   window completed) / pages. Target: < 1 % of a core at 50 jobs/s. One service process
+   completes fewer than 50 jobs/s on this machine (bench/RESULTS.md, throughput); but the
+   stream sends a page at most one `fleet` and one `jobs` event every 2 s however busy the
+   fleet is (api/dashboard.py, MIN_EVENT_INTERVAL), each `jobs` event makes a page re-read
+   what it shows, and each `fleet` event carries every backend, so above a few jobs/s what a
+   dashboard costs no longer grows with the rate: the streams' events per second say so.
 
 Run from the repository root:  .venv/bin/python -m bench.dashboard
     [--backends 200] [--jobs 100000] [--requests 50] [--loads 10] [--rate 50] [--pages 8]
-    [--window 60] [--rounds 2]
+    [--streams 50] [--window 60] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, async_playwright
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -293,26 +297,26 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def admin_tab(browser: Browser) -> Page:
-    """A tab logged in as the admin (the key in its storage before the page runs), in a
-    browser context of its own: Chromium opens at most six connections to one host per
-    context, and every open dashboard holds one for its live stream."""
+async def admin_context(browser: Browser) -> BrowserContext:
+    """A browser context logged in as the admin (the key in each tab's storage before the
+    page runs)."""
     context = await browser.new_context(viewport={"width": 1280, "height": 800})
     await context.add_init_script(
         f"sessionStorage.setItem('comfyfleet.key', {json.dumps(ADMIN)})")
-    return await context.new_page()
+    return context
 
 
 async def fleet_page_loads(
     browser: Browser, serve: Serve, backends: int, count: int,
 ) -> list[float]:
     """Seconds from the start of the navigation (the page's own clock, performance.now())
-    to a row for every backend, each in a new tab."""
+    to a row for every backend, each in a new tab of a fresh browser context (nothing
+    cached, no stream already open)."""
     shown = (f"() => document.querySelectorAll('#fleet tbody tr').length === {backends} "
              "&& performance.now()")
     seconds = []
     for _ in range(count):
-        page = await admin_tab(browser)
+        page = await (await admin_context(browser)).new_page()
         try:
             await page.goto(f"{serve.base}/dashboard#/fleet")
             loaded = await page.wait_for_function(shown, timeout=30_000)
@@ -333,20 +337,20 @@ REREADS = {"/jobs?": "GET /jobs?limit=50", "/dashboard/backlog": "GET /dashboard
 
 async def open_pages(
     browser: Browser, serve: Serve, count: int, reads: dict[str, int],
-) -> list[Page]:
-    """`count` tabs, each on one of the pages in turn, following the live stream; each read
-    they make is counted in `reads` by its endpoint."""
+) -> BrowserContext:
+    """`count` tabs of one browser context (as an operator's browser has them: one live
+    stream shared by every tab through live.js's SharedWorker), each on one of the pages in
+    turn; each read they make is counted in `reads` by its endpoint."""
     def note(request: Any) -> None:
         for fragment, name in REREADS.items():
             if fragment in request.url:
                 reads[name] = reads.get(name, 0) + 1
                 return
 
-    pages = []
+    context = await admin_context(browser)
     for index in range(count):
-        page = await admin_tab(browser)
+        page = await context.new_page()
         page.on("request", note)
-        pages.append(page)
         await page.goto(f"{serve.base}/dashboard#/{VIEWS[index % len(VIEWS)]}",
                         timeout=PAGE_OPEN_MS)
         try:
@@ -357,7 +361,29 @@ async def open_pages(
             print("a page did not go live; it shows:", await page.inner_text("body"),
                   flush=True)
             raise
-    return pages
+    return context
+
+
+async def raw_streams(
+    serve: Serve, count: int, events: dict[str, int], stop: asyncio.Event,
+) -> None:
+    """`count` live streams read as a browser's worker reads them, with no page behind them
+    (so no re-reads): each event counted in `events` by its name, until `stop`."""
+    async def one(http: aiohttp.ClientSession) -> None:
+        async with http.get(f"{serve.api}/dashboard/events") as response:
+            assert response.status == 200, response.status
+            async for line in response.content:
+                if line.startswith(b"event:"):
+                    name = line[6:].strip().decode()
+                    events[name] = events.get(name, 0) + 1
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"},
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        tasks = [asyncio.create_task(one(http)) for _ in range(count)]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def finished_jobs(engine: AsyncEngine) -> int:
@@ -429,36 +455,65 @@ async def stream_cost(
         for _ in range(args.rounds):
             without, done_without = await cpu_window(meter, engine, args.window)
             reads: dict[str, int] = {}
-            pages = await open_pages(browser, serve, args.pages, reads)
+            context = await open_pages(browser, serve, args.pages, reads)
             await asyncio.sleep(SETTLE_SECONDS)
             reads.clear()
             with_pages, done_with = await cpu_window(meter, engine, args.window)
             reread = dict(reads)
-            for page in pages:
-                await page.context.close()
+            await context.close()
+            events: dict[str, int] = {}
+            closed = asyncio.Event()
+            streams = asyncio.create_task(raw_streams(serve, args.streams, events, closed))
             await asyncio.sleep(SETTLE_SECONDS)
-            rounds.append({"without": without, "with": with_pages, "reads": reread,
+            events.clear()
+            with_streams, done_streams = await cpu_window(meter, engine, args.window)
+            told = dict(events)
+            closed.set()
+            await streams
+            await asyncio.sleep(SETTLE_SECONDS)
+            rounds.append({"without": without, "with": with_pages, "streams": with_streams,
+                           "reads": reread, "events": told,
                            "jobs_per_second": [round(done_without / args.window, 1),
-                                               round(done_with / args.window, 1)]})
+                                               round(done_with / args.window, 1),
+                                               round(done_streams / args.window, 1)]})
     finally:
         stop.set()
         refused = await load
-    return {"rounds": rounds, "refused": refused, **per_page(rounds, args.pages)}
+    return {"rounds": rounds, "refused": refused, **per_page(rounds, args.pages),
+            **per_stream(rounds, args)}
+
+
+def extra_cores(
+    rounds: list[dict[str, Any]], name: str, window: str, index: int, count: int,
+) -> float:
+    """Cores of component `name` per page or stream in the `window` of each round, less
+    its cores without, scaled to the jobs finished in that window (the machine may let fewer
+    or more through); the mean over the rounds."""
+    extra: list[float] = []
+    for entry in rounds:
+        without, loaded = entry["without"][name], entry[window][name]
+        rate_without, rate_with = entry["jobs_per_second"][0], entry["jobs_per_second"][index]
+        scaled = without * (rate_with / rate_without) if rate_without else without
+        extra.append((loaded - scaled) / count)
+    return round(sum(extra) / len(extra), 4)
 
 
 def per_page(rounds: list[dict[str, Any]], pages: int) -> dict[str, float]:
-    """Cores per open dashboard: the service's CPU with the pages open, less its CPU without
-    scaled to the jobs finished with them (the machine may let fewer or more through)."""
-    found = {}
-    for name in ("comfyfleet serve", "postgres"):
-        extra = []
-        for entry in rounds:
-            without, with_pages = entry["without"][name], entry["with"][name]
-            rate_without, rate_with = entry["jobs_per_second"]
-            scaled = without * (rate_with / rate_without) if rate_without else without
-            extra.append((with_pages - scaled) / pages)
-        found[f"{name}, cores per open dashboard"] = round(sum(extra) / len(extra), 4)
-    return found
+    """Cores per open dashboard (tab)."""
+    return {f"{name}, cores per open dashboard": extra_cores(rounds, name, "with", 1, pages)
+            for name in ("comfyfleet serve", "postgres")}
+
+
+def per_stream(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """Cores per open stream without a page behind it, and the events each stream was told
+    per second: what the stream alone costs, whatever the rate of jobs."""
+    seconds = args.window * args.streams * len(rounds)
+    return {
+        "comfyfleet serve, cores per open stream":
+            extra_cores(rounds, "comfyfleet serve", "streams", 2, args.streams),
+        "events per open stream per second":
+            round(sum(sum(entry["events"].values()) for entry in rounds) / seconds, 3),
+    }
 
 
 def reread_cost(result: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
@@ -545,17 +600,20 @@ def report_browser(browser: dict[str, float], args: argparse.Namespace) -> None:
 def report_stream(stream: dict[str, Any], args: argparse.Namespace) -> None:
     rows = []
     for number, entry in enumerate(stream["rounds"], 1):
-        for label in ("without", "with"):
-            rows.append((f"round {number}, {label} {args.pages} pages",
-                         entry[label]["comfyfleet serve"], entry[label]["postgres"],
-                         entry[label]["chromium (the open pages)"],
-                         entry[label]["machine (all processes)"],
-                         entry["jobs_per_second"][label == "with"]))
+        for index, (window, label) in enumerate([
+                ("without", "nothing open"), ("with", f"{args.pages} tabs, one browser context"),
+                ("streams", f"{args.streams} streams, no page")]):
+            rows.append((f"round {number}, {label}",
+                         entry[window]["comfyfleet serve"], entry[window]["postgres"],
+                         entry[window]["chromium (the open pages)"],
+                         entry[window]["machine (all processes)"],
+                         entry["jobs_per_second"][index]))
     print_table([f"cores busy at {args.rate:g} jobs/s offered", "serve", "postgres", "chromium",
                  "machine", "jobs/s done"], rows)
     print(f"refused submissions: {stream['refused']}")
+    print("events told to the raw streams:", [entry["events"] for entry in stream["rounds"]])
     for name, value in stream.items():
-        if "per open dashboard" in name:
+        if "per open" in name:
             print(f"{name}: {value}" + (f" (target < {CPU_TARGET})" if "cores" in name else ""))
 
 
@@ -569,6 +627,8 @@ if __name__ == "__main__":
     parser.add_argument("--loads", type=int, default=10, help="of the fleet page in Chromium")
     parser.add_argument("--rate", type=float, default=10.0, help="jobs/s during the CPU rounds")
     parser.add_argument("--pages", type=int, default=8, help="dashboards open in a CPU round")
+    parser.add_argument("--streams", type=int, default=50,
+                        help="live streams with no page behind them, in a CPU round")
     parser.add_argument("--window", type=float, default=60.0, help="seconds a CPU window lasts")
     parser.add_argument("--rounds", type=int, default=2)
     asyncio.run(main(parser.parse_args()))

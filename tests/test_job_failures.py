@@ -21,7 +21,7 @@ from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
-from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import Choice, JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
 from comfyfleet.settings import Settings
@@ -207,3 +207,40 @@ def test_a_jobs_end_forgets_the_extra_data_held_for_it() -> None:
     assert held.get(job.id) is None
     assert held.get(other.id) == ExtraData({"api_key_comfy_org": "partner-key"})
     assert "partner-key" not in repr(held.get(other.id))
+
+
+async def test_a_job_requeued_after_it_reached_uploading_shows_no_upload_until_it_uploads_again(
+    engine: AsyncEngine,
+) -> None:
+    """A job whose prompt was lost while its outputs were being uploaded (its backend restarted
+    with an empty history, say) is requeued and claimed again: its timeline (GET /jobs/{id},
+    the dashboard's job page) must not show the old run's upload while the new run is on its
+    way, nor keep that time once the new run uploads."""
+    repository = JobRepository(engine)
+    await BackendRegistry(engine).add(Backend("gpu0", "http://127.0.0.1:9"))  # a row only
+    job, _ = await repository.insert(Job(workflow="invert", prompt=INVERT_PROMPT))
+
+    async def claimed() -> Job:
+        found = await repository.claim_next("gpu0", str(uuid.uuid4()), max_inflight=1,
+                                            pick=lambda queued: Choice(queued[0].id))
+        assert found is not None and found.id == job.id
+        return found
+
+    async def uploading(job: Job) -> Job:
+        running = await repository.transition(job, {JobStatus.DISPATCHED},
+                                              status=JobStatus.RUNNING, started_at=utcnow())
+        assert running is not None and running.uploading_at is None
+        found = await repository.transition(running, {JobStatus.RUNNING},
+                                            status=JobStatus.UPLOADING, uploading_at=utcnow())
+        assert found is not None and found.uploading_at is not None
+        return found
+
+    first = await uploading(await claimed())
+    assert await repository.requeue(first) is not None
+    again = await claimed()
+    assert (again.attempts, again.uploading_at, again.started_at) == (2, None, None)
+    stored = await repository.get(job.id)
+    assert stored is not None and stored.uploading_at is None
+    second = await uploading(again)
+    assert second.uploading_at is not None and first.uploading_at is not None
+    assert second.uploading_at > first.uploading_at

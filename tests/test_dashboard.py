@@ -204,6 +204,63 @@ async def test_eight_job_pages_on_running_jobs_all_follow_them_live(
             await expect(tab.locator("#job-status")).to_have_text("succeeded", timeout=40_000)
 
 
+# A port of the dashboard's SharedWorker (live.js) opened by the test in a tab, standing for
+# as many job pages as jobs it follows (each tab is a port; one port may follow many jobs):
+# what it is told of each job is kept in `window.told`.
+JOB_PAGES_PORT = """(jobs) => {
+  const { port } = new SharedWorker(new URL("/dashboard/static/live.js", location.href),
+                                    { type: "module", name: "comfyfleet-live" });
+  window.told = {};
+  port.addEventListener("message", ({ data }) => {
+    if (data.type === "job") (window.told[data.job] ??= []).push(data.name);
+    if (data.type === "refused") window.refused = data.status;
+  });
+  port.start();
+  const api = document.querySelector('meta[name="comfyfleet-api"]').content;
+  port.postMessage({ type: "follow", api, key: sessionStorage.getItem("comfyfleet.key") });
+  for (const job of jobs) port.postMessage({ type: "job", job });
+  window.jobPages = port;
+}"""
+
+
+async def test_past_a_hundred_job_pages_the_newest_follow_live_and_the_rest_by_the_jobs_events(
+    settings: Settings, browser: BrowserContext, page: Page, tmp_path: Path
+) -> None:
+    """The shared stream carries 100 jobs at most (the service refuses more, and with them
+    the tabs would lose the whole stream): past 100 job pages, the 100 opened last follow
+    their jobs over it, and the others re-read theirs when it says that jobs changed."""
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix  # no backend: every job stays queued
+        jobs = [(await api(http, "POST", f"{prefix}/jobs", status=202,
+                           body={"workflow": "invert", "params": {"width": 16}}))["id"]
+                for _ in range(101)]
+        oldest, newest = jobs[0], jobs[-1]
+        await page.goto(f"{base}/dashboard#/jobs/{oldest}")
+        await expect(page.locator("#job-status")).to_have_text("queued")
+        await expect(page.locator("#job-waiting")).to_contain_text("position 1 in the queue")
+        await page.evaluate("() => { window.notReloaded = true; }")
+
+        others = await browser.new_page()  # a hundred more job pages, opened after it
+        try:
+            await others.goto(f"{base}/dashboard#/fleet")
+            await others.evaluate(JOB_PAGES_PORT, jobs[1:])
+            await others.wait_for_function(
+                f"() => window.refused || window.told[{json.dumps(newest)}]?.includes('state')",
+                timeout=WAIT_MS)
+            assert await others.evaluate("() => window.refused ?? null") is None
+            await api(http, "POST", f"{prefix}/jobs/{newest}/cancel")
+            await others.wait_for_function(
+                f"() => window.told[{json.dumps(newest)}]?.includes('cancelled')",
+                timeout=WAIT_MS)
+
+            await api(http, "POST", f"{prefix}/jobs/{oldest}/cancel")
+            await expect(page.locator("#job-status")).to_have_text("cancelled")
+            assert await page.evaluate("() => window.notReloaded === true")
+            await screenshot(page, tmp_path, "job-past-a-hundred-pages")
+        finally:
+            await others.close()
+
+
 async def close_all(tabs: list[Page]) -> None:
     for tab in tabs:
         await tab.close()

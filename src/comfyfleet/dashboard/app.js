@@ -59,9 +59,10 @@ function followApi(path, onEvent, signal, onState) {
 
 // The dashboard's live stream: `onEvent(name, data, at)`, `at` when the event arrived. Shared
 // with the other tabs through live.js where the browser has SharedWorker (see there why); a
-// tab of its own otherwise. Returns what closes it, and `followJob(id, onEvent)`: the job's
-// events (`onEvent(name, data)`, as GET /jobs/{id}/events?previews=true has them), carried by
-// the shared stream, until the function it returns is called.
+// tab of its own otherwise. Returns what closes it, and `followJob(id, onEvent, onCarried)`:
+// the job's events (`onEvent(name, data)`, as GET /jobs/{id}/events?previews=true has them),
+// carried by the shared stream, until the function it returns is called; `onCarried(false)`
+// when the stream carries them no more (too many job pages are open: live.js), true again.
 function openLive(onEvent, onState) {
   if (typeof SharedWorker !== "function") {
     const controller = new AbortController();
@@ -77,10 +78,11 @@ function openLive(onEvent, onState) {
   }
   const { port } = new SharedWorker(new URL("./live.js", import.meta.url),
     { type: "module", name: "comfyfleet-live" });
-  const jobs = new Map(); // job id -> onEvent, of the job page shown
+  const jobs = new Map(); // job id -> { onJobEvent, onCarried }, of the job page shown
   port.addEventListener("message", ({ data }) => {
     if (data.type === "event") onEvent(data.name, data.data, data.at);
-    else if (data.type === "job") jobs.get(data.job)?.(data.name, data.data);
+    else if (data.type === "job") jobs.get(data.job)?.onJobEvent(data.name, data.data);
+    else if (data.type === "carried") jobs.get(data.job)?.onCarried(data.carried);
     else if (data.type === "state") onState(data.on);
     else if (data.type === "refused" && data.status === 401) showLogin();
   });
@@ -101,11 +103,12 @@ function openLive(onEvent, onState) {
       window.removeEventListener("pageshow", back);
       port.close();
     },
-    followJob(job, onJobEvent) {
-      jobs.set(job, onJobEvent);
+    followJob(job, onJobEvent, onCarried) {
+      const following = { onJobEvent, onCarried };
+      jobs.set(job, following);
       port.postMessage({ type: "job", job });
       return () => {
-        if (jobs.get(job) !== onJobEvent) return;
+        if (jobs.get(job) !== following) return;
         jobs.delete(job);
         port.postMessage({ type: "unjob", job });
       };
@@ -347,6 +350,7 @@ function jobRow(job) {
 function jobView(jobId) {
   let job = null;
   let unfollow = null; // stops the job's events
+  let carried = true; // whether the shared stream carries them (else re-read on `jobs`)
   async function reload() {
     job = await api("GET", `/jobs/${jobId}`);
     if (!shownNow(view)) return;
@@ -416,6 +420,7 @@ function jobView(jobId) {
   function stopFollowing() {
     unfollow?.();
     unfollow = null;
+    carried = true;
   }
   const view = {
     name: "job",
@@ -425,11 +430,17 @@ function jobView(jobId) {
       // one of the six connections a browser opens to a host.
       if (!TERMINAL.has(job.status) && shownNow(view) && state.live) {
         stopFollowing();
-        unfollow = state.live.followJob(jobId, onEvent);
+        unfollow = state.live.followJob(jobId, onEvent, (on) => { carried = on; });
       }
     },
-    onJobs() {
-      if (TERMINAL.has(job?.status)) loadDeliveries(); // a redelivery may have been answered
+    async onJobs() {
+      if (TERMINAL.has(job?.status)) {
+        loadDeliveries(); // a redelivery may have been answered
+      } else if (!carried) {
+        // The stream does not carry this job's events: read it when jobs changed.
+        await reload();
+        if (TERMINAL.has(job.status)) stopFollowing();
+      }
     },
     close: stopFollowing,
   };

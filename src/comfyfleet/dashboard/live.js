@@ -5,23 +5,33 @@
 // leaves. The worker lives as long as any tab of the dashboard is open, whichever opened it.
 // The same stream carries the events of the jobs whose pages the tabs show (`?job=`): when
 // that set changes, the stream is opened anew with the new set, and each job's events go to
-// the tabs showing it.
+// the tabs showing it. It carries the MAX_CARRIED jobs followed last; the tabs of the others
+// are told so (`carried`: false) and re-read their job whenever the stream says that jobs
+// changed (at most once every 2 s), until one of the carried jobs is left and theirs is
+// carried again. The service refuses a stream with more (and the tabs would lose it all).
 
 import { follow } from "./sse.js";
 
-// `${api} ${key}` -> { id, api, key, ports, jobs: Map(job id -> Set(port)), controller, fleet, on }
+// The jobs one stream may carry: MAX_FOLLOWED_JOBS in api/dashboard.py.
+const MAX_CARRIED = 100;
+// A change of the jobs carried waits this long for more (tabs restored at once, say), so that
+// a burst of them opens one stream, not one each.
+const REOPEN_MS = 20;
+
+// `${api} ${key}` -> { id, api, key, ports, jobs: Map(job id -> Set(port)), carried: Set(job id),
+//   reopening, controller, fleet, on }; `jobs` in the order they were first followed.
 const groups = new Map();
 
 function tell(ports, message) {
   for (const port of ports) port.postMessage(message);
 }
 
-// (Re)open the group's stream for the jobs its tabs show now; the stream it replaces ends.
+// (Re)open the group's stream for the jobs it carries now; the stream it replaces ends.
 function open(group) {
   group.controller?.abort();
   const controller = new AbortController();
   group.controller = controller;
-  const query = [...group.jobs.keys()].map((job) => `job=${encodeURIComponent(job)}`).join("&");
+  const query = [...group.carried].map((job) => `job=${encodeURIComponent(job)}`).join("&");
   follow(`${group.api}/dashboard/events${query ? `?${query}` : ""}`,
     group.key ? { Authorization: `Bearer ${group.key}` } : {},
     (name, data) => {
@@ -44,11 +54,30 @@ function open(group) {
   });
 }
 
+// Carry the jobs followed last, tell the tabs whose job is carried no more or again, and
+// reopen the stream if what it carries changed.
+function carry(group) {
+  const carried = new Set([...group.jobs.keys()].slice(-MAX_CARRIED));
+  const changed = carried.size !== group.carried.size || [...carried].some((job) => !group.carried.has(job));
+  for (const job of new Set([...carried, ...group.carried])) {
+    if (carried.has(job) !== group.carried.has(job)) {
+      tell(group.jobs.get(job) ?? [], { type: "carried", job, carried: carried.has(job) });
+    }
+  }
+  group.carried = carried;
+  if (changed && !group.reopening) {
+    group.reopening = setTimeout(() => {
+      group.reopening = null;
+      if (groups.get(group.id) === group) open(group);
+    }, REOPEN_MS);
+  }
+}
+
 function join(port, api, key) {
   const id = `${api} ${key ?? ""}`;
   let group = groups.get(id);
   if (!group) {
-    group = { id, api, key, ports: new Set(), jobs: new Map(), controller: null, fleet: null, on: false };
+    group = { id, api, key, ports: new Set(), jobs: new Map(), carried: new Set(), reopening: null, controller: null, fleet: null, on: false };
     groups.set(id, group);
     open(group);
   }
@@ -66,14 +95,15 @@ function drop(group) {
 function followJob(port, group, job) {
   const ports = group.jobs.get(job);
   if (ports) {
-    ports.add(port); // the stream has the job already; its next event reaches this tab too
+    ports.add(port); // the stream has the job already (or does not carry it: tell this tab)
+    if (!group.carried.has(job)) port.postMessage({ type: "carried", job, carried: false });
     return;
   }
   group.jobs.set(job, new Set([port]));
-  open(group);
+  carry(group);
 }
 
-// Whether the stream must change: no tab shows the job any more.
+// Whether the stream may have to change: no tab shows the job any more.
 function release(port, group, job) {
   const ports = group.jobs.get(job);
   if (!ports?.delete(port) || ports.size) return false;
@@ -82,7 +112,7 @@ function release(port, group, job) {
 }
 
 function unfollowJob(port, group, job) {
-  if (release(port, group, job)) open(group);
+  if (release(port, group, job)) carry(group);
 }
 
 function leave(port, group) {
@@ -93,7 +123,7 @@ function leave(port, group) {
   }
   let released = false;
   for (const job of [...group.jobs.keys()]) released = release(port, group, job) || released;
-  if (released) open(group);
+  if (released) carry(group);
 }
 
 self.addEventListener("connect", (event) => {

@@ -388,9 +388,17 @@ async def raw_streams(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def finished_jobs(engine: AsyncEngine) -> int:
-    return int((await sample(engine, "SELECT count(*) FROM jobs WHERE status = 'succeeded' "
-                                     "AND finished_at > now() - interval '1 hour'"))[0][0])
+async def database_now(engine: AsyncEngine) -> Any:
+    return (await sample(engine, "SELECT now()"))[0][0]
+
+
+async def finished_since(engine: AsyncEngine, since: Any) -> int:
+    """Jobs succeeded since `since` (the database's time): not those of the last hour, from
+    which the history's own jobs leave at about one a second."""
+    async with engine.connect() as conn:
+        found = await conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'succeeded' "
+                                        "AND finished_at >= :since"), {"since": since})
+        return int(found.scalar_one())
 
 
 def chromium_processes() -> Component:
@@ -411,12 +419,12 @@ async def cpu_window(
 ) -> tuple[dict[str, float], int]:
     """Cores busy per component over `window` seconds, and the jobs finished meanwhile."""
     meter.components[-1] = chromium_processes()
-    before = await finished_jobs(engine)
+    started = await database_now(engine)
     meter.start()
     await asyncio.sleep(window)
     meter.stop()
     cores = {name: round(used / meter.seconds, 4) for name, used in meter.used.items()}
-    return cores, await finished_jobs(engine) - before
+    return cores, await finished_since(engine, started)
 
 
 async def submit_load(serve: Serve, tenant: str, rate: float, stop: asyncio.Event) -> int:

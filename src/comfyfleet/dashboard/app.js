@@ -656,20 +656,11 @@ function showLogin(message) {
 }
 
 async function start() {
-  let me;
-  try {
-    me = await api("GET", "/dashboard/me");
-  } catch (error) {
-    if (!(error instanceof ApiError && error.status === 401)) main().replaceChildren(problem(error));
-    return;
-  }
-  state.admin = me.admin;
-  state.tenants = me.tenants;
-  document.getElementById("login").hidden = true;
-  document.getElementById("who").textContent = !me.keys ? "open (no API keys)" : me.admin ? "admin key" : "tenant key";
-  document.getElementById("logout").hidden = !me.keys;
   const live = document.getElementById("live");
   state.live?.close();
+  // Opened while /dashboard/me is asked: the fleet page waits for the stream's first event,
+  // and the worker and its stream take longer to start than the answer (a wrong key gets a
+  // 401 from both, and the login closes the stream).
   state.live = openLive((name, data, at) => {
     if (name === "fleet") {
       state.fleet = data;
@@ -682,6 +673,22 @@ async function start() {
     live.classList.toggle("on", on);
     live.textContent = on ? "live" : "offline";
   });
+  let me;
+  try {
+    me = await api("GET", "/dashboard/me");
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) {
+      state.live?.close();
+      state.live = null;
+      main().replaceChildren(problem(error));
+    }
+    return;
+  }
+  state.admin = me.admin;
+  state.tenants = me.tenants;
+  document.getElementById("login").hidden = true;
+  document.getElementById("who").textContent = !me.keys ? "open (no API keys)" : me.admin ? "admin key" : "tenant key";
+  document.getElementById("logout").hidden = !me.keys;
   await show();
 }
 

@@ -351,9 +351,12 @@ function jobView(jobId) {
   let job = null;
   let unfollow = null; // stops the job's events
   let carried = true; // whether the shared stream carries them (else re-read on `jobs`)
+  let told = 0; // changes drawn: a read begun before the latest is stale when it answers
   async function reload() {
-    job = await api("GET", `/jobs/${jobId}`);
-    if (!shownNow(view)) return;
+    const asked = ++told;
+    const found = await api("GET", `/jobs/${jobId}`);
+    if (asked !== told || !shownNow(view)) return;
+    job = found;
     draw();
     await loadDeliveries();
   }
@@ -412,6 +415,7 @@ function jobView(jobId) {
       if (preview) { preview.src = data.image; preview.hidden = false; }
     } else if (TERMINAL.has(name)) {
       stopFollowing();
+      told += 1;
       job = data;
       draw();
       loadDeliveries();

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from comfyfleet.pulse import Pulse
 
-QUEUE_SIZE = 64  # a slow listener loses previews, never the state (it re-reads the job)
+QUEUE_SIZE = 64  # a slow listener loses previews and log lines, never that the job changed
 # Jobs whose latest preview is kept, for a listener that comes later (the Comfy API v2 stream
 # starts with it); the oldest is forgotten first.
 LATEST_PREVIEWS = 1024
@@ -79,9 +79,10 @@ class JobNotices:
 
     def _publish(self, job_id: uuid.UUID, notice: Notice) -> None:
         for queue in self._listeners.get(job_id, ()):
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(notice)
+            told = notice
+            if queue.full() and queue.get_nowait() is None:
+                told = None  # the change, not the preview or line: nothing re-reads otherwise
+            queue.put_nowait(told)
 
     def listen(self, job_id: uuid.UUID) -> asyncio.Queue[Notice]:
         queue: asyncio.Queue[Notice] = asyncio.Queue(QUEUE_SIZE)

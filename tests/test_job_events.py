@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
+from comfyfleet.jobs.notices import QUEUE_SIZE, JobNotices, PreviewImage
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -219,3 +220,16 @@ async def test_a_dispatched_jobs_eta_counts_the_prompt_ahead_of_it_on_its_backen
     assert (first["data"]["status"], event["event"]) == ("dispatched", "succeeded")
     eta = first["data"]["eta_seconds"]
     assert abs(took - eta) <= 0.5 + 0.15 * eta, (eta, took)
+
+
+def test_a_listener_behind_on_previews_still_learns_that_its_job_changed() -> None:
+    """A listener's queue is bounded: when it is full the oldest goes, but never the notice
+    that the job changed: a job's stream re-reads its job on nothing else (api/events.py)."""
+    notices = JobNotices()
+    job_id = uuid.uuid4()
+    queue = notices.listen(job_id)
+    notices.changed(job_id)
+    for _ in range(QUEUE_SIZE * 2):  # a slow reader: more previews than the queue holds
+        notices.preview(job_id, PreviewImage("3", "image/jpeg", b"\xff\xd8"))
+    kept = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert len(kept) == QUEUE_SIZE and None in kept

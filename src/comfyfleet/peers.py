@@ -15,7 +15,8 @@ each what the others did:
 - the jobs: each process forwards the beats of its own JobNotices.here to JOBS_CHANNEL, at most
   one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
   would serialise the commits of every process), and hears the others' as
-  JobNotices.changed_elsewhere, so that a dashboard on any replica follows every replica's jobs.
+  JobNotices.changed_elsewhere, so that a dashboard's lists and a job's events on any replica
+  follow every replica's jobs.
 Each (re)connect of the listening connection counts as a change of all three: what was said while
 nobody listened is not said again.
 

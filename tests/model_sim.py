@@ -1,5 +1,5 @@
 """A simulated ComfyUI that has model files: the model nodes the repository's GPU workflows use,
-as a real ComfyUI 0.3.64 describes them (tests/fixtures), its checkpoint loader listing the
+as a real ComfyUI 0.3.64 describes them (the simulator's `models`), its loaders listing the
 files given. The simulator runs them as pass-throughs, so sd15_txt2img and sdxl_txt2img run on
 it when it has their checkpoint, and are rejected (400, value not in list) when it has not.
 
@@ -11,31 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from comfyfleet.sim import SimulatedComfyUI
 
 FULL_OBJECT_INFO = (
     Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64" / "object_info_full.json"
 )
-# What sd15_txt2img, sdxl_txt2img and sd15_img2img use beyond the simulator's own nodes.
-MODEL_NODES = ("CheckpointLoaderSimple", "CLIPTextEncode", "KSampler", "VAEDecode", "VAEEncode")
-
-
-def model_nodes(checkpoints: Sequence[str]) -> dict[str, Any]:
-    """Node specs for SimulatedComfyUI(node_specs=...): a server with these checkpoints."""
-    info: dict[str, Any] = json.loads(FULL_OBJECT_INFO.read_text())
-    specs = {name: info[name] for name in MODEL_NODES}
-    specs["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = list(checkpoints)
-    return specs
 
 
 async def serve(port: int, data_dir: Path, duration: float, checkpoints: Sequence[str]) -> None:
     sim = SimulatedComfyUI(port=port, data_dir=data_dir, duration=duration,
-                           node_specs=model_nodes(checkpoints))
+                           models=checkpoints)
     async with sim:
         await asyncio.Event().wait()
 

@@ -27,7 +27,6 @@ from comfyfleet.jobs.comfyui_server import comfyui_server_record
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import S3_CREDENTIALS
-from tests.model_sim import model_nodes
 from tests.support import LOOPBACK, png
 
 SEED = Path(__file__).resolve().parent / "fixtures" / "comfyui-server"
@@ -106,7 +105,7 @@ async def test_a_comfyui_server_client_and_receiver_work_unchanged(
          "client_callback_url": old_receiver.url,
          "params": {"text": "in the snow", "image": picture, "seed": 5}},
     ]
-    async with SimulatedComfyUI(node_specs=model_nodes([CHECKPOINT])) as sim:
+    async with SimulatedComfyUI(models=[CHECKPOINT]) as sim:
         settings.comfyui_endpoints = [sim.url]
         async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:
             answers = []

@@ -12,7 +12,6 @@ from comfyfleet.app import serving
 from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.model_sim import model_nodes
 from tests.support import wait_for_job
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
@@ -42,10 +41,10 @@ async def test_backends_that_cannot_run_the_backlog_cost_one_claim_not_one_each(
 ) -> None:
     async with AsyncExitStack() as stack:
         sd15 = [await stack.enter_async_context(
-            SimulatedComfyUI(name=f"sd15-{n}", node_specs=model_nodes([SD15])))
+            SimulatedComfyUI(name=f"sd15-{n}", models=[SD15]))
             for n in range(3)]
         sdxl = await stack.enter_async_context(
-            SimulatedComfyUI(name="sdxl", node_specs=model_nodes([SDXL])))
+            SimulatedComfyUI(name="sdxl", models=[SDXL]))
         # The three that cannot run the job listed first: as idle as the one that can, they
         # are asked first.
         settings.comfyui_endpoints = [f"{sim.url}#{sim.name}" for sim in [*sd15, sdxl]]

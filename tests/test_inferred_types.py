@@ -21,7 +21,7 @@ from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.workflows.catalog import Workflow, load_catalog
 from comfyfleet.workflows.inference import NOT_KNOWN_YET, NodeInputs
 from comfyfleet.workflows.params import ParamError
-from tests.model_sim import FULL_OBJECT_INFO, model_nodes
+from tests.model_sim import FULL_OBJECT_INFO
 from tests.support import free_ports
 
 # A text-to-image graph as ComfyUI exports it, with placeholders where requests fill values.
@@ -341,8 +341,8 @@ async def test_several_backends_type_what_any_of_them_has(
     directory = tmp_path / "workflows"
     drop_in(directory, "txt2img", TXT2IMG)
     sims = [SimulatedComfyUI(name="cpu"),
-            SimulatedComfyUI(name="gpu-a", node_specs=model_nodes(["a.safetensors"])),
-            SimulatedComfyUI(name="gpu-b", node_specs=model_nodes(["b.safetensors"]))]
+            SimulatedComfyUI(name="gpu-a", models=["a.safetensors"]),
+            SimulatedComfyUI(name="gpu-b", models=["b.safetensors"])]
     async with sims[0], sims[1], sims[2], service(settings, directory, *sims) as (http, prefix):
         await until_connected(http, prefix, 3)
         status, described = await call(http, "GET", f"{prefix}/workflows/txt2img")

@@ -23,8 +23,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from comfyfleet.sim import SimulatedComfyUI, run_sim
+from comfyfleet.sim.nodes import model_specs
 from comfyfleet.workflows.catalog import load_catalog
-from tests.model_sim import model_nodes
 from tests.support import REPO, free_ports
 
 JSON = dict[str, Any]
@@ -1117,8 +1117,8 @@ async def test_node_specs_give_a_server_model_nodes_that_run_as_pass_throughs(
     defaults = {name: spec.default for name, spec in workflow.params.items()}
     prompt = workflow.fill({**defaults, "prompt": "a lighthouse at dawn"})
     checkpoint = prompt["4"]["inputs"]["ckpt_name"]
-    has = SimulatedComfyUI(data_dir=tmp_path / "has", node_specs=model_nodes([checkpoint]))
-    lacks = SimulatedComfyUI(data_dir=tmp_path / "lacks", node_specs=model_nodes(["x.ckpt"]))
+    has = SimulatedComfyUI(data_dir=tmp_path / "has", node_specs=model_specs([checkpoint]))
+    lacks = SimulatedComfyUI(data_dir=tmp_path / "lacks", node_specs=model_specs(["x.ckpt"]))
     async with has, lacks:
         info = await get_json(http, f"{has.url}/object_info/CheckpointLoaderSimple")
         assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [checkpoint]

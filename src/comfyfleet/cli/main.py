@@ -32,6 +32,13 @@ def _speeds(text: str) -> list[float]:
     return speeds
 
 
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give file names like a.safetensors,b.safetensors")
+    return names
+
+
 _SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -116,7 +123,11 @@ def _add_sim(commands: Any) -> None:
     sim.add_argument("--max-upload-size", type=float, default=100, metavar="MB",
                      help="largest request body in MB, as ComfyUI's option (default 100)")
     sim.add_argument("--load-seconds", type=float, default=0.0, metavar="S",
-                     help="seconds SimulatedLoader takes when the cache does not hold it")
+                     help="seconds a loader node takes when the cache does not hold it")
+    sim.add_argument("--models", type=_names, nargs="?", const=[], metavar="FILES",
+                     help="model files the servers have, e.g. a.safetensors,b.safetensors; "
+                     "offers the model nodes of the sample SD workflows and the loaders, "
+                     "listing them (alone: the sample workflows' checkpoints)")
     caching = sim.add_mutually_exclusive_group()
     caching.add_argument("--cache-classic", action="store_true",
                          help="keep the previous prompt's node results (ComfyUI's default)")
@@ -242,6 +253,9 @@ def _main(argv: list[str] | None) -> None:
             _run_server(_serve(settings))
         elif args.command == "sim":
             from comfyfleet.sim import run_sim
+            from comfyfleet.sim.nodes import SAMPLE_MODELS
+
+            models = None if args.models is None else args.models or SAMPLE_MODELS
 
             _run_server(run_sim(args.backends, args.port, host=args.host,
                                 duration=args.duration, speeds=args.speeds,
@@ -251,7 +265,8 @@ def _main(argv: list[str] | None) -> None:
                                 output_size=args.output_size,
                                 max_upload_size=round(args.max_upload_size * 1024 * 1024),
                                 custom_nodes=args.custom_nodes,
-                                cache=_cache_policy(args), load_seconds=args.load_seconds))
+                                cache=_cache_policy(args), load_seconds=args.load_seconds,
+                                models=models))
         elif args.command == "workflows" and args.workflows_command == "import-seed":
             sys.exit(_import_seed(args))
         elif args.command == "workflows":

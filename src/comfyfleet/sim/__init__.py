@@ -28,6 +28,7 @@ class SimOptions(TypedDict, total=False):
     custom_nodes: Sequence[Path]
     cache: CachePolicy
     load_seconds: float
+    models: Sequence[str] | None
 
 
 async def run_sim(

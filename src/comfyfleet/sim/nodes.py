@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -23,6 +23,17 @@ from comfyfleet.sim.blocking import Disk, image_work
 from comfyfleet.sim.files import Folders, pad_file, save_target
 
 SPEC_FILE = "object_info_modelfree_subset.json"
+# The model nodes of real ComfyUI 0.3.64 (from its full /object_info) that the sample SD
+# workflows use, and its common loaders: offered only by a server given model files.
+MODEL_SPEC_FILE = "object_info_model_nodes.json"
+# Each loader and the input naming its model file: the list of files it offers. A loader
+# takes the server's `load_seconds` whenever the cache does not hold it, as loading weights
+# does; the other model nodes run as pass-throughs.
+LOADER_FILE_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "LoraLoader": "lora_name",
+                      "VAELoader": "vae_name", "CLIPLoader": "clip_name",
+                      "UNETLoader": "unet_name"}
+# The checkpoints the sample SD workflows load (`comfyfleet sim --models` with no list).
+SAMPLE_MODELS = ("v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors")
 
 # The simulator's own node: a pass-through that takes `seconds / speed` and reports `steps`
 # progress updates with a small preview image each, standing in for a sampler on a GPU.
@@ -111,12 +122,27 @@ _SCALAR_DEFAULTS: dict[str, Any] = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLE
 def load_specs() -> dict[str, Any]:
     """All node specs by class name: the shipped ComfyUI subset, PreviewAny, SimulatedWork and
     SimulatedLoader."""
-    text = resources.files("comfyfleet.sim").joinpath(SPEC_FILE).read_text(encoding="utf-8")
-    recorded: dict[str, Any] = json.loads(text)
+    recorded = _recorded(SPEC_FILE)
     specs = {name: spec for name, spec in recorded.items() if spec["python_module"] != _LAB_MODULE}
     specs["PreviewAny"] = PREVIEW_ANY_SPEC
     specs["SimulatedWork"] = SIMULATED_WORK_SPEC
     specs["SimulatedLoader"] = SIMULATED_LOADER_SPEC
+    return specs
+
+
+def model_specs(files: Sequence[str]) -> dict[str, Any]:
+    """The model nodes' specs (MODEL_SPEC_FILE) of a server that has `files`: every loader
+    lists them all as its choices (VAELoader before its own "pixel_space", as ComfyUI's)."""
+    specs = _recorded(MODEL_SPEC_FILE)
+    for class_type, name in LOADER_FILE_INPUTS.items():
+        choices = specs[class_type]["input"]["required"][name][0]
+        choices[:0] = list(files)
+    return specs
+
+
+def _recorded(file: str) -> dict[str, Any]:
+    text = resources.files("comfyfleet.sim").joinpath(file).read_text(encoding="utf-8")
+    specs: dict[str, Any] = json.loads(text)
     return specs
 
 
@@ -139,7 +165,7 @@ class NodeContext:
     prompt: dict[str, Any]  # hidden input PROMPT, written into saved PNGs
     extra_pnginfo: Any  # hidden input EXTRA_PNGINFO
     speed: float
-    load_seconds: float  # what SimulatedLoader takes at speed 1
+    load_seconds: float  # what a loader (SimulatedLoader, LOADER_FILE_INPUTS) takes at speed 1
     output_size: int | None  # pad every saved image file to this many bytes
     sleep: Callable[[float], Awaitable[None]]  # returns early when interrupted
     # (value, max, PNG preview or None); raises when interrupted.
@@ -157,6 +183,8 @@ async def run_node(
 ) -> tuple[Outputs, UI]:
     impl = _IMPLEMENTATIONS.get(class_type)
     if impl is None:
+        if class_type in LOADER_FILE_INPUTS:
+            await ctx.sleep(ctx.load_seconds / ctx.speed)
         return _passthrough(spec, inputs), None
     return await impl(ctx, inputs)
 

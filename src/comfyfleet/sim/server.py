@@ -26,7 +26,7 @@ from comfyfleet.sim.file_routes import FileRoutes
 from comfyfleet.sim.files import Folders
 from comfyfleet.sim.frames import binary_frame, text_frame
 from comfyfleet.sim.hub import Hub
-from comfyfleet.sim.nodes import load_specs
+from comfyfleet.sim.nodes import load_specs, model_specs
 from comfyfleet.sim.prompt_queue import PromptQueue
 from comfyfleet.sim.routes import Routes, with_api_copies
 
@@ -60,8 +60,11 @@ class SimulatedComfyUI:
     describes them (e.g. a real server's loaders, listing the model files it has): they are
     listed and validated like the others, and run as pass-throughs unless simulated.
     `cache` is ComfyUI's cache option (classic, `--cache-lru N`, `--cache-none`), shown in
-    system_stats argv; `load_seconds` is what SimulatedLoader takes (divided by `speed`) when
-    the cache does not hold it.
+    system_stats argv. `models` are the model files the server has: given, it offers the model
+    nodes the sample SD workflows use and the common loaders (CheckpointLoaderSimple,
+    LoraLoader, VAELoader, CLIPLoader, UNETLoader), as real ComfyUI 0.3.64 describes them, each
+    loader listing these files. `load_seconds` is what a loader, these or SimulatedLoader,
+    takes (divided by `speed`) when the cache does not hold it.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class SimulatedComfyUI:
         node_specs: Mapping[str, Any] | None = None,
         cache: CachePolicy = CLASSIC,
         load_seconds: float = 0.0,
+        models: Sequence[str] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, not {speed}")
@@ -103,7 +107,8 @@ class SimulatedComfyUI:
         self.max_upload_size = max_upload_size
         self.restarts = 0
         self._custom_node_paths = list(custom_nodes)
-        self._node_specs = dict(node_specs or {})
+        self._node_specs = {**(model_specs(models) if models is not None else {}),
+                            **(node_specs or {})}
         self._data_dir = data_dir
         self._owns_data_dir = data_dir is None
         self._runner: web.AppRunner | None = None

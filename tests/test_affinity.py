@@ -1,7 +1,9 @@
 """Cache-aware placement over real sockets: a backend with a free slot takes the queued job it
 runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW: a job passed
 that many times goes next unless it waits for the backend holding its model, none is passed
-more than OVERTAKEN_CAP times the window, and priorities hold.
+more than OVERTAKEN_CAP times the window, and priorities hold; a job held back for the
+backend holding its model still runs when that backend is killed, and one that others
+overtook can be cancelled.
 
 Simulated ComfyUI servers with a loader that takes time unless cached (SimulatedLoader), one
 prompt per backend at a time so that the order of dispatch is the order of choice.
@@ -10,6 +12,7 @@ prompt per backend at a time so that the order of dispatch is the order of choic
 from __future__ import annotations
 
 import asyncio
+import signal
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -18,9 +21,10 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.dispatch.dispatcher import OVERTAKEN_CAP
+from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import wait_for_healthy_backends
+from tests.support import LOOPBACK, free_ports, python_process, wait_for_healthy_backends
 from tests.test_warm_cache import Gateway, behind_our_back
 
 LOAD = 0.5  # seconds SimulatedLoader takes when not cached
@@ -135,11 +139,16 @@ async def two_warm_backends(stack: AsyncExitStack, settings: Settings,
     base = await stack.enter_async_context(serving(settings))
     http = await stack.enter_async_context(aiohttp.ClientSession())
     gateway = Gateway(http, base + settings.route_prefix)
+    await warm(gateway)
+    return gateway
+
+
+async def warm(gateway: Gateway) -> None:
+    """Backend a loads model a, b model b (and what a load costs is learned)."""
     for model, other in [(A, "b"), (B, "a")]:
         await gateway.call("PATCH", f"/backends/{other}", {"drain": True})
         await gateway.run(model)
         await gateway.call("PATCH", f"/backends/{other}", {"drain": False})
-    return gateway
 
 
 async def loader_cached(gateway: Gateway, job: dict[str, Any]) -> bool:
@@ -215,3 +224,77 @@ async def test_the_rebalancer_leaves_a_prompt_queued_where_its_model_is_loaded(
         cached = await loader_cached(gateway, job)
         busy_job = await gateway.finished(busy)
     assert (busy_job["backend"], job["backend"], job["attempts"], cached) == ("a", "a", 1, True)
+
+
+def waits_for_warm() -> float:
+    """How many claims of this process found every job sooner on a backend holding its model."""
+    return REGISTRY.get_sample_value("comfyfleet_dispatch_claims_total",
+                                     {"outcome": "waits_for_warm"}) or 0.0
+
+
+async def held_back(gateway: Gateway, job_id: str, claims_before: float) -> None:
+    """Until a free backend has left `job_id` queued to wait for the backend holding its model."""
+    async with asyncio.timeout(10):
+        # An in-process counter: no event to wait on.
+        while waits_for_warm() == claims_before:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert (await gateway.call("GET", f"/jobs/{job_id}"))["status"] == "queued"
+
+
+async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backend_dies(
+    settings: Settings,
+) -> None:
+    """Backend a holds model a and is busy; the job for a waits for it rather than load the
+    model on idle b. a is killed: the job runs on b, and so does a's prompt, requeued once a
+    stays away past the grace: both succeed."""
+    settings.affinity_window = 4
+    settings.max_inflight_per_backend = 1
+    settings.backend_grace_seconds = 1.0
+    port = free_ports(1)
+    async with AsyncExitStack() as stack:
+        doomed = await stack.enter_async_context(python_process(
+            "comfyfleet", "sim", "--port", str(port), "--load-seconds", str(2.0),
+            ready_url=f"http://{LOOPBACK}:{port}/prompt"))
+        sim_b = await stack.enter_async_context(SimulatedComfyUI(load_seconds=2.0))
+        settings.comfyui_endpoints = [f"{LOOPBACK}:{port}#a", sim_b.url + "#b"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateway = Gateway(http, base + settings.route_prefix)
+        await warm(gateway)
+        busy = await gateway.submit(A, seconds=6.0)
+        await gateway.reached(busy, "running")
+        claims = waits_for_warm()
+        job_id = await gateway.submit(A)
+        await held_back(gateway, job_id, claims)
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+        job = await gateway.finished(job_id)
+        busy_job = await gateway.finished(busy)
+    assert (job["backend"], job["attempts"]) == ("b", 1)
+    assert (busy_job["backend"], busy_job["attempts"]) == ("b", 2)
+
+
+async def test_a_job_others_overtook_while_it_waited_for_its_warm_backend_can_be_cancelled(
+    settings: Settings,
+) -> None:
+    """The job for model a waits for busy backend a while b runs a job for b queued after it;
+    cancelled then, it never runs: a takes nothing once free, and the others succeed."""
+    settings.affinity_window = 1
+    async with AsyncExitStack() as stack:
+        gateway = await two_warm_backends(stack, settings, load=2.0)
+        busy = await gateway.submit(A, seconds=3.0)
+        await gateway.reached(busy, "running")
+        await gateway.call("PATCH", "/backends/b", {"drain": True})
+        a1, b1 = await gateway.submit(A), await gateway.submit(B, seconds=1.0)
+        await gateway.call("PATCH", "/backends/b", {"drain": False})
+        await gateway.reached(b1, "running")
+        cancelled = await gateway.call("POST", f"/jobs/{a1}/cancel")
+        jobs = {name: await gateway.finished(job_id)
+                for name, job_id in [("busy", busy), ("b1", b1)]}
+        # Backend a, free again, has nothing of ours, and the job never reached a backend.
+        after = await gateway.call("GET", f"/jobs/{a1}")
+        backends = {backend["name"]: backend for backend in await gateway.call("GET", "/backends")}
+    assert cancelled["status"] == after["status"] == "cancelled"
+    assert (after["dispatched_at"], after["backend"], after["prompt_id"]) == (None, None, None)
+    assert (jobs["busy"]["backend"], jobs["b1"]["backend"]) == ("a", "b")
+    assert backends["a"]["inflight"] == 0

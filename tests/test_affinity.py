@@ -2,8 +2,8 @@
 runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW: a job passed
 that many times goes next unless it waits for the backend holding its model, none is passed
 more than OVERTAKEN_CAP times the window, and priorities hold; a job held back for the
-backend holding its model still runs when that backend is killed, and one that others
-overtook can be cancelled.
+backend holding its model still runs when that backend is killed or the service restarts,
+and one that others overtook can be cancelled.
 
 Simulated ComfyUI servers with a loader that takes time unless cached (SimulatedLoader), one
 prompt per backend at a time so that the order of dispatch is the order of choice.
@@ -272,6 +272,35 @@ async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backe
         busy_job = await gateway.finished(busy)
     assert (job["backend"], job["attempts"]) == ("b", 1)
     assert (busy_job["backend"], busy_job["attempts"]) == ("b", 2)
+
+
+async def test_a_job_held_back_for_its_warm_backend_survives_a_restart_of_the_service(
+    settings: Settings,
+) -> None:
+    """The job for model a waits (queued) for busy backend a; the service stops and another
+    starts, knowing nothing of either cache: the job runs, and a's prompt, which went on
+    meanwhile, is taken up where it ran, not run again."""
+    settings.affinity_window = 4
+    settings.max_inflight_per_backend = 1
+    async with AsyncExitStack() as stack:
+        sim_a = await stack.enter_async_context(SimulatedComfyUI(load_seconds=2.0))
+        sim_b = await stack.enter_async_context(SimulatedComfyUI(load_seconds=2.0))
+        settings.comfyui_endpoints = [sim_a.url + "#a", sim_b.url + "#b"]
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        async with serving(settings) as base:
+            gateway = Gateway(http, base + settings.route_prefix)
+            await warm(gateway)
+            busy = await gateway.submit(A, seconds=3.0)
+            await gateway.reached(busy, "running")
+            claims = waits_for_warm()
+            job_id = await gateway.submit(A)
+            await held_back(gateway, job_id, claims)
+        async with serving(settings) as base:
+            gateway = Gateway(http, base + settings.route_prefix)
+            job = await gateway.finished(job_id)
+            busy_job = await gateway.finished(busy)
+    assert job["attempts"] == 1
+    assert (busy_job["backend"], busy_job["attempts"]) == ("a", 1)
 
 
 async def test_a_job_others_overtook_while_it_waited_for_its_warm_backend_can_be_cancelled(

@@ -232,13 +232,20 @@ def waits_for_warm() -> float:
                                      {"outcome": "waits_for_warm"}) or 0.0
 
 
-async def held_back(gateway: Gateway, job_id: str, claims_before: float) -> None:
-    """Until a free backend has left `job_id` queued to wait for the backend holding its model."""
+async def held_back(gateway: Gateway, busy_seconds: float) -> tuple[str, str]:
+    """Backends a and b warmed (a holding model a, b model b), a busy for `busy_seconds` on
+    model a, and a job for model a that idle b has left queued to wait for a: their ids."""
+    await warm(gateway)
+    busy = await gateway.submit(A, seconds=busy_seconds)
+    await gateway.reached(busy, "running")
+    claims_before = waits_for_warm()
+    job_id = await gateway.submit(A)
     async with asyncio.timeout(10):
         # An in-process counter: no event to wait on.
         while waits_for_warm() == claims_before:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
     assert (await gateway.call("GET", f"/jobs/{job_id}"))["status"] == "queued"
+    return busy, job_id
 
 
 async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backend_dies(
@@ -260,12 +267,7 @@ async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backe
         base = await stack.enter_async_context(serving(settings))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateway = Gateway(http, base + settings.route_prefix)
-        await warm(gateway)
-        busy = await gateway.submit(A, seconds=6.0)
-        await gateway.reached(busy, "running")
-        claims = waits_for_warm()
-        job_id = await gateway.submit(A)
-        await held_back(gateway, job_id, claims)
+        busy, job_id = await held_back(gateway, 6.0)
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
         job = await gateway.finished(job_id)
@@ -288,13 +290,7 @@ async def test_a_job_held_back_for_its_warm_backend_survives_a_restart_of_the_se
         settings.comfyui_endpoints = [sim_a.url + "#a", sim_b.url + "#b"]
         http = await stack.enter_async_context(aiohttp.ClientSession())
         async with serving(settings) as base:
-            gateway = Gateway(http, base + settings.route_prefix)
-            await warm(gateway)
-            busy = await gateway.submit(A, seconds=3.0)
-            await gateway.reached(busy, "running")
-            claims = waits_for_warm()
-            job_id = await gateway.submit(A)
-            await held_back(gateway, job_id, claims)
+            busy, job_id = await held_back(Gateway(http, base + settings.route_prefix), 3.0)
         async with serving(settings) as base:
             gateway = Gateway(http, base + settings.route_prefix)
             job = await gateway.finished(job_id)

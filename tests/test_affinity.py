@@ -248,15 +248,18 @@ async def held_back(gateway: Gateway, busy_seconds: float) -> tuple[str, str]:
     return busy, job_id
 
 
-async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backend_dies(
-    settings: Settings,
+@pytest.mark.parametrize("leaves", ["killed", "drained"])
+async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_once_that_backend_leaves(
+    leaves: str, settings: Settings,
 ) -> None:
     """Backend a holds model a and is busy; the job for a waits for it rather than load the
-    model on idle b. a is killed: the job runs on b, and so does a's prompt, requeued once a
-    stays away past the grace: both succeed."""
+    model on idle b. a leaves service: the job goes to b at once, not at the dispatcher's next
+    safety pass. Killed, a's prompt is requeued once a stays away past the grace and runs on
+    b; drained, it finishes on a. Both jobs succeed."""
     settings.affinity_window = 4
     settings.max_inflight_per_backend = 1
     settings.backend_grace_seconds = 1.0
+    settings.dispatch_interval = 60.0  # longer than the test waits
     port = free_ports(1)
     async with AsyncExitStack() as stack:
         doomed = await stack.enter_async_context(python_process(
@@ -268,12 +271,22 @@ async def test_a_job_waiting_for_its_warm_backend_runs_elsewhere_when_that_backe
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateway = Gateway(http, base + settings.route_prefix)
         busy, job_id = await held_back(gateway, 6.0)
-        doomed.send_signal(signal.SIGKILL)
-        await doomed.wait()
+        if leaves == "killed":
+            doomed.send_signal(signal.SIGKILL)
+            await doomed.wait()
+        else:
+            await gateway.call("PATCH", "/backends/a", {"drain": True})
         job = await gateway.finished(job_id)
         busy_job = await gateway.finished(busy)
     assert (job["backend"], job["attempts"]) == ("b", 1)
-    assert (busy_job["backend"], busy_job["attempts"]) == ("b", 2)
+    if leaves == "killed":
+        # Sent to b before a's prompt came back to the backlog (the grace past).
+        assert (busy_job["backend"], busy_job["attempts"]) == ("b", 2)
+        assert job["dispatched_at"] < busy_job["dispatched_at"]
+    else:
+        # Sent to b while a's prompt still ran there.
+        assert (busy_job["backend"], busy_job["attempts"]) == ("a", 1)
+        assert job["dispatched_at"] < busy_job["uploading_at"]
 
 
 async def test_a_job_held_back_for_its_warm_backend_survives_a_restart_of_the_service(

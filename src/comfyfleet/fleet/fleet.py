@@ -159,6 +159,7 @@ class Fleet:
 
     async def backend_disconnected(self, session: BackendSession) -> None:
         await self.tracker.on_disconnect(session)
+        self.job_available()  # jobs held back for what it has loaded go elsewhere now
 
     def job_submitted(self) -> None:
         """A job was submitted here: let this process's dispatcher and the others' look now."""
@@ -166,7 +167,8 @@ class Fleet:
         self._queued_here.beat()
 
     def job_available(self) -> None:
-        """A job was queued, or a backend began taking work: let the dispatcher look now."""
+        """A job was queued, or a backend began or stopped taking work: let the dispatcher
+        look now."""
         self._signals.job_queued()
 
     async def start(self) -> None:
@@ -195,8 +197,7 @@ class Fleet:
             if session.draining != entry.draining:
                 session.draining = entry.draining
                 self.changes.beat()
-                if not entry.draining:
-                    self.job_available()
+                self.job_available()  # taking work now, or held-back jobs go elsewhere
         finishing = False
         for session in list(self.sessions):
             if session.name not in registered:
@@ -267,8 +268,9 @@ class Fleet:
         await self._registry.set_draining(name, draining, vanished=vanished)
         session.draining = draining
         self.changes.beat()
-        if not draining:
-            self.job_available()
+        # Enabled: it takes work. Drained: the jobs held back for the model it has loaded
+        # (cache-aware placement) go elsewhere now, not at the next safety pass.
+        self.job_available()
         return session
 
     async def drain_and_wait(self, name: str, seconds: float) -> int:

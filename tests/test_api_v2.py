@@ -11,8 +11,10 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -126,6 +128,26 @@ async def test_sdk_runs_graphs_on_both_backends_and_downloads_outputs(v2: str) -
                                               inverted & 0xFF)
             assert output.job_id == job.id
     assert {await backend_of(v2, job.id) for job in jobs} == {"gpu0", "gpu1"}
+
+
+async def test_an_outputs_url_expires_when_its_url_expires_at_says(v2: str) -> None:
+    """url_expires_at is the expiry of the URL it stands beside (here local storage's signed
+    `/files/` link), not a moment computed apart from it."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{v2}/api/v2/jobs", json={"workflow": invert(20, 0x123456)}
+                             ) as response:
+            job = await response.json()
+        async with asyncio.timeout(30):
+            while job["status"] != "succeeded":
+                await asyncio.sleep(0.02)
+                async with http.get(f"{v2}/api/v2/jobs/{job['id']}") as response:
+                    job = await response.json()
+        (output,) = job["outputs"]
+        expires = int(parse_qs(urlsplit(output["url"]).query)["expires"][0])
+        assert datetime.fromisoformat(output["url_expires_at"]) == datetime.fromtimestamp(
+            expires, UTC)
+        async with http.get(output["url"]) as response:
+            assert response.status == 200
 
 
 async def test_the_readme_lines_run_a_workflow_file(v2: str, tmp_path: Path) -> None:

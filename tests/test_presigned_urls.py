@@ -132,3 +132,42 @@ async def test_urls_name_the_public_endpoint_and_verify_there(
     assert await fetch(url) == (200, BODY)
     status, _ = await fetch(url.replace("localhost", LOOPBACK))
     assert status == 403
+
+
+def expiry_of(url: str) -> float:
+    """When AWS stops taking `url`: its signing time (a whole second) plus its lifetime."""
+    fields = query(url)
+    signed_at = timegm(time.strptime(fields["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+    return signed_at + int(fields["X-Amz-Expires"])
+
+
+async def test_a_url_is_handed_out_again_until_half_its_lifetime_is_left(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """A client polling a finished job gets the URL signed at its first poll (signing is a
+    fifth of such a poll's CPU), with its true expiry, until half of S3_URL_TTL is left of
+    it; then a new one."""
+    ttl = 4
+    fields: dict[str, Any] = {**S3_CREDENTIALS, "s3_url_ttl": ttl}
+    storage = await S3Storage.open(
+        Settings(_env_file=None, s3_bucket=s3_bucket, s3_endpoint_url=s3_endpoint, **fields))
+    try:
+        await storage.put_stream(KEY, one_chunk(), "image/png")
+        first = await storage.signed_url(KEY)
+        # The URL's own expiry is never before the one told.
+        assert first.expires_at.timestamp() <= expiry_of(first.url)
+        assert first.expires_at.timestamp() >= time.time() + ttl - 1
+        # Signed anew, a URL of the next second would differ (X-Amz-Date).
+        await asyncio.sleep(int(time.time()) + 1.01 - time.time())  # waiting for the clock
+        assert time.time() < first.expires_at.timestamp() - ttl / 2  # still more than half
+        assert await storage.signed_url(KEY) == first
+        assert await storage.url(KEY) == first.url
+        assert await fetch(first.url) == (200, BODY)
+        await asyncio.sleep(first.expires_at.timestamp() - ttl / 2 + 0.01 - time.time())
+        renewed = await storage.signed_url(KEY)
+        assert renewed.url != first.url
+        assert renewed.expires_at > first.expires_at
+        assert renewed.expires_at.timestamp() <= expiry_of(renewed.url)
+        assert await fetch(renewed.url) == (200, BODY)
+    finally:
+        await storage.close()

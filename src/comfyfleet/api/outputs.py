@@ -22,8 +22,8 @@ files_router = APIRouter(tags=["files"])
 async def get_output(
     job_id: uuid.UUID, index: int, svc: ServicesDep, caller: CallerDep
 ) -> Response:
-    """S3: a redirect to a fresh presigned URL. Local storage: the file itself. A text output
-    (e.g. from PreviewAny): the text."""
+    """S3: a redirect to a presigned URL with at least half of S3_URL_TTL left. Local
+    storage: the file itself. A text output (e.g. from PreviewAny): the text."""
     job = await visible_job(svc, caller, job_id)
     if not 0 <= index < len(job.outputs):
         raise ApiError(404, "output_not_found",

@@ -57,7 +57,8 @@ class Delivery(SQLModel, table=True):
     url: str
     # host:port, the unit of the per-receiver concurrency limit.
     host: str
-    # The event body as of the event; output URLs are presigned afresh at each attempt.
+    # The event body as of the event; output URLs are presigned at each attempt (one with
+    # at least half of S3_URL_TTL left).
     payload: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
     status: str = Field(
         default=DeliveryStatus.PENDING, sa_column=Column(String(16), nullable=False)

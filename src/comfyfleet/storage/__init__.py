@@ -1,12 +1,18 @@
 """Output storage: S3 when configured, else a local directory (DESIGN §6)."""
 
 from comfyfleet.settings import Settings
-from comfyfleet.storage.base import Storage, StorageError, content_type_for, output_key
+from comfyfleet.storage.base import (
+    SignedUrl,
+    Storage,
+    StorageError,
+    content_type_for,
+    output_key,
+)
 from comfyfleet.storage.local import LocalStorage
 from comfyfleet.storage.s3 import S3Storage
 
-__all__ = ["LocalStorage", "S3Storage", "Storage", "StorageError", "content_type_for",
-           "open_storage", "output_key"]
+__all__ = ["LocalStorage", "S3Storage", "SignedUrl", "Storage", "StorageError",
+           "content_type_for", "open_storage", "output_key"]
 
 
 async def open_storage(settings: Settings, url_signing_key: bytes) -> Storage:

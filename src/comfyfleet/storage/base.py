@@ -5,6 +5,8 @@ from __future__ import annotations
 import mimetypes
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -13,6 +15,15 @@ _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 class StorageError(Exception):
     """The store could not take or serve a file (it may be down for a while: retry later)."""
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    """A URL a client can fetch an object from, and the moment it stops working (or earlier:
+    never later)."""
+
+    url: str
+    expires_at: datetime
 
 
 class Storage(Protocol):
@@ -30,6 +41,10 @@ class Storage(Protocol):
 
     async def url(self, key: str) -> str | None:
         """A URL a client can fetch the object from, or None when the API must serve it."""
+        ...
+
+    async def signed_url(self, key: str) -> SignedUrl | None:
+        """`url`, with when it expires."""
         ...
 
     async def check(self) -> None:

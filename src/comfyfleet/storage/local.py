@@ -12,10 +12,11 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from comfyfleet.storage.base import StorageError
+from comfyfleet.storage.base import SignedUrl, StorageError
 
 PART_PREFIX = ".part-"  # then the writing process's pid, so a dead one's leftovers are known
 
@@ -82,11 +83,16 @@ class LocalStorage:
             raise StorageError(f"deleting {key}: {exc}") from exc
 
     async def url(self, key: str) -> str | None:
+        signed = await self.signed_url(key)
+        return signed.url if signed is not None else None
+
+    async def signed_url(self, key: str) -> SignedUrl | None:
         if self._signing_key is None or self._base_url is None:
             return None
         expires = int(time.time()) + self._url_ttl
         query = urlencode({"expires": expires, "signature": self._signature(key, expires)})
-        return f"{self._base_url()}/files/{quote(key)}?{query}"
+        return SignedUrl(f"{self._base_url()}/files/{quote(key)}?{query}",
+                         datetime.fromtimestamp(expires, UTC))
 
     async def check(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)

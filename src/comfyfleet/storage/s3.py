@@ -12,8 +12,11 @@ import asyncio
 import io
 import itertools
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from typing import Any
 
 from aiobotocore.session import get_session
@@ -21,12 +24,18 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from comfyfleet.settings import Settings
-from comfyfleet.storage.base import StorageError
+from comfyfleet.storage.base import SignedUrl, StorageError
 
 log = logging.getLogger(__name__)
 
 PART_SIZE = 8 * 1024 * 1024  # S3's minimum part size is 5 MiB
 PART_CONCURRENCY = 4
+# A presigned URL is handed out again while more than this share of S3_URL_TTL is left of it:
+# signing is about a fifth of the CPU of a poll of a finished job, and a client polling one
+# would otherwise have every poll signed afresh.
+REUSE_WHILE_LEFT = 0.5
+# The objects whose URLs are kept (the most recently signed): about 0.5 KiB each.
+SIGNED_URLS_KEPT = 4096
 
 
 class S3Storage:
@@ -37,6 +46,7 @@ class S3Storage:
         self.bucket = bucket
         self.url_ttl = url_ttl
         self._exit_stack = exit_stack
+        self._signed: dict[str, SignedUrl] = {}  # by key, oldest signed first
 
     @classmethod
     async def open(cls, settings: Settings) -> S3Storage:
@@ -154,16 +164,35 @@ class S3Storage:
             raise StorageError(f"S3 read of {key}: {exc}") from exc
 
     async def delete(self, key: str) -> None:
+        self._signed.pop(key, None)
         try:
             await self._client.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 delete of {key}: {exc}") from exc
 
     async def url(self, key: str) -> str | None:
+        return (await self.signed_url(key)).url
+
+    async def signed_url(self, key: str) -> SignedUrl:
+        """The URL signed last for `key` while it has more than REUSE_WHILE_LEFT of its
+        lifetime left, else one signed now."""
+        now = time.time()
+        signed = self._signed.get(key)
+        if signed is not None and (
+                signed.expires_at.timestamp() - now > self.url_ttl * REUSE_WHILE_LEFT):
+            return signed
+        # The signature's own time (X-Amz-Date) is a whole second, taken after this one:
+        # the URL lives at least until then.
+        expires_at = datetime.fromtimestamp(math.floor(now) + self.url_ttl, UTC)
         url: str = await self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl
         )
-        return url
+        signed = SignedUrl(url, expires_at)
+        self._signed.pop(key, None)
+        self._signed[key] = signed
+        if len(self._signed) > SIGNED_URLS_KEPT:
+            del self._signed[next(iter(self._signed))]
+        return signed
 
     async def check(self) -> None:
         try:

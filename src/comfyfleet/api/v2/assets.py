@@ -1,6 +1,6 @@
 """Comfy API v2 assets: uploads (blake3 computed here, deduplicated, idempotent under a key),
 mints over bytes already kept, existence by hash, records with fresh URLs and the bytes (local
-storage: served, with Range; S3: a redirect to a fresh presigned URL), deletion of records.
+storage: served, with Range; S3: a redirect to a presigned URL), deletion of records.
 Job outputs are assets too."""
 
 from __future__ import annotations
@@ -48,13 +48,16 @@ def asset_store(svc: Services) -> AssetStore:
 
 async def _asset_json(svc: Services, asset: Asset, origin: str,
                       created_new: bool | None = None) -> dict[str, Any]:
-    url = await svc.storage.url(asset_store(svc).key(asset))
-    expires = utcnow() + timedelta(seconds=svc.settings.s3_url_ttl)
+    signed = await svc.storage.signed_url(asset_store(svc).key(asset))
+    # A URL of the API's own (/content) signs afresh when it is fetched.
+    expires = (signed.expires_at if signed is not None
+               else utcnow() + timedelta(seconds=svc.settings.s3_url_ttl))
     rendered = {
         "id": str(asset.id), "hash": asset.tagged_hash, "size_bytes": asset.size_bytes,
         "content_type": asset.content_type, "file_path": asset.file_path,
         "created_at": asset.created_at.isoformat(),
-        "url": url or f"{origin}{render.PREFIX}/assets/{asset.id}/content",
+        "url": signed.url if signed is not None
+        else f"{origin}{render.PREFIX}/assets/{asset.id}/content",
         "url_expires_at": expires.isoformat(), "expires_at": None, "job_id": None,
     }
     if created_new is not None:

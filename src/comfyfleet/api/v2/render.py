@@ -79,26 +79,30 @@ def _kind(content_type: str) -> str:
 
 
 async def outputs(svc: Services, job: Job, base_url: str) -> list[dict[str, Any]]:
-    expires = _iso(utcnow() + timedelta(seconds=svc.settings.s3_url_ttl))
     rendered = []
     for index, output in enumerate(job.outputs):
         asset_id = output_id(job, index)
         key = output.get("key")
+        signed = None
         if isinstance(key, str):
             content_type = str(output.get("content_type") or "application/octet-stream")
             name = str(output.get("filename") or key.rsplit("/", 1)[-1])
             size = int(output.get("size") or 0)
             kind = "latent" if name.endswith(".latent") else _kind(content_type)
-            url = await svc.storage.url(key)
+            signed = await svc.storage.signed_url(key)
         else:
-            content_type, kind, url = "text/plain; charset=utf-8", "text", None
+            content_type, kind = "text/plain; charset=utf-8", "text"
             name = f"{output.get('node_id')}_{index}.txt"
             size = len(str(output.get("text", "")).encode())
+        # A URL of the API's own (/content) signs afresh when it is fetched.
+        expires = (signed.expires_at if signed is not None
+                   else utcnow() + timedelta(seconds=svc.settings.s3_url_ttl))
         rendered.append({
             "node_id": str(output.get("node_id")), "name": name, "type": kind,
             "content_type": content_type, "size_bytes": size, "id": asset_id, "hash": None,
-            "url": url or f"{base_url}{PREFIX}/assets/{asset_id}/content",
-            "url_expires_at": expires, "job_id": str(job.id),
+            "url": signed.url if signed is not None
+            else f"{base_url}{PREFIX}/assets/{asset_id}/content",
+            "url_expires_at": expires.isoformat(), "job_id": str(job.id),
         })
     return rendered
 

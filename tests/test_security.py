@@ -404,6 +404,27 @@ async def test_cors_is_off_unless_origins_are_allowed(settings: Settings) -> Non
             assert "Access-Control-Allow-Origin" not in r.headers
 
 
+async def test_the_body_limit_and_cors_wrap_api_v2_too(settings: Settings) -> None:
+    """/api/v2 is routed past the service app's router, inside its middlewares."""
+    settings.max_request_bytes = 2000
+    settings.cors_origins = ["https://app.example"]
+    origin = {"Origin": "https://app.example"}
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        async with http.options(f"{base}/api/v2/jobs", headers={
+                **origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "idempotency-key"}) as response:
+            assert response.status == 200
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        big = {"workflow": {"1": {"class_type": "x" * 3000, "inputs": {}}}}
+        async with http.post(f"{base}/api/v2/jobs", json=big, headers=origin) as response:
+            assert response.status == 413
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert (await response.json())["error"]["type"] == "request_too_large"
+        async with http.get(f"{base}/api/v2/health", headers=origin) as response:
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "database" in await response.json()
+
+
 async def keys_command(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
     """`comfyfleet keys ...` on the test's database (and `env`): exit code and standard
     output."""

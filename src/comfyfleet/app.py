@@ -155,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(refuse_lone_surrogates)])
     install_error_handlers(app)
+    mount_v2(app)  # first: the security's middlewares wrap the v2 app too
     install_security(app, settings)
     app.include_router(health.router)
     app.include_router(prometheus.router)
@@ -171,7 +172,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tenants.router, prefix=prefix, dependencies=secured)
     app.include_router(dashboard.router, prefix=prefix, dependencies=secured)
     dashboard.install_dashboard(app, prefix)
-    mount_v2(app)
     install_openapi(app, settings.route_prefix)
     return app
 

@@ -222,8 +222,8 @@ async def migrate_when_up(engine: AsyncEngine) -> None:
 
 async def ping(engine: AsyncEngine) -> bool:
     try:
-        async with asyncio.timeout(PING_TIMEOUT), engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        async with asyncio.timeout(PING_TIMEOUT), driver_connection(engine) as connection:
+            await connection.fetchval("SELECT 1")
         return True
     except Exception as exc:  # any failure means "not reachable"; say why in the log
         log.warning("database ping failed: %s", exc)

@@ -34,7 +34,9 @@ from comfy_sdk.exceptions import JobFailed, NotFound, Unauthorized
 from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comfyfleet.api.v2 import V2Routes
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
@@ -148,6 +150,32 @@ async def test_an_outputs_url_expires_when_its_url_expires_at_says(v2: str) -> N
             expires, UTC)
         async with http.get(output["url"]) as response:
             assert response.status == 200
+
+
+async def test_a_request_under_api_v2_reaches_the_v2_app_as_through_a_mount() -> None:
+    """V2Routes hands the v2 app what a mount at /api/v2 would (its root path, behind the
+    server's own too) and everything else to the service app."""
+    seen: list[tuple[str, str, str]] = []
+
+    def app_named(name: str) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append((name, scope["path"], scope.get("root_path", "")))
+        return app
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    routes = V2Routes(app_named("service"), v2=app_named("v2"))
+    for root_path, path in [("", "/api/v2/jobs/1"), ("/gw", "/gw/api/v2/health"),
+                            ("", "/api/v2"), ("", "/api/v2x/jobs"), ("", "/api/v1/jobs"),
+                            ("/gw", "/gw/api/v1/jobs")]:
+        await routes({"type": "http", "path": path, "root_path": root_path}, receive, send)
+    assert seen == [("v2", "/api/v2/jobs/1", "/api/v2"), ("v2", "/gw/api/v2/health", "/gw/api/v2"),
+                    ("service", "/api/v2", ""), ("service", "/api/v2x/jobs", ""),
+                    ("service", "/api/v1/jobs", ""), ("service", "/gw/api/v1/jobs", "/gw")]
 
 
 async def test_the_readme_lines_run_a_workflow_file(v2: str, tmp_path: Path) -> None:

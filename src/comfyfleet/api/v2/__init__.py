@@ -27,11 +27,16 @@ class V2Routes:
         self.v2 = v2
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"].startswith(MOUNT + "/"):
+        if scope["type"] in ("http", "websocket"):
+            # The path within the app, as a mount matches it (behind a root path too).
             root_path = scope.get("root_path", "")
-            await self.v2({**scope, "app_root_path": scope.get("app_root_path", root_path),
-                           "root_path": root_path + MOUNT}, receive, send)
-            return
+            path = scope["path"]
+            if root_path and path.startswith(root_path + "/"):
+                path = path[len(root_path):]
+            if path.startswith(MOUNT + "/"):
+                await self.v2({**scope, "app_root_path": scope.get("app_root_path", root_path),
+                               "root_path": root_path + MOUNT}, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

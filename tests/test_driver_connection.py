@@ -1,0 +1,61 @@
+"""The hot path's pooled connections (db.driver_connection): each goes back to its pool, an
+overflow connection is closed, and a task cancelled as it gives one back still gives it back
+whole before the cancellation ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import pytest
+from sqlalchemy.pool import QueuePool
+
+from comfyfleet.db import driver_connection, make_engine
+
+
+async def test_connections_go_back_to_the_pool_even_from_a_cancelled_task(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(database_url, pool_size=1)  # and one overflow connection
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    first_held, second_held, first_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    release_first = asyncio.Event()
+    overflow: list[asyncpg.Connection] = []
+
+    async def first() -> None:
+        async with driver_connection(engine) as connection:
+            assert await connection.fetchval("SELECT 1") == 1
+            first_held.set()
+            await release_first.wait()
+
+    async def second() -> None:  # the overflow connection, given back to a full pool
+        async with driver_connection(engine) as connection:
+            assert await connection.fetchval("SELECT 2") == 2
+            overflow.append(connection)
+            second_held.set()
+            await first_back.wait()
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # delivered at the first wait from here: giving the connection back
+
+    try:
+        holding = asyncio.create_task(first())
+        await first_held.wait()
+        cancelled = asyncio.create_task(second())
+        await second_held.wait()
+        assert (pool.checkedout(), pool.overflow()) == (2, 1)
+        release_first.set()
+        await holding
+        first_back.set()
+        await asyncio.wait([cancelled])
+        assert cancelled.cancelled()
+        (closed,) = overflow
+        assert closed.is_closed()  # the pool had no room for it
+        assert (pool.checkedout(), pool.checkedin(), pool.overflow()) == (0, 1, 0)
+        async with driver_connection(engine) as connection:  # the pool still serves
+            assert await connection.fetchval("SELECT 3") == 3
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await engine.dispose()

@@ -18,9 +18,9 @@ MOUNT = "/api/v2"
 class V2Routes:
     """Pure ASGI middleware: a request under MOUNT goes straight to the v2 app, as a mount
     would pass it (MOUNT becomes its root path), but past the service app's exception
-    middleware and its router, which would first try every route of its own (a fifth of a
-    v2 poll's routing and middleware CPU). The middlewares outside this one (CORS, the body
-    limits) wrap it as they wrap the service app."""
+    middleware and its router, which would first try every route of its own (GET
+    /api/v2/health: 1.18 ms of CPU through the mount, 1.04 past it). The middlewares outside
+    this one (CORS, the body limits) wrap it as they wrap the service app."""
 
     def __init__(self, app: ASGIApp, *, v2: ASGIApp) -> None:
         self.app = app

@@ -5,7 +5,9 @@ Signature Version 2 (which AWS refuses), for the wrong host or region, or long e
 pass every test. Here a request authenticated by its query string is checked first, as AWS
 checks it: Signature Version 4 only, the signature over the method, host, path and query it
 arrived with, the credential scope's region that of the bucket, and X-Amz-Date + X-Amz-Expires
-not passed. Requests signed in their Authorization header (the SDK's own) go to moto as before.
+not passed. A PUT of a whole object signed in its Authorization header (comfyfleet signs
+those itself) is checked too: the signature over its method, path and signed headers, and its
+body against the SHA-256 it was signed with. Other requests go to moto as before.
 
 Run:  python -m tests.s3_server -H 127.0.0.1 -p PORT
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import io
 import logging
 import time
 from calendar import timegm
@@ -92,7 +95,16 @@ def check_presigned(method: str, host: str, raw_path: str, query: str,
         ";".join(signed_headers),
         "UNSIGNED-PAYLOAD",
     ])
-    scope = f"{date}/{region}/{service}/{terminal}"
+    _check_signature(canonical_request, access_key, f"{date}/{region}/{service}/{terminal}",
+                     amz_date, signature)
+    signed_at = timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
+    if time.time() > signed_at + expires:
+        raise Refused("403 Forbidden", "AccessDenied", "Request has expired")
+
+
+def _check_signature(canonical_request: str, access_key: str, scope: str, amz_date: str,
+                     signature: str) -> None:
+    date, region, service, terminal = scope.split("/")
     string_to_sign = "\n".join(
         [ALGORITHM, amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest()])
     key = _hmac(f"AWS4{SECRETS[access_key]}".encode(), date)
@@ -103,27 +115,67 @@ def check_presigned(method: str, host: str, raw_path: str, query: str,
         raise Refused("403 Forbidden", "SignatureDoesNotMatch",
                       "The request signature we calculated does not match the signature you "
                       "provided. Check your key and signing method.")
-    signed_at = timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
-    if time.time() > signed_at + expires:
-        raise Refused("403 Forbidden", "AccessDenied", "Request has expired")
+
+
+def _header(environ: dict[str, Any], name: str) -> str:
+    key = name.upper().replace("-", "_")
+    value = environ.get(key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}", "")
+    return " ".join(str(value).split())
+
+
+def check_signed_put(environ: dict[str, Any], raw_path: str, body: bytes) -> None:
+    """Raises Refused unless a PUT signed in its Authorization header is one AWS would
+    accept (its body included)."""
+    fields = dict(part.strip().split("=", 1) for part in
+                  environ["HTTP_AUTHORIZATION"].removeprefix(ALGORITHM).split(","))
+    access_key, scope = fields["Credential"].split("/", 1)
+    if access_key not in SECRETS:
+        raise Refused("403 Forbidden", "InvalidAccessKeyId",
+                      "The AWS Access Key Id you provided does not exist in our records.")
+    signed_headers = fields["SignedHeaders"].split(";")
+    payload = _header(environ, "x-amz-content-sha256")
+    if payload != "UNSIGNED-PAYLOAD" and payload != hashlib.sha256(body).hexdigest():
+        raise Refused("400 Bad Request", "XAmzContentSHA256Mismatch",
+                      "The provided 'x-amz-content-sha256' header does not match what was "
+                      "computed.")
+    canonical_request = "\n".join([
+        "PUT",
+        quote(unquote(raw_path), safe="/~"),
+        "",
+        *(f"{name}:{_header(environ, name)}" for name in signed_headers),
+        "",
+        ";".join(signed_headers),
+        payload,
+    ])
+    _check_signature(canonical_request, access_key, scope, _header(environ, "x-amz-date"),
+                     fields["Signature"])
+
+
+def _refusal(refused: Refused, start_response: StartResponse) -> Iterable[bytes]:
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{refused.code}'
+            f"</Code><Message>{refused.message}</Message></Error>").encode()
+    start_response(refused.status, [("Content-Type", "application/xml"),
+                                    ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def verifying(app: App, bucket_region: Callable[[str], str | None]) -> App:
-    """`app` behind the check of presigned requests."""
+    """`app` behind the check of presigned requests and of signed whole-object PUTs."""
 
     def checked(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING", "")
-        if "Signature=" in query:  # SigV4's X-Amz-Signature or SigV2's Signature
-            raw_path = environ.get("RAW_URI") or environ.get("REQUEST_URI") or "/"
-            try:
+        raw_path = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "/").split("?", 1)[0]
+        try:
+            if "Signature=" in query:  # SigV4's X-Amz-Signature or SigV2's Signature
                 check_presigned(environ["REQUEST_METHOD"], environ.get("HTTP_HOST", ""),
-                                raw_path.split("?", 1)[0], query, bucket_region)
-            except Refused as refused:
-                body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{refused.code}'
-                        f"</Code><Message>{refused.message}</Message></Error>").encode()
-                start_response(refused.status, [("Content-Type", "application/xml"),
-                                                ("Content-Length", str(len(body)))])
-                return [body]
+                                raw_path, query, bucket_region)
+            elif (environ["REQUEST_METHOD"] == "PUT" and not query
+                  and environ.get("HTTP_AUTHORIZATION", "").startswith(ALGORITHM)):
+                body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
+                check_signed_put(environ, raw_path, body)
+        except Refused as refused:
+            return _refusal(refused, start_response)
         return app(environ, start_response)
 
     return checked

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage import LocalStorage, S3Storage, StorageError
@@ -64,6 +65,42 @@ async def test_s3_stores_the_exact_bytes_single_put_or_multipart(
         # A multipart object's ETag names its part count.
         multipart = size > PART_SIZE
         assert ("-" in obj["ETag"]) is multipart
+
+
+@pytest.mark.parametrize("key", ["job/9_0.png", "a prefix/with spaces+plus/\u00fc~_0.png"])
+async def test_s3_whole_object_put_is_signed_as_aws_checks_it(
+    s3: S3Storage, s3_endpoint: str, s3_bucket: str, key: str
+) -> None:
+    """The one PUT of a short output is signed by comfyfleet itself; the test server refuses
+    any PUT whose signature or body hash AWS would refuse."""
+    assert await s3.put_stream(key, pattern(1000), "image/png") == 1000
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        obj = await client.get_object(Bucket=s3_bucket, Key=key)
+        assert obj["ContentType"] == "image/png"
+        assert await digest(obj["Body"].iter_chunks()) == await digest(pattern(1000))
+        # The check itself, with the SDK as the reference: its PUT passes, a wrong secret not.
+        await client.put_object(Bucket=s3_bucket, Key=key, Body=b"sdk")
+    wrong = S3_CREDENTIALS | {"aws_secret_access_key": "not-the-secret"}
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **wrong
+    ) as client:
+        with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+            await client.put_object(Bucket=s3_bucket, Key=key, Body=b"sdk")
+
+
+async def test_s3_put_signed_with_a_wrong_secret_is_a_storage_error(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    settings = s3_settings(s3_endpoint, s3_bucket)
+    settings.aws_secret_access_key = "not-the-secret"
+    storage = await S3Storage.open(settings)
+    try:
+        with pytest.raises(StorageError, match=r"HTTP 403.*SignatureDoesNotMatch"):
+            await storage.put_stream("job/9_0.png", pattern(1000), "image/png")
+    finally:
+        await storage.close()
 
 
 async def test_s3_upload_broken_midway_leaves_no_object_and_no_open_upload(

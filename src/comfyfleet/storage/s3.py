@@ -4,6 +4,11 @@ A stream is cut into parts of PART_SIZE: a short one becomes one PUT, a longer o
 multipart upload that holds at most PART_CONCURRENCY parts in memory (about 32 MiB) and is
 aborted on failure, so memory stays flat whatever the size and no half-written object is left
 behind.
+
+The one PUT of a short stream (every image a job makes) is signed by botocore's own Signature
+Version 4 signer and sent on aiohttp, to the URL the client itself would use: the client's
+call costs 1.5 ms more CPU per object in its event hooks, request building and user agent
+than the request itself (bench/RESULTS.md, "the rest of the CPU per job").
 """
 
 from __future__ import annotations
@@ -13,15 +18,20 @@ import io
 import itertools
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from aiobotocore.session import get_session
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage.base import SignedUrl, StorageError
@@ -36,17 +46,30 @@ PART_CONCURRENCY = 4
 REUSE_WHILE_LEFT = 0.5
 # The objects whose URLs are kept (the most recently signed): about 0.5 KiB each.
 SIGNED_URLS_KEPT = 4096
+# A whole-object PUT is tried this often, as the client's standard retry mode tries a call:
+# again after a lost connection, a timeout or an answer that S3 is busy or failing, waiting
+# a random share of 1, 2, ... seconds; its connections and time limits are the client's too.
+PUT_ATTEMPTS = 3
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_CONNECTIONS = 10
+CONNECT_TIMEOUT = 60.0
+READ_TIMEOUT = 60.0
+ERROR_SNIPPET_BYTES = 1024
+_URL_PROBE_KEY = "comfyfleet-url-probe"
 
 
 class S3Storage:
     def __init__(self, client: Any, signer: Any, bucket: str, url_ttl: int,
-                 exit_stack: AsyncExitStack):
+                 exit_stack: AsyncExitStack, http: aiohttp.ClientSession):
         self._client = client
         self._signer = signer
         self.bucket = bucket
         self.url_ttl = url_ttl
         self._exit_stack = exit_stack
         self._signed: dict[str, SignedUrl] = {}  # by key, oldest signed first
+        self._http = http
+        # Where the client would PUT an object (its key appended), known at the first PUT.
+        self._put_url: str | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> S3Storage:
@@ -72,12 +95,17 @@ class S3Storage:
             "s3", endpoint_url=public, **credentials,
             config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
         ))
-        return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+            timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
+            trust_env=True)
+        stack.push_async_callback(http.close)
+        return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack, http)
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         try:
             return await self._upload(key, chunks, content_type)
-        except (BotoCoreError, ClientError, ValueError) as exc:
+        except (BotoCoreError, ClientError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
             # ValueError: a retried part whose body the HTTP layer already closed; the
             # collector's own retry starts the whole upload again.
             raise StorageError(f"S3 upload of {key}: {exc}") from exc
@@ -89,11 +117,9 @@ class S3Storage:
             first = io.BytesIO()
         second = await anext(parts, None) if _size(first) == PART_SIZE else None
         if second is None:
-            size = _size(first)
-            await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=first, ContentType=content_type
-            )
-            return size
+            with first.getbuffer() as whole:  # a view, not a copy
+                await self._put(key, whole, content_type)
+                return whole.nbytes
         created = await self._client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType=content_type
         )
@@ -132,6 +158,46 @@ class S3Storage:
             await asyncio.gather(*uploads, return_exceptions=True)
             await self._abort(key, upload_id)
             raise
+
+    async def _put(self, key: str, body: memoryview, content_type: str) -> None:
+        """One PUT of the whole object, signed as the client signs it (the body's SHA-256 in
+        the signature, which S3 checks)."""
+        url = await self._object_url(key)
+        for attempt in range(1, PUT_ATTEMPTS + 1):
+            # The client's own credentials, refreshed as it refreshes them.
+            credentials = self._client._get_credentials()
+            if credentials is None:
+                raise NoCredentialsError()
+            request = AWSRequest("PUT", url, {"Content-Type": content_type}, body)
+            S3SigV4Auth(await credentials.get_frozen_credentials(), "s3",
+                        self._client.meta.region_name).add_auth(request)
+            try:
+                async with self._http.put(request.url, data=body,
+                                          headers=dict(request.headers.items())) as response:
+                    if response.status < 300:
+                        return
+                    error = await response.content.read(ERROR_SNIPPET_BYTES)
+                    failure = f"HTTP {response.status}: " + " ".join(
+                        error.decode(errors="replace").split())  # S3's XML, on one line
+                    if response.status not in RETRYABLE_STATUSES:
+                        raise StorageError(f"S3 upload of {key}: {failure}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            if attempt < PUT_ATTEMPTS:
+                await asyncio.sleep(random.uniform(0, 2 ** (attempt - 1)))
+        raise StorageError(f"S3 upload of {key}: {failure}")
+
+    async def _object_url(self, key: str) -> str:
+        """The URL the client would PUT `key` to: its endpoint and addressing, read once from
+        a URL it presigns (which never connects)."""
+        if self._put_url is None:
+            probe: str = await self._client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": _URL_PROBE_KEY})
+            url = probe.partition("?")[0]
+            if not url.endswith("/" + _URL_PROBE_KEY):
+                raise StorageError(f"S3: an object's URL has an unexpected shape: {url}")
+            self._put_url = url.removesuffix(_URL_PROBE_KEY)
+        return self._put_url + quote(key, safe="/~")
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:

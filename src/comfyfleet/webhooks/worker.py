@@ -211,7 +211,8 @@ class WebhookWorker:
             outcome = self._schedule.after(
                 result, attempts=attempts, pending_since=delivery.pending_since, now=utcnow()
             )
-            attempt = DeliveryAttempt(
+            # Past the ORM's constructor (85 us against 6): a record for the pass to write.
+            attempt = DeliveryAttempt.model_construct(
                 delivery_id=delivery.id, attempted_at=attempted_at,
                 status_code=result.status_code, latency_ms=result.latency_ms,
                 error=result.error, response_snippet=result.snippet,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,45 @@ async def test_s3_put_signed_with_a_wrong_secret_is_a_storage_error(
             await storage.put_stream("job/9_0.png", pattern(1000), "image/png")
     finally:
         await storage.close()
+
+
+@asynccontextmanager
+async def recording_proxy() -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP proxy on loopback that answers every request 200 itself and keeps its request
+    line."""
+    lines: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        lines.append(head.split("\r\n", 1)[0])
+        length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                       if line.lower().startswith("content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, LOOPBACK, 0)
+    async with server:
+        yield f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}", lines
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+async def test_s3_put_goes_through_the_proxy_of_the_environment_as_the_sdk_would(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, bypassed: bool
+) -> None:
+    async with recording_proxy() as (proxy, lines):
+        for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        if bypassed:
+            monkeypatch.setenv("NO_PROXY", LOOPBACK)
+        storage = await S3Storage.open(s3_settings(s3_endpoint, s3_bucket))
+        try:
+            await storage.put_stream("job/9_0.png", pattern(1000), "image/png")
+        finally:
+            await storage.close()
+    assert lines == ([] if bypassed else [f"PUT {s3_endpoint}/{s3_bucket}/job/9_0.png HTTP/1.1"])
 
 
 async def test_s3_upload_broken_midway_leaves_no_object_and_no_open_upload(

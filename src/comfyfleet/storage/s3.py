@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
 from aiobotocore.session import get_session
@@ -68,8 +69,10 @@ class S3Storage:
         self._exit_stack = exit_stack
         self._signed: dict[str, SignedUrl] = {}  # by key, oldest signed first
         self._http = http
-        # Where the client would PUT an object (its key appended), known at the first PUT.
+        # Where the client would PUT an object (its key appended), and the proxy it would go
+        # through (HTTP(S)_PROXY, NO_PROXY), known at the first PUT.
         self._put_url: str | None = None
+        self._proxy: str | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> S3Storage:
@@ -98,7 +101,7 @@ class S3Storage:
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
             timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
-            trust_env=True)
+            cookie_jar=aiohttp.DummyCookieJar())
         stack.push_async_callback(http.close)
         return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack, http)
 
@@ -173,7 +176,8 @@ class S3Storage:
                         self._client.meta.region_name).add_auth(request)
             try:
                 async with self._http.put(request.url, data=body,
-                                          headers=dict(request.headers.items())) as response:
+                                          headers=dict(request.headers.items()),
+                                          proxy=self._proxy) as response:
                     if response.status < 300:
                         return
                     error = await response.content.read(ERROR_SNIPPET_BYTES)
@@ -196,6 +200,13 @@ class S3Storage:
             url = probe.partition("?")[0]
             if not url.endswith("/" + _URL_PROBE_KEY):
                 raise StorageError(f"S3: an object's URL has an unexpected shape: {url}")
+            # As botocore finds it, once (aiohttp's trust_env would look in a thread at every
+            # request, for ~/.netrc too).
+            parts = urlsplit(url)
+            proxy = None if proxy_bypass(parts.hostname or "") else getproxies().get(parts.scheme)
+            if proxy and "://" not in proxy:
+                proxy = "http://" + proxy
+            self._proxy = proxy
             self._put_url = url.removesuffix(_URL_PROBE_KEY)
         return self._put_url + quote(key, safe="/~")
 

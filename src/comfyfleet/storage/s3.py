@@ -7,8 +7,8 @@ behind.
 
 The one PUT of a short stream (every image a job makes) is signed by botocore's own Signature
 Version 4 signer and sent on aiohttp, to the URL the client itself would use: the client's
-call costs 1.5 ms more CPU per object in its event hooks, request building and user agent
-than the request itself (bench/RESULTS.md, "the rest of the CPU per job").
+call cost 1.1-1.3 ms more CPU per object, in its event hooks, request building and user
+agent (bench/RESULTS.md, "the rest of the service's CPU per job").
 """
 
 from __future__ import annotations

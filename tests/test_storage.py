@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage import LocalStorage, S3Storage, StorageError
@@ -142,6 +150,106 @@ async def test_s3_put_goes_through_the_proxy_of_the_environment_as_the_sdk_would
         finally:
             await storage.close()
     assert lines == ([] if bypassed else [f"PUT {s3_endpoint}/{s3_bucket}/job/9_0.png HTTP/1.1"])
+
+
+def private_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA made here (its certificate's file) and a certificate it signed for LOOPBACK (the
+    certificate's and its key's files): no system or certifi bundle trusts it."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+              issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False), critical=True)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    files = directory / "ca.pem", directory / "server.pem", directory / "server-key.pem"
+    files[0].write_bytes(issue("comfyfleet test CA", ca_key, "comfyfleet test CA", ca_key, True)
+                         .public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(issue(LOOPBACK, server_key, "comfyfleet test CA", ca_key, False)
+                         .public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return files
+
+
+@asynccontextmanager
+async def tls_front(plain: str, certificate: Path, key: Path) -> AsyncIterator[str]:
+    """An HTTPS endpoint on loopback that ends TLS with `certificate` and passes the bytes on
+    to the plain HTTP server at `plain`, as a load balancer in front of MinIO would."""
+    target = urlsplit(plain)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate, key)
+    piping: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port)
+        both = [asyncio.create_task(pipe(reader, up_writer)),
+                asyncio.create_task(pipe(up_reader, writer))]
+        piping.update(both)
+        await asyncio.gather(*both)
+        piping.difference_update(both)
+
+    server = await asyncio.start_server(relay, LOOPBACK, 0, ssl=context)
+    async with server:
+        yield f"https://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        for task in piping:
+            task.cancel()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_s3_put_trusts_the_ca_bundle_the_sdk_does(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    trusted: bool
+) -> None:
+    """S3 behind a private CA named by AWS_CA_BUNDLE: the one PUT of a short output verifies
+    TLS against it as the client's own calls (a multipart upload's) do, and without it fails."""
+    ca, certificate, key = private_ca(tmp_path)
+    for name in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    if trusted:
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+    async with tls_front(s3_endpoint, certificate, key) as https:
+        storage = await S3Storage.open(s3_settings(https, s3_bucket))
+        try:
+            if trusted:
+                assert await storage.put_stream("job/9_0.png", pattern(1000), "image/png") == 1000
+                size = PART_SIZE + 1000
+                assert await storage.put_stream("job/9_1.bin", pattern(size),
+                                                "application/octet-stream") == size
+                assert await storage.read("job/9_0.png") == b"".join(
+                    [chunk async for chunk in pattern(1000)])
+            else:
+                with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await storage.put_stream("job/9_0.png", pattern(1000), "image/png")
+        finally:
+            await storage.close()
 
 
 async def test_s3_upload_broken_midway_leaves_no_object_and_no_open_upload(

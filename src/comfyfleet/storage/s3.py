@@ -98,8 +98,13 @@ class S3Storage:
             "s3", endpoint_url=public, **credentials,
             config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
         ))
+        # The PUT's TLS is the client's: its CA bundle as botocore resolved it (verify=,
+        # AWS_CA_BUNDLE or ca_bundle in the config, REQUESTS_CA_BUNDLE, else certifi's), and
+        # its client certificate, built by the client's own HTTP session, which reads the
+        # files, off the event loop.
+        tls, _ = await asyncio.to_thread(client._endpoint.http_session._build_ssl_contexts, None)
         http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=tls),
             timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
             cookie_jar=aiohttp.DummyCookieJar())
         stack.push_async_callback(http.close)

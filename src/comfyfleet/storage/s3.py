@@ -190,6 +190,9 @@ class S3Storage:
                         error.decode(errors="replace").split())  # S3's XML, on one line
                     if response.status not in RETRYABLE_STATUSES:
                         raise StorageError(f"S3 upload of {key}: {failure}")
+            except aiohttp.ClientConnectorCertificateError as exc:
+                # A certificate that did not verify will not on the next try either.
+                raise StorageError(f"S3 upload of {key}: {exc}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             if attempt < PUT_ATTEMPTS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
+from typing import Any
 
 import aiohttp
 
@@ -63,3 +64,73 @@ async def test_backends_that_cannot_run_the_backlog_cost_one_claim_not_one_each(
         # The first claim reads the backlog and finds nothing it can run; the other two
         # sd15 backends are asked in memory, on what it read; sdxl's claim takes the job.
         assert made == {"cannot_run": 1, "took": 1}
+
+
+def claim_transactions() -> float:
+    """The claim transactions this process has made so far."""
+    return REGISTRY.get_sample_value("comfyfleet_dispatch_claim_transactions_total") or 0.0
+
+
+def empty_claims() -> float:
+    """The claims that found nothing queued (each a transaction of its own)."""
+    return REGISTRY.get_sample_value(
+        "comfyfleet_dispatch_claims_total", {"outcome": "empty"}) or 0.0
+
+
+async def submit(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> str:
+    async with http.post(f"{base}/jobs", json=body) as response:
+        assert response.status == 202, await response.text()
+        job_id: str = (await response.json())["id"]
+    return job_id
+
+
+async def test_the_backend_that_takes_the_job_takes_it_in_the_first_claims_transaction(
+    settings: Settings,
+) -> None:
+    async with AsyncExitStack() as stack:
+        sd15 = await stack.enter_async_context(
+            SimulatedComfyUI(name="sd15", models=[SD15]))
+        sdxl = await stack.enter_async_context(
+            SimulatedComfyUI(name="sdxl", models=[SDXL]))
+        # The one that cannot run the job listed first: as idle as the other, asked first.
+        settings.comfyui_endpoints = [f"{sim.url}#{sim.name}" for sim in [sd15, sdxl]]
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 2)
+        before, transactions, empty = claims(), claim_transactions(), empty_claims()
+        job_id = await submit(http, base, {"workflow": "sdxl_txt2img",
+                                           "params": {"prompt": "a lighthouse", "seed": 1}})
+        job = await wait_for_job(http, base, job_id, "succeeded")
+        assert job["backend"] == "sdxl", job
+        made = {outcome: count - before[outcome] for outcome, count in claims().items()
+                if count > before[outcome]}
+        # sd15's claim read the backlog and found nothing it could run; sdxl, asked on that
+        # read, took the job under its own lock in the same transaction. (Passes woken as the
+        # backends connected may find nothing queued, a transaction each.)
+        assert made == {"cannot_run": 1, "took": 1}
+        assert claim_transactions() - transactions - (empty_claims() - empty) == 1
+
+
+async def test_a_slot_freed_with_the_backlog_known_empty_costs_no_claim(
+    settings: Settings,
+) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        settings.dispatch_interval = 600  # no safety pass within the test
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 1)
+        # The passes woken as the service starts are over once a first job is done.
+        await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
+                           "succeeded")
+        before, transactions, empty = claims(), claim_transactions(), empty_claims()
+        for color in (1, 2, 3):  # each submitted once the one before is done: found anew
+            job_id = await submit(http, base, {"workflow": "invert", "params": {"color": color}})
+            await wait_for_job(http, base, job_id, "succeeded")
+        made = {outcome: count - before[outcome] for outcome, count in claims().items()
+                if count > before[outcome]}
+        # Each claim saw the job it took as the last queued; the slot each job freed found
+        # the backlog known empty, and no claim looked again.
+        assert made == {"took": 3}
+        assert (claim_transactions() - transactions, empty_claims() - empty) == (3, 0)

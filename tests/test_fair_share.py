@@ -145,12 +145,13 @@ async def claimed(repository: JobRepository, charge: float | dict[str, float]
     def seconds(workflow: str) -> float:
         return charge[workflow] if isinstance(charge, dict) else charge
 
-    def pick(queued: list[QueuedJob]) -> Choice:
+    def pick(_: str, queued: list[QueuedJob]) -> Choice:
         seen.extend(queued)
         first = fair_order(queued, seconds)[0]
         return Choice(first.id, charge=seconds(first.workflow))
 
-    job = await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=100, pick=pick)
+    job = (await repository.claim_next(["gpu"], str(uuid.uuid4()), max_inflight=100,
+                                       pick=pick)).job
     assert job is not None
     return seen, job
 

@@ -121,8 +121,8 @@ async def test_no_claim_on_a_drained_or_removed_backend_and_no_removal_with_work
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
 
     async def claim() -> Job | None:
-        return await repository.claim_next("gpu", str(uuid.uuid4()), max_inflight=2,
-                                           pick=lambda queued: Choice(queued[0].id))
+        return (await repository.claim_next(["gpu"], str(uuid.uuid4()), max_inflight=2,
+                                            pick=lambda _, queued: Choice(queued[0].id))).job
 
     await registry.set_draining("gpu", True)
     assert await claim() is None

@@ -112,9 +112,9 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             (tmp_path / "sim" / "output" / image["subfolder"] / image["filename"]).unlink()
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
             await BackendRegistry(engine).add(Backend("sim", sim.url))  # a claim needs it
-            claimed = await repository.claim_next(
-                "sim", prompt_id, max_inflight=1, pick=lambda queued: Choice(queued[0].id)
-            )
+            claimed = (await repository.claim_next(
+                ["sim"], prompt_id, max_inflight=1, pick=lambda _, queued: Choice(queued[0].id)
+            )).job
             assert claimed is not None and claimed.id == job.id
             uploading = await repository.transition(
                 claimed, {JobStatus.DISPATCHED}, status=JobStatus.UPLOADING
@@ -178,8 +178,8 @@ async def test_a_requeued_or_moved_job_sheds_what_its_last_run_stored(engine: As
     detail = {"node": "2", "class_type": "ImageInvert", "step": 1, "steps": 2}
 
     async def running_on_gpu0() -> Job:
-        claimed = await repository.claim_next("gpu0", str(uuid.uuid4()), max_inflight=1,
-                                              pick=lambda queued: Choice(queued[0].id))
+        claimed = (await repository.claim_next(["gpu0"], str(uuid.uuid4()), max_inflight=1,
+                                               pick=lambda _, queued: Choice(queued[0].id))).job
         assert claimed is not None
         running = await repository.transition(claimed, {JobStatus.DISPATCHED},
                                               status=JobStatus.RUNNING, outputs=early,
@@ -221,8 +221,8 @@ async def test_a_job_requeued_after_it_reached_uploading_shows_no_upload_until_i
     job, _ = await repository.insert(Job(workflow="invert", prompt=INVERT_PROMPT))
 
     async def claimed() -> Job:
-        found = await repository.claim_next("gpu0", str(uuid.uuid4()), max_inflight=1,
-                                            pick=lambda queued: Choice(queued[0].id))
+        found = (await repository.claim_next(["gpu0"], str(uuid.uuid4()), max_inflight=1,
+                                             pick=lambda _, queued: Choice(queued[0].id))).job
         assert found is not None and found.id == job.id
         return found
 

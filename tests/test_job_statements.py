@@ -190,7 +190,7 @@ async def test_a_job_put_back_in_the_backlog_notifies_once_per_transaction(
                 count += 1
         return count
 
-    def pick_first(queued: list[Any]) -> Choice:
+    def pick_first(_: str, queued: list[Any]) -> Choice:
         return Choice(queued[0].id, charge=1.0)
 
     try:
@@ -200,14 +200,14 @@ async def test_a_job_put_back_in_the_backlog_notifies_once_per_transaction(
                                     finished_at=utcnow()))
         assert await notices() == 0
 
-        claimed = await repository.claim_next("gpu", "p1", max_inflight=1, pick=pick_first)
+        claimed = (await repository.claim_next(["gpu"], "p1", max_inflight=1, pick=pick_first)).job
         assert claimed is not None and claimed.id == job.id
         assert await notices() == 0
         released = await repository.release(claimed)
         assert released is not None and released.status == JobStatus.QUEUED
         assert await notices() == 1
 
-        claimed = await repository.claim_next("gpu", "p2", max_inflight=1, pick=pick_first)
+        claimed = (await repository.claim_next(["gpu"], "p2", max_inflight=1, pick=pick_first)).job
         assert claimed is not None
         running = await repository.transition(claimed, {JobStatus.DISPATCHED},
                                               status=JobStatus.RUNNING, progress=0.5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -56,12 +56,19 @@ QUEUE_FULL = Counter(
     "max_queued) or service (MAX_QUEUED)", ["scope"], registry=REGISTRY)
 DISPATCH_CLAIMS = Counter(
     "comfyfleet_dispatch_claims",
-    "The dispatcher's claim transactions by outcome: took (a job), no_slot (the backend's "
-    "slots full by the database's count), empty (nothing queued), not_accepting (drained or "
-    "gone), cannot_run (no queued job it can run), waits_for_warm (every job sooner on a "
-    "backend holding its model), slower (faster backends finish the backlog first), "
-    "tenant_limit (the chosen job's key at its max_concurrent)",
+    "The backends the dispatcher's claims locked (a claim's first, and the one it took a job "
+    "for) by outcome: took (a job), no_slot (the backend's slots full by the database's "
+    "count), empty (nothing queued), not_accepting (drained or gone), cannot_run (no queued "
+    "job it can run), waits_for_warm (every job sooner on a backend holding its model), "
+    "slower (faster backends finish the backlog first), tenant_limit (the chosen job's key "
+    "at its max_concurrent; or, for the backend a claim took for after its first, its slots "
+    "full by the database's count)",
     ["outcome"], registry=REGISTRY)
+CLAIM_TRANSACTIONS = Counter(
+    "comfyfleet_dispatch_claim_transactions",
+    "The dispatcher's claim transactions: each locks one backend, or two when the first "
+    "takes nothing and a backend after it, asked on the same read, takes a job",
+    registry=REGISTRY)
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",
     registry=REGISTRY)
@@ -115,8 +122,11 @@ def queue_full(scope: str) -> None:
     QUEUE_FULL.labels(scope).inc()
 
 
-def dispatch_claim(outcome: str) -> None:
-    DISPATCH_CLAIMS.labels(outcome).inc()
+def dispatch_claim(outcomes: Iterable[str]) -> None:
+    """One claim transaction, with what came of each backend it locked."""
+    CLAIM_TRANSACTIONS.inc()
+    for outcome in outcomes:
+        DISPATCH_CLAIMS.labels(outcome).inc()
 
 
 def storage_error() -> None:

@@ -207,24 +207,25 @@ class Dispatcher:
         self._max_inflight = max_inflight
         self._endings = endings
         self._signals = signals
-        self._backlog_empty = False  # what the last claim's pick saw
-        # The last claim's pick saw one job queued, and nothing past it: taking it leaves
-        # nothing for another claim to find.
-        self._one_left = False
+        # No job was queued as the last claim saw it (counting those other claims held), and
+        # none has been since that anyone told: a freed slot has nothing to claim.
+        self._backlog_empty = False
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
         self._trying = False  # the last pick tries a backend on a guess (see `_affine`)
         self._trial: str | None = None  # the prompt id of the last such try
-        self._outcome = ""  # what the last claim came to (metrics.DISPATCH_CLAIMS)
-        self._read: list[QueuedJob] | None = None  # the backlog the last claim's pick saw
+        self._outcome = ""  # what the pick under way comes to (metrics.DISPATCH_CLAIMS)
+        self._outcomes: dict[str, str] = {}  # and each pick of the claim under way, by backend
         self._submissions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         while True:
             # A backend left free to wait for a warm one may be better off taking a job now
             # that a running prompt's length is clearer.
-            claim = self._signals.take() or self._waiting
+            claim, queued = self._signals.take()
+            if queued:
+                self._backlog_empty = False
             try:
-                if claim:
+                if (claim and not self._backlog_empty) or self._waiting:
                     self._waiting = False
                     while await self._dispatch_one():
                         pass
@@ -235,46 +236,46 @@ class Dispatcher:
                 async with asyncio.timeout(self._safety_pass_seconds):
                     await self._signals.changed.wait()
             except TimeoutError:
-                self._signals.claim_due = True
+                self._signals.job_queued()  # as if: a job queued unheard of is found now
 
     async def _dispatch_one(self) -> bool:
-        """Send one job to the best backend that has a free slot and should run it.
+        """Send one job to the best backend that has a free slot and should run it; whether
+        another may follow.
 
-        Once a claim has read the backlog and taken nothing, the backends after it are asked
-        in memory, on the backlog that claim read: only one whose pick would take a job there
-        opens a claim of its own (which reads and picks afresh, under its lock). A claim
-        transaction for every free backend that would take nothing (one that cannot run the
-        queued jobs, a slower one the last jobs are left to faster ones for, a cold one that
-        should wait) was most of the dispatcher's work; whatever changes the backlog or the
-        fleet meanwhile (a job queued, a slot freed, a backend connected) wakes another pass."""
-        seen: list[QueuedJob] | None = None  # the backlog as the last claim here read it
-        for session in by_preference(self._sessions, self._max_inflight):
-            if session.capabilities is None:
-                continue
-            if seen is not None and self._pick(session, seen) is None:
-                continue  # it would take nothing: no claim
-            self._backlog_empty = False
-            self._read = None
-            prompt_id = str(uuid.uuid4())
-            self._outcome = "no_slot"  # unless the pick is asked
+        One claim transaction reads the backlog for the first backend and asks the backends
+        after it on that read, in memory: only one whose pick would take a job takes its lock
+        and the job (sql/claim.sql). A claim for every free backend that would take nothing
+        (one that cannot run the queued jobs, a slower one the last jobs are left to faster
+        ones for, a cold one that should wait) was most of the dispatcher's work, and a claim
+        that took nothing before the one that took a job was half its transactions.
+        Whatever changes the backlog or the fleet meanwhile (a job queued, a slot freed, a
+        backend connected) wakes another pass."""
+        sessions = {session.name: session
+                    for session in by_preference(self._sessions, self._max_inflight)
+                    if session.capabilities is not None}
+        names = list(sessions)
+        while names:
+            self._outcomes = {}
             # Job, backend and prompt id are on record before the POST, so a crash at any
             # point can be reconciled.
-            job = await self._repository.claim_next(
-                session.name, prompt_id, max_inflight=self._max_inflight,
-                pick=functools.partial(self._pick, session), owner=self._owner,
-            )
-            metrics.dispatch_claim("took" if job is not None else self._outcome)
-            if job is not None:
-                if self._trying:
-                    self._trial = job.prompt_id
-                self._start(session, job)
-                if self._one_left:  # it took the last: spare the claim that would find none
-                    self._backlog_empty = True
-                    return False
-                return True
+            claim = await self._repository.claim_next(
+                names, str(uuid.uuid4()), max_inflight=self._max_inflight,
+                pick=lambda name, queued: self._pick(sessions[name], queued),
+                owner=self._owner)
+            taker = claim.job.backend if claim.job is not None else None
+            metrics.dispatch_claim("took" if name == taker else self._outcomes.get(name, "no_slot")
+                                   for name in claim.locked)
+            if claim.backlog is not None:
+                self._backlog_empty = claim.backlog == 0
+            if claim.job is not None:
+                assert taker is not None
+                if self._trying:  # the taker's pick, the last one asked
+                    self._trial = claim.job.prompt_id
+                self._start(sessions[taker], claim.job)
+                return not self._backlog_empty  # it took the last: no claim to find none
             if self._backlog_empty:
                 return False  # nothing queued at all: no other backend would find anything
-            seen = self._read
+            names = names[claim.next:]
         return False
 
     def _start(self, session: BackendSession, job: Job) -> None:
@@ -286,18 +287,16 @@ class Dispatcher:
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         choice = self._choose(session, queued)
-        if choice is not None:
-            self._outcome = "tenant_limit"  # unless the claim takes it
+        # Unless the claim takes it: the chosen job's key at its limit (or, for a backend
+        # after the claim's first, its slots full by the database's count).
+        self._outcomes[session.name] = "tenant_limit" if choice is not None else self._outcome
         return choice
 
     def _choose(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         """The job `session` should start now, in fair-share order (see `_affine`), unless
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
-        self._read = queued
         self._trying = False
-        self._backlog_empty = not queued
-        self._one_left = len(queued) == 1 and not queued[0].beyond
         self._outcome = "empty" if not queued else "not_accepting"
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
@@ -625,6 +624,7 @@ class Dispatcher:
             # (a prompt that had started has spent its attempt).
             await (self._repository.release(job) if run.started is None
                    else self._repository.requeue(job))
+            self._signals.job_queued()
             return
         log.info("job %s moved from %s to %s", job.id, source.name, target.name,
                  extra=job_fields(moved))
@@ -698,6 +698,7 @@ class Dispatcher:
                 return
             self._tracker.forget(job.prompt_id)
             await self._repository.release(job)
+            self._signals.job_queued()
             return
         finally:
             self._tracker.submitted(job.prompt_id)

@@ -1,8 +1,9 @@
 """What execution tells the dispatcher, as named signals instead of callbacks.
 
 The dispatcher sleeps until `changed` is set. A queued job or a freed slot makes a claim worth
-its database round trip (`claim_due`); a running prompt whose length became clearer only
-calls for a rebalance. A freed slot also beats `freed`, which a drain waiting for its backend
+its database round trip (`claim_due`), a freed slot only while jobs may be queued (`queued`:
+one may have joined the backlog); a running prompt whose length became clearer only calls
+for a rebalance. A freed slot also beats `freed`, which a drain waiting for its backend
 to go idle listens to. The fleet makes one and hands it to the tracker, which sends, and to the
 dispatcher, which waits: both sit above this module, neither knows the other.
 """
@@ -18,24 +19,33 @@ class DispatchSignals:
     def __init__(self) -> None:
         self.changed = asyncio.Event()
         self.claim_due = True  # else the wake-up is for a rebalance only
+        # A job may have joined the backlog since the last pass began (else a freed slot
+        # finds nothing a claim that saw the backlog empty did not).
+        self.queued = True
         self.freed = Pulse()
 
     def job_queued(self) -> None:
         """A job joined the backlog, or a backend began taking work: claim what can start."""
-        self.claim_due = True
-        self.changed.set()
+        self.queued = True
+        self._claim()
 
     def slot_freed(self) -> None:
         """A prompt left a backend (ended, withdrawn, given up): its slot can take a job."""
-        self.job_queued()
+        self._claim()
         self.freed.beat()
 
     def length_known(self) -> None:
         """A running prompt's length became clearer: it may be worth moving; no claim."""
         self.changed.set()
 
-    def take(self) -> bool:
-        """Start a pass: clear the wake-up; whether it must claim."""
+    def take(self) -> tuple[bool, bool]:
+        """Start a pass: clear the wake-up; whether it must claim, and whether a job may have
+        been queued since the last pass began."""
         self.changed.clear()
-        claim, self.claim_due = self.claim_due, False
-        return claim
+        claim, queued = self.claim_due, self.queued
+        self.claim_due = self.queued = False
+        return claim, queued
+
+    def _claim(self) -> None:
+        self.claim_due = True
+        self.changed.set()

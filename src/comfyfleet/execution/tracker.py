@@ -463,7 +463,7 @@ class ExecutionTracker:
             return
         log.warning("%s: job %s requeued", message, job.id, extra=job_fields(job))
         if await self._repository.requeue(job) is not None:
-            self._signals.slot_freed()  # the dispatcher has work again
+            self._signals.job_queued()  # the dispatcher has work again
 
     # The safety net: quiet prompts and backends that stay away.
 

@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
@@ -109,6 +109,17 @@ def _candidate_prompt(text: str) -> dict[str, Any]:
     claim reads the same CLAIM_BATCH rows but one. Shared between claims, so only read."""
     prompt: dict[str, Any] = json.loads(text)
     return prompt
+
+
+class Claim(NamedTuple):
+    """What a claim (`claim_next`) came to."""
+
+    job: Job | None  # the job taken, dispatched
+    locked: tuple[str, ...]  # the backends it locked: its first, and the one it took for
+    # How many jobs were queued once it was done, locked by other claims or not: 0, 1, or 2
+    # for more (None: nothing was read, the first backend having no free slot).
+    backlog: int | None
+    next: int  # the index of the first of its backends not asked
 
 
 class TenantActivity(NamedTuple):
@@ -245,45 +256,61 @@ class JobRepository:
 
     async def claim_next(
         self,
-        backend: str,
+        backends: Sequence[str],
         prompt_id: str,
         *,
         max_inflight: int,
-        pick: Callable[[list[QueuedJob]], Choice | None],
+        pick: Callable[[str, list[QueuedJob]], Choice | None],
         owner: int | None = None,
-    ) -> Job | None:
-        """Take the queued job `pick` chooses for `backend` among the head of each tenant's
-        backlog (sql/claim.sql `candidates`: tenants first in virtual time first, each one's
-        jobs highest priority, then oldest, first); None when it has no free slot or `pick`
-        takes none. The jobs the choice passes are counted as overtaken, and its tenant is
-        charged the choice's estimated seconds, in the same transaction.
+    ) -> Claim:
+        """Take the queued job `pick` chooses for the first of `backends` that chooses one,
+        among the head of each tenant's backlog (sql/claim.sql `candidates`: tenants first in
+        virtual time first, each one's jobs highest priority, then oldest, first), in one
+        transaction: the first backend's lock taken and the backlog read for it (nothing
+        more when it has no free slot); the others asked on that read, in order, and the first
+        that chooses a job takes it under its own lock, unless another claim holds that lock
+        now (the claim ends there, the backend not asked: `Claim.next`). The jobs the choice
+        passes are counted as overtaken, and its tenant is charged the choice's estimated
+        seconds, in the same transaction.
 
-        The backend's slots hold across processes: claims for one backend are serialised by
+        The backends' slots hold across processes: claims for one backend are serialised by
         an advisory lock and count what every process has on it. SKIP LOCKED lets processes
         claim side by side without ever sharing a job.
         """
+        first = backends[0]
         async with driver_connection(self.engine) as connection, connection.transaction():
-            await connection.execute(_CLAIM["lock_backend"], backend)
-            rows = await connection.fetch(_CLAIM["candidates"], backend, max_inflight,
+            await connection.execute(_CLAIM["lock_backend"], first)
+            rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
                                           self._max_concurrent, CLAIM_BATCH, owner)
             if rows[0]["free"] <= 0:
-                return None
-            choice = pick([
+                return Claim(None, (first,), None, 1)
+            queued = [
                 QueuedJob(row["id"], row["workflow"], _candidate_prompt(row["prompt"]),
                           row["priority"], row["overtaken"], row["created_at"], row["tenant"],
                           row["start"], row["weight"], row["beyond"])
-                for row in rows if row["id"] is not None])
-            if choice is None:
-                return None
-            await connection.execute(_CLAIM["lock_tenant"], choice.job_id, self._max_concurrent)
-            row = await connection.fetchrow(
-                _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
-                choice.charge, self._max_concurrent)
-        if row is None:
-            return None
+                for row in rows if row["id"] is not None]
+            backlog: int = rows[0]["backlog"]
+            # On an empty read the first is asked only (what it saw is its outcome).
+            for asked, backend in enumerate(backends if queued else backends[:1]):
+                choice = pick(backend, queued)
+                if choice is None:
+                    continue
+                if asked and not await connection.fetchval(_CLAIM["try_lock_backend"], backend):
+                    return Claim(None, (first,), backlog, asked)
+                await connection.execute(_CLAIM["lock_tenant"], choice.job_id,
+                                         self._max_concurrent)
+                row = await connection.fetchrow(
+                    _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
+                    owner, choice.charge, self._max_concurrent, max_inflight)
+                locked = (first, backend)[:1 + bool(asked)]
+                if row is None:
+                    return Claim(None, locked, backlog, asked + 1)
+                break
+            else:
+                return Claim(None, (first,), backlog, len(backends))
         claimed = _job(row)
         self._on_change(claimed.id)
-        return claimed
+        return Claim(claimed, locked, max(backlog - 1, 0), asked + 1)
 
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,

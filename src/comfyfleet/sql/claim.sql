@@ -1,6 +1,8 @@
 -- The dispatcher's claim (jobs/repository.py `claim_next`): one transaction that locks the
--- backend, reads its free slots and the head of each tenant's backlog, and takes the job the
--- dispatcher chose, charging its tenant. Tenants are API keys by digest, '' for the jobs of
+-- first backend it asks for, reads its free slots and the head of each tenant's backlog, and
+-- takes the job the dispatcher chose, charging its tenant; when the dispatcher chooses none
+-- for that backend, the next backends are asked on the same read, and the first that chooses
+-- one takes it under its own lock, in the same transaction. Tenants are API keys by digest, '' for the jobs of
 -- no key; each has a virtual time in `tenant_shares` (GPU-seconds charged over its weight),
 -- and a tenant new or back from idling starts at the fleet's virtual clock (the latest start
 -- any claim gave), never below it: no burst for having been away. The charge made here is
@@ -12,22 +14,33 @@
 -- until the transaction ends; a statement after this one sees every claim committed before.
 SELECT pg_advisory_xact_lock(hashtext($1))
 
+-- name: try_lock_backend
+-- `lock_backend` if no other transaction holds the lock (true), else nothing is waited for
+-- (false): a claim holding one backend's lock asks for another's only so, never waiting for
+-- a lock while it holds one.
+SELECT pg_try_advisory_xact_lock(hashtext($1))
+
 -- name: candidates
--- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone) and,
+-- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone), how
+-- many jobs are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and,
 -- with a slot free, the head of each tenant's backlog: the $4 tenants with queued work that
 -- come first in virtual time, and of each its first ceil($4 / tenants) jobs (highest
 -- priority, then oldest), skipping the tenants with as many jobs on backends as their
 -- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
 -- its tenant's start in virtual time and weight, and whether the tenant's backlog goes on
--- past the rows read; one row of nulls but `free` without any. The jobs are locked SKIP
--- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
--- process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
--- only its own and those of none.
+-- past the rows read; one row of nulls but `free` and `backlog` without any. The jobs are
+-- locked SKIP LOCKED, so processes claiming side by side never share one. A job whose
+-- extra_data another process holds in memory (jobs/extra_data.py) is that process's to claim:
+-- process $5 reads (and counts in `backlog`) only its own and those of none.
 WITH RECURSIVE slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
                            WHERE backend = $1 AND status IN ('dispatched', 'running'))
-                ELSE 0 END AS free
+                ELSE 0 END AS free,
+           (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
+                                    AND (extra_data_holder IS NULL OR extra_data_holder = $5)
+                                  LIMIT 2) AS seen)
+               AS backlog
 ), backlogged (tenant) AS (
     -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
     (SELECT coalesce(api_key_hash, '') FROM jobs
@@ -60,9 +73,9 @@ WITH RECURSIVE slots AS (
 ), heads AS (
     SELECT eligible.*, ceil($4::float8 / count(*) OVER ())::int AS depth FROM eligible
 )
-SELECT slots.free, queued.id, queued.workflow, queued.prompt::text AS prompt, queued.priority,
-       queued.overtaken, queued.created_at, heads.tenant, heads.start, heads.weight,
-       queued.place = heads.depth AS beyond
+SELECT slots.free, slots.backlog, queued.id, queued.workflow, queued.prompt::text AS prompt,
+       queued.priority, queued.overtaken, queued.created_at, heads.tenant, heads.start,
+       heads.weight, queued.place = heads.depth AS beyond
 FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
     SELECT id, workflow, prompt, priority, overtaken, created_at,
            row_number() OVER (ORDER BY priority DESC, created_at) AS place
@@ -86,7 +99,8 @@ WHERE jobs.id = $1 AND coalesce(api_keys.max_concurrent, $2::int) IS NOT NULL
 -- name: take
 -- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its
 -- tenant has as many jobs on backends as its max_concurrent ($7 for keys without their own)
--- by now; count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
+-- by now, or the backend takes no work or has $8 prompts on it (run under its lock, so the
+-- count sees every claim and move committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
 -- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns the job
 -- as dispatched, or nothing.
 WITH chosen AS (
@@ -100,6 +114,9 @@ WITH chosen AS (
                       OR (mine.api_key_hash IS NULL AND jobs.api_key_hash IS NULL))
                  AND mine.status IN ('dispatched', 'running', 'uploading'))
               < coalesce(api_keys.max_concurrent, $7::int))
+      AND EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
+      AND (SELECT count(*) FROM jobs AS there
+           WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')) < $8
 ), passed AS (
     UPDATE jobs SET overtaken = overtaken + 1
     WHERE id = ANY($2::uuid[]) AND id <> $1 AND EXISTS (SELECT 1 FROM chosen)

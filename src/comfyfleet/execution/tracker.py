@@ -43,12 +43,15 @@ from comfyfleet.jobs.extra_data import EXTRA_DATA_LOST, HeldExtraData
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
 from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import JobRepository, ProgressReport
 from comfyfleet.logs import job_fields
 
 log = logging.getLogger(__name__)
 
-PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes for one job
+# Seconds between the statements writing the latest progress of every running job (one
+# statement for them all), and between a job's start written with its progress and the
+# dispatch it follows.
+PROGRESS_WRITE_INTERVAL = 0.5
 # How long a job's start waits to be recorded (`running`) on its own: a prompt that ends
 # executing sooner has its start recorded by the same statement as its end (`uploading`), and
 # a progress report sooner carries it too.
@@ -77,6 +80,7 @@ class PromptRun:
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
     steps: tuple[int, int] | None = None  # the running node's step, out of how many
+    reported: tuple[float, dict[str, Any] | None] = (0.0, None)  # its latest progress, detail
     early: EarlyOutputs = field(default_factory=EarlyOutputs)  # files stored while it runs
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
@@ -135,6 +139,10 @@ class ExecutionTracker:
         self._last_end: dict[str, float] = {}  # by backend: when our last prompt there ended
         self._submitting: set[str] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
+        # The runs whose latest progress is still to be written, and the task writing it.
+        self._progressing: dict[str, PromptRun] = {}
+        self._progress_writer: asyncio.Task[None] | None = None
+        self._progress_written = 0.0  # monotonic time of the last statement writing it
 
     # The dispatcher's side: a prompt about to be POSTed, and whether the POST took.
 
@@ -314,21 +322,49 @@ class ExecutionTracker:
         metrics.job_started(run.job)
 
     async def _report_progress(self, run: PromptRun, fraction_of_node: float) -> None:
-        now = time.monotonic()
-        if now - run.last_write < PROGRESS_WRITE_INTERVAL:
-            return
-        run.last_write = now
-        async with run.start.recording() as started_at:
-            if started_at is not None:  # the start rides on this write, with its webhook
-                await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
-                                   status=JobStatus.RUNNING, started_at=started_at,
-                                   progress=run.progress(fraction_of_node),
-                                   progress_detail=run.progress_detail())
-                metrics.job_started(run.job)
+        run.reported = (run.progress(fraction_of_node), run.progress_detail())
+        if run.start.at is not None:
+            now = time.monotonic()
+            if now - run.last_write < PROGRESS_WRITE_INTERVAL:
                 return
-        await self._update(run, {JobStatus.RUNNING}, event="job.progress",
-                           progress=run.progress(fraction_of_node),
-                           progress_detail=run.progress_detail())
+            run.last_write = now
+            async with run.start.recording() as started_at:
+                if started_at is not None:  # the start rides on this write, with its webhook
+                    await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
+                                       status=JobStatus.RUNNING, started_at=started_at,
+                                       progress=run.reported[0], progress_detail=run.reported[1])
+                    metrics.job_started(run.job)
+                    return
+        self._progressing[run.prompt_id] = run
+        if self._progress_writer is None:
+            self._progress_writer = asyncio.create_task(self._write_progress())
+
+    async def _write_progress(self) -> None:
+        """While running jobs report progress: every PROGRESS_WRITE_INTERVAL, the latest report
+        of each in one statement, not a statement per job (with a thousand GPUs at work, a
+        statement per job every interval would be thousands a second)."""
+        try:
+            while self._progressing:
+                await asyncio.sleep(
+                    self._progress_written + PROGRESS_WRITE_INTERVAL - time.monotonic())
+                runs = [run for prompt_id, run in self._progressing.items()
+                        if self._runs.get(prompt_id) is run]
+                self._progressing = {}
+                self._progress_written = time.monotonic()
+                if not runs:
+                    continue
+                try:
+                    written = await self._repository.report_progress(
+                        [ProgressReport(run.job, *run.reported) for run in runs])
+                except Exception:  # the database may be away: the next report writes it
+                    log.exception("writing the progress of %d jobs failed", len(runs))
+                    continue
+                for job in written:
+                    run = self._runs.get(job.prompt_id or "")
+                    if run is not None and run.job.attempts == job.attempts:
+                        run.job = job
+        finally:
+            self._progress_writer = None
 
     async def _finished_executing(self, run: PromptRun) -> None:
         # Uploading is recorded before the slot is released, so a claim that counts the
@@ -559,6 +595,8 @@ class ExecutionTracker:
     async def close(self, grace: float = 0.0) -> None:
         """Give the uploads in progress up to `grace` seconds, then cut them short: a job
         left `uploading` is collected again by the next process (its keys are deterministic)."""
+        if self._progress_writer is not None:
+            self._progress_writer.cancel()
         for run in self._runs.values():  # still running: collected by the next process
             if run.early.storing is not None:
                 run.early.storing.cancel()

@@ -122,6 +122,15 @@ class Claim(NamedTuple):
     next: int  # the index of the first of its backends not asked
 
 
+class ProgressReport(NamedTuple):
+    """How far a running job has come: the fraction done and the detail of the node running
+    (`Job.progress`, `Job.progress_detail`)."""
+
+    job: Job
+    progress: float
+    detail: dict[str, Any] | None
+
+
 class TenantActivity(NamedTuple):
     """One API key's jobs now, and the GPU time they took in a recent window."""
 
@@ -360,6 +369,26 @@ class JobRepository:
             "transition", job, [str(state) for state in states], status, progress,
             detail_given, _json(detail), started_at, finished_at, _json(outputs),
             _json(error), delivery, uploading_at)
+
+    async def report_progress(self, reports: Sequence[ProgressReport]) -> list[Job]:
+        """Record the latest progress of running jobs in one statement (sql/jobs.sql
+        `progress`), each fenced as `transition` fences it, with its `job.progress` webhook
+        where its client subscribed; the jobs written, as they are now."""
+        rows = [await deliveries.delivery_row(report.job.model_copy(update={
+            "progress": report.progress, "progress_detail": report.detail}), "job.progress")
+            for report in reports]
+        async with driver_connection(self.engine) as connection:
+            written = await connection.fetch(
+                _SQL["progress"], [report.job.id for report in reports],
+                [report.job.attempts for report in reports],
+                [report.job.prompt_id for report in reports],
+                [report.progress for report in reports],
+                [_json(report.detail) for report in reports], rows)
+        jobs = {report.job.id: report.job for report in reports}
+        changed = [_changed(jobs[uuid.UUID(bytes=row["id"].bytes)], row) for row in written]
+        for job in changed:
+            self._on_change(job.id)
+        return changed
 
     async def finish(
         self, job: Job, status: JobStatus, states: Iterable[JobStatus], *,

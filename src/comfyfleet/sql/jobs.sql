@@ -53,6 +53,30 @@ WITH changed AS (
 )
 SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13::jsonb)
 
+-- name: progress
+-- Record how far the running jobs have come, an element of each array per job: $1 its id,
+-- $2 its attempts, $3 its prompt id (the fence, as in `transition`: a job not running that
+-- attempt of that prompt is left as it is), $4 its progress, $5 its progress detail (null or
+-- not) and $6, a webhook_deliveries row (null: none), the delivery written with the job. One
+-- statement for every running job's latest report, however many run. Returns each job written.
+WITH reported AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[], $5::jsonb[],
+                         $6::jsonb[])
+        AS reported (id, attempts, prompt_id, progress, detail, delivery)
+), changed AS (
+    UPDATE jobs
+    SET progress = reported.progress, progress_detail = reported.detail
+    FROM reported
+    WHERE jobs.id = reported.id AND jobs.attempts = reported.attempts
+      AND jobs.prompt_id IS NOT DISTINCT FROM reported.prompt_id AND jobs.status = 'running'
+    RETURNING jobs.id, jobs.status, jobs.progress, jobs.progress_detail, jobs.backend,
+        jobs.prompt_id, jobs.attempts, jobs.dispatched_at, jobs.dispatched_by, jobs.started_at,
+        jobs.uploading_at, jobs.finished_at, jobs.outputs, jobs.error, reported.delivery
+)
+SELECT changed.id, status, progress, progress_detail, backend, prompt_id, attempts,
+    dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs, error
+FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, changed.delivery)
+
 -- name: requeue
 -- Put the job, whose prompt was lost, back in the backlog with the error $4 (or none); it
 -- keeps its attempt count, and sheds the outputs stored while the lost prompt ran (the next

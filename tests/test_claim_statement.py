@@ -1,0 +1,55 @@
+"""One claim transaction asks several backends on one read of the backlog (sql/claim.sql):
+the backend after the first that takes the job takes it under its own lock, never waiting for
+that lock while holding the first's, and within its slots by the database's count."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.db import driver_connection
+from comfyfleet.fleet.registry import BackendRegistry
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+
+
+def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
+    """A pick that leaves the backlog to backend "b"."""
+    return Choice(queued[0].id) if backend == "b" else None
+
+
+async def test_a_claim_asks_the_next_backend_on_its_read_without_waiting_for_its_lock(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(workflow="w", prompt={}))
+    async with driver_connection(engine) as elsewhere, elsewhere.transaction():
+        # A claim for "b" under way in another process: this one does not wait for it.
+        await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
+        async with asyncio.timeout(10):
+            claim = await repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b)
+        # "b" not asked: the caller claims for it next, in a transaction of its own.
+        assert claim == (None, ("a",), 1, 1)
+    claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
+    assert claim.job is not None and claim.job.id == job.id
+    assert (claim.job.backend, claim.locked, claim.backlog, claim.next) == ("b", ("a", "b"), 0, 2)
+
+
+async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncEngine) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    for _ in range(2):
+        await repository.insert(Job(workflow="w", prompt={}))
+    first = await repository.claim_next(["b"], "p1", max_inflight=1, pick=for_b)
+    assert first.job is not None and first.job.status == JobStatus.DISPATCHED
+    # "a" has its slot free, "b" none: the job "b" would take stays queued.
+    claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
+    assert claim == (None, ("a", "b"), 1, 2)
+    async with driver_connection(engine) as connection:
+        assert await connection.fetchval(
+            "SELECT count(*) FROM jobs WHERE status = 'queued'") == 1

@@ -3,17 +3,18 @@
 The throughput benchmark's CPU per job moves with the rate it reaches (a slower run makes
 more empty claims per job), and on a shared machine that rate is other users' to decide; this
 one is not. One process, embedded PostgreSQL, no backend running: `--jobs` jobs go through the
-steps a job's life takes in the service (stored as POST /jobs stores it, started, finished
-with its webhook in the outbox, the delivery leased, its attempt recorded by a pass of the
-webhook worker, which leases what is due and finds the next due delivery in the same
-statement: half of them one a pass, half in batches), all of one step before the next; then
-another `--jobs` jobs, put running on one backend for one process, go through what recovery
-and rebalancing do (read back on a reconnect, the periodic pass finding nothing unfollowed,
-taken over, moved to another backend). The CPU time this process spends on each step
-(`time.process_time`, so waiting for PostgreSQL or for the CPU is not counted) is divided by
-the calls. `--concurrency` calls run at once, as requests and events do in the service. The
-claim step is left out: other work is changing it. Run it on two commits to compare them (the
-figures of one run are comparable with each other).
+steps a job's life takes in the service (stored as POST /jobs stores it, started, its progress
+written a statement per job as before and then as the tracker writes it now, the latest
+progress of CLAIM_LIMIT running jobs a statement, finished with its webhook in the outbox, the
+delivery leased, its attempt recorded by a pass of the webhook worker, which leases what is due
+and finds the next due delivery in the same statement: half of them one a pass, half in
+batches), all of one step before the next; then another `--jobs` jobs, put running on one
+backend for one process, go through what recovery and rebalancing do (read back on a reconnect,
+the periodic pass finding nothing unfollowed, taken over, moved to another backend). The CPU
+time this process spends on each step (`time.process_time`, so waiting for PostgreSQL or for
+the CPU is not counted) is divided by the calls. `--concurrency` calls run at once, as requests
+and events do in the service. The claim step is left out: other work is changing it. Run it on
+two commits to compare them (the figures of one run are comparable with each other).
 
 Run from the repository root:  .venv/bin/python -m bench.hot_path [--jobs 2000]
 """
@@ -40,7 +41,7 @@ from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt, DeliveryStatus
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import JobRepository, ProgressReport
 from comfyfleet.webhooks.outbox import Outbox, Outcome, Settled
 
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only leased and recorded
@@ -103,6 +104,25 @@ async def run(jobs: int, concurrency: int) -> dict[str, float]:
                 figures["store a job (POST /jobs' insert)"], stored = await timed(
                     range(jobs), store, concurrency)
                 figures["start (running)"], started = await timed(stored, start, concurrency)
+                detail = {"node": "3", "class_type": "KSampler", "step": 5, "steps": 20}
+
+                async def progress(job: Job) -> Job | None:
+                    return await repository.transition(
+                        job, {JobStatus.RUNNING}, event="job.progress", progress=0.5,
+                        progress_detail=detail)
+
+                async def progress_together(batch: Sequence[Job]) -> list[Job]:
+                    return await repository.report_progress(
+                        [ProgressReport(job, 0.6, detail) for job in batch])
+
+                figures["progress, a statement per job (as before #17)"], _ = await timed(
+                    started, progress, concurrency)
+                together = [started[at:at + CLAIM_LIMIT]
+                            for at in range(0, len(started), CLAIM_LIMIT)]
+                per_batch, written = await timed(together, progress_together, 1)
+                assert sum(len(batch) for batch in written) == len(started)
+                figures[f"progress, per job ({CLAIM_LIMIT} running jobs a statement)"] = (
+                    per_batch * len(together) / len(started))
                 figures["finish, webhook into the outbox"], _ = await timed(
                     started, finish, concurrency)
 

@@ -5,6 +5,7 @@ that lock while holding the first's, and within its slots by the database's coun
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,3 +54,25 @@ async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncE
     async with driver_connection(engine) as connection:
         assert await connection.fetchval(
             "SELECT count(*) FROM jobs WHERE status = 'queued'") == 1
+
+
+async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(workflow="w", prompt={"1": {"class_type": "Old"}}))
+    seen: list[dict[str, Any]] = []
+
+    def look(_: str, queued: list[QueuedJob]) -> None:
+        seen.append(queued[0].prompt)
+
+    await repository.claim_next(["a"], "p1", max_inflight=1, pick=look)
+    # Changed behind the repositories' backs (a job's prompt never changes): only a claim
+    # that reads the prompt again sees it.
+    async with driver_connection(engine) as connection:
+        await connection.execute(
+            """UPDATE jobs SET prompt = '{"1": {"class_type": "New"}}' WHERE id = $1""", job.id)
+    await repository.claim_next(["a"], "p2", max_inflight=1, pick=look)
+    await JobRepository(engine).claim_next(["a"], "p3", max_inflight=1, pick=look)
+    assert [prompt["1"]["class_type"] for prompt in seen] == ["Old", "Old", "New"]

@@ -3,10 +3,10 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,8 @@ _READS = sql.queries("reads")
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
 # among the tenants first in virtual time.
 CLAIM_BATCH = 50
+# The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
+PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
 # What a job of a workflow never seen to run is taken to last, in GPU-seconds.
@@ -101,14 +103,6 @@ class Choice(NamedTuple):
     job_id: uuid.UUID
     passed: tuple[uuid.UUID, ...] = ()
     charge: float = 0.0
-
-
-@functools.lru_cache(maxsize=4 * CLAIM_BATCH)
-def _candidate_prompt(text: str) -> dict[str, Any]:
-    """A candidate's prompt, decoded once while it stays near the head of the backlog: each
-    claim reads the same CLAIM_BATCH rows but one. Shared between claims, so only read."""
-    prompt: dict[str, Any] = json.loads(text)
-    return prompt
 
 
 class Claim(NamedTuple):
@@ -179,6 +173,8 @@ class JobRepository:
         self._statements = single_statements(engine)
         self._reads = single_statements(reads or engine)
         self._on_change = on_change or (lambda _: None)
+        # The prompts of the queued jobs its claims read, by job id, least recently read first.
+        self._prompts: OrderedDict[uuid.UUID, dict[str, Any]] = OrderedDict()
 
     async def insert(
         self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
@@ -289,12 +285,14 @@ class JobRepository:
         first = backends[0]
         async with driver_connection(self.engine) as connection, connection.transaction():
             await connection.execute(_CLAIM["lock_backend"], first)
+            held = dict(self._prompts)
             rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
-                                          self._max_concurrent, CLAIM_BATCH, owner)
+                                          self._max_concurrent, CLAIM_BATCH, owner,
+                                          list(held))
             if rows[0]["free"] <= 0:
                 return Claim(None, (first,), None, 1)
             queued = [
-                QueuedJob(row["id"], row["workflow"], _candidate_prompt(row["prompt"]),
+                QueuedJob(row["id"], row["workflow"], self._prompt(row["id"], row["prompt"], held),
                           row["priority"], row["overtaken"], row["created_at"], row["tenant"],
                           row["start"], row["weight"], row["beyond"])
                 for row in rows if row["id"] is not None]
@@ -320,6 +318,19 @@ class JobRepository:
         claimed = _job(row)
         self._on_change(claimed.id)
         return Claim(claimed, locked, max(backlog - 1, 0), asked + 1)
+
+    def _prompt(self, job_id: uuid.UUID, text: str | None,
+                held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:
+        """A queued job's prompt, as the claim read it (`text`), or as it was held (`held`)
+        when the claim left it out: each claim reads the head of every tenant's backlog again,
+        the same CLAIM_BATCH rows but the ones taken, and a prompt is tens of KB. Decoded once
+        while its job stays near the head; shared between claims, so only read."""
+        prompt = held[job_id] if text is None else json.loads(text)
+        self._prompts[job_id] = prompt
+        self._prompts.move_to_end(job_id)
+        while len(self._prompts) > PROMPTS_KEPT:
+            self._prompts.popitem(last=False)
+        return prompt
 
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,

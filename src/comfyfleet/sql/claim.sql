@@ -28,10 +28,12 @@ SELECT pg_try_advisory_xact_lock(hashtext($1))
 -- priority, then oldest), skipping the tenants with as many jobs on backends as their
 -- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
 -- its tenant's start in virtual time and weight, and whether the tenant's backlog goes on
--- past the rows read; one row of nulls but `free` and `backlog` without any. The jobs are
--- locked SKIP LOCKED, so processes claiming side by side never share one. A job whose
--- extra_data another process holds in memory (jobs/extra_data.py) is that process's to claim:
--- process $5 reads (and counts in `backlog`) only its own and those of none.
+-- past the rows read; one row of nulls but `free` and `backlog` without any. A job's prompt
+-- comes as text, but null for the jobs $6, whose prompts the caller holds (a job's prompt
+-- never changes; a tenant's head is read again by every claim). The jobs are locked SKIP
+-- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
+-- process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
+-- (and counts in `backlog`) only its own and those of none.
 WITH RECURSIVE slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
@@ -73,7 +75,8 @@ WITH RECURSIVE slots AS (
 ), heads AS (
     SELECT eligible.*, ceil($4::float8 / count(*) OVER ())::int AS depth FROM eligible
 )
-SELECT slots.free, slots.backlog, queued.id, queued.workflow, queued.prompt::text AS prompt,
+SELECT slots.free, slots.backlog, queued.id, queued.workflow,
+       CASE WHEN queued.id = ANY($6::uuid[]) THEN NULL ELSE queued.prompt::text END AS prompt,
        queued.priority, queued.overtaken, queued.created_at, heads.tenant, heads.start,
        heads.weight, queued.place = heads.depth AS beyond
 FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (

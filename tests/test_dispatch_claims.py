@@ -121,16 +121,17 @@ async def test_a_slot_freed_with_the_backlog_known_empty_costs_no_claim(
         base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
         http = await stack.enter_async_context(aiohttp.ClientSession())
         await until_healthy(http, base, 1)
-        # The passes woken as the service starts are over once a first job is done.
         await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
                            "succeeded")
         before, transactions, empty = claims(), claim_transactions(), empty_claims()
-        for color in (1, 2, 3):  # each submitted once the one before is done: found anew
+        for color in range(1, 6):  # each submitted once the one before is done: found anew
             job_id = await submit(http, base, {"workflow": "invert", "params": {"color": color}})
             await wait_for_job(http, base, job_id, "succeeded")
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
         # Each claim saw the job it took as the last queued; the slot each job freed found
-        # the backlog known empty, and no claim looked again.
-        assert made == {"took": 3}
-        assert (claim_transactions() - transactions, empty_claims() - empty) == (3, 0)
+        # the backlog known empty, and no claim looked again (a pass woken late by the
+        # service's start, on a busy machine, may still look once).
+        assert made == {"took": 5}
+        assert empty_claims() - empty <= 1
+        assert claim_transactions() - transactions - (empty_claims() - empty) == 5

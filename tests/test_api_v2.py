@@ -10,13 +10,14 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import asyncpg
 import pytest
 from comfy_low.errors import ApiError
 from comfy_low.transport import AsyncComfyLow
@@ -40,7 +41,8 @@ from comfyfleet.api.v2 import V2Routes
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
-from tests.support import COLOR, LOOPBACK, free_ports, png, python_process
+from tests.support import COLOR, LOOPBACK, free_ports, png, python_process, serve_env
+from tests.test_dashboard import api, read_events
 from tests.test_security import keys_command
 
 SIM_BACKENDS = 2
@@ -311,6 +313,85 @@ async def test_cancel_a_running_job(v2: str) -> None:
         await job.wait(timeout=10)
         assert job.status == "canceled"
         assert job.error is not None and job.error.code == "canceled"
+
+
+async def test_events_read_a_job_only_when_something_changed(settings: Settings) -> None:
+    """An open stream of a queued job whose position cannot move reads the job no more: the
+    stream used to read it every second (REREAD_SECONDS), busy or not. Seen from PostgreSQL: the
+    jobs table locked, the stream's connection does not come to wait for the lock in three
+    such seconds."""
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:  # no backend
+        job = (await api(http, "POST", f"{base}/api/v1/jobs", status=202,
+                         body={"workflow": "invert", "params": {"width": 16}}))["id"]
+        db = await asyncpg.connect(
+            (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            async with http.get(f"{base}/api/v2/jobs/{job}/events") as response:
+                statuses = read_events(response, "status")
+                async with asyncio.timeout(20):
+                    assert await anext(statuses) == {"status": "queued", "queue_position": 1}
+                # The connection the stream read the job's position on (the service's
+                # reads share a pool that this test leaves to the stream).
+                reader = {row["pid"] for row in await db.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE '-- Where queued job%'")}
+                assert reader
+                async with db.transaction():
+                    await db.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+                    # A window of three times the old interval.
+                    deadline = asyncio.get_running_loop().time() + 3.0
+                    while asyncio.get_running_loop().time() < deadline:
+                        assert not await lock_waiters(db) & reader
+                        await asyncio.sleep(0.05)
+                await api(http, "POST", f"{base}/api/v2/jobs/{job}/cancel")
+                async with asyncio.timeout(20):
+                    assert await anext(statuses) == {"status": "canceled",
+                                                     "queue_position": None}
+        finally:
+            await db.close()
+
+
+async def lock_waiters(db: asyncpg.Connection) -> set[int]:
+    """The processes waiting for a lock on the jobs table."""
+    return {row["pid"] for row in await db.fetch(
+        "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass")}
+
+
+async def test_events_follow_a_job_changed_through_another_replica_at_once(
+    settings: Settings, data_root: Path
+) -> None:
+    """The events of a job queued on replica B, which reads its job only when told that
+    something changed: its position moves when the job ahead is cancelled (any job's change
+    wakes a queued job's stream), and its own cancel through replica A is told at once by A's
+    notice on `comfyfleet_jobs`."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        bases = []
+        for replica in ("a", "b"):  # no backend: the jobs stay queued until cancelled
+            port = free_ports(1)
+            base = f"http://{LOOPBACK}:{port}"
+            await stack.enter_async_context(python_process(
+                "comfyfleet", "serve", env=serve_env(settings, data_root / replica, port),
+                ready_url=base + "/healthz"))
+            bases.append(base)
+        through_a, through_b = bases
+        ahead, job = [(await api(http, "POST", f"{through_b}/api/v1/jobs", status=202,
+                                 body={"workflow": "invert", "params": {"width": 16}}))["id"]
+                      for _ in range(2)]
+        async with http.get(f"{through_b}/api/v2/jobs/{job}/events") as response:
+            assert response.status == 200
+            statuses = read_events(response, "status")
+            async with asyncio.timeout(20):
+                assert await anext(statuses) == {"status": "queued", "queue_position": 2}
+                # Through B, so that A has told nothing before the cancel below (it tells at
+                # most once a second).
+                await api(http, "POST", f"{through_b}/api/v1/jobs/{ahead}/cancel")
+                assert await anext(statuses) == {"status": "queued", "queue_position": 1}
+                cancelled = asyncio.get_running_loop().time()
+                await api(http, "POST", f"{through_a}/api/v2/jobs/{job}/cancel")
+                told = await anext(statuses)
+                waited = asyncio.get_running_loop().time() - cancelled
+    assert told == {"status": "canceled", "queue_position": None}
+    assert waited < 0.5, waited
 
 
 async def rows_holding(engine: AsyncEngine, secret: str) -> list[str]:

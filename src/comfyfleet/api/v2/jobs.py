@@ -41,8 +41,9 @@ from comfyfleet.services import Services
 router = APIRouter(tags=["jobs"])
 public = APIRouter(tags=["health"])
 
-# Another process's changes reach no notice here; an event stream reads its job this often.
-REREAD_SECONDS = 1.0
+# A queued job's position moves with every other job dispatched or cancelled: its event stream
+# reads it again on any job's change, at most this often.
+QUEUED_REREAD_SECONDS = 1.0
 PING_SECONDS = 15
 # The statuses of the v2 contract and the job states each stands for.
 V2_STATUSES = {v2: [ours for ours, mapped in render.STATUSES.items() if mapped == v2]
@@ -208,6 +209,8 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
     loop = asyncio.get_running_loop()
     try:
         while True:
+            jobs_changed = svc.events.any_job.next()  # taken before the read (pulse.py)
+            read_at = loop.time()
             job = await svc.repository.get(job_id)
             if job is None:
                 return
@@ -234,26 +237,39 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
             if latest is not None:
                 yield _preview_event(latest)
                 latest = None
-            # Previews and log lines as they come, until the job changes or it is time to
-            # read it anyway.
-            reread_at = loop.time() + REREAD_SECONDS
-            while (notice := await _next_notice(notices, reread_at)) is not None:
+            # Previews and log lines as they come, until the job changes here or another
+            # process says that its jobs changed (peers.py); a queued job's also when any
+            # other job changed, for its position.
+            others = (jobs_changed, read_at + QUEUED_REREAD_SECONDS) if position else None
+            while (notice := await _next_notice(notices, others)) is not None:
                 yield (_preview_event(notice) if isinstance(notice, PreviewImage)
                        else _event("log", {"level": notice.level, "message": notice.message}))
     finally:
         svc.events.stop(job_id, notices)
 
 
-async def _next_notice(notices: asyncio.Queue[Notice], deadline: float
+async def _next_notice(notices: asyncio.Queue[Notice],
+                       others: tuple[asyncio.Event, float] | None
                        ) -> PreviewImage | LogLine | None:
-    """The next preview image or log line; None once the job changed or at `deadline`.
-    (The stream yields outside the timeout: a deadline passing while the client is being
-    written to must not cancel that write.)"""
+    """The next preview image or log line; None once the job changed, or with `others` (an
+    event and a time) once the event is set, not before that time."""
+    if others is None:
+        return await notices.get()
+    changed, not_before = others
+    told = asyncio.ensure_future(notices.get())
+    moved = asyncio.ensure_future(_set_not_before(changed, not_before))
     try:
-        async with asyncio.timeout_at(deadline):
-            return await notices.get()
-    except TimeoutError:
-        return None
+        await asyncio.wait((told, moved), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        moved.cancel()
+        if not told.done():
+            told.cancel()  # a get cancelled before it took an item loses none
+    return told.result() if told.done() and not told.cancelled() else None
+
+
+async def _set_not_before(event: asyncio.Event, when: float) -> None:
+    await event.wait()
+    await asyncio.sleep(max(0.0, when - asyncio.get_running_loop().time()))
 
 
 def _preview_event(preview: PreviewImage) -> ServerSentEvent:

@@ -15,19 +15,13 @@ from sqlmodel import col, select
 from comfyfleet.db import single_statements
 from comfyfleet.jobs.deliveries import Delivery, DeliveryStatus
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus
-from comfyfleet.jobs.repository import UNFINISHED_STATES
+from comfyfleet.jobs.repository import UNFINISHED
 
 # Dead or failed for good, or pending after a failed attempt. Literal values, not bound ones:
 # so the planner knows that the partial index webhook_deliveries_troubled covers them.
 TROUBLED = text(
     f"webhook_deliveries.status IN ('{DeliveryStatus.DEAD}', '{DeliveryStatus.FAILED}') OR "
     f"(webhook_deliveries.status = '{DeliveryStatus.PENDING}' AND webhook_deliveries.attempts > 0)")
-
-
-# Literal too: with bound values the generic plan guesses that most jobs match, and reads them
-# all; with these, it counts the unfinished jobs from the partial indexes that hold only them.
-UNFINISHED = text("jobs.status IN ({})".format(
-    ", ".join(f"'{state}'" for state in sorted(UNFINISHED_STATES))))
 
 
 ON_BACKEND = text("jobs.status IN ({})".format(

@@ -18,6 +18,7 @@ import sqlalchemy
 from sqlalchemy import (
     ColumnElement,
     func,
+    text,
     true,
     tuple_,
     update,
@@ -34,6 +35,11 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 _table = Job.__table__  # type: ignore[attr-defined]
 _CLAIM = sql.queries("claim")
 UNFINISHED_STATES = ON_BACKEND_STATES | {JobStatus.QUEUED}
+# Their condition with literal values, not bound ones: with bound values the generic plan
+# guesses that most jobs match, and reads them all; with these, it counts the unfinished jobs
+# from the partial indexes that hold only them.
+UNFINISHED = text("jobs.status IN ({})".format(
+    ", ".join(f"'{state}'" for state in sorted(UNFINISHED_STATES))))
 # The columns a job's transitions may change; the others are fixed when it is stored, so an
 # UPDATE returns only these and the rest is taken from the job the caller holds (sparing the
 # decoding of its JSONB prompt and params at every step).

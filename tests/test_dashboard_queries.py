@@ -138,7 +138,8 @@ async def test_every_dashboard_read_walks_an_index(settings: Settings) -> None:
                         "/jobs?limit=50&created_after=2026-01-01T00:00:00Z"
                         "&created_before=2099-01-01T00:00:00Z",
                         "/jobs?limit=50&tenant=API_KEYS%232",
-                        "/dashboard/backlog", "/dashboard/activity", "/dashboard/deliveries"],
+                        "/dashboard/backlog", "/dashboard/activity", "/dashboard/deliveries",
+                        "/tenants"],
                 KEY_A: ["/jobs?limit=50", "/dashboard/backlog", "/dashboard/activity",
                         "/dashboard/deliveries"],
             }

@@ -118,6 +118,19 @@ async def test_fleet_shows_each_backend_and_drains_one_from_the_page(
         await expect(page.locator('tr[data-backend="gpu-a"] .health')).to_have_text("up")
         assert await page.evaluate("() => window.notReloaded === true")
 
+        # Enable and remove from the page too (remove: once drained, after the confirm).
+        await page.locator('tr[data-backend="gpu-b"] button.drain').click()
+        await expect(page.locator('tr[data-backend="gpu-b"] .health')).to_have_text("draining")
+        await page.locator('tr[data-backend="gpu-b"] button.enable').click()
+        await expect(page.locator('tr[data-backend="gpu-b"] .health')).to_have_text("up")
+        backends = {b["name"]: b for b in await api(http, "GET", f"{prefix}/backends")}
+        assert backends["gpu-b"]["draining"] is False
+        await page.locator('tr[data-backend="gpu-b"] button.drain').click()
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.locator('tr[data-backend="gpu-b"] button.remove:enabled').click()
+        await expect(rows).to_have_count(1)
+        assert [b["name"] for b in await api(http, "GET", f"{prefix}/backends")] == ["gpu-a"]
+
 
 async def test_eight_tabs_share_one_live_stream_and_outlive_the_tab_that_opened_it(
     settings: Settings, sims: list[SimulatedComfyUI], browser: BrowserContext, tmp_path: Path
@@ -335,6 +348,19 @@ async def test_running_job_progress_moves_and_reaches_done_without_reload(
                 timeout=WAIT_MS)
             assert "null" not in await page.locator("#main").inner_text()
             await screenshot(page, tmp_path, "job")
+
+
+async def test_cancel_a_queued_job_from_its_page(settings: Settings, page: Page) -> None:
+    async with serving(settings) as base, aiohttp.ClientSession() as http:  # no backend
+        prefix = base + settings.route_prefix
+        job = await api(http, "POST", f"{prefix}/jobs", status=202,
+                        body={"workflow": "invert", "params": {"width": 16}})
+        await page.goto(f"{base}/dashboard#/jobs/{job['id']}")
+        await expect(page.locator("#job-status")).to_have_text("queued")
+        await page.locator("#job-cancel").click()
+        await expect(page.locator("#job-status")).to_have_text("cancelled")
+        await expect(page.locator("#job-cancel")).to_have_count(0)
+        assert (await api(http, "GET", f"{prefix}/jobs/{job['id']}"))["status"] == "cancelled"
 
 
 async def test_failed_job_shows_its_node_and_error(

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,21 @@ def serve_env(settings: Settings, data_dir: Path, port: int, **overrides: str) -
         "SERVICE_PORT": str(port),
         **overrides,
     })
+
+
+async def serve_replicas(stack: AsyncExitStack, settings: Settings, data_root: Path,
+                         **overrides: str) -> tuple[str, str]:
+    """Two `comfyfleet serve` processes on the test's database ("a" and "b", each with its
+    data directory under `data_root`), running until `stack` closes: their base URLs."""
+    bases = []
+    for replica in ("a", "b"):
+        port = free_ports(1)
+        base = f"http://{LOOPBACK}:{port}"
+        await stack.enter_async_context(python_process(
+            "comfyfleet", "serve", env=serve_env(settings, data_root / replica, port, **overrides),
+            ready_url=base + "/healthz"))
+        bases.append(base)
+    return bases[0], bases[1]
 
 
 # The colour of `png()`'s pixels, to check what the backend received.

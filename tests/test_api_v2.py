@@ -41,7 +41,14 @@ from comfyfleet.api.v2 import V2Routes
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
-from tests.support import COLOR, LOOPBACK, free_ports, png, python_process, serve_env
+from tests.support import (
+    COLOR,
+    LOOPBACK,
+    free_ports,
+    png,
+    python_process,
+    serve_replicas,
+)
 from tests.test_dashboard import api, read_events
 from tests.test_security import keys_command
 
@@ -365,15 +372,8 @@ async def test_events_follow_a_job_changed_through_another_replica_at_once(
     notice on `comfyfleet_jobs`."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        bases = []
-        for replica in ("a", "b"):  # no backend: the jobs stay queued until cancelled
-            port = free_ports(1)
-            base = f"http://{LOOPBACK}:{port}"
-            await stack.enter_async_context(python_process(
-                "comfyfleet", "serve", env=serve_env(settings, data_root / replica, port),
-                ready_url=base + "/healthz"))
-            bases.append(base)
-        through_a, through_b = bases
+        # No backend: the jobs stay queued until cancelled.
+        through_a, through_b = await serve_replicas(stack, settings, data_root)
         ahead, job = [(await api(http, "POST", f"{through_b}/api/v1/jobs", status=202,
                                  body={"workflow": "invert", "params": {"width": 16}}))["id"]
                       for _ in range(2)]

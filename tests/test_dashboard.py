@@ -25,10 +25,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
 from tests.support import (
-    LOOPBACK,
-    free_ports,
-    python_process,
-    serve_env,
+    serve_replicas,
     wait_for_healthy_backends,
 )
 from tests.webhook_support import Answer, Gateway
@@ -591,17 +588,10 @@ async def test_a_dashboard_on_one_replica_follows_what_is_done_through_another(
     backend drained, B never claims the job)."""
     async with SimulatedComfyUI() as sim, AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        bases = []
-        for replica in ("a", "b"):
-            port = free_ports(1)
-            base = f"http://{LOOPBACK}:{port}"
-            env = serve_env(settings, data_root / replica, port,
-                            COMFYUI_ENDPOINTS=f"{sim.url}#gpu")
-            await stack.enter_async_context(
-                python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
-            bases.append(base)
-        through_a = bases[0] + settings.route_prefix
-        await page.goto(f"{bases[1]}/dashboard#/fleet")
+        base_a, base_b = await serve_replicas(stack, settings, data_root,
+                                              COMFYUI_ENDPOINTS=f"{sim.url}#gpu")
+        through_a = base_a + settings.route_prefix
+        await page.goto(f"{base_b}/dashboard#/fleet")
         health = page.locator('tr[data-backend="gpu"] .health')
         await expect(health).to_have_text("up")
         await expect(page.locator("#live")).to_have_text("live")
@@ -630,15 +620,9 @@ async def test_a_job_page_on_one_replica_follows_its_job_changed_through_another
     job once a second (it took 0.9-1 s then: the cancel came just after B read the job)."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        bases = []
-        for replica in ("a", "b"):  # no backend: the job stays queued until cancelled
-            port = free_ports(1)
-            base = f"http://{LOOPBACK}:{port}"
-            await stack.enter_async_context(python_process(
-                "comfyfleet", "serve", env=serve_env(settings, data_root / replica, port),
-                ready_url=base + "/healthz"))
-            bases.append(base + settings.route_prefix)
-        through_a, through_b = bases
+        # No backend: the job stays queued until cancelled.
+        through_a, through_b = [base + settings.route_prefix
+                                for base in await serve_replicas(stack, settings, data_root)]
         # Submitted through B: A changes no job before the cancel, so its notice goes at once
         # (it tells at most one a second).
         job = await api(http, "POST", f"{through_b}/jobs", status=202,

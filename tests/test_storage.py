@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import hashlib
 import ipaddress
+import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from aiobotocore.client import AioBaseClient
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 from cryptography import x509
@@ -324,3 +327,26 @@ async def test_local_delete_removes_the_file_and_the_directories_it_empties(
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["b", "b/3_0.png"]
     with pytest.raises(StorageError):
         await storage.delete("../escape.png")
+
+
+def open_s3_clients() -> list[object]:
+    """The aiobotocore clients alive in this process that were entered and never exited (a
+    client's HTTP session holds its connections until then)."""
+    gc.collect()
+    return [client for client in gc.get_objects()
+            if isinstance(client, AioBaseClient)
+            and client._endpoint.http_session._sessions is not None]
+
+
+async def test_s3_open_with_an_unreadable_ca_bundle_fails_clearly_and_leaves_nothing_open(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_CA_BUNDLE naming a file that is not there: opening the storage is a StorageError
+    that names the file (startup reports it), and the clients it had entered are closed."""
+    missing = tmp_path / "no-such-ca.pem"
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(missing))
+    before = {id(client) for client in open_s3_clients()}
+    with pytest.raises(StorageError, match=re.escape(str(missing))):
+        await S3Storage.open(s3_settings(s3_endpoint, s3_bucket))
+    assert [client for client in open_s3_clients() if id(client) not in before] == []

@@ -78,37 +78,48 @@ class S3Storage:
     async def open(cls, settings: Settings) -> S3Storage:
         if not settings.s3_bucket:
             raise StorageError("S3_BUCKET is not set")
-        stack = AsyncExitStack()
         session = get_session()
-        credentials = {"region_name": settings.s3_region_name,
-                       "aws_access_key_id": settings.aws_access_key_id,
-                       "aws_secret_access_key": settings.aws_secret_access_key}
-        client = await stack.enter_async_context(session.create_client(
-            "s3", endpoint_url=settings.s3_endpoint, **credentials,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}),
-        ))
-        # Presigned URLs are signed by a client of their own, which never connects: for the
-        # endpoint clients reach, with Signature Version 4 (AWS refuses version 2 for buckets
-        # made since 2020) under the bucket's region. On AWS itself, the bucket's regional
-        # host (a new bucket's global name redirects, which breaks the signature), unless its
-        # name has dots, which no certificate of a virtual host covers.
-        public = settings.s3_public_url or settings.s3_endpoint
-        addressing = "path" if public or "." in settings.s3_bucket else "virtual"
-        signer = await stack.enter_async_context(session.create_client(
-            "s3", endpoint_url=public, **credentials,
-            config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
-        ))
-        # The PUT's TLS is the client's: its CA bundle as botocore resolved it (verify=,
-        # AWS_CA_BUNDLE or ca_bundle in the config, REQUESTS_CA_BUNDLE, else certifi's), and
-        # its client certificate, built by the client's own HTTP session, which reads the
-        # files, off the event loop.
-        tls, _ = await asyncio.to_thread(client._endpoint.http_session._build_ssl_contexts, None)
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=tls),
-            timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
-            cookie_jar=aiohttp.DummyCookieJar())
-        stack.push_async_callback(http.close)
-        return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack, http)
+        # What is opened before a failure (a client entered, a file unreadable) is closed on
+        # the way out; only a storage that opened whole keeps it.
+        async with AsyncExitStack() as stack:
+            credentials = {"region_name": settings.s3_region_name,
+                           "aws_access_key_id": settings.aws_access_key_id,
+                           "aws_secret_access_key": settings.aws_secret_access_key}
+            client = await stack.enter_async_context(session.create_client(
+                "s3", endpoint_url=settings.s3_endpoint, **credentials,
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}),
+            ))
+            # Presigned URLs are signed by a client of their own, which never connects: for
+            # the endpoint clients reach, with Signature Version 4 (AWS refuses version 2 for
+            # buckets made since 2020) under the bucket's region. On AWS itself, the bucket's
+            # regional host (a new bucket's global name redirects, which breaks the signature),
+            # unless its name has dots, which no certificate of a virtual host covers.
+            public = settings.s3_public_url or settings.s3_endpoint
+            addressing = "path" if public or "." in settings.s3_bucket else "virtual"
+            signer = await stack.enter_async_context(session.create_client(
+                "s3", endpoint_url=public, **credentials,
+                config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
+            ))
+            # The PUT's TLS is the client's: its CA bundle as botocore resolved it (verify=,
+            # AWS_CA_BUNDLE or ca_bundle in the config, REQUESTS_CA_BUNDLE, else certifi's),
+            # and its client certificate, built by the client's own HTTP session, which reads
+            # the files, off the event loop.
+            tls_files = client._endpoint.http_session
+            try:
+                tls, _ = await asyncio.to_thread(tls_files._build_ssl_contexts, None)
+            except OSError as exc:  # ssl's error names no file: say which were read
+                named = ", ".join(name for name in (
+                    tls_files._verify, tls_files._cert_file, tls_files._key_file)
+                    if isinstance(name, str)) or "the CA bundle"
+                raise StorageError(f"S3 TLS: cannot load {named}: {exc}") from exc
+            http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=tls),
+                timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT,
+                                              sock_read=READ_TIMEOUT),
+                cookie_jar=aiohttp.DummyCookieJar())
+            stack.push_async_callback(http.close)
+            return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack.pop_all(),
+                       http)
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         try:

@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -85,10 +85,10 @@ class S3Storage:
             credentials = {"region_name": settings.s3_region_name,
                            "aws_access_key_id": settings.aws_access_key_id,
                            "aws_secret_access_key": settings.aws_secret_access_key}
-            client = await stack.enter_async_context(session.create_client(
-                "s3", endpoint_url=settings.s3_endpoint, **credentials,
-                config=Config(retries={"max_attempts": 3, "mode": "standard"}),
-            ))
+            client = await _enter_client(
+                stack, session, "S3_ENDPOINT_URL or AWS_ENDPOINT_URL, S3_REGION_NAME",
+                endpoint_url=settings.s3_endpoint, **credentials,
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}))
             # Presigned URLs are signed by a client of their own, which never connects: for
             # the endpoint clients reach, with Signature Version 4 (AWS refuses version 2 for
             # buckets made since 2020) under the bucket's region. On AWS itself, the bucket's
@@ -96,10 +96,10 @@ class S3Storage:
             # unless its name has dots, which no certificate of a virtual host covers.
             public = settings.s3_public_url or settings.s3_endpoint
             addressing = "path" if public or "." in settings.s3_bucket else "virtual"
-            signer = await stack.enter_async_context(session.create_client(
-                "s3", endpoint_url=public, **credentials,
-                config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
-            ))
+            signer = await _enter_client(
+                stack, session, "S3_PUBLIC_URL, S3_REGION_NAME", endpoint_url=public,
+                **credentials,
+                config=Config(signature_version="s3v4", s3={"addressing_style": addressing}))
             # The PUT's TLS is the client's: its CA bundle as botocore resolved it (verify=,
             # AWS_CA_BUNDLE or ca_bundle in the config, REQUESTS_CA_BUNDLE, else certifi's),
             # and its client certificate, built by the client's own HTTP session, which reads
@@ -298,6 +298,16 @@ class S3Storage:
 
     async def close(self) -> None:
         await self._exit_stack.aclose()
+
+
+async def _enter_client(stack: AsyncExitStack, session: AioSession, settings_used: str,
+                        **options: Any) -> Any:
+    """An S3 client, closed with `stack`; a malformed endpoint or region is a StorageError
+    that names the settings it came from."""
+    try:
+        return await stack.enter_async_context(session.create_client("s3", **options))
+    except (BotoCoreError, ValueError) as exc:
+        raise StorageError(f"S3 client ({settings_used}): {exc}") from exc
 
 
 async def _parts(chunks: AsyncIterator[bytes]) -> AsyncIterator[io.BytesIO]:

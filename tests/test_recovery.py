@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from contextlib import AsyncExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ async def test_gateway_killed_while_uploading_stores_the_output_once_after_resta
         first = await stack.enter_async_context(
             python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
         (job_id,) = await submit(http, api, receiver.url, 1)
-        await wait_for_job(http, api, job_id, "uploading")
+        uploading = await wait_for_job(http, api, job_id, "uploading")
         async with asyncio.timeout(10):  # a part of the file is through
             while not any(part.stat().st_size for part in (data_root / "outputs").rglob(  # noqa: ASYNC110
                     f"{PART_PREFIX}*")):
@@ -149,12 +150,64 @@ async def test_gateway_killed_while_uploading_stores_the_output_once_after_resta
             await receiver.wait_for(1)
         job = await job_status(http, api, job_id)
     assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    # Adopted, not dispatched again: the upload began when the first process began it.
+    assert job["uploading_at"] == uploading["uploading_at"] is not None, job
+    assert datetime.fromisoformat(job["uploading_at"]) <= datetime.fromisoformat(
+        job["finished_at"]), job
     (output,) = job["outputs"]
     assert output["size"] == output_bytes
     stored = [path for path in (data_root / "outputs").rglob("*") if path.is_file()]
     assert [p.relative_to(data_root / "outputs").as_posix() for p in stored] == [output["key"]]
     assert stored[0].stat().st_size == output_bytes  # whole, once, no leftover part files
     assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def test_gateway_and_backend_lost_while_uploading_run_the_job_again_with_a_new_upload_time(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    """The gateway is SIGKILLed once a job is `uploading` (its `uploading_at` set) from a slow
+    /view, and its backend goes with it; the next process (with a second backend) finds that
+    backend still unreachable past the grace period, takes the job over and requeues it, and
+    the second backend runs it again. While it runs again its timeline shows no upload (the
+    claim clears `uploading_at`, sql/claim.sql); at the end its upload time is the new run's,
+    later than the first and no later than its end.
+
+    The gateway killed alone does not dispatch the job again: its successor finds the job
+    `uploading` on a reachable backend and collects it again (execution/tracker.py
+    `_reconcile`), under the first run's `uploading_at` (the test above keeps attempts at 1);
+    only a backend lost past the grace period sends an uploading job back to the claim."""
+    port = free_ports(1)
+    base = f"http://{LOOPBACK}:{port}"
+    api = base + settings.route_prefix
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        # Long enough to be seen running: the claim's effect is what the test looks at.
+        second = await stack.enter_async_context(SimulatedComfyUI(duration=PROMPT_SECONDS))
+        # 1 MiB at 64 KiB/s: the job stays `uploading` for 16 s, far longer than the kill takes.
+        async with SimulatedComfyUI(output_size=1024 * 1024,
+                                    view_bytes_per_second=64 * 1024) as lost:
+            lost_url = lost.url
+            first = await stack.enter_async_context(python_process(
+                "comfyfleet", "serve", ready_url=base + "/healthz",
+                env=serve_env(settings, data_root, port, COMFYUI_ENDPOINTS=f"{lost_url}#lost")))
+            (job_id,) = await submit(http, api, receiver.url, 1)
+            uploading = await wait_for_job(http, api, job_id, "uploading")
+            assert uploading["uploading_at"] is not None, uploading
+            first.send_signal(signal.SIGKILL)
+            await first.wait()
+        await stack.enter_async_context(python_process(
+            "comfyfleet", "serve", ready_url=base + "/healthz",
+            env=serve_env(settings, data_root, port, BACKEND_GRACE_SECONDS="1",
+                          COMFYUI_ENDPOINTS=f"{lost_url}#lost,{second.url}#second")))
+        again = await wait_for_job(http, api, job_id, "running")
+        done = await wait_for_job(http, api, job_id)
+    assert (again["status"], again["attempts"]) == ("running", 2), again
+    assert (uploading["backend"], again["backend"]) == ("lost", "second"), again
+    assert again["uploading_at"] is None, again  # not the first run's upload
+    assert (done["status"], done["attempts"]) == ("succeeded", 2), done
+    first_upload, upload, finished = (datetime.fromisoformat(at) for at in (
+        uploading["uploading_at"], done["uploading_at"], done["finished_at"]))
+    assert first_upload < upload <= finished, done
 
 
 async def statuses(http: aiohttp.ClientSession, api: str, ids: list[str]) -> list[dict[str, Any]]:

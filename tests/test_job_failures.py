@@ -212,8 +212,8 @@ def test_a_jobs_end_forgets_the_extra_data_held_for_it() -> None:
 async def test_a_job_requeued_after_it_reached_uploading_shows_no_upload_until_it_uploads_again(
     engine: AsyncEngine,
 ) -> None:
-    """A job whose prompt was lost while its outputs were being uploaded (its backend restarted
-    with an empty history, say) is requeued and claimed again: its timeline (GET /jobs/{id},
+    """A job whose prompt was lost while its outputs were being uploaded (its backend stayed
+    unreachable past the grace period) is requeued and claimed again: its timeline (GET /jobs/{id},
     the dashboard's job page) must not show the old run's upload while the new run is on its
     way, nor keep that time once the new run uploads."""
     repository = JobRepository(engine)

@@ -25,9 +25,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
-# The credentials the tests use; the only ones this server knows the secret of.
+# The credentials the tests use, and a pair whose secret is a string found nowhere else (a
+# test that the secret never reaches the logs); the only ones this server knows the secret of.
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-SECRETS = {S3_CREDENTIALS["aws_access_key_id"]: S3_CREDENTIALS["aws_secret_access_key"]}
+UNIQUE_S3_CREDENTIALS = {"aws_access_key_id": "unique-id",
+                         "aws_secret_access_key": "aws-secret-2b8d4e1f5a"}
+SECRETS = {pair["aws_access_key_id"]: pair["aws_secret_access_key"]
+           for pair in (S3_CREDENTIALS, UNIQUE_S3_CREDENTIALS)}
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_EXPIRES = 7 * 24 * 3600
 

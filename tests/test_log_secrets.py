@@ -17,6 +17,7 @@ from aiobotocore.session import get_session
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import S3_CREDENTIALS, StartReceiver
+from tests.s3_server import UNIQUE_S3_CREDENTIALS
 from tests.support import (
     LOOPBACK,
     free_ports,
@@ -29,7 +30,7 @@ from tests.support import (
 from tests.webhook_support import Answer
 
 DB_PASSWORD = "db-pass-6c1e0f9a77"
-AWS_SECRET = "aws-secret-2b8d4e1f5a"
+AWS_SECRET = UNIQUE_S3_CREDENTIALS["aws_secret_access_key"]  # the test S3 server checks it
 API_KEY = "api-key-93c0d7e2b1"
 ADMIN_KEY = "admin-key-5f1a8c6d04"
 NODE_TOKEN = "node-token-7e2b9d4c13"
@@ -71,7 +72,8 @@ async def test_no_secret_reaches_the_logs(
         env = serve_env(
             settings, data_root, port, DATABASE_URL=database_url, RDB_PASSWORD=DB_PASSWORD,
             COMFYUI_ENDPOINTS=f"{sim.url}#gpu", STORAGE="s3", S3_BUCKET=bucket,
-            S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID=S3_CREDENTIALS["aws_access_key_id"],
+            S3_ENDPOINT_URL=s3_endpoint,
+            AWS_ACCESS_KEY_ID=UNIQUE_S3_CREDENTIALS["aws_access_key_id"],
             AWS_SECRET_ACCESS_KEY=AWS_SECRET, WEBHOOK_RETRY_DELAYS="0.2", API_KEYS=API_KEY,
             ADMIN_API_KEYS=ADMIN_KEY, COMFYFLEET_NODE_TOKEN=NODE_TOKEN)
         with log.open("wb") as stderr:

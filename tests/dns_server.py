@@ -22,13 +22,15 @@ NAME = "comfyui.fleet.test."
 
 class LoopbackDns(asyncio.DatagramProtocol):
     """A DNS server: `addresses` answer A/AAAA queries for `name`, `pods` PTR queries; a name
-    it does not know is NXDOMAIN; `silent` drops every query, as a DNS server that is down."""
+    it does not know is NXDOMAIN; `silent` drops every query, as a DNS server that is down,
+    `silent_ptr` only PTR queries, as one too slow on reverse lookups."""
 
     def __init__(self, name: str = NAME) -> None:
         self.name = name if name.endswith(".") else name + "."
         self.addresses: list[str] = []
         self.pods: dict[str, str] = {}
         self.silent = False
+        self.silent_ptr = False
         self.queries = 0
         self.asked = asyncio.Condition()
         self.transport: asyncio.DatagramTransport | None = None
@@ -49,6 +51,8 @@ class LoopbackDns(asyncio.DatagramProtocol):
             return
         request = DNSRecord.parse(data)
         qname, qtype = str(request.q.qname), QTYPE[request.q.qtype]
+        if qtype == "PTR" and self.silent_ptr:
+            return
         reply = request.reply()
         if qname == self.name and self.addresses:
             for address in self.addresses:

@@ -169,6 +169,32 @@ async def test_a_backend_drained_while_still_in_dns_stays_drained(
         await fleet.until(lambda f: "comfyui-0" not in f)
 
 
+async def test_a_pod_whose_name_dns_has_not_answered_yet_waits_for_it(
+    settings: Settings, dns: tuple[LoopbackDns, str]
+) -> None:
+    """A reverse lookup that times out says nothing about the name: the address is not added
+    under a name made of it (a backend keeps its name), but on the pass that gets the answer."""
+    server, nameserver = dns
+    port = free_ports(1)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(SimulatedComfyUI(host="127.0.0.9", port=port))
+        server.addresses = ["127.0.0.9"]
+        server.name_pod("127.0.0.9", "comfyui-0")
+        server.silent_ptr = True
+        settings.comfyui_discovery = f"dns:{NAME}:{port}"
+        settings.discovery_interval = PASS
+        settings.discovery_nameserver = nameserver
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        fleet = Fleet(http, base + settings.route_prefix)
+        await server.passes(3)
+        assert await fleet.backends() == {}
+
+        server.silent_ptr = False
+        backends = await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
+        assert set(backends) == {"comfyui-0"}
+
+
 async def test_a_server_the_fleet_has_already_is_not_added_again(
     settings: Settings, dns: tuple[LoopbackDns, str]
 ) -> None:

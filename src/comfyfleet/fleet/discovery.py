@@ -127,6 +127,8 @@ class DnsDiscovery:
                     await self.fleet.set_draining(entry.backend.name, False)
             elif url not in taken_urls:
                 name = await self._name(address, taken_names)
+                if name is None:
+                    continue  # no answer on its name yet: a later pass adds it
                 taken_names.add(name)
                 log.info("discovery: %s appeared; adding backend %s", address, name)
                 await self.fleet.add_backend(self.target.backend(address, name),
@@ -160,13 +162,19 @@ class DnsDiscovery:
             found.extend(rdata.address for rdata in answer)
         return sorted(set(found))
 
-    async def _name(self, address: str, taken: set[str]) -> str:
+    async def _name(self, address: str, taken: set[str]) -> str | None:
         """The pod's name when the address has a PTR record (`comfyui-0.comfyui.ns.svc...`),
-        else the address; never a name the fleet already has."""
+        else the address; never a name the fleet already has. None when DNS gave no answer
+        (timeout, SERVFAIL): a backend keeps its name, so a slow reply must not name a pod
+        after its address for good."""
         fallback = re.sub(r"[^0-9a-z]+", "-", str(ipaddress.ip_address(address)).lower())
         try:
             answer = await self.resolver.resolve_address(address)
             label = str(answer[0].target).split(".")[0].lower()
-        except dns.exception.DNSException:
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return fallback
+        except dns.exception.DNSException as exc:
+            log.warning("discovery: no name for %s yet (%s); adding it on a later pass",
+                        address, str(exc) or type(exc).__name__)
+            return None
         return label if _LABEL.fullmatch(label) and label not in taken else fallback

@@ -1,5 +1,5 @@
 """`comfyfleet serve` says what is wrong in one plain line, not a traceback: a port in use, a
-setting that is not valid."""
+setting that is not valid, storage that cannot be opened, a database that refuses it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import asyncio
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.support import LOOPBACK, child_env
+from comfyfleet.db import embedded_url
+from tests.support import LOOPBACK, child_env, free_ports
 
 
 async def serve(cwd: Path, **settings: str) -> tuple[int, list[str]]:
@@ -47,3 +49,27 @@ async def test_a_bad_database_url_is_refused_without_showing_it(tmp_path: Path) 
         assert code == 1
         assert len(lines) == 1 and lines[0].startswith("comfyfleet: bad settings: DATABASE_URL: ")
         assert "pw-4e7a1c" not in lines[0]
+
+
+async def test_storage_that_cannot_be_opened_is_one_line(tmp_path: Path, database_url: str
+                                                         ) -> None:
+    """Its message names the settings to check; nothing else is started."""
+    endpoint = f"{LOOPBACK}:{free_ports(1)}"  # no scheme: not an address botocore can use
+    code, lines = await serve(tmp_path, DATABASE_URL=database_url, DATA_DIR=str(tmp_path),
+                              S3_BUCKET="outputs", S3_ENDPOINT_URL=endpoint)
+    assert code == 1
+    assert lines[-1] == ("comfyfleet: cannot open the storage: S3 client (S3_ENDPOINT_URL or "
+                         f"AWS_ENDPOINT_URL, S3_REGION_NAME): Invalid endpoint: {endpoint}")
+    assert not any("Traceback" in line or "uvicorn" in line for line in lines), lines
+
+
+async def test_a_database_that_refuses_is_one_line(tmp_path: Path, postgres: Any) -> None:
+    """Refused is not unreachable: waiting would not cure it, so serve does not wait."""
+    url = embedded_url(postgres).replace("/postgres?", "/no_such_database?")
+    code, lines = await serve(tmp_path, DATABASE_URL=url, DATA_DIR=str(tmp_path))
+    assert code == 1
+    assert lines[-1].startswith("comfyfleet: the database postgresql+asyncpg://")
+    assert lines[-1].endswith(
+        'refused the connection: database "no_such_database" does not exist (check '
+        "DATABASE_URL, or RDB_HOST, RDB_PORT, RDB_NAME, RDB_USERNAME and RDB_PASSWORD)")
+    assert not any("Traceback" in line or "uvicorn" in line for line in lines), lines

@@ -10,8 +10,8 @@ import math
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -56,6 +56,7 @@ from comfyfleet.workflows.watcher import watch_directory
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Connections of the API's own for its reads, beside the main pool's (db.make_engine).
 READ_POOL_SIZE = 4
 
@@ -178,7 +179,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 @asynccontextmanager
 async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[str]:
-    """Run the service with uvicorn on this loop; yields its base URL (port 0: any free port)."""
+    """Run the service with uvicorn on this loop; yields its base URL (port 0: any free port).
+    What stops its start (storage that cannot be opened, a database that refuses it) is raised
+    here as it is, for the caller to tell."""
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -187,7 +190,9 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         log_level="warning",
         forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,  # uvicorn's records go through our handler (LOG_FORMAT)
-        lifespan="on",
+        # The app's lifespan is entered here: uvicorn would log its failure as a traceback
+        # and exit the process (status 3) from inside.
+        lifespan="off",
         # Longer than client pools keep idle connections (aiohttp: 15 s, load balancers: 60 s),
         # so a client never reuses a connection we are closing at that moment.
         timeout_keep_alive=75,
@@ -205,35 +210,65 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         raise PortUnavailable(
             f"cannot listen on {config.host}:{config.port}: "
             f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
-    task = asyncio.create_task(server.serve(sockets=[listening]))
+    async with AsyncExitStack() as stack:
+        stack.callback(listening.close)  # uvicorn closes it too once it has served on it
+        with _stopped_by_signal():
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        task = asyncio.create_task(server.serve(sockets=[listening]))
+        try:
+            while not server.started:
+                if task.done():
+                    task.result()  # it failed: raise its error
+                    raise RuntimeError("the service stopped during startup")
+                if server.should_exit:  # a signal: uvicorn would act on it only once started
+                    raise StoppedWhileStarting
+                await asyncio.sleep(0.05)
+            bound = server.servers[0].sockets[0].getsockname()
+            url = f"http://{settings.service_host}:{bound[1]}"
+            if settings.public_url is None and config.port == 0:
+                settings.public_url = url  # the port was only known now
+            yield url
+        finally:
+            await app.state.services.fleet.stop_dispatching()  # first: start nothing we'd leave
+            server.should_exit = True
+            if server.started:
+                await task
+            else:
+                await _cancel(task)
+
+
+@contextmanager
+def _stopped_by_signal() -> Iterator[None]:
+    """SIGTERM or SIGINT stops the block (the service's start, waiting for its database, say):
+    it raises StoppedWhileStarting."""
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    assert starting is not None
+    signalled = False
+
+    def stop() -> None:
+        nonlocal signalled
+        signalled = True
+        starting.cancel()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop)
     try:
-        while not server.started:
-            if task.done():
-                task.result()  # startup failed: raise its error
-                raise RuntimeError("the service stopped during startup")
-            if server.should_exit:  # a signal: uvicorn would act on it only once started
-                raise StoppedWhileStarting
-            await asyncio.sleep(0.05)
-        bound = server.servers[0].sockets[0].getsockname()
-        url = f"http://{settings.service_host}:{bound[1]}"
-        if settings.public_url is None and config.port == 0:
-            settings.public_url = url  # the port was only known now
-        yield url
+        yield
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        starting.uncancel()
+        raise StoppedWhileStarting from None
     finally:
-        services = getattr(app.state, "services", None)
-        if services is not None:
-            await services.fleet.stop_dispatching()  # first: start nothing we would leave
-        server.should_exit = True
-        if server.started:
-            await task
-        else:  # stopped or failed while starting (waiting for the database, say)
-            await _cancel(task)
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
 
 
 async def until_terminated() -> None:
     """Wait for SIGTERM or SIGINT, so `finally` blocks (and the embedded database) stop cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()

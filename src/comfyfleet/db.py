@@ -61,6 +61,23 @@ def unavailable(error: BaseException) -> bool:
     return False
 
 
+class DatabaseRefused(Exception):
+    """The database answered and refused: a wrong password or user, a database that does not
+    exist, a client pg_hba.conf does not admit. Waiting does not cure it."""
+
+
+def refusal(error: BaseException) -> BaseException | None:
+    """The server's refusal to let `error`'s connection in (SQLSTATE 28...: authorization,
+    3D000: no such database), if that is what it is."""
+    cause: BaseException | None = error
+    while cause is not None:
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and (sqlstate.startswith("28") or sqlstate == "3D000"):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def start_embedded_postgres(data_dir: Path) -> Any:
     """Start (or join) the embedded PostgreSQL under `data_dir`; it stops when the process exits.
 
@@ -227,13 +244,18 @@ async def migrate(engine: AsyncEngine) -> None:
 
 
 async def migrate_when_up(engine: AsyncEngine) -> None:
-    """`migrate`, waiting with backoff for as long as the database is not up yet."""
+    """`migrate`, waiting with backoff for as long as the database is not up yet; a refusal is
+    DatabaseRefused."""
     delay = 0.5
     while True:
         try:
             await migrate(engine)
             return
         except Exception as exc:
+            if (refused := refusal(exc)) is not None:
+                raise DatabaseRefused(
+                    f"the database {engine.url.render_as_string(hide_password=True)} refused "
+                    f"the connection: {refused}") from exc
             if not unavailable(exc):
                 raise
             log.warning("database %s not reachable yet (%s); trying again in %.1f s",

@@ -167,6 +167,8 @@ def _add_submit(commands: Any) -> None:
 
 async def _serve(settings: Settings) -> None:
     from comfyfleet.app import PortUnavailable, StoppedWhileStarting, serving, until_terminated
+    from comfyfleet.db import DatabaseRefused
+    from comfyfleet.storage import StorageError
 
     log = logging.getLogger("comfyfleet")
     try:
@@ -177,6 +179,11 @@ async def _serve(settings: Settings) -> None:
         log.info("stopped before it was ready")
     except PortUnavailable as exc:
         sys.exit(f"comfyfleet: {exc} (set SERVICE_PORT or --port, SERVICE_HOST)")
+    except StorageError as exc:  # its message names the settings it came from
+        sys.exit(f"comfyfleet: cannot open the storage: {exc}")
+    except DatabaseRefused as exc:
+        sys.exit(f"comfyfleet: {exc} (check DATABASE_URL, or RDB_HOST, RDB_PORT, RDB_NAME, "
+                 "RDB_USERNAME and RDB_PASSWORD)")
 
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:

@@ -4,10 +4,14 @@ backend never holds more than MAX_INFLIGHT_PER_BACKEND prompts from both togethe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import signal
 import time
 import uuid
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -348,13 +352,32 @@ async def test_a_held_key_is_forgotten_when_another_process_ends_its_job(
                 await asyncio.sleep(0.05)  # the watch's pass: no event to wait on
 
 
-async def test_a_process_alone_tells_nobody_of_its_jobs_until_another_joins(
-    settings: Settings,
-) -> None:
-    """One `serve` alone on its database sends no notification for the jobs submitted to it
-    (nobody would hear it); once another process holds its lease and says so, it tells of
-    the jobs submitted after. The test's own connection plays the other process."""
-    other = "12345"
+@dataclass
+class ServiceAndPeer:
+    """A `serve` on the test's database, and the test's own connection playing another
+    process, which hears the service's notifications on QUEUED_CHANNEL."""
+
+    base: str
+    db: asyncpg.Connection
+    heard: asyncio.Queue[str]
+    http: aiohttp.ClientSession
+
+    async def submit(self) -> str:
+        """A job's id, submitted to the service."""
+        body = {"workflow": "invert", "params": {"width": 8}}
+        async with self.http.post(f"{self.base}/api/v1/jobs", json=body) as response:
+            assert response.status == 202, await response.text()
+            job_id: str = (await response.json())["id"]
+            return job_id
+
+    async def join(self, process: int) -> None:
+        """Hold the lease of `process` and say so, as a process that starts does."""
+        await self.db.execute("SELECT pg_advisory_lock($1, $2)", LOCK_SPACE, process)
+        await self.db.execute(f"NOTIFY {QUEUED_CHANNEL}, '{process}'")
+
+
+@asynccontextmanager
+async def service_and_peer(settings: Settings) -> AsyncIterator[ServiceAndPeer]:
     async with AsyncExitStack() as stack:
         base = await stack.enter_async_context(serving(settings))
         assert settings.database_url is not None
@@ -364,27 +387,76 @@ async def test_a_process_alone_tells_nobody_of_its_jobs_until_another_joins(
         heard: asyncio.Queue[str] = asyncio.Queue()
         await db.add_listener(QUEUED_CHANNEL, lambda *notice: heard.put_nowait(notice[3]))
         http = await stack.enter_async_context(aiohttp.ClientSession())
+        yield ServiceAndPeer(base, db, heard, http)
 
-        async def submit() -> None:
-            body = {"workflow": "invert", "params": {"width": 8}}
-            async with http.post(f"{base}/api/v1/jobs", json=body) as response:
-                assert response.status == 202, await response.text()
 
-        await asyncio.gather(*(submit() for _ in range(5)))
-        await db.execute("SELECT pg_advisory_lock($1, $2)", LOCK_SPACE, int(other))
-        await db.execute(f"NOTIFY {QUEUED_CHANNEL}, '{other}'")  # as a joining process does
+async def test_a_process_alone_tells_nobody_of_its_jobs_until_another_joins(
+    settings: Settings,
+) -> None:
+    """One `serve` alone on its database sends no notification for the jobs submitted to it
+    (nobody would hear it); once another process holds its lease and says so, it tells of
+    the jobs submitted after. The test's own connection plays the other process."""
+    other = 12345
+    async with service_and_peer(settings) as service:
+        await asyncio.gather(*(service.submit() for _ in range(5)))
+        await service.join(other)
         before: list[str] = []
         async with asyncio.timeout(10):
-            while (payload := await heard.get()) != other:
+            while (payload := await service.heard.get()) != str(other):
                 before.append(payload)
             # The service hears that in its own time: each job submitted after is told.
             while True:
-                await submit()
+                await service.submit()
                 try:
                     async with asyncio.timeout(0.5):
-                        told = await heard.get()
+                        told = await service.heard.get()
                     break
                 except TimeoutError:
                     continue
     assert before == []  # the service told nobody of the five
-    assert told.isdigit() and told != other
+    assert told.isdigit() and told != str(other)
+
+
+async def jobs_statements_started(db: asyncpg.Connection, seconds: float) -> list[str]:
+    """The statements naming the jobs table that the other connections to the database start
+    in the next `seconds`, watched in pg_stat_activity (each shows its last statement until
+    its next one: the watch passes a second apart stay in view far longer than a look)."""
+    since = await db.fetchval("SELECT clock_timestamp()")
+    seen: dict[tuple[int, Any], str] = {}
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        for row in await db.fetch(
+                "SELECT pid, query_start, query FROM pg_stat_activity WHERE datname = "
+                "current_database() AND pid <> pg_backend_pid() AND query_start > $1", since):
+            if re.search(r"\bjobs\b", row["query"]):
+                seen[row["pid"], row["query_start"]] = row["query"]
+        await asyncio.sleep(0.02)  # a look at what runs: there is no event to wait on
+    return list(seen.values())
+
+
+async def test_an_idle_process_reads_the_jobs_table_only_when_another_process_stops(
+    settings: Settings,
+) -> None:
+    """With no backends and nothing submitted, `serve` runs no statement against the jobs
+    table: its watch reads which processes hold their lease every second, and the jobs they
+    left only once one of them is gone. The test's own connection plays the other process,
+    which holds a queued job's extra_data and stops."""
+    other = 12345
+    async with service_and_peer(settings) as service:
+        await service.join(other)
+        async with asyncio.timeout(10):
+            while True:  # until the service tells of a job: it knows the other is alive
+                job_id = await service.submit()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        while await service.heard.get() == str(other):
+                            pass
+                        break
+        await service.db.execute("UPDATE jobs SET extra_data_holder = $1 WHERE id = $2",
+                                 other, uuid.UUID(job_id))
+        await service.db.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, other)
+        failed = await wait_for_job(service.http, f"{service.base}/api/v1", job_id, "failed",
+                                    seconds=15)
+        assert failed["error"]["type"] == "extra_data_lost"
+        idle = await jobs_statements_started(service.db, 4.0)
+    assert idle == []

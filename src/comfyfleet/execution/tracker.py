@@ -45,6 +45,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error,
 from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
 from comfyfleet.jobs.repository import JobRepository, ProgressReport
 from comfyfleet.logs import job_fields
+from comfyfleet.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ class ExecutionTracker:
         node_costs: NodeCosts,
         lease: ProcessLease,
         extra_data: HeldExtraData,
+        queued: Pulse,
     ) -> None:
+        """`queued` beats when any process put a job back in the backlog (or another process
+        queued one): a job whose extra_data's holder is gone may be among them."""
+        self._queued = queued
         self._events = events
         self._lease = lease
         self._extra_data = extra_data
@@ -506,13 +511,27 @@ class ExecutionTracker:
     async def watch(self, sessions: Sequence[BackendSession]) -> None:
         """Until cancelled: poll the history of prompts nothing was heard of for a while (a
         socket can go silent without closing), and requeue the prompts of backends that stay
-        unreachable past the grace period."""
+        unreachable past the grace period; and, when a gateway process stopped, take up what
+        it left (at the first pass: what processes that stopped before this one left)."""
+        known: set[int] | None = None  # the processes alive at the last pass
+        queued = self._queued.next()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
+                # The jobs table is read when there may be something to take up, not at every
+                # pass: when a process alive at the last pass, or heard from since (peers.py),
+                # is gone (only a process that stops leaves jobs to nobody); and for the
+                # extra_data of a stopped process, also when a job was put back in the backlog.
+                expected = None if known is None else known | self._lease.others
                 live = await self._lease.live()
-                await self._take_over_orphans(sessions, live)
-                await self._fail_extra_data_lost(live)
+                stopped = expected is None or not expected <= live
+                if stopped:
+                    await self._take_over_orphans(sessions, live)
+                if stopped or queued.is_set():
+                    pending = self._queued.next()
+                    await self._fail_extra_data_lost(live)
+                    queued = pending
+                known = live
                 await self._forget_ended_elsewhere()
             except Exception:  # the database may be away; the next pass tries again
                 log.exception("looking for the jobs of stopped processes failed")

@@ -122,7 +122,7 @@ class Fleet:
             repository, collector, max_attempts=tuning.max_attempts, endings=self._endings,
             signals=self._signals, grace_seconds=tuning.grace_seconds,
             quiet_seconds=tuning.quiet_seconds, events=events, run_times=self._run_times,
-            node_costs=node_costs, lease=lease, extra_data=self.extra_data)
+            node_costs=node_costs, lease=lease, extra_data=self.extra_data, queued=queued)
         self.dispatcher = Dispatcher(
             repository, self.sessions, self.tracker, storage, signals=self._signals,
             max_inflight=tuning.max_inflight, endings=self._endings,

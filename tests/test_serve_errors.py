@@ -63,6 +63,18 @@ async def test_storage_that_cannot_be_opened_is_one_line(tmp_path: Path, databas
     assert not any("Traceback" in line or "uvicorn" in line for line in lines), lines
 
 
+async def test_a_data_dir_that_cannot_be_written_is_one_line(tmp_path: Path, database_url: str
+                                                            ) -> None:
+    (tmp_path / "a-file").write_text("")
+    data_dir = tmp_path / "a-file" / "data"
+    code, lines = await serve(tmp_path, DATABASE_URL=database_url, DATA_DIR=str(data_dir))
+    assert code == 1
+    assert lines[-1] == (f"comfyfleet: cannot keep the generated webhook secret in {data_dir}/"
+                         "webhook_secret: Not a directory (set DATA_DIR to a writable "
+                         "directory, or WEBHOOK_SECRET)")
+    assert not any("Traceback" in line for line in lines), lines
+
+
 async def test_a_database_that_refuses_is_one_line(tmp_path: Path, postgres: Any) -> None:
     """Refused is not unreachable: waiting would not cure it, so serve does not wait."""
     url = embedded_url(postgres).replace("/postgres?", "/no_such_database?")

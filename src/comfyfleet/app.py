@@ -69,19 +69,28 @@ class StoppedWhileStarting(Exception):
     """SIGTERM or SIGINT arrived before the service was ready (e.g. waiting for its database)."""
 
 
+class DataDirUnusable(Exception):
+    """DATA_DIR cannot keep what the service keeps there (the generated webhook secret)."""
+
+
 def webhook_secret(settings: Settings) -> str:
     """The signing secret: WEBHOOK_SECRET's first, or one generated once and kept in the data
     directory (mode 0600)."""
     if settings.webhook_secrets:
         return settings.webhook_secrets[0]
     path: Path = settings.data_dir / "webhook_secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(new_secret())
-        log.warning("WEBHOOK_SECRET is not set: generated one in %s", path)
-    return path.read_text().strip()
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(new_secret())
+            log.warning("WEBHOOK_SECRET is not set: generated one in %s", path)
+        return path.read_text().strip()
+    except OSError as exc:
+        raise DataDirUnusable(
+            f"cannot keep the generated webhook secret in {path}: {exc.strerror} (set "
+            "DATA_DIR to a writable directory, or WEBHOOK_SECRET)") from exc
 
 
 def url_signing_key(secret: str) -> bytes:

@@ -166,7 +166,13 @@ def _add_submit(commands: Any) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from comfyfleet.app import PortUnavailable, StoppedWhileStarting, serving, until_terminated
+    from comfyfleet.app import (
+        DataDirUnusable,
+        PortUnavailable,
+        StoppedWhileStarting,
+        serving,
+        until_terminated,
+    )
     from comfyfleet.db import DatabaseRefused
     from comfyfleet.storage import StorageError
 
@@ -179,6 +185,8 @@ async def _serve(settings: Settings) -> None:
         log.info("stopped before it was ready")
     except PortUnavailable as exc:
         sys.exit(f"comfyfleet: {exc} (set SERVICE_PORT or --port, SERVICE_HOST)")
+    except DataDirUnusable as exc:
+        sys.exit(f"comfyfleet: {exc}")
     except StorageError as exc:  # its message names the settings it came from
         sys.exit(f"comfyfleet: cannot open the storage: {exc}")
     except DatabaseRefused as exc:

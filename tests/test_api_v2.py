@@ -163,7 +163,8 @@ async def test_an_outputs_url_expires_when_its_url_expires_at_says(v2: str) -> N
 
 async def test_a_request_under_api_v2_reaches_the_v2_app_as_through_a_mount() -> None:
     """V2Routes hands the v2 app what a mount at /api/v2 would (its root path, behind the
-    server's own too) and everything else to the service app."""
+    server's own too), a status poll without a JSON body to the poll's own app the same way,
+    and everything else to the service app."""
     seen: list[tuple[str, str, str]] = []
 
     def app_named(name: str) -> ASGIApp:
@@ -177,7 +178,7 @@ async def test_a_request_under_api_v2_reaches_the_v2_app_as_through_a_mount() ->
     async def send(message: Message) -> None:
         pass
 
-    routes = V2Routes(app_named("service"), v2=app_named("v2"))
+    routes = V2Routes(app_named("service"), v2=app_named("v2"), job_poll=app_named("poll"))
     for root_path, path in [("", "/api/v2/jobs/1"), ("/gw", "/gw/api/v2/health"),
                             ("", "/api/v2"), ("", "/api/v2x/jobs"), ("", "/api/v1/jobs"),
                             ("/gw", "/gw/api/v1/jobs")]:
@@ -185,6 +186,22 @@ async def test_a_request_under_api_v2_reaches_the_v2_app_as_through_a_mount() ->
     assert seen == [("v2", "/api/v2/jobs/1", "/api/v2"), ("v2", "/gw/api/v2/health", "/gw/api/v2"),
                     ("service", "/api/v2", ""), ("service", "/api/v2x/jobs", ""),
                     ("service", "/api/v1/jobs", ""), ("service", "/gw/api/v1/jobs", "/gw")]
+    seen.clear()
+    json_body = [(b"content-type", b"Application/JSON; charset=utf-8")]
+    for method, root_path, path, headers in [
+            ("GET", "", "/api/v2/jobs/1", []), ("GET", "/gw", "/gw/api/v2/jobs/2", []),
+            ("GET", "", "/api/v2/jobs/3", [(b"content-type", b"text/plain")]),
+            ("GET", "", "/api/v2/jobs/4", json_body), ("HEAD", "", "/api/v2/jobs/5", []),
+            ("POST", "", "/api/v2/jobs/6", []), ("GET", "", "/api/v2/jobs/7/events", []),
+            ("GET", "", "/api/v2/jobs/", []), ("GET", "", "/api/v2/jobs", [])]:
+        await routes({"type": "http", "method": method, "path": path, "root_path": root_path,
+                      "headers": headers}, receive, send)
+    inner = "/api/v2"
+    assert seen == [("poll", "/api/v2/jobs/1", inner), ("poll", "/gw/api/v2/jobs/2", "/gw" + inner),
+                    ("poll", "/api/v2/jobs/3", inner), ("v2", "/api/v2/jobs/4", inner),
+                    ("v2", "/api/v2/jobs/5", inner), ("v2", "/api/v2/jobs/6", inner),
+                    ("v2", "/api/v2/jobs/7/events", inner), ("v2", "/api/v2/jobs/", inner),
+                    ("v2", "/api/v2/jobs", inner)]
 
 
 async def test_the_readme_lines_run_a_workflow_file(v2: str, tmp_path: Path) -> None:
@@ -600,6 +617,43 @@ async def test_api_keys_are_bearer_tokens_and_errors_use_the_envelope(
                 assert (await response.json())["error"]["code"] == "invalid_request"
             async with http.get(f"{base}/api/v2/health") as response:
                 assert response.status == 200  # open, like /healthz
+
+
+async def test_a_status_poll_answers_as_the_v2_apps_route(
+    settings: Settings, sim_urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /api/v2/jobs/{id} is answered past the v2 app (JobPoll) unless it has a JSON body
+    for the app to check: with a JSON content type it takes the route. Both answer alike, in
+    the same bytes, a job and every error the poll can meet."""
+    settings.api_keys = ["v2-key"]
+    async with fleet_service(settings, sim_urls) as base:
+        monkeypatch.setenv("COMFY_BASE_URL", base)
+        async with AsyncComfy(api_key="v2-key") as client:
+            job = await client.run(client.workflows.from_json(invert(10, 3)))
+        key = {"Authorization": "Bearer v2-key"}
+        json_body = {"Content-Type": "application/json"}
+        cases = [(job.id, key), (job.id, {"Authorization": "bearer   v2-key "}),
+                 (job.id, {}), (job.id, {"Authorization": "Bearer wrong"}),
+                 (job.id, {"Authorization": "Basic djI="}), (str(uuid.uuid4()), key),
+                 ("not-a-uuid", key), ("%20", key)]
+
+        async def answer(http: aiohttp.ClientSession, job_id: str,
+                         headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+            async with http.get(f"{base}/api/v2/jobs/{job_id}", headers=headers) as response:
+                kept = sorted((name.lower(), value) for name, value in response.headers.items()
+                              if name.lower() not in ("date", "server"))
+                return response.status, kept, await response.read()
+
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for job_id, headers in cases:
+                polled = await answer(http, job_id, headers)
+                routed = await answer(http, job_id, {**headers, **json_body})
+                # An output's local URL is signed for the second it is asked in.
+                assert routed in (polled, await answer(http, job_id, headers)), job_id
+                statuses.append(polled[0])
+        assert statuses == [200, 200, 401, 401, 401, 404, 404, 404]
+        assert json.loads(polled[2])["error"]["code"] == "not_found"
 
 
 def load_and_invert(image: Any) -> dict[str, Any]:

@@ -180,6 +180,12 @@ async def authenticate(
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
+async def caller_of(request: Request) -> Caller:
+    """`authenticate` for a request answered outside FastAPI's dependency solving (the v2
+    status poll): the same header read the same way, the same answers."""
+    return await authenticate(request, await _bearer(request))
+
+
 async def require_admin(caller: CallerDep) -> Caller:
     """Changing the fleet or the catalog (adding a backend makes the gateway connect to any
     URL) is for admin keys; with keys off, everyone is."""

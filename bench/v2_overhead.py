@@ -1,10 +1,12 @@
 """What the Comfy API v2 costs through comfyfleet, against Comfy's own comfy-api-proxy.
 
 One zero-duration simulated ComfyUI (`comfyfleet sim --duration 0`); in front of it, in
-processes of their own, `comfyfleet serve` (embedded PostgreSQL, outputs into S3 on moto) and
-the official `comfy-api-proxy` (PyPI). Jobs go one at a time, taking turns: through
-comfyfleet, through the proxy, and straight to the simulator (POST /prompt, then
-/history/{prompt_id}), the floor both stand on. Each job is a 64x64 invert graph whose color
+processes of their own, `comfyfleet serve` (embedded PostgreSQL, outputs into S3 on moto), a
+second `comfyfleet serve` storing outputs in a local directory instead (a database of its
+own), and the official `comfy-api-proxy` (PyPI). Jobs go one at a time, taking turns: through
+comfyfleet on S3, on local storage (the difference is what the bench's S3, moto, adds),
+through the proxy, and straight to the simulator (POST /prompt, then /history/{prompt_id}),
+the floor all stand on. Each job is a 64x64 invert graph whose color
 changes every time (so ComfyUI's cache never answers it). Measured per job: the POST sent ->
 the job seen finished, by polling every `--poll-ms` (both v2 surfaces: GET /api/v2/jobs/{id}
 until `succeeded`, the contract's "poll-first" path; direct: GET /history/{id}). The same
@@ -29,7 +31,15 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import Component, bench_root, deploy, latency_ms, print_table
+from bench.harness import (
+    Component,
+    bench_root,
+    comfyfleet_serve,
+    deploy,
+    fresh_database,
+    latency_ms,
+    print_table,
+)
 from tests.support import LOOPBACK, free_ports, python_process
 
 Submit = Callable[[aiohttp.ClientSession, dict[str, Any]], Awaitable[float]]
@@ -118,11 +128,17 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
         proxy_process = await stack.enter_async_context(python_process(
             "comfy_api_proxy.cli", "--comfyui", sim, "--port", str(port),
             ready_url=proxy + "/api/v2/health"))
+        local = await stack.enter_async_context(comfyfleet_serve(
+            await fresh_database(deployment.postgres), root / "data-local", [sim],
+            secret=deployment.receiver.secret))
         meter = deployment.meter
+        meter.components.append(Component("comfyfleet serve, local storage",
+                                          [local.process.pid]))
         meter.components.append(Component("comfy-api-proxy", [proxy_process.pid]))
         marks: list[dict[str, Any]] = []
         ways: dict[str, Submit] = {
             "comfyfleet /api/v2": through_v2(deployment.serve.base, poll, marks),
+            "comfyfleet /api/v2, local storage": through_v2(local.base, poll),
             "comfy-api-proxy": through_v2(proxy, poll),
             "direct to ComfyUI": direct(sim, poll),
         }

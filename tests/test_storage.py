@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiobotocore.client import AioBaseClient
 from aiobotocore.session import get_session
+from aiohttp import web
 from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -153,6 +154,37 @@ async def test_s3_put_goes_through_the_proxy_of_the_environment_as_the_sdk_would
         finally:
             await storage.close()
     assert lines == ([] if bypassed else [f"PUT {s3_endpoint}/{s3_bucket}/job/9_0.png HTTP/1.1"])
+
+
+async def test_s3_puts_share_a_connection_the_server_keeps_open(s3_bucket: str) -> None:
+    """Whole-object PUTs reuse the client's connection while S3 keeps it open (the test and
+    bench S3, moto, closes every one: werkzeug's server answers `Connection: close`)."""
+    peers: list[int] = []
+
+    async def stored(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername")[1])
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_put("/{key:.*}", stored)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        storage = await S3Storage.open(s3_settings(f"http://{LOOPBACK}:{port}", s3_bucket))
+        try:
+            for index in range(5):
+                await storage.put_stream(f"job/{index}.png", pattern(1000), "image/png")
+        finally:
+            await storage.close()
+    finally:
+        await runner.cleanup()
+    assert len(peers) == 5
+    assert len(set(peers)) == 1
 
 
 def private_ca(directory: Path) -> tuple[Path, Path, Path]:

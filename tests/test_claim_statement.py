@@ -76,3 +76,31 @@ async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
     await repository.claim_next(["a"], "p2", max_inflight=1, pick=look)
     await JobRepository(engine).claim_next(["a"], "p3", max_inflight=1, pick=look)
     assert [prompt["1"]["class_type"] for prompt in seen] == ["Old", "Old", "New"]
+
+
+def first(_: str, queued: list[QueuedJob]) -> Choice | None:
+    return Choice(queued[0].id) if queued else None
+
+
+async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claimer_only(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    for _ in range(2):
+        await repository.insert(Job(workflow="w", prompt={}))
+    running = await repository.claim_next(["a"], "p1", max_inflight=1, pick=first)
+    assert running.job is not None
+    # p1 still dispatched by the database's count: the end of another prompt frees nothing,
+    # and a process that has not read p1's end (another one) counts it in the slot.
+    assert (await repository.claim_next(["a"], "p2", max_inflight=1, pick=first,
+                                        ended=["elsewhere"])).job is None
+    assert (await JobRepository(engine).claim_next(["a"], "p2", max_inflight=1,
+                                                   pick=first)).job is None
+    # The process that read p1's end takes the slot before p1's job is recorded off it.
+    claim = await repository.claim_next(["a"], "p2", max_inflight=1, pick=first, ended=["p1"])
+    assert claim.job is not None and claim.job.backend == "a"
+    async with driver_connection(engine) as connection:
+        assert await connection.fetch(
+            "SELECT prompt_id, status FROM jobs ORDER BY prompt_id") == [
+            ("p1", "dispatched"), ("p2", "dispatched")]

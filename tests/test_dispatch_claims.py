@@ -4,12 +4,15 @@ is not asked in a transaction of its own (comfyfleet_dispatch_claims counts them
 from __future__ import annotations
 
 import asyncio
+import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
+from comfyfleet.db import driver_connection
 from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -135,3 +138,34 @@ async def test_a_slot_freed_with_the_backlog_known_empty_costs_no_claim(
         assert made == {"took": 5}
         assert empty_claims() - empty <= 1
         assert claim_transactions() - transactions - (empty_claims() - empty) == 5
+
+
+async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_recorded(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        settings.max_inflight_per_backend = 1
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 1)
+        first = await submit(http, base, {"workflow": "simulated_work",
+                                          "params": {"seconds": 3.0, "steps": 2}})
+        await wait_for_job(http, base, first, "running")
+        second = await submit(http, base, {"workflow": "simulated_work",
+                                           "params": {"seconds": 0.1, "steps": 1}})
+        async with driver_connection(engine) as blocker, blocker.transaction():
+            # The statement recording the first job's end (uploading) waits for this lock:
+            # slow bookkeeping, as under a busy database.
+            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
+                                  uuid.UUID(first))
+            # Its prompt ends on the backend meanwhile: its slot is free, the second job
+            # goes to the backend while the first is still recorded as running there.
+            await wait_for_job(http, base, second, "dispatched", "running", "uploading",
+                               "succeeded", seconds=10)
+            async with driver_connection(engine) as reader:
+                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
+                                             uuid.UUID(first)) == "running"
+        for job_id in (first, second):
+            assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"

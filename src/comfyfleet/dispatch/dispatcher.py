@@ -67,11 +67,14 @@ OVERTAKEN_CAP = 8
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
 
 
-def by_preference(sessions: Sequence[BackendSession], max_inflight: int) -> list[BackendSession]:
-    """Backends with a free slot, the one that can start soonest first."""
-    free = [s for s in sessions if s.accepts_work and len(s.inflight) < max_inflight]
+def by_preference(sessions: Sequence[BackendSession], max_inflight: int,
+                  taken: Callable[[BackendSession], int]) -> list[BackendSession]:
+    """Backends with a free slot (`taken`: how many our prompts take there), the one that can
+    start soonest first."""
+    free = [(s, used) for s in sessions if s.accepts_work and (used := taken(s)) < max_inflight]
     # queue_remaining lags behind prompts we just sent; our own count is a lower bound for it.
-    return sorted(free, key=lambda s: (max(s.queue_remaining, len(s.inflight)), len(s.inflight)))
+    free.sort(key=lambda pair: (max(pair[0].queue_remaining, pair[1]), pair[1]))
+    return [s for s, _ in free]
 
 
 def length_by_steps(run: PromptRun) -> float | None:
@@ -251,7 +254,8 @@ class Dispatcher:
         Whatever changes the backlog or the fleet meanwhile (a job queued, a slot freed, a
         backend connected) wakes another pass."""
         sessions = {session.name: session
-                    for session in by_preference(self._sessions, self._max_inflight)
+                    for session in by_preference(self._sessions, self._max_inflight,
+                                                 self._tracker.slots_taken)
                     if session.capabilities is not None}
         names = list(sessions)
         while names:
@@ -261,7 +265,7 @@ class Dispatcher:
             claim = await self._repository.claim_next(
                 names, str(uuid.uuid4()), max_inflight=self._max_inflight,
                 pick=lambda name, queued: self._pick(sessions[name], queued),
-                owner=self._owner)
+                owner=self._owner, ended=self._tracker.ended())
             taker = claim.job.backend if claim.job is not None else None
             metrics.dispatch_claim("took" if name == taker else self._outcomes.get(name, "no_slot")
                                    for name in claim.locked)
@@ -549,9 +553,10 @@ class Dispatcher:
         GPU's prefetched job, one stuck behind a long prompt), or a long one running on a
         much slower GPU, started afresh. That happens only near the end of a batch."""
         targets = [s for s in self._sessions if s.accepts_work and s.capabilities is not None
-                   and len(s.inflight) < self._max_inflight
+                   and self._tracker.slots_taken(s) < self._max_inflight
                    # With a backlog left, only backends placement keeps idle.
-                   and (self._backlog_empty or not (s.inflight or s.queue_remaining))]
+                   and (self._backlog_empty
+                        or not (self._tracker.slots_taken(s) or s.queue_remaining))]
         if not targets:
             return
         # Most prompts could not gain enough even on an infinitely fast backend: this pass

@@ -34,6 +34,16 @@ class DispatchSignals:
         self._claim()
         self.freed.beat()
 
+    def prompt_ended(self) -> None:
+        """A prompt ended executing, its end not recorded yet: its slot can take a job (this
+        process's claims count it out until `slot_released`)."""
+        self._claim()
+
+    def slot_released(self) -> None:
+        """The end of a prompt told by `prompt_ended` is recorded and its slot released:
+        nothing new to claim, but a drain waiting for its backend to go idle may hear it."""
+        self.freed.beat()
+
     def length_known(self) -> None:
         """A running prompt's length became clearer: it may be worth moving; no claim."""
         self.changed.set()

@@ -143,6 +143,9 @@ class ExecutionTracker:
         self._runs: dict[str, PromptRun] = {}
         self._last_end: dict[str, float] = {}  # by backend: when our last prompt there ended
         self._submitting: set[str] = set()
+        # Prompts whose end was read, their jobs not yet recorded off their backends: they
+        # hold their backends' slots no longer for this process's claims (`ended`).
+        self._ending: set[str] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
         # The runs whose latest progress is still to be written, and the task writing it.
         self._progressing: dict[str, PromptRun] = {}
@@ -169,25 +172,44 @@ class ExecutionTracker:
     def runs_on(self, session: BackendSession) -> list[PromptRun]:
         """Our prompts on `session` that have not finished executing, oldest first."""
         return [self._runs[prompt_id] for prompt_id in session.inflight
-                if prompt_id in self._runs]
+                if prompt_id in self._runs and prompt_id not in self._ending]
+
+    def slots_taken(self, session: BackendSession) -> int:
+        """How many of `session`'s slots our prompts take: those held there but the ones
+        whose end was read (a prompt that ended holds no GPU, recorded or not)."""
+        return sum(prompt_id not in self._ending for prompt_id in session.inflight)
+
+    def ended(self) -> frozenset[str]:
+        """Our prompts whose end was read from their backends, their jobs not yet recorded
+        off them: the database counts them in their backends' slots still, and a claim of
+        this process counts them out."""
+        return frozenset(self._ending)
 
     def movable_runs(self) -> list[PromptRun]:
-        """Our prompts on backends whose events we follow (so we know whether they started)."""
+        """Our prompts on backends whose events we follow (so we know whether they started),
+        not ended."""
         return [run for prompt_id, run in self._runs.items()
-                if not run.adopted and not run.moving and prompt_id not in self._submitting]
+                if not run.adopted and not run.moving and prompt_id not in self._submitting
+                and prompt_id not in self._ending]
 
     def submitted(self, prompt_id: str) -> None:
         self._submitting.discard(prompt_id)
 
     def forget(self, prompt_id: str) -> None:
+        if self._drop(prompt_id):
+            self._signals.slot_freed()
+
+    def _drop(self, prompt_id: str) -> bool:
+        """Stop following a prompt and release its slot; whether it was followed."""
         self._submitting.discard(prompt_id)
         run = self._runs.pop(prompt_id, None)
-        if run is not None:
-            run.early.closed = True
-            if run.start.at is not None:
-                run.start.drop()  # it ended otherwise: cancelled, lost, moved
-            run.session.release(prompt_id)
-            self._signals.slot_freed()
+        if run is None:
+            return False
+        run.early.closed = True
+        if run.start.at is not None:
+            run.start.drop()  # it ended otherwise: cancelled, lost, moved
+        run.session.release(prompt_id)
+        return True
 
     # Websocket events.
 
@@ -372,16 +394,26 @@ class ExecutionTracker:
             self._progress_writer = None
 
     async def _finished_executing(self, run: PromptRun) -> None:
-        # Uploading is recorded before the slot is released, so a claim that counts the
-        # backend's slots in the database sees it free as soon as we do. A start not
-        # recorded yet (a short prompt) is recorded by the same statement.
-        async with run.start.recording() as started_at:
-            uploading = await self._repository.transition(
-                run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
-                progress=1.0, progress_detail=None, started_at=started_at,
-                uploading_at=utcnow(), event="job.started" if started_at is not None else None,
-            )
-        self.forget(run.prompt_id)
+        # The slot is free for the next claim as soon as the end is read, not once the
+        # statement recording it (uploading) has committed: this process's claims count the
+        # prompt out of its backend's slots meanwhile (`ended`); other processes' count it
+        # until it is recorded. The slot is released once it is (a drain waits for that). A
+        # start not recorded yet (a short prompt) is recorded by the same statement.
+        prompt_id = run.prompt_id
+        self._ending.add(prompt_id)
+        self._signals.prompt_ended()
+        try:
+            async with run.start.recording() as started_at:
+                uploading = await self._repository.transition(
+                    run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING},
+                    status=JobStatus.UPLOADING, progress=1.0, progress_detail=None,
+                    started_at=started_at, uploading_at=utcnow(),
+                    event="job.started" if started_at is not None else None,
+                )
+        finally:
+            self._ending.discard(prompt_id)
+        if self._drop(prompt_id):
+            self._signals.slot_released()
         if uploading is not None:  # else cancelled, or a newer attempt owns the job
             if started_at is not None:
                 metrics.job_started(uploading)

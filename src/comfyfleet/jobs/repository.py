@@ -7,7 +7,7 @@ import json
 import math
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
@@ -273,6 +273,7 @@ class JobRepository:
         max_inflight: int,
         pick: Callable[[str, list[QueuedJob]], Choice | None],
         owner: int | None = None,
+        ended: Collection[str] = (),
     ) -> Claim:
         """Take the queued job `pick` chooses for the first of `backends` that chooses one,
         among the head of each tenant's backlog (sql/claim.sql `candidates`: tenants first in
@@ -285,16 +286,18 @@ class JobRepository:
         seconds, in the same transaction.
 
         The backends' slots hold across processes: claims for one backend are serialised by
-        an advisory lock and count what every process has on it. SKIP LOCKED lets processes
-        claim side by side without ever sharing a job.
+        an advisory lock and count what every process has on it, but for the prompts `ended`:
+        the caller's whose end it has read from their backend, their jobs not recorded off it
+        yet (a prompt that ended holds no GPU; only the caller knows it ended). SKIP LOCKED
+        lets processes claim side by side without ever sharing a job.
         """
-        first = backends[0]
+        first, ended = backends[0], list(ended)
         async with driver_connection(self.engine) as connection, connection.transaction():
             await connection.execute(_CLAIM["lock_backend"], first)
             held = dict(self._prompts)
             rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
                                           self._max_concurrent, CLAIM_BATCH, owner,
-                                          list(held))
+                                          list(held), ended)
             if rows[0]["free"] <= 0:
                 return Claim(None, (first,), None, 1)
             queued = [
@@ -314,7 +317,7 @@ class JobRepository:
                                          self._max_concurrent)
                 row = await connection.fetchrow(
                     _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
-                    owner, choice.charge, self._max_concurrent, max_inflight)
+                    owner, choice.charge, self._max_concurrent, max_inflight, ended)
                 locked = (first, backend)[:1 + bool(asked)]
                 if row is None:
                     return Claim(None, locked, backlog, asked + 1)

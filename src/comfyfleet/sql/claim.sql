@@ -33,11 +33,15 @@ SELECT pg_try_advisory_xact_lock(hashtext($1))
 -- never changes; a tenant's head is read again by every claim). The jobs are locked SKIP
 -- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
 -- process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
--- (and counts in `backlog`) only its own and those of none.
+-- (and counts in `backlog`) only its own and those of none. The prompts $7 (the caller's
+-- whose end it has read from the backend, their jobs not recorded off it yet) hold no slot:
+-- a prompt that ended holds no GPU, and the claim need not wait for the statement
+-- recording that end. Other processes, which have not read it, count it until it is.
 WITH RECURSIVE slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
-                           WHERE backend = $1 AND status IN ('dispatched', 'running'))
+                           WHERE backend = $1 AND status IN ('dispatched', 'running')
+                             AND (prompt_id = ANY($7::text[])) IS NOT TRUE)
                 ELSE 0 END AS free,
            (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
                                     AND (extra_data_holder IS NULL OR extra_data_holder = $5)
@@ -102,8 +106,9 @@ WHERE jobs.id = $1 AND coalesce(api_keys.max_concurrent, $2::int) IS NOT NULL
 -- name: take
 -- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its
 -- tenant has as many jobs on backends as its max_concurrent ($7 for keys without their own)
--- by now, or the backend takes no work or has $8 prompts on it (run under its lock, so the
--- count sees every claim and move committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
+-- by now, or the backend takes no work or has $8 prompts on it, the prompts $9 not
+-- counted (as in `candidates`; run under its lock, so the count sees every claim and move
+-- committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
 -- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns the job
 -- as dispatched, or nothing.
 WITH chosen AS (
@@ -119,7 +124,8 @@ WITH chosen AS (
               < coalesce(api_keys.max_concurrent, $7::int))
       AND EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
       AND (SELECT count(*) FROM jobs AS there
-           WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')) < $8
+           WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')
+             AND (there.prompt_id = ANY($9::text[])) IS NOT TRUE) < $8
 ), passed AS (
     UPDATE jobs SET overtaken = overtaken + 1
     WHERE id = ANY($2::uuid[]) AND id <> $1 AND EXISTS (SELECT 1 FROM chosen)

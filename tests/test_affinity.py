@@ -1,9 +1,9 @@
 """Cache-aware placement over real sockets: a backend with a free slot takes the queued job it
-runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW: a job passed
-that many times goes next unless it waits for the backend holding its model, none is passed
-more than OVERTAKEN_CAP times the window, and priorities hold; a job held back for the
-backend holding its model still runs when that backend is killed or the service restarts,
-and one that others overtook can be cancelled.
+runs soonest from what its cache holds (its model loaded), within AFFINITY_WINDOW: no job is
+passed by more than that many later jobs (one passed that often goes next, to the backend
+holding its model when waiting for that one is sooner), and priorities hold; a job held back
+for the backend holding its model still runs when that backend is killed or the service
+restarts, and one that others overtook can be cancelled.
 
 Simulated ComfyUI servers with a loader that takes time unless cached (SimulatedLoader), one
 prompt per backend at a time so that the order of dispatch is the order of choice.
@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 
 from comfyfleet.app import serving
-from comfyfleet.dispatch.dispatcher import OVERTAKEN_CAP
 from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -178,26 +177,32 @@ async def test_a_job_waits_for_the_backend_holding_its_model_only_when_that_is_s
     assert (job["backend"], cached) == (runs_on, runs_on == "a")
 
 
-async def test_a_job_waiting_for_its_warm_backend_is_passed_at_most_the_cap(
-    settings: Settings,
+@pytest.mark.parametrize(("window", "busy_seconds", "runs_on"), [(2, 4.0, "a"), (1, 10.0, "b")])
+async def test_a_job_waiting_for_its_warm_backend_is_passed_at_most_the_window(
+    window: int, busy_seconds: float, runs_on: str, settings: Settings,
 ) -> None:
     """Backend b, free, takes the jobs for its own model b past the job for model a queued
-    before them, which waits for backend a, busy, that holds model a. That may go beyond the
-    window of 1, but not beyond OVERTAKEN_CAP windows: after 8 passes b takes the job for a
-    itself (loading model a), before the rest of the jobs for b."""
-    settings.affinity_window = 1
+    before them, which waits for backend a, busy, that holds model a: `window` of them, no
+    more (counted from the dispatch times, not from the count the bound keeps).
+    Then the job for a goes where it finishes sooner: to a, shortly busy, while b waits
+    rather than pass it again; or to b, which loads model a, when a is busy for long (its
+    progress shows it). The rest of the jobs for b follow. (The bound was two-level: a job
+    waiting for its warm backend could be passed 8 times the window.)"""
+    settings.affinity_window = window
     async with AsyncExitStack() as stack:
-        gateway = await two_warm_backends(stack, settings, load=2.0)
-        busy = await gateway.submit(A, seconds=10.0)
+        gateway = await two_warm_backends(stack, settings, load=3.0)
+        busy = await gateway.submit(A, seconds=busy_seconds, steps=20)
         await gateway.reached(busy, "running")
-        names = ["a1", *(f"b{i}" for i in range(1, 11))]
+        names = ["a1", *(f"b{i}" for i in range(1, 9))]
         queued = await queued_while_b_is_drained(
             gateway, {name: A if name == "a1" else B for name in names})
         jobs = {name: await gateway.finished(job_id) for name, job_id in queued.items()}
-    assert OVERTAKEN_CAP * settings.affinity_window == 8
-    assert sorted(jobs, key=lambda name: jobs[name]["dispatched_at"]) == \
-        [*(f"b{i}" for i in range(1, 9)), "a1", "b9", "b10"]
-    assert jobs["a1"]["backend"] == "b"
+        cached = await loader_cached(gateway, jobs["a1"])
+    order = sorted(jobs, key=lambda name: jobs[name]["dispatched_at"])
+    assert order.index("a1") == window
+    assert order == [*(f"b{i}" for i in range(1, window + 1)), "a1",
+                     *(f"b{i}" for i in range(window + 1, 9))]
+    assert (jobs["a1"]["backend"], cached) == (runs_on, runs_on == "a")
 
 
 async def queued_while_b_is_drained(gateway: Gateway, models: dict[str, str]) -> dict[str, str]:

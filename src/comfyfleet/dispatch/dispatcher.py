@@ -61,9 +61,6 @@ RESTART_MARGIN = 1.5
 INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
-# A job waiting for the backend that holds its model is passed at most this many times
-# AFFINITY_WINDOW: a bound on that wait whatever the estimates.
-OVERTAKEN_CAP = 8
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
 
 
@@ -370,19 +367,16 @@ class Dispatcher:
         that holds its model, if it gains more than the load costs there, and only once its
         GPU would otherwise go idle; if it waits only for a guessed cost that no run will
         measure, it tries the job (`_may_try`). Either way every job of the band older than
-        the one taken is passed (overtaken) once more, and one passed too often goes first
-        (`_due`)."""
-        band = [job for job in runnable if job.priority == runnable[0].priority]
+        the one taken is passed (overtaken) once more, and none is passed more than
+        AFFINITY_WINDOW times (`_within_window`)."""
+        band = self._within_window(
+            [job for job in runnable if job.priority == runnable[0].priority])
         costs = [self.cost(here, job) for job in band]
         cheapest = min(costs)
         warm = next(i for i, cost in enumerate(costs) if cost <= cheapest + AFFINITY_MIN_GAIN)
-        elsewhere = _Elsewhere(self, here, others)
         index: int | None = warm
-        if self.cost(here, band[warm], cold=True) - costs[warm] >= AFFINITY_MIN_GAIN:
-            gains = [elsewhere.gain(job, cost)
-                     for job, cost in zip(band[:warm], costs, strict=False)]
-        else:
-            gains = self._gains(elsewhere, band, costs)
+        if self.cost(here, band[warm], cold=True) - costs[warm] < AFFINITY_MIN_GAIN:
+            gains = self._gains(_Elsewhere(self, here, others), band, costs)
             index = self._cold_pick(here, gains)
             if index is None and self._may_try(here):
                 gains = self._gains(_Elsewhere(self, here, others, tried=True), band,
@@ -391,11 +385,18 @@ class Dispatcher:
                 self._trying = index is not None
         if index is None:
             return None
-        for older, (job, gain) in enumerate(zip(band[:index], gains, strict=False)):
-            if self._due(job, gain):
-                index = older
-                break
         return Choice(band[index].id, tuple(job.id for job in band[:index]))
+
+    def _within_window(self, band: list[QueuedJob]) -> list[QueuedJob]:
+        """The jobs of `band` (in backlog order) that may be taken without passing a job more
+        than AFFINITY_WINDOW times: up to the first already passed that often. That one is
+        then judged like any other: it goes to the backend whose cache holds its model when
+        waiting for that one is sooner, and the others take only what is ahead of it
+        meanwhile. (Forcing it onto whichever backend came first made GPUs trade models back
+        and forth: see bench/RESULTS.md, cache-aware placement.)"""
+        due = next((index for index, job in enumerate(band)
+                    if job.overtaken >= self._affinity_window), len(band))
+        return band[:due + 1]
 
     @staticmethod
     def _gains(elsewhere: _Elsewhere, band: list[QueuedJob],
@@ -437,16 +438,6 @@ class Dispatcher:
             self._waiting = True
             return None
         return best[1]
-
-    def _due(self, job: QueuedJob, gain: float | None) -> bool:
-        """Whether `job` must go before any later one: once passed AFFINITY_WINDOW times
-        unless it waits for a backend that holds more of it (`gain` is not None), and once
-        passed OVERTAKEN_CAP times the window whatever it waits for. (Forcing a job waiting
-        for the backend holding its model onto another as soon as that backend looked late
-        made GPUs trade models back and forth: 7 loads instead of 6 in bench.affinity.)"""
-        if job.overtaken >= OVERTAKEN_CAP * self._affinity_window:
-            return True
-        return job.overtaken >= self._affinity_window and gain is None
 
     def _view(self, session: BackendSession) -> BackendView:
         """What `session` holds and has ahead of a prompt queued there now."""

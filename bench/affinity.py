@@ -12,7 +12,7 @@ job saw dispatched before it (AFFINITY_WINDOW bounds it). With --timeline, each 
 prompts in the order they ran (a capital letter: the model was loaded), to trace a run.
 
 Run from the repository root:  .venv/bin/python -m bench.affinity [--backends 4] [--models 3]
-    [--jobs 120] [--load 3] [--work 1] [--window 4] [--seed 7] [--timeline]
+    [--jobs 120] [--load 3] [--work 1] [--window 32, the default] [--seed 7] [--timeline]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bench.harness import (
     sim_fleet,
 )
 from comfyfleet.cli.demo import WebhookReceiver
+from comfyfleet.settings import Settings
 from comfyfleet.sim.nodes import SIMULATED_MODELS
 from comfyfleet.webhooks.signing import new_secret
 
@@ -128,7 +129,9 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=120)
     parser.add_argument("--load", type=float, default=3.0, help="seconds of a model load")
     parser.add_argument("--work", type=float, default=1.0, help="seconds of work per job")
-    parser.add_argument("--window", type=int, default=4, help="AFFINITY_WINDOW of the aware run")
+    parser.add_argument("--window", type=int,
+                        default=Settings.model_fields["affinity_window"].default,
+                        help="AFFINITY_WINDOW of the aware run (default: the setting's)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeline", action="store_true",
                         help="print each backend's prompts in the order they ran")

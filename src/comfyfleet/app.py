@@ -115,14 +115,16 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         reads = db.make_engine(engine.url, pool_size=READ_POOL_SIZE)
         stack.push_async_callback(reads.dispose)
         events = JobNotices()
+        webhook_slots = WebhookWorker.slots(settings)
         repository = JobRepository(engine, on_change=events.changed, reads=reads,
                                    max_concurrent_per_key=settings.max_concurrent_per_key,
-                                   fair_share=settings.fair_share)
+                                   fair_share=settings.fair_share, webhook_slots=webhook_slots)
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)
         catalog = await asyncio.to_thread(load_served_catalog, settings.workflows_dir)
-        webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url)
+        webhooks = WebhookWorker.from_settings(settings, engine, secret, storage.url,
+                                               webhook_slots)
         waiters = JobWaiters()
         stack.push_async_callback(webhooks.close)
         lease = ProcessLease(engine)

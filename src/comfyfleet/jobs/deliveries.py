@@ -9,8 +9,10 @@ Sending them is the webhooks stage's work (`webhooks/outbox.py` leases them,
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from datetime import datetime
+from collections import Counter
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -117,12 +119,16 @@ async def _no_url(_: str) -> None:
     return None
 
 
-async def delivery_row(job: Job, event_type: str) -> str | None:
-    """The outbox row reporting `event_type` for `job` (as the change leaves it), as the JSON
-    object the statement writing the change takes; None when its client did not subscribe."""
+async def delivery_row(job: Job, event_type: str, slots: DeliverySlots | None = None
+                       ) -> Delivery | None:
+    """The outbox row reporting `event_type` for `job` (as the change leaves it), for the
+    statement writing the change (as JSON: `model_dump_json`); None when its client did not
+    subscribe. Leased to the worker of `slots` when it has room (`DeliverySlots.lease`)."""
     if not subscribed(job, event_type):
         return None
     assert job.callback_url is not None
+    host = receiver_host(job.callback_url)
+    locked_until, lease_token = slots.lease(host) if slots is not None else (None, None)
     now = utcnow()
     event = {"type": event_type, "timestamp": now.isoformat(),
              "data": await job_json(job, _no_url)}
@@ -130,7 +136,82 @@ async def delivery_row(job: Job, event_type: str) -> str | None:
     # `_job`.
     return Delivery.model_construct(
         id=uuid.uuid4(), message_id=new_message_id(), job_id=job.id, event_type=event_type,
-        url=job.callback_url,
-        host=receiver_host(job.callback_url), payload=event, pending_since=now,
-        next_attempt_at=now, created_at=now,
-    ).model_dump_json()
+        url=job.callback_url, host=host, payload=event, pending_since=now,
+        next_attempt_at=now, created_at=now, locked_until=locked_until, lease_token=lease_token,
+    )
+
+
+class DeliverySlots:
+    """This process's webhook sending slots (WEBHOOK_CONCURRENCY in all, at most `per_host`
+    per receiver host), and the deliveries handed to its worker as they are written.
+
+    A delivery the worker has room for is written already leased to it, by the statement
+    that writes the job change it reports (`lease`), and handed over in memory once that
+    statement has committed (`written`): no pass over the outbox claims it, and no NOTIFY
+    wakes any worker for it (migration 0030). If this process dies first, the lease runs
+    out and any process's pass takes the delivery up, as one whose attempt died. One there
+    is no room for is written due and unleased, for the next pass of any worker (woken by
+    NOTIFY), as before. The worker counts its own claims and attempts here too, so the
+    limits hold for both."""
+
+    def __init__(self, *, concurrency: int, per_host: int, lease: timedelta) -> None:
+        self.concurrency = concurrency
+        self.per_host = per_host
+        self.lease_for = lease
+        self.busy: Counter[str] = Counter()  # slots taken per receiver host
+        self.taken = 0  # slots taken in all
+        self._handed: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._open = False  # whether a worker takes deliveries handed over
+
+    def open(self) -> None:
+        """A worker takes the deliveries handed over from now on."""
+        self._open = True
+
+    def take(self, host: str) -> None:
+        self.taken += 1
+        self.busy[host] += 1
+
+    def free(self, host: str) -> None:
+        self.taken -= 1
+        self.busy[host] -= 1
+        if self.busy[host] <= 0:
+            del self.busy[host]
+
+    def full(self, host: str) -> bool:
+        return self.taken >= self.concurrency or self.busy[host] >= self.per_host
+
+    def lease(self, host: str) -> tuple[datetime | None, uuid.UUID | None]:
+        """A lease (until when, its token) to this process's worker, a slot taken, for a
+        delivery to `host` about to be written, when the worker takes deliveries and has
+        room for it; else (None, None). A delivery leased is then `written` or
+        `not_written`."""
+        if not self._open or self.full(host):
+            return None, None
+        self.take(host)
+        return utcnow() + self.lease_for, uuid.uuid4()
+
+    def written(self, delivery: Delivery) -> None:
+        """The leased `delivery` is committed: the worker sends it."""
+        self._handed.put_nowait(delivery)
+
+    def not_written(self, delivery: Delivery) -> None:
+        """The leased `delivery` was not written (the change's fence held nothing, or the
+        statement failed): its slot is free again."""
+        self.free(delivery.host)
+
+    async def handed(self) -> Delivery:
+        """The next delivery handed over."""
+        return await self._handed.get()
+
+    def close(self) -> list[Delivery]:
+        """No more deliveries are leased here; those handed over and not taken yet, for the
+        worker to give back (their slots freed). One whose statement is under way as this
+        closes stays leased: it goes out when its lease runs out (the fleet, which writes
+        them, closes first)."""
+        self._open = False
+        left = []
+        while not self._handed.empty():
+            delivery = self._handed.get_nowait()
+            self.free(delivery.host)
+            left.append(delivery)
+        return left

@@ -163,7 +163,7 @@ class JobRepository:
     def __init__(
         self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None,
         *, reads: AsyncEngine | None = None, max_concurrent_per_key: int | None = None,
-        fair_share: bool = True,
+        fair_share: bool = True, webhook_slots: deliveries.DeliverySlots | None = None,
     ) -> None:
         """`on_change` hears of every job this process changes, once it is committed. The
         API's reads (a job, a page, a queue position, run times) go through `reads` when
@@ -171,7 +171,9 @@ class JobRepository:
         connections, and a status request would wait behind them. A claim skips the jobs of
         keys with as many jobs on backends as their `max_concurrent` (in the keys table), or
         `max_concurrent_per_key` for keys without their own. `fair_share`: queue positions
-        count as the dispatcher serves tenants (FAIR_SHARE)."""
+        count as the dispatcher serves tenants (FAIR_SHARE). `webhook_slots`: this process's
+        webhook worker's, to which a job change's webhook is leased as it is written when the
+        worker has room for it (without: every delivery is written for any worker's pass)."""
         self.engine = engine
         self._read_engine = reads or engine
         self._fair_share = fair_share
@@ -179,6 +181,7 @@ class JobRepository:
         self._statements = single_statements(engine)
         self._reads = single_statements(reads or engine)
         self._on_change = on_change or (lambda _: None)
+        self._webhook_slots = webhook_slots
         # The prompts of the queued jobs its claims read, by job id, least recently read first.
         self._prompts: OrderedDict[uuid.UUID, dict[str, Any]] = OrderedDict()
 
@@ -199,17 +202,18 @@ class JobRepository:
         status = JobStatus(job.status)
         delivery = await deliveries.delivery_row(job, f"job.{status}") if status.terminal \
             else None
+        row = _delivery_json(delivery)
         held = (claim.tenant, claim.scope, claim.key, claim.token) if claim is not None \
             else (None, None, None, None)
         async with driver_connection(self.engine) as connection:
             if backlog is None:
                 created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                    delivery, *held)
+                                                    row, *held)
             else:
                 async with connection.transaction():
                     await _check_backlog(connection, job, backlog)
                     created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                        delivery, *held)
+                                                        row, *held)
             if created is not None and claim is not None:
                 claim.held = False  # committed with the job
             if created is None:
@@ -384,18 +388,37 @@ class JobRepository:
                 name: value for name, value in changes.items() if value is not None}
             if detail_given:
                 written["progress_detail"] = detail
-            delivery = await deliveries.delivery_row(job.model_copy(update=written), event)
-        return await self._fenced(
-            "transition", job, [str(state) for state in states], status, progress,
-            detail_given, _json(detail), started_at, finished_at, _json(outputs),
-            _json(error), delivery, uploading_at)
+            delivery = await deliveries.delivery_row(job.model_copy(update=written), event,
+                                                     self._webhook_slots)
+        leased = delivery is not None and delivery.lease_token is not None
+        try:
+            changed = await self._fenced(
+                "transition", job, [str(state) for state in states], status, progress,
+                detail_given, _json(detail), started_at, finished_at, _json(outputs),
+                _json(error), _delivery_json(delivery), uploading_at)
+        except BaseException:
+            if leased:  # written or not, its lease runs out: any process's pass sends it
+                self._hand_over(delivery, written=False)
+            raise
+        if leased:
+            self._hand_over(delivery, written=changed is not None)
+        return changed
+
+    def _hand_over(self, delivery: deliveries.Delivery | None, *, written: bool) -> None:
+        """A delivery leased to this process's worker: `written` (then the worker sends it)
+        or not (its slot is freed)."""
+        assert delivery is not None and self._webhook_slots is not None
+        if written:
+            self._webhook_slots.written(delivery)
+        else:
+            self._webhook_slots.not_written(delivery)
 
     async def report_progress(self, reports: Sequence[ProgressReport]) -> list[Job]:
         """Record the latest progress of running jobs in one statement (sql/jobs.sql
         `progress`), each fenced as `transition` fences it, with its `job.progress` webhook
         where its client subscribed; the jobs written, as they are now."""
-        rows = [await deliveries.delivery_row(report.job.model_copy(update={
-            "progress": report.progress, "progress_detail": report.detail}), "job.progress")
+        rows = [_delivery_json(await deliveries.delivery_row(report.job.model_copy(update={
+            "progress": report.progress, "progress_detail": report.detail}), "job.progress"))
             for report in reports]
         async with driver_connection(self.engine) as connection:
             written = await connection.fetch(
@@ -689,6 +712,11 @@ async def _check_backlog(
 def _json(value: Any) -> str | None:
     """A JSONB parameter of the named queries (sent as JSON text); None stays NULL."""
     return json.dumps(value) if value is not None else None
+
+
+def _delivery_json(delivery: deliveries.Delivery | None) -> str | None:
+    """An outbox row as the named queries take it (JSON text); None stays NULL."""
+    return delivery.model_dump_json() if delivery is not None else None
 
 
 async def _mean_run_seconds(

@@ -3,16 +3,20 @@
 - Concurrency is bounded overall and per receiver (host:port), and the bounds are applied when
   claiming: a delivery is only leased when there is room to send it at once, so a slow or
   dead receiver holds its own slots and never delays anyone else's deliveries.
+- A delivery this process writes while it has room to send it is leased to it by the very
+  statement that writes it and handed over in memory (jobs/deliveries.py `DeliverySlots`):
+  no claim of its own, no NOTIFY.
 - Claims use `FOR UPDATE SKIP LOCKED` and a lease, so several processes can share the outbox
-  and a delivery whose process died mid-attempt is taken up again when its lease runs out.
-- It wakes when a delivery is committed (Postgres NOTIFY, from any process, this one included:
-  a wake of its own as well would only add a claim that finds nothing) and when the next
-  retry falls due; the periodic pass is only a safety net.
+  and a delivery whose process died mid-attempt (or before it, leased as it was written) is
+  taken up again when its lease runs out.
+- It wakes when an unleased delivery is committed (Postgres NOTIFY, from any process, this one
+  included: a wake of its own as well would only add a claim that finds nothing) and when the
+  next retry falls due; the periodic pass is only a safety net.
 - Attempts are recorded in batches by the claim loop's own passes (one statement records, leases
   and finds the next due delivery): an attempt made waits for the next pass, at most
-  ACK_DELAY_SECONDS, so at a steady rate the record rides on the claim a NOTIFY wakes. A
-  process that dies meanwhile leaves the delivery leased; it is sent again when the lease runs
-  out (at least once, as ever: receivers deduplicate by `webhook-id`).
+  ACK_DELAY_SECONDS. A process that dies meanwhile leaves the delivery leased; it is sent
+  again when the lease runs out (at least once, as ever: receivers deduplicate by
+  `webhook-id`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +31,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
 from comfyfleet.db import listening
-from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, Delivery, DeliveryAttempt, DeliveryStatus
+from comfyfleet.jobs.deliveries import (
+    NOTIFY_CHANNEL,
+    Delivery,
+    DeliveryAttempt,
+    DeliverySlots,
+    DeliveryStatus,
+)
 from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
@@ -44,8 +53,9 @@ MIN_WAIT_SECONDS = 0.05
 # A lease covers one attempt (at most the timeout) plus rendering and recording it.
 LEASE_MARGIN_SECONDS = 30.0
 LISTEN_RETRY_SECONDS = 2.0
-# The longest an attempt made waits for the next pass to record it.
-ACK_DELAY_SECONDS = 0.1
+# The longest an attempt made waits for the next pass to record it: at 10 webhooks a second,
+# five or so are recorded by one statement. (Their rows say `pending` meanwhile.)
+ACK_DELAY_SECONDS = 0.5
 
 
 class WebhookWorker:
@@ -57,29 +67,36 @@ class WebhookWorker:
         *,
         schedule: RetrySchedule,
         timeout: float,
-        concurrency: int,
-        per_host: int,
+        slots: DeliverySlots,
     ) -> None:
+        """`slots`: the process's sending slots (`WebhookWorker.slots`), shared with the
+        repository, which leases deliveries to this worker as it writes them."""
         self._engine = engine
         self._outbox = Outbox(engine)
         self._sender = sender
         self._url_for = url_for
         self._schedule = schedule
         self._timeout = timeout
-        self._lease = timedelta(seconds=timeout + LEASE_MARGIN_SECONDS)
-        self._concurrency = concurrency
-        self._per_host = per_host
+        self._slots = slots
         self._wake = asyncio.Event()
-        self._busy: Counter[str] = Counter()  # deliveries in flight per receiver host
         self._inflight: dict[asyncio.Task[None], Delivery] = {}  # each attempt and its delivery
         self._settled: list[Settled] = []  # attempts made, for the next pass to record
         self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
+    @staticmethod
+    def slots(settings: Settings) -> DeliverySlots:
+        """The sending slots of a process's worker, for it and its repository."""
+        return DeliverySlots(
+            concurrency=settings.webhook_concurrency,
+            per_host=settings.webhook_concurrency_per_host,
+            lease=timedelta(seconds=settings.webhook_timeout + LEASE_MARGIN_SECONDS))
+
     @classmethod
     def from_settings(
-        cls, settings: Settings, engine: AsyncEngine, secret: str, url_for: UrlFor
+        cls, settings: Settings, engine: AsyncEngine, secret: str, url_for: UrlFor,
+        slots: DeliverySlots,
     ) -> WebhookWorker:
         sender = WebhookSender(
             secret,
@@ -93,15 +110,16 @@ class WebhookWorker:
         )
         return cls(
             engine, sender, url_for, schedule=schedule, timeout=settings.webhook_timeout,
-            concurrency=settings.webhook_concurrency,
-            per_host=settings.webhook_concurrency_per_host,
+            slots=slots,
         )
 
     def wake(self) -> None:
         self._wake.set()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen())]
+        self._slots.open()
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen()),
+                       asyncio.create_task(self._take_handed())]
 
     async def close(self) -> None:
         """Stop claiming; give attempts in flight their time limit to finish. Those cut short
@@ -111,15 +129,17 @@ class WebhookWorker:
         # other process then waits a whole lease before sending them.
         self._closing = True
         self._wake.set()
+        not_started = self._slots.close()
         if self._tasks:
-            runner, listener = self._tasks
+            runner, listener, handed = self._tasks
             listener.cancel()
+            handed.cancel()
             await asyncio.wait([runner], timeout=self._timeout)
             runner.cancel()  # a claim stuck on a database that is away
-            await asyncio.gather(runner, listener, return_exceptions=True)
+            await asyncio.gather(runner, listener, handed, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self._timeout + 1)
-        cut_short = list(self._inflight.values())
+        cut_short = not_started + list(self._inflight.values())
         for task in self._inflight:
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -151,12 +171,13 @@ class WebhookWorker:
         seconds until the next one falls due (a delivery ending where it held others back,
         an attempt to record, or a retry scheduled wakes the loop earlier)."""
         done = None
-        while (room := max(self._concurrency - len(self._inflight), 0)) or self._settled:
+        while (room := max(self._slots.concurrency - self._slots.taken, 0)) or self._settled:
             done = await self._pass(room)
             if len(done.leased) < room or not room:
                 break  # that was everything due now
         # With no room left, the first delivery to finish wakes the loop to look again.
-        if len(self._inflight) >= self._concurrency or done is None or done.next_due is None:
+        if self._slots.taken >= self._slots.concurrency or done is None \
+                or done.next_due is None:
             return SAFETY_PASS_SECONDS
         wait = (done.next_due - utcnow()).total_seconds()
         return min(max(wait, MIN_WAIT_SECONDS), SAFETY_PASS_SECONDS)
@@ -170,32 +191,36 @@ class WebhookWorker:
             self._ack_timer = None
         try:
             done = await self._outbox.settle(
-                settled, limit=room, per_host=self._per_host, busy=self._busy,
-                lease=self._lease)
+                settled, limit=room, per_host=self._slots.per_host, busy=self._slots.busy,
+                lease=self._slots.lease_for)
         except BaseException:
             self._settled[:0] = settled
             raise
         for attempt in settled:
             _log_attempt(attempt, attempt.delivery.id in done.kept)
         for delivery in done.leased:
+            self._slots.take(delivery.host)
             self._start(delivery)
         return done
 
+    async def _take_handed(self) -> None:
+        """Send the deliveries leased to this worker as they were written (their slots are
+        taken already)."""
+        while True:
+            self._start(await self._slots.handed())
+
     def _start(self, delivery: Delivery) -> None:
+        """Send `delivery`, whose slot is taken."""
         host = delivery.host
-        self._busy[host] += 1
         task = asyncio.create_task(self._deliver(delivery))
         self._inflight[task] = delivery
 
         def done(_: asyncio.Task[None]) -> None:
             # Only a slot that held deliveries back frees room for them: with room to spare,
             # a pass claims all that is due, and the rest wake the loop when they are due.
-            held_back = (len(self._inflight) >= self._concurrency
-                         or self._busy[host] >= self._per_host)
+            held_back = self._slots.full(host)
             self._inflight.pop(task, None)
-            self._busy[host] -= 1
-            if self._busy[host] <= 0:
-                del self._busy[host]
+            self._slots.free(host)
             if held_back:
                 self.wake()
 

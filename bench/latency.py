@@ -31,6 +31,7 @@ The service runs in its own process (`comfyfleet serve`, 8 backends, MAX_INFLIGH
 2, embedded PostgreSQL, log level WARNING); CPU time per process is reported for each run.
 
 Run from the repository root:  .venv/bin/python -m bench.latency [--rates 10,50,200] [--seconds 8]
+[--by-statement]
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ import os
 import platform
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,6 +67,7 @@ from bench.harness import (
     print_table,
     s3_client,
     transactions,
+    transactions_by_statement,
     workflow_job,
 )
 from comfyfleet.comfy.client import ComfyClient
@@ -91,6 +94,8 @@ class Measured:
     lag: float = 0.0  # the load generator's largest delay behind its schedule
     completed_per_second: float = 0.0  # jobs / (last webhook verified - first job sent)
     transactions_per_job: float | None = None  # PostgreSQL's count, comfyfleet runs only
+    # By the statement opening each (--by-statement), comfyfleet runs only.
+    by_statement: dict[str, float] | None = None
     cpu: dict[str, float] = field(default_factory=dict)
 
 
@@ -211,8 +216,9 @@ async def direct(
 
 async def through_comfyfleet(
     api: str, database_url: str, count: int, rate: float, receiver: TimedReceiver,
-    sims: SimFleet, http: aiohttp.ClientSession, meter: CpuMeter,
+    sims: SimFleet, http: aiohttp.ClientSession, meter: CpuMeter, postgres: Any = None,
 ) -> Measured:
+    """`postgres`: the server, to count the transactions by statement (its log)."""
     sent: dict[str, float] = {}
     answered: list[float] = []
 
@@ -225,9 +231,15 @@ async def through_comfyfleet(
         answered.append(time.monotonic() - started)
         sent[job["id"]] = started
 
+    counting = transactions_by_statement(postgres, database_url) if postgres is not None \
+        else nullcontext(Counter[str]())
     committed = await transactions(database_url)
-    measured = await measure(submit, count, rate, lambda event: sent[event["data"]["id"]],
-                             receiver, sims, http, meter)
+    async with counting as opened_by:
+        measured = await measure(submit, count, rate, lambda event: sent[event["data"]["id"]],
+                                 receiver, sims, http, meter)
+    if postgres is not None:
+        measured.by_statement = {statement: round(n / count, 2)
+                                 for statement, n in opened_by.most_common() if n / count >= 0.01}
     failed = [e for e in receiver.verified[-count:] if e["type"] != "job.succeeded"]
     assert not failed, failed[0]
     measured.extra = {"POST /jobs answered (202)": answered}
@@ -236,7 +248,8 @@ async def through_comfyfleet(
     return measured
 
 
-async def run(rates: list[float], seconds: float, root: Path) -> dict[str, Any]:
+async def run(rates: list[float], seconds: float, root: Path, by_statement: bool
+              ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
         deployed = await deploy(stack, root, BACKENDS, timed=True)
@@ -256,8 +269,9 @@ async def run(rates: list[float], seconds: float, root: Path) -> dict[str, Any]:
             count = round(rate * seconds)
             results[f"{rate:g}/s"] = {
                 "baseline": await direct(gateway, count, rate, receiver, sims, http, meter),
-                "comfyfleet": await through_comfyfleet(api, database_url, count, rate,
-                                                       receiver, sims, http, meter),
+                "comfyfleet": await through_comfyfleet(
+                    api, database_url, count, rate, receiver, sims, http, meter,
+                    deployed.postgres if by_statement else None),
             }
     return results
 
@@ -294,6 +308,11 @@ def report(results: dict[str, Any], seconds: float) -> dict[str, Any]:
                   *("-" if m.transactions_per_job is None else f"{m.transactions_per_job:.1f}"
                     for _, m in runs)),
                  ("load generator's largest lag (ms)", *(f"{m.lag * 1000:.1f}" for _, m in runs))])
+    for label, m in runs:
+        if m.by_statement is not None:
+            print()
+            print_table([f"{label}: transactions per job, by the statement opening each",
+                         "per job"], list(m.by_statement.items()))
     return {
         "seconds_per_rate": seconds, "backends": BACKENDS,
         "runs": {label: {"dispatch_ms": latency_ms(m.dispatch),
@@ -301,16 +320,17 @@ def report(results: dict[str, Any], seconds: float) -> dict[str, Any]:
                          **{name: latency_ms(samples) for name, samples in m.extra.items()},
                          "completed_per_second": round(m.completed_per_second, 1),
                          "transactions_per_job": m.transactions_per_job,
+                         "transactions_per_job_by_statement": m.by_statement,
                          "generator_lag_ms": round(m.lag * 1000, 1), "cores_busy": m.cpu}
                  for label, m in runs},
     }
 
 
-async def main(rates: list[float], seconds: float) -> None:
+async def main(rates: list[float], seconds: float, by_statement: bool) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count(), "load_average": os.getloadavg()}), flush=True)
     with bench_root() as root:
-        results = await run(rates, seconds, root)
+        results = await run(rates, seconds, root, by_statement)
     print(json.dumps(report(results, seconds)))
 
 
@@ -319,5 +339,9 @@ if __name__ == "__main__":
     parser.add_argument("--rates", default="10,50,200",
                         help="offered jobs per second (default 10,50,200)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per rate (default 8)")
+    parser.add_argument("--by-statement", action="store_true",
+                        help="also count the transactions by the statement opening each "
+                             "(PostgreSQL's log of every statement: slows it down)")
     args = parser.parse_args()
-    asyncio.run(main([float(rate) for rate in args.rates.split(",")], args.seconds))
+    asyncio.run(main([float(rate) for rate in args.rates.split(",")], args.seconds,
+                     args.by_statement))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -43,25 +44,43 @@ async def changes(engine: AsyncEngine, job_id: str) -> list[tuple[str, str, bool
     return [(row["old"], row["new"], row["started"]) for row in rows]
 
 
-async def run_job(
-    settings: Settings, receivers: StartReceiver, duration: float,
-) -> tuple[str, list[str]]:
-    """Run one invert job on a simulator whose prompts take `duration` seconds, subscribed to
-    job.started; its id and the webhooks its receiver verified, once job.succeeded came."""
+async def run_jobs(
+    settings: Settings, receivers: StartReceiver, duration: float, count: int = 1,
+    **sim: Any,
+) -> list[tuple[str, list[str], dict[str, Any]]]:
+    """Run `count` invert jobs, submitted together, on a simulator whose prompts take
+    `duration` seconds (`sim`: its other options), each subscribed to job.started; the id of
+    each, the webhooks its receiver verified, once every job.succeeded came, and the job as
+    the API shows it then."""
     receiver = await receivers()
-    async with SimulatedComfyUI(name="gpu", duration=duration) as sim:
-        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+    async with SimulatedComfyUI(name="gpu", duration=duration, **sim) as simulator:
+        settings.comfyui_endpoints = [f"{simulator.url}#gpu"]
         async with gateway(settings) as gw:
             body = {"workflow": "invert", "callback_url": receiver.url,
                     "webhook_events": ["job.started"]}
-            async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
-                assert response.status == 202
-                job_id: str = (await response.json())["id"]
-            await receiver.wait_for(2)
+            job_ids: list[str] = []
+            for _ in range(count):
+                async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
+                    assert response.status == 202
+                    job_ids.append((await response.json())["id"])
+            await receiver.wait_for(2 * count)
             await asyncio.sleep(0.3)  # time for a webhook too many to show up, if there were one
+            jobs = []
+            for job_id in job_ids:
+                async with gw.http.get(f"{gw.api}/jobs/{job_id}") as response:
+                    jobs.append(await response.json())
     events = verified(settings, receiver)
-    assert all(event["data"]["id"] == job_id for event in events)
-    return job_id, [event["type"] for event in events]
+    return [(job_id, [event["type"] for event in events if event["data"]["id"] == job_id], job)
+            for job_id, job in zip(job_ids, jobs, strict=True)]
+
+
+async def run_job(
+    settings: Settings, receivers: StartReceiver, duration: float, **sim: Any,
+) -> tuple[str, list[str]]:
+    """Run one invert job (`run_jobs`); its id and the webhooks its receiver verified."""
+    ((job_id, webhooks, job),) = await run_jobs(settings, receivers, duration, **sim)
+    assert job["uploading_at"] is not None and job["progress"] == 1.0
+    return job_id, webhooks
 
 
 async def test_a_prompt_ending_as_it_starts_has_its_start_written_with_its_end(
@@ -79,7 +98,23 @@ async def test_a_prompt_ending_as_it_starts_has_its_start_written_with_its_end(
 async def test_a_prompt_that_runs_a_while_is_running_meanwhile(
     settings: Settings, receivers: StartReceiver, status_log: AsyncEngine,
 ) -> None:
+    """With no job queued, its end of executing is written with its end (outputs stored
+    soon): no claim waits for the slot it frees."""
     job_id, webhooks = await run_job(settings, receivers, duration=1.0)
+    assert await changes(status_log, job_id) == [
+        ("queued", "dispatched", False),
+        ("dispatched", "running", True),
+        ("running", "succeeded", True),  # one write: done executing, outputs stored
+    ]
+    assert webhooks == ["job.started", "job.succeeded"]
+
+
+async def test_outputs_that_take_a_while_to_store_show_the_job_uploading(
+    settings: Settings, receivers: StartReceiver, status_log: AsyncEngine,
+) -> None:
+    # A 4 KB output read from the backend at 2 KB/s: longer than END_WRITE_DELAY.
+    job_id, webhooks = await run_job(settings, receivers, duration=1.0, output_size=4096,
+                                     view_bytes_per_second=2048)
     assert await changes(status_log, job_id) == [
         ("queued", "dispatched", False),
         ("dispatched", "running", True),
@@ -87,3 +122,27 @@ async def test_a_prompt_that_runs_a_while_is_running_meanwhile(
         ("uploading", "succeeded", True),
     ]
     assert webhooks == ["job.started", "job.succeeded"]
+
+
+async def test_a_prompt_ending_while_a_job_waits_frees_its_slot_at_once(
+    settings: Settings, receivers: StartReceiver, status_log: AsyncEngine,
+) -> None:
+    """The second job waits for the backend's one slot: the first's end of executing is
+    written as it comes, so that the claim counting the slots in the database sees the slot
+    free; the second's, with nothing queued behind it, with its end."""
+    settings.max_inflight_per_backend = 1
+    (first, first_hooks, _), (second, second_hooks, second_job) = await run_jobs(
+        settings, receivers, duration=0.5, count=2)
+    assert await changes(status_log, first) == [
+        ("queued", "dispatched", False),
+        ("dispatched", "running", True),
+        ("running", "uploading", True),
+        ("uploading", "succeeded", True),
+    ]
+    assert await changes(status_log, second) == [
+        ("queued", "dispatched", False),
+        ("dispatched", "running", True),
+        ("running", "succeeded", True),
+    ]
+    assert first_hooks == second_hooks == ["job.started", "job.succeeded"]
+    assert second_job["uploading_at"] is not None

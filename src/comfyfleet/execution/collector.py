@@ -22,8 +22,8 @@ from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
 from comfyfleet.db import unavailable
 from comfyfleet.execution.endings import Endings, JobEnded
-from comfyfleet.execution.starts import UnrecordedStart
-from comfyfleet.jobs.models import Job, JobStatus, job_error
+from comfyfleet.execution.starts import ExecutionEnd, UnrecordedEnd, UnrecordedStart
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
 
@@ -110,23 +110,31 @@ class Collector:
 
     async def collect(
         self, client: ComfyClient, uploading: Job, cleanup: BackendCleanup | None = None,
-        early: EarlyOutputs | None = None,
+        early: EarlyOutputs | None = None, unrecorded: UnrecordedEnd | None = None,
     ) -> None:
         """Store the outputs of a job in `uploading` (those in `early` are stored already)
         and mark it succeeded (or failed); then delete the stored files from the backend
-        through `cleanup`."""
+        through `cleanup`. The end of executing `unrecorded` (the job still `dispatched` or
+        `running` in the database) is recorded with the job's end, unless its own write
+        (tracker.END_WRITE_DELAY) took it first."""
         try:
-            entry = await self._history(client, uploading)
-            files, texts = output_items(entry.get("outputs"))
-            stored_early = await early.settled() if early is not None else []
-            outputs = await self._store_outputs(client, uploading, files, texts, stored_early)
-        except (ComfyError, aiohttp.ClientError) as exc:
-            # The file is gone or unreadable on the backend: never store an empty stand-in.
-            await self._finish(
-                uploading, JobStatus.FAILED, error=job_error("output_unavailable", str(exc))
-            )
-            return
-        succeeded = await self._finish(uploading, JobStatus.SUCCEEDED, outputs=outputs)
+            try:
+                entry = await self._history(client, uploading)
+                files, texts = output_items(entry.get("outputs"))
+                stored_early = await early.settled() if early is not None else []
+                outputs = await self._store_outputs(client, uploading, files, texts,
+                                                    stored_early)
+            except (ComfyError, aiohttp.ClientError) as exc:
+                # The file is gone or unreadable on the backend: never store an empty
+                # stand-in.
+                await self._finish(uploading, JobStatus.FAILED, unrecorded,
+                                   error=job_error("output_unavailable", str(exc)))
+                return
+            succeeded = await self._finish(uploading, JobStatus.SUCCEEDED, unrecorded,
+                                           outputs=outputs)
+        finally:
+            if unrecorded is not None:  # cut short: the job's prompt is read from /history
+                unrecorded.drop()       # again by whichever process follows it next
         # Only once the success is recorded: a crash before this leaves a file on the backend,
         # never a job without its output. Not when a cancel or another attempt won the job.
         if succeeded and cleanup is not None:
@@ -193,23 +201,42 @@ class Collector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
 
-    async def _finish(self, job: Job, status: JobStatus, **values: Any) -> bool:
-        """Record the end; False when the job had moved on (cancelled, or another attempt's).
-        A database outage is waited out: the outputs are stored, only this write is missing."""
+    async def _finish(self, job: Job, status: JobStatus, unrecorded: UnrecordedEnd | None,
+                      **values: Any) -> bool:
+        """Record the end (with the end of executing `unrecorded`, unless its own write took
+        it); False when the job had moved on (cancelled, or another attempt's). A database
+        outage is waited out: the outputs are stored, only this write is missing."""
         delay = 1.0
-        while True:
-            try:
-                finished = await self._repository.finish(job, status, {JobStatus.UPLOADING},
-                                                         **values)
-                break
-            except Exception as exc:
-                if not unavailable(exc):
-                    raise
-                log.warning("recording job %s %s failed, retrying in %.0f s: %s", job.id,
-                            status, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+        recording = unrecorded.recording() if unrecorded is not None \
+            else contextlib.nullcontext(None)
+        async with recording as end:
+            while True:
+                try:
+                    finished = await self._repository.finish(
+                        job, status, _states(end), **_end_values(end), **values)
+                    break
+                except Exception as exc:
+                    if not unavailable(exc):
+                        raise
+                    log.warning("recording job %s %s failed, retrying in %.0f s: %s", job.id,
+                                status, delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
         if finished is None:
             return False
         self._endings.tell(JobEnded(finished))
         return True
+
+
+def _states(end: ExecutionEnd | None) -> set[JobStatus]:
+    """Where a job whose outputs are stored is: `uploading`, unless its end of executing
+    `end` is still to be recorded (then still where its prompt left it, or `uploading` if a
+    write of this prompt's end not ours came first)."""
+    return {JobStatus.UPLOADING} if end is None else set(ON_BACKEND_STATES)
+
+
+def _end_values(end: ExecutionEnd | None) -> dict[str, Any]:
+    """What the write of the end of executing `end` would have written (tracker
+    `_record_end`), for the job's end to write instead."""
+    return {} if end is None else {"uploading_at": end.uploading_at, "started_at": end.started_at,
+                                   "progress": 1.0, "progress_detail": None}

@@ -4,8 +4,10 @@ The dispatcher sleeps until `changed` is set. A queued job or a freed slot makes
 its database round trip (`claim_due`), a freed slot only while jobs may be queued (`queued`:
 one may have joined the backlog); a running prompt whose length became clearer only calls
 for a rebalance. A freed slot also beats `freed`, which a drain waiting for its backend
-to go idle listens to. The fleet makes one and hands it to the tracker, which sends, and to the
-dispatcher, which waits: both sit above this module, neither knows the other.
+to go idle listens to. `backlog_empty` goes the other way: the dispatcher's last claim saw
+nothing queued and nothing was queued since, so no claim waits for a slot the tracker frees.
+The fleet makes one and hands it to the tracker, which sends, and to the dispatcher, which
+waits: both sit above this module, neither knows the other.
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ class DispatchSignals:
         # finds nothing a claim that saw the backlog empty did not).
         self.queued = True
         self.freed = Pulse()
+        self.backlog_empty = False
+
+    def claimed(self, *, backlog_empty: bool) -> None:
+        """The dispatcher's claim saw the backlog (empty or not): unless a job was queued
+        since its pass began."""
+        self.backlog_empty = backlog_empty and not self.queued
 
     def job_queued(self) -> None:
         """A job joined the backlog, or a backend began taking work: claim what can start."""
         self.queued = True
+        self.backlog_empty = False
         self._claim()
 
     def slot_freed(self) -> None:

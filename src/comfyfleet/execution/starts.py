@@ -1,9 +1,14 @@
-"""A prompt's start (ComfyUI's `execution_start`) until a write of the job records it.
+"""A prompt's start (ComfyUI's `execution_start`), or its end of executing, until a write of the
+job records it.
 
 The job's start is not a statement of its own at once: a prompt that ends executing soon
 after it starts has its start recorded by the statement recording its end, and so does the
 first progress report or early output that comes sooner. Only a start nothing else records
 within a moment (`tracker.START_WRITE_DELAY`) is written on its own, by the `timer` task.
+
+Likewise its end of executing (`uploading`) while no job waits in the backlog (no claim wants
+its slot in the database's count): its outputs are usually stored within that moment, and the
+statement recording the job's end records it (`tracker.END_WRITE_DELAY`).
 """
 
 from __future__ import annotations
@@ -13,20 +18,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
-class UnrecordedStart:
-    at: datetime | None = None  # when it started, while no write has taken it
+class Unrecorded(Generic[T]):
+    at: T | None = None  # what happened, while no write has taken it
     timer: asyncio.Task[None] | None = None  # the write of its own, waiting its moment
     _writing: asyncio.Event | None = None  # set once the write that took it has ended
 
     @asynccontextmanager
-    async def recording(self) -> AsyncIterator[datetime | None]:
-        """The start, for the write made inside the block to record; None when a write took
-        it already, and that write has ended (so the job is `running`, its `job.started`
-        webhook stored, before any later change). If the block fails, the next write
-        records the start."""
+    async def recording(self) -> AsyncIterator[T | None]:
+        """What happened, for the write made inside the block to record; None when a write
+        took it already, and that write has ended (so the job is as it left it, its webhook
+        stored, before any later change). If the block fails, the next write records it."""
         if self.at is None:
             if self._writing is not None:
                 await self._writing.wait()
@@ -46,7 +53,19 @@ class UnrecordedStart:
 
     def drop(self) -> None:
         """The run is over otherwise (cancelled, lost, moved, shutting down): nothing
-        records its start."""
+        records it."""
         self.at = None
         if self.timer is not None:
             self.timer.cancel()
+
+
+class ExecutionEnd(NamedTuple):
+    """A prompt that ended executing: when (the job's `uploading_at`), and when it started,
+    if no write has recorded that yet."""
+
+    uploading_at: datetime
+    started_at: datetime | None
+
+
+UnrecordedStart = Unrecorded[datetime]
+UnrecordedEnd = Unrecorded[ExecutionEnd]

@@ -37,8 +37,9 @@ from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.run_times import MIN_PROGRESS_TO_JUDGE, RunTimes
 from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.signals import DispatchSignals
-from comfyfleet.execution.starts import UnrecordedStart
+from comfyfleet.execution.starts import ExecutionEnd, UnrecordedEnd, UnrecordedStart
 from comfyfleet.execution.warm import PromptKeys
+from comfyfleet.jobs.deliveries import subscribed
 from comfyfleet.jobs.extra_data import EXTRA_DATA_LOST, HeldExtraData
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error, utcnow
@@ -57,6 +58,10 @@ PROGRESS_WRITE_INTERVAL = 0.5
 # executing sooner has its start recorded by the same statement as its end (`uploading`), and
 # a progress report sooner carries it too.
 START_WRITE_DELAY = 0.2
+# How long a prompt's end of executing (`uploading`) waits to be recorded on its own while no
+# job is queued: outputs stored sooner have it recorded by the statement recording the job's
+# end. (With jobs queued it is recorded at once: the slot it frees is theirs.)
+END_WRITE_DELAY = 0.5
 WATCH_INTERVAL = 1.0  # seconds between passes of the safety net
 
 
@@ -398,18 +403,20 @@ class ExecutionTracker:
         # statement recording it (uploading) has committed: this process's claims count the
         # prompt out of its backend's slots meanwhile (`ended`); other processes' count it
         # until it is recorded. The slot is released once it is (a drain waits for that). A
-        # start not recorded yet (a short prompt) is recorded by the same statement.
+        # start not recorded yet (a short prompt) is recorded by the same statement. While no
+        # job is queued, the end is recorded by the job's end instead (`_defer_end`).
         prompt_id = run.prompt_id
         self._ending.add(prompt_id)
         self._signals.prompt_ended()
         try:
             async with run.start.recording() as started_at:
-                uploading = await self._repository.transition(
-                    run.job, {JobStatus.DISPATCHED, JobStatus.RUNNING},
-                    status=JobStatus.UPLOADING, progress=1.0, progress_detail=None,
-                    started_at=started_at, uploading_at=utcnow(),
-                    event="job.started" if started_at is not None else None,
-                )
+                end = ExecutionEnd(utcnow(), started_at)
+                unrecorded = self._defer_end(run, end)
+                uploading = await self._record_end(run.job, end) if unrecorded is None \
+                    else run.job.model_copy(update={
+                        "status": JobStatus.UPLOADING, "progress": 1.0, "progress_detail": None,
+                        "uploading_at": end.uploading_at,
+                        "started_at": started_at or run.job.started_at})
         finally:
             self._ending.discard(prompt_id)
         if self._drop(prompt_id):
@@ -418,17 +425,54 @@ class ExecutionTracker:
             if started_at is not None:
                 metrics.job_started(uploading)
             metrics.job_executed(uploading)
-            self._start_collecting(run.session, uploading, run.early)
+            self._start_collecting(run.session, uploading, run.early, unrecorded)
+
+    def _defer_end(self, run: PromptRun, end: ExecutionEnd) -> UnrecordedEnd | None:
+        """`run`'s end of executing, left for the statement recording the job's end (its
+        own written after END_WRITE_DELAY), when no job is queued (no claim of any process
+        waits for the slot in the database's count) and that statement owes no job.started
+        webhook; None when it is to be recorded now."""
+        if not self._signals.backlog_empty or (
+                end.started_at is not None and subscribed(run.job, "job.started")):
+            return None
+        unrecorded = UnrecordedEnd(end)
+        unrecorded.timer = asyncio.create_task(self._record_end_later(run.job, unrecorded))
+        return unrecorded
+
+    async def _record_end(self, job: Job, end: ExecutionEnd) -> Job | None:
+        """Record that `job`'s prompt ended executing (and started, if no write said so)."""
+        return await self._repository.transition(
+            job, {JobStatus.DISPATCHED, JobStatus.RUNNING}, status=JobStatus.UPLOADING,
+            progress=1.0, progress_detail=None, started_at=end.started_at,
+            uploading_at=end.uploading_at,
+            event="job.started" if end.started_at is not None else None)
+
+    async def _record_end_later(self, job: Job, unrecorded: UnrecordedEnd) -> None:
+        """Record the end of executing of `job` on its own, unless the job's end comes
+        sooner (its outputs take a while to store)."""
+        await asyncio.sleep(END_WRITE_DELAY)
+        try:
+            async with unrecorded.recording() as end:
+                if end is not None:
+                    await self._record_end(job, end)
+        except Exception:  # the database may be away: the job's end records it
+            log.exception("recording the end of executing of job %s failed", job.id,
+                          extra=job_fields(job))
 
     def _start_collecting(self, session: BackendSession, job: Job,
-                          early: EarlyOutputs | None = None) -> None:
+                          early: EarlyOutputs | None = None,
+                          unrecorded: UnrecordedEnd | None = None) -> None:
+        """Collect the outputs of `job`, whose end of executing is recorded, or is
+        `unrecorded` yet."""
         assert job.prompt_id is not None
         prompt_id = job.prompt_id
         if prompt_id in self._collecting:
+            if unrecorded is not None:
+                unrecorded.drop()
             return
         task = asyncio.create_task(metrics.timed_upload(
             job, self._collector.collect(session.client, job, cleanup=session.cleanup,
-                                         early=early)))
+                                         early=early, unrecorded=unrecorded)))
         self._collecting[prompt_id] = task
         task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
 

@@ -436,10 +436,17 @@ class JobRepository:
     async def finish(
         self, job: Job, status: JobStatus, states: Iterable[JobStatus], *,
         outputs: list[dict[str, Any]] | None = None, error: dict[str, Any] | None = None,
+        started_at: datetime | None = None, uploading_at: datetime | None = None,
+        progress: float | None = None,
+        progress_detail: dict[str, Any] | EllipsisType | None = ...,
     ) -> Job | None:
-        """A terminal transition; its webhook is in the outbox when this returns a job."""
+        """A terminal transition (recording when the job started and ended executing, and its
+        progress then, too, when given); its webhook is in the outbox when this returns a
+        job."""
         return await self.transition(job, states, event=f"job.{status}", status=status,
-                                     finished_at=utcnow(), outputs=outputs, error=error)
+                                     finished_at=utcnow(), outputs=outputs, error=error,
+                                     started_at=started_at, uploading_at=uploading_at,
+                                     progress=progress, progress_detail=progress_detail)
 
     async def requeue(self, job: Job, error: dict[str, Any] | None = None) -> Job | None:
         """Put a job whose prompt was lost back in the backlog; it keeps its attempt count."""

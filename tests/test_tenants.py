@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.api_keys import KEY_CACHE_SECONDS, KeyLimits, KeyStore, key_hash
@@ -323,3 +324,25 @@ async def test_max_concurrent_holds_across_two_processes(
     assert sum(len(history) for history in histories) == jobs
     assert all(event["type"] == "job.succeeded" for event in receiver.verified)
     assert most_at_once(histories) == 2  # four backends free, two of them used at a time
+
+
+async def test_requests_finding_the_key_cache_run_out_together_read_the_keys_once(
+    engine: AsyncEngine,
+) -> None:
+    """A client with many requests in flight as the cache runs out costs one query for
+    whether keys are needed and one for its key, not one each."""
+    store = KeyStore(engine)
+    key = await store.create("tenant", admin=False)
+    statements: list[str] = []
+
+    def executed(_: Any, __: Any, statement: str, *___: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", executed)
+    try:
+        assert await asyncio.gather(*(store.any_live() for _ in range(10))) == [True] * 10
+        found = await asyncio.gather(*(store.lookup(key_hash(key)) for _ in range(10)))
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", executed)
+    assert all(live is not None and not live.admin for live in found)
+    assert len(statements) == 2, statements

@@ -9,12 +9,15 @@ read stands (the keys cannot change meanwhile); what was never read cannot be an
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Column, DateTime, Integer, String, func, update
 from sqlalchemy.dialects.postgresql import insert
@@ -29,6 +32,9 @@ KEY_CACHE_SECONDS = 2.0
 # Digests remembered at once; wrong keys are remembered too, so this bounds what they cost.
 KEY_CACHE_SIZE = 10_000
 KEY_PREFIX = "cf_"
+_ANY = "any"  # the name of the read of whether any key is live (never a digest)
+
+T = TypeVar("T")
 
 
 def key_hash(key: str) -> str:
@@ -109,6 +115,7 @@ class KeyStore:
         # digest -> (good until, what it grants; None: not a live key)
         self._cache: dict[str, tuple[float, LiveKey | None]] = {}
         self._any: tuple[float, bool] | None = None
+        self._reading: dict[str, asyncio.Future[Any]] = {}  # the reads under way, by name
 
     async def create(self, name: str, *, admin: bool, limits: KeyLimits = KeyLimits(),
                      callback_url: str | None = None) -> str:
@@ -159,10 +166,33 @@ class KeyStore:
 
     async def lookup(self, digest: str) -> LiveKey | None:
         """What the live key with this digest grants; None: no such live key."""
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        return await self._once(digest, self._read_key, digest)
+
+    async def any_live(self) -> bool:
+        """Whether any key is live, so the API needs keys even without API_KEYS."""
+        if self._any is not None and self._any[0] > time.monotonic():
+            return self._any[1]
+        return await self._once(_ANY, self._read_any)
+
+    async def _once(self, name: str, read: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`read(*args)`, or the read of `name` under way: the requests that find its cache
+        run out together (a client with many in flight) make one query, not one each."""
+        task = self._reading.get(name)
+        if task is None:
+            task = self._reading[name] = asyncio.ensure_future(read(*args))
+            task.add_done_callback(functools.partial(self._read_done, name))
+        # Shielded: a request given up (its client gone) leaves the read to the others.
+        return cast(T, await asyncio.shield(task))
+
+    def _read_done(self, name: str, _: asyncio.Future[Any]) -> None:
+        del self._reading[name]
+
+    async def _read_key(self, digest: str) -> LiveKey | None:
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         try:
             async with self._sessions() as session:
                 found = (await session.exec(select(ApiKey).where(
@@ -178,11 +208,8 @@ class KeyStore:
         self._cache[digest] = (now + KEY_CACHE_SECONDS, live)
         return live
 
-    async def any_live(self) -> bool:
-        """Whether any key is live, so the API needs keys even without API_KEYS."""
+    async def _read_any(self) -> bool:
         now = time.monotonic()
-        if self._any is not None and self._any[0] > now:
-            return self._any[1]
         try:
             async with self._sessions() as session:
                 found = await session.exec(

@@ -1,6 +1,7 @@
 """The hot path's pooled connections (db.driver_connection): each goes back to its pool, an
 overflow connection is closed, and a task cancelled as it gives one back still gives it back
-whole before the cancellation ends it."""
+whole before the cancellation ends it. Our engines keep every connection they open
+(db.make_engine)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 
 import asyncpg
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from comfyfleet.db import driver_connection, make_engine
@@ -17,7 +19,8 @@ from comfyfleet.db import driver_connection, make_engine
 async def test_connections_go_back_to_the_pool_even_from_a_cancelled_task(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = make_engine(database_url, pool_size=1)  # and one overflow connection
+    # One connection kept, and one overflow connection (which our engines no longer open).
+    engine = create_async_engine(database_url, pool_size=1, max_overflow=1)
     pool = engine.sync_engine.pool
     assert isinstance(pool, QueuePool)
     first_held, second_held, first_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -57,5 +60,30 @@ async def test_connections_go_back_to_the_pool_even_from_a_cancelled_task(
         async with driver_connection(engine) as connection:  # the pool still serves
             assert await connection.fetchval("SELECT 3") == 3
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_burst_leaves_its_connections_open_for_the_next(database_url: str) -> None:
+    """Each connection opened costs a connect and asyncpg's type introspection (three
+    transactions): those a burst opened are kept, up to twice `pool_size`."""
+    engine = make_engine(database_url, pool_size=1)
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    both_held, held = asyncio.Barrier(3), asyncio.Event()
+
+    async def hold() -> None:
+        async with driver_connection(engine) as connection:
+            assert await connection.fetchval("SELECT 1") == 1
+            await both_held.wait()
+            await held.wait()
+
+    try:
+        burst = [asyncio.create_task(hold()) for _ in range(2)]
+        await both_held.wait()
+        assert pool.checkedout() == 2
+        held.set()
+        await asyncio.gather(*burst)
+        assert (pool.checkedout(), pool.checkedin()) == (0, 2)
     finally:
         await engine.dispose()

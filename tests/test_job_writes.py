@@ -14,6 +14,7 @@ from comfyfleet.db import driver_connection
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
+from tests.support import wait_for_job
 from tests.webhook_support import gateway, verified
 
 STATUS_LOG = """
@@ -146,3 +147,27 @@ async def test_a_prompt_ending_while_a_job_waits_frees_its_slot_at_once(
     ]
     assert first_hooks == second_hooks == ["job.started", "job.succeeded"]
     assert second_job["uploading_at"] is not None
+
+
+async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_once(
+    settings: Settings, status_log: AsyncEngine,
+) -> None:
+    """Queued on its backend behind a prompt of a second, it starts long after its dispatch
+    was written: its start is still written with its end (nothing queued: with its outputs
+    too), not by the first progress report. (A third slot stays free: the claims see the
+    backlog empty.)"""
+    settings.max_inflight_per_backend = 3
+    async with SimulatedComfyUI(name="gpu") as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        async with gateway(settings) as gw:
+            job_ids = []
+            for body in ({"workflow": "simulated_work", "params": {"seconds": 1.0, "steps": 2}},
+                         {"workflow": "invert"}):
+                async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
+                    assert response.status == 202
+                    job_ids.append((await response.json())["id"])
+            await wait_for_job(gw.http, gw.api, job_ids[1], "succeeded")
+    assert await changes(status_log, job_ids[1]) == [
+        ("queued", "dispatched", False),
+        ("dispatched", "succeeded", True),
+    ]

@@ -79,6 +79,10 @@ class PromptRun:
     dispatched: float = field(default_factory=time.monotonic)  # when it was given its backend
     keys: PromptKeys | None = None  # the cache keys of the prompt as sent
     served: frozenset[str] = frozenset()  # the keys its backend served from cache as it started
+    # Monotonic time of the job's last write, or of its start: a progress report carries the
+    # start no sooner than PROGRESS_WRITE_INTERVAL after it (its timer writes it sooner), so a
+    # prompt that waited its turn behind another and ends as it starts has it written with
+    # its end.
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
@@ -232,7 +236,7 @@ class ExecutionTracker:
         run.last_heard = time.monotonic()
         match message:
             case ExecutionStart():
-                run.started = time.monotonic()
+                run.started = run.last_write = time.monotonic()
                 self._log(run, "info", f"execution started on backend {session.name}")
                 run.start.at = utcnow()
                 run.start.timer = asyncio.create_task(self._record_start_later(run))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.comfy.endpoints import Backend
@@ -104,3 +105,48 @@ async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claime
         assert await connection.fetch(
             "SELECT prompt_id, status FROM jobs ORDER BY prompt_id") == [
             ("p1", "dispatched"), ("p2", "dispatched")]
+
+
+async def test_a_claim_locks_its_tenant_only_when_the_tenant_has_a_max_concurrent(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    statements: list[str] = []
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(
+            lambda query: statements.append(query.query))
+
+    await engine.dispose()  # every connection from now on is watched
+    event.listen(engine.sync_engine, "connect", watch)
+    locks = []
+    for limit in None, 2:
+        repository = JobRepository(engine, max_concurrent_per_key=limit)
+        await repository.insert(Job(workflow="w", prompt={}))
+        statements.clear()
+        claim = await repository.claim_next(["a"], f"p{limit}", max_inflight=2, pick=first)
+        assert claim.job is not None
+        locks.append(sum("'concurrent:'" in statement for statement in statements))
+    # No round trip for the tenant's lock without a limit to hold.
+    assert locks == [0, 1]
+
+
+async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    await repository.insert(Job(workflow="w", prompt={}))
+
+    def limited_meanwhile(_: str, queued: list[QueuedJob]) -> Choice | None:
+        # As an admin's new limit committed between the claim's read and its take: the
+        # claim read no limit and took no lock for the tenant, so its count could miss
+        # another claim's.
+        repository._max_concurrent = 1
+        return first("a", queued)
+
+    claim = await repository.claim_next(["a"], "p1", max_inflight=1, pick=limited_meanwhile)
+    assert claim.job is None
+    # The next claim reads the limit and takes the tenant's lock.
+    claim = await repository.claim_next(["a"], "p2", max_inflight=1, pick=first)
+    assert claim.job is not None

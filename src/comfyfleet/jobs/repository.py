@@ -310,6 +310,8 @@ class JobRepository:
                           row["start"], row["weight"], row["beyond"])
                 for row in rows if row["id"] is not None]
             backlog: int = rows[0]["backlog"]
+            # The tenants with a max_concurrent, by their jobs read.
+            limited = {row["id"]: row["tenant"] for row in rows if row["limited"]}
             # On an empty read the first is asked only (what it saw is its outcome).
             for asked, backend in enumerate(backends if queued else backends[:1]):
                 choice = pick(backend, queued)
@@ -317,11 +319,14 @@ class JobRepository:
                     continue
                 if asked and not await connection.fetchval(_CLAIM["try_lock_backend"], backend):
                     return Claim(None, (first,), backlog, asked)
-                await connection.execute(_CLAIM["lock_tenant"], choice.job_id,
-                                         self._max_concurrent)
+                # A round trip only for a tenant with a max_concurrent (most have none).
+                tenant = limited.get(choice.job_id)
+                if tenant is not None:
+                    await connection.execute(_CLAIM["lock_tenant"], tenant)
                 row = await connection.fetchrow(
                     _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
-                    owner, choice.charge, self._max_concurrent, max_inflight, ended)
+                    owner, choice.charge, self._max_concurrent, max_inflight, ended,
+                    tenant is not None)
                 locked = (first, backend)[:1 + bool(asked)]
                 if row is None:
                     return Claim(None, locked, backlog, asked + 1)

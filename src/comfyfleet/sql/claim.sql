@@ -27,8 +27,8 @@ SELECT pg_try_advisory_xact_lock(hashtext($1))
 -- come first in virtual time, and of each its first ceil($4 / tenants) jobs (highest
 -- priority, then oldest), skipping the tenants with as many jobs on backends as their
 -- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
--- its tenant's start in virtual time and weight, and whether the tenant's backlog goes on
--- past the rows read; one row of nulls but `free` and `backlog` without any. A job's prompt
+-- its tenant's start in virtual time and weight, whether the tenant's backlog goes on past
+-- the rows read, and whether the tenant has a max_concurrent (`limited`: `lock_tenant`); one row of nulls but `free` and `backlog` without any. A job's prompt
 -- comes as text, but null for the jobs $6, whose prompts the caller holds (a job's prompt
 -- never changes; a tenant's head is read again by every claim). The jobs are locked SKIP
 -- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
@@ -68,7 +68,8 @@ WITH RECURSIVE slots AS (
 ), eligible AS (
     SELECT backlogged.tenant,
            greatest(tenant_shares.virtual_seconds, clock.now) AS start,
-           coalesce(api_keys.weight, 1) AS weight
+           coalesce(api_keys.weight, 1) AS weight,
+           coalesce(api_keys.max_concurrent, $3::int) IS NOT NULL AS limited
     FROM backlogged CROSS JOIN clock
     LEFT JOIN tenant_shares ON tenant_shares.tenant = backlogged.tenant
     LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlogged.tenant, '')
@@ -82,7 +83,7 @@ WITH RECURSIVE slots AS (
 SELECT slots.free, slots.backlog, queued.id, queued.workflow,
        CASE WHEN queued.id = ANY($6::uuid[]) THEN NULL ELSE queued.prompt::text END AS prompt,
        queued.priority, queued.overtaken, queued.created_at, heads.tenant, heads.start,
-       heads.weight, queued.place = heads.depth AS beyond
+       heads.weight, queued.place = heads.depth AS beyond, heads.limited
 FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
     SELECT id, workflow, prompt, priority, overtaken, created_at,
            row_number() OVER (ORDER BY priority DESC, created_at) AS place
@@ -96,17 +97,17 @@ FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
 ORDER BY heads.start, heads.tenant, queued.place
 
 -- name: lock_tenant
--- Serialise the claims of the tenant of queued job $1 when it has a max_concurrent ($2 for
--- keys without their own), in every process, until the transaction ends: so `take`'s count
--- sees every claim of the tenant committed before. Returns a row only for such a tenant.
-SELECT pg_advisory_xact_lock(hashtext('concurrent:' || coalesce(jobs.api_key_hash, '')))
-FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
-WHERE jobs.id = $1 AND coalesce(api_keys.max_concurrent, $2::int) IS NOT NULL
+-- Serialise the claims of tenant $1 (a key's digest, '' for no key), in every process, until
+-- the transaction ends: so `take`'s count of its jobs sees every claim of the tenant
+-- committed before. Taken only for a tenant with a max_concurrent, as `candidates` read it
+-- (`limited`); `take` refuses a tenant with one by then that was not locked.
+SELECT pg_advisory_xact_lock(hashtext('concurrent:' || $1))
 
 -- name: take
 -- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its
 -- tenant has as many jobs on backends as its max_concurrent ($7 for keys without their own)
--- by now, or the backend takes no work or has $8 prompts on it, the prompts $9 not
+-- by now, or has one and is not under `lock_tenant` ($10 false: the limit was set since
+-- `candidates` read none; without the lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it, the prompts $9 not
 -- counted (as in `candidates`; run under its lock, so the count sees every claim and move
 -- committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
 -- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns the job
@@ -117,7 +118,7 @@ WITH chosen AS (
     FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
     WHERE jobs.id = $1 AND jobs.status = 'queued'
       AND (coalesce(api_keys.max_concurrent, $7::int) IS NULL
-           OR (SELECT count(*) FROM jobs AS mine
+           OR $10::bool AND (SELECT count(*) FROM jobs AS mine
                WHERE (mine.api_key_hash = jobs.api_key_hash
                       OR (mine.api_key_hash IS NULL AND jobs.api_key_hash IS NULL))
                  AND mine.status IN ('dispatched', 'running', 'uploading'))

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet import sql
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import driver_connection
 from comfyfleet.fleet.registry import BackendRegistry
@@ -107,28 +108,29 @@ async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claime
             ("p1", "dispatched"), ("p2", "dispatched")]
 
 
-async def test_a_claim_locks_its_tenant_only_when_the_tenant_has_a_max_concurrent(
+async def test_a_claim_is_one_statement_and_its_take_unless_its_tenant_has_a_limit(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    names = {text: name for name, text in sql.queries("claim").items()}
     statements: list[str] = []
 
     def watch(connection: Any, _: Any) -> None:
         connection.driver_connection.add_query_logger(
-            lambda query: statements.append(query.query))
+            lambda query: statements.append(names.get(query.query, "")))
 
     await engine.dispose()  # every connection from now on is watched
     event.listen(engine.sync_engine, "connect", watch)
-    locks = []
+    claims = []
     for limit in None, 2:
         repository = JobRepository(engine, max_concurrent_per_key=limit)
         await repository.insert(Job(workflow="w", prompt={}))
         statements.clear()
         claim = await repository.claim_next(["a"], f"p{limit}", max_inflight=2, pick=first)
         assert claim.job is not None
-        locks.append(sum("'concurrent:'" in statement for statement in statements))
-    # No round trip for the tenant's lock without a limit to hold.
-    assert locks == [0, 1]
+        claims.append([name for name in statements if name])
+    # The backend's lock taken by the read; the tenant's only when there is a limit to hold.
+    assert claims == [["candidates", "take"], ["candidates", "lock_tenant", "take"]]
 
 
 async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
@@ -150,3 +152,26 @@ async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
     # The next claim reads the limit and takes the tenant's lock.
     claim = await repository.claim_next(["a"], "p2", max_inflight=1, pick=first)
     assert claim.job is not None
+
+
+async def test_a_claim_reads_its_first_backend_under_that_backends_lock(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(workflow="w", prompt={}))
+    async with driver_connection(engine) as elsewhere:
+        async with elsewhere.transaction():
+            # A claim or move for "a" under way in another process: this one waits for it.
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('a'))")
+            claim = asyncio.create_task(
+                repository.claim_next(["a"], "p1", max_inflight=1, pick=first))
+            async with asyncio.timeout(10):
+                while not await elsewhere.fetchval(  # noqa: ASYNC110
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND NOT granted"):
+                    await asyncio.sleep(0.01)
+            assert not claim.done()
+        async with asyncio.timeout(10):
+            taken = await claim
+    assert taken.job is not None and taken.job.id == job.id

@@ -297,7 +297,6 @@ class JobRepository:
         """
         first, ended = backends[0], list(ended)
         async with driver_connection(self.engine) as connection, connection.transaction():
-            await connection.execute(_CLAIM["lock_backend"], first)
             held = dict(self._prompts)
             rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
                                           self._max_concurrent, CLAIM_BATCH, owner,

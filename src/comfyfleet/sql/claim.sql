@@ -21,23 +21,31 @@ SELECT pg_advisory_xact_lock(hashtext($1))
 SELECT pg_try_advisory_xact_lock(hashtext($1))
 
 -- name: candidates
--- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone), how
--- many jobs are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and,
--- with a slot free, the head of each tenant's backlog: the $4 tenants with queued work that
--- come first in virtual time, and of each its first ceil($4 / tenants) jobs (highest
--- priority, then oldest), skipping the tenants with as many jobs on backends as their
--- max_concurrent ($3 for keys without their own; null: no limit). A row per job, each with
--- its tenant's start in virtual time and weight, whether the tenant's backlog goes on past
--- the rows read, and whether the tenant has a max_concurrent (`limited`: `lock_tenant`); one row of nulls but `free` and `backlog` without any. A job's prompt
--- comes as text, but null for the jobs $6, whose prompts the caller holds (a job's prompt
--- never changes; a tenant's head is read again by every claim). The jobs are locked SKIP
--- LOCKED, so processes claiming side by side never share one. A job whose extra_data another
--- process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
--- (and counts in `backlog`) only its own and those of none. The prompts $7 (the caller's
--- whose end it has read from the backend, their jobs not recorded off it yet) hold no slot:
--- a prompt that ended holds no GPU, and the claim need not wait for the statement
--- recording that end. Other processes, which have not read it, count it until it is.
-WITH RECURSIVE slots AS (
+-- Under `lock_backend` for backend $1 (taken here), the free slots of backend $1 (at most $2
+-- prompts; none while it is draining or gone), how many jobs are queued, locked by other
+-- claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot free, the head of each
+-- tenant's backlog: the $4 tenants with queued work that come first in virtual time, and of
+-- each its first ceil($4 / tenants) jobs (highest priority, then oldest), skipping the
+-- tenants with as many jobs on backends as their max_concurrent ($3 for keys without their
+-- own; null: no limit). A row per job, each with its tenant's start in virtual time and
+-- weight, whether the tenant's backlog goes on past the rows read, and whether the tenant has
+-- a max_concurrent (`limited`: `lock_tenant`); one row of nulls but `free` and `backlog`
+-- without any. A job's prompt comes as text, but null for the jobs $6, whose prompts the
+-- caller holds (a job's prompt never changes; a tenant's head is read again by every claim).
+-- The jobs are locked SKIP LOCKED, so processes claiming side by side never share one. A job
+-- whose extra_data another process holds in memory (jobs/extra_data.py) is that process's to
+-- claim: process $5 reads (and counts in `backlog`) only its own and those of none. The
+-- prompts $7 (the caller's whose end it has read from the backend, their jobs not recorded
+-- off it yet) hold no slot: a prompt that ended holds no GPU, and the claim need not wait for
+-- the statement recording that end. Other processes, which have not read it, count it until
+-- it is.
+WITH RECURSIVE locked AS MATERIALIZED (
+    -- `lock_backend` in the same round trip, before any job is read (`slots` reads it, and
+    -- no head is read without `slots`). This statement's snapshot may predate the lock, so
+    -- what it reads may miss a claim committed while it waited: `take`, a later statement,
+    -- counts again under the lock, and the jobs are locked at their latest versions.
+    SELECT pg_advisory_xact_lock(hashtext($1))
+), slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
                            WHERE backend = $1 AND status IN ('dispatched', 'running')
@@ -47,6 +55,7 @@ WITH RECURSIVE slots AS (
                                     AND (extra_data_holder IS NULL OR extra_data_holder = $5)
                                   LIMIT 2) AS seen)
                AS backlog
+    FROM locked
 ), backlogged (tenant) AS (
     -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
     (SELECT coalesce(api_key_hash, '') FROM jobs

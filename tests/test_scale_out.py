@@ -244,7 +244,11 @@ async def test_a_job_with_extra_data_is_dispatched_only_by_the_process_that_hold
                                          DISPATCH_INTERVAL="60")
         other, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="3",
                                         DISPATCH_INTERVAL="60")
-        blocker = await submit_v2(http, holder, work(seconds=60.0, steps=60))
+        # A job of its own too, so that the holder's is the slot it takes (the other process,
+        # hearing of a job as it commits, may claim it first; a slot the other frees wakes
+        # the holder only at its safety pass).
+        blocker = await submit_v2(http, holder, work(seconds=60.0, steps=60),
+                                  extra_data={"api_key_comfy_org": f"blocker-{partner_key}"})
         await wait_for_job(http, f"{holder}/api/v1", blocker, "running")
         # The holder has no slot now; the other process hears of each job as it commits.
         held = await submit_v2(http, holder, work(seconds=0.5, steps=2),

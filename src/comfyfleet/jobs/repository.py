@@ -303,11 +303,7 @@ class JobRepository:
                                           list(held), ended)
             if rows[0]["free"] <= 0:
                 return Claim(None, (first,), None, 1)
-            queued = [
-                QueuedJob(row["id"], row["workflow"], self._prompt(row["id"], row["prompt"], held),
-                          row["priority"], row["overtaken"], row["created_at"], row["tenant"],
-                          row["start"], row["weight"], row["beyond"])
-                for row in rows if row["id"] is not None]
+            queued = self._queued_jobs(rows, held)
             backlog: int = rows[0]["backlog"]
             # The tenants with a max_concurrent, by their jobs read.
             limited = {row["id"]: row["tenant"] for row in rows if row["limited"]}
@@ -318,14 +314,8 @@ class JobRepository:
                     continue
                 if asked and not await connection.fetchval(_CLAIM["try_lock_backend"], backend):
                     return Claim(None, (first,), backlog, asked)
-                # A round trip only for a tenant with a max_concurrent (most have none).
-                tenant = limited.get(choice.job_id)
-                if tenant is not None:
-                    await connection.execute(_CLAIM["lock_tenant"], tenant)
-                row = await connection.fetchrow(
-                    _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
-                    owner, choice.charge, self._max_concurrent, max_inflight, ended,
-                    tenant is not None)
+                row = await self._take(connection, choice, backend, prompt_id, owner,
+                                       max_inflight, ended, limited.get(choice.job_id))
                 locked = (first, backend)[:1 + bool(asked)]
                 if row is None:
                     return Claim(None, locked, backlog, asked + 1)
@@ -335,6 +325,26 @@ class JobRepository:
         claimed = _job(row)
         self._on_change(claimed.id)
         return Claim(claimed, locked, max(backlog - 1, 0), asked + 1)
+
+    def _queued_jobs(self, rows: list[asyncpg.Record],
+                     held: Mapping[uuid.UUID, dict[str, Any]]) -> list[QueuedJob]:
+        """The queued jobs a `candidates` read found (none in its row of nulls)."""
+        return [QueuedJob(row["id"], row["workflow"], self._prompt(row["id"], row["prompt"], held),
+                          row["priority"], row["overtaken"], row["created_at"], row["tenant"],
+                          row["start"], row["weight"], row["beyond"])
+                for row in rows if row["id"] is not None]
+
+    async def _take(self, connection: asyncpg.Connection, choice: Choice, backend: str,
+                    prompt_id: str, owner: int | None, max_inflight: int, ended: list[str],
+                    tenant: str | None) -> asyncpg.Record | None:
+        """`take` the job `choice` chose for `backend`; `tenant`: the job's tenant if it has
+        a max_concurrent, whose lock is taken first (a round trip most tenants do without)."""
+        if tenant is not None:
+            await connection.execute(_CLAIM["lock_tenant"], tenant)
+        row: asyncpg.Record | None = await connection.fetchrow(
+            _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
+            choice.charge, self._max_concurrent, max_inflight, ended, tenant is not None)
+        return row
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,
                 held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import aiohttp
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.cache import CachePolicy
+from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.warm import PromptKeys, WarmCache
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -146,3 +147,33 @@ def test_a_prompt_queued_now_finds_what_the_prompts_ahead_of_it_leave() -> None:
         lru.ran(now_a, node_id)
     assert lru.held_after([then_b]) == frozenset([*now_a.keys.values(), *then_b.keys.values()])
     assert WarmCache(CachePolicy("none")).held_after([now_a]) == frozenset()
+
+
+def test_the_keys_of_a_prompt_as_sent_are_those_of_the_prompt_computed_again_where_it_changed(
+) -> None:
+    """The dispatcher's keys of a queued prompt serve for the prompt as sent (its saving nodes
+    isolated): the same keys as computed afresh, a node downstream of a changed one
+    included; and a key that matches nothing is a new one for each prompt followed."""
+    prompt = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
+        "3": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        # A node that saves and passes its image on, and the nodes after it.
+        "4": {"class_type": "SaveAndPass", "inputs": {"images": ["1", 0], "filename_prefix": "b"}},
+        "5": {"class_type": "ImageInvert", "inputs": {"image": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "c"}},
+    }
+    queued = PromptKeys(prompt, frozenset({"SaveAndPass"}))
+    sent = isolate_outputs(prompt, "prompt-1")
+    afresh = PromptKeys(sent, frozenset({"SaveAndPass"}))
+    copied = queued.of_copy(sent, frozenset({"SaveAndPass"}))
+    assert copied.signatures == afresh.signatures
+    assert list(copied.keys) == list(prompt)
+    changed = {node for node in prompt if queued.signatures[node] != afresh.signatures[node]}
+    assert changed == {"2", "4", "5", "6"}
+    assert copied.signatures["3"] is None and copied.keys["3"] != queued.keys["3"]
+    # Keyed by id for other classes: computed afresh.
+    other = queued.of_copy(sent, frozenset())
+    assert other.signatures == PromptKeys(sent, frozenset()).signatures
+    assert other.signatures["4"] != copied.signatures["4"]

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 # A node's IS_CHANGED value as the caller determines it: False when the class has none, any
@@ -50,9 +50,11 @@ def is_link(value: Any) -> bool:
 
 
 def node_signatures(
-    prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById
+    prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById,
+    only: Collection[str] | None = None,
 ) -> dict[str, str | None]:
-    """The cache key of every node of `prompt` (None: it can never be served from cache).
+    """The cache key of every node of `prompt` (None: it can never be served from cache), or
+    of the nodes `only` names.
 
     `is_changed(node_id, node)` gives the node's IS_CHANGED value (False if its class has
     none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
@@ -79,7 +81,7 @@ def node_signatures(
         return parts
 
     signatures: dict[str, str | None] = {}
-    for node_id in prompt:
+    for node_id in prompt if only is None else [node for node in prompt if node in only]:
         ancestors = _ordered_ancestry(prompt, node_id)
         # Links are written as positions in this node's own ancestor list, so the immediate
         # signatures of the ancestors are computed anew for every node.
@@ -90,7 +92,7 @@ def node_signatures(
 
 
 def predicted_signatures(
-    prompt: Mapping[str, Any], keyed_by_id: frozenset[str]
+    prompt: Mapping[str, Any], keyed_by_id: frozenset[str], only: Collection[str] | None = None
 ) -> dict[str, str | None]:
     """The keys a server will give `prompt`'s nodes, as far as a client can tell: the
     IS_CHANGED of a file loader (the file's hash) is taken to follow its file name, and
@@ -100,7 +102,25 @@ def predicted_signatures(
         return NEVER_EQUAL if node.get("class_type") in CHANGED_EVERY_RUN else False
 
     return node_signatures(prompt, is_changed=is_changed,
-                           keyed_by_id=keyed_by_id.__contains__)
+                           keyed_by_id=keyed_by_id.__contains__, only=only)
+
+
+def downstream(prompt: Mapping[str, Any], nodes: Collection[str]) -> set[str]:
+    """`nodes` and every node of `prompt` linked to one of them through its inputs, however
+    far: the nodes whose keys change when those nodes change."""
+    users: dict[str, list[str]] = {}
+    for node_id in prompt:
+        for value in _inputs(prompt[node_id]).values():
+            if is_link(value):
+                users.setdefault(value[0], []).append(node_id)
+    found = set(nodes)
+    stack = list(found)
+    while stack:
+        for user in users.get(stack.pop(), ()):
+            if user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
 
 
 def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:

@@ -282,7 +282,7 @@ class Dispatcher:
 
     def _start(self, session: BackendSession, job: Job) -> None:
         metrics.job_dispatched(job)
-        self._tracker.track(session, job, submitting=True)
+        self._tracker.track(session, job, submitting=True, keys=self._keys.get(job.id))
         task = asyncio.create_task(self._submit(session, job))
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)

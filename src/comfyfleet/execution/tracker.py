@@ -165,11 +165,15 @@ class ExecutionTracker:
 
     def track(
         self, session: BackendSession, job: Job, *, submitting: bool = False,
-        adopted: bool = False,
+        adopted: bool = False, keys: PromptKeys | None = None,
     ) -> None:
+        """Follow `job`'s prompt on `session`; `keys`: those of the job's prompt (before
+        `isolate_outputs`), if known."""
         run = PromptRun(session, job, adopted=adopted)
         keyed_by_id = session.capabilities.keyed_by_id if session.capabilities else frozenset()
-        run.keys = PromptKeys(isolate_outputs(job.prompt, run.prompt_id), keyed_by_id)
+        sent = isolate_outputs(job.prompt, run.prompt_id)
+        run.keys = keys.of_copy(sent, keyed_by_id) if keys is not None \
+            else PromptKeys(sent, keyed_by_id)
         self._runs[run.prompt_id] = run
         session.hold(run.prompt_id)
         if submitting:

@@ -171,3 +171,33 @@ async def test_a_url_is_handed_out_again_until_half_its_lifetime_is_left(
         assert await fetch(renewed.url) == (200, BODY)
     finally:
         await storage.close()
+
+
+@pytest.mark.parametrize(("bucket", "endpoint"), [
+    ("outputs-eu", None),  # AWS: the bucket's regional virtual host
+    ("outputs.eu", None),  # a dotted name: path style on the regional host
+    ("outputs-eu", f"http://{LOOPBACK}:9"),  # an endpoint of its own (never connected to)
+])
+async def test_a_url_is_the_one_the_sdk_presigns(bucket: str, endpoint: str | None) -> None:
+    """Signed without the SDK's call, a URL is still exactly the SDK's: the same URL, key
+    quoted alike, signed in the same second. Nothing connects: signing is local."""
+    fields: dict[str, Any] = {**S3_CREDENTIALS, "s3_region_name": "eu-west-1"}
+    storage = await S3Storage.open(Settings(_env_file=None, s3_bucket=bucket,
+                                            s3_endpoint_url=endpoint, s3_url_ttl=600, **fields))
+    addressing = "path" if endpoint or "." in bucket else "virtual"
+    try:
+        async with get_session().create_client(
+                "s3", region_name="eu-west-1", endpoint_url=endpoint, **S3_CREDENTIALS,
+                config=Config(signature_version="s3v4", s3={"addressing_style": addressing}),
+        ) as sdk:
+            for attempt in range(3):  # until both fall in one second (X-Amz-Date)
+                key = f"job/ä b+c~({attempt}).png"
+                ours = (await storage.signed_url(key)).url
+                theirs = await sdk.generate_presigned_url(
+                    "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600)
+                if query(ours)["X-Amz-Date"] == query(theirs)["X-Amz-Date"]:
+                    break
+    finally:
+        await storage.close()
+    assert ours == theirs
+    assert storage._get_signing is not None  # signed here, not by the SDK's call

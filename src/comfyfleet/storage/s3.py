@@ -8,7 +8,9 @@ behind.
 The one PUT of a short stream (every image a job makes) is signed by botocore's own Signature
 Version 4 signer and sent on aiohttp, to the URL the client itself would use: the client's
 call cost 1.1-1.3 ms more CPU per object, in its event hooks, request building and user
-agent (bench/RESULTS.md, "the rest of the service's CPU per job").
+agent (bench/RESULTS.md, "the rest of the service's CPU per job"). A presigned URL likewise:
+botocore's query signer on the URL, region and service the signing client uses, checked once
+against a URL the client signs (its call, endpoint rules and all, cost twice the CPU).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
 from aiobotocore.session import AioSession, get_session
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -73,6 +75,11 @@ class S3Storage:
         # through (HTTP(S)_PROXY, NO_PROXY), known at the first PUT.
         self._put_url: str | None = None
         self._proxy: str | None = None
+        # How the signing client presigns a GET: the URL of an object (its key appended),
+        # its signing region and service; checked at the first URL, and None for good if a
+        # URL signed so differed from the client's (the client signs then).
+        self._get_signing: tuple[str, str, str] | None = None
+        self._get_signing_checked = False
 
     @classmethod
     async def open(cls, settings: Settings) -> S3Storage:
@@ -280,15 +287,55 @@ class S3Storage:
         # The signature's own time (X-Amz-Date) is a whole second, taken after this one:
         # the URL lives at least until then.
         expires_at = datetime.fromtimestamp(math.floor(now) + self.url_ttl, UTC)
-        url: str = await self._signer.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl
-        )
+        if not self._get_signing_checked:
+            await self._check_get_signing()
+        url = await self._presign_get(key, self._get_signing) if self._get_signing \
+            else await self._client_presign_get(key)
         signed = SignedUrl(url, expires_at)
         self._signed.pop(key, None)
         self._signed[key] = signed
         if len(self._signed) > SIGNED_URLS_KEPT:
             del self._signed[next(iter(self._signed))]
         return signed
+
+    async def _client_presign_get(self, key: str) -> str:
+        url: str = await self._signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl)
+        return url
+
+    async def _presign_get(self, key: str, signing: tuple[str, str, str]) -> str:
+        """The URL the signing client would presign for a GET of `key`, by `signing` (see
+        `_get_signing`)."""
+        base, region, service = signing
+        credentials = self._signer._get_credentials()  # refreshed as the client refreshes them
+        if credentials is None:
+            raise NoCredentialsError()
+        request = AWSRequest("GET", base + quote(key, safe="/~"))
+        S3SigV4QueryAuth(await credentials.get_frozen_credentials(), service, region,
+                         expires=self.url_ttl).add_auth(request)
+        url: str = request.prepare().url
+        return url
+
+    async def _check_get_signing(self) -> None:
+        """Read how the signing client presigns a GET from a URL it signs, and keep it only
+        if the URL signed here in the same second is that very URL."""
+        self._get_signing_checked = True
+        for _ in range(3):  # until both are signed within one second (X-Amz-Date)
+            theirs = await self._client_presign_get(_URL_PROBE_KEY)
+            url, _, query = theirs.partition("?")
+            scope = parse_qs(query).get("X-Amz-Credential", [""])[0].split("/")
+            if not url.endswith("/" + _URL_PROBE_KEY) or len(scope) != 5:
+                break
+            signing = (url.removesuffix(_URL_PROBE_KEY), scope[2], scope[3])
+            ours = await self._presign_get(_URL_PROBE_KEY, signing)
+            if ours == theirs:
+                self._get_signing = signing
+                return
+            if parse_qs(ours.partition("?")[2]).get("X-Amz-Date") == \
+                    parse_qs(query).get("X-Amz-Date"):
+                break
+        log.info("S3: presigned URLs are signed by the client: its URLs are not as expected "
+                 "(%s)", theirs.partition("?")[0])
 
     async def check(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -22,9 +22,9 @@ PASS = 0.2  # DISCOVERY_INTERVAL in these tests
 
 
 @pytest.fixture
-async def dns() -> AsyncIterator[tuple[LoopbackDns, str]]:
+async def dns() -> AsyncIterator[LoopbackDns]:
     async with loopback_dns() as server:
-        yield server, server.nameserver
+        yield server
 
 
 class Fleet:
@@ -51,166 +51,149 @@ class Fleet:
         return job
 
 
+@asynccontextmanager
+async def discovering(settings: Settings, dns: LoopbackDns, port: int, *, name: str = NAME
+                      ) -> AsyncIterator[Fleet]:
+    """comfyfleet serving `settings`, with the backends `dns` names `name` on `port`."""
+    settings.comfyui_discovery = f"dns:{name}:{port}"
+    settings.discovery_interval = PASS
+    settings.discovery_nameserver = dns.nameserver
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        yield Fleet(http, base + settings.route_prefix)
+
+
 async def test_addresses_join_leave_and_come_back(
-    settings: Settings, dns: tuple[LoopbackDns, str]
+    settings: Settings, dns: LoopbackDns
 ) -> None:
-    server, nameserver = dns
     port = free_ports(1)
     async with AsyncExitStack() as stack:
         sims = {address: await stack.enter_async_context(
                     SimulatedComfyUI(host=address, port=port))
                 for address in ("127.0.0.2", "127.0.0.3")}
         static = await stack.enter_async_context(SimulatedComfyUI())
-        server.addresses = ["127.0.0.2"]
-        server.name_pod("127.0.0.2", "comfyui-0")
+        dns.addresses = ["127.0.0.2"]
+        dns.name_pod("127.0.0.2", "comfyui-0")
         settings.comfyui_endpoints = [static.url + "#static"]
-        settings.comfyui_discovery = f"dns:{NAME.rstrip('.')}:{port}"
-        settings.discovery_interval = PASS
-        settings.discovery_nameserver = nameserver
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        fleet = Fleet(http, base + settings.route_prefix)
+        fleet = await stack.enter_async_context(  # a name without its root dot: as good
+            discovering(settings, dns, port, name=NAME.rstrip(".")))
 
         # Named after its pod (PTR); healthy once its websocket is up; then it takes work.
         backends = await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
         assert backends["comfyui-0"]["url"] == f"http://127.0.0.2:{port}"
-        await http.patch(f"{fleet.base}/backends/static", json={"drain": True})
+        await fleet.http.patch(f"{fleet.base}/backends/static", json={"drain": True})
         assert (await fleet.run_job())["backend"] == "comfyui-0"
 
         # A second address, with no PTR record: named after the address.
-        server.addresses = ["127.0.0.2", "127.0.0.3"]
+        dns.addresses = ["127.0.0.2", "127.0.0.3"]
         await fleet.until(lambda f: f.get("127-0-0-3", {}).get("healthy"))
 
         # The first vanishes: drained, then removed, as it has nothing in flight; the static
         # backend (drained by hand above) is never touched by discovery.
-        server.addresses = ["127.0.0.3"]
+        dns.addresses = ["127.0.0.3"]
         backends = await fleet.until(lambda f: "comfyui-0" not in f)
         assert set(backends) == {"127-0-0-3", "static"}
         assert backends["static"]["draining"] is True
         assert (await fleet.run_job())["backend"] == "127-0-0-3"
 
         # DNS down: nothing is concluded from silence.
-        server.silent = True
-        await server.passes(2)
+        dns.silent = True
+        await dns.passes(2)
         assert set(await fleet.backends()) == {"127-0-0-3", "static"}
-        server.silent = False
+        dns.silent = False
 
         # The name gone (NXDOMAIN): every discovered backend leaves; the static one stays.
-        server.addresses = []
+        dns.addresses = []
         await fleet.until(lambda f: set(f) == {"static"})
 
         # An address that returns joins again.
-        server.addresses = ["127.0.0.2"]
+        dns.addresses = ["127.0.0.2"]
         await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
         assert sims["127.0.0.2"].url.endswith(f":{port}")
 
 
 async def test_a_vanished_backend_hands_its_prompt_on_after_the_grace_period(
-    settings: Settings, dns: tuple[LoopbackDns, str]
+    settings: Settings, dns: LoopbackDns
 ) -> None:
-    server, nameserver = dns
     port = free_ports(1)
     async with AsyncExitStack() as stack:
         doomed = await stack.enter_async_context(
             SimulatedComfyUI(host="127.0.0.4", port=port, duration=30))
         await stack.enter_async_context(SimulatedComfyUI(host="127.0.0.5", port=port))
-        server.addresses = ["127.0.0.4"]
-        settings.comfyui_discovery = f"dns:{NAME}:{port}"
-        settings.discovery_interval = PASS
-        settings.discovery_nameserver = nameserver
+        dns.addresses = ["127.0.0.4"]
         settings.backend_grace_seconds = 1.0
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        fleet = Fleet(http, base + settings.route_prefix)
+        fleet = await stack.enter_async_context(discovering(settings, dns, port))
         await fleet.until(lambda f: f.get("127-0-0-4", {}).get("healthy"))
 
-        async with http.post(f"{fleet.base}/jobs", json={
+        async with fleet.http.post(f"{fleet.base}/jobs", json={
                 "workflow": "invert", "params": {"width": 16}}) as response:
             job_id = (await response.json())["id"]
         await fleet.until(lambda f: f["127-0-0-4"]["inflight"] == 1)
 
         # The pod goes away with the prompt running, and its address leaves DNS.
         await doomed.stop()
-        server.addresses = ["127.0.0.5"]
-        async with http.get(f"{fleet.base}/jobs/{job_id}") as response:
+        dns.addresses = ["127.0.0.5"]
+        async with fleet.http.get(f"{fleet.base}/jobs/{job_id}") as response:
             assert (await response.json())["backend"] == "127-0-0-4"
-        job = await wait_for_job(http, fleet.base, job_id, "succeeded")
+        job = await wait_for_job(fleet.http, fleet.base, job_id, "succeeded")
         assert (job["backend"], job["attempts"]) == ("127-0-0-5", 2)
         await fleet.until(lambda f: set(f) == {"127-0-0-5"})
 
 
 async def test_a_backend_drained_while_still_in_dns_stays_drained(
-    settings: Settings, dns: tuple[LoopbackDns, str]
+    settings: Settings, dns: LoopbackDns
 ) -> None:
-    server, nameserver = dns
     port = free_ports(1)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(SimulatedComfyUI(host="127.0.0.6", port=port))
-        server.addresses = ["127.0.0.6"]
-        server.name_pod("127.0.0.6", "comfyui-0")
-        settings.comfyui_discovery = f"dns:{NAME}:{port}"
-        settings.discovery_interval = PASS
-        settings.discovery_nameserver = nameserver
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        fleet = Fleet(http, base + settings.route_prefix)
+        dns.addresses = ["127.0.0.6"]
+        dns.name_pod("127.0.0.6", "comfyui-0")
+        fleet = await stack.enter_async_context(discovering(settings, dns, port))
         await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
 
         # The pod's preStop hook drains it; Kubernetes takes its address out of DNS a
         # little later (endpoint updates and DNS caches lag), after passes that still see it.
-        async with http.post(f"{fleet.base}/backends/comfyui-0/drain",
-                             json={"wait": 0}) as response:
+        async with fleet.http.post(f"{fleet.base}/backends/comfyui-0/drain",
+                                   json={"wait": 0}) as response:
             assert (await response.json())["draining"] is True
-        await server.passes(3)
+        await dns.passes(3)
         assert (await fleet.backends())["comfyui-0"]["draining"] is True
 
         # Then its address leaves DNS: discovery takes it from there and removes it, idle.
-        server.addresses = []
+        dns.addresses = []
         await fleet.until(lambda f: "comfyui-0" not in f)
 
 
 async def test_a_pod_whose_name_dns_has_not_answered_yet_waits_for_it(
-    settings: Settings, dns: tuple[LoopbackDns, str]
+    settings: Settings, dns: LoopbackDns
 ) -> None:
     """A reverse lookup that times out says nothing about the name: the address is not added
     under a name made of it (a backend keeps its name), but on the pass that gets the answer."""
-    server, nameserver = dns
     port = free_ports(1)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(SimulatedComfyUI(host="127.0.0.9", port=port))
-        server.addresses = ["127.0.0.9"]
-        server.name_pod("127.0.0.9", "comfyui-0")
-        server.silent_ptr = True
-        settings.comfyui_discovery = f"dns:{NAME}:{port}"
-        settings.discovery_interval = PASS
-        settings.discovery_nameserver = nameserver
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        fleet = Fleet(http, base + settings.route_prefix)
-        await server.passes(3)
+        dns.addresses = ["127.0.0.9"]
+        dns.name_pod("127.0.0.9", "comfyui-0")
+        dns.silent_ptr = True
+        fleet = await stack.enter_async_context(discovering(settings, dns, port))
+        await dns.passes(3)
         assert await fleet.backends() == {}
 
-        server.silent_ptr = False
+        dns.silent_ptr = False
         backends = await fleet.until(lambda f: f.get("comfyui-0", {}).get("healthy"))
         assert set(backends) == {"comfyui-0"}
 
 
 async def test_a_server_the_fleet_has_already_is_not_added_again(
-    settings: Settings, dns: tuple[LoopbackDns, str]
+    settings: Settings, dns: LoopbackDns
 ) -> None:
     """Discovered URLs are normalised as the fleet's are: a server in COMFYUI_ENDPOINTS that DNS
     names too stays one backend (two would double its slots). Port 80, which a normalised URL
     leaves out, shows it; nothing need listen there."""
-    server, nameserver = dns
-    server.addresses = ["127.0.0.7", "127.0.0.8"]
+    dns.addresses = ["127.0.0.7", "127.0.0.8"]
     settings.comfyui_endpoints = ["127.0.0.7:80#static"]
-    settings.comfyui_discovery = f"dns:{NAME}:80"
-    settings.discovery_interval = PASS
-    settings.discovery_nameserver = nameserver
-    async with serving(settings) as base, aiohttp.ClientSession() as http:
-        fleet = Fleet(http, base + settings.route_prefix)
+    async with discovering(settings, dns, 80) as fleet:
         await fleet.until(lambda f: "127-0-0-8" in f)
-        await server.passes(2)
+        await dns.passes(2)
         backends = await fleet.backends()
     assert {name: b["url"] for name, b in backends.items()} == {
         "static": "http://127.0.0.7", "127-0-0-8": "http://127.0.0.8"}

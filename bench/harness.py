@@ -289,6 +289,18 @@ async def deploy(
     return Deployment(postgres, s3, sims, receiver, database_url, serve, http, meter)
 
 
+async def serve_beside(
+    stack: AsyncExitStack, deployment: Deployment, data_dir: Path, backends: Sequence[str], *,
+    s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
+) -> Serve:
+    """Another `comfyfleet serve` beside `deployment`'s, for comparing the two: a database of
+    its own on the same PostgreSQL, webhooks signed for the same receiver; `stack` stops it.
+    Storage and `env_overrides` as in comfyfleet_serve."""
+    return await stack.enter_async_context(comfyfleet_serve(
+        await fresh_database(deployment.postgres), data_dir, backends,
+        secret=deployment.receiver.secret, s3=s3, env_overrides=env_overrides))
+
+
 async def open_loop(
     rate: float, count: int, fire: Callable[[int], Coroutine[Any, Any, None]], *,
     seed: int = 1,

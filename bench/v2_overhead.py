@@ -34,11 +34,10 @@ import aiohttp
 from bench.harness import (
     Component,
     bench_root,
-    comfyfleet_serve,
     deploy,
-    fresh_database,
     latency_ms,
     print_table,
+    serve_beside,
 )
 from tests.support import LOOPBACK, free_ports, python_process
 
@@ -128,9 +127,7 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
         proxy_process = await stack.enter_async_context(python_process(
             "comfy_api_proxy.cli", "--comfyui", sim, "--port", str(port),
             ready_url=proxy + "/api/v2/health"))
-        local = await stack.enter_async_context(comfyfleet_serve(
-            await fresh_database(deployment.postgres), root / "data-local", [sim],
-            secret=deployment.receiver.secret))
+        local = await serve_beside(stack, deployment, root / "data-local", [sim])
         meter = deployment.meter
         meter.components.append(Component("comfyfleet serve, local storage",
                                           [local.process.pid]))

@@ -26,14 +26,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.harness import (
-    bench_root,
-    comfyfleet_serve,
-    deploy,
-    fresh_database,
-    latency_ms,
-    print_table,
-)
+from bench.harness import bench_root, deploy, latency_ms, print_table, serve_beside
 from bench.v2_overhead import graph, phases, through_v2
 from tests.support import REPO
 
@@ -51,10 +44,9 @@ async def run(other: Path, jobs: int, poll_ms: float, polls: int) -> dict[str, A
     async with AsyncExitStack() as stack:
         root = stack.enter_context(bench_root())
         deployment = await deploy(stack, root, 1)
-        theirs = await stack.enter_async_context(comfyfleet_serve(
-            await fresh_database(deployment.postgres), root / "data-other",
-            deployment.sims.urls, secret=deployment.receiver.secret, s3=deployment.s3,
-            env_overrides={"PYTHONPATH": os.pathsep.join([str(other), str(REPO)])}))
+        theirs = await serve_beside(
+            stack, deployment, root / "data-other", deployment.sims.urls, s3=deployment.s3,
+            env_overrides={"PYTHONPATH": os.pathsep.join([str(other), str(REPO)])})
         serves = {"this checkout": deployment.serve, f"--other {other}": theirs}
         http = deployment.http
         marks: dict[str, list[dict[str, Any]]] = {name: [] for name in serves}

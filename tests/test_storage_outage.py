@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import aiohttp
 from aiobotocore.session import get_session
@@ -36,31 +37,52 @@ async def create_bucket(endpoint: str) -> None:
         await client.create_bucket(Bucket=BUCKET)
 
 
-def s3_server(settings: Settings) -> tuple[tuple[str, ...], str]:
-    """The settings of an S3-storing service on a moto server yet to start: its command
-    line, and its URL."""
-    port = free_ports(1)
-    endpoint = f"http://{LOOPBACK}:{port}"
-    settings.storage = "s3"
-    settings.s3_bucket = BUCKET
-    settings.s3_endpoint_url = endpoint
-    settings.aws_access_key_id = S3_CREDENTIALS["aws_access_key_id"]
-    settings.aws_secret_access_key = S3_CREDENTIALS["aws_secret_access_key"]
-    return ("moto.server", "-H", LOOPBACK, "-p", str(port)), endpoint
+@dataclass
+class S3Outage:
+    """A service storing in S3 on a moto server that went away once the service was up:
+    `stack` stops them all."""
 
+    stack: AsyncExitStack
+    moto: tuple[str, ...]  # its command line
+    endpoint: str
+    sim: SimulatedComfyUI  # the service's one backend
+    base: str  # the service's
+    api: str
+    http: aiohttp.ClientSession
 
-async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
-    moto, endpoint = s3_server(settings)
-    async with AsyncExitStack() as stack:
+    @classmethod
+    async def begin(cls, stack: AsyncExitStack, settings: Settings) -> S3Outage:
+        """The service serving `settings`, storing in S3 on a moto server started for it and
+        stopped once the service is up."""
+        port = free_ports(1)
+        moto = ("moto.server", "-H", LOOPBACK, "-p", str(port))
+        endpoint = f"http://{LOOPBACK}:{port}"
+        settings.storage = "s3"
+        settings.s3_bucket = BUCKET
+        settings.s3_endpoint_url = endpoint
+        settings.aws_access_key_id = S3_CREDENTIALS["aws_access_key_id"]
+        settings.aws_secret_access_key = S3_CREDENTIALS["aws_secret_access_key"]
         sim = await stack.enter_async_context(SimulatedComfyUI())
         settings.comfyui_endpoints = [sim.url]
         first = await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
         await create_bucket(endpoint)
         base = await stack.enter_async_context(serving(settings))
-        api = base + settings.route_prefix
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        first.kill()  # S3 goes away before the job's outputs are stored
+        first.kill()
         await first.wait()
+        return cls(stack, moto, endpoint, sim, base, base + settings.route_prefix, http)
+
+    async def end(self) -> None:
+        """S3 back: a new server, its bucket created (it starts empty)."""
+        await self.stack.enter_async_context(python_process(*self.moto, ready_url=self.endpoint))
+        await create_bucket(self.endpoint)
+
+
+async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        # S3 goes away before the job's outputs are stored.
+        outage = await S3Outage.begin(stack, settings)
+        base, api, http = outage.base, outage.api, outage.http
 
         failures = value(await scrape(http, base), STORAGE_ERRORS)
         async with http.post(f"{api}/jobs", json={"workflow": "invert"}) as response:
@@ -75,11 +97,10 @@ async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Set
             assert response.status == 503
             assert (await response.json())["storage"] is False
 
-        await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
-        await create_bucket(endpoint)  # the new S3 starts empty
+        await outage.end()
         job = await wait_for_job(http, api, job_id, "succeeded", seconds=60)
         async with get_session().create_client(
-            "s3", region_name="us-east-1", endpoint_url=endpoint, **S3_CREDENTIALS
+            "s3", region_name="us-east-1", endpoint_url=outage.endpoint, **S3_CREDENTIALS
         ) as client:
             stored = await client.head_object(Bucket=BUCKET, Key=job["outputs"][0]["key"])
     assert job["status"] == "succeeded"
@@ -89,19 +110,11 @@ async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Set
 async def test_a_submit_whose_input_cannot_be_kept_makes_no_job_until_s3_is_back(
     settings: Settings,
 ) -> None:
-    moto, endpoint = s3_server(settings)
     request = {"workflow": "blur_image", "client_task_id": "photo-1",
                "params": {"image": base64.b64encode(png()).decode(), "width": 16}}
     async with AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(SimulatedComfyUI())
-        settings.comfyui_endpoints = [sim.url]
-        first = await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
-        await create_bucket(endpoint)
-        base = await stack.enter_async_context(serving(settings))
-        api = base + settings.route_prefix
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        first.kill()
-        await first.wait()
+        outage = await S3Outage.begin(stack, settings)
+        api, http = outage.api, outage.http
 
         async with http.post(f"{api}/jobs", json=request) as response:
             refused = await response.json()
@@ -115,13 +128,12 @@ async def test_a_submit_whose_input_cannot_be_kept_makes_no_job_until_s3_is_back
         async with http.get(f"{api}/jobs") as response:
             assert [job["id"] for job in (await response.json())["jobs"]] == [plain]
 
-        await stack.enter_async_context(python_process(*moto, ready_url=endpoint))
-        await create_bucket(endpoint)
+        await outage.end()
         async with http.post(f"{api}/jobs", json=request) as response:  # the client retries
             assert response.status == 202, await response.text()
             submitted = await response.json()
         job = await wait_for_job(http, api, submitted["id"], "succeeded")
         assert (await wait_for_job(http, api, plain, "succeeded"))["outputs"]
         record = job["params"]["image"]
-        uploaded = sim.data_dir / "input" / record["subfolder"] / record["name"]
+        uploaded = outage.sim.data_dir / "input" / record["subfolder"] / record["name"]
         assert uploaded.read_bytes() == png()  # the input reached the backend whole

@@ -20,7 +20,15 @@ from comfyfleet.db import make_engine, migrate, start_embedded_postgres
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.signing import new_secret
 from tests.s3_server import S3_CREDENTIALS as S3_CREDENTIALS  # the tests import it from here
-from tests.support import LOOPBACK, REPO, free_ports, new_database, png, python_process
+from tests.support import (
+    LOOPBACK,
+    REPO,
+    app_on_loopback,
+    free_ports,
+    new_database,
+    png,
+    python_process,
+)
 from tests.webhook_support import Answer, ScriptedReceiver
 
 
@@ -170,8 +178,5 @@ async def image_server() -> AsyncIterator[str]:
         return web.Response(body=png(), content_type="image/png")
 
     app.router.add_get("/picture.png", picture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, LOOPBACK, 0).start()
-    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with app_on_loopback(app) as url:
+        yield url

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -91,6 +92,19 @@ async def wait_for_healthy_backends(
             if backends and all(backend["healthy"] for backend in backends):
                 return backends
             await asyncio.sleep(0.1)  # polling the API: no event to wait on
+
+
+@asynccontextmanager
+async def app_on_loopback(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """`app` served on a free loopback port until the block ends: its URL. `runner_options`
+    as web.AppRunner takes them."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, LOOPBACK, 0).start()
+        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @asynccontextmanager

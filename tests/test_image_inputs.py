@@ -22,7 +22,7 @@ from PIL import Image
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import COLOR, LOOPBACK, REPO, png, wait_for_job
+from tests.support import COLOR, REPO, app_on_loopback, png, wait_for_job
 
 
 @pytest.fixture
@@ -108,11 +108,8 @@ async def photo_server(photo: bytes) -> AsyncIterator[str]:
     app.router.add_get("/photo.png", plain)
     app.router.add_get("/chunked.png", chunked)
     app.router.add_get("/text.png", text)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, LOOPBACK, 0).start()
-    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with app_on_loopback(app) as url:
+        yield url
 
 
 async def test_an_image_url_arrives_whole_however_its_body_is_framed(
@@ -307,11 +304,8 @@ async def awkward_server() -> AsyncIterator[str]:
 
     app.router.add_get("/stall", stall)
     app.router.add_get("/big", big)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, LOOPBACK, 0).start()
-    yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with app_on_loopback(app, shutdown_timeout=0.1) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("path", "answer", "says"), [

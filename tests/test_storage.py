@@ -28,7 +28,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.storage import LocalStorage, S3Storage, StorageError
 from comfyfleet.storage.s3 import PART_SIZE
 from tests.conftest import S3_CREDENTIALS
-from tests.support import LOOPBACK, free_ports
+from tests.support import LOOPBACK, app_on_loopback, free_ports
 
 CHUNK = 64 * 1024
 
@@ -169,20 +169,13 @@ async def test_s3_puts_share_a_connection_the_server_keeps_open(s3_bucket: str) 
 
     app = web.Application()
     app.router.add_put("/{key:.*}", stored)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        storage = await S3Storage.open(s3_settings(f"http://{LOOPBACK}:{port}", s3_bucket))
+    async with app_on_loopback(app) as url:
+        storage = await S3Storage.open(s3_settings(url, s3_bucket))
         try:
             for index in range(5):
                 await storage.put_stream(f"job/{index}.png", pattern(1000), "image/png")
         finally:
             await storage.close()
-    finally:
-        await runner.cleanup()
     assert len(peers) == 5
     assert len(set(peers)) == 1
 

@@ -19,6 +19,7 @@ from botocore.config import Config
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage import S3Storage
+from comfyfleet.storage.s3 import GetSigning
 from tests.conftest import S3_CREDENTIALS
 from tests.support import LOOPBACK
 
@@ -200,4 +201,4 @@ async def test_a_url_is_the_one_the_sdk_presigns(bucket: str, endpoint: str | No
     finally:
         await storage.close()
     assert ours == theirs
-    assert storage._get_signing is not None  # signed here, not by the SDK's call
+    assert isinstance(storage._get_signing, GetSigning)  # signed here, not by the SDK's call

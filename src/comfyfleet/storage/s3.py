@@ -24,7 +24,9 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -61,6 +63,23 @@ ERROR_SNIPPET_BYTES = 1024
 _URL_PROBE_KEY = "comfyfleet-url-probe"
 
 
+@dataclass(frozen=True)
+class GetSigning:
+    """How the signing client presigns a GET, as read from a URL it signed."""
+
+    object_url: str  # an object's URL up to its key, which is appended
+    region: str  # the signature's
+    service: str  # the signature's
+
+
+class Presigner(Enum):
+    """Who presigns a GET if not botocore's query signer by a GetSigning."""
+
+    # The signing client's own call: while a GetSigning is being read and checked, and for
+    # good once one failed the check (a URL signed by it differed from the client's).
+    CLIENT = "client"
+
+
 class S3Storage:
     def __init__(self, client: Any, signer: Any, bucket: str, url_ttl: int,
                  exit_stack: AsyncExitStack, http: aiohttp.ClientSession):
@@ -75,11 +94,8 @@ class S3Storage:
         # through (HTTP(S)_PROXY, NO_PROXY), known at the first PUT.
         self._put_url: str | None = None
         self._proxy: str | None = None
-        # How the signing client presigns a GET: the URL of an object (its key appended),
-        # its signing region and service; checked at the first URL, and None for good if a
-        # URL signed so differed from the client's (the client signs then).
-        self._get_signing: tuple[str, str, str] | None = None
-        self._get_signing_checked = False
+        # How a GET is presigned: None until the first URL, which reads and checks it.
+        self._get_signing: GetSigning | Presigner | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> S3Storage:
@@ -287,9 +303,10 @@ class S3Storage:
         # The signature's own time (X-Amz-Date) is a whole second, taken after this one:
         # the URL lives at least until then.
         expires_at = datetime.fromtimestamp(math.floor(now) + self.url_ttl, UTC)
-        if not self._get_signing_checked:
+        if self._get_signing is None:
             await self._check_get_signing()
-        url = await self._presign_get(key, self._get_signing) if self._get_signing \
+        signing = self._get_signing
+        url = await self._presign_get(key, signing) if isinstance(signing, GetSigning) \
             else await self._client_presign_get(key)
         signed = SignedUrl(url, expires_at)
         self._signed.pop(key, None)
@@ -303,30 +320,29 @@ class S3Storage:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_ttl)
         return url
 
-    async def _presign_get(self, key: str, signing: tuple[str, str, str]) -> str:
-        """The URL the signing client would presign for a GET of `key`, by `signing` (see
-        `_get_signing`)."""
-        base, region, service = signing
+    async def _presign_get(self, key: str, signing: GetSigning) -> str:
+        """The URL the signing client would presign for a GET of `key`, by `signing`."""
         credentials = self._signer._get_credentials()  # refreshed as the client refreshes them
         if credentials is None:
             raise NoCredentialsError()
-        request = AWSRequest("GET", base + quote(key, safe="/~"))
-        S3SigV4QueryAuth(await credentials.get_frozen_credentials(), service, region,
-                         expires=self.url_ttl).add_auth(request)
+        request = AWSRequest("GET", signing.object_url + quote(key, safe="/~"))
+        S3SigV4QueryAuth(await credentials.get_frozen_credentials(), signing.service,
+                         signing.region, expires=self.url_ttl).add_auth(request)
         url: str = request.prepare().url
         return url
 
     async def _check_get_signing(self) -> None:
         """Read how the signing client presigns a GET from a URL it signs, and keep it only
         if the URL signed here in the same second is that very URL."""
-        self._get_signing_checked = True
+        self._get_signing = Presigner.CLIENT  # meanwhile, and unless the check passes
         for _ in range(3):  # until both are signed within one second (X-Amz-Date)
             theirs = await self._client_presign_get(_URL_PROBE_KEY)
             url, _, query = theirs.partition("?")
             scope = parse_qs(query).get("X-Amz-Credential", [""])[0].split("/")
             if not url.endswith("/" + _URL_PROBE_KEY) or len(scope) != 5:
                 break
-            signing = (url.removesuffix(_URL_PROBE_KEY), scope[2], scope[3])
+            signing = GetSigning(url.removesuffix(_URL_PROBE_KEY), region=scope[2],
+                                 service=scope[3])
             ours = await self._presign_get(_URL_PROBE_KEY, signing)
             if ours == theirs:
                 self._get_signing = signing

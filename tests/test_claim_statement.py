@@ -15,7 +15,7 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import driver_connection
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob, Refusal
 
 
 def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
@@ -36,7 +36,7 @@ async def test_a_claim_asks_the_next_backend_on_its_read_without_waiting_for_its
         async with asyncio.timeout(10):
             claim = await repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b)
         # "b" not asked: the caller claims for it next, in a transaction of its own.
-        assert claim == (None, ("a",), 1, 1)
+        assert claim == (None, ("a",), 1, 1, None)
     claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
     assert claim.job is not None and claim.job.id == job.id
     assert (claim.job.backend, claim.locked, claim.backlog, claim.next) == ("b", ("a", "b"), 0, 2)
@@ -52,10 +52,21 @@ async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncE
     assert first.job is not None and first.job.status == JobStatus.DISPATCHED
     # "a" has its slot free, "b" none: the job "b" would take stays queued.
     claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
-    assert claim == (None, ("a", "b"), 1, 2)
+    assert claim == (None, ("a", "b"), 1, 2, Refusal.NO_SLOT)
     async with driver_connection(engine) as connection:
         assert await connection.fetchval(
             "SELECT count(*) FROM jobs WHERE status = 'queued'") == 1
+
+
+async def test_the_next_backend_takes_no_job_while_it_is_draining(engine: AsyncEngine) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    await repository.insert(Job(workflow="w", prompt={}))
+    async with driver_connection(engine) as connection:  # drained since the caller looked
+        await connection.execute("UPDATE backends SET draining = true WHERE name = 'b'")
+    claim = await repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b)
+    assert claim == (None, ("a", "b"), 1, 2, Refusal.NOT_ACCEPTING)
 
 
 async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
@@ -148,7 +159,7 @@ async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
         return first("a", queued)
 
     claim = await repository.claim_next(["a"], "p1", max_inflight=1, pick=limited_meanwhile)
-    assert claim.job is None
+    assert (claim.job, claim.refusal) == (None, Refusal.TENANT_LIMIT)
     # The next claim reads the limit and takes the tenant's lock.
     claim = await repository.claim_next(["a"], "p2", max_inflight=1, pick=first)
     assert claim.job is not None

@@ -13,6 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.db import driver_connection
+from comfyfleet.jobs.lease import LOCK_SPACE
+from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -169,3 +172,37 @@ async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_re
                                              uuid.UUID(first)) == "running"
         for job_id in (first, second):
             assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
+
+
+async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having_none(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """The backend after a claim's first chooses a job on its own count of its prompts; the
+    claim's take counts every process's under its lock and refuses: no_slot, whatever the
+    tenant's limit (there is none here)."""
+    other = 12345  # a live process's id: the test's connection holds its lease
+    async with AsyncExitStack() as stack:
+        sd15 = await stack.enter_async_context(SimulatedComfyUI(name="sd15", models=[SD15]))
+        sdxl = await stack.enter_async_context(SimulatedComfyUI(name="sdxl", models=[SDXL]))
+        # The one that cannot run the job listed first: as idle as the other, asked first.
+        settings.comfyui_endpoints = [f"{sim.url}#{sim.name}" for sim in [sd15, sdxl]]
+        settings.max_inflight_per_backend = 1
+        settings.dispatch_interval = 600  # no safety pass within the test
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 2)
+        peer = await stack.enter_async_context(driver_connection(engine))
+        await peer.execute("SELECT pg_advisory_lock($1, $2)", LOCK_SPACE, other)
+        # The other process's prompt fills sdxl's one slot: this process does not follow it.
+        await JobRepository(engine).insert(Job(
+            workflow="sdxl_txt2img", prompt={}, status=JobStatus.RUNNING, backend="sdxl",
+            prompt_id="elsewhere", dispatched_by=other))
+        before = claims()
+        await submit(http, base, {"workflow": "sdxl_txt2img",
+                                  "params": {"prompt": "a lighthouse", "seed": 1}})
+        async with asyncio.timeout(30):
+            while claims()["cannot_run"] == before["cannot_run"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # the metric is in this process: no event to wait on
+        made = {outcome: count - before[outcome] for outcome, count in claims().items()
+                if count > before[outcome]}
+    assert made == {"cannot_run": 1, "no_slot": 1}

@@ -56,13 +56,12 @@ QUEUE_FULL = Counter(
     "max_queued) or service (MAX_QUEUED)", ["scope"], registry=REGISTRY)
 DISPATCH_CLAIMS = Counter(
     "comfyfleet_dispatch_claims",
-    "The backends the dispatcher's claims locked (a claim's first, and the one it took a job "
-    "for) by outcome: took (a job), no_slot (the backend's slots full by the database's "
+    "The backends the dispatcher's claims locked (a claim's first, and the one after it that "
+    "chose a job) by outcome: took (a job), no_slot (the backend's slots full by the database's "
     "count), empty (nothing queued), not_accepting (drained or gone), cannot_run (no queued "
     "job it can run), waits_for_warm (every job sooner on a backend holding its model), "
     "slower (faster backends finish the backlog first), tenant_limit (the chosen job's key "
-    "at its max_concurrent; or, for the backend a claim took for after its first, its slots "
-    "full by the database's count)",
+    "at its max_concurrent, or given one since the claim read the backlog)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",

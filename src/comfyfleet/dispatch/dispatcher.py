@@ -264,6 +264,8 @@ class Dispatcher:
                 pick=lambda name, queued: self._pick(sessions[name], queued),
                 owner=self._owner, ended=self._tracker.ended())
             taker = claim.job.backend if claim.job is not None else None
+            if claim.refusal is not None:  # the last backend it locked chose a job in vain
+                self._outcomes[claim.locked[-1]] = claim.refusal
             metrics.dispatch_claim("took" if name == taker else self._outcomes.get(name, "no_slot")
                                    for name in claim.locked)
             if claim.backlog is not None:
@@ -289,9 +291,8 @@ class Dispatcher:
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         choice = self._choose(session, queued)
-        # Unless the claim takes it: the chosen job's key at its limit (or, for a backend
-        # after the claim's first, its slots full by the database's count).
-        self._outcomes[session.name] = "tenant_limit" if choice is not None else self._outcome
+        if choice is None:  # else the claim says what came of it
+            self._outcomes[session.name] = self._outcome
         return choice
 
     def _choose(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from types import EllipsisType
 from typing import Any, Literal, NamedTuple
 
@@ -111,6 +112,15 @@ class Choice(NamedTuple):
     charge: float = 0.0
 
 
+class Refusal(StrEnum):
+    """Why a claim did not take the job a backend chose, counted again under the locks after
+    the read (sql/claim.sql `take`, whose words these are)."""
+
+    TENANT_LIMIT = "tenant_limit"  # the job's key at its max_concurrent, or given one since
+    NOT_ACCEPTING = "not_accepting"  # the backend drained or gone since
+    NO_SLOT = "no_slot"  # the backend's slots full by every process's count
+
+
 class Claim(NamedTuple):
     """What a claim (`claim_next`) came to."""
 
@@ -120,6 +130,9 @@ class Claim(NamedTuple):
     # for more (None: nothing was read, the first backend having no free slot).
     backlog: int | None
     next: int  # the index of the first of its backends not asked
+    # Why the last backend it locked took no job though it chose one (None: it took one, or
+    # chose none).
+    refusal: Refusal | None = None
 
 
 class ProgressReport(NamedTuple):
@@ -317,8 +330,8 @@ class JobRepository:
                 row = await self._take(connection, choice, backend, prompt_id, owner,
                                        max_inflight, ended, limited.get(choice.job_id))
                 locked = (first, backend)[:1 + bool(asked)]
-                if row is None:
-                    return Claim(None, locked, backlog, asked + 1)
+                if row["refusal"] is not None:
+                    return Claim(None, locked, backlog, asked + 1, Refusal(row["refusal"]))
                 break
             else:
                 return Claim(None, (first,), backlog, len(backends))
@@ -336,14 +349,16 @@ class JobRepository:
 
     async def _take(self, connection: asyncpg.Connection, choice: Choice, backend: str,
                     prompt_id: str, owner: int | None, max_inflight: int, ended: list[str],
-                    tenant: str | None) -> asyncpg.Record | None:
-        """`take` the job `choice` chose for `backend`; `tenant`: the job's tenant if it has
-        a max_concurrent, whose lock is taken first (a round trip most tenants do without)."""
+                    tenant: str | None) -> asyncpg.Record:
+        """`take` the job `choice` chose for `backend`: the job as dispatched, or its
+        `refusal`; `tenant`: the job's tenant if it has a max_concurrent, whose lock is taken
+        first (a round trip most tenants do without)."""
         if tenant is not None:
             await connection.execute(_CLAIM["lock_tenant"], tenant)
         row: asyncpg.Record | None = await connection.fetchrow(
             _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
             choice.charge, self._max_concurrent, max_inflight, ended, tenant is not None)
+        assert row is not None, "a job the claim's read locked is queued still"
         return row
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,

@@ -119,23 +119,31 @@ SELECT pg_advisory_xact_lock(hashtext('concurrent:' || $1))
 -- `candidates` read none; without the lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it, the prompts $9 not
 -- counted (as in `candidates`; run under its lock, so the count sees every claim and move
 -- committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
--- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns the job
--- as dispatched, or nothing.
-WITH chosen AS (
+-- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns a row
+-- (the job is locked by `candidates`, so queued still): the job as dispatched, or its
+-- columns null and `refusal` saying why not: tenant_limit, not_accepting (the backend) or
+-- no_slot (the backend's).
+WITH considered AS (
     SELECT jobs.id, jobs.api_key_hash, coalesce(jobs.api_key_hash, '') AS tenant,
-           coalesce(api_keys.weight, 1) AS weight
+           coalesce(api_keys.weight, 1) AS weight,
+           CASE WHEN NOT (coalesce(api_keys.max_concurrent, $7::int) IS NULL
+                          OR $10::bool AND (SELECT count(*) FROM jobs AS mine
+                              WHERE (mine.api_key_hash = jobs.api_key_hash
+                                     OR (mine.api_key_hash IS NULL
+                                         AND jobs.api_key_hash IS NULL))
+                                AND mine.status IN ('dispatched', 'running', 'uploading'))
+                             < coalesce(api_keys.max_concurrent, $7::int))
+                THEN 'tenant_limit'
+                WHEN NOT EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
+                THEN 'not_accepting'
+                WHEN (SELECT count(*) FROM jobs AS there
+                      WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')
+                        AND (there.prompt_id = ANY($9::text[])) IS NOT TRUE) >= $8
+                THEN 'no_slot' END AS refusal
     FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
     WHERE jobs.id = $1 AND jobs.status = 'queued'
-      AND (coalesce(api_keys.max_concurrent, $7::int) IS NULL
-           OR $10::bool AND (SELECT count(*) FROM jobs AS mine
-               WHERE (mine.api_key_hash = jobs.api_key_hash
-                      OR (mine.api_key_hash IS NULL AND jobs.api_key_hash IS NULL))
-                 AND mine.status IN ('dispatched', 'running', 'uploading'))
-              < coalesce(api_keys.max_concurrent, $7::int))
-      AND EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
-      AND (SELECT count(*) FROM jobs AS there
-           WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')
-             AND (there.prompt_id = ANY($9::text[])) IS NOT TRUE) < $8
+), chosen AS (
+    SELECT * FROM considered WHERE refusal IS NULL
 ), passed AS (
     UPDATE jobs SET overtaken = overtaken + 1
     WHERE id = ANY($2::uuid[]) AND id <> $1 AND EXISTS (SELECT 1 FROM chosen)
@@ -150,17 +158,19 @@ WITH chosen AS (
         last_start = greatest(share.virtual_seconds, excluded.last_start),
         virtual_seconds = greatest(share.virtual_seconds, excluded.last_start)
                           + (excluded.virtual_seconds - excluded.last_start)
+), taken AS (
+    UPDATE jobs
+    SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
+        -- The statement's time, not the transaction's: the claim may have begun before the
+        -- job it takes was submitted.
+        attempts = attempts + 1, dispatched_at = statement_timestamp(), started_at = NULL,
+        uploading_at = NULL,
+        progress = 0, charged_seconds = $6
+    FROM chosen
+    WHERE jobs.id = chosen.id
+    RETURNING jobs.*
 )
-UPDATE jobs
-SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
-    -- The statement's time, not the transaction's: the claim may have begun before the job
-    -- it takes was submitted.
-    attempts = attempts + 1, dispatched_at = statement_timestamp(), started_at = NULL,
-    uploading_at = NULL,
-    progress = 0, charged_seconds = $6
-FROM chosen
-WHERE jobs.id = chosen.id
-RETURNING jobs.*
+SELECT taken.*, considered.refusal FROM considered LEFT JOIN taken ON true
 
 -- name: place
 -- Where queued job $1 stands in fair share: a row per tenant with queued work, its own first

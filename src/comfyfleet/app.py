@@ -167,7 +167,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(refuse_lone_surrogates)])
     install_error_handlers(app)
-    mount_v2(app)  # first: the security's middlewares wrap the v2 app too
+    # First: the security's middlewares wrap the v2 app and the v1 status poll too.
+    mount_v2(app)
+    jobs.install_job_poll(app, settings.route_prefix)
     install_security(app, settings)
     app.include_router(health.router)
     app.include_router(prometheus.router)

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import AnyHttpUrl, BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
@@ -17,6 +17,7 @@ from comfyfleet.api.comfyui_server import known_params
 from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.events import place_and_eta
+from comfyfleet.api.job_poll import JobPoll, JobPollRoute
 from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake import errors as refusals
@@ -283,10 +284,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 @router.get("/jobs/{job_id}", summary="One job")
-async def get_job(job_id: uuid.UUID, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    job = await visible_job(svc, caller, job_id)
+async def get_job(job_id: uuid.UUID, request: Request, svc: ServicesDep, caller: CallerDep
+                  ) -> dict[str, Any]:
+    """Answered by `JobPoll` (api/job_poll.py, with `job_answer`) unless the request has a
+    JSON body to check, or the job id is not a UUID in its canonical form."""
+    return await job_answer(request, svc, caller, str(job_id))
+
+
+async def job_answer(_: Request, svc: Services, caller: Caller, job_id: str) -> dict[str, Any]:
+    """`get_job`'s answer for the job `job_id`, a UUID: the status poll of a client waiting
+    for its job."""
+    job = await visible_job(svc, caller, uuid.UUID(job_id))
     position, eta = await place_and_eta(svc, job)
     return {**await svc.render(job), "queue_position": position, "eta_seconds": eta}
+
+
+def install_job_poll(app: FastAPI, prefix: str) -> None:
+    """`get_job` answered by JobPoll past the app's router and dependency solving. Called
+    before the middlewares that must wrap it too are added (each is added outside those
+    before it)."""
+    app.add_middleware(JobPollRoute, jobs=f"{prefix}/jobs/", poll=JobPoll(app, job_answer))
 
 
 async def _cancel(job_id: uuid.UUID, svc: Services, caller: Caller) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from comfyfleet.api.job_poll import JobPoll, app_path, is_job_poll
 from comfyfleet.api.json_text import refuse_lone_surrogates
 from comfyfleet.api.security import authenticate
 from comfyfleet.api.v2 import assets, jobs
@@ -20,9 +21,9 @@ class V2Routes:
     would pass it (MOUNT becomes its root path), but past the service app's exception
     middleware and its router, which would first try every route of its own (GET
     /api/v2/health: 1.18 ms of CPU through the mount, 1.04 past it); and a status poll (GET
-    /jobs/{job_id}) past the v2 app's stack too, to `job_poll`, unless it has a JSON body,
-    which the v2 app checks first. The middlewares outside this one (CORS, the body limits)
-    wrap both as they wrap the service app."""
+    /jobs/{job_id}) past the v2 app's stack too, to `job_poll` (api/job_poll.py), unless it
+    has a JSON body, which the v2 app checks first. The middlewares outside this one (CORS,
+    the body limits) wrap both as they wrap the service app."""
 
     def __init__(self, app: ASGIApp, *, v2: ASGIApp, job_poll: ASGIApp) -> None:
         self.app = app
@@ -31,31 +32,15 @@ class V2Routes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            # The path within the app, as a mount matches it (behind a root path too).
-            root_path = scope.get("root_path", "")
-            path = scope["path"]
-            if root_path and path.startswith(root_path + "/"):
-                path = path[len(root_path):]
+            path = app_path(scope)
             if path.startswith(MOUNT + "/"):
+                root_path = scope.get("root_path", "")
                 inner = {**scope, "app_root_path": scope.get("app_root_path", root_path),
                          "root_path": root_path + MOUNT}
-                await (self.job_poll if _job_poll(scope, path) else self.v2)(inner, receive, send)
+                poll = is_job_poll(scope, path, MOUNT + "/jobs/")
+                await (self.job_poll if poll else self.v2)(inner, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-_JOB = MOUNT + "/jobs/"
-
-
-def _job_poll(scope: Scope, path: str) -> bool:
-    """Whether the request is GET /jobs/{job_id} (as the v2 app's router would match it)
-    without a JSON content type (the v2 app reads such a body: `refuse_lone_surrogates`)."""
-    if scope.get("method") != "GET" or not path.startswith(_JOB) or "/" in path[len(_JOB):] \
-            or len(path) == len(_JOB):
-        return False
-    content_type = next((value for name, value in scope["headers"] if name == b"content-type"),
-                        b"")
-    return b"json" not in content_type.lower()
 
 
 def mount_v2(app: FastAPI) -> None:
@@ -69,4 +54,4 @@ def mount_v2(app: FastAPI) -> None:
     secured = [Depends(authenticate)]
     v2.include_router(jobs.router, dependencies=secured)
     v2.include_router(assets.router, dependencies=secured)
-    app.add_middleware(V2Routes, v2=v2, job_poll=jobs.JobPoll(v2))
+    app.add_middleware(V2Routes, v2=v2, job_poll=JobPoll(v2, jobs.job_answer))

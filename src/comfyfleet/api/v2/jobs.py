@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter
+from pydantic import BaseModel, ConfigDict, SecretStr
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Receive, Scope, Send
 
 from comfyfleet import db
-from comfyfleet.api.depends import ServicesDep, services
+from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.jobs import decode_cursor, encode_cursor
-from comfyfleet.api.security import Caller, CallerDep, caller_of, visible_job
+from comfyfleet.api.security import Caller, CallerDep, visible_job
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
@@ -129,53 +127,15 @@ async def _job(svc: Services, caller: Caller, job_id: str) -> Job:
 @router.get("/jobs/{job_id}", summary="One job")
 async def get_job(job_id: str, request: Request, svc: ServicesDep, caller: CallerDep
                   ) -> dict[str, Any]:
-    """Answered by `JobPoll` (below) unless the request has a JSON body to check."""
+    """Answered by `JobPoll` (api/job_poll.py, with `job_answer`) unless the request has a
+    JSON body to check."""
+    return await job_answer(request, svc, caller, job_id)
+
+
+async def job_answer(request: Request, svc: Services, caller: Caller, job_id: str
+                     ) -> dict[str, Any]:
+    """`get_job`'s answer: the contract's poll-first path, polled every few milliseconds."""
     return await render.job_object(svc, await _job(svc, caller, job_id), render.origin(request))
-
-
-# How `get_job`'s answer is written: FastAPI serializes a route's `dict[str, Any]` with
-# pydantic's JSON serializer.
-_JOB_JSON = TypeAdapter(dict[str, Any])
-
-
-class JobPoll:
-    """`get_job` as an ASGI app of its own, past the v2 app's router and FastAPI's
-    dependency solving: the status poll a client sends every few milliseconds while it waits
-    for a job (the contract's poll-first path), which spent about a third of its CPU there.
-    The same key check and rate limit (`caller_of`), the same answer in the same bytes, and
-    an error answered by the v2 app's own handlers. V2Routes hands it a GET of
-    /jobs/{job_id} with its root path at the v2 app's."""
-
-    def __init__(self, v2: FastAPI) -> None:
-        self._v2 = v2
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        try:
-            caller = await caller_of(request)  # first, as the route's dependencies go
-            svc = await services(request)
-            job_id = scope["path"].rpartition("/")[2]
-            job = await render.job_object(svc, await _job(svc, caller, job_id),
-                                          render.origin(request))
-        except Exception as exc:
-            await self._failed(request, exc, send)
-            return
-        await Response(_JOB_JSON.dump_json(job), media_type="application/json")(
-            scope, receive, send)
-
-    async def _failed(self, request: Request, exc: Exception, send: Send) -> None:
-        """As the v2 app answers `exc`: by its handler for the nearest class; the catch-all's
-        (an unexpected error) answers and raises it again, as Starlette's does."""
-        handlers = self._v2.exception_handlers
-        handled = next((cls for cls in type(exc).__mro__ if cls in handlers), None)
-        if handled is None:
-            raise exc
-        response = handlers[handled](request, exc)
-        if inspect.isawaitable(response):
-            response = await response
-        await response(request.scope, request.receive, send)
-        if handled is Exception:
-            raise exc
 
 
 @router.get("/jobs/{job_id}/workflow", summary="The graph a job runs")

@@ -4,7 +4,9 @@ ComfyUI-server request shape."""
 from __future__ import annotations
 
 import base64
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -12,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from openapi_spec_validator import validate
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comfyfleet.api.job_poll import JobPollRoute
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -176,3 +180,89 @@ async def test_a_job_has_the_time_of_each_step_of_its_timeline(
     started, uploading = times[2], times[3]
     # Uploading begins when the prompt is done on its backend, not when it starts there.
     assert (uploading - started).total_seconds() >= duration
+
+
+async def test_a_status_poll_answers_as_the_route(settings: Settings) -> None:
+    """GET /api/v1/jobs/{id} is answered past the app's router and dependency solving
+    (JobPoll) unless it has a JSON body for the app to check (then it takes the route): both
+    answer alike, in the same bytes, a job that ran, a queued one (its place and expected
+    end) and every error a poll can meet; an id that is not a UUID in its canonical form goes
+    to the route either way."""
+    settings.api_keys = ["v1-key"]
+    key = {"Authorization": "Bearer v1-key"}
+    async with SimulatedComfyUI(duration=0) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession(headers=key) as http:
+            api = Client(http, base + settings.route_prefix)
+            await wait_for_healthy_backends(http, api.prefix)
+            _, ran = await api.call("POST", "/jobs?wait=20", {"workflow": "invert"})
+            assert ran["status"] == "succeeded" and ran["outputs"], ran
+    settings.comfyui_endpoints = []  # the next job stays queued
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix
+        async with http.post(f"{prefix}/jobs", json={"workflow": "invert"},
+                             headers=key) as response:
+            queued = await response.json()
+        assert queued["status"] == "queued"
+
+        async def answer(job_id: str, headers: dict[str, str]
+                         ) -> tuple[int, list[tuple[str, str]], bytes]:
+            async with http.get(f"{prefix}/jobs/{job_id}", headers=headers) as response:
+                kept = sorted((name.lower(), value) for name, value in response.headers.items()
+                              if name.lower() not in ("date", "server"))
+                return response.status, kept, await response.read()
+
+        cases = [(ran["id"], key), (queued["id"], key), (ran["id"].upper(), key),
+                 (ran["id"], {"Authorization": "bearer   v1-key "}), (ran["id"], {}),
+                 (ran["id"], {"Authorization": "Bearer wrong"}),
+                 (ran["id"], {"Authorization": "Basic djI="}), (str(uuid.uuid4()), key),
+                 (ran["id"].replace("-", ""), key), ("not-a-uuid", key), ("%20", key)]
+        statuses, bodies = [], []
+        for job_id, headers in cases:
+            polled = await answer(job_id, headers)
+            routed = await answer(job_id, {**headers, "Content-Type": "application/json"})
+            # An output's local URL is signed for the second it is asked in.
+            assert routed in (polled, await answer(job_id, headers)), job_id
+            statuses.append(polled[0])
+            bodies.append(json.loads(polled[2]))
+    assert statuses == [200, 200, 200, 200, 401, 401, 401, 404, 200, 422, 422]
+    assert bodies[0]["status"] == "succeeded" and bodies[0]["outputs"]
+    assert (bodies[1]["status"], bodies[1]["queue_position"]) == ("queued", 1)
+    assert bodies[2]["id"] == bodies[8]["id"] == ran["id"]
+    assert bodies[7]["error"]["type"] == "job_not_found"
+
+
+async def test_only_a_status_poll_of_a_job_id_goes_past_the_router() -> None:
+    """JobPollRoute hands the poll's app a GET of {prefix}/jobs/{id}, the id a UUID in its
+    canonical form (the route's parameter), without a JSON body (behind the server's root
+    path too), and everything else to the app."""
+    seen: list[tuple[str, str]] = []
+
+    def app_named(name: str) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append((name, scope["path"]))
+        return app
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    routes = JobPollRoute(app_named("app"), jobs="/api/v1/jobs/", poll=app_named("poll"))
+    job = str(uuid.uuid4())
+    json_body = [(b"content-type", b"Application/JSON; charset=utf-8")]
+    cases = [("GET", "", f"/api/v1/jobs/{job}", []), ("GET", "/gw", f"/gw/api/v1/jobs/{job}", []),
+             ("GET", "", f"/api/v1/jobs/{job.upper()}", [(b"content-type", b"text/plain")]),
+             ("GET", "", f"/api/v1/jobs/{job}", json_body), ("HEAD", "", f"/api/v1/jobs/{job}", []),
+             ("DELETE", "", f"/api/v1/jobs/{job}", []),
+             ("GET", "", f"/api/v1/jobs/{job}/events", []),
+             ("GET", "", f"/api/v1/jobs/{job.replace('-', '')}", []),
+             ("GET", "", f"/api/v1/jobs/{{{job}}}", []), ("GET", "", "/api/v1/jobs/", []),
+             ("GET", "", "/api/v1/jobs", []), ("GET", "", f"/api/v2/jobs/{job}", []),
+             ("GET", "", f"/jobs/{job}", [])]
+    for method, root_path, path, headers in cases:
+        await routes({"type": "http", "method": method, "path": path, "root_path": root_path,
+                      "headers": headers}, receive, send)
+    assert [name for name, _ in seen] == ["poll", "poll", "poll"] + ["app"] * 10
+    assert [path for _, path in seen] == [path for _, _, path, _ in cases]

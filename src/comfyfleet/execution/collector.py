@@ -1,5 +1,5 @@
-"""Collecting a finished prompt's outputs: history -> /view -> storage -> job succeeded ->
-the files deleted from the backend (when it has comfyui_nodes/).
+"""Collecting a finished prompt's outputs: history (unless its events told them) -> /view ->
+storage -> job succeeded -> the files deleted from the backend (when it has comfyui_nodes/).
 
 A node's files are stored as soon as the node reports them (`executed`), while the prompt
 still runs, and added to the job's outputs then (EarlyOutputs); the collection at the end
@@ -111,16 +111,20 @@ class Collector:
     async def collect(
         self, client: ComfyClient, uploading: Job, cleanup: BackendCleanup | None = None,
         early: EarlyOutputs | None = None, unrecorded: UnrecordedEnd | None = None,
+        history_outputs: dict[str, Any] | None = None,
     ) -> None:
         """Store the outputs of a job in `uploading` (those in `early` are stored already)
         and mark it succeeded (or failed); then delete the stored files from the backend
         through `cleanup`. The end of executing `unrecorded` (the job still `dispatched` or
         `running` in the database) is recorded with the job's end, unless its own write
-        (tracker.END_WRITE_DELAY) took it first."""
+        (tracker.END_WRITE_DELAY) took it first. Its outputs are `history_outputs` (the
+        `outputs` of its history entry, or the same from its `executed` messages) when given,
+        else read from the history."""
         try:
             try:
-                entry = await self._history(client, uploading)
-                files, texts = output_items(entry.get("outputs"))
+                if history_outputs is None:
+                    history_outputs = (await self._history(client, uploading)).get("outputs")
+                files, texts = output_items(history_outputs)
                 stored_early = await early.settled() if early is not None else []
                 outputs = await self._store_outputs(client, uploading, files, texts,
                                                     stored_early)

@@ -70,6 +70,9 @@ class BackendSession:
         self._http = aiohttp.ClientSession()
         self.client = ComfyClient(backend.url, self._http)
         self.connected = False
+        # Counts the websocket connections made: events heard on one connection from a
+        # prompt's start to its end are all its events (none were sent while it was down).
+        self.connections = 0
         self.draining = False  # takes no new work; finishes what it has
         # When the backend was last seen going away (or this session began): the grace clock.
         self._unreachable_since: float | None = time.monotonic()
@@ -114,6 +117,7 @@ class BackendSession:
 
     async def _connection(self) -> None:
         websocket = await self.client.connect_websocket(self.client_id)
+        self.connections += 1
         try:
             # Must be the first message: previews then name their prompt (frame type 4).
             await websocket.send_json(FEATURE_FLAGS)

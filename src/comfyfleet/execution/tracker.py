@@ -86,6 +86,9 @@ class PromptRun:
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
+    started_on: int | None = None  # the connection to its backend its execution_start came on
+    # Its `executed` messages: node -> UI (None: a node served from cache that has none).
+    executed: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     start: UnrecordedStart = field(default_factory=UnrecordedStart)
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
@@ -241,6 +244,7 @@ class ExecutionTracker:
         match message:
             case ExecutionStart():
                 run.started = run.last_write = time.monotonic()
+                run.started_on = session.connections
                 self._log(run, "info", f"execution started on backend {session.name}")
                 run.start.at = utcnow()
                 run.start.timer = asyncio.create_task(self._record_start_later(run))
@@ -257,7 +261,7 @@ class ExecutionTracker:
                     seconds = time.monotonic() - run.started
                     self._run_times.record(session.name, run.job.workflow, seconds)
                     self._log(run, "info", f"Prompt executed in {seconds:.2f} seconds")
-                await self._finished_executing(run)
+                await self._finished_executing(run, self._outputs_heard(run))
             case Executing(node=node):
                 self._node_ran(run)  # a new node starting ends the previous one
                 run.node_running, run.node_started = node, time.monotonic()
@@ -270,9 +274,11 @@ class ExecutionTracker:
                 if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
                     self._signals.length_known()  # it may be worth moving now
                 await self._report_progress(run, value / maximum)
-            case Executed(node=str(node), output=dict(output)):
-                self._collector.store_early(session.client, run.job, {node: output}, run.early,
-                                            run.start)
+            case Executed(node=str(node), output=output):
+                run.executed[node] = output
+                if output is not None:
+                    self._collector.store_early(session.client, run.job, {node: output},
+                                                run.early, run.start)
             case ExecutionError(exception_message=exception, traceback=trace):
                 # As ComfyUI's own console says it.
                 self._log(run, "error", f"!!! Exception during processing !!! {exception}")
@@ -406,7 +412,27 @@ class ExecutionTracker:
         finally:
             self._progress_writer = None
 
-    async def _finished_executing(self, run: PromptRun) -> None:
+    @staticmethod
+    def _outputs_heard(run: PromptRun) -> dict[str, Any] | None:
+        """The outputs of `run`, which just ended executing, as its `/history` entry lists
+        them, from its `executed` messages, when those are sure to be all of them: they all
+        came on one connection (ComfyUI sends nothing while the socket is down, and replays
+        nothing), and every output node of the prompt reported. Else None: `/history` tells.
+        (ComfyUI 0.3.64 also lists in /history, without an `executed`, the UI of a node that
+        is not an output node and was served from its cache: its UI from an earlier prompt.
+        The core nodes that have UI are all output nodes, and newer versions send it again.)"""
+        capabilities = run.session.capabilities
+        if run.started_on != run.session.connections or capabilities is None:
+            return None
+        for node_id, node in run.job.prompt.items():
+            spec = capabilities.nodes.get(node.get("class_type"))
+            if spec is None or (spec.output_node and node_id not in run.executed):
+                return None
+        return {node: ui for node, ui in run.executed.items() if ui is not None}
+
+    async def _finished_executing(self, run: PromptRun,
+                                  outputs: dict[str, Any] | None = None) -> None:
+        """`run` ended executing; `outputs`, as its history entry lists them, if known."""
         # The slot is free for the next claim as soon as the end is read, not once the
         # statement recording it (uploading) has committed: this process's claims count the
         # prompt out of its backend's slots meanwhile (`ended`); other processes' count it
@@ -433,7 +459,7 @@ class ExecutionTracker:
             if started_at is not None:
                 metrics.job_started(uploading)
             metrics.job_executed(uploading)
-            self._start_collecting(run.session, uploading, run.early, unrecorded)
+            self._start_collecting(run.session, uploading, run.early, unrecorded, outputs)
 
     def _defer_end(self, run: PromptRun, end: ExecutionEnd) -> UnrecordedEnd | None:
         """`run`'s end of executing, left for the statement recording the job's end (its
@@ -469,9 +495,10 @@ class ExecutionTracker:
 
     def _start_collecting(self, session: BackendSession, job: Job,
                           early: EarlyOutputs | None = None,
-                          unrecorded: UnrecordedEnd | None = None) -> None:
+                          unrecorded: UnrecordedEnd | None = None,
+                          outputs: dict[str, Any] | None = None) -> None:
         """Collect the outputs of `job`, whose end of executing is recorded, or is
-        `unrecorded` yet."""
+        `unrecorded` yet; `outputs`, as its history entry lists them, if known."""
         assert job.prompt_id is not None
         prompt_id = job.prompt_id
         if prompt_id in self._collecting:
@@ -480,7 +507,8 @@ class ExecutionTracker:
             return
         task = asyncio.create_task(metrics.timed_upload(
             job, self._collector.collect(session.client, job, cleanup=session.cleanup,
-                                         early=early, unrecorded=unrecorded)))
+                                         early=early, unrecorded=unrecorded,
+                                         history_outputs=outputs)))
         self._collecting[prompt_id] = task
         task.add_done_callback(lambda _: self._collecting.pop(prompt_id, None))
 
@@ -563,7 +591,8 @@ class ExecutionTracker:
         status = entry.get("status")
         status = status if isinstance(status, dict) else {}
         if status.get("status_str") == "success":
-            await self._finished_executing(run)
+            outputs = entry.get("outputs")
+            await self._finished_executing(run, outputs if isinstance(outputs, dict) else {})
             return
         self._runs[run.prompt_id] = run
         errors = [parse_event(kind, data) for kind, data in _status_messages(status)]

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ class SimulatedComfyUI:
         )
         self.max_upload_size = max_upload_size
         self.restarts = 0
+        # The requests it answered, by method and route ("GET /history/{prompt_id}"): what a
+        # client asked, for tests to check.
+        self.requests: Counter[str] = Counter()
         self._custom_node_paths = list(custom_nodes)
         self._node_specs = {**(model_specs(models) if models is not None else {}),
                             **(node_specs or {})}
@@ -151,7 +155,14 @@ class SimulatedComfyUI:
             folders=folders, faults=self.faults, max_upload_size=self.max_upload_size
         )
         comfy = routes.routes() + files.routes()
-        app = web.Application(client_max_size=self.max_upload_size, middlewares=[_origin_guard])
+        @web.middleware
+        async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+            route = request.match_info.route.resource
+            self.requests[f"{request.method} {route.canonical if route else request.path}"] += 1
+            return await handler(request)
+
+        app = web.Application(client_max_size=self.max_upload_size,
+                              middlewares=[count, _origin_guard])
         app.add_routes(with_api_copies(comfy))
         app.add_routes(ControlRoutes(self).routes())
         if self._custom_node_paths:

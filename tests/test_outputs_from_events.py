@@ -138,3 +138,24 @@ async def test_after_a_reconnect_while_the_prompt_runs_the_outputs_come_from_the
     assert job["status"] == "succeeded"
     assert sim.requests[HISTORY_ITEM] >= 1
     assert [node for node, _ in stored_files(job)] == ["3"]
+
+
+async def test_a_prompt_settled_from_its_history_entry_is_collected_from_that_entry(
+    settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The socket stays open but goes silent (no message of the prompt arrives): the quiet
+    prompt's history entry, read once by the safety net, settles it and gives its outputs;
+    the history is not read a second time to collect them."""
+    add_workflow(settings, tmp_path, "quick", {
+        "1": IMAGE,
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
+    })
+    settings.comfyui_endpoints = [sim.url]
+    # Long enough for the prompt to have ended at the first look (a look sooner would read
+    # an empty entry, and count).
+    settings.quiet_prompt_seconds = 2.0
+    sim.faults.update({"hang": True})
+    job = await run_job(settings, receiver, "quick")
+    assert job["status"] == "succeeded"
+    assert sim.requests[HISTORY_ITEM] == 1
+    assert [node for node, _ in stored_files(job)] == ["2"]

@@ -86,7 +86,9 @@ class PromptRun:
     last_write: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # an event, or a history check
     started: float | None = None  # monotonic time of its execution_start
-    started_on: int | None = None  # the connection to its backend its execution_start came on
+    # The connection to its backend its execution_start came on (None once a message of its
+    # was let go unread: those heard are not all).
+    started_on: int | None = None
     # Its `executed` messages: node -> UI (None: a node served from cache that has none).
     executed: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     start: UnrecordedStart = field(default_factory=UnrecordedStart)
@@ -238,8 +240,11 @@ class ExecutionTracker:
             return
         prompt_id = getattr(message, "prompt_id", None)
         run = self._runs.get(prompt_id) if prompt_id is not None else None
-        if run is None or run.session is not session or run.moving:
-            return  # not ours (another client's prompt, one already finished, one moving)
+        if run is None or run.session is not session:
+            return  # not ours (another client's prompt, one already finished)
+        if run.moving:  # read from /history now; should it stay, those heard are not all
+            run.started_on = None
+            return
         run.last_heard = time.monotonic()
         match message:
             case ExecutionStart():

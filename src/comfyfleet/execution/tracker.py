@@ -260,13 +260,7 @@ class ExecutionTracker:
                               f"{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}")
                 self._check_cache(run, nodes)
             case Executing(node=None):
-                self._node_ran(run)
-                self._held_for(run)
-                if run.started is not None:
-                    seconds = time.monotonic() - run.started
-                    self._run_times.record(session.name, run.job.workflow, seconds)
-                    self._log(run, "info", f"Prompt executed in {seconds:.2f} seconds")
-                await self._finished_executing(run, self._outputs_heard(run))
+                await self._executed_all(session, run)
             case Executing(node=node):
                 self._node_ran(run)  # a new node starting ends the previous one
                 run.node_running, run.node_started = node, time.monotonic()
@@ -295,6 +289,16 @@ class ExecutionTracker:
                 await self._fail(run, job_error(
                     "interrupted", "the prompt was interrupted on the backend",
                     node_id=node_id, node_type=node_type))
+
+    async def _executed_all(self, session: BackendSession, run: PromptRun) -> None:
+        """`executing` with no node: the prompt ran to its end on `session`'s backend."""
+        self._node_ran(run)
+        self._held_for(run)
+        if run.started is not None:
+            seconds = time.monotonic() - run.started
+            self._run_times.record(session.name, run.job.workflow, seconds)
+            self._log(run, "info", f"Prompt executed in {seconds:.2f} seconds")
+        await self._finished_executing(run, self._outputs_heard(run))
 
     def _check_cache(self, run: PromptRun, served: list[str]) -> None:
         if run.keys is None:

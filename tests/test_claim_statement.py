@@ -1,10 +1,14 @@
 """One claim transaction asks several backends on one read of the backlog (sql/claim.sql):
 the backend after the first that takes the job takes it under its own lock, never waiting for
-that lock while holding the first's, and within its slots by the database's count."""
+that lock while holding the first's, and within its slots by the database's count. Claims for
+other backends read the backlog side by side and see every queued job; the take judges the
+job and those it passes at their latest versions, so none is passed uncounted or past the
+window by claims of other processes."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -15,7 +19,7 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import driver_connection
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob, Refusal
+from comfyfleet.jobs.repository import CLAIM_BATCH, Choice, JobRepository, QueuedJob, Refusal
 
 
 def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
@@ -186,3 +190,95 @@ async def test_a_claim_reads_its_first_backend_under_that_backends_lock(
         async with asyncio.timeout(10):
             taken = await claim
     assert taken.job is not None and taken.job.id == job.id
+
+
+def widest(window: int) -> Callable[[str, list[QueuedJob]], Choice | None]:
+    """A pick that passes as many jobs as `window` allows (as placement may): it takes the
+    last job before the first passed `window` times already, or that one."""
+    def pick(_: str, queued: list[QueuedJob]) -> Choice | None:
+        due = next((index for index, job in enumerate(queued) if job.overtaken >= window),
+                   len(queued) - 1)
+        band = queued[:due + 1]
+        return Choice(band[-1].id, tuple(job.id for job in band[:-1])) if band else None
+    return pick
+
+
+async def blocked(observer: Any, claim: asyncio.Task[Any]) -> None:
+    """Until `claim` waits for a lock (or is done: it did not wait)."""
+    async with asyncio.timeout(10):
+        while not claim.done() and not await observer.fetchval(  # noqa: ASYNC110
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"):
+            await asyncio.sleep(0.01)
+
+
+async def test_no_job_is_passed_uncounted_or_past_the_window_by_claims_side_by_side(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    oldest, middle, newest = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                              for _ in range(3)]
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # Another process's claim for "a" takes the middle job, passing the oldest (its
+            # take's writes, not committed yet): the oldest is passed once, the window.
+            await elsewhere.execute(
+                "UPDATE jobs SET overtaken = overtaken + 1 WHERE id = $1", oldest.id)
+            await elsewhere.execute(
+                "UPDATE jobs SET status = 'dispatched', backend = 'a', prompt_id = 'pa',"
+                " attempts = attempts + 1 WHERE id = $1", middle.id)
+            claim = asyncio.create_task(repository.claim_next(
+                ["b"], "pb", max_inflight=1, pick=widest(1), window=1))
+            # It waits to know what it passes. (Had it skipped the jobs locked, it would take
+            # the newest and pass the oldest a second time, uncounted.)
+            await blocked(observer, claim)
+        async with asyncio.timeout(10):
+            taken = await claim
+        # Its read had the oldest passed no time, but it is passed once by now: the newest
+        # would pass it past the window; the claim reads again and takes the oldest.
+        assert taken.job is not None and taken.job.id == oldest.id
+        assert await observer.fetch(
+            "SELECT id, status, overtaken FROM jobs ORDER BY created_at") == [
+            (oldest.id, "dispatched", 1), (middle.id, "dispatched", 0),
+            (newest.id, "queued", 0)]
+
+
+async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_read(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(workflow="w", prompt={}))
+    async with driver_connection(engine) as elsewhere, elsewhere.transaction():
+        # Another process's claim for "a" has read the backlog and not taken anything yet.
+        read = await elsewhere.fetch(sql.queries("claim")["candidates"], "a", 1, None,
+                                     CLAIM_BATCH, None, [], [])
+        assert [row["id"] for row in read] == [job.id]
+        async with asyncio.timeout(10):
+            claim = await repository.claim_next(["b"], "pb", max_inflight=1, pick=first)
+        # The claim for "b" neither waits for it nor finds the backlog hidden.
+        assert claim.job is not None and claim.job.id == job.id
+
+
+async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEngine) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    repository = JobRepository(engine)
+    lost, next_one = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                      for _ in range(2)]
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # Another process's claim for "a" is taking the oldest job.
+            await elsewhere.execute(
+                "UPDATE jobs SET status = 'dispatched', backend = 'a', prompt_id = 'pa',"
+                " attempts = attempts + 1 WHERE id = $1", lost.id)
+            claim = asyncio.create_task(
+                repository.claim_next(["b"], "pb", max_inflight=1, pick=first))
+            await blocked(observer, claim)
+            assert not claim.done()  # it waits to know whether the oldest is still queued
+        async with asyncio.timeout(10):
+            taken = await claim
+    assert taken.job is not None and taken.job.id == next_one.id
+    assert (taken.job.backend, taken.locked, taken.next) == ("b", ("b",), 1)

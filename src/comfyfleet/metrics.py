@@ -61,7 +61,9 @@ DISPATCH_CLAIMS = Counter(
     "count), empty (nothing queued), not_accepting (drained or gone), cannot_run (no queued "
     "job it can run), waits_for_warm (every job sooner on a backend holding its model), "
     "slower (faster backends finish the backlog first), tenant_limit (the chosen job's key "
-    "at its max_concurrent, or given one since the claim read the backlog)",
+    "at its max_concurrent, or given one since the claim read the backlog), raced (other "
+    "processes' claims took the chosen job, or passed a job it passes to AFFINITY_WINDOW, "
+    "since each of the claim's reads)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",

@@ -262,7 +262,7 @@ class Dispatcher:
             claim = await self._repository.claim_next(
                 names, str(uuid.uuid4()), max_inflight=self._max_inflight,
                 pick=lambda name, queued: self._pick(sessions[name], queued),
-                owner=self._owner, ended=self._tracker.ended())
+                owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window)
             taker = claim.job.backend if claim.job is not None else None
             if claim.refusal is not None:  # the last backend it locked chose a job in vain
                 self._outcomes[claim.locked[-1]] = claim.refusal

@@ -55,6 +55,10 @@ _READS = sql.queries("reads")
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
 # among the tenants first in virtual time.
 CLAIM_BATCH = 50
+# Reads of the backlog a claim makes when its take loses a race with another claim's (the
+# job it chose taken, or one it passes passed to the window meanwhile): each lost race is
+# another claim's progress.
+CLAIM_READS = 4
 # The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
 PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
@@ -119,6 +123,9 @@ class Refusal(StrEnum):
     TENANT_LIMIT = "tenant_limit"  # the job's key at its max_concurrent, or given one since
     NOT_ACCEPTING = "not_accepting"  # the backend drained or gone since
     NO_SLOT = "no_slot"  # the backend's slots full by every process's count
+    # Another claim took the job since the read, or passed one it passes to the window: read
+    # again (`claim_next`), and given as the outcome only after CLAIM_READS reads.
+    RACED = "raced"
 
 
 class Claim(NamedTuple):
@@ -291,6 +298,7 @@ class JobRepository:
         pick: Callable[[str, list[QueuedJob]], Choice | None],
         owner: int | None = None,
         ended: Collection[str] = (),
+        window: int | None = None,
     ) -> Claim:
         """Take the queued job `pick` chooses for the first of `backends` that chooses one,
         among the head of each tenant's backlog (sql/claim.sql `candidates`: tenants first in
@@ -305,10 +313,29 @@ class JobRepository:
         The backends' slots hold across processes: claims for one backend are serialised by
         an advisory lock and count what every process has on it, but for the prompts `ended`:
         the caller's whose end it has read from their backend, their jobs not recorded off it
-        yet (a prompt that ended holds no GPU; only the caller knows it ended). SKIP LOCKED
-        lets processes claim side by side without ever sharing a job.
+        yet (a prompt that ended holds no GPU; only the caller knows it ended). Claims for
+        other backends, in any process, read the backlog side by side, without locks, and see
+        every queued job; the take locks the job and those it passes, so no two share a job,
+        and no job is passed by more than `window` claims (None: no bound) that counted it.
+        When another claim took the chosen job since the read, or passed one of those it
+        passes `window` times, the claim reads again in a new transaction (CLAIM_READS in
+        all): the backlog has moved on.
         """
-        first, ended = backends[0], list(ended)
+        claim, reads = None, 0
+        while claim is None:
+            reads += 1
+            claim = await self._claim(backends, prompt_id, max_inflight, pick, owner,
+                                      list(ended), window, last=reads == CLAIM_READS)
+        return claim
+
+    async def _claim(
+        self, backends: Sequence[str], prompt_id: str, max_inflight: int,
+        pick: Callable[[str, list[QueuedJob]], Choice | None], owner: int | None,
+        ended: list[str], window: int | None, *, last: bool,
+    ) -> Claim | None:
+        """One read of the backlog and the take of what it chose (`claim_next`); None when
+        the take lost a race with another claim (not on the `last` read: that is refused)."""
+        first = backends[0]
         async with driver_connection(self.engine) as connection, connection.transaction():
             held = dict(self._prompts)
             rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
@@ -328,10 +355,13 @@ class JobRepository:
                 if asked and not await connection.fetchval(_CLAIM["try_lock_backend"], backend):
                     return Claim(None, (first,), backlog, asked)
                 row = await self._take(connection, choice, backend, prompt_id, owner,
-                                       max_inflight, ended, limited.get(choice.job_id))
+                                       max_inflight, ended, limited.get(choice.job_id),
+                                       window)
                 locked = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
-                    return Claim(None, locked, backlog, asked + 1, Refusal(row["refusal"]))
+                    refusal = Refusal(row["refusal"])
+                    return None if refusal is Refusal.RACED and not last \
+                        else Claim(None, locked, backlog, asked + 1, refusal)
                 break
             else:
                 return Claim(None, (first,), backlog, len(backends))
@@ -349,16 +379,17 @@ class JobRepository:
 
     async def _take(self, connection: asyncpg.Connection, choice: Choice, backend: str,
                     prompt_id: str, owner: int | None, max_inflight: int, ended: list[str],
-                    tenant: str | None) -> asyncpg.Record:
+                    tenant: str | None, window: int | None) -> asyncpg.Record:
         """`take` the job `choice` chose for `backend`: the job as dispatched, or its
         `refusal`; `tenant`: the job's tenant if it has a max_concurrent, whose lock is taken
-        first (a round trip most tenants do without)."""
+        first (a round trip most tenants do without); `window`: how often a job it passes may
+        have been passed already (less), None: any."""
         if tenant is not None:
             await connection.execute(_CLAIM["lock_tenant"], tenant)
-        row: asyncpg.Record | None = await connection.fetchrow(
+        row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
-            choice.charge, self._max_concurrent, max_inflight, ended, tenant is not None)
-        assert row is not None, "a job the claim's read locked is queued still"
+            choice.charge, self._max_concurrent, max_inflight, ended, tenant is not None,
+            window)
         return row
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,

@@ -32,8 +32,10 @@ SELECT pg_try_advisory_xact_lock(hashtext($1))
 -- a max_concurrent (`limited`: `lock_tenant`); one row of nulls but `free` and `backlog`
 -- without any. A job's prompt comes as text, but null for the jobs $6, whose prompts the
 -- caller holds (a job's prompt never changes; a tenant's head is read again by every claim).
--- The jobs are locked SKIP LOCKED, so processes claiming side by side never share one. A job
--- whose extra_data another process holds in memory (jobs/extra_data.py) is that process's to
+-- The jobs are read without locks: claims for other backends, in this process or another,
+-- read the same head side by side, none hidden from another (a job hidden by SKIP LOCKED was
+-- one a claim could pass uncounted); `take` locks what it takes and passes, and never shares a
+-- job. A job whose extra_data another process holds in memory (jobs/extra_data.py) is that process's to
 -- claim: process $5 reads (and counts in `backlog`) only its own and those of none. The
 -- prompts $7 (the caller's whose end it has read from the backend, their jobs not recorded
 -- off it yet) hold no slot: a prompt that ended holds no GPU, and the claim need not wait for
@@ -43,7 +45,7 @@ WITH RECURSIVE locked AS MATERIALIZED (
     -- `lock_backend` in the same round trip, before any job is read (`slots` reads it, and
     -- no head is read without `slots`). This statement's snapshot may predate the lock, so
     -- what it reads may miss a claim committed while it waited: `take`, a later statement,
-    -- counts again under the lock, and the jobs are locked at their latest versions.
+    -- counts again under the lock, and judges the jobs at their latest versions.
     SELECT pg_advisory_xact_lock(hashtext($1))
 ), slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
@@ -100,8 +102,7 @@ FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
           WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
             AND (extra_data_holder IS NULL OR extra_data_holder = $5)
           ORDER BY priority DESC, created_at
-          LIMIT heads.depth
-          FOR UPDATE SKIP LOCKED) AS head
+          LIMIT heads.depth) AS head
 ) AS queued) ON true
 ORDER BY heads.start, heads.tenant, queued.place
 
@@ -119,14 +120,31 @@ SELECT pg_advisory_xact_lock(hashtext('concurrent:' || $1))
 -- `candidates` read none; without the lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it, the prompts $9 not
 -- counted (as in `candidates`; run under its lock, so the count sees every claim and move
 -- committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
--- GPU-seconds over its weight, starting no earlier than the virtual clock. Returns a row
--- (the job is locked by `candidates`, so queued still): the job as dispatched, or its
--- columns null and `refusal` saying why not: tenant_limit, not_accepting (the backend) or
--- no_slot (the backend's).
-WITH considered AS (
+-- GPU-seconds over its weight, starting no earlier than the virtual clock. The job and those
+-- it passes are locked first, in the order of their ids (claims side by side lock the jobs
+-- they share in one order, so none waits for another in a cycle), and judged at their latest
+-- versions, which may be newer than the caller's read: if another claim took the job since,
+-- or one of those it passes is still queued and already passed $11 times (null: no bound) by
+-- another claim, nothing is taken (raced: the caller reads again). Returns a row: the job as
+-- dispatched, or its columns null and `refusal` saying why not: raced, tenant_limit,
+-- not_accepting (the backend) or no_slot (the backend's).
+WITH locked AS MATERIALIZED (
+    SELECT id, status, overtaken FROM jobs
+    WHERE id = $1 OR id = ANY($2::uuid[])
+    ORDER BY id
+    FOR NO KEY UPDATE
+), verdict AS (
+    -- An aggregate over every row of `locked`: all of them are locked before anything is
+    -- judged or written (a CTE is read only as far as its reader asks).
+    SELECT coalesce(bool_or(id = $1 AND status = 'queued'), false)
+           AND coalesce(bool_and(id = $1 OR status <> 'queued' OR overtaken < $11::int), true)
+               AS open
+    FROM locked
+), considered AS (
     SELECT jobs.id, jobs.api_key_hash, coalesce(jobs.api_key_hash, '') AS tenant,
            coalesce(api_keys.weight, 1) AS weight,
-           CASE WHEN NOT (coalesce(api_keys.max_concurrent, $7::int) IS NULL
+           CASE WHEN NOT (SELECT open FROM verdict) THEN 'raced'
+                WHEN NOT (coalesce(api_keys.max_concurrent, $7::int) IS NULL
                           OR $10::bool AND (SELECT count(*) FROM jobs AS mine
                               WHERE (mine.api_key_hash = jobs.api_key_hash
                                      OR (mine.api_key_hash IS NULL
@@ -140,13 +158,15 @@ WITH considered AS (
                       WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')
                         AND (there.prompt_id = ANY($9::text[])) IS NOT TRUE) >= $8
                 THEN 'no_slot' END AS refusal
+    -- Its status as this statement's snapshot has it may be older than `locked`'s.
     FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
-    WHERE jobs.id = $1 AND jobs.status = 'queued'
+    WHERE jobs.id = $1
 ), chosen AS (
     SELECT * FROM considered WHERE refusal IS NULL
 ), passed AS (
     UPDATE jobs SET overtaken = overtaken + 1
-    WHERE id = ANY($2::uuid[]) AND id <> $1 AND EXISTS (SELECT 1 FROM chosen)
+    WHERE id = ANY($2::uuid[]) AND id <> $1 AND status = 'queued'
+      AND EXISTS (SELECT 1 FROM chosen)
 ), clock AS (
     SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
 ), charged AS (
@@ -170,7 +190,8 @@ WITH considered AS (
     WHERE jobs.id = chosen.id
     RETURNING jobs.*
 )
-SELECT taken.*, considered.refusal FROM considered LEFT JOIN taken ON true
+SELECT taken.*, CASE WHEN verdict.open THEN considered.refusal ELSE 'raced' END AS refusal
+FROM verdict LEFT JOIN considered ON true LEFT JOIN taken ON true
 
 -- name: place
 -- Where queued job $1 stands in fair share: a row per tenant with queued work, its own first

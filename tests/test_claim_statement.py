@@ -19,7 +19,14 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.db import driver_connection
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
-from comfyfleet.jobs.repository import CLAIM_BATCH, Choice, JobRepository, QueuedJob, Refusal
+from comfyfleet.jobs.repository import (
+    CLAIM_BATCH,
+    CLAIM_READS,
+    Choice,
+    JobRepository,
+    QueuedJob,
+    Refusal,
+)
 
 
 def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
@@ -282,3 +289,23 @@ async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEn
             taken = await claim
     assert taken.job is not None and taken.job.id == next_one.id
     assert (taken.job.backend, taken.locked, taken.next) == ("b", ("b",), 1)
+
+
+async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    gone, _ = await repository.insert(Job(workflow="w", prompt={}))
+    await repository.insert(Job(workflow="w", prompt={}))
+    taken = await repository.claim_next(["a"], "p1", max_inflight=2, pick=first)
+    assert taken.job is not None and taken.job.id == gone.id
+    reads = 0
+
+    def stale(_: str, queued: list[QueuedJob]) -> Choice:
+        nonlocal reads
+        reads += 1
+        return Choice(gone.id)  # as if each read had predated another claim's take of it
+
+    claim = await repository.claim_next(["a"], "p2", max_inflight=2, pick=stale)
+    assert (claim.job, claim.refusal, claim.next, reads) == (None, Refusal.RACED, 1, CLAIM_READS)

@@ -206,3 +206,51 @@ async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
     assert made == {"cannot_run": 1, "no_slot": 1}
+
+
+def runs_executed(workflow: str) -> float:
+    """The prompts of `workflow` this process has read the end of (their `run` phase)."""
+    return REGISTRY.get_sample_value("comfyfleet_job_phase_seconds_count",
+                                     {"phase": "run", "workflow": workflow}) or 0.0
+
+
+async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_its_slot(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """The first job's claim saw the backlog empty, so its end of executing is left to the
+    statement recording its end (its outputs are slow to read) or to its own write a moment
+    later; neither can commit here. A job queued meanwhile takes the backend's one slot at
+    once (the claim counts the ended prompt out), not at the dispatcher's next safety pass."""
+    async with AsyncExitStack() as stack:
+        # A 4 KB output read at 2 KB/s: its collection outlasts END_WRITE_DELAY.
+        sim = await stack.enter_async_context(SimulatedComfyUI(
+            name="gpu", duration=0.5, output_size=4096, view_bytes_per_second=2048))
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        settings.max_inflight_per_backend = 1
+        settings.dispatch_interval = 600  # no safety pass within the test
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 1)
+        # The dispatcher idle, its last claim having seen the backlog empty.
+        await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
+                           "succeeded")
+        executed = runs_executed("invert")
+        first = await submit(http, base, {"workflow": "invert", "params": {"color": 1}})
+        await wait_for_job(http, base, first, "running")
+        async with driver_connection(engine) as blocker, blocker.transaction():
+            # Every write of the first job's end (of executing, or with its outputs) waits
+            # for this lock.
+            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
+                                  uuid.UUID(first))
+            async with asyncio.timeout(30):
+                # Its end read from the backend (a counter of this process: no event to wait on).
+                while runs_executed("invert") == executed:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            second = await submit(http, base, {"workflow": "invert", "params": {"color": 2}})
+            await wait_for_job(http, base, second, "dispatched", "running", "uploading",
+                               "succeeded", seconds=30)
+            async with driver_connection(engine) as reader:
+                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
+                                             uuid.UUID(first)) == "running"
+        for job_id in (first, second):
+            assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"

@@ -3,9 +3,12 @@
 The dispatcher sleeps until `changed` is set. A queued job or a freed slot makes a claim worth
 its database round trip (`claim_due`), a freed slot only while jobs may be queued (`queued`:
 one may have joined the backlog); a running prompt whose length became clearer only calls
-for a rebalance. A freed slot also beats `freed`, which a drain waiting for its backend
-to go idle listens to. `backlog_empty` goes the other way: the dispatcher's last claim saw
-nothing queued and nothing was queued since, so no claim waits for a slot the tracker frees.
+for a rebalance. A slot is freed for this process's claims as soon as its prompt is known to
+be off the backend (its end read, or it was withdrawn, given up), and released once the
+database counts it off too: `released` beats then, which a drain waiting for its backend to
+go idle listens to (the claims count a freed slot out already: nothing new to claim).
+`backlog_empty` goes the other way: the dispatcher's last claim saw nothing queued and nothing
+was queued since, so no claim waits for a slot the tracker frees.
 The fleet makes one and hands it to the tracker, which sends, and to the dispatcher, which
 waits: both sit above this module, neither knows the other.
 """
@@ -24,7 +27,7 @@ class DispatchSignals:
         # A job may have joined the backlog since the last pass began (else a freed slot
         # finds nothing a claim that saw the backlog empty did not).
         self.queued = True
-        self.freed = Pulse()
+        self.released = Pulse()
         self.backlog_empty = False
 
     def claimed(self, *, backlog_empty: bool) -> None:
@@ -39,19 +42,15 @@ class DispatchSignals:
         self._claim()
 
     def slot_freed(self) -> None:
-        """A prompt left a backend (ended, withdrawn, given up): its slot can take a job."""
-        self._claim()
-        self.freed.beat()
-
-    def prompt_ended(self) -> None:
-        """A prompt ended executing, its end not recorded yet: its slot can take a job (this
-        process's claims count it out until `slot_released`)."""
+        """A prompt is off its backend (its end read; or withdrawn, given up): its slot can
+        take a job. The database may count it there until `slot_released`; this process's
+        claims count out the prompts whose end was read (the tracker's `ended`)."""
         self._claim()
 
     def slot_released(self) -> None:
-        """The end of a prompt told by `prompt_ended` is recorded and its slot released:
-        nothing new to claim, but a drain waiting for its backend to go idle may hear it."""
-        self.freed.beat()
+        """A freed slot is off its backend in the database's count too: a drain waiting for
+        its backend to go idle may hear it; nothing new to claim."""
+        self.released.beat()
 
     def length_known(self) -> None:
         """A running prompt's length became clearer: it may be worth moving; no claim."""

@@ -8,7 +8,9 @@ within a moment (`tracker.START_WRITE_DELAY`) is written on its own, by the `tim
 
 Likewise its end of executing (`uploading`) while no job waits in the backlog (no claim wants
 its slot in the database's count): its outputs are usually stored within that moment, and the
-statement recording the job's end records it (`tracker.END_WRITE_DELAY`).
+statement recording the job's end records it (`tracker.END_WRITE_DELAY`). The prompt holds its
+backend's slot in the database's count until then: the tracker waits for the end to be
+`settled` to release it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, NamedTuple, TypeVar
 
@@ -28,6 +30,8 @@ class Unrecorded(Generic[T]):
     at: T | None = None  # what happened, while no write has taken it
     timer: asyncio.Task[None] | None = None  # the write of its own, waiting its moment
     _writing: asyncio.Event | None = None  # set once the write that took it has ended
+    # Set once a write has recorded it, or nothing will (`drop`).
+    _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @asynccontextmanager
     async def recording(self) -> AsyncIterator[T | None]:
@@ -48,13 +52,21 @@ class Unrecorded(Generic[T]):
         except BaseException:
             self.at = self.at or at
             raise
+        else:
+            self._settled.set()
         finally:
             writing.set()
+
+    async def settled(self) -> None:
+        """Return once a write has recorded it (committed), or nothing will (`drop`): not
+        after a write that failed, for the next one records it."""
+        await self._settled.wait()
 
     def drop(self) -> None:
         """The run is over otherwise (cancelled, lost, moved, shutting down): nothing
         records it."""
         self.at = None
+        self._settled.set()
         if self.timer is not None:
             self.timer.cancel()
 

@@ -7,6 +7,7 @@ recorded on a backend are reconciled through `/history/{prompt_id}` and `/queue`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -60,7 +61,8 @@ PROGRESS_WRITE_INTERVAL = 0.5
 START_WRITE_DELAY = 0.2
 # How long a prompt's end of executing (`uploading`) waits to be recorded on its own while no
 # job is queued: outputs stored sooner have it recorded by the statement recording the job's
-# end. (With jobs queued it is recorded at once: the slot it frees is theirs.)
+# end. (With jobs queued it is recorded at once: other processes' claims count its slot until
+# then.)
 END_WRITE_DELAY = 0.5
 WATCH_INTERVAL = 1.0  # seconds between passes of the safety net
 
@@ -158,8 +160,12 @@ class ExecutionTracker:
         self._last_end: dict[str, float] = {}  # by backend: when our last prompt there ended
         self._submitting: set[str] = set()
         # Prompts whose end was read, their jobs not yet recorded off their backends: they
-        # hold their backends' slots no longer for this process's claims (`ended`).
+        # hold their backends' slots no longer for this process's claims (`ended`), and are
+        # released once it is.
         self._ending: set[str] = set()
+        # The writes of ends of executing left to the job's end (`_defer_end`), each
+        # releasing its prompt's slot once the end is recorded.
+        self._end_writes: set[asyncio.Task[None]] = set()
         self._collecting: dict[str, asyncio.Task[None]] = {}
         # The runs whose latest progress is still to be written, and the task writing it.
         self._progressing: dict[str, PromptRun] = {}
@@ -214,20 +220,30 @@ class ExecutionTracker:
         self._submitting.discard(prompt_id)
 
     def forget(self, prompt_id: str) -> None:
-        if self._drop(prompt_id):
+        """Stop following a prompt that left its backend otherwise (cancelled, moved, lost,
+        failed, never sent) and release its slot."""
+        run = self._unfollow(prompt_id)
+        if run is not None:
             self._signals.slot_freed()
+            self._release(run.session, prompt_id)
 
-    def _drop(self, prompt_id: str) -> bool:
-        """Stop following a prompt and release its slot; whether it was followed."""
+    def _unfollow(self, prompt_id: str) -> PromptRun | None:
+        """Stop following a prompt (its slot stays held); the run, if it was followed."""
         self._submitting.discard(prompt_id)
         run = self._runs.pop(prompt_id, None)
         if run is None:
-            return False
+            return None
         run.early.closed = True
         if run.start.at is not None:
             run.start.drop()  # it ended otherwise: cancelled, lost, moved
-        run.session.release(prompt_id)
-        return True
+        return run
+
+    def _release(self, session: BackendSession, prompt_id: str) -> None:
+        """The prompt is off its backend in the database's count too: its slot is released
+        (a drain waiting for the backend to go idle hears it)."""
+        self._ending.discard(prompt_id)
+        session.release(prompt_id)
+        self._signals.slot_released()
 
     # Websocket events.
 
@@ -447,10 +463,11 @@ class ExecutionTracker:
         # prompt out of its backend's slots meanwhile (`ended`); other processes' count it
         # until it is recorded. The slot is released once it is (a drain waits for that). A
         # start not recorded yet (a short prompt) is recorded by the same statement. While no
-        # job is queued, the end is recorded by the job's end instead (`_defer_end`).
+        # job is queued, the end is recorded by the job's end instead (`_defer_end`), and the
+        # prompt stays `ended` until then.
         prompt_id = run.prompt_id
         self._ending.add(prompt_id)
-        self._signals.prompt_ended()
+        self._signals.slot_freed()
         try:
             async with run.start.recording() as started_at:
                 end = ExecutionEnd(utcnow(), started_at)
@@ -460,10 +477,14 @@ class ExecutionTracker:
                         "status": JobStatus.UPLOADING, "progress": 1.0, "progress_detail": None,
                         "uploading_at": end.uploading_at,
                         "started_at": started_at or run.job.started_at})
-        finally:
+        except BaseException:
+            # Not recorded: still followed, and held in every count (reconciliation settles
+            # it).
             self._ending.discard(prompt_id)
-        if self._drop(prompt_id):
-            self._signals.slot_released()
+            raise
+        self._unfollow(prompt_id)
+        if unrecorded is None:
+            self._release(run.session, prompt_id)
         if uploading is not None:  # else cancelled, or a newer attempt owns the job
             if started_at is not None:
                 metrics.job_started(uploading)
@@ -474,12 +495,16 @@ class ExecutionTracker:
         """`run`'s end of executing, left for the statement recording the job's end (its
         own written after END_WRITE_DELAY), when no job is queued (no claim of any process
         waits for the slot in the database's count) and that statement owes no job.started
-        webhook; None when it is to be recorded now."""
+        webhook; None when it is to be recorded now. Until it is recorded, the prompt holds
+        its slot in the database's count and stays `ended` for this process's claims."""
         if not self._signals.backlog_empty or (
                 end.started_at is not None and subscribed(run.job, "job.started")):
             return None
         unrecorded = UnrecordedEnd(end)
-        unrecorded.timer = asyncio.create_task(self._record_end_later(run.job, unrecorded))
+        # Not its `timer`: the job's end, recording it, must not cancel the release.
+        writing = asyncio.create_task(self._record_end_later(run, unrecorded))
+        self._end_writes.add(writing)
+        writing.add_done_callback(self._end_writes.discard)
         return unrecorded
 
     async def _record_end(self, job: Job, end: ExecutionEnd) -> Job | None:
@@ -490,17 +515,25 @@ class ExecutionTracker:
             uploading_at=end.uploading_at,
             event="job.started" if end.started_at is not None else None)
 
-    async def _record_end_later(self, job: Job, unrecorded: UnrecordedEnd) -> None:
-        """Record the end of executing of `job` on its own, unless the job's end comes
-        sooner (its outputs take a while to store)."""
-        await asyncio.sleep(END_WRITE_DELAY)
+    async def _record_end_later(self, run: PromptRun, unrecorded: UnrecordedEnd) -> None:
+        """Record the end of executing of `run`'s job on its own after END_WRITE_DELAY,
+        unless the job's end records it sooner (its outputs take a while to store); then,
+        the database counting the prompt off its backend, release its slot."""
+        job = run.job
         try:
-            async with unrecorded.recording() as end:
-                if end is not None:
-                    await self._record_end(job, end)
-        except Exception:  # the database may be away: the job's end records it
-            log.exception("recording the end of executing of job %s failed", job.id,
-                          extra=job_fields(job))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(END_WRITE_DELAY):
+                    await unrecorded.settled()
+            try:
+                async with unrecorded.recording() as end:
+                    if end is not None:
+                        await self._record_end(job, end)
+            except Exception:  # the database may be away: the job's end records it
+                log.exception("recording the end of executing of job %s failed", job.id,
+                              extra=job_fields(job))
+            await unrecorded.settled()
+        finally:
+            self._release(run.session, run.prompt_id)
 
     def _start_collecting(self, session: BackendSession, job: Job,
                           early: EarlyOutputs | None = None,
@@ -749,6 +782,11 @@ class ExecutionTracker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Ends of executing left unwritten: the next process reads them from /history.
+        writes = list(self._end_writes)
+        for task in writes:
+            task.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
 
 
 def _execution_error(error: ExecutionError) -> dict[str, Any]:

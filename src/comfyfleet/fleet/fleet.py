@@ -217,7 +217,7 @@ class Fleet:
         while True:
             await first_of(changed, *([freed] if freed else []))
             changed = self._registry_changed.next()  # taken before the read: nothing slips
-            freed = self._signals.freed.next()
+            freed = self._signals.released.next()
             while True:
                 try:
                     finishing = await self.follow_registry()
@@ -280,7 +280,7 @@ class Fleet:
         await self.set_draining(name, True)
         deadline = asyncio.get_running_loop().time() + seconds
         while True:
-            freed = self._signals.freed.next()  # taken before the read: nothing slips between
+            freed = self._signals.released.next()  # taken before the read: nothing slips between
             left = len(await self._repository.on_backend(name))
             if not left:
                 return 0

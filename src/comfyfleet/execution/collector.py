@@ -92,12 +92,15 @@ class Collector:
             if early.closed:
                 return
             early.stored.extend(await self._store_outputs(client, running, files, []))
-            if early.closed:  # moved meanwhile: the outputs are not the new run's
+            # Closed meanwhile: ended (the collection records them with the job's end), or
+            # moved (they are not the new run's).
+            if early.closed:
                 return
             async with start.recording() as started_at:
                 if started_at is None:
-                    await self._repository.transition(running, {JobStatus.RUNNING},
-                                                      outputs=list(early.stored))
+                    if not early.closed:  # (as above, while it waited for the start's write)
+                        await self._repository.transition(running, {JobStatus.RUNNING},
+                                                          outputs=list(early.stored))
                     return
                 started = await self._repository.transition(
                     running, {JobStatus.DISPATCHED}, event="job.started",

@@ -468,6 +468,10 @@ class ExecutionTracker:
         prompt_id = run.prompt_id
         self._ending.add(prompt_id)
         self._signals.slot_freed()
+        # The files stored early are the collection's to record now, with the job's end: an
+        # early write after this one would find the job moved on (a transaction for nothing,
+        # a fifth of a job's at saturation, where outputs come as the prompt ends).
+        run.early.closed = True
         try:
             async with run.start.recording() as started_at:
                 end = ExecutionEnd(utcnow(), started_at)

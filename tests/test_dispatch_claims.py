@@ -254,3 +254,37 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
                                              uuid.UUID(first)) == "running"
         for job_id in (first, second):
             assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
+
+
+async def test_a_job_queued_while_the_failure_of_the_last_is_being_written_takes_its_slot(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """A prompt that failed on the backend frees its slot for this process's claims as its
+    failure is read, and holds it in the database's count until the failure is written: the
+    claim counts it out meanwhile, so a job queued for the backend's one slot takes it at
+    once, not at the dispatcher's next safety pass."""
+    async with AsyncExitStack() as stack:
+        # The failure strikes at the prompt's last node, after its checkpoint's 3 s load.
+        sim = await stack.enter_async_context(SimulatedComfyUI(
+            name="gpu", fail_rate=1.0, models=[SD15], load_seconds=3.0))
+        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+        settings.max_inflight_per_backend = 1
+        settings.dispatch_interval = 600  # no safety pass within the test
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 1)
+        body = {"workflow": "sd15_txt2img", "params": {"prompt": "a lighthouse", "seed": 1}}
+        first = await submit(http, base, body)
+        await wait_for_job(http, base, first, "running")
+        async with driver_connection(engine) as blocker, blocker.transaction():
+            # The statement writing the first job's failure waits for this lock.
+            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
+                                  uuid.UUID(first))
+            second = await submit(http, base, {**body, "params": {"prompt": "a boat"}})
+            await wait_for_job(http, base, second, "dispatched", "running", "failed",
+                               seconds=30)
+            async with driver_connection(engine) as reader:
+                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
+                                             uuid.UUID(first)) == "running"
+        for job_id in (first, second):
+            assert (await wait_for_job(http, base, job_id, "failed"))["backend"] == "gpu"

@@ -562,9 +562,18 @@ class ExecutionTracker:
         async with run.start.recording() as started_at:
             if started_at is not None:  # the job.started webhook before job.failed
                 await self._record_start(run, started_at)
-        self.forget(run.prompt_id)
-        failed = await self._repository.finish(run.job, JobStatus.FAILED, ON_BACKEND_STATES,
-                                               error=error)
+        # As at the end of executing: the slot is free for this process's claims at once
+        # (`ended`), released once the failure is recorded. Released before, it was counted
+        # busy by a claim the release woke, and nothing woke one after the write.
+        prompt_id = run.prompt_id
+        self._ending.add(prompt_id)
+        self._signals.slot_freed()
+        self._unfollow(prompt_id)
+        try:
+            failed = await self._repository.finish(run.job, JobStatus.FAILED,
+                                                   ON_BACKEND_STATES, error=error)
+        finally:
+            self._release(run.session, prompt_id)
         if failed is not None:
             self._endings.tell(JobEnded(failed))
 

@@ -673,11 +673,11 @@ class Dispatcher:
                 extra_data=extra_data.values if extra_data is not None else None,
             )
         except PromptRejected as exc:
-            self._tracker.forget(job.prompt_id)
-            failed = await self._repository.finish(
-                job, JobStatus.FAILED, ON_BACKEND_STATES,
-                error=job_error("prompt_rejected", str(exc), details=exc.body.get("node_errors")),
-            )
+            async with self._tracker.leaving(job.prompt_id):
+                failed = await self._repository.finish(
+                    job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
+                        "prompt_rejected", str(exc), details=exc.body.get("node_errors")),
+                )
             if failed is not None:
                 self._endings.tell(JobEnded(failed))
             return
@@ -709,11 +709,11 @@ class Dispatcher:
 
     async def _fail_unsendable(self, job: Job) -> None:
         assert job.prompt_id is not None
-        self._tracker.forget(job.prompt_id)
-        failed = await self._repository.finish(
-            job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
-                EXTRA_DATA_LOST, "this gateway process does not hold the job's extra_data "
-                "(never stored) and cannot send the job without it; submit it again"))
+        async with self._tracker.leaving(job.prompt_id):
+            failed = await self._repository.finish(
+                job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
+                    EXTRA_DATA_LOST, "this gateway process does not hold the job's extra_data "
+                    "(never stored) and cannot send the job without it; submit it again"))
         if failed is not None:
             self._endings.tell(JobEnded(failed))
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -225,6 +225,24 @@ class ExecutionTracker:
         run = self._unfollow(prompt_id)
         if run is not None:
             self._signals.slot_freed()
+            self._release(run.session, prompt_id)
+
+    @contextlib.asynccontextmanager
+    async def leaving(self, prompt_id: str) -> AsyncIterator[None]:
+        """Around the write recording that a prompt left its backend (failed, rejected, lost):
+        it is followed no more, and its slot is free for this process's claims at once
+        (`ended`) but released only once the write has ended. Released before the write, it
+        was counted busy in the database by the claim the release woke, and nothing woke one
+        after the write."""
+        run = self._unfollow(prompt_id)
+        if run is None:
+            yield
+            return
+        self._ending.add(prompt_id)
+        self._signals.slot_freed()
+        try:
+            yield
+        finally:
             self._release(run.session, prompt_id)
 
     def _unfollow(self, prompt_id: str) -> PromptRun | None:
@@ -562,18 +580,9 @@ class ExecutionTracker:
         async with run.start.recording() as started_at:
             if started_at is not None:  # the job.started webhook before job.failed
                 await self._record_start(run, started_at)
-        # As at the end of executing: the slot is free for this process's claims at once
-        # (`ended`), released once the failure is recorded. Released before, it was counted
-        # busy by a claim the release woke, and nothing woke one after the write.
-        prompt_id = run.prompt_id
-        self._ending.add(prompt_id)
-        self._signals.slot_freed()
-        self._unfollow(prompt_id)
-        try:
+        async with self.leaving(run.prompt_id):
             failed = await self._repository.finish(run.job, JobStatus.FAILED,
                                                    ON_BACKEND_STATES, error=error)
-        finally:
-            self._release(run.session, prompt_id)
         if failed is not None:
             self._endings.tell(JobEnded(failed))
 
@@ -660,18 +669,20 @@ class ExecutionTracker:
     async def _lost(self, job: Job, reason: str) -> None:
         """Requeue a job whose prompt is gone (a restarted or unreachable backend)."""
         assert job.prompt_id is not None
-        self.forget(job.prompt_id)
         message = f"{reason} (attempt {job.attempts})"
         if job.attempts >= self._max_attempts:
-            failed = await self._repository.finish(
-                job, JobStatus.FAILED, ON_BACKEND_STATES,
-                error=job_error("backend_lost", message + "; no attempts left"),
-            )
+            async with self.leaving(job.prompt_id):
+                failed = await self._repository.finish(
+                    job, JobStatus.FAILED, ON_BACKEND_STATES,
+                    error=job_error("backend_lost", message + "; no attempts left"),
+                )
             if failed is not None:
                 self._endings.tell(JobEnded(failed))
             return
         log.warning("%s: job %s requeued", message, job.id, extra=job_fields(job))
-        if await self._repository.requeue(job) is not None:
+        async with self.leaving(job.prompt_id):
+            requeued = await self._repository.requeue(job)
+        if requeued is not None:
             self._signals.job_queued()  # the dispatcher has work again
 
     # The safety net: quiet prompts and backends that stay away.

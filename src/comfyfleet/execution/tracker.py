@@ -204,9 +204,9 @@ class ExecutionTracker:
         return sum(prompt_id not in self._ending for prompt_id in session.inflight)
 
     def ended(self) -> frozenset[str]:
-        """Our prompts whose end was read from their backends, their jobs not yet recorded
-        off them: the database counts them in their backends' slots still, and a claim of
-        this process counts them out."""
+        """Our prompts known to be off their backends (their end read; or failed, rejected,
+        lost: `leaving`), their jobs not yet recorded off them: the database counts them in
+        their backends' slots still, and a claim of this process counts them out."""
         return frozenset(self._ending)
 
     def movable_runs(self) -> list[PromptRun]:

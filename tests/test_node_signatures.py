@@ -6,14 +6,23 @@ test_sim_cache.py and the replay tests check them against a real server's transc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from comfyfleet.comfy.cache import CachePolicy, NodeCache
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.comfy.signatures import NEVER_EQUAL, node_signatures, predicted_signatures
+from comfyfleet.comfy.signatures import (
+    NEVER_EQUAL,
+    _canonical,
+    _Unequal,
+    is_link,
+    node_signatures,
+    predicted_signatures,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "comfyui-0.3.64"
 
@@ -179,3 +188,59 @@ def test_prediction_knows_the_core_classes_that_change_every_run_and_use_their_i
     assert keys["1"] is not None and keys["2"] is None
     moved = {"1": prompt["1"], "9": prompt["3"]}
     assert predicted_signatures(moved, keyed_by_id)["9"] != keys["3"]
+
+
+def reference_key(prompt: JSON, node_id: str, by_id: frozenset[str]) -> str | None:
+    """The module docstring's definition, written out plainly: the canonical encoding of the
+    node's and its ancestors' immediate signatures, all of it at once, hashed."""
+    ancestors: list[str] = []
+
+    def visit(current: str) -> None:
+        node = prompt.get(current)
+        for _, value in sorted(node["inputs"].items()) if isinstance(node, dict) else []:
+            if is_link(value) and value[0] not in ancestors:
+                ancestors.append(value[0])
+                visit(value[0])
+
+    visit(node_id)
+    order = {ancestor: index for index, ancestor in enumerate(ancestors)}
+    parts: list[Any] = []
+    for member in [node_id, *ancestors]:
+        node = prompt.get(member)
+        if not isinstance(node, dict) or node["class_type"] == "SaveImageWebsocket":
+            return None
+        immediate = [node["class_type"], False] + ([member] if node["class_type"] in by_id else [])
+        parts.append(immediate + [
+            [name, ["ANCESTOR", order[value[0]], value[1]] if is_link(value) else value]
+            for name, value in sorted(node["inputs"].items())])
+    try:
+        text = json.dumps(_canonical(parts), separators=(",", ":"), ensure_ascii=False)
+    except _Unequal:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_keys_are_the_definitions_byte_for_byte() -> None:
+    """Each node's text is made once and joined into every key it is part of: the keys stay
+    those of the plain definition, for the shipped workflows and for odd values and shapes."""
+    workflows = Path(__file__).parent.parent / "workflows"
+    prompts = [json.loads(path.read_text("utf-8")) for path in sorted(workflows.glob("*.json"))
+               if not path.name.endswith((".params.json", "_times.json"))]
+    rng = random.Random(17)
+    odd = [1, 1.0, True, -2.5, 3e300, float("nan"), float("inf"), "é\u2028\"\\", None,
+           [1, [2.0, "a"]], {"b": 1, "a": [True]}, {"x": float("nan")}]
+    for _ in range(300):
+        ids = [str(rng.randint(1, 12)) for _ in range(rng.randint(1, 8))]
+        prompts.append({node_id: {
+            "class_type": rng.choice(["A", "B", "Keyed", "SaveImageWebsocket"]),
+            "inputs": {rng.choice(["a", "b", "image", "é"]):
+                       [rng.choice([*ids, "missing"]), rng.choice([0, 1, 1.0, float("nan")])]
+                       if rng.random() < 0.5 else rng.choice(odd) for _ in range(4)}}
+            for node_id in ids})
+    matching_nothing = 0
+    for prompt in prompts:
+        for by_id in (frozenset(), frozenset({"Keyed", "SaveImage"})):
+            keys = predicted_signatures(prompt, by_id)
+            assert keys == {node_id: reference_key(prompt, node_id, by_id) for node_id in prompt}
+            matching_nothing += list(keys.values()).count(None)
+    assert 0 < matching_nothing < 2 * sum(len(prompt) for prompt in prompts)

@@ -30,6 +30,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 # A node's IS_CHANGED value as the caller determines it: False when the class has none, any
@@ -59,35 +60,36 @@ def node_signatures(
     `is_changed(node_id, node)` gives the node's IS_CHANGED value (False if its class has
     none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
     """
-    changed: dict[str, object] = {}
+    # A node's immediate signature is the same in every key it is part of but for its links'
+    # positions, so its canonical text is made once, in pieces around the links: a key is a
+    # join of those texts (the same text, byte for byte), not a canonical encoding of the
+    # node and all its ancestors anew.
+    immediates: dict[str, _Immediate | None] = {}
+    linked: dict[str, list[str]] = {}
 
-    def immediate_of(node_id: str, order: dict[str, int]) -> list[Any] | None:
-        node = prompt.get(node_id)
-        if not isinstance(node, Mapping):
-            return None  # a link to a missing node: NaN in ComfyUI
-        if node_id not in changed:
-            changed[node_id] = is_changed(node_id, node)
-        if changed[node_id] is NEVER_EQUAL:
-            return None
-        class_type = node.get("class_type")
-        parts: list[Any] = [class_type, changed[node_id]]
-        if isinstance(class_type, str) and keyed_by_id(class_type):
-            parts.append(node_id)
-        for name, value in sorted(_inputs(node).items()):
-            if is_link(value):
-                parts.append([name, ["ANCESTOR", order[value[0]], value[1]]])
-            else:
-                parts.append([name, value])
-        return parts
+    def immediate_of(node_id: str) -> _Immediate | None:
+        if node_id not in immediates:
+            immediates[node_id] = _immediate(prompt, node_id, is_changed, keyed_by_id)
+        return immediates[node_id]
+
+    def sources(node_id: str) -> list[str]:
+        if node_id not in linked:
+            linked[node_id] = _sources(prompt, node_id)
+        return linked[node_id]
 
     signatures: dict[str, str | None] = {}
     for node_id in prompt if only is None else [node for node in prompt if node in only]:
-        ancestors = _ordered_ancestry(prompt, node_id)
-        # Links are written as positions in this node's own ancestor list, so the immediate
-        # signatures of the ancestors are computed anew for every node.
+        ancestors = _ordered_ancestry(sources, node_id)
         order = {ancestor: index for index, ancestor in enumerate(ancestors)}
-        parts = [immediate_of(member, order) for member in [node_id, *ancestors]]
-        signatures[node_id] = None if None in parts else _digest(parts)
+        texts: list[str] = []
+        for member in [node_id, *ancestors]:
+            immediate = immediate_of(member)
+            if immediate is None:
+                signatures[node_id] = None
+                break
+            texts.append(immediate.text(order))
+        else:
+            signatures[node_id] = hashlib.sha256(_list_text(texts).encode()).hexdigest()
     return signatures
 
 
@@ -130,28 +132,37 @@ def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:
             for node_id, signature in signatures.items()}
 
 
-def _ordered_ancestry(prompt: Mapping[str, Any], node_id: str) -> list[str]:
-    """Ancestors depth first through inputs sorted by name, each once (as ComfyUI orders them)."""
+def _ordered_ancestry(sources: Callable[[str], list[str]], node_id: str) -> list[str]:
+    """Ancestors depth first through inputs sorted by name, each once (as ComfyUI orders them);
+    `sources(node_id)`: the nodes a node's inputs link to, in that order."""
     ancestors: list[str] = []
     seen: set[str] = set()
 
     def visit(current: str) -> None:
-        node = prompt.get(current)
-        if not isinstance(node, Mapping):
-            return
-        for _, value in sorted(_inputs(node).items()):
-            if is_link(value) and value[0] not in seen:
-                seen.add(value[0])
-                ancestors.append(value[0])
-                visit(value[0])
+        for source in sources(current):
+            if source not in seen:
+                seen.add(source)
+                ancestors.append(source)
+                visit(source)
 
     visit(node_id)
     return ancestors
 
 
+def _sources(prompt: Mapping[str, Any], node_id: str) -> list[str]:
+    node = prompt.get(node_id)
+    if not isinstance(node, Mapping):
+        return []
+    return [value[0] for _, value in sorted(_inputs(node).items()) if is_link(value)]
+
+
 def _inputs(node: Mapping[str, Any]) -> dict[str, Any]:
     inputs = node.get("inputs")
     return dict(inputs) if isinstance(inputs, Mapping) else {}
+
+
+# One encoder for every text (json.dumps with options builds a new one at each call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class _Unequal(Exception):
@@ -179,9 +190,67 @@ def _canonical(value: Any) -> Any:
     raise _Unequal  # anything else is Unhashable in ComfyUI: a NaN
 
 
-def _digest(parts: list[Any]) -> str | None:
+@dataclass(frozen=True)
+class _Link:
+    """A linked input's canonical text but for its source's position in the ancestry."""
+
+    head: str
+    source: str
+    tail: str
+
+
+class _Immediate:
+    """A node's immediate signature as canonical text, its items' texts made once: a link's
+    text waits for the position of its source in the ancestry of the key it is part of."""
+
+    def __init__(self, items: list[str | _Link]) -> None:
+        self.items = items
+        texts = [item for item in items if isinstance(item, str)]
+        self.fixed = _list_text(texts) if len(texts) == len(items) else None
+
+    def text(self, order: Mapping[str, int]) -> str:
+        if self.fixed is not None:
+            return self.fixed
+        return _list_text([item if isinstance(item, str)
+                           else f"{item.head}{order[item.source]}{item.tail}"
+                           for item in self.items])
+
+
+def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,
+               keyed_by_id: KeyedById) -> _Immediate | None:
+    """[class_type, IS_CHANGED, (node id), (input name, value or ("ANCESTOR", position,
+    output index))...] in pieces of canonical text; None when it equals nothing (a missing
+    node, a NEVER_EQUAL IS_CHANGED, a NaN)."""
+    node = prompt.get(node_id)
+    if not isinstance(node, Mapping):
+        return None  # a link to a missing node: NaN in ComfyUI
+    changed = is_changed(node_id, node)
+    if changed is NEVER_EQUAL:
+        return None
+    class_type = node.get("class_type")
+    fixed: list[Any] = [class_type, changed]
+    if isinstance(class_type, str) and keyed_by_id(class_type):
+        fixed.append(node_id)
     try:
-        text = json.dumps(_canonical(parts), separators=(",", ":"), ensure_ascii=False)
+        items: list[str | _Link] = [_text(value) for value in fixed]
+        for name, value in sorted(_inputs(node).items()):
+            if is_link(value):
+                # [name, ["ANCESTOR", position, output index]], the position an int
+                items.append(_Link(f'["l",[{_text(name)},["l",["ANCESTOR",["n","', value[0],
+                                   f'"],{_text(value[1])}]]]]'))
+            else:
+                items.append(_text([name, value]))
     except _Unequal:
         return None
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _Immediate(items)
+
+
+def _text(value: Any) -> str:
+    """`value`'s canonical encoding as compact JSON text; _Unequal for a value equal to
+    nothing."""
+    return _ENCODER.encode(_canonical(value))
+
+
+def _list_text(texts: list[str]) -> str:
+    """The text `_text` gives a list whose items' texts are `texts`."""
+    return '["l",[' + ",".join(texts) + "]]"

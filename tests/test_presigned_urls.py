@@ -9,6 +9,7 @@ import time
 import uuid
 from calendar import timegm
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -200,5 +201,42 @@ async def test_a_url_is_the_one_the_sdk_presigns(bucket: str, endpoint: str | No
                     break
     finally:
         await storage.close()
+    assert ours == theirs
+    assert isinstance(storage._get_signing, GetSigning)  # signed here, not by the SDK's call
+
+
+async def test_a_url_signed_with_a_session_token_is_the_one_the_sdk_presigns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Credentials with a session token (an assumed role, a shared credentials file): the
+    token is signed into the URL as the SDK signs it, and the URL is still signed here."""
+    token = "FwoGZXIvYXdzE/token+with/slashes=="
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = testing\n"
+                           "aws_secret_access_key = testing\n"
+                           f"aws_session_token = {token}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    storage = await S3Storage.open(Settings(_env_file=None, s3_bucket="outputs-eu",
+                                            s3_region_name="eu-west-1", s3_url_ttl=600))
+    try:
+        async with get_session().create_client(
+                "s3", region_name="eu-west-1", aws_access_key_id="testing",
+                aws_secret_access_key="testing", aws_session_token=token,
+                config=Config(signature_version="s3v4", s3={"addressing_style": "virtual"}),
+        ) as sdk:
+            for attempt in range(3):  # until both fall in one second (X-Amz-Date)
+                key = f"job/{attempt}.png"
+                ours = (await storage.signed_url(key)).url
+                theirs = await sdk.generate_presigned_url(
+                    "get_object", Params={"Bucket": "outputs-eu", "Key": key}, ExpiresIn=600)
+                if query(ours)["X-Amz-Date"] == query(theirs)["X-Amz-Date"]:
+                    break
+    finally:
+        await storage.close()
+    assert query(ours)["X-Amz-Security-Token"] == token
     assert ours == theirs
     assert isinstance(storage._get_signing, GetSigning)  # signed here, not by the SDK's call

@@ -18,6 +18,9 @@ import pytest
 from aiobotocore.client import AioBaseClient
 from aiobotocore.session import get_session
 from aiohttp import web
+from botocore.auth import S3SigV4Auth, _host_from_url
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage import LocalStorage, S3Storage, StorageError
-from comfyfleet.storage.s3 import PART_SIZE
+from comfyfleet.storage.s3 import PART_SIZE, _signed_put_headers
 from tests.conftest import S3_CREDENTIALS
 from tests.support import LOOPBACK, app_on_loopback, free_ports
 
@@ -387,3 +390,26 @@ async def test_s3_open_with_a_bad_setting_fails_clearly_and_leaves_nothing_open(
     with pytest.raises(StorageError, match=named) as failed:
         await S3Storage.open(settings)
     assert [client for client in open_s3_clients() if id(client) not in before] == [], failed
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzE/token+with/slashes=="])
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9000/outputs/job/%C3%A4%20b%2Bc~.png",  # path style, a port
+    "https://outputs.s3.eu-west-1.amazonaws.com/job/3_0.png",  # virtual host, default port
+])
+def test_a_put_is_signed_as_the_sdks_signer_signs_it(url: str, token: str | None) -> None:
+    """The whole-object PUT's headers are signed here, not by botocore's S3SigV4Auth: the
+    same headers, Authorization and all, with a session token too (the test S3 server, which
+    checks signatures, knows no tokens)."""
+    body = b"\x89PNG not really"
+    credentials = ReadOnlyCredentials("testing", "testing", token)
+    for _ in range(3):  # until both are signed within one second (X-Amz-Date)
+        ours = _signed_put_headers(url, _host_from_url(url), "image/png  ",
+                                   hashlib.sha256(body).hexdigest(), credentials, "eu-west-1")
+        request = AWSRequest("PUT", url, {"Content-Type": "image/png  "}, body)
+        S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(request)
+        theirs = dict(request.headers.items())
+        if ours["X-Amz-Date"] == theirs["X-Amz-Date"]:
+            break
+    assert ours == theirs
+    assert ("X-Amz-Security-Token" in ours) == (token is not None)

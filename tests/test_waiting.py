@@ -4,7 +4,7 @@ worked out once per change of the fleet, not once per job and backend."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar
@@ -34,9 +34,9 @@ class CountedCapabilities(Capabilities):
 
     checked: ClassVar[int] = 0
 
-    def missing(self, prompt: dict[str, Any]) -> list[str]:
+    def _lacking(self, prompt: dict[str, Any]) -> Iterator[str]:  # can_run's and missing's
         CountedCapabilities.checked += 1
-        return super().missing(prompt)
+        return super()._lacking(prompt)
 
 
 class Deaf:

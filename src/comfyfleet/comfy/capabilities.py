@@ -3,7 +3,7 @@ inputs accept (model files for loader nodes, samplers, ...)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,17 +91,18 @@ class Capabilities:
 
     def missing(self, prompt: dict[str, Any]) -> list[str]:
         """What this backend lacks to run `prompt`, in words an operator can act on."""
-        lacking: list[str] = []
+        return sorted(set(self._lacking(prompt)))
+
+    def _lacking(self, prompt: dict[str, Any]) -> Iterator[str]:
         for node in prompt.values():
             class_name = node.get("class_type")
             if class_name not in self.node_classes:
-                lacking.append(f"node class {class_name}")
+                yield f"node class {class_name}"
                 continue
             for input_name, value in (node.get("inputs") or {}).items():
                 options = self.combos.get((class_name, input_name))
                 if options is not None and isinstance(value, str) and value not in options:
-                    lacking.append(f"{class_name}.{input_name} = {value}")
-        return sorted(set(lacking))
+                    yield f"{class_name}.{input_name} = {value}"
 
     def out_of_range(self, prompt: dict[str, Any]) -> list[str]:
         """Numbers outside the range the node itself declares (ComfyUI would reject them)."""
@@ -120,7 +121,9 @@ class Capabilities:
         return sorted(set(problems))
 
     def can_run(self, prompt: dict[str, Any]) -> bool:
-        return not self.missing(prompt)
+        # At the first thing lacking: the dispatcher asks for every job it reads, on every
+        # backend it weighs.
+        return next(self._lacking(prompt), None) is None
 
     def summary(self) -> dict[str, int]:
         return {"node_classes": len(self.node_classes), "combo_inputs": len(self.combos)}

@@ -23,8 +23,9 @@ from tests.support import wait_for_job
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
 SDXL = "sd_xl_base_1.0.safetensors"  # and workflows/sdxl_txt2img.json
+# All but "empty": a pass woken with nothing queued claims once.
 OUTCOMES = ("took", "no_slot", "not_accepting", "cannot_run", "waits_for_warm", "slower",
-            "tenant_limit")  # all but "empty": a pass woken with nothing queued claims once
+            "tenant_limit", "raced")
 
 
 async def until_healthy(http: aiohttp.ClientSession, base: str, count: int) -> None:
@@ -200,12 +201,18 @@ async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having
         before = claims()
         await submit(http, base, {"workflow": "sdxl_txt2img",
                                   "params": {"prompt": "a lighthouse", "seed": 1}})
+        refused = {"no_slot", "tenant_limit", "not_accepting", "raced"}
         async with asyncio.timeout(30):
-            while claims()["cannot_run"] == before["cannot_run"]:  # noqa: ASYNC110
+            # Until a take is refused (counted after the pick's cannot_run); the job stays
+            # queued, so another wake (the submit's own notice) may claim again: every claim
+            # counts the same pair.
+            while all(claims()[outcome] == before[outcome]  # noqa: ASYNC110
+                      for outcome in refused):
                 await asyncio.sleep(0.05)  # the metric is in this process: no event to wait on
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
-    assert made == {"cannot_run": 1, "no_slot": 1}
+    assert set(made) == {"cannot_run", "no_slot"}
+    assert made["no_slot"] <= made["cannot_run"]
 
 
 def runs_executed(workflow: str) -> float:

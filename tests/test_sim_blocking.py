@@ -13,7 +13,14 @@ from PIL import Image
 
 from comfyfleet.sim import SimulatedComfyUI, blocking
 from comfyfleet.sim.blocking import Disk, image_work
-from tests.test_sim import TIMEOUT, invert_prompt, submit, wait_history, work_prompt
+from tests.test_sim import (
+    TIMEOUT,
+    get_json,
+    invert_prompt,
+    submit,
+    wait_history,
+    work_prompt,
+)
 
 
 def on_loop() -> bool:
@@ -64,10 +71,17 @@ async def test_a_long_queue_of_instant_prompts_lets_requests_through(
     monkeypatch.setattr(blocking, "FAST_CPU_SECONDS", float("inf"))
     monkeypatch.setattr(blocking, "STALL_SECONDS", float("inf"))
     async with SimulatedComfyUI(data_dir=tmp_path) as sim:
-        # The worker is busy for a second while 300 prompts needing no wait queue up.
-        await submit(http, sim, {"prompt": work_prompt(seconds=1.0, steps=1)})
+        # The worker is busy while 300 prompts needing no wait queue up, until it is
+        # interrupted: not for a time, which a loaded machine's 300 submissions could outlast
+        # (the queue then ran down as it filled, and was never seen long).
+        busy = await submit(http, sim, {"prompt": work_prompt(seconds=600.0, steps=1)})
         for n in range(300):
             await submit(http, sim, {"prompt": invert_prompt(prefix=f"queued/{n}/x")})
+        queue = await get_json(http, f"{sim.url}/queue")
+        assert [item[1] for item in queue["queue_running"]] == [busy["prompt_id"]]
+        assert len(queue["queue_pending"]) == 300
+        async with http.post(f"{sim.url}/interrupt") as response:
+            assert response.status == 200
         remaining: list[int] = []
         while not remaining or remaining[-1]:
             async with http.get(f"{sim.url}/prompt") as response:

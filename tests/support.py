@@ -49,10 +49,12 @@ def child_env(**variables: str) -> dict[str, str]:
 def free_ports(count: int) -> int:
     """The first of `count` consecutive ports that are free right now, chosen below Linux's
     ephemeral range (32768 up): a port the kernel hands out is one any outgoing connection
-    may take as its local port between this check and the child process binding it."""
+    may take as its local port between this check and the child process binding it. Each
+    pytest-xdist worker chooses from a share of its own (`_port_share`)."""
+    share = _port_share()
     rng = random.Random()
     for _ in range(1000):
-        first = rng.randrange(20000, 32000 - count)
+        first = rng.randrange(share.start, share.stop - count)
         held = []
         try:
             for port in range(first, first + count):
@@ -66,6 +68,17 @@ def free_ports(count: int) -> int:
             for sock in held:
                 sock.close()
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _port_share() -> range:
+    """Where `free_ports` chooses: 20000-32000, or under pytest-xdist (`make test`) the
+    worker's own part of it, so that two workers never pick the same free port and both bind
+    it (a port is only checked free; the process that uses it binds it later)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (32000 - 20000) // workers
+    first = 20000 + int(worker.removeprefix("gw")) * size
+    return range(first, first + size)
 
 
 async def wait_until_answering(url: str, seconds: float = 30.0) -> None:

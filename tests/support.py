@@ -81,10 +81,15 @@ def _port_share() -> range:
     return range(first, first + size)
 
 
-async def wait_until_answering(url: str, seconds: float = 30.0) -> None:
-    """Poll `url` until it answers any HTTP status."""
+async def wait_until_answering(
+    url: str, seconds: float = 30.0, process: asyncio.subprocess.Process | None = None
+) -> None:
+    """Poll `url` until it answers any HTTP status; fails at once when `process`, which is to
+    answer there, has exited (not after `seconds` of asking a port nobody will open)."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(seconds):
         while True:
+            if process is not None and process.returncode is not None:
+                raise AssertionError(f"exited {process.returncode} before {url} answered")
             try:
                 async with http.get(url) as response:
                     await response.read()
@@ -133,7 +138,7 @@ async def python_process(
             env=child_env() if env is None else env,
         )
         try:
-            await wait_until_answering(ready_url)
+            await wait_until_answering(ready_url, process=process)
             yield process
         finally:
             if process.returncode is None:

@@ -128,8 +128,9 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
     settings: Settings, receiver: WebhookReceiver, data_root: Path
 ) -> None:
     async with AsyncExitStack() as stack:
-        # Long enough for the second process to start while the job runs.
-        sim = await stack.enter_async_context(SimulatedComfyUI(duration=10.0))
+        # Long enough for the second process to start while the job runs: as long as
+        # python_process gives a process to answer (10 s was outlasted on a loaded machine).
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=30.0))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
         first, first_process = await gateways.start(http)
@@ -146,7 +147,8 @@ async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
 
         # The backend never drops the second process's socket: only noticing that the first
         # process died can get this job collected.
-        done = await wait_for_job(http, f"{second}/api/v1", job_id, "succeeded", "failed")
+        done = await wait_for_job(http, f"{second}/api/v1", job_id, "succeeded", "failed",
+                                  seconds=60)  # the rest of its 30 s run, and the takeover
         await receiver.wait_for(1)
         async with http.get(f"{sim.url}/history") as response:
             ran = len(await response.json())

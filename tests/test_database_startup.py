@@ -75,7 +75,8 @@ async def serve(tmp_path: Path, database_port: int, service_port: int
 async def test_serve_started_before_its_database_waits_then_gets_ready(
     data_root: Path, tmp_path: Path
 ) -> None:
-    database_port, service_port = free_ports(1), free_ports(1)
+    database_port = free_ports(2)  # two ports at once: two single picks may be one port
+    service_port = database_port + 1
     cluster = await asyncio.to_thread(PostgresCluster, data_root, database_port)
     log = tmp_path / "serve.log"
     process = await serve(tmp_path, database_port, service_port)
@@ -101,7 +102,8 @@ async def test_a_service_waiting_for_its_database_stops_at_once_on_sigterm(
     tmp_path: Path
 ) -> None:
     """`docker stop` while the database is still down: no wait for the kill."""
-    process = await serve(tmp_path, free_ports(1), free_ports(1))
+    first_port = free_ports(2)  # two ports at once: two single picks may be one port
+    process = await serve(tmp_path, first_port, first_port + 1)
     try:
         await retries_logged(tmp_path / "serve.log", 1, process)
         process.terminate()

@@ -58,7 +58,8 @@ async def test_two_processes_share_one_database_and_the_backend_slots(
 ) -> None:
     sim_port = free_ports(2)
     sims = [f"http://{LOOPBACK}:{sim_port + i}" for i in range(2)]
-    ports = [free_ports(1), free_ports(1)]
+    first_port = free_ports(2)  # two ports at once: two single picks may be one port
+    ports = [first_port, first_port + 1]
     bases = [f"http://{LOOPBACK}:{port}" for port in ports]
     peaks: dict[str, int] = {}
     async with AsyncExitStack() as stack:

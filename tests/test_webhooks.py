@@ -446,7 +446,8 @@ async def test_a_delivery_whose_process_died_mid_attempt_is_taken_up_after_its_l
 async def test_deliveries_pending_when_the_gateway_is_killed_go_out_after_restart(
     settings: Settings, receivers: StartReceiver, data_root: Path
 ) -> None:
-    port, receiver_port = free_ports(1), free_ports(1)
+    port = free_ports(2)  # two ports at once: two single picks may be one port
+    receiver_port = port + 1
     env = serve_env(settings, data_root, port, WEBHOOK_RETRY_DELAYS="0.5", COMFYUI_ENDPOINTS="")
     base = f"http://{LOOPBACK}:{port}"
     callback = f"http://{LOOPBACK}:{receiver_port}/hooks"  # nothing listens there yet

@@ -29,6 +29,13 @@ from comfyfleet.jobs.repository import (
 )
 
 
+async def backends_a_and_b(engine: AsyncEngine) -> JobRepository:
+    """Backends "a" and "b" registered; a repository of jobs to claim for them."""
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
+                                        Backend("b", "http://127.0.0.1:2")])
+    return JobRepository(engine)
+
+
 def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
     """A pick that leaves the backlog to backend "b"."""
     return Choice(queued[0].id) if backend == "b" else None
@@ -37,9 +44,7 @@ def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
 async def test_a_claim_asks_the_next_backend_on_its_read_without_waiting_for_its_lock(
     engine: AsyncEngine,
 ) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
     async with driver_connection(engine) as elsewhere, elsewhere.transaction():
         # A claim for "b" under way in another process: this one does not wait for it.
@@ -54,9 +59,7 @@ async def test_a_claim_asks_the_next_backend_on_its_read_without_waiting_for_its
 
 
 async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncEngine) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     for _ in range(2):
         await repository.insert(Job(workflow="w", prompt={}))
     first = await repository.claim_next(["b"], "p1", max_inflight=1, pick=for_b)
@@ -70,9 +73,7 @@ async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncE
 
 
 async def test_the_next_backend_takes_no_job_while_it_is_draining(engine: AsyncEngine) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     await repository.insert(Job(workflow="w", prompt={}))
     async with driver_connection(engine) as connection:  # drained since the caller looked
         await connection.execute("UPDATE backends SET draining = true WHERE name = 'b'")
@@ -221,9 +222,7 @@ async def blocked(observer: Any, claim: asyncio.Task[Any]) -> None:
 async def test_no_job_is_passed_uncounted_or_past_the_window_by_claims_side_by_side(
     engine: AsyncEngine,
 ) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     oldest, middle, newest = [(await repository.insert(Job(workflow="w", prompt={})))[0]
                               for _ in range(3)]
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
@@ -254,9 +253,7 @@ async def test_no_job_is_passed_uncounted_or_past_the_window_by_claims_side_by_s
 async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_read(
     engine: AsyncEngine,
 ) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
     async with driver_connection(engine) as elsewhere, elsewhere.transaction():
         # Another process's claim for "a" has read the backlog and not taken anything yet.
@@ -270,9 +267,7 @@ async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_
 
 
 async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEngine) -> None:
-    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1"),
-                                        Backend("b", "http://127.0.0.1:2")])
-    repository = JobRepository(engine)
+    repository = await backends_a_and_b(engine)
     lost, next_one = [(await repository.insert(Job(workflow="w", prompt={})))[0]
                       for _ in range(2)]
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:

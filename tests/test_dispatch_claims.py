@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -159,18 +160,14 @@ async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_re
         await wait_for_job(http, base, first, "running")
         second = await submit(http, base, {"workflow": "simulated_work",
                                            "params": {"seconds": 0.1, "steps": 1}})
-        async with driver_connection(engine) as blocker, blocker.transaction():
+        async with row_locked(engine, first):
             # The statement recording the first job's end (uploading) waits for this lock:
             # slow bookkeeping, as under a busy database.
-            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
-                                  uuid.UUID(first))
             # Its prompt ends on the backend meanwhile: its slot is free, the second job
             # goes to the backend while the first is still recorded as running there.
             await wait_for_job(http, base, second, "dispatched", "running", "uploading",
                                "succeeded", seconds=10)
-            async with driver_connection(engine) as reader:
-                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
-                                             uuid.UUID(first)) == "running"
+            assert await status_in_database(engine, first) == "running"
         for job_id in (first, second):
             assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
 
@@ -215,6 +212,22 @@ async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having
     assert made["no_slot"] <= made["cannot_run"]
 
 
+@asynccontextmanager
+async def row_locked(engine: AsyncEngine, job_id: str) -> AsyncIterator[None]:
+    """The job's row locked by another transaction: a statement writing to it waits (slow
+    bookkeeping, as under a busy database)."""
+    async with driver_connection(engine) as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", uuid.UUID(job_id))
+        yield
+
+
+async def status_in_database(engine: AsyncEngine, job_id: str) -> str:
+    async with driver_connection(engine) as reader:
+        status: str = await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
+                                            uuid.UUID(job_id))
+        return status
+
+
 def runs_executed(workflow: str) -> float:
     """The prompts of `workflow` this process has read the end of (their `run` phase)."""
     return REGISTRY.get_sample_value("comfyfleet_job_phase_seconds_count",
@@ -244,11 +257,9 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
         executed = runs_executed("invert")
         first = await submit(http, base, {"workflow": "invert", "params": {"color": 1}})
         await wait_for_job(http, base, first, "running")
-        async with driver_connection(engine) as blocker, blocker.transaction():
+        async with row_locked(engine, first):
             # Every write of the first job's end (of executing, or with its outputs) waits
             # for this lock.
-            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
-                                  uuid.UUID(first))
             async with asyncio.timeout(30):
                 # Its end read from the backend (a counter of this process: no event to wait on).
                 while runs_executed("invert") == executed:  # noqa: ASYNC110
@@ -256,9 +267,7 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
             second = await submit(http, base, {"workflow": "invert", "params": {"color": 2}})
             await wait_for_job(http, base, second, "dispatched", "running", "uploading",
                                "succeeded", seconds=30)
-            async with driver_connection(engine) as reader:
-                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
-                                             uuid.UUID(first)) == "running"
+            assert await status_in_database(engine, first) == "running"
         for job_id in (first, second):
             assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
 
@@ -283,15 +292,11 @@ async def test_a_job_queued_while_the_failure_of_the_last_is_being_written_takes
         body = {"workflow": "sd15_txt2img", "params": {"prompt": "a lighthouse", "seed": 1}}
         first = await submit(http, base, body)
         await wait_for_job(http, base, first, "running")
-        async with driver_connection(engine) as blocker, blocker.transaction():
+        async with row_locked(engine, first):
             # The statement writing the first job's failure waits for this lock.
-            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
-                                  uuid.UUID(first))
             second = await submit(http, base, {**body, "params": {"prompt": "a boat"}})
             await wait_for_job(http, base, second, "dispatched", "running", "failed",
                                seconds=30)
-            async with driver_connection(engine) as reader:
-                assert await reader.fetchval("SELECT status FROM jobs WHERE id = $1",
-                                             uuid.UUID(first)) == "running"
+            assert await status_in_database(engine, first) == "running"
         for job_id in (first, second):
             assert (await wait_for_job(http, base, job_id, "failed"))["backend"] == "gpu"

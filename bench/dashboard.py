@@ -577,7 +577,7 @@ async def main(args: argparse.Namespace) -> None:
             result["fleet_page_in_the_browser"] = latency_ms(
                 await fleet_page_loads(browser, serve, args.backends, args.loads))
             report_browser(result["fleet_page_in_the_browser"], args)
-            meter = CpuMeter([*standard_components(serve, sims, pg), chromium_processes()])
+            meter = CpuMeter([*standard_components([serve], sims, pg), chromium_processes()])
             result["stream"] = await stream_cost(browser, serve, engine, meter, args, tenants[1])
             result["stream"].update(reread_cost(result, args))
             report_stream(result["stream"], args)

@@ -256,37 +256,47 @@ class TimedReceiver(WebhookReceiver):
 
 @dataclass
 class Deployment:
-    """`comfyfleet serve` in front of simulators, storing in S3 on moto, with embedded
-    PostgreSQL and a verifying webhook receiver in this process."""
+    """`comfyfleet serve` in front of simulators, storing in S3 on moto (or in a local
+    directory), with embedded PostgreSQL and a verifying webhook receiver in this process."""
 
     postgres: Any
-    s3: S3Server
+    s3: S3Server | None  # None: local storage
     sims: SimFleet
     receiver: TimedReceiver
     database_url: str
-    serve: Serve
+    serves: list[Serve]  # one or more processes on the one database
     http: aiohttp.ClientSession
     meter: CpuMeter  # every process of it, and this one
+
+    @property
+    def serve(self) -> Serve:
+        return self.serves[0]
 
 
 async def deploy(
     stack: AsyncExitStack, root: Path, backends: int, *, processes: int = 1, timed: bool = False,
+    storage: str = "s3", serve_processes: int = 1,
 ) -> Deployment:
     """Start it all; `stack` stops it. The simulators are zero-duration, `timed` as in
-    sim_fleet."""
+    sim_fleet. `storage`: "s3" (moto) or "local" (a directory the service processes share,
+    as a volume would be); `serve_processes`: `comfyfleet serve` processes on the one
+    database, each connected to every backend."""
+    if storage not in ("s3", "local"):
+        raise ValueError(f"storage is s3 or local, not {storage!r}")
     postgres = await stack.enter_async_context(embedded_postgres(root))
-    s3 = await stack.enter_async_context(moto_s3())
+    s3 = await stack.enter_async_context(moto_s3()) if storage == "s3" else None
     sims = await stack.enter_async_context(
         sim_fleet(backends, processes=processes, data_dir=root / "sims", timed=timed))
     receiver = TimedReceiver(new_secret())
     await receiver.start()
     stack.push_async_callback(receiver.stop)
     database_url = await fresh_database(postgres)
-    serve = await stack.enter_async_context(comfyfleet_serve(
+    serves = [await stack.enter_async_context(comfyfleet_serve(
         database_url, root / "data", sims.urls, secret=receiver.secret, s3=s3))
+        for _ in range(serve_processes)]
     http = await stack.enter_async_context(aiohttp.ClientSession())
-    meter = CpuMeter(standard_components(serve, sims, postgres, s3))
-    return Deployment(postgres, s3, sims, receiver, database_url, serve, http, meter)
+    meter = CpuMeter(standard_components(serves, sims, postgres, s3))
+    return Deployment(postgres, s3, sims, receiver, database_url, serves, http, meter)
 
 
 async def serve_beside(
@@ -424,6 +434,10 @@ class CpuMeter:
         self.used["not ours (other users, kernel threads)"] = (
             self.used["machine (all processes)"] - ours)
 
+    def ms_per(self, name: str, count: int) -> float:
+        """Milliseconds of CPU component `name` used per item, `count` items in the interval."""
+        return round(self.used[name] / count * 1000, 1)
+
     def as_json(self) -> dict[str, float]:
         """Cores each component kept busy on average (CPU seconds / wall seconds)."""
         return {name: round(used / self.seconds, 2) for name, used in self.used.items()}
@@ -435,15 +449,16 @@ class CpuMeter:
 
 
 def standard_components(
-    serve: Serve | None, sims: SimFleet, postgres: Any, moto: S3Server | None = None,
+    serves: Sequence[Serve], sims: SimFleet, postgres: Any, moto: S3Server | None = None,
 ) -> list[Component]:
+    """The benchmark's processes; every `comfyfleet serve` of `serves` counted as one."""
     components = [
         Component("benchmark client", [os.getpid()]),
         Component("simulators", [p.pid for p in sims.processes]),
         Component("postgres", [postgres.get_pid()], with_children=True),
     ]
-    if serve is not None:
-        components.insert(0, Component("comfyfleet serve", [serve.process.pid]))
+    if serves:
+        components.insert(0, Component("comfyfleet serve", [s.process.pid for s in serves]))
     if moto is not None:
         components.append(Component("moto (S3)", [moto.process.pid]))
     return components

@@ -256,6 +256,7 @@ async def run(rates: list[float], seconds: float, root: Path, by_statement: bool
         sims, receiver, http, meter = (deployed.sims, deployed.receiver, deployed.http,
                                        deployed.meter)
         api, database_url = deployed.serve.api, deployed.database_url
+        assert deployed.s3 is not None  # deploy's default storage: S3 on moto
         s3_direct = await stack.enter_async_context(s3_client(deployed.s3.endpoint))
         gateway = DirectGateway(http, sims.urls, s3_direct, deployed.s3.bucket,
                                 receiver.secret, receiver.url)

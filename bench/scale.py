@@ -260,7 +260,7 @@ async def main(fleets: list[Fleet], get_rate: float, window: float, rounds: int)
             started = [await start_fleet(stack, pg, root, fleet) for fleet in fleets]
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
-            meters = [CpuMeter(standard_components(serve, sims, pg)) for sims, serve in started]
+            meters = [CpuMeter(standard_components([serve], sims, pg)) for sims, serve in started]
             # Rounds alternate between the fleets, so that a change in the machine's load
             # (other users) weighs on both alike.
             for number in range(rounds):

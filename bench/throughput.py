@@ -1,4 +1,4 @@
-"""End-to-end throughput: jobs per second through one comfyfleet process and 16 backends.
+"""End-to-end throughput: jobs per second through comfyfleet and 16 backends.
 
 16 zero-duration simulated backends (`comfyfleet sim`, `--sim-processes` processes), one
 `comfyfleet serve` (embedded PostgreSQL, outputs in S3 on a moto server, defaults otherwise:
@@ -6,19 +6,29 @@ MAX_INFLIGHT_PER_BACKEND 2, log level WARNING) and a webhook receiver in this pr
 verifies every signature. `--jobs` invert jobs (64x64 PNG) are submitted by `--window`
 concurrent clients; the clock runs from the first POST to the last verified webhook.
 
+`--storage local` stores the outputs in a local directory instead (STORAGE=local; no moto).
+`--serve-processes 2` runs two `comfyfleet serve` processes on the one database, each
+connected to all 16 backends (the slots shared through the database), the submitting clients
+split between their APIs: their combined rate, and their CPU per job added up. On a 2-core
+machine that shows what a second process costs, not a speed-up: the machine is already busy
+with one.
+
 In the same run, each on its own, what the parts cost without comfyfleet:
 - the simulators alone: the same prompts (comfyfleet's unique output prefix included) POSTed
   straight to the 16 backends, 2 in flight on each (as comfyfleet keeps them), each waited
   for on the websocket: the most jobs per second these backends can run here;
-- moto alone: the same PNG PUT into the bucket and its URL presigned, 32 in flight.
+- moto alone (S3 storage only): the same PNG PUT into the bucket and its URL presigned, 32 in
+  flight.
 
 While comfyfleet runs, py-spy samples the service's Python stacks (100 per second, without
 pausing it) and the CPU time of every process is read from /proc: where the time goes, and
 what bounds the rate (on 2 cores: the one process that needs a whole core, or the machine).
 
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
-(profiling needs py-spy: .venv/bin/pip install py-spy; --no-profile runs without it;
---by-statement also counts the transactions by the statement that opens each)
+[--storage s3|local] [--serve-processes 1]
+(profiling needs py-spy: .venv/bin/pip install py-spy; --no-profile runs without it, and
+with several serve processes only the first is profiled; --by-statement also counts the
+transactions by the statement that opens each)
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from bench.harness import (
     STATS_FLUSH_SECONDS,
     WORKFLOW,
     S3Server,
+    Serve,
     TimedReceiver,
     bench_root,
     deploy,
@@ -62,7 +73,10 @@ SLOTS_PER_BACKEND = 2  # comfyfleet's default MAX_INFLIGHT_PER_BACKEND
 WARM_UP_JOBS = 200
 WEBHOOK_WAIT_SECONDS = 300.0
 MOTO_IN_FLIGHT = 32
-TARGET = 500.0
+MOTO_ALONE = "moto alone (PUT + presign)"
+# The issue's targets (#17): with S3, a share of what moto alone does; locally, a rate.
+TARGET_SHARE_OF_MOTO = 0.8
+TARGET_LOCAL_PER_SECOND = 400.0
 
 
 async def simulators_alone(urls: list[str], count: int) -> float:
@@ -97,20 +111,22 @@ async def moto_alone(s3: S3Server, body: bytes, count: int) -> float:
 
 
 async def through_comfyfleet(
-    http: aiohttp.ClientSession, api: str, receiver: TimedReceiver, count: int, window: int,
+    http: aiohttp.ClientSession, apis: list[str], receiver: TimedReceiver, count: int,
+    window: int,
 ) -> tuple[float, float]:
-    """(jobs per second end to end, jobs per second accepted by the API)."""
+    """(jobs per second end to end, jobs per second accepted by the API); the `window`
+    submitting clients take turns over `apis` (one per serve process)."""
     before = len(receiver.verified)
     numbers = iter(range(count))
 
-    async def submitter() -> None:
+    async def submitter(api: str) -> None:
         for _ in numbers:
             body = {"workflow": WORKFLOW, "params": PARAMS, "callback_url": receiver.url}
             async with http.post(f"{api}/jobs", json=body) as response:
                 assert response.status == 202, await response.text()
 
     started = time.monotonic()
-    await asyncio.gather(*(submitter() for _ in range(window)))
+    await asyncio.gather(*(submitter(apis[i % len(apis)]) for i in range(window)))
     submitted = time.monotonic()
     await receiver.wait_until(before + count, WEBHOOK_WAIT_SECONDS)
     events = receiver.verified[before:]
@@ -120,25 +136,45 @@ async def through_comfyfleet(
     return count / (finished - started), count / (submitted - started)
 
 
-async def dispatch_claims(http: aiohttp.ClientSession, base: str) -> Counter[str]:
-    """The service's dispatcher claims so far by outcome (comfyfleet_dispatch_claims)."""
-    async with http.get(f"{base}/metrics") as response:
-        text = await response.text()
+async def dispatch_claims(http: aiohttp.ClientSession, serves: list[Serve]) -> Counter[str]:
+    """The dispatchers' claims so far by outcome (comfyfleet_dispatch_claims), summed over
+    the serve processes."""
     counts = Counter[str]()
-    for line in text.splitlines():
-        if line.startswith("comfyfleet_dispatch_claims_total{"):
-            labels, value = line.rsplit(" ", 1)
-            counts[labels.split('"')[1]] += round(float(value))
+    for serve in serves:
+        async with http.get(f"{serve.base}/metrics") as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith("comfyfleet_dispatch_claims_total{"):
+                labels, value = line.rsplit(" ", 1)
+                counts[labels.split('"')[1]] += round(float(value))
     return counts
 
 
+def against_baselines(rates: dict[str, float], storage: str) -> dict[str, Any]:
+    """comfyfleet's end-to-end rate as a share of each baseline's, and the issue's target
+    for this storage with whether it is met."""
+    ours = rates["comfyfleet, end to end"]
+    shares = {name: round(ours / rate, 3) for name, rate in rates.items()
+              if not name.startswith("comfyfleet")}
+    if storage == "s3":
+        what, at_least, reached = f"share of {MOTO_ALONE}", TARGET_SHARE_OF_MOTO, shares[MOTO_ALONE]
+    else:
+        what, at_least, reached = "jobs per second", TARGET_LOCAL_PER_SECOND, ours
+    return {"share_of_baseline": shares, "target": {
+        "what": what, "at_least": at_least, "reached": round(reached, 3),
+        "met": reached >= at_least}}
+
+
 async def run(jobs: int, window: int, processes: int, profile: Path | None,
-              root: Path, by_statement: bool = False) -> dict[str, Any]:
+              root: Path, by_statement: bool = False, storage: str = "s3",
+              serve_processes: int = 1) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
-        deployed = await deploy(stack, root, BACKENDS, processes=processes)
+        deployed = await deploy(stack, root, BACKENDS, processes=processes, storage=storage,
+                                serve_processes=serve_processes)
         sims, receiver, http, meter = (deployed.sims, deployed.receiver, deployed.http,
                                        deployed.meter)
-        serve, database_url = deployed.serve, deployed.database_url
+        serves, database_url = deployed.serves, deployed.database_url
+        apis = [serve.api for serve in serves]
         rates: dict[str, float] = {}
         cpu: dict[str, dict[str, float]] = {}
 
@@ -148,36 +184,38 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         meter.stop()
         cpu["simulators alone"] = meter.as_json()
 
-        await through_comfyfleet(http, serve.api, receiver, WARM_UP_JOBS, window)
-        output = receiver.verified[-1]["data"]["outputs"][0]
-        async with http.get(output["url"]) as response:
-            png = await response.read()  # the very bytes comfyfleet stored, for moto alone
+        await through_comfyfleet(http, apis, receiver, WARM_UP_JOBS, window)
+        output_bytes = None
+        if deployed.s3 is not None:
+            output = receiver.verified[-1]["data"]["outputs"][0]
+            async with http.get(output["url"]) as response:
+                png = await response.read()  # the very bytes comfyfleet stored, for moto alone
+            output_bytes = len(png)
+            meter.start()
+            rates[MOTO_ALONE] = await moto_alone(deployed.s3, png, jobs)
+            meter.stop()
+            cpu[MOTO_ALONE] = meter.as_json()
 
-        meter.start()
-        rates["moto alone (PUT + presign)"] = await moto_alone(deployed.s3, png, jobs)
-        meter.stop()
-        cpu["moto alone (PUT + presign)"] = meter.as_json()
-
-        profiling = py_spy(serve.process.pid, profile) if profile else nullcontext()
+        profiling = py_spy(serves[0].process.pid, profile) if profile else nullcontext()
         counting = transactions_by_statement(deployed.postgres, database_url) if by_statement \
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
-        claims = await dispatch_claims(http, serve.base)
+        claims = await dispatch_claims(http, serves)
         async with profiling, counting as opened_by:
             meter.start()
             rates["comfyfleet, end to end"], rates["comfyfleet, submits accepted"] = (
-                await through_comfyfleet(http, serve.api, receiver, jobs, window))
+                await through_comfyfleet(http, apis, receiver, jobs, window))
             meter.stop()
         cpu["comfyfleet, end to end"] = meter.as_json()
-        claims = await dispatch_claims(http, serve.base) - claims
+        serve_ms = meter.ms_per("comfyfleet serve", jobs)
+        claims = await dispatch_claims(http, serves) - claims
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
-    return {"jobs": jobs, "window": window, "backends": BACKENDS, "output_bytes": len(png),
+    return {"jobs": jobs, "window": window, "backends": BACKENDS, "storage": storage,
+            "serve_processes": serve_processes, "output_bytes": output_bytes,
             "per_second": {name: round(rate, 1) for name, rate in rates.items()},
-            "target_per_second": TARGET, "cores_busy": cpu,
-            "serve_cpu_ms_per_job": round(
-                cpu["comfyfleet, end to end"]["comfyfleet serve"]
-                / rates["comfyfleet, end to end"] * 1000, 1),
+            **against_baselines(rates, storage), "cores_busy": cpu,
+            "serve_cpu_ms_per_job": serve_ms,
             "transactions_per_job": round(committed / jobs, 1),
             "dispatch_claims_per_job": {
                 outcome: round(count / jobs, 2) for outcome, count in claims.most_common()},
@@ -188,9 +226,19 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
 
 
 def report(result: dict[str, Any], profile: Path | None) -> None:
-    print_table(["workload", "per second"],
-                [(name, f"{rate:.0f}") for name, rate in result["per_second"].items()])
-    print(f"\ncomfyfleet serve: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
+    shares = result["share_of_baseline"]
+    print_table(["workload", "per second", "comfyfleet end to end ÷ this"],
+                [(name, f"{rate:.0f}", f"{shares[name]:.0%}" if name in shares else "")
+                 for name, rate in result["per_second"].items()])
+    target = result["target"]
+    print(f"\nstorage {result['storage']}: comfyfleet end to end, {target['what']}: "
+          f"{target['reached']:g} (target at least {target['at_least']:g}: "
+          f"{'met' if target['met'] else 'not met'})")
+    processes = result["serve_processes"]
+    serves = "comfyfleet serve" if processes == 1 else (
+        f"{processes} comfyfleet serve processes on one database, added up (on "
+        f"{os.cpu_count()} cores a second process shows its overhead, not a speed-up)")
+    print(f"{serves}: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
           f"{result['transactions_per_job']} PostgreSQL transactions per job\n")
     print_table(["the dispatcher's claims per job, by outcome", "per job"],
                 list(result["dispatch_claims_per_job"].items()))
@@ -205,8 +253,9 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                 [(name, *(cpu[phase][name] for phase in phases)) for name in cpu[phases[-1]]])
     if result["profile"] is not None:
         profile_result = result["profile"]
-        print(f"\nprofile of comfyfleet serve: {profile_result['samples']} samples holding the "
-              f"GIL (collapsed stacks in {profile})")
+        which = "" if result["serve_processes"] == 1 else " (the first process only)"
+        print(f"\nprofile of comfyfleet serve{which}: {profile_result['samples']} samples "
+              f"holding the GIL (collapsed stacks in {profile})")
         for title, key in (("activity", "by_activity"), ("innermost frame in", "by_library"),
                            ("named cost (anywhere on the stack)", "named_costs")):
             print()
@@ -215,11 +264,12 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
 
 
 async def main(jobs: int, window: int, processes: int, profile: Path | None,
-               by_statement: bool) -> None:
+               by_statement: bool, storage: str, serve_processes: int) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count(), "load_average": os.getloadavg()}), flush=True)
     with bench_root() as root:
-        result = await run(jobs, window, processes, profile, root, by_statement)
+        result = await run(jobs, window, processes, profile, root, by_statement, storage,
+                           serve_processes)
     report(result, profile)
     print(json.dumps(result))
 
@@ -237,6 +287,15 @@ if __name__ == "__main__":
     parser.add_argument("--by-statement", action="store_true",
                         help="count the transactions by the statement opening each, from "
                              "PostgreSQL's log of every statement (slows it: not for timing)")
+    parser.add_argument("--storage", choices=("s3", "local"), default="s3",
+                        help="where outputs go: S3 on moto (default), or a local directory "
+                             "(STORAGE=local; no moto, so no moto-alone baseline)")
+    parser.add_argument("--serve-processes", type=int, default=1,
+                        help="comfyfleet serve processes on the one database (default 1); "
+                             "their rate and CPU per job are added up")
     args = parser.parse_args()
+    if args.serve_processes < 1:
+        parser.error("--serve-processes is at least 1")
     asyncio.run(main(args.jobs, args.window, args.sim_processes,
-                     None if args.no_profile else args.profile, args.by_statement))
+                     None if args.no_profile else args.profile, args.by_statement,
+                     args.storage, args.serve_processes))

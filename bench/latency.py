@@ -9,9 +9,9 @@ few hundred bytes) with a callback URL. Measured per job:
   (Standard Webhooks, comfyfleet.cli.demo's receiver), outputs stored in S3 (moto).
 
 Also per run: jobs completed per second (an offered load above it is an overload: latency is
-then mostly the backlog), the CPU each process used and PostgreSQL transactions per job. The
-issue's loads are 50 and 200 per second; 10 per second is there to show the latency of a
-comfyfleet that keeps up.
+then mostly the backlog), the CPU each process used, and for comfyfleet's runs the service's
+CPU per job and PostgreSQL transactions per job. The issue's loads are 50 and 200 per
+second; 10 per second is there to show the latency of a comfyfleet that keeps up.
 
 Clocks: the simulators run as `bench.timed_sim`, which notes `time.monotonic()` when a prompt
 enters its queue (in the POST /prompt handler, right before the 200) and when it hands
@@ -94,6 +94,7 @@ class Measured:
     lag: float = 0.0  # the load generator's largest delay behind its schedule
     completed_per_second: float = 0.0  # jobs / (last webhook verified - first job sent)
     transactions_per_job: float | None = None  # PostgreSQL's count, comfyfleet runs only
+    serve_cpu_ms_per_job: float | None = None  # comfyfleet runs only
     # By the statement opening each (--by-statement), comfyfleet runs only.
     by_statement: dict[str, float] | None = None
     cpu: dict[str, float] = field(default_factory=dict)
@@ -237,6 +238,7 @@ async def through_comfyfleet(
     async with counting as opened_by:
         measured = await measure(submit, count, rate, lambda event: sent[event["data"]["id"]],
                                  receiver, sims, http, meter)
+    measured.serve_cpu_ms_per_job = meter.ms_per("comfyfleet serve", count)
     if postgres is not None:
         measured.by_statement = {statement: round(n / count, 2)
                                  for statement, n in opened_by.most_common() if n / count >= 0.01}
@@ -305,6 +307,9 @@ def report(results: dict[str, Any], seconds: float) -> dict[str, Any]:
     print()
     print_table(["", *(label for label, _ in runs)],
                 [("jobs completed per second", *(f"{m.completed_per_second:.1f}" for _, m in runs)),
+                 ("comfyfleet serve CPU per job (ms)",
+                  *("-" if m.serve_cpu_ms_per_job is None else f"{m.serve_cpu_ms_per_job:.1f}"
+                    for _, m in runs)),
                  ("PostgreSQL transactions per job",
                   *("-" if m.transactions_per_job is None else f"{m.transactions_per_job:.1f}"
                     for _, m in runs)),
@@ -321,6 +326,7 @@ def report(results: dict[str, Any], seconds: float) -> dict[str, Any]:
                          **{name: latency_ms(samples) for name, samples in m.extra.items()},
                          "completed_per_second": round(m.completed_per_second, 1),
                          "transactions_per_job": m.transactions_per_job,
+                         "serve_cpu_ms_per_job": m.serve_cpu_ms_per_job,
                          "transactions_per_job_by_statement": m.by_statement,
                          "generator_lag_ms": round(m.lag * 1000, 1), "cores_busy": m.cpu}
                  for label, m in runs},

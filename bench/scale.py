@@ -20,7 +20,8 @@ load weighs on both alike). In a round, on one fleet:
 2. every backend is enabled at once (a PATCH each, all together) and the backlog dispatched
    for `--window` seconds (less if it runs low), the same GETs going on ("dispatching"); then
    the backends are drained again. GETs that overlap the enabling or draining PATCHes are
-   reported apart: with 200 backends those are a burst of 200 requests of their own.
+   reported apart: with 200 backends those are a burst of 200 requests of their own. GETs
+   still unanswered once the backends are drained again are cancelled and counted.
    The dispatch rate is the number of prompts the simulators accepted in the window (their own
    stamps) over its length.
 
@@ -89,6 +90,9 @@ class Fleet:
     dispatching: list[float] = field(default_factory=list)  # GET latencies meanwhile
     # GETs that overlapped the PATCHes enabling or draining every backend at once
     switching: list[float] = field(default_factory=list)
+    # GETs of the dispatching windows still unanswered once the backends were drained again
+    # (cancelled then): none of them is in the latencies above
+    unanswered: int = 0
     rates: list[float] = field(default_factory=list)  # prompts accepted per second, per round
     cores: list[dict[str, float]] = field(default_factory=list)  # per round
 
@@ -99,6 +103,7 @@ class Fleet:
             "get_idle_ms": latency_ms(self.idle),
             "get_dispatching_ms": latency_ms(self.dispatching),
             "get_switching_ms": latency_ms(self.switching),
+            "get_unanswered": self.unanswered,
             "dispatch_per_second": round(statistics.median(self.rates), 1),
             "dispatch_per_second_rounds": [round(rate, 1) for rate in self.rates],
             "cores_busy": {name: round(statistics.mean(c[name] for c in self.cores), 2)
@@ -132,13 +137,16 @@ async def fill_queue(database_url: str, count: int) -> list[str]:
 
 async def get_jobs(
     http: aiohttp.ClientSession, api: str, ids: list[str], rate: float, count: int,
-    samples: list[tuple[float, float]], seed: int,
+    samples: list[tuple[float, float]], seed: int, asked: list[float] | None = None,
 ) -> None:
-    """GET random jobs open loop; each answer's (start, latency) goes into `samples`."""
+    """GET random jobs open loop; each answer's (start, latency) goes into `samples`, and
+    each request's start into `asked` as it is sent."""
     rng = random.Random(seed)
 
     async def fire(_: int) -> None:
         started = time.monotonic()
+        if asked is not None:
+            asked.append(started)
         async with http.get(f"{api}/jobs/{rng.choice(ids)}") as response:
             await response.read()
             assert response.status == 200, response.status
@@ -189,8 +197,9 @@ async def one_round(
     meter.start()
     opened = time.monotonic()
     samples: list[tuple[float, float]] = []
+    asked: list[float] = []
     gets = asyncio.create_task(get_jobs(http, serve.api, fleet.ids, get_rate,
-                                        round(get_rate * window), samples, seed))
+                                        round(get_rate * window), samples, seed, asked))
     await set_draining(http, serve.api, False)
     enabled = time.monotonic()
     low = accepted + DISPATCHED_SHARE * (fleet.jobs - accepted)
@@ -203,6 +212,7 @@ async def one_round(
     gets.cancel()
     with suppress(asyncio.CancelledError):
         await gets
+    fleet.unanswered += len(asked) - len(samples)
     # One PATCH per backend, all at once: on the large fleet 200 of them, a burst of its own.
     for started, seconds in samples:
         steady = enabled <= started and started + seconds <= closed
@@ -217,12 +227,20 @@ def report(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     def p50_p99(figures: dict[str, float]) -> str:
         return f"{figures['p50']} / {figures['p99']}" if figures["samples"] else "none"
 
+    def worse(ours: float | None, theirs: float | None) -> float | None:
+        """ours / theirs; None where either side has nothing to show (e.g. no GET answered
+        within the window: see the unanswered row)."""
+        return ours / theirs if ours and theirs else None
+
+    def times(ratio: float | None) -> str:
+        return "-" if ratio is None else f"{ratio:.2f}x"
+
     ratios = {
-        "get_p99_idle": large["get_idle_ms"]["p99"] / small["get_idle_ms"]["p99"],
-        "get_p99_dispatching": (large["get_dispatching_ms"]["p99"]
-                                / small["get_dispatching_ms"]["p99"]),
+        "get_p99_idle": worse(large["get_idle_ms"].get("p99"), small["get_idle_ms"].get("p99")),
+        "get_p99_dispatching": worse(large["get_dispatching_ms"].get("p99"),
+                                     small["get_dispatching_ms"].get("p99")),
         # Slower is worse: small / large, so that above 1 means the large fleet lost.
-        "dispatch_rate": small["dispatch_per_second"] / large["dispatch_per_second"],
+        "dispatch_rate": worse(small["dispatch_per_second"], large["dispatch_per_second"]),
     }
     print_table(
         ["", f"{small['backends']} backends, {small['jobs']:,} jobs",
@@ -230,15 +248,17 @@ def report(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
         [
             ("backlog written (s)", small["fill_seconds"], large["fill_seconds"], "", ""),
             ("GET /jobs/{id} p50 / p99 (ms), idle", p50_p99(small["get_idle_ms"]),
-             p50_p99(large["get_idle_ms"]), f"{ratios['get_p99_idle']:.2f}x",
+             p50_p99(large["get_idle_ms"]), times(ratios["get_p99_idle"]),
              f"<= {TARGET_RATIO:g}x"),
             ("GET /jobs/{id} p50 / p99 (ms), dispatching",
              p50_p99(small["get_dispatching_ms"]), p50_p99(large["get_dispatching_ms"]),
-             f"{ratios['get_p99_dispatching']:.2f}x", f"<= {TARGET_RATIO:g}x"),
+             times(ratios["get_p99_dispatching"]), f"<= {TARGET_RATIO:g}x"),
             ("  overlapping the PATCHes that enable or drain every backend",
              p50_p99(small["get_switching_ms"]), p50_p99(large["get_switching_ms"]), "", ""),
+            ("  unanswered when the backends were drained again (cancelled)",
+             small["get_unanswered"], large["get_unanswered"], "", "0"),
             ("dispatch rate (prompts accepted / s), median round", small["dispatch_per_second"],
-             large["dispatch_per_second"], f"{ratios['dispatch_rate']:.2f}x",
+             large["dispatch_per_second"], times(ratios["dispatch_rate"]),
              f"<= {TARGET_RATIO:g}x"),
             ("  per round", ", ".join(map(str, small["dispatch_per_second_rounds"])),
              ", ".join(map(str, large["dispatch_per_second_rounds"])), "", ""),
@@ -248,7 +268,8 @@ def report(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
                 [(name, small["cores_busy"][name], large["cores_busy"][name])
                  for name in small["cores_busy"]])
     return {"small": small, "large": large,
-            "worse_by": {name: round(ratio, 2) for name, ratio in ratios.items()}}
+            "worse_by": {name: None if ratio is None else round(ratio, 2)
+                         for name, ratio in ratios.items()}}
 
 
 async def main(fleets: list[Fleet], get_rate: float, window: float, rounds: int) -> None:

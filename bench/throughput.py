@@ -232,7 +232,7 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                  for name, rate in result["per_second"].items()])
     target = result["target"]
     print(f"\nstorage {result['storage']}: comfyfleet end to end, {target['what']}: "
-          f"{target['reached']:g} (target at least {target['at_least']:g}: "
+          f"{target['reached']:.3g} (target at least {target['at_least']:.3g}: "
           f"{'met' if target['met'] else 'not met'})")
     processes = result["serve_processes"]
     serves = "comfyfleet serve" if processes == 1 else (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Coroutine
@@ -179,6 +180,7 @@ async def _serve(settings: Settings) -> None:
     log = logging.getLogger("comfyfleet")
     try:
         async with serving(settings) as url:
+            _freeze_startup_objects()
             log.info("serving on %s", url)
             await until_terminated()
     except StoppedWhileStarting:
@@ -192,6 +194,15 @@ async def _serve(settings: Settings) -> None:
     except DatabaseRefused as exc:
         sys.exit(f"comfyfleet: {exc} (check DATABASE_URL, or RDB_HOST, RDB_PORT, RDB_NAME, "
                  "RDB_USERNAME and RDB_PASSWORD)")
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what the start made (modules, the app, the catalog: about 210,000 objects that
+    live as long as the process) out of the cyclic garbage collector's full passes, which
+    otherwise walk them all, 0.1 s of CPU a pass, every few hundred jobs at saturation. What
+    the start left as garbage is collected first, or it would be kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _check_workflows(directory: Path | None, backends: list[str]) -> int:

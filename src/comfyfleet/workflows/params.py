@@ -175,11 +175,11 @@ def whole_placeholder(value: str) -> str | None:
 def substitute(template: Any, values: Mapping[str, Any]) -> Any:
     """A copy of `template` with every placeholder replaced; the input is left untouched."""
     if isinstance(template, str):
+        if "$" not in template:  # most of a prompt's strings: no placeholder to look for
+            return template
         whole = whole_placeholder(template)
         if whole is not None:
             return values[whole]
-        if "$" not in template:
-            return template
         return Template(template).substitute({k: _as_text(v) for k, v in values.items()})
     if isinstance(template, dict):
         return {key: substitute(value, values) for key, value in template.items()}

@@ -17,6 +17,7 @@ from openapi_spec_validator import validate
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.job_poll import JobPollRoute
+from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -266,3 +267,114 @@ async def test_only_a_status_poll_of_a_job_id_goes_past_the_router() -> None:
                       "headers": headers}, receive, send)
     assert [name for name, _ in seen] == ["poll", "poll", "poll"] + ["app"] * 10
     assert [path for _, path in seen] == [path for _, _, path, _ in cases]
+
+
+async def test_a_submit_answers_as_the_route(settings: Settings) -> None:
+    """POST /api/v1/jobs with a JSON body and no query is answered past the app's router and
+    dependency solving (SubmitRoute); with a query (`?wait=0`, the route's default) it takes
+    the route: both answer alike, in the same bytes, a repeat of an idempotency key and every
+    error a valid body can meet (a body the route would refuse is the route's either way)."""
+    settings.api_keys = ["v1-key"]
+    key = {"Authorization": "Bearer v1-key"}
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        prefix = base + settings.route_prefix
+
+        async def answer(query: str, body: Any, headers: dict[str, str]
+                         ) -> tuple[int, list[tuple[str, str]], bytes]:
+            async with http.post(f"{prefix}/jobs{query}", json=body,
+                                 headers=headers) as response:
+                kept = sorted((name.lower(), value) for name, value in response.headers.items()
+                              if name.lower() not in ("date", "server"))
+                return response.status, kept, await response.read()
+
+        once = {**key, "Idempotency-Key": "order-7"}
+        first = await answer("", {"workflow": "invert"}, once)
+        cases: list[tuple[Any, dict[str, str]]] = [
+            ({"workflow": "invert"}, once),  # the repeat: the same job, 200
+            ({"workflow": "invert", "params": {"width": 9}}, once),  # idempotency_conflict
+            ({"workflow": "invert"}, {}), ({"workflow": "invert"}, {"Authorization": "Bearer x"}),
+            ({"workflow": "nope"}, key), ({"workflow": "invert", "params": {"width": "x"}}, key),
+            ({"workflow": "invert", "priority": 5000}, key), ({"workflow": 7}, key),
+            ([], key), ({"workflow": "invert", "params": {"text": "\ud800"}}, key),
+            ({"workflow": "invert"}, {**key, "Idempotency-Key": "k" * 201}),
+        ]
+        statuses, bodies = [], []
+        for body, headers in cases:
+            fast = await answer("", body, headers)
+            routed = await answer("?wait=0", body, headers)
+            assert fast == routed, body
+            statuses.append(fast[0])
+            bodies.append(json.loads(fast[2]))
+        submitted = await answer("", {"workflow": "invert", "params": {"width": 3}}, key)
+        routed = await answer("?wait=0", {"workflow": "invert", "params": {"width": 3}}, key)
+    assert first[0] == 202 and bodies[0]["id"] == json.loads(first[2])["id"]
+    assert statuses == [200, 422, 401, 401, 422, 422, 422, 422, 422, 422, 422]
+    assert bodies[1]["error"]["type"] == "idempotency_conflict"
+    assert [body["error"]["type"] for body in bodies[4:6]] == [
+        "unknown_workflow", "invalid_params"]
+    # Two new jobs: alike but for what is the job's own.
+    new, other = (json.loads(answer[2]) for answer in (submitted, routed))
+    own = ("id", "created_at", "queued_at", "links")
+    assert submitted[0] == routed[0] == 202
+    assert {k: v for k, v in new.items() if k not in own} == \
+        {k: v for k, v in other.items() if k not in own}
+    assert sorted(new) == sorted(other)
+
+
+async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None:
+    """SubmitRoute answers a POST of {prefix}/jobs (behind the server's root path too) with an
+    `application/json` body that parses, and hands everything else to the app, with the body
+    it read as it came, in its pieces."""
+    seen: list[tuple[str, str, list[Message]]] = []
+
+    def app_named(name: str) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            messages = [await receive()]
+            while messages[-1].get("more_body"):
+                messages.append(await receive())
+            seen.append((name, scope["path"], messages))
+        return app
+
+    async def answer(request: Any, submitted: str) -> Any:
+        seen.append(("submit", submitted, [{"body": await request.body()}]))
+        return app_named("response")
+
+    async def send(message: Message) -> None:
+        pass
+
+    def parse(body: bytes, key: str | None) -> str | None:
+        return None if body == b"refused" else f"{body.decode()} {key}"
+
+    def receiving(chunks: list[Message]) -> Receive:
+        async def receive() -> Message:
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+        return receive
+
+    routes = SubmitRoute(app_named("app"), jobs="/api/v1/jobs", errors=None,  # type: ignore[arg-type]
+                         parse=parse, answer=answer)
+    json_body = [(b"content-type", b"application/json")]
+    cases = [("POST", "", "/api/v1/jobs", b"", json_body, [b"a", b"b"]),
+             ("POST", "/gw", "/gw/api/v1/jobs", b"", [*json_body, (b"idempotency-key", b"k")],
+              [b"c"]),
+             ("POST", "", "/api/v1/jobs", b"", json_body, [b"refu", b"sed"]),
+             ("POST", "", "/api/v1/jobs", b"wait=0", json_body, [b"d"]),
+             ("POST", "", "/api/v1/jobs", b"", [(b"content-type", b"text/plain")], [b"e"]),
+             ("POST", "", "/api/v1/jobs", b"", json_body * 2, [b"f"]),
+             ("POST", "", "/api/v1/jobs", b"", [], [b"g"]),
+             ("PUT", "", "/api/v1/jobs", b"", json_body, [b"h"]),
+             ("POST", "", "/api/v1/jobs/", b"", json_body, [b"i"]),
+             ("POST", "", "/api/v1/workflows/invert/jobs", b"", json_body, [b"j"])]
+    for method, root_path, path, query, headers, pieces in cases:
+        chunks: list[Message] = [
+            {"type": "http.request", "body": piece, "more_body": n < len(pieces) - 1}
+            for n, piece in enumerate(pieces)]
+        await routes({"type": "http", "method": method, "path": path, "root_path": root_path,
+                      "query_string": query, "headers": headers}, receiving(chunks), send)
+    assert [(name, what) for name, what, _ in seen] == [
+        ("submit", "ab None"), ("response", "/api/v1/jobs"), ("submit", "c k"),
+        ("response", "/gw/api/v1/jobs"), ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"),
+        ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"),
+        ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs/"), ("app", "/api/v1/workflows/invert/jobs")]
+    assert [b"".join(m.get("body", b"") for m in messages) for name, _, messages in seen
+            if name == "app"] == [b"refused", b"d", b"e", b"f", b"g", b"h", b"i", b"j"]
+    assert [len(messages) for name, _, messages in seen if name == "app"][:1] == [2]

@@ -170,6 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
     # First: the security's middlewares wrap the v2 app and the v1 status poll too.
     mount_v2(app)
     jobs.install_job_poll(app, settings.route_prefix)
+    jobs.install_job_submit(app, settings.route_prefix)
     install_security(app, settings)
     app.include_router(health.router)
     app.include_router(prometheus.router)

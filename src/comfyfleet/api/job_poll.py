@@ -63,24 +63,30 @@ class JobPoll:
             svc = await services(request)
             job = await self._answer(request, svc, caller, scope["path"].rpartition("/")[2])
         except Exception as exc:
-            await self._failed(request, exc, send)
+            await answer_error(self._app, request, exc, send)
             return
-        await Response(_JOB_JSON.dump_json(job), media_type="application/json")(
-            scope, receive, send)
+        await job_response(job)(scope, receive, send)
 
-    async def _failed(self, request: Request, exc: Exception, send: Send) -> None:
-        """As the app answers `exc`: by its handler for the nearest class; the catch-all's
-        (an unexpected error) answers and raises it again, as Starlette's does."""
-        handlers = self._app.exception_handlers
-        handled = next((cls for cls in type(exc).__mro__ if cls in handlers), None)
-        if handled is None:
-            raise exc
-        response = handlers[handled](request, exc)
-        if inspect.isawaitable(response):
-            response = await response
-        await response(request.scope, request.receive, send)
-        if handled is Exception:
-            raise exc
+
+def job_response(job: dict[str, Any], status_code: int = 200) -> Response:
+    """A route's answer of `job`, in the bytes FastAPI writes for a route's `dict[str, Any]`."""
+    return Response(_JOB_JSON.dump_json(job), status_code=status_code,
+                    media_type="application/json")
+
+
+async def answer_error(app: FastAPI, request: Request, exc: Exception, send: Send) -> None:
+    """As `app` answers `exc`: by its handler for the nearest class; the catch-all's (an
+    unexpected error) answers and raises it again, as Starlette's does."""
+    handlers = app.exception_handlers
+    handled = next((cls for cls in type(exc).__mro__ if cls in handlers), None)
+    if handled is None:
+        raise exc
+    response = handlers[handled](request, exc)
+    if inspect.isawaitable(response):
+        response = await response
+    await response(request.scope, request.receive, send)
+    if handled is Exception:
+        raise exc
 
 
 class JobPollRoute:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -14,11 +15,13 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from comfyfleet.api.comfyui_server import known_params
-from comfyfleet.api.depends import ServicesDep
+from comfyfleet.api.depends import ServicesDep, services
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.events import place_and_eta
-from comfyfleet.api.job_poll import JobPoll, JobPollRoute
-from comfyfleet.api.security import Caller, CallerDep, Guard, visible_job
+from comfyfleet.api.job_poll import JobPoll, JobPollRoute, job_response
+from comfyfleet.api.job_submit import SubmitRoute
+from comfyfleet.api.json_text import may_hold_lone_surrogate
+from comfyfleet.api.security import Caller, CallerDep, Guard, caller_of, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake import errors as refusals
 from comfyfleet.intake.workflow_jobs import Submission, accept
@@ -304,6 +307,39 @@ def install_job_poll(app: FastAPI, prefix: str) -> None:
     before the middlewares that must wrap it too are added (each is added outside those
     before it)."""
     app.add_middleware(JobPollRoute, jobs=f"{prefix}/jobs/", poll=JobPoll(app, job_answer))
+
+
+def install_job_submit(app: FastAPI, prefix: str) -> None:
+    """`submit_job` answered by SubmitRoute past the app's router and dependency solving,
+    for a body the route would take as it is (as `install_job_poll`)."""
+    app.add_middleware(SubmitRoute[tuple[JobRequest, str | None]], jobs=f"{prefix}/jobs",
+                       errors=app, parse=_submitted, answer=_submit_answer)
+
+
+def _submitted(body: bytes, idempotency_key: str | None) -> tuple[JobRequest, str | None] | None:
+    """What `submit_job` would read from a JSON `body` and an Idempotency-Key header (its
+    query empty), or None when it would refuse either (or `refuse_lone_surrogates` must look:
+    rarely), for the route to answer."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        return None
+    if may_hold_lone_surrogate(body):
+        return None
+    try:  # as FastAPI reads a JSON body, then validates the route's body parameter
+        return JobRequest.model_validate(json.loads(body)), idempotency_key
+    except Exception:  # whatever it is, the route answers it
+        return None
+
+
+async def _submit_answer(request: Request, submitted: tuple[JobRequest, str | None]
+                         ) -> Response:
+    """`submit_job`'s answer, its dependencies first as FastAPI solves them."""
+    caller = await caller_of(request)
+    svc = await services(request)
+    job_request, idempotency_key = submitted
+    status = Response()
+    status.status_code = 202  # the route's; 200 for a repeat
+    job = await _submit(svc, job_request, status, 0, idempotency_key, caller=caller)
+    return job_response(job, status.status_code)
 
 
 async def _cancel(job_id: uuid.UUID, svc: Services, caller: Caller) -> dict[str, Any]:

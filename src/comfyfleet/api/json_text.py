@@ -20,6 +20,11 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MESSAGE = "is not Unicode text: it holds a lone surrogate (such as \\ud800)"
 
 
+def may_hold_lone_surrogate(body: bytes) -> bool:
+    """Whether a JSON body may spell a lone surrogate (only parsing tells for sure)."""
+    return _MAYBE_SURROGATE.search(body) is not None
+
+
 async def refuse_lone_surrogates(request: Request) -> None:
     """App dependency: 422 (RequestValidationError, in the app's envelope) for a JSON body
     with a lone surrogate in any string or key. The body is read once and kept by Starlette,
@@ -27,7 +32,7 @@ async def refuse_lone_surrogates(request: Request) -> None:
     if "json" not in request.headers.get("content-type", "").lower():
         return
     body = await request.body()
-    if not _MAYBE_SURROGATE.search(body):
+    if not may_hold_lone_surrogate(body):
         return
     try:
         document = json.loads(body)

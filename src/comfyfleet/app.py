@@ -137,7 +137,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         fleet = Fleet(endpoints, repository, storage, FleetTuning.from_settings(settings),
                       waiters=waiters, events=events, lease=lease, registry=registry,
                       registry_changed=peers.fleet, queued=peers.queued,
-                      queued_here=peers.queued_here, catalog=catalog)
+                      queued_here=peers.queued_here, slots=peers.slots, catalog=catalog)
         stack.push_async_callback(fleet.close, settings.shutdown_timeout)
         services = Services(settings, engine, repository, storage, catalog, fleet, waiters,
                             events)

@@ -16,9 +16,23 @@ each what the others did:
   one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
   would serialise the commits of every process), and hears the others' as
   JobNotices.changed_elsewhere, so that a dashboard's lists and a job's events on any replica
-  follow every replica's jobs.
-Each (re)connect of the listening connection counts as a change of all three: what was said while
-nobody listened is not said again.
+  follow every replica's jobs;
+- the slots: every process reads every backend's `status`, but a slot another process's prompt
+  frees counts free in the database's count only once that process has written the prompt's
+  end. So a process whose claims found the jobs they could take held up by slots other
+  processes hold says so on SLOT_WANTED_CHANNEL (`wanted_here`; once, until it hears of a slot
+  freed); the others, told, write the ends of their prompts at once (not with the job's end),
+  and one that releases a slot its own claims leave free (they see nothing queued that they
+  could take, or chose to leave that backend idle) tells of it on SLOT_FREED_CHANNEL
+  (`freed_here`) once the write that freed it has committed: the waiting process claims then,
+  not at its next safety pass. Nothing is said while nobody waits (a fleet with room, or whose
+  processes fill the slots they free themselves): a NOTIFY with every job's end would be a
+  transaction per job, and one in the end's own transaction would serialise every process's
+  commits. A process hearing its own wait told back (`told`) claims once more: a slot freed
+  before the others heard of the wait is in the database's count by then.
+Each (re)connect of the listening connection counts as a change of all of them (a slot freed
+too, but not a wait: a process waiting meanwhile finds the slots freed here at its safety
+pass): what was said while nobody listened is not said again.
 
 Nothing is told while no other process is alive to hear it (the lease table shows none, and
 none has been heard from since: ProcessLease.alone), as when one `serve` runs alone: a NOTIFY
@@ -32,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,10 +61,29 @@ log = logging.getLogger(__name__)
 FLEET_CHANNEL = "comfyfleet_fleet"
 JOBS_CHANNEL = "comfyfleet_jobs"
 QUEUED_CHANNEL = "comfyfleet_queued"
+SLOT_WANTED_CHANNEL = "comfyfleet_slot_wanted"
+SLOT_FREED_CHANNEL = "comfyfleet_slot_freed"
 # A burst of job changes here is told to the other processes once per this long; the
 # dashboards they serve send at most one event every 2 s anyway (api/dashboard.py).
 FORWARD_SECONDS = 1.0
 RETRY_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class SlotTalk:
+    """What the processes say of backend slots held by one and wanted by another."""
+
+    # Beat when another process said it waits for a slot another holds.
+    wanted: Pulse = field(default_factory=Pulse)
+    # Beat when another process said it freed a slot (after one said it waited), or nobody
+    # listened for a while.
+    freed: Pulse = field(default_factory=Pulse)
+    # Beaten by this process when it waits for a slot another holds: the others are told.
+    wanted_here: Pulse = field(default_factory=Pulse)
+    # Beat when this process's `wanted_here` was heard back: the others have heard it.
+    told: Pulse = field(default_factory=Pulse)
+    # Beaten by this process when it freed a slot one waits for: the others are told.
+    freed_here: Pulse = field(default_factory=Pulse)
 
 
 class PeerChanges:
@@ -66,6 +100,7 @@ class PeerChanges:
         self.queued = Pulse()
         # Beaten by this process when it queued a job: the others are told.
         self.queued_here = Pulse()
+        self.slots = SlotTalk()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -74,6 +109,8 @@ class PeerChanges:
             asyncio.create_task(self._forward(self._notices.here, JOBS_CHANNEL,
                                               FORWARD_SECONDS)),
             asyncio.create_task(self._forward(self.queued_here, QUEUED_CHANNEL, 0.0)),
+            asyncio.create_task(self._forward(self.slots.wanted_here, SLOT_WANTED_CHANNEL, 0.0)),
+            asyncio.create_task(self._forward(self.slots.freed_here, SLOT_FREED_CHANNEL, 0.0)),
         ]
 
     async def close(self) -> None:
@@ -112,19 +149,30 @@ class PeerChanges:
             if channel == FLEET_CHANNEL:
                 self.fleet.beat()
                 return
-            if payload == self._process:
-                return  # its own: this process knows
+            if payload == self._process:  # its own: this process knows
+                if channel == SLOT_WANTED_CHANNEL:
+                    self.slots.told.beat()
+                return
             if payload.isdigit():  # another process's id (a trigger's notification has none)
                 self._lease.heard_from(int(payload))
             if channel == QUEUED_CHANNEL:
                 self.queued.beat()
+            elif channel == SLOT_WANTED_CHANNEL:
+                self.slots.wanted.beat()
+            elif channel == SLOT_FREED_CHANNEL:
+                self.slots.freed.beat()
             else:
                 self._notices.changed_elsewhere()
 
-        async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL, QUEUED_CHANNEL],
+        async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL, QUEUED_CHANNEL,
+                                            SLOT_WANTED_CHANNEL, SLOT_FREED_CHANNEL],
                              notified) as lost:
             self.fleet.beat()  # changes made while nobody listened
             self.queued.beat()
+            # A slot freed unheard: claim; and a wait told before may have gone unheard: it is
+            # told again if still due. Another's wait told meanwhile is not (nothing says so):
+            # its safety pass finds the slots freed here.
+            self.slots.freed.beat()
             self._notices.changed_elsewhere()
             self.queued_here.beat()  # this process listens: the others are to tell it now
             await lost.wait()

@@ -190,9 +190,10 @@ class Dispatcher:
     ) -> None:
         self._repository = repository
         self._extra_data = extra_data  # of the jobs accepted here: sent with their prompts
-        # Events wake the loop (a job queued through any process too: the fleet hears the
-        # database's notice); this pass of its own catches what none announces (a slot freed
-        # in another process).
+        # Events wake the loop (a job queued through any process too, and a slot another
+        # process frees while this one waits for it: the fleet hears the database's notices);
+        # this pass of its own catches what none announces (a notice sent while the listening
+        # connection was away).
         self._safety_pass_seconds = safety_pass_seconds
         self._owner = owner  # this process's ProcessLease id, recorded on what it claims
         self._run_times = run_times
@@ -213,6 +214,11 @@ class Dispatcher:
         self._waiting = False  # a pick left a free backend idle: waiting was sooner
         self._trying = False  # the last pick tries a backend on a guess (see `_affine`)
         self._trial: str | None = None  # the prompt id of the last such try
+        # A claim of the pass under way found a backend with room by this process's count
+        # full in the database's (`no_slot`): other processes' prompts hold it.
+        self._short = False
+        # And one left a backend this process has room on without a job, by its own choice.
+        self._left_free = False
         self._outcome = ""  # what the pick under way comes to (metrics.DISPATCH_CLAIMS)
         self._outcomes: dict[str, str] = {}  # and each pick of the claim under way, by backend
         self._submissions: set[asyncio.Task[None]] = set()
@@ -226,9 +232,18 @@ class Dispatcher:
                 self._backlog_empty = False
             try:
                 if (claim and not self._backlog_empty) or self._waiting:
-                    self._waiting = False
+                    self._waiting = self._short = self._left_free = False
                     while await self._dispatch_one():
                         pass
+                    if self._short and not self._backlog_empty:
+                        # Another process's prompt ending frees a slot in the database's
+                        # count only as that process writes it: it tells us then.
+                        self._signals.short_of_slots()
+                if self._signals.take_released_for_peer() and (
+                        self._backlog_empty or self._left_free):
+                    # Released after the claims that counted it free (`ended`) left it so:
+                    # the process that waits for a slot is told.
+                    self._signals.tell_freed()
                 await self._rebalance()
             except Exception:  # the database may be away for a while; keep the loop alive
                 log.exception("dispatch pass failed")
@@ -266,8 +281,14 @@ class Dispatcher:
             taker = claim.job.backend if claim.job is not None else None
             if claim.refusal is not None:  # the last backend it locked chose a job in vain
                 self._outcomes[claim.locked[-1]] = claim.refusal
-            metrics.dispatch_claim("took" if name == taker else self._outcomes.get(name, "no_slot")
-                                   for name in claim.locked)
+            outcomes = ["took" if name == taker else self._outcomes.get(name, "no_slot")
+                        for name in claim.locked]
+            metrics.dispatch_claim(outcomes)
+            # A backend this process has room on, full in the database's count: held by
+            # other processes' prompts. Or one this process chose to leave without a job.
+            self._short = self._short or "no_slot" in outcomes
+            self._left_free = self._left_free or any(
+                outcome != "no_slot" for outcome in self._outcomes.values())
             if claim.backlog is not None:
                 self._backlog_empty = claim.backlog == 0
                 self._signals.claimed(backlog_empty=self._backlog_empty)

@@ -62,6 +62,11 @@ class Unrecorded(Generic[T]):
         after a write that failed, for the next one records it."""
         await self._settled.wait()
 
+    @property
+    def settled_event(self) -> asyncio.Event:
+        """Set once it is `settled`: to wait for that along with other events."""
+        return self._settled
+
     def drop(self) -> None:
         """The run is over otherwise (cancelled, lost, moved, shutting down): nothing
         records it."""

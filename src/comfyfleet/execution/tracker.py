@@ -47,7 +47,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error,
 from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
 from comfyfleet.jobs.repository import JobRepository, ProgressReport
 from comfyfleet.logs import job_fields
-from comfyfleet.pulse import Pulse
+from comfyfleet.pulse import Pulse, first_of
 
 log = logging.getLogger(__name__)
 
@@ -515,16 +515,19 @@ class ExecutionTracker:
 
     def _defer_end(self, run: PromptRun, end: ExecutionEnd) -> UnrecordedEnd | None:
         """`run`'s end of executing, left for the statement recording the job's end (its
-        own written after END_WRITE_DELAY), when no job is queued (no claim of any process
-        waits for the slot in the database's count) and that statement owes no job.started
-        webhook; None when it is to be recorded now. Until it is recorded, the prompt holds
-        its slot in the database's count and stays `ended` for this process's claims."""
-        if not self._signals.backlog_empty or (
+        own written after END_WRITE_DELAY, or as soon as another process says it waits for a
+        slot), when no job is queued (no claim of any process waits for the slot in the
+        database's count: none this process's claims see, and no other process said it
+        waits) and that statement owes no job.started webhook; None when it is to be recorded
+        now. Until it is recorded, the prompt holds its slot in the database's count and stays
+        `ended` for this process's claims."""
+        if not self._signals.backlog_empty or self._signals.peer_waiting or (
                 end.started_at is not None and subscribed(run.job, "job.started")):
             return None
         unrecorded = UnrecordedEnd(end)
         # Not its `timer`: the job's end, recording it, must not cancel the release.
-        writing = asyncio.create_task(self._record_end_later(run, unrecorded))
+        writing = asyncio.create_task(
+            self._record_end_later(run, unrecorded, self._signals.wanted.next()))
         self._end_writes.add(writing)
         writing.add_done_callback(self._end_writes.discard)
         return unrecorded
@@ -537,15 +540,17 @@ class ExecutionTracker:
             uploading_at=end.uploading_at,
             event="job.started" if end.started_at is not None else None)
 
-    async def _record_end_later(self, run: PromptRun, unrecorded: UnrecordedEnd) -> None:
-        """Record the end of executing of `run`'s job on its own after END_WRITE_DELAY,
-        unless the job's end records it sooner (its outputs take a while to store); then,
-        the database counting the prompt off its backend, release its slot."""
+    async def _record_end_later(self, run: PromptRun, unrecorded: UnrecordedEnd,
+                                wanted: asyncio.Event) -> None:
+        """Record the end of executing of `run`'s job on its own after END_WRITE_DELAY, or
+        once `wanted` is set (another process waits for a slot), unless the job's end records
+        it sooner (its outputs take a while to store); then, the database counting the prompt
+        off its backend, release its slot."""
         job = run.job
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(END_WRITE_DELAY):
-                    await unrecorded.settled()
+                    await first_of(unrecorded.settled_event, wanted)
             try:
                 async with unrecorded.recording() as end:
                     if end is not None:

@@ -30,6 +30,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.notices import JobNotices
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.jobs.waiters import JobWaiters
+from comfyfleet.peers import SlotTalk
 from comfyfleet.pulse import Pulse, first_of
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage
@@ -89,14 +90,14 @@ class Fleet:
         registry_changed: Pulse,
         queued: Pulse,
         queued_here: Pulse,
+        slots: SlotTalk,
         catalog: Catalog,
     ) -> None:
-        """`backends` are the configured ones; the registry may hold more, and
-        `registry_changed` beats when any process changed it; `queued` beats when another process
-        queued a job (or any put one back in the backlog), and this one beats `queued_here`
-        when a job was submitted here (`job_submitted`). The `catalog` is told what each
-        backend reports of its nodes, to type workflow parameters; `waiters` hear of every
-        job that ends here."""
+        """`backends` are the configured ones; the registry may hold more, and `registry_changed`
+        beats when any process changed it; `queued` beats when another process queued a job (or
+        any put one back in the backlog), this one beats `queued_here` when a job was submitted
+        here (`job_submitted`); `slots`: what they say of slots one waits for. The `catalog`
+        hears what each backend reports of its nodes; `waiters`, of every job ending here."""
         self._registry = registry
         self._registry_changed = registry_changed
         self._queued, self._queued_here = queued, queued_here
@@ -104,7 +105,7 @@ class Fleet:
         self._repository = repository
         self._node_token = tuning.node_token
         # What the tracker tells the dispatcher (and a drain waiting for a backend to idle).
-        self._signals = DispatchSignals()
+        self._signals = DispatchSignals(slots)
         # Beats whenever what `describe` shows of any backend changes (the dashboard).
         self.changes = Pulse()
         # One list shared with the dispatcher, the tracker's watch and the endings: backends
@@ -173,6 +174,10 @@ class Fleet:
 
     async def start(self) -> None:
         """Connect to the registered backends (the configured ones first) and dispatch."""
+        # Before anything awaits: what another process says of the slots is heard from the
+        # start.
+        slot_talk = self._signals.slots.wanted.next(), self._signals.slots.freed.next(), \
+            self._signals.slots.told.next()
         await self._registry.seed([session.backend for session in self.sessions])
         self._started = True
         registry_changed = self._registry_changed.next()  # taken before the read
@@ -183,7 +188,8 @@ class Fleet:
         self._dispatching = asyncio.create_task(self.dispatcher.run())
         self._tasks = [self._dispatching, asyncio.create_task(self.tracker.watch(self.sessions)),
                        asyncio.create_task(self._follow_registry_forever(registry_changed)),
-                       asyncio.create_task(self._follow_backlog_forever(queued))]
+                       asyncio.create_task(self._follow_backlog_forever(queued)),
+                       asyncio.create_task(self._hear_slots_forever(*slot_talk))]
 
     async def follow_registry(self) -> bool:
         """Take up what other processes (or an earlier run) changed in the shared fleet.
@@ -235,6 +241,25 @@ class Fleet:
             await queued.wait()
             queued = self._queued.next()
             self.job_available()
+
+    async def _hear_slots_forever(self, wanted: asyncio.Event, freed: asyncio.Event,
+                                  told: asyncio.Event) -> None:
+        """Tell the dispatch what other processes say of the slots: one waits for a slot (the
+        ends of prompts here are written at once, the slots freed told of), one freed a slot
+        (claim), this process's own wait heard (claim once more)."""
+        talk = self._signals.slots
+        while True:
+            await first_of(wanted, freed, told)
+            # A freed before a wanted: heard together, the wait is the newer news.
+            if freed.is_set():
+                freed = talk.freed.next()
+                self._signals.freed_elsewhere()
+            if wanted.is_set():
+                wanted = talk.wanted.next()
+                self._signals.wanted_elsewhere()
+            if told.is_set():
+                told = talk.told.next()
+                self._signals.short_heard()
 
     async def stop_dispatching(self) -> None:
         """Claim no more jobs: the first step of a shutdown, so that nothing new is started

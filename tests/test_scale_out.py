@@ -25,10 +25,12 @@ from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.app import running_services, serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.messages import Status, parse_text
+from comfyfleet.execution.tracker import END_WRITE_DELAY
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.jobs.extra_data import ExtraData
 from comfyfleet.jobs.lease import LOCK_SPACE
 from comfyfleet.peers import QUEUED_CHANNEL
+from comfyfleet.pulse import Pulse
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import (
@@ -42,6 +44,8 @@ from tests.support import (
 from tests.test_api_v2 import rows_holding, work
 
 JOBS = 24
+# Long enough for the other process's job to be submitted, and its claim to find no slot.
+BLOCKER_SECONDS = 3.0
 
 
 async def watch_queue(http: aiohttp.ClientSession, url: str, peaks: dict[str, int]) -> None:
@@ -277,6 +281,68 @@ async def test_a_job_with_extra_data_is_dispatched_only_by_the_process_that_hold
     assert done["status"] == "succeeded"
     assert holder_id is not None and dispatched_by == holder_id
     assert await rows_holding(engine, partner_key) == []
+
+
+async def queue_lengths(http: aiohttp.ClientSession, url: str,
+                        seen: list[tuple[float, int]], changed: Pulse) -> None:
+    """Record when the backend reports each new length of its queue (its broadcast `status`),
+    beating `changed`."""
+    async with http.ws_connect(f"{url}/ws", params={"clientId": uuid.uuid4().hex}) as ws:
+        async for frame in ws:
+            message = parse_text(frame.data) if frame.type == aiohttp.WSMsgType.TEXT else None
+            if isinstance(message, Status) and message.queue_remaining is not None \
+                    and (not seen or seen[-1][1] != message.queue_remaining):
+                seen.append((time.monotonic(), message.queue_remaining))
+                changed.beat()
+
+
+async def test_a_slot_another_process_frees_is_taken_at_once_by_the_one_waiting(
+    settings: Settings, data_root: Path
+) -> None:
+    """The backend's only slot is held by a prompt of one process; another holds a job only it
+    can send (its extra_data). When the prompt ends, the slot counts free in the database only
+    once the first process has written its end (a moment after every process read the
+    backend's `status`): told so then, the waiting process sends its job at once, not at its
+    next safety pass."""
+    lengths: list[tuple[float, int]] = []
+    lengthened = Pulse()
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        gateways = Gateways(stack, settings, data_root, sim.url)
+        # No safety pass within the test: only wake-ups dispatch.
+        waiting, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1",
+                                          DISPATCH_INTERVAL="60")
+        # Room for two by its count: it claims on hearing of the held job, and sees nothing
+        # it could take queued.
+        holding, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="2",
+                                          DISPATCH_INTERVAL="60")
+        watcher = asyncio.create_task(queue_lengths(http, sim.url, lengths, lengthened))
+        # The blocker's output takes 2 s to fetch: its job ends long after its prompt, and the
+        # slot counts free in the database only once the prompt's end is written on its own.
+        async with http.post(f"{sim.url}/_sim/faults", json={
+                "output_size": 20_000, "view_bytes_per_second": 10_000}) as response:
+            assert response.status == 200
+        blocker = await submit_v2(http, holding, work(seconds=BLOCKER_SECONDS, steps=3),
+                                  extra_data={"api_key_comfy_org": "blocker-key"})
+        await wait_for_job(http, f"{holding}/api/v1", blocker, "running")
+        held = await submit_v2(http, waiting, work(seconds=0.5, steps=2),
+                               extra_data={"api_key_comfy_org": "held-key"})
+        submitted = time.monotonic()
+        job = await wait_for_job(http, f"{waiting}/api/v1", held, "running", seconds=15)
+        async with asyncio.timeout(5):  # its prompt's arrival in the queue, told as it came
+            while (changed := lengthened.next()) and lengths[-1][1] == 0:
+                await changed.wait()
+        watcher.cancel()
+    # The blocker's queue of one, then none, then the held job's.
+    (freed, _), (arrived, _) = lengths[-2:]
+    assert [length for _, length in lengths[-3:]] == [1, 0, 1]
+    assert job["backend"] == "gpu"
+    assert freed - submitted > 0.5  # it waited: its claims on submit found no slot
+    # 40-80 ms here; up to DISPATCH_INTERVAL before, and END_WRITE_DELAY more had the
+    # blocker's process left the end unwritten for that moment, as it does while it knows of
+    # no job waiting for the slot.
+    assert arrived - freed < END_WRITE_DELAY
 
 
 async def test_a_job_whose_extra_data_holder_is_killed_before_dispatch_fails(

@@ -128,6 +128,14 @@ class Gateways:
         await wait_for_healthy_backends(http, f"{base}/api/v1")  # its reconciliation done
         return base, process
 
+    async def start_two_woken_only(self, http: aiohttp.ClientSession, inflight: tuple[int, int]
+                                   ) -> tuple[str, str]:
+        """Two processes, with MAX_INFLIGHT_PER_BACKEND `inflight`, whose safety passes come
+        after the test is over: only wake-ups dispatch."""
+        first, second = [(await self.start(http, MAX_INFLIGHT_PER_BACKEND=str(slots),
+                                           DISPATCH_INTERVAL="60"))[0] for slots in inflight]
+        return first, second
+
 
 async def test_a_killed_process_jobs_are_taken_over_without_a_reconnect(
     settings: Settings, receiver: WebhookReceiver, data_root: Path
@@ -201,9 +209,7 @@ async def test_a_job_queued_through_one_process_is_dispatched_by_another_at_once
         sim = await stack.enter_async_context(SimulatedComfyUI(duration=30.0))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
-        # The safety pass comes long after the test is over: only a wake-up can dispatch.
-        full, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1", DISPATCH_INTERVAL="60")
-        free, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="2", DISPATCH_INTERVAL="60")
+        full, free = await gateways.start_two_woken_only(http, (1, 2))
         body = {"workflow": "invert", "params": {"width": 8}}
         async with http.post(f"{free}/api/v1/jobs", json=body) as response:
             first = (await response.json())["id"]
@@ -246,14 +252,9 @@ async def test_a_job_with_extra_data_is_dispatched_only_by_the_process_that_hold
         sim = await stack.enter_async_context(SimulatedComfyUI())
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
-        # No safety pass within the test: only wake-ups dispatch.
-        holder, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1",
-                                         DISPATCH_INTERVAL="60")
-        other, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="3",
-                                        DISPATCH_INTERVAL="60")
+        holder, other = await gateways.start_two_woken_only(http, (1, 3))
         # A job of its own too, so that the holder's is the slot it takes (the other process,
-        # hearing of a job as it commits, may claim it first; a slot the other frees wakes
-        # the holder only at its safety pass).
+        # hearing of a job as it commits, may claim it first).
         blocker = await submit_v2(http, holder, work(seconds=60.0, steps=60),
                                   extra_data={"api_key_comfy_org": f"blocker-{partner_key}"})
         await wait_for_job(http, f"{holder}/api/v1", blocker, "running")
@@ -310,13 +311,9 @@ async def test_a_slot_another_process_frees_is_taken_at_once_by_the_one_waiting(
         sim = await stack.enter_async_context(SimulatedComfyUI())
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gateways = Gateways(stack, settings, data_root, sim.url)
-        # No safety pass within the test: only wake-ups dispatch.
-        waiting, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="1",
-                                          DISPATCH_INTERVAL="60")
-        # Room for two by its count: it claims on hearing of the held job, and sees nothing
-        # it could take queued.
-        holding, _ = await gateways.start(http, MAX_INFLIGHT_PER_BACKEND="2",
-                                          DISPATCH_INTERVAL="60")
+        # The holding process has room for two by its count: it claims on hearing of the held
+        # job, and sees nothing it could take queued.
+        waiting, holding = await gateways.start_two_woken_only(http, (1, 2))
         watcher = asyncio.create_task(queue_lengths(http, sim.url, lengths, lengthened))
         # The blocker's output takes 2 s to fetch: its job ends long after its prompt, and the
         # slot counts free in the database only once the prompt's end is written on its own.

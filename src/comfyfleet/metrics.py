@@ -73,6 +73,9 @@ CLAIM_TRANSACTIONS = Counter(
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",
     registry=REGISTRY)
+COLLECTION_FAILURES = Counter(
+    "comfyfleet_collection_failures", "Tries to collect a job's outputs that failed other "
+    "than by an outage (a few are made, then the job fails)", registry=REGISTRY)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -132,6 +135,10 @@ def dispatch_claim(outcomes: Iterable[str]) -> None:
 
 def storage_error() -> None:
     STORAGE_ERRORS.inc()
+
+
+def collection_failed() -> None:
+    COLLECTION_FAILURES.inc()
 
 
 def webhook_attempt(delivery: Delivery, delivered: bool, status_code: int | None) -> None:

@@ -25,6 +25,7 @@ from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.execution.starts import ExecutionEnd, UnrecordedEnd, UnrecordedStart
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.logs import job_fields
 from comfyfleet.storage import Storage, StorageError, content_type_for, output_key
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ HISTORY_ATTEMPTS = 10
 HISTORY_DELAY = 0.2
 # The longest wait between attempts while storage or the database is away.
 RETRY_MAX_DELAY = 60.0
+# A collection failing otherwise (storage or the database refusing in a way that is no
+# outage, the backend's answer not what it should be, a bug) is tried this many times in all,
+# the first wait COLLECT_RETRY_DELAY seconds, doubled after each try; then the job fails.
+COLLECT_ATTEMPTS = 3
+COLLECT_RETRY_DELAY = 1.0
 
 
 @dataclass
@@ -122,30 +128,60 @@ class Collector:
         `running` in the database) is recorded with the job's end, unless its own write
         (tracker.END_WRITE_DELAY) took it first. Its outputs are `history_outputs` (the
         `outputs` of its history entry, or the same from its `executed` messages) when given,
-        else read from the history."""
+        else read from the history.
+
+        Outages of storage and of the database are waited out; any other failure is tried
+        again, COLLECT_ATTEMPTS times in all, and then fails the job (`collection_failed`):
+        nothing else follows the job once its prompt has ended, so it must not be left where
+        it was. Raises only when cancelled, or when even that failure cannot be written."""
+        delay = COLLECT_RETRY_DELAY
         try:
-            try:
-                if history_outputs is None:
-                    history_outputs = (await self._history(client, uploading)).get("outputs")
-                files, texts = output_items(history_outputs)
-                stored_early = await early.settled() if early is not None else []
-                outputs = await self._store_outputs(client, uploading, files, texts,
-                                                    stored_early)
-            except (ComfyError, aiohttp.ClientError) as exc:
-                # The file is gone or unreadable on the backend: never store an empty
-                # stand-in.
-                await self._finish(uploading, JobStatus.FAILED, unrecorded,
-                                   error=job_error("output_unavailable", str(exc)))
-                return
-            succeeded = await self._finish(uploading, JobStatus.SUCCEEDED, unrecorded,
-                                           outputs=outputs)
+            for attempt in range(1, COLLECT_ATTEMPTS + 1):
+                try:
+                    stored = await self._collect_once(client, uploading, early, unrecorded,
+                                                      history_outputs)
+                    break
+                except Exception as exc:
+                    metrics.collection_failed()
+                    if attempt == COLLECT_ATTEMPTS:
+                        log.exception("collecting the outputs of job %s failed %d times; it "
+                                      "fails", uploading.id, attempt, extra=job_fields(uploading))
+                        await self._finish(uploading, JobStatus.FAILED, unrecorded,
+                                           error=_collection_failed(exc, attempt))
+                        return
+                    log.warning("collecting the outputs of job %s failed (try %d of %d), "
+                                "trying again in %.0f s: %r", uploading.id, attempt,
+                                COLLECT_ATTEMPTS, delay, exc, extra=job_fields(uploading))
+                    await asyncio.sleep(delay)
+                    delay *= 2
         finally:
             if unrecorded is not None:  # cut short: the job's prompt is read from /history
                 unrecorded.drop()       # again by whichever process follows it next
         # Only once the success is recorded: a crash before this leaves a file on the backend,
         # never a job without its output. Not when a cancel or another attempt won the job.
-        if succeeded and cleanup is not None:
-            await cleanup.delete(BackendFile(f.filename, f.subfolder, f.type) for f in files)
+        if stored and cleanup is not None:
+            await cleanup.delete(BackendFile(f.filename, f.subfolder, f.type) for f in stored)
+
+    async def _collect_once(
+        self, client: ComfyClient, uploading: Job, early: EarlyOutputs | None,
+        unrecorded: UnrecordedEnd | None, history_outputs: dict[str, Any] | None,
+    ) -> list[OutputFile]:
+        """One try of `collect`: the files stored, once the job's success is recorded; none
+        when it failed for its outputs being unreadable on the backend, or moved on."""
+        try:
+            if history_outputs is None:
+                history_outputs = (await self._history(client, uploading)).get("outputs")
+            files, texts = output_items(history_outputs)
+            stored_early = await early.settled() if early is not None else []
+            outputs = await self._store_outputs(client, uploading, files, texts, stored_early)
+        except (ComfyError, aiohttp.ClientError) as exc:
+            # The file is gone or unreadable on the backend: never store an empty stand-in.
+            await self._finish(uploading, JobStatus.FAILED, unrecorded,
+                               error=job_error("output_unavailable", str(exc)))
+            return []
+        if await self._finish(uploading, JobStatus.SUCCEEDED, unrecorded, outputs=outputs):
+            return files
+        return []
 
     async def _history(self, client: ComfyClient, job: Job) -> dict[str, Any]:
         assert job.prompt_id is not None
@@ -233,6 +269,16 @@ class Collector:
             return False
         self._endings.tell(JobEnded(finished))
         return True
+
+
+def _collection_failed(exc: Exception, attempts: int) -> dict[str, Any]:
+    """The error of a job whose outputs could not be collected: what failed by its kind only
+    (its text, which may name the service's own paths or data, is in the service's log)."""
+    return job_error("collection_failed",
+                     f"the outputs could not be stored: {type(exc).__name__} on each of "
+                     f"{attempts} tries (the service's log has the details); they are kept on "
+                     "the backend", details={"attempts": attempts,
+                                             "exception_type": type(exc).__name__})
 
 
 def _states(end: ExecutionEnd | None) -> set[JobStatus]:

@@ -95,4 +95,6 @@ async def test_a_collection_that_fails_once_is_tried_again_and_succeeds(
         job = await wait_for_job(http, api, job_id, "succeeded")
         async with http.get(f"{api}/jobs/{job_id}/outputs/0") as response:
             assert response.status == 200
-            assert (await response.read())[:4] == b"\x89PNG"
+            stored = await response.read()
+    assert stored[:4] == b"\x89PNG"
+    assert job["outputs"][0]["size"] == len(stored)

@@ -246,3 +246,76 @@ async def test_with_keys_on_a_key_the_service_cannot_check_gets_503_not_401(
                 await asyncio.sleep(0.1)  # polling the API: its pool reconnects on use
         assert back == (200, None, None)
         assert (await answer("wrong-key", "/jobs"))[:1] == (401,)
+
+
+async def watch_pass_failed(caplog: pytest.LogCaptureFixture, backend: str) -> None:
+    """Return once a pass of the tracker's safety net over `backend` failed."""
+    failed = f"watch pass for backend {backend} failed"
+    async with asyncio.timeout(30):
+        while not any(record.getMessage() == failed for record in caplog.records):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # reading the service's log: no event to wait on
+
+
+async def test_a_failure_read_from_history_while_the_database_is_down_is_written_once_it_is_back(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A prompt fails on a backend whose socket says nothing: the safety net reads it from
+    /history while the database is away, and cannot write it. The prompt stays followed, and
+    the failure is written once the database is back, though no reconnect ever comes."""
+    settings.database_url = embedded_url(own_postgres)
+    settings.quiet_prompt_seconds = 3.0  # the database is stopped before the first look
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(fail_rate=1.0, hang=True))
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = base + settings.route_prefix
+        async with http.post(f"{api}/jobs", json={"workflow": "invert",
+                                                  "callback_url": receiver.url}) as response:
+            job_id = (await response.json())["id"]
+        await wait_for_job(http, api, job_id, "dispatched")
+
+        await stop_immediately(own_postgres)
+        await watch_pass_failed(caplog, "gpu")
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+    (event,) = receiver.verified
+    job = event["data"]
+    assert (event["type"], job["id"], job["attempts"]) == ("job.failed", job_id, 1)
+    assert job["error"]["type"] == "execution_error"
+
+
+async def test_a_backend_given_up_while_the_database_is_down_loses_its_prompts_once_it_is_back(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend stays away past the grace period while the database is away: its prompts
+    cannot be put back in the backlog then, and are once the database is back (here, with no
+    attempt left, the job fails), though the backend never returns."""
+    settings.database_url = embedded_url(own_postgres)
+    settings.backend_grace_seconds = 1.0
+    settings.max_attempts = 1
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(duration=60))
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = base + settings.route_prefix
+        async with http.post(f"{api}/jobs", json={"workflow": "invert",
+                                                  "callback_url": receiver.url}) as response:
+            job_id = (await response.json())["id"]
+        await wait_for_job(http, api, job_id, "running")
+
+        await stop_immediately(own_postgres)
+        await sim.stop()  # for good
+        await watch_pass_failed(caplog, "gpu")
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+    (event,) = receiver.verified
+    job = event["data"]
+    assert (event["type"], job["id"]) == ("job.failed", job_id)
+    assert job["error"]["type"] == "backend_lost"
+    assert "unreachable for over 1 s" in job["error"]["message"]

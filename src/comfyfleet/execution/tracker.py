@@ -233,7 +233,12 @@ class ExecutionTracker:
         it is followed no more, and its slot is free for this process's claims at once
         (`ended`) but released only once the write has ended. Released before the write, it
         was counted busy in the database by the claim the release woke, and nothing woke one
-        after the write."""
+        after the write.
+
+        A write that fails (the database away) leaves the prompt followed, and held in every
+        count, as if it had not left: the safety net (`watch`) or the next reconciliation
+        finds it gone and writes it again. Let go, it would stay in the database as it was,
+        looked at by no one while its backend stays connected."""
         run = self._unfollow(prompt_id)
         if run is None:
             yield
@@ -242,8 +247,11 @@ class ExecutionTracker:
         self._signals.slot_freed()
         try:
             yield
-        finally:
-            self._release(run.session, prompt_id)
+        except BaseException:
+            self._ending.discard(prompt_id)
+            self._runs.setdefault(prompt_id, run)
+            raise
+        self._release(run.session, prompt_id)
 
     def _unfollow(self, prompt_id: str) -> PromptRun | None:
         """Stop following a prompt (its slot stays held); the run, if it was followed."""
@@ -800,11 +808,13 @@ class ExecutionTracker:
     async def _abandon(self, session: BackendSession) -> None:
         if session.name in self._abandoned:
             return
-        self._abandoned.add(session.name)
         reason = f"backend {session.name} unreachable for over {self._grace_seconds:g} s"
         for job in await self._ours(await self._repository.on_backend(session.name)):
             if job.prompt_id not in self._collecting and job.prompt_id not in self._submitting:
                 await self._lost(job, reason)
+        # Only once all are requeued: a pass that failed half way (the database away) is
+        # made again at the next one, else its jobs stayed there until the backend came back.
+        self._abandoned.add(session.name)
 
     async def close(self, grace: float = 0.0) -> None:
         """Give the uploads in progress up to `grace` seconds, then cut them short: a job

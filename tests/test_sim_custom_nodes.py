@@ -180,6 +180,8 @@ async def test_cli_options(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "output_size": 2 * 1024**3,
             "prompt_delay": None,
             "system_stats_status": None,
+            "view_status": None,
+            "view_cut_bytes": None,
         }
         features = await get_json(http, f"{url}/features")
         assert features["max_upload_size"] == 512 * 1024

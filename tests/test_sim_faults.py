@@ -104,6 +104,8 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "output_size": 100,
             "prompt_delay": None,
             "system_stats_status": None,
+            "view_status": None,
+            "view_cut_bytes": None,
         }
         assert await get_json(http, f"{sim.url}/_sim/faults") == defaults
         changed = defaults | {"fail_rate": 0.25, "seed": 3, "view_bytes_per_second": 5000}
@@ -120,6 +122,8 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             {"prompt_delay": "1"},
             {"system_stats_status": 200},
             {"system_stats_status": "500"},
+            {"view_status": 302},
+            {"view_cut_bytes": -1},
             {"fail_rate": 0.5, "colour": "red"},
             ["fail_rate"],
         ]:
@@ -242,6 +246,31 @@ async def test_slow_view(tmp_path: Path, http: aiohttp.ClientSession) -> None:
         async with http.get(f"{sim.url}/view", params=preview) as response:
             assert response.headers["Content-Type"] == "image/jpeg"
             assert (await response.read()).startswith(b"\xff\xd8")
+
+
+async def test_view_failures(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """`view_status`: /view answers an error page; `view_cut_bytes`: it promises the whole
+    file and drops the connection after that many bytes."""
+    data = random.Random(2).randbytes(3000)
+    async with SimulatedComfyUI(data_dir=tmp_path) as sim:
+        await post_json(http, f"{sim.url}/_sim/faults", {"view_status": 500})
+        (tmp_path / "input" / "blob.bin").write_bytes(data)
+        params = {"filename": "blob.bin", "type": "input"}
+        async with http.get(f"{sim.url}/view", params=params) as response:
+            assert response.status == 500
+        for rate in (None, 100_000):  # at once, and trickled
+            await post_json(http, f"{sim.url}/_sim/faults", {
+                "view_status": None, "view_cut_bytes": 1000, "view_bytes_per_second": rate})
+            async with http.get(f"{sim.url}/view", params=params) as response:
+                assert (response.status, response.content_length) == (200, len(data))
+                received = b""
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for piece in response.content.iter_any():
+                        received += piece
+            assert received == data[:1000]
+        await post_json(http, f"{sim.url}/_sim/faults", {"view_cut_bytes": len(data)})
+        async with http.get(f"{sim.url}/view", params=params) as response:
+            assert await response.read() == data  # no longer than the cut: whole
 
 
 async def test_output_size(tmp_path: Path, http: aiohttp.ClientSession) -> None:

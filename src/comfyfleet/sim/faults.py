@@ -31,6 +31,11 @@ class Faults:
     - `system_stats_status`: GET /system_stats answers with this HTTP status (an error page)
       instead of the stats (None: the stats), while the websocket and every other route go
       on as usual: a server whose monitoring endpoint fails.
+    - `view_status`: GET /view answers with this HTTP status (an error page) instead of the
+      file (None: the file): a server failing to serve its outputs.
+    - `view_cut_bytes`: GET /view promises the whole file (its Content-Length) but sends only
+      this many bytes of it, then drops the connection (None: all of it): a server that dies
+      mid-file. A file no longer than that is sent whole.
     """
 
     fail_rate: float = 0.0
@@ -40,6 +45,8 @@ class Faults:
     output_size: int | None = None
     prompt_delay: float | None = None
     system_stats_status: int | None = None
+    view_status: int | None = None
+    view_cut_bytes: int | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +67,8 @@ class Faults:
             "output_size": self.output_size,
             "prompt_delay": self.prompt_delay,
             "system_stats_status": self.system_stats_status,
+            "view_status": self.view_status,
+            "view_cut_bytes": self.view_cut_bytes,
         }
 
     def update(self, changes: Mapping[str, Any]) -> None:
@@ -130,4 +139,6 @@ _CHECKS = {
     "output_size": _size,
     "prompt_delay": _seconds,
     "system_stats_status": _error_status,
+    "view_status": _error_status,
+    "view_cut_bytes": _size,
 }

@@ -47,24 +47,27 @@ class FileRoutes:
         ]
 
     async def view(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.view_status is not None:
+            return web.Response(status=self.faults.view_status, text="view unavailable")
         target = await asyncio.to_thread(resolve_view, self.folders, request.query)
         if not isinstance(target, ViewTarget):
             return web.Response(status=target)
         disposition = {"Content-Disposition": f'filename="{target.filename}"'}
         preview = request.query.get("preview")
         channel = request.query.get("channel", "")  # "" and "rgba" both mean "as is"
-        rate = self.faults.view_bytes_per_second
+        rate, cut = self.faults.view_bytes_per_second, self.faults.view_cut_bytes
+        plain = rate is None and cut is None
         if needs_rendering(preview, channel):
             body, content_type = await asyncio.to_thread(render_view, target.path, preview, channel)
-            if rate is None:
+            if plain:
                 return web.Response(body=body, content_type=content_type, headers=disposition)
             headers = {**disposition, "Content-Type": content_type}
-            return await _throttled(request, headers, len(body), _pieces(body), rate)
+            return await _faulty(request, headers, len(body), _pieces(body), rate, cut)
         headers = {**disposition, "Content-Type": target.content_type}
-        if rate is None:
+        if plain:
             return web.FileResponse(target.path, headers=headers)
         size = await asyncio.to_thread(os.path.getsize, target.path)
-        return await _throttled(request, headers, size, _file_pieces(target.path), rate)
+        return await _faulty(request, headers, size, _file_pieces(target.path), rate, cut)
 
     async def upload_image(self, request: web.Request) -> web.Response:
         return await self._upload(request, masked=False)
@@ -130,29 +133,39 @@ class FileRoutes:
         return fields, upload
 
 
-async def _throttled(
+async def _faulty(
     request: web.Request,
     headers: dict[str, str],
     size: int,
     pieces: AsyncIterator[bytes],
-    rate: int,
+    rate: int | None,
+    cut: int | None,
 ) -> web.StreamResponse:
-    """A body sent at `rate` bytes per second (Faults.view_bytes_per_second): a slow link."""
+    """A body sent at `rate` bytes per second (Faults.view_bytes_per_second: a slow link; None:
+    at once), of which only the first `cut` bytes are sent before the connection drops
+    (Faults.view_cut_bytes: a server that dies mid-file; None: all of it)."""
     response = web.StreamResponse(headers=headers)
     response.content_length = size
     await response.prepare(request)
     if request.method == "HEAD":
         return response
-    chunk = max(1, min(_MAX_CHUNK, rate // _THROTTLE_WRITES_PER_SECOND))
+    chunk = _MAX_CHUNK if rate is None else max(
+        1, min(_MAX_CHUNK, rate // _THROTTLE_WRITES_PER_SECOND))
     loop = asyncio.get_running_loop()
     start, sent = loop.time(), 0
     async for piece in pieces:
         for offset in range(0, len(piece), chunk):
             part = piece[offset : offset + chunk]
+            if cut is not None and sent + len(part) >= cut:
+                await response.write(part[: cut - sent])
+                assert request.transport is not None
+                request.transport.close()  # no more, and no clean end
+                return response
             await response.write(part)
             sent += len(part)
-            # Deadlines from the start, so the sleeps' overshoot does not add up.
-            await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
+            if rate is not None:
+                # Deadlines from the start, so the sleeps' overshoot does not add up.
+                await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
     await response.write_eof()
     return response
 

@@ -35,6 +35,22 @@ class PromptRejected(ComfyError):
         return f"prompt rejected with HTTP {self.status}"
 
 
+class OutputMissing(ComfyError):
+    """GET /view answered 404: the file is not there (deleted, a wiped temp directory); asking
+    again will not bring it back."""
+
+
+async def body_chunks(response: aiohttp.ClientResponse, size: int) -> AsyncIterator[bytes]:
+    """The body of `response` (from `view`) in chunks of up to `size` bytes. A body that
+    breaks off is a ComfyError, the backend's failure: whoever streams it on (a storage) must
+    not take it for a failure of its own."""
+    try:
+        async for chunk in response.content.iter_chunked(size):
+            yield chunk
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ComfyError(f"GET /view: the body broke off: {exc!r}") from exc
+
+
 class ComfyClient:
     def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
         self.base_url = base_url.rstrip("/")
@@ -189,6 +205,8 @@ class ComfyClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ComfyError(f"GET /view {subfolder}/{filename}: {exc!r}") from exc
         try:
+            if response.status == 404:
+                raise OutputMissing(f"GET /view {subfolder}/{filename}: HTTP 404")
             if response.status != 200:
                 raise ComfyError(f"GET /view {subfolder}/{filename}: HTTP {response.status}")
             yield response

@@ -14,11 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from comfyfleet import metrics
 from comfyfleet.comfy.cleanup import BackendCleanup, BackendFile
-from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.comfy.client import ComfyClient, ComfyError, OutputMissing, body_chunks
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
 from comfyfleet.db import unavailable
 from comfyfleet.execution.endings import Endings, JobEnded
@@ -130,10 +128,13 @@ class Collector:
         `outputs` of its history entry, or the same from its `executed` messages) when given,
         else read from the history.
 
-        Outages of storage and of the database are waited out; any other failure is tried
-        again, COLLECT_ATTEMPTS times in all, and then fails the job (`collection_failed`):
-        nothing else follows the job once its prompt has ended, so it must not be left where
-        it was. Raises only when cancelled, or when even that failure cannot be written."""
+        Outages of storage and of the database are waited out, and a file missing on the
+        backend fails the job at once (`output_unavailable`); any other failure (the backend
+        answering an error or breaking off, storage or the database refusing otherwise, a
+        bug) is tried again, COLLECT_ATTEMPTS times in all, and then fails the job
+        (`output_unavailable`, `collection_failed`): nothing else follows the job once its
+        prompt has ended, so it must not be left where it was. Raises only when cancelled,
+        or when even that failure cannot be written."""
         delay = COLLECT_RETRY_DELAY
         try:
             for attempt in range(1, COLLECT_ATTEMPTS + 1):
@@ -141,6 +142,10 @@ class Collector:
                     stored = await self._collect_once(client, uploading, early, unrecorded,
                                                       history_outputs)
                     break
+                except OutputMissing as exc:  # never an empty stand-in; asking again is vain
+                    await self._finish(uploading, JobStatus.FAILED, unrecorded,
+                                       error=job_error("output_unavailable", str(exc)))
+                    return
                 except Exception as exc:
                     metrics.collection_failed()
                     if attempt == COLLECT_ATTEMPTS:
@@ -166,19 +171,13 @@ class Collector:
         self, client: ComfyClient, uploading: Job, early: EarlyOutputs | None,
         unrecorded: UnrecordedEnd | None, history_outputs: dict[str, Any] | None,
     ) -> list[OutputFile]:
-        """One try of `collect`: the files stored, once the job's success is recorded; none
-        when it failed for its outputs being unreadable on the backend, or moved on."""
-        try:
-            if history_outputs is None:
-                history_outputs = (await self._history(client, uploading)).get("outputs")
-            files, texts = output_items(history_outputs)
-            stored_early = await early.settled() if early is not None else []
-            outputs = await self._store_outputs(client, uploading, files, texts, stored_early)
-        except (ComfyError, aiohttp.ClientError) as exc:
-            # The file is gone or unreadable on the backend: never store an empty stand-in.
-            await self._finish(uploading, JobStatus.FAILED, unrecorded,
-                               error=job_error("output_unavailable", str(exc)))
-            return []
+        """One try of `collect`: the files stored, once the job's success is recorded (none
+        when the job had moved on)."""
+        if history_outputs is None:
+            history_outputs = (await self._history(client, uploading)).get("outputs")
+        files, texts = output_items(history_outputs)
+        stored_early = await early.settled() if early is not None else []
+        outputs = await self._store_outputs(client, uploading, files, texts, stored_early)
         if await self._finish(uploading, JobStatus.SUCCEEDED, unrecorded, outputs=outputs):
             return files
         return []
@@ -236,8 +235,8 @@ class Collector:
         while True:
             try:
                 async with client.view(filename, subfolder, folder_type) as response:
-                    chunks = response.content.iter_chunked(CHUNK_BYTES)
-                    return await self._storage.put_stream(key, chunks, content_type)
+                    return await self._storage.put_stream(
+                        key, body_chunks(response, CHUNK_BYTES), content_type)
             except StorageError as exc:
                 metrics.storage_error()
                 log.warning("storing %s failed, retrying in %.0f s: %s", key, delay, exc)
@@ -272,8 +271,12 @@ class Collector:
 
 
 def _collection_failed(exc: Exception, attempts: int) -> dict[str, Any]:
-    """The error of a job whose outputs could not be collected: what failed by its kind only
-    (its text, which may name the service's own paths or data, is in the service's log)."""
+    """The error of a job whose outputs could not be collected: what the backend answered,
+    when it failed to give them; else what failed by its kind only (its text, which may name
+    the service's own paths or data, is in the service's log)."""
+    if isinstance(exc, ComfyError):  # never stored as an empty stand-in
+        return job_error("output_unavailable", f"{exc} (on each of {attempts} tries)",
+                         details={"attempts": attempts})
     return job_error("collection_failed",
                      f"the outputs could not be stored: {type(exc).__name__} on each of "
                      f"{attempts} tries (the service's log has the details); they are kept on "

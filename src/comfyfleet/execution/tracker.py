@@ -590,14 +590,15 @@ class ExecutionTracker:
         task.add_done_callback(lambda _: self._collected(job))
 
     def _collected(self, job: Job) -> None:
-        """The collection of `job`'s outputs ended: it failed the job if it could not store
-        them, so only a failure it could not even write is left, for the next reconciliation
-        of its backend (a reconnect, a restart) to settle."""
+        """The collection of `job`'s outputs ended. It ends the job whatever happens (failed,
+        when it cannot store them), so an error out of it is one it could not even write that
+        failure through: said here, not lost with the task, and left for the next
+        reconciliation of the job's backend (a reconnect, a restart) to settle."""
         assert job.prompt_id is not None
         task = self._collecting.pop(job.prompt_id)
         if not task.cancelled() and task.exception() is not None:
-            log.error("job %s: its end could not be written; it is settled at the next "
-                      "reconciliation of backend %s", job.id, job.backend,
+            log.error("collecting the outputs of job %s ended in an error; the next "
+                      "reconciliation of backend %s settles it", job.id, job.backend,
                       exc_info=task.exception(), extra=job_fields(job))
 
     async def _fail(self, run: PromptRun, error: dict[str, Any]) -> None:

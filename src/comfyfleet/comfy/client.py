@@ -48,7 +48,9 @@ async def body_chunks(response: aiohttp.ClientResponse, size: int) -> AsyncItera
         async for chunk in response.content.iter_chunked(size):
             yield chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ComfyError(f"GET /view: the body broke off: {exc!r}") from exc
+        query = response.url.query
+        raise ComfyError(f"GET /view {query.get('subfolder', '')}/{query.get('filename')}: "
+                         f"the body broke off: {exc!r}") from exc
 
 
 class ComfyClient:

@@ -271,17 +271,18 @@ class Collector:
 
 
 def _collection_failed(exc: Exception, attempts: int) -> dict[str, Any]:
-    """The error of a job whose outputs could not be collected: what the backend answered,
-    when it failed to give them; else what failed by its kind only (its text, which may name
-    the service's own paths or data, is in the service's log)."""
+    """The error of a job whose outputs could not be collected in `attempts` tries, the last
+    failing with `exc`: what the backend answered, when it failed to give them; else what
+    failed by its kind only (its text, which may name the service's own paths or data, is in
+    the service's log)."""
     if isinstance(exc, ComfyError):  # never stored as an empty stand-in
-        return job_error("output_unavailable", f"{exc} (on each of {attempts} tries)",
+        return job_error("output_unavailable", f"{exc} (the last of {attempts} tries)",
                          details={"attempts": attempts})
     return job_error("collection_failed",
-                     f"the outputs could not be stored: {type(exc).__name__} on each of "
-                     f"{attempts} tries (the service's log has the details); they are kept on "
-                     "the backend", details={"attempts": attempts,
-                                             "exception_type": type(exc).__name__})
+                     f"the outputs could not be stored in {attempts} tries, the last failing "
+                     f"with {type(exc).__name__} (the service's log has the details); they "
+                     "are kept on the backend", details={"attempts": attempts,
+                                                         "exception_type": type(exc).__name__})
 
 
 def _states(end: ExecutionEnd | None) -> set[JobStatus]:

@@ -264,19 +264,23 @@ async def test_a_failure_read_from_history_while_the_database_is_down_is_written
     /history while the database is away, and cannot write it. The prompt stays followed, and
     the failure is written once the database is back, though no reconnect ever comes."""
     settings.database_url = embedded_url(own_postgres)
-    settings.quiet_prompt_seconds = 3.0  # the database is stopped before the first look
+    settings.quiet_prompt_seconds = 1.0
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(fail_rate=1.0, hang=True))
         settings.comfyui_endpoints = [sim.url + "#gpu"]
         base = await stack.enter_async_context(serving(settings))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         api = base + settings.route_prefix
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 600}) as held:
+            assert held.status == 200  # the prompt is held on its way...
         async with http.post(f"{api}/jobs", json={"workflow": "invert",
                                                   "callback_url": receiver.url}) as response:
             job_id = (await response.json())["id"]
         await wait_for_job(http, api, job_id, "dispatched")
 
         await stop_immediately(own_postgres)
+        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}) as let_go:
+            assert let_go.status == 200  # ...and runs, and fails, only now
         await watch_pass_failed(caplog, "gpu")
         await asyncio.to_thread(own_postgres.ensure_postgres_running)
         async with asyncio.timeout(30):

@@ -248,12 +248,35 @@ async def test_with_keys_on_a_key_the_service_cannot_check_gets_503_not_401(
         assert (await answer("wrong-key", "/jobs"))[:1] == (401,)
 
 
-async def watch_pass_failed(caplog: pytest.LogCaptureFixture, backend: str) -> None:
-    """Return once a pass of the tracker's safety net over `backend` failed."""
-    failed = f"watch pass for backend {backend} failed"
+async def submitted(stack: AsyncExitStack, settings: Settings, sim: SimulatedComfyUI,
+                    receiver: WebhookReceiver) -> tuple[aiohttp.ClientSession, str, str]:
+    """A service on `settings` whose one backend, `gpu`, is `sim`, and a job submitted to it
+    calling `receiver` back: a client session, the service's API root and the job's id."""
+    settings.comfyui_endpoints = [sim.url + "#gpu"]
+    api = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    async with http.post(f"{api}/jobs", json={"workflow": "invert",
+                                              "callback_url": receiver.url}) as response:
+        assert response.status == 202
+        return http, api, (await response.json())["id"]
+
+
+async def failed_once_the_database_is_back(
+    own_postgres: Any, caplog: pytest.LogCaptureFixture, receiver: WebhookReceiver,
+) -> dict[str, Any]:
+    """Once a pass of the tracker's safety net over backend `gpu` failed (the database
+    stopped), start the database again: the job of the one webhook that comes then, failed."""
+    failed = "watch pass for backend gpu failed"
     async with asyncio.timeout(30):
         while not any(record.getMessage() == failed for record in caplog.records):  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # reading the service's log: no event to wait on
+    await asyncio.to_thread(own_postgres.ensure_postgres_running)
+    async with asyncio.timeout(30):
+        await receiver.wait_for(1)
+    (event,) = receiver.verified
+    assert event["type"] == "job.failed"
+    job: dict[str, Any] = event["data"]
+    return job
 
 
 async def test_a_failure_read_from_history_while_the_database_is_down_is_written_once_it_is_back(
@@ -267,28 +290,14 @@ async def test_a_failure_read_from_history_while_the_database_is_down_is_written
     settings.quiet_prompt_seconds = 1.0
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(fail_rate=1.0, hang=True))
-        settings.comfyui_endpoints = [sim.url + "#gpu"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = base + settings.route_prefix
-        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": 600}) as held:
-            assert held.status == 200  # the prompt is held on its way...
-        async with http.post(f"{api}/jobs", json={"workflow": "invert",
-                                                  "callback_url": receiver.url}) as response:
-            job_id = (await response.json())["id"]
+        sim.faults.update({"prompt_delay": 600})  # the prompt is held on its way...
+        http, api, job_id = await submitted(stack, settings, sim, receiver)
         await wait_for_job(http, api, job_id, "dispatched")
 
         await stop_immediately(own_postgres)
-        async with http.post(f"{sim.url}/_sim/faults", json={"prompt_delay": None}) as let_go:
-            assert let_go.status == 200  # ...and runs, and fails, only now
-        await watch_pass_failed(caplog, "gpu")
-        await asyncio.to_thread(own_postgres.ensure_postgres_running)
-        async with asyncio.timeout(30):
-            await receiver.wait_for(1)
-    (event,) = receiver.verified
-    job = event["data"]
-    assert (event["type"], job["id"], job["attempts"]) == ("job.failed", job_id, 1)
-    assert job["error"]["type"] == "execution_error"
+        sim.faults.update({"prompt_delay": None})  # ...and runs, and fails, only now
+        job = await failed_once_the_database_is_back(own_postgres, caplog, receiver)
+    assert (job["id"], job["attempts"], job["error"]["type"]) == (job_id, 1, "execution_error")
 
 
 async def test_a_backend_given_up_while_the_database_is_down_loses_its_prompts_once_it_is_back(
@@ -303,23 +312,11 @@ async def test_a_backend_given_up_while_the_database_is_down_loses_its_prompts_o
     settings.max_attempts = 1
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(duration=60))
-        settings.comfyui_endpoints = [sim.url + "#gpu"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = base + settings.route_prefix
-        async with http.post(f"{api}/jobs", json={"workflow": "invert",
-                                                  "callback_url": receiver.url}) as response:
-            job_id = (await response.json())["id"]
+        http, api, job_id = await submitted(stack, settings, sim, receiver)
         await wait_for_job(http, api, job_id, "running")
 
         await stop_immediately(own_postgres)
         await sim.stop()  # for good
-        await watch_pass_failed(caplog, "gpu")
-        await asyncio.to_thread(own_postgres.ensure_postgres_running)
-        async with asyncio.timeout(30):
-            await receiver.wait_for(1)
-    (event,) = receiver.verified
-    job = event["data"]
-    assert (event["type"], job["id"]) == ("job.failed", job_id)
-    assert job["error"]["type"] == "backend_lost"
+        job = await failed_once_the_database_is_back(own_postgres, caplog, receiver)
+    assert (job["id"], job["error"]["type"]) == (job_id, "backend_lost")
     assert "unreachable for over 1 s" in job["error"]["message"]

@@ -180,6 +180,7 @@ async def test_cli_options(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "output_size": 2 * 1024**3,
             "prompt_delay": None,
             "system_stats_status": None,
+            "prompt_status": None,
             "view_status": None,
             "view_cut_bytes": None,
         }

@@ -104,6 +104,7 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             "output_size": 100,
             "prompt_delay": None,
             "system_stats_status": None,
+            "prompt_status": None,
             "view_status": None,
             "view_cut_bytes": None,
         }
@@ -123,6 +124,7 @@ async def test_control_api(tmp_path: Path, http: aiohttp.ClientSession) -> None:
             {"system_stats_status": 200},
             {"system_stats_status": "500"},
             {"view_status": 302},
+            {"prompt_status": 200},
             {"view_cut_bytes": -1},
             {"fail_rate": 0.5, "colour": "red"},
             ["fail_rate"],
@@ -371,3 +373,20 @@ async def test_system_stats_status(tmp_path: Path, http: aiohttp.ClientSession) 
         async with http.get(f"{sim.url}/system_stats") as response:
             assert response.status == 200
             assert "system" in await response.json()
+
+
+async def test_prompt_status(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """POST /prompt answers the error status, read as the request is let go, and queues
+    nothing."""
+    async with SimulatedComfyUI(data_dir=tmp_path) as sim:
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_delay": 600})
+        body = {"prompt": invert_prompt(prefix="s/refused"), "prompt_id": "refused"}
+        posting = asyncio.create_task(http.post(f"{sim.url}/prompt", json=body))
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_status": 500,
+                                                         "prompt_delay": None})
+        async with await posting as response:
+            assert response.status == 500
+        await post_json(http, f"{sim.url}/_sim/faults", {"prompt_status": None})
+        await submit(http, sim, {"prompt": invert_prompt(prefix="s/taken"), "prompt_id": "taken"})
+        await wait_history(http, sim, "taken")
+        assert list(await get_json(http, f"{sim.url}/history")) == ["taken"]

@@ -12,7 +12,7 @@ no `/api` copy. Bodies and answers are JSON.
     Read or change the failure injection settings. POST takes any subset of
     `{"fail_rate": 0.0-1.0, "seed": int|null, "hang": bool, "view_bytes_per_second": int|null,
     "output_size": int|null, "prompt_delay": seconds|null, "system_stats_status": int|null,
-    "view_status": int|null, "view_cut_bytes": int|null}`
+    "prompt_status": int|null, "view_status": int|null, "view_cut_bytes": int|null}`
     and answers the full settings; a bad value is a 400 `{"error": message}` and changes
     nothing. Setting `seed` restarts the failure sequence.
     - `fail_rate`: each prompt fails with this probability, with an `execution_error`
@@ -28,6 +28,8 @@ no `/api` copy. Bodies and answers are JSON.
       thus be killed between deciding to queue a prompt and the server having it.
     - `system_stats_status`: GET /system_stats answers this HTTP error status; the websocket
       and the other routes are not affected.
+    - `prompt_status`: POST /prompt answers this HTTP error status instead of queueing the
+      prompt (once `prompt_delay` has let it go).
     - `view_status`: GET /view answers this HTTP error status instead of the file.
     - `view_cut_bytes`: GET /view promises the whole file but drops the connection after this
       many bytes of it.

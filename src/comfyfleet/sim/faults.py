@@ -31,6 +31,9 @@ class Faults:
     - `system_stats_status`: GET /system_stats answers with this HTTP status (an error page)
       instead of the stats (None: the stats), while the websocket and every other route go
       on as usual: a server whose monitoring endpoint fails.
+    - `prompt_status`: POST /prompt answers with this HTTP status (an error page) instead of
+      queueing the prompt (None: it queues it), as it is when the request is read (after
+      `prompt_delay`): a server failing to take prompts.
     - `view_status`: GET /view answers with this HTTP status (an error page) instead of the
       file (None: the file): a server failing to serve its outputs.
     - `view_cut_bytes`: GET /view promises the whole file (its Content-Length) but sends only
@@ -45,6 +48,7 @@ class Faults:
     output_size: int | None = None
     prompt_delay: float | None = None
     system_stats_status: int | None = None
+    prompt_status: int | None = None
     view_status: int | None = None
     view_cut_bytes: int | None = None
     _rng: random.Random = field(init=False, repr=False)
@@ -67,6 +71,7 @@ class Faults:
             "output_size": self.output_size,
             "prompt_delay": self.prompt_delay,
             "system_stats_status": self.system_stats_status,
+            "prompt_status": self.prompt_status,
             "view_status": self.view_status,
             "view_cut_bytes": self.view_cut_bytes,
         }
@@ -139,6 +144,7 @@ _CHECKS = {
     "output_size": _size,
     "prompt_delay": _seconds,
     "system_stats_status": _error_status,
+    "prompt_status": _error_status,
     "view_status": _error_status,
     "view_cut_bytes": _size,
 }

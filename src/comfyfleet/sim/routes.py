@@ -128,6 +128,8 @@ class Routes:
     async def post_prompt(self, request: web.Request) -> web.Response:
         if not await _held(request, self.faults):
             return web.Response(status=503)  # nobody is left to read it
+        if self.faults.prompt_status is not None:  # read after the hold, as it is then
+            return web.Response(status=self.faults.prompt_status, text="prompt not taken")
         try:
             body = await _json_object(request)
         except _BadBody:

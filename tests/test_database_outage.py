@@ -320,3 +320,33 @@ async def test_a_backend_given_up_while_the_database_is_down_loses_its_prompts_o
         job = await failed_once_the_database_is_back(own_postgres, caplog, receiver)
     assert (job["id"], job["error"]["type"]) == (job_id, "backend_lost")
     assert "unreachable for over 1 s" in job["error"]["message"]
+
+
+async def test_a_prompt_its_backend_did_not_take_while_the_database_is_down_runs_once_it_is_back(
+    own_postgres: Any, settings: Settings, receiver: WebhookReceiver,
+) -> None:
+    """A backend answers the POST of a prompt with an error page while the database is away:
+    the job cannot be put back in the backlog then. The prompt stays followed, so the safety
+    net finds it gone and puts the job back once the database is back (its backend stays
+    connected all along), and it runs."""
+    settings.database_url = embedded_url(own_postgres)
+    settings.quiet_prompt_seconds = 1.0
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI())
+        sim.faults.update({"prompt_delay": 600})  # the POST is held on its way...
+        http, api, job_id = await submitted(stack, settings, sim, receiver)
+        await wait_for_job(http, api, job_id, "dispatched")
+
+        await stop_immediately(own_postgres)
+        looked = sim.requests["GET /history/{prompt_id}"]
+        sim.faults.update({"prompt_status": 500, "prompt_delay": None})  # ...and refused now
+        async with asyncio.timeout(30):
+            # The dispatcher makes sure the prompt is not there, then puts the job back.
+            while sim.requests["GET /history/{prompt_id}"] == looked:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # no event to wait on in the simulator
+        sim.faults.update({"prompt_status": None})
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        async with asyncio.timeout(60):
+            await receiver.wait_for(1)
+    (event,) = receiver.verified
+    assert (event["type"], event["data"]["id"]) == ("job.succeeded", job_id)

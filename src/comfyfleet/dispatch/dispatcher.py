@@ -715,8 +715,11 @@ class Dispatcher:
                     return
             except ComfyError:
                 return
-            self._tracker.forget(job.prompt_id)
-            await self._repository.release(job)
+            # Followed until the release is written: a release that fails (the database
+            # away) leaves it to the safety net, which finds the prompt gone and puts the job
+            # back then.
+            async with self._tracker.leaving(job.prompt_id):
+                await self._repository.release(job)
             self._signals.job_queued()
             return
         finally:

@@ -229,11 +229,11 @@ class ExecutionTracker:
 
     @contextlib.asynccontextmanager
     async def leaving(self, prompt_id: str) -> AsyncIterator[None]:
-        """Around the write recording that a prompt left its backend (failed, rejected, lost):
-        it is followed no more, and its slot is free for this process's claims at once
-        (`ended`) but released only once the write has ended. Released before the write, it
-        was counted busy in the database by the claim the release woke, and nothing woke one
-        after the write.
+        """Around the write recording that a prompt left its backend (failed, rejected, lost,
+        never taken): it is followed no more, and its slot is free for this process's claims
+        at once (`ended`) but released only once the write has ended. Released before the
+        write, it was counted busy in the database by the claim the release woke, and nothing
+        woke one after the write.
 
         A write that fails (the database away) leaves the prompt followed, and held in every
         count, as if it had not left: the safety net (`watch`) or the next reconciliation

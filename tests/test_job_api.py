@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from openapi_spec_validator import validate
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.job_poll import JobPollRoute
@@ -323,9 +324,12 @@ async def test_a_submit_answers_as_the_route(settings: Settings) -> None:
 
 async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None:
     """SubmitRoute answers a POST of {prefix}/jobs (behind the server's root path too) with an
-    `application/json` body that parses, and hands everything else to the app, with the body
-    it read as it came, in its pieces."""
+    `application/json` body the route would take and an Idempotency-Key within its length,
+    and hands everything else to the app, with the body it read as it came, in its pieces."""
     seen: list[tuple[str, str, list[Message]]] = []
+
+    class Named(BaseModel):
+        name: str
 
     def app_named(name: str) -> ASGIApp:
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -335,15 +339,12 @@ async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None
             seen.append((name, scope["path"], messages))
         return app
 
-    async def answer(request: Any, submitted: str) -> Any:
-        seen.append(("submit", submitted, [{"body": await request.body()}]))
+    async def answer(request: Any, submitted: Named, key: str | None) -> Any:
+        seen.append(("submit", f"{submitted.name} {key}", [{"body": await request.body()}]))
         return app_named("response")
 
     async def send(message: Message) -> None:
         pass
-
-    def parse(body: bytes, key: str | None) -> str | None:
-        return None if body == b"refused" else f"{body.decode()} {key}"
 
     def receiving(chunks: list[Message]) -> Receive:
         async def receive() -> Message:
@@ -351,12 +352,17 @@ async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None
         return receive
 
     routes = SubmitRoute(app_named("app"), jobs="/api/v1/jobs", errors=None,  # type: ignore[arg-type]
-                         parse=parse, answer=answer)
+                         body=Named, key_length=3, answer=answer)
     json_body = [(b"content-type", b"application/json")]
-    cases = [("POST", "", "/api/v1/jobs", b"", json_body, [b"a", b"b"]),
+    cases = [("POST", "", "/api/v1/jobs", b"", json_body, [b'{"name":', b'"a"}']),
              ("POST", "/gw", "/gw/api/v1/jobs", b"", [*json_body, (b"idempotency-key", b"k")],
-              [b"c"]),
-             ("POST", "", "/api/v1/jobs", b"", json_body, [b"refu", b"sed"]),
+              [b'{"name":"c"}']),
+             ("POST", "", "/api/v1/jobs", b"", json_body, [b'{"name":', b"7}"]),
+             ("POST", "", "/api/v1/jobs", b"", json_body, [b'{"name":"\\ud800"}']),
+             ("POST", "", "/api/v1/jobs", b"", [*json_body, (b"idempotency-key", b"long")],
+              [b'{"name":"c"}']),
+             ("POST", "", "/api/v1/jobs", b"", [*json_body, (b"idempotency-key", b"")],
+              [b'{"name":"c"}']),
              ("POST", "", "/api/v1/jobs", b"wait=0", json_body, [b"d"]),
              ("POST", "", "/api/v1/jobs", b"", [(b"content-type", b"text/plain")], [b"e"]),
              ("POST", "", "/api/v1/jobs", b"", json_body * 2, [b"f"]),
@@ -371,10 +377,10 @@ async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None
         await routes({"type": "http", "method": method, "path": path, "root_path": root_path,
                       "query_string": query, "headers": headers}, receiving(chunks), send)
     assert [(name, what) for name, what, _ in seen] == [
-        ("submit", "ab None"), ("response", "/api/v1/jobs"), ("submit", "c k"),
-        ("response", "/gw/api/v1/jobs"), ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"),
-        ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs"),
-        ("app", "/api/v1/jobs"), ("app", "/api/v1/jobs/"), ("app", "/api/v1/workflows/invert/jobs")]
+        ("submit", "a None"), ("response", "/api/v1/jobs"), ("submit", "c k"),
+        ("response", "/gw/api/v1/jobs"), *[("app", "/api/v1/jobs")] * 9,
+        ("app", "/api/v1/jobs/"), ("app", "/api/v1/workflows/invert/jobs")]
     assert [b"".join(m.get("body", b"") for m in messages) for name, _, messages in seen
-            if name == "app"] == [b"refused", b"d", b"e", b"f", b"g", b"h", b"i", b"j"]
+            if name == "app"] == [b'{"name":7}', b'{"name":"\\ud800"}', b'{"name":"c"}',
+                                  b'{"name":"c"}', b"d", b"e", b"f", b"g", b"h", b"i", b"j"]
     assert [len(messages) for name, _, messages in seen if name == "app"][:1] == [2]

@@ -3,24 +3,26 @@ router and FastAPI's dependency solving, as a status poll is (api/job_poll): the
 check and rate limit (`caller_of`), the same answer in the same bytes, every error answered
 by the app's own handlers. Only a submit the route would accept as it is: a body that is
 not JSON, not a valid request, or may hold a lone surrogate, a query (`wait`) or headers it
-would look at twice go to the route, the body read here handed on as it came."""
+would look at twice go to the route, the body read here handed on as it came. Shared by the
+service app's v1 route and the v2 app's (api/v2)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.job_poll import answer_error, app_path
+from comfyfleet.api.json_text import may_hold_lone_surrogate
 
-Submitted = TypeVar("Submitted")
-# The request the route would validate from a JSON body and an Idempotency-Key header, or
-# None for the route to answer. Pure: nothing is done for a body the route will see.
-Parse = Callable[[bytes, str | None], Submitted | None]
-# The route's answer to a parsed request; raises what the route's body raises.
-Answer = Callable[[Request, Submitted], Awaitable[Response]]
+Submitted = TypeVar("Submitted", bound=BaseModel)
+# The route's answer to its body parameter and Idempotency-Key header as it would read them;
+# raises what the route's body raises.
+Answer = Callable[[Request, Submitted, str | None], Awaitable[Response]]
 
 IDEMPOTENCY_KEY = b"idempotency-key"
 CONTENT_TYPE = b"content-type"
@@ -28,14 +30,17 @@ CONTENT_TYPE = b"content-type"
 
 class SubmitRoute(Generic[Submitted]):
     """Pure ASGI middleware: a POST of `jobs` (no query) with a body of `application/json`
-    that `parse` takes is answered by `answer`; every other request goes to `app`."""
+    that the route would take as its `body` parameter, and an Idempotency-Key header (if any)
+    of at most `key_length` characters, is answered by `answer`, its errors by the handlers
+    of `errors` (the app whose route it stands in for); every other request goes to `app`."""
 
-    def __init__(self, app: ASGIApp, *, jobs: str, errors: FastAPI,
-                 parse: Parse[Submitted], answer: Answer[Submitted]) -> None:
+    def __init__(self, app: ASGIApp, *, jobs: str, errors: FastAPI, body: type[Submitted],
+                 key_length: int, answer: Answer[Submitted]) -> None:
         self.app = app
         self.jobs = jobs
         self.errors = errors
-        self.parse = parse
+        self.body = body
+        self.key_length = key_length
         self.answer = answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,19 +62,33 @@ class SubmitRoute(Generic[Submitted]):
         async def replay() -> Message:
             return received.pop(0) if received else await receive()
 
-        key = headers.get(IDEMPOTENCY_KEY)
-        submitted = self.parse(bytes(body), None if key is None else key.decode("latin-1")) \
+        sent_key = headers.get(IDEMPOTENCY_KEY)
+        key = None if sent_key is None else sent_key.decode("latin-1")  # as Starlette reads it
+        submitted = self._submitted(bytes(body), key) \
             if message["type"] == "http.request" else None
         if submitted is None:
             await self.app(scope, replay, send)
             return
         request = Request(scope, replay)
         try:
-            response = await self.answer(request, submitted)
+            response = await self.answer(request, submitted, key)
         except Exception as exc:
             await answer_error(self.errors, request, exc, send)
             return
         await response(scope, replay, send)
+
+    def _submitted(self, body: bytes, key: str | None) -> Submitted | None:
+        """The route's body parameter read from a JSON `body`, or None when the route would
+        refuse it or the Idempotency-Key `key` (or `refuse_lone_surrogates` must look: rarely),
+        for the route to answer."""
+        if key is not None and not 1 <= len(key) <= self.key_length:
+            return None
+        if may_hold_lone_surrogate(body):
+            return None
+        try:  # as FastAPI reads a JSON body, then validates the route's body parameter
+            return self.body.model_validate(json.loads(body))
+        except Exception:  # whatever it is, the route answers it
+            return None
 
     def _headers(self, scope: Scope) -> dict[bytes, bytes] | None:
         """The content type and idempotency key of a POST of `jobs` without a query; None for

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -20,7 +19,6 @@ from comfyfleet.api.errors import ApiError
 from comfyfleet.api.events import place_and_eta
 from comfyfleet.api.job_poll import JobPoll, JobPollRoute, job_response
 from comfyfleet.api.job_submit import SubmitRoute
-from comfyfleet.api.json_text import may_hold_lone_surrogate
 from comfyfleet.api.security import Caller, CallerDep, Guard, caller_of, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake import errors as refusals
@@ -59,8 +57,9 @@ class JobRequest(WorkflowJobRequest):
 
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
     "Seconds to wait for the job to end; the job is returned as it is then"))]
+IDEMPOTENCY_KEY_LENGTH = 200
 IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=200,
+    alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_LENGTH,
     description="A repeat with the same key returns the same job (200)")]
 
 
@@ -312,30 +311,16 @@ def install_job_poll(app: FastAPI, prefix: str) -> None:
 def install_job_submit(app: FastAPI, prefix: str) -> None:
     """`submit_job` answered by SubmitRoute past the app's router and dependency solving,
     for a body the route would take as it is (as `install_job_poll`)."""
-    app.add_middleware(SubmitRoute[tuple[JobRequest, str | None]], jobs=f"{prefix}/jobs",
-                       errors=app, parse=_submitted, answer=_submit_answer)
+    app.add_middleware(SubmitRoute[JobRequest], jobs=f"{prefix}/jobs", errors=app,
+                       body=JobRequest, key_length=IDEMPOTENCY_KEY_LENGTH,
+                       answer=_submit_answer)
 
 
-def _submitted(body: bytes, idempotency_key: str | None) -> tuple[JobRequest, str | None] | None:
-    """What `submit_job` would read from a JSON `body` and an Idempotency-Key header (its
-    query empty), or None when it would refuse either (or `refuse_lone_surrogates` must look:
-    rarely), for the route to answer."""
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        return None
-    if may_hold_lone_surrogate(body):
-        return None
-    try:  # as FastAPI reads a JSON body, then validates the route's body parameter
-        return JobRequest.model_validate(json.loads(body)), idempotency_key
-    except Exception:  # whatever it is, the route answers it
-        return None
-
-
-async def _submit_answer(request: Request, submitted: tuple[JobRequest, str | None]
-                         ) -> Response:
+async def _submit_answer(request: Request, job_request: JobRequest,
+                         idempotency_key: str | None) -> Response:
     """`submit_job`'s answer, its dependencies first as FastAPI solves them."""
     caller = await caller_of(request)
     svc = await services(request)
-    job_request, idempotency_key = submitted
     status = Response()
     status.status_code = 202  # the route's; 200 for a repeat
     job = await _submit(svc, job_request, status, 0, idempotency_key, caller=caller)

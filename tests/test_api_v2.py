@@ -8,11 +8,13 @@ import asyncio
 import io
 import json
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +34,7 @@ from comfy_sdk import (
     StatusChange,
 )
 from comfy_sdk.exceptions import JobFailed, NotFound, Unauthorized
+from fastapi.dependencies.utils import solve_dependencies
 from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -654,6 +657,128 @@ async def test_a_status_poll_answers_as_the_v2_apps_route(
                 statuses.append(polled[0])
         assert statuses == [200, 200, 401, 401, 401, 404, 404, 404]
         assert json.loads(polled[2])["error"]["code"] == "not_found"
+
+
+Answered = tuple[int, list[tuple[str, str]], bytes]
+
+
+async def test_a_submit_answers_as_the_v2_apps_route(
+    settings: Settings, sim_urls: list[str], engine: AsyncEngine
+) -> None:
+    """POST /api/v2/jobs with a JSON body and no query is answered past the v2 app's router
+    and dependency solving (SubmitRoute); with a query (which the route ignores) it takes the
+    route: both answer alike, in the same bytes, a repeat of an idempotency key and every
+    error a submit can meet (a body the route would refuse is the route's either way)."""
+    settings.api_keys = ["v2-key"]
+    settings.max_queued_per_key = 1
+    settings.max_concurrent_per_key = 1  # a second job waits in the backlog
+    key = {"Authorization": "Bearer v2-key"}
+    async with fleet_service(settings, sim_urls) as base, aiohttp.ClientSession() as http:
+
+        async def answer(query: str, body: Any, headers: dict[str, str]) -> Answered:
+            async with http.post(f"{base}/api/v2/jobs{query}", json=body,
+                                 headers=headers) as response:
+                kept = sorted((name.lower(), value) for name, value in response.headers.items()
+                              if name.lower() not in ("date", "server"))
+                return response.status, kept, await response.read()
+
+        async def alike(body: Any, headers: dict[str, str]) -> Answered:
+            fast = await answer("", body, headers)
+            routed = await answer("?via=route", body, headers)
+            # A finished job's output URL is signed for the second it is asked in.
+            assert routed in (fast, await answer("", body, headers)), body
+            return fast
+
+        async def reached(job: Answered, *statuses: str) -> None:
+            job_id = json.loads(job[2])["id"]
+            async with asyncio.timeout(30):
+                while True:
+                    async with http.get(f"{base}/api/v2/jobs/{job_id}", headers=key) as polled:
+                        if (await polled.json())["status"] in statuses:
+                            return
+                    await asyncio.sleep(0.05)
+
+        # Two new jobs: alike but for what is the job's own.
+        once = {**key, "Idempotency-Key": "order-7"}
+        new = await answer("", {"workflow": invert(20, 1)}, once)
+        other = await answer("?via=route", {"workflow": invert(20, 2)}, key)
+        assert new[0] == other[0] == 201
+        assert [name for name, _ in new[1]] == [name for name, _ in other[1]]
+        assert sorted(json.loads(new[2])) == sorted(json.loads(other[2]))
+        for job in (new, other):
+            await reached(job, "succeeded")
+        broken = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+        ui_export = {"last_node_id": 3, "last_link_id": 2, "nodes": [{"id": 1}], "links": []}
+        missing = load_and_invert({"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}})
+        cases: list[tuple[Any, dict[str, str]]] = [
+            ({"workflow": invert(20, 1)}, once),  # the repeat: the same job, replayed
+            ({"workflow": invert(21, 1)}, once),  # idempotency_key_reuse
+            ({"workflow": invert(20, 1)}, {}),
+            ({"workflow": invert(20, 1)}, {"Authorization": "Bearer wrong"}),
+            ({"workflow": broken}, key), ({"workflow": ui_export}, key),
+            ({"workflow": missing}, key),
+            ({"workflow": invert(20, 1), "metadata": {"bad key": "x"}}, key),
+            ({"workflow": invert(20, 1), "webhook_url": "http://127.0.0.1/hook"}, key),
+            # Refused by the route's own reading, either way.
+            ([], key), ({"workflow": invert(20, 1), "extra_data": {"other": 1}}, key),
+            ({"workflow": invert(20, 1), "metadata": {"text": "\ud800"}}, key),
+            ({"workflow": invert(20, 1)}, {**key, "Idempotency-Key": "k" * 256}),
+        ]
+        answers = [await alike(body, headers) for body, headers in cases]
+        # A retry while the first submit under its key is held at its INSERT: 409.
+        async with engine.connect() as blocker:
+            transaction = await blocker.begin()
+            await blocker.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
+            held = {**key, "Idempotency-Key": "order-8"}
+            first = asyncio.create_task(answer("", {"workflow": invert(22, 1)}, held))
+            await locks_awaited(engine, "INSERT INTO jobs")
+            answers.append(await alike({"workflow": invert(22, 1)}, held))
+            await transaction.rollback()
+        assert (await first)[0] == 201
+        await reached(await first, "succeeded")
+        # A full backlog: one job running, one waiting.
+        running = await answer("", {"workflow": work(seconds=60, steps=6)}, key)
+        await reached(running, "running")
+        waiting = await answer("", {"workflow": work(seconds=60, steps=6)}, key)
+        answers.append(await alike({"workflow": invert(9, 9)}, key))
+        for job in (waiting, running):
+            async with http.post(f"{base}/api/v2/jobs/{json.loads(job[2])['id']}/cancel",
+                                 headers=key) as response:
+                assert response.status == 200
+    replayed = answers[0]
+    assert (replayed[0], dict(replayed[1])["idempotency-replayed"]) == (201, "true")
+    assert json.loads(replayed[2])["id"] == json.loads(new[2])["id"]
+    assert [status for status, _, _ in answers] == [201, 422, 401, 401, *[422] * 9, 409, 429]
+    assert [json.loads(body)["error"]["code"] for _, _, body in answers[1:]] == [
+        "idempotency_key_reuse", "unauthorized", "unauthorized", "invalid_workflow",
+        "workflow_format_ui", "missing_asset", "metadata_invalid", *["invalid_request"] * 5,
+        "idempotency_conflict", "queue_full"]
+    assert "retry-after" in dict(answers[-2][1]) and "retry-after" in dict(answers[-1][1])
+
+
+async def test_a_v2_submit_goes_past_fastapis_dependency_solving(settings: Settings) -> None:
+    """What SubmitRoute is for: the submit it answers never reaches FastAPI's
+    `solve_dependencies`, which the route's (a query sends it there) goes through."""
+    solved: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is solve_dependencies.__code__:
+            solved.append(frame.f_code.co_name)
+
+    answered = []
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:
+        for query in ("", "?via=route"):
+            before = sys.getprofile()
+            sys.setprofile(profile)  # this thread runs the service too
+            try:
+                async with http.post(f"{base}/api/v2/jobs{query}",
+                                     json={"workflow": invert(8, 1)}) as response:
+                    answered.append((response.status, len(solved)))
+            finally:
+                sys.setprofile(before)
+            solved.clear()
+    assert answered[0] == (201, 0)
+    assert answered[1][0] == 201 and answered[1][1] > 0
 
 
 def load_and_invert(image: Any) -> dict[str, Any]:

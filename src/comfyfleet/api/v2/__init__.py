@@ -8,10 +8,12 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from comfyfleet.api.job_poll import JobPoll, app_path, is_job_poll
+from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.api.json_text import refuse_lone_surrogates
 from comfyfleet.api.security import authenticate
 from comfyfleet.api.v2 import assets, jobs
 from comfyfleet.api.v2.errors import install_v2_error_handlers
+from comfyfleet.api.v2.idempotency import IDEMPOTENCY_KEY_LENGTH
 
 MOUNT = "/api/v2"
 
@@ -54,4 +56,9 @@ def mount_v2(app: FastAPI) -> None:
     secured = [Depends(authenticate)]
     v2.include_router(jobs.router, dependencies=secured)
     v2.include_router(assets.router, dependencies=secured)
-    app.add_middleware(V2Routes, v2=v2, job_poll=JobPoll(v2, jobs.job_answer))
+    # A job's submit past the v2 app's router and dependency solving too, for a body the
+    # route would take as it is (api/job_submit.py).
+    submit = SubmitRoute[jobs.JobRequest](
+        v2, jobs="/jobs", errors=v2, body=jobs.JobRequest, key_length=IDEMPOTENCY_KEY_LENGTH,
+        answer=jobs.submit_answer)
+    app.add_middleware(V2Routes, v2=submit, job_poll=JobPoll(v2, jobs.job_answer))

@@ -6,5 +6,6 @@ from typing import Annotated
 
 from fastapi import Header
 
+IDEMPOTENCY_KEY_LENGTH = 255
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                              max_length=255)]
+                                              max_length=IDEMPOTENCY_KEY_LENGTH)]

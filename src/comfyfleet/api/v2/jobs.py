@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from comfyfleet import db
-from comfyfleet.api.depends import ServicesDep
+from comfyfleet.api.depends import ServicesDep, services
+from comfyfleet.api.job_poll import job_response
 from comfyfleet.api.jobs import decode_cursor, encode_cursor
-from comfyfleet.api.security import Caller, CallerDep, visible_job
+from comfyfleet.api.security import Caller, CallerDep, caller_of, visible_job
 from comfyfleet.api.v2 import render
 from comfyfleet.api.v2.assets import asset_store
 from comfyfleet.api.v2.errors import V2Error
@@ -41,6 +42,8 @@ from comfyfleet.services import Services
 router = APIRouter(tags=["jobs"])
 public = APIRouter(tags=["health"])
 
+# The header of an answer to a repeat of an idempotency key: the job it first created.
+REPLAYED = "Idempotency-Replayed"
 # A queued job's position moves with every other job dispatched or cancelled: its event stream
 # reads it again on any job's change, at most this often.
 QUEUED_REREAD_SECONDS = 1.0
@@ -74,6 +77,29 @@ async def submit_job(
     body: JobRequest, request: Request, response: Response, svc: ServicesDep,
     caller: CallerDep, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
+    """Answered by SubmitRoute (api/job_submit.py, with `submit_answer`) for a body it would
+    take as it is."""
+    job, created = await _submit(request, svc, caller, body, idempotency_key)
+    if not created:
+        response.headers[REPLAYED] = "true"
+    return job
+
+
+async def submit_answer(request: Request, body: JobRequest, idempotency_key: str | None
+                        ) -> Response:
+    """`submit_job`'s answer, its dependencies first as FastAPI solves them."""
+    caller = await caller_of(request)
+    svc = await services(request)
+    job, created = await _submit(request, svc, caller, body, idempotency_key)
+    answer = job_response(job, 201)
+    if not created:
+        answer.headers[REPLAYED] = "true"
+    return answer
+
+
+async def _submit(request: Request, svc: Services, caller: Caller, body: JobRequest,
+                  idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """The submitted job's object, and whether the job is new (not a repeat's)."""
     for reserved in ("webhook_url", "inputs"):
         if reserved in body.model_fields_set:
             raise V2Error(422, "invalid_request",
@@ -111,9 +137,7 @@ async def submit_job(
                       headers={"Retry-After": str(exc.retry_after)}) from exc
     if created:
         svc.fleet.job_submitted()
-    else:
-        response.headers["Idempotency-Replayed"] = "true"
-    return await render.job_object(svc, job, render.origin(request))
+    return await render.job_object(svc, job, render.origin(request)), created
 
 
 async def _job(svc: Services, caller: Caller, job_id: str) -> Job:

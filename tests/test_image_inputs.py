@@ -20,6 +20,7 @@ from aiohttp import web
 from PIL import Image
 
 from comfyfleet.app import serving
+from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import COLOR, REPO, app_on_loopback, png, wait_for_job
@@ -327,3 +328,42 @@ async def test_image_urls_are_fetched_with_a_time_and_a_size_limit(
     assert (status, body["error"]["type"]) == answer
     assert says in body["error"]["params"]["image"], body
     assert jobs == []
+
+
+async def test_a_job_whose_stored_input_is_gone_fails_and_calls_back(
+    settings: Settings, receiver: WebhookReceiver
+) -> None:
+    """The input's bytes gone from storage before dispatch (deleted by hand, by a lifecycle
+    rule) will not come back: the job fails once, with its webhook, rather than being put
+    back in the backlog and claimed again for ever."""
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [sim.url + "#gpu"]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+
+            async def drain(drained: bool) -> None:
+                async with http.patch(f"{prefix}/backends/gpu",
+                                      json={"drain": drained}) as response:
+                    assert response.status == 200, await response.text()
+
+            await drain(True)  # the job waits in the backlog while its input goes
+            async with http.post(f"{prefix}/jobs", json={
+                    "workflow": "blur_image", "callback_url": receiver.url,
+                    "params": {"image": base64.b64encode(png()).decode()}}) as response:
+                assert response.status == 202, await response.text()
+                submitted = await response.json()
+            (settings.data_dir / "outputs" / submitted["params"]["image"]["input"]).unlink()
+            await drain(False)
+
+            job = await wait_for_job(http, prefix, submitted["id"], "failed", seconds=15)
+            assert job["error"]["type"] == "input_unavailable", job
+            assert "image" in job["error"]["message"]
+            async with asyncio.timeout(10):
+                await receiver.wait_for(1)
+            (event,) = receiver.verified
+            assert (event["data"]["id"], event["data"]["status"]) == (job["id"], "failed")
+            assert event["data"]["error"]["type"] == "input_unavailable"
+            # The slot it held is free: the next job runs.
+            async with http.post(f"{prefix}/jobs?wait=30",
+                                 json={"workflow": "invert"}) as response:
+                assert (await response.json())["status"] == "succeeded"

@@ -24,6 +24,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
@@ -47,7 +48,7 @@ from comfyfleet.jobs.repository import (
     QueuedJob,
 )
 from comfyfleet.logs import job_fields
-from comfyfleet.storage import Storage, StorageError
+from comfyfleet.storage import NotInStorage, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
 KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
+INPUT_UNAVAILABLE = "input_unavailable"
+
+
+class InputUnavailable(Exception):
+    """A job's input image is no longer in storage: the job can never be sent."""
 
 
 def by_preference(sessions: Sequence[BackendSession], max_inflight: int,
@@ -694,13 +700,13 @@ class Dispatcher:
                 extra_data=extra_data.values if extra_data is not None else None,
             )
         except PromptRejected as exc:
-            async with self._tracker.leaving(job.prompt_id):
-                failed = await self._repository.finish(
-                    job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
-                        "prompt_rejected", str(exc), details=exc.body.get("node_errors")),
-                )
-            if failed is not None:
-                self._endings.tell(JobEnded(failed))
+            await self._fail_unsent(job, job_error(
+                "prompt_rejected", str(exc), details=exc.body.get("node_errors")))
+            return
+        except InputUnavailable as exc:
+            # Gone, not away for a while: put back in the backlog it would be claimed, and
+            # fail to be sent, again and again.
+            await self._fail_unsent(job, job_error(INPUT_UNAVAILABLE, str(exc)))
             return
         except (ComfyError, StorageError) as exc:
             log.warning("backend %s did not take job %s: %s", session.name, job.id, exc,
@@ -732,20 +738,30 @@ class Dispatcher:
                  extra=job_fields(job))
 
     async def _fail_unsendable(self, job: Job) -> None:
+        await self._fail_unsent(job, job_error(
+            EXTRA_DATA_LOST, "this gateway process does not hold the job's extra_data "
+            "(never stored) and cannot send the job without it; submit it again"))
+
+    async def _fail_unsent(self, job: Job, error: dict[str, Any]) -> None:
+        """Fail a claimed job whose prompt its backend never took."""
         assert job.prompt_id is not None
         async with self._tracker.leaving(job.prompt_id):
-            failed = await self._repository.finish(
-                job, JobStatus.FAILED, ON_BACKEND_STATES, error=job_error(
-                    EXTRA_DATA_LOST, "this gateway process does not hold the job's extra_data "
-                    "(never stored) and cannot send the job without it; submit it again"))
+            failed = await self._repository.finish(job, JobStatus.FAILED, ON_BACKEND_STATES,
+                                                   error=error)
         if failed is not None:
             self._endings.tell(JobEnded(failed))
 
     async def _upload_inputs(self, session: BackendSession, job: Job) -> None:
-        """Right before queueing: the job's input images into this backend's input folder."""
-        for value in job.params.values():
+        """Right before queueing: the job's input images into this backend's input folder;
+        InputUnavailable when one is no longer in storage."""
+        for param, value in job.params.items():
             if isinstance(value, dict) and "input" in value:
-                data = await self._storage.read(value["input"])
+                try:
+                    data = await self._storage.read(value["input"])
+                except NotInStorage as exc:
+                    raise InputUnavailable(
+                        f"the image of parameter {param!r} is no longer in storage "
+                        f"({value['input']}); submit the job again") from exc
                 await session.client.upload_image(data, value["name"], value["subfolder"],
                                                   value["content_type"])
 

@@ -2,6 +2,7 @@
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage.base import (
+    NotInStorage,
     SignedUrl,
     Storage,
     StorageError,
@@ -11,7 +12,7 @@ from comfyfleet.storage.base import (
 from comfyfleet.storage.local import LocalStorage
 from comfyfleet.storage.s3 import S3Storage
 
-__all__ = ["LocalStorage", "S3Storage", "SignedUrl", "Storage", "StorageError",
+__all__ = ["LocalStorage", "NotInStorage", "S3Storage", "SignedUrl", "Storage", "StorageError",
            "content_type_for", "open_storage", "output_key"]
 
 

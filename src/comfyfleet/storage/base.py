@@ -17,6 +17,11 @@ class StorageError(Exception):
     """The store could not take or serve a file (it may be down for a while: retry later)."""
 
 
+class NotInStorage(StorageError):
+    """The object is not in the store (deleted, or never kept): trying again will not bring
+    it back, unlike the outages StorageError otherwise stands for."""
+
+
 @dataclass(frozen=True)
 class SignedUrl:
     """A URL a client can fetch an object from, and the moment it stops working (or earlier:
@@ -32,7 +37,8 @@ class Storage(Protocol):
         ...
 
     async def read(self, key: str) -> bytes:
-        """The whole object (for inputs, which are bounded by MAX_UPLOAD_BYTES)."""
+        """The whole object (for inputs, which are bounded by MAX_UPLOAD_BYTES); NotInStorage
+        when there is none under `key`."""
         ...
 
     async def delete(self, key: str) -> None:

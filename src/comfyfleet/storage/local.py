@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from comfyfleet.storage.base import SignedUrl, StorageError
+from comfyfleet.storage.base import NotInStorage, SignedUrl, StorageError
 
 PART_PREFIX = ".part-"  # then the writing process's pid, so a dead one's leftovers are known
 
@@ -73,6 +73,8 @@ class LocalStorage:
     async def read(self, key: str) -> bytes:
         try:
             return await asyncio.to_thread(self.path_of(key).read_bytes)
+        except FileNotFoundError as exc:
+            raise NotInStorage(f"reading {key}: {exc}") from exc
         except OSError as exc:
             raise StorageError(f"reading {key}: {exc}") from exc
 

@@ -42,7 +42,7 @@ from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from comfyfleet.settings import Settings
-from comfyfleet.storage.base import SignedUrl, StorageError
+from comfyfleet.storage.base import NotInStorage, SignedUrl, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,11 @@ class S3Storage:
             async with response["Body"] as body:
                 data: bytes = await body.read()
                 return data
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                raise NotInStorage(f"S3 read of {key}: {exc}") from exc
+            raise StorageError(f"S3 read of {key}: {exc}") from exc
+        except BotoCoreError as exc:
             raise StorageError(f"S3 read of {key}: {exc}") from exc
 
     async def delete(self, key: str) -> None:

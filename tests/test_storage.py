@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from comfyfleet.settings import Settings
-from comfyfleet.storage import LocalStorage, S3Storage, StorageError
+from comfyfleet.storage import LocalStorage, NotInStorage, S3Storage, StorageError
 from comfyfleet.storage.s3 import PART_SIZE, _signed_put_headers
 from tests.conftest import S3_CREDENTIALS
 from tests.support import LOOPBACK, app_on_loopback, free_ports
@@ -311,8 +311,22 @@ async def test_s3_unreachable_is_a_storage_error(s3_bucket: str) -> None:
             await storage.check()
         with pytest.raises(StorageError):
             await storage.put_stream("k", pattern(10), "text/plain")
+        with pytest.raises(StorageError) as unreachable:
+            await storage.read("k")
+        assert not isinstance(unreachable.value, NotInStorage)  # away, not gone: retried
     finally:
         await storage.close()
+
+
+async def test_reading_what_is_not_stored_says_it_is_not_there(
+    s3: S3Storage, tmp_path: Path
+) -> None:
+    for storage in (s3, LocalStorage(tmp_path / "out")):
+        await storage.put_stream("job/inputs/image.png", pattern(10), "image/png")
+        assert len(await storage.read("job/inputs/image.png")) == 10
+        await storage.delete("job/inputs/image.png")
+        with pytest.raises(NotInStorage):
+            await storage.read("job/inputs/image.png")
 
 
 async def test_local_storage_renames_into_place_and_leaves_nothing_on_failure(

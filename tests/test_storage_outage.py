@@ -1,6 +1,8 @@
 """S3 away for a while: a job whose outputs are being stored waits in `uploading`, nothing
 claims success early, and it finishes once S3 is back; a submit whose input image cannot be
-kept is refused with 503 and makes no job, and the same submit works once S3 is back."""
+kept is refused with 503 and makes no job, and the same submit works once S3 is back; a job
+whose input S3 cannot serve when it is to be sent waits for S3, not failed as one whose input
+is gone."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tests.support import (
 
 BUCKET = "outage"
 STORAGE_ERRORS = "comfyfleet_storage_errors_total"
+CLAIMS = "comfyfleet_dispatch_claims_total"
 
 
 async def create_bucket(endpoint: str) -> None:
@@ -72,10 +75,12 @@ class S3Outage:
         await first.wait()
         return cls(stack, moto, endpoint, sim, base, base + settings.route_prefix, http)
 
-    async def end(self) -> None:
+    async def end(self) -> asyncio.subprocess.Process:
         """S3 back: a new server, its bucket created (it starts empty)."""
-        await self.stack.enter_async_context(python_process(*self.moto, ready_url=self.endpoint))
+        server = await self.stack.enter_async_context(
+            python_process(*self.moto, ready_url=self.endpoint))
         await create_bucket(self.endpoint)
+        return server
 
 
 async def test_job_waits_in_uploading_while_s3_is_down_and_resumes(settings: Settings) -> None:
@@ -137,3 +142,41 @@ async def test_a_submit_whose_input_cannot_be_kept_makes_no_job_until_s3_is_back
         record = job["params"]["image"]
         uploaded = outage.sim.data_dir / "input" / record["subfolder"] / record["name"]
         assert uploaded.read_bytes() == png()  # the input reached the backend whole
+
+
+async def test_a_job_whose_input_cannot_be_read_now_waits_for_s3(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        outage = await S3Outage.begin(stack, settings)
+        server = await outage.end()  # S3 up while the job is submitted
+        base, api, http = outage.base, outage.api, outage.http
+        async with http.get(f"{api}/backends") as response:
+            (backend,) = [entry["name"] for entry in await response.json()]
+
+        async def drain(drained: bool) -> None:
+            async with http.patch(f"{api}/backends/{backend}",
+                                  json={"drain": drained}) as response:
+                assert response.status == 200, await response.text()
+
+        await drain(True)  # the job waits in the backlog...
+        async with http.post(f"{api}/jobs", json={"workflow": "blur_image", "params": {
+                "image": base64.b64encode(png()).decode(), "width": 16}}) as response:
+            assert response.status == 202, await response.text()
+            submitted = await response.json()
+        server.kill()  # ...while S3 goes away
+        await server.wait()
+        taken = value(await scrape(http, base), CLAIMS, outcome="took")
+        await drain(False)
+        async with asyncio.timeout(30):  # claimed, its input unreadable, released: twice
+            while value(await scrape(http, base), CLAIMS, outcome="took") < taken + 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # polling /metrics: no local event to wait on
+        async with http.get(f"{api}/jobs/{submitted['id']}") as response:
+            assert (await response.json())["status"] in {"queued", "dispatched"}
+
+        await outage.end()  # S3 back, with what it kept (a new moto server starts empty)
+        record = submitted["params"]["image"]
+        async with get_session().create_client(
+            "s3", region_name="us-east-1", endpoint_url=outage.endpoint, **S3_CREDENTIALS
+        ) as client:
+            await client.put_object(Bucket=BUCKET, Key=record["input"], Body=png())
+        job = await wait_for_job(http, api, submitted["id"], "succeeded", seconds=60)
+    assert job["error"] is None

@@ -895,6 +895,35 @@ async def test_a_failed_job_says_why_and_a_full_queue_is_429(
                 assert job.status == "canceled"
 
 
+async def test_a_job_whose_asset_bytes_are_gone_fails_with_input_unavailable(
+    v2: str, settings: Settings
+) -> None:
+    """An asset's blob gone from storage (by hand: its record stays) before its job is sent:
+    the job fails, never to be claimed again, and the SDK reads why."""
+    async with AsyncComfy() as client, aiohttp.ClientSession() as http:
+        async def drain(drained: bool) -> None:
+            for index in range(SIM_BACKENDS):
+                async with http.patch(f"{v2}/api/v1/backends/gpu{index}",
+                                      json={"drain": drained}) as response:
+                    assert response.status == 200, await response.text()
+
+        asset = client.assets.from_bytes(png(7, 5), filename="gone.png")
+        await asset.commit()
+        await drain(True)  # the job waits in the backlog while its bytes go
+        workflow = client.workflows.from_json(load_and_invert("placeholder.png"))
+        workflow.set_input("1", "image", asset)
+        job = await client.submit(workflow)
+        (blob,) = await asyncio.to_thread(blobs_of, settings, asset.hash)
+        await asyncio.to_thread(blob.unlink)
+        await drain(False)
+        with pytest.raises(JobFailed) as failed:
+            async with asyncio.timeout(20):
+                await job.result()
+        assert failed.value.error is not None
+        assert failed.value.error.code == "input_unavailable"
+        assert "1.image" in failed.value.error.message
+
+
 async def test_with_a_backend_not_heard_from_yet_only_the_structure_is_checked(
     settings: Settings, sim_urls: list[str]
 ) -> None:

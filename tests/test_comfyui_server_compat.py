@@ -167,6 +167,7 @@ async def test_without_compat_the_endpoint_is_as_strict_as_post_jobs(
 
 @pytest.mark.parametrize(("error", "code"), [(None, 0), ("prompt_rejected", 1),
                                              ("output_unavailable", 3),
+                                             ("collection_failed", 3),
                                              ("execution_error", 10), ("cancelled", 10)])
 def test_error_codes_keep_their_comfyui_server_meanings(error: str | None, code: int) -> None:
     job: dict[str, Any] = {"callback_url": None, "prompt_id": None, "outputs": [],

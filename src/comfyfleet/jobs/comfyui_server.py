@@ -23,7 +23,10 @@ RETRIEVE_IMAGE_ERROR = 3
 UNKNOWN_ERROR = 10
 # comfyfleet's error types with a ComfyUI-server code of their own. Storage outages are waited
 # out here, so its S3_UPLOAD_ERROR (2) never happens.
-_ERROR_CODES = {"prompt_rejected": QUEUE_PROMPT_ERROR, "output_unavailable": RETRIEVE_IMAGE_ERROR}
+# An output that could not be stored after its tries (`collection_failed`) is, to a
+# ComfyUI-server client, an image it could not retrieve.
+_ERROR_CODES = {"prompt_rejected": QUEUE_PROMPT_ERROR, "output_unavailable": RETRIEVE_IMAGE_ERROR,
+                "collection_failed": RETRIEVE_IMAGE_ERROR}
 
 
 def _first_image(outputs: list[dict[str, Any]]) -> dict[str, Any] | None:

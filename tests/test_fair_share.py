@@ -256,9 +256,16 @@ async def test_sigkill_mid_run_leaves_every_charge_settled_once(
         assert virtual >= 2 * 0.9, tenant
 
 
-async def test_a_queued_jobs_position_counts_as_fair_share_serves(engine: AsyncEngine) -> None:
-    store, fifo = KeyStore(engine), JobRepository(engine, fair_share=False)
-    repository = JobRepository(engine)
+# Positions counted exactly (the backlog is shallow), and from a snapshot of the backlog read
+# again at every ask (as deep as 0 jobs; no older than 0 s): the same.
+@pytest.mark.parametrize("exact_below", [1000, 0], ids=["exact", "snapshot"])
+async def test_a_queued_jobs_position_counts_as_fair_share_serves(
+    engine: AsyncEngine, exact_below: int
+) -> None:
+    store = KeyStore(engine)
+    fifo = JobRepository(engine, fair_share=False, exact_positions_below=exact_below,
+                         position_max_age=0.0)
+    repository = JobRepository(engine, exact_positions_below=exact_below, position_max_age=0.0)
     big = key_hash(await store.create("big", admin=False, limits=KeyLimits(weight=3)))
     for _ in range(10):
         await repository.insert(Job(workflow="w", api_key_hash=big))
@@ -273,3 +280,35 @@ async def test_a_queued_jobs_position_counts_as_fair_share_serves(engine: AsyncE
         await connection.execute(text("INSERT INTO tenant_shares VALUES (:big, 10, 4, 0)"),
                                  {"big": big})
     assert [await repository.queue_position(job) for job in small] == [1, 2, 3]
+
+
+async def test_positions_from_a_snapshot_of_a_deep_backlog_count_as_exactly(
+    engine: AsyncEngine
+) -> None:
+    """Three tenants of weights 1-3, jobs of three priorities some created in the same
+    microsecond: the positions counted in a snapshot are the exact ones, with fair share and
+    without; the snapshot is read once for every ask within its age, so a job queued since
+    counts it as it was."""
+    store = KeyStore(engine)
+    tenants = [key_hash(await store.create(f"w{weight}", admin=False,
+                                           limits=KeyLimits(weight=weight)))
+               for weight in (1, 2, 3)] + [None]
+    rng = random.Random(17)
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO tenant_shares VALUES (:t, 3.5, 2, 0)"),
+                                 {"t": tenants[1]})
+    jobs = [(await JobRepository(engine).insert(
+        Job(workflow="w", api_key_hash=rng.choice(tenants), priority=rng.choice([-1, 0, 5]))))[0]
+        for _ in range(40)]
+    async with engine.begin() as connection:  # ties in created_at
+        await connection.execute(text(
+            "UPDATE jobs SET created_at = date_trunc('second', created_at) WHERE priority = 5"))
+    jobs = [job for job in [await JobRepository(engine).get(job.id) for job in jobs] if job]
+    for fair_share in (True, False):
+        exact = JobRepository(engine, fair_share=fair_share)
+        snapshot = JobRepository(engine, fair_share=fair_share, exact_positions_below=10,
+                                 position_max_age=3600.0)
+        for job in jobs:
+            assert await snapshot.queue_position(job) == await exact.queue_position(job), job
+    await exact.insert(Job(workflow="w", priority=9))  # ahead of all: counted once read
+    assert await snapshot.queue_position(jobs[0]) == await exact.queue_position(jobs[0]) - 1

@@ -3,8 +3,8 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -32,6 +32,7 @@ from comfyfleet import sql
 from comfyfleet.db import check_storable, driver_connection, single_statements
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
+from comfyfleet.jobs.positions import Backlog, Share, fair_position
 
 _table = Job.__table__  # type: ignore[attr-defined]
 _CLAIM = sql.queries("claim")
@@ -67,6 +68,11 @@ _JOB_FIELDS = tuple(Job.model_fields)
 UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
 RUN_TIME_SAMPLE = 20
+# Queue positions are counted exactly (every queued job, for each ask) while the backlog has
+# fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it at
+# most POSITION_MAX_AGE seconds old (one read of it shared by every ask) once it is deeper.
+EXACT_POSITIONS_BELOW = 1000
+POSITION_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,8 @@ class JobRepository:
         self, engine: AsyncEngine, on_change: Callable[[uuid.UUID], None] | None = None,
         *, reads: AsyncEngine | None = None, max_concurrent_per_key: int | None = None,
         fair_share: bool = True, webhook_slots: deliveries.DeliverySlots | None = None,
+        exact_positions_below: int = EXACT_POSITIONS_BELOW,
+        position_max_age: float = POSITION_MAX_AGE,
     ) -> None:
         """`on_change` hears of every job this process changes, once it is committed. The
         API's reads (a job, a page, a queue position, run times) go through `reads` when
@@ -204,6 +212,13 @@ class JobRepository:
         self._webhook_slots = webhook_slots
         # The prompts of the queued jobs its claims read, by job id, least recently read first.
         self._prompts: OrderedDict[uuid.UUID, dict[str, Any]] = OrderedDict()
+        self._exact_positions_below = exact_positions_below
+        self._position_max_age = position_max_age
+        # The queued jobs the latest count of positions saw (deep until one has counted: the
+        # first ask reads a snapshot), the snapshot, and the lock its reader holds.
+        self._backlog_seen = exact_positions_below
+        self._backlog: Backlog | None = None
+        self._backlog_read = asyncio.Lock()
 
     async def insert(
         self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
@@ -573,22 +588,43 @@ class JobRepository:
         limits). With fair share: its own key's jobs ahead of it (priority, then age), and of
         every other key as many as start before it in virtual time, each taken to run as long
         as this job's workflow usually does. Without: every job of higher priority, or as high
-        and older."""
-        async with driver_connection(self._read_engine) as connection:
-            rows = await connection.fetch(_CLAIM["place"], job.id)
-        if not rows or not rows[0]["own"]:
-            return 1  # no longer queued
-        if not self._fair_share or len(rows) == 1:
-            return sum(int(row["ahead"]) for row in rows) + 1
-        own, others = rows[0], rows[1:]
+        and older. Exact while the backlog last seen had fewer than `exact_positions_below`
+        jobs; from a deeper one, counted in a snapshot of it at most `position_max_age`
+        seconds old (positions.py)."""
+        backlog = await self._backlog_snapshot()
+        if backlog is not None:
+            own, others = backlog.shares(job.api_key_hash or "", job.priority, job.created_at)
+        else:
+            async with driver_connection(self._read_engine) as connection:
+                rows = await connection.fetch(_CLAIM["place"], job.id)
+            self._backlog_seen = sum(int(row["queued"]) for row in rows)
+            if not rows or not rows[0]["own"]:
+                return 1  # no longer queued
+            own, *others = (Share(int(row["queued"]), int(row["ahead"]), float(row["start"]),
+                                  float(row["weight"])) for row in rows)
+        if not self._fair_share or not others:
+            return own.ahead + sum(other.ahead for other in others) + 1
         seconds = await self.typical_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
-        # Where the job starts in virtual time, and of each other key the jobs starting no later
-        # (a tie goes to the older job: most often theirs).
-        starts = own["start"] + own["ahead"] * seconds / own["weight"]
-        sooner: int = sum(
-            min(row["queued"], math.floor((starts - row["start"]) * row["weight"] / seconds) + 1)
-            for row in others if row["start"] <= starts)
-        return int(own["ahead"]) + 1 + sooner
+        return fair_position(own, others, seconds)
+
+    async def _backlog_snapshot(self) -> Backlog | None:
+        """The snapshot of the backlog to count positions in: None while the backlog last
+        seen was shallow (`place` counts it exactly). A stale one is read again by one ask,
+        the asks meanwhile counting in the one before (none waits for the read but the first
+        ask, or the ask after the backlog grew deep)."""
+        if self._backlog_seen < self._exact_positions_below:
+            return None
+        snapshot = self._backlog
+        if snapshot is not None and (not snapshot.stale or self._backlog_read.locked()):
+            return snapshot
+        async with self._backlog_read:
+            snapshot = self._backlog
+            if snapshot is None or snapshot.stale:
+                async with driver_connection(self._read_engine) as connection:
+                    rows = await connection.fetch(_CLAIM["backlog"])
+                snapshot = self._backlog = Backlog.from_rows(rows, self._position_max_age)
+                self._backlog_seen = snapshot.size
+        return snapshot if snapshot.size >= self._exact_positions_below else None
 
     async def typical_run_seconds(
         self, workflow: str, backend: str | None = None, sample: int = 20

@@ -217,3 +217,24 @@ FROM backlog CROSS JOIN job CROSS JOIN clock
 LEFT JOIN tenant_shares ON tenant_shares.tenant = backlog.tenant
 LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlog.tenant, '')
 ORDER BY own DESC
+
+-- name: backlog
+-- Every queued job's place in the order fair share serves, for queue positions counted from
+-- a snapshot (jobs/positions.py; `place` counts them all for one job): a row per tenant and
+-- priority with the created_at of each of its queued jobs, oldest first (whole microseconds
+-- since the epoch), the tenant's start in virtual time and weight, and the virtual clock.
+WITH queued AS (
+    SELECT coalesce(api_key_hash, '') AS tenant, priority,
+           array_agg((extract(epoch FROM created_at) * 1000000)::int8 ORDER BY created_at)
+               AS created
+    FROM jobs WHERE status = 'queued'
+    GROUP BY 1, 2
+), clock AS (
+    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
+)
+SELECT queued.tenant, queued.priority, queued.created,
+       greatest(tenant_shares.virtual_seconds, clock.now) AS start,
+       coalesce(api_keys.weight, 1) AS weight, clock.now AS clock
+FROM queued CROSS JOIN clock
+LEFT JOIN tenant_shares ON tenant_shares.tenant = queued.tenant
+LEFT JOIN api_keys ON api_keys.key_hash = nullif(queued.tenant, '')

@@ -71,8 +71,10 @@ RUN_TIME_SAMPLE = 20
 # Queue positions are counted exactly (every queued job, for each ask) while the backlog has
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it at
 # most POSITION_MAX_AGE seconds old (one read of it shared by every ask) once it is deeper.
+# The ask that reads it waits for the read (about 0.1 s at 100,000 jobs): at 100 asks a
+# second, every 2 s is one in 200, below a p99.
 EXACT_POSITIONS_BELOW = 1000
-POSITION_MAX_AGE = 1.0
+POSITION_MAX_AGE = 2.0
 
 
 @dataclass(frozen=True)

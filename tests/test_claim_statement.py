@@ -1,13 +1,14 @@
-"""One claim transaction asks several backends on one read of the backlog (sql/claim.sql):
-the backend after the first that takes the job takes it under its own lock, never waiting for
-that lock while holding the first's, and within its slots by the database's count. Claims for
-other backends read the backlog side by side and see every queued job; the take judges the
-job and those it passes at their latest versions, so none is passed uncounted or past the
-window by claims of other processes."""
+"""One claim asks several backends on one read of the backlog (sql/claim.sql), made under no
+lock: the backend that chooses a job takes it in one statement under its own lock (holding no
+other), within its slots and its tenant's limit by the database's count after that lock.
+Claims for other backends read the backlog side by side and see every queued job; the take
+judges the job and those it passes at their latest versions, so none is passed uncounted or
+past the window by claims of other processes."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,21 +42,27 @@ def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
     return Choice(queued[0].id) if backend == "b" else None
 
 
-async def test_a_claim_asks_the_next_backend_on_its_read_without_waiting_for_its_lock(
+async def test_a_claim_holds_no_lock_while_its_take_waits_for_the_backends(
     engine: AsyncEngine,
 ) -> None:
     repository = await backends_a_and_b(engine)
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
-    async with driver_connection(engine) as elsewhere, elsewhere.transaction():
-        # A claim for "b" under way in another process: this one does not wait for it.
-        await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # A take for "b" under way in another process: this claim's take waits for it,
+            # holding no lock of its own meanwhile (none of "a", whose slots it read).
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
+            claim = asyncio.create_task(
+                repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b))
+            await blocked(observer, claim)
+            assert not claim.done()
+            assert await observer.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == 1
         async with asyncio.timeout(10):
-            claim = await repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b)
-        # "b" not asked: the caller claims for it next, in a transaction of its own.
-        assert claim == (None, ("a",), 1, 1, None)
-    claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
-    assert claim.job is not None and claim.job.id == job.id
-    assert (claim.job.backend, claim.locked, claim.backlog, claim.next) == ("b", ("a", "b"), 0, 2)
+            taken = await claim
+    assert taken.job is not None and taken.job.id == job.id
+    assert (taken.job.backend, taken.counted, taken.backlog, taken.next) == \
+        ("b", ("a", "b"), 0, 2)
 
 
 async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncEngine) -> None:
@@ -131,7 +138,10 @@ async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claime
             ("p1", "dispatched"), ("p2", "dispatched")]
 
 
-async def test_a_claim_is_one_statement_and_its_take_unless_its_tenant_has_a_limit(
+CONTROL = re.compile(r"\s*(begin|commit|rollback)\b", re.IGNORECASE)  # a transaction's
+
+
+async def test_a_claim_is_two_statements_in_no_transaction_whatever_its_tenants_limit(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
@@ -140,7 +150,7 @@ async def test_a_claim_is_one_statement_and_its_take_unless_its_tenant_has_a_lim
 
     def watch(connection: Any, _: Any) -> None:
         connection.driver_connection.add_query_logger(
-            lambda query: statements.append(names.get(query.query, "")))
+            lambda query: statements.append(query.query))
 
     await engine.dispose()  # every connection from now on is watched
     event.listen(engine.sync_engine, "connect", watch)
@@ -148,12 +158,16 @@ async def test_a_claim_is_one_statement_and_its_take_unless_its_tenant_has_a_lim
     for limit in None, 2:
         repository = JobRepository(engine, max_concurrent_per_key=limit)
         await repository.insert(Job(workflow="w", prompt={}))
+        await asyncio.sleep(0)  # asyncpg calls its query loggers soon after each query
         statements.clear()
         claim = await repository.claim_next(["a"], f"p{limit}", max_inflight=2, pick=first)
         assert claim.job is not None
-        claims.append([name for name in statements if name])
-    # The backend's lock taken by the read; the tenant's only when there is a limit to hold.
-    assert claims == [["candidates", "take"], ["candidates", "lock_tenant", "take"]]
+        await asyncio.sleep(0)
+        claims.append([names.get(query) or query.strip().upper() for query in statements
+                       if query in names or CONTROL.match(query)])
+    # No BEGIN, no COMMIT: a read, and a take that locks the backend and (with a limit to
+    # hold) the tenant itself.
+    assert claims == [["candidates", "take"], ["candidates", "take"]]
 
 
 async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
@@ -177,27 +191,87 @@ async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
     assert claim.job is not None
 
 
-async def test_a_claim_reads_its_first_backend_under_that_backends_lock(
+def last(_: str, queued: list[QueuedJob]) -> Choice | None:
+    return Choice(queued[-1].id, tuple(job.id for job in queued[:-1])) if queued else None
+
+
+async def test_a_claim_reads_without_waiting_for_the_backends_lock_and_takes_under_it(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
     repository = JobRepository(engine)
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
-    async with driver_connection(engine) as elsewhere:
+    picked: list[QueuedJob] = []
+
+    def watched(backend: str, queued: list[QueuedJob]) -> Choice | None:
+        picked.extend(queued)
+        return first(backend, queued)
+
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
         async with elsewhere.transaction():
-            # A claim or move for "a" under way in another process: this one waits for it.
+            # A take or move for "a" under way in another process: this claim reads and picks
+            # meanwhile, and its take waits for it.
             await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('a'))")
             claim = asyncio.create_task(
-                repository.claim_next(["a"], "p1", max_inflight=1, pick=first))
-            async with asyncio.timeout(10):
-                while not await elsewhere.fetchval(  # noqa: ASYNC110
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                        " AND NOT granted"):
-                    await asyncio.sleep(0.01)
+                repository.claim_next(["a"], "p1", max_inflight=1, pick=watched))
+            await blocked(observer, claim)
             assert not claim.done()
+            assert [queued.id for queued in picked] == [job.id]
         async with asyncio.timeout(10):
             taken = await claim
     assert taken.job is not None and taken.job.id == job.id
+
+
+async def test_a_slot_another_process_filled_after_the_read_is_refused_at_the_take(
+    engine: AsyncEngine,
+) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    filled, chosen = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                      for _ in range(2)]
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # Another process's take fills "a"'s one slot; it has not committed when this
+            # claim reads the slot free, and commits while this take waits for the lock.
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('a'))")
+            await elsewhere.execute(
+                "UPDATE jobs SET status = 'dispatched', backend = 'a', prompt_id = 'pa',"
+                " attempts = attempts + 1 WHERE id = $1", filled.id)
+            claim = asyncio.create_task(
+                repository.claim_next(["a"], "p1", max_inflight=1, pick=last))
+            await blocked(observer, claim)
+        async with asyncio.timeout(10):
+            refused = await claim
+        # Counted under the lock, after that take: the slot is full, the job stays queued.
+        assert refused == (None, ("a",), 2, 1, Refusal.NO_SLOT)
+        assert await observer.fetch("SELECT id, status FROM jobs ORDER BY created_at") == [
+            (filled.id, "dispatched"), (chosen.id, "queued")]
+
+
+async def test_a_tenant_at_its_limit_by_a_take_committed_after_the_read_is_refused(
+    engine: AsyncEngine,
+) -> None:
+    await backends_a_and_b(engine)
+    repository = JobRepository(engine, max_concurrent_per_key=1)
+    elsewhere_taken, chosen = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                               for _ in range(2)]
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # Another process's take gives the tenant (no key) its one job on a backend ("b");
+            # it commits while this claim's take for "a" waits for the tenant's lock.
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('concurrent:'))")
+            await elsewhere.execute(
+                "UPDATE jobs SET status = 'dispatched', backend = 'b', prompt_id = 'pb',"
+                " attempts = attempts + 1 WHERE id = $1", elsewhere_taken.id)
+            claim = asyncio.create_task(
+                repository.claim_next(["a"], "pa", max_inflight=1, pick=last))
+            await blocked(observer, claim)
+        async with asyncio.timeout(10):
+            refused = await claim
+        assert (refused.job, refused.refusal) == (None, Refusal.TENANT_LIMIT)
+        assert await observer.fetch("SELECT id, status FROM jobs ORDER BY created_at") == [
+            (elsewhere_taken.id, "dispatched"), (chosen.id, "queued")]
 
 
 def widest(window: int) -> Callable[[str, list[QueuedJob]], Choice | None]:
@@ -283,7 +357,7 @@ async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEn
         async with asyncio.timeout(10):
             taken = await claim
     assert taken.job is not None and taken.job.id == next_one.id
-    assert (taken.job.backend, taken.locked, taken.next) == ("b", ("b",), 1)
+    assert (taken.job.backend, taken.counted, taken.next) == ("b", ("b",), 1)
 
 
 async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(

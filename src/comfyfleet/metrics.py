@@ -56,19 +56,20 @@ QUEUE_FULL = Counter(
     "max_queued) or service (MAX_QUEUED)", ["scope"], registry=REGISTRY)
 DISPATCH_CLAIMS = Counter(
     "comfyfleet_dispatch_claims",
-    "The backends the dispatcher's claims locked (a claim's first, and the one after it that "
-    "chose a job) by outcome: took (a job), no_slot (the backend's slots full by the database's "
-    "count), empty (nothing queued), not_accepting (drained or gone), cannot_run (no queued "
-    "job it can run), waits_for_warm (every job sooner on a backend holding its model), "
-    "slower (faster backends finish the backlog first), tenant_limit (the chosen job's key "
-    "at its max_concurrent, or given one since the claim read the backlog), raced (other "
-    "processes' claims took the chosen job, or passed a job it passes to AFFINITY_WINDOW, "
-    "since each of the claim's reads)",
+    "The backends the dispatcher's claims asked (a claim's first, whose slots its read "
+    "counted, and the one after it that chose a job) by outcome: took (a job), no_slot (the "
+    "backend's slots full by the database's count), empty (nothing queued), not_accepting "
+    "(drained or gone), cannot_run (no queued job it can run), waits_for_warm (every job "
+    "sooner on a backend holding its model), slower (faster backends finish the backlog "
+    "first), tenant_limit (the chosen job's key at its max_concurrent, or given one since "
+    "the claim read the backlog), raced (other processes' claims took the chosen job, or "
+    "passed a job it passes to AFFINITY_WINDOW, since each of the claim's reads)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",
-    "The dispatcher's claim transactions: each locks one backend, or two when the first "
-    "takes nothing and a backend after it, asked on the same read, takes a job",
+    "The dispatcher's claims: each a read of the backlog for its first backend, and the "
+    "take (a statement of its own) of the job that backend or one after it, asked on the "
+    "same read, chose",
     registry=REGISTRY)
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",

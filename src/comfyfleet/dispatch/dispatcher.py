@@ -263,12 +263,13 @@ class Dispatcher:
         """Send one job to the best backend that has a free slot and should run it; whether
         another may follow.
 
-        One claim transaction reads the backlog for the first backend and asks the backends
-        after it on that read, in memory: only one whose pick would take a job takes its lock
-        and the job (sql/claim.sql). A claim for every free backend that would take nothing
-        (one that cannot run the queued jobs, a slower one the last jobs are left to faster
-        ones for, a cold one that should wait) was most of the dispatcher's work, and a claim
-        that took nothing before the one that took a job was half its transactions.
+        One claim reads the backlog for the first backend and asks the backends after it on
+        that read, in memory: only one whose pick would take a job takes its lock and the job,
+        in a statement of its own (sql/claim.sql). A claim for every free backend that would
+        take nothing (one that cannot run the queued jobs, a slower one the last jobs are left
+        to faster ones for, a cold one that should wait) was most of the dispatcher's work,
+        and a claim that took nothing before the one that took a job was half its
+        transactions.
         Whatever changes the backlog or the fleet meanwhile (a job queued, a slot freed, a
         backend connected) wakes another pass."""
         sessions = {session.name: session
@@ -285,10 +286,10 @@ class Dispatcher:
                 pick=lambda name, queued: self._pick(sessions[name], queued),
                 owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window)
             taker = claim.job.backend if claim.job is not None else None
-            if claim.refusal is not None:  # the last backend it locked chose a job in vain
-                self._outcomes[claim.locked[-1]] = claim.refusal
+            if claim.refusal is not None:  # the last backend it counts chose a job in vain
+                self._outcomes[claim.counted[-1]] = claim.refusal
             outcomes = ["took" if name == taker else self._outcomes.get(name, "no_slot")
-                        for name in claim.locked]
+                        for name in claim.counted]
             metrics.dispatch_claim(outcomes)
             # A backend this process has room on, full in the database's count: held by
             # other processes' prompts. Or one this process chose to leave without a job.

@@ -140,13 +140,14 @@ class Claim(NamedTuple):
     """What a claim (`claim_next`) came to."""
 
     job: Job | None  # the job taken, dispatched
-    locked: tuple[str, ...]  # the backends it locked: its first, and the one it took for
+    # The backends it counts an outcome for: its first (whose slots its read counted), and
+    # the one after it that chose a job.
+    counted: tuple[str, ...]
     # How many jobs were queued once it was done, locked by other claims or not: 0, 1, or 2
     # for more (None: nothing was read, the first backend having no free slot).
     backlog: int | None
     next: int  # the index of the first of its backends not asked
-    # Why the last backend it locked took no job though it chose one (None: it took one, or
-    # chose none).
+    # Why the backend that chose a job did not take it (None: it took it, or none chose one).
     refusal: Refusal | None = None
 
 
@@ -319,24 +320,23 @@ class JobRepository:
     ) -> Claim:
         """Take the queued job `pick` chooses for the first of `backends` that chooses one,
         among the head of each tenant's backlog (sql/claim.sql `candidates`: tenants first in
-        virtual time first, each one's jobs highest priority, then oldest, first), in one
-        transaction: the first backend's lock taken and the backlog read for it (nothing
-        more when it has no free slot); the others asked on that read, in order, and the first
-        that chooses a job takes it under its own lock, unless another claim holds that lock
-        now (the claim ends there, the backend not asked: `Claim.next`). The jobs the choice
-        passes are counted as overtaken, and its tenant is charged the choice's estimated
-        seconds, in the same transaction.
+        virtual time first, each one's jobs highest priority, then oldest, first), in two
+        statements on one connection, each its own transaction: the backlog read for the
+        first backend, under no lock (nothing more when it has no free slot); the others
+        asked on that read, in order, and the first that chooses a job takes it (`take`) under
+        its own lock, in one statement that counts its slots again, counts the jobs the
+        choice passes as overtaken and charges its tenant the choice's estimated seconds.
 
-        The backends' slots hold across processes: claims for one backend are serialised by
+        The backends' slots hold across processes: the takes for one backend are serialised by
         an advisory lock and count what every process has on it, but for the prompts `ended`:
         the caller's whose end it has read from their backend, their jobs not recorded off it
-        yet (a prompt that ended holds no GPU; only the caller knows it ended). Claims for
-        other backends, in any process, read the backlog side by side, without locks, and see
-        every queued job; the take locks the job and those it passes, so no two share a job,
-        and no job is passed by more than `window` claims (None: no bound) that counted it.
-        When another claim took the chosen job since the read, or passed one of those it
-        passes `window` times, the claim reads again in a new transaction (CLAIM_READS in
-        all): the backlog has moved on.
+        yet (a prompt that ended holds no GPU; only the caller knows it ended). A slot the
+        read saw free and another process's take filled since is refused (no_slot). Claims,
+        in any process, read the backlog side by side, without locks, and see every queued
+        job; the take locks the job and those it passes, so no two share a job, and no job
+        is passed by more than `window` claims (None: no bound) that counted it. When another
+        claim took the chosen job since the read, or passed one of those it passes `window`
+        times, the claim reads again (CLAIM_READS in all): the backlog has moved on.
         """
         claim, reads = None, 0
         while claim is None:
@@ -353,7 +353,7 @@ class JobRepository:
         """One read of the backlog and the take of what it chose (`claim_next`); None when
         the take lost a race with another claim (not on the `last` read: that is refused)."""
         first = backends[0]
-        async with driver_connection(self.engine) as connection, connection.transaction():
+        async with driver_connection(self.engine) as connection:
             held = dict(self._prompts)
             rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
                                           self._max_concurrent, CLAIM_BATCH, owner,
@@ -362,29 +362,28 @@ class JobRepository:
                 return Claim(None, (first,), None, 1)
             queued = self._queued_jobs(rows, held)
             backlog: int = rows[0]["backlog"]
-            # The tenants with a max_concurrent, by their jobs read.
+            # The tenants with a max_concurrent, by their jobs read: the take locks it.
             limited = {row["id"]: row["tenant"] for row in rows if row["limited"]}
             # On an empty read the first is asked only (what it saw is its outcome).
             for asked, backend in enumerate(backends if queued else backends[:1]):
                 choice = pick(backend, queued)
                 if choice is None:
                     continue
-                if asked and not await connection.fetchval(_CLAIM["try_lock_backend"], backend):
-                    return Claim(None, (first,), backlog, asked)
-                row = await self._take(connection, choice, backend, prompt_id, owner,
-                                       max_inflight, ended, limited.get(choice.job_id),
-                                       window)
-                locked = (first, backend)[:1 + bool(asked)]
+                row = await connection.fetchrow(
+                    _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
+                    owner, choice.charge, self._max_concurrent, max_inflight, ended,
+                    limited.get(choice.job_id), window)
+                counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
                     return None if refusal is Refusal.RACED and not last \
-                        else Claim(None, locked, backlog, asked + 1, refusal)
+                        else Claim(None, counted, backlog, asked + 1, refusal)
                 break
             else:
                 return Claim(None, (first,), backlog, len(backends))
         claimed = _job(row)
         self._on_change(claimed.id)
-        return Claim(claimed, locked, max(backlog - 1, 0), asked + 1)
+        return Claim(claimed, counted, max(backlog - 1, 0), asked + 1)
 
     def _queued_jobs(self, rows: list[asyncpg.Record],
                      held: Mapping[uuid.UUID, dict[str, Any]]) -> list[QueuedJob]:
@@ -393,21 +392,6 @@ class JobRepository:
                           row["priority"], row["overtaken"], row["created_at"], row["tenant"],
                           row["start"], row["weight"], row["beyond"])
                 for row in rows if row["id"] is not None]
-
-    async def _take(self, connection: asyncpg.Connection, choice: Choice, backend: str,
-                    prompt_id: str, owner: int | None, max_inflight: int, ended: list[str],
-                    tenant: str | None, window: int | None) -> asyncpg.Record:
-        """`take` the job `choice` chose for `backend`: the job as dispatched, or its
-        `refusal`; `tenant`: the job's tenant if it has a max_concurrent, whose lock is taken
-        first (a round trip most tenants do without); `window`: how often a job it passes may
-        have been passed already (less), None: any."""
-        if tenant is not None:
-            await connection.execute(_CLAIM["lock_tenant"], tenant)
-        row: asyncpg.Record = await connection.fetchrow(
-            _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id, owner,
-            choice.charge, self._max_concurrent, max_inflight, ended, tenant is not None,
-            window)
-        return row
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,
                 held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:

@@ -1,53 +1,48 @@
--- The dispatcher's claim (jobs/repository.py `claim_next`): one transaction that locks the
--- first backend it asks for, reads its free slots and the head of each tenant's backlog, and
--- takes the job the dispatcher chose, charging its tenant; when the dispatcher chooses none
--- for that backend, the next backends are asked on the same read, and the first that chooses
--- one takes it under its own lock, in the same transaction. Tenants are API keys by digest, '' for the jobs of
--- no key; each has a virtual time in `tenant_shares` (GPU-seconds charged over its weight),
--- and a tenant new or back from idling starts at the fleet's virtual clock (the latest start
--- any claim gave), never below it: no burst for having been away. The charge made here is
--- settled against the real run by the trigger jobs_settle_tenant_charge (migration 0017) in
--- whatever statement takes the job off its backend.
+-- The dispatcher's claim (jobs/repository.py `claim_next`): two statements, each on its own
+-- (no BEGIN, no COMMIT, a round trip each). `candidates` reads the free slots of the first
+-- backend it asks for and the head of each tenant's backlog, taking no lock; the dispatcher
+-- asks its backends in turn on that read, and the first that chooses a job has it `take`n:
+-- one statement that takes that backend's lock (and the tenant's, if it has a limit), counts
+-- again under them, and takes the job, charging its tenant, or refuses. Nothing is held
+-- between the two, so no claim ever waits for a lock while it holds one. Tenants are API
+-- keys by digest, '' for the jobs of no key; each has a virtual time in `tenant_shares`
+-- (GPU-seconds charged over its weight), and a tenant new or back from idling starts at the
+-- fleet's virtual clock (the latest start any claim gave), never below it: no burst for
+-- having been away. The charge made here is settled against the real run by the trigger
+-- jobs_settle_tenant_charge (migration 0017) in whatever statement takes the job off its
+-- backend. The only other SQL of the claim is claim_locks() (migration 0031): the take's locks
+-- and the counts made after them.
 
 -- name: lock_backend
--- Serialise the claims for backend $1 (and its removal from the fleet), in every process,
--- until the transaction ends; a statement after this one sees every claim committed before.
+-- Serialise the takes, the moves (jobs.sql `move`) and the removal from the fleet of backend
+-- $1, in every process, until the transaction ends; a statement after this one sees every
+-- take and move committed before. (`take` takes it through claim_locks(), migration 0031.)
 SELECT pg_advisory_xact_lock(hashtext($1))
 
--- name: try_lock_backend
--- `lock_backend` if no other transaction holds the lock (true), else nothing is waited for
--- (false): a claim holding one backend's lock asks for another's only so, never waiting for
--- a lock while it holds one.
-SELECT pg_try_advisory_xact_lock(hashtext($1))
-
 -- name: candidates
--- Under `lock_backend` for backend $1 (taken here), the free slots of backend $1 (at most $2
--- prompts; none while it is draining or gone), how many jobs are queued, locked by other
--- claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot free, the head of each
--- tenant's backlog: the $4 tenants with queued work that come first in virtual time, and of
--- each its first ceil($4 / tenants) jobs (highest priority, then oldest), skipping the
--- tenants with as many jobs on backends as their max_concurrent ($3 for keys without their
--- own; null: no limit). A row per job, each with its tenant's start in virtual time and
--- weight, whether the tenant's backlog goes on past the rows read, and whether the tenant has
--- a max_concurrent (`limited`: `lock_tenant`); one row of nulls but `free` and `backlog`
--- without any. A job's prompt comes as text, but null for the jobs $6, whose prompts the
--- caller holds (a job's prompt never changes; a tenant's head is read again by every claim).
--- The jobs are read without locks: claims for other backends, in this process or another,
--- read the same head side by side, none hidden from another (a job hidden by SKIP LOCKED was
--- one a claim could pass uncounted); `take` locks what it takes and passes, and never shares a
--- job. A job whose extra_data another process holds in memory (jobs/extra_data.py) is that process's to
--- claim: process $5 reads (and counts in `backlog`) only its own and those of none. The
--- prompts $7 (the caller's whose end it has read from the backend, their jobs not recorded
--- off it yet) hold no slot: a prompt that ended holds no GPU, and the claim need not wait for
--- the statement recording that end. Other processes, which have not read it, count it until
--- it is.
-WITH RECURSIVE locked AS MATERIALIZED (
-    -- `lock_backend` in the same round trip, before any job is read (`slots` reads it, and
-    -- no head is read without `slots`). This statement's snapshot may predate the lock, so
-    -- what it reads may miss a claim committed while it waited: `take`, a later statement,
-    -- counts again under the lock, and judges the jobs at their latest versions.
-    SELECT pg_advisory_xact_lock(hashtext($1))
-), slots AS (
+-- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone), how many
+-- jobs are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot
+-- free, the head of each tenant's backlog: the $4 tenants with queued work that come first in
+-- virtual time, and of each its first ceil($4 / tenants) jobs (highest priority, then oldest),
+-- skipping the tenants with as many jobs on backends as their max_concurrent ($3 for keys without
+-- their own; null: no limit). A row per job, each with its tenant's start in virtual time and
+-- weight, whether the tenant's backlog goes on past the rows read, and whether the tenant has a
+-- max_concurrent (`limited`: `take` locks it); one row of nulls but `free` and `backlog` without
+-- any. A job's prompt comes as text, but null for the jobs $6, whose prompts the caller holds (a
+-- job's prompt never changes; a tenant's head is read again by every claim). The jobs are read
+-- without locks: claims for other backends, in this process or another, read the same head side by
+-- side, none hidden from another (a job hidden by SKIP LOCKED was one a claim could pass
+-- uncounted); `take` locks what it takes and passes, and never shares a job. A job whose extra_data
+-- another process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
+-- (and counts in `backlog`) only its own and those of none. The prompts $7 (the caller's whose end
+-- it has read from the backend, their jobs not recorded off it yet) hold no slot: a prompt that
+-- ended holds no GPU, and the claim need not wait for the statement recording that end. Other
+-- processes, which have not read it, count it until it is. Run on its own, outside any transaction,
+-- and under no lock: the slots it counts free may be taken by a claim of another process before
+-- `take`, which counts them again under the backend's lock (no_slot) and judges the jobs at their
+-- latest versions. A read under the lock would hold it, or wait for it, while the dispatcher picks:
+-- a round trip more (BEGIN, COMMIT) for a count the take makes anyway.
+WITH RECURSIVE slots AS (
     SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
                 THEN $2 - (SELECT count(*) FROM jobs
                            WHERE backend = $1 AND status IN ('dispatched', 'running')
@@ -57,7 +52,6 @@ WITH RECURSIVE locked AS MATERIALIZED (
                                     AND (extra_data_holder IS NULL OR extra_data_holder = $5)
                                   LIMIT 2) AS seen)
                AS backlog
-    FROM locked
 ), backlogged (tenant) AS (
     -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
     (SELECT coalesce(api_key_hash, '') FROM jobs
@@ -106,33 +100,36 @@ FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
 ) AS queued) ON true
 ORDER BY heads.start, heads.tenant, queued.place
 
--- name: lock_tenant
--- Serialise the claims of tenant $1 (a key's digest, '' for no key), in every process, until
--- the transaction ends: so `take`'s count of its jobs sees every claim of the tenant
--- committed before. Taken only for a tenant with a max_concurrent, as `candidates` read it
--- (`limited`); `take` refuses a tenant with one by then that was not locked.
-SELECT pg_advisory_xact_lock(hashtext('concurrent:' || $1))
-
 -- name: take
--- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its
--- tenant has as many jobs on backends as its max_concurrent ($7 for keys without their own)
--- by now, or has one and is not under `lock_tenant` ($10 false: the limit was set since
--- `candidates` read none; without the lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it, the prompts $9 not
--- counted (as in `candidates`; run under its lock, so the count sees every claim and move
--- committed before); count the jobs $2 it passes as overtaken once more; charge its tenant $6 estimated
--- GPU-seconds over its weight, starting no earlier than the virtual clock. The job and those
--- it passes are locked first, in the order of their ids (claims side by side lock the jobs
--- they share in one order, so none waits for another in a cycle), and judged at their latest
+-- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its tenant has
+-- as many jobs on backends as its max_concurrent ($7 for keys without their own) by now, or has one
+-- and $10 does not name it ($10: the tenant whose lock to take, a key's digest or '' for no key;
+-- null: none, `candidates` having read no limit for it: the limit was set since, and without the
+-- lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it,
+-- the prompts $9 not counted (as in `candidates`); count the jobs $2 it passes as overtaken once
+-- more; charge its tenant $6 estimated GPU-seconds over its weight, starting no earlier than the
+-- virtual clock.
+-- One statement, its own transaction (one round trip, one commit). It takes the backend's lock
+-- first, then the tenant's, and holds them until it ends: the takes for a backend, in every
+-- process, follow one another, each counting what those before it took. The counts are made
+-- by claim_locks() (migration 0031) after its locks: this statement's own reads began before
+-- it waited for them, and would miss a take committed meanwhile (a function's statements
+-- each begin afresh). Then the job and those it passes are locked, in the order of their ids
+-- (takes side by side lock the jobs they share in one order, and take every advisory lock
+-- before any row's, so none waits for another in a cycle), and judged at their latest
 -- versions, which may be newer than the caller's read: if another claim took the job since,
 -- or one of those it passes is still queued and already passed $11 times (null: no bound) by
 -- another claim, nothing is taken (raced: the caller reads again). Returns a row: the job as
 -- dispatched, or its columns null and `refusal` saying why not: raced, tenant_limit,
 -- not_accepting (the backend) or no_slot (the backend's).
-WITH locked AS MATERIALIZED (
-    SELECT id, status, overtaken FROM jobs
-    WHERE id = $1 OR id = ANY($2::uuid[])
-    ORDER BY id
-    FOR NO KEY UPDATE
+WITH guarded AS MATERIALIZED (
+    SELECT * FROM claim_locks($3, $10, $9)
+), locked AS MATERIALIZED (
+    -- Joined to `guarded`, so no row is locked before the advisory locks are held.
+    SELECT jobs.id, jobs.status, jobs.overtaken FROM guarded CROSS JOIN jobs
+    WHERE jobs.id = $1 OR jobs.id = ANY($2::uuid[])
+    ORDER BY jobs.id
+    FOR NO KEY UPDATE OF jobs
 ), verdict AS (
     -- An aggregate over every row of `locked`: all of them are locked before anything is
     -- judged or written (a CTE is read only as far as its reader asks).
@@ -144,22 +141,15 @@ WITH locked AS MATERIALIZED (
     SELECT jobs.id, jobs.api_key_hash, coalesce(jobs.api_key_hash, '') AS tenant,
            coalesce(api_keys.weight, 1) AS weight,
            CASE WHEN NOT (SELECT open FROM verdict) THEN 'raced'
-                WHEN NOT (coalesce(api_keys.max_concurrent, $7::int) IS NULL
-                          OR $10::bool AND (SELECT count(*) FROM jobs AS mine
-                              WHERE (mine.api_key_hash = jobs.api_key_hash
-                                     OR (mine.api_key_hash IS NULL
-                                         AND jobs.api_key_hash IS NULL))
-                                AND mine.status IN ('dispatched', 'running', 'uploading'))
-                             < coalesce(api_keys.max_concurrent, $7::int))
+                WHEN coalesce(api_keys.max_concurrent, $7::int) IS NOT NULL
+                     AND (guarded.tenant_on_backends IS NULL  -- not locked: see above
+                          OR guarded.tenant_on_backends
+                             >= coalesce(api_keys.max_concurrent, $7::int))
                 THEN 'tenant_limit'
-                WHEN NOT EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
-                THEN 'not_accepting'
-                WHEN (SELECT count(*) FROM jobs AS there
-                      WHERE there.backend = $3 AND there.status IN ('dispatched', 'running')
-                        AND (there.prompt_id = ANY($9::text[])) IS NOT TRUE) >= $8
-                THEN 'no_slot' END AS refusal
+                WHEN NOT guarded.accepting THEN 'not_accepting'
+                WHEN guarded.on_gpu >= $8 THEN 'no_slot' END AS refusal
     -- Its status as this statement's snapshot has it may be older than `locked`'s.
-    FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
+    FROM guarded CROSS JOIN jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
     WHERE jobs.id = $1
 ), chosen AS (
     SELECT * FROM considered WHERE refusal IS NULL

@@ -115,6 +115,16 @@ async def transactions(database_url: str) -> int:
         await conn.close()
 
 
+async def transaction_ids(database_url: str) -> int:
+    """The next transaction id of the server: each transaction that writes takes one (and
+    waits at its commit for its WAL to be flushed), a read-only one none. Taking it takes one."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+    finally:
+        await conn.close()
+
+
 def s3_client(endpoint: str) -> Any:
     """An aiobotocore S3 client for the moto server (an async context manager)."""
     return get_session().create_client("s3", region_name="us-east-1", endpoint_url=endpoint,

@@ -61,6 +61,7 @@ from bench.harness import (
     profile_breakdown,
     py_spy,
     s3_client,
+    transaction_ids,
     transactions,
     transactions_by_statement,
     workflow_job,
@@ -200,6 +201,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         counting = transactions_by_statement(deployed.postgres, database_url) if by_statement \
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
+        writing = await transaction_ids(database_url)
         claims = await dispatch_claims(http, serves)
         async with profiling, counting as opened_by:
             meter.start()
@@ -211,12 +213,14 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         claims = await dispatch_claims(http, serves) - claims
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
+        writing = await transaction_ids(database_url) - writing - 1  # less the one it took
     return {"jobs": jobs, "window": window, "backends": BACKENDS, "storage": storage,
             "serve_processes": serve_processes, "output_bytes": output_bytes,
             "per_second": {name: round(rate, 1) for name, rate in rates.items()},
             **against_baselines(rates, storage), "cores_busy": cpu,
             "serve_cpu_ms_per_job": serve_ms,
             "transactions_per_job": round(committed / jobs, 1),
+            "writing_transactions_per_job": round(writing / jobs, 1),
             "dispatch_claims_per_job": {
                 outcome: round(count / jobs, 2) for outcome, count in claims.most_common()},
             "transactions_per_job_by_statement": {
@@ -239,7 +243,8 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
         f"{processes} comfyfleet serve processes on one database, added up (on "
         f"{os.cpu_count()} cores a second process shows its overhead, not a speed-up)")
     print(f"{serves}: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
-          f"{result['transactions_per_job']} PostgreSQL transactions per job\n")
+          f"{result['transactions_per_job']} PostgreSQL transactions per job, "
+          f"{result['writing_transactions_per_job']} of them writing (a commit flushed)\n")
     print_table(["the dispatcher's claims per job, by outcome", "per job"],
                 list(result["dispatch_claims_per_job"].items()))
     print()

@@ -141,33 +141,77 @@ async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claime
 CONTROL = re.compile(r"\s*(begin|commit|rollback)\b", re.IGNORECASE)  # a transaction's
 
 
+async def watched_statements(engine: AsyncEngine) -> list[str]:
+    """The statements `engine`'s connections run from now on: their names in sql/*.sql, or
+    BEGIN, COMMIT and ROLLBACK (others left out). asyncpg tells them soon after each runs:
+    read it after an `asyncio.sleep(0)`."""
+    names = {text: name for file in ("claim", "jobs")
+             for name, text in sql.queries(file).items()}
+    statements: list[str] = []
+
+    def told(query: Any) -> None:
+        if query.query in names or CONTROL.match(query.query):
+            statements.append(names.get(query.query) or query.query.strip().upper())
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(told)
+
+    await engine.dispose()  # every connection from now on is watched
+    event.listen(engine.sync_engine, "connect", watch)
+    return statements
+
+
 async def test_a_claim_is_two_statements_in_no_transaction_whatever_its_tenants_limit(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
-    names = {text: name for name, text in sql.queries("claim").items()}
-    statements: list[str] = []
-
-    def watch(connection: Any, _: Any) -> None:
-        connection.driver_connection.add_query_logger(
-            lambda query: statements.append(query.query))
-
-    await engine.dispose()  # every connection from now on is watched
-    event.listen(engine.sync_engine, "connect", watch)
+    statements = await watched_statements(engine)
     claims = []
     for limit in None, 2:
         repository = JobRepository(engine, max_concurrent_per_key=limit)
         await repository.insert(Job(workflow="w", prompt={}))
-        await asyncio.sleep(0)  # asyncpg calls its query loggers soon after each query
+        await asyncio.sleep(0)
         statements.clear()
         claim = await repository.claim_next(["a"], f"p{limit}", max_inflight=2, pick=first)
         assert claim.job is not None
         await asyncio.sleep(0)
-        claims.append([names.get(query) or query.strip().upper() for query in statements
-                       if query in names or CONTROL.match(query)])
+        claims.append(list(statements))
     # No BEGIN, no COMMIT: a read, and a take that locks the backend and (with a limit to
     # hold) the tenant itself.
     assert claims == [["candidates", "take"], ["candidates", "take"]]
+
+
+async def test_a_move_counts_its_targets_slots_under_its_lock_in_one_statement(
+    engine: AsyncEngine,
+) -> None:
+    repository = await backends_a_and_b(engine)
+    moving, filling = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                       for _ in range(2)]
+    claimed = (await repository.claim_next(["a"], "pa", max_inflight=1, pick=first)).job
+    assert claimed is not None and claimed.id == moving.id
+    statements = await watched_statements(engine)
+    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
+        async with elsewhere.transaction():
+            # Another process's take fills "b"'s one slot, committed while the move waits
+            # for "b"'s lock.
+            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
+            await elsewhere.execute(
+                "UPDATE jobs SET status = 'dispatched', backend = 'b', prompt_id = 'pb',"
+                " attempts = attempts + 1 WHERE id = $1", filling.id)
+            move = asyncio.create_task(repository.move(claimed, "b", "moved", max_inflight=1))
+            await blocked(observer, move)
+            assert not move.done()
+        async with asyncio.timeout(10):
+            assert await move is None  # no slot on "b" by then: the job stays where it was
+        assert await observer.fetch("SELECT prompt_id, backend FROM jobs ORDER BY prompt_id") \
+            == [("pa", "a"), ("pb", "b")]
+        await observer.execute("UPDATE jobs SET status = 'succeeded' WHERE id = $1", filling.id)
+    await asyncio.sleep(0)
+    statements.clear()
+    moved = await repository.move(claimed, "b", "moved", max_inflight=1)  # "b" free again
+    assert moved is not None and (moved.backend, moved.prompt_id) == ("b", "moved")
+    await asyncio.sleep(0)
+    assert statements == ["move"]  # no BEGIN, no COMMIT
 
 
 async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(

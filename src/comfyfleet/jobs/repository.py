@@ -413,9 +413,9 @@ class JobRepository:
         """Give a job whose prompt is off its backend now (never started, or interrupted to
         run afresh elsewhere) to `backend` under a new prompt id; no attempt is spent. None
         when `backend` has no free slot or the job is no longer where it was. The slots count
-        every process's prompts on `backend`, under its lock, as a claim does."""
-        async with driver_connection(self.engine) as connection, connection.transaction():
-            await connection.execute(_CLAIM["lock_backend"], backend)
+        every process's prompts on `backend`, under its lock, as a claim's take does, in one
+        statement."""
+        async with driver_connection(self.engine) as connection:
             row = await connection.fetchrow(_SQL["move"], job.id, job.attempts, job.prompt_id,
                                             backend, prompt_id, owner, max_inflight)
         if row is None:
@@ -744,9 +744,9 @@ class JobRepository:
 
 
 async def lock_backend(session: AsyncSession, backend: str) -> None:
-    """Serialise the claims for `backend` (and its removal from the fleet), in every process,
-    until the transaction ends; a statement after this one sees every claim committed before
-    it."""
+    """Serialise the claims and moves for `backend` (and its removal from the fleet), in every
+    process, until the transaction ends (claim_locks(), migration 0031, takes the same lock for
+    them); a statement after this one sees every claim committed before it."""
     await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
 
 

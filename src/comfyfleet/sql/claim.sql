@@ -13,12 +13,6 @@
 -- backend. The only other SQL of the claim is claim_locks() (migration 0031): the take's locks
 -- and the counts made after them.
 
--- name: lock_backend
--- Serialise the takes, the moves (jobs.sql `move`) and the removal from the fleet of backend
--- $1, in every process, until the transaction ends; a statement after this one sees every
--- take and move committed before. (`take` takes it through claim_locks(), migration 0031.)
-SELECT pg_advisory_xact_lock(hashtext($1))
-
 -- name: candidates
 -- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone), how many
 -- jobs are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot

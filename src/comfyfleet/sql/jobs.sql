@@ -103,18 +103,21 @@ RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispa
 -- name: move
 -- Give the job, whose prompt is off its backend now (never started, or interrupted to run
 -- afresh elsewhere), to backend $4 as prompt $5 (followed by process $6), if that backend
--- takes work and has fewer than $7 prompts on it; no attempt is spent. Run after the
--- backend's lock (claim.sql `lock_backend`), in its transaction, so the count sees every
--- claim and move committed before.
+-- takes work and has fewer than $7 prompts on it; no attempt is spent. One statement, its own
+-- transaction, under the backend's lock as a claim's take (claim.sql `take`): claim_locks()
+-- takes it and counts after it (migration 0031), so the count sees every take and move
+-- committed before; the job's row is locked only after it (joined to `guarded`).
+WITH guarded AS MATERIALIZED (
+    SELECT * FROM claim_locks($4, NULL, '{}')
+)
 UPDATE jobs
 SET status = 'dispatched', backend = $4, prompt_id = $5, dispatched_by = $6,
     dispatched_at = statement_timestamp(), started_at = NULL, progress = 0, progress_detail = NULL,
     outputs = '[]'
+FROM guarded
 WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
   AND status IN ('dispatched', 'running')
-  AND EXISTS (SELECT 1 FROM backends WHERE name = $4 AND NOT draining)
-  AND (SELECT count(*) FROM jobs AS there
-       WHERE there.backend = $4 AND there.status IN ('dispatched', 'running')) < $7
+  AND guarded.accepting AND guarded.on_gpu < $7
 RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
     dispatched_by, started_at, uploading_at, finished_at, outputs, error
 

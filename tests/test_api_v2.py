@@ -701,12 +701,13 @@ async def test_a_submit_answers_as_the_v2_apps_route(
         # Two new jobs: alike but for what is the job's own.
         once = {**key, "Idempotency-Key": "order-7"}
         new = await answer("", {"workflow": invert(20, 1)}, once)
+        # Off the backlog first: the key may have one job queued (max_queued_per_key).
+        await reached(new, "succeeded")
         other = await answer("?via=route", {"workflow": invert(20, 2)}, key)
         assert new[0] == other[0] == 201
         assert [name for name, _ in new[1]] == [name for name, _ in other[1]]
         assert sorted(json.loads(new[2])) == sorted(json.loads(other[2]))
-        for job in (new, other):
-            await reached(job, "succeeded")
+        await reached(other, "succeeded")
         broken = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
         ui_export = {"last_node_id": 3, "last_link_id": 2, "nodes": [{"id": 1}], "links": []}
         missing = load_and_invert({"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}})

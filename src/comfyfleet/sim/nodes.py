@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -420,10 +421,21 @@ async def _string_concatenate(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outp
     return (i["delimiter"].join((i["string_a"], i["string_b"])),), None
 
 
+async def _regex_replace(ctx: NodeContext, i: dict[str, Any]) -> tuple[Outputs, UI]:
+    """As ComfyUI's (comfy_extras/nodes_string.py): `re.sub`, so the replacement's escapes
+    are expanded (`\\0` is a NUL character)."""
+    flags = (re.IGNORECASE if i.get("case_insensitive", True) else 0) \
+        | (re.MULTILINE if i.get("multiline", False) else 0) \
+        | (re.DOTALL if i.get("dotall", False) else 0)
+    return (re.sub(i["regex_pattern"], i["replace"], i["string"], count=i.get("count", 0),
+                   flags=flags),), None
+
+
 _IMPLEMENTATIONS: dict[str, NodeFunction] = {
     "PrimitiveInt": _primitive,
     "PrimitiveString": _primitive,
     "StringConcatenate": _string_concatenate,
+    "RegexReplace": _regex_replace,
     "EmptyImage": _empty_image,
     "ImageInvert": _image_invert,
     "ImageScale": _image_scale,

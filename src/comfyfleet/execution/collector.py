@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from comfyfleet.storage import Storage, StorageError, content_type_for, output_k
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+# A text output kept as a file (one with NUL, which jsonb cannot hold).
+TEXT_TYPE = "text/plain; charset=utf-8"
 # ComfyUI records history just before it announces the end; allow a short lag.
 HISTORY_ATTEMPTS = 10
 HISTORY_DELAY = 0.2
@@ -210,8 +213,7 @@ class Collector:
                 stored.append(stored_early[early[key, item.filename]])
                 continue
             content_type = content_type_for(item.filename)
-            size = await self._store_with_retry(client, item.filename, item.subfolder,
-                                                item.type, key, content_type)
+            size = await self._store_with_retry(client, item, key, content_type)
             stored.append(
                 {
                     "node_id": item.node_id,
@@ -223,18 +225,32 @@ class Collector:
             )
         stored.sort(key=lambda record: early.get((record["key"], record["filename"]),
                                                   len(early)))
-        stored.extend({"node_id": text.node_id, "text": text.text} for text in texts)
+        for text in texts:
+            if "\x00" not in text.text:
+                stored.append({"node_id": text.node_id, "text": text.text})
+                continue
+            # jsonb cannot hold NUL: such a text is kept as a file, its bytes intact.
+            index = per_node.get(text.node_id, 0)
+            per_node[text.node_id] = index + 1
+            filename = f"{text.node_id}_{index}.txt"
+            key = output_key(self._key_prefix, str(job.id), text.node_id, index, filename)
+            size = await self._store_with_retry(client, text.text.encode(), key, TEXT_TYPE)
+            stored.append({"node_id": text.node_id, "filename": filename,
+                           "content_type": TEXT_TYPE, "size": size, "key": key})
         return stored
 
     async def _store_with_retry(
-        self, client: ComfyClient, filename: str, subfolder: str, folder_type: str, key: str,
-        content_type: str,
+        self, client: ComfyClient, source: OutputFile | bytes, key: str, content_type: str,
     ) -> int:
-        """Stream one file from the backend into storage; storage outages are waited out."""
+        """Store one output: a file streamed from the backend, or a text's bytes; storage
+        outages are waited out."""
         delay = 1.0
         while True:
             try:
-                async with client.view(filename, subfolder, folder_type) as response:
+                if isinstance(source, bytes):
+                    return await self._storage.put_stream(key, _once(source), content_type)
+                async with client.view(source.filename, source.subfolder,
+                                       source.type) as response:
                     return await self._storage.put_stream(
                         key, body_chunks(response, CHUNK_BYTES), content_type)
             except StorageError as exc:
@@ -268,6 +284,10 @@ class Collector:
             return False
         self._endings.tell(JobEnded(finished))
         return True
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _collection_failed(exc: Exception, attempts: int) -> dict[str, Any]:

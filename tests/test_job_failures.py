@@ -244,3 +244,32 @@ async def test_a_job_requeued_after_it_reached_uploading_shows_no_upload_until_i
     second = await uploading(again)
     assert second.uploading_at is not None and first.uploading_at is not None
     assert second.uploading_at > first.uploading_at
+
+
+async def test_an_execution_error_holding_nul_fails_the_job_with_nul_replaced(
+    settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """A node raising on a string its backend made with NUL in it (here a file name prefix,
+    which the OS refuses): the error's texts (current_inputs among them) are kept with each
+    NUL replaced by U+FFFD, as jsonb cannot hold \\u0000, instead of the job's end never
+    being recorded."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "nul_prefix.json").write_text(json.dumps({
+        "1": {"class_type": "RegexReplace",
+              "inputs": {"string": "out@put", "regex_pattern": "@", "replace": "\\0"}},
+        "2": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": ["1", 0]}},
+    }))
+    settings.workflows_dir = workflows
+    settings.comfyui_endpoints = [sim.url]
+    event = await run_one(settings, receiver, {"workflow": "nul_prefix"})
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    error = job["error"]
+    assert (error["type"], error["node_id"], error["node_type"]) == \
+        ("execution_error", "3", "SaveImage")
+    assert error["details"]["current_inputs"]["filename_prefix"] == ["out\ufffdput"]

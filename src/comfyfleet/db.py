@@ -229,6 +229,18 @@ def _check_storable(path: str, value: Any) -> None:
             _check_storable(f"{path}.{index}", item)
 
 
+def nul_replaced(value: Any) -> Any:
+    """`value` (a JSON document) with every NUL character in its strings and keys replaced
+    by U+FFFD: for a backend's text, which no client can be told to send again."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, Mapping):
+        return {nul_replaced(key): nul_replaced(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [nul_replaced(item) for item in value]
+    return value
+
+
 def _alembic_config(connection: Connection) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -12,6 +12,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
+from comfyfleet.db import nul_replaced
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -134,11 +136,13 @@ def job_error(
     node_type: str | None = None,
     details: Any = None,
 ) -> dict[str, Any]:
-    """The `error` object of DESIGN §2."""
-    return {
+    """The `error` object of DESIGN §2. Its texts may be a backend's: each NUL in them is
+    replaced by U+FFFD, as jsonb cannot hold one."""
+    error: dict[str, Any] = nul_replaced({
         "type": type_,
         "message": message,
         "node_id": node_id,
         "node_type": node_type,
         "details": details,
-    }
+    })
+    return error

@@ -24,6 +24,7 @@ from comfyfleet.db import embedded_url, make_engine, start_embedded_postgres
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_job
+from tests.test_placement import slow_and_fast
 
 ACCEPTED_EACH_PHASE = 5
 OUTAGE_ANSWERS = 60  # 503s seen before the database is started again
@@ -350,3 +351,37 @@ async def test_a_prompt_its_backend_did_not_take_while_the_database_is_down_runs
             await receiver.wait_for(1)
     (event,) = receiver.verified
     assert (event["type"], event["data"]["id"]) == ("job.succeeded", job_id)
+
+
+async def test_a_prompt_moved_while_the_database_is_down_runs_once_it_is_back(
+    own_postgres: Any, settings: Settings,
+) -> None:
+    """The rebalancer interrupts a long prompt on a slow backend to start it afresh on an idle
+    fast one, and cannot write the move (the database away). The prompt stays followed, so
+    the safety net puts the job back in the backlog once the database is back, and it runs
+    (left as it was, it stayed running for ever, its prompt long gone)."""
+    settings.database_url = embedded_url(own_postgres)
+    settings.quiet_prompt_seconds = 1.0
+    settings.dispatch_interval = 60.0  # only the prompt's progress wakes the rebalancer
+    async with AsyncExitStack() as stack:
+        api, slow = await slow_and_fast(stack, settings)
+        await api.call("PATCH", "/backends/fast", {"drain": True})
+        # 16 s on the slow GPU in 4 steps: its first report, 4 s in, shows how long it is.
+        job_id = await api.submit(4.0, steps=4)
+        first_prompt = (await wait_for_job(api.http, api.base, job_id, "running"))["prompt_id"]
+        await api.call("PATCH", "/backends/fast", {"drain": False})
+
+        await stop_immediately(own_postgres)
+        async with asyncio.timeout(30):
+            # Interrupted there to move; the move is not written.
+            while not await in_history(api.http, slow.url, first_prompt):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # no event to wait on in the simulator
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        done = await wait_for_job(api.http, api.base, job_id, "succeeded", seconds=60)
+    assert done["prompt_id"] != first_prompt
+
+
+async def in_history(http: aiohttp.ClientSession, url: str, prompt_id: str) -> bool:
+    """Whether the backend at `url` has ended the prompt (its /history lists it)."""
+    async with http.get(f"{url}/history/{prompt_id}") as response:
+        return prompt_id in await response.json()

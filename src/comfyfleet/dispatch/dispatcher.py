@@ -642,15 +642,20 @@ class Dispatcher:
         if not gone:
             return
         prompt_id = str(uuid.uuid4())
-        moved = await self._repository.move(job, target.name, prompt_id,
-                                            max_inflight=self._max_inflight, owner=self._owner)
-        self._tracker.forget(job.prompt_id)
+        # Followed until the write saying where the job goes is committed: one that fails
+        # (the database away) leaves it to the safety net, which puts the job back then.
+        try:
+            async with self._tracker.leaving(job.prompt_id):
+                moved = await self._repository.move(
+                    job, target.name, prompt_id, max_inflight=self._max_inflight,
+                    owner=self._owner)
+                if moved is None:
+                    # Cancelled meanwhile, or the target got busy: back to the backlog.
+                    await self._tracker.put_back(run)
+        except Exception:
+            self._tracker.withdrawn(run)
+            raise
         if moved is None:
-            # Cancelled meanwhile, or the target got busy: the job goes back to the backlog
-            # (a prompt that had started has spent its attempt).
-            await (self._repository.release(job) if run.started is None
-                   else self._repository.requeue(job))
-            self._signals.job_queued()
             return
         log.info("job %s moved from %s to %s", job.id, source.name, target.name,
                  extra=job_fields(moved))

@@ -101,6 +101,9 @@ class PromptRun:
     early: EarlyOutputs = field(default_factory=EarlyOutputs)  # files stored while it runs
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
+    # Taken off its backend to move, the write saying where its job goes having failed (the
+    # database away): whatever its backend says of it, the job goes back to the backlog.
+    withdrawn: bool = False
 
     @property
     def prompt_id(self) -> str:
@@ -213,7 +216,8 @@ class ExecutionTracker:
         """Our prompts on backends whose events we follow (so we know whether they started),
         not ended."""
         return [run for prompt_id, run in self._runs.items()
-                if not run.adopted and not run.moving and prompt_id not in self._submitting
+                if not run.adopted and not run.moving and not run.withdrawn
+                and prompt_id not in self._submitting
                 and prompt_id not in self._ending]
 
     def submitted(self, prompt_id: str) -> None:
@@ -252,6 +256,21 @@ class ExecutionTracker:
             self._runs.setdefault(prompt_id, run)
             raise
         self._release(run.session, prompt_id)
+
+    def withdrawn(self, run: PromptRun) -> None:
+        """`run`'s prompt is off its backend for a move whose write failed (the database
+        away): followed still, by the safety net (`watch`) or the next reconciliation, which
+        put its job back in the backlog (`put_back`) once the database is back."""
+        run.moving = False
+        run.withdrawn = True
+
+    async def put_back(self, run: PromptRun) -> None:
+        """Put the job of a prompt the dispatcher took off its backend back in the backlog:
+        released if it never started, else requeued (it spent its attempt)."""
+        async with self.leaving(run.prompt_id):
+            await (self._repository.release(run.job) if run.started is None
+                   else self._repository.requeue(run.job))
+        self._signals.job_queued()
 
     def _unfollow(self, prompt_id: str) -> PromptRun | None:
         """Stop following a prompt (its slot stays held); the run, if it was followed."""
@@ -647,6 +666,10 @@ class ExecutionTracker:
             prompt_id = job.prompt_id
             if prompt_id is None or prompt_id in self._submitting or prompt_id in self._collecting:
                 continue
+            run = self._runs.get(prompt_id)
+            if run is not None and run.withdrawn:
+                await self.put_back(run)
+                continue
             if job.status == JobStatus.UPLOADING:
                 # Its collector died with an earlier process; the keys are deterministic, so
                 # collecting again overwrites whatever part was stored.
@@ -758,6 +781,9 @@ class ExecutionTracker:
         queued_ids = await session.client.queued_prompt_ids() if quiet else set()
         for run in quiet:
             run.last_heard = now
+            if run.withdrawn:
+                await self.put_back(run)
+                continue
             entry = await session.client.history(run.prompt_id)
             if entry is not None:
                 log.info("prompt %s on %s ended without a word on the socket", run.prompt_id,

@@ -23,6 +23,7 @@ from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_healthy_backends
+from tests.test_dashboard_queries import statements
 
 
 class Client:
@@ -384,3 +385,26 @@ async def test_only_a_submit_the_route_would_take_goes_past_the_router() -> None
             if name == "app"] == [b'{"name":7}', b'{"name":"\\ud800"}', b'{"name":"c"}',
                                   b'{"name":"c"}', b"d", b"e", b"f", b"g", b"h", b"i", b"j"]
     assert [len(messages) for name, _, messages in seen if name == "app"][:1] == [2]
+
+
+async def test_polls_of_a_queued_job_share_the_estimates_of_its_eta(settings: Settings) -> None:
+    """The run time and the work on the backends an ETA rests on are read once per
+    POSITION_MAX_AGE by a serve process, not at each GET of a queued job."""
+    async with SimulatedComfyUI(duration=0) as sim:
+        settings.comfyui_endpoints = [sim.url]
+        async with serving(settings) as base, aiohttp.ClientSession() as http:
+            api = Client(http, base + settings.route_prefix)
+            await wait_for_healthy_backends(http, api.prefix)
+            _, ran = await api.call("POST", "/jobs?wait=20", {"workflow": "invert"})
+            assert ran["status"] == "succeeded", ran
+    settings.comfyui_endpoints = []  # the next job stays queued
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        api = Client(http, base + settings.route_prefix)
+        _, queued = await api.call("POST", "/jobs", {"workflow": "invert"})
+        with statements() as seen:
+            polls = [(await api.call("GET", f"/jobs/{queued['id']}"))[1] for _ in range(10)]
+    assert all(poll["queue_position"] == 1 and poll["eta_seconds"] is not None
+               for poll in polls), polls
+    estimates = [statement for statement, _ in seen if "avg(" in statement]
+    # One read of each (two, should the polls outlast POSITION_MAX_AGE), not ten.
+    assert 2 <= len(estimates) <= 4, estimates

@@ -101,11 +101,12 @@ async def place_and_eta(svc: Services, job: Job) -> tuple[int | None, float | No
         else None
     eta: float | None = None
     if position is not None:
-        # Measured fleet-wide: which backend takes it is not known yet.
-        typical = await svc.repository.typical_run_seconds(job.workflow)
+        # Measured fleet-wide: which backend takes it is not known yet. As recent as the
+        # position (each serve process reads them once per POSITION_MAX_AGE, not per ask).
+        typical = await svc.repository.recent_run_seconds(job.workflow)
         if typical is not None:
             eta = expected_end(position - 1, typical,
-                               await svc.repository.work_on_backends_seconds(),
+                               await svc.repository.recent_work_on_backends_seconds(),
                                sum(s.accepts_work for s in svc.fleet.sessions))
     else:
         # Once dispatched, how long this workflow takes on that backend (GPUs differ); one not

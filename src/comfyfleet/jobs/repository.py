@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from types import EllipsisType
 from typing import Any, Literal, NamedTuple
 
@@ -33,6 +34,7 @@ from comfyfleet.db import check_storable, driver_connection, single_statements
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 from comfyfleet.jobs.positions import Backlog, Share, fair_position
+from comfyfleet.jobs.recent import Recent
 
 _table = Job.__table__  # type: ignore[attr-defined]
 _CLAIM = sql.queries("claim")
@@ -72,7 +74,8 @@ RUN_TIME_SAMPLE = 20
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it at
 # most POSITION_MAX_AGE seconds old (one read of it shared by every ask) once it is deeper.
 # The ask that reads it waits for the read (about 0.1 s at 100,000 jobs): at 100 asks a
-# second, every 2 s is one in 200, below a p99.
+# second, every 2 s is one in 200, below a p99. A queued job's ETA rests on run times and
+# the work on the backends read as seldom (`Recent`), whatever the backlog's depth.
 EXACT_POSITIONS_BELOW = 1000
 POSITION_MAX_AGE = 2.0
 
@@ -222,6 +225,10 @@ class JobRepository:
         self._backlog_seen = exact_positions_below
         self._backlog: Backlog | None = None
         self._backlog_read = asyncio.Lock()
+        # What a queued job's position and ETA rest on besides the backlog, as recent as its
+        # snapshot: each workflow's learned run time (fleet-wide), the work on the backends.
+        self._run_seconds: dict[str, Recent[float | None]] = {}
+        self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
 
     async def insert(
         self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
@@ -590,7 +597,7 @@ class JobRepository:
                                   float(row["weight"])) for row in rows)
         if not self._fair_share or not others:
             return own.ahead + sum(other.ahead for other in others) + 1
-        seconds = await self.typical_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
+        seconds = await self.recent_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
         return fair_position(own, others, seconds)
 
     async def _backlog_snapshot(self) -> Backlog | None:
@@ -624,6 +631,22 @@ class JobRepository:
             if mean is None:
                 mean = await _mean_run_seconds(session, workflow, None, sample)
         return mean
+
+    async def recent_run_seconds(self, workflow: str) -> float | None:
+        """`typical_run_seconds(workflow)` on any backend, read at most once per
+        `position_max_age` seconds by this process (the asks meanwhile sharing the last
+        read): what a queued job's position and ETA take its run to be."""
+        recent = self._run_seconds.get(workflow)
+        if recent is None:  # one per workflow served: the catalog bounds them
+            recent = self._run_seconds[workflow] = Recent(
+                partial(self.typical_run_seconds, workflow), self._position_max_age)
+        return await recent.get()
+
+    async def recent_work_on_backends_seconds(self) -> float:
+        """`work_on_backends_seconds()`, read at most once per `position_max_age` seconds
+        by this process (the asks meanwhile sharing the last read): what every queued job
+        waits behind."""
+        return await self._work_on_backends.get()
 
     async def next_finish_seconds(self, tenant: Tenant | None = None) -> float | None:
         """Expected seconds until the next job on a backend ends (of `tenant`, or of anyone),

@@ -70,6 +70,9 @@ _JOB_FIELDS = tuple(Job.model_fields)
 UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
 RUN_TIME_SAMPLE = 20
+# The workflows whose learned run time a repository keeps for queued jobs' ETAs
+# (`JobRepository.recent_run_seconds`), most recently asked about.
+RUN_TIMES_KEPT = 1000
 # Queue positions are counted exactly (every queued job, for each ask) while the backlog has
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it at
 # most POSITION_MAX_AGE seconds old (one read of it shared by every ask) once it is deeper.
@@ -226,8 +229,9 @@ class JobRepository:
         self._backlog: Backlog | None = None
         self._backlog_read = asyncio.Lock()
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
-        # snapshot: each workflow's learned run time (fleet-wide), the work on the backends.
-        self._run_seconds: dict[str, Recent[float | None]] = {}
+        # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
+        # asked about first), the work on the backends.
+        self._run_seconds: OrderedDict[str, Recent[float | None]] = OrderedDict()
         self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
 
     async def insert(
@@ -637,9 +641,13 @@ class JobRepository:
         `position_max_age` seconds by this process (the asks meanwhile sharing the last
         read): what a queued job's position and ETA take its run to be."""
         recent = self._run_seconds.get(workflow)
-        if recent is None:  # one per workflow served: the catalog bounds them
+        if recent is None:
             recent = self._run_seconds[workflow] = Recent(
                 partial(self.typical_run_seconds, workflow), self._position_max_age)
+            if len(self._run_seconds) > RUN_TIMES_KEPT:  # v2 graphs: any shape a client sends
+                self._run_seconds.popitem(last=False)
+        else:
+            self._run_seconds.move_to_end(workflow)
         return await recent.get()
 
     async def recent_work_on_backends_seconds(self) -> float:

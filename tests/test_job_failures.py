@@ -273,3 +273,56 @@ async def test_an_execution_error_holding_nul_fails_the_job_with_nul_replaced(
     assert (error["type"], error["node_id"], error["node_type"]) == \
         ("execution_error", "3", "SaveImage")
     assert error["details"]["current_inputs"]["filename_prefix"] == ["out\ufffdput"]
+
+
+def scale_by_workflow(workflows: Path, scale_by: str) -> None:
+    """`scaled`: ImageScaleBy given `scale_by` as text, which ComfyUI turns with float(), so
+    "nan" and "inf" reach it as floats that are not finite."""
+    workflows.mkdir()
+    (workflows / "scaled.json").write_text(json.dumps({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0],
+                                                       "upscale_method": "nearest-exact",
+                                                       "scale_by": scale_by}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "x"}},
+    }))
+
+
+async def test_an_execution_error_holding_nan_fails_the_job_with_it_as_text(
+    settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """A node raising on a float input that is NaN (its backend sends the token NaN, which
+    jsonb refuses): the job ends with the error, the value given as the text "NaN", instead
+    of its end never being recorded."""
+    scale_by_workflow(tmp_path / "workflows", "nan")
+    settings.workflows_dir = tmp_path / "workflows"
+    settings.comfyui_endpoints = [sim.url]
+    event = await run_one(settings, receiver, {"workflow": "scaled"})
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    error = job["error"]
+    assert (error["type"], error["node_id"], error["node_type"]) == \
+        ("execution_error", "2", "ImageScaleBy")
+    assert error["details"]["current_inputs"]["scale_by"] == ["NaN"]
+
+
+async def test_a_prompt_rejected_for_an_infinite_value_fails_the_job_with_it_as_text(
+    settings: Settings, sim: SimulatedComfyUI, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """ComfyUI refuses a float input of "inf" as bigger than its max, echoing it back as the
+    token Infinity in its node errors: the job ends with them, the value as "Infinity"."""
+    scale_by_workflow(tmp_path / "workflows", "inf")
+    settings.workflows_dir = tmp_path / "workflows"
+    settings.comfyui_endpoints = [sim.url]
+    event = await run_one(settings, receiver, {"workflow": "scaled"})
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    error = job["error"]
+    assert error["type"] == "prompt_rejected"
+    (node_error,) = error["details"]["2"]["errors"]
+    assert node_error["type"] == "value_bigger_than_max"
+    assert node_error["extra_info"]["received_value"] == "Infinity"

@@ -229,15 +229,19 @@ def _check_storable(path: str, value: Any) -> None:
             _check_storable(f"{path}.{index}", item)
 
 
-def nul_replaced(value: Any) -> Any:
-    """`value` (a JSON document) with every NUL character in its strings and keys replaced
-    by U+FFFD: for a backend's text, which no client can be told to send again."""
+def storable(value: Any) -> Any:
+    """`value` (a JSON document) as jsonb holds it: each NUL character in its strings and keys
+    replaced by U+FFFD, each number that is not finite given as the text JSON writers put
+    for it ("NaN", "Infinity", "-Infinity"). For a backend's values, which no client can be
+    told to send again."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     if isinstance(value, Mapping):
-        return {nul_replaced(key): nul_replaced(item) for key, item in value.items()}
+        return {storable(key): storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [nul_replaced(item) for item in value]
+        return [storable(item) for item in value]
     return value
 
 

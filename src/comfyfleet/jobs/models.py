@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
-from comfyfleet.db import nul_replaced
+from comfyfleet.db import storable
 
 
 class JobStatus(StrEnum):
@@ -136,9 +136,9 @@ def job_error(
     node_type: str | None = None,
     details: Any = None,
 ) -> dict[str, Any]:
-    """The `error` object of DESIGN §2. Its texts may be a backend's: each NUL in them is
-    replaced by U+FFFD, as jsonb cannot hold one."""
-    error: dict[str, Any] = nul_replaced({
+    """The `error` object of DESIGN §2. Its values may be a backend's: made storable, as
+    jsonb holds neither NUL nor a number that is not finite."""
+    error: dict[str, Any] = storable({
         "type": type_,
         "message": message,
         "node_id": node_id,

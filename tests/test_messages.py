@@ -92,6 +92,14 @@ def test_newer_or_odd_messages_never_raise(raw: str) -> None:
     assert parse_text(raw) is not None
 
 
+@pytest.mark.parametrize(("value", "maximum"), [("NaN", "3"), ("1", "Infinity"),
+                                               ("-Infinity", "3")])
+def test_progress_that_is_not_a_finite_number_is_not_progress(value: str, maximum: str) -> None:
+    data = f'{{"prompt_id": "p", "value": {value}, "max": {maximum}}}'
+    raw = f'{{"type": "progress", "data": {data}}}'
+    assert isinstance(parse_text(raw), Other)
+
+
 def test_garbage_is_not_a_message() -> None:
     assert parse_text("not json") is None
     assert parse_text('["a", "list"]') is None

@@ -7,6 +7,7 @@ keys are ignored, and a field of an unexpected type reads as missing instead of 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,10 +124,13 @@ def _str(data: dict[str, Any], key: str) -> str | None:
 
 
 def _number(data: dict[str, Any], key: str) -> float | None:
+    """A finite number: ComfyUI writes its messages with json.dumps, so a custom node's NaN
+    or Infinity arrives as such (json.loads takes them), and the tracker's int() of one raises
+    in the websocket's read loop."""
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    return float(value) if math.isfinite(value) else None
 
 
 def parse_event(kind: str, data: dict[str, Any]) -> Message:

@@ -186,6 +186,33 @@ async def test_long_prompt_on_a_slow_backend_restarts_on_an_idle_fast_one(
         assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
 
 
+async def test_restart_judges_speeds_by_all_their_runs_not_the_last_prompts(
+    settings: Settings,
+) -> None:
+    """The fast GPU happened to get long prompts last and the slow one short ones: by their
+    last few runs the slow one looks nearly as fast, and a long prompt would be left to run
+    there; by all their runs it is a quarter as fast, and the prompt restarts on the fast
+    one (as in bench.fleet_balance, where the backends' recent prompts differ by chance)."""
+    async with AsyncExitStack() as stack:
+        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
+        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
+        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
+        base = await stack.enter_async_context(serving(settings))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        api = Api(http, base + settings.route_prefix)
+        await api.run_on("slow", *[0.1] * 10)  # 0.4 s each there
+        await api.run_on("fast", *[0.02] * 10, *[0.1] * 10)
+        await api.run_on("slow", *[0.02] * 10)  # 0.08 s each: its last runs look quick
+        await api.call("PATCH", "/backends/fast", {"drain": True})
+        # 12 s on the slow GPU, 3 s on the fast one.
+        long_job = await api.submit(3.0, steps=20)
+        await wait_for_job(api.http, api.base, long_job, "running", progress=0.4)
+        await api.call("PATCH", "/backends/fast", {"drain": False})
+
+        done = await wait_for_job(api.http, api.base, long_job, "succeeded")
+        assert done["backend"] == "fast"
+
+
 async def test_a_prompt_restarts_as_soon_as_its_progress_shows_it_long(
     settings: Settings,
 ) -> None:
@@ -244,6 +271,20 @@ def test_a_node_not_yet_seen_on_a_backend_costs_the_fleets_median_over_its_speed
         fleet / costs.speed("slow"))
     assert costs.cost("slow", "sampler-z", "KSampler") > 1.4 * costs.cost(
         "fast", "sampler-z", "KSampler")
+
+
+def test_a_backends_speed_is_not_decided_by_the_prompts_it_got_last() -> None:
+    """One class runs for very different times with different inputs: a 4x faster backend
+    that happened to get the long prompts last, and a slower one the short ones, still
+    compare as they are."""
+    costs = NodeCosts()
+    for i in range(12):  # the same prompts on both, in opposite orders, keys never repeated
+        costs.record("fast", f"short-{i}", "SimulatedWork", 0.1)
+        costs.record("slow", f"long-{i}", "SimulatedWork", 4 * 1.0)
+    for i in range(12):
+        costs.record("fast", f"long-{i}", "SimulatedWork", 1.0)
+        costs.record("slow", f"short-{i}", "SimulatedWork", 4 * 0.1)
+    assert costs.speed("fast") / costs.speed("slow") == pytest.approx(4.0)
 
 
 def test_a_loader_not_yet_seen_running_counts_as_a_load() -> None:

@@ -6,8 +6,13 @@ the class across the fleet, divided by the backend's speed, standing in for a ke
 there: run times are heavy-tailed, and one slow outlier must not move an estimate much. A
 backend's speed is the sum, over the classes it has run, of each class's median across the
 fleet over the sum of its medians there (2.0: twice as fast): medians, so one odd run does not
-move it, summed, so the nodes that take time weigh and the millisecond ones do not. Until a
-class has run anywhere, a node that names a model file (a loader) counts as a load.
+move it, summed, so the nodes that take time weigh and the millisecond ones do not. Those
+medians are taken over many more runs than a key's: one class runs for very different times
+with different inputs (a sampler's steps, a video's frames), and the median of a backend's
+last few runs of it says more about which prompts it happened to get than about its GPU (of
+nine runs of log-normal lengths, sigma 1, a backend's median is off by a factor of 1.5 one
+time in three: bench/RESULTS.md, the tail of a batch). Until a class has run anywhere, a node
+that names a model file (a loader) counts as a load.
 
 Around its nodes every prompt costs a round trip through this service and the backend (the
 POST, the websocket's events, the handover from the prompt before it): tens of milliseconds
@@ -30,8 +35,12 @@ from typing import Any
 
 from comfyfleet.execution.warm import held_node
 
-# Samples kept per (backend, key) and per class: recent enough to follow a change.
+# Samples kept per (backend, key): recent enough to follow a change.
 COST_SAMPLES = 9
+# Samples kept per class, across the fleet and per backend, for the class's cost where a key
+# has no samples of its own and for the backend's speed: enough that the prompts a backend
+# happened to get do not decide its speed, few enough to follow a GPU that slows down.
+CLASS_SAMPLES = 101
 # A node of a class never seen running: until its first run, a fresh fleet still prefers
 # the job with fewer nodes to run (its model's loader cached) to one with more.
 UNSEEN_NODE_SECONDS = 1.0
@@ -50,9 +59,12 @@ class NodeCosts:
         self._by_key: dict[tuple[str, str], deque[float]] = defaultdict(
             lambda: deque(maxlen=COST_SAMPLES))
         self._by_class: dict[str, deque[float]] = defaultdict(
-            lambda: deque(maxlen=COST_SAMPLES))
+            lambda: deque(maxlen=CLASS_SAMPLES))
         self._by_backend_class: dict[str, dict[str, deque[float]]] = defaultdict(
-            lambda: defaultdict(lambda: deque(maxlen=COST_SAMPLES)))
+            lambda: defaultdict(lambda: deque(maxlen=CLASS_SAMPLES)))
+        # The medians of those, each worked out again only after a new sample of its own.
+        self._class_medians: dict[str, float] = {}
+        self._backend_class_medians: dict[tuple[str, str], float] = {}
         self._speeds: dict[str, float] = {}  # worked out again after each new sample
         self._served: set[str] = set()  # classes a backend's cache served, run or not
         self._overheads: dict[str, deque[float]] = defaultdict(
@@ -63,6 +75,8 @@ class NodeCosts:
         self._by_key[(backend, key)].append(seconds)
         self._by_class[class_type].append(seconds)
         self._by_backend_class[backend][class_type].append(seconds)
+        self._class_medians.pop(class_type, None)
+        self._backend_class_medians.pop((backend, class_type), None)
         self._speeds.clear()
 
     def served(self, class_type: str) -> None:
@@ -86,9 +100,8 @@ class NodeCosts:
         samples = self._by_key.get((backend, key))
         if samples:
             return statistics.median(samples)
-        samples = self._by_class.get(class_type)
-        return statistics.median(samples) / self.speed(backend) if samples \
-            else UNSEEN_NODE_SECONDS
+        return self._class_median(class_type) / self.speed(backend) \
+            if class_type in self._by_class else UNSEEN_NODE_SECONDS
 
     def node_cost(self, backend: str, key: str, node: Mapping[str, Any], *,
                   tried: bool = False) -> float:
@@ -107,10 +120,24 @@ class NodeCosts:
         speed = self._speeds.get(backend)
         if speed is None:
             classes = self._by_backend_class.get(backend, {})
-            there = sum(statistics.median(samples) for samples in classes.values())
-            fleet = sum(statistics.median(self._by_class[class_type]) for class_type in classes)
+            there = sum(self._backend_class_median(backend, class_type) for class_type in classes)
+            fleet = sum(self._class_median(class_type) for class_type in classes)
             speed = self._speeds[backend] = fleet / there if there > MIN_NODE_SECONDS else 1.0
         return speed
+
+    def _class_median(self, class_type: str) -> float:
+        median = self._class_medians.get(class_type)
+        if median is None:
+            median = self._class_medians[class_type] = statistics.median(
+                self._by_class[class_type])
+        return median
+
+    def _backend_class_median(self, backend: str, class_type: str) -> float:
+        median = self._backend_class_medians.get((backend, class_type))
+        if median is None:
+            median = self._backend_class_medians[(backend, class_type)] = statistics.median(
+                self._by_backend_class[backend][class_type])
+        return median
 
     def uncached_seconds(self, backend: str, prompt: Mapping[str, Any],
                          keys: Mapping[str, str], held: Set[str], *,

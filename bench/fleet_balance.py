@@ -13,6 +13,12 @@ deep.
 
 With sigma 1 a run's figure depends on where its few long jobs fall (and on the timing of
 the run), so several runs are made, each with its own durations, and their mean reported.
+One seed's figure moves between runs of the same code (where its last long jobs land: one
+that lands late on a slow backend and is not restarted sets the makespan), so codes are
+compared over many seeds: `--seeds 7-16 --no-early --base DIR` runs every seed through this
+tree's `comfyfleet serve` and through the one in DIR (e.g. main: `git archive main | tar -x -C
+DIR`), taking turns at which goes first, and prints each seed's ratios and both codes' mean,
+median and max.
 
 Run from the repository root:  .venv/bin/python -m bench.fleet_balance [--sigma 1] [--runs 3]
 """
@@ -23,11 +29,12 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +147,11 @@ async def wait_finished(ws: aiohttp.ClientWebSocketResponse, count: int) -> None
             done += 1
 
 
-async def late_binding(durations: list[float]) -> tuple[float, list[float]]:
-    """The same jobs through `comfyfleet serve` (its own process, as deployed); returns the
-    makespan and the dispatch gaps."""
+async def late_binding(durations: list[float], source: Path | None = None,
+                       ) -> tuple[float, list[float]]:
+    """The same jobs through `comfyfleet serve` (its own process, as deployed; its code from
+    the source tree `source` when given, else this one); returns the makespan and the
+    dispatch gaps."""
     async with AsyncExitStack() as stack:
         root = stack.enter_context(bench_root())
         postgres = await stack.enter_async_context(embedded_postgres(root))
@@ -150,8 +159,11 @@ async def late_binding(durations: list[float]) -> tuple[float, list[float]]:
         receiver = WebhookReceiver(new_secret())
         await receiver.start()
         stack.push_async_callback(receiver.stop)
+        code = {} if source is None else {
+            "PYTHONPATH": os.pathsep.join([str(source / "src"), str(source)])}
         serve = await stack.enter_async_context(comfyfleet_serve(
-            await fresh_database(postgres), root / "data", urls, secret=receiver.secret))
+            await fresh_database(postgres), root / "data", urls, secret=receiver.secret,
+            env_overrides=code))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         observer = QueueObserver(deep_until=len(durations) - CLAIM_BATCH)
         for url in urls:
@@ -185,13 +197,14 @@ class Run:
     seed: int
     bound: float
     hindsight: float  # each a makespan in seconds
-    early: float
+    early: float  # nan: not run (--no-early)
     late: float
     gaps: list[float]
+    base: float  # the late binding of the --base tree; nan: none
 
     def ratios(self) -> dict[str, float]:
         return {name: round(getattr(self, name) / self.bound, 3)
-                for name in ("hindsight", "early", "late")}
+                for name in ("hindsight", "early", "late", "base")}
 
 
 async def one_run(seed: int, args: argparse.Namespace) -> Run:
@@ -199,9 +212,33 @@ async def one_run(seed: int, args: argparse.Namespace) -> Run:
     durations = [round(rng.lognormvariate(math.log(args.median), args.sigma), 3)
                  for _ in range(args.jobs)]
     bound = max(sum(durations) / sum(SPEEDS), max(durations) / max(SPEEDS))
-    early = await early_binding(durations)
+    early = math.nan if args.no_early else await early_binding(durations)
+    base = math.nan
+    # Taking turns at going first, so that neither code always runs on a fresher machine.
+    if args.base is not None and seed % 2:
+        base, _ = await late_binding(durations, args.base)
     late, gaps = await late_binding(durations)
-    return Run(seed, bound, in_order_with_hindsight(durations), early, late, gaps)
+    if args.base is not None and not seed % 2:
+        base, _ = await late_binding(durations, args.base)
+    return Run(seed, bound, in_order_with_hindsight(durations), early, late, gaps, base)
+
+
+def seed_list(text: str) -> list[int]:
+    """`7-16` or `7,9,12`: the seeds to run."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def summary(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Mean, median and max of each ratio over the runs (nan where not run)."""
+    stats: dict[str, Callable[[list[float]], float]] = {
+        "mean": statistics.mean, "median": statistics.median, "max": max}
+    return {label: {name: round(stat([run.ratios()[name] for run in runs]), 3)
+                    for name in ("hindsight", "early", "late", "base")}
+            for label, stat in stats.items()}
 
 
 async def main() -> None:
@@ -212,26 +249,33 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="of the first run")
     parser.add_argument("--runs", type=int, default=3,
                         help="each with its own durations (seeds seed, seed+1, ...)")
+    parser.add_argument("--seeds", type=seed_list,
+                        help="instead of --seed and --runs: e.g. 7-16 or 7,9,12")
+    parser.add_argument("--no-early", action="store_true",
+                        help="skip early binding (the slowest part of a run)")
+    parser.add_argument("--base", type=Path,
+                        help="also run each seed through the comfyfleet of this source tree")
     args = parser.parse_args()
     runs = []
-    for seed in range(args.seed, args.seed + args.runs):
+    for seed in args.seeds or range(args.seed, args.seed + args.runs):
         runs.append(await one_run(seed, args))
         print(f"seed {seed}: {runs[-1].ratios()}", flush=True)
     gaps = [gap for run in runs for gap in run.gaps]
-    mean = {name: round(statistics.mean(run.ratios()[name] for run in runs), 3)
-            for name in ("hindsight", "early", "late")}
+    stats = summary(runs)
     print_table(
         ["seed", "lower bound s", "hindsight ÷ bound", "early binding ÷ bound",
-         "comfyfleet ÷ bound"],
+         "comfyfleet ÷ bound", f"comfyfleet of {args.base} ÷ bound"],
         [[run.seed, f"{run.bound:.2f}", *run.ratios().values()] for run in runs]
-        + [["mean", "", *(f"{value:.3f}" for value in mean.values())]])
+        + [[label, "", *(f"{value:.3f}" for value in values.values())]
+           for label, values in stats.items()])
     print(f"dispatch gap over all runs: p50 {statistics.median(gaps) * 1000:.1f} ms, "
           f"p99 {percentile(gaps, 0.99) * 1000:.1f} ms, {len(gaps)} gaps")
     print(json.dumps({
         "jobs": args.jobs, "sigma": args.sigma, "speeds": SPEEDS,
         "runs": [{"seed": run.seed, "lower_bound_s": round(run.bound, 2), **run.ratios()}
                  for run in runs],
-        "mean": mean,
+        "base": str(args.base) if args.base is not None else None,
+        **stats,
         "dispatch_gap_ms": {"samples": len(gaps), "p50": round(statistics.median(gaps) * 1000, 1),
                             "p99": round(percentile(gaps, 0.99) * 1000, 1)},
     }))

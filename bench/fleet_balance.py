@@ -264,7 +264,7 @@ async def main() -> None:
     stats = summary(runs)
     print_table(
         ["seed", "lower bound s", "hindsight ÷ bound", "early binding ÷ bound",
-         "comfyfleet ÷ bound", f"comfyfleet of {args.base} ÷ bound"],
+         "comfyfleet ÷ bound", "--base's comfyfleet ÷ bound"],
         [[run.seed, f"{run.bound:.2f}", *run.ratios().values()] for run in runs]
         + [[label, "", *(f"{value:.3f}" for value in values.values())]
            for label, values in stats.items()])

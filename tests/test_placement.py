@@ -96,16 +96,23 @@ async def slow_and_fast(
 ) -> tuple[Api, SimulatedComfyUI]:
     """A 0.25x and a 1x backend behind the service, each seen running the workflow; returns
     the API and the slow backend."""
+    api, slow = await slow_and_fast_unseen(stack, settings)
+    await api.run_on("slow", 0.2, 0.2, 0.2)
+    await api.run_on("fast", 0.2, 0.2, 0.2)
+    return api, slow
+
+
+async def slow_and_fast_unseen(
+    stack: AsyncExitStack, settings: Settings
+) -> tuple[Api, SimulatedComfyUI]:
+    """A 0.25x and a 1x backend behind the service, neither seen running anything yet."""
     slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
     fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
     # The slow one listed first, so without placement it would be asked first.
     settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
     base = await stack.enter_async_context(serving(settings))
     http = await stack.enter_async_context(aiohttp.ClientSession())
-    api = Api(http, base + settings.route_prefix)
-    await api.run_on("slow", 0.2, 0.2, 0.2)
-    await api.run_on("fast", 0.2, 0.2, 0.2)
-    return api, slow
+    return Api(http, base + settings.route_prefix), slow
 
 
 async def test_slow_backend_leaves_the_last_job_to_an_idle_fast_one(settings: Settings) -> None:
@@ -194,12 +201,7 @@ async def test_restart_judges_speeds_by_all_their_runs_not_the_last_prompts(
     there; by all their runs it is a quarter as fast, and the prompt restarts on the fast
     one (as in bench.fleet_balance, where the backends' recent prompts differ by chance)."""
     async with AsyncExitStack() as stack:
-        slow = await stack.enter_async_context(SimulatedComfyUI(speed=0.25))
-        fast = await stack.enter_async_context(SimulatedComfyUI(speed=1.0))
-        settings.comfyui_endpoints = [slow.url + "#slow", fast.url + "#fast"]
-        base = await stack.enter_async_context(serving(settings))
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = Api(http, base + settings.route_prefix)
+        api, _ = await slow_and_fast_unseen(stack, settings)
         await api.run_on("slow", *[0.1] * 10)  # 0.4 s each there
         await api.run_on("fast", *[0.02] * 10, *[0.1] * 10)
         await api.run_on("slow", *[0.02] * 10)  # 0.08 s each: its last runs look quick

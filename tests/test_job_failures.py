@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -62,6 +63,19 @@ async def run_one(settings: Settings, receiver: WebhookReceiver, request: dict[s
         async with asyncio.timeout(30):
             await receiver.wait_for(1)
     return receiver.verified[0]
+
+
+async def failed_with(settings: Settings, receiver: WebhookReceiver, sim: SimulatedComfyUI,
+                      workflows: Path, workflow: str) -> dict[str, Any]:
+    """The error of the one job of `workflow` (from `workflows`) on `sim`, which fails."""
+    settings.workflows_dir = workflows
+    settings.comfyui_endpoints = [sim.url]
+    event = await run_one(settings, receiver, {"workflow": workflow})
+    assert event["type"] == "job.failed"
+    job = event["data"]
+    assert isinstance(job, dict)
+    error: dict[str, Any] = job["error"]
+    return error
 
 
 async def test_prompt_rejected_by_comfyui_fails_the_job_with_its_node_errors(
@@ -263,13 +277,7 @@ async def test_an_execution_error_holding_nul_fails_the_job_with_nul_replaced(
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
                                                     "filename_prefix": ["1", 0]}},
     }))
-    settings.workflows_dir = workflows
-    settings.comfyui_endpoints = [sim.url]
-    event = await run_one(settings, receiver, {"workflow": "nul_prefix"})
-    assert event["type"] == "job.failed"
-    job = event["data"]
-    assert isinstance(job, dict)
-    error = job["error"]
+    error = await failed_with(settings, receiver, sim, workflows, "nul_prefix")
     assert (error["type"], error["node_id"], error["node_type"]) == \
         ("execution_error", "3", "SaveImage")
     assert error["details"]["current_inputs"]["filename_prefix"] == ["out\ufffdput"]
@@ -297,13 +305,7 @@ async def test_an_execution_error_holding_nan_fails_the_job_with_it_as_text(
     jsonb refuses): the job ends with the error, the value given as the text "NaN", instead
     of its end never being recorded."""
     scale_by_workflow(tmp_path / "workflows", "nan")
-    settings.workflows_dir = tmp_path / "workflows"
-    settings.comfyui_endpoints = [sim.url]
-    event = await run_one(settings, receiver, {"workflow": "scaled"})
-    assert event["type"] == "job.failed"
-    job = event["data"]
-    assert isinstance(job, dict)
-    error = job["error"]
+    error = await failed_with(settings, receiver, sim, tmp_path / "workflows", "scaled")
     assert (error["type"], error["node_id"], error["node_type"]) == \
         ("execution_error", "2", "ImageScaleBy")
     assert error["details"]["current_inputs"]["scale_by"] == ["NaN"]
@@ -315,13 +317,7 @@ async def test_a_prompt_rejected_for_an_infinite_value_fails_the_job_with_it_as_
     """ComfyUI refuses a float input of "inf" as bigger than its max, echoing it back as the
     token Infinity in its node errors: the job ends with them, the value as "Infinity"."""
     scale_by_workflow(tmp_path / "workflows", "inf")
-    settings.workflows_dir = tmp_path / "workflows"
-    settings.comfyui_endpoints = [sim.url]
-    event = await run_one(settings, receiver, {"workflow": "scaled"})
-    assert event["type"] == "job.failed"
-    job = event["data"]
-    assert isinstance(job, dict)
-    error = job["error"]
+    error = await failed_with(settings, receiver, sim, tmp_path / "workflows", "scaled")
     assert error["type"] == "prompt_rejected"
     (node_error,) = error["details"]["2"]["errors"]
     assert node_error["type"] == "value_bigger_than_max"

@@ -165,11 +165,8 @@ async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_re
             # slow bookkeeping, as under a busy database.
             # Its prompt ends on the backend meanwhile: its slot is free, the second job
             # goes to the backend while the first is still recorded as running there.
-            await wait_for_job(http, base, second, "dispatched", "running", "uploading",
-                               "succeeded", seconds=10)
-            assert await status_in_database(engine, first) == "running"
-        for job_id in (first, second):
-            assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
+            await on_the_backend_beside(http, base, engine, second, first, seconds=10)
+        await ended_on(http, base, "gpu", "succeeded", first, second)
 
 
 async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having_none(
@@ -228,6 +225,21 @@ async def status_in_database(engine: AsyncEngine, job_id: str) -> str:
         return status
 
 
+async def on_the_backend_beside(http: aiohttp.ClientSession, base: str, engine: AsyncEngine,
+                                second: str, first: str, *, seconds: float) -> None:
+    """Job `second` reaches the backend while `first` is still recorded as running there."""
+    await wait_for_job(http, base, second, "dispatched", "running", "uploading", "succeeded",
+                       seconds=seconds)
+    assert await status_in_database(engine, first) == "running"
+
+
+async def ended_on(http: aiohttp.ClientSession, base: str, backend: str, status: str,
+                   *job_ids: str) -> None:
+    """Each of `job_ids` ends `status`, on `backend`."""
+    for job_id in job_ids:
+        assert (await wait_for_job(http, base, job_id, status))["backend"] == backend
+
+
 def runs_executed(workflow: str) -> float:
     """The prompts of `workflow` this process has read the end of (their `run` phase)."""
     return REGISTRY.get_sample_value("comfyfleet_job_phase_seconds_count",
@@ -265,11 +277,8 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
                 while runs_executed("invert") == executed:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             second = await submit(http, base, {"workflow": "invert", "params": {"color": 2}})
-            await wait_for_job(http, base, second, "dispatched", "running", "uploading",
-                               "succeeded", seconds=30)
-            assert await status_in_database(engine, first) == "running"
-        for job_id in (first, second):
-            assert (await wait_for_job(http, base, job_id, "succeeded"))["backend"] == "gpu"
+            await on_the_backend_beside(http, base, engine, second, first, seconds=30)
+        await ended_on(http, base, "gpu", "succeeded", first, second)
 
 
 async def test_a_job_queued_while_the_failure_of_the_last_is_being_written_takes_its_slot(
@@ -298,5 +307,4 @@ async def test_a_job_queued_while_the_failure_of_the_last_is_being_written_takes
             await wait_for_job(http, base, second, "dispatched", "running", "failed",
                                seconds=30)
             assert await status_in_database(engine, first) == "running"
-        for job_id in (first, second):
-            assert (await wait_for_job(http, base, job_id, "failed"))["backend"] == "gpu"
+        await ended_on(http, base, "gpu", "failed", first, second)

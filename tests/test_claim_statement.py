@@ -24,6 +24,7 @@ from comfyfleet.jobs.repository import (
     CLAIM_BATCH,
     CLAIM_READS,
     Choice,
+    Claim,
     JobRepository,
     QueuedJob,
     Refusal,
@@ -273,23 +274,13 @@ async def test_a_slot_another_process_filled_after_the_read_is_refused_at_the_ta
     repository = JobRepository(engine)
     filled, chosen = [(await repository.insert(Job(workflow="w", prompt={})))[0]
                       for _ in range(2)]
-    async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
-        async with elsewhere.transaction():
-            # Another process's take fills "a"'s one slot; it has not committed when this
-            # claim reads the slot free, and commits while this take waits for the lock.
-            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('a'))")
-            await elsewhere.execute(
-                "UPDATE jobs SET status = 'dispatched', backend = 'a', prompt_id = 'pa',"
-                " attempts = attempts + 1 WHERE id = $1", filled.id)
-            claim = asyncio.create_task(
-                repository.claim_next(["a"], "p1", max_inflight=1, pick=last))
-            await blocked(observer, claim)
-        async with asyncio.timeout(10):
-            refused = await claim
-        # Counted under the lock, after that take: the slot is full, the job stays queued.
-        assert refused == (None, ("a",), 2, 1, Refusal.NO_SLOT)
-        assert await observer.fetch("SELECT id, status FROM jobs ORDER BY created_at") == [
-            (filled.id, "dispatched"), (chosen.id, "queued")]
+    # Another process's take fills "a"'s one slot; it has not committed when this claim reads
+    # the slot free, and commits while this take waits for the lock.
+    refused, statuses = await claimed_while_taken_elsewhere(
+        engine, repository, filled, "a", locks=["a"], prompt_id="p1")
+    # Counted under the lock, after that take: the slot is full, the job stays queued.
+    assert refused == (None, ("a",), 2, 1, Refusal.NO_SLOT)
+    assert statuses == [(filled.id, "dispatched"), (chosen.id, "queued")]
 
 
 async def test_a_tenant_at_its_limit_by_a_take_committed_after_the_read_is_refused(
@@ -299,23 +290,35 @@ async def test_a_tenant_at_its_limit_by_a_take_committed_after_the_read_is_refus
     repository = JobRepository(engine, max_concurrent_per_key=1)
     elsewhere_taken, chosen = [(await repository.insert(Job(workflow="w", prompt={})))[0]
                                for _ in range(2)]
+    # Another process's take gives the tenant (no key) its one job on a backend ("b"); it
+    # commits while this claim's take for "a" waits for the tenant's lock.
+    refused, statuses = await claimed_while_taken_elsewhere(
+        engine, repository, elsewhere_taken, "b", locks=["b", "concurrent:"], prompt_id="pa")
+    assert (refused.job, refused.refusal) == (None, Refusal.TENANT_LIMIT)
+    assert statuses == [(elsewhere_taken.id, "dispatched"), (chosen.id, "queued")]
+
+
+async def claimed_while_taken_elsewhere(
+    engine: AsyncEngine, repository: JobRepository, taken: Job, backend: str, *,
+    locks: list[str], prompt_id: str,
+) -> tuple[Claim, list[Any]]:
+    """A claim for backend "a" (as prompt `prompt_id`, picking the last job it reads), made
+    while another transaction holds the advisory `locks` and takes `taken` onto `backend`,
+    committing once the claim's take waits; the claim, and every job's id and status after."""
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
         async with elsewhere.transaction():
-            # Another process's take gives the tenant (no key) its one job on a backend ("b");
-            # it commits while this claim's take for "a" waits for the tenant's lock.
-            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('b'))")
-            await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext('concurrent:'))")
+            for lock in locks:
+                await elsewhere.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock)
             await elsewhere.execute(
-                "UPDATE jobs SET status = 'dispatched', backend = 'b', prompt_id = 'pb',"
-                " attempts = attempts + 1 WHERE id = $1", elsewhere_taken.id)
+                "UPDATE jobs SET status = 'dispatched', backend = $2, prompt_id = $3,"
+                " attempts = attempts + 1 WHERE id = $1", taken.id, backend, f"p{backend}")
             claim = asyncio.create_task(
-                repository.claim_next(["a"], "pa", max_inflight=1, pick=last))
+                repository.claim_next(["a"], prompt_id, max_inflight=1, pick=last))
             await blocked(observer, claim)
         async with asyncio.timeout(10):
             refused = await claim
-        assert (refused.job, refused.refusal) == (None, Refusal.TENANT_LIMIT)
-        assert await observer.fetch("SELECT id, status FROM jobs ORDER BY created_at") == [
-            (elsewhere_taken.id, "dispatched"), (chosen.id, "queued")]
+        return refused, list(await observer.fetch(
+            "SELECT id, status FROM jobs ORDER BY created_at"))
 
 
 def widest(window: int) -> Callable[[str, list[QueuedJob]], Choice | None]:

@@ -3,19 +3,18 @@
 A position is counted either from one job's `place` (sql/claim.sql: every queued job counted
 for the job asked about, exact, at a cost that grows with the backlog) or from a `Backlog`:
 the order of every queued job (tenant, priority, created_at), read once and shared by every
-ask until it is `stale`, each ask then a bisect. The repository counts afresh while the
-backlog is small and from a snapshot once it is deep, so that a GET's cost does not grow with
-the backlog and the database reads it at most once per `Backlog.max_age`, whatever the rate
-of asks.
+ask until it is too old (the repository keeps it in a `Recent`), each ask then a bisect. The
+repository counts afresh while the backlog is small and from a snapshot once it is deep, so
+that a GET's cost does not grow with the backlog and the database reads it at most once per
+POSITION_MAX_AGE, whatever the rate of asks.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,18 +73,14 @@ class TenantBacklog:
 
 @dataclass(frozen=True)
 class Backlog:
-    """Every queued job's place in the order fair share serves, as `backlog` read it at
-    `read_at` (time.monotonic()), with the fleet's virtual clock then (where a tenant with no
-    job in it starts)."""
+    """Every queued job's place in the order fair share serves, as `backlog` read it, with
+    the fleet's virtual clock then (where a tenant with no job in it starts)."""
 
     tenants: Mapping[str, TenantBacklog]
     clock: float
-    # How old a snapshot may be before an ask reads the backlog again.
-    max_age: float
-    read_at: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Mapping[str, Any]], max_age: float) -> Backlog:
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> Backlog:
         """From `backlog`'s rows: one per tenant and priority."""
         created: dict[str, dict[int, list[int]]] = {}
         shares: dict[str, tuple[float, float]] = {}
@@ -96,15 +91,11 @@ class Backlog:
             clock = float(row["clock"])
         tenants = {tenant: TenantBacklog(*shares[tenant], created=jobs)
                    for tenant, jobs in created.items()}
-        return cls(tenants, clock, max_age)
+        return cls(tenants, clock)
 
     @property
     def size(self) -> int:
         return sum(tenant.queued for tenant in self.tenants.values())
-
-    @property
-    def stale(self) -> bool:
-        return time.monotonic() - self.read_at >= self.max_age
 
     def shares(self, tenant: str, priority: int, created_at: datetime) -> tuple[Share, list[Share]]:
         """The shares seen from a job of `tenant` queued at `priority` since `created_at`: its

@@ -3,7 +3,6 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections import OrderedDict
@@ -224,10 +223,9 @@ class JobRepository:
         self._exact_positions_below = exact_positions_below
         self._position_max_age = position_max_age
         # The queued jobs the latest count of positions saw (deep until one has counted: the
-        # first ask reads a snapshot), the snapshot, and the lock its reader holds.
+        # first ask reads a snapshot), and the snapshot.
         self._backlog_seen = exact_positions_below
-        self._backlog: Backlog | None = None
-        self._backlog_read = asyncio.Lock()
+        self._backlog = Recent(self._read_backlog, position_max_age)
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
         # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
         # asked about first), the work on the backends.
@@ -611,17 +609,14 @@ class JobRepository:
         ask, or the ask after the backlog grew deep)."""
         if self._backlog_seen < self._exact_positions_below:
             return None
-        snapshot = self._backlog
-        if snapshot is not None and (not snapshot.stale or self._backlog_read.locked()):
-            return snapshot
-        async with self._backlog_read:
-            snapshot = self._backlog
-            if snapshot is None or snapshot.stale:
-                async with driver_connection(self._read_engine) as connection:
-                    rows = await connection.fetch(_CLAIM["backlog"])
-                snapshot = self._backlog = Backlog.from_rows(rows, self._position_max_age)
-                self._backlog_seen = snapshot.size
+        snapshot = await self._backlog.get()
         return snapshot if snapshot.size >= self._exact_positions_below else None
+
+    async def _read_backlog(self) -> Backlog:
+        async with driver_connection(self._read_engine) as connection:
+            snapshot = Backlog.from_rows(await connection.fetch(_CLAIM["backlog"]))
+        self._backlog_seen = snapshot.size
+        return snapshot
 
     async def typical_run_seconds(
         self, workflow: str, backend: str | None = None, sample: int = 20

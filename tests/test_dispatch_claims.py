@@ -126,9 +126,7 @@ async def test_a_slot_freed_with_the_backlog_known_empty_costs_no_claim(
         sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
         settings.comfyui_endpoints = [f"{sim.url}#gpu"]
         settings.dispatch_interval = 600  # no safety pass within the test
-        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        await until_healthy(http, base, 1)
+        base, http = await served(stack, settings)
         await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
                            "succeeded")
         before, transactions, empty = claims(), claim_transactions(), empty_claims()
@@ -152,9 +150,7 @@ async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_re
         sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
         settings.comfyui_endpoints = [f"{sim.url}#gpu"]
         settings.max_inflight_per_backend = 1
-        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        await until_healthy(http, base, 1)
+        base, http = await served(stack, settings)
         first = await submit(http, base, {"workflow": "simulated_work",
                                           "params": {"seconds": 3.0, "steps": 2}})
         await wait_for_job(http, base, first, "running")
@@ -209,6 +205,16 @@ async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having
     assert made["no_slot"] <= made["cannot_run"]
 
 
+async def served(stack: AsyncExitStack, settings: Settings
+                 ) -> tuple[str, aiohttp.ClientSession]:
+    """The service of `settings` (one backend) on `stack`, healthy: its API's base URL and
+    a client session."""
+    base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    await until_healthy(http, base, 1)
+    return base, http
+
+
 @asynccontextmanager
 async def row_locked(engine: AsyncEngine, job_id: str) -> AsyncIterator[None]:
     """The job's row locked by another transaction: a statement writing to it waits (slow
@@ -260,9 +266,7 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
         settings.comfyui_endpoints = [f"{sim.url}#gpu"]
         settings.max_inflight_per_backend = 1
         settings.dispatch_interval = 600  # no safety pass within the test
-        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        await until_healthy(http, base, 1)
+        base, http = await served(stack, settings)
         # The dispatcher idle, its last claim having seen the backlog empty.
         await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
                            "succeeded")
@@ -295,9 +299,7 @@ async def test_a_job_queued_while_the_failure_of_the_last_is_being_written_takes
         settings.comfyui_endpoints = [f"{sim.url}#gpu"]
         settings.max_inflight_per_backend = 1
         settings.dispatch_interval = 600  # no safety pass within the test
-        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        await until_healthy(http, base, 1)
+        base, http = await served(stack, settings)
         body = {"workflow": "sd15_txt2img", "params": {"prompt": "a lighthouse", "seed": 1}}
         first = await submit(http, base, body)
         await wait_for_job(http, base, first, "running")

@@ -79,14 +79,15 @@ class Collector:
     def store_early(
         self, client: ComfyClient, running: Job, node_output: dict[str, Any],
         early: EarlyOutputs, start: UnrecordedStart,
-    ) -> None:
+    ) -> bool:
         """Store the files of `node_output` (`{node_id: ui}`, a node's `executed`) after those
         already under way, and add them to the job's outputs while it runs (recording its
-        `start` too when no write has yet)."""
+        `start` too when no write has yet); whether it has files to store."""
         files, _ = output_items(node_output)
         if files:
             early.storing = asyncio.create_task(
                 self._store_early(client, running, files, early, start, early.storing))
+        return bool(files)
 
     async def _store_early(
         self, client: ComfyClient, running: Job, files: list[OutputFile], early: EarlyOutputs,

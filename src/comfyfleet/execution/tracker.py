@@ -336,9 +336,11 @@ class ExecutionTracker:
                 await self._report_progress(run, value / maximum)
             case Executed(node=str(node), output=output):
                 run.executed[node] = output
-                if output is not None:
-                    self._collector.store_early(session.client, run.job, {node: output},
-                                                run.early, run.start)
+                if output is not None and self._collector.store_early(
+                        session.client, run.job, {node: output}, run.early, run.start):
+                    # Its GET /view goes out now: a short prompt's end comes in the same read
+                    # as its last output, and handling that end came before the task ran.
+                    await asyncio.sleep(0)
             case ExecutionError(exception_message=exception, traceback=trace):
                 # As ComfyUI's own console says it.
                 self._log(run, "error", f"!!! Exception during processing !!! {exception}")

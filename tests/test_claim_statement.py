@@ -425,3 +425,53 @@ async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(
 
     claim = await repository.claim_next(["a"], "p2", max_inflight=2, pick=stale)
     assert (claim.job, claim.refusal, claim.next, reads) == (None, Refusal.RACED, 1, CLAIM_READS)
+
+
+async def take_after_requeue(engine: AsyncEngine, repository: JobRepository, *,
+                             overtaken: int, window: int) -> tuple[Any, list[Any]]:
+    """Four jobs, oldest first: one on backend "b" (passed `overtaken` times before it was
+    claimed), one backend "a" cannot run, one "a" passes and the one it takes. A claim for "a"
+    reads the backlog (the first job not in it); that job is requeued (its backend lost) before
+    the claim's take: the take's row, and each job's id, status and overtaken after."""
+    lost, skipped, passed, chosen = [(await repository.insert(Job(workflow="w", prompt={})))[0]
+                                     for _ in range(4)]
+    on_b = (await repository.claim_next(["b"], "pb", max_inflight=1, pick=first)).job
+    assert on_b is not None and on_b.id == lost.id
+    claim = sql.queries("claim")
+    async with driver_connection(engine) as connection:
+        await connection.execute("UPDATE jobs SET overtaken = $2 WHERE id = $1", lost.id,
+                                 overtaken)
+        read = await connection.fetch(claim["candidates"], "a", 1, None, CLAIM_BATCH, None,
+                                      [], [])
+        seen = [row["id"] for row in read]
+        assert seen == [skipped.id, passed.id, chosen.id]
+        assert await repository.requeue(on_b) is not None  # back with its old created_at
+        taken = await connection.fetchrow(
+            claim["take"], chosen.id, [passed.id], "a", "pa", None, 1.0, None, 1, [], None,
+            window, seen)
+        return taken, list(await connection.fetch(
+            "SELECT id, status, overtaken FROM jobs ORDER BY created_at"))
+
+
+async def test_a_job_requeued_after_the_read_is_counted_as_passed_by_the_take(
+    engine: AsyncEngine,
+) -> None:
+    taken, jobs = await take_after_requeue(engine, await backends_a_and_b(engine),
+                                           overtaken=0, window=2)
+    assert taken["refusal"] is None and taken["prompt_id"] == "pa"
+    # The requeued job, which the read never saw, counted as the job the pick passed is; the
+    # one it saw and did not pass (not runnable there) not.
+    assert [(status, overtaken) for _, status, overtaken in jobs] == [
+        ("queued", 1), ("queued", 0), ("queued", 1), ("dispatched", 0)]
+
+
+async def test_a_job_requeued_after_the_read_is_not_passed_past_the_window(
+    engine: AsyncEngine,
+) -> None:
+    taken, jobs = await take_after_requeue(engine, await backends_a_and_b(engine),
+                                           overtaken=2, window=2)
+    # Passed as often as the window allows before it was claimed: the take is refused, and
+    # the claim reads the backlog again (where the requeued job is due).
+    assert (taken["id"], taken["refusal"]) == (None, "raced")
+    assert [(status, overtaken) for _, status, overtaken in jobs] == [
+        ("queued", 2), ("queued", 0), ("queued", 0), ("queued", 0)]

@@ -342,10 +342,12 @@ class JobRepository:
         yet (a prompt that ended holds no GPU; only the caller knows it ended). A slot the
         read saw free and another process's take filled since is refused (no_slot). Claims,
         in any process, read the backlog side by side, without locks, and see every queued
-        job; the take locks the job and those it passes, so no two share a job, and no job
-        is passed by more than `window` claims (None: no bound) that counted it. When another
-        claim took the chosen job since the read, or passed one of those it passes `window`
-        times, the claim reads again (CLAIM_READS in all): the backlog has moved on.
+        job; the take locks the job and those it passes (those the pick names, and any queued
+        ahead of it in its tenant's backlog at its priority that the read did not see: requeued
+        since), so no two share a job, and no job is passed by more than `window` claims
+        (None: no bound) that counted it. When another claim took the chosen job since the
+        read, or passed one of those it passes `window` times, the claim reads again
+        (CLAIM_READS in all): the backlog has moved on.
         """
         claim, reads = None, 0
         while claim is None:
@@ -381,7 +383,7 @@ class JobRepository:
                 row = await connection.fetchrow(
                     _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
                     owner, choice.charge, self._max_concurrent, max_inflight, ended,
-                    limited.get(choice.job_id), window)
+                    limited.get(choice.job_id), window, [job.id for job in queued])
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])

@@ -100,9 +100,13 @@ ORDER BY heads.start, heads.tenant, queued.place
 -- and $10 does not name it ($10: the tenant whose lock to take, a key's digest or '' for no key;
 -- null: none, `candidates` having read no limit for it: the limit was set since, and without the
 -- lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it,
--- the prompts $9 not counted (as in `candidates`); count the jobs $2 it passes as overtaken once
+-- the prompts $9 not counted (as in `candidates`); count the jobs it passes as overtaken once
 -- more; charge its tenant $6 estimated GPU-seconds over its weight, starting no earlier than the
--- virtual clock.
+-- virtual clock. The jobs it passes are those $2 the caller chose to pass, and every job queued
+-- ahead of it in its tenant's backlog at its priority (as `candidates` orders and filters them for
+-- process $5) but those $12, the queued jobs the caller's read saw: a job seen and not passed is
+-- one the backend cannot run, and one not seen came back to the backlog since (requeued, with its
+-- old created_at), which the caller never judged, and which would otherwise be passed uncounted.
 -- One statement, its own transaction (one round trip, one commit). It takes the backend's lock
 -- first, then the tenant's, and holds them until it ends: the takes for a backend, in every
 -- process, follow one another, each counting what those before it took. The counts are made
@@ -119,9 +123,17 @@ ORDER BY heads.start, heads.tenant, queued.place
 WITH guarded AS MATERIALIZED (
     SELECT * FROM claim_locks($3, $10, $9)
 ), locked AS MATERIALIZED (
-    -- Joined to `guarded`, so no row is locked before the advisory locks are held.
+    -- Joined to `guarded`, so no row is locked before the advisory locks are held. Those
+    -- ahead of the job are found as queued in this statement's snapshot: one requeued after
+    -- it began is not passed by this take, which comes before it.
     SELECT jobs.id, jobs.status, jobs.overtaken FROM guarded CROSS JOIN jobs
-    WHERE jobs.id = $1 OR jobs.id = ANY($2::uuid[])
+    WHERE jobs.id = $1 OR jobs.id = ANY($2::uuid[]) OR jobs.id = ANY(ARRAY(
+        SELECT ahead.id FROM jobs AS job CROSS JOIN jobs AS ahead
+        WHERE job.id = $1 AND ahead.status = 'queued'
+          AND coalesce(ahead.api_key_hash, '') = coalesce(job.api_key_hash, '')
+          AND ahead.priority = job.priority AND ahead.created_at < job.created_at
+          AND (ahead.extra_data_holder IS NULL OR ahead.extra_data_holder = $5)
+          AND NOT ahead.id = ANY($12::uuid[])))
     ORDER BY jobs.id
     FOR NO KEY UPDATE OF jobs
 ), verdict AS (
@@ -148,8 +160,9 @@ WITH guarded AS MATERIALIZED (
 ), chosen AS (
     SELECT * FROM considered WHERE refusal IS NULL
 ), passed AS (
-    UPDATE jobs SET overtaken = overtaken + 1
-    WHERE id = ANY($2::uuid[]) AND id <> $1 AND status = 'queued'
+    UPDATE jobs SET overtaken = jobs.overtaken + 1
+    FROM locked
+    WHERE jobs.id = locked.id AND locked.id <> $1 AND locked.status = 'queued'
       AND EXISTS (SELECT 1 FROM chosen)
 ), clock AS (
     SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares

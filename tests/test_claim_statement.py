@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,7 @@ async def test_the_next_backend_takes_a_job_only_into_a_free_slot(engine: AsyncE
     assert first.job is not None and first.job.status == JobStatus.DISPATCHED
     # "a" has its slot free, "b" none: the job "b" would take stays queued.
     claim = await repository.claim_next(["a", "b"], "p2", max_inflight=1, pick=for_b)
-    assert claim == (None, ("a", "b"), 1, 2, Refusal.NO_SLOT)
+    assert claim[:5] == (None, ("a", "b"), 1, 2, Refusal.NO_SLOT)
     async with driver_connection(engine) as connection:
         assert await connection.fetchval(
             "SELECT count(*) FROM jobs WHERE status = 'queued'") == 1
@@ -86,7 +87,7 @@ async def test_the_next_backend_takes_no_job_while_it_is_draining(engine: AsyncE
     async with driver_connection(engine) as connection:  # drained since the caller looked
         await connection.execute("UPDATE backends SET draining = true WHERE name = 'b'")
     claim = await repository.claim_next(["a", "b"], "p1", max_inflight=1, pick=for_b)
-    assert claim == (None, ("a", "b"), 1, 2, Refusal.NOT_ACCEPTING)
+    assert claim[:5] == (None, ("a", "b"), 1, 2, Refusal.NOT_ACCEPTING)
 
 
 async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
@@ -162,7 +163,7 @@ async def watched_statements(engine: AsyncEngine) -> list[str]:
     return statements
 
 
-async def test_a_claim_is_two_statements_in_no_transaction_whatever_its_tenants_limit(
+async def test_a_claim_is_two_statements_in_no_transaction_one_on_the_read_of_a_take(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
@@ -170,16 +171,44 @@ async def test_a_claim_is_two_statements_in_no_transaction_whatever_its_tenants_
     claims = []
     for limit in None, 2:
         repository = JobRepository(engine, max_concurrent_per_key=limit)
-        await repository.insert(Job(workflow="w", prompt={}))
+        for _ in range(2):
+            await repository.insert(Job(workflow="w", prompt={}))
         await asyncio.sleep(0)
         statements.clear()
         claim = await repository.claim_next(["a"], f"p{limit}", max_inflight=2, pick=first)
-        assert claim.job is not None
+        after = await repository.claim_next(["a"], f"q{limit}", max_inflight=2, pick=first,
+                                            read=claim.read)
+        assert claim.job is not None and after.job is not None
         await asyncio.sleep(0)
         claims.append(list(statements))
+        async with driver_connection(engine) as connection:
+            await connection.execute("UPDATE jobs SET status = 'succeeded'")
     # No BEGIN, no COMMIT: a read, and a take that locks the backend and (with a limit to
-    # hold) the tenant itself.
-    assert claims == [["candidates", "take"], ["candidates", "take"]]
+    # hold) the tenant itself; then, on the read that take made, the next claim's take.
+    assert claims == [["claim"] * 3] * 2
+
+
+async def test_the_read_a_take_makes_is_the_backlog_it_leaves(engine: AsyncEngine) -> None:
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine, max_concurrent_per_key=2)
+    for key in None, "k", None, "k", None:
+        await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key))
+    read: list[list[QueuedJob]] = []
+
+    def second_of_no_key(_: str, queued: list[QueuedJob]) -> Choice | None:
+        read.append(queued)
+        own = [job for job in queued if job.tenant == ""]
+        return Choice(own[1].id, (own[0].id,), charge=5.0) if len(read) == 1 else None
+
+    claim = await repository.claim_next(["a"], "p1", max_inflight=4, pick=second_of_no_key,
+                                        window=3)
+    assert claim.job is not None and claim.read is not None
+    # The claim after it reads the backlog afresh: the same jobs, its job gone, the one it
+    # passed passed once more, its tenant charged (second in virtual time now).
+    await repository.claim_next(["a"], "p2", max_inflight=4, pick=second_of_no_key)
+    assert claim.read.queued == read[1] and claim.read.backlog == 2
+    assert [(job.tenant, job.overtaken) for job in read[1]] == [
+        ("k", 0), ("k", 0), ("", 1), ("", 0)]
 
 
 async def test_a_move_counts_its_targets_slots_under_its_lock_in_one_statement(
@@ -279,7 +308,7 @@ async def test_a_slot_another_process_filled_after_the_read_is_refused_at_the_ta
     refused, statuses = await claimed_while_taken_elsewhere(
         engine, repository, filled, "a", locks=["a"], prompt_id="p1")
     # Counted under the lock, after that take: the slot is full, the job stays queued.
-    assert refused == (None, ("a",), 2, 1, Refusal.NO_SLOT)
+    assert refused[:5] == (None, ("a",), 2, 1, Refusal.NO_SLOT)
     assert statuses == [(filled.id, "dispatched"), (chosen.id, "queued")]
 
 
@@ -378,9 +407,8 @@ async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
     async with driver_connection(engine) as elsewhere, elsewhere.transaction():
         # Another process's claim for "a" has read the backlog and not taken anything yet.
-        read = await elsewhere.fetch(sql.queries("claim")["candidates"], "a", 1, None,
-                                     CLAIM_BATCH, None, [], [])
-        assert [row["id"] for row in read] == [job.id]
+        read = await claim_statement(elsewhere, "a")
+        assert [head[0] for head in read["heads"]] == [job.id]
         async with asyncio.timeout(10):
             claim = await repository.claim_next(["b"], "pb", max_inflight=1, pick=first)
         # The claim for "b" neither waits for it nor finds the backlog hidden.
@@ -427,6 +455,18 @@ async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(
     assert (claim.job, claim.refusal, claim.next, reads) == (None, Refusal.RACED, 1, CLAIM_READS)
 
 
+async def claim_statement(
+    connection: Any, backend: str, *, job: uuid.UUID | None = None,
+    passed: list[uuid.UUID] | None = None, seen: list[uuid.UUID] | None = None,
+    window: int | None = None,
+) -> Any:
+    """sql/claim.sql `claim` run for `backend` (one slot, prompt "p" + its name): taking `job`
+    (None: only reading), passing `passed`, the caller having read `seen`."""
+    return await connection.fetchrow(
+        sql.queries("claim")["claim"], job, passed or [], backend, f"p{backend}", None, 1.0,
+        None, 1, [], None, window, seen or [], CLAIM_BATCH, [])
+
+
 async def take_after_requeue(engine: AsyncEngine, repository: JobRepository, *,
                              overtaken: int, window: int) -> tuple[Any, list[Any]]:
     """Four jobs, oldest first: one on backend "b" (passed `overtaken` times before it was
@@ -437,18 +477,14 @@ async def take_after_requeue(engine: AsyncEngine, repository: JobRepository, *,
                                      for _ in range(4)]
     on_b = (await repository.claim_next(["b"], "pb", max_inflight=1, pick=first)).job
     assert on_b is not None and on_b.id == lost.id
-    claim = sql.queries("claim")
     async with driver_connection(engine) as connection:
         await connection.execute("UPDATE jobs SET overtaken = $2 WHERE id = $1", lost.id,
                                  overtaken)
-        read = await connection.fetch(claim["candidates"], "a", 1, None, CLAIM_BATCH, None,
-                                      [], [])
-        seen = [row["id"] for row in read]
+        seen = [head[0] for head in (await claim_statement(connection, "a"))["heads"]]
         assert seen == [skipped.id, passed.id, chosen.id]
         assert await repository.requeue(on_b) is not None  # back with its old created_at
-        taken = await connection.fetchrow(
-            claim["take"], chosen.id, [passed.id], "a", "pa", None, 1.0, None, 1, [], None,
-            window, seen)
+        taken = await claim_statement(connection, "a", job=chosen.id, passed=[passed.id],
+                                      seen=seen, window=window)
         return taken, list(await connection.fetch(
             "SELECT id, status, overtaken FROM jobs ORDER BY created_at"))
 

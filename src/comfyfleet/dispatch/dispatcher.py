@@ -43,6 +43,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error
 from comfyfleet.jobs.repository import (
     CLAIM_BATCH,
     UNKNOWN_RUN_SECONDS,
+    BacklogRead,
     Choice,
     JobRepository,
     QueuedJob,
@@ -228,6 +229,10 @@ class Dispatcher:
         self._outcome = ""  # what the pick under way comes to (metrics.DISPATCH_CLAIMS)
         self._outcomes: dict[str, str] = {}  # and each pick of the claim under way, by backend
         self._submissions: set[asyncio.Task[None]] = set()
+        # The backlog as the last claim's take left it, which the next claim of the pass
+        # picks on: a claim after a take is one round trip. (A pass begins with a read: a
+        # wake-up says the backlog or the fleet may have changed since.)
+        self._read: BacklogRead | None = None
 
     async def run(self) -> None:
         while True:
@@ -239,6 +244,7 @@ class Dispatcher:
             try:
                 if (claim and not self._backlog_empty) or self._waiting:
                     self._waiting = self._short = self._left_free = False
+                    self._read = None  # the pass's first claim reads the backlog
                     while await self._dispatch_one():
                         pass
                     if self._short and not self._backlog_empty:
@@ -263,9 +269,11 @@ class Dispatcher:
         """Send one job to the best backend that has a free slot and should run it; whether
         another may follow.
 
-        One claim reads the backlog for the first backend and asks the backends after it on
-        that read, in memory: only one whose pick would take a job takes its lock and the job,
-        in a statement of its own (sql/claim.sql). A claim for every free backend that would
+        One claim reads the backlog for the first backend (or has the read the pass's last
+        take made) and asks the backends after it on that read, in memory: only one whose
+        pick would take a job takes its lock and the job, in a statement of its own
+        (sql/claim.sql), which reads the backlog for the next claim. A claim for every free
+        backend that would
         take nothing (one that cannot run the queued jobs, a slower one the last jobs are left
         to faster ones for, a cold one that should wait) was most of the dispatcher's work,
         and a claim that took nothing before the one that took a job was half its
@@ -284,7 +292,9 @@ class Dispatcher:
             claim = await self._repository.claim_next(
                 names, str(uuid.uuid4()), max_inflight=self._max_inflight,
                 pick=lambda name, queued: self._pick(sessions[name], queued),
-                owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window)
+                owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window,
+                read=self._read)
+            self._read = claim.read
             taker = claim.job.backend if claim.job is not None else None
             if claim.refusal is not None:  # the last backend it counts chose a job in vain
                 self._outcomes[claim.counted[-1]] = claim.refusal

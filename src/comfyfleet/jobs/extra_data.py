@@ -3,7 +3,7 @@ never lets a server store: held in the memory of the gateway process that accept
 and nowhere else, not in PostgreSQL, not in a log, not in any answer.
 
 The job's row names that process (`extra_data_holder`, its ProcessLease id), so only it
-claims the job (sql/claim.sql `candidates`) and only it sends the prompt again when its
+claims the job (sql/claim.sql `claim`) and only it sends the prompt again when its
 backend is lost. When the holder stops before the job is on a backend for good, nobody can
 send it: any live process's tracker fails it with `extra_data_lost` (never runs it without its
 key). The key is forgotten when the job ends.

@@ -57,9 +57,9 @@ _READS = sql.queries("reads")
 # Queued jobs a claim looks at to find one the backend can run (capability routing), shared
 # among the tenants first in virtual time.
 CLAIM_BATCH = 50
-# Reads of the backlog a claim makes when its take loses a race with another claim's (the
-# job it chose taken, or one it passes passed to the window meanwhile): each lost race is
-# another claim's progress.
+# Takes a claim makes when its take loses a race with another claim's (the job it chose
+# taken, or one it passes passed to the window meanwhile), each on the read the one before
+# made: each lost race is another claim's progress.
 CLAIM_READS = 4
 # The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
 PROMPTS_KEPT = 4 * CLAIM_BATCH
@@ -131,7 +131,7 @@ class Choice(NamedTuple):
 
 class Refusal(StrEnum):
     """Why a claim did not take the job a backend chose, counted again under the locks after
-    the read (sql/claim.sql `take`, whose words these are)."""
+    the read (sql/claim.sql `claim`, whose words these are)."""
 
     TENANT_LIMIT = "tenant_limit"  # the job's key at its max_concurrent, or given one since
     NOT_ACCEPTING = "not_accepting"  # the backend drained or gone since
@@ -141,12 +141,23 @@ class Refusal(StrEnum):
     RACED = "raced"
 
 
+class BacklogRead(NamedTuple):
+    """The backlog as a claim's statement read it (sql/claim.sql `claim`), for it to pick
+    from, or for the claim after it."""
+
+    queued: list[QueuedJob]  # the head of each tenant's backlog
+    # How many jobs were queued, locked by other claims or not: 0, 1, or 2 for more.
+    backlog: int
+    # The tenants with a max_concurrent, by their jobs read: the take locks it.
+    limited: dict[uuid.UUID, str]
+
+
 class Claim(NamedTuple):
     """What a claim (`claim_next`) came to."""
 
     job: Job | None  # the job taken, dispatched
-    # The backends it counts an outcome for: its first (whose slots its read counted), and
-    # the one after it that chose a job.
+    # The backends it counts an outcome for: its first (whose slots its read counted, when it
+    # read), and the one after it that chose a job.
     counted: tuple[str, ...]
     # How many jobs were queued once it was done, locked by other claims or not: 0, 1, or 2
     # for more (None: nothing was read, the first backend having no free slot).
@@ -154,6 +165,9 @@ class Claim(NamedTuple):
     next: int  # the index of the first of its backends not asked
     # Why the backend that chose a job did not take it (None: it took it, or none chose one).
     refusal: Refusal | None = None
+    # The backlog as its take left it: the next claim may pick on it without reading (None:
+    # it took nothing, nor tried).
+    read: BacklogRead | None = None
 
 
 class ProgressReport(NamedTuple):
@@ -326,15 +340,18 @@ class JobRepository:
         owner: int | None = None,
         ended: Collection[str] = (),
         window: int | None = None,
+        read: BacklogRead | None = None,
     ) -> Claim:
         """Take the queued job `pick` chooses for the first of `backends` that chooses one,
-        among the head of each tenant's backlog (sql/claim.sql `candidates`: tenants first in
-        virtual time first, each one's jobs highest priority, then oldest, first), in two
-        statements on one connection, each its own transaction: the backlog read for the
-        first backend, under no lock (nothing more when it has no free slot); the others
-        asked on that read, in order, and the first that chooses a job takes it (`take`) under
-        its own lock, in one statement that counts its slots again, counts the jobs the
-        choice passes as overtaken and charges its tenant the choice's estimated seconds.
+        among the head of each tenant's backlog (tenants first in virtual time first, each
+        one's jobs highest priority, then oldest, first), as `read` by the claim before this
+        one (its `Claim.read`), or else as read now for the first backend, under no lock
+        (nothing more when it has no free slot). The backends are asked on that read, in
+        order, and the first that chooses a job takes it, in one statement (sql/claim.sql
+        `claim`), on its own, under its own lock: it counts its slots again, counts the jobs
+        the choice passes as overtaken, charges its tenant the choice's estimated seconds,
+        and reads the backlog as it leaves it, for the next claim (`Claim.read`). A claim
+        made on the read of the one before it is one round trip.
 
         The backends' slots hold across processes: the takes for one backend are serialised by
         an advisory lock and count what every process has on it, but for the prompts `ended`:
@@ -346,63 +363,73 @@ class JobRepository:
         ahead of it in its tenant's backlog at its priority that the read did not see: requeued
         since), so no two share a job, and no job is passed by more than `window` claims
         (None: no bound) that counted it. When another claim took the chosen job since the
-        read, or passed one of those it passes `window` times, the claim reads again
-        (CLAIM_READS in all): the backlog has moved on.
+        read, or passed one of those it passes `window` times, the claim picks again on the
+        read its take made (CLAIM_READS takes in all): the backlog has moved on.
         """
-        claim, reads = None, 0
+        claim, takes = None, 0
         while claim is None:
-            reads += 1
-            claim = await self._claim(backends, prompt_id, max_inflight, pick, owner,
-                                      list(ended), window, last=reads == CLAIM_READS)
+            takes += 1
+            claim, read = await self._claim(backends, prompt_id, max_inflight, pick, owner,
+                                            list(ended), window, read,
+                                            last=takes == CLAIM_READS)
         return claim
 
     async def _claim(
         self, backends: Sequence[str], prompt_id: str, max_inflight: int,
         pick: Callable[[str, list[QueuedJob]], Choice | None], owner: int | None,
-        ended: list[str], window: int | None, *, last: bool,
-    ) -> Claim | None:
-        """One read of the backlog and the take of what it chose (`claim_next`); None when
-        the take lost a race with another claim (not on the `last` read: that is refused)."""
+        ended: list[str], window: int | None, read: BacklogRead | None, *, last: bool,
+    ) -> tuple[Claim | None, BacklogRead | None]:
+        """One pick on the backlog `read` (read now when None) and the take of what it chose
+        (`claim_next`); None and the take's read when the take lost a race with another claim
+        (not on the `last` take: that is refused)."""
         first = backends[0]
         async with driver_connection(self.engine) as connection:
-            held = dict(self._prompts)
-            rows = await connection.fetch(_CLAIM["candidates"], first, max_inflight,
-                                          self._max_concurrent, CLAIM_BATCH, owner,
-                                          list(held), ended)
-            if rows[0]["free"] <= 0:
-                return Claim(None, (first,), None, 1)
-            queued = self._queued_jobs(rows, held)
-            backlog: int = rows[0]["backlog"]
-            # The tenants with a max_concurrent, by their jobs read: the take locks it.
-            limited = {row["id"]: row["tenant"] for row in rows if row["limited"]}
+            if read is None:
+                row, read = await self._claim_statement(
+                    connection, None, (), first, prompt_id, owner, 0.0, max_inflight, ended,
+                    None, window, ())
+                if row["free"] <= 0:
+                    return Claim(None, (first,), None, 1), None
+            queued = read.queued
             # On an empty read the first is asked only (what it saw is its outcome).
             for asked, backend in enumerate(backends if queued else backends[:1]):
                 choice = pick(backend, queued)
                 if choice is None:
                     continue
-                row = await connection.fetchrow(
-                    _CLAIM["take"], choice.job_id, list(choice.passed), backend, prompt_id,
-                    owner, choice.charge, self._max_concurrent, max_inflight, ended,
-                    limited.get(choice.job_id), window, [job.id for job in queued])
+                row, after = await self._claim_statement(
+                    connection, choice.job_id, choice.passed, backend, prompt_id, owner,
+                    choice.charge, max_inflight, ended, read.limited.get(choice.job_id),
+                    window, [job.id for job in queued])
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
-                    return None if refusal is Refusal.RACED and not last \
-                        else Claim(None, counted, backlog, asked + 1, refusal)
+                    if refusal is Refusal.RACED and not last:
+                        return None, after
+                    return Claim(None, counted, after.backlog, asked + 1, refusal, after), after
                 break
             else:
-                return Claim(None, (first,), backlog, len(backends))
+                return Claim(None, (first,), read.backlog, len(backends)), None
         claimed = _job(row)
         self._on_change(claimed.id)
-        return Claim(claimed, counted, max(backlog - 1, 0), asked + 1)
+        return Claim(claimed, counted, after.backlog, asked + 1, read=after), after
 
-    def _queued_jobs(self, rows: list[asyncpg.Record],
-                     held: Mapping[uuid.UUID, dict[str, Any]]) -> list[QueuedJob]:
-        """The queued jobs a `candidates` read found (none in its row of nulls)."""
-        return [QueuedJob(row["id"], row["workflow"], self._prompt(row["id"], row["prompt"], held),
-                          row["priority"], row["overtaken"], row["created_at"], row["tenant"],
-                          row["start"], row["weight"], row["beyond"])
-                for row in rows if row["id"] is not None]
+    async def _claim_statement(
+        self, connection: asyncpg.Connection, job_id: uuid.UUID | None,
+        passed: Sequence[uuid.UUID], backend: str, prompt_id: str, owner: int | None,
+        charge: float, max_inflight: int, ended: list[str], tenant: str | None,
+        window: int | None, seen: Sequence[uuid.UUID],
+    ) -> tuple[asyncpg.Record, BacklogRead]:
+        """sql/claim.sql `claim`: take `job_id` (None: read only); its row and its read."""
+        held = dict(self._prompts)
+        row: asyncpg.Record = await connection.fetchrow(
+            _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
+            self._max_concurrent, max_inflight, ended, tenant, window, list(seen),
+            CLAIM_BATCH, list(held))
+        heads = row["heads"] or ()  # null: none read
+        queued = [QueuedJob(head[0], head[1], self._prompt(head[0], head[2], held),
+                            *head[3:10]) for head in heads]
+        return row, BacklogRead(queued, row["backlog"],
+                                {head[0]: head[6] for head in heads if head[10]})
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,
                 held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:

@@ -1,127 +1,74 @@
--- The dispatcher's claim (jobs/repository.py `claim_next`): two statements, each on its own
--- (no BEGIN, no COMMIT, a round trip each). `candidates` reads the free slots of the first
--- backend it asks for and the head of each tenant's backlog, taking no lock; the dispatcher
--- asks its backends in turn on that read, and the first that chooses a job has it `take`n:
--- one statement that takes that backend's lock (and the tenant's, if it has a limit), counts
--- again under them, and takes the job, charging its tenant, or refuses. Nothing is held
--- between the two, so no claim ever waits for a lock while it holds one. Tenants are API
--- keys by digest, '' for the jobs of no key; each has a virtual time in `tenant_shares`
--- (GPU-seconds charged over its weight), and a tenant new or back from idling starts at the
--- fleet's virtual clock (the latest start any claim gave), never below it: no burst for
--- having been away. The charge made here is settled against the real run by the trigger
--- jobs_settle_tenant_charge (migration 0017) in whatever statement takes the job off its
--- backend. The only other SQL of the claim is claim_locks() (migration 0031): the take's locks
--- and the counts made after them.
+-- The dispatcher's claim (jobs/repository.py `claim_next`): one statement, `claim`, on its own
+-- (no BEGIN, no COMMIT, a round trip). It takes the job a backend chose from the backlog the
+-- caller read (`take`, below) and reads the backlog for the next claim as that take leaves it
+-- (`read`), so that a dispatcher claiming jobs in a row makes one round trip a job; with no job
+-- to take, it only reads, taking no lock (the first claim of a pass, whose caller holds no read).
+-- The read is of the free slots of a backend and the head of each tenant's backlog; the
+-- dispatcher asks its backends in turn on it, and the first that chooses a job has it taken: the
+-- take takes that backend's lock (and the tenant's, if it has a limit), counts again under them,
+-- and takes the job, charging its tenant, or refuses. Nothing is held between two claims, so no
+-- claim ever waits for a lock while it holds one. Tenants are API keys by digest, '' for the jobs
+-- of no key; each has a virtual time in `tenant_shares` (GPU-seconds charged over its weight),
+-- and a tenant new or back from idling starts at the fleet's virtual clock (the latest start any
+-- claim gave), never below it: no burst for having been away. The charge made here is settled
+-- against the real run by the trigger jobs_settle_tenant_charge (migration 0017) in whatever
+-- statement takes the job off its backend. The only other SQL of the claim is claim_locks()
+-- (migration 0031): the take's locks and the counts made after them.
 
--- name: candidates
--- The free slots of backend $1 (at most $2 prompts; none while it is draining or gone), how many
--- jobs are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot
--- free, the head of each tenant's backlog: the $4 tenants with queued work that come first in
--- virtual time, and of each its first ceil($4 / tenants) jobs (highest priority, then oldest),
--- skipping the tenants with as many jobs on backends as their max_concurrent ($3 for keys without
--- their own; null: no limit). A row per job, each with its tenant's start in virtual time and
--- weight, whether the tenant's backlog goes on past the rows read, and whether the tenant has a
--- max_concurrent (`limited`: `take` locks it); one row of nulls but `free` and `backlog` without
--- any. A job's prompt comes as text, but null for the jobs $6, whose prompts the caller holds (a
--- job's prompt never changes; a tenant's head is read again by every claim). The jobs are read
--- without locks: claims for other backends, in this process or another, read the same head side by
--- side, none hidden from another (a job hidden by SKIP LOCKED was one a claim could pass
--- uncounted); `take` locks what it takes and passes, and never shares a job. A job whose extra_data
--- another process holds in memory (jobs/extra_data.py) is that process's to claim: process $5 reads
--- (and counts in `backlog`) only its own and those of none. The prompts $7 (the caller's whose end
--- it has read from the backend, their jobs not recorded off it yet) hold no slot: a prompt that
--- ended holds no GPU, and the claim need not wait for the statement recording that end. Other
--- processes, which have not read it, count it until it is. Run on its own, outside any transaction,
--- and under no lock: the slots it counts free may be taken by a claim of another process before
--- `take`, which counts them again under the backend's lock (no_slot) and judges the jobs at their
--- latest versions. A read under the lock would hold it, or wait for it, while the dispatcher picks:
--- a round trip more (BEGIN, COMMIT) for a count the take makes anyway.
-WITH RECURSIVE slots AS (
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM backends WHERE name = $1 AND NOT draining)
-                THEN $2 - (SELECT count(*) FROM jobs
-                           WHERE backend = $1 AND status IN ('dispatched', 'running')
-                             AND (prompt_id = ANY($7::text[])) IS NOT TRUE)
-                ELSE 0 END AS free,
-           (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
-                                    AND (extra_data_holder IS NULL OR extra_data_holder = $5)
-                                  LIMIT 2) AS seen)
-               AS backlog
-), backlogged (tenant) AS (
-    -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
-    (SELECT coalesce(api_key_hash, '') FROM jobs
-     WHERE status = 'queued' AND (SELECT free FROM slots) > 0
-     ORDER BY 1 LIMIT 1)
-    UNION ALL
-    SELECT (SELECT coalesce(api_key_hash, '') FROM jobs
-            WHERE status = 'queued' AND coalesce(api_key_hash, '') > backlogged.tenant
-            ORDER BY 1 LIMIT 1)
-    FROM backlogged WHERE backlogged.tenant IS NOT NULL
-), at_limit AS (
-    SELECT coalesce(jobs.api_key_hash, '') AS tenant
-    FROM jobs LEFT JOIN api_keys ON api_keys.key_hash = jobs.api_key_hash
-    WHERE jobs.status IN ('dispatched', 'running', 'uploading')
-    GROUP BY jobs.api_key_hash, api_keys.max_concurrent
-    HAVING count(*) >= coalesce(api_keys.max_concurrent, $3::int)
-), clock AS (
-    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
-), eligible AS (
-    SELECT backlogged.tenant,
-           greatest(tenant_shares.virtual_seconds, clock.now) AS start,
-           coalesce(api_keys.weight, 1) AS weight,
-           coalesce(api_keys.max_concurrent, $3::int) IS NOT NULL AS limited
-    FROM backlogged CROSS JOIN clock
-    LEFT JOIN tenant_shares ON tenant_shares.tenant = backlogged.tenant
-    LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlogged.tenant, '')
-    WHERE backlogged.tenant IS NOT NULL
-      AND backlogged.tenant NOT IN (SELECT tenant FROM at_limit)
-    ORDER BY start, backlogged.tenant
-    LIMIT $4
-), heads AS (
-    SELECT eligible.*, ceil($4::float8 / count(*) OVER ())::int AS depth FROM eligible
-)
-SELECT slots.free, slots.backlog, queued.id, queued.workflow,
-       CASE WHEN queued.id = ANY($6::uuid[]) THEN NULL ELSE queued.prompt::text END AS prompt,
-       queued.priority, queued.overtaken, queued.created_at, heads.tenant, heads.start,
-       heads.weight, queued.place = heads.depth AS beyond, heads.limited
-FROM slots LEFT JOIN (heads CROSS JOIN LATERAL (
-    SELECT id, workflow, prompt, priority, overtaken, created_at,
-           row_number() OVER (ORDER BY priority DESC, created_at) AS place
-    FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
-          WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
-            AND (extra_data_holder IS NULL OR extra_data_holder = $5)
-          ORDER BY priority DESC, created_at
-          LIMIT heads.depth) AS head
-) AS queued) ON true
-ORDER BY heads.start, heads.tenant, queued.place
-
--- name: take
--- Dispatch queued job $1 to backend $3 as prompt $4 (followed by process $5), unless its tenant has
--- as many jobs on backends as its max_concurrent ($7 for keys without their own) by now, or has one
--- and $10 does not name it ($10: the tenant whose lock to take, a key's digest or '' for no key;
--- null: none, `candidates` having read no limit for it: the limit was set since, and without the
--- lock the count could miss another claim's), or the backend takes no work or has $8 prompts on it,
--- the prompts $9 not counted (as in `candidates`); count the jobs it passes as overtaken once
--- more; charge its tenant $6 estimated GPU-seconds over its weight, starting no earlier than the
--- virtual clock. The jobs it passes are those $2 the caller chose to pass, and every job queued
--- ahead of it in its tenant's backlog at its priority (as `candidates` orders and filters them for
--- process $5) but those $12, the queued jobs the caller's read saw: a job seen and not passed is
--- one the backend cannot run, and one not seen came back to the backlog since (requeued, with its
--- old created_at), which the caller never judged, and which would otherwise be passed uncounted.
--- One statement, its own transaction (one round trip, one commit). It takes the backend's lock
--- first, then the tenant's, and holds them until it ends: the takes for a backend, in every
--- process, follow one another, each counting what those before it took. The counts are made
--- by claim_locks() (migration 0031) after its locks: this statement's own reads began before
--- it waited for them, and would miss a take committed meanwhile (a function's statements
--- each begin afresh). Then the job and those it passes are locked, in the order of their ids
--- (takes side by side lock the jobs they share in one order, and take every advisory lock
--- before any row's, so none waits for another in a cycle), and judged at their latest
--- versions, which may be newer than the caller's read: if another claim took the job since,
--- or one of those it passes is still queued and already passed $11 times (null: no bound) by
--- another claim, nothing is taken (raced: the caller reads again). Returns a row: the job as
--- dispatched, or its columns null and `refusal` saying why not: raced, tenant_limit,
--- not_accepting (the backend) or no_slot (the backend's).
-WITH guarded AS MATERIALIZED (
-    SELECT * FROM claim_locks($3, $10, $9)
+-- name: claim
+-- Take: dispatch queued job $1 (null: take nothing, only read) to backend $3 as prompt $4
+-- (followed by process $5), unless its tenant has as many jobs on backends as its max_concurrent
+-- ($7 for keys without their own) by now, or has one and $10 does not name it ($10: the tenant
+-- whose lock to take, a key's digest or '' for no key; null: none, the read having seen no limit
+-- for it: the limit was set since, and without the lock the count could miss another claim's),
+-- or the backend takes no work or has $8 prompts on it, the prompts $9 not counted (as in the
+-- read); count the jobs it passes as overtaken once more; charge its tenant $6 estimated
+-- GPU-seconds over its weight, starting no earlier than the virtual clock. The jobs it passes are
+-- those $2 the caller chose to pass, and every job queued ahead of it in its tenant's backlog at
+-- its priority (as the read orders and filters them for process $5) but those $12, the queued
+-- jobs the caller's read saw: a job seen and not passed is one the backend cannot run, and one not
+-- seen came back to the backlog since (requeued, with its old created_at), which the caller never
+-- judged, and which would otherwise be passed uncounted.
+-- It takes the backend's lock first, then the tenant's, and holds them until it ends: the takes
+-- for a backend, in every process, follow one another, each counting what those before it took.
+-- The counts are made by claim_locks() (migration 0031) after its locks: this statement's own
+-- reads began before it waited for them, and would miss a take committed meanwhile (a function's
+-- statements each begin afresh). Then the job and those it passes are locked, in the order of
+-- their ids (takes side by side lock the jobs they share in one order, and take every advisory
+-- lock before any row's, so none waits for another in a cycle), and judged at their latest
+-- versions, which may be newer than the caller's read: if another claim took the job since, or
+-- one of those it passes is still queued and already passed $11 times (null: no bound) by another
+-- claim, nothing is taken (raced: the caller picks again, on this statement's read).
+-- Read: with no job to take, the free slots of backend $3 (at most $8 prompts; none while it is
+-- draining or gone), the prompts $9 (the caller's whose end it has read from the backend, their
+-- jobs not recorded off it yet) holding no slot: a prompt that ended holds no GPU, and the claim
+-- need not wait for the statement recording that end (other processes, which have not read it,
+-- count it until it is); after a take, or a refusal, null: the take counts them. Then how many jobs
+-- are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot
+-- free or after a take, the head of each tenant's backlog (`heads`): the $13 tenants with queued
+-- work that come first in virtual time, and of each its first ceil($13 / tenants) jobs (highest
+-- priority, then oldest), skipping the tenants with as many jobs on backends as their
+-- max_concurrent ($7 for keys without their own; null: no limit). A job each, with its tenant's
+-- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
+-- whether the tenant has a max_concurrent (`limited`: the take locks it). A job's prompt comes as
+-- text, but null for the jobs $14, whose prompts the caller holds (a job's prompt never changes;
+-- a tenant's head is read again by every claim). The read is as this statement's take leaves the
+-- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
+-- charged. The jobs are read without locks: claims for other backends, in this process or
+-- another, read the same head side by side, none hidden from another (a job hidden by SKIP LOCKED
+-- was one a claim could pass uncounted); the take locks what it takes and passes, and never shares
+-- a job. A job whose extra_data another process holds in memory (jobs/extra_data.py) is that
+-- process's to claim: process $5 reads (and counts in `backlog`) only its own and those of none.
+-- What the read counts may change before the caller's next take (the slots taken by a claim of
+-- another process, the jobs taken, passed or requeued), which counts them again under the
+-- backend's lock and judges the jobs at their latest versions. The read is this statement's
+-- snapshot, taken before the take's locks: reading after them would hold them while the
+-- dispatcher picks, or need a round trip more.
+-- Returns a row: the job as dispatched, or its columns null and `refusal` saying why not: raced,
+-- tenant_limit, not_accepting (the backend) or no_slot (the backend's); null with no job to take.
+-- Then `free`, `backlog` and `heads`.
+WITH RECURSIVE guarded AS MATERIALIZED (
+    SELECT * FROM claim_locks($3, $10, $9) WHERE $1::uuid IS NOT NULL
 ), locked AS MATERIALIZED (
     -- Joined to `guarded`, so no row is locked before the advisory locks are held. Those
     -- ahead of the job are found as queued in this statement's snapshot: one requeued after
@@ -164,6 +111,7 @@ WITH guarded AS MATERIALIZED (
     FROM locked
     WHERE jobs.id = locked.id AND locked.id <> $1 AND locked.status = 'queued'
       AND EXISTS (SELECT 1 FROM chosen)
+    RETURNING jobs.id, jobs.overtaken
 ), clock AS (
     SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
 ), charged AS (
@@ -175,6 +123,7 @@ WITH guarded AS MATERIALIZED (
         last_start = greatest(share.virtual_seconds, excluded.last_start),
         virtual_seconds = greatest(share.virtual_seconds, excluded.last_start)
                           + (excluded.virtual_seconds - excluded.last_start)
+    RETURNING share.tenant, share.virtual_seconds, share.last_start
 ), taken AS (
     UPDATE jobs
     SET status = 'dispatched', backend = $3, prompt_id = $4, dispatched_by = $5,
@@ -186,9 +135,82 @@ WITH guarded AS MATERIALIZED (
     FROM chosen
     WHERE jobs.id = chosen.id
     RETURNING jobs.*
+), slots AS (
+    SELECT CASE WHEN $1::uuid IS NOT NULL THEN NULL
+                WHEN EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
+                THEN $8 - (SELECT count(*) FROM jobs
+                           WHERE backend = $3 AND status IN ('dispatched', 'running')
+                             AND (prompt_id = ANY($9::text[])) IS NOT TRUE)
+                ELSE 0 END AS free,
+           (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
+                                    AND (extra_data_holder IS NULL OR extra_data_holder = $5)
+                                    AND id NOT IN (SELECT id FROM taken)
+                                  LIMIT 2) AS seen)
+               AS backlog
+), backlogged (tenant) AS (
+    -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
+    (SELECT coalesce(api_key_hash, '') FROM jobs
+     WHERE status = 'queued' AND id NOT IN (SELECT id FROM taken)
+       AND coalesce((SELECT free FROM slots) > 0, true)
+     ORDER BY 1 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT coalesce(api_key_hash, '') FROM jobs
+            WHERE status = 'queued' AND coalesce(api_key_hash, '') > backlogged.tenant
+              AND id NOT IN (SELECT id FROM taken)
+            ORDER BY 1 LIMIT 1)
+    FROM backlogged WHERE backlogged.tenant IS NOT NULL
+), on_backends AS (
+    SELECT api_key_hash FROM jobs WHERE status IN ('dispatched', 'running', 'uploading')
+    UNION ALL
+    SELECT api_key_hash FROM taken
+), at_limit AS (
+    SELECT coalesce(on_backends.api_key_hash, '') AS tenant
+    FROM on_backends LEFT JOIN api_keys ON api_keys.key_hash = on_backends.api_key_hash
+    GROUP BY on_backends.api_key_hash, api_keys.max_concurrent
+    HAVING count(*) >= coalesce(api_keys.max_concurrent, $7::int)
+), read_clock AS (
+    SELECT greatest(clock.now, (SELECT last_start FROM charged)) AS now FROM clock
+), eligible AS (
+    SELECT backlogged.tenant,
+           greatest(coalesce(charged.virtual_seconds, tenant_shares.virtual_seconds),
+                    read_clock.now) AS start,
+           coalesce(api_keys.weight, 1) AS weight,
+           coalesce(api_keys.max_concurrent, $7::int) IS NOT NULL AS limited
+    FROM backlogged CROSS JOIN read_clock
+    LEFT JOIN tenant_shares ON tenant_shares.tenant = backlogged.tenant
+    LEFT JOIN charged ON charged.tenant = backlogged.tenant
+    LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlogged.tenant, '')
+    WHERE backlogged.tenant IS NOT NULL
+      AND backlogged.tenant NOT IN (SELECT tenant FROM at_limit)
+    ORDER BY start, backlogged.tenant
+    LIMIT $13
+), heads AS (
+    SELECT eligible.*, ceil($13::float8 / count(*) OVER ())::int AS depth FROM eligible
+), read AS (
+    SELECT array_agg((queued.id, queued.workflow,
+                      CASE WHEN queued.id = ANY($14::uuid[]) THEN NULL
+                           ELSE queued.prompt::text END,
+                      queued.priority, coalesce(passed.overtaken, queued.overtaken),
+                      queued.created_at, heads.tenant, heads.start, heads.weight,
+                      queued.place = heads.depth, heads.limited)
+                     ORDER BY heads.start, heads.tenant, queued.place) AS heads
+    FROM heads CROSS JOIN LATERAL (
+        SELECT id, workflow, prompt, priority, overtaken, created_at,
+               row_number() OVER (ORDER BY priority DESC, created_at) AS place
+        FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
+              WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
+                AND (extra_data_holder IS NULL OR extra_data_holder = $5)
+                AND id NOT IN (SELECT id FROM taken)
+              ORDER BY priority DESC, created_at
+              LIMIT heads.depth) AS head
+    ) AS queued
+    LEFT JOIN passed ON passed.id = queued.id
 )
-SELECT taken.*, CASE WHEN verdict.open THEN considered.refusal ELSE 'raced' END AS refusal
+SELECT taken.*, CASE WHEN $1::uuid IS NULL THEN NULL
+                     WHEN verdict.open THEN considered.refusal ELSE 'raced' END AS refusal,
+       slots.free, slots.backlog, read.heads
 FROM verdict LEFT JOIN considered ON true LEFT JOIN taken ON true
+CROSS JOIN slots CROSS JOIN read
 
 -- name: place
 -- Where queued job $1 stands in fair share: a row per tenant with queued work, its own first

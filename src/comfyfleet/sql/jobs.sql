@@ -104,7 +104,7 @@ RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispa
 -- Give the job, whose prompt is off its backend now (never started, or interrupted to run
 -- afresh elsewhere), to backend $4 as prompt $5 (followed by process $6), if that backend
 -- takes work and has fewer than $7 prompts on it; no attempt is spent. One statement, its own
--- transaction, under the backend's lock as a claim's take (claim.sql `take`): claim_locks()
+-- transaction, under the backend's lock as a claim's take (claim.sql `claim`): claim_locks()
 -- takes it and counts after it (migration 0031), so the count sees every take and move
 -- committed before; the job's row is locked only after it (joined to `guarded`).
 WITH guarded AS MATERIALIZED (

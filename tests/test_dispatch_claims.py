@@ -10,8 +10,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 
+from comfyfleet import sql
 from comfyfleet.app import serving
 from comfyfleet.db import driver_connection
 from comfyfleet.jobs.lease import LOCK_SPACE
@@ -22,6 +25,7 @@ from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_job
 
+CLAIM = sql.queries("claim")["claim"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
 SDXL = "sd_xl_base_1.0.safetensors"  # and workflows/sdxl_txt2img.json
 # All but "empty": a pass woken with nothing queued claims once.
@@ -141,6 +145,43 @@ async def test_a_slot_freed_with_the_backlog_known_empty_costs_no_claim(
         assert made == {"took": 5}
         assert empty_claims() - empty <= 1
         assert claim_transactions() - transactions - (empty_claims() - empty) == 5
+
+
+async def test_a_pass_that_takes_several_jobs_reads_the_backlog_once(
+    settings: Settings,
+) -> None:
+    claims_read: list[bool] = []  # each claim statement the service runs: whether it only read
+
+    def told(query: Any) -> None:
+        if query.query == CLAIM:
+            claims_read.append(query.args[0] is None)
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(told)
+
+    event.listen(Pool, "connect", watch)
+    try:
+        async with AsyncExitStack() as stack:
+            sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+            settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+            settings.max_inflight_per_backend = 3
+            settings.dispatch_interval = 600  # no safety pass within the test
+            base, http = await served(stack, settings)
+            async with http.patch(f"{base}/backends/gpu", json={"drain": True}) as response:
+                assert response.status == 200, await response.text()
+            job_ids = [await submit(http, base, {"workflow": "invert", "params": {"color": c}})
+                       for c in range(3)]
+            await asyncio.sleep(0)
+            claims_read.clear()
+            async with http.patch(f"{base}/backends/gpu", json={"drain": False}) as response:
+                assert response.status == 200, await response.text()
+            for job_id in job_ids:
+                await wait_for_job(http, base, job_id, "succeeded")
+    finally:
+        event.remove(Pool, "connect", watch)
+    # The backend back takes the three in one pass: a read, then each take on the read the
+    # take before it made; their slots freed find the backlog known empty.
+    assert claims_read == [True, False, False, False]
 
 
 async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_recorded(

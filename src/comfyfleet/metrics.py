@@ -63,13 +63,14 @@ DISPATCH_CLAIMS = Counter(
     "sooner on a backend holding its model), slower (faster backends finish the backlog "
     "first), tenant_limit (the chosen job's key at its max_concurrent, or given one since "
     "the claim read the backlog), raced (other processes' claims took the chosen job, or "
-    "passed a job it passes to AFFINITY_WINDOW, since each of the claim's reads)",
+    "passed a job it passes to AFFINITY_WINDOW, since each read the claim picked on)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",
-    "The dispatcher's claims: each a read of the backlog for its first backend, and the "
-    "take (a statement of its own) of the job that backend or one after it, asked on the "
-    "same read, chose",
+    "The dispatcher's claims: each a read of the backlog for its first backend (none after "
+    "a take of the same pass: the take read it), and the take (a statement of its own, "
+    "reading the backlog for the next claim) of the job that backend or one after it, asked "
+    "on the same read, chose",
     registry=REGISTRY)
 STORAGE_ERRORS = Counter(
     "comfyfleet_storage_errors", "Failed writes to output storage (each is retried)",

@@ -308,7 +308,7 @@ async def test_a_slot_another_process_filled_after_the_read_is_refused_at_the_ta
     refused, statuses = await claimed_while_taken_elsewhere(
         engine, repository, filled, "a", locks=["a"], prompt_id="p1")
     # Counted under the lock, after that take: the slot is full, the job stays queued.
-    assert refused[:5] == (None, ("a",), 2, 1, Refusal.NO_SLOT)
+    assert refused[:5] == (None, ("a",), 1, 1, Refusal.NO_SLOT)  # one job queued left
     assert statuses == [(filled.id, "dispatched"), (chosen.id, "queued")]
 
 
@@ -415,10 +415,18 @@ async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_
         assert claim.job is not None and claim.job.id == job.id
 
 
-async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEngine) -> None:
+async def test_a_claim_that_loses_its_job_to_another_picks_again_on_what_its_take_found(
+    engine: AsyncEngine,
+) -> None:
     repository = await backends_a_and_b(engine)
     lost, next_one = [(await repository.insert(Job(workflow="w", prompt={})))[0]
                       for _ in range(2)]
+    picked: list[list[uuid.UUID]] = []
+
+    def watched(backend: str, queued: list[QueuedJob]) -> Choice | None:
+        picked.append([job.id for job in queued])
+        return first(backend, queued)
+
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
         async with elsewhere.transaction():
             # Another process's claim for "a" is taking the oldest job.
@@ -426,13 +434,16 @@ async def test_a_claim_that_loses_its_job_to_another_reads_again(engine: AsyncEn
                 "UPDATE jobs SET status = 'dispatched', backend = 'a', prompt_id = 'pa',"
                 " attempts = attempts + 1 WHERE id = $1", lost.id)
             claim = asyncio.create_task(
-                repository.claim_next(["b"], "pb", max_inflight=1, pick=first))
+                repository.claim_next(["b"], "pb", max_inflight=1, pick=watched))
             await blocked(observer, claim)
             assert not claim.done()  # it waits to know whether the oldest is still queued
         async with asyncio.timeout(10):
             taken = await claim
     assert taken.job is not None and taken.job.id == next_one.id
     assert (taken.job.backend, taken.counted, taken.next) == ("b", ("b",), 1)
+    # Its take's read began before the other take committed, but has the job it found taken
+    # off the backlog: the second pick is on the backlog as it is.
+    assert picked == [[lost.id, next_one.id], [next_one.id]]
 
 
 async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(

@@ -54,11 +54,12 @@
 -- text, but null for the jobs $14, whose prompts the caller holds (a job's prompt never changes;
 -- a tenant's head is read again by every claim). The read is as this statement's take leaves the
 -- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
--- charged. The jobs are read without locks: claims for other backends, in this process or
--- another, read the same head side by side, none hidden from another (a job hidden by SKIP LOCKED
--- was one a claim could pass uncounted); the take locks what it takes and passes, and never shares
--- a job. A job whose extra_data another process holds in memory (jobs/extra_data.py) is that
--- process's to claim: process $5 reads (and counts in `backlog`) only its own and those of none.
+-- charged, and the jobs it locked as it found them. The jobs are read without locks: claims for
+-- other backends, in this process or another, read the same head side by side, none hidden from
+-- another (a job hidden by SKIP LOCKED was one a claim could pass uncounted); the take locks what
+-- it takes and passes, and never shares a job. A job whose extra_data another process holds in
+-- memory (jobs/extra_data.py) is that process's to claim: process $5 reads (and counts in
+-- `backlog`) only its own and those of none.
 -- What the read counts may change before the caller's next take (the slots taken by a claim of
 -- another process, the jobs taken, passed or requeued), which counts them again under the
 -- backend's lock and judges the jobs at their latest versions. The read is this statement's
@@ -135,6 +136,13 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     FROM chosen
     WHERE jobs.id = chosen.id
     RETURNING jobs.*
+), gone AS (
+    -- Off the backlog as the take leaves it: its job, and those it found taken (at their
+    -- latest versions, which this statement's snapshot may predate: a take that raced reads
+    -- what it raced with).
+    SELECT id FROM taken
+    UNION ALL
+    SELECT id FROM locked WHERE status <> 'queued'
 ), slots AS (
     SELECT CASE WHEN $1::uuid IS NOT NULL THEN NULL
                 WHEN EXISTS (SELECT 1 FROM backends WHERE name = $3 AND NOT draining)
@@ -144,19 +152,19 @@ WITH RECURSIVE guarded AS MATERIALIZED (
                 ELSE 0 END AS free,
            (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
                                     AND (extra_data_holder IS NULL OR extra_data_holder = $5)
-                                    AND id NOT IN (SELECT id FROM taken)
+                                    AND id NOT IN (SELECT id FROM gone)
                                   LIMIT 2) AS seen)
                AS backlog
 ), backlogged (tenant) AS (
     -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
     (SELECT coalesce(api_key_hash, '') FROM jobs
-     WHERE status = 'queued' AND id NOT IN (SELECT id FROM taken)
+     WHERE status = 'queued' AND id NOT IN (SELECT id FROM gone)
        AND coalesce((SELECT free FROM slots) > 0, true)
      ORDER BY 1 LIMIT 1)
     UNION ALL
     SELECT (SELECT coalesce(api_key_hash, '') FROM jobs
             WHERE status = 'queued' AND coalesce(api_key_hash, '') > backlogged.tenant
-              AND id NOT IN (SELECT id FROM taken)
+              AND id NOT IN (SELECT id FROM gone)
             ORDER BY 1 LIMIT 1)
     FROM backlogged WHERE backlogged.tenant IS NOT NULL
 ), on_backends AS (
@@ -190,7 +198,8 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     SELECT array_agg((queued.id, queued.workflow,
                       CASE WHEN queued.id = ANY($14::uuid[]) THEN NULL
                            ELSE queued.prompt::text END,
-                      queued.priority, coalesce(passed.overtaken, queued.overtaken),
+                      queued.priority,
+                      coalesce(passed.overtaken, locked.overtaken, queued.overtaken),
                       queued.created_at, heads.tenant, heads.start, heads.weight,
                       queued.place = heads.depth, heads.limited)
                      ORDER BY heads.start, heads.tenant, queued.place) AS heads
@@ -200,11 +209,12 @@ WITH RECURSIVE guarded AS MATERIALIZED (
         FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
               WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
                 AND (extra_data_holder IS NULL OR extra_data_holder = $5)
-                AND id NOT IN (SELECT id FROM taken)
+                AND id NOT IN (SELECT id FROM gone)
               ORDER BY priority DESC, created_at
               LIMIT heads.depth) AS head
     ) AS queued
     LEFT JOIN passed ON passed.id = queued.id
+    LEFT JOIN locked ON locked.id = queued.id
 )
 SELECT taken.*, CASE WHEN $1::uuid IS NULL THEN NULL
                      WHEN verdict.open THEN considered.refusal ELSE 'raced' END AS refusal,

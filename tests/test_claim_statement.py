@@ -23,7 +23,7 @@ from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import (
     CLAIM_BATCH,
-    CLAIM_READS,
+    CLAIM_TAKES,
     Choice,
     Claim,
     JobRepository,
@@ -446,7 +446,7 @@ async def test_a_claim_that_loses_its_job_to_another_picks_again_on_what_its_tak
     assert picked == [[lost.id, next_one.id], [next_one.id]]
 
 
-async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(
+async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_takes(
     engine: AsyncEngine,
 ) -> None:
     await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
@@ -455,15 +455,15 @@ async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_reads(
     await repository.insert(Job(workflow="w", prompt={}))
     taken = await repository.claim_next(["a"], "p1", max_inflight=2, pick=first)
     assert taken.job is not None and taken.job.id == gone.id
-    reads = 0
+    picks = 0
 
     def stale(_: str, queued: list[QueuedJob]) -> Choice:
-        nonlocal reads
-        reads += 1
+        nonlocal picks
+        picks += 1
         return Choice(gone.id)  # as if each read had predated another claim's take of it
 
     claim = await repository.claim_next(["a"], "p2", max_inflight=2, pick=stale)
-    assert (claim.job, claim.refusal, claim.next, reads) == (None, Refusal.RACED, 1, CLAIM_READS)
+    assert (claim.job, claim.refusal, claim.next, picks) == (None, Refusal.RACED, 1, CLAIM_TAKES)
 
 
 async def claim_statement(

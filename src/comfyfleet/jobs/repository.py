@@ -60,7 +60,7 @@ CLAIM_BATCH = 50
 # Takes a claim makes when its take loses a race with another claim's (the job it chose
 # taken, or one it passes passed to the window meanwhile), each on the read the one before
 # made: each lost race is another claim's progress.
-CLAIM_READS = 4
+CLAIM_TAKES = 4
 # The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
 PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
@@ -136,8 +136,9 @@ class Refusal(StrEnum):
     TENANT_LIMIT = "tenant_limit"  # the job's key at its max_concurrent, or given one since
     NOT_ACCEPTING = "not_accepting"  # the backend drained or gone since
     NO_SLOT = "no_slot"  # the backend's slots full by every process's count
-    # Another claim took the job since the read, or passed one it passes to the window: read
-    # again (`claim_next`), and given as the outcome only after CLAIM_READS reads.
+    # Another claim took the job since the read, or passed one it passes to the window: picked
+    # again on the take's read (`claim_next`), and given as the outcome only after CLAIM_TAKES
+    # takes.
     RACED = "raced"
 
 
@@ -351,7 +352,8 @@ class JobRepository:
         `claim`), on its own, under its own lock: it counts its slots again, counts the jobs
         the choice passes as overtaken, charges its tenant the choice's estimated seconds,
         and reads the backlog as it leaves it, for the next claim (`Claim.read`). A claim
-        made on the read of the one before it is one round trip.
+        made on the read of the one before it is one round trip (its first backend's slots
+        counted by a take only: a full one is refused, no_slot, when it chooses a job).
 
         The backends' slots hold across processes: the takes for one backend are serialised by
         an advisory lock and count what every process has on it, but for the prompts `ended`:
@@ -364,14 +366,14 @@ class JobRepository:
         since), so no two share a job, and no job is passed by more than `window` claims
         (None: no bound) that counted it. When another claim took the chosen job since the
         read, or passed one of those it passes `window` times, the claim picks again on the
-        read its take made (CLAIM_READS takes in all): the backlog has moved on.
+        read its take made (CLAIM_TAKES in all): the backlog has moved on.
         """
         claim, takes = None, 0
         while claim is None:
             takes += 1
             claim, read = await self._claim(backends, prompt_id, max_inflight, pick, owner,
                                             list(ended), window, read,
-                                            last=takes == CLAIM_READS)
+                                            last=takes == CLAIM_TAKES)
         return claim
 
     async def _claim(

@@ -18,7 +18,9 @@ that lands late on a slow backend and is not restarted sets the makespan), so co
 compared over many seeds: `--seeds 7-16 --no-early --base DIR` runs every seed through this
 tree's `comfyfleet serve` and through the one in DIR (e.g. main: `git archive main | tar -x -C
 DIR`), taking turns at which goes first, and prints each seed's ratios and both codes' mean,
-median and max.
+median and max. `--trace` prints each run's tail after it: the jobs that ended last and the
+longest, where and when each ran (read from the service's database), which says where a
+figure came from.
 
 Run from the repository root:  .venv/bin/python -m bench.fleet_balance [--sigma 1] [--runs 3]
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from bench.harness import (
     bench_root,
@@ -147,11 +150,11 @@ async def wait_finished(ws: aiohttp.ClientWebSocketResponse, count: int) -> None
             done += 1
 
 
-async def late_binding(durations: list[float], source: Path | None = None,
-                       ) -> tuple[float, list[float]]:
+async def late_binding(durations: list[float], source: Path | None = None, *,
+                       trace: bool = False) -> tuple[float, list[float]]:
     """The same jobs through `comfyfleet serve` (its own process, as deployed; its code from
     the source tree `source` when given, else this one); returns the makespan and the
-    dispatch gaps."""
+    dispatch gaps. With `trace`, prints the batch's tail (`print_tail`)."""
     async with AsyncExitStack() as stack:
         root = stack.enter_context(bench_root())
         postgres = await stack.enter_async_context(embedded_postgres(root))
@@ -161,8 +164,9 @@ async def late_binding(durations: list[float], source: Path | None = None,
         stack.push_async_callback(receiver.stop)
         code = {} if source is None else {
             "PYTHONPATH": os.pathsep.join([str(source / "src"), str(source)])}
+        database = await fresh_database(postgres)
         serve = await stack.enter_async_context(comfyfleet_serve(
-            await fresh_database(postgres), root / "data", urls, secret=receiver.secret,
+            database, root / "data", urls, secret=receiver.secret,
             env_overrides=code))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         observer = QueueObserver(deep_until=len(durations) - CLAIM_BATCH)
@@ -179,7 +183,45 @@ async def late_binding(durations: list[float], source: Path | None = None,
         makespan = time.perf_counter() - started
         failed = [e for e in receiver.verified if e["type"] != "job.succeeded"]
         assert not failed, failed[0]
+        if trace:
+            print(f"the tail through {source or 'this tree'}: {makespan:.2f} s")
+            await print_tail(database, urls)
         return makespan, observer.gaps
+
+
+async def print_tail(database: str, urls: list[str], last: int = 8) -> None:
+    """The jobs that ended last and the longest ones: in which order each arrived, its
+    seconds (at speed 1), the speed of the GPU it ended on, when it was last dispatched (a
+    move, to another GPU's queue or run afresh there, spends no attempt: it shows as a late
+    dispatch), started and ended (seconds from the first job's arrival) and its attempts
+    (above 1: put back in the backlog and claimed again), and when each GPU ended its last job
+    and how many it ran. Where a batch's last long jobs land sets its makespan."""
+    conn = await asyncpg.connect(database.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await conn.fetch(
+            "SELECT (jobs.params->>'seconds')::float AS seconds, backends.url, attempts,"
+            " extract(epoch FROM created_at) AS created,"
+            " extract(epoch FROM dispatched_at) AS dispatched,"
+            " extract(epoch FROM started_at) AS started,"
+            " extract(epoch FROM finished_at) AS finished"
+            " FROM jobs JOIN backends ON backends.name = jobs.backend ORDER BY created_at")
+    finally:
+        await conn.close()
+    zero = float(rows[0]["created"])
+    speed = {url: SPEEDS[i] for i, url in enumerate(urls)}
+    jobs = [[index, row["seconds"], speed[row["url"]],
+             *(round(float(row[moment]) - zero, 2)
+               for moment in ("dispatched", "started", "finished")), row["attempts"]]
+            for index, row in enumerate(rows)]
+    header = ["job", "seconds", "GPU speed", "dispatched", "started", "ended", "attempts"]
+    print_table(header, sorted(jobs, key=lambda job: job[5])[-last:])
+    print_table(header, sorted(jobs, key=lambda job: job[1])[-last // 2:])
+    ends: dict[str, list[float]] = {url: [] for url in urls}
+    for row, job in zip(rows, jobs, strict=True):
+        ends[row["url"]].append(job[5])
+    print("each GPU's last end (jobs run): " + ", ".join(
+        f"{speed[url]}x {max(ends[url], default=math.nan):.1f} ({len(ends[url])})"
+        for url in urls), flush=True)
 
 
 def in_order_with_hindsight(durations: list[float]) -> float:
@@ -216,10 +258,10 @@ async def one_run(seed: int, args: argparse.Namespace) -> Run:
     base = math.nan
     # Taking turns at going first, so that neither code always runs on a fresher machine.
     if args.base is not None and seed % 2:
-        base, _ = await late_binding(durations, args.base)
-    late, gaps = await late_binding(durations)
+        base, _ = await late_binding(durations, args.base, trace=args.trace)
+    late, gaps = await late_binding(durations, trace=args.trace)
     if args.base is not None and not seed % 2:
-        base, _ = await late_binding(durations, args.base)
+        base, _ = await late_binding(durations, args.base, trace=args.trace)
     return Run(seed, bound, in_order_with_hindsight(durations), early, late, gaps, base)
 
 
@@ -255,6 +297,8 @@ async def main() -> None:
                         help="skip early binding (the slowest part of a run)")
     parser.add_argument("--base", type=Path,
                         help="also run each seed through the comfyfleet of this source tree")
+    parser.add_argument("--trace", action="store_true",
+                        help="after each run, print the jobs that ended last and the longest")
     args = parser.parse_args()
     runs = []
     for seed in args.seeds or range(args.seed, args.seed + args.runs):

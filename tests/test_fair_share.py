@@ -271,6 +271,8 @@ async def test_a_queued_jobs_position_counts_as_fair_share_serves(
         await repository.insert(Job(workflow="w", api_key_hash=big))
     small = [(await repository.insert(Job(workflow="w", api_key_hash="small")))[0]
              for _ in range(3)]
+    await repository.read_backlog()  # counted in a snapshot from the first ask (not waited for)
+    await fifo.read_backlog()
     # Both at the virtual clock: small's first job goes after big's oldest (a tie, the older
     # first); its second starts 1 s (a job of the 1 s assumed) on, when big, of weight 3, has
     # had 4 of its jobs started; its third 2 s on, after 7 of big's.
@@ -279,7 +281,10 @@ async def test_a_queued_jobs_position_counts_as_fair_share_serves(
     async with engine.begin() as connection:  # big has had more than its share: 6 s ahead
         await connection.execute(text("INSERT INTO tenant_shares VALUES (:big, 10, 4, 0)"),
                                  {"big": big})
+    await repository.read_backlog()  # a change the repository was not told of
     assert [await repository.queue_position(job) for job in small] == [1, 2, 3]
+    await repository.close()
+    await fifo.close()
 
 
 async def test_positions_from_a_snapshot_of_a_deep_backlog_count_as_exactly(
@@ -308,6 +313,7 @@ async def test_positions_from_a_snapshot_of_a_deep_backlog_count_as_exactly(
         exact = JobRepository(engine, fair_share=fair_share)
         snapshot = JobRepository(engine, fair_share=fair_share, exact_positions_below=10,
                                  position_max_age=3600.0)
+        await snapshot.read_backlog()
         for job in jobs:
             assert await snapshot.queue_position(job) == await exact.queue_position(job), job
     await exact.insert(Job(workflow="w", priority=9))  # ahead of all: counted once read

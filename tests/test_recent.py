@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.recent import Recent
 from comfyfleet.jobs.repository import RUN_TIMES_KEPT, JobRepository
 
@@ -43,11 +44,29 @@ async def test_asks_share_one_read_and_take_the_last_value_while_it_is_read_agai
     assert await always.get() == 1
     counter.release.clear()
     counter.reading.clear()
-    reading = asyncio.create_task(always.get())
-    await counter.reading.wait()  # the second read under way
-    assert await always.get() == 1  # not waiting for it
+    assert await always.get() == 1  # the second read begun in the background
+    await counter.reading.wait()
+    assert [await always.get(), always.latest()] == [1, 1]  # one read at a time, not waited for
     counter.release.set()
-    assert await reading == 2 and counter.reads == 2
+    assert await always.fresh() == 3 and counter.reads == 3  # after the one under way
+    await always.close()
+
+
+async def test_a_value_told_of_changes_is_read_again_after_them_at_most_once_per_max_age(
+) -> None:
+    counter = Counter()
+    counter.release.set()
+    told = Recent(counter.read, max_age=0.2)
+    assert await told.fresh() == 1
+    told.changed()
+    told.changed()
+    await asyncio.sleep(0.1)
+    assert counter.reads == 1  # not before max_age since the last read began
+    await asyncio.sleep(0.2)
+    assert counter.reads == 2 and told.latest() == 2  # once for both changes, unasked
+    await asyncio.sleep(0.3)
+    assert counter.reads == 2  # no change since: nothing read, nothing due
+    await told.close()
 
 
 async def test_a_repository_keeps_the_run_times_of_the_workflows_asked_about_last(
@@ -73,3 +92,37 @@ async def test_a_repository_keeps_the_run_times_of_the_workflows_asked_about_las
         event.remove(engine.sync_engine, "before_cursor_execute", executed)
     assert asked == RUN_TIMES_KEPT + 1
     assert len(reads) == asked + 1
+
+
+async def test_positions_behind_a_deep_backlog_never_wait_for_its_snapshot_read_again(
+    engine: AsyncEngine,
+) -> None:
+    """A queued job's position (what its GET answers) behind a backlog as deep as the
+    threshold: while the snapshot is read again after a change (held up here by a lock
+    another connection holds on a table the read joins), asks count in the one before at
+    once; once it is read, in the new one, as exactly as ever."""
+    repository = JobRepository(engine, exact_positions_below=5, position_max_age=0.1)
+    jobs = [(await repository.insert(Job(workflow="w")))[0] for _ in range(8)]
+    await repository.read_backlog()
+    assert [await repository.queue_position(job) for job in jobs] == list(range(1, 9))
+    async with engine.connect() as holder, holder.begin():
+        await holder.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+        await repository.finish(jobs[0], JobStatus.CANCELLED, {JobStatus.QUEUED})
+        await asyncio.sleep(0.1)  # max_age since the last read: the read after the change
+        async with asyncio.timeout(1):  # (or this ask) begins it
+            assert await repository.queue_position(jobs[-1]) == 8
+        async with asyncio.timeout(10):
+            while not await _waiting_for_a_lock(engine):  # noqa: ASYNC110 (pg_locks tells no one)
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(1):
+            assert [await repository.queue_position(job) for job in jobs[1:]] \
+                == list(range(2, 9))  # the snapshot before the change, not waiting
+    await repository.read_backlog()
+    assert [await repository.queue_position(job) for job in jobs[1:]] == list(range(1, 8))
+    await repository.close()
+
+
+async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
+    async with engine.connect() as connection:
+        return bool((await connection.execute(text(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted"))).scalar_one())

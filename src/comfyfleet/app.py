@@ -119,6 +119,8 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         repository = JobRepository(engine, on_change=events.changed, reads=reads,
                                    max_concurrent_per_key=settings.max_concurrent_per_key,
                                    fair_share=settings.fair_share, webhook_slots=webhook_slots)
+        stack.push_async_callback(repository.close)  # before `reads` is disposed of
+        await repository.read_backlog()
         secret = await asyncio.to_thread(webhook_secret, settings)
         storage = await open_storage(settings, url_signing_key(secret))
         stack.push_async_callback(storage.close)
@@ -130,7 +132,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         lease = ProcessLease(engine)
         await lease.start()
         stack.push_async_callback(lease.close)
-        peers = PeerChanges(engine, events, lease)
+        peers = PeerChanges(engine, events, lease, jobs_changed=repository.jobs_changed)
         peers.start()
         stack.push_async_callback(peers.close)
         registry = BackendRegistry(engine)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,11 +88,15 @@ class SlotTalk:
 
 
 class PeerChanges:
-    def __init__(self, engine: AsyncEngine, notices: JobNotices, lease: ProcessLease) -> None:
+    def __init__(self, engine: AsyncEngine, notices: JobNotices, lease: ProcessLease,
+                 jobs_changed: Callable[[], None] = lambda: None) -> None:
         """`lease`: this process's, whose id its own notifications carry, so that it does not
-        take them for another's, and which knows whether any other is alive."""
+        take them for another's, and which knows whether any other is alive. `jobs_changed`
+        hears what `notices.changed_elsewhere` does (the repository's snapshot of the
+        backlog follows it)."""
         self._engine = engine
         self._notices = notices
+        self._jobs_changed = jobs_changed
         self._lease = lease
         self._process = str(lease.id)
         # Beats when another process (or this one) changed the fleet's table.
@@ -102,6 +107,10 @@ class PeerChanges:
         self.queued_here = Pulse()
         self.slots = SlotTalk()
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _changed_elsewhere(self) -> None:
+        self._notices.changed_elsewhere()
+        self._jobs_changed()
 
     def start(self) -> None:
         self._tasks = [
@@ -162,7 +171,7 @@ class PeerChanges:
             elif channel == SLOT_FREED_CHANNEL:
                 self.slots.freed.beat()
             else:
-                self._notices.changed_elsewhere()
+                self._changed_elsewhere()
 
         async with listening(self._engine, [FLEET_CHANNEL, JOBS_CHANNEL, QUEUED_CHANNEL,
                                             SLOT_WANTED_CHANNEL, SLOT_FREED_CHANNEL],
@@ -173,6 +182,6 @@ class PeerChanges:
             # told again if still due. Another's wait told meanwhile is not (nothing says so):
             # its safety pass finds the slots freed here.
             self.slots.freed.beat()
-            self._notices.changed_elsewhere()
+            self._changed_elsewhere()
             self.queued_here.beat()  # this process listens: the others are to tell it now
             await lost.wait()

@@ -3,7 +3,8 @@
 A position is counted either from one job's `place` (sql/claim.sql: every queued job counted
 for the job asked about, exact, at a cost that grows with the backlog) or from a `Backlog`:
 the order of every queued job (tenant, priority, created_at), read once and shared by every
-ask until it is too old (the repository keeps it in a `Recent`), each ask then a bisect. The
+ask, read again in the background after jobs change (the repository keeps it in a `Recent`),
+each ask then a bisect. The
 repository counts afresh while the backlog is small and from a snapshot once it is deep, so
 that a GET's cost does not grow with the backlog and the database reads it at most once per
 POSITION_MAX_AGE, whatever the rate of asks.

@@ -73,11 +73,12 @@ RUN_TIME_SAMPLE = 20
 # (`JobRepository.recent_run_seconds`), most recently asked about.
 RUN_TIMES_KEPT = 1000
 # Queue positions are counted exactly (every queued job, for each ask) while the backlog has
-# fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it at
-# most POSITION_MAX_AGE seconds old (one read of it shared by every ask) once it is deeper.
-# The ask that reads it waits for the read (about 0.1 s at 100,000 jobs): at 100 asks a
-# second, every 2 s is one in 200, below a p99. A queued job's ETA rests on run times and
-# the work on the backends read as seldom (`Recent`), whatever the backlog's depth.
+# fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it (one
+# read shared by every ask) once it is deeper: read again in the background after the jobs
+# change, at most once per POSITION_MAX_AGE seconds, the asks meanwhile counting in the one
+# before (`Recent`), so that none waits for a read (about 0.1 s at 100,000 jobs). A queued
+# job's ETA rests on run times and the work on the backends read as seldom, whatever the
+# backlog's depth.
 EXACT_POSITIONS_BELOW = 1000
 POSITION_MAX_AGE = 2.0
 
@@ -231,21 +232,45 @@ class JobRepository:
         self._max_concurrent = max_concurrent_per_key
         self._statements = single_statements(engine)
         self._reads = single_statements(reads or engine)
-        self._on_change = on_change or (lambda _: None)
+        self._tell_change = on_change or (lambda _: None)
         self._webhook_slots = webhook_slots
         # The prompts of the queued jobs its claims read, by job id, least recently read first.
         self._prompts: OrderedDict[uuid.UUID, dict[str, Any]] = OrderedDict()
         self._exact_positions_below = exact_positions_below
         self._position_max_age = position_max_age
-        # The queued jobs the latest count of positions saw (deep until one has counted: the
-        # first ask reads a snapshot), and the snapshot.
-        self._backlog_seen = exact_positions_below
+        # The queued jobs the latest count of positions saw (none until one has counted: the
+        # first asks count exactly, and one finding the backlog deep begins a snapshot), and
+        # the snapshot, told of the jobs' changes while the backlog is deep.
+        self._backlog_seen = 0
         self._backlog = Recent(self._read_backlog, position_max_age)
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
         # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
         # asked about first), the work on the backends.
         self._run_seconds: OrderedDict[str, Recent[float | None]] = OrderedDict()
         self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
+
+    async def read_backlog(self) -> None:
+        """Read the backlog's snapshot now (as a service starts): the first asks for
+        positions behind a deep backlog find it read."""
+        await self._backlog.fresh()
+
+    def _on_change(self, job_id: uuid.UUID) -> None:
+        """A change of the job `job_id` committed by this process."""
+        self._tell_change(job_id)
+        self.jobs_changed()
+
+    def jobs_changed(self) -> None:
+        """Jobs changed (here, or in another process: peers.py): a deep backlog's snapshot is
+        read again (`Recent.changed`)."""
+        if self._backlog_seen >= self._exact_positions_below:
+            self._backlog.changed()
+
+    async def close(self) -> None:
+        """Stop the reads running in the background."""
+        await self._backlog.close()
+        await self._work_on_backends.close()
+        for run_seconds in self._run_seconds.values():
+            await run_seconds.close()
 
     async def insert(
         self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
@@ -615,15 +640,20 @@ class JobRepository:
         every other key as many as start before it in virtual time, each taken to run as long
         as this job's workflow usually does. Without: every job of higher priority, or as high
         and older. Exact while the backlog last seen had fewer than `exact_positions_below`
-        jobs; from a deeper one, counted in a snapshot of it at most `position_max_age`
-        seconds old (positions.py)."""
-        backlog = await self._backlog_snapshot()
+        jobs, or no snapshot of a deeper one is read yet (one is begun then); else counted in
+        the snapshot (positions.py), which misses none of the changes this process was told
+        of `position_max_age` seconds (and the time a read takes) before."""
+        backlog = self._backlog_snapshot()
         if backlog is not None:
             own, others = backlog.shares(job.api_key_hash or "", job.priority, job.created_at)
         else:
             async with driver_connection(self._read_engine) as connection:
                 rows = await connection.fetch(_CLAIM["place"], job.id)
             self._backlog_seen = sum(int(row["queued"]) for row in rows)
+            if self._backlog_seen >= self._exact_positions_below:
+                self._backlog.refresh()  # deep: a snapshot for the next asks
+            else:
+                self._backlog.forget()  # not told of changes while shallow: outdated then
             if not rows or not rows[0]["own"]:
                 return 1  # no longer queued
             own, *others = (Share(int(row["queued"]), int(row["ahead"]), float(row["start"]),
@@ -633,15 +663,15 @@ class JobRepository:
         seconds = await self.recent_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
         return fair_position(own, others, seconds)
 
-    async def _backlog_snapshot(self) -> Backlog | None:
-        """The snapshot of the backlog to count positions in: None while the backlog last
-        seen was shallow (`place` counts it exactly). A stale one is read again by one ask,
-        the asks meanwhile counting in the one before (none waits for the read but the first
-        ask, or the ask after the backlog grew deep)."""
+    def _backlog_snapshot(self) -> Backlog | None:
+        """The snapshot of the backlog to count positions in, without waiting for a read:
+        None while the backlog last seen was shallow, or none is read yet (`place` counts
+        exactly then)."""
         if self._backlog_seen < self._exact_positions_below:
             return None
-        snapshot = await self._backlog.get()
-        return snapshot if snapshot.size >= self._exact_positions_below else None
+        snapshot = self._backlog.latest()
+        return snapshot if snapshot is not None \
+            and snapshot.size >= self._exact_positions_below else None
 
     async def _read_backlog(self) -> Backlog:
         async with driver_connection(self._read_engine) as connection:
@@ -664,8 +694,9 @@ class JobRepository:
 
     async def recent_run_seconds(self, workflow: str) -> float | None:
         """`typical_run_seconds(workflow)` on any backend, read at most once per
-        `position_max_age` seconds by this process (the asks meanwhile sharing the last
-        read): what a queued job's position and ETA take its run to be."""
+        `position_max_age` seconds by this process, in the background but the first (the
+        asks meanwhile sharing the last read): what a queued job's position and ETA take its
+        run to be."""
         recent = self._run_seconds.get(workflow)
         if recent is None:
             recent = self._run_seconds[workflow] = Recent(
@@ -678,8 +709,8 @@ class JobRepository:
 
     async def recent_work_on_backends_seconds(self) -> float:
         """`work_on_backends_seconds()`, read at most once per `position_max_age` seconds
-        by this process (the asks meanwhile sharing the last read): what every queued job
-        waits behind."""
+        by this process, in the background but the first (the asks meanwhile sharing the
+        last read): what every queued job waits behind."""
         return await self._work_on_backends.get()
 
     async def next_finish_seconds(self, tenant: Tenant | None = None) -> float | None:

@@ -126,3 +126,20 @@ async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
     async with engine.connect() as connection:
         return bool((await connection.execute(text(
             "SELECT count(*) FROM pg_locks WHERE NOT granted"))).scalar_one())
+
+
+async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
+    engine: AsyncEngine,
+) -> None:
+    """Its submit's answer (the Comfy API v2's) says position 1 without counting the backlog
+    (the count, which joins api_keys, would wait for the lock another connection holds on
+    it); a job stored behind it is counted."""
+    repository = JobRepository(engine)
+    async with engine.connect() as holder, holder.begin():
+        await holder.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+        first, _ = await repository.insert(Job(workflow="w"))
+        async with asyncio.timeout(1):
+            assert await repository.queue_position(first) == 1
+        second, _ = await repository.insert(Job(workflow="w"))
+    assert await repository.queue_position(second) == 2
+    assert await repository.queue_position(first) == 1  # counted, this time

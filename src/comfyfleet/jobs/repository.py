@@ -4,6 +4,7 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -81,6 +82,9 @@ RUN_TIMES_KEPT = 1000
 # backlog's depth.
 EXACT_POSITIONS_BELOW = 1000
 POSITION_MAX_AGE = 2.0
+# The jobs stored first in line a repository keeps for their first position asked: those of
+# the v1 API, whose submit does not ask, are let go of, the oldest first.
+FIRST_IN_LINE_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,9 @@ class JobRepository:
         # first asks count exactly, and one finding the backlog deep begins a snapshot), and
         # the snapshot, told of the jobs' changes while the backlog is deep.
         self._backlog_seen = 0
+        # The jobs it stored with no other queued (the latest FIRST_IN_LINE_KEPT), and when:
+        # position 1 for their first ask within position_max_age (a submit's answer), not read.
+        self._first_in_line: OrderedDict[uuid.UUID, float] = OrderedDict()
         self._backlog = Recent(self._read_backlog, position_max_age)
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
         # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
@@ -292,15 +299,22 @@ class JobRepository:
         row = _delivery_json(delivery)
         held = (claim.tenant, claim.scope, claim.key, claim.token) if claim is not None \
             else (None, None, None, None)
+        # Behind a shallow backlog, whether it is first in line: then its position is known.
+        shallow = status == JobStatus.QUEUED and self._backlog_seen < self._exact_positions_below
         async with driver_connection(self.engine) as connection:
             if backlog is None:
-                created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                    row, *held)
+                stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(), row,
+                                                   *held, shallow)
             else:
                 async with connection.transaction():
                     await _check_backlog(connection, job, backlog)
-                    created = await connection.fetchval(_SQL["insert"], job.model_dump_json(),
-                                                        row, *held)
+                    stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(),
+                                                       row, *held, shallow)
+            created = None if stored is None else stored["id"]
+            if stored is not None and stored["alone"]:
+                self._first_in_line[job.id] = time.monotonic()
+                while len(self._first_in_line) > FIRST_IN_LINE_KEPT:
+                    self._first_in_line.popitem(last=False)
             if created is not None and claim is not None:
                 claim.held = False  # committed with the job
             if created is None:
@@ -642,7 +656,12 @@ class JobRepository:
         and older. Exact while the backlog last seen had fewer than `exact_positions_below`
         jobs, or no snapshot of a deeper one is read yet (one is begun then); else counted in
         the snapshot (positions.py), which misses none of the changes this process was told
-        of `position_max_age` seconds (and the time a read takes) before."""
+        of `position_max_age` seconds (and the time a read takes) before. A job this
+        repository stored with no other queued is 1 at its first ask within that age, without
+        a read (a submit's answer)."""
+        stored_alone = self._first_in_line.pop(job.id, None)
+        if stored_alone is not None and time.monotonic() - stored_alone < self._position_max_age:
+            return 1
         backlog = self._backlog_snapshot()
         if backlog is not None:
             own, others = backlog.shares(job.api_key_hash or "", job.priority, job.created_at)

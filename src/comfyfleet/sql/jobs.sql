@@ -19,8 +19,10 @@
 -- source: a key is one caller's and one API's); with $2, a webhook_deliveries row, that
 -- delivery too (a job stored already ended). When the job is stored, the claim of holder $6
 -- on the idempotency key $5 of $3 among the keys of $4 (`claim_key`; nulls: none) goes with
--- the same statement: from its commit a retry finds the job. Returns the job's id, no row
--- when the client_task_id was taken (nothing is written then, the claim is kept).
+-- the same statement: from its commit a retry finds the job. Returns the job's id and, when
+-- $7 is true, whether it is first in line (`alone`: no other job was queued; its queue position
+-- is 1, known without counting), no row when the client_task_id was taken (nothing is written
+-- then, the claim is kept).
 WITH stored AS (
     INSERT INTO jobs
     SELECT * FROM jsonb_populate_record(NULL::jobs, $1::jsonb)
@@ -32,7 +34,9 @@ WITH stored AS (
     WHERE tenant = $3::text AND scope = $4::text AND key = $5::text AND token = $6::text
       AND EXISTS (SELECT FROM stored)
 )
-SELECT stored.id FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
+SELECT stored.id,
+       $7::boolean AND NOT EXISTS (SELECT FROM jobs WHERE status = 'queued') AS alone
+FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
 
 -- name: transition
 -- Move the job on from one of the states $4: each of $5 status, $6 progress, $9 started_at,

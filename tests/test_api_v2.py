@@ -350,6 +350,8 @@ async def test_events_read_a_job_only_when_something_changed(settings: Settings)
     async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:  # no backend
         job = (await api(http, "POST", f"{base}/api/v1/jobs", status=202,
                          body={"workflow": "invert", "params": {"width": 16}}))["id"]
+        # Stored first in line, its first position is 1 unread: the stream's is counted.
+        await api(http, "GET", f"{base}/api/v1/jobs/{job}")
         db = await asyncpg.connect(
             (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://"))
         try:

@@ -1,10 +1,12 @@
-"""A value shared by every ask while it is recent: one read per max_age, whatever the asks."""
+"""A value shared by every ask: one read per max_age at most, whatever the asks, and after the
+first none waited for."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -50,6 +52,24 @@ async def test_asks_share_one_read_and_take_the_last_value_while_it_is_read_agai
     counter.release.set()
     assert await always.fresh() == 3 and counter.reads == 3  # after the one under way
     await always.close()
+
+
+async def test_an_ask_after_a_failed_first_read_reads_again() -> None:
+    reads = 0
+
+    async def read() -> int:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise ConnectionError("the database is away")
+        return reads
+
+    recent = Recent(read, max_age=3600.0)
+    with pytest.raises(ConnectionError):
+        await recent.get()
+    assert recent.latest() is None
+    assert await recent.get() == 2
+    await recent.close()
 
 
 async def test_a_value_told_of_changes_is_read_again_after_them_at_most_once_per_max_age(

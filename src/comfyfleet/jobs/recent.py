@@ -44,9 +44,13 @@ class Recent(Generic[T]):
         return None if self._last is None else self._last[0]
 
     async def get(self) -> T:
-        """The latest value; the first ask (and those meanwhile) waits for the first read."""
+        """The latest value; the first ask (and those meanwhile) waits for the first read,
+        and, while none gave a value (a read failed), an ask for a read of its own."""
         self.latest()
-        return self._last[0] if self._last is not None else await self._read_under_way()
+        if self._last is not None:
+            return self._last[0]
+        self.refresh()
+        return await self._read_under_way()
 
     async def fresh(self) -> T:
         """A value read from now on (as a service starts): waits for a read begun now, after

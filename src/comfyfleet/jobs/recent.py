@@ -29,7 +29,7 @@ class Recent(Generic[T]):
     def __init__(self, read: Callable[[], Awaitable[T]], max_age: float) -> None:
         self._read = read
         self._max_age = max_age
-        self._last: tuple[T, float] | None = None  # the value, and when its read began
+        self._last: tuple[T] | None = None  # the value (None: no read gave one yet)
         self._began = -float("inf")  # when the latest read began, whether it gave one or not
         # The read under way; it gives the error that stopped it, if one did.
         self._reading: asyncio.Task[Exception | None] | None = None
@@ -75,7 +75,7 @@ class Recent(Generic[T]):
             self._due = None
         if self._reading is None:
             self._began = time.monotonic()
-            self._reading = asyncio.create_task(self._read_once(self._began))
+            self._reading = asyncio.create_task(self._read_once())
 
     def forget(self) -> None:
         """Drop the value (no longer told of its source's changes, it would be outdated): the
@@ -102,9 +102,9 @@ class Recent(Generic[T]):
         else:
             self._due = asyncio.get_running_loop().call_later(wait, self.refresh)
 
-    async def _read_once(self, began: float) -> Exception | None:
+    async def _read_once(self) -> Exception | None:
         try:
-            self._last = (await self._read(), began)
+            self._last = (await self._read(),)
         except Exception as exc:
             if self._last is not None:  # else the asks waiting for a first value are told
                 log.warning("reading again failed; the value before is kept", exc_info=True)

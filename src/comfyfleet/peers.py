@@ -16,7 +16,8 @@ each what the others did:
   one notification every FORWARD_SECONDS whatever its rate (a NOTIFY with every job's change
   would serialise the commits of every process), and hears the others' as
   JobNotices.changed_elsewhere, so that a dashboard's lists and a job's events on any replica
-  follow every replica's jobs;
+  follow every replica's jobs (and so does its snapshot of a deep backlog, for queue
+  positions: `jobs_changed`);
 - the slots: every process reads every backend's `status`, but a slot another process's prompt
   frees counts free in the database's count only once that process has written the prompt's
   end. So a process whose claims found the jobs they could take held up by slots other

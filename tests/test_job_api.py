@@ -3,6 +3,7 @@ ComfyUI-server request shape."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -15,15 +16,18 @@ import aiohttp
 import pytest
 from openapi_spec_validator import validate
 from pydantic import BaseModel
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.job_poll import JobPollRoute
 from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.app import serving
+from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_healthy_backends
+from tests.test_recent import waiting_for_a_lock
 
 
 class Client:
@@ -416,3 +420,40 @@ async def test_polls_of_a_queued_job_share_the_estimates_of_its_eta(settings: Se
                for poll in polls), polls
     # One read of each (two, should the polls outlast POSITION_MAX_AGE), not ten.
     assert 2 <= len(estimates) <= 4, estimates
+
+
+async def test_gets_behind_a_deep_backlog_answer_at_once_while_its_snapshot_is_read_again(
+    settings: Settings, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GET /jobs/{id} of queued jobs behind a backlog as deep as the threshold (5 here; 1,000
+    in service): while the snapshot is read again after a job is cancelled (held up by a lock
+    another connection holds on tenant_shares, which the read joins), the GETs answer at once from
+    the one before; once it is read, from the new one."""
+    defaults = JobRepository.__init__.__kwdefaults__  # the service's repository's
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "exact_positions_below", 5)
+    monkeypatch.setitem(defaults, "position_max_age", 0.1)
+    async with serving(settings) as base, aiohttp.ClientSession() as http:
+        api = Client(http, base + settings.route_prefix)
+        ids = [(await api.call("POST", "/jobs", {"workflow": "invert"}))[1]["id"]
+               for _ in range(8)]
+
+        async def positions() -> list[int]:
+            return [(await api.call("GET", f"/jobs/{job}"))[1]["queue_position"]
+                    for job in ids[1:]]
+
+        assert await positions() == list(range(2, 9))  # the first counts, and finds it deep
+        await asyncio.sleep(1.0)  # the snapshot that ask began, read (milliseconds)
+        async with engine.connect() as holder, holder.begin():
+            await holder.execute(text("LOCK TABLE tenant_shares IN ACCESS EXCLUSIVE MODE"))
+            assert (await api.call("POST", f"/jobs/{ids[0]}/cancel"))[0] == 200
+            async with asyncio.timeout(1):  # (the read the cancel began, or this GET)
+                assert await positions() == list(range(2, 9))
+            async with asyncio.timeout(10):
+                while not await waiting_for_a_lock(engine):  # noqa: ASYNC110 (pg_locks tells no one)
+                    await asyncio.sleep(0.05)
+            async with asyncio.timeout(1):
+                assert await positions() == list(range(2, 9))  # the snapshot before
+        async with asyncio.timeout(10):
+            while await positions() != list(range(1, 8)):  # noqa: ASYNC110 (read in the background)
+                await asyncio.sleep(0.05)

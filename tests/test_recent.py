@@ -126,13 +126,13 @@ async def test_positions_behind_a_deep_backlog_never_wait_for_its_snapshot_read_
     await repository.read_backlog()
     assert [await repository.queue_position(job) for job in jobs] == list(range(1, 9))
     async with engine.connect() as holder, holder.begin():
-        await holder.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+        await holder.execute(text("LOCK TABLE tenant_shares IN ACCESS EXCLUSIVE MODE"))
         await repository.finish(jobs[0], JobStatus.CANCELLED, {JobStatus.QUEUED})
         await asyncio.sleep(0.1)  # max_age since the last read: the read after the change
         async with asyncio.timeout(1):  # (or this ask) begins it
             assert await repository.queue_position(jobs[-1]) == 8
         async with asyncio.timeout(10):
-            while not await _waiting_for_a_lock(engine):  # noqa: ASYNC110 (pg_locks tells no one)
+            while not await waiting_for_a_lock(engine):  # noqa: ASYNC110 (pg_locks tells no one)
                 await asyncio.sleep(0.05)
         async with asyncio.timeout(1):
             assert [await repository.queue_position(job) for job in jobs[1:]] \
@@ -142,7 +142,8 @@ async def test_positions_behind_a_deep_backlog_never_wait_for_its_snapshot_read_
     await repository.close()
 
 
-async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
+async def waiting_for_a_lock(engine: AsyncEngine) -> bool:
+    """Whether any connection to the database waits for a lock."""
     async with engine.connect() as connection:
         return bool((await connection.execute(text(
             "SELECT count(*) FROM pg_locks WHERE NOT granted"))).scalar_one())
@@ -152,11 +153,11 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
     engine: AsyncEngine,
 ) -> None:
     """Its submit's answer (the Comfy API v2's) says position 1 without counting the backlog
-    (the count, which joins api_keys, would wait for the lock another connection holds on
+    (the count, which reads tenant_shares, would wait for the lock another connection holds on
     it); a job stored behind it is counted."""
     repository = JobRepository(engine)
     async with engine.connect() as holder, holder.begin():
-        await holder.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+        await holder.execute(text("LOCK TABLE tenant_shares IN ACCESS EXCLUSIVE MODE"))
         first, _ = await repository.insert(Job(workflow="w"))
         async with asyncio.timeout(1):
             assert await repository.queue_position(first) == 1

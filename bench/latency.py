@@ -4,7 +4,8 @@ Jobs arrive open loop (Poisson arrivals at each of `--rates` per second, each se
 the earlier ones are doing) for `--seconds` per rate; each is an `invert` job (64x64 PNG, a
 few hundred bytes) with a callback URL. Measured per job:
 
-- dispatch: POST /api/v1/jobs sent -> the prompt accepted by a zero-duration simulated backend;
+- dispatch: POST /api/v1/jobs sent -> the prompt accepted by a zero-duration simulated backend
+  (for comfyfleet also in three legs, split by the job's own created_at and dispatched_at);
 - completion: the backend's `execution_success` -> the webhook verified at the receiver
   (Standard Webhooks, comfyfleet.cli.demo's receiver), outputs stored in S3 (moto).
 
@@ -82,6 +83,10 @@ TARGETS_MS = {"dispatch": (5, 25), "completion": (20, 100)}  # p50, p99
 WEBHOOK_WAIT_SECONDS = 60.0
 SLOWEST_RATE = 5.0
 WARM_UP_JOBS = 100
+# The dispatch leg of a comfyfleet job, by the times it records (see `dispatch_legs`).
+DISPATCH_LEGS = ("POST sent -> job built (created_at)",
+                 "-> claim's take began (dispatched_at)",
+                 "-> prompt accepted (take, commit, POST /prompt)")
 
 
 @dataclass
@@ -244,10 +249,33 @@ async def through_comfyfleet(
                                  for statement, n in opened_by.most_common() if n / count >= 0.01}
     failed = [e for e in receiver.verified[-count:] if e["type"] != "job.succeeded"]
     assert not failed, failed[0]
-    measured.extra = {"POST /jobs answered (202)": answered}
+    measured.extra = {"POST /jobs answered (202)": answered,
+                      **await dispatch_legs(http, api, sent, await sims.stamps(http))}
     await asyncio.sleep(STATS_FLUSH_SECONDS)
     measured.transactions_per_job = (await transactions(database_url) - committed) / count
     return measured
+
+
+async def dispatch_legs(http: aiohttp.ClientSession, api: str, sent: dict[str, float],
+                        stamps: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Where each job's dispatch leg went, by the times the job records (GET /jobs/{id}):
+    `created_at` (the intake built the job, right before its insert), `dispatched_at` (the
+    statement of the claim's take began), then the backend's stamp of the prompt accepted.
+    The first leg is the request's reading and validation; the second the insert (and its
+    commit, unless the take commits with it), the dispatcher's wake and the claim's read and
+    pick; the last the take and its commit, and POST /prompt. The records' wall clock is
+    brought to `time.monotonic()` by one offset taken here: one machine, one minute."""
+    offset = time.time() - time.monotonic()
+    legs: dict[str, list[float]] = {name: [] for name in DISPATCH_LEGS}
+    for job_id, started in sent.items():
+        async with http.get(f"{api}/jobs/{job_id}") as response:
+            job = await response.json()
+        created, dispatched = (datetime.fromisoformat(job[name]).timestamp() - offset
+                               for name in ("created_at", "dispatched_at"))
+        times = [started, created, dispatched, stamps["accepted"][job["prompt_id"]]]
+        for name, start, end in zip(DISPATCH_LEGS, times, times[1:], strict=False):
+            legs[name].append(end - start)
+    return legs
 
 
 async def run(rates: list[float], seconds: float, root: Path, by_statement: bool

@@ -184,6 +184,41 @@ async def test_a_pass_that_takes_several_jobs_reads_the_backlog_once(
     assert claims_read == [True, False, False, False]
 
 
+async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_commit(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """Nothing queued, the dispatcher idle and a slot free: the submit's own claim takes the
+    job in the insert's transaction (a trigger notes each write's transaction); with the slot
+    taken, the job is stored queued and dispatched by a take of its own once a slot frees."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+        base, http = await served_idle(stack, settings, sim)
+        async with driver_connection(engine) as connection:
+            await connection.execute("""
+                CREATE TABLE job_writes (id uuid, status text, xid bigint);
+                CREATE FUNCTION note_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    INSERT INTO job_writes VALUES (NEW.id, NEW.status, txid_current());
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER note_job_write AFTER INSERT OR UPDATE OF status ON jobs
+                FOR EACH ROW EXECUTE FUNCTION note_job_write()""")
+        before = claims()
+        first = await submit(http, base, {"workflow": "simulated_work",
+                                          "params": {"seconds": 1.0, "steps": 2}})
+        second = await submit(http, base, {"workflow": "simulated_work",
+                                           "params": {"seconds": 0.1, "steps": 1}})
+        await ended_on(http, base, "gpu", "succeeded", first, second)
+        async with driver_connection(engine) as connection:
+            writes = {(str(row["id"]), row["status"]): row["xid"] for row in await connection.fetch(
+                "SELECT * FROM job_writes WHERE status IN ('queued', 'dispatched')")}
+        assert writes[first, "queued"] == writes[first, "dispatched"], writes
+        assert writes[second, "queued"] != writes[second, "dispatched"], writes
+        made = {outcome: count - before[outcome] for outcome, count in claims().items()
+                if count > before[outcome]}
+        assert made.get("took") == 2, made
+
+
 async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_recorded(
     settings: Settings, engine: AsyncEngine,
 ) -> None:
@@ -256,6 +291,20 @@ async def served(stack: AsyncExitStack, settings: Settings
     return base, http
 
 
+async def served_idle(stack: AsyncExitStack, settings: Settings, sim: SimulatedComfyUI
+                      ) -> tuple[str, aiohttp.ClientSession]:
+    """`served`, with `sim` its one backend of one slot and no safety pass within the test,
+    once a first job has succeeded: the dispatcher idle, its last claim having seen the
+    backlog empty."""
+    settings.comfyui_endpoints = [f"{sim.url}#gpu"]
+    settings.max_inflight_per_backend = 1
+    settings.dispatch_interval = 600
+    base, http = await served(stack, settings)
+    await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
+                       "succeeded")
+    return base, http
+
+
 @asynccontextmanager
 async def row_locked(engine: AsyncEngine, job_id: str) -> AsyncIterator[None]:
     """The job's row locked by another transaction: a statement writing to it waits (slow
@@ -304,13 +353,7 @@ async def test_a_job_queued_while_the_end_of_the_last_is_left_unwritten_takes_it
         # A 4 KB output read at 2 KB/s: its collection outlasts END_WRITE_DELAY.
         sim = await stack.enter_async_context(SimulatedComfyUI(
             name="gpu", duration=0.5, output_size=4096, view_bytes_per_second=2048))
-        settings.comfyui_endpoints = [f"{sim.url}#gpu"]
-        settings.max_inflight_per_backend = 1
-        settings.dispatch_interval = 600  # no safety pass within the test
-        base, http = await served(stack, settings)
-        # The dispatcher idle, its last claim having seen the backlog empty.
-        await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
-                           "succeeded")
+        base, http = await served_idle(stack, settings, sim)
         executed = runs_executed("invert")
         first = await submit(http, base, {"workflow": "invert", "params": {"color": 1}})
         await wait_for_job(http, base, first, "running")

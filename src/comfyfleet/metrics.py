@@ -63,7 +63,9 @@ DISPATCH_CLAIMS = Counter(
     "sooner on a backend holding its model), slower (faster backends finish the backlog "
     "first), tenant_limit (the chosen job's key at its max_concurrent, or given one since "
     "the claim read the backlog), raced (other processes' claims took the chosen job, or "
-    "passed a job it passes to AFFINITY_WINDOW, since each read the claim picked on)",
+    "passed a job it passes to AFFINITY_WINDOW, since each read the claim picked on), "
+    "not_submitted (a claim in a submit's transaction chose a job other than the one "
+    "submitted: left to the dispatcher's next pass)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",

@@ -167,8 +167,6 @@ async def _submit(
         reuse_outputs=request.reuse_outputs, warnings=warnings, webhook_format=webhook_format))
     if not created:
         response.status_code = 200
-    elif job.status == JobStatus.QUEUED:
-        svc.fleet.job_submitted()
     if wait > 0 and not JobStatus(job.status).terminal:
         job = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id)) or job
     return await svc.render(job)

@@ -16,15 +16,18 @@ prompt's progress showing its length); the periodic pass is only a safety net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import asyncpg
 
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyError, PromptRejected
@@ -45,6 +48,7 @@ from comfyfleet.jobs.repository import (
     UNKNOWN_RUN_SECONDS,
     BacklogRead,
     Choice,
+    Dispatch,
     JobRepository,
     QueuedJob,
 )
@@ -233,6 +237,47 @@ class Dispatcher:
         # picks on: a claim after a take is one round trip. (A pass begins with a read: a
         # wake-up says the backlog or the fleet may have changed since.)
         self._read: BacklogRead | None = None
+        self._claiming = asyncio.Lock()  # a pass, or a submit's claim: they share the above
+        # While a submit's claim runs: its job (the only one it may take), and what it took.
+        self._submitted: uuid.UUID | None = None
+        self._taken: list[tuple[BackendSession, Job]] | None = None
+
+    @contextlib.asynccontextmanager
+    async def claim_on_submit(self, job_id: uuid.UUID) -> AsyncIterator[Dispatch | None]:
+        """A claim of job `job_id` as its insert stores it, in the insert's transaction (the
+        repository's `insert`, `dispatch`), or None: at 10 jobs/s the two commits a job took
+        before it could be sent, its insert's and its take's (each a flush of the WAL), were
+        half of the time from its submit to its prompt on a backend. Only while this
+        dispatcher is idle, no job is queued as far as it knows, and a backend has a free
+        slot by its count: the claim is a pass of the dispatcher's (the same read, pick and
+        take, every bound of a take kept) that may take the job submitted only; with a
+        backlog the dispatcher's own passes take the jobs in their order. The prompt is sent
+        once the block has ended without an error: the insert has committed by then."""
+        if self._claiming.locked() or not self._backlog_empty or self._signals.queued \
+                or not by_preference(self._sessions, self._max_inflight,
+                                     self._tracker.slots_taken):
+            yield None
+            return
+        async with self._claiming:
+            taken: list[tuple[BackendSession, Job]] = []
+
+            async def claim(connection: asyncpg.Connection) -> Job | None:
+                # Read afresh, in the transaction: no earlier read has the job.
+                self._submitted, self._taken, self._read = job_id, taken, None
+                try:
+                    await self._dispatch_one(connection)
+                finally:
+                    self._submitted = self._taken = None
+                return taken[0][1] if taken else None
+
+            try:
+                yield claim
+            except BaseException:
+                if taken:  # not committed: what its read saw is void
+                    self._signals.job_queued()
+                raise
+            for session, job in taken:
+                self._start(session, job)
 
     async def run(self) -> None:
         while True:
@@ -242,21 +287,8 @@ class Dispatcher:
             if queued:
                 self._backlog_empty = False
             try:
-                if (claim and not self._backlog_empty) or self._waiting:
-                    self._waiting = self._short = self._left_free = False
-                    self._read = None  # the pass's first claim reads the backlog
-                    while await self._dispatch_one():
-                        pass
-                    if self._short and not self._backlog_empty:
-                        # Another process's prompt ending frees a slot in the database's
-                        # count only as that process writes it: it tells us then.
-                        self._signals.short_of_slots()
-                if self._signals.take_released_for_peer() and (
-                        self._backlog_empty or self._left_free):
-                    # Released after the claims that counted it free (`ended`) left it so:
-                    # the process that waits for a slot is told.
-                    self._signals.tell_freed()
-                await self._rebalance()
+                async with self._claiming:
+                    await self._pass(claim)
             except Exception:  # the database may be away for a while; keep the loop alive
                 log.exception("dispatch pass failed")
             try:
@@ -265,7 +297,24 @@ class Dispatcher:
             except TimeoutError:
                 self._signals.job_queued()  # as if: a job queued unheard of is found now
 
-    async def _dispatch_one(self) -> bool:
+    async def _pass(self, claim: bool) -> None:
+        if (claim and not self._backlog_empty) or self._waiting:
+            self._waiting = self._short = self._left_free = False
+            self._read = None  # the pass's first claim reads the backlog
+            while await self._dispatch_one():
+                pass
+            if self._short and not self._backlog_empty:
+                # Another process's prompt ending frees a slot in the database's
+                # count only as that process writes it: it tells us then.
+                self._signals.short_of_slots()
+        if self._signals.take_released_for_peer() and (
+                self._backlog_empty or self._left_free):
+            # Released after the claims that counted it free (`ended`) left it so:
+            # the process that waits for a slot is told.
+            self._signals.tell_freed()
+        await self._rebalance()
+
+    async def _dispatch_one(self, connection: asyncpg.Connection | None = None) -> bool:
         """Send one job to the best backend that has a free slot and should run it; whether
         another may follow.
 
@@ -293,7 +342,7 @@ class Dispatcher:
                 names, str(uuid.uuid4()), max_inflight=self._max_inflight,
                 pick=lambda name, queued: self._pick(sessions[name], queued),
                 owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window,
-                read=self._read)
+                read=self._read, connection=connection)
             self._read = claim.read
             taker = claim.job.backend if claim.job is not None else None
             if claim.refusal is not None:  # the last backend it counts chose a job in vain
@@ -313,7 +362,10 @@ class Dispatcher:
                 assert taker is not None
                 if self._trying:  # the taker's pick, the last one asked
                     self._trial = claim.job.prompt_id
-                self._start(sessions[taker], claim.job)
+                if self._taken is not None:
+                    self._taken.append((sessions[taker], claim.job))
+                else:
+                    self._start(sessions[taker], claim.job)
                 return not self._backlog_empty  # it took the last: no claim to find none
             if self._backlog_empty:
                 return False  # nothing queued at all: no other backend would find anything
@@ -329,6 +381,9 @@ class Dispatcher:
 
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         choice = self._choose(session, queued)
+        if choice is not None and self._submitted not in (None, choice.job_id):
+            self._outcome = "not_submitted"
+            choice = None
         if choice is None:  # else the claim says what came of it
             self._outcomes[session.name] = self._outcome
         return choice

@@ -15,7 +15,14 @@ import math
 from comfyfleet import metrics
 from comfyfleet.intake.errors import BacklogFull
 from comfyfleet.jobs.models import Job
-from comfyfleet.jobs.repository import BacklogLimits, JobRepository, KeyClaim, QueueFull, Tenant
+from comfyfleet.jobs.repository import (
+    BacklogLimits,
+    Dispatch,
+    JobRepository,
+    KeyClaim,
+    QueueFull,
+    Tenant,
+)
 
 # When no job is on a backend (none may be for a while: no backend can run the backlog's
 # head, or none is up): nothing to go by.
@@ -33,13 +40,13 @@ def backlog_limits(max_queued_of_key: int | None, max_queued: int | None) -> Bac
 
 async def insert(
     repository: JobRepository, job: Job, backlog: BacklogLimits | None,
-    claim: KeyClaim | None = None,
+    claim: KeyClaim | None = None, dispatch: Dispatch | None = None,
 ) -> tuple[Job, bool]:
     """Store the job, or find the earlier one under its idempotency key: the repository's
-    insert (which lets go of `claim` with a job stored), with a full `backlog` refused as
-    BacklogFull saying when to try again."""
+    insert (which lets go of `claim` with a job stored, and offers it to `dispatch` in its
+    transaction), with a full `backlog` refused as BacklogFull saying when to try again."""
     try:
-        return await repository.insert(job, backlog=backlog, claim=claim)
+        return await repository.insert(job, backlog=backlog, claim=claim, dispatch=dispatch)
     except QueueFull as full:
         seconds = await retry_after(repository, full, Tenant(job.api_key_hash))
         raise BacklogFull(refusal(full, seconds), full, seconds) from full

@@ -5,6 +5,7 @@ A submission that makes none is refused with an error of intake/errors.py."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from comfyfleet.intake.errors import (
     NoCapableBackend,
     StorageUnavailable,
 )
-from comfyfleet.jobs.models import Job, reused_outputs, utcnow
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.models import Job, JobStatus, reused_outputs, utcnow
+from comfyfleet.jobs.repository import BacklogLimits, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage, StorageError
 from comfyfleet.workflows.catalog import Catalog, Workflow
@@ -109,16 +110,34 @@ async def accept(parts: Parts, submission: Submission) -> tuple[Job, bool]:
     # A job that ends as it is stored never joins the backlog.
     backlog = admission.backlog_limits(submission.max_queued, parts.settings.max_queued) \
         if source is None else None
+    stored, created = await _insert(parts, job, backlog, records)
+    if not created:
+        _check_repeat(stored, job, key)
+        return stored, created
+    if stored.status == JobStatus.QUEUED:  # not dispatched as it was stored
+        parts.fleet.job_submitted()
+    # Answered as it was stored (queued, or ended when reused), dispatched or not since.
+    return job, created
+
+
+async def _insert(parts: Parts, job: Job, backlog: BacklogLimits | None,
+                  records: dict[str, dict[str, Any]]) -> tuple[Job, bool]:
+    """Store `job` (admission's insert), dispatched in its insert's commit when it joins the
+    backlog and can be (`claim_on_submit`): the job as stored, or as the claim took it, or
+    the earlier one under its idempotency key; the inputs `records` deleted unless a job
+    was made or may have been."""
     # The inputs are deleted only when no job was made for sure: after an error whose outcome
     # is unknown (the database gone mid-commit) a leftover file beats a job without its input.
     try:
-        stored, created = await admission.insert(parts.repository, job, backlog)
+        async with parts.fleet.dispatcher.claim_on_submit(job.id) \
+                if job.status == JobStatus.QUEUED else contextlib.nullcontext() as dispatch:
+            stored, created = await admission.insert(parts.repository, job, backlog,
+                                                     dispatch=dispatch)
     except (NotStorable, BacklogFull):
         await inputs.discard(parts.storage, records.values())
         raise
     if not created:
         await inputs.discard(parts.storage, records.values())
-        _check_repeat(stored, job, key)
     return stored, created
 
 

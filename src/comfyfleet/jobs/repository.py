@@ -7,7 +7,8 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -202,6 +203,11 @@ class BacklogLimits(NamedTuple):
     total: int | None
 
 
+# A claim offered a job as it is stored, on the insert's connection in its transaction: the
+# job as taken, or None.
+Dispatch = Callable[[asyncpg.Connection], Awaitable[Job | None]]
+
+
 class QueueFull(Exception):
     """The backlog is as long as it may be: the submitting key's (`scope` "key") or the whole
     service's ("service")."""
@@ -280,17 +286,21 @@ class JobRepository:
             await run_seconds.close()
 
     async def insert(
-        self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None
+        self, job: Job, *, backlog: BacklogLimits | None = None, claim: KeyClaim | None = None,
+        dispatch: Dispatch | None = None,
     ) -> tuple[Job, bool]:
         """Store a new job; with a `client_task_id` already taken (by a job of the same API key
         and source), the existing job instead. A job stored lets go of `claim`, the request's
-        on its idempotency key, in the same statement (no round trip of its own).
+        on its idempotency key, in the same statement (no round trip of its own). With
+        `dispatch`, a job stored is offered to it on the insert's connection, in its
+        transaction (a claim, `claim_next` on that connection): the job it returns, the new
+        one taken, is committed with the insert, one commit and its flush for both.
 
-        Returns the job and whether it was created. With `backlog`, raises QueueFull when the
-        job's API key, or the service, already has that many jobs queued (a repeat of an
-        existing job is still answered with it). A job stored already ended (reused outputs)
-        has its webhook in the outbox, written by the same statement. NotStorable when a
-        value cannot be stored.
+        Returns the job (as `dispatch` took it) and whether it was created. With `backlog`,
+        raises QueueFull when the job's API key, or the service, already has that many jobs
+        queued (a repeat of an existing job is still answered with it). A job stored already
+        ended (reused outputs) has its webhook in the outbox, written by the same statement.
+        NotStorable when a value cannot be stored.
         """
         check_storable(job.model_dump(), _table)
         status = JobStatus(job.status)
@@ -301,15 +311,19 @@ class JobRepository:
             else (None, None, None, None)
         # Behind a shallow backlog, whether it is first in line: then its position is known.
         shallow = status == JobStatus.QUEUED and self._backlog_seen < self._exact_positions_below
+        taken = None
         async with driver_connection(self.engine) as connection:
-            if backlog is None:
+            if backlog is None and dispatch is None:
                 stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(), row,
                                                    *held, shallow)
             else:
                 async with connection.transaction():
-                    await _check_backlog(connection, job, backlog)
+                    if backlog is not None:
+                        await _check_backlog(connection, job, backlog)
                     stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(),
                                                        row, *held, shallow)
+                    if stored is not None and dispatch is not None:
+                        taken = await dispatch(connection)
             created = None if stored is None else stored["id"]
             if stored is not None and stored["alone"]:
                 self._first_in_line[job.id] = time.monotonic()
@@ -322,7 +336,7 @@ class JobRepository:
                     _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash, job.source)
                 return _job(existing), False
         self._on_change(job.id)  # committed: a new job is a change the job lists show
-        return job, True
+        return taken or job, True
 
     async def release_client_task_id(self, job: Job) -> None:
         """Free `job`'s client_task_id for a new job (an idempotency key past its window)."""
@@ -381,6 +395,7 @@ class JobRepository:
         ended: Collection[str] = (),
         window: int | None = None,
         read: BacklogRead | None = None,
+        connection: asyncpg.Connection | None = None,
     ) -> Claim:
         """Take the queued job `pick` chooses for the first of `backends` that chooses one,
         among the head of each tenant's backlog (tenants first in virtual time first, each
@@ -406,25 +421,30 @@ class JobRepository:
         (None: no bound) that counted it. When another claim took the chosen job since the
         read, or passed one of those it passes `window` times, the claim picks again on the
         read its take made (CLAIM_TAKES in all): the backlog has moved on.
+
+        On `connection`, in the caller's transaction (`insert`'s `dispatch`), the statements
+        commit with it, and the caller tells of the job taken once they have.
         """
         claim, takes = None, 0
         while claim is None:
             takes += 1
             claim, read = await self._claim(backends, prompt_id, max_inflight, pick, owner,
-                                            list(ended), window, read,
+                                            list(ended), window, read, connection,
                                             last=takes == CLAIM_TAKES)
         return claim
 
     async def _claim(
         self, backends: Sequence[str], prompt_id: str, max_inflight: int,
         pick: Callable[[str, list[QueuedJob]], Choice | None], owner: int | None,
-        ended: list[str], window: int | None, read: BacklogRead | None, *, last: bool,
+        ended: list[str], window: int | None, read: BacklogRead | None,
+        on: asyncpg.Connection | None, *, last: bool,
     ) -> tuple[Claim | None, BacklogRead | None]:
         """One pick on the backlog `read` (read now when None) and the take of what it chose
         (`claim_next`); None and the take's read when the take lost a race with another claim
         (not on the `last` take: that is refused)."""
         first = backends[0]
-        async with driver_connection(self.engine) as connection:
+        async with (driver_connection(self.engine) if on is None
+                    else nullcontext(on)) as connection:
             if read is None:
                 row, read = await self._claim_statement(
                     connection, None, (), first, prompt_id, owner, 0.0, max_inflight, ended,
@@ -451,7 +471,8 @@ class JobRepository:
             else:
                 return Claim(None, (first,), read.backlog, len(backends)), None
         claimed = _job(row)
-        self._on_change(claimed.id)
+        if on is None:
+            self._on_change(claimed.id)
         return Claim(claimed, counted, after.backlog, asked + 1, read=after), after
 
     async def _claim_statement(

@@ -216,12 +216,13 @@ class Serve:
 async def comfyfleet_serve(
     database_url: str, data_dir: Path, backends: Sequence[str], *, secret: str,
     s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
-    api_key: str | None = None,
+    api_key: str | None = None, cpu_profile: Path | None = None,
 ) -> AsyncIterator[Serve]:
     """`comfyfleet serve` in its own process (log level WARNING, so that the benchmark's output
     stays readable), ready once every backend is connected. Storage is S3 on `s3`, else a
     local directory; `env_overrides` are more settings (e.g. AFFINITY_WINDOW); `api_key`, one
-    of its API_KEYS when it has any."""
+    of its API_KEYS when it has any; `cpu_profile`: run under bench.cpu_sampled, its samples
+    written there (see cpu_sampling)."""
     port = free_ports(1)
     settings = Settings(_env_file=None, database_url=database_url, webhook_secret=secret)
     storage = {} if s3 is None else {
@@ -232,7 +233,8 @@ async def comfyfleet_serve(
     env = serve_env(settings, data_dir, port, COMFYUI_ENDPOINTS=",".join(backends), **storage,
                     **(env_overrides or {}))
     base = f"http://{LOOPBACK}:{port}"
-    async with python_process("comfyfleet", "--log-level", "WARNING", "serve", env=env,
+    sampled = ("bench.cpu_sampled", str(cpu_profile), "-m") if cpu_profile else ()
+    async with python_process(*sampled, "comfyfleet", "--log-level", "WARNING", "serve", env=env,
                               ready_url=base + "/healthz") as process:
         serve = Serve(process, base)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
@@ -285,12 +287,13 @@ class Deployment:
 
 async def deploy(
     stack: AsyncExitStack, root: Path, backends: int, *, processes: int = 1, timed: bool = False,
-    storage: str = "s3", serve_processes: int = 1,
+    storage: str = "s3", serve_processes: int = 1, cpu_profile: Path | None = None,
 ) -> Deployment:
     """Start it all; `stack` stops it. The simulators are zero-duration, `timed` as in
     sim_fleet. `storage`: "s3" (moto) or "local" (a directory the service processes share,
     as a volume would be); `serve_processes`: `comfyfleet serve` processes on the one
-    database, each connected to every backend."""
+    database, each connected to every backend; `cpu_profile`: the first of them under
+    bench.cpu_sampled (see cpu_sampling)."""
     if storage not in ("s3", "local"):
         raise ValueError(f"storage is s3 or local, not {storage!r}")
     postgres = await stack.enter_async_context(embedded_postgres(root))
@@ -302,8 +305,9 @@ async def deploy(
     stack.push_async_callback(receiver.stop)
     database_url = await fresh_database(postgres)
     serves = [await stack.enter_async_context(comfyfleet_serve(
-        database_url, root / "data", sims.urls, secret=receiver.secret, s3=s3))
-        for _ in range(serve_processes)]
+        database_url, root / "data", sims.urls, secret=receiver.secret, s3=s3,
+        cpu_profile=cpu_profile if n == 0 else None))
+        for n in range(serve_processes)]
     http = await stack.enter_async_context(aiohttp.ClientSession())
     meter = CpuMeter(standard_components(serves, sims, postgres, s3))
     return Deployment(postgres, s3, sims, receiver, database_url, serves, http, meter)
@@ -497,6 +501,26 @@ async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
         await process.wait()
 
 
+CPU_SAMPLES_WRITE_SECONDS = 1.0
+
+
+@asynccontextmanager
+async def cpu_sampling(process: asyncio.subprocess.Process, output: Path) -> AsyncIterator[None]:
+    """Sample the CPU time of `process` (started under bench.cpu_sampled, writing to `output`)
+    while the block runs: collapsed stacks in `output` afterwards, as py_spy writes them."""
+    await asyncio.to_thread(output.unlink, missing_ok=True)
+    process.send_signal(signal.SIGUSR1)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGUSR2)
+        # Written (whole: renamed into place) by the process's signal handler, which runs as
+        # soon as its event loop wakes, with nothing else to do by now.
+        await asyncio.sleep(CPU_SAMPLES_WRITE_SECONDS)
+        if not await asyncio.to_thread(output.exists):
+            raise RuntimeError(f"no CPU samples from process {process.pid} in {output}")
+
+
 # What a stack is doing: its outermost frame in one of comfyfleet's parts; failing that, what
 # the library it is in does. SQLAlchemy's async layer runs each statement in a greenlet, whose
 # stack does not show the comfyfleet call that made it.
@@ -528,6 +552,37 @@ LIBRARIES = [
     ("selectors.py", "asyncio"), ("standardwebhooks/", "signing"), ("hmac.py", "signing"),
     ("uuid.py", "uuid"), ("datetime", "datetime"), ("copy.py", "copy"),
 ]
+# What a sample's CPU time was for: the first of these (in this order) with a fragment in any
+# frame of its stack. The service's parts on a job's path, each with the HTTP requests,
+# statements and other libraries' work below it.
+COMPONENTS = [
+    ("gc (generation", "garbage collector"),
+    ("S3Storage._put (", "storage: S3 PUT (signing, aiohttp request, a connection if new)"),
+    ("S3Storage.signed_url", "storage: S3 presigned GET URLs"),
+    ("LocalStorage.", "storage: local file"),
+    ("ComfyClient.view", "backend: GET /view"),
+    ("ComfyClient.history", "backend: GET /history"),
+    ("ComfyClient.queue_prompt", "backend: POST /prompt"),
+    ("WebhookSender.send", "webhook: signing and POST"),
+    ("Dispatcher._pick", "dispatch: placement (in the claim)"),
+    ("JobRepository.claim_next", "SQL: the claim"),
+    ("JobRepository.insert", "SQL: the insert (POST /jobs)"),
+    ("JobRepository.finish", "SQL: the finish (with its webhook's outbox row)"),
+    ("JobRepository.transition", "SQL: other transitions (running, ...)"),
+    ("Outbox.", "SQL: webhook outbox"),
+    ("comfyfleet/jobs/repository.py", "SQL: other repository statements"),
+    ("sqlalchemy/pool/", "SQL: SQLAlchemy's pool (checkout, checkin)"),
+    ("Engine.raw_connection", "SQL: SQLAlchemy's pool (checkout, checkin)"),
+    ("comfyfleet/webhooks/", "webhook: the worker's own work"),
+    ("BackendSession._read", "websocket: frames -> tracker (transitions' SQL apart)"),
+    ("comfyfleet/api/", "HTTP server: POST /jobs (route, intake, render)"),
+    ("uvicorn/", "HTTP server: uvicorn, FastAPI"),
+    ("Collector.", "collector: the rest"),
+    ("Dispatcher.", "dispatch: the rest"),
+    ("_jsonb_decoder", "SQL: decoding JSONB columns (caller not visible)"),
+    ("asyncpg/", "SQL: asyncpg (caller not visible)"),
+    ("aiohttp/", "aiohttp callbacks: reads, body writes (caller not visible)"),
+]
 # Costs worth naming, counted wherever one of their frames is on the stack (so they overlap).
 NAMED_COSTS = [
     (("sqlalchemy/", "sqlmodel/", "asyncpg/"), "SQLAlchemy + asyncpg, all of it"),
@@ -552,9 +607,10 @@ def _first_match(frame_files: Sequence[str], table: Sequence[tuple[str, str]]) -
 
 
 def profile_breakdown(raw: Path) -> dict[str, Any]:
-    """Shares (%) of the profiled process's samples: by activity, by the library of the
-    innermost frame, and the named costs."""
+    """Shares (%) of the profiled process's samples: by activity, by component, by the
+    library of the innermost frame, and the named costs."""
     activities: Counter[str] = Counter()
+    components: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     named: Counter[str] = Counter()
     total = 0
@@ -568,6 +624,9 @@ def profile_breakdown(raw: Path) -> dict[str, Any]:
         total += count
         activity = _first_match(files, ACTIVITIES) or _first_match(files, LIBRARY_ACTIVITIES)
         activities[activity or "event loop and the rest"] += count
+        component = next((name for fragment, name in COMPONENTS
+                          if any(fragment in frame for frame in frames)), None)
+        components[component or "event loop and the rest"] += count
         libraries[_first_match(files[-1:], LIBRARIES) or "other"] += count
         for fragments, name in NAMED_COSTS:
             if any(fragment in frame for frame in frames for fragment in fragments):
@@ -577,6 +636,7 @@ def profile_breakdown(raw: Path) -> dict[str, Any]:
         return {name: round(100 * n / total, 1) for name, n in counter.most_common()}
 
     return {"samples": total, "by_activity": shares(activities),
+            "by_component": shares(components),
             "by_library": shares(libraries), "named_costs": shares(named)}
 
 

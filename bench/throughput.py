@@ -20,15 +20,17 @@ In the same run, each on its own, what the parts cost without comfyfleet:
 - moto alone (S3 storage only): the same PNG PUT into the bucket and its URL presigned, 32 in
   flight.
 
-While comfyfleet runs, py-spy samples the service's Python stacks (100 per second, without
-pausing it) and the CPU time of every process is read from /proc: where the time goes, and
-what bounds the rate (on 2 cores: the one process that needs a whole core, or the machine).
+While comfyfleet runs, the service's Python stacks are sampled at every tick of its CPU time
+(bench.cpu_sampled; `--sampler py-spy`: by py-spy, 100 a second while it holds the GIL, which
+counts the time it waits for a core too) and the CPU time of every process is read from
+/proc: where the time goes, by component in ms per job, and what bounds the rate (on 2 cores:
+the one process that needs a whole core, or the machine).
 
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
 [--storage s3|local] [--serve-processes 1]
-(profiling needs py-spy: .venv/bin/pip install py-spy; --no-profile runs without it, and
-with several serve processes only the first is profiled; --by-statement also counts the
-transactions by the statement that opens each)
+[--sampler cpu|py-spy] (py-spy: .venv/bin/pip install py-spy; --no-profile runs without a
+profile, and with several serve processes only the first is profiled; --by-statement also
+counts the transactions by the statement that opens each)
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from bench.harness import (
     Serve,
     TimedReceiver,
     bench_root,
+    cpu_sampling,
     deploy,
     print_table,
     profile_breakdown,
@@ -168,10 +171,11 @@ def against_baselines(rates: dict[str, float], storage: str) -> dict[str, Any]:
 
 async def run(jobs: int, window: int, processes: int, profile: Path | None,
               root: Path, by_statement: bool = False, storage: str = "s3",
-              serve_processes: int = 1) -> dict[str, Any]:
+              serve_processes: int = 1, sampler: str = "cpu") -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         deployed = await deploy(stack, root, BACKENDS, processes=processes, storage=storage,
-                                serve_processes=serve_processes)
+                                serve_processes=serve_processes,
+                                cpu_profile=profile if sampler == "cpu" else None)
         sims, receiver, http, meter = (deployed.sims, deployed.receiver, deployed.http,
                                        deployed.meter)
         serves, database_url = deployed.serves, deployed.database_url
@@ -197,7 +201,9 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             meter.stop()
             cpu[MOTO_ALONE] = meter.as_json()
 
-        profiling = py_spy(serves[0].process.pid, profile) if profile else nullcontext()
+        profiling = (nullcontext() if profile is None
+                     else cpu_sampling(serves[0].process, profile) if sampler == "cpu"
+                     else py_spy(serves[0].process.pid, profile))
         counting = transactions_by_statement(deployed.postgres, database_url) if by_statement \
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
@@ -226,7 +232,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             "transactions_per_job_by_statement": {
                 statement: round(count / jobs, 2) for statement, count in opened_by.most_common()
                 if count / jobs >= 0.01} if by_statement else None,
-            "profile": profile_breakdown(profile) if profile else None}
+            "profile": {"sampler": sampler, **profile_breakdown(profile)} if profile else None}
 
 
 def report(result: dict[str, Any], profile: Path | None) -> None:
@@ -259,8 +265,15 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
     if result["profile"] is not None:
         profile_result = result["profile"]
         which = "" if result["serve_processes"] == 1 else " (the first process only)"
+        samples = ("of its CPU time" if profile_result["sampler"] == "cpu"
+                   else "holding the GIL")
         print(f"\nprofile of comfyfleet serve{which}: {profile_result['samples']} samples "
-              f"holding the GIL (collapsed stacks in {profile})")
+              f"{samples} (collapsed stacks in {profile})")
+        print()
+        ms_per_job = result["serve_cpu_ms_per_job"] / result["serve_processes"]
+        print_table(["component", "% of samples", "ms of CPU per job"],
+                    [(name, share, f"{share * ms_per_job / 100:.2f}")
+                     for name, share in profile_result["by_component"].items()])
         for title, key in (("activity", "by_activity"), ("innermost frame in", "by_library"),
                            ("named cost (anywhere on the stack)", "named_costs")):
             print()
@@ -269,12 +282,12 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
 
 
 async def main(jobs: int, window: int, processes: int, profile: Path | None,
-               by_statement: bool, storage: str, serve_processes: int) -> None:
+               by_statement: bool, storage: str, serve_processes: int, sampler: str) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                       "cpus": os.cpu_count(), "load_average": os.getloadavg()}), flush=True)
     with bench_root() as root:
         result = await run(jobs, window, processes, profile, root, by_statement, storage,
-                           serve_processes)
+                           serve_processes, sampler)
     report(result, profile)
     print(json.dumps(result))
 
@@ -287,8 +300,12 @@ if __name__ == "__main__":
                         help="processes the 16 simulators run in (default 2)")
     parser.add_argument("--profile", type=Path,
                         default=Path(tempfile.gettempdir()) / "comfyfleet-throughput.pyspy",
-                        help="where py-spy's collapsed stacks go")
+                        help="where the collapsed stacks go")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--sampler", choices=("cpu", "py-spy"), default="cpu",
+                        help="how the service is profiled: samples of its CPU time "
+                             "(bench.cpu_sampled; default), or py-spy's of its thread holding "
+                             "the GIL, which count time it waited for a core too")
     parser.add_argument("--by-statement", action="store_true",
                         help="count the transactions by the statement opening each, from "
                              "PostgreSQL's log of every statement (slows it: not for timing)")
@@ -303,4 +320,4 @@ if __name__ == "__main__":
         parser.error("--serve-processes is at least 1")
     asyncio.run(main(args.jobs, args.window, args.sim_processes,
                      None if args.no_profile else args.profile, args.by_statement,
-                     args.storage, args.serve_processes))
+                     args.storage, args.serve_processes, args.sampler))

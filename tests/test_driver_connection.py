@@ -10,6 +10,7 @@ import logging
 
 import asyncpg
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
@@ -85,5 +86,43 @@ async def test_a_burst_leaves_its_connections_open_for_the_next(database_url: st
         held.set()
         await asyncio.gather(*burst)
         assert (pool.checkedout(), pool.checkedin()) == (0, 2)
+    finally:
+        await engine.dispose()
+
+
+async def test_an_idle_connection_is_handed_out_past_the_pools_checkout_and_counted(
+    database_url: str,
+) -> None:
+    """SQLAlchemy's checkout and checkin cost twice a statement's round trip: an idle
+    connection that needs none of their work comes from the pool's queue and goes back to
+    it, the pool counting it checked out meanwhile. One the server closed while it was idle
+    goes through the pool's checkout, which opens a new one."""
+    engine = make_engine(database_url, pool_size=1)
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    checkouts: list[object] = []
+    event.listen(engine.sync_engine, "checkout", lambda *_: checkouts.append(None))
+    try:
+        closed = asyncio.Event()
+        async with driver_connection(engine) as first:  # none idle yet: the pool's checkout
+            pid = await first.fetchval("SELECT pg_backend_pid()")
+            first.add_termination_listener(lambda _: closed.set())
+        assert len(checkouts) == 1
+        for _ in range(3):
+            async with driver_connection(engine) as connection:
+                assert connection is first
+                assert (pool.checkedout(), pool.checkedin()) == (1, 0)
+        assert (pool.checkedout(), pool.checkedin(), len(checkouts)) == (0, 1, 1)
+
+        killer = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+        try:
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await killer.close()
+        await closed.wait()
+        async with driver_connection(engine) as connection:
+            assert connection is not first
+            assert await connection.fetchval("SELECT 1") == 1
+        assert (pool.checkedout(), pool.checkedin()) == (0, 1)
     finally:
         await engine.dispose()

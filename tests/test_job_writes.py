@@ -4,13 +4,15 @@ change of a job's status, so a test sees every write the service made, in order.
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.db import driver_connection
+from comfyfleet.db import NotStorable, check_storable, driver_connection
+from comfyfleet.jobs.repository import _table
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
@@ -171,3 +173,28 @@ async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_on
         ("queued", "dispatched", False),
         ("dispatched", "succeeded", True),
     ]
+
+
+@pytest.mark.parametrize(("fields", "field", "problem"), [
+    ({"prompt": {"3": {"inputs": {"te\u0000xt": "a"}}}}, "prompt.3.inputs",
+     "has a key with a NUL character (\\u0000)"),
+    ({"params": {"seeds": [1, 2.5, float("nan")]}}, "params.seeds.2", "nan is not a number"),
+    ({"params": {"at": datetime.datetime.now(datetime.UTC), "text": "a\u0000"}},
+     "params.text", "contains a NUL character"),
+    ({"priority": float("inf")}, "priority", "inf is not a number"),
+    ({"source": "s" * 17}, "source", "is longer than 16 characters"),
+])
+def test_what_cannot_be_stored_is_named_whatever_the_documents_shape(
+    fields: dict[str, Any], field: str, problem: str
+) -> None:
+    """A job's documents are checked as JSON text first (a walk through every value cost
+    0.1-0.2 ms a job): a document that text cannot show whole (values JSON does not hold)
+    or that looks wrong in it is walked, which names the value."""
+    with pytest.raises(NotStorable) as refused:
+        check_storable({"workflow": "invert", **fields}, _table)
+    assert refused.value.field == field
+    assert problem in refused.value.problem
+
+
+def test_the_text_of_an_escape_is_stored() -> None:
+    check_storable({"params": {"prompt": "\\u0000 is how JSON writes NUL"}}, _table)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -255,12 +257,38 @@ def check_storable(fields: Mapping[str, Any], table: Table | None = None) -> Non
     documents walked through) that PostgreSQL would refuse, in `table`'s columns when given.
     Called on whatever a client sent before it is written or compared, so the client hears
     which field is wrong instead of the database failing the statement."""
+    lengths = _text_lengths(table) if table is not None else {}
     for name, value in fields.items():
-        _check_storable(name, value)
-        column = table.c.get(name) if table is not None else None
-        length = getattr(column.type, "length", None) if column is not None else None
+        if not _plainly_storable(value):
+            _check_storable(name, value)
+        length = lengths.get(name)
         if isinstance(value, str) and length is not None and len(value) > length:
             raise NotStorable(name, f"is longer than {length} characters")
+
+
+@lru_cache(maxsize=16)
+def _text_lengths(table: Table) -> dict[str, int]:
+    """The longest text each of `table`'s columns of bounded length takes."""
+    return {column.name: length for column in table.c
+            if isinstance(length := getattr(column.type, "length", None), int)}
+
+
+def _plainly_storable(value: Any) -> bool:
+    """True when `value` has nothing PostgreSQL refuses, found without walking through it in
+    Python (as `_check_storable` does, a dotted path built for every value: 0.1-0.2 ms for a
+    job's prompt): a JSON document as JSON text, whose NUL characters are escaped `\\u0000`
+    and which refuses numbers that are not finite. False may be wrong (a document with text
+    of `\\u0000` itself, or of values JSON cannot hold): the walk then says."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping | list | tuple):
+        try:
+            return "\\u0000" not in json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def _check_storable(path: str, value: Any) -> None:

@@ -219,6 +219,34 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
         assert made.get("took") == 2, made
 
 
+async def test_a_job_whose_claim_fails_as_it_is_stored_is_stored_queued(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """The submit's own claim fails (PostgreSQL refuses every write dispatching a job, by a
+    trigger): the submit is still accepted, its job stored queued, not refused with the
+    claim's error; once dispatching works again it runs."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+        base, http = await served_idle(stack, settings, sim)
+        async with driver_connection(engine) as connection:
+            await connection.execute("""
+                CREATE FUNCTION refuse_dispatch() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    RAISE EXCEPTION 'dispatching refused by the test';
+                END $$;
+                CREATE TRIGGER refuse_dispatch BEFORE UPDATE OF status ON jobs
+                FOR EACH ROW WHEN (NEW.status = 'dispatched')
+                EXECUTE FUNCTION refuse_dispatch()""")
+        refused = await submit(http, base, {"workflow": "invert"})
+        assert await status_in_database(engine, refused) == "queued"
+        async with driver_connection(engine) as connection:
+            await connection.execute("DROP TRIGGER refuse_dispatch ON jobs")
+        # The dispatcher's pass after the submit failed as the claim did; the next submit's
+        # wakes it.
+        after = await submit(http, base, {"workflow": "invert"})
+        await ended_on(http, base, "gpu", "succeeded", refused, after)
+
+
 async def test_a_backend_takes_its_next_job_before_the_end_of_the_last_one_is_recorded(
     settings: Settings, engine: AsyncEngine,
 ) -> None:

@@ -266,6 +266,14 @@ class Dispatcher:
                 self._submitted, self._taken, self._read = job_id, taken, None
                 try:
                     await self._dispatch_one(connection)
+                except BaseException as exc:
+                    # Undone with the insert's transaction, which stores the job afresh,
+                    # queued: nothing was taken, nor read.
+                    taken.clear()
+                    self._read = None
+                    if isinstance(exc, Exception):
+                        log.exception("claiming job %s as it was stored failed", job_id)
+                    raise
                 finally:
                     self._submitted = self._taken = None
                 return taken[0][1] if taken else None

@@ -208,6 +208,10 @@ class BacklogLimits(NamedTuple):
 Dispatch = Callable[[asyncpg.Connection], Awaitable[Job | None]]
 
 
+class _Undispatched(Exception):
+    """`insert`'s `dispatch` failed, which undid the insert's transaction."""
+
+
 class QueueFull(Exception):
     """The backlog is as long as it may be: the submitting key's (`scope` "key") or the whole
     service's ("service")."""
@@ -311,19 +315,16 @@ class JobRepository:
             else (None, None, None, None)
         # Behind a shallow backlog, whether it is first in line: then its position is known.
         shallow = status == JobStatus.QUEUED and self._backlog_seen < self._exact_positions_below
-        taken = None
         async with driver_connection(self.engine) as connection:
-            if backlog is None and dispatch is None:
-                stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(), row,
-                                                   *held, shallow)
-            else:
-                async with connection.transaction():
-                    if backlog is not None:
-                        await _check_backlog(connection, job, backlog)
-                    stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(),
-                                                       row, *held, shallow)
-                    if stored is not None and dispatch is not None:
-                        taken = await dispatch(connection)
+            try:
+                stored, taken = await _store(connection, job, row, held, shallow, backlog,
+                                             dispatch)
+            except _Undispatched:
+                # Its claim failed (the dispatcher says why) and undid the insert: a job the
+                # service could store is not refused for it, but stored queued, for the
+                # dispatcher's own passes.
+                stored, taken = await _store(connection, job, row, held, shallow, backlog,
+                                             None)
             created = None if stored is None else stored["id"]
             if stored is not None and stored["alone"]:
                 self._first_in_line[job.id] = time.monotonic()
@@ -899,6 +900,30 @@ def _changed(job: Job, row: Mapping[str, Any]) -> Job:
     Built as `_job` builds a job, for the same reasons."""
     return Job.model_construct(**(dict(row.items()) | {name: getattr(job, name)
                                                       for name in _FIXED}))
+
+
+async def _store(
+    connection: asyncpg.Connection, job: Job, row: str | None, held: tuple[Any, ...],
+    shallow: bool, backlog: BacklogLimits | None, dispatch: Dispatch | None,
+) -> tuple[asyncpg.Record | None, Job | None]:
+    """`insert`'s statements on `connection`: the `insert` row (None: a repeat) and the job as
+    `dispatch` took it in the same transaction (None: not taken); _Undispatched when
+    `dispatch` failed."""
+    if backlog is None and dispatch is None:
+        return await connection.fetchrow(_SQL["insert"], job.model_dump_json(), row, *held,
+                                         shallow), None
+    taken = None
+    async with connection.transaction():
+        if backlog is not None:
+            await _check_backlog(connection, job, backlog)
+        stored = await connection.fetchrow(_SQL["insert"], job.model_dump_json(), row, *held,
+                                           shallow)
+        if stored is not None and dispatch is not None:
+            try:
+                taken = await dispatch(connection)
+            except Exception as exc:
+                raise _Undispatched from exc
+    return stored, taken
 
 
 async def _check_backlog(

@@ -189,7 +189,8 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
 ) -> None:
     """Nothing queued, the dispatcher idle and a slot free: the submit's own claim takes the
     job in the insert's transaction (a trigger notes each write's transaction); with the slot
-    taken, the job is stored queued and dispatched by a take of its own once a slot frees."""
+    taken, the job is stored queued and dispatched by a take of its own once a slot frees.
+    A Comfy API v2 submit alike, answered as taken: on its backend, position 0."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
         base, http = await served_idle(stack, settings, sim)
@@ -209,14 +210,26 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
         second = await submit(http, base, {"workflow": "simulated_work",
                                            "params": {"seconds": 0.1, "steps": 1}})
         await ended_on(http, base, "gpu", "succeeded", first, second)
+        graph = {"1": {"class_type": "EmptyImage",
+                       "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                 "2": {"class_type": "SaveImage",
+                       "inputs": {"images": ["1", 0], "filename_prefix": "ComfyUI"}}}
+        async with http.post(base.removesuffix(settings.route_prefix) + "/api/v2/jobs",
+                             json={"workflow": graph}) as response:
+            answer = await response.json()
+            assert response.status == 201, answer
+        assert answer["queue_position"] == 0, answer
+        third = answer["id"]
+        await ended_on(http, base, "gpu", "succeeded", third)
         async with driver_connection(engine) as connection:
             writes = {(str(row["id"]), row["status"]): row["xid"] for row in await connection.fetch(
                 "SELECT * FROM job_writes WHERE status IN ('queued', 'dispatched')")}
         assert writes[first, "queued"] == writes[first, "dispatched"], writes
         assert writes[second, "queued"] != writes[second, "dispatched"], writes
+        assert writes[third, "queued"] == writes[third, "dispatched"], writes
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
-        assert made.get("took") == 2, made
+        assert made.get("took") == 3, made
 
 
 async def test_a_job_whose_claim_fails_as_it_is_stored_is_stored_queued(

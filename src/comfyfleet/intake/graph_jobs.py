@@ -4,10 +4,12 @@ hours), and then run by the same dispatcher, tracker and collector as every othe
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -19,7 +21,7 @@ from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, Missing
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
 from comfyfleet.jobs.models import Job, JobSource, utcnow
-from comfyfleet.jobs.repository import BacklogLimits, JobRepository, KeyClaim
+from comfyfleet.jobs.repository import BacklogLimits, Dispatch, JobRepository, KeyClaim
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -27,6 +29,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 MAX_LABELS = 16
+
+# The dispatcher's claim of a job as its insert stores it (Dispatcher.claim_on_submit).
+ClaimOnSubmit = Callable[[uuid.UUID], AbstractAsyncContextManager[Dispatch | None]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class GraphRequest:
 async def accept_graph(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
     request: GraphRequest, *, backlog: BacklogLimits | None, held: HeldExtraData,
+    claim_on_submit: ClaimOnSubmit | None = None,
 ) -> tuple[Job, bool]:
     """Check the graph against `fleet` (the capabilities of the backends known so far),
     resolve its asset references, and store the job, or find the earlier one with the same
@@ -50,16 +56,18 @@ async def accept_graph(
     finds runs, or ran, with the first request's). Raises the checks' errors (InvalidLabels,
     UiFormatGraph, InvalidGraph, MissingAsset), IdempotencyConflict, and BacklogFull (the
     `backlog` of the key or of the service is full), and KeyInFlight while another request
-    under the same idempotency key is being answered."""
+    under the same idempotency key is being answered. A job created is dispatched in its
+    insert's commit when `claim_on_submit` can (returned as taken, dispatched)."""
     async with in_flight.holding(repository, JobSource.GRAPH, request.api_key_hash,
                                  request.idempotency_key) as claim:
-        return await _accept(repository, assets, fleet, request, backlog, claim, held)
+        return await _accept(repository, assets, fleet, request, backlog, claim, held,
+                             claim_on_submit)
 
 
 async def _accept(
     repository: JobRepository, assets: AssetStore, fleet: Sequence[Capabilities],
     request: GraphRequest, backlog: BacklogLimits | None, claim: KeyClaim | None,
-    held: HeldExtraData,
+    held: HeldExtraData, claim_on_submit: ClaimOnSubmit | None,
 ) -> tuple[Job, bool]:
     labels = checked_labels(request.metadata)
     graph = check_graph(request.graph, fleet)
@@ -85,7 +93,10 @@ async def _accept(
         held.hold(job_id, request.extra_data)  # the job may be claimed as its insert commits
     created = False
     try:
-        stored, created = await admission.insert(repository, job, backlog, claim)
+        async with claim_on_submit(job_id) if claim_on_submit is not None \
+                else contextlib.nullcontext() as dispatch:
+            stored, created = await admission.insert(repository, job, backlog, claim,
+                                                     dispatch)
         if (not created and stored.source == JobSource.GRAPH
                 and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
             await repository.release_client_task_id(stored)  # the key expired: a new request

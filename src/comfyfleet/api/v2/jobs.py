@@ -35,7 +35,7 @@ from comfyfleet.intake.errors import (
 from comfyfleet.intake.graph_jobs import GraphRequest, accept_graph
 from comfyfleet.intake.graphs import InvalidGraph, UiFormatGraph
 from comfyfleet.jobs.extra_data import ExtraData
-from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.notices import LogLine, Notice, PreviewImage
 from comfyfleet.services import Services
 
@@ -113,7 +113,7 @@ async def _submit(request: Request, svc: Services, caller: Caller, body: JobRequ
             GraphRequest(body.workflow, body.metadata, idempotency_key, caller.key_hash,
                          caller.callback_url, extra_data),
             backlog=backlog_limits(caller.limits.max_queued, svc.settings.max_queued),
-            held=svc.fleet.extra_data)
+            held=svc.fleet.extra_data, claim_on_submit=svc.fleet.dispatcher.claim_on_submit)
     except UiFormatGraph as exc:
         raise V2Error(422, "workflow_format_ui", str(exc)) from exc
     except InvalidGraph as exc:
@@ -135,7 +135,7 @@ async def _submit(request: Request, svc: Services, caller: Caller, body: JobRequ
     except BacklogFull as exc:
         raise V2Error(429, "queue_full", str(exc), details=exc.details(),
                       headers={"Retry-After": str(exc.retry_after)}) from exc
-    if created:
+    if created and job.status == JobStatus.QUEUED:  # not dispatched as it was stored
         svc.fleet.job_submitted()
     return await render.job_object(svc, job, render.origin(request)), created
 

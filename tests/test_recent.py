@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import Pool
 
-from comfyfleet import sql
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.recent import Recent
 from comfyfleet.jobs.repository import RUN_TIMES_KEPT, JobRepository
@@ -166,31 +164,3 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
         second, _ = await repository.insert(Job(workflow="w"))
     assert await repository.queue_position(second) == 2
     assert await repository.queue_position(first) == 1  # counted, this time
-
-
-async def test_asks_before_a_deep_backlogs_first_snapshot_share_its_read(
-    engine: AsyncEngine,
-) -> None:
-    """The ask that finds the backlog deep (its exact count) begins the first snapshot; the
-    asks after it wait for that one read rather than each counting every queued job again
-    (as long a statement each, and as many side by side)."""
-    repository = JobRepository(engine, exact_positions_below=5, position_max_age=60)
-    jobs = [(await repository.insert(Job(workflow="w")))[0] for _ in range(8)]
-    ran: list[str] = []
-
-    def told(query: Any) -> None:
-        ran.append(query.query)
-
-    def watch(connection: Any, _: Any) -> None:
-        connection.driver_connection.add_query_logger(told)
-
-    event.listen(Pool, "connect", watch)
-    try:
-        await engine.dispose()  # its connections made anew, each watched
-        positions = [await repository.queue_position(job) for job in jobs]
-    finally:
-        event.remove(Pool, "connect", watch)
-    assert positions == list(range(1, 9))
-    claim = sql.queries("claim")
-    assert (ran.count(claim["place"]), ran.count(claim["backlog"])) == (1, 1), ran
-    await repository.close()

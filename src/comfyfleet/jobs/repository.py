@@ -676,17 +676,15 @@ class JobRepository:
         every other key as many as start before it in virtual time, each taken to run as long
         as this job's workflow usually does. Without: every job of higher priority, or as high
         and older. Exact while the backlog last seen had fewer than `exact_positions_below`
-        jobs (the ask that finds it deeper begins a snapshot); else counted in the snapshot
-        (positions.py), which misses none of the changes this process was told of
-        `position_max_age` seconds (and the time a read takes) before: the asks before the
-        first snapshot is read wait for it, one read for all of them (an exact count each
-        would be as long, and as many side by side). A job this
+        jobs, or no snapshot of a deeper one is read yet (one is begun then); else counted in
+        the snapshot (positions.py), which misses none of the changes this process was told
+        of `position_max_age` seconds (and the time a read takes) before. A job this
         repository stored with no other queued is 1 at its first ask within that age, without
         a read (a submit's answer)."""
         stored_alone = self._first_in_line.pop(job.id, None)
         if stored_alone is not None and time.monotonic() - stored_alone < self._position_max_age:
             return 1
-        backlog = await self._backlog_snapshot()
+        backlog = self._backlog_snapshot()
         if backlog is not None:
             own, others = backlog.shares(job.api_key_hash or "", job.priority, job.created_at)
         else:
@@ -706,14 +704,15 @@ class JobRepository:
         seconds = await self.recent_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
         return fair_position(own, others, seconds)
 
-    async def _backlog_snapshot(self) -> Backlog | None:
-        """The snapshot of the backlog to count positions in: None while the backlog last
-        seen was shallow (`place` counts exactly then). Waits for a read only while none has
-        given one."""
+    def _backlog_snapshot(self) -> Backlog | None:
+        """The snapshot of the backlog to count positions in, without waiting for a read:
+        None while the backlog last seen was shallow, or none is read yet (`place` counts
+        exactly then)."""
         if self._backlog_seen < self._exact_positions_below:
             return None
-        snapshot = await self._backlog.get()
-        return snapshot if snapshot.size >= self._exact_positions_below else None
+        snapshot = self._backlog.latest()
+        return snapshot if snapshot is not None \
+            and snapshot.size >= self._exact_positions_below else None
 
     async def _read_backlog(self) -> Backlog:
         async with driver_connection(self._read_engine) as connection:

@@ -172,11 +172,16 @@ async def test_a_job_whose_input_cannot_be_read_now_waits_for_s3(settings: Setti
         async with http.get(f"{api}/jobs/{submitted['id']}") as response:
             assert (await response.json())["status"] in {"queued", "dispatched"}
 
-        await outage.end()  # S3 back, with what it kept (a new moto server starts empty)
+        # S3 back, with what it kept (a new moto server starts empty): put back while no claim
+        # can read it, or a claim between the two would find it gone, not away.
+        await drain(True)
+        await wait_for_job(http, api, submitted["id"], "queued", seconds=30)
+        await outage.end()
         record = submitted["params"]["image"]
         async with get_session().create_client(
             "s3", region_name="us-east-1", endpoint_url=outage.endpoint, **S3_CREDENTIALS
         ) as client:
             await client.put_object(Bucket=BUCKET, Key=record["input"], Body=png())
+        await drain(False)
         job = await wait_for_job(http, api, submitted["id"], "succeeded", seconds=60)
     assert job["error"] is None

@@ -49,7 +49,10 @@ class LocalStorage:
         return hmac.compare_digest(self._signature(key, expires).encode(), signature.encode())
 
     def path_of(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        """Where `key` lives, refused if it names a place outside the root. Normalised by
+        its text, with no system call (it runs on the event loop): only a key's `..` can
+        leave the root; links inside the root are the operator's."""
+        path = Path(os.path.normpath(self.root / key))
         if not path.is_relative_to(self.root):
             raise StorageError(f"key {key!r} leaves the storage directory")
         return path

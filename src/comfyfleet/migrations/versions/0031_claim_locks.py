@@ -1,6 +1,6 @@
 """the claim's take is one statement: claim_locks() takes a backend's lock (and a tenant's) and
 reads, after them, what they guard, which the statement around it cannot (sql/claim.sql
-`take`)
+`claim`, named `take` when this was written)
 
 Revision ID: 0031
 Revises: 0030

@@ -57,6 +57,7 @@ from bench.harness import (
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.messages import Executing, Status, parse_text
+from comfyfleet.http_client import HttpClient
 from comfyfleet.jobs.repository import CLAIM_BATCH
 from comfyfleet.webhooks.signing import new_secret
 from comfyfleet.workflows.catalog import load_catalog
@@ -122,11 +123,12 @@ def work_prompt(seconds: float, tag: str) -> dict[str, Any]:
 
 async def early_binding(durations: list[float]) -> float:
     """Every job POSTed at once, each to the backend with the fewest assigned so far."""
-    async with simulated_fleet() as urls, aiohttp.ClientSession() as http:
+    async with simulated_fleet() as urls, aiohttp.ClientSession() as http, \
+            HttpClient() as lean_http:
         client_id = uuid.uuid4().hex
         sockets = [await http.ws_connect(f"{url}/ws", params={"clientId": client_id})
                    for url in urls]
-        clients = [ComfyClient(url, http) for url in urls]
+        clients = [ComfyClient(url, http, lean_http) for url in urls]
         assigned = [0] * len(urls)
         started = time.perf_counter()
         for seconds in durations:

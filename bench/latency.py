@@ -74,6 +74,7 @@ from bench.harness import (
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.messages import Executing, parse_text
 from comfyfleet.comfy.prompts import isolate_outputs, output_items
+from comfyfleet.http_client import HttpClient
 from comfyfleet.webhooks.signing import signed_headers
 
 BACKENDS = 8
@@ -108,10 +109,10 @@ class Measured:
 class DirectGateway:
     """The least any gateway has to do, without comfyfleet (see the module's docstring)."""
 
-    def __init__(self, http: aiohttp.ClientSession, urls: list[str], s3: Any, bucket: str,
-                 secret: str, callback_url: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, lean_http: HttpClient, urls: list[str],
+                 s3: Any, bucket: str, secret: str, callback_url: str) -> None:
         self._http = http
-        self._clients = [ComfyClient(url, http) for url in urls]
+        self._clients = [ComfyClient(url, http, lean_http) for url in urls]
         self._s3 = s3
         self._bucket = bucket
         self._secret = secret
@@ -157,8 +158,9 @@ class DirectGateway:
         outputs = []
         for item in files:
             key = f"direct/{prompt_id}/{item.filename}"
-            async with client.view(item.filename, item.subfolder, item.type) as response:
-                body = await response.read()
+            async with client.view(item.filename, item.subfolder, item.type,
+                                   1 << 30) as chunks:
+                body = b"".join([chunk async for chunk in chunks])
             await self._s3.put_object(Bucket=self._bucket, Key=key, Body=body,
                                       ContentType="image/png")
             url = await self._s3.generate_presigned_url(
@@ -288,7 +290,8 @@ async def run(rates: list[float], seconds: float, root: Path, by_statement: bool
         api, database_url = deployed.serve.api, deployed.database_url
         assert deployed.s3 is not None  # deploy's default storage: S3 on moto
         s3_direct = await stack.enter_async_context(s3_client(deployed.s3.endpoint))
-        gateway = DirectGateway(http, sims.urls, s3_direct, deployed.s3.bucket,
+        lean_http = await stack.enter_async_context(HttpClient())
+        gateway = DirectGateway(http, lean_http, sims.urls, s3_direct, deployed.s3.bucket,
                                 receiver.secret, receiver.url)
         await gateway.start()
         stack.push_async_callback(gateway.stop)

@@ -16,6 +16,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.http_client import HttpClient
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import REPO
@@ -40,6 +41,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture
+async def lean_http() -> AsyncIterator[HttpClient]:
+    async with HttpClient() as client:
+        yield client
+
+
 def make_file(path: Path, content: bytes = b"bytes") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
@@ -57,20 +64,20 @@ async def delete(
 
 
 async def test_ping_answers_on_both_paths_without_a_token(
-    sim: SimulatedComfyUI, http: aiohttp.ClientSession
+    sim: SimulatedComfyUI, http: aiohttp.ClientSession, lean_http: HttpClient
 ) -> None:
     for path in ("/comfyfleet/ping", "/api/comfyfleet/ping"):
         async with http.get(sim.url + path) as response:
             assert response.status == 200
             assert await response.json() == {"package": "comfyfleet-cleanup", "version": VERSION}
-    assert await ComfyClient(sim.url, http).cleanup_version() == VERSION
+    assert await ComfyClient(sim.url, http, lean_http).cleanup_version() == VERSION
 
 
 async def test_a_comfyui_without_the_package_has_no_cleanup(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, lean_http: HttpClient
 ) -> None:
     async with SimulatedComfyUI(data_dir=tmp_path / "plain") as plain:
-        assert await ComfyClient(plain.url, http).cleanup_version() is None
+        assert await ComfyClient(plain.url, http, lean_http).cleanup_version() is None
 
 
 IMPOSTOR = """
@@ -87,13 +94,13 @@ async def ping(request):
 
 
 async def test_another_package_on_the_ping_path_means_no_cleanup(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, lean_http: HttpClient
 ) -> None:
     impostor = tmp_path / "impostor"
     impostor.mkdir()
     (impostor / "__init__.py").write_text(IMPOSTOR)
     async with SimulatedComfyUI(data_dir=tmp_path / "sim", custom_nodes=[impostor]) as sim:
-        client = ComfyClient(sim.url, http)
+        client = ComfyClient(sim.url, http, lean_http)
         with pytest.raises(ComfyError, match="not comfyfleet-cleanup"):
             await client.cleanup_version()
         cleanup = BackendCleanup(client, "sim", TOKEN)
@@ -102,9 +109,9 @@ async def test_another_package_on_the_ping_path_means_no_cleanup(
 
 
 async def test_deletes_files_of_each_type_and_then_reports_them_missing(
-    sim: SimulatedComfyUI, http: aiohttp.ClientSession
+    sim: SimulatedComfyUI, http: aiohttp.ClientSession, lean_http: HttpClient
 ) -> None:
-    client = ComfyClient(sim.url, http)
+    client = ComfyClient(sim.url, http, lean_http)
     root = sim.data_dir
     job_output = make_file(root / "output" / "comfyfleet" / "p1" / "x_00001_.png")
     neighbour = make_file(root / "output" / "comfyfleet" / "p1" / "x_00002_.png")
@@ -132,7 +139,7 @@ async def test_deletes_files_of_each_type_and_then_reports_them_missing(
 
 
 async def test_a_missing_or_wrong_token_deletes_nothing(
-    sim: SimulatedComfyUI, http: aiohttp.ClientSession
+    sim: SimulatedComfyUI, http: aiohttp.ClientSession, lean_http: HttpClient
 ) -> None:
     target = make_file(sim.data_dir / "output" / "keep.png")
     body = {"filename": "keep.png", "subfolder": "", "type": "output"}
@@ -145,7 +152,7 @@ async def test_a_missing_or_wrong_token_deletes_nothing(
         assert response.status == 401
         assert response.headers["WWW-Authenticate"] == "Bearer"
     with pytest.raises(ComfyError, match="401"):
-        await ComfyClient(sim.url, http).delete_file("keep.png", "", "output", "wrong")
+        await ComfyClient(sim.url, http, lean_http).delete_file("keep.png", "", "output", "wrong")
     assert target.exists()
 
 

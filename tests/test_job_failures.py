@@ -21,6 +21,7 @@ from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.execution.collector import Collector
 from comfyfleet.execution.endings import Endings, JobEnded
 from comfyfleet.fleet.registry import BackendRegistry
+from comfyfleet.http_client import HttpClient
 from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import Choice, JobRepository
@@ -112,8 +113,8 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
     storage = LocalStorage(tmp_path / "outputs")
     endings = KeptEndings()
     try:
-        async with aiohttp.ClientSession() as http:
-            client = ComfyClient(sim.url, http)
+        async with aiohttp.ClientSession() as http, HttpClient() as lean_http:
+            client = ComfyClient(sim.url, http, lean_http)
             prompt = isolate_outputs(INVERT_PROMPT, "missing")
             prompt_id = str(uuid.uuid4())
             await client.queue_prompt(prompt, prompt_id=prompt_id, client_id="test")

@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
     {"sim"},  # the simulated ComfyUI: keeps its cache by comfy/'s rules
     {"egress", "storage", "workflows", "pulse"},  # leaves
     {"comfy"},  # what a ComfyUI server is and says (workflows read its /object_info)
+    {"http_client"},  # the lean HTTP/1.1 client of the hot path's requests
     {"db", "sql"},
     {"settings"},
 ]

@@ -11,6 +11,7 @@ import aiohttp
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import parse_endpoint
+from comfyfleet.http_client import HttpClient
 from comfyfleet.workflows.catalog import load_catalog
 from comfyfleet.workflows.service_functions import BuildError
 
@@ -23,11 +24,11 @@ async def check_workflows(directory: Path, endpoints: list[str]) -> tuple[list[s
     for name, error in sorted(catalog.errors.items()):
         lines.append(f"FAIL {name}: {error}")
     backends: dict[str, Capabilities] = {}
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession() as http, HttpClient() as lean_http:
         for text in endpoints:
             backend = parse_endpoint(text)
             try:
-                info = await ComfyClient(backend.url, http).object_info()
+                info = await ComfyClient(backend.url, http, lean_http).object_info()
             except ComfyError as exc:
                 lines.append(f"FAIL backend {backend.name}: {exc}")
                 ok = False

@@ -1,20 +1,29 @@
 """A client for one ComfyUI server's HTTP and websocket protocol (comfyui-protocol.md).
 
 Tolerant by design: unknown keys are ignored, and nothing assumes a message arrives.
-One aiohttp session per backend, reused for every request and the websocket.
+Its requests go over the lean HTTP client (http_client.py), pooled per backend; the
+websocket and the multipart upload of an input, over one aiohttp session per backend.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
+from comfyfleet.http_client import HttpClient, HttpError, Response, Timeouts
+
 # ComfyUI's garbage-collection stalls can hold a response for ~0.5 s; never time out tightly.
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+TIMEOUTS = Timeouts(connect=5, total=30)
+# No total limit for an output: a large video may take long; a stalled read still fails.
+VIEW_TIMEOUTS = Timeouts(connect=5, read=60)
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ComfyError(Exception):
@@ -40,43 +49,32 @@ class OutputMissing(ComfyError):
     again will not bring it back."""
 
 
-async def body_chunks(response: aiohttp.ClientResponse, size: int) -> AsyncIterator[bytes]:
-    """The body of `response` (from `view`) in chunks of up to `size` bytes. A body that
-    breaks off is a ComfyError, the backend's failure: whoever streams it on (a storage) must
-    not take it for a failure of its own."""
-    try:
-        async for chunk in response.content.iter_chunked(size):
-            yield chunk
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        query = response.url.query
-        raise ComfyError(f"GET /view {query.get('subfolder', '')}/{query.get('filename')}: "
-                         f"the body broke off: {exc!r}") from exc
-
-
 class ComfyClient:
-    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, http: HttpClient) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
+        self._http = http
 
     def _url(self, path: str) -> str:
         return self.base_url + path
 
-    async def _get_json(self, path: str, **params: str) -> Any:
-        return await self._request("GET", path, params=params)
+    async def _get_json(self, path: str) -> Any:
+        return await self._request("GET", path)
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
-        await self._request("POST", path, json=body)
+        await self._request("POST", path, body)
 
-    async def _request(self, method: str, path: str, **options: Any) -> Any:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The JSON a GET answers (None for a POST); anything but a 200 is a ComfyError."""
+        data, headers = (b"", None) if body is None else (json.dumps(body).encode(), JSON_HEADERS)
         try:
-            async with self.session.request(
-                method, self._url(path), timeout=DEFAULT_TIMEOUT, **options
+            async with self._http.request(
+                method, self._url(path), body=data, headers=headers, timeouts=TIMEOUTS
             ) as response:
                 if response.status != 200:
                     raise ComfyError(f"{method} {path}: HTTP {response.status}")
-                return await response.json(content_type=None) if method == "GET" else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                return await response.json() if method == "GET" else await response.read()
+        except (HttpError, ValueError) as exc:
             raise ComfyError(f"{method} {path}: {exc!r}") from exc
 
     async def queue_prompt(
@@ -84,21 +82,23 @@ class ComfyClient:
         extra_data: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """`extra_data`: what ComfyUI passes to the nodes with the prompt (a partner-node
-        key); it adds `client_id` there itself."""
+        key); it adds `client_id` there itself. Never sent twice: a connection that breaks
+        after the request was written is a ComfyError, whatever the backend made of it."""
         body: dict[str, Any] = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
         if extra_data:
             body["extra_data"] = extra_data
         try:
-            async with self.session.post(
-                self._url("/prompt"), json=body, timeout=DEFAULT_TIMEOUT
+            async with self._http.request(
+                "POST", self._url("/prompt"), body=json.dumps(body).encode(),
+                headers=JSON_HEADERS, timeouts=TIMEOUTS,
             ) as response:
-                payload = await response.json(content_type=None)
+                payload = await response.json()
                 if response.status == 400 and isinstance(payload, dict):
                     raise PromptRejected(response.status, payload)
                 if response.status != 200 or not isinstance(payload, dict):
                     raise ComfyError(f"POST /prompt: HTTP {response.status}")
                 return payload
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (HttpError, ValueError) as exc:
             raise ComfyError(f"POST /prompt: {exc!r}") from exc
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -155,15 +155,15 @@ class ComfyClient:
         """The version of the comfyfleet-cleanup package (comfyui_nodes/) on this backend;
         None when it is not installed (404)."""
         try:
-            async with self.session.get(
-                self._url("/comfyfleet/ping"), timeout=DEFAULT_TIMEOUT
+            async with self._http.request(
+                "GET", self._url("/comfyfleet/ping"), timeouts=TIMEOUTS
             ) as response:
                 if response.status == 404:
                     return None
                 if response.status != 200:
                     raise ComfyError(f"GET /comfyfleet/ping: HTTP {response.status}")
-                answer = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                answer = await response.json()
+        except (HttpError, ValueError) as exc:
             raise ComfyError(f"GET /comfyfleet/ping: {exc!r}") from exc
         version = answer.get("version") if isinstance(answer, dict) else None
         # A str version means `answer` is a dict.
@@ -177,43 +177,47 @@ class ComfyClient:
         """Delete a file on the backend through comfyfleet-cleanup: True when it was deleted,
         False when it was not there (any other refusal is a ComfyError)."""
         body = {"filename": filename, "subfolder": subfolder, "type": folder_type}
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = {**JSON_HEADERS, "Authorization": f"Bearer {token}"}
         try:
-            async with self.session.post(
-                self._url("/comfyfleet/delete"), json=body, headers=headers,
-                timeout=DEFAULT_TIMEOUT,
+            async with self._http.request(
+                "POST", self._url("/comfyfleet/delete"), body=json.dumps(body).encode(),
+                headers=headers, timeouts=TIMEOUTS,
             ) as response:
-                if response.status == 200:
-                    return True
-                if response.status == 404:
-                    return False
+                if response.status in (200, 404):
+                    await response.read()
+                    return response.status == 200
                 # The package says why (a wrong token, a path outside, ...); read a bounded part.
-                reason = (await response.content.read(300)).decode(errors="replace")
+                reason = (await response.read(300)).decode(errors="replace")
                 raise ComfyError(f"deleting {subfolder}/{filename}: HTTP {response.status} "
                                  f"{reason}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except HttpError as exc:
             raise ComfyError(f"deleting {subfolder}/{filename}: {exc!r}") from exc
 
     @asynccontextmanager
     async def view(
-        self, filename: str, subfolder: str, folder_type: str
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The open `/view` response; anything but 200 is an error, never an empty file."""
-        params = {"filename": filename, "subfolder": subfolder, "type": folder_type}
-        # No total timeout: a large video may take long; a stalled read still fails.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        self, filename: str, subfolder: str, folder_type: str, chunk_bytes: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The body of the output as `/view` answers it, in chunks of `chunk_bytes`, streamed
+        (never held whole); anything but 200 is an error, never an empty file. A body that
+        breaks off is a ComfyError, the backend's failure: whoever streams it on (a storage)
+        must not take it for a failure of its own."""
+        what = f"GET /view {subfolder}/{filename}"
+        query = urlencode({"filename": filename, "subfolder": subfolder, "type": folder_type})
+        answered = False
         try:
-            response = await self.session.get(self._url("/view"), params=params, timeout=timeout)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ComfyError(f"GET /view {subfolder}/{filename}: {exc!r}") from exc
-        try:
-            if response.status == 404:
-                raise OutputMissing(f"GET /view {subfolder}/{filename}: HTTP 404")
-            if response.status != 200:
-                raise ComfyError(f"GET /view {subfolder}/{filename}: HTTP {response.status}")
-            yield response
-        finally:
-            response.release()
+            async with self._http.request(
+                "GET", self._url(f"/view?{query}"), timeouts=VIEW_TIMEOUTS
+            ) as response:
+                answered = True
+                if response.status == 404:
+                    raise OutputMissing(f"{what}: HTTP 404")
+                if response.status != 200:
+                    raise ComfyError(f"{what}: HTTP {response.status}")
+                yield _body_chunks(response, chunk_bytes, what)
+        except HttpError as exc:
+            if answered:  # not the request's: raised by whoever read the chunks
+                raise
+            raise ComfyError(f"{what}: {exc!r}") from exc
 
     async def connect_websocket(self, client_id: str) -> aiohttp.ClientWebSocketResponse:
         try:
@@ -225,3 +229,11 @@ class ComfyClient:
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ComfyError(f"websocket: {exc!r}") from exc
+
+
+async def _body_chunks(response: Response, size: int, what: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.chunks(size):
+            yield chunk
+    except HttpError as exc:
+        raise ComfyError(f"{what}: the body broke off: {exc!r}") from exc

@@ -17,7 +17,7 @@ from typing import Any
 
 from comfyfleet import metrics
 from comfyfleet.comfy.cleanup import BackendCleanup, BackendFile
-from comfyfleet.comfy.client import ComfyClient, ComfyError, OutputMissing, body_chunks
+from comfyfleet.comfy.client import ComfyClient, ComfyError, OutputMissing
 from comfyfleet.comfy.prompts import OutputFile, OutputText, output_items
 from comfyfleet.db import unavailable
 from comfyfleet.execution.endings import Endings, JobEnded
@@ -250,10 +250,9 @@ class Collector:
             try:
                 if isinstance(source, bytes):
                     return await self._storage.put_stream(key, _once(source), content_type)
-                async with client.view(source.filename, source.subfolder,
-                                       source.type) as response:
-                    return await self._storage.put_stream(
-                        key, body_chunks(response, CHUNK_BYTES), content_type)
+                async with client.view(source.filename, source.subfolder, source.type,
+                                       CHUNK_BYTES) as chunks:
+                    return await self._storage.put_stream(key, chunks, content_type)
             except StorageError as exc:
                 metrics.storage_error()
                 log.warning("storing %s failed, retrying in %.0f s: %s", key, delay, exc)

@@ -19,6 +19,7 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
 from comfyfleet.db import unavailable
 from comfyfleet.execution.warm import WarmCache
+from comfyfleet.http_client import HttpClient
 from comfyfleet.pulse import Pulse
 from comfyfleet.workflows.inference import NodeInputs
 
@@ -68,7 +69,8 @@ class BackendSession:
         self._listener = listener
         self._changes = changes or Pulse()
         self._http = aiohttp.ClientSession()
-        self.client = ComfyClient(backend.url, self._http)
+        self._lean_http = HttpClient()
+        self.client = ComfyClient(backend.url, self._http, self._lean_http)
         self.connected = False
         # Counts the websocket connections made: events heard on one connection from a
         # prompt's start to its end are all its events (none were sent while it was down).
@@ -226,3 +228,4 @@ class BackendSession:
 
     async def close(self) -> None:
         await self._http.close()
+        await self._lean_http.close()

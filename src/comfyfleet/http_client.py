@@ -1,0 +1,428 @@
+"""A lean HTTP/1.1 client for the requests every job makes (POST /prompt, GET /view, the S3
+PUT): an asyncio Protocol per connection, llhttp (httptools, uvicorn's parser) for the
+answers, keep-alive connections pooled per (scheme, host, port, proxy).
+
+An aiohttp request against a local server costs 150-320 us of the client's CPU here, most of
+it in the generality around the socket (its request and response objects, tracing signals,
+cookie and redirect handling); this client does only what the hot path needs: bytes out with a
+Content-Length, an answer whose body (Content-Length, chunked, or until close) is read whole
+or streamed with backpressure, time limits, TLS, a plain-HTTP proxy.
+
+A reused connection that the peer closed while it sat idle is tried once more on a new
+connection only when resending cannot do anything twice: for any method when nothing was
+written (the close seen before writing), and after writing only for the idempotent methods
+(RFC 9110 9.2.2) and only if no byte of an answer came. A POST is never sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# The methods a request may be resent with when its connection broke before any answer.
+IDEMPOTENT_METHODS = frozenset({"GET", "PUT", "DELETE", "OPTIONS"})
+# An idle connection older than this is closed, not reused: servers close theirs after 5-75 s
+# (aiohttp's client keeps them 15 s, as here), and a close racing the next request costs a
+# retry, or for a POST an error.
+KEEPALIVE_SECONDS = 15.0
+# An answer's body buffered beyond this (or what the reader asked for, if more) pauses
+# reading from the socket until the reader takes it: a large output streams in bounded memory.
+READ_BUFFER_BYTES = 256 * 1024
+# A request body is written in pieces of this size, each once the socket takes the one
+# before, rather than handed to the transport whole (which would copy what it cannot send).
+WRITE_PIECE_BYTES = 256 * 1024
+
+
+class HttpError(Exception):
+    """No complete answer: the connection could not be made or broke off, a time limit
+    passed, or what came was not HTTP."""
+
+
+class ConnectError(HttpError):
+    """The connection could not be made (refused, unreachable, no such host, TLS refused)."""
+
+
+class CertificateError(ConnectError):
+    """The server's TLS certificate did not verify: it will not on the next try either."""
+
+
+class HttpTimeout(HttpError, TimeoutError):
+    """A time limit passed before the answer (or the next piece of its body) came."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """`connect`: to open a connection; `read`: for each wait on the answer (its head, each
+    piece of its body); `total`: the whole exchange, from the request to the body's end.
+    None: no limit."""
+
+    connect: float | None = None
+    read: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    key: tuple[str, str, int, str | None]  # scheme, host, port, proxy: a pool's
+    host_header: str
+    request_target: str  # origin-form, or absolute-form through a proxy
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(HttpTimeout("timed out waiting for the answer"))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, carrying one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.idle_since = 0.0
+        self.lost = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_ready: asyncio.Future[None] | None = None
+        self.begin()
+
+    def begin(self) -> None:
+        """Ready for the next exchange's answer."""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False  # a byte of this exchange's answer came
+        self.error: HttpError | None = None
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._want = 0
+        self._paused = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(HttpError(f"not an HTTP answer: {exc}"))
+            assert self.transport is not None
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # close: a half-closed connection carries no next request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.head_done and not self.complete and self._until_close():
+            self.complete = True  # a body delimited by the close, now whole
+            self._wake()
+        elif not self.complete:
+            reason = f": {exc}" if exc is not None else ""
+            self._fail(HttpError(f"the connection was closed before the answer ended{reason}"))
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_ready = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+        self._write_ready = None
+
+    # httptools' callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered >= max(self._want, READ_BUFFER_BYTES) and not self._paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._paused = True
+        if self._buffered >= self._want:
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self._parser.should_keep_alive()  # (reset once the call returns)
+        self.complete = True
+        self._wake()
+
+    # the exchange
+
+    def _until_close(self) -> bool:
+        return "content-length" not in self.headers and "chunked" not in self.headers.get(
+            "transfer-encoding", "").lower()
+
+    def _fail(self, error: HttpError) -> None:
+        if self.error is None:
+            self.error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeouts: Timeouts, deadline: float | None) -> None:
+        if self.error is not None:
+            raise self.error
+        wait = timeouts.read
+        if deadline is not None:
+            left = deadline - self._loop.time()
+            wait = left if wait is None else min(wait, left)
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(wait, _expire, waiter) if wait is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def send(self, head: bytes, body: bytes | memoryview) -> None:
+        assert self.transport is not None
+        if len(body) <= WRITE_PIECE_BYTES:
+            self.transport.write(head + body if body else head)
+            return
+        self.transport.write(head)
+        view = memoryview(body)
+        for start in range(0, len(view), WRITE_PIECE_BYTES):
+            if self._write_ready is not None:
+                await self._write_ready
+            if self.lost:
+                return  # the answer's wait says why
+            self.transport.write(view[start:start + WRITE_PIECE_BYTES])
+
+    async def answer_head(self, timeouts: Timeouts, deadline: float | None) -> None:
+        while not self.head_done:
+            await self._wait(timeouts, deadline)
+
+    async def body_piece(self, size: int, timeouts: Timeouts, deadline: float | None) -> bytes:
+        """Up to `size` bytes of the body, once that many are buffered or it has ended; b""
+        after its end."""
+        while self._buffered < size and not self.complete:
+            self._want = size
+            if self._paused:
+                assert self.transport is not None
+                self.transport.resume_reading()
+                self._paused = False
+            await self._wait(timeouts, deadline)
+        self._want = 0
+        whole = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        piece, rest = whole[:size], whole[size:]
+        self._body = [rest] if rest else []
+        self._buffered = len(rest)
+        if self._paused and self._buffered < READ_BUFFER_BYTES:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._paused = False
+        return piece
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.lost and self.error is None \
+            and not self._body
+
+
+class Response:
+    """An answer: its status and head (header names lowercase; repeated ones joined by ", "),
+    and its body, to be read inside the `request` block."""
+
+    def __init__(self, connection: _Connection, timeouts: Timeouts, deadline: float | None):
+        self._connection = connection
+        self._timeouts = timeouts
+        self._deadline = deadline
+        self.status = connection.status
+        self.headers = connection.headers
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body, or its first `limit` bytes (the rest unread)."""
+        if limit is not None:
+            return await self._connection.body_piece(limit, self._timeouts, self._deadline)
+        pieces = []
+        while piece := await self._connection.body_piece(
+                READ_BUFFER_BYTES, self._timeouts, self._deadline):
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return json.loads(await self.read())
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        """The body in pieces of `size` bytes (the last one shorter), at most about `size`
+        bytes of it held here at a time."""
+        while piece := await self._connection.body_piece(size, self._timeouts, self._deadline):
+            yield piece
+
+
+class HttpClient:
+    """Pooled keep-alive connections, at most `limit` open at a time (None: no limit).
+    `tls`: the context for https (the system's defaults if None)."""
+
+    def __init__(self, *, limit: int | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
+        self._slots = asyncio.Semaphore(limit) if limit is not None else None
+        self._tls = tls
+        self._closed = False
+
+    def _target(self, url: str, proxy: str | None) -> _Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HttpError(f"not an http(s) URL: {url!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise HttpError(f"{url!r}: {exc}") from exc
+        if proxy is not None:
+            return _Target((parts.scheme, parts.hostname, port, proxy), parts.netloc,
+                           url.partition("#")[0])
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return _Target((parts.scheme, parts.hostname, port, None), parts.netloc, path)
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, url: str, *, body: bytes | memoryview = b"",
+        headers: dict[str, str] | None = None, timeouts: Timeouts = Timeouts(),
+        proxy: str | None = None,
+    ) -> AsyncIterator[Response]:
+        """The answer to one request (through the http:// `proxy`, if given), its body
+        readable inside the block; HttpError (or its kinds) when no whole answer came. Its
+        connection is kept for the next request only if its body was read to the end."""
+        target = self._target(url, proxy)
+        lines = [f"{method} {target.request_target} HTTP/1.1\r\nHost: {target.host_header}\r\n"]
+        if body or method != "GET":
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        if headers:
+            lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeouts.total if timeouts.total is not None else None
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            connection = await self._exchange(target, method, head, body, timeouts, deadline)
+            try:
+                yield Response(connection, timeouts, deadline)
+            finally:
+                self._release(target, connection)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    async def _exchange(self, target: _Target, method: str, head: bytes,
+                        body: bytes | memoryview, timeouts: Timeouts,
+                        deadline: float | None) -> _Connection:
+        """A connection whose answer's head has come."""
+        resend = method in IDEMPOTENT_METHODS
+        while True:
+            connection, reused = await self._connection(target, timeouts)
+            try:
+                await connection.send(head, body)
+                await connection.answer_head(timeouts, deadline)
+                return connection
+            except HttpTimeout:
+                _close(connection)
+                raise
+            except HttpError:
+                _close(connection)
+                if reused and resend and not connection.received:
+                    resend = False  # once
+                    continue
+                raise
+            except BaseException:  # cancelled: the answer would belong to no one
+                _close(connection)
+                raise
+
+    async def _connection(self, target: _Target, timeouts: Timeouts) -> tuple[_Connection, bool]:
+        """An idle connection still open (True), else a new one (False)."""
+        if self._closed:
+            raise HttpError("the client is closed")
+        idle = self._idle.get(target.key)
+        loop = asyncio.get_running_loop()
+        while idle:
+            connection = idle.pop()
+            assert connection.transport is not None
+            if connection.lost or connection.transport.is_closing():
+                continue
+            if loop.time() - connection.idle_since > KEEPALIVE_SECONDS:
+                connection.transport.close()
+                continue
+            connection.begin()
+            return connection, True
+        return await self._connect(target, timeouts, loop), False
+
+    async def _connect(self, target: _Target, timeouts: Timeouts,
+                       loop: asyncio.AbstractEventLoop) -> _Connection:
+        scheme, host, port, proxy = target.key
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if proxy is not None:
+                raise ConnectError("https through a proxy is not supported here")
+            tls = self._tls if self._tls is not None else ssl.create_default_context()
+        if proxy is not None:
+            proxy_parts = urlsplit(proxy)
+            host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop), host, port, ssl=tls,
+                    server_hostname=host if tls is not None else None)
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateError(f"connecting to {host}:{port}: {exc}") from exc
+        except TimeoutError as exc:
+            raise HttpTimeout(f"connecting to {host}:{port}: timed out") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"connecting to {host}:{port}: {exc}") from exc
+        return connection
+
+    def _release(self, target: _Target, connection: _Connection) -> None:
+        if self._closed or not connection.reusable():
+            _close(connection)
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(target.key, []).append(connection)
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                _close(connection)
+        self._idle.clear()
+
+
+def _close(connection: _Connection) -> None:
+    if connection.transport is not None:
+        connection.transport.close()

@@ -1,0 +1,288 @@
+"""The lean HTTP/1.1 client (http_client.py) against servers on loopback: aiohttp's, and raw
+asyncio servers scripted to answer as a misbehaving peer would."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from comfyfleet.comfy.client import ComfyClient, ComfyError
+from comfyfleet.http_client import (
+    ConnectError,
+    HttpClient,
+    HttpError,
+    HttpTimeout,
+    Timeouts,
+)
+from tests.support import LOOPBACK, app_on_loopback
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    """A server on loopback calling `handler(reader, writer, n)` for each connection, n
+    counting the connections from 0: its URL."""
+    count = 0
+    handling: set[asyncio.Task[None]] = set()
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        number, count = count, count + 1
+        task = asyncio.current_task()
+        assert task is not None
+        handling.add(task)
+        try:
+            await handler(reader, writer, number)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            handling.discard(task)
+
+    server = await asyncio.start_server(connected, LOOPBACK, 0)
+    async with server:
+        yield f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        for task in list(handling):
+            task.cancel()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head (its first line and headers) and its Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpClient]:
+    async with HttpClient() as http:
+        yield http
+
+
+async def test_requests_one_after_another_share_one_kept_connection(client: HttpClient) -> None:
+    peers: list[int] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername")[1])
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    async with app_on_loopback(app) as url:
+        for index in range(5):
+            method = "POST" if index % 2 else "GET"
+            body = f"body {index}".encode() if method == "POST" else b""
+            async with client.request(method, url + "/echo", body=body) as response:
+                assert response.status == 200
+                assert await response.read() == body
+    assert len(peers) == 5
+    assert len(set(peers)) == 1
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "until-close"])
+async def test_a_body_is_read_whole_however_it_is_framed(client: HttpClient,
+                                                          framing: str) -> None:
+    pieces = [b"a" * 1000, b"b" * 70_000, b"c" * 5]
+    whole = b"".join(pieces)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        if framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(whole))
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+        elif framing == "chunked":
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        else:  # HTTP/1.0 style: no length, the body ends with the connection
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + whole)
+        await writer.drain()
+        if framing == "until-close":
+            writer.close()
+        else:
+            await reader.read()  # until the client closes
+
+    async with raw_server(answer) as url:
+        async with client.request("GET", url + "/") as response:
+            assert response.status == 200
+            assert await response.read() == whole
+
+
+async def test_a_large_body_streams_in_pieces_with_bounded_memory(client: HttpClient) -> None:
+    """A reader that stops reading stops the socket: the server cannot push the whole body
+    into the client while nothing takes it; read on, it arrives whole, in pieces of the size
+    asked for."""
+    size = 64 * 1024 * 1024
+    written = 0
+    block = bytes(range(256)) * 256  # 64 KiB
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal written
+        await read_request(reader)
+        writer.transport.set_write_buffer_limits(high=64 * 1024)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        while written < size:
+            writer.write(block)
+            await writer.drain()
+            written += len(block)
+        await reader.read()
+
+    async with raw_server(answer) as url:
+        async with client.request("GET", url + "/") as response:
+            chunks = response.chunks(1024 * 1024)
+            first = await anext(chunks)
+            await asyncio.sleep(0.5)  # nothing read meanwhile
+            held_back = size - written
+            sizes = [len(first)] + [len(chunk) async for chunk in chunks]
+    # The socket buffers on loopback hold a few MiB; the rest waited for the reader.
+    assert held_back > size // 2
+    assert sizes == [1024 * 1024] * 64
+
+
+async def test_a_body_that_breaks_off_is_an_error_not_a_short_body(client: HttpClient) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 400)
+        await writer.drain()
+
+    async with raw_server(answer) as url:
+        async with client.request("GET", url + "/") as response:
+            with pytest.raises(HttpError, match="closed before the answer ended"):
+                await response.read()
+
+
+def close_the_second_request(seen: list[bytes]) -> Handler:
+    """Answers each connection's first request and keeps the connection; at its second, closes
+    it unanswered, as a server does when its idle timeout fires just as a request arrives."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        head, _ = await read_request(reader)
+        seen.append(head.split(b"\r\n")[0])
+        writer.write(OK)
+        await writer.drain()
+        head, _ = await read_request(reader)
+        seen.append(head.split(b"\r\n")[0])
+        writer.transport.abort()
+
+    return answer
+
+
+async def test_a_get_on_a_connection_the_peer_closed_is_sent_again_once(
+    client: HttpClient,
+) -> None:
+    seen: list[bytes] = []
+    async with raw_server(close_the_second_request(seen)) as url:
+        for _ in range(2):
+            async with client.request("GET", url + "/a") as response:
+                assert await response.read() == b"ok"
+    assert seen == [b"GET /a HTTP/1.1"] * 3  # the second one twice: closed, then answered
+
+
+async def test_a_post_on_a_connection_the_peer_closed_is_never_sent_again(
+    client: HttpClient,
+) -> None:
+    """The request may have been acted on before the close: a POST /prompt sent twice queues
+    the prompt twice."""
+    seen: list[bytes] = []
+    async with raw_server(close_the_second_request(seen)) as url:
+        async with client.request("POST", url + "/prompt", body=b"{}") as response:
+            assert await response.read() == b"ok"
+        with pytest.raises(HttpError, match="closed before the answer"):
+            async with client.request("POST", url + "/prompt", body=b"{}"):
+                pass
+    assert seen == [b"POST /prompt HTTP/1.1"] * 2
+
+
+async def test_a_post_after_the_peer_closed_the_idle_connection_goes_on_a_new_one(
+    client: HttpClient,
+) -> None:
+    """Closed while idle (its close seen before the next request): nothing was written on it,
+    so even a POST goes, once, on a new connection."""
+    seen: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          _: int) -> None:
+        head, _ = await read_request(reader)
+        seen.append(head.split(b"\r\n")[0])
+        writer.write(OK)
+        await writer.drain()
+        writer.close()  # without Connection: close, as an idle timeout does
+        closed.set()
+
+    async with raw_server(answer_once) as url:
+        for _ in range(2):
+            async with client.request("POST", url + "/prompt", body=b"{}") as response:
+                assert await response.read() == b"ok"
+            await closed.wait()
+            await asyncio.sleep(0.05)  # the close reaches the client
+            closed.clear()
+    assert seen == [b"POST /prompt HTTP/1.1"] * 2
+
+
+async def test_an_answer_that_does_not_come_times_out(client: HttpClient) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await reader.read()
+
+    async def slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await reader.read()
+
+    async with raw_server(silent) as url:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(HttpTimeout):
+            async with client.request("GET", url + "/", timeouts=Timeouts(read=0.2)):
+                pass
+        with pytest.raises(TimeoutError):  # a TimeoutError too, as callers catch
+            async with client.request("GET", url + "/", timeouts=Timeouts(total=0.2)):
+                pass
+        assert asyncio.get_running_loop().time() - started < 2
+    async with raw_server(slow_body) as url:
+        async with client.request("GET", url + "/", timeouts=Timeouts(read=0.2)) as response:
+            with pytest.raises(HttpTimeout):
+                await response.read()
+
+
+def refused_url() -> str:
+    """The URL of a loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return f"http://{LOOPBACK}:{probe.getsockname()[1]}"
+
+
+async def test_a_refused_connection_is_a_connect_error_and_a_comfy_error(
+    client: HttpClient,
+) -> None:
+    url = refused_url()
+    with pytest.raises(ConnectError):
+        async with client.request("GET", url + "/"):
+            pass
+    async with aiohttp.ClientSession() as session:
+        comfy = ComfyClient(url, session, client)
+        with pytest.raises(ComfyError, match="POST /prompt"):
+            await comfy.queue_prompt({}, prompt_id="p", client_id="c")
+        with pytest.raises(ComfyError, match="GET /view"):
+            async with comfy.view("a.png", "", "output", 1024):
+                pass

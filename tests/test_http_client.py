@@ -121,10 +121,9 @@ async def test_a_body_is_read_whole_however_it_is_framed(client: HttpClient,
         else:
             await reader.read()  # until the client closes
 
-    async with raw_server(answer) as url:
-        async with client.request("GET", url + "/") as response:
-            assert response.status == 200
-            assert await response.read() == whole
+    async with raw_server(answer) as url, client.request("GET", url + "/") as response:
+        assert response.status == 200
+        assert await response.read() == whole
 
 
 async def test_a_large_body_streams_in_pieces_with_bounded_memory(client: HttpClient) -> None:
@@ -146,13 +145,12 @@ async def test_a_large_body_streams_in_pieces_with_bounded_memory(client: HttpCl
             written += len(block)
         await reader.read()
 
-    async with raw_server(answer) as url:
-        async with client.request("GET", url + "/") as response:
-            chunks = response.chunks(1024 * 1024)
-            first = await anext(chunks)
-            await asyncio.sleep(0.5)  # nothing read meanwhile
-            held_back = size - written
-            sizes = [len(first)] + [len(chunk) async for chunk in chunks]
+    async with raw_server(answer) as url, client.request("GET", url + "/") as response:
+        chunks = response.chunks(1024 * 1024)
+        first = await anext(chunks)
+        await asyncio.sleep(0.5)  # nothing read meanwhile
+        held_back = size - written
+        sizes = [len(first)] + [len(chunk) async for chunk in chunks]
     # The socket buffers on loopback hold a few MiB; the rest waited for the reader.
     assert held_back > size // 2
     assert sizes == [1024 * 1024] * 64
@@ -164,10 +162,9 @@ async def test_a_body_that_breaks_off_is_an_error_not_a_short_body(client: HttpC
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 400)
         await writer.drain()
 
-    async with raw_server(answer) as url:
-        async with client.request("GET", url + "/") as response:
-            with pytest.raises(HttpError, match="closed before the answer ended"):
-                await response.read()
+    async with raw_server(answer) as url, client.request("GET", url + "/") as response:
+        with pytest.raises(HttpError, match="closed before the answer ended"):
+            await response.read()
 
 
 def close_the_second_request(seen: list[bytes]) -> Handler:
@@ -175,11 +172,11 @@ def close_the_second_request(seen: list[bytes]) -> Handler:
     it unanswered, as a server does when its idle timeout fires just as a request arrives."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
-        head, _ = await read_request(reader)
+        head, _body = await read_request(reader)
         seen.append(head.split(b"\r\n")[0])
         writer.write(OK)
         await writer.drain()
-        head, _ = await read_request(reader)
+        head, _body = await read_request(reader)
         seen.append(head.split(b"\r\n")[0])
         writer.transport.abort()
 
@@ -222,7 +219,7 @@ async def test_a_post_after_the_peer_closed_the_idle_connection_goes_on_a_new_on
 
     async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           _: int) -> None:
-        head, _ = await read_request(reader)
+        head, _body = await read_request(reader)
         seen.append(head.split(b"\r\n")[0])
         writer.write(OK)
         await writer.drain()
@@ -259,10 +256,10 @@ async def test_an_answer_that_does_not_come_times_out(client: HttpClient) -> Non
             async with client.request("GET", url + "/", timeouts=Timeouts(total=0.2)):
                 pass
         assert asyncio.get_running_loop().time() - started < 2
-    async with raw_server(slow_body) as url:
-        async with client.request("GET", url + "/", timeouts=Timeouts(read=0.2)) as response:
-            with pytest.raises(HttpTimeout):
-                await response.read()
+    async with raw_server(slow_body) as url, client.request(
+            "GET", url + "/", timeouts=Timeouts(read=0.2)) as response:
+        with pytest.raises(HttpTimeout):
+            await response.read()
 
 
 def refused_url() -> str:

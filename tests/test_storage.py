@@ -289,6 +289,65 @@ async def test_s3_put_trusts_the_ca_bundle_the_sdk_does(
             await storage.close()
 
 
+@asynccontextmanager
+async def tunnelling_proxy() -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP proxy on loopback that takes only CONNECT, keeping its request line, and pipes
+    the tunnel's bytes both ways."""
+    lines: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        lines.append(head.split("\r\n", 1)[0])
+        host, _, port = head.split(" ")[1].rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(tunnel, LOOPBACK, 0)
+    async with server:
+        yield f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}", lines
+
+
+async def test_s3_put_over_https_tunnels_through_the_proxy_of_the_environment(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY with S3 on https: the PUT goes through a CONNECT tunnel, TLS inside it
+    verified for S3's own name, as the SDK's calls go."""
+    ca, certificate, key = private_ca(tmp_path)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+    handshakes: list[str | None] = []
+    async with tunnelling_proxy() as (proxy, lines), tls_front(
+            s3_endpoint, certificate, key, handshakes) as https:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        storage = await S3Storage.open(s3_settings(https, s3_bucket))
+        try:
+            for index in range(2):
+                assert await storage.put_stream(f"job/9_{index}.png", pattern(1000),
+                                                "image/png") == 1000
+        finally:
+            await storage.close()
+    # Two tunnels: moto closes every connection after its answer.
+    assert lines == [f"CONNECT {urlsplit(https).netloc} HTTP/1.1"] * 2
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=s3_endpoint, **S3_CREDENTIALS
+    ) as client:
+        stored = await client.get_object(Bucket=s3_bucket, Key="job/9_1.png")
+        async with stored["Body"] as body:
+            assert await body.read() == b"".join([chunk async for chunk in pattern(1000)])
+
+
 async def test_s3_upload_broken_midway_leaves_no_object_and_no_open_upload(
     s3: S3Storage, s3_endpoint: str, s3_bucket: str
 ) -> None:

@@ -6,7 +6,7 @@ An aiohttp request against a local server costs 150-320 us of the client's CPU h
 it in the generality around the socket (its request and response objects, tracing signals,
 cookie and redirect handling); this client does only what the hot path needs: bytes out with a
 Content-Length, an answer whose body (Content-Length, chunked, or until close) is read whole
-or streamed with backpressure, time limits, TLS, a plain-HTTP proxy.
+or streamed with backpressure, time limits, TLS, an HTTP proxy (a CONNECT tunnel for https).
 
 A reused connection that the peer closed while it sat idle is tried once more on a new
 connection only when resending cannot do anything twice: for any method when nothing was
@@ -39,6 +39,9 @@ READ_BUFFER_BYTES = 256 * 1024
 # A request body is written in pieces of this size, each once the socket takes the one
 # before, rather than handed to the transport whole (which would copy what it cannot send).
 WRITE_PIECE_BYTES = 256 * 1024
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class HttpError(Exception):
@@ -92,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self._waiter: asyncio.Future[None] | None = None
         self._write_ready: asyncio.Future[None] | None = None
+        self._tunnel_answer: bytes | None = None  # while a CONNECT is answered
         self.begin()
 
     def begin(self) -> None:
@@ -114,6 +118,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are no subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel_answer is not None:
+            self._tunnel_answer += data
+            self._wake()
+            return
         self.received = True
         try:
             self._parser.feed_data(data)
@@ -204,6 +212,24 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+
+    async def tunnel(self, authority: str, tls: ssl.SSLContext, server_hostname: str) -> None:
+        """Through the proxy this is connected to, a tunnel to `authority`, and TLS in it
+        (the proxy's answer to CONNECT has no body, which the parser cannot be told)."""
+        assert self.transport is not None
+        self._tunnel_answer = b""
+        self.transport.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+                             .encode("latin-1"))
+        while b"\r\n\r\n" not in self._tunnel_answer:
+            await self._wait(Timeouts(), None)
+        status_line = self._tunnel_answer.partition(b"\r\n")[0].decode("latin-1")
+        if status_line.split(" ")[1:2] != ["200"]:
+            raise ConnectionRefusedError(f"the proxy answered CONNECT with {status_line!r}")
+        self._tunnel_answer = None
+        transport = await asyncio.get_running_loop().start_tls(
+            self.transport, self, tls, server_hostname=server_hostname)
+        assert transport is not None
+        self.transport = transport
 
     async def send(self, head: bytes, body: bytes | memoryview) -> None:
         assert self.transport is not None
@@ -296,14 +322,17 @@ class HttpClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HttpError(f"not an http(s) URL: {url!r}")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
         except ValueError as exc:
             raise HttpError(f"{url!r}: {exc}") from exc
-        if proxy is not None:
-            return _Target((parts.scheme, parts.hostname, port, proxy), parts.netloc,
+        host_header = parts.netloc.rpartition("@")[2]
+        if parts.port is not None and port == _DEFAULT_PORTS[parts.scheme]:
+            host_header = host_header.rpartition(":")[0]  # as botocore signs it, and aiohttp
+        if proxy is not None and parts.scheme == "http":
+            return _Target((parts.scheme, parts.hostname, port, proxy), host_header,
                            url.partition("#")[0])
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return _Target((parts.scheme, parts.hostname, port, None), parts.netloc, path)
+        return _Target((parts.scheme, parts.hostname, port, proxy), host_header, path)
 
     @asynccontextmanager
     async def request(
@@ -380,26 +409,29 @@ class HttpClient:
 
     async def _connect(self, target: _Target, timeouts: Timeouts,
                        loop: asyncio.AbstractEventLoop) -> _Connection:
+        """A new connection: straight, or through the proxy (for https, a CONNECT tunnel)."""
         scheme, host, port, proxy = target.key
-        tls: ssl.SSLContext | None = None
-        if scheme == "https":
-            if proxy is not None:
-                raise ConnectError("https through a proxy is not supported here")
-            tls = self._tls if self._tls is not None else ssl.create_default_context()
+        tls = (self._tls or ssl.create_default_context()) if scheme == "https" else None
+        where = f"{host}:{port}"
+        to_host, to_port = host, port
         if proxy is not None:
             proxy_parts = urlsplit(proxy)
-            host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+            to_host, to_port = proxy_parts.hostname or "", proxy_parts.port or 80
+            where += f" through the proxy {to_host}:{to_port}"
         try:
             async with asyncio.timeout(timeouts.connect):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), host, port, ssl=tls,
-                    server_hostname=host if tls is not None else None)
+                    lambda: _Connection(loop), to_host, to_port,
+                    ssl=tls if proxy is None else None,
+                    server_hostname=host if tls is not None and proxy is None else None)
+                if proxy is not None and tls is not None:
+                    await connection.tunnel(f"{host}:{port}", tls, host)
         except ssl.SSLCertVerificationError as exc:
-            raise CertificateError(f"connecting to {host}:{port}: {exc}") from exc
+            raise CertificateError(f"connecting to {where}: {exc}") from exc
         except TimeoutError as exc:
-            raise HttpTimeout(f"connecting to {host}:{port}: timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"connecting to {host}:{port}: {exc}") from exc
+            raise HttpTimeout(f"connecting to {where}: timed out") from exc
+        except (OSError, ssl.SSLError, HttpError) as exc:
+            raise ConnectError(f"connecting to {where}: {exc}") from exc
         return connection
 
     def _release(self, target: _Target, connection: _Connection) -> None:

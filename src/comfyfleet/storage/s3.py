@@ -5,10 +5,11 @@ multipart upload that holds at most PART_CONCURRENCY parts in memory (about 32 M
 aborted on failure, so memory stays flat whatever the size and no half-written object is left
 behind.
 
-The one PUT of a short stream (every image a job makes) is signed by botocore's own Signature
-Version 4 signer and sent on aiohttp, to the URL the client itself would use: the client's
-call cost 1.1-1.3 ms more CPU per object, in its event hooks, request building and user
-agent (bench/RESULTS.md, "the rest of the service's CPU per job"). A presigned URL likewise:
+The one PUT of a short stream (every image a job makes) is signed as botocore's own Signature
+Version 4 signer signs it and sent on the lean HTTP client (http_client.py), to the URL the
+client itself would use: the client's call cost 1.1-1.3 ms more CPU per object, in its event
+hooks, request building and user agent (bench/RESULTS.md, "the rest of the service's CPU per
+job"), and aiohttp's request 0.1-0.2 ms more than the lean one. A presigned URL likewise:
 botocore's query signer on the URL, region and service the signing client uses, checked once
 against a URL the client signs (its call, endpoint rules and all, cost twice the CPU).
 """
@@ -34,13 +35,13 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
-import aiohttp
 from aiobotocore.session import AioSession, get_session
 from botocore.auth import _host_from_url
 from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from comfyfleet.http_client import CertificateError, HttpClient, HttpError, Timeouts
 from comfyfleet.settings import Settings
 from comfyfleet.storage.base import NotInStorage, SignedUrl, StorageError
 
@@ -60,8 +61,7 @@ SIGNED_URLS_KEPT = 4096
 PUT_ATTEMPTS = 3
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_CONNECTIONS = 10
-CONNECT_TIMEOUT = 60.0
-READ_TIMEOUT = 60.0
+PUT_TIMEOUTS = Timeouts(connect=60.0, read=60.0)
 ERROR_SNIPPET_BYTES = 1024
 _URL_PROBE_KEY = "comfyfleet-url-probe"
 
@@ -91,7 +91,7 @@ class Presigner(Enum):
 
 class S3Storage:
     def __init__(self, client: Any, signer: Any, bucket: str, url_ttl: int,
-                 exit_stack: AsyncExitStack, http: aiohttp.ClientSession):
+                 exit_stack: AsyncExitStack, http: HttpClient):
         self._client = client
         self._signer = signer
         self.bucket = bucket
@@ -145,11 +145,7 @@ class S3Storage:
                     tls_files._verify, tls_files._cert_file, tls_files._key_file)
                     if isinstance(name, str)) or "the CA bundle"
                 raise StorageError(f"S3 TLS: cannot load {named}: {exc}") from exc
-            http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=tls),
-                timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT,
-                                              sock_read=READ_TIMEOUT),
-                cookie_jar=aiohttp.DummyCookieJar())
+            http = HttpClient(limit=MAX_CONNECTIONS, tls=tls)
             stack.push_async_callback(http.close)
             return cls(client, signer, settings.s3_bucket, settings.s3_url_ttl, stack.pop_all(),
                        http)
@@ -157,7 +153,7 @@ class S3Storage:
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
         try:
             return await self._upload(key, chunks, content_type)
-        except (BotoCoreError, ClientError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+        except (BotoCoreError, ClientError, ValueError, HttpError, TimeoutError) as exc:
             # ValueError: a retried part whose body the HTTP layer already closed; the
             # collector's own retry starts the whole upload again.
             raise StorageError(f"S3 upload of {key}: {exc}") from exc
@@ -225,19 +221,21 @@ class S3Storage:
                 url, self._put_host, content_type, payload_hash,
                 await credentials.get_frozen_credentials(), self._client.meta.region_name)
             try:
-                async with self._http.put(url, data=body, headers=headers,
-                                          proxy=self._proxy) as response:
+                async with self._http.request("PUT", url, body=body, headers=headers,
+                                              timeouts=PUT_TIMEOUTS,
+                                              proxy=self._proxy) as response:
                     if response.status < 300:
+                        await response.read()
                         return
-                    error = await response.content.read(ERROR_SNIPPET_BYTES)
+                    error = await response.read(ERROR_SNIPPET_BYTES)
                     failure = f"HTTP {response.status}: " + " ".join(
                         error.decode(errors="replace").split())  # S3's XML, on one line
                     if response.status not in RETRYABLE_STATUSES:
                         raise StorageError(f"S3 upload of {key}: {failure}")
-            except aiohttp.ClientConnectorCertificateError as exc:
+            except CertificateError as exc:
                 # A certificate that did not verify will not on the next try either.
                 raise StorageError(f"S3 upload of {key}: {exc}") from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except HttpError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             if attempt < PUT_ATTEMPTS:
                 await asyncio.sleep(random.uniform(0, 2 ** (attempt - 1)))
@@ -252,8 +250,7 @@ class S3Storage:
             url = probe.partition("?")[0]
             if not url.endswith("/" + _URL_PROBE_KEY):
                 raise StorageError(f"S3: an object's URL has an unexpected shape: {url}")
-            # As botocore finds it, once (aiohttp's trust_env would look in a thread at every
-            # request, for ~/.netrc too).
+            # As botocore finds it, once.
             parts = urlsplit(url)
             proxy = None if proxy_bypass(parts.hostname or "") else getproxies().get(parts.scheme)
             if proxy and "://" not in proxy:

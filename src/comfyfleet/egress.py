@@ -3,10 +3,11 @@ addresses, so a callback or input URL cannot reach the gateway's own network.
 
 Two checks, for two moments:
 - `check_url` at submit, so a bad URL is refused with a clear answer (422);
-- `guarded_connector` at connect time, because DNS can answer differently later (rebinding):
-  its resolver drops non-public answers and its socket factory refuses any other address
-  (IP-literal URLs never reach a resolver), so the connection itself only goes to an allowed
-  address. Redirects must not be followed with it (each hop would need the same checks).
+- `guarded_connector` (aiohttp's) and `public_addresses` (the lean client's resolver) at
+  connect time, because DNS can answer differently later (rebinding): non-public answers are
+  dropped and any other address refused (an IP-literal URL's address too), so the connection
+  itself only goes to an allowed address. Redirects must not be followed with them (each hop
+  would need the same checks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import re
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -128,6 +130,18 @@ class PublicResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+async def public_addresses(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+    """The public addresses of `host` (an address itself, or a name), as the lean HTTP
+    client's `resolve` takes them; OSError when it has none."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    allowed: list[tuple[int, tuple[Any, ...]]] = [
+        (family, address) for family, _, _, _, address in infos
+        if address_allowed(str(address[0]))]
+    if not allowed:
+        raise _refused(f"{host} resolves only to non-public addresses")
+    return allowed
 
 
 def _public_socket(addr_info: AddrInfoType) -> socket.socket:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -70,6 +70,10 @@ class Timeouts:
     connect: float | None = None
     read: float | None = None
     total: float | None = None
+
+
+# host, port -> the (family, address) pairs a connection may go to.
+Resolve = Callable[[str, int], Awaitable[list[tuple[int, tuple[Any, ...]]]]]
 
 
 @dataclass(frozen=True)
@@ -308,13 +312,18 @@ class Response:
 
 
 class HttpClient:
-    """Pooled keep-alive connections, at most `limit` open at a time (None: no limit).
-    `tls`: the context for https (the system's defaults if None)."""
+    """Pooled keep-alive connections, at most `limit` in use at a time (None: no limit).
+    `tls`: the context for https (the system's defaults if None). `resolve`, if given, is
+    the only way a host name becomes addresses to connect to (host, port -> (family,
+    address) pairs, or OSError saying why none may be used): a guard on where connections go
+    (egress.py)."""
 
-    def __init__(self, *, limit: int | None = None, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, limit: int | None = None, tls: ssl.SSLContext | None = None,
+                 resolve: Resolve | None = None) -> None:
         self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
         self._slots = asyncio.Semaphore(limit) if limit is not None else None
         self._tls = tls
+        self._resolve = resolve
         self._closed = False
 
     def _target(self, url: str, proxy: str | None) -> _Target:
@@ -411,19 +420,31 @@ class HttpClient:
                        loop: asyncio.AbstractEventLoop) -> _Connection:
         """A new connection: straight, or through the proxy (for https, a CONNECT tunnel)."""
         scheme, host, port, proxy = target.key
-        tls = (self._tls or ssl.create_default_context()) if scheme == "https" else None
+        if scheme == "https" and self._tls is None:
+            self._tls = ssl.create_default_context()  # once: it reads the system's CAs
+        tls = self._tls if scheme == "https" else None
         where = f"{host}:{port}"
         to_host, to_port = host, port
         if proxy is not None:
             proxy_parts = urlsplit(proxy)
             to_host, to_port = proxy_parts.hostname or "", proxy_parts.port or 80
             where += f" through the proxy {to_host}:{to_port}"
+        tls_now = tls if proxy is None else None  # else in the tunnel
         try:
             async with asyncio.timeout(timeouts.connect):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), to_host, to_port,
-                    ssl=tls if proxy is None else None,
-                    server_hostname=host if tls is not None and proxy is None else None)
+                addresses = [(0, (to_host, to_port))] if self._resolve is None \
+                    else await self._resolve(to_host, to_port)
+                if not addresses:
+                    raise OSError(f"{to_host} has no address to connect to")
+                for family, address in addresses:
+                    try:
+                        _, connection = await loop.create_connection(
+                            lambda: _Connection(loop), address[0], address[1], family=family,
+                            ssl=tls_now, server_hostname=host if tls_now is not None else None)
+                        break
+                    except OSError:
+                        if (family, address) == addresses[-1]:
+                            raise
                 if proxy is not None and tls is not None:
                     await connection.tunnel(f"{host}:{port}", tls, host)
         except ssl.SSLCertVerificationError as exc:

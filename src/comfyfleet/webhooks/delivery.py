@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
-
-from comfyfleet.egress import guarded_connector
+from comfyfleet.egress import public_addresses
+from comfyfleet.http_client import HttpClient, HttpError, HttpTimeout, Timeouts
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.webhooks.signing import signed_headers
@@ -75,10 +74,9 @@ class WebhookSender:
     ) -> None:
         self._secret = secret
         self._timeout = timeout
-        self._http = aiohttp.ClientSession(
-            connector=guarded_connector(allow_private=allow_private, limit=concurrency),
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        )
+        self._timeouts = Timeouts(total=timeout)
+        self._http = HttpClient(limit=concurrency,
+                                resolve=None if allow_private else public_addresses)
 
     async def send(self, url: str, message_id: str, body: str) -> AttemptResult:
         headers = signed_headers(self._secret, message_id, body)
@@ -88,20 +86,20 @@ class WebhookSender:
             return round((time.monotonic() - started) * 1000)
 
         try:
-            async with self._http.post(
-                url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                snippet = (await response.content.read(SNIPPET_BYTES)).decode(errors="replace")
+            async with self._http.request(
+                "POST", url, body=body.encode(), headers=headers, timeouts=self._timeouts
+            ) as response:  # (a redirect is an answer like any other: never followed)
+                snippet = (await response.read(SNIPPET_BYTES)).decode(errors="replace")
                 status = response.status
                 retry_after = None
                 if status in RETRY_AFTER_STATUSES:
                     retry_after = retry_after_seconds(
-                        response.headers.get("Retry-After"), datetime.now(UTC)
+                        response.headers.get("retry-after"), datetime.now(UTC)
                     )
-                location = response.headers.get("Location")
-        except TimeoutError:
+                location = response.headers.get("location")
+        except HttpTimeout:
             return AttemptResult(None, elapsed_ms(), f"timed out after {self._timeout:g} s")
-        except aiohttp.ClientError as exc:
+        except HttpError as exc:
             return AttemptResult(None, elapsed_ms(), f"{type(exc).__name__}: {exc}")
         error = None
         if not 200 <= status < 300:

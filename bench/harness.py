@@ -540,9 +540,11 @@ LIBRARY_ACTIVITIES = [
     ("starlette/", "API requests (validate, store, render)"),
     ("fastapi/", "API requests (validate, store, render)"),
     ("aiohttp/", "aiohttp callbacks (websocket and HTTP client reads)"),
+    ("comfyfleet/http_client.py", "lean HTTP client callbacks (its reads)"),
 ]
 # The library of a sample's innermost frame: where the CPU time itself goes.
 LIBRARIES = [
+    ("comfyfleet/http_client.py", "lean HTTP client"),
     ("comfyfleet/", "comfyfleet"), ("sqlalchemy/", "SQLAlchemy"), ("sqlmodel/", "SQLAlchemy"),
     ("asyncpg/", "asyncpg"), ("botocore/", "botocore (S3 client)"),
     ("aiohttp/", "aiohttp"), ("yarl/", "aiohttp"), ("multidict/", "aiohttp"),
@@ -557,7 +559,7 @@ LIBRARIES = [
 # statements and other libraries' work below it.
 COMPONENTS = [
     ("gc (generation", "garbage collector"),
-    ("S3Storage._put (", "storage: S3 PUT (signing, aiohttp request, a connection if new)"),
+    ("S3Storage._put (", "storage: S3 PUT (signing, the request, a connection if new)"),
     ("S3Storage.signed_url", "storage: S3 presigned GET URLs"),
     ("LocalStorage.", "storage: local file"),
     ("ComfyClient.view", "backend: GET /view"),
@@ -582,6 +584,7 @@ COMPONENTS = [
     ("_jsonb_decoder", "SQL: decoding JSONB columns (caller not visible)"),
     ("asyncpg/", "SQL: asyncpg (caller not visible)"),
     ("aiohttp/", "aiohttp callbacks: reads, body writes (caller not visible)"),
+    ("comfyfleet/http_client.py", "lean HTTP client callbacks: reads (caller not visible)"),
 ]
 # Costs worth naming, counted wherever one of their frames is on the stack (so they overlap).
 NAMED_COSTS = [

@@ -262,6 +262,18 @@ async def test_an_answer_that_does_not_come_times_out(client: HttpClient) -> Non
             await response.read()
 
 
+async def test_a_peer_that_stops_reading_a_large_body_times_out(client: HttpClient) -> None:
+    async def not_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          _: int) -> None:
+        await asyncio.sleep(30)
+
+    async with raw_server(not_reading) as url:
+        with pytest.raises(HttpTimeout):
+            async with client.request("PUT", url + "/", body=bytes(64 * 1024 * 1024),
+                                      timeouts=Timeouts(read=0.3)):
+                pass
+
+
 def refused_url() -> str:
     """The URL of a loopback port nothing listens on."""
     with socket.socket() as probe:

@@ -85,7 +85,7 @@ class _Target:
 
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(HttpTimeout("timed out waiting for the answer"))
+        waiter.set_exception(HttpTimeout("timed out"))
 
 
 class _Connection(asyncio.Protocol):
@@ -202,18 +202,26 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def _wait(self, timeouts: Timeouts, deadline: float | None) -> None:
+        """Until the next callback that wakes this (or a failure, or the time limit)."""
         if self.error is not None:
             raise self.error
+        self._waiter = self._loop.create_future()
+        try:
+            await self._bounded(self._waiter, timeouts, deadline)
+        finally:
+            self._waiter = None
+
+    async def _bounded(self, future: asyncio.Future[None], timeouts: Timeouts,
+                       deadline: float | None) -> None:
+        """`future`, or HttpTimeout once the read timeout or the deadline passes."""
         wait = timeouts.read
         if deadline is not None:
             left = deadline - self._loop.time()
             wait = left if wait is None else min(wait, left)
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(wait, _expire, waiter) if wait is not None else None
+        timer = self._loop.call_later(wait, _expire, future) if wait is not None else None
         try:
-            await waiter
+            await future
         finally:
-            self._waiter = None
             if timer is not None:
                 timer.cancel()
 
@@ -235,7 +243,10 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         self.transport = transport
 
-    async def send(self, head: bytes, body: bytes | memoryview) -> None:
+    async def send(self, head: bytes, body: bytes | memoryview, timeouts: Timeouts,
+                   deadline: float | None) -> None:
+        """Write the request; a large body piece by piece, each once the socket has taken
+        the one before (within the read timeout: a peer that stops reading fails it)."""
         assert self.transport is not None
         if len(body) <= WRITE_PIECE_BYTES:
             self.transport.write(head + body if body else head)
@@ -244,7 +255,7 @@ class _Connection(asyncio.Protocol):
         view = memoryview(body)
         for start in range(0, len(view), WRITE_PIECE_BYTES):
             if self._write_ready is not None:
-                await self._write_ready
+                await self._bounded(self._write_ready, timeouts, deadline)
             if self.lost:
                 return  # the answer's wait says why
             self.transport.write(view[start:start + WRITE_PIECE_BYTES])
@@ -382,7 +393,7 @@ class HttpClient:
         while True:
             connection, reused = await self._connection(target, timeouts)
             try:
-                await connection.send(head, body)
+                await connection.send(head, body, timeouts, deadline)
                 await connection.answer_head(timeouts, deadline)
                 return connection
             except HttpTimeout:

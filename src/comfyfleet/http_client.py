@@ -457,7 +457,11 @@ class HttpClient:
                         if (family, address) == addresses[-1]:
                             raise
                 if proxy is not None and tls is not None:
-                    await connection.tunnel(f"{host}:{port}", tls, host)
+                    try:
+                        await connection.tunnel(f"{host}:{port}", tls, host)
+                    except BaseException:
+                        _close(connection)
+                        raise
         except ssl.SSLCertVerificationError as exc:
             raise CertificateError(f"connecting to {where}: {exc}") from exc
         except TimeoutError as exc:

@@ -94,6 +94,28 @@ async def test_requests_one_after_another_share_one_kept_connection(client: Http
     assert len(set(peers)) == 1
 
 
+async def test_an_answer_saying_connection_close_is_not_followed_on_its_connection(
+    client: HttpClient,
+) -> None:
+    """The server means to close (it may not have yet): the next request goes on a new
+    connection, never on this one, where nothing would answer it."""
+    connections: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     number: int) -> None:
+        connections.append(number)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # the socket left open until the client closes it
+
+    async with raw_server(answer) as url:
+        for _ in range(2):
+            async with client.request("GET", url + "/", timeouts=Timeouts(read=5)) as response:
+                assert await response.read() == b"ok"
+    assert connections == [0, 1]
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "until-close"])
 async def test_a_body_is_read_whole_however_it_is_framed(client: HttpClient,
                                                           framing: str) -> None:

@@ -362,7 +362,8 @@ class HttpClient:
     ) -> AsyncIterator[Response]:
         """The answer to one request (through the http:// `proxy`, if given), its body
         readable inside the block; HttpError (or its kinds) when no whole answer came. Its
-        connection is kept for the next request only if its body was read to the end."""
+        connection is kept for the next request only if its body was read to the end. Not
+        for HEAD (the parser would wait for the body its head announces)."""
         target = self._target(url, proxy)
         lines = [f"{method} {target.request_target} HTTP/1.1\r\nHost: {target.host_header}\r\n"]
         if body or method != "GET":

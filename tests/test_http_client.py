@@ -296,6 +296,21 @@ async def test_a_peer_that_stops_reading_a_large_body_times_out(client: HttpClie
                 pass
 
 
+async def test_the_total_time_limit_bounds_connecting_too() -> None:
+    """A connection that does not come (here its address never resolves) fails at the total
+    limit when no connect limit is set, as a webhook's attempt has only its total."""
+
+    async def never(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+        await asyncio.sleep(30)
+        return []
+
+    async with HttpClient(resolve=never) as client:
+        with pytest.raises(HttpTimeout):
+            async with client.request("POST", "http://receiver.example/hooks", body=b"{}",
+                                      timeouts=Timeouts(total=0.2)):
+                pass
+
+
 def refused_url() -> str:
     """The URL of a loopback port nothing listens on."""
     with socket.socket() as probe:

@@ -375,7 +375,11 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeouts.total if timeouts.total is not None else None
         if self._slots is not None:
-            await self._slots.acquire()
+            try:  # the total time limit counts the wait for a free slot too
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise HttpTimeout(f"{method} {url}: no free connection in time") from exc
         try:
             connection = await self._exchange(target, method, head, body, timeouts, deadline)
             try:
@@ -392,7 +396,7 @@ class HttpClient:
         """A connection whose answer's head has come."""
         resend = method in IDEMPOTENT_METHODS
         while True:
-            connection, reused = await self._connection(target, timeouts)
+            connection, reused = await self._connection(target, timeouts, deadline)
             try:
                 await connection.send(head, body, timeouts, deadline)
                 await connection.answer_head(timeouts, deadline)
@@ -410,7 +414,8 @@ class HttpClient:
                 _close(connection)
                 raise
 
-    async def _connection(self, target: _Target, timeouts: Timeouts) -> tuple[_Connection, bool]:
+    async def _connection(self, target: _Target, timeouts: Timeouts,
+                          deadline: float | None) -> tuple[_Connection, bool]:
         """An idle connection still open (True), else a new one (False)."""
         if self._closed:
             raise HttpError("the client is closed")
@@ -426,9 +431,9 @@ class HttpClient:
                 continue
             connection.begin()
             return connection, True
-        return await self._connect(target, timeouts, loop), False
+        return await self._connect(target, timeouts, deadline, loop), False
 
-    async def _connect(self, target: _Target, timeouts: Timeouts,
+    async def _connect(self, target: _Target, timeouts: Timeouts, deadline: float | None,
                        loop: asyncio.AbstractEventLoop) -> _Connection:
         """A new connection: straight, or through the proxy (for https, a CONNECT tunnel)."""
         scheme, host, port, proxy = target.key
@@ -442,8 +447,11 @@ class HttpClient:
             to_host, to_port = proxy_parts.hostname or "", proxy_parts.port or 80
             where += f" through the proxy {to_host}:{to_port}"
         tls_now = tls if proxy is None else None  # else in the tunnel
+        connect_by = None if timeouts.connect is None else loop.time() + timeouts.connect
+        if deadline is not None:
+            connect_by = deadline if connect_by is None else min(connect_by, deadline)
         try:
-            async with asyncio.timeout(timeouts.connect):
+            async with asyncio.timeout_at(connect_by):
                 addresses = [(0, (to_host, to_port))] if self._resolve is None \
                     else await self._resolve(to_host, to_port)
                 if not addresses:

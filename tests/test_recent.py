@@ -9,7 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 
+from comfyfleet import sql
+from comfyfleet.db import driver_connection
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.recent import Recent
 from comfyfleet.jobs.repository import RUN_TIMES_KEPT, JobRepository
@@ -164,3 +167,51 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
         second, _ = await repository.insert(Job(workflow="w"))
     assert await repository.queue_position(second) == 2
     assert await repository.queue_position(first) == 1  # counted, this time
+
+
+async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_snapshot(
+    engine: AsyncEngine,
+) -> None:
+    """A backlog grown deep behind the repository's back (another process, a restore): the
+    first ask finds it deep without counting it (`place` says so) and reads the snapshot; the
+    asks after it count in that one read, not each in a count of every queued job of its
+    own (side by side they piled up behind 100,000 jobs)."""
+    repository = JobRepository(engine, exact_positions_below=5, position_max_age=60)
+    await repository.read_backlog()  # as the service starts: nothing queued yet
+    writer = JobRepository(engine)
+    jobs = [(await writer.insert(Job(workflow="w")))[0] for _ in range(8)]
+    ran: list[str] = []
+
+    def told(query: Any) -> None:
+        ran.append(query.query)
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(told)
+
+    event.listen(Pool, "connect", watch)
+    try:
+        await engine.dispose()  # its connections made anew, each watched
+        positions = [await repository.queue_position(job) for job in jobs]
+    finally:
+        event.remove(Pool, "connect", watch)
+    assert positions == list(range(1, 9))
+    claim = sql.queries("claim")
+    assert (ran.count(claim["place"]), ran.count(claim["backlog"])) == (1, 1), ran
+    await repository.close()
+    await writer.close()
+
+
+async def test_place_counts_nothing_behind_a_deep_backlog(engine: AsyncEngine) -> None:
+    """`place` counts every queued job only while fewer than its bound are queued; behind a
+    deeper backlog it says so, at the cost of reading the bound's worth."""
+    repository = JobRepository(engine)
+    jobs = [(await repository.insert(Job(workflow="w")))[0] for _ in range(3)]
+    place = sql.queries("claim")["place"]
+    async with driver_connection(engine) as connection:
+        shallow = await connection.fetch(place, jobs[2].id, 4)
+        deep = await connection.fetch(place, jobs[2].id, 3)
+    assert [(row["deep"], row["own"], row["queued"], row["ahead"]) for row in shallow] \
+        == [(False, True, 3, 2)]
+    assert [dict(row) for row in deep] == [{"deep": True, "own": None, "queued": None,
+                                            "ahead": None, "start": None, "weight": None}]
+    await repository.close()

@@ -78,9 +78,10 @@ RUN_TIMES_KEPT = 1000
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it (one
 # read shared by every ask) once it is deeper: read again in the background after the jobs
 # change, at most once per POSITION_MAX_AGE seconds, the asks meanwhile counting in the one
-# before (`Recent`), so that none waits for a read (about 0.1 s at 100,000 jobs). A queued
-# job's ETA rests on run times and the work on the backends read as seldom, whatever the
-# backlog's depth.
+# before (`Recent`), so that none waits for a read (about 0.1 s at 100,000 jobs) but those
+# before the first snapshot of a backlog found deep (`place` says so without counting it). A
+# queued job's ETA rests on run times and the work on the backends read as seldom, whatever
+# the backlog's depth.
 EXACT_POSITIONS_BELOW = 1000
 POSITION_MAX_AGE = 2.0
 # The jobs stored first in line a repository keeps for their first position asked: those of
@@ -675,30 +676,33 @@ class JobRepository:
         limits). With fair share: its own key's jobs ahead of it (priority, then age), and of
         every other key as many as start before it in virtual time, each taken to run as long
         as this job's workflow usually does. Without: every job of higher priority, or as high
-        and older. Exact while the backlog last seen had fewer than `exact_positions_below`
-        jobs, or no snapshot of a deeper one is read yet (one is begun then); else counted in
-        the snapshot (positions.py), which misses none of the changes this process was told
-        of `position_max_age` seconds (and the time a read takes) before. A job this
+        and older. Exact while fewer than `exact_positions_below` jobs are queued; else
+        counted in a snapshot of the backlog (positions.py), the first one waited for, which
+        misses none of the changes this process was told of `position_max_age` seconds (and
+        the time a read takes) before. A job this
         repository stored with no other queued is 1 at its first ask within that age, without
         a read (a submit's answer)."""
         stored_alone = self._first_in_line.pop(job.id, None)
         if stored_alone is not None and time.monotonic() - stored_alone < self._position_max_age:
             return 1
         backlog = self._backlog_snapshot()
+        if backlog is None:
+            async with driver_connection(self._read_engine) as connection:
+                rows = await connection.fetch(_CLAIM["place"], job.id,
+                                              self._exact_positions_below)
+            if rows[0]["deep"]:
+                backlog = await self._first_snapshot()
+            else:
+                counted = [row for row in rows if row["own"] is not None]
+                self._backlog_seen = sum(int(row["queued"]) for row in counted)
+                self._backlog.forget()  # not told of changes while shallow: outdated then
+                if not counted or not counted[0]["own"]:
+                    return 1  # no longer queued
+                own, *others = (Share(int(row["queued"]), int(row["ahead"]),
+                                      float(row["start"]), float(row["weight"]))
+                                for row in counted)
         if backlog is not None:
             own, others = backlog.shares(job.api_key_hash or "", job.priority, job.created_at)
-        else:
-            async with driver_connection(self._read_engine) as connection:
-                rows = await connection.fetch(_CLAIM["place"], job.id)
-            self._backlog_seen = sum(int(row["queued"]) for row in rows)
-            if self._backlog_seen >= self._exact_positions_below:
-                self._backlog.refresh()  # deep: a snapshot for the next asks
-            else:
-                self._backlog.forget()  # not told of changes while shallow: outdated then
-            if not rows or not rows[0]["own"]:
-                return 1  # no longer queued
-            own, *others = (Share(int(row["queued"]), int(row["ahead"]), float(row["start"]),
-                                  float(row["weight"])) for row in rows)
         if not self._fair_share or not others:
             return own.ahead + sum(other.ahead for other in others) + 1
         seconds = await self.recent_run_seconds(job.workflow) or UNKNOWN_RUN_SECONDS
@@ -706,13 +710,27 @@ class JobRepository:
 
     def _backlog_snapshot(self) -> Backlog | None:
         """The snapshot of the backlog to count positions in, without waiting for a read:
-        None while the backlog last seen was shallow, or none is read yet (`place` counts
-        exactly then)."""
+        None while the backlog last seen was shallow, or none of it deep is read yet."""
         if self._backlog_seen < self._exact_positions_below:
             return None
         snapshot = self._backlog.latest()
         return snapshot if snapshot is not None \
             and snapshot.size >= self._exact_positions_below else None
+
+    async def _first_snapshot(self) -> Backlog:
+        """A snapshot of the backlog `place` found deep, where none of it deep is read yet:
+        the first read, which every ask meanwhile waits for (each counting exactly instead,
+        side by side, they piled up: 50 ms each at 100,000 queued jobs). Read anew if the one
+        it waited for, begun before, found the backlog shallow."""
+        self._backlog_seen = max(self._backlog_seen, self._exact_positions_below)
+        snapshot = self._backlog.latest()
+        if snapshot is not None and snapshot.size >= self._exact_positions_below:
+            return snapshot  # read since this ask's `place` began
+        self._backlog.forget()  # a shallow one's, if any: not to be counted in
+        snapshot = await self._backlog.get()
+        if snapshot.size < self._exact_positions_below:
+            snapshot = await self._backlog.fresh()
+        return snapshot
 
     async def _read_backlog(self) -> Backlog:
         async with driver_connection(self._read_engine) as connection:

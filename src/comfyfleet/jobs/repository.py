@@ -77,11 +77,11 @@ RUN_TIMES_KEPT = 1000
 # Queue positions are counted exactly (every queued job, for each ask) while the backlog has
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it (one
 # read shared by every ask) once it is deeper: read again in the background after the jobs
-# change, at most once per POSITION_MAX_AGE seconds, the asks meanwhile counting in the one
-# before (`Recent`), so that none waits for a read (about 0.1 s at 100,000 jobs) but those
-# before the first snapshot of a backlog found deep (`place` says so without counting it). A
-# queued job's ETA rests on run times and the work on the backends read as seldom, whatever
-# the backlog's depth.
+# change, at most once per POSITION_MAX_AGE seconds and only while asked for, the asks
+# meanwhile counting in the one before (`Recent`), so that none waits for a read (about 0.1 s
+# at 100,000 jobs) but those before the first snapshot of a backlog found deep (`place` says
+# so without counting it). A queued job's ETA rests on run times and the work on the backends
+# read as seldom, whatever the backlog's depth.
 EXACT_POSITIONS_BELOW = 1000
 POSITION_MAX_AGE = 2.0
 # The jobs stored first in line a repository keeps for their first position asked: those of
@@ -679,7 +679,7 @@ class JobRepository:
         and older. Exact while fewer than `exact_positions_below` jobs are queued; else
         counted in a snapshot of the backlog (positions.py), the first one waited for, which
         misses none of the changes this process was told of `position_max_age` seconds (and
-        the time a read takes) before. A job this
+        the time a read takes) before the previous ask (`Recent`). A job this
         repository stored with no other queued is 1 at its first ask within that age, without
         a read (a submit's answer)."""
         stored_alone = self._first_in_line.pop(job.id, None)

@@ -227,3 +227,40 @@ async def test_place_counts_nothing_behind_a_deep_backlog(engine: AsyncEngine) -
     assert [dict(row) for row in deep] == [{"deep": True, "own": None, "queued": None,
                                             "ahead": None, "start": None, "weight": None}]
     await repository.close()
+
+
+async def test_a_backlog_grown_deep_behind_its_back_is_read_before_anyone_asks(
+    engine: AsyncEngine,
+) -> None:
+    """The tracker's watch looks every second: a backlog written behind the repository's back
+    found deep (once PostgreSQL's statistics show it), its snapshot is read then, and the
+    first asks count in it at once."""
+    repository = JobRepository(engine, exact_positions_below=5, position_max_age=60)
+    await repository.read_backlog()  # as the service starts: nothing queued yet
+    writer = JobRepository(engine)
+    await repository.look_for_deep_backlog()  # shallow: nothing more
+    jobs = [(await writer.insert(Job(workflow="w")))[0] for _ in range(8)]
+    ran: list[str] = []
+
+    def told(query: Any) -> None:
+        ran.append(query.query)
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(told)
+
+    async with engine.begin() as connection:  # as autovacuum would, in its time
+        await connection.execute(text("ANALYZE jobs"))
+    await repository.look_for_deep_backlog()
+    async with asyncio.timeout(10):
+        while repository._backlog.latest() is None:  # noqa: ASYNC110 (the read in the background)
+            await asyncio.sleep(0.01)
+    event.listen(Pool, "connect", watch)
+    try:
+        await engine.dispose()  # its connections made anew, each watched
+        positions = [await repository.queue_position(job) for job in jobs]
+    finally:
+        event.remove(Pool, "connect", watch)
+    assert positions == list(range(1, 9))
+    assert ran == []  # no count, no read: all in the snapshot read before
+    await repository.close()
+    await writer.close()

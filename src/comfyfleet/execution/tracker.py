@@ -762,6 +762,7 @@ class ExecutionTracker:
                     queued = pending
                 known = live
                 await self._forget_ended_elsewhere()
+                await self._repository.look_for_deep_backlog()
             except Exception:  # the database may be away; the next pass tries again
                 log.exception("looking for the jobs of stopped processes failed")
             for session in list(sessions):

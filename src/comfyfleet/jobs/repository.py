@@ -257,6 +257,8 @@ class JobRepository:
         # first asks count exactly, and one finding the backlog deep begins a snapshot), and
         # the snapshot, told of the jobs' changes while the backlog is deep.
         self._backlog_seen = 0
+        # PostgreSQL's estimate of the queued jobs when `look_for_deep_backlog` last counted.
+        self._estimate_looked_at: int | None = None
         # The jobs it stored with no other queued (the latest FIRST_IN_LINE_KEPT), and when:
         # position 1 for their first ask within position_max_age (a submit's answer), not read.
         self._first_in_line: OrderedDict[uuid.UUID, float] = OrderedDict()
@@ -271,6 +273,26 @@ class JobRepository:
         """Read the backlog's snapshot now (as a service starts): the first asks for
         positions behind a deep backlog find it read."""
         await self._backlog.fresh()
+
+    async def look_for_deep_backlog(self) -> None:
+        """While the backlog last seen was shallow: whether it has grown deep behind this
+        process's back (written by a process that did not tell, a restore), and if so its
+        snapshot begun, so that the first asks for positions find it read rather than wait
+        for it. The tracker's watch calls this every second (nothing tells of such writes):
+        it reads PostgreSQL's estimate of the queued jobs (ANALYZE's, autovacuum's), not the
+        jobs table, which it counts only when that estimate changes to a deep one."""
+        if self._backlog_seen >= self._exact_positions_below:
+            return
+        async with driver_connection(self._read_engine) as connection:
+            estimate = await connection.fetchval(_CLAIM["queued_estimate"])
+            if estimate < self._exact_positions_below or estimate == self._estimate_looked_at:
+                return
+            self._estimate_looked_at = estimate
+            deep = await connection.fetchval(_CLAIM["deep"], self._exact_positions_below)
+        if deep and self._backlog_seen < self._exact_positions_below:
+            self._backlog_seen = self._exact_positions_below
+            self._backlog.forget()  # a shallow one's, if any
+            self._backlog.refresh()
 
     def _on_change(self, job_id: uuid.UUID) -> None:
         """A change of the job `job_id` committed by this process."""

@@ -256,6 +256,15 @@ WITH deep AS (
 SELECT deep.deep, counted.* FROM deep LEFT JOIN counted ON true
 ORDER BY counted.own DESC NULLS LAST
 
+-- name: queued_estimate
+-- How many are queued as PostgreSQL's statistics last estimated it (the entries of the queued
+-- ones' index when ANALYZE or autovacuum last looked; -1 before): read without the table.
+SELECT reltuples::int8 FROM pg_class WHERE oid = 'jobs_queued_by_tenant'::regclass
+
+-- name: deep
+-- Whether $1 jobs or more are queued (reading $1 of them at most).
+SELECT count(*) >= $1 AS deep FROM (SELECT FROM jobs WHERE status = 'queued' LIMIT $1) AS queued
+
 -- name: backlog
 -- Every queued job's place in the order fair share serves, for queue positions counted from
 -- a snapshot (jobs/positions.py; `place` counts them all for one job): a row per tenant and

@@ -4,6 +4,8 @@ first none waited for."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -181,17 +183,9 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
     assert await repository.queue_position(first) == 1  # counted, this time
 
 
-async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_snapshot(
-    engine: AsyncEngine,
-) -> None:
-    """A backlog grown deep behind the repository's back (another process, a restore): the
-    first ask finds it deep without counting it (`place` says so) and reads the snapshot; the
-    asks after it count in that one read, not each in a count of every queued job of its
-    own (side by side they piled up behind 100,000 jobs)."""
-    repository = JobRepository(engine, exact_positions_below=5, position_max_age=60)
-    await repository.read_backlog()  # as the service starts: nothing queued yet
-    writer = JobRepository(engine)
-    jobs = [(await writer.insert(Job(workflow="w")))[0] for _ in range(8)]
+@asynccontextmanager
+async def statements_run(engine: AsyncEngine) -> AsyncIterator[list[str]]:
+    """The statements run on `engine`'s connections meanwhile, as sent."""
     ran: list[str] = []
 
     def told(query: Any) -> None:
@@ -203,9 +197,24 @@ async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_sna
     event.listen(Pool, "connect", watch)
     try:
         await engine.dispose()  # its connections made anew, each watched
-        positions = [await repository.queue_position(job) for job in jobs]
+        yield ran
     finally:
         event.remove(Pool, "connect", watch)
+
+
+async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_snapshot(
+    engine: AsyncEngine,
+) -> None:
+    """A backlog grown deep behind the repository's back (another process, a restore): the
+    first ask finds it deep without counting it (`place` says so) and reads the snapshot; the
+    asks after it count in that one read, not each in a count of every queued job of its
+    own (side by side they piled up behind 100,000 jobs)."""
+    repository = JobRepository(engine, exact_positions_below=5, position_max_age=60)
+    await repository.read_backlog()  # as the service starts: nothing queued yet
+    writer = JobRepository(engine)
+    jobs = [(await writer.insert(Job(workflow="w")))[0] for _ in range(8)]
+    async with statements_run(engine) as ran:
+        positions = [await repository.queue_position(job) for job in jobs]
     assert positions == list(range(1, 9))
     claim = sql.queries("claim")
     assert (ran.count(claim["place"]), ran.count(claim["backlog"])) == (1, 1), ran
@@ -240,26 +249,14 @@ async def test_a_backlog_grown_deep_behind_its_back_is_read_before_anyone_asks(
     writer = JobRepository(engine)
     await repository.look_for_deep_backlog()  # shallow: nothing more
     jobs = [(await writer.insert(Job(workflow="w")))[0] for _ in range(8)]
-    ran: list[str] = []
-
-    def told(query: Any) -> None:
-        ran.append(query.query)
-
-    def watch(connection: Any, _: Any) -> None:
-        connection.driver_connection.add_query_logger(told)
-
     async with engine.begin() as connection:  # as autovacuum would, in its time
         await connection.execute(text("ANALYZE jobs"))
     await repository.look_for_deep_backlog()
     async with asyncio.timeout(10):
         while repository._backlog.latest() is None:  # noqa: ASYNC110 (the read in the background)
             await asyncio.sleep(0.01)
-    event.listen(Pool, "connect", watch)
-    try:
-        await engine.dispose()  # its connections made anew, each watched
+    async with statements_run(engine) as ran:
         positions = [await repository.queue_position(job) for job in jobs]
-    finally:
-        event.remove(Pool, "connect", watch)
     assert positions == list(range(1, 9))
     assert ran == []  # no count, no read: all in the snapshot read before
     await repository.close()

@@ -741,7 +741,8 @@ class ExecutionTracker:
         """Until cancelled: poll the history of prompts nothing was heard of for a while (a
         socket can go silent without closing), and requeue the prompts of backends that stay
         unreachable past the grace period; and, when a gateway process stopped, take up what
-        it left (at the first pass: what processes that stopped before this one left)."""
+        it left (at the first pass: what processes that stopped before this one left); and
+        look for a backlog grown deep behind this process's back (queue positions)."""
         known: set[int] | None = None  # the processes alive at the last pass
         queued = self._queued.next()
         while True:

@@ -765,7 +765,8 @@ class ExecutionTracker:
                 await self._forget_ended_elsewhere()
                 await self._repository.look_for_deep_backlog()
             except Exception:  # the database may be away; the next pass tries again
-                log.exception("looking for the jobs of stopped processes failed")
+                log.exception("the watch's pass (the jobs of stopped processes, the "
+                              "backlog's depth) failed")
             for session in list(sessions):
                 try:
                     if session.connected:

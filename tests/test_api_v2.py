@@ -40,6 +40,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comfyfleet import sql
 from comfyfleet.api.v2 import V2Routes
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
@@ -734,7 +735,7 @@ async def test_a_submit_answers_as_the_v2_apps_route(
             await blocker.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
             held = {**key, "Idempotency-Key": "order-8"}
             first = asyncio.create_task(answer("", {"workflow": invert(22, 1)}, held))
-            await locks_awaited(engine, "INSERT INTO jobs")
+            await submit_insert_awaits_lock(engine)
             answers.append(await alike({"workflow": invert(22, 1)}, held))
             await transaction.rollback()
         assert (await first)[0] == 201
@@ -1079,15 +1080,17 @@ async def test_a_key_with_a_callback_url_gets_signed_webhooks_of_its_v2_jobs(
     assert [output["node_id"] for output in event["data"]["outputs"]] == ["3"]
 
 
-async def locks_awaited(engine: AsyncEngine, statement: str) -> None:
-    """Returns once a session of the database waits for a lock in a statement holding
-    `statement`."""
+async def submit_insert_awaits_lock(engine: AsyncEngine) -> None:
+    """Returns once a session of the database waits for a lock in a statement storing a job:
+    `insert`, or `insert_taken` (a job stored already taken), whose text pg_stat_activity
+    shows only as far as its opening comment, not to its INSERT."""
     async with asyncio.timeout(30):
         while True:
             async with engine.connect() as connection:
                 waiting = await connection.scalar(text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND strpos(query, :statement) > 0"), {"statement": statement})
+                    "AND (strpos(query, 'INSERT INTO jobs') > 0 OR starts_with(query, :taken))"),
+                    {"taken": sql.queries("claim")["insert_taken"].splitlines()[0]})
             if waiting:
                 return
             await asyncio.sleep(0.02)
@@ -1106,7 +1109,7 @@ async def test_a_retry_while_the_first_submit_is_in_flight_is_409(
         await blocker.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
         first = asyncio.create_task(client.submit(client.workflows.from_json(invert(20, 3)),
                                                   idempotency_key=key))
-        await locks_awaited(engine, "INSERT INTO jobs")
+        await submit_insert_awaits_lock(engine)
         for retry in (invert(20, 3), invert(21, 3)):
             with pytest.raises(ComfyError) as conflict:
                 async with asyncio.timeout(10):

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 
 from comfyfleet import sql
 from comfyfleet.comfy.endpoints import Backend
@@ -26,9 +27,11 @@ from comfyfleet.jobs.repository import (
     CLAIM_TAKES,
     Choice,
     Claim,
+    Dispatch,
     JobRepository,
     QueuedJob,
     Refusal,
+    Take,
 )
 
 
@@ -522,3 +525,111 @@ async def test_a_job_requeued_after_the_read_is_not_passed_past_the_window(
     assert (taken["id"], taken["refusal"]) == (None, "raced")
     assert [(status, overtaken) for _, status, overtaken in jobs] == [
         ("queued", 2), ("queued", 0), ("queued", 0), ("queued", 0)]
+
+
+def a_take(prompt_id: str = "p1", *, charge: float = 2.0) -> Take:
+    """A take for backend "a" of one slot, chosen before its job is stored."""
+    return Take("a", prompt_id, charge, owner=None, max_inflight=1, ended=[])
+
+
+async def never_claimed(why: Refusal | Exception, _: Any) -> Job | None:
+    raise AssertionError(f"the take was refused: {why!r}")
+
+
+async def test_a_job_is_stored_already_taken_in_one_statement(engine: AsyncEngine) -> None:
+    repository = await backends_a_and_b(engine)
+    statements: list[str] = []
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(
+            lambda query: statements.append(query.query))
+
+    await engine.dispose()  # every connection from here on is watched
+    event.listen(Pool, "connect", watch)
+    job = Job(workflow="w", prompt={"1": {}})
+    try:
+        taken, created = await repository.insert(job, dispatch=Dispatch(a_take(),
+                                                                         never_claimed))
+    finally:
+        event.remove(Pool, "connect", watch)
+    await asyncio.sleep(0)  # query loggers are called soon after, not at once
+    # No BEGIN, no COMMIT, no read: one round trip.
+    assert statements == [sql.queries("claim")["insert_taken"]]
+    assert created
+    assert (taken.id, taken.status, taken.backend, taken.prompt_id, taken.attempts) == \
+        (job.id, JobStatus.DISPATCHED, "a", "p1", 1)
+    assert taken.dispatched_at is not None and taken.prompt == job.prompt
+    async with driver_connection(engine) as connection:
+        row = await connection.fetchrow(
+            "SELECT status, dispatched_at, charged_seconds FROM jobs WHERE id = $1", job.id)
+        # Its tenant (no key) charged as a claim's take charges it.
+        charged = await connection.fetchval(
+            "SELECT unsettled_seconds FROM tenant_shares WHERE tenant = ''")
+    assert (row["status"], row["dispatched_at"], row["charged_seconds"], charged) == \
+        ("dispatched", taken.dispatched_at, 2.0, 2.0)
+
+
+async def refused_take(repository: JobRepository, engine: AsyncEngine, job: Job
+                       ) -> tuple[list[Any], list[Any]]:
+    """`job` offered to `a_take()`, refused: why, as its claim is told, with the job's status
+    in the claim's transaction; and then each job's status and charge."""
+    told: list[Any] = []
+
+    async def claim(why: Refusal | Exception, connection: Any) -> Job | None:
+        told.extend([why, await connection.fetchval(
+            "SELECT status FROM jobs WHERE id = $1", job.id)])
+        return None
+
+    stored, created = await repository.insert(job, dispatch=Dispatch(a_take(), claim))
+    assert created and stored.status == JobStatus.QUEUED
+    async with driver_connection(engine) as connection:
+        return told, [tuple(row) for row in await connection.fetch(
+            "SELECT status, charged_seconds FROM jobs ORDER BY created_at")]
+
+
+async def test_a_take_before_the_insert_yields_to_a_queued_job(engine: AsyncEngine) -> None:
+    repository = await backends_a_and_b(engine)
+    await repository.insert(Job(workflow="w", prompt={}))
+    # Nothing written by the take: the insert in the claim's transaction stores the job.
+    assert await refused_take(repository, engine, Job(workflow="w", prompt={})) == (
+        [Refusal.QUEUED, "queued"], [("queued", None), ("queued", None)])
+
+
+async def test_a_take_before_the_insert_counts_the_slots_of_every_process(
+    engine: AsyncEngine,
+) -> None:
+    repository = await backends_a_and_b(engine)
+    # Another process's prompt fills "a"'s one slot.
+    await repository.insert(Job(workflow="w", prompt={}, status=JobStatus.RUNNING,
+                                backend="a", prompt_id="elsewhere", attempts=1))
+    assert await refused_take(repository, engine, Job(workflow="w", prompt={})) == (
+        [Refusal.NO_SLOT, "queued"], [("running", None), ("queued", None)])
+
+
+async def test_a_take_before_the_insert_is_refused_by_a_draining_backend(
+    engine: AsyncEngine,
+) -> None:
+    repository = await backends_a_and_b(engine)
+    async with driver_connection(engine) as connection:
+        await connection.execute("UPDATE backends SET draining = true WHERE name = 'a'")
+    assert await refused_take(repository, engine, Job(workflow="w", prompt={})) == (
+        [Refusal.NOT_ACCEPTING, "queued"], [("queued", None)])
+
+
+async def test_a_take_before_the_insert_keeps_to_its_tenants_limit(engine: AsyncEngine) -> None:
+    await backends_a_and_b(engine)
+    repository = JobRepository(engine, max_concurrent_per_key=1)
+    await repository.insert(Job(workflow="w", prompt={}, status=JobStatus.RUNNING,
+                                backend="b", prompt_id="on-b", attempts=1))
+    assert await refused_take(repository, engine, Job(workflow="w", prompt={})) == (
+        [Refusal.TENANT_LIMIT, "queued"], [("running", None), ("queued", None)])
+
+
+async def test_a_take_before_the_insert_of_a_repeat_takes_nothing(engine: AsyncEngine) -> None:
+    repository = await backends_a_and_b(engine)
+    earlier, _ = await repository.insert(Job(workflow="w", prompt={}, client_task_id="t"))
+    found, created = await repository.insert(Job(workflow="w", prompt={}, client_task_id="t"),
+                                             dispatch=Dispatch(a_take(), never_claimed))
+    assert (found.id, found.status, created) == (earlier.id, JobStatus.QUEUED, False)
+    async with driver_connection(engine) as connection:
+        assert await connection.fetchval("SELECT count(*) FROM tenant_shares") == 0

@@ -29,6 +29,16 @@ CLAIM = sql.queries("claim")["claim"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
 SDXL = "sd_xl_base_1.0.safetensors"  # and workflows/sdxl_txt2img.json
 # All but "empty": a pass woken with nothing queued claims once.
+# A trigger noting each write of a job's status, and its transaction.
+NOTE_JOB_WRITES = """
+    CREATE TABLE job_writes (id uuid, status text, xid bigint);
+    CREATE FUNCTION note_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO job_writes VALUES (NEW.id, NEW.status, txid_current());
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER note_job_write AFTER INSERT OR UPDATE OF status ON jobs
+    FOR EACH ROW EXECUTE FUNCTION note_job_write()"""
 OUTCOMES = ("took", "no_slot", "not_accepting", "cannot_run", "waits_for_warm", "slower",
             "tenant_limit", "raced")
 
@@ -187,23 +197,15 @@ async def test_a_pass_that_takes_several_jobs_reads_the_backlog_once(
 async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_commit(
     settings: Settings, engine: AsyncEngine,
 ) -> None:
-    """Nothing queued, the dispatcher idle and a slot free: the submit's own claim takes the
-    job in the insert's transaction (a trigger notes each write's transaction); with the slot
+    """Nothing queued, the dispatcher idle and a slot free: the job is stored already taken,
+    never written queued (a trigger notes each write's status and transaction); with the slot
     taken, the job is stored queued and dispatched by a take of its own once a slot frees.
     A Comfy API v2 submit alike, answered as taken: on its backend, position 0."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
         base, http = await served_idle(stack, settings, sim)
         async with driver_connection(engine) as connection:
-            await connection.execute("""
-                CREATE TABLE job_writes (id uuid, status text, xid bigint);
-                CREATE FUNCTION note_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN
-                    INSERT INTO job_writes VALUES (NEW.id, NEW.status, txid_current());
-                    RETURN NEW;
-                END $$;
-                CREATE TRIGGER note_job_write AFTER INSERT OR UPDATE OF status ON jobs
-                FOR EACH ROW EXECUTE FUNCTION note_job_write()""")
+            await connection.execute(NOTE_JOB_WRITES)
         before = claims()
         first = await submit(http, base, {"workflow": "simulated_work",
                                           "params": {"seconds": 1.0, "steps": 2}})
@@ -224,9 +226,9 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
         async with driver_connection(engine) as connection:
             writes = {(str(row["id"]), row["status"]): row["xid"] for row in await connection.fetch(
                 "SELECT * FROM job_writes WHERE status IN ('queued', 'dispatched')")}
-        assert writes[first, "queued"] == writes[first, "dispatched"], writes
+        assert (first, "dispatched") in writes and (first, "queued") not in writes, writes
         assert writes[second, "queued"] != writes[second, "dispatched"], writes
-        assert writes[third, "queued"] == writes[third, "dispatched"], writes
+        assert (third, "dispatched") in writes and (third, "queued") not in writes, writes
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
         assert made.get("took") == 3, made
@@ -235,9 +237,9 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
 async def test_a_job_whose_claim_fails_as_it_is_stored_is_stored_queued(
     settings: Settings, engine: AsyncEngine,
 ) -> None:
-    """The submit's own claim fails (PostgreSQL refuses every write dispatching a job, by a
-    trigger): the submit is still accepted, its job stored queued, not refused with the
-    claim's error; once dispatching works again it runs."""
+    """The submit's own take and claim fail (PostgreSQL refuses every write dispatching a job,
+    by a trigger): the submit is still accepted, its job stored queued, not refused with their
+    error; once dispatching works again it runs."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
         base, http = await served_idle(stack, settings, sim)
@@ -247,7 +249,7 @@ async def test_a_job_whose_claim_fails_as_it_is_stored_is_stored_queued(
                 BEGIN
                     RAISE EXCEPTION 'dispatching refused by the test';
                 END $$;
-                CREATE TRIGGER refuse_dispatch BEFORE UPDATE OF status ON jobs
+                CREATE TRIGGER refuse_dispatch BEFORE INSERT OR UPDATE OF status ON jobs
                 FOR EACH ROW WHEN (NEW.status = 'dispatched')
                 EXECUTE FUNCTION refuse_dispatch()""")
         refused = await submit(http, base, {"workflow": "invert"})
@@ -320,6 +322,43 @@ async def test_a_backend_whose_slots_another_process_filled_is_counted_as_having
                 if count > before[outcome]}
     assert set(made) == {"cannot_run", "no_slot"}
     assert made["no_slot"] <= made["cannot_run"]
+
+
+async def test_a_take_refused_as_its_job_is_stored_leaves_it_to_a_claim_in_the_same_commit(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    """The dispatcher, idle with nothing queued, picks the backend with room by its own count
+    before the insert; the database counts another process's prompt there and refuses the take
+    (no_slot), writing nothing: the dispatcher's claim in the insert's transaction takes the
+    job for the other backend, one commit for both."""
+    other = 12345  # a live process's id: the test's connection holds its lease
+    async with AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(SimulatedComfyUI(name=name))
+                for name in ("a", "b")]
+        settings.comfyui_endpoints = [f"{sim.url}#{sim.name}" for sim in sims]
+        settings.max_inflight_per_backend = 1
+        settings.dispatch_interval = 600  # no safety pass within the test
+        base = await stack.enter_async_context(serving(settings)) + settings.route_prefix
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        await until_healthy(http, base, 2)
+        await wait_for_job(http, base, await submit(http, base, {"workflow": "invert"}),
+                           "succeeded")
+        peer = await stack.enter_async_context(driver_connection(engine))
+        await peer.execute("SELECT pg_advisory_lock($1, $2)", LOCK_SPACE, other)
+        await JobRepository(engine).insert(Job(
+            workflow="invert", prompt={}, status=JobStatus.RUNNING, backend="a",
+            prompt_id="elsewhere", dispatched_by=other))
+        await peer.execute(NOTE_JOB_WRITES)
+        before = claims()
+        job_id = await submit(http, base, {"workflow": "invert", "params": {"color": 1}})
+        await ended_on(http, base, "b", "succeeded", job_id)
+        writes = {row["status"]: row["xid"] for row in await peer.fetch(
+            "SELECT status, xid FROM job_writes WHERE id = $1", uuid.UUID(job_id))}
+    assert writes["queued"] == writes["dispatched"], writes
+    made = {outcome: count - before[outcome] for outcome, count in claims().items()
+            if count > before[outcome]}
+    # The take's refusal, and the claim's read counting "a" full.
+    assert made == {"no_slot": 2, "took": 1}, made
 
 
 async def served(stack: AsyncExitStack, settings: Settings

@@ -16,14 +16,13 @@ prompt's progress showing its length); the periodic pass is only a safety net.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,9 @@ from comfyfleet.jobs.repository import (
     Dispatch,
     JobRepository,
     QueuedJob,
+    Refusal,
+    Store,
+    Take,
 )
 from comfyfleet.logs import job_fields
 from comfyfleet.storage import NotInStorage, Storage, StorageError
@@ -238,54 +240,96 @@ class Dispatcher:
         # wake-up says the backlog or the fleet may have changed since.)
         self._read: BacklogRead | None = None
         self._claiming = asyncio.Lock()  # a pass, or a submit's claim: they share the above
-        # While a submit's claim runs: its job (the only one it may take), and what it took.
-        self._submitted: uuid.UUID | None = None
-        self._taken: list[tuple[BackendSession, Job]] | None = None
 
-    @contextlib.asynccontextmanager
-    async def claim_on_submit(self, job_id: uuid.UUID) -> AsyncIterator[Dispatch | None]:
-        """A claim of job `job_id` as its insert stores it, in the insert's transaction (the
-        repository's `insert`, `dispatch`), or None: at 10 jobs/s the two commits a job took
-        before it could be sent, its insert's and its take's (each a flush of the WAL), were
-        half of the time from its submit to its prompt on a backend. Only while this
-        dispatcher is idle, no job is queued as far as it knows, and a backend has a free
-        slot by its count: the claim is a pass of the dispatcher's (the same read, pick and
-        take, every bound of a take kept) that may take the job submitted only; with a
-        backlog the dispatcher's own passes take the jobs in their order. The prompt is sent
-        once the block has ended without an error: the insert has committed by then."""
+    async def claim_on_submit(self, job: Job, store: Store) -> tuple[Job, bool]:
+        """Store the new queued `job` by `store` (the repository's `insert`, offered a
+        Dispatch or None), dispatched as it is stored when it can be: while this dispatcher
+        is idle, no job is queued as far as it knows, and a backend has a free slot by its
+        count. Its pick (the one of its passes) chooses the backend in memory, on the job
+        alone, and the insert stores the job already taken: at 10 jobs/s the round trips
+        between the submit and its prompt on a backend (BEGIN, the insert, the claim's read,
+        its take, COMMIT) were most of the time between them. The database has the last word
+        on the take (the slots are shared with other processes, the tenant's limit, a job
+        queued meanwhile); refused, the insert's transaction holds a claim of the
+        dispatcher's (the same read, pick and take as a pass) that may take this job only,
+        with one commit for both. The prompt is sent once the insert has committed. Returns
+        what `store` does."""
+        sessions = by_preference(self._sessions, self._max_inflight, self._tracker.slots_taken)
         if self._claiming.locked() or not self._backlog_empty or self._signals.queued \
-                or not by_preference(self._sessions, self._max_inflight,
-                                     self._tracker.slots_taken):
-            yield None
-            return
+                or not sessions:
+            return await store(None)
         async with self._claiming:
-            taken: list[tuple[BackendSession, Job]] = []
+            take = self._take_before_insert(job, sessions)
+            if take is not None:
+                return await self._store_taken(job, store, *take)
+        return await store(None)
 
-            async def claim(connection: asyncpg.Connection) -> Job | None:
-                # Read afresh, in the transaction: no earlier read has the job.
-                self._submitted, self._taken, self._read = job_id, taken, None
-                try:
-                    await self._dispatch_one(connection)
-                except BaseException as exc:
-                    # Undone with the insert's transaction, which stores the job afresh,
-                    # queued: nothing was taken, nor read.
-                    taken.clear()
-                    self._read = None
-                    if isinstance(exc, Exception):
-                        log.exception("claiming job %s as it was stored failed", job_id)
-                    raise
-                finally:
-                    self._submitted = self._taken = None
-                return taken[0][1] if taken else None
+    def _take_before_insert(self, job: Job, sessions: list[BackendSession]
+                            ) -> tuple[Take, list[str], bool] | None:
+        """The take of `job` by the first backend of `sessions` whose pick chooses it, alone
+        in the backlog; the outcomes of the claim (its first backend's, when another took
+        the job: as `_dispatch_one` counts them) but the taker's, and whether the pick tries
+        the backend on a guess. None when no backend would take it now."""
+        queued = [QueuedJob(job.id, job.workflow, job.prompt, job.priority,
+                            created_at=job.created_at, tenant=job.api_key_hash or "")]
+        self._outcomes = {}
+        for session in sessions:
+            if session.capabilities is None:
+                continue
+            choice = self._pick(session, queued)
+            if choice is not None:
+                first = [self._outcomes[name] for name in list(self._outcomes)[:1]]
+                return (Take(session.name, str(uuid.uuid4()), choice.charge, self._owner,
+                             self._max_inflight, list(self._tracker.ended())),
+                        first, self._trying)
+        return None
 
-            try:
-                yield claim
-            except BaseException:
-                if taken:  # not committed: what its read saw is void
-                    self._signals.job_queued()
-                raise
-            for session, job in taken:
-                self._start(session, job)
+    async def _store_taken(self, job: Job, store: Store, take: Take, outcomes: list[str],
+                           trying: bool) -> tuple[Job, bool]:
+        """`job` stored by `store`, offered to `take`, and then to a claim of the dispatcher's
+        in the insert's transaction; the job taken started once committed."""
+        try:
+            stored, created = await store(Dispatch(take, functools.partial(
+                self._claim_submitted, job.id, outcomes)))
+        except BaseException:
+            self._read = None  # the claim's, if any, from a transaction undone
+            self._signals.job_queued()  # whatever was stored: a pass looks
+            raise
+        if not created or stored.status != JobStatus.DISPATCHED:
+            return stored, created
+        if stored.prompt_id == take.prompt_id:  # taken as it was stored
+            metrics.dispatch_claim([*outcomes, "took"])
+            if trying:
+                self._trial = take.prompt_id
+        assert stored.backend is not None
+        self._start(next(s for s in self._sessions if s.name == stored.backend), stored)
+        return stored, created
+
+    async def _claim_submitted(self, job_id: uuid.UUID, outcomes: list[str],
+                               why: Refusal | asyncpg.PostgresError,
+                               connection: asyncpg.Connection) -> Job | None:
+        """The claim of job `job_id` as its insert stores it, in the insert's transaction on
+        `connection`, after its take (`outcomes` the claim's before it) was refused or
+        failed (`why`): a pass of the dispatcher's that may take that job only, its first
+        read afresh, in the transaction (no earlier read has the job). The job taken, not
+        started (the transaction has not committed), or None."""
+        if isinstance(why, Refusal):
+            metrics.dispatch_claim([*outcomes, why])
+        else:
+            log.warning("taking job %s as it was stored failed: %s", job_id, why)
+        # Its job is queued in the transaction: a first backend found full (no read) is no
+        # sign that nothing is.
+        self._read, self._backlog_empty = None, False
+        try:
+            taken, _ = await self._dispatch_one(connection, only=job_id)
+        except BaseException as exc:
+            # Undone with the insert's transaction, which stores the job afresh, queued:
+            # nothing was taken, nor read.
+            self._read = None
+            if isinstance(exc, Exception):
+                log.exception("claiming job %s as it was stored failed", job_id)
+            raise
+        return taken[1] if taken is not None else None
 
     async def run(self) -> None:
         while True:
@@ -309,8 +353,11 @@ class Dispatcher:
         if (claim and not self._backlog_empty) or self._waiting:
             self._waiting = self._short = self._left_free = False
             self._read = None  # the pass's first claim reads the backlog
-            while await self._dispatch_one():
-                pass
+            more = True
+            while more:
+                taken, more = await self._dispatch_one()
+                if taken is not None:
+                    self._start(*taken)
             if self._short and not self._backlog_empty:
                 # Another process's prompt ending frees a slot in the database's
                 # count only as that process writes it: it tells us then.
@@ -322,9 +369,12 @@ class Dispatcher:
             self._signals.tell_freed()
         await self._rebalance()
 
-    async def _dispatch_one(self, connection: asyncpg.Connection | None = None) -> bool:
-        """Send one job to the best backend that has a free slot and should run it; whether
-        another may follow.
+    async def _dispatch_one(
+        self, connection: asyncpg.Connection | None = None, only: uuid.UUID | None = None,
+    ) -> tuple[tuple[BackendSession, Job] | None, bool]:
+        """Take one job for the best backend that has a free slot and should run it (only
+        job `only`, when given, on `connection`): the backend and the job taken, to start
+        once its take has committed, and whether another may follow.
 
         One claim reads the backlog for the first backend (or has the read the pass's last
         take made) and asks the backends after it on that read, in memory: only one whose
@@ -348,7 +398,7 @@ class Dispatcher:
             # point can be reconciled.
             claim = await self._repository.claim_next(
                 names, str(uuid.uuid4()), max_inflight=self._max_inflight,
-                pick=lambda name, queued: self._pick(sessions[name], queued),
+                pick=functools.partial(self._pick_only, sessions, only),
                 owner=self._owner, ended=self._tracker.ended(), window=self._affinity_window,
                 read=self._read, connection=connection)
             self._read = claim.read
@@ -370,15 +420,12 @@ class Dispatcher:
                 assert taker is not None
                 if self._trying:  # the taker's pick, the last one asked
                     self._trial = claim.job.prompt_id
-                if self._taken is not None:
-                    self._taken.append((sessions[taker], claim.job))
-                else:
-                    self._start(sessions[taker], claim.job)
-                return not self._backlog_empty  # it took the last: no claim to find none
+                # It took the last: no claim to find none.
+                return (sessions[taker], claim.job), not self._backlog_empty
             if self._backlog_empty:
-                return False  # nothing queued at all: no other backend would find anything
+                return None, False  # nothing queued: no other backend would find anything
             names = names[claim.next:]
-        return False
+        return None, False
 
     def _start(self, session: BackendSession, job: Job) -> None:
         metrics.job_dispatched(job)
@@ -387,11 +434,17 @@ class Dispatcher:
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)
 
+    def _pick_only(self, sessions: dict[str, BackendSession], only: uuid.UUID | None,
+                   name: str, queued: list[QueuedJob]) -> Choice | None:
+        """The pick of backend `name` of `sessions`, if it chooses job `only` (None: any)."""
+        choice = self._pick(sessions[name], queued)
+        if choice is None or only in (None, choice.job_id):
+            return choice
+        self._outcomes[name] = "not_submitted"
+        return None
+
     def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
         choice = self._choose(session, queued)
-        if choice is not None and self._submitted not in (None, choice.job_id):
-            self._outcome = "not_submitted"
-            choice = None
         if choice is None:  # else the claim says what came of it
             self._outcomes[session.name] = self._outcome
         return choice

@@ -4,12 +4,10 @@ hours), and then run by the same dispatcher, tracker and collector as every othe
 
 from __future__ import annotations
 
-import contextlib
 import mimetypes
 import re
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -21,7 +19,13 @@ from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, Missing
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
 from comfyfleet.jobs.models import Job, JobSource, utcnow
-from comfyfleet.jobs.repository import BacklogLimits, Dispatch, JobRepository, KeyClaim
+from comfyfleet.jobs.repository import (
+    BacklogLimits,
+    Dispatch,
+    JobRepository,
+    KeyClaim,
+    Store,
+)
 
 _SAFE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -31,7 +35,7 @@ _LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u
 MAX_LABELS = 16
 
 # The dispatcher's claim of a job as its insert stores it (Dispatcher.claim_on_submit).
-ClaimOnSubmit = Callable[[uuid.UUID], AbstractAsyncContextManager[Dispatch | None]]
+ClaimOnSubmit = Callable[[Job, Store], Awaitable[tuple[Job, bool]]]
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,12 @@ async def _accept(
     if request.extra_data is not None:
         held.hold(job_id, request.extra_data)  # the job may be claimed as its insert commits
     created = False
+    def store(dispatch: Dispatch | None) -> Awaitable[tuple[Job, bool]]:
+        return admission.insert(repository, job, backlog, claim, dispatch)
+
     try:
-        async with claim_on_submit(job_id) if claim_on_submit is not None \
-                else contextlib.nullcontext() as dispatch:
-            stored, created = await admission.insert(repository, job, backlog, claim,
-                                                     dispatch)
+        stored, created = await (claim_on_submit(job, store) if claim_on_submit is not None
+                                 else store(None))
         if (not created and stored.source == JobSource.GRAPH
                 and stored.created_at <= utcnow() - IDEMPOTENCY_WINDOW):
             await repository.release_client_task_id(stored)  # the key expired: a new request

@@ -5,9 +5,8 @@ A submission that makes none is refused with an error of intake/errors.py."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from comfyfleet.intake.errors import (
     StorageUnavailable,
 )
 from comfyfleet.jobs.models import Job, JobStatus, reused_outputs, utcnow
-from comfyfleet.jobs.repository import BacklogLimits, JobRepository
+from comfyfleet.jobs.repository import BacklogLimits, Dispatch, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage, StorageError
 from comfyfleet.workflows.catalog import Catalog, Workflow
@@ -128,11 +127,13 @@ async def _insert(parts: Parts, job: Job, backlog: BacklogLimits | None,
     was made or may have been."""
     # The inputs are deleted only when no job was made for sure: after an error whose outcome
     # is unknown (the database gone mid-commit) a leftover file beats a job without its input.
+    def store(dispatch: Dispatch | None) -> Awaitable[tuple[Job, bool]]:
+        return admission.insert(parts.repository, job, backlog, dispatch=dispatch)
+
     try:
-        async with parts.fleet.dispatcher.claim_on_submit(job.id) \
-                if job.status == JobStatus.QUEUED else contextlib.nullcontext() as dispatch:
-            stored, created = await admission.insert(parts.repository, job, backlog,
-                                                     dispatch=dispatch)
+        stored, created = await (
+            parts.fleet.dispatcher.claim_on_submit(job, store)
+            if job.status == JobStatus.QUEUED else store(None))
     except (NotStorable, BacklogFull):
         await inputs.discard(parts.storage, records.values())
         raise

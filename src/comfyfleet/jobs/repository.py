@@ -143,6 +143,8 @@ class Refusal(StrEnum):
     TENANT_LIMIT = "tenant_limit"  # the job's key at its max_concurrent, or given one since
     NOT_ACCEPTING = "not_accepting"  # the backend drained or gone since
     NO_SLOT = "no_slot"  # the backend's slots full by every process's count
+    # Jobs queued: a take chosen before its job was stored yields to them (`insert_taken`).
+    QUEUED = "queued"
     # Another claim took the job since the read, or passed one it passes to the window: picked
     # again on the take's read (`claim_next`), and given as the outcome only after CLAIM_TAKES
     # takes.
@@ -204,9 +206,33 @@ class BacklogLimits(NamedTuple):
     total: int | None
 
 
-# A claim offered a job as it is stored, on the insert's connection in its transaction: the
-# job as taken, or None.
-Dispatch = Callable[[asyncpg.Connection], Awaitable[Job | None]]
+class Take(NamedTuple):
+    """A claim's take chosen before its job is stored (Dispatcher.claim_on_submit): `insert`
+    stores the job already taken by it, or nothing when it is refused (sql/claim.sql
+    `insert_taken`)."""
+
+    backend: str
+    prompt_id: str
+    charge: float  # the GPU-seconds its tenant is charged until it ends
+    owner: int | None  # the process that follows it
+    max_inflight: int
+    ended: list[str]  # the caller's prompts whose end it has read, not recorded yet
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What `insert` offers a job it stores to: `take`, in the insert's statement; then, when
+    that is refused (told why: its Refusal, or the database's error), `claim`, on the
+    insert's connection in its transaction, which returns the job as taken, or None."""
+
+    take: Take
+    claim: Callable[[Refusal | asyncpg.PostgresError, asyncpg.Connection],
+                    Awaitable[Job | None]]
+
+
+# How a submit stores its job (`insert`, offered a Dispatch or None): the job as stored, or
+# the earlier one under its idempotency key, and whether it was created.
+Store = Callable[[Dispatch | None], Awaitable[tuple[Job, bool]]]
 
 
 class _Undispatched(Exception):
@@ -319,9 +345,10 @@ class JobRepository:
         """Store a new job; with a `client_task_id` already taken (by a job of the same API key
         and source), the existing job instead. A job stored lets go of `claim`, the request's
         on its idempotency key, in the same statement (no round trip of its own). With
-        `dispatch`, a job stored is offered to it on the insert's connection, in its
-        transaction (a claim, `claim_next` on that connection): the job it returns, the new
-        one taken, is committed with the insert, one commit and its flush for both.
+        `dispatch`, the job is stored already taken by its `take`, in one statement (no
+        backlog to count: none is queued); that refused, nothing is written, and the job,
+        stored as without it, is offered to its `claim` in the insert's transaction (a
+        `claim_next` on its connection): the job it takes is committed with the insert.
 
         Returns the job (as `dispatch` took it) and whether it was created. With `backlog`,
         raises QueueFull when the job's API key, or the service, already has that many jobs
@@ -339,9 +366,20 @@ class JobRepository:
         # Behind a shallow backlog, whether it is first in line: then its position is known.
         shallow = status == JobStatus.QUEUED and self._backlog_seen < self._exact_positions_below
         async with driver_connection(self.engine) as connection:
+            claim_taken = None
+            if dispatch is not None:
+                why, taken = await self._insert_taken(connection, job, held, dispatch.take)
+                if why is None:
+                    if taken is None:  # a repeat
+                        return await _by_client_task_id(connection, job), False
+                    if claim is not None:
+                        claim.held = False  # committed with the job
+                    self._on_change(job.id)
+                    return taken, True
+                claim_taken = partial(dispatch.claim, why)
             try:
                 stored, taken = await _store(connection, job, row, held, shallow, backlog,
-                                             dispatch)
+                                             claim_taken)
             except _Undispatched:
                 # Its claim failed (the dispatcher says why) and undid the insert: a job the
                 # service could store is not refused for it, but stored queued, for the
@@ -356,11 +394,27 @@ class JobRepository:
             if created is not None and claim is not None:
                 claim.held = False  # committed with the job
             if created is None:
-                existing = await connection.fetchrow(
-                    _SQL["by_client_task_id"], job.client_task_id, job.api_key_hash, job.source)
-                return _job(existing), False
+                return await _by_client_task_id(connection, job), False
         self._on_change(job.id)  # committed: a new job is a change the job lists show
         return taken or job, True
+
+    async def _insert_taken(
+        self, connection: asyncpg.Connection, job: Job, held: tuple[Any, ...], take: Take,
+    ) -> tuple[Refusal | asyncpg.PostgresError | None, Job | None]:
+        """sql/claim.sql `insert_taken`: why `take` did not take `job` (None: it did, or the
+        job is a repeat, its client_task_id taken), and the job as taken."""
+        try:
+            row = await connection.fetchrow(
+                _CLAIM["insert_taken"], job.model_dump_json(), *held, take.backend,
+                take.prompt_id, take.owner, take.charge, self._max_concurrent,
+                job.api_key_hash, take.max_inflight, take.ended)
+        except asyncpg.PostgresError as exc:  # nothing written: the claim may still take it
+            return exc, None
+        if row["refusal"] is not None:
+            return Refusal(row["refusal"]), None
+        if row["status"] is None:
+            return None, None
+        return None, _changed(job, {name: row[name] for name in _CHANGING})
 
     async def release_client_task_id(self, job: Job) -> None:
         """Free `job`'s client_task_id for a new job (an idempotency key past its window)."""
@@ -944,7 +998,8 @@ def _changed(job: Job, row: Mapping[str, Any]) -> Job:
 
 async def _store(
     connection: asyncpg.Connection, job: Job, row: str | None, held: tuple[Any, ...],
-    shallow: bool, backlog: BacklogLimits | None, dispatch: Dispatch | None,
+    shallow: bool, backlog: BacklogLimits | None,
+    dispatch: Callable[[asyncpg.Connection], Awaitable[Job | None]] | None,
 ) -> tuple[asyncpg.Record | None, Job | None]:
     """`insert`'s statements on `connection`: the `insert` row (None: a repeat) and the job as
     `dispatch` took it in the same transaction (None: not taken); _Undispatched when
@@ -964,6 +1019,12 @@ async def _store(
             except Exception as exc:
                 raise _Undispatched from exc
     return stored, taken
+
+
+async def _by_client_task_id(connection: asyncpg.Connection, job: Job) -> Job:
+    """The job stored before `job` under its client_task_id (`insert`'s repeat)."""
+    return _job(await connection.fetchrow(_SQL["by_client_task_id"], job.client_task_id,
+                                          job.api_key_hash, job.source))
 
 
 async def _check_backlog(

@@ -222,6 +222,67 @@ SELECT taken.*, CASE WHEN $1::uuid IS NULL THEN NULL
 FROM verdict LEFT JOIN considered ON true LEFT JOIN taken ON true
 CROSS JOIN slots CROSS JOIN read
 
+-- name: insert_taken
+-- Store job $1 already taken: dispatched to backend $6 as prompt $7, followed by process $8,
+-- its tenant charged $9 estimated GPU-seconds over its weight, as `claim`'s take would take
+-- it once stored, with no read and no other job passed: the pick of a dispatcher that was
+-- idle with nothing queued chose the backend in memory, on the job alone, before the insert
+-- (Dispatcher.claim_on_submit), and the insert and its take are one statement and one commit.
+-- Stored as jobs.sql `insert` stores a job (a client_task_id taken: nothing written, no row;
+-- the idempotency claim of holder $5 on key $4 of $2 among the keys of $3 let go with it).
+-- Refused, nothing is written: when any job is queued (by now the dispatcher's passes, or its
+-- claim in the insert's transaction, take the jobs in their order; and nothing queued, no
+-- backlog is full), or the take would be refused as `claim` refuses one, counted by
+-- claim_locks() under the same locks: tenant_limit (its key's max_concurrent, $10 for keys
+-- without their own; $11 is the key's digest, null for none), not_accepting, no_slot ($12
+-- prompts on the backend, those $13 not counted). The locks are the backend's, and the
+-- tenant's when it has a limit as this statement's snapshot reads it.
+-- Returns a row: `refusal` (null: stored, or a repeat) and the columns a take sets, as stored
+-- (null when nothing was).
+WITH tenant AS MATERIALIZED (
+    SELECT coalesce($11::text, '') AS tenant, coalesce(api_keys.weight, 1) AS weight,
+           coalesce(api_keys.max_concurrent, $10::int) AS max_concurrent
+    FROM (SELECT) AS one LEFT JOIN api_keys ON api_keys.key_hash = $11::text
+), verdict AS MATERIALIZED (
+    SELECT tenant.tenant, tenant.weight,
+           CASE WHEN EXISTS (SELECT FROM jobs WHERE status = 'queued') THEN 'queued'
+                WHEN locks.tenant_on_backends >= tenant.max_concurrent THEN 'tenant_limit'
+                WHEN NOT locks.accepting THEN 'not_accepting'
+                WHEN locks.on_gpu >= $12 THEN 'no_slot' END AS refusal
+    FROM tenant CROSS JOIN LATERAL claim_locks(
+        $6, CASE WHEN tenant.max_concurrent IS NOT NULL THEN tenant.tenant END, $13) AS locks
+), stored AS (
+    INSERT INTO jobs
+    SELECT job.* FROM verdict CROSS JOIN LATERAL jsonb_populate_record(NULL::jobs,
+        $1::jsonb || jsonb_build_object(
+            'status', 'dispatched', 'backend', $6::text, 'prompt_id', $7::text,
+            'dispatched_by', $8::int, 'attempts', 1, 'charged_seconds', $9::float8,
+            'dispatched_at', statement_timestamp())) AS job
+    WHERE verdict.refusal IS NULL
+    ON CONFLICT ((coalesce(api_key_hash, '')), source, client_task_id)
+        WHERE client_task_id IS NOT NULL DO NOTHING
+    RETURNING status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
+        dispatched_by, started_at, uploading_at, finished_at, outputs, error
+), released AS (
+    DELETE FROM idempotency_claims
+    WHERE tenant = $2::text AND scope = $3::text AND key = $4::text AND token = $5::text
+      AND EXISTS (SELECT FROM stored)
+), clock AS (
+    SELECT coalesce(max(last_start), 0) AS now FROM tenant_shares
+), charged AS (
+    -- As `claim` charges, from the fleet's virtual clock on.
+    INSERT INTO tenant_shares AS share (tenant, virtual_seconds, last_start, unsettled_seconds)
+    SELECT verdict.tenant, clock.now + $9::float8 / verdict.weight, clock.now, $9::float8
+    FROM verdict CROSS JOIN clock
+    WHERE EXISTS (SELECT FROM stored)
+    ON CONFLICT (tenant) DO UPDATE
+    SET unsettled_seconds = share.unsettled_seconds + excluded.unsettled_seconds,
+        last_start = greatest(share.virtual_seconds, excluded.last_start),
+        virtual_seconds = greatest(share.virtual_seconds, excluded.last_start)
+                          + (excluded.virtual_seconds - excluded.last_start)
+)
+SELECT verdict.refusal, stored.* FROM verdict LEFT JOIN stored ON true
+
 -- name: place
 -- Where queued job $1 stands in fair share, counted while fewer than $2 jobs are queued: a row
 -- per tenant with queued work, its own first (`own`), each with its jobs queued, those of them

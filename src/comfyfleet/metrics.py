@@ -65,7 +65,8 @@ DISPATCH_CLAIMS = Counter(
     "the claim read the backlog), raced (other processes' claims took the chosen job, or "
     "passed a job it passes to AFFINITY_WINDOW, since each read the claim picked on), "
     "not_submitted (a claim in a submit's transaction chose a job other than the one "
-    "submitted: left to the dispatcher's next pass)",
+    "submitted: left to the dispatcher's next pass), queued (a job chosen before it was "
+    "stored, with jobs queued by then: left to the claim in its insert's transaction)",
     ["outcome"], registry=REGISTRY)
 CLAIM_TRANSACTIONS = Counter(
     "comfyfleet_dispatch_claim_transactions",

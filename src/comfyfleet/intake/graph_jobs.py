@@ -34,7 +34,8 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _LABEL_VALUE_BAD = re.compile("[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 MAX_LABELS = 16
 
-# The dispatcher's claim of a job as its insert stores it (Dispatcher.claim_on_submit).
+# The dispatcher's claim of a job as its insert (the Store given) stores it
+# (Dispatcher.claim_on_submit): what the store returned.
 ClaimOnSubmit = Callable[[Job, Store], Awaitable[tuple[Job, bool]]]
 
 

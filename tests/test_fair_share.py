@@ -10,6 +10,7 @@ import random
 import signal
 import uuid
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from comfyfleet.api_keys import KeyLimits, KeyStore, key_hash
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.fair_share import fair_order
-from comfyfleet.jobs.models import Job
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -206,6 +207,33 @@ async def test_a_tenant_new_or_back_from_idling_starts_at_the_virtual_clock(
         shares = {tenant: seconds for tenant, seconds in await connection.execute(text(
             "SELECT tenant, virtual_seconds FROM tenant_shares"))}
     assert shares == {"busy": 30.0, "idle": 30.0, "": 30.0}
+
+
+async def test_a_run_is_charged_until_its_end_of_executing_whichever_write_records_it(
+    engine: AsyncEngine,
+) -> None:
+    """The job's end records its end of executing too when its outputs are stored soon
+    (execution/tracker.py `_defer_end`): its tenant is charged the run until that end, not the
+    upload after it; and a job that ran while no process heard its start keeps the estimate
+    its claim charged, as when `uploading` was written on its own (it was refunded)."""
+    repository = JobRepository(engine)
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO backends (name, url) VALUES ('gpu', 'x')"))
+    for _ in range(2):
+        await repository.insert(Job(workflow="w", api_key_hash="t"))
+    (_, heard), (_, unheard) = [await claimed(repository, 10.0) for _ in range(2)]
+    now = utcnow()
+    await repository.finish(heard, JobStatus.SUCCEEDED, ON_BACKEND_STATES, outputs=[],
+                            started_at=now - timedelta(seconds=3),
+                            uploading_at=now - timedelta(seconds=1))
+    await repository.finish(unheard, JobStatus.SUCCEEDED, ON_BACKEND_STATES, outputs=[],
+                            uploading_at=now)
+    async with engine.connect() as connection:
+        ((unsettled, virtual),) = (await connection.execute(text(
+            "SELECT unsettled_seconds, virtual_seconds FROM tenant_shares"
+            " WHERE tenant = 't'"))).all()
+    assert unsettled == pytest.approx(0.0, abs=1e-9)
+    assert virtual == pytest.approx(2.0 + 10.0, abs=0.01)  # the run's 2 s, the estimate's 10
 
 
 async def test_sigkill_mid_run_leaves_every_charge_settled_once(

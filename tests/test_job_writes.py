@@ -1,5 +1,6 @@
 """What a job's life writes to PostgreSQL, seen by the database itself: a trigger logs each
-change of a job's status, so a test sees every write the service made, in order."""
+write of a job (its transaction, the time, the status it leaves), so a test sees every write
+the service made, in order."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import NotStorable, check_storable, driver_connection
+from comfyfleet.execution.tracker import END_WRITE_DELAY
 from comfyfleet.jobs.repository import _table
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -21,15 +24,18 @@ from tests.webhook_support import gateway, verified
 
 STATUS_LOG = """
 CREATE TABLE status_log (id bigserial PRIMARY KEY, job_id uuid, old text, new text,
-                         started boolean);
+                         started boolean, transaction xid8, at timestamptz,
+                         uploading_at timestamptz);
 CREATE FUNCTION log_status() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO status_log (job_id, old, new, started)
-    VALUES (NEW.id, OLD.status, NEW.status, NEW.started_at IS NOT NULL);
+    -- OLD is null for an INSERT.
+    INSERT INTO status_log (job_id, old, new, started, transaction, at, uploading_at)
+    VALUES (NEW.id, OLD.status, NEW.status, NEW.started_at IS NOT NULL, pg_current_xact_id(),
+            clock_timestamp(), NEW.uploading_at);
     RETURN NEW;
 END $$;
-CREATE TRIGGER log_status AFTER UPDATE ON jobs FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION log_status();
+CREATE TRIGGER log_status AFTER INSERT OR UPDATE ON jobs FOR EACH ROW
+    EXECUTE FUNCTION log_status();
 """
 
 
@@ -41,10 +47,42 @@ async def status_log(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 
 async def changes(engine: AsyncEngine, job_id: str) -> list[tuple[str, str, bool]]:
+    """The changes of the job's status, in order: from, to, and whether it has started."""
     async with driver_connection(engine) as connection:
         rows = await connection.fetch(
-            "SELECT old, new, started FROM status_log WHERE job_id = $1 ORDER BY id", job_id)
+            "SELECT old, new, started FROM status_log WHERE job_id = $1 AND old <> new"
+            " ORDER BY id", job_id)
     return [(row["old"], row["new"], row["started"]) for row in rows]
+
+
+async def writes_after_claim(engine: AsyncEngine, job_id: str) -> list[asyncpg.Record]:
+    """The job's writes made by the transactions after the one that dispatched it, in order
+    (`new`, `started`, `transaction`, `at`, `uploading_at`)."""
+    async with driver_connection(engine) as connection:
+        return list(await connection.fetch(
+            "SELECT * FROM status_log WHERE job_id = $1 AND id > ("
+            " SELECT max(id) FROM status_log WHERE job_id = $1 AND new = 'dispatched')"
+            " ORDER BY id", job_id))
+
+
+async def run_behind_each_other(settings: Settings, jobs: int, **sim: Any) -> list[str]:
+    """A prompt of half a second, then `jobs` invert jobs queued behind it for the backend's
+    one slot, on a simulator (`sim`: its options) whose other prompts take no time: each ends
+    with jobs queued behind it but the last. The ids of the invert jobs, once all succeeded."""
+    settings.max_inflight_per_backend = 1
+    async with SimulatedComfyUI(name="gpu", **sim) as simulator:
+        settings.comfyui_endpoints = [f"{simulator.url}#gpu"]
+        async with gateway(settings) as gw:
+            job_ids: list[str] = []
+            for body in [{"workflow": "simulated_work", "params": {"seconds": 0.5, "steps": 1}},
+                         *[{"workflow": "invert", "params": {"width": 16 + index}}
+                           for index in range(jobs)]]:
+                async with gw.http.post(f"{gw.api}/jobs", json=body) as response:
+                    assert response.status == 202
+                    job_ids.append((await response.json())["id"])
+            for job_id in job_ids:
+                await wait_for_job(gw.http, gw.api, job_id, "succeeded")
+    return job_ids[1:]
 
 
 async def run_jobs(
@@ -127,28 +165,57 @@ async def test_outputs_that_take_a_while_to_store_show_the_job_uploading(
     assert webhooks == ["job.started", "job.succeeded"]
 
 
-async def test_a_prompt_ending_while_a_job_waits_frees_its_slot_at_once(
+async def test_a_prompt_ending_while_a_job_waits_has_its_end_written_with_the_jobs(
     settings: Settings, receivers: StartReceiver, status_log: AsyncEngine,
 ) -> None:
     """The second job waits for the backend's one slot: the first's end of executing is
-    written as it comes, so that the claim counting the slots in the database sees the slot
-    free; the second's, with nothing queued behind it, with its end."""
+    written with its end all the same (the claim of the second counts the slot free as soon as
+    the end is read), and so is the second's."""
     settings.max_inflight_per_backend = 1
-    (first, first_hooks, _), (second, second_hooks, second_job) = await run_jobs(
+    (first, first_hooks, first_job), (second, second_hooks, second_job) = await run_jobs(
         settings, receivers, duration=0.5, count=2)
-    assert await changes(status_log, first) == [
-        ("queued", "dispatched", False),
-        ("dispatched", "running", True),
-        ("running", "uploading", True),
-        ("uploading", "succeeded", True),
-    ]
-    assert await changes(status_log, second) == [
-        ("queued", "dispatched", False),
-        ("dispatched", "running", True),
-        ("running", "succeeded", True),
-    ]
+    for job_id in (first, second):
+        assert await changes(status_log, job_id) == [
+            ("queued", "dispatched", False),
+            ("dispatched", "running", True),
+            ("running", "succeeded", True),
+        ]
     assert first_hooks == second_hooks == ["job.started", "job.succeeded"]
-    assert second_job["uploading_at"] is not None
+    assert first_job["uploading_at"] is not None and second_job["uploading_at"] is not None
+
+
+async def test_with_jobs_queued_a_quick_upload_ends_the_job_in_one_write(
+    settings: Settings, status_log: AsyncEngine,
+) -> None:
+    """Each job ends with others queued behind it for its backend's slot: after the
+    transaction that claims it, one transaction writes the job, its start (a prompt ending as
+    it starts), its end of executing and its end with its outputs, three a job in all."""
+    job_ids = await run_behind_each_other(settings, 3)
+    for job_id in job_ids:
+        (end,) = await writes_after_claim(status_log, job_id)
+        assert (end["new"], end["started"]) == ("succeeded", True), job_id
+        assert end["uploading_at"] is not None
+        assert await changes(status_log, job_id) == [
+            ("queued", "dispatched", False),
+            ("dispatched", "succeeded", True),
+        ]
+
+
+async def test_with_jobs_queued_a_slow_upload_shows_the_job_uploading_after_a_moment(
+    settings: Settings, status_log: AsyncEngine,
+) -> None:
+    """Outputs that take longer to store than END_WRITE_DELAY (a 4 KB output read from the
+    backend at 2 KB/s): the end of executing is written on its own once that moment has
+    passed, jobs queued or not, and the job shows `uploading` until its end."""
+    job_ids = await run_behind_each_other(settings, 2, output_size=4096,
+                                          view_bytes_per_second=2048)
+    for job_id in job_ids:
+        uploading, end = await writes_after_claim(status_log, job_id)
+        assert (uploading["new"], uploading["started"]) == ("uploading", True), job_id
+        assert uploading["at"] - uploading["uploading_at"] >= datetime.timedelta(
+            seconds=END_WRITE_DELAY)
+        assert end["new"] == "succeeded"
+        assert uploading["transaction"] != end["transaction"]
 
 
 async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_once(

@@ -415,7 +415,6 @@ class Dispatcher:
                 outcome != "no_slot" for outcome in self._outcomes.values())
             if claim.backlog is not None:
                 self._backlog_empty = claim.backlog == 0
-                self._signals.claimed(backlog_empty=self._backlog_empty)
             if claim.job is not None:
                 assert taker is not None
                 if self._trying:  # the taker's pick, the last one asked

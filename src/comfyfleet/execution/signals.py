@@ -7,8 +7,6 @@ for a rebalance. A slot is freed for this process's claims as soon as its prompt
 be off the backend (its end read, or it was withdrawn, given up), and released once the
 database counts it off too: `released` beats then, which a drain waiting for its backend to
 go idle listens to (the claims count a freed slot out already: nothing new to claim).
-`backlog_empty` goes the other way: the dispatcher's last claim saw nothing queued and nothing
-was queued since, so no claim waits for a slot the tracker frees.
 Between processes (peers.py carries it, `SlotTalk`): a slot another process frees counts free
 in the database only once that process has written its prompt's end. The dispatcher's claim may
 find the jobs it could take held up by slots other processes hold (`short_of_slots`): it says
@@ -36,7 +34,6 @@ class DispatchSignals:
         # finds nothing a claim that saw the backlog empty did not).
         self.queued = True
         self.released = Pulse()
-        self.backlog_empty = False
         self.wanted = Pulse()  # beats when another process says it waits for a slot
         self.slots = slots  # what the processes say of slots (peers.py)
         # Another process said it waits for a slot, and none said since that it freed one.
@@ -45,15 +42,9 @@ class DispatchSignals:
         self._released_for_peer = False
         self._short_told = False  # this process said it waits, and heard of no slot freed since
 
-    def claimed(self, *, backlog_empty: bool) -> None:
-        """The dispatcher's claim saw the backlog (empty or not): unless a job was queued
-        since its pass began."""
-        self.backlog_empty = backlog_empty and not self.queued
-
     def job_queued(self) -> None:
         """A job joined the backlog, or a backend began taking work: claim what can start."""
         self.queued = True
-        self.backlog_empty = False
         self._claim()
 
     def slot_freed(self) -> None:

@@ -6,11 +6,11 @@ after it starts has its start recorded by the statement recording its end, and s
 first progress report or early output that comes sooner. Only a start nothing else records
 within a moment (`tracker.START_WRITE_DELAY`) is written on its own, by the `timer` task.
 
-Likewise its end of executing (`uploading`) while no job waits in the backlog (no claim wants
-its slot in the database's count): its outputs are usually stored within that moment, and the
-statement recording the job's end records it (`tracker.END_WRITE_DELAY`). The prompt holds its
-backend's slot in the database's count until then: the tracker waits for the end to be
-`settled` to release it.
+Likewise its end of executing (`uploading`) unless another process waits for a slot: its
+outputs are usually stored within a moment (`tracker.END_WRITE_DELAY`), and the statement
+recording the job's end records it. The prompt holds its backend's slot in the database's count
+until then (this process's claims count it out): the tracker waits for the end to be `settled`
+to release it.
 """
 
 from __future__ import annotations

@@ -59,10 +59,13 @@ PROGRESS_WRITE_INTERVAL = 0.5
 # executing sooner has its start recorded by the same statement as its end (`uploading`), and
 # a progress report sooner carries it too.
 START_WRITE_DELAY = 0.2
-# How long a prompt's end of executing (`uploading`) waits to be recorded on its own while no
-# job is queued: outputs stored sooner have it recorded by the statement recording the job's
-# end. (With jobs queued it is recorded at once: other processes' claims count its slot until
-# then.)
+# How long a prompt's end of executing (`uploading`) waits to be recorded on its own: outputs
+# stored sooner (a few round trips to the backend and to storage, milliseconds for an image)
+# have it recorded by the statement recording the job's end, so a job costs one transaction
+# fewer. Meanwhile the job shows `running` (or `dispatched`) with its prompt done; an upload
+# that takes longer shows `uploading`. Other processes' claims count the prompt's slot taken
+# until it is recorded: one that waits for it says so (`peer_waiting`), and ends are then
+# written at once.
 END_WRITE_DELAY = 0.5
 WATCH_INTERVAL = 1.0  # seconds between passes of the safety net
 
@@ -509,9 +512,9 @@ class ExecutionTracker:
         # statement recording it (uploading) has committed: this process's claims count the
         # prompt out of its backend's slots meanwhile (`ended`); other processes' count it
         # until it is recorded. The slot is released once it is (a drain waits for that). A
-        # start not recorded yet (a short prompt) is recorded by the same statement. While no
-        # job is queued, the end is recorded by the job's end instead (`_defer_end`), and the
-        # prompt stays `ended` until then.
+        # start not recorded yet (a short prompt) is recorded by the same statement, which is
+        # the job's end when its outputs are stored soon (`_defer_end`); the prompt stays
+        # `ended` until then.
         prompt_id = run.prompt_id
         self._ending.add(prompt_id)
         self._signals.slot_freed()
@@ -545,12 +548,17 @@ class ExecutionTracker:
     def _defer_end(self, run: PromptRun, end: ExecutionEnd) -> UnrecordedEnd | None:
         """`run`'s end of executing, left for the statement recording the job's end (its
         own written after END_WRITE_DELAY, or as soon as another process says it waits for a
-        slot), when no job is queued (no claim of any process waits for the slot in the
-        database's count: none this process's claims see, and no other process said it
-        waits) and that statement owes no job.started webhook; None when it is to be recorded
-        now. Until it is recorded, the prompt holds its slot in the database's count and stays
-        `ended` for this process's claims."""
-        if not self._signals.backlog_empty or self._signals.peer_waiting or (
+        slot), unless another process waits for a slot now or that statement would owe a
+        job.started webhook (it writes one delivery: the job's end's); None when it is to be
+        recorded now. Until it is recorded, the prompt holds its slot in the database's count
+        and stays `ended` for this process's claims, which count it out: a backlog here waits
+        for nothing.
+
+        Nothing a client was told is lost by the wait: the job shows where its last write
+        left it (`dispatched` or `running`), and a process that dies before the job's end
+        leaves it there, its prompt on its backend to read from `/history` again (`_reconcile`):
+        the next process collects it under the same keys."""
+        if self._signals.peer_waiting or (
                 end.started_at is not None and subscribed(run.job, "job.started")):
             return None
         unrecorded = UnrecordedEnd(end)

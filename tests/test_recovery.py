@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 from contextlib import AsyncExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
+from comfyfleet.db import driver_connection
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage.local import PART_PREFIX
@@ -160,6 +163,65 @@ async def test_gateway_killed_while_uploading_stores_the_output_once_after_resta
     assert [p.relative_to(data_root / "outputs").as_posix() for p in stored] == [output["key"]]
     assert stored[0].stat().st_size == output_bytes  # whole, once, no leftover part files
     assert [event["type"] for event in receiver.verified] == ["job.succeeded"]
+
+
+async def test_gateway_killed_before_writing_a_jobs_end_of_executing_stores_its_output_once(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path, engine: AsyncEngine
+) -> None:
+    """A job whose prompt ended, another queued behind it for the backend's one slot, has
+    its end of executing left to the statement writing its end while its outputs are stored
+    (execution/tracker.py `_defer_end`). The gateway is SIGKILLed during that store, before
+    either write: the database shows the job where its last write left it, no upload time.
+    The next process reads the prompt's end from /history and collects the outputs again
+    under the same key: each job succeeds once, at its first attempt, its output whole and
+    stored once, one webhook each."""
+    port = free_ports(1)
+    base = f"http://{LOOPBACK}:{port}"
+    api = base + settings.route_prefix
+    output_bytes = 1024 * 1024
+    async with AsyncExitStack() as stack:
+        # An output that takes a second to read from the backend; each prompt runs 0.3 s,
+        # the second job queued meanwhile.
+        sim = await stack.enter_async_context(SimulatedComfyUI(
+            duration=0.3, output_size=output_bytes, view_bytes_per_second=output_bytes))
+        env = serve_env(settings, data_root, port, COMFYUI_ENDPOINTS=f"{sim.url}#gpu",
+                        MAX_INFLIGHT_PER_BACKEND="1")
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        ids = await submit(http, api, receiver.url, 2)
+        async with driver_connection(engine) as connection:
+            # The second job is claimed as the first's prompt is read to have ended: the
+            # first's outputs are being stored from then on, for a second.
+            async with asyncio.timeout(10):
+                while await connection.fetchval(  # noqa: ASYNC110
+                        "SELECT status FROM jobs WHERE id = $1", uuid.UUID(ids[1])) == "queued":
+                    await asyncio.sleep(0.01)  # the database: no event to wait on here
+            # Time for a write of the end of executing made at once (as when it was, with a
+            # job queued) to be seen; well within END_WRITE_DELAY.
+            await asyncio.sleep(0.1)
+            first.send_signal(signal.SIGKILL)
+            await first.wait()
+            left = await connection.fetchrow(
+                "SELECT status, uploading_at FROM jobs WHERE id = $1", uuid.UUID(ids[0]))
+        assert left["status"] in ("dispatched", "running"), dict(left)
+        assert left["uploading_at"] is None, dict(left)
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        async with asyncio.timeout(30):
+            await receiver.wait_for(2)
+        jobs = await statuses(http, api, ids)
+    keys = []
+    for job in jobs:
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        (output,) = job["outputs"]
+        assert output["size"] == output_bytes
+        keys.append(output["key"])
+    stored = [path for path in (data_root / "outputs").rglob("*") if path.is_file()]
+    assert sorted(p.relative_to(data_root / "outputs").as_posix() for p in stored) == sorted(keys)
+    assert all(path.stat().st_size == output_bytes for path in stored)  # whole, no part files
+    assert sorted((event["type"], event["data"]["id"]) for event in receiver.verified) == sorted(
+        ("job.succeeded", job_id) for job_id in ids)
 
 
 async def test_gateway_and_backend_lost_while_uploading_run_the_job_again_with_a_new_upload_time(

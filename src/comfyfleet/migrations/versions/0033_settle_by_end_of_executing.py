@@ -9,6 +9,8 @@ Revises: 0031
 Create Date: 2026-12-07
 """
 
+import importlib
+
 from alembic import op
 
 revision = "0033"
@@ -40,24 +42,6 @@ END
 $$
 """
 
-SETTLE_0017 = """
-CREATE OR REPLACE FUNCTION settle_tenant_charge() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE tenant_shares
-    SET unsettled_seconds = unsettled_seconds - OLD.charged_seconds,
-        virtual_seconds = virtual_seconds + (
-        CASE WHEN NEW.started_at IS NOT NULL
-                 THEN greatest(extract(epoch FROM coalesce(NEW.finished_at, now())
-                                                  - NEW.started_at), 0)
-             WHEN NEW.status = 'uploading' THEN OLD.charged_seconds
-             ELSE 0 END
-        - OLD.charged_seconds
-    ) / coalesce((SELECT weight FROM api_keys WHERE key_hash = NEW.api_key_hash), 1)
-    WHERE tenant = coalesce(NEW.api_key_hash, '');
-    RETURN NULL;
-END
-$$
-"""
 
 
 def upgrade() -> None:
@@ -65,4 +49,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute(SETTLE_0017)
+    fair_share = importlib.import_module("comfyfleet.migrations.versions.0017_fair_share")
+    op.execute(fair_share.SETTLE.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))

@@ -46,12 +46,13 @@ async def status_log(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     yield engine
 
 
-async def changes(engine: AsyncEngine, job_id: str) -> list[tuple[str, str, bool]]:
-    """The changes of the job's status, in order: from, to, and whether it has started."""
+async def changes(engine: AsyncEngine, job_id: str) -> list[tuple[str | None, str, bool]]:
+    """The changes of the job's status, in order: from (None: stored so), to, and whether it
+    has started."""
     async with driver_connection(engine) as connection:
         rows = await connection.fetch(
-            "SELECT old, new, started FROM status_log WHERE job_id = $1 AND old <> new"
-            " ORDER BY id", job_id)
+            "SELECT old, new, started FROM status_log WHERE job_id = $1"
+            " AND old IS DISTINCT FROM new ORDER BY id", job_id)
     return [(row["old"], row["new"], row["started"]) for row in rows]
 
 
@@ -129,7 +130,7 @@ async def test_a_prompt_ending_as_it_starts_has_its_start_written_with_its_end(
 ) -> None:
     job_id, webhooks = await run_job(settings, receivers, duration=0.0)
     assert await changes(status_log, job_id) == [
-        ("queued", "dispatched", False),
+        (None, "dispatched", False),  # stored taken: the dispatcher idle
         ("dispatched", "uploading", True),  # one write: started and done executing
         ("uploading", "succeeded", True),
     ]
@@ -143,7 +144,7 @@ async def test_a_prompt_that_runs_a_while_is_running_meanwhile(
     soon): no claim waits for the slot it frees."""
     job_id, webhooks = await run_job(settings, receivers, duration=1.0)
     assert await changes(status_log, job_id) == [
-        ("queued", "dispatched", False),
+        (None, "dispatched", False),  # stored taken: the dispatcher idle
         ("dispatched", "running", True),
         ("running", "succeeded", True),  # one write: done executing, outputs stored
     ]
@@ -157,7 +158,7 @@ async def test_outputs_that_take_a_while_to_store_show_the_job_uploading(
     job_id, webhooks = await run_job(settings, receivers, duration=1.0, output_size=4096,
                                      view_bytes_per_second=2048)
     assert await changes(status_log, job_id) == [
-        ("queued", "dispatched", False),
+        (None, "dispatched", False),  # stored taken: the dispatcher idle
         ("dispatched", "running", True),
         ("running", "uploading", True),
         ("uploading", "succeeded", True),
@@ -174,9 +175,11 @@ async def test_a_prompt_ending_while_a_job_waits_has_its_end_written_with_the_jo
     settings.max_inflight_per_backend = 1
     (first, first_hooks, first_job), (second, second_hooks, second_job) = await run_jobs(
         settings, receivers, duration=0.5, count=2)
+    stored = {first: [(None, "dispatched", False)],  # the slot free: stored taken
+              second: [(None, "queued", False), ("queued", "dispatched", False)]}
     for job_id in (first, second):
         assert await changes(status_log, job_id) == [
-            ("queued", "dispatched", False),
+            *stored[job_id],
             ("dispatched", "running", True),
             ("running", "succeeded", True),
         ]
@@ -196,6 +199,7 @@ async def test_with_jobs_queued_a_quick_upload_ends_the_job_in_one_write(
         assert (end["new"], end["started"]) == ("succeeded", True), job_id
         assert end["uploading_at"] is not None
         assert await changes(status_log, job_id) == [
+            (None, "queued", False),  # behind the prompt of half a second
             ("queued", "dispatched", False),
             ("dispatched", "succeeded", True),
         ]
@@ -237,7 +241,7 @@ async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_on
                     job_ids.append((await response.json())["id"])
             await wait_for_job(gw.http, gw.api, job_ids[1], "succeeded")
     assert await changes(status_log, job_ids[1]) == [
-        ("queued", "dispatched", False),
+        (None, "dispatched", False),  # stored taken: the dispatcher idle
         ("dispatched", "succeeded", True),
     ]
 

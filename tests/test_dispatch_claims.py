@@ -190,8 +190,11 @@ async def test_a_pass_that_takes_several_jobs_reads_the_backlog_once(
     finally:
         event.remove(Pool, "connect", watch)
     # The backend back takes the three in one pass: a read, then each take on the read the
-    # take before it made; their slots freed find the backlog known empty.
-    assert claims_read == [True, False, False, False]
+    # take before it made; their slots freed find the backlog known empty. (A pass woken late,
+    # on a busy machine, by the submits' notices or the drain's end may still read once after
+    # them: seen on main at 2 of 16 runs two at a time.)
+    assert claims_read[:4] == [True, False, False, False]
+    assert claims_read[4:] in ([], [True]), claims_read
 
 
 async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_commit(

@@ -4,6 +4,7 @@ different speeds (learned from the run times it observes, never configured)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -324,3 +325,46 @@ def test_a_backends_overhead_per_prompt_is_a_median_of_its_own_else_the_fleets()
         costs.record_overhead("a", seconds)
     assert costs.overhead("a") == 0.03
     assert costs.overhead("new") == costs.overhead() == 0.03
+
+
+def test_what_costs_keep_between_samples_is_what_they_would_work_out_afresh() -> None:
+    """NodeCosts keeps what it worked out of each node for the claims after (placement weighs
+    every job near the backlog's head at each): after every sample, first cache hit of a
+    class and overhead, its estimates are a fresh NodeCosts' fed the same, on every backend,
+    tried or not, whatever the cache holds."""
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "sd15.safetensors"}},
+              "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 1}},
+              "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0]}}}
+    keys = {"1": "loader-sd15", "2": "sampler-1", "3": "decode-1"}
+    events: list[tuple[Any, ...]] = [
+        ("record", "a", "sampler-1", "KSampler", 2.0),  # the class's first: guesses go
+        ("record", "b", "sampler-2", "KSampler", 1.0),  # moves a's speed, not its samples
+        ("record", "a", "loader-sd15", "CheckpointLoaderSimple", 3.0),  # a's own key
+        ("served", "VAEDecode"),  # a try on it would find it cached
+        ("record", "a", "loader-sd15", "CheckpointLoaderSimple", 9.0),  # its median moves
+        ("record", "b", "decode-2", "VAEDecode", 0.5),
+        ("overhead", "a", 0.04),
+        ("overhead", "b", 0.02),
+    ]
+
+    def apply(costs: NodeCosts, event: tuple[Any, ...]) -> None:
+        kind, *args = event
+        tell: dict[str, Callable[..., None]] = {
+            "record": costs.record, "served": costs.served, "overhead": costs.record_overhead}
+        tell[kind](*args)
+
+    def estimates(costs: NodeCosts) -> list[float]:
+        return [figure for backend in ("a", "b", "c") for tried in (False, True)
+                for held in (frozenset(), frozenset({"loader-sd15"}))
+                for figure in (costs.uncached_seconds(backend, prompt, keys, held, tried=tried),
+                               costs.overhead(backend))]
+
+    kept = NodeCosts()
+    for done, event in enumerate(events, 1):
+        estimates(kept)  # worked out before the event, and kept
+        apply(kept, event)
+        fresh = NodeCosts()
+        for earlier in events[:done]:
+            apply(fresh, earlier)
+        assert estimates(kept) == estimates(fresh), event

@@ -52,6 +52,9 @@ UNSEEN_LOAD_SECONDS = 5.0
 OVERHEAD_SAMPLES = 15
 # A backend whose nodes took less than this in all has not run enough to tell its speed.
 MIN_NODE_SECONDS = 1e-3
+# Keys whose estimates are kept per backend: those of the jobs near the backlog's head, and
+# more (started afresh past it: the head moves on, leaving its keys behind).
+ESTIMATES_KEPT = 4096
 
 
 class NodeCosts:
@@ -67,40 +70,61 @@ class NodeCosts:
         self._backend_class_medians: dict[tuple[str, str], float] = {}
         self._speeds: dict[str, float] = {}  # worked out again after each new sample
         self._served: set[str] = set()  # classes a backend's cache served, run or not
+        # How each node is estimated on each backend, by (backend, tried) and cache key
+        # (`_estimate`): placement weighs every job near the backlog's head on every backend
+        # it asks at every claim. Its seconds when they are the key's own (its median there,
+        # or a guess); else its class, whose estimate there (`_class_seconds`) moves with
+        # every sample the fleet records, and is worked out again once per class then.
+        self._estimates: dict[tuple[str, bool], dict[str, float | str]] = {}
+        self._class_seconds: dict[tuple[str, str], float] = {}  # by (backend, class)
         self._overheads: dict[str, deque[float]] = defaultdict(
             lambda: deque(maxlen=OVERHEAD_SAMPLES))
         self._fleet_overheads: deque[float] = deque(maxlen=OVERHEAD_SAMPLES)
+        # The medians of those, by backend (None: the fleet's), until the next sample.
+        self._overhead_medians: dict[str | None, float] = {}
 
     def record(self, backend: str, key: str, class_type: str, seconds: float) -> None:
+        if class_type not in self._by_class:
+            self._estimates.clear()  # its nodes' guesses give way to its class's estimate
         self._by_key[(backend, key)].append(seconds)
         self._by_class[class_type].append(seconds)
         self._by_backend_class[backend][class_type].append(seconds)
         self._class_medians.pop(class_type, None)
         self._backend_class_medians.pop((backend, class_type), None)
         self._speeds.clear()
+        self._class_seconds.clear()
+        for tried in (False, True):
+            self._estimates.get((backend, tried), {}).pop(key, None)
 
     def served(self, class_type: str) -> None:
         """A backend served a node of `class_type` from its cache."""
-        self._served.add(class_type)
+        if class_type not in self._served:
+            self._served.add(class_type)
+            self._estimates.clear()  # a guess for a tried one is nothing now
 
     def record_overhead(self, backend: str, seconds: float) -> None:
         """A prompt held `backend` for `seconds` beyond what its nodes took."""
         self._overheads[backend].append(seconds)
         self._fleet_overheads.append(seconds)
+        self._overhead_medians.clear()  # the fleet's moved, which stands in for any backend's
 
     def overhead(self, backend: str | None = None) -> float:
         """Expected seconds a prompt holds the backend beyond its nodes (0 until one ran);
         without a backend, the fleet's."""
-        samples = self._overheads.get(backend) if backend is not None else None
-        samples = samples or self._fleet_overheads
-        return statistics.median(samples) if samples else 0.0
+        median = self._overhead_medians.get(backend)
+        if median is None:
+            samples = self._overheads.get(backend) if backend is not None else None
+            samples = samples or self._fleet_overheads
+            median = self._overhead_medians[backend] = \
+                statistics.median(samples) if samples else 0.0
+        return median
 
     def cost(self, backend: str, key: str, class_type: str) -> float:
         """Expected seconds of one node there."""
         samples = self._by_key.get((backend, key))
         if samples:
             return statistics.median(samples)
-        return self._class_median(class_type) / self.speed(backend) \
+        return self._class_cost(backend, class_type) \
             if class_type in self._by_class else UNSEEN_NODE_SECONDS
 
     def node_cost(self, backend: str, key: str, node: Mapping[str, Any], *,
@@ -108,12 +132,30 @@ class NodeCosts:
         """Expected seconds of the prompt's node `node` there, under cache key `key`; with
         `tried`, nothing for a node of a class served from a cache but never seen running
         (what trying a backend thought not to hold it would find out)."""
+        estimate = self._estimate(backend, key, node, tried)
+        return self._class_cost(backend, estimate) if isinstance(estimate, str) else estimate
+
+    def _estimate(self, backend: str, key: str, node: Mapping[str, Any],
+                  tried: bool) -> float | str:
+        """`node_cost`, or the node's class when its class's estimate there is its cost."""
+        samples = self._by_key.get((backend, key))
+        if samples:
+            return statistics.median(samples)
         class_type = str(node.get("class_type"))
-        if (backend, key) in self._by_key or class_type in self._by_class:
-            return self.cost(backend, key, class_type)
+        if class_type in self._by_class:
+            return class_type
         if tried and class_type in self._served:
             return 0.0
         return UNSEEN_LOAD_SECONDS if held_node(node).model_files else UNSEEN_NODE_SECONDS
+
+    def _class_cost(self, backend: str, class_type: str) -> float:
+        """Expected seconds there of a node of `class_type` (seen running) whose key has no
+        samples there: the fleet's median over the backend's speed."""
+        seconds = self._class_seconds.get((backend, class_type))
+        if seconds is None:
+            seconds = self._class_seconds[(backend, class_type)] = \
+                self._class_median(class_type) / self.speed(backend)
+        return seconds
 
     def speed(self, backend: str) -> float:
         """How fast the backend runs nodes against the fleet (1.0 until it has run some)."""
@@ -144,5 +186,18 @@ class NodeCosts:
                          tried: bool = False) -> float:
         """What running `prompt` there costs beyond what its cache (holding `held`) serves
         (`tried`: see `node_cost`)."""
-        return sum(self.node_cost(backend, key, prompt[node_id], tried=tried)
-                   for node_id, key in keys.items() if key not in held)
+        known = self._estimates.get((backend, tried))
+        if known is None or len(known) > ESTIMATES_KEPT:
+            known = self._estimates[(backend, tried)] = {}
+        seconds: list[float] = []
+        for node_id, key in keys.items():
+            if key in held:
+                continue
+            # A key stands for the node's class and inputs (comfy/signatures.py): it is
+            # estimated alike in every prompt.
+            estimate = known.get(key)
+            if estimate is None:
+                estimate = known[key] = self._estimate(backend, key, prompt[node_id], tried)
+            seconds.append(self._class_cost(backend, estimate) if isinstance(estimate, str)
+                           else estimate)
+        return sum(seconds)

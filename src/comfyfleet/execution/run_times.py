@@ -26,20 +26,28 @@ class RunTimes:
         self._fleet: dict[str, deque[float]] = defaultdict(
             lambda: deque(maxlen=RUN_TIME_WINDOW))
         self._workflows_of: dict[str, set[str]] = defaultdict(set)
+        # `expected`, by (backend, workflow), until the next sample: placement asks it for
+        # every job near the backlog's head at every claim.
+        self._expected: dict[tuple[str, str], float | None] = {}
 
     def record(self, backend: str, workflow: str, seconds: float) -> None:
         self._samples[(backend, workflow)].append(seconds)
         self._workflows_of[backend].add(workflow)
         self._fleet[workflow].append(seconds)
+        self._expected.clear()  # the fleet's mean moved, which stands in for some backends'
 
     def expected(self, backend: str, workflow: str) -> float | None:
         """Expected run seconds there; None while the workflow has never been seen to run."""
+        try:
+            return self._expected[(backend, workflow)]
+        except KeyError:
+            pass
         samples = self._samples.get((backend, workflow))
         if samples is None or len(samples) < MIN_SAMPLES:
             samples = self._fleet.get(workflow)
-        if not samples:
-            return None
-        return max(sum(samples) / len(samples), 1e-3)
+        expected = self._expected[(backend, workflow)] = \
+            max(sum(samples) / len(samples), 1e-3) if samples else None
+        return expected
 
     def speed(self, backend: str) -> float | None:
         """How fast the backend runs the workflows it has run, against the fleet's mean for

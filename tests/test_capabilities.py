@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.capabilities import Capabilities
+from comfyfleet.dispatch.dispatcher import HeadJob
+from comfyfleet.jobs.repository import QueuedJob
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.workflows.catalog import load_catalog
@@ -43,6 +46,19 @@ def test_missing_model_file_and_unknown_value_are_named() -> None:
     odd_sampler = {**TXT2IMG, "3": {**TXT2IMG["3"], "inputs": {
         **TXT2IMG["3"]["inputs"], "sampler_name": "warp_drive"}}}
     assert stocked.missing(odd_sampler) == ["KSampler.sampler_name = warp_drive"]
+
+
+def test_a_queued_job_is_judged_by_each_backends_capabilities_as_they_are_now() -> None:
+    """The dispatcher keeps whether each backend can run a job near the backlog's head (its
+    backends weigh it at every claim); a backend that comes back with other models is asked
+    afresh, as is one like it."""
+    job = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG)
+    head = HeadJob()
+    bare, stocked = real_comfyui(), real_comfyui(checkpoints=["sd15.safetensors"])
+    assert not head.runs_on(bare, job)
+    assert head.runs_on(stocked, job)  # reconnected, the model added
+    assert not head.runs_on(real_comfyui(), job)  # and removed again
+    assert head.runs_on(stocked, job) and not head.runs_on(bare, job)
 
 
 def test_unknown_node_class_is_named_and_uploaded_images_are_not_checked() -> None:

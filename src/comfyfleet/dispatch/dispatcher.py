@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 
 from comfyfleet import metrics
+from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.client import ComfyError, PromptRejected
 from comfyfleet.comfy.prompts import isolate_outputs
 from comfyfleet.dispatch.fair_share import fair_order, fifo_order
@@ -69,7 +70,7 @@ RESTART_MARGIN = 1.5
 INTERRUPT_WAIT = 5.0  # seconds for an interrupted prompt to reach its backend's history
 # Take a job out of order only to save this many seconds at least: learned costs jitter.
 AFFINITY_MIN_GAIN = 0.25
-KEYS_KEPT = 4 * CLAIM_BATCH  # predicted cache keys kept for jobs near the backlog's head
+HEADS_KEPT = 4 * CLAIM_BATCH  # what placement worked out of the jobs near the backlog's head
 INPUT_UNAVAILABLE = "input_unavailable"
 
 
@@ -95,6 +96,28 @@ def length_by_steps(run: PromptRun) -> float | None:
     # Timed at its last report: the time since then is part of the next step, and counting
     # it would make the prompt look longer than it is.
     return (run.stepped_at - run.started) / run.step_fraction
+
+
+class HeadJob:
+    """What placement works out of a job near the backlog's head, once while it stays there
+    (every claim reads the head afresh, and weighs each of its jobs on every backend): its
+    prompt's cache keys (`Dispatcher.keys_of`), and whether a backend can run it."""
+
+    __slots__ = ("_runnable", "keys")
+
+    def __init__(self) -> None:
+        self.keys: PromptKeys | None = None
+        # By the capabilities' identity (a backend's are replaced when it reconnects, never
+        # changed), each kept with its answer so that its id stays its own.
+        self._runnable: dict[int, tuple[Capabilities, bool]] = {}
+
+    def runs_on(self, capabilities: Capabilities, job: QueuedJob) -> bool:
+        """Whether a backend of these capabilities can run `job`, the job this is of."""
+        known = self._runnable.get(id(capabilities))
+        if known is None:
+            known = self._runnable[id(capabilities)] = (capabilities,
+                                                         capabilities.can_run(job.prompt))
+        return known[1]
 
 
 @dataclass(frozen=True)
@@ -148,7 +171,9 @@ class _Elsewhere:
         for view in others:
             for key in view.held - here.held:
                 self._holders.setdefault(key, []).append(view)
-        self._ahead = {view.session.name: view.busy for view in others}
+        # Each holder's work from now on, once jobs went there (else its `busy`, worked out
+        # only for a holder weighed).
+        self._ahead: dict[str, float] = {}
 
     def finish(self, job: QueuedJob, cost_here: float) -> tuple[float, float] | None:
         """When `job` would be done on the backend that holds more of it than here, and what
@@ -160,9 +185,8 @@ class _Elsewhere:
             cost = self._dispatcher.cost(view, job, tried=self._tried)
             if cost + AFFINITY_MIN_GAIN >= cost_here:
                 continue
-            assert view.session.capabilities is not None
-            done = self._ahead[view.session.name] + view.overhead + cost
-            if (best is None or done < best[0]) and view.session.capabilities.can_run(job.prompt):
+            done = self._ahead.get(view.session.name, view.busy) + view.overhead + cost
+            if (best is None or done < best[0]) and self._dispatcher.can_run(view.session, job):
                 best = (done, cost, view)
         if best is None:
             return None
@@ -213,8 +237,8 @@ class Dispatcher:
         self._node_costs = node_costs
         self._affinity_window = affinity_window
         self._fair_share = fair_share  # between tenants; else one backlog, priority then age
-        # The predicted cache keys of the jobs near the head of the backlog, by job id.
-        self._keys: OrderedDict[uuid.UUID, PromptKeys] = OrderedDict()
+        # What placement worked out of the jobs near the head of the backlog, by job id.
+        self._heads: OrderedDict[uuid.UUID, HeadJob] = OrderedDict()
         self._sessions = sessions
         self._tracker = tracker
         self._storage = storage
@@ -428,7 +452,9 @@ class Dispatcher:
 
     def _start(self, session: BackendSession, job: Job) -> None:
         metrics.job_dispatched(job)
-        self._tracker.track(session, job, submitting=True, keys=self._keys.get(job.id))
+        head = self._heads.get(job.id)
+        self._tracker.track(session, job, submitting=True,
+                            keys=head.keys if head is not None else None)
         task = asyncio.create_task(self._submit(session, job))
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)
@@ -458,7 +484,7 @@ class Dispatcher:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)
         ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
-        runnable = [job for job in ordered if session.capabilities.can_run(job.prompt)]
+        runnable = [job for job in ordered if self.can_run(session, job)]
         self._outcome = "cannot_run" if queued else "empty"
         if not runnable:
             return None
@@ -471,8 +497,11 @@ class Dispatcher:
                 session, Choice(runnable[0].id, charge=estimate(runnable[0].workflow)),
                 runnable[0], backlog)
         here = self._view(session)
-        others = [self._view(other) for other in self._sessions if other is not session
-                  and other.accepts_work and other.capabilities is not None]
+        # The other backends, worked out once a pick weighs them (a backend whose cache
+        # serves none of the jobs, the end of a backlog), the same views for all it weighs.
+        others = functools.cache(lambda: [
+            self._view(other) for other in self._sessions if other is not session
+            and other.accepts_work and other.capabilities is not None])
         choice = self._affine(here, others, runnable)
         if choice is None:
             self._outcome = "waits_for_warm"
@@ -488,8 +517,7 @@ class Dispatcher:
         # that one would take it (see `_affine`): more than its extra cost.
         rivals = (BackendLoad(view.session.name, view.overhead + rival_cost,
                               view.busy + max(rival_cost - cost, 0.0) + AFFINITY_MIN_GAIN)
-                  for view in others if view.session.capabilities is not None
-                  and view.session.capabilities.can_run(head.prompt)
+                  for view in others() if self.can_run(view.session, head)
                   for rival_cost in [self.cost(view, head)])
         return choice if backlog == math.inf or should_take(
             BackendLoad(session.name, here.overhead + cost, here.busy), rivals,
@@ -510,7 +538,7 @@ class Dispatcher:
         tenant is charged until it ends (its real run time replaces the charge then)."""
         return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
-    def _affine(self, here: BackendView, others: list[BackendView],
+    def _affine(self, here: BackendView, others: Callable[[], list[BackendView]],
                 runnable: list[QueuedJob]) -> Choice | None:
         """The job of the highest waiting priority that the backend `here` should start now,
         by where each job finishes soonest, counting what every backend's cache holds; None
@@ -531,10 +559,10 @@ class Dispatcher:
         warm = next(i for i, cost in enumerate(costs) if cost <= cheapest + AFFINITY_MIN_GAIN)
         index: int | None = warm
         if self.cost(here, band[warm], cold=True) - costs[warm] < AFFINITY_MIN_GAIN:
-            gains = self._gains(_Elsewhere(self, here, others), band, costs)
+            gains = self._gains(_Elsewhere(self, here, others()), band, costs)
             index = self._cold_pick(here, gains)
             if index is None and self._may_try(here):
-                gains = self._gains(_Elsewhere(self, here, others, tried=True), band,
+                gains = self._gains(_Elsewhere(self, here, others(), tried=True), band,
                                     [self.cost(here, job, tried=True) for job in band])
                 index = self._cold_pick(here, gains)
                 self._trying = index is not None
@@ -654,20 +682,31 @@ class Dispatcher:
 
     def keys_of(self, job: QueuedJob, session: BackendSession) -> PromptKeys:
         """The cache keys of a queued job's prompt, kept while it is near the backlog's head."""
-        keys = self._keys.get(job.id)
-        if keys is None:
+        head = self._head(job)
+        if head.keys is None:
             assert session.capabilities is not None
-            keys = self._keys[job.id] = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
-            while len(self._keys) > KEYS_KEPT:
-                self._keys.popitem(last=False)
-        return keys
+            head.keys = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
+        return head.keys
+
+    def can_run(self, session: BackendSession, job: QueuedJob) -> bool:
+        """Whether `session` (its capabilities known) can run a queued job."""
+        assert session.capabilities is not None
+        return self._head(job).runs_on(session.capabilities, job)
+
+    def _head(self, job: QueuedJob) -> HeadJob:
+        head = self._heads.get(job.id)
+        if head is None:
+            head = self._heads[job.id] = HeadJob()
+            while len(self._heads) > HEADS_KEPT:
+                self._heads.popitem(last=False)
+        return head
 
     def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
         for other in self._sessions:
             if other is session or not other.accepts_work or other.capabilities is None:
                 continue
             load = self._load(other, job.workflow)
-            if load is not None and other.capabilities.can_run(job.prompt):
+            if load is not None and self.can_run(other, job):
                 yield load
 
     def _load(self, session: BackendSession, workflow: str) -> BackendLoad | None:

@@ -10,7 +10,7 @@ import random
 import signal
 import uuid
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,26 @@ async def claimed(repository: JobRepository, charge: float | dict[str, float]
                                        pick=pick)).job
     assert job is not None
     return seen, job
+
+
+def test_jobs_start_in_virtual_time_then_oldest_first_then_as_read() -> None:
+    """fair_order alone: each tenant's jobs start where the one before it would end (its
+    workflow's seconds over the tenant's weight); at the same start the older job first, and
+    at the same age the one read first."""
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    seconds = {"short": 1.0, "long": 4.0}
+
+    def job(tenant: str, workflow: str, age: float, weight: int = 1) -> QueuedJob:
+        return QueuedJob(uuid.uuid4(), workflow, {}, created_at=now - timedelta(seconds=age),
+                         tenant=tenant, start=10.0, weight=weight)
+
+    a1, a2, a3 = job("a", "long", 9), job("a", "short", 8), job("a", "short", 7)  # 10, 14, 15
+    b1, b2, b3 = (job("b", "short", 9, 2), job("b", "long", 1, 2),  # 10, 10.5
+                  job("b", "short", 0, 2))  # 12.5
+    c1, c2 = job("c", "short", 20), job("c", "short", 1)  # 10, 11
+    d1 = job("d", "long", 9)  # 10, as old as a1 and b1
+    ordered = fair_order([a1, a2, a3, b1, b2, b3, c1, c2, d1], seconds.__getitem__)
+    assert ordered == [c1, a1, b1, d1, b2, c2, b3, a2, a3]
 
 
 async def test_three_keys_are_charged_gpu_seconds_in_proportion_to_their_weights(

@@ -14,6 +14,7 @@ at once but banks no credit for having been away.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from comfyfleet.jobs.repository import QueuedJob
 
@@ -24,12 +25,18 @@ def fair_order(queued: Sequence[QueuedJob], seconds: Callable[[str], float]) -> 
     (`seconds` of its workflow) of the tenant's jobs before it over the tenant's weight; at
     the same start, the older job first."""
     reached: dict[str, float] = {}
-    starts: dict[int, float] = {}
+    # `seconds` asked once a workflow: a read is a few workflows, and every backend a claim
+    # asks orders it.
+    by_workflow: dict[str, float] = {}
+    starts: list[tuple[float, datetime, int]] = []
     for place, job in enumerate(queued):
-        starts[place] = reached.get(job.tenant, job.start)
-        reached[job.tenant] = starts[place] + seconds(job.workflow) / job.weight
-    order = sorted(range(len(queued)), key=lambda place: (starts[place], queued[place].created_at))
-    return [queued[place] for place in order]
+        start = reached.get(job.tenant, job.start)
+        starts.append((start, job.created_at, place))  # the place: at a tie, as read
+        workflow_seconds = by_workflow.get(job.workflow)
+        if workflow_seconds is None:
+            workflow_seconds = by_workflow[job.workflow] = seconds(job.workflow)
+        reached[job.tenant] = start + workflow_seconds / job.weight
+    return [queued[place] for _, _, place in sorted(starts)]
 
 
 def fifo_order(queued: Sequence[QueuedJob]) -> list[QueuedJob]:

@@ -239,7 +239,7 @@ def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,
                 items.append(_Link(f'["l",[{_text(name)},["l",["ANCESTOR",["n","', value[0],
                                    f'"],{_text(value[1])}]]]]'))
             else:
-                items.append(_text([name, value]))
+                items.append(_list_text([_text(name), _text(value)]))  # _text([name, value])
     except _Unequal:
         return None
     return _Immediate(items)
@@ -248,7 +248,19 @@ def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,
 def _text(value: Any) -> str:
     """`value`'s canonical encoding as compact JSON text; _Unequal for a value equal to
     nothing."""
+    # Most inputs are strings and numbers: their text written straight (as the encoder would
+    # write `_canonical`'s), not through a list and the encoder's generic walk.
+    if isinstance(value, str):
+        return _encode_string(value)
+    if isinstance(value, int):  # bool too: 1 == True
+        return f'["n","{int(value)}"]'
+    if isinstance(value, float) and math.isfinite(value):
+        return f'["n","{int(value)}"]' if value.is_integer() else f'["n","{value!r}"]'
     return _ENCODER.encode(_canonical(value))
+
+
+# What the encoder writes for a string (ensure_ascii=False).
+_encode_string = json.encoder.encode_basestring
 
 
 def _list_text(texts: list[str]) -> str:

@@ -52,19 +52,23 @@ def is_link(value: Any) -> bool:
 
 def node_signatures(
     prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById,
-    only: Collection[str] | None = None,
+    only: Collection[str] | None = None, immediates: Immediates | None = None,
 ) -> dict[str, str | None]:
     """The cache key of every node of `prompt` (None: it can never be served from cache), or
     of the nodes `only` names.
 
     `is_changed(node_id, node)` gives the node's IS_CHANGED value (False if its class has
     none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
+    `immediates`: the nodes' immediate signatures made so far, by node id, taken as they are
+    and added to (a node's does not depend on the nodes it links to: those of a prompt serve
+    a copy of it for the nodes not changed).
     """
     # A node's immediate signature is the same in every key it is part of but for its links'
     # positions, so its canonical text is made once, in pieces around the links: a key is a
     # join of those texts (the same text, byte for byte), not a canonical encoding of the
     # node and all its ancestors anew.
-    immediates: dict[str, _Immediate | None] = {}
+    if immediates is None:
+        immediates = {}
     linked: dict[str, list[str]] = {}
 
     def immediate_of(node_id: str) -> _Immediate | None:
@@ -94,7 +98,8 @@ def node_signatures(
 
 
 def predicted_signatures(
-    prompt: Mapping[str, Any], keyed_by_id: frozenset[str], only: Collection[str] | None = None
+    prompt: Mapping[str, Any], keyed_by_id: frozenset[str], only: Collection[str] | None = None,
+    immediates: Immediates | None = None,
 ) -> dict[str, str | None]:
     """The keys a server will give `prompt`'s nodes, as far as a client can tell: the
     IS_CHANGED of a file loader (the file's hash) is taken to follow its file name, and
@@ -104,7 +109,8 @@ def predicted_signatures(
         return NEVER_EQUAL if node.get("class_type") in CHANGED_EVERY_RUN else False
 
     return node_signatures(prompt, is_changed=is_changed,
-                           keyed_by_id=keyed_by_id.__contains__, only=only)
+                           keyed_by_id=keyed_by_id.__contains__, only=only,
+                           immediates=immediates)
 
 
 def downstream(prompt: Mapping[str, Any], nodes: Collection[str]) -> set[str]:
@@ -214,6 +220,10 @@ class _Immediate:
         return _list_text([item if isinstance(item, str)
                            else f"{item.head}{order[item.source]}{item.tail}"
                            for item in self.items])
+
+
+# Immediate signatures by node id (None: the node's equals nothing).
+Immediates = dict[str, "_Immediate | None"]
 
 
 def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
-from comfyfleet.comfy.signatures import cache_keys, downstream, predicted_signatures
+from comfyfleet.comfy.signatures import (
+    Immediates,
+    cache_keys,
+    downstream,
+    predicted_signatures,
+)
 
 # Extensions of the weight files ComfyUI's loaders list (folder_paths.supported_pt_extensions,
 # and .gguf): literal inputs naming one tell an operator which models a backend holds.
@@ -44,25 +49,33 @@ class PromptKeys:
     stay the same key while that prompt is followed)."""
 
     def __init__(self, prompt: Mapping[str, Any], keyed_by_id: frozenset[str],
-                 signatures: Mapping[str, str | None] | None = None) -> None:
+                 signatures: Mapping[str, str | None] | None = None,
+                 immediates: Immediates | None = None) -> None:
         self.prompt = prompt
         self.keyed_by_id = keyed_by_id
+        # Its nodes' immediate signatures, for `of_copy`'s nodes not changed.
+        self.immediates: Immediates = immediates if immediates is not None else {}
         self.signatures = dict(signatures) if signatures is not None \
-            else predicted_signatures(prompt, keyed_by_id)
+            else predicted_signatures(prompt, keyed_by_id, immediates=self.immediates)
         # Fresh for each prompt followed: a key that matches nothing is its own.
         self.keys = cache_keys(self.signatures)
 
     def of_copy(self, copy: Mapping[str, Any], keyed_by_id: frozenset[str]) -> PromptKeys:
         """The keys of `copy`, this prompt with some nodes changed (as `isolate_outputs`
         changes the saving nodes): computed again only for the nodes changed and those
-        downstream of them. (A key costs a canonical encoding and a hash of the node and all
-        its ancestors: a tenth of a millisecond or more a node.)"""
+        downstream of them, the nodes not changed written as they were for this prompt. (A key
+        costs a canonical encoding of the node and its ancestors and a hash: a job's prompt
+        is keyed as the dispatcher weighs it, and again as it is sent.)"""
         if keyed_by_id != self.keyed_by_id or copy.keys() != self.prompt.keys():
             return PromptKeys(copy, keyed_by_id)
-        changed = downstream(copy, [node_id for node_id, node in copy.items()
-                                    if node != self.prompt[node_id]])
+        edited = [node_id for node_id, node in copy.items() if node != self.prompt[node_id]]
+        immediates = {node_id: immediate for node_id, immediate in self.immediates.items()
+                      if node_id not in edited}
+        changed = downstream(copy, edited)
         return PromptKeys(copy, keyed_by_id, {
-            **self.signatures, **predicted_signatures(copy, keyed_by_id, only=changed)})
+            **self.signatures,
+            **predicted_signatures(copy, keyed_by_id, only=changed, immediates=immediates)},
+            immediates)
 
 
 class WarmCache:

@@ -149,6 +149,26 @@ def test_a_prompt_queued_now_finds_what_the_prompts_ahead_of_it_leave() -> None:
     assert WarmCache(CachePolicy("none")).held_after([now_a]) == frozenset()
 
 
+def test_what_a_backend_holds_now_follows_every_start_run_and_reconnect() -> None:
+    """What a backend holds with nothing ahead (kept between changes: placement asks at every
+    claim) is what its cache holds after each prompt's start, each node run, a reconnect."""
+    now_a = PromptKeys(chain("model-a.safetensors", 1.0, "x"), frozenset())
+    then_b = PromptKeys(chain("model-b.safetensors", 1.0, "y"), frozenset())
+    cache = WarmCache(CachePolicy())
+    assert cache.held_after([]) == frozenset()
+    cache.started(now_a, [])
+    ran: set[str] = set()
+    for node_id, key in now_a.keys.items():
+        assert cache.held_after([]) == ran
+        cache.ran(now_a, node_id)
+        ran.add(key)
+    assert cache.held_after([]) == ran == frozenset(now_a.keys.values())
+    cache.started(then_b, ["1"])  # its loader served, as the server says
+    assert cache.held_after([]) == {then_b.keys["1"]}
+    cache.reset(CachePolicy())
+    assert cache.held_after([]) == frozenset()
+
+
 def test_the_keys_of_a_prompt_as_sent_are_those_of_the_prompt_computed_again_where_it_changed(
 ) -> None:
     """The dispatcher's keys of a queued prompt serve for the prompt as sent (its saving nodes

@@ -9,6 +9,7 @@ process or a `/free` may have changed the cache); every node that then runs is h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,11 @@ class PromptKeys:
         # Fresh for each prompt followed: a key that matches nothing is its own.
         self.keys = cache_keys(self.signatures)
 
+    @functools.cached_property
+    def key_set(self) -> frozenset[str]:
+        """Its keys: what a classic cache holds once it has run the prompt."""
+        return frozenset(self.keys.values())
+
     def of_copy(self, copy: Mapping[str, Any], keyed_by_id: frozenset[str]) -> PromptKeys:
         """The keys of `copy`, this prompt with some nodes changed (as `isolate_outputs`
         changes the saving nodes): computed again only for the nodes changed and those
@@ -83,6 +89,9 @@ class WarmCache:
 
     def __init__(self, policy: CachePolicy = CLASSIC) -> None:
         self._held: NodeCache[HeldNode] = NodeCache(policy)
+        # Its keys, made once between changes: placement asks what every backend holds at
+        # every claim that weighs them.
+        self._keys: frozenset[str] | None = None
         self.predictions = 0  # prompts whose execution_cached we checked
         self.mispredictions = 0  # of those, how many the server contradicted
 
@@ -93,6 +102,7 @@ class WarmCache:
     def reset(self, policy: CachePolicy) -> None:
         """A (re)connected server: it may have restarted, and then holds nothing."""
         self._held = NodeCache(policy)
+        self._keys = None
 
     def cached_nodes(self, prompt: PromptKeys) -> set[str]:
         """The nodes of `prompt` the server would serve from its cache if it started it now."""
@@ -104,9 +114,11 @@ class WarmCache:
         if self.policy.kind == "none":
             return frozenset()  # dropped as every prompt starts
         if not ahead:
-            return frozenset(key for key, _ in self._held.items())
+            if self._keys is None:
+                self._keys = frozenset(key for key, _ in self._held.items())
+            return self._keys
         if self.policy.kind == "classic":
-            return frozenset(ahead[-1].keys.values())
+            return ahead[-1].key_set
         projected = self._held.copy()
         for prompt in ahead:
             projected.start_prompt(prompt.keys.values())
@@ -118,6 +130,7 @@ class WarmCache:
         """The server started `prompt` and reported serving `reported` from its cache.
         Returns whether that was the prediction; either way, the server is believed."""
         predicted = self.cached_nodes(prompt)
+        self._keys = None
         self._held.start_prompt(prompt.keys.values())
         served = set(reported)
         for node_id, key in prompt.keys.items():
@@ -134,6 +147,7 @@ class WarmCache:
         """A node of `prompt` finished running: the server holds its result."""
         key = prompt.keys.get(node_id)
         if key is not None:
+            self._keys = None
             self._held.set(key, held_node(prompt.prompt[node_id]))
 
     def describe(self) -> dict[str, Any]:

@@ -175,8 +175,9 @@ async def test_a_prompt_ending_while_a_job_waits_has_its_end_written_with_the_jo
     settings.max_inflight_per_backend = 1
     (first, first_hooks, first_job), (second, second_hooks, second_job) = await run_jobs(
         settings, receivers, duration=0.5, count=2)
-    stored = {first: [(None, "dispatched", False)],  # the slot free: stored taken
-              second: [(None, "queued", False), ("queued", "dispatched", False)]}
+    stored: dict[str, list[tuple[str | None, str, bool]]] = {
+        first: [(None, "dispatched", False)],  # the slot free: stored taken
+        second: [(None, "queued", False), ("queued", "dispatched", False)]}
     for job_id in (first, second):
         assert await changes(status_log, job_id) == [
             *stored[job_id],

@@ -45,7 +45,7 @@ import platform
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from bench.harness import (
     PARAMS,
@@ -251,28 +252,45 @@ async def through_comfyfleet(
                                  for statement, n in opened_by.most_common() if n / count >= 0.01}
     failed = [e for e in receiver.verified[-count:] if e["type"] != "job.succeeded"]
     assert not failed, failed[0]
-    measured.extra = {"POST /jobs answered (202)": answered,
-                      **await dispatch_legs(http, api, sent, await sims.stamps(http))}
     await asyncio.sleep(STATS_FLUSH_SECONDS)
     measured.transactions_per_job = (await transactions(database_url) - committed) / count
+    measured.extra = {"POST /jobs answered (202)": answered,
+                      **dispatch_legs(await recorded_times(database_url, sent), sent,
+                                      await sims.stamps(http))}
     return measured
 
 
-async def dispatch_legs(http: aiohttp.ClientSession, api: str, sent: dict[str, float],
-                        stamps: dict[str, dict[str, float]]) -> dict[str, list[float]]:
-    """Where each job's dispatch leg went, by the times the job records (GET /jobs/{id}):
-    `created_at` (the intake built the job, right before its insert), `dispatched_at` (the
-    statement of the claim's take began), then the backend's stamp of the prompt accepted.
-    The first leg is the request's reading and validation; the second the insert (and its
-    commit, unless the take commits with it), the dispatcher's wake and the claim's read and
-    pick; the last the take and its commit, and POST /prompt. The records' wall clock is
-    brought to `time.monotonic()` by one offset taken here: one machine, one minute."""
+async def recorded_times(database_url: str, ids: Iterable[str]) -> dict[str, Mapping[str, Any]]:
+    """`created_at`, `dispatched_at` and `prompt_id` of each job, read on a connection of the
+    bench's own, closed at once: its transaction reaches PostgreSQL's statistics as it closes,
+    after this rate's count of transactions and before the next's. (A GET /jobs/{id} of each
+    through the service was counted in this rate's or the next rate's transactions, as the
+    service's reading connection flushed its statistics, up to 10 s later.)"""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await conn.fetch(
+            "SELECT id, created_at, dispatched_at, prompt_id FROM jobs WHERE id = ANY($1)",
+            [uuid.UUID(job_id) for job_id in ids])
+    finally:
+        await conn.close()
+    return {str(row["id"]): row for row in rows}
+
+
+def dispatch_legs(jobs: Mapping[str, Mapping[str, Any]], sent: dict[str, float],
+                  stamps: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Where each job's dispatch leg went, by the times each of `jobs` records
+    (`recorded_times`): `created_at` (the intake built the job, right before its insert),
+    `dispatched_at` (the statement of the claim's take began), then the backend's stamp of the
+    prompt accepted. The first leg is the request's reading and validation; the second the
+    insert (and its commit, unless the take commits with it), the dispatcher's wake and the
+    claim's read and pick; the last the take and its commit, and POST /prompt. The records'
+    wall clock is brought to `time.monotonic()` by one offset taken here: one machine, one
+    minute."""
     offset = time.time() - time.monotonic()
     legs: dict[str, list[float]] = {name: [] for name in DISPATCH_LEGS}
     for job_id, started in sent.items():
-        async with http.get(f"{api}/jobs/{job_id}") as response:
-            job = await response.json()
-        created, dispatched = (datetime.fromisoformat(job[name]).timestamp() - offset
+        job = jobs[job_id]
+        created, dispatched = (job[name].timestamp() - offset
                                for name in ("created_at", "dispatched_at"))
         times = [started, created, dispatched, stamps["accepted"][job["prompt_id"]]]
         for name, start, end in zip(DISPATCH_LEGS, times, times[1:], strict=False):

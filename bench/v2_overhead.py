@@ -81,7 +81,7 @@ LEGS = [
     ("POST answered", "sent", "answered"),
     ("queued -> dispatched (claim)", "created_at", "dispatched_at"),
     ("dispatched -> running (POST /prompt, execution_start)", "dispatched_at", "started_at"),
-    ("running -> succeeded (run, collect into S3)", "started_at", "finished_at"),
+    ("running -> succeeded (run, collect into storage)", "started_at", "finished_at"),
     ("succeeded -> seen by the poller", "finished_at", "seen"),
 ]
 
@@ -133,9 +133,10 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
                                           [local.process.pid]))
         meter.components.append(Component("comfy-api-proxy", [proxy_process.pid]))
         marks: list[dict[str, Any]] = []
+        local_marks: list[dict[str, Any]] = []
         ways: dict[str, Submit] = {
             "comfyfleet /api/v2": through_v2(deployment.serve.base, poll, marks),
-            "comfyfleet /api/v2, local storage": through_v2(local.base, poll),
+            "comfyfleet /api/v2, local storage": through_v2(local.base, poll, local_marks),
             "comfy-api-proxy": through_v2(proxy, poll),
             "direct to ComfyUI": direct(sim, poll),
         }
@@ -145,12 +146,14 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
                 await submit(http, graph(color))
         seconds: dict[str, list[float]] = {name: [] for name in ways}
         marks.clear()
+        local_marks.clear()
         meter.start()
         for index in range(jobs):
             for name, submit in ways.items():
                 seconds[name].append(await submit(http, graph(1000 + index)))
         meter.stop()
         legs = await phases(http, deployment.serve.base, marks)
+        local_legs = await phases(http, local.base, local_marks)
     results = {name: latency_ms(values) for name, values in seconds.items()}
     print_table(["submit -> seen finished", "jobs", "p50 ms", "p95 ms", "p99 ms"],
                 [(name, r["samples"], r["p50"], r["p95"], r["p99"])
@@ -159,10 +162,12 @@ async def run(jobs: int, poll_ms: float) -> dict[str, Any]:
     print_table(["added over direct", "p50 ms"],
                 [(name, round(r["p50"] - floor, 2)) for name, r in results.items()
                  if name != "direct to ComfyUI"])
-    print_table(["comfyfleet's legs", "p50 ms", "p95 ms"],
-                [(leg, r["p50"], r["p95"]) for leg, r in legs.items()])
+    print_table(["comfyfleet's legs", "S3 p50 ms", "S3 p95 ms", "local p50 ms", "local p95 ms"],
+                [(leg, r["p50"], r["p95"], local_legs[leg]["p50"], local_legs[leg]["p95"])
+                 for leg, r in legs.items()])
     meter.print()
     return {"jobs": jobs, "poll_ms": poll_ms, "latency_ms": results, "legs_ms": legs,
+            "local_legs_ms": local_legs,
             "cpu": meter.as_json(),
             "machine": platform.machine(), "python": platform.python_version()}
 

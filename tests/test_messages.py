@@ -25,6 +25,7 @@ from comfyfleet.comfy.messages import (
     Text,
     parse_binary,
     parse_text,
+    unread,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "comfyui-0.3.64"
@@ -59,6 +60,12 @@ def test_every_recorded_text_frame_parses_to_its_type(frame: dict[str, Any]) -> 
     if isinstance(message, ExecutionError):
         assert message.exception_message == raw["data"]["exception_message"]
         assert message.traceback and message.node_type == raw["data"]["node_type"]
+
+
+def test_the_frames_left_unread_are_all_progress_state_and_only_those() -> None:
+    recorded = [(json.loads(frame["raw"])["type"], frame["raw"]) for frame in frames("text")]
+    assert {kind for kind, raw in recorded if unread(raw)} == {"progress_state"}
+    assert all(unread(raw) for kind, raw in recorded if kind == "progress_state")
 
 
 @pytest.mark.parametrize("frame", frames("binary"), ids=lambda f: str(f["seq"]))

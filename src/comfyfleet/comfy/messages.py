@@ -176,6 +176,19 @@ def parse_event(kind: str, data: dict[str, Any]) -> Message:
     return Other(kind, data)
 
 
+# The first bytes of a `progress_state` frame as ComfyUI writes it (json.dumps of {"type",
+# "data"}, default separators). One written otherwise is decoded, and read as `Other`.
+_PROGRESS_STATE = '{"type": "progress_state"'
+
+
+def unread(raw: str) -> bool:
+    """Whether a text frame is one nobody here reads, told by its first bytes so that its JSON
+    is never decoded: `progress_state`, the state of every node of the prompt so far, sent as
+    each node starts and ends (a prompt's frames grow with the square of its nodes), whose
+    news the `executing` and `progress` frames carry."""
+    return raw.startswith(_PROGRESS_STATE)
+
+
 def parse_text(raw: str) -> Message | None:
     """A text frame as a typed message, or None when it is not JSON of the expected shape."""
     try:

@@ -16,7 +16,7 @@ from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
-from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text
+from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text, unread
 from comfyfleet.db import unavailable
 from comfyfleet.execution.warm import WarmCache
 from comfyfleet.http_client import HttpClient
@@ -38,7 +38,8 @@ STATS_TIMEOUT = 10.0
 class SessionListener(Protocol):
     """Who hears a session's news (the fleet, which made it), told in this order:
     `backend_connected` after every (re)connect, before any message of that connection (so
-    missed events can be reconciled); each `backend_message` in arrival order;
+    missed events can be reconciled); each `backend_message` in arrival order (but the frames
+    nobody reads, `messages.unread`);
     `backend_disconnected` when a connection that was up is lost."""
 
     async def backend_connected(self, session: BackendSession) -> None: ...
@@ -163,6 +164,8 @@ class BackendSession:
     async def _read(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
         async for frame in websocket:
             if frame.type == aiohttp.WSMsgType.TEXT:
+                if unread(frame.data):
+                    continue
                 message = parse_text(frame.data)
                 if message is not None:
                     await self._handle(message)

@@ -416,7 +416,12 @@ class ExecutionTracker:
 
     async def _poll_adopted(self, session: BackendSession) -> None:
         """The queue changed (`status` is broadcast): see whether adopted prompts ended."""
-        for run in [r for r in self._runs.values() if r.adopted and r.session is session]:
+        # Looked for among the prompts held on `session` (as every run there is), not among
+        # all the runs followed: `status` comes with every queue change on every backend.
+        adopted = [run for prompt_id in session.inflight
+                   if (run := self._runs.get(prompt_id)) is not None and run.adopted
+                   and run.session is session]
+        for run in adopted:
             entry = await session.client.history(run.prompt_id)
             if entry is not None:
                 await self._settle_from_history(session, run.job, entry)

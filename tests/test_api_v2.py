@@ -380,6 +380,50 @@ async def test_events_read_a_job_only_when_something_changed(settings: Settings)
             await db.close()
 
 
+@pytest.mark.parametrize(("path", "first"), [("/api/v2/jobs/{}/events", "status"),
+                                             ("/api/v1/jobs/{}/events", "state")])
+async def test_events_read_again_only_what_a_change_touches(
+    settings: Settings, path: str, first: str
+) -> None:
+    """On a change a stream reads its job's changing columns again, not its prompt (tens of
+    KB of JSON to decode at every change). Seen from PostgreSQL: with the jobs table locked,
+    the statement the stream waits in after a change told by another process (peers.py) is
+    `job_changes`, not the whole job's read."""
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:  # no backend
+        job = (await api(http, "POST", f"{base}/api/v1/jobs", status=202,
+                         body={"workflow": "invert", "params": {"width": 16}}))["id"]
+        url = (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://")
+        db, locker = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            async with http.get(base + path.format(job)) as response:
+                async with asyncio.timeout(20):
+                    assert (await anext(read_events(response, first)))["status"] == "queued"
+                async with locker.transaction():
+                    await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+                    # Another process's id: every stream of this one reads its job again.
+                    await db.execute("SELECT pg_notify('comfyfleet_jobs', '987654')")
+                    waiting: list[str] = []
+                    async with asyncio.timeout(20):
+                        while not waiting:
+                            waiting = [row["query"] for row in await db.fetch(
+                                "SELECT query FROM pg_stat_activity WHERE pid = ANY($1)",
+                                list(await lock_waiters(db)))]
+                            await asyncio.sleep(0.05)
+                    assert [query.split("\n", 1)[0] for query in waiting] == [
+                        "-- The columns of the job $1 that its changes touch (those jobs.sql's "
+                        "changes return), if it"]
+                await api(http, "POST", f"{base}/api/v2/jobs/{job}/cancel")
+                ended = ""
+                async with asyncio.timeout(20):
+                    async for raw in response.content:  # until the stream ends
+                        if raw.decode().startswith("event: "):
+                            ended = raw.decode().strip()
+                assert ended in ("event: status", "event: cancelled")
+        finally:
+            await db.close()
+            await locker.close()
+
+
 async def lock_waiters(db: asyncpg.Connection) -> set[int]:
     """The processes waiting for a lock on the jobs table."""
     return {row["pid"] for row in await db.fetch(

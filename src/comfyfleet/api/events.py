@@ -53,9 +53,12 @@ async def job_stream(
     """The events of the job `job_id` (one the caller may see) until it ends; also carried,
     for the jobs its tabs show, by the dashboard's shared stream (api/dashboard.py)."""
     notices = svc.events.listen(job_id)
+    job: Job | None = None
     try:
         while True:
-            job = await svc.repository.get(job_id)
+            # Whole once; then what changes only (not its prompt, tens of KB to decode).
+            job = await (svc.repository.get(job_id) if job is None
+                         else svc.repository.reread(job))
             if job is None:
                 return
             event_id = f"{job.status}:{job.attempts}:{job.progress:.3f}"
@@ -63,7 +66,9 @@ async def job_stream(
             if event_id != last_id:
                 last_id = event_id
                 if terminal:
-                    yield ServerSentEvent(json.dumps(await svc.render(job)), event=job.status,
+                    # Whole: its client_task_id too, which a later submit may have cleared.
+                    ended = await svc.repository.get(job_id) or job
+                    yield ServerSentEvent(json.dumps(await svc.render(ended)), event=job.status,
                                           id=event_id)
                     return
                 yield ServerSentEvent(json.dumps(await _state(svc, job)), event="state",

@@ -462,6 +462,15 @@ class JobRepository:
             row = await connection.fetchrow(_READS["job"], job_id)
         return _job(row) if row is not None else None
 
+    async def reread(self, job: Job) -> Job | None:
+        """`job` as it is now, None when it is gone: the columns its changes touch read again
+        (sql/reads.sql `job_changes`), the others as `job` holds them (its prompt, params,
+        labels: written once, with the job; a reader of those that other statements change
+        (overtaken, client_task_id, extra_data_holder) reads the whole job with `get`)."""
+        async with driver_connection(self._read_engine) as connection:
+            row = await connection.fetchrow(_READS["job_changes"], job.id)
+        return _changed(job, row) if row is not None else None
+
     async def claim_next(
         self,
         backends: Sequence[str],

@@ -239,11 +239,14 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
     told_outputs = 0
     latest = svc.events.latest_preview(job_id)  # told on connect, after the status
     loop = asyncio.get_running_loop()
+    job: Job | None = None
     try:
         while True:
             jobs_changed = svc.events.any_job.next()  # taken before the read (pulse.py)
             read_at = loop.time()
-            job = await svc.repository.get(job_id)
+            # Whole once; then what changes only (not its prompt, tens of KB to decode).
+            job = await (svc.repository.get(job_id) if job is None
+                         else svc.repository.reread(job))
             if job is None:
                 return
             status = render.status_of(job)

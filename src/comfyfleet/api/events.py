@@ -56,9 +56,7 @@ async def job_stream(
     job: Job | None = None
     try:
         while True:
-            # Whole once; then what changes only (not its prompt, tens of KB to decode).
-            job = await (svc.repository.get(job_id) if job is None
-                         else svc.repository.reread(job))
+            job = await svc.repository.reread(job_id, job)  # whole the first time
             if job is None:
                 return
             event_id = f"{job.status}:{job.attempts}:{job.progress:.3f}"

@@ -462,14 +462,17 @@ class JobRepository:
             row = await connection.fetchrow(_READS["job"], job_id)
         return _job(row) if row is not None else None
 
-    async def reread(self, job: Job) -> Job | None:
-        """`job` as it is now, None when it is gone: the columns its changes touch read again
-        (sql/reads.sql `job_changes`), the others as `job` holds them (its prompt, params,
-        labels: written once, with the job; a reader of those that other statements change
+    async def reread(self, job_id: uuid.UUID, known: Job | None) -> Job | None:
+        """The job `job_id` as it is now, None when it is gone: whole (`get`) if `known` is
+        None, else the columns its changes touch read again (sql/reads.sql `job_changes`) and
+        the others as `known` holds them (its prompt, params, labels: written once, with the
+        job, and tens of KB to decode; a reader of those that other statements change
         (overtaken, client_task_id, extra_data_holder) reads the whole job with `get`)."""
+        if known is None:
+            return await self.get(job_id)
         async with driver_connection(self._read_engine) as connection:
-            row = await connection.fetchrow(_READS["job_changes"], job.id)
-        return _changed(job, row) if row is not None else None
+            row = await connection.fetchrow(_READS["job_changes"], job_id)
+        return _changed(known, row) if row is not None else None
 
     async def claim_next(
         self,

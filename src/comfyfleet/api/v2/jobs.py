@@ -244,9 +244,7 @@ async def _stream(svc: Services, job_id: uuid.UUID, origin: str
         while True:
             jobs_changed = svc.events.any_job.next()  # taken before the read (pulse.py)
             read_at = loop.time()
-            # Whole once; then what changes only (not its prompt, tens of KB to decode).
-            job = await (svc.repository.get(job_id) if job is None
-                         else svc.repository.reread(job))
+            job = await svc.repository.reread(job_id, job)  # whole the first time
             if job is None:
                 return
             status = render.status_of(job)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,48 @@ def isolated_from_the_caller() -> Iterator[None]:
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         patch.chdir(empty)
         yield
+
+
+# pytest-timeout ends a test's worker at `timeout` (pyproject.toml), and under xdist what it
+# prints of the stacks is lost with the worker. This many seconds before that, the worker's
+# threads and, if its event loop still turns, the loop's tasks are printed: what the test awaits.
+STACKS_SHOWN_BEFORE_TIMEOUT = 20.0
+test_loop: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def the_tests_event_loop() -> None:
+    test_loop.append(asyncio.get_running_loop())
+
+
+def show_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
+def show_stacks(config: pytest.Config, nodeid: str) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    print(f"\n{nodeid} is about to time out; its threads, then its tasks:", file=sys.stderr)
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    if test_loop:
+        test_loop[0].call_soon_threadsafe(show_tasks)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    timeout = float(item.config.getini("timeout") or 0)
+    watch = None
+    if timeout > STACKS_SHOWN_BEFORE_TIMEOUT:
+        watch = threading.Timer(timeout - STACKS_SHOWN_BEFORE_TIMEOUT, show_stacks,
+                                (item.config, item.nodeid))
+        watch.daemon = True
+        watch.start()
+    yield
+    if watch is not None:
+        watch.cancel()
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ LAYERS: list[set[str]] = [
     {"http_client"},  # the lean HTTP/1.1 client of the hot path's requests
     {"db", "sql"},
     {"settings"},
+    {"json_codec"},  # the JSON encoder and decoder every stage shares
 ]
 
 

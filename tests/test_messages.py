@@ -107,6 +107,16 @@ def test_progress_that_is_not_a_finite_number_is_not_progress(value: str, maximu
     assert isinstance(parse_text(raw), Other)
 
 
+def test_a_frame_with_a_number_json_cannot_hold_is_read_still() -> None:
+    """ComfyUI writes a node's NaN as `NaN` (Python's json.dumps): orjson refuses it, the
+    frame is read as the standard library reads it, not dropped."""
+    raw = ('{"type": "executed", "data": {"prompt_id": "p", "node": "9", '
+           '"output": {"scores": [NaN, Infinity, 1]}}}')
+    message = parse_text(raw)
+    assert isinstance(message, Executed) and message.output is not None
+    assert message.output["scores"][2] == 1
+
+
 def test_garbage_is_not_a_message() -> None:
     assert parse_text("not json") is None
     assert parse_text('["a", "list"]') is None

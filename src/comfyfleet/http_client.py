@@ -17,7 +17,6 @@ written (the close seen before writing), and after writing only for the idempote
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +25,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from comfyfleet import json_codec
 
 # The methods a request may be resent with when its connection broke before any answer.
 IDEMPOTENT_METHODS = frozenset({"GET", "PUT", "DELETE", "OPTIONS"})
@@ -313,7 +314,7 @@ class Response:
 
     async def json(self) -> Any:
         """The body as JSON; ValueError when it is not."""
-        return json.loads(await self.read())
+        return json_codec.loads(await self.read())
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         """The body in pieces of `size` bytes (the last one shorter), at most about `size`

@@ -7,7 +7,6 @@ websocket and the multipart upload of an input, over one aiohttp session per bac
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from comfyfleet import json_codec
 from comfyfleet.http_client import HttpClient, HttpError, Response, Timeouts
 
 # ComfyUI's garbage-collection stalls can hold a response for ~0.5 s; never time out tightly.
@@ -66,7 +66,7 @@ class ComfyClient:
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The JSON a GET answers (None for a POST); anything but a 200 is a ComfyError."""
-        data, headers = (b"", None) if body is None else (json.dumps(body).encode(), JSON_HEADERS)
+        data, headers = (b"", None) if body is None else (json_codec.dumps(body), JSON_HEADERS)
         try:
             async with self._http.request(
                 method, self._url(path), body=data, headers=headers, timeouts=TIMEOUTS
@@ -89,7 +89,7 @@ class ComfyClient:
             body["extra_data"] = extra_data
         try:
             async with self._http.request(
-                "POST", self._url("/prompt"), body=json.dumps(body).encode(),
+                "POST", self._url("/prompt"), body=json_codec.dumps(body),
                 headers=JSON_HEADERS, timeouts=TIMEOUTS,
             ) as response:
                 payload = await response.json()
@@ -180,7 +180,7 @@ class ComfyClient:
         headers = {**JSON_HEADERS, "Authorization": f"Bearer {token}"}
         try:
             async with self._http.request(
-                "POST", self._url("/comfyfleet/delete"), body=json.dumps(body).encode(),
+                "POST", self._url("/comfyfleet/delete"), body=json_codec.dumps(body),
                 headers=headers, timeouts=TIMEOUTS,
             ) as response:
                 if response.status in (200, 404):

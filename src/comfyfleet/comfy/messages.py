@@ -6,11 +6,12 @@ keys are ignored, and a field of an unexpected type reads as missing instead of 
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+from comfyfleet import json_codec
 
 PREVIEW_IMAGE = 1
 TEXT = 3
@@ -192,7 +193,7 @@ def unread(raw: str) -> bool:
 def parse_text(raw: str) -> Message | None:
     """A text frame as a typed message, or None when it is not JSON of the expected shape."""
     try:
-        decoded = json.loads(raw)
+        decoded = json_codec.loads(raw)
     except ValueError:
         return None
     if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
@@ -212,7 +213,7 @@ def parse_binary(frame: bytes) -> Binary | None:
     if event == PREVIEW_IMAGE_WITH_METADATA:
         (length,) = struct.unpack_from(">I", frame, 4)
         try:
-            metadata = json.loads(frame[8 : 8 + length])
+            metadata = json_codec.loads(frame[8 : 8 + length])
         except ValueError:
             return None
         if not isinstance(metadata, dict):

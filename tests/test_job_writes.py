@@ -255,6 +255,8 @@ async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_on
     ({"params": {"at": datetime.datetime.now(datetime.UTC), "text": "a\u0000"}},
      "params.text", "contains a NUL character"),
     ({"priority": float("inf")}, "priority", "inf is not a number"),
+    # A key that is not a string: the text is the standard library's, which writes NaN.
+    ({"params": {"steps": {1: float("nan")}}}, "params.steps.1", "nan is not a number"),
     ({"source": "s" * 17}, "source", "is longer than 16 characters"),
 ])
 def test_what_cannot_be_stored_is_named_whatever_the_documents_shape(

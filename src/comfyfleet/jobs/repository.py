@@ -3,7 +3,6 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import OrderedDict
@@ -30,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet import sql
+from comfyfleet import json_codec, sql
 from comfyfleet.db import check_storable, driver_connection, single_statements
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
@@ -589,7 +588,7 @@ class JobRepository:
         when the claim left it out: each claim reads the head of every tenant's backlog again,
         the same CLAIM_BATCH rows but the ones taken, and a prompt is tens of KB. Decoded once
         while its job stays near the head; shared between claims, so only read."""
-        prompt = held[job_id] if text is None else json.loads(text)
+        prompt = held[job_id] if text is None else json_codec.loads(text)
         self._prompts[job_id] = prompt
         self._prompts.move_to_end(job_id)
         while len(self._prompts) > PROMPTS_KEPT:
@@ -1066,7 +1065,7 @@ async def _check_backlog(
 
 def _json(value: Any) -> str | None:
     """A JSONB parameter of the named queries (sent as JSON text); None stays NULL."""
-    return json.dumps(value) if value is not None else None
+    return json_codec.dumps_text(value) if value is not None else None
 
 
 def _delivery_json(delivery: deliveries.Delivery | None) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from comfyfleet import json_codec
 from comfyfleet.api.deliveries import delivery_json
 from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.errors import ApiError
@@ -159,7 +159,8 @@ async def _visible(svc: Services, caller: Caller, job_ids: list[uuid.UUID]) -> l
 async def _job_events(svc: Services, job_id: uuid.UUID) -> AsyncIterator[ServerSentEvent]:
     async for event in job_stream(svc, job_id, previews=True, last_id=None):
         # The event's data is JSON already (a preview's image is large): put in as it is.
-        data = f'{{"job": "{job_id}", "event": {json.dumps(event.event)}, "data": {event.data}}}'
+        name = json_codec.dumps_text(event.event)
+        data = f'{{"job": "{job_id}", "event": {name}, "data": {event.data}}}'
         yield ServerSentEvent(data, event="job")
 
 
@@ -202,7 +203,8 @@ class FleetSnapshot:
         if fresh or self._as_of is None or any(
                 a is not b for a, b in zip(as_of, self._as_of, strict=True)):
             fleet = self._svc.fleet
-            self._text = json.dumps([fleet.describe(session) for session in fleet.sessions])
+            self._text = json_codec.dumps_text(
+                [fleet.describe(session) for session in fleet.sessions])
             self._as_of = as_of
         return self._text
 

@@ -13,7 +13,6 @@ client reconnecting with Last-Event-ID gets the next change, not a repeat.
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from comfyfleet import json_codec
 from comfyfleet.api.depends import ServicesDep
 from comfyfleet.api.security import CallerDep, visible_job
 from comfyfleet.dispatch.fair_share import expected_end
@@ -66,10 +66,10 @@ async def job_stream(
                 if terminal:
                     # Whole: its client_task_id too, which a later submit may have cleared.
                     ended = await svc.repository.get(job_id) or job
-                    yield ServerSentEvent(json.dumps(await svc.render(ended)), event=job.status,
-                                          id=event_id)
+                    yield ServerSentEvent(json_codec.dumps_text(await svc.render(ended)),
+                                          event=job.status, id=event_id)
                     return
-                yield ServerSentEvent(json.dumps(await _state(svc, job)), event="state",
+                yield ServerSentEvent(json_codec.dumps_text(await _state(svc, job)), event="state",
                                       id=event_id)
             elif terminal:
                 return  # resumed after the end: nothing more to tell
@@ -125,7 +125,7 @@ async def place_and_eta(svc: Services, job: Job) -> tuple[int | None, float | No
 def _preview_event(preview: PreviewImage) -> ServerSentEvent:
     data = base64.b64encode(preview.image).decode()
     return ServerSentEvent(
-        json.dumps({"node_id": preview.node_id,
+        json_codec.dumps_text({"node_id": preview.node_id,
                     "image": f"data:{preview.image_type};base64,{data}"}),
         event="preview",
     )

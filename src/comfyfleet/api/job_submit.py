@@ -8,7 +8,6 @@ service app's v1 route and the v2 app's (api/v2)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -16,6 +15,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comfyfleet import json_codec
 from comfyfleet.api.job_poll import answer_error, app_path
 from comfyfleet.api.json_text import may_hold_lone_surrogate
 
@@ -85,8 +85,8 @@ class SubmitRoute(Generic[Submitted]):
             return None
         if may_hold_lone_surrogate(body):
             return None
-        try:  # as FastAPI reads a JSON body, then validates the route's body parameter
-            return self.body.model_validate(json.loads(body))
+        try:  # as FastAPI reads a JSON body (faster), then validates the route's body parameter
+            return self.body.model_validate(json_codec.loads(body))
         except Exception:  # whatever it is, the route answers it
             return None
 

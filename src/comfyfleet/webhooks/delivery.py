@@ -3,7 +3,6 @@ redirects, a time limit, and only a snippet of the answer read."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from comfyfleet import json_codec
 from comfyfleet.egress import public_addresses
 from comfyfleet.http_client import HttpClient, HttpError, HttpTimeout, Timeouts
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
@@ -64,8 +64,8 @@ async def event_body(payload: dict[str, Any], url_for: UrlFor) -> str:
     ]
     job = {**data, "outputs": outputs}
     if data.get("webhook_format") == COMFYUI_SERVER_FORMAT:
-        return json.dumps(comfyui_server_record(job), separators=(",", ":"))
-    return json.dumps({**payload, "data": job}, separators=(",", ":"))
+        return json_codec.dumps_text(comfyui_server_record(job))
+    return json_codec.dumps_text({**payload, "data": job})
 
 
 class WebhookSender:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, SecretStr
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from comfyfleet import db
+from comfyfleet import db, json_codec
 from comfyfleet.api.depends import ServicesDep, services
 from comfyfleet.api.job_poll import job_response
 from comfyfleet.api.jobs import decode_cursor, encode_cursor
@@ -312,7 +311,7 @@ def _preview_event(preview: PreviewImage) -> ServerSentEvent:
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(json.dumps(data), event=name)
+    return ServerSentEvent(json_codec.dumps_text(data), event=name)
 
 
 @public.get("/health", summary="The gateway and its fleet")

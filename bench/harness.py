@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import psutil  # type: ignore[import-untyped]  # no stubs in the requirements
 from aiobotocore.session import get_session
 from aiohttp import web
 from sqlalchemy import make_url
@@ -357,66 +358,57 @@ async def open_loop(
 
 # --- CPU accounting ---------------------------------------------------------------------------
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Component:
     name: str
     pids: list[int]
-    with_children: bool = False  # e.g. a PostgreSQL server and its backends
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat from the state field on (the command name may hold spaces)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-    return children
+    # Each pid's whole process tree, the children that ended included (e.g. a PostgreSQL
+    # postmaster and its backends); else the processes themselves only.
+    with_children: bool = False
 
 
 def descendants(pid: int) -> list[int]:
     """Every process under `pid`, children and theirs."""
-    children = _children()
-    found, waiting = [], list(children.get(pid, []))
-    while waiting:
-        found.append(waiting.pop())
-        waiting += children.get(found[-1], [])
-    return found
-
-
-def _cpu_ticks(pid: int, *, reaped_children: bool) -> int:
-    """User + system time of `pid`, with `reaped_children` also its children's that ended."""
     try:
-        fields = _stat(pid)
-    except OSError:
-        return 0  # gone: what it used is in its parent's reaped-children time
-    return sum(int(value) for value in fields[11:15 if reaped_children else 13])
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
-def _component_seconds(component: Component, children: dict[int, list[int]]) -> float:
-    ticks = 0
+def _process_seconds(process: psutil.Process, *, ended_children: bool) -> float:
+    """User + system time of `process`; with `ended_children`, its children's that ended
+    (and were waited for) too."""
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0  # gone: what it used is in its parent's ended children's time
+    own = float(times.user + times.system)
+    return own + float(times.children_user + times.children_system) if ended_children else own
+
+
+def _component_seconds(component: Component) -> float:
+    seconds = 0.0
     for pid in component.pids:
-        ticks += _cpu_ticks(pid, reaped_children=component.with_children)
-        if component.with_children:
-            ticks += sum(_cpu_ticks(child, reaped_children=True)
-                         for child in children.get(pid, []))
-    return ticks / CLOCK_TICKS
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)] if component.with_children else [root]
+        except psutil.NoSuchProcess:
+            continue
+        seconds += sum(_process_seconds(process, ended_children=component.with_children)
+                       for process in tree)
+    return seconds
 
 
 def _machine_busy_seconds() -> float:
-    """CPU time spent by every process on the machine (the "cpu" line of /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / CLOCK_TICKS
+    """CPU time spent by every process on the machine and by the kernel for them (interrupts,
+    and steal: time the hypervisor gave to other machines), idle and iowait left out."""
+    times = psutil.cpu_times()
+    return float(times.user + times.nice + times.system + sum(
+        getattr(times, name, 0.0) for name in ("irq", "softirq", "steal")))
+
+
+MACHINE = "machine (all processes)"
+NOT_OURS = "not ours (other users, kernel threads)"
 
 
 class CpuMeter:
@@ -431,9 +423,8 @@ class CpuMeter:
         self.seconds = 0.0
 
     def _snapshot(self) -> dict[str, float]:
-        children = _children()
-        snapshot = {c.name: _component_seconds(c, children) for c in self.components}
-        snapshot["machine (all processes)"] = _machine_busy_seconds()
+        snapshot = {c.name: _component_seconds(c) for c in self.components}
+        snapshot[MACHINE] = _machine_busy_seconds()
         return snapshot
 
     def start(self) -> None:
@@ -444,13 +435,17 @@ class CpuMeter:
         ended = self._snapshot()
         self.seconds = time.monotonic() - self._wall
         self.used = {name: ended[name] - self._started[name] for name in ended}
-        ours = sum(seconds for name, seconds in self.used.items() if not name.startswith("mach"))
-        self.used["not ours (other users, kernel threads)"] = (
-            self.used["machine (all processes)"] - ours)
+        ours = sum(seconds for name, seconds in self.used.items() if name != MACHINE)
+        self.used[NOT_OURS] = self.used[MACHINE] - ours
 
     def ms_per(self, name: str, count: int) -> float:
         """Milliseconds of CPU component `name` used per item, `count` items in the interval."""
         return round(self.used[name] / count * 1000, 1)
+
+    def ms_per_item(self, count: int) -> dict[str, float]:
+        """Milliseconds of CPU per item of every component, of the machine and of the rest of
+        it ("not ours"), `count` items in the interval."""
+        return {name: round(used / count * 1000, 3) for name, used in self.used.items()}
 
     def as_json(self) -> dict[str, float]:
         """Cores each component kept busy on average (CPU seconds / wall seconds)."""
@@ -465,16 +460,18 @@ class CpuMeter:
 def standard_components(
     serves: Sequence[Serve], sims: SimFleet, postgres: Any, moto: S3Server | None = None,
 ) -> list[Component]:
-    """The benchmark's processes; every `comfyfleet serve` of `serves` counted as one."""
+    """The benchmark's processes, each with its process tree but this one's (the others are
+    its children); every `comfyfleet serve` of `serves` counted as one."""
     components = [
         Component("benchmark client", [os.getpid()]),
-        Component("simulators", [p.pid for p in sims.processes]),
+        Component("simulators", [p.pid for p in sims.processes], with_children=True),
         Component("postgres", [postgres.get_pid()], with_children=True),
     ]
     if serves:
-        components.insert(0, Component("comfyfleet serve", [s.process.pid for s in serves]))
+        components.insert(0, Component("comfyfleet serve", [s.process.pid for s in serves],
+                                       with_children=True))
     if moto is not None:
-        components.append(Component("moto (S3)", [moto.process.pid]))
+        components.append(Component("moto (S3)", [moto.process.pid], with_children=True))
     return components
 
 

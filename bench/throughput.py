@@ -26,6 +26,20 @@ counts the time it waits for a core too) and the CPU time of every process is re
 /proc: where the time goes, by component in ms per job, and what bounds the rate (on 2 cores:
 the one process that needs a whole core, or the machine).
 
+In each measured window (the two baselines' and comfyfleet's), the CPU seconds of each
+process group, read before and after by psutil over its whole process tree (children that
+ended in the window included): comfyfleet serve, PostgreSQL (the postmaster and every
+backend and helper under it), moto, the simulators, this process (the submitting clients
+and the webhook receiver; or the baselines' clients), and "not ours", the rest of the
+machine's busy time. Per item (a job, a PUT, a prompt), they give the ceiling the machine
+puts on each workload: cores / the CPU per item of all our processes (and the same with the
+cores the rest of the machine left us), and the lowest rate of a group whose processes run
+on one core each at most (the GIL). For the issue's target (80% of moto alone, or 400 jobs/s
+locally) the most CPU per job serve may take, the others' as measured: at or below zero, the
+target is out of reach on this machine whatever serve does. With S3 the target is given
+twice: from moto alone's rate as measured (the rest of the machine's load moves it) and from
+moto alone's ceiling (its rate on idle cores).
+
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
 [--storage s3|local] [--serve-processes 1]
 [--sampler cpu|py-spy] (py-spy: .venv/bin/pip install py-spy; --no-profile runs without a
@@ -49,8 +63,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil  # type: ignore[import-untyped]  # no stubs in the requirements
 
 from bench.harness import (
+    MACHINE,
+    NOT_OURS,
     PARAMS,
     STATS_FLUSH_SECONDS,
     WORKFLOW,
@@ -78,6 +95,8 @@ WARM_UP_JOBS = 200
 WEBHOOK_WAIT_SECONDS = 300.0
 MOTO_IN_FLIGHT = 32
 MOTO_ALONE = "moto alone (PUT + presign)"
+END_TO_END = "comfyfleet, end to end"
+SERVE = "comfyfleet serve"
 # The issue's targets (#17): with S3, a share of what moto alone does; locally, a rate.
 TARGET_SHARE_OF_MOTO = 0.8
 TARGET_LOCAL_PER_SECOND = 400.0
@@ -140,6 +159,84 @@ async def through_comfyfleet(
     return count / (finished - started), count / (submitted - started)
 
 
+def one_core_each(serve_processes: int, sim_processes: int, storage: str) -> dict[str, int]:
+    """The process groups whose every process runs its Python on one core at most (the GIL),
+    with how many processes each has: a group needing more cores than that for a rate keeps
+    it out of reach whatever the rest costs. PostgreSQL is not one (a process a connection)."""
+    groups = {SERVE: serve_processes, "simulators": sim_processes, "benchmark client": 1}
+    if storage == "s3":
+        groups["moto (S3)"] = 1
+    return groups
+
+
+def ceiling(ms_per_item: dict[str, float], not_ours_cores: float, rate: float,
+            one_core: dict[str, int]) -> dict[str, Any]:
+    """What the machine allows a workload whose processes cost `ms_per_item` of CPU per item:
+    every core for our processes (cores / the CPU per item of them all), the cores the rest of
+    the machine left them in the window, and the lowest bound of a one-core-each group."""
+    cores = int(psutil.cpu_count())
+    ours = sum(ms for name, ms in ms_per_item.items() if name not in (MACHINE, NOT_OURS))
+    bounds = {name: processes / ms_per_item[name] * 1000
+              for name, processes in one_core.items() if ms_per_item.get(name, 0.0) > 0}
+    lowest = min(bounds, key=bounds.__getitem__)
+    return {"cores": cores, "ours_ms_per_item": round(ours, 3),
+            "per_second": round(cores / ours * 1000, 1),
+            "per_second_beside_the_rest": round((cores - not_ours_cores) / ours * 1000, 1),
+            "reached": round(rate / (cores / ours * 1000), 3),
+            "one_core_each": {name: round(bound, 1) for name, bound in bounds.items()},
+            "lowest_one_core_bound": [lowest, round(bounds[lowest], 1)]}
+
+
+def serve_budget(ms_per_job: dict[str, float], not_ours_cores: float, rate: float,
+                 target_rate: float, one_core: dict[str, int]) -> dict[str, Any]:
+    """The most CPU per job `comfyfleet serve` may cost for `target_rate` on this machine, the
+    other processes' CPU per job as measured: cores / the rate, less theirs (at or below zero:
+    out of reach on these cores whatever serve does), and within one core per serve process;
+    the same beside the rest of the machine's load; one-core-each groups that cannot reach
+    the rate at their measured cost."""
+    cores = int(psutil.cpu_count())
+    others = sum(ms for name, ms in ms_per_job.items() if name not in (MACHINE, NOT_OURS, SERVE))
+    budget = cores / target_rate * 1000 - others
+    beside = (cores - not_ours_cores) / target_rate * 1000 - others
+    serve_core = one_core[SERVE] / target_rate * 1000
+    blocked_by = {name: round(processes / ms_per_job[name] * 1000, 1)
+                  for name, processes in one_core.items()
+                  if name != SERVE and ms_per_job.get(name, 0.0) > processes / target_rate * 1000}
+    serve_ms = ms_per_job[SERVE]
+    allowed = min(budget, serve_core)
+    verdict = (
+        "met" if rate >= target_rate
+        else f"out of reach on {cores} cores whatever serve costs" if budget <= 0 or blocked_by
+        else f"serve's CPU per job already fits {cores} idle cores (less than the rest's load "
+             "leaves: the rate is held back by that load, or by waiting)" if serve_ms <= allowed
+        else f"within reach on {cores} idle cores if serve's CPU per job shrinks "
+             f"{serve_ms / allowed:.2g}x")
+    return {"target_per_second": round(target_rate, 1), "others_ms_per_job": round(others, 3),
+            "serve_ms_per_job": serve_ms, "serve_at_most_ms": round(budget, 3),
+            "serve_at_most_ms_beside_the_rest": round(beside, 3),
+            "serve_at_most_ms_on_its_cores": round(serve_core, 3),
+            "blocked_by_one_core_groups": blocked_by, "verdict": verdict}
+
+
+def serve_budgets(rates: dict[str, float], ceilings: dict[str, dict[str, Any]],
+                  ms_per_job: dict[str, float], not_ours_cores: float,
+                  one_core: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """serve_budget for the issue's target: locally TARGET_LOCAL_PER_SECOND; with S3 a share of
+    moto alone's rate as measured (which the rest of the machine's load moves), and the same
+    share of moto alone's ceiling (its rate on idle cores, from its CPU per PUT)."""
+    rate = rates[END_TO_END]
+    if MOTO_ALONE not in rates:
+        return {"STORAGE=local": serve_budget(
+            ms_per_job, not_ours_cores, rate, TARGET_LOCAL_PER_SECOND, one_core)}
+    idle_moto = min(ceilings[MOTO_ALONE]["per_second"],
+                    ceilings[MOTO_ALONE]["lowest_one_core_bound"][1])
+    return {f"{TARGET_SHARE_OF_MOTO:.0%} of {MOTO_ALONE}, as measured": serve_budget(
+                ms_per_job, not_ours_cores, rate, TARGET_SHARE_OF_MOTO * rates[MOTO_ALONE],
+                one_core),
+            f"{TARGET_SHARE_OF_MOTO:.0%} of {MOTO_ALONE} on idle cores": serve_budget(
+                ms_per_job, not_ours_cores, rate, TARGET_SHARE_OF_MOTO * idle_moto, one_core)}
+
+
 async def dispatch_claims(http: aiohttp.ClientSession, serves: list[Serve]) -> Counter[str]:
     """The dispatchers' claims so far by outcome (comfyfleet_dispatch_claims), summed over
     the serve processes."""
@@ -157,7 +254,7 @@ async def dispatch_claims(http: aiohttp.ClientSession, serves: list[Serve]) -> C
 def against_baselines(rates: dict[str, float], storage: str) -> dict[str, Any]:
     """comfyfleet's end-to-end rate as a share of each baseline's, and the issue's target
     for this storage with whether it is met."""
-    ours = rates["comfyfleet, end to end"]
+    ours = rates[END_TO_END]
     shares = {name: round(ours / rate, 3) for name, rate in rates.items()
               if not name.startswith("comfyfleet")}
     if storage == "s3":
@@ -183,11 +280,22 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         rates: dict[str, float] = {}
         cpu: dict[str, dict[str, float]] = {}
 
+        ms_per_item: dict[str, dict[str, float]] = {}
+        one_core = one_core_each(serve_processes, processes, storage)
+        ceilings: dict[str, dict[str, Any]] = {}
+
+        def measured(phase: str, count: int) -> None:
+            """The phase's cores busy, CPU per item and ceiling, from the meter just stopped."""
+            cpu[phase] = meter.as_json()
+            ms_per_item[phase] = meter.ms_per_item(count)
+            ceilings[phase] = ceiling(ms_per_item[phase], cpu[phase][NOT_OURS], rates[phase],
+                                      one_core)
+
         await simulators_alone(sims.urls, WARM_UP_JOBS)
         meter.start()
         rates["simulators alone"] = await simulators_alone(sims.urls, jobs)
         meter.stop()
-        cpu["simulators alone"] = meter.as_json()
+        measured("simulators alone", jobs // len(sims.urls) * len(sims.urls))
 
         await through_comfyfleet(http, apis, receiver, WARM_UP_JOBS, window)
         output_bytes = None
@@ -199,7 +307,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             meter.start()
             rates[MOTO_ALONE] = await moto_alone(deployed.s3, png, jobs)
             meter.stop()
-            cpu[MOTO_ALONE] = meter.as_json()
+            measured(MOTO_ALONE, jobs)
 
         profiling = (nullcontext() if profile is None
                      else cpu_sampling(serves[0].process, profile) if sampler == "cpu"
@@ -211,11 +319,13 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         claims = await dispatch_claims(http, serves)
         async with profiling, counting as opened_by:
             meter.start()
-            rates["comfyfleet, end to end"], rates["comfyfleet, submits accepted"] = (
+            rates[END_TO_END], rates["comfyfleet, submits accepted"] = (
                 await through_comfyfleet(http, apis, receiver, jobs, window))
             meter.stop()
-        cpu["comfyfleet, end to end"] = meter.as_json()
-        serve_ms = meter.ms_per("comfyfleet serve", jobs)
+        measured(END_TO_END, jobs)
+        serve_ms = meter.ms_per(SERVE, jobs)
+        budgets = serve_budgets(rates, ceilings, ms_per_item[END_TO_END],
+                                cpu[END_TO_END][NOT_OURS], one_core)
         claims = await dispatch_claims(http, serves) - claims
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
@@ -224,6 +334,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             "serve_processes": serve_processes, "output_bytes": output_bytes,
             "per_second": {name: round(rate, 1) for name, rate in rates.items()},
             **against_baselines(rates, storage), "cores_busy": cpu,
+            "cpu_ms_per_item": ms_per_item, "ceiling": ceilings, "serve_budget": budgets,
             "serve_cpu_ms_per_job": serve_ms,
             "transactions_per_job": round(committed / jobs, 1),
             "writing_transactions_per_job": round(writing / jobs, 1),
@@ -262,6 +373,8 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
     phases = list(cpu)
     print_table(["cores busy", *phases],
                 [(name, *(cpu[phase][name] for phase in phases)) for name in cpu[phases[-1]]])
+    print()
+    report_ceilings(result)
     if result["profile"] is not None:
         profile_result = result["profile"]
         which = "" if result["serve_processes"] == 1 else " (the first process only)"
@@ -281,6 +394,50 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
                         [(name, share) for name, share in profile_result[key].items()])
 
 
+def report_ceilings(result: dict[str, Any]) -> None:
+    """CPU per item of every process group in each phase, the ceiling the machine puts on
+    each, and what serve would have to cost for the target."""
+    ms, ceilings, rates = result["cpu_ms_per_item"], result["ceiling"], result["per_second"]
+    phases = list(ms)
+    cores = ceilings[END_TO_END]["cores"]
+    ours = [name for name in ms[END_TO_END] if name not in (MACHINE, NOT_OURS)]
+
+    def row(title: str, cells: list[object]) -> tuple[object, ...]:
+        return (title, *cells)
+
+    def ceiling_cells(key: str) -> list[object]:
+        return [f"{ceilings[phase][key]:.0f}" for phase in phases]
+
+    print_table(
+        ["ms of CPU per item: a prompt (simulators alone), a PUT (moto alone), a job", *phases],
+        [*(row(name, [f"{ms[phase][name]:.2f}" for phase in phases]) for name in ours),
+         row("ours, added up", [f"{ceilings[phase]['ours_ms_per_item']:.2f}" for phase in phases]),
+         row(NOT_OURS, [f"{ms[phase][NOT_OURS]:.2f}" for phase in phases]),
+         row(MACHINE, [f"{ms[phase][MACHINE]:.2f}" for phase in phases]),
+         row("cores busy, the whole machine",
+             [f"{result['cores_busy'][phase][MACHINE]:.2f}" for phase in phases]),
+         row("per second, measured", [f"{rates[phase]:.0f}" for phase in phases]),
+         row(f"ceiling: {cores} cores ÷ ours", ceiling_cells("per_second")),
+         row(f"ceiling: {cores} cores less not ours, ÷ ours",
+             ceiling_cells("per_second_beside_the_rest")),
+         row("measured ÷ ceiling", [f"{ceilings[phase]['reached']:.0%}" for phase in phases]),
+         row("lowest bound of one process on one core (GIL)",
+             ["{}: {:.0f}".format(*ceilings[phase]["lowest_one_core_bound"])
+              for phase in phases])])
+    for target_name, budget in result["serve_budget"].items():
+        target = budget["target_per_second"]
+        blocked = "; ".join(f"{name}, one core a process, reaches only {bound:.0f}/s"
+                            for name, bound in budget["blocked_by_one_core_groups"].items())
+        print(f"\ntarget, {target_name}: {target:.0f} jobs/s. At that rate {cores} cores give "
+              f"{cores / target * 1000:.2f} ms of CPU a job; all but serve took "
+              f"{budget['others_ms_per_job']:.2f} ms a job, so serve may take at most "
+              f"{budget['serve_at_most_ms']:.2f} ms (beside the rest of the machine's load "
+              f"{budget['serve_at_most_ms_beside_the_rest']:.2f}; one core a serve process caps "
+              f"it at {budget['serve_at_most_ms_on_its_cores']:.2f}); serve took "
+              f"{budget['serve_ms_per_job']} ms: {budget['verdict']}"
+              + (f" ({blocked})" if blocked else ""))
+
+
 async def main(jobs: int, window: int, processes: int, profile: Path | None,
                by_statement: bool, storage: str, serve_processes: int, sampler: str) -> None:
     print(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
@@ -289,7 +446,7 @@ async def main(jobs: int, window: int, processes: int, profile: Path | None,
         result = await run(jobs, window, processes, profile, root, by_statement, storage,
                            serve_processes, sampler)
     report(result, profile)
-    print(json.dumps(result))
+    print(json.dumps({**result, "load_average_after": os.getloadavg()}))
 
 
 if __name__ == "__main__":

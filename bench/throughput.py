@@ -36,7 +36,9 @@ puts on each workload: cores / the CPU per item of all our processes (and the sa
 cores the rest of the machine left us), and the lowest rate of a group whose processes run
 on one core each at most (the GIL). For the issue's target (80% of moto alone, or 400 jobs/s
 locally) the most CPU per job serve may take, the others' as measured: at or below zero, the
-target is out of reach on this machine whatever serve does. With S3 the target is given
+target is out of reach on this machine whatever serve does; and the most serve and
+PostgreSQL may take together (our SQL moves PostgreSQL's share): at or below zero, out of
+reach whatever comfyfleet does. With S3 the target is given
 twice: from moto alone's rate as measured (the rest of the machine's load moves it) and from
 moto alone's ceiling (its rate on idle cores).
 
@@ -97,6 +99,7 @@ MOTO_IN_FLIGHT = 32
 MOTO_ALONE = "moto alone (PUT + presign)"
 END_TO_END = "comfyfleet, end to end"
 SERVE = "comfyfleet serve"
+POSTGRES = "postgres"
 # The issue's targets (#17): with S3, a share of what moto alone does; locally, a rate.
 TARGET_SHARE_OF_MOTO = 0.8
 TARGET_LOCAL_PER_SECOND = 400.0
@@ -192,21 +195,28 @@ def serve_budget(ms_per_job: dict[str, float], not_ours_cores: float, rate: floa
     """The most CPU per job `comfyfleet serve` may cost for `target_rate` on this machine, the
     other processes' CPU per job as measured: cores / the rate, less theirs (at or below zero:
     out of reach on these cores whatever serve does), and within one core per serve process;
-    the same beside the rest of the machine's load; one-core-each groups that cannot reach
-    the rate at their measured cost."""
+    the same beside the rest of the machine's load; the most serve and PostgreSQL may cost
+    together (what our SQL moves too), the rest as measured; one-core-each groups that
+    cannot reach the rate at their measured cost."""
     cores = int(psutil.cpu_count())
+    per_job = cores / target_rate * 1000
     others = sum(ms for name, ms in ms_per_job.items() if name not in (MACHINE, NOT_OURS, SERVE))
-    budget = cores / target_rate * 1000 - others
+    budget = per_job - others
     beside = (cores - not_ours_cores) / target_rate * 1000 - others
     serve_core = one_core[SERVE] / target_rate * 1000
+    with_postgres = budget + ms_per_job.get(POSTGRES, 0.0)
     blocked_by = {name: round(processes / ms_per_job[name] * 1000, 1)
                   for name, processes in one_core.items()
                   if name != SERVE and ms_per_job.get(name, 0.0) > processes / target_rate * 1000}
     serve_ms = ms_per_job[SERVE]
+    ours_ms = serve_ms + ms_per_job.get(POSTGRES, 0.0)
     allowed = min(budget, serve_core)
     verdict = (
         "met" if rate >= target_rate
-        else f"out of reach on {cores} cores whatever serve costs" if budget <= 0 or blocked_by
+        else f"out of reach on {cores} cores whatever comfyfleet costs" if with_postgres <= 0
+        or blocked_by
+        else f"out of reach on {cores} cores whatever serve costs; serve and PostgreSQL "
+             f"together would have to shrink {ours_ms / with_postgres:.2g}x" if budget <= 0
         else f"serve's CPU per job already fits {cores} idle cores (less than the rest's load "
              "leaves: the rate is held back by that load, or by waiting)" if serve_ms <= allowed
         else f"within reach on {cores} idle cores if serve's CPU per job shrinks "
@@ -215,6 +225,8 @@ def serve_budget(ms_per_job: dict[str, float], not_ours_cores: float, rate: floa
             "serve_ms_per_job": serve_ms, "serve_at_most_ms": round(budget, 3),
             "serve_at_most_ms_beside_the_rest": round(beside, 3),
             "serve_at_most_ms_on_its_cores": round(serve_core, 3),
+            "serve_and_postgres_ms_per_job": round(ours_ms, 3),
+            "serve_and_postgres_at_most_ms": round(with_postgres, 3),
             "blocked_by_one_core_groups": blocked_by, "verdict": verdict}
 
 
@@ -433,8 +445,10 @@ def report_ceilings(result: dict[str, Any]) -> None:
               f"{budget['others_ms_per_job']:.2f} ms a job, so serve may take at most "
               f"{budget['serve_at_most_ms']:.2f} ms (beside the rest of the machine's load "
               f"{budget['serve_at_most_ms_beside_the_rest']:.2f}; one core a serve process caps "
-              f"it at {budget['serve_at_most_ms_on_its_cores']:.2f}); serve took "
-              f"{budget['serve_ms_per_job']} ms: {budget['verdict']}"
+              f"it at {budget['serve_at_most_ms_on_its_cores']:.2f}), serve and PostgreSQL "
+              f"together {budget['serve_and_postgres_at_most_ms']:.2f}; they took "
+              f"{budget['serve_ms_per_job']} and {budget['serve_and_postgres_ms_per_job']:.2f}"
+              f" ms: {budget['verdict']}"
               + (f" ({blocked})" if blocked else ""))
 
 

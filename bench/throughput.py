@@ -60,6 +60,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -414,28 +415,25 @@ def report_ceilings(result: dict[str, Any]) -> None:
     cores = ceilings[END_TO_END]["cores"]
     ours = [name for name in ms[END_TO_END] if name not in (MACHINE, NOT_OURS)]
 
-    def row(title: str, cells: list[object]) -> tuple[object, ...]:
-        return (title, *cells)
-
-    def ceiling_cells(key: str) -> list[object]:
-        return [f"{ceilings[phase][key]:.0f}" for phase in phases]
+    def row(title: str, cell: Callable[[str], str]) -> tuple[str, ...]:
+        return (title, *(cell(phase) for phase in phases))
 
     print_table(
         ["ms of CPU per item: a prompt (simulators alone), a PUT (moto alone), a job", *phases],
-        [*(row(name, [f"{ms[phase][name]:.2f}" for phase in phases]) for name in ours),
-         row("ours, added up", [f"{ceilings[phase]['ours_ms_per_item']:.2f}" for phase in phases]),
-         row(NOT_OURS, [f"{ms[phase][NOT_OURS]:.2f}" for phase in phases]),
-         row(MACHINE, [f"{ms[phase][MACHINE]:.2f}" for phase in phases]),
+        [*((name, *(f"{ms[phase][name]:.2f}" for phase in phases)) for name in ours),
+         row("ours, added up", lambda phase: f"{ceilings[phase]['ours_ms_per_item']:.2f}"),
+         *((name, *(f"{ms[phase][name]:.2f}" for phase in phases))
+           for name in (NOT_OURS, MACHINE)),
          row("cores busy, the whole machine",
-             [f"{result['cores_busy'][phase][MACHINE]:.2f}" for phase in phases]),
-         row("per second, measured", [f"{rates[phase]:.0f}" for phase in phases]),
-         row(f"ceiling: {cores} cores ÷ ours", ceiling_cells("per_second")),
+             lambda phase: f"{result['cores_busy'][phase][MACHINE]:.2f}"),
+         row("per second, measured", lambda phase: f"{rates[phase]:.0f}"),
+         row(f"ceiling: {cores} cores ÷ ours",
+             lambda phase: f"{ceilings[phase]['per_second']:.0f}"),
          row(f"ceiling: {cores} cores less not ours, ÷ ours",
-             ceiling_cells("per_second_beside_the_rest")),
-         row("measured ÷ ceiling", [f"{ceilings[phase]['reached']:.0%}" for phase in phases]),
+             lambda phase: f"{ceilings[phase]['per_second_beside_the_rest']:.0f}"),
+         row("measured ÷ ceiling", lambda phase: f"{ceilings[phase]['reached']:.0%}"),
          row("lowest bound of one process on one core (GIL)",
-             ["{}: {:.0f}".format(*ceilings[phase]["lowest_one_core_bound"])
-              for phase in phases])])
+             lambda phase: "{}: {:.0f}".format(*ceilings[phase]["lowest_one_core_bound"]))])
     for target_name, budget in result["serve_budget"].items():
         target = budget["target_per_second"]
         blocked = "; ".join(f"{name}, one core a process, reaches only {bound:.0f}/s"

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import psutil  # type: ignore[import-untyped]  # no stubs in the requirements
+import psutil
 from aiobotocore.session import get_session
 from aiohttp import web
 from sqlalchemy import make_url

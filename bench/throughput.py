@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil  # type: ignore[import-untyped]  # no stubs in the requirements
+import psutil
 
 from bench.harness import (
     MACHINE,
@@ -178,7 +178,7 @@ def ceiling(ms_per_item: dict[str, float], not_ours_cores: float, rate: float,
     """What the machine allows a workload whose processes cost `ms_per_item` of CPU per item:
     every core for our processes (cores / the CPU per item of them all), the cores the rest of
     the machine left them in the window, and the lowest bound of a one-core-each group."""
-    cores = int(psutil.cpu_count())
+    cores = psutil.cpu_count() or 1
     ours = sum(ms for name, ms in ms_per_item.items() if name not in (MACHINE, NOT_OURS))
     bounds = {name: processes / ms_per_item[name] * 1000
               for name, processes in one_core.items() if ms_per_item.get(name, 0.0) > 0}
@@ -199,7 +199,7 @@ def serve_budget(ms_per_job: dict[str, float], not_ours_cores: float, rate: floa
     the same beside the rest of the machine's load; the most serve and PostgreSQL may cost
     together (what our SQL moves too), the rest as measured; one-core-each groups that
     cannot reach the rate at their measured cost."""
-    cores = int(psutil.cpu_count())
+    cores = psutil.cpu_count() or 1
     per_job = cores / target_rate * 1000
     others = sum(ms for name, ms in ms_per_job.items() if name not in (MACHINE, NOT_OURS, SERVE))
     budget = per_job - others

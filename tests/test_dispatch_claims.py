@@ -4,10 +4,16 @@ is not asked in a transaction of its own (comfyfleet_dispatch_claims counts them
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
+import struct
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from sqlalchemy import event
@@ -23,7 +29,7 @@ from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.metrics import REGISTRY
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import wait_for_job
+from tests.support import LOOPBACK, wait_for_job
 
 CLAIM = sql.queries("claim")["claim"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"  # what workflows/sd15_txt2img.json loads
@@ -233,6 +239,120 @@ async def test_a_job_submitted_with_a_backend_free_is_dispatched_in_its_inserts_
         made = {outcome: count - before[outcome] for outcome, count in claims().items()
                 if count > before[outcome]}
         assert made.get("took") == 3, made
+
+
+# socket(7): a read's ancillary data says when the kernel received the data read (for TCP, on
+# loopback: as the sender wrote it).
+SO_TIMESTAMPNS = 35
+
+
+def stamped_read(sock: socket.socket) -> tuple[bytes, int]:
+    """What one read of `sock` (SO_TIMESTAMPNS set) got, and when (ns) the kernel received it."""
+    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16))
+    stamps = [struct.unpack("qq", raw[:16]) for level, kind, raw in ancillary
+              if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS]
+    return data, (stamps[0][0] * 10**9 + stamps[0][1]) if stamps else 0
+
+
+class StampedRelay:
+    """A TCP relay (threads, blocking sockets) in front of the server at `url`, noting when
+    the kernel received each read from a client that begins with `prefix`: the order in which
+    the service wrote its requests, whatever the order its readers were scheduled in."""
+
+    def __init__(self, url: str, prefix: bytes) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname, parts.port)
+        self._prefix = prefix
+        self._sockets = [socket.create_server((LOOPBACK, 0))]
+        self.url = f"http://{LOOPBACK}:{self._sockets[0].getsockname()[1]}"
+        self.stamps: list[int] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sockets[0].accept()
+            except OSError:  # closed
+                return
+            client.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := (read := stamped_read(source))[0]:
+                if data.startswith(self._prefix):
+                    self.stamps.append(read[1])
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            # Wakes the thread blocked on it (a close alone leaves an accept() waiting).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def answer_stamped(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST `body` to `url` (blocking): when the kernel received the answer's first bytes, and
+    the answer's JSON."""
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.sendall(f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + payload)
+        answer, stamp = stamped_read(sock)
+        while piece := sock.recv(65536):
+            answer += piece
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 201"), answer
+    return stamp, json.loads(content)
+
+
+async def test_a_submits_prompt_goes_to_its_backend_before_its_answer_to_the_client(
+    settings: Settings,
+) -> None:
+    """A job stored already taken has its POST /prompt written before the submit's answer:
+    the job's way to its end runs through the backend, and the answer (rendered, written)
+    waits for it, not the other way round. Seen by when the kernel received each: the POST at
+    a relay in front of the backend, the answer at the client."""
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimulatedComfyUI(name="gpu"))
+        relay = StampedRelay(sim.url, b"POST /prompt")
+        stack.callback(relay.close)
+        settings.comfyui_endpoints = [f"{relay.url}#gpu"]
+        base, http = await served(stack, settings)
+        v2 = base.removesuffix(settings.route_prefix) + "/api/v2/jobs"
+        graph: dict[str, dict[str, Any]] = {
+            "1": {"class_type": "EmptyImage",
+                  "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage",
+                  "inputs": {"images": ["1", 0], "filename_prefix": "ComfyUI"}}}
+        # Those stored already taken but the first (which may open the connection POST
+        # /prompt reuses): the first job or two are stored queued, until the dispatcher is
+        # idle with the backlog known empty (see `served_idle`).
+        taken = 0
+        for color in range(10):
+            graph["1"]["inputs"]["color"] = color
+            sent = len(relay.stamps)
+            answered, job = await asyncio.to_thread(answer_stamped, v2, {"workflow": graph})
+            await wait_for_job(http, base, job["id"], "succeeded")
+            assert len(relay.stamps) == sent + 1
+            if color and job["queue_position"] == 0:  # stored taken: on its backend
+                assert relay.stamps[sent] < answered, (relay.stamps[sent] - answered) / 1e6
+                taken += 1
+                if taken == 3:
+                    return
+        raise AssertionError(f"{taken} of 10 jobs were stored already taken")
 
 
 async def test_a_job_whose_claim_fails_as_it_is_stored_is_stored_queued(

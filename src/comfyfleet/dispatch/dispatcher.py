@@ -327,6 +327,10 @@ class Dispatcher:
                 self._trial = take.prompt_id
         assert stored.backend is not None
         self._start(next(s for s in self._sessions if s.name == stored.backend), stored)
+        # Its POST /prompt goes out now, in its task's first step (the request written, its
+        # answer awaited), before the submit's answer is rendered and written: the job's way
+        # to its end runs through the backend, not through that answer.
+        await asyncio.sleep(0)
         return stored, created
 
     async def _claim_submitted(self, job_id: uuid.UUID, outcomes: list[str],

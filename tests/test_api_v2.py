@@ -44,6 +44,7 @@ from comfyfleet import sql
 from comfyfleet.api.v2 import V2Routes
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
+from comfyfleet.db import driver_connection
 from comfyfleet.settings import Settings
 from tests.support import (
     COLOR,
@@ -459,6 +460,55 @@ async def test_events_follow_a_job_changed_through_another_replica_at_once(
                 waited = asyncio.get_running_loop().time() - cancelled
     assert told == {"status": "canceled", "queue_position": None}
     assert waited < 0.5, waited
+
+
+async def test_the_replica_that_ended_a_job_answers_its_poll_without_reading_it(
+    settings: Settings, sim_urls: list[str], data_root: Path, engine: AsyncEngine
+) -> None:
+    """A status poll's last read, the one that sees the job ended, is not made by the replica
+    whose statement ended it: with the jobs table locked, that replica answers the poll at once
+    while the other waits to read the job; and both answer the same job object."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        bases = await serve_replicas(stack, settings, data_root,
+                                     COMFYUI_ENDPOINTS=",".join(sim_urls))
+        async with asyncio.timeout(30):
+            for base in bases:
+                while True:
+                    async with http.get(f"{base}/api/v2/health") as response:
+                        if response.status == 200 and all(
+                                (await response.json())["backends"].values()):
+                            break
+                    await asyncio.sleep(0.05)  # polling the service: no event to wait on
+            job = await api(http, "POST", f"{bases[0]}/api/v2/jobs", status=201,
+                            body={"workflow": invert(8, 1)})
+            while job["status"] != "succeeded":
+                await asyncio.sleep(0.05)
+                job = await api(http, "GET", f"{bases[0]}/api/v2/jobs/{job['id']}")
+
+        async def poll(base: str) -> dict[str, Any] | None:
+            """The job as `base` answers it; None when it does not within a second."""
+            try:
+                async with http.get(f"{base}/api/v2/jobs/{job['id']}",
+                                    timeout=aiohttp.ClientTimeout(total=1)) as response:
+                    assert response.status == 200
+                    polled: dict[str, Any] = await response.json()
+            except TimeoutError:
+                return None
+            # An output's URL is the replica's own, and signed for the second it is asked in.
+            for output in polled["outputs"]:
+                output["url"] = output["url"].removeprefix(base).partition("?")[0]
+                output.pop("url_expires_at")
+            return polled
+
+        async with driver_connection(engine) as locker, locker.transaction():
+            await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            answered = await asyncio.gather(*(poll(base) for base in bases))
+        ended_it = [index for index, polled in enumerate(answered) if polled is not None]
+        assert len(ended_it) == 1, answered
+        read = await poll(bases[1 - ended_it[0]])
+        assert read is not None and read["status"] == "succeeded"
+        assert answered[ended_it[0]] == read
 
 
 async def rows_holding(engine: AsyncEngine, secret: str) -> list[str]:

@@ -64,6 +64,8 @@ CLAIM_BATCH = 50
 CLAIM_TAKES = 4
 # The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
 PROMPTS_KEPT = 4 * CLAIM_BATCH
+# The jobs a repository keeps as its own statements ended them (`JobRepository.ended_here`).
+ENDED_KEPT = 256
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
 # What a job of a workflow never seen to run is taken to last, in GPU-seconds.
@@ -287,6 +289,8 @@ class JobRepository:
         # The jobs it stored with no other queued (the latest FIRST_IN_LINE_KEPT), and when:
         # position 1 for their first ask within position_max_age (a submit's answer), not read.
         self._first_in_line: OrderedDict[uuid.UUID, float] = OrderedDict()
+        # The jobs its statements ended (the latest ENDED_KEPT), as they left them.
+        self._ended: OrderedDict[uuid.UUID, Job] = OrderedDict()
         self._backlog = Recent(self._read_backlog, position_max_age)
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
         # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
@@ -460,6 +464,16 @@ class JobRepository:
         async with driver_connection(self._read_engine) as connection:
             row = await connection.fetchrow(_READS["job"], job_id)
         return _job(row) if row is not None else None
+
+    def ended_here(self, job_id: uuid.UUID) -> Job | None:
+        """Job `job_id` as this process's statement ended it (one of the latest ENDED_KEPT),
+        else None: what `get` would read now, but for its client_task_id. An ended job's row is
+        written again only to free that (`release_client_task_id`): every other statement
+        writing a job is fenced on states that are not ended (sql/jobs.sql, sql/claim.sql), and
+        no statement deletes a job. So a reader that does not show the client_task_id, in any
+        process, may take this for a read: it is committed (the statement returned), and no
+        process can change it since. (A status poll's last read, the one that sees the end.)"""
+        return self._ended.get(job_id)
 
     async def reread(self, job_id: uuid.UUID, known: Job | None) -> Job | None:
         """The job `job_id` as it is now, None when it is gone: whole (`get`) if `known` is
@@ -652,6 +666,10 @@ class JobRepository:
             raise
         if leased:
             self._hand_over(delivery, written=changed is not None)
+        if changed is not None and JobStatus(changed.status).terminal:
+            self._ended[changed.id] = changed
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
         return changed
 
     def _hand_over(self, delivery: deliveries.Delivery | None, *, written: bool) -> None:

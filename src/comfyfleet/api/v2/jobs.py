@@ -144,7 +144,9 @@ async def _job(svc: Services, caller: Caller, job_id: str) -> Job:
         parsed = uuid.UUID(job_id)
     except ValueError:
         raise V2Error(404, "not_found", f"no job {job_id}") from None
-    return await visible_job(svc, caller, parsed)
+    # The v2 job object has no client_task_id: a job this process ended is not read again
+    # (a status poll's last read, the one that sees the end, is on the job's way to its client).
+    return await visible_job(svc, caller, parsed, ended_here=True)
 
 
 @router.get("/jobs/{job_id}", summary="One job")

@@ -65,6 +65,24 @@ def test_substitution_happens_in_values_never_in_raw_text(tmp_path: Path) -> Non
     assert prompt["2"]["inputs"]["note"] == "cost: $5"
 
 
+def test_each_prompt_is_built_anew_from_an_untouched_template(tmp_path: Path) -> None:
+    # A workflow finds its placeholders once and fills them for every job: what one job's
+    # prompt (or its service function) changes reaches neither the template nor the next job.
+    write(tmp_path, "listed.json", {
+        "1": {"class_type": "CLIPTextEncode",
+              "inputs": {"text": "$text", "clip": ["4", 1], "note": "fixed"}}})
+    workflow = load_catalog(tmp_path).workflows["listed"]
+    _, first = workflow.build({"text": "a cat"})
+    first["1"]["inputs"]["clip"].append(2)
+    first["1"]["inputs"]["note"] = "changed"
+    first["2"] = {}
+    _, second = workflow.build({"text": "a dog"})
+    assert second == {"1": {"class_type": "CLIPTextEncode",
+                            "inputs": {"text": "a dog", "clip": ["4", 1], "note": "fixed"}}}
+    assert workflow.template["1"]["inputs"] == {"text": "$text", "clip": ["4", 1],
+                                                "note": "fixed"}
+
+
 def test_missing_required_placeholder_is_reported(tmp_path: Path) -> None:
     write(tmp_path, "seeded.json", {"1": {"class_type": "KSampler", "inputs": {"seed": "$seed"}}})
     workflow = load_catalog(tmp_path).workflows["seeded"]

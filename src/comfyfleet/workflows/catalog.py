@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,9 +32,11 @@ from comfyfleet.workflows.inference import (
 )
 from comfyfleet.workflows.params import (
     PARAM_TYPES,
+    Filler,
     ParamSpec,
     ParamType,
     substitute,
+    template_filler,
     validate_params,
 )
 from comfyfleet.workflows.service_functions import ServiceFunction, load_service_function
@@ -86,7 +89,11 @@ class Workflow:
 
     def fill(self, values: dict[str, Any]) -> dict[str, Any]:
         """The prompt with these (already validated) values substituted."""
-        return cast(dict[str, Any], substitute(self.template, values))
+        return cast(dict[str, Any], self._filler(values))
+
+    @cached_property
+    def _filler(self) -> Filler:
+        return template_filler(self.template)
 
     async def make_prompt(self, values: dict[str, Any]) -> dict[str, Any]:
         """The prompt to run for validated values: the filled template, passed through the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Literal
@@ -174,18 +174,29 @@ def whole_placeholder(value: str) -> str | None:
 
 def substitute(template: Any, values: Mapping[str, Any]) -> Any:
     """A copy of `template` with every placeholder replaced; the input is left untouched."""
-    if isinstance(template, str):
-        if "$" not in template:  # most of a prompt's strings: no placeholder to look for
-            return template
+    return template_filler(template)(values)
+
+
+Filler = Callable[[Mapping[str, Any]], Any]
+
+
+def template_filler(template: Any) -> Filler:
+    """`substitute` for one template, its placeholders found once (a workflow fills its
+    template for every job): each container copied, each string without a placeholder
+    shared, as `substitute` leaves them."""
+    if isinstance(template, dict):
+        items = [(key, template_filler(value)) for key, value in template.items()]
+        return lambda values: {key: fill(values) for key, fill in items}
+    if isinstance(template, list):
+        fills = [template_filler(value) for value in template]
+        return lambda values: [fill(values) for fill in fills]
+    if isinstance(template, str) and "$" in template:  # most strings have no placeholder
         whole = whole_placeholder(template)
         if whole is not None:
-            return values[whole]
-        return Template(template).substitute({k: _as_text(v) for k, v in values.items()})
-    if isinstance(template, dict):
-        return {key: substitute(value, values) for key, value in template.items()}
-    if isinstance(template, list):
-        return [substitute(value, values) for value in template]
-    return template
+            return lambda values: values[whole]
+        text = Template(template)
+        return lambda values: text.substitute({k: _as_text(v) for k, v in values.items()})
+    return lambda _: template
 
 
 def _as_text(value: Any) -> str:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import NotStorable, check_storable, driver_connection
 from comfyfleet.execution.tracker import END_WRITE_DELAY
+from comfyfleet.jobs.models import Job, new_job
 from comfyfleet.jobs.repository import _table
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -273,3 +274,17 @@ def test_what_cannot_be_stored_is_named_whatever_the_documents_shape(
 
 def test_the_text_of_an_escape_is_stored() -> None:
     check_storable({"params": {"prompt": "\\u0000 is how JSON writes NUL"}}, _table)
+
+
+def test_a_new_job_has_the_models_defaults_and_containers_of_its_own() -> None:
+    """The intake builds jobs from a table of the model's defaults (`new_job`): what it stores
+    is what pydantic would have filled in, and no two jobs share a default list or dict."""
+    built = new_job(workflow="invert", priority=3)
+    assert built.model_dump(exclude={"id", "created_at"}) == Job.model_construct(
+        workflow="invert", priority=3).model_dump(exclude={"id", "created_at"})
+    assert built.model_fields_set == {"workflow", "priority"}
+    other = new_job(workflow="invert")
+    built.outputs.append({"key": "a.png"})
+    built.params["seed"] = 1
+    assert (other.outputs, other.params, other.prompt) == ([], {}, {})
+    assert other.id != built.id

@@ -24,7 +24,7 @@ from comfyfleet.intake.errors import (
     NoCapableBackend,
     StorageUnavailable,
 )
-from comfyfleet.jobs.models import Job, JobStatus, reused_outputs, utcnow
+from comfyfleet.jobs.models import Job, JobStatus, new_job, reused_outputs, utcnow
 from comfyfleet.jobs.repository import BacklogLimits, Dispatch, JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.storage import Storage, StorageError
@@ -88,9 +88,10 @@ async def accept(parts: Parts, submission: Submission) -> tuple[Job, bool]:
     if source is None:
         _check_capable(parts, prompt)
         records = await _store(parts, job_id, pictures)
-    # Built as the repository builds jobs from its rows (jobs/repository.py `_job`): the
-    # values are the intake's own, and Job(...) would only set them more slowly.
-    job = Job.model_construct(
+    # Built past the model's validation, as the repository builds jobs from its rows
+    # (jobs/repository.py `_job`): the values are the intake's own, and Job(...) would only
+    # set them more slowly.
+    job = new_job(
         id=job_id,
         created_at=utcnow(),
         workflow=workflow.name,

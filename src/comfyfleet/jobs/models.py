@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -146,3 +147,25 @@ def job_error(
         "details": details,
     })
     return error
+
+# Each field's default as Job.model_construct resolves it for a field not given (`new_job`):
+# the value itself, or a call making it (a factory; a copy of an empty container, as
+# pydantic copies it for each job).
+_DEFAULTS = {name: info.default for name, info in Job.model_fields.items()
+             if info.default_factory is None and not info.is_required()
+             and not isinstance(info.default, dict | list)}
+_FACTORIES: dict[str, Callable[[], Any]] = {
+    name: info.default.copy if isinstance(info.default, dict | list)
+    else info.default_factory  # type: ignore[misc]
+    for name, info in Job.model_fields.items()
+    if info.default_factory is not None or isinstance(info.default, dict | list)}
+
+
+def new_job(**values: Any) -> Job:
+    """`Job.model_construct(**values)`, each field not given its default, without pydantic
+    resolving each field's default for every job (half of the 0.03 ms such a job took)."""
+    fields = _DEFAULTS | values
+    for name, factory in _FACTORIES.items():
+        if name not in values:
+            fields[name] = factory()
+    return Job.model_construct(set(values), **fields)

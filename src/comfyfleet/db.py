@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
@@ -278,6 +280,9 @@ def _text_lengths(table: Table) -> dict[str, int]:
 
 # In a JSON document's text, what may be a value jsonb refuses.
 _MAYBE_UNSTORABLE = (b"\\u0000", b"null", b"NaN", b"Infinity")
+# Values that hold nothing PostgreSQL refuses, most of a row's: told apart first, as an
+# isinstance check against the Mapping ABC is slow for every value that is not a mapping.
+_PLAIN = (type(None), bool, int, uuid.UUID, datetime)
 
 
 def _plainly_storable(value: Any) -> bool:
@@ -287,11 +292,13 @@ def _plainly_storable(value: Any) -> bool:
     and whose numbers that are not finite are written `null` (or `NaN`, `Infinity`: the
     standard library's, for what orjson does not write). False may be wrong (a document with
     text of `\\u0000`, a null, or values JSON cannot hold): the walk then says."""
+    if isinstance(value, _PLAIN):
+        return True
     if isinstance(value, str):
         return "\x00" not in value
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, Mapping | list | tuple):
+    if isinstance(value, dict | list | tuple | Mapping):
         try:
             text = json_codec.dumps(value)
         except (TypeError, ValueError):

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import re
 import socket
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +61,8 @@ def address_allowed(address: str | IPv4Address | IPv6Address) -> bool:
     )
 
 
+# A client sends its callback URL with every job: the same few URLs, parsed once each.
+@lru_cache(maxsize=256)
 def _host_and_port(url: str) -> tuple[str, int | None]:
     """The host and port of an http(s) URL that can be connected to as written; UrlNotAllowed
     for anything else (no scheme or host, a port out of range, a broken IPv6 literal, a name

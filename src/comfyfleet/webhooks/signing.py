@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import secrets
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from standardwebhooks.webhooks import Webhook
+
+# A secret decoded (base64) once, not for every delivery's signature.
+_signer = lru_cache(maxsize=4)(Webhook)
 
 
 def new_secret() -> str:
@@ -21,6 +25,6 @@ def signed_headers(
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(int(moment.timestamp())),
-        "webhook-signature": Webhook(secret).sign(message_id, moment, body),
+        "webhook-signature": _signer(secret).sign(message_id, moment, body),
         "content-type": "application/json",
     }

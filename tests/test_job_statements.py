@@ -46,8 +46,8 @@ asyncio.run(main())
 
 # The named statements of sql/jobs.sql that a job's life or a periodic pass runs and that
 # read or write jobs beyond one by its id.
-PLANNED = ("insert", "transition", "requeue", "release", "move", "take_over", "on_backend",
-           "unfollowed")
+PLANNED = ("insert", "transition", "finish", "requeue", "release", "move", "take_over",
+           "on_backend", "unfollowed")
 JOBS = 6000
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only written
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import NotStorable, check_storable, driver_connection
 from comfyfleet.execution.tracker import END_WRITE_DELAY
-from comfyfleet.jobs.models import Job, new_job
-from comfyfleet.jobs.repository import _table
+from comfyfleet.jobs.models import Job, JobStatus, new_job, utcnow
+from comfyfleet.jobs.repository import JobRepository, _table
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
@@ -288,3 +289,140 @@ def test_a_new_job_has_the_models_defaults_and_containers_of_its_own() -> None:
     built.params["seed"] = 1
     assert (other.outputs, other.params, other.prompt) == ([], {}, {})
     assert other.id != built.id
+
+
+async def running_jobs(engine: AsyncEngine, *tenants: str, callback_url: str | None = None
+                       ) -> list[Job]:
+    """A job running on backend gpu for each of `tenants` (API key digests), charged 2 s
+    each (sql/claim.sql `claim` as a take does: its tenant's share has it unsettled)."""
+    repository = JobRepository(engine)
+    jobs = []
+    for tenant in tenants:
+        job, _ = await repository.insert(Job(
+            workflow="invert", status=JobStatus.RUNNING, backend="gpu", attempts=1,
+            prompt_id=str(uuid.uuid4()), started_at=utcnow(), api_key_hash=tenant,
+            callback_url=callback_url))
+        jobs.append(job)
+    async with driver_connection(engine) as connection:
+        await connection.execute("UPDATE jobs SET charged_seconds = 2")
+        await connection.execute(
+            "INSERT INTO tenant_shares (tenant, virtual_seconds, last_start, unsettled_seconds)"
+            " SELECT api_key_hash, 0, 0, 2 * count(*) FROM jobs GROUP BY api_key_hash")
+    return jobs
+
+
+async def written_by(engine: AsyncEngine, jobs: list[Job]) -> list[int | None]:
+    """The transaction that ended each of `jobs` (None: not ended)."""
+    async with driver_connection(engine) as connection:
+        rows = await connection.fetch(
+            "SELECT job_id, transaction::text::bigint FROM status_log"
+            " WHERE new IN ('succeeded', 'failed', 'cancelled')")
+    ended = {row["job_id"]: row["transaction"] for row in rows}
+    return [ended.get(job.id) for job in jobs]
+
+
+async def waiting_for_locks(engine: AsyncEngine, count: int) -> None:
+    """Until `count` statements wait for a lock. (Read outside the transaction holding it:
+    one reads pg_stat_activity once.)"""
+    async with asyncio.timeout(10):
+        while True:
+            async with driver_connection(engine) as connection:
+                if await connection.fetchval("SELECT count(*) FROM pg_stat_activity"
+                                             " WHERE wait_event_type = 'Lock'") >= count:
+                    return
+            await asyncio.sleep(0.01)
+
+
+async def test_ends_that_come_while_one_is_written_are_written_together_each_fenced(
+    status_log: AsyncEngine,
+) -> None:
+    """Group commit: while the statement ending one job is in flight (held here by a lock on
+    its row), the ends that come wait, and the next statement writes them all, in one
+    transaction; a stale one among them (an older attempt) is refused alone: its job, its
+    outbox and its tenant's share are left as they were, and its caller hears None."""
+    repository = JobRepository(status_log)
+    first, *others = await running_jobs(status_log, "a", "a", "b", "b",
+                                        callback_url="http://127.0.0.1:9/hooks")
+    stale = others[1].model_copy(update={"attempts": 0})
+    db = await asyncpg.connect(status_log.url.set(drivername="postgresql").render_as_string(
+        hide_password=False))
+    try:
+        holding = db.transaction()
+        await holding.start()
+        await db.execute("SELECT FROM jobs WHERE id = $1 FOR UPDATE", first.id)
+        ending_first = asyncio.create_task(
+            repository.finish(first, JobStatus.SUCCEEDED, {JobStatus.RUNNING}))
+        await waiting_for_locks(status_log, 1)
+        ending = asyncio.gather(*(repository.finish(job, JobStatus.SUCCEEDED,
+                                                    {JobStatus.RUNNING})
+                                  for job in (others[0], stale, others[2])))
+        await asyncio.sleep(0.2)
+        assert not ending.done()  # they wait for the statement in flight
+        await holding.rollback()
+        ended_first = await ending_first
+        ended = await ending
+        assert ended_first is not None and ended_first.status == JobStatus.SUCCEEDED
+        assert ended[1] is None
+        assert [job.status for job in ended if job is not None] == [JobStatus.SUCCEEDED] * 2
+        transactions = await written_by(status_log, [first, *others])
+        assert transactions[2] is None
+        assert transactions[1] == transactions[3] != transactions[0]
+        assert await db.fetchval("SELECT status FROM jobs WHERE id = $1",
+                                 others[1].id) == "running"
+        outbox = await db.fetch("SELECT job_id FROM webhook_deliveries")
+        assert sorted(row["job_id"] for row in outbox) == sorted(
+            job.id for job in (first, others[0], others[2]))
+        shares = await db.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
+        assert {row["tenant"]: row["unsettled_seconds"] for row in shares} == {"a": 0, "b": 2}
+    finally:
+        await db.close()
+
+
+async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
+    status_log: AsyncEngine,
+) -> None:
+    """Two processes each end a job of tenant a and one of b in one statement, one a's first,
+    the other b's, while a third holds a's share: each statement locks the shares in one order
+    (a's first), so the second does not hold b's while it waits for a's, which the first has
+    next; each pair is written in one transaction (a deadlock would have PostgreSQL refuse one
+    statement, then each of its ends be written alone), and each tenant's charges settled."""
+    # Stored in the order each statement names them: a plan that reads the table in its
+    # order writes them (and fires their triggers) as one that follows the ends' does.
+    a1, b1, b2, a2 = await running_jobs(status_log, "a", "b", "b", "a")
+    db = await asyncpg.connect(status_log.url.set(drivername="postgresql").render_as_string(
+        hide_password=False))
+    try:
+        holding = db.transaction()
+        await holding.start()
+        await db.execute("SELECT FROM tenant_shares WHERE tenant = 'a' FOR UPDATE")
+        ending: list[asyncio.Future[list[Job | None]]] = []
+        for waiting, pair in enumerate(((a1, b1), (b2, a2)), 1):  # a1's first in line
+            repository = JobRepository(status_log)
+            ending.append(asyncio.gather(*(repository.finish(job, JobStatus.SUCCEEDED,
+                                                             {JobStatus.RUNNING})
+                                           for job in pair)))
+            await waiting_for_locks(status_log, waiting)
+        await holding.rollback()
+        for statement in ending:
+            assert None not in await statement
+        first, second, third, fourth = await written_by(status_log, [a1, b1, a2, b2])
+        assert first == second != third == fourth
+        shares = await db.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
+        assert {row["tenant"]: row["unsettled_seconds"] for row in shares} == {"a": 0, "b": 0}
+    finally:
+        await db.close()
+
+
+async def test_an_end_refused_for_its_values_is_refused_alone(status_log: AsyncEngine) -> None:
+    """Ends written together, one with an error PostgreSQL cannot store (a NUL in jsonb): the
+    others are written, and only that end's caller hears the refusal."""
+    repository = JobRepository(status_log)
+    jobs = await running_jobs(status_log, "a", "a", "a")
+    ended = await asyncio.gather(*(
+        repository.finish(job, JobStatus.FAILED, {JobStatus.RUNNING},
+                          error={"message": "nul \u0000" if index == 1 else "failed"})
+        for index, job in enumerate(jobs)), return_exceptions=True)
+    assert isinstance(ended[1], asyncpg.PostgresError)
+    assert [type(job) for job in (ended[0], ended[2])] == [Job, Job]
+    transactions = await written_by(status_log, jobs)
+    assert transactions[1] is None and None not in (transactions[0], transactions[2])

@@ -3,6 +3,7 @@ actor (an old attempt, another process) can never overwrite what a newer one dec
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet import json_codec, sql
-from comfyfleet.db import check_storable, driver_connection, single_statements
+from comfyfleet.db import check_storable, driver_connection, single_statements, unavailable
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
 from comfyfleet.jobs.positions import Backlog, Share, fair_position
@@ -66,6 +67,9 @@ CLAIM_TAKES = 4
 PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The jobs a repository keeps as its own statements ended them (`JobRepository.ended_here`).
 ENDED_KEPT = 256
+# The most job ends one statement writes (`JobRepository.finish`): those that came while the
+# statement before was in flight.
+FINISH_BATCH = 64
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
 # What a job of a workflow never seen to run is taken to last, in GPU-seconds.
@@ -236,6 +240,17 @@ class Dispatch:
 Store = Callable[[Dispatch | None], Awaitable[tuple[Job, bool]]]
 
 
+@dataclass(frozen=True)
+class _End:
+    """A job's end waiting for its statement (`JobRepository.finish`): the job, its element of
+    each of sql/jobs.sql `finish`'s arrays, its webhook, and its caller's answer."""
+
+    job: Job
+    values: tuple[Any, ...]
+    delivery: deliveries.Delivery | None
+    outcome: asyncio.Future[Job | None]
+
+
 class _Undispatched(Exception):
     """`insert`'s `dispatch` failed, which undid the insert's transaction."""
 
@@ -297,6 +312,10 @@ class JobRepository:
         # asked about first), the work on the backends.
         self._run_seconds: OrderedDict[str, Recent[float | None]] = OrderedDict()
         self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
+        # The job ends waiting for the statement in flight (`finish`), and the task writing
+        # them while any waits.
+        self._ends: list[_End] = []
+        self._ending: asyncio.Task[None] | None = None
 
     async def read_backlog(self) -> None:
         """Read the backlog's snapshot now (as a service starts): the first asks for
@@ -645,15 +664,10 @@ class JobRepository:
         detail = progress_detail if not isinstance(progress_detail, EllipsisType) else None
         delivery = None
         if event is not None:
-            changes = {"status": status, "progress": progress, "started_at": started_at,
-                       "uploading_at": uploading_at, "finished_at": finished_at,
-                       "outputs": outputs, "error": error}
-            written: dict[str, Any] = {
-                name: value for name, value in changes.items() if value is not None}
-            if detail_given:
-                written["progress_detail"] = detail
-            delivery = await deliveries.delivery_row(job.model_copy(update=written), event,
-                                                     self._webhook_slots)
+            delivery = await self._delivery(job, event, {
+                "status": status, "progress": progress, "started_at": started_at,
+                "uploading_at": uploading_at, "finished_at": finished_at, "outputs": outputs,
+                "error": error}, progress_detail)
         leased = delivery is not None and delivery.lease_token is not None
         try:
             changed = await self._fenced(
@@ -666,11 +680,20 @@ class JobRepository:
             raise
         if leased:
             self._hand_over(delivery, written=changed is not None)
-        if changed is not None and JobStatus(changed.status).terminal:
-            self._ended[changed.id] = changed
-            while len(self._ended) > ENDED_KEPT:
-                self._ended.popitem(last=False)
         return changed
+
+    async def _delivery(
+        self, job: Job, event: str, changes: dict[str, Any],
+        progress_detail: dict[str, Any] | EllipsisType | None,
+    ) -> deliveries.Delivery | None:
+        """The outbox row reporting `event` for `job` as the change leaves it: `changes` that
+        are not None written, and `progress_detail` whenever it is given (None too); leased to
+        this process's webhook worker when it has room."""
+        written = {name: value for name, value in changes.items() if value is not None}
+        if not isinstance(progress_detail, EllipsisType):
+            written["progress_detail"] = progress_detail
+        return await deliveries.delivery_row(job.model_copy(update=written), event,
+                                             self._webhook_slots)
 
     def _hand_over(self, delivery: deliveries.Delivery | None, *, written: bool) -> None:
         """A delivery leased to this process's worker: `written` (then the worker sends it)
@@ -709,12 +732,104 @@ class JobRepository:
         progress_detail: dict[str, Any] | EllipsisType | None = ...,
     ) -> Job | None:
         """A terminal transition (recording when the job started and ended executing, and its
-        progress then, too, when given); its webhook is in the outbox when this returns a
-        job."""
-        return await self.transition(job, states, event=f"job.{status}", status=status,
-                                     finished_at=utcnow(), outputs=outputs, error=error,
-                                     started_at=started_at, uploading_at=uploading_at,
-                                     progress=progress, progress_detail=progress_detail)
+        progress then, too, when given), fenced as `transition` fences it: the job ended, its
+        webhook in the outbox, or None when the fence did not hold (nothing was written).
+
+        Group commit: the ends that come while a statement writing ends is in flight wait for
+        it, and the next writes them all (sql/jobs.sql `finish`, FINISH_BATCH at most), each
+        fenced on its own and its caller told its own outcome; so at saturation one statement
+        and one round trip end several jobs. An end that comes with none in flight is written
+        at once (the next turn of the event loop: no timer). A caller cancelled before its
+        end's statement is sent writes nothing; after, the end is written or not as the
+        statement goes."""
+        changes = {"status": status, "finished_at": utcnow(), "outputs": outputs,
+                   "error": error, "started_at": started_at, "uploading_at": uploading_at,
+                   "progress": progress}
+        delivery = await self._delivery(job, f"job.{status}", changes, progress_detail)
+        detail_given = not isinstance(progress_detail, EllipsisType)
+        detail = progress_detail if not isinstance(progress_detail, EllipsisType) else None
+        end = _End(job, (
+            job.id, job.attempts, job.prompt_id, ",".join(str(state) for state in states),
+            str(status), changes["finished_at"], _json(outputs), _json(error), started_at,
+            uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
+        ), delivery, asyncio.get_running_loop().create_future())
+        self._ends.append(end)
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._write_ends())
+        return await end.outcome
+
+    async def _write_ends(self) -> None:
+        """Write the job ends waiting (`finish`), FINISH_BATCH to a statement, until none
+        waits."""
+        try:
+            while self._ends:
+                batch, self._ends = self._ends[:FINISH_BATCH], self._ends[FINISH_BATCH:]
+                await self._write(batch)
+        finally:
+            self._ending = None
+            for end in self._ends:  # cancelled (the event loop closing): not written
+                self._drop(end)
+            self._ends = []
+
+    async def _write(self, batch: list[_End]) -> None:
+        """sql/jobs.sql `finish` for the ends of `batch` whose callers still wait, each
+        answered. A statement of several refused (but for an outage: for one end's values, a
+        deadlock) wrote nothing, and is made again for each end alone: the others are
+        written, and only the caller of an end refused alone is told."""
+        waiting = []
+        for end in batch:
+            if end.outcome.cancelled():  # its caller gave up before it was sent
+                self._drop(end)
+            else:
+                waiting.append(end)
+        batch = waiting
+        if not batch:
+            return
+        try:
+            async with driver_connection(self.engine) as connection:
+                rows = await connection.fetch(_SQL["finish"], *map(list, zip(
+                    *(end.values for end in batch), strict=True)))
+        except Exception as exc:
+            if len(batch) > 1 and not unavailable(exc):
+                for end in batch:
+                    await self._write([end])
+                return
+            for end in batch:
+                self._answer(end, None, exc)
+            return
+        except BaseException:
+            for end in batch:  # written or not, nobody will know: as a caller cancelled
+                self._drop(end)
+            raise
+        ended = {row["entry"]: row for row in rows}
+        for entry, end in enumerate(batch, 1):
+            row = ended.get(entry)
+            self._answer(end, None if row is None
+                         else _changed(end.job, {name: row[name] for name in _CHANGING}))
+
+    def _answer(self, end: _End, job: Job | None, error: Exception | None = None) -> None:
+        """Tell `end`'s caller, if it still waits, that its job ended (`job`), was fenced out
+        (None) or that the statement failed (`error`); its webhook's lease handed over, and
+        the job ended kept (`ended_here`) and the readers of jobs told of it."""
+        if end.delivery is not None and end.delivery.lease_token is not None:
+            self._hand_over(end.delivery, written=job is not None)
+        if job is not None:
+            self._ended[job.id] = job
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
+            self._on_change(job.id)
+        if not end.outcome.done():
+            if error is not None:
+                end.outcome.set_exception(error)
+            else:
+                end.outcome.set_result(job)
+
+    def _drop(self, end: _End) -> None:
+        """`end` given up, written or not, its caller's wait cancelled (if it still waits):
+        its webhook's lease, if any, is let go of (if the delivery was written, any process's
+        pass sends it once the lease runs out)."""
+        end.outcome.cancel()
+        self._answer(end, None)
 
     async def requeue(self, job: Job, error: dict[str, Any] | None = None) -> Job | None:
         """Put a job whose prompt was lost back in the backlog; it keeps its attempt count."""

@@ -57,6 +57,68 @@ WITH changed AS (
 )
 SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13::jsonb)
 
+-- name: finish
+-- End jobs, an element of each array per job: $1 its id, $2 its attempts, $3 its prompt id and
+-- $4 the states it may be in, comma-separated (the fence, as in `transition`: a job fenced out
+-- is left as it is, the others end all the same), $5 its status, $6 its finished_at, each of $7
+-- outputs, $8 error, $9 started_at, $10 uploading_at, $11 progress that is not null, when $12
+-- is true its progress detail $13 (null or not), and $14, a webhook_deliveries row (null:
+-- none), the delivery written with the job. One statement for the ends that came while the one
+-- before was in flight (jobs/repository.py `finish`); one job's alone when it came alone.
+-- Returns each job ended, as `transition` does, with `entry`: its place among the arrays
+-- (from 1). The same job twice is ended once, by either.
+-- A job leaving its backend's slot settles its tenant's charge (the trigger
+-- jobs_settle_tenant_charge, migration 0017), which locks the tenant's share as the job is
+-- written, in whatever order the update writes the jobs. So the jobs are locked first, in the
+-- order of their ids, then the shares the statement settles, if more than one, in the order of
+-- the tenants (lock_tenant_shares(), migration 0036), before any job is written: no two of
+-- these statements (two processes') wait for each other in a cycle, nor one of them and a
+-- statement that takes a job off its GPU alone (which locks the job, then its share).
+WITH ending AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
+                         $6::timestamptz[], $7::jsonb[], $8::jsonb[], $9::timestamptz[],
+                         $10::timestamptz[], $11::float8[], $12::boolean[], $13::jsonb[],
+                         $14::jsonb[]) WITH ORDINALITY
+        AS ending (id, attempts, prompt_id, states, status, finished_at, outputs, error,
+                   started_at, uploading_at, progress, detail_given, detail, delivery, entry)
+), locked AS MATERIALIZED (
+    -- An aggregate over every job locked: all of them are, before any share is. The tenants
+    -- whose shares the trigger settles: of the jobs on a GPU with a charge (its condition).
+    SELECT array_agg(DISTINCT tenant) FILTER (WHERE settles) AS tenants
+    FROM (SELECT coalesce(jobs.api_key_hash, '') AS tenant,
+                 jobs.status IN ('dispatched', 'running') AND jobs.charged_seconds IS NOT NULL
+                     AS settles
+          FROM ending JOIN jobs ON jobs.id = ending.id AND jobs.attempts = ending.attempts
+              AND jobs.prompt_id IS NOT DISTINCT FROM ending.prompt_id
+              AND jobs.status = ANY(string_to_array(ending.states, ','))
+          ORDER BY jobs.id
+          FOR NO KEY UPDATE OF jobs) AS ended
+), settling AS MATERIALIZED (
+    -- One row, once the shares are locked: no job is written before.
+    SELECT lock_tenant_shares(tenants) FROM locked
+), changed AS (
+    UPDATE jobs
+    SET status = ending.status, finished_at = ending.finished_at,
+        outputs = coalesce(ending.outputs, jobs.outputs),
+        error = coalesce(ending.error, jobs.error),
+        started_at = coalesce(ending.started_at, jobs.started_at),
+        uploading_at = coalesce(ending.uploading_at, jobs.uploading_at),
+        progress = coalesce(ending.progress, jobs.progress),
+        progress_detail = CASE WHEN ending.detail_given THEN ending.detail
+                               ELSE jobs.progress_detail END
+    FROM ending CROSS JOIN settling
+    WHERE jobs.id = ending.id AND jobs.attempts = ending.attempts
+      AND jobs.prompt_id IS NOT DISTINCT FROM ending.prompt_id
+      AND jobs.status = ANY(string_to_array(ending.states, ','))
+    RETURNING jobs.id, jobs.status, jobs.progress, jobs.progress_detail, jobs.backend,
+        jobs.prompt_id, jobs.attempts, jobs.dispatched_at, jobs.dispatched_by, jobs.started_at,
+        jobs.uploading_at, jobs.finished_at, jobs.outputs, jobs.error, ending.delivery,
+        ending.entry
+)
+SELECT changed.id, status, progress, progress_detail, backend, prompt_id, attempts,
+    dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs, error, entry
+FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, changed.delivery)
+
 -- name: progress
 -- Record how far the running jobs have come, an element of each array per job: $1 its id,
 -- $2 its attempts, $3 its prompt id (the fence, as in `transition`: a job not running that

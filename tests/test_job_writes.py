@@ -321,14 +321,17 @@ async def written_by(engine: AsyncEngine, jobs: list[Job]) -> list[int | None]:
     return [ended.get(job.id) for job in jobs]
 
 
-async def waiting_for_locks(engine: AsyncEngine, count: int) -> None:
-    """Until `count` statements wait for a lock. (Read outside the transaction holding it:
-    one reads pg_stat_activity once.)"""
+async def waiting_for_locks(engine: AsyncEngine, count: int, ended: Job | None = None) -> None:
+    """Until `count` statements wait for a lock (once `ended` has ended, if given). (Read
+    outside the transactions holding them: one reads pg_stat_activity once.)"""
     async with asyncio.timeout(10):
         while True:
             async with driver_connection(engine) as connection:
-                if await connection.fetchval("SELECT count(*) FROM pg_stat_activity"
-                                             " WHERE wait_event_type = 'Lock'") >= count:
+                if (ended is None or await connection.fetchval(
+                        "SELECT finished_at IS NOT NULL FROM jobs WHERE id = $1", ended.id)) \
+                        and await connection.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock'") >= count:
                     return
             await asyncio.sleep(0.01)
 
@@ -381,36 +384,46 @@ async def test_ends_that_come_while_one_is_written_are_written_together_each_fen
 async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
     status_log: AsyncEngine,
 ) -> None:
-    """Two processes each end a job of tenant a and one of b in one statement, one a's first,
-    the other b's, while a third holds a's share: each statement locks the shares in one order
-    (a's first), so the second does not hold b's while it waits for a's, which the first has
-    next; each pair is written in one transaction (a deadlock would have PostgreSQL refuse one
-    statement, then each of its ends be written alone), and each tenant's charges settled."""
+    """Two processes each end a job of tenant a and one of b in one statement (the two ends
+    came while the process's statement ending a job of c was held by a lock on its row), one
+    a's first, the other b's, while a's share is held: each statement locks the shares in one
+    order (a's first), so the second does not hold b's while it waits for a's, which the first
+    has next; each pair is written in one transaction (a deadlock would have PostgreSQL refuse
+    one statement, then each of its ends be written alone), and each tenant's charges
+    settled."""
     # Stored in the order each statement names them: a plan that reads the table in its
     # order writes them (and fires their triggers) as one that follows the ends' does.
-    a1, b1, b2, a2 = await running_jobs(status_log, "a", "b", "b", "a")
-    db = await asyncpg.connect(status_log.url.set(drivername="postgresql").render_as_string(
-        hide_password=False))
+    a1, b1, b2, a2, c1, c2 = await running_jobs(status_log, "a", "b", "b", "a", "c", "c")
+    url = status_log.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    share, row1, row2 = [await asyncpg.connect(url) for _ in range(3)]
     try:
-        holding = db.transaction()
-        await holding.start()
-        await db.execute("SELECT FROM tenant_shares WHERE tenant = 'a' FOR UPDATE")
+        holds = [share.transaction(), row1.transaction(), row2.transaction()]
+        for hold in holds:
+            await hold.start()
+        await share.execute("SELECT FROM tenant_shares WHERE tenant = 'a' FOR UPDATE")
         ending: list[asyncio.Future[list[Job | None]]] = []
-        for waiting, pair in enumerate(((a1, b1), (b2, a2)), 1):  # a1's first in line
+        for held, lone, pair in ((row1, c1, (a1, b1)), (row2, c2, (b2, a2))):
+            await held.execute("SELECT FROM jobs WHERE id = $1 FOR UPDATE", lone.id)
             repository = JobRepository(status_log)
             ending.append(asyncio.gather(*(repository.finish(job, JobStatus.SUCCEEDED,
                                                              {JobStatus.RUNNING})
-                                           for job in pair)))
-            await waiting_for_locks(status_log, waiting)
-        await holding.rollback()
+                                           for job in (lone, *pair))))
+        await waiting_for_locks(status_log, 2)  # c1's end and c2's
+        await holds[1].rollback()
+        await waiting_for_locks(status_log, 2, c1)  # a1 and b1's for a's share, and c2's
+        await holds[2].rollback()
+        await waiting_for_locks(status_log, 2, c2)  # a1 and b1's, then b2 and a2's
+        await holds[0].rollback()
         for statement in ending:
             assert None not in await statement
         first, second, third, fourth = await written_by(status_log, [a1, b1, a2, b2])
         assert first == second != third == fourth
-        shares = await db.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
-        assert {row["tenant"]: row["unsettled_seconds"] for row in shares} == {"a": 0, "b": 0}
+        shares = await share.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
+        assert {row["tenant"]: row["unsettled_seconds"] for row in shares} \
+            == {"a": 0, "b": 0, "c": 0}
     finally:
-        await db.close()
+        for connection in (share, row1, row2):
+            await connection.close()
 
 
 async def test_an_end_refused_for_its_values_is_refused_alone(status_log: AsyncEngine) -> None:

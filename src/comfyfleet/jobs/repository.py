@@ -312,8 +312,9 @@ class JobRepository:
         # asked about first), the work on the backends.
         self._run_seconds: OrderedDict[str, Recent[float | None]] = OrderedDict()
         self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
-        # The job ends waiting for the statement in flight (`finish`), and the task writing
-        # them while any waits.
+        # Whether a statement writing job ends is in flight (`finish`), the ends waiting for
+        # it, and the task that writes those once it is done, while any wait.
+        self._writing_ends = False
         self._ends: list[_End] = []
         self._ending: asyncio.Task[None] | None = None
 
@@ -739,9 +740,9 @@ class JobRepository:
         it, and the next writes them all (sql/jobs.sql `finish`, FINISH_BATCH at most), each
         fenced on its own and its caller told its own outcome; so at saturation one statement
         and one round trip end several jobs. An end that comes with none in flight is written
-        at once (the next turn of the event loop: no timer). A caller cancelled before its
-        end's statement is sent writes nothing; after, the end is written or not as the
-        statement goes."""
+        at once, by its caller (no timer, no task). A caller cancelled before its end's
+        statement is sent writes nothing; after, the end is written or not as the statement
+        goes."""
         changes = {"status": status, "finished_at": utcnow(), "outputs": outputs,
                    "error": error, "started_at": started_at, "uploading_at": uploading_at,
                    "progress": progress}
@@ -753,10 +754,18 @@ class JobRepository:
             str(status), changes["finished_at"], _json(outputs), _json(error), started_at,
             uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
         ), delivery, asyncio.get_running_loop().create_future())
-        self._ends.append(end)
-        if self._ending is None:
-            self._ending = asyncio.create_task(self._write_ends())
-        return await end.outcome
+        if self._writing_ends:
+            self._ends.append(end)
+            return await end.outcome
+        self._writing_ends = True
+        try:
+            await self._write([end])
+        finally:
+            if self._ends:  # came meanwhile: written after, not by this caller (its answer)
+                self._ending = asyncio.create_task(self._write_ends())
+            else:
+                self._writing_ends = False
+        return end.outcome.result()
 
     async def _write_ends(self) -> None:
         """Write the job ends waiting (`finish`), FINISH_BATCH to a statement, until none
@@ -766,6 +775,7 @@ class JobRepository:
                 batch, self._ends = self._ends[:FINISH_BATCH], self._ends[FINISH_BATCH:]
                 await self._write(batch)
         finally:
+            self._writing_ends = False
             self._ending = None
             for end in self._ends:  # cancelled (the event loop closing): not written
                 self._drop(end)

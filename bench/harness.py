@@ -126,6 +126,41 @@ async def transaction_ids(database_url: str) -> int:
         await conn.close()
 
 
+async def table_writes(database_url: str) -> dict[str, Any]:
+    """The server's WAL so far (bytes, records, full-page images) and, for each table of this
+    database, the rows inserted, updated (of them HOT: no index entry written), deleted, and
+    the autovacuum and autoanalyze runs, from PostgreSQL's statistics (flushed as
+    `transactions`'). Subtract two readings (`writes_between`) for a window's writes."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        wal = await conn.fetchrow(
+            "SELECT pg_current_wal_lsn() - '0/0' AS bytes, wal_records AS records,"
+            " wal_fpi AS full_page_images FROM pg_stat_wal")
+        tables = await conn.fetch(
+            "SELECT relname, n_tup_ins AS inserted, n_tup_upd AS updated,"
+            " n_tup_hot_upd AS hot, n_tup_del AS deleted, autovacuum_count AS autovacuums,"
+            " autoanalyze_count AS autoanalyzes FROM pg_stat_user_tables")
+    finally:
+        await conn.close()
+    return {"wal": {key: int(value) for key, value in wal.items()},
+            "tables": {row["relname"]: {key: int(row[key]) for key in list(row.keys())[1:]}
+                       for row in tables}}
+
+
+def writes_between(before: dict[str, Any], after: dict[str, Any], per: int) -> dict[str, Any]:
+    """The WAL and the tables' writes between two `table_writes` readings, per item (`per`
+    items in the window); tables nothing wrote are left out."""
+    wal = {key: round((after["wal"][key] - before["wal"][key]) / per, 2) for key in after["wal"]}
+    tables = {}
+    for name, counts in after["tables"].items():
+        earlier = before["tables"].get(name, {})
+        delta = {key: round((value - earlier.get(key, 0)) / per, 2)
+                 for key, value in counts.items()}
+        if any(delta.values()):
+            tables[name] = delta
+    return {"wal": wal, "tables": tables}
+
+
 def s3_client(endpoint: str) -> Any:
     """An aiobotocore S3 client for the moto server (an async context manager)."""
     return get_session().create_client("s3", region_name="us-east-1", endpoint_url=endpoint,

@@ -40,7 +40,9 @@ target is out of reach on this machine whatever serve does; and the most serve a
 PostgreSQL may take together (our SQL moves PostgreSQL's share): at or below zero, out of
 reach whatever comfyfleet does. With S3 the target is given
 twice: from moto alone's rate as measured (the rest of the machine's load moves it) and from
-moto alone's ceiling (its rate on idle cores).
+moto alone's ceiling (its rate on idle cores). And in comfyfleet's window, PostgreSQL's WAL
+per job (bytes, records, full-page images) and each table's rows written per job: inserted,
+updated (of them HOT, writing no index entry), deleted, and its autovacuum runs.
 
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
 [--storage s3|local] [--serve-processes 1]
@@ -84,10 +86,12 @@ from bench.harness import (
     profile_breakdown,
     py_spy,
     s3_client,
+    table_writes,
     transaction_ids,
     transactions,
     transactions_by_statement,
     workflow_job,
+    writes_between,
 )
 from bench.sim_throughput import run_prompts
 from comfyfleet.comfy.prompts import isolate_outputs
@@ -329,6 +333,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
         writing = await transaction_ids(database_url)
+        written = await table_writes(database_url)
         claims = await dispatch_claims(http, serves)
         async with profiling, counting as opened_by:
             meter.start()
@@ -343,6 +348,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
         writing = await transaction_ids(database_url) - writing - 1  # less the one it took
+        written = writes_between(written, await table_writes(database_url), jobs)
     return {"jobs": jobs, "window": window, "backends": BACKENDS, "storage": storage,
             "serve_processes": serve_processes, "output_bytes": output_bytes,
             "per_second": {name: round(rate, 1) for name, rate in rates.items()},
@@ -351,6 +357,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             "serve_cpu_ms_per_job": serve_ms,
             "transactions_per_job": round(committed / jobs, 1),
             "writing_transactions_per_job": round(writing / jobs, 1),
+            "written_per_job": written,
             "dispatch_claims_per_job": {
                 outcome: round(count / jobs, 2) for outcome, count in claims.most_common()},
             "transactions_per_job_by_statement": {
@@ -375,6 +382,14 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
     print(f"{serves}: {result['serve_cpu_ms_per_job']} ms of CPU per job; "
           f"{result['transactions_per_job']} PostgreSQL transactions per job, "
           f"{result['writing_transactions_per_job']} of them writing (a commit flushed)\n")
+    wal = result["written_per_job"]["wal"]
+    print(f"PostgreSQL's WAL per job: {wal['bytes']:.0f} bytes, {wal['records']} records, "
+          f"{wal['full_page_images']} full-page images\n")
+    tables = result["written_per_job"]["tables"]
+    columns = list(next(iter(tables.values()), {}))
+    print_table(["rows written per job, by table", *columns],
+                [(name, *(counts[key] for key in columns)) for name, counts in tables.items()])
+    print()
     print_table(["the dispatcher's claims per job, by outcome", "per job"],
                 list(result["dispatch_claims_per_job"].items()))
     print()

@@ -633,3 +633,28 @@ async def test_a_take_before_the_insert_of_a_repeat_takes_nothing(engine: AsyncE
     assert (found.id, found.status, created) == (earlier.id, JobStatus.QUEUED, False)
     async with driver_connection(engine) as connection:
         assert await connection.fetchval("SELECT count(*) FROM tenant_shares") == 0
+
+
+async def test_claim_locks_counts_each_tenants_jobs_on_one_plan_for_every_tenant(
+    engine: AsyncEngine,
+) -> None:
+    # claim_locks() plans its statements once per connection, not per call (migration 0038):
+    # the plan made for the first tenant it counted counts every other tenant's jobs too.
+    repository = await backends_a_and_b(engine)
+    for key, status in ((None, JobStatus.RUNNING), (None, JobStatus.UPLOADING),
+                        ("k1", JobStatus.DISPATCHED), ("k1", JobStatus.QUEUED),
+                        ("k2", JobStatus.SUCCEEDED)):
+        await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key, status=status,
+                                    backend=None if status == JobStatus.QUEUED else "a"))
+    expected = {"": 2, "k1": 1, "k2": 0, None: None}
+    async with driver_connection(engine) as connection:
+        assert await connection.fetch(
+            "SELECT proname, proconfig FROM pg_proc"
+            " WHERE proname IN ('claim_locks', 'settle_tenant_charge') ORDER BY proname") == [
+            ("claim_locks", ["plan_cache_mode=force_generic_plan"]),
+            ("settle_tenant_charge", ["plan_cache_mode=force_generic_plan"])]
+        for tenant in [*expected, *expected, *expected]:  # past the custom plans PostgreSQL tries
+            counted = await connection.fetchrow(
+                "SELECT * FROM claim_locks('a', $1, '{}')", tenant)
+            assert counted is not None
+            assert (counted["on_gpu"], counted["tenant_on_backends"]) == (2, expected[tenant])

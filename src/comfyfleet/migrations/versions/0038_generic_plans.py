@@ -3,7 +3,7 @@ not once per call: each claim's take spent more of PostgreSQL's CPU planning cla
 (0.3 ms) than running them (0.05 ms), and each job's end replanned the settlement's UPDATE
 
 Revision ID: 0038
-Revises: 0033
+Revises: 0036
 Create Date: 2026-12-07
 """
 
@@ -12,7 +12,7 @@ import importlib
 from alembic import op
 
 revision = "0038"
-down_revision = "0033"
+down_revision = "0036"
 branch_labels = None
 depends_on = None
 

@@ -167,9 +167,11 @@ def _line_fits(expected: str, actual: str) -> bool:
 
 def unmatched(expected: list[str], output: str) -> list[str]:
     """The expected lines not found, in order, among the output's lines."""
-    # Answers without a newline at the end run together, as on a terminal: `{...}{...}`.
+    # Answers without a newline at the end run together, as on a terminal: `{...}{...}`; and
+    # the log of a service in the background may land between an answer and the newline that
+    # curl writes after it: `{...}2026-12-07 13:05:07,307 WARNING ...`.
     actual = iter(part for line in output.splitlines()
-                  for part in re.split(r"(?<=\})(?=\{)", line))
+                  for part in re.split(r"(?<=\})(?=\{|\d{4}-\d\d-\d\d \d\d:)", line))
     return [line for line in expected if not any(_line_fits(line, got) for got in actual)]
 
 

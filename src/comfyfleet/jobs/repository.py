@@ -773,6 +773,9 @@ class JobRepository:
             uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
         ), delivery, asyncio.get_running_loop().create_future())
         self._ends.append(end)
+        if not self._writing_ends:  # the writing ended while this end was built: none waits
+            self._writing_ends = True
+            self._ending = asyncio.create_task(self._write_ends())
         return await end.outcome
 
     async def _write_ends(self) -> None:

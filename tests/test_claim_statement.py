@@ -658,3 +658,42 @@ async def test_claim_locks_counts_each_tenants_jobs_on_one_plan_for_every_tenant
                 "SELECT * FROM claim_locks('a', $1, '{}')", tenant)
             assert counted is not None
             assert (counted["on_gpu"], counted["tenant_on_backends"]) == (2, expected[tenant])
+
+
+async def test_the_read_counts_only_the_limited_tenants_on_one_plan_for_every_limit(
+    engine: AsyncEngine,
+) -> None:
+    # The read counts a tenant's jobs on backends only when it has a limit, its own or the
+    # keys' default, by two cases (no key, a key) of one plan kept for the connection: each
+    # read below is run three times, past the custom plans PostgreSQL tries first.
+    repository = await backends_a_and_b(engine)
+    async with driver_connection(engine) as connection:
+        await connection.execute("INSERT INTO api_keys (name, key_hash, max_concurrent)"
+                                 " VALUES ('limited', 'k', 2), ('free', 'f', NULL)")
+    for key, running in ((None, 1), ("f", 2), ("k", 1)):
+        for _ in range(running):
+            await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key,
+                                        status=JobStatus.RUNNING, backend="b", attempts=1))
+        for _ in range(2):
+            await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key))
+
+    async def tenants_read(connection: Any, default_limit: int | None,
+                           take: Any = None) -> tuple[str | None, set[str]]:
+        """The refusal of the take of `take` (a head read: None, only reading) and the
+        tenants whose jobs the read gives, keys without their own limit at `default_limit`."""
+        row = await connection.fetchrow(
+            sql.queries("claim")["claim"], take and take[0], [], "a", "pa", None, 1.0,
+            default_limit, 4, [], take and take[6], None, [], CLAIM_BATCH, [])
+        return row["refusal"], {head[6] for head in row["heads"]}
+
+    async with driver_connection(engine) as connection:
+        for default_limit, tenants in ((None, {"", "f", "k"}), (1, {"k"}), (2, {"", "k"})):
+            for _ in range(3):
+                assert await tenants_read(connection, default_limit) == (None, tenants)
+        row = await connection.fetchrow(
+            sql.queries("claim")["claim"], None, [], "a", "pa", None, 1.0, None, 4, [], None,
+            None, [], CLAIM_BATCH, [])
+        limited = next(head for head in row["heads"] if head[6] == "k")
+        # The read after a take counts the job taken, which its snapshot does not see: "k"
+        # is at its limit of 2 by then.
+        assert await tenants_read(connection, None, limited) == (None, {"", "f"})

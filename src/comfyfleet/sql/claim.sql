@@ -167,15 +167,6 @@ WITH RECURSIVE guarded AS MATERIALIZED (
               AND id NOT IN (SELECT id FROM gone)
             ORDER BY 1 LIMIT 1)
     FROM backlogged WHERE backlogged.tenant IS NOT NULL
-), on_backends AS (
-    SELECT api_key_hash FROM jobs WHERE status IN ('dispatched', 'running', 'uploading')
-    UNION ALL
-    SELECT api_key_hash FROM taken
-), at_limit AS (
-    SELECT coalesce(on_backends.api_key_hash, '') AS tenant
-    FROM on_backends LEFT JOIN api_keys ON api_keys.key_hash = on_backends.api_key_hash
-    GROUP BY on_backends.api_key_hash, api_keys.max_concurrent
-    HAVING count(*) >= coalesce(api_keys.max_concurrent, $7::int)
 ), read_clock AS (
     SELECT greatest(clock.now, (SELECT last_start FROM charged)) AS now FROM clock
 ), eligible AS (
@@ -183,13 +174,30 @@ WITH RECURSIVE guarded AS MATERIALIZED (
            greatest(coalesce(charged.virtual_seconds, tenant_shares.virtual_seconds),
                     read_clock.now) AS start,
            coalesce(api_keys.weight, 1) AS weight,
-           coalesce(api_keys.max_concurrent, $7::int) IS NOT NULL AS limited
+           limits.max_concurrent IS NOT NULL AS limited
     FROM backlogged CROSS JOIN read_clock
     LEFT JOIN tenant_shares ON tenant_shares.tenant = backlogged.tenant
     LEFT JOIN charged ON charged.tenant = backlogged.tenant
     LEFT JOIN api_keys ON api_keys.key_hash = nullif(backlogged.tenant, '')
+    CROSS JOIN LATERAL (SELECT coalesce(api_keys.max_concurrent, $7::int) AS max_concurrent)
+        AS limits
     WHERE backlogged.tenant IS NOT NULL
-      AND backlogged.tenant NOT IN (SELECT tenant FROM at_limit)
+      -- A tenant's jobs on backends (with the one this statement took, which its snapshot
+      -- does not see) are counted only when it has a limit, by index (two cases, as in
+      -- claim_locks(), so that one generic plan serves both): counting every tenant's was
+      -- the claim's largest cost, growing with the jobs on backends.
+      AND (limits.max_concurrent IS NULL
+           OR limits.max_concurrent
+              > CASE WHEN backlogged.tenant = '' THEN
+                    (SELECT count(*) FROM jobs
+                     WHERE api_key_hash IS NULL
+                       AND status IN ('dispatched', 'running', 'uploading'))
+                ELSE
+                    (SELECT count(*) FROM jobs
+                     WHERE api_key_hash = backlogged.tenant
+                       AND status IN ('dispatched', 'running', 'uploading')) END
+                + (SELECT count(*) FROM taken
+                   WHERE coalesce(taken.api_key_hash, '') = backlogged.tenant))
     ORDER BY start, backlogged.tenant
     LIMIT $13
 ), heads AS (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import io
 import logging
 import math
 import os
@@ -55,6 +56,11 @@ from comfyfleet.workflows.catalog import load_served_catalog
 from comfyfleet.workflows.watcher import watch_directory
 
 log = logging.getLogger(__name__)
+# How long a shutdown waits for a background task it cancelled. A task awaiting a database
+# call that the cancellation does not end held a test's shutdown until its 300 s limit once
+# (DNS discovery's read of the registry, parked in asyncpg's bind_execute, its task
+# "cancelling"): the process's exit is not left to it.
+CANCEL_WAIT_SECONDS = 10.0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Connections of the API's own for its reads, beside the main pool's (db.make_engine).
@@ -100,8 +106,17 @@ def url_signing_key(secret: str) -> bytes:
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end, CANCEL_WAIT_SECONDS at most: one that does not
+    is logged with where it waits and left behind, so that the shutdown goes on."""
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT_SECONDS)
+    if not done:
+        where = io.StringIO()
+        task.print_stack(file=where)
+        log.warning("%s did not end within %.0f s of its cancellation; left behind:\n%s",
+                    task.get_name(), CANCEL_WAIT_SECONDS, where.getvalue())
+    elif not task.cancelled():
+        task.exception()  # retrieved: it ended as it did, whatever that was
 
 
 @asynccontextmanager

@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 # How long a shutdown waits for a background task it cancelled. A task awaiting a database
 # call that the cancellation does not end held a test's shutdown until its 300 s limit once
 # (DNS discovery's read of the registry, parked in asyncpg's bind_execute, its task
-# "cancelling"): the process's exit is not left to it.
+# "cancelling"; SQLAlchemy over asyncpg is known to do so: MagicStack/asyncpg#873): the
+# process's exit is not left to it.
 CANCEL_WAIT_SECONDS = 10.0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -112,7 +112,7 @@ async def main(requests: int, rounds: int) -> None:
             url = put_url + key
             return url, _signed_put_headers(url, put_host, "image/png",
                                             hashlib.sha256(png).hexdigest(), credentials,
-                                            "us-east-1")
+                                            "us-east-1", time.gmtime())
 
         async def put_old(n: int) -> object:
             url, headers = put_headers(f"old/{n}.png")

@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from comfyfleet.settings import Settings
 from comfyfleet.storage import LocalStorage, NotInStorage, S3Storage, StorageError
-from comfyfleet.storage.s3 import PART_SIZE, _signed_put_headers
+from comfyfleet.storage.s3 import AMZ_DATE, PART_SIZE, _signed_put_headers
 from tests.conftest import S3_CREDENTIALS
 from tests.support import LOOPBACK, app_on_loopback, free_ports
 
@@ -471,9 +471,7 @@ async def test_s3_open_with_a_bad_setting_fails_clearly_and_leaves_nothing_open(
     "http://127.0.0.1:9000/outputs/job/%C3%A4%20b%2Bc~.png",  # path style, a port
     "https://outputs.s3.eu-west-1.amazonaws.com/job/3_0.png",  # virtual host, default port
 ])
-def test_a_put_is_signed_as_the_sdks_signer_signs_it(
-    url: str, token: str | None, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_put_is_signed_as_the_sdks_signer_signs_it(url: str, token: str | None) -> None:
     """The whole-object PUT's headers are signed here, not by botocore's S3SigV4Auth: the
     same headers, Authorization and all, with a session token too (the test S3 server, which
     checks signatures, knows no tokens). Ours are signed at the second theirs were (the
@@ -484,9 +482,8 @@ def test_a_put_is_signed_as_the_sdks_signer_signs_it(
     request = AWSRequest("PUT", url, {"Content-Type": "image/png  "}, body)
     S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(request)
     theirs = dict(request.headers.items())
-    when = time.strptime(theirs["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
-    monkeypatch.setattr(time, "gmtime", lambda *_: when)
     ours = _signed_put_headers(url, _host_from_url(url), "image/png  ",
-                               hashlib.sha256(body).hexdigest(), credentials, "eu-west-1")
+                               hashlib.sha256(body).hexdigest(), credentials, "eu-west-1",
+                               time.strptime(theirs["X-Amz-Date"], AMZ_DATE))
     assert ours == theirs
     assert ("X-Amz-Security-Token" in ours) == (token is not None)

@@ -219,7 +219,8 @@ class S3Storage:
                 raise NoCredentialsError()
             headers = _signed_put_headers(
                 url, self._put_host, content_type, payload_hash,
-                await credentials.get_frozen_credentials(), self._client.meta.region_name)
+                await credentials.get_frozen_credentials(), self._client.meta.region_name,
+                time.gmtime())
             try:
                 async with self._http.request("PUT", url, body=body, headers=headers,
                                               timeouts=PUT_TIMEOUTS,
@@ -386,11 +387,16 @@ class S3Storage:
         await self._exit_stack.aclose()
 
 
+# SigV4's timestamp (X-Amz-Date), UTC.
+AMZ_DATE = "%Y%m%dT%H%M%SZ"
+
+
 def _signed_put_headers(url: str, host: str, content_type: str, payload_hash: str,
-                        credentials: ReadOnlyCredentials, region: str) -> dict[str, str]:
-    """The headers of a PUT of a body whose SHA-256 is `payload_hash` to `url`, signed as
-    botocore's S3SigV4Auth signs them (see _canonical_request)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                        credentials: ReadOnlyCredentials, region: str,
+                        when: time.struct_time) -> dict[str, str]:
+    """The headers of a PUT of a body whose SHA-256 is `payload_hash` to `url`, signed at
+    `when` (UTC) as botocore's S3SigV4Auth signs them (see _canonical_request)."""
+    stamp = time.strftime(AMZ_DATE, when)
     scope = f"{stamp[:8]}/{region}/s3/aws4_request"
     headers = {"Content-Type": content_type, "X-Amz-Date": stamp}
     if credentials.token:

@@ -99,14 +99,19 @@ async def fleet_service(settings: Settings, sim_urls: list[str]) -> AsyncIterato
     /object_info known, so graphs are checked against it)."""
     settings.comfyui_endpoints = [f"{url}#gpu{i}" for i, url in enumerate(sim_urls)]
     async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:
-        async with asyncio.timeout(30):
-            while True:
-                async with http.get(f"{base}/api/v2/health") as response:
-                    health = await response.json()
-                if response.status == 200 and all(health["backends"].values()):
-                    break
-                await asyncio.sleep(0.05)
+        await until_every_backend_healthy(http, base)
         yield base
+
+
+async def until_every_backend_healthy(http: aiohttp.ClientSession, base: str) -> None:
+    """Once the service at `base` has every backend connected (GET /api/v2/health)."""
+    async with asyncio.timeout(30):
+        while True:
+            async with http.get(f"{base}/api/v2/health") as response:
+                health = await response.json()
+            if response.status == 200 and all(health["backends"].values()):
+                return
+            await asyncio.sleep(0.05)  # polling the service: no event to wait on
 
 
 @pytest.fixture
@@ -472,14 +477,9 @@ async def test_the_replica_that_ended_a_job_answers_its_poll_without_reading_it(
         http = await stack.enter_async_context(aiohttp.ClientSession())
         bases = await serve_replicas(stack, settings, data_root,
                                      COMFYUI_ENDPOINTS=",".join(sim_urls))
+        for base in bases:
+            await until_every_backend_healthy(http, base)
         async with asyncio.timeout(30):
-            for base in bases:
-                while True:
-                    async with http.get(f"{base}/api/v2/health") as response:
-                        if response.status == 200 and all(
-                                (await response.json())["backends"].values()):
-                            break
-                    await asyncio.sleep(0.05)  # polling the service: no event to wait on
             job = await api(http, "POST", f"{bases[0]}/api/v2/jobs", status=201,
                             body={"workflow": invert(8, 1)})
             while job["status"] != "succeeded":

@@ -126,6 +126,6 @@ def _preview_event(preview: PreviewImage) -> ServerSentEvent:
     data = base64.b64encode(preview.image).decode()
     return ServerSentEvent(
         json_codec.dumps_text({"node_id": preview.node_id,
-                    "image": f"data:{preview.image_type};base64,{data}"}),
+                               "image": f"data:{preview.image_type};base64,{data}"}),
         event="preview",
     )

@@ -347,9 +347,7 @@ async def test_ends_that_come_while_one_is_written_are_written_together_each_fen
     first, *others = await running_jobs(status_log, "a", "a", "b", "b",
                                         callback_url="http://127.0.0.1:9/hooks")
     stale = others[1].model_copy(update={"attempts": 0})
-    db = await asyncpg.connect(status_log.url.set(drivername="postgresql").render_as_string(
-        hide_password=False))
-    try:
+    async with driver_connection(status_log) as db:
         holding = db.transaction()
         await holding.start()
         await db.execute("SELECT FROM jobs WHERE id = $1 FOR UPDATE", first.id)
@@ -377,8 +375,6 @@ async def test_ends_that_come_while_one_is_written_are_written_together_each_fen
             job.id for job in (first, others[0], others[2]))
         shares = await db.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
         assert {row["tenant"]: row["unsettled_seconds"] for row in shares} == {"a": 0, "b": 2}
-    finally:
-        await db.close()
 
 
 async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
@@ -394,9 +390,8 @@ async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
     # Stored in the order each statement names them: a plan that reads the table in its
     # order writes them (and fires their triggers) as one that follows the ends' does.
     a1, b1, b2, a2, c1, c2 = await running_jobs(status_log, "a", "b", "b", "a", "c", "c")
-    url = status_log.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    share, row1, row2 = [await asyncpg.connect(url) for _ in range(3)]
-    try:
+    async with driver_connection(status_log) as share, \
+            driver_connection(status_log) as row1, driver_connection(status_log) as row2:
         holds = [share.transaction(), row1.transaction(), row2.transaction()]
         for hold in holds:
             await hold.start()
@@ -421,9 +416,6 @@ async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
         shares = await share.fetch("SELECT tenant, unsettled_seconds FROM tenant_shares")
         assert {row["tenant"]: row["unsettled_seconds"] for row in shares} \
             == {"a": 0, "b": 0, "c": 0}
-    finally:
-        for connection in (share, row1, row2):
-            await connection.close()
 
 
 async def test_an_end_refused_for_its_values_is_refused_alone(status_log: AsyncEngine) -> None:

@@ -661,8 +661,7 @@ class JobRepository:
         same statement, when the job's client subscribed to it. Returns the updated job, or
         None when the fence did not hold (nothing was written).
         """
-        detail_given = not isinstance(progress_detail, EllipsisType)
-        detail = progress_detail if not isinstance(progress_detail, EllipsisType) else None
+        detail_given, detail = _given(progress_detail)
         delivery = None
         if event is not None:
             delivery = await self._delivery(job, event, {
@@ -691,8 +690,9 @@ class JobRepository:
         are not None written, and `progress_detail` whenever it is given (None too); leased to
         this process's webhook worker when it has room."""
         written = {name: value for name, value in changes.items() if value is not None}
-        if not isinstance(progress_detail, EllipsisType):
-            written["progress_detail"] = progress_detail
+        given, detail = _given(progress_detail)
+        if given:
+            written["progress_detail"] = detail
         return await deliveries.delivery_row(job.model_copy(update=written), event,
                                              self._webhook_slots)
 
@@ -765,8 +765,7 @@ class JobRepository:
                    "error": error, "started_at": started_at, "uploading_at": uploading_at,
                    "progress": progress}
         delivery = await self._delivery(job, f"job.{status}", changes, progress_detail)
-        detail_given = not isinstance(progress_detail, EllipsisType)
-        detail = progress_detail if not isinstance(progress_detail, EllipsisType) else None
+        detail_given, detail = _given(progress_detail)
         end = _End(job, (
             job.id, job.attempts, job.prompt_id, ",".join(str(state) for state in states),
             str(status), finished_at, _json(outputs), _json(error), started_at,
@@ -1219,6 +1218,14 @@ async def _check_backlog(
                 job.source) is not None:
             return  # the insert finds the existing job
         raise QueueFull(scope, found, limit)
+
+
+def _given(progress_detail: dict[str, Any] | EllipsisType | None
+           ) -> tuple[bool, dict[str, Any] | None]:
+    """Whether a progress detail is to be written (given, None too), and what."""
+    if isinstance(progress_detail, EllipsisType):
+        return False, None
+    return True, progress_detail
 
 
 def _json(value: Any) -> str | None:

@@ -511,6 +511,42 @@ async def test_the_replica_that_ended_a_job_answers_its_poll_without_reading_it(
         assert answered[ended_it[0]] == read
 
 
+async def test_a_poll_while_the_jobs_end_is_written_answers_that_end(
+    settings: Settings, sim_urls: list[str], engine: AsyncEngine
+) -> None:
+    """A status poll that comes while the service is writing the job's end waits for that
+    write and answers the job ended, not the job as it was before (which would send its
+    client back for another poll a poll's period later). The end is held up by a lock on the
+    tenants' shares, which, once the job is on its backend (its claim charged it), only the
+    job's end writes (it settles the charge)."""
+    async with fleet_service(settings, sim_urls) as base, aiohttp.ClientSession() as http:
+        job = await api(http, "POST", f"{base}/api/v2/jobs", status=201,
+                        body={"workflow": invert(8, 2)})
+        as_stored = f"{base}{settings.route_prefix}/jobs/{job['id']}"
+        async with asyncio.timeout(30):
+            # Polling the service: the claim (a pass of the dispatcher's) tells nobody here.
+            while (await api(http, "GET", as_stored))["status"] == "queued":  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with driver_connection(engine) as locker:
+            holding = locker.transaction()
+            await holding.start()
+            try:
+                await locker.execute("LOCK TABLE tenant_shares IN EXCLUSIVE MODE")
+                async with asyncio.timeout(30):
+                    # Polling PostgreSQL: no event tells of a statement waiting for a lock.
+                    while not await locker.fetchval(  # noqa: ASYNC110
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"):
+                        await asyncio.sleep(0.01)
+                polled = asyncio.ensure_future(
+                    api(http, "GET", f"{base}/api/v2/jobs/{job['id']}"))
+                await asyncio.sleep(0.1)
+                assert not polled.done()
+            finally:
+                await holding.rollback()
+        assert (await polled)["status"] == "succeeded"
+
+
 async def rows_holding(engine: AsyncEngine, secret: str) -> list[str]:
     """The tables of the test's database with a row whose text holds `secret`."""
     found = []

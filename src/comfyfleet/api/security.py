@@ -217,8 +217,8 @@ async def visible_job(svc: Services, caller: Caller, job_id: uuid.UUID, *,
                       ended_here: bool = False) -> Job:
     """The job, if the caller may see it; another key's job is as absent as a missing one.
     With `ended_here` (a caller that does not show its client_task_id), a job this process
-    ended is taken as it ended it, not read (JobRepository.ended_here)."""
-    job = (svc.repository.ended_here(job_id) if ended_here else None) \
+    ended, or is ending, is taken as it ended it, not read (JobRepository.ended_here)."""
+    job = (await svc.repository.ended_here(job_id) if ended_here else None) \
         or await svc.repository.get(job_id)
     if job is None or not caller.sees(job):
         raise ApiError(404, "job_not_found", f"no job {job_id}")

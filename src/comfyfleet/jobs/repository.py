@@ -7,8 +7,16 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -67,6 +75,9 @@ CLAIM_TAKES = 4
 PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The jobs a repository keeps as its own statements ended them (`JobRepository.ended_here`).
 ENDED_KEPT = 256
+# The longest `ended_here` waits for an end of the job this process is writing (`finish`): a
+# statement that long waits on another's locks, and its caller had better read the job.
+FINISH_WAIT_SECONDS = 0.5
 # The most job ends one statement writes (`JobRepository.finish`): those that came while the
 # statement before was in flight.
 FINISH_BATCH = 64
@@ -304,8 +315,10 @@ class JobRepository:
         # The jobs it stored with no other queued (the latest FIRST_IN_LINE_KEPT), and when:
         # position 1 for their first ask within position_max_age (a submit's answer), not read.
         self._first_in_line: OrderedDict[uuid.UUID, float] = OrderedDict()
-        # The jobs its statements ended (the latest ENDED_KEPT), as they left them.
+        # The jobs its statements ended (the latest ENDED_KEPT), as they left them; and the
+        # jobs whose end it is writing (`finish`), each with what is done once it is written.
         self._ended: OrderedDict[uuid.UUID, Job] = OrderedDict()
+        self._finishing: dict[uuid.UUID, asyncio.Future[None]] = {}
         self._backlog = Recent(self._read_backlog, position_max_age)
         # What a queued job's position and ETA rest on besides the backlog, as recent as its
         # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
@@ -485,14 +498,22 @@ class JobRepository:
             row = await connection.fetchrow(_READS["job"], job_id)
         return _job(row) if row is not None else None
 
-    def ended_here(self, job_id: uuid.UUID) -> Job | None:
+    async def ended_here(self, job_id: uuid.UUID) -> Job | None:
         """Job `job_id` as this process's statement ended it (one of the latest ENDED_KEPT),
         else None: what `get` would read now, but for its client_task_id. An ended job's row is
         written again only to free that (`release_client_task_id`): every other statement
         writing a job is fenced on states that are not ended (sql/jobs.sql, sql/claim.sql), and
         no statement deletes a job. So a reader that does not show the client_task_id, in any
         process, may take this for a read: it is committed (the statement returned), and no
-        process can change it since. (A status poll's last read, the one that sees the end.)"""
+        process can change it since. (A status poll's last read, the one that sees the end.)
+
+        While this process is writing the job's end (`finish`), that is waited for first (at
+        most FINISH_WAIT_SECONDS): a read meanwhile finds the job as it was, and its poller
+        asks again a poll's period later; the end is about a millisecond away (a statement and
+        its commit)."""
+        writing = self._finishing.get(job_id)
+        if writing is not None:
+            await asyncio.wait((writing,), timeout=FINISH_WAIT_SECONDS)
         return self._ended.get(job_id)
 
     async def reread(self, job_id: uuid.UUID, known: Job | None) -> Job | None:
@@ -743,39 +764,54 @@ class JobRepository:
         at once, by its caller, by `transition`'s statement (no timer, no task; the batch's
         statement, its arrays and its locks cost a lone end about 0.15 ms more CPU). A caller
         cancelled before its end's statement is sent writes nothing; after, the end is written
-        or not as the statement goes."""
+        or not as the statement goes. `ended_here` waits for it meanwhile."""
         finished_at = utcnow()
-        if not self._writing_ends:
-            self._writing_ends = True
-            try:
-                ended = await self.transition(
-                    job, states, event=f"job.{status}", status=status, finished_at=finished_at,
-                    outputs=outputs, error=error, started_at=started_at,
-                    uploading_at=uploading_at, progress=progress,
-                    progress_detail=progress_detail)
-            finally:
-                if self._ends:  # came meanwhile: written after, not by this caller
-                    self._ending = asyncio.create_task(self._write_ends())
-                else:
-                    self._writing_ends = False
-            if ended is not None:
-                self._keep_ended(ended)
-            return ended
-        changes = {"status": status, "finished_at": finished_at, "outputs": outputs,
-                   "error": error, "started_at": started_at, "uploading_at": uploading_at,
-                   "progress": progress}
-        delivery = await self._delivery(job, f"job.{status}", changes, progress_detail)
-        detail_given, detail = _given(progress_detail)
-        end = _End(job, (
-            job.id, job.attempts, job.prompt_id, ",".join(str(state) for state in states),
-            str(status), finished_at, _json(outputs), _json(error), started_at,
-            uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
-        ), delivery, asyncio.get_running_loop().create_future())
-        self._ends.append(end)
-        if not self._writing_ends:  # the writing ended while this end was built: none waits
-            self._writing_ends = True
-            self._ending = asyncio.create_task(self._write_ends())
-        return await end.outcome
+        with self._writing_end(job.id):
+            if not self._writing_ends:
+                self._writing_ends = True
+                try:
+                    ended = await self.transition(
+                        job, states, event=f"job.{status}", status=status,
+                        finished_at=finished_at, outputs=outputs, error=error,
+                        started_at=started_at, uploading_at=uploading_at, progress=progress,
+                        progress_detail=progress_detail)
+                finally:
+                    if self._ends:  # came meanwhile: written after, not by this caller
+                        self._ending = asyncio.create_task(self._write_ends())
+                    else:
+                        self._writing_ends = False
+                if ended is not None:
+                    self._keep_ended(ended)
+                return ended
+            changes = {"status": status, "finished_at": finished_at, "outputs": outputs,
+                       "error": error, "started_at": started_at, "uploading_at": uploading_at,
+                       "progress": progress}
+            delivery = await self._delivery(job, f"job.{status}", changes, progress_detail)
+            detail_given, detail = _given(progress_detail)
+            end = _End(job, (
+                job.id, job.attempts, job.prompt_id, ",".join(str(state) for state in states),
+                str(status), finished_at, _json(outputs), _json(error), started_at,
+                uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
+            ), delivery, asyncio.get_running_loop().create_future())
+            self._ends.append(end)
+            if not self._writing_ends:  # the writing ended while this end was built
+                self._writing_ends = True
+                self._ending = asyncio.create_task(self._write_ends())
+            return await end.outcome
+
+    @contextmanager
+    def _writing_end(self, job_id: uuid.UUID) -> Iterator[None]:
+        """While `finish` writes job `job_id`'s end: `ended_here` waits for it (the first
+        caller's, if two end the job at once)."""
+        if job_id in self._finishing:
+            yield
+            return
+        written = self._finishing[job_id] = asyncio.get_running_loop().create_future()
+        try:
+            yield
+        finally:
+            del self._finishing[job_id]
+            written.set_result(None)
 
     async def _write_ends(self) -> None:
         """Write the job ends waiting (`finish`), FINISH_BATCH to a statement, until none

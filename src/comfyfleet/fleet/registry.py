@@ -11,19 +11,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Column, String, delete, func, or_, text, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlmodel import Field, SQLModel, col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy import Column, String
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Field, SQLModel
 
+from comfyfleet import sql
 from comfyfleet.comfy.endpoints import Backend
-from comfyfleet.db import check_storable, single_statements
-from comfyfleet.jobs.models import ON_BACKEND_STATES, Job
+from comfyfleet.db import check_storable, driver_connection
 from comfyfleet.jobs.repository import lock_backend
+
+_SQL = sql.queries("backends")
 
 
 class BackendRow(SQLModel, table=True):
+    """The table's columns, as the migrations made them: what `BackendRegistry.add` checks a
+    name and a URL against (their lengths) before they go into the statement."""
+
     __tablename__ = "backends"
 
     name: str = Field(primary_key=True, max_length=100)
@@ -59,9 +62,13 @@ class Registered:
 
 
 class BackendRegistry:
+    """The fleet's table, read and changed through fixed SQL (`sql/backends.sql`) on the
+    engine's asyncpg connections (`driver_connection`): a statement a cancelled task was in
+    ends with it (asyncpg cancels it on the server), where SQLAlchemy's asyncpg adapter was
+    seen to leave a cancelled task parked in it for good (a shutdown that hung)."""
+
     def __init__(self, engine: AsyncEngine) -> None:
-        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-        self._statements = single_statements(engine)
+        self._engine = engine
 
     async def seed(self, configured: Sequence[Backend]) -> None:
         """Make sure the configured backends are there, with their configured URLs; their
@@ -70,30 +77,18 @@ class BackendRegistry:
         if not configured:
             return
         names = {b.url: b.name for b in configured}
-        statement = insert(BackendRow).values(
-            [{"name": b.name, "url": b.url, "draining": False} for b in configured])
-        statement = statement.on_conflict_do_update(
-            index_elements=["name"], set_={"url": statement.excluded.url})
-        async with self._sessions.begin() as session:
-            await _lock_fleet(session)
-            for name, url in (await session.exec(
-                    select(col(BackendRow.name), col(BackendRow.url))
-                    .where(col(BackendRow.url).in_(names)))).all():
-                if names[url] != name:
-                    raise BackendExists("url", (
-                        f"COMFYUI_ENDPOINTS names {url} {names[url]!r}, but the fleet has it "
-                        f"as {name!r} (configured so by another process, or added through the "
-                        f"API): give one server one name, or remove {name!r} from the fleet"))
-            await session.exec(statement)
+        async with driver_connection(self._engine) as connection, connection.transaction():
+            await connection.execute(_SQL["lock_fleet"])
+            for name, url in await connection.fetch(
+                    _SQL["seed"], [b.name for b in configured], [b.url for b in configured]):
+                raise BackendExists("url", (
+                    f"COMFYUI_ENDPOINTS names {url} {names[url]!r}, but the fleet has it "
+                    f"as {name!r} (configured so by another process, or added through the "
+                    f"API): give one server one name, or remove {name!r} from the fleet"))
 
     async def all(self) -> list[Registered]:
-        # Read by every process at every change: plain rows in one round trip, no ORM objects.
-        # sqlmodel's select is typed for up to four columns; these five are plain values.
-        columns = select(  # type: ignore[call-overload]
-            col(BackendRow.name), col(BackendRow.url), col(BackendRow.draining),
-            col(BackendRow.discovered_by), col(BackendRow.vanished))
-        async with self._statements() as session:
-            rows = (await session.exec(columns.order_by(col(BackendRow.name)))).all()
+        async with driver_connection(self._engine) as connection:
+            rows = await connection.fetch(_SQL["all"])
         return [Registered(Backend(name, url), draining, discovered_by, vanished)
                 for name, url, draining, discovered_by, vanished in rows]
 
@@ -102,44 +97,26 @@ class BackendRegistry:
         NotStorable when its URL or name cannot be stored."""
         check_storable({"url": backend.url, "name": backend.name},
                        BackendRow.__table__)  # type: ignore[attr-defined]
-        async with self._sessions.begin() as session:
-            await _lock_fleet(session)
-            for name, url in (await session.exec(
-                    select(col(BackendRow.name), col(BackendRow.url))
-                    .where(or_(col(BackendRow.name) == backend.name,
-                               col(BackendRow.url) == backend.url)))).all():
+        async with driver_connection(self._engine) as connection, connection.transaction():
+            await connection.execute(_SQL["lock_fleet"])
+            for name, url in await connection.fetch(
+                    _SQL["add"], backend.name, backend.url, discovered_by):
                 if name == backend.name:
                     raise BackendExists("name", f"a backend named {name!r} exists already")
                 raise BackendExists("url", f"{url} is in the fleet already, as {name!r}")
-            session.add(BackendRow(name=backend.name, url=backend.url,
-                                   discovered_by=discovered_by))
 
     async def set_draining(self, name: str, draining: bool, *, vanished: bool = False) -> None:
         """`vanished`: drained because its address left DNS (see BackendRow.vanished)."""
-        async with self._sessions.begin() as session:
-            await session.exec(update(BackendRow).where(col(BackendRow.name) == name)
-                               .values(draining=draining, vanished=draining and vanished))
+        async with driver_connection(self._engine) as connection:
+            await connection.execute(_SQL["set_draining"], name, draining, vanished)
 
     async def remove(self, name: str) -> None:
         """Take a drained backend out of the fleet once no job is on it, whichever process
         sent the job; BackendBusy otherwise. Claims for the backend wait for this (they take
         its lock) and find it gone: nothing is sent to it afterwards."""
-        async with self._sessions.begin() as session:
-            await lock_backend(session, name)
-            draining = (await session.exec(
-                select(col(BackendRow.draining)).where(col(BackendRow.name) == name))).first()
-            on_it = (await session.exec(
-                select(func.count()).select_from(Job)
-                .where(col(Job.backend) == name,
-                       col(Job.status).in_([str(s) for s in ON_BACKEND_STATES])))).one()
-            if not draining or on_it:
-                raise BackendBusy(f"backend {name} must be drained and idle before removal "
-                                  f"({on_it} jobs on it, in all comfyfleet processes)")
-            await session.exec(delete(BackendRow).where(col(BackendRow.name) == name))
-
-
-async def _lock_fleet(session: AsyncSession) -> None:
-    """Serialise the changes that check names and URLs (in every process) until the
-    transaction ends; readers go on."""
-    connection = await session.connection()
-    await connection.execute(text("LOCK TABLE backends IN SHARE ROW EXCLUSIVE MODE"))
+        async with driver_connection(self._engine) as connection, connection.transaction():
+            await lock_backend(connection, name)
+            on_it, removed = await connection.fetchrow(_SQL["remove"], name)
+        if not removed:
+            raise BackendBusy(f"backend {name} must be drained and idle before removal "
+                              f"({on_it} jobs on it, in all comfyfleet processes)")

@@ -1170,11 +1170,11 @@ class JobRepository:
         return {row["id"] for row in rows}
 
 
-async def lock_backend(session: AsyncSession, backend: str) -> None:
+async def lock_backend(connection: asyncpg.Connection, backend: str) -> None:
     """Serialise the claims and moves for `backend` (and its removal from the fleet), in every
-    process, until the transaction ends (claim_locks(), migration 0031, takes the same lock for
-    them); a statement after this one sees every claim committed before it."""
-    await session.exec(select(func.pg_advisory_xact_lock(func.hashtext(backend))))
+    process, until `connection`'s transaction ends (claim_locks(), migration 0031, takes the
+    same lock for them); a statement after this one sees every claim committed before it."""
+    await connection.execute(_SQL["lock"], backend)
 
 
 def _job(row: Mapping[str, Any]) -> Job:

@@ -159,12 +159,22 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     undo here, each in a greenlet) cost 30-40 us of CPU, twice a statement's own round
     trip. The pool counts it checked out meanwhile, as its own checkout would. Any other
     (none idle, or one to reconnect) is the pool's own checkout (`raw_connection`): a
-    Connection around it (`engine.connect()`) cost three times the CPU of the pool itself."""
+    Connection around it (`engine.connect()`) cost three times the CPU of the pool itself.
+
+    A task cancelled while it has the connection closes it (the pool opens another when one
+    is wanted): the statement it was in may still be running, its cancellation on the way to
+    the server, or its BEGIN may have gone through before the `async with
+    connection.transaction()` that would roll it back was entered. Given back as it is, it
+    would hand either to the next task that takes it: a transaction left open, with its locks
+    (tests/test_registry_cancelled.py)."""
     ready = _ready(engine.sync_engine.pool)
     if ready is not None:
         record, pool = ready
         try:
             yield record.driver_connection
+        except asyncio.CancelledError:
+            record.invalidate()  # closed at once, not awaited (no greenlet: terminated)
+            raise
         finally:
             await _put_back(record, pool)
         return
@@ -181,6 +191,9 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         driver = pooled.driver_connection
         assert isinstance(driver, asyncpg.Connection)
         yield driver
+    except asyncio.CancelledError:
+        pooled.invalidate()
+        raise
     finally:
         await _returned(pooled, engine.sync_engine.pool)
 

@@ -94,3 +94,19 @@ async def test_an_attempt_whose_lease_was_lost_is_logged_and_changes_nothing(
     assert (delivery.status, delivery.lease_token) == (DeliveryStatus.PENDING,
                                                        leased.lease_token)
     assert [attempt.status_code for attempt in attempts] == [204]
+
+
+async def test_leases_given_back_make_their_deliveries_due_at_once_unless_lost_meanwhile(
+    engine: AsyncEngine,
+) -> None:
+    """What a stopping worker does with the attempts it cut short (`Outbox.release`)."""
+    outbox = Outbox(engine)
+    await ended_jobs(engine, ONE, ONE)
+    mine, lost = await outbox.claim(limit=2, per_host=10, busy={}, lease=LEASE)
+    stale = lost.model_copy(update={"lease_token": uuid.uuid4()})  # leased anew elsewhere
+    await outbox.release([mine, stale])
+    assert [(d.locked_until, d.lease_token) for d in
+            [await stored(outbox, mine.id), await stored(outbox, lost.id)]] == [
+        (None, None), (lost.locked_until, lost.lease_token)]
+    (again,) = await outbox.claim(limit=2, per_host=10, busy={}, lease=LEASE)
+    assert again.id == mine.id

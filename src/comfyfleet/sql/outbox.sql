@@ -78,3 +78,10 @@ WITH attempt AS (
 )
 SELECT due.next_due, (SELECT array_agg(id) FROM recorded) AS kept, leased.*
 FROM due LEFT JOIN leased ON true
+
+-- name: release
+-- Give up the leases $2 (tokens, an element per delivery) of the deliveries $1, those still
+-- held: attempts cut short by a shutdown, sent again at once by whichever worker comes next.
+UPDATE webhook_deliveries AS d SET locked_until = NULL, lease_token = NULL
+FROM unnest($1::uuid[], $2::uuid[]) AS released (id, lease_token)
+WHERE d.id = released.id AND d.lease_token = released.lease_token

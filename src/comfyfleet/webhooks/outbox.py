@@ -3,7 +3,8 @@ under a lease; a row whose lease ran out (its process died mid-attempt) is due a
 themselves are written with the job change they report (`jobs/deliveries.py`).
 
 What runs for every delivery (record the attempts made, lease those due, find when the next
-falls due) is one statement of fixed SQL in `sql/outbox.sql` on asyncpg; the operator's reads
+falls due) is one statement of fixed SQL in `sql/outbox.sql` on asyncpg, and so is what the
+worker does as it stops (give back the leases of attempts cut short); the operator's reads
 and the redelivery stay on SQLAlchemy.
 """
 
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, tuple_, update
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet import sql
-from comfyfleet.db import driver_connection, single_statements
+from comfyfleet.db import driver_connection
 from comfyfleet.jobs.deliveries import (
     DELIVERIES,
     NOTIFY_CHANNEL,
@@ -65,7 +66,6 @@ class Outbox:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-        self._statements = single_statements(engine)
 
     async def settle(
         self, attempts: Sequence[Settled], *, limit: int, per_host: int,
@@ -109,14 +109,9 @@ class Outbox:
         them at once instead of when the leases would have run out."""
         if not deliveries:
             return
-        statement = (
-            update(DELIVERIES)
-            .where(tuple_(DELIVERIES.c.id, DELIVERIES.c.lease_token).in_(
-                [(delivery.id, delivery.lease_token) for delivery in deliveries]))
-            .values(locked_until=None, lease_token=None)
-        )
-        async with self._statements() as session:
-            await session.exec(statement)
+        async with driver_connection(self._engine) as connection:
+            await connection.execute(_SQL["release"], [delivery.id for delivery in deliveries],
+                                     [delivery.lease_token for delivery in deliveries])
 
     async def for_job(self, job_id: uuid.UUID) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         async with self._sessions() as session:

@@ -112,23 +112,16 @@ async def test_a_repository_keeps_the_run_times_of_the_workflows_asked_about_las
     """v2 jobs' workflows are the shapes of any graph a client sends: the run times kept for
     their ETAs are those of the RUN_TIMES_KEPT asked about last, not one per shape ever seen."""
     repository = JobRepository(engine, position_max_age=3600.0)
-    reads: list[str] = []
-
-    def executed(_: Any, __: Any, statement: str, *___: Any) -> None:
-        reads.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", executed)
-    try:
+    read = sql.queries("reads")["mean_run_seconds"]
+    async with statements_run(engine) as ran:
         for shape in range(RUN_TIMES_KEPT + 1):
             assert await repository.recent_run_seconds(f"graph:{shape}") is None
-        asked = len(reads)
+        asked = ran.count(read)
         await repository.recent_run_seconds(f"graph:{RUN_TIMES_KEPT}")  # kept
         await repository.recent_run_seconds("graph:1")  # kept
         await repository.recent_run_seconds("graph:0")  # the least recent: let go
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", executed)
-    assert asked == RUN_TIMES_KEPT + 1
-    assert len(reads) == asked + 1
+        assert asked == RUN_TIMES_KEPT + 1
+        assert ran.count(read) == asked + 1
 
 
 async def test_positions_behind_a_deep_backlog_never_wait_for_its_snapshot_read_again(

@@ -36,7 +36,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from comfyfleet import json_codec, sql
 from comfyfleet.db import check_storable, driver_connection, single_statements, unavailable
@@ -1023,13 +1022,10 @@ class JobRepository:
     ) -> float | None:
         """Mean start-to-finish time of the workflow's latest successful jobs on `backend`;
         on any backend when `backend` is None or has run none yet. None without any."""
-        async with self._reads() as session:
-            mean = None
-            if backend is not None:
-                mean = await _mean_run_seconds(session, workflow, backend, sample)
-            if mean is None:
-                mean = await _mean_run_seconds(session, workflow, None, sample)
-        return mean
+        async with driver_connection(self._read_engine) as connection:
+            mean = await connection.fetchval(_READS["mean_run_seconds"], workflow, backend,
+                                             sample)
+        return float(mean) if mean is not None else None
 
     async def recent_run_seconds(self, workflow: str) -> float | None:
         """`typical_run_seconds(workflow)` on any backend, read at most once per
@@ -1272,22 +1268,3 @@ def _json(value: Any) -> str | None:
 def _delivery_json(delivery: deliveries.Delivery | None) -> str | None:
     """An outbox row as the named queries take it (JSON text); None stays NULL."""
     return delivery.model_dump_json() if delivery is not None else None
-
-
-async def _mean_run_seconds(
-    session: AsyncSession, workflow: str, backend: str | None, sample: int
-) -> float | None:
-    runs = [col(Job.workflow) == workflow, col(Job.status) == JobStatus.SUCCEEDED,
-            col(Job.started_at).is_not(None)]
-    if backend is not None:
-        runs.append(col(Job.backend) == backend)
-    recent = (
-        select((func.extract("epoch", col(Job.finished_at))
-                - func.extract("epoch", col(Job.started_at))).label("seconds"))
-        .where(*runs)
-        .order_by(col(Job.finished_at).desc())
-        .limit(sample)
-        .subquery()
-    )
-    mean = (await session.exec(select(func.avg(recent.c.seconds)))).one()
-    return float(mean) if mean is not None else None

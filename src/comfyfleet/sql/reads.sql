@@ -13,3 +13,21 @@ SELECT * FROM jobs WHERE id = $1
 SELECT status, progress, progress_detail, backend, prompt_id, attempts, dispatched_at,
     dispatched_by, started_at, uploading_at, finished_at, outputs, error
 FROM jobs WHERE id = $1
+
+-- name: mean_run_seconds
+-- The mean start-to-finish seconds of the latest $3 successful runs of workflow $1 on backend
+-- $2, or on any backend when $2 is null or ran none of them; null when none ran. (Read in the
+-- background for a queued job's ETA, jobs/recent.py; each mean walks the partial index
+-- jobs_run_times, migration 0004, newest first.)
+SELECT means.mean
+FROM (VALUES (false, $2::text), (true, NULL)) AS scope (anywhere, backend)
+CROSS JOIN LATERAL (
+    SELECT avg(extract(epoch FROM finished_at) - extract(epoch FROM started_at)) AS mean
+    FROM (SELECT started_at, finished_at FROM jobs
+          WHERE workflow = $1 AND status = 'succeeded' AND started_at IS NOT NULL
+            AND (scope.anywhere OR backend = scope.backend)
+          ORDER BY finished_at DESC LIMIT $3) AS runs
+) AS means
+WHERE means.mean IS NOT NULL
+ORDER BY scope.anywhere
+LIMIT 1

@@ -434,9 +434,7 @@ async def listening(engine: AsyncEngine, channels: Sequence[str], notified: Noti
     def terminated(_: Any) -> None:
         lost.set()
 
-    async with engine.connect() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
+    async with driver_connection(engine) as driver:
         driver.add_termination_listener(terminated)
         try:
             for channel in channels:

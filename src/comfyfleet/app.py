@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 # call that the cancellation does not end held a test's shutdown until its 300 s limit once
 # (DNS discovery's read of the registry, parked in asyncpg's bind_execute, its task
 # "cancelling"; SQLAlchemy over asyncpg is known to do so: MagicStack/asyncpg#873): the
-# process's exit is not left to it.
+# process's exit is not left to it. (The registry reads on plain asyncpg since; asyncpg alone
+# is reported to hang in like cases, MagicStack/asyncpg#1265: the bound stays.)
 CANCEL_WAIT_SECONDS = 10.0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -63,9 +63,11 @@ class Registered:
 
 class BackendRegistry:
     """The fleet's table, read and changed through fixed SQL (`sql/backends.sql`) on the
-    engine's asyncpg connections (`driver_connection`): a statement a cancelled task was in
-    ends with it (asyncpg cancels it on the server), where SQLAlchemy's asyncpg adapter was
-    seen to leave a cancelled task parked in it for good (a shutdown that hung)."""
+    engine's asyncpg connections (`driver_connection`). A task cancelled in one of its
+    statements (DNS discovery's pass, at every shutdown) ends at once: asyncpg gives way and
+    cancels the statement on the server, and the connection is closed, not handed on. Over
+    SQLAlchemy's asyncpg adapter such a task was once parked for good in `bind_execute`,
+    holding a shutdown (app.py CANCEL_WAIT_SECONDS)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine

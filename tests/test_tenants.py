@@ -78,6 +78,27 @@ async def test_the_next_finish_comes_from_learned_run_times(engine: AsyncEngine)
     assert await repository.next_finish_seconds(Tenant("key-c")) == 0.0  # not started: soon
 
 
+async def test_the_work_on_backends_is_the_run_times_they_have_left_all_told(
+    engine: AsyncEngine,
+) -> None:
+    """What a queued job waits behind (its ETA): all of it, or that of the jobs sent to one
+    backend before one."""
+    repository = JobRepository(engine)
+    before_any = utcnow()
+    assert await repository.work_on_backends_seconds() == 0.0  # nothing on a backend
+    for seconds in (20.0, 40.0):
+        await ran(repository, "short", seconds)
+    await on_backend(repository, "short", "key-a", ran_for=10.0)  # 20 s left
+    await on_backend(repository, "short", "key-b", ran_for=None)  # 30 s: its whole run
+    assert 49.0 < await repository.work_on_backends_seconds() <= 50.0
+    sent = Job(workflow="short", backend="gpu", dispatched_at=utcnow())
+    assert 49.0 < await repository.work_on_backends_seconds(ahead_of=sent) <= 50.0
+    first = sent.model_copy(update={"dispatched_at": before_any})
+    assert await repository.work_on_backends_seconds(ahead_of=first) == 0.0
+    elsewhere = sent.model_copy(update={"backend": "other"})
+    assert await repository.work_on_backends_seconds(ahead_of=elsewhere) == 0.0
+
+
 async def test_a_cold_start_retries_soon_when_room_comes_soon(settings: Settings) -> None:
     """Nothing has run yet, so no run time is learned: the Retry-After comes from how long
     the job on the backend has run so far, not a fixed guess far beyond the room's coming."""

@@ -26,14 +26,7 @@ from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import sqlalchemy
-from sqlalchemy import (
-    ColumnElement,
-    func,
-    text,
-    true,
-    tuple_,
-    update,
-)
+from sqlalchemy import func, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
@@ -109,10 +102,6 @@ class Tenant:
     """The jobs of one API key (by its digest); None: those submitted without keys."""
 
     api_key_hash: str | None
-
-    @property
-    def owns(self) -> ColumnElement[bool]:
-        return col(Job.api_key_hash).is_not_distinct_from(self.api_key_hash)
 
 
 @dataclass
@@ -1050,55 +1039,26 @@ class JobRepository:
 
     async def next_finish_seconds(self, tenant: Tenant | None = None) -> float | None:
         """Expected seconds until the next job on a backend ends (of `tenant`, or of anyone),
-        freeing a slot for the head of the backlog (see `_left_on_backends`). None when no
-        such job is on a backend."""
-        soonest = select(func.min(self._left_on_backends(tenant).c.left))
-        async with self._reads() as session:
-            found = (await session.exec(soonest)).one()
-        return float(found) if found is not None else None
+        freeing a slot for the head of the backlog (sql/reads.sql `left_on_backends`). None
+        when no such job is on a backend."""
+        soonest = (await self._left_on_backends(tenant, None))["soonest"]
+        return float(soonest) if soonest is not None else None
 
     async def work_on_backends_seconds(self, ahead_of: Job | None = None) -> float:
-        """Expected seconds the jobs on backends have left, all told (see
-        `_left_on_backends`): the work every queued job waits behind; with `ahead_of` (a job
+        """Expected seconds the jobs on backends have left, all told (sql/reads.sql
+        `left_on_backends`): the work every queued job waits behind; with `ahead_of` (a job
         sent to a backend), only that of the jobs sent to its backend before it."""
-        where = [] if ahead_of is None else [
-            _table.c.backend == ahead_of.backend, _table.c.dispatched_at < ahead_of.dispatched_at]
-        total = select(func.coalesce(func.sum(self._left_on_backends(None, *where).c.left), 0.0))
-        async with self._reads() as session:
-            return float((await session.exec(total)).one())
+        return float((await self._left_on_backends(None, ahead_of))["total"])
 
-    @staticmethod
-    def _left_on_backends(tenant: Tenant | None, *where: Any) -> sqlalchemy.Subquery:
-        """Per job on a backend (of `tenant`, or of anyone; and matching `where`), the
-        expected seconds until it ends (`left`): its workflow's learned run time (the mean of
-        its latest successful runs, fleet-wide) less what it has run already; a job of a
-        workflow never seen to end (a cold start) as long again as it has run so far, a guess
-        that grows as the wait does and is made afresh at each ask."""
-        active = (
-            sqlalchemy.select(_table.c.id, _table.c.workflow, _table.c.started_at)
-            .where(_table.c.status.in_([str(state) for state in ON_BACKEND_STATES]),
-                   *([tenant.owns] if tenant is not None else []), *where)
-            .subquery("active")
-        )
-        runs = (
-            sqlalchemy.select((func.extract("epoch", _table.c.finished_at)
-                               - func.extract("epoch", _table.c.started_at)).label("seconds"))
-            .where(_table.c.workflow == active.c.workflow,
-                   _table.c.status == JobStatus.SUCCEEDED, _table.c.started_at.is_not(None))
-            .order_by(_table.c.finished_at.desc())
-            .limit(RUN_TIME_SAMPLE)
-            .lateral("runs")
-        )
-        learned = (
-            sqlalchemy.select(active.c.started_at, func.avg(runs.c.seconds).label("seconds"))
-            .select_from(active.outerjoin(runs, true()))
-            .group_by(active.c.id, active.c.started_at)
-            .subquery("learned")
-        )
-        ran = func.extract("epoch", func.now() - func.coalesce(learned.c.started_at, func.now()))
-        left = sqlalchemy.case((learned.c.seconds.is_(None), ran),
-                               else_=func.greatest(learned.c.seconds - ran, 0))
-        return select(left.label("left")).subquery("left_on_backends")
+    async def _left_on_backends(self, tenant: Tenant | None, ahead_of: Job | None
+                                ) -> asyncpg.Record:
+        async with driver_connection(self._read_engine) as connection:
+            row: asyncpg.Record = await connection.fetchrow(
+                _READS["left_on_backends"],
+                tenant is not None, tenant.api_key_hash if tenant is not None else None,
+                ahead_of is not None, ahead_of.backend if ahead_of is not None else None,
+                ahead_of.dispatched_at if ahead_of is not None else None, RUN_TIME_SAMPLE)
+        return row
 
     async def tenant_activity(self, window: timedelta) -> list[TenantActivity]:
         """Each key with jobs unfinished, or run within `window` until now: its jobs queued and

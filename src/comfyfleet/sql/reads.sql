@@ -31,3 +31,31 @@ CROSS JOIN LATERAL (
 WHERE means.mean IS NOT NULL
 ORDER BY scope.anywhere
 LIMIT 1
+
+-- name: left_on_backends
+-- The expected seconds the jobs on backends (dispatched, running or uploading) have left:
+-- those of the API key whose digest is $2 (null: of no key) when $1, those sent to backend $4
+-- before $5 when $3, else all of them. Each has its workflow's learned run time (the mean of
+-- its latest $6 successful runs, fleet-wide) less what it has run already; a job of a
+-- workflow never seen to end (a cold start) as long again as it has run so far, a guess that
+-- grows as the wait does. `total`: all told (0 without any), the work every queued job waits
+-- behind; `soonest`: the least (null without any), when a slot is next freed.
+SELECT coalesce(sum(left_on.seconds), 0.0) AS total, min(left_on.seconds) AS soonest
+FROM (
+    SELECT CASE WHEN learned.seconds IS NULL THEN ran.seconds
+                ELSE greatest(learned.seconds - ran.seconds, 0) END AS seconds
+    FROM jobs AS active
+    CROSS JOIN LATERAL (
+        SELECT extract(epoch FROM now() - coalesce(active.started_at, now())) AS seconds
+    ) AS ran
+    CROSS JOIN LATERAL (
+        SELECT avg(extract(epoch FROM finished_at) - extract(epoch FROM started_at)) AS seconds
+        FROM (SELECT started_at, finished_at FROM jobs
+              WHERE workflow = active.workflow AND status = 'succeeded'
+                AND started_at IS NOT NULL
+              ORDER BY finished_at DESC LIMIT $6) AS runs
+    ) AS learned
+    WHERE active.status IN ('dispatched', 'running', 'uploading')
+      AND (NOT $1 OR active.api_key_hash IS NOT DISTINCT FROM $2)
+      AND (NOT $3 OR (active.backend = $4 AND active.dispatched_at < $5))
+) AS left_on

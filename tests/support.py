@@ -21,6 +21,8 @@ import asyncpg
 from aiohttp import web
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
 from comfyfleet.db import embedded_url
 from comfyfleet.settings import Settings
@@ -292,3 +294,22 @@ async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@asynccontextmanager
+async def asyncpg_statements() -> AsyncIterator[list[str]]:
+    """The statements run meanwhile, as sent, on the asyncpg connections any engine opens
+    meanwhile (a connection opened before is not watched)."""
+    ran: list[str] = []
+
+    def told(query: Any) -> None:
+        ran.append(query.query)
+
+    def watch(connection: Any, _: Any) -> None:
+        connection.driver_connection.add_query_logger(told)
+
+    event.listen(Pool, "connect", watch)
+    try:
+        yield ran
+    finally:
+        event.remove(Pool, "connect", watch)

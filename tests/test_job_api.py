@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from openapi_spec_validator import validate
 from pydantic import BaseModel
-from sqlalchemy import Engine, event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,7 +26,7 @@ from comfyfleet.app import serving
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
-from tests.support import wait_for_healthy_backends
+from tests.support import asyncpg_statements, wait_for_healthy_backends
 from tests.test_recent import waiting_for_a_lock
 
 
@@ -402,20 +402,14 @@ async def test_polls_of_a_queued_job_share_the_estimates_of_its_eta(settings: Se
             _, ran = await api.call("POST", "/jobs?wait=20", {"workflow": "invert"})
             assert ran["status"] == "succeeded", ran
     settings.comfyui_endpoints = []  # the next job stays queued
-    async with serving(settings) as base, aiohttp.ClientSession() as http:
+    async with asyncpg_statements() as ran, serving(settings) as base, \
+            aiohttp.ClientSession() as http:
         api = Client(http, base + settings.route_prefix)
         _, queued = await api.call("POST", "/jobs", {"workflow": "invert"})
-        estimates: list[str] = []
-
-        def read(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-            if "avg(" in statement:  # by the polls' tasks, or in the background for them
-                estimates.append(statement)
-
-        event.listen(Engine, "before_cursor_execute", read)
-        try:
-            polls = [(await api.call("GET", f"/jobs/{queued['id']}"))[1] for _ in range(10)]
-        finally:
-            event.remove(Engine, "before_cursor_execute", read)
+        before = len(ran)
+        polls = [(await api.call("GET", f"/jobs/{queued['id']}"))[1] for _ in range(10)]
+        # By the polls' tasks, or in the background for them.
+        estimates = [statement for statement in ran[before:] if "avg(" in statement]
     assert all(poll["queue_position"] == 1 and poll["eta_seconds"] is not None
                for poll in polls), polls
     # One read of each (two, should the polls outlast POSITION_MAX_AGE), not ten.

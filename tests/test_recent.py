@@ -6,18 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import Pool
 
 from comfyfleet import sql
 from comfyfleet.db import driver_connection
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.recent import Recent
 from comfyfleet.jobs.repository import RUN_TIMES_KEPT, JobRepository
+from tests.support import asyncpg_statements
 
 
 class Counter:
@@ -179,20 +178,9 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
 @asynccontextmanager
 async def statements_run(engine: AsyncEngine) -> AsyncIterator[list[str]]:
     """The statements run on `engine`'s connections meanwhile, as sent."""
-    ran: list[str] = []
-
-    def told(query: Any) -> None:
-        ran.append(query.query)
-
-    def watch(connection: Any, _: Any) -> None:
-        connection.driver_connection.add_query_logger(told)
-
-    event.listen(Pool, "connect", watch)
-    try:
+    async with asyncpg_statements() as ran:
         await engine.dispose()  # its connections made anew, each watched
         yield ran
-    finally:
-        event.remove(Pool, "connect", watch)
 
 
 async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_snapshot(

@@ -133,6 +133,9 @@ async def table_writes(database_url: str) -> dict[str, Any]:
     `transactions`'). Subtract two readings (`writes_between`) for a window's writes."""
     conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
+        # pg_walinspect (contrib, in the embedded build) reads the WAL between two readings
+        # (wal_records_by_relation).
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         wal = await conn.fetchrow(
             "SELECT pg_current_wal_lsn() - '0/0' AS bytes, wal_records AS records,"
             " wal_fpi AS full_page_images FROM pg_stat_wal")
@@ -145,6 +148,39 @@ async def table_writes(database_url: str) -> dict[str, Any]:
     return {"wal": {key: int(value) for key, value in wal.items()},
             "tables": {row["relname"]: {key: int(row[key]) for key in list(row.keys())[1:]}
                        for row in tables}}
+
+
+async def wal_records_by_relation(
+    database_url: str, before: dict[str, Any], after: dict[str, Any], per: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The WAL records written between two `table_writes` readings per item (`per` items in
+    the window), by table of this database, relation (the table, or one of its indexes) and
+    record type ("Btree/INSERT_LEAF" and "Btree/INSERT_POST": an index entry written; "Heap/
+    HOT_UPDATE"), each counted by the relation of its first block; under 0.01 per item left out.
+    """
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await conn.fetch(
+            "SELECT coalesce(indexed.relname, relation.relname) AS table_name,"
+            "       relation.relname AS relation,"
+            "       block.resource_manager || '/' || block.record_type AS record,"
+            "       count(*) AS count"
+            " FROM pg_get_wal_block_info($1::pg_lsn, $2::pg_lsn) AS block"
+            " JOIN pg_database ON pg_database.oid = block.reldatabase"
+            "                 AND pg_database.datname = current_database()"
+            " JOIN pg_class AS relation ON relation.relfilenode = block.relfilenode"
+            " LEFT JOIN pg_index ON pg_index.indexrelid = relation.oid"
+            " LEFT JOIN pg_class AS indexed ON indexed.oid = pg_index.indrelid"
+            " WHERE block.block_id = 0"
+            " GROUP BY 1, 2, 3 ORDER BY 4 DESC", before["wal"]["bytes"], after["wal"]["bytes"])
+    finally:
+        await conn.close()
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row["count"] / per >= 0.01:
+            found.setdefault(row["table_name"], {}).setdefault(row["relation"], {})[
+                row["record"]] = round(row["count"] / per, 2)
+    return found
 
 
 def writes_between(before: dict[str, Any], after: dict[str, Any], per: int) -> dict[str, Any]:

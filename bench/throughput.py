@@ -42,7 +42,9 @@ reach whatever comfyfleet does. With S3 the target is given
 twice: from moto alone's rate as measured (the rest of the machine's load moves it) and from
 moto alone's ceiling (its rate on idle cores). And in comfyfleet's window, PostgreSQL's WAL
 per job (bytes, records, full-page images) and each table's rows written per job: inserted,
-updated (of them HOT, writing no index entry), deleted, and its autovacuum runs.
+updated (of them HOT, writing no index entry), deleted, and its autovacuum runs; and the WAL
+records per job by relation and record type (pg_walinspect): a B-tree's INSERT_LEAF records
+are the entries written into that index.
 
 Run from the repository root:  .venv/bin/python -m bench.throughput [--jobs 1500] [--window 64]
 [--storage s3|local] [--serve-processes 1]
@@ -90,6 +92,7 @@ from bench.harness import (
     transaction_ids,
     transactions,
     transactions_by_statement,
+    wal_records_by_relation,
     workflow_job,
     writes_between,
 )
@@ -333,7 +336,7 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
             else nullcontext(Counter[str]())
         committed = await transactions(database_url)
         writing = await transaction_ids(database_url)
-        written = await table_writes(database_url)
+        written_before = await table_writes(database_url)
         claims = await dispatch_claims(http, serves)
         async with profiling, counting as opened_by:
             meter.start()
@@ -348,7 +351,10 @@ async def run(jobs: int, window: int, processes: int, profile: Path | None,
         await asyncio.sleep(STATS_FLUSH_SECONDS)
         committed = await transactions(database_url) - committed
         writing = await transaction_ids(database_url) - writing - 1  # less the one it took
-        written = writes_between(written, await table_writes(database_url), jobs)
+        written_after = await table_writes(database_url)
+        written = writes_between(written_before, written_after, jobs)
+        written["wal_records"] = await wal_records_by_relation(
+            database_url, written_before, written_after, jobs)
     return {"jobs": jobs, "window": window, "backends": BACKENDS, "storage": storage,
             "serve_processes": serve_processes, "output_bytes": output_bytes,
             "per_second": {name: round(rate, 1) for name, rate in rates.items()},
@@ -385,6 +391,16 @@ def report(result: dict[str, Any], profile: Path | None) -> None:
     wal = result["written_per_job"]["wal"]
     print(f"PostgreSQL's WAL per job: {wal['bytes']:.0f} bytes, {wal['records']} records, "
           f"{wal['full_page_images']} full-page images\n")
+    entries = ("Btree/INSERT_LEAF", "Btree/INSERT_POST")
+    rows = []
+    for table, relations in result["written_per_job"]["wal_records"].items():
+        by_index = {relation: round(sum(records.get(entry, 0) for entry in entries), 2)
+                    for relation, records in relations.items() if relation != table}
+        if any(by_index.values()):
+            rows.append((table, "(all its indexes)", round(sum(by_index.values()), 2)))
+            rows.extend(("", index, count) for index, count in by_index.items() if count)
+    print_table(["index entries written per job (WAL)", "index", "per job"], rows)
+    print()
     tables = result["written_per_job"]["tables"]
     columns = list(next(iter(tables.values()), {}))
     print_table(["rows written per job, by table", *columns],

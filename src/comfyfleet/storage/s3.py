@@ -165,6 +165,9 @@ class S3Storage:
             first = io.BytesIO()
         second = await anext(parts, None) if _size(first) == PART_SIZE else None
         if second is None:
+            # Closed here, past its last part: left suspended there, the event loop's
+            # finalizer closes it in a task of its own, one more task for every object.
+            await parts.aclose()
             with first.getbuffer() as whole:  # a view, not a copy
                 await self._put(key, whole, content_type)
                 return whole.nbytes

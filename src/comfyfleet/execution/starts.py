@@ -4,21 +4,22 @@ job records it.
 The job's start is not a statement of its own at once: a prompt that ends executing soon
 after it starts has its start recorded by the statement recording its end, and so does the
 first progress report or early output that comes sooner. Only a start nothing else records
-within a moment (`tracker.START_WRITE_DELAY`) is written on its own, by the `timer` task.
+within a moment (`tracker.START_WRITE_DELAY`) is written on its own: its `timer` fires then and
+starts that write (a task only then: most jobs' starts are recorded by another write first).
 
 Likewise its end of executing (`uploading`) unless another process waits for a slot: its
 outputs are usually stored within a moment (`tracker.END_WRITE_DELAY`), and the statement
 recording the job's end records it. The prompt holds its backend's slot in the database's count
-until then (this process's claims count it out): the tracker waits for the end to be `settled`
-to release it.
+until then (this process's claims count it out): the tracker releases it once the end is settled
+(`when_settled`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, NamedTuple, TypeVar
 
@@ -28,10 +29,12 @@ T = TypeVar("T")
 @dataclass
 class Unrecorded(Generic[T]):
     at: T | None = None  # what happened, while no write has taken it
-    timer: asyncio.Task[None] | None = None  # the write of its own, waiting its moment
+    # The write of its own: waiting its moment (a timer of the loop), then under way (a task).
+    timer: asyncio.TimerHandle | asyncio.Task[None] | None = None
     _writing: asyncio.Event | None = None  # set once the write that took it has ended
-    # Set once a write has recorded it, or nothing will (`drop`).
-    _settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whether a write has recorded it, or nothing will (`drop`); and who is told then.
+    _settled: bool = False
+    _on_settled: Callable[[], None] | None = None
 
     @asynccontextmanager
     async def recording(self) -> AsyncIterator[T | None]:
@@ -53,27 +56,31 @@ class Unrecorded(Generic[T]):
             self.at = self.at or at
             raise
         else:
-            self._settled.set()
+            self._settle()
         finally:
             writing.set()
 
-    async def settled(self) -> None:
-        """Return once a write has recorded it (committed), or nothing will (`drop`): not
-        after a write that failed, for the next one records it."""
-        await self._settled.wait()
-
-    @property
-    def settled_event(self) -> asyncio.Event:
-        """Set once it is `settled`: to wait for that along with other events."""
-        return self._settled
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once a write has recorded it (committed), or nothing will (`drop`):
+        not after a write that failed, for the next one records it. Called at once if it is
+        settled already."""
+        self._on_settled = callback
+        if self._settled:
+            callback()
 
     def drop(self) -> None:
         """The run is over otherwise (cancelled, lost, moved, shutting down): nothing
         records it."""
         self.at = None
-        self._settled.set()
         if self.timer is not None:
             self.timer.cancel()
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._settled:
+            self._settled = True
+            if self._on_settled is not None:
+                self._on_settled()
 
 
 class ExecutionEnd(NamedTuple):

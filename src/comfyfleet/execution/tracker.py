@@ -47,7 +47,7 @@ from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, job_error,
 from comfyfleet.jobs.notices import JobNotices, LogLine, PreviewImage
 from comfyfleet.jobs.repository import JobRepository, ProgressReport
 from comfyfleet.logs import job_fields
-from comfyfleet.pulse import Pulse, first_of
+from comfyfleet.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,12 @@ class ExecutionTracker:
         # hold their backends' slots no longer for this process's claims (`ended`), and are
         # released once it is.
         self._ending: set[str] = set()
-        # The writes of ends of executing left to the job's end (`_defer_end`), each
-        # releasing its prompt's slot once the end is recorded.
+        # The ends of executing left to the job's end (`_defer_end`), by prompt, each with its
+        # run: its slot is released once the end is recorded. The writes of their own under
+        # way, and the task that starts them all at once when another process waits.
+        self._deferred_ends: dict[str, tuple[PromptRun, UnrecordedEnd]] = {}
         self._end_writes: set[asyncio.Task[None]] = set()
+        self._ends_wanted: asyncio.Task[None] | None = None
         self._collecting: dict[str, asyncio.Task[None]] = {}
         # The runs whose latest progress is still to be written, and the task writing it.
         self._progressing: dict[str, PromptRun] = {}
@@ -337,7 +340,8 @@ class ExecutionTracker:
                 run.started_on = session.connections
                 self._log(run, "info", f"execution started on backend {session.name}")
                 run.start.at = utcnow()
-                run.start.timer = asyncio.create_task(self._record_start_later(run))
+                run.start.timer = asyncio.get_running_loop().call_later(
+                    START_WRITE_DELAY, self._write_start, run)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
                 if nodes:
@@ -452,9 +456,13 @@ class ExecutionTracker:
         if updated is not None:
             run.job = updated
 
-    async def _record_start_later(self, run: PromptRun) -> None:
+    def _write_start(self, run: PromptRun) -> None:
+        """START_WRITE_DELAY after `run` started, no write having recorded its start (which
+        would have cancelled this timer): record it on its own."""
+        run.start.timer = asyncio.create_task(self._record_start_alone(run))
+
+    async def _record_start_alone(self, run: PromptRun) -> None:
         """Record the start of `run` on its own, unless a write sooner carries it."""
-        await asyncio.sleep(START_WRITE_DELAY)
         try:
             async with run.start.recording() as started_at:
                 if started_at is not None:
@@ -587,12 +595,14 @@ class ExecutionTracker:
         if self._signals.peer_waiting or (
                 end.started_at is not None and subscribed(run.job, "job.started")):
             return None
-        unrecorded = UnrecordedEnd(end)
-        # Not its `timer`: the job's end, recording it, must not cancel the release.
-        writing = asyncio.create_task(
-            self._record_end_later(run, unrecorded, self._signals.wanted.next()))
-        self._end_writes.add(writing)
-        writing.add_done_callback(self._end_writes.discard)
+        unrecorded, prompt_id = UnrecordedEnd(end), run.prompt_id
+        unrecorded.timer = asyncio.get_running_loop().call_later(
+            END_WRITE_DELAY, self._write_end, run.job, unrecorded)
+        self._deferred_ends[prompt_id] = (run, unrecorded)
+        unrecorded.when_settled(lambda: self._end_settled(prompt_id))
+        if self._ends_wanted is None:
+            self._ends_wanted = asyncio.create_task(
+                self._write_ends_when_wanted(self._signals.wanted.next()))
         return unrecorded
 
     async def _record_end(self, job: Job, end: ExecutionEnd) -> Job | None:
@@ -603,27 +613,44 @@ class ExecutionTracker:
             uploading_at=end.uploading_at,
             event="job.started" if end.started_at is not None else None)
 
-    async def _record_end_later(self, run: PromptRun, unrecorded: UnrecordedEnd,
-                                wanted: asyncio.Event) -> None:
-        """Record the end of executing of `run`'s job on its own after END_WRITE_DELAY, or
-        once `wanted` is set (another process waits for a slot), unless the job's end records
-        it sooner (its outputs take a while to store); then, the database counting the prompt
-        off its backend, release its slot."""
-        job = run.job
+    def _write_end(self, job: Job, unrecorded: UnrecordedEnd) -> None:
+        """Record the end of executing `unrecorded` of `job` on its own, now: END_WRITE_DELAY
+        after it was deferred (the job's end did not record it sooner, which would have
+        cancelled this timer), or as another process waits for a slot. Not when a write has
+        taken it, or its own is under way."""
+        if unrecorded.at is None or isinstance(unrecorded.timer, asyncio.Task):
+            return
+        if unrecorded.timer is not None:
+            unrecorded.timer.cancel()
+        writing = unrecorded.timer = asyncio.create_task(self._record_end_alone(job, unrecorded))
+        self._end_writes.add(writing)
+        writing.add_done_callback(self._end_writes.discard)
+
+    async def _record_end_alone(self, job: Job, unrecorded: UnrecordedEnd) -> None:
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(END_WRITE_DELAY):
-                    await first_of(unrecorded.settled_event, wanted)
-            try:
-                async with unrecorded.recording() as end:
-                    if end is not None:
-                        await self._record_end(job, end)
-            except Exception:  # the database may be away: the job's end records it
-                log.exception("recording the end of executing of job %s failed", job.id,
-                              extra=job_fields(job))
-            await unrecorded.settled()
-        finally:
-            self._release(run.session, run.prompt_id)
+            async with unrecorded.recording() as end:
+                if end is not None:
+                    await self._record_end(job, end)
+        except Exception:  # the database may be away: the job's end records it
+            log.exception("recording the end of executing of job %s failed", job.id,
+                          extra=job_fields(job))
+
+    async def _write_ends_when_wanted(self, wanted: asyncio.Event) -> None:
+        """Until cancelled: whenever another process says it waits for a slot (`wanted`, the
+        signals' next beat when this began), write the deferred ends of executing at once."""
+        while True:
+            await wanted.wait()
+            wanted = self._signals.wanted.next()
+            for run, unrecorded in list(self._deferred_ends.values()):
+                self._write_end(run.job, unrecorded)
+
+    def _end_settled(self, prompt_id: str) -> None:
+        """A deferred end of executing is recorded (by its own write or the job's end), or
+        nothing will record it: the database counts the prompt off its backend, and its slot
+        is released."""
+        deferred = self._deferred_ends.pop(prompt_id, None)
+        if deferred is not None:
+            self._release(deferred[0].session, prompt_id)
 
     def _start_collecting(self, session: BackendSession, job: Job,
                           early: EarlyOutputs | None = None,
@@ -900,9 +927,13 @@ class ExecutionTracker:
         await asyncio.gather(*tasks, return_exceptions=True)
         # Ends of executing left unwritten: the next process reads them from /history.
         writes = list(self._end_writes)
+        if self._ends_wanted is not None:
+            writes.append(self._ends_wanted)
         for task in writes:
             task.cancel()
         await asyncio.gather(*writes, return_exceptions=True)
+        for _, unrecorded in list(self._deferred_ends.values()):
+            unrecorded.drop()  # (releasing its slot)
 
 
 def _execution_error(error: ExecutionError) -> dict[str, Any]:

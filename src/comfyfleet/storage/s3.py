@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -453,7 +453,7 @@ async def _enter_client(stack: AsyncExitStack, session: AioSession, settings_use
         raise StorageError(f"S3 client ({settings_used}): {exc}") from exc
 
 
-async def _parts(chunks: AsyncIterator[bytes]) -> AsyncIterator[io.BytesIO]:
+async def _parts(chunks: AsyncIterator[bytes]) -> AsyncGenerator[io.BytesIO, None]:
     """The stream cut into PART_SIZE pieces (the last one shorter), each written straight into
     the BytesIO that is sent: botocore would wrap bytes in a BytesIO, whose buffer aiohttp's
     payload then copies (getbuffer() unshares it), doubling every part in flight."""

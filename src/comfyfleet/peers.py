@@ -135,8 +135,12 @@ class PeerChanges:
         while True:
             await changed.wait()
             changed = here.next()  # what changes from now on is told next time
-            if self._lease.alone:
-                continue  # nobody to tell
+            if self._lease.alone:  # nobody to tell
+                # Nor woken sooner than if there were: the jobs' channel is woken by every
+                # job's every change, which one serve alone would hear a few times a job.
+                if pause:
+                    await asyncio.sleep(pause)
+                continue
             try:
                 async with driver_connection(self._engine) as connection:
                     await connection.execute("SELECT pg_notify($1, $2)", channel,

@@ -338,15 +338,15 @@ class ExecutionTracker:
             case ExecutionStart():
                 run.started = run.last_write = time.monotonic()
                 run.started_on = session.connections
-                self._log(run, "info", f"execution started on backend {session.name}")
+                self._log(run, "info", "execution started on backend %s", session.name)
                 run.start.at = utcnow()
                 run.start.timer = asyncio.get_running_loop().call_later(
                     START_WRITE_DELAY, self._write_start, run)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
                 if nodes:
-                    self._log(run, "info", f"served from the backend's cache: node"
-                              f"{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}")
+                    self._log(run, "info", "served from the backend's cache: node%s %s",
+                              "s" if len(nodes) > 1 else "", ", ".join(nodes))
                 self._check_cache(run, nodes)
             case Executing(node=None):
                 await self._executed_all(session, run)
@@ -371,7 +371,7 @@ class ExecutionTracker:
                     await asyncio.sleep(0)
             case ExecutionError(exception_message=exception, traceback=trace):
                 # As ComfyUI's own console says it.
-                self._log(run, "error", f"!!! Exception during processing !!! {exception}")
+                self._log(run, "error", "!!! Exception during processing !!! %s", exception)
                 if trace:
                     self._log(run, "error", "".join(trace))
                 await self._fail(run, _execution_error(message))
@@ -388,7 +388,7 @@ class ExecutionTracker:
         if run.started is not None:
             seconds = time.monotonic() - run.started
             self._run_times.record(session.name, run.job.workflow, seconds)
-            self._log(run, "info", f"Prompt executed in {seconds:.2f} seconds")
+            self._log(run, "info", "Prompt executed in %.2f seconds", seconds)
         await self._finished_executing(run, self._outputs_heard(run))
 
     def _check_cache(self, run: PromptRun, served: list[str]) -> None:
@@ -427,11 +427,14 @@ class ExecutionTracker:
         self._node_costs.record_overhead(name, max(now - held_since - run.node_seconds, 0.0))
         self._last_end[name] = now
 
-    def _log(self, run: PromptRun, level: str, message: str) -> None:
+    def _log(self, run: PromptRun, level: str, message: str, *args: object) -> None:
         """A line of the job's execution log, for whoever follows the job now (the v2 `log`
         event): said of the prompt's own messages, never ComfyUI's server-wide console, which
-        tells of other callers' prompts too."""
-        self._events.log(run.job.id, LogLine(level, message))
+        tells of other callers' prompts too. `message` % `args` (as `logging` formats), only
+        when someone follows the job: a few lines a job that nobody reads as a rule."""
+        job_id = run.job.id
+        if self._events.followed(job_id):
+            self._events.log(job_id, LogLine(level, message % args if args else message))
 
     def _preview(self, preview: Preview) -> None:
         run = self._runs.get(preview.prompt_id) if preview.prompt_id else None

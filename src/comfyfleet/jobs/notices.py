@@ -73,6 +73,11 @@ class JobNotices:
     def log(self, job_id: uuid.UUID, line: LogLine) -> None:
         self._publish(job_id, line)
 
+    def followed(self, job_id: uuid.UUID) -> bool:
+        """Whether anyone listens to the job's notices now (a line of its log told to nobody
+        is lost: not worth making)."""
+        return job_id in self._listeners
+
     def latest_preview(self, job_id: uuid.UUID) -> PreviewImage | None:
         """The last preview image of the job that reached this process, if it is kept."""
         return self._latest.get(job_id)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
 from datetime import datetime
+from functools import cache
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.process_collector import ProcessCollector
@@ -82,6 +83,14 @@ COLLECTION_FAILURES = Counter(
     "comfyfleet_collection_failures", "Tries to collect a job's outputs that failed other "
     "than by an outage (a few are made, then the job fails)", registry=REGISTRY)
 
+# Each labelled metric's child by its labels, kept: `labels()` checks and converts the values
+# and takes a lock at every call, several times a job.
+_phase_seconds = cache(PHASE_SECONDS.labels)
+_job_seconds = cache(JOB_SECONDS.labels)
+_jobs_finished = cache(JOBS_FINISHED.labels)
+_webhook_attempts = cache(WEBHOOK_ATTEMPTS.labels)
+_dispatch_claims = cache(DISPATCH_CLAIMS.labels)
+
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
@@ -91,7 +100,7 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 def _observe(phase: str, workflow: str, seconds: float | None) -> None:
     if seconds is not None:
-        PHASE_SECONDS.labels(phase, workflow).observe(seconds)
+        _phase_seconds(phase, workflow).observe(seconds)
 
 
 def job_dispatched(job: Job) -> None:
@@ -118,10 +127,10 @@ async def timed_upload(job: Job, collecting: Awaitable[None]) -> None:
 
 def job_finished(job: Job) -> None:
     status = str(job.status)
-    JOBS_FINISHED.labels(job.workflow, status).inc()
+    _jobs_finished(job.workflow, status).inc()
     seconds = _seconds(job.created_at, job.finished_at)
     if seconds is not None:
-        JOB_SECONDS.labels(job.workflow, status).observe(seconds)
+        _job_seconds(job.workflow, status).observe(seconds)
     if job.status == JobStatus.SUCCEEDED:
         stored = sum(o["size"] for o in job.outputs if isinstance(o.get("size"), int))
         OUTPUT_BYTES.inc(stored)
@@ -135,7 +144,7 @@ def dispatch_claim(outcomes: Iterable[str]) -> None:
     """One claim transaction, with what came of each backend it locked."""
     CLAIM_TRANSACTIONS.inc()
     for outcome in outcomes:
-        DISPATCH_CLAIMS.labels(outcome).inc()
+        _dispatch_claims(outcome).inc()
 
 
 def storage_error() -> None:
@@ -150,9 +159,9 @@ def webhook_attempt(delivery: Delivery, delivered: bool, status_code: int | None
     """One attempt; a delivered one also ends the event's webhook phase, measured from when
     the event was queued."""
     if delivered:
-        WEBHOOK_ATTEMPTS.labels("delivered").inc()
+        _webhook_attempts("delivered").inc()
         data = delivery.payload.get("data")
         workflow = data.get("workflow") if isinstance(data, dict) else None
         _observe("webhook", str(workflow), _seconds(delivery.pending_since, utcnow()))
     else:
-        WEBHOOK_ATTEMPTS.labels("http_error" if status_code is not None else "error").inc()
+        _webhook_attempts("http_error" if status_code is not None else "error").inc()

@@ -336,12 +336,7 @@ class ExecutionTracker:
         run.last_heard = time.monotonic()
         match message:
             case ExecutionStart():
-                run.started = run.last_write = time.monotonic()
-                run.started_on = session.connections
-                self._log(run, "info", "execution started on backend %s", session.name)
-                run.start.at = utcnow()
-                run.start.timer = asyncio.get_running_loop().call_later(
-                    START_WRITE_DELAY, self._write_start, run)
+                self._started(session, run)
             case ExecutionCached(nodes=nodes):
                 run.nodes_done += len(nodes)
                 if nodes:
@@ -380,6 +375,17 @@ class ExecutionTracker:
                 await self._fail(run, job_error(
                     "interrupted", "the prompt was interrupted on the backend",
                     node_id=node_id, node_type=node_type))
+
+    def _started(self, session: BackendSession, run: PromptRun) -> None:
+        """`execution_start`: the prompt began executing on `session`'s backend. Its start is
+        recorded by the first write of the job to come, or on its own START_WRITE_DELAY later
+        (a timer, not a task: most prompts' starts are recorded by another write first)."""
+        run.started = run.last_write = time.monotonic()
+        run.started_on = session.connections
+        self._log(run, "info", "execution started on backend %s", session.name)
+        run.start.at = utcnow()
+        run.start.timer = asyncio.get_running_loop().call_later(
+            START_WRITE_DELAY, self._write_start, run)
 
     async def _executed_all(self, session: BackendSession, run: PromptRun) -> None:
         """`executing` with no node: the prompt ran to its end on `session`'s backend."""

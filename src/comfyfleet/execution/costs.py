@@ -106,7 +106,12 @@ class NodeCosts:
         """A prompt held `backend` for `seconds` beyond what its nodes took."""
         self._overheads[backend].append(seconds)
         self._fleet_overheads.append(seconds)
-        self._overhead_medians.clear()  # the fleet's moved, which stands in for any backend's
+        # Its own median moved, and the fleet's, which stands in for every backend with no
+        # samples of its own; the others' stay (placement asks every backend's at every
+        # claim that weighs them, and a prompt ends between two claims).
+        for name in [name for name in self._overhead_medians
+                     if name is None or name == backend or name not in self._overheads]:
+            del self._overhead_medians[name]
 
     def overhead(self, backend: str | None = None) -> float:
         """Expected seconds a prompt holds the backend beyond its nodes (0 until one ran);

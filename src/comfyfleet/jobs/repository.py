@@ -580,7 +580,7 @@ class JobRepository:
             if read is None:
                 row, read = await self._claim_statement(
                     connection, None, (), first, prompt_id, owner, 0.0, max_inflight, ended,
-                    None, window, ())
+                    None, window, self._prompts)
                 if row["free"] <= 0:
                     return Claim(None, (first,), None, 1), None
             queued = read.queued
@@ -592,7 +592,7 @@ class JobRepository:
                 row, after = await self._claim_statement(
                     connection, choice.job_id, choice.passed, backend, prompt_id, owner,
                     choice.charge, max_inflight, ended, read.limited.get(choice.job_id),
-                    window, [job.id for job in queued])
+                    window, {job.id: job.prompt for job in queued})
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
@@ -611,31 +611,37 @@ class JobRepository:
         self, connection: asyncpg.Connection, job_id: uuid.UUID | None,
         passed: Sequence[uuid.UUID], backend: str, prompt_id: str, owner: int | None,
         charge: float, max_inflight: int, ended: list[str], tenant: str | None,
-        window: int | None, seen: Sequence[uuid.UUID],
+        window: int | None, held: Mapping[uuid.UUID, dict[str, Any]],
     ) -> tuple[asyncpg.Record, BacklogRead]:
-        """sql/claim.sql `claim`: take `job_id` (None: read only); its row and its read."""
-        held = dict(self._prompts)
+        """sql/claim.sql `claim`: take `job_id` (None: read only); its row and its read.
+        `held`: prompts by job id, which the statement leaves out of its read (each claim
+        reads the head of every tenant's backlog again, the same CLAIM_BATCH rows but the
+        ones taken, and a prompt is tens of KB): with a job to take, those of the queued jobs
+        the caller's read saw, whose ids a take sends anyway; else every one this repository
+        keeps (a pass's first read; encoding those 4 * CLAIM_BATCH ids at every take was a
+        good part of the claim's own CPU)."""
+        ids = list(held)
         row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
-            self._max_concurrent, max_inflight, ended, tenant, window, list(seen),
-            CLAIM_BATCH, list(held))
+            self._max_concurrent, max_inflight, ended, tenant, window,
+            ids if job_id is not None else [], CLAIM_BATCH, ids)
         heads = row["heads"] or ()  # null: none read
         queued = [QueuedJob(head[0], head[1], self._prompt(head[0], head[2], held),
                             *head[3:10]) for head in heads]
+        # Let go of the least recently read only now: `held` may be the prompts kept.
+        while len(self._prompts) > PROMPTS_KEPT:
+            self._prompts.popitem(last=False)
         return row, BacklogRead(queued, row["backlog"],
                                 {head[0]: head[6] for head in heads if head[10]})
 
     def _prompt(self, job_id: uuid.UUID, text: str | None,
                 held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:
         """A queued job's prompt, as the claim read it (`text`), or as it was held (`held`)
-        when the claim left it out: each claim reads the head of every tenant's backlog again,
-        the same CLAIM_BATCH rows but the ones taken, and a prompt is tens of KB. Decoded once
-        while its job stays near the head; shared between claims, so only read."""
+        when the claim left it out; kept while its job stays near the head (decoded once
+        then), shared between claims, so only read."""
         prompt = held[job_id] if text is None else json_codec.loads(text)
         self._prompts[job_id] = prompt
         self._prompts.move_to_end(job_id)
-        while len(self._prompts) > PROMPTS_KEPT:
-            self._prompts.popitem(last=False)
         return prompt
 
     async def move(

@@ -52,7 +52,8 @@
 -- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
 -- whether the tenant has a max_concurrent (`limited`: the take locks it). A job's prompt comes as
 -- text, but null for the jobs $14, whose prompts the caller holds (a job's prompt never changes;
--- a tenant's head is read again by every claim). The read is as this statement's take leaves the
+-- a tenant's head is read again by every claim; a take's caller names only the jobs its read
+-- saw, $12, not every prompt it keeps). The read is as this statement's take leaves the
 -- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
 -- charged, and the jobs it locked as it found them. The jobs are read without locks: claims for
 -- other backends, in this process or another, read the same head side by side, none hidden from

@@ -621,10 +621,10 @@ class JobRepository:
         keeps (a pass's first read; encoding those 4 * CLAIM_BATCH ids at every take was a
         good part of the claim's own CPU)."""
         ids = list(held)
+        seen, kept = (ids, []) if job_id is not None else ([], ids)
         row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
-            self._max_concurrent, max_inflight, ended, tenant, window,
-            ids if job_id is not None else [], CLAIM_BATCH, ids)
+            self._max_concurrent, max_inflight, ended, tenant, window, seen, CLAIM_BATCH, kept)
         heads = row["heads"] or ()  # null: none read
         queued = [QueuedJob(head[0], head[1], self._prompt(head[0], head[2], held),
                             *head[3:10]) for head in heads]

@@ -52,9 +52,9 @@
 -- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
 -- whether the tenant has a max_concurrent (`limited`: the take locks it), as a `claim_head`
 -- (migration 0039: a named type decodes in half the client's CPU of a record). A job's prompt
--- comes as text, but null for the jobs $14, whose prompts the caller holds (a job's prompt never
--- changes; a tenant's head is read again by every claim; a take's caller names only the jobs its
--- read saw, $12, not every prompt it keeps). The read is as this statement's take leaves the
+-- comes as text, but null for the jobs the caller's read saw ($12) and the jobs $14, whose
+-- prompts the caller holds besides (a job's prompt never changes, and a tenant's head is read
+-- again by every claim: a take names the jobs of its read once, and no other). The read is as this statement's take leaves the
 -- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
 -- charged, and the jobs it locked as it found them. The jobs are read without locks: claims for
 -- other backends, in this process or another, read the same head side by side, none hidden from
@@ -206,7 +206,8 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     SELECT eligible.*, ceil($13::float8 / count(*) OVER ())::int AS depth FROM eligible
 ), read AS (
     SELECT array_agg((queued.id, queued.workflow,
-                      CASE WHEN queued.id = ANY($14::uuid[]) THEN NULL
+                      CASE WHEN queued.id = ANY($12::uuid[]) OR queued.id = ANY($14::uuid[])
+                           THEN NULL
                            ELSE queued.prompt::text END,
                       queued.priority,
                       coalesce(passed.overtaken, locked.overtaken, queued.overtaken),

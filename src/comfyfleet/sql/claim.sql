@@ -13,7 +13,8 @@
 -- claim gave), never below it: no burst for having been away. The charge made here is settled
 -- against the real run by the trigger jobs_settle_tenant_charge (migration 0017) in whatever
 -- statement takes the job off its backend. The only other SQL of the claim is claim_locks()
--- (migration 0031): the take's locks and the counts made after them.
+-- (migration 0031): the take's locks and the counts made after them, a tenant's by
+-- jobs_on_backends() (migration 0039), as the read counts it.
 
 -- name: claim
 -- Take: dispatch queued job $1 (null: take nothing, only read) to backend $3 as prompt $4
@@ -185,19 +186,12 @@ WITH RECURSIVE guarded AS MATERIALIZED (
         AS limits
     WHERE backlogged.tenant IS NOT NULL
       -- A tenant's jobs on backends (with the one this statement took, which its snapshot
-      -- does not see) are counted only when it has a limit, by index (two cases, as in
-      -- claim_locks(), so that one generic plan serves both): counting every tenant's was
-      -- the claim's largest cost, growing with the jobs on backends.
+      -- does not see) are counted only when it has a limit, by index, as claim_locks()
+      -- counts them (jobs_on_backends(), migration 0039): counting every tenant's was the
+      -- claim's largest cost, growing with the jobs on backends.
       AND (limits.max_concurrent IS NULL
            OR limits.max_concurrent
-              > CASE WHEN backlogged.tenant = '' THEN
-                    (SELECT count(*) FROM jobs
-                     WHERE api_key_hash IS NULL
-                       AND status IN ('dispatched', 'running', 'uploading'))
-                ELSE
-                    (SELECT count(*) FROM jobs
-                     WHERE api_key_hash = backlogged.tenant
-                       AND status IN ('dispatched', 'running', 'uploading')) END
+              > jobs_on_backends(backlogged.tenant)
                 + (SELECT count(*) FROM taken
                    WHERE coalesce(taken.api_key_hash, '') = backlogged.tenant))
     ORDER BY start, backlogged.tenant

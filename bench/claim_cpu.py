@@ -1,0 +1,149 @@
+"""CPU per claim: what the claiming process spends on `JobRepository.claim_next` (sql/claim.sql
+`claim`: its arguments encoded, its row and read decoded, the read made into QueuedJobs), one
+process, embedded PostgreSQL, no backends running.
+
+`--jobs` queued invert jobs (the throughput benchmark's prompt, no API key), 16 backends in the
+table; claims in a row, each taking the first job of the read the claim before it made (a
+pick that costs nothing: `bench.pick_cpu` measures placement), as the dispatcher's pass does at
+saturation, until none is left; `--rounds` times. A read is of CLAIM_BATCH jobs until the last
+ones. The CPU time of this process (`time.process_time`: waiting for PostgreSQL is not
+counted) over the claims made, and of the claim statement's round trips alone.
+
+With `--other SRC`, the same in a process whose PYTHONPATH puts SRC first (a `git archive` of
+main's `src`, say), in turns with this checkout's.
+
+Run from the repository root:
+    .venv/bin/python -m bench.claim_cpu [--other /tmp/main/src] [--turns 3] [--jobs 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+
+from bench.harness import (
+    bench_root,
+    embedded_postgres,
+    fresh_database,
+    print_table,
+    workflow_job,
+)
+from comfyfleet import db
+from comfyfleet.comfy.endpoints import Backend
+from comfyfleet.fleet.registry import BackendRegistry
+from comfyfleet.jobs.models import Job, utcnow
+from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+from tests.support import REPO
+
+BACKENDS = [f"gpu{index:02}" for index in range(16)]
+DISPATCHED_AWAY = "UPDATE jobs SET status = 'succeeded', backend = NULL WHERE status = 'dispatched'"
+
+
+def first(_: str, queued: list[QueuedJob]) -> Choice | None:
+    return Choice(queued[0].id, charge=0.01) if queued else None
+
+
+async def measure(jobs: int, rounds: int) -> dict[str, Any]:
+    params, prompt = workflow_job()
+    statement_cpu = 0.0
+    fetchrow = asyncpg.Connection.fetchrow
+
+    async def timed_fetchrow(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        nonlocal statement_cpu
+        began = time.process_time()
+        try:
+            return await fetchrow(self, query, *args)
+        finally:
+            if "-- name: claim\n" in query or "claim_locks($3" in query:
+                statement_cpu += time.process_time() - began
+
+    asyncpg.Connection.fetchrow = timed_fetchrow
+    per_claim: list[float] = []
+    per_statement: list[float] = []
+    with bench_root() as root:
+        async with embedded_postgres(root) as server:
+            engine = db.make_engine(await fresh_database(server))
+            try:
+                await db.migrate(engine)
+                repository, registry = JobRepository(engine), BackendRegistry(engine)
+                for port, name in enumerate(BACKENDS, start=9):
+                    await registry.add(Backend(name, f"http://127.0.0.1:{port}"))
+                for _ in range(rounds):
+                    for _ in range(jobs):
+                        await repository.insert(Job.model_construct(
+                            id=uuid.uuid4(), created_at=utcnow(), workflow="invert",
+                            params=params, prompt=prompt))
+                    claims, read, statement_cpu = 0, None, 0.0
+                    began = time.process_time()
+                    while True:
+                        claim = await repository.claim_next(
+                            BACKENDS, str(uuid.uuid4()), max_inflight=jobs, pick=first, owner=1,
+                            window=20, read=read)
+                        read = claim.read
+                        if claim.job is None:
+                            break
+                        claims += 1
+                    per_claim.append(1000 * (time.process_time() - began) / claims)
+                    per_statement.append(1000 * statement_cpu / claims)
+                    async with db.driver_connection(engine) as connection:
+                        await connection.execute(DISPATCHED_AWAY)
+            finally:
+                await engine.dispose()
+    return {"ms_per_claim": per_claim, "statement_ms_per_claim": per_statement}
+
+
+def in_turns(other: Path, turns: int, jobs: int, rounds: int) -> list[dict[str, Any]]:
+    checkouts = {"this checkout": None, f"--other {other}": os.pathsep.join([str(other),
+                                                                            str(REPO)])}
+    runs: list[dict[str, Any]] = []
+    for turn in range(turns):
+        for label, path in checkouts.items():
+            env = dict(os.environ) if path is None else {**os.environ, "PYTHONPATH": path}
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.claim_cpu", "--child", "--jobs", str(jobs),
+                 "--rounds", str(rounds)], env=env, cwd=REPO, check=True, capture_output=True,
+                text=True)
+            runs.append({"turn": turn + 1, "code": label, **json.loads(done.stdout)})
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=800)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(uvloop.run(measure(args.jobs, args.rounds))))
+        return
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    runs = in_turns(args.other.resolve(), args.turns, args.jobs, args.rounds) if args.other \
+        else [{"turn": 1, "code": "this checkout", **uvloop.run(measure(args.jobs, args.rounds))}]
+    # The least of each code's rounds says what a claim costs, the median what it costs under
+    # the load there was.
+    codes = list(dict.fromkeys(run["code"] for run in runs))
+    print_table(["code", "ms per claim, least", "median", "the statement's, least", "median"],
+                [[code, *(f"{figure(values):.3f}" for key in ("ms_per_claim",
+                                                               "statement_ms_per_claim")
+                          for values in [[value for run in runs if run["code"] == code
+                                          for value in run[key]]]
+                          for figure in (min, statistics.median))] for code in codes])
+    print(json.dumps(runs))
+
+
+if __name__ == "__main__":
+    main()

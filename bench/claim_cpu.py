@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +34,7 @@ from bench.harness import (
     bench_root,
     embedded_postgres,
     fresh_database,
+    in_turns,
     print_table,
     workflow_job,
 )
@@ -44,7 +43,6 @@ from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, utcnow
 from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
-from tests.support import REPO
 
 BACKENDS = [f"gpu{index:02}" for index in range(16)]
 DISPATCHED_AWAY = "UPDATE jobs SET status = 'succeeded', backend = NULL WHERE status = 'dispatched'"
@@ -103,21 +101,6 @@ async def measure(jobs: int, rounds: int) -> dict[str, Any]:
     return {"ms_per_claim": per_claim, "statement_ms_per_claim": per_statement}
 
 
-def in_turns(other: Path, turns: int, jobs: int, rounds: int) -> list[dict[str, Any]]:
-    checkouts = {"this checkout": None, f"--other {other}": os.pathsep.join([str(other),
-                                                                            str(REPO)])}
-    runs: list[dict[str, Any]] = []
-    for turn in range(turns):
-        for label, path in checkouts.items():
-            env = dict(os.environ) if path is None else {**os.environ, "PYTHONPATH": path}
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.claim_cpu", "--child", "--jobs", str(jobs),
-                 "--rounds", str(rounds)], env=env, cwd=REPO, check=True, capture_output=True,
-                text=True)
-            runs.append({"turn": turn + 1, "code": label, **json.loads(done.stdout)})
-    return runs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +114,8 @@ def main() -> None:
         print(json.dumps(uvloop.run(measure(args.jobs, args.rounds))))
         return
     print(f"load average {os.getloadavg()[0]:.2f}")
-    runs = in_turns(args.other.resolve(), args.turns, args.jobs, args.rounds) if args.other \
+    runs = in_turns("bench.claim_cpu", args.other.resolve(), args.turns,
+                    ["--jobs", str(args.jobs), "--rounds", str(args.rounds)]) if args.other \
         else [{"turn": 1, "code": "this checkout", **uvloop.run(measure(args.jobs, args.rounds))}]
     # The least of each code's rounds says what a claim costs, the median what it costs under
     # the load there was.

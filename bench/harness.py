@@ -9,12 +9,14 @@ process of its own, so that its CPU time and its profile are its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +67,23 @@ def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
         return {"samples": 0}
     return {"samples": len(seconds),
             **{f"p{p}": round(percentile(seconds, p / 100) * 1000, 2) for p in (50, 95, 99)}}
+
+
+def in_turns(module: str, other: Path, turns: int,
+             child_args: Sequence[str]) -> list[dict[str, Any]]:
+    """`python -m module --child *child_args`, `turns` times, this checkout's and then
+    another's (`other`, a `src` put first on PYTHONPATH): the JSON each run prints, with its
+    turn and which code ran it."""
+    checkouts = {"this checkout": None, f"--other {other}": os.pathsep.join([str(other),
+                                                                            str(REPO)])}
+    runs: list[dict[str, Any]] = []
+    for turn in range(turns):
+        for label, path in checkouts.items():
+            env = dict(os.environ) if path is None else {**os.environ, "PYTHONPATH": path}
+            done = subprocess.run([sys.executable, "-m", module, "--child", *child_args],
+                                  env=env, cwd=REPO, check=True, capture_output=True, text=True)
+            runs.append({"turn": turn + 1, "code": label, **json.loads(done.stdout)})
+    return runs
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -34,8 +34,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -43,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.harness import print_table
+from bench.harness import in_turns, print_table
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
@@ -249,20 +247,6 @@ def measure(seed: int, rounds: int) -> dict[str, Any]:
     return result
 
 
-def in_turns(other: Path, turns: int, rounds: int, seed: int) -> list[dict[str, Any]]:
-    checkouts = {"this checkout": None, f"--other {other}": os.pathsep.join([str(other),
-                                                                            str(REPO)])}
-    runs: list[dict[str, Any]] = []
-    for turn in range(turns):
-        for label, path in checkouts.items():
-            env = dict(os.environ) if path is None else {**os.environ, "PYTHONPATH": path}
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.pick_cpu", "--child", "--rounds", str(rounds),
-                 "--seed", str(seed)], env=env, cwd=REPO, check=True, capture_output=True,
-                text=True)
-            runs.append({"turn": turn + 1, "code": label, **json.loads(done.stdout)})
-    return runs
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -277,7 +261,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.seed, args.rounds)))
         return
-    runs = in_turns(args.other.resolve(), args.turns, args.rounds, args.seed) if args.other \
+    runs = in_turns("bench.pick_cpu", args.other.resolve(), args.turns,
+                    ["--rounds", str(args.rounds), "--seed", str(args.seed)]) if args.other \
         else [{"turn": 1, "code": "this checkout", **measure(args.seed, args.rounds)}]
     print(f"load average {os.getloadavg()[0]:.2f}")
     print_table(["turn", "code", "deep ms/pick", "taken", "tail ms/pick", "taken", "decisions"],

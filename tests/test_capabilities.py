@@ -61,6 +61,21 @@ def test_a_queued_job_is_judged_by_each_backends_capabilities_as_they_are_now() 
     assert head.runs_on(stocked, job) and not head.runs_on(bare, job)
 
 
+def test_backends_alike_share_their_capabilities_and_a_job_is_judged_once_for_them() -> None:
+    """Backends whose /object_info is the same JSON share one Capabilities (the dispatcher
+    keeps whether a job runs by the capabilities' identity); one with another model has its
+    own."""
+    info = json.loads((FIXTURES / "object_info_full.json").read_text())
+    first, like_it = Capabilities.shared(info), Capabilities.shared(json.loads(json.dumps(info)))
+    assert like_it is first
+    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = ["sd15.safetensors"]
+    stocked = Capabilities.shared(info)
+    assert stocked is not first and stocked.can_run(TXT2IMG) and not first.can_run(TXT2IMG)
+    job, head = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG), HeadJob()
+    assert not head.runs_on(first, job) and not head.runs_on(like_it, job)
+    assert head.runs_on(stocked, job)
+
+
 def test_unknown_node_class_is_named_and_uploaded_images_are_not_checked() -> None:
     caps = real_comfyui()
     prompt = {

@@ -3,10 +3,13 @@ inputs accept (model files for loader nodes, samplers, ...)."""
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyfleet import json_codec
 from comfyfleet.comfy.object_info import InputSpec, hidden_inputs, node_inputs
 
 
@@ -89,6 +92,18 @@ class Capabilities:
                     ranges[(class_name, input_name)] = bounds
         return cls(frozenset(info), combos, ranges, nodes, frozenset(keyed_by_id))
 
+    @classmethod
+    def shared(cls, info: dict[str, Any]) -> Capabilities:
+        """`from_object_info`, the very object made of an /object_info alike (the same JSON)
+        while any backend holds it: placement keeps whether a job runs on a backend by the
+        capabilities' identity (dispatcher.HeadJob), and in a fleet of like servers each job
+        near the backlog's head was walked once per backend."""
+        digest = hashlib.sha256(json_codec.dumps(info)).digest()
+        capabilities = _SHARED.get(digest)
+        if capabilities is None:
+            capabilities = _SHARED[digest] = cls.from_object_info(info)
+        return capabilities
+
     def missing(self, prompt: dict[str, Any]) -> list[str]:
         """What this backend lacks to run `prompt`, in words an operator can act on."""
         return sorted(set(self._lacking(prompt)))
@@ -127,3 +142,7 @@ class Capabilities:
 
     def summary(self) -> dict[str, int]:
         return {"node_classes": len(self.node_classes), "combo_inputs": len(self.combos)}
+
+
+# The capabilities made by `Capabilities.shared`, by their /object_info's digest.
+_SHARED: weakref.WeakValueDictionary[bytes, Capabilities] = weakref.WeakValueDictionary()

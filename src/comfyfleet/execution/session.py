@@ -131,7 +131,7 @@ class BackendSession:
             self.warm.reset(CachePolicy.from_argv(argv if isinstance(argv, list) else []))
             # Refreshed on every connect: a restarted backend may have new nodes or models.
             object_info = await self.client.object_info()
-            self.capabilities = Capabilities.from_object_info(object_info)
+            self.capabilities = Capabilities.shared(object_info)
             self.node_inputs = NodeInputs.from_object_info(object_info)
             await self.cleanup.refresh()
             self.connected = True

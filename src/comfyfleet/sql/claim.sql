@@ -14,7 +14,7 @@
 -- against the real run by the trigger jobs_settle_tenant_charge (migration 0017) in whatever
 -- statement takes the job off its backend. The only other SQL of the claim is claim_locks()
 -- (migration 0031): the take's locks and the counts made after them, a tenant's by
--- jobs_on_backends() (migration 0039), as the read counts it.
+-- jobs_on_backends() (migration 0040), as the read counts it.
 
 -- name: claim
 -- Take: dispatch queued job $1 (null: take nothing, only read) to backend $3 as prompt $4
@@ -52,7 +52,7 @@
 -- max_concurrent ($7 for keys without their own; null: no limit). A job each, with its tenant's
 -- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
 -- whether the tenant has a max_concurrent (`limited`: the take locks it), as a `claim_head`
--- (migration 0039: a named type decodes in half the client's CPU of a record). A job's prompt
+-- (migration 0040: a named type decodes in half the client's CPU of a record). A job's prompt
 -- comes as text, but null for the jobs the caller's read saw ($12) and the jobs $14, whose
 -- prompts the caller holds besides (a job's prompt never changes, and a tenant's head is read
 -- again by every claim: a take names the jobs of its read once, and no other). The read is as this statement's take leaves the
@@ -187,7 +187,7 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     WHERE backlogged.tenant IS NOT NULL
       -- A tenant's jobs on backends (with the one this statement took, which its snapshot
       -- does not see) are counted only when it has a limit, by index, as claim_locks()
-      -- counts them (jobs_on_backends(), migration 0039): counting every tenant's was the
+      -- counts them (jobs_on_backends(), migration 0040): counting every tenant's was the
       -- claim's largest cost, growing with the jobs on backends.
       AND (limits.max_concurrent IS NULL
            OR limits.max_concurrent

@@ -1,5 +1,6 @@
 """The job statements that run for every job or at every periodic pass (sql/jobs.sql): each
-walks an index however many jobs there are, planned as a pooled connection plans a statement
+walks an index however many jobs there are (those reading the backlog, in sql/claim.sql too,
+whatever jobs came before it in the table), planned as a pooled connection plans a statement
 it has prepared once it settles on the generic plan; the statements that write a job with
 its webhook write the outbox row exactly when they write the job, and wake the workers; a job
 put back in the backlog wakes every process's dispatcher; a job stored under an idempotency key
@@ -11,6 +12,7 @@ import asyncio
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -49,6 +51,13 @@ asyncio.run(main())
 PLANNED = ("insert", "transition", "finish", "requeue", "release", "move", "take_over",
            "on_backend", "unfollowed")
 JOBS = 6000
+# The statements that read queued jobs (sql/claim.sql, sql/jobs.sql), and a backlog stored
+# after as many ended jobs as that test needs for PostgreSQL to read part of it from the heap.
+BACKLOG_READS = (("claim", "claim"), ("claim", "insert_taken"), ("claim", "place"),
+                 ("claim", "deep"), ("jobs", "insert"), ("jobs", "queued"))
+ENDED_BEFORE_BACKLOG = 4000
+BACKLOG = 1000
+KEYED = 3
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only written
 
 # Copies of one stored job: most finished on one of four backends, one in fifty running there
@@ -64,6 +73,15 @@ SELECT gen_random_uuid(), workflow, params, prompt,
 FROM jobs, generate_series(1, $1) AS n
 """
 
+
+# Copies of the one queued job, queued after it, the first $2 of them for key "k".
+QUEUE_JOBS = """
+INSERT INTO jobs (id, workflow, params, prompt, status, progress, priority, attempts,
+    created_at, api_key_hash, source)
+SELECT gen_random_uuid(), workflow, params, prompt, status, 0, 0, 0,
+    created_at + n * interval '1 ms', CASE WHEN n <= $2 THEN 'k' END, source
+FROM jobs, generate_series(1, $1) AS n WHERE status = 'queued'
+"""
 
 # EXPLAIN of a statement with parameters, sent as text (asyncpg would take its `$n` for its
 # own parameters).
@@ -106,6 +124,61 @@ async def test_every_statement_of_a_jobs_life_walks_an_index(engine: AsyncEngine
         assert full_scans == []
     finally:
         await db.close()
+
+
+async def history_then_burst(engine: AsyncEngine) -> asyncpg.Connection:
+    """A connection to the test's database holding a day's ended jobs, then a burst queued
+    (BACKLOG jobs of no key, KEYED of key "k"): the queued ones are a large share of the
+    table and sit at the end of its heap."""
+    await JobRepository(engine).insert(Job(workflow="invert", prompt={"1": {}}))
+    db = await asyncpg.connect(driver_url(engine))
+    await db.execute(COPY_JOBS, ENDED_BEFORE_BACKLOG)
+    await db.execute(QUEUE_JOBS, BACKLOG - 1, KEYED)
+    await db.execute("ANALYZE")
+    return db
+
+
+async def test_the_backlogs_reads_walk_its_index_whatever_jobs_came_before(
+    engine: AsyncEngine,
+) -> None:
+    # Read in no order, a `LIMIT` of the queued jobs (or EXISTS) looks cheapest read from the
+    # heap's start, where there are none: every claim read the whole heap (0.1-0.6 s at
+    # 400,000 ended and 100,000 queued).
+    db = await history_then_burst(engine)
+    try:
+        await db.execute(EXPLAIN_GENERIC)
+        full_scans = []
+        for file, name in BACKLOG_READS:
+            plan = await generic_plan(db, sql.queries(file)[name])
+            if any(kind == "Seq Scan" and table == "jobs" for kind, table in scans(plan)):
+                full_scans.append(name)
+        assert full_scans == []
+    finally:
+        await db.close()
+
+
+async def test_a_keys_backlog_is_counted_reading_only_its_own_jobs(engine: AsyncEngine) -> None:
+    # (QueueFull's per-key count, on the plan a pooled connection settles on.)
+    db = await history_then_burst(engine)
+    try:
+        await db.execute("PREPARE queued AS " + sql.queries("jobs")["queued"])
+        await db.execute("SET plan_cache_mode = force_generic_plan")
+        for arguments, count in (("true, 'k'", KEYED), ("true, NULL", BACKLOG - KEYED),
+                                 ("true, 'other'", 0), ("false, 'k'", BACKLOG)):
+            assert await db.fetchval(f"EXECUTE queued({arguments})") == count
+            explained = await db.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE queued({arguments})")
+            plan = json.loads(explained)[0]["Plan"]
+            assert sum(node.get("Rows Removed by Filter", 0) for node in nodes(plan)) == 0
+    finally:
+        await db.close()
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
 
 
 async def test_a_webhook_row_is_written_with_the_job_on_every_path(engine: AsyncEngine) -> None:

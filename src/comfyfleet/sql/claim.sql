@@ -15,6 +15,11 @@
 -- statement takes the job off its backend. The only other SQL of the claim is claim_locks()
 -- (migration 0031): the take's locks and the counts made after them, a tenant's by
 -- jobs_on_backends() (migration 0040), as the read counts it.
+-- The reads here that stop at the first queued jobs found (LIMIT, any queued?) ask for them in
+-- the order of jobs_queued_by_tenant (by tenant first), which no other index or plan gives
+-- without reading every queued job: in no order the planner may read the heap from its start,
+-- taking the queued jobs for spread over it, when a burst queued after a day of ended jobs
+-- sits at its end (every claim read the whole heap). jobs.sql `insert` and `queued` as well.
 
 -- name: claim
 -- Take: dispatch queued job $1 (null: take nothing, only read) to backend $3 as prompt $4
@@ -156,7 +161,7 @@ WITH RECURSIVE guarded AS MATERIALIZED (
            (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'queued'
                                     AND (extra_data_holder IS NULL OR extra_data_holder = $5)
                                     AND id NOT IN (SELECT id FROM gone)
-                                  LIMIT 2) AS seen)
+                                  ORDER BY coalesce(api_key_hash, '') LIMIT 2) AS seen)
                AS backlog
 ), backlogged (tenant) AS (
     -- A skip scan of jobs_queued_by_tenant: one index probe per tenant, however deep.
@@ -250,7 +255,8 @@ WITH tenant AS MATERIALIZED (
     FROM (SELECT) AS one LEFT JOIN api_keys ON api_keys.key_hash = $11::text
 ), verdict AS MATERIALIZED (
     SELECT tenant.tenant, tenant.weight,
-           CASE WHEN EXISTS (SELECT FROM jobs WHERE status = 'queued') THEN 'queued'
+           CASE WHEN (SELECT true FROM jobs WHERE status = 'queued'
+                      ORDER BY coalesce(api_key_hash, '') LIMIT 1) THEN 'queued'
                 WHEN locks.tenant_on_backends >= tenant.max_concurrent THEN 'tenant_limit'
                 WHEN NOT locks.accepting THEN 'not_accepting'
                 WHEN locks.on_gpu >= $12 THEN 'no_slot' END AS refusal
@@ -298,7 +304,8 @@ SELECT verdict.refusal, stored.* FROM verdict LEFT JOIN stored ON true
 -- A row of nulls but `deep`: nothing queued, or job $1 no longer is.
 WITH deep AS (
     SELECT count(*) >= $2 AS deep
-    FROM (SELECT FROM jobs WHERE status = 'queued' LIMIT $2) AS queued
+    FROM (SELECT FROM jobs WHERE status = 'queued' ORDER BY coalesce(api_key_hash, '') LIMIT $2)
+        AS queued
 ), job AS (
     SELECT coalesce(api_key_hash, '') AS tenant, priority, created_at FROM jobs WHERE id = $1
 ), clock AS (
@@ -329,7 +336,9 @@ SELECT reltuples::int8 FROM pg_class WHERE oid = 'jobs_queued_by_tenant'::regcla
 
 -- name: deep
 -- Whether $1 jobs or more are queued (reading $1 of them at most).
-SELECT count(*) >= $1 AS deep FROM (SELECT FROM jobs WHERE status = 'queued' LIMIT $1) AS queued
+SELECT count(*) >= $1 AS deep
+FROM (SELECT FROM jobs WHERE status = 'queued' ORDER BY coalesce(api_key_hash, '') LIMIT $1)
+    AS queued
 
 -- name: backlog
 -- Every queued job's place in the order fair share serves, for queue positions counted from

@@ -22,7 +22,8 @@
 -- the same statement: from its commit a retry finds the job. Returns the job's id and, when
 -- $7 is true, whether it is first in line (`alone`: no other job was queued; its queue position
 -- is 1, known without counting), no row when the client_task_id was taken (nothing is written
--- then, the claim is kept).
+-- then, the claim is kept). (Any queued is asked in jobs_queued_by_tenant's order: see
+-- claim.sql's head.)
 WITH stored AS (
     INSERT INTO jobs
     SELECT * FROM jsonb_populate_record(NULL::jobs, $1::jsonb)
@@ -35,7 +36,8 @@ WITH stored AS (
       AND EXISTS (SELECT FROM stored)
 )
 SELECT stored.id,
-       $7::boolean AND NOT EXISTS (SELECT FROM jobs WHERE status = 'queued') AS alone
+       $7::boolean AND (SELECT true FROM jobs WHERE status = 'queued'
+                        ORDER BY coalesce(api_key_hash, '') LIMIT 1) IS NULL AS alone
 FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
 
 -- name: transition
@@ -252,6 +254,11 @@ SELECT pg_advisory_xact_lock(hashtext($1))
 
 -- name: queued
 -- How many jobs are queued: all of them when $1 is false, else those of the API key whose
--- digest is $2 (null: those submitted without a key).
-SELECT count(*) FROM jobs
-WHERE status = 'queued' AND (NOT $1::boolean OR api_key_hash IS NOT DISTINCT FROM $2)
+-- digest is $2 (null: those submitted without a key). Two cases, each finding the key's by
+-- jobs_unfinished_by_key_status in a generic plan (as claim_locks(), migration 0038): one
+-- comparison of the key whether or not it is null, IS NOT DISTINCT FROM, is no index's, and
+-- walked every queued job.
+SELECT CASE WHEN NOT $1::boolean THEN (SELECT count(*) FROM jobs WHERE status = 'queued')
+            WHEN $2::text IS NULL THEN
+                (SELECT count(*) FROM jobs WHERE api_key_hash IS NULL AND status = 'queued')
+            ELSE (SELECT count(*) FROM jobs WHERE api_key_hash = $2 AND status = 'queued') END

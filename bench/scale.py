@@ -10,7 +10,10 @@ storage, defaults otherwise, log level WARNING). Both are set up first:
   `invert` job through `JobRepository.insert` (the call POST /jobs makes, with the params and
   prompt the catalog builds), then copied server-side (`INSERT ... SELECT ... generate_series`)
   with fresh ids and created_at 1 us apart, then ANALYZE. (Through the API it would take
-  minutes: POST /jobs is what bench.throughput measures.)
+  minutes: POST /jobs is what bench.throughput measures.) With `--ended`, that many ended
+  jobs (succeeded, over the day before) are copied from it first, so that the backlog sits
+  after them in the table's heap, as a burst submitted to a database with a day's history;
+  and its database's sequential scans are not synchronised (`without_synchronized_scans`).
 
 Then `--rounds` rounds alternate between the two fleets (so that a change in the machine's
 load weighs on both alike). In a round, on one fleet:
@@ -30,7 +33,8 @@ Target: at 200 backends and 100,000 jobs, GET p99 and the dispatch rate within 2
 fleet's (8 backends, 1,000 jobs).
 
 Run from the repository root:  .venv/bin/python -m bench.scale
-    [--backends 8,200] [--jobs 1000,100000] [--sim-processes 1,4] [--window 6] [--rounds 3]
+    [--backends 8,200] [--jobs 1000,100000] [--sim-processes 1,4] [--ended 0,0] [--window 6]
+    [--rounds 3]
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Fleet:
     backends: int
     jobs: int
     processes: int
+    ended: int = 0  # jobs stored ended before the backlog
     fill_seconds: float = 0.0
     ids: list[str] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)  # GET latencies, nothing dispatched
@@ -98,7 +103,7 @@ class Fleet:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "backends": self.backends, "jobs": self.jobs,
+            "backends": self.backends, "jobs": self.jobs, "ended": self.ended,
             "fill_seconds": round(self.fill_seconds, 1),
             "get_idle_ms": latency_ms(self.idle),
             "get_dispatching_ms": latency_ms(self.dispatching),
@@ -111,27 +116,54 @@ class Fleet:
         }
 
 
-async def fill_queue(database_url: str, count: int) -> list[str]:
-    """`count` queued jobs as POST /jobs writes them; their ids."""
+async def fill_queue(database_url: str, count: int, ended: int) -> list[str]:
+    """`count` queued jobs as POST /jobs writes them, after `ended` ended ones; their ids."""
     engine = make_engine(database_url)
     try:
         values, prompt = workflow_job()
         template, _ = await JobRepository(engine).insert(
             Job(workflow=WORKFLOW, params=values, prompt=prompt))
         columns = [column.name for column in Job.__table__.columns]  # type: ignore[attr-defined]
-        copied = {"id": "gen_random_uuid()",
-                  "created_at": "created_at + n * interval '1 microsecond'"}
+
+        def copies(changed: dict[str, str]) -> Any:
+            """Copies of the first job, with the columns `changed` (SQL of n, 1 to :copies)."""
+            return text(f"INSERT INTO jobs ({', '.join(columns)}) "
+                        f"SELECT {', '.join(changed.get(c, c) for c in columns)} "
+                        "FROM jobs, generate_series(1, :copies) AS n WHERE id = :template")
+
+        earlier = ("created_at - interval '1 day'"
+                   " + n * (interval '1 day' / greatest(:copies, 1))")
         async with engine.begin() as conn:
-            await conn.execute(
-                text(f"INSERT INTO jobs ({', '.join(columns)}) "
-                     f"SELECT {', '.join(copied.get(c, c) for c in columns)} "
-                     "FROM jobs, generate_series(1, :copies) AS n WHERE id = :template"),
+            await conn.execute(copies({
+                "id": "gen_random_uuid()", "status": "'succeeded'", "progress": "1",
+                "attempts": "1", "backend": "'gone'", "prompt_id": "gen_random_uuid()::text",
+                "created_at": earlier, "dispatched_at": earlier, "started_at": earlier,
+                "finished_at": earlier}), {"copies": ended, "template": template.id})
+            await conn.execute(copies({
+                "id": "gen_random_uuid()",
+                "created_at": "created_at + n * interval '1 microsecond'"}),
                 {"copies": count - 1, "template": template.id})
         async with engine.begin() as conn:  # committed: ANALYZE in a rolled-back
             # transaction leaves the planner at its old estimate of the queued rows
             await conn.execute(text("ANALYZE jobs"))
             result = await conn.execute(text("SELECT id FROM jobs WHERE status = 'queued'"))
             return [str(job_id) for job_id in result.scalars()]
+    finally:
+        await engine.dispose()
+
+
+async def without_synchronized_scans(database_url: str) -> None:
+    """Each sequential scan of the database's tables, in every session opened from now on,
+    starts at the table's first page, as on a server whose shared_buffers exceed four times
+    the table (a quarter of a machine's RAM, against a jobs table of a day's history). The
+    embedded server's 128 MB synchronise the scans of tables over 32 MB instead, each starting
+    where the last one reached: a claim reading the backlog from the heap's start, through
+    every ended job, did so once, and then each started where the previous one found jobs."""
+    engine = make_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            name = await conn.scalar(text("SELECT current_database()"))
+            await conn.execute(text(f'ALTER DATABASE "{name}" SET synchronize_seqscans = off'))
     finally:
         await engine.dispose()
 
@@ -173,6 +205,8 @@ async def start_fleet(
     """Simulators and a service, every backend connected then drained, the backlog written."""
     workdir = root / f"fleet{fleet.backends}"
     database_url = await fresh_database(pg)
+    if fleet.ended:
+        await without_synchronized_scans(database_url)
     sims = await stack.enter_async_context(sim_fleet(
         fleet.backends, processes=fleet.processes, data_dir=workdir / "sims", timed=True))
     serve = await stack.enter_async_context(comfyfleet_serve(
@@ -180,7 +214,7 @@ async def start_fleet(
     async with aiohttp.ClientSession() as http:
         await set_draining(http, serve.api, True)
     started = time.monotonic()
-    fleet.ids = await fill_queue(database_url, fleet.jobs)
+    fleet.ids = await fill_queue(database_url, fleet.jobs, fleet.ended)
     fleet.fill_seconds = time.monotonic() - started
     return sims, serve
 
@@ -244,8 +278,9 @@ def report(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
         "dispatch_rate": worse(small["dispatch_per_second"], large["dispatch_per_second"]),
     }
     print_table(
-        ["", f"{small['backends']} backends, {small['jobs']:,} jobs",
-         f"{large['backends']} backends, {large['jobs']:,} jobs", "worse by", "target"],
+        ["", *(f"{fleet['backends']} backends, {fleet['jobs']:,} jobs"
+               + (f" after {fleet['ended']:,} ended" if fleet["ended"] else "")
+               for fleet in (small, large)), "worse by", "target"],
         [
             ("backlog written (s)", small["fill_seconds"], large["fill_seconds"], "", ""),
             ("GET /jobs/{id} p50 / p99 (ms), idle", p50_p99(small["get_idle_ms"]),
@@ -301,11 +336,14 @@ if __name__ == "__main__":
     parser.add_argument("--backends", type=pair, default=[8, 200], help="small,large")
     parser.add_argument("--jobs", type=pair, default=[1000, 100_000], help="small,large")
     parser.add_argument("--sim-processes", type=pair, default=[1, 4], help="small,large")
+    parser.add_argument("--ended", type=pair, default=[0, 0],
+                        help="small,large: jobs stored ended (a day's history) before the backlog")
     parser.add_argument("--get-rate", type=float, default=100.0, help="GETs per second")
     parser.add_argument("--window", type=float, default=6.0,
                         help="seconds of dispatching per round (default 6)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per fleet (default 3)")
     args = parser.parse_args()
     asyncio.run(main([Fleet(*sizes) for sizes in zip(args.backends, args.jobs,
-                                                      args.sim_processes, strict=True)],
+                                                      args.sim_processes, args.ended,
+                                                      strict=True)],
                      args.get_rate, args.window, args.rounds))

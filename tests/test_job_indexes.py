@@ -61,7 +61,8 @@ async def test_a_job_on_its_backend_is_in_no_index_of_the_other_states(
         stored, _ = await repository.insert(made)
         held[state] = await indexes_holding(engine, stored.id) - EVERY_ROW
     on_backend = {"jobs_unfinished_by_key_status", "jobs_on_backend"}
-    ran_to_its_end = {"jobs_by_status_newest", "jobs_finished", "jobs_run_times"}
+    ran_to_its_end = {"jobs_by_status_newest", "jobs_finished", "jobs_run_times",
+                      "jobs_run_times_by_backend"}
     assert held == {
         JobStatus.QUEUED: {"jobs_unfinished_by_key_status", "jobs_queued_by_tenant",
                            "jobs_by_status_newest"},

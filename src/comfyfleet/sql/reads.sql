@@ -16,21 +16,21 @@ FROM jobs WHERE id = $1
 
 -- name: mean_run_seconds
 -- The mean start-to-finish seconds of the latest $3 successful runs of workflow $1 on backend
--- $2, or on any backend when $2 is null or ran none of them; null when none ran. (Read in the
--- background for a queued job's ETA, jobs/recent.py; each mean walks the partial index
--- jobs_run_times, migration 0004, newest first.)
-SELECT means.mean
-FROM (VALUES (false, $2::text), (true, NULL)) AS scope (anywhere, backend)
-CROSS JOIN LATERAL (
-    SELECT avg(extract(epoch FROM finished_at) - extract(epoch FROM started_at)) AS mean
-    FROM (SELECT started_at, finished_at FROM jobs
-          WHERE workflow = $1 AND status = 'succeeded' AND started_at IS NOT NULL
-            AND (scope.anywhere OR backend = scope.backend)
-          ORDER BY finished_at DESC LIMIT $3) AS runs
-) AS means
-WHERE means.mean IS NOT NULL
-ORDER BY scope.anywhere
-LIMIT 1
+-- $2, or on any backend when $2 is null or ran none of them; null when none ran. Each mean
+-- walks an index of the runs it averages, newest first (jobs_run_times_by_backend, migration
+-- 0042; jobs_run_times, 0004), and the second is read only when the first finds none: as one
+-- walk of jobs_run_times filtered by backend, the mean of a backend that ran none (null, or
+-- one new to the workflow) read every run of the workflow ever stored, 0.2 s at 400,000.
+SELECT coalesce(
+    (SELECT avg(extract(epoch FROM finished_at) - extract(epoch FROM started_at))
+     FROM (SELECT started_at, finished_at FROM jobs
+           WHERE workflow = $1 AND backend = $2 AND status = 'succeeded'
+             AND started_at IS NOT NULL
+           ORDER BY finished_at DESC LIMIT $3) AS runs),
+    (SELECT avg(extract(epoch FROM finished_at) - extract(epoch FROM started_at))
+     FROM (SELECT started_at, finished_at FROM jobs
+           WHERE workflow = $1 AND status = 'succeeded' AND started_at IS NOT NULL
+           ORDER BY finished_at DESC LIMIT $3) AS runs)) AS mean
 
 -- name: left_on_backends
 -- The expected seconds the jobs on backends (dispatched, running or uploading) have left:

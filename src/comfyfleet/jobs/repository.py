@@ -75,6 +75,9 @@ FINISH_WAIT_SECONDS = 0.5
 FINISH_BATCH = 64
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
+# Those a claim's take returns (sql/claim.sql `claim`): not those its read gave.
+_TAKEN_FIELDS = tuple(sorted(set(_JOB_FIELDS) - {"id", "workflow", "prompt", "priority",
+                                                   "created_at"}))
 # What a job of a workflow never seen to run is taken to last, in GPU-seconds.
 UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
@@ -602,7 +605,7 @@ class JobRepository:
                 break
             else:
                 return Claim(None, (first,), read.backlog, len(backends)), None
-        claimed = _job(row)
+        claimed = _taken(next(job for job in queued if job.id == choice.job_id), row)
         if on is None:
             self._on_change(claimed.id)
         return Claim(claimed, counted, after.backlog, asked + 1, read=after), after
@@ -1152,6 +1155,18 @@ def _job(row: Mapping[str, Any]) -> Job:
         if values[name] is not None:
             values[name] = uuid.UUID(bytes=values[name].bytes)
     return Job.model_construct(**values)
+
+
+def _taken(job: QueuedJob, row: Mapping[str, Any]) -> Job:
+    """The job `job` of a claim's read as the claim's take left it: the columns of its row
+    (sql/claim.sql `claim`), and those no statement changes once a job is stored as the read
+    gave them (its prompt, tens of KB, decoded once while it stays near the head). Built as
+    `_job` builds a job, for the same reasons."""
+    values = {name: row[name] for name in _TAKEN_FIELDS}
+    if values["reused_from"] is not None:
+        values["reused_from"] = uuid.UUID(bytes=values["reused_from"].bytes)
+    return Job.model_construct(id=job.id, workflow=job.workflow, prompt=job.prompt,
+                               priority=job.priority, created_at=job.created_at, **values)
 
 
 def _changed(job: Job, row: Mapping[str, Any]) -> Job:

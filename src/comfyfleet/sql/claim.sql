@@ -73,7 +73,8 @@
 -- backend's lock and judges the jobs at their latest versions. The read is this statement's
 -- snapshot, taken before the take's locks: reading after them would hold them while the
 -- dispatcher picks, or need a round trip more.
--- Returns a row: the job as dispatched, or its columns null and `refusal` saying why not: raced,
+-- Returns a row: the job as dispatched but for the columns the caller's read gave it (workflow,
+-- prompt, priority, created_at), or its columns null and `refusal` saying why not: raced,
 -- tenant_limit, not_accepting (the backend) or no_slot (the backend's); null with no job to take.
 -- Then `free`, `backlog` and `heads`.
 WITH RECURSIVE guarded AS MATERIALIZED (
@@ -143,7 +144,15 @@ WITH RECURSIVE guarded AS MATERIALIZED (
         progress = 0, charged_seconds = $6
     FROM chosen
     WHERE jobs.id = chosen.id
-    RETURNING jobs.*
+    -- Not the columns the caller's read gave it, which no statement changes once the job is
+    -- stored (its prompt, tens of KB of JSONB, decoded again for every job taken): the
+    -- caller builds the job from those and these (jobs/repository.py `_taken`).
+    RETURNING jobs.id, jobs.client_task_id, jobs.params, jobs.status, jobs.progress,
+        jobs.progress_detail, jobs.callback_url, jobs.backend, jobs.prompt_id, jobs.attempts,
+        jobs.dispatched_at, jobs.dispatched_by, jobs.started_at, jobs.uploading_at,
+        jobs.finished_at, jobs.outputs, jobs.error, jobs.webhook_events, jobs.api_key_hash,
+        jobs.fingerprint, jobs.reused_from, jobs.source, jobs.labels, jobs.warnings,
+        jobs.webhook_format, jobs.overtaken, jobs.extra_data_holder, jobs.charged_seconds
 ), gone AS (
     -- Off the backlog as the take leaves it: its job, and those it found taken (at their
     -- latest versions, which this statement's snapshot may predate: a take that raced reads

@@ -119,6 +119,25 @@ def first(_: str, queued: list[QueuedJob]) -> Choice | None:
     return Choice(queued[0].id) if queued else None
 
 
+async def test_the_job_a_claim_takes_is_the_job_as_stored(engine: AsyncEngine) -> None:
+    # Built from the take's row and what the read gave (the take returns no prompt): every
+    # column as the database has it once taken.
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    job, _ = await repository.insert(Job(
+        workflow="w", prompt={"1": {"class_type": "C", "inputs": {"x": 1}}}, priority=3,
+        params={"seed": 5}, labels={"team": "t"}, client_task_id="task", api_key_hash="k",
+        callback_url="http://127.0.0.1:9/hook", webhook_events=["job.succeeded"],
+        fingerprint="f", warnings=[{"type": "ignored"}], webhook_format="comfyui-server"))
+    taken = (await repository.claim_next(["a"], "p1", max_inflight=1, pick=first,
+                                         owner=7)).job
+    stored = await JobRepository(engine).get(job.id)
+    assert taken is not None and stored is not None
+    assert taken.model_dump() == stored.model_dump()
+    assert (taken.status, taken.backend, taken.prompt_id, taken.dispatched_by) == \
+        (JobStatus.DISPATCHED, "a", "p1", 7)
+
+
 async def test_a_prompt_whose_end_its_claimer_read_holds_no_slot_for_that_claimer_only(
     engine: AsyncEngine,
 ) -> None:

@@ -544,12 +544,16 @@ class Dispatcher:
         # Its cache serves this job: judged by the same estimate, cache and all, against
         # the others (a blind one could leave a job to a backend that would load its model,
         # which leaves it to this one), and left to another only for the gain for which
-        # that one would take it (see `_affine`): more than its extra cost.
+        # that one would take it (see `_affine`): more than its extra cost. Not with a deep
+        # backlog: then the others' views are not made (a generator's first iterable is
+        # evaluated as it is made, and made them at every claim for nothing).
+        if backlog == math.inf:
+            return choice
         rivals = (BackendLoad(view.session.name, view.overhead + rival_cost,
                               view.busy + max(rival_cost - cost, 0.0) + AFFINITY_MIN_GAIN)
                   for view in others() if self.can_run(view.session, head)
                   for rival_cost in [self.cost(view, head)])
-        return choice if backlog == math.inf or should_take(
+        return choice if should_take(
             BackendLoad(session.name, here.overhead + cost, here.busy), rivals,
             int(backlog)) else None
 

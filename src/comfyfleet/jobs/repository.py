@@ -1150,11 +1150,7 @@ def _job(row: Mapping[str, Any]) -> Job:
     the shapes the model holds (JSONB decoded by the connection's codec, timestamps aware,
     status as text). So the job is a plain model, not an ORM instance: nothing adds it to a
     session (the ORM's reads load their own)."""
-    values = {name: row[name] for name in _JOB_FIELDS}
-    for name in ("id", "reused_from"):
-        if values[name] is not None:
-            values[name] = uuid.UUID(bytes=values[name].bytes)
-    return Job.model_construct(**values)
+    return _built({name: row[name] for name in _JOB_FIELDS})
 
 
 def _taken(job: QueuedJob, row: Mapping[str, Any]) -> Job:
@@ -1163,10 +1159,17 @@ def _taken(job: QueuedJob, row: Mapping[str, Any]) -> Job:
     gave them (its prompt, tens of KB, decoded once while it stays near the head). Built as
     `_job` builds a job, for the same reasons."""
     values = {name: row[name] for name in _TAKEN_FIELDS}
-    if values["reused_from"] is not None:
-        values["reused_from"] = uuid.UUID(bytes=values["reused_from"].bytes)
-    return Job.model_construct(id=job.id, workflow=job.workflow, prompt=job.prompt,
-                               priority=job.priority, created_at=job.created_at, **values)
+    values.update(id=job.id, workflow=job.workflow, prompt=job.prompt, priority=job.priority,
+                  created_at=job.created_at)
+    return _built(values)
+
+
+def _built(values: dict[str, Any]) -> Job:
+    """The job of a row's `values` (`_job`), its ids as plain UUIDs (asyncpg's are not)."""
+    for name in ("id", "reused_from"):
+        if values[name] is not None:
+            values[name] = uuid.UUID(bytes=values[name].bytes)
+    return Job.model_construct(**values)
 
 
 def _changed(job: Job, row: Mapping[str, Any]) -> Job:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -608,7 +609,7 @@ class ExecutionTracker:
         unrecorded.timer = asyncio.get_running_loop().call_later(
             END_WRITE_DELAY, self._write_end, run.job, unrecorded)
         self._deferred_ends[prompt_id] = (run, unrecorded)
-        unrecorded.when_settled(lambda: self._end_settled(prompt_id))
+        unrecorded.when_settled(functools.partial(self._end_settled, prompt_id))
         if self._ends_wanted is None:
             self._ends_wanted = asyncio.create_task(
                 self._write_ends_when_wanted(self._signals.wanted.next()))

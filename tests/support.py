@@ -22,6 +22,7 @@ from aiohttp import web
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 
 from comfyfleet.db import embedded_url
@@ -313,3 +314,12 @@ async def asyncpg_statements() -> AsyncIterator[list[str]]:
         yield ran
     finally:
         event.remove(Pool, "connect", watch)
+
+
+@asynccontextmanager
+async def statements_run(engine: AsyncEngine) -> AsyncIterator[list[str]]:
+    """The statements run on `engine`'s connections meanwhile, as sent."""
+    async with asyncpg_statements() as ran:
+        await engine.dispose()  # its connections made anew, each watched
+        yield ran
+

@@ -4,8 +4,6 @@ first none waited for."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from sqlalchemy import text
@@ -16,7 +14,7 @@ from comfyfleet.db import driver_connection
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.recent import Recent
 from comfyfleet.jobs.repository import RUN_TIMES_KEPT, JobRepository
-from tests.support import asyncpg_statements
+from tests.support import statements_run
 
 
 class Counter:
@@ -173,14 +171,6 @@ async def test_a_job_stored_with_no_other_queued_is_first_without_a_read(
         second, _ = await repository.insert(Job(workflow="w"))
     assert await repository.queue_position(second) == 2
     assert await repository.queue_position(first) == 1  # counted, this time
-
-
-@asynccontextmanager
-async def statements_run(engine: AsyncEngine) -> AsyncIterator[list[str]]:
-    """The statements run on `engine`'s connections meanwhile, as sent."""
-    async with asyncpg_statements() as ran:
-        await engine.dispose()  # its connections made anew, each watched
-        yield ran
 
 
 async def test_asks_behind_a_backlog_written_behind_its_back_share_the_first_snapshot(

@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.api_keys import KEY_CACHE_SECONDS, KeyLimits, KeyStore, key_hash
@@ -30,6 +29,7 @@ from tests.support import (
     free_ports,
     python_process,
     serve_env,
+    statements_run,
     wait_for_healthy_backends,
     wait_for_job,
 )
@@ -354,16 +354,8 @@ async def test_requests_finding_the_key_cache_run_out_together_read_the_keys_onc
     whether keys are needed and one for its key, not one each."""
     store = KeyStore(engine)
     key = await store.create("tenant", admin=False)
-    statements: list[str] = []
-
-    def executed(_: Any, __: Any, statement: str, *___: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", executed)
-    try:
+    async with statements_run(engine) as statements:
         assert await asyncio.gather(*(store.any_live() for _ in range(10))) == [True] * 10
         found = await asyncio.gather(*(store.lookup(key_hash(key)) for _ in range(10)))
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", executed)
     assert all(live is not None and not live.admin for live in found)
     assert len(statements) == 2, statements

@@ -2,9 +2,10 @@
 digests, each with its tenant's weight and limits, and optionally a default callback URL (the
 webhook of its jobs that name none: every Comfy API v2 job).
 
-Every process reads them, with a short cache: a key created or revoked anywhere counts
-everywhere within KEY_CACHE_SECONDS. While the database does not answer, the last answer
-read stands (the keys cannot change meanwhile); what was never read cannot be answered.
+Every process reads them (`sql/keys.sql`, on asyncpg), with a short cache: a key created or
+revoked anywhere counts everywhere within KEY_CACHE_SECONDS. While the database does not
+answer, the last answer read stands (the keys cannot change meanwhile); what was never read
+cannot be answered.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from comfyfleet.db import unavailable
+from comfyfleet import sql
+from comfyfleet.db import driver_connection, unavailable
 from comfyfleet.jobs.models import utcnow
 
 KEY_CACHE_SECONDS = 2.0
@@ -35,6 +37,7 @@ KEY_PREFIX = "cf_"
 _ANY = "any"  # the name of the read of whether any key is live (never a digest)
 
 T = TypeVar("T")
+_SQL = sql.queries("keys")
 
 
 def key_hash(key: str) -> str:
@@ -111,6 +114,7 @@ _table = ApiKey.__table__  # type: ignore[attr-defined]
 
 class KeyStore:
     def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         # digest -> (good until, what it grants; None: not a live key)
         self._cache: dict[str, tuple[float, LiveKey | None]] = {}
@@ -194,15 +198,15 @@ class KeyStore:
         now = time.monotonic()
         cached = self._cache.get(digest)
         try:
-            async with self._sessions() as session:
-                found = (await session.exec(select(ApiKey).where(
-                    col(ApiKey.key_hash) == digest, col(ApiKey.revoked_at).is_(None)))).first()
+            async with driver_connection(self._engine) as connection:
+                found = await connection.fetchrow(_SQL["live_key"], digest)
         except Exception as exc:
             if cached is None or not unavailable(exc):
                 raise
             return cached[1]  # the database is away: as it was when last read
-        live = (LiveKey(found.admin, found.limits, found.callback_url) if found is not None
-                else None)
+        live = (LiveKey(found["admin"], KeyLimits(found["weight"], found["max_concurrent"],
+                                                  found["max_queued"]), found["callback_url"])
+                if found is not None else None)
         if len(self._cache) >= KEY_CACHE_SIZE:
             self._cache.clear()
         self._cache[digest] = (now + KEY_CACHE_SECONDS, live)
@@ -211,10 +215,8 @@ class KeyStore:
     async def _read_any(self) -> bool:
         now = time.monotonic()
         try:
-            async with self._sessions() as session:
-                found = await session.exec(
-                    select(col(ApiKey.name)).where(col(ApiKey.revoked_at).is_(None)).limit(1))
-                live = found.first() is not None
+            async with driver_connection(self._engine) as connection:
+                live = bool(await connection.fetchval(_SQL["any_live"]))
         except Exception as exc:
             if self._any is None or not unavailable(exc):
                 raise

@@ -249,8 +249,9 @@ class SimFleet:
     stamps_urls: list[str]  # one per process, with timed simulators
 
     async def stamps(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
-        """Every timed simulator's stamps: {"accepted": {prompt_id: t}, "succeeded": {...}}."""
-        merged: dict[str, dict[str, float]] = {"accepted": {}, "succeeded": {}}
+        """Every timed simulator's stamps: {"accepted": {prompt_id: t}, "started": {...},
+        "succeeded": {...}}."""
+        merged: dict[str, dict[str, float]] = {"accepted": {}, "started": {}, "succeeded": {}}
         for url in self.stamps_urls:
             async with http.get(f"{url}/stamps") as response:
                 for kind, stamps in (await response.json()).items():
@@ -307,13 +308,14 @@ class Serve:
 async def comfyfleet_serve(
     database_url: str, data_dir: Path, backends: Sequence[str], *, secret: str,
     s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
-    api_key: str | None = None, cpu_profile: Path | None = None,
+    api_key: str | None = None, cpu_profile: Path | None = None, step_trace: Path | None = None,
 ) -> AsyncIterator[Serve]:
     """`comfyfleet serve` in its own process (log level WARNING, so that the benchmark's output
     stays readable), ready once every backend is connected. Storage is S3 on `s3`, else a
     local directory; `env_overrides` are more settings (e.g. AFFINITY_WINDOW); `api_key`, one
     of its API_KEYS when it has any; `cpu_profile`: run under bench.cpu_sampled, its samples
-    written there (see cpu_sampling)."""
+    written there (see cpu_sampling); `step_trace`: run under bench.step_trace, its stamps
+    written there on SIGUSR2."""
     port = free_ports(1)
     settings = Settings(_env_file=None, database_url=database_url, webhook_secret=secret)
     storage = {} if s3 is None else {
@@ -324,7 +326,8 @@ async def comfyfleet_serve(
     env = serve_env(settings, data_dir, port, COMFYUI_ENDPOINTS=",".join(backends), **storage,
                     **(env_overrides or {}))
     base = f"http://{LOOPBACK}:{port}"
-    sampled = ("bench.cpu_sampled", str(cpu_profile), "-m") if cpu_profile else ()
+    sampled = ("bench.cpu_sampled", str(cpu_profile), "-m") if cpu_profile else \
+        ("bench.step_trace", str(step_trace), "-m") if step_trace else ()
     async with python_process(*sampled, "comfyfleet", "--log-level", "WARNING", "serve", env=env,
                               ready_url=base + "/healthz") as process:
         serve = Serve(process, base)
@@ -379,12 +382,13 @@ class Deployment:
 async def deploy(
     stack: AsyncExitStack, root: Path, backends: int, *, processes: int = 1, timed: bool = False,
     storage: str = "s3", serve_processes: int = 1, cpu_profile: Path | None = None,
+    step_trace: Path | None = None,
 ) -> Deployment:
     """Start it all; `stack` stops it. The simulators are zero-duration, `timed` as in
     sim_fleet. `storage`: "s3" (moto) or "local" (a directory the service processes share,
     as a volume would be); `serve_processes`: `comfyfleet serve` processes on the one
     database, each connected to every backend; `cpu_profile`: the first of them under
-    bench.cpu_sampled (see cpu_sampling)."""
+    bench.cpu_sampled (see cpu_sampling); `step_trace`: the first under bench.step_trace."""
     if storage not in ("s3", "local"):
         raise ValueError(f"storage is s3 or local, not {storage!r}")
     postgres = await stack.enter_async_context(embedded_postgres(root))
@@ -397,7 +401,8 @@ async def deploy(
     database_url = await fresh_database(postgres)
     serves = [await stack.enter_async_context(comfyfleet_serve(
         database_url, root / "data", sims.urls, secret=receiver.secret, s3=s3,
-        cpu_profile=cpu_profile if n == 0 else None))
+        cpu_profile=cpu_profile if n == 0 else None,
+        step_trace=step_trace if n == 0 else None))
         for n in range(serve_processes)]
     http = await stack.enter_async_context(aiohttp.ClientSession())
     meter = CpuMeter(standard_components(serves, sims, postgres, s3))
@@ -407,13 +412,25 @@ async def deploy(
 async def serve_beside(
     stack: AsyncExitStack, deployment: Deployment, data_dir: Path, backends: Sequence[str], *,
     s3: S3Server | None = None, env_overrides: Mapping[str, str] | None = None,
+    step_trace: Path | None = None, database_settings: Mapping[str, str] | None = None,
 ) -> Serve:
     """Another `comfyfleet serve` beside `deployment`'s, for comparing the two: a database of
-    its own on the same PostgreSQL, webhooks signed for the same receiver; `stack` stops it.
-    Storage and `env_overrides` as in comfyfleet_serve."""
+    its own on the same PostgreSQL (`database_settings`: its own values of PostgreSQL's
+    settings, ALTER DATABASE ... SET), webhooks signed for the same receiver; `stack` stops
+    it. Storage, `env_overrides` and `step_trace` as in comfyfleet_serve."""
+    database_url = await fresh_database(deployment.postgres)
+    if database_settings:
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://",
+                                                          "postgresql://"))
+        try:
+            name = await conn.fetchval("SELECT current_database()")
+            for setting, value in database_settings.items():
+                await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = {value}')
+        finally:
+            await conn.close()
     return await stack.enter_async_context(comfyfleet_serve(
-        await fresh_database(deployment.postgres), data_dir, backends,
-        secret=deployment.receiver.secret, s3=s3, env_overrides=env_overrides))
+        database_url, data_dir, backends, secret=deployment.receiver.secret, s3=s3,
+        env_overrides=env_overrides, step_trace=step_trace))
 
 
 async def open_loop(

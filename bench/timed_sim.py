@@ -6,11 +6,13 @@ websocket hub swapped for subclasses that note `time.monotonic()`:
 
 - accepted: the prompt enters the queue (`PromptQueue.put`, in the POST /prompt handler right
   before its 200 answer is written);
+- started: `execution_start` is handed to the hub for the prompt's client (the hub writes it
+  once the worker's loop yields: for a zero-duration prompt, in SaveImage's file work);
 - succeeded: `execution_success` is handed to the hub for the prompt's client.
 
 `time.monotonic()` is CLOCK_MONOTONIC on Linux, one clock for every process of the machine,
 so these stamps compare directly with the benchmark's own. They are served as JSON on a port
-of their own: `GET /stamps` -> {"accepted": {prompt_id: t}, "succeeded": {prompt_id: t}},
+of their own: `GET /stamps` -> {"accepted": {prompt_id: t}, "started": {...}, "succeeded": {...}},
 `GET /accepted` -> the number accepted so far.
 
 Run:  .venv/bin/python -m bench.timed_sim --backends N --port P --stamps-port S [--data-dir D]
@@ -34,6 +36,7 @@ from comfyfleet.sim.prompt_queue import PromptQueue, QueueItem
 from tests.support import LOOPBACK
 
 ACCEPTED: dict[str, float] = {}
+STARTED: dict[str, float] = {}
 SUCCEEDED: dict[str, float] = {}
 
 
@@ -45,13 +48,15 @@ class StampingQueue(PromptQueue):
 
 class StampingHub(Hub):
     def send_to(self, sid: str, event: str, data: dict[str, Any]) -> None:
-        if event == "execution_success":
+        if event == "execution_start":
+            STARTED[data["prompt_id"]] = time.monotonic()
+        elif event == "execution_success":
             SUCCEEDED[data["prompt_id"]] = time.monotonic()
         super().send_to(sid, event, data)
 
 
 async def stamps(request: web.Request) -> web.Response:
-    return web.json_response({"accepted": ACCEPTED, "succeeded": SUCCEEDED})
+    return web.json_response({"accepted": ACCEPTED, "started": STARTED, "succeeded": SUCCEEDED})
 
 
 async def accepted(request: web.Request) -> web.Response:

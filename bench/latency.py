@@ -75,6 +75,7 @@ from bench.harness import (
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.messages import Executing, parse_text
 from comfyfleet.comfy.prompts import isolate_outputs, output_items
+from comfyfleet.comfy.websocket import TEXT, WebSocket
 from comfyfleet.http_client import HttpClient
 from comfyfleet.webhooks.signing import signed_headers
 
@@ -143,9 +144,10 @@ class DirectGateway:
         await client.queue_prompt(isolate_outputs(self._prompt, prompt_id), prompt_id=prompt_id,
                                   client_id=self._client_id)
 
-    async def _read(self, client: ComfyClient, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for frame in ws:
-            message = parse_text(frame.data) if frame.type == aiohttp.WSMsgType.TEXT else None
+    async def _read(self, client: ComfyClient, ws: WebSocket) -> None:
+        while (received := await ws.receive()) is not None:
+            kind, data = received
+            message = parse_text(data) if kind == TEXT else None
             if isinstance(message, Executing) and message.node is None and message.prompt_id:
                 self.heard[message.prompt_id] = time.monotonic()
                 task = asyncio.create_task(self._finish(client, message.prompt_id))

@@ -51,6 +51,7 @@ def frames(kind: str) -> list[dict[str, Any]]:
 def test_every_recorded_text_frame_parses_to_its_type(frame: dict[str, Any]) -> None:
     raw = json.loads(frame["raw"])
     message = parse_text(frame["raw"])
+    assert parse_text(frame["raw"].encode()) == message  # as the websocket hands it over
     expected = TYPED.get(raw["type"], Other)
     if expected is not Executing and expected is not Status and "prompt_id" not in raw["data"]:
         expected = Other
@@ -63,7 +64,9 @@ def test_every_recorded_text_frame_parses_to_its_type(frame: dict[str, Any]) -> 
 
 
 def test_the_frames_left_unread_are_all_progress_state_and_only_those() -> None:
-    recorded = [(json.loads(frame["raw"])["type"], frame["raw"]) for frame in frames("text")]
+    # As the websocket hands them over: their UTF-8 bytes.
+    recorded = [(json.loads(frame["raw"])["type"], frame["raw"].encode())
+                for frame in frames("text")]
     assert {kind for kind, raw in recorded if unread(raw)} == {"progress_state"}
     assert all(unread(raw) for kind, raw in recorded if kind == "progress_state")
 

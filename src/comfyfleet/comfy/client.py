@@ -1,12 +1,14 @@
 """A client for one ComfyUI server's HTTP and websocket protocol (comfyui-protocol.md).
 
 Tolerant by design: unknown keys are ignored, and nothing assumes a message arrives.
-Its requests go over the lean HTTP client (http_client.py), pooled per backend; the
-websocket and the multipart upload of an input, over one aiohttp session per backend.
+Its requests go over the lean HTTP client (http_client.py), pooled per backend; its websocket
+over the lean websocket client (websocket.py); the multipart upload of an input over one
+aiohttp session per backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from urllib.parse import urlencode
 import aiohttp
 
 from comfyfleet import json_codec
+from comfyfleet.comfy import websocket
+from comfyfleet.comfy.websocket import WebSocket
 from comfyfleet.http_client import HttpClient, HttpError, Response, Timeouts
 
 # ComfyUI's garbage-collection stalls can hold a response for ~0.5 s; never time out tightly.
@@ -23,6 +27,8 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 TIMEOUTS = Timeouts(connect=5, total=30)
 # No total limit for an output: a large video may take long; a stalled read still fails.
 VIEW_TIMEOUTS = Timeouts(connect=5, read=60)
+# To connect and have the websocket's handshake answered.
+WEBSOCKET_TIMEOUT = 30.0
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -219,16 +225,15 @@ class ComfyClient:
                 raise
             raise ComfyError(f"{what}: {exc!r}") from exc
 
-    async def connect_websocket(self, client_id: str) -> aiohttp.ClientWebSocketResponse:
+    async def connect_websocket(self, client_id: str) -> WebSocket:
         try:
-            return await self.session.ws_connect(
-                self._url("/ws"),
-                params={"clientId": client_id},
-                heartbeat=20,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5),
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ComfyError(f"websocket: {exc!r}") from exc
+            async with asyncio.timeout(WEBSOCKET_TIMEOUT):
+                return await websocket.connect(
+                    self._url("/ws?" + urlencode({"clientId": client_id})))
+        except TimeoutError as exc:
+            raise ComfyError(f"websocket: no handshake in {WEBSOCKET_TIMEOUT:g} s") from exc
+        except websocket.WebSocketError as exc:
+            raise ComfyError(f"websocket: {exc}") from exc
 
 
 async def _body_chunks(response: Response, size: int, what: str) -> AsyncIterator[bytes]:

@@ -179,10 +179,10 @@ def parse_event(kind: str, data: dict[str, Any]) -> Message:
 
 # The first bytes of a `progress_state` frame as ComfyUI writes it (json.dumps of {"type",
 # "data"}, default separators). One written otherwise is decoded, and read as `Other`.
-_PROGRESS_STATE = '{"type": "progress_state"'
+_PROGRESS_STATE = b'{"type": "progress_state"'
 
 
-def unread(raw: str) -> bool:
+def unread(raw: bytes) -> bool:
     """Whether a text frame is one nobody here reads, told by its first bytes so that its JSON
     is never decoded: `progress_state`, the state of every node of the prompt so far, sent as
     each node starts and ends (a prompt's frames grow with the square of its nodes), whose
@@ -190,8 +190,9 @@ def unread(raw: str) -> bool:
     return raw.startswith(_PROGRESS_STATE)
 
 
-def parse_text(raw: str) -> Message | None:
-    """A text frame as a typed message, or None when it is not JSON of the expected shape."""
+def parse_text(raw: str | bytes) -> Message | None:
+    """A text frame (or its UTF-8 bytes) as a typed message, or None when it is not JSON of
+    the expected shape."""
     try:
         decoded = json_codec.loads(raw)
     except ValueError:

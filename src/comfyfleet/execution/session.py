@@ -11,12 +11,14 @@ from typing import Protocol
 
 import aiohttp
 
+from comfyfleet import json_codec
 from comfyfleet.comfy.cache import CachePolicy
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.cleanup import BackendCleanup
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.comfy.messages import Binary, Message, Status, parse_binary, parse_text, unread
+from comfyfleet.comfy.websocket import TEXT, WebSocket, WebSocketError
 from comfyfleet.db import unavailable
 from comfyfleet.execution.warm import WarmCache
 from comfyfleet.http_client import HttpClient
@@ -26,7 +28,8 @@ from comfyfleet.workflows.inference import NodeInputs
 log = logging.getLogger(__name__)
 
 
-FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+FEATURE_FLAGS = json_codec.dumps({"type": "feature_flags",
+                                  "data": {"supports_preview_metadata": True}})
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 # Healthy is the websocket up and /system_stats answering (DESIGN §7): a server whose HTTP
@@ -123,7 +126,7 @@ class BackendSession:
         self.connections += 1
         try:
             # Must be the first message: previews then name their prompt (frame type 4).
-            await websocket.send_json(FEATURE_FLAGS)
+            websocket.send_text(FEATURE_FLAGS)
             stats = await self.client.system_stats()
             system = stats.get("system")
             argv = system.get("argv") if isinstance(system, dict) else None
@@ -153,7 +156,7 @@ class BackendSession:
             self.connected = False  # we are shutting down: not a lost backend
             raise
         finally:
-            await websocket.close()
+            websocket.close()
             if self.connected:
                 self.connected = False
                 self._unreachable_since = time.monotonic()
@@ -161,22 +164,26 @@ class BackendSession:
                 self._changes.beat()
                 await self._listener.backend_disconnected(self)
 
-    async def _read(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
-        async for frame in websocket:
-            if frame.type == aiohttp.WSMsgType.TEXT:
-                if unread(frame.data):
-                    continue
-                message = parse_text(frame.data)
-                if message is not None:
-                    await self._handle(message)
-            elif frame.type == aiohttp.WSMsgType.BINARY:
-                binary = parse_binary(frame.data)
-                if binary is not None:
-                    await self._listener.backend_message(self, binary)
-            elif frame.type == aiohttp.WSMsgType.ERROR:
-                raise ComfyError(f"websocket error: {websocket.exception()!r}")
+    async def _read(self, websocket: WebSocket) -> None:
+        """Until the websocket is closed; a ComfyError when it fails."""
+        try:
+            # The messages that came in one read are taken without a wait between them.
+            while (received := await websocket.receive()) is not None:
+                kind, data = received
+                if kind == TEXT:
+                    if unread(data):
+                        continue
+                    message = parse_text(data)
+                    if message is not None:
+                        await self._handle(message)
+                else:
+                    binary = parse_binary(data)
+                    if binary is not None:
+                        await self._listener.backend_message(self, binary)
+        except WebSocketError as exc:
+            raise ComfyError(f"websocket error: {exc}") from exc
 
-    async def _probe_stats(self, websocket: aiohttp.ClientWebSocketResponse) -> ComfyError:
+    async def _probe_stats(self, websocket: WebSocket) -> ComfyError:
         """Ask /system_stats until it fails; then close the socket, so the backend counts as
         away (and is connected again, through the same check, once it answers)."""
         while True:
@@ -190,7 +197,7 @@ class BackendSession:
                 failure = ComfyError(f"GET /system_stats: no answer in {STATS_TIMEOUT:g} s")
             else:
                 continue
-            await websocket.close()
+            websocket.close()
             return failure
 
     def unreachable_for(self) -> float:

@@ -72,11 +72,26 @@ def frames(prompt_id: str, client_id: str) -> dict[str, list[str]]:
     }
 
 
+# RFC 6455's opcode of a text frame, as comfy/websocket.py hands one over (not imported from
+# there: `--other` may run a checkout without it).
+TEXT = 0x1
+
+
 class Socket:
-    """Hands `frames` over as aiohttp's websocket does the frames it has read."""
+    """Hands `frames` over as the websocket client does the frames it has read: `receive`
+    as comfy/websocket.py's, or iterated as aiohttp's (`--other` on a checkout before it)."""
 
     def __init__(self, frames: list[str]) -> None:
+        self._texts = [text.encode() for text in frames]
+        self._next = 0
         self._frames = [aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, text, None) for text in frames]
+
+    async def receive(self) -> tuple[int, bytes] | None:
+        if self._next == len(self._texts):
+            self._next = 0  # read again in the next round
+            return None
+        self._next += 1
+        return TEXT, self._texts[self._next - 1]
 
     async def __aiter__(self) -> AsyncIterator[aiohttp.WSMessage]:
         for frame in self._frames:

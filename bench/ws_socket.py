@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import os
 import statistics
 import subprocess
@@ -30,6 +28,7 @@ import uvloop
 from comfyfleet.comfy import websocket
 from comfyfleet.comfy.messages import parse_text, unread
 from comfyfleet.sim.frames import status_frame, text_frame, websocket_frame
+from tests.test_websocket import answer_handshake
 
 
 def job_writes(prompt_id: str) -> list[bytes]:
@@ -54,13 +53,7 @@ async def serve(port: int, jobs: int, pause: float) -> None:
     writes = job_writes("894923cb-82ec-4fde-afeb-928eacc3485f")
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(
-            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await answer_handshake(reader, writer)
         await reader.readexactly(7)  # the reader's start: a masked text frame of one byte
         for _ in range(jobs):
             for piece in writes:

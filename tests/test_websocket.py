@@ -116,18 +116,25 @@ def frame(opcode: int, payload: bytes, *, final: bool = True) -> bytes:
     return struct.pack(">BBQ", first, 127, size) + payload
 
 
+async def answer_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           answer: bytes | None = None) -> None:
+    """Read a client's opening handshake and answer it: with `answer` if given, else with a
+    proper 101."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(
+        key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    writer.write(answer or b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
 @asynccontextmanager
 async def loopback(scenario: Scenario, *, answer: bytes | None = None) -> AsyncIterator[str]:
     """A server at the URL yielded: it answers the handshake (`answer`, if given, instead of a
     proper 101), then plays `scenario`."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(
-            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        writer.write(answer or b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await answer_handshake(reader, writer, answer)
         try:
             await scenario(reader, writer)
         finally:

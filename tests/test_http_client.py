@@ -332,3 +332,24 @@ async def test_a_refused_connection_is_a_connect_error_and_a_comfy_error(
         with pytest.raises(ComfyError, match="GET /view"):
             async with comfy.view("a.png", "", "output", 1024):
                 pass
+
+
+async def test_an_answer_s_headers_as_its_head_says_them_even_split_across_reads(
+    client: HttpClient,
+) -> None:
+    """Read from the head's bytes only when asked (not by a callback per header): names in
+    lowercase, values without the whitespace around them, a repeated one's values joined."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     number: int) -> None:
+        await read_request(reader)
+        for piece in (b"HTTP/1.1 200 OK\r\nX-Many: one\r\nLoc", b"ation:  /there \r\n",
+                      b"x-many:two\r\nContent-Length: 2\r\n\r\nok"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)  # each piece a read of its own
+        await reader.read()
+
+    async with raw_server(answer) as url, client.request("GET", url + "/") as response:
+        assert await response.read() == b"ok"
+        assert response.headers == {"x-many": "one, two", "location": "/there",
+                                    "content-length": "2"}

@@ -106,7 +106,10 @@ class _Connection(asyncio.Protocol):
     def begin(self) -> None:
         """Ready for the next exchange's answer."""
         self.status = 0
-        self.headers: dict[str, str] = {}
+        # What came of the answer until its head was whole: its headers are read from there
+        # only if asked for (`head_fields`), not by a callback per header, which cost more
+        # than the rest of an answer's parsing together.
+        self.head_pieces: list[bytes] = []
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -128,6 +131,8 @@ class _Connection(asyncio.Protocol):
             self._wake()
             return
         self.received = True
+        if not self.head_done:
+            self.head_pieces.append(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -159,11 +164,6 @@ class _Connection(asyncio.Protocol):
 
     # httptools' callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
-
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
         self.head_done = True
@@ -187,7 +187,8 @@ class _Connection(asyncio.Protocol):
     # the exchange
 
     def _until_close(self) -> bool:
-        return "content-length" not in self.headers and "chunked" not in self.headers.get(
+        headers = head_fields(self.head_pieces)
+        return "content-length" not in headers and "chunked" not in headers.get(
             "transfer-encoding", "").lower()
 
     def _fail(self, error: HttpError) -> None:
@@ -300,7 +301,14 @@ class Response:
         self._timeouts = timeouts
         self._deadline = deadline
         self.status = connection.status
-        self.headers = connection.headers
+        self._head_pieces = connection.head_pieces
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = head_fields(self._head_pieces)
+        return self._headers
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body, or its first `limit` bytes (the rest unread)."""
@@ -499,6 +507,18 @@ class HttpClient:
             for connection in idle:
                 _close(connection)
         self._idle.clear()
+
+
+def head_fields(pieces: list[bytes]) -> dict[str, str]:
+    """The header fields of the answer whose first bytes are `pieces` (its head whole in
+    them, as the parser found it): names lowercase, a repeated one's values joined by ", "."""
+    head = (pieces[0] if len(pieces) == 1 else b"".join(pieces)).partition(b"\r\n\r\n")[0]
+    fields: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        key, text = name.strip().lower(), value.strip(" \t")
+        fields[key] = f"{fields[key]}, {text}" if key in fields else text
+    return fields
 
 
 def _close(connection: _Connection) -> None:

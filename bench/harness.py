@@ -645,6 +645,7 @@ LIBRARY_ACTIVITIES = [
     ("fastapi/", "API requests (validate, store, render)"),
     ("aiohttp/", "aiohttp callbacks (websocket and HTTP client reads)"),
     ("comfyfleet/http_client.py", "lean HTTP client callbacks (its reads)"),
+    ("comfyfleet/comfy/websocket.py", "websocket client callbacks (its reads)"),
 ]
 # The library of a sample's innermost frame: where the CPU time itself goes.
 LIBRARIES = [
@@ -689,6 +690,7 @@ COMPONENTS = [
     ("asyncpg/", "SQL: asyncpg (caller not visible)"),
     ("aiohttp/", "aiohttp callbacks: reads, body writes (caller not visible)"),
     ("comfyfleet/http_client.py", "lean HTTP client callbacks: reads (caller not visible)"),
+    ("comfyfleet/comfy/websocket.py", "websocket client callbacks: reads (frames cut out)"),
 ]
 # Costs worth naming, counted wherever one of their frames is on the stack (so they overlap).
 NAMED_COSTS = [

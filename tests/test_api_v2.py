@@ -408,14 +408,7 @@ async def test_events_read_again_only_what_a_change_touches(
                     await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
                     # Another process's id: every stream of this one reads its job again.
                     await db.execute("SELECT pg_notify('comfyfleet_jobs', '987654')")
-                    waiting: list[str] = []
-                    async with asyncio.timeout(20):
-                        while not waiting:
-                            waiting = [row["query"] for row in await db.fetch(
-                                "SELECT query FROM pg_stat_activity WHERE pid = ANY($1)",
-                                list(await lock_waiters(db)))]
-                            await asyncio.sleep(0.05)
-                    assert [query.split("\n", 1)[0] for query in waiting] == [
+                    assert await first_lines_waiting(db) == [
                         "-- The columns of the job $1 that its changes touch (those jobs.sql's "
                         "changes return), if it"]
                 await api(http, "POST", f"{base}/api/v2/jobs/{job}/cancel")
@@ -430,10 +423,54 @@ async def test_events_read_again_only_what_a_change_touches(
             await locker.close()
 
 
+async def test_a_poll_reads_the_prompts_node_ids_not_the_prompt(settings: Settings) -> None:
+    """A status poll reads every column of its job but the prompt (tens of KB of JSON to
+    decode at every poll, and a v2 job object shows only how many nodes it has): seen from
+    PostgreSQL, with the jobs table locked, the statement the poll waits in is `job_shown`,
+    not the whole job's read; and the job it answers counts the graph's nodes, whose
+    workflow is still the whole graph."""
+    graph = invert(8, 1) | {str(node): {"class_type": "ImageInvert",
+                                          "inputs": {"image": ["1", 0]}}
+                            for node in range(10, 50)}
+    async with serving(settings, port=0) as base, aiohttp.ClientSession() as http:  # no backend
+        job = (await api(http, "POST", f"{base}/api/v2/jobs", status=201,
+                         body={"workflow": graph}))["id"]
+        url = (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://")
+        db, locker = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+                poll = asyncio.ensure_future(api(http, "GET", f"{base}/api/v2/jobs/{job}"))
+                assert await first_lines_waiting(db) == [
+                    "-- The job with id $1 as a Comfy API v2 poll shows it, if any: every "
+                    "column but its prompt,"]
+            async with asyncio.timeout(20):
+                polled = await poll
+        finally:
+            await db.close()
+            await locker.close()
+        assert polled["status"] == "queued"
+        assert polled["progress"]["nodes_total"] == len(graph)
+        assert (await api(http, "GET", f"{base}/api/v2/jobs/{job}/workflow"))["workflow"] \
+            == graph
+
+
 async def lock_waiters(db: asyncpg.Connection) -> set[int]:
     """The processes waiting for a lock on the jobs table."""
     return {row["pid"] for row in await db.fetch(
         "SELECT pid FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass")}
+
+
+async def first_lines_waiting(db: asyncpg.Connection) -> list[str]:
+    """The first line of each statement waiting for a lock, once one is (within 20 s)."""
+    waiting: list[str] = []
+    async with asyncio.timeout(20):
+        while not waiting:
+            waiting = [row["query"] for row in await db.fetch(
+                "SELECT query FROM pg_stat_activity WHERE pid = ANY($1)",
+                list(await lock_waiters(db)))]
+            await asyncio.sleep(0.05)
+    return [query.split("\n", 1)[0] for query in waiting]
 
 
 async def test_events_follow_a_job_changed_through_another_replica_at_once(

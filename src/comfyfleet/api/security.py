@@ -214,12 +214,14 @@ def install_security(app: FastAPI, settings: Settings) -> None:
 
 
 async def visible_job(svc: Services, caller: Caller, job_id: uuid.UUID, *,
-                      ended_here: bool = False) -> Job:
+                      ended_here: bool = False, prompt: bool = True) -> Job:
     """The job, if the caller may see it; another key's job is as absent as a missing one.
     With `ended_here` (a caller that does not show its client_task_id), a job this process
-    ended, or is ending, is taken as it ended it, not read (JobRepository.ended_here)."""
+    ended, or is ending, is taken as it ended it, not read (JobRepository.ended_here).
+    Without `prompt` (a caller that uses no more of the prompt than its node ids), a job read
+    is read as a v2 poll shows it (JobRepository.shown)."""
     job = (await svc.repository.ended_here(job_id) if ended_here else None) \
-        or await svc.repository.get(job_id)
+        or await (svc.repository.get if prompt else svc.repository.shown)(job_id)
     if job is None or not caller.sees(job):
         raise ApiError(404, "job_not_found", f"no job {job_id}")
     return job

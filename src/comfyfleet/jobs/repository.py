@@ -489,6 +489,14 @@ class JobRepository:
             row = await connection.fetchrow(_READS["job"], job_id)
         return _job(row) if row is not None else None
 
+    async def shown(self, job_id: uuid.UUID) -> Job | None:
+        """Job `job_id` as a Comfy API v2 poll shows it (sql/reads.sql `job_shown`): `get`'s
+        job but for its prompt, which holds the prompt's node ids only, each mapped to None.
+        For a reader that neither shows nor sends the prompt (its graph: `get`)."""
+        async with driver_connection(self._read_engine) as connection:
+            row = await connection.fetchrow(_READS["job_shown"], job_id)
+        return _job(row) if row is not None else None
+
     async def ended_here(self, job_id: uuid.UUID) -> Job | None:
         """Job `job_id` as this process's statement ended it (one of the latest ENDED_KEPT),
         else None: what `get` would read now, but for its client_task_id. An ended job's row is

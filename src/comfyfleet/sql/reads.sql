@@ -6,6 +6,20 @@
 -- The job with id $1, if any.
 SELECT * FROM jobs WHERE id = $1
 
+-- name: job_shown
+-- The job with id $1 as a Comfy API v2 poll shows it, if any: every column but its prompt,
+-- which no poll shows and which is tens of KB of JSON to send and decode (0.8 ms of a poll's
+-- CPU at 52 KB), and in its place the prompt's node ids, each mapped to null: what a poll
+-- counts of it (its progress, nodes done of all).
+SELECT id, client_task_id, workflow, params,
+    coalesce((SELECT jsonb_object_agg(node, NULL) FROM jsonb_object_keys(prompt) AS node),
+             '{}') AS prompt,
+    status, progress, progress_detail, priority, callback_url, backend, prompt_id, attempts,
+    created_at, dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs,
+    error, webhook_events, api_key_hash, fingerprint, reused_from, source, labels, warnings,
+    webhook_format, overtaken, extra_data_holder
+FROM jobs WHERE id = $1
+
 -- name: job_changes
 -- The columns of the job $1 that its changes touch (those jobs.sql's changes return), if it
 -- exists: what a job's event stream reads again on each change, the rest (its prompt, tens of

@@ -139,14 +139,16 @@ async def _submit(request: Request, svc: Services, caller: Caller, body: JobRequ
     return await render.job_object(svc, job, render.origin(request)), created
 
 
-async def _job(svc: Services, caller: Caller, job_id: str) -> Job:
+async def _job(svc: Services, caller: Caller, job_id: str, *, prompt: bool = False) -> Job:
+    """Without `prompt`, the job's prompt holds its node ids only (JobRepository.shown): the
+    v2 job object shows no more of it than how many nodes it has."""
     try:
         parsed = uuid.UUID(job_id)
     except ValueError:
         raise V2Error(404, "not_found", f"no job {job_id}") from None
     # The v2 job object has no client_task_id: a job this process ended is not read again
     # (a status poll's last read, the one that sees the end, is on the job's way to its client).
-    return await visible_job(svc, caller, parsed, ended_here=True)
+    return await visible_job(svc, caller, parsed, ended_here=True, prompt=prompt)
 
 
 @router.get("/jobs/{job_id}", summary="One job")
@@ -165,7 +167,7 @@ async def job_answer(request: Request, svc: Services, caller: Caller, job_id: st
 
 @router.get("/jobs/{job_id}/workflow", summary="The graph a job runs")
 async def get_job_workflow(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    job = await _job(svc, caller, job_id)
+    job = await _job(svc, caller, job_id, prompt=True)
     return {"workflow": job.prompt, "format": "api"}
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from comfyfleet.comfy.capabilities import Capabilities, NodeSpec
 from comfyfleet.workflows.api_format import UI_FORMAT_HINT
 
 ASSET_TYPE = "core/ASSET"
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,16 @@ def check_graph(document: Any, fleet: Sequence[Capabilities]) -> dict[str, Any]:
         raise UiFormatGraph()
     if not document:
         raise InvalidGraph("the workflow has no nodes")
+    classes = _fleet_classes(fleet)
     errors: dict[str, list[Problem]] = {}
     for node_id, node in document.items():
-        problems = _check_node(document, node, fleet)
+        problems = _check_node(document, node, classes)
         if problems:
             errors[str(node_id)] = problems
     if errors:
         raise InvalidGraph(_summary(document, errors), errors)
-    if fleet:
-        _check_runnable(document, fleet)
+    if classes is not None:
+        _check_runnable(document, classes)
     return document
 
 
@@ -89,7 +92,68 @@ def shape_label(graph: dict[str, Any]) -> str:
     return f"graph:{digest[:16]}"
 
 
-def _check_node(graph: dict[str, Any], node: Any, fleet: Sequence[Capabilities]
+@dataclass(frozen=True)
+class _ClassCheck:
+    """What the fleet's backends that have a node class take of it (the first one's spec, as
+    ComfyUI on it would check a node, and per input each one's choices and range), gathered
+    once per class for the fleet's capabilities, not per node and input of every graph."""
+
+    spec: NodeSpec
+    choices: dict[str, list[frozenset[str]]]  # input -> the options of each backend having it
+    bounds: dict[str, list[tuple[float | None, float | None]]]  # input -> each one's (min, max)
+
+
+class _FleetClasses:
+    """The fleet's distinct capabilities (like servers share one object: Capabilities.shared)
+    and a `_ClassCheck` of each class a graph named, made as it is first asked for."""
+
+    def __init__(self, capabilities: tuple[Capabilities, ...]) -> None:
+        self.capabilities = capabilities
+        self._checks: dict[str, _ClassCheck | None] = {}
+
+    def check(self, class_type: Any) -> _ClassCheck | None:
+        """None: no backend has the class (or it is not a class name)."""
+        if not isinstance(class_type, str):
+            return None
+        if class_type not in self._checks:
+            having = [caps for caps in self.capabilities if class_type in caps.nodes]
+            # Every backend's inputs of the class: their specs may differ between versions.
+            inputs = {name for caps in having for name in caps.nodes[class_type].input_types}
+            self._checks[class_type] = _ClassCheck(
+                having[0].nodes[class_type],
+                _per_input(class_type, inputs, [caps.combos for caps in having]),
+                _per_input(class_type, inputs, [caps.ranges for caps in having])
+            ) if having else None
+        return self._checks[class_type]
+
+
+def _per_input(class_type: str, inputs: Iterable[str], tables: list[dict[tuple[str, str], V]]
+               ) -> dict[str, list[V]]:
+    """Input name -> the value each of `tables` has for (`class_type`, input), in order, for
+    the `inputs` some table has."""
+    gathered = {name: [table[(class_type, name)] for table in tables
+                       if (class_type, name) in table] for name in inputs}
+    return {name: values for name, values in gathered.items() if values}
+
+
+# The fleet's classes as the latest check made them, kept while its capabilities are the same
+# objects: a backend's change of /object_info makes it new Capabilities.
+_latest: list[_FleetClasses] = []
+
+
+def _fleet_classes(fleet: Sequence[Capabilities]) -> _FleetClasses | None:
+    """`fleet`'s classes; None for no capabilities known."""
+    if not fleet:
+        return None
+    distinct = tuple({id(caps): caps for caps in fleet}.values())
+    if not _latest or len(_latest[0].capabilities) != len(distinct) or any(
+            mine is not theirs for mine, theirs in zip(_latest[0].capabilities, distinct,
+                                                       strict=True)):
+        _latest[:] = [_FleetClasses(distinct)]
+    return _latest[0]
+
+
+def _check_node(graph: dict[str, Any], node: Any, classes: _FleetClasses | None
                 ) -> list[Problem]:
     if not isinstance(node, dict):
         return [Problem("invalid_node", "a node must be an object with class_type and inputs")]
@@ -100,31 +164,30 @@ def _check_node(graph: dict[str, Any], node: Any, fleet: Sequence[Capabilities]
     if not isinstance(inputs, dict):
         return [Problem("invalid_inputs", "inputs must be an object", "inputs")]
     bad_links = {name: problem for name, value in inputs.items()
-                 if (problem := _check_link(graph, str(name), value, fleet)) is not None}
+                 if (problem := _check_link(graph, str(name), value, classes)) is not None}
     problems = list(bad_links.values())
-    if not fleet:
+    if classes is None:
         return problems
-    having = [caps for caps in fleet if class_type in caps.nodes]
-    if not having:
+    check = classes.check(class_type)
+    if check is None:
         return [Problem("unknown_class",
                         f"no backend of the fleet has the node class {class_type}",
                         "class_type")]
-    spec = having[0].nodes[class_type]
-    for name in sorted(spec.required - inputs.keys()):
+    for name in sorted(check.spec.required - inputs.keys()):
         problems.append(Problem("missing_input", f"required input {name!r} is missing", name))
     for name, value in inputs.items():
         if name in bad_links:
             continue
         if isinstance(value, list):
-            problem = _check_link_type(graph, name, value, spec, fleet)
+            problem = _check_link_type(graph, name, value, check.spec, classes)
         else:
-            problem = _check_value(class_type, name, value, having)
+            problem = _check_value(name, value, check)
         if problem is not None:
             problems.append(problem)
     return problems
 
 
-def _check_link(graph: dict[str, Any], name: str, value: Any, fleet: Sequence[Capabilities]
+def _check_link(graph: dict[str, Any], name: str, value: Any, classes: _FleetClasses | None
                 ) -> Problem | None:
     """A list is a link `[node_id, output_index]` to a node of this graph."""
     if not isinstance(value, list):
@@ -135,7 +198,7 @@ def _check_link(graph: dict[str, Any], name: str, value: Any, fleet: Sequence[Ca
     source = graph.get(str(value[0]))
     if not isinstance(source, dict):
         return Problem("bad_link", f"links to node {value[0]}, which is not in the graph", name)
-    source_spec = _spec(source.get("class_type"), fleet)
+    source_spec = _spec(source.get("class_type"), classes)
     if source_spec is not None and not 0 <= value[1] < len(source_spec.output_types):
         return Problem("bad_link", f"links to output {value[1]} of node {value[0]} "
                                    f"({source.get('class_type')}), which has "
@@ -144,9 +207,9 @@ def _check_link(graph: dict[str, Any], name: str, value: Any, fleet: Sequence[Ca
 
 
 def _check_link_type(graph: dict[str, Any], name: str, link: list[Any], spec: NodeSpec,
-                     fleet: Sequence[Capabilities]) -> Problem | None:
+                     classes: _FleetClasses) -> Problem | None:
     expected = spec.input_types.get(name)
-    source_spec = _spec(graph[str(link[0])].get("class_type"), fleet)
+    source_spec = _spec(graph[str(link[0])].get("class_type"), classes)
     if expected is None or source_spec is None:
         return None
     received = source_spec.output_types[link[1]]
@@ -156,19 +219,16 @@ def _check_link_type(graph: dict[str, Any], name: str, link: list[Any], spec: No
                    name)
 
 
-def _check_value(class_type: str, name: str, value: Any, having: Sequence[Capabilities]
-                 ) -> Problem | None:
+def _check_value(name: str, value: Any, check: _ClassCheck) -> Problem | None:
     """A literal value: one of the choices of a combo input, within a number's range, on at
     least one backend that has the class (backends hold different model files)."""
     if is_asset_reference(value):
         return None
-    choices = [caps.combos[(class_type, name)] for caps in having
-               if (class_type, name) in caps.combos]
+    choices = check.choices.get(name)
     if choices and isinstance(value, str) and not any(value in options for options in choices):
         return Problem("value_not_in_list",
                        f"{value!r} is not one of the choices any backend has", name)
-    bounds = [caps.ranges[(class_type, name)] for caps in having
-              if (class_type, name) in caps.ranges]
+    bounds = check.bounds.get(name)
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if number and bounds and not any((low is None or value >= low)
                                      and (high is None or value <= high)
@@ -178,12 +238,12 @@ def _check_value(class_type: str, name: str, value: Any, having: Sequence[Capabi
     return None
 
 
-def _check_runnable(graph: dict[str, Any], fleet: Sequence[Capabilities]) -> None:
-    specs = [_spec(node["class_type"], fleet) for node in graph.values()]
+def _check_runnable(graph: dict[str, Any], classes: _FleetClasses) -> None:
+    specs = [_spec(node["class_type"], classes) for node in graph.values()]
     if not any(spec is not None and spec.output_node for spec in specs):
         raise InvalidGraph("the workflow has no output node (SaveImage, PreviewAny, ...)",
                            reason="prompt_no_outputs")
-    lacking = [caps.missing(graph) for caps in fleet]
+    lacking = [caps.missing(graph) for caps in classes.capabilities]
     if all(lacking):
         everything = sorted({piece for pieces in lacking for piece in pieces})
         raise InvalidGraph(
@@ -191,12 +251,9 @@ def _check_runnable(graph: dict[str, Any], fleet: Sequence[Capabilities]) -> Non
             f"{', '.join(everything)}", reason="no_capable_backend", missing=everything)
 
 
-def _spec(class_type: Any, fleet: Sequence[Capabilities]) -> NodeSpec | None:
-    for caps in fleet:
-        spec = caps.nodes.get(class_type) if isinstance(class_type, str) else None
-        if spec is not None:
-            return spec
-    return None
+def _spec(class_type: Any, classes: _FleetClasses | None) -> NodeSpec | None:
+    check = classes.check(class_type) if classes is not None else None
+    return check.spec if check is not None else None
 
 
 def _types_match(received: str, expected: str) -> bool:

@@ -9,10 +9,12 @@ S3 on moto, as `bench.v2_overhead` deploys them; a second `comfyfleet serve` run
 under `--other` (a checkout's `src`, e.g. a `git worktree` of main). Jobs go one at a time,
 alternating which service goes first, each polled every `--poll-ms` until it succeeded; then
 GETs of one succeeded job in blocks of 100, alternating, the CPU each service process used
-read from /proc.
+read from /proc. `--steps`: both serves under `bench.step_trace`, and each one's steps of a
+job printed as `bench.v2_overhead --explain` prints them (the serve CPU between its steps
+side by side: where a change's CPU went, on the same load).
 
 Run from the repository root:
-    .venv/bin/python -m bench.v2_paired --other ../main/src [--jobs 100] [--polls 3000]
+    .venv/bin/python -m bench.v2_paired --other ../main/src [--jobs 100] [--polls 3000] [--steps]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import bench_root, deploy, latency_ms, print_table, serve_beside
-from bench.v2_overhead import graph, phases, through_v2
+from bench.v2_overhead import graph, phases, steps, through_v2, traced_stamps
 from tests.support import REPO
 
 BLOCK = 100  # GETs of one service before the other's turn
@@ -40,13 +42,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def run(other: Path, jobs: int, poll_ms: float, polls: int) -> dict[str, Any]:
+async def run(other: Path, jobs: int, poll_ms: float, polls: int, traced: bool = False
+              ) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         root = stack.enter_context(bench_root())
-        deployment = await deploy(stack, root, 1)
+        traces = [root / "trace-this.json", root / "trace-other.json"] if traced else [None, None]
+        deployment = await deploy(stack, root, 1, timed=traced, step_trace=traces[0])
         theirs = await serve_beside(
             stack, deployment, root / "data-other", deployment.sims.urls, s3=deployment.s3,
-            env_overrides={"PYTHONPATH": os.pathsep.join([str(other), str(REPO)])})
+            env_overrides={"PYTHONPATH": os.pathsep.join([str(other), str(REPO)])},
+            step_trace=traces[1])
         serves = {"this checkout": deployment.serve, f"--other {other}": theirs}
         http = deployment.http
         marks: dict[str, list[dict[str, Any]]] = {name: [] for name in serves}
@@ -67,6 +72,14 @@ async def run(other: Path, jobs: int, poll_ms: float, polls: int) -> dict[str, A
                 used[name] += cpu_seconds(serves[name].process.pid) - before
         legs = {name: await phases(http, serve.base, marks[name])
                 for name, serve in serves.items()}
+        stepped: dict[str, list[tuple[str, float, float, float | str]]] = {}
+        if traced:
+            sim_stamps = await deployment.sims.stamps(http)
+            offset = time.time() - time.monotonic()
+            for (name, serve), trace in zip(serves.items(), traces, strict=True):
+                assert trace is not None
+                stepped[name] = steps(marks[name], await traced_stamps(serve, trace),
+                                      sim_stamps, offset)
         per_get: dict[str, dict[str, float]] = {name: {} for name in serves}
         for kind in ("v2 job", "v1 job", "v2 health"):
             paths = {}
@@ -96,13 +109,16 @@ async def run(other: Path, jobs: int, poll_ms: float, polls: int) -> dict[str, A
     print_table(["leg p50 / p95 ms", *serves],
                 [(leg, *(f"{legs[name][leg]['p50']} / {legs[name][leg]['p95']}"
                          for name in serves)) for leg in legs[names[0]]])
+    for name, table in stepped.items():
+        print_table([f"{name}: step (traced)", "p50 ms from sent", "p50 ms step's own",
+                     "serve CPU ms since its step before"], table)
     print_table(["serve CPU ms per GET", *serves],
                 [(kind, *(per_get[name][kind] for name in serves))
                  for kind in per_get[names[0]]])
     return {"jobs": jobs, "poll_ms": poll_ms, "polls": polls, "latency_ms": results,
             "serve_cpu_ms_per_job": {name: round(1000 * used[name] / jobs, 2)
                                      for name in serves},
-            "legs_ms": legs, "serve_cpu_ms_per_get": per_get,
+            "legs_ms": legs, "steps_ms": stepped, "serve_cpu_ms_per_get": per_get,
             "load": os.getloadavg()}
 
 
@@ -113,10 +129,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--poll-ms", type=float, default=2.0)
     parser.add_argument("--polls", type=int, default=3000, help="GETs of each kind, each")
+    parser.add_argument("--steps", action="store_true",
+                        help="both serves under bench.step_trace: each one's steps of a job")
     args = parser.parse_args()
     started = time.time()
     print(json.dumps({**asyncio.run(run(args.other.resolve(), args.jobs, args.poll_ms,
-                                        args.polls)),
+                                        args.polls, args.steps)),
                       "wall_s": round(time.time() - started)}))
 
 

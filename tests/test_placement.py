@@ -4,6 +4,9 @@ different speeds (learned from the run times it observes, never configured)."""
 from __future__ import annotations
 
 import asyncio
+import random
+import statistics
+from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -14,12 +17,32 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
-from comfyfleet.execution.costs import UNSEEN_LOAD_SECONDS, UNSEEN_NODE_SECONDS, NodeCosts
+from comfyfleet.execution.costs import (
+    UNSEEN_LOAD_SECONDS,
+    UNSEEN_NODE_SECONDS,
+    NodeCosts,
+    Samples,
+)
 from comfyfleet.execution.run_times import RunTimes
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import wait_for_job
 
+
+@pytest.mark.parametrize("size", [9, 15, 101])
+def test_samples_kept_sorted_give_the_median_of_the_latest_as_statistics_does(size: int) -> None:
+    """A window of samples (a key's, a class's, a backend's overheads) answers its median
+    from the samples it keeps sorted: the very float statistics.median gives for the latest
+    `size` samples, ties, zeros and a window not yet full included."""
+    rng = random.Random(size)
+    window, latest = Samples(size), deque[float](maxlen=size)
+    with pytest.raises(ValueError):
+        window.median()
+    for _ in range(2000):
+        seconds = rng.choice([rng.lognormvariate(0, 1), 0.0, 1e-3, round(rng.random(), 2)])
+        window.append(seconds)
+        latest.append(seconds)
+        assert (len(window), window.median()) == (len(latest), statistics.median(latest))
 
 def test_idle_fast_backend_beats_slow_one_for_the_last_job() -> None:
     slow = BackendLoad("slow", seconds_per_job=4.0, busy_for=0.0)

@@ -26,9 +26,10 @@ from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import sqlalchemy
-from sqlalchemy import func, text, tuple_, update
+from sqlalchemy import func, literal, text, tuple_, union_all, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from comfyfleet import json_codec, sql
 from comfyfleet.db import check_storable, driver_connection, single_statements, unavailable
@@ -938,10 +939,6 @@ class JobRepository:
         query = select(Job).order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
         if api_key_hash is not None:
             query = query.where(col(Job.api_key_hash) == api_key_hash)
-        if isinstance(status, str):
-            query = query.where(col(Job.status) == status)
-        elif status is not None:
-            query = query.where(col(Job.status).in_([str(state) for state in status]))
         if labels:
             query = query.where(col(Job.labels).contains(labels))
         if workflow is not None:
@@ -953,6 +950,9 @@ class JobRepository:
             query = query.where(col(Job.created_at) >= since)
         if until is not None:
             query = query.where(col(Job.created_at) < until)
+        if status is not None:
+            query = _of_states(query, limit, {str(status)} if isinstance(status, str)
+                               else set(map(str, status)))
         async with self._reads() as session:
             return list((await session.exec(query)).all())
 
@@ -1141,6 +1141,33 @@ class JobRepository:
         async with driver_connection(self.engine) as connection:
             rows = await connection.fetch(_SQL["ended_among"], list(job_ids))
         return {row["id"] for row in rows}
+
+
+def _of_states(newest: SelectOfScalar[Job], limit: int, states: set[str]) -> SelectOfScalar[Job]:
+    """`newest` (a page of jobs, newest first) of those in one of `states`. Each state is
+    written into the statement, not bound: a pooled connection's generic plan of
+    `status = $n` can use none of the indexes holding some states only. Each state's jobs are
+    read by an index of their own and merged: the newest of a state off the backends from
+    jobs_by_status_newest, and every job of a state on them (as many as the backends' slots)
+    by jobs_on_backend, behind an OFFSET that keeps the planner from walking every job newest
+    first for them instead (with the page's LIMIT, a walk looks cheap wherever those jobs
+    are). As one walk of every job filtered by state, a page of states whose jobs are not the
+    newest (v2's `queued`, queued and dispatched, behind a day's newer history) read every
+    job newer than its last, or sorted every job of those states, for each page. Merged by
+    id and created_at only: a union of whole jobs cost SQLAlchemy 2 ms to build."""
+    keys = newest.with_only_columns(col(Job.id), col(Job.created_at))
+    parts = [keys.where(col(Job.status) == literal(state, literal_execute=True))
+             for state in sorted(states - ON_BACKEND_STATES)]
+    on_backends = [keys.where(col(Job.status) == literal(state, literal_execute=True))
+                   .order_by(None).limit(None).offset(0)
+                   for state in sorted(states & ON_BACKEND_STATES)]
+    if len(parts) == 1 and not on_backends:
+        return newest.where(col(Job.status) == literal(min(states), literal_execute=True))
+    if not parts + on_backends:
+        return newest.where(sqlalchemy.false())
+    page = union_all(*parts, *on_backends).subquery()
+    return select(Job).join(page, col(Job.id) == page.c.id) \
+        .order_by(page.c.created_at.desc(), page.c.id.desc()).limit(limit)
 
 
 async def lock_backend(connection: asyncpg.Connection, backend: str) -> None:

@@ -1,0 +1,143 @@
+"""Reads the API makes of jobs that must not grow with the history: a page of jobs in several
+states (v2's `queued` is queued and dispatched). Each read is planned as a pooled connection
+plans a statement it has prepared once it settles on the generic plan, over a backlog queued
+before a day's newer history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.jobs.models import Job, JobSource, JobStatus
+from comfyfleet.jobs.repository import JobRepository
+from tests.test_job_statements import driver_url, nodes
+
+HISTORY = 4000  # ended jobs, the newest of all
+BACKLOG = 1000  # queued jobs, older than every ended one
+ON_BACKENDS = 8  # dispatched jobs, older still
+LABELLED_ONE_IN = 5  # ended jobs labelled {"batch": "<0-9>"}
+PAGE = 20
+ASSET = uuid.uuid4()
+
+# Copies of the first job (a v2 graph loading ASSET, queued): the backlog, queued two days ago,
+# the jobs on backends before it, then the day's ended jobs, some of them labelled.
+COPIES = """
+INSERT INTO jobs (id, workflow, params, prompt, status, progress, priority, attempts,
+    created_at, started_at, finished_at, outputs, backend, labels, source)
+SELECT gen_random_uuid(), workflow, params, prompt, copy.status, 0, 0, copy.attempts,
+    copy.created_at, copy.started_at, copy.finished_at, '[]', copy.backend, copy.labels, source
+FROM jobs, LATERAL (
+    SELECT 'queued' AS status, 0 AS attempts, now() - interval '2 days' + n * interval '1 s'
+        AS created_at, NULL::timestamptz AS started_at, NULL::timestamptz AS finished_at,
+        NULL AS backend, NULL::jsonb AS labels
+    FROM generate_series(1, $1 - 1) AS n
+    UNION ALL
+    SELECT 'dispatched', 1, now() - interval '3 days' + n * interval '1 s', NULL, NULL,
+        'gpu' || n % 4, NULL
+    FROM generate_series(1, $2) AS n
+    UNION ALL
+    SELECT 'succeeded', 1, now() - n * interval '10 s', now() - n * interval '10 s',
+        now() - n * interval '5 s', 'gpu' || n % 4,
+        CASE WHEN n % $4 = 0 THEN jsonb_build_object('batch', (n / $4 % 10)::text) END
+    FROM generate_series(1, $3) AS n
+) AS copy
+"""
+
+
+async def backlog_behind_history(engine: AsyncEngine) -> asyncpg.Connection:
+    """A connection to the test's database holding BACKLOG queued v2 jobs loading ASSET,
+    ON_BACKENDS dispatched ones, and HISTORY ended after them, analysed."""
+    await JobRepository(engine).insert(Job(
+        workflow="graph:loads", source=JobSource.GRAPH, created_at=datetime(2000, 1, 1),
+        params={"1.image": {"asset": str(ASSET), "filename": "in.png"}}, prompt={"1": {}}))
+    db = await asyncpg.connect(driver_url(engine))
+    await db.execute(COPIES, BACKLOG, ON_BACKENDS, HISTORY, LABELLED_ONE_IN)
+    await db.execute("ANALYZE")
+    return db
+
+
+@asynccontextmanager
+async def sent(engine: AsyncEngine) -> AsyncIterator[list[tuple[str, tuple[Any, ...]]]]:
+    """The statements (with their arguments) SQLAlchemy sends on `engine` meanwhile."""
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    def told(_: Any, __: Any, statement: str, arguments: Any, *___: Any) -> None:
+        seen.append((statement, tuple(arguments)))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", told)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", told)
+
+
+def literal(value: Any) -> str:
+    """An argument as SQL (EXECUTE takes no bound parameters)."""
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        value = json.dumps(value)
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def jobs_read(db: asyncpg.Connection, statements: list[tuple[str, tuple[Any, ...]]],
+                    plans: str = "force_generic_plan") -> int:
+    """The rows of `jobs` the statements of the list that read jobs read (those they give and
+    those they filter out), each prepared and executed on its generic plan (`plans`:
+    force_custom_plan, on a plan for its arguments)."""
+    read = 0
+    await db.execute(f"SET plan_cache_mode = {plans}")
+    for statement, arguments in statements:
+        if "FROM jobs" not in statement:
+            continue
+        await db.execute("PREPARE planned AS " + statement)
+        try:
+            values = ", ".join(map(literal, arguments))
+            explained = await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE planned"
+                                          + (f"({values})" if values else ""))
+        finally:
+            await db.execute("DEALLOCATE planned")
+        read += round(sum((node["Actual Rows"] + node.get("Rows Removed by Filter", 0))
+                          * node["Actual Loops"] for node in nodes(json.loads(explained)[0]["Plan"])
+                          if node.get("Relation Name") == "jobs"))
+    return read
+
+
+async def newest(db: asyncpg.Connection, where: str, *arguments: Any) -> list[uuid.UUID]:
+    """The ids of the jobs `where` says, newest first, read as plainly as SQL can."""
+    return [row["id"] for row in await db.fetch(
+        f"SELECT id FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC", *arguments)]
+
+
+async def test_pages_of_several_states_read_only_those_states_jobs(engine: AsyncEngine) -> None:
+    # v2's `queued` (queued and dispatched) behind a day's newer history: one walk of every job
+    # newest first read the history before the first of them; a sort, every queued job.
+    db = await backlog_behind_history(engine)
+    repository = JobRepository(engine)
+    try:
+        states = [JobStatus.QUEUED, JobStatus.DISPATCHED]
+        paged: list[uuid.UUID] = []
+        after = None
+        async with sent(engine) as statements:
+            while len(paged) < 3 * PAGE:
+                page = await repository.page(limit=PAGE, status=states, after=after)
+                paged += [job.id for job in page]
+                after = page[-1].created_at, page[-1].id
+        assert paged == (await newest(db, "status IN ('queued', 'dispatched')"))[:3 * PAGE]
+        # Each page: the keys of PAGE jobs of each state at most (those on backends are few),
+        # then its PAGE jobs by id.
+        assert await jobs_read(db, statements) <= 3 * (2 * PAGE + ON_BACKENDS)
+        every = await repository.page(limit=BACKLOG + ON_BACKENDS + 1, status=states)
+        assert [job.id for job in every] == await newest(
+            db, "status IN ('queued', 'dispatched')")
+    finally:
+        await db.close()

@@ -55,6 +55,7 @@ async def test_a_job_on_its_backend_is_in_no_index_of_the_other_states(
         "succeeded, a v2 graph": job(JobStatus.SUCCEEDED, started_at=started, finished_at=now,
                                      source=JobSource.GRAPH, fingerprint=None),
         JobStatus.FAILED: job(JobStatus.FAILED, finished_at=now),  # never started
+        "running, labelled": job(JobStatus.RUNNING, started_at=started, labels={"team": "a"}),
     }
     held = {}
     for state, made in jobs.items():
@@ -72,6 +73,8 @@ async def test_a_job_on_its_backend_is_in_no_index_of_the_other_states(
         JobStatus.SUCCEEDED: ran_to_its_end | {"jobs_reusable"},
         "succeeded, a v2 graph": ran_to_its_end,
         JobStatus.FAILED: {"jobs_by_status_newest", "jobs_finished"},
+        # A v2 job with metadata: in the labels' index (0046) in every state.
+        "running, labelled": on_backend | {"jobs_labelled"},
     }
 
 

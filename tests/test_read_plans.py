@@ -1,7 +1,7 @@
 """Reads the API makes of jobs that must not grow with the history: a page of jobs in several
-states (v2's `queued` is queued and dispatched). Each read is planned as a pooled connection
-plans a statement it has prepared once it settles on the generic plan, over a backlog queued
-before a day's newer history."""
+states (v2's `queued` is queued and dispatched), a page of the jobs having some labels. Each
+read is planned as a pooled connection plans a statement it has prepared once it settles on
+the generic plan, over a backlog queued before a day's newer history."""
 
 from __future__ import annotations
 
@@ -139,5 +139,22 @@ async def test_pages_of_several_states_read_only_those_states_jobs(engine: Async
         every = await repository.page(limit=BACKLOG + ON_BACKENDS + 1, status=states)
         assert [job.id for job in every] == await newest(
             db, "status IN ('queued', 'dispatched')")
+    finally:
+        await db.close()
+
+
+async def test_a_page_by_labels_reads_only_the_jobs_having_them(engine: AsyncEngine) -> None:
+    # The v2 list's metadata filter: of labels no job has, the walk of every job newest first
+    # read them all. Planned for the labels asked: how many jobs have them (a few, or most, when
+    # a walk is best) only the labels tell; a generic plan walks.
+    db = await backlog_behind_history(engine)
+    repository = JobRepository(engine)
+    try:
+        async with sent(engine) as statements:
+            assert await repository.page(limit=PAGE, labels={"batch": "none"}) == []
+        assert await jobs_read(db, statements, "force_custom_plan") == 0
+        page = await repository.page(limit=PAGE, labels={"batch": "3"})
+        assert [job.id for job in page] == (await newest(
+            db, "labels @> $1::jsonb", json.dumps({"batch": "3"})))[:PAGE]
     finally:
         await db.close()

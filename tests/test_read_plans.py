@@ -1,7 +1,8 @@
 """Reads the API makes of jobs that must not grow with the history: a page of jobs in several
-states (v2's `queued` is queued and dispatched), a page of the jobs having some labels. Each
-read is planned as a pooled connection plans a statement it has prepared once it settles on
-the generic plan, over a backlog queued before a day's newer history."""
+states (v2's `queued` is queued and dispatched), a page of the jobs having some labels, the
+check that no unfinished job loads an asset about to be deleted. Each read is planned as a
+pooled connection plans a statement it has prepared once it settles on the generic plan, over
+a backlog queued before a day's newer history."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet.intake.assets import Asset, AssetInUse, AssetStore
 from comfyfleet.jobs.models import Job, JobSource, JobStatus
 from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.storage.local import LocalStorage
 from tests.test_job_statements import driver_url, nodes
 
 HISTORY = 4000  # ended jobs, the newest of all
@@ -156,5 +162,26 @@ async def test_a_page_by_labels_reads_only_the_jobs_having_them(engine: AsyncEng
         page = await repository.page(limit=PAGE, labels={"batch": "3"})
         assert [job.id for job in page] == (await newest(
             db, "labels @> $1::jsonb", json.dumps({"batch": "3"})))[:PAGE]
+    finally:
+        await db.close()
+
+
+async def test_an_assets_use_is_looked_for_among_the_unfinished_jobs_only(
+    engine: AsyncEngine, tmp_path: Path,
+) -> None:
+    db = await backlog_behind_history(engine)
+    store = AssetStore(engine, LocalStorage(tmp_path), "")
+    kept = Asset(hash="0" * 64, size_bytes=1, content_type="image/png")
+    unused = Asset(hash=kept.hash, size_bytes=1, content_type="image/png")
+    async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+        session.add_all([kept, unused])  # the bytes kept for `kept` once `unused` is deleted
+    try:
+        async with sent(engine) as statements:
+            with pytest.raises(AssetInUse):
+                await store.delete(Asset(id=ASSET, hash=kept.hash, size_bytes=1,
+                                         content_type="image/png"))
+            await store.delete(unused)  # looked for in every unfinished job, in vain
+        # Each delete: the unfinished jobs read (those on backends and queued), no others.
+        assert await jobs_read(db, statements) <= 2 * (BACKLOG + ON_BACKENDS)
     finally:
         await db.close()

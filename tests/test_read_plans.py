@@ -1,12 +1,14 @@
 """Reads the API makes of jobs that must not grow with the history: a page of jobs in several
 states (v2's `queued` is queued and dispatched), a page of the jobs having some labels, the
-check that no unfinished job loads an asset about to be deleted. Each read is planned as a
-pooled connection plans a statement it has prepared once it settles on the generic plan, over
-a backlog queued before a day's newer history."""
+check that no unfinished job loads an asset about to be deleted, and a dispatched job's ETA at
+every GET of it. Each read is planned as a pooled connection plans a statement it has prepared
+once it settles on the generic plan, over a backlog queued before a day's newer history."""
 
 from __future__ import annotations
 
 import json
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,16 +16,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from comfyfleet import sql
+from comfyfleet.app import serving
 from comfyfleet.intake.assets import Asset, AssetInUse, AssetStore
 from comfyfleet.jobs.models import Job, JobSource, JobStatus
-from comfyfleet.jobs.repository import JobRepository
+from comfyfleet.jobs.repository import POSITION_MAX_AGE, JobRepository
+from comfyfleet.settings import Settings
+from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.storage.local import LocalStorage
+from tests.support import statements_run
+from tests.test_job_events import ran
 from tests.test_job_statements import driver_url, nodes
 
 HISTORY = 4000  # ended jobs, the newest of all
@@ -185,3 +194,36 @@ async def test_an_assets_use_is_looked_for_among_the_unfinished_jobs_only(
         assert await jobs_read(db, statements) <= 2 * (BACKLOG + ON_BACKENDS)
     finally:
         await db.close()
+
+
+async def test_a_dispatched_jobs_gets_share_its_backends_run_time(
+    settings: Settings, engine: AsyncEngine,
+) -> None:
+    # Its ETA rests on the workflow's mean run time on its backend, which changes as slowly
+    # as a queued job's: read once per POSITION_MAX_AGE, not at every GET.
+    repository = JobRepository(engine)
+    await ran(repository, "simulated_work", "slow", 30.0)
+    read = sql.queries("reads")["mean_run_seconds"]
+    async with SimulatedComfyUI() as sim:
+        settings.comfyui_endpoints = [f"{sim.url}#slow"]
+        async with statements_run(engine) as statements, serving(settings) as base, \
+                aiohttp.ClientSession() as http:
+            prefix = base + settings.route_prefix
+            async with http.post(f"{prefix}/jobs?wait=0", json={
+                    "workflow": "simulated_work", "params": {"seconds": 5, "steps": 5}}
+                                 ) as response:
+                job_id = (await response.json())["id"]
+            etas: list[float | None] = []
+            started = time.monotonic()
+            while len(etas) < 20:
+                async with http.get(f"{prefix}/jobs/{job_id}") as response:
+                    job = await response.json()
+                if job["status"] == JobStatus.RUNNING:
+                    etas.append(job["eta_seconds"])
+            asking = time.monotonic() - started
+            async with http.post(f"{prefix}/jobs/{job_id}/cancel"):
+                pass
+    assert all(eta is not None and eta <= 30.0 for eta in etas)
+    # The queued asks' (fleet-wide), the first on its backend's, and one a POSITION_MAX_AGE
+    # since (main's read it at every GET once the job was dispatched: 25 times).
+    assert statements.count(read) <= 2 + math.ceil(asking / POSITION_MAX_AGE)

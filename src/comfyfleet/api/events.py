@@ -112,9 +112,10 @@ async def place_and_eta(svc: Services, job: Job) -> tuple[int | None, float | No
                                await svc.repository.recent_work_on_backends_seconds(),
                                sum(s.accepts_work for s in svc.fleet.sessions))
     else:
-        # Once dispatched, how long this workflow takes on that backend (GPUs differ); one not
-        # started yet waits there for the prompts sent before it.
-        typical = await svc.repository.typical_run_seconds(job.workflow, job.backend)
+        # Once dispatched, how long this workflow takes on that backend (GPUs differ), as
+        # recent as a queued job's; one not started yet waits there for the prompts sent
+        # before it.
+        typical = await svc.repository.recent_run_seconds(job.workflow, job.backend)
         if typical is not None:
             eta = typical * (1 - job.progress)
             if job.status == JobStatus.DISPATCHED and job.started_at is None:

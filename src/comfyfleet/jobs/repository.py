@@ -83,8 +83,8 @@ _TAKEN_FIELDS = tuple(sorted(set(_JOB_FIELDS) - {"id", "workflow", "prompt", "pr
 UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
 RUN_TIME_SAMPLE = 20
-# The workflows whose learned run time a repository keeps for queued jobs' ETAs
-# (`JobRepository.recent_run_seconds`), most recently asked about.
+# The workflows (on a backend, or fleet-wide) whose learned run time a repository keeps for
+# jobs' ETAs (`JobRepository.recent_run_seconds`), most recently asked about.
 RUN_TIMES_KEPT = 1000
 # Queue positions are counted exactly (every queued job, for each ask) while the backlog has
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it (one
@@ -312,10 +312,12 @@ class JobRepository:
         self._ended: OrderedDict[uuid.UUID, Job] = OrderedDict()
         self._finishing: dict[uuid.UUID, asyncio.Future[None]] = {}
         self._backlog = Recent(self._read_backlog, position_max_age)
-        # What a queued job's position and ETA rest on besides the backlog, as recent as its
-        # snapshot: each workflow's learned run time (fleet-wide; the workflows least recently
-        # asked about first), the work on the backends.
-        self._run_seconds: OrderedDict[str, Recent[float | None]] = OrderedDict()
+        # What a job's position and ETA rest on besides the backlog, as recent as its
+        # snapshot: each workflow's learned run time, fleet-wide (a queued job's) or on a
+        # backend (a dispatched one's; those least recently asked about first), the work on
+        # the backends.
+        self._run_seconds: OrderedDict[tuple[str, str | None], Recent[float | None]] = \
+            OrderedDict()
         self._work_on_backends = Recent(self.work_on_backends_seconds, position_max_age)
         # Whether a statement writing job ends is in flight (`finish`), the ends waiting for
         # it, and the task that writes those once it is done, while any wait.
@@ -1033,19 +1035,22 @@ class JobRepository:
                                              sample)
         return float(mean) if mean is not None else None
 
-    async def recent_run_seconds(self, workflow: str) -> float | None:
-        """`typical_run_seconds(workflow)` on any backend, read at most once per
+    async def recent_run_seconds(self, workflow: str, backend: str | None = None
+                                 ) -> float | None:
+        """`typical_run_seconds(workflow, backend)`, read at most once per
         `position_max_age` seconds by this process, in the background but the first (the
         asks meanwhile sharing the last read): what a queued job's position and ETA take its
-        run to be."""
-        recent = self._run_seconds.get(workflow)
+        run to be (on any backend), and a dispatched job's ETA (on its backend), asked at
+        every GET of the job."""
+        key = (workflow, backend)
+        recent = self._run_seconds.get(key)
         if recent is None:
-            recent = self._run_seconds[workflow] = Recent(
-                partial(self.typical_run_seconds, workflow), self._position_max_age)
+            recent = self._run_seconds[key] = Recent(
+                partial(self.typical_run_seconds, workflow, backend), self._position_max_age)
             if len(self._run_seconds) > RUN_TIMES_KEPT:  # v2 graphs: any shape a client sends
                 self._run_seconds.popitem(last=False)
         else:
-            self._run_seconds.move_to_end(workflow)
+            self._run_seconds.move_to_end(key)
         return await recent.get()
 
     async def recent_work_on_backends_seconds(self) -> float:

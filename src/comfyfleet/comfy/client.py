@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import aiohttp
 
@@ -208,7 +208,9 @@ class ComfyClient:
         breaks off is a ComfyError, the backend's failure: whoever streams it on (a storage)
         must not take it for a failure of its own."""
         what = f"GET /view {subfolder}/{filename}"
-        query = urlencode({"filename": filename, "subfolder": subfolder, "type": folder_type})
+        # As urlencode writes it, without its generality (half of its CPU).
+        query = (f"filename={quote_plus(filename)}&subfolder={quote_plus(subfolder)}"
+                 f"&type={quote_plus(folder_type)}")
         answered = False
         try:
             async with self._http.request(

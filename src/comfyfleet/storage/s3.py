@@ -80,6 +80,11 @@ class GetSigning:
         host: str = _host_from_url(self.object_url)
         return host
 
+    @cached_property
+    def path(self) -> str:
+        """The path of `object_url`, to which a key is appended (quoted)."""
+        return urlsplit(self.object_url).path
+
 
 class Presigner(Enum):
     """Who presigns a GET if not botocore's query signer by a GetSigning."""
@@ -103,6 +108,7 @@ class S3Storage:
         # through (HTTP(S)_PROXY, NO_PROXY), known at the first PUT.
         self._put_url: str | None = None
         self._put_host = ""  # the Host header a PUT signs, with _put_url
+        self._put_path = ""  # _put_url's path, which a PUT's signature covers
         self._proxy: str | None = None
         # How a GET is presigned: None until the first URL, which reads and checks it.
         self._get_signing: GetSigning | Presigner | None = None
@@ -213,7 +219,7 @@ class S3Storage:
     async def _put(self, key: str, body: memoryview, content_type: str) -> None:
         """One PUT of the whole object, signed as the client signs it (the body's SHA-256 in
         the signature, which S3 checks)."""
-        url = await self._object_url(key)
+        url, path = await self._object_url(key)
         payload_hash = hashlib.sha256(body).hexdigest()
         for attempt in range(1, PUT_ATTEMPTS + 1):
             # The client's own credentials, refreshed as it refreshes them.
@@ -221,7 +227,7 @@ class S3Storage:
             if credentials is None:
                 raise NoCredentialsError()
             headers = _signed_put_headers(
-                url, self._put_host, content_type, payload_hash,
+                path, self._put_host, content_type, payload_hash,
                 await credentials.get_frozen_credentials(), self._client.meta.region_name,
                 time.gmtime())
             try:
@@ -245,9 +251,9 @@ class S3Storage:
                 await asyncio.sleep(random.uniform(0, 2 ** (attempt - 1)))
         raise StorageError(f"S3 upload of {key}: {failure}")
 
-    async def _object_url(self, key: str) -> str:
-        """The URL the client would PUT `key` to: its endpoint and addressing, read once from
-        a URL it presigns (which never connects)."""
+    async def _object_url(self, key: str) -> tuple[str, str]:
+        """The URL the client would PUT `key` to, and its path: its endpoint and addressing,
+        read once from a URL it presigns (which never connects)."""
         if self._put_url is None:
             probe: str = await self._client.generate_presigned_url(
                 "put_object", Params={"Bucket": self.bucket, "Key": _URL_PROBE_KEY})
@@ -262,7 +268,9 @@ class S3Storage:
             self._proxy = proxy
             self._put_url = url.removesuffix(_URL_PROBE_KEY)
             self._put_host = _host_from_url(url)
-        return self._put_url + quote(key, safe="/~")
+            self._put_path = urlsplit(self._put_url).path
+        quoted = quote(key, safe="/~")
+        return self._put_url + quoted, self._put_path + quoted
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -352,10 +360,12 @@ class S3Storage:
             params["X-Amz-Security-Token"] = frozen.token
         encoded = [(name, quote(value, safe="-_.~")) for name, value in params.items()]
         query = "&".join(f"{name}={value}" for name, value in encoded)
-        url = signing.object_url + quote(key, safe="/~")
+        quoted = quote(key, safe="/~")
+        url = signing.object_url + quoted
         canonical_query = "&".join(f"{name}={value}" for name, value in sorted(encoded))
         signature = _signature(frozen.secret_key, scope, stamp, _canonical_request(
-            "GET", url, canonical_query, {"host": signing.host}, "UNSIGNED-PAYLOAD"))
+            "GET", signing.path + quoted, canonical_query, {"host": signing.host},
+            "UNSIGNED-PAYLOAD"))
         return f"{url}?{query}&X-Amz-Signature={signature}"
 
     async def _check_get_signing(self) -> None:
@@ -394,11 +404,12 @@ class S3Storage:
 AMZ_DATE = "%Y%m%dT%H%M%SZ"
 
 
-def _signed_put_headers(url: str, host: str, content_type: str, payload_hash: str,
+def _signed_put_headers(path: str, host: str, content_type: str, payload_hash: str,
                         credentials: ReadOnlyCredentials, region: str,
                         when: time.struct_time) -> dict[str, str]:
-    """The headers of a PUT of a body whose SHA-256 is `payload_hash` to `url`, signed at
-    `when` (UTC) as botocore's S3SigV4Auth signs them (see _canonical_request)."""
+    """The headers of a PUT of a body whose SHA-256 is `payload_hash` to the URL whose path is
+    `path` on `host`, signed at `when` (UTC) as botocore's S3SigV4Auth signs them (see
+    _canonical_request)."""
     stamp = time.strftime(AMZ_DATE, when)
     scope = f"{stamp[:8]}/{region}/s3/aws4_request"
     headers = {"Content-Type": content_type, "X-Amz-Date": stamp}
@@ -408,21 +419,21 @@ def _signed_put_headers(url: str, host: str, content_type: str, payload_hash: st
     signed = {name.lower(): " ".join(value.split()) for name, value in headers.items()}
     signed["host"] = host
     signature = _signature(credentials.secret_key, scope, stamp, _canonical_request(
-        "PUT", url, "", signed, payload_hash))
+        "PUT", path, "", signed, payload_hash))
     headers["Authorization"] = (
         f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
         f"SignedHeaders={';'.join(sorted(signed))}, Signature={signature}")
     return headers
 
 
-def _canonical_request(method: str, url: str, canonical_query: str, headers: dict[str, str],
+def _canonical_request(method: str, path: str, canonical_query: str, headers: dict[str, str],
                        payload_hash: str) -> str:
-    """SigV4's canonical request as botocore writes it for S3 (the path as it is in `url`,
-    `headers` lowercase, their values trimmed). Written here, not by botocore's signers,
+    """SigV4's canonical request as botocore writes it for S3 (the URL's `path` as it is in
+    the URL, `headers` lowercase, their values trimmed). Written here, not by botocore's signers,
     whose request objects, header maps and URL parsing cost four times the CPU of the
     signature itself."""
     names = sorted(headers)
-    return "\n".join((method, urlsplit(url).path, canonical_query,
+    return "\n".join((method, path, canonical_query,
                       "".join(f"{name}:{headers[name]}\n" for name in names), ";".join(names),
                       payload_hash))
 

@@ -18,6 +18,7 @@ from comfyfleet.db import NotStorable, check_storable, driver_connection
 from comfyfleet.execution.tracker import END_WRITE_DELAY
 from comfyfleet.jobs.models import Job, JobStatus, new_job, utcnow
 from comfyfleet.jobs.repository import JobRepository, _table
+from comfyfleet.json_codec import datetime_text
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.conftest import StartReceiver
@@ -431,3 +432,49 @@ async def test_an_end_refused_for_its_values_is_refused_alone(status_log: AsyncE
     assert [type(job) for job in (ended[0], ended[2])] == [Job, Job]
     transactions = await written_by(status_log, jobs)
     assert transactions[1] is None and None not in (transactions[0], transactions[2])
+
+
+async def test_an_ended_job_and_its_webhook_row_are_what_pydantic_would_build(
+    status_log: AsyncEngine,
+) -> None:
+    """A job's end is built past pydantic (models.py `constructed`, the outbox row's JSON by
+    the package's encoder): the job the caller gets back is the model pydantic builds from the
+    same values, and a payload the encoder cannot write (an integer beyond 64 bits in the
+    job's params) is written all the same, by pydantic."""
+    repository = JobRepository(status_log)
+    job, = await running_jobs(status_log, "a", callback_url="http://127.0.0.1:9/hooks")
+    async with driver_connection(status_log) as db:
+        await db.execute("""UPDATE jobs SET params = '{"seed": 1180591620717411303424}'""")
+    job = job.model_copy(update={"params": {"seed": 2**70}})
+    outputs = [{"node_id": "9", "filename": "a.png", "content_type": "image/png", "size": 3,
+                "key": f"outputs/{job.id}/9_0.png"}]
+    ended = await repository.finish(job, JobStatus.SUCCEEDED, {JobStatus.RUNNING},
+                                    outputs=outputs)
+    assert ended is not None
+    async with driver_connection(status_log) as db:
+        row = await db.fetchrow("SELECT * FROM jobs WHERE id = $1", job.id)
+        payload = await db.fetchval("SELECT payload FROM webhook_deliveries WHERE job_id = $1",
+                                    job.id)
+    built = Job.model_construct(**{name: row[name] for name in Job.model_fields})
+    assert ended.model_dump() == built.model_dump() | {"id": job.id}
+    assert list(ended.__dict__) == list(Job.model_fields)
+    assert ended.model_fields_set == set(Job.model_fields)
+    assert (ended.status, ended.outputs, ended.params) == (JobStatus.SUCCEEDED, outputs,
+                                                           {"seed": 2**70})
+    data = payload["data"]
+    assert (data["params"], data["status"], data["outputs"]) == (
+        {"seed": 2**70}, "succeeded", [{**outputs[0], "url": None}])
+    assert ended.finished_at is not None
+    assert data["finished_at"] == ended.finished_at.isoformat()
+
+
+@pytest.mark.parametrize("moment", [
+    datetime.datetime(2026, 12, 7, 17, 13, 12, 438175, tzinfo=datetime.UTC),
+    datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC),  # no microseconds: none written
+    datetime.datetime(999, 1, 1, 0, 0, 0, 5, tzinfo=datetime.UTC),
+    datetime.datetime(2026, 12, 7, 17, 13, tzinfo=datetime.timezone(
+        datetime.timedelta(hours=-5, minutes=-30))),
+    datetime.datetime(2026, 12, 7, 17, 13, 12),  # naive
+])
+def test_a_timestamp_is_rendered_as_isoformat_writes_it(moment: datetime.datetime) -> None:
+    assert datetime_text(moment) == moment.isoformat()

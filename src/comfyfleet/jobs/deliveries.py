@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,8 +24,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
-from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
+from comfyfleet.jobs.models import TERMINAL_STATES, Job, constructed, utcnow
 from comfyfleet.jobs.render import job_json
+from comfyfleet.json_codec import datetime_text
 
 # Woken with pg_notify when a delivery becomes due now, in whichever process commits it
 # (sql/jobs.sql names it too).
@@ -103,6 +106,7 @@ class DeliveryAttempt(SQLModel, table=True):
 configure_mappers()
 
 
+@lru_cache(maxsize=1024)  # a delivery's at each job's end: most jobs call back the same few
 def receiver_host(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -119,26 +123,28 @@ async def _no_url(_: str) -> None:
     return None
 
 
-async def delivery_row(job: Job, event_type: str, slots: DeliverySlots | None = None
-                       ) -> Delivery | None:
-    """The outbox row reporting `event_type` for `job` (as the change leaves it), for the
-    statement writing the change (as JSON: `model_dump_json`); None when its client did not
-    subscribe. Leased to the worker of `slots` when it has room (`DeliverySlots.lease`)."""
+async def delivery_row(job: Job, event_type: str, slots: DeliverySlots | None = None,
+                       changes: Mapping[str, Any] | None = None) -> Delivery | None:
+    """The outbox row reporting `event_type` for `job` as the change leaves it (`changes`,
+    the values of the fields it writes, if not written yet), for the statement writing the
+    change (as JSON: `model_dump_json`); None when its client did not subscribe. Leased to the
+    worker of `slots` when it has room (`DeliverySlots.lease`)."""
     if not subscribed(job, event_type):
         return None
     assert job.callback_url is not None
     host = receiver_host(job.callback_url)
     locked_until, lease_token = slots.lease(host) if slots is not None else (None, None)
     now = utcnow()
-    event = {"type": event_type, "timestamp": now.isoformat(),
-             "data": await job_json(job, _no_url)}
-    # Built past the ORM's constructor, every factory's value given: see jobs/repository.py
-    # `_job`.
-    return Delivery.model_construct(
-        id=uuid.uuid4(), message_id=new_message_id(), job_id=job.id, event_type=event_type,
-        url=job.callback_url, host=host, payload=event, pending_since=now,
-        next_attempt_at=now, created_at=now, locked_until=locked_until, lease_token=lease_token,
-    )
+    event = {"type": event_type, "timestamp": datetime_text(now),
+             "data": await job_json(job, _no_url, changes)}
+    # Built past the ORM's constructor, every field given in its order: see jobs/repository.py
+    # `_job`, and models.py `constructed`.
+    return constructed(Delivery, {
+        "id": uuid.uuid4(), "job_id": job.id, "event_type": event_type,
+        "message_id": new_message_id(), "url": job.callback_url, "host": host,
+        "payload": event, "status": DeliveryStatus.PENDING, "attempts": 0, "pending_since": now,
+        "next_attempt_at": now, "locked_until": locked_until, "lease_token": lease_token,
+        "last_status_code": None, "last_error": None, "created_at": now})
 
 
 class DeliverySlots:

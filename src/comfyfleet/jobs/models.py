@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Column, DateTime, String
 from sqlalchemy.dialects.postgresql import JSONB
@@ -44,6 +44,20 @@ ON_BACKEND_STATES = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING, JobStatu
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_Model = TypeVar("_Model", bound=SQLModel)
+
+
+def constructed(model: type[_Model], values: dict[str, Any]) -> _Model:
+    """`model.model_construct(**values)` for `values` that are every field of `model`, in the
+    order of its fields (which its JSON keeps): the same model, `values` its `__dict__` and
+    every field set, without pydantic's walk over each field for an alias or a default (a
+    job's took 0.012 ms, three quarters of building it)."""
+    instance: _Model = model.__new__(model)
+    object.__setattr__(instance, "__dict__", values)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
+    return instance
 
 
 def _timestamp(nullable: bool = True) -> Any:

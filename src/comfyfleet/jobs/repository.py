@@ -34,7 +34,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from comfyfleet import json_codec, sql
 from comfyfleet.db import check_storable, driver_connection, single_statements, unavailable
 from comfyfleet.jobs import deliveries
-from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
+from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, constructed, utcnow
 from comfyfleet.jobs.positions import Backlog, Share, fair_position
 from comfyfleet.jobs.recent import Recent
 
@@ -52,7 +52,8 @@ UNFINISHED = text("jobs.status IN ({})".format(
 _CHANGING = frozenset({
     "status", "progress", "progress_detail", "backend", "prompt_id", "attempts", "dispatched_at",
     "dispatched_by", "started_at", "uploading_at", "finished_at", "outputs", "error"})
-_FIXED = frozenset(_table.c.keys()) - _CHANGING
+# The job's fields in order, each with whether a change's row has it (`_changed`).
+_FIELDS_CHANGING = tuple((name, name in _CHANGING) for name in Job.model_fields)
 # Storing a job and its transitions (not the claim): fixed SQL on asyncpg.
 _SQL = sql.queries("jobs")
 # The API's reads of one job: fixed SQL on asyncpg too.
@@ -444,7 +445,7 @@ class JobRepository:
             return Refusal(row["refusal"]), None
         if row["status"] is None:
             return None, None
-        return None, _changed(job, {name: row[name] for name in _CHANGING})
+        return None, _changed(job, row)
 
     async def release_client_task_id(self, job: Job) -> None:
         """Free `job`'s client_task_id for a new job (an idempotency key past its window)."""
@@ -722,8 +723,7 @@ class JobRepository:
         given, detail = _given(progress_detail)
         if given:
             written["progress_detail"] = detail
-        return await deliveries.delivery_row(job.model_copy(update=written), event,
-                                             self._webhook_slots)
+        return await deliveries.delivery_row(job, event, self._webhook_slots, written)
 
     def _hand_over(self, delivery: deliveries.Delivery | None, *, written: bool) -> None:
         """A delivery leased to this process's worker: `written` (then the worker sends it)
@@ -738,8 +738,8 @@ class JobRepository:
         """Record the latest progress of running jobs in one statement (sql/jobs.sql
         `progress`), each fenced as `transition` fences it, with its `job.progress` webhook
         where its client subscribed; the jobs written, as they are now."""
-        rows = [_delivery_json(await deliveries.delivery_row(report.job.model_copy(update={
-            "progress": report.progress, "progress_detail": report.detail}), "job.progress"))
+        rows = [_delivery_json(await deliveries.delivery_row(report.job, "job.progress", changes={
+            "progress": report.progress, "progress_detail": report.detail}))
             for report in reports]
         async with driver_connection(self.engine) as connection:
             written = await connection.fetch(
@@ -868,8 +868,7 @@ class JobRepository:
         ended = {row["entry"]: row for row in rows}
         for entry, end in enumerate(batch, 1):
             row = ended.get(entry)
-            self._answer(end, None if row is None
-                         else _changed(end.job, {name: row[name] for name in _CHANGING}))
+            self._answer(end, None if row is None else _changed(end.job, row))
 
     def _answer(self, end: _End, job: Job | None, error: Exception | None = None) -> None:
         """Tell `end`'s caller, if it still waits, that its job ended (`job`), was fenced out
@@ -1215,9 +1214,12 @@ def _built(values: dict[str, Any]) -> Job:
 def _changed(job: Job, row: Mapping[str, Any]) -> Job:
     """`job` as a fenced change left it: the columns a change may touch from `row` (its
     RETURNING), the others as they were (`transition` returns the id too, for the outbox).
-    Built as `_job` builds a job, for the same reasons."""
-    return Job.model_construct(**(dict(row.items()) | {name: getattr(job, name)
-                                                      for name in _FIXED}))
+    A plain model, as `_job` builds one; its fields read from `job.__dict__`, where every
+    model keeps them (the ORM's loads too, never expired here), not each through the ORM's
+    attribute."""
+    kept = job.__dict__
+    return constructed(Job, {name: row[name] if changing else kept[name]
+                             for name, changing in _FIELDS_CHANGING})
 
 
 async def _store(
@@ -1290,5 +1292,13 @@ def _json(value: Any) -> str | None:
 
 
 def _delivery_json(delivery: deliveries.Delivery | None) -> str | None:
-    """An outbox row as the named queries take it (JSON text); None stays NULL."""
-    return delivery.model_dump_json() if delivery is not None else None
+    """An outbox row as the named queries take it (JSON text); None stays NULL. Its fields
+    (`__dict__`: built by `delivery_row`, never the ORM's) written by the package's encoder in
+    half pydantic's time; by pydantic when that refuses (a payload's integer beyond 64 bits,
+    say, beside the row's timestamps, which the standard library cannot write)."""
+    if delivery is None:
+        return None
+    try:
+        return json_codec.dumps_text(delivery.__dict__)
+    except TypeError:
+        return delivery.model_dump_json()

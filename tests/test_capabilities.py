@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.dispatch.dispatcher import HeadJob
+from comfyfleet.dispatch.dispatcher import RunnableJobs
 from comfyfleet.jobs.repository import QueuedJob
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -53,12 +55,13 @@ def test_a_queued_job_is_judged_by_each_backends_capabilities_as_they_are_now() 
     backends weigh it at every claim); a backend that comes back with other models is asked
     afresh, as is one like it."""
     job = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG)
-    head = HeadJob()
+    runnable = RunnableJobs()
     bare, stocked = real_comfyui(), real_comfyui(checkpoints=["sd15.safetensors"])
-    assert not head.runs_on(bare, job)
-    assert head.runs_on(stocked, job)  # reconnected, the model added
-    assert not head.runs_on(real_comfyui(), job)  # and removed again
-    assert head.runs_on(stocked, job) and not head.runs_on(bare, job)
+    assert not runnable.runs_on(bare, job)
+    assert runnable.runs_on(stocked, job)  # reconnected, the model added
+    assert not runnable.runs_on(real_comfyui(), job)  # and removed again
+    assert runnable.runs_on(stocked, job) and not runnable.runs_on(bare, job)
+    assert runnable.runnable(stocked, [job]) == [job] and runnable.runnable(bare, [job]) == []
 
 
 def test_backends_alike_share_their_capabilities_and_a_job_is_judged_once_for_them() -> None:
@@ -71,9 +74,23 @@ def test_backends_alike_share_their_capabilities_and_a_job_is_judged_once_for_th
     info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = ["sd15.safetensors"]
     stocked = Capabilities.shared(info)
     assert stocked is not first and stocked.can_run(TXT2IMG) and not first.can_run(TXT2IMG)
-    job, head = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG), HeadJob()
-    assert not head.runs_on(first, job) and not head.runs_on(like_it, job)
-    assert head.runs_on(stocked, job)
+    job, runnable = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG), RunnableJobs()
+    assert not runnable.runs_on(first, job) and not runnable.runs_on(like_it, job)
+    assert runnable.runs_on(stocked, job)
+
+
+def test_capabilities_no_backend_holds_are_let_go_of_with_what_was_kept_of_them() -> None:
+    """What is kept of a backend's capabilities (which jobs they run) does not keep them: a
+    backend that reconnected with other models leaves its old ones (a real ComfyUI's are
+    megabytes) to be freed."""
+    job, runnable = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG), RunnableJobs()
+    old = real_comfyui(checkpoints=["sd15.safetensors"])
+    assert runnable.runnable(old, [job]) == [job]
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None
+    assert not runnable.runs_on(real_comfyui(), job)
 
 
 def test_unknown_node_class_is_named_and_uploaded_images_are_not_checked() -> None:

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -98,26 +99,54 @@ def length_by_steps(run: PromptRun) -> float | None:
     return (run.stepped_at - run.started) / run.step_fraction
 
 
-class HeadJob:
-    """What placement works out of a job near the backlog's head, once while it stays there
-    (every claim reads the head afresh, and weighs each of its jobs on every backend): its
-    prompt's cache keys (`Dispatcher.keys_of`), and whether a backend can run it."""
-
-    __slots__ = ("_runnable", "keys")
+class RunnableJobs:
+    """Which jobs near the backlog's head a backend can run, kept by its capabilities'
+    identity (a backend's are replaced when it reconnects, never changed, and backends alike
+    share one: `Capabilities.shared`): worked out once a job and capabilities while the job
+    stays near the head. Every claim reads the head afresh and weighs each of its jobs on the
+    backend it asks: a look-up a job, not a call chain."""
 
     def __init__(self) -> None:
-        self.keys: PromptKeys | None = None
-        # By the capabilities' identity (a backend's are replaced when it reconnects, never
-        # changed), each kept with its answer so that its id stays its own.
-        self._runnable: dict[int, tuple[Capabilities, bool]] = {}
+        # By the capabilities' id, each with a weak reference to them: their entry goes with
+        # them (a backend that reconnected with other models, say), and their id with it.
+        self._known: dict[int, tuple[weakref.ref[Capabilities],
+                                     OrderedDict[uuid.UUID, bool]]] = {}
 
     def runs_on(self, capabilities: Capabilities, job: QueuedJob) -> bool:
-        """Whether a backend of these capabilities can run `job`, the job this is of."""
-        known = self._runnable.get(id(capabilities))
-        if known is None:
-            known = self._runnable[id(capabilities)] = (capabilities,
-                                                         capabilities.can_run(job.prompt))
-        return known[1]
+        """Whether a backend of these capabilities can run `job`."""
+        known = self._of(capabilities)
+        runs = known.get(job.id)
+        if runs is None:
+            runs = self._learn(capabilities, known, job)
+        return runs
+
+    def runnable(self, capabilities: Capabilities, jobs: list[QueuedJob]) -> list[QueuedJob]:
+        """The jobs of `jobs` a backend of these capabilities can run, in their order."""
+        known = self._of(capabilities)
+        runnable: list[QueuedJob] = []
+        for job in jobs:
+            runs = known.get(job.id)
+            if runs is None:
+                runs = self._learn(capabilities, known, job)
+            if runs:
+                runnable.append(job)
+        return runnable
+
+    def _of(self, capabilities: Capabilities) -> OrderedDict[uuid.UUID, bool]:
+        entry = self._known.get(id(capabilities))
+        if entry is None or entry[0]() is not capabilities:
+            key = id(capabilities)
+            entry = self._known[key] = (
+                weakref.ref(capabilities, lambda _: self._known.pop(key, None)), OrderedDict())
+        return entry[1]
+
+    @staticmethod
+    def _learn(capabilities: Capabilities, known: OrderedDict[uuid.UUID, bool],
+               job: QueuedJob) -> bool:
+        runs = known[job.id] = capabilities.can_run(job.prompt)
+        while len(known) > HEADS_KEPT:
+            known.popitem(last=False)
+        return runs
 
 
 @dataclass(frozen=True)
@@ -263,8 +292,10 @@ class Dispatcher:
         self._node_costs = node_costs
         self._affinity_window = affinity_window
         self._fair_share = fair_share  # between tenants; else one backlog, priority then age
-        # What placement worked out of the jobs near the head of the backlog, by job id.
-        self._heads: OrderedDict[uuid.UUID, HeadJob] = OrderedDict()
+        # What placement worked out of the jobs near the head of the backlog: their prompts'
+        # cache keys by job id (`keys_of`), and whether each backend can run them.
+        self._keys: OrderedDict[uuid.UUID, PromptKeys] = OrderedDict()
+        self._runnable = RunnableJobs()
         self._sessions = sessions
         self._tracker = tracker
         self._storage = storage
@@ -482,9 +513,7 @@ class Dispatcher:
 
     def _start(self, session: BackendSession, job: Job) -> None:
         metrics.job_dispatched(job)
-        head = self._heads.get(job.id)
-        self._tracker.track(session, job, submitting=True,
-                            keys=head.keys if head is not None else None)
+        self._tracker.track(session, job, submitting=True, keys=self._keys.get(job.id))
         task = asyncio.create_task(self._submit(session, job))
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)
@@ -514,7 +543,7 @@ class Dispatcher:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)
         ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
-        runnable = [job for job in ordered if self.can_run(session, job)]
+        runnable = self._runnable.runnable(session.capabilities, ordered)
         self._outcome = "cannot_run" if queued else "empty"
         if not runnable:
             return None
@@ -714,24 +743,18 @@ class Dispatcher:
 
     def keys_of(self, job: QueuedJob, session: BackendSession) -> PromptKeys:
         """The cache keys of a queued job's prompt, kept while it is near the backlog's head."""
-        head = self._head(job)
-        if head.keys is None:
+        keys = self._keys.get(job.id)
+        if keys is None:
             assert session.capabilities is not None
-            head.keys = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
-        return head.keys
+            keys = self._keys[job.id] = PromptKeys(job.prompt, session.capabilities.keyed_by_id)
+            while len(self._keys) > HEADS_KEPT:
+                self._keys.popitem(last=False)
+        return keys
 
     def can_run(self, session: BackendSession, job: QueuedJob) -> bool:
         """Whether `session` (its capabilities known) can run a queued job."""
         assert session.capabilities is not None
-        return self._head(job).runs_on(session.capabilities, job)
-
-    def _head(self, job: QueuedJob) -> HeadJob:
-        head = self._heads.get(job.id)
-        if head is None:
-            head = self._heads[job.id] = HeadJob()
-            while len(self._heads) > HEADS_KEPT:
-                self._heads.popitem(last=False)
-        return head
+        return self._runnable.runs_on(session.capabilities, job)
 
     def _rivals(self, session: BackendSession, job: QueuedJob) -> Iterator[BackendLoad]:
         for other in self._sessions:

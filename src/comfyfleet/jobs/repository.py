@@ -65,8 +65,6 @@ CLAIM_BATCH = 50
 # taken, or one it passes passed to the window meanwhile), each on the read the one before
 # made: each lost race is another claim's progress.
 CLAIM_TAKES = 4
-# The prompts of queued jobs a repository keeps for its claims (`JobRepository._prompt`).
-PROMPTS_KEPT = 4 * CLAIM_BATCH
 # The jobs a repository keeps as its own statements ended them (`JobRepository.ended_here`).
 ENDED_KEPT = 256
 # The longest `ended_here` waits for an end of the job this process is writing (`finish`): a
@@ -169,6 +167,8 @@ class BacklogRead(NamedTuple):
     backlog: int
     # The tenants with a max_concurrent, by their jobs read: the take locks it.
     limited: dict[uuid.UUID, str]
+    # The prompts of the jobs read, by job id: those a take need not read again.
+    prompts: dict[uuid.UUID, dict[str, Any]]
 
 
 class Claim(NamedTuple):
@@ -295,8 +295,8 @@ class JobRepository:
         self._reads = single_statements(reads or engine)
         self._tell_change = on_change or (lambda _: None)
         self._webhook_slots = webhook_slots
-        # The prompts of the queued jobs its claims read, by job id, least recently read first.
-        self._prompts: OrderedDict[uuid.UUID, dict[str, Any]] = OrderedDict()
+        # The prompts of the queued jobs its latest claim read, by job id (`_claim_statement`).
+        self._prompts: dict[uuid.UUID, dict[str, Any]] = {}
         self._exact_positions_below = exact_positions_below
         self._position_max_age = position_max_age
         # The queued jobs the latest count of positions saw (none until one has counted: the
@@ -607,7 +607,7 @@ class JobRepository:
                 row, after = await self._claim_statement(
                     connection, choice.job_id, choice.passed, backend, prompt_id, owner,
                     choice.charge, max_inflight, ended, read.limited.get(choice.job_id),
-                    window, {job.id: job.prompt for job in queued})
+                    window, read.prompts)
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
@@ -632,32 +632,28 @@ class JobRepository:
         `held`: prompts by job id, which the statement leaves out of its read (each claim
         reads the head of every tenant's backlog again, the same CLAIM_BATCH rows but the
         ones taken, and a prompt is tens of KB): with a job to take, those of the queued jobs
-        the caller's read saw, whose ids a take sends anyway; else every one this repository
-        keeps (a pass's first read; encoding those 4 * CLAIM_BATCH ids at every take was a
-        good part of the claim's own CPU)."""
+        the caller's read saw, whose ids a take sends anyway; else those of the latest read
+        (a pass's first read: the head it reads is mostly the one the pass before left).
+        A job's prompt never changes: it is decoded once while its job stays near the head,
+        and shared between the reads (so only read)."""
         ids = list(held)
         seen, kept = (ids, []) if job_id is not None else ([], ids)
         row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
             self._max_concurrent, max_inflight, ended, tenant, window, seen, CLAIM_BATCH, kept)
+        prompts: dict[uuid.UUID, dict[str, Any]] = {}
+        queued: list[QueuedJob] = []
+        # A loop of its own, the fields by index: a read is CLAIM_BATCH jobs at every claim.
         heads = row["heads"] or ()  # null: none read
-        queued = [QueuedJob(head[0], head[1], self._prompt(head[0], head[2], held),
-                            *head[3:10]) for head in heads]
-        # Let go of the least recently read only now: `held` may be the prompts kept.
-        while len(self._prompts) > PROMPTS_KEPT:
-            self._prompts.popitem(last=False)
+        for head in heads:
+            read_id, text = head[0], head[2]
+            prompt = prompts[read_id] = held[read_id] if text is None else json_codec.loads(text)
+            queued.append(QueuedJob(read_id, head[1], prompt, head[3], head[4], head[5], head[6],
+                                    head[7], head[8], head[9]))
+        self._prompts = prompts
         return row, BacklogRead(queued, row["backlog"],
-                                {head[0]: head[6] for head in heads if head[10]})
-
-    def _prompt(self, job_id: uuid.UUID, text: str | None,
-                held: Mapping[uuid.UUID, dict[str, Any]]) -> dict[str, Any]:
-        """A queued job's prompt, as the claim read it (`text`), or as it was held (`held`)
-        when the claim left it out; kept while its job stays near the head (decoded once
-        then), shared between claims, so only read."""
-        prompt = held[job_id] if text is None else json_codec.loads(text)
-        self._prompts[job_id] = prompt
-        self._prompts.move_to_end(job_id)
-        return prompt
+                                {head[0]: head[6] for head in heads if head[10]},
+                                prompts)
 
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,

@@ -11,6 +11,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import event
@@ -113,6 +114,33 @@ async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
     await repository.claim_next(["a"], "p2", max_inflight=1, pick=look)
     await JobRepository(engine).claim_next(["a"], "p3", max_inflight=1, pick=look)
     assert [prompt["1"]["class_type"] for prompt in seen] == ["Old", "Old", "New"]
+
+
+async def test_a_claim_takes_what_never_changes_of_a_job_it_read_before_from_memory(
+    engine: AsyncEngine,
+) -> None:
+    # Its workflow, priority, created_at and tenant, like its prompt: the read gives a job it
+    # was told the caller holds only as far as it may change (how often it was passed).
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    await repository.insert(Job(workflow="old", prompt={}, priority=1, api_key_hash="k"))
+    seen: list[tuple[str, int, datetime, str]] = []
+
+    def look(_: str, queued: list[QueuedJob]) -> None:
+        seen.append((queued[0].workflow, queued[0].priority, queued[0].created_at,
+                     queued[0].tenant))
+
+    await repository.claim_next(["a"], "p1", max_inflight=1, pick=look)
+    # Changed behind the repositories' backs (no statement changes them once a job is
+    # stored): only a claim that reads the job whole sees it.
+    async with driver_connection(engine) as connection:
+        await connection.execute(
+            "UPDATE jobs SET workflow = 'new', priority = 2, api_key_hash = 'l',"
+            " created_at = created_at - interval '1 hour'")
+    await repository.claim_next(["a"], "p2", max_inflight=1, pick=look)
+    await JobRepository(engine).claim_next(["a"], "p3", max_inflight=1, pick=look)
+    assert seen[0] == seen[1] and seen[0][::3] == ("old", "k")
+    assert seen[2][:2] == ("new", 2) and seen[2][2] < seen[0][2] and seen[2][3] == "l"
 
 
 def first(_: str, queued: list[QueuedJob]) -> Choice | None:

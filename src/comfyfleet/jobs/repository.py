@@ -167,8 +167,8 @@ class BacklogRead(NamedTuple):
     backlog: int
     # The tenants with a max_concurrent, by their jobs read: the take locks it.
     limited: dict[uuid.UUID, str]
-    # The prompts of the jobs read, by job id: those a take need not read again.
-    prompts: dict[uuid.UUID, dict[str, Any]]
+    # The jobs read, by id: what of them a take need not read again.
+    jobs: dict[uuid.UUID, QueuedJob]
 
 
 class Claim(NamedTuple):
@@ -295,8 +295,8 @@ class JobRepository:
         self._reads = single_statements(reads or engine)
         self._tell_change = on_change or (lambda _: None)
         self._webhook_slots = webhook_slots
-        # The prompts of the queued jobs its latest claim read, by job id (`_claim_statement`).
-        self._prompts: dict[uuid.UUID, dict[str, Any]] = {}
+        # The queued jobs its latest claim read, by id (`_claim_statement`).
+        self._read_jobs: dict[uuid.UUID, QueuedJob] = {}
         self._exact_positions_below = exact_positions_below
         self._position_max_age = position_max_age
         # The queued jobs the latest count of positions saw (none until one has counted: the
@@ -595,7 +595,7 @@ class JobRepository:
             if read is None:
                 row, read = await self._claim_statement(
                     connection, None, (), first, prompt_id, owner, 0.0, max_inflight, ended,
-                    None, window, self._prompts)
+                    None, window, self._read_jobs)
                 if row["free"] <= 0:
                     return Claim(None, (first,), None, 1), None
             queued = read.queued
@@ -607,7 +607,7 @@ class JobRepository:
                 row, after = await self._claim_statement(
                     connection, choice.job_id, choice.passed, backend, prompt_id, owner,
                     choice.charge, max_inflight, ended, read.limited.get(choice.job_id),
-                    window, read.prompts)
+                    window, read.jobs)
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
@@ -626,34 +626,38 @@ class JobRepository:
         self, connection: asyncpg.Connection, job_id: uuid.UUID | None,
         passed: Sequence[uuid.UUID], backend: str, prompt_id: str, owner: int | None,
         charge: float, max_inflight: int, ended: list[str], tenant: str | None,
-        window: int | None, held: Mapping[uuid.UUID, dict[str, Any]],
+        window: int | None, held: Mapping[uuid.UUID, QueuedJob],
     ) -> tuple[asyncpg.Record, BacklogRead]:
         """sql/claim.sql `claim`: take `job_id` (None: read only); its row and its read.
-        `held`: prompts by job id, which the statement leaves out of its read (each claim
-        reads the head of every tenant's backlog again, the same CLAIM_BATCH rows but the
-        ones taken, and a prompt is tens of KB): with a job to take, those of the queued jobs
-        the caller's read saw, whose ids a take sends anyway; else those of the latest read
-        (a pass's first read: the head it reads is mostly the one the pass before left).
-        A job's prompt never changes: it is decoded once while its job stays near the head,
-        and shared between the reads (so only read)."""
+        `held`: queued jobs by id, which the statement gives only as far as they change (each
+        claim reads the head of every tenant's backlog again, the same CLAIM_BATCH rows but
+        the ones taken, and a prompt is tens of KB): with a job to take, the jobs the caller's
+        read saw, whose ids a take sends anyway; else those of the latest read (a pass's first
+        read: the head it reads is mostly the one the pass before left). A job's prompt never
+        changes: it is decoded once while its job stays near the head, and shared between the
+        reads (so only read)."""
         ids = list(held)
         seen, kept = (ids, []) if job_id is not None else ([], ids)
         row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
             self._max_concurrent, max_inflight, ended, tenant, window, seen, CLAIM_BATCH, kept)
-        prompts: dict[uuid.UUID, dict[str, Any]] = {}
-        queued: list[QueuedJob] = []
+        jobs: dict[uuid.UUID, QueuedJob] = {}
+        limited: dict[uuid.UUID, str] = {}
         # A loop of its own, the fields by index: a read is CLAIM_BATCH jobs at every claim.
-        heads = row["heads"] or ()  # null: none read
-        for head in heads:
-            read_id, text = head[0], head[2]
-            prompt = prompts[read_id] = held[read_id] if text is None else json_codec.loads(text)
-            queued.append(QueuedJob(read_id, head[1], prompt, head[3], head[4], head[5], head[6],
-                                    head[7], head[8], head[9]))
-        self._prompts = prompts
-        return row, BacklogRead(queued, row["backlog"],
-                                {head[0]: head[6] for head in heads if head[10]},
-                                prompts)
+        for head in row["heads"] or ():  # null: none read
+            read_id = head[0]
+            if head[1] is None:  # held: only what may have changed since came
+                known = held[read_id]
+                job = QueuedJob(read_id, known.workflow, known.prompt, known.priority, head[4],
+                                known.created_at, known.tenant, head[7], head[8], head[9])
+            else:
+                job = QueuedJob(read_id, head[1], json_codec.loads(head[2]), head[3], head[4],
+                                head[5], head[6], head[7], head[8], head[9])
+            jobs[read_id] = job
+            if head[10]:
+                limited[read_id] = job.tenant
+        self._read_jobs = jobs
+        return row, BacklogRead(list(jobs.values()), row["backlog"], limited, jobs)
 
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,

@@ -58,9 +58,11 @@
 -- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
 -- whether the tenant has a max_concurrent (`limited`: the take locks it), as a `claim_head`
 -- (migration 0040: a named type decodes in half the client's CPU of a record). A job's prompt
--- comes as text, but null for the jobs the caller's read saw ($12) and the jobs $14, whose
--- prompts the caller holds besides (a job's prompt never changes, and a tenant's head is read
--- again by every claim: a take names the jobs of its read once, and no other). The read is as this statement's take leaves the
+-- comes as text; it, its workflow, priority, created_at and tenant, which no statement changes
+-- once the job is stored, come null for the jobs the caller's read saw ($12) and the jobs $14,
+-- which the caller holds already: a tenant's head is read again by every claim, and each of its
+-- jobs was decoded whole at every claim, a timestamp and two texts for nothing (a take names the
+-- jobs of its read once, and no other). The read is as this statement's take leaves the
 -- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
 -- charged, and the jobs it locked as it found them. The jobs are read without locks: claims for
 -- other backends, in this process or another, read the same head side by side, none hidden from
@@ -213,17 +215,19 @@ WITH RECURSIVE guarded AS MATERIALIZED (
 ), heads AS (
     SELECT eligible.*, ceil($13::float8 / count(*) OVER ())::int AS depth FROM eligible
 ), read AS (
-    SELECT array_agg((queued.id, queued.workflow,
-                      CASE WHEN queued.id = ANY($12::uuid[]) OR queued.id = ANY($14::uuid[])
-                           THEN NULL
-                           ELSE queued.prompt::text END,
-                      queued.priority,
+    SELECT array_agg((queued.id,
+                      CASE WHEN NOT queued.held THEN queued.workflow END,
+                      CASE WHEN NOT queued.held THEN queued.prompt::text END,
+                      CASE WHEN NOT queued.held THEN queued.priority END,
                       coalesce(passed.overtaken, locked.overtaken, queued.overtaken),
-                      queued.created_at, heads.tenant, heads.start, heads.weight,
-                      queued.place = heads.depth, heads.limited)::claim_head
+                      CASE WHEN NOT queued.held THEN queued.created_at END,
+                      CASE WHEN NOT queued.held THEN heads.tenant END,
+                      heads.start, heads.weight, queued.place = heads.depth,
+                      heads.limited)::claim_head
                      ORDER BY heads.start, heads.tenant, queued.place) AS heads
     FROM heads CROSS JOIN LATERAL (
         SELECT id, workflow, prompt, priority, overtaken, created_at,
+               id = ANY($12::uuid[]) OR id = ANY($14::uuid[]) AS held,
                row_number() OVER (ORDER BY priority DESC, created_at) AS place
         FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
               WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant

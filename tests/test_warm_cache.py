@@ -197,3 +197,31 @@ def test_the_keys_of_a_prompt_as_sent_are_those_of_the_prompt_computed_again_whe
     other = queued.of_copy(sent, frozenset())
     assert other.signatures == PromptKeys(sent, frozenset()).signatures
     assert other.signatures["4"] != copied.signatures["4"]
+
+
+class CountedNode(dict[str, Any]):
+    """A node of a prompt that counts how often its fields are read."""
+
+    reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        CountedNode.reads += 1
+        return super().get(key, default)
+
+
+def test_the_keys_of_a_prompt_as_sent_read_only_the_nodes_it_changed() -> None:
+    """What the keys of the queued prompt found of its nodes not changed (their immediate
+    signatures, where their inputs link) serves for the prompt as sent: the tracker works its
+    keys out for every job dispatched, and a prompt has many nodes a send does not change."""
+    prompt: dict[str, Any] = {
+        "1": CountedNode(class_type="EmptyImage",
+                         inputs={"width": 8, "height": 8, "batch_size": 1, "color": 0}),
+        "2": CountedNode(class_type="ImageInvert", inputs={"image": ["1", 0]}),
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "a"}},
+    }
+    queued = PromptKeys(prompt, frozenset())
+    sent = isolate_outputs(prompt, "prompt-1")
+    CountedNode.reads = 0
+    copied = queued.of_copy(sent, frozenset())
+    assert CountedNode.reads == 0
+    assert copied.signatures == PromptKeys(sent, frozenset()).signatures

@@ -53,6 +53,7 @@ def is_link(value: Any) -> bool:
 def node_signatures(
     prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById,
     only: Collection[str] | None = None, immediates: Immediates | None = None,
+    linked: Linked | None = None,
 ) -> dict[str, str | None]:
     """The cache key of every node of `prompt` (None: it can never be served from cache), or
     of the nodes `only` names.
@@ -61,7 +62,8 @@ def node_signatures(
     none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
     `immediates`: the nodes' immediate signatures made so far, by node id, taken as they are
     and added to (a node's does not depend on the nodes it links to: those of a prompt serve
-    a copy of it for the nodes not changed).
+    a copy of it for the nodes not changed); `linked`: the nodes each node's inputs link to
+    (`_sources`), likewise.
     """
     # A node's immediate signature is the same in every key it is part of but for its links'
     # positions, so its canonical text is made once, in pieces around the links: a key is a
@@ -69,7 +71,8 @@ def node_signatures(
     # node and all its ancestors anew.
     if immediates is None:
         immediates = {}
-    linked: dict[str, list[str]] = {}
+    if linked is None:
+        linked = {}
 
     def immediate_of(node_id: str) -> _Immediate | None:
         if node_id not in immediates:
@@ -99,7 +102,7 @@ def node_signatures(
 
 def predicted_signatures(
     prompt: Mapping[str, Any], keyed_by_id: frozenset[str], only: Collection[str] | None = None,
-    immediates: Immediates | None = None,
+    immediates: Immediates | None = None, linked: Linked | None = None,
 ) -> dict[str, str | None]:
     """The keys a server will give `prompt`'s nodes, as far as a client can tell: the
     IS_CHANGED of a file loader (the file's hash) is taken to follow its file name, and
@@ -110,17 +113,19 @@ def predicted_signatures(
 
     return node_signatures(prompt, is_changed=is_changed,
                            keyed_by_id=keyed_by_id.__contains__, only=only,
-                           immediates=immediates)
+                           immediates=immediates, linked=linked)
 
 
-def downstream(prompt: Mapping[str, Any], nodes: Collection[str]) -> set[str]:
+def downstream(prompt: Mapping[str, Any], nodes: Collection[str],
+               linked: Linked | None = None) -> set[str]:
     """`nodes` and every node of `prompt` linked to one of them through its inputs, however
-    far: the nodes whose keys change when those nodes change."""
+    far: the nodes whose keys change when those nodes change. `linked`: what the inputs of
+    some of `prompt`'s nodes link to, as `node_signatures` found it (the others are read)."""
     users: dict[str, list[str]] = {}
     for node_id in prompt:
-        for value in _inputs(prompt[node_id]).values():
-            if is_link(value):
-                users.setdefault(value[0], []).append(node_id)
+        sources = linked.get(node_id) if linked is not None else None
+        for source in sources if sources is not None else _sources(prompt, node_id):
+            users.setdefault(source, []).append(node_id)
     found = set(nodes)
     stack = list(found)
     while stack:
@@ -162,9 +167,11 @@ def _sources(prompt: Mapping[str, Any], node_id: str) -> list[str]:
     return [value[0] for _, value in sorted(_inputs(node).items()) if is_link(value)]
 
 
-def _inputs(node: Mapping[str, Any]) -> dict[str, Any]:
+def _inputs(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A node's inputs, as they are: only read (a copy of each node's, two or three times a
+    key, was a good part of a small prompt's keys)."""
     inputs = node.get("inputs")
-    return dict(inputs) if isinstance(inputs, Mapping) else {}
+    return inputs if isinstance(inputs, dict | Mapping) else {}
 
 
 # One encoder for every text (json.dumps with options builds a new one at each call).
@@ -224,6 +231,8 @@ class _Immediate:
 
 # Immediate signatures by node id (None: the node's equals nothing).
 Immediates = dict[str, "_Immediate | None"]
+# The nodes each node's inputs link to, by node id, in the order of its inputs' names.
+Linked = dict[str, list[str]]
 
 
 def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,

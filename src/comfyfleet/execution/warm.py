@@ -17,6 +17,7 @@ from typing import Any
 from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
 from comfyfleet.comfy.signatures import (
     Immediates,
+    Linked,
     cache_keys,
     downstream,
     predicted_signatures,
@@ -51,13 +52,15 @@ class PromptKeys:
 
     def __init__(self, prompt: Mapping[str, Any], keyed_by_id: frozenset[str],
                  signatures: Mapping[str, str | None] | None = None,
-                 immediates: Immediates | None = None) -> None:
+                 immediates: Immediates | None = None, linked: Linked | None = None) -> None:
         self.prompt = prompt
         self.keyed_by_id = keyed_by_id
-        # Its nodes' immediate signatures, for `of_copy`'s nodes not changed.
+        # Its nodes' immediate signatures and links, for `of_copy`'s nodes not changed.
         self.immediates: Immediates = immediates if immediates is not None else {}
+        self.linked: Linked = linked if linked is not None else {}
         self.signatures = dict(signatures) if signatures is not None \
-            else predicted_signatures(prompt, keyed_by_id, immediates=self.immediates)
+            else predicted_signatures(prompt, keyed_by_id, immediates=self.immediates,
+                                      linked=self.linked)
         # Fresh for each prompt followed: a key that matches nothing is its own.
         self.keys = cache_keys(self.signatures)
 
@@ -77,11 +80,14 @@ class PromptKeys:
         edited = [node_id for node_id, node in copy.items() if node != self.prompt[node_id]]
         immediates = {node_id: immediate for node_id, immediate in self.immediates.items()
                       if node_id not in edited}
-        changed = downstream(copy, edited)
+        linked = {node_id: sources for node_id, sources in self.linked.items()
+                  if node_id not in edited}
+        changed = downstream(copy, edited, linked)
         return PromptKeys(copy, keyed_by_id, {
             **self.signatures,
-            **predicted_signatures(copy, keyed_by_id, only=changed, immediates=immediates)},
-            immediates)
+            **predicted_signatures(copy, keyed_by_id, only=changed, immediates=immediates,
+                                   linked=linked)},
+            immediates, linked)
 
 
 class WarmCache:

@@ -13,13 +13,17 @@ from typing import Any
 
 from comfyfleet import json_codec
 
+# The message types are plain slotted dataclasses, not frozen ones: a frame makes one, and a
+# frozen dataclass's __init__ sets each field through object.__setattr__ (0.35 us a message
+# against 0.13). Nothing keeps or hashes them; they are read once by whoever is told.
+
 PREVIEW_IMAGE = 1
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 _IMAGE_FORMATS = {1: "image/jpeg", 2: "image/png"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Status:
     """Broadcast on every queue change; `sid` only on the copy sent at connect."""
 
@@ -27,18 +31,18 @@ class Status:
     sid: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExecutionStart:
     prompt_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExecutionCached:
     prompt_id: str
     nodes: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Executing:
     """A node starts; `node` None means the prompt is finished (the last per-prompt message).
 
@@ -48,7 +52,7 @@ class Executing:
     node: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Progress:
     prompt_id: str
     node: str | None
@@ -56,19 +60,19 @@ class Progress:
     max: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Executed:
     prompt_id: str
     node: str | None
     output: dict[str, Any] | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExecutionSuccess:
     prompt_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExecutionError:
     prompt_id: str
     node_id: str | None
@@ -79,14 +83,14 @@ class ExecutionError:
     current_inputs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExecutionInterrupted:
     prompt_id: str
     node_id: str | None
     node_type: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Other:
     """Any other text message (progress_state, feature_flags, types from newer versions)."""
 
@@ -94,7 +98,7 @@ class Other:
     data: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Preview:
     """A binary preview image (frame type 1, or 4 with metadata naming its node and prompt)."""
 
@@ -104,7 +108,7 @@ class Preview:
     node_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Text:
     """A binary text frame (type 3) a node pushes; broadcast to every socket."""
 

@@ -339,7 +339,14 @@ class ExecutionTracker:
             run.started_on = None
             return
         run.last_heard = time.monotonic()
-        match message:
+        match message:  # progress first: a frame per step, the most of a prompt's frames
+            case Progress(value=value, max=maximum) if maximum > 0:
+                told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
+                run.step_fraction, run.stepped_at = value / maximum, time.monotonic()
+                run.steps = (int(value), int(maximum))
+                if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
+                    self._signals.length_known()  # it may be worth moving now
+                await self._report_progress(run, value / maximum)
             case ExecutionStart():
                 self._started(session, run)
             case ExecutionCached(nodes=nodes):
@@ -355,13 +362,6 @@ class ExecutionTracker:
                 run.node_running, run.node_started = node, time.monotonic()
                 run.steps = None
                 await self._report_progress(run, 0.0)
-            case Progress(value=value, max=maximum) if maximum > 0:
-                told = run.step_fraction >= MIN_PROGRESS_TO_JUDGE
-                run.step_fraction, run.stepped_at = value / maximum, time.monotonic()
-                run.steps = (int(value), int(maximum))
-                if not told and run.step_fraction >= MIN_PROGRESS_TO_JUDGE:
-                    self._signals.length_known()  # it may be worth moving now
-                await self._report_progress(run, value / maximum)
             case Executed(node=str(node), output=output):
                 run.executed[node] = output
                 if output is not None and self._collector.store_early(

@@ -102,7 +102,10 @@ class PromptRun:
     step_fraction: float = 0.0  # of the node reporting progress (a sampler's steps)
     stepped_at: float = 0.0  # monotonic time of the report of step_fraction
     steps: tuple[int, int] | None = None  # the running node's step, out of how many
-    reported: tuple[float, dict[str, Any] | None] = (0.0, None)  # its latest progress, detail
+    # Its latest progress: the nodes done (the running one's fraction with them), the node
+    # running and its step. Worded as the job's (`reported`) only when written: once for the
+    # frames of an interval, not at each (a progress frame a step).
+    report: tuple[float, str | None, tuple[int, int] | None] = (0.0, None, None)
     early: EarlyOutputs = field(default_factory=EarlyOutputs)  # files stored while it runs
     # Being taken off its backend by the dispatcher, which reads its outcome from /history.
     moving: bool = False
@@ -127,19 +130,19 @@ class PromptRun:
             self.sent_keys = self.sent_keys()
         return self.sent_keys
 
-    def progress(self, fraction_of_node: float) -> float:
-        total = max(len(self.prompt), 1)
-        return min(max((self.nodes_done + fraction_of_node) / total, 0.0), 0.99)
-
-    def progress_detail(self) -> dict[str, Any] | None:
-        """The node running and its step out of how many (the job's `progress_detail`)."""
-        node = self.node_running
+    @property
+    def reported(self) -> tuple[float, dict[str, Any] | None]:
+        """Its latest progress report (`report`) as the job's `progress` and
+        `progress_detail` (the node running and its step out of how many)."""
+        done, node, steps = self.report
+        progress = min(max(done / max(len(self.prompt), 1), 0.0), 0.99)
         if node is None:
-            return None
+            return progress, None
         class_type = self.prompt.get(node, {}).get("class_type")
-        step, steps = self.steps if self.steps is not None else (None, None)
-        return {"node": node, "class_type": class_type if isinstance(class_type, str) else None,
-                "step": step, "steps": steps}
+        step, of = steps if steps is not None else (None, None)
+        return progress, {"node": node,
+                          "class_type": class_type if isinstance(class_type, str) else None,
+                          "step": step, "steps": of}
 
 
 class ExecutionTracker:
@@ -493,7 +496,7 @@ class ExecutionTracker:
         metrics.job_started(run.job)
 
     async def _report_progress(self, run: PromptRun, fraction_of_node: float) -> None:
-        run.reported = (run.progress(fraction_of_node), run.progress_detail())
+        run.report = (run.nodes_done + fraction_of_node, run.node_running, run.steps)
         if run.start.at is not None:
             now = time.monotonic()
             if now - run.last_write < PROGRESS_WRITE_INTERVAL:
@@ -501,9 +504,10 @@ class ExecutionTracker:
             run.last_write = now
             async with run.start.recording() as started_at:
                 if started_at is not None:  # the start rides on this write, with its webhook
+                    progress, detail = run.reported
                     await self._update(run, {JobStatus.DISPATCHED}, event="job.started",
                                        status=JobStatus.RUNNING, started_at=started_at,
-                                       progress=run.reported[0], progress_detail=run.reported[1])
+                                       progress=progress, progress_detail=detail)
                     metrics.job_started(run.job)
                     return
         self._progressing[run.prompt_id] = run

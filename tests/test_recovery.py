@@ -24,9 +24,9 @@ from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_
 PROMPT_SECONDS = 1.5
 
 
-def sim_process(port: int) -> Any:
+def sim_process(port: int, seconds: float = PROMPT_SECONDS) -> Any:
     return python_process(
-        "comfyfleet", "sim", "--port", str(port), "--duration", str(PROMPT_SECONDS),
+        "comfyfleet", "sim", "--port", str(port), "--duration", str(seconds),
         ready_url=f"http://{LOOPBACK}:{port}/prompt",
     )
 
@@ -98,6 +98,37 @@ async def test_gateway_killed_mid_job_resumes_without_losing_or_rerunning_anythi
         assert job["attempts"] == 1, job  # re-attached, not run again
         (output,) = job["outputs"]
         assert (data_root / "outputs" / output["key"]).stat().st_size == output["size"]
+
+
+async def test_a_prompt_adopted_from_a_killed_gateway_ends_by_the_queues_status(
+    settings: Settings, receiver: WebhookReceiver, data_root: Path
+) -> None:
+    """The prompt still runs as the new process adopts it; its frames go to the killed
+    process's socket, so only the `status` broadcast of its queue's change, then its /history,
+    tell its end: well before a quiet prompt's poll (a minute here)."""
+    sim_port, service_port = free_ports(1), free_ports(1)
+    env = serve_env(settings, data_root, service_port, QUIET_PROMPT_SECONDS="60",
+                    COMFYUI_ENDPOINTS=f"{LOOPBACK}:{sim_port}#gpu")
+    base = f"http://{LOOPBACK}:{service_port}"
+    api = base + settings.route_prefix
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(sim_process(sim_port, seconds=10))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        first = await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        (job_id,) = await submit(http, api, receiver.url, 1)
+        await wait_for_job(http, api, job_id, "running")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        await stack.enter_async_context(
+            python_process("comfyfleet", "serve", env=env, ready_url=base + "/healthz"))
+        prompt_id = (await job_status(http, api, job_id))["prompt_id"]
+        assert not await backend_history(http, sim_port, prompt_id)  # adopted still running
+        async with asyncio.timeout(30):
+            await receiver.wait_for(1)
+        job = await job_status(http, api, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1, job
 
 
 async def test_backend_restart_loses_its_queue_and_the_job_runs_again(

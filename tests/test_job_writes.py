@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.db import NotStorable, check_storable, driver_connection
 from comfyfleet.execution.tracker import END_WRITE_DELAY
-from comfyfleet.jobs.models import Job, JobStatus, new_job, utcnow
+from comfyfleet.jobs.deliveries import Delivery
+from comfyfleet.jobs.models import Job, JobStatus, constructed, new_job, utcnow
 from comfyfleet.jobs.repository import JobRepository, _table
 from comfyfleet.json_codec import datetime_text
 from comfyfleet.settings import Settings
@@ -290,6 +291,29 @@ def test_a_new_job_has_the_models_defaults_and_containers_of_its_own() -> None:
     built.params["seed"] = 1
     assert (other.outputs, other.params, other.prompt) == ([], {}, {})
     assert other.id != built.id
+
+
+def test_a_model_constructed_with_the_fields_given_is_the_one_model_construct_builds(
+) -> None:
+    """The intake builds jobs past pydantic's `model_construct` (`constructed`, `new_job`):
+    the same instance, the fields given as the ones set, and the same for a delivery."""
+    job = new_job(workflow="invert", params={"seed": 1}, callback_url="http://x/hook")
+    values = dict(vars(job))
+    for fields_set in (None, {"workflow", "params"}):
+        ours = constructed(Job, dict(values), fields_set)
+        theirs = Job.model_construct(fields_set, **values)
+        assert vars(ours) == vars(theirs)
+        assert ours.model_fields_set == theirs.model_fields_set
+        assert ours.model_dump_json() == theirs.model_dump_json()
+    assert job.model_fields_set == {"workflow", "params", "callback_url"}
+    delivery: dict[str, Any] = {
+        "id": uuid.uuid4(), "job_id": job.id, "event_type": "job.succeeded",
+        "message_id": "msg_1", "url": "http://x/hook", "host": "x:80", "payload": {},
+        "status": "pending", "attempts": 0, "pending_since": utcnow(), "next_attempt_at": None,
+        "locked_until": None, "lease_token": None, "last_status_code": None,
+        "last_error": None, "created_at": utcnow()}
+    assert vars(constructed(Delivery, dict(delivery))) == vars(
+        Delivery.model_construct(**delivery))
 
 
 async def running_jobs(engine: AsyncEngine, *tenants: str, callback_url: str | None = None

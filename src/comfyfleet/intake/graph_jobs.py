@@ -18,7 +18,7 @@ from comfyfleet.intake.assets import IDEMPOTENCY_WINDOW, AssetStore, output_ref
 from comfyfleet.intake.errors import IdempotencyConflict, InvalidLabels, MissingAsset
 from comfyfleet.intake.graphs import ASSET_TYPE, check_graph, is_asset_reference, shape_label
 from comfyfleet.jobs.extra_data import ExtraData, HeldExtraData
-from comfyfleet.jobs.models import Job, JobSource, utcnow
+from comfyfleet.jobs.models import Job, JobSource, new_job, utcnow
 from comfyfleet.jobs.repository import (
     BacklogLimits,
     Dispatch,
@@ -81,7 +81,7 @@ async def _accept(
                                           request.api_key_hash)
     # Built as the repository builds jobs from its rows (jobs/repository.py `_job`): the
     # values are the intake's own, and Job(...) would only set them more slowly.
-    job = Job.model_construct(
+    job = new_job(
         id=job_id,
         created_at=utcnow(),
         source=JobSource.GRAPH,

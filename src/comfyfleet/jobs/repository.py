@@ -1208,7 +1208,7 @@ def _built(values: dict[str, Any]) -> Job:
     for name in ("id", "reused_from"):
         if values[name] is not None:
             values[name] = uuid.UUID(bytes=values[name].bytes)
-    return Job.model_construct(**values)
+    return constructed(Job, {name: values[name] for name in _JOB_FIELDS})  # in their order
 
 
 def _changed(job: Job, row: Mapping[str, Any]) -> Job:

@@ -30,7 +30,7 @@ from comfyfleet.jobs.deliveries import (
     DeliveryAttempt,
     DeliveryStatus,
 )
-from comfyfleet.jobs.models import utcnow
+from comfyfleet.jobs.models import constructed, utcnow
 
 _SQL = sql.queries("outbox")
 _DELIVERY_FIELDS = tuple(Delivery.model_fields)
@@ -93,7 +93,7 @@ class Outbox:
         first = rows[0]
         kept = frozenset(uuid.UUID(bytes=found.bytes) for found in first["kept"] or ())
         # Built as jobs are from their rows (jobs/repository.py `_job`).
-        leased = [Delivery.model_construct(**{name: row[name] for name in _DELIVERY_FIELDS})
+        leased = [constructed(Delivery, {name: row[name] for name in _DELIVERY_FIELDS})
                   for row in rows if row["id"] is not None]
         return Pass(leased, kept, first["next_due"])
 

@@ -38,7 +38,7 @@ from comfyfleet.jobs.deliveries import (
     DeliverySlots,
     DeliveryStatus,
 )
-from comfyfleet.jobs.models import utcnow
+from comfyfleet.jobs.models import constructed, utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
 from comfyfleet.webhooks.delivery import WebhookSender, event_body
@@ -236,12 +236,12 @@ class WebhookWorker:
             outcome = self._schedule.after(
                 result, attempts=attempts, pending_since=delivery.pending_since, now=utcnow()
             )
-            # Past the ORM's constructor (85 us against 6): a record for the pass to write.
-            attempt = DeliveryAttempt.model_construct(
-                delivery_id=delivery.id, attempted_at=attempted_at,
+            # Past the ORM's constructor (85 us against 2): a record for the pass to write.
+            attempt = constructed(DeliveryAttempt, dict(
+                id=None, delivery_id=delivery.id, attempted_at=attempted_at,
                 status_code=result.status_code, latency_ms=result.latency_ms,
                 error=result.error, response_snippet=result.snippet,
-            )
+            ))
         except Exception:  # its lease runs out and the delivery is tried again
             log.exception("webhook %s for job %s: attempt not recorded",
                           delivery.message_id, delivery.job_id)

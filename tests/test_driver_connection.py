@@ -11,10 +11,11 @@ import logging
 import asyncpg
 import pytest
 from sqlalchemy import event
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from comfyfleet.db import driver_connection, make_engine
+from comfyfleet.db import driver_connection, make_engine, unavailable
 
 
 async def test_connections_go_back_to_the_pool_even_from_a_cancelled_task(
@@ -126,3 +127,50 @@ async def test_an_idle_connection_is_handed_out_past_the_pools_checkout_and_coun
         assert (pool.checkedout(), pool.checkedin()) == (0, 1)
     finally:
         await engine.dispose()
+
+
+async def test_with_every_connection_out_the_next_given_back_is_waited_for_past_the_checkout(
+    database_url: str,
+) -> None:
+    """A burst of more statements than the pool has connections (submits): each beyond them
+    waits for one given back on the pool's queue, not through the pool's checkout (a greenlet
+    and a timer of its own each); one waiting past the pool's timeout gets its error."""
+    engine = make_engine(database_url, pool_size=1)  # two connections, as a burst keeps them
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    checkouts: list[object] = []
+    event.listen(engine.sync_engine, "checkout", lambda *_: checkouts.append(None))
+    opened, go = asyncio.Barrier(3), asyncio.Event()
+
+    async def statement(hold: bool) -> int:
+        async with driver_connection(engine) as connection:
+            if hold:
+                await opened.wait()
+                await go.wait()
+            value: int = await connection.fetchval("SELECT 1")
+            return value
+
+    try:
+        holding = [asyncio.create_task(statement(True)) for _ in range(2)]
+        await opened.wait()
+        waiting = [asyncio.create_task(statement(False)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in waiting)
+        go.set()
+        assert await asyncio.gather(*holding, *waiting) == [1] * 7
+        assert len(checkouts) == 2  # the two it opened
+        assert (pool.checkedout(), pool.checkedin()) == (0, 2)
+    finally:
+        await engine.dispose()
+
+    timing_out = create_async_engine(database_url, pool_size=1, max_overflow=0,
+                                     pool_timeout=0.1)
+    try:
+        async with driver_connection(timing_out):
+            with pytest.raises(PoolTimeout) as waited:
+                async with driver_connection(timing_out):
+                    pass
+        assert unavailable(waited.value)
+        assert timing_out.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await timing_out.dispose()

@@ -157,9 +157,11 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     queue and goes straight back into it (`_ready`): SQLAlchemy's checkout and checkin of
     it (its connection wrapper, weak references, events and a reset that has nothing to
     undo here, each in a greenlet) cost 30-40 us of CPU, twice a statement's own round
-    trip. The pool counts it checked out meanwhile, as its own checkout would. Any other
-    (none idle, or one to reconnect) is the pool's own checkout (`raw_connection`): a
-    Connection around it (`engine.connect()`) cost three times the CPU of the pool itself.
+    trip. The pool counts it checked out meanwhile, as its own checkout would. So is one
+    waited for on that queue when none is idle and the pool has opened all it may (`_waited`:
+    a burst of submits, more than its connections, each waits so). Any other (one to open
+    or reconnect) is the pool's own checkout (`raw_connection`): a Connection around it
+    (`engine.connect()`) cost three times the CPU of the pool itself.
 
     A task cancelled while it has the connection closes it (the pool opens another when one
     is wanted): the statement it was in may still be running, its cancellation on the way to
@@ -167,7 +169,10 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     connection.transaction()` that would roll it back was entered. Given back as it is, it
     would hand either to the next task that takes it: a transaction left open, with its locks
     (tests/test_registry_cancelled.py)."""
-    ready = _ready(engine.sync_engine.pool)
+    pool = engine.sync_engine.pool
+    ready = _ready(pool)
+    if ready is None and _opened_all(pool):
+        ready = await _waited(pool)
     if ready is not None:
         record, pool = ready
         try:
@@ -200,14 +205,48 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
 
 def _ready(pool: Pool) -> tuple[_ConnectionRecord, QueuePool] | None:
     """An idle connection of `pool` taken from its queue, if the pool's checkout would hand
-    it out as it is: open (what `_refuse_closed` checks), not invalidated since it was
-    opened (the pool's own or its soft invalidation), no recycling by age configured."""
+    it out as it is (`_usable`)."""
     if not isinstance(pool, QueuePool):
         return None
     try:
         record = cast(_ConnectionRecord, pool._pool.get_nowait())
     except sqlalchemy_queue.Empty:
         return None
+    return _usable(record, pool)
+
+
+def _opened_all(pool: Pool) -> bool:
+    """Whether `pool` has as many connections open as it may (its size and overflow): its
+    checkout would wait for one to come back (QueuePool._do_get)."""
+    return isinstance(pool, QueuePool) and pool._max_overflow > -1 \
+        and pool._overflow >= pool._max_overflow \
+        and isinstance(pool._pool, sqlalchemy_queue.AsyncAdaptedQueue)
+
+
+async def _waited(pool: Pool) -> tuple[_ConnectionRecord, QueuePool] | None:
+    """The next connection given back to `pool`, which has opened all it may (`_opened_all`),
+    taken from its queue as its checkout waits for it (up to the pool's timeout, then its
+    error), without the greenlet and the timer of its own that wait costs; if the pool's
+    checkout would hand it out as it is (`_usable`)."""
+    assert isinstance(pool, QueuePool)
+    queue = pool._pool
+    assert isinstance(queue, sqlalchemy_queue.AsyncAdaptedQueue)
+    try:
+        async with asyncio.timeout(pool._timeout):
+            record = cast(_ConnectionRecord, await queue._queue.get())
+    except TimeoutError:
+        raise PoolTimeout(
+            f"QueuePool limit of size {pool.size()} overflow {pool.overflow()} reached, "
+            f"connection timed out, timeout {pool._timeout:0.2f}", code="3o7r") from None
+    return _usable(record, pool)
+
+
+def _usable(record: _ConnectionRecord, pool: QueuePool
+            ) -> tuple[_ConnectionRecord, QueuePool] | None:
+    """`record`, taken from `pool`'s queue, if the pool's checkout would hand it out as it
+    is: open (what `_refuse_closed` checks), not invalidated since it was opened (the pool's
+    own or its soft invalidation), no recycling by age configured; else None, the record put
+    back for the pool's checkout."""
     driver = record.driver_connection
     if (isinstance(driver, asyncpg.Connection) and not driver.is_closed()
             and pool._recycle < 0 and record.starttime >= pool._invalidate_time

@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 from openapi_spec_validator import validate
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfyfleet.api.job_poll import JobPollRoute
+from comfyfleet.api.job_poll import JobPollRoute, job_response
 from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.app import serving
 from comfyfleet.jobs.repository import JobRepository
@@ -273,6 +273,21 @@ async def test_only_a_status_poll_of_a_job_id_goes_past_the_router() -> None:
                       "headers": headers}, receive, send)
     assert [name for name, _ in seen] == ["poll", "poll", "poll"] + ["app"] * 10
     assert [path for _, path in seen] == [path for _, _, path, _ in cases]
+
+
+def test_a_job_answered_past_the_router_is_in_the_routes_bytes() -> None:
+    """`job_response` writes a job as FastAPI writes a route's `dict[str, Any]` (pydantic's
+    JSON), whatever its values: numbers of every size and kind, not finite ones, text
+    JSON escapes, an integer beyond 64 bits, a key that is not a string."""
+    values: list[Any] = [0.0, -0.0, 0.1 + 0.2, 1e-7, 1e16, 1e21, 5e-324, 1.7976931348623157e308,
+                         float("nan"), float("-inf"), 2**63 - 1, -2**63, 2**64 - 1, 2**70,
+                         "é\u2028\x00\x1f\x7f\"\\/\n\t😀", None, True, [1, {"a": 2.5}]]
+    values += [float(f"{digits}e{exponent}") for digits in (1, 17, 123456789, 9007199254740993)
+               for exponent in range(-30, 30, 7)]
+    rendered = TypeAdapter(dict[str, Any])
+    for value in [*values, {1: "key"}, {"big": 2**70, "small": 1e-7}]:
+        job = {"id": "x", "params": {"value": value}, "progress": value}
+        assert job_response(job, 202).body == rendered.dump_json(job), value
 
 
 async def test_a_submit_answers_as_the_route(settings: Settings) -> None:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from pydantic import TypeAdapter
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -69,9 +70,15 @@ class JobPoll:
 
 
 def job_response(job: dict[str, Any], status_code: int = 200) -> Response:
-    """A route's answer of `job`, in the bytes FastAPI writes for a route's `dict[str, Any]`."""
-    return Response(_JOB_JSON.dump_json(job), status_code=status_code,
-                    media_type="application/json")
+    """A route's answer of `job`, in the bytes FastAPI writes for a route's `dict[str, Any]`
+    (pydantic's JSON): orjson's where it writes it (the same bytes, numbers that are not
+    finite as null too, in a tenth of the time), else pydantic's (an integer beyond 64 bits,
+    a key that is not a string)."""
+    try:
+        body = orjson.dumps(job)
+    except orjson.JSONEncodeError:
+        body = _JOB_JSON.dump_json(job)
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 async def answer_error(app: FastAPI, request: Request, exc: Exception, send: Send) -> None:

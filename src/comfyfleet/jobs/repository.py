@@ -387,7 +387,8 @@ class JobRepository:
         ended (reused outputs) has its webhook in the outbox, written by the same statement.
         NotStorable when a value cannot be stored.
         """
-        check_storable(job.model_dump(), _table)
+        fields = vars(job)  # as `_changed` reads them, no copy made (model_dump)
+        check_storable({name: fields[name] for name in _JOB_FIELDS}, _table)
         status = JobStatus(job.status)
         delivery = await deliveries.delivery_row(job, f"job.{status}") if status.terminal \
             else None

@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI
 
 from comfyfleet import db
 from comfyfleet.api import (
+    NO_TELEMETRY,
     backends,
     dashboard,
     deliveries,
@@ -184,7 +185,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan,
-                  dependencies=[Depends(refuse_lone_surrogates)])
+                  dependencies=[Depends(refuse_lone_surrogates)], telemetry=NO_TELEMETRY)
     install_error_handlers(app)
     # First: the security's middlewares wrap the v2 app and the v1 status poll too.
     mount_v2(app)
@@ -223,6 +224,9 @@ async def serving(settings: Settings, port: int | None = None) -> AsyncIterator[
         log_level="warning",
         forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,  # uvicorn's records go through our handler (LOG_FORMAT)
+        # Its access log is at INFO, under the WARNING set above: it never wrote a line, but
+        # its arguments were made at every request (the path quoted again).
+        access_log=False,
         # The app's lifespan is entered here: uvicorn would log its failure as a traceback
         # and exit the process (status 3) from inside.
         lifespan="off",

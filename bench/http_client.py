@@ -83,7 +83,7 @@ async def main(requests: int, rounds: int) -> None:
             png = b"".join([chunk async for chunk in chunks])
         put_url = f"{s3.endpoint}/{s3.bucket}/"
         put_host = put_url.split("/")[2]
-        event = json.dumps({"type": "job.succeeded", "data": {"outputs": ["x" * 900]}})
+        event = json.dumps({"type": "job.succeeded", "data": {"outputs": ["x" * 900]}}).encode()
 
         async def prompt_old(_: int) -> object:
             body = {"prompt": prompt, "prompt_id": str(uuid.uuid4()), "client_id": client_id}

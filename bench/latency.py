@@ -172,9 +172,9 @@ class DirectGateway:
         self.stored[prompt_id] = time.monotonic()
         event = {"type": "job.succeeded", "timestamp": datetime.now(UTC).isoformat(),
                  "data": {"id": prompt_id, "prompt_id": prompt_id, "outputs": outputs}}
-        body_text = json.dumps(event, separators=(",", ":"))
-        headers = signed_headers(self._secret, f"msg_{uuid.uuid4().hex}", body_text)
-        async with self._http.post(self._callback_url, data=body_text,
+        body = json.dumps(event, separators=(",", ":")).encode()
+        headers = signed_headers(self._secret, f"msg_{uuid.uuid4().hex}", body)
+        async with self._http.post(self._callback_url, data=body,
                                    headers=headers) as response:
             assert response.status == 204, response.status
 

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from comfyfleet import json_codec
 from comfyfleet.db import driver_connection
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, DeliveryStatus
 from comfyfleet.jobs.models import Job, JobStatus
@@ -32,7 +33,7 @@ from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.webhooks.delivery import AttemptResult
 from comfyfleet.webhooks.outbox import Outbox
 from comfyfleet.webhooks.schedule import RetrySchedule
-from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.webhooks.signing import new_secret, signed_headers
 from tests.conftest import S3_CREDENTIALS, StartReceiver
 from tests.support import LOOPBACK, free_ports, python_process, serve_env
 from tests.webhook_support import Answer, Gateway, gateway, verified
@@ -87,6 +88,22 @@ async def test_signed_with_the_first_of_several_secrets(
     assert Webhook(new).verify(arrival.body, arrival.headers)["type"] == "job.cancelled"
     with pytest.raises(WebhookVerificationError):
         Webhook(old).verify(arrival.body, arrival.headers)
+
+
+def test_a_body_signed_as_its_bytes_is_what_standard_webhooks_signs_and_verifies() -> None:
+    """The signature is made over the body's bytes as they are sent (`signed_headers`): the
+    one the package's own `sign` makes of its text, which its `verify` accepts, whatever the
+    text holds (non-ASCII, escapes) and whatever the secret's padding."""
+    body = json_codec.dumps({"type": "job.succeeded", "data": {
+        "params": {"prompt": "café 🚀 \u2028 \"quoted\" \\"}, "outputs": []}})
+    for secret in (new_secret(), new_secret().rstrip("=")):
+        headers = signed_headers(secret, "msg_1", body)
+        timestamp = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+        assert headers["webhook-signature"] == Webhook(secret).sign(
+            "msg_1", timestamp, body.decode())
+        assert Webhook(secret).verify(body, headers) == json_codec.loads(body)
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(body + b" ", headers)
 
 
 async def test_an_attempt_that_times_out_is_a_failure(

@@ -383,7 +383,9 @@ class HttpClient:
         head = "".join(lines).encode("latin-1")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeouts.total if timeouts.total is not None else None
-        if self._slots is not None:
+        if self._slots is not None and not self._slots.locked():
+            await self._slots.acquire()  # a free slot, taken at once: no time limit to set
+        elif self._slots is not None:
             try:  # the total time limit counts the wait for a free slot too
                 async with asyncio.timeout_at(deadline):
                     await self._slots.acquire()

@@ -52,7 +52,7 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     return max((moment - now).total_seconds(), 0.0)
 
 
-async def event_body(payload: dict[str, Any], url_for: UrlFor) -> str:
+async def event_body(payload: dict[str, Any], url_for: UrlFor) -> bytes:
     """The stored event as JSON, with output URLs presigned now: the stored ones (if any)
     may have expired while the delivery waited. A job submitted in ComfyUI-server's shape
     (its `webhook_format`) gets ComfyUI-server's record instead, signed the same way."""
@@ -64,8 +64,8 @@ async def event_body(payload: dict[str, Any], url_for: UrlFor) -> str:
     ]
     job = {**data, "outputs": outputs}
     if data.get("webhook_format") == COMFYUI_SERVER_FORMAT:
-        return json_codec.dumps_text(comfyui_server_record(job))
-    return json_codec.dumps_text({**payload, "data": job})
+        return json_codec.dumps(comfyui_server_record(job))
+    return json_codec.dumps({**payload, "data": job})
 
 
 class WebhookSender:
@@ -78,7 +78,7 @@ class WebhookSender:
         self._http = HttpClient(limit=concurrency,
                                 resolve=None if allow_private else public_addresses)
 
-    async def send(self, url: str, message_id: str, body: str) -> AttemptResult:
+    async def send(self, url: str, message_id: str, body: bytes) -> AttemptResult:
         headers = signed_headers(self._secret, message_id, body)
         started = time.monotonic()
 
@@ -87,7 +87,7 @@ class WebhookSender:
 
         try:
             async with self._http.request(
-                "POST", url, body=body.encode(), headers=headers, timeouts=self._timeouts
+                "POST", url, body=body, headers=headers, timeouts=self._timeouts
             ) as response:  # (a redirect is an answer like any other: never followed)
                 snippet = (await response.read(SNIPPET_BYTES)).decode(errors="replace")
                 status = response.status

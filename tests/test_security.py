@@ -17,10 +17,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from fastapi import Request
 from fastapi.routing import iter_route_contexts
+from fastapi.security import HTTPBearer
 from multidict import CIMultiDictProxy
 from PIL import Image
 
+from comfyfleet.api.security import bearer_key
 from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
 from comfyfleet.cli.demo import WebhookReceiver
@@ -101,6 +104,17 @@ def prefixed_routes(settings: Settings, openapi: dict[str, Any]) -> set[tuple[st
               if path.startswith(prefix) for method in operations}
     return found
 
+
+async def test_a_key_read_past_fastapi_is_read_as_its_bearer_scheme_reads_it() -> None:
+    """The status poll and the submit answered past the router read the key themselves
+    (`bearer_key`): as FastAPI's HTTPBearer reads the header, whatever it holds."""
+    read = HTTPBearer(auto_error=False)
+    for value in (None, "", " ", "Bearer", "Bearer ", "Bearer k", "bearer k", "BeArEr  k \t",
+                  "Bearer k extra", "Bearer\tk", " Bearer k", "Basic k", "Bearerk", "Bearer  ",
+                  "Token Bearer k"):
+        headers = [] if value is None else [(b"authorization", value.encode())]
+        credentials = await read(Request({"type": "http", "headers": headers}))
+        assert bearer_key(value) == (credentials.credentials if credentials else None), value
 
 async def test_every_route_under_the_prefix_needs_a_key(
     settings: Settings, keyed: Client, caplog: pytest.LogCaptureFixture

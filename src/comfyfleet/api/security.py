@@ -169,21 +169,36 @@ async def authenticate(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """Router dependency of every route under the prefix: who is calling, within their rate."""
-    guard = request.app.state.guard
-    assert isinstance(guard, Guard)
-    address = request.client.host if request.client else "unknown"
-    caller = await guard.identify(credentials.credentials if credentials else None, address)
-    await guard.throttle(caller)
-    return caller
+    return await _identified(request, credentials.credentials if credentials else None)
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 async def caller_of(request: Request) -> Caller:
-    """`authenticate` for a request answered outside FastAPI's dependency solving (the v2
-    status poll): the same header read the same way, the same answers."""
-    return await authenticate(request, await _bearer(request))
+    """`authenticate` for a request answered outside FastAPI's dependency solving (a status
+    poll, a submit): the same header read as `_bearer` reads it (`bearer_key`), the same
+    answers."""
+    return await _identified(request, bearer_key(request.headers.get("authorization")))
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header's value, as FastAPI's HTTPBearer
+    reads it (the scheme in any case, the key stripped), without the credentials model it
+    builds; None for a missing header, another scheme, or no key."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+async def _identified(request: Request, key: str | None) -> Caller:
+    """Who sends `key` (None: no key) from the request's address, within their rate."""
+    guard = request.app.state.guard
+    assert isinstance(guard, Guard)
+    client = request.scope.get("client")  # (host, port), as `request.client` has it
+    caller = await guard.identify(key, client[0] if client else "unknown")
+    await guard.throttle(caller)
+    return caller
 
 
 async def require_admin(caller: CallerDep) -> Caller:

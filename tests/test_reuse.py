@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from comfyfleet import json_codec
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
@@ -51,6 +52,24 @@ async def api(settings: Settings, workflows: Path) -> AsyncIterator[Api]:
         settings.comfyui_endpoints = [sim.url]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
             yield Api(http, base + settings.route_prefix, sim)
+
+
+def test_the_text_fingerprints_are_made_of_is_the_standard_librarys() -> None:
+    """Fingerprints kept with jobs were made of the standard library's sorted JSON; the new
+    ones, of orjson's where it writes the same bytes (`json_codec.canonical`): a repeat of
+    earlier work is found by either, whatever its parameters hold."""
+    values: list[Any] = [
+        "a cat", "é 😀 \u2028 \x00\x1f\x7f \"\\/", "", 0, -1, 2**63 - 1, -2**63, 2**64 - 1,
+        2**64, -2**63 - 1, 2**80, True, None, 0.5, 1.0, 1e-05, 1e16, 1e300, float("nan"),
+        float("inf"), [], [1, "two", None], {}, {"b": 1, "a": {"d": [True], "c": "x"}},
+        {"é": 1, "e": 2, "z": 3, "A": 4, "😀": 5}, {1: "a key that is not text"}, (1, 2),
+        [[[[[1]]]]], {"nested": [1.5, {"x": 2**70}]}]
+    for value in values:
+        document = {"workflow": "w", "definition": "d", "params": {"value": value}}
+        assert json_codec.canonical(document) == json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(), value
+    with pytest.raises(UnicodeEncodeError):  # as before: refused earlier, never stored
+        json_codec.canonical({"lone": "\ud800"})
 
 
 async def test_reuse_is_a_new_job_with_the_earlier_outputs_and_its_own_webhook(

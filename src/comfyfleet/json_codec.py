@@ -42,6 +42,37 @@ def datetime_text(moment: datetime) -> str:
     return orjson.dumps(moment)[1:-1].decode()
 
 
+def canonical(value: Any) -> bytes:
+    """`value` as the standard library writes it with sorted keys, compact and in UTF-8
+    (`json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`), the
+    text of digests kept in the database (a job's fingerprint): by orjson, 5x faster, where
+    it writes those very bytes (text, whole numbers within 64 bits, booleans, null, lists and
+    dicts of them keyed by text), else by the standard library (a float: it writes 1e-05
+    where orjson writes 1e-5)."""
+    if _orjson_writes_as_json(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # orjson.JSONEncodeError: a lone surrogate, nesting too deep
+            pass
+    return json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
+def _orjson_writes_as_json(value: Any) -> bool:
+    """Whether orjson's sorted text of `value` is the standard library's (`canonical`)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-2**63 <= value < 2**64)
+    if kind is dict:
+        return all(type(key) is str and _orjson_writes_as_json(item)
+                   for key, item in value.items())
+    if kind is list:
+        return all(_orjson_writes_as_json(item) for item in value)
+    return False
+
+
 def loads(text: str | bytes | bytearray) -> Any:
     """The value of JSON `text`; ValueError when it is not JSON. What orjson refuses but the
     standard library reads (NaN and Infinity, which ComfyUI writes for a node's non-finite

@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import yaml
 
+from comfyfleet import json_codec
 from comfyfleet.workflows.api_format import WorkflowError, check_api_format
 from comfyfleet.workflows.inference import (
     FleetNodes,
@@ -114,10 +115,9 @@ class Workflow:
     def fingerprint(self, params_by_content: dict[str, Any]) -> str:
         """SHA-256 of the work a job asks for: this workflow as it is defined now and the
         typed parameters, images by the digest of their bytes (see inputs.by_content)."""
-        canonical = json.dumps(
+        return hashlib.sha256(json_codec.canonical(
             {"workflow": self.name, "definition": self.digest, "params": params_by_content},
-            sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        )).hexdigest()
 
     @property
     def image_params(self) -> list[str]:

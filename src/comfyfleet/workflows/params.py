@@ -183,13 +183,14 @@ Filler = Callable[[Mapping[str, Any]], Any]
 def template_filler(template: Any) -> Filler:
     """`substitute` for one template, its placeholders found once (a workflow fills its
     template for every job): each container copied, each string without a placeholder
-    shared, as `substitute` leaves them."""
-    if isinstance(template, dict):
-        items = [(key, template_filler(value)) for key, value in template.items()]
-        return lambda values: {key: fill(values) for key, fill in items}
-    if isinstance(template, list):
-        fills = [template_filler(value) for value in template]
-        return lambda values: [fill(values) for fill in fills]
+    shared, as `substitute` leaves them. A container is copied whole, in C, and only its
+    items to fill (containers, placeholders) are set again: most of a prompt's values are
+    numbers and names, a call each when every item was filled."""
+    if isinstance(template, dict | list):
+        keys = template.keys() if isinstance(template, dict) else range(len(template))
+        items = [(key, template_filler(template[key])) for key in keys
+                 if _filled(template[key])]
+        return lambda values: _copy_filled(template, items, values)
     if isinstance(template, str) and "$" in template:  # most strings have no placeholder
         whole = whole_placeholder(template)
         if whole is not None:
@@ -197,6 +198,22 @@ def template_filler(template: Any) -> Filler:
         text = Template(template)
         return lambda values: text.substitute({k: _as_text(v) for k, v in values.items()})
     return lambda _: template
+
+
+def _filled(value: Any) -> bool:
+    """Whether a template's `value` is made anew for each job: a container (copied) or a
+    string with a placeholder."""
+    return isinstance(value, dict | list) or (isinstance(value, str) and "$" in value)
+
+
+def _copy_filled(template: dict[Any, Any] | list[Any], items: list[tuple[Any, Filler]],
+                 values: Mapping[str, Any]) -> Any:
+    """A copy of the container `template`, each of its `items` (key or index, filler)
+    filled from `values`, the others shared."""
+    copy = template.copy()
+    for key, fill in items:
+        copy[key] = fill(values)
+    return copy
 
 
 def _as_text(value: Any) -> str:

@@ -227,18 +227,19 @@ class WebhookWorker:
         task.add_done_callback(done)
 
     async def _deliver(self, delivery: Delivery) -> None:
+        # Its fields as the model keeps them, read past SQLAlchemy's descriptors (as
+        # jobs/render.py reads a job's).
+        fields = vars(delivery)
         try:
             attempted_at = utcnow()
-            body = await event_body(delivery.payload, self._url_for)
-            result = await self._sender.send(delivery.url, delivery.message_id, body)
+            body = await event_body(fields["payload"], self._url_for)
+            result = await self._sender.send(fields["url"], fields["message_id"], body)
             metrics.webhook_attempt(delivery, result.delivered, result.status_code)
-            attempts = delivery.attempts + 1
-            outcome = self._schedule.after(
-                result, attempts=attempts, pending_since=delivery.pending_since, now=utcnow()
-            )
+            outcome = self._schedule.after(result, attempts=fields["attempts"] + 1,
+                                           pending_since=fields["pending_since"], now=utcnow())
             # Past the ORM's constructor (85 us against 2): a record for the pass to write.
             attempt = constructed(DeliveryAttempt, dict(
-                id=None, delivery_id=delivery.id, attempted_at=attempted_at,
+                id=None, delivery_id=fields["id"], attempted_at=attempted_at,
                 status_code=result.status_code, latency_ms=result.latency_ms,
                 error=result.error, response_snippet=result.snippet,
             ))

@@ -19,6 +19,7 @@ from comfyfleet.http_client import (
     HttpError,
     HttpTimeout,
     Timeouts,
+    _origin,
 )
 from tests.support import LOOPBACK, app_on_loopback
 
@@ -353,3 +354,31 @@ async def test_an_answer_s_headers_as_its_head_says_them_even_split_across_reads
         assert await response.read() == b"ok"
         assert response.headers == {"x-many": "one, two", "location": "/there",
                                     "content-length": "2"}
+
+
+def test_each_origin_is_parsed_once_and_each_url_answered_as_it_was() -> None:
+    """A request's pool key, Host header and target: its origin (scheme, authority, proxy)
+    parsed once for all its requests (`_origin`), the rest of the URL for each; a URL that
+    is not one an HttpError every time."""
+    http = HttpClient()
+    proxy = "http://proxy:3128"
+    cases = {
+        ("http://u:p@h:80/a?b=1#c", None): (("http", "h", 80, None), "h", "/a?b=1"),
+        ("http://h:8188", None): (("http", "h", 8188, None), "h:8188", "/"),
+        ("https://H.example:443/x", proxy): (("https", "h.example", 443, proxy),
+                                            "H.example", "/x"),
+        ("http://h/x?y#f", proxy): (("http", "h", 80, proxy), "h", "http://h/x?y"),
+        ("http://[::1]:9/v", None): (("http", "::1", 9, None), "[::1]:9", "/v"),
+    }
+    for (url, via), (key, host_header, request_target) in cases.items():
+        target = http._target(url, via)
+        assert (target.key, target.host_header, target.request_target) == (
+            key, host_header, request_target), url
+    parsed = _origin.cache_info().misses
+    for path in ("/view?filename=a.png", "/view?filename=b.png", "/prompt"):
+        assert http._target(f"http://h:8188{path}", None).request_target == path
+    assert _origin.cache_info().misses == parsed
+    for url in ("ftp://h/", "http:///x", "http://h:99999/", "http://h:port/"):
+        for _ in range(2):
+            with pytest.raises(HttpError, match=r"not an http|Port"):
+                http._target(url, None)

@@ -21,6 +21,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -87,6 +88,23 @@ class _Target:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(HttpTimeout("timed out"))
+
+
+@lru_cache(maxsize=1024)
+def _origin(scheme: str, netloc: str, proxy: str | None
+            ) -> tuple[tuple[str, str, int, str | None], str] | None:
+    """The pool key and Host header of a URL of `scheme` and authority `netloc` (through the
+    http:// `proxy`, if given): parsed once for the few origins requests go to, not for each
+    request (a URL's host and port are parsed again at every read of them, 5-10 us); None
+    when it is not http(s) with a host, ValueError for a port that is not one."""
+    parts = urlsplit(f"{scheme}://{netloc}")
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = parts.port or _DEFAULT_PORTS[scheme]
+    host_header = netloc.rpartition("@")[2]
+    if parts.port is not None and port == _DEFAULT_PORTS[scheme]:
+        host_header = host_header.rpartition(":")[0]  # as botocore signs it, and aiohttp
+    return (scheme, parts.hostname, port, proxy), host_header
 
 
 class _Connection(asyncio.Protocol):
@@ -348,20 +366,17 @@ class HttpClient:
 
     def _target(self, url: str, proxy: str | None) -> _Target:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise HttpError(f"not an http(s) URL: {url!r}")
         try:
-            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+            origin = _origin(parts.scheme, parts.netloc, proxy)
         except ValueError as exc:
             raise HttpError(f"{url!r}: {exc}") from exc
-        host_header = parts.netloc.rpartition("@")[2]
-        if parts.port is not None and port == _DEFAULT_PORTS[parts.scheme]:
-            host_header = host_header.rpartition(":")[0]  # as botocore signs it, and aiohttp
+        if origin is None:
+            raise HttpError(f"not an http(s) URL: {url!r}")
+        key, host_header = origin
         if proxy is not None and parts.scheme == "http":
-            return _Target((parts.scheme, parts.hostname, port, proxy), host_header,
-                           url.partition("#")[0])
+            return _Target(key, host_header, url.partition("#")[0])
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return _Target((parts.scheme, parts.hostname, port, proxy), host_header, path)
+        return _Target(key, host_header, path)
 
     @asynccontextmanager
     async def request(

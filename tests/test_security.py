@@ -23,6 +23,7 @@ from fastapi.security import HTTPBearer
 from multidict import CIMultiDictProxy
 from PIL import Image
 
+from comfyfleet.api import telemetry
 from comfyfleet.api.security import bearer_key
 from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
@@ -103,6 +104,22 @@ def prefixed_routes(settings: Settings, openapi: dict[str, Any]) -> set[tuple[st
     found |= {(method.upper(), concrete(path)) for path, operations in openapi["paths"].items()
               if path.startswith(prefix) for method in operations}
     return found
+
+
+def test_fastapis_telemetry_is_on_only_where_opentelemetry_is_set_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FastAPI's OpenTelemetry bridge looks up three providers at every request: on where
+    the environment sets OpenTelemetry up, off (nothing to look up) everywhere else."""
+    for name in os.environ:
+        if name.startswith(("OTEL_", "FASTAPI_OTEL_")):
+            monkeypatch.delenv(name)
+    config = create_app(Settings(_env_file=None))._telemetry
+    assert (config["tracing"], config["metrics"], config["logs"]) == (False, False, False)
+    for name in ("OTEL_TRACES_EXPORTER", "FASTAPI_OTEL_AUTO_CONFIGURE"):
+        with monkeypatch.context() as env:
+            env.setenv(name, "otlp")
+            assert telemetry() == {}  # FastAPI's defaults
 
 
 async def test_a_key_read_past_fastapi_is_read_as_its_bearer_scheme_reads_it() -> None:

@@ -20,7 +20,6 @@ from fastapi import Depends, FastAPI
 
 from comfyfleet import db
 from comfyfleet.api import (
-    NO_TELEMETRY,
     backends,
     dashboard,
     deliveries,
@@ -29,6 +28,7 @@ from comfyfleet.api import (
     jobs,
     outputs,
     prometheus,
+    telemetry,
     tenants,
     workflows,
 )
@@ -185,7 +185,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = FastAPI(title="comfyfleet", version="0.1.0", lifespan=lifespan,
-                  dependencies=[Depends(refuse_lone_surrogates)], telemetry=NO_TELEMETRY)
+                  dependencies=[Depends(refuse_lone_surrogates)], telemetry=telemetry())
     install_error_handlers(app)
     # First: the security's middlewares wrap the v2 app and the v1 status poll too.
     mount_v2(app)

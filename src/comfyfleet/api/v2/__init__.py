@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from comfyfleet.api import NO_TELEMETRY
+from comfyfleet.api import telemetry
 from comfyfleet.api.job_poll import JobPoll, app_path, is_job_poll
 from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.api.json_text import refuse_lone_surrogates
@@ -50,7 +50,7 @@ def mount_v2(app: FastAPI) -> None:
     """The v2 app under MOUNT. Called before the middlewares that must wrap it too are added
     (each is added outside those before it)."""
     v2 = FastAPI(title="comfyfleet: Comfy API v2", version="2.0.0",
-                 dependencies=[Depends(refuse_lone_surrogates)], telemetry=NO_TELEMETRY)
+                 dependencies=[Depends(refuse_lone_surrogates)], telemetry=telemetry())
     v2.state = app.state  # the running services, the keys
     install_v2_error_handlers(v2)
     v2.include_router(jobs.public)

@@ -277,6 +277,8 @@ def _log_attempt(settled: Settled, kept: bool) -> None:
     delivery, attempt, outcome = settled
     delivered = attempt.status_code is not None and 200 <= attempt.status_code < 300
     level = logging.INFO if delivered else logging.WARNING
+    if not log.isEnabledFor(level):  # (its arguments, read through the ORM's descriptors)
+        return
     log.log(level, "webhook %s %s for job %s, attempt %d: %s in %d ms -> %s%s",
             delivery.event_type, delivery.message_id, delivery.job_id, delivery.attempts + 1,
             attempt.error or f"HTTP {attempt.status_code}", attempt.latency_ms,

@@ -293,6 +293,24 @@ def test_a_new_job_has_the_models_defaults_and_containers_of_its_own() -> None:
     assert other.id != built.id
 
 
+async def test_a_job_is_stored_as_its_fields_whatever_json_writes_them(
+    engine: AsyncEngine,
+) -> None:
+    """A job's row goes to the insert as orjson's JSON, pydantic's where orjson refuses (an
+    integer beyond 64 bits, a key that is not text): read back, the job stored either way."""
+    repository = JobRepository(engine)
+    for params in ({"seed": 2**64 - 1, "text": "é 😀", "ratio": 0.1}, {"seed": 2**70},
+                   {"nested": {"values": [1, 2.5, None, True]}}):
+        job = new_job(workflow="invert", params=params, prompt={"1": {"inputs": params}},
+                      callback_url="http://x/hook", created_at=utcnow(), priority=2)
+        stored, created = await repository.insert(job)
+        assert created and stored.id == job.id
+        read = await repository.get(job.id)
+        assert read is not None
+        assert (read.params, read.prompt, read.created_at, read.status, read.priority) == (
+            params, {"1": {"inputs": params}}, job.created_at, "queued", 2)
+
+
 def test_a_model_constructed_with_the_fields_given_is_the_one_model_construct_builds(
 ) -> None:
     """The intake builds jobs past pydantic's `model_construct` (`constructed`, `new_job`):

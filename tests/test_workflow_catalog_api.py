@@ -21,7 +21,7 @@ from comfyfleet.app import serving
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from comfyfleet.workflows.watcher import watch_directory
-from tests.support import REPO, child_env, wait_for_job
+from tests.support import REPO, child_env, wait_for_healthy_backends, wait_for_job
 
 
 @pytest.fixture
@@ -33,10 +33,13 @@ def workflows(workflows: Path) -> Path:
 
 @asynccontextmanager
 async def service(settings: Settings) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    """The service in front of one simulated backend: a client and the API's base URL."""
+    """The service in front of one simulated backend, connected (a workflow lists the backends
+    that can run it, by what they answered as they connected): a client and the API's base
+    URL."""
     async with SimulatedComfyUI() as sim:
         settings.comfyui_endpoints = [sim.url + "#sim"]
         async with serving(settings) as base, aiohttp.ClientSession() as http:
+            await wait_for_healthy_backends(http, base + settings.route_prefix)
             yield http, base + settings.route_prefix
 
 

@@ -109,22 +109,26 @@ class _FleetClasses:
 
     def __init__(self, capabilities: tuple[Capabilities, ...]) -> None:
         self.capabilities = capabilities
-        self._checks: dict[str, _ClassCheck | None] = {}
+        self._checks: dict[str, _ClassCheck] = {}
 
     def check(self, class_type: Any) -> _ClassCheck | None:
-        """None: no backend has the class (or it is not a class name)."""
+        """None: no backend has the class (or it is not a class name). Only the classes some
+        backend has are kept: a client's made-up names would otherwise grow this without
+        bound."""
         if not isinstance(class_type, str):
             return None
-        if class_type not in self._checks:
+        check = self._checks.get(class_type)
+        if check is None:
             having = [caps for caps in self.capabilities if class_type in caps.nodes]
+            if not having:
+                return None
             # Every backend's inputs of the class: their specs may differ between versions.
             inputs = {name for caps in having for name in caps.nodes[class_type].input_types}
-            self._checks[class_type] = _ClassCheck(
+            check = self._checks[class_type] = _ClassCheck(
                 having[0].nodes[class_type],
                 _per_input(class_type, inputs, [caps.combos for caps in having]),
-                _per_input(class_type, inputs, [caps.ranges for caps in having])
-            ) if having else None
-        return self._checks[class_type]
+                _per_input(class_type, inputs, [caps.ranges for caps in having]))
+        return check
 
 
 def _per_input(class_type: str, inputs: Iterable[str], tables: list[dict[tuple[str, str], V]]

@@ -18,6 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -184,10 +185,9 @@ async def caller_of(request: Request) -> Caller:
 
 def bearer_key(authorization: str | None) -> str | None:
     """The key of an `Authorization: Bearer <key>` header's value, as FastAPI's HTTPBearer
-    reads it (the scheme in any case, the key stripped), without the credentials model it
+    reads it (its own split, the scheme in any case), without the credentials model it
     builds; None for a missing header, another scheme, or no key."""
-    scheme, _, key = (authorization or "").partition(" ")
-    key = key.strip()
+    scheme, key = get_authorization_scheme_param(authorization)
     return key if scheme.lower() == "bearer" and key else None
 
 

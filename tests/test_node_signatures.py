@@ -6,6 +6,7 @@ test_sim_cache.py and the replay tests check them against a real server's transc
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import random
@@ -54,6 +55,18 @@ def test_same_shape_and_values_same_key_whatever_the_node_ids() -> None:
     renumbered = plain(chain(ids=("30", "10", "20")))
     assert [first[n] for n in ("1", "2", "3")] == [renumbered[n] for n in ("30", "10", "20")]
     assert len(set(first.values())) == 3
+
+
+def test_keys_are_made_without_reference_cycles() -> None:
+    """Keys are made for every job placed: what making them leaves goes by reference counts,
+    not by the garbage collector's passes (a recursive closure was a cycle a node)."""
+    gc.collect()
+    gc.disable()
+    try:
+        assert len(set(plain(chain()).values())) == 3
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_a_changed_input_changes_its_node_and_everything_downstream_only() -> None:

@@ -145,18 +145,21 @@ def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:
 
 def _ordered_ancestry(sources: Callable[[str], list[str]], node_id: str) -> list[str]:
     """Ancestors depth first through inputs sorted by name, each once (as ComfyUI orders them);
-    `sources(node_id)`: the nodes a node's inputs link to, in that order."""
+    `sources(node_id)`: the nodes a node's inputs link to, in that order. A stack of the
+    nodes being visited, not a recursive closure: a closure that calls itself refers to
+    itself, a reference cycle only the garbage collector frees, a few at every job placed."""
     ancestors: list[str] = []
     seen: set[str] = set()
-
-    def visit(current: str) -> None:
-        for source in sources(current):
+    visiting = [iter(sources(node_id))]
+    while visiting:
+        for source in visiting[-1]:
             if source not in seen:
                 seen.add(source)
                 ancestors.append(source)
-                visit(source)
-
-    visit(node_id)
+                visiting.append(iter(sources(source)))
+                break
+        else:
+            visiting.pop()
     return ancestors
 
 

@@ -4,7 +4,9 @@ asyncio servers scripted to answer as a misbehaving peer would."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -115,6 +117,35 @@ async def test_an_answer_saying_connection_close_is_not_followed_on_its_connecti
             async with client.request("GET", url + "/", timeouts=Timeouts(read=5)) as response:
                 assert await response.read() == b"ok"
     assert connections == [0, 1]
+
+
+async def test_a_connection_the_peer_closed_is_freed_by_reference_counts(
+    client: HttpClient,
+) -> None:
+    """With the garbage collector off: the parser refers back to its connection, a cycle that
+    was left for the collector's passes at every connection a peer closed (each of moto's
+    PUTs)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+
+    async with raw_server(answer) as url:
+        gc.collect()
+        gc.disable()
+        try:
+            async with client.request("GET", url + "/", timeouts=Timeouts(read=5)) as response:
+                assert await response.read() == b"ok"
+                connection = weakref.ref(response._connection)
+            del response
+            for _ in range(100):  # until the loop has told it of the close
+                if connection() is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert connection() is None
+        finally:
+            gc.enable()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "until-close"])

@@ -113,7 +113,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        # Holds this connection's callbacks: a reference cycle until the connection is lost.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.lost = False
         self._waiter: asyncio.Future[None] | None = None
@@ -151,6 +152,7 @@ class _Connection(asyncio.Protocol):
         self.received = True
         if not self.head_done:
             self.head_pieces.append(data)
+        assert self._parser is not None  # (no data after the connection is lost)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -171,6 +173,10 @@ class _Connection(asyncio.Protocol):
             self._fail(HttpError(f"the connection was closed before the answer ended{reason}"))
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
+        # Nothing is fed to the parser any more: without it the connection and its transport
+        # go by reference counts, not by the garbage collector's passes (one a connection the
+        # peer closes, such as each of moto's PUTs).
+        self._parser = None
 
     def pause_writing(self) -> None:
         self._write_ready = self._loop.create_future()
@@ -183,6 +189,7 @@ class _Connection(asyncio.Protocol):
     # httptools' callbacks
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None  # (called by it)
         self.status = self._parser.get_status_code()
         self.head_done = True
         self._wake()
@@ -198,6 +205,7 @@ class _Connection(asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
+        assert self._parser is not None  # (called by it)
         self.keep_alive = self._parser.should_keep_alive()  # (reset once the call returns)
         self.complete = True
         self._wake()

@@ -112,3 +112,15 @@ def test_the_shape_label_ignores_values_but_not_links() -> None:
     assert shape_label(GRAPH) == shape_label(with_inputs("1", color=5, width=9))
     assert shape_label(GRAPH) != shape_label(with_inputs("3", images=["1", 0]))
     assert shape_label(GRAPH).startswith("graph:")
+
+
+def test_the_shape_label_stays_what_jobs_already_store() -> None:
+    """Labels are stored (and learned run times kept under them): their digest is of the
+    standard library's JSON text of the shape, keys sorted at every level, non-ASCII escaped,
+    whatever order a client sent the inputs in."""
+    graph = {"9": {"class_type": "Ünïcode", "inputs": {"z": ["10", 0], "a": ["9", 1], "v": 3}},
+             "10": {"class_type": "X", "inputs": {}}}
+    assert shape_label(graph) == "graph:183a619a8372d496"
+    assert shape_label({"9": {**graph["9"], "inputs": {"a": ["9", 1], "v": 3, "z": ["10", 0]}},
+                        "10": {"class_type": "X"}}) == "graph:183a619a8372d496"
+    assert shape_label(GRAPH) == "graph:b130d93eb8a72887"

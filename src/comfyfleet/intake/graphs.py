@@ -17,6 +17,10 @@ ASSET_TYPE = "core/ASSET"
 
 V = TypeVar("V")
 
+# The shape label's JSON: the standard library's text, keys sorted at every level (labels
+# already stored are its digests), by one encoder made once.
+_SHAPE_JSON = json.JSONEncoder(sort_keys=True)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -84,11 +88,11 @@ def shape_label(graph: dict[str, Any]) -> str:
     ETAs, metrics) apply to the others."""
     shape = {
         str(node_id): [node.get("class_type"),
-                       {name: value for name, value in sorted((node.get("inputs") or {}).items())
+                       {name: value for name, value in (node.get("inputs") or {}).items()
                         if isinstance(value, list)}]
         for node_id, node in graph.items()
     }
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(_SHAPE_JSON.encode(shape).encode()).hexdigest()
     return f"graph:{digest[:16]}"
 
 

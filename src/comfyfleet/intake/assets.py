@@ -10,6 +10,7 @@ each other: a record always has its blob."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -113,9 +114,15 @@ def parse_hash(tagged: str) -> str | None:
 
 class AssetStore:
     def __init__(self, engine: AsyncEngine, storage: Storage, key_prefix: str) -> None:
-        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._engine = engine
         self._storage = storage
         self._key_prefix = key_prefix
+
+    @functools.cached_property
+    def _sessions(self) -> async_sessionmaker[AsyncSession]:
+        # Made as a read first needs it: a store is made for every v2 submit, and most graphs
+        # reference no asset.
+        return async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
 
     def key(self, asset: Asset) -> str:
         """Where the blob is: the same for every record over the same bytes."""

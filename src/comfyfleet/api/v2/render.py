@@ -50,7 +50,7 @@ def _origin(scheme: str, host: bytes | None, server: tuple[str, int] | None) -> 
 
 
 def status_of(job: Job) -> str:
-    return STATUSES[JobStatus(job.status)]
+    return STATUSES[JobStatus(job.__dict__["status"])]
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -70,10 +70,12 @@ def progress(job: Job) -> dict[str, Any]:
     """Nodes done out of all, from the fraction the tracker records ((nodes finished + the
     running node's step fraction) / nodes), and while it runs, the node running and its step
     out of how many."""
-    total = max(len(job.prompt), 1)
-    value = 1.0 if job.status == JobStatus.SUCCEEDED else job.progress
+    fields = job.__dict__  # as `job_object` reads them
+    status = fields["status"]
+    total = max(len(fields["prompt"]), 1)
+    value = 1.0 if status == JobStatus.SUCCEEDED else fields["progress"]
     done = min(int(value * total + 1e-9), total)
-    detail = job.progress_detail if job.status == JobStatus.RUNNING else None
+    detail = fields["progress_detail"] if status == JobStatus.RUNNING else None
     node, class_type, step, steps = (
         (detail.get("node"), detail.get("class_type"), detail.get("step"), detail.get("steps"))
         if detail else (None, None, None, None))
@@ -95,7 +97,7 @@ def _kind(content_type: str) -> str:
 
 async def outputs(svc: Services, job: Job, base_url: str) -> list[dict[str, Any]]:
     rendered = []
-    for index, output in enumerate(job.outputs):
+    for index, output in enumerate(job.__dict__["outputs"]):  # as `job_object` reads them
         asset_id = output_id(job, index)
         key = output.get("key")
         signed = None
@@ -123,11 +125,12 @@ async def outputs(svc: Services, job: Job, base_url: str) -> list[dict[str, Any]
 
 
 def error(job: Job) -> dict[str, Any] | None:
-    if job.error is None:
+    failure = job.__dict__["error"]  # as `job_object` reads it
+    if failure is None:
         return None
-    code, message = job.error.get("type"), job.error.get("message")
-    node_id, class_type = job.error.get("node_id"), job.error.get("node_type")
-    details = job.error.get("details")
+    code, message = failure.get("type"), failure.get("message")
+    node_id, class_type = failure.get("node_id"), failure.get("node_type")
+    details = failure.get("details")
     traceback = details.get("traceback") if isinstance(details, dict) else None
     if isinstance(traceback, list):
         traceback = "".join(str(line) for line in traceback)
@@ -150,26 +153,33 @@ def error(job: Job) -> dict[str, Any] | None:
 
 async def queue_position(svc: Services, job: Job) -> int | None:
     """1 for the job the next free slot takes; 0 once it is on its backend, waiting there."""
-    if job.status == JobStatus.QUEUED:
+    status = job.__dict__["status"]  # as `job_object` reads it
+    if status == JobStatus.QUEUED:
         return await svc.repository.queue_position(job)
-    return 0 if job.status == JobStatus.DISPATCHED else None
+    return 0 if status == JobStatus.DISPATCHED else None
 
 
 async def job_object(svc: Services, job: Job, base_url: str) -> dict[str, Any]:
-    url = f"{PREFIX}/jobs/{job.id}"
+    """The 201 of a submit and every poll's answer. The job's fields read from its
+    `__dict__`, as jobs/render.py's `job_json` reads them (where every model keeps them, the
+    ORM's loads too, never expired here): each through the ORM's attribute was a third of
+    this."""
+    fields = job.__dict__
+    created, started, finished = fields["created_at"], fields["started_at"], fields["finished_at"]
+    url = f"{PREFIX}/jobs/{fields['id']}"
     return {
-        "id": str(job.id),
+        "id": str(fields["id"]),
         "status": status_of(job),
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "completed_at": _iso(job.finished_at),
+        "created_at": _iso(created),
+        "started_at": _iso(started),
+        "completed_at": _iso(finished),
         "expires_at": NEVER,
         "queue_position": await queue_position(svc, job),
         "progress": progress(job),
         "outputs": await outputs(svc, job, base_url),
         "error": error(job),
-        "metrics": {"queue_ms": _ms(job.created_at, job.dispatched_at or job.finished_at),
-                    "execution_ms": _ms(job.started_at, job.finished_at)},
+        "metrics": {"queue_ms": _ms(created, fields["dispatched_at"] or finished),
+                    "execution_ms": _ms(started, finished)},
         "urls": {"self": url, "events": f"{url}/events", "cancel": f"{url}/cancel"},
-        "metadata": job.labels or {},
+        "metadata": fields["labels"] or {},
     }

@@ -17,6 +17,7 @@ import pytest
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.placement import BackendLoad, remaining, should_take
+from comfyfleet.execution import costs as node_costs
 from comfyfleet.execution.costs import (
     UNSEEN_LOAD_SECONDS,
     UNSEEN_NODE_SECONDS,
@@ -339,6 +340,34 @@ def test_a_guess_served_from_a_cache_is_what_a_try_would_find_out() -> None:
     assert costs.node_cost("a", "loader-sd15", loader, tried=True) == 0.0
     costs.record("b", "loader-sd15", "CheckpointLoaderSimple", 2.0)
     assert costs.node_cost("a", "loader-sd15", loader, tried=True) == 2.0
+
+
+def test_the_samples_of_keys_not_recorded_for_long_go(monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    """Most keys never come again (an output node's, keyed by its prompt's own filename
+    prefix): beyond KEYS_KEPT, the samples of the one recorded least recently go (a prompt's
+    nodes kept theirs for good, about a kilobyte a node run), and what it costs is its class's
+    again; a key recorded again (a loader's) stays."""
+    monkeypatch.setattr(node_costs, "KEYS_KEPT", 3)
+    costs = NodeCosts()
+    save = {"class_type": "SaveImage", "inputs": {}}
+
+    def estimate(key: str) -> float:  # kept between samples, as placement asks it
+        return costs.uncached_seconds("a", {"9": save}, {"9": key}, frozenset())
+
+    costs.record("a", "loader-sd15", "CheckpointLoaderSimple", 3.0)
+    costs.record("a", "save-1", "SaveImage", 1.0)
+    assert estimate("save-1") == 1.0
+    costs.record("a", "save-2", "SaveImage", 0.5)
+    costs.record("a", "loader-sd15", "CheckpointLoaderSimple", 3.0)  # recorded again
+    costs.record("a", "save-3", "SaveImage", 0.3)  # a fourth key: save-1's samples go
+    class_cost = costs.cost("a", "save-new", "SaveImage")
+    assert class_cost != 1.0
+    assert costs.cost("a", "save-1", "SaveImage") == estimate("save-1") == class_cost
+    assert costs.cost("a", "save-2", "SaveImage") == estimate("save-2") == 0.5
+    costs.record("a", "save-4", "SaveImage", 0.3)  # save-2's go; the loader's stay
+    assert costs.cost("a", "save-2", "SaveImage") == costs.cost("a", "save-new", "SaveImage")
+    assert costs.cost("a", "loader-sd15", "CheckpointLoaderSimple") == 3.0
 
 
 def test_a_backends_overhead_per_prompt_is_a_median_of_its_own_else_the_fleets() -> None:

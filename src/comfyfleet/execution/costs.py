@@ -29,7 +29,7 @@ thought not to hold it runs one: placement may try one (`tried`) to find out.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Mapping, Set
 from typing import Any
 
@@ -55,6 +55,11 @@ MIN_NODE_SECONDS = 1e-3
 # Keys whose estimates are kept per backend: those of the jobs near the backlog's head, and
 # more (started afresh past it: the head moves on, leaving its keys behind).
 ESTIMATES_KEPT = 4096
+# (Backend, key) pairs whose samples are kept, the least recently recorded going first: most
+# keys never come again (a node downstream of a prompt's own seed, text or image; an output
+# node, keyed by its prompt's own filename prefix), and each kept costs about a kilobyte. The
+# loaders' keys, which do come again, are recorded again and stay.
+KEYS_KEPT = 16384
 
 
 class Samples:
@@ -90,8 +95,7 @@ class Samples:
 
 class NodeCosts:
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], Samples] = defaultdict(
-            lambda: Samples(COST_SAMPLES))
+        self._by_key: OrderedDict[tuple[str, str], Samples] = OrderedDict()
         self._by_class: dict[str, Samples] = defaultdict(lambda: Samples(CLASS_SAMPLES))
         self._by_backend_class: dict[str, dict[str, Samples]] = defaultdict(
             lambda: defaultdict(lambda: Samples(CLASS_SAMPLES)))
@@ -115,7 +119,7 @@ class NodeCosts:
     def record(self, backend: str, key: str, class_type: str, seconds: float) -> None:
         if class_type not in self._by_class:
             self._estimates.clear()  # its nodes' guesses give way to its class's estimate
-        self._by_key[(backend, key)].append(seconds)
+        self._key_samples(backend, key).append(seconds)
         self._by_class[class_type].append(seconds)
         self._by_backend_class[backend][class_type].append(seconds)
         self._class_medians.pop(class_type, None)
@@ -124,6 +128,20 @@ class NodeCosts:
         self._class_seconds.clear()
         for tried in (False, True):
             self._estimates.get((backend, tried), {}).pop(key, None)
+
+    def _key_samples(self, backend: str, key: str) -> Samples:
+        """The samples of `key` there, made if it has none: the most recently recorded now.
+        Beyond KEYS_KEPT, the least recently recorded key's go, and its estimates with them."""
+        samples = self._by_key.get((backend, key))
+        if samples is not None:
+            self._by_key.move_to_end((backend, key))
+            return samples
+        samples = self._by_key[(backend, key)] = Samples(COST_SAMPLES)
+        if len(self._by_key) > KEYS_KEPT:
+            (gone_from, gone), _ = self._by_key.popitem(last=False)
+            for tried in (False, True):
+                self._estimates.get((gone_from, tried), {}).pop(gone, None)
+        return samples
 
     def served(self, class_type: str) -> None:
         """A backend served a node of `class_type` from its cache."""

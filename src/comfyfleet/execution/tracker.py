@@ -180,6 +180,9 @@ class ExecutionTracker:
         self._endings = endings
         self._signals = signals
         self._runs: dict[str, PromptRun] = {}
+        # The runs that are `adopted`, by prompt: looked for at every `status` frame (every
+        # queue change of every backend), which finds none as a rule.
+        self._adopted: set[str] = set()
         self._last_end: dict[str, float] = {}  # by backend: when our last prompt there ended
         self._submitting: set[str] = set()
         # Prompts whose end was read, their jobs not yet recorded off their backends: they
@@ -219,6 +222,10 @@ class ExecutionTracker:
 
         run.sent_keys = sent_keys
         self._runs[run.prompt_id] = run
+        if adopted:
+            self._adopted.add(run.prompt_id)
+        else:
+            self._adopted.discard(run.prompt_id)
         session.hold(run.prompt_id)
         if submitting:
             self._submitting.add(run.prompt_id)
@@ -288,7 +295,8 @@ class ExecutionTracker:
             yield
         except BaseException:
             self._ending.discard(prompt_id)
-            self._runs.setdefault(prompt_id, run)
+            if self._runs.setdefault(prompt_id, run) is run and run.adopted:
+                self._adopted.add(prompt_id)
             raise
         self._release(run.session, prompt_id)
 
@@ -313,6 +321,7 @@ class ExecutionTracker:
         run = self._runs.pop(prompt_id, None)
         if run is None:
             return None
+        self._adopted.discard(prompt_id)
         run.early.closed = True
         if run.start.at is not None:
             run.start.drop()  # it ended otherwise: cancelled, lost, moved
@@ -332,7 +341,8 @@ class ExecutionTracker:
             self._preview(message)
             return
         if isinstance(message, Status):
-            await self._poll_adopted(session)
+            if self._adopted:
+                await self._poll_adopted(session)
             return
         prompt_id = getattr(message, "prompt_id", None)
         run = self._runs.get(prompt_id) if prompt_id is not None else None
@@ -461,7 +471,7 @@ class ExecutionTracker:
     async def _poll_adopted(self, session: BackendSession) -> None:
         """The queue changed (`status` is broadcast): see whether adopted prompts ended."""
         # Looked for among the prompts held on `session` (as every run there is), not among
-        # all the runs followed: `status` comes with every queue change on every backend.
+        # all the adopted runs: `status` comes with every queue change on every backend.
         adopted = [run for prompt_id in session.inflight
                    if (run := self._runs.get(prompt_id)) is not None and run.adopted
                    and run.session is session]

@@ -45,9 +45,11 @@ class Endings:
         job = event.job
         inputs = [BackendFile(value["name"], value["subfolder"], "input")
                   for value in job.params.values() if isinstance(value, dict) and "input" in value]
+        # Its backend looked for only then: most jobs have no input file, and the fleet's
+        # list is walked to find it (200 backends in bench.scale).
         session = next((s for s in self._sessions if s.name == job.backend), None) \
-            if job.backend else None
-        if inputs and session is not None:
+            if inputs and job.backend else None
+        if session is not None:
             task = asyncio.create_task(session.cleanup.delete(inputs))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)

@@ -28,6 +28,7 @@ import asyncpg
 import orjson
 import sqlalchemy
 from sqlalchemy import func, literal, text, tuple_, union_all, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
@@ -945,7 +946,12 @@ class JobRepository:
         if api_key_hash is not None:
             query = query.where(col(Job.api_key_hash) == api_key_hash)
         if labels:
-            query = query.where(col(Job.labels).contains(labels))
+            # Written into the statement, not bound, as `_of_states` writes states: planned
+            # for these labels, which alone tell how many jobs have them (a few: from the
+            # labelled jobs' index, jobs_labelled; most: a walk newest first). A pooled
+            # connection's generic plan of `labels @> $n` walked every job for labels none has.
+            query = query.where(col(Job.labels).contains(sqlalchemy.cast(
+                literal(json_codec.dumps_text(labels), literal_execute=True), JSONB)))
         if workflow is not None:
             query = query.where(col(Job.workflow) == workflow)
         if after is not None:

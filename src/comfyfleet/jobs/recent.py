@@ -24,7 +24,7 @@ class Recent(Generic[T]):
     when its read began) begins a read in the background, unless one is under way, and takes
     it as it is. Told of its source's changes (`changed`), it is read again after each, at
     most once per `max_age` and without waiting for an ask, if asked for since its last read
-    began (a value nobody asks for is not read again: 0.1 s of the database's time at
+    began (a value nobody asks for is not read again: 50 ms of the database's time at
     100,000 queued jobs): a value so kept reflects every change told `max_age` seconds (and
     the time a read takes) before the ask before it; after a spell with no asks, the first
     takes the value read before it (and begins a read)."""

@@ -91,7 +91,7 @@ RUN_TIMES_KEPT = 1000
 # fewer jobs than this (at 1,000 jobs under a millisecond an ask), from a snapshot of it (one
 # read shared by every ask) once it is deeper: read again in the background after the jobs
 # change, at most once per POSITION_MAX_AGE seconds and only while asked for, the asks
-# meanwhile counting in the one before (`Recent`), so that none waits for a read (about 0.1 s
+# meanwhile counting in the one before (`Recent`), so that none waits for a read (about 50 ms
 # at 100,000 jobs) but those before the first snapshot of a backlog found deep (`place` says
 # so without counting it). A queued job's ETA rests on run times and the work on the backends
 # read as seldom, whatever the backlog's depth.

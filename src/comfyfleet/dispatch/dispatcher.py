@@ -335,9 +335,12 @@ class Dispatcher:
         dispatcher's (the same read, pick and take as a pass) that may take this job only,
         with one commit for both. The prompt is sent once the insert has committed. Returns
         what `store` does."""
+        # The backends ranked only once nothing else rules the take out: with a backlog (every
+        # submit at saturation) ranking them was for nothing.
+        if self._claiming.locked() or not self._backlog_empty or self._signals.queued:
+            return await store(None)
         sessions = by_preference(self._sessions, self._max_inflight, self._tracker.slots_taken)
-        if self._claiming.locked() or not self._backlog_empty or self._signals.queued \
-                or not sessions:
+        if not sessions:
             return await store(None)
         async with self._claiming:
             take = self._take_before_insert(job, sessions)

@@ -39,10 +39,12 @@ class HeldNode:
 
 def held_node(node: Mapping[str, Any]) -> HeldNode:
     inputs = node.get("inputs")
-    files = tuple(
-        (name, value) for name, value in sorted((inputs or {}).items())
+    # Sorted once picked out (a node names a model file or two among its inputs): a result
+    # held is one a node of every prompt started or run.
+    files = tuple(sorted(
+        (name, value) for name, value in inputs.items()
         if isinstance(value, str) and value.lower().endswith(MODEL_FILE_EXTENSIONS)
-    ) if isinstance(inputs, Mapping) else ()
+    )) if isinstance(inputs, Mapping) else ()
     return HeldNode(str(node.get("class_type")), files)
 
 

@@ -99,7 +99,7 @@ def job_prompt(rng: random.Random) -> tuple[str, dict[str, Any]]:
 class State:
     """Backends, tracker, learned costs and two backlogs, the same for a given seed."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, tenants: int = len(TENANTS)) -> None:
         rng = random.Random(seed)
         self.run_times = RunTimes()
         self.node_costs = NodeCosts()
@@ -166,8 +166,9 @@ class State:
                         run.step_fraction, run.stepped_at = 0.4, now - 0.05
                     run.node_running, run.node_started = "2", now - rng.uniform(0.05, 1.0)
             session.queue_remaining = len(session.inflight)
-        self.deep = self._backlog(rng, READ + (ROUNDS_MAX + 1) * BACKENDS, beyond=True)
-        self.tail = self._backlog(rng, 12, beyond=False)
+        self.deep = self._backlog(rng, READ + (ROUNDS_MAX + 1) * BACKENDS, TENANTS[:tenants],
+                                  beyond=True)
+        self.tail = self._backlog(rng, 12, TENANTS[:tenants], beyond=False)
 
     def prompt_ended(self, turn: int) -> None:
         """A prompt of ours ended on a backend (between two claims, at saturation): a sample
@@ -180,12 +181,14 @@ class State:
         self.run_times.record(backend, "invert", 0.05 / self.speeds[turn % BACKENDS])
 
     @staticmethod
-    def _backlog(rng: random.Random, count: int, *, beyond: bool) -> list[QueuedJob]:
-        """`count` queued jobs as a claim reads them: each tenant's head, its own order."""
+    def _backlog(rng: random.Random, count: int, tenants: list[tuple[str, int]], *,
+                 beyond: bool) -> list[QueuedJob]:
+        """`count` queued jobs of `tenants` as a claim reads them: each tenant's head, its
+        own order."""
         created = datetime(2026, 12, 7, tzinfo=UTC)
         jobs: list[QueuedJob] = []
         for place in range(count):
-            tenant, weight = TENANTS[place % len(TENANTS)]
+            tenant, weight = tenants[place % len(tenants)]
             workflow, prompt = job_prompt(rng)
             jobs.append(QueuedJob(
                 uuid.UUID(int=rng.getrandbits(128)), workflow, prompt,
@@ -196,12 +199,12 @@ class State:
         return jobs
 
 
-def measure(seed: int, rounds: int) -> dict[str, Any]:
+def measure(seed: int, rounds: int, tenants: int) -> dict[str, Any]:
     """CPU per pick over `rounds` rounds of every backend picking on each backlog; the
     decisions' digest."""
 
     async def main() -> dict[str, Any]:
-        state = State(seed)
+        state = State(seed, tenants)
         dispatcher = Dispatcher(
             None, state.sessions, state.tracker, None,  # type: ignore[arg-type]
             signals=None, max_inflight=MAX_INFLIGHT, endings=None,  # type: ignore[arg-type]
@@ -256,14 +259,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, choices=range(1, ROUNDS_MAX + 1),
                         metavar=f"1-{ROUNDS_MAX}")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--tenants", type=int, default=len(TENANTS),
+                        choices=range(1, len(TENANTS) + 1),
+                        help="the backlog's tenants (1: one tenant's jobs, as bench.throughput's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.seed, args.rounds)))
+        print(json.dumps(measure(args.seed, args.rounds, args.tenants)))
         return
     runs = in_turns("bench.pick_cpu", args.other.resolve(), args.turns,
-                    ["--rounds", str(args.rounds), "--seed", str(args.seed)]) if args.other \
-        else [{"turn": 1, "code": "this checkout", **measure(args.seed, args.rounds)}]
+                    ["--rounds", str(args.rounds), "--seed", str(args.seed),
+                     "--tenants", str(args.tenants)]) if args.other \
+        else [{"turn": 1, "code": "this checkout", **measure(args.seed, args.rounds, args.tenants)}]
     print(f"load average {os.getloadavg()[0]:.2f}")
     print_table(["turn", "code", "deep ms/pick", "taken", "tail ms/pick", "taken", "decisions"],
                 [[run["turn"], run["code"], f"{run['deep']['ms_per_pick']:.3f}",

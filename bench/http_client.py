@@ -35,7 +35,7 @@ from bench.harness import moto_s3, print_table, sim_fleet, workflow_job
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.prompts import output_items
 from comfyfleet.http_client import HttpClient, Timeouts
-from comfyfleet.storage.s3 import _signed_put_headers
+from comfyfleet.storage.s3 import _amz_date, _signed_put_headers
 from comfyfleet.webhooks.delivery import WebhookSender
 from comfyfleet.webhooks.signing import new_secret, signed_headers
 from tests.conftest import S3_CREDENTIALS
@@ -112,7 +112,7 @@ async def main(requests: int, rounds: int) -> None:
             url = put_url + key
             return url, _signed_put_headers(url, put_host, "image/png",
                                             hashlib.sha256(png).hexdigest(), credentials,
-                                            "us-east-1", time.gmtime())
+                                            "us-east-1", _amz_date(int(time.time())))
 
         async def put_old(n: int) -> object:
             url, headers = put_headers(f"old/{n}.png")

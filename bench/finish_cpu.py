@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import signal
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -48,7 +47,7 @@ from bench.harness import (
     fresh_database,
     in_turns,
     moto_s3,
-    print_table,
+    print_turns,
     sim_fleet,
     workflow_job,
 )
@@ -190,22 +189,7 @@ def main() -> None:
     runs = in_turns("bench.finish_cpu", args.other.resolve(), args.turns, options) \
         if args.other else [{"turn": 1, "code": "this checkout", **uvloop.run(
             measure(args.jobs, args.rounds, args.concurrency, args.storage))}]
-    # The least of each code's rounds says what a job's end costs, the median what it cost
-    # under the load there was; on a busy machine, the codes' medians of each turn (run one
-    # after the other) compare best.
-    codes = list(dict.fromkeys(run["code"] for run in runs))
-    print_table(["code", "ms per job, least", "median"],
-                [[code, *(f"{figure(values):.3f}" for values in [
-                    [value for run in runs if run["code"] == code for value in run["ms_per_job"]]]
-                    for figure in (min, statistics.median))] for code in codes])
-    if len(codes) == 2:
-        medians = {(run["turn"], run["code"]): statistics.median(run["ms_per_job"])
-                   for run in runs}
-        ratios = [medians[turn, codes[0]] / medians[turn, codes[1]]
-                  for turn in sorted({run["turn"] for run in runs})]
-        print(f"{codes[0]} / {codes[1]}, each turn's medians: "
-              + " ".join(f"{ratio:.3f}" for ratio in ratios)
-              + f" (median {statistics.median(ratios):.3f})")
+    print_turns(runs, "ms_per_job", "ms per job")
     print(json.dumps(runs))
 
 

@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,25 @@ def in_turns(module: str, other: Path, turns: int,
                                   env=env, cwd=REPO, check=True, capture_output=True, text=True)
             runs.append({"turn": turn + 1, "code": label, **json.loads(done.stdout)})
     return runs
+
+
+def print_turns(runs: Sequence[dict[str, Any]], figure: str, unit: str) -> None:
+    """The least and the median of each code's rounds' `figure` (`unit`, say "ms per job")
+    from `in_turns`' runs, and with two codes each turn's ratio of their medians. The least
+    says what the work costs, the median what it cost under the load there was; on a busy
+    machine, the codes' medians of each turn (run one after the other) compare best."""
+    codes = list(dict.fromkeys(run["code"] for run in runs))
+    print_table(["code", f"{unit}, least", "median"],
+                [[code, *(f"{pick(values):.3f}" for values in [
+                    [value for run in runs if run["code"] == code for value in run[figure]]]
+                    for pick in (min, statistics.median))] for code in codes])
+    if len(codes) == 2:
+        medians = {(run["turn"], run["code"]): statistics.median(run[figure]) for run in runs}
+        ratios = [medians[turn, codes[0]] / medians[turn, codes[1]]
+                  for turn in sorted({run["turn"] for run in runs})]
+        print(f"{codes[0]} / {codes[1]}, each turn's medians: "
+              + " ".join(f"{ratio:.3f}" for ratio in ratios)
+              + f" (median {statistics.median(ratios):.3f})")
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 import uuid
@@ -41,7 +40,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.cpu_sampled import Sampler
-from bench.harness import bench_root, embedded_postgres, fresh_database, in_turns, print_table
+from bench.harness import bench_root, embedded_postgres, fresh_database, in_turns, print_turns
 from comfyfleet import db
 from comfyfleet.cli.main import _tune_garbage_collector
 from comfyfleet.jobs.deliveries import DELIVERIES, DeliveryStatus
@@ -177,20 +176,7 @@ def main() -> None:
     runs = in_turns("bench.webhook_cpu", args.other.resolve(), args.turns, options) \
         if args.other else [{"turn": 1, "code": "this checkout", **uvloop.run(
             measure(args.deliveries, args.rounds, args.concurrency))}]
-    codes = list(dict.fromkeys(run["code"] for run in runs))
-    print_table(["code", "ms per delivery, least", "median"],
-                [[code, *(f"{figure(values):.3f}" for values in [
-                    [value for run in runs if run["code"] == code
-                     for value in run["ms_per_delivery"]]]
-                    for figure in (min, statistics.median))] for code in codes])
-    if len(codes) == 2:
-        medians = {(run["turn"], run["code"]): statistics.median(run["ms_per_delivery"])
-                   for run in runs}
-        ratios = [medians[turn, codes[0]] / medians[turn, codes[1]]
-                  for turn in sorted({run["turn"] for run in runs})]
-        print(f"{codes[0]} / {codes[1]}, each turn's medians: "
-              + " ".join(f"{ratio:.3f}" for ratio in ratios)
-              + f" (median {statistics.median(ratios):.3f})")
+    print_turns(runs, "ms_per_delivery", "ms per delivery")
     print(json.dumps(runs))
 
 

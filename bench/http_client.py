@@ -81,7 +81,8 @@ async def main(requests: int, rounds: int) -> None:
         async with client.view(image.filename, image.subfolder, image.type,
                                CHUNK_BYTES) as chunks:
             png = b"".join([chunk async for chunk in chunks])
-        put_url = f"{s3.endpoint}/{s3.bucket}/"
+        put_path = f"/{s3.bucket}/"
+        put_url = s3.endpoint + put_path
         put_host = put_url.split("/")[2]
         event = json.dumps({"type": "job.succeeded", "data": {"outputs": ["x" * 900]}}).encode()
 
@@ -109,10 +110,10 @@ async def main(requests: int, rounds: int) -> None:
                 return [chunk async for chunk in chunks]
 
         def put_headers(key: str) -> tuple[str, dict[str, str]]:
-            url = put_url + key
-            return url, _signed_put_headers(url, put_host, "image/png",
-                                            hashlib.sha256(png).hexdigest(), credentials,
-                                            "us-east-1", _amz_date(int(time.time())))
+            headers = _signed_put_headers(put_path + key, put_host, "image/png",
+                                          hashlib.sha256(png).hexdigest(), credentials,
+                                          "us-east-1", _amz_date(int(time.time())))
+            return put_url + key, headers
 
         async def put_old(n: int) -> object:
             url, headers = put_headers(f"old/{n}.png")

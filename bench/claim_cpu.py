@@ -18,13 +18,11 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,7 +32,8 @@ from bench.harness import (
     bench_root,
     embedded_postgres,
     fresh_database,
-    in_turns,
+    measured_runs,
+    paired_parser,
     print_table,
     workflow_job,
 )
@@ -102,21 +101,17 @@ async def measure(jobs: int, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
-    parser.add_argument("--turns", type=int, default=3)
+    parser = paired_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=800)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(uvloop.run(measure(args.jobs, args.rounds))))
         return
     print(f"load average {os.getloadavg()[0]:.2f}")
-    runs = in_turns("bench.claim_cpu", args.other.resolve(), args.turns,
-                    ["--jobs", str(args.jobs), "--rounds", str(args.rounds)]) if args.other \
-        else [{"turn": 1, "code": "this checkout", **uvloop.run(measure(args.jobs, args.rounds))}]
+    runs = measured_runs("bench.claim_cpu", args.other, args.turns,
+                         ["--jobs", str(args.jobs), "--rounds", str(args.rounds)],
+                         lambda: uvloop.run(measure(args.jobs, args.rounds)))
     # The least of each code's rounds says what a claim costs, the median what it costs under
     # the load there was.
     codes = list(dict.fromkeys(run["code"] for run in runs))

@@ -23,7 +23,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -45,8 +44,9 @@ from bench.harness import (
     bench_root,
     embedded_postgres,
     fresh_database,
-    in_turns,
+    measured_runs,
     moto_s3,
+    paired_parser,
     print_turns,
     sim_fleet,
     workflow_job,
@@ -168,16 +168,12 @@ async def measure(jobs: int, rounds: int, concurrency: int, kind: str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
-    parser.add_argument("--turns", type=int, default=3)
+    parser = paired_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--storage", choices=("s3", "local"), default="s3")
     parser.add_argument("--profile", type=Path, help="where the last round's samples go")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child or args.profile:
         print(json.dumps(uvloop.run(measure(args.jobs, args.rounds, args.concurrency,
@@ -186,9 +182,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}")
     options = [f"--jobs={args.jobs}", f"--rounds={args.rounds}",
                f"--concurrency={args.concurrency}", f"--storage={args.storage}"]
-    runs = in_turns("bench.finish_cpu", args.other.resolve(), args.turns, options) \
-        if args.other else [{"turn": 1, "code": "this checkout", **uvloop.run(
-            measure(args.jobs, args.rounds, args.concurrency, args.storage))}]
+    runs = measured_runs("bench.finish_cpu", args.other, args.turns, options, lambda: uvloop.run(
+        measure(args.jobs, args.rounds, args.concurrency, args.storage)))
     print_turns(runs, "ms_per_job", "ms per job")
     print(json.dumps(runs))
 

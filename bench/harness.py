@@ -8,6 +8,7 @@ process of its own, so that its CPU time and its profile are its own.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -68,6 +69,26 @@ def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
         return {"samples": 0}
     return {"samples": len(seconds),
             **{f"p{p}": round(percentile(seconds, p / 100) * 1000, 2) for p in (50, 95, 99)}}
+
+
+def paired_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options of a bench that measures this checkout alone, or it and another's `src`
+    in turns (`measured_runs`): --other, --turns, and --child, what each turn runs."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def measured_runs(module: str, other: Path | None, turns: int, child_args: Sequence[str],
+                  here: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """With `other`, `in_turns`' runs of `module`; else one run of `here` in this process,
+    labelled as `in_turns` labels this checkout's."""
+    if other is not None:
+        return in_turns(module, other.resolve(), turns, child_args)
+    return [{"turn": 1, "code": "this checkout", **here()}]
 
 
 def in_turns(module: str, other: Path, turns: int,

@@ -26,7 +26,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import hashlib
@@ -38,10 +37,9 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from bench.harness import in_turns, print_table
+from bench.harness import measured_runs, paired_parser, print_table
 from comfyfleet.comfy.capabilities import Capabilities
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.dispatch.dispatcher import Dispatcher
@@ -252,25 +250,21 @@ def measure(seed: int, rounds: int, tenants: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
-    parser.add_argument("--turns", type=int, default=3)
+    parser = paired_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=40, choices=range(1, ROUNDS_MAX + 1),
                         metavar=f"1-{ROUNDS_MAX}")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--tenants", type=int, default=len(TENANTS),
                         choices=range(1, len(TENANTS) + 1),
                         help="the backlog's tenants (1: one tenant's jobs, as bench.throughput's)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.seed, args.rounds, args.tenants)))
         return
-    runs = in_turns("bench.pick_cpu", args.other.resolve(), args.turns,
-                    ["--rounds", str(args.rounds), "--seed", str(args.seed),
-                     "--tenants", str(args.tenants)]) if args.other \
-        else [{"turn": 1, "code": "this checkout", **measure(args.seed, args.rounds, args.tenants)}]
+    runs = measured_runs("bench.pick_cpu", args.other, args.turns,
+                         ["--rounds", str(args.rounds), "--seed", str(args.seed),
+                          "--tenants", str(args.tenants)],
+                         lambda: measure(args.seed, args.rounds, args.tenants))
     print(f"load average {os.getloadavg()[0]:.2f}")
     print_table(["turn", "code", "deep ms/pick", "taken", "tail ms/pick", "taken", "decisions"],
                 [[run["turn"], run["code"], f"{run['deep']['ms_per_pick']:.3f}",

@@ -40,7 +40,14 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from bench.cpu_sampled import Sampler
-from bench.harness import bench_root, embedded_postgres, fresh_database, in_turns, print_turns
+from bench.harness import (
+    bench_root,
+    embedded_postgres,
+    fresh_database,
+    measured_runs,
+    paired_parser,
+    print_turns,
+)
 from comfyfleet import db
 from comfyfleet.cli.main import _tune_garbage_collector
 from comfyfleet.jobs.deliveries import DELIVERIES, DeliveryStatus
@@ -152,15 +159,11 @@ async def measure(deliveries: int, rounds: int, concurrency: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--other", type=Path, help="another checkout's src, in turns")
-    parser.add_argument("--turns", type=int, default=3)
+    parser = paired_parser(__doc__)
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--profile", type=Path, help="where the last round's samples go")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -173,9 +176,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}")
     options = [f"--deliveries={args.deliveries}", f"--rounds={args.rounds}",
                f"--concurrency={args.concurrency}"]
-    runs = in_turns("bench.webhook_cpu", args.other.resolve(), args.turns, options) \
-        if args.other else [{"turn": 1, "code": "this checkout", **uvloop.run(
-            measure(args.deliveries, args.rounds, args.concurrency))}]
+    runs = measured_runs("bench.webhook_cpu", args.other, args.turns, options, lambda: uvloop.run(
+        measure(args.deliveries, args.rounds, args.concurrency)))
     print_turns(runs, "ms_per_delivery", "ms per delivery")
     print(json.dumps(runs))
 

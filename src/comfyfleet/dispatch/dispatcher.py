@@ -25,7 +25,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -233,6 +233,15 @@ class _Elsewhere:
         finish_there, cost_there = there
         finish_here = self._here.busy + self._here.overhead + cost_here
         return finish_there - finish_here - (cost_here - cost_there)
+
+
+class _Affine(NamedTuple):
+    """The job a backend's pick chooses by cache-aware placement (`Dispatcher._affine`)."""
+
+    job: QueuedJob
+    passed: tuple[uuid.UUID, ...]  # the jobs of its band before it
+    cost: float  # its nodes not held in that backend's cache, in expected seconds there
+    served: bool  # that backend's cache saves AFFINITY_MIN_GAIN at least of it
 
 
 class _BandCosts:
@@ -561,17 +570,23 @@ class Dispatcher:
         here = self._view(session)
         # The other backends, worked out once a pick weighs them (a backend whose cache
         # serves none of the jobs, the end of a backlog), the same views for all it weighs.
-        others = functools.cache(lambda: [
-            self._view(other) for other in self._sessions if other is not session
-            and other.accepts_work and other.capabilities is not None])
-        choice = self._affine(here, others, runnable)
-        if choice is None:
+        # (Not by functools.cache, whose wrapper made at every pick was a few percent of it.)
+        views: list[BackendView] | None = None
+
+        def others() -> list[BackendView]:
+            nonlocal views
+            if views is None:
+                views = [self._view(other) for other in self._sessions if other is not session
+                         and other.accepts_work and other.capabilities is not None]
+            return views
+
+        affine = self._affine(here, others, runnable)
+        if affine is None:
             self._outcome = "waits_for_warm"
             return None
-        head = next(job for job in runnable if job.id == choice.job_id)
-        choice = choice._replace(charge=estimate(head.workflow))
-        cost = self.cost(here, head)
-        if self.cost(here, head, cold=True) - cost < AFFINITY_MIN_GAIN:
+        head, cost = affine.job, affine.cost
+        choice = Choice(head.id, affine.passed, charge=estimate(head.workflow))
+        if not affine.served:
             return self._speed_checked(session, choice, head, backlog)
         # Its cache serves this job: judged by the same estimate, cache and all, against
         # the others (a blind one could leave a job to a backend that would load its model,
@@ -605,9 +620,10 @@ class Dispatcher:
         return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
     def _affine(self, here: BackendView, others: Callable[[], list[BackendView]],
-                runnable: list[QueuedJob]) -> Choice | None:
+                runnable: list[QueuedJob]) -> _Affine | None:
         """The job of the highest waiting priority that the backend `here` should start now,
-        by where each job finishes soonest, counting what every backend's cache holds; None
+        by where each job finishes soonest, counting what every backend's cache holds (with
+        the jobs it passes, what it costs `here` and whether `here`'s cache serves it); None
         when every one of them finishes sooner by waiting for another backend.
 
         A backend whose cache serves one of these jobs (its model loaded) keeps to it: it
@@ -623,7 +639,8 @@ class Dispatcher:
         costs = _BandCosts(functools.partial(self.cost, here), band)
         warm = costs.warm()
         index: int | None = warm
-        if self.cost(here, band[warm], cold=True) - costs[warm] < AFFINITY_MIN_GAIN:
+        served = self._served(here, band[warm], costs[warm])
+        if not served:
             gains = self._gains(_Elsewhere(self, here, others()), costs)
             index = self._cold_pick(here, gains)
             if index is None and self._may_try(here):
@@ -633,7 +650,14 @@ class Dispatcher:
                 self._trying = index is not None
         if index is None:
             return None
-        return Choice(band[index].id, tuple(job.id for job in band[:index]))
+        if index != warm:
+            served = self._served(here, band[index], costs[index])
+        return _Affine(band[index], tuple(job.id for job in band[:index]), costs[index], served)
+
+    def _served(self, here: BackendView, job: QueuedJob, cost: float) -> bool:
+        """Whether the cache of `here`, where `job` costs `cost`, serves it (its model
+        loaded): it saves AFFINITY_MIN_GAIN at least."""
+        return not self.cost(here, job, cold=True) - cost < AFFINITY_MIN_GAIN
 
     def _within_window(self, band: list[QueuedJob]) -> list[QueuedJob]:
         """The jobs of `band` (in backlog order) that may be taken without passing a job more

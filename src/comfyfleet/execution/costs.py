@@ -110,7 +110,7 @@ class NodeCosts:
         # or a guess); else its class, whose estimate there (`_class_seconds`) moves with
         # every sample the fleet records, and is worked out again once per class then.
         self._estimates: dict[tuple[str, bool], dict[str, float | str]] = {}
-        self._class_seconds: dict[tuple[str, str], float] = {}  # by (backend, class)
+        self._class_seconds: dict[str, dict[str, float]] = {}  # by backend, then class
         self._overheads: dict[str, Samples] = defaultdict(lambda: Samples(OVERHEAD_SAMPLES))
         self._fleet_overheads = Samples(OVERHEAD_SAMPLES)
         # The medians of those, by backend (None: the fleet's), until the next sample.
@@ -203,10 +203,10 @@ class NodeCosts:
     def _class_cost(self, backend: str, class_type: str) -> float:
         """Expected seconds there of a node of `class_type` (seen running) whose key has no
         samples there: the fleet's median over the backend's speed."""
-        seconds = self._class_seconds.get((backend, class_type))
+        known = self._class_seconds.setdefault(backend, {})
+        seconds = known.get(class_type)
         if seconds is None:
-            seconds = self._class_seconds[(backend, class_type)] = \
-                self._class_median(class_type) / self.speed(backend)
+            seconds = known[class_type] = self._class_median(class_type) / self.speed(backend)
         return seconds
 
     def speed(self, backend: str) -> float:
@@ -240,7 +240,11 @@ class NodeCosts:
         known = self._estimates.get((backend, tried))
         if known is None or len(known) > ESTIMATES_KEPT:
             known = self._estimates[(backend, tried)] = {}
-        seconds: list[float] = []
+        # Looked up here, not through `_class_cost` (a call a node: placement weighs every
+        # job near the backlog's head, at every claim).
+        by_class = self._class_seconds.get(backend, {})
+        # Added up in order, as sum() of them did on 3.11 (the same seconds to the bit).
+        seconds = 0.0
         for node_id, key in keys.items():
             if key in held:
                 continue
@@ -249,6 +253,9 @@ class NodeCosts:
             estimate = known.get(key)
             if estimate is None:
                 estimate = known[key] = self._estimate(backend, key, prompt[node_id], tried)
-            seconds.append(self._class_cost(backend, estimate) if isinstance(estimate, str)
-                           else estimate)
-        return sum(seconds)
+            if isinstance(estimate, str):
+                class_seconds = by_class.get(estimate)
+                estimate = class_seconds if class_seconds is not None \
+                    else self._class_cost(backend, estimate)
+            seconds += estimate
+        return seconds

@@ -241,7 +241,8 @@ class ExecutionTracker:
     def slots_taken(self, session: BackendSession) -> int:
         """How many of `session`'s slots our prompts take: those held there but the ones
         whose end was read (a prompt that ended holds no GPU, recorded or not)."""
-        return sum(prompt_id not in self._ending for prompt_id in session.inflight)
+        # In C, not a generator: a claim asks it of every backend (half the CPU).
+        return len(session.inflight) - len(self._ending.intersection(session.inflight))
 
     def ended(self) -> frozenset[str]:
         """Our prompts known to be off their backends (their end read; or failed, rejected,

@@ -937,8 +937,10 @@ class Dispatcher:
         return True
 
     async def _submit(self, session: BackendSession, job: Job) -> None:
-        assert job.prompt_id is not None
-        prompt = isolate_outputs(job.prompt, job.prompt_id)
+        # Read once: a job's fields are SQLAlchemy attributes (0.2 us a read).
+        prompt_id = job.prompt_id
+        assert prompt_id is not None
+        prompt = isolate_outputs(job.prompt, prompt_id)
         extra_data: ExtraData | None = None
         if job.extra_data_holder is not None:
             extra_data = self._extra_data.get(job.id)
@@ -948,7 +950,7 @@ class Dispatcher:
         try:
             await self._upload_inputs(session, job)
             await session.client.queue_prompt(
-                prompt, prompt_id=job.prompt_id, client_id=session.client_id,
+                prompt, prompt_id=prompt_id, client_id=session.client_id,
                 extra_data=extra_data.values if extra_data is not None else None,
             )
         except PromptRejected as exc:
@@ -969,25 +971,26 @@ class Dispatcher:
             # the prompt is surely not there, else reconciliation settles it as a prompt
             # whose events were missed.
             try:
-                if not await self._withdraw_waiting(session, job.prompt_id):
+                if not await self._withdraw_waiting(session, prompt_id):
                     return
             except ComfyError:
                 return
             # Followed until the release is written: a release that fails (the database
             # away) leaves it to the safety net, which finds the prompt gone and puts the job
             # back then.
-            async with self._tracker.leaving(job.prompt_id):
+            async with self._tracker.leaving(prompt_id):
                 await self._repository.release(job)
             self._signals.job_queued()
             return
         finally:
-            self._tracker.submitted(job.prompt_id)
-        if not self._tracker.is_tracked(job.prompt_id):
+            self._tracker.submitted(prompt_id)
+        if not self._tracker.is_tracked(prompt_id):
             # Cancelled while the POST was on its way: take it back off the backend.
-            await session.withdraw(job.prompt_id)
+            await session.withdraw(prompt_id)
             return
-        log.info("job %s queued on %s as %s", job.id, session.name, job.prompt_id,
-                 extra=job_fields(job))
+        if log.isEnabledFor(logging.INFO):  # (its arguments, read through the ORM's descriptors)
+            log.info("job %s queued on %s as %s", job.id, session.name, prompt_id,
+                     extra=job_fields(job))
 
     async def _fail_unsendable(self, job: Job) -> None:
         await self._fail_unsent(job, job_error(

@@ -244,6 +244,69 @@ class _Affine(NamedTuple):
     served: bool  # that backend's cache saves AFFINITY_MIN_GAIN at least of it
 
 
+class _Band:
+    """The jobs of a read, in fair-share order, among which a backend's pick chooses (see
+    `Dispatcher._affine`): those it can run of the priority of the first of them, up to the
+    first already passed AFFINITY_WINDOW times. That one is then judged like any other: it
+    goes to the backend whose cache holds its model when waiting for that one is sooner, and
+    the others take only what is ahead of it meanwhile. (Forcing it onto whichever backend
+    came first made GPUs trade models back and forth: see bench/RESULTS.md, cache-aware
+    placement.)
+
+    The first job of the read is looked at (whether the backend can run it: `runnable`, of a
+    list of jobs) alone, the others only once the pick asks for a job of the band past it:
+    with a deep backlog of short jobs the pick takes the first (it costs nothing there, and no
+    backend holds more of it), and whether the backend could run each job of the 50-job read
+    was looked up at every claim (the first hash of each job's id, fresh from the read, most
+    of that). (The end of a backlog is counted whole: placement weighs it by its length.)"""
+
+    def __init__(self, ordered: list[QueuedJob],
+                 runnable: Callable[[list[QueuedJob]], list[QueuedJob]], window: int) -> None:
+        self._ordered, self._runnable, self._window = ordered, runnable, window
+        self._jobs: list[QueuedJob] = []
+        self._looked = 0  # the jobs of `ordered` looked at
+        self._complete = False  # every job of the band found
+
+    def _find(self, count: float) -> None:
+        """Look at the jobs of the read until `count` jobs of the band are found, or all: the
+        first alone, then all the others at once."""
+        while len(self._jobs) < count and not self._complete:
+            looking = self._ordered[self._looked:self._looked + 1 if not self._looked else None]
+            self._looked += len(looking)
+            self._complete = not looking
+            for job in self._runnable(looking):
+                if not self._jobs or job.priority == self._jobs[0].priority:
+                    self._jobs.append(job)
+                    if job.overtaken >= self._window:
+                        self._complete = True
+                        break
+
+    def __bool__(self) -> bool:
+        self._find(1)
+        return bool(self._jobs)
+
+    def __len__(self) -> int:
+        self._find(math.inf)
+        return len(self._jobs)
+
+    def __getitem__(self, index: int) -> QueuedJob:
+        self._find(index + 1)
+        return self._jobs[index]
+
+    def __iter__(self) -> Iterator[QueuedJob]:
+        index = 0
+        while True:
+            self._find(index + 1)
+            if index == len(self._jobs):
+                return
+            yield self._jobs[index]
+            index += 1
+
+    def before(self, index: int) -> tuple[uuid.UUID, ...]:
+        """The ids of the jobs of the band before its job `index` (found)."""
+        return tuple(job.id for job in self._jobs[:index])
+
+
 class _BandCosts:
     """What each job of a band costs on one backend (`cost`), worked out only as it is asked
     for: a pick weighs the whole band only when its first job costs more there than a gain
@@ -252,7 +315,7 @@ class _BandCosts:
     backend holds more of. At saturation on short jobs, every job of a 50-job band was
     weighed at every claim to take the first."""
 
-    def __init__(self, cost: Callable[[QueuedJob], float], band: list[QueuedJob]) -> None:
+    def __init__(self, cost: Callable[[QueuedJob], float], band: _Band) -> None:
         self.band, self._cost = band, cost
         self._known: list[float] = []
 
@@ -555,18 +618,19 @@ class Dispatcher:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)
         ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
-        runnable = self._runnable.runnable(session.capabilities, ordered)
+        band = _Band(ordered, functools.partial(self._runnable.runnable, session.capabilities),
+                     self._affinity_window)
         self._outcome = "cannot_run" if queued else "empty"
-        if not runnable:
+        if not band:
             return None
         self._outcome = "slower"  # unless the pick says otherwise below
 
         # The backlog goes on beyond what we read: deep enough for everyone.
-        backlog = math.inf if any(job.beyond for job in queued) else len(runnable)
-        if not self._affinity_window:
+        backlog = math.inf if any(job.beyond for job in queued) \
+            else len(self._runnable.runnable(session.capabilities, ordered))
+        if not self._affinity_window:  # the band is the first job it can run
             return self._speed_checked(
-                session, Choice(runnable[0].id, charge=estimate(runnable[0].workflow)),
-                runnable[0], backlog)
+                session, Choice(band[0].id, charge=estimate(band[0].workflow)), band[0], backlog)
         here = self._view(session)
         # The other backends, worked out once a pick weighs them (a backend whose cache
         # serves none of the jobs, the end of a backlog), the same views for all it weighs.
@@ -580,7 +644,7 @@ class Dispatcher:
                          and other.accepts_work and other.capabilities is not None]
             return views
 
-        affine = self._affine(here, others, runnable)
+        affine = self._affine(here, others, band)
         if affine is None:
             self._outcome = "waits_for_warm"
             return None
@@ -620,11 +684,11 @@ class Dispatcher:
         return self._run_times.expected(session.name, workflow) or UNKNOWN_RUN_SECONDS
 
     def _affine(self, here: BackendView, others: Callable[[], list[BackendView]],
-                runnable: list[QueuedJob]) -> _Affine | None:
-        """The job of the highest waiting priority that the backend `here` should start now,
-        by where each job finishes soonest, counting what every backend's cache holds (with
-        the jobs it passes, what it costs `here` and whether `here`'s cache serves it); None
-        when every one of them finishes sooner by waiting for another backend.
+                band: _Band) -> _Affine | None:
+        """The job of `band` that the backend `here` should start now, by where each job
+        finishes soonest, counting what every backend's cache holds (with the jobs it passes,
+        what it costs `here` and whether `here`'s cache serves it); None when every one of
+        them finishes sooner by waiting for another backend.
 
         A backend whose cache serves one of these jobs (its model loaded) keeps to it: it
         takes the oldest job that costs it least. A backend whose cache serves none of them
@@ -633,9 +697,7 @@ class Dispatcher:
         GPU would otherwise go idle; if it waits only for a guessed cost that no run will
         measure, it tries the job (`_may_try`). Either way every job of the band older than
         the one taken is passed (overtaken) once more, and none is passed more than
-        AFFINITY_WINDOW times (`_within_window`)."""
-        band = self._within_window(
-            [job for job in runnable if job.priority == runnable[0].priority])
+        AFFINITY_WINDOW times (`_Band`)."""
         costs = _BandCosts(functools.partial(self.cost, here), band)
         warm = costs.warm()
         index: int | None = warm
@@ -652,23 +714,12 @@ class Dispatcher:
             return None
         if index != warm:
             served = self._served(here, band[index], costs[index])
-        return _Affine(band[index], tuple(job.id for job in band[:index]), costs[index], served)
+        return _Affine(band[index], band.before(index), costs[index], served)
 
     def _served(self, here: BackendView, job: QueuedJob, cost: float) -> bool:
         """Whether the cache of `here`, where `job` costs `cost`, serves it (its model
         loaded): it saves AFFINITY_MIN_GAIN at least."""
         return not self.cost(here, job, cold=True) - cost < AFFINITY_MIN_GAIN
-
-    def _within_window(self, band: list[QueuedJob]) -> list[QueuedJob]:
-        """The jobs of `band` (in backlog order) that may be taken without passing a job more
-        than AFFINITY_WINDOW times: up to the first already passed that often. That one is
-        then judged like any other: it goes to the backend whose cache holds its model when
-        waiting for that one is sooner, and the others take only what is ahead of it
-        meanwhile. (Forcing it onto whichever backend came first made GPUs trade models back
-        and forth: see bench/RESULTS.md, cache-aware placement.)"""
-        due = next((index for index, job in enumerate(band)
-                    if job.overtaken >= self._affinity_window), len(band))
-        return band[:due + 1]
 
     @staticmethod
     def _gains(elsewhere: _Elsewhere, costs: _BandCosts) -> list[float | None]:

@@ -14,7 +14,7 @@ import pytest
 
 from comfyfleet.app import serving
 from comfyfleet.comfy.capabilities import Capabilities
-from comfyfleet.dispatch.dispatcher import RunnableJobs
+from comfyfleet.dispatch.dispatcher import RunnableJobs, _Band
 from comfyfleet.jobs.repository import QueuedJob
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
@@ -77,6 +77,34 @@ def test_backends_alike_share_their_capabilities_and_a_job_is_judged_once_for_th
     job, runnable = QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG), RunnableJobs()
     assert not runnable.runs_on(first, job) and not runnable.runs_on(like_it, job)
     assert runnable.runs_on(stocked, job)
+
+
+def test_a_picks_band_is_what_it_runs_of_the_first_priority_within_the_window() -> None:
+    """A backend's pick chooses among the jobs of the read (in fair-share order) it can run,
+    of the priority of the first of them, up to the first passed AFFINITY_WINDOW times; it
+    asks whether it can run the read's jobs past the first only once it looks past that."""
+    stocked = real_comfyui(checkpoints=["sd15.safetensors"])
+    elsewhere = {**TXT2IMG, "4": {"class_type": "CheckpointLoaderSimple",
+                                  "inputs": {"ckpt_name": "sdxl.safetensors"}}}
+    first, lower, not_here, due, _ = read = [
+        QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG, priority=1),
+        QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG, priority=0),
+        QueuedJob(uuid.uuid4(), "txt2img", elsewhere, priority=1),
+        QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG, priority=1, overtaken=3),
+        QueuedJob(uuid.uuid4(), "txt2img", TXT2IMG, priority=1)]
+    kept, looked = RunnableJobs(), []
+
+    def runnable(jobs: list[QueuedJob]) -> list[QueuedJob]:
+        looked.extend(jobs)
+        return kept.runnable(stocked, jobs)
+
+    band = _Band(read, runnable, window=3)
+    assert band and band[0] is first and looked == [first]
+    assert list(band) == [first, due] and len(band) == 2 and band.before(1) == (first.id,)
+    assert looked == read
+    assert list(_Band([not_here, lower, first], runnable, window=3)) == [lower]
+    assert list(_Band(read, runnable, window=0)) == [first]  # AFFINITY_WINDOW=0: the first
+    assert not _Band([not_here], runnable, window=3)
 
 
 def test_capabilities_no_backend_holds_are_let_go_of_with_what_was_kept_of_them() -> None:

@@ -41,14 +41,14 @@ from comfyfleet import db
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.registry import BackendRegistry
 from comfyfleet.jobs.models import Job, utcnow
-from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+from comfyfleet.jobs.repository import BacklogRead, Choice, JobRepository
 
 BACKENDS = [f"gpu{index:02}" for index in range(16)]
 DISPATCHED_AWAY = "UPDATE jobs SET status = 'succeeded', backend = NULL WHERE status = 'dispatched'"
 
 
-def first(_: str, queued: list[QueuedJob]) -> Choice | None:
-    return Choice(queued[0].id, charge=0.01) if queued else None
+def first(_: str, read: BacklogRead) -> Choice | None:
+    return Choice(read.queued[0].id, charge=0.01) if read.queued else None
 
 
 async def measure(jobs: int, rounds: int) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from comfyfleet.execution.session import BackendSession
 from comfyfleet.execution.tracker import ExecutionTracker
 from comfyfleet.execution.warm import PromptKeys
 from comfyfleet.jobs.models import Job
-from comfyfleet.jobs.repository import QueuedJob
+from comfyfleet.jobs.repository import BacklogRead, QueuedJob, TenantHead
 from comfyfleet.workflows.catalog import Catalog, load_catalog
 from tests.support import REPO
 
@@ -164,9 +164,14 @@ class State:
                         run.step_fraction, run.stepped_at = 0.4, now - 0.05
                     run.node_running, run.node_started = "2", now - rng.uniform(0.05, 1.0)
             session.queue_remaining = len(session.inflight)
-        self.deep = self._backlog(rng, READ + (ROUNDS_MAX + 1) * BACKENDS, TENANTS[:tenants],
-                                  beyond=True)
-        self.tail = self._backlog(rng, 12, TENANTS[:tenants], beyond=False)
+        self.deep = self._backlog(rng, READ + (ROUNDS_MAX + 1) * BACKENDS, TENANTS[:tenants])
+        self.tail = self._backlog(rng, 12, TENANTS[:tenants])
+        # Each tenant's start in virtual time and weight, its backlog going on past the read
+        # in the deep one only.
+        self.tenants = {deep: {tenant: TenantHead(10.0 * TENANTS.index((tenant, weight)),
+                                                  weight, beyond=deep)
+                               for tenant, weight in TENANTS[:tenants]}
+                        for deep in (True, False)}
 
     def prompt_ended(self, turn: int) -> None:
         """A prompt of ours ended on a backend (between two claims, at saturation): a sample
@@ -179,21 +184,19 @@ class State:
         self.run_times.record(backend, "invert", 0.05 / self.speeds[turn % BACKENDS])
 
     @staticmethod
-    def _backlog(rng: random.Random, count: int, tenants: list[tuple[str, int]], *,
-                 beyond: bool) -> list[QueuedJob]:
+    def _backlog(rng: random.Random, count: int, tenants: list[tuple[str, int]]
+                 ) -> list[QueuedJob]:
         """`count` queued jobs of `tenants` as a claim reads them: each tenant's head, its
         own order."""
         created = datetime(2026, 12, 7, tzinfo=UTC)
         jobs: list[QueuedJob] = []
         for place in range(count):
-            tenant, weight = tenants[place % len(tenants)]
+            tenant, _ = tenants[place % len(tenants)]
             workflow, prompt = job_prompt(rng)
             jobs.append(QueuedJob(
                 uuid.UUID(int=rng.getrandbits(128)), workflow, prompt,
                 priority=1 if place < 3 else 0, overtaken=rng.choice([0, 0, 0, 3, 12, 31]),
-                created_at=created + timedelta(milliseconds=place), tenant=tenant,
-                start=10.0 * TENANTS.index((tenant, weight)), weight=weight,
-                beyond=beyond))
+                created_at=created + timedelta(milliseconds=place), tenant=tenant))
         return jobs
 
 
@@ -221,7 +224,8 @@ def measure(seed: int, rounds: int, tenants: int) -> dict[str, Any]:
                 for turn, session in enumerate(state.sessions):
                     # A claim's read, anew; the deep backlog's head a job further on.
                     head = (round_ * BACKENDS + turn) if name == "deep" else 0
-                    read = [job._replace() for job in backlog[head:head + READ]]
+                    read = BacklogRead([job._replace() for job in backlog[head:head + READ]],
+                                       state.tenants[name == "deep"], name == "deep", 2)
                     state.prompt_ended(turn)
                     began = time.process_time()
                     choice = dispatcher._pick(session, read)

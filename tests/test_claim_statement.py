@@ -8,12 +8,15 @@ past the window by claims of other processes."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
@@ -26,6 +29,7 @@ from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import (
     CLAIM_BATCH,
     CLAIM_TAKES,
+    BacklogRead,
     Choice,
     Claim,
     Dispatch,
@@ -43,9 +47,9 @@ async def backends_a_and_b(engine: AsyncEngine) -> JobRepository:
     return JobRepository(engine)
 
 
-def for_b(backend: str, queued: list[QueuedJob]) -> Choice | None:
+def for_b(backend: str, read: BacklogRead) -> Choice | None:
     """A pick that leaves the backlog to backend "b"."""
-    return Choice(queued[0].id) if backend == "b" else None
+    return Choice(read.queued[0].id) if backend == "b" else None
 
 
 async def test_a_claim_holds_no_lock_while_its_take_waits_for_the_backends(
@@ -102,8 +106,8 @@ async def test_a_claim_takes_the_prompt_of_a_job_it_read_before_from_memory(
     job, _ = await repository.insert(Job(workflow="w", prompt={"1": {"class_type": "Old"}}))
     seen: list[dict[str, Any]] = []
 
-    def look(_: str, queued: list[QueuedJob]) -> None:
-        seen.append(queued[0].prompt)
+    def look(_: str, read: BacklogRead) -> None:
+        seen.append(read.queued[0].prompt)
 
     await repository.claim_next(["a"], "p1", max_inflight=1, pick=look)
     # Changed behind the repositories' backs (a job's prompt never changes): only a claim
@@ -126,9 +130,9 @@ async def test_a_claim_takes_what_never_changes_of_a_job_it_read_before_from_mem
     await repository.insert(Job(workflow="old", prompt={}, priority=1, api_key_hash="k"))
     seen: list[tuple[str, int, datetime, str]] = []
 
-    def look(_: str, queued: list[QueuedJob]) -> None:
-        seen.append((queued[0].workflow, queued[0].priority, queued[0].created_at,
-                     queued[0].tenant))
+    def look(_: str, read: BacklogRead) -> None:
+        job = read.queued[0]
+        seen.append((job.workflow, job.priority, job.created_at, job.tenant))
 
     await repository.claim_next(["a"], "p1", max_inflight=1, pick=look)
     # Changed behind the repositories' backs (no statement changes them once a job is
@@ -143,8 +147,8 @@ async def test_a_claim_takes_what_never_changes_of_a_job_it_read_before_from_mem
     assert seen[2][:2] == ("new", 2) and seen[2][2] < seen[0][2] and seen[2][3] == "l"
 
 
-def first(_: str, queued: list[QueuedJob]) -> Choice | None:
-    return Choice(queued[0].id) if queued else None
+def first(_: str, read: BacklogRead) -> Choice | None:
+    return Choice(read.queued[0].id) if read.queued else None
 
 
 async def test_the_job_a_claim_takes_is_the_job_as_stored(engine: AsyncEngine) -> None:
@@ -243,12 +247,12 @@ async def test_the_read_a_take_makes_is_the_backlog_it_leaves(engine: AsyncEngin
     repository = JobRepository(engine, max_concurrent_per_key=2)
     for key in None, "k", None, "k", None:
         await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key))
-    read: list[list[QueuedJob]] = []
+    reads: list[list[QueuedJob]] = []
 
-    def second_of_no_key(_: str, queued: list[QueuedJob]) -> Choice | None:
-        read.append(queued)
-        own = [job for job in queued if job.tenant == ""]
-        return Choice(own[1].id, (own[0].id,), charge=5.0) if len(read) == 1 else None
+    def second_of_no_key(_: str, read: BacklogRead) -> Choice | None:
+        reads.append(read.queued)
+        own = [job for job in read.queued if job.tenant == ""]
+        return Choice(own[1].id, (own[0].id,), charge=5.0) if len(reads) == 1 else None
 
     claim = await repository.claim_next(["a"], "p1", max_inflight=4, pick=second_of_no_key,
                                         window=3)
@@ -256,9 +260,46 @@ async def test_the_read_a_take_makes_is_the_backlog_it_leaves(engine: AsyncEngin
     # The claim after it reads the backlog afresh: the same jobs, its job gone, the one it
     # passed passed once more, its tenant charged (second in virtual time now).
     await repository.claim_next(["a"], "p2", max_inflight=4, pick=second_of_no_key)
-    assert claim.read.queued == read[1] and claim.read.backlog == 2
-    assert [(job.tenant, job.overtaken) for job in read[1]] == [
+    assert claim.read.queued == reads[1] and claim.read.backlog == 2
+    assert [(job.tenant, job.overtaken) for job in reads[1]] == [
         ("k", 0), ("k", 0), ("", 1), ("", 0)]
+
+
+async def test_a_read_keeps_the_jobs_the_caller_holds_but_for_their_overtaken_counts(
+    engine: AsyncEngine,
+) -> None:
+    """The read gives a job the caller holds by its place in the read it holds: its QueuedJob
+    stays the same object while its overtaken count does (a tenant's values, which move with
+    every charge, are the read's, once a tenant)."""
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    for _ in range(4):
+        await repository.insert(Job(workflow="w", prompt={}))
+    reads: list[BacklogRead] = []
+
+    def second(_: str, read: BacklogRead) -> Choice | None:
+        reads.append(read)
+        return Choice(read.queued[1].id, (read.queued[0].id,), charge=5.0) \
+            if len(reads) == 1 else None
+
+    claim = await repository.claim_next(["a"], "p1", max_inflight=4, pick=second)
+    assert claim.job is not None and claim.read is not None
+    before, after = reads[0].queued, claim.read.queued
+    assert after[0] == before[0]._replace(overtaken=1) and after[0] is not before[0]
+    assert after[1] is before[2] and after[2] is before[3]
+    assert (reads[0].tenants[""].start, claim.read.tenants[""].start) == (0.0, 5.0)
+    # A pass's first read (no read of the claim before it): the latest read's jobs again.
+    await repository.claim_next(["a"], "p2", max_inflight=4, pick=second)
+    assert all(again is held for again, held in zip(reads[1].queued, after, strict=True))
+
+
+def test_every_query_is_short_enough_for_asyncpg_to_keep_it_prepared() -> None:
+    """asyncpg prepares a statement longer than its max_cacheable_statement_size again at
+    every call: each named query fits, its comment lines not sent."""
+    limit = inspect.signature(asyncpg.connect).parameters["max_cacheable_statement_size"]
+    for path in Path(sql.__file__).parent.glob("*.sql"):
+        for name, query in sql.queries(path.stem).items():
+            assert len(query) <= limit.default, (path.name, name)
 
 
 async def test_a_move_counts_its_targets_slots_under_its_lock_in_one_statement(
@@ -301,12 +342,12 @@ async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
     repository = JobRepository(engine)
     await repository.insert(Job(workflow="w", prompt={}))
 
-    def limited_meanwhile(_: str, queued: list[QueuedJob]) -> Choice | None:
+    def limited_meanwhile(_: str, read: BacklogRead) -> Choice | None:
         # As an admin's new limit committed between the claim's read and its take: the
         # claim read no limit and took no lock for the tenant, so its count could miss
         # another claim's.
         repository._max_concurrent = 1
-        return first("a", queued)
+        return first("a", read)
 
     claim = await repository.claim_next(["a"], "p1", max_inflight=1, pick=limited_meanwhile)
     assert (claim.job, claim.refusal) == (None, Refusal.TENANT_LIMIT)
@@ -315,7 +356,8 @@ async def test_a_claim_takes_no_job_of_a_tenant_limited_since_its_read_unlocked(
     assert claim.job is not None
 
 
-def last(_: str, queued: list[QueuedJob]) -> Choice | None:
+def last(_: str, read: BacklogRead) -> Choice | None:
+    queued = read.queued
     return Choice(queued[-1].id, tuple(job.id for job in queued[:-1])) if queued else None
 
 
@@ -327,9 +369,9 @@ async def test_a_claim_reads_without_waiting_for_the_backends_lock_and_takes_und
     job, _ = await repository.insert(Job(workflow="w", prompt={}))
     picked: list[QueuedJob] = []
 
-    def watched(backend: str, queued: list[QueuedJob]) -> Choice | None:
-        picked.extend(queued)
-        return first(backend, queued)
+    def watched(backend: str, read: BacklogRead) -> Choice | None:
+        picked.extend(read.queued)
+        return first(backend, read)
 
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
         async with elsewhere.transaction():
@@ -400,13 +442,13 @@ async def claimed_while_taken_elsewhere(
             "SELECT id, status FROM jobs ORDER BY created_at"))
 
 
-def widest(window: int) -> Callable[[str, list[QueuedJob]], Choice | None]:
+def widest(window: int) -> Callable[[str, BacklogRead], Choice | None]:
     """A pick that passes as many jobs as `window` allows (as placement may): it takes the
     last job before the first passed `window` times already, or that one."""
-    def pick(_: str, queued: list[QueuedJob]) -> Choice | None:
-        due = next((index for index, job in enumerate(queued) if job.overtaken >= window),
-                   len(queued) - 1)
-        band = queued[:due + 1]
+    def pick(_: str, read: BacklogRead) -> Choice | None:
+        due = next((index for index, job in enumerate(read.queued)
+                    if job.overtaken >= window), len(read.queued) - 1)
+        band = read.queued[:due + 1]
         return Choice(band[-1].id, tuple(job.id for job in band[:-1])) if band else None
     return pick
 
@@ -458,7 +500,7 @@ async def test_a_claim_reads_the_backlog_while_another_backends_claim_holds_its_
     async with driver_connection(engine) as elsewhere, elsewhere.transaction():
         # Another process's claim for "a" has read the backlog and not taken anything yet.
         read = await claim_statement(elsewhere, "a")
-        assert [head[0] for head in read["heads"]] == [job.id]
+        assert [queued[0] for queued in read["fresh"]] == [job.id]
         async with asyncio.timeout(10):
             claim = await repository.claim_next(["b"], "pb", max_inflight=1, pick=first)
         # The claim for "b" neither waits for it nor finds the backlog hidden.
@@ -473,9 +515,9 @@ async def test_a_claim_that_loses_its_job_to_another_picks_again_on_what_its_tak
                       for _ in range(2)]
     picked: list[list[uuid.UUID]] = []
 
-    def watched(backend: str, queued: list[QueuedJob]) -> Choice | None:
-        picked.append([job.id for job in queued])
-        return first(backend, queued)
+    def watched(backend: str, read: BacklogRead) -> Choice | None:
+        picked.append([job.id for job in read.queued])
+        return first(backend, read)
 
     async with driver_connection(engine) as elsewhere, driver_connection(engine) as observer:
         async with elsewhere.transaction():
@@ -507,7 +549,7 @@ async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_takes(
     assert taken.job is not None and taken.job.id == gone.id
     picks = 0
 
-    def stale(_: str, queued: list[QueuedJob]) -> Choice:
+    def stale(_: str, read: BacklogRead) -> Choice:
         nonlocal picks
         picks += 1
         return Choice(gone.id)  # as if each read had predated another claim's take of it
@@ -518,14 +560,13 @@ async def test_a_claim_that_keeps_losing_its_job_gives_up_after_its_takes(
 
 async def claim_statement(
     connection: Any, backend: str, *, job: uuid.UUID | None = None,
-    passed: list[uuid.UUID] | None = None, seen: list[uuid.UUID] | None = None,
-    window: int | None = None,
+    passed: list[uuid.UUID] | None = None, seen: str = "{}", window: int | None = None,
 ) -> Any:
     """sql/claim.sql `claim` run for `backend` (one slot, prompt "p" + its name): taking `job`
-    (None: only reading), passing `passed`, the caller having read `seen`."""
+    (None: only reading), passing `passed`, the caller having read `seen` (a read's `ids`)."""
     return await connection.fetchrow(
         sql.queries("claim")["claim"], job, passed or [], backend, f"p{backend}", None, 1.0,
-        None, 1, [], None, window, seen or [], CLAIM_BATCH, [])
+        None, 1, [], None, window, seen, CLAIM_BATCH, "{}")
 
 
 async def take_after_requeue(engine: AsyncEngine, repository: JobRepository, *,
@@ -541,11 +582,11 @@ async def take_after_requeue(engine: AsyncEngine, repository: JobRepository, *,
     async with driver_connection(engine) as connection:
         await connection.execute("UPDATE jobs SET overtaken = $2 WHERE id = $1", lost.id,
                                  overtaken)
-        seen = [head[0] for head in (await claim_statement(connection, "a"))["heads"]]
-        assert seen == [skipped.id, passed.id, chosen.id]
+        read = await claim_statement(connection, "a")
+        assert [job[0] for job in read["fresh"]] == [skipped.id, passed.id, chosen.id]
         assert await repository.requeue(on_b) is not None  # back with its old created_at
         taken = await claim_statement(connection, "a", job=chosen.id, passed=[passed.id],
-                                      seen=seen, window=window)
+                                      seen=read["ids"], window=window)
         return taken, list(await connection.fetch(
             "SELECT id, status, overtaken FROM jobs ORDER BY created_at"))
 
@@ -730,8 +771,8 @@ async def test_the_read_counts_only_the_limited_tenants_on_one_plan_for_every_li
         tenants whose jobs the read gives, keys without their own limit at `default_limit`."""
         row = await connection.fetchrow(
             sql.queries("claim")["claim"], take and take[0], [], "a", "pa", None, 1.0,
-            default_limit, 4, [], take and take[6], None, [], CLAIM_BATCH, [])
-        return row["refusal"], {head[6] for head in row["heads"]}
+            default_limit, 4, [], take and take[5], None, "{}", CLAIM_BATCH, "{}")
+        return row["refusal"], {tenant[0] for tenant in row["tenants"]}
 
     async with driver_connection(engine) as connection:
         for default_limit, tenants in ((None, {"", "f", "k"}), (1, {"k"}), (2, {"", "k"})):
@@ -739,8 +780,8 @@ async def test_the_read_counts_only_the_limited_tenants_on_one_plan_for_every_li
                 assert await tenants_read(connection, default_limit) == (None, tenants)
         row = await connection.fetchrow(
             sql.queries("claim")["claim"], None, [], "a", "pa", None, 1.0, None, 4, [], None,
-            None, [], CLAIM_BATCH, [])
-        limited = next(head for head in row["heads"] if head[6] == "k")
+            None, "{}", CLAIM_BATCH, "{}")
+        limited = next(job for job in row["fresh"] if job[5] == "k")
         # The read after a take counts the job taken, which its snapshot does not see: "k"
         # is at its limit of 2 by then.
         assert await tenants_read(connection, None, limited) == (None, {"", "f"})

@@ -24,7 +24,7 @@ from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.dispatch.fair_share import fair_order
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, utcnow
-from comfyfleet.jobs.repository import Choice, JobRepository, QueuedJob
+from comfyfleet.jobs.repository import BacklogRead, Choice, JobRepository, QueuedJob, TenantHead
 from comfyfleet.settings import Settings
 from comfyfleet.sim import SimulatedComfyUI
 from tests.support import LOOPBACK, free_ports, python_process, serve_env, wait_for_job
@@ -140,17 +140,17 @@ async def test_a_small_key_behind_a_big_backlog_starts_at_once_and_is_not_starve
 
 
 async def claimed(repository: JobRepository, charge: float | dict[str, float]
-                  ) -> tuple[list[QueuedJob], Job]:
+                  ) -> tuple[dict[str, TenantHead], Job]:
     """Claim on backend "gpu" the job fair share puts first, each job charged `charge`
-    seconds (or that of its workflow); what the claim saw, and the job."""
-    seen: list[QueuedJob] = []
+    seconds (or that of its workflow); the tenants of the read the claim saw, and the job."""
+    seen: dict[str, TenantHead] = {}
 
     def seconds(workflow: str) -> float:
         return charge[workflow] if isinstance(charge, dict) else charge
 
-    def pick(_: str, queued: list[QueuedJob]) -> Choice:
-        seen.extend(queued)
-        first = fair_order(queued, seconds)[0]
+    def pick(_: str, read: BacklogRead) -> Choice:
+        seen.update(read.tenants)
+        first = fair_order(read.queued, read.tenants, seconds)[0]
         return Choice(first.id, charge=seconds(first.workflow))
 
     job = (await repository.claim_next(["gpu"], str(uuid.uuid4()), max_inflight=100,
@@ -166,16 +166,17 @@ def test_jobs_start_in_virtual_time_then_oldest_first_then_as_read() -> None:
     now = datetime(2026, 12, 7, tzinfo=UTC)
     seconds = {"short": 1.0, "long": 4.0}
 
-    def job(tenant: str, workflow: str, age: float, weight: int = 1) -> QueuedJob:
+    def job(tenant: str, workflow: str, age: float) -> QueuedJob:
         return QueuedJob(uuid.uuid4(), workflow, {}, created_at=now - timedelta(seconds=age),
-                         tenant=tenant, start=10.0, weight=weight)
+                         tenant=tenant)
 
     a1, a2, a3 = job("a", "long", 9), job("a", "short", 8), job("a", "short", 7)  # 10, 14, 15
-    b1, b2, b3 = (job("b", "short", 9, 2), job("b", "long", 1, 2),  # 10, 10.5
-                  job("b", "short", 0, 2))  # 12.5
+    b1, b2, b3 = job("b", "short", 9), job("b", "long", 1), job("b", "short", 0)  # 10, 10.5, 12.5
     c1, c2 = job("c", "short", 20), job("c", "short", 1)  # 10, 11
     d1 = job("d", "long", 9)  # 10, as old as a1 and b1
-    ordered = fair_order([a1, a2, a3, b1, b2, b3, c1, c2, d1], seconds.__getitem__)
+    tenants = {"a": TenantHead(10.0), "b": TenantHead(10.0, 2), "c": TenantHead(10.0),
+               "d": TenantHead(10.0)}  # weight 2 for "b"
+    ordered = fair_order([a1, a2, a3, b1, b2, b3, c1, c2, d1], tenants, seconds.__getitem__)
     assert ordered == [c1, a1, b1, d1, b2, c2, b3, a2, a3]
 
 
@@ -216,15 +217,15 @@ async def test_a_tenant_new_or_back_from_idling_starts_at_the_virtual_clock(
         await repository.insert(Job(workflow="w", api_key_hash="busy"))
     for expected_start in (0.0, 10.0, 20.0):  # one tenant: 10 s a job, weight 1
         seen, job = await claimed(repository, 10.0)
-        assert [queued.start for queued in seen] == [expected_start] * len(seen)
+        assert {tenant: head.start for tenant, head in seen.items()} == {"busy": expected_start}
     await repository.insert(Job(workflow="w", api_key_hash="idle"))
     await repository.insert(Job(workflow="w", api_key_hash=None))
     seen, job = await claimed(repository, 10.0)
     # The clock is the latest start (20); the busy tenant's next starts at 30.
-    assert {queued.tenant: queued.start for queued in seen} == {"": 20.0, "idle": 20.0}
+    assert {tenant: head.start for tenant, head in seen.items()} == {"": 20.0, "idle": 20.0}
     assert job.api_key_hash == "idle"  # the older of the two at the clock
     seen, job = await claimed(repository, 10.0)
-    assert {queued.tenant: queued.start for queued in seen} == {"": 20.0}
+    assert {tenant: head.start for tenant, head in seen.items()} == {"": 20.0}
     async with engine.connect() as connection:
         shares = {tenant: seconds for tenant, seconds in await connection.execute(text(
             "SELECT tenant, virtual_seconds FROM tenant_shares"))}

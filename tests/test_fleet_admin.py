@@ -122,7 +122,7 @@ async def test_no_claim_on_a_drained_or_removed_backend_and_no_removal_with_work
 
     async def claim() -> Job | None:
         return (await repository.claim_next(["gpu"], str(uuid.uuid4()), max_inflight=2,
-                                            pick=lambda _, queued: Choice(queued[0].id))).job
+                                            pick=lambda _, read: Choice(read.queued[0].id))).job
 
     await registry.set_draining("gpu", True)
     assert await claim() is None

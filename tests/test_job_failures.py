@@ -128,7 +128,7 @@ async def test_output_missing_on_the_backend_fails_instead_of_storing_nothing(
             job, _ = await repository.insert(Job(workflow="invert", prompt=prompt))
             await BackendRegistry(engine).add(Backend("sim", sim.url))  # a claim needs it
             claimed = (await repository.claim_next(
-                ["sim"], prompt_id, max_inflight=1, pick=lambda _, queued: Choice(queued[0].id)
+                ["sim"], prompt_id, max_inflight=1, pick=lambda _, read: Choice(read.queued[0].id)
             )).job
             assert claimed is not None and claimed.id == job.id
             uploading = await repository.transition(
@@ -194,7 +194,7 @@ async def test_a_requeued_or_moved_job_sheds_what_its_last_run_stored(engine: As
 
     async def running_on_gpu0() -> Job:
         claimed = (await repository.claim_next(["gpu0"], str(uuid.uuid4()), max_inflight=1,
-                                               pick=lambda _, queued: Choice(queued[0].id))).job
+                                               pick=lambda _, read: Choice(read.queued[0].id))).job
         assert claimed is not None
         running = await repository.transition(claimed, {JobStatus.DISPATCHED},
                                               status=JobStatus.RUNNING, outputs=early,
@@ -237,7 +237,7 @@ async def test_a_job_requeued_after_it_reached_uploading_shows_no_upload_until_i
 
     async def claimed() -> Job:
         found = (await repository.claim_next(["gpu0"], str(uuid.uuid4()), max_inflight=1,
-                                             pick=lambda _, queued: Choice(queued[0].id))).job
+                                             pick=lambda _, read: Choice(read.queued[0].id))).job
         assert found is not None and found.id == job.id
         return found
 

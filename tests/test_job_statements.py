@@ -289,8 +289,8 @@ async def test_a_job_put_back_in_the_backlog_notifies_once_per_transaction(
                 count += 1
         return count
 
-    def pick_first(_: str, queued: list[Any]) -> Choice:
-        return Choice(queued[0].id, charge=1.0)
+    def pick_first(_: str, read: Any) -> Choice:
+        return Choice(read.queued[0].id, charge=1.0)
 
     try:
         await db.execute("INSERT INTO backends (name, url) VALUES ('gpu', 'x')")

@@ -55,6 +55,7 @@ from comfyfleet.jobs.repository import (
     Refusal,
     Store,
     Take,
+    TenantHead,
 )
 from comfyfleet.logs import job_fields
 from comfyfleet.storage import NotInStorage, Storage, StorageError
@@ -426,13 +427,15 @@ class Dispatcher:
         in the backlog; the outcomes of the claim (its first backend's, when another took
         the job: as `_dispatch_one` counts them) but the taker's, and whether the pick tries
         the backend on a guess. None when no backend would take it now."""
-        queued = [QueuedJob(job.id, job.workflow, job.prompt, job.priority,
-                            created_at=job.created_at, tenant=job.api_key_hash or "")]
+        tenant = job.api_key_hash or ""
+        alone = BacklogRead([QueuedJob(job.id, job.workflow, job.prompt, job.priority,
+                                       created_at=job.created_at, tenant=tenant)],
+                            {tenant: TenantHead()})
         self._outcomes = {}
         for session in sessions:
             if session.capabilities is None:
                 continue
-            choice = self._pick(session, queued)
+            choice = self._pick(session, alone)
             if choice is not None:
                 first = [self._outcomes[name] for name in list(self._outcomes)[:1]]
                 return (Take(session.name, str(uuid.uuid4()), choice.charge, self._owner,
@@ -594,30 +597,32 @@ class Dispatcher:
         task.add_done_callback(self._submissions.discard)
 
     def _pick_only(self, sessions: dict[str, BackendSession], only: uuid.UUID | None,
-                   name: str, queued: list[QueuedJob]) -> Choice | None:
+                   name: str, read: BacklogRead) -> Choice | None:
         """The pick of backend `name` of `sessions`, if it chooses job `only` (None: any)."""
-        choice = self._pick(sessions[name], queued)
+        choice = self._pick(sessions[name], read)
         if choice is None or only in (None, choice.job_id):
             return choice
         self._outcomes[name] = "not_submitted"
         return None
 
-    def _pick(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
-        choice = self._choose(session, queued)
+    def _pick(self, session: BackendSession, read: BacklogRead) -> Choice | None:
+        choice = self._choose(session, read)
         if choice is None:  # else the claim says what came of it
             self._outcomes[session.name] = self._outcome
         return choice
 
-    def _choose(self, session: BackendSession, queued: list[QueuedJob]) -> Choice | None:
+    def _choose(self, session: BackendSession, read: BacklogRead) -> Choice | None:
         """The job `session` should start now, in fair-share order (see `_affine`), unless
         faster backends would get through the backlog before it finished that job."""
         assert session.capabilities is not None
+        queued = read.queued
         self._trying = False
         self._outcome = "empty" if not queued else "not_accepting"
         if not session.accepts_work:
             return None  # drained (or gone) since this pass ranked the backends
         estimate = functools.partial(self._estimate, session)
-        ordered = fair_order(queued, estimate) if self._fair_share else fifo_order(queued)
+        ordered = (fair_order(queued, read.tenants, estimate) if self._fair_share
+                   else fifo_order(queued))
         band = _Band(ordered, functools.partial(self._runnable.runnable, session.capabilities),
                      self._affinity_window)
         self._outcome = "cannot_run" if queued else "empty"
@@ -626,7 +631,7 @@ class Dispatcher:
         self._outcome = "slower"  # unless the pick says otherwise below
 
         # The backlog goes on beyond what we read: deep enough for everyone.
-        backlog = math.inf if any(job.beyond for job in queued) \
+        backlog = math.inf if read.beyond \
             else len(self._runnable.runnable(session.capabilities, ordered))
         if not self._affinity_window:  # the band is the first job it can run
             return self._speed_checked(

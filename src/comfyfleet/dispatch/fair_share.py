@@ -13,33 +13,34 @@ at once but banks no credit for having been away.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
-from comfyfleet.jobs.repository import QueuedJob
+from comfyfleet.jobs.repository import QueuedJob, TenantHead
 
 
-def fair_order(queued: Sequence[QueuedJob], seconds: Callable[[str], float]) -> list[QueuedJob]:
+def fair_order(queued: Sequence[QueuedJob], tenants: Mapping[str, TenantHead],
+               seconds: Callable[[str], float]) -> list[QueuedJob]:
     """`queued` (each tenant's jobs in the tenant's own order) in the order fair share serves
-    them: by each job's start in virtual time, its tenant's start plus the estimated seconds
-    (`seconds` of its workflow) of the tenant's jobs before it over the tenant's weight; at
-    the same start, the older job first."""
+    them: by each job's start in virtual time, its tenant's start (of `tenants`, by name) plus
+    the estimated seconds (`seconds` of its workflow) of the tenant's jobs before it over the
+    tenant's weight; at the same start, the older job first."""
     if not queued or all(job.tenant == queued[0].tenant for job in queued):
         # One tenant's jobs start one after another in its own order: at every claim each
         # backend asked ordered the read, a job at a time, to the order it was read in.
         return list(queued)
-    reached: dict[str, float] = {}
+    reached = {tenant: head.start for tenant, head in tenants.items()}
     # `seconds` asked once a workflow: a read is a few workflows, and every backend a claim
     # asks orders it.
     by_workflow: dict[str, float] = {}
     starts: list[tuple[float, datetime, int]] = []
     for place, job in enumerate(queued):
-        start = reached.get(job.tenant, job.start)
+        start = reached[job.tenant]
         starts.append((start, job.created_at, place))  # the place: at a tie, as read
         workflow_seconds = by_workflow.get(job.workflow)
         if workflow_seconds is None:
             workflow_seconds = by_workflow[job.workflow] = seconds(job.workflow)
-        reached[job.tenant] = start + workflow_seconds / job.weight
+        reached[job.tenant] = start + workflow_seconds / tenants[job.tenant].weight
     return [queued[place] for _, _, place in sorted(starts)]
 
 

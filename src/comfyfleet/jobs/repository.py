@@ -131,9 +131,16 @@ class QueuedJob(NamedTuple):
     overtaken: int = 0  # later jobs dispatched before it
     created_at: datetime = datetime.min.replace(tzinfo=UTC)
     tenant: str = ""  # its API key's digest; '' without a key
-    start: float = 0.0  # its tenant's place in virtual time (GPU-seconds over weight)
-    weight: int = 1  # its tenant's weight
-    beyond: bool = False  # the last read of its tenant's backlog, which goes on past it
+
+
+class TenantHead(NamedTuple):
+    """A tenant whose jobs a claim read: its values once, not with each of its jobs (they
+    move with every charge, and the jobs stay as they were: `_claim_statement`)."""
+
+    start: float = 0.0  # its place in virtual time (GPU-seconds over weight)
+    weight: int = 1
+    limited: bool = False  # it has a max_concurrent: the take locks it
+    beyond: bool = False  # its backlog goes on past the jobs read
 
 
 class Choice(NamedTuple):
@@ -165,12 +172,20 @@ class BacklogRead(NamedTuple):
     from, or for the claim after it."""
 
     queued: list[QueuedJob]  # the head of each tenant's backlog
+    tenants: dict[str, TenantHead]  # theirs, by QueuedJob.tenant
+    # Whether a tenant's backlog goes on past the jobs read: deep enough for every backend.
+    beyond: bool = False
     # How many jobs were queued, locked by other claims or not: 0, 1, or 2 for more.
-    backlog: int
-    # The tenants with a max_concurrent, by their jobs read: the take locks it.
-    limited: dict[uuid.UUID, str]
-    # The jobs read, by id: what of them a take need not read again.
-    jobs: dict[uuid.UUID, QueuedJob]
+    backlog: int = 0
+    # The ids of `queued` as the statement gave them (a uuid[] literal), for the next to name
+    # the jobs the caller holds.
+    ids: str = "{}"
+
+    def lock_of(self, job_id: uuid.UUID) -> str | None:
+        """The tenant whose lock the take of `job_id` takes: its job's, when it has a
+        max_concurrent (None: no lock, or a job not read)."""
+        job = next((job for job in self.queued if job.id == job_id), None)
+        return job.tenant if job is not None and self.tenants[job.tenant].limited else None
 
 
 class Claim(NamedTuple):
@@ -297,8 +312,8 @@ class JobRepository:
         self._reads = single_statements(reads or engine)
         self._tell_change = on_change or (lambda _: None)
         self._webhook_slots = webhook_slots
-        # The queued jobs its latest claim read, by id (`_claim_statement`).
-        self._read_jobs: dict[uuid.UUID, QueuedJob] = {}
+        # Its latest claim's read (`_claim_statement`).
+        self._latest_read: BacklogRead | None = None
         self._exact_positions_below = exact_positions_below
         self._position_max_age = position_max_age
         # The queued jobs the latest count of positions saw (none until one has counted: the
@@ -542,7 +557,7 @@ class JobRepository:
         prompt_id: str,
         *,
         max_inflight: int,
-        pick: Callable[[str, list[QueuedJob]], Choice | None],
+        pick: Callable[[str, BacklogRead], Choice | None],
         owner: int | None = None,
         ended: Collection[str] = (),
         window: int | None = None,
@@ -587,7 +602,7 @@ class JobRepository:
 
     async def _claim(
         self, backends: Sequence[str], prompt_id: str, max_inflight: int,
-        pick: Callable[[str, list[QueuedJob]], Choice | None], owner: int | None,
+        pick: Callable[[str, BacklogRead], Choice | None], owner: int | None,
         ended: list[str], window: int | None, read: BacklogRead | None,
         on: asyncpg.Connection | None, *, last: bool,
     ) -> tuple[Claim | None, BacklogRead | None]:
@@ -600,19 +615,19 @@ class JobRepository:
             if read is None:
                 row, read = await self._claim_statement(
                     connection, None, (), first, prompt_id, owner, 0.0, max_inflight, ended,
-                    None, window, self._read_jobs)
+                    None, window, self._latest_read)
                 if row["free"] <= 0:
                     return Claim(None, (first,), None, 1), None
             queued = read.queued
             # On an empty read the first is asked only (what it saw is its outcome).
             for asked, backend in enumerate(backends if queued else backends[:1]):
-                choice = pick(backend, queued)
+                choice = pick(backend, read)
                 if choice is None:
                     continue
                 row, after = await self._claim_statement(
                     connection, choice.job_id, choice.passed, backend, prompt_id, owner,
-                    choice.charge, max_inflight, ended, read.limited.get(choice.job_id),
-                    window, read.jobs)
+                    choice.charge, max_inflight, ended, read.lock_of(choice.job_id), window,
+                    read)
                 counted = (first, backend)[:1 + bool(asked)]
                 if row["refusal"] is not None:
                     refusal = Refusal(row["refusal"])
@@ -631,38 +646,42 @@ class JobRepository:
         self, connection: asyncpg.Connection, job_id: uuid.UUID | None,
         passed: Sequence[uuid.UUID], backend: str, prompt_id: str, owner: int | None,
         charge: float, max_inflight: int, ended: list[str], tenant: str | None,
-        window: int | None, held: Mapping[uuid.UUID, QueuedJob],
+        window: int | None, held: BacklogRead | None,
     ) -> tuple[asyncpg.Record, BacklogRead]:
         """sql/claim.sql `claim`: take `job_id` (None: read only); its row and its read.
-        `held`: queued jobs by id, which the statement gives only as far as they change (each
-        claim reads the head of every tenant's backlog again, the same CLAIM_BATCH rows but
-        the ones taken, and a prompt is tens of KB): with a job to take, the jobs the caller's
-        read saw, whose ids a take sends anyway; else those of the latest read (a pass's first
-        read: the head it reads is mostly the one the pass before left). A job's prompt never
-        changes: it is decoded once while its job stays near the head, and shared between the
-        reads (so only read)."""
-        ids = list(held)
-        seen, kept = (ids, []) if job_id is not None else ([], ids)
+        `held`: a read whose jobs the statement gives only by their place in it (each claim
+        reads the head of every tenant's backlog again, the same CLAIM_BATCH jobs but the
+        ones taken, and a prompt is tens of KB): with a job to take, the read the caller
+        picked on, whose ids a take sends anyway; else the latest read (a pass's first read:
+        the head it reads is mostly the one the pass before left). A job's prompt never
+        changes: it is decoded once while its job stays near the head, and its QueuedJob is
+        kept from read to read while its overtaken count stays (so only read)."""
+        ids = held.ids if held is not None else "{}"
+        seen, kept = (ids, "{}") if job_id is not None else ("{}", ids)
         row: asyncpg.Record = await connection.fetchrow(
             _CLAIM["claim"], job_id, list(passed), backend, prompt_id, owner, charge,
             self._max_concurrent, max_inflight, ended, tenant, window, seen, CLAIM_BATCH, kept)
-        jobs: dict[uuid.UUID, QueuedJob] = {}
-        limited: dict[uuid.UUID, str] = {}
-        # A loop of its own, the fields by index: a read is CLAIM_BATCH jobs at every claim.
-        for head in row["heads"] or ():  # null: none read
-            read_id = head[0]
-            if head[1] is None:  # held: only what may have changed since came
-                known = held[read_id]
-                job = QueuedJob(read_id, known.workflow, known.prompt, known.priority, head[4],
-                                known.created_at, known.tenant, head[7], head[8], head[9])
+        holding = held.queued if held is not None else []
+        fresh = iter(row["fresh"] or ())  # null: none read, or every one held
+        queued: list[QueuedJob] = []
+        # A loop of its own: a read is CLAIM_BATCH jobs at every claim, most of them held.
+        for place, overtaken in zip(row["places"] or (), row["overtaken_counts"] or (),
+                                    strict=True):
+            if place:
+                job = holding[place - 1]
+                if job.overtaken != overtaken:
+                    job = job._replace(overtaken=overtaken)
             else:
-                job = QueuedJob(read_id, head[1], json_codec.loads(head[2]), head[3], head[4],
-                                head[5], head[6], head[7], head[8], head[9])
-            jobs[read_id] = job
-            if head[10]:
-                limited[read_id] = job.tenant
-        self._read_jobs = jobs
-        return row, BacklogRead(list(jobs.values()), row["backlog"], limited, jobs)
+                new = next(fresh)
+                job = QueuedJob(new[0], new[1], json_codec.loads(new[2]), new[3], overtaken,
+                                new[4], new[5])
+            queued.append(job)
+        tenants = {tenant: TenantHead(start, weight, limited, beyond)
+                   for tenant, start, weight, limited, beyond in row["tenants"] or ()}
+        read = self._latest_read = BacklogRead(
+            queued, tenants, any(head.beyond for head in tenants.values()), row["backlog"],
+            row["ids"])
+        return row, read
 
     async def move(
         self, job: Job, backend: str, prompt_id: str, *, max_inflight: int,

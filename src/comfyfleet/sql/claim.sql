@@ -51,18 +51,24 @@
 -- need not wait for the statement recording that end (other processes, which have not read it,
 -- count it until it is); after a take, or a refusal, null: the take counts them. Then how many jobs
 -- are queued, locked by other claims or not (`backlog`: 0, 1, or 2 for more) and, with a slot
--- free or after a take, the head of each tenant's backlog (`heads`): the $13 tenants with queued
--- work that come first in virtual time, and of each its first ceil($13 / tenants) jobs (highest
+-- free or after a take, the head of each tenant's backlog: the $13 tenants with queued work
+-- that come first in virtual time, and of each its first ceil($13 / tenants) jobs (highest
 -- priority, then oldest), skipping the tenants with as many jobs on backends as their
--- max_concurrent ($7 for keys without their own; null: no limit). A job each, with its tenant's
--- start in virtual time and weight, whether the tenant's backlog goes on past the jobs read, and
--- whether the tenant has a max_concurrent (`limited`: the take locks it), as a `claim_head`
--- (migration 0040: a named type decodes in half the client's CPU of a record). A job's prompt
--- comes as text; it, its workflow, priority, created_at and tenant, which no statement changes
--- once the job is stored, come null for the jobs the caller's read saw ($12) and the jobs $14,
--- which the caller holds already: a tenant's head is read again by every claim, and each of its
--- jobs was decoded whole at every claim, a timestamp and two texts for nothing (a take names the
--- jobs of its read once, and no other). The read is as this statement's take leaves the
+-- max_concurrent ($7 for keys without their own; null: no limit). The jobs come in the order
+-- of the tenants' starts, then each tenant's own, as arrays in that order: `ids` (a uuid[]
+-- literal, which the caller sends back as $12 or $14), `overtaken_counts`, and `places`: of a
+-- job the caller holds (one of those $12, its read's, or $14), its place in that list (1 for the
+-- first), and 0 for the others, which come whole in `fresh`, in order, each a `claim_job`
+-- (migration 0048: a named type decodes in half the client's CPU of a record), its prompt as
+-- text. A job's prompt, workflow, priority, created_at and tenant never change once it is
+-- stored, and a tenant's head is read again by every claim: the caller's copy serves, and a job
+-- new to it is the one after each take at saturation (a take names the jobs of its read once,
+-- and no other).
+-- And `tenants`, a `claim_tenant` each in the same order: its start in virtual time and weight,
+-- whether it has a max_concurrent (`limited`: the take locks it), and whether its backlog goes
+-- on past the jobs read (`beyond`: the last read is the tenant's ceil($13 / tenants)th). The
+-- tenant's values move with every charge: once a tenant, they leave the jobs as the caller
+-- holds them, but for their overtaken counts. The read is as this statement's take leaves the
 -- backlog: its job gone from it and on a backend, those it passed passed once more, its tenant
 -- charged, and the jobs it locked as it found them. The jobs are read without locks: claims for
 -- other backends, in this process or another, read the same head side by side, none hidden from
@@ -78,8 +84,14 @@
 -- Returns a row: the job as dispatched but for the columns the caller's read gave it (workflow,
 -- prompt, priority, created_at), or its columns null and `refusal` saying why not: raced,
 -- tenant_limit, not_accepting (the backend) or no_slot (the backend's); null with no job to take.
--- Then `free`, `backlog` and `heads`.
-WITH RECURSIVE guarded AS MATERIALIZED (
+-- Then `free`, `backlog`, `ids`, `places`, `overtaken_counts`, `fresh` and `tenants` (null but
+-- `ids` when nothing is read).
+WITH RECURSIVE held AS MATERIALIZED (
+    -- The ids the caller holds, each list as a read gave it (`ids`, below: a uuid[] literal),
+    -- sent back as one text: asyncpg encodes a list of 50 uuids in 20 us of the client's CPU,
+    -- checking each element's type, and one text in 2. Cast once here, not in each row's test.
+    SELECT $12::text::uuid[] AS seen, $14::text::uuid[] AS kept
+), guarded AS MATERIALIZED (
     SELECT * FROM claim_locks($3, $10, $9) WHERE $1::uuid IS NOT NULL
 ), locked AS MATERIALIZED (
     -- Joined to `guarded`, so no row is locked before the advisory locks are held. Those
@@ -87,12 +99,12 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     -- it began is not passed by this take, which comes before it.
     SELECT jobs.id, jobs.status, jobs.overtaken FROM guarded CROSS JOIN jobs
     WHERE jobs.id = $1 OR jobs.id = ANY($2::uuid[]) OR jobs.id = ANY(ARRAY(
-        SELECT ahead.id FROM jobs AS job CROSS JOIN jobs AS ahead
+        SELECT ahead.id FROM held CROSS JOIN jobs AS job CROSS JOIN jobs AS ahead
         WHERE job.id = $1 AND ahead.status = 'queued'
           AND coalesce(ahead.api_key_hash, '') = coalesce(job.api_key_hash, '')
           AND ahead.priority = job.priority AND ahead.created_at < job.created_at
           AND (ahead.extra_data_holder IS NULL OR ahead.extra_data_holder = $5)
-          AND NOT ahead.id = ANY($12::uuid[])))
+          AND NOT ahead.id = ANY(held.seen)))
     ORDER BY jobs.id
     FOR NO KEY UPDATE OF jobs
 ), verdict AS (
@@ -214,36 +226,41 @@ WITH RECURSIVE guarded AS MATERIALIZED (
     LIMIT $13
 ), heads AS (
     SELECT eligible.*, ceil($13::float8 / count(*) OVER ())::int AS depth FROM eligible
-), read AS (
-    SELECT array_agg((queued.id,
-                      CASE WHEN NOT queued.held THEN queued.workflow END,
-                      CASE WHEN NOT queued.held THEN queued.prompt::text END,
-                      CASE WHEN NOT queued.held THEN queued.priority END,
-                      coalesce(passed.overtaken, locked.overtaken, queued.overtaken),
-                      CASE WHEN NOT queued.held THEN queued.created_at END,
-                      CASE WHEN NOT queued.held THEN heads.tenant END,
-                      heads.start, heads.weight, queued.place = heads.depth,
-                      heads.limited)::claim_head
-                     ORDER BY heads.start, heads.tenant, queued.place) AS heads
+), queued AS (
+    SELECT heads.tenant, heads.start, heads.weight, heads.limited, heads.depth, head.id,
+           head.workflow, head.prompt, head.priority, head.created_at, head.place,
+           array_position((SELECT seen || kept FROM held), head.id) AS held_at,
+           coalesce(passed.overtaken, locked.overtaken, head.overtaken) AS overtaken
     FROM heads CROSS JOIN LATERAL (
         SELECT id, workflow, prompt, priority, overtaken, created_at,
-               id = ANY($12::uuid[]) OR id = ANY($14::uuid[]) AS held,
                row_number() OVER (ORDER BY priority DESC, created_at) AS place
-        FROM (SELECT id, workflow, prompt, priority, overtaken, created_at FROM jobs
-              WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
-                AND (extra_data_holder IS NULL OR extra_data_holder = $5)
-                AND id NOT IN (SELECT id FROM gone)
-              ORDER BY priority DESC, created_at
-              LIMIT heads.depth) AS head
-    ) AS queued
-    LEFT JOIN passed ON passed.id = queued.id
-    LEFT JOIN locked ON locked.id = queued.id
+        FROM jobs
+        WHERE status = 'queued' AND coalesce(api_key_hash, '') = heads.tenant
+          AND (extra_data_holder IS NULL OR extra_data_holder = $5)
+          AND id NOT IN (SELECT id FROM gone)
+        ORDER BY priority DESC, created_at
+        LIMIT heads.depth
+    ) AS head
+    LEFT JOIN passed ON passed.id = head.id
+    LEFT JOIN locked ON locked.id = head.id
+), read AS (
+    SELECT coalesce(array_agg(id ORDER BY start, tenant, place)::text, '{}') AS ids,
+           array_agg(coalesce(held_at, 0) ORDER BY start, tenant, place) AS places,
+           array_agg(overtaken ORDER BY start, tenant, place) AS overtaken_counts,
+           array_agg((id, workflow, prompt::text, priority, created_at, tenant)::claim_job
+                     ORDER BY start, tenant, place) FILTER (WHERE held_at IS NULL) AS fresh
+    FROM queued
+), tenants AS (
+    SELECT array_agg((tenant, start, weight, limited, beyond)::claim_tenant
+                     ORDER BY start, tenant) AS tenants
+    FROM (SELECT tenant, start, weight, limited, max(place) = depth AS beyond FROM queued
+          GROUP BY tenant, start, weight, limited, depth) AS read_of
 )
 SELECT taken.*, CASE WHEN $1::uuid IS NULL THEN NULL
                      WHEN verdict.open THEN considered.refusal ELSE 'raced' END AS refusal,
-       slots.free, slots.backlog, read.heads
+       slots.free, slots.backlog, read.*, tenants.tenants
 FROM verdict LEFT JOIN considered ON true LEFT JOIN taken ON true
-CROSS JOIN slots CROSS JOIN read
+CROSS JOIN slots CROSS JOIN read CROSS JOIN tenants
 
 -- name: insert_taken
 -- Store job $1 already taken: dispatched to backend $6 as prompt $7, followed by process $8,

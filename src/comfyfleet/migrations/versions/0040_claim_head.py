@@ -50,14 +50,17 @@ CLAIM_LOCKS = (_GENERIC_PLANS.CLAIM_LOCKS.split(_TENANT_COUNT)[0]
                + "jobs_on_backends(claim_locks.tenant);\n$$\n")
 
 
+# Field by field as the claim's read gives them (repository.py `QueuedJob` and `limited`).
+CLAIM_HEAD = """
+CREATE TYPE claim_head AS (
+    id uuid, workflow text, prompt text, priority integer, overtaken integer,
+    created_at timestamptz, tenant text, start float8, weight integer, beyond boolean,
+    limited boolean)
+"""
+
+
 def upgrade() -> None:
-    # Field by field as the claim's read gives them (repository.py `QueuedJob` and `limited`).
-    op.execute("""
-        CREATE TYPE claim_head AS (
-            id uuid, workflow text, prompt text, priority integer, overtaken integer,
-            created_at timestamptz, tenant text, start float8, weight integer, beyond boolean,
-            limited boolean)
-    """)
+    op.execute(CLAIM_HEAD)
     op.execute(JOBS_ON_BACKENDS)
     op.execute(CLAIM_LOCKS)
 

@@ -22,12 +22,13 @@ from comfyfleet.jobs.repository import QueuedJob, TenantHead
 def fair_order(queued: Sequence[QueuedJob], tenants: Mapping[str, TenantHead],
                seconds: Callable[[str], float]) -> list[QueuedJob]:
     """`queued` (each tenant's jobs in the tenant's own order) in the order fair share serves
-    them: by each job's start in virtual time, its tenant's start (of `tenants`, by name) plus
-    the estimated seconds (`seconds` of its workflow) of the tenant's jobs before it over the
-    tenant's weight; at the same start, the older job first."""
-    if not queued or all(job.tenant == queued[0].tenant for job in queued):
+    them: by each job's start in virtual time, its tenant's start (of `tenants`, which has
+    every job's tenant, by name) plus the estimated seconds (`seconds` of its workflow) of the
+    tenant's jobs before it over the tenant's weight; at the same start, the older job first."""
+    if len(tenants) <= 1:
         # One tenant's jobs start one after another in its own order: at every claim each
-        # backend asked ordered the read, a job at a time, to the order it was read in.
+        # backend asked ordered the read, a job at a time, to the order it was read in (and
+        # looked at every job's tenant to know there was one).
         return list(queued)
     reached = {tenant: head.start for tenant, head in tenants.items()}
     # `seconds` asked once a workflow: a read is a few workflows, and every backend a claim

@@ -629,7 +629,6 @@ class Dispatcher:
         if not band:
             return None
         self._outcome = "slower"  # unless the pick says otherwise below
-
         # The backlog goes on beyond what we read: deep enough for everyone.
         backlog = math.inf if read.beyond \
             else len(self._runnable.runnable(session.capabilities, ordered))

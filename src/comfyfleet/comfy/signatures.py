@@ -30,7 +30,6 @@ import json
 import math
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 # A node's IS_CHANGED value as the caller determines it: False when the class has none, any
@@ -52,57 +51,66 @@ def is_link(value: Any) -> bool:
 
 def node_signatures(
     prompt: Mapping[str, Any], *, is_changed: IsChanged, keyed_by_id: KeyedById,
-    only: Collection[str] | None = None, immediates: Immediates | None = None,
-    linked: Linked | None = None,
+    only: Collection[str] | None = None, parts: Parts | None = None,
 ) -> dict[str, str | None]:
     """The cache key of every node of `prompt` (None: it can never be served from cache), or
     of the nodes `only` names.
 
     `is_changed(node_id, node)` gives the node's IS_CHANGED value (False if its class has
     none); `keyed_by_id(class_type)` whether the class puts the node id into its key.
-    `immediates`: the nodes' immediate signatures made so far, by node id, taken as they are
-    and added to (a node's does not depend on the nodes it links to: those of a prompt serve
-    a copy of it for the nodes not changed); `linked`: the nodes each node's inputs link to
-    (`_sources`), likewise.
+    `parts`: the nodes' parts made so far (`_Part`), by node id, taken as they are and added
+    to (a node's does not depend on the nodes it links to: those of a prompt serve a copy of
+    it for the nodes not changed).
     """
     # A node's immediate signature is the same in every key it is part of but for its links'
     # positions, so its canonical text is made once, in pieces around the links: a key is a
     # join of those texts (the same text, byte for byte), not a canonical encoding of the
     # node and all its ancestors anew.
-    if immediates is None:
-        immediates = {}
-    if linked is None:
-        linked = {}
-
-    def immediate_of(node_id: str) -> _Immediate | None:
-        if node_id not in immediates:
-            immediates[node_id] = _immediate(prompt, node_id, is_changed, keyed_by_id)
-        return immediates[node_id]
-
-    def sources(node_id: str) -> list[str]:
-        if node_id not in linked:
-            linked[node_id] = _sources(prompt, node_id)
-        return linked[node_id]
-
+    if parts is None:
+        parts = {}
     signatures: dict[str, str | None] = {}
     for node_id in prompt if only is None else [node for node in prompt if node in only]:
-        ancestors = _ordered_ancestry(sources, node_id)
-        order = {ancestor: index for index, ancestor in enumerate(ancestors)}
-        texts: list[str] = []
-        for member in [node_id, *ancestors]:
-            immediate = immediate_of(member)
-            if immediate is None:
+        part = parts.get(node_id)
+        if part is None:
+            part = parts[node_id] = _part(prompt, node_id, is_changed, keyed_by_id)
+        # The ancestors depth first through the inputs sorted by name, each once, where it is
+        # first reached (as ComfyUI orders them), each one's place in that order with it. A
+        # stack of the nodes being visited, not a recursive closure: a closure that calls
+        # itself refers to itself, a reference cycle only the garbage collector frees.
+        order: dict[str, str] = {}  # as text
+        members = [part]
+        visiting = [iter(part.sources)] if part.sources else []
+        while visiting:
+            for source in visiting[-1]:
+                if source not in order:
+                    order[source] = str(len(members) - 1)
+                    reached = parts.get(source)
+                    if reached is None:
+                        reached = parts[source] = _part(prompt, source, is_changed, keyed_by_id)
+                    members.append(reached)
+                    visiting.append(iter(reached.sources))
+                    break
+            else:
+                visiting.pop()
+        # The key's text: the list of the members' texts, each with its links' positions.
+        text = ['["l",[']
+        for member in members:
+            if member.head is None:
                 signatures[node_id] = None
                 break
-            texts.append(immediate.text(order))
+            text.append(member.head)
+            for source, tail in member.links:
+                text += (order[source], tail)
+            text.append(",")
         else:
-            signatures[node_id] = hashlib.sha256(_list_text(texts).encode()).hexdigest()
+            text[-1] = "]]"
+            signatures[node_id] = hashlib.sha256("".join(text).encode()).hexdigest()
     return signatures
 
 
 def predicted_signatures(
     prompt: Mapping[str, Any], keyed_by_id: frozenset[str], only: Collection[str] | None = None,
-    immediates: Immediates | None = None, linked: Linked | None = None,
+    parts: Parts | None = None,
 ) -> dict[str, str | None]:
     """The keys a server will give `prompt`'s nodes, as far as a client can tell: the
     IS_CHANGED of a file loader (the file's hash) is taken to follow its file name, and
@@ -112,21 +120,22 @@ def predicted_signatures(
         return NEVER_EQUAL if node.get("class_type") in CHANGED_EVERY_RUN else False
 
     return node_signatures(prompt, is_changed=is_changed,
-                           keyed_by_id=keyed_by_id.__contains__, only=only,
-                           immediates=immediates, linked=linked)
+                           keyed_by_id=keyed_by_id.__contains__, only=only, parts=parts)
 
 
 def downstream(prompt: Mapping[str, Any], nodes: Collection[str],
-               linked: Linked | None = None) -> set[str]:
+               parts: Parts | None = None) -> set[str]:
     """`nodes` and every node of `prompt` linked to one of them through its inputs, however
-    far: the nodes whose keys change when those nodes change. `linked`: what the inputs of
-    some of `prompt`'s nodes link to, as `node_signatures` found it (the others are read)."""
+    far: the nodes whose keys change when those nodes change. `parts`: those of some of
+    `prompt`'s nodes, as `node_signatures` made them (the others' inputs are read)."""
+    found = set(nodes)
     users: dict[str, list[str]] = {}
     for node_id in prompt:
-        sources = linked.get(node_id) if linked is not None else None
-        for source in sources if sources is not None else _sources(prompt, node_id):
+        if node_id in found:
+            continue  # found already, whatever its inputs link to
+        part = parts.get(node_id) if parts is not None else None
+        for source in part.sources if part is not None else _sources(prompt, node_id):
             users.setdefault(source, []).append(node_id)
-    found = set(nodes)
     stack = list(found)
     while stack:
         for user in users.get(stack.pop(), ()):
@@ -143,31 +152,17 @@ def cache_keys(signatures: Mapping[str, str | None]) -> dict[str, str]:
             for node_id, signature in signatures.items()}
 
 
-def _ordered_ancestry(sources: Callable[[str], list[str]], node_id: str) -> list[str]:
-    """Ancestors depth first through inputs sorted by name, each once (as ComfyUI orders them);
-    `sources(node_id)`: the nodes a node's inputs link to, in that order. A stack of the
-    nodes being visited, not a recursive closure: a closure that calls itself refers to
-    itself, a reference cycle only the garbage collector frees, a few at every job placed."""
-    ancestors: list[str] = []
-    seen: set[str] = set()
-    visiting = [iter(sources(node_id))]
-    while visiting:
-        for source in visiting[-1]:
-            if source not in seen:
-                seen.add(source)
-                ancestors.append(source)
-                visiting.append(iter(sources(source)))
-                break
-        else:
-            visiting.pop()
-    return ancestors
-
-
 def _sources(prompt: Mapping[str, Any], node_id: str) -> list[str]:
     node = prompt.get(node_id)
-    if not isinstance(node, Mapping):
+    if not isinstance(node, dict | Mapping):
         return []
-    return [value[0] for _, value in sorted(_inputs(node).items()) if is_link(value)]
+    inputs = _inputs(node)
+    return _linked(inputs, sorted(inputs))
+
+
+def _linked(inputs: Mapping[str, Any], names: list[str]) -> list[str]:
+    """The nodes a node's `inputs` link to, in the order of `names` (theirs, sorted)."""
+    return [value[0] for value in map(inputs.__getitem__, names) if is_link(value)]
 
 
 def _inputs(node: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -206,65 +201,60 @@ def _canonical(value: Any) -> Any:
     raise _Unequal  # anything else is Unhashable in ComfyUI: a NaN
 
 
-@dataclass(frozen=True)
-class _Link:
-    """A linked input's canonical text but for its source's position in the ancestry."""
+class _Part:
+    """What a node gives the keys it is part of: the nodes its inputs link to (`sources`, in
+    the order of the inputs' names) and its immediate signature as canonical text, made once,
+    in pieces around those links: a link's position in the ancestry of the key goes between
+    the text before it (`head`, or the tail of the link before) and its tail. No head when
+    the node equals nothing."""
 
-    head: str
-    source: str
-    tail: str
+    __slots__ = ("head", "links", "sources")
 
-
-class _Immediate:
-    """A node's immediate signature as canonical text, its items' texts made once: a link's
-    text waits for the position of its source in the ancestry of the key it is part of."""
-
-    def __init__(self, items: list[str | _Link]) -> None:
-        self.items = items
-        texts = [item for item in items if isinstance(item, str)]
-        self.fixed = _list_text(texts) if len(texts) == len(items) else None
-
-    def text(self, order: Mapping[str, int]) -> str:
-        if self.fixed is not None:
-            return self.fixed
-        return _list_text([item if isinstance(item, str)
-                           else f"{item.head}{order[item.source]}{item.tail}"
-                           for item in self.items])
+    def __init__(self, head: str | None, sources: list[str],
+                 links: list[tuple[str, str]]) -> None:
+        self.head = head
+        self.sources = sources
+        self.links = links  # each source with the text after its position
 
 
-# Immediate signatures by node id (None: the node's equals nothing).
-Immediates = dict[str, "_Immediate | None"]
-# The nodes each node's inputs link to, by node id, in the order of its inputs' names.
-Linked = dict[str, list[str]]
+# The nodes' parts, by node id.
+Parts = dict[str, _Part]
 
 
-def _immediate(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,
-               keyed_by_id: KeyedById) -> _Immediate | None:
+def _part(prompt: Mapping[str, Any], node_id: str, is_changed: IsChanged,
+          keyed_by_id: KeyedById) -> _Part:
     """[class_type, IS_CHANGED, (node id), (input name, value or ("ANCESTOR", position,
-    output index))...] in pieces of canonical text; None when it equals nothing (a missing
-    node, a NEVER_EQUAL IS_CHANGED, a NaN)."""
+    output index))...] in pieces of canonical text; no head when it equals nothing (a
+    missing node, a NEVER_EQUAL IS_CHANGED, a NaN)."""
     node = prompt.get(node_id)
-    if not isinstance(node, Mapping):
-        return None  # a link to a missing node: NaN in ComfyUI
+    if not isinstance(node, dict | Mapping):
+        return _Part(None, [], [])  # a link to a missing node: NaN in ComfyUI
+    inputs = _inputs(node)
+    # The names alone sorted (they are unique): strings compare faster than pairs.
+    names = sorted(inputs)
     changed = is_changed(node_id, node)
     if changed is NEVER_EQUAL:
-        return None
+        return _Part(None, _linked(inputs, names), [])
     class_type = node.get("class_type")
-    fixed: list[Any] = [class_type, changed]
-    if isinstance(class_type, str) and keyed_by_id(class_type):
-        fixed.append(node_id)
+    sources: list[str] = []
+    pieces: list[str] = []  # the text before each link, then the text after the last
     try:
-        items: list[str | _Link] = [_text(value) for value in fixed]
-        for name, value in sorted(_inputs(node).items()):
+        text = f'["l",[{_text(class_type)},{_text(changed)}'
+        if isinstance(class_type, str) and keyed_by_id(class_type):
+            text += f",{_text(node_id)}"
+        for name in names:
+            value = inputs[name]
             if is_link(value):
                 # [name, ["ANCESTOR", position, output index]], the position an int
-                items.append(_Link(f'["l",[{_text(name)},["l",["ANCESTOR",["n","', value[0],
-                                   f'"],{_text(value[1])}]]]]'))
+                sources.append(value[0])
+                pieces.append(f'{text},["l",[{_text(name)},["l",["ANCESTOR",["n","')
+                text = f'"],{_text(value[1])}]]]]'
             else:
-                items.append(_list_text([_text(name), _text(value)]))  # _text([name, value])
+                text += f',["l",[{_text(name)},{_text(value)}]]'  # _text([name, value])
     except _Unequal:
-        return None
-    return _Immediate(items)
+        return _Part(None, _linked(inputs, names), [])
+    pieces.append(f"{text}]]")
+    return _Part(pieces[0], sources, list(zip(sources, pieces[1:], strict=True)))
 
 
 def _text(value: Any) -> str:
@@ -283,8 +273,3 @@ def _text(value: Any) -> str:
 
 # What the encoder writes for a string (ensure_ascii=False).
 _encode_string = json.encoder.encode_basestring
-
-
-def _list_text(texts: list[str]) -> str:
-    """The text `_text` gives a list whose items' texts are `texts`."""
-    return '["l",[' + ",".join(texts) + "]]"

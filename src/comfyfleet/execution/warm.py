@@ -16,8 +16,7 @@ from typing import Any
 
 from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
 from comfyfleet.comfy.signatures import (
-    Immediates,
-    Linked,
+    Parts,
     cache_keys,
     downstream,
     predicted_signatures,
@@ -54,15 +53,14 @@ class PromptKeys:
 
     def __init__(self, prompt: Mapping[str, Any], keyed_by_id: frozenset[str],
                  signatures: Mapping[str, str | None] | None = None,
-                 immediates: Immediates | None = None, linked: Linked | None = None) -> None:
+                 parts: Parts | None = None) -> None:
         self.prompt = prompt
         self.keyed_by_id = keyed_by_id
-        # Its nodes' immediate signatures and links, for `of_copy`'s nodes not changed.
-        self.immediates: Immediates = immediates if immediates is not None else {}
-        self.linked: Linked = linked if linked is not None else {}
+        # Its nodes' parts of keys (immediate signatures and links), for `of_copy`'s nodes
+        # not changed.
+        self.parts: Parts = parts if parts is not None else {}
         self.signatures = dict(signatures) if signatures is not None \
-            else predicted_signatures(prompt, keyed_by_id, immediates=self.immediates,
-                                      linked=self.linked)
+            else predicted_signatures(prompt, keyed_by_id, parts=self.parts)
         # Fresh for each prompt followed: a key that matches nothing is its own.
         self.keys = cache_keys(self.signatures)
 
@@ -79,17 +77,17 @@ class PromptKeys:
         is keyed as the dispatcher weighs it, and again as it is sent.)"""
         if keyed_by_id != self.keyed_by_id or copy.keys() != self.prompt.keys():
             return PromptKeys(copy, keyed_by_id)
-        edited = [node_id for node_id, node in copy.items() if node != self.prompt[node_id]]
-        immediates = {node_id: immediate for node_id, immediate in self.immediates.items()
-                      if node_id not in edited}
-        linked = {node_id: sources for node_id, sources in self.linked.items()
-                  if node_id not in edited}
-        changed = downstream(copy, edited, linked)
+        # A node the copy did not change is most often the same object (isolate_outputs').
+        edited = [node_id for node_id, node in copy.items()
+                  if node is not (kept := self.prompt[node_id]) and node != kept]
+        parts = self.parts.copy()
+        for node_id in edited:
+            parts.pop(node_id, None)
+        changed = downstream(copy, edited, parts)
         return PromptKeys(copy, keyed_by_id, {
             **self.signatures,
-            **predicted_signatures(copy, keyed_by_id, only=changed, immediates=immediates,
-                                   linked=linked)},
-            immediates, linked)
+            **predicted_signatures(copy, keyed_by_id, only=changed, parts=parts)},
+            parts)
 
 
 class WarmCache:

@@ -22,8 +22,10 @@ from fastapi.routing import iter_route_contexts
 from fastapi.security import HTTPBearer
 from multidict import CIMultiDictProxy
 from PIL import Image
+from starlette.types import Message, Receive, Scope, Send
 
 from comfyfleet.api import telemetry
+from comfyfleet.api.body_limit import BodyLimitMiddleware
 from comfyfleet.api.security import bearer_key
 from comfyfleet.api_keys import KEY_CACHE_SECONDS
 from comfyfleet.app import create_app, serving
@@ -371,6 +373,36 @@ async def test_bodies_over_the_limit_get_413(settings: Settings) -> None:
         async with http.get(f"{api}/jobs") as response:
             assert response.status == 200
             assert len((await response.json())["jobs"]) == 1
+
+
+async def test_a_body_framed_by_its_content_length_is_not_counted_again() -> None:
+    """Within the limit by its Content-Length, or without a body, an HTTP/1.1 request reaches
+    the app with the server's own receive and send (the server reads no more than that); a
+    chunked body, or one of HTTP/2, is counted as it comes."""
+    reached: list[tuple[Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append((receive, send))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    middleware = BodyLimitMiddleware(app, max_bytes=100, max_upload_bytes=1000)
+    framed: Scope = {"type": "http", "http_version": "1.1",
+                     "headers": [(b"content-length", b"100")]}
+    for scope in (framed, {**framed, "headers": []}):
+        await middleware(scope, receive, send)
+        assert reached.pop() == (receive, send)
+    for scope in ({**framed, "headers": [(b"transfer-encoding", b"chunked")]},
+                  {**framed, "headers": [(b"content-length", b"100"),
+                                         (b"transfer-encoding", b"chunked")]},
+                  {**framed, "http_version": "2"}):
+        await middleware(scope, receive, send)
+        counted, _ = reached.pop()
+        assert counted is not receive
 
 
 async def test_multipart_uploads_over_their_own_limit_get_413(settings: Settings) -> None:

@@ -7,6 +7,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.errors import error_response
 
+# HTTP/1.x, which the service's server (uvicorn) speaks: a request's body is framed by its
+# Content-Length, or chunked as its Transfer-Encoding says, or there is none.
+FRAMED_BY_HEADERS = ("1.1", "1.0")
+
 
 class BodyTooLarge(Exception):
     """Raised from `receive` to stop the app reading; answered 413 by the middleware."""
@@ -22,13 +26,25 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
-        limit = (self.max_upload_bytes if content_type.startswith("multipart/form-data")
-                 else self.max_bytes)
-        declared = headers.get(b"content-length", b"")
+        content_type = declared = b""
+        chunked = False
+        for name, value in scope["headers"]:  # the last of each, as a dict of them has it
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        limit = (self.max_upload_bytes
+                 if content_type.lower().startswith(b"multipart/form-data") else self.max_bytes)
         if declared.isdigit() and int(declared) > limit:
             await _too_large(limit, scope, receive, send)
+            return
+        if not chunked and (not declared or declared.isdigit()) \
+                and scope.get("http_version") in FRAMED_BY_HEADERS:
+            # The server reads no more than Content-Length says (nothing without it): the
+            # body is within the limit, with nothing to count as it comes.
+            await self.app(scope, receive, send)
             return
 
         received = 0

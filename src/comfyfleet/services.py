@@ -36,10 +36,11 @@ class Services:
         self.catalog.take_files(
             await asyncio.to_thread(load_served_catalog, self.settings.workflows_dir))
 
-    async def render(self, job: Job) -> dict[str, Any]:
-        """The job for API answers: what the webhooks say, plus why a queued job waits."""
+    async def render(self, job: Job, *, dispatched: bool = False) -> dict[str, Any]:
+        """The job for API answers: what the webhooks say, plus why a queued job waits (none
+        for a queued `job` that a backend took since it was read: `dispatched`)."""
         rendered = await job_json(job, self.storage.url)
         rendered["waiting"] = (self.fleet.why_waiting(job.prompt)
-                               if job.status == JobStatus.QUEUED else None)
+                               if job.status == JobStatus.QUEUED and not dispatched else None)
         return rendered
 

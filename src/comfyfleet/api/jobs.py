@@ -22,9 +22,9 @@ from comfyfleet.api.job_submit import SubmitRoute
 from comfyfleet.api.security import Caller, CallerDep, Guard, caller_of, visible_job
 from comfyfleet.api.workflows import workflow_at
 from comfyfleet.intake import errors as refusals
-from comfyfleet.intake.workflow_jobs import Submission, accept
+from comfyfleet.intake.workflow_jobs import Accepted, Submission, accept
 from comfyfleet.jobs.comfyui_server import COMFYUI_SERVER_FORMAT, comfyui_server_record
-from comfyfleet.jobs.models import Job, JobStatus
+from comfyfleet.jobs.models import JobStatus
 from comfyfleet.services import Services
 from comfyfleet.workflows.catalog import BrokenWorkflow, UnknownWorkflow
 
@@ -68,7 +68,9 @@ async def submit_job(
     request: JobRequest, response: Response, svc: ServicesDep, caller: CallerDep,
     wait: WaitQuery = 0, idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    return await _submit(svc, request, response, wait, idempotency_key, caller=caller)
+    job, response.status_code = await _submit(svc, request, wait, idempotency_key,
+                                              caller=caller)
+    return job
 
 
 @router.post("/workflows/{name}/jobs", status_code=202, include_in_schema=False)
@@ -95,7 +97,9 @@ async def submit_workflow_job(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     job_request = JobRequest(workflow=name, **request.model_dump())
-    return await _submit(svc, job_request, response, wait, idempotency_key, caller=caller)
+    job, response.status_code = await _submit(svc, job_request, wait, idempotency_key,
+                                              caller=caller)
+    return job
 
 
 def _media_type(http_request: Request) -> str:
@@ -147,32 +151,34 @@ async def submit_comfy_server_job(
         callback_url=request.client_callback_url, client_task_id=request.client_task_id,
         reuse_outputs=request.reuse_outputs,
     )
-    job = await _submit(svc, job_request, response, wait, None, caller=caller,
-                        warnings=warnings,
-                        webhook_format=COMFYUI_SERVER_FORMAT if compat else None)
+    job, response.status_code = await _submit(
+        svc, job_request, wait, None, caller=caller, warnings=warnings,
+        webhook_format=COMFYUI_SERVER_FORMAT if compat else None)
     return comfyui_server_record(job) if compat else job
 
 
 async def _submit(
-    svc: Services, request: JobRequest, response: Response, wait: float,
-    idempotency_key: str | None, *, caller: Caller,
-    warnings: list[dict[str, Any]] | None = None, webhook_format: str | None = None,
-) -> dict[str, Any]:
-    job, created = await _accept(svc, Submission(
+    svc: Services, request: JobRequest, wait: float, idempotency_key: str | None, *,
+    caller: Caller, warnings: list[dict[str, Any]] | None = None,
+    webhook_format: str | None = None,
+) -> tuple[dict[str, Any], int]:
+    """The job's object, and the answer's status: 202 for a new job, 200 for a repeat's."""
+    job, created, dispatched = await _accept(svc, Submission(
         workflow=request.workflow, params=request.params, api_key_hash=caller.key_hash,
         max_queued=caller.limits.max_queued,
         callback_url=None if request.callback_url is None else str(request.callback_url),
         client_task_id=request.client_task_id, idempotency_key=idempotency_key,
         priority=request.priority, webhook_events=request.webhook_events,
         reuse_outputs=request.reuse_outputs, warnings=warnings, webhook_format=webhook_format))
-    if not created:
-        response.status_code = 200
+    status = 202 if created else 200
     if wait > 0 and not JobStatus(job.status).terminal:
-        job = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id)) or job
-    return await svc.render(job)
+        waited = await svc.waiters.wait(job.id, wait, lambda: svc.repository.get(job.id))
+        if waited is not None:
+            return await svc.render(waited), status
+    return await svc.render(job, dispatched=dispatched), status
 
 
-async def _accept(svc: Services, submission: Submission) -> tuple[Job, bool]:
+async def _accept(svc: Services, submission: Submission) -> Accepted:
     try:
         return await accept(svc, submission)
     except BrokenWorkflow as exc:
@@ -319,10 +325,8 @@ async def _submit_answer(request: Request, job_request: JobRequest,
     """`submit_job`'s answer, its dependencies first as FastAPI solves them."""
     caller = await caller_of(request)
     svc = await services(request)
-    status = Response()
-    status.status_code = 202  # the route's; 200 for a repeat
-    job = await _submit(svc, job_request, status, 0, idempotency_key, caller=caller)
-    return job_response(job, status.status_code)
+    job, status = await _submit(svc, job_request, 0, idempotency_key, caller=caller)
+    return job_response(job, status)
 
 
 async def _cancel(job_id: uuid.UUID, svc: Services, caller: Caller) -> dict[str, Any]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from comfyfleet.db import NotStorable
 from comfyfleet.egress import UrlNotAllowed, check_url
@@ -46,9 +45,10 @@ class Parts(Protocol):
     fleet: Fleet
 
 
-@dataclass(frozen=True)
-class Submission:
-    """A request for a job of the catalog's `workflow`, as the API read it."""
+class Submission(NamedTuple):
+    """A request for a job of the catalog's `workflow`, as the API read it. (A tuple: one is
+    made for every submit, and a frozen dataclass set each field through object.__setattr__,
+    at four times the cost.)"""
 
     workflow: str
     params: dict[str, Any]
@@ -64,10 +64,19 @@ class Submission:
     webhook_format: str | None = None  # stored with a new job
 
 
-async def accept(parts: Parts, submission: Submission) -> tuple[Job, bool]:
-    """Validate and store the job (or find the earlier one with the same key); returns it and
-    whether it was created. Raises the catalog's UnknownWorkflow or BrokenWorkflow, and the
-    intake's Refused errors."""
+class Accepted(NamedTuple):
+    """What became of a submission."""
+
+    # The new job as stored (queued, or ended when reused), dispatched or not since; or the
+    # earlier one under the same idempotency key, as read.
+    job: Job
+    created: bool
+    dispatched: bool  # the new job was taken by a backend as it was stored (claim_on_submit)
+
+
+async def accept(parts: Parts, submission: Submission) -> Accepted:
+    """Validate and store the job (or find the earlier one with the same key). Raises the
+    catalog's UnknownWorkflow or BrokenWorkflow, and the intake's Refused errors."""
     key = _idempotency_key(submission)
     workflow = parts.catalog.find(submission.workflow)
     try:
@@ -113,11 +122,11 @@ async def accept(parts: Parts, submission: Submission) -> tuple[Job, bool]:
     stored, created = await _insert(parts, job, backlog, records)
     if not created:
         _check_repeat(stored, job, key)
-        return stored, created
+        return Accepted(stored, created=False, dispatched=False)
     if stored.status == JobStatus.QUEUED:  # not dispatched as it was stored
         parts.fleet.job_submitted()
     # Answered as it was stored (queued, or ended when reused), dispatched or not since.
-    return job, created
+    return Accepted(job, created=True, dispatched=stored.status != job.status)
 
 
 async def _insert(parts: Parts, job: Job, backlog: BacklogLimits | None,

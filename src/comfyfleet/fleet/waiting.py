@@ -46,6 +46,8 @@ class WaitingReasons:
         # are a new object at every connect, equal to many others'.
         self._canonical: dict[int, tuple[Capabilities, Capabilities]] = {}
         self._worded: dict[tuple[int, ...], tuple[str, float]] = {}
+        # What the groups were made of: each backend, its capabilities, whether it took work.
+        self._made_of: list[tuple[BackendSession, Capabilities | None, bool]] = []
 
     def why(self, prompt: dict[str, Any]) -> str | None:
         """Why a queued job with this prompt cannot start soon: every backend that could run
@@ -80,6 +82,15 @@ class WaitingReasons:
         as_of = self._changes.next()
         if as_of is self._as_of:
             return self._groups
+        self._as_of = as_of
+        self._worded.clear()  # a backend away may be worded otherwise now (its last error)
+        # Most beats change no group (a prompt held or released, a queue's length: a few a
+        # job): at saturation nearly every submit's answer came after one, and regrouping
+        # took as long as the rest of the reason.
+        made_of = [(session, session.capabilities, session.accepts_work)
+                   for session in self._sessions]
+        if made_of == self._made_of:
+            return self._groups
         canonical: dict[int, tuple[Capabilities, Capabilities]] = {}
         standing: list[Capabilities] = []  # one of each kind, this time
         index_of: dict[tuple[int | None, bool], int] = {}
@@ -95,9 +106,8 @@ class WaitingReasons:
                 index_of[key] = len(groups)
                 groups.append(group)
             members.append((session, index_of[key]))
-        self._canonical, self._members, self._groups, self._as_of = (
-            canonical, members, groups, as_of)
-        self._worded.clear()
+        self._canonical, self._members, self._groups, self._made_of = (
+            canonical, members, groups, made_of)
         return groups
 
     def _standing_for(self, caps: Capabilities,

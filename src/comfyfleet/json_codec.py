@@ -65,11 +65,15 @@ def _orjson_writes_as_json(value: Any) -> bool:
         return True
     if kind is int:
         return bool(-2**63 <= value < 2**64)
+    # No generator: this walks every submit's parameters for its fingerprint, and one made
+    # at each dict and list took most of the walk (3.4 against 1.2 us for a small job's).
     if kind is dict:
-        return all(type(key) is str and _orjson_writes_as_json(item)
-                   for key, item in value.items())
+        for key, item in value.items():
+            if type(key) is not str or not _orjson_writes_as_json(item):
+                return False
+        return True
     if kind is list:
-        return all(_orjson_writes_as_json(item) for item in value)
+        return all(map(_orjson_writes_as_json, value))
     return False
 
 

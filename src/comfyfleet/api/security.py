@@ -12,8 +12,7 @@ import hmac
 import math
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,10 +30,10 @@ from comfyfleet.services import Services
 from comfyfleet.settings import Settings
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who is calling: the digest of their key (None when keys are off), what they see,
-    their tenant's limits and their key's default callback URL."""
+    their tenant's limits and their key's default callback URL. (A tuple: one is made for
+    every request, and a frozen dataclass set each field through object.__setattr__.)"""
 
     key_hash: str | None
     sees_all: bool

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -111,7 +110,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection, carrying one exchange at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         # Holds this connection's callbacks: a reference cycle until the connection is lost.
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
@@ -179,7 +178,7 @@ class _Connection(asyncio.Protocol):
         self._parser = None
 
     def pause_writing(self) -> None:
-        self._write_ready = self._loop.create_future()
+        self._write_ready = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self._write_ready is not None and not self._write_ready.done():
@@ -233,7 +232,7 @@ class _Connection(asyncio.Protocol):
         """Until the next callback that wakes this (or a failure, or the time limit)."""
         if self.error is not None:
             raise self.error
-        self._waiter = self._loop.create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._bounded(self._waiter, timeouts, deadline)
         finally:
@@ -244,9 +243,9 @@ class _Connection(asyncio.Protocol):
         """`future`, or HttpTimeout once the read timeout or the deadline passes."""
         wait = timeouts.read
         if deadline is not None:
-            left = deadline - self._loop.time()
+            left = deadline - self.loop.time()
             wait = left if wait is None else min(wait, left)
-        timer = self._loop.call_later(wait, _expire, future) if wait is not None else None
+        timer = self.loop.call_later(wait, _expire, future) if wait is not None else None
         try:
             await future
         finally:
@@ -266,7 +265,7 @@ class _Connection(asyncio.Protocol):
         if status_line.split(" ")[1:2] != ["200"]:
             raise ConnectionRefusedError(f"the proxy answered CONNECT with {status_line!r}")
         self._tunnel_answer = None
-        transport = await asyncio.get_running_loop().start_tls(
+        transport = await self.loop.start_tls(
             self.transport, self, tls, server_hostname=server_hostname)
         assert transport is not None
         self.transport = transport
@@ -386,16 +385,24 @@ class HttpClient:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return _Target(key, host_header, path)
 
-    @asynccontextmanager
-    async def request(
+    def request(
         self, method: str, url: str, *, body: bytes | memoryview = b"",
         headers: dict[str, str] | None = None, timeouts: Timeouts = Timeouts(),
         proxy: str | None = None,
-    ) -> AsyncIterator[Response]:
+    ) -> _Request:
         """The answer to one request (through the http:// `proxy`, if given), its body
-        readable inside the block; HttpError (or its kinds) when no whole answer came. Its
-        connection is kept for the next request only if its body was read to the end. Not
-        for HEAD (the parser would wait for the body its head announces)."""
+        readable inside the block (`async with client.request(...) as response`); HttpError
+        (or its kinds) when no whole answer came. Its connection is kept for the next request
+        only if its body was read to the end. Not for HEAD (the parser would wait for the
+        body its head announces)."""
+        return _Request(self, lambda: self._open(method, url, body, headers, timeouts,
+                                                  proxy))
+
+    async def _open(
+        self, method: str, url: str, body: bytes | memoryview, headers: dict[str, str] | None,
+        timeouts: Timeouts, proxy: str | None,
+    ) -> tuple[_Target, _Connection, Response]:
+        """`request`'s answer, with its connection, holding a slot until `_close_exchange`."""
         target = self._target(url, proxy)
         lines = [f"{method} {target.request_target} HTTP/1.1\r\nHost: {target.host_header}\r\n"]
         if body or method != "GET":
@@ -404,10 +411,10 @@ class HttpClient:
             lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
-        loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()  # (once: it asks the kernel for the process's id)
         deadline = loop.time() + timeouts.total if timeouts.total is not None else None
-        if self._slots is not None and not self._slots.locked():
-            await self._slots.acquire()  # a free slot, taken at once: no time limit to set
+        if self._slots is not None and (deadline is None or not self._slots.locked()):
+            await self._slots.acquire()  # no time limit to set: none, or a free slot at once
         elif self._slots is not None:
             try:  # the total time limit counts the wait for a free slot too
                 async with asyncio.timeout_at(deadline):
@@ -415,22 +422,29 @@ class HttpClient:
             except TimeoutError as exc:
                 raise HttpTimeout(f"{method} {url}: no free connection in time") from exc
         try:
-            connection = await self._exchange(target, method, head, body, timeouts, deadline)
-            try:
-                yield Response(connection, timeouts, deadline)
-            finally:
-                self._release(target, connection)
+            connection = await self._exchange(target, method, head, body, timeouts, deadline,
+                                              loop)
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        return target, connection, Response(connection, timeouts, deadline)
+
+    def _close_exchange(self, target: _Target, connection: _Connection) -> None:
+        """The end of `request`'s block: its connection kept or closed, its slot freed."""
+        try:
+            self._release(target, connection)
         finally:
             if self._slots is not None:
                 self._slots.release()
 
     async def _exchange(self, target: _Target, method: str, head: bytes,
-                        body: bytes | memoryview, timeouts: Timeouts,
-                        deadline: float | None) -> _Connection:
+                        body: bytes | memoryview, timeouts: Timeouts, deadline: float | None,
+                        loop: asyncio.AbstractEventLoop) -> _Connection:
         """A connection whose answer's head has come."""
         resend = method in IDEMPOTENT_METHODS
         while True:
-            connection, reused = await self._connection(target, timeouts, deadline)
+            connection, reused = await self._connection(target, timeouts, deadline, loop)
             try:
                 await connection.send(head, body, timeouts, deadline)
                 await connection.answer_head(timeouts, deadline)
@@ -448,13 +462,12 @@ class HttpClient:
                 _close(connection)
                 raise
 
-    async def _connection(self, target: _Target, timeouts: Timeouts,
-                          deadline: float | None) -> tuple[_Connection, bool]:
+    async def _connection(self, target: _Target, timeouts: Timeouts, deadline: float | None,
+                          loop: asyncio.AbstractEventLoop) -> tuple[_Connection, bool]:
         """An idle connection still open (True), else a new one (False)."""
         if self._closed:
             raise HttpError("the client is closed")
         idle = self._idle.get(target.key)
-        loop = asyncio.get_running_loop()
         while idle:
             connection = idle.pop()
             assert connection.transport is not None
@@ -517,7 +530,7 @@ class HttpClient:
         if self._closed or not connection.reusable():
             _close(connection)
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self._idle.setdefault(target.key, []).append(connection)
 
     async def __aenter__(self) -> HttpClient:
@@ -532,6 +545,27 @@ class HttpClient:
             for connection in idle:
                 _close(connection)
         self._idle.clear()
+
+
+class _Request:
+    """`HttpClient.request`'s block: a class, not an @asynccontextmanager, whose async
+    generator cost more than the rest of a request's setup (the event loop's hooks keep a
+    weak set of them, added to and removed from in Python)."""
+
+    def __init__(self, client: HttpClient,
+                 opening: Callable[[], Awaitable[tuple[_Target, _Connection, Response]]]):
+        self._client = client
+        self._opening = opening  # HttpClient._open, called with the request's arguments
+        self._exchange: tuple[_Target, _Connection] | None = None
+
+    async def __aenter__(self) -> Response:
+        target, connection, response = await self._opening()
+        self._exchange = target, connection
+        return response
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._exchange is not None  # (entered)
+        self._client._close_exchange(*self._exchange)
 
 
 def head_fields(pieces: list[bytes]) -> dict[str, str]:

@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -165,15 +165,12 @@ class S3Storage:
             raise StorageError(f"S3 upload of {key}: {exc}") from exc
 
     async def _upload(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> int:
-        parts = _parts(chunks)
-        first = await anext(parts, None)
+        parts = _Parts(chunks)
+        first = await parts.next()
         if first is None:  # an empty stream: an empty object
             first = io.BytesIO()
-        second = await anext(parts, None) if _size(first) == PART_SIZE else None
+        second = await parts.next() if _size(first) == PART_SIZE else None
         if second is None:
-            # Closed here, past its last part: left suspended there, the event loop's
-            # finalizer closes it in a task of its own, one more task for every object.
-            await parts.aclose()
             with first.getbuffer() as whole:  # a view, not a copy
                 await self._put(key, whole, content_type)
                 return whole.nbytes
@@ -195,7 +192,7 @@ class S3Storage:
                 failed = next((t for t in uploads if t.done() and t.exception()), None)
                 if failed is not None:
                     await failed  # raises its error: stop reading the source early
-                body = read_ahead.pop(0) if read_ahead else await anext(parts, None)
+                body = read_ahead.pop(0) if read_ahead else await parts.next()
                 if body is None:
                     break
                 size += _size(body)
@@ -479,24 +476,40 @@ async def _enter_client(stack: AsyncExitStack, session: AioSession, settings_use
         raise StorageError(f"S3 client ({settings_used}): {exc}") from exc
 
 
-async def _parts(chunks: AsyncIterator[bytes]) -> AsyncGenerator[io.BytesIO, None]:
-    """The stream cut into PART_SIZE pieces (the last one shorter), each written straight into
+class _Parts:
+    """A stream cut into PART_SIZE pieces (the last one shorter), each written straight into
     the BytesIO that is sent: botocore would wrap bytes in a BytesIO, whose buffer aiohttp's
-    payload then copies (getbuffer() unshares it), doubling every part in flight."""
-    part = io.BytesIO()
-    async for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            room = PART_SIZE - part.tell()
-            part.write(view[:room])
-            view = view[room:]
-            if part.tell() == PART_SIZE:
-                part.seek(0)
-                yield part
-                part = io.BytesIO()
-    if part.tell():
+    payload then copies (getbuffer() unshares it), doubling every part in flight. Not an async
+    generator: the event loop's hooks add each one to a weak set and remove it again, in
+    Python, and one left suspended past its last part is closed by a task of its own."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = memoryview(b"")  # of the last chunk read, not yet in a part
+        self._ended = False
+
+    async def next(self) -> io.BytesIO | None:
+        """The next part; None after the last."""
+        part = io.BytesIO()
+        while True:
+            if self._rest:
+                room = PART_SIZE - part.tell()
+                part.write(self._rest[:room])
+                self._rest = self._rest[room:]
+                if part.tell() == PART_SIZE:
+                    part.seek(0)
+                    return part
+            if self._ended:
+                break
+            chunk = await anext(self._chunks, None)
+            if chunk is None:
+                self._ended = True
+            else:
+                self._rest = memoryview(chunk)
+        if not part.tell():
+            return None
         part.seek(0)
-        yield part
+        return part
 
 
 def _size(part: io.BytesIO) -> int:

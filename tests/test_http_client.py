@@ -9,6 +9,7 @@ import socket
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from comfyfleet.http_client import (
     HttpTimeout,
     Timeouts,
     _origin,
+    _split,
 )
 from tests.support import LOOPBACK, app_on_loopback
 
@@ -385,6 +387,20 @@ async def test_an_answer_s_headers_as_its_head_says_them_even_split_across_reads
         assert await response.read() == b"ok"
         assert response.headers == {"x-many": "one, two", "location": "/there",
                                     "content-length": "2"}
+
+
+@pytest.mark.parametrize("url", [
+    "http://h:8188/view?filename=ComfyUI_00001_.png&subfolder=&type=output",
+    "https://bucket.s3.eu-west-1.amazonaws.com/outputs/job/9_0.png", "http://h:8188",
+    "http://u:p@h:80/a?b=1", "http://[::1]:9/v", "http://h?q", "http://h?", "http://h/p?",
+    "http://h/p??x", "http://h//x", "http:///x", "http://h:port/", "HTTP://h/x",
+    "http://h/a#f", "http://h/a b", " http://h/a", "http://h/a\r\nX-Injected: 1",
+    "http://h\t/a", "http://hé/a", "ftp://h/x", "h/x",
+])
+def test_a_url_is_split_as_urlsplit_splits_it(url: str) -> None:
+    """The split of a request's URL (by hand when it is plain, `_split`) is urlsplit's."""
+    parts = urlsplit(url)
+    assert _split(url) == (parts.scheme, parts.netloc, parts.path, parts.query)
 
 
 def test_each_origin_is_parsed_once_and_each_url_answered_as_it_was() -> None:

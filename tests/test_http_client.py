@@ -25,7 +25,7 @@ from comfyfleet.http_client import (
     _origin,
     _split,
 )
-from tests.support import LOOPBACK, app_on_loopback
+from tests.support import LOOPBACK, app_on_loopback, free_ports
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -119,6 +119,36 @@ async def test_an_answer_saying_connection_close_is_not_followed_on_its_connecti
             async with client.request("GET", url + "/", timeouts=Timeouts(read=5)) as response:
                 assert await response.read() == b"ok"
     assert connections == [0, 1]
+
+
+async def test_a_limited_client_frees_every_slot_and_bounds_the_wait_for_one() -> None:
+    """At most `limit` requests at a time: a request that failed frees its slot as an
+    answered one does; a request waiting for a slot counts the wait in its total time limit,
+    and takes the slot freed in time."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+
+    refused = f"http://{LOOPBACK}:{free_ports(1)}/"  # nothing listens there
+
+    async def read(http: HttpClient, url: str, timeouts: Timeouts | None = None) -> bytes:
+        async with http.request("GET", url, timeouts=timeouts or Timeouts()) as response:
+            return await response.read()
+
+    async with asyncio.timeout(10), raw_server(answer) as url, HttpClient(limit=1) as http:
+        for _ in range(2):
+            with pytest.raises(ConnectError):
+                await read(http, refused)
+        assert await read(http, url + "/") == b"ok"
+        async with http.request("GET", url + "/") as holding:  # the only slot
+            with pytest.raises(HttpTimeout, match="no free connection in time"):
+                await read(http, url + "/", Timeouts(total=0.2))
+            waiting = asyncio.create_task(read(http, url + "/", Timeouts(total=5)))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            assert await holding.read() == b"ok"
+        assert await waiting == b"ok"
 
 
 async def test_a_connection_the_peer_closed_is_freed_by_reference_counts(

@@ -20,7 +20,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -411,8 +411,7 @@ class HttpClient:
         (or its kinds) when no whole answer came. Its connection is kept for the next request
         only if its body was read to the end. Not for HEAD (the parser would wait for the
         body its head announces)."""
-        return _Request(self, lambda: self._open(method, url, body, headers, timeouts,
-                                                  proxy))
+        return _Request(self, partial(self._open, method, url, body, headers, timeouts, proxy))
 
     async def _open(
         self, method: str, url: str, body: bytes | memoryview, headers: dict[str, str] | None,

@@ -38,11 +38,11 @@ from bench.harness import bench_root, embedded_postgres, fresh_database, print_t
 from comfyfleet import db
 from comfyfleet.comfy.endpoints import Backend
 from comfyfleet.fleet.registry import BackendRegistry
-from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt, DeliveryStatus
+from comfyfleet.jobs.deliveries import DeliveryStatus, OutgoingDelivery
 from comfyfleet.jobs.lease import ProcessLease
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository, ProgressReport
-from comfyfleet.webhooks.outbox import Outbox, Outcome, Settled
+from comfyfleet.webhooks.outbox import Attempt, Outbox, Settled
 
 CALLBACK = "http://127.0.0.1:9/hooks"  # never called: deliveries are only leased and recorded
 LEASE = timedelta(seconds=60)
@@ -126,7 +126,7 @@ async def run(jobs: int, concurrency: int) -> dict[str, float]:
                 figures["finish, webhook into the outbox"], _ = await timed(
                     started, finish, concurrency)
 
-                claimed: list[Delivery] = []
+                claimed: list[OutgoingDelivery] = []
 
                 async def claim(_: int) -> None:
                     claimed.extend(await outbox.claim(limit=CLAIM_LIMIT, per_host=jobs,
@@ -138,12 +138,12 @@ async def run(jobs: int, concurrency: int) -> dict[str, float]:
                 figures[f"lease deliveries, per delivery ({CLAIM_LIMIT} a claim)"] = (
                     per_claim * claims / jobs)
 
-                def settled(delivery: Delivery) -> Settled:
-                    attempt = DeliveryAttempt(delivery_id=delivery.id, attempted_at=utcnow(),
-                                              status_code=204, latency_ms=1, response_snippet="")
-                    return Settled(delivery, attempt, Outcome(DeliveryStatus.DELIVERED))
+                def settled(delivery: OutgoingDelivery) -> Settled:
+                    return Settled(delivery, Attempt(
+                        delivery.id, delivery.lease_token, utcnow(), 204, 1, None, "",
+                        DeliveryStatus.DELIVERED, None))
 
-                async def record(batch: Sequence[Delivery]) -> frozenset[uuid.UUID]:
+                async def record(batch: Sequence[OutgoingDelivery]) -> frozenset[uuid.UUID]:
                     done = await outbox.settle([settled(delivery) for delivery in batch],
                                                limit=CLAIM_LIMIT, per_host=jobs, busy={},
                                                lease=LEASE)

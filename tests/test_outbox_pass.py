@@ -9,10 +9,10 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comfyfleet.jobs.deliveries import Delivery, DeliveryAttempt, DeliveryStatus
+from comfyfleet.jobs.deliveries import Delivery, DeliveryStatus, OutgoingDelivery
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 from comfyfleet.jobs.repository import JobRepository
-from comfyfleet.webhooks.outbox import Outbox, Outcome, Settled
+from comfyfleet.webhooks.outbox import Attempt, Outbox, Outcome, Settled
 
 LEASE = timedelta(seconds=60)
 ONE = "http://127.0.0.1:9/hooks"  # never called: deliveries are only leased and recorded
@@ -32,10 +32,9 @@ async def stored(outbox: Outbox, delivery_id: uuid.UUID) -> Delivery:
     return found[0]
 
 
-def attempted(delivery: Delivery, outcome: Outcome, status_code: int = 204) -> Settled:
-    return Settled(delivery, DeliveryAttempt(
-        delivery_id=delivery.id, attempted_at=utcnow(), status_code=status_code,
-        latency_ms=1, response_snippet=""), outcome)
+def attempted(delivery: OutgoingDelivery, outcome: Outcome, status_code: int = 204) -> Settled:
+    return Settled(delivery, Attempt(delivery.id, delivery.lease_token, utcnow(), status_code,
+                                     1, None, "", *outcome))
 
 
 async def test_a_pass_records_leases_and_times_the_next_as_after_its_own_changes(
@@ -85,7 +84,7 @@ async def test_an_attempt_whose_lease_was_lost_is_logged_and_changes_nothing(
     outbox = Outbox(engine)
     await ended_jobs(engine, ONE)
     (leased,) = await outbox.claim(limit=1, per_host=10, busy={}, lease=LEASE)
-    stale = leased.model_copy(update={"lease_token": uuid.uuid4()})
+    stale = leased._replace(lease_token=uuid.uuid4())
     done = await outbox.settle([attempted(stale, Outcome(DeliveryStatus.DELIVERED))],
                                limit=10, per_host=10, busy={}, lease=LEASE)
     assert done.kept == frozenset() and done.leased == []
@@ -103,7 +102,7 @@ async def test_leases_given_back_make_their_deliveries_due_at_once_unless_lost_m
     outbox = Outbox(engine)
     await ended_jobs(engine, ONE, ONE)
     mine, lost = await outbox.claim(limit=2, per_host=10, busy={}, lease=LEASE)
-    stale = lost.model_copy(update={"lease_token": uuid.uuid4()})  # leased anew elsewhere
+    stale = lost._replace(lease_token=uuid.uuid4())  # leased anew elsewhere
     await outbox.release([mine, stale])
     assert [(d.locked_until, d.lease_token) for d in
             [await stored(outbox, mine.id), await stored(outbox, lost.id)]] == [

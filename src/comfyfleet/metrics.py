@@ -17,7 +17,7 @@ from functools import cache
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.process_collector import ProcessCollector
 
-from comfyfleet.jobs.deliveries import Delivery
+from comfyfleet.jobs.deliveries import OutgoingDelivery
 from comfyfleet.jobs.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def collection_failed() -> None:
     COLLECTION_FAILURES.inc()
 
 
-def webhook_attempt(delivery: Delivery, delivered: bool, status_code: int | None) -> None:
+def webhook_attempt(delivery: OutgoingDelivery, delivered: bool, status_code: int | None) -> None:
     """One attempt; a delivered one also ends the event's webhook phase, measured from when
     the event was queued."""
     if delivered:

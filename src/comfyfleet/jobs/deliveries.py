@@ -10,23 +10,23 @@ Sending them is the webhooks stage's work (`webhooks/outbox.py` leases them,
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from sqlalchemy import Column, DateTime, ForeignKey, String, Uuid
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
-from comfyfleet.jobs.models import TERMINAL_STATES, Job, constructed, utcnow
+from comfyfleet import json_codec
+from comfyfleet.jobs.models import TERMINAL_STATES, Job, utcnow
 from comfyfleet.jobs.render import job_json
-from comfyfleet.json_codec import datetime_text
 
 # Woken with pg_notify when a delivery becomes due now, in whichever process commits it
 # (sql/jobs.sql names it too).
@@ -101,9 +101,36 @@ class DeliveryAttempt(SQLModel, table=True):
     response_snippet: str | None = None
 
 
-# Deliveries are built with Delivery.model_construct on the hot path, as jobs are (see
-# jobs/models.py): their mappers are configured here, for the same reason.
-configure_mappers()
+class OutgoingDelivery(NamedTuple):
+    """A delivery as the hot path keeps it, from its row's writing or leasing to its attempt's
+    record: what the attempt needs of it, and its lease. A plain tuple where the ORM's
+    `Delivery` (the operator's reads) costs a descriptor call for every field read and a
+    pydantic model to build."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    event_type: str
+    # `webhook-id`: the same on every attempt, so receivers can deduplicate.
+    message_id: str
+    url: str
+    host: str
+    payload: dict[str, Any]
+    attempts: int  # attempts since it became pending: the position in the retry schedule
+    pending_since: datetime
+    locked_until: datetime | None
+    lease_token: uuid.UUID | None
+
+
+def row_json(delivery: OutgoingDelivery) -> str:
+    """The webhook_deliveries row of `delivery`, just written, as the named queries take it
+    (JSON text, a column by name): written by the package's encoder; by the standard library,
+    its UUIDs and timestamps as text, when that refuses (a payload's integer beyond 64 bits)."""
+    row = {**delivery._asdict(), "status": DeliveryStatus.PENDING,
+           "next_attempt_at": delivery.pending_since, "created_at": delivery.pending_since}
+    try:
+        return json_codec.dumps_text(row)
+    except TypeError:
+        return json.dumps(row, separators=(",", ":"), default=str)
 
 
 @lru_cache(maxsize=1024)  # a delivery's at each job's end: most jobs call back the same few
@@ -114,9 +141,12 @@ def receiver_host(url: str) -> str:
 
 
 def subscribed(job: Job, event_type: str) -> bool:
-    if not job.callback_url:
+    # The job's fields read from its `__dict__` (as jobs/render.py reads them), past the
+    # ORM's descriptors.
+    fields = job.__dict__
+    if not fields["callback_url"]:
         return False
-    return event_type in TERMINAL_EVENTS or event_type in (job.webhook_events or ())
+    return event_type in TERMINAL_EVENTS or event_type in (fields["webhook_events"] or ())
 
 
 async def _no_url(_: str) -> None:
@@ -124,27 +154,22 @@ async def _no_url(_: str) -> None:
 
 
 async def delivery_row(job: Job, event_type: str, slots: DeliverySlots | None = None,
-                       changes: Mapping[str, Any] | None = None) -> Delivery | None:
+                       changes: Mapping[str, Any] | None = None) -> OutgoingDelivery | None:
     """The outbox row reporting `event_type` for `job` as the change leaves it (`changes`,
     the values of the fields it writes, if not written yet), for the statement writing the
-    change (as JSON: `model_dump_json`); None when its client did not subscribe. Leased to the
+    change (as JSON: `row_json`); None when its client did not subscribe. Leased to the
     worker of `slots` when it has room (`DeliverySlots.lease`)."""
     if not subscribed(job, event_type):
         return None
-    assert job.callback_url is not None
-    host = receiver_host(job.callback_url)
+    fields = job.__dict__  # (see `subscribed`)
+    callback_url = fields["callback_url"]
+    host = receiver_host(callback_url)
     locked_until, lease_token = slots.lease(host) if slots is not None else (None, None)
     now = utcnow()
-    event = {"type": event_type, "timestamp": datetime_text(now),
+    event = {"type": event_type, "timestamp": json_codec.datetime_text(now),
              "data": await job_json(job, _no_url, changes)}
-    # Built past the ORM's constructor, every field given in its order: see jobs/repository.py
-    # `_job`, and models.py `constructed`.
-    return constructed(Delivery, {
-        "id": uuid.uuid4(), "job_id": job.id, "event_type": event_type,
-        "message_id": new_message_id(), "url": job.callback_url, "host": host,
-        "payload": event, "status": DeliveryStatus.PENDING, "attempts": 0, "pending_since": now,
-        "next_attempt_at": now, "locked_until": locked_until, "lease_token": lease_token,
-        "last_status_code": None, "last_error": None, "created_at": now})
+    return OutgoingDelivery(uuid.uuid4(), fields["id"], event_type, new_message_id(),
+                            callback_url, host, event, 0, now, locked_until, lease_token)
 
 
 class DeliverySlots:
@@ -166,7 +191,7 @@ class DeliverySlots:
         self.lease_for = lease
         self.busy: Counter[str] = Counter()  # slots taken per receiver host
         self.taken = 0  # slots taken in all
-        self._handed: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._handed: asyncio.Queue[OutgoingDelivery] = asyncio.Queue()
         self._open = False  # whether a worker takes deliveries handed over
 
     def open(self) -> None:
@@ -196,20 +221,20 @@ class DeliverySlots:
         self.take(host)
         return utcnow() + self.lease_for, uuid.uuid4()
 
-    def written(self, delivery: Delivery) -> None:
+    def written(self, delivery: OutgoingDelivery) -> None:
         """The leased `delivery` is committed: the worker sends it."""
         self._handed.put_nowait(delivery)
 
-    def not_written(self, delivery: Delivery) -> None:
+    def not_written(self, delivery: OutgoingDelivery) -> None:
         """The leased `delivery` was not written (the change's fence held nothing, or the
         statement failed): its slot is free again."""
         self.free(delivery.host)
 
-    async def handed(self) -> Delivery:
+    async def handed(self) -> OutgoingDelivery:
         """The next delivery handed over."""
         return await self._handed.get()
 
-    def close(self) -> list[Delivery]:
+    def close(self) -> list[OutgoingDelivery]:
         """No more deliveries are leased here; those handed over and not taken yet, for the
         worker to give back (their slots freed). One whose statement is under way as this
         closes stays leased: it goes out when its lease runs out (the fleet, which writes

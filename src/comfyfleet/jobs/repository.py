@@ -268,7 +268,7 @@ class _End:
 
     job: Job
     values: tuple[Any, ...]
-    delivery: deliveries.Delivery | None
+    delivery: deliveries.OutgoingDelivery | None
     outcome: asyncio.Future[Job | None]
 
 
@@ -739,7 +739,7 @@ class JobRepository:
     async def _delivery(
         self, job: Job, event: str, changes: dict[str, Any],
         progress_detail: dict[str, Any] | EllipsisType | None,
-    ) -> deliveries.Delivery | None:
+    ) -> deliveries.OutgoingDelivery | None:
         """The outbox row reporting `event` for `job` as the change leaves it: `changes` that
         are not None written, and `progress_detail` whenever it is given (None too); leased to
         this process's webhook worker when it has room."""
@@ -749,7 +749,7 @@ class JobRepository:
             written["progress_detail"] = detail
         return await deliveries.delivery_row(job, event, self._webhook_slots, written)
 
-    def _hand_over(self, delivery: deliveries.Delivery | None, *, written: bool) -> None:
+    def _hand_over(self, delivery: deliveries.OutgoingDelivery | None, *, written: bool) -> None:
         """A delivery leased to this process's worker: `written` (then the worker sends it)
         or not (its slot is freed)."""
         assert delivery is not None and self._webhook_slots is not None
@@ -1334,14 +1334,6 @@ def _json(value: Any) -> str | None:
     return json_codec.dumps_text(value) if value is not None else None
 
 
-def _delivery_json(delivery: deliveries.Delivery | None) -> str | None:
-    """An outbox row as the named queries take it (JSON text); None stays NULL. Its fields
-    (`__dict__`: built by `delivery_row`, never the ORM's) written by the package's encoder in
-    half pydantic's time; by pydantic when that refuses (a payload's integer beyond 64 bits,
-    say, beside the row's timestamps, which the standard library cannot write)."""
-    if delivery is None:
-        return None
-    try:
-        return json_codec.dumps_text(delivery.__dict__)
-    except TypeError:
-        return delivery.model_dump_json()
+def _delivery_json(delivery: deliveries.OutgoingDelivery | None) -> str | None:
+    """An outbox row as the named queries take it (`deliveries.row_json`); None stays NULL."""
+    return deliveries.row_json(delivery) if delivery is not None else None

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from comfyfleet import json_codec
 from comfyfleet.egress import public_addresses
@@ -23,8 +22,7 @@ SNIPPET_BYTES = 1024
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-@dataclass(frozen=True)
-class AttemptResult:
+class AttemptResult(NamedTuple):  # (a tuple: a quarter of a frozen dataclass's making)
     status_code: int | None  # None: no HTTP answer (refused, timed out, ...)
     latency_ms: int
     error: str | None = None

@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import orjson
 from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
@@ -29,27 +30,42 @@ from comfyfleet.jobs.deliveries import (
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
+    OutgoingDelivery,
 )
-from comfyfleet.jobs.models import constructed, utcnow
+from comfyfleet.jobs.models import utcnow
 
 _SQL = sql.queries("outbox")
-_DELIVERY_FIELDS = tuple(Delivery.model_fields)
+_LEASED_FIELDS = len(OutgoingDelivery._fields)  # a leased row's first fields (sql `pass`)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What one attempt leads to: the delivery's next status and, if pending, when."""
 
     status: DeliveryStatus
     next_attempt_at: datetime | None = None
 
 
+@dataclass(slots=True)
+class Attempt:
+    """An attempt made on a leased delivery, and the outcome it leads to, as the pass records
+    it: written as a JSON object by orjson (sql/outbox.sql `pass`)."""
+
+    delivery_id: uuid.UUID
+    lease_token: uuid.UUID | None
+    attempted_at: datetime
+    status_code: int | None  # None: no HTTP answer
+    latency_ms: int
+    error: str | None
+    response_snippet: str | None
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+
+
 class Settled(NamedTuple):
     """An attempt made on a leased delivery, to be recorded."""
 
-    delivery: Delivery
-    attempt: DeliveryAttempt
-    outcome: Outcome
+    delivery: OutgoingDelivery
+    attempt: Attempt
 
 
 class Pass(NamedTuple):
@@ -57,7 +73,7 @@ class Pass(NamedTuple):
     recorded whose lease held (the others belong to another worker now), and when the next
     delivery falls due (None: none pending, or the lease took all it was allowed)."""
 
-    leased: list[Delivery]
+    leased: list[OutgoingDelivery]
     kept: frozenset[uuid.UUID]
     next_due: datetime | None
 
@@ -77,34 +93,27 @@ class Outbox:
         in one statement (sql/outbox.sql `pass`)."""
         now = utcnow()
         full = [host for host, count in busy.items() if count >= per_host]
-        columns: list[list[Any]] = [[] for _ in range(9)]
-        for settled in attempts:
-            delivery, attempt, outcome = settled
-            for column, value in zip(columns, (
-                    delivery.id, delivery.lease_token, attempt.attempted_at,
-                    attempt.status_code, attempt.latency_ms, attempt.error,
-                    attempt.response_snippet, outcome.status, outcome.next_attempt_at),
-                    strict=True):
-                column.append(value)
+        # (`default`: the UUIDs of leased rows are asyncpg's, a subclass orjson refuses.)
+        recorded = orjson.dumps([settled.attempt for settled in attempts], default=str)
         async with driver_connection(self._engine) as connection:
             rows = await connection.fetch(
-                _SQL["pass"], now, *columns, limit, full, list(busy), list(busy.values()),
-                per_host, now + lease, uuid.uuid4())
+                _SQL["pass"], now, recorded.decode(), limit, full, list(busy),
+                list(busy.values()), per_host, now + lease, uuid.uuid4())
         first = rows[0]
-        kept = frozenset(uuid.UUID(bytes=found.bytes) for found in first["kept"] or ())
-        # Built as jobs are from their rows (jobs/repository.py `_job`).
-        leased = [constructed(Delivery, {name: row[name] for name in _DELIVERY_FIELDS})
-                  for row in rows if row["id"] is not None]
+        # (asyncpg's UUIDs are uuid.UUIDs, equal to and hashed as ours.)
+        kept = frozenset(first["kept"] or ())
+        leased = [OutgoingDelivery._make(row[:_LEASED_FIELDS]) for row in rows
+                  if row["id"] is not None]
         return Pass(leased, kept, first["next_due"])
 
     async def claim(
         self, *, limit: int, per_host: int, busy: Mapping[str, int], lease: timedelta
-    ) -> list[Delivery]:
+    ) -> list[OutgoingDelivery]:
         """Lease up to `limit` due deliveries, recording nothing (`settle`)."""
         return (await self.settle([], limit=limit, per_host=per_host, busy=busy,
                                   lease=lease)).leased
 
-    async def release(self, deliveries: list[Delivery]) -> None:
+    async def release(self, deliveries: list[OutgoingDelivery]) -> None:
         """Give up the leases of attempts cut short (a shutdown), so another process sends
         them at once instead of when the leases would have run out."""
         if not deliveries:

@@ -18,8 +18,10 @@ from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, DeliverySlots
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
 from comfyfleet.settings import Settings
+from comfyfleet.webhooks.signing import new_secret
+from comfyfleet.webhooks.worker import WebhookWorker
 from tests.conftest import StartReceiver
-from tests.webhook_support import gateway
+from tests.webhook_support import Answer, gateway
 
 RECEIVER = "http://127.0.0.1:9/hooks"  # never called: deliveries are only written
 HOST = "127.0.0.1:9"
@@ -110,3 +112,33 @@ async def test_a_webhook_sent_by_the_process_ending_the_job_is_never_claimed(
             " JOIN webhook_deliveries AS d ON d.id = u.delivery_id ORDER BY u.id")
     assert [(row["leased"], row["status"]) for row in updates] == [(False, "delivered")] * 5
     assert len({row["xid"] for row in updates}) < 5
+
+
+async def no_url(_: str) -> None:
+    return None
+
+
+async def test_a_closing_worker_finishes_and_records_the_attempts_under_way(
+    settings: Settings, receivers: StartReceiver, engine: AsyncEngine
+) -> None:
+    """Its senders (a task per slot) stop as it closes: those waiting at once, those sending
+    once their attempt is made, which is recorded before `close` returns (well within the
+    time it allows them)."""
+    receiver = await receivers(Answer(204, delay=0.5))
+    slots = WebhookWorker.slots(settings)
+    worker = WebhookWorker.from_settings(settings, engine, new_secret(), no_url, slots)
+    repository = JobRepository(engine, webhook_slots=slots)
+    worker.start()
+    for _ in range(3):
+        job, _ = await repository.insert(Job(workflow="invert", callback_url=receiver.url))
+        assert await repository.finish(job, JobStatus.CANCELLED, {JobStatus.QUEUED})
+    await receiver.wait_for(3)
+    async with asyncio.timeout(settings.webhook_timeout):
+        await worker.close()
+    assert [task for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "").startswith("WebhookWorker.")] == []
+    assert (slots.taken, slots.busy) == (0, {})
+    async with driver_connection(engine) as connection:
+        rows = await connection.fetch("SELECT status, attempts, lease_token FROM"
+                                      " webhook_deliveries")
+    assert [tuple(row) for row in rows] == [("delivered", 1, None)] * 3

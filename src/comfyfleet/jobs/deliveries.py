@@ -222,7 +222,8 @@ class DeliverySlots:
         return utcnow() + self.lease_for, uuid.uuid4()
 
     def written(self, delivery: OutgoingDelivery) -> None:
-        """The leased `delivery` is committed: the worker sends it."""
+        """The leased `delivery` is committed (by the statement writing it, or by a pass of the
+        worker leasing it): a sender of the worker sends it."""
         self._handed.put_nowait(delivery)
 
     def not_written(self, delivery: OutgoingDelivery) -> None:

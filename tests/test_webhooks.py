@@ -75,6 +75,20 @@ async def test_500_then_200_is_retried_signed_and_logged_under_one_webhook_id(
     assert delivery["next_attempt_at"] is None
 
 
+async def test_an_answer_with_a_nul_character_is_recorded_with_the_rest(
+    fast_retries: Settings, receivers: StartReceiver
+) -> None:
+    """PostgreSQL's text holds no NUL: the snippet has U+FFFD in its place, as for the bytes
+    that are not UTF-8. (Kept as it was, it failed the pass recording it, and with it every
+    pass after, which record every attempt and lease every delivery: the worker stood still.)"""
+    receiver = await receivers(Answer(500, body=b"a\x00b\xff"), Answer(204))
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "delivered", attempts=2)
+    failed, _ = delivery["attempts"]
+    assert (failed["status_code"], failed["response_snippet"]) == (500, "a\ufffdb\ufffd")
+
+
 async def test_signed_with_the_first_of_several_secrets(
     settings: Settings, receivers: StartReceiver
 ) -> None:

@@ -87,7 +87,10 @@ class WebhookSender:
             async with self._http.request(
                 "POST", url, body=body, headers=headers, timeouts=self._timeouts
             ) as response:  # (a redirect is an answer like any other: never followed)
-                snippet = (await response.read(SNIPPET_BYTES)).decode(errors="replace")
+                # (NUL replaced as the bytes that are not UTF-8 are: PostgreSQL's text
+                # cannot hold it, and the pass recording the attempt would fail on it.)
+                snippet = (await response.read(SNIPPET_BYTES)).decode(
+                    errors="replace").replace("\x00", "\ufffd")
                 status = response.status
                 retry_after = None
                 if status in RETRY_AFTER_STATUSES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -47,8 +48,9 @@ def _timestamp(nullable: bool) -> Any:
 
 
 def new_message_id() -> str:
-    """A delivery's `webhook-id`."""
-    return "msg_" + uuid.uuid4().hex
+    """A delivery's `webhook-id`: 128 random bits in hex (a uuid4's text without the UUID,
+    whose making took a tenth of `delivery_row`)."""
+    return "msg_" + secrets.token_hex(16)
 
 
 class Delivery(SQLModel, table=True):
@@ -209,7 +211,8 @@ class DeliverySlots:
             del self.busy[host]
 
     def full(self, host: str) -> bool:
-        return self.taken >= self.concurrency or self.busy[host] >= self.per_host
+        # (`get`: Counter's own default is a Python call, __missing__.)
+        return self.taken >= self.concurrency or self.busy.get(host, 0) >= self.per_host
 
     def lease(self, host: str) -> tuple[datetime | None, uuid.UUID | None]:
         """A lease (until when, its token) to this process's worker, a slot taken, for a

@@ -591,8 +591,14 @@ class Dispatcher:
 
     def _start(self, session: BackendSession, job: Job) -> None:
         metrics.job_dispatched(job)
-        self._tracker.track(session, job, submitting=True, keys=self._keys.get(job.id))
-        task = asyncio.create_task(self._submit(session, job))
+        # Read once: a job's fields are SQLAlchemy attributes (0.2 us a read).
+        prompt_id = job.prompt_id
+        assert prompt_id is not None
+        # Made once, for the POST and for the tracker's keys of what was sent.
+        prompt = isolate_outputs(job.prompt, prompt_id)
+        self._tracker.track(session, job, submitting=True, keys=self._keys.get(job.id),
+                            sent=prompt)
+        task = asyncio.create_task(self._submit(session, job, prompt_id, prompt))
         self._submissions.add(task)
         task.add_done_callback(self._submissions.discard)
 
@@ -991,11 +997,9 @@ class Dispatcher:
             return False
         return True
 
-    async def _submit(self, session: BackendSession, job: Job) -> None:
-        # Read once: a job's fields are SQLAlchemy attributes (0.2 us a read).
-        prompt_id = job.prompt_id
-        assert prompt_id is not None
-        prompt = isolate_outputs(job.prompt, prompt_id)
+    async def _submit(self, session: BackendSession, job: Job, prompt_id: str,
+                      prompt: dict[str, Any]) -> None:
+        """POST `prompt` (`job`'s, as `isolate_outputs` makes it) as `prompt_id`."""
         extra_data: ExtraData | None = None
         if job.extra_data_holder is not None:
             extra_data = self._extra_data.get(job.id)

@@ -206,9 +206,11 @@ class ExecutionTracker:
     def track(
         self, session: BackendSession, job: Job, *, submitting: bool = False,
         adopted: bool = False, keys: PromptKeys | None = None,
+        sent: dict[str, Any] | None = None,
     ) -> None:
         """Follow `job`'s prompt on `session`; `keys`: those of the job's prompt (before
-        `isolate_outputs`), if known. The keys of the prompt as sent are worked out when first
+        `isolate_outputs`), if known; `sent`: the prompt as sent (`isolate_outputs`'), if
+        made already. The keys of the prompt as sent are worked out when first
         asked for: for a prompt being sent, once its POST /prompt has gone out (`submitted`),
         not on the way to it (they were most of the CPU between a claim's commit and the
         POST, 0.1 ms at a load of 6 on 2 cores)."""
@@ -216,9 +218,9 @@ class ExecutionTracker:
         keyed_by_id = session.capabilities.keyed_by_id if session.capabilities else frozenset()
 
         def sent_keys() -> PromptKeys:
-            sent = isolate_outputs(job.prompt, run.prompt_id)
-            return keys.of_copy(sent, keyed_by_id) if keys is not None \
-                else PromptKeys(sent, keyed_by_id)
+            prompt = sent if sent is not None else isolate_outputs(job.prompt, run.prompt_id)
+            return keys.of_copy(prompt, keyed_by_id) if keys is not None \
+                else PromptKeys(prompt, keyed_by_id)
 
         run.sent_keys = sent_keys
         self._runs[run.prompt_id] = run

@@ -63,12 +63,14 @@ def test_every_recorded_text_frame_parses_to_its_type(frame: dict[str, Any]) -> 
         assert message.traceback and message.node_type == raw["data"]["node_type"]
 
 
-def test_the_frames_left_unread_are_all_progress_state_and_only_those() -> None:
+def test_the_frames_left_unread_are_all_progress_state_and_execution_success_and_only_those(
+        ) -> None:
     # As the websocket hands them over: their UTF-8 bytes.
     recorded = [(json.loads(frame["raw"])["type"], frame["raw"].encode())
                 for frame in frames("text")]
-    assert {kind for kind, raw in recorded if unread(raw)} == {"progress_state"}
-    assert all(unread(raw) for kind, raw in recorded if kind == "progress_state")
+    left = {"progress_state", "execution_success"}
+    assert {kind for kind, raw in recorded if unread(raw)} == left
+    assert all(unread(raw) for kind, raw in recorded if kind in left)
 
 
 @pytest.mark.parametrize("frame", frames("binary"), ids=lambda f: str(f["seq"]))

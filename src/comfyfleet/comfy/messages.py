@@ -185,17 +185,19 @@ def parse_event(kind: str, data: dict[str, Any]) -> Message:
     return Other(kind, data)
 
 
-# The first bytes of a `progress_state` frame as ComfyUI writes it (json.dumps of {"type",
-# "data"}, default separators). One written otherwise is decoded, and read as `Other`.
-_PROGRESS_STATE = b'{"type": "progress_state"'
+# The first bytes of the frames nobody here reads (`unread`) as ComfyUI writes them (json.dumps
+# of {"type", "data"}, default separators). One written otherwise is decoded, and read as
+# `Other` (or as `ExecutionSuccess`, which nothing acts on either).
+_UNREAD = (b'{"type": "progress_state"', b'{"type": "execution_success"')
 
 
 def unread(raw: bytes) -> bool:
     """Whether a text frame is one nobody here reads, told by its first bytes so that its JSON
     is never decoded: `progress_state`, the state of every node of the prompt so far, sent as
     each node starts and ends (a prompt's frames grow with the square of its nodes), whose
-    news the `executing` and `progress` frames carry."""
-    return raw.startswith(_PROGRESS_STATE)
+    news the `executing` and `progress` frames carry; and `execution_success`, a prompt's
+    every time, whose news the `executing` with no node that follows it carries."""
+    return raw.startswith(_UNREAD)
 
 
 def parse_text(raw: str | bytes) -> Message | None:

@@ -174,8 +174,15 @@ class BackendSession:
                     if unread(data):
                         continue
                     message = parse_text(data)
-                    if message is not None:
-                        await self._handle(message)
+                    if message is None:
+                        continue
+                    # Here, not in a coroutine of its own: a frame's every layer is one
+                    # more coroutine made and awaited.
+                    if (isinstance(message, Status) and message.queue_remaining is not None
+                            and message.queue_remaining != self.queue_remaining):
+                        self.queue_remaining = message.queue_remaining
+                        self._changes.beat()
+                    await self._listener.backend_message(self, message)
                 else:
                     binary = parse_binary(data)
                     if binary is not None:
@@ -209,13 +216,6 @@ class BackendSession:
     @property
     def accepts_work(self) -> bool:
         return self.connected and not self.draining
-
-    async def _handle(self, message: Message) -> None:
-        if (isinstance(message, Status) and message.queue_remaining is not None
-                and message.queue_remaining != self.queue_remaining):
-            self.queue_remaining = message.queue_remaining
-            self._changes.beat()
-        await self._listener.backend_message(self, message)
 
     def hold(self, prompt_id: str) -> None:
         """One of our prompts is going to this backend: it takes a slot."""

@@ -2,10 +2,11 @@
 
 `bench.throughput` samples the service's CPU on a shared machine; this feeds the text frames a
 job's run causes (as ComfyUI words them: `status`, `execution_cached`, `progress_state` and
-`executing` per node, `progress` per step) through `BackendSession._read` (from a socket that
-hands them over at once) to `ExecutionTracker.on_message` again and again, with `--runs`
-prompts in flight on `--backends` backends, in one process, and prints the CPU
-(`time.process_time`) per frame of each type. The frames that write (`execution_start`, the
+`executing` per node, `progress` per step, `execution_success`) through
+`BackendSession._read` (from a socket that hands them over at once) to
+`ExecutionTracker.on_message` again and again, with `--runs` prompts in flight on
+`--backends` backends, in one process, and prints the CPU (`time.process_time`) per frame
+of each type. The frames that write (`execution_start`, the
 prompt's end, an `executed` with files) are left out: their SQL and storage are measured
 elsewhere. Run it on two commits to compare them (or, with `--other`, on another checkout's
 `src` in a second process, side by side).
@@ -69,6 +70,8 @@ def frames(prompt_id: str, client_id: str) -> dict[str, list[str]]:
                    "parent_node_id": None, "real_node_id": node}
             for node in PROMPT if node <= last}})
             for last in PROMPT for ended in (False, True)],
+        "execution_success": [frame("execution_success", {"prompt_id": prompt_id,
+                                                          "timestamp": 1765100001000})],
     }
 
 
@@ -134,7 +137,8 @@ async def measure(runs: int, backends: int, rounds: int) -> dict[str, float]:
         run.start.at, run.started, run.last_write = utcnow(), time.monotonic(), 1e12
         followed.append((session, frames(run.prompt_id, session.client_id)))
     per_frame: dict[str, float] = {}
-    for kind in ("status", "execution_cached", "progress_state", "executing", "progress"):
+    for kind in ("status", "execution_cached", "progress_state", "executing", "progress",
+                 "execution_success"):
         sockets = [(session, Socket(texts[kind])) for session, texts in followed]
         count = rounds * sum(len(texts[kind]) for _, texts in followed)
         began = time.process_time()

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from comfyfleet import json_codec, sql
 from comfyfleet.db import NotStorable, check_storable, driver_connection
 from comfyfleet.execution import tracker
 from comfyfleet.execution.tracker import END_WRITE_DELAY
@@ -513,6 +514,47 @@ async def test_an_ended_job_and_its_webhook_row_are_what_pydantic_would_build(
         {"seed": 2**70}, "succeeded", [{**outputs[0], "url": None}])
     assert ended.finished_at is not None
     assert data["finished_at"] == ended.finished_at.isoformat()
+
+
+async def test_a_changes_row_gives_back_none_of_the_documents_it_wrote(
+    status_log: AsyncEngine,
+) -> None:
+    """The connection decodes each jsonb value of a row in Python: sql/jobs.sql `transition`
+    and `finish` give the outputs, error and progress detail they wrote back null (the caller
+    has them), those they did not write as stored; the repository's job holds them all."""
+    repository = JobRepository(status_log)
+    job, other = await running_jobs(status_log, "a", "b")
+    outputs = [{"node_id": "9", "filename": "a.png", "key": f"outputs/{job.id}/9_0.png"}]
+    detail = {"node": "3", "class_type": "KSampler", "step": 2, "steps": 20}
+    error = {"type": "execution_error", "message": "boom"}
+    statements = sql.queries("jobs")
+    async with driver_connection(status_log) as db:
+        written = await db.fetchrow(
+            statements["transition"], job.id, job.attempts, job.prompt_id, ["running"], None,
+            None, True, json_codec.dumps_text(detail), None, None,
+            json_codec.dumps_text(outputs), None, None, None)
+        kept = await db.fetchrow(
+            statements["transition"], job.id, job.attempts, job.prompt_id, ["running"], None,
+            0.5, False, None, None, None, None, None, None, None)
+        ended = await db.fetchrow(
+            statements["finish"], [job.id], [job.attempts], [job.prompt_id], ["running"],
+            ["failed"], [utcnow()], [None], [json_codec.dumps_text(error)], [None], [None],
+            [None], [False], [None], [None])
+    assert (written["outputs"], written["progress_detail"], written["error"]) == (
+        None, None, None)
+    assert (kept["outputs"], kept["progress_detail"], kept["error"]) == (outputs, detail, None)
+    assert (ended["outputs"], ended["progress_detail"], ended["error"]) == (
+        outputs, detail, None)
+    changed = await repository.transition(other, {JobStatus.RUNNING}, outputs=outputs,
+                                          progress_detail=detail)
+    assert changed is not None
+    ended_job = await repository.finish(changed, JobStatus.FAILED, {JobStatus.RUNNING},
+                                        error=error, progress_detail=None)
+    read = await repository.get(other.id)
+    assert ended_job is not None and read is not None
+    assert (changed.outputs, changed.progress_detail, changed.error) == (outputs, detail, None)
+    assert (ended_job.outputs, ended_job.progress_detail, ended_job.error) == (
+        read.outputs, read.progress_detail, read.error) == (outputs, None, error)
 
 
 @pytest.mark.parametrize("moment", [

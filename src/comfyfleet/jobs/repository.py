@@ -264,10 +264,12 @@ Store = Callable[[Dispatch | None], Awaitable[tuple[Job, bool]]]
 @dataclass(frozen=True)
 class _End:
     """A job's end waiting for its statement (`JobRepository.finish`): the job, its element of
-    each of sql/jobs.sql `finish`'s arrays, its webhook, and its caller's answer."""
+    each of sql/jobs.sql `finish`'s arrays, the JSON documents among them (`_documents`), its
+    webhook, and its caller's answer."""
 
     job: Job
     values: tuple[Any, ...]
+    written: dict[str, Any]
     delivery: deliveries.OutgoingDelivery | None
     outcome: asyncio.Future[Job | None]
 
@@ -727,7 +729,8 @@ class JobRepository:
             changed = await self._fenced(
                 "transition", job, [str(state) for state in states], status, progress,
                 detail_given, _json(detail), started_at, finished_at, _json(outputs),
-                _json(error), _delivery_json(delivery), uploading_at)
+                _json(error), _delivery_json(delivery), uploading_at,
+                written=_documents(outputs, error, detail_given, detail))
         except BaseException:
             if leased:  # written or not, its lease runs out: any process's pass sends it
                 self._hand_over(delivery, written=False)
@@ -772,8 +775,11 @@ class JobRepository:
                 [report.job.prompt_id for report in reports],
                 [report.progress for report in reports],
                 [_json(report.detail) for report in reports], rows)
-        jobs = {report.job.id: report.job for report in reports}
-        changed = [_changed(jobs[uuid.UUID(bytes=row["id"].bytes)], row) for row in written]
+        jobs = {report.job.id: report for report in reports}
+        changed = []
+        for row in written:
+            report = jobs[uuid.UUID(bytes=row["id"].bytes)]
+            changed.append(_changed(report.job, row, {"progress_detail": report.detail}))
         for job in changed:
             self._on_change(job.id)
         return changed
@@ -824,7 +830,8 @@ class JobRepository:
                 job.id, job.attempts, job.prompt_id, ",".join(str(state) for state in states),
                 str(status), finished_at, _json(outputs), _json(error), started_at,
                 uploading_at, progress, detail_given, _json(detail), _delivery_json(delivery),
-            ), delivery, asyncio.get_running_loop().create_future())
+            ), _documents(outputs, error, detail_given, detail), delivery,
+                asyncio.get_running_loop().create_future())
             self._ends.append(end)
             if not self._writing_ends:  # the writing ended while this end was built
                 self._writing_ends = True
@@ -892,7 +899,7 @@ class JobRepository:
         ended = {row["entry"]: row for row in rows}
         for entry, end in enumerate(batch, 1):
             row = ended.get(entry)
-            self._answer(end, None if row is None else _changed(end.job, row))
+            self._answer(end, None if row is None else _changed(end.job, row, end.written))
 
     def _answer(self, end: _End, job: Job | None, error: Exception | None = None) -> None:
         """Tell `end`'s caller, if it still waits, that its job ended (`job`), was fenced out
@@ -930,20 +937,23 @@ class JobRepository:
         """Undo a claim whose prompt never reached the backend: queued again, attempt not spent."""
         return await self._fenced("release", job)
 
-    async def _fenced(self, query: str, job: Job, *values: Any) -> Job | None:
+    async def _fenced(self, query: str, job: Job, *values: Any,
+                      written: Mapping[str, Any] | None = None) -> Job | None:
         """Run the fenced change `query` of sql/jobs.sql on `job`, `values` after its fence;
-        the job as it is now, or None when nothing was written."""
-        changed = await self._change(query, job, *values)
+        the job as it is now (`written`: the JSON documents the change wrote, its row's null),
+        or None when nothing was written."""
+        changed = await self._change(query, job, *values, written=written)
         if changed is not None:
             self._on_change(job.id)
         return changed
 
-    async def _change(self, query: str, job: Job, *values: Any) -> Job | None:
+    async def _change(self, query: str, job: Job, *values: Any,
+                      written: Mapping[str, Any] | None = None) -> Job | None:
         """`_fenced`, telling nobody (for a change no reader of jobs sees)."""
         async with driver_connection(self.engine) as connection:
             row = await connection.fetchrow(_SQL[query], job.id, job.attempts, job.prompt_id,
                                             *values)
-        return _changed(job, row) if row is not None else None
+        return _changed(job, row, written) if row is not None else None
 
     async def page(
         self,
@@ -1240,15 +1250,36 @@ def _built(values: dict[str, Any]) -> Job:
     return constructed(Job, {name: values[name] for name in _JOB_FIELDS})  # in their order
 
 
-def _changed(job: Job, row: Mapping[str, Any]) -> Job:
+def _changed(job: Job, row: Mapping[str, Any], written: Mapping[str, Any] | None = None
+             ) -> Job:
     """`job` as a fenced change left it: the columns a change may touch from `row` (its
-    RETURNING), the others as they were (`transition` returns the id too, for the outbox).
-    A plain model, as `_job` builds one; its fields read from `job.__dict__`, where every
-    model keeps them (the ORM's loads too, never expired here), not each through the ORM's
-    attribute."""
+    RETURNING), but those of `written` (JSON documents the change wrote, which the row does
+    not repeat: see sql/jobs.sql's head), the others as they were (`transition` returns the
+    id too, for the outbox). A plain model, as `_job` builds one; its fields read from
+    `job.__dict__`, where every model keeps them (the ORM's loads too, never expired here),
+    not each through the ORM's attribute."""
     kept = job.__dict__
-    return constructed(Job, {name: row[name] if changing else kept[name]
-                             for name, changing in _FIELDS_CHANGING})
+    values = {name: row[name] if changing else kept[name]
+              for name, changing in _FIELDS_CHANGING}
+    if written:
+        values.update(written)
+    return constructed(Job, values)
+
+
+def _documents(outputs: list[dict[str, Any]] | None, error: dict[str, Any] | None,
+               detail_given: bool, detail: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON documents a change of sql/jobs.sql (`transition`, `finish`) writes, by
+    column: outputs and error given (not None), the progress detail when given. Its row
+    gives them null, as the connection would decode each again (a job's outputs at its
+    end)."""
+    written: dict[str, Any] = {}
+    if outputs is not None:
+        written["outputs"] = outputs
+    if error is not None:
+        written["error"] = error
+    if detail_given:
+        written["progress_detail"] = detail
+    return written
 
 
 async def _store(

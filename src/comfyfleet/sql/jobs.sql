@@ -9,7 +9,8 @@
 -- its prompt id, and the states it may be in. A stale actor (an older attempt, another
 -- process, the holder of a prompt moved elsewhere) changes nothing and gets no row back.
 -- What comes back are the columns a change may touch (and the id, where the outbox row is
--- written from the row); the caller has the others.
+-- written from the row); the caller has the others. A JSON document the caller wrote comes
+-- back null (it has it): the connection decodes every jsonb value a row holds, in Python.
 --
 -- Rows travel as JSON objects, a column by name (jsonb_populate_record), so a column added
 -- to the models is written without touching this file.
@@ -44,7 +45,7 @@ FROM stored CROSS JOIN LATERAL enqueue_webhook(stored.id, $2::jsonb)
 -- Move the job on from one of the states $4: each of $5 status, $6 progress, $9 started_at,
 -- $14 uploading_at, $10 finished_at, $11 outputs, $12 error that is not null is written, and when $7 is true
 -- the progress detail $8 (null or not). With $13, a webhook_deliveries row, the delivery is
--- written too when the job is.
+-- written too when the job is. Outputs, error and progress detail written come back null.
 WITH changed AS (
     UPDATE jobs
     SET status = coalesce($5, status), progress = coalesce($6, progress),
@@ -54,8 +55,11 @@ WITH changed AS (
         outputs = coalesce($11::jsonb, outputs), error = coalesce($12::jsonb, error)
     WHERE id = $1 AND attempts = $2 AND prompt_id IS NOT DISTINCT FROM $3
       AND status = ANY($4::text[])
-    RETURNING id, status, progress, progress_detail, backend, prompt_id, attempts,
-        dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs, error
+    RETURNING id, status, progress,
+        CASE WHEN NOT $7::boolean THEN progress_detail END AS progress_detail, backend,
+        prompt_id, attempts, dispatched_at, dispatched_by, started_at, uploading_at,
+        finished_at, CASE WHEN $11::jsonb IS NULL THEN outputs END AS outputs,
+        CASE WHEN $12::jsonb IS NULL THEN error END AS error
 )
 SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13::jsonb)
 
@@ -68,7 +72,8 @@ SELECT changed.* FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, $13
 -- none), the delivery written with the job. One statement for the ends that came while the one
 -- before was in flight (jobs/repository.py `finish`); one job's alone when it came alone.
 -- Returns each job ended, as `transition` does, with `entry`: its place among the arrays
--- (from 1). The same job twice is ended once, by either.
+-- (from 1), its outputs, error and progress detail null where the arrays gave them. The same
+-- job twice is ended once, by either.
 -- A job leaving its backend's slot settles its tenant's charge (the trigger
 -- jobs_settle_tenant_charge, migration 0017), which locks the tenant's share as the job is
 -- written, in whatever order the update writes the jobs. So the jobs are locked first, in the
@@ -112,9 +117,12 @@ WITH ending AS (
     WHERE jobs.id = ending.id AND jobs.attempts = ending.attempts
       AND jobs.prompt_id IS NOT DISTINCT FROM ending.prompt_id
       AND jobs.status = ANY(string_to_array(ending.states, ','))
-    RETURNING jobs.id, jobs.status, jobs.progress, jobs.progress_detail, jobs.backend,
-        jobs.prompt_id, jobs.attempts, jobs.dispatched_at, jobs.dispatched_by, jobs.started_at,
-        jobs.uploading_at, jobs.finished_at, jobs.outputs, jobs.error, ending.delivery,
+    RETURNING jobs.id, jobs.status, jobs.progress,
+        CASE WHEN NOT ending.detail_given THEN jobs.progress_detail END AS progress_detail,
+        jobs.backend, jobs.prompt_id, jobs.attempts, jobs.dispatched_at, jobs.dispatched_by,
+        jobs.started_at, jobs.uploading_at, jobs.finished_at,
+        CASE WHEN ending.outputs IS NULL THEN jobs.outputs END AS outputs,
+        CASE WHEN ending.error IS NULL THEN jobs.error END AS error, ending.delivery,
         ending.entry
 )
 SELECT changed.id, status, progress, progress_detail, backend, prompt_id, attempts,
@@ -126,7 +134,8 @@ FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, changed.delivery)
 -- $2 its attempts, $3 its prompt id (the fence, as in `transition`: a job not running that
 -- attempt of that prompt is left as it is), $4 its progress, $5 its progress detail (null or
 -- not) and $6, a webhook_deliveries row (null: none), the delivery written with the job. One
--- statement for every running job's latest report, however many run. Returns each job written.
+-- statement for every running job's latest report, however many run. Returns each job written
+-- (its progress detail null: the caller's).
 WITH reported AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[], $5::jsonb[],
                          $6::jsonb[])
@@ -137,12 +146,13 @@ WITH reported AS (
     FROM reported
     WHERE jobs.id = reported.id AND jobs.attempts = reported.attempts
       AND jobs.prompt_id IS NOT DISTINCT FROM reported.prompt_id AND jobs.status = 'running'
-    RETURNING jobs.id, jobs.status, jobs.progress, jobs.progress_detail, jobs.backend,
-        jobs.prompt_id, jobs.attempts, jobs.dispatched_at, jobs.dispatched_by, jobs.started_at,
-        jobs.uploading_at, jobs.finished_at, jobs.outputs, jobs.error, reported.delivery
+    RETURNING jobs.id, jobs.status, jobs.progress, jobs.backend, jobs.prompt_id, jobs.attempts,
+        jobs.dispatched_at, jobs.dispatched_by, jobs.started_at, jobs.uploading_at,
+        jobs.finished_at, jobs.outputs, jobs.error, reported.delivery
 )
-SELECT changed.id, status, progress, progress_detail, backend, prompt_id, attempts,
-    dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs, error
+SELECT changed.id, status, progress, NULL::jsonb AS progress_detail, backend, prompt_id,
+    attempts, dispatched_at, dispatched_by, started_at, uploading_at, finished_at, outputs,
+    error
 FROM changed CROSS JOIN LATERAL enqueue_webhook(changed.id, changed.delivery)
 
 -- name: requeue

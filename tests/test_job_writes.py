@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import json_codec, sql
-from comfyfleet.db import NotStorable, check_storable, driver_connection
+from comfyfleet.db import NotStorable, check_storable, driver_connection, storable_json
 from comfyfleet.execution import tracker
 from comfyfleet.execution.tracker import END_WRITE_DELAY
 from comfyfleet.jobs.models import Job, JobStatus, constructed, new_job, utcnow
@@ -276,15 +277,20 @@ async def test_a_prompt_that_waited_its_turn_and_ends_as_it_starts_is_written_on
     # A key that is not a string: the text is the standard library's, which writes NaN.
     ({"params": {"steps": {1: float("nan")}}}, "params.steps.1", "nan is not a number"),
     ({"source": "s" * 17}, "source", "is longer than 16 characters"),
+    ({"client_task_id": "a\u0000"}, "client_task_id", "contains a NUL character"),
+    ({"progress": float("-inf")}, "progress", "-inf is not a number"),
 ])
+@pytest.mark.parametrize("check", [check_storable, storable_json])
 def test_what_cannot_be_stored_is_named_whatever_the_documents_shape(
-    fields: dict[str, Any], field: str, problem: str
+    fields: dict[str, Any], field: str, problem: str,
+    check: Callable[[dict[str, Any], Table], Any],
 ) -> None:
     """A job's documents are checked as JSON text first (a walk through every value cost
-    0.1-0.2 ms a job): a document that text cannot show whole (values JSON does not hold)
-    or that looks wrong in it is walked, which names the value."""
+    0.1-0.2 ms a job), and a job's row as the JSON its insert sends (`storable_json`): a
+    document that text cannot show whole (values JSON does not hold) or that looks wrong in
+    it is walked, which names the value."""
     with pytest.raises(NotStorable) as refused:
-        check_storable({"workflow": "invert", **fields}, _table)
+        check({"workflow": "invert", **fields}, _table)
     assert refused.value.field == field
     assert problem in refused.value.problem
 

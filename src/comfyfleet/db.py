@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import URL, Connection, Table, event, text
@@ -330,6 +331,28 @@ def _text_lengths(table: Table) -> dict[str, int]:
             if isinstance(length := getattr(column.type, "length", None), int)}
 
 
+def storable_json(fields: Mapping[str, Any], table: Table) -> bytes | None:
+    """`check_storable(fields, table)`, and orjson's JSON of `fields` (None where orjson
+    refuses a value): the JSON of all of them looked at once, as `_plainly_storable` looks at
+    a document's, and only their text of bounded length checked when it holds nothing that
+    may be refused (each value was looked at on its own, each document written twice: a job's
+    31 fields and its prompt, at each insert). A value that is None is better left out of
+    `fields`: its `null` says that it may be refused."""
+    try:
+        text = orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        check_storable(fields, table)
+        return None
+    if not _plain_json(text):
+        check_storable(fields, table)
+        return text
+    for name, length in _text_lengths(table).items():
+        value = fields.get(name)
+        if isinstance(value, str) and len(value) > length:
+            raise NotStorable(name, f"is longer than {length} characters")
+    return text
+
+
 # Values that hold nothing PostgreSQL refuses, most of a row's: told apart first, as an
 # isinstance check against the Mapping ABC is slow for every value that is not a mapping.
 _PLAIN = (type(None), bool, int, uuid.UUID, datetime)
@@ -353,11 +376,16 @@ def _plainly_storable(value: Any) -> bool:
             text = json_codec.dumps(value)
         except (TypeError, ValueError):
             return False
-        # What may be a value jsonb refuses (a search each: a generator over them cost more
-        # than the searches of a small document).
-        return not (b"\\u0000" in text or b"null" in text or b"NaN" in text
-                    or b"Infinity" in text)
+        return _plain_json(text)
     return True
+
+
+def _plain_json(text: bytes) -> bool:
+    """Whether JSON `text` holds none of what may be a value jsonb refuses, or a number that
+    is not finite (a search each: a generator over them cost more than the searches of a
+    small document)."""
+    return not (b"\\u0000" in text or b"null" in text or b"NaN" in text
+                or b"Infinity" in text)
 
 
 def _check_storable(path: str, value: Any) -> None:

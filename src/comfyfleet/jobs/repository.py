@@ -25,7 +25,6 @@ from types import EllipsisType
 from typing import Any, Literal, NamedTuple
 
 import asyncpg
-import orjson
 import sqlalchemy
 from sqlalchemy import func, literal, text, tuple_, union_all, update
 from sqlalchemy.dialects.postgresql import JSONB
@@ -34,7 +33,13 @@ from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from comfyfleet import json_codec, sql
-from comfyfleet.db import check_storable, driver_connection, single_statements, unavailable
+from comfyfleet.db import (
+    check_storable,
+    driver_connection,
+    single_statements,
+    storable_json,
+    unavailable,
+)
 from comfyfleet.jobs import deliveries
 from comfyfleet.jobs.models import ON_BACKEND_STATES, Job, JobStatus, constructed, utcnow
 from comfyfleet.jobs.positions import Backlog, Share, fair_position
@@ -1348,16 +1353,14 @@ def _given(progress_detail: dict[str, Any] | EllipsisType | None
 def _document(job: Job) -> str:
     """The row of `job` as `insert` sends it (JSON text, a column by name); NotStorable first
     for a value PostgreSQL refuses. Its fields as the model keeps them (read as `_changed`
-    reads them, no copy made as `model_dump` makes one), in orjson's JSON, a third of
-    pydantic's time; pydantic's (`model_dump_json`) where orjson refuses (an integer beyond
-    64 bits, a key that is not text)."""
+    reads them, no copy made as `model_dump` makes one), those that are None left out (a key
+    jsonb_populate_record does not find is null), in orjson's JSON, a third of pydantic's time,
+    written once and checked as written (`storable_json`); pydantic's (`model_dump_json`)
+    where orjson refuses (an integer beyond 64 bits, a key that is not text)."""
     fields = vars(job)
-    values = {name: fields[name] for name in _JOB_FIELDS}
-    check_storable(values, _table)
-    try:
-        return orjson.dumps(values).decode()
-    except orjson.JSONEncodeError:
-        return job.model_dump_json()
+    text = storable_json({name: value for name in _JOB_FIELDS
+                          if (value := fields[name]) is not None}, _table)
+    return text.decode() if text is not None else job.model_dump_json()
 
 
 def _json(value: Any) -> str | None:

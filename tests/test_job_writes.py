@@ -342,6 +342,8 @@ def test_a_model_constructed_with_the_fields_given_is_the_one_model_construct_bu
         theirs = Job.model_construct(fields_set, **values)
         assert vars(ours) == vars(theirs)
         assert ours.model_fields_set == theirs.model_fields_set
+        assert (ours.__pydantic_extra__, ours.__pydantic_private__) == (
+            theirs.__pydantic_extra__, theirs.__pydantic_private__)
         assert ours.model_dump_json() == theirs.model_dump_json()
     assert job.model_fields_set == {"workflow", "params", "callback_url"}
 

@@ -81,9 +81,10 @@ FINISH_WAIT_SECONDS = 0.5
 FINISH_BATCH = 64
 # The job's columns as the model has them (the claim's RETURNING has charged_seconds too).
 _JOB_FIELDS = tuple(Job.model_fields)
-# Those a claim's take returns (sql/claim.sql `claim`): not those its read gave.
-_TAKEN_FIELDS = tuple(sorted(set(_JOB_FIELDS) - {"id", "workflow", "prompt", "priority",
-                                                   "created_at"}))
+# The job's fields in order, each with whether a claim's take returns it (sql/claim.sql
+# `claim`, `_taken`): the others, its read gave.
+_FIELDS_TAKEN = tuple((name, name not in {"id", "workflow", "prompt", "priority", "created_at"})
+                      for name in _JOB_FIELDS)
 # What a job of a workflow never seen to run is taken to last, in GPU-seconds.
 UNKNOWN_RUN_SECONDS = 1.0
 # A workflow's latest successful runs averaged into its learned run time.
@@ -1233,18 +1234,18 @@ def _taken(job: QueuedJob, row: Mapping[str, Any]) -> Job:
     (sql/claim.sql `claim`), and those no statement changes once a job is stored as the read
     gave them (its prompt, tens of KB, decoded once while it stays near the head). Built as
     `_job` builds a job, for the same reasons."""
-    values = {name: row[name] for name in _TAKEN_FIELDS}
-    values.update(id=job.id, workflow=job.workflow, prompt=job.prompt, priority=job.priority,
-                  created_at=job.created_at)
-    return _built(values)
+    read = {"id": job.id, "workflow": job.workflow, "prompt": job.prompt,
+            "priority": job.priority, "created_at": job.created_at}
+    return _built({name: row[name] if taken else read[name] for name, taken in _FIELDS_TAKEN})
 
 
 def _built(values: dict[str, Any]) -> Job:
-    """The job of a row's `values` (`_job`), its ids as plain UUIDs (asyncpg's are not)."""
+    """The job of a row's `values` (`_job`), every field in the model's order, its ids as
+    plain UUIDs (asyncpg's are not)."""
     for name in ("id", "reused_from"):
         if values[name] is not None:
             values[name] = uuid.UUID(bytes=values[name].bytes)
-    return constructed(Job, {name: values[name] for name in _JOB_FIELDS})  # in their order
+    return constructed(Job, values)
 
 
 def _changed(job: Job, row: Mapping[str, Any], written: Mapping[str, Any] | None = None

@@ -8,9 +8,11 @@ each delivery goes the whole way: fenced transition + outbox row, NOTIFY, worker
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -87,6 +89,58 @@ async def test_an_answer_with_a_nul_character_is_recorded_with_the_rest(
         delivery = await gw.wait_for(job_id, "delivered", attempts=2)
     failed, _ = delivery["attempts"]
     assert (failed["status_code"], failed["response_snippet"]) == (500, "a\ufffdb\ufffd")
+
+
+class Dropped(logging.Handler):
+    """Set when the worker logs that it dropped an attempt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "dropped" in record.getMessage():
+            self.message = record.getMessage()
+            self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+@pytest.fixture
+def dropped() -> Iterator[Dropped]:
+    handler = Dropped()
+    logger = logging.getLogger("comfyfleet.webhooks.worker")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+async def test_an_attempt_the_database_refuses_stops_no_other_webhook(
+    fast_retries: Settings, receivers: StartReceiver, engine: AsyncEngine, dropped: Dropped,
+) -> None:
+    """A delivery deleted while its attempt is under way (an operator's clean-up): the
+    attempt's record breaks its foreign key, and every pass recording it with the others
+    failed. The others are recorded one by one; that one is dropped after a few tries."""
+    slow = await receivers(Answer(204, delay=0.5))
+    prompt = await receivers(Answer(204))
+    async with gateway(fast_retries) as gw:
+        doomed = await gw.finished_job(slow.url)
+        await slow.wait_for(1)
+        async with driver_connection(engine) as connection:
+            deleted = await connection.fetchval(
+                "DELETE FROM webhook_deliveries WHERE job_id = $1 RETURNING id",
+                uuid.UUID(doomed))
+        await asyncio.sleep(0.5)  # its attempt made, waiting to be recorded
+        delivered = await gw.wait_for(await gw.finished_job(prompt.url), "delivered",
+                                      seconds=10)
+        async with asyncio.timeout(10):
+            await dropped.wait()
+        assert str(deleted) in dropped.message
+        assert await gw.deliveries(doomed) == []
+        after = await gw.wait_for(await gw.finished_job(prompt.url), "delivered", seconds=10)
+    assert delivered["attempts"][0]["status_code"] == after["attempts"][0]["status_code"] == 204
 
 
 async def test_signed_with_the_first_of_several_secrets(
@@ -200,11 +254,14 @@ async def test_retry_after_is_never_sooner_than_the_first_delay(
     assert [a["status_code"] for a in delivery["attempts"]] == [429, 429, 200]
 
 
+# (The second: past the last date Python has. It failed the attempt's outcome, so its record:
+# the delivery was sent again at each lease's end, forever.)
+@pytest.mark.parametrize("retry_after", ["3600", "99999999999999"])
 async def test_a_retry_after_beyond_the_max_age_makes_the_delivery_dead(
-    settings: Settings, receivers: StartReceiver
+    settings: Settings, receivers: StartReceiver, retry_after: str
 ) -> None:
     settings.webhook_max_age = 60
-    receiver = await receivers(Answer(503, headers={"Retry-After": "3600"}))
+    receiver = await receivers(Answer(503, headers={"Retry-After": retry_after}))
     async with gateway(settings) as gw:
         job_id = await gw.finished_job(receiver.url)
         delivery = await gw.wait_for(job_id, "dead", attempts=1)

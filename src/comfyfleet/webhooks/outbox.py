@@ -66,6 +66,7 @@ class Settled(NamedTuple):
 
     delivery: OutgoingDelivery
     attempt: Attempt
+    refusals: int = 0  # statements of its own the database refused to record it in
 
 
 class Pass(NamedTuple):
@@ -112,6 +113,11 @@ class Outbox:
         """Lease up to `limit` due deliveries, recording nothing (`settle`)."""
         return (await self.settle([], limit=limit, per_host=per_host, busy=busy,
                                   lease=lease)).leased
+
+    async def record(self, attempts: Sequence[Settled]) -> frozenset[uuid.UUID]:
+        """Record `attempts`, leasing nothing (`settle`): the deliveries whose lease held."""
+        return (await self.settle(attempts, limit=0, per_host=1, busy={},
+                                  lease=timedelta())).kept
 
     async def release(self, deliveries: list[OutgoingDelivery]) -> None:
         """Give up the leases of attempts cut short (a shutdown), so another process sends

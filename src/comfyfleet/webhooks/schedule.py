@@ -37,7 +37,7 @@ class RetrySchedule:
             delay = max(result.retry_after, self.delays[0])
         else:
             delay = self.delay(attempts)
-        next_attempt = now + timedelta(seconds=delay)
-        if next_attempt > pending_since + self.max_age:
+        # (Compared as seconds: a Retry-After may be past the last date there is.)
+        if delay > (pending_since + self.max_age - now).total_seconds():
             return Outcome(DeliveryStatus.DEAD)
-        return Outcome(DeliveryStatus.PENDING, next_attempt)
+        return Outcome(DeliveryStatus.PENDING, now + timedelta(seconds=delay))

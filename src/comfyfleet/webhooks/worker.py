@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet import metrics
-from comfyfleet.db import listening
+from comfyfleet.db import listening, unavailable
 from comfyfleet.jobs.deliveries import (
     NOTIFY_CHANNEL,
     DeliverySlots,
@@ -56,6 +56,9 @@ LISTEN_RETRY_SECONDS = 2.0
 # The longest an attempt made waits for the next pass to record it: at 10 webhooks a second,
 # five or so are recorded by one statement. (Their rows say `pending` meanwhile.)
 ACK_DELAY_SECONDS = 0.5
+# The passes that try to record an attempt the database refuses (not an outage: what that
+# attempt holds, or its delivery deleted meanwhile) before it is dropped.
+RECORD_TRIES = 3
 
 
 class WebhookWorker:
@@ -193,24 +196,61 @@ class WebhookWorker:
 
     async def _pass(self, room: int) -> Pass:
         """One statement: record the attempts made, lease up to `room` due deliveries and
-        start them. Attempts it could not record are kept for the next pass."""
+        start them. Attempts it could not record are kept for the next pass while the
+        database is away; when it answered and refused them, they are recorded one by one
+        (`_record_apart`), so that what one attempt holds cannot stop every pass after."""
         settled, self._settled = self._settled, []
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
         try:
-            done = await self._outbox.settle(
-                settled, limit=room, per_host=self._slots.per_host, busy=self._slots.busy,
-                lease=self._slots.lease_for)
-        except BaseException:
+            done = await self._lease(settled, room)
+        except BaseException as exc:
             self._settled[:0] = settled
-            raise
-        for attempt in settled:
-            _log_attempt(attempt, attempt.delivery.id in done.kept)
+            if not settled or not isinstance(exc, Exception) or unavailable(exc):
+                raise
+            log.warning("recording %d webhook attempts failed, recording each alone: %s",
+                        len(settled), exc)
+            done = await self._lease([], room)  # (the database away after all: all kept)
+            del self._settled[:len(settled)]  # (only appended to meanwhile)
+            await self._record_apart(settled)
+        else:
+            for attempt in settled:
+                _log_attempt(attempt, attempt.delivery.id in done.kept)
         for delivery in done.leased:
             self._slots.take(delivery.host)
             self._slots.written(delivery)
         return done
+
+    async def _lease(self, settled: list[Settled], room: int) -> Pass:
+        return await self._outbox.settle(
+            settled, limit=room, per_host=self._slots.per_host, busy=self._slots.busy,
+            lease=self._slots.lease_for)
+
+    async def _record_apart(self, settled: list[Settled]) -> None:
+        """Record each attempt of `settled` in a statement of its own: those the database
+        takes are recorded whatever another one holds. One it refuses is tried again by the
+        next passes, and dropped (logged) once refused RECORD_TRIES times: its delivery
+        stays leased as the attempt left it and comes due again when that lease runs out
+        (sql/outbox.sql `pass` takes a lease run out as due), so it is sent again, not lost
+        (DESIGN §5: at least once, as after a crash mid-attempt)."""
+        for index, one in enumerate(settled):
+            try:
+                kept = await self._outbox.record([one])
+            except Exception as exc:
+                if unavailable(exc):  # gone away since: these and the rest wait, uncounted
+                    self._settled.extend(settled[index:])
+                    return
+                if one.refusals + 1 < RECORD_TRIES:
+                    self._settled.append(one._replace(refusals=one.refusals + 1))
+                    self._record_soon()
+                else:
+                    _log_dropped(one, exc)
+            except BaseException:
+                self._settled[:0] = settled[index:]
+                raise
+            else:
+                _log_attempt(one, one.delivery.id in kept)
 
     async def _send_handed(self) -> None:
         """A sender: sends the deliveries handed over (leased to this worker as they were
@@ -253,7 +293,12 @@ class WebhookWorker:
         self._settled.append(Settled(delivery, attempt))
         if outcome.status == DeliveryStatus.PENDING:
             self.wake()  # a retry the loop's timer does not know of yet
-        elif self._ack_timer is None:
+        else:
+            self._record_soon()
+
+    def _record_soon(self) -> None:
+        """Have a pass record the attempts made within ACK_DELAY_SECONDS."""
+        if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(
                 ACK_DELAY_SECONDS, self.wake)
 
@@ -277,7 +322,7 @@ class WebhookWorker:
 
 
 def _log_attempt(settled: Settled, kept: bool) -> None:
-    delivery, attempt = settled
+    delivery, attempt = settled.delivery, settled.attempt
     delivered = attempt.status_code is not None and 200 <= attempt.status_code < 300
     level = logging.INFO if delivered else logging.WARNING
     if not log.isEnabledFor(level):
@@ -287,3 +332,11 @@ def _log_attempt(settled: Settled, kept: bool) -> None:
             attempt.error or f"HTTP {attempt.status_code}", attempt.latency_ms,
             attempt.status, "" if kept else " (lease lost: another worker has it)",
             extra={"job_id": str(delivery.job_id)})
+
+
+def _log_dropped(settled: Settled, exc: Exception) -> None:
+    delivery = settled.delivery
+    log.error("webhook %s %s for job %s (delivery %s): the database refused its attempt's "
+              "record %d times, dropped; sent again when its lease runs out: %s",
+              delivery.event_type, delivery.message_id, delivery.job_id, delivery.id,
+              RECORD_TRIES, exc, extra={"job_id": str(delivery.job_id)})

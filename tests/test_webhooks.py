@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -141,6 +142,15 @@ async def test_an_attempt_the_database_refuses_stops_no_other_webhook(
         assert await gw.deliveries(doomed) == []
         after = await gw.wait_for(await gw.finished_job(prompt.url), "delivered", seconds=10)
     assert delivered["attempts"][0]["status_code"] == after["attempts"][0]["status_code"] == 204
+
+
+def test_webhook_concurrency_is_bounded(settings: Settings) -> None:
+    """Each slot is a sender task for the worker's life and a connection."""
+    for name in ("webhook_concurrency", "webhook_concurrency_per_host"):
+        with pytest.raises(ValidationError, match="less than or equal to 1000"):
+            Settings.model_validate({**settings.model_dump(), name: 1001})
+        assert getattr(Settings.model_validate({**settings.model_dump(), name: 1000}),
+                       name) == 1000
 
 
 async def test_signed_with_the_first_of_several_secrets(

@@ -14,6 +14,8 @@ from urllib.parse import quote
 from pydantic import Field, PositiveFloat, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+MAX_WEBHOOK_CONCURRENCY = 1000
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -79,8 +81,11 @@ class Settings(BaseSettings):
     webhook_retry_delays: Annotated[list[PositiveFloat], NoDecode] = Field(
         default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], min_length=1
     )
-    webhook_concurrency: int = Field(default=100, ge=1)
-    webhook_concurrency_per_host: int = Field(default=20, ge=1)
+    # Each slot is a sender task for the process's life and a connection in flight: past a
+    # thousand, a process runs out of the usual 1,024 file descriptors; run more processes.
+    webhook_concurrency: int = Field(default=100, ge=1, le=MAX_WEBHOOK_CONCURRENCY)
+    # (Above WEBHOOK_CONCURRENCY it never binds: the overall limit does.)
+    webhook_concurrency_per_host: int = Field(default=20, ge=1, le=MAX_WEBHOOK_CONCURRENCY)
     allow_private_callbacks: bool = False
 
     # Bearer keys for the API (comma-separated); any key set here or in ADMIN_API_KEYS turns

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from comfyfleet import json_codec
-from comfyfleet.db import driver_connection
+from comfyfleet.db import driver_connection, embedded_url
 from comfyfleet.jobs.deliveries import NOTIFY_CHANNEL, DeliveryStatus
 from comfyfleet.jobs.models import Job, JobStatus
 from comfyfleet.jobs.repository import JobRepository
@@ -37,11 +37,14 @@ from comfyfleet.webhooks.delivery import AttemptResult
 from comfyfleet.webhooks.outbox import Outbox
 from comfyfleet.webhooks.schedule import RetrySchedule
 from comfyfleet.webhooks.signing import new_secret, signed_headers
+from tests import test_database_outage
 from tests.conftest import S3_CREDENTIALS, StartReceiver
 from tests.support import LOOPBACK, free_ports, python_process, serve_env
+from tests.test_database_outage import stop_immediately
 from tests.webhook_support import Answer, Gateway, gateway, verified
 
 TERMINAL = ("delivered", "failed", "dead")
+own_postgres = test_database_outage.own_postgres  # (its fixture: a PostgreSQL to stop)
 
 
 @pytest.fixture
@@ -142,6 +145,23 @@ async def test_an_attempt_the_database_refuses_stops_no_other_webhook(
         assert await gw.deliveries(doomed) == []
         after = await gw.wait_for(await gw.finished_job(prompt.url), "delivered", seconds=10)
     assert delivered["attempts"][0]["status_code"] == after["attempts"][0]["status_code"] == 204
+
+
+async def test_an_attempt_made_while_the_database_is_away_is_recorded_once_it_is_back(
+    own_postgres: Any, fast_retries: Settings, receivers: StartReceiver,
+) -> None:
+    """An outage is not an attempt the database refuses: however many passes fail meanwhile,
+    the attempt is kept, not dropped (and sent again) after a few."""
+    fast_retries.database_url = embedded_url(own_postgres)
+    receiver = await receivers(Answer(204, delay=1.0))
+    async with gateway(fast_retries) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        await receiver.wait_for(1)
+        await stop_immediately(own_postgres)
+        await asyncio.sleep(1.0 + 3 * 5.0)  # the attempt made; passes fail (5 s apart)
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        delivery = await gw.wait_for(job_id, "delivered", seconds=30)
+    assert len(delivery["attempts"]) == len(receiver.arrivals) == 1
 
 
 def test_webhook_concurrency_is_bounded(settings: Settings) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import os
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -47,10 +47,12 @@ def _timestamp(nullable: bool) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
 
 
-def new_message_id() -> str:
-    """A delivery's `webhook-id`: 128 random bits in hex (a uuid4's text without the UUID,
-    whose making took a tenth of `delivery_row`)."""
-    return "msg_" + secrets.token_hex(16)
+def _new_ids() -> tuple[uuid.UUID, str]:
+    """A new delivery's row id (a uuid4) and its `webhook-id`: 128 random bits in hex (a
+    uuid4's text without the UUID, whose making took a tenth of `delivery_row`), from one
+    read of the system's random bytes, not two (each a system call)."""
+    random = os.urandom(32)
+    return uuid.UUID(bytes=random[:16], version=4), "msg_" + random[16:].hex()
 
 
 class Delivery(SQLModel, table=True):
@@ -60,7 +62,7 @@ class Delivery(SQLModel, table=True):
     job_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("jobs.id"), nullable=False))
     event_type: str
     # `webhook-id`: the same on every attempt, so receivers can deduplicate.
-    message_id: str = Field(default_factory=new_message_id)
+    message_id: str
     url: str
     # host:port, the unit of the per-receiver concurrency limit.
     host: str
@@ -127,8 +129,8 @@ def row_json(delivery: OutgoingDelivery) -> str:
     """The webhook_deliveries row of `delivery`, just written, as the named queries take it
     (JSON text, a column by name): written by the package's encoder; by the standard library,
     its UUIDs and timestamps as text, when that refuses (a payload's integer beyond 64 bits)."""
-    row = {**delivery._asdict(), "status": DeliveryStatus.PENDING,
-           "next_attempt_at": delivery.pending_since, "created_at": delivery.pending_since}
+    row = dict(zip(OutgoingDelivery._fields, delivery, strict=True), status=DeliveryStatus.PENDING,
+               next_attempt_at=delivery.pending_since, created_at=delivery.pending_since)
     try:
         return json_codec.dumps_text(row)
     except TypeError:
@@ -170,8 +172,9 @@ async def delivery_row(job: Job, event_type: str, slots: DeliverySlots | None = 
     now = utcnow()
     event = {"type": event_type, "timestamp": json_codec.datetime_text(now),
              "data": await job_json(job, _no_url, changes)}
-    return OutgoingDelivery(uuid.uuid4(), fields["id"], event_type, new_message_id(),
-                            callback_url, host, event, 0, now, locked_until, lease_token)
+    delivery_id, message_id = _new_ids()
+    return OutgoingDelivery(delivery_id, fields["id"], event_type, message_id, callback_url,
+                            host, event, 0, now, locked_until, lease_token)
 
 
 class DeliverySlots:
@@ -195,6 +198,11 @@ class DeliverySlots:
         self.taken = 0  # slots taken in all
         self._handed: asyncio.Queue[OutgoingDelivery] = asyncio.Queue()
         self._open = False  # whether a worker takes deliveries handed over
+        # One token for every lease taken here as deliveries are written (a uuid4 each was
+        # a sixth of `delivery_row`), as a pass has one for all it leases: a lease is told by
+        # its delivery and token, and a delivery gets this token only as it is written, so
+        # an attempt made under that lease never passes for one made under a later lease.
+        self._lease_token = uuid.uuid4()
 
     def open(self) -> None:
         """A worker takes the deliveries handed over from now on."""
@@ -222,7 +230,7 @@ class DeliverySlots:
         if not self._open or self.full(host):
             return None, None
         self.take(host)
-        return utcnow() + self.lease_for, uuid.uuid4()
+        return utcnow() + self.lease_for, self._lease_token
 
     def written(self, delivery: OutgoingDelivery) -> None:
         """The leased `delivery` is committed (by the statement writing it, or by a pass of the

@@ -92,12 +92,14 @@ class WebhookSender:
                 snippet = (await response.read(SNIPPET_BYTES)).decode(
                     errors="replace").replace("\x00", "\ufffd")
                 status = response.status
-                retry_after = None
+                retry_after = location = None
+                # (Its head parsed only where a field of it is read: not for a 2xx.)
                 if status in RETRY_AFTER_STATUSES:
                     retry_after = retry_after_seconds(
                         response.headers.get("retry-after"), datetime.now(UTC)
                     )
-                location = response.headers.get("location")
+                elif 300 <= status < 400:
+                    location = response.headers.get("location")
         except HttpTimeout:
             return AttemptResult(None, elapsed_ms(), f"timed out after {self._timeout:g} s")
         except HttpError as exc:

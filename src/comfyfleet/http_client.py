@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, cast
@@ -366,11 +366,32 @@ class Response:
         """The body as JSON; ValueError when it is not."""
         return json_codec.loads(await self.read())
 
-    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+    def chunks(self, size: int) -> Chunks:
         """The body in pieces of `size` bytes (the last one shorter), at most about `size`
         bytes of it held here at a time."""
-        while piece := await self._connection.body_piece(size, self._timeouts, self._deadline):
-            yield piece
+        return Chunks(self._connection, size, self._timeouts, self._deadline)
+
+
+class Chunks:
+    """`Response.chunks`: an iterator of its own, not an async generator (the event loop's
+    hooks add each one to a weak set and remove it again, in Python, and close one left
+    unfinished by a task of its own)."""
+
+    def __init__(self, connection: _Connection, size: int, timeouts: Timeouts,
+                 deadline: float | None) -> None:
+        self._connection = connection
+        self._size = size
+        self._timeouts = timeouts
+        self._deadline = deadline
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self._connection.body_piece(self._size, self._timeouts, self._deadline)
+        if not piece:
+            raise StopAsyncIteration
+        return piece
 
 
 class HttpClient:

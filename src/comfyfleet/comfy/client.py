@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, urlencode
@@ -199,33 +199,18 @@ class ComfyClient:
         except HttpError as exc:
             raise ComfyError(f"deleting {subfolder}/{filename}: {exc!r}") from exc
 
-    @asynccontextmanager
-    async def view(
-        self, filename: str, subfolder: str, folder_type: str, chunk_bytes: int
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
+    def view(self, filename: str, subfolder: str, folder_type: str, chunk_bytes: int) -> View:
         """The body of the output as `/view` answers it, in chunks of `chunk_bytes`, streamed
-        (never held whole); anything but 200 is an error, never an empty file. A body that
-        breaks off is a ComfyError, the backend's failure: whoever streams it on (a storage)
-        must not take it for a failure of its own."""
-        what = f"GET /view {subfolder}/{filename}"
+        (never held whole), to be read inside the block (`async with client.view(...) as
+        chunks`); anything but 200 is an error, never an empty file. A body that breaks off
+        is a ComfyError, the backend's failure: whoever streams it on (a storage) must not
+        take it for a failure of its own."""
         # As urlencode writes it, without its generality (half of its CPU).
         query = (f"filename={quote_plus(filename)}&subfolder={quote_plus(subfolder)}"
                  f"&type={quote_plus(folder_type)}")
-        answered = False
-        try:
-            async with self._http.request(
-                "GET", self._url(f"/view?{query}"), timeouts=VIEW_TIMEOUTS
-            ) as response:
-                answered = True
-                if response.status == 404:
-                    raise OutputMissing(f"{what}: HTTP 404")
-                if response.status != 200:
-                    raise ComfyError(f"{what}: HTTP {response.status}")
-                yield _body_chunks(response, chunk_bytes, what)
-        except HttpError as exc:
-            if answered:  # not the request's: raised by whoever read the chunks
-                raise
-            raise ComfyError(f"{what}: {exc!r}") from exc
+        return View(self._http.request("GET", self._url(f"/view?{query}"),
+                                       timeouts=VIEW_TIMEOUTS),
+                    f"GET /view {subfolder}/{filename}", chunk_bytes)
 
     async def connect_websocket(self, client_id: str) -> WebSocket:
         try:
@@ -238,9 +223,41 @@ class ComfyClient:
             raise ComfyError(f"websocket: {exc}") from exc
 
 
-async def _body_chunks(response: Response, size: int, what: str) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.chunks(size):
-            yield chunk
-    except HttpError as exc:
-        raise ComfyError(f"{what}: the body broke off: {exc!r}") from exc
+class View:
+    """`ComfyClient.view`'s block and the chunks of its body: a class, not an
+    @asynccontextmanager yielding an async generator over Response.chunks' (each async
+    generator costs the event loop's hooks, a weak set's add and remove in Python, and one
+    left unfinished is closed by a task of its own)."""
+
+    def __init__(self, request: AbstractAsyncContextManager[Response], what: str,
+                 chunk_bytes: int) -> None:
+        self._request = request
+        self._what = what
+        self._chunk_bytes = chunk_bytes
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def __aenter__(self) -> View:
+        try:
+            response = await self._request.__aenter__()
+        except HttpError as exc:
+            raise ComfyError(f"{self._what}: {exc!r}") from exc
+        if response.status != 200:
+            await self._request.__aexit__(None, None, None)  # (its body unread: closed)
+            if response.status == 404:
+                raise OutputMissing(f"{self._what}: HTTP 404")
+            raise ComfyError(f"{self._what}: HTTP {response.status}")
+        self._chunks = response.chunks(self._chunk_bytes)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._request.__aexit__(*exc_info)
+
+    def __aiter__(self) -> View:
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None  # (entered)
+        try:
+            return await self._chunks.__anext__()
+        except HttpError as exc:
+            raise ComfyError(f"{self._what}: the body broke off: {exc!r}") from exc

@@ -77,11 +77,8 @@ class Timeouts:
 Resolve = Callable[[str, int], Awaitable[list[tuple[int, tuple[Any, ...]]]]]
 
 
-@dataclass(frozen=True)
-class _Target:
-    key: tuple[str, str, int, str | None]  # scheme, host, port, proxy: a pool's
-    host_header: str
-    request_target: str  # origin-form, or absolute-form through a proxy
+# A pool's: scheme, host, port, proxy.
+_PoolKey = tuple[str, str, int, str | None]
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -91,7 +88,7 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 @lru_cache(maxsize=1024)
 def _origin(scheme: str, netloc: str, proxy: str | None
-            ) -> tuple[tuple[str, str, int, str | None], str] | None:
+            ) -> tuple[_PoolKey, str] | None:
     """The pool key and Host header of a URL of `scheme` and authority `netloc` (through the
     http:// `proxy`, if given): parsed once for the few origins requests go to, not for each
     request (a URL's host and port are parsed again at every read of them, 5-10 us); None
@@ -245,15 +242,14 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, timeouts: Timeouts, deadline: float | None) -> None:
-        """Until the next callback that wakes this (or a failure, or the time limit)."""
+    def _wait(self, timeouts: Timeouts, deadline: float | None) -> Awaitable[None]:
+        """Until the next callback that wakes this (or a failure, or the time limit). Not a
+        coroutine of its own, one a wait: the waiter, once done, is never set again (each
+        setter checks), so it need not be unset."""
         if self.error is not None:
             raise self.error
         self._waiter = self.loop.create_future()
-        try:
-            await self._bounded(self._waiter, timeouts, deadline)
-        finally:
-            self._waiter = None
+        return self._bounded(self._waiter, timeouts, deadline)
 
     async def _bounded(self, future: asyncio.Future[None], timeouts: Timeouts,
                        deadline: float | None) -> None:
@@ -329,6 +325,10 @@ class _Connection(asyncio.Protocol):
             self._paused = False
         return piece
 
+    def drained(self) -> bool:
+        """The body has ended and all of it was read."""
+        return self.complete and not self._buffered
+
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.lost and self.error is None \
             and not self._body
@@ -356,11 +356,13 @@ class Response:
         """The whole body, or its first `limit` bytes (the rest unread)."""
         if limit is not None:
             return await self._connection.body_piece(limit, self._timeouts, self._deadline)
+        connection = self._connection
         pieces = []
-        while piece := await self._connection.body_piece(
-                READ_BUFFER_BYTES, self._timeouts, self._deadline):
-            pieces.append(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        while True:  # not asking once more for the b"" that says a whole body has ended
+            pieces.append(await connection.body_piece(
+                READ_BUFFER_BYTES, self._timeouts, self._deadline))
+            if connection.drained():
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def json(self) -> Any:
         """The body as JSON; ValueError when it is not."""
@@ -403,13 +405,15 @@ class HttpClient:
 
     def __init__(self, *, limit: int | None = None, tls: ssl.SSLContext | None = None,
                  resolve: Resolve | None = None) -> None:
-        self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
+        self._idle: dict[_PoolKey, list[_Connection]] = {}
         self._slots = asyncio.Semaphore(limit) if limit is not None else None
         self._tls = tls
         self._resolve = resolve
         self._closed = False
 
-    def _target(self, url: str, proxy: str | None) -> _Target:
+    def _target(self, url: str, proxy: str | None) -> tuple[_PoolKey, str, str]:
+        """The pool key, Host header and request target (origin-form, or absolute-form
+        through a proxy) of a request for `url`."""
         scheme, netloc, path, query = _split(url)
         try:
             origin = _origin(scheme, netloc, proxy)
@@ -419,8 +423,8 @@ class HttpClient:
             raise HttpError(f"not an http(s) URL: {url!r}")
         key, host_header = origin
         if proxy is not None and scheme == "http":
-            return _Target(key, host_header, url.partition("#")[0])
-        return _Target(key, host_header, (path or "/") + (f"?{query}" if query else ""))
+            return key, host_header, url.partition("#")[0]
+        return key, host_header, (path or "/") + (f"?{query}" if query else "")
 
     def request(
         self, method: str, url: str, *, body: bytes | memoryview = b"",
@@ -437,16 +441,14 @@ class HttpClient:
     async def _open(
         self, method: str, url: str, body: bytes | memoryview, headers: dict[str, str] | None,
         timeouts: Timeouts, proxy: str | None,
-    ) -> tuple[_Target, _Connection, Response]:
+    ) -> tuple[_PoolKey, _Connection, Response]:
         """`request`'s answer, with its connection, holding a slot until `_close_exchange`."""
-        target = self._target(url, proxy)
-        lines = [f"{method} {target.request_target} HTTP/1.1\r\nHost: {target.host_header}\r\n"]
-        if body or method != "GET":
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        if headers:
-            lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+        key, host_header, request_target = self._target(url, proxy)
+        length = f"Content-Length: {len(body)}\r\n" if body or method != "GET" else ""
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()]) \
+            if headers else ""
+        head = (f"{method} {request_target} HTTP/1.1\r\nHost: {host_header}\r\n{length}{fields}"
+                "\r\n").encode("latin-1")
         loop = asyncio.get_running_loop()  # (once: it asks the kernel for the process's id)
         deadline = loop.time() + timeouts.total if timeouts.total is not None else None
         if self._slots is not None and (deadline is None or not self._slots.locked()):
@@ -458,29 +460,29 @@ class HttpClient:
             except TimeoutError as exc:
                 raise HttpTimeout(f"{method} {url}: no free connection in time") from exc
         try:
-            connection = await self._exchange(target, method, head, body, timeouts, deadline,
+            connection = await self._exchange(key, method, head, body, timeouts, deadline,
                                               loop)
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
             raise
-        return target, connection, Response(connection, timeouts, deadline)
+        return key, connection, Response(connection, timeouts, deadline)
 
-    def _close_exchange(self, target: _Target, connection: _Connection) -> None:
+    def _close_exchange(self, key: _PoolKey, connection: _Connection) -> None:
         """The end of `request`'s block: its connection kept or closed, its slot freed."""
         try:
-            self._release(target, connection)
+            self._release(key, connection)
         finally:
             if self._slots is not None:
                 self._slots.release()
 
-    async def _exchange(self, target: _Target, method: str, head: bytes,
+    async def _exchange(self, key: _PoolKey, method: str, head: bytes,
                         body: bytes | memoryview, timeouts: Timeouts, deadline: float | None,
                         loop: asyncio.AbstractEventLoop) -> _Connection:
         """A connection whose answer's head has come."""
         resend = method in IDEMPOTENT_METHODS
         while True:
-            connection, reused = await self._connection(target, timeouts, deadline, loop)
+            connection, reused = await self._connection(key, timeouts, deadline, loop)
             try:
                 await connection.send(head, body, timeouts, deadline)
                 await connection.answer_head(timeouts, deadline)
@@ -498,12 +500,12 @@ class HttpClient:
                 _close(connection)
                 raise
 
-    async def _connection(self, target: _Target, timeouts: Timeouts, deadline: float | None,
+    async def _connection(self, key: _PoolKey, timeouts: Timeouts, deadline: float | None,
                           loop: asyncio.AbstractEventLoop) -> tuple[_Connection, bool]:
         """An idle connection still open (True), else a new one (False)."""
         if self._closed:
             raise HttpError("the client is closed")
-        idle = self._idle.get(target.key)
+        idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             assert connection.transport is not None
@@ -514,12 +516,12 @@ class HttpClient:
                 continue
             connection.begin()
             return connection, True
-        return await self._connect(target, timeouts, deadline, loop), False
+        return await self._connect(key, timeouts, deadline, loop), False
 
-    async def _connect(self, target: _Target, timeouts: Timeouts, deadline: float | None,
+    async def _connect(self, key: _PoolKey, timeouts: Timeouts, deadline: float | None,
                        loop: asyncio.AbstractEventLoop) -> _Connection:
         """A new connection: straight, or through the proxy (for https, a CONNECT tunnel)."""
-        scheme, host, port, proxy = target.key
+        scheme, host, port, proxy = key
         if scheme == "https" and self._tls is None:
             self._tls = ssl.create_default_context()  # once: it reads the system's CAs
         tls = self._tls if scheme == "https" else None
@@ -562,12 +564,12 @@ class HttpClient:
             raise ConnectError(f"connecting to {where}: {exc}") from exc
         return connection
 
-    def _release(self, target: _Target, connection: _Connection) -> None:
+    def _release(self, key: _PoolKey, connection: _Connection) -> None:
         if self._closed or not connection.reusable():
             _close(connection)
             return
         connection.idle_since = connection.loop.time()
-        self._idle.setdefault(target.key, []).append(connection)
+        self._idle.setdefault(key, []).append(connection)
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -589,14 +591,14 @@ class _Request:
     weak set of them, added to and removed from in Python)."""
 
     def __init__(self, client: HttpClient,
-                 opening: Callable[[], Awaitable[tuple[_Target, _Connection, Response]]]):
+                 opening: Callable[[], Awaitable[tuple[_PoolKey, _Connection, Response]]]):
         self._client = client
         self._opening = opening  # HttpClient._open, called with the request's arguments
-        self._exchange: tuple[_Target, _Connection] | None = None
+        self._exchange: tuple[_PoolKey, _Connection] | None = None
 
     async def __aenter__(self) -> Response:
-        target, connection, response = await self._opening()
-        self._exchange = target, connection
+        key, connection, response = await self._opening()
+        self._exchange = key, connection
         return response
 
     async def __aexit__(self, *_: object) -> None:

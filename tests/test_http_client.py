@@ -17,6 +17,7 @@ from aiohttp import web
 
 from comfyfleet.comfy.client import ComfyClient, ComfyError
 from comfyfleet.http_client import (
+    TIMER_SLACK,
     ConnectError,
     HttpClient,
     HttpError,
@@ -346,6 +347,44 @@ async def test_an_answer_that_does_not_come_times_out(client: HttpClient) -> Non
             "GET", url + "/", timeouts=Timeouts(read=0.2)) as response:
         with pytest.raises(HttpTimeout):
             await response.read()
+
+
+async def test_each_wait_on_a_kept_connection_times_out_at_its_own_limit(
+    client: HttpClient,
+) -> None:
+    """One timer a connection checks its waits' limits, not one a wait: a wait times out at
+    its own limit when the timer was set for a later one before it, and a wait under way
+    when the timer fires for an earlier one goes on to its own limit."""
+    async def answer_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           _: int) -> None:
+        while True:  # GET /<seconds>: answered that many seconds after it came
+            head = (await read_request(reader))[0]
+            await asyncio.sleep(float(head.split(b" ")[1].strip(b"/")))
+            writer.write(OK)
+
+    loop = asyncio.get_running_loop()
+
+    async def seconds_to_answer(url: str, delay: float, read: float) -> float | None:
+        """None when it timed out, not before its limit (nor long after: a loaded machine
+        may be late by a fraction of a second)."""
+        started = loop.time()
+        try:
+            async with client.request("GET", f"{url}/{delay}",
+                                      timeouts=Timeouts(read=read)) as response:
+                assert await response.read() == b"ok"
+        except HttpTimeout:
+            assert read - TIMER_SLACK <= loop.time() - started < read + 1
+            return None
+        return loop.time() - started
+
+    async with raw_server(answer_after) as url:
+        assert await seconds_to_answer(url, 0, read=5) is not None
+        assert await seconds_to_answer(url, 10, read=0.3) is None  # not at 5 s
+        # On a new connection (a timed out one is closed): the timer set for 0.2 s fires
+        # while the next wait is under way, whose limit is 2 s.
+        assert await seconds_to_answer(url, 0, read=0.2) is not None
+        assert (await seconds_to_answer(url, 0.4, read=2) or 0) >= 0.4
+        assert await seconds_to_answer(url, 10, read=0.3) is None
 
 
 async def test_a_peer_that_stops_reading_a_large_body_times_out(client: HttpClient) -> None:

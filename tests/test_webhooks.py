@@ -398,6 +398,35 @@ async def test_retried_until_max_age_then_dead(
     assert receiver.arrivals[-1].at - receiver.arrivals[0].at <= 1.3
 
 
+async def test_an_event_whose_body_cannot_be_made_is_retried_on_schedule_then_dead(
+    settings: Settings, receivers: StartReceiver, engine: AsyncEngine
+) -> None:
+    """An outbox row this version cannot turn into a body (written by another version, or
+    edited by hand): each attempt is recorded as a failure of ours, so the delivery follows
+    its schedule to dead instead of coming due again at every lease's end, unrecorded."""
+    settings.webhook_retry_delays = [0.1, 0.3]
+    settings.webhook_max_age = 1
+    async with driver_connection(engine) as connection:
+        # The row as written; the first attempt goes out from the delivery in memory.
+        await connection.execute("""
+            CREATE FUNCTION spoil_outputs() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                NEW.payload = jsonb_set(NEW.payload, '{data,outputs}', '5');
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER spoil_outputs BEFORE INSERT ON webhook_deliveries
+                FOR EACH ROW EXECUTE FUNCTION spoil_outputs();
+        """)
+    receiver = await receivers(Answer(500))
+    async with gateway(settings) as gw:
+        job_id = await gw.finished_job(receiver.url)
+        delivery = await gw.wait_for(job_id, "dead", seconds=10)
+    first, *ours = delivery["attempts"]
+    assert first["status_code"] == 500 and len(receiver.arrivals) == 1
+    assert ours and all(attempt["status_code"] is None for attempt in ours)
+    assert all(attempt["error"].startswith("not sent: TypeError") for attempt in ours)
+
+
 async def test_redeliver_sends_again_with_the_same_webhook_id(
     settings: Settings, receivers: StartReceiver
 ) -> None:

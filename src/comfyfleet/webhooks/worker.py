@@ -41,7 +41,12 @@ from comfyfleet.jobs.deliveries import (
 from comfyfleet.jobs.models import utcnow
 from comfyfleet.jobs.render import UrlFor
 from comfyfleet.settings import Settings
-from comfyfleet.webhooks.delivery import WebhookSender, event_body
+from comfyfleet.webhooks.delivery import (
+    SNIPPET_BYTES,
+    AttemptResult,
+    WebhookSender,
+    event_body,
+)
 from comfyfleet.webhooks.outbox import Attempt, Outbox, Pass, Settled
 from comfyfleet.webhooks.schedule import RetrySchedule
 
@@ -276,10 +281,20 @@ class WebhookWorker:
                     self.wake()
 
     async def _deliver(self, delivery: OutgoingDelivery) -> None:
+        attempted_at = utcnow()
         try:
-            attempted_at = utcnow()
             body = await event_body(delivery.payload, self._url_for)
             result = await self._sender.send(delivery.url, delivery.message_id, body)
+        except Exception as exc:
+            # The receiver's failures come back as results; this is ours (an event whose
+            # body cannot be made, a presigning that fails). Recorded as a failed attempt,
+            # the delivery follows its retry schedule and ends dead at WEBHOOK_MAX_AGE: not
+            # recorded, it came due again at each lease's end, for ever.
+            log.exception("webhook %s for job %s: not sent", delivery.message_id,
+                          delivery.job_id)
+            result = AttemptResult(
+                None, 0, f"not sent: {type(exc).__name__}: {exc}"[:SNIPPET_BYTES])
+        try:
             metrics.webhook_attempt(delivery, result.delivered, result.status_code)
             outcome = self._schedule.after(result, attempts=delivery.attempts + 1,
                                            pending_since=delivery.pending_since, now=utcnow())

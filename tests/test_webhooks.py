@@ -173,6 +173,16 @@ def test_webhook_concurrency_is_bounded(settings: Settings) -> None:
                        name) == 1000
 
 
+def test_webhook_max_age_is_at_most_a_year(settings: Settings) -> None:
+    """Far past it, the time a delivery is given overflows Python's dates at its first
+    failure."""
+    year = 366 * 24 * 3600
+    with pytest.raises(ValidationError, match="less than or equal to 31622400"):
+        Settings.model_validate({**settings.model_dump(), "webhook_max_age": year + 1})
+    assert Settings.model_validate(
+        {**settings.model_dump(), "webhook_max_age": year}).webhook_max_age == year
+
+
 async def test_signed_with_the_first_of_several_secrets(
     settings: Settings, receivers: StartReceiver
 ) -> None:

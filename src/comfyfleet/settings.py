@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     # One or more whsec_ secrets, separated by commas or spaces; the first signs.
     webhook_secret: str | None = Field(default=None, repr=False)
     webhook_timeout: float = Field(default=15.0, gt=0)
-    webhook_max_age: int = Field(default=24 * 3600, ge=0)
+    # At most a year: far past it, the time it gives a delivery overflows Python's dates.
+    webhook_max_age: int = Field(default=24 * 3600, ge=0, le=366 * 24 * 3600)
     # Seconds between attempts; the last one repeats until WEBHOOK_MAX_AGE.
     webhook_retry_delays: Annotated[list[PositiveFloat], NoDecode] = Field(
         default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], min_length=1

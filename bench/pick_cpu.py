@@ -166,12 +166,10 @@ class State:
             session.queue_remaining = len(session.inflight)
         self.deep = self._backlog(rng, READ + (ROUNDS_MAX + 1) * BACKENDS, TENANTS[:tenants])
         self.tail = self._backlog(rng, 12, TENANTS[:tenants])
-        # Each tenant's start in virtual time and weight, its backlog going on past the read
-        # in the deep one only.
-        self.tenants = {deep: {tenant: TenantHead(10.0 * TENANTS.index((tenant, weight)),
-                                                  weight, beyond=deep)
-                               for tenant, weight in TENANTS[:tenants]}
-                        for deep in (True, False)}
+        # Each tenant's start in virtual time and weight (the deep backlog's read goes on past
+        # the jobs read, the tail's does not: `measure`).
+        self.tenants = {tenant: TenantHead(10.0 * TENANTS.index((tenant, weight)), weight)
+                        for tenant, weight in TENANTS[:tenants]}
 
     def prompt_ended(self, turn: int) -> None:
         """A prompt of ours ended on a backend (between two claims, at saturation): a sample
@@ -225,7 +223,7 @@ def measure(seed: int, rounds: int, tenants: int) -> dict[str, Any]:
                     # A claim's read, anew; the deep backlog's head a job further on.
                     head = (round_ * BACKENDS + turn) if name == "deep" else 0
                     read = BacklogRead([job._replace() for job in backlog[head:head + READ]],
-                                       state.tenants[name == "deep"], name == "deep", 2)
+                                       state.tenants, name == "deep", 2)
                     state.prompt_ended(turn)
                     began = time.process_time()
                     choice = dispatcher._pick(session, read)

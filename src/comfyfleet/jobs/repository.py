@@ -145,7 +145,6 @@ class TenantHead(NamedTuple):
     start: float = 0.0  # its place in virtual time (GPU-seconds over weight)
     weight: int = 1
     limited: bool = False  # it has a max_concurrent: the take locks it
-    beyond: bool = False  # its backlog goes on past the jobs read
 
 
 class Choice(NamedTuple):
@@ -683,11 +682,10 @@ class JobRepository:
                 job = QueuedJob(new[0], new[1], json_codec.loads(new[2]), new[3], overtaken,
                                 new[4], new[5])
             queued.append(job)
-        tenants = {tenant: TenantHead(start, weight, limited, beyond)
-                   for tenant, start, weight, limited, beyond in row["tenants"] or ()}
-        read = self._latest_read = BacklogRead(
-            queued, tenants, any(head.beyond for head in tenants.values()), row["backlog"],
-            row["ids"])
+        tenants = {tenant: TenantHead(start, weight, limited)
+                   for tenant, start, weight, limited in row["tenants"] or ()}
+        read = self._latest_read = BacklogRead(queued, tenants, row["beyond"], row["backlog"],
+                                               row["ids"])
         return row, read
 
     async def move(

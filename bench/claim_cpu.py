@@ -7,7 +7,10 @@ table; claims in a row, each taking the first job of the read the claim before i
 pick that costs nothing: `bench.pick_cpu` measures placement), as the dispatcher's pass does at
 saturation, until none is left; `--rounds` times. A read is of CLAIM_BATCH jobs until the last
 ones. The CPU time of this process (`time.process_time`: waiting for PostgreSQL is not
-counted) over the claims made, and of the claim statement's round trips alone.
+counted) over the claims made, and of the claim statement's round trips alone; and
+PostgreSQL's (its server's processes, the backend running the claims all but alone) over the
+same claims: how the statement gives its read moves work between the two (migrations 0048 and
+0049), and what one saves the other may spend.
 
 With `--other SRC`, the same in a process whose PYTHONPATH puts SRC first (a `git archive` of
 main's `src`, say), in turns with this checkout's.
@@ -29,6 +32,8 @@ import asyncpg
 import uvloop
 
 from bench.harness import (
+    Component,
+    CpuMeter,
     bench_root,
     embedded_postgres,
     fresh_database,
@@ -68,9 +73,11 @@ async def measure(jobs: int, rounds: int) -> dict[str, Any]:
     asyncpg.Connection.fetchrow = timed_fetchrow
     per_claim: list[float] = []
     per_statement: list[float] = []
+    postgres: list[float] = []
     with bench_root() as root:
         async with embedded_postgres(root) as server:
             engine = db.make_engine(await fresh_database(server))
+            meter = CpuMeter([Component("postgres", [server.get_pid()], with_children=True)])
             try:
                 await db.migrate(engine)
                 repository, registry = JobRepository(engine), BackendRegistry(engine)
@@ -82,6 +89,7 @@ async def measure(jobs: int, rounds: int) -> dict[str, Any]:
                             id=uuid.uuid4(), created_at=utcnow(), workflow="invert",
                             params=params, prompt=prompt))
                     claims, read, statement_cpu = 0, None, 0.0
+                    meter.start()
                     began = time.process_time()
                     while True:
                         claim = await repository.claim_next(
@@ -92,12 +100,15 @@ async def measure(jobs: int, rounds: int) -> dict[str, Any]:
                             break
                         claims += 1
                     per_claim.append(1000 * (time.process_time() - began) / claims)
+                    meter.stop()
                     per_statement.append(1000 * statement_cpu / claims)
+                    postgres.append(meter.ms_per_item(claims)["postgres"])
                     async with db.driver_connection(engine) as connection:
                         await connection.execute(DISPATCHED_AWAY)
             finally:
                 await engine.dispose()
-    return {"ms_per_claim": per_claim, "statement_ms_per_claim": per_statement}
+    return {"ms_per_claim": per_claim, "statement_ms_per_claim": per_statement,
+            "postgres_ms_per_claim": postgres}
 
 
 def main() -> None:
@@ -115,9 +126,11 @@ def main() -> None:
     # The least of each code's rounds says what a claim costs, the median what it costs under
     # the load there was.
     codes = list(dict.fromkeys(run["code"] for run in runs))
-    print_table(["code", "ms per claim, least", "median", "the statement's, least", "median"],
+    print_table(["code", "ms per claim, least", "median", "the statement's, least", "median",
+                 "PostgreSQL's, least", "median"],
                 [[code, *(f"{figure(values):.3f}" for key in ("ms_per_claim",
-                                                               "statement_ms_per_claim")
+                                                               "statement_ms_per_claim",
+                                                               "postgres_ms_per_claim")
                           for values in [[value for run in runs if run["code"] == code
                                           for value in run[key]]]
                           for figure in (min, statistics.median))] for code in codes])

@@ -37,6 +37,7 @@ from comfyfleet.jobs.repository import (
     QueuedJob,
     Refusal,
     Take,
+    TenantHead,
 )
 
 
@@ -291,6 +292,36 @@ async def test_a_read_keeps_the_jobs_the_caller_holds_but_for_their_overtaken_co
     # A pass's first read (no read of the claim before it): the latest read's jobs again.
     await repository.claim_next(["a"], "p2", max_inflight=4, pick=second)
     assert all(again is held for again, held in zip(reads[1].queued, after, strict=True))
+
+
+async def test_a_read_gives_each_tenant_once_and_says_once_whether_a_backlog_goes_on(
+    engine: AsyncEngine,
+) -> None:
+    """A read's tenants come once each, with their first job read (in the one pass over the
+    jobs read), and `beyond` says whether any tenant's backlog goes on past its jobs read (its
+    last read is its ceil(CLAIM_BATCH / tenants)th): deep enough for every backend."""
+    await BackendRegistry(engine).seed([Backend("a", "http://127.0.0.1:1")])
+    repository = JobRepository(engine)
+    async with driver_connection(engine) as connection:
+        await connection.execute("INSERT INTO api_keys (name, key_hash, max_concurrent, weight)"
+                                 " VALUES ('limited', 'k', 3, 2)")
+    for key in None, "k", None:
+        await repository.insert(Job(workflow="w", prompt={}, api_key_hash=key))
+    reads: list[BacklogRead] = []
+
+    def look(_: str, read: BacklogRead) -> None:
+        reads.append(read)
+
+    await repository.claim_next(["a"], "p1", max_inflight=1, pick=look)
+    assert not reads[0].beyond
+    assert reads[0].tenants == {"": TenantHead(0.0, 1, False), "k": TenantHead(0.0, 2, True)}
+    # Two tenants read: ceil(CLAIM_BATCH / 2) jobs of each at most, so the read stops at
+    # that many of the jobs of no key.
+    for _ in range(CLAIM_BATCH // 2):
+        await repository.insert(Job(workflow="w", prompt={}))
+    await repository.claim_next(["a"], "p2", max_inflight=1, pick=look)
+    assert reads[1].beyond and set(reads[1].tenants) == {"", "k"}
+    assert len(reads[1].queued) == CLAIM_BATCH // 2 + 1
 
 
 def test_every_query_is_short_enough_for_asyncpg_to_keep_it_prepared() -> None:

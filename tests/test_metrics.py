@@ -4,10 +4,16 @@ gauges and the unfinished jobs in the database, per app."""
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from comfyfleet import metrics
 from comfyfleet.app import serving
 from comfyfleet.cli.demo import WebhookReceiver
 from comfyfleet.settings import Settings
@@ -96,3 +102,45 @@ async def test_apps_in_one_process_report_their_own_backends(
         async with http.get(f"{base_a}/readyz") as response:
             assert response.status == 503  # a backend is configured and none is reachable
             assert (await response.json())["backends"] == {"a": False}
+
+
+def _exposed(collector: Collector) -> str:
+    """`collector`'s exposition text, each `_created` timestamp (the moment a series began)
+    left out."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return re.sub(r"(_created\{?.*) \S+$", r"\1 <when>", generate_latest(registry).decode(),
+                  flags=re.MULTILINE)
+
+
+def test_metrics_expose_every_event_as_prometheus_client_would() -> None:
+    """The events counted without a lock are exposed as prometheus_client's own Counter and
+    Histogram expose them: no observation lost or in another bucket (each bound itself, the
+    largest and past it, whole numbers), the same families, series, labels and text."""
+    seconds = metrics._Histogram("phase_seconds", "Time", ("phase", "workflow"),
+                                 metrics._BUCKETS)
+    ended = metrics._Counter("ended", "Ends", ("status",))
+    stored = metrics._Counter("stored_bytes", "Bytes")
+    registry = CollectorRegistry()
+    their_seconds = Histogram("phase_seconds", "Time", ["phase", "workflow"],
+                              buckets=metrics._BUCKETS, registry=registry)
+    their_ended = Counter("ended", "Ends", ["status"], registry=registry)
+    their_stored = Counter("stored_bytes", "Bytes", registry=registry)
+    observed = [0.0, 0.01, *metrics._BUCKETS, 0.050001, 7200.5, 1e9, 3, 0.1 + 0.2]
+    for index, amount in enumerate(observed):
+        labels = ("run" if index % 3 else "upload", "invert" if index % 2 else "sdxl")
+        seconds[labels].observe(amount)
+        their_seconds.labels(*labels).observe(amount)
+        status = "succeeded" if index % 4 else "failed"
+        ended[status,].inc()
+        their_ended.labels(status).inc()
+        stored.inc(590 * index)
+        their_stored.inc(590 * index)
+
+    class Ours(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter([seconds.family(), ended.family(), stored.family()])
+
+    ours = _exposed(Ours())
+    assert "phase_seconds_created{" in ours and "stored_bytes_created <when>" in ours
+    assert ours == _exposed(registry)

@@ -39,7 +39,7 @@ from comfyfleet.webhooks.schedule import RetrySchedule
 from comfyfleet.webhooks.signing import new_secret, signed_headers
 from tests import test_database_outage
 from tests.conftest import S3_CREDENTIALS, StartReceiver
-from tests.support import LOOPBACK, free_ports, python_process, serve_env
+from tests.support import LOOPBACK, free_ports, python_process, scrape, serve_env, value
 from tests.test_database_outage import stop_immediately
 from tests.webhook_support import Answer, Gateway, gateway, verified
 
@@ -130,6 +130,9 @@ async def test_an_attempt_the_database_refuses_stops_no_other_webhook(
     slow = await receivers(Answer(204, delay=0.5))
     prompt = await receivers(Answer(204))
     async with gateway(fast_retries) as gw:
+        unrecorded = "comfyfleet_webhook_attempts_unrecorded_total"
+        base = gw.api.removesuffix(fast_retries.route_prefix)  # where /metrics is
+        before = value(await scrape(gw.http, base), unrecorded)
         doomed = await gw.finished_job(slow.url)
         await slow.wait_for(1)
         async with driver_connection(engine) as connection:
@@ -142,6 +145,7 @@ async def test_an_attempt_the_database_refuses_stops_no_other_webhook(
         async with asyncio.timeout(10):
             await dropped.wait()
         assert str(deleted) in dropped.message
+        assert value(await scrape(gw.http, base), unrecorded) == before + 1
         assert await gw.deliveries(doomed) == []
         after = await gw.wait_for(await gw.finished_job(prompt.url), "delivered", seconds=10)
     assert delivered["attempts"][0]["status_code"] == after["attempts"][0]["status_code"] == 204

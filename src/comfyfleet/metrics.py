@@ -147,6 +147,10 @@ WEBHOOK_ATTEMPTS = _Counter(
     "error (no answer: connection refused, timeout, address not allowed)",
     ("outcome",),
 )
+WEBHOOK_ATTEMPTS_UNRECORDED = _Counter(
+    "comfyfleet_webhook_attempts_unrecorded",
+    "Webhook attempts the database refused to record (not an outage) a few times, dropped: "
+    "their delivery is sent again when its lease runs out")
 OUTPUT_BYTES = _Counter("comfyfleet_output_bytes", "Bytes of job outputs stored")
 QUEUE_FULL = _Counter(
     "comfyfleet_queue_full",
@@ -184,8 +188,8 @@ class _Events(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for metric in (PHASE_SECONDS, JOB_SECONDS, JOBS_FINISHED, WEBHOOK_ATTEMPTS,
-                       OUTPUT_BYTES, QUEUE_FULL, DISPATCH_CLAIMS, CLAIM_TRANSACTIONS,
-                       STORAGE_ERRORS, COLLECTION_FAILURES):
+                       WEBHOOK_ATTEMPTS_UNRECORDED, OUTPUT_BYTES, QUEUE_FULL, DISPATCH_CLAIMS,
+                       CLAIM_TRANSACTIONS, STORAGE_ERRORS, COLLECTION_FAILURES):
             yield metric.family()
 
 
@@ -267,3 +271,7 @@ def webhook_attempt(delivery: OutgoingDelivery, delivered: bool, status_code: in
         _observe("webhook", str(workflow), _seconds(delivery.pending_since, utcnow()))
     else:
         WEBHOOK_ATTEMPTS["http_error" if status_code is not None else "error",].inc()
+
+
+def webhook_attempt_unrecorded() -> None:
+    WEBHOOK_ATTEMPTS_UNRECORDED.inc()

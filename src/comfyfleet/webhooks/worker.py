@@ -350,6 +350,7 @@ def _log_attempt(settled: Settled, kept: bool) -> None:
 
 
 def _log_dropped(settled: Settled, exc: Exception) -> None:
+    metrics.webhook_attempt_unrecorded()
     delivery = settled.delivery
     log.error("webhook %s %s for job %s (delivery %s): the database refused its attempt's "
               "record %d times, dropped; sent again when its lease runs out: %s",

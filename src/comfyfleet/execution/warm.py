@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
 from comfyfleet.comfy.signatures import (
@@ -28,9 +27,10 @@ MODEL_FILE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors",
                          ".gguf")
 
 
-@dataclass(frozen=True)
-class HeldNode:
-    """A held result, readably: the node's class and the model files its inputs name."""
+class HeldNode(NamedTuple):
+    """A held result, readably: the node's class and the model files its inputs name. A
+    tuple, not a frozen dataclass: a job's prompt makes one for each node it starts or runs,
+    and a frozen dataclass sets each field through object.__setattr__."""
 
     class_type: str
     model_files: tuple[tuple[str, str], ...]  # (input name, file)
@@ -38,13 +38,15 @@ class HeldNode:
 
 def held_node(node: Mapping[str, Any]) -> HeldNode:
     inputs = node.get("inputs")
-    # Sorted once picked out (a node names a model file or two among its inputs): a result
-    # held is one a node of every prompt started or run.
-    files = tuple(sorted(
-        (name, value) for name, value in inputs.items()
-        if isinstance(value, str) and value.lower().endswith(MODEL_FILE_EXTENSIONS)
-    )) if isinstance(inputs, Mapping) else ()
-    return HeldNode(str(node.get("class_type")), files)
+    # Picked out in a loop (no generator), then sorted if any (a node names a model file or
+    # two among its inputs, most none): a result held is one a node of every prompt started
+    # or run.
+    files = []
+    if isinstance(inputs, dict | Mapping):  # a dict by its type, not the ABC's check
+        for name, value in inputs.items():
+            if isinstance(value, str) and value.lower().endswith(MODEL_FILE_EXTENSIONS):
+                files.append((name, value))
+    return HeldNode(str(node.get("class_type")), tuple(sorted(files)) if files else ())
 
 
 class PromptKeys:

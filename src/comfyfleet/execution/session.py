@@ -166,6 +166,8 @@ class BackendSession:
 
     async def _read(self, websocket: WebSocket) -> None:
         """Until the websocket is closed; a ComfyError when it fails."""
+        # Looked up once a connection (the fleet's is the tracker's own, made at each look).
+        tell = self._listener.backend_message
         try:
             # The messages that came in one read are taken without a wait between them.
             while (received := await websocket.receive()) is not None:
@@ -182,11 +184,11 @@ class BackendSession:
                             and message.queue_remaining != self.queue_remaining):
                         self.queue_remaining = message.queue_remaining
                         self._changes.beat()
-                    await self._listener.backend_message(self, message)
+                    await tell(self, message)
                 else:
                     binary = parse_binary(data)
                     if binary is not None:
-                        await self._listener.backend_message(self, binary)
+                        await tell(self, binary)
         except WebSocketError as exc:
             raise ComfyError(f"websocket error: {exc}") from exc
 

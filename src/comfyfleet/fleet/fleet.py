@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,9 +154,12 @@ class Fleet:
         await self.tracker.on_connect(session)
         self.job_available()
 
-    async def backend_message(self, session: BackendSession, message: Message | Binary
-                              ) -> None:
-        await self.tracker.on_message(session, message)
+    @property
+    def backend_message(self) -> Callable[[BackendSession, Message | Binary],
+                                          Coroutine[Any, Any, None]]:
+        """The tracker's, as it is: not a coroutine of the fleet's around it (one more a
+        frame)."""
+        return self.tracker.on_message
 
     async def backend_disconnected(self, session: BackendSession) -> None:
         await self.tracker.on_disconnect(session)

@@ -370,6 +370,19 @@ def test_the_samples_of_keys_not_recorded_for_long_go(monkeypatch: pytest.Monkey
     assert costs.cost("a", "loader-sd15", "CheckpointLoaderSimple") == 3.0
 
 
+def test_a_key_no_other_prompt_has_keeps_no_samples_its_class_takes_them() -> None:
+    """An output node's key as sent (its prompt's own filename prefix) is asked the cost of by
+    nobody (placement weighs queued prompts' keys): its sample moves its class's estimate,
+    and keeps no samples of its key (a kilobyte each, and they pushed the loaders' out)."""
+    costs = NodeCosts()
+    costs.record("a", "save-queued", "SaveImage", 1.0)
+    costs.record("a", "save-sent-1", "SaveImage", 3.0, own=True)
+    assert costs.cost("a", "save-sent-1", "SaveImage") == costs.cost("a", "new", "SaveImage") \
+        == 2.0
+    assert costs.cost("a", "save-queued", "SaveImage") == 1.0
+    assert list(costs._by_key) == [("a", "save-queued")]
+
+
 def test_a_backends_overhead_per_prompt_is_a_median_of_its_own_else_the_fleets() -> None:
     costs = NodeCosts()
     assert costs.overhead("a") == 0.0  # nothing known: as before overheads were counted

@@ -192,6 +192,9 @@ def test_the_keys_of_a_prompt_as_sent_are_those_of_the_prompt_computed_again_whe
     assert list(copied.keys) == list(prompt)
     changed = {node for node in prompt if queued.signatures[node] != afresh.signatures[node]}
     assert changed == {"2", "4", "5", "6"}
+    # Those, whose keys no other prompt has (the tracker keeps no samples of them); none of a
+    # prompt keyed on its own.
+    assert copied.changed == changed and not queued.changed and not afresh.changed
     assert copied.signatures["3"] is None and copied.keys["3"] != queued.keys["3"]
     # Keyed by id for other classes: computed afresh.
     other = queued.of_copy(sent, frozenset())

@@ -57,8 +57,9 @@ MIN_NODE_SECONDS = 1e-3
 ESTIMATES_KEPT = 4096
 # (Backend, key) pairs whose samples are kept, the least recently recorded going first: most
 # keys never come again (a node downstream of a prompt's own seed, text or image; an output
-# node, keyed by its prompt's own filename prefix), and each kept costs about a kilobyte. The
-# loaders' keys, which do come again, are recorded again and stay.
+# node's, keyed by its prompt's own filename prefix, is not kept at all: `record`'s `own`),
+# and each kept costs about a kilobyte. The loaders' keys, which do come again, are recorded
+# again and stay.
 KEYS_KEPT = 16384
 
 
@@ -116,10 +117,14 @@ class NodeCosts:
         # The medians of those, by backend (None: the fleet's), until the next sample.
         self._overhead_medians: dict[str | None, float] = {}
 
-    def record(self, backend: str, key: str, class_type: str, seconds: float) -> None:
+    def record(self, backend: str, key: str, class_type: str, seconds: float, *,
+               own: bool = False) -> None:
+        """A node of `class_type` ran `seconds` there, under cache key `key`; `own`: a key no
+        other prompt has, whose samples nobody would read: its class's take the sample."""
         if class_type not in self._by_class:
             self._estimates.clear()  # its nodes' guesses give way to its class's estimate
-        self._key_samples(backend, key).append(seconds)
+        if not own:
+            self._key_samples(backend, key).append(seconds)
         self._by_class[class_type].append(seconds)
         self._by_backend_class[backend][class_type].append(seconds)
         self._class_medians.pop(class_type, None)

@@ -465,7 +465,12 @@ class ExecutionTracker:
             class_type = str(keys.prompt[node_id].get("class_type"))
             seconds = time.monotonic() - run.node_started
             run.node_seconds += seconds
-            self._node_costs.record(run.session.name, key, class_type, seconds)
+            # A node whose key as sent is not its key as queued (`isolate_outputs` put the
+            # prompt's id in its output's prefix, or it follows such a node) has a key no
+            # other prompt has: placement weighs queued prompts' keys, so that key's samples
+            # would be read by nobody, only its class's.
+            self._node_costs.record(run.session.name, key, class_type, seconds,
+                                    own=node_id in keys.changed)
 
     def _held_for(self, run: PromptRun) -> None:
         """`run` ended executing: what it held its backend for beyond its nodes' time, from

@@ -10,7 +10,7 @@ process or a `/free` may have changed the cache); every node that then runs is h
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any, NamedTuple
 
 from comfyfleet.comfy.cache import CLASSIC, CachePolicy, NodeCache
@@ -55,7 +55,7 @@ class PromptKeys:
 
     def __init__(self, prompt: Mapping[str, Any], keyed_by_id: frozenset[str],
                  signatures: Mapping[str, str | None] | None = None,
-                 parts: Parts | None = None) -> None:
+                 parts: Parts | None = None, changed: Set[str] = frozenset()) -> None:
         self.prompt = prompt
         self.keyed_by_id = keyed_by_id
         # Its nodes' parts of keys (immediate signatures and links), for `of_copy`'s nodes
@@ -65,6 +65,9 @@ class PromptKeys:
             else predicted_signatures(prompt, keyed_by_id, parts=self.parts)
         # Fresh for each prompt followed: a key that matches nothing is its own.
         self.keys = cache_keys(self.signatures)
+        # The nodes whose keys are not those of the prompt it is a copy of (`of_copy`): the
+        # nodes changed and those downstream of them. None for a prompt keyed on its own.
+        self.changed = changed
 
     @functools.cached_property
     def key_set(self) -> frozenset[str]:
@@ -89,7 +92,7 @@ class PromptKeys:
         return PromptKeys(copy, keyed_by_id, {
             **self.signatures,
             **predicted_signatures(copy, keyed_by_id, only=changed, parts=parts)},
-            parts)
+            parts, changed)
 
 
 class WarmCache:

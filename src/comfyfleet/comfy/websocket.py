@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 # Opcodes (§5.2).
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_WHOLE_TEXT = 0x80 | TEXT  # a frame's first byte: FIN, a text message
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # The opening handshake's answer (its head) may not be longer.
 MAX_HANDSHAKE_BYTES = 64 * 1024
@@ -206,7 +207,11 @@ class WebSocket(asyncio.Protocol):
             if end > size:
                 self._need = head + length
                 return position
-            self._frame(first, data[position + head:end])
+            if first == _WHOLE_TEXT and not self._fragments_opcode:
+                # A message's one frame, as a backend sends each: taken here (a call a frame).
+                self._messages.append((TEXT, data[position + head:end]))
+            else:
+                self._frame(first, data[position + head:end])
             position = end
         self._need = 2
         return position

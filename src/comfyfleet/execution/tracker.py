@@ -713,8 +713,8 @@ class ExecutionTracker:
                           outputs: dict[str, Any] | None = None) -> None:
         """Collect the outputs of `job`, whose end of executing is recorded, or is
         `unrecorded` yet; `outputs`, as its history entry lists them, if known."""
-        assert job.prompt_id is not None
-        prompt_id = job.prompt_id
+        prompt_id = job.prompt_id  # read once: a job's fields are SQLAlchemy attributes
+        assert prompt_id is not None
         if prompt_id in self._collecting:
             if unrecorded is not None:
                 unrecorded.drop()
@@ -724,15 +724,15 @@ class ExecutionTracker:
                                          early=early, unrecorded=unrecorded,
                                          history_outputs=outputs)))
         self._collecting[prompt_id] = task
-        task.add_done_callback(lambda _: self._collected(job))
+        task.add_done_callback(functools.partial(self._collected, job, prompt_id))
 
-    def _collected(self, job: Job) -> None:
-        """The collection of `job`'s outputs ended. It ends the job whatever happens (failed,
-        when it cannot store them), so an error out of it is one it could not even write that
-        failure through: said here, not lost with the task, and left for the next
-        reconciliation of the job's backend (a reconnect, a restart) to settle."""
-        assert job.prompt_id is not None
-        task = self._collecting.pop(job.prompt_id)
+    def _collected(self, job: Job, prompt_id: str, task: asyncio.Task[None]) -> None:
+        """The collection of `job`'s outputs (its prompt `prompt_id`), `task`, ended. It ends
+        the job whatever happens (failed, when it cannot store them), so an error out of it is
+        one it could not even write that failure through: said here, not lost with the task,
+        and left for the next reconciliation of the job's backend (a reconnect, a restart) to
+        settle."""
+        del self._collecting[prompt_id]
         if not task.cancelled() and task.exception() is not None:
             log.error("collecting the outputs of job %s ended in an error; the next "
                       "reconciliation of backend %s settles it", job.id, job.backend,

@@ -87,8 +87,11 @@ class Recording(Generic[T]):
             return None
         self._at, unrecorded.at = at, None
         timer = unrecorded.timer
-        if timer is not None and timer is not asyncio.current_task():
-            timer.cancel()  # this write records it instead
+        # This write records it instead; not when it is the write of its own (its task)
+        # (asked only of a task: current_task asks the loop, a timer is none).
+        if timer is not None and not (isinstance(timer, asyncio.Task)
+                                      and timer is asyncio.current_task()):
+            timer.cancel()
         self._writing = unrecorded._writing = asyncio.Event()
         return at
 
@@ -114,5 +117,11 @@ class ExecutionEnd(NamedTuple):
     started_at: datetime | None
 
 
-UnrecordedStart = Unrecorded[datetime]
-UnrecordedEnd = Unrecorded[ExecutionEnd]
+# Classes, not aliases of Unrecorded[...]: a typing alias's call makes the instance, then
+# sets its __orig_class__ (twice the time); a job makes one of each.
+class UnrecordedStart(Unrecorded[datetime]):
+    """A prompt's start, until a write records it."""
+
+
+class UnrecordedEnd(Unrecorded[ExecutionEnd]):
+    """A prompt's end of executing, until a write records it."""

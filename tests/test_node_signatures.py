@@ -163,6 +163,10 @@ def test_classic_keeps_only_the_previous_prompts_results() -> None:
     assert run(cache, ["a", "w2", "s2"]) == ["a"]
     assert run(cache, ["b", "w3", "s3"]) == []
     assert run(cache, ["a", "w1", "s1"]) == []
+    # Nothing is kept of the results dropped: not their generations either.
+    for index in range(100):
+        run(cache, ["a", f"w{index}", f"s{index}"])
+    assert sorted(cache._used) == sorted(key for key, _ in cache.items()) == ["a", "s99", "w99"]
 
 
 def test_lru_drops_whole_generations_oldest_first_past_its_size() -> None:

@@ -84,6 +84,10 @@ class NodeCache(Generic[V]):
         elif self.policy.kind == "classic":
             live = set(keys)
             self._results = {k: v for k, v in self._results.items() if k in live}
+            # And their generations (`set` marks each): kept for good, they grew by every
+            # key ever run (a prompt's output node's is its own), the gateway's model of every
+            # backend too.
+            self._used = {k: g for k, g in self._used.items() if k in live}
         else:
             self._generation += 1
             for key in keys:

@@ -475,6 +475,34 @@ async def test_two_processes_ending_jobs_of_the_same_tenants_do_not_deadlock(
             == {"a": 0, "b": 0, "c": 0}
 
 
+async def test_the_statement_ending_jobs_is_planned_once_per_connection(
+    engine: AsyncEngine,
+) -> None:
+    """sql/jobs.sql `finish`, prepared on a connection, ends one job at a call after another
+    with the plan PostgreSQL made once (its generic plan, after the five it makes with a
+    call's values before choosing), not a plan made afresh at every call, each of which cost
+    more of its CPU than running the statement; every job is ended all the same."""
+    jobs = await running_jobs(engine, *"abcdefgh")
+    async with driver_connection(engine) as connection:
+        # Jobs ended long ago, as a service has, counted as autovacuum would: in a table of a
+        # few, a scan of it all costs as little as looking the ends up by id, however many.
+        await connection.execute(
+            "INSERT INTO jobs SELECT (jsonb_populate_record(jobs, jsonb_build_object("
+            "'id', gen_random_uuid(), 'status', 'succeeded'))).*"
+            " FROM jobs, generate_series(1, 100)")
+        await connection.execute("ANALYZE jobs")
+        for job in jobs:
+            ended = await connection.fetch(
+                sql.queries("jobs")["finish"], [job.id], [1], [job.prompt_id], ["running"],
+                ["succeeded"], [utcnow()], [None], [None], [None], [None], [None], [False],
+                [None], [None])
+            assert [row["status"] for row in ended] == ["succeeded"]
+        plans = await connection.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement = $1", sql.queries("jobs")["finish"])
+    assert (plans["generic_plans"], plans["custom_plans"]) == (len(jobs) - 5, 5)
+
+
 async def test_an_end_refused_for_its_values_is_refused_alone(status_log: AsyncEngine) -> None:
     """Ends written together, one with an error PostgreSQL cannot store (a NUL in jsonb): the
     others are written, and only that end's caller hears the refusal."""

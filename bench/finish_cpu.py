@@ -11,7 +11,8 @@ of executing deferred to the job's end (so one statement records both, by group 
 ends come together). Storage is S3 on moto (`--storage local`: a directory). The CPU time of
 this process (`time.process_time`: waiting for PostgreSQL, the simulator or moto is not
 counted) is divided by the jobs, over `--rounds` rounds; the garbage collector tuned as the
-service tunes it. `--profile PATH`: samples of that CPU
+service tunes it. And PostgreSQL's (its server's processes) over the same ends: its planning
+of a statement is CPU of its own, not this process's. `--profile PATH`: samples of that CPU
 time in the last round (bench.cpu_sampled's), as collapsed stacks.
 
 With `--other SRC`, the same in a process whose PYTHONPATH puts SRC first (main's `src`, say),
@@ -41,6 +42,8 @@ import uvloop
 
 from bench.cpu_sampled import Sampler
 from bench.harness import (
+    Component,
+    CpuMeter,
     bench_root,
     embedded_postgres,
     fresh_database,
@@ -105,6 +108,7 @@ async def measure(jobs: int, rounds: int, concurrency: int, kind: str,
         gc.callbacks.append(sampler.collecting)
     ui = {"images": [{"filename": OUTPUT, "subfolder": "", "type": "input"}]}
     per_job: list[float] = []
+    postgres: list[float] = []
     with bench_root() as root:
         async with embedded_postgres(root) as server, sim_fleet(1) as sims, \
                 storage_for(kind, root) as storage, aiohttp.ClientSession() as http, \
@@ -115,6 +119,7 @@ async def measure(jobs: int, rounds: int, concurrency: int, kind: str,
                 response.raise_for_status()
             client = ComfyClient(sims.urls[0], http, lean_http)
             engine = db.make_engine(await fresh_database(server))
+            meter = CpuMeter([Component("postgres", [server.get_pid()], with_children=True)])
             try:
                 await db.migrate(engine)
                 slots = DeliverySlots(concurrency=10**9, per_host=10**9,
@@ -153,9 +158,12 @@ async def measure(jobs: int, rounds: int, concurrency: int, kind: str,
 
                     if sampler is not None:
                         sampler.start()
+                    meter.start()
                     began = time.process_time()
                     await asyncio.gather(*(ends(dispatched) for _ in range(concurrency)))
                     per_job.append(1000 * (time.process_time() - began) / jobs)
+                    meter.stop()
+                    postgres.append(meter.ms_per_item(jobs)["postgres"])
                     if sampler is not None:
                         sampler.stop()  # written each round: the last round's stay
                     async with db.driver_connection(engine) as connection:
@@ -164,7 +172,7 @@ async def measure(jobs: int, rounds: int, concurrency: int, kind: str,
                     assert ended == jobs * len(per_job), ended
             finally:
                 await engine.dispose()
-    return {"ms_per_job": per_job}
+    return {"ms_per_job": per_job, "postgres_ms_per_job": postgres}
 
 
 def main() -> None:
@@ -185,6 +193,7 @@ def main() -> None:
     runs = measured_runs("bench.finish_cpu", args.other, args.turns, options, lambda: uvloop.run(
         measure(args.jobs, args.rounds, args.concurrency, args.storage)))
     print_turns(runs, "ms_per_job", "ms per job")
+    print_turns(runs, "postgres_ms_per_job", "PostgreSQL's ms per job")
     print(json.dumps(runs))
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
@@ -44,9 +44,6 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from comfyfleet.http_client import CertificateError, HttpClient, HttpError, Timeouts
 from comfyfleet.settings import Settings
 from comfyfleet.storage.base import NotInStorage, SignedUrl, StorageError
-
-if TYPE_CHECKING:
-    from _hashlib import HASH  # hashlib's objects' type
 
 log = logging.getLogger(__name__)
 
@@ -460,32 +457,22 @@ def _canonical_request(method: str, path: str, canonical_query: str, headers: di
 
 
 def _signature(secret_key: str, scope: str, stamp: str, canonical_request: str) -> str:
-    """SigV4's signature: HMAC-SHA256 (RFC 2104) under the key of `scope`, from the hashes
-    with its key's pads taken in already (OpenSSL's HMAC set up for each signature cost twice
-    as much as the two copies)."""
-    inner, outer = _signing_pads(secret_key, scope)
-    inner, outer = inner.copy(), outer.copy()
-    inner.update(f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
-                 f"{hashlib.sha256(canonical_request.encode()).hexdigest()}".encode())
-    outer.update(inner.digest())
-    return outer.hexdigest()
-
-
-# HMAC's pads (RFC 2104): a key's bytes XORed with 0x36 (the inner hash's), 0x5c (the outer's).
-_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+    """SigV4's signature: HMAC-SHA256 under the key of `scope`, a copy of an HMAC set up once
+    for that key (setting one up at each signature cost as much as the rest of it)."""
+    signer = _signer(secret_key, scope).copy()
+    signer.update(f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
+                  f"{hashlib.sha256(canonical_request.encode()).hexdigest()}".encode())
+    return signer.hexdigest()
 
 
 @lru_cache(maxsize=8)
-def _signing_pads(secret_key: str, scope: str) -> tuple[HASH, HASH]:
-    """SHA-256 hashes with SigV4's key for `scope` (date/region/service/aws4_request, the same
-    all day), padded to SHA-256's block, taken in: HMAC's inner and outer ones."""
+def _signer(secret_key: str, scope: str) -> hmac.HMAC:
+    """An HMAC-SHA256 under SigV4's key for `scope` (date/region/service/aws4_request, the
+    same all day), with nothing signed yet."""
     key = ("AWS4" + secret_key).encode()
     for part in scope.split("/"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    padded = key.ljust(hashlib.sha256().block_size, b"\0")  # (32 bytes, never hashed first)
-    return (hashlib.sha256(padded.translate(_INNER_PAD)),
-            hashlib.sha256(padded.translate(_OUTER_PAD)))
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 async def _enter_client(stack: AsyncExitStack, session: AioSession, settings_used: str,
